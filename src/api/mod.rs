@@ -1,0 +1,278 @@
+//! The OpenAI-compatible surface: what a request body says ([`facts`]) and
+//! the one place where weir's errors become HTTP responses ([`ApiError`]).
+//!
+//! Every error weir itself produces is OpenAI-shaped,
+//! `{"error": {"message", "type", "param", "code"}}`, so each OpenAI SDK raises
+//! the matching exception (SPEC "Errors"). Lower layers return typed errors
+//! and never build responses themselves.
+
+pub mod facts;
+
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::GatewayBody;
+
+/// `content-type` of every JSON body weir writes.
+pub(crate) const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// An error weir answers itself, with everything its response needs.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not a JSON object weir can read (400 `invalid_json`).
+    #[error("{0}")]
+    InvalidJson(String),
+    /// The body has no string `model` (400 `missing_model`).
+    #[error("{0}")]
+    MissingModel(String),
+    /// The path is not one weir serves safely (400).
+    #[error("invalid path: {0}")]
+    BadPath(&'static str),
+    /// The client's Bearer key is not one of `api_keys_env` (401).
+    #[error("Incorrect API key provided.")]
+    InvalidApiKey,
+    /// `/admin/*` from a client that may not use it (401/403).
+    #[error("{0}")]
+    AdminForbidden(&'static str),
+    /// No backend serves the model (404 `model_not_found`).
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    /// No such route (404).
+    #[error("Invalid URL ({method} {path})")]
+    UnknownRoute {
+        /// The request method.
+        method: String,
+        /// The request path.
+        path: String,
+    },
+    /// The route exists but not for this method (405).
+    #[error("Method {0} is not allowed on this route")]
+    MethodNotAllowed(String),
+    /// The body is larger than `max_body_bytes` (413).
+    #[error("Request body is larger than the limit of {limit} bytes.")]
+    BodyTooLarge {
+        /// `server.max_body_bytes`.
+        limit: usize,
+    },
+    /// The client did not send its whole body within the time allowed (408).
+    #[error("The request body was not received in time.")]
+    BodyTimeout,
+    /// The client's body could not be read (400).
+    #[error("The request body could not be read: {0}")]
+    BodyRead(String),
+    /// Every attempt failed (502 `bad_gateway`).
+    #[error("Every attempt to reach a backend for model `{model}` failed: {detail}")]
+    BadGateway {
+        /// The client's model.
+        model: String,
+        /// The last attempt's failure, without secrets.
+        detail: String,
+    },
+    /// No backend of the model is in rotation (503 `no_healthy_backend`).
+    #[error("No backend for model `{0}` is available right now.")]
+    NoHealthyBackend(String),
+    /// `first_byte_timeout` or `request_timeout` passed (504).
+    #[error("The upstream did not answer within {0:?}.")]
+    UpstreamTimeout(Duration),
+    /// A bug or an unexpected internal failure (500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// Status, OpenAI `type` and `code` of this error (SPEC "Errors").
+    fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("invalid_json"),
+            ),
+            MissingModel(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("missing_model"),
+            ),
+            BadPath(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("invalid_path"),
+            ),
+            BodyRead(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("invalid_body"),
+            ),
+            InvalidApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                Some("invalid_api_key"),
+            ),
+            AdminForbidden(_) => (StatusCode::FORBIDDEN, "permission_error", Some("forbidden")),
+            ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            UnknownRoute { .. } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("unknown_url"),
+            ),
+            MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                Some("method_not_allowed"),
+            ),
+            BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("request_too_large"),
+            ),
+            BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
+            ),
+            BadGateway { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                Some("bad_gateway"),
+            ),
+            NoHealthyBackend(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("no_healthy_backend"),
+            ),
+            UpstreamTimeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                Some("upstream_timeout"),
+            ),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                Some("internal_error"),
+            ),
+        }
+    }
+
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// Whether the connection should be closed after answering: the request
+    /// body was not (fully) read, so the connection cannot be reused safely.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout | ApiError::BodyRead(_)
+        )
+    }
+
+    /// The OpenAI-shaped response for this error.
+    pub fn into_response(self) -> Response<GatewayBody> {
+        let (status, kind, code) = self.parts();
+        let body = serde_json::json!({
+            "error": { "message": self.to_string(), "type": kind, "param": null, "code": code }
+        });
+        let mut response = Response::new(GatewayBody::full(body.to_string()));
+        *response.status_mut() = status;
+        response.headers_mut().insert(header::CONTENT_TYPE, JSON);
+        if self.closes_connection() {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+impl From<facts::FactsError> for ApiError {
+    fn from(e: facts::FactsError) -> Self {
+        match e {
+            facts::FactsError::MissingModel => ApiError::MissingModel(e.to_string()),
+            other => ApiError::InvalidJson(other.to_string()),
+        }
+    }
+}
+
+/// A 200 JSON response from a pre-rendered body.
+pub(crate) fn json_response(
+    status: StatusCode,
+    body: impl Into<bytes::Bytes>,
+) -> Response<GatewayBody> {
+    let mut response = Response::new(GatewayBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, JSON);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_is_openai_shaped() {
+        let cases = [
+            (
+                ApiError::InvalidJson("x".into()),
+                400,
+                "invalid_request_error",
+                "invalid_json",
+            ),
+            (
+                ApiError::MissingModel("x".into()),
+                400,
+                "invalid_request_error",
+                "missing_model",
+            ),
+            (
+                ApiError::InvalidApiKey,
+                401,
+                "authentication_error",
+                "invalid_api_key",
+            ),
+            (
+                ApiError::ModelNotFound("m".into()),
+                404,
+                "invalid_request_error",
+                "model_not_found",
+            ),
+            (
+                ApiError::BodyTooLarge { limit: 1 },
+                413,
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            (
+                ApiError::BadGateway {
+                    model: "m".into(),
+                    detail: "d".into(),
+                },
+                502,
+                "upstream_error",
+                "bad_gateway",
+            ),
+            (
+                ApiError::NoHealthyBackend("m".into()),
+                503,
+                "service_unavailable",
+                "no_healthy_backend",
+            ),
+            (
+                ApiError::UpstreamTimeout(Duration::from_secs(1)),
+                504,
+                "timeout",
+                "upstream_timeout",
+            ),
+        ];
+        for (error, status, kind, code) in cases {
+            let (s, k, c) = error.parts();
+            assert_eq!((s.as_u16(), k, c), (status, kind, Some(code)), "{error:?}");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The response bodies weir sends: its own small answers, or a backend's
+//! body streamed through frame by frame.
+//!
+//! A proxied body owns everything the request still holds (the backend's
+//! in-flight slot, later the admission permit and token reservation), so
+//! when the client goes away hyper drops the body and every guard gives its
+//! share back ("cancellation is drop"). Nothing here buffers: each upstream
+//! frame is handed to hyper as it arrives, so hyper's own write back-pressure
+//! reaches the backend.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::Sleep;
+
+use crate::snapshot::InFlight;
+
+/// Every response body weir produces.
+#[derive(Debug)]
+pub enum GatewayBody {
+    /// weir's own answer (errors, `/v1/models`, admin JSON).
+    Full(Full<Bytes>),
+    /// A backend's body, streamed through.
+    Proxied(ProxiedBody),
+}
+
+/// Why a proxied body ended early. hyper turns it into an aborted response
+/// (connection closed for HTTP/1.1, `RST_STREAM` for h2), which is how a
+/// client learns that a non-SSE body was cut short.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The backend's connection failed mid-body.
+    #[error("upstream body failed: {0}")]
+    Upstream(#[from] hyper::Error),
+    /// `request_timeout` passed while streaming.
+    #[error("request timeout passed while streaming the response")]
+    Timeout,
+}
+
+impl GatewayBody {
+    /// A complete body from bytes.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        GatewayBody::Full(Full::new(bytes.into()))
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        GatewayBody::Full(Full::new(Bytes::new()))
+    }
+}
+
+/// A backend's response body plus the guards of its request.
+#[derive(Debug)]
+pub struct ProxiedBody {
+    inner: Incoming,
+    /// The backend's in-flight slot, released as soon as the body ends.
+    in_flight: Option<InFlight>,
+    /// `request_timeout`'s deadline for the whole exchange.
+    deadline: Pin<Box<Sleep>>,
+    /// Whether the body is `text/event-stream`: a failure mid-stream then
+    /// ends it with an SSE `error` event the client's SDK can read, instead
+    /// of a bare connection abort.
+    sse: bool,
+    /// Set once the body ended (cleanly, or with the error event sent).
+    finished: bool,
+}
+
+impl ProxiedBody {
+    /// Wraps a backend body. `deadline` ends the stream when it passes.
+    pub(crate) fn new(
+        inner: Incoming,
+        in_flight: InFlight,
+        deadline: Pin<Box<Sleep>>,
+        sse: bool,
+    ) -> Self {
+        Self {
+            inner,
+            in_flight: Some(in_flight),
+            deadline,
+            sse,
+            finished: false,
+        }
+    }
+
+    /// Ends the body: releases the backend slot, and for SSE returns the
+    /// error event to send as the last frame.
+    fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.finished = true;
+        self.in_flight = None;
+        if self.sse {
+            let message = match &error {
+                BodyError::Timeout => "request timeout passed while streaming the response",
+                BodyError::Upstream(_) => "the upstream stream ended with an error",
+            };
+            let event = serde_json::json!({
+                "error": { "message": message, "type": "upstream_error", "param": null, "code": "stream_error" }
+            });
+            let frame = Bytes::from(format!("event: error\ndata: {event}\n\n"));
+            Poll::Ready(Some(Ok(Frame::data(frame))))
+        } else {
+            Poll::Ready(Some(Err(error)))
+        }
+    }
+}
+
+impl Body for ProxiedBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            return this.fail(BodyError::Timeout);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Err(e))) => this.fail(BodyError::Upstream(e)),
+            Poll::Ready(None) => {
+                this.finished = true;
+                this.in_flight = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.sse {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Body for GatewayBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            GatewayBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never: Infallible| match never {}))),
+            GatewayBody::Proxied(proxied) => Pin::new(proxied).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            GatewayBody::Full(full) => full.is_end_stream(),
+            GatewayBody::Proxied(proxied) => proxied.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            GatewayBody::Full(full) => full.size_hint(),
+            GatewayBody::Proxied(proxied) => proxied.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,2702 @@
+//! The configuration file: parsing, validation and the resolved view `weir check` prints.
+//!
+//! Two layers, as STYLE.md §6 asks. Private `Raw*` structs mirror the TOML exactly
+//! (`deny_unknown_fields`, every value a validation message must point at wrapped in
+//! [`toml::Spanned`]); [`Config::parse`] turns them into the public, typed [`Config`]
+//! (`Duration`, `NonZero*`, parsed URIs, [`Secret`]s) and collects *every* problem on the way
+//! instead of stopping at the first, the way linkerd2-proxy's `app/src/env.rs` parses every
+//! variable and fails only afterwards. Nothing downstream re-checks or re-parses a value.
+//!
+//! Durations and integers are deserialized loosely (strings and `i64`) on purpose: a bad
+//! `"5 parsecs"` or a negative count is then a validation error with its line, column and key
+//! path, reported together with all the others, rather than a serde abort that hides the rest.
+//! Only TOML syntax errors and wrong types/unknown keys stop early, because serde cannot go on.
+//!
+//! This module does no I/O besides reading the file in [`Config::load`]; the environment is
+//! injected (`&dyn Fn(&str) -> Option<String>`) so tests never touch the process environment.
+//! Defaults live in [`defaults`] only; `config/weir.toml` mirrors them and a test checks that.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    num::{NonZeroU32, NonZeroU64},
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A secret value (API key, token, Redis URL).
+///
+/// Why a newtype: `Debug` and `Display` print `[redacted]`, so a secret cannot reach a log
+/// line, an error message or `weir check` output by accident (SPEC "Secrets"). The value is
+/// only reachable through the explicit [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value read from the environment.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The raw value, for the one place that must send or compare it (an `Authorization`
+    /// header, a constant-time comparison, the Redis client).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The validated configuration: everything the gateway needs, typed, defaults filled in.
+///
+/// Why one value: a reload builds a whole new `Config` and swaps it in atomically, so the
+/// request path never sees half of an old file and half of a new one.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (`None` when parsed from a string), so reload knows what to read.
+    pub source: Option<PathBuf>,
+    /// `[server]`: listeners, client-facing limits and timeouts, client/admin credentials.
+    pub server: ServerConfig,
+    /// `[limits]`: the global token buckets shared by all models.
+    pub limits: GlobalLimits,
+    /// `[defaults]`: what every model inherits unless its `[[models]]` entry overrides it.
+    pub defaults: Defaults,
+    /// Declared `[[models]]` first, in file order, then one entry per model that only
+    /// backends name (`declared = false`, `[defaults]` limits), in order of first mention.
+    pub models: Vec<ModelConfig>,
+    /// `[[backends]]`, in file order.
+    pub backends: Vec<BackendConfig>,
+    /// `[health]`: the three-tier active checker.
+    pub health: HealthConfig,
+    /// `[outlier]`: passive ejection from live traffic.
+    pub outlier: OutlierConfig,
+    /// `[retry]`: attempts, back-off and the retry budget.
+    pub retry: RetryConfig,
+    /// `[cluster]`: shared rate limits through Redis; `None` = limits per process.
+    pub cluster: Option<ClusterConfig>,
+    /// Non-fatal notes in the `FILE:LINE:COL: KEY: message` form, e.g. a backend serving an
+    /// undeclared model. `weir check` prints them; the gateway logs them once per load.
+    pub warnings: Vec<String>,
+}
+
+/// How log lines are written.
+///
+/// Why an enum: the only two formats `tracing-subscriber` is set up for here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[server]`: what clients connect to and the limits that protect weir from them.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where clients send `/v1/...`. Changing it on reload needs a restart.
+    pub listen: SocketAddr,
+    /// Separate listener for `/metrics` and `/admin/*`; `None` = serve them on `listen`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Request bodies larger than this get 413 and are read no further.
+    pub max_body_bytes: usize,
+    /// The whole request: queueing plus every attempt.
+    pub request_timeout: Duration,
+    /// An upstream must send response headers within this, or the attempt fails.
+    pub first_byte_timeout: Duration,
+    /// How long in-flight requests may run on after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Keys clients must send as Bearer, read from the env var named by `api_keys_env`
+    /// (comma-separated, trimmed, empties dropped, never empty). `None` = no client auth.
+    pub api_keys: Option<Vec<Secret>>,
+    /// The env var the client keys came from, for `weir check` and log messages.
+    pub api_keys_env: Option<String>,
+    /// Bearer token `/admin/*` requires; `None` = admin answers loopback clients only.
+    pub admin_token: Option<Secret>,
+    /// The env var the admin token came from.
+    pub admin_token_env: Option<String>,
+    /// Client connections beyond this wait in the kernel backlog. Always > 0.
+    pub max_connections: usize,
+    /// A client must finish sending request headers within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// An idle keep-alive client connection is closed after this.
+    pub idle_timeout: Duration,
+    /// Reload when the file changes on disk (in addition to SIGHUP).
+    pub watch_config: bool,
+}
+
+/// `[limits]`: global buckets across all models; `None` = no limit of that kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GlobalLimits {
+    /// Global request rate.
+    pub requests_per_minute: Option<NonZeroU32>,
+    /// Global token rate (prompt estimate + `max_tokens`, reconciled with real usage).
+    pub tokens_per_minute: Option<NonZeroU64>,
+}
+
+/// `[defaults]`: per-model admission settings inherited by every model that does not override.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    /// Longest a request may wait for limits before 429.
+    pub queue_timeout: Duration,
+    /// Requests waiting per model beyond which new ones get 429 at once.
+    pub max_queue: u32,
+    /// Completion tokens assumed when a request sets no `max_tokens`.
+    pub max_tokens: u32,
+}
+
+/// One model clients may ask for, with its admission limits already resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// The `model` value clients send; listed by `GET /v1/models`.
+    pub name: String,
+    /// Request bucket refill rate; `None` = no request limit for this model.
+    pub requests_per_minute: Option<NonZeroU32>,
+    /// Token bucket refill rate; `None` = no token limit for this model.
+    pub tokens_per_minute: Option<NonZeroU64>,
+    /// Request bucket capacity; `None` = `requests_per_minute` (see [`ModelConfig::burst_capacity`]).
+    pub burst: Option<NonZeroU32>,
+    /// Concurrency semaphore size; `None` = unbounded.
+    pub max_concurrent: Option<NonZeroU32>,
+    /// `queue_timeout` from the entry, else `[defaults]`.
+    pub queue_timeout: Duration,
+    /// `max_queue` from the entry, else `[defaults]`.
+    pub max_queue: u32,
+    /// `max_tokens` from the entry, else `[defaults]`.
+    pub max_tokens: u32,
+    /// `false` when only a backend names this model (it then has `[defaults]` limits only).
+    pub declared: bool,
+}
+
+/// One upstream server and the models it serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    /// Unique, non-empty; the `x-weir-backend` header and metric label.
+    pub name: String,
+    /// OpenAI-style base URL, kept exactly as parsed: absolute, `http`/`https`, with a host,
+    /// no user-info, query or fragment. Its path may end in `/` (`"http://h/"`, `".../v1/"`);
+    /// joiners must trim trailing slashes. Reload identity is `name` + `url`.
+    pub url: http::Uri,
+    /// The env var holding the upstream key, when one is configured.
+    pub api_key_env: Option<String>,
+    /// Sent upstream as `Authorization: Bearer`; resolved from `api_key_env` (non-empty).
+    pub api_key: Option<Secret>,
+    /// Models this backend serves, non-empty, no duplicates, file order.
+    pub models: Vec<String>,
+    /// Client model name -> name sent upstream; every key is in `models`.
+    pub rename: HashMap<String, String>,
+    /// Relative share among the backends serving the same model; 0 = never picked.
+    pub weight: u32,
+    /// In-flight cap; a saturated backend is skipped. `None` = unbounded.
+    pub max_concurrent: Option<NonZeroU32>,
+    /// Liveness probe path against the URL's origin; `""` = `GET {url}/models`; else starts
+    /// with `/`.
+    pub health_path: String,
+    /// Engine metrics path (starts with `/`) against the URL's origin, read by the deep tier.
+    pub metrics_path: Option<String>,
+    /// TCP (+TLS) connect timeout for this backend.
+    pub connect_timeout: Duration,
+}
+
+/// `[health]`: the active three-tier checker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// `false` switches active probes off (backends then stay in rotation unless ejected).
+    pub enabled: bool,
+    /// Consecutive failing probes before a backend is taken out.
+    pub unhealthy_threshold: NonZeroU32,
+    /// Consecutive passing probes before it comes back.
+    pub healthy_threshold: NonZeroU32,
+    /// Weight ramps from 10% to 100% over this after coming back; zero = no ramp.
+    pub slow_start: Duration,
+    /// `GET health_path`.
+    pub liveness: ProbeTier,
+    /// A one-token completion; slower than `degraded_latency` = degraded.
+    pub readiness: ReadinessTier,
+    /// Throughput/TTFT samples and engine metrics.
+    pub deep: DeepTier,
+}
+
+/// Schedule of a probe tier. Both durations are > 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeTier {
+    /// Time between probes (each jittered).
+    pub interval: Duration,
+    /// A probe not answered within this fails.
+    pub timeout: Duration,
+}
+
+/// Schedule of the readiness tier. All durations are > 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadinessTier {
+    /// Time between probes.
+    pub interval: Duration,
+    /// A probe not answered within this fails.
+    pub timeout: Duration,
+    /// An answer slower than this marks the backend degraded.
+    pub degraded_latency: Duration,
+}
+
+/// Schedule and size of the deep tier. Durations and counts are > 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeepTier {
+    /// Time between rounds.
+    pub interval: Duration,
+    /// A round not finished within this fails.
+    pub timeout: Duration,
+    /// Short completions per round.
+    pub samples: u32,
+    /// `max_tokens` of each sample completion.
+    pub max_tokens: u32,
+}
+
+/// `[outlier]`: passive ejection judged from live traffic (Envoy's rules).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierConfig {
+    /// Failures in a row that eject a backend.
+    pub consecutive_failures: NonZeroU32,
+    /// Base ejection time (> 0), multiplied by the ejection count, capped at 5 minutes.
+    pub ejection_time: Duration,
+    /// A new ejection is allowed while fewer than this share of a model's backends are out;
+    /// 0..=100.
+    pub max_ejection_percent: u8,
+}
+
+/// `[retry]`: attempts per request and their back-off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Attempts per request, the first included.
+    pub max_attempts: NonZeroU32,
+    /// Back-off base (full jitter); may be zero.
+    pub base_delay: Duration,
+    /// Back-off cap; always >= `base_delay`.
+    pub max_delay: Duration,
+    /// Retries never exceed this share of in-flight requests; 0..=100.
+    pub budget_percent: u8,
+}
+
+/// `[cluster]`: replicas share the rate limits through Redis.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The env var holding the Redis URL.
+    pub redis_url_env: String,
+    /// `redis://` or `rediss://` URL; a secret because it may carry a password.
+    pub redis_url: Secret,
+    /// Redis keys are `{key_prefix}:{limit}:{model}`; non-empty.
+    pub key_prefix: String,
+}
+
+/// One problem in the file: renders as `FILE:LINE:COLUMN: KEY.PATH: message` (SPEC "`weir
+/// check` errors"), with 1-based line and column (in characters).
+///
+/// `key` is a path such as `server.listen`, `models[1].burst`; `(syntax)` for TOML syntax
+/// errors and `(file)` when the file cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {key}: {message}")]
+pub struct ConfigError {
+    /// The file name as given to [`Config::load`] / [`Config::parse`].
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, counted in characters.
+    pub column: usize,
+    /// Dotted key path with array indices.
+    pub key: String,
+    /// Lower-case, no final period; never contains a secret value.
+    pub message: String,
+}
+
+/// Every error found in a file (never just the first), in file order where known.
+///
+/// Display: one error per line, ready for `weir check` and the `/admin/reload` answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The default of every key, in one place (STYLE.md §6); `config/weir.toml` mirrors these
+/// and `tests::example_file_mirrors_defaults` checks that the two agree.
+pub mod defaults {
+    use std::{
+        net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+        num::NonZeroU32,
+        time::Duration,
+    };
+
+    /// `server.listen`.
+    pub const LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080));
+    /// `server.max_body_bytes` (10 MiB).
+    pub const MAX_BODY_BYTES: usize = 10_485_760;
+    /// `server.request_timeout`.
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+    /// `server.first_byte_timeout`.
+    pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `server.shutdown_grace`.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// `server.max_connections`.
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// `server.header_read_timeout`.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `server.idle_timeout`.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `server.watch_config`.
+    pub const WATCH_CONFIG: bool = false;
+
+    /// `defaults.queue_timeout`.
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `defaults.max_queue`.
+    pub const MAX_QUEUE: u32 = 1000;
+    /// `defaults.max_tokens`.
+    pub const MAX_TOKENS: u32 = 256;
+
+    /// `backends[].weight`.
+    pub const WEIGHT: u32 = 100;
+    /// `backends[].health_path` (`""` = `GET {url}/models`).
+    pub const HEALTH_PATH: &str = "";
+    /// `backends[].connect_timeout`.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// `health.enabled`.
+    pub const HEALTH_ENABLED: bool = true;
+    /// `health.unhealthy_threshold`.
+    pub const UNHEALTHY_THRESHOLD: NonZeroU32 = NonZeroU32::MIN.saturating_add(2);
+    /// `health.healthy_threshold`.
+    pub const HEALTHY_THRESHOLD: NonZeroU32 = NonZeroU32::MIN.saturating_add(1);
+    /// `health.slow_start`.
+    pub const SLOW_START: Duration = Duration::from_secs(30);
+    /// `health.liveness.interval`.
+    pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(5);
+    /// `health.liveness.timeout`.
+    pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `health.readiness.interval`.
+    pub const READINESS_INTERVAL: Duration = Duration::from_secs(30);
+    /// `health.readiness.timeout`.
+    pub const READINESS_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `health.readiness.degraded_latency`.
+    pub const DEGRADED_LATENCY: Duration = Duration::from_secs(5);
+    /// `health.deep.interval`.
+    pub const DEEP_INTERVAL: Duration = Duration::from_secs(300);
+    /// `health.deep.timeout`.
+    pub const DEEP_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `health.deep.samples`.
+    pub const DEEP_SAMPLES: u32 = 5;
+    /// `health.deep.max_tokens`.
+    pub const DEEP_MAX_TOKENS: u32 = 16;
+
+    /// `outlier.consecutive_failures`.
+    pub const CONSECUTIVE_FAILURES: NonZeroU32 = NonZeroU32::MIN.saturating_add(4);
+    /// `outlier.ejection_time`.
+    pub const EJECTION_TIME: Duration = Duration::from_secs(30);
+    /// `outlier.max_ejection_percent`.
+    pub const MAX_EJECTION_PERCENT: u8 = 50;
+
+    /// `retry.max_attempts`.
+    pub const MAX_ATTEMPTS: NonZeroU32 = NonZeroU32::MIN.saturating_add(2);
+    /// `retry.base_delay`.
+    pub const BASE_DELAY: Duration = Duration::from_millis(50);
+    /// `retry.max_delay`.
+    pub const MAX_DELAY: Duration = Duration::from_secs(2);
+    /// `retry.budget_percent`.
+    pub const BUDGET_PERCENT: u8 = 20;
+
+    /// `cluster.redis_url_env`.
+    pub const REDIS_URL_ENV: &str = "WEIR_REDIS_URL";
+    /// `cluster.key_prefix`.
+    pub const KEY_PREFIX: &str = "weir";
+}
+
+impl Config {
+    /// Reads and validates a file; `source` is set to `path`. The environment is injected
+    /// (pass [`process_env`] in production, a closure in tests).
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                line: 1,
+                column: 1,
+                key: "(file)".to_owned(),
+                message: format!("cannot read the file: {e}"),
+            }])
+        })?;
+        let mut config = Config::parse(&text, &file, env)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Validates TOML text; `file` is the name used in error messages. Returns every error
+    /// found, or the resolved configuration with its warnings.
+    pub fn parse(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut check = Checker {
+            file,
+            text,
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        };
+        // Syntax first, with recovery, so every syntax error is reported at once.
+        let (_, syntax) = toml::de::DeTable::parse_recoverable(text);
+        if !syntax.is_empty() {
+            for e in syntax {
+                let span = e.span().unwrap_or(0..0);
+                check.error(span, "(syntax)", e.message().to_owned());
+            }
+            return Err(ConfigErrors(check.errors));
+        }
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                // Unknown key or wrong type: serde stops here, so this is the only error.
+                let span = e.span().unwrap_or(0..0);
+                let key = key_path_at(text, span.start).unwrap_or_else(|| "(toml)".to_owned());
+                check.error(span, key, e.message().to_owned());
+                return Err(ConfigErrors(check.errors));
+            }
+        };
+        let config = check.config(raw, env);
+        if check.errors.is_empty() {
+            Ok(Config {
+                warnings: check.warnings,
+                ..config
+            })
+        } else {
+            check.errors.sort_by_key(|e| (e.line, e.column));
+            Err(ConfigErrors(check.errors))
+        }
+    }
+
+    /// The resolved configuration as TOML text for `weir check`: every key with its effective
+    /// value (defaults filled in), secrets as `[redacted]` next to the env var they come from,
+    /// warnings and undeclared models as `#` comments. The text parses back to the same
+    /// configuration (given the same environment).
+    pub fn render(&self) -> String {
+        render(self)
+    }
+
+    /// The model entry by name (declared or only named by a backend).
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The backend entry by name.
+    pub fn backend(&self, name: &str) -> Option<&BackendConfig> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+}
+
+impl ModelConfig {
+    /// The request bucket's capacity: `burst`, else `requests_per_minute`; `None` when the
+    /// model has no request limit. Why here: so admission and `x-ratelimit-limit-requests`
+    /// cannot disagree on the fallback.
+    pub fn burst_capacity(&self) -> Option<NonZeroU32> {
+        self.requests_per_minute
+            .map(|rpm| self.burst.unwrap_or(rpm))
+    }
+}
+
+/// The real process environment, for production callers of [`Config::load`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw layer: the file exactly as written.
+
+type S<T> = Spanned<T>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: Option<S<RawServer>>,
+    limits: Option<S<RawLimits>>,
+    defaults: Option<S<RawDefaults>>,
+    #[serde(default)]
+    models: Vec<S<RawModel>>,
+    #[serde(default)]
+    backends: Vec<S<RawBackend>>,
+    health: Option<S<RawHealth>>,
+    outlier: Option<S<RawOutlier>>,
+    retry: Option<S<RawRetry>>,
+    cluster: Option<S<RawCluster>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<S<String>>,
+    admin_listen: Option<S<String>>,
+    max_body_bytes: Option<S<i64>>,
+    request_timeout: Option<S<String>>,
+    first_byte_timeout: Option<S<String>>,
+    shutdown_grace: Option<S<String>>,
+    log_format: Option<S<String>>,
+    api_keys_env: Option<S<String>>,
+    admin_token_env: Option<S<String>>,
+    max_connections: Option<S<i64>>,
+    header_read_timeout: Option<S<String>>,
+    idle_timeout: Option<S<String>>,
+    watch_config: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    requests_per_minute: Option<S<i64>>,
+    tokens_per_minute: Option<S<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    queue_timeout: Option<S<String>>,
+    max_queue: Option<S<i64>>,
+    max_tokens: Option<S<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Option<S<String>>,
+    requests_per_minute: Option<S<i64>>,
+    tokens_per_minute: Option<S<i64>>,
+    burst: Option<S<i64>>,
+    max_concurrent: Option<S<i64>>,
+    queue_timeout: Option<S<String>>,
+    max_queue: Option<S<i64>>,
+    max_tokens: Option<S<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: Option<S<String>>,
+    url: Option<S<String>>,
+    api_key_env: Option<S<String>>,
+    models: Option<S<Vec<S<String>>>>,
+    rename: Option<BTreeMap<S<String>, S<String>>>,
+    weight: Option<S<i64>>,
+    max_concurrent: Option<S<i64>>,
+    health_path: Option<S<String>>,
+    metrics_path: Option<S<String>>,
+    connect_timeout: Option<S<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    enabled: Option<bool>,
+    unhealthy_threshold: Option<S<i64>>,
+    healthy_threshold: Option<S<i64>>,
+    slow_start: Option<S<String>>,
+    liveness: Option<RawProbe>,
+    readiness: Option<RawReadiness>,
+    deep: Option<RawDeep>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    interval: Option<S<String>>,
+    timeout: Option<S<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReadiness {
+    interval: Option<S<String>>,
+    timeout: Option<S<String>>,
+    degraded_latency: Option<S<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDeep {
+    interval: Option<S<String>>,
+    timeout: Option<S<String>>,
+    samples: Option<S<i64>>,
+    max_tokens: Option<S<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    consecutive_failures: Option<S<i64>>,
+    ejection_time: Option<S<String>>,
+    max_ejection_percent: Option<S<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<S<i64>>,
+    base_delay: Option<S<String>>,
+    max_delay: Option<S<String>>,
+    budget_percent: Option<S<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis_url_env: Option<S<String>>,
+    key_prefix: Option<S<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation: raw -> typed, collecting every error.
+
+/// Whether a zero duration is acceptable for a key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Zero {
+    Allowed,
+    Refused,
+}
+
+/// Message for a zero rate or cap, where "omit the key" is the way to say "no limit".
+const ZERO_RATE: &str = "must be at least 1: a zero rate or cap would refuse every request \
+                         (omit the key for no limit)";
+/// Message for a zero count where the key has a default.
+const ZERO_COUNT: &str = "must be at least 1";
+
+/// Collects errors and warnings while turning the raw layer into [`Config`].
+struct Checker<'a> {
+    file: &'a str,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+    warnings: Vec<String>,
+}
+
+impl Checker<'_> {
+    fn located(&self, span: &Range<usize>, key: String, message: String) -> ConfigError {
+        let (line, column) = line_col(self.text, span.start);
+        ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key,
+            message,
+        }
+    }
+
+    fn error(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let e = self.located(&span, key.into(), message.into());
+        self.errors.push(e);
+    }
+
+    fn warn(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let e = self.located(&span, key.into(), message.into());
+        self.warnings.push(e.to_string());
+    }
+
+    fn duration(
+        &mut self,
+        v: &Option<S<String>>,
+        key: &str,
+        default: Duration,
+        zero: Zero,
+    ) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.get_ref().trim()) {
+            Ok(d) if d.is_zero() && zero == Zero::Refused => {
+                self.error(v.span(), key, "must be longer than 0");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.error(
+                    v.span(),
+                    key,
+                    format!(
+                        "{:?} is not a duration ({e}); write e.g. \"250ms\", \"5s\", \"5m\"",
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    /// A non-negative integer that fits `T`; `None` (after recording the error) otherwise.
+    fn uint<T: TryFrom<i64> + fmt::Display>(&mut self, v: &S<i64>, key: &str, max: T) -> Option<T> {
+        let n = *v.get_ref();
+        if n < 0 {
+            self.error(v.span(), key, format!("must not be negative (got {n})"));
+            return None;
+        }
+        match T::try_from(n) {
+            Ok(t) => Some(t),
+            Err(_) => {
+                self.error(
+                    v.span(),
+                    key,
+                    format!("is too large (got {n}, at most {max})"),
+                );
+                None
+            }
+        }
+    }
+
+    fn u32_or(&mut self, v: &Option<S<i64>>, key: &str, default: u32) -> u32 {
+        v.as_ref()
+            .and_then(|v| self.uint(v, key, u32::MAX))
+            .unwrap_or(default)
+    }
+
+    fn opt_nz32(&mut self, v: &Option<S<i64>>, key: &str, zero_msg: &str) -> Option<NonZeroU32> {
+        let v = v.as_ref()?;
+        let n = self.uint(v, key, u32::MAX)?;
+        let nz = NonZeroU32::new(n);
+        if nz.is_none() {
+            self.error(v.span(), key, zero_msg);
+        }
+        nz
+    }
+
+    fn opt_nz64(&mut self, v: &Option<S<i64>>, key: &str, zero_msg: &str) -> Option<NonZeroU64> {
+        let v = v.as_ref()?;
+        let n = self.uint(v, key, u64::MAX)?;
+        let nz = NonZeroU64::new(n);
+        if nz.is_none() {
+            self.error(v.span(), key, zero_msg);
+        }
+        nz
+    }
+
+    fn nz32_or(&mut self, v: &Option<S<i64>>, key: &str, default: NonZeroU32) -> NonZeroU32 {
+        self.opt_nz32(v, key, ZERO_COUNT).unwrap_or(default)
+    }
+
+    fn percent(&mut self, v: &Option<S<i64>>, key: &str, default: u8) -> u8 {
+        let Some(v) = v else { return default };
+        match self.uint(v, key, 100u8) {
+            Some(p) if p <= 100 => p,
+            Some(p) => {
+                self.error(
+                    v.span(),
+                    key,
+                    format!("is a percentage: at most 100 (got {p})"),
+                );
+                default
+            }
+            None => default,
+        }
+    }
+
+    fn socket_addr(&mut self, v: &S<String>, key: &str) -> Option<SocketAddr> {
+        match v.get_ref().trim().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    v.span(),
+                    key,
+                    format!(
+                        "{:?} is not a socket address; write IP:PORT, e.g. \"0.0.0.0:8080\"",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// Looks up the env var named by `name`; records an error when the name is empty, the
+    /// variable is not set, or (unless `empty_ok`) it is empty. The value is never quoted.
+    fn env_value(
+        &mut self,
+        name: &S<String>,
+        key: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Option<String> {
+        let var = name.get_ref().trim();
+        if var.is_empty() {
+            self.error(
+                name.span(),
+                key,
+                "must name an environment variable, not be empty",
+            );
+            return None;
+        }
+        match env(var) {
+            None => {
+                self.error(
+                    name.span(),
+                    key,
+                    format!("environment variable {var} is not set"),
+                );
+                None
+            }
+            Some(value) if value.trim().is_empty() => {
+                self.error(
+                    name.span(),
+                    key,
+                    format!("environment variable {var} is set but empty"),
+                );
+                None
+            }
+            Some(value) => Some(value),
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Config {
+        let server = self.server(raw.server, env);
+        let limits = self.limits(raw.limits);
+        let defaults = self.defaults(raw.defaults);
+        let mut models = self.models(&raw.models, &defaults);
+        let backends = self.backends(&raw.backends, env);
+        self.cross_check(
+            &raw.models,
+            &raw.backends,
+            &mut models,
+            &backends,
+            &defaults,
+        );
+        let health = self.health(raw.health);
+        let outlier = self.outlier(raw.outlier);
+        let retry = self.retry(raw.retry);
+        let cluster = raw.cluster.and_then(|c| self.cluster(c, env));
+        Config {
+            source: None,
+            server,
+            limits,
+            defaults,
+            models,
+            backends,
+            health,
+            outlier,
+            retry,
+            cluster,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn server(
+        &mut self,
+        raw: Option<S<RawServer>>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> ServerConfig {
+        let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+        let listen = raw
+            .listen
+            .as_ref()
+            .and_then(|v| self.socket_addr(v, "server.listen"))
+            .unwrap_or(defaults::LISTEN);
+        let admin_listen = raw
+            .admin_listen
+            .as_ref()
+            .and_then(|v| self.socket_addr(v, "server.admin_listen"));
+        if let (Some(admin), Some(v)) = (admin_listen, &raw.admin_listen) {
+            // Port 0 asks the OS for a free port, so two port-0 addresses never clash.
+            if admin == listen && admin.port() != 0 {
+                self.error(
+                    v.span(),
+                    "server.admin_listen",
+                    "is the same address as server.listen; omit it to serve admin routes there",
+                );
+            }
+        }
+        let max_body_bytes = match &raw.max_body_bytes {
+            Some(v) => match self.uint(v, "server.max_body_bytes", usize::MAX) {
+                Some(0) => {
+                    self.error(v.span(), "server.max_body_bytes", ZERO_COUNT);
+                    defaults::MAX_BODY_BYTES
+                }
+                Some(n) => n,
+                None => defaults::MAX_BODY_BYTES,
+            },
+            None => defaults::MAX_BODY_BYTES,
+        };
+        let request_timeout = self.duration(
+            &raw.request_timeout,
+            "server.request_timeout",
+            defaults::REQUEST_TIMEOUT,
+            Zero::Refused,
+        );
+        let first_byte_timeout = self.duration(
+            &raw.first_byte_timeout,
+            "server.first_byte_timeout",
+            defaults::FIRST_BYTE_TIMEOUT,
+            Zero::Refused,
+        );
+        if first_byte_timeout > request_timeout {
+            let span = raw.first_byte_timeout.as_ref().map_or(0..0, Spanned::span);
+            self.warn(
+                span,
+                "server.first_byte_timeout",
+                "is longer than server.request_timeout, which ends the request first",
+            );
+        }
+        let shutdown_grace = self.duration(
+            &raw.shutdown_grace,
+            "server.shutdown_grace",
+            defaults::SHUTDOWN_GRACE,
+            Zero::Allowed,
+        );
+        let log_format = match &raw.log_format {
+            None => LogFormat::Text,
+            Some(v) => match v.get_ref().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    self.error(
+                        v.span(),
+                        "server.log_format",
+                        format!("{other:?} is not \"text\" or \"json\""),
+                    );
+                    LogFormat::Text
+                }
+            },
+        };
+        let api_keys_env = raw
+            .api_keys_env
+            .as_ref()
+            .map(|v| v.get_ref().trim().to_owned());
+        let api_keys = raw.api_keys_env.as_ref().map(|name| {
+            let keys: Vec<Secret> = self
+                .env_value(name, "server.api_keys_env", env)
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(Secret::new)
+                .collect();
+            keys
+        });
+        // env_value already reported an unset/empty variable; a value of only commas is the
+        // one remaining way to end up with no keys.
+        if let (Some(keys), Some(name)) = (&api_keys, &raw.api_keys_env) {
+            let var = name.get_ref().trim();
+            if keys.is_empty() && env(var).is_some_and(|v| !v.trim().is_empty()) {
+                self.error(
+                    name.span(),
+                    "server.api_keys_env",
+                    format!("environment variable {var} holds no keys (expected a comma-separated list)"),
+                );
+            }
+        }
+        let admin_token_env = raw
+            .admin_token_env
+            .as_ref()
+            .map(|v| v.get_ref().trim().to_owned());
+        let admin_token = raw
+            .admin_token_env
+            .as_ref()
+            .and_then(|name| self.env_value(name, "server.admin_token_env", env))
+            .map(|v| Secret::new(v.trim()));
+        let max_connections = match &raw.max_connections {
+            Some(v) => match self.uint(v, "server.max_connections", usize::MAX) {
+                Some(0) => {
+                    self.error(v.span(), "server.max_connections", ZERO_COUNT);
+                    defaults::MAX_CONNECTIONS
+                }
+                Some(n) => n,
+                None => defaults::MAX_CONNECTIONS,
+            },
+            None => defaults::MAX_CONNECTIONS,
+        };
+        let header_read_timeout = self.duration(
+            &raw.header_read_timeout,
+            "server.header_read_timeout",
+            defaults::HEADER_READ_TIMEOUT,
+            Zero::Refused,
+        );
+        let idle_timeout = self.duration(
+            &raw.idle_timeout,
+            "server.idle_timeout",
+            defaults::IDLE_TIMEOUT,
+            Zero::Refused,
+        );
+        ServerConfig {
+            listen,
+            admin_listen,
+            max_body_bytes,
+            request_timeout,
+            first_byte_timeout,
+            shutdown_grace,
+            log_format,
+            api_keys,
+            api_keys_env,
+            admin_token,
+            admin_token_env,
+            max_connections,
+            header_read_timeout,
+            idle_timeout,
+            watch_config: raw.watch_config.unwrap_or(defaults::WATCH_CONFIG),
+        }
+    }
+
+    fn limits(&mut self, raw: Option<S<RawLimits>>) -> GlobalLimits {
+        let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+        GlobalLimits {
+            requests_per_minute: self.opt_nz32(
+                &raw.requests_per_minute,
+                "limits.requests_per_minute",
+                ZERO_RATE,
+            ),
+            tokens_per_minute: self.opt_nz64(
+                &raw.tokens_per_minute,
+                "limits.tokens_per_minute",
+                ZERO_RATE,
+            ),
+        }
+    }
+
+    fn defaults(&mut self, raw: Option<S<RawDefaults>>) -> Defaults {
+        let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+        Defaults {
+            queue_timeout: self.duration(
+                &raw.queue_timeout,
+                "defaults.queue_timeout",
+                defaults::QUEUE_TIMEOUT,
+                Zero::Allowed,
+            ),
+            max_queue: self.u32_or(&raw.max_queue, "defaults.max_queue", defaults::MAX_QUEUE),
+            max_tokens: self.u32_or(&raw.max_tokens, "defaults.max_tokens", defaults::MAX_TOKENS),
+        }
+    }
+
+    fn models(&mut self, raw: &[S<RawModel>], defaults: &Defaults) -> Vec<ModelConfig> {
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut models = Vec::with_capacity(raw.len());
+        for (i, m) in raw.iter().enumerate() {
+            let p = format!("models[{i}]");
+            let span = m.span();
+            let m = m.get_ref();
+            let name = match &m.name {
+                None => {
+                    self.error(
+                        span,
+                        format!("{p}.name"),
+                        "is missing: every [[models]] entry needs a name",
+                    );
+                    String::new()
+                }
+                Some(n) => {
+                    let name = n.get_ref().trim().to_owned();
+                    if name.is_empty() {
+                        self.error(n.span(), format!("{p}.name"), "must not be empty");
+                    } else if !seen.insert(name.clone()) {
+                        self.error(
+                            n.span(),
+                            format!("{p}.name"),
+                            format!("model {name:?} is declared twice"),
+                        );
+                    }
+                    name
+                }
+            };
+            let requests_per_minute = self.opt_nz32(
+                &m.requests_per_minute,
+                &format!("{p}.requests_per_minute"),
+                ZERO_RATE,
+            );
+            let burst = self.opt_nz32(&m.burst, &format!("{p}.burst"), ZERO_RATE);
+            if let (Some(b), None) = (&m.burst, &m.requests_per_minute) {
+                self.warn(
+                    b.span(),
+                    format!("{p}.burst"),
+                    "has no effect without requests_per_minute",
+                );
+            }
+            models.push(ModelConfig {
+                name,
+                requests_per_minute,
+                tokens_per_minute: self.opt_nz64(
+                    &m.tokens_per_minute,
+                    &format!("{p}.tokens_per_minute"),
+                    ZERO_RATE,
+                ),
+                burst,
+                max_concurrent: self.opt_nz32(
+                    &m.max_concurrent,
+                    &format!("{p}.max_concurrent"),
+                    ZERO_RATE,
+                ),
+                queue_timeout: self.duration(
+                    &m.queue_timeout,
+                    &format!("{p}.queue_timeout"),
+                    defaults.queue_timeout,
+                    Zero::Allowed,
+                ),
+                max_queue: self.u32_or(&m.max_queue, &format!("{p}.max_queue"), defaults.max_queue),
+                max_tokens: self.u32_or(
+                    &m.max_tokens,
+                    &format!("{p}.max_tokens"),
+                    defaults.max_tokens,
+                ),
+                declared: true,
+            });
+        }
+        models
+    }
+
+    fn backends(
+        &mut self,
+        raw: &[S<RawBackend>],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Vec<BackendConfig> {
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut backends = Vec::with_capacity(raw.len());
+        for (i, b) in raw.iter().enumerate() {
+            let p = format!("backends[{i}]");
+            let span = b.span();
+            let b = b.get_ref();
+            let name = match &b.name {
+                None => {
+                    self.error(
+                        span.clone(),
+                        format!("{p}.name"),
+                        "is missing: every [[backends]] entry needs a name",
+                    );
+                    String::new()
+                }
+                Some(n) => {
+                    let name = n.get_ref().trim().to_owned();
+                    if name.is_empty() {
+                        self.error(n.span(), format!("{p}.name"), "must not be empty");
+                    } else if !seen.insert(name.clone()) {
+                        self.error(
+                            n.span(),
+                            format!("{p}.name"),
+                            format!("backend name {name:?} is used twice"),
+                        );
+                    }
+                    name
+                }
+            };
+            let url = match &b.url {
+                None => {
+                    self.error(
+                        span.clone(),
+                        format!("{p}.url"),
+                        "is missing: every [[backends]] entry needs a url",
+                    );
+                    None
+                }
+                Some(u) => self.url(u, &format!("{p}.url")),
+            };
+            let api_key_env = b
+                .api_key_env
+                .as_ref()
+                .map(|v| v.get_ref().trim().to_owned());
+            let api_key = b
+                .api_key_env
+                .as_ref()
+                .and_then(|name| self.env_value(name, &format!("{p}.api_key_env"), env))
+                .map(|v| Secret::new(v.trim()));
+            let mut models: Vec<String> = Vec::new();
+            match &b.models {
+                None => self.error(
+                    span,
+                    format!("{p}.models"),
+                    "is missing: list the models this backend serves",
+                ),
+                Some(list) if list.get_ref().is_empty() => self.error(
+                    list.span(),
+                    format!("{p}.models"),
+                    "must list at least one model",
+                ),
+                Some(list) => {
+                    for (j, m) in list.get_ref().iter().enumerate() {
+                        let model = m.get_ref().trim();
+                        if model.is_empty() {
+                            self.error(m.span(), format!("{p}.models[{j}]"), "must not be empty");
+                        } else if models.iter().any(|x| x == model) {
+                            self.error(
+                                m.span(),
+                                format!("{p}.models[{j}]"),
+                                format!("model {model:?} is listed twice"),
+                            );
+                        } else {
+                            models.push(model.to_owned());
+                        }
+                    }
+                }
+            }
+            let mut rename = HashMap::new();
+            for (from, to) in b.rename.iter().flatten() {
+                let key = format!("{p}.rename.{}", from.get_ref());
+                if !models.iter().any(|m| m == from.get_ref()) {
+                    self.error(
+                        from.span(),
+                        key,
+                        format!("model {:?} is not in {p}.models", from.get_ref()),
+                    );
+                } else if to.get_ref().trim().is_empty() {
+                    self.error(to.span(), key, "must not be empty");
+                } else {
+                    rename.insert(from.get_ref().clone(), to.get_ref().trim().to_owned());
+                }
+            }
+            let weight = self.u32_or(&b.weight, &format!("{p}.weight"), defaults::WEIGHT);
+            let health_path = match &b.health_path {
+                None => defaults::HEALTH_PATH.to_owned(),
+                Some(h) => {
+                    let path = h.get_ref();
+                    if !path.is_empty() && !path.starts_with('/') {
+                        self.error(
+                            h.span(),
+                            format!("{p}.health_path"),
+                            format!(
+                                "{path:?} must start with '/' (or be \"\" for GET {{url}}/models)"
+                            ),
+                        );
+                    } else if !path.is_empty() && path.parse::<http::uri::PathAndQuery>().is_err() {
+                        self.error(
+                            h.span(),
+                            format!("{p}.health_path"),
+                            format!("{path:?} is not a valid URL path"),
+                        );
+                    }
+                    path.clone()
+                }
+            };
+            let metrics_path = b.metrics_path.as_ref().map(|m| {
+                let path = m.get_ref();
+                if !path.starts_with('/') {
+                    self.error(
+                        m.span(),
+                        format!("{p}.metrics_path"),
+                        format!("{path:?} must start with '/'"),
+                    );
+                } else if path.parse::<http::uri::PathAndQuery>().is_err() {
+                    self.error(
+                        m.span(),
+                        format!("{p}.metrics_path"),
+                        format!("{path:?} is not a valid URL path"),
+                    );
+                }
+                path.clone()
+            });
+            backends.push(BackendConfig {
+                name,
+                url: url.unwrap_or_else(|| http::Uri::from_static("http://invalid.invalid")),
+                api_key_env,
+                api_key,
+                models,
+                rename,
+                weight,
+                max_concurrent: self.opt_nz32(
+                    &b.max_concurrent,
+                    &format!("{p}.max_concurrent"),
+                    ZERO_RATE,
+                ),
+                health_path,
+                metrics_path,
+                connect_timeout: self.duration(
+                    &b.connect_timeout,
+                    &format!("{p}.connect_timeout"),
+                    defaults::CONNECT_TIMEOUT,
+                    Zero::Refused,
+                ),
+            });
+        }
+        backends
+    }
+
+    fn url(&mut self, v: &S<String>, key: &str) -> Option<http::Uri> {
+        let text = v.get_ref().trim();
+        let fail = |this: &mut Self, why: &str| {
+            this.error(
+                v.span(),
+                key,
+                format!("{text:?} is not a usable backend URL: {why}"),
+            );
+            None
+        };
+        // http::Uri silently drops a fragment, so look for it in the text.
+        if text.contains('#') {
+            return fail(self, "a fragment (#...) has no meaning here");
+        }
+        let uri = match text.parse::<http::Uri>() {
+            Ok(u) => u,
+            Err(e) => return fail(self, &e.to_string()),
+        };
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            Some(other) => return fail(self, &format!("scheme {other:?} is not http or https")),
+            None => {
+                return fail(
+                    self,
+                    "it must be absolute, e.g. \"https://api.example.com/v1\"",
+                )
+            }
+        }
+        let Some(authority) = uri.authority() else {
+            return fail(self, "it has no host");
+        };
+        if authority.as_str().contains('@') {
+            return fail(
+                self,
+                "credentials in the URL would leak into logs; use api_key_env",
+            );
+        }
+        if authority.host().is_empty() {
+            return fail(self, "it has no host");
+        }
+        if uri.query().is_some() {
+            return fail(
+                self,
+                "a query string (?...) is not allowed; client queries are passed through",
+            );
+        }
+        Some(uri)
+    }
+
+    /// Checks that need models and backends together, and adds undeclared models.
+    fn cross_check(
+        &mut self,
+        raw_models: &[S<RawModel>],
+        raw_backends: &[S<RawBackend>],
+        models: &mut Vec<ModelConfig>,
+        backends: &[BackendConfig],
+        defaults: &Defaults,
+    ) {
+        if raw_backends.is_empty() {
+            self.error(
+                0..0,
+                "backends",
+                "at least one [[backends]] entry is required",
+            );
+        }
+        // Declared models nobody serves.
+        for (i, m) in models.iter().enumerate() {
+            if m.name.is_empty() || backends.iter().any(|b| b.models.contains(&m.name)) {
+                continue;
+            }
+            let span = raw_models
+                .get(i)
+                .and_then(|r| r.get_ref().name.as_ref())
+                .map_or(0..0, Spanned::span);
+            self.error(
+                span,
+                format!("models[{i}].name"),
+                format!("model {:?} is not served by any backend", m.name),
+            );
+        }
+        // Models only backends name: warn once, add with [defaults] limits.
+        for (i, b) in backends.iter().enumerate() {
+            for model in &b.models {
+                if models.iter().any(|m| &m.name == model) {
+                    continue;
+                }
+                let span = raw_backends
+                    .get(i)
+                    .and_then(|r| r.get_ref().models.as_ref())
+                    .and_then(|l| l.get_ref().iter().find(|m| m.get_ref().trim() == model))
+                    .map_or(0..0, Spanned::span);
+                self.warn(
+                    span,
+                    format!("backends[{i}].models"),
+                    format!(
+                        "model {model:?} is not declared in [[models]]; it gets [defaults] limits"
+                    ),
+                );
+                models.push(ModelConfig {
+                    name: model.clone(),
+                    requests_per_minute: None,
+                    tokens_per_minute: None,
+                    burst: None,
+                    max_concurrent: None,
+                    queue_timeout: defaults.queue_timeout,
+                    max_queue: defaults.max_queue,
+                    max_tokens: defaults.max_tokens,
+                    declared: false,
+                });
+            }
+        }
+        // Weight 0 everywhere: a model no backend would ever be picked for.
+        for m in models.iter() {
+            let serving: Vec<usize> = (0..backends.len())
+                .filter(|&i| backends[i].models.contains(&m.name))
+                .collect();
+            let Some(&first) = serving.first() else {
+                continue;
+            };
+            if serving.iter().all(|&i| backends[i].weight == 0) {
+                let span = raw_backends
+                    .get(first)
+                    .and_then(|r| r.get_ref().weight.as_ref())
+                    .map_or(0..0, Spanned::span);
+                self.error(
+                    span,
+                    format!("backends[{first}].weight"),
+                    format!("weight 0 everywhere: every backend serving model {:?} has weight 0, so it can never be picked", m.name),
+                );
+            }
+        }
+    }
+
+    fn health(&mut self, raw: Option<S<RawHealth>>) -> HealthConfig {
+        let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+        let live = raw.liveness.unwrap_or_default();
+        let ready = raw.readiness.unwrap_or_default();
+        let deep = raw.deep.unwrap_or_default();
+        HealthConfig {
+            enabled: raw.enabled.unwrap_or(defaults::HEALTH_ENABLED),
+            unhealthy_threshold: self.nz32_or(
+                &raw.unhealthy_threshold,
+                "health.unhealthy_threshold",
+                defaults::UNHEALTHY_THRESHOLD,
+            ),
+            healthy_threshold: self.nz32_or(
+                &raw.healthy_threshold,
+                "health.healthy_threshold",
+                defaults::HEALTHY_THRESHOLD,
+            ),
+            slow_start: self.duration(
+                &raw.slow_start,
+                "health.slow_start",
+                defaults::SLOW_START,
+                Zero::Allowed,
+            ),
+            liveness: ProbeTier {
+                interval: self.duration(
+                    &live.interval,
+                    "health.liveness.interval",
+                    defaults::LIVENESS_INTERVAL,
+                    Zero::Refused,
+                ),
+                timeout: self.duration(
+                    &live.timeout,
+                    "health.liveness.timeout",
+                    defaults::LIVENESS_TIMEOUT,
+                    Zero::Refused,
+                ),
+            },
+            readiness: ReadinessTier {
+                interval: self.duration(
+                    &ready.interval,
+                    "health.readiness.interval",
+                    defaults::READINESS_INTERVAL,
+                    Zero::Refused,
+                ),
+                timeout: self.duration(
+                    &ready.timeout,
+                    "health.readiness.timeout",
+                    defaults::READINESS_TIMEOUT,
+                    Zero::Refused,
+                ),
+                degraded_latency: self.duration(
+                    &ready.degraded_latency,
+                    "health.readiness.degraded_latency",
+                    defaults::DEGRADED_LATENCY,
+                    Zero::Refused,
+                ),
+            },
+            deep: DeepTier {
+                interval: self.duration(
+                    &deep.interval,
+                    "health.deep.interval",
+                    defaults::DEEP_INTERVAL,
+                    Zero::Refused,
+                ),
+                timeout: self.duration(
+                    &deep.timeout,
+                    "health.deep.timeout",
+                    defaults::DEEP_TIMEOUT,
+                    Zero::Refused,
+                ),
+                samples: self
+                    .opt_nz32(&deep.samples, "health.deep.samples", ZERO_COUNT)
+                    .map_or(defaults::DEEP_SAMPLES, NonZeroU32::get),
+                max_tokens: self
+                    .opt_nz32(&deep.max_tokens, "health.deep.max_tokens", ZERO_COUNT)
+                    .map_or(defaults::DEEP_MAX_TOKENS, NonZeroU32::get),
+            },
+        }
+    }
+
+    fn outlier(&mut self, raw: Option<S<RawOutlier>>) -> OutlierConfig {
+        let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+        OutlierConfig {
+            consecutive_failures: self.nz32_or(
+                &raw.consecutive_failures,
+                "outlier.consecutive_failures",
+                defaults::CONSECUTIVE_FAILURES,
+            ),
+            ejection_time: self.duration(
+                &raw.ejection_time,
+                "outlier.ejection_time",
+                defaults::EJECTION_TIME,
+                Zero::Refused,
+            ),
+            max_ejection_percent: self.percent(
+                &raw.max_ejection_percent,
+                "outlier.max_ejection_percent",
+                defaults::MAX_EJECTION_PERCENT,
+            ),
+        }
+    }
+
+    fn retry(&mut self, raw: Option<S<RawRetry>>) -> RetryConfig {
+        let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+        let base_delay = self.duration(
+            &raw.base_delay,
+            "retry.base_delay",
+            defaults::BASE_DELAY,
+            Zero::Allowed,
+        );
+        let mut max_delay = self.duration(
+            &raw.max_delay,
+            "retry.max_delay",
+            defaults::MAX_DELAY,
+            Zero::Allowed,
+        );
+        if max_delay < base_delay {
+            // Point at whichever of the two the file sets (max_delay preferred).
+            let (span, key) = match (&raw.max_delay, &raw.base_delay) {
+                (Some(m), _) => (m.span(), "retry.max_delay"),
+                (None, Some(b)) => (b.span(), "retry.base_delay"),
+                (None, None) => (0..0, "retry.max_delay"),
+            };
+            self.error(
+                span,
+                key,
+                format!(
+                    "retry.max_delay ({}) is shorter than retry.base_delay ({})",
+                    humantime::format_duration(max_delay),
+                    humantime::format_duration(base_delay)
+                ),
+            );
+            max_delay = base_delay;
+        }
+        RetryConfig {
+            max_attempts: self.nz32_or(
+                &raw.max_attempts,
+                "retry.max_attempts",
+                defaults::MAX_ATTEMPTS,
+            ),
+            base_delay,
+            max_delay,
+            budget_percent: self.percent(
+                &raw.budget_percent,
+                "retry.budget_percent",
+                defaults::BUDGET_PERCENT,
+            ),
+        }
+    }
+
+    fn cluster(
+        &mut self,
+        raw: S<RawCluster>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Option<ClusterConfig> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let name = raw
+            .redis_url_env
+            .unwrap_or_else(|| Spanned::new(span, defaults::REDIS_URL_ENV.to_owned()));
+        let key_prefix = match &raw.key_prefix {
+            None => defaults::KEY_PREFIX.to_owned(),
+            Some(k) => {
+                let prefix = k.get_ref().trim();
+                if prefix.is_empty() {
+                    self.error(k.span(), "cluster.key_prefix", "must not be empty");
+                }
+                prefix.to_owned()
+            }
+        };
+        let url = self.env_value(&name, "cluster.redis_url_env", env)?;
+        let url = url.trim();
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://"))
+        {
+            let var = name.get_ref().trim();
+            self.error(
+                name.span(),
+                "cluster.redis_url_env",
+                format!("environment variable {var} does not hold a redis:// or rediss:// URL"),
+            );
+        }
+        Some(ClusterConfig {
+            redis_url_env: name.get_ref().trim().to_owned(),
+            redis_url: Secret::new(url),
+            key_prefix,
+        })
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset; offsets past the end or inside
+/// a character clamp to the nearest position before them, so a bad span cannot panic.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut line = 1;
+    let mut column = 1;
+    for (i, c) in text.char_indices() {
+        if i >= offset {
+            break;
+        }
+        if c == '\n' {
+            line += 1;
+            column = 1;
+        } else {
+            column += 1;
+        }
+    }
+    (line, column)
+}
+
+/// The dotted key path (`server.bogus`, `backends[1].liveness.zz`) of the entry at a byte
+/// offset, found by walking the spanned document. Used for serde errors, which carry a span
+/// but no path. Header tables (`[server]`) span only their header, so the walk descends into
+/// every table and keeps the narrowest entry whose key or value contains the offset.
+fn key_path_at(text: &str, offset: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+
+    fn contains(span: &Range<usize>, offset: usize) -> bool {
+        span.contains(&offset) || (span.is_empty() && span.start == offset)
+    }
+
+    fn walk(table: &DeTable<'_>, offset: usize, prefix: &str, best: &mut Option<(usize, String)>) {
+        for (k, v) in table.iter() {
+            let path = if prefix.is_empty() {
+                k.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", k.get_ref())
+            };
+            for span in [k.span(), v.span()] {
+                if contains(&span, offset)
+                    && best.as_ref().is_none_or(|(len, _)| span.len() <= *len)
+                {
+                    *best = Some((span.len(), path.clone()));
+                }
+            }
+            match v.get_ref() {
+                DeValue::Table(t) => walk(t, offset, &path, best),
+                DeValue::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let item_path = format!("{path}[{i}]");
+                        let span = item.span();
+                        if contains(&span, offset)
+                            && best.as_ref().is_none_or(|(len, _)| span.len() <= *len)
+                        {
+                            *best = Some((span.len(), item_path.clone()));
+                        }
+                        if let DeValue::Table(t) = item.get_ref() {
+                            walk(t, offset, &item_path, best);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    let doc = DeTable::parse(text).ok()?;
+    let mut best = None;
+    walk(doc.get_ref(), offset, "", &mut best);
+    best.map(|(_, path)| path)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering for `weir check`.
+
+/// A TOML basic string with the escapes TOML requires.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn dur(d: Duration) -> String {
+    quote(&humantime::format_duration(d).to_string())
+}
+
+fn render(c: &Config) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    // Writing to a String cannot fail; the results are ignored on purpose.
+    let source = c
+        .source
+        .as_ref()
+        .map_or_else(|| "(string)".to_owned(), |p| p.display().to_string());
+    let _ = writeln!(
+        o,
+        "# weir configuration resolved from {source}: every key with its effective value"
+    );
+    for w in &c.warnings {
+        let _ = writeln!(o, "# warning: {w}");
+    }
+    let s = &c.server;
+    let _ = writeln!(o, "\n[server]");
+    let _ = writeln!(o, "listen = {}", quote(&s.listen.to_string()));
+    match s.admin_listen {
+        Some(a) => {
+            let _ = writeln!(o, "admin_listen = {}", quote(&a.to_string()));
+        }
+        None => {
+            let _ = writeln!(
+                o,
+                "# admin_listen not set: /metrics and /admin/* are served on listen"
+            );
+        }
+    }
+    let _ = writeln!(o, "max_body_bytes = {}", s.max_body_bytes);
+    let _ = writeln!(o, "request_timeout = {}", dur(s.request_timeout));
+    let _ = writeln!(o, "first_byte_timeout = {}", dur(s.first_byte_timeout));
+    let _ = writeln!(o, "shutdown_grace = {}", dur(s.shutdown_grace));
+    let format = match s.log_format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    let _ = writeln!(o, "log_format = {}", quote(format));
+    match (&s.api_keys_env, &s.api_keys) {
+        (Some(var), Some(keys)) => {
+            let _ = writeln!(
+                o,
+                "api_keys_env = {}  # {} key(s) from ${var}: [redacted]",
+                quote(var),
+                keys.len()
+            );
+        }
+        _ => {
+            let _ = writeln!(o, "# api_keys_env not set: clients need no API key");
+        }
+    }
+    match (&s.admin_token_env, &s.admin_token) {
+        (Some(var), Some(_)) => {
+            let _ = writeln!(
+                o,
+                "admin_token_env = {}  # token from ${var}: [redacted]",
+                quote(var)
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                o,
+                "# admin_token_env not set: /admin/* answers loopback clients only"
+            );
+        }
+    }
+    let _ = writeln!(o, "max_connections = {}", s.max_connections);
+    let _ = writeln!(o, "header_read_timeout = {}", dur(s.header_read_timeout));
+    let _ = writeln!(o, "idle_timeout = {}", dur(s.idle_timeout));
+    let _ = writeln!(o, "watch_config = {}", s.watch_config);
+
+    let _ = writeln!(o, "\n[limits]");
+    match c.limits.requests_per_minute {
+        Some(r) => {
+            let _ = writeln!(o, "requests_per_minute = {r}");
+        }
+        None => {
+            let _ = writeln!(o, "# requests_per_minute not set: no global request limit");
+        }
+    }
+    match c.limits.tokens_per_minute {
+        Some(t) => {
+            let _ = writeln!(o, "tokens_per_minute = {t}");
+        }
+        None => {
+            let _ = writeln!(o, "# tokens_per_minute not set: no global token limit");
+        }
+    }
+
+    let d = &c.defaults;
+    let _ = writeln!(o, "\n[defaults]");
+    let _ = writeln!(o, "queue_timeout = {}", dur(d.queue_timeout));
+    let _ = writeln!(o, "max_queue = {}", d.max_queue);
+    let _ = writeln!(o, "max_tokens = {}", d.max_tokens);
+
+    for m in &c.models {
+        // An undeclared model is rendered commented out, so the text parses back to the same
+        // configuration (it would otherwise become declared).
+        let prefix = if m.declared { "" } else { "# " };
+        if !m.declared {
+            let _ = writeln!(
+                o,
+                "\n# model {:?} is not declared in [[models]]; it gets [defaults] limits:",
+                m.name
+            );
+        } else {
+            o.push('\n');
+        }
+        let _ = writeln!(o, "{prefix}[[models]]");
+        let _ = writeln!(o, "{prefix}name = {}", quote(&m.name));
+        let opt = |o: &mut String, key: &str, v: Option<String>, none: &str| {
+            let _ = match v {
+                Some(v) => writeln!(o, "{prefix}{key} = {v}"),
+                None => writeln!(o, "# {key} not set: {none}"),
+            };
+        };
+        opt(
+            &mut o,
+            "requests_per_minute",
+            m.requests_per_minute.map(|v| v.to_string()),
+            "no request limit",
+        );
+        opt(
+            &mut o,
+            "tokens_per_minute",
+            m.tokens_per_minute.map(|v| v.to_string()),
+            "no token limit",
+        );
+        opt(
+            &mut o,
+            "burst",
+            m.burst.map(|v| v.to_string()),
+            "capacity = requests_per_minute",
+        );
+        opt(
+            &mut o,
+            "max_concurrent",
+            m.max_concurrent.map(|v| v.to_string()),
+            "no concurrency cap",
+        );
+        let _ = writeln!(o, "{prefix}queue_timeout = {}", dur(m.queue_timeout));
+        let _ = writeln!(o, "{prefix}max_queue = {}", m.max_queue);
+        let _ = writeln!(o, "{prefix}max_tokens = {}", m.max_tokens);
+    }
+
+    for b in &c.backends {
+        let _ = writeln!(o, "\n[[backends]]");
+        let _ = writeln!(o, "name = {}", quote(&b.name));
+        let _ = writeln!(o, "url = {}", quote(&b.url.to_string()));
+        match (&b.api_key_env, &b.api_key) {
+            (Some(var), Some(_)) => {
+                let _ = writeln!(
+                    o,
+                    "api_key_env = {}  # key from ${var}: [redacted]",
+                    quote(var)
+                );
+            }
+            _ => {
+                let _ = writeln!(o, "# api_key_env not set: no Authorization header upstream");
+            }
+        }
+        let models: Vec<String> = b.models.iter().map(|m| quote(m)).collect();
+        let _ = writeln!(o, "models = [{}]", models.join(", "));
+        if !b.rename.is_empty() {
+            let mut pairs: Vec<(&String, &String)> = b.rename.iter().collect();
+            pairs.sort();
+            let pairs: Vec<String> = pairs
+                .into_iter()
+                .map(|(k, v)| format!("{} = {}", quote(k), quote(v)))
+                .collect();
+            let _ = writeln!(o, "rename = {{ {} }}", pairs.join(", "));
+        }
+        let _ = writeln!(o, "weight = {}", b.weight);
+        match b.max_concurrent {
+            Some(m) => {
+                let _ = writeln!(o, "max_concurrent = {m}");
+            }
+            None => {
+                let _ = writeln!(o, "# max_concurrent not set: no in-flight cap");
+            }
+        }
+        let _ = writeln!(o, "health_path = {}", quote(&b.health_path));
+        match &b.metrics_path {
+            Some(m) => {
+                let _ = writeln!(o, "metrics_path = {}", quote(m));
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "# metrics_path not set: the deep tier reads no engine metrics"
+                );
+            }
+        }
+        let _ = writeln!(o, "connect_timeout = {}", dur(b.connect_timeout));
+    }
+
+    let h = &c.health;
+    let _ = writeln!(o, "\n[health]");
+    let _ = writeln!(o, "enabled = {}", h.enabled);
+    let _ = writeln!(o, "unhealthy_threshold = {}", h.unhealthy_threshold);
+    let _ = writeln!(o, "healthy_threshold = {}", h.healthy_threshold);
+    let _ = writeln!(o, "slow_start = {}", dur(h.slow_start));
+    let _ = writeln!(
+        o,
+        "liveness = {{ interval = {}, timeout = {} }}",
+        dur(h.liveness.interval),
+        dur(h.liveness.timeout)
+    );
+    let _ = writeln!(
+        o,
+        "readiness = {{ interval = {}, timeout = {}, degraded_latency = {} }}",
+        dur(h.readiness.interval),
+        dur(h.readiness.timeout),
+        dur(h.readiness.degraded_latency)
+    );
+    let _ = writeln!(
+        o,
+        "deep = {{ interval = {}, timeout = {}, samples = {}, max_tokens = {} }}",
+        dur(h.deep.interval),
+        dur(h.deep.timeout),
+        h.deep.samples,
+        h.deep.max_tokens
+    );
+
+    let ol = &c.outlier;
+    let _ = writeln!(o, "\n[outlier]");
+    let _ = writeln!(o, "consecutive_failures = {}", ol.consecutive_failures);
+    let _ = writeln!(o, "ejection_time = {}", dur(ol.ejection_time));
+    let _ = writeln!(o, "max_ejection_percent = {}", ol.max_ejection_percent);
+
+    let r = &c.retry;
+    let _ = writeln!(o, "\n[retry]");
+    let _ = writeln!(o, "max_attempts = {}", r.max_attempts);
+    let _ = writeln!(o, "base_delay = {}", dur(r.base_delay));
+    let _ = writeln!(o, "max_delay = {}", dur(r.max_delay));
+    let _ = writeln!(o, "budget_percent = {}", r.budget_percent);
+
+    match &c.cluster {
+        Some(cl) => {
+            let _ = writeln!(o, "\n[cluster]");
+            let _ = writeln!(
+                o,
+                "redis_url_env = {}  # URL from ${}: [redacted]",
+                quote(&cl.redis_url_env),
+                cl.redis_url_env
+            );
+            let _ = writeln!(o, "key_prefix = {}", quote(&cl.key_prefix));
+        }
+        None => {
+            let _ = writeln!(
+                o,
+                "\n# [cluster] not set: rate limits are enforced per process"
+            );
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SENTINEL: &str = "sk-SENTINEL-123";
+
+    /// An environment that knows the variables the tests name.
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "WEIR_API_KEYS" => Some(format!(" {SENTINEL}-a , ,{SENTINEL}-b ")),
+            "WEIR_ADMIN_TOKEN" => Some(format!("{SENTINEL}-admin")),
+            "UP_KEY" => Some(format!("{SENTINEL}-up")),
+            "WEIR_REDIS_URL" => Some(format!("redis://:{SENTINEL}@redis:6379/0")),
+            "EMPTY" => Some("  ".to_owned()),
+            _ => None,
+        }
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const MINIMAL: &str = r#"
+[[models]]
+name = "m"
+
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9001/v1"
+models = ["m"]
+"#;
+
+    const FULL: &str = r#"
+[server]
+listen = "127.0.0.1:8081"
+admin_listen = "127.0.0.1:9090"
+max_body_bytes = 1_048_576
+request_timeout = "120s"
+first_byte_timeout = "30s"
+shutdown_grace = "0s"
+log_format = "json"
+api_keys_env = "WEIR_API_KEYS"
+admin_token_env = "WEIR_ADMIN_TOKEN"
+max_connections = 500
+header_read_timeout = "5s"
+idle_timeout = "90s"
+watch_config = true
+
+[limits]
+requests_per_minute = 2000
+tokens_per_minute = 1_000_000
+
+[defaults]
+queue_timeout = "3s"
+max_queue = 10
+max_tokens = 128
+
+[[models]]
+name = "gpt-4.1"
+requests_per_minute = 500
+tokens_per_minute = 150_000
+burst = 50
+max_concurrent = 50
+max_queue = 5
+
+[[models]]
+name = "deepseek"
+
+[[backends]]
+name = "sgp-01"
+url = "https://api.example.com/v1"
+api_key_env = "UP_KEY"
+models = ["gpt-4.1", "deepseek"]
+rename = { "gpt-4.1" = "gpt-4.1-2025-04-14" }
+weight = 70
+max_concurrent = 50
+health_path = "/health"
+metrics_path = "/metrics"
+connect_timeout = "2s"
+
+[[backends]]
+name = "local"
+url = "http://127.0.0.1:9002/"
+models = ["gpt-4.1"]
+weight = 0
+
+[health]
+enabled = false
+unhealthy_threshold = 4
+healthy_threshold = 1
+slow_start = "0s"
+liveness = { interval = "1s", timeout = "500ms" }
+readiness = { interval = "10s", timeout = "3s", degraded_latency = "1s" }
+deep = { interval = "10m", timeout = "2m", samples = 2, max_tokens = 8 }
+
+[outlier]
+consecutive_failures = 2
+ejection_time = "10s"
+max_ejection_percent = 100
+
+[retry]
+max_attempts = 1
+base_delay = "10ms"
+max_delay = "10ms"
+budget_percent = 0
+
+[cluster]
+redis_url_env = "WEIR_REDIS_URL"
+key_prefix = "prod"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(text, "weir.toml", &env)
+    }
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        match parse(text) {
+            Ok(c) => panic!("expected errors, got a config: {c:?}"),
+            Err(e) => e.0,
+        }
+    }
+
+    /// The one error a file produces, as `LINE:COL: KEY: message`.
+    fn one_error(text: &str) -> ConfigError {
+        let errs = errors(text);
+        assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+        errs.into_iter().next().unwrap()
+    }
+
+    fn has(errs: &[ConfigError], line: usize, column: usize, key: &str, needle: &str) -> bool {
+        errs.iter().any(|e| {
+            e.line == line && e.column == column && e.key == key && e.message.contains(needle)
+        })
+    }
+
+    #[test]
+    fn full_file_is_read_into_typed_values() {
+        let c = parse(FULL).unwrap();
+        let s = &c.server;
+        assert_eq!(s.listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(s.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(s.max_body_bytes, 1_048_576);
+        assert_eq!(s.request_timeout, Duration::from_secs(120));
+        assert_eq!(s.first_byte_timeout, Duration::from_secs(30));
+        assert_eq!(s.shutdown_grace, Duration::ZERO);
+        assert_eq!(s.log_format, LogFormat::Json);
+        let keys: Vec<&str> = s
+            .api_keys
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(Secret::expose)
+            .collect();
+        assert_eq!(keys, [format!("{SENTINEL}-a"), format!("{SENTINEL}-b")]);
+        assert_eq!(s.api_keys_env.as_deref(), Some("WEIR_API_KEYS"));
+        assert_eq!(
+            s.admin_token.as_ref().unwrap().expose(),
+            format!("{SENTINEL}-admin")
+        );
+        assert_eq!(s.max_connections, 500);
+        assert_eq!(s.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(s.idle_timeout, Duration::from_secs(90));
+        assert!(s.watch_config);
+        assert_eq!(c.limits.requests_per_minute, NonZeroU32::new(2000));
+        assert_eq!(c.limits.tokens_per_minute, NonZeroU64::new(1_000_000));
+
+        let gpt = c.model("gpt-4.1").unwrap();
+        assert_eq!(gpt.burst, NonZeroU32::new(50));
+        assert_eq!(gpt.burst_capacity(), NonZeroU32::new(50));
+        assert_eq!(gpt.max_queue, 5);
+        assert_eq!(
+            gpt.queue_timeout,
+            Duration::from_secs(3),
+            "inherited from [defaults]"
+        );
+        assert_eq!(gpt.max_tokens, 128);
+        assert!(gpt.declared);
+        let ds = c.model("deepseek").unwrap();
+        assert_eq!(ds.requests_per_minute, None);
+        assert_eq!(ds.burst_capacity(), None);
+
+        let b = c.backend("sgp-01").unwrap();
+        assert_eq!(b.url.to_string(), "https://api.example.com/v1");
+        assert_eq!(
+            b.api_key.as_ref().unwrap().expose(),
+            format!("{SENTINEL}-up")
+        );
+        assert_eq!(
+            b.rename.get("gpt-4.1").map(String::as_str),
+            Some("gpt-4.1-2025-04-14")
+        );
+        assert_eq!(b.weight, 70);
+        assert_eq!(b.metrics_path.as_deref(), Some("/metrics"));
+        assert_eq!(b.connect_timeout, Duration::from_secs(2));
+        let local = c.backend("local").unwrap();
+        assert_eq!(
+            local.url.path(),
+            "/",
+            "kept as parsed, trailing slash and all"
+        );
+        assert_eq!(local.weight, 0);
+
+        assert!(!c.health.enabled);
+        assert_eq!(c.health.liveness.timeout, Duration::from_millis(500));
+        assert_eq!(c.health.deep.interval, Duration::from_secs(600));
+        assert_eq!(c.health.deep.samples, 2);
+        assert_eq!(c.outlier.max_ejection_percent, 100);
+        assert_eq!(c.retry.max_attempts, NonZeroU32::MIN);
+        assert_eq!(c.retry.max_delay, Duration::from_millis(10));
+        let cluster = c.cluster.as_ref().unwrap();
+        assert_eq!(cluster.key_prefix, "prod");
+        assert!(cluster.redis_url.expose().starts_with("redis://"));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn render_round_trips_and_never_shows_a_secret() {
+        let c = parse(FULL).unwrap();
+        let text = c.render();
+        assert!(!text.contains("SENTINEL"), "{text}");
+        assert!(text.contains("[redacted]"));
+        assert!(text.contains("$WEIR_API_KEYS"));
+        let again = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(format!("{:?}", again.server), format!("{:?}", c.server));
+        assert_eq!(again.server.api_keys, c.server.api_keys);
+        assert_eq!(again.limits, c.limits);
+        assert_eq!(again.defaults, c.defaults);
+        assert_eq!(again.models, c.models);
+        assert_eq!(again.backends, c.backends);
+        assert_eq!(again.health, c.health);
+        assert_eq!(again.outlier, c.outlier);
+        assert_eq!(again.retry, c.retry);
+        assert_eq!(format!("{:?}", again.cluster), format!("{:?}", c.cluster));
+
+        // Undeclared models and warnings survive the round trip as comments.
+        let text = MINIMAL.replace("models = [\"m\"]", "models = [\"m\", \"extra\"]");
+        let c = parse(&text).unwrap();
+        let rendered = c.render();
+        assert!(rendered.contains("# warning: weir.toml:"), "{rendered}");
+        let again = parse(&rendered).unwrap();
+        assert_eq!(again.models, c.models);
+        assert_eq!(again.warnings.len(), 1);
+    }
+
+    #[test]
+    fn secret_debug_and_display_are_redacted() {
+        let s = Secret::new(SENTINEL);
+        assert_eq!(format!("{s:?}"), "[redacted]");
+        assert_eq!(format!("{s}"), "[redacted]");
+        let c = parse(FULL).unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("SENTINEL"), "{debug}");
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let c = Config::parse(MINIMAL, "min.toml", &no_env).unwrap();
+        assert_eq!(c.source, None);
+        let s = &c.server;
+        assert_eq!(s.listen, defaults::LISTEN);
+        assert_eq!(s.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(s.admin_listen, None);
+        assert_eq!(s.max_body_bytes, 10_485_760);
+        assert_eq!(s.request_timeout, Duration::from_secs(600));
+        assert_eq!(s.first_byte_timeout, Duration::from_secs(60));
+        assert_eq!(s.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(s.log_format, LogFormat::Text);
+        assert!(s.api_keys.is_none() && s.api_keys_env.is_none());
+        assert!(s.admin_token.is_none() && s.admin_token_env.is_none());
+        assert_eq!(s.max_connections, 10_000);
+        assert_eq!(s.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(s.idle_timeout, Duration::from_secs(60));
+        assert!(!s.watch_config);
+        assert_eq!(c.limits, GlobalLimits::default());
+        assert_eq!(
+            c.defaults,
+            Defaults {
+                queue_timeout: Duration::from_secs(10),
+                max_queue: 1000,
+                max_tokens: 256
+            }
+        );
+        let m = c.model("m").unwrap();
+        assert_eq!(
+            (m.queue_timeout, m.max_queue, m.max_tokens),
+            (Duration::from_secs(10), 1000, 256)
+        );
+        assert_eq!(
+            (m.requests_per_minute, m.burst, m.max_concurrent),
+            (None, None, None)
+        );
+        let b = &c.backends[0];
+        assert_eq!(b.weight, 100);
+        assert_eq!(b.health_path, "");
+        assert_eq!(b.metrics_path, None);
+        assert_eq!(b.api_key, None);
+        assert_eq!(b.connect_timeout, Duration::from_secs(5));
+        assert!(b.rename.is_empty());
+        let h = &c.health;
+        assert!(h.enabled);
+        assert_eq!(
+            (h.unhealthy_threshold.get(), h.healthy_threshold.get()),
+            (3, 2)
+        );
+        assert_eq!(h.slow_start, Duration::from_secs(30));
+        assert_eq!(
+            h.liveness,
+            ProbeTier {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(
+            h.readiness,
+            ReadinessTier {
+                interval: Duration::from_secs(30),
+                timeout: Duration::from_secs(10),
+                degraded_latency: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(
+            h.deep,
+            DeepTier {
+                interval: Duration::from_secs(300),
+                timeout: Duration::from_secs(60),
+                samples: 5,
+                max_tokens: 16
+            }
+        );
+        assert_eq!(c.outlier.consecutive_failures.get(), 5);
+        assert_eq!(c.outlier.ejection_time, Duration::from_secs(30));
+        assert_eq!(c.outlier.max_ejection_percent, 50);
+        assert_eq!(c.retry.max_attempts.get(), 3);
+        assert_eq!(c.retry.base_delay, Duration::from_millis(50));
+        assert_eq!(c.retry.max_delay, Duration::from_secs(2));
+        assert_eq!(c.retry.budget_percent, 20);
+        assert!(c.cluster.is_none());
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn example_file_parses_and_mirrors_defaults() {
+        let example = include_str!("../config/weir.toml");
+        let c =
+            Config::parse(example, "config/weir.toml", &no_env).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends[0].url.to_string(), "http://127.0.0.1:9001/v1");
+        assert_eq!(c.backends[1].url.to_string(), "http://127.0.0.1:9002/v1");
+        let min = Config::parse(MINIMAL, "min.toml", &no_env).unwrap();
+        assert_eq!(format!("{:?}", c.server), format!("{:?}", min.server));
+        assert_eq!(c.limits, min.limits);
+        assert_eq!(c.defaults, min.defaults);
+        assert_eq!(c.health, min.health);
+        assert_eq!(c.outlier, min.outlier);
+        assert_eq!(c.retry, min.retry);
+        assert!(c.cluster.is_none());
+        // Per-backend keys the example writes out equal the defaults too.
+        let (ex, df) = (&c.backends[0], &min.backends[0]);
+        assert_eq!(
+            (ex.weight, &ex.health_path, ex.connect_timeout),
+            (df.weight, &df.health_path, df.connect_timeout)
+        );
+        // The first model spells out the [defaults] overrides with their default values.
+        let m = &c.models[0];
+        assert_eq!(
+            (m.queue_timeout, m.max_queue, m.max_tokens),
+            (
+                min.defaults.queue_timeout,
+                min.defaults.max_queue,
+                min.defaults.max_tokens
+            )
+        );
+    }
+
+    #[test]
+    fn example_file_commented_env_keys_are_valid_when_uncommented() {
+        // The env-var keys are commented out in the example; uncommented, with their variables
+        // set, the file still validates.
+        let example = include_str!("../config/weir.toml");
+        let text: String = example
+            .lines()
+            .map(|l| {
+                let uncomment = [
+                    "# api_keys_env",
+                    "# admin_token_env",
+                    "# admin_listen",
+                    "# api_key_env",
+                    "# [cluster]",
+                    "# redis_url_env",
+                    "# key_prefix",
+                    "# requests_per_minute",
+                    "# tokens_per_minute",
+                ];
+                match uncomment.iter().find(|p| l.starts_with(*p)) {
+                    Some(_) => l.trim_start_matches("# ").to_owned(),
+                    None => l.to_owned(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let env = |name: &str| match name {
+            "LOCAL_1_API_KEY" => Some("k".to_owned()),
+            other => env(other),
+        };
+        let c = Config::parse(&text, "weir.toml", &env).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.cluster.is_some());
+        assert!(c.server.admin_token.is_some() && c.server.api_keys.is_some());
+        assert!(c.backends[0].api_key.is_some());
+        assert!(c.limits.requests_per_minute.is_some());
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_it() {
+        let path =
+            std::env::temp_dir().join(format!("weir-config-test-{}.toml", std::process::id()));
+        std::fs::write(&path, MINIMAL).unwrap();
+        let c = Config::load(&path, &no_env).unwrap();
+        assert_eq!(c.source.as_deref(), Some(path.as_path()));
+        std::fs::remove_file(&path).unwrap();
+        let e = Config::load(&path, &no_env).unwrap_err();
+        assert_eq!(e.0[0].key, "(file)");
+        assert!(e.to_string().starts_with(&path.display().to_string()));
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_line_column_and_path() {
+        let text = format!("{MINIMAL}\n[server]\nlisten = \"0.0.0.0:1\"\n  bogus = 1\n");
+        let e = one_error(&text);
+        let line = text.lines().position(|l| l.contains("bogus")).unwrap() + 1;
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (line, 3, "server.bogus")
+        );
+        assert!(e.message.contains("unknown field `bogus`"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("weir.toml:{line}:3: server.bogus: {}", e.message)
+        );
+
+        // Inside an array of tables and an inline table.
+        let text =
+            format!("{MINIMAL}[health]\nliveness = {{ interval = \"1s\", every = \"2s\" }}\n");
+        let e = one_error(&text);
+        assert_eq!(e.key, "health.liveness.every");
+        let text = MINIMAL.replace("name = \"b\"", "name = \"b\"\nwieght = 3");
+        let e = one_error(&text);
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (7, 1, "backends[0].wieght")
+        );
+        // An unknown section.
+        let e = one_error(&format!("{MINIMAL}[serverr]\n"));
+        assert_eq!(e.key, "serverr");
+    }
+
+    #[test]
+    fn syntax_and_type_errors_have_locations() {
+        let errs = errors("[server\nlisten = \n");
+        assert!(errs.iter().all(|e| e.key == "(syntax)"));
+        assert_eq!((errs[0].line, errs[0].column), (1, 8));
+        let e = one_error(&format!("{MINIMAL}[server]\nmax_connections = \"many\"\n"));
+        assert_eq!(e.key, "server.max_connections");
+        assert_eq!(e.column, 19);
+    }
+
+    #[test]
+    fn bad_duration_names_its_key_and_position() {
+        let text = format!("{MINIMAL}[server]\nrequest_timeout = \"5 parsecs\"\n");
+        let e = one_error(&text);
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (10, 19, "server.request_timeout")
+        );
+        assert!(e.message.contains("not a duration"), "{e}");
+        let e = one_error(&format!(
+            "{MINIMAL}[health]\nliveness = {{ interval = \"0s\" }}\n"
+        ));
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (10, 25, "health.liveness.interval")
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_together() {
+        let text = r#"[server]
+listen = "nowhere"
+log_format = "xml"
+first_byte_timeout = "0s"
+api_keys_env = "MISSING_KEYS"
+
+[limits]
+requests_per_minute = 0
+
+[[models]]
+name = "a"
+burst = 0
+max_concurrent = -1
+
+[[models]]
+name = "a"
+
+[[models]]
+name = "lonely"
+
+[[backends]]
+name = "x"
+url = "ftp://host/v1"
+api_key_env = "MISSING_UP"
+models = ["a"]
+rename = { "zzz" = "y" }
+health_path = "health"
+metrics_path = "metrics"
+
+[[backends]]
+name = "x"
+url = "http://h/v1?x=1"
+models = []
+
+[outlier]
+max_ejection_percent = 101
+
+[retry]
+base_delay = "3s"
+max_delay = "1s"
+budget_percent = 200
+
+[cluster]
+"#;
+        let errs = Config::parse(text, "bad.toml", &no_env).unwrap_err().0;
+        let all = ConfigErrors(errs.clone()).to_string();
+        let expect = [
+            (2, 10, "server.listen", "not a socket address"),
+            (3, 14, "server.log_format", "not \"text\" or \"json\""),
+            (4, 22, "server.first_byte_timeout", "longer than 0"),
+            (5, 16, "server.api_keys_env", "MISSING_KEYS is not set"),
+            (8, 23, "limits.requests_per_minute", "zero rate"),
+            (12, 9, "models[0].burst", "zero rate"),
+            (13, 18, "models[0].max_concurrent", "negative"),
+            (16, 8, "models[1].name", "declared twice"),
+            (19, 8, "models[2].name", "not served by any backend"),
+            (23, 7, "backends[0].url", "not http or https"),
+            (24, 15, "backends[0].api_key_env", "MISSING_UP is not set"),
+            (
+                26,
+                12,
+                "backends[0].rename.zzz",
+                "not in backends[0].models",
+            ),
+            (27, 15, "backends[0].health_path", "must start with '/'"),
+            (28, 16, "backends[0].metrics_path", "must start with '/'"),
+            (31, 8, "backends[1].name", "used twice"),
+            (32, 7, "backends[1].url", "query string"),
+            (33, 10, "backends[1].models", "at least one model"),
+            (36, 24, "outlier.max_ejection_percent", "at most 100"),
+            (40, 13, "retry.max_delay", "shorter than retry.base_delay"),
+            (41, 18, "retry.budget_percent", "at most 100"),
+            (43, 1, "cluster.redis_url_env", "WEIR_REDIS_URL is not set"),
+        ];
+        for (line, col, key, needle) in expect {
+            assert!(
+                has(&errs, line, col, key, needle),
+                "missing {line}:{col}: {key}: ..{needle}.. in\n{all}"
+            );
+        }
+        assert_eq!(errs.len(), expect.len(), "{all}");
+        // Sorted by position, one per line in Display.
+        assert_eq!(all.lines().count(), errs.len());
+        assert!(all
+            .lines()
+            .next()
+            .unwrap()
+            .starts_with("bad.toml:2:10: server.listen: "));
+    }
+
+    #[test]
+    fn missing_env_var_is_an_error_and_its_value_is_never_printed() {
+        let text = MINIMAL.replace(
+            "models = [\"m\"]",
+            "models = [\"m\"]\napi_key_env = \"NOPE\"",
+        );
+        let e = one_error(&text);
+        assert_eq!(e.key, "backends[0].api_key_env");
+        assert_eq!(e.message, "environment variable NOPE is not set");
+        let e = one_error(&MINIMAL.replace(
+            "models = [\"m\"]",
+            "models = [\"m\"]\napi_key_env = \"EMPTY\"",
+        ));
+        assert!(e.message.contains("set but empty"));
+        // A variable holding only separators gives no keys: refused rather than locking
+        // every client out.
+        let only_commas = |n: &str| (n == "K").then(|| " , ,".to_owned());
+        let errs = Config::parse(
+            &format!("[server]\napi_keys_env = \"K\"\n{MINIMAL}"),
+            "f",
+            &only_commas,
+        )
+        .unwrap_err();
+        assert!(errs.0[0].message.contains("holds no keys"), "{errs}");
+        // A Redis URL that is not redis:// is refused without echoing it.
+        let bad_redis = |n: &str| (n == "WEIR_REDIS_URL").then(|| format!("http://{SENTINEL}"));
+        let errs = Config::parse(&format!("{MINIMAL}[cluster]\n"), "f", &bad_redis).unwrap_err();
+        assert!(errs.to_string().contains("does not hold a redis://"));
+        assert!(!errs.to_string().contains("SENTINEL"));
+    }
+
+    #[test]
+    fn undeclared_model_warns_and_gets_defaults() {
+        let text = MINIMAL.replace("models = [\"m\"]", "models = [\"m\", \"x\"]")
+            + "[defaults]\nmax_queue = 7\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(c.models.len(), 2);
+        let x = c.model("x").unwrap();
+        assert!(!x.declared);
+        assert_eq!(x.max_queue, 7);
+        assert_eq!(x.queue_timeout, defaults::QUEUE_TIMEOUT);
+        assert_eq!(
+            (x.requests_per_minute, x.tokens_per_minute, x.max_concurrent),
+            (None, None, None)
+        );
+        assert_eq!(
+            c.warnings,
+            ["weir.toml:8:16: backends[0].models: model \"x\" is not declared in [[models]]; it gets [defaults] limits"]
+        );
+        // Named by two backends: one entry, one warning per mention.
+        let text =
+            format!("{text}\n[[backends]]\nname = \"c\"\nurl = \"http://h\"\nmodels = [\"x\"]\n");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.models.iter().filter(|m| m.name == "x").count(), 1);
+    }
+
+    #[test]
+    fn weight_zero_everywhere_is_an_error() {
+        let text = MINIMAL.replace("models = [\"m\"]", "models = [\"m\"]\nweight = 0");
+        let e = one_error(&text);
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (9, 10, "backends[0].weight")
+        );
+        assert!(e.message.contains("weight 0 everywhere"), "{e}");
+        // One other backend with weight keeps the model reachable.
+        let ok = format!("{text}\n[[backends]]\nname = \"c\"\nurl = \"http://h\"\nmodels = [\"m\"]\nweight = 1\n");
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn structural_errors() {
+        let e = one_error("");
+        assert_eq!((e.line, e.column, e.key.as_str()), (1, 1, "backends"));
+        let errs = errors("[[backends]]\nweight = 1\n");
+        for key in ["backends[0].name", "backends[0].url", "backends[0].models"] {
+            assert!(
+                has(&errs, 1, 1, key, "is missing"),
+                "{key}: {}",
+                ConfigErrors(errs.clone())
+            );
+        }
+        for (url, needle) in [
+            ("127.0.0.1:9001", "absolute"),
+            ("/v1", "absolute"),
+            ("http://u:p@h/v1", "credentials"),
+            ("http://h/v1#frag", "fragment"),
+            ("http://", "not a usable"),
+        ] {
+            let e = one_error(&MINIMAL.replace("http://127.0.0.1:9001/v1", url));
+            assert_eq!(e.key, "backends[0].url");
+            assert!(e.message.contains(needle), "{url}: {e}");
+        }
+        let e = one_error(&MINIMAL.replace("models = [\"m\"]", "models = [\"m\", \"m\"]"));
+        assert_eq!(e.key, "backends[0].models[1]");
+        let e = one_error(&format!(
+            "[server]\nlisten = \"0.0.0.0:1\"\nadmin_listen = \"0.0.0.0:1\"\n{MINIMAL}"
+        ));
+        assert_eq!(e.key, "server.admin_listen");
+        assert!(parse(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{MINIMAL}"
+        ))
+        .is_ok());
+        let e = one_error(&format!("[server]\nmax_connections = 0\n{MINIMAL}"));
+        assert_eq!(e.key, "server.max_connections");
+        let e = one_error(&format!("{MINIMAL}[health]\ndeep = {{ samples = 0 }}\n"));
+        assert_eq!(e.key, "health.deep.samples");
+        let e = one_error(&format!(
+            "{MINIMAL}[limits]\nrequests_per_minute = 99_999_999_999\n"
+        ));
+        assert_eq!(e.key, "limits.requests_per_minute");
+        assert!(e.message.contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn line_col_is_character_based_and_total() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("é=1", 2), (1, 2));
+        assert_eq!(line_col("é=1", 1), (1, 2), "inside a character");
+        assert_eq!(line_col("ab", 99), (1, 3), "past the end");
+    }
+}

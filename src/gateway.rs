@@ -1,0 +1,223 @@
+//! Starting and stopping a gateway: the shared state, the listeners, and
+//! the handle that `main.rs` and the tests hold.
+//!
+//! The library never installs signal handlers: `main.rs` turns signals into
+//! calls on [`Handle`] (as mini-redis' `run(listener, shutdown)`), so tests
+//! drive shutdown the same way a signal does.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use arc_swap::ArcSwap;
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{Config, ConfigErrors},
+    metrics::Metrics,
+    server::{self, Role},
+    snapshot::Snapshot,
+    upstream::UpstreamError,
+};
+
+/// The environment lookup used for `*_env` keys on reload; injected so tests
+/// never touch the process environment.
+pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// State every connection and request shares.
+pub(crate) struct Shared {
+    /// The current routing state; requests `load_full` it once.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Caps concurrent client connections (`server.max_connections`)
+    /// across every listener.
+    pub connections: Arc<Semaphore>,
+    /// The file to re-read on reload (`None` for `weir demo` and tests that
+    /// build their config in memory).
+    pub config_path: Option<PathBuf>,
+    /// Resolves `*_env` keys on reload.
+    pub env: EnvLookup,
+    /// Serialises reloads; never touched by the request path.
+    pub reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address from the config.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The upstream clients could not be built.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// A listener's address could not be read.
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The gateway was started without a config file.
+    #[error("this gateway was started without a config file; nothing to reload")]
+    NoConfigFile,
+    /// The new file is invalid; the old config keeps serving.
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    /// The new snapshot could not be built.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// A gateway to start: a validated config plus where it came from.
+pub struct Gateway {
+    config: Config,
+    config_path: Option<PathBuf>,
+    env: EnvLookup,
+}
+
+/// A running gateway.
+pub struct Handle {
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Gateway {
+    /// A gateway for this config; `*_env` keys resolve from the process
+    /// environment on reload unless [`Gateway::env`] says otherwise.
+    pub fn new(config: Config) -> Self {
+        let config_path = config.source.clone();
+        Self {
+            config,
+            config_path,
+            env: Arc::new(crate::config::process_env),
+        }
+    }
+
+    /// Where reloads read the config from (defaults to the config's source).
+    pub fn config_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_path = Some(path.into());
+        self
+    }
+
+    /// The environment lookup reloads use.
+    pub fn env(mut self, env: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
+        self.env = Arc::new(env);
+        self
+    }
+
+    /// Binds `server.listen` (and `admin_listen`) and starts serving.
+    pub async fn start(self) -> Result<Handle, StartError> {
+        let listen = self.config.server.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let admin = match self.config.server.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        self.start_on(listener, admin)
+    }
+
+    /// Starts serving on listeners the caller bound (tests bind port 0).
+    /// With `admin = None`, `/metrics` and `/admin/*` are served on `listener`.
+    pub fn start_on(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+    ) -> Result<Handle, StartError> {
+        let config = Arc::new(self.config);
+        let snapshot = Snapshot::build(config.clone(), None)?;
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics: Metrics::new(),
+            connections: Arc::new(Semaphore::new(config.server.max_connections.max(1))),
+            config_path: self.config_path,
+            env: self.env,
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        let shutdown = CancellationToken::new();
+        let addr = listener.local_addr().map_err(StartError::Listener)?;
+        let admin_addr = match &admin {
+            Some(l) => Some(l.local_addr().map_err(StartError::Listener)?),
+            None => None,
+        };
+        let mut tasks = JoinSet::new();
+        let main_role = if admin.is_some() {
+            Role::Public
+        } else {
+            Role::Both
+        };
+        tasks.spawn(server::serve(
+            listener,
+            main_role,
+            shared.clone(),
+            shutdown.child_token(),
+        ));
+        if let Some(admin) = admin {
+            tasks.spawn(server::serve(
+                admin,
+                Role::Admin,
+                shared.clone(),
+                shutdown.child_token(),
+            ));
+        }
+        Ok(Handle {
+            addr,
+            admin_addr,
+            shared,
+            shutdown,
+            tasks,
+        })
+    }
+}
+
+impl Handle {
+    /// The address clients send `/v1/...` to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address of `/metrics` and `/admin/*` (the main one when no
+    /// `admin_listen` is configured).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr.unwrap_or(self.addr)
+    }
+
+    /// The routing state requests load right now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// Re-reads the config file and swaps it in if valid (SIGHUP).
+    pub async fn reload(&self) -> Result<Vec<String>, ReloadError> {
+        server::reload(&self.shared).await
+    }
+
+    /// Starts a graceful shutdown: stop accepting, let in-flight requests
+    /// finish within `shutdown_grace`.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until every listener has shut down and its connections closed
+    /// (or `shutdown_grace` ran out).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,40 @@
+//! weir: a reverse-proxy gateway for OpenAI-style LLM APIs.
+//!
+//! # Layout
+//!
+//! A request travels through one module per phase, each a plain async
+//! function call with owned, typed values in between:
+//!
+//! * [`server`] accepts connections, enforces header/body limits and routes;
+//! * [`api`] reads the request facts (`model`, `stream`, token estimate) and
+//!   is the one place errors become OpenAI-shaped HTTP responses;
+//! * [`snapshot`] is the immutable routing state (models -> pools of
+//!   backends) that the request loads once from an `ArcSwap`;
+//! * [`balancer`] picks a backend by smooth weighted round-robin;
+//! * [`proxy`] runs the attempts, header hygiene and response streaming;
+//! * [`upstream`] owns the pooled HTTP clients that talk to backends;
+//! * [`config`] parses and validates the TOML file;
+//! * [`mock`] is an OpenAI-compatible mock backend for demos, tests, benches.
+//!
+//! [`Gateway`] ties them together and is what `main.rs` and the tests start.
+#![forbid(unsafe_code)]
+#![deny(clippy::await_holding_lock)]
+
+mod admin;
+pub mod api;
+pub mod balancer;
+mod body;
+pub mod config;
+pub mod demo;
+mod gateway;
+mod headers;
+mod metrics;
+pub mod mock;
+mod proxy;
+mod reload;
+mod server;
+pub mod snapshot;
+mod upstream;
+
+pub use config::{Config, Secret};
+pub use gateway::{Gateway, Handle};

@@ -1,0 +1,214 @@
+//! The `weir` command: `serve` (the default), `check`, `demo`, `mock`.
+//!
+//! This file owns the process concerns the library leaves out: the command
+//! line, logging set-up, and turning signals into calls on the gateway's
+//! [`weir::Handle`] (SIGHUP reloads; SIGTERM/SIGINT shut down gracefully).
+
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::{fmt, EnvFilter};
+use weir::{config::LogFormat, mock::MockConfig, Config, Gateway, Handle};
+
+/// A reverse-proxy gateway for OpenAI-style LLM APIs.
+#[derive(Parser, Debug)]
+#[command(name = "weir", version, about)]
+struct Cli {
+    /// Config file (default: $WEIR_CONFIG, else config/weir.toml).
+    #[arg(long, global = true, env = "WEIR_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Validate the config and print it resolved (secrets masked), or every error.
+    Check,
+    /// Run the gateway on 127.0.0.1:8080 in front of two embedded mock backends.
+    Demo(DemoArgs),
+    /// Run a standalone OpenAI-compatible mock backend.
+    Mock(MockArgs),
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Where the demo gateway listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+struct MockArgs {
+    /// Address to listen on, e.g. 127.0.0.1:9001.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Models to serve (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "mock-model")]
+    models: Vec<String>,
+    /// Delay before the response headers / first chunk, e.g. "50ms".
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    latency: Duration,
+    /// Stream pacing in tokens per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    tokens_per_sec: f64,
+    /// Completion length in tokens (stream chunks).
+    #[arg(long, default_value_t = 16)]
+    chunks: u32,
+    /// Share of requests answered 500 (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Share of requests answered 429 (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    rate_limit_rate: f64,
+    /// Retry-After seconds sent with a 429.
+    #[arg(long, default_value_t = 1)]
+    retry_after: u32,
+    /// Accept requests and never answer them.
+    #[arg(long)]
+    hang: bool,
+    /// Name sent as `x-mock-name`.
+    #[arg(long, default_value = "mock")]
+    name: String,
+    /// Do not record requests (for load benchmarks).
+    #[arg(long)]
+    no_record: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weir: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => runtime.block_on(serve(config_path(cli.config))),
+        Command::Check => return check(&config_path(cli.config)),
+        Command::Demo(args) => runtime.block_on(demo(args)),
+        Command::Mock(args) => runtime.block_on(mock(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.unwrap_or_else(|| PathBuf::from("config/weir.toml"))
+}
+
+/// `weir check`: exit 0 with the resolved config, or 1 with every error.
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path, &weir::config::process_env) {
+        Ok(config) => {
+            print!("{}", config.render());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    // A second init (never happens in this binary) would only be refused.
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path, &weir::config::process_env)
+        .map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
+    init_logging(config.server.log_format);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let handle = Gateway::new(config).config_path(&path).start().await?;
+    tracing::info!(listen = %handle.addr(), admin = %handle.admin_addr(), "weir is serving");
+    run_until_signalled(handle).await
+}
+
+/// Reloads on SIGHUP; on SIGTERM/SIGINT stops accepting, lets in-flight
+/// requests finish within `shutdown_grace`, and returns.
+async fn run_until_signalled(handle: Handle) -> anyhow::Result<()> {
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                // The outcome is logged by the reload itself.
+                let _ = handle.reload().await;
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    tracing::info!("shutting down: no new connections; waiting for in-flight requests");
+    handle.shutdown();
+    handle.wait().await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    init_logging(LogFormat::Text);
+    let demo = weir::demo::start(args.listen).await?;
+    println!("{}", demo.instructions());
+    run_until_signalled(demo.gateway).await
+}
+
+async fn mock(args: MockArgs) -> anyhow::Result<()> {
+    init_logging(LogFormat::Text);
+    let config = MockConfig::default()
+        .models(args.models)
+        .latency(args.latency)
+        .tokens_per_sec(args.tokens_per_sec)
+        .chunks(args.chunks)
+        .failure_rate(args.failure_rate)
+        .rate_limit(args.rate_limit_rate, args.retry_after)
+        .hang(args.hang)
+        .name(args.name)
+        .record(!args.no_record);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, "weir mock is serving");
+    weir::mock::serve(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let Ok(mut terminate) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,243 @@
+//! The immutable routing state: models -> pools of backends with their
+//! effective weights.
+//!
+//! A [`Snapshot`] is built from a validated [`Config`] (and, later, health
+//! state) and published through one `ArcSwap`. Each request loads it once and
+//! keeps it to the end, so a reload or a weight change never tears a request
+//! in half, and the request path takes no lock to read routing state.
+//!
+//! Mutable per-backend counters (in-flight, the pooled client) live in
+//! `Arc<BackendState>` that the snapshot points to; a rebuild carries them
+//! over by identity (name + url), as pingora's `Backends::do_update` reuses
+//! the health entry of every surviving backend.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+};
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use crate::{
+    balancer::Pool,
+    config::{BackendConfig, Config, ModelConfig},
+    headers,
+    upstream::{self, HttpClient, UpstreamError},
+};
+
+/// Routing state shared by every request that loaded it.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The validated configuration this snapshot was built from.
+    pub config: Arc<Config>,
+    /// Client model name -> its route.
+    models: HashMap<String, ModelRoute>,
+    /// Every configured backend, in file order.
+    backends: Vec<Arc<BackendState>>,
+    /// The `GET /v1/models` body, rendered once per snapshot.
+    models_list: Bytes,
+}
+
+/// One model's admission settings and its pool of backends.
+#[derive(Debug)]
+pub struct ModelRoute {
+    /// The model's limits (declared, or `[defaults]` for undeclared ones).
+    pub config: ModelConfig,
+    /// The backends that serve it, in the pool's order.
+    pub members: Vec<Member>,
+    /// Smooth-WRR selection over `members`' effective weights.
+    pub pool: Pool,
+}
+
+/// A backend's place in one model's pool.
+#[derive(Debug)]
+pub struct Member {
+    /// The backend and its live counters.
+    pub backend: Arc<BackendState>,
+    /// The model name to send upstream when the backend renames it.
+    pub upstream_model: Option<String>,
+    /// Configured weight × health factors (for now: the configured weight).
+    pub effective_weight: u32,
+}
+
+/// A backend's configuration plus the state that outlives snapshots.
+pub struct BackendState {
+    /// The backend as configured.
+    pub config: BackendConfig,
+    /// Pooled connections to it; carried over a reload with the backend.
+    pub(crate) client: HttpClient,
+    /// `Authorization` header value for its key, built once.
+    pub(crate) authorization: Option<HeaderValue>,
+    /// `x-weir-backend` value, built once.
+    pub(crate) name_header: HeaderValue,
+    /// Requests currently sent to it and not yet finished (body included).
+    in_flight: AtomicU32,
+}
+
+impl std::fmt::Debug for BackendState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendState")
+            .field("name", &self.config.name)
+            .field("url", &self.config.url)
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BackendState {
+    fn new(config: BackendConfig) -> Result<Self, UpstreamError> {
+        let client = upstream::client(config.connect_timeout)?;
+        let authorization = config
+            .api_key
+            .as_ref()
+            .and_then(|k| headers::bearer(k.expose()));
+        let name_header = HeaderValue::try_from(config.name.as_str())
+            .unwrap_or(HeaderValue::from_static("invalid-name"));
+        Ok(Self {
+            config,
+            client,
+            authorization,
+            name_header,
+            in_flight: AtomicU32::new(0),
+        })
+    }
+
+    /// Requests in flight to this backend right now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the backend is at its `max_concurrent`.
+    pub fn is_saturated(&self) -> bool {
+        self.config
+            .max_concurrent
+            .is_some_and(|max| self.in_flight() >= max.get())
+    }
+
+    /// Takes an in-flight slot unless the backend is at `max_concurrent`.
+    /// The slot is given back when the returned guard drops (response body
+    /// finished, client gone, or attempt failed).
+    pub(crate) fn try_begin(self: &Arc<Self>) -> Option<InFlight> {
+        let max = self.config.max_concurrent.map_or(u32::MAX, |m| m.get());
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlight(self.clone()))
+    }
+
+    /// The identity a reload matches on: same name and same URL.
+    fn same_identity(&self, other: &BackendConfig) -> bool {
+        self.config.name == other.name && self.config.url == other.url
+    }
+}
+
+/// One request in flight to a backend; dropping it gives the slot back.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<BackendState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Snapshot {
+    /// Builds a snapshot from a validated config. Backends of `previous`
+    /// whose name and url are unchanged are carried over with their live
+    /// state (in-flight counts, pooled connections).
+    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Result<Self, UpstreamError> {
+        let mut backends = Vec::with_capacity(config.backends.len());
+        for backend in &config.backends {
+            let carried =
+                previous.and_then(|p| p.backends.iter().find(|b| b.same_identity(backend)));
+            let state = match carried {
+                // Same identity but possibly new weight/models/key: keep the
+                // counters and pool only when nothing the client depends on
+                // changed; otherwise build afresh (a drained old state keeps
+                // counting its own in-flight requests until they finish).
+                Some(old) if old.config == *backend => old.clone(),
+                _ => Arc::new(BackendState::new(backend.clone())?),
+            };
+            backends.push(state);
+        }
+        let mut models = HashMap::with_capacity(config.models.len());
+        for model in &config.models {
+            let members: Vec<Member> = backends
+                .iter()
+                .filter(|b| b.config.models.contains(&model.name))
+                .map(|b| Member {
+                    backend: b.clone(),
+                    upstream_model: b.config.rename.get(&model.name).cloned(),
+                    effective_weight: b.config.weight,
+                })
+                .collect();
+            let pool = Pool::new(members.iter().map(|m| m.effective_weight).collect());
+            models.insert(
+                model.name.clone(),
+                ModelRoute {
+                    config: model.clone(),
+                    members,
+                    pool,
+                },
+            );
+        }
+        let models_list = render_models_list(&config);
+        Ok(Self {
+            config,
+            models,
+            backends,
+            models_list,
+        })
+    }
+
+    /// The route for a client's model name.
+    pub fn model(&self, name: &str) -> Option<&ModelRoute> {
+        self.models.get(name)
+    }
+
+    /// Every backend, in configuration order.
+    pub fn backends(&self) -> &[Arc<BackendState>] {
+        &self.backends
+    }
+
+    /// The `GET /v1/models` response body.
+    pub fn models_list(&self) -> Bytes {
+        self.models_list.clone()
+    }
+
+    /// Configured models that have no backend in rotation (for `/readyz`).
+    pub fn models_without_backend(&self) -> Vec<&str> {
+        self.config
+            .models
+            .iter()
+            .filter(|m| {
+                self.models
+                    .get(&m.name)
+                    .is_none_or(|r| !r.pool.has_peer_in_rotation())
+            })
+            .map(|m| m.name.as_str())
+            .collect()
+    }
+}
+
+/// OpenAI's list shape: `{"object":"list","data":[{"id","object":"model","created","owned_by"}]}`.
+fn render_models_list(config: &Config) -> Bytes {
+    let data: Vec<serde_json::Value> = config
+        .models
+        .iter()
+        .map(|m| model_object(&m.name))
+        .collect();
+    let list = serde_json::json!({ "object": "list", "data": data });
+    Bytes::from(list.to_string())
+}
+
+/// One model in OpenAI's shape (`GET /v1/models/{id}` answers with this).
+pub(crate) fn model_object(name: &str) -> serde_json::Value {
+    serde_json::json!({ "id": name, "object": "model", "created": 0, "owned_by": "weir" })
+}

@@ -1,0 +1,222 @@
+//! Test helpers: start a gateway on 127.0.0.1:0 in front of real mock
+//! backends, and speak HTTP to it with a real client.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use tokio::{net::TcpListener, time::Instant};
+use weir::{Config, Gateway, Handle};
+
+/// The backend key tests configure; it must never reach a client or a log.
+pub const BACKEND_KEY: &str = "sk-backend-SENTINEL-7f3a";
+
+/// The environment tests give the config loader.
+pub fn test_env(name: &str) -> Option<String> {
+    match name {
+        "BACKEND_KEY" => Some(BACKEND_KEY.to_owned()),
+        "CLIENT_KEYS" => Some("client-key-1, client-key-2".to_owned()),
+        "ADMIN_TOKEN" => Some("admin-token-1".to_owned()),
+        _ => None,
+    }
+}
+
+/// Parses `toml` with [`test_env`], panicking with every error if invalid.
+pub fn config(toml: &str) -> Config {
+    match Config::parse(toml, "test.toml", &test_env) {
+        Ok(c) => c,
+        Err(e) => panic!("invalid test config:\n{e}\n---\n{toml}"),
+    }
+}
+
+/// Starts a gateway for `toml` on 127.0.0.1:0 (its `listen` is ignored).
+pub async fn gateway(toml: &str) -> Handle {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    Gateway::new(config(toml))
+        .env(test_env)
+        .start_on(listener, None)
+        .expect("gateway starts")
+}
+
+/// A `[[backends]]` entry.
+pub fn backend(name: &str, url: &str, models: &[&str], weight: u32) -> String {
+    let models: Vec<String> = models.iter().map(|m| format!("\"{m}\"")).collect();
+    format!(
+        "[[backends]]\nname = \"{name}\"\nurl = \"{url}\"\nmodels = [{}]\nweight = {weight}\napi_key_env = \"BACKEND_KEY\"\n\n",
+        models.join(", ")
+    )
+}
+
+/// Settings that keep tests fast and deterministic: health checks off.
+pub const QUIET: &str = "[health]\nenabled = false\n\n";
+
+/// A whole response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    /// Asserts an OpenAI-shaped error with this status, type and code.
+    pub fn assert_error(&self, status: u16, kind: &str, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text());
+        let j = self.json();
+        assert_eq!(j["error"]["type"], kind, "{j}");
+        assert_eq!(j["error"]["code"], code, "{j}");
+        assert!(
+            j["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{j}"
+        );
+        assert!(j["error"].get("param").is_some(), "{j}");
+    }
+}
+
+pub type TestClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(
+    client: &TestClient,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).expect("request builds");
+    let response = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("response within 20s")
+        .expect("request succeeds");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body reads").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn post(addr: SocketAddr, path: &str, body: &str) -> Reply {
+    send(
+        &client(),
+        "POST",
+        addr,
+        path,
+        &[("content-type", "application/json")],
+        body.to_owned(),
+    )
+    .await
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
+    send(&client(), "GET", addr, path, &[], Bytes::new()).await
+}
+
+/// A chat body for `model`.
+pub fn chat(model: &str, stream: bool) -> String {
+    format!(
+        r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"Hello there"}}]}}"#
+    )
+}
+
+/// A streamed response: status, headers, and each data frame with the time
+/// it arrived (since the request was sent).
+pub struct Streamed {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub frames: Vec<(Duration, Bytes)>,
+}
+
+impl Streamed {
+    pub fn text(&self) -> String {
+        let all: Vec<u8> = self
+            .frames
+            .iter()
+            .flat_map(|(_, b)| b.iter().copied())
+            .collect();
+        String::from_utf8_lossy(&all).into_owned()
+    }
+    /// The JSON of each `data:` event other than `[DONE]`.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.text()
+            .split("\n\n")
+            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("bad event {d}: {e}")))
+            .collect()
+    }
+}
+
+pub async fn post_stream(addr: SocketAddr, path: &str, body: &str) -> Streamed {
+    let start = Instant::now();
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request builds");
+    let response = tokio::time::timeout(Duration::from_secs(20), client().request(req))
+        .await
+        .expect("response within 20s")
+        .expect("request succeeds");
+    let (parts, mut body) = response.into_parts();
+    let mut frames = Vec::new();
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(20), body.frame())
+        .await
+        .expect("frame within 20s")
+    {
+        let frame = frame.expect("frame reads");
+        if let Ok(data) = frame.into_data() {
+            frames.push((start.elapsed(), data));
+        }
+    }
+    Streamed {
+        status: parts.status,
+        headers: parts.headers,
+        frames,
+    }
+}
+
+/// Polls `f` until it returns true or `within` passes.
+pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}

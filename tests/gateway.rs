@@ -1,0 +1,517 @@
+//! The gateway core through real sockets: proxying, streaming, errors,
+//! header hygiene, secrets, balancing.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use bytes::Bytes;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir::mock::{self, MockConfig};
+
+const MODEL: &str = "m1";
+
+async fn one_backend(cfg: MockConfig, extra: &str) -> (weir::Handle, weir::mock::MockHandle) {
+    let m = mock::start(cfg.models(vec![MODEL.into()])).await.unwrap();
+    let toml = format!(
+        "{extra}\n[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    (gateway(&toml).await, m)
+}
+
+#[tokio::test]
+async fn non_stream_chat_completions_and_embeddings_pass_through() {
+    let (gw, m) = one_backend(MockConfig::default(), "").await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["object"], "chat.completion");
+    assert_eq!(j["model"], MODEL);
+    assert!(j["choices"][0]["message"]["content"].is_string());
+    assert!(j["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(r.header("x-weir-backend"), "b1");
+    assert_eq!(r.header("x-request-id").len(), 32);
+
+    let r = post(
+        gw.addr(),
+        "/v1/completions",
+        &format!(r#"{{"model":"{MODEL}","prompt":"Say hi"}}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["object"], "text_completion");
+
+    let r = post(
+        gw.addr(),
+        "/v1/embeddings",
+        &format!(r#"{{"model":"{MODEL}","input":["a","b"]}}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["object"], "list");
+    assert!(r.json()["data"][0]["embedding"].is_array());
+
+    // The mock saw the original paths under its base URL.
+    let paths: Vec<String> = m.recorded().iter().map(|r| r.uri.clone()).collect();
+    assert!(
+        paths.iter().any(|p| p.ends_with("/v1/chat/completions")),
+        "{paths:?}"
+    );
+    assert!(
+        paths.iter().any(|p| p.ends_with("/v1/embeddings")),
+        "{paths:?}"
+    );
+}
+
+#[tokio::test]
+async fn client_request_id_is_kept_and_forwarded() {
+    let (gw, m) = one_backend(MockConfig::default(), "").await;
+    let r = send(
+        &client(),
+        "POST",
+        gw.addr(),
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "my-trace-42"),
+        ],
+        chat(MODEL, false),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id"), "my-trace-42");
+    let seen = m.recorded();
+    assert_eq!(seen.last().unwrap().headers["x-request-id"], "my-trace-42");
+}
+
+#[tokio::test]
+async fn stream_arrives_as_sent_not_buffered() {
+    // 6 chunks at 20 tokens/s: the backend spends ~250 ms or more between
+    // its first and last chunk. A buffering proxy would deliver them all at
+    // once; weir must deliver them spread out.
+    let (gw, _m) = one_backend(MockConfig::default().tokens_per_sec(20.0).chunks(6), "").await;
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &chat(MODEL, true)).await;
+    assert_eq!(s.status, 200);
+    assert!(s.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    assert_eq!(s.headers["x-weir-backend"], "b1");
+    let text = s.text();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let events = s.events();
+    assert!(events.len() >= 6, "{events:?}");
+    assert_eq!(events[0]["object"], "chat.completion.chunk");
+    assert!(
+        s.frames.len() >= 3,
+        "chunks were coalesced: {} frames",
+        s.frames.len()
+    );
+    let first = s.frames.first().unwrap().0;
+    let last = s.frames.last().unwrap().0;
+    assert!(
+        last - first >= Duration::from_millis(150),
+        "first chunk at {first:?}, last at {last:?}: the stream was buffered"
+    );
+}
+
+#[tokio::test]
+async fn models_are_listed_by_weir() {
+    let (gw, m) = one_backend(MockConfig::default(), "").await;
+    let r = get(gw.addr(), "/v1/models").await;
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!(j["object"], "list");
+    assert_eq!(j["data"][0]["id"], MODEL);
+    assert_eq!(j["data"][0]["object"], "model");
+    let r = get(gw.addr(), &format!("/v1/models/{MODEL}")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["id"], MODEL);
+    get(gw.addr(), "/v1/models/nope").await.assert_error(
+        404,
+        "invalid_request_error",
+        "model_not_found",
+    );
+    assert_eq!(m.requests(), 0, "weir answers /v1/models itself");
+}
+
+#[tokio::test]
+async fn client_errors_are_openai_shaped() {
+    let (gw, m) = one_backend(MockConfig::default(), "[server]\nmax_body_bytes = 1000\n").await;
+    let a = gw.addr();
+    post(a, "/v1/chat/completions", "not json")
+        .await
+        .assert_error(400, "invalid_request_error", "invalid_json");
+    post(a, "/v1/chat/completions", "[1,2]").await.assert_error(
+        400,
+        "invalid_request_error",
+        "invalid_json",
+    );
+    post(a, "/v1/chat/completions", r#"{"messages":[]}"#)
+        .await
+        .assert_error(400, "invalid_request_error", "missing_model");
+    post(a, "/v1/chat/completions", r#"{"model":{"x":1}}"#)
+        .await
+        .assert_error(400, "invalid_request_error", "missing_model");
+    post(a, "/v1/chat/completions", &chat("unknown-model", false))
+        .await
+        .assert_error(404, "invalid_request_error", "model_not_found");
+    let big = format!(r#"{{"model":"{MODEL}","prompt":"{}"}}"#, "x".repeat(2000));
+    post(a, "/v1/completions", &big).await.assert_error(
+        413,
+        "invalid_request_error",
+        "request_too_large",
+    );
+    assert_eq!(m.requests(), 0, "no bad request reached the backend");
+}
+
+#[tokio::test]
+async fn oversized_body_is_refused_without_reading_it() {
+    let (gw, m) = one_backend(MockConfig::default(), "[server]\nmax_body_bytes = 1000\n").await;
+    // Announce 10 MB and send only the headers: weir must answer 413 at
+    // once rather than wait for a body it will never accept.
+    let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 10000000\r\n\r\n{\"model\":")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answered at once")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("request_too_large"), "{head}");
+    assert_eq!(m.requests(), 0);
+}
+
+#[tokio::test]
+async fn api_keys_are_checked_and_never_forwarded() {
+    let (gw, m) = one_backend(
+        MockConfig::default(),
+        "[server]\napi_keys_env = \"CLIENT_KEYS\"\n",
+    )
+    .await;
+    let a = gw.addr();
+    let c = client();
+    let json = ("content-type", "application/json");
+    send(
+        &c,
+        "POST",
+        a,
+        "/v1/chat/completions",
+        &[json],
+        chat(MODEL, false),
+    )
+    .await
+    .assert_error(401, "authentication_error", "invalid_api_key");
+    send(
+        &c,
+        "POST",
+        a,
+        "/v1/chat/completions",
+        &[json, ("authorization", "Bearer wrong")],
+        chat(MODEL, false),
+    )
+    .await
+    .assert_error(401, "authentication_error", "invalid_api_key");
+    let ok = send(
+        &c,
+        "POST",
+        a,
+        "/v1/chat/completions",
+        &[
+            json,
+            ("authorization", "Bearer client-key-2"),
+            ("x-api-key", "client-key-2"),
+        ],
+        chat(MODEL, false),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let seen = m.recorded();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    assert_eq!(h["authorization"], format!("Bearer {BACKEND_KEY}"));
+    assert!(h.get("x-api-key").is_none());
+    assert!(!format!("{h:?}").contains("client-key-2"));
+    // The backend's key never reaches the client.
+    assert!(!format!("{:?}{}", ok.headers, ok.text()).contains(BACKEND_KEY));
+}
+
+#[tokio::test]
+async fn unreachable_backend_gives_502() {
+    // Bind and drop a listener to get a port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        backend("dead", &format!("http://127.0.0.1:{port}/v1"), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false))
+        .await
+        .assert_error(502, "upstream_error", "bad_gateway");
+}
+
+#[tokio::test]
+async fn hanging_backend_gives_504_after_first_byte_timeout() {
+    let (gw, _m) = one_backend(
+        MockConfig::default().hang(true),
+        "[server]\nfirst_byte_timeout = \"200ms\"\n",
+    )
+    .await;
+    post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false))
+        .await
+        .assert_error(504, "timeout", "upstream_timeout");
+}
+
+#[tokio::test]
+async fn upstream_client_errors_are_returned_as_they_came() {
+    let m = mock::start(MockConfig::default().models(vec![MODEL.into()]))
+        .await
+        .unwrap();
+    m.update(|c| c.status_override = Some(400));
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("x-weir-backend"), "b1");
+    assert_eq!(m.requests(), 1, "a 4xx is not retried");
+}
+
+#[tokio::test]
+async fn saturated_backends_give_503() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .latency(Duration::from_millis(800)),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let first =
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
+    assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
+    post(addr, "/v1/chat/completions", &chat(MODEL, false))
+        .await
+        .assert_error(503, "service_unavailable", "no_healthy_backend");
+    assert_eq!(first.await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_dropped_both_ways() {
+    // An upstream written by hand, so it can send hop-by-hop headers back.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        let (mut s, _) = upstream.accept().await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut got = Vec::new();
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+            if n == 0 || got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}") {
+                break;
+            }
+        }
+        *seen2.lock().unwrap() = String::from_utf8_lossy(&got).to_lowercase();
+        let body = r#"{"object":"chat.completion","choices":[]}"#;
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: x-up-hop\r\nx-up-hop: secret\r\nkeep-alive: timeout=5\r\nx-up-kept: yes\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(resp.as_bytes()).await.unwrap();
+    });
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let r = send(
+        &client(),
+        "POST",
+        gw.addr(),
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("connection", "x-client-hop"),
+            ("x-client-hop", "1"),
+            ("te", "trailers"),
+            ("x-client-kept", "yes"),
+        ],
+        chat(MODEL, false),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.headers.get("x-up-hop").is_none());
+    assert!(r.headers.get("keep-alive").is_none());
+    assert_eq!(r.header("x-up-kept"), "yes");
+    let upstream_saw = seen.lock().unwrap().clone();
+    assert!(!upstream_saw.contains("x-client-hop"), "{upstream_saw}");
+    assert!(!upstream_saw.contains("\r\nte:"), "{upstream_saw}");
+    assert!(
+        upstream_saw.contains("x-client-kept: yes"),
+        "{upstream_saw}"
+    );
+    assert!(upstream_saw.contains(&format!(
+        "authorization: bearer {}",
+        BACKEND_KEY.to_lowercase()
+    )));
+}
+
+#[tokio::test]
+async fn weights_three_to_one_interleave() {
+    let heavy = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .record(false),
+    )
+    .await
+    .unwrap();
+    let light = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .record(false),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{}{QUIET}",
+        backend("heavy", &heavy.base_url(), &[MODEL], 3),
+        backend("light", &light.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let c = client();
+    let mut picks = Vec::with_capacity(400);
+    for _ in 0..400 {
+        let r = send(
+            &c,
+            "POST",
+            gw.addr(),
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            chat(MODEL, false),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        picks.push(r.header("x-weir-backend").to_owned());
+    }
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for p in &picks {
+        *counts.entry(p.as_str()).or_default() += 1;
+    }
+    assert_eq!(counts.get("heavy"), Some(&300), "{counts:?}");
+    assert_eq!(counts.get("light"), Some(&100), "{counts:?}");
+    let longest = picks
+        .chunk_by(|a, b| a == b)
+        .filter(|r| r[0] == "heavy")
+        .map(<[String]>::len)
+        .max();
+    assert_eq!(
+        longest,
+        Some(3),
+        "never more than three heavy picks in a row"
+    );
+    assert_eq!(heavy.requests(), 300);
+}
+
+#[tokio::test]
+async fn model_rename_changes_only_the_model() {
+    let m = mock::start(MockConfig::default().models(vec!["upstream-name".into()]))
+        .await
+        .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}rename = {{ \"{MODEL}\" = \"upstream-name\" }}\n\n{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let body = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hi"}}],"temperature":0.5}}"#
+    );
+    let r = post(gw.addr(), "/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = &m.recorded()[0].body;
+    let expected = body.replace(
+        &format!(r#""model":"{MODEL}""#),
+        r#""model":"upstream-name""#,
+    );
+    assert_eq!(sent, &Bytes::from(expected));
+}
+
+#[tokio::test]
+async fn admin_and_probe_endpoints_answer() {
+    let (gw, _m) = one_backend(MockConfig::default(), "").await;
+    let a = gw.addr();
+    assert_eq!(get(a, "/healthz").await.status, 200);
+    assert_eq!(get(a, "/readyz").await.status, 200);
+    let b = get(a, "/admin/backends").await;
+    assert_eq!(b.status, 200);
+    let j = b.json();
+    assert_eq!(j["backends"][0]["name"], "b1");
+    assert_eq!(j["backends"][0]["models"][MODEL]["effective_weight"], 1);
+    assert!(!b.text().contains(BACKEND_KEY));
+    let m = get(a, "/metrics").await;
+    assert_eq!(m.status, 200);
+    assert!(m.text().contains("weir_build_info"), "{}", m.text());
+    get(a, "/nope")
+        .await
+        .assert_error(404, "invalid_request_error", "unknown_url");
+    get(a, "/v1/../admin/backends").await.assert_error(
+        400,
+        "invalid_request_error",
+        "invalid_path",
+    );
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let (gw, _m) = one_backend(MockConfig::default(), "").await;
+    let c: TestClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let r = send(
+        &c,
+        "POST",
+        gw.addr(),
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        chat(MODEL, false),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "b1");
+}
+
+#[tokio::test]
+async fn demo_starts_and_answers() {
+    let demo = weir::demo::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let r = post(
+        demo.gateway.addr(),
+        "/v1/chat/completions",
+        &chat(weir::demo::DEMO_MODEL, false),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(demo.instructions().contains("curl"));
+    assert!(demo
+        .instructions()
+        .contains(&demo.gateway.addr().to_string()));
+}

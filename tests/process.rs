@@ -1,0 +1,229 @@
+//! The `weir` binary as users run it: `check`, signals, logs.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::*;
+use weir::mock::{self, MockConfig};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weir");
+
+fn write_config(dir: &tempfile::TempDir, toml: &str) -> std::path::PathBuf {
+    let path = dir.path().join("weir.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+#[test]
+fn check_prints_every_error_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"ten seconds\"\n\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = path.display().to_string();
+    assert!(err.contains(&format!("{file}:3:")), "{err}");
+    assert!(err.contains("server.request_timeout"), "{err}");
+
+    let path = write_config(&dir, "[server]\nlisten = \"127.0.0.1:0\"\nbogus_key = 1\n");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:3:1", path.display())), "{err}");
+    assert!(err.contains("bogus_key"), "{err}");
+}
+
+#[test]
+fn check_prints_the_resolved_config_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        "[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\napi_key_env = \"WEIR_TEST_KEY\"\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("WEIR_TEST_KEY", BACKEND_KEY)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[redacted]"), "{text}");
+    assert!(
+        text.contains("request_timeout"),
+        "defaults are shown: {text}"
+    );
+    assert!(!text.contains(BACKEND_KEY), "{text}");
+}
+
+/// A running `weir` process and everything it wrote to stderr.
+struct Running {
+    child: Child,
+    addr: std::net::SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+fn spawn_weir(config: &std::path::Path, rust_log: &str) -> Running {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .env("RUST_LOG", rust_log)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listen=").nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches('"')
+                    .to_owned();
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr);
+                }
+            }
+            log2.lock().unwrap().push_str(&line);
+            log2.lock().unwrap().push('\n');
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("weir did not start: {}", log.lock().unwrap()));
+    Running {
+        child,
+        addr: addr.parse().unwrap(),
+        log,
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
+    let step = Duration::from_millis(20);
+    for _ in 0..(within.as_millis() / step.as_millis()) {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(step);
+    }
+    let _ = child.kill();
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
+    // 10 chunks at 10/s: the stream runs for about a second.
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .tokens_per_sec(10.0)
+            .chunks(10),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"20s\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &["m"], 1)
+    );
+    let mut weir = spawn_weir(&write_config(&dir, &toml), "info");
+    let addr = weir.addr;
+    let stream =
+        tokio::spawn(
+            async move { post_stream(addr, "/v1/chat/completions", &chat("m", true)).await },
+        );
+    assert!(
+        eventually(Duration::from_secs(5), || m.in_flight() == 1).await,
+        "stream started"
+    );
+    signal(&weir.child, "-TERM");
+    let s = stream.await.unwrap();
+    assert_eq!(s.status, 200);
+    assert!(
+        s.text().trim_end().ends_with("data: [DONE]"),
+        "stream finished: {}",
+        s.text()
+    );
+    assert!(s.events().len() >= 10);
+    let code =
+        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(20)))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(0), "{}", weir.log.lock().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_in_logs_even_at_trace_level() {
+    let m = mock::start(MockConfig::default().models(vec!["m".into()]))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &["m"], 1)
+    );
+    let mut weir = spawn_weir(&write_config(&dir, &toml), "trace");
+    let r = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(r.status, 200);
+    let s = post_stream(weir.addr, "/v1/chat/completions", &chat("m", true)).await;
+    assert_eq!(s.status, 200);
+    // The backend did receive the key, so it was in play.
+    assert!(
+        format!("{:?}", m.recorded()[0].headers).contains(BACKEND_KEY)
+            || m.recorded()[0].headers["authorization"] == format!("Bearer {BACKEND_KEY}")
+    );
+    signal(&weir.child, "-TERM");
+    let code = tokio::task::spawn_blocking(move || {
+        let code = wait_exit(&mut weir.child, Duration::from_secs(20));
+        (code, weir.log)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code.0, Some(0));
+    let log = code.1.lock().unwrap().clone();
+    assert!(
+        log.contains("request"),
+        "trace logging produced output: {log}"
+    );
+    assert!(
+        !log.contains(BACKEND_KEY),
+        "the backend key leaked into the logs"
+    );
+}
