@@ -20,9 +20,19 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
 
-use crate::snapshot::InFlight;
+use crate::{
+    admission::{
+        limiter::Admitted,
+        tokens::{Usage, UsageFilter, UsageTail},
+    },
+    metrics::TokenCounters,
+    snapshot::InFlight,
+};
 
 /// Every response body weir produces.
+// The proxied variant is the common one; boxing it would cost an allocation
+// per request to save bytes on weir's own small answers.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum GatewayBody {
     /// weir's own answer (errors, `/v1/models`, admin JSON).
@@ -70,6 +80,68 @@ pub struct ProxiedBody {
     sse: bool,
     /// Set once the body ended (cleanly, or with the error event sent).
     finished: bool,
+    /// The admission this request holds and how its usage is read; `None`
+    /// once settled. Dropping it returns the concurrency permit.
+    accounting: Option<Accounting>,
+}
+
+/// Token accounting for one response: the admission to reconcile and the
+/// reader that finds `usage` in the bytes passing through.
+#[derive(Debug)]
+pub(crate) struct Accounting {
+    /// The admitted request (permit, token reservation).
+    pub admitted: Admitted,
+    /// Where the usage comes from.
+    pub reader: UsageReader,
+    /// `weir_tokens_total` handles of the model.
+    pub tokens: TokenCounters,
+    /// Whether the backend answered 2xx; an error answer used no tokens.
+    pub success: bool,
+}
+
+/// How usage is read from a response body.
+#[derive(Debug)]
+pub(crate) enum UsageReader {
+    /// An SSE stream; the filter may remove the usage chunk weir added.
+    Sse(UsageFilter),
+    /// A JSON body; usage sits near its end.
+    Json(UsageTail),
+}
+
+impl Accounting {
+    /// Passes a frame through the usage reader; returns what the client gets.
+    fn observe(&mut self, data: Bytes) -> Bytes {
+        match &mut self.reader {
+            UsageReader::Sse(filter) => filter.push(data),
+            UsageReader::Json(tail) => {
+                tail.push(&data);
+                data
+            }
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        match &self.reader {
+            UsageReader::Sse(filter) => filter.usage(),
+            UsageReader::Json(tail) => tail.usage(),
+        }
+    }
+
+    /// The response ended cleanly: reconcile the estimate with the usage
+    /// (or with nothing, for an error answer). A body without usage keeps
+    /// the estimate, as SPEC says for a stream cut before its usage chunk.
+    fn settle(self) {
+        match self.usage() {
+            Some(usage) => {
+                self.admitted
+                    .reconcile(usage.prompt_tokens.saturating_add(usage.completion_tokens));
+                self.tokens.prompt.inc_by(usage.prompt_tokens);
+                self.tokens.completion.inc_by(usage.completion_tokens);
+            }
+            None if !self.success => self.admitted.reconcile(0),
+            None => {}
+        }
+    }
 }
 
 impl ProxiedBody {
@@ -79,6 +151,7 @@ impl ProxiedBody {
         in_flight: InFlight,
         deadline: Pin<Box<Sleep>>,
         sse: bool,
+        accounting: Option<Accounting>,
     ) -> Self {
         Self {
             inner,
@@ -86,6 +159,25 @@ impl ProxiedBody {
             deadline,
             sse,
             finished: false,
+            accounting,
+        }
+    }
+
+    /// The upstream body ended cleanly: release the backend slot, settle
+    /// the token accounting, and return what the usage filter still held.
+    fn end(&mut self) -> Bytes {
+        self.finished = true;
+        self.in_flight = None;
+        match self.accounting.take() {
+            Some(mut accounting) => {
+                let rest = match &mut accounting.reader {
+                    UsageReader::Sse(filter) => filter.finish(),
+                    UsageReader::Json(_) => Bytes::new(),
+                };
+                accounting.settle();
+                rest
+            }
+            None => Bytes::new(),
         }
     }
 
@@ -94,6 +186,8 @@ impl ProxiedBody {
     fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.finished = true;
         self.in_flight = None;
+        // No usage will come: the estimate stays charged; the permit returns.
+        self.accounting = None;
         if self.sse {
             let message = match &error {
                 BodyError::Timeout => "request timeout passed while streaming the response",
@@ -125,15 +219,47 @@ impl Body for ProxiedBody {
         if this.deadline.as_mut().poll(cx).is_ready() {
             return this.fail(BodyError::Timeout);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
-            Poll::Ready(Some(Err(e))) => this.fail(BodyError::Upstream(e)),
-            Poll::Ready(None) => {
-                this.finished = true;
-                this.in_flight = None;
-                Poll::Ready(None)
-            }
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    let mut data = match &mut this.accounting {
+                        Some(accounting) => accounting.observe(data),
+                        None => data,
+                    };
+                    if this.inner.is_end_stream() {
+                        // A body of known length just ended: settle now,
+                        // before the client holds its last byte and can
+                        // send its next request.
+                        let rest = this.end();
+                        if !rest.is_empty() {
+                            data = [data, rest].concat().into();
+                        }
+                    }
+                    if data.is_empty() {
+                        if this.finished {
+                            return Poll::Ready(None);
+                        }
+                        // The whole frame was held or removed (the usage
+                        // chunk); read on rather than send nothing.
+                        continue;
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Poll::Ready(Some(Err(e))) => this.fail(BodyError::Upstream(e)),
+                Poll::Ready(None) => {
+                    let rest = this.end();
+                    if rest.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(rest))))
+                    }
+                }
+            };
         }
     }
 

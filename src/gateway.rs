@@ -142,10 +142,11 @@ impl Gateway {
         admin: Option<TcpListener>,
     ) -> Result<Handle, StartError> {
         let config = Arc::new(self.config);
-        let snapshot = Snapshot::build(config.clone(), None)?;
+        let metrics = Metrics::new();
+        let snapshot = Snapshot::build(config.clone(), None, &metrics)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
-            metrics: Metrics::new(),
+            metrics,
             connections: Arc::new(Semaphore::new(config.server.max_connections.max(1))),
             config_path: self.config_path,
             env: self.env,

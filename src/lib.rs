@@ -21,6 +21,7 @@
 #![deny(clippy::await_holding_lock)]
 
 mod admin;
+pub mod admission;
 pub mod api;
 pub mod balancer;
 mod body;
@@ -28,6 +29,7 @@ pub mod config;
 pub mod demo;
 mod gateway;
 mod headers;
+pub mod health;
 mod metrics;
 pub mod mock;
 mod proxy;

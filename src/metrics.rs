@@ -4,6 +4,7 @@
 //! the Prometheus project's own Rust client, rather than hand-written text.
 //! This module only counts; it never decides anything.
 
+use crate::admission::limiter::{LimitKind, ModelMetrics};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -30,6 +31,31 @@ pub(crate) struct UpstreamErrorLabels {
     pub kind: &'static str,
 }
 
+/// A `{model}` label set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ModelLabel {
+    /// The client's model name.
+    pub model: String,
+}
+
+/// Labels of `weir_rate_limited_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LimitLabels {
+    /// The client's model name.
+    pub model: String,
+    /// `requests`, `tokens`, `max_concurrent`, `max_queue`.
+    pub limit: &'static str,
+}
+
+/// Labels of `weir_tokens_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TokenLabels {
+    /// The client's model name.
+    pub model: String,
+    /// `prompt` or `completion`.
+    pub kind: &'static str,
+}
+
 /// Labels of `weir_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -43,6 +69,20 @@ pub(crate) struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// `weir_upstream_errors_total{backend,kind}`.
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    rate_limited: Family<LimitLabels, Counter>,
+    queue_depth: Family<ModelLabel, Gauge>,
+    in_flight: Family<ModelLabel, Gauge>,
+    admitted: Family<ModelLabel, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+}
+
+/// `weir_tokens_total{model,kind}` handles of one model.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TokenCounters {
+    /// `kind="prompt"`.
+    pub prompt: Counter,
+    /// `kind="completion"`.
+    pub completion: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -67,6 +107,36 @@ impl Metrics {
             "Failed upstream attempts, by backend and kind",
             upstream_errors.clone(),
         );
+        let rate_limited = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "weir_rate_limited",
+            "Requests refused by a limit, by model and limit",
+            rate_limited.clone(),
+        );
+        let queue_depth = Family::<ModelLabel, Gauge>::default();
+        registry.register(
+            "weir_queue_depth",
+            "Requests waiting for admission",
+            queue_depth.clone(),
+        );
+        let in_flight = Family::<ModelLabel, Gauge>::default();
+        registry.register(
+            "weir_in_flight",
+            "Admitted requests not yet finished",
+            in_flight.clone(),
+        );
+        let admitted = Family::<ModelLabel, Counter>::default();
+        registry.register(
+            "weir_admitted",
+            "Requests admitted by the limits",
+            admitted.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "weir_tokens",
+            "Tokens used, as the responses reported them",
+            tokens.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -78,6 +148,50 @@ impl Metrics {
             registry,
             requests,
             upstream_errors,
+            rate_limited,
+            queue_depth,
+            in_flight,
+            admitted,
+            tokens,
+        }
+    }
+
+    /// The admission metric handles of one model, resolved once (when a
+    /// snapshot first meets the model), never per request.
+    pub(crate) fn model(&self, model: &str) -> ModelMetrics {
+        let label = ModelLabel {
+            model: model.to_owned(),
+        };
+        let limited = |limit: &'static str| {
+            self.rate_limited.get_or_create_owned(&LimitLabels {
+                model: model.to_owned(),
+                limit,
+            })
+        };
+        ModelMetrics {
+            queue_depth: self.queue_depth.get_or_create_owned(&label),
+            in_flight: self.in_flight.get_or_create_owned(&label),
+            admitted: self.admitted.get_or_create_owned(&label),
+            limited: [
+                limited(LimitKind::Requests.label()),
+                limited(LimitKind::Tokens.label()),
+                limited(LimitKind::Concurrency.label()),
+                limited(LimitKind::Queue.label()),
+            ],
+        }
+    }
+
+    /// `weir_tokens_total` handles of one model.
+    pub(crate) fn tokens(&self, model: &str) -> TokenCounters {
+        let counter = |kind: &'static str| {
+            self.tokens.get_or_create_owned(&TokenLabels {
+                model: model.to_owned(),
+                kind,
+            })
+        };
+        TokenCounters {
+            prompt: counter("prompt"),
+            completion: counter("completion"),
         }
     }
 

@@ -20,13 +20,17 @@ use tokio::time::Instant;
 
 use crate::{
     admin::bearer_token,
-    api::{facts, json_response, ApiError},
-    body::{GatewayBody, ProxiedBody},
+    admission::{
+        limiter::{self, AdmitError, Admitted, LimitKind},
+        tokens::{self, UsageFilter, UsageTail},
+    },
+    api::{facts, insert_rate_headers, json_response, ApiError},
+    body::{Accounting, GatewayBody, ProxiedBody, UsageReader},
     gateway::Shared,
     headers,
     metrics::UpstreamErrorLabels,
     server::RequestLog,
-    snapshot::{model_object, Member, ModelRoute, Snapshot},
+    snapshot::{model_object, InFlight, Member, ModelRoute, Snapshot},
     upstream::{self, AttemptError},
 };
 
@@ -92,24 +96,50 @@ pub(crate) async fn forward(
     let route = snapshot
         .model(&facts.model)
         .ok_or_else(|| ApiError::ModelNotFound(facts.model.clone()))?;
+    let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
+    let estimate = tokens::estimate(&facts, route.config.max_tokens, rest != "/embeddings");
+    let queue_deadline = (Instant::now() + route.limits.queue_timeout()).min(deadline);
+    let admitted = limiter::admit(
+        &snapshot.global,
+        &route.limits,
+        &facts.model,
+        estimate.total(),
+        queue_deadline,
+    )
+    .await?;
+    log.queued = admitted.queued;
     let upstream_headers = upstream_headers(parts.headers, request_id);
     let exchange = Exchange {
         shared,
+        snapshot,
         route,
-        rest: parts.uri.path().strip_prefix("/v1").unwrap_or(""),
+        rest,
         query: parts.uri.query(),
         headers: &upstream_headers,
         body: &body,
+        // SPEC "Token accounting": ask for the usage chunk when the client
+        // did not, and remove it again on the way back.
+        add_include_usage: facts.stream && !facts.include_usage,
         deadline,
+        queue_deadline,
         first_byte_timeout: server.first_byte_timeout,
         max_attempts: snapshot.config.retry.max_attempts.get(),
     };
-    exchange.run(log).await
+    let mut admitted = Some(admitted);
+    let result = exchange.run(&mut admitted, log).await;
+    if let Some(unused) = admitted {
+        // Nothing reached a backend that answered: the permit returns on
+        // drop, and the reserved tokens are refunded, as no backend spent
+        // them.
+        unused.reconcile(0);
+    }
+    result
 }
 
 /// Everything the attempts of one request share.
 struct Exchange<'a> {
     shared: &'a Shared,
+    snapshot: &'a Snapshot,
     route: &'a ModelRoute,
     /// The client's path after `/v1`.
     rest: &'a str,
@@ -118,8 +148,12 @@ struct Exchange<'a> {
     headers: &'a HeaderMap,
     /// The client's body as received.
     body: &'a Bytes,
+    /// Whether weir adds `stream_options.include_usage` upstream.
+    add_include_usage: bool,
     /// `request_timeout` from the start of the request.
     deadline: Instant,
+    /// How long the request may wait for a saturated backend.
+    queue_deadline: Instant,
     first_byte_timeout: Duration,
     max_attempts: u32,
 }
@@ -128,22 +162,24 @@ impl Exchange<'_> {
     /// Attempts up to `max_attempts` backends, each a different one while
     /// another is eligible, and returns the first answer that may go to
     /// the client.
-    async fn run(&self, log: &mut RequestLog) -> Result<Response<GatewayBody>, ApiError> {
+    async fn run(
+        &self,
+        admitted: &mut Option<Admitted>,
+        log: &mut RequestLog,
+    ) -> Result<Response<GatewayBody>, ApiError> {
         let members = &self.route.members;
         let mut tried: Vec<usize> = Vec::with_capacity(self.max_attempts as usize);
         let mut last: Option<Failure> = None;
-        for attempt in 1..=self.max_attempts {
-            let eligible = |i: usize, tried: &[usize]| {
-                !tried.contains(&i) && members.get(i).is_some_and(|m| !m.backend.is_saturated())
+        let mut attempt = 0;
+        while attempt < self.max_attempts {
+            let (i, in_flight) = match self.next_backend(&tried).await {
+                Pick::Backend(i, in_flight) => (i, in_flight),
+                Pick::NoneLeft => break,
+                Pick::Saturated => return Err(self.saturated_error()),
             };
-            let Some(i) = self.route.pool.pick(|i| eligible(i, &tried)) else {
-                break;
-            };
+            attempt += 1;
             tried.push(i);
             let Some(member) = members.get(i) else { break };
-            let Some(in_flight) = member.backend.try_begin() else {
-                continue;
-            };
             log.attempts = attempt;
             log.backend = Some(member.backend.config.name.clone());
             let remaining = self.deadline.saturating_duration_since(Instant::now());
@@ -156,7 +192,7 @@ impl Exchange<'_> {
                 Ok(response) => {
                     let status = response.status();
                     let another = (0..members.len())
-                        .any(|j| eligible(j, &tried) && self.route.pool.weight(j) > 0);
+                        .any(|j| !tried.contains(&j) && self.route.pool.weight(j) > 0);
                     if is_retryable(status) && attempt < self.max_attempts && another {
                         let kind = if status == StatusCode::TOO_MANY_REQUESTS {
                             "status_429"
@@ -166,7 +202,10 @@ impl Exchange<'_> {
                         self.count_error(member, kind);
                         continue;
                     }
-                    return Ok(respond(response, member, in_flight, self.deadline));
+                    let Some(admitted) = admitted.take() else {
+                        break;
+                    };
+                    return Ok(self.respond(response, member, in_flight, admitted));
                 }
                 Err(e) => {
                     tracing::debug!(backend = %member.backend.config.name, error = %e, "attempt failed");
@@ -185,17 +224,78 @@ impl Exchange<'_> {
         })
     }
 
+    /// The next backend to try: smooth WRR over those not yet tried and not
+    /// saturated. When every remaining backend is saturated, waits (until
+    /// the queue deadline) for one to free a slot.
+    async fn next_backend(&self, tried: &[usize]) -> Pick {
+        let members = &self.route.members;
+        let signal = &self.snapshot.slots;
+        let mut waiting: Option<WaiterCount<'_>> = None;
+        loop {
+            // Register interest before looking, so a slot freed between the
+            // look and the wait still wakes us.
+            let notified = signal.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let eligible = |i: usize| {
+                !tried.contains(&i) && members.get(i).is_some_and(|m| !m.backend.is_saturated())
+            };
+            if let Some(i) = self.route.pool.pick(eligible) {
+                match members.get(i).and_then(|m| m.backend.try_begin()) {
+                    Some(in_flight) => return Pick::Backend(i, in_flight),
+                    // Lost a race for its last slot: look again.
+                    None => continue,
+                }
+            }
+            let any_left =
+                (0..members.len()).any(|i| !tried.contains(&i) && self.route.pool.weight(i) > 0);
+            if !any_left {
+                return Pick::NoneLeft;
+            }
+            if waiting.is_none() {
+                waiting = Some(WaiterCount::new(&signal.waiters));
+            }
+            if tokio::time::timeout_at(self.queue_deadline, notified)
+                .await
+                .is_err()
+            {
+                return Pick::Saturated;
+            }
+        }
+    }
+
+    fn saturated_error(&self) -> ApiError {
+        let limit = self
+            .route
+            .members
+            .iter()
+            .filter_map(|m| m.backend.config.max_concurrent)
+            .map(|m| u64::from(m.get()))
+            .sum();
+        self.route.limits.count_limited(LimitKind::Concurrency);
+        ApiError::from(AdmitError::Saturated {
+            model: self.route.config.name.clone(),
+            kind: LimitKind::Concurrency,
+            limit,
+        })
+    }
+
     /// The upstream request for one attempt: the backend's URL and key, the
-    /// original body unless the backend renames the model.
+    /// original body unless the backend renames the model or weir adds
+    /// `include_usage`.
     fn request_for(&self, member: &Member) -> Result<Request<Full<Bytes>>, ApiError> {
         let backend = &member.backend;
         let uri = upstream::upstream_uri(&backend.config.url, self.rest, self.query)
             .map_err(|e| ApiError::Internal(format!("upstream uri: {e}")))?;
-        let body = match &member.upstream_model {
-            Some(model) => {
-                facts::rewrite(self.body, Some(model), false)?.unwrap_or_else(|| self.body.clone())
-            }
-            None => self.body.clone(),
+        let body = if member.upstream_model.is_some() || self.add_include_usage {
+            facts::rewrite(
+                self.body,
+                member.upstream_model.as_deref(),
+                self.add_include_usage,
+            )?
+            .unwrap_or_else(|| self.body.clone())
+        } else {
+            self.body.clone()
         };
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
@@ -207,6 +307,53 @@ impl Exchange<'_> {
                 .insert(header::AUTHORIZATION, key.clone());
         }
         Ok(request)
+    }
+
+    /// The client's response: the backend's status and headers (hop-by-hop
+    /// removed, `x-weir-backend` and the rate-limit headers added) and its
+    /// body streamed through, with usage read on the way.
+    fn respond(
+        &self,
+        response: Response<Incoming>,
+        member: &Member,
+        in_flight: InFlight,
+        admitted: Admitted,
+    ) -> Response<GatewayBody> {
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let sse = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if sse {
+            // weir may remove the usage chunk or append an error event, so
+            // the length is not known.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        parts
+            .headers
+            .insert("x-weir-backend", member.backend.name_header.clone());
+        insert_rate_headers(&mut parts.headers, &admitted.headers);
+        let reader = if sse {
+            UsageReader::Sse(UsageFilter::new(self.add_include_usage))
+        } else {
+            UsageReader::Json(UsageTail::new())
+        };
+        let accounting = Accounting {
+            admitted,
+            reader,
+            tokens: self.route.tokens.clone(),
+            success: parts.status.is_success(),
+        };
+        let body = ProxiedBody::new(
+            body,
+            in_flight,
+            Box::pin(tokio::time::sleep_until(self.deadline)),
+            sse,
+            Some(accounting),
+        );
+        Response::from_parts(parts, GatewayBody::Proxied(body))
     }
 
     fn count_error(&self, member: &Member, kind: &'static str) {
@@ -221,40 +368,35 @@ impl Exchange<'_> {
     }
 }
 
+/// What [`Exchange::next_backend`] found.
+enum Pick {
+    /// This member, with its in-flight slot taken.
+    Backend(usize, InFlight),
+    /// Every backend was tried (or none is in rotation).
+    NoneLeft,
+    /// Backends remain but all stayed saturated until the queue deadline.
+    Saturated,
+}
+
+/// Counts this request among those waiting for a backend slot while alive.
+struct WaiterCount<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> WaiterCount<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for WaiterCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// An upstream 429 or 5xx is retried elsewhere (SPEC "Errors").
 fn is_retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
-}
-
-/// The client's response: the backend's status and headers (hop-by-hop
-/// removed, `x-weir-backend` added) and its body streamed through.
-fn respond(
-    response: Response<Incoming>,
-    member: &Member,
-    in_flight: crate::snapshot::InFlight,
-    deadline: Instant,
-) -> Response<GatewayBody> {
-    let (mut parts, body) = response.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
-    let sse = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    if sse {
-        // weir may append an SSE error event, so the length is not known.
-        parts.headers.remove(header::CONTENT_LENGTH);
-    }
-    parts
-        .headers
-        .insert("x-weir-backend", member.backend.name_header.clone());
-    let body = ProxiedBody::new(
-        body,
-        in_flight,
-        Box::pin(tokio::time::sleep_until(deadline)),
-        sse,
-    );
-    Response::from_parts(parts, GatewayBody::Proxied(body))
 }
 
 /// Client headers as the backend should see them (no key yet).

@@ -36,7 +36,7 @@ pub(crate) async fn reload(shared: &Shared) -> Result<Vec<String>, ReloadError> 
     };
     let old = shared.snapshot.load_full();
     let changes = describe_changes(&old.config, &config);
-    let snapshot = Snapshot::build(Arc::new(config), Some(&old))?;
+    let snapshot = Snapshot::build(Arc::new(config), Some(&old), &shared.metrics)?;
     shared.snapshot.store(Arc::new(snapshot));
     tracing::info!(changes = %changes.join("; "), "config reloaded");
     Ok(changes)

@@ -129,6 +129,8 @@ pub(crate) struct RequestLog {
     pub backend: Option<String>,
     /// Attempts made upstream.
     pub attempts: u32,
+    /// Time spent waiting for admission.
+    pub queued: std::time::Duration,
 }
 
 /// Routes one request and stamps `x-request-id` on its response.
@@ -169,6 +171,7 @@ async fn route(
         model = log.model.as_deref().unwrap_or(""),
         backend = log.backend.as_deref().unwrap_or(""),
         attempts = log.attempts,
+        queued_ms = log.queued.as_secs_f64() * 1000.0,
         elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
         "request"
     );

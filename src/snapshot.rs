@@ -14,7 +14,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -22,10 +22,14 @@ use std::{
 use bytes::Bytes;
 use http::HeaderValue;
 
+use tokio::sync::Notify;
+
 use crate::{
+    admission::limiter::{GlobalLimits, ModelLimits},
     balancer::Pool,
     config::{BackendConfig, Config, ModelConfig},
     headers,
+    metrics::{Metrics, TokenCounters},
     upstream::{self, HttpClient, UpstreamError},
 };
 
@@ -38,6 +42,10 @@ pub struct Snapshot {
     models: HashMap<String, ModelRoute>,
     /// Every configured backend, in file order.
     backends: Vec<Arc<BackendState>>,
+    /// The `[limits]` buckets; carried over reloads.
+    pub(crate) global: Arc<GlobalLimits>,
+    /// Wakes requests waiting for a saturated backend to free a slot.
+    pub(crate) slots: Arc<SlotSignal>,
     /// The `GET /v1/models` body, rendered once per snapshot.
     models_list: Bytes,
 }
@@ -47,6 +55,10 @@ pub struct Snapshot {
 pub struct ModelRoute {
     /// The model's limits (declared, or `[defaults]` for undeclared ones).
     pub config: ModelConfig,
+    /// Its buckets, semaphore and queue; carried over reloads by name.
+    pub limits: Arc<ModelLimits>,
+    /// `weir_tokens_total` handles.
+    pub(crate) tokens: TokenCounters,
     /// The backends that serve it, in the pool's order.
     pub members: Vec<Member>,
     /// Smooth-WRR selection over `members`' effective weights.
@@ -76,6 +88,17 @@ pub struct BackendState {
     pub(crate) name_header: HeaderValue,
     /// Requests currently sent to it and not yet finished (body included).
     in_flight: AtomicU32,
+    /// Told when a slot frees, for requests waiting on saturated backends.
+    slots: Arc<SlotSignal>,
+}
+
+/// Lets requests wait for "some backend freed a slot" without polling.
+#[derive(Debug, Default)]
+pub(crate) struct SlotSignal {
+    /// Woken (all waiters) when an in-flight slot is released.
+    pub notify: Notify,
+    /// Requests waiting right now; releases skip the notify when zero.
+    pub waiters: AtomicUsize,
 }
 
 impl std::fmt::Debug for BackendState {
@@ -89,7 +112,7 @@ impl std::fmt::Debug for BackendState {
 }
 
 impl BackendState {
-    fn new(config: BackendConfig) -> Result<Self, UpstreamError> {
+    fn new(config: BackendConfig, slots: Arc<SlotSignal>) -> Result<Self, UpstreamError> {
         let client = upstream::client(config.connect_timeout)?;
         let authorization = config
             .api_key
@@ -103,6 +126,7 @@ impl BackendState {
             authorization,
             name_header,
             in_flight: AtomicU32::new(0),
+            slots,
         })
     }
 
@@ -144,6 +168,9 @@ pub(crate) struct InFlight(Arc<BackendState>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.slots.waiters.load(Ordering::Acquire) > 0 {
+            self.0.slots.notify.notify_waiters();
+        }
     }
 }
 
@@ -151,7 +178,18 @@ impl Snapshot {
     /// Builds a snapshot from a validated config. Backends of `previous`
     /// whose name and url are unchanged are carried over with their live
     /// state (in-flight counts, pooled connections).
-    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Result<Self, UpstreamError> {
+    pub(crate) fn build(
+        config: Arc<Config>,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+    ) -> Result<Self, UpstreamError> {
+        let now = tokio::time::Instant::now();
+        let slots = previous.map_or_else(Arc::default, |p| p.slots.clone());
+        let global = Arc::new(GlobalLimits::new(
+            &config.limits,
+            previous.map(|p| &*p.global),
+            now,
+        ));
         let mut backends = Vec::with_capacity(config.backends.len());
         for backend in &config.backends {
             let carried =
@@ -162,7 +200,7 @@ impl Snapshot {
                 // changed; otherwise build afresh (a drained old state keeps
                 // counting its own in-flight requests until they finish).
                 Some(old) if old.config == *backend => old.clone(),
-                _ => Arc::new(BackendState::new(backend.clone())?),
+                _ => Arc::new(BackendState::new(backend.clone(), slots.clone())?),
             };
             backends.push(state);
         }
@@ -178,12 +216,25 @@ impl Snapshot {
                 })
                 .collect();
             let pool = Pool::new(members.iter().map(|m| m.effective_weight).collect());
+            let old = previous.and_then(|p| p.models.get(&model.name));
+            let limits = match old {
+                Some(old) if old.config == *model => old.limits.clone(),
+                _ => Arc::new(ModelLimits::new(
+                    model,
+                    old.map(|o| &o.limits),
+                    metrics.model(&model.name),
+                    now,
+                )),
+            };
+            let tokens = old.map_or_else(|| metrics.tokens(&model.name), |o| o.tokens.clone());
             models.insert(
                 model.name.clone(),
                 ModelRoute {
                     config: model.clone(),
                     members,
                     pool,
+                    limits,
+                    tokens,
                 },
             );
         }
@@ -192,6 +243,8 @@ impl Snapshot {
             config,
             models,
             backends,
+            global,
+            slots,
             models_list,
         })
     }

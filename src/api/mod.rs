@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::body::GatewayBody;
+use crate::{
+    admission::limiter::{AdmitError, LimitKind, RateHeaders},
+    body::GatewayBody,
+};
 
 /// `content-type` of every JSON body weir writes.
 pub(crate) const JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -61,6 +64,22 @@ pub enum ApiError {
     /// The client's body could not be read (400).
     #[error("The request body could not be read: {0}")]
     BodyRead(String),
+    /// A request larger than a token bucket can ever hold (413).
+    #[error("{0}")]
+    TooManyTokens(String),
+    /// A rate limit would not admit the request within `queue_timeout`
+    /// (429; `type` is `requests` or `tokens`).
+    #[error("{message}")]
+    RateLimited {
+        /// OpenAI's wording: which limit, its value, when to come back.
+        message: String,
+        /// `requests` or `tokens`.
+        kind: &'static str,
+        /// The exact wait; `Retry-After` rounds it up to whole seconds.
+        retry_after: Duration,
+        /// `x-ratelimit-*` values, when a bucket applies.
+        headers: RateHeaders,
+    },
     /// Every attempt failed (502 `bad_gateway`).
     #[error("Every attempt to reach a backend for model `{model}` failed: {detail}")]
     BadGateway {
@@ -126,6 +145,16 @@ impl ApiError {
                 "invalid_request_error",
                 Some("method_not_allowed"),
             ),
+            TooManyTokens(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("request_too_large"),
+            ),
+            RateLimited { kind, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                kind,
+                Some("rate_limit_exceeded"),
+            ),
             BodyTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
@@ -182,12 +211,143 @@ impl ApiError {
         let mut response = Response::new(GatewayBody::full(body.to_string()));
         *response.status_mut() = status;
         response.headers_mut().insert(header::CONTENT_TYPE, JSON);
+        if let ApiError::RateLimited {
+            retry_after,
+            headers,
+            ..
+        } = &self
+        {
+            let h = response.headers_mut();
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*retry_after)),
+            );
+            insert_rate_headers(h, headers);
+        }
         if self.closes_connection() {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+impl From<AdmitError> for ApiError {
+    fn from(e: AdmitError) -> Self {
+        match e {
+            AdmitError::TooLarge {
+                model,
+                estimate,
+                capacity,
+            } => ApiError::TooManyTokens(format!(
+                "Request too large for model `{model}`: it needs an estimated {estimate} tokens, more than the limit of {capacity} tokens per min can ever hold. Reduce the prompt or max_tokens."
+            )),
+            AdmitError::RateLimited {
+                model,
+                kind,
+                limit,
+                wait,
+                headers,
+            } => {
+                let what = if kind == LimitKind::Tokens { "tokens" } else { "requests" };
+                ApiError::RateLimited {
+                    message: format!(
+                        "Rate limit reached for model {model} on {what} per min: limit {limit}. Please try again in {}.",
+                        format_duration(wait)
+                    ),
+                    kind: what,
+                    retry_after: wait,
+                    headers,
+                }
+            }
+            AdmitError::Saturated { model, kind, limit } => {
+                let what = if kind == LimitKind::Queue {
+                    format!("max_queue: {limit} requests are already waiting")
+                } else {
+                    format!("max_concurrent: limit {limit} requests in flight")
+                };
+                ApiError::RateLimited {
+                    message: format!("Rate limit reached for model {model} on {what}. Please try again in 1s."),
+                    kind: "requests",
+                    retry_after: Duration::from_secs(1),
+                    headers: RateHeaders::default(),
+                }
+            }
+        }
+    }
+}
+
+/// `Retry-After` in whole seconds: the exact wait rounded up, at least 1
+/// (SPEC "Precise points").
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// OpenAI's duration format for `x-ratelimit-reset-*` and messages:
+/// `120ms`, `1.2s`, `6m0s`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        // Round sub-millisecond waits up, so "0ms" never tells a client to
+        // retry when it would still be refused.
+        let ms = if !d.subsec_nanos().is_multiple_of(1_000_000) {
+            ms + 1
+        } else {
+            ms
+        };
+        return format!("{ms}ms");
+    }
+    let total_secs = d.as_secs();
+    let tenths = d.subsec_nanos().div_ceil(100_000_000);
+    let (secs, tenths) = if tenths == 10 {
+        (total_secs + 1, 0)
+    } else {
+        (total_secs, tenths)
+    };
+    let (minutes, secs) = (secs / 60, secs % 60);
+    let secs = if tenths == 0 {
+        format!("{secs}s")
+    } else {
+        format!("{secs}.{tenths}s")
+    };
+    if minutes == 0 {
+        secs
+    } else {
+        format!("{minutes}m{secs}")
+    }
+}
+
+/// Writes the `x-ratelimit-*` headers OpenAI clients read; a kind without
+/// a limit sends none (SPEC "Precise points").
+pub(crate) fn insert_rate_headers(h: &mut http::HeaderMap, headers: &RateHeaders) {
+    let kinds = [
+        (
+            &headers.requests,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        ),
+        (
+            &headers.tokens,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+    ];
+    for (state, [limit, remaining, reset]) in kinds {
+        if let Some(state) = state {
+            h.insert(limit, HeaderValue::from(state.limit));
+            h.insert(remaining, HeaderValue::from(state.remaining));
+            if let Ok(v) = HeaderValue::try_from(format_duration(state.reset)) {
+                h.insert(reset, v);
+            }
+        }
     }
 }
 
@@ -214,6 +374,22 @@ pub(crate) fn json_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_in_openai_format() {
+        let ms = Duration::from_millis;
+        assert_eq!(format_duration(ms(120)), "120ms");
+        assert_eq!(format_duration(Duration::from_micros(1)), "1ms");
+        assert_eq!(format_duration(ms(1200)), "1.2s");
+        assert_eq!(format_duration(ms(6500)), "6.5s");
+        assert_eq!(format_duration(ms(1000)), "1s");
+        assert_eq!(format_duration(ms(1201)), "1.3s");
+        assert_eq!(format_duration(ms(360_000)), "6m0s");
+        assert_eq!(retry_after_secs(ms(1)), 1);
+        assert_eq!(retry_after_secs(ms(1000)), 1);
+        assert_eq!(retry_after_secs(ms(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
 
     #[test]
     fn every_error_is_openai_shaped() {

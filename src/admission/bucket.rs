@@ -1,0 +1,685 @@
+//! An exact token bucket with reservations: the arithmetic behind every
+//! request and token limit (SPEC "Admission", "Retry-After").
+//!
+//! A request *reserves* `n` tokens now, possibly driving the bucket into debt,
+//! and learns how long it must wait until the debt is repaid; if that wait is
+//! longer than it is willing to wait, it takes nothing and learns the exact
+//! wait instead (the `Retry-After`). Later reservations go deeper into debt
+//! and so wait longer: first come, first served by construction, with no
+//! queue. Tokens can be given back (a client that left while waiting, an
+//! over-estimate) and charged afterwards (an under-estimate); see
+//! [`Bucket::refund`] and [`Bucket::charge`].
+//!
+//! This module only does arithmetic on a time it is given. It does not sleep,
+//! has no async code, reads no clock and knows nothing of requests, models or
+//! HTTP; the limiter on top of it owns those (and the RAII guard that refunds
+//! on drop).
+//!
+//! # Algorithm
+//!
+//! The state is GCRA's single "theoretical arrival time", as in
+//! `boinkor-net/governor` `governor/src/gcra.rs`, used the way Go's
+//! `golang.org/x/time/rate` `Limiter.Reserve` uses its bucket: a reservation
+//! that cannot be covered now is still taken, and its wait is returned.
+//!
+//! To stay exact, time is kept in *scaled units*: one unit is one nanosecond
+//! multiplied by the rate `r` (tokens per minute). In these units a token
+//! costs the same integer at every rate, so nothing is ever rounded while
+//! the state evolves; only the wait handed out is rounded, and up. Let
+//!
+//! * `r` = `rate_per_minute`; the refill is `r / 60` tokens per second;
+//! * `c` = `capacity` in tokens;
+//! * `T` = [`TOKEN_COST`] = 60 × 10⁹ units: one token's refill time, since one
+//!   token takes `60e9 / r` ns = `60e9 / r × r` units;
+//! * `tau` = `c × T`: the refill time of a whole bucket;
+//! * `now` = nanoseconds since the bucket's origin × `r`;
+//! * `tat` = the time at which the bucket would be full again if nothing
+//!   more were taken. `tat <= now` means full.
+//!
+//! Then, with `D = max(0, tat - now)` (the deficit):
+//!
+//! * level at `now` = `c - D / T` tokens (negative = debt);
+//! * reserving `n`: `new_tat = max(tat, now) + n × T`; the wait is
+//!   `max(0, new_tat - now - tau)` units, that is `ceil(… / r)` nanoseconds;
+//! * refunding `n`: `tat = max(tat - n × T, now)`, so the level never exceeds
+//!   `c`.
+//!
+//! All of it is `u128` with saturating operations: nanoseconds since origin
+//! saturate at `u64::MAX` (584 years), so `now` fits, and no input can panic.
+//!
+//! # Refunds and waiters
+//!
+//! A refund lowers `tat`; reservations already handed out keep the waits they
+//! were given. If an earlier waiter cancels, later waiters therefore wait a
+//! little longer than they would have needed to, and a reservation made after
+//! the refund may proceed before them. That never admits too much: every
+//! outstanding reservation's tokens are still counted in `tat`, so each
+//! reservation proceeds only once everything reserved up to it has been paid
+//! for by refill. A refund must only return tokens that were not used.
+//!
+//! # Why a mutex
+//!
+//! The state is a `u128` plus the limits it is scaled by, and stable Rust has
+//! no 128-bit compare-exchange; a `u64` in scaled units overflows after about
+//! two days at 100 000 tokens per minute. So the state sits in a
+//! `std::sync::Mutex` held only for a few multiplications (tens of
+//! nanoseconds, see `benches/admission.rs`), never across an `.await`.
+
+use std::num::NonZeroU64;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// `T`: the cost of one token in scaled units (nanoseconds × tokens per
+/// minute), which is the number of nanoseconds in a minute.
+pub const TOKEN_COST: u128 = 60_000_000_000;
+
+/// A token bucket refilled continuously at `rate_per_minute / 60` tokens per
+/// second up to `capacity`, taking reservations.
+///
+/// Shared by all requests that count against one limit (`Arc<Bucket>`); every
+/// method takes `&self`.
+#[derive(Debug)]
+pub struct Bucket {
+    /// The instant all times are measured from; fixed at construction, so a
+    /// reload that keeps the bucket keeps it too.
+    origin: Instant,
+    /// Limits and `tat`, changed together under the lock.
+    state: Mutex<State>,
+}
+
+/// Why a reservation took nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveError {
+    /// More tokens than the bucket can ever hold: the request can never pass
+    /// (413 upstream, not 429).
+    TooLarge {
+        /// The bucket's capacity in tokens.
+        capacity: u64,
+    },
+    /// The tokens would be covered only after `wait`, longer than the caller
+    /// is willing to wait; the exact wait feeds `Retry-After` and
+    /// `x-ratelimit-reset-*`.
+    WouldWait {
+        /// How long from `now` until the reservation would be covered.
+        wait: Duration,
+    },
+}
+
+/// The mutable part of a [`Bucket`]; see the module doc for the variables.
+#[derive(Debug, Clone, Copy)]
+struct State {
+    /// `r`: tokens per minute; also the scale of `tat`.
+    rate_per_minute: u64,
+    /// `c`: tokens the bucket holds when full.
+    capacity: u64,
+    /// `tat` in scaled units since `origin`, at the scale `rate_per_minute`.
+    tat: u128,
+}
+
+impl Bucket {
+    /// A full bucket: a client that was never seen may use the whole burst.
+    pub fn new(rate_per_minute: NonZeroU64, capacity: NonZeroU64, now: Instant) -> Self {
+        let rate_per_minute = rate_per_minute.get();
+        let state = State {
+            rate_per_minute,
+            capacity: capacity.get(),
+            // origin = now, so "now" is 0 units: tat = now means full.
+            tat: 0,
+        };
+        Bucket {
+            origin: now,
+            state: Mutex::new(state),
+        }
+    }
+
+    /// Takes `n` tokens now, possibly into debt, if they will be covered
+    /// within `max_wait`; returns how long the caller must wait before it
+    /// proceeds (zero if the bucket covers them at once).
+    ///
+    /// A refused reservation takes nothing, so asking again gives the same
+    /// answer. Callers that wait must [`refund`](Self::refund) `n` if they
+    /// give up before proceeding.
+    pub fn reserve(
+        &self,
+        n: u64,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Result<Duration, ReserveError> {
+        let now = self.nanos_since_origin(now);
+        let mut state = self.lock();
+        let (new_tat, wait_nanos) = state.reservation(n, now)?;
+        // Compared after saturating, so `WouldWait { wait }` always has
+        // `wait > max_wait`; the two differ only beyond 584 years.
+        let wait = duration_from_nanos(wait_nanos);
+        if wait > max_wait {
+            return Err(ReserveError::WouldWait { wait });
+        }
+        state.tat = new_tat;
+        Ok(wait)
+    }
+
+    /// How long a reservation of `n` tokens made at `now` would wait, without
+    /// taking anything: lets a caller that needs several buckets find the
+    /// longest wait before reserving in any of them. Only
+    /// [`ReserveError::TooLarge`] is returned.
+    pub fn wait_for(&self, n: u64, now: Instant) -> Result<Duration, ReserveError> {
+        let now = self.nanos_since_origin(now);
+        let state = self.lock();
+        let (_, wait_nanos) = state.reservation(n, now)?;
+        Ok(duration_from_nanos(wait_nanos))
+    }
+
+    /// Gives `n` tokens back: a waiter that was cancelled, or tokens reserved
+    /// but not used. The level never rises above capacity, so returning tokens
+    /// to a bucket that has refilled meanwhile cannot create extra burst.
+    pub fn refund(&self, n: u64, now: Instant) {
+        let now = self.nanos_since_origin(now);
+        let mut state = self.lock();
+        let now = state.scaled(now);
+        state.tat = state.tat.saturating_sub(cost(n)).max(now);
+    }
+
+    /// Takes `n` more tokens without waiting: a response used more tokens than
+    /// were reserved. The bucket may go into debt, which later reservations
+    /// wait out; the request that caused it is not delayed (it is done).
+    pub fn charge(&self, n: u64, now: Instant) {
+        let now = self.nanos_since_origin(now);
+        let mut state = self.lock();
+        let now = state.scaled(now);
+        state.tat = state.tat.max(now).saturating_add(cost(n));
+    }
+
+    /// Whole tokens available at `now` (the floor of the level; 0 in debt):
+    /// `x-ratelimit-remaining-*`.
+    pub fn remaining(&self, now: Instant) -> u64 {
+        let now = self.nanos_since_origin(now);
+        let state = self.lock();
+        let deficit_tokens = div_ceil(state.deficit(now), TOKEN_COST);
+        u128::from(state.capacity)
+            .saturating_sub(deficit_tokens)
+            .try_into()
+            // Cannot fail: the value is at most `capacity`, a u64.
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Time from `now` until the bucket is full again, rounded up to the
+    /// nanosecond: `x-ratelimit-reset-*`.
+    pub fn reset_after(&self, now: Instant) -> Duration {
+        let now = self.nanos_since_origin(now);
+        let state = self.lock();
+        duration_from_nanos(div_ceil(state.deficit(now), state.rate()))
+    }
+
+    /// Tokens the bucket holds when full.
+    pub fn capacity(&self) -> u64 {
+        self.lock().capacity
+    }
+
+    /// Tokens added per minute.
+    pub fn rate_per_minute(&self) -> u64 {
+        self.lock().rate_per_minute
+    }
+
+    /// Changes the limits on reload, keeping the current level (clamped to
+    /// the new capacity, debt kept as debt), so a changed limit neither resets
+    /// a limited client nor hands anyone extra burst.
+    ///
+    /// Waits already handed out keep the old rate: reservations in flight
+    /// finish on what they started with (SPEC "Reload"); their tokens stay
+    /// counted, so new reservations see them at the new rate.
+    pub fn set_limits(&self, rate_per_minute: NonZeroU64, capacity: NonZeroU64, now: Instant) {
+        let now = self.nanos_since_origin(now);
+        let mut state = self.lock();
+        // The deficit D in units equals (c - level) × T at any rate, because
+        // T does not depend on the rate; keeping the level means
+        // D' = D + (c' - c) × T, and clamping it at c' means D' >= 0.
+        let deficit = state.deficit(now);
+        let (rate_per_minute, capacity) = (rate_per_minute.get(), capacity.get());
+        let deficit = if capacity >= state.capacity {
+            deficit.saturating_add(cost(capacity - state.capacity))
+        } else {
+            deficit.saturating_sub(cost(state.capacity - capacity))
+        };
+        state.rate_per_minute = rate_per_minute;
+        state.capacity = capacity;
+        state.tat = state.scaled(now).saturating_add(deficit);
+    }
+
+    /// Locks the state. Nothing under the lock can panic (saturating integer
+    /// arithmetic only), so a poisoned lock still holds consistent state and
+    /// is used as is.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Unscaled nanoseconds since `origin`, saturating: an instant before the
+    /// origin counts as the origin, one 584 years later as `u64::MAX`.
+    fn nanos_since_origin(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin)
+            .as_nanos()
+            .try_into()
+            .unwrap_or(u64::MAX)
+    }
+}
+
+impl State {
+    /// `r` as a divisor; never 0 because it comes from a `NonZeroU64`.
+    fn rate(&self) -> u128 {
+        u128::from(self.rate_per_minute)
+    }
+
+    /// Nanoseconds as scaled units. Cannot overflow: u64 × u64 fits u128.
+    fn scaled(&self, nanos: u64) -> u128 {
+        u128::from(nanos).saturating_mul(self.rate())
+    }
+
+    /// `D = max(0, tat - now)` in units, for `now` in nanoseconds.
+    fn deficit(&self, now_nanos: u64) -> u128 {
+        self.tat.saturating_sub(self.scaled(now_nanos))
+    }
+
+    /// The `tat` after reserving `n` at `now_nanos` and the wait in
+    /// nanoseconds (rounded up, so the tokens are surely covered by then).
+    fn reservation(&self, n: u64, now_nanos: u64) -> Result<(u128, u128), ReserveError> {
+        if n > self.capacity {
+            return Err(ReserveError::TooLarge {
+                capacity: self.capacity,
+            });
+        }
+        let now = self.scaled(now_nanos);
+        let new_tat = self.tat.max(now).saturating_add(cost(n));
+        let tau = cost(self.capacity);
+        let wait_units = new_tat.saturating_sub(now).saturating_sub(tau);
+        Ok((new_tat, div_ceil(wait_units, self.rate())))
+    }
+}
+
+/// `n × T`: the refill time of `n` tokens in units. Cannot overflow:
+/// T < 2^36, so the product is below 2^100.
+fn cost(n: u64) -> u128 {
+    u128::from(n).saturating_mul(TOKEN_COST)
+}
+
+/// `ceil(a / b)` for `b > 0` (every caller passes `T` or a non-zero rate).
+fn div_ceil(a: u128, b: u128) -> u128 {
+    match b {
+        0 => u128::MAX,
+        b => a.div_ceil(b),
+    }
+}
+
+/// Nanoseconds as a `Duration`, saturating at `u64::MAX` ns (584 years):
+/// larger waits only come from absurd debts and mean "not in our lifetime".
+fn duration_from_nanos(nanos: u128) -> Duration {
+    Duration::from_nanos(nanos.try_into().unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn nz(v: u64) -> NonZeroU64 {
+        NonZeroU64::new(v).unwrap_or(NonZeroU64::MIN)
+    }
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn greedy_client_gets_rate_times_time_plus_burst() {
+        // 600 RPM = one token per 100 ms, burst 10. A request every 1 ms over
+        // 60 s, both ends included, must get exactly 600 + 10.
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(10), t0);
+        let admitted = (0..=60_000)
+            .filter(|&i| bucket.reserve(1, t0 + ms(i), Duration::ZERO).is_ok())
+            .count();
+        assert_eq!(admitted, 610);
+    }
+
+    #[test]
+    fn strict_pacing_spaces_waiters_fifo() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(1), t0);
+        for i in 0..20 {
+            assert_eq!(bucket.reserve(1, t0, LONG), Ok(ms(100 * i)), "waiter {i}");
+        }
+        // Waits shrink as time passes: 50 ms later the next one waits 1950 ms.
+        assert_eq!(bucket.reserve(1, t0 + ms(50), LONG), Ok(ms(1950)));
+    }
+
+    #[test]
+    fn would_wait_is_exact_and_takes_nothing() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(5), t0);
+        assert_eq!(bucket.reserve(5, t0, Duration::ZERO), Ok(Duration::ZERO));
+        for _ in 0..3 {
+            assert_eq!(
+                bucket.reserve(1, t0, Duration::ZERO),
+                Err(ReserveError::WouldWait { wait: ms(100) })
+            );
+            assert_eq!(
+                bucket.reserve(3, t0, ms(299)),
+                Err(ReserveError::WouldWait { wait: ms(300) })
+            );
+        }
+        assert_eq!(bucket.wait_for(3, t0), Ok(ms(300)));
+        // Exactly max_wait is accepted.
+        assert_eq!(bucket.reserve(3, t0, ms(300)), Ok(ms(300)));
+        assert_eq!(bucket.wait_for(1, t0), Ok(ms(400)));
+    }
+
+    #[test]
+    fn rounded_wait_is_enough_and_a_nanosecond_less_is_not() {
+        // 7 RPM: one token every 60e9 / 7 ns = 8_571_428_571.43 ns.
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(7), nz(1), t0);
+        assert_eq!(bucket.reserve(1, t0, Duration::ZERO), Ok(Duration::ZERO));
+        let wait = bucket.wait_for(1, t0);
+        assert_eq!(wait, Ok(Duration::from_nanos(8_571_428_572)));
+        let wait = wait.unwrap_or(Duration::ZERO);
+        let early = t0 + wait - Duration::from_nanos(1);
+        assert_eq!(
+            bucket.reserve(1, early, Duration::ZERO),
+            Err(ReserveError::WouldWait {
+                wait: Duration::from_nanos(1)
+            })
+        );
+        assert_eq!(
+            bucket.reserve(1, t0 + wait, Duration::ZERO),
+            Ok(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn too_large_never_passes_but_capacity_does() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(10), t0);
+        let too_large = Err(ReserveError::TooLarge { capacity: 10 });
+        assert_eq!(bucket.reserve(11, t0, LONG), too_large);
+        assert_eq!(bucket.wait_for(u64::MAX, t0), too_large);
+        assert_eq!(bucket.remaining(t0), 10, "a refused request takes nothing");
+        assert_eq!(bucket.reserve(10, t0, Duration::ZERO), Ok(Duration::ZERO));
+        assert_eq!(bucket.remaining(t0), 0);
+    }
+
+    #[test]
+    fn refund_restores_but_never_overfills() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(10), t0);
+        assert_eq!(bucket.reserve(8, t0, Duration::ZERO), Ok(Duration::ZERO));
+        bucket.refund(5, t0);
+        assert_eq!(bucket.remaining(t0), 7);
+        bucket.refund(100, t0);
+        assert_eq!(bucket.remaining(t0), 10);
+        assert_eq!(bucket.reset_after(t0), Duration::ZERO);
+        assert_eq!(bucket.reserve(10, t0, Duration::ZERO), Ok(Duration::ZERO));
+        // Refilled meanwhile: the refund of the 10 reserved at t0 cannot
+        // lift the bucket above full.
+        bucket.refund(10, t0 + ms(500));
+        assert_eq!(bucket.remaining(t0 + ms(500)), 10);
+        assert_eq!(
+            bucket.reserve(11, t0 + ms(500), LONG),
+            Err(ReserveError::TooLarge { capacity: 10 })
+        );
+    }
+
+    #[test]
+    fn cancelled_waiter_gives_its_place_back() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(1), t0);
+        assert_eq!(bucket.reserve(1, t0, LONG), Ok(Duration::ZERO));
+        assert_eq!(bucket.reserve(1, t0, LONG), Ok(ms(100)));
+        assert_eq!(bucket.reserve(1, t0, LONG), Ok(ms(200)));
+        bucket.refund(1, t0 + ms(10)); // one waiter left
+        assert_eq!(bucket.wait_for(1, t0 + ms(10)), Ok(ms(190)));
+    }
+
+    #[test]
+    fn charge_goes_into_debt_and_delays_the_next() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(10), t0);
+        assert_eq!(bucket.reserve(4, t0, Duration::ZERO), Ok(Duration::ZERO));
+        bucket.charge(9, t0); // used 13 of 10: 3 tokens of debt
+        assert_eq!(bucket.remaining(t0), 0);
+        assert_eq!(bucket.reset_after(t0), ms(1300));
+        // One token needs the debt repaid first: 4 × 100 ms.
+        assert_eq!(
+            bucket.reserve(1, t0, Duration::ZERO),
+            Err(ReserveError::WouldWait { wait: ms(400) })
+        );
+        assert_eq!(bucket.reserve(1, t0 + ms(150), LONG), Ok(ms(250)));
+        // Charging a full bucket just takes tokens.
+        let full = Bucket::new(nz(600), nz(10), t0);
+        full.charge(3, t0 + ms(5000));
+        assert_eq!(full.remaining(t0 + ms(5000)), 7);
+    }
+
+    #[test]
+    fn remaining_and_reset_after_follow_the_level() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(10), t0);
+        assert_eq!(
+            (bucket.remaining(t0), bucket.reset_after(t0)),
+            (10, Duration::ZERO)
+        );
+        assert_eq!(bucket.reserve(3, t0, Duration::ZERO), Ok(Duration::ZERO));
+        assert_eq!((bucket.remaining(t0), bucket.reset_after(t0)), (7, ms(300)));
+        // 7.5 tokens: the floor is reported.
+        let t = t0 + ms(50);
+        assert_eq!((bucket.remaining(t), bucket.reset_after(t)), (7, ms(250)));
+        let t = t0 + ms(100);
+        assert_eq!((bucket.remaining(t), bucket.reset_after(t)), (8, ms(200)));
+        let t = t0 + ms(1000);
+        assert_eq!(
+            (bucket.remaining(t), bucket.reset_after(t)),
+            (10, Duration::ZERO)
+        );
+        // Before the origin counts as the origin.
+        let early = Bucket::new(nz(600), nz(10), t0 + ms(10));
+        assert_eq!(early.remaining(t0), 10);
+        assert_eq!((bucket.capacity(), bucket.rate_per_minute()), (10, 600));
+    }
+
+    #[test]
+    fn set_limits_keeps_the_level_clamped() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(10), t0);
+        assert_eq!(bucket.reserve(7, t0, Duration::ZERO), Ok(Duration::ZERO));
+        // Raising the capacity keeps 3 tokens; refill at the new rate.
+        bucket.set_limits(nz(60), nz(20), t0);
+        assert_eq!((bucket.capacity(), bucket.rate_per_minute()), (20, 60));
+        assert_eq!(bucket.remaining(t0), 3);
+        assert_eq!(bucket.reset_after(t0), Duration::from_secs(17));
+        assert_eq!(bucket.remaining(t0 + ms(2500)), 5);
+        // Lowering it below the level clamps; 5.5 tokens become 4.
+        let t = t0 + ms(2500);
+        bucket.set_limits(nz(60), nz(4), t);
+        assert_eq!(bucket.remaining(t), 4);
+        assert_eq!(bucket.reset_after(t), Duration::ZERO);
+        // Debt stays debt at the new rate.
+        bucket.charge(6, t); // level -2
+        bucket.set_limits(nz(600), nz(2), t);
+        assert_eq!(bucket.remaining(t), 0);
+        assert_eq!(bucket.wait_for(1, t), Ok(ms(300)));
+        // A fractional level survives a rate change exactly.
+        let bucket = Bucket::new(nz(7), nz(1), t0);
+        assert_eq!(bucket.reserve(1, t0, Duration::ZERO), Ok(Duration::ZERO));
+        // 3 s at 7 RPM refill 0.35 tokens; the missing 0.65 at 600 RPM take
+        // 65 ms, not a rounded 100 ms or 0.
+        let t = t0 + Duration::from_secs(3);
+        bucket.set_limits(nz(600), nz(1), t);
+        assert_eq!(bucket.wait_for(1, t), Ok(ms(65)));
+    }
+
+    #[test]
+    fn extreme_inputs_saturate_instead_of_panicking() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(u64::MAX), nz(u64::MAX), t0);
+        assert_eq!(
+            bucket.reserve(u64::MAX, t0, Duration::MAX),
+            Ok(Duration::ZERO)
+        );
+        for _ in 0..4 {
+            bucket.charge(u64::MAX, t0);
+            let _ = bucket.reserve(u64::MAX, t0, Duration::MAX);
+        }
+        let far = t0 + Duration::from_secs(1 << 40);
+        bucket.refund(u64::MAX, far);
+        let _ = (bucket.remaining(far), bucket.reset_after(far));
+        bucket.set_limits(nz(1), nz(1), far);
+        let slow = Bucket::new(nz(1), nz(1), t0);
+        for _ in 0..1000 {
+            slow.charge(u64::MAX, t0);
+        }
+        assert_eq!(slow.reset_after(t0), Duration::from_nanos(u64::MAX));
+        assert_eq!(
+            slow.reserve(1, t0, Duration::MAX),
+            Ok(Duration::from_nanos(u64::MAX))
+        );
+        slow.set_limits(nz(u64::MAX), nz(u64::MAX), far);
+        let _ = slow.reserve(1, far, Duration::ZERO);
+    }
+
+    #[test]
+    fn two_threads_at_one_instant_get_exactly_capacity() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(1000), t0);
+        let admitted: usize = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..5000)
+                            .filter(|_| bucket.reserve(1, t0, Duration::ZERO).is_ok())
+                            .count()
+                    })
+                })
+                .collect();
+            // A worker panicking would already fail the test; count it as 0.
+            workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+        });
+        assert_eq!(admitted, 1000);
+    }
+
+    /// One operation of the reference model, at `advance_ns` after the last.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Reserve { n: u64, max_wait_ns: u64 },
+        Refund(u64),
+        Charge(u64),
+        SetLimits { rate: u64, capacity: u64 },
+    }
+
+    fn op(max_n: u64) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..=max_n + 2, prop_oneof![Just(0u64), 0..2_000_000_000u64])
+                .prop_map(|(n, max_wait_ns)| Op::Reserve { n, max_wait_ns }),
+            1 => (0..=max_n).prop_map(Op::Refund),
+            1 => (0..=max_n).prop_map(Op::Charge),
+            1 => (1..100_000u64, 1..=max_n.max(1))
+                .prop_map(|(rate, capacity)| Op::SetLimits { rate, capacity }),
+        ]
+    }
+
+    proptest! {
+        /// SPEC/STYLE invariant: a bucket never admits more than
+        /// rate × t + burst, and refuses only when the level is really
+        /// below n (max_wait 0, reserve only).
+        #[test]
+        fn never_admits_more_than_rate_times_t_plus_capacity(
+            rate in 1..100_000u64,
+            capacity in 1..1_000u64,
+            requests in prop::collection::vec((0..200_000_000u64, 1..1_000u64), 1..300),
+        ) {
+            let t0 = Instant::now();
+            let bucket = Bucket::new(nz(rate), nz(capacity), t0);
+            let (mut elapsed, mut admitted) = (0u64, 0u128);
+            // Level × T, computed as a classic bucket: refill, clamp, take.
+            let mut level = cost(capacity);
+            let mut last = 0u64;
+            for (advance, n) in requests {
+                elapsed += advance;
+                level = (level + u128::from(elapsed - last) * u128::from(rate)).min(cost(capacity));
+                last = elapsed;
+                let result = bucket.reserve(n, t0 + Duration::from_nanos(elapsed), Duration::ZERO);
+                match result {
+                    Ok(wait) => {
+                        prop_assert_eq!(wait, Duration::ZERO);
+                        admitted += u128::from(n);
+                        level -= cost(n);
+                    }
+                    Err(ReserveError::TooLarge { .. }) => prop_assert!(n > capacity),
+                    Err(ReserveError::WouldWait { .. }) => prop_assert!(level < cost(n)),
+                }
+                prop_assert!(
+                    admitted * TOKEN_COST
+                        <= u128::from(rate) * u128::from(elapsed) + cost(capacity)
+                );
+            }
+        }
+
+        /// Every operation matches a classic bucket kept as level × T, which
+        /// may go negative: same admissions, same waits, same remaining.
+        #[test]
+        fn matches_a_classic_bucket_with_debt(
+            rate in 1..100_000u64,
+            capacity in 1..50u64,
+            ops in prop::collection::vec((0..2_000_000_000u64, op(50)), 1..200),
+        ) {
+            let t0 = Instant::now();
+            let bucket = Bucket::new(nz(rate), nz(capacity), t0);
+            let (mut rate, mut capacity) = (rate, capacity);
+            let mut level = i128::try_from(cost(capacity)).unwrap_or(i128::MAX);
+            let mut elapsed = 0u64;
+            for (advance, op) in ops {
+                elapsed += advance;
+                let now = t0 + Duration::from_nanos(elapsed);
+                let full = i128::try_from(cost(capacity)).unwrap_or(i128::MAX);
+                level = (level + i128::from(advance) * i128::from(rate)).min(full);
+                let cost = |n: u64| i128::from(n) * 60_000_000_000;
+                match op {
+                    Op::Reserve { n, max_wait_ns } => {
+                        let result = bucket.reserve(n, now, Duration::from_nanos(max_wait_ns));
+                        let need = (cost(n) - level).max(0);
+                        let wait = Duration::from_nanos(
+                            u64::try_from((need as u128).div_ceil(u128::from(rate))).unwrap_or(u64::MAX),
+                        );
+                        let expected = if n > capacity {
+                            Err(ReserveError::TooLarge { capacity })
+                        } else if wait > Duration::from_nanos(max_wait_ns) {
+                            Err(ReserveError::WouldWait { wait })
+                        } else {
+                            level -= cost(n);
+                            Ok(wait)
+                        };
+                        prop_assert_eq!(result, expected);
+                    }
+                    Op::Refund(n) => {
+                        bucket.refund(n, now);
+                        level = (level + cost(n)).min(full);
+                    }
+                    Op::Charge(n) => {
+                        bucket.charge(n, now);
+                        level -= cost(n);
+                    }
+                    Op::SetLimits { rate: r, capacity: c } => {
+                        bucket.set_limits(nz(r), nz(c), now);
+                        (rate, capacity) = (r, c);
+                        level = level.min(cost(c));
+                    }
+                }
+                let whole = level.div_euclid(60_000_000_000).max(0);
+                prop_assert_eq!(u128::from(bucket.remaining(now)), whole as u128);
+                let full = cost(capacity);
+                let reset = ((full - level) as u128).div_ceil(u128::from(rate));
+                prop_assert_eq!(bucket.reset_after(now).as_nanos(), reset);
+            }
+        }
+    }
+}

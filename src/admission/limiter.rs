@@ -1,0 +1,712 @@
+//! The admission path: reserve from every bucket that applies, wait out the
+//! debt, then take a concurrency permit — all before `queue_timeout`.
+//!
+//! SPEC "Admission": a request reserves one request token and its estimated
+//! tokens from the global and the model bucket, then a concurrency permit.
+//! If the buckets cannot cover it before `queue_timeout` it is refused at
+//! once with the exact `Retry-After`, never after a pointless wait. Waiting
+//! requests are served first come, first served: bucket reservations queue by
+//! construction (each later one waits longer) and tokio's semaphore is fair.
+//!
+//! Everything a request holds is a guard: a reservation refunds on drop
+//! until admission settles it, a queue slot and a permit give themselves
+//! back, so a client that disconnects while waiting returns everything.
+
+use std::{
+    num::NonZeroU64,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
+
+use super::bucket::{Bucket, ReserveError};
+use crate::config::{GlobalLimits as GlobalLimitsConfig, ModelConfig};
+
+/// Which limit refused or bound a request; the `limit` label of
+/// `weir_rate_limited_total` and the 429 `type` (SPEC "Which 429").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// A requests-per-minute bucket.
+    Requests,
+    /// A tokens-per-minute bucket.
+    Tokens,
+    /// The model's `max_concurrent` semaphore (or every backend saturated).
+    Concurrency,
+    /// The model's `max_queue`.
+    Queue,
+}
+
+impl LimitKind {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "requests",
+            LimitKind::Tokens => "tokens",
+            LimitKind::Concurrency => "max_concurrent",
+            LimitKind::Queue => "max_queue",
+        }
+    }
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdmitError {
+    /// More tokens than a bucket can ever hold: it could never pass (413).
+    TooLarge {
+        /// The model.
+        model: String,
+        /// The request's estimate.
+        estimate: u64,
+        /// The bucket's capacity.
+        capacity: u64,
+    },
+    /// A bucket would not cover the request before `queue_timeout` (429).
+    RateLimited {
+        /// The model.
+        model: String,
+        /// Requests or tokens.
+        kind: LimitKind,
+        /// The bucket's rate per minute.
+        limit: u64,
+        /// Exactly how long until the request would pass.
+        wait: Duration,
+        /// The rate-limit headers to send with the 429.
+        headers: RateHeaders,
+    },
+    /// Too many requests already waiting, or the concurrency wait passed
+    /// `queue_timeout` (429 type `requests`).
+    Saturated {
+        /// The model.
+        model: String,
+        /// `Concurrency` or `Queue`.
+        kind: LimitKind,
+        /// The configured `max_concurrent` / `max_queue`.
+        limit: u64,
+    },
+}
+
+/// `x-ratelimit-*` values computed at admission (OpenAI's headers).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RateHeaders {
+    /// `limit`, `remaining`, `reset` for requests, when a request limit applies.
+    pub requests: Option<RateState>,
+    /// The same for tokens.
+    pub tokens: Option<RateState>,
+}
+
+/// One bucket's state as the headers report it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateState {
+    /// The rate per minute.
+    pub limit: u64,
+    /// Whole tokens left in the bucket.
+    pub remaining: u64,
+    /// Time until the bucket is full again.
+    pub reset: Duration,
+}
+
+/// The global buckets (`[limits]`), shared by every model.
+#[derive(Debug, Default)]
+pub struct GlobalLimits {
+    requests: Option<Arc<Bucket>>,
+    tokens: Option<Arc<Bucket>>,
+}
+
+/// One model's buckets, semaphore, queue and counters; carried over reloads
+/// by model name so bucket levels survive.
+#[derive(Debug)]
+pub struct ModelLimits {
+    requests: Option<Arc<Bucket>>,
+    tokens: Option<Arc<Bucket>>,
+    concurrency: Option<(Arc<Semaphore>, u32)>,
+    max_queue: u32,
+    queue_timeout: Duration,
+    /// Requests currently waiting for a bucket, a permit or a backend.
+    waiting: AtomicU32,
+    metrics: ModelMetrics,
+}
+
+/// Metric handles resolved once per model (no label formatting per request).
+#[derive(Debug, Clone, Default)]
+pub struct ModelMetrics {
+    /// `weir_queue_depth{model}`.
+    pub queue_depth: Gauge,
+    /// `weir_in_flight{model}`.
+    pub in_flight: Gauge,
+    /// `weir_admitted_total{model}`.
+    pub admitted: Counter,
+    /// `weir_rate_limited_total{model,limit}` per [`LimitKind`].
+    pub limited: [Counter; 4],
+}
+
+impl GlobalLimits {
+    /// Builds the global buckets, keeping the levels of `previous` ones.
+    pub fn new(config: &GlobalLimitsConfig, previous: Option<&GlobalLimits>, now: Instant) -> Self {
+        Self {
+            requests: bucket(
+                config.requests_per_minute.map(|r| u64::from(r.get())),
+                config.requests_per_minute.map(|r| u64::from(r.get())),
+                previous.and_then(|p| p.requests.as_ref()),
+                now,
+            ),
+            tokens: bucket(
+                config.tokens_per_minute.map(NonZeroU64::get),
+                config.tokens_per_minute.map(NonZeroU64::get),
+                previous.and_then(|p| p.tokens.as_ref()),
+                now,
+            ),
+        }
+    }
+}
+
+impl ModelLimits {
+    /// Builds a model's limits, keeping bucket levels and the semaphore of
+    /// `previous` (a changed limit keeps the level, clamped to the new
+    /// capacity; a changed `max_concurrent` resizes the semaphore).
+    pub fn new(
+        config: &ModelConfig,
+        previous: Option<&Arc<ModelLimits>>,
+        metrics: ModelMetrics,
+        now: Instant,
+    ) -> Self {
+        let rpm = config.requests_per_minute.map(|r| u64::from(r.get()));
+        let burst = config.burst_capacity().map(|b| u64::from(b.get()));
+        let tpm = config.tokens_per_minute.map(NonZeroU64::get);
+        let concurrency = config.max_concurrent.map(|max| {
+            let max = max.get();
+            match previous.and_then(|p| p.concurrency.as_ref()) {
+                Some((sem, old)) if *old == max => (sem.clone(), max),
+                Some((sem, old)) if max > *old => {
+                    sem.add_permits((max - old) as usize);
+                    (sem.clone(), max)
+                }
+                Some((sem, old)) => {
+                    // Shrinking: take the surplus permits away as they free
+                    // up, without waiting here (reload must not block). The
+                    // task ends as soon as the surplus is retired; it is the
+                    // one spawn not owned by a JoinSet, because it must
+                    // outlive the snapshot that started it.
+                    let sem2 = sem.clone();
+                    let surplus = old - max;
+                    tokio::spawn(async move {
+                        if let Ok(p) = sem2.acquire_many(surplus).await {
+                            p.forget();
+                        }
+                    });
+                    (sem.clone(), max)
+                }
+                None => (Arc::new(Semaphore::new(max as usize)), max),
+            }
+        });
+        Self {
+            requests: bucket(rpm, burst, previous.and_then(|p| p.requests.as_ref()), now),
+            tokens: bucket(tpm, tpm, previous.and_then(|p| p.tokens.as_ref()), now),
+            concurrency,
+            max_queue: config.max_queue,
+            queue_timeout: config.queue_timeout,
+            waiting: AtomicU32::new(0),
+            metrics,
+        }
+    }
+
+    /// Requests waiting right now.
+    pub fn waiting(&self) -> u32 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// The metric handles of this model.
+    pub fn metrics(&self) -> &ModelMetrics {
+        &self.metrics
+    }
+
+    /// The longest a request of this model may wait for admission.
+    pub fn queue_timeout(&self) -> Duration {
+        self.queue_timeout
+    }
+
+    /// Takes a place in the queue unless `max_queue` requests already wait.
+    pub(crate) fn enter_queue(self: &Arc<Self>) -> Option<QueueSlot> {
+        let max = self.max_queue;
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.metrics.queue_depth.inc();
+        Some(QueueSlot(self.clone()))
+    }
+
+    /// Counts a refusal in `weir_rate_limited_total{model,limit}`.
+    pub(crate) fn count_limited(&self, kind: LimitKind) {
+        let i = match kind {
+            LimitKind::Requests => 0,
+            LimitKind::Tokens => 1,
+            LimitKind::Concurrency => 2,
+            LimitKind::Queue => 3,
+        };
+        if let Some(c) = self.metrics.limited.get(i) {
+            c.inc();
+        }
+    }
+}
+
+/// A place in a model's queue; dropping it leaves the queue.
+#[derive(Debug)]
+pub(crate) struct QueueSlot(Arc<ModelLimits>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.queue_depth.dec();
+    }
+}
+
+/// Tokens taken from a bucket; given back on drop unless admission settled it.
+#[derive(Debug)]
+struct Reservation {
+    bucket: Arc<Bucket>,
+    n: u64,
+    settled: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.bucket.refund(self.n, Instant::now());
+        }
+    }
+}
+
+/// An admitted request: what it holds until its response ends.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The token buckets charged with `estimate` (global, model).
+    token_buckets: Vec<Arc<Bucket>>,
+    /// Tokens reserved for this request (prompt estimate + max_tokens).
+    estimate: u64,
+    /// The model's concurrency permit, returned on drop.
+    _permit: Option<OwnedSemaphorePermit>,
+    /// Decrements `weir_in_flight{model}` on drop.
+    _in_flight: InFlightGauge,
+    /// The `x-ratelimit-*` values at admission.
+    pub headers: RateHeaders,
+    /// How long the request waited for admission.
+    pub queued: Duration,
+}
+
+#[derive(Debug)]
+struct InFlightGauge(Gauge);
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Admitted {
+    /// Token reconciliation: the response reported `actual` tokens; refund
+    /// or charge the difference from the estimate to every token bucket.
+    pub fn reconcile(&self, actual: u64) {
+        let now = Instant::now();
+        for bucket in &self.token_buckets {
+            if actual < self.estimate {
+                bucket.refund(self.estimate - actual, now);
+            } else if actual > self.estimate {
+                bucket.charge(actual - self.estimate, now);
+            }
+        }
+    }
+}
+
+/// Admits one request of `model` with a token `estimate`, waiting at most
+/// until `deadline` (the earlier of `queue_timeout` and `request_timeout`).
+pub(crate) async fn admit(
+    global: &GlobalLimits,
+    model: &Arc<ModelLimits>,
+    model_name: &str,
+    estimate: u64,
+    deadline: Instant,
+) -> Result<Admitted, AdmitError> {
+    let start = Instant::now();
+    let max_wait = deadline.saturating_duration_since(start);
+    // SPEC order: global requests, global tokens, model requests, model tokens.
+    let steps = [
+        (global.requests.as_ref(), 1, LimitKind::Requests),
+        (global.tokens.as_ref(), estimate, LimitKind::Tokens),
+        (model.requests.as_ref(), 1, LimitKind::Requests),
+        (model.tokens.as_ref(), estimate, LimitKind::Tokens),
+    ];
+    let mut reservations: Vec<(Reservation, LimitKind)> = Vec::with_capacity(4);
+    let mut wait = Duration::ZERO;
+    for (bucket, n, kind) in steps {
+        let Some(bucket) = bucket else { continue };
+        match bucket.reserve(n, start, max_wait) {
+            Ok(w) => {
+                wait = wait.max(w);
+                let reservation = Reservation {
+                    bucket: bucket.clone(),
+                    n,
+                    settled: false,
+                };
+                reservations.push((reservation, kind));
+            }
+            Err(ReserveError::TooLarge { capacity }) => {
+                return Err(AdmitError::TooLarge {
+                    model: model_name.to_owned(),
+                    estimate,
+                    capacity,
+                });
+            }
+            Err(ReserveError::WouldWait { wait }) => {
+                // Refund what was reserved, then report the longest wait of
+                // every bucket: the request passes only when all cover it,
+                // so that is the exact `Retry-After`. The headers show the
+                // state this request leaves behind: untouched.
+                drop(reservations);
+                let (mut kind, mut limit, mut wait) = (kind, bucket.rate_per_minute(), wait);
+                for (other, n, other_kind) in steps {
+                    if let Some(Ok(w)) = other.map(|b| b.wait_for(n, start)) {
+                        if w > wait {
+                            (kind, limit, wait) =
+                                (other_kind, other.map_or(limit, |b| b.rate_per_minute()), w);
+                        }
+                    }
+                }
+                model.count_limited(kind);
+                return Err(AdmitError::RateLimited {
+                    model: model_name.to_owned(),
+                    kind,
+                    limit,
+                    wait,
+                    headers: rate_headers(global, model, start),
+                });
+            }
+        }
+    }
+    let mut queue_slot = None;
+    if !wait.is_zero() {
+        queue_slot = Some(queue_or_refuse(model, model_name)?);
+        tokio::time::sleep_until(start + wait).await;
+    }
+    let permit = match &model.concurrency {
+        None => None,
+        Some((sem, max)) => match sem.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                if queue_slot.is_none() {
+                    queue_slot = Some(queue_or_refuse(model, model_name)?);
+                }
+                match tokio::time::timeout_at(deadline, sem.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => Some(p),
+                    // Timed out, or the semaphore was closed (never happens:
+                    // weir never closes it): refused, reservations refunded.
+                    _ => {
+                        model.count_limited(LimitKind::Concurrency);
+                        return Err(AdmitError::Saturated {
+                            model: model_name.to_owned(),
+                            kind: LimitKind::Concurrency,
+                            limit: u64::from(*max),
+                        });
+                    }
+                }
+            }
+        },
+    };
+    drop(queue_slot);
+    let mut token_buckets = Vec::with_capacity(2);
+    for (mut r, kind) in reservations {
+        r.settled = true;
+        if kind == LimitKind::Tokens {
+            token_buckets.push(r.bucket.clone());
+        }
+    }
+    model.metrics.admitted.inc();
+    model.metrics.in_flight.inc();
+    let now = Instant::now();
+    Ok(Admitted {
+        token_buckets,
+        estimate,
+        _permit: permit,
+        _in_flight: InFlightGauge(model.metrics.in_flight.clone()),
+        headers: rate_headers(global, model, now),
+        queued: now.saturating_duration_since(start),
+    })
+}
+
+fn queue_or_refuse(model: &Arc<ModelLimits>, model_name: &str) -> Result<QueueSlot, AdmitError> {
+    model.enter_queue().ok_or_else(|| {
+        model.count_limited(LimitKind::Queue);
+        AdmitError::Saturated {
+            model: model_name.to_owned(),
+            kind: LimitKind::Queue,
+            limit: u64::from(model.max_queue),
+        }
+    })
+}
+
+/// The headers a response reports: the model's bucket of each kind, or the
+/// global one when the model has none (the limit that applies to it).
+fn rate_headers(global: &GlobalLimits, model: &ModelLimits, now: Instant) -> RateHeaders {
+    let state = |b: &Arc<Bucket>| RateState {
+        limit: b.rate_per_minute(),
+        remaining: b.remaining(now),
+        reset: b.reset_after(now),
+    };
+    RateHeaders {
+        requests: model
+            .requests
+            .as_ref()
+            .or(global.requests.as_ref())
+            .map(state),
+        tokens: model.tokens.as_ref().or(global.tokens.as_ref()).map(state),
+    }
+}
+
+/// A bucket for `rate` per minute with `capacity`, reusing `previous`
+/// (its level kept, clamped to the new capacity) when there is one.
+fn bucket(
+    rate: Option<u64>,
+    capacity: Option<u64>,
+    previous: Option<&Arc<Bucket>>,
+    now: Instant,
+) -> Option<Arc<Bucket>> {
+    let rate = NonZeroU64::new(rate?)?;
+    let capacity = NonZeroU64::new(capacity.unwrap_or(rate.get())).unwrap_or(rate);
+    match previous {
+        Some(old) => {
+            if old.rate_per_minute() != rate.get() || old.capacity() != capacity.get() {
+                old.set_limits(rate, capacity, now);
+            }
+            Some(old.clone())
+        }
+        None => Some(Arc::new(Bucket::new(rate, capacity, now))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+
+    fn model(
+        rpm: Option<u32>,
+        burst: Option<u32>,
+        tpm: Option<u64>,
+        max_concurrent: Option<u32>,
+    ) -> ModelConfig {
+        ModelConfig {
+            name: "m".into(),
+            requests_per_minute: rpm.and_then(NonZeroU32::new),
+            tokens_per_minute: tpm.and_then(NonZeroU64::new),
+            burst: burst.and_then(NonZeroU32::new),
+            max_concurrent: max_concurrent.and_then(NonZeroU32::new),
+            queue_timeout: Duration::from_secs(10),
+            max_queue: 1000,
+            max_tokens: 256,
+            declared: true,
+        }
+    }
+
+    fn limits(cfg: &ModelConfig) -> (GlobalLimits, Arc<ModelLimits>) {
+        let now = Instant::now();
+        (
+            GlobalLimits::default(),
+            Arc::new(ModelLimits::new(cfg, None, ModelMetrics::default(), now)),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sixty_seconds_at_600_rpm_burst_10_admit_exactly_610() {
+        let (global, m) = limits(&model(Some(600), Some(10), None, None));
+        let start = Instant::now();
+        let mut admitted = 0;
+        // A greedy client trying every millisecond, never willing to wait.
+        while start.elapsed() < Duration::from_secs(60) {
+            if admit(&global, &m, "m", 1, Instant::now()).await.is_ok() {
+                admitted += 1;
+            }
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert!((609..=611).contains(&admitted), "admitted {admitted}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_one_paces_admissions_100ms_apart_in_fifo_order() {
+        let (global, m) = limits(&model(Some(600), Some(1), None, None));
+        let global = Arc::new(global);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..5u32 {
+            let (global, m) = (global.clone(), m.clone());
+            tasks.push(tokio::spawn(async move {
+                let a = admit(&global, &m, "m", 1, start + Duration::from_secs(10)).await;
+                (i, a.is_ok(), start.elapsed())
+            }));
+            // Let each task reserve before the next one starts.
+            tokio::task::yield_now().await;
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        for (i, ok, at) in results {
+            assert!(ok);
+            assert_eq!(at, Duration::from_millis(100) * i, "request {i}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_at_once_with_the_exact_wait() {
+        let (global, m) = limits(&model(Some(60), Some(1), None, None));
+        let deadline = Instant::now() + Duration::from_millis(500);
+        assert!(admit(&global, &m, "m", 1, deadline).await.is_ok());
+        let before = Instant::now();
+        match admit(&global, &m, "m", 1, deadline).await {
+            Err(AdmitError::RateLimited {
+                kind,
+                wait,
+                limit,
+                headers,
+                ..
+            }) => {
+                assert_eq!(kind, LimitKind::Requests);
+                assert_eq!(wait, Duration::from_secs(1));
+                assert_eq!(limit, 60);
+                let r = headers.requests.unwrap();
+                assert_eq!((r.limit, r.remaining), (60, 0));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(Instant::now(), before, "no pointless wait before a 429");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tpm_under_200_concurrent_requests_never_overshoots() {
+        // 6000 tokens/min, estimate 100 per request: over 30 s at most
+        // 6000 (capacity) + 3000 (refill) tokens = 90 requests may pass.
+        let (global, m) = limits(&model(None, None, Some(6000), None));
+        let global = Arc::new(global);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..200 {
+            let (global, m) = (global.clone(), m.clone());
+            tasks.push(tokio::spawn(async move {
+                admit(&global, &m, "m", 100, start + Duration::from_secs(30))
+                    .await
+                    .is_ok()
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            if t.await.unwrap() {
+                admitted += 1;
+            }
+        }
+        assert!(admitted <= 90, "admitted {admitted} > 90");
+        assert!(
+            admitted >= 89,
+            "admitted only {admitted}: refused what it could admit"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconciliation_refunds_and_charges() {
+        let (global, m) = limits(&model(None, None, Some(1000), None));
+        let now = Instant::now();
+        let tokens = m.tokens.clone().unwrap();
+        let a = admit(&global, &m, "m", 300, now).await.unwrap();
+        assert_eq!(tokens.remaining(now), 700);
+        a.reconcile(100);
+        assert_eq!(tokens.remaining(now), 900, "200 refunded");
+        let b = admit(&global, &m, "m", 100, now).await.unwrap();
+        b.reconcile(400);
+        assert_eq!(tokens.remaining(now), 500, "300 more charged");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelling_a_queued_request_gives_its_reservation_back() {
+        let (global, m) = limits(&model(Some(60), Some(1), None, None));
+        let global = Arc::new(global);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        admit(&global, &m, "m", 1, deadline).await.unwrap();
+        let (g2, m2) = (global.clone(), m.clone());
+        let queued = tokio::spawn(async move { admit(&g2, &m2, "m", 1, deadline).await.is_ok() });
+        tokio::task::yield_now().await;
+        assert_eq!(m.waiting(), 1);
+        queued.abort();
+        let _ = queued.await;
+        assert_eq!(m.waiting(), 0, "the queue slot was given back");
+        // Had the cancelled reservation stayed, this one would wait 2 s.
+        let start = Instant::now();
+        admit(&global, &m, "m", 1, deadline).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn impossible_requests_are_too_large_not_rate_limited() {
+        let (global, m) = limits(&model(None, None, Some(1000), None));
+        match admit(&global, &m, "m", 1001, Instant::now()).await {
+            Err(AdmitError::TooLarge { capacity, .. }) => assert_eq!(capacity, 1000),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            m.tokens.as_ref().unwrap().remaining(Instant::now()),
+            1000,
+            "nothing taken"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_concurrent_queues_fifo_and_times_out() {
+        let mut cfg = model(None, None, None, Some(1));
+        cfg.max_queue = 1;
+        let (global, m) = limits(&cfg);
+        let global = Arc::new(global);
+        let held = admit(&global, &m, "m", 1, Instant::now()).await.unwrap();
+        let (g2, m2) = (global.clone(), m.clone());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let waiter =
+            tokio::spawn(async move { admit(&g2, &m2, "m", 1, deadline).await.map(|_| ()) });
+        tokio::task::yield_now().await;
+        // The queue holds one: a third request is refused at once.
+        match admit(&global, &m, "m", 1, deadline).await {
+            Err(AdmitError::Saturated {
+                kind: LimitKind::Queue,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        drop(held);
+        assert!(
+            waiter.await.unwrap().is_ok(),
+            "the waiter got the freed permit"
+        );
+        let held = admit(&global, &m, "m", 1, Instant::now()).await.unwrap();
+        match admit(
+            &global,
+            &m,
+            "m",
+            1,
+            Instant::now() + Duration::from_millis(50),
+        )
+        .await
+        {
+            Err(AdmitError::Saturated {
+                kind: LimitKind::Concurrency,
+                limit: 1,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        drop(held);
+    }
+}

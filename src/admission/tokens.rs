@@ -1,0 +1,1144 @@
+//! Token numbers for admission: the estimate a request is admitted with
+//! ([`estimate`]) and the real `usage` its response reports, read as the
+//! response streams past ([`UsageFilter`] for SSE, [`UsageTail`] for JSON).
+//!
+//! SPEC "Token accounting": a request reserves its estimate; when the response
+//! reports `usage`, the difference is refunded or charged. For `"stream": true`
+//! weir adds `stream_options.include_usage` upstream when the client did not
+//! ask for it, and [`UsageFilter`] removes that extra chunk again.
+//!
+//! # What this file does not do
+//!
+//! No I/O, no buckets, no settling: it only turns bytes into numbers (and, for
+//! a stream, drops the one event the client did not ask for). It never buffers
+//! a response (STYLE "Stream bodies; never buffer a response"): [`UsageFilter`]
+//! holds at most one incomplete SSE event of at most [`MAX_EVENT_BYTES`], and
+//! [`UsageTail`] keeps a rolling tail of at most `2 ×` [`TAIL_BYTES`] (SPEC
+//! "Hostile input and faults": a few tens of KiB per stream).
+//!
+//! # Where the numbers come from
+//!
+//! * The estimate is OpenAI's cookbook rule of thumb ("How to count tokens
+//!   with tiktoken"): about 4 bytes of English text per token, about 4 tokens
+//!   of framing per chat message and 3 that prime the reply. It is deliberately
+//!   rough: the difference is settled from the real `usage` afterwards.
+//! * SSE framing follows the WHATWG HTML "Server-sent events" parsing rules:
+//!   a line ends with CRLF, LF or CR; an empty line ends (dispatches) an event;
+//!   an event's `data:` lines are joined with `\n`.
+//! * The usage chunk is OpenAI's: with `include_usage`, the last chunk before
+//!   `data: [DONE]` has `"choices": []` and a `usage` object. vLLM's
+//!   `continuous_usage_stats` (and some other servers) also put `usage` on
+//!   content chunks; that is read too, but never removed.
+#![forbid(unsafe_code)]
+
+use bytes::{Bytes, BytesMut};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+use crate::api::facts::RequestFacts;
+
+/// Bytes of text per token in the estimate (OpenAI cookbook: ~4 for English).
+const BYTES_PER_TOKEN: u64 = 4;
+/// Tokens of framing per chat message (role, separators) in the estimate.
+const TOKENS_PER_MESSAGE: u64 = 4;
+/// Tokens that prime the assistant's reply, added once when there are messages.
+const TOKENS_REPLY_PRIMING: u64 = 3;
+
+/// The largest SSE event [`UsageFilter`] holds back or inspects. A usage chunk
+/// is a few hundred bytes; a content event that grows beyond this without a
+/// terminator is flushed and passed through uninspected, so a hostile or
+/// broken upstream cannot make weir buffer without bound (SPEC "Hostile input
+/// and faults": a few tens of KiB per stream).
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+
+/// How far from the end of a non-stream body [`UsageTail`] looks for `usage`.
+pub const TAIL_BYTES: usize = 16 * 1024;
+
+/// The key searched for; with its quotes, so an escaped `\"usage\"` inside a
+/// JSON string never matches.
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// The token cost a request is admitted with, before the response says what it
+/// really cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Prompt tokens, from the prompt's byte count and message count.
+    pub prompt: u64,
+    /// Completion tokens: the most the request may generate (`max_tokens` ×
+    /// `n`), so admission reserves the worst case and refunds the rest.
+    pub completion: u64,
+}
+
+/// Token counts a response reported in its `usage` object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// `usage.prompt_tokens` (0 when absent).
+    pub prompt_tokens: u64,
+    /// `usage.completion_tokens` (0 when absent, as in embeddings responses).
+    pub completion_tokens: u64,
+}
+
+/// Sits in the body path of a streamed (SSE) response: passes every byte on as
+/// soon as the event it belongs to is complete, reads `usage`, and, when weir
+/// added `include_usage` itself, removes the usage-only chunk.
+///
+/// Output is byte-for-byte the input minus the removed event (its terminator
+/// included); events are never re-serialised. When a frame holds only complete
+/// events and nothing is held from earlier frames, [`UsageFilter::push`]
+/// returns a slice of that frame without copying or allocating; it copies only
+/// when an event straddles frames or an event is removed.
+///
+/// With `strip`, an event split across frames is held until its blank line
+/// arrives (it might be the usage chunk), then sent at once; without `strip`
+/// nothing is held back, and only a copy of the split event's start is kept to
+/// read it. Everything else, `data: [DONE]`, comments and `event:`/`id:` lines
+/// included, passes untouched. One filter serves one response.
+#[derive(Debug)]
+pub struct UsageFilter {
+    /// Whether the usage-only chunk is removed (weir added `include_usage`).
+    /// Fixed for the life of the stream.
+    strip: bool,
+    /// The largest event held or inspected ([`MAX_EVENT_BYTES`]; smaller in
+    /// tests so the overflow path is exercised).
+    max_event: usize,
+    /// The start of the current, incomplete event, from earlier frames. With
+    /// `strip` these bytes have not been sent yet; without, they have been sent
+    /// and are kept only to be inspected when the event completes. Emptied when
+    /// the event completes; never longer than `max_event`, and its capacity is
+    /// reused from event to event.
+    partial: BytesMut,
+    /// The current event outgrew `max_event`: its bytes were sent and are no
+    /// longer kept; it is passed through uninspected until its terminator.
+    skipping: bool,
+    /// Where the line scanner is, carried across frames.
+    scan: Scan,
+    /// The last frame ended right after an event whose terminator ended in CR;
+    /// a LF starting the next frame completes that CRLF and belongs to that
+    /// event. `Some(true)` when that event was removed (so the LF is removed
+    /// too), `Some(false)` when it was sent.
+    lf_after_event: Option<bool>,
+    /// The latest usage seen (usage is cumulative, so the last one counts).
+    usage: Option<Usage>,
+}
+
+/// A rolling tail of a non-stream response body, from which `usage` is read at
+/// the end. Non-stream responses are relayed as they arrive, never buffered, so
+/// only the tail is kept.
+///
+/// Limitation: `usage` is found only if its key starts within the last
+/// [`TAIL_BYTES`] of the body. That holds for OpenAI, vLLM, SGLang, TGI and
+/// llama.cpp, which all put `usage` at the end of chat, completion and
+/// embeddings responses (llama.cpp adds a small `timings` object after it).
+#[derive(Debug, Default)]
+pub struct UsageTail {
+    /// The last bytes of the body: at least the last [`TAIL_BYTES`] (or all of
+    /// a shorter body), at most twice that, so trimming is amortised.
+    buf: Vec<u8>,
+}
+
+/// The SSE line scanner's state between bytes (and frames).
+#[derive(Debug, Clone, Copy)]
+struct Scan {
+    /// No byte other than a line ending since the last line ending (or since
+    /// the stream or the last event began): a line ending now ends the event.
+    at_line_start: bool,
+    /// The last byte was CR: a LF now completes a CRLF, it is no new line.
+    prev_cr: bool,
+}
+
+/// The bytes [`UsageFilter::push`] returns, built without copying while they
+/// are one slice of the frame.
+enum Out {
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+/// The parts of a chunk (or a whole response) weir reads; the rest is skipped.
+#[derive(Deserialize)]
+struct ChunkJson {
+    /// `IgnoredAny` is zero-sized, so the `Vec` only counts and never allocates.
+    #[serde(default)]
+    choices: Option<Vec<IgnoredAny>>,
+    #[serde(default)]
+    usage: Option<UsageJson>,
+}
+
+/// A `usage` object; fields other than these two are skipped.
+#[derive(Deserialize)]
+struct UsageJson {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+/// Estimates a request before it is admitted: prompt from its size, and
+/// completion as the most it may generate (`max_tokens`, or
+/// `default_max_tokens` when the client set none, times `n`).
+///
+/// prompt = ⌈prompt_bytes / 4⌉ + 4 × messages (+ 3 when there are messages).
+///
+/// `completion_expected` is false for `/v1/embeddings`, which generates no
+/// tokens (completion 0). It is a parameter because the route, not the body,
+/// says so, and only the caller knows the route. (STYLE prefers no boolean
+/// parameters; this one is kept because the caller's call site reads
+/// `rest != "/embeddings"` and a second function would only move that test.)
+///
+/// All arithmetic saturates: hostile sizes make a huge estimate, never a panic.
+pub fn estimate(
+    facts: &RequestFacts,
+    default_max_tokens: u32,
+    completion_expected: bool,
+) -> Estimate {
+    let completion = if completion_expected {
+        let max_tokens = u64::from(facts.max_tokens.unwrap_or(default_max_tokens));
+        max_tokens.saturating_mul(u64::from(facts.n.max(1)))
+    } else {
+        0
+    };
+    Estimate {
+        prompt: prompt_tokens(facts),
+        completion,
+    }
+}
+
+impl Estimate {
+    /// Prompt plus completion: what admission reserves.
+    pub fn total(&self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+impl Usage {
+    /// Prompt plus completion: what is settled against the estimate.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
+impl UsageFilter {
+    /// A filter for one streamed response. `strip` is true when weir added
+    /// `include_usage` (the client did not ask): the usage-only chunk is then
+    /// removed. Without `strip` every byte reaches the client.
+    pub fn new(strip: bool) -> Self {
+        Self::with_max_event(strip, MAX_EVENT_BYTES)
+    }
+
+    fn with_max_event(strip: bool, max_event: usize) -> Self {
+        UsageFilter {
+            strip,
+            max_event,
+            partial: BytesMut::new(),
+            skipping: false,
+            scan: Scan::START,
+            lf_after_event: None,
+            usage: None,
+        }
+    }
+
+    /// Feeds one upstream frame, split anywhere (even inside CRLF or a UTF-8
+    /// character); returns the bytes to send to the client now, possibly empty.
+    /// A complete event is never delayed; only an incomplete one is held (with
+    /// `strip`), so that it can be removed if it turns out to be the usage
+    /// chunk.
+    pub fn push(&mut self, frame: Bytes) -> Bytes {
+        if frame.is_empty() {
+            return frame;
+        }
+        let mut out = Out::Empty;
+        // The next byte to scan.
+        let mut pos = 0;
+        // The first byte of the frame not yet sent or removed (with `strip`).
+        let mut run_start = 0;
+        if let Some(removed) = self.lf_after_event.take() {
+            if frame.first() == Some(&b'\n') {
+                // The LF completes the CRLF that ended the previous event.
+                self.scan.prev_cr = false;
+                pos = 1;
+                if removed {
+                    run_start = 1;
+                }
+            }
+        }
+        // The first byte of the current event within this frame.
+        let mut event_start = pos;
+        while let Some(end) = self.scan.event_end(&frame, pos) {
+            let remove =
+                self.complete_event(frame.get(event_start..end).unwrap_or_default(), &mut out);
+            if remove {
+                out.push(frame.slice(run_start..event_start));
+                run_start = end;
+            }
+            if end == frame.len() && self.scan.prev_cr {
+                self.lf_after_event = Some(remove);
+            }
+            pos = end;
+            event_start = end;
+        }
+        let tail = frame.get(event_start..).unwrap_or_default();
+        if !self.skipping && !tail.is_empty() {
+            if self.partial.len().saturating_add(tail.len()) > self.max_event {
+                // Too big to be a usage chunk: send what is held, stop looking.
+                self.skipping = true;
+                if self.strip {
+                    out.copy(&self.partial);
+                }
+                self.partial.clear();
+            } else {
+                self.partial.extend_from_slice(tail);
+            }
+        }
+        if !self.strip {
+            // Everything is sent at once; `partial` only keeps a copy.
+            return frame;
+        }
+        let run_end = if self.skipping || self.partial.is_empty() {
+            frame.len()
+        } else {
+            event_start
+        };
+        if run_start < run_end {
+            out.push(frame.slice(run_start..run_end));
+        }
+        out.into_bytes()
+    }
+
+    /// Handles one event that just completed; `rest` is its part in the
+    /// current frame (the part before is in `partial`). Sends what `partial`
+    /// held into `out` unless the event is removed; returns whether it is.
+    fn complete_event(&mut self, rest: &[u8], out: &mut Out) -> bool {
+        if self.skipping {
+            self.skipping = false;
+            return false;
+        }
+        // An event's size, for the limit, leaves out the LF of a final CRLF, so
+        // that whether an event is inspected does not depend on where frames
+        // split it (that LF may arrive after the event was handled).
+        let size = self
+            .partial
+            .len()
+            .saturating_add(rest.len())
+            .saturating_sub(usize::from(rest.ends_with(b"\r\n")));
+        let found = if size > self.max_event {
+            None
+        } else if self.partial.is_empty() {
+            read_event(rest)
+        } else {
+            // Reassemble the event in `partial` to parse it; the part held
+            // before stays at the front, to be sent if the event is kept.
+            let held = self.partial.len();
+            self.partial.extend_from_slice(rest);
+            let found = read_event(&self.partial);
+            self.partial.truncate(held);
+            found
+        };
+        let remove = self.record(found);
+        if self.strip && !remove {
+            out.copy(&self.partial);
+        }
+        self.partial.clear();
+        remove
+    }
+
+    /// Keeps the usage an event reported; returns whether the event is to be
+    /// removed (it is the usage-only chunk and `strip` is set).
+    fn record(&mut self, found: Option<(Usage, bool)>) -> bool {
+        match found {
+            Some((usage, usage_only)) => {
+                self.usage = Some(usage);
+                self.strip && usage_only
+            }
+            None => false,
+        }
+    }
+
+    /// At end of stream: whatever is still held (an event without its
+    /// terminating blank line), to be sent as is. Usage in it is still read,
+    /// so an upstream that omits the last blank line is counted; it is not
+    /// removed, since SSE clients discard an unterminated event anyway.
+    pub fn finish(&mut self) -> Bytes {
+        let held = std::mem::take(&mut self.partial);
+        if !self.skipping && !held.is_empty() && held.len() <= self.max_event {
+            if let Some((usage, _)) = read_event(&held) {
+                self.usage = Some(usage);
+            }
+        }
+        self.skipping = false;
+        self.scan = Scan::START;
+        self.lf_after_event = None;
+        if self.strip {
+            held.freeze()
+        } else {
+            Bytes::new()
+        }
+    }
+
+    /// The latest usage the stream reported, if any. Servers that report usage
+    /// on every chunk report running totals, so the latest is the total.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+}
+
+impl UsageTail {
+    /// An empty tail.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keeps the last bytes of `chunk`. Copies every byte once (amortised), no
+    /// more than [`TAIL_BYTES`] per call.
+    pub fn push(&mut self, chunk: &Bytes) {
+        if chunk.len() >= TAIL_BYTES {
+            self.buf.clear();
+            let from = chunk.len().saturating_sub(TAIL_BYTES);
+            self.buf
+                .extend_from_slice(chunk.get(from..).unwrap_or_default());
+            return;
+        }
+        if self.buf.len().saturating_add(chunk.len()) > 2 * TAIL_BYTES {
+            let drop = self.buf.len().saturating_sub(TAIL_BYTES);
+            self.buf.drain(..drop);
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The `usage` object nearest the end of the body: the last `"usage":`
+    /// key within the last [`TAIL_BYTES`] followed by an object with token
+    /// counts. None when there is none or it does not parse.
+    pub fn usage(&self) -> Option<Usage> {
+        let from = self.buf.len().saturating_sub(TAIL_BYTES);
+        let window = self.buf.get(from..)?;
+        let mut end = window.len();
+        while let Some(at) = rfind(window.get(..end)?, USAGE_KEY) {
+            let after = window.get(at.saturating_add(USAGE_KEY.len())..)?;
+            if let Some(usage) = usage_after_key(after) {
+                return Some(usage);
+            }
+            end = at;
+        }
+        None
+    }
+}
+
+impl Scan {
+    const START: Scan = Scan {
+        at_line_start: true,
+        prev_cr: false,
+    };
+
+    /// Scans `buf` from `from` to the end of the current event: returns the
+    /// index just past its terminating blank line (past the LF too when the
+    /// last line ending is a CRLF whose LF is in `buf`), or None if `buf` ends
+    /// first.
+    fn event_end(&mut self, buf: &[u8], from: usize) -> Option<usize> {
+        let mut i = from;
+        while let Some(&b) = buf.get(i) {
+            i += 1;
+            match b {
+                // The LF of a CRLF: the line ending was counted at the CR.
+                b'\n' if self.prev_cr => self.prev_cr = false,
+                b'\n' | b'\r' => {
+                    self.prev_cr = b == b'\r';
+                    if self.at_line_start {
+                        if self.prev_cr && buf.get(i) == Some(&b'\n') {
+                            self.prev_cr = false;
+                            i += 1;
+                        }
+                        return Some(i);
+                    }
+                    self.at_line_start = true;
+                }
+                _ => {
+                    self.prev_cr = false;
+                    self.at_line_start = false;
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Out {
+    /// Appends a slice of a frame, without copying if it is the first.
+    fn push(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        match self {
+            Out::Empty => *self = Out::One(bytes),
+            Out::One(first) => {
+                let mut all = BytesMut::with_capacity(first.len().saturating_add(bytes.len()));
+                all.extend_from_slice(first);
+                all.extend_from_slice(&bytes);
+                *self = Out::Many(all);
+            }
+            Out::Many(all) => all.extend_from_slice(&bytes),
+        }
+    }
+
+    /// Appends bytes that must be copied (held from an earlier frame).
+    fn copy(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        match self {
+            Out::Empty => *self = Out::Many(BytesMut::from(bytes)),
+            Out::One(first) => {
+                let mut all = BytesMut::with_capacity(first.len().saturating_add(bytes.len()));
+                all.extend_from_slice(first);
+                all.extend_from_slice(bytes);
+                *self = Out::Many(all);
+            }
+            Out::Many(all) => all.extend_from_slice(bytes),
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Out::Empty => Bytes::new(),
+            Out::One(bytes) => bytes,
+            Out::Many(all) => all.freeze(),
+        }
+    }
+}
+
+impl UsageJson {
+    /// Usage with at least one count; a missing count is 0 (embeddings have no
+    /// `completion_tokens`).
+    fn into_usage(self) -> Option<Usage> {
+        if self.prompt_tokens.is_none() && self.completion_tokens.is_none() {
+            return None;
+        }
+        Some(Usage {
+            prompt_tokens: self.prompt_tokens.unwrap_or(0),
+            completion_tokens: self.completion_tokens.unwrap_or(0),
+        })
+    }
+}
+
+fn prompt_tokens(facts: &RequestFacts) -> u64 {
+    let bytes = u64::try_from(facts.prompt_bytes).unwrap_or(u64::MAX);
+    let messages = u64::from(facts.message_count);
+    let priming = if messages > 0 {
+        TOKENS_REPLY_PRIMING
+    } else {
+        0
+    };
+    bytes
+        .div_ceil(BYTES_PER_TOKEN)
+        .saturating_add(messages.saturating_mul(TOKENS_PER_MESSAGE))
+        .saturating_add(priming)
+}
+
+/// Reads one SSE event: its usage, if it has a non-null `usage` object with
+/// counts, and whether it is the usage-only chunk (`"choices": []`). Only
+/// events that mention `"usage"` are parsed at all.
+fn read_event(event: &[u8]) -> Option<(Usage, bool)> {
+    rfind(event, USAGE_KEY)?;
+    // The event's data: its `data:` lines joined with LF (SSE). Nearly always
+    // one line, which is parsed in place.
+    let mut single: Option<&[u8]> = None;
+    let mut joined: Option<Vec<u8>> = None;
+    for line in Lines(event) {
+        let Some(value) = data_value(line) else {
+            continue;
+        };
+        match (&mut joined, single) {
+            (Some(all), _) => {
+                all.push(b'\n');
+                all.extend_from_slice(value);
+            }
+            (None, Some(first)) => {
+                let mut all =
+                    Vec::with_capacity(first.len().saturating_add(value.len()).saturating_add(1));
+                all.extend_from_slice(first);
+                all.push(b'\n');
+                all.extend_from_slice(value);
+                joined = Some(all);
+            }
+            (None, None) => single = Some(value),
+        }
+    }
+    let data = joined.as_deref().or(single)?;
+    let chunk: ChunkJson = serde_json::from_slice(data).ok()?;
+    let usage = chunk.usage?.into_usage()?;
+    let usage_only = chunk.choices.is_some_and(|choices| choices.is_empty());
+    Some((usage, usage_only))
+}
+
+/// The value of a `data` field line (after `data:` and one optional space), or
+/// None for any other line.
+fn data_value(line: &[u8]) -> Option<&[u8]> {
+    let value = line.strip_prefix(b"data")?;
+    if value.is_empty() {
+        // A bare `data` line is the field with an empty value.
+        return Some(value);
+    }
+    let value = value.strip_prefix(b":")?;
+    Some(value.strip_prefix(b" ").unwrap_or(value))
+}
+
+/// The usage object after a `"usage"` key: `: {...}`, whitespace allowed.
+fn usage_after_key(after: &[u8]) -> Option<Usage> {
+    let start = after.iter().position(|b| !b.is_ascii_whitespace())?;
+    let value = after.get(start..)?.strip_prefix(b":")?;
+    let mut de = serde_json::Deserializer::from_slice(value);
+    let usage = Option::<UsageJson>::deserialize(&mut de).ok()??;
+    usage.into_usage()
+}
+
+/// The start of the last occurrence of `needle` in `haystack`.
+fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// The lines of an SSE event, split at CRLF, LF or CR; the last line may lack
+/// an ending (an unterminated event at end of stream).
+struct Lines<'a>(&'a [u8]);
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let rest = self.0;
+        match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            Some(at) => {
+                let (line, ending) = rest.split_at(at);
+                let skip = if ending.starts_with(b"\r\n") { 2 } else { 1 };
+                self.0 = ending.get(skip..).unwrap_or_default();
+                Some(line)
+            }
+            None => {
+                self.0 = &[];
+                Some(rest)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn facts(
+        prompt_bytes: usize,
+        message_count: u32,
+        max_tokens: Option<u32>,
+        n: u32,
+    ) -> RequestFacts {
+        RequestFacts {
+            model: "m".to_owned(),
+            stream: false,
+            max_tokens,
+            n,
+            include_usage: false,
+            has_stream_options: false,
+            prompt_bytes,
+            message_count,
+        }
+    }
+
+    #[test]
+    fn estimates() {
+        // chat: ceil(10 / 4) = 3, + 2 messages × 4, + 3 priming = 14
+        let chat = estimate(&facts(10, 2, Some(100), 1), 256, true);
+        assert_eq!(
+            chat,
+            Estimate {
+                prompt: 14,
+                completion: 100
+            }
+        );
+        assert_eq!(chat.total(), 114);
+        // n = 2 doubles the completion; n = 0 counts as 1
+        assert_eq!(
+            estimate(&facts(8, 1, Some(50), 2), 256, true).completion,
+            100
+        );
+        assert_eq!(
+            estimate(&facts(8, 1, Some(50), 0), 256, true).completion,
+            50
+        );
+        // no max_tokens: the configured default
+        assert_eq!(
+            estimate(&facts(8, 1, None, 1), 256, true),
+            Estimate {
+                prompt: 9,
+                completion: 256
+            }
+        );
+        // completions prompt (no messages): no per-message overhead, no priming
+        assert_eq!(estimate(&facts(9, 0, Some(1), 1), 256, true).prompt, 3);
+        // embeddings: prompt only
+        assert_eq!(
+            estimate(&facts(4000, 0, None, 1), 256, false),
+            Estimate {
+                prompt: 1000,
+                completion: 0
+            }
+        );
+        // hostile sizes saturate
+        let huge = estimate(
+            &facts(usize::MAX, u32::MAX, Some(u32::MAX), u32::MAX),
+            0,
+            true,
+        );
+        assert_eq!(huge.completion, u64::from(u32::MAX) * u64::from(u32::MAX));
+        assert_eq!(huge.total(), u64::MAX);
+    }
+
+    const CONTENT: [&str; 3] = ["Hello", " \\\"world\\\"", " \u{e9}\u{1f600}"];
+
+    fn content_event(text: &str, le: &str) -> String {
+        format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}},\"finish_reason\":null}}]}}{le}{le}"
+        )
+    }
+
+    fn usage_event(le: &str) -> String {
+        format!("data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{{\"prompt_tokens\":12,\"completion_tokens\":7,\"total_tokens\":19}}}}{le}{le}")
+    }
+
+    /// An OpenAI stream with `include_usage`: (whole stream, stream without the
+    /// usage event).
+    fn openai_stream(le: &str) -> (String, String) {
+        let mut before = String::new();
+        for text in CONTENT {
+            before += &content_event(text, le);
+        }
+        before += &format!("data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}{le}{le}");
+        let done = format!("data: [DONE]{le}{le}");
+        (
+            format!("{before}{}{done}", usage_event(le)),
+            format!("{before}{done}"),
+        )
+    }
+
+    const USAGE: Usage = Usage {
+        prompt_tokens: 12,
+        completion_tokens: 7,
+    };
+
+    /// Runs `filter` over `frames`, returning everything it sent.
+    fn run(filter: &mut UsageFilter, frames: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for frame in frames {
+            out.extend_from_slice(&filter.push(Bytes::copy_from_slice(frame)));
+        }
+        out.extend_from_slice(&filter.finish());
+        out
+    }
+
+    fn check_stream(le: &str) {
+        let (input, stripped) = openai_stream(le);
+        let bytes = input.as_bytes();
+        for size in [1, 2, 3, 7, 64, bytes.len()] {
+            let frames: Vec<&[u8]> = bytes.chunks(size).collect();
+            let mut filter = UsageFilter::new(true);
+            assert_eq!(
+                String::from_utf8_lossy(&run(&mut filter, &frames)),
+                stripped,
+                "frames of {size}"
+            );
+            assert_eq!(filter.usage(), Some(USAGE));
+            let mut filter = UsageFilter::new(false);
+            assert_eq!(run(&mut filter, &frames), bytes, "frames of {size}");
+            assert_eq!(filter.usage(), Some(USAGE));
+        }
+        assert_eq!(USAGE.total(), 19);
+    }
+
+    #[test]
+    fn strips_the_usage_chunk_lf() {
+        check_stream("\n");
+    }
+
+    #[test]
+    fn strips_the_usage_chunk_crlf() {
+        check_stream("\r\n");
+    }
+
+    #[test]
+    fn strips_the_usage_chunk_cr() {
+        check_stream("\r");
+    }
+
+    #[test]
+    fn usage_on_a_content_chunk_is_read_not_stripped() {
+        // vLLM `continuous_usage_stats`: running totals on every chunk.
+        let input = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n\
+                     data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"}}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n\
+                     data: [DONE]\n\n";
+        let mut filter = UsageFilter::new(true);
+        assert_eq!(run(&mut filter, &[input.as_bytes()]), input.as_bytes());
+        assert_eq!(
+            filter.usage(),
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 2
+            })
+        );
+    }
+
+    #[test]
+    fn not_usage_chunks_pass() {
+        for event in [
+            // usage null (OpenAI sends this on content chunks with include_usage)
+            "data: {\"choices\":[],\"usage\":null}\n\n",
+            // "usage" only inside a string
+            "data: {\"choices\":[],\"x\":\"\\\"usage\\\": {}\"}\n\n",
+            // not JSON, not an object, no counts, wrong types
+            "data: \"usage\" [DONE]\n\n",
+            "data: [\"usage\"]\n\n",
+            "data: {\"choices\":[],\"usage\":{}}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":-1}}\n\n",
+            // usage in an SSE comment, not in data
+            ": {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n",
+        ] {
+            let mut filter = UsageFilter::new(true);
+            assert_eq!(
+                run(&mut filter, &[event.as_bytes()]),
+                event.as_bytes(),
+                "{event:?}"
+            );
+            assert_eq!(filter.usage(), None, "{event:?}");
+        }
+    }
+
+    #[test]
+    fn usage_split_over_data_lines_and_fields() {
+        let input = "event: message\r\nid: 7\r\ndata: {\"choices\":[],\r\ndata:\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let mut filter = UsageFilter::new(true);
+        assert_eq!(
+            run(&mut filter, &[input.as_bytes()]),
+            b"data: [DONE]\r\n\r\n"
+        );
+        assert_eq!(
+            filter.usage(),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4
+            })
+        );
+    }
+
+    #[test]
+    fn complete_events_are_not_copied() {
+        let (input, _) = openai_stream("\n");
+        let frame = Bytes::from(input);
+        let mut filter = UsageFilter::new(false);
+        let out = filter.push(frame.clone());
+        assert_eq!(out.as_ptr(), frame.as_ptr());
+        assert_eq!(out.len(), frame.len());
+        let mut filter = UsageFilter::new(true);
+        let first = Bytes::from(content_event("a", "\n") + &content_event("b", "\n"));
+        let out = filter.push(first.clone());
+        assert_eq!((out.as_ptr(), out.len()), (first.as_ptr(), first.len()));
+        // An incomplete event is held; the complete ones before it are not.
+        let out = filter.push(Bytes::from(content_event("c", "\n") + "data: {\"cho"));
+        assert_eq!(out, content_event("c", "\n"));
+        assert_eq!(filter.finish(), "data: {\"cho");
+    }
+
+    #[test]
+    fn removed_cr_event_takes_its_lf_from_the_next_frame() {
+        let usage = usage_event("\r\n");
+        let (head, lf) = usage.split_at(usage.len() - 1);
+        let mut filter = UsageFilter::new(true);
+        let out = run(
+            &mut filter,
+            &[head.as_bytes(), lf.as_bytes(), b"data: [DONE]\n\n"],
+        );
+        assert_eq!(out, b"data: [DONE]\n\n");
+        assert_eq!(filter.usage(), Some(USAGE));
+    }
+
+    #[test]
+    fn oversized_event_passes_uninspected() {
+        // A usage-only event too big to inspect, then a normal one.
+        let padded = format!(
+            "data: {{\"choices\":[],\"pad\":\"{}\",\"usage\":{{\"prompt_tokens\":1}}}}\n\n",
+            "x".repeat(400)
+        );
+        let usage = usage_event("\n");
+        assert!(usage.len() <= 200 && padded.len() > 200);
+        let input = format!("{padded}{usage}data: [DONE]\n\n");
+        let frames: Vec<&[u8]> = input.as_bytes().chunks(10).collect();
+        let mut filter = UsageFilter::with_max_event(true, 200);
+        let mut out = Vec::new();
+        for frame in &frames {
+            out.extend_from_slice(&filter.push(Bytes::copy_from_slice(frame)));
+            assert!(filter.partial.len() <= 200, "the hold is bounded");
+        }
+        out.extend_from_slice(&filter.finish());
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("{padded}data: [DONE]\n\n")
+        );
+        assert_eq!(filter.usage(), Some(USAGE));
+        // In one frame the big event is not inspected either.
+        let mut filter = UsageFilter::with_max_event(true, 200);
+        assert_eq!(run(&mut filter, &[padded.as_bytes()]), padded.as_bytes());
+        assert_eq!(filter.usage(), None);
+    }
+
+    #[test]
+    fn unterminated_usage_at_end_is_read_and_sent() {
+        let input =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}";
+        let mut filter = UsageFilter::new(true);
+        assert_eq!(run(&mut filter, &[input.as_bytes()]), input.as_bytes());
+        assert_eq!(
+            filter.usage(),
+            Some(Usage {
+                prompt_tokens: 2,
+                completion_tokens: 1
+            })
+        );
+    }
+
+    /// A whole-input reading of the same rules, to check that frame
+    /// boundaries never change the result: (bytes sent, usage).
+    fn reference(input: &[u8], strip: bool, max_event: usize) -> (Vec<u8>, Option<Usage>) {
+        let mut out = Vec::new();
+        let mut usage = None;
+        let (mut i, mut start, mut blank) = (0, 0, true);
+        while let Some(&b) = input.get(i) {
+            if b == b'\n' || b == b'\r' {
+                i += if b == b'\r' && input.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                if blank {
+                    let event = &input[start..i];
+                    let size = event.len() - usize::from(event.ends_with(b"\r\n"));
+                    let found = if size <= max_event {
+                        read_event(event)
+                    } else {
+                        None
+                    };
+                    if let Some((u, _)) = found {
+                        usage = Some(u);
+                    }
+                    if !(strip && found.is_some_and(|(_, only)| only)) {
+                        out.extend_from_slice(event);
+                    }
+                    start = i;
+                }
+                blank = true;
+            } else {
+                blank = false;
+                i += 1;
+            }
+        }
+        let rest = &input[start..];
+        if !rest.is_empty() && rest.len() <= max_event {
+            if let Some((u, _)) = read_event(rest) {
+                usage = Some(u);
+            }
+        }
+        out.extend_from_slice(rest);
+        (out, usage)
+    }
+
+    /// Splits `input` at `cuts` (indexes into it), or into 1-byte frames.
+    fn frames<'a>(input: &'a [u8], cuts: &[prop::sample::Index], single: bool) -> Vec<&'a [u8]> {
+        if single {
+            return input.chunks(1).collect();
+        }
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+        at.sort_unstable();
+        let mut frames = Vec::new();
+        let mut from = 0;
+        for cut in at {
+            frames.push(&input[from..cut]);
+            from = cut;
+        }
+        frames.push(&input[from..]);
+        frames
+    }
+
+    /// Line-ending pairs (end of the data line, blank line). A CR followed by
+    /// a LF would be one CRLF, not a blank line, so that pair is left out.
+    const ENDINGS: [(&str, &str); 8] = [
+        ("\n", "\n"),
+        ("\r\n", "\r\n"),
+        ("\r", "\r"),
+        ("\n", "\r\n"),
+        ("\r\n", "\n"),
+        ("\n", "\r"),
+        ("\r\n", "\r"),
+        ("\r", "\r\n"),
+    ];
+
+    fn generated_event(text: &str, (le, blank): (&str, &str)) -> String {
+        let chunk = serde_json::json!({
+            "id": "chatcmpl-1", "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}],
+        });
+        format!("data: {chunk}{le}{blank}")
+    }
+
+    fn generated_usage(
+        prompt: u64,
+        completion: u64,
+        split: bool,
+        (le, blank): (&str, &str),
+    ) -> String {
+        let middle = if split {
+            format!("{le}data: ")
+        } else {
+            String::new()
+        };
+        format!("data: {{\"id\":\"chatcmpl-1\",\"choices\":[],{middle}\"usage\": {{\"prompt_tokens\": {prompt}, \"completion_tokens\": {completion}}}}}{le}{blank}")
+    }
+
+    proptest! {
+        #[test]
+        fn generated_streams(
+            texts in prop::collection::vec(("(\"usage\": )?[a-z \"\\\\:{}é中😀\n\r]{0,30}", 0..ENDINGS.len()), 0..8),
+            usage in prop::option::of((any::<u32>(), any::<u32>(), any::<bool>(), 0..ENDINGS.len(), any::<prop::sample::Index>())),
+            done in 0..ENDINGS.len(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+            single in any::<bool>(),
+        ) {
+            let mut events: Vec<String> = texts.iter().map(|(text, le)| generated_event(text, ENDINGS[*le])).collect();
+            let (done_le, done_blank) = ENDINGS[done];
+            events.push(format!("data: [DONE]{done_le}{done_blank}"));
+            let mut usage_at = None;
+            if let Some((prompt, completion, split, le, at)) = usage {
+                let at = at.index(events.len());
+                events.insert(at, generated_usage(prompt.into(), completion.into(), split, ENDINGS[le]));
+                usage_at = Some(at);
+            }
+            let input = events.concat();
+            let stripped: String = events.iter().enumerate().filter(|(i, _)| Some(*i) != usage_at).map(|(_, e)| e.as_str()).collect();
+            let want = usage.map(|(p, c, ..)| Usage { prompt_tokens: p.into(), completion_tokens: c.into() });
+            let frames = frames(input.as_bytes(), &cuts, single);
+
+            let mut filter = UsageFilter::new(true);
+            let out = run(&mut filter, &frames);
+            prop_assert_eq!(String::from_utf8_lossy(&out), stripped);
+            prop_assert_eq!(filter.usage(), want);
+            let mut filter = UsageFilter::new(false);
+            prop_assert_eq!(run(&mut filter, &frames), input.as_bytes());
+            prop_assert_eq!(filter.usage(), want);
+        }
+
+        #[test]
+        fn arbitrary_bytes(
+            input in prop::collection::vec(any::<u8>(), 0..300),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+            single in any::<bool>(),
+        ) {
+            let frames = frames(&input, &cuts, single);
+            let mut filter = UsageFilter::new(false);
+            prop_assert_eq!(run(&mut filter, &frames), input.clone());
+            let mut filter = UsageFilter::new(true);
+            prop_assert_eq!(run(&mut filter, &frames), reference(&input, true, MAX_EVENT_BYTES).0);
+        }
+
+        #[test]
+        fn framing_never_changes_the_result(
+            parts in prop::collection::vec(prop::sample::select(&[
+                "\n", "\r", "\r\n", "data: ", "data:", ": c", "x", "\u{e9}", "[DONE]",
+                "{\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}",
+                "{\"choices\":[{}],\"usage\":{\"prompt_tokens\":3}}",
+                "{\"choices\":[],", "\"usage\":{\"completion_tokens\":4}}",
+            ][..]), 0..40),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+            single in any::<bool>(),
+            strip in any::<bool>(),
+            max_event in 0usize..200,
+        ) {
+            let input = parts.concat();
+            let frames = frames(input.as_bytes(), &cuts, single);
+            let mut filter = UsageFilter::with_max_event(strip, max_event);
+            let out = run(&mut filter, &frames);
+            let (want, usage) = reference(input.as_bytes(), strip, max_event);
+            prop_assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want));
+            prop_assert_eq!(filter.usage(), usage);
+        }
+    }
+
+    fn tail_of(chunks: &[&[u8]]) -> UsageTail {
+        let mut tail = UsageTail::new();
+        for chunk in chunks {
+            tail.push(&Bytes::copy_from_slice(chunk));
+        }
+        tail
+    }
+
+    #[test]
+    fn tail_finds_usage_at_the_end_of_a_big_body() {
+        let body = format!(
+            "{{\"id\":\"c\",\"choices\":[{{\"message\":{{\"content\":\"{}\\\"usage\\\": {{}}\"}}}}],\n  \"usage\" :\n {{ \"prompt_tokens\": 10, \"completion_tokens\": 20, \"total_tokens\": 30 }},\"system_fingerprint\":null}}",
+            "y".repeat(100_000)
+        );
+        let want = Some(Usage {
+            prompt_tokens: 10,
+            completion_tokens: 20,
+        });
+        for size in [1, 7, 1000, 20_000, body.len()] {
+            let chunks: Vec<&[u8]> = body.as_bytes().chunks(size).collect();
+            let tail = tail_of(&chunks);
+            assert_eq!(tail.usage(), want, "chunks of {size}");
+            assert!(tail.buf.len() <= 2 * TAIL_BYTES);
+        }
+        // embeddings: no completion_tokens
+        let embeddings = b"{\"data\":[{\"embedding\":[0.1,0.2]}],\"usage\":{\"prompt_tokens\":8,\"total_tokens\":8}}";
+        assert_eq!(
+            tail_of(&[embeddings]).usage(),
+            Some(Usage {
+                prompt_tokens: 8,
+                completion_tokens: 0
+            })
+        );
+    }
+
+    #[test]
+    fn tail_without_usage() {
+        for body in [
+            &b""[..],
+            b"{\"choices\":[]}",
+            b"{\"usage\":null}",
+            b"{\"usage\":\"x\"}",
+            b"{\"usage\":{\"prompt_tokens\":1.5}}",
+            b"{\"usage\":{\"prompt_tokens\":",
+            b"\"usage\"",
+            b"\xff\xfe garbage \"usage\" ::: {",
+        ] {
+            assert_eq!(
+                tail_of(&[body]).usage(),
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // usage more than TAIL_BYTES before the end is out of reach
+        let far = format!(
+            "{{\"usage\":{{\"prompt_tokens\":1}},\"pad\":\"{}\"}}",
+            "z".repeat(TAIL_BYTES)
+        );
+        assert_eq!(tail_of(&[far.as_bytes()]).usage(), None);
+    }
+
+    #[test]
+    fn tail_takes_the_last_usable_usage() {
+        let body = b"{\"usage\":{\"prompt_tokens\":1},\"x\":{\"usage\":null},\"y\":\"usage\"}";
+        assert_eq!(
+            tail_of(&[body]).usage(),
+            Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 0
+            })
+        );
+    }
+}

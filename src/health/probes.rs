@@ -1,0 +1,935 @@
+//! One active probe of each tier (SPEC "Health tiers"), each returning a
+//! typed result: liveness (`GET health_path`), readiness (a one-token chat
+//! completion) and deep (streamed sample completions for time to first token
+//! and tokens/s, plus the engine's Prometheus metrics).
+//!
+//! A probe goes through the backend's own pooled client (`upstream`), so it
+//! sees what traffic sees: the same `connect_timeout`, TLS setup and
+//! keep-alive connections. Each probe is bounded as a whole, body included,
+//! by its tier's `timeout`: a backend that sends headers and then stalls
+//! fails the probe rather than holding it.
+//!
+//! It deliberately does not judge: thresholds, rise/fall counts, "slower than
+//! `degraded_latency`", the throughput factor against the pool's median and
+//! what saturation means for the weight all belong to the checker, which
+//! compares these results over time and across backends.
+//!
+//! Throughput follows vLLM's `benchmarks/benchmark_serving.py`: time per
+//! output token is (last chunk - first chunk) / (tokens - 1), so the first
+//! token, which pays for the prefill, counts toward time to first token only.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::engine::{self, EngineLoad};
+use crate::{
+    config::BackendConfig,
+    snapshot::BackendState,
+    upstream::{self, AttemptError},
+};
+
+/// The result of one liveness or readiness probe.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeOutcome {
+    /// The backend answered as the tier requires.
+    Pass {
+        /// From sending the request to the end of the response body.
+        latency: Duration,
+    },
+    /// It did not; `error` says why, for `/admin/backends` `last_error`.
+    Fail {
+        /// Time spent until the failure was known (about `timeout` on a hang).
+        latency: Duration,
+        /// What went wrong: a status, a connect error, a timeout, a bad body.
+        error: String,
+    },
+}
+
+/// One streamed sample completion of the deep tier.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeepSample {
+    /// From sending the request to the first chunk with content.
+    pub ttft: Duration,
+    /// Decode speed of this sample, in completion tokens per second.
+    pub tokens_per_sec: f64,
+}
+
+/// The result of one deep probe round.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeepResult {
+    /// The samples that completed, in the order they ran.
+    pub samples: Vec<DeepSample>,
+    /// Samples that failed, or could not run before the deep `timeout`.
+    pub failures: u32,
+    /// The engine's load, when `metrics_path` is set and was read.
+    pub engine: Option<EngineLoad>,
+    /// Median of the samples' tokens/s; `None` without samples.
+    pub median_tokens_per_sec: Option<f64>,
+    /// Median of the samples' time to first token; `None` without samples.
+    pub median_ttft: Option<Duration>,
+    /// Why the last failed sample failed.
+    pub last_error: Option<String>,
+    /// Why `metrics_path` could not be read (the samples may still be fine).
+    pub metrics_error: Option<String>,
+}
+
+/// Liveness and `/models` answers beyond this are not read further.
+const SMALL_BODY_LIMIT: usize = 1 << 20;
+
+/// Engine metrics beyond this are not read: vLLM's text with all its
+/// histograms is a few hundred KiB per model.
+const METRICS_BODY_LIMIT: usize = 16 << 20;
+
+/// An SSE line longer than this fails the sample; completion chunks of a
+/// short probe are well under 1 KiB.
+const SSE_LINE_LIMIT: usize = 1 << 20;
+
+/// Characters of an error body quoted in a failure message.
+const ERROR_SNIPPET_CHARS: usize = 200;
+
+/// The readiness prompt: any answer will do, one token is asked for.
+const READINESS_PROMPT: &str = "ping";
+
+/// The deep-tier prompt: one the model is unlikely to answer in fewer
+/// tokens than `max_tokens`, so every sample decodes the same length.
+const DEEP_PROMPT: &str = "Count from 1 to 500, separated by spaces.";
+
+/// Shortest span a tokens/s figure divides by: an unpaced stream can deliver
+/// every chunk in one read, and a zero span must not make it infinitely fast.
+const MIN_SPAN: Duration = Duration::from_millis(1);
+
+/// Longest deep round when `timeout` is too large for the clock to add.
+const MAX_DEEP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a probe failed; its `Display` is the `error` a failure carries.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    /// The whole probe, body included, did not finish within the tier's timeout.
+    #[error("no complete answer within {0:?}")]
+    Timeout(Duration),
+    /// Connect, first-byte timeout or protocol failure, as `upstream` reports it.
+    #[error(transparent)]
+    Attempt(#[from] AttemptError),
+    /// A non-2xx answer, with the start of its body.
+    #[error("status {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    /// The body broke off or was larger than the probe reads.
+    #[error("reading the body: {0}")]
+    Body(String),
+    /// A readiness answer that is not JSON.
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    /// The probe URL could not be built (validated config makes this unlikely).
+    #[error("building the probe url: {0}")]
+    Uri(#[from] http::Error),
+    /// The backend lists no model to probe (validation forbids it).
+    #[error("the backend serves no model")]
+    NoModel,
+    /// A stream that ended without one chunk of content.
+    #[error("the stream ended without content")]
+    NoContent,
+    /// A stream line beyond [`SSE_LINE_LIMIT`].
+    #[error("a stream line is longer than {0} bytes")]
+    LineTooLong(usize),
+}
+
+impl ProbeOutcome {
+    /// Whether the probe passed.
+    pub fn is_pass(&self) -> bool {
+        matches!(self, ProbeOutcome::Pass { .. })
+    }
+
+    /// The latency of a pass or the time to a failure.
+    pub fn latency(&self) -> Duration {
+        match self {
+            ProbeOutcome::Pass { latency } | ProbeOutcome::Fail { latency, .. } => *latency,
+        }
+    }
+}
+
+/// Liveness: `GET health_path` against the URL's origin, or `GET {url}/models`
+/// when `health_path` is `""`; any 2xx passes. Only the `/models` form sends
+/// the backend's key: hosted APIs refuse it without one, while an engine's
+/// health endpoint needs none and should not be handed the key.
+pub async fn liveness(backend: &BackendState, timeout: Duration) -> ProbeOutcome {
+    let start = Instant::now();
+    let result = tokio::time::timeout(timeout, check_liveness(backend, timeout)).await;
+    outcome(start, timeout, result)
+}
+
+/// Readiness: a one-token, non-streamed chat completion on the backend's
+/// first model (under its upstream name), with its key. A 2xx with a JSON
+/// body passes; judging the latency against `degraded_latency` is the
+/// caller's.
+pub async fn readiness(backend: &BackendState, timeout: Duration) -> ProbeOutcome {
+    let start = Instant::now();
+    let result = tokio::time::timeout(timeout, check_readiness(backend, timeout)).await;
+    outcome(start, timeout, result)
+}
+
+/// Deep: `samples` streamed completions of `max_tokens`, one after another,
+/// for time to first token and tokens/s, and, when `metrics_path` is set,
+/// the engine's load. The metrics are read alongside the samples, so a slow
+/// metrics endpoint does not eat the samples' time or the reverse; one
+/// probe request in flight barely moves the figures read. Everything ends by
+/// `timeout`: samples that could not finish by then count as failures.
+pub async fn deep(
+    backend: &BackendState,
+    timeout: Duration,
+    samples: u32,
+    max_tokens: u32,
+) -> DeepResult {
+    let start = Instant::now();
+    let deadline = start
+        .checked_add(timeout)
+        .unwrap_or(start + MAX_DEEP_TIMEOUT);
+    let (mut result, metrics) = tokio::join!(
+        run_samples(backend, deadline, timeout, samples, max_tokens),
+        read_engine(backend, deadline, timeout),
+    );
+    match metrics {
+        Ok(load) => result.engine = load,
+        Err(e) => result.metrics_error = Some(e.to_string()),
+    }
+    result
+}
+
+/// A probe's result as an outcome, the latency taken now.
+fn outcome(
+    start: Instant,
+    timeout: Duration,
+    result: Result<Result<(), ProbeError>, tokio::time::error::Elapsed>,
+) -> ProbeOutcome {
+    let latency = start.elapsed();
+    match result.unwrap_or(Err(ProbeError::Timeout(timeout))) {
+        Ok(()) => ProbeOutcome::Pass { latency },
+        Err(e) => ProbeOutcome::Fail {
+            latency,
+            error: e.to_string(),
+        },
+    }
+}
+
+async fn check_liveness(backend: &BackendState, timeout: Duration) -> Result<(), ProbeError> {
+    let config = &backend.config;
+    let (uri, authorization) = if config.health_path.is_empty() {
+        (
+            upstream::upstream_uri(&config.url, "/models", None)?,
+            backend.authorization.as_ref(),
+        )
+    } else {
+        (origin_uri(&config.url, &config.health_path)?, None)
+    };
+    let request = request(Method::GET, uri, authorization, None)?;
+    let response = upstream::send(&backend.client, request, timeout).await?;
+    let status = response.status();
+    // Read the body (it is small) so the pooled connection can be reused;
+    // its content does not matter to liveness, only that it arrives in time.
+    let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
+    if !status.is_success() {
+        return Err(status_error(status, body.ok().as_deref()));
+    }
+    Ok(())
+}
+
+async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<(), ProbeError> {
+    let config = &backend.config;
+    let model = probe_model(config).ok_or(ProbeError::NoModel)?;
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": READINESS_PROMPT}],
+        "max_tokens": 1,
+        "stream": false,
+    });
+    let uri = upstream::upstream_uri(&config.url, "/chat/completions", None)?;
+    let request = request(
+        Method::POST,
+        uri,
+        backend.authorization.as_ref(),
+        Some(Bytes::from(body.to_string())),
+    )?;
+    let response = upstream::send(&backend.client, request, timeout).await?;
+    let status = response.status();
+    let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
+    if !status.is_success() {
+        return Err(status_error(status, body.ok().as_deref()));
+    }
+    let body = body?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+        .map_err(|e| ProbeError::NotJson(e.to_string()))?;
+    Ok(())
+}
+
+/// Runs the samples one after another until done or `deadline`.
+async fn run_samples(
+    backend: &BackendState,
+    deadline: Instant,
+    timeout: Duration,
+    samples: u32,
+    max_tokens: u32,
+) -> DeepResult {
+    let mut result = DeepResult::default();
+    for i in 0..samples {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout_at(deadline, sample(backend, max_tokens, remaining)).await {
+            Ok(Ok(s)) => result.samples.push(s),
+            Ok(Err(e)) => {
+                result.failures += 1;
+                result.last_error = Some(e.to_string());
+            }
+            Err(_) => {
+                // This sample and those that never ran: the round could not
+                // measure them within its timeout.
+                result.failures += samples - i;
+                result.last_error = Some(ProbeError::Timeout(timeout).to_string());
+                break;
+            }
+        }
+    }
+    let mut rates: Vec<f64> = result.samples.iter().map(|s| s.tokens_per_sec).collect();
+    let mut ttfts: Vec<Duration> = result.samples.iter().map(|s| s.ttft).collect();
+    result.median_tokens_per_sec = median_f64(&mut rates);
+    result.median_ttft = median_duration(&mut ttfts);
+    result
+}
+
+/// One streamed completion, timed from sending the request.
+async fn sample(
+    backend: &BackendState,
+    max_tokens: u32,
+    first_byte_timeout: Duration,
+) -> Result<DeepSample, ProbeError> {
+    let config = &backend.config;
+    let model = probe_model(config).ok_or(ProbeError::NoModel)?;
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": DEEP_PROMPT}],
+        "max_tokens": max_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let uri = upstream::upstream_uri(&config.url, "/chat/completions", None)?;
+    let request = request(
+        Method::POST,
+        uri,
+        backend.authorization.as_ref(),
+        Some(Bytes::from(body.to_string())),
+    )?;
+    let start = Instant::now();
+    let response = upstream::send(&backend.client, request, first_byte_timeout).await?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
+        return Err(status_error(status, body.ok().as_deref()));
+    }
+    let mut body = response.into_body();
+    let mut tally = Tally::default();
+    let mut pending: Vec<u8> = Vec::new();
+    while !tally.done {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let frame = frame.map_err(|e| ProbeError::Body(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let now = Instant::now();
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            tally.line(&line, now);
+        }
+        if pending.len() > SSE_LINE_LIMIT {
+            return Err(ProbeError::LineTooLong(SSE_LINE_LIMIT));
+        }
+    }
+    // A last event without its final newline still counts.
+    tally.line(&pending, Instant::now());
+    tally.sample(start)
+}
+
+/// Reads and parses `metrics_path`; `Ok(None)` when it is not set.
+async fn read_engine(
+    backend: &BackendState,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Option<EngineLoad>, ProbeError> {
+    let config = &backend.config;
+    let Some(path) = &config.metrics_path else {
+        return Ok(None);
+    };
+    let read = async {
+        let uri = origin_uri(&config.url, path)?;
+        let request = request(Method::GET, uri, None, None)?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let response = upstream::send(&backend.client, request, remaining).await?;
+        let status = response.status();
+        let body = read_body(response.into_body(), METRICS_BODY_LIMIT).await;
+        if !status.is_success() {
+            return Err(status_error(status, body.ok().as_deref()));
+        }
+        let body = body?;
+        Ok(Some(engine::parse(&String::from_utf8_lossy(&body))))
+    };
+    tokio::time::timeout_at(deadline, read)
+        .await
+        .unwrap_or(Err(ProbeError::Timeout(timeout)))
+}
+
+/// What a streamed completion has shown so far.
+#[derive(Debug, Default)]
+struct Tally {
+    /// When the first chunk with content arrived.
+    first_content: Option<Instant>,
+    /// When the latest chunk with content arrived.
+    last_content: Option<Instant>,
+    /// Chunks with content: the token count when no usage chunk comes.
+    content_chunks: u64,
+    /// `usage.completion_tokens` of the usage chunk, when one came.
+    completion_tokens: Option<u64>,
+    /// `data: [DONE]` seen; nothing after it matters.
+    done: bool,
+}
+
+/// The parts of a chat completion chunk the deep tier reads; everything else
+/// is ignored, and a chunk that does not parse is skipped.
+#[derive(Deserialize)]
+struct Chunk {
+    choices: Option<Vec<ChunkChoice>>,
+    usage: Option<ChunkUsage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    delta: Option<Delta>,
+}
+
+/// Reasoning models stream their thinking as `reasoning_content` (vLLM,
+/// SGLang, DeepSeek) or `reasoning` before any `content`; those are decoded
+/// tokens too, so they count for time to first token and tokens/s.
+#[derive(Deserialize)]
+struct Delta {
+    content: Option<String>,
+    reasoning_content: Option<String>,
+    reasoning: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChunkUsage {
+    completion_tokens: Option<u64>,
+}
+
+impl Tally {
+    /// One SSE line (its newline included or not) that arrived at `now`.
+    fn line(&mut self, line: &[u8], now: Instant) {
+        let Some(data) = line.trim_ascii().strip_prefix(b"data:") else {
+            return;
+        };
+        let data = data.trim_ascii();
+        if data == b"[DONE]" {
+            self.done = true;
+            return;
+        }
+        let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
+            return;
+        };
+        if let Some(tokens) = chunk.usage.and_then(|u| u.completion_tokens) {
+            self.completion_tokens = Some(tokens);
+        }
+        let has_content = chunk
+            .choices
+            .iter()
+            .flatten()
+            .filter_map(|c| c.delta.as_ref())
+            .any(Delta::has_text);
+        if has_content {
+            self.content_chunks += 1;
+            self.first_content.get_or_insert(now);
+            self.last_content = Some(now);
+        }
+    }
+
+    /// The sample this stream makes, timed from `start` (request sent).
+    fn sample(&self, start: Instant) -> Result<DeepSample, ProbeError> {
+        let (Some(first), Some(last)) = (self.first_content, self.last_content) else {
+            return Err(ProbeError::NoContent);
+        };
+        let tokens = self
+            .completion_tokens
+            .filter(|&t| t > 0)
+            .unwrap_or(self.content_chunks);
+        // Whole numbers of tokens fit an f64 exactly far beyond any stream.
+        let tokens = f64::from(u32::try_from(tokens).unwrap_or(u32::MAX));
+        let tokens_per_sec = if tokens >= 2.0 {
+            (tokens - 1.0) / last.duration_since(first).max(MIN_SPAN).as_secs_f64()
+        } else {
+            // One token: no decode span exists, so the whole request is all
+            // there is to divide by.
+            tokens / last.duration_since(start).max(MIN_SPAN).as_secs_f64()
+        };
+        Ok(DeepSample {
+            ttft: first.duration_since(start),
+            tokens_per_sec,
+        })
+    }
+}
+
+impl Delta {
+    fn has_text(&self) -> bool {
+        [&self.content, &self.reasoning_content, &self.reasoning]
+            .into_iter()
+            .flatten()
+            .any(|s| !s.is_empty())
+    }
+}
+
+/// The model name sent upstream for probes: the first model, renamed.
+fn probe_model(config: &BackendConfig) -> Option<&str> {
+    let model = config.models.first()?;
+    Some(
+        config
+            .rename
+            .get(model)
+            .map_or(model.as_str(), String::as_str),
+    )
+}
+
+/// `path` (which may carry a query) against the origin of `base`: engines
+/// serve `/health` and `/metrics` at the root, beside `/v1`.
+fn origin_uri(base: &Uri, path: &str) -> Result<Uri, http::Error> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = base.scheme().cloned();
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = Some(path.parse()?);
+    Ok(Uri::from_parts(parts)?)
+}
+
+/// A probe request; a body makes it JSON.
+fn request(
+    method: Method,
+    uri: Uri,
+    authorization: Option<&HeaderValue>,
+    json: Option<Bytes>,
+) -> Result<Request<Full<Bytes>>, http::Error> {
+    let mut builder = Request::builder().method(method).uri(uri);
+    if let Some(auth) = authorization {
+        builder = builder.header(header::AUTHORIZATION, auth.clone());
+    }
+    let body = match json {
+        Some(json) => {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+            json
+        }
+        None => Bytes::new(),
+    };
+    builder.body(Full::new(body))
+}
+
+/// The whole body, up to `limit` bytes.
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProbeError> {
+    Limited::new(body, limit)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| ProbeError::Body(e.to_string()))
+}
+
+/// A non-2xx answer as an error quoting the start of its body, which is
+/// where engines and hosted APIs say what is wrong.
+fn status_error(status: StatusCode, body: Option<&[u8]>) -> ProbeError {
+    let text = body.map(String::from_utf8_lossy).unwrap_or_default();
+    let body: String = text.trim().chars().take(ERROR_SNIPPET_CHARS).collect();
+    ProbeError::Status { status, body }
+}
+
+/// Median of `values` (mean of the middle two for an even count).
+fn median_f64(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    let upper = *values.get(mid)?;
+    if values.len() % 2 == 1 {
+        return Some(upper);
+    }
+    let lower = *values.get(mid.checked_sub(1)?)?;
+    Some((lower + upper) / 2.0)
+}
+
+/// Median of `values` (midpoint of the middle two for an even count).
+fn median_duration(values: &mut [Duration]) -> Option<Duration> {
+    values.sort();
+    let mid = values.len() / 2;
+    let upper = *values.get(mid)?;
+    if values.len() % 2 == 1 {
+        return Some(upper);
+    }
+    let lower = *values.get(mid.checked_sub(1)?)?;
+    Some(lower + (upper - lower) / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        mock::{self, MockConfig, MockHandle},
+        snapshot::Snapshot,
+        Config,
+    };
+
+    /// Room for a loaded 2-core machine on top of any expected duration.
+    const MARGIN: Duration = Duration::from_secs(3);
+
+    /// Generous: these tests must not flake on a busy machine.
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The key `UP_KEY` resolves to in these tests.
+    const KEY: &str = "sk-probe-test";
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A backend `b` at `url` serving model `m`, with `extra` backend keys.
+    fn backend_at(url: &str, extra: &str) -> Arc<BackendState> {
+        let text = format!(
+            r#"
+[[models]]
+name = "m"
+
+[[backends]]
+name = "b"
+url = "{url}"
+models = ["m"]
+{extra}
+
+[health]
+enabled = false
+"#
+        );
+        let env = |name: &str| (name == "UP_KEY").then(|| KEY.to_owned());
+        let config = Config::parse(&text, "t.toml", &env).expect("test config is valid");
+        let snapshot = Snapshot::build(Arc::new(config), None, &crate::metrics::Metrics::new())
+            .expect("snapshot builds");
+        snapshot.backends()[0].clone()
+    }
+
+    fn backend(mock: &MockHandle, extra: &str) -> Arc<BackendState> {
+        backend_at(&mock.base_url(), extra)
+    }
+
+    /// A mock with these knobs.
+    async fn start(cfg: MockConfig) -> MockHandle {
+        mock::start(cfg).await.expect("mock starts")
+    }
+
+    fn assert_pass(outcome: &ProbeOutcome) {
+        assert!(outcome.is_pass(), "expected a pass: {outcome:?}");
+    }
+
+    fn assert_fail(outcome: &ProbeOutcome, containing: &str) {
+        match outcome {
+            ProbeOutcome::Fail { error, .. } => {
+                assert!(error.contains(containing), "{error:?} lacks {containing:?}")
+            }
+            ProbeOutcome::Pass { .. } => panic!("expected a failure: {outcome:?}"),
+        }
+    }
+
+    /// The recorded requests to `path`.
+    fn requests_to(mock: &MockHandle, path: &str) -> Vec<mock::RecordedRequest> {
+        mock.recorded()
+            .into_iter()
+            .filter(|r| r.uri == path)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn liveness_passes_on_health_path_without_the_key() {
+        let mock = start(MockConfig::new()).await;
+        let b = backend(&mock, "health_path = \"/health\"\napi_key_env = \"UP_KEY\"");
+        assert_pass(&liveness(&b, TIMEOUT).await);
+        let seen = requests_to(&mock, "/health");
+        assert_eq!(seen.len(), 1, "GET /health at the origin, not under /v1");
+        assert!(seen[0].headers.get(header::AUTHORIZATION).is_none());
+    }
+
+    #[tokio::test]
+    async fn liveness_with_empty_health_path_lists_models_with_the_key() {
+        let mock = start(MockConfig::new()).await;
+        let b = backend(&mock, "health_path = \"\"\napi_key_env = \"UP_KEY\"");
+        assert_pass(&liveness(&b, TIMEOUT).await);
+        let seen = requests_to(&mock, "/v1/models");
+        assert_eq!(seen.len(), 1);
+        assert_eq!(
+            seen[0]
+                .headers
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+            Some(format!("Bearer {KEY}").as_bytes())
+        );
+    }
+
+    #[tokio::test]
+    async fn liveness_fails_on_a_500() {
+        let mock = start(MockConfig::new().health_status(500)).await;
+        let b = backend(&mock, "health_path = \"/health\"");
+        assert_fail(&liveness(&b, TIMEOUT).await, "500");
+        // And recovers when the backend does.
+        mock.update(|c| c.health_status = None);
+        assert_pass(&liveness(&b, TIMEOUT).await);
+    }
+
+    #[tokio::test]
+    async fn liveness_fails_on_a_closed_port() {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("bound address");
+        drop(listener);
+        let b = backend_at(&format!("http://{addr}/v1"), "health_path = \"/health\"");
+        let outcome = liveness(&b, TIMEOUT).await;
+        assert_fail(&outcome, "connect");
+        assert!(outcome.latency() < TIMEOUT, "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn liveness_fails_on_a_hang_within_its_timeout() {
+        let mock = start(MockConfig::new().hang(true)).await;
+        let b = backend(&mock, "health_path = \"/health\"");
+        let timeout = ms(300);
+        let started = Instant::now();
+        let outcome = liveness(&b, timeout).await;
+        assert!(!outcome.is_pass(), "{outcome:?}");
+        assert!(outcome.latency() >= timeout, "{outcome:?}");
+        assert!(started.elapsed() < timeout + MARGIN);
+    }
+
+    #[tokio::test]
+    async fn readiness_passes_with_one_token_on_the_renamed_model_and_the_key() {
+        let mock = start(MockConfig::new()).await;
+        let b = backend(
+            &mock,
+            "api_key_env = \"UP_KEY\"\nrename = { \"m\" = \"upstream-m\" }",
+        );
+        assert_pass(&readiness(&b, TIMEOUT).await);
+        let sent = mock.last_inference().expect("a completion was sent");
+        assert_eq!(sent.uri, "/v1/chat/completions");
+        assert!(sent.headers.get(header::AUTHORIZATION).is_some());
+        let body: serde_json::Value = serde_json::from_slice(&sent.body).expect("json body");
+        assert_eq!(body["model"], "upstream-m");
+        assert_eq!(body["max_tokens"], 1);
+        assert_eq!(body["stream"], false);
+    }
+
+    #[tokio::test]
+    async fn readiness_fails_when_inference_fails_but_health_passes() {
+        let mock = start(MockConfig::new().fail_inference_only(true)).await;
+        let b = backend(&mock, "");
+        assert_pass(&liveness(&b, TIMEOUT).await);
+        assert_fail(&readiness(&b, TIMEOUT).await, "500");
+    }
+
+    #[tokio::test]
+    async fn readiness_latency_includes_the_backend_latency() {
+        let latency = ms(150);
+        let mock = start(MockConfig::new().latency(latency)).await;
+        let b = backend(&mock, "");
+        let outcome = readiness(&b, TIMEOUT).await;
+        assert_pass(&outcome);
+        assert!(outcome.latency() >= latency, "{outcome:?}");
+        assert!(outcome.latency() < latency + MARGIN, "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn readiness_fails_on_a_hang_within_its_timeout() {
+        let mock = start(MockConfig::new().hang(true)).await;
+        let b = backend(&mock, "");
+        let started = Instant::now();
+        let outcome = readiness(&b, ms(300)).await;
+        assert!(!outcome.is_pass(), "{outcome:?}");
+        assert!(started.elapsed() < ms(300) + MARGIN);
+    }
+
+    #[tokio::test]
+    async fn deep_measures_throughput_and_time_to_first_token() {
+        let latency = ms(100);
+        let mock = start(
+            MockConfig::new()
+                .latency(latency)
+                .tokens_per_sec(50.0)
+                .chunks(10),
+        )
+        .await;
+        let b = backend(&mock, "");
+        let result = deep(&b, Duration::from_secs(30), 3, 10).await;
+        assert_eq!(result.failures, 0, "{result:?}");
+        assert_eq!(result.samples.len(), 3);
+        let rate = result.median_tokens_per_sec.expect("a median rate");
+        assert!((25.0..=100.0).contains(&rate), "50 tok/s expected: {rate}");
+        for s in &result.samples {
+            assert!(s.ttft >= latency, "{s:?}");
+        }
+        let ttft = result.median_ttft.expect("a median ttft");
+        assert!(ttft >= latency && ttft < latency + MARGIN, "{ttft:?}");
+        assert_eq!(result.engine, None, "no metrics_path, no engine read");
+        let sent = mock.last_inference().expect("a sample was sent");
+        let body: serde_json::Value = serde_json::from_slice(&sent.body).expect("json body");
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["max_tokens"], 10);
+    }
+
+    #[tokio::test]
+    async fn deep_reads_engine_metrics_and_sees_saturation() {
+        let mock = start(
+            MockConfig::new()
+                .chunks(4)
+                .requests_waiting(3)
+                .kv_cache_usage(0.97),
+        )
+        .await;
+        let b = backend(&mock, "metrics_path = \"/metrics\"");
+        let result = deep(&b, TIMEOUT, 2, 4).await;
+        assert_eq!(result.failures, 0, "{result:?}");
+        let load = result.engine.expect("engine load read");
+        assert_eq!(load.engine, Some(engine::Engine::Vllm));
+        assert_eq!(load.waiting, Some(3.0));
+        assert_eq!(load.kv_cache_usage, Some(0.97));
+        assert!(load.running.is_some());
+        assert!(load.is_saturated());
+
+        mock.update(|c| {
+            c.requests_waiting = Some(0);
+            c.kv_cache_usage = Some(0.99);
+        });
+        let load = deep(&b, TIMEOUT, 1, 4).await.engine.expect("engine load");
+        assert!(!load.is_saturated(), "full cache, no queue: {load:?}");
+    }
+
+    #[tokio::test]
+    async fn deep_counts_failed_samples() {
+        let mock = start(MockConfig::new().fail_inference_only(true)).await;
+        let b = backend(&mock, "metrics_path = \"/metrics\"");
+        let result = deep(&b, TIMEOUT, 3, 4).await;
+        assert_eq!(result.failures, 3);
+        assert!(result.samples.is_empty());
+        assert_eq!(result.median_tokens_per_sec, None);
+        assert_eq!(result.median_ttft, None);
+        assert!(
+            result
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("500")),
+            "{result:?}"
+        );
+        assert!(result.engine.is_some(), "metrics still read: {result:?}");
+    }
+
+    #[tokio::test]
+    async fn deep_stops_at_its_timeout() {
+        // 100 tokens at 5 tok/s take 20 s per sample; the round has 1 s.
+        let mock = start(MockConfig::new().tokens_per_sec(5.0).chunks(100)).await;
+        let b = backend(&mock, "");
+        let timeout = Duration::from_secs(1);
+        let started = Instant::now();
+        let result = deep(&b, timeout, 3, 100).await;
+        assert!(started.elapsed() < timeout + MARGIN);
+        assert_eq!(result.failures, 3, "{result:?}");
+        assert!(result.samples.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deep_reports_an_unreadable_metrics_path() {
+        let mock = start(MockConfig::new().chunks(2)).await;
+        let b = backend(&mock, "metrics_path = \"/nope\"");
+        let result = deep(&b, TIMEOUT, 1, 2).await;
+        assert_eq!(result.failures, 0, "{result:?}");
+        assert_eq!(result.engine, None);
+        assert!(
+            result
+                .metrics_error
+                .as_deref()
+                .is_some_and(|e| e.contains("404")),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn tally_reads_split_lines_usage_and_done() {
+        let t0 = Instant::now();
+        let t1 = t0 + ms(100);
+        let t2 = t0 + ms(300);
+        let mut tally = Tally::default();
+        tally.line(
+            br#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+            t0,
+        );
+        tally.line(b"\r\n", t0);
+        tally.line(b": keep-alive comment\n", t0);
+        tally.line(
+            br#"data:{"choices":[{"delta":{"reasoning_content":"hm"}}]}"#,
+            t1,
+        );
+        tally.line(
+            br#"data: {"choices":[{"delta":{"content":"a"}}],"usage":null}"#,
+            t1,
+        );
+        tally.line(b"data: not json\n", t1);
+        tally.line(br#"data: {"choices":[{"delta":{"content":"b"}}]}"#, t2);
+        tally.line(
+            br#"data: {"choices":[],"usage":{"completion_tokens":5}}"#,
+            t2,
+        );
+        tally.line(b"data: [DONE]\r\n", t2);
+        assert!(tally.done);
+        assert_eq!(tally.content_chunks, 3);
+        assert_eq!(tally.completion_tokens, Some(5));
+        let s = tally.sample(t0).expect("a sample");
+        assert_eq!(s.ttft, ms(100));
+        // 4 tokens after the first over 200 ms.
+        assert!((s.tokens_per_sec - 20.0).abs() < 1e-9, "{s:?}");
+    }
+
+    #[test]
+    fn tally_without_usage_counts_chunks_and_guards_a_zero_span() {
+        let t0 = Instant::now();
+        let mut tally = Tally::default();
+        for _ in 0..3 {
+            tally.line(br#"data: {"choices":[{"delta":{"content":"x"}}]}"#, t0);
+        }
+        let s = tally.sample(t0).expect("a sample");
+        assert_eq!(s.ttft, Duration::ZERO);
+        assert!(s.tokens_per_sec.is_finite(), "{s:?}");
+        assert!(
+            Tally::default().sample(t0).is_err(),
+            "no content, no sample"
+        );
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median_f64(&mut []), None);
+        assert_eq!(median_f64(&mut [3.0]), Some(3.0));
+        assert_eq!(median_f64(&mut [9.0, 1.0, 4.0]), Some(4.0));
+        assert_eq!(median_f64(&mut [4.0, 1.0, 2.0, 9.0]), Some(3.0));
+        assert_eq!(median_duration(&mut []), None);
+        assert_eq!(median_duration(&mut [ms(30), ms(10)]), Some(ms(20)));
+        assert_eq!(median_duration(&mut [ms(5), ms(30), ms(10)]), Some(ms(10)));
+    }
+
+    #[test]
+    fn origin_uri_replaces_the_path() {
+        let base: Uri = "https://api.example.com:8443/openai/v1/".parse().unwrap();
+        assert_eq!(
+            origin_uri(&base, "/health?full=1").unwrap().to_string(),
+            "https://api.example.com:8443/health?full=1"
+        );
+    }
+}

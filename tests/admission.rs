@@ -1,0 +1,277 @@
+//! Admission through real sockets: 429s and their headers, concurrency
+//! caps, exact token accounting of streams.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use weir::mock::{self, MockConfig};
+
+const MODEL: &str = "m1";
+
+async fn setup(model_limits: &str, cfg: MockConfig) -> (weir::Handle, weir::mock::MockHandle) {
+    let m = mock::start(cfg.models(vec![MODEL.into()])).await.unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n{model_limits}\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    (gateway(&toml).await, m)
+}
+
+#[tokio::test]
+async fn a_refused_request_gets_429_with_exact_headers_and_message() {
+    let (gw, m) = setup(
+        "requests_per_minute = 60\nburst = 1\nqueue_timeout = \"100ms\"",
+        MockConfig::default(),
+    )
+    .await;
+    let ok = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(ok.header("x-ratelimit-limit-requests"), "60");
+    assert_eq!(ok.header("x-ratelimit-remaining-requests"), "0");
+    assert!(
+        ok.header("x-ratelimit-reset-requests").ends_with("ms")
+            || ok.header("x-ratelimit-reset-requests") == "1s"
+    );
+    assert!(
+        ok.headers.get("x-ratelimit-limit-tokens").is_none(),
+        "no token limit, no token headers"
+    );
+
+    let limited = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    limited.assert_error(429, "requests", "rate_limit_exceeded");
+    assert_eq!(limited.header("retry-after"), "1");
+    assert_eq!(limited.header("x-ratelimit-limit-requests"), "60");
+    assert_eq!(limited.header("x-ratelimit-remaining-requests"), "0");
+    let message = limited.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.starts_with(&format!("Rate limit reached for model {MODEL} on requests per min: limit 60. Please try again in ")),
+        "{message}"
+    );
+    assert_eq!(
+        m.requests(),
+        1,
+        "the refused request never reached the backend"
+    );
+
+    // Retrying after Retry-After succeeds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(again.status, 200, "{}", again.text());
+}
+
+#[tokio::test]
+async fn token_limit_refusals_and_impossible_requests() {
+    let (gw, m) = setup(
+        "tokens_per_minute = 1000\nqueue_timeout = \"0s\"",
+        MockConfig::default(),
+    )
+    .await;
+    let big = format!(
+        r#"{{"model":"{MODEL}","max_tokens":2000,"messages":[{{"role":"user","content":"hi"}}]}}"#
+    );
+    post(gw.addr(), "/v1/chat/completions", &big)
+        .await
+        .assert_error(413, "invalid_request_error", "request_too_large");
+    let half = format!(
+        r#"{{"model":"{MODEL}","max_tokens":600,"messages":[{{"role":"user","content":"hi"}}]}}"#
+    );
+    let ok = post(gw.addr(), "/v1/chat/completions", &half).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.header("x-ratelimit-limit-tokens"), "1000");
+    // The mock used far fewer tokens than the 600+ reserved: reconciled,
+    // the next 600-token request fits again.
+    let again = post(gw.addr(), "/v1/chat/completions", &half).await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    let third = post(
+        gw.addr(),
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"{MODEL}","max_tokens":990,"messages":[]}}"#),
+    )
+    .await;
+    third.assert_error(429, "tokens", "rate_limit_exceeded");
+    assert!(third.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("on tokens per min: limit 1000"));
+    assert_eq!(m.requests(), 2);
+}
+
+#[tokio::test]
+async fn max_concurrent_caps_what_the_backend_sees() {
+    let (gw, m) = setup(
+        "max_concurrent = 2",
+        MockConfig::default().latency(Duration::from_millis(300)),
+    )
+    .await;
+    let addr = gw.addr();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            tokio::spawn(async move {
+                post(addr, "/v1/chat/completions", &chat(MODEL, false))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(m.max_in_flight(), 2, "the model's semaphore held");
+    assert_eq!(m.requests(), 8, "every request was admitted in turn");
+}
+
+#[tokio::test]
+async fn backend_max_concurrent_waits_for_a_free_slot() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .latency(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                post(addr, "/v1/chat/completions", &chat(MODEL, false))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(m.max_in_flight(), 1);
+}
+
+#[tokio::test]
+async fn saturated_backends_refuse_after_queue_timeout() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .latency(Duration::from_millis(800)),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\nqueue_timeout = \"100ms\"\n\n{}max_concurrent = 1\n\n{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let first =
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
+    assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    r.assert_error(429, "requests", "rate_limit_exceeded");
+    assert!(r.text().contains("max_concurrent"), "{}", r.text());
+    assert_eq!(first.await.unwrap().status, 200);
+}
+
+fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn streams_are_counted_exactly_and_the_added_usage_chunk_is_removed() {
+    let (gw, m) = setup(
+        "tokens_per_minute = 100000",
+        MockConfig::default().chunks(7),
+    )
+    .await;
+    // The client does not ask for usage: weir asks upstream and strips it.
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &chat(MODEL, true)).await;
+    assert_eq!(s.status, 200);
+    assert!(
+        s.text().trim_end().ends_with("data: [DONE]"),
+        "{}",
+        s.text()
+    );
+    assert!(
+        s.events()
+            .iter()
+            .all(|e| e.get("usage").is_none_or(|u| u.is_null())),
+        "{}",
+        s.text()
+    );
+    assert!(
+        s.events()
+            .iter()
+            .all(|e| !e["choices"].as_array().unwrap().is_empty()),
+        "{}",
+        s.text()
+    );
+    let upstream_body: serde_json::Value =
+        serde_json::from_slice(&m.last_inference().unwrap().body).unwrap();
+    assert_eq!(upstream_body["stream_options"]["include_usage"], true);
+    let prompt = weir::mock::prompt_tokens(&m.last_inference().unwrap().body).unwrap() as f64;
+
+    // The client asks for usage: it gets it, untouched.
+    let asked = format!(
+        r#"{{"model":"{MODEL}","stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"Hello there"}}]}}"#
+    );
+    let s2 = post_stream(gw.addr(), "/v1/chat/completions", &asked).await;
+    let usage: Vec<_> = s2
+        .events()
+        .into_iter()
+        .filter(|e| e["usage"].is_object())
+        .collect();
+    assert_eq!(usage.len(), 1, "{}", s2.text());
+    assert_eq!(usage[0]["usage"]["completion_tokens"], 7);
+
+    // Both streams were counted with the backend's real usage.
+    let text = get(gw.addr(), "/metrics").await.text();
+    assert_eq!(
+        metric(&text, "weir_tokens_total", "kind=\"completion\""),
+        14.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "weir_tokens_total", "kind=\"prompt\""),
+        2.0 * prompt,
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limited_requests_are_counted() {
+    let (gw, _m) = setup(
+        "requests_per_minute = 60\nburst = 1\nqueue_timeout = \"0s\"",
+        MockConfig::default(),
+    )
+    .await;
+    assert_eq!(
+        post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false))
+            .await
+            .status,
+        429
+    );
+    let text = get(gw.addr(), "/metrics").await.text();
+    assert_eq!(
+        metric(&text, "weir_rate_limited_total", "limit=\"requests\""),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "weir_admitted_total", MODEL), 1.0, "{text}");
+}
