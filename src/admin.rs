@@ -4,15 +4,17 @@
 //! They only read shared state (the snapshot, the metrics) and never touch
 //! the request path's data structures in a way a client could notice.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use subtle::ConstantTimeEq;
+use tokio::time::Instant;
 
 use crate::{
     api::{json_response, ApiError},
     body::GatewayBody,
     gateway::{ReloadError, Shared},
+    health::state::Tier,
     snapshot::Snapshot,
 };
 
@@ -44,39 +46,72 @@ pub(crate) fn metrics(shared: &Shared) -> Response<GatewayBody> {
     response
 }
 
-/// `GET /admin/backends`: per backend, its state, weights and in-flight
-/// count (SPEC "Precise points" shape). Never includes a key.
+/// `GET /admin/backends`: per backend, its state in each tier, last probe
+/// results, effective weight per model, in-flight count, latency EMA and
+/// ejection state (SPEC "Precise points" shape). Never includes a key.
 pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
     let snapshot = shared.snapshot.load();
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    // Instants are process-relative; report deadlines as wall-clock times.
+    let to_wall = |t: Instant| rfc3339(wall + t.saturating_duration_since(now));
     let backends: Vec<serde_json::Value> = snapshot
         .backends()
         .iter()
         .map(|b| {
+            let health = b.live.health();
             let mut models = serde_json::Map::new();
             for name in &b.config.models {
                 let weight = snapshot
                     .model(name)
-                    .and_then(|route| {
-                        route
-                            .members
-                            .iter()
-                            .find(|m| std::sync::Arc::ptr_eq(&m.backend, b))
-                    })
+                    .and_then(|route| route.members.iter().find(|m| Arc::ptr_eq(&m.backend, b)))
                     .map_or(0, |m| m.effective_weight);
                 models.insert(
                     name.clone(),
                     serde_json::json!({ "effective_weight": weight }),
                 );
             }
+            let mut tiers = serde_json::Map::new();
+            for tier in Tier::ALL {
+                let t = health.tier(tier);
+                let state = match (t.checked_at, t.down) {
+                    (None, _) => "unknown",
+                    (Some(_), true) => "down",
+                    (Some(_), false) if tier == Tier::Readiness && t.slow => "slow",
+                    (Some(_), false) => "up",
+                };
+                tiers.insert(
+                    tier.as_str().to_owned(),
+                    serde_json::json!({
+                        "state": state,
+                        "last_latency_ms": t.last_latency.map(|d| d.as_secs_f64() * 1000.0),
+                        "last_error": t.last_error,
+                        "checked_at": t.checked_at.map(rfc3339),
+                        "consecutive_passes": t.passes,
+                        "consecutive_failures": t.failures,
+                    }),
+                );
+            }
+            let ejected_until = health.ejected_until.filter(|&t| t > now).map(to_wall);
             serde_json::json!({
                 "name": b.config.name,
                 "url": b.config.url.to_string(),
-                "state": "healthy",
-                "tiers": {},
+                "state": health.state(now).as_str(),
+                "tiers": tiers,
                 "models": models,
                 "in_flight": b.in_flight(),
-                "latency_ema_ms": null,
-                "ejected_until": null,
+                "latency_ema_ms": b.live.latency_ema_ms(),
+                "ejected_until": ejected_until,
+                "ejections": health.ejections,
+                "rate_limited_until": health.rate_limited_until.filter(|&t| t > now).map(to_wall),
+                "slow_start_until": health
+                    .back_since
+                    .map(|t| t + snapshot.config.health.slow_start)
+                    .filter(|&t| t > now)
+                    .map(to_wall),
+                "tokens_per_sec": health.tokens_per_sec,
+                "engine_saturated": health.saturated,
+                "pending_first_probe": health.pending,
             })
         })
         .collect();
@@ -84,6 +119,11 @@ pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
         StatusCode::OK,
         serde_json::json!({ "backends": backends }).to_string(),
     )
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-23T10:44:48.123Z`.
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// `POST /admin/reload`: the reload's result; 400 with the errors when the

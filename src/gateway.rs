@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{Config, ConfigErrors},
+    health::checker,
     metrics::Metrics,
     server::{self, Role},
     snapshot::Snapshot,
@@ -39,6 +40,28 @@ pub(crate) struct Shared {
     pub env: EnvLookup,
     /// Serialises reloads; never touched by the request path.
     pub reload_lock: tokio::sync::Mutex<()>,
+    /// Serialises "load snapshot, build the next, store it" between reloads
+    /// and health rebuilds (held for a synchronous build, never across an
+    /// await), so neither publishes a stale view over the other.
+    pub build_lock: std::sync::Mutex<()>,
+    /// Wakes the health supervisor to rebuild the snapshot.
+    pub rebuild: tokio::sync::Notify,
+    /// The probe tasks, one per backend and tier.
+    pub probes: std::sync::Mutex<ProbeTasks>,
+    /// Requests between admission and their answer (the retry budget's base).
+    pub active_requests: std::sync::atomic::AtomicU64,
+    /// Retries in progress (capped by `retry.budget_percent` of the above).
+    pub active_retries: std::sync::atomic::AtomicU64,
+}
+
+/// The active checker's tasks and their cancellation tokens.
+pub(crate) struct ProbeTasks {
+    /// Every probe task.
+    pub set: JoinSet<()>,
+    /// One token per backend identity; cancelling it stops its three tiers.
+    pub running: std::collections::HashMap<crate::health::checker::BackendKey, CancellationToken>,
+    /// Parent of every backend token; cancelled at shutdown.
+    pub root: CancellationToken,
 }
 
 /// Why a gateway could not start.
@@ -142,6 +165,7 @@ impl Gateway {
         admin: Option<TcpListener>,
     ) -> Result<Handle, StartError> {
         let config = Arc::new(self.config);
+        let shutdown = CancellationToken::new();
         let metrics = Metrics::new();
         let snapshot = Snapshot::build(config.clone(), None, &metrics)?;
         let shared = Arc::new(Shared {
@@ -151,8 +175,16 @@ impl Gateway {
             config_path: self.config_path,
             env: self.env,
             reload_lock: tokio::sync::Mutex::new(()),
+            build_lock: std::sync::Mutex::new(()),
+            rebuild: tokio::sync::Notify::new(),
+            probes: std::sync::Mutex::new(ProbeTasks {
+                set: JoinSet::new(),
+                running: std::collections::HashMap::new(),
+                root: shutdown.child_token(),
+            }),
+            active_requests: std::sync::atomic::AtomicU64::new(0),
+            active_retries: std::sync::atomic::AtomicU64::new(0),
         });
-        let shutdown = CancellationToken::new();
         let addr = listener.local_addr().map_err(StartError::Listener)?;
         let admin_addr = match &admin {
             Some(l) => Some(l.local_addr().map_err(StartError::Listener)?),
@@ -178,6 +210,9 @@ impl Gateway {
                 shutdown.child_token(),
             ));
         }
+        shared.metrics.publish_weights(&shared.snapshot.load());
+        tasks.spawn(checker::supervise(shared.clone(), shutdown.child_token()));
+        checker::sync_probes(&shared);
         Ok(Handle {
             addr,
             admin_addr,

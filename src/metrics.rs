@@ -56,6 +56,34 @@ pub(crate) struct TokenLabels {
     pub kind: &'static str,
 }
 
+/// Labels of `weir_backend_up`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TierLabels {
+    /// The backend's name.
+    pub backend: String,
+    /// `liveness`, `readiness`, `deep`.
+    pub tier: &'static str,
+}
+
+/// Labels of `weir_backend_effective_weight`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct WeightLabels {
+    /// The backend's name.
+    pub backend: String,
+    /// The client's model name.
+    pub model: String,
+}
+
+/// Labels of `weir_retries_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RetryLabels {
+    /// The client's model name.
+    pub model: String,
+    /// Why the attempt before it failed: `connect`, `timeout`, `protocol`,
+    /// `status_5xx`, `status_429`.
+    pub reason: &'static str,
+}
+
 /// Labels of `weir_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -74,6 +102,10 @@ pub(crate) struct Metrics {
     in_flight: Family<ModelLabel, Gauge>,
     admitted: Family<ModelLabel, Counter>,
     tokens: Family<TokenLabels, Counter>,
+    backend_up: Family<TierLabels, Gauge>,
+    effective_weight: Family<WeightLabels, Gauge>,
+    /// `weir_retries_total{model,reason}`.
+    pub retries: Family<RetryLabels, Counter>,
 }
 
 /// `weir_tokens_total{model,kind}` handles of one model.
@@ -137,6 +169,24 @@ impl Metrics {
             "Tokens used, as the responses reported them",
             tokens.clone(),
         );
+        let backend_up = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "weir_backend_up",
+            "1 while the backend passes the tier's probes",
+            backend_up.clone(),
+        );
+        let effective_weight = Family::<WeightLabels, Gauge>::default();
+        registry.register(
+            "weir_backend_effective_weight",
+            "The weight smooth WRR uses now, per backend and model",
+            effective_weight.clone(),
+        );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "weir_retries",
+            "Attempts retried on another backend, by reason",
+            retries.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -153,6 +203,35 @@ impl Metrics {
             in_flight,
             admitted,
             tokens,
+            backend_up,
+            effective_weight,
+            retries,
+        }
+    }
+
+    /// The `weir_backend_up{backend,tier}` handle.
+    pub(crate) fn backend_up(&self, backend: &str, tier: &'static str) -> Gauge {
+        self.backend_up.get_or_create_owned(&TierLabels {
+            backend: backend.to_owned(),
+            tier,
+        })
+    }
+
+    /// Sets `weir_backend_effective_weight` from a snapshot (on every
+    /// rebuild, never per request).
+    pub(crate) fn publish_weights(&self, snapshot: &crate::snapshot::Snapshot) {
+        for model in &snapshot.config.models {
+            let Some(route) = snapshot.model(&model.name) else {
+                continue;
+            };
+            for member in &route.members {
+                self.effective_weight
+                    .get_or_create(&WeightLabels {
+                        backend: member.backend.config.name.clone(),
+                        model: model.name.clone(),
+                    })
+                    .set(i64::from(member.effective_weight));
+            }
         }
     }
 

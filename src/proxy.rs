@@ -28,9 +28,10 @@ use crate::{
     body::{Accounting, GatewayBody, ProxiedBody, UsageReader},
     gateway::Shared,
     headers,
-    metrics::UpstreamErrorLabels,
+    health::outlier::{self, Outcome},
+    metrics::{RetryLabels, UpstreamErrorLabels},
     server::RequestLog,
-    snapshot::{model_object, InFlight, Member, ModelRoute, Snapshot},
+    snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Snapshot},
     upstream::{self, AttemptError},
 };
 
@@ -125,6 +126,7 @@ pub(crate) async fn forward(
         first_byte_timeout: server.first_byte_timeout,
         max_attempts: snapshot.config.retry.max_attempts.get(),
     };
+    let _active = ActiveRequest::new(shared);
     let mut admitted = Some(admitted);
     let result = exchange.run(&mut admitted, log).await;
     if let Some(unused) = admitted {
@@ -171,7 +173,8 @@ impl Exchange<'_> {
         let mut tried: Vec<usize> = Vec::with_capacity(self.max_attempts as usize);
         let mut last: Option<Failure> = None;
         let mut attempt = 0;
-        while attempt < self.max_attempts {
+        let mut retry_permit: Option<RetryPermit<'_>> = None;
+        loop {
             let (i, in_flight) = match self.next_backend(&tried).await {
                 Pick::Backend(i, in_flight) => (i, in_flight),
                 Pick::NoneLeft => break,
@@ -180,38 +183,80 @@ impl Exchange<'_> {
             attempt += 1;
             tried.push(i);
             let Some(member) = members.get(i) else { break };
+            let backend = &member.backend;
             log.attempts = attempt;
-            log.backend = Some(member.backend.config.name.clone());
+            log.backend = Some(backend.config.name.clone());
             let remaining = self.deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(ApiError::UpstreamTimeout(self.first_byte_timeout));
             }
             let request = self.request_for(member)?;
             let wait = self.first_byte_timeout.min(remaining);
-            match upstream::send(&member.backend.client, request, wait).await {
-                Ok(response) => {
-                    let status = response.status();
-                    let another = (0..members.len())
-                        .any(|j| !tried.contains(&j) && self.route.pool.weight(j) > 0);
-                    if is_retryable(status) && attempt < self.max_attempts && another {
-                        let kind = if status == StatusCode::TOO_MANY_REQUESTS {
-                            "status_429"
-                        } else {
-                            "status_5xx"
-                        };
-                        self.count_error(member, kind);
-                        continue;
-                    }
+            let started = Instant::now();
+            // Each failure says why, whether the backend asked for a pause,
+            // and whether there is a response to hand over if no retry follows.
+            let (reason, retry_after, held) = match upstream::send(&backend.client, request, wait)
+                .await
+            {
+                Ok(response) if !is_retryable(response.status()) => {
+                    self.report(backend, Outcome::Success(started.elapsed()));
                     let Some(admitted) = admitted.take() else {
                         break;
                     };
                     return Ok(self.respond(response, member, in_flight, admitted));
                 }
-                Err(e) => {
-                    tracing::debug!(backend = %member.backend.config.name, error = %e, "attempt failed");
-                    self.count_error(member, e.kind());
-                    last = Some(Failure::Attempt(e));
+                Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+                    let pause = retry_after(response.headers());
+                    self.report(backend, Outcome::RateLimited(pause));
+                    ("status_429", Some(pause), Some((response, in_flight)))
                 }
+                Ok(response) => {
+                    self.report(backend, Outcome::Failure);
+                    ("status_5xx", None, Some((response, in_flight)))
+                }
+                Err(e) => {
+                    tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
+                    let refused = matches!(e, AttemptError::Refused(_));
+                    self.report(
+                        backend,
+                        if refused {
+                            Outcome::Refused
+                        } else {
+                            Outcome::Failure
+                        },
+                    );
+                    let reason = e.kind();
+                    last = Some(Failure::Attempt(e));
+                    (reason, None, None)
+                }
+            };
+            self.count_error(member, reason);
+            match self.retry_delay(attempt, &mut tried, retry_after, &mut retry_permit) {
+                Some(delay) => {
+                    // The failed answer is dropped unread: nothing of it
+                    // reached the client, so another backend may answer.
+                    drop(held);
+                    self.shared
+                        .metrics
+                        .retries
+                        .get_or_create(&RetryLabels {
+                            model: self.route.config.name.clone(),
+                            reason,
+                        })
+                        .inc();
+                    tokio::time::sleep(delay).await;
+                }
+                None => match held {
+                    // No retry left: the backend's own answer goes to the
+                    // client as it came (its status, its Retry-After).
+                    Some((response, in_flight)) => {
+                        let Some(admitted) = admitted.take() else {
+                            break;
+                        };
+                        return Ok(self.respond(response, member, in_flight, admitted));
+                    }
+                    None => break,
+                },
             }
         }
         Err(match last {
@@ -222,6 +267,57 @@ impl Exchange<'_> {
                 detail: e.to_string(),
             },
         })
+    }
+
+    /// Whether to retry after a failed attempt, and after how long (SPEC
+    /// "Retries", Envoy's policy): attempts left, a backend left (untried
+    /// ones first; the same ones again only when none is left), the retry
+    /// budget, and the back-off — full jitter, exponential from
+    /// `base_delay` to `max_delay`, at least an upstream `Retry-After` when
+    /// the next attempt may go back to a backend already tried — all within
+    /// `request_timeout`.
+    fn retry_delay<'s>(
+        &'s self,
+        attempt: u32,
+        tried: &mut Vec<usize>,
+        retry_after: Option<Duration>,
+        permit: &mut Option<RetryPermit<'s>>,
+    ) -> Option<Duration> {
+        if attempt >= self.max_attempts {
+            return None;
+        }
+        let in_rotation = |j: usize| self.route.pool.weight(j) > 0;
+        let untried_left =
+            (0..self.route.members.len()).any(|j| in_rotation(j) && !tried.contains(&j));
+        let repeat = !untried_left;
+        if repeat && !(0..self.route.members.len()).any(in_rotation) {
+            return None;
+        }
+        if permit.is_none() {
+            *permit = Some(RetryPermit::try_new(
+                self.shared,
+                self.snapshot.config.retry.budget_percent,
+            )?);
+        }
+        let retry = &self.snapshot.config.retry;
+        let exp = retry
+            .base_delay
+            .saturating_mul(
+                1u32.checked_shl(attempt.saturating_sub(1))
+                    .unwrap_or(u32::MAX),
+            )
+            .min(retry.max_delay);
+        let mut delay = full_jitter(exp);
+        if repeat {
+            delay = delay.max(retry_after.unwrap_or_default());
+            tried.clear();
+        }
+        (Instant::now() + delay < self.deadline).then_some(delay)
+    }
+
+    /// Reports an attempt's outcome to passive outlier detection.
+    fn report(&self, backend: &BackendState, outcome: Outcome) {
+        outlier::report(self.shared, self.snapshot, backend, outcome);
     }
 
     /// The next backend to try: smooth WRR over those not yet tried and not
@@ -366,6 +462,66 @@ impl Exchange<'_> {
             })
             .inc();
     }
+}
+
+/// A retry in progress, counted against `retry.budget_percent` of the
+/// requests in flight (Envoy's retry budget; at least one retry may always
+/// run, so a lone client still gets its retry).
+struct RetryPermit<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> RetryPermit<'a> {
+    fn try_new(shared: &'a Shared, budget_percent: u8) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let active = shared.active_requests.load(Ordering::Relaxed);
+        let allowed = (active * u64::from(budget_percent) / 100).max(1);
+        shared
+            .active_retries
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < allowed).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Self(&shared.active_retries))
+    }
+}
+
+impl Drop for RetryPermit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Counts a request in `Shared::active_requests` while it is alive.
+pub(crate) struct ActiveRequest<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> ActiveRequest<'a> {
+    pub(crate) fn new(shared: &'a Shared) -> Self {
+        shared
+            .active_requests
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(&shared.active_requests)
+    }
+}
+
+impl Drop for ActiveRequest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A uniformly random duration in `[0, max]` (full jitter).
+fn full_jitter(max: Duration) -> Duration {
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rand::random_range(0..=nanos))
+}
+
+/// An upstream 429's `Retry-After` in seconds (the HTTP-date form is rare
+/// from inference servers and is read as 1 s, as is a missing header).
+fn retry_after(headers: &HeaderMap) -> Duration {
+    headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(1), |s| Duration::from_secs(s.min(3600)))
 }
 
 /// What [`Exchange::next_backend`] found.

@@ -17,7 +17,7 @@ use crate::{
 
 /// Re-reads the config file and swaps it in. Returns a short description of
 /// what changed, or why nothing did.
-pub(crate) async fn reload(shared: &Shared) -> Result<Vec<String>, ReloadError> {
+pub(crate) async fn reload(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     let _serialised = shared.reload_lock.lock().await;
     let path = shared
         .config_path
@@ -34,10 +34,16 @@ pub(crate) async fn reload(shared: &Shared) -> Result<Vec<String>, ReloadError> 
             return Err(ReloadError::Invalid(errors));
         }
     };
-    let old = shared.snapshot.load_full();
-    let changes = describe_changes(&old.config, &config);
-    let snapshot = Snapshot::build(Arc::new(config), Some(&old), &shared.metrics)?;
-    shared.snapshot.store(Arc::new(snapshot));
+    let changes = {
+        let _serialised = shared.build_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = shared.snapshot.load_full();
+        let changes = describe_changes(&old.config, &config);
+        let snapshot = Snapshot::build(Arc::new(config), Some(&old), &shared.metrics)?;
+        shared.metrics.publish_weights(&snapshot);
+        shared.snapshot.store(Arc::new(snapshot));
+        changes
+    };
+    crate::health::checker::sync_probes(shared);
     tracing::info!(changes = %changes.join("; "), "config reloaded");
     Ok(changes)
 }

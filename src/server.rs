@@ -136,7 +136,7 @@ pub(crate) struct RequestLog {
 /// Routes one request and stamps `x-request-id` on its response.
 async fn route(
     req: Request<Incoming>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     peer: SocketAddr,
     role: Role,
 ) -> Response<GatewayBody> {
@@ -180,7 +180,7 @@ async fn route(
 
 async fn dispatch(
     req: Request<Incoming>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     peer: SocketAddr,
     role: Role,
     request_id: &HeaderValue,

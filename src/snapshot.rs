@@ -14,8 +14,8 @@
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicU32, AtomicUsize, Ordering},
-        Arc,
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
     },
 };
 
@@ -29,6 +29,7 @@ use crate::{
     balancer::Pool,
     config::{BackendConfig, Config, ModelConfig},
     headers,
+    health::state::{effective_weight, median, throughput_factor, HealthRecord},
     metrics::{Metrics, TokenCounters},
     upstream::{self, HttpClient, UpstreamError},
 };
@@ -72,24 +73,95 @@ pub struct Member {
     pub backend: Arc<BackendState>,
     /// The model name to send upstream when the backend renames it.
     pub upstream_model: Option<String>,
-    /// Configured weight × health factors (for now: the configured weight).
+    /// Configured weight × health factor × slow-start ramp × throughput
+    /// factor, computed when the snapshot was built.
     pub effective_weight: u32,
 }
 
-/// A backend's configuration plus the state that outlives snapshots.
+/// A backend as one snapshot sees it: its configuration (which a reload may
+/// change) plus the live state that outlives snapshots.
 pub struct BackendState {
-    /// The backend as configured.
+    /// The backend as configured in this snapshot.
     pub config: BackendConfig,
-    /// Pooled connections to it; carried over a reload with the backend.
+    /// Pooled connections to it; carried over a reload that keeps its
+    /// identity and `connect_timeout`.
     pub(crate) client: HttpClient,
     /// `Authorization` header value for its key, built once.
     pub(crate) authorization: Option<HeaderValue>,
     /// `x-weir-backend` value, built once.
     pub(crate) name_header: HeaderValue,
+    /// Counters and health, shared by every snapshot that has this backend.
+    pub(crate) live: Arc<BackendLive>,
+}
+
+/// What a backend carries from snapshot to snapshot (SPEC "Reload": health
+/// state, outlier state, in-flight counts).
+#[derive(Debug)]
+pub(crate) struct BackendLive {
     /// Requests currently sent to it and not yet finished (body included).
     in_flight: AtomicU32,
     /// Told when a slot frees, for requests waiting on saturated backends.
     slots: Arc<SlotSignal>,
+    /// Active and passive health; written by the checker and by outlier
+    /// detection, read when a snapshot is built. Never read by requests.
+    pub health: Mutex<HealthRecord>,
+    /// Passive: failed requests in a row (reset by any success). An atomic,
+    /// so a successful request pays one load and no lock.
+    pub consecutive_failures: AtomicU32,
+    /// Latency EMA in microseconds (f64 bits), updated without a lock.
+    pub latency_ema_us: AtomicU64,
+}
+
+impl BackendLive {
+    /// Fresh state for a backend; `pending` keeps it out of rotation until
+    /// its first passing liveness probe (backends added by a reload).
+    pub(crate) fn new(slots: Arc<SlotSignal>, pending: bool) -> Self {
+        let mut health = HealthRecord::default();
+        health.pending = pending;
+        Self {
+            in_flight: AtomicU32::new(0),
+            slots,
+            health: Mutex::new(health),
+            consecutive_failures: AtomicU32::new(0),
+            latency_ema_us: AtomicU64::new(f64::NAN.to_bits()),
+        }
+    }
+
+    /// A copy of the health record (the lock is held for the copy only).
+    pub(crate) fn health(&self) -> HealthRecord {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Runs `f` on the health record under its lock (never across an await).
+    pub(crate) fn with_health<R>(&self, f: impl FnOnce(&mut HealthRecord) -> R) -> R {
+        f(&mut self.health.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The latency EMA in milliseconds, if any request was measured.
+    pub(crate) fn latency_ema_ms(&self) -> Option<f64> {
+        let us = f64::from_bits(self.latency_ema_us.load(Ordering::Relaxed));
+        us.is_finite().then_some(us / 1000.0)
+    }
+
+    /// Folds one request's time to headers into the EMA.
+    pub(crate) fn observe_latency(&self, latency: std::time::Duration) {
+        const ALPHA: f64 = 0.2;
+        let sample = latency.as_secs_f64() * 1e6;
+        let _ = self
+            .latency_ema_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                let ema = f64::from_bits(bits);
+                let next = if ema.is_finite() {
+                    ema + ALPHA * (sample - ema)
+                } else {
+                    sample
+                };
+                Some(next.to_bits())
+            });
+    }
 }
 
 /// Lets requests wait for "some backend freed a slot" without polling.
@@ -112,8 +184,15 @@ impl std::fmt::Debug for BackendState {
 }
 
 impl BackendState {
-    fn new(config: BackendConfig, slots: Arc<SlotSignal>) -> Result<Self, UpstreamError> {
-        let client = upstream::client(config.connect_timeout)?;
+    fn new(
+        config: BackendConfig,
+        live: Arc<BackendLive>,
+        previous: Option<&BackendState>,
+    ) -> Result<Self, UpstreamError> {
+        let client = match previous {
+            Some(old) if old.config.connect_timeout == config.connect_timeout => old.client.clone(),
+            _ => upstream::client(config.connect_timeout)?,
+        };
         let authorization = config
             .api_key
             .as_ref()
@@ -125,14 +204,13 @@ impl BackendState {
             client,
             authorization,
             name_header,
-            in_flight: AtomicU32::new(0),
-            slots,
+            live,
         })
     }
 
     /// Requests in flight to this backend right now.
     pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.live.in_flight.load(Ordering::Relaxed)
     }
 
     /// Whether the backend is at its `max_concurrent`.
@@ -145,14 +223,15 @@ impl BackendState {
     /// Takes an in-flight slot unless the backend is at `max_concurrent`.
     /// The slot is given back when the returned guard drops (response body
     /// finished, client gone, or attempt failed).
-    pub(crate) fn try_begin(self: &Arc<Self>) -> Option<InFlight> {
+    pub(crate) fn try_begin(&self) -> Option<InFlight> {
         let max = self.config.max_concurrent.map_or(u32::MAX, |m| m.get());
-        self.in_flight
+        self.live
+            .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        Some(InFlight(self.clone()))
+        Some(InFlight(self.live.clone()))
     }
 
     /// The identity a reload matches on: same name and same URL.
@@ -163,7 +242,7 @@ impl BackendState {
 
 /// One request in flight to a backend; dropping it gives the slot back.
 #[derive(Debug)]
-pub(crate) struct InFlight(Arc<BackendState>);
+pub(crate) struct InFlight(Arc<BackendLive>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -184,7 +263,7 @@ impl Snapshot {
         metrics: &Metrics,
     ) -> Result<Self, UpstreamError> {
         let now = tokio::time::Instant::now();
-        let slots = previous.map_or_else(Arc::default, |p| p.slots.clone());
+        let slots: Arc<SlotSignal> = previous.map_or_else(Arc::default, |p| p.slots.clone());
         let global = Arc::new(GlobalLimits::new(
             &config.limits,
             previous.map(|p| &*p.global),
@@ -194,25 +273,46 @@ impl Snapshot {
         for backend in &config.backends {
             let carried =
                 previous.and_then(|p| p.backends.iter().find(|b| b.same_identity(backend)));
-            let state = match carried {
-                // Same identity but possibly new weight/models/key: keep the
-                // counters and pool only when nothing the client depends on
-                // changed; otherwise build afresh (a drained old state keeps
-                // counting its own in-flight requests until they finish).
-                Some(old) if old.config == *backend => old.clone(),
-                _ => Arc::new(BackendState::new(backend.clone(), slots.clone())?),
+            // Same identity (name + url): keep its live state (health,
+            // in-flight, outlier) and, when the connect timeout is the same,
+            // its pooled connections. A new backend starts pending (out of
+            // rotation until its first passing liveness probe) when there is
+            // a previous snapshot and active checks are on.
+            let live = match carried {
+                Some(old) => old.live.clone(),
+                None => Arc::new(BackendLive::new(
+                    slots.clone(),
+                    previous.is_some() && config.health.enabled,
+                )),
             };
-            backends.push(state);
+            let state = BackendState::new(backend.clone(), live, carried.map(|b| &**b))?;
+            backends.push(Arc::new(state));
         }
         let mut models = HashMap::with_capacity(config.models.len());
         for model in &config.models {
-            let members: Vec<Member> = backends
+            let serving: Vec<(&Arc<BackendState>, HealthRecord)> = backends
                 .iter()
                 .filter(|b| b.config.models.contains(&model.name))
-                .map(|b| Member {
-                    backend: b.clone(),
-                    upstream_model: b.config.rename.get(&model.name).cloned(),
-                    effective_weight: b.config.weight,
+                .map(|b| (b, b.live.health()))
+                .collect();
+            // The deep tier's throughput factor compares each backend with
+            // the median of this model's pool.
+            let pool_median = median(
+                serving
+                    .iter()
+                    .filter_map(|(_, h)| h.tokens_per_sec)
+                    .collect(),
+            );
+            let members: Vec<Member> = serving
+                .iter()
+                .map(|(b, h)| {
+                    let factor = h.factor(now, config.health.slow_start)
+                        * throughput_factor(h.tokens_per_sec, pool_median);
+                    Member {
+                        backend: (*b).clone(),
+                        upstream_model: b.config.rename.get(&model.name).cloned(),
+                        effective_weight: effective_weight(b.config.weight, factor),
+                    }
                 })
                 .collect();
             let pool = Pool::new(members.iter().map(|m| m.effective_weight).collect());

@@ -44,8 +44,12 @@ pub enum UpstreamError {
 /// from this alone; nothing of the response has reached the client yet.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AttemptError {
-    /// The TCP/TLS connection could not be made (refused, unreachable,
-    /// connect timeout). The request never reached the backend.
+    /// Nothing listens at the backend's address (ECONNREFUSED): outlier
+    /// detection ejects it at once.
+    #[error("connection refused: {0}")]
+    Refused(String),
+    /// The TCP/TLS connection could not be made (unreachable, connect
+    /// timeout, TLS failure). The request never reached the backend.
     #[error("connect failed: {0}")]
     Connect(String),
     /// No response headers within `first_byte_timeout`.
@@ -61,7 +65,7 @@ impl AttemptError {
     /// The `kind` label of `weir_upstream_errors_total`.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
-            AttemptError::Connect(_) => "connect",
+            AttemptError::Refused(_) | AttemptError::Connect(_) => "connect",
             AttemptError::Timeout(_) => "timeout",
             AttemptError::Protocol(_) => "protocol",
         }
@@ -97,6 +101,9 @@ pub(crate) async fn send(
     match tokio::time::timeout(first_byte_timeout, client.request(request)).await {
         Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
         Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) if e.is_connect() && is_refused(&e) => {
+            Err(AttemptError::Refused(error_chain(&e)))
+        }
         Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(error_chain(&e))),
         Ok(Err(e)) => Err(AttemptError::Protocol(error_chain(&e))),
     }
@@ -141,6 +148,20 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, UpstreamError> {
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(TLS.get_or_init(|| Arc::new(config)).clone())
+}
+
+/// Whether an `io::Error` of kind `ConnectionRefused` is in the chain.
+fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// The error and its sources on one line: hyper's top-level messages

@@ -1,0 +1,285 @@
+//! The active checker: one task per backend and tier, jittered, with
+//! HAProxy/Envoy rise/fall thresholds, and the supervisor that rebuilds the
+//! snapshot whenever a backend's weight changed.
+//!
+//! Probe results go into the backend's [`HealthRecord`]; a change that
+//! affects rotation wakes the supervisor, which builds a new `Snapshot` from
+//! the current config and every backend's record and stores it with
+//! `ArcSwap` (serialised with reloads by `Shared::build_lock`). While a slow
+//! start ramps, or until an ejection or a 429 window ends, the supervisor
+//! also rebuilds on a timer. Only transitions are logged, never samples.
+//!
+//! Tasks are owned: spawned into the gateway's probe `JoinSet`, each with a
+//! cancellation token (a reload that removes a backend cancels it), and each
+//! `select!`s on cancellation and its next deadline, so a five-minute deep
+//! interval never delays shutdown.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    probes,
+    state::{HealthRecord, HealthState, Tier},
+};
+use crate::{
+    config::HealthConfig,
+    gateway::Shared,
+    snapshot::{BackendState, Snapshot},
+};
+
+/// How often the supervisor rebuilds while a slow start ramps.
+const RAMP_STEP: Duration = Duration::from_millis(500);
+
+/// Rebuilds the snapshot from the current config and every backend's health
+/// and publishes it. Serialised with reloads, so neither overwrites the
+/// other with a stale view.
+pub(crate) fn rebuild(shared: &Shared) {
+    let _serialised = shared.build_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let current = shared.snapshot.load_full();
+    match Snapshot::build(current.config.clone(), Some(&current), &shared.metrics) {
+        Ok(next) => {
+            shared.metrics.publish_weights(&next);
+            shared.snapshot.store(Arc::new(next));
+        }
+        // Building reuses every client, so this cannot fail in practice;
+        // if it did, the old snapshot keeps serving.
+        Err(e) => tracing::error!(error = %e, "snapshot rebuild failed"),
+    }
+}
+
+/// Rebuilds the snapshot when told to (a health change) and on the ramp and
+/// ejection timers, until `shutdown`.
+pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let snapshot = shared.snapshot.load_full();
+        let now = Instant::now();
+        let slow_start = snapshot.config.health.slow_start;
+        let next_change = snapshot
+            .backends()
+            .iter()
+            .filter_map(|b| b.live.health().next_change(now, slow_start))
+            .min()
+            .map(|t| t.min(now + RAMP_STEP));
+        drop(snapshot);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = shared.rebuild.notified() => {}
+            _ = sleep_until(next_change) => {}
+        }
+        rebuild(&shared);
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A backend's identity across snapshots (SPEC "Reload": name + url).
+pub(crate) type BackendKey = (String, http::Uri);
+
+fn key(backend: &BackendState) -> BackendKey {
+    (backend.config.name.clone(), backend.config.url.clone())
+}
+
+/// Starts probe tasks for backends that have none and cancels those of
+/// backends that are gone (or of all, when active checks are disabled).
+pub(crate) fn sync_probes(shared: &Arc<Shared>) {
+    let snapshot = shared.snapshot.load_full();
+    let enabled = snapshot.config.health.enabled;
+    let mut probes = shared.probes.lock().unwrap_or_else(|e| e.into_inner());
+    // Reap tasks that finished (cancelled ones), so the set does not grow.
+    while probes.set.try_join_next().is_some() {}
+    probes.running.retain(|k, token| {
+        let keep = enabled && snapshot.backends().iter().any(|b| key(b) == *k);
+        if !keep {
+            token.cancel();
+        }
+        keep
+    });
+    if !enabled {
+        return;
+    }
+    for backend in snapshot.backends() {
+        let k = key(backend);
+        if probes.running.contains_key(&k) {
+            continue;
+        }
+        let token = probes.root.child_token();
+        for tier in Tier::ALL {
+            let up = shared
+                .metrics
+                .backend_up(&backend.config.name, tier.as_str());
+            up.set(1);
+            probes
+                .set
+                .spawn(run_tier(shared.clone(), k.clone(), tier, token.clone(), up));
+        }
+        probes.running.insert(k, token);
+    }
+}
+
+/// One backend's probes of one tier, until cancelled or the backend is gone.
+async fn run_tier(
+    shared: Arc<Shared>,
+    key: BackendKey,
+    tier: Tier,
+    token: CancellationToken,
+    up: Gauge,
+) {
+    // SPEC "Start-up": each tier probes once at start, jittered by up to 10%
+    // of its interval, so replicas do not probe in lock-step.
+    let first = interval(tier, &shared.snapshot.load().config.health);
+    let mut next = Instant::now() + jitter(first / 10);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        let snapshot = shared.snapshot.load_full();
+        let Some(backend) = snapshot
+            .backends()
+            .iter()
+            .find(|b| (b.config.name.as_str(), &b.config.url) == (key.0.as_str(), &key.1))
+        else {
+            return;
+        };
+        let health = &snapshot.config.health;
+        let changed = tokio::select! {
+            _ = token.cancelled() => return,
+            changed = probe_once(backend, tier, health, &up) => changed,
+        };
+        if changed {
+            shared.rebuild.notify_one();
+        }
+        let every = interval(tier, health);
+        // ±10% jitter around the interval.
+        next = Instant::now() + every - every / 10 + jitter(every / 5);
+    }
+}
+
+/// Runs one probe and records it. Returns whether anything that affects the
+/// backend's weight changed.
+async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, up: &Gauge) -> bool {
+    let thresholds = (
+        health.unhealthy_threshold.get(),
+        health.healthy_threshold.get(),
+    );
+    let before = backend.live.health();
+    let now_before = Instant::now();
+    let changed = match tier {
+        Tier::Liveness => {
+            let outcome = probes::liveness(backend, health.liveness.timeout).await;
+            observe(backend, tier, &outcome, thresholds, |_| {})
+        }
+        Tier::Readiness => {
+            let outcome = probes::readiness(backend, health.readiness.timeout).await;
+            let slow = outcome.is_pass() && outcome.latency() > health.readiness.degraded_latency;
+            // SPEC "Health states": one slow answer degrades, the next fast
+            // one restores; slowness does not count towards rise/fall.
+            observe(backend, tier, &outcome, thresholds, |h| h.set_slow(slow))
+        }
+        Tier::Deep => {
+            let result = probes::deep(
+                backend,
+                health.deep.timeout,
+                health.deep.samples,
+                health.deep.max_tokens,
+            )
+            .await;
+            let passed = !result.samples.is_empty();
+            let outcome = if passed {
+                probes::ProbeOutcome::Pass {
+                    latency: result.median_ttft.unwrap_or_default(),
+                }
+            } else {
+                probes::ProbeOutcome::Fail {
+                    latency: health.deep.timeout,
+                    error: result
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "no sample completed".to_owned()),
+                }
+            };
+            let saturated = result.engine.as_ref().is_some_and(|e| e.is_saturated());
+            let tps = result.median_tokens_per_sec;
+            observe(backend, tier, &outcome, thresholds, |h| {
+                h.saturated = saturated;
+                if tps.is_some() {
+                    h.tokens_per_sec = tps;
+                }
+            });
+            // Throughput moves weights even when no state flips.
+            true
+        }
+    };
+    let after = backend.live.health();
+    up.set(i64::from(!after.tier(tier).down));
+    log_transition(backend, tier, &before, &after, now_before);
+    changed || before.state(now_before) != after.state(Instant::now())
+}
+
+/// Records an outcome with rise/fall thresholds plus `extra` changes, under
+/// the record's lock. Returns whether a tier flipped.
+fn observe(
+    backend: &BackendState,
+    tier: Tier,
+    outcome: &probes::ProbeOutcome,
+    thresholds: (u32, u32),
+    extra: impl FnOnce(&mut HealthRecord),
+) -> bool {
+    let (passed, error) = match outcome {
+        probes::ProbeOutcome::Pass { .. } => (true, None),
+        probes::ProbeOutcome::Fail { error, .. } => (false, Some(error.clone())),
+    };
+    backend.live.with_health(|h| {
+        let flip = h.observe(
+            tier,
+            passed,
+            outcome.latency(),
+            error,
+            thresholds,
+            Instant::now(),
+        );
+        extra(h);
+        flip != super::state::Flip::None
+    })
+}
+
+fn log_transition(
+    backend: &BackendState,
+    tier: Tier,
+    before: &HealthRecord,
+    after: &HealthRecord,
+    at: Instant,
+) {
+    let (from, to) = (before.state(at), after.state(Instant::now()));
+    if from != to {
+        let level_warn = matches!(to, HealthState::Out | HealthState::Degraded);
+        let error = after.tier(tier).last_error.as_deref().unwrap_or("");
+        if level_warn {
+            tracing::warn!(backend = %backend.config.name, tier = tier.as_str(), from = from.as_str(), to = to.as_str(), error, "backend health changed");
+        } else {
+            tracing::info!(backend = %backend.config.name, tier = tier.as_str(), from = from.as_str(), to = to.as_str(), "backend health changed");
+        }
+    }
+}
+
+fn interval(tier: Tier, health: &HealthConfig) -> Duration {
+    match tier {
+        Tier::Liveness => health.liveness.interval,
+        Tier::Readiness => health.readiness.interval,
+        Tier::Deep => health.deep.interval,
+    }
+}
+
+/// A uniformly random duration in `[0, max]`.
+fn jitter(max: Duration) -> Duration {
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rand::random_range(0..=nanos))
+}

@@ -1,0 +1,108 @@
+//! Passive outlier detection, judged from live traffic (Envoy's outlier
+//! detection): `consecutive_failures` connect errors, resets, 5xx or
+//! timeouts in a row eject a backend for `ejection_time` × its ejection
+//! count (capped at 5 minutes); a refused connection ejects at once; never
+//! more than `max_ejection_percent` of a model's backends are ejected. An
+//! upstream 429 takes the backend out of rotation for its `Retry-After`.
+//!
+//! The request path reports each attempt's outcome here. A success costs
+//! one atomic load (and a lock-free EMA update); only a failure that ejects
+//! takes the health record's lock and wakes the snapshot supervisor.
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use tokio::time::Instant;
+
+use super::state::HealthState;
+use crate::{
+    gateway::Shared,
+    snapshot::{BackendState, Snapshot},
+};
+
+/// What one attempt on a backend showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Response headers arrived (any status but 5xx and 429) after this long.
+    Success(Duration),
+    /// Connect error, reset, timeout or 5xx.
+    Failure,
+    /// The connection was refused: nothing listens there; eject at once.
+    Refused,
+    /// An upstream 429: out of rotation for this long.
+    RateLimited(Duration),
+}
+
+/// Records an attempt's outcome and ejects the backend when the rules say so.
+pub(crate) fn report(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    backend: &BackendState,
+    outcome: Outcome,
+) {
+    let live = &backend.live;
+    match outcome {
+        Outcome::Success(latency) => {
+            live.observe_latency(latency);
+            if live.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                live.consecutive_failures.store(0, Ordering::Relaxed);
+            }
+        }
+        Outcome::Failure | Outcome::Refused => {
+            let failures = live
+                .consecutive_failures
+                .fetch_add(1, Ordering::AcqRel)
+                .saturating_add(1);
+            let threshold = snapshot.config.outlier.consecutive_failures.get();
+            if outcome == Outcome::Refused || failures >= threshold {
+                try_eject(shared, snapshot, backend, failures);
+            }
+        }
+        Outcome::RateLimited(wait) => {
+            let until = Instant::now() + wait;
+            live.with_health(|h| {
+                h.rate_limited_until = Some(h.rate_limited_until.map_or(until, |t| t.max(until)))
+            });
+            tracing::info!(backend = %backend.config.name, retry_after = ?wait, "backend rate-limited weir; out of rotation until its Retry-After");
+            shared.rebuild.notify_one();
+        }
+    }
+}
+
+/// Ejects `backend` unless it already is, or unless that would eject too
+/// large a share of one of its models' backends (Envoy's rule: allowed
+/// while the share already ejected is below `max_ejection_percent`).
+fn try_eject(shared: &Shared, snapshot: &Snapshot, backend: &BackendState, failures: u32) {
+    let now = Instant::now();
+    if backend.live.health().state(now) == HealthState::Ejected {
+        return;
+    }
+    let max_percent = u64::from(snapshot.config.outlier.max_ejection_percent);
+    for model in &backend.config.models {
+        let Some(route) = snapshot.model(model) else {
+            continue;
+        };
+        let total = route.members.len() as u64;
+        let ejected = route
+            .members
+            .iter()
+            .filter(|m| m.backend.live.health().state(now) == HealthState::Ejected)
+            .count() as u64;
+        if ejected * 100 >= max_percent * total {
+            tracing::debug!(backend = %backend.config.name, model, "not ejected: max_ejection_percent reached");
+            return;
+        }
+    }
+    let ejection_time = snapshot.config.outlier.ejection_time;
+    let until = backend.live.with_health(|h| h.eject(now, ejection_time));
+    backend
+        .live
+        .consecutive_failures
+        .store(0, Ordering::Relaxed);
+    tracing::warn!(
+        backend = %backend.config.name,
+        failures,
+        for_ms = until.saturating_duration_since(now).as_millis() as u64,
+        "backend ejected by outlier detection"
+    );
+    shared.rebuild.notify_one();
+}

@@ -1,0 +1,401 @@
+//! A backend's health record and the effective-weight arithmetic.
+//!
+//! The record is the one source of truth the active checker and passive
+//! outlier detection write and every snapshot rebuild reads; requests never
+//! touch it (they read the effective weights baked into their snapshot).
+//! Everything here is pure: it takes `now` as an argument, so thresholds,
+//! slow start and ejection are tested with made-up instants.
+//!
+//! Effective weight (SPEC "Balancing") = configured weight × health factor
+//! (healthy 1, degraded 0.5, out/ejected/rate-limited 0) × slow-start ramp
+//! (HAProxy's linear ramp, from 10% to 100% over `slow_start` after coming
+//! back) × the deep tier's throughput factor (tokens/s ÷ the pool's median,
+//! clamped to [0.1, 1]).
+
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+/// The health state reported by `/admin/backends` and used for weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthState {
+    /// In rotation at full weight.
+    Healthy,
+    /// In rotation at half weight: slow readiness, saturated engine, or a
+    /// failing deep tier.
+    Degraded,
+    /// Out of rotation: liveness or readiness failed `unhealthy_threshold`
+    /// times in a row.
+    Out,
+    /// Out of rotation by passive outlier detection until a deadline.
+    Ejected,
+}
+
+impl HealthState {
+    /// The JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Healthy => "healthy",
+            HealthState::Degraded => "degraded",
+            HealthState::Out => "out",
+            HealthState::Ejected => "ejected",
+        }
+    }
+}
+
+/// The three active tiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// `GET health_path`.
+    Liveness,
+    /// A one-token completion.
+    Readiness,
+    /// Throughput samples and engine metrics.
+    Deep,
+}
+
+impl Tier {
+    /// Every tier, in probe order.
+    pub const ALL: [Tier; 3] = [Tier::Liveness, Tier::Readiness, Tier::Deep];
+
+    /// The JSON and metric spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Liveness => "liveness",
+            Tier::Readiness => "readiness",
+            Tier::Deep => "deep",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Tier::Liveness => 0,
+            Tier::Readiness => 1,
+            Tier::Deep => 2,
+        }
+    }
+}
+
+/// One tier's rise/fall counters and last result.
+#[derive(Debug, Clone, Default)]
+pub struct TierRecord {
+    /// False once `unhealthy_threshold` probes failed in a row; true again
+    /// after `healthy_threshold` passes (HAProxy's fall/rise).
+    pub down: bool,
+    /// Passing probes in a row.
+    pub passes: u32,
+    /// Failing probes in a row.
+    pub failures: u32,
+    /// Latency of the last probe.
+    pub last_latency: Option<Duration>,
+    /// Why the last probe failed (`None` when it passed).
+    pub last_error: Option<String>,
+    /// Wall-clock time of the last probe, for `/admin/backends`.
+    pub checked_at: Option<SystemTime>,
+    /// Readiness only: the last answer was slower than `degraded_latency`.
+    pub slow: bool,
+}
+
+/// Everything known about a backend's health.
+#[derive(Debug, Clone, Default)]
+pub struct HealthRecord {
+    tiers: [TierRecord; 3],
+    /// When the backend last came back into rotation (slow start runs from
+    /// here); `None` = never left, full weight.
+    pub back_since: Option<Instant>,
+    /// Not yet seen alive: a backend added by a reload waits for its first
+    /// passing liveness probe (SPEC "Precise points").
+    pub pending: bool,
+    /// Deep tier: median decode speed, for the throughput factor.
+    pub tokens_per_sec: Option<f64>,
+    /// Deep tier: the engine reports a waiting queue and a full KV cache.
+    pub saturated: bool,
+    /// Passive: out of rotation until then.
+    pub ejected_until: Option<Instant>,
+    /// Passive: how many times it was ejected (multiplies the ejection time).
+    pub ejections: u32,
+    /// Upstream 429: out of rotation until its `Retry-After` passes.
+    pub rate_limited_until: Option<Instant>,
+}
+
+/// Whether a probe result flipped a tier (for "log transitions, not samples").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flip {
+    /// Nothing changed that affects rotation.
+    None,
+    /// The tier went down.
+    Down,
+    /// The tier came back up.
+    Up,
+}
+
+impl HealthRecord {
+    /// A tier's record.
+    pub fn tier(&self, tier: Tier) -> &TierRecord {
+        &self.tiers[tier.index()]
+    }
+
+    /// Records a probe result with rise/fall thresholds. Returns the flip.
+    pub fn observe(
+        &mut self,
+        tier: Tier,
+        passed: bool,
+        latency: Duration,
+        error: Option<String>,
+        thresholds: (u32, u32),
+        now: Instant,
+    ) -> Flip {
+        let (unhealthy_threshold, healthy_threshold) = thresholds;
+        let was_out = self.is_out();
+        let record = &mut self.tiers[tier.index()];
+        record.last_latency = Some(latency);
+        record.last_error = error;
+        record.checked_at = Some(SystemTime::now());
+        let flip = if passed {
+            record.failures = 0;
+            record.passes = record.passes.saturating_add(1);
+            if record.down && record.passes >= healthy_threshold {
+                record.down = false;
+                Flip::Up
+            } else {
+                Flip::None
+            }
+        } else {
+            record.passes = 0;
+            record.failures = record.failures.saturating_add(1);
+            if !record.down && record.failures >= unhealthy_threshold {
+                record.down = true;
+                Flip::Down
+            } else {
+                Flip::None
+            }
+        };
+        if tier == Tier::Liveness && passed && self.pending {
+            // A new backend enters rotation on its first passing liveness.
+            self.pending = false;
+        }
+        if was_out && !self.is_out() {
+            self.back_since = Some(now);
+        }
+        flip
+    }
+
+    /// Readiness: whether the last answer was slower than `degraded_latency`.
+    pub fn set_slow(&mut self, slow: bool) {
+        self.tiers[Tier::Readiness.index()].slow = slow;
+    }
+
+    /// Out of rotation by the active tiers (liveness or readiness down).
+    pub fn is_out(&self) -> bool {
+        self.pending || self.tiers[0].down || self.tiers[1].down
+    }
+
+    /// Degraded by readiness slowness, engine saturation or a failing deep tier.
+    pub fn is_degraded(&self) -> bool {
+        self.tiers[1].slow || self.saturated || self.tiers[2].down
+    }
+
+    /// The state at `now`.
+    pub fn state(&self, now: Instant) -> HealthState {
+        if self.ejected_until.is_some_and(|t| t > now) {
+            HealthState::Ejected
+        } else if self.is_out() || self.rate_limited_until.is_some_and(|t| t > now) {
+            HealthState::Out
+        } else if self.is_degraded() {
+            HealthState::Degraded
+        } else {
+            HealthState::Healthy
+        }
+    }
+
+    /// Health factor × slow-start ramp at `now` (the throughput factor is
+    /// applied per pool, where the median is known).
+    pub fn factor(&self, now: Instant, slow_start: Duration) -> f64 {
+        let health = match self.state(now) {
+            HealthState::Healthy => 1.0,
+            HealthState::Degraded => 0.5,
+            HealthState::Out | HealthState::Ejected => return 0.0,
+        };
+        health * ramp(self.back_since, now, slow_start)
+    }
+
+    /// Whether the weight is still changing with time (slow start running,
+    /// an ejection or a 429 window about to end): the supervisor rebuilds
+    /// the snapshot until it is not.
+    pub fn next_change(&self, now: Instant, slow_start: Duration) -> Option<Instant> {
+        let ramp_end = self.back_since.map(|t| t + slow_start).filter(|&t| t > now);
+        [
+            ramp_end,
+            self.ejected_until.filter(|&t| t > now),
+            self.rate_limited_until.filter(|&t| t > now),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Ejects until `now + ejection_time × ejections`, capped at 5 minutes
+    /// (Envoy's rule). Returns the deadline.
+    pub fn eject(&mut self, now: Instant, ejection_time: Duration) -> Instant {
+        self.ejections = self.ejections.saturating_add(1);
+        let time = ejection_time
+            .saturating_mul(self.ejections)
+            .min(MAX_EJECTION);
+        let until = now + time;
+        self.ejected_until = Some(until);
+        // When the ejection ends the backend returns through slow start.
+        self.back_since = Some(until);
+        until
+    }
+}
+
+/// The longest an ejection lasts, however often it repeats (SPEC).
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// HAProxy's slow start: 10% at `back_since`, rising linearly to 100% at
+/// `back_since + slow_start`.
+pub fn ramp(back_since: Option<Instant>, now: Instant, slow_start: Duration) -> f64 {
+    match back_since {
+        Some(since) if !slow_start.is_zero() => {
+            if now < since {
+                return 0.1;
+            }
+            let progress = now.duration_since(since).as_secs_f64() / slow_start.as_secs_f64();
+            (0.1 + 0.9 * progress).min(1.0)
+        }
+        _ => 1.0,
+    }
+}
+
+/// The deep tier's throughput factor: this backend's tokens/s over the
+/// pool's median, clamped to [0.1, 1]; 1 when either is unknown.
+pub fn throughput_factor(tokens_per_sec: Option<f64>, pool_median: Option<f64>) -> f64 {
+    match (tokens_per_sec, pool_median) {
+        (Some(tps), Some(median)) if median > 0.0 && tps.is_finite() => {
+            (tps / median).clamp(0.1, 1.0)
+        }
+        _ => 1.0,
+    }
+}
+
+/// The median of some values (mean of the middle two for an even count).
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+/// Configured weight × factor, rounded, but never rounded down to 0 while
+/// the factor is positive (a slow-starting backend must get some traffic).
+pub fn effective_weight(configured: u32, factor: f64) -> u32 {
+    if configured == 0 || factor <= 0.0 {
+        return 0;
+    }
+    let w = (f64::from(configured) * factor).round();
+    // Weights are at most u32::MAX × 1.0; the cast saturates anyway.
+    (w as u32).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: (u32, u32) = (3, 2);
+
+    #[test]
+    fn rise_and_fall_thresholds() {
+        let now = Instant::now();
+        let mut h = HealthRecord::default();
+        let ms = Duration::from_millis(1);
+        assert_eq!(
+            h.observe(Tier::Liveness, false, ms, Some("x".into()), T, now),
+            Flip::None
+        );
+        assert_eq!(
+            h.observe(Tier::Liveness, false, ms, Some("x".into()), T, now),
+            Flip::None
+        );
+        assert_eq!(h.state(now), HealthState::Healthy);
+        assert_eq!(
+            h.observe(Tier::Liveness, false, ms, Some("x".into()), T, now),
+            Flip::Down
+        );
+        assert_eq!(h.state(now), HealthState::Out);
+        assert_eq!(
+            h.observe(Tier::Liveness, true, ms, None, T, now),
+            Flip::None
+        );
+        assert_eq!(h.state(now), HealthState::Out);
+        let back = now + Duration::from_secs(5);
+        assert_eq!(h.observe(Tier::Liveness, true, ms, None, T, back), Flip::Up);
+        assert_eq!(h.state(back), HealthState::Healthy);
+        assert_eq!(h.back_since, Some(back));
+    }
+
+    #[test]
+    fn slow_start_ramps_linearly_from_ten_percent() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(30);
+        assert_eq!(ramp(None, t0, s), 1.0);
+        assert!((ramp(Some(t0), t0, s) - 0.1).abs() < 1e-9);
+        assert!((ramp(Some(t0), t0 + Duration::from_secs(15), s) - 0.55).abs() < 1e-9);
+        assert_eq!(ramp(Some(t0), t0 + Duration::from_secs(30), s), 1.0);
+        assert_eq!(ramp(Some(t0), t0 + Duration::from_secs(90), s), 1.0);
+        assert_eq!(ramp(Some(t0), t0, Duration::ZERO), 1.0);
+    }
+
+    #[test]
+    fn degraded_halves_and_out_zeroes() {
+        let now = Instant::now();
+        let mut h = HealthRecord::default();
+        assert_eq!(h.factor(now, Duration::ZERO), 1.0);
+        h.saturated = true;
+        assert_eq!(h.state(now), HealthState::Degraded);
+        assert_eq!(h.factor(now, Duration::ZERO), 0.5);
+        h.rate_limited_until = Some(now + Duration::from_secs(1));
+        assert_eq!(h.factor(now, Duration::ZERO), 0.0);
+        assert_eq!(h.factor(now + Duration::from_secs(2), Duration::ZERO), 0.5);
+    }
+
+    #[test]
+    fn ejection_time_multiplies_and_caps() {
+        let now = Instant::now();
+        let mut h = HealthRecord::default();
+        let base = Duration::from_secs(30);
+        assert_eq!(h.eject(now, base), now + base);
+        assert_eq!(h.state(now), HealthState::Ejected);
+        assert_eq!(h.eject(now, base), now + 2 * base);
+        for _ in 0..20 {
+            h.eject(now, base);
+        }
+        assert_eq!(h.ejected_until, Some(now + MAX_EJECTION));
+        assert_eq!(h.state(now + MAX_EJECTION), HealthState::Healthy);
+    }
+
+    #[test]
+    fn throughput_factor_is_clamped() {
+        assert_eq!(throughput_factor(Some(50.0), Some(100.0)), 0.5);
+        assert_eq!(throughput_factor(Some(1.0), Some(100.0)), 0.1);
+        assert_eq!(throughput_factor(Some(300.0), Some(100.0)), 1.0);
+        assert_eq!(throughput_factor(None, Some(100.0)), 1.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn effective_weight_never_rounds_a_live_backend_to_zero() {
+        assert_eq!(effective_weight(100, 0.1), 10);
+        assert_eq!(effective_weight(1, 0.1), 1);
+        assert_eq!(effective_weight(3, 0.0), 0);
+        assert_eq!(effective_weight(0, 1.0), 0);
+    }
+}
