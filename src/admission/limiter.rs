@@ -328,7 +328,7 @@ impl Admitted {
 
 /// Admits one request of `model` with a token `estimate`, waiting at most
 /// until `deadline` (the earlier of `queue_timeout` and `request_timeout`).
-pub(crate) async fn admit(
+pub async fn admit(
     global: &GlobalLimits,
     model: &Arc<ModelLimits>,
     model_name: &str,

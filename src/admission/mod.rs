@@ -10,5 +10,5 @@
 //! Nothing here does I/O; waiting is the only `.await`.
 
 pub mod bucket;
-pub(crate) mod limiter;
+pub mod limiter;
 pub mod tokens;

@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# End-to-end load bench (ARCHITECTURE.md "Performance"): the same loopback
+# upstream (nginx `return 200`) hit directly, through nginx as a reverse proxy
+# and through weir, with wrk at 1 and 32 connections; then time to first byte
+# of streamed completions from `weir mock`, directly and through weir, at 1
+# and 256 concurrent streams. One command:
+#
+#   benches/load.sh
+#
+# Environment (all optional):
+#   WEIR_BIN   weir binary to run (default: target/release/weir, built here
+#              with `cargo build --release`; set it to skip the build)
+#   DURATION   seconds per wrk run (default 6)
+#   BASE_PORT  first of the 5 loopback ports used (default 18081)
+#   KEEP=1     keep the temp dir (configs, logs) for inspection
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-6}
+BASE_PORT=${BASE_PORT:-18081}
+UP_PORT=$BASE_PORT               # nginx `return 200`: the upstream
+NGINX_PORT=$((BASE_PORT + 1))    # nginx reverse proxy -> upstream
+WEIR_PORT=$((BASE_PORT + 2))     # weir -> upstream (and -> mock for streams)
+MOCK_PORT=$((BASE_PORT + 3))     # weir mock, paced SSE streams
+MODEL=bench-model
+STREAM_MODEL=mock-model
+
+die() { echo "load.sh: $*" >&2; exit 1; }
+
+# --- tools ---------------------------------------------------------------
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+command -v python3 >/dev/null || need+=(python3)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing ${need[*]} (apt-get)"
+    sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+if [ -z "${WEIR_BIN:-}" ]; then
+    cargo build --release --bin weir
+    WEIR_BIN=target/release/weir
+fi
+[ -x "$WEIR_BIN" ] || die "no weir binary at $WEIR_BIN"
+WEIR_BIN=$(realpath "$WEIR_BIN")
+
+# 256 streams x 2 sockets each, wrk, nginx: raise the soft limit to the hard one.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge 2048 ] \
+    || die "open-files limit $(ulimit -n) is below 2048"
+
+for port in $UP_PORT $NGINX_PORT $WEIR_PORT $MOCK_PORT; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        die "port $port is busy (something listens on 127.0.0.1:$port); set BASE_PORT"
+    fi
+done
+
+# --- processes -------------------------------------------------------------
+DIR=$(mktemp -d /tmp/weir-load.XXXXXX)
+chmod 755 "$DIR"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [ "${KEEP:-0}" = 1 ]; then echo "kept $DIR"; else rm -rf "$DIR"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Waits until 127.0.0.1:$1 accepts connections; fails if process $2 died.
+wait_port() {
+    for _ in $(seq 100); do
+        kill -0 "$2" 2>/dev/null || die "$3 exited at startup; see $DIR/$3.log"
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "$3 does not listen on 127.0.0.1:$1; see $DIR/$3.log"
+}
+
+# One nginx in the foreground (daemon off) with its own prefix, pid and logs.
+start_nginx() { # name server-block
+    local name=$1 conf="$DIR/$1"
+    mkdir -p "$conf/logs"
+    chmod 777 "$conf" "$conf/logs"
+    cat >"$conf/nginx.conf" <<EOF
+$([ "$(id -u)" = 0 ] && echo "user root;")
+worker_processes auto;
+daemon off;
+pid $conf/nginx.pid;
+error_log $conf/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $conf/body;
+    proxy_temp_path $conf/proxy;
+    fastcgi_temp_path $conf/fastcgi;
+    uwsgi_temp_path $conf/uwsgi;
+    scgi_temp_path $conf/scgi;
+    keepalive_requests 1000000;
+    $2
+}
+EOF
+    "$NGINX" -p "$conf" -c "$conf/nginx.conf" -e "$conf/logs/error.log" >"$DIR/$name.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$3" $! "$name"
+}
+
+start_nginx upstream "server {
+        listen 127.0.0.1:$UP_PORT;
+        default_type application/json;
+        location / { return 200 '{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[]}'; }
+    }" "$UP_PORT"
+
+start_nginx nginx "upstream up { server 127.0.0.1:$UP_PORT; keepalive 64; }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }" "$NGINX_PORT"
+
+"$WEIR_BIN" mock --listen "127.0.0.1:$MOCK_PORT" --models "$STREAM_MODEL" \
+    --tokens-per-sec 50 --chunks 20 --no-record >"$DIR/mock.log" 2>&1 &
+PIDS+=($!)
+wait_port "$MOCK_PORT" $! mock
+
+cat >"$DIR/weir.toml" <<EOF
+[server]
+listen = "127.0.0.1:$WEIR_PORT"
+
+[limits]
+requests_per_minute = 100_000_000
+tokens_per_minute = 1_000_000_000_000
+
+[[models]]
+name = "$MODEL"
+requests_per_minute = 100_000_000
+tokens_per_minute = 1_000_000_000_000
+max_concurrent = 10000
+
+[[models]]
+name = "$STREAM_MODEL"
+requests_per_minute = 100_000_000
+tokens_per_minute = 1_000_000_000_000
+max_concurrent = 10000
+
+[[backends]]
+name = "up-a"
+url = "http://127.0.0.1:$UP_PORT/v1"
+models = ["$MODEL"]
+weight = 3
+
+[[backends]]
+name = "up-b"
+url = "http://127.0.0.1:$UP_PORT/v1"
+models = ["$MODEL"]
+weight = 1
+
+[[backends]]
+name = "mock"
+url = "http://127.0.0.1:$MOCK_PORT/v1"
+models = ["$STREAM_MODEL"]
+
+[health]
+enabled = false
+EOF
+RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir.toml" >"$DIR/weir.log" 2>&1 &
+WEIR_PID=$!
+PIDS+=($WEIR_PID)
+wait_port "$WEIR_PORT" $WEIR_PID weir
+
+rss() { awk '/^VmRSS/ {print $2 " " $3}' "/proc/$WEIR_PID/status"; }
+
+# --- requests/s and latency -------------------------------------------------
+cat >"$DIR/post.lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}'
+EOF
+
+# Every target must answer the bench request with 200 before it is timed.
+for target in "upstream:$UP_PORT" "nginx:$NGINX_PORT" "weir:$WEIR_PORT"; do
+    code=$(curl -s -o "$DIR/check.out" -w '%{http_code}' -H 'Content-Type: application/json' \
+        --data "{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hi.\"}],\"max_tokens\":16}" \
+        "http://127.0.0.1:${target#*:}/v1/chat/completions")
+    [ "$code" = 200 ] || die "${target%%:*} answered $code: $(cat "$DIR/check.out")"
+done
+
+sleep 1
+RSS_IDLE=$(rss)
+
+# wrk latency figure -> microseconds.
+to_us() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n = n; else if (u == "ms") n *= 1000; else if (u == "s") n *= 1e6
+        printf "%.0f", n }'
+}
+
+# run name port conns -> "rps p50_us p99_us errors"
+run() {
+    local out="$DIR/wrk-$1-$3.txt"
+    wrk -t1 -c"$3" -d"${DURATION}s" --latency -s "$DIR/post.lua" \
+        "http://127.0.0.1:$2/v1/chat/completions" >"$out"
+    local rps p50 p99 bad
+    rps=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' "$out")
+    p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$out")")
+    p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$out")")
+    bad=$(awk '/Non-2xx/ {print $5} /Socket errors/ {print "sock"}' "$out" | paste -sd, -)
+    echo "$rps $p50 $p99 ${bad:-0}"
+}
+
+fmt_us() { awk -v u="$1" 'BEGIN { if (u >= 1000) printf "%.2f ms", u / 1000; else printf "%d µs", u }'; }
+
+echo
+echo "warm-up (2 s each) ..."
+for port in $UP_PORT $NGINX_PORT $WEIR_PORT; do
+    wrk -t1 -c32 -d2s -s "$DIR/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+done
+
+declare -A R
+for conns in 1 32; do
+    for t in upstream:$UP_PORT nginx:$NGINX_PORT weir:$WEIR_PORT; do
+        R[${t%%:*}-$conns]=$(run "${t%%:*}" "${t#*:}" "$conns")
+    done
+done
+RSS_LOADED=$(rss)
+
+echo
+echo "wrk -t1 -d${DURATION}s, POST /v1/chat/completions (small chat JSON), nginx return 200 upstream"
+echo
+echo "| target | conns | req/s | p50 | p99 | errors |"
+echo "|---|---|---|---|---|---|"
+for conns in 1 32; do
+    for t in upstream nginx weir; do
+        read -r rps p50 p99 bad <<<"${R[$t-$conns]}"
+        name=$t; [ "$t" = upstream ] && name="upstream direct"
+        echo "| $name | $conns | $rps | $(fmt_us "$p50") | $(fmt_us "$p99") | $bad |"
+    done
+done
+echo
+echo "| weir / nginx | conns | req/s | p50 | p99 |"
+echo "|---|---|---|---|---|"
+for conns in 1 32; do
+    read -r wr w50 w99 _ <<<"${R[weir-$conns]}"
+    read -r nr n50 n99 _ <<<"${R[nginx-$conns]}"
+    awk -v c="$conns" -v wr="$wr" -v nr="$nr" -v w50="$w50" -v n50="$n50" -v w99="$w99" -v n99="$n99" \
+        'BEGIN { printf "| ratio | %s | %.2f | %.2f | %.2f |\n", c, wr / nr, w50 / n50, w99 / n99 }'
+done
+echo
+echo "weir RSS: idle $RSS_IDLE, after load $RSS_LOADED"
+
+# --- streaming: time to first byte ---------------------------------------------
+echo
+echo "streams: weir mock --tokens-per-sec 50 --chunks 20; TTFB = send -> first data: line"
+echo
+echo "| target | concurrent | streams | median | p90 | p99 | max | errors |"
+echo "|---|---|---|---|---|---|---|---|"
+declare -A T
+for spec in "1 20" "256 3"; do
+    read -r conc rounds <<<"$spec"
+    for t in direct:$MOCK_PORT weir:$WEIR_PORT; do
+        res=$(python3 benches/ttfb.py 127.0.0.1 "${t#*:}" "$STREAM_MODEL" "$conc" "$rounds")
+        T[${t%%:*}-$conc]=$res
+        read -r n med p90 p99 max err <<<"$res"
+        echo "| ${t%%:*} | $conc | $n | $med ms | $p90 ms | $p99 ms | $max ms | $err |"
+    done
+done
+echo
+for conc in 1 256; do
+    read -r _ dmed _ dp99 _ _ <<<"${T[direct-$conc]}"
+    read -r _ wmed _ wp99 _ _ <<<"${T[weir-$conc]}"
+    awk -v c="$conc" -v d="$dmed" -v w="$wmed" -v d9="$dp99" -v w9="$wp99" \
+        'BEGIN { printf "TTFB overhead at %s streams: median %+.2f ms, p99 %+.2f ms\n", c, w - d, w9 - d9 }'
+done
+echo "weir RSS after streams: $(rss)"
