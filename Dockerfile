@@ -1,21 +1,56 @@
 # syntax=docker/dockerfile:1
-# Build: the official Rust image, the same `cargo build --release --locked`
-# that .ci/run performs.
-FROM rust:1-slim-bookworm AS build
-WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY src ./src
-COPY benches ./benches
-COPY config ./config
-RUN cargo build --release --locked --bin weir
+#
+# weir container image.
+#
+#   docker build -t weir .
+#   docker run --rm -p 8080:8080 -v "$PWD/weir.toml:/etc/weir/weir.toml:ro" \
+#       -e SGP_API_KEY weir
+#
+# Two stages: the official Rust image compiles the binary exactly as .ci/run
+# does (`cargo build --release --locked --bin weir`); the runtime stage is
+# distroless: glibc and the binary, no shell, no package manager. weir talks
+# TLS through rustls with the compiled-in webpki roots, so it does not need
+# the image's CA bundle either.
 
-# Run: distroless (glibc, CA certificates, no shell), as a non-root user.
+# The builder must be the same Debian release as the runtime image
+# (bookworm = debian12): a binary linked against a newer glibc would not start
+# on the older one. 1.95 is the toolchain CI tests with.
+ARG RUST_VERSION=1.95
+
+FROM rust:${RUST_VERSION}-slim-bookworm AS build
+WORKDIR /src
+# Only what the build reads (see .dockerignore): the manifest, the lock file,
+# the sources, and benches/ because Cargo.toml declares [[bench]] targets,
+# whose files cargo checks exist even when building only the binary.
+COPY Cargo.toml Cargo.lock ./
+COPY benches ./benches
+COPY src ./src
+# The cache mounts keep the crates.io downloads and compiled dependencies
+# between builds, so a source change recompiles weir only. target/ is a cache
+# mount, so the binary is copied out of it in the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin weir \
+    && cp target/release/weir /usr/local/bin/weir
+
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/weir /usr/local/bin/weir
+COPY --from=build /usr/local/bin/weir /usr/local/bin/weir
+# The example configuration, so that `weir check` and `weir demo` work out of
+# the box; mount your own over it (a Kubernetes ConfigMap, a bind mount).
 COPY config/weir.toml /etc/weir/weir.toml
 ENV WEIR_CONFIG=/etc/weir/weir.toml
-USER nonroot:nonroot
+# distroless' "nonroot" user, by number: Kubernetes' runAsNonRoot can only
+# verify a numeric user.
+USER 65532:65532
+# 8080: the OpenAI-style API (`server.listen`); 9090: /metrics and /admin/*
+# when `server.admin_listen` is set to 0.0.0.0:9090.
 EXPOSE 8080 9090
+# weir drains in-flight requests (streams too) on SIGTERM within
+# `server.shutdown_grace`; give `docker stop -t` at least that long.
 STOPSIGNAL SIGTERM
+# No curl in the image: the binary probes itself. It GETs
+# http://127.0.0.1:8080/healthz; set WEIR_HEALTHCHECK_URL if `listen` differs.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["/usr/local/bin/weir", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/weir"]
 CMD ["serve"]

@@ -14,7 +14,8 @@
 //! * [`proxy`] runs the attempts, header hygiene and response streaming;
 //! * [`upstream`] owns the pooled HTTP clients that talk to backends;
 //! * [`config`] parses and validates the TOML file;
-//! * [`mock`] is an OpenAI-compatible mock backend for demos, tests, benches.
+//! * [`mock`] is an OpenAI-compatible mock backend for demos, tests, benches;
+//! * [`healthcheck`] is `weir healthcheck`, the container's own probe.
 //!
 //! [`Gateway`] ties them together and is what `main.rs` and the tests start.
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod demo;
 mod gateway;
 mod headers;
 pub mod health;
+pub mod healthcheck;
 mod metrics;
 pub mod mock;
 mod proxy;

@@ -1,4 +1,5 @@
-//! The `weir` command: `serve` (the default), `check`, `demo`, `mock`.
+//! The `weir` command: `serve` (the default), `check`, `demo`, `mock`,
+//! `healthcheck`.
 //!
 //! This file owns the process concerns the library leaves out: the command
 //! line, logging set-up, and turning signals into calls on the gateway's
@@ -33,6 +34,18 @@ enum Command {
     Demo(DemoArgs),
     /// Run a standalone OpenAI-compatible mock backend.
     Mock(MockArgs),
+    /// GET a running gateway's /healthz; exit 0 on 2xx, else 1 (container probes).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Args, Debug)]
+struct HealthcheckArgs {
+    /// URL to GET (plain http).
+    #[arg(long, env = "WEIR_HEALTHCHECK_URL", default_value = weir::healthcheck::DEFAULT_URL)]
+    url: String,
+    /// Give up after this long, connecting included, e.g. "2s".
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -96,6 +109,15 @@ fn main() -> ExitCode {
         Command::Check => return check(&config_path(cli.config)),
         Command::Demo(args) => runtime.block_on(demo(args)),
         Command::Mock(args) => runtime.block_on(mock(args)),
+        Command::Healthcheck(args) => {
+            return match runtime.block_on(weir::healthcheck::check(&args.url, args.timeout)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weir healthcheck: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
