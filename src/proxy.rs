@@ -465,15 +465,16 @@ impl Exchange<'_> {
 }
 
 /// A retry in progress, counted against `retry.budget_percent` of the
-/// requests in flight (Envoy's retry budget; at least one retry may always
-/// run, so a lone client still gets its retry).
+/// requests in flight (Envoy's retry budget, with Envoy's default
+/// `min_retry_concurrency` of 3: a few retries may always run, so the
+/// handful of requests caught on a backend that dies all get theirs).
 struct RetryPermit<'a>(&'a std::sync::atomic::AtomicU64);
 
 impl<'a> RetryPermit<'a> {
     fn try_new(shared: &'a Shared, budget_percent: u8) -> Option<Self> {
         use std::sync::atomic::Ordering;
         let active = shared.active_requests.load(Ordering::Relaxed);
-        let allowed = (active * u64::from(budget_percent) / 100).max(1);
+        let allowed = (active * u64::from(budget_percent) / 100).max(MIN_RETRY_CONCURRENCY);
         shared
             .active_retries
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
@@ -507,6 +508,9 @@ impl Drop for ActiveRequest<'_> {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
+
+/// Retries that may run at once whatever the budget (Envoy's default).
+const MIN_RETRY_CONCURRENCY: u64 = 3;
 
 /// A uniformly random duration in `[0, max]` (full jitter).
 fn full_jitter(max: Duration) -> Duration {

@@ -1,0 +1,413 @@
+//! Health and balancing through real sockets: active tiers, passive
+//! ejection, slow start, deep-tier weights, upstream 429s, retries.
+//! Timing-sensitive checks poll with generous deadlines and print what they
+//! measured (docs/BENCHMARKS.md quotes these figures).
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use common::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    time::Instant,
+};
+use weir::mock::{self, MockConfig, MockHandle};
+
+const MODEL: &str = "m";
+
+fn weight(gw: &weir::Handle, backend: &str) -> u32 {
+    let snapshot = gw.snapshot();
+    let route = snapshot.model(MODEL).expect("model routed");
+    route
+        .members
+        .iter()
+        .find(|m| m.backend.config.name == backend)
+        .map_or(0, |m| m.effective_weight)
+}
+
+async fn admin_backend(gw: &weir::Handle, name: &str) -> serde_json::Value {
+    let j = get(gw.admin_addr(), "/admin/backends").await.json();
+    j["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no backend {name} in {j}"))
+}
+
+async fn mocks(n: usize, cfg: MockConfig) -> Vec<MockHandle> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(
+            mock::start(cfg.clone().models(vec![MODEL.into()]).name(format!("b{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    v
+}
+
+fn config_for(mocks: &[MockHandle], weights: &[u32], health: &str, extra_backend: &str) -> String {
+    let mut toml = format!("[[models]]\nname = \"{MODEL}\"\n\n");
+    for (i, (m, w)) in mocks.iter().zip(weights).enumerate() {
+        toml.push_str(&backend(&format!("b{i}"), &m.base_url(), &[MODEL], *w));
+        toml.push_str(extra_backend);
+        toml.push('\n');
+    }
+    toml.push_str(health);
+    toml
+}
+
+/// Fast probes for tests: liveness every 100 ms, the slow tiers effectively off.
+const FAST_LIVENESS: &str = "[health]\nunhealthy_threshold = 2\nhealthy_threshold = 2\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"100ms\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_backend_under_load_shows_no_client_error() {
+    let ms = mocks(
+        3,
+        MockConfig::default()
+            .latency(Duration::from_millis(2))
+            .record(false),
+    )
+    .await;
+    let gw = gateway(&config_for(&ms, &[1, 1, 1], FAST_LIVENESS, "")).await;
+    let addr = gw.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let statuses = Arc::new(Mutex::new(HashMap::<u16, u32>::new()));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, statuses) = (stop.clone(), statuses.clone());
+        load.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                let r = send(
+                    &c,
+                    "POST",
+                    addr,
+                    "/v1/chat/completions",
+                    &[("content-type", "application/json")],
+                    chat(MODEL, false),
+                )
+                .await;
+                *statuses
+                    .lock()
+                    .unwrap()
+                    .entry(r.status.as_u16())
+                    .or_default() += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = Instant::now();
+    ms[1].shutdown();
+    ms[1].stopped().await;
+
+    // Passive: the first refused connection ejects it.
+    let mut passive = None;
+    let mut liveness = None;
+    while killed.elapsed() < Duration::from_secs(5) && (passive.is_none() || liveness.is_none()) {
+        if passive.is_none() && weight(&gw, "b1") == 0 {
+            passive = Some(killed.elapsed());
+        }
+        if liveness.is_none()
+            && admin_backend(&gw, "b1").await["tiers"]["liveness"]["state"] == "down"
+        {
+            liveness = Some(killed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let statuses = statuses.lock().unwrap().clone();
+    let passive = passive.expect("ejected by outlier detection");
+    let liveness = liveness.expect("marked down by liveness");
+    println!("FIGURE kill-to-out passive={passive:?} liveness={liveness:?} statuses={statuses:?}");
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        vec![200],
+        "client-visible errors: {statuses:?}"
+    );
+    assert!(
+        passive < Duration::from_secs(1),
+        "passive ejection took {passive:?}"
+    );
+    // interval × unhealthy_threshold + timeout = 300 ms; probes are jittered
+    // by ±10%, and this machine is shared: allow a wide margin.
+    assert!(
+        liveness < Duration::from_millis(1500),
+        "liveness took {liveness:?}"
+    );
+    assert_eq!(admin_backend(&gw, "b1").await["state"], "ejected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_takes_out_a_backend_that_cannot_infer() {
+    let ms = mocks(2, MockConfig::default()).await;
+    let health = "[health]\nunhealthy_threshold = 2\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"500ms\" }\nreadiness = { interval = \"100ms\", timeout = \"500ms\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let gw = gateway(&config_for(
+        &ms,
+        &[1, 1],
+        health,
+        "health_path = \"/health\"\n",
+    ))
+    .await;
+    ms[0].update(|c| c.fail_inference_only = true);
+    let start = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || weight(&gw, "b0") == 0).await,
+        "b0 still in rotation"
+    );
+    println!("FIGURE readiness-out {:?}", start.elapsed());
+    let b0 = admin_backend(&gw, "b0").await;
+    assert_eq!(b0["state"], "out", "{b0}");
+    assert_eq!(b0["tiers"]["readiness"]["state"], "down", "{b0}");
+    assert_eq!(
+        b0["tiers"]["liveness"]["state"], "up",
+        "/health still passes: {b0}"
+    );
+    assert_eq!(weight(&gw, "b1"), 1);
+    // Everything now goes to b1.
+    for _ in 0..10 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-weir-backend"), "b1");
+    }
+    // /readyz stays 200: the model still has a backend.
+    assert_eq!(get(gw.addr(), "/readyz").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_backend_returns_through_slow_start() {
+    let ms = mocks(2, MockConfig::default()).await;
+    let health = "[health]\nunhealthy_threshold = 2\nhealthy_threshold = 2\nslow_start = \"2s\"\nliveness = { interval = \"50ms\", timeout = \"200ms\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let gw = gateway(&config_for(
+        &ms,
+        &[100, 100],
+        health,
+        "health_path = \"/health\"\n",
+    ))
+    .await;
+    ms[0].update(|c| c.health_status = Some(500));
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") == 0).await);
+    assert_eq!(get(gw.addr(), "/readyz").await.status, 200);
+    ms[0].update(|c| c.health_status = None);
+    // Back after healthy_threshold passes, at a fraction of its weight...
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") > 0).await);
+    let first = weight(&gw, "b0");
+    assert!(first <= 50, "came back at {first}, not ramping from 10%");
+    // ...rising to full weight over slow_start.
+    let mut seen = vec![first];
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while weight(&gw, "b0") < 100 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen.push(weight(&gw, "b0"));
+    }
+    println!("FIGURE slow-start weights {seen:?}");
+    assert_eq!(weight(&gw, "b0"), 100, "{seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "monotonic ramp: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|&w| w > first && w < 100),
+        "intermediate steps: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_tier_shrinks_a_slow_backend_and_degrades_a_saturated_one() {
+    let fast = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .tokens_per_sec(200.0)
+            .chunks(8),
+    )
+    .await
+    .unwrap();
+    let slow = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .tokens_per_sec(25.0)
+            .chunks(8),
+    )
+    .await
+    .unwrap();
+    let full = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .tokens_per_sec(200.0)
+            .chunks(8)
+            .requests_waiting(3)
+            .kv_cache_usage(0.97),
+    )
+    .await
+    .unwrap();
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"300ms\", timeout = \"5s\", samples = 2, max_tokens = 8 }\n";
+    let ms = [fast, slow, full];
+    let gw = gateway(&config_for(
+        &ms,
+        &[100, 100, 100],
+        health,
+        "metrics_path = \"/metrics\"\n",
+    ))
+    .await;
+    let settled = eventually(Duration::from_secs(10), || {
+        weight(&gw, "b1") < 60 && weight(&gw, "b2") <= 50 && weight(&gw, "b0") == 100
+    })
+    .await;
+    let weights = (weight(&gw, "b0"), weight(&gw, "b1"), weight(&gw, "b2"));
+    println!("FIGURE deep-tier weights fast/slow/saturated = {weights:?}");
+    assert!(settled, "weights {weights:?}");
+    assert_eq!(admin_backend(&gw, "b2").await["state"], "degraded");
+    assert_eq!(admin_backend(&gw, "b1").await["state"], "healthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_429_sends_traffic_elsewhere_until_retry_after() {
+    let ms = mocks(2, MockConfig::default()).await;
+    ms[0].update(|c| {
+        c.rate_limit_rate = 1.0;
+        c.retry_after = 1;
+    });
+    let health = "[health]\nenabled = false\nslow_start = \"0s\"\n";
+    let gw = gateway(&config_for(&ms, &[1, 1], health, "")).await;
+    let mut backends = Vec::new();
+    for _ in 0..6 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        backends.push(r.header("x-weir-backend").to_owned());
+    }
+    assert!(backends.iter().all(|b| b == "b1"), "{backends:?}");
+    assert_eq!(ms[0].requests(), 1, "b0 was left alone after its 429");
+    ms[0].update(|c| c.rate_limit_rate = 0.0);
+    assert!(
+        eventually(Duration::from_secs(3), || weight(&gw, "b0") == 1).await,
+        "b0 returns after Retry-After"
+    );
+    let mut back = false;
+    for _ in 0..6 {
+        back |= post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false))
+            .await
+            .header("x-weir-backend")
+            == "b0";
+    }
+    assert!(back);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_try_each_backend_once_then_pass_the_last_answer_through() {
+    let ms = mocks(3, MockConfig::default().failure_rate(1.0)).await;
+    let health = "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 100\n\n[retry]\nmax_attempts = 3\nbase_delay = \"1ms\"\nmax_delay = \"5ms\"\n";
+    let gw = gateway(&config_for(&ms, &[1, 1, 1], health, "")).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 500, "the last backend's own answer: {}", r.text());
+    let seen: Vec<u64> = ms.iter().map(MockHandle::requests).collect();
+    assert_eq!(seen, vec![1, 1, 1], "never the same backend twice");
+    let metrics = get(gw.addr(), "/metrics").await.text();
+    assert!(
+        metrics.contains("weir_retries_total{model=\"m\",reason=\"status_5xx\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_backend_is_retried_after_a_transient_failure() {
+    let ms = mocks(1, MockConfig::default()).await;
+    let health = "[health]\nenabled = false\n\n[retry]\nmax_attempts = 3\nbase_delay = \"1ms\"\nmax_delay = \"5ms\"\n";
+    let gw = gateway(&config_for(&ms, &[1], health, "")).await;
+    ms[0].update(|c| c.failure_rate = 1.0);
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 500);
+    assert_eq!(ms[0].requests(), 3, "all attempts went to the only backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_caps_retries() {
+    let ms = mocks(
+        2,
+        MockConfig::default()
+            .failure_rate(1.0)
+            .latency(Duration::from_millis(200)),
+    )
+    .await;
+    let health = "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 1000\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 20\n";
+    let gw = gateway(&config_for(&ms, &[1, 1], health, "")).await;
+    let addr = gw.addr();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn(async move {
+                post(addr, "/v1/chat/completions", &chat(MODEL, false))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 500);
+    }
+    let total: u64 = ms.iter().map(MockHandle::requests).sum();
+    let retries = total - 20;
+    println!("FIGURE retry-budget 20 failing requests -> {retries} retries");
+    // 20% of 20 in flight: about 4 retries at once, far from one per request.
+    assert!(retries <= 8, "{retries} retries despite the budget");
+    assert!(retries >= 1, "a budget still allows some retries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_breaks_after_its_first_byte_ends_with_an_error_and_is_not_replayed() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let accepted2 = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            accepted2.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                let event = "data: {\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
+                    event.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Abrupt end: no terminating chunk.
+                drop(s);
+            });
+        }
+    });
+    let other = mock::start(MockConfig::default().models(vec![MODEL.into()]))
+        .await
+        .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{}[health]\nenabled = false\n",
+        backend("broken", &format!("http://{up_addr}/v1"), &[MODEL], 1000),
+        backend("other", &other.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &chat(MODEL, true)).await;
+    assert_eq!(s.status, 200);
+    assert_eq!(s.headers["x-weir-backend"], "broken");
+    let text = s.text();
+    assert!(text.contains("\"content\":\"hi\""), "{text}");
+    assert!(
+        text.contains("event: error"),
+        "the stream ends with an SSE error event: {text}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "not replayed");
+    assert_eq!(other.requests(), 0, "not replayed elsewhere either");
+}
