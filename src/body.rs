@@ -20,13 +20,18 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
 
+use std::sync::Arc;
+
 use crate::{
     admission::{
         limiter::Admitted,
         tokens::{Usage, UsageFilter, UsageTail},
     },
+    gateway::Shared,
+    health::outlier::{self, Outcome},
     metrics::TokenCounters,
     snapshot::InFlight,
+    snapshot::{BackendState, Snapshot},
 };
 
 /// Every response body weir produces.
@@ -83,6 +88,27 @@ pub struct ProxiedBody {
     /// The admission this request holds and how its usage is read; `None`
     /// once settled. Dropping it returns the concurrency permit.
     accounting: Option<Accounting>,
+    /// Reports a body that breaks mid-way to outlier detection.
+    reporter: Option<MidStreamReporter>,
+}
+
+/// What a body needs to count a mid-stream upstream failure towards the
+/// backend's outlier state (SPEC "Backend faults").
+pub(crate) struct MidStreamReporter {
+    /// For the rebuild signal.
+    pub shared: Arc<Shared>,
+    /// The snapshot the request started with (for `max_ejection_percent`).
+    pub snapshot: Arc<Snapshot>,
+    /// The backend whose body failed.
+    pub backend: Arc<BackendState>,
+}
+
+impl std::fmt::Debug for MidStreamReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MidStreamReporter")
+            .field("backend", &self.backend.config.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Token accounting for one response: the admission to reconcile and the
@@ -152,6 +178,7 @@ impl ProxiedBody {
         deadline: Pin<Box<Sleep>>,
         sse: bool,
         accounting: Option<Accounting>,
+        reporter: Option<MidStreamReporter>,
     ) -> Self {
         Self {
             inner,
@@ -160,6 +187,7 @@ impl ProxiedBody {
             sse,
             finished: false,
             accounting,
+            reporter,
         }
     }
 
@@ -188,6 +216,9 @@ impl ProxiedBody {
         self.in_flight = None;
         // No usage will come: the estimate stays charged; the permit returns.
         self.accounting = None;
+        if let (BodyError::Upstream(_), Some(r)) = (&error, self.reporter.take()) {
+            outlier::report(&r.shared, &r.snapshot, &r.backend, Outcome::Failure);
+        }
         if self.sse {
             let message = match &error {
                 BodyError::Timeout => "request timeout passed while streaming the response",

@@ -9,7 +9,7 @@
 //! yet) or answers a status weir may retry elsewhere; once a response is
 //! handed to the client it is never replayed.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{header, request::Parts, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -25,7 +25,7 @@ use crate::{
         tokens::{self, UsageFilter, UsageTail},
     },
     api::{facts, insert_rate_headers, json_response, ApiError},
-    body::{Accounting, GatewayBody, ProxiedBody, UsageReader},
+    body::{Accounting, GatewayBody, MidStreamReporter, ProxiedBody, UsageReader},
     gateway::Shared,
     headers,
     health::outlier::{self, Outcome},
@@ -83,8 +83,8 @@ pub(crate) fn models(path: &str, snapshot: &Snapshot) -> Result<Response<Gateway
 /// Proxies one `POST /v1/*` request.
 pub(crate) async fn forward(
     req: Request<Incoming>,
-    shared: &Shared,
-    snapshot: &Snapshot,
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
     request_id: &HeaderValue,
     log: &mut RequestLog,
 ) -> Result<Response<GatewayBody>, ApiError> {
@@ -140,8 +140,8 @@ pub(crate) async fn forward(
 
 /// Everything the attempts of one request share.
 struct Exchange<'a> {
-    shared: &'a Shared,
-    snapshot: &'a Snapshot,
+    shared: &'a Arc<Shared>,
+    snapshot: &'a Arc<Snapshot>,
     route: &'a ModelRoute,
     /// The client's path after `/v1`.
     rest: &'a str,
@@ -448,6 +448,11 @@ impl Exchange<'_> {
             Box::pin(tokio::time::sleep_until(self.deadline)),
             sse,
             Some(accounting),
+            Some(MidStreamReporter {
+                shared: self.shared.clone(),
+                snapshot: self.snapshot.clone(),
+                backend: member.backend.clone(),
+            }),
         );
         Response::from_parts(parts, GatewayBody::Proxied(body))
     }

@@ -394,7 +394,7 @@ async fn a_stream_that_breaks_after_its_first_byte_ends_with_an_error_and_is_not
         .await
         .unwrap();
     let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\n\n{}{}[health]\nenabled = false\n",
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{}[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 1\n",
         backend("broken", &format!("http://{up_addr}/v1"), &[MODEL], 1000),
         backend("other", &other.base_url(), &[MODEL], 1)
     );
@@ -410,4 +410,9 @@ async fn a_stream_that_breaks_after_its_first_byte_ends_with_an_error_and_is_not
     );
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "not replayed");
     assert_eq!(other.requests(), 0, "not replayed elsewhere either");
+    // The broken body counted towards outlier detection (threshold 1).
+    assert!(
+        eventually(Duration::from_secs(2), || weight(&gw, "broken") == 0).await,
+        "a mid-stream failure counts as a failure"
+    );
 }
