@@ -212,6 +212,20 @@ impl Gateway {
         }
         shared.metrics.publish_weights(&shared.snapshot.load());
         tasks.spawn(checker::supervise(shared.clone(), shutdown.child_token()));
+        // `server.watch_config` is read at start only (a reload that flips it
+        // reports that it needs a restart).
+        if config.server.watch_config {
+            match shared.config_path.clone() {
+                Some(path) => {
+                    tasks.spawn(crate::watch::watch(
+                        shared.clone(),
+                        path,
+                        shutdown.child_token(),
+                    ));
+                }
+                None => tracing::warn!("watch_config is set but there is no config file to watch"),
+            }
+        }
         checker::sync_probes(&shared);
         Ok(Handle {
             addr,

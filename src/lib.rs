@@ -39,6 +39,7 @@ mod reload;
 mod server;
 pub mod snapshot;
 mod upstream;
+mod watch;
 
 pub use config::{Config, Secret};
 pub use gateway::{Gateway, Handle};

@@ -84,6 +84,13 @@ pub(crate) struct RetryLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `weir_config_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReloadLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 /// Labels of `weir_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -106,6 +113,8 @@ pub(crate) struct Metrics {
     effective_weight: Family<WeightLabels, Gauge>,
     /// `weir_retries_total{model,reason}`.
     pub retries: Family<RetryLabels, Counter>,
+    /// `weir_config_reloads_total{result}`: every reload's outcome.
+    config_reloads: Family<ReloadLabels, Counter>,
 }
 
 /// `weir_tokens_total{model,kind}` handles of one model.
@@ -187,6 +196,16 @@ impl Metrics {
             "Attempts retried on another backend, by reason",
             retries.clone(),
         );
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        // Both series exist from the start, so `increase(...)` alerts see 0.
+        for result in ["ok", "error"] {
+            let _ = config_reloads.get_or_create(&ReloadLabels { result });
+        }
+        registry.register(
+            "weir_config_reloads",
+            "Config reloads, by result (ok or error)",
+            config_reloads.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -206,7 +225,16 @@ impl Metrics {
             backend_up,
             effective_weight,
             retries,
+            config_reloads,
         }
+    }
+
+    /// Counts one reload in `weir_config_reloads_total`; `result` is `ok`
+    /// or `error`.
+    pub(crate) fn count_reload(&self, result: &'static str) {
+        self.config_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
     }
 
     /// The `weir_backend_up{backend,tier}` handle.

@@ -1,98 +1,463 @@
-//! Configuration reload (SIGHUP, `POST /admin/reload`).
+//! Configuration reload (SIGHUP, `POST /admin/reload`, `server.watch_config`).
 //!
 //! The new file is read and validated in full on a blocking thread before
-//! anything changes; an invalid file changes nothing. A valid one becomes a
-//! new [`Snapshot`] swapped in with one `ArcSwap::store`: requests in flight
-//! keep the snapshot they loaded, and backends whose identity (name + url)
-//! and settings did not change keep their live state. Reloads are
-//! serialised, so the last one wins.
+//! anything changes; an invalid file changes nothing: its errors (each with
+//! file, line and column) are logged once, counted in
+//! `weir_config_reloads_total{result="error"}` and returned to the caller.
+//! A valid one becomes a new [`Snapshot`] swapped in with one
+//! `ArcSwap::store`: requests in flight keep the snapshot they loaded, and
+//! `Snapshot::build` carries live state over (backends by name + url, model
+//! limits by model name). Reloads are serialised by `Shared::reload_lock`, a
+//! FIFO mutex, and each reads the file only once it holds the lock, so the
+//! last reload asked for reads the newest file and wins.
+//!
+//! Settings that only take effect when a listener starts (`listen`,
+//! `admin_listen`, `max_connections`, the connection timeouts, `log_format`,
+//! `watch_config`) are reported as needing a restart and keep their running
+//! values, so the snapshot always says what is in effect.
+//!
+//! This module decides nothing about routing; it only builds, stores and
+//! describes. The change list is a cheap field-by-field comparison of the
+//! two validated configs (no serialisation, no generic diffing).
 
-use std::sync::Arc;
+use std::{collections::HashMap, fmt::Display, sync::Arc, time::Duration};
 
 use crate::{
-    config::Config,
+    config::{BackendConfig, Config, ConfigError, ConfigErrors, ModelConfig},
     gateway::{ReloadError, Shared},
+    health::{checker, state::HealthRecord},
     snapshot::Snapshot,
 };
 
-/// Re-reads the config file and swaps it in. Returns a short description of
-/// what changed, or why nothing did.
+/// Re-reads the config file and swaps it in. Returns what changed, one item
+/// per entry, or why nothing did. Every outcome is logged once and counted.
+///
+/// Cancellation-safe (an admin client that hangs up drops this future): the
+/// only awaits come before anything changes, and the build-and-store runs
+/// without one.
 pub(crate) async fn reload(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     let _serialised = shared.reload_lock.lock().await;
+    let result = swap_in(shared).await;
+    match &result {
+        Ok(changes) => {
+            shared.metrics.count_reload("ok");
+            tracing::info!(changes = %changes.join("; "), "config reloaded");
+        }
+        Err(e) => {
+            shared.metrics.count_reload("error");
+            tracing::error!(error = %one_line(e), "config reload refused; the old config keeps serving");
+        }
+    }
+    result
+}
+
+/// Loads, validates, builds and stores; the caller holds `reload_lock`.
+async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     let path = shared
         .config_path
         .clone()
         .ok_or(ReloadError::NoConfigFile)?;
     let env = shared.env.clone();
-    let parsed = tokio::task::spawn_blocking(move || Config::load(&path, &*env))
+    let shown = path.display().to_string();
+    // Reading and parsing is file I/O and CPU: keep it off the runtime.
+    let mut config = tokio::task::spawn_blocking(move || Config::load(&path, &*env))
         .await
-        .map_err(|e| ReloadError::Invalid(crate::config::ConfigErrors(vec![join_error(e)])))?;
-    let config = match parsed {
-        Ok(config) => config,
-        Err(errors) => {
-            tracing::error!(errors = %errors, "config reload refused; the old config keeps serving");
-            return Err(ReloadError::Invalid(errors));
-        }
-    };
-    let changes = {
+        .map_err(|e| ReloadError::Invalid(ConfigErrors(vec![join_error(&shown, &e)])))?
+        .map_err(ReloadError::Invalid)?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let (changes, checks_turned_off) = {
         let _serialised = shared.build_lock.lock().unwrap_or_else(|e| e.into_inner());
         let old = shared.snapshot.load_full();
         let changes = describe_changes(&old.config, &config);
+        keep_restart_only_settings(&old.config, &mut config);
+        let checks_turned_off = old.config.health.enabled && !config.health.enabled;
         let snapshot = Snapshot::build(Arc::new(config), Some(&old), &shared.metrics)?;
         shared.metrics.publish_weights(&snapshot);
         shared.snapshot.store(Arc::new(snapshot));
-        changes
+        (changes, checks_turned_off)
     };
-    crate::health::checker::sync_probes(shared);
-    tracing::info!(changes = %changes.join("; "), "config reloaded");
+    // Starts probes for new backends, cancels those of removed ones (which
+    // then drain: only requests that loaded an older snapshot still use them).
+    checker::sync_probes(shared);
+    if checks_turned_off {
+        forget_active_checks(shared);
+    }
     Ok(changes)
 }
 
-/// A one-line-per-item diff of the parts users change most.
-fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
-    let mut changes = Vec::new();
-    if old.server.listen != new.server.listen {
-        changes.push(format!(
-            "server.listen changed to {} (needs a restart; still listening on {})",
-            new.server.listen, old.server.listen
-        ));
+/// With active checks switched off, nothing would ever clear what they last
+/// said (a backend `pending` its first probe, or with liveness down, would
+/// stay out of rotation for good). SPEC: without checks, backends stay in
+/// rotation unless ejected, so forget the active tiers and keep the passive
+/// state (ejection, 429 window, slow start). Runs after `sync_probes`
+/// cancelled the probe tasks, then rebuilds.
+fn forget_active_checks(shared: &Shared) {
+    let snapshot = shared.snapshot.load_full();
+    for backend in snapshot.backends() {
+        backend.live.with_health(|health| {
+            let mut fresh = HealthRecord::default();
+            fresh.back_since = health.back_since;
+            fresh.ejected_until = health.ejected_until;
+            fresh.ejections = health.ejections;
+            fresh.rate_limited_until = health.rate_limited_until;
+            *health = fresh;
+        });
     }
+    checker::rebuild(shared);
+}
+
+/// Copies the settings read only when the gateway starts from the running
+/// config into the new one, so they are "otherwise ignored" (SPEC "Reload")
+/// and a later reload still reports them as needing a restart.
+fn keep_restart_only_settings(old: &Config, new: &mut Config) {
+    let (o, n) = (&old.server, &mut new.server);
+    n.listen = o.listen;
+    n.admin_listen = o.admin_listen;
+    n.max_connections = o.max_connections;
+    n.header_read_timeout = o.header_read_timeout;
+    n.idle_timeout = o.idle_timeout;
+    n.log_format = o.log_format;
+    n.watch_config = o.watch_config;
+}
+
+/// What changed, one item each (`backend b2 weight 1 -> 3`, `model m
+/// requests_per_minute 60 -> 120`, `backend b4 added`); `["no changes"]`
+/// when nothing did. Cheap: a field-by-field comparison, formatting only
+/// what differs.
+fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Changes(Vec::new());
+    restart_items(old, new, &mut out);
+    let (os, ns) = (&old.server, &new.server);
+    out.field(
+        "server",
+        "max_body_bytes",
+        &os.max_body_bytes,
+        &ns.max_body_bytes,
+    );
+    out.field(
+        "server",
+        "request_timeout",
+        &Dur(os.request_timeout),
+        &Dur(ns.request_timeout),
+    );
+    out.field(
+        "server",
+        "first_byte_timeout",
+        &Dur(os.first_byte_timeout),
+        &Dur(ns.first_byte_timeout),
+    );
+    out.field(
+        "server",
+        "shutdown_grace",
+        &Dur(os.shutdown_grace),
+        &Dur(ns.shutdown_grace),
+    );
+    // Secrets: say that they changed, never what they are.
+    out.secret("server", "api keys", os.api_keys != ns.api_keys);
+    out.secret("server", "admin token", os.admin_token != ns.admin_token);
+    let (ol, nl) = (&old.limits, &new.limits);
+    out.field(
+        "limits",
+        "requests_per_minute",
+        &Opt(ol.requests_per_minute),
+        &Opt(nl.requests_per_minute),
+    );
+    out.field(
+        "limits",
+        "tokens_per_minute",
+        &Opt(ol.tokens_per_minute),
+        &Opt(nl.tokens_per_minute),
+    );
     for b in &new.backends {
         match old.backends.iter().find(|o| o.name == b.name) {
-            None => changes.push(format!("backend {} added", b.name)),
-            Some(o) if o != b => changes.push(format!("backend {} changed", b.name)),
-            Some(_) => {}
+            None => out.push(format!("backend {} added", b.name)),
+            Some(o) => backend_changes(o, b, &mut out),
         }
     }
     for o in &old.backends {
         if !new.backends.iter().any(|b| b.name == o.name) {
-            changes.push(format!("backend {} removed", o.name));
+            out.push(format!("backend {} removed (draining)", o.name));
         }
     }
     for m in &new.models {
         match old.models.iter().find(|o| o.name == m.name) {
-            None => changes.push(format!("model {} added", m.name)),
-            Some(o) if o != m => changes.push(format!("model {} changed", m.name)),
-            Some(_) => {}
+            None => out.push(format!("model {} added", m.name)),
+            Some(o) => model_changes(o, m, &mut out),
         }
     }
     for o in &old.models {
         if !new.models.iter().any(|m| m.name == o.name) {
-            changes.push(format!("model {} removed", o.name));
+            out.push(format!("model {} removed", o.name));
         }
     }
-    if changes.is_empty() {
-        changes.push("no changes".to_owned());
+    if old.health.enabled != new.health.enabled {
+        out.field(
+            "health",
+            "enabled",
+            &old.health.enabled,
+            &new.health.enabled,
+        );
+    } else if old.health != new.health {
+        out.push("[health] settings changed".to_owned());
     }
-    changes
+    if old.outlier != new.outlier {
+        out.push("[outlier] settings changed".to_owned());
+    }
+    if old.retry != new.retry {
+        out.push("[retry] settings changed".to_owned());
+    }
+    let cluster = |c: &Config| {
+        c.cluster.as_ref().map(|c| {
+            (
+                c.redis_url_env.clone(),
+                c.redis_url.clone(),
+                c.key_prefix.clone(),
+            )
+        })
+    };
+    if cluster(old) != cluster(new) {
+        out.push("[cluster] settings changed".to_owned());
+    }
+    if out.0.is_empty() {
+        out.push("no changes".to_owned());
+    }
+    out.0
 }
 
-fn join_error(e: tokio::task::JoinError) -> crate::config::ConfigError {
-    crate::config::ConfigError {
-        file: String::new(),
+/// Settings that only take effect at start, where the file differs from
+/// what runs: reported, then reset by [`keep_restart_only_settings`].
+fn restart_items(old: &Config, new: &Config, out: &mut Changes) {
+    let (o, n) = (&old.server, &new.server);
+    let mut restart = |key: &str, old: String, new: String| {
+        if old != new {
+            out.push(format!(
+                "server.{key} {old} -> {new} needs a restart (still {old})"
+            ));
+        }
+    };
+    restart("listen", o.listen.to_string(), n.listen.to_string());
+    restart(
+        "admin_listen",
+        Opt(o.admin_listen).to_string(),
+        Opt(n.admin_listen).to_string(),
+    );
+    restart(
+        "max_connections",
+        o.max_connections.to_string(),
+        n.max_connections.to_string(),
+    );
+    restart(
+        "header_read_timeout",
+        Dur(o.header_read_timeout).to_string(),
+        Dur(n.header_read_timeout).to_string(),
+    );
+    restart(
+        "idle_timeout",
+        Dur(o.idle_timeout).to_string(),
+        Dur(n.idle_timeout).to_string(),
+    );
+    restart(
+        "log_format",
+        format!("{:?}", o.log_format).to_lowercase(),
+        format!("{:?}", n.log_format).to_lowercase(),
+    );
+    restart(
+        "watch_config",
+        o.watch_config.to_string(),
+        n.watch_config.to_string(),
+    );
+}
+
+/// Field-by-field changes of one backend present in both configs.
+fn backend_changes(o: &BackendConfig, n: &BackendConfig, out: &mut Changes) {
+    if o == n {
+        return;
+    }
+    let who = format!("backend {}", n.name);
+    if o.url != n.url {
+        // A new identity: fresh health state, in-flight count and pool.
+        out.push(format!(
+            "{who} url {} -> {} (new identity: health and connections start afresh)",
+            o.url, n.url
+        ));
+    }
+    out.field(&who, "weight", &o.weight, &n.weight);
+    out.field(&who, "models", &List(&o.models), &List(&n.models));
+    out.field(&who, "rename", &Renames(&o.rename), &Renames(&n.rename));
+    out.field(
+        &who,
+        "max_concurrent",
+        &Opt(o.max_concurrent),
+        &Opt(n.max_concurrent),
+    );
+    out.field(
+        &who,
+        "health_path",
+        &Quoted(&o.health_path),
+        &Quoted(&n.health_path),
+    );
+    out.field(
+        &who,
+        "metrics_path",
+        &Opt(o.metrics_path.as_deref().map(Quoted)),
+        &Opt(n.metrics_path.as_deref().map(Quoted)),
+    );
+    out.field(
+        &who,
+        "connect_timeout",
+        &Dur(o.connect_timeout),
+        &Dur(n.connect_timeout),
+    );
+    out.field(
+        &who,
+        "api_key_env",
+        &Opt(o.api_key_env.as_deref().map(Quoted)),
+        &Opt(n.api_key_env.as_deref().map(Quoted)),
+    );
+    out.secret(
+        &who,
+        "api key",
+        o.api_key_env == n.api_key_env && o.api_key != n.api_key,
+    );
+}
+
+/// Field-by-field changes of one model present in both configs.
+fn model_changes(o: &ModelConfig, n: &ModelConfig, out: &mut Changes) {
+    if o == n {
+        return;
+    }
+    let who = format!("model {}", n.name);
+    out.field(
+        &who,
+        "requests_per_minute",
+        &Opt(o.requests_per_minute),
+        &Opt(n.requests_per_minute),
+    );
+    out.field(
+        &who,
+        "tokens_per_minute",
+        &Opt(o.tokens_per_minute),
+        &Opt(n.tokens_per_minute),
+    );
+    out.field(&who, "burst", &Opt(o.burst), &Opt(n.burst));
+    out.field(
+        &who,
+        "max_concurrent",
+        &Opt(o.max_concurrent),
+        &Opt(n.max_concurrent),
+    );
+    out.field(
+        &who,
+        "queue_timeout",
+        &Dur(o.queue_timeout),
+        &Dur(n.queue_timeout),
+    );
+    out.field(&who, "max_queue", &o.max_queue, &n.max_queue);
+    out.field(&who, "max_tokens", &o.max_tokens, &n.max_tokens);
+    out.field(&who, "declared", &o.declared, &n.declared);
+}
+
+/// The change list being built.
+struct Changes(Vec<String>);
+
+impl Changes {
+    fn push(&mut self, item: String) {
+        self.0.push(item);
+    }
+
+    /// `WHO KEY OLD -> NEW` when the two differ; formats nothing otherwise.
+    fn field<T: PartialEq + Display>(&mut self, who: &str, key: &str, old: &T, new: &T) {
+        if old != new {
+            self.0.push(format!("{who} {key} {old} -> {new}"));
+        }
+    }
+
+    /// `WHO WHAT changed`, for values that must not be shown.
+    fn secret(&mut self, who: &str, what: &str, changed: bool) {
+        if changed {
+            self.0.push(format!("{who} {what} changed"));
+        }
+    }
+}
+
+/// A duration as in the file (`250ms`, `5s`).
+#[derive(PartialEq)]
+struct Dur(Duration);
+
+impl Display for Dur {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// An optional value; `none` when unset.
+#[derive(PartialEq)]
+struct Opt<T>(Option<T>);
+
+impl<T: Display> Display for Opt<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+/// A string value, quoted so an empty one is visible.
+#[derive(PartialEq)]
+struct Quoted<'a>(&'a str);
+
+impl Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// A list of names, `[a, b]`.
+#[derive(PartialEq)]
+struct List<'a>(&'a [String]);
+
+impl Display for List<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}]", self.0.join(", "))
+    }
+}
+
+/// A rename table, `{a = b, c = d}` in key order.
+#[derive(PartialEq)]
+struct Renames<'a>(&'a HashMap<String, String>);
+
+impl Display for Renames<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut pairs: Vec<_> = self.0.iter().collect();
+        pairs.sort();
+        let pairs: Vec<String> = pairs.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+        write!(f, "{{{}}}", pairs.join(", "))
+    }
+}
+
+/// A refused reload's errors on one log line (each keeps its line:column).
+fn one_line(e: &ReloadError) -> String {
+    match e {
+        ReloadError::Invalid(errors) => errors
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
+/// The loader thread panicked or was cancelled: reported like a file error.
+fn join_error(file: &str, e: &tokio::task::JoinError) -> ConfigError {
+    ConfigError {
+        file: file.to_owned(),
         line: 0,
         column: 0,
-        key: String::new(),
+        key: "(file)".to_owned(),
         message: format!("config loader failed: {e}"),
     }
 }

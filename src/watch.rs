@@ -1,0 +1,255 @@
+//! `server.watch_config = true`: reload when the config file changes on disk.
+//!
+//! Editors and Kubernetes rarely modify a file in place. Vim and most tools
+//! write a new file and rename it over the old one (a new inode, so a watch
+//! on the file itself goes blind after the first save), and a ConfigMap
+//! volume swaps a `..data` symlink to a new timestamped directory while the
+//! file itself stays a symlink `weir.toml -> ..data/weir.toml`. So, as the
+//! `notify` documentation advises, this watches the file's *parent
+//! directory*, non-recursively, and keeps only events that name the file,
+//! `..data`, or the file a symlinked config resolves to (whose directory is
+//! watched too when it lies elsewhere). Symlinks are re-resolved after every
+//! reload, so a link that moves to another directory is followed.
+//!
+//! A save is several events (create, write, rename; the ConfigMap swap five
+//! or more), so they are debounced: the reload runs once the directory has
+//! been quiet for [`DEBOUNCE`] (at most [`MAX_DELAY`] after the first
+//! event). A reload whose file content is byte-for-byte what the watcher
+//! last saw (a `touch`, a `chmod`) is skipped.
+//!
+//! Uses `notify` (inotify on Linux, FSEvents on macOS); if the OS watcher
+//! cannot start (e.g. the inotify instance limit is reached) it falls back
+//! to `notify`'s poller, checking every [`POLL_INTERVAL`]. The reload itself
+//! (validation, logging, the metric) is `reload.rs`'s; this module only
+//! decides *when*. The task is owned by the gateway's `JoinSet` and ends on
+//! shutdown; dropping the watcher stops its OS thread.
+
+use std::{
+    ffi::OsString,
+    hash::{DefaultHasher, Hash, Hasher},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{gateway::Shared, reload};
+
+/// Quiet time after the last relevant event before reloading.
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Longest a reload waits behind a stream of events that never goes quiet.
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(2);
+
+/// How often the fallback poller looks at the directory.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The ConfigMap volume's symlink to the current data directory.
+const CONFIGMAP_DATA: &str = "..data";
+
+/// Watches `path` and reloads the gateway when it changes, until `shutdown`.
+pub(crate) async fn watch(shared: Arc<Shared>, path: PathBuf, shutdown: CancellationToken) {
+    let (tx, mut events) = mpsc::unbounded_channel();
+    // Runs on notify's thread: forward everything, filter here.
+    let handler = move |event: notify::Result<notify::Event>| {
+        let _ = tx.send(event);
+    };
+    let mut watcher = match start_watcher(handler) {
+        Some(w) => w,
+        None => return,
+    };
+    let mut targets = Targets::resolve(&path);
+    targets.apply(&mut *watcher, &Targets::default());
+    tracing::info!(path = %path.display(), "watching the config file for changes");
+    let mut last_seen = fingerprint(&path).await;
+    loop {
+        // Wait for a relevant event.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = events.recv() => match event {
+                Some(event) if targets.is_relevant(&event) => {}
+                Some(_) => continue,
+                None => return,
+            },
+        }
+        // Debounce: wait until the directory has been quiet for DEBOUNCE.
+        let first = Instant::now();
+        let mut deadline = first + DEBOUNCE;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(deadline) => break,
+                event = events.recv() => match event {
+                    Some(event) if targets.is_relevant(&event) => {
+                        deadline = (Instant::now() + DEBOUNCE).min(first + MAX_DELAY);
+                    }
+                    Some(_) => {}
+                    None => return,
+                },
+            }
+        }
+        let now_seen = fingerprint(&path).await;
+        if now_seen.is_none() {
+            // Mid-swap or deleted: the old config keeps serving, and the
+            // event that brings the file back triggers the reload.
+            tracing::warn!(path = %path.display(), "config file is gone; waiting for it to come back");
+        } else if now_seen != last_seen {
+            last_seen = now_seen;
+            // Outcome logged and counted by the reload itself.
+            let _ = reload::reload(&shared).await;
+        }
+        // Follow a symlink that now points elsewhere.
+        let next = Targets::resolve(&path);
+        if next != targets {
+            next.apply(&mut *watcher, &targets);
+            targets = next;
+        }
+    }
+}
+
+/// The OS watcher, or the poller when it cannot start.
+fn start_watcher(handler: impl notify::EventHandler + Clone) -> Option<Box<dyn Watcher + Send>> {
+    match notify::recommended_watcher(handler.clone()) {
+        Ok(w) => Some(Box::new(w)),
+        Err(e) => {
+            tracing::warn!(error = %e, interval = ?POLL_INTERVAL, "cannot start a file watcher; polling the config directory instead");
+            let config = notify::Config::default().with_poll_interval(POLL_INTERVAL);
+            match notify::PollWatcher::new(handler, config) {
+                Ok(w) => Some(Box::new(w)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /admin/reload");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// The directories watched and the file names whose events count.
+#[derive(Debug, Default, PartialEq)]
+struct Targets {
+    /// Directories watched non-recursively: the file's parent, and the
+    /// resolved file's parent when a symlink leads outside it.
+    dirs: Vec<PathBuf>,
+    /// File names whose events trigger a reload.
+    names: Vec<OsString>,
+}
+
+impl Targets {
+    /// What to watch for `path`, resolving symlinks now.
+    fn resolve(path: &Path) -> Self {
+        let parent = parent_dir(path);
+        let mut dirs = vec![parent.clone()];
+        let mut names = vec![OsString::from(CONFIGMAP_DATA)];
+        names.extend(path.file_name().map(OsString::from));
+        if let Ok(real) = std::fs::canonicalize(path) {
+            let real_parent = parent_dir(&real);
+            let parent_real = std::fs::canonicalize(&parent).unwrap_or(parent);
+            // A ConfigMap's target lives in a timestamped directory *under*
+            // the parent, which is replaced, never modified: `..data` covers
+            // it. A target elsewhere is watched where it lives.
+            if !real_parent.starts_with(&parent_real) {
+                dirs.push(real_parent);
+                names.extend(real.file_name().map(OsString::from));
+            }
+        }
+        Self { dirs, names }
+    }
+
+    /// Watches the directories of `self` that `old` did not, and unwatches
+    /// the ones it no longer has. Failures are logged; SIGHUP still works.
+    fn apply(&self, watcher: &mut dyn Watcher, old: &Targets) {
+        for dir in old.dirs.iter().filter(|d| !self.dirs.contains(d)) {
+            let _ = watcher.unwatch(dir);
+        }
+        for dir in self.dirs.iter().filter(|d| !old.dirs.contains(d)) {
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory");
+            }
+        }
+    }
+
+    /// Whether an event may have changed the config file: it names one of
+    /// our file names and is more than a read. Watcher errors are logged.
+    fn is_relevant(&self, event: &notify::Result<notify::Event>) -> bool {
+        match event {
+            Ok(event) => {
+                !matches!(event.kind, EventKind::Access(_))
+                    && event.paths.iter().any(|p| {
+                        p.file_name()
+                            .is_some_and(|n| self.names.iter().any(|m| m == n))
+                    })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "config watcher error");
+                // A rescan or overflow may hide a change: look at the file.
+                true
+            }
+        }
+    }
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A hash of the file's bytes (following symlinks); `None` when it cannot
+/// be read. Config files are small, so reading one per debounced change is
+/// cheap and, unlike (mtime, size, inode), sees every content change and
+/// ignores every non-change.
+async fn fingerprint(path: &Path) -> Option<u64> {
+    let bytes = tokio::fs::read(path).await.ok()?;
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relevant_events_name_the_file_or_the_configmap_link() {
+        let targets = Targets {
+            dirs: vec![PathBuf::from("/etc/weir")],
+            names: vec!["..data".into(), "weir.toml".into()],
+        };
+        let event = |kind, path: &str| Ok(notify::Event::new(kind).add_path(PathBuf::from(path)));
+        let modify = EventKind::Modify(notify::event::ModifyKind::Any);
+        let create = EventKind::Create(notify::event::CreateKind::Any);
+        let access = EventKind::Access(notify::event::AccessKind::Any);
+        assert!(targets.is_relevant(&event(modify, "/etc/weir/weir.toml")));
+        assert!(targets.is_relevant(&event(create, "/etc/weir/..data")));
+        assert!(!targets.is_relevant(&event(access, "/etc/weir/weir.toml")));
+        assert!(!targets.is_relevant(&event(modify, "/etc/weir/other.toml")));
+        assert!(!targets.is_relevant(&event(create, "/etc/weir/..data_tmp")));
+    }
+
+    #[test]
+    fn a_bare_file_name_is_watched_in_the_current_directory() {
+        let t = Targets::resolve(Path::new("no-such-weir.toml"));
+        assert_eq!(t.dirs, vec![PathBuf::from(".")]);
+        assert!(t.names.contains(&OsString::from("no-such-weir.toml")));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_elsewhere_adds_its_target_directory() {
+        let a = tempfile::tempdir().expect("tempdir");
+        let b = tempfile::tempdir().expect("tempdir");
+        let real = b.path().join("real.toml");
+        std::fs::write(&real, "").expect("write");
+        let link = a.path().join("weir.toml");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let t = Targets::resolve(&link);
+        assert_eq!(t.dirs.len(), 2, "{t:?}");
+        assert!(t.names.contains(&OsString::from("real.toml")));
+    }
+}

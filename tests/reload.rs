@@ -1,0 +1,1006 @@
+//! Reload (SIGHUP, `POST /admin/reload`, `watch_config`) through real
+//! sockets, in-process mocks and real files: nothing dropped under load, live
+//! state carried over, invalid files refused, last reload wins, the file
+//! watcher, the binary's SIGHUP, and the figures for docs/BENCHMARKS.md.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use common::*;
+use tokio::{net::TcpListener, time::Instant};
+use weir::{
+    mock::{self, MockConfig, MockHandle},
+    Config, Gateway, Handle,
+};
+
+const MODEL: &str = "m";
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A gateway started from a real file that tests rewrite and reload.
+struct Live {
+    /// Keeps the directory alive.
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    gw: Handle,
+}
+
+impl Live {
+    async fn start(toml: &str) -> Live {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("weir.toml");
+        std::fs::write(&path, toml).expect("write config");
+        Self::start_at(dir, path).await
+    }
+
+    async fn start_at(dir: tempfile::TempDir, path: PathBuf) -> Live {
+        let config = Config::load(&path, &test_env).unwrap_or_else(|e| panic!("{e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let gw = Gateway::new(config)
+            .config_path(&path)
+            .env(test_env)
+            .start_on(listener, None)
+            .expect("gateway starts");
+        Live {
+            _dir: dir,
+            path,
+            gw,
+        }
+    }
+
+    /// Replaces the file atomically (write a sibling, rename over), as
+    /// editors and deploy tools do, so a concurrent reader never sees half.
+    fn write(&self, toml: &str) {
+        write_atomically(&self.path, toml);
+    }
+
+    /// `POST /admin/reload`.
+    async fn reload(&self) -> Reply {
+        post(self.gw.admin_addr(), "/admin/reload", "").await
+    }
+
+    /// Writes `toml` and reloads it, asserting success; returns the changes.
+    async fn apply(&self, toml: &str) -> Vec<String> {
+        self.write(toml);
+        let r = self.reload().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        assert_eq!(j["result"], "ok", "{j}");
+        j["changes"]
+            .as_array()
+            .expect("changes is a list")
+            .iter()
+            .map(|c| c.as_str().expect("a string").to_owned())
+            .collect()
+    }
+
+    /// Effective weight per backend for MODEL in the current snapshot.
+    fn weights(&self) -> HashMap<String, u32> {
+        let snapshot = self.gw.snapshot();
+        let route = snapshot.model(MODEL).expect("model routed");
+        route
+            .members
+            .iter()
+            .map(|m| (m.backend.config.name.clone(), m.effective_weight))
+            .collect()
+    }
+
+    async fn reload_count(&self, result: &str) -> u64 {
+        reload_count(self.gw.admin_addr(), result).await
+    }
+}
+
+fn write_atomically(path: &Path, toml: &str) {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, toml).expect("write temp config");
+    std::fs::rename(&tmp, path).expect("rename over config");
+}
+
+/// `weir_config_reloads_total{result}` as /metrics reports it.
+async fn reload_count(admin: std::net::SocketAddr, result: &str) -> u64 {
+    let text = get(admin, "/metrics").await.text();
+    let prefix = format!("weir_config_reloads_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in /metrics:\n{text}"))
+}
+
+async fn mock_named(name: &str, cfg: MockConfig) -> MockHandle {
+    mock::start(cfg.models(vec![MODEL.into()]).name(name))
+        .await
+        .expect("mock starts")
+}
+
+/// One model (with `model_extra` lines) served by `backends` (name, mock,
+/// weight), then `tail` (health off unless `tail` says otherwise).
+fn file(model_extra: &str, backends: &[(&str, &MockHandle, u32)], tail: &str) -> String {
+    let mut s = format!("[[models]]\nname = \"{MODEL}\"\n{model_extra}\n\n");
+    for (name, m, weight) in backends {
+        s.push_str(&backend(name, &m.base_url(), &[MODEL], *weight));
+    }
+    s.push_str(if tail.is_empty() { QUIET } else { tail });
+    s
+}
+
+/// Sends `n` sequential requests; counts answers per backend.
+async fn shares(addr: std::net::SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        *counts
+            .entry(r.header("x-weir-backend").to_owned())
+            .or_default() += 1;
+    }
+    counts
+}
+
+fn counts(pairs: &[(&str, usize)]) -> HashMap<String, usize> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
+/// What one client request saw: when it was sent (since the test began),
+/// its status, the backend, and for streams whether it ended with [DONE].
+#[derive(Debug, Clone)]
+struct Seen {
+    sent: Duration,
+    status: u16,
+    backend: String,
+    complete: bool,
+}
+
+/// 4 request loops and 2 stream loops against the gateway until `stop`.
+fn load(
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    t0: Instant,
+) -> Vec<tokio::task::JoinHandle<Vec<Seen>>> {
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let sent = t0.elapsed();
+                if i < 4 {
+                    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+                    seen.push(Seen {
+                        sent,
+                        status: r.status.as_u16(),
+                        backend: r.header("x-weir-backend").to_owned(),
+                        complete: r.status == 200 && r.json()["object"] == "chat.completion",
+                    });
+                } else {
+                    let s = post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await;
+                    let backend = s
+                        .headers
+                        .get("x-weir-backend")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    seen.push(Seen {
+                        sent,
+                        status: s.status.as_u16(),
+                        backend,
+                        complete: s.text().trim_end().ends_with("data: [DONE]")
+                            && s.events().len() >= 8,
+                    });
+                }
+            }
+            seen
+        }));
+    }
+    tasks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_reloads_under_load_fail_no_request_and_cut_no_stream() {
+    let cfg = || {
+        MockConfig::default()
+            .latency(ms(2))
+            .chunks(8)
+            .tokens_per_sec(200.0)
+    };
+    let (m1, m2, m3) = (
+        mock_named("b1", cfg()).await,
+        mock_named("b2", cfg()).await,
+        mock_named("b3", cfg()).await,
+    );
+    let limits = |rpm: u32, conc: u32| {
+        format!(
+            "requests_per_minute = {rpm}\ntokens_per_minute = 100000000\nmax_concurrent = {conc}"
+        )
+    };
+    let first = file(
+        &limits(100_000, 64),
+        &[("b1", &m1, 1), ("b2", &m2, 1), ("b3", &m3, 1)],
+        "",
+    );
+    // Weights change, backends come and go, limits change; the last file
+    // removes b2 for good.
+    let steps = [
+        file(
+            &limits(100_000, 64),
+            &[("b1", &m1, 1), ("b2", &m2, 2), ("b3", &m3, 3)],
+            "",
+        ),
+        file(
+            &limits(200_000, 64),
+            &[("b1", &m1, 3), ("b2", &m2, 1), ("b3", &m3, 1)],
+            "",
+        ),
+        file(&limits(200_000, 32), &[("b1", &m1, 1), ("b2", &m2, 1)], ""),
+        file(
+            &limits(200_000, 32),
+            &[("b1", &m1, 1), ("b2", &m2, 1), ("b3", &m3, 2)],
+            "",
+        ),
+        file(&limits(150_000, 100), &[("b2", &m2, 1), ("b3", &m3, 1)], ""),
+        file(
+            &limits(150_000, 100),
+            &[("b1", &m1, 5), ("b2", &m2, 1), ("b3", &m3, 1)],
+            "",
+        ),
+        file(
+            &limits(100_000, 16),
+            &[("b1", &m1, 1), ("b2", &m2, 4), ("b3", &m3, 1)],
+            "",
+        ),
+        file(&limits(100_000, 64), &[("b1", &m1, 2), ("b3", &m3, 2)], ""),
+        file(
+            &limits(120_000, 64),
+            &[("b1", &m1, 1), ("b2", &m2, 1), ("b3", &m3, 1)],
+            "",
+        ),
+        file(&limits(120_000, 64), &[("b1", &m1, 2), ("b3", &m3, 1)], ""),
+    ];
+    let live = Live::start(&first).await;
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(live.gw.addr(), stop.clone(), t0);
+    tokio::time::sleep(ms(100)).await;
+    for step in &steps {
+        live.apply(step).await;
+        tokio::time::sleep(ms(40)).await;
+    }
+    let removed_at = t0.elapsed();
+    assert_eq!(live.weights(), counts_u32(&[("b1", 2), ("b3", 1)]));
+    // b2 drains: what it had in flight finishes.
+    assert!(
+        eventually(Duration::from_secs(5), || m2.in_flight() == 0).await,
+        "b2 drained"
+    );
+    tokio::time::sleep(ms(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("load loop"));
+    }
+    let failed: Vec<&Seen> = all
+        .iter()
+        .filter(|s| s.status != 200 || !s.complete)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        all.len()
+    );
+    let late_b2: Vec<&Seen> = all
+        .iter()
+        .filter(|s| s.sent > removed_at && s.backend == "b2")
+        .collect();
+    assert!(
+        late_b2.is_empty(),
+        "sent after b2's removal, answered by b2: {late_b2:?}"
+    );
+    let streams = all.iter().filter(|s| s.complete).count();
+    assert!(
+        all.len() > 100 && streams > 0,
+        "load ran: {} requests",
+        all.len()
+    );
+    assert_eq!(live.reload_count("ok").await, 10);
+    assert_eq!(live.reload_count("error").await, 0);
+}
+
+fn counts_u32(pairs: &[(&str, u32)]) -> HashMap<String, u32> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
+#[tokio::test]
+async fn new_weights_hold_exactly_after_a_reload() {
+    let (m1, m2, m3) = (
+        mock_named("b1", MockConfig::default()).await,
+        mock_named("b2", MockConfig::default()).await,
+        mock_named("b3", MockConfig::default()).await,
+    );
+    let live = Live::start(&file(
+        "",
+        &[("b1", &m1, 1), ("b2", &m2, 1), ("b3", &m3, 1)],
+        "",
+    ))
+    .await;
+    // Leave the old pool's round-robin state mid-cycle.
+    shares(live.gw.addr(), 7).await;
+    let changes = live
+        .apply(&file(
+            "",
+            &[("b1", &m1, 1), ("b2", &m2, 2), ("b3", &m3, 3)],
+            "",
+        ))
+        .await;
+    assert_eq!(
+        changes,
+        ["backend b2 weight 1 -> 2", "backend b3 weight 1 -> 3"],
+        "{changes:?}"
+    );
+    // Smooth WRR is exact over every whole cycle (6 picks) from a fresh pool.
+    let got = shares(live.gw.addr(), 198).await;
+    assert_eq!(got, counts(&[("b1", 33), ("b2", 66), ("b3", 99)]));
+    let backends = get(live.gw.admin_addr(), "/admin/backends").await.json();
+    let weight = |i: usize| backends["backends"][i]["models"][MODEL]["effective_weight"].clone();
+    assert_eq!(
+        (weight(0), weight(1), weight(2)),
+        (1.into(), 2.into(), 3.into())
+    );
+}
+
+#[tokio::test]
+async fn a_removed_backend_gets_no_request_once_the_reload_returns() {
+    let (m1, m2) = (
+        mock_named("b1", MockConfig::default()).await,
+        mock_named("b2", MockConfig::default()).await,
+    );
+    let live = Live::start(&file("", &[("b1", &m1, 1), ("b2", &m2, 1)], "")).await;
+    let before = shares(live.gw.addr(), 10).await;
+    assert_eq!(before, counts(&[("b1", 5), ("b2", 5)]));
+    let changes = live.apply(&file("", &[("b1", &m1, 1)], "")).await;
+    assert_eq!(changes, ["backend b2 removed (draining)"]);
+    let seen_by_b2 = m2.requests();
+    assert_eq!(shares(live.gw.addr(), 40).await, counts(&[("b1", 40)]));
+    assert_eq!(m2.requests(), seen_by_b2);
+    // The probe tasks of a removed backend stop too (none ran: health off).
+    assert!(live
+        .gw
+        .snapshot()
+        .backends()
+        .iter()
+        .all(|b| b.config.name != "b2"));
+}
+
+#[tokio::test]
+async fn bucket_levels_survive_unrelated_and_changed_limits() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let limited = "requests_per_minute = 1\nburst = 1\nqueue_timeout = \"100ms\"";
+    let live = Live::start(&file(limited, &[("b1", &m1, 1)], "")).await;
+    let addr = live.gw.addr();
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    r.assert_error(429, "requests", "rate_limit_exceeded");
+    let limits_before = live
+        .gw
+        .snapshot()
+        .model(MODEL)
+        .expect("model")
+        .limits
+        .clone();
+
+    // An unrelated change (a weight): same buckets, still limited.
+    let changes = live.apply(&file(limited, &[("b1", &m1, 3)], "")).await;
+    assert_eq!(changes, ["backend b1 weight 1 -> 3"]);
+    let limits_after = live
+        .gw
+        .snapshot()
+        .model(MODEL)
+        .expect("model")
+        .limits
+        .clone();
+    assert!(
+        Arc::ptr_eq(&limits_before, &limits_after),
+        "same ModelLimits"
+    );
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    r.assert_error(429, "requests", "rate_limit_exceeded");
+
+    // A changed limit keeps the (empty) level: a fresh bucket would admit.
+    let raised = "requests_per_minute = 2\nburst = 2\nqueue_timeout = \"100ms\"";
+    let changes = live.apply(&file(raised, &[("b1", &m1, 3)], "")).await;
+    assert_eq!(
+        changes,
+        ["model m requests_per_minute 1 -> 2", "model m burst 1 -> 2"]
+    );
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    r.assert_error(429, "requests", "rate_limit_exceeded");
+    assert_eq!(
+        r.header("x-ratelimit-limit-requests"),
+        "2",
+        "new limit in force"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_permits_survive_a_reload() {
+    // One stream of 20 tokens at 10/s holds the only permit for ~2s.
+    let m1 = mock_named("b1", MockConfig::default().chunks(20).tokens_per_sec(10.0)).await;
+    let one = "max_concurrent = 1\nqueue_timeout = \"100ms\"";
+    let live = Live::start(&file(one, &[("b1", &m1, 1)], "")).await;
+    let addr = live.gw.addr();
+    let stream =
+        tokio::spawn(
+            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
+        );
+    assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
+    live.apply(&file(one, &[("b1", &m1, 2)], "")).await;
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    r.assert_error(429, "requests", "rate_limit_exceeded");
+    assert!(r.text().contains("max_concurrent"), "{}", r.text());
+    // Raising the limit adds one permit to the same semaphore: one more fits.
+    let two = "max_concurrent = 2\nqueue_timeout = \"100ms\"";
+    let changes = live.apply(&file(two, &[("b1", &m1, 2)], "")).await;
+    assert_eq!(changes, ["model m max_concurrent 1 -> 2"]);
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let s = stream.await.expect("stream task");
+    assert!(
+        s.text().trim_end().ends_with("data: [DONE]"),
+        "the stream finished"
+    );
+}
+
+#[tokio::test]
+async fn invalid_files_change_nothing_and_are_reported() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let good = file("", &[("b1", &m1, 1)], "");
+    let live = Live::start(&good).await;
+    let path = live.path.display().to_string();
+    let good_lines = good.lines().count();
+    let cases = [
+        (
+            "bad TOML",
+            format!("{good}[server\n"),
+            format!("{path}:{}:", good_lines + 1),
+        ),
+        (
+            "unknown key",
+            format!("[server]\nbogus_key = 1\n{good}"),
+            format!("{path}:2:1:"),
+        ),
+        (
+            "missing env var",
+            good.replace("BACKEND_KEY", "WEIR_NOT_SET_ANYWHERE"),
+            "WEIR_NOT_SET_ANYWHERE".to_owned(),
+        ),
+    ];
+    let before = live.gw.snapshot();
+    for (i, (what, text, expected)) in cases.iter().enumerate() {
+        live.write(text);
+        let r = live.reload().await;
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        let j = r.json();
+        assert_eq!(j["result"], "error", "{what}: {j}");
+        let errors: Vec<String> = j["errors"]
+            .as_array()
+            .expect("errors")
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors.iter().any(|e| e.contains(expected.as_str())),
+            "{what}: want {expected} in {errors:?}"
+        );
+        // Every error names file:line:column.
+        assert!(
+            errors.iter().all(|e| e.contains(&format!("{path}:"))),
+            "{what}: {errors:?}"
+        );
+        assert_eq!(live.reload_count("error").await, i as u64 + 1, "{what}");
+        assert!(
+            Arc::ptr_eq(&before, &live.gw.snapshot()),
+            "{what}: snapshot kept"
+        );
+        let r = post(live.gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 200, "{what}: still serving: {}", r.text());
+        assert_eq!(r.header("x-weir-backend"), "b1");
+    }
+    // The SIGHUP path (Handle::reload) refuses the same way.
+    assert!(live.gw.reload().await.is_err());
+    assert_eq!(live.reload_count("error").await, 4);
+    assert_eq!(live.reload_count("ok").await, 0);
+    // Fixing the file is picked up by the next reload.
+    live.apply(&good.replace("weight = 1", "weight = 2")).await;
+    assert_eq!(live.reload_count("ok").await, 1);
+}
+
+#[tokio::test]
+async fn admin_reload_answers_with_the_changes_and_listen_needs_a_restart() {
+    let (m1, m2, m3) = (
+        mock_named("b1", MockConfig::default()).await,
+        mock_named("b2", MockConfig::default()).await,
+        mock_named("b3", MockConfig::default()).await,
+    );
+    let listen = "[server]\nlisten = \"127.0.0.1:18080\"\n\n";
+    let live = Live::start(&format!(
+        "{listen}{}",
+        file(
+            "requests_per_minute = 60",
+            &[("b1", &m1, 1), ("b3", &m3, 1)],
+            ""
+        )
+    ))
+    .await;
+    let r = live.reload().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), "application/json");
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"result": "ok", "changes": ["no changes"]})
+    );
+
+    let moved = "[server]\nlisten = \"127.0.0.1:18081\"\n\n";
+    let changes = live
+        .apply(&format!(
+            "{moved}{}",
+            file(
+                "requests_per_minute = 120",
+                &[("b1", &m1, 3), ("b2", &m2, 1)],
+                ""
+            )
+        ))
+        .await;
+    assert_eq!(
+        changes,
+        [
+            "server.listen 127.0.0.1:18080 -> 127.0.0.1:18081 needs a restart (still 127.0.0.1:18080)",
+            "backend b1 weight 1 -> 3",
+            "backend b2 added",
+            "backend b3 removed (draining)",
+            "model m requests_per_minute 60 -> 120",
+        ]
+    );
+    // Otherwise ignored: the running value stays, and the next reload of
+    // the same file still says so.
+    assert_eq!(
+        live.gw.snapshot().config.server.listen.to_string(),
+        "127.0.0.1:18080"
+    );
+    let r = live.reload().await.json();
+    assert_eq!(
+        r["changes"],
+        serde_json::json!([
+            "server.listen 127.0.0.1:18080 -> 127.0.0.1:18081 needs a restart (still 127.0.0.1:18080)"
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reloads_are_serialised_and_the_last_file_wins() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let live = Live::start(&file("", &[("b1", &m1, 1)], "")).await;
+    let admin = live.gw.admin_addr();
+    let mut reloads = Vec::new();
+    for weight in 2..=6 {
+        live.write(&file("", &[("b1", &m1, weight)], ""));
+        reloads.push(tokio::spawn(async move {
+            post(admin, "/admin/reload", "").await
+        }));
+    }
+    for r in reloads {
+        let r = r.await.expect("reload task");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(live.weights(), counts_u32(&[("b1", 6)]));
+    assert_eq!(live.reload_count("ok").await, 5);
+}
+
+/// Health checks on, liveness every 50ms against `/health`.
+fn fast_health() -> &'static str {
+    "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"50ms\", timeout = \"500ms\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n"
+}
+
+fn with_health_path(toml: String) -> String {
+    toml.replace(
+        "api_key_env = \"BACKEND_KEY\"\n",
+        "api_key_env = \"BACKEND_KEY\"\nhealth_path = \"/health\"\n",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_backend_waits_for_its_first_passing_liveness_probe() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    // b2 fails liveness until the test lets it pass.
+    let m2 = mock_named("b2", MockConfig::default().health_status(503)).await;
+    let live = Live::start(&with_health_path(file(
+        "",
+        &[("b1", &m1, 1)],
+        fast_health(),
+    )))
+    .await;
+    live.apply(&with_health_path(file(
+        "",
+        &[("b1", &m1, 1), ("b2", &m2, 1)],
+        fast_health(),
+    )))
+    .await;
+    // Give b2's liveness probes time to run (and fail) a few times.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let backends = get(live.gw.admin_addr(), "/admin/backends").await.json();
+        let failures = &backends["backends"][1]["tiers"]["liveness"]["consecutive_failures"];
+        if failures.as_u64().unwrap_or(0) >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b2 is probed: {backends}");
+        tokio::time::sleep(ms(20)).await;
+    }
+    assert_eq!(shares(live.gw.addr(), 20).await, counts(&[("b1", 20)]));
+    assert_eq!(m2.requests(), 0, "no client request reached b2");
+    let backends = get(live.gw.admin_addr(), "/admin/backends").await.json();
+    assert_eq!(
+        backends["backends"][1]["pending_first_probe"], true,
+        "{backends}"
+    );
+    m2.update(|c| c.health_status = None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got_b2 = false;
+    while Instant::now() < deadline && !got_b2 {
+        let r = post(live.gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        got_b2 = r.header("x-weir-backend") == "b2";
+    }
+    assert!(got_b2, "b2 entered rotation after passing liveness");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_health_checks_off_puts_probed_out_backends_back() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let m2 = mock_named("b2", MockConfig::default().health_status(503)).await;
+    let both = |tail: &str| with_health_path(file("", &[("b1", &m1, 1), ("b2", &m2, 1)], tail));
+    let live = Live::start(&both(fast_health())).await;
+    let out = || live.weights().get("b2").copied() == Some(0);
+    assert!(
+        eventually(Duration::from_secs(5), out).await,
+        "b2 probed out"
+    );
+    let changes = live.apply(&both(QUIET)).await;
+    assert_eq!(changes, ["health enabled true -> false"]);
+    // SPEC: without active checks, backends stay in rotation unless ejected.
+    assert!(
+        eventually(Duration::from_secs(2), || live.weights().get("b2")
+            == Some(&1))
+        .await,
+        "{:?}",
+        live.weights()
+    );
+    assert_eq!(
+        shares(live.gw.addr(), 10).await,
+        counts(&[("b1", 5), ("b2", 5)])
+    );
+}
+
+async fn wait_for_weight(live: &Live, backend: &str, weight: u32, within: Duration) -> bool {
+    eventually(within, || live.weights().get(backend) == Some(&weight)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_config_picks_up_an_atomic_rename() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let watched = |w: u32| {
+        format!(
+            "[server]\nwatch_config = true\n\n{}",
+            file("", &[("b1", &m1, w)], "")
+        )
+    };
+    let live = Live::start(&watched(1)).await;
+    // Let the watcher start before the first change.
+    tokio::time::sleep(ms(100)).await;
+    live.write(&watched(4));
+    assert!(
+        wait_for_weight(&live, "b1", 4, Duration::from_secs(5)).await,
+        "{:?}",
+        live.weights()
+    );
+    // A second save is seen too (the watch survived the rename).
+    live.write(&watched(7));
+    assert!(wait_for_weight(&live, "b1", 7, Duration::from_secs(5)).await);
+    // An in-place rewrite (truncate + write) as well.
+    std::fs::write(&live.path, watched(2)).expect("rewrite");
+    assert!(wait_for_weight(&live, "b1", 2, Duration::from_secs(5)).await);
+    // Debounced: one reload per save, not one per event.
+    assert_eq!(live.reload_count("ok").await, 3);
+    // Touching the file without changing it reloads nothing.
+    let f = std::fs::File::options()
+        .append(true)
+        .open(&live.path)
+        .expect("open");
+    f.set_modified(std::time::SystemTime::now()).expect("touch");
+    tokio::time::sleep(ms(500)).await;
+    assert_eq!(live.reload_count("ok").await, 3);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_config_follows_a_configmap_symlink_swap() {
+    use std::os::unix::fs::symlink;
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let watched = |w: u32| {
+        format!(
+            "[server]\nwatch_config = true\n\n{}",
+            file("", &[("b1", &m1, w)], "")
+        )
+    };
+    // The kubelet's layout: weir.toml -> ..data/weir.toml, ..data -> ..v1.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_path_buf();
+    std::fs::create_dir(root.join("..v1")).expect("mkdir");
+    std::fs::write(root.join("..v1/weir.toml"), watched(1)).expect("write");
+    symlink("..v1", root.join("..data")).expect("symlink");
+    symlink("..data/weir.toml", root.join("weir.toml")).expect("symlink");
+    let live = Live::start_at(dir, root.join("weir.toml")).await;
+    tokio::time::sleep(ms(100)).await;
+    // The update: a new directory, a new link renamed over ..data, the old
+    // directory removed.
+    std::fs::create_dir(root.join("..v2")).expect("mkdir");
+    std::fs::write(root.join("..v2/weir.toml"), watched(5)).expect("write");
+    symlink("..v2", root.join("..data_tmp")).expect("symlink");
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
+    std::fs::remove_dir_all(root.join("..v1")).expect("rm old");
+    assert!(
+        wait_for_weight(&live, "b1", 5, Duration::from_secs(5)).await,
+        "{:?}",
+        live.weights()
+    );
+    assert_eq!(live.reload_count("ok").await, 1);
+}
+
+/// A running `weir` process and what it logged (as in tests/process.rs).
+struct Process {
+    child: Child,
+    addr: std::net::SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_weir(config: &Path) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--config")
+        .arg(config)
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("weir starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listen=").nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches('"');
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+            let mut log = log2.lock().unwrap_or_else(|e| e.into_inner());
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("weir did not start: {}", log.lock().expect("log")));
+    Process {
+        child,
+        addr: addr.parse().expect("listen address"),
+        log,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_running_binary() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("weir.toml");
+    let text = |w: u32| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n{}",
+            file("", &[("b1", &m1, w)], "")
+        )
+    };
+    std::fs::write(&path, text(1)).expect("write");
+    let weir = spawn_weir(&path);
+    let addr = weir.addr;
+    let weight = move || async move {
+        get(addr, "/admin/backends").await.json()["backends"][0]["models"][MODEL]
+            ["effective_weight"]
+            .clone()
+    };
+    assert_eq!(weight().await, 1);
+    write_atomically(&path, &text(9));
+    let status = Command::new("kill")
+        .args(["-HUP", &weir.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while weight().await != 9 && Instant::now() < deadline {
+        tokio::time::sleep(ms(20)).await;
+    }
+    assert_eq!(weight().await, 9, "{}", weir.log.lock().expect("log"));
+    let log = weir.log.lock().expect("log").clone();
+    assert!(
+        log.contains("config reloaded") && log.contains("backend b1 weight 1 -> 9"),
+        "{log}"
+    );
+    let r = post(weir.addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200);
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms_f(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Latencies of 4 request loops over `run`, while `during` runs alongside.
+async fn latencies_during(
+    addr: std::net::SocketAddr,
+    run: Duration,
+    during: impl std::future::Future<Output = ()>,
+) -> Vec<Duration> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        loops.push(tokio::spawn(async move {
+            let client = client();
+            let mut took = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let r = send(
+                    &client,
+                    "POST",
+                    addr,
+                    "/v1/chat/completions",
+                    &[("content-type", "application/json")],
+                    chat(MODEL, false),
+                )
+                .await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                took.push(start.elapsed());
+            }
+            took
+        }));
+    }
+    let until = tokio::time::sleep(run);
+    tokio::join!(until, during);
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for l in loops {
+        all.extend(l.await.expect("loop"));
+    }
+    all.sort();
+    all
+}
+
+/// Timings for docs/BENCHMARKS.md "Reload": printed, not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn figures_reload_latency_and_p99_during_a_reload_storm() {
+    let (m1, m2, m3) = (
+        mock_named("b1", MockConfig::default().record(false)).await,
+        mock_named("b2", MockConfig::default().record(false)).await,
+        mock_named("b3", MockConfig::default().record(false)).await,
+    );
+    let weights = |i: u32| {
+        file(
+            "requests_per_minute = 1000000\nmax_concurrent = 1000",
+            &[
+                ("b1", &m1, 1 + i % 5),
+                ("b2", &m2, 1),
+                ("b3", &m3, 2 + i % 3),
+            ],
+            "",
+        )
+    };
+    let live = Live::start(&weights(0)).await;
+    let admin = live.gw.admin_addr();
+
+    // 1. POST /admin/reload until it returns, and until the new weights are
+    //    what the snapshot serves (they are stored before the answer).
+    let mut round_trip = Vec::new();
+    let mut visible = Vec::new();
+    for i in 1..=30u32 {
+        live.write(&weights(i));
+        let start = Instant::now();
+        let r = post(admin, "/admin/reload", "").await;
+        round_trip.push(start.elapsed());
+        assert_eq!(r.status, 200);
+        let want = 1 + i % 5;
+        while live.weights().get("b1") != Some(&want) {
+            tokio::task::yield_now().await;
+        }
+        visible.push(start.elapsed());
+    }
+    round_trip.sort();
+    visible.sort();
+    // The same through Handle::reload (what SIGHUP calls), no HTTP.
+    let mut direct = Vec::new();
+    for i in 31..=60u32 {
+        live.write(&weights(i));
+        let start = Instant::now();
+        live.gw.reload().await.expect("reload");
+        direct.push(start.elapsed());
+    }
+    direct.sort();
+    println!(
+        "FIGURE reload_admin_roundtrip_ms p50={:.2} p99={:.2} max={:.2} (n=30)",
+        ms_f(percentile(&round_trip, 50.0)),
+        ms_f(percentile(&round_trip, 99.0)),
+        ms_f(round_trip[round_trip.len() - 1]),
+    );
+    println!(
+        "FIGURE reload_new_weights_visible_ms p50={:.2} max={:.2} (n=30)",
+        ms_f(percentile(&visible, 50.0)),
+        ms_f(visible[visible.len() - 1]),
+    );
+    println!(
+        "FIGURE reload_handle_ms p50={:.2} max={:.2} (n=30; SIGHUP's path)",
+        ms_f(percentile(&direct, 50.0)),
+        ms_f(direct[direct.len() - 1]),
+    );
+
+    // 2. Request latency with no reloads, then during 20 reloads over 2s.
+    let addr = live.gw.addr();
+    let quiet = latencies_during(addr, Duration::from_secs(2), async {}).await;
+    let storm = latencies_during(addr, Duration::from_secs(2), async {
+        for i in 0..20u32 {
+            live.write(&weights(100 + i));
+            let r = post(admin, "/admin/reload", "").await;
+            assert_eq!(r.status, 200);
+            tokio::time::sleep(ms(100)).await;
+        }
+    })
+    .await;
+    for (name, l) in [("no_reloads", &quiet), ("reload_storm_20_in_2s", &storm)] {
+        println!(
+            "FIGURE request_latency_{name}_ms n={} p50={:.3} p99={:.3} max={:.3}",
+            l.len(),
+            ms_f(percentile(l, 50.0)),
+            ms_f(percentile(l, 99.0)),
+            ms_f(l[l.len() - 1]),
+        );
+    }
+}
