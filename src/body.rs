@@ -23,6 +23,7 @@ use tokio::time::Sleep;
 use std::sync::Arc;
 
 use crate::{
+    access_log::{AccessLog, Ending},
     admission::{
         limiter::Admitted,
         tokens::{Usage, UsageFilter, UsageTail},
@@ -90,6 +91,8 @@ pub struct ProxiedBody {
     accounting: Option<Accounting>,
     /// Reports a body that breaks mid-way to outlier detection.
     reporter: Option<MidStreamReporter>,
+    /// The access log line, written when the body ends or is dropped.
+    log: Option<(AccessLog, Arc<Shared>)>,
 }
 
 /// What a body needs to count a mid-stream upstream failure towards the
@@ -156,8 +159,9 @@ impl Accounting {
     /// The response ended cleanly: reconcile the estimate with the usage
     /// (or with nothing, for an error answer). A body without usage keeps
     /// the estimate, as SPEC says for a stream cut before its usage chunk.
-    fn settle(self) {
-        match self.usage() {
+    fn settle(self) -> Option<Usage> {
+        let usage = self.usage();
+        match usage {
             Some(usage) => {
                 self.admitted
                     .reconcile(usage.prompt_tokens.saturating_add(usage.completion_tokens));
@@ -167,6 +171,7 @@ impl Accounting {
             None if !self.success => self.admitted.reconcile(0),
             None => {}
         }
+        usage
     }
 }
 
@@ -188,6 +193,18 @@ impl ProxiedBody {
             finished: false,
             accounting,
             reporter,
+            log: None,
+        }
+    }
+
+    /// Hands the body its access log line, to write when it ends.
+    pub(crate) fn attach_log(&mut self, log: AccessLog, shared: Arc<Shared>) {
+        self.log = Some((log, shared));
+    }
+
+    fn emit_log(&mut self, ending: Ending) {
+        if let Some((log, shared)) = self.log.take() {
+            log.emit(&shared.metrics, ending);
         }
     }
 
@@ -196,17 +213,24 @@ impl ProxiedBody {
     fn end(&mut self) -> Bytes {
         self.finished = true;
         self.in_flight = None;
-        match self.accounting.take() {
+        let (rest, usage) = match self.accounting.take() {
             Some(mut accounting) => {
                 let rest = match &mut accounting.reader {
                     UsageReader::Sse(filter) => filter.finish(),
                     UsageReader::Json(_) => Bytes::new(),
                 };
-                accounting.settle();
-                rest
+                (rest, accounting.settle())
             }
-            None => Bytes::new(),
+            None => (Bytes::new(), None),
+        };
+        if let Some((log, _)) = &mut self.log {
+            log.usage = usage;
+            if !rest.is_empty() {
+                log.first_byte();
+            }
         }
+        self.emit_log(Ending::Complete);
+        rest
     }
 
     /// Ends the body: releases the backend slot, and for SSE returns the
@@ -219,6 +243,7 @@ impl ProxiedBody {
         if let (BodyError::Upstream(_), Some(r)) = (&error, self.reporter.take()) {
             outlier::report(&r.shared, &r.snapshot, &r.backend, Outcome::Failure);
         }
+        self.emit_log(Ending::UpstreamError);
         if self.sse {
             let message = match &error {
                 BodyError::Timeout => "request timeout passed while streaming the response",
@@ -262,6 +287,11 @@ impl Body for ProxiedBody {
                         Some(accounting) => accounting.observe(data),
                         None => data,
                     };
+                    if !data.is_empty() {
+                        if let Some((log, _)) = &mut this.log {
+                            log.first_byte();
+                        }
+                    }
                     if this.inner.is_end_stream() {
                         // A body of known length just ended: settle now,
                         // before the client holds its last byte and can
@@ -304,6 +334,13 @@ impl Body for ProxiedBody {
         } else {
             self.inner.size_hint()
         }
+    }
+}
+
+impl Drop for ProxiedBody {
+    fn drop(&mut self) {
+        // Still holding the log: the client went away before the end.
+        self.emit_log(Ending::ClientGone);
     }
 }
 

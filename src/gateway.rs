@@ -54,6 +54,14 @@ pub(crate) struct Shared {
     pub active_retries: std::sync::atomic::AtomicU64,
 }
 
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The active checker's tasks and their cancellation tokens.
 pub(crate) struct ProbeTasks {
     /// Every probe task.

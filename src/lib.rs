@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::await_holding_lock)]
 
+mod access_log;
 mod admin;
 pub mod admission;
 pub mod api;

@@ -7,7 +7,7 @@
 use crate::admission::limiter::{LimitKind, ModelMetrics};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -20,6 +20,49 @@ pub(crate) struct RequestLabels {
     pub backend: String,
     /// The HTTP status sent to the client.
     pub status: u16,
+}
+
+/// `weir_requests_total` handles of one (model, backend) pair, resolved
+/// lazily per status and then reused, so a request increments a counter
+/// without formatting or hashing labels.
+#[derive(Debug)]
+pub(crate) struct RequestCounters {
+    model: String,
+    backend: String,
+    family: Family<RequestLabels, Counter>,
+    /// The statuses weir answers most, each resolved on first use.
+    common: [(u16, std::sync::OnceLock<Counter>); 12],
+}
+
+impl RequestCounters {
+    fn new(
+        family: &Family<RequestLabels, Counter>,
+        model: &str,
+        backend: &str,
+    ) -> std::sync::Arc<Self> {
+        const COMMON: [u16; 12] = [200, 400, 401, 403, 404, 408, 413, 429, 500, 502, 503, 504];
+        std::sync::Arc::new(Self {
+            model: model.to_owned(),
+            backend: backend.to_owned(),
+            family: family.clone(),
+            common: COMMON.map(|s| (s, std::sync::OnceLock::new())),
+        })
+    }
+
+    /// Counts one answered request with this status.
+    pub(crate) fn inc(&self, status: u16) {
+        let labels = || RequestLabels {
+            model: self.model.clone(),
+            backend: self.backend.clone(),
+            status,
+        };
+        match self.common.iter().find(|(s, _)| *s == status) {
+            Some((_, cell)) => cell
+                .get_or_init(|| self.family.get_or_create_owned(&labels()))
+                .inc(),
+            None => self.family.get_or_create(&labels()).inc(),
+        };
+    }
 }
 
 /// Labels of `weir_upstream_errors_total`.
@@ -101,7 +144,10 @@ struct BuildLabels {
 pub(crate) struct Metrics {
     registry: Registry,
     /// `weir_requests_total{model,backend,status}`.
-    pub requests: Family<RequestLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    /// `weir_requests_total{model="",backend=""}`: requests naming a model
+    /// no route serves (the client's string never becomes a label).
+    pub unknown_model_requests: std::sync::Arc<RequestCounters>,
     /// `weir_upstream_errors_total{backend,kind}`.
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     rate_limited: Family<LimitLabels, Counter>,
@@ -111,10 +157,23 @@ pub(crate) struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     backend_up: Family<TierLabels, Gauge>,
     effective_weight: Family<WeightLabels, Gauge>,
+    /// The `weir_backend_effective_weight` label sets published so far.
+    weight_labels: std::sync::Mutex<Vec<WeightLabels>>,
     /// `weir_retries_total{model,reason}`.
     pub retries: Family<RetryLabels, Counter>,
     /// `weir_config_reloads_total{result}`: every reload's outcome.
     config_reloads: Family<ReloadLabels, Counter>,
+    duration: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    ttfb: Family<ModelLabel, Histogram, fn() -> Histogram>,
+}
+
+/// Histogram buckets fit for LLM latencies: 5 ms to 120 s.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 /// `weir_tokens_total{model,kind}` handles of one model.
@@ -196,6 +255,22 @@ impl Metrics {
             "Attempts retried on another backend, by reason",
             retries.clone(),
         );
+        let duration = Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "weir_request_duration_seconds",
+            "Whole request time, until the last body byte",
+            duration.clone(),
+        );
+        let ttfb = Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "weir_time_to_first_byte_seconds",
+            "Time until the first response body byte (the first token of a stream)",
+            ttfb.clone(),
+        );
         let config_reloads = Family::<ReloadLabels, Counter>::default();
         // Both series exist from the start, so `increase(...)` alerts see 0.
         for result in ["ok", "error"] {
@@ -215,6 +290,7 @@ impl Metrics {
         registry.register("weir_build_info", "weir's version", build);
         Self {
             registry,
+            unknown_model_requests: RequestCounters::new(&requests, "", ""),
             requests,
             upstream_errors,
             rate_limited,
@@ -223,9 +299,33 @@ impl Metrics {
             admitted,
             tokens,
             backend_up,
+            weight_labels: std::sync::Mutex::new(Vec::new()),
             effective_weight,
             retries,
             config_reloads,
+            duration,
+            ttfb,
+        }
+    }
+
+    /// `weir_requests_total` handles for a model and a backend (`""` for
+    /// answers no backend gave).
+    pub(crate) fn request_counters(
+        &self,
+        model: &str,
+        backend: &str,
+    ) -> std::sync::Arc<RequestCounters> {
+        RequestCounters::new(&self.requests, model, backend)
+    }
+
+    /// A model's latency histogram handles, resolved once per model.
+    pub(crate) fn timings(&self, model: &str) -> crate::access_log::ModelTimings {
+        let label = ModelLabel {
+            model: model.to_owned(),
+        };
+        crate::access_log::ModelTimings {
+            duration: self.duration.get_or_create_owned(&label),
+            ttfb: self.ttfb.get_or_create_owned(&label),
         }
     }
 
@@ -235,6 +335,16 @@ impl Metrics {
         self.config_reloads
             .get_or_create(&ReloadLabels { result })
             .inc();
+    }
+
+    /// Removes a backend's `weir_backend_up` series (it left the config).
+    pub(crate) fn forget_backend(&self, backend: &str) {
+        for tier in ["liveness", "readiness", "deep"] {
+            self.backend_up.remove(&TierLabels {
+                backend: backend.to_owned(),
+                tier,
+            });
+        }
     }
 
     /// The `weir_backend_up{backend,tier}` handle.
@@ -248,17 +358,41 @@ impl Metrics {
     /// Sets `weir_backend_effective_weight` from a snapshot (on every
     /// rebuild, never per request).
     pub(crate) fn publish_weights(&self, snapshot: &crate::snapshot::Snapshot) {
+        // Drop the series of backends and models a reload removed (a scrape
+        // racing this sees the set being rebuilt, never a stale backend).
+        let current = |l: &WeightLabels| {
+            snapshot
+                .model(&l.model)
+                .is_some_and(|r| r.members.iter().any(|m| m.backend.config.name == l.backend))
+        };
+        let stale: Vec<WeightLabels> = self
+            .weight_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|l| !current(l))
+            .cloned()
+            .collect();
+        for l in &stale {
+            self.effective_weight.remove(l);
+        }
+        let mut published = self.weight_labels.lock().unwrap_or_else(|e| e.into_inner());
+        published.retain(|l| current(l));
         for model in &snapshot.config.models {
             let Some(route) = snapshot.model(&model.name) else {
                 continue;
             };
             for member in &route.members {
+                let labels = WeightLabels {
+                    backend: member.backend.config.name.clone(),
+                    model: model.name.clone(),
+                };
                 self.effective_weight
-                    .get_or_create(&WeightLabels {
-                        backend: member.backend.config.name.clone(),
-                        model: model.name.clone(),
-                    })
+                    .get_or_create(&labels)
                     .set(i64::from(member.effective_weight));
+                if !published.contains(&labels) {
+                    published.push(labels);
+                }
             }
         }
     }

@@ -19,6 +19,7 @@ use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
 use crate::{
+    access_log::AccessLog,
     admin::bearer_token,
     admission::{
         limiter::{self, AdmitError, Admitted, LimitKind},
@@ -30,7 +31,6 @@ use crate::{
     headers,
     health::outlier::{self, Outcome},
     metrics::{RetryLabels, UpstreamErrorLabels},
-    server::RequestLog,
     snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Snapshot},
     upstream::{self, AttemptError},
 };
@@ -86,7 +86,7 @@ pub(crate) async fn forward(
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,
     request_id: &HeaderValue,
-    log: &mut RequestLog,
+    log: &mut AccessLog,
 ) -> Result<Response<GatewayBody>, ApiError> {
     let server = &snapshot.config.server;
     let deadline = Instant::now() + server.request_timeout;
@@ -97,6 +97,8 @@ pub(crate) async fn forward(
     let route = snapshot
         .model(&facts.model)
         .ok_or_else(|| ApiError::ModelNotFound(facts.model.clone()))?;
+    log.timings = Some(route.timings.clone());
+    log.counters = Some(route.own_answers.clone());
     let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
     let estimate = tokens::estimate(&facts, route.config.max_tokens, rest != "/embeddings");
     let queue_deadline = (Instant::now() + route.limits.queue_timeout()).min(deadline);
@@ -167,7 +169,7 @@ impl Exchange<'_> {
     async fn run(
         &self,
         admitted: &mut Option<Admitted>,
-        log: &mut RequestLog,
+        log: &mut AccessLog,
     ) -> Result<Response<GatewayBody>, ApiError> {
         let members = &self.route.members;
         let mut tried: Vec<usize> = Vec::with_capacity(self.max_attempts as usize);
@@ -186,6 +188,7 @@ impl Exchange<'_> {
             let backend = &member.backend;
             log.attempts = attempt;
             log.backend = Some(backend.config.name.clone());
+            log.counters = Some(member.requests.clone());
             let remaining = self.deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(ApiError::UpstreamTimeout(self.first_byte_timeout));

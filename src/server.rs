@@ -17,11 +17,16 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use tokio::{net::TcpListener, time::Instant};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    admin, api::ApiError, body::GatewayBody, gateway::Shared, metrics::RequestLabels, proxy,
+    access_log::{AccessLog, Ending},
+    admin,
+    api::ApiError,
+    body::GatewayBody,
+    gateway::Shared,
+    proxy,
 };
 
 pub(crate) use crate::reload::reload;
@@ -120,61 +125,31 @@ pub(crate) async fn serve(
     }
 }
 
-/// What the request handlers learn that the access log reports.
-#[derive(Debug, Default)]
-pub(crate) struct RequestLog {
-    /// The client's model, once the body was read.
-    pub model: Option<String>,
-    /// The backend that answered.
-    pub backend: Option<String>,
-    /// Attempts made upstream.
-    pub attempts: u32,
-    /// Time spent waiting for admission.
-    pub queued: std::time::Duration,
-}
-
-/// Routes one request and stamps `x-request-id` on its response.
+/// Routes one request and stamps `x-request-id` on its response. The
+/// access log line is written here for weir's own answers, and by the body
+/// when it ends for proxied ones.
 async fn route(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
     peer: SocketAddr,
     role: Role,
 ) -> Response<GatewayBody> {
-    let started = Instant::now();
     let request_id = request_id(req.headers().get("x-request-id"));
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let mut log = RequestLog::default();
+    let mut log = AccessLog::new(
+        request_id.clone(),
+        req.method().clone(),
+        req.uri().path().to_owned(),
+    );
     let mut response = match dispatch(req, shared, peer, role, &request_id, &mut log).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    response
-        .headers_mut()
-        .insert("x-request-id", request_id.clone());
-    if let Some(model) = &log.model {
-        shared
-            .metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                model: model.clone(),
-                backend: log.backend.clone().unwrap_or_default(),
-                status: response.status().as_u16(),
-            })
-            .inc();
+    response.headers_mut().insert("x-request-id", request_id);
+    log.status = response.status().as_u16();
+    match response.body_mut() {
+        GatewayBody::Proxied(body) => body.attach_log(log, shared.clone()),
+        GatewayBody::Full(_) => log.emit(&shared.metrics, Ending::Complete),
     }
-    tracing::info!(
-        request_id = request_id.to_str().unwrap_or(""),
-        %method,
-        path = %path,
-        status = response.status().as_u16(),
-        model = log.model.as_deref().unwrap_or(""),
-        backend = log.backend.as_deref().unwrap_or(""),
-        attempts = log.attempts,
-        queued_ms = log.queued.as_secs_f64() * 1000.0,
-        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-        "request"
-    );
     response
 }
 
@@ -184,7 +159,7 @@ async fn dispatch(
     peer: SocketAddr,
     role: Role,
     request_id: &HeaderValue,
-    log: &mut RequestLog,
+    log: &mut AccessLog,
 ) -> Result<Response<GatewayBody>, ApiError> {
     let path = req.uri().path();
     check_path(path)?;

@@ -25,12 +25,13 @@ use http::HeaderValue;
 use tokio::sync::Notify;
 
 use crate::{
+    access_log::ModelTimings,
     admission::limiter::{GlobalLimits, ModelLimits},
     balancer::Pool,
     config::{BackendConfig, Config, ModelConfig},
     headers,
     health::state::{effective_weight, median, throughput_factor, HealthRecord},
-    metrics::{Metrics, TokenCounters},
+    metrics::{Metrics, RequestCounters, TokenCounters},
     upstream::{self, HttpClient, UpstreamError},
 };
 
@@ -60,6 +61,10 @@ pub struct ModelRoute {
     pub limits: Arc<ModelLimits>,
     /// `weir_tokens_total` handles.
     pub(crate) tokens: TokenCounters,
+    /// Latency histogram handles.
+    pub(crate) timings: ModelTimings,
+    /// `weir_requests_total{model,backend=""}`: answers weir gave itself.
+    pub(crate) own_answers: Arc<RequestCounters>,
     /// The backends that serve it, in the pool's order.
     pub members: Vec<Member>,
     /// Smooth-WRR selection over `members`' effective weights.
@@ -76,6 +81,8 @@ pub struct Member {
     /// Configured weight × health factor × slow-start ramp × throughput
     /// factor, computed when the snapshot was built.
     pub effective_weight: u32,
+    /// `weir_requests_total{model,backend,*}` handles; carried over rebuilds.
+    pub(crate) requests: Arc<RequestCounters>,
 }
 
 /// A backend as one snapshot sees it: its configuration (which a reload may
@@ -293,7 +300,18 @@ impl Snapshot {
             let serving: Vec<(&Arc<BackendState>, HealthRecord)> = backends
                 .iter()
                 .filter(|b| b.config.models.contains(&model.name))
-                .map(|b| (b, b.live.health()))
+                .map(|b| {
+                    let health = b.live.health();
+                    // With active checks off, a stale probe verdict (from
+                    // before a reload switched them off) must not keep a
+                    // backend out.
+                    let health = if config.health.enabled {
+                        health
+                    } else {
+                        health.passive_only()
+                    };
+                    (b, health)
+                })
                 .collect();
             // The deep tier's throughput factor compares each backend with
             // the median of this model's pool.
@@ -303,20 +321,31 @@ impl Snapshot {
                     .filter_map(|(_, h)| h.tokens_per_sec)
                     .collect(),
             );
+            let old = previous.and_then(|p| p.models.get(&model.name));
             let members: Vec<Member> = serving
                 .iter()
                 .map(|(b, h)| {
                     let factor = h.factor(now, config.health.slow_start)
                         * throughput_factor(h.tokens_per_sec, pool_median);
+                    let requests = old
+                        .and_then(|o| {
+                            o.members
+                                .iter()
+                                .find(|m| m.backend.config.name == b.config.name)
+                        })
+                        .map_or_else(
+                            || metrics.request_counters(&model.name, &b.config.name),
+                            |m| m.requests.clone(),
+                        );
                     Member {
                         backend: (*b).clone(),
                         upstream_model: b.config.rename.get(&model.name).cloned(),
                         effective_weight: effective_weight(b.config.weight, factor),
+                        requests,
                     }
                 })
                 .collect();
             let pool = Pool::new(members.iter().map(|m| m.effective_weight).collect());
-            let old = previous.and_then(|p| p.models.get(&model.name));
             let limits = match old {
                 Some(old) if old.config == *model => old.limits.clone(),
                 _ => Arc::new(ModelLimits::new(
@@ -327,6 +356,11 @@ impl Snapshot {
                 )),
             };
             let tokens = old.map_or_else(|| metrics.tokens(&model.name), |o| o.tokens.clone());
+            let timings = old.map_or_else(|| metrics.timings(&model.name), |o| o.timings.clone());
+            let own_answers = old.map_or_else(
+                || metrics.request_counters(&model.name, ""),
+                |o| o.own_answers.clone(),
+            );
             models.insert(
                 model.name.clone(),
                 ModelRoute {
@@ -335,6 +369,8 @@ impl Snapshot {
                     pool,
                     limits,
                     tokens,
+                    timings,
+                    own_answers,
                 },
             );
         }

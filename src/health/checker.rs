@@ -99,6 +99,7 @@ pub(crate) fn sync_probes(shared: &Arc<Shared>) {
         let keep = enabled && snapshot.backends().iter().any(|b| key(b) == *k);
         if !keep {
             token.cancel();
+            shared.metrics.forget_backend(&k.0);
         }
         keep
     });

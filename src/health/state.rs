@@ -185,6 +185,19 @@ impl HealthRecord {
         self.tiers[Tier::Readiness.index()].slow = slow;
     }
 
+    /// The record as it stands with active checks switched off: what the
+    /// probes last said is ignored, passive state (ejection, 429 window,
+    /// slow start) is kept.
+    pub fn passive_only(&self) -> HealthRecord {
+        HealthRecord {
+            tiers: Default::default(),
+            pending: false,
+            tokens_per_sec: None,
+            saturated: false,
+            ..self.clone()
+        }
+    }
+
     /// Out of rotation by the active tiers (liveness or readiness down).
     pub fn is_out(&self) -> bool {
         self.pending || self.tiers[0].down || self.tiers[1].down

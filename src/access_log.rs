@@ -1,0 +1,149 @@
+//! The per-request access log line and the request metrics that are only
+//! known when a request is over.
+//!
+//! One line per request at `info` (nginx's access log, as structured
+//! fields): request id, method, path, model, backend, status, attempts,
+//! queue wait, time to first byte, total time, prompt and completion tokens,
+//! and how the response ended. For a proxied response that is when its body
+//! ends (or the client goes away), not when its headers leave, so streams
+//! report their real duration and token counts. No header value other than
+//! the request id is ever logged, so no secret can reach a log line.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Method};
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::time::Instant;
+
+use std::sync::Arc;
+
+use crate::{
+    admission::tokens::Usage,
+    metrics::{Metrics, RequestCounters},
+};
+
+/// How a response ended, for the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Sent in full.
+    Complete,
+    /// The upstream body failed or timed out mid-way.
+    UpstreamError,
+    /// The client went away before the end.
+    ClientGone,
+}
+
+impl Ending {
+    fn as_str(self) -> &'static str {
+        match self {
+            Ending::Complete => "complete",
+            Ending::UpstreamError => "upstream_error",
+            Ending::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// A model's latency histograms, resolved once per model.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelTimings {
+    /// `weir_request_duration_seconds{model}`.
+    pub duration: Histogram,
+    /// `weir_time_to_first_byte_seconds{model}`.
+    pub ttfb: Histogram,
+}
+
+/// Everything the access log line says about one request.
+#[derive(Debug)]
+pub(crate) struct AccessLog {
+    /// The request id sent back in `x-request-id`.
+    pub request_id: HeaderValue,
+    /// The request method.
+    pub method: Method,
+    /// The request path (no query string: it may carry tokens).
+    pub path: String,
+    /// When weir started on the request.
+    pub started: Instant,
+    /// The client's model, once read.
+    pub model: Option<String>,
+    /// The backend that answered.
+    pub backend: Option<String>,
+    /// The status sent to the client.
+    pub status: u16,
+    /// Attempts made upstream.
+    pub attempts: u32,
+    /// Time spent waiting for admission.
+    pub queued: Duration,
+    /// Time until the first body byte left weir.
+    pub ttfb: Option<Duration>,
+    /// The usage the response reported.
+    pub usage: Option<Usage>,
+    /// The model's histograms, when the request named a routed model.
+    pub timings: Option<ModelTimings>,
+    /// The `weir_requests_total` handles to count this request with: the
+    /// answering backend's, or the model's own-answer ones. A model name
+    /// no route knows is counted as `model=""`, so clients cannot grow the
+    /// metric's label set.
+    pub counters: Option<Arc<RequestCounters>>,
+}
+
+impl AccessLog {
+    /// A log for a request that just arrived.
+    pub(crate) fn new(request_id: HeaderValue, method: Method, path: String) -> Self {
+        Self {
+            request_id,
+            method,
+            path,
+            started: Instant::now(),
+            model: None,
+            backend: None,
+            status: 0,
+            attempts: 0,
+            queued: Duration::ZERO,
+            ttfb: None,
+            usage: None,
+            timings: None,
+            counters: None,
+        }
+    }
+
+    /// The first body byte is leaving now.
+    pub(crate) fn first_byte(&mut self) {
+        if self.ttfb.is_none() {
+            let ttfb = self.started.elapsed();
+            self.ttfb = Some(ttfb);
+            if let Some(t) = &self.timings {
+                t.ttfb.observe(ttfb.as_secs_f64());
+            }
+        }
+    }
+
+    /// Writes the line and records the request's metrics.
+    pub(crate) fn emit(self, metrics: &Metrics, ending: Ending) {
+        let total = self.started.elapsed();
+        if let Some(t) = &self.timings {
+            t.duration.observe(total.as_secs_f64());
+        }
+        match &self.counters {
+            Some(counters) => counters.inc(self.status),
+            None if self.model.is_some() => metrics.unknown_model_requests.inc(self.status),
+            None => {}
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            request_id = self.request_id.to_str().unwrap_or(""),
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            model = self.model.as_deref().unwrap_or(""),
+            backend = self.backend.as_deref().unwrap_or(""),
+            attempts = self.attempts,
+            queue_ms = ms(self.queued),
+            ttfb_ms = self.ttfb.map(ms),
+            total_ms = ms(total),
+            prompt_tokens = self.usage.map(|u| u.prompt_tokens),
+            completion_tokens = self.usage.map(|u| u.completion_tokens),
+            ending = ending.as_str(),
+            "request"
+        );
+    }
+}

@@ -1,0 +1,303 @@
+//! Metrics and logs as operators see them: /metrics parsed with a real
+//! Prometheus parser, JSON log lines parsed and checked field by field.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use weir::mock::{self, MockConfig};
+
+/// Scrapes /metrics and parses it as Prometheus text.
+async fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    let text = get(addr, "/metrics").await.text();
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines)
+        .unwrap_or_else(|e| panic!("unparsable /metrics ({e}):\n{text}"))
+}
+
+/// The value of the sample `name` whose labels include all of `labels`.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref h) => h.last().map_or(0.0, |b| b.count),
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move_with_requests_429s_and_retries() {
+    let good = mock::start(MockConfig::default().models(vec!["m".into(), "limited".into()]))
+        .await
+        .unwrap();
+    let failing = mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .failure_rate(1.0),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"m\"\n\n[[models]]\nname = \"limited\"\nrequests_per_minute = 1\nburst = 1\nqueue_timeout = \"0s\"\n\n{}{}{QUIET}[outlier]\nconsecutive_failures = 1000\n\n[retry]\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\n",
+        backend("good", &good.base_url(), &["m", "limited"], 1),
+        backend("failing", &failing.base_url(), &["m"], 1000),
+    );
+    let gw = gateway(&toml).await;
+    let before = scrape(gw.addr()).await;
+    assert_eq!(
+        value(
+            &before,
+            "weir_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+
+    for _ in 0..3 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat("m", false)).await;
+        assert_eq!(r.status, 200, "retried onto the good backend: {}", r.text());
+    }
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &chat("limited", true)).await;
+    assert_eq!(s.status, 200);
+    assert_eq!(
+        post(gw.addr(), "/v1/chat/completions", &chat("limited", false))
+            .await
+            .status,
+        429
+    );
+
+    // A model nobody serves is answered 404 and counted without its name:
+    // clients must not be able to grow the metrics' label set.
+    assert_eq!(
+        post(
+            gw.addr(),
+            "/v1/chat/completions",
+            &chat("made-up-model-7", false)
+        )
+        .await
+        .status,
+        404
+    );
+
+    // This gateway has no config file: a reload is refused, and counted.
+    assert_eq!(
+        send(&client(), "POST", gw.addr(), "/admin/reload", &[], "")
+            .await
+            .status,
+        400
+    );
+
+    let after = scrape(gw.addr()).await;
+    assert_eq!(
+        value(&before, "weir_config_reloads_total", &[("result", "error")]),
+        0.0
+    );
+    assert_eq!(
+        value(&after, "weir_config_reloads_total", &[("result", "error")]),
+        1.0
+    );
+    assert!(after
+        .samples
+        .iter()
+        .all(|s| s.labels.get("model") != Some("made-up-model-7")));
+    assert_eq!(
+        value(
+            &after,
+            "weir_requests_total",
+            &[("model", ""), ("backend", ""), ("status", "404")]
+        ),
+        1.0
+    );
+    let ok = [("model", "m"), ("backend", "good"), ("status", "200")];
+    assert_eq!(value(&after, "weir_requests_total", &ok), 3.0);
+    assert_eq!(
+        value(
+            &after,
+            "weir_requests_total",
+            &[("model", "limited"), ("status", "429")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "weir_rate_limited_total",
+            &[("model", "limited"), ("limit", "requests")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "weir_retries_total",
+            &[("model", "m"), ("reason", "status_5xx")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "weir_upstream_errors_total",
+            &[("backend", "failing"), ("kind", "status_5xx")]
+        ),
+        3.0
+    );
+    assert!(
+        value(
+            &after,
+            "weir_tokens_total",
+            &[("model", "m"), ("kind", "completion")]
+        ) > 0.0
+    );
+    assert_eq!(
+        value(&after, "weir_request_duration_seconds", &[("model", "m")]),
+        3.0,
+        "histogram count"
+    );
+    assert_eq!(
+        value(
+            &after,
+            "weir_time_to_first_byte_seconds",
+            &[("model", "limited")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "weir_backend_effective_weight",
+            &[("backend", "good"), ("model", "m")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&after, "weir_in_flight", &[("model", "m")]), 0.0);
+    assert_eq!(value(&after, "weir_queue_depth", &[("model", "m")]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_carry_every_field_and_no_secret() {
+    let m = mock::start(MockConfig::default().models(vec!["m".into()]).chunks(4))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nlog_format = \"json\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+            backend("b1", &m.base_url(), &["m"], 1)
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--config")
+        .arg(&path)
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .env("RUST_LOG", "trace")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let addr: std::net::SocketAddr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("weir logs its listen address");
+        let json: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        lines.push(line);
+        if json["message"] == "weir is serving" {
+            break json["listen"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    let r = send(
+        &client(),
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "log-test-1"),
+            ("authorization", "Bearer client-secret-9"),
+        ],
+        chat("m", false),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let s = post_stream(addr, "/v1/chat/completions", &chat("m", true)).await;
+    assert_eq!(s.status, 200);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        lines.push(line);
+    }
+    let requests: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+        })
+        .filter(|j| j["message"] == "request" && j["path"] == "/v1/chat/completions")
+        .collect();
+    assert_eq!(requests.len(), 2, "one line per request: {requests:?}");
+    let first = requests
+        .iter()
+        .find(|j| j["request_id"] == "log-test-1")
+        .expect("the client's request id");
+    for field in [
+        "model",
+        "backend",
+        "status",
+        "attempts",
+        "queue_ms",
+        "ttfb_ms",
+        "total_ms",
+        "prompt_tokens",
+        "completion_tokens",
+        "ending",
+        "level",
+        "timestamp",
+    ] {
+        assert!(
+            first.get(field).is_some_and(|v| !v.is_null()),
+            "field {field} missing: {first}"
+        );
+    }
+    assert_eq!(first["model"], "m");
+    assert_eq!(first["backend"], "b1");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["ending"], "complete");
+    let stream = requests
+        .iter()
+        .find(|j| j["request_id"] != "log-test-1")
+        .unwrap();
+    assert_eq!(
+        stream["completion_tokens"], 4,
+        "the stream's real usage: {stream}"
+    );
+    let all = lines.join("\n");
+    assert!(!all.contains(BACKEND_KEY), "backend key in the logs");
+    assert!(!all.contains("client-secret-9"), "client key in the logs");
+}
