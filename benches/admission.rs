@@ -127,6 +127,7 @@ fn admit_now(global: &GlobalLimits, model: &Arc<ModelLimits>, deadline: Instant)
         model,
         "llama-3.1-8b-instruct",
         black_box(300),
+        Instant::now(),
         deadline
     ));
     match future

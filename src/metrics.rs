@@ -288,6 +288,21 @@ impl Metrics {
             })
             .set(1);
         registry.register("weir_build_info", "weir's version", build);
+        // Standalone (no [cluster]; the Redis-backed mode is not built yet):
+        // limits are not shared through Redis, and this is the only replica.
+        let cluster_up = Gauge::<i64>::default();
+        registry.register(
+            "weir_cluster_up",
+            "1 while rate limits are shared with other replicas through Redis",
+            cluster_up,
+        );
+        let cluster_replicas = Gauge::<i64>::default();
+        cluster_replicas.set(1);
+        registry.register(
+            "weir_cluster_replicas",
+            "Replicas sharing the rate limits, this one included",
+            cluster_replicas,
+        );
         Self {
             registry,
             unknown_model_requests: RequestCounters::new(&requests, "", ""),

@@ -101,12 +101,14 @@ pub(crate) async fn forward(
     log.counters = Some(route.own_answers.clone());
     let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
     let estimate = tokens::estimate(&facts, route.config.max_tokens, rest != "/embeddings");
-    let queue_deadline = (Instant::now() + route.limits.queue_timeout()).min(deadline);
+    let now = Instant::now();
+    let queue_deadline = (now + route.limits.queue_timeout()).min(deadline);
     let admitted = limiter::admit(
         &snapshot.global,
         &route.limits,
         &facts.model,
         estimate.total(),
+        now,
         queue_deadline,
     )
     .await?;

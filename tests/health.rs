@@ -186,6 +186,19 @@ async fn readiness_takes_out_a_backend_that_cannot_infer() {
     }
     // /readyz stays 200: the model still has a backend.
     assert_eq!(get(gw.addr(), "/readyz").await.status, 200);
+    let metrics = get(gw.addr(), "/metrics").await.text();
+    assert!(
+        metrics.contains("weir_backend_up{backend=\"b0\",tier=\"readiness\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weir_backend_up{backend=\"b0\",tier=\"liveness\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weir_backend_effective_weight{backend=\"b0\",model=\"m\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,6 +99,32 @@ async fn metrics_parse_and_move_with_requests_429s_and_retries() {
     );
 
     let after = scrape(gw.addr()).await;
+    // Standalone: limits are per process, one replica.
+    assert_eq!(value(&after, "weir_cluster_up", &[]), 0.0);
+    assert_eq!(value(&after, "weir_cluster_replicas", &[]), 1.0);
+    // Every SPEC metric is exported (weir_backend_up needs active checks,
+    // which this gateway has off; tests/health.rs covers it).
+    let text = get(gw.addr(), "/metrics").await.text();
+    for name in [
+        "weir_requests_total",
+        "weir_request_duration_seconds",
+        "weir_time_to_first_byte_seconds",
+        "weir_tokens_total",
+        "weir_rate_limited_total",
+        "weir_queue_depth",
+        "weir_in_flight",
+        "weir_backend_effective_weight",
+        "weir_retries_total",
+        "weir_upstream_errors_total",
+        "weir_config_reloads_total",
+        "weir_cluster_up",
+        "weir_cluster_replicas",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} is not exported:\n{text}"
+        );
+    }
     assert_eq!(
         value(&before, "weir_config_reloads_total", &[("result", "error")]),
         0.0

@@ -271,13 +271,13 @@ impl Drop for QueueSlot {
 
 /// Tokens taken from a bucket; given back on drop unless admission settled it.
 #[derive(Debug)]
-struct Reservation {
-    bucket: Arc<Bucket>,
+struct Reservation<'a> {
+    bucket: &'a Arc<Bucket>,
     n: u64,
     settled: bool,
 }
 
-impl Drop for Reservation {
+impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if !self.settled {
             self.bucket.refund(self.n, Instant::now());
@@ -289,7 +289,7 @@ impl Drop for Reservation {
 #[derive(Debug)]
 pub struct Admitted {
     /// The token buckets charged with `estimate` (global, model).
-    token_buckets: Vec<Arc<Bucket>>,
+    token_buckets: [Option<Arc<Bucket>>; 2],
     /// Tokens reserved for this request (prompt estimate + max_tokens).
     estimate: u64,
     /// The model's concurrency permit, returned on drop.
@@ -316,7 +316,7 @@ impl Admitted {
     /// or charge the difference from the estimate to every token bucket.
     pub fn reconcile(&self, actual: u64) {
         let now = Instant::now();
-        for bucket in &self.token_buckets {
+        for bucket in self.token_buckets.iter().flatten() {
             if actual < self.estimate {
                 bucket.refund(self.estimate - actual, now);
             } else if actual > self.estimate {
@@ -326,16 +326,21 @@ impl Admitted {
     }
 }
 
-/// Admits one request of `model` with a token `estimate`, waiting at most
-/// until `deadline` (the earlier of `queue_timeout` and `request_timeout`).
+/// Admits one request of `model` with a token `estimate` at `now` (the
+/// caller's clock reading, injected so tests and the request path share
+/// one), waiting at most until `deadline` (the earlier of `queue_timeout`
+/// and `request_timeout`).
 pub async fn admit(
     global: &GlobalLimits,
     model: &Arc<ModelLimits>,
     model_name: &str,
     estimate: u64,
+    now: Instant,
     deadline: Instant,
 ) -> Result<Admitted, AdmitError> {
-    let start = Instant::now();
+    // The caller's clock reading (it just computed `deadline` from it): one
+    // clock read fewer on every request.
+    let start = now;
     let max_wait = deadline.saturating_duration_since(start);
     // SPEC order: global requests, global tokens, model requests, model tokens.
     let steps = [
@@ -344,19 +349,41 @@ pub async fn admit(
         (model.requests.as_ref(), 1, LimitKind::Requests),
         (model.tokens.as_ref(), estimate, LimitKind::Tokens),
     ];
-    let mut reservations: Vec<(Reservation, LimitKind)> = Vec::with_capacity(4);
+    // Fixed-size and borrowed: the admission path allocates nothing.
+    let mut reservations: [Option<(Reservation<'_>, LimitKind)>; 4] = [None, None, None, None];
+    // The headers report the model's bucket of each kind, else the global
+    // one (see `rate_headers`): only those reservations report their state.
+    let reporting = [model.requests.is_none(), model.tokens.is_none(), true, true];
+    let mut reports: [Option<RateState>; 4] = [None; 4];
     let mut wait = Duration::ZERO;
-    for (bucket, n, kind) in steps {
+    for (((slot, report), (bucket, n, kind)), reports_state) in reservations
+        .iter_mut()
+        .zip(&mut reports)
+        .zip(steps)
+        .zip(reporting)
+    {
         let Some(bucket) = bucket else { continue };
-        match bucket.reserve(n, start, max_wait) {
-            Ok(w) => {
+        let reserved = if reports_state {
+            bucket
+                .reserve_and_report(n, start, max_wait)
+                .map(|(w, r)| (w, Some(r)))
+        } else {
+            bucket.reserve(n, start, max_wait).map(|w| (w, None))
+        };
+        match reserved {
+            Ok((w, state)) => {
                 wait = wait.max(w);
+                *report = state.map(|(limit, remaining, reset)| RateState {
+                    limit,
+                    remaining,
+                    reset,
+                });
                 let reservation = Reservation {
-                    bucket: bucket.clone(),
+                    bucket,
                     n,
                     settled: false,
                 };
-                reservations.push((reservation, kind));
+                *slot = Some((reservation, kind));
             }
             Err(ReserveError::TooLarge { capacity }) => {
                 return Err(AdmitError::TooLarge {
@@ -392,7 +419,8 @@ pub async fn admit(
         }
     }
     let mut queue_slot = None;
-    if !wait.is_zero() {
+    let mut waited = !wait.is_zero();
+    if waited {
         queue_slot = Some(queue_or_refuse(model, model_name)?);
         tokio::time::sleep_until(start + wait).await;
     }
@@ -401,6 +429,7 @@ pub async fn admit(
         Some((sem, max)) => match sem.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
+                waited = true;
                 if queue_slot.is_none() {
                     queue_slot = Some(queue_or_refuse(model, model_name)?);
                 }
@@ -421,22 +450,39 @@ pub async fn admit(
         },
     };
     drop(queue_slot);
-    let mut token_buckets = Vec::with_capacity(2);
-    for (mut r, kind) in reservations {
+    let mut token_buckets: [Option<Arc<Bucket>>; 2] = [None, None];
+    let mut next = token_buckets.iter_mut();
+    for (mut r, kind) in reservations.into_iter().flatten() {
         r.settled = true;
         if kind == LimitKind::Tokens {
-            token_buckets.push(r.bucket.clone());
+            if let Some(slot) = next.next() {
+                *slot = Some(r.bucket.clone());
+            }
         }
     }
     model.metrics.admitted.inc();
     model.metrics.in_flight.inc();
-    let now = Instant::now();
+    // Without a wait, the buckets' state right after the reservations is
+    // what the headers report; after a wait, look again.
+    let now = if waited { Instant::now() } else { start };
+    let headers = if waited {
+        rate_headers(global, model, now)
+    } else {
+        // The model's bucket of each kind, else the global one (see
+        // `rate_headers`); step order: global req, global tok, model req,
+        // model tok.
+        let [global_requests, global_tokens, model_requests, model_tokens] = reports;
+        RateHeaders {
+            requests: model_requests.or(global_requests),
+            tokens: model_tokens.or(global_tokens),
+        }
+    };
     Ok(Admitted {
         token_buckets,
         estimate,
         _permit: permit,
         _in_flight: InFlightGauge(model.metrics.in_flight.clone()),
-        headers: rate_headers(global, model, now),
+        headers,
         queued: now.saturating_duration_since(start),
     })
 }
@@ -455,10 +501,13 @@ fn queue_or_refuse(model: &Arc<ModelLimits>, model_name: &str) -> Result<QueueSl
 /// The headers a response reports: the model's bucket of each kind, or the
 /// global one when the model has none (the limit that applies to it).
 fn rate_headers(global: &GlobalLimits, model: &ModelLimits, now: Instant) -> RateHeaders {
-    let state = |b: &Arc<Bucket>| RateState {
-        limit: b.rate_per_minute(),
-        remaining: b.remaining(now),
-        reset: b.reset_after(now),
+    let state = |b: &Arc<Bucket>| {
+        let (limit, remaining, reset) = b.report(now);
+        RateState {
+            limit,
+            remaining,
+            reset,
+        }
     };
     RateHeaders {
         requests: model
@@ -531,7 +580,10 @@ mod tests {
         let mut admitted = 0;
         // A greedy client trying every millisecond, never willing to wait.
         while start.elapsed() < Duration::from_secs(60) {
-            if admit(&global, &m, "m", 1, Instant::now()).await.is_ok() {
+            if admit(&global, &m, "m", 1, Instant::now(), Instant::now())
+                .await
+                .is_ok()
+            {
                 admitted += 1;
             }
             tokio::time::advance(Duration::from_millis(1)).await;
@@ -548,7 +600,15 @@ mod tests {
         for i in 0..5u32 {
             let (global, m) = (global.clone(), m.clone());
             tasks.push(tokio::spawn(async move {
-                let a = admit(&global, &m, "m", 1, start + Duration::from_secs(10)).await;
+                let a = admit(
+                    &global,
+                    &m,
+                    "m",
+                    1,
+                    Instant::now(),
+                    start + Duration::from_secs(10),
+                )
+                .await;
                 (i, a.is_ok(), start.elapsed())
             }));
             // Let each task reserve before the next one starts.
@@ -568,9 +628,11 @@ mod tests {
     async fn refused_at_once_with_the_exact_wait() {
         let (global, m) = limits(&model(Some(60), Some(1), None, None));
         let deadline = Instant::now() + Duration::from_millis(500);
-        assert!(admit(&global, &m, "m", 1, deadline).await.is_ok());
+        assert!(admit(&global, &m, "m", 1, Instant::now(), deadline)
+            .await
+            .is_ok());
         let before = Instant::now();
-        match admit(&global, &m, "m", 1, deadline).await {
+        match admit(&global, &m, "m", 1, Instant::now(), deadline).await {
             Err(AdmitError::RateLimited {
                 kind,
                 wait,
@@ -600,9 +662,16 @@ mod tests {
         for _ in 0..200 {
             let (global, m) = (global.clone(), m.clone());
             tasks.push(tokio::spawn(async move {
-                admit(&global, &m, "m", 100, start + Duration::from_secs(30))
-                    .await
-                    .is_ok()
+                admit(
+                    &global,
+                    &m,
+                    "m",
+                    100,
+                    Instant::now(),
+                    start + Duration::from_secs(30),
+                )
+                .await
+                .is_ok()
             }));
         }
         let mut admitted = 0;
@@ -623,11 +692,15 @@ mod tests {
         let (global, m) = limits(&model(None, None, Some(1000), None));
         let now = Instant::now();
         let tokens = m.tokens.clone().unwrap();
-        let a = admit(&global, &m, "m", 300, now).await.unwrap();
+        let a = admit(&global, &m, "m", 300, Instant::now(), now)
+            .await
+            .unwrap();
         assert_eq!(tokens.remaining(now), 700);
         a.reconcile(100);
         assert_eq!(tokens.remaining(now), 900, "200 refunded");
-        let b = admit(&global, &m, "m", 100, now).await.unwrap();
+        let b = admit(&global, &m, "m", 100, Instant::now(), now)
+            .await
+            .unwrap();
         b.reconcile(400);
         assert_eq!(tokens.remaining(now), 500, "300 more charged");
     }
@@ -637,9 +710,15 @@ mod tests {
         let (global, m) = limits(&model(Some(60), Some(1), None, None));
         let global = Arc::new(global);
         let deadline = Instant::now() + Duration::from_secs(10);
-        admit(&global, &m, "m", 1, deadline).await.unwrap();
+        admit(&global, &m, "m", 1, Instant::now(), deadline)
+            .await
+            .unwrap();
         let (g2, m2) = (global.clone(), m.clone());
-        let queued = tokio::spawn(async move { admit(&g2, &m2, "m", 1, deadline).await.is_ok() });
+        let queued = tokio::spawn(async move {
+            admit(&g2, &m2, "m", 1, Instant::now(), deadline)
+                .await
+                .is_ok()
+        });
         tokio::task::yield_now().await;
         assert_eq!(m.waiting(), 1);
         queued.abort();
@@ -647,14 +726,16 @@ mod tests {
         assert_eq!(m.waiting(), 0, "the queue slot was given back");
         // Had the cancelled reservation stayed, this one would wait 2 s.
         let start = Instant::now();
-        admit(&global, &m, "m", 1, deadline).await.unwrap();
+        admit(&global, &m, "m", 1, Instant::now(), deadline)
+            .await
+            .unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]
     async fn impossible_requests_are_too_large_not_rate_limited() {
         let (global, m) = limits(&model(None, None, Some(1000), None));
-        match admit(&global, &m, "m", 1001, Instant::now()).await {
+        match admit(&global, &m, "m", 1001, Instant::now(), Instant::now()).await {
             Err(AdmitError::TooLarge { capacity, .. }) => assert_eq!(capacity, 1000),
             other => panic!("{other:?}"),
         }
@@ -671,14 +752,19 @@ mod tests {
         cfg.max_queue = 1;
         let (global, m) = limits(&cfg);
         let global = Arc::new(global);
-        let held = admit(&global, &m, "m", 1, Instant::now()).await.unwrap();
+        let held = admit(&global, &m, "m", 1, Instant::now(), Instant::now())
+            .await
+            .unwrap();
         let (g2, m2) = (global.clone(), m.clone());
         let deadline = Instant::now() + Duration::from_secs(1);
-        let waiter =
-            tokio::spawn(async move { admit(&g2, &m2, "m", 1, deadline).await.map(|_| ()) });
+        let waiter = tokio::spawn(async move {
+            admit(&g2, &m2, "m", 1, Instant::now(), deadline)
+                .await
+                .map(|_| ())
+        });
         tokio::task::yield_now().await;
         // The queue holds one: a third request is refused at once.
-        match admit(&global, &m, "m", 1, deadline).await {
+        match admit(&global, &m, "m", 1, Instant::now(), deadline).await {
             Err(AdmitError::Saturated {
                 kind: LimitKind::Queue,
                 ..
@@ -690,12 +776,15 @@ mod tests {
             waiter.await.unwrap().is_ok(),
             "the waiter got the freed permit"
         );
-        let held = admit(&global, &m, "m", 1, Instant::now()).await.unwrap();
+        let held = admit(&global, &m, "m", 1, Instant::now(), Instant::now())
+            .await
+            .unwrap();
         match admit(
             &global,
             &m,
             "m",
             1,
+            Instant::now(),
             Instant::now() + Duration::from_millis(50),
         )
         .await
