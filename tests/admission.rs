@@ -109,18 +109,8 @@ async fn max_concurrent_caps_what_the_backend_sees() {
     )
     .await;
     let addr = gw.addr();
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            tokio::spawn(async move {
-                post(addr, "/v1/chat/completions", &chat(MODEL, false))
-                    .await
-                    .status
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    let statuses = concurrent_chats(addr, MODEL, 8).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     assert_eq!(m.max_in_flight(), 2, "the model's semaphore held");
     assert_eq!(m.requests(), 8, "every request was admitted in turn");
 }
@@ -140,18 +130,8 @@ async fn backend_max_concurrent_waits_for_a_free_slot() {
     );
     let gw = gateway(&toml).await;
     let addr = gw.addr();
-    let tasks: Vec<_> = (0..4)
-        .map(|_| {
-            tokio::spawn(async move {
-                post(addr, "/v1/chat/completions", &chat(MODEL, false))
-                    .await
-                    .status
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    let statuses = concurrent_chats(addr, MODEL, 4).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     assert_eq!(m.max_in_flight(), 1);
 }
 

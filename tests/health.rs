@@ -358,18 +358,8 @@ async fn the_retry_budget_caps_retries() {
     let health = "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 1000\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 20\n";
     let gw = gateway(&config_for(&ms, &[1, 1], health, "")).await;
     let addr = gw.addr();
-    let tasks: Vec<_> = (0..20)
-        .map(|_| {
-            tokio::spawn(async move {
-                post(addr, "/v1/chat/completions", &chat(MODEL, false))
-                    .await
-                    .status
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 500);
-    }
+    let statuses = concurrent_chats(addr, MODEL, 20).await;
+    assert!(statuses.iter().all(|&s| s == 500), "{statuses:?}");
     let total: u64 = ms.iter().map(MockHandle::requests).sum();
     let retries = total - 20;
     println!("FIGURE retry-budget 20 failing requests -> {retries} retries");

@@ -144,6 +144,26 @@ pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     send(&client(), "GET", addr, path, &[], Bytes::new()).await
 }
 
+/// Sends `n` non-streamed chat requests for `model` at once and returns
+/// their statuses.
+pub async fn concurrent_chats(addr: SocketAddr, model: &'static str, n: usize) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            tokio::spawn(async move {
+                post(addr, "/v1/chat/completions", &chat(model, false))
+                    .await
+                    .status
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(n);
+    for t in tasks {
+        statuses.push(t.await.expect("request task"));
+    }
+    statuses
+}
+
 /// A chat body for `model`.
 pub fn chat(model: &str, stream: bool) -> String {
     format!(
