@@ -2,12 +2,7 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use common::*;
 use weir::mock::{self, MockConfig};
@@ -78,75 +73,6 @@ fn check_prints_the_resolved_config_with_secrets_masked() {
     assert!(!text.contains(BACKEND_KEY), "{text}");
 }
 
-/// A running `weir` process and everything it wrote to stderr.
-struct Running {
-    child: Child,
-    addr: std::net::SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-fn spawn_weir(config: &std::path::Path, rust_log: &str) -> Running {
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .env("BACKEND_KEY", BACKEND_KEY)
-        .env("RUST_LOG", rust_log)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listen=").nth(1) {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .trim_matches('"')
-                    .to_owned();
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr);
-                }
-            }
-            log2.lock().unwrap().push_str(&line);
-            log2.lock().unwrap().push('\n');
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("weir did not start: {}", log.lock().unwrap()));
-    Running {
-        child,
-        addr: addr.parse().unwrap(),
-        log,
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
-    let step = Duration::from_millis(20);
-    for _ in 0..(within.as_millis() / step.as_millis()) {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        std::thread::sleep(step);
-    }
-    let _ = child.kill();
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
     // 10 chunks at 10/s: the stream runs for about a second.
@@ -182,11 +108,12 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
         s.text()
     );
     assert!(s.events().len() >= 10);
+    let log = weir.log.clone();
     let code =
         tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(20)))
             .await
             .unwrap();
-    assert_eq!(code, Some(0), "{}", weir.log.lock().unwrap());
+    assert_eq!(code, Some(0), "{}", log.lock().unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +139,7 @@ async fn no_secret_in_logs_even_at_trace_level() {
     signal(&weir.child, "-TERM");
     let code = tokio::task::spawn_blocking(move || {
         let code = wait_exit(&mut weir.child, Duration::from_secs(20));
-        (code, weir.log)
+        (code, weir.log.clone())
     })
     .await
     .unwrap();

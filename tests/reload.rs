@@ -7,12 +7,10 @@ mod common;
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
@@ -767,62 +765,6 @@ async fn watch_config_follows_a_configmap_symlink_swap() {
     assert_eq!(live.reload_count("ok").await, 1);
 }
 
-/// A running `weir` process and what it logged (as in tests/process.rs).
-struct Process {
-    child: Child,
-    addr: std::net::SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_weir(config: &Path) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .arg("--config")
-        .arg(config)
-        .env("BACKEND_KEY", BACKEND_KEY)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("weir starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listen=").nth(1) {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .trim_matches('"');
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-            let mut log = log2.lock().unwrap_or_else(|e| e.into_inner());
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("weir did not start: {}", log.lock().expect("log")));
-    Process {
-        child,
-        addr: addr.parse().expect("listen address"),
-        log,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_running_binary() {
     let m1 = mock_named("b1", MockConfig::default()).await;
@@ -835,7 +777,7 @@ async fn sighup_reloads_the_running_binary() {
         )
     };
     std::fs::write(&path, text(1)).expect("write");
-    let weir = spawn_weir(&path);
+    let weir = spawn_weir(&path, "info");
     let addr = weir.addr;
     let weight = move || async move {
         get(addr, "/admin/backends").await.json()["backends"][0]["models"][MODEL]
@@ -844,11 +786,7 @@ async fn sighup_reloads_the_running_binary() {
     };
     assert_eq!(weight().await, 1);
     write_atomically(&path, &text(9));
-    let status = Command::new("kill")
-        .args(["-HUP", &weir.child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    signal(&weir.child, "-HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     while weight().await != 9 && Instant::now() < deadline {
         tokio::time::sleep(ms(20)).await;

@@ -229,6 +229,89 @@ pub async fn post_stream(addr: SocketAddr, path: &str, body: &str) -> Streamed {
     }
 }
 
+/// A running `weir` binary and everything it wrote to stderr. Dropping it
+/// kills the process (a no-op once it has exited).
+pub struct Running {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `weir --config CONFIG` with [`BACKEND_KEY`] in its environment and
+/// `RUST_LOG=rust_log`, and waits for the `listen=` line of its log.
+pub fn spawn_weir(config: &std::path::Path, rust_log: &str) -> Running {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--config")
+        .arg(config)
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .env("RUST_LOG", rust_log)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("weir starts");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listen=").nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches('"');
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+            let mut log = log2.lock().unwrap_or_else(|e| e.into_inner());
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("weir did not start: {}", log.lock().expect("log")));
+    Running {
+        child,
+        addr: addr.parse().expect("listen address"),
+        log,
+    }
+}
+
+/// Sends `sig` (e.g. `-TERM`, `-HUP`) to a child process with `kill`.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+/// The child's exit code once it exits within `within`, else kills it and
+/// returns `None`.
+pub fn wait_exit(child: &mut std::process::Child, within: Duration) -> Option<i32> {
+    let step = Duration::from_millis(20);
+    for _ in 0..(within.as_millis() / step.as_millis()) {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.code();
+        }
+        std::thread::sleep(step);
+    }
+    let _ = child.kill();
+    None
+}
+
 /// Polls `f` until it returns true or `within` passes.
 pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
