@@ -147,17 +147,8 @@ impl Bucket {
         now: Instant,
         max_wait: Duration,
     ) -> Result<Duration, ReserveError> {
-        let now = self.nanos_since_origin(now);
-        let mut state = self.lock();
-        let (new_tat, wait_nanos) = state.reservation(n, now)?;
-        // Compared after saturating, so `WouldWait { wait }` always has
-        // `wait > max_wait`; the two differ only beyond 584 years.
-        let wait = duration_from_nanos(wait_nanos);
-        if wait > max_wait {
-            return Err(ReserveError::WouldWait { wait });
-        }
-        state.tat = new_tat;
-        Ok(wait)
+        self.reserve_then(n, now, max_wait, |_, _| ())
+            .map(|(wait, ())| wait)
     }
 
     /// [`reserve`](Self::reserve), also returning [`report`](Self::report)'s
@@ -169,15 +160,29 @@ impl Bucket {
         now: Instant,
         max_wait: Duration,
     ) -> Result<(Duration, (u64, u64, Duration)), ReserveError> {
+        self.reserve_then(n, now, max_wait, State::report)
+    }
+
+    /// The reservation itself; `after` reads the state it leaves, under the
+    /// same lock.
+    fn reserve_then<R>(
+        &self,
+        n: u64,
+        now: Instant,
+        max_wait: Duration,
+        after: impl FnOnce(&State, u64) -> R,
+    ) -> Result<(Duration, R), ReserveError> {
         let now = self.nanos_since_origin(now);
         let mut state = self.lock();
         let (new_tat, wait_nanos) = state.reservation(n, now)?;
+        // Compared after saturating, so `WouldWait { wait }` always has
+        // `wait > max_wait`; the two differ only beyond 584 years.
         let wait = duration_from_nanos(wait_nanos);
         if wait > max_wait {
             return Err(ReserveError::WouldWait { wait });
         }
         state.tat = new_tat;
-        Ok((wait, state.report(now)))
+        Ok((wait, after(&state, now)))
     }
 
     /// How long a reservation of `n` tokens made at `now` would wait, without

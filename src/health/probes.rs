@@ -247,13 +247,7 @@ async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<()
         "max_tokens": 1,
         "stream": false,
     });
-    let uri = upstream::upstream_uri(&config.url, "/chat/completions", None)?;
-    let request = request(
-        Method::POST,
-        uri,
-        backend.authorization.as_ref(),
-        Some(Bytes::from(body.to_string())),
-    )?;
+    let request = chat_request(backend, &body)?;
     let response = upstream::send(&backend.client, request, timeout).await?;
     let status = response.status();
     let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
@@ -314,13 +308,7 @@ async fn sample(
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let uri = upstream::upstream_uri(&config.url, "/chat/completions", None)?;
-    let request = request(
-        Method::POST,
-        uri,
-        backend.authorization.as_ref(),
-        Some(Bytes::from(body.to_string())),
-    )?;
+    let request = chat_request(backend, &body)?;
     let start = Instant::now();
     let response = upstream::send(&backend.client, request, first_byte_timeout).await?;
     let status = response.status();
@@ -529,6 +517,21 @@ fn request(
         None => Bytes::new(),
     };
     builder.body(Full::new(body))
+}
+
+/// `POST {url}/chat/completions` with the backend's key and this JSON body,
+/// as readiness and deep samples send it.
+fn chat_request(
+    backend: &BackendState,
+    body: &serde_json::Value,
+) -> Result<Request<Full<Bytes>>, http::Error> {
+    let uri = upstream::upstream_uri(&backend.config.url, "/chat/completions", None)?;
+    request(
+        Method::POST,
+        uri,
+        backend.authorization.as_ref(),
+        Some(Bytes::from(body.to_string())),
+    )
 }
 
 /// The whole body, up to `limit` bytes.
