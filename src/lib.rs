@@ -33,6 +33,7 @@ mod gateway;
 mod headers;
 pub mod health;
 pub mod healthcheck;
+mod jitter;
 mod metrics;
 pub mod mock;
 mod proxy;

@@ -30,6 +30,7 @@ use crate::{
     gateway::Shared,
     headers,
     health::outlier::{self, Outcome},
+    jitter,
     metrics::{RetryLabels, UpstreamErrorLabels},
     snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Snapshot},
     upstream::{self, AttemptError},
@@ -312,7 +313,7 @@ impl Exchange<'_> {
                     .unwrap_or(u32::MAX),
             )
             .min(retry.max_delay);
-        let mut delay = full_jitter(exp);
+        let mut delay = jitter::up_to(exp);
         if repeat {
             delay = delay.max(retry_after.unwrap_or_default());
             tried.clear();
@@ -521,12 +522,6 @@ impl Drop for ActiveRequest<'_> {
 
 /// Retries that may run at once whatever the budget (Envoy's default).
 const MIN_RETRY_CONCURRENCY: u64 = 3;
-
-/// A uniformly random duration in `[0, max]` (full jitter).
-fn full_jitter(max: Duration) -> Duration {
-    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(rand::random_range(0..=nanos))
-}
 
 /// An upstream 429's `Retry-After` in seconds (the HTTP-date form is rare
 /// from inference servers and is read as 1 s, as is a missing header).

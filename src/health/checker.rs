@@ -27,6 +27,7 @@ use super::{
 use crate::{
     config::HealthConfig,
     gateway::Shared,
+    jitter,
     snapshot::{BackendState, Snapshot},
 };
 
@@ -136,7 +137,7 @@ async fn run_tier(
     // SPEC "Start-up": each tier probes once at start, jittered by up to 10%
     // of its interval, so replicas do not probe in lock-step.
     let first = interval(tier, &shared.snapshot.load().config.health);
-    let mut next = Instant::now() + jitter(first / 10);
+    let mut next = Instant::now() + jitter::up_to(first / 10);
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
@@ -160,7 +161,7 @@ async fn run_tier(
         }
         let every = interval(tier, health);
         // ±10% jitter around the interval.
-        next = Instant::now() + every - every / 10 + jitter(every / 5);
+        next = Instant::now() + every - every / 10 + jitter::up_to(every / 5);
     }
 }
 
@@ -277,10 +278,4 @@ fn interval(tier: Tier, health: &HealthConfig) -> Duration {
         Tier::Readiness => health.readiness.interval,
         Tier::Deep => health.deep.interval,
     }
-}
-
-/// A uniformly random duration in `[0, max]`.
-fn jitter(max: Duration) -> Duration {
-    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(rand::random_range(0..=nanos))
 }
