@@ -32,7 +32,7 @@
 //! * `T` = [`TOKEN_COST`] = 60 × 10⁹ units: one token's refill time, since one
 //!   token takes `60e9 / r` ns = `60e9 / r × r` units;
 //! * `tau` = `c × T`: the refill time of a whole bucket;
-//! * `now` = nanoseconds since the bucket's origin × `r`;
+//! * `now` = nanoseconds since the process epoch ([`Tick`]) × `r`;
 //! * `tat` = the time at which the bucket would be full again if nothing
 //!   more were taken. `tat <= now` means full.
 //!
@@ -44,8 +44,9 @@
 //! * refunding `n`: `tat = max(tat - n × T, now)`, so the level never exceeds
 //!   `c`.
 //!
-//! All of it is `u128` with saturating operations: nanoseconds since origin
-//! saturate at `u64::MAX` (584 years), so `now` fits, and no input can panic.
+//! All of it is `u128` with saturating operations: nanoseconds since the
+//! epoch saturate at `u64::MAX` (584 years), so `now` fits, and no input can
+//! panic.
 //!
 //! # Refunds and waiters
 //!
@@ -66,7 +67,7 @@
 //! nanoseconds, see `benches/admission.rs`), never across an `.await`.
 
 use std::num::NonZeroU64;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -82,9 +83,9 @@ pub const TOKEN_COST: u128 = 60_000_000_000;
 /// method takes `&self`.
 #[derive(Debug)]
 pub struct Bucket {
-    /// The instant all times are measured from; fixed at construction, so a
-    /// reload that keeps the bucket keeps it too.
-    origin: Instant,
+    /// When the bucket was made: an earlier reading counts as this one, so a
+    /// bucket is full at every instant up to its creation.
+    created: Tick,
     /// Limits and `tat`, changed together under the lock.
     state: Mutex<State>,
 }
@@ -114,22 +115,23 @@ struct State {
     rate_per_minute: u64,
     /// `c`: tokens the bucket holds when full.
     capacity: u64,
-    /// `tat` in scaled units since `origin`, at the scale `rate_per_minute`.
+    /// `tat` in scaled units since the epoch, at the scale `rate_per_minute`.
     tat: u128,
 }
 
 impl Bucket {
     /// A full bucket: a client that was never seen may use the whole burst.
-    pub fn new(rate_per_minute: NonZeroU64, capacity: NonZeroU64, now: Instant) -> Self {
+    pub fn new(rate_per_minute: NonZeroU64, capacity: NonZeroU64, now: impl Into<Tick>) -> Self {
+        let now = now.into();
         let rate_per_minute = rate_per_minute.get();
         let state = State {
             rate_per_minute,
             capacity: capacity.get(),
-            // origin = now, so "now" is 0 units: tat = now means full.
-            tat: 0,
+            // tat = now means full.
+            tat: u128::from(now.0).saturating_mul(u128::from(rate_per_minute)),
         };
         Bucket {
-            origin: now,
+            created: now,
             state: Mutex::new(state),
         }
     }
@@ -144,7 +146,7 @@ impl Bucket {
     pub fn reserve(
         &self,
         n: u64,
-        now: Instant,
+        now: impl Into<Tick>,
         max_wait: Duration,
     ) -> Result<Duration, ReserveError> {
         self.reserve_then(n, now, max_wait, |_, _| ())
@@ -157,7 +159,7 @@ impl Bucket {
     pub fn reserve_and_report(
         &self,
         n: u64,
-        now: Instant,
+        now: impl Into<Tick>,
         max_wait: Duration,
     ) -> Result<(Duration, (u64, u64, Duration)), ReserveError> {
         self.reserve_then(n, now, max_wait, State::report)
@@ -168,11 +170,11 @@ impl Bucket {
     fn reserve_then<R>(
         &self,
         n: u64,
-        now: Instant,
+        now: impl Into<Tick>,
         max_wait: Duration,
         after: impl FnOnce(&State, u64) -> R,
     ) -> Result<(Duration, R), ReserveError> {
-        let now = self.nanos_since_origin(now);
+        let now = self.nanos(now);
         let mut state = self.lock();
         let (new_tat, wait_nanos) = state.reservation(n, now)?;
         // Compared after saturating, so `WouldWait { wait }` always has
@@ -189,8 +191,8 @@ impl Bucket {
     /// taking anything: lets a caller that needs several buckets find the
     /// longest wait before reserving in any of them. Only
     /// [`ReserveError::TooLarge`] is returned.
-    pub fn wait_for(&self, n: u64, now: Instant) -> Result<Duration, ReserveError> {
-        let now = self.nanos_since_origin(now);
+    pub fn wait_for(&self, n: u64, now: impl Into<Tick>) -> Result<Duration, ReserveError> {
+        let now = self.nanos(now);
         let state = self.lock();
         let (_, wait_nanos) = state.reservation(n, now)?;
         Ok(duration_from_nanos(wait_nanos))
@@ -199,8 +201,8 @@ impl Bucket {
     /// Gives `n` tokens back: a waiter that was cancelled, or tokens reserved
     /// but not used. The level never rises above capacity, so returning tokens
     /// to a bucket that has refilled meanwhile cannot create extra burst.
-    pub fn refund(&self, n: u64, now: Instant) {
-        let now = self.nanos_since_origin(now);
+    pub fn refund(&self, n: u64, now: impl Into<Tick>) {
+        let now = self.nanos(now);
         let mut state = self.lock();
         let now = state.scaled(now);
         state.tat = state.tat.saturating_sub(cost(n)).max(now);
@@ -209,8 +211,8 @@ impl Bucket {
     /// Takes `n` more tokens without waiting: a response used more tokens than
     /// were reserved. The bucket may go into debt, which later reservations
     /// wait out; the request that caused it is not delayed (it is done).
-    pub fn charge(&self, n: u64, now: Instant) {
-        let now = self.nanos_since_origin(now);
+    pub fn charge(&self, n: u64, now: impl Into<Tick>) {
+        let now = self.nanos(now);
         let mut state = self.lock();
         let now = state.scaled(now);
         state.tat = state.tat.max(now).saturating_add(cost(n));
@@ -218,10 +220,10 @@ impl Bucket {
 
     /// Whole tokens available at `now` (the floor of the level; 0 in debt):
     /// `x-ratelimit-remaining-*`.
-    pub fn remaining(&self, now: Instant) -> u64 {
-        let now = self.nanos_since_origin(now);
+    pub fn remaining(&self, now: impl Into<Tick>) -> u64 {
+        let now = self.nanos(now);
         let state = self.lock();
-        let deficit_tokens = div_ceil(state.deficit(now), TOKEN_COST);
+        let deficit_tokens = tokens_ceil(state.deficit(now));
         u128::from(state.capacity)
             .saturating_sub(deficit_tokens)
             .try_into()
@@ -231,16 +233,16 @@ impl Bucket {
 
     /// Time from `now` until the bucket is full again, rounded up to the
     /// nanosecond: `x-ratelimit-reset-*`.
-    pub fn reset_after(&self, now: Instant) -> Duration {
-        let now = self.nanos_since_origin(now);
+    pub fn reset_after(&self, now: impl Into<Tick>) -> Duration {
+        let now = self.nanos(now);
         let state = self.lock();
         duration_from_nanos(div_ceil(state.deficit(now), state.rate()))
     }
 
     /// `(rate per minute, remaining, reset_after)` at `now` under one lock:
     /// everything the `x-ratelimit-*` headers say about this bucket.
-    pub fn report(&self, now: Instant) -> (u64, u64, Duration) {
-        let now = self.nanos_since_origin(now);
+    pub fn report(&self, now: impl Into<Tick>) -> (u64, u64, Duration) {
+        let now = self.nanos(now);
         self.lock().report(now)
     }
 
@@ -261,8 +263,13 @@ impl Bucket {
     /// Waits already handed out keep the old rate: reservations in flight
     /// finish on what they started with (SPEC "Reload"); their tokens stay
     /// counted, so new reservations see them at the new rate.
-    pub fn set_limits(&self, rate_per_minute: NonZeroU64, capacity: NonZeroU64, now: Instant) {
-        let now = self.nanos_since_origin(now);
+    pub fn set_limits(
+        &self,
+        rate_per_minute: NonZeroU64,
+        capacity: NonZeroU64,
+        now: impl Into<Tick>,
+    ) {
+        let now = self.nanos(now);
         let mut state = self.lock();
         // The deficit D in units equals (c - level) × T at any rate, because
         // T does not depend on the rate; keeping the level means
@@ -286,14 +293,46 @@ impl Bucket {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Unscaled nanoseconds since `origin`, saturating: an instant before the
-    /// origin counts as the origin, one 584 years later as `u64::MAX`.
-    fn nanos_since_origin(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.origin)
-            .as_nanos()
-            .try_into()
-            .unwrap_or(u64::MAX)
+    /// Unscaled nanoseconds since the epoch; a reading before the bucket was
+    /// made counts as its creation.
+    fn nanos(&self, now: impl Into<Tick>) -> u64 {
+        now.into().0.max(self.created.0)
     }
+}
+
+/// A clock reading as buckets use it: nanoseconds since a process-wide epoch.
+///
+/// Turning an `Instant` into nanoseconds is a checked subtraction and a
+/// multiplication; the limiter does it once per request and hands the same
+/// `Tick` to every bucket, instead of each bucket measuring from its own
+/// origin. Every method that takes a time takes `impl Into<Tick>`, so an
+/// `Instant` works as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tick(u64);
+
+impl From<Instant> for Tick {
+    fn from(now: Instant) -> Tick {
+        let since = now.saturating_duration_since(epoch());
+        Tick(
+            since
+                .as_secs()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::from(since.subsec_nanos())),
+        )
+    }
+}
+
+/// The epoch of every [`Tick`]: a year before the first reading, so every
+/// instant the process deals in (including ones a test takes before its
+/// first bucket exists) comes after it; u64 nanoseconds then last 583 more
+/// years, and `nanos × rate` still fits the `u128` state.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        now.checked_sub(Duration::from_secs(365 * 24 * 3600))
+            .unwrap_or(now)
+    })
 }
 
 impl State {
@@ -302,7 +341,7 @@ impl State {
     fn report(&self, now: u64) -> (u64, u64, Duration) {
         let deficit = self.deficit(now);
         let remaining = u128::from(self.capacity)
-            .saturating_sub(div_ceil(deficit, TOKEN_COST))
+            .saturating_sub(tokens_ceil(deficit))
             .try_into()
             // Cannot fail: the value is at most `capacity`, a u64.
             .unwrap_or(u64::MAX);
@@ -337,7 +376,12 @@ impl State {
         let new_tat = self.tat.max(now).saturating_add(cost(n));
         let tau = cost(self.capacity);
         let wait_units = new_tat.saturating_sub(now).saturating_sub(tau);
-        Ok((new_tat, div_ceil(wait_units, self.rate())))
+        // Most reservations are covered at once: skip the division then.
+        let wait = match wait_units {
+            0 => 0,
+            units => div_ceil(units, self.rate()),
+        };
+        Ok((new_tat, wait))
     }
 }
 
@@ -345,6 +389,16 @@ impl State {
 /// T < 2^36, so the product is below 2^100.
 fn cost(n: u64) -> u128 {
     u128::from(n).saturating_mul(TOKEN_COST)
+}
+
+/// `ceil(deficit / T)`: whole tokens of a deficit, rounded up. `T` is a
+/// constant, so for deficits that fit 64 bits (under ~300 M tokens) this is
+/// a multiplication, not a division.
+fn tokens_ceil(deficit: u128) -> u128 {
+    match u64::try_from(deficit) {
+        Ok(d) => u128::from(d.div_ceil(60_000_000_000)),
+        Err(_) => deficit.div_ceil(TOKEN_COST),
+    }
 }
 
 /// `ceil(a / b)` for `b > 0` (every caller passes `T` or a non-zero rate).

@@ -23,11 +23,11 @@ use std::{
 
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError},
     time::Instant,
 };
 
-use super::bucket::{Bucket, ReserveError};
+use super::bucket::{Bucket, ReserveError, Tick};
 use crate::config::{GlobalLimits as GlobalLimitsConfig, ModelConfig};
 
 /// Which limit refused or bound a request; the `limit` label of
@@ -269,18 +269,26 @@ impl Drop for QueueSlot {
     }
 }
 
-/// Tokens taken from a bucket; given back on drop unless admission settled it.
-#[derive(Debug)]
-struct Reservation<'a> {
-    bucket: &'a Arc<Bucket>,
-    n: u64,
+/// One bucket a request reserves from: the bucket (if that limit is set),
+/// how much it takes, and which limit it is.
+type Step<'a> = (Option<&'a Arc<Bucket>>, u64, LimitKind);
+
+/// The reservations of a request that has to wait: given back on drop (a
+/// client that disconnects while queued) unless admission settles them.
+struct Held<'a> {
+    steps: [Step<'a>; 4],
     settled: bool,
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Held<'_> {
     fn drop(&mut self) {
         if !self.settled {
-            self.bucket.refund(self.n, Instant::now());
+            let now = Instant::now();
+            for (bucket, n, _) in self.steps {
+                if let Some(bucket) = bucket {
+                    bucket.refund(n, now);
+                }
+            }
         }
     }
 }
@@ -330,6 +338,11 @@ impl Admitted {
 /// caller's clock reading, injected so tests and the request path share
 /// one), waiting at most until `deadline` (the earlier of `queue_timeout`
 /// and `request_timeout`).
+///
+/// The common case, where every bucket covers the request at once and a
+/// permit is free, is decided synchronously without a guard or a second
+/// clock read (`benches/admission.rs` holds it under 200 ns); only a request
+/// that must wait builds the state it keeps across the wait.
 pub async fn admit(
     global: &GlobalLimits,
     model: &Arc<ModelLimits>,
@@ -338,10 +351,6 @@ pub async fn admit(
     now: Instant,
     deadline: Instant,
 ) -> Result<Admitted, AdmitError> {
-    // The caller's clock reading (it just computed `deadline` from it): one
-    // clock read fewer on every request.
-    let start = now;
-    let max_wait = deadline.saturating_duration_since(start);
     // SPEC order: global requests, global tokens, model requests, model tokens.
     let steps = [
         (global.requests.as_ref(), 1, LimitKind::Requests),
@@ -349,142 +358,180 @@ pub async fn admit(
         (model.requests.as_ref(), 1, LimitKind::Requests),
         (model.tokens.as_ref(), estimate, LimitKind::Tokens),
     ];
-    // Fixed-size and borrowed: the admission path allocates nothing.
-    let mut reservations: [Option<(Reservation<'_>, LimitKind)>; 4] = [None, None, None, None];
+    let max_wait = deadline.saturating_duration_since(now);
+    let (wait, reports) = reserve_all(&steps, global, model, model_name, now.into(), max_wait)?;
+    if wait.is_zero() {
+        if let Ok(permit) = try_permit(model) {
+            // The model's bucket of each kind, else the global one (see
+            // `rate_headers`), as the reservations just left them.
+            let [global_requests, global_tokens, model_requests, model_tokens] = reports;
+            let headers = RateHeaders {
+                requests: model_requests.or(global_requests),
+                tokens: model_tokens.or(global_tokens),
+            };
+            return Ok(settle(
+                model,
+                &steps,
+                estimate,
+                permit,
+                headers,
+                Duration::ZERO,
+            ));
+        }
+    }
+    // From here on the request waits: its reservations go back if it is
+    // dropped, and it counts in the queue.
+    let mut held = Held {
+        steps,
+        settled: false,
+    };
+    let queue_slot = queue_or_refuse(model, model_name)?;
+    if !wait.is_zero() {
+        tokio::time::sleep_until(now + wait).await;
+    }
+    let permit = match (&model.concurrency, try_permit(model)) {
+        (_, Ok(permit)) => permit,
+        (None, Err(_)) => None,
+        (Some((sem, max)), Err(_)) => {
+            match tokio::time::timeout_at(deadline, sem.clone().acquire_owned()).await {
+                Ok(Ok(p)) => Some(p),
+                // Timed out, or the semaphore was closed (never happens:
+                // weir never closes it): refused, reservations refunded.
+                _ => {
+                    model.count_limited(LimitKind::Concurrency);
+                    return Err(AdmitError::Saturated {
+                        model: model_name.to_owned(),
+                        kind: LimitKind::Concurrency,
+                        limit: u64::from(*max),
+                    });
+                }
+            }
+        }
+    };
+    drop(queue_slot);
+    held.settled = true;
+    // After a wait the buckets have moved on: report them as they are now.
+    let admitted_at = Instant::now();
+    let headers = rate_headers(global, model, admitted_at);
+    let queued = admitted_at.saturating_duration_since(now);
+    Ok(settle(model, &steps, estimate, permit, headers, queued))
+}
+
+/// Reserves from every bucket in `steps` at `now`. On the first bucket that
+/// cannot cover the request within `max_wait`, gives back what was taken and
+/// refuses with the longest wait of all the buckets: the request passes only
+/// when every one covers it, so that is the exact `Retry-After`. Returns the
+/// wait before the request may proceed and, for the buckets the headers
+/// report, their state after the reservation (read under the same lock).
+fn reserve_all(
+    steps: &[Step<'_>; 4],
+    global: &GlobalLimits,
+    model: &ModelLimits,
+    model_name: &str,
+    now: Tick,
+    max_wait: Duration,
+) -> Result<(Duration, [Option<RateState>; 4]), AdmitError> {
     // The headers report the model's bucket of each kind, else the global
     // one (see `rate_headers`): only those reservations report their state.
     let reporting = [model.requests.is_none(), model.tokens.is_none(), true, true];
     let mut reports: [Option<RateState>; 4] = [None; 4];
     let mut wait = Duration::ZERO;
-    for (((slot, report), (bucket, n, kind)), reports_state) in reservations
-        .iter_mut()
-        .zip(&mut reports)
-        .zip(steps)
-        .zip(reporting)
+    for (taken, ((&(bucket, n, kind), reports_state), report)) in
+        steps.iter().zip(reporting).zip(&mut reports).enumerate()
     {
         let Some(bucket) = bucket else { continue };
         let reserved = if reports_state {
             bucket
-                .reserve_and_report(n, start, max_wait)
-                .map(|(w, r)| (w, Some(r)))
+                .reserve_and_report(n, now, max_wait)
+                .map(|(w, (limit, remaining, reset))| {
+                    (
+                        w,
+                        Some(RateState {
+                            limit,
+                            remaining,
+                            reset,
+                        }),
+                    )
+                })
         } else {
-            bucket.reserve(n, start, max_wait).map(|w| (w, None))
+            bucket.reserve(n, now, max_wait).map(|w| (w, None))
         };
-        match reserved {
+        let error = match reserved {
             Ok((w, state)) => {
                 wait = wait.max(w);
-                *report = state.map(|(limit, remaining, reset)| RateState {
-                    limit,
-                    remaining,
-                    reset,
-                });
-                let reservation = Reservation {
-                    bucket,
-                    n,
-                    settled: false,
-                };
-                *slot = Some((reservation, kind));
+                *report = state;
+                continue;
             }
-            Err(ReserveError::TooLarge { capacity }) => {
-                return Err(AdmitError::TooLarge {
-                    model: model_name.to_owned(),
-                    estimate,
-                    capacity,
-                });
+            Err(error) => error,
+        };
+        // Refused: the request proceeds with nothing, so nothing stays taken.
+        for &(bucket, n, _) in steps.iter().take(taken) {
+            if let Some(bucket) = bucket {
+                bucket.refund(n, now);
             }
-            Err(ReserveError::WouldWait { wait }) => {
-                // Refund what was reserved, then report the longest wait of
-                // every bucket: the request passes only when all cover it,
-                // so that is the exact `Retry-After`. The headers show the
-                // state this request leaves behind: untouched.
-                drop(reservations);
+        }
+        return Err(match error {
+            ReserveError::TooLarge { capacity } => AdmitError::TooLarge {
+                model: model_name.to_owned(),
+                estimate: n,
+                capacity,
+            },
+            ReserveError::WouldWait { wait } => {
                 let (mut kind, mut limit, mut wait) = (kind, bucket.rate_per_minute(), wait);
-                for (other, n, other_kind) in steps {
-                    if let Some(Ok(w)) = other.map(|b| b.wait_for(n, start)) {
+                for &(other, n, other_kind) in steps {
+                    let Some(other) = other else { continue };
+                    if let Ok(w) = other.wait_for(n, now) {
                         if w > wait {
-                            (kind, limit, wait) =
-                                (other_kind, other.map_or(limit, |b| b.rate_per_minute()), w);
+                            (kind, limit, wait) = (other_kind, other.rate_per_minute(), w);
                         }
                     }
                 }
                 model.count_limited(kind);
-                return Err(AdmitError::RateLimited {
+                // The headers show the state this request leaves behind:
+                // untouched.
+                AdmitError::RateLimited {
                     model: model_name.to_owned(),
                     kind,
                     limit,
                     wait,
-                    headers: rate_headers(global, model, start),
-                });
-            }
-        }
-    }
-    let mut queue_slot = None;
-    let mut waited = !wait.is_zero();
-    if waited {
-        queue_slot = Some(queue_or_refuse(model, model_name)?);
-        tokio::time::sleep_until(start + wait).await;
-    }
-    let permit = match &model.concurrency {
-        None => None,
-        Some((sem, max)) => match sem.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => {
-                waited = true;
-                if queue_slot.is_none() {
-                    queue_slot = Some(queue_or_refuse(model, model_name)?);
-                }
-                match tokio::time::timeout_at(deadline, sem.clone().acquire_owned()).await {
-                    Ok(Ok(p)) => Some(p),
-                    // Timed out, or the semaphore was closed (never happens:
-                    // weir never closes it): refused, reservations refunded.
-                    _ => {
-                        model.count_limited(LimitKind::Concurrency);
-                        return Err(AdmitError::Saturated {
-                            model: model_name.to_owned(),
-                            kind: LimitKind::Concurrency,
-                            limit: u64::from(*max),
-                        });
-                    }
+                    headers: rate_headers(global, model, now),
                 }
             }
-        },
-    };
-    drop(queue_slot);
-    let mut token_buckets: [Option<Arc<Bucket>>; 2] = [None, None];
-    let mut next = token_buckets.iter_mut();
-    for (mut r, kind) in reservations.into_iter().flatten() {
-        r.settled = true;
-        if kind == LimitKind::Tokens {
-            if let Some(slot) = next.next() {
-                *slot = Some(r.bucket.clone());
-            }
-        }
+        });
     }
+    Ok((wait, reports))
+}
+
+/// The model's permit if one is free right now; `Ok(None)` when the model
+/// has no `max_concurrent`.
+fn try_permit(model: &ModelLimits) -> Result<Option<OwnedSemaphorePermit>, TryAcquireError> {
+    match &model.concurrency {
+        None => Ok(None),
+        Some((sem, _)) => sem.clone().try_acquire_owned().map(Some),
+    }
+}
+
+/// The admitted request: it keeps the token buckets it reserved from for
+/// reconciliation, its permit, and its place in `weir_in_flight`.
+fn settle(
+    model: &ModelLimits,
+    steps: &[Step<'_>; 4],
+    estimate: u64,
+    permit: Option<OwnedSemaphorePermit>,
+    headers: RateHeaders,
+    queued: Duration,
+) -> Admitted {
+    let [_, (global_tokens, ..), _, (model_tokens, ..)] = steps;
     model.metrics.admitted.inc();
     model.metrics.in_flight.inc();
-    // Without a wait, the buckets' state right after the reservations is
-    // what the headers report; after a wait, look again.
-    let now = if waited { Instant::now() } else { start };
-    let headers = if waited {
-        rate_headers(global, model, now)
-    } else {
-        // The model's bucket of each kind, else the global one (see
-        // `rate_headers`); step order: global req, global tok, model req,
-        // model tok.
-        let [global_requests, global_tokens, model_requests, model_tokens] = reports;
-        RateHeaders {
-            requests: model_requests.or(global_requests),
-            tokens: model_tokens.or(global_tokens),
-        }
-    };
-    Ok(Admitted {
-        token_buckets,
+    Admitted {
+        token_buckets: [global_tokens.cloned(), model_tokens.cloned()],
         estimate,
         _permit: permit,
         _in_flight: InFlightGauge(model.metrics.in_flight.clone()),
         headers,
-        queued: now.saturating_duration_since(start),
-    })
+        queued,
+    }
 }
 
 fn queue_or_refuse(model: &Arc<ModelLimits>, model_name: &str) -> Result<QueueSlot, AdmitError> {
@@ -500,7 +547,8 @@ fn queue_or_refuse(model: &Arc<ModelLimits>, model_name: &str) -> Result<QueueSl
 
 /// The headers a response reports: the model's bucket of each kind, or the
 /// global one when the model has none (the limit that applies to it).
-fn rate_headers(global: &GlobalLimits, model: &ModelLimits, now: Instant) -> RateHeaders {
+fn rate_headers(global: &GlobalLimits, model: &ModelLimits, now: impl Into<Tick>) -> RateHeaders {
+    let now = now.into();
     let state = |b: &Arc<Bucket>| {
         let (limit, remaining, reset) = b.report(now);
         RateState {
