@@ -406,3 +406,32 @@ pub async fn gateway_with_mock(
     );
     (gateway(&toml).await, m)
 }
+
+/// The value of the `/metrics` sample `name` whose labels include every
+/// `key="value"` in `labels`, summed over the samples that match (0 when
+/// none does).
+pub async fn metric(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = get(addr, "/metrics").await.text();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The bytes of a well-formed `POST /v1/chat/completions` with this JSON
+/// body and extra header lines (each ending in CRLF), for raw sockets.
+pub fn raw_chat(body: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra_headers}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
