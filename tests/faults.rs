@@ -40,6 +40,8 @@ enum Fault {
     BrokenChunked,
     /// Starts an SSE stream, then drips its next event one byte per second.
     DripBody,
+    /// Sends SSE response headers, then nothing.
+    StallAfterHeaders,
 }
 
 /// One SSE event of a chat stream.
@@ -101,6 +103,12 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
         Fault::BrokenChunked => {
             s.write_all(&[SSE_HEAD, &chunk(EVENT), b"zz\r\nnot a chunk\r\n"].concat())
                 .await
+        }
+        Fault::StallAfterHeaders => {
+            let r = s.write_all(SSE_HEAD).await;
+            let mut buf = [0u8; 1024];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            r
         }
         Fault::DripBody => {
             let r = s.write_all(&[SSE_HEAD, &chunk(EVENT)].concat()).await;
@@ -288,21 +296,27 @@ async fn silent_backends_time_out_and_are_retried_elsewhere_or_504() {
     check_before_headers(Fault::NeverAnswers, "timeout", 504).await;
 }
 
-/// A fault after the stream started: the client keeps what it got, then an
-/// SSE `error` event ends the stream; `ejected` says whether outlier
-/// detection counts it (a timeout is weir's own deadline, not a backend
-/// failure it can attribute).
-async fn check_mid_stream(fault: Fault, ejected: bool) -> Streamed {
+/// A fault after the response headers: the client keeps what it got, then
+/// an SSE `error` event ends the stream. `kind` is the
+/// `weir_upstream_errors_total` kind it counts as, which also counts
+/// towards outlier detection; `None` when weir's own `request_timeout`
+/// ended it (not a failure weir can attribute to the backend).
+async fn check_mid_stream(fault: Fault, kind: Option<&str>) -> Streamed {
     let gw = setup(fault).await;
     let addr = gw.addr();
     let s = post_stream(addr, "/v1/chat/completions", &chat("alone", true)).await;
     assert_eq!(s.status, 200, "{fault:?}");
     let text = s.text();
-    assert!(text.starts_with(EVENT), "{fault:?}: {text}");
-    let (_, last) = text
-        .trim_end()
-        .rsplit_once("\n\n")
-        .unwrap_or_else(|| panic!("{fault:?}: one event only: {text}"));
+    let last = if fault == Fault::StallAfterHeaders {
+        text.trim_end()
+    } else {
+        assert!(text.starts_with(EVENT), "{fault:?}: {text}");
+        let (_, last) = text
+            .trim_end()
+            .rsplit_once("\n\n")
+            .unwrap_or_else(|| panic!("{fault:?}: one event only: {text}"));
+        last
+    };
     assert!(
         last.starts_with("event: error\ndata: {"),
         "{fault:?}: {text}"
@@ -312,9 +326,18 @@ async fn check_mid_stream(fault: Fault, ejected: bool) -> Streamed {
     assert_eq!(event["error"]["type"], "upstream_error", "{fault:?}");
     assert_eq!(
         backend_state(addr, "bad2").await["ejections"],
-        u64::from(ejected),
+        u64::from(kind.is_some()),
         "{fault:?}"
     );
+    if let Some(kind) = kind {
+        let errors = metric(
+            addr,
+            "weir_upstream_errors_total",
+            &[("backend", "bad2"), ("kind", kind)],
+        )
+        .await;
+        assert_eq!(errors, 1.0, "{fault:?}");
+    }
     let r = post(addr, "/v1/chat/completions", &chat("other", false)).await;
     assert_eq!(r.status, 200, "{fault:?}: weir stopped serving");
     s
@@ -322,22 +345,33 @@ async fn check_mid_stream(fault: Fault, ejected: bool) -> Streamed {
 
 #[tokio::test]
 async fn resets_mid_stream_end_with_an_sse_error_event() {
-    check_mid_stream(Fault::ResetMidStream, true).await;
+    check_mid_stream(Fault::ResetMidStream, Some("protocol")).await;
 }
 
 #[tokio::test]
 async fn broken_chunked_framing_ends_with_an_sse_error_event() {
-    check_mid_stream(Fault::BrokenChunked, true).await;
+    check_mid_stream(Fault::BrokenChunked, Some("protocol")).await;
 }
 
 /// A body dripping one byte per second is ended at `request_timeout` (3 s
 /// here), not held for the minutes the drip would take.
 #[tokio::test]
 async fn dripped_bodies_end_at_request_timeout_with_an_sse_error_event() {
-    let s = check_mid_stream(Fault::DripBody, false).await;
+    let s = check_mid_stream(Fault::DripBody, None).await;
     let (at, _) = s.frames.last().unwrap();
     assert!(*at >= Duration::from_millis(2500), "{at:?}");
     assert!(*at < Duration::from_secs(6), "{at:?}");
+}
+
+/// Headers and then silence: the stream ends with an `error` event at
+/// `first_byte_timeout` (300 ms here; SPEC: "response headers / first SSE
+/// event"), not at `request_timeout` (3 s), and counts as a timeout.
+#[tokio::test]
+async fn a_stream_without_a_first_event_ends_at_first_byte_timeout() {
+    let s = check_mid_stream(Fault::StallAfterHeaders, Some("timeout")).await;
+    let (at, _) = s.frames.last().unwrap();
+    assert!(*at >= Duration::from_millis(250), "{at:?}");
+    assert!(*at < Duration::from_millis(2500), "{at:?}");
 }
 
 /// A client leaving mid-stream: the backend sees its connection close
