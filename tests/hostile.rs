@@ -804,3 +804,75 @@ async fn hostile_request_ids_are_replaced() {
         assert_eq!(got.len(), 32, "{got}");
     }
 }
+
+/// CPU time (user + system, in clock ticks) the process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is
+    // the 12th, stime the 13th.
+    let after = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Out of file descriptors (EMFILE), the accept loop logs and backs off
+/// instead of spinning, and serves again once descriptors free up.
+#[test]
+fn accept_errors_back_off_and_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"60s\"\n\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n\n[health]\nenabled = false\n",
+    )
+    .unwrap();
+    let weir = spawn_weir(&path, "info");
+    let pid = weir.child.id();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = open + 8;
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("prlimit runs");
+    assert!(status.success());
+    // More connections than descriptors left: the kernel completes them
+    // (backlog), weir's accept fails with EMFILE.
+    let held: Vec<std::net::TcpStream> = (0..30)
+        .map(|_| std::net::TcpStream::connect(weir.addr).unwrap())
+        .collect();
+    let logged = || weir.log.lock().unwrap().contains("accept failed");
+    let start = tokio::time::Instant::now();
+    while !logged() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(logged(), "{}", weir.log.lock().unwrap());
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - before;
+    // A spinning accept loop would use ~100 ticks (one core) per second.
+    assert!(
+        used < 30,
+        "{used} ticks of CPU in 1 s while out of descriptors"
+    );
+    drop(held);
+    let start = tokio::time::Instant::now();
+    let served = loop {
+        let attempt = std::net::TcpStream::connect(weir.addr).and_then(|mut s| {
+            use std::io::{Read, Write};
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        match attempt {
+            Ok(out) if out.starts_with("HTTP/1.1 200") => break true,
+            _ if start.elapsed() > Duration::from_secs(10) => break false,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    assert!(served, "weir did not serve again after descriptors freed");
+}
