@@ -876,3 +876,76 @@ fn accept_errors_back_off_and_recover() {
     };
     assert!(served, "weir did not serve again after descriptors freed");
 }
+
+/// SPEC "Admin": with `admin_token_env`, `/admin/*` needs the exact token
+/// (403 `permission_error` otherwise), `/metrics` and the probes stay
+/// open; with `api_keys_env`, a wrong client key is 401 and never reaches
+/// the backend.
+#[tokio::test]
+async fn admin_and_client_keys_are_enforced() {
+    let (gw, m) = setup("admin_token_env = \"ADMIN_TOKEN\"\napi_keys_env = \"CLIENT_KEYS\"").await;
+    let addr = gw.addr();
+    let c = client();
+    let admin = |auth: &'static str| {
+        let c = c.clone();
+        async move {
+            let headers: &[(&str, &str)] = if auth.is_empty() {
+                &[]
+            } else {
+                &[("authorization", auth)]
+            };
+            send(
+                &c,
+                "GET",
+                addr,
+                "/admin/backends",
+                headers,
+                bytes::Bytes::new(),
+            )
+            .await
+        }
+    };
+    for wrong in [
+        "",
+        "Bearer admin-token-",
+        "Bearer admin-token-12",
+        "Basic admin-token-1",
+    ] {
+        admin(wrong)
+            .await
+            .assert_error(403, "permission_error", "forbidden");
+    }
+    assert_eq!(admin("Bearer admin-token-1").await.status, 200);
+    let reload = send(&c, "POST", addr, "/admin/reload", &[], bytes::Bytes::new()).await;
+    reload.assert_error(403, "permission_error", "forbidden");
+    for open in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(get(addr, open).await.status, 200, "{open}");
+    }
+    for key in [
+        "",
+        "Bearer client-key-3",
+        "Bearer client-key-1x",
+        "Bearer admin-token-1",
+    ] {
+        let mut headers = vec![("content-type", "application/json")];
+        if !key.is_empty() {
+            headers.push(("authorization", key));
+        }
+        let r = send(&c, "POST", addr, "/v1/chat/completions", &headers, BODY).await;
+        r.assert_error(401, "authentication_error", "invalid_api_key");
+    }
+    assert_eq!(m.requests(), 0);
+    let r = send(
+        &c,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer client-key-2"),
+        ],
+        BODY,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
