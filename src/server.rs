@@ -449,6 +449,16 @@ struct ClientIo {
     scan: FramingScan,
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    /// Set while a write waits for the client to take bytes: the deadline
+    /// after which the client counts as gone. Created on the first stall.
+    write_stall: Option<Pin<Box<Sleep>>>,
+    /// Whether `write_stall` is running (a write is pending).
+    write_stalled: bool,
+    /// How long a client may refuse every byte (`request_timeout`): a
+    /// client that never reads would otherwise hold its stream, permit and
+    /// reservation forever, since hyper stops polling a body it cannot
+    /// write, so the body's own deadline never fires.
+    write_timeout: Duration,
 }
 
 impl ClientIo {
@@ -462,7 +472,40 @@ impl ClientIo {
             scan: FramingScan::default(),
             header_read_timeout: server.header_read_timeout,
             idle_timeout: server.idle_timeout,
+            write_stall: None,
+            write_stalled: false,
+            write_timeout: server.request_timeout,
         }
+    }
+
+    /// Tracks a write's progress: a pending write starts (or keeps) the
+    /// stall deadline, any progress clears it; an expired deadline turns
+    /// the pending write into an error, which makes hyper close the
+    /// connection and drop what the request holds.
+    fn watch_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.write_stalled = false;
+            return poll;
+        }
+        let deadline = Instant::now() + self.write_timeout;
+        let timer = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.write_stalled {
+            self.write_stalled = true;
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no byte within request_timeout",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -529,7 +572,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.watch_write(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -537,7 +582,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.watch_write(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -545,7 +592,9 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_flush(cx);
+        this.watch_write(cx, poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -484,3 +484,38 @@ async fn a_slow_reader_slows_the_backend_down() {
     );
     assert_eq!(m.in_flight(), 0);
 }
+
+/// A client that never reads (and never closes) a stream is treated as
+/// gone once it has taken no byte for `request_timeout`: weir closes its
+/// connection and the backend's, instead of holding them forever (hyper
+/// stops polling a body it cannot write, so the body's own deadline never
+/// fires).
+#[tokio::test]
+async fn a_client_that_never_reads_is_dropped_at_request_timeout() {
+    let fast = MockConfig::default().chunks(400_000);
+    let (gw, m) = gateway_with_mock(
+        "m1",
+        fast,
+        "[server]\nrequest_timeout = \"1s\"\nfirst_byte_timeout = \"1s\"",
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(&raw_chat(&chat("m1", true), "connection: close\r\n"))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let _ = s.read(&mut buf).await.unwrap();
+    let stalled = Instant::now();
+    let released = eventually(Duration::from_secs(10), || {
+        m.in_flight() == 0 && m.connections_open() == 0
+    })
+    .await;
+    assert!(released, "the backend stream is still held");
+    assert!(
+        stalled.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        stalled.elapsed()
+    );
+    let r = post(gw.addr(), "/v1/chat/completions", &chat("m1", false)).await;
+    assert_eq!(r.status, 200);
+}
