@@ -503,9 +503,11 @@ async fn a_client_that_never_reads_is_dropped_at_request_timeout() {
     s.write_all(&raw_chat(&chat("m1", true), "connection: close\r\n"))
         .await
         .unwrap();
+    // weir's writes cannot stall before the request was sent, so the
+    // deadline is at least request_timeout from here.
+    let stalled = Instant::now();
     let mut buf = vec![0u8; 1024];
     let _ = s.read(&mut buf).await.unwrap();
-    let stalled = Instant::now();
     let released = eventually(Duration::from_secs(10), || {
         m.in_flight() == 0 && m.connections_open() == 0
     })
