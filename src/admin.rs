@@ -176,3 +176,60 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Config, metrics::Metrics};
+
+    fn snapshot(server: &str) -> Snapshot {
+        let toml = format!(
+            "[server]\n{server}\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"
+        );
+        let env = |name: &str| (name == "TOKEN").then(|| "s3cret-token".to_owned());
+        let config = Config::parse(&toml, "test.toml", &env).unwrap();
+        Snapshot::build(Arc::new(config), None, &Metrics::new()).unwrap()
+    }
+
+    fn headers(authorization: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(authorization).unwrap(),
+        );
+        h
+    }
+
+    /// SPEC "Admin": without a token only loopback peers; with one, only
+    /// the exact token, from anywhere.
+    #[test]
+    fn admin_needs_loopback_or_the_exact_token() {
+        let loopback: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let v6_loopback: SocketAddr = "[::1]:5000".parse().unwrap();
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let open = snapshot("");
+        assert!(authorize(&HeaderMap::new(), loopback, &open).is_ok());
+        assert!(authorize(&HeaderMap::new(), v6_loopback, &open).is_ok());
+        assert!(authorize(&HeaderMap::new(), remote, &open).is_err());
+        assert!(authorize(&headers("Bearer anything"), remote, &open).is_err());
+
+        let locked = snapshot("admin_token_env = \"TOKEN\"");
+        assert!(authorize(&headers("Bearer s3cret-token"), remote, &locked).is_ok());
+        assert!(authorize(&headers("bearer s3cret-token"), remote, &locked).is_ok());
+        for wrong in [
+            "Bearer s3cret-toke",
+            "Bearer s3cret-token2",
+            "Bearer ",
+            "s3cret-token",
+            "Basic s3cret-token",
+            "Bearer S3CRET-TOKEN",
+        ] {
+            assert!(
+                authorize(&headers(wrong), remote, &locked).is_err(),
+                "{wrong}"
+            );
+        }
+        // With a token, loopback alone is not enough.
+        assert!(authorize(&HeaderMap::new(), loopback, &locked).is_err());
+    }
+}

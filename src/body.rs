@@ -30,7 +30,7 @@ use crate::{
     },
     gateway::Shared,
     health::outlier::{self, Outcome},
-    metrics::TokenCounters,
+    metrics::{TokenCounters, UpstreamErrorLabels},
     snapshot::InFlight,
     snapshot::{BackendState, Snapshot},
 };
@@ -58,6 +58,10 @@ pub enum BodyError {
     /// `request_timeout` passed while streaming.
     #[error("request timeout passed while streaming the response")]
     Timeout,
+    /// An SSE stream sent its headers but no byte of an event within
+    /// `first_byte_timeout` (SPEC: "response headers / first SSE event").
+    #[error("the upstream sent no event within {0:?}")]
+    FirstEventTimeout(std::time::Duration),
 }
 
 impl GatewayBody {
@@ -80,6 +84,11 @@ pub struct ProxiedBody {
     in_flight: Option<InFlight>,
     /// `request_timeout`'s deadline for the whole exchange.
     deadline: Pin<Box<Sleep>>,
+    /// For SSE, until the first byte reaches the client: the end of
+    /// `first_byte_timeout` counted from the response headers, so a backend
+    /// that answers headers and then stalls does not hold the client (and
+    /// the permit) until `request_timeout`.
+    first_event: Option<(Pin<Box<Sleep>>, std::time::Duration)>,
     /// Whether the body is `text/event-stream`: a failure mid-stream then
     /// ends it with an SSE `error` event the client's SDK can read, instead
     /// of a bare connection abort.
@@ -185,10 +194,18 @@ impl ProxiedBody {
         accounting: Option<Accounting>,
         reporter: Option<MidStreamReporter>,
     ) -> Self {
+        // The timeout comes with the request's snapshot, which the reporter
+        // carries; without a reporter (no backend to blame) there is none.
+        let first_event = reporter
+            .as_ref()
+            .filter(|_| sse)
+            .map(|r| r.snapshot.config.server.first_byte_timeout)
+            .map(|d| (Box::pin(tokio::time::sleep(d)), d));
         Self {
             inner,
             in_flight: Some(in_flight),
             deadline,
+            first_event,
             sse,
             finished: false,
             accounting,
@@ -240,13 +257,29 @@ impl ProxiedBody {
         self.in_flight = None;
         // No usage will come: the estimate stays charged; the permit returns.
         self.accounting = None;
-        if let (BodyError::Upstream(_), Some(r)) = (&error, self.reporter.take()) {
+        // The backend's failures count towards outlier detection and
+        // `weir_upstream_errors_total`; weir's own deadline does not.
+        let kind = match &error {
+            BodyError::Upstream(_) => Some("protocol"),
+            BodyError::FirstEventTimeout(_) => Some("timeout"),
+            BodyError::Timeout => None,
+        };
+        if let (Some(kind), Some(r)) = (kind, self.reporter.take()) {
             outlier::report(&r.shared, &r.snapshot, &r.backend, Outcome::Failure);
+            r.shared
+                .metrics
+                .upstream_errors
+                .get_or_create(&UpstreamErrorLabels {
+                    backend: r.backend.config.name.clone(),
+                    kind,
+                })
+                .inc();
         }
         self.emit_log(Ending::UpstreamError);
         if self.sse {
             let message = match &error {
                 BodyError::Timeout => "request timeout passed while streaming the response",
+                BodyError::FirstEventTimeout(_) => "the upstream sent no event in time",
                 BodyError::Upstream(_) => "the upstream stream ended with an error",
             };
             let event = serde_json::json!({
@@ -275,6 +308,12 @@ impl Body for ProxiedBody {
         if this.deadline.as_mut().poll(cx).is_ready() {
             return this.fail(BodyError::Timeout);
         }
+        if let Some((timer, after)) = &mut this.first_event {
+            if timer.as_mut().poll(cx).is_ready() {
+                let after = *after;
+                return this.fail(BodyError::FirstEventTimeout(after));
+            }
+        }
         loop {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
@@ -288,6 +327,7 @@ impl Body for ProxiedBody {
                         None => data,
                     };
                     if !data.is_empty() {
+                        this.first_event = None;
                         if let Some((log, _)) = &mut this.log {
                             log.first_byte();
                         }

@@ -2699,4 +2699,189 @@ budget_percent = 200
         assert_eq!(line_col("é=1", 1), (1, 2), "inside a character");
         assert_eq!(line_col("ab", 99), (1, 3), "past the end");
     }
+
+    /// Property tests (issue #9): whatever text a config file holds,
+    /// `Config::parse` answers `Ok` or errors, and both render, never
+    /// panicking; no secret value reaches an error message.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Values that have broken config loaders: out-of-range numbers,
+        /// odd durations, wrong types, hostile strings.
+        const HOSTILE_VALUES: &[&str] = &[
+            "-1",
+            "0",
+            "1",
+            "4294967296",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "1e999",
+            "nan",
+            "inf",
+            "-inf",
+            "0.5",
+            "true",
+            "[]",
+            "{}",
+            "[[]]",
+            "\"\"",
+            "\" \"",
+            "\"0s\"",
+            "\"-5s\"",
+            "\"1000000000000000h\"",
+            "\"18446744073709551615s\"",
+            "\"5 parsecs\"",
+            "\"\\u0000\"",
+            "\"💥\"",
+            "\"http://[::1\"",
+            "\"ftp://x/v1\"",
+            "\"http://\"",
+            "\"127.0.0.1:99999\"",
+            "\"[::]:0\"",
+            "\"UNSET_ENV_VAR\"",
+            "\"UP_KEY\"",
+            "\"EMPTY\"",
+            "{ interval = \"0s\", timeout = \"1s\" }",
+            "{ interval = \"1s\" }",
+            "{ \"m\" = \"\" }",
+            "[\"m\", \"m\"]",
+            "[\"nope\"]",
+        ];
+
+        /// `(section, key)` pairs of the schema, plus a few that are not.
+        const KEYS: &[(&str, &str)] = &[
+            ("server", "listen"),
+            ("server", "admin_listen"),
+            ("server", "max_body_bytes"),
+            ("server", "request_timeout"),
+            ("server", "first_byte_timeout"),
+            ("server", "shutdown_grace"),
+            ("server", "log_format"),
+            ("server", "api_keys_env"),
+            ("server", "admin_token_env"),
+            ("server", "max_connections"),
+            ("server", "header_read_timeout"),
+            ("server", "idle_timeout"),
+            ("server", "watch_config"),
+            ("limits", "requests_per_minute"),
+            ("limits", "tokens_per_minute"),
+            ("defaults", "queue_timeout"),
+            ("defaults", "max_queue"),
+            ("defaults", "max_tokens"),
+            ("models", "name"),
+            ("models", "requests_per_minute"),
+            ("models", "tokens_per_minute"),
+            ("models", "burst"),
+            ("models", "max_concurrent"),
+            ("models", "queue_timeout"),
+            ("backends", "name"),
+            ("backends", "url"),
+            ("backends", "api_key_env"),
+            ("backends", "models"),
+            ("backends", "rename"),
+            ("backends", "weight"),
+            ("backends", "max_concurrent"),
+            ("backends", "health_path"),
+            ("backends", "metrics_path"),
+            ("backends", "connect_timeout"),
+            ("health", "enabled"),
+            ("health", "unhealthy_threshold"),
+            ("health", "healthy_threshold"),
+            ("health", "slow_start"),
+            ("health", "liveness"),
+            ("health", "readiness"),
+            ("health", "deep"),
+            ("outlier", "consecutive_failures"),
+            ("outlier", "ejection_time"),
+            ("outlier", "max_ejection_percent"),
+            ("retry", "max_attempts"),
+            ("retry", "base_delay"),
+            ("retry", "max_delay"),
+            ("retry", "budget_percent"),
+            ("cluster", "redis_url_env"),
+            ("cluster", "key_prefix"),
+            ("server", "no_such_key"),
+            ("nosuch", "section"),
+        ];
+
+        /// Parses and renders whatever comes back; the assertions are that
+        /// nothing panics and no secret leaks into an error.
+        fn check(text: &str) -> Result<(), TestCaseError> {
+            match Config::parse(text, "fuzz.toml", &env) {
+                Ok(config) => {
+                    let rendered = config.render();
+                    prop_assert!(!rendered.contains(SENTINEL), "{rendered}");
+                }
+                Err(errors) => {
+                    let shown = errors.to_string();
+                    prop_assert!(!shown.is_empty());
+                    prop_assert!(!shown.contains(SENTINEL), "{shown}");
+                }
+            }
+            Ok(())
+        }
+
+        /// A valid file with every section, to mutate.
+        fn full() -> String {
+            format!(
+                "{MINIMAL}\n[server]\nlisten = \"127.0.0.1:1\"\napi_keys_env = \"WEIR_API_KEYS\"\n\
+                 [limits]\nrequests_per_minute = 10\n[defaults]\nmax_tokens = 5\n\
+                 [health]\nliveness = {{ interval = \"1s\", timeout = \"1s\" }}\n\
+                 [outlier]\nconsecutive_failures = 2\n[retry]\nmax_attempts = 2\n"
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_text_never_panics(text in any::<String>()) {
+                check(&text)?;
+            }
+
+            #[test]
+            fn toml_shaped_text_never_panics(text in r#"(\[{1,2}[a-z]{0,8}\]{1,2}\n|[a-z_]{1,12} ?= ?("[^"\n]{0,12}"|-?[0-9]{1,22}|\{ ?[a-z]+ ?= ?"[0-9]+m?s" ?\}|\[("[a-z]{0,3}",?){0,3}\])\n|#.{0,5}\n){0,12}"#) {
+                check(&text)?;
+            }
+
+            #[test]
+            fn hostile_values_in_every_key_never_panic(
+                picks in prop::collection::vec((prop::sample::select(KEYS), prop::sample::select(HOSTILE_VALUES)), 1..6),
+            ) {
+                let mut text = full();
+                for ((section, key), value) in picks {
+                    let header = if matches!(section, "models" | "backends") {
+                        format!("[[{section}]]")
+                    } else {
+                        format!("[{section}]")
+                    };
+                    text.push_str(&format!("\n{header}\n{key} = {value}\n"));
+                }
+                check(&text)?;
+            }
+
+            #[test]
+            fn mutated_valid_files_never_panic(
+                edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+            ) {
+                let mut bytes = full().into_bytes();
+                for (at, byte, op) in edits {
+                    let i = at.index(bytes.len().max(1));
+                    match op {
+                        0 if i < bytes.len() => bytes[i] = byte,
+                        1 => bytes.insert(i.min(bytes.len()), byte),
+                        _ if i < bytes.len() => { bytes.remove(i); }
+                        _ => {}
+                    }
+                }
+                check(&String::from_utf8_lossy(&bytes))?;
+            }
+        }
+
+        #[test]
+        fn the_mutated_file_starts_valid() {
+            assert!(Config::parse(&full(), "fuzz.toml", &env).is_ok());
+        }
+    }
 }

@@ -32,6 +32,22 @@ pub enum ApiError {
     /// The path is not one weir serves safely (400).
     #[error("invalid path: {0}")]
     BadPath(&'static str),
+    /// The request's framing is ambiguous (SPEC "Framing"): 400, and the
+    /// connection is closed, since where this request ends is unknown.
+    #[error("invalid request framing: {0}")]
+    BadFraming(&'static str),
+    /// The request line is longer than weir reads (414).
+    #[error("The request line is longer than {limit} bytes.")]
+    UriTooLong {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The request headers are larger than weir reads (431).
+    #[error("The request headers are larger than {limit} bytes in all.")]
+    HeadersTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// The client's Bearer key is not one of `api_keys_env` (401).
     #[error("Incorrect API key provided.")]
     InvalidApiKey,
@@ -119,6 +135,21 @@ impl ApiError {
                 "invalid_request_error",
                 Some("invalid_path"),
             ),
+            BadFraming(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("invalid_framing"),
+            ),
+            UriTooLong { .. } => (
+                StatusCode::URI_TOO_LONG,
+                "invalid_request_error",
+                Some("uri_too_long"),
+            ),
+            HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "invalid_request_error",
+                Some("headers_too_large"),
+            ),
             BodyRead(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -198,7 +229,12 @@ impl ApiError {
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout | ApiError::BodyRead(_)
+            ApiError::BodyTooLarge { .. }
+                | ApiError::BodyTimeout
+                | ApiError::BodyRead(_)
+                | ApiError::BadFraming(_)
+                | ApiError::UriTooLong { .. }
+                | ApiError::HeadersTooLarge { .. }
         )
     }
 

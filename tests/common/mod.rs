@@ -323,3 +323,115 @@ pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// What a raw TCP exchange with weir produced.
+#[derive(Debug)]
+pub struct RawReply {
+    /// Every byte the server sent before closing (or before `wait` ran out).
+    pub bytes: Vec<u8>,
+    /// Whether the server closed the connection (EOF or reset) within `wait`.
+    pub closed: bool,
+    /// When it closed, since the request was written.
+    pub closed_after: Option<Duration>,
+}
+
+impl RawReply {
+    /// The status code of the first response, 0 if none arrived.
+    pub fn status(&self) -> u16 {
+        let text = String::from_utf8_lossy(&self.bytes);
+        text.strip_prefix("HTTP/1.1 ")
+            .or_else(|| text.strip_prefix("HTTP/1.0 "))
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+    /// Responses that arrived (status lines counted).
+    pub fn responses(&self) -> usize {
+        self.text().matches("HTTP/1.1 ").count()
+    }
+}
+
+/// Writes `request` to a new connection (from a separate task, so a server
+/// that answers and closes before reading it all is still heard), then
+/// reads until the server closes or `wait` passes. This is how hostile
+/// tests talk: no HTTP client that would fix the request.
+pub async fn raw(addr: SocketAddr, request: Vec<u8>, wait: Duration) -> RawReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to weir");
+    let (mut read, mut write) = stream.into_split();
+    let start = Instant::now();
+    let writer = tokio::spawn(async move {
+        // The server may close before it read everything: that is an
+        // answer, not a test failure.
+        let _ = write.write_all(&request).await;
+        write
+    });
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = start + wait;
+    let closed_after = loop {
+        match tokio::time::timeout_at(deadline, read.read(&mut buf)).await {
+            Err(_) => break None,
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(start.elapsed()),
+            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+        }
+    };
+    writer.abort();
+    RawReply {
+        bytes,
+        closed: closed_after.is_some(),
+        closed_after,
+    }
+}
+
+/// A gateway in front of one mock started from `cfg` serving `model`
+/// (backend `b1`, health checks off); `before` is TOML placed ahead of the
+/// model (e.g. a `[server]` table).
+pub async fn gateway_with_mock(
+    model: &str,
+    cfg: weir::mock::MockConfig,
+    before: &str,
+) -> (Handle, weir::mock::MockHandle) {
+    let m = weir::mock::start(cfg.models(vec![model.into()]))
+        .await
+        .expect("mock starts");
+    let toml = format!(
+        "{before}\n[[models]]\nname = \"{model}\"\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &[model], 1)
+    );
+    (gateway(&toml).await, m)
+}
+
+/// The value of the `/metrics` sample `name` whose labels include every
+/// `key="value"` in `labels`, summed over the samples that match (0 when
+/// none does).
+pub async fn metric(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = get(addr, "/metrics").await.text();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The bytes of a well-formed `POST /v1/chat/completions` with this JSON
+/// body and extra header lines (each ending in CRLF), for raw sockets.
+pub fn raw_chat(body: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra_headers}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}

@@ -1,0 +1,523 @@
+//! SPEC "Hostile input and faults", backend side: a fault-injecting
+//! upstream written here on raw sockets (refuses, resets, garbage, 1 MiB of
+//! headers, broken chunked framing, a one-byte-per-second drip, silence),
+//! and for each: what the client sees (a retry to a healthy backend where
+//! one exists, else 502/504, or mid-stream an SSE `error` event), that
+//! outlier detection counted it, and that weir keeps serving others. Plus
+//! a client leaving mid-stream: the backend sees its connection close at
+//! once and the concurrency permit is back.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    time::Instant,
+};
+use weir::mock::{self, MockConfig};
+
+/// What the faulty backend does once it has read a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// Nothing listens on its port.
+    Refuses,
+    /// Closes with a TCP reset before any response byte.
+    ResetBeforeHeaders,
+    /// Answers bytes that are not HTTP.
+    Garbage,
+    /// Sends a status line and 1 MiB of headers.
+    HugeHeaders,
+    /// Sends its response head one byte per second.
+    DripHeaders,
+    /// Reads the request and never answers.
+    NeverAnswers,
+    /// Starts an SSE stream, then resets the connection.
+    ResetMidStream,
+    /// Starts an SSE stream, then sends a chunk size that is not hex.
+    BrokenChunked,
+    /// Starts an SSE stream, then drips its next event one byte per second.
+    DripBody,
+    /// Sends SSE response headers, then nothing.
+    StallAfterHeaders,
+}
+
+/// One SSE event of a chat stream.
+const EVENT: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}]}\n\n";
+
+const SSE_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+
+/// Starts a backend with `fault` on 127.0.0.1 and returns its base URL.
+async fn faulty(fault: Fault) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    if fault == Fault::Refuses {
+        drop(listener);
+    } else {
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(misbehave(stream, fault));
+            }
+        });
+    }
+    format!("http://{addr}/v1")
+}
+
+/// Reads one request (head and `content-length` body), then misbehaves.
+async fn misbehave(mut s: TcpStream, fault: Fault) {
+    if read_request(&mut s).await.is_none() {
+        return;
+    }
+    let chunk = |data: &str| format!("{:x}\r\n{data}\r\n", data.len()).into_bytes();
+    let _ = match fault {
+        Fault::Refuses => Ok(()),
+        Fault::ResetBeforeHeaders => reset(s),
+        Fault::Garbage => {
+            let r = s
+                .write_all(b"\x00\x01\x02 SMTP ready\r\n\r\n\xff\xfe")
+                .await;
+            drop(s);
+            r
+        }
+        Fault::HugeHeaders => {
+            let mut head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-big: ".to_vec();
+            head.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+            head.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\n{}");
+            s.write_all(&head).await
+        }
+        Fault::DripHeaders => drip(&mut s, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await,
+        Fault::NeverAnswers => {
+            // Hold the connection until weir gives up on it.
+            let mut buf = [0u8; 1024];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            Ok(())
+        }
+        Fault::ResetMidStream => {
+            let r = s.write_all(&[SSE_HEAD, &chunk(EVENT)].concat()).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            r.and(reset(s))
+        }
+        Fault::BrokenChunked => {
+            s.write_all(&[SSE_HEAD, &chunk(EVENT), b"zz\r\nnot a chunk\r\n"].concat())
+                .await
+        }
+        Fault::StallAfterHeaders => {
+            let r = s.write_all(SSE_HEAD).await;
+            let mut buf = [0u8; 1024];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            r
+        }
+        Fault::DripBody => {
+            let r = s.write_all(&[SSE_HEAD, &chunk(EVENT)].concat()).await;
+            let rest = [chunk(EVENT), b"0\r\n\r\n".to_vec()].concat();
+            r.and(drip(&mut s, &rest).await)
+        }
+    };
+}
+
+/// Closes with RST (SO_LINGER 0) instead of FIN. (The deprecation warns
+/// that a lingering close blocks the thread; with a zero linger it does
+/// not.)
+#[allow(deprecated)]
+fn reset(s: TcpStream) -> std::io::Result<()> {
+    s.set_linger(Some(Duration::ZERO))?;
+    drop(s);
+    Ok(())
+}
+
+/// Writes `bytes` one per second, until the peer goes away.
+async fn drip(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    for b in bytes {
+        s.write_all(&[*b]).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(())
+}
+
+/// Reads a request head and its `content-length` body; `None` if the
+/// connection closed first.
+async fn read_request(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return Some(got);
+            }
+        }
+        let n = s.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A gateway with three models: `mixed` (the faulty backend `bad`, weight
+/// 100, and a healthy mock `good`, weight 1), `alone` (the faulty backend
+/// only, as `bad2`) and `other` (the healthy mock only). One failure ejects
+/// a backend, so the ejection count shows that outlier detection counted it.
+async fn setup(fault: Fault) -> weir::Handle {
+    let bad = faulty(fault).await;
+    let good = mock::start(MockConfig::default().models(vec!["mixed".into(), "other".into()]))
+        .await
+        .unwrap();
+    let toml = format!(
+        r#"[server]
+first_byte_timeout = "300ms"
+request_timeout = "3s"
+
+[[models]]
+name = "mixed"
+[[models]]
+name = "alone"
+[[models]]
+name = "other"
+
+{}{}{}{}
+[outlier]
+consecutive_failures = 1
+max_ejection_percent = 100
+
+[retry]
+max_attempts = 3
+base_delay = "1ms"
+max_delay = "5ms"
+budget_percent = 100
+"#,
+        backend("bad", &bad, &["mixed"], 100),
+        backend("bad2", &bad, &["alone"], 1),
+        backend("good", &good.base_url(), &["mixed", "other"], 1),
+        QUIET
+    );
+    // The mock lives as long as the test's runtime.
+    std::mem::forget(good);
+    gateway(&toml).await
+}
+
+/// The `/admin/backends` entry of `name`.
+async fn backend_state(addr: SocketAddr, name: &str) -> serde_json::Value {
+    let all = get(addr, "/admin/backends").await.json();
+    all["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no backend {name} in {all}"))
+}
+
+/// A fault before any response byte: with a healthy peer the client gets
+/// the peer's 200 (one retry); alone, `alone_status`. Either way the fault
+/// is counted under `kind` and the backend ejected, and `other` is served.
+async fn check_before_headers(fault: Fault, kind: &str, alone_status: u16) {
+    let gw = setup(fault).await;
+    let addr = gw.addr();
+    let started = Instant::now();
+    let r = post(addr, "/v1/chat/completions", &chat("mixed", false)).await;
+    assert_eq!(r.status, 200, "{fault:?}: {}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "good", "{fault:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{fault:?}");
+    assert_eq!(
+        metric(addr, "weir_retries_total", &[("model", "mixed")]).await,
+        1.0,
+        "{fault:?}"
+    );
+    assert_eq!(
+        backend_state(addr, "bad").await["ejections"],
+        1,
+        "{fault:?}"
+    );
+
+    let r = post(addr, "/v1/chat/completions", &chat("alone", false)).await;
+    assert_eq!(r.status.as_u16(), alone_status, "{fault:?}: {}", r.text());
+    let code = if alone_status == 504 {
+        "upstream_timeout"
+    } else {
+        "bad_gateway"
+    };
+    assert_eq!(r.json()["error"]["code"], code, "{fault:?}");
+    assert_eq!(
+        backend_state(addr, "bad2").await["ejections"],
+        1,
+        "{fault:?}"
+    );
+    // `bad` failed once (then `good` answered); `bad2`, alone, was tried
+    // max_attempts times: with no other backend, a retry may go back to it.
+    for (backend, attempts) in [("bad", 1.0), ("bad2", 3.0)] {
+        let errors = metric(
+            addr,
+            "weir_upstream_errors_total",
+            &[("backend", backend), ("kind", kind)],
+        )
+        .await;
+        assert_eq!(errors, attempts, "{fault:?} {backend}");
+    }
+    let r = post(addr, "/v1/chat/completions", &chat("other", false)).await;
+    assert_eq!(r.status, 200, "{fault:?}: weir stopped serving");
+}
+
+#[tokio::test]
+async fn refused_connections_are_retried_elsewhere_or_502() {
+    check_before_headers(Fault::Refuses, "connect", 502).await;
+}
+
+#[tokio::test]
+async fn resets_before_headers_are_retried_elsewhere_or_502() {
+    check_before_headers(Fault::ResetBeforeHeaders, "protocol", 502).await;
+}
+
+#[tokio::test]
+async fn garbage_answers_are_retried_elsewhere_or_502() {
+    check_before_headers(Fault::Garbage, "protocol", 502).await;
+}
+
+#[tokio::test]
+async fn one_mib_of_headers_is_retried_elsewhere_or_502() {
+    check_before_headers(Fault::HugeHeaders, "protocol", 502).await;
+}
+
+#[tokio::test]
+async fn dripped_headers_time_out_and_are_retried_elsewhere_or_504() {
+    check_before_headers(Fault::DripHeaders, "timeout", 504).await;
+}
+
+#[tokio::test]
+async fn silent_backends_time_out_and_are_retried_elsewhere_or_504() {
+    check_before_headers(Fault::NeverAnswers, "timeout", 504).await;
+}
+
+/// A fault after the response headers: the client keeps what it got, then
+/// an SSE `error` event ends the stream. `kind` is the
+/// `weir_upstream_errors_total` kind it counts as, which also counts
+/// towards outlier detection; `None` when weir's own `request_timeout`
+/// ended it (not a failure weir can attribute to the backend).
+async fn check_mid_stream(fault: Fault, kind: Option<&str>) -> Streamed {
+    let gw = setup(fault).await;
+    let addr = gw.addr();
+    let s = post_stream(addr, "/v1/chat/completions", &chat("alone", true)).await;
+    assert_eq!(s.status, 200, "{fault:?}");
+    let text = s.text();
+    let last = if fault == Fault::StallAfterHeaders {
+        text.trim_end()
+    } else {
+        assert!(text.starts_with(EVENT), "{fault:?}: {text}");
+        let (_, last) = text
+            .trim_end()
+            .rsplit_once("\n\n")
+            .unwrap_or_else(|| panic!("{fault:?}: one event only: {text}"));
+        last
+    };
+    assert!(
+        last.starts_with("event: error\ndata: {"),
+        "{fault:?}: {text}"
+    );
+    let event: serde_json::Value =
+        serde_json::from_str(last.trim_start_matches("event: error\ndata: ")).unwrap();
+    assert_eq!(event["error"]["type"], "upstream_error", "{fault:?}");
+    assert_eq!(
+        backend_state(addr, "bad2").await["ejections"],
+        u64::from(kind.is_some()),
+        "{fault:?}"
+    );
+    if let Some(kind) = kind {
+        let errors = metric(
+            addr,
+            "weir_upstream_errors_total",
+            &[("backend", "bad2"), ("kind", kind)],
+        )
+        .await;
+        assert_eq!(errors, 1.0, "{fault:?}");
+    }
+    let r = post(addr, "/v1/chat/completions", &chat("other", false)).await;
+    assert_eq!(r.status, 200, "{fault:?}: weir stopped serving");
+    s
+}
+
+#[tokio::test]
+async fn resets_mid_stream_end_with_an_sse_error_event() {
+    check_mid_stream(Fault::ResetMidStream, Some("protocol")).await;
+}
+
+#[tokio::test]
+async fn broken_chunked_framing_ends_with_an_sse_error_event() {
+    check_mid_stream(Fault::BrokenChunked, Some("protocol")).await;
+}
+
+/// A body dripping one byte per second is ended at `request_timeout` (3 s
+/// here), not held for the minutes the drip would take.
+#[tokio::test]
+async fn dripped_bodies_end_at_request_timeout_with_an_sse_error_event() {
+    let s = check_mid_stream(Fault::DripBody, None).await;
+    let (at, _) = s.frames.last().unwrap();
+    assert!(*at >= Duration::from_millis(2500), "{at:?}");
+    assert!(*at < Duration::from_secs(6), "{at:?}");
+}
+
+/// Headers and then silence: the stream ends with an `error` event at
+/// `first_byte_timeout` (300 ms here; SPEC: "response headers / first SSE
+/// event"), not at `request_timeout` (3 s), and counts as a timeout.
+#[tokio::test]
+async fn a_stream_without_a_first_event_ends_at_first_byte_timeout() {
+    let s = check_mid_stream(Fault::StallAfterHeaders, Some("timeout")).await;
+    let (at, _) = s.frames.last().unwrap();
+    assert!(*at >= Duration::from_millis(250), "{at:?}");
+    assert!(*at < Duration::from_millis(2500), "{at:?}");
+}
+
+/// A client leaving mid-stream: the backend sees its connection close
+/// within 100 ms, the model's only concurrency permit is back (the next
+/// request is admitted although the queue allows no wait), and the
+/// in-flight gauge returns to 0.
+#[tokio::test]
+async fn a_client_leaving_mid_stream_cancels_upstream_and_frees_its_permit() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m1".into()])
+            .tokens_per_sec(20.0)
+            .chunks(400),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[defaults]\nqueue_timeout = \"1ms\"\n\n[[models]]\nname = \"m1\"\nmax_concurrent = 1\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &["m1"], 1)
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    for round in 0..3 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&raw_chat(&chat("m1", true), "")).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("data: {") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("first event within 5s")
+                .unwrap();
+            assert!(n > 0, "closed before the first event");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(m.in_flight(), 1);
+        assert_eq!(m.connections_open(), 1);
+        // While it streams, the only permit is taken.
+        let r = post(addr, "/v1/chat/completions", &chat("m1", false)).await;
+        assert_eq!(r.status, 429, "round {round}: {}", r.text());
+
+        let left = Instant::now();
+        drop(s);
+        let closed = eventually(Duration::from_secs(2), || {
+            m.connections_open() == 0 && m.in_flight() == 0
+        })
+        .await;
+        let took = left.elapsed();
+        assert!(
+            closed,
+            "round {round}: the backend's connection stayed open"
+        );
+        assert!(
+            took < Duration::from_millis(100),
+            "round {round}: closed after {took:?}"
+        );
+        let r = post(addr, "/v1/chat/completions", &chat("m1", false)).await;
+        assert_eq!(
+            r.status,
+            200,
+            "round {round}: permit not back: {}",
+            r.text()
+        );
+        assert_eq!(
+            metric(addr, "weir_in_flight", &[("model", "m1")]).await,
+            0.0
+        );
+    }
+}
+
+/// Back-pressure: a client that stops reading a fast stream makes weir stop
+/// reading the backend, so the backend cannot finish (weir buffers nothing
+/// beyond socket buffers and a frame); once the client reads on, the whole
+/// stream arrives intact.
+#[tokio::test]
+async fn a_slow_reader_slows_the_backend_down() {
+    let fast = MockConfig::default().chunks(400_000);
+    let (gw, m) = gateway_with_mock("m1", fast, "").await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(&raw_chat(&chat("m1", true), "connection: close\r\n"))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Stop reading for a while: the backend must still be streaming.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(m.in_flight(), 1, "the backend finished: weir buffered");
+    let mut total = n;
+    let mut tail = Vec::new();
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+            .await
+            .expect("stream goes on")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > 256 {
+            tail.drain(..tail.len() - 256);
+        }
+    }
+    assert!(total > 10_000_000, "{total} bytes");
+    assert!(
+        String::from_utf8_lossy(&tail).contains("data: [DONE]"),
+        "{}",
+        String::from_utf8_lossy(&tail)
+    );
+    assert_eq!(m.in_flight(), 0);
+}
+
+/// A client that never reads (and never closes) a stream is treated as
+/// gone once it has taken no byte for `request_timeout`: weir closes its
+/// connection and the backend's, instead of holding them forever (hyper
+/// stops polling a body it cannot write, so the body's own deadline never
+/// fires).
+#[tokio::test]
+async fn a_client_that_never_reads_is_dropped_at_request_timeout() {
+    let fast = MockConfig::default().chunks(400_000);
+    let (gw, m) = gateway_with_mock(
+        "m1",
+        fast,
+        "[server]\nrequest_timeout = \"1s\"\nfirst_byte_timeout = \"1s\"",
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(&raw_chat(&chat("m1", true), "connection: close\r\n"))
+        .await
+        .unwrap();
+    // weir's writes cannot stall before the request was sent, so the
+    // deadline is at least request_timeout from here.
+    let stalled = Instant::now();
+    let mut buf = vec![0u8; 1024];
+    let _ = s.read(&mut buf).await.unwrap();
+    let released = eventually(Duration::from_secs(10), || {
+        m.in_flight() == 0 && m.connections_open() == 0
+    })
+    .await;
+    assert!(released, "the backend stream is still held");
+    assert!(
+        stalled.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        stalled.elapsed()
+    );
+    let r = post(gw.addr(), "/v1/chat/completions", &chat("m1", false)).await;
+    assert_eq!(r.status, 200);
+}

@@ -1,0 +1,951 @@
+//! SPEC "Hostile input and faults", client side: request framing and
+//! smuggling attempts, malformed heads, oversized heads, hostile paths and
+//! JSON bodies, slowloris, idle keep-alive connections and
+//! `max_connections`, all over raw TCP (an HTTP client would fix the
+//! request for us). For each: the status, whether the connection closed,
+//! and that the backend saw nothing of it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir::mock::{MockConfig, MockHandle};
+
+const MODEL: &str = "m1";
+
+/// A gateway in front of one recording mock; `server` is extra `[server]`
+/// TOML.
+async fn setup(server: &str) -> (weir::Handle, MockHandle) {
+    gateway_with_mock(MODEL, MockConfig::default(), &format!("[server]\n{server}")).await
+}
+
+/// Nothing reached the backend, not even a connection, and weir still
+/// serves a good request.
+async fn assert_untouched_and_serving(gw: &weir::Handle, m: &MockHandle) {
+    assert_eq!(m.requests(), 0, "the backend saw a request");
+    assert_eq!(m.connections_accepted(), 0, "weir connected to the backend");
+    let r = post(gw.addr(), "/v1/chat/completions", BODY).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+const BODY: &str = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// A request head for `POST /v1/chat/completions` with these header lines
+/// (CRLF added), followed by `body` as is.
+fn post_with(headers: &[&str], body: &str) -> Vec<u8> {
+    let mut out = String::from("POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\n");
+    for h in headers {
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    out.into_bytes()
+}
+
+/// `BODY` as one chunk, then the last chunk.
+fn chunked_body() -> String {
+    format!("{:x}\r\n{BODY}\r\n0\r\n\r\n", BODY.len())
+}
+
+/// One hostile request and what weir must do with it.
+struct Case {
+    name: &'static str,
+    request: Vec<u8>,
+    /// The status weir answers with.
+    status: u16,
+    /// Whether weir must close the connection after answering.
+    closes: bool,
+}
+
+fn case(name: &'static str, request: Vec<u8>, status: u16, closes: bool) -> Case {
+    Case {
+        name,
+        request,
+        status,
+        closes,
+    }
+}
+
+/// The request-smuggling and malformed-head battery: each case is refused,
+/// nothing reaches the backend.
+fn smuggling_cases() -> Vec<Case> {
+    let cl = format!("Content-Length: {}", BODY.len());
+    let chunked = chunked_body();
+    let huge_header = format!("X-Big: {}", "a".repeat(1024 * 1024));
+    let many_headers: Vec<String> = (0..100_000).map(|i| format!("X-H{i}: v")).collect();
+    let many_headers: Vec<&str> = many_headers.iter().map(String::as_str).collect();
+    let long_uri = format!(
+        "POST /v1/chat/completions?q={} HTTP/1.1\r\nHost: weir\r\n{cl}\r\n\r\n{BODY}",
+        "a".repeat(10 * 1024)
+    );
+    let two_big = [
+        format!("X-A: {}", "a".repeat(33 * 1024)),
+        format!("X-B: {}", "b".repeat(33 * 1024)),
+    ];
+    vec![
+        // CL.TE: a front end that reads Content-Length would see "G" as the
+        // start of the next request.
+        case(
+            "CL.TE",
+            post_with(&[&cl, "Transfer-Encoding: chunked"], &format!("{chunked}G")),
+            400,
+            true,
+        ),
+        case(
+            "TE.CL",
+            post_with(&["Transfer-Encoding: chunked", &cl], &chunked),
+            400,
+            true,
+        ),
+        case(
+            "CL.TE with a leading space in the TE value",
+            post_with(&[&cl, "Transfer-Encoding:  chunked"], &chunked),
+            400,
+            true,
+        ),
+        case(
+            "CL.TE with a tab before the TE value",
+            post_with(&[&cl, "Transfer-Encoding:\tchunked"], &chunked),
+            400,
+            true,
+        ),
+        case(
+            "CL.TE with the TE name in odd case",
+            post_with(&["tRaNsFeR-eNcOdInG: chunked", &cl], &chunked),
+            400,
+            true,
+        ),
+        case(
+            "TE.TE: chunked, identity",
+            post_with(&["Transfer-Encoding: chunked, identity"], &chunked),
+            400,
+            true,
+        ),
+        case(
+            "TE.TE: identity, chunked",
+            post_with(&["Transfer-Encoding: identity, chunked"], &chunked),
+            400,
+            true,
+        ),
+        case(
+            "TE.TE: two TE lines, chunked last",
+            post_with(
+                &["Transfer-Encoding: identity", "Transfer-Encoding: chunked"],
+                &chunked,
+            ),
+            400,
+            true,
+        ),
+        case(
+            "TE.TE: two TE lines, chunked first",
+            post_with(
+                &["Transfer-Encoding: chunked", "Transfer-Encoding: x"],
+                &chunked,
+            ),
+            400,
+            true,
+        ),
+        case(
+            "TE: xchunked",
+            post_with(&["Transfer-Encoding: xchunked"], &chunked),
+            400,
+            true,
+        ),
+        case(
+            "TE: chunked with a space before the colon",
+            post_with(&["Transfer-Encoding : chunked"], &chunked),
+            400,
+            true,
+        ),
+        case(
+            "TE: chunked with a tab before the colon",
+            post_with(&["Transfer-Encoding\t: chunked"], &chunked),
+            400,
+            true,
+        ),
+        case(
+            "TE in HTTP/1.0",
+            format!("POST /v1/chat/completions HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}")
+                .into_bytes(),
+            400,
+            true,
+        ),
+        case(
+            "duplicate Content-Length, differing",
+            post_with(&[&cl, "Content-Length: 7"], BODY),
+            400,
+            true,
+        ),
+        case(
+            "Content-Length list 5, 6",
+            post_with(&["Content-Length: 5, 6"], BODY),
+            400,
+            true,
+        ),
+        case(
+            "negative Content-Length",
+            post_with(&["Content-Length: -1"], BODY),
+            400,
+            true,
+        ),
+        case(
+            "overflowing Content-Length",
+            post_with(&["Content-Length: 184467440737095516160"], BODY),
+            400,
+            true,
+        ),
+        case(
+            "Content-Length with a plus sign",
+            post_with(&[&format!("Content-Length: +{}", BODY.len())], BODY),
+            400,
+            true,
+        ),
+        case(
+            "bare LF head smuggling CL and TE",
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\nHost: weir\n{cl}\nTransfer-Encoding: chunked\n\n{chunked}"
+            )
+            .into_bytes(),
+            400,
+            true,
+        ),
+        case(
+            "NUL in a header value",
+            post_with(&[&cl, "X-A: a\0b"], BODY),
+            400,
+            true,
+        ),
+        case(
+            "bare CR in a header value",
+            post_with(&[&cl, "X-A: a\rb"], BODY),
+            400,
+            true,
+        ),
+        case(
+            "obs-fold continuation line",
+            post_with(&[&cl, "X-A: a", " folded"], BODY),
+            400,
+            true,
+        ),
+        case(
+            "huge chunk size",
+            post_with(
+                &["Transfer-Encoding: chunked"],
+                "FFFFFFFFFFFFFFFFFFFF\r\nabc\r\n0\r\n\r\n",
+            ),
+            400,
+            true,
+        ),
+        case(
+            "invalid chunk extension (bare LF)",
+            post_with(
+                &["Transfer-Encoding: chunked"],
+                &format!("{:x};ext\nx\r\n{BODY}\r\n0\r\n\r\n", BODY.len()),
+            ),
+            400,
+            true,
+        ),
+        case(
+            "chunk size that is not hex",
+            post_with(&["Transfer-Encoding: chunked"], "zz\r\nabc\r\n0\r\n\r\n"),
+            400,
+            true,
+        ),
+        case(
+            "100 000 headers",
+            post_with(&many_headers, BODY),
+            431,
+            true,
+        ),
+        case("a 1 MiB header", post_with(&[&huge_header], BODY), 431, true),
+        case(
+            "66 KiB of headers in two fields",
+            post_with(&[&cl, &two_big[0], &two_big[1]], BODY),
+            431,
+            true,
+        ),
+        case("a 10 KiB request line", long_uri.into_bytes(), 414, true),
+        case(
+            "space in the request target",
+            format!("POST /v1/chat completions HTTP/1.1\r\nHost: weir\r\n{cl}\r\n\r\n{BODY}")
+                .into_bytes(),
+            400,
+            true,
+        ),
+        case(
+            "invalid method token",
+            format!("P@ST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\n{cl}\r\n\r\n{BODY}")
+                .into_bytes(),
+            400,
+            true,
+        ),
+        case(
+            "unknown HTTP version",
+            format!("POST /v1/chat/completions HTTP/1.7\r\nHost: weir\r\n{cl}\r\n\r\n{BODY}")
+                .into_bytes(),
+            400,
+            true,
+        ),
+        case(
+            "space in a header name",
+            post_with(&[&cl, "X A: b"], BODY),
+            400,
+            true,
+        ),
+    ]
+}
+
+/// Paths that must never be forwarded; the body is read, so the connection
+/// may stay open.
+fn path_cases() -> Vec<Case> {
+    let req = |target: &str| {
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: weir\r\nContent-Length: {}\r\n\r\n{BODY}",
+            BODY.len()
+        )
+        .into_bytes()
+    };
+    vec![
+        case("dot-dot segment", req("/v1/../admin/reload"), 400, false),
+        case(
+            "percent-encoded dot-dot",
+            req("/v1/%2e%2e/admin/reload"),
+            400,
+            false,
+        ),
+        case(
+            "mixed-case percent-encoded dot-dot",
+            req("/v1/%2E%2e/chat/completions"),
+            400,
+            false,
+        ),
+        case("half-encoded dot-dot", req("/v1/.%2E/x"), 400, false),
+        case("dot segment", req("/v1/./chat/completions"), 400, false),
+        case("empty segment", req("/v1//chat/completions"), 400, false),
+        case("trailing slash", req("/v1/chat/completions/"), 400, false),
+        case(
+            "authority-form (CONNECT)",
+            b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n".to_vec(),
+            400,
+            false,
+        ),
+        case(
+            "asterisk-form",
+            b"OPTIONS * HTTP/1.1\r\nHost: weir\r\n\r\n".to_vec(),
+            400,
+            false,
+        ),
+        case(
+            "path outside the served routes",
+            req("/etc/passwd"),
+            404,
+            false,
+        ),
+    ]
+}
+
+/// Runs every case on its own connection, all at once, and checks each.
+async fn run_cases(addr: std::net::SocketAddr, cases: Vec<Case>) {
+    let tasks: Vec<_> = cases
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                // Cases that must close do so at once; the others are given
+                // long enough to show that they stay open.
+                let wait = Duration::from_secs(if c.closes { 10 } else { 1 });
+                let reply = raw(addr, c.request, wait).await;
+                (c.name, c.status, c.closes, reply)
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for t in tasks {
+        let (name, status, closes, reply) = t.await.unwrap();
+        let ok = reply.status() == status && reply.closed == closes && reply.responses() == 1;
+        if !ok {
+            failures.push(format!(
+                "{name}: want {status} closed={closes}, got {} closed={} ({} responses): {:?}",
+                reply.status(),
+                reply.closed,
+                reply.responses(),
+                reply.text().chars().take(300).collect::<String>()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn smuggling_and_malformed_heads_are_refused_and_never_forwarded() {
+    let (gw, m) = setup("").await;
+    let cases = smuggling_cases();
+    assert!(cases.len() >= 25, "{} cases", cases.len());
+    run_cases(gw.addr(), cases).await;
+    assert_untouched_and_serving(&gw, &m).await;
+}
+
+#[tokio::test]
+async fn hostile_paths_are_refused_and_never_forwarded() {
+    let (gw, m) = setup("").await;
+    run_cases(gw.addr(), path_cases()).await;
+    assert_untouched_and_serving(&gw, &m).await;
+}
+
+/// weir's own framing refusals carry an OpenAI error body and a request id
+/// (hyper's own 400/431 answers, for heads it cannot parse, carry neither).
+#[tokio::test]
+async fn framing_refusals_are_openai_errors_with_a_request_id() {
+    let (gw, _m) = setup("").await;
+    let cl = format!("Content-Length: {}", BODY.len());
+    let reply = raw(
+        gw.addr(),
+        post_with(&["Transfer-Encoding: chunked", &cl], &chunked_body()),
+        Duration::from_secs(10),
+    )
+    .await;
+    let text = reply.text();
+    assert_eq!(reply.status(), 400, "{text}");
+    assert!(text.contains("x-request-id: "), "{text}");
+    assert!(text.contains("\"code\":\"invalid_framing\""), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+}
+
+/// What RFC 9112 lets a server accept is accepted, and reaches the backend
+/// as one clean request: bare LF line ends, `CHUNKED` in capitals, a
+/// repeated identical `Content-Length`, absolute-form targets (served by
+/// the configured backend, whatever host they name).
+#[tokio::test]
+async fn lenient_but_unambiguous_requests_are_forwarded_cleanly() {
+    let (gw, m) = gateway_with_mock(MODEL, MockConfig::default().record(true), "").await;
+    let cl = format!("Content-Length: {}", BODY.len());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "bare LF line ends",
+            format!("POST /v1/chat/completions HTTP/1.1\nHost: weir\n{cl}\nConnection: close\n\n{BODY}")
+                .into_bytes(),
+        ),
+        (
+            "CHUNKED in capitals",
+            post_with(
+                &["Transfer-Encoding: CHUNKED", "Connection: close"],
+                &chunked_body(),
+            ),
+        ),
+        (
+            "two identical Content-Lengths",
+            post_with(&[&cl, &cl, "Connection: close"], BODY),
+        ),
+        (
+            "absolute-form target naming another host",
+            format!(
+                "POST http://evil.example/v1/chat/completions HTTP/1.1\r\nHost: evil.example\r\n{cl}\r\nConnection: close\r\n\r\n{BODY}"
+            )
+            .into_bytes(),
+        ),
+    ];
+    for (name, request) in cases {
+        let before = m.requests();
+        let reply = raw(gw.addr(), request, Duration::from_secs(10)).await;
+        assert_eq!(reply.status(), 200, "{name}: {}", reply.text());
+        assert_eq!(m.requests(), before + 1, "{name}");
+        let seen = m.last_inference().unwrap();
+        assert_eq!(seen.uri, "/v1/chat/completions", "{name}");
+        assert_eq!(seen.body, BODY.as_bytes(), "{name}");
+        let host = seen.headers.get("host").unwrap().to_str().unwrap();
+        assert_eq!(host, m.addr().to_string(), "{name}");
+        assert!(seen.headers.get("transfer-encoding").is_none(), "{name}");
+    }
+}
+
+/// SPEC "Bodies": hostile JSON gets a clear 400 (or 413), never a panic,
+/// and never reaches the backend.
+#[tokio::test]
+async fn hostile_json_bodies_are_refused() {
+    let (gw, m) = setup("").await;
+    let deep = format!(
+        r#"{{"model":"m1","x":{}{}}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let deep_objects = format!(
+        r#"{{"model":"m1","x":{}1{}}}"#,
+        r#"{"a":"#.repeat(100_000),
+        "}".repeat(100_000)
+    );
+    let ten_mib = format!(r#"{{"model":"m1","x":"{}"}}"#, "a".repeat(10 * 1024 * 1024));
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "arrays nested 100 000 deep",
+            deep.into_bytes(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "objects nested 100 000 deep",
+            deep_objects.into_bytes(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "invalid UTF-8",
+            b"{\"model\":\"m1\",\"x\":\"\xff\xfe\"}".to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "a lone surrogate escape",
+            br#"{"model":"m1","x":"\ud800"}"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "a 10 MiB string",
+            ten_mib.into_bytes(),
+            413,
+            "request_too_large",
+        ),
+        (
+            "duplicate model keys",
+            br#"{"model":"m1","model":"other"}"#.to_vec(),
+            400,
+            "missing_model",
+        ),
+        (
+            "duplicate max_tokens",
+            br#"{"model":"m1","max_tokens":1,"max_tokens":100000}"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "1e999",
+            br#"{"model":"m1","temperature":1e999}"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "max_tokens 1e10",
+            br#"{"model":"m1","max_tokens":1e10}"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "negative max_tokens",
+            br#"{"model":"m1","max_tokens":-1}"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "model as an object",
+            br#"{"model":{"name":"m1"}}"#.to_vec(),
+            400,
+            "missing_model",
+        ),
+        (
+            "model as a number",
+            br#"{"model":1}"#.to_vec(),
+            400,
+            "missing_model",
+        ),
+        (
+            "model null",
+            br#"{"model":null}"#.to_vec(),
+            400,
+            "missing_model",
+        ),
+        (
+            "no model",
+            br#"{"messages":[]}"#.to_vec(),
+            400,
+            "missing_model",
+        ),
+        (
+            "a top-level array",
+            br#"[{"model":"m1"}]"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        ("a bare string", br#""m1""#.to_vec(), 400, "invalid_json"),
+        ("an empty body", Vec::new(), 400, "invalid_json"),
+        (
+            "trailing garbage",
+            br#"{"model":"m1"} x"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "truncated",
+            br#"{"model":"m1","messages":[{"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "stream as a string",
+            br#"{"model":"m1","stream":"yes"}"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+    ];
+    let client = client();
+    for (name, body, status, code) in cases {
+        let r = send(
+            &client,
+            "POST",
+            gw.addr(),
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await;
+        assert_eq!(r.status.as_u16(), status, "{name}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], code, "{name}: {}", r.text());
+        assert_eq!(r.header("x-request-id").len(), 32, "{name}");
+    }
+    assert_untouched_and_serving(&gw, &m).await;
+}
+
+/// Slowloris: a head dripped a byte at a time is cut at
+/// `header_read_timeout` (counted from the accept), without an answer and
+/// without touching the backend; others are served meanwhile.
+#[tokio::test]
+async fn slowloris_heads_are_cut_at_header_read_timeout() {
+    let (gw, m) = setup("header_read_timeout = \"300ms\"\nidle_timeout = \"60s\"").await;
+    let addr = gw.addr();
+    let drips: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let start = tokio::time::Instant::now();
+                let head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\nX-Slow: ";
+                for b in head.iter().chain(std::iter::repeat(&b'a')) {
+                    if s.write_all(&[*b]).await.is_err() {
+                        break;
+                    }
+                    let mut buf = [0u8; 64];
+                    match tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => break,
+                        Ok(Ok(n)) => panic!("got an answer: {:?}", &buf[..n]),
+                        Err(_) => {}
+                    }
+                    assert!(start.elapsed() < Duration::from_secs(5), "never cut");
+                }
+                start.elapsed()
+            })
+        })
+        .collect();
+    // Served while the slow heads drip.
+    let r = post(addr, "/v1/chat/completions", BODY).await;
+    assert_eq!(r.status, 200);
+    for d in drips {
+        let took = d.await.unwrap();
+        assert!(
+            took >= Duration::from_millis(250),
+            "cut too early: {took:?}"
+        );
+        assert!(took < Duration::from_secs(3), "cut too late: {took:?}");
+    }
+    assert_eq!(m.requests(), 1);
+}
+
+/// A connection that sends nothing is cut at `header_read_timeout` too.
+#[tokio::test]
+async fn silent_connections_are_cut_at_header_read_timeout() {
+    let (gw, _m) = setup("header_read_timeout = \"200ms\"\nidle_timeout = \"60s\"").await;
+    let reply = raw(gw.addr(), Vec::new(), Duration::from_secs(5)).await;
+    let after = reply.closed_after.expect("closed");
+    assert!(after >= Duration::from_millis(150), "{after:?}");
+    assert!(reply.bytes.is_empty());
+}
+
+/// Sends one keep-alive request on `s` and reads its whole (non-streamed)
+/// response.
+async fn keep_alive_request(s: &mut tokio::net::TcpStream) -> String {
+    s.write_all(&post_with(
+        &[&format!("Content-Length: {}", BODY.len())],
+        BODY,
+    ))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("answer within 10s")
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("content-length");
+            if body.len() >= len {
+                return text.into_owned();
+            }
+        }
+    }
+}
+
+/// How long until the server closes `s`, reading nothing else.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> Option<Duration> {
+    let start = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(within, s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Some(start.elapsed()),
+        Ok(Ok(n)) => panic!("unexpected bytes: {:?}", &buf[..n]),
+        Err(_) => None,
+    }
+}
+
+/// `idle_timeout` governs idle keep-alive connections, not
+/// `header_read_timeout` (hyper's own timer would close them at the
+/// latter): a connection idle longer than the head timeout stays open,
+/// then closes at the idle timeout.
+#[tokio::test]
+async fn idle_keep_alive_connections_close_at_idle_timeout() {
+    let (gw, _m) = setup("header_read_timeout = \"200ms\"\nidle_timeout = \"1200ms\"").await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let first = keep_alive_request(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Idle for 3× header_read_timeout: still open.
+    assert_eq!(
+        closed_within(&mut s, Duration::from_millis(600)).await,
+        None
+    );
+    // Still usable.
+    let second = keep_alive_request(&mut s).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    let closed = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("closed at idle_timeout");
+    assert!(closed >= Duration::from_millis(800), "{closed:?}");
+
+    // A short idle_timeout closes well before a long header_read_timeout.
+    let (gw, _m) = setup("header_read_timeout = \"10s\"\nidle_timeout = \"200ms\"").await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    keep_alive_request(&mut s).await;
+    let closed = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("closed at idle_timeout");
+    assert!(closed >= Duration::from_millis(100), "{closed:?}");
+    assert!(closed < Duration::from_secs(3), "{closed:?}");
+}
+
+/// Neither timer cuts a request being served: a slow backend and a long
+/// stream outlast both.
+#[tokio::test]
+async fn requests_in_progress_outlast_head_and_idle_timeouts() {
+    let slow = MockConfig::default()
+        .latency(Duration::from_millis(600))
+        .tokens_per_sec(20.0)
+        .chunks(12);
+    let (gw, _m) = gateway_with_mock(
+        MODEL,
+        slow,
+        "[server]\nheader_read_timeout = \"150ms\"\nidle_timeout = \"150ms\"",
+    )
+    .await;
+    let r = post(gw.addr(), "/v1/chat/completions", BODY).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &chat(MODEL, true)).await;
+    assert_eq!(s.status, 200);
+    assert!(s.text().ends_with("data: [DONE]\n\n"), "{}", s.text());
+}
+
+/// `max_connections`: a connection beyond the cap waits in the backlog
+/// (nothing answers it) and is served once a slot frees.
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_for_a_slot() {
+    let (gw, _m) = setup("max_connections = 2\nheader_read_timeout = \"30s\"").await;
+    let addr = gw.addr();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        keep_alive_request(&mut s).await;
+        held.push(s);
+    }
+    let third = tokio::spawn(async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        keep_alive_request(&mut s).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "served beyond max_connections");
+    drop(held.pop());
+    let answer = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("served once a slot freed")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Request ids: a client id with a CR-free but non-visible or too long
+/// value is replaced, never echoed.
+#[tokio::test]
+async fn hostile_request_ids_are_replaced() {
+    let (gw, _m) = setup("").await;
+    let long = "x".repeat(129);
+    for id in ["has space", "tab\there", long.as_str()] {
+        let r = send(
+            &client(),
+            "GET",
+            gw.addr(),
+            "/healthz",
+            &[("x-request-id", id)],
+            bytes::Bytes::new(),
+        )
+        .await;
+        let got = r.header("x-request-id");
+        assert_ne!(got, id);
+        assert_eq!(got.len(), 32, "{got}");
+    }
+}
+
+/// CPU time (user + system, in clock ticks) the process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is
+    // the 12th, stime the 13th.
+    let after = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Out of file descriptors (EMFILE), the accept loop logs and backs off
+/// instead of spinning, and serves again once descriptors free up.
+#[test]
+fn accept_errors_back_off_and_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"60s\"\n\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n\n[health]\nenabled = false\n",
+    )
+    .unwrap();
+    let weir = spawn_weir(&path, "info");
+    let pid = weir.child.id();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = open + 8;
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("prlimit runs");
+    assert!(status.success());
+    // More connections than descriptors left: the kernel completes them
+    // (backlog), weir's accept fails with EMFILE.
+    let held: Vec<std::net::TcpStream> = (0..30)
+        .map(|_| std::net::TcpStream::connect(weir.addr).unwrap())
+        .collect();
+    let logged = || weir.log.lock().unwrap().contains("accept failed");
+    let start = tokio::time::Instant::now();
+    while !logged() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(logged(), "{}", weir.log.lock().unwrap());
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - before;
+    // A spinning accept loop would use ~100 ticks (one core) per second.
+    assert!(
+        used < 30,
+        "{used} ticks of CPU in 1 s while out of descriptors"
+    );
+    drop(held);
+    let start = tokio::time::Instant::now();
+    let served = loop {
+        let attempt = std::net::TcpStream::connect(weir.addr).and_then(|mut s| {
+            use std::io::{Read, Write};
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        match attempt {
+            Ok(out) if out.starts_with("HTTP/1.1 200") => break true,
+            _ if start.elapsed() > Duration::from_secs(10) => break false,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    assert!(served, "weir did not serve again after descriptors freed");
+}
+
+/// SPEC "Admin": with `admin_token_env`, `/admin/*` needs the exact token
+/// (403 `permission_error` otherwise), `/metrics` and the probes stay
+/// open; with `api_keys_env`, a wrong client key is 401 and never reaches
+/// the backend.
+#[tokio::test]
+async fn admin_and_client_keys_are_enforced() {
+    let (gw, m) = setup("admin_token_env = \"ADMIN_TOKEN\"\napi_keys_env = \"CLIENT_KEYS\"").await;
+    let addr = gw.addr();
+    let c = client();
+    let admin = |auth: &'static str| {
+        let c = c.clone();
+        async move {
+            let headers: &[(&str, &str)] = if auth.is_empty() {
+                &[]
+            } else {
+                &[("authorization", auth)]
+            };
+            send(
+                &c,
+                "GET",
+                addr,
+                "/admin/backends",
+                headers,
+                bytes::Bytes::new(),
+            )
+            .await
+        }
+    };
+    for wrong in [
+        "",
+        "Bearer admin-token-",
+        "Bearer admin-token-12",
+        "Basic admin-token-1",
+    ] {
+        admin(wrong)
+            .await
+            .assert_error(403, "permission_error", "forbidden");
+    }
+    assert_eq!(admin("Bearer admin-token-1").await.status, 200);
+    let reload = send(&c, "POST", addr, "/admin/reload", &[], bytes::Bytes::new()).await;
+    reload.assert_error(403, "permission_error", "forbidden");
+    for open in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(get(addr, open).await.status, 200, "{open}");
+    }
+    for key in [
+        "",
+        "Bearer client-key-3",
+        "Bearer client-key-1x",
+        "Bearer admin-token-1",
+    ] {
+        let mut headers = vec![("content-type", "application/json")];
+        if !key.is_empty() {
+            headers.push(("authorization", key));
+        }
+        let r = send(&c, "POST", addr, "/v1/chat/completions", &headers, BODY).await;
+        r.assert_error(401, "authentication_error", "invalid_api_key");
+    }
+    assert_eq!(m.requests(), 0);
+    let r = send(
+        &c,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer client-key-2"),
+        ],
+        BODY,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
