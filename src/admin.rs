@@ -1,5 +1,6 @@
 //! The operator endpoints: `/healthz`, `/readyz`, `/metrics`,
-//! `/admin/backends`, `/admin/reload`, and who may call `/admin/*`.
+//! `/admin/backends`, `/admin/cluster`, `/admin/reload`, and who may call
+//! `/admin/*`.
 //!
 //! They only read shared state (the snapshot, the metrics) and never touch
 //! the request path's data structures in a way a client could notice.
@@ -119,6 +120,18 @@ pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
         StatusCode::OK,
         serde_json::json!({ "backends": backends }).to_string(),
     )
+}
+
+/// `GET /admin/cluster`: this replica's id, whether Redis is up, the
+/// replicas alive, the last Redis error and each shared limit's lease
+/// (docs/CLUSTER.md); `{"enabled": false}` without `[cluster]`. Never
+/// includes the Redis URL.
+pub(crate) fn cluster(shared: &Shared) -> Response<GatewayBody> {
+    let status = shared.cluster.as_ref().map_or_else(
+        || serde_json::json!({ "enabled": false }),
+        |cluster| cluster.status(),
+    );
+    json_response(StatusCode::OK, status.to_string())
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-23T10:44:48.123Z`.

@@ -12,6 +12,7 @@ use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    cluster::{Cluster, ClusterError},
     config::{Config, ConfigErrors},
     health::checker,
     metrics::Metrics,
@@ -52,6 +53,9 @@ pub(crate) struct Shared {
     pub active_requests: std::sync::atomic::AtomicU64,
     /// Retries in progress (capped by `retry.budget_percent` of the above).
     pub active_retries: std::sync::atomic::AtomicU64,
+    /// `[cluster]`: the Redis link and the shared buckets; fixed at start
+    /// (changing `[cluster]` needs a restart), so leases outlive reloads.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -89,6 +93,9 @@ pub enum StartError {
     /// A listener's address could not be read.
     #[error("listener: {0}")]
     Listener(std::io::Error),
+    /// `[cluster]` could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// Why a reload changed nothing.
@@ -175,7 +182,16 @@ impl Gateway {
         let config = Arc::new(self.config);
         let shutdown = CancellationToken::new();
         let metrics = Metrics::new();
-        let snapshot = Snapshot::build(config.clone(), None, &metrics)?;
+        let cluster = match &config.cluster {
+            Some(cluster) => Some(Cluster::new(
+                cluster,
+                (self.env)("HOSTNAME"),
+                metrics.cluster_up.clone(),
+                metrics.cluster_replicas.clone(),
+            )?),
+            None => None,
+        };
+        let snapshot = Snapshot::build_first(config.clone(), &metrics, cluster.clone())?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
@@ -192,6 +208,7 @@ impl Gateway {
             }),
             active_requests: std::sync::atomic::AtomicU64::new(0),
             active_retries: std::sync::atomic::AtomicU64::new(0),
+            cluster: cluster.clone(),
         });
         let addr = listener.local_addr().map_err(StartError::Listener)?;
         let admin_addr = match &admin {
@@ -220,6 +237,9 @@ impl Gateway {
         }
         shared.metrics.publish_weights(&shared.snapshot.load());
         tasks.spawn(checker::supervise(shared.clone(), shutdown.child_token()));
+        if let Some(cluster) = cluster {
+            tasks.spawn(cluster.run(shutdown.child_token()));
+        }
         // `server.watch_config` is read at start only (a reload that flips it
         // reports that it needs a restart).
         if config.server.watch_config {

@@ -27,6 +27,7 @@ pub mod admission;
 pub mod api;
 pub mod balancer;
 mod body;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 mod gateway;

@@ -165,6 +165,11 @@ pub(crate) struct Metrics {
     config_reloads: Family<ReloadLabels, Counter>,
     duration: Family<ModelLabel, Histogram, fn() -> Histogram>,
     ttfb: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    /// `weir_cluster_up`: set by the cluster task (`0` without `[cluster]`).
+    pub cluster_up: Gauge,
+    /// `weir_cluster_replicas`: set by the cluster task (`1` without
+    /// `[cluster]`: this replica alone).
+    pub cluster_replicas: Gauge,
 }
 
 /// Histogram buckets fit for LLM latencies: 5 ms to 120 s.
@@ -288,20 +293,20 @@ impl Metrics {
             })
             .set(1);
         registry.register("weir_build_info", "weir's version", build);
-        // Standalone (no [cluster]; the Redis-backed mode is not built yet):
-        // limits are not shared through Redis, and this is the only replica.
+        // Standalone until a `[cluster]` task says otherwise: limits are not
+        // shared through Redis, and this is the only replica.
         let cluster_up = Gauge::<i64>::default();
         registry.register(
             "weir_cluster_up",
             "1 while rate limits are shared with other replicas through Redis",
-            cluster_up,
+            cluster_up.clone(),
         );
         let cluster_replicas = Gauge::<i64>::default();
         cluster_replicas.set(1);
         registry.register(
             "weir_cluster_replicas",
             "Replicas sharing the rate limits, this one included",
-            cluster_replicas,
+            cluster_replicas.clone(),
         );
         Self {
             registry,
@@ -320,6 +325,8 @@ impl Metrics {
             config_reloads,
             duration,
             ttfb,
+            cluster_up,
+            cluster_replicas,
         }
     }
 

@@ -233,6 +233,7 @@ async fn dispatch(
             admin::authorize(req.headers(), peer, &snapshot)?;
             match p {
                 "/admin/backends" => only(&req, &Method::GET).map(|()| admin::backends(shared)),
+                "/admin/cluster" => only(&req, &Method::GET).map(|()| admin::cluster(shared)),
                 "/admin/reload" => {
                     only(&req, &Method::POST)?;
                     Ok(admin::reload_response(reload(shared).await))

@@ -28,6 +28,7 @@ use crate::{
     access_log::ModelTimings,
     admission::limiter::{GlobalLimits, ModelLimits},
     balancer::Pool,
+    cluster::Cluster,
     config::{BackendConfig, Config, ModelConfig},
     headers,
     health::state::{effective_weight, median, throughput_factor, HealthRecord},
@@ -50,6 +51,9 @@ pub struct Snapshot {
     pub(crate) slots: Arc<SlotSignal>,
     /// The `GET /v1/models` body, rendered once per snapshot.
     models_list: Bytes,
+    /// `[cluster]`: where shared limits come from; passed from snapshot to
+    /// snapshot (it is fixed at start).
+    pub(crate) cluster: Option<Arc<Cluster>>,
 }
 
 /// One model's admission settings and its pool of backends.
@@ -269,6 +273,26 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         metrics: &Metrics,
     ) -> Result<Self, UpstreamError> {
+        let cluster = previous.and_then(|p| p.cluster.clone());
+        Self::build_with(config, previous, metrics, cluster)
+    }
+
+    /// The first snapshot of a gateway, with its `[cluster]` handle (later
+    /// builds take it from the snapshot they follow).
+    pub(crate) fn build_first(
+        config: Arc<Config>,
+        metrics: &Metrics,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<Self, UpstreamError> {
+        Self::build_with(config, None, metrics, cluster)
+    }
+
+    fn build_with(
+        config: Arc<Config>,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<Self, UpstreamError> {
         let now = tokio::time::Instant::now();
         let slots: Arc<SlotSignal> = previous.map_or_else(Arc::default, |p| p.slots.clone());
         let global = Arc::new(GlobalLimits::new(
@@ -382,6 +406,7 @@ impl Snapshot {
             global,
             slots,
             models_list,
+            cluster,
         })
     }
 

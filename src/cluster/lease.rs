@@ -1,0 +1,585 @@
+//! One limit shared through Redis, as one replica sees it: a *lease* of
+//! tokens already taken from the Redis bucket and spent locally without a
+//! round trip, a slow path that reserves in Redis when the lease cannot
+//! cover a request, and a local fallback bucket for when Redis is gone.
+//!
+//! # The lease
+//!
+//! The cluster task tops the lease up every [`SYNC_PERIOD`] (sooner when it
+//! runs low) with one script call that also returns what the lease holds
+//! beyond its target and charges what the replica owes. The target is the
+//! replica's recent demand (an EWMA of tokens asked for per second) over
+//! [`HORIZON`], capped at [`LEASE_PERCENT`] % of the bucket's capacity
+//! divided by the replicas alive, so all the leases held together never
+//! exceed that share of the bucket. Leases are taken only from tokens the
+//! bucket holds (never into debt), so they cannot make the cluster admit
+//! more than the global bucket allows; what they can do is hold tokens
+//! unused, which is the under-admission docs/CLUSTER.md bounds.
+//!
+//! A request spends from the lease with one compare-exchange ([`try_reserve`]:
+//! no lock, no await, no allocation). When the lease is short it goes to
+//! [`reserve_slow`]: a real reservation in Redis (GCRA with debt, so it may
+//! wait, first come first served across replicas) bounded by
+//! [`SLOW_PATH_TIMEOUT`]. Token reconciliation refunds to and charges from
+//! the lease; what the lease cannot cover is owed and charged at the next
+//! top-up.
+//!
+//! # The fallback
+//!
+//! While Redis is unreachable, every decision goes to a local [`Bucket`] at
+//! this replica's share: rate and capacity divided by the replicas last
+//! seen. Its level follows the Redis bucket's share at every top-up, and on
+//! the way down it also receives the lease, so a replica continues from
+//! where the cluster was instead of from a fresh burst.
+//!
+//! [`try_reserve`]: SharedBucket::try_reserve
+//! [`reserve_slow`]: SharedBucket::reserve_slow
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use super::{
+    scripts::{Params, Report, Reserved},
+    Link,
+};
+use crate::admission::bucket::{Bucket, ReserveError};
+
+/// How often the cluster task tops leases up (and returns surplus).
+pub(crate) const SYNC_PERIOD: Duration = Duration::from_millis(50);
+
+/// How far ahead a lease covers the replica's recent demand: four sync
+/// periods, so one late top-up on a busy machine does not empty it.
+pub(crate) const HORIZON: Duration = Duration::from_millis(200);
+
+/// All leases together hold at most this share (%) of a bucket's capacity:
+/// the most the cluster can under-admit because of them (docs/CLUSTER.md).
+pub(crate) const LEASE_PERCENT: u64 = 1;
+
+/// The longest a request waits for Redis on the slow path before the
+/// fallback bucket decides for it (SPEC: never wait on a dead Redis).
+pub(crate) const SLOW_PATH_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// How quickly the demand estimate follows a change (EWMA time constant).
+const DEMAND_TAU: Duration = Duration::from_secs(1);
+
+/// Even with nothing to move, look at the Redis level this often, so the
+/// headers and the fallback's level stay current.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// `(rate per minute, remaining, reset)`: what `Bucket::report` returns and
+/// the `x-ratelimit-*` headers show.
+pub type ReportTriple = (u64, u64, Duration);
+
+/// A limit shared with the other replicas through Redis.
+#[derive(Debug)]
+pub struct SharedBucket {
+    /// The Redis key, `{key_prefix}:{limit}:{model}` (SPEC).
+    key: String,
+    /// The connection and cluster state, shared by every shared bucket.
+    link: Arc<Link>,
+    /// Tokens per minute, for the headers and the 429 message.
+    rate_per_minute: AtomicU64,
+    /// Tokens the bucket holds when full: larger requests are refused
+    /// locally (413) without asking Redis.
+    capacity: AtomicU64,
+    /// The script's units; replaced when a reload changes the limits.
+    params: Mutex<Params>,
+    /// Tokens taken from Redis and not yet spent: the lease.
+    lease: AtomicU64,
+    /// Below this many tokens the request path wakes the cluster task to top
+    /// the lease up before the next period (half the target).
+    low_water: AtomicU64,
+    /// Tokens spent beyond the lease by charges (an under-estimate), to be
+    /// charged in Redis at the next top-up.
+    owed: AtomicU64,
+    /// Tokens asked for since the last top-up, on every path: the demand
+    /// sample.
+    demand: AtomicU64,
+    /// The Redis level at the last contact: whole tokens left...
+    remaining: AtomicU64,
+    /// ...and when it will be full again, in nanoseconds after `origin`.
+    full_at: AtomicU64,
+    /// Where `full_at` counts from.
+    origin: Instant,
+    /// The share this replica enforces while Redis is unreachable.
+    fallback: Bucket,
+    /// Top-up bookkeeping, touched by the cluster task only.
+    sync: Mutex<SyncState>,
+}
+
+/// The cluster task's view of one lease.
+#[derive(Debug)]
+struct SyncState {
+    /// Tokens per second this replica asked for, smoothed.
+    demand_per_sec: f64,
+    /// When the demand was last sampled.
+    sampled_at: Instant,
+    /// When Redis was last asked about this bucket.
+    refreshed_at: Option<Instant>,
+    /// The lease size aimed at, for `/admin/cluster`.
+    target: u64,
+    /// The replicas the fallback's share is computed for.
+    share_of: u64,
+}
+
+/// A lease's figures for `/admin/cluster`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct LeaseStatus {
+    /// The Redis key.
+    pub key: String,
+    /// Tokens per minute across the cluster.
+    pub rate_per_minute: u64,
+    /// Tokens held in the lease right now.
+    pub lease: u64,
+    /// The lease size the cluster task aims at.
+    pub target: u64,
+    /// The most the lease may hold.
+    pub max_lease: u64,
+    /// Tokens owed to Redis (charged at the next top-up).
+    pub owed: u64,
+    /// Tokens per second this replica asked for, smoothed.
+    pub demand_per_sec: f64,
+    /// Whole tokens left in Redis at the last contact.
+    pub remaining: u64,
+    /// The fallback's rate (this replica's share), per minute.
+    pub fallback_rate_per_minute: u64,
+}
+
+impl SharedBucket {
+    /// A shared bucket with an empty lease. `None` when the limits cannot be
+    /// kept exact in Redis ([`Params::new`]): the caller keeps them local.
+    pub(crate) fn new(
+        key: String,
+        link: Arc<Link>,
+        rate_per_minute: u64,
+        capacity: u64,
+        now: Instant,
+    ) -> Option<Self> {
+        let params = Params::new(rate_per_minute, capacity)?;
+        let share_of = link.replicas();
+        let (rate_share, capacity_share) = share(rate_per_minute, capacity, share_of)?;
+        Some(Self {
+            key,
+            link,
+            rate_per_minute: AtomicU64::new(rate_per_minute),
+            capacity: AtomicU64::new(capacity),
+            params: Mutex::new(params),
+            lease: AtomicU64::new(0),
+            low_water: AtomicU64::new(0),
+            owed: AtomicU64::new(0),
+            demand: AtomicU64::new(0),
+            remaining: AtomicU64::new(capacity),
+            full_at: AtomicU64::new(0),
+            origin: now,
+            fallback: Bucket::new(rate_share, capacity_share, now),
+            sync: Mutex::new(SyncState {
+                demand_per_sec: 0.0,
+                sampled_at: now,
+                refreshed_at: None,
+                target: 0,
+                share_of,
+            }),
+        })
+    }
+
+    /// The fast path: decides at once when it can, without a round trip.
+    /// `None` means the lease cannot cover `n` and Redis is up: call
+    /// [`reserve_slow`](Self::reserve_slow). The result is that of
+    /// `Bucket::reserve_and_report`.
+    pub fn try_reserve(
+        &self,
+        n: u64,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Option<Result<(Duration, ReportTriple), ReserveError>> {
+        if let Err(too_large) = self.fits(n) {
+            return Some(Err(too_large));
+        }
+        self.demand.fetch_add(n, Ordering::Relaxed);
+        if !self.link.is_up() {
+            return Some(self.reserve_fallback(n, now, max_wait));
+        }
+        let before = self
+            .lease
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_sub(n)
+            })
+            .ok()?;
+        let after = before - n;
+        let low = self.low_water.load(Ordering::Relaxed);
+        if after < low && before >= low {
+            self.link.wake();
+        }
+        Some(Ok((Duration::ZERO, self.cached_report(after, now))))
+    }
+
+    /// The slow path: a reservation in Redis, exactly as `Bucket::reserve`
+    /// (the wait is Redis', the `Retry-After` of a refusal exact). If Redis
+    /// does not answer within [`SLOW_PATH_TIMEOUT`], or is down, the
+    /// fallback bucket decides. Callers that give up after a wait refund
+    /// `n` with [`refund`](Self::refund), as with a local bucket.
+    pub async fn reserve_slow(
+        &self,
+        n: u64,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Result<(Duration, ReportTriple), ReserveError> {
+        self.fits(n)?;
+        if !self.link.is_up() {
+            return self.reserve_fallback(n, now, max_wait);
+        }
+        // Demand outran the lease: top it up now rather than at the period.
+        self.link.wake();
+        let params = self.params();
+        let mut conn = self.link.conn.clone();
+        let call = self
+            .link
+            .scripts
+            .reserve(&mut conn, &self.key, params, n, max_wait, None);
+        let outcome = tokio::time::timeout(SLOW_PATH_TIMEOUT, call).await;
+        let answered = Instant::now();
+        let rate = self.rate_per_minute.load(Ordering::Relaxed);
+        match outcome {
+            Ok(Ok(Reserved::Taken { wait, report })) => {
+                self.store_report(report, answered);
+                // Redis counted the wait from its own "now", which is after
+                // ours: waiting from `now` would end early by the round trip.
+                let wait = if wait.is_zero() {
+                    wait
+                } else {
+                    wait + answered.saturating_duration_since(now)
+                };
+                Ok((wait, (rate, report.remaining, report.reset)))
+            }
+            Ok(Ok(Reserved::WouldWait { wait, report })) => {
+                self.store_report(report, answered);
+                Err(ReserveError::WouldWait { wait })
+            }
+            Ok(Ok(Reserved::TooLarge)) => Err(ReserveError::TooLarge {
+                capacity: self.capacity(),
+            }),
+            Ok(Err(error)) => {
+                self.link.failed(&error.to_string());
+                self.reserve_fallback(n, now, max_wait)
+            }
+            Err(_elapsed) => {
+                self.link.failed("slow path timed out");
+                self.reserve_fallback(n, now, max_wait)
+            }
+        }
+    }
+
+    /// How long `n` tokens would wait at `now`, without taking anything:
+    /// from the lease and the level Redis last reported (no round trip; used
+    /// only to find the longest wait of a request another bucket refused).
+    pub fn wait_for(&self, n: u64, now: Instant) -> Result<Duration, ReserveError> {
+        self.fits(n)?;
+        if !self.link.is_up() {
+            return self.fallback.wait_for(n, now);
+        }
+        let (_, remaining, _) = self.cached_report(self.lease.load(Ordering::Relaxed), now);
+        let missing = n.saturating_sub(remaining);
+        let rate = self.rate_per_minute.load(Ordering::Relaxed).max(1);
+        let nanos = u128::from(missing) * 60_000_000_000 / u128::from(rate);
+        Ok(Duration::from_nanos(
+            u64::try_from(nanos).unwrap_or(u64::MAX),
+        ))
+    }
+
+    /// Gives back `n` unused tokens (a cancelled waiter, an over-estimate):
+    /// to the lease, whose surplus the next top-up returns to Redis.
+    pub fn refund(&self, n: u64, now: Instant) {
+        if self.link.is_up() {
+            self.lease.fetch_add(n, Ordering::AcqRel);
+        } else {
+            self.fallback.refund(n, now);
+        }
+    }
+
+    /// Takes `n` more tokens without waiting (an under-estimate): from the
+    /// lease, and what it cannot cover is charged in Redis at the next
+    /// top-up.
+    pub fn charge(&self, n: u64, now: Instant) {
+        if !self.link.is_up() {
+            self.fallback.charge(n, now);
+            return;
+        }
+        let mut uncovered = n;
+        let _ = self
+            .lease
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                uncovered = n.saturating_sub(held);
+                Some(held.saturating_sub(n))
+            });
+        if uncovered > 0 {
+            self.owed.fetch_add(uncovered, Ordering::AcqRel);
+        }
+    }
+
+    /// `(rate per minute, remaining, reset_after)` at `now`: the level Redis
+    /// last reported plus the lease (or the fallback's, while down).
+    pub fn report(&self, now: Instant) -> ReportTriple {
+        if self.link.is_up() {
+            self.cached_report(self.lease.load(Ordering::Relaxed), now)
+        } else {
+            let (_, remaining, reset) = self.fallback.report(now);
+            (
+                self.rate_per_minute.load(Ordering::Relaxed),
+                remaining,
+                reset,
+            )
+        }
+    }
+
+    /// Tokens the bucket holds when full.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// Tokens added per minute, across the cluster.
+    pub fn rate_per_minute(&self) -> u64 {
+        self.rate_per_minute.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limits on reload. Redis converts the stored level at the
+    /// next call ([`super::scripts`]); the fallback keeps its level as
+    /// `Bucket::set_limits` does. Returns `false` (nothing changed) when the
+    /// new limits cannot be kept exact in Redis: the caller makes the limit
+    /// local instead.
+    pub fn set_limits(&self, rate_per_minute: u64, capacity: u64, now: Instant) -> bool {
+        let Some(params) = Params::new(rate_per_minute, capacity) else {
+            return false;
+        };
+        let share_of = self.sync_state().share_of;
+        let Some((rate_share, capacity_share)) = share(rate_per_minute, capacity, share_of) else {
+            return false;
+        };
+        *self.params.lock().unwrap_or_else(PoisonError::into_inner) = params;
+        self.rate_per_minute
+            .store(rate_per_minute, Ordering::Relaxed);
+        self.capacity.store(capacity, Ordering::Relaxed);
+        self.fallback.set_limits(rate_share, capacity_share, now);
+        true
+    }
+
+    /// One top-up: sample the demand, then in one script call return the
+    /// surplus, charge what is owed and take what the lease lacks. `force`
+    /// returns the whole lease (shutdown, or a bucket a reload removed).
+    pub(crate) async fn sync(&self, now: Instant, force_return: bool) -> redis::RedisResult<()> {
+        let replicas = self.link.replicas();
+        let (target, refresh_due) = self.plan(now, replicas, force_return);
+        let held = self.lease.load(Ordering::Acquire);
+        let (mut give_back, mut want) = (0, 0);
+        if held > target {
+            let excess = held - target;
+            if let Ok(before) = self
+                .lease
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                    Some(l.saturating_sub(excess))
+                })
+            {
+                give_back = before.min(excess);
+            }
+        } else {
+            want = target - held;
+        }
+        let owed = self.owed.swap(0, Ordering::AcqRel);
+        if give_back == 0 && want == 0 && owed == 0 && !refresh_due {
+            return Ok(());
+        }
+        let params = self.params();
+        let mut conn = self.link.conn.clone();
+        let result = self
+            .link
+            .scripts
+            .lease(&mut conn, &self.key, params, (give_back, owed, want), None)
+            .await;
+        match result {
+            Ok(leased) => {
+                self.lease.fetch_add(leased.granted, Ordering::AcqRel);
+                let answered = Instant::now();
+                self.store_report(leased.report, answered);
+                self.follow_level(leased.report.remaining, answered);
+                self.sync_state().refreshed_at = Some(answered);
+                Ok(())
+            }
+            Err(error) => {
+                // The call may or may not have run: owing again can only
+                // charge twice (under-admission), and the surplus counts as
+                // returned; neither lets the cluster admit too much.
+                self.owed.fetch_add(owed, Ordering::AcqRel);
+                Err(error)
+            }
+        }
+    }
+
+    /// Redis is gone: the fallback continues from this replica's share of
+    /// the last level Redis reported, plus the lease it held (so decisions
+    /// go on from where the cluster was, not from a fresh burst).
+    pub(crate) fn enter_fallback(&self, now: Instant) {
+        let lease = self.lease.swap(0, Ordering::AcqRel);
+        let share_of = self.sync_state().share_of.max(1);
+        let level = self.remaining.load(Ordering::Relaxed) / share_of + lease;
+        self.set_fallback_level(level, now);
+    }
+
+    /// The replicas alive changed: the fallback's share follows.
+    pub(crate) fn reshare(&self, replicas: u64, now: Instant) {
+        let replicas = replicas.max(1);
+        let mut sync = self.sync_state();
+        if sync.share_of == replicas {
+            return;
+        }
+        sync.share_of = replicas;
+        drop(sync);
+        let (rate, capacity) = (self.rate_per_minute(), self.capacity());
+        if let Some((rate_share, capacity_share)) = share(rate, capacity, replicas) {
+            self.fallback.set_limits(rate_share, capacity_share, now);
+        }
+    }
+
+    /// `/admin/cluster`'s view of this lease.
+    pub(crate) fn status(&self) -> LeaseStatus {
+        let sync = self.sync_state();
+        LeaseStatus {
+            key: self.key.clone(),
+            rate_per_minute: self.rate_per_minute(),
+            lease: self.lease.load(Ordering::Relaxed),
+            target: sync.target,
+            max_lease: max_lease(self.capacity(), self.link.replicas()),
+            owed: self.owed.load(Ordering::Relaxed),
+            demand_per_sec: sync.demand_per_sec,
+            remaining: self.remaining.load(Ordering::Relaxed),
+            fallback_rate_per_minute: self.fallback.rate_per_minute(),
+        }
+    }
+
+    /// Samples the demand and returns the lease target and whether the Redis
+    /// level is due for a look.
+    fn plan(&self, now: Instant, replicas: u64, force_return: bool) -> (u64, bool) {
+        let asked = self.demand.swap(0, Ordering::AcqRel);
+        let mut sync = self.sync_state();
+        let dt = now.saturating_duration_since(sync.sampled_at).as_secs_f64();
+        if dt > 0.0 {
+            #[allow(clippy::cast_precision_loss)] // a demand estimate
+            let sample = asked as f64 / dt;
+            let alpha = 1.0 - (-dt / DEMAND_TAU.as_secs_f64()).exp();
+            sync.demand_per_sec += alpha * (sample - sync.demand_per_sec);
+            sync.sampled_at = now;
+        }
+        let wanted = (sync.demand_per_sec * HORIZON.as_secs_f64()).ceil();
+        // Saturating float-to-int: NaN is 0, beyond u64 is u64::MAX.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let wanted = wanted as u64;
+        let target = if force_return {
+            0
+        } else {
+            wanted.min(max_lease(self.capacity(), replicas))
+        };
+        sync.target = target;
+        self.low_water.store(target / 2, Ordering::Relaxed);
+        let refresh_due = sync
+            .refreshed_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= REFRESH);
+        (target, refresh_due)
+    }
+
+    /// `TooLarge` for more tokens than the bucket can ever hold (413, decided
+    /// without Redis).
+    fn fits(&self, n: u64) -> Result<(), ReserveError> {
+        let capacity = self.capacity();
+        if n > capacity {
+            return Err(ReserveError::TooLarge { capacity });
+        }
+        Ok(())
+    }
+
+    /// The fallback bucket decides (Redis down or too slow).
+    fn reserve_fallback(
+        &self,
+        n: u64,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Result<(Duration, ReportTriple), ReserveError> {
+        let rate = self.rate_per_minute.load(Ordering::Relaxed);
+        self.fallback
+            .reserve_and_report(n, now, max_wait)
+            .map(|(wait, (_, remaining, reset))| (wait, (rate, remaining, reset)))
+    }
+
+    /// The fallback's level follows this replica's share of the Redis level.
+    fn follow_level(&self, remaining: u64, now: Instant) {
+        let share_of = self.sync_state().share_of.max(1);
+        self.set_fallback_level(remaining / share_of, now);
+    }
+
+    /// Moves the fallback's level to `level` whole tokens (clamped to its
+    /// capacity by the bucket itself).
+    fn set_fallback_level(&self, level: u64, now: Instant) {
+        let current = self.fallback.remaining(now);
+        if level < current {
+            self.fallback.charge(current - level, now);
+        } else if level > current {
+            self.fallback.refund(level - current, now);
+        }
+    }
+
+    /// Keeps the level Redis just reported, for the headers.
+    fn store_report(&self, report: Report, at: Instant) {
+        self.remaining.store(report.remaining, Ordering::Relaxed);
+        let full_at = at.saturating_duration_since(self.origin) + report.reset;
+        self.full_at.store(
+            u64::try_from(full_at.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The headers' view: the level Redis last reported plus the lease.
+    fn cached_report(&self, lease: u64, now: Instant) -> ReportTriple {
+        let rate = self.rate_per_minute.load(Ordering::Relaxed);
+        let remaining = self
+            .remaining
+            .load(Ordering::Relaxed)
+            .saturating_add(lease)
+            .min(self.capacity.load(Ordering::Relaxed));
+        let full_at = Duration::from_nanos(self.full_at.load(Ordering::Relaxed));
+        let reset = full_at.saturating_sub(now.saturating_duration_since(self.origin));
+        (rate, remaining, reset)
+    }
+
+    fn params(&self) -> Params {
+        *self.params.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn sync_state(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.sync.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The most one replica's lease may hold: [`LEASE_PERCENT`] % of the
+/// capacity, split over the replicas alive (rounded down: a bucket too small
+/// to split gets no lease, and every request asks Redis).
+pub(crate) fn max_lease(capacity: u64, replicas: u64) -> u64 {
+    let all = u128::from(capacity) * u128::from(LEASE_PERCENT) / 100;
+    u64::try_from(all / u128::from(replicas.max(1))).unwrap_or(u64::MAX)
+}
+
+/// This replica's share of a limit (SPEC: `rate / replicas last seen`), at
+/// least one token per minute and one token of capacity.
+fn share(
+    rate_per_minute: u64,
+    capacity: u64,
+    replicas: u64,
+) -> Option<(std::num::NonZeroU64, std::num::NonZeroU64)> {
+    let replicas = replicas.max(1);
+    let rate = std::num::NonZeroU64::new((rate_per_minute / replicas).max(1))?;
+    let capacity = std::num::NonZeroU64::new((capacity / replicas).max(1))?;
+    Some((rate, capacity))
+}
