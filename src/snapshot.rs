@@ -295,10 +295,11 @@ impl Snapshot {
     ) -> Result<Self, UpstreamError> {
         let now = tokio::time::Instant::now();
         let slots: Arc<SlotSignal> = previous.map_or_else(Arc::default, |p| p.slots.clone());
-        let global = Arc::new(GlobalLimits::new(
+        let global = Arc::new(GlobalLimits::with_cluster(
             &config.limits,
             previous.map(|p| &*p.global),
             now,
+            cluster.as_deref(),
         ));
         let mut backends = Vec::with_capacity(config.backends.len());
         for backend in &config.backends {
@@ -372,11 +373,12 @@ impl Snapshot {
             let pool = Pool::new(members.iter().map(|m| m.effective_weight).collect());
             let limits = match old {
                 Some(old) if old.config == *model => old.limits.clone(),
-                _ => Arc::new(ModelLimits::new(
+                _ => Arc::new(ModelLimits::with_cluster(
                     model,
                     old.map(|o| &o.limits),
                     metrics.model(&model.name),
                     now,
+                    cluster.as_deref(),
                 )),
             };
             let tokens = old.map_or_else(|| metrics.tokens(&model.name), |o| o.tokens.clone());

@@ -310,6 +310,14 @@ impl Bucket {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Tick(u64);
 
+impl Tick {
+    /// Nanoseconds since the epoch: lets a shared limit keep a deadline in
+    /// one atomic (`cluster::lease`).
+    pub fn nanos(self) -> u64 {
+        self.0
+    }
+}
+
 impl From<Instant> for Tick {
     fn from(now: Instant) -> Tick {
         let since = now.saturating_duration_since(epoch());

@@ -27,8 +27,14 @@ use tokio::{
     time::Instant,
 };
 
-use super::bucket::{Bucket, ReserveError, Tick};
-use crate::config::{GlobalLimits as GlobalLimitsConfig, ModelConfig};
+use super::{
+    bucket::{Bucket, ReserveError, Tick},
+    limit::Limit,
+};
+use crate::{
+    cluster::Cluster,
+    config::{GlobalLimits as GlobalLimitsConfig, ModelConfig},
+};
 
 /// Which limit refused or bound a request; the `limit` label of
 /// `weir_rate_limited_total` and the 429 `type` (SPEC "Which 429").
@@ -116,16 +122,16 @@ pub struct RateState {
 /// The global buckets (`[limits]`), shared by every model.
 #[derive(Debug, Default)]
 pub struct GlobalLimits {
-    requests: Option<Arc<Bucket>>,
-    tokens: Option<Arc<Bucket>>,
+    requests: Option<Limit>,
+    tokens: Option<Limit>,
 }
 
 /// One model's buckets, semaphore, queue and counters; carried over reloads
 /// by model name so bucket levels survive.
 #[derive(Debug)]
 pub struct ModelLimits {
-    requests: Option<Arc<Bucket>>,
-    tokens: Option<Arc<Bucket>>,
+    requests: Option<Limit>,
+    tokens: Option<Limit>,
     concurrency: Option<(Arc<Semaphore>, u32)>,
     max_queue: u32,
     queue_timeout: Duration,
@@ -150,18 +156,32 @@ pub struct ModelMetrics {
 impl GlobalLimits {
     /// Builds the global buckets, keeping the levels of `previous` ones.
     pub fn new(config: &GlobalLimitsConfig, previous: Option<&GlobalLimits>, now: Instant) -> Self {
+        Self::with_cluster(config, previous, now, None)
+    }
+
+    /// As [`new`](Self::new); with a `cluster`, the limits are shared with
+    /// the other replicas (keys `{key_prefix}:requests`, `…:tokens`).
+    pub fn with_cluster(
+        config: &GlobalLimitsConfig,
+        previous: Option<&GlobalLimits>,
+        now: Instant,
+        cluster: Option<&Cluster>,
+    ) -> Self {
+        let shared = |kind: LimitKind| cluster.map(|c| (c, kind.label(), None));
         Self {
             requests: bucket(
                 config.requests_per_minute.map(|r| u64::from(r.get())),
                 config.requests_per_minute.map(|r| u64::from(r.get())),
                 previous.and_then(|p| p.requests.as_ref()),
                 now,
+                shared(LimitKind::Requests),
             ),
             tokens: bucket(
                 config.tokens_per_minute.map(NonZeroU64::get),
                 config.tokens_per_minute.map(NonZeroU64::get),
                 previous.and_then(|p| p.tokens.as_ref()),
                 now,
+                shared(LimitKind::Tokens),
             ),
         }
     }
@@ -177,6 +197,23 @@ impl ModelLimits {
         metrics: ModelMetrics,
         now: Instant,
     ) -> Self {
+        Self::with_cluster(config, previous, metrics, now, None)
+    }
+
+    /// As [`new`](Self::new); with a `cluster`, the rate limits are shared
+    /// with the other replicas (keys `{key_prefix}:{limit}:{model}`; the
+    /// semaphore and queue stay per replica, SPEC `[cluster]`).
+    pub fn with_cluster(
+        config: &ModelConfig,
+        previous: Option<&Arc<ModelLimits>>,
+        metrics: ModelMetrics,
+        now: Instant,
+        cluster: Option<&Cluster>,
+    ) -> Self {
+        let limit = |kind: LimitKind, rate, capacity, previous| {
+            let shared = cluster.map(|c| (c, kind.label(), Some(&*config.name)));
+            bucket(rate, capacity, previous, now, shared)
+        };
         let rpm = config.requests_per_minute.map(|r| u64::from(r.get()));
         let burst = config.burst_capacity().map(|b| u64::from(b.get()));
         let tpm = config.tokens_per_minute.map(NonZeroU64::get);
@@ -207,8 +244,18 @@ impl ModelLimits {
             }
         });
         Self {
-            requests: bucket(rpm, burst, previous.and_then(|p| p.requests.as_ref()), now),
-            tokens: bucket(tpm, tpm, previous.and_then(|p| p.tokens.as_ref()), now),
+            requests: limit(
+                LimitKind::Requests,
+                rpm,
+                burst,
+                previous.and_then(|p| p.requests.as_ref()),
+            ),
+            tokens: limit(
+                LimitKind::Tokens,
+                tpm,
+                tpm,
+                previous.and_then(|p| p.tokens.as_ref()),
+            ),
             concurrency,
             max_queue: config.max_queue,
             queue_timeout: config.queue_timeout,
@@ -271,7 +318,7 @@ impl Drop for QueueSlot {
 
 /// One bucket a request reserves from: the bucket (if that limit is set),
 /// how much it takes, and which limit it is.
-type Step<'a> = (Option<&'a Arc<Bucket>>, u64, LimitKind);
+type Step<'a> = (Option<&'a Limit>, u64, LimitKind);
 
 /// The reservations of a request that has to wait: given back on drop (a
 /// client that disconnects while queued) unless admission settles them.
@@ -297,7 +344,7 @@ impl Drop for Held<'_> {
 #[derive(Debug)]
 pub struct Admitted {
     /// The token buckets charged with `estimate` (global, model).
-    token_buckets: [Option<Arc<Bucket>>; 2],
+    token_buckets: [Option<Limit>; 2],
     /// Tokens reserved for this request (prompt estimate + max_tokens).
     estimate: u64,
     /// The model's concurrency permit, returned on drop.
@@ -359,7 +406,20 @@ pub async fn admit(
         (model.tokens.as_ref(), estimate, LimitKind::Tokens),
     ];
     let max_wait = deadline.saturating_duration_since(now);
-    let (wait, reports) = reserve_all(&steps, global, model, model_name, now.into(), max_wait)?;
+    let request = Request {
+        steps: &steps,
+        global,
+        model,
+        model_name,
+        now: now.into(),
+        max_wait,
+    };
+    let mut progress = Progress::default();
+    if !reserve_all(&request, &mut progress)? {
+        // A shared limit's lease could not cover it: ask Redis.
+        reserve_slowly(&request, &mut progress).await?;
+    }
+    let Progress { wait, reports, .. } = progress;
     if wait.is_zero() {
         if let Ok(permit) = try_permit(model) {
             // The model's bucket of each kind, else the global one (see
@@ -417,89 +477,181 @@ pub async fn admit(
     Ok(settle(model, &steps, estimate, permit, headers, queued))
 }
 
-/// Reserves from every bucket in `steps` at `now`. On the first bucket that
-/// cannot cover the request within `max_wait`, gives back what was taken and
-/// refuses with the longest wait of all the buckets: the request passes only
-/// when every one covers it, so that is the exact `Retry-After`. Returns the
-/// wait before the request may proceed and, for the buckets the headers
-/// report, their state after the reservation (read under the same lock).
-fn reserve_all(
-    steps: &[Step<'_>; 4],
-    global: &GlobalLimits,
-    model: &ModelLimits,
-    model_name: &str,
+/// One request's reservations: what [`reserve_all`], [`reserve_slowly`]
+/// and [`refuse`] need of it.
+struct Request<'s, 'a> {
+    steps: &'s [Step<'a>; 4],
+    global: &'s GlobalLimits,
+    model: &'s ModelLimits,
+    model_name: &'s str,
     now: Tick,
     max_wait: Duration,
-) -> Result<(Duration, [Option<RateState>; 4]), AdmitError> {
+}
+
+/// How far [`reserve_all`] got: the next step to reserve, the longest wait
+/// so far, and the states the headers report.
+#[derive(Default)]
+struct Progress {
+    next: usize,
+    wait: Duration,
+    reports: [Option<RateState>; 4],
+}
+
+/// Reserves from every bucket in `steps` at `now`, from `progress.next` on.
+/// On the first bucket that cannot cover the request within `max_wait`,
+/// gives back what was taken and refuses with the longest wait of all the
+/// buckets: the request passes only when every one covers it, so that is the
+/// exact `Retry-After`. Records the wait before the request may proceed and,
+/// for the buckets the headers report, their state after the reservation
+/// (read under the same lock). Returns `false`, stopped at `progress.next`,
+/// when a shared limit must ask Redis ([`reserve_slowly`]).
+fn reserve_all(request: &Request<'_, '_>, progress: &mut Progress) -> Result<bool, AdmitError> {
+    let &Request {
+        steps,
+        model,
+        now,
+        max_wait,
+        ..
+    } = request;
     // The headers report the model's bucket of each kind, else the global
     // one (see `rate_headers`): only those reservations report their state.
-    let reporting = [model.requests.is_none(), model.tokens.is_none(), true, true];
-    let mut reports: [Option<RateState>; 4] = [None; 4];
-    let mut wait = Duration::ZERO;
-    for (taken, ((&(bucket, n, kind), reports_state), report)) in
-        steps.iter().zip(reporting).zip(&mut reports).enumerate()
+    let reporting = reporting(model);
+    while let (Some(&(limit, n, _)), Some(&reports_state)) =
+        (steps.get(progress.next), reporting.get(progress.next))
     {
-        let Some(bucket) = bucket else { continue };
+        let Some(limit) = limit else {
+            progress.next += 1;
+            continue;
+        };
         let reserved = if reports_state {
-            bucket
+            limit
                 .reserve_and_report(n, now, max_wait)
-                .map(|(w, (limit, remaining, reset))| {
-                    (
-                        w,
-                        Some(RateState {
-                            limit,
-                            remaining,
-                            reset,
-                        }),
-                    )
-                })
+                .map(|r| r.map(|(w, report)| (w, Some(report))))
         } else {
-            bucket.reserve(n, now, max_wait).map(|w| (w, None))
+            limit
+                .reserve(n, now, max_wait)
+                .map(|r| r.map(|w| (w, None)))
         };
-        let error = match reserved {
-            Ok((w, state)) => {
-                wait = wait.max(w);
-                *report = state;
-                continue;
-            }
-            Err(error) => error,
-        };
-        // Refused: the request proceeds with nothing, so nothing stays taken.
-        for &(bucket, n, _) in steps.iter().take(taken) {
-            if let Some(bucket) = bucket {
-                bucket.refund(n, now);
-            }
+        match reserved {
+            Some(Ok((w, state))) => progress.record(w, state),
+            Some(Err(error)) => return Err(refuse(request, error, progress)),
+            None => return Ok(false),
         }
-        return Err(match error {
-            ReserveError::TooLarge { capacity } => AdmitError::TooLarge {
-                model: model_name.to_owned(),
-                estimate: n,
-                capacity,
-            },
-            ReserveError::WouldWait { wait } => {
-                let (mut kind, mut limit, mut wait) = (kind, bucket.rate_per_minute(), wait);
-                for &(other, n, other_kind) in steps {
-                    let Some(other) = other else { continue };
-                    if let Ok(w) = other.wait_for(n, now) {
-                        if w > wait {
-                            (kind, limit, wait) = (other_kind, other.rate_per_minute(), w);
-                        }
+    }
+    Ok(true)
+}
+
+/// The rest of [`reserve_all`] once a shared limit needs Redis: that step's
+/// round trip, then the others as before (each may need its own).
+async fn reserve_slowly(
+    request: &Request<'_, '_>,
+    progress: &mut Progress,
+) -> Result<(), AdmitError> {
+    let &Request {
+        steps,
+        now,
+        max_wait,
+        ..
+    } = request;
+    loop {
+        let Some(&(Some(limit), n, _)) = steps.get(progress.next) else {
+            return Ok(());
+        };
+        // What is taken so far goes back if the client leaves meanwhile.
+        let mut taken = *steps;
+        for step in taken.iter_mut().skip(progress.next) {
+            step.0 = None;
+        }
+        let mut held = Held {
+            steps: taken,
+            settled: false,
+        };
+        let reserved = limit.reserve_slow(n, now, max_wait).await;
+        held.settled = true;
+        match reserved {
+            Ok((w, report)) => progress.record(w, Some(report)),
+            Err(error) => return Err(refuse(request, error, progress)),
+        }
+        if reserve_all(request, progress)? {
+            return Ok(());
+        }
+    }
+}
+
+/// Which steps' state the headers report (the model's bucket of each kind,
+/// else the global one).
+fn reporting(model: &ModelLimits) -> [bool; 4] {
+    [model.requests.is_none(), model.tokens.is_none(), true, true]
+}
+
+impl Progress {
+    /// Step `next` reserved, to proceed after `wait`, leaving `state`.
+    #[inline]
+    fn record(&mut self, wait: Duration, state: Option<(u64, u64, Duration)>) {
+        self.wait = self.wait.max(wait);
+        if let Some(report) = self.reports.get_mut(self.next) {
+            *report = state.map(|(limit, remaining, reset)| RateState {
+                limit,
+                remaining,
+                reset,
+            });
+        }
+        self.next += 1;
+    }
+}
+
+/// Step `progress.next` refused the request: gives back the steps before it
+/// and returns the request's error.
+#[cold]
+fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -> AdmitError {
+    let &Request {
+        steps,
+        global,
+        model,
+        model_name,
+        now,
+        ..
+    } = request;
+    let taken = progress.next;
+    let (limit, n, kind) = steps
+        .get(taken)
+        .copied()
+        .unwrap_or((None, 0, LimitKind::Requests));
+    // Refused: the request proceeds with nothing, so nothing stays taken.
+    for &(limit, n, _) in steps.iter().take(taken) {
+        if let Some(limit) = limit {
+            limit.refund(n, now);
+        }
+    }
+    match error {
+        ReserveError::TooLarge { capacity } => AdmitError::TooLarge {
+            model: model_name.to_owned(),
+            estimate: n,
+            capacity,
+        },
+        ReserveError::WouldWait { wait } => {
+            let rate = limit.map_or(0, Limit::rate_per_minute);
+            let (mut kind, mut limit, mut wait) = (kind, rate, wait);
+            for &(other, n, other_kind) in steps {
+                let Some(other) = other else { continue };
+                if let Ok(w) = other.wait_for(n, now) {
+                    if w > wait {
+                        (kind, limit, wait) = (other_kind, other.rate_per_minute(), w);
                     }
                 }
-                model.count_limited(kind);
-                // The headers show the state this request leaves behind:
-                // untouched.
-                AdmitError::RateLimited {
-                    model: model_name.to_owned(),
-                    kind,
-                    limit,
-                    wait,
-                    headers: rate_headers(global, model, now),
-                }
             }
-        });
+            model.count_limited(kind);
+            // The headers show the state this request leaves behind:
+            // untouched.
+            AdmitError::RateLimited {
+                model: model_name.to_owned(),
+                kind,
+                limit,
+                wait,
+                headers: rate_headers(global, model, now),
+            }
+        }
     }
-    Ok((wait, reports))
 }
 
 /// The model's permit if one is free right now; `Ok(None)` when the model
@@ -549,7 +701,7 @@ fn queue_or_refuse(model: &Arc<ModelLimits>, model_name: &str) -> Result<QueueSl
 /// global one when the model has none (the limit that applies to it).
 fn rate_headers(global: &GlobalLimits, model: &ModelLimits, now: impl Into<Tick>) -> RateHeaders {
     let now = now.into();
-    let state = |b: &Arc<Bucket>| {
+    let state = |b: &Limit| {
         let (limit, remaining, reset) = b.report(now);
         RateState {
             limit,
@@ -568,23 +720,37 @@ fn rate_headers(global: &GlobalLimits, model: &ModelLimits, now: impl Into<Tick>
 }
 
 /// A bucket for `rate` per minute with `capacity`, reusing `previous`
-/// (its level kept, clamped to the new capacity) when there is one.
+/// (its level kept, clamped to the new capacity) when there is one. With
+/// `shared` = (cluster, limit, model), the limit is the cluster's shared
+/// bucket for it (which keeps its own lease across reloads), unless Redis
+/// cannot hold it exactly (`cluster::scripts::Params`): then it stays local.
 fn bucket(
     rate: Option<u64>,
     capacity: Option<u64>,
-    previous: Option<&Arc<Bucket>>,
+    previous: Option<&Limit>,
     now: Instant,
-) -> Option<Arc<Bucket>> {
+    shared: Option<(&Cluster, &str, Option<&str>)>,
+) -> Option<Limit> {
     let rate = NonZeroU64::new(rate?)?;
     let capacity = NonZeroU64::new(capacity.unwrap_or(rate.get())).unwrap_or(rate);
+    if let Some((cluster, limit, model)) = shared {
+        if let Some(bucket) = cluster.bucket(limit, model, rate.get(), capacity.get(), now) {
+            return Some(Limit::Shared(bucket));
+        }
+        tracing::warn!(
+            limit,
+            model,
+            "too large to share exactly through Redis; enforced per replica"
+        );
+    }
     match previous {
-        Some(old) => {
+        Some(Limit::Local(old)) => {
             if old.rate_per_minute() != rate.get() || old.capacity() != capacity.get() {
                 old.set_limits(rate, capacity, now);
             }
-            Some(old.clone())
+            Some(Limit::Local(old.clone()))
         }
-        None => Some(Arc::new(Bucket::new(rate, capacity, now))),
+        _ => Some(Limit::Local(Arc::new(Bucket::new(rate, capacity, now)))),
     }
 }
 

@@ -49,7 +49,7 @@ use super::{
     scripts::{Params, Report, Reserved},
     Link,
 };
-use crate::admission::bucket::{Bucket, ReserveError};
+use crate::admission::bucket::{Bucket, ReserveError, Tick};
 
 /// How often the cluster task tops leases up (and returns surplus).
 pub(crate) const SYNC_PERIOD: Duration = Duration::from_millis(50);
@@ -104,10 +104,8 @@ pub struct SharedBucket {
     demand: AtomicU64,
     /// The Redis level at the last contact: whole tokens left...
     remaining: AtomicU64,
-    /// ...and when it will be full again, in nanoseconds after `origin`.
+    /// ...and when it will be full again ([`Tick`] nanoseconds).
     full_at: AtomicU64,
-    /// Where `full_at` counts from.
-    origin: Instant,
     /// The share this replica enforces while Redis is unreachable.
     fallback: Bucket,
     /// Top-up bookkeeping, touched by the cluster task only.
@@ -177,7 +175,6 @@ impl SharedBucket {
             demand: AtomicU64::new(0),
             remaining: AtomicU64::new(capacity),
             full_at: AtomicU64::new(0),
-            origin: now,
             fallback: Bucket::new(rate_share, capacity_share, now),
             sync: Mutex::new(SyncState {
                 demand_per_sec: 0.0,
@@ -196,7 +193,7 @@ impl SharedBucket {
     pub fn try_reserve(
         &self,
         n: u64,
-        now: Instant,
+        now: Tick,
         max_wait: Duration,
     ) -> Option<Result<(Duration, ReportTriple), ReserveError>> {
         if let Err(too_large) = self.fits(n) {
@@ -228,7 +225,7 @@ impl SharedBucket {
     pub async fn reserve_slow(
         &self,
         n: u64,
-        now: Instant,
+        now: Tick,
         max_wait: Duration,
     ) -> Result<(Duration, ReportTriple), ReserveError> {
         self.fits(n)?;
@@ -244,7 +241,7 @@ impl SharedBucket {
             .scripts
             .reserve(&mut conn, &self.key, params, n, max_wait, None);
         let outcome = tokio::time::timeout(SLOW_PATH_TIMEOUT, call).await;
-        let answered = Instant::now();
+        let answered = Tick::from(Instant::now());
         let rate = self.rate_per_minute.load(Ordering::Relaxed);
         match outcome {
             Ok(Ok(Reserved::Taken { wait, report })) => {
@@ -254,7 +251,7 @@ impl SharedBucket {
                 let wait = if wait.is_zero() {
                     wait
                 } else {
-                    wait + answered.saturating_duration_since(now)
+                    wait + Duration::from_nanos(answered.nanos().saturating_sub(now.nanos()))
                 };
                 Ok((wait, (rate, report.remaining, report.reset)))
             }
@@ -279,7 +276,7 @@ impl SharedBucket {
     /// How long `n` tokens would wait at `now`, without taking anything:
     /// from the lease and the level Redis last reported (no round trip; used
     /// only to find the longest wait of a request another bucket refused).
-    pub fn wait_for(&self, n: u64, now: Instant) -> Result<Duration, ReserveError> {
+    pub fn wait_for(&self, n: u64, now: Tick) -> Result<Duration, ReserveError> {
         self.fits(n)?;
         if !self.link.is_up() {
             return self.fallback.wait_for(n, now);
@@ -295,7 +292,7 @@ impl SharedBucket {
 
     /// Gives back `n` unused tokens (a cancelled waiter, an over-estimate):
     /// to the lease, whose surplus the next top-up returns to Redis.
-    pub fn refund(&self, n: u64, now: Instant) {
+    pub fn refund(&self, n: u64, now: Tick) {
         if self.link.is_up() {
             self.lease.fetch_add(n, Ordering::AcqRel);
         } else {
@@ -306,7 +303,7 @@ impl SharedBucket {
     /// Takes `n` more tokens without waiting (an under-estimate): from the
     /// lease, and what it cannot cover is charged in Redis at the next
     /// top-up.
-    pub fn charge(&self, n: u64, now: Instant) {
+    pub fn charge(&self, n: u64, now: Tick) {
         if !self.link.is_up() {
             self.fallback.charge(n, now);
             return;
@@ -325,7 +322,7 @@ impl SharedBucket {
 
     /// `(rate per minute, remaining, reset_after)` at `now`: the level Redis
     /// last reported plus the lease (or the fallback's, while down).
-    pub fn report(&self, now: Instant) -> ReportTriple {
+    pub fn report(&self, now: Tick) -> ReportTriple {
         if self.link.is_up() {
             self.cached_report(self.lease.load(Ordering::Relaxed), now)
         } else {
@@ -405,7 +402,7 @@ impl SharedBucket {
             Ok(leased) => {
                 self.lease.fetch_add(leased.granted, Ordering::AcqRel);
                 let answered = Instant::now();
-                self.store_report(leased.report, answered);
+                self.store_report(leased.report, answered.into());
                 self.follow_level(leased.report.remaining, answered);
                 self.sync_state().refreshed_at = Some(answered);
                 Ok(())
@@ -505,7 +502,7 @@ impl SharedBucket {
     fn reserve_fallback(
         &self,
         n: u64,
-        now: Instant,
+        now: Tick,
         max_wait: Duration,
     ) -> Result<(Duration, ReportTriple), ReserveError> {
         let rate = self.rate_per_minute.load(Ordering::Relaxed);
@@ -532,25 +529,23 @@ impl SharedBucket {
     }
 
     /// Keeps the level Redis just reported, for the headers.
-    fn store_report(&self, report: Report, at: Instant) {
+    fn store_report(&self, report: Report, at: Tick) {
         self.remaining.store(report.remaining, Ordering::Relaxed);
-        let full_at = at.saturating_duration_since(self.origin) + report.reset;
-        self.full_at.store(
-            u64::try_from(full_at.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        let reset = u64::try_from(report.reset.as_nanos()).unwrap_or(u64::MAX);
+        self.full_at
+            .store(at.nanos().saturating_add(reset), Ordering::Relaxed);
     }
 
     /// The headers' view: the level Redis last reported plus the lease.
-    fn cached_report(&self, lease: u64, now: Instant) -> ReportTriple {
+    fn cached_report(&self, lease: u64, now: Tick) -> ReportTriple {
         let rate = self.rate_per_minute.load(Ordering::Relaxed);
         let remaining = self
             .remaining
             .load(Ordering::Relaxed)
             .saturating_add(lease)
             .min(self.capacity.load(Ordering::Relaxed));
-        let full_at = Duration::from_nanos(self.full_at.load(Ordering::Relaxed));
-        let reset = full_at.saturating_sub(now.saturating_duration_since(self.origin));
+        let full_at = self.full_at.load(Ordering::Relaxed);
+        let reset = Duration::from_nanos(full_at.saturating_sub(now.nanos()));
         (rate, remaining, reset)
     }
 
