@@ -93,9 +93,11 @@ pub struct SharedBucket {
     params: Mutex<Params>,
     /// Tokens taken from Redis and not yet spent: the lease.
     lease: AtomicU64,
-    /// Below this many tokens the request path wakes the cluster task to top
-    /// the lease up before the next period (half the target).
-    low_water: AtomicU64,
+    /// The lease size the cluster task aims at. Below half of it the request
+    /// path wakes the task to top up before the next period; above it (a
+    /// refund) to return the surplus, so refunds parked here do not stay
+    /// hidden from the other replicas.
+    target: AtomicU64,
     /// Tokens spent beyond the lease by charges (an under-estimate), to be
     /// charged in Redis at the next top-up.
     owed: AtomicU64,
@@ -121,8 +123,6 @@ struct SyncState {
     sampled_at: Instant,
     /// When Redis was last asked about this bucket.
     refreshed_at: Option<Instant>,
-    /// The lease size aimed at, for `/admin/cluster`.
-    target: u64,
     /// The replicas the fallback's share is computed for.
     share_of: u64,
 }
@@ -170,7 +170,7 @@ impl SharedBucket {
             capacity: AtomicU64::new(capacity),
             params: Mutex::new(params),
             lease: AtomicU64::new(0),
-            low_water: AtomicU64::new(0),
+            target: AtomicU64::new(0),
             owed: AtomicU64::new(0),
             demand: AtomicU64::new(0),
             remaining: AtomicU64::new(capacity),
@@ -180,7 +180,6 @@ impl SharedBucket {
                 demand_per_sec: 0.0,
                 sampled_at: now,
                 refreshed_at: None,
-                target: 0,
                 share_of,
             }),
         })
@@ -210,7 +209,7 @@ impl SharedBucket {
             })
             .ok()?;
         let after = before - n;
-        let low = self.low_water.load(Ordering::Relaxed);
+        let low = self.target.load(Ordering::Relaxed) / 2;
         if after < low && before >= low {
             self.link.wake();
         }
@@ -246,6 +245,7 @@ impl SharedBucket {
         match outcome {
             Ok(Ok(Reserved::Taken { wait, report })) => {
                 self.store_report(report, answered);
+                self.follow_level(report.remaining, answered);
                 // Redis counted the wait from its own "now", which is after
                 // ours: waiting from `now` would end early by the round trip.
                 let wait = if wait.is_zero() {
@@ -257,6 +257,7 @@ impl SharedBucket {
             }
             Ok(Ok(Reserved::WouldWait { wait, report })) => {
                 self.store_report(report, answered);
+                self.follow_level(report.remaining, answered);
                 Err(ReserveError::WouldWait { wait })
             }
             Ok(Ok(Reserved::TooLarge)) => Err(ReserveError::TooLarge {
@@ -291,10 +292,14 @@ impl SharedBucket {
     }
 
     /// Gives back `n` unused tokens (a cancelled waiter, an over-estimate):
-    /// to the lease, whose surplus the next top-up returns to Redis.
+    /// to the lease, whose surplus the cluster task, woken at once, returns
+    /// to Redis.
     pub fn refund(&self, n: u64, now: Tick) {
         if self.link.is_up() {
-            self.lease.fetch_add(n, Ordering::AcqRel);
+            let held = self.lease.fetch_add(n, Ordering::AcqRel).saturating_add(n);
+            if held > self.target.load(Ordering::Relaxed) {
+                self.link.wake();
+            }
         } else {
             self.fallback.refund(n, now);
         }
@@ -449,7 +454,7 @@ impl SharedBucket {
             key: self.key.clone(),
             rate_per_minute: self.rate_per_minute(),
             lease: self.lease.load(Ordering::Relaxed),
-            target: sync.target,
+            target: self.target.load(Ordering::Relaxed),
             max_lease: max_lease(self.capacity(), self.link.replicas()),
             owed: self.owed.load(Ordering::Relaxed),
             demand_per_sec: sync.demand_per_sec,
@@ -471,7 +476,9 @@ impl SharedBucket {
             sync.demand_per_sec += alpha * (sample - sync.demand_per_sec);
             sync.sampled_at = now;
         }
-        let wanted = (sync.demand_per_sec * HORIZON.as_secs_f64()).ceil();
+        // Rounded down, so a demand that fades returns the whole lease (an
+        // EWMA only approaches zero).
+        let wanted = (sync.demand_per_sec * HORIZON.as_secs_f64()).floor();
         // Saturating float-to-int: NaN is 0, beyond u64 is u64::MAX.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let wanted = wanted as u64;
@@ -480,8 +487,7 @@ impl SharedBucket {
         } else {
             wanted.min(max_lease(self.capacity(), replicas))
         };
-        sync.target = target;
-        self.low_water.store(target / 2, Ordering::Relaxed);
+        self.target.store(target, Ordering::Relaxed);
         let refresh_due = sync
             .refreshed_at
             .is_none_or(|at| now.saturating_duration_since(at) >= REFRESH);
@@ -512,14 +518,14 @@ impl SharedBucket {
     }
 
     /// The fallback's level follows this replica's share of the Redis level.
-    fn follow_level(&self, remaining: u64, now: Instant) {
+    fn follow_level(&self, remaining: u64, now: impl Into<Tick> + Copy) {
         let share_of = self.sync_state().share_of.max(1);
         self.set_fallback_level(remaining / share_of, now);
     }
 
     /// Moves the fallback's level to `level` whole tokens (clamped to its
     /// capacity by the bucket itself).
-    fn set_fallback_level(&self, level: u64, now: Instant) {
+    fn set_fallback_level(&self, level: u64, now: impl Into<Tick> + Copy) {
         let current = self.fallback.remaining(now);
         if level < current {
             self.fallback.charge(current - level, now);

@@ -247,12 +247,18 @@ impl Drop for Running {
 /// Runs `weir --config CONFIG` with [`BACKEND_KEY`] in its environment and
 /// `RUST_LOG=rust_log`, and waits for the `listen=` line of its log.
 pub fn spawn_weir(config: &std::path::Path, rust_log: &str) -> Running {
+    spawn_weir_env(config, rust_log, &[])
+}
+
+/// [`spawn_weir`] with more environment variables (e.g. `WEIR_REDIS_URL`).
+pub fn spawn_weir_env(config: &std::path::Path, rust_log: &str, env: &[(&str, &str)]) -> Running {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
         .arg("--config")
         .arg(config)
         .env("BACKEND_KEY", BACKEND_KEY)
         .env("RUST_LOG", rust_log)
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()

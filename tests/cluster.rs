@@ -1,0 +1,555 @@
+//! `[cluster]` end to end: real `weir` processes sharing one real
+//! `redis-server` (issue #10). Each test starts its own Redis on a free
+//! loopback port and skips, saying why, only when `redis-server` cannot be
+//! started (CI installs it). The assertions count: what the replicas
+//! admitted together against what the bucket formulas allow, and what Redis
+//! says was consumed against what the clients saw; timing only bounds the
+//! windows the counts are taken over.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use common::*;
+use tokio::time::Instant;
+use weir::mock::{self, MockConfig};
+
+const MODEL: &str = "m";
+
+/// A `redis-server` on a fixed loopback port that can be killed and started
+/// again on the same port (the outage test).
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts one on a free port, or `None` (the test is skipped, said on
+    /// stderr) when `redis-server` cannot be started.
+    fn start() -> Option<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ok()?
+            .port();
+        let mut redis = Redis { port, child: None };
+        redis.restart().then_some(redis)
+    }
+
+    /// (Re)starts the server on its port; false when it does not come up.
+    fn restart(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        match child {
+            Ok(child) => self.child = Some(child),
+            Err(e) => {
+                eprintln!(
+                    "SKIPPED: cannot start redis-server ({e}); install Debian's redis-server"
+                );
+                return false;
+            }
+        }
+        for _ in 0..250 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "SKIPPED: redis-server did not listen on {} within 5 s",
+            self.port
+        );
+        false
+    }
+
+    /// SIGKILL: Redis vanishes without a goodbye.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A bucket's hash (`d`, `t`, `T`, `k`, …) as integers.
+    async fn bucket(&self, key: &str) -> std::collections::HashMap<String, u64> {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("HGETALL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Now as Redis' `TIME` counts it (the same machine clock), in µs.
+fn wall_us() -> u64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    u64::try_from(since.as_micros()).unwrap()
+}
+
+/// One test's world: its Redis, its mock backend, and `n` replicas
+/// sharing that Redis under their own key prefix.
+struct Setup {
+    redis: Redis,
+    backend: mock::MockHandle,
+    running: Vec<Running>,
+    /// Holds the config file for as long as the replicas may reload it.
+    _dir: tempfile::TempDir,
+}
+
+/// Starts Redis (or returns `None`: skipped), a mock backend and `n`
+/// replicas with `limits`, and waits until each has joined and sees all `n`.
+async fn setup(backend: MockConfig, limits: &str, prefix: &str, n: usize) -> Option<Setup> {
+    let redis = Redis::start()?;
+    let backend = mock::start(backend.models(vec![MODEL.into()]))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n\n{limits}\n\n{}{QUIET}[cluster]\nkey_prefix = \"{prefix}\"\n",
+        backend_entry(&backend.base_url())
+    );
+    let path: PathBuf = dir.path().join(format!("{prefix}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    let url = redis.url();
+    let running: Vec<Running> = (0..n)
+        .map(|_| spawn_weir_env(&path, "info", &[("WEIR_REDIS_URL", &url)]))
+        .collect();
+    for r in &running {
+        let joined = wait_for_metrics(r.addr, 1, n).await;
+        assert!(
+            joined,
+            "replica {} did not join: {}",
+            r.addr,
+            r.log.lock().unwrap()
+        );
+    }
+    Some(Setup {
+        redis,
+        backend,
+        running,
+        _dir: dir,
+    })
+}
+
+/// The one backend every replica sends `MODEL` to.
+fn backend_entry(url: &str) -> String {
+    backend("b", url, &[MODEL], 1)
+}
+
+/// `weir_cluster_up` and `weir_cluster_replicas` of one replica.
+async fn cluster_metrics(addr: SocketAddr) -> (i64, i64) {
+    let text = get(addr, "/metrics").await.text();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
+    (value("weir_cluster_up "), value("weir_cluster_replicas "))
+}
+
+/// Polls until the replica reports `up` and at least `replicas` (20 s).
+async fn wait_for_metrics(addr: SocketAddr, up: i64, replicas: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let (u, n) = cluster_metrics(addr).await;
+        if u == up && (up == 0 || n >= i64::try_from(replicas).unwrap()) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// What one paced client saw.
+#[derive(Debug, Default)]
+struct Tally {
+    admitted: u64,
+    limited: u64,
+    /// Any other answer, or none (a replica that died): when each was sent.
+    other: Vec<Instant>,
+    /// When the first request was sent and the last answer came back.
+    first_sent: Option<Instant>,
+    last_answer: Option<Instant>,
+}
+
+/// Sends `rate` chat requests per second to `addr` for `duration`, each on
+/// its own task so a slow answer never delays the next, and counts answers.
+async fn hammer(addr: SocketAddr, rate: u32, duration: Duration, body: String) -> Tally {
+    let client = client();
+    let start = Instant::now();
+    let every = Duration::from_secs(1) / rate;
+    let mut sent = Vec::new();
+    let mut next = start;
+    while next < start + duration {
+        tokio::time::sleep_until(next).await;
+        let request = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+            .unwrap();
+        let client = client.clone();
+        let sent_at = next;
+        sent.push(tokio::spawn(async move {
+            let answer =
+                tokio::time::timeout(Duration::from_secs(10), client.request(request)).await;
+            // Status 0: no answer (connection refused or cut).
+            let status = match answer {
+                Ok(Ok(response)) => response.status().as_u16(),
+                _ => 0,
+            };
+            (status, sent_at, Instant::now())
+        }));
+        next += every;
+    }
+    let mut tally = Tally {
+        first_sent: Some(start),
+        ..Tally::default()
+    };
+    for task in sent {
+        let (status, sent_at, at) = task.await.unwrap();
+        match status {
+            200 => tally.admitted += 1,
+            429 => tally.limited += 1,
+            _ => {
+                tally.other.push(sent_at);
+                continue;
+            }
+        }
+        tally.last_answer = tally.last_answer.max(Some(at));
+    }
+    tally
+}
+
+/// Hammers every replica at once at `rate` each; one tally per replica.
+async fn hammer_all(addrs: &[SocketAddr], rate: u32, duration: Duration) -> Vec<Tally> {
+    let tasks: Vec<_> = addrs
+        .iter()
+        .map(|&addr| tokio::spawn(hammer(addr, rate, duration, chat(MODEL, false))))
+        .collect();
+    let mut tallies = Vec::new();
+    for t in tasks {
+        tallies.push(t.await.unwrap());
+    }
+    tallies
+}
+
+/// The span from the first request sent to the last answer of all tallies.
+fn window(tallies: &[Tally]) -> Duration {
+    let first = tallies.iter().filter_map(|t| t.first_sent).min().unwrap();
+    let last = tallies.iter().filter_map(|t| t.last_answer).max().unwrap();
+    last - first
+}
+
+/// Tokens a Redis bucket says were consumed since `since_us` (wall µs):
+/// the deficit it holds plus what refilled since, in tokens. Exact as long
+/// as the bucket never refilled to full in between (the tests consume
+/// faster than it refills).
+fn consumed(bucket: &std::collections::HashMap<String, u64>, since_us: u64) -> f64 {
+    let (d, t, cost, per_us) = (bucket["d"], bucket["t"], bucket["T"], bucket["k"]);
+    assert_eq!(bucket["q"], 1, "microsecond ticks");
+    (d as f64 + per_us as f64 * (t - since_us) as f64) / cost as f64
+}
+
+/// Three replicas hammered together for 30 s at three times a 600 RPM
+/// limit admit what one bucket would: burst + rate × elapsed, within 2%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_hold_the_global_limit_within_two_percent() {
+    let backend_config = MockConfig::default();
+    // The binding limit: 600 RPM, burst 100, no queueing. The global
+    // request limit and the token limit do not bind but are shared too, so
+    // their leases and reconciliation run alongside.
+    let limits = format!(
+        "[limits]\nrequests_per_minute = 60000\n\n[[models]]\nname = \"{MODEL}\"\nrequests_per_minute = 600\nburst = 100\ntokens_per_minute = 1000000\nqueue_timeout = \"0s\"\n"
+    );
+    let Some(setup) = setup(backend_config, &limits, "hold", 3).await else {
+        return;
+    };
+    let Setup {
+        redis: _redis,
+        backend,
+        running,
+        _dir: _keep,
+    } = setup;
+    let addrs: Vec<SocketAddr> = running.iter().map(|r| r.addr).collect();
+    // 3 × 10 requests/s = 30/s, three times the 10/s the limit refills.
+    let tallies = hammer_all(&addrs, 10, Duration::from_secs(30)).await;
+    let admitted: u64 = tallies.iter().map(|t| t.admitted).sum();
+    let other: usize = tallies.iter().map(|t| t.other.len()).sum();
+    let elapsed = window(&tallies).as_secs_f64();
+    // Bucket formulas: a full bucket of 100, refilled at 600/60 = 10/s.
+    let allowance = 100.0 + 10.0 * elapsed;
+    eprintln!(
+        "admitted {admitted} (per replica {:?}), allowance {allowance:.1} over {elapsed:.2} s, backend saw {}",
+        tallies.iter().map(|t| t.admitted).collect::<Vec<_>>(),
+        backend.requests()
+    );
+    assert_eq!(other, 0, "only 200 and 429: {tallies:?}");
+    assert_eq!(
+        backend.requests(),
+        admitted,
+        "every admitted request reached the backend"
+    );
+    #[allow(clippy::cast_precision_loss)]
+    let admitted_f = admitted as f64;
+    assert!(
+        admitted_f <= allowance + 1.0,
+        "over-admitted: {admitted} > {allowance:.1}"
+    );
+    assert!(
+        admitted_f >= 0.98 * allowance,
+        "under-admitted by more than 2%: {admitted} < 0.98 × {allowance:.1}"
+    );
+    // Every replica took part.
+    assert!(tallies.iter().all(|t| t.admitted > 10), "{tallies:?}");
+}
+
+/// Refunds and charges made on any replica reach the one shared bucket:
+/// what Redis says was consumed equals the usage the responses reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_reconciliation_adds_up_across_replicas() {
+    // 40 completion tokens per answer: requests with max_tokens 1000 are
+    // refunded most of their estimate, those with max_tokens 5 charged.
+    let backend_config = MockConfig::default().chunks(40);
+    // 12 000 tokens/min: refills 200/s while the test consumes much faster,
+    // so the bucket never refills to full and its deficit is exact history.
+    let limits = format!(
+        "[[models]]\nname = \"{MODEL}\"\ntokens_per_minute = 12000\nqueue_timeout = \"0s\"\n"
+    );
+    let Some(setup) = setup(backend_config, &limits, "recon", 3).await else {
+        return;
+    };
+    let Setup {
+        redis,
+        backend: _backend,
+        running,
+        _dir: _keep,
+    } = setup;
+    let since = wall_us();
+    let mut reported = 0u64;
+    let mut first_answer = None;
+    let client = client();
+    for i in 0..90usize {
+        let max_tokens = if i % 2 == 0 { 1000 } else { 5 };
+        let body = format!(
+            r#"{{"model":"{MODEL}","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"Hello there, count my tokens"}}]}}"#
+        );
+        let addr = running[i % 3].addr;
+        let reply = send(
+            &client,
+            "POST",
+            addr,
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reported += reply.json()["usage"]["total_tokens"].as_u64().unwrap();
+        first_answer.get_or_insert_with(wall_us);
+    }
+    // Graceful stops hand every lease and every owed charge back to Redis.
+    for r in &running {
+        signal(&r.child, "-TERM");
+    }
+    for mut r in running {
+        assert_eq!(wait_exit(&mut r.child, Duration::from_secs(10)), Some(0));
+    }
+    let bucket = redis.bucket(&format!("recon:tokens:{MODEL}")).await;
+    let consumed = consumed(&bucket, since);
+    eprintln!("usage reported {reported}, Redis consumed {consumed:.2}");
+    // `since` precedes the first reservation, which Redis made before the
+    // first answer: the formula counts at most that gap of refill (200
+    // tokens/s) that the bucket never owed, and nothing else is inexact.
+    #[allow(clippy::cast_precision_loss)]
+    let (reported, gap_s) = (
+        reported as f64,
+        (first_answer.unwrap() - since) as f64 / 1e6,
+    );
+    assert!(
+        consumed >= reported - 0.01 && consumed <= reported + 200.0 * gap_s + 0.01,
+        "consumed {consumed:.2}, reported {reported}, gap {gap_s:.4} s"
+    );
+}
+
+/// Redis dies mid-run: every replica keeps serving at its share (rate /
+/// replicas last seen), says so in `weir_cluster_up 0`, and rejoins when
+/// Redis is back on the same port, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_fall_back_to_their_share_and_rejoin() {
+    let backend_config = MockConfig::default();
+    // 600 RPM with burst 60: a third each while Redis is gone, that is
+    // 200 RPM (3.3/s) and 20 tokens of burst at most.
+    let limits = format!(
+        "[[models]]\nname = \"{MODEL}\"\nrequests_per_minute = 600\nburst = 60\nqueue_timeout = \"0s\"\n"
+    );
+    let Some(setup) = setup(backend_config, &limits, "outage", 3).await else {
+        return;
+    };
+    let Setup {
+        mut redis,
+        backend: _backend,
+        running,
+        _dir: _keep,
+    } = setup;
+    let addrs: Vec<SocketAddr> = running.iter().map(|r| r.addr).collect();
+    // Shared: drain the bucket together first.
+    let before = hammer_all(&addrs, 20, Duration::from_secs(3)).await;
+    assert!(
+        before.iter().map(|t| t.limited).sum::<u64>() > 0,
+        "{before:?}"
+    );
+
+    redis.kill();
+    let outage = Instant::now();
+    for &addr in &addrs {
+        assert!(
+            wait_for_metrics(addr, 0, 0).await,
+            "{addr} never noticed Redis was gone"
+        );
+    }
+    let during = hammer_all(&addrs, 20, Duration::from_secs(4)).await;
+    let span = (Instant::now() - outage).as_secs_f64();
+    for (tally, r) in during.iter().zip(&running) {
+        // Its share: at most the 20-token share of burst plus 200/min.
+        let share = 20.0 + 200.0 / 60.0 * span;
+        eprintln!(
+            "during the outage {} admitted {} (share {share:.1})",
+            r.addr, tally.admitted
+        );
+        assert!(tally.admitted >= 1, "kept serving: {tally:?}");
+        #[allow(clippy::cast_precision_loss)]
+        let admitted = tally.admitted as f64;
+        assert!(admitted <= share + 1.0, "{admitted} > its share {share:.1}");
+        assert!(
+            tally.other.is_empty(),
+            "no request failed because Redis was gone"
+        );
+    }
+    let warnings = running
+        .iter()
+        .map(|r| {
+            r.log
+                .lock()
+                .unwrap()
+                .matches("Redis is unreachable")
+                .count()
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(warnings, vec![1, 1, 1], "logged once per replica");
+
+    assert!(redis.restart(), "redis-server restarts on its port");
+    for &addr in &addrs {
+        assert!(wait_for_metrics(addr, 1, 3).await, "{addr} did not rejoin");
+    }
+    // Shared again: a fresh Redis is a full bucket of 60, used by all three.
+    let after = hammer_all(&addrs, 20, Duration::from_secs(2)).await;
+    let admitted: u64 = after.iter().map(|t| t.admitted).sum();
+    let elapsed = window(&after).as_secs_f64();
+    #[allow(clippy::cast_precision_loss)]
+    let admitted_f = admitted as f64;
+    assert!(
+        admitted_f <= 60.0 + 10.0 * elapsed + 1.0,
+        "rejoined: {admitted} in {elapsed:.2} s"
+    );
+    for r in &running {
+        assert!(
+            r.log.lock().unwrap().contains("Redis is back"),
+            "{}",
+            r.log.lock().unwrap()
+        );
+    }
+}
+
+/// A replica killed while it holds a lease takes no more than that lease
+/// with it: what Redis counts as consumed exceeds what clients were
+/// admitted by at most the dead replica's lease and its requests in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_holding_a_lease_loses_at_most_its_lease() {
+    let backend_config = MockConfig::default();
+    // 600 RPM with a burst of 1200: leases of up to 1% / 2 = 6 tokens each;
+    // 30 requests/s consume faster than the 10/s refill, and the burst
+    // covers the whole test, so every request is admitted.
+    let limits = format!(
+        "[[models]]\nname = \"{MODEL}\"\nrequests_per_minute = 600\nburst = 1200\nqueue_timeout = \"0s\"\n"
+    );
+    let Some(setup) = setup(backend_config, &limits, "crash", 2).await else {
+        return;
+    };
+    let Setup {
+        redis,
+        backend: _backend,
+        mut running,
+        _dir: _keep,
+    } = setup;
+    let since = wall_us();
+    let (a, b) = (running[0].addr, running[1].addr);
+    let load_a = tokio::spawn(hammer(a, 15, Duration::from_secs(4), chat(MODEL, false)));
+    let load_b = tokio::spawn(hammer(b, 15, Duration::from_secs(6), chat(MODEL, false)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = get(a, "/admin/cluster").await.json();
+    let lease = status["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["key"] == format!("crash:requests:{MODEL}"))
+        .map(|l| {
+            (
+                l["lease"].as_u64().unwrap(),
+                l["max_lease"].as_u64().unwrap(),
+            )
+        })
+        .unwrap();
+    eprintln!("lease of the replica about to die: {lease:?}");
+    assert!(lease.0 <= lease.1 && lease.1 == 6, "{lease:?}");
+    running[0].child.kill().unwrap();
+    let _ = running[0].child.wait();
+    let killed = Instant::now();
+    let load_a = load_a.await.unwrap();
+    let load_b = load_b.await.unwrap();
+    // The survivor returns its own lease on a graceful stop.
+    signal(&running[1].child, "-TERM");
+    assert_eq!(
+        wait_exit(&mut running[1].child, Duration::from_secs(10)),
+        Some(0)
+    );
+    let bucket = redis.bucket(&format!("crash:requests:{MODEL}")).await;
+    let consumed = consumed(&bucket, since);
+    let admitted = load_a.admitted + load_b.admitted;
+    // Requests to the dead replica sent before it died that got no answer
+    // may or may not have been admitted; those sent after were refused.
+    let unanswered = load_a.other.iter().filter(|&&at| at <= killed).count();
+    eprintln!("admitted {admitted}, Redis consumed {consumed:.2}, unanswered {unanswered}");
+    assert!(load_b.other.is_empty() && load_b.limited + load_a.limited == 0);
+    #[allow(clippy::cast_precision_loss)]
+    let (admitted, unanswered) = (admitted as f64, unanswered as f64);
+    // Never fewer consumed than admitted (nothing admitted for free), and
+    // no more lost than the lease (6 at most) and the unanswered requests,
+    // plus the refill rounding of `since` (well under one token).
+    assert!(
+        consumed >= admitted - 1.0,
+        "consumed {consumed:.2} < admitted {admitted}"
+    );
+    assert!(
+        consumed <= admitted + 6.0 + unanswered + 1.0,
+        "lost more than a lease: consumed {consumed:.2}, admitted {admitted}"
+    );
+}
