@@ -120,6 +120,7 @@ fn keep_restart_only_settings(old: &Config, new: &mut Config) {
     n.idle_timeout = o.idle_timeout;
     n.log_format = o.log_format;
     n.watch_config = o.watch_config;
+    new.cluster.clone_from(&old.cluster);
 }
 
 /// What changed, one item each (`backend b2 weight 1 -> 3`, `model m
@@ -218,7 +219,8 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         })
     };
     if cluster(old) != cluster(new) {
-        out.push("[cluster] settings changed".to_owned());
+        // The Redis link and its leases are set up once, at start.
+        out.push("[cluster] settings changed; needs a restart (still as started)".to_owned());
     }
     if out.0.is_empty() {
         out.push("no changes".to_owned());
