@@ -13,6 +13,10 @@
 #   DURATION   seconds per wrk run (default 6)
 #   BASE_PORT  first of the 5 loopback ports used (default 18081)
 #   KEEP=1     keep the temp dir (configs, logs) for inspection
+#   CLUSTER=1  also run a second weir with [cluster] (the same limits shared
+#              through a local redis-server, installed if missing) and time
+#              it in the same run: "weir-cluster" rows and an on/off ratio
+#              (docs/CLUSTER.md); uses two more ports, BASE_PORT+4 and +5
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -22,6 +26,9 @@ UP_PORT=$BASE_PORT               # nginx `return 200`: the upstream
 NGINX_PORT=$((BASE_PORT + 1))    # nginx reverse proxy -> upstream
 WEIR_PORT=$((BASE_PORT + 2))     # weir -> upstream (and -> mock for streams)
 MOCK_PORT=$((BASE_PORT + 3))     # weir mock, paced SSE streams
+REDIS_PORT=$((BASE_PORT + 4))    # CLUSTER=1: redis-server
+CLUSTER_PORT=$((BASE_PORT + 5))  # CLUSTER=1: weir with [cluster]
+CLUSTER=${CLUSTER:-0}
 MODEL=bench-model
 STREAM_MODEL=mock-model
 
@@ -33,6 +40,7 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)
 command -v python3 >/dev/null || need+=(python3)
 command -v curl >/dev/null || need+=(curl)
+[ "$CLUSTER" != 1 ] || command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing ${need[*]} (apt-get)"
     sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
@@ -53,7 +61,9 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge 2048 ] \
     || die "open-files limit $(ulimit -n) is below 2048"
 
-for port in $UP_PORT $NGINX_PORT $WEIR_PORT $MOCK_PORT; do
+PORTS="$UP_PORT $NGINX_PORT $WEIR_PORT $MOCK_PORT"
+[ "$CLUSTER" != 1 ] || PORTS="$PORTS $REDIS_PORT $CLUSTER_PORT"
+for port in $PORTS; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         die "port $port is busy (something listens on 127.0.0.1:$port); set BASE_PORT"
     fi
@@ -175,6 +185,22 @@ WEIR_PID=$!
 PIDS+=($WEIR_PID)
 wait_port "$WEIR_PORT" $WEIR_PID weir
 
+TARGETS="upstream:$UP_PORT nginx:$NGINX_PORT weir:$WEIR_PORT"
+if [ "$CLUSTER" = 1 ]; then
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        >"$DIR/redis.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$REDIS_PORT" $! redis
+    # The same gateway, its limits shared through Redis.
+    sed "s/^listen = .*/listen = \"127.0.0.1:$CLUSTER_PORT\"/" "$DIR/weir.toml" >"$DIR/weir-cluster.toml"
+    printf '\n[cluster]\nkey_prefix = "bench"\n' >>"$DIR/weir-cluster.toml"
+    WEIR_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" RUST_LOG=warn \
+        "$WEIR_BIN" --config "$DIR/weir-cluster.toml" >"$DIR/weir-cluster.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$CLUSTER_PORT" $! weir-cluster
+    TARGETS="$TARGETS weir-cluster:$CLUSTER_PORT"
+fi
+
 rss() { awk '/^VmRSS/ {print $2 " " $3}' "/proc/$WEIR_PID/status"; }
 
 # --- requests/s and latency -------------------------------------------------
@@ -185,7 +211,7 @@ wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"Say hi."}],"
 EOF
 
 # Every target must answer the bench request with 200 before it is timed.
-for target in "upstream:$UP_PORT" "nginx:$NGINX_PORT" "weir:$WEIR_PORT"; do
+for target in $TARGETS; do
     code=$(curl -s -o "$DIR/check.out" -w '%{http_code}' -H 'Content-Type: application/json' \
         --data "{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hi.\"}],\"max_tokens\":16}" \
         "http://127.0.0.1:${target#*:}/v1/chat/completions")
@@ -220,13 +246,13 @@ fmt_us() { awk -v u="$1" 'BEGIN { if (u >= 1000) printf "%.2f ms", u / 1000; els
 
 echo
 echo "warm-up (2 s each) ..."
-for port in $UP_PORT $NGINX_PORT $WEIR_PORT; do
-    wrk -t1 -c32 -d2s -s "$DIR/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+for t in $TARGETS; do
+    wrk -t1 -c32 -d2s -s "$DIR/post.lua" "http://127.0.0.1:${t#*:}/v1/chat/completions" >/dev/null
 done
 
 declare -A R
 for conns in 1 32; do
-    for t in upstream:$UP_PORT nginx:$NGINX_PORT weir:$WEIR_PORT; do
+    for t in $TARGETS; do
         R[${t%%:*}-$conns]=$(run "${t%%:*}" "${t#*:}" "$conns")
     done
 done
@@ -238,21 +264,30 @@ echo
 echo "| target | conns | req/s | p50 | p99 | errors |"
 echo "|---|---|---|---|---|---|"
 for conns in 1 32; do
-    for t in upstream nginx weir; do
+    for t in $TARGETS; do
+        t=${t%%:*}
         read -r rps p50 p99 bad <<<"${R[$t-$conns]}"
         name=$t; [ "$t" = upstream ] && name="upstream direct"
         echo "| $name | $conns | $rps | $(fmt_us "$p50") | $(fmt_us "$p99") | $bad |"
     done
 done
 echo
-echo "| weir / nginx | conns | req/s | p50 | p99 |"
-echo "|---|---|---|---|---|"
-for conns in 1 32; do
-    read -r wr w50 w99 _ <<<"${R[weir-$conns]}"
-    read -r nr n50 n99 _ <<<"${R[nginx-$conns]}"
-    awk -v c="$conns" -v wr="$wr" -v nr="$nr" -v w50="$w50" -v n50="$n50" -v w99="$w99" -v n99="$n99" \
-        'BEGIN { printf "| ratio | %s | %.2f | %.2f | %.2f |\n", c, wr / nr, w50 / n50, w99 / n99 }'
-done
+# ratios TITLE A B: the "| ratio |" table of target A over target B.
+ratios() {
+    echo "| $1 | conns | req/s | p50 | p99 |"
+    echo "|---|---|---|---|---|"
+    for conns in 1 32; do
+        read -r ar a50 a99 _ <<<"${R[$2-$conns]}"
+        read -r br b50 b99 _ <<<"${R[$3-$conns]}"
+        awk -v c="$conns" -v ar="$ar" -v br="$br" -v a50="$a50" -v b50="$b50" -v a99="$a99" -v b99="$b99" \
+            'BEGIN { printf "| ratio | %s | %.2f | %.2f | %.2f |\n", c, ar / br, a50 / b50, a99 / b99 }'
+    done
+}
+ratios "weir / nginx" weir nginx
+if [ "$CLUSTER" = 1 ]; then
+    echo
+    ratios "cluster on / off" weir-cluster weir
+fi
 echo
 echo "weir RSS: idle $RSS_IDLE, after load $RSS_LOADED"
 
