@@ -14,6 +14,8 @@
 //! * [`proxy`] runs the attempts, header hygiene and response streaming;
 //! * [`upstream`] owns the pooled HTTP clients that talk to backends;
 //! * [`config`] parses and validates the TOML file;
+//! * [`cluster`] shares the rate limits with other replicas through Redis
+//!   (`[cluster]`), leasing tokens so requests rarely wait on it;
 //! * [`mock`] is an OpenAI-compatible mock backend for demos, tests, benches;
 //! * [`healthcheck`] is `weir healthcheck`, the container's own probe.
 //!
