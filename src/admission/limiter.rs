@@ -416,8 +416,11 @@ pub async fn admit(
     };
     let mut progress = Progress::default();
     if !reserve_all(&request, &mut progress)? {
-        // A shared limit's lease could not cover it: ask Redis.
-        reserve_slowly(&request, &mut progress).await?;
+        // A shared limit's lease could not cover it: ask Redis. Boxed: the
+        // Redis call's future is large, and inline it would grow (and make
+        // every caller move) the future of every admission, local ones too;
+        // the allocation happens only on this path, next to a round trip.
+        Box::pin(reserve_slowly(request, &mut progress)).await?;
     }
     let Progress { wait, reports, .. } = progress;
     if wait.is_zero() {
@@ -479,6 +482,7 @@ pub async fn admit(
 
 /// One request's reservations: what [`reserve_all`], [`reserve_slowly`]
 /// and [`refuse`] need of it.
+#[derive(Clone, Copy)]
 struct Request<'s, 'a> {
     steps: &'s [Step<'a>; 4],
     global: &'s GlobalLimits,
@@ -544,10 +548,10 @@ fn reserve_all(request: &Request<'_, '_>, progress: &mut Progress) -> Result<boo
 /// The rest of [`reserve_all`] once a shared limit needs Redis: that step's
 /// round trip, then the others as before (each may need its own).
 async fn reserve_slowly(
-    request: &Request<'_, '_>,
+    request: Request<'_, '_>,
     progress: &mut Progress,
 ) -> Result<(), AdmitError> {
-    let &Request {
+    let Request {
         steps,
         now,
         max_wait,
@@ -570,9 +574,9 @@ async fn reserve_slowly(
         held.settled = true;
         match reserved {
             Ok((w, report)) => progress.record(w, Some(report)),
-            Err(error) => return Err(refuse(request, error, progress)),
+            Err(error) => return Err(refuse(&request, error, progress)),
         }
-        if reserve_all(request, progress)? {
+        if reserve_all(&request, progress)? {
             return Ok(());
         }
     }
@@ -664,7 +668,9 @@ fn try_permit(model: &ModelLimits) -> Result<Option<OwnedSemaphorePermit>, TryAc
 }
 
 /// The admitted request: it keeps the token buckets it reserved from for
-/// reconciliation, its permit, and its place in `weir_in_flight`.
+/// reconciliation, its permit, and its place in `weir_in_flight`. Inlined:
+/// it is most of the common path's last step (`benches/admission.rs`).
+#[inline]
 fn settle(
     model: &ModelLimits,
     steps: &[Step<'_>; 4],
