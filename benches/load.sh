@@ -32,7 +32,7 @@ CLUSTER=${CLUSTER:-0}
 MODEL=bench-model
 STREAM_MODEL=mock-model
 
-die() { echo "load.sh: $*" >&2; exit 1; }
+. benches/common.sh
 
 # --- tools ---------------------------------------------------------------
 need=()
@@ -41,20 +41,10 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v python3 >/dev/null || need+=(python3)
 command -v curl >/dev/null || need+=(curl)
 [ "$CLUSTER" != 1 ] || command -v redis-server >/dev/null || need+=(redis-server)
-if [ ${#need[@]} -gt 0 ]; then
-    echo "installing ${need[*]} (apt-get)"
-    sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+apt_install "${need[@]}"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-if [ -z "${WEIR_BIN:-}" ]; then
-    cargo build --release --bin weir
-    WEIR_BIN=target/release/weir
-fi
-[ -x "$WEIR_BIN" ] || die "no weir binary at $WEIR_BIN"
-WEIR_BIN=$(realpath "$WEIR_BIN")
+resolve_weir_bin
 
 # 256 streams x 2 sockets each, wrk, nginx: raise the soft limit to the hard one.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -70,26 +60,9 @@ for port in $PORTS; do
 done
 
 # --- processes -------------------------------------------------------------
-DIR=$(mktemp -d /tmp/weir-load.XXXXXX)
+start_workdir load
+# nginx workers run as another user unless root: let them in.
 chmod 755 "$DIR"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [ "${KEEP:-0}" = 1 ]; then echo "kept $DIR"; else rm -rf "$DIR"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Waits until 127.0.0.1:$1 accepts connections; fails if process $2 died.
-wait_port() {
-    for _ in $(seq 100); do
-        kill -0 "$2" 2>/dev/null || die "$3 exited at startup; see $DIR/$3.log"
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "$3 does not listen on 127.0.0.1:$1; see $DIR/$3.log"
-}
 
 # One nginx in the foreground (daemon off) with its own prefix, pid and logs.
 start_nginx() { # name server-block

@@ -32,46 +32,21 @@ WEIR_PORT=$BASE_PORT
 MOCK_PORT=$((BASE_PORT + 1))
 MODEL=mock-model
 
-die() { echo "streams.sh: $*" >&2; exit 1; }
+. benches/common.sh
 
-command -v h2load >/dev/null || {
-    echo "installing nghttp2-client (apt-get) for h2load"
-    sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nghttp2-client curl >/dev/null
-}
-
-if [ -z "${WEIR_BIN:-}" ]; then
-    cargo build --release --bin weir
-    WEIR_BIN=target/release/weir
-fi
-[ -x "$WEIR_BIN" ] || die "no weir binary at $WEIR_BIN"
-WEIR_BIN=$(realpath "$WEIR_BIN")
+need=()
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v curl >/dev/null || need+=(curl)
+apt_install "${need[@]}"
+resolve_weir_bin
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-need=$((STREAMS + CONNS + 64))
-[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$need" ] \
-    || die "open-files limit $(ulimit -n) is below the $need this run needs"
+fds_needed=$((STREAMS + CONNS + 64))
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$fds_needed" ] \
+    || die "open-files limit $(ulimit -n) is below the $fds_needed this run needs"
 [ $((STREAMS % CONNS)) = 0 ] || die "STREAMS ($STREAMS) must be a multiple of CONNS ($CONNS)"
 
-DIR=$(mktemp -d /tmp/weir-streams.XXXXXX)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [ "${KEEP:-0}" = 1 ]; then echo "kept $DIR"; else rm -rf "$DIR"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-wait_port() {
-    for _ in $(seq 100); do
-        kill -0 "$2" 2>/dev/null || die "$3 exited at startup; see $DIR/$3.log"
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "$3 does not listen on 127.0.0.1:$1"
-}
+start_workdir streams
 
 "$WEIR_BIN" mock --listen "127.0.0.1:$MOCK_PORT" --models "$MODEL" \
     --tokens-per-sec 1 --chunks "$CHUNKS" --no-record >"$DIR/mock.log" 2>&1 &
@@ -149,9 +124,10 @@ grep -E "^requests:|^status codes:" "$DIR/h2load.log" | sed 's/^/  h2load /'
 sleep 2
 AFTER_RSS=$(rss_kb) AFTER_FDS=$(fds) PEAK_RSS=$(hwm_kb)
 # The upstream connections stay in weir's pool until its idle timeout
-# (50 s, src/upstream.rs): wait for them to close.
-ended=$(date +%s) CLOSED_AFTER="not within 70 s"
-while [ $(($(date +%s) - ended)) -le 70 ]; do
+# (50 s, src/upstream.rs) has passed at one of the pool's sweeps, which run
+# every 50 s too: 50-100 s after the streams end. Wait for them to close.
+ended=$(date +%s) CLOSED_AFTER="not within 110 s"
+while [ $(($(date +%s) - ended)) -le 110 ]; do
     if [ "$(fds)" -le $((IDLE_FDS + 2)) ]; then CLOSED_AFTER="$(($(date +%s) - ended)) s"; break; fi
     sleep 1
 done
