@@ -171,28 +171,22 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         &Opt(ol.tokens_per_minute),
         &Opt(nl.tokens_per_minute),
     );
-    for b in &new.backends {
-        match old.backends.iter().find(|o| o.name == b.name) {
-            None => out.push(format!("backend {} added", b.name)),
-            Some(o) => backend_changes(o, b, &mut out),
-        }
-    }
-    for o in &old.backends {
-        if !new.backends.iter().any(|b| b.name == o.name) {
-            out.push(format!("backend {} removed (draining)", o.name));
-        }
-    }
-    for m in &new.models {
-        match old.models.iter().find(|o| o.name == m.name) {
-            None => out.push(format!("model {} added", m.name)),
-            Some(o) => model_changes(o, m, &mut out),
-        }
-    }
-    for o in &old.models {
-        if !new.models.iter().any(|m| m.name == o.name) {
-            out.push(format!("model {} removed", o.name));
-        }
-    }
+    named_changes(
+        "backend",
+        "removed (draining)",
+        (&old.backends, &new.backends),
+        |b| &b.name,
+        backend_changes,
+        &mut out,
+    );
+    named_changes(
+        "model",
+        "removed",
+        (&old.models, &new.models),
+        |m| &m.name,
+        model_changes,
+        &mut out,
+    );
     if old.health.enabled != new.health.enabled {
         out.field(
             "health",
@@ -273,6 +267,29 @@ fn restart_items(old: &Config, new: &Config, out: &mut Changes) {
 }
 
 /// Field-by-field changes of one backend present in both configs.
+/// Items matched by name between the old and the new list: `WHAT NAME
+/// added`, `WHAT NAME REMOVED`, and `changes` for the ones in both.
+fn named_changes<T>(
+    what: &str,
+    removed: &str,
+    (old, new): (&[T], &[T]),
+    name: impl Fn(&T) -> &str,
+    changes: impl Fn(&T, &T, &mut Changes),
+    out: &mut Changes,
+) {
+    for n in new {
+        match old.iter().find(|o| name(o) == name(n)) {
+            None => out.push(format!("{what} {} added", name(n))),
+            Some(o) => changes(o, n, out),
+        }
+    }
+    for o in old {
+        if !new.iter().any(|n| name(n) == name(o)) {
+            out.push(format!("{what} {} {removed}", name(o)));
+        }
+    }
+}
+
 fn backend_changes(o: &BackendConfig, n: &BackendConfig, out: &mut Changes) {
     if o == n {
         return;
