@@ -185,22 +185,24 @@ impl Accounting {
 }
 
 impl ProxiedBody {
-    /// Wraps a backend body. `deadline` ends the stream when it passes.
+    /// Wraps a backend body. `deadline` ends the stream when it passes; an
+    /// SSE stream must also send its first event within
+    /// `first_byte_timeout` of its headers.
     pub(crate) fn new(
         inner: Incoming,
         in_flight: InFlight,
         deadline: Pin<Box<Sleep>>,
         sse: bool,
+        first_byte_timeout: std::time::Duration,
         accounting: Option<Accounting>,
         reporter: Option<MidStreamReporter>,
     ) -> Self {
-        // The timeout comes with the request's snapshot, which the reporter
-        // carries; without a reporter (no backend to blame) there is none.
-        let first_event = reporter
-            .as_ref()
-            .filter(|_| sse)
-            .map(|r| r.snapshot.config.server.first_byte_timeout)
-            .map(|d| (Box::pin(tokio::time::sleep(d)), d));
+        let first_event = sse.then(|| {
+            (
+                Box::pin(tokio::time::sleep(first_byte_timeout)),
+                first_byte_timeout,
+            )
+        });
         Self {
             inner,
             in_flight: Some(in_flight),

@@ -453,6 +453,7 @@ impl Exchange<'_> {
             in_flight,
             Box::pin(tokio::time::sleep_until(self.deadline)),
             sse,
+            self.first_byte_timeout,
             Some(accounting),
             Some(MidStreamReporter {
                 shared: self.shared.clone(),
