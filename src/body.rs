@@ -17,7 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use crate::{
     metrics::{TokenCounters, UpstreamErrorLabels},
     snapshot::InFlight,
     snapshot::{BackendState, Snapshot},
+    upstream::{BodyReadError, UpstreamBody},
 };
 
 /// Every response body weir produces.
@@ -54,7 +55,7 @@ pub enum GatewayBody {
 pub enum BodyError {
     /// The backend's connection failed mid-body.
     #[error("upstream body failed: {0}")]
-    Upstream(#[from] hyper::Error),
+    Upstream(#[from] BodyReadError),
     /// `request_timeout` passed while streaming.
     #[error("request timeout passed while streaming the response")]
     Timeout,
@@ -79,7 +80,7 @@ impl GatewayBody {
 /// A backend's response body plus the guards of its request.
 #[derive(Debug)]
 pub struct ProxiedBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     /// The backend's in-flight slot, released as soon as the body ends.
     in_flight: Option<InFlight>,
     /// `request_timeout`'s deadline for the whole exchange.
@@ -189,7 +190,7 @@ impl ProxiedBody {
     /// SSE stream must also send its first event within
     /// `first_byte_timeout` of its headers.
     pub(crate) fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         in_flight: InFlight,
         deadline: Pin<Box<Sleep>>,
         sse: bool,

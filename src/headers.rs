@@ -20,32 +20,62 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// `x-request-id`: built at compile time, like the other names weir reads
+/// or sets on every request (a `&str` key is parsed, and for an insert
+/// copied, each time).
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-weir-backend`: which backend answered.
+pub(crate) const X_WEIR_BACKEND: HeaderName = HeaderName::from_static("x-weir-backend");
+/// `x-api-key`: the other place clients put their key.
+pub(crate) const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 /// Client headers that carry the client's own credentials for weir.
 const CLIENT_CREDENTIALS: [HeaderName; 3] = [
     header::AUTHORIZATION,
-    HeaderName::from_static("x-api-key"),
+    X_API_KEY,
     HeaderName::from_static("api-key"),
 ];
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop
 /// list, plus `Upgrade` (weir does not tunnel protocol switches).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Collect the names listed in `Connection` before removing it. Unparsable
-    // tokens are ignored: they cannot name a header we could remove anyway.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // Both directions of every request pass here, and most messages carry
+    // at most `Connection: keep-alive`: one pass over the names decides
+    // what there is to remove.
+    let mut connection = false;
+    let mut others = false;
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if name == header::UPGRADE || HOP_BY_HOP.contains(name) {
+            others = true;
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if connection {
+        // Collect the names listed in `Connection` before removing it.
+        // Unparsable tokens are ignored: they cannot name a header we could
+        // remove anyway; `keep-alive` and `close` name nothing the fixed
+        // list does not cover.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
     }
-    headers.remove(header::UPGRADE);
+    if others {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
+        headers.remove(header::UPGRADE);
+    }
 }
 
 /// Prepares client request headers for a backend: hop-by-hop and client

@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{header, request::Parts, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
@@ -33,7 +33,7 @@ use crate::{
     jitter,
     metrics::{RetryLabels, UpstreamErrorLabels},
     snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Snapshot},
-    upstream::{self, AttemptError},
+    upstream::{self, AttemptError, UpstreamBody},
 };
 
 /// Why the last attempt did not produce the client's answer.
@@ -50,7 +50,11 @@ pub(crate) fn authorize(headers: &HeaderMap, snapshot: &Snapshot) -> Result<(), 
         return Ok(());
     };
     let sent = bearer_token(headers)
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .or_else(|| {
+            headers
+                .get(crate::headers::X_API_KEY)
+                .and_then(|v| v.to_str().ok())
+        })
         .unwrap_or_default();
     // Compare against every key, so the time taken does not say which
     // (or whether any) prefix matched.
@@ -385,7 +389,7 @@ impl Exchange<'_> {
     /// The upstream request for one attempt: the backend's URL and key, the
     /// original body unless the backend renames the model or weir adds
     /// `include_usage`.
-    fn request_for(&self, member: &Member) -> Result<Request<Full<Bytes>>, ApiError> {
+    fn request_for(&self, member: &Member) -> Result<Request<Bytes>, ApiError> {
         let backend = &member.backend;
         let uri = upstream::upstream_uri(&backend.config.url, self.rest, self.query)
             .map_err(|e| ApiError::Internal(format!("upstream uri: {e}")))?;
@@ -399,7 +403,7 @@ impl Exchange<'_> {
         } else {
             self.body.clone()
         };
-        let mut request = Request::new(Full::new(body));
+        let mut request = Request::new(body);
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers.clone();
@@ -416,7 +420,7 @@ impl Exchange<'_> {
     /// body streamed through, with usage read on the way.
     fn respond(
         &self,
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         member: &Member,
         in_flight: InFlight,
         admitted: Admitted,
@@ -435,7 +439,7 @@ impl Exchange<'_> {
         }
         parts
             .headers
-            .insert("x-weir-backend", member.backend.name_header.clone());
+            .insert(headers::X_WEIR_BACKEND, member.backend.name_header.clone());
         insert_rate_headers(&mut parts.headers, &admitted.headers);
         let reader = if sse {
             UsageReader::Sse(UsageFilter::new(self.add_include_usage))
@@ -568,7 +572,7 @@ fn is_retryable(status: StatusCode) -> bool {
 /// Client headers as the backend should see them (no key yet).
 fn upstream_headers(mut headers: HeaderMap, request_id: &HeaderValue) -> HeaderMap {
     headers::to_upstream(&mut headers, None);
-    headers.insert("x-request-id", request_id.clone());
+    headers.insert(crate::headers::X_REQUEST_ID, request_id.clone());
     headers
 }
 

@@ -63,7 +63,7 @@ use crate::{
     api::ApiError,
     body::GatewayBody,
     gateway::Shared,
-    proxy,
+    headers, proxy,
 };
 
 pub(crate) use crate::reload::reload;
@@ -188,7 +188,7 @@ async fn route(
     role: Role,
     watch: &ConnWatch,
 ) -> Response<GatewayBody> {
-    let request_id = request_id(req.headers().get("x-request-id"));
+    let request_id = request_id(req.headers().get(headers::X_REQUEST_ID));
     let mut log = AccessLog::new(
         request_id.clone(),
         req.method().clone(),
@@ -202,7 +202,9 @@ async fn route(
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    response.headers_mut().insert("x-request-id", request_id);
+    response
+        .headers_mut()
+        .insert(headers::X_REQUEST_ID, request_id);
     log.status = response.status().as_u16();
     match response.body_mut() {
         GatewayBody::Proxied(body) => body.attach_log(log, shared.clone()),
@@ -338,12 +340,27 @@ pub(crate) fn check_path(path: &str) -> Result<(), ApiError> {
         if segment.is_empty() {
             return Err(ApiError::BadPath("empty path segment"));
         }
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        if decoded == "." || decoded == ".." {
+        if is_dot_segment(segment) {
             return Err(ApiError::BadPath("dot segments are not allowed"));
         }
     }
     Ok(())
+}
+
+/// Whether a path segment is `.` or `..`, with any dot written `%2e` or
+/// `%2E` (checked without decoding: every request passes here).
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() && dots < 3 {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', b'e' | b'E', tail @ ..] => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    rest.is_empty() && (dots == 1 || dots == 2)
 }
 
 /// The client's `x-request-id` when it is 1-128 visible ASCII characters,
@@ -702,6 +719,11 @@ mod tests {
             "/healthz",
             "/v1/models/gpt-4.1",
             "/v1/a.b",
+            "/v1/.../x",
+            "/v1/%2e%2e%2e/x",
+            "/v1/..a/x",
+            "/v1/%2f/x",
+            "/v1/%2",
         ] {
             assert!(check_path(ok).is_ok(), "{ok}");
         }
@@ -710,6 +732,8 @@ mod tests {
             "/v1/./models",
             "/v1/%2e%2e/admin",
             "/v1/%2E./x",
+            "/v1/.%2e",
+            "/v1/%2E",
             "/v1//models",
             "/v1/models/",
         ] {

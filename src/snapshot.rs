@@ -202,7 +202,7 @@ impl BackendState {
     ) -> Result<Self, UpstreamError> {
         let client = match previous {
             Some(old) if old.config.connect_timeout == config.connect_timeout => old.client.clone(),
-            _ => upstream::client(config.connect_timeout)?,
+            _ => upstream::client(&config.url, config.connect_timeout)?,
         };
         let authorization = config
             .api_key

@@ -10,7 +10,7 @@ pub mod facts;
 
 use std::time::Duration;
 
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::{
     admission::limiter::{AdmitError, LimitKind, RateHeaders},
@@ -324,16 +324,22 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 /// OpenAI's duration format for `x-ratelimit-reset-*` and messages:
 /// `120ms`, `1.2s`, `6m0s`.
 pub fn format_duration(d: Duration) -> String {
+    let mut out = String::with_capacity(8);
+    push_duration(d, &mut out);
+    out
+}
+
+/// Appends `d` in [`format_duration`]'s format, without a temporary.
+fn push_duration(d: Duration, out: &mut String) {
+    let mut digits = itoa::Buffer::new();
     let ms = d.as_millis();
     if ms < 1000 {
         // Round sub-millisecond waits up, so "0ms" never tells a client to
         // retry when it would still be refused.
-        let ms = if !d.subsec_nanos().is_multiple_of(1_000_000) {
-            ms + 1
-        } else {
-            ms
-        };
-        return format!("{ms}ms");
+        let ms = ms + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+        out.push_str(digits.format(ms));
+        out.push_str("ms");
+        return;
     }
     let total_secs = d.as_secs();
     let tenths = d.subsec_nanos().div_ceil(100_000_000);
@@ -343,46 +349,61 @@ pub fn format_duration(d: Duration) -> String {
         (total_secs, tenths)
     };
     let (minutes, secs) = (secs / 60, secs % 60);
-    let secs = if tenths == 0 {
-        format!("{secs}s")
-    } else {
-        format!("{secs}.{tenths}s")
-    };
-    if minutes == 0 {
-        secs
-    } else {
-        format!("{minutes}m{secs}")
+    if minutes > 0 {
+        out.push_str(digits.format(minutes));
+        out.push('m');
     }
+    out.push_str(digits.format(secs));
+    if tenths > 0 {
+        out.push('.');
+        out.push_str(digits.format(tenths));
+    }
+    out.push('s');
 }
 
+/// The `x-ratelimit-*` names, per kind: limit, remaining, reset.
+const RATE_HEADER_NAMES: [[HeaderName; 3]; 2] = [
+    [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+];
+
 /// Writes the `x-ratelimit-*` headers OpenAI clients read; a kind without
-/// a limit sends none (SPEC "Precise points").
+/// a limit sends none (SPEC "Precise points"). Every response carries
+/// them, so the values are written into one buffer and handed out as
+/// slices of it, instead of one allocation per value.
 pub(crate) fn insert_rate_headers(h: &mut http::HeaderMap, headers: &RateHeaders) {
-    let kinds = [
-        (
-            &headers.requests,
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-        ),
-        (
-            &headers.tokens,
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-        ),
-    ];
-    for (state, [limit, remaining, reset]) in kinds {
-        if let Some(state) = state {
-            h.insert(limit, HeaderValue::from(state.limit));
-            h.insert(remaining, HeaderValue::from(state.remaining));
-            if let Ok(v) = HeaderValue::try_from(format_duration(state.reset)) {
-                h.insert(reset, v);
+    let states = [headers.requests, headers.tokens];
+    let mut text = String::with_capacity(96);
+    let mut ends = [[0usize; 3]; 2];
+    let mut digits = itoa::Buffer::new();
+    for (state, ends) in states.iter().zip(&mut ends) {
+        let Some(state) = state else { continue };
+        text.push_str(digits.format(state.limit));
+        ends[0] = text.len();
+        text.push_str(digits.format(state.remaining));
+        ends[1] = text.len();
+        push_duration(state.reset, &mut text);
+        ends[2] = text.len();
+    }
+    let text = bytes::Bytes::from(text);
+    let mut start = 0;
+    for ((state, names), ends) in states.iter().zip(RATE_HEADER_NAMES).zip(ends) {
+        if state.is_none() {
+            continue;
+        }
+        for (name, end) in names.into_iter().zip(ends) {
+            if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
+                h.insert(name, value);
             }
+            start = end;
         }
     }
 }

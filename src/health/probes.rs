@@ -22,8 +22,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use tokio::time::Instant;
 
@@ -31,7 +30,7 @@ use super::engine::{self, EngineLoad};
 use crate::{
     config::BackendConfig,
     snapshot::BackendState,
-    upstream::{self, AttemptError},
+    upstream::{self, AttemptError, UpstreamBody},
 };
 
 /// The result of one liveness or readiness probe.
@@ -504,7 +503,7 @@ fn request(
     uri: Uri,
     authorization: Option<&HeaderValue>,
     json: Option<Bytes>,
-) -> Result<Request<Full<Bytes>>, http::Error> {
+) -> Result<Request<Bytes>, http::Error> {
     let mut builder = Request::builder().method(method).uri(uri);
     if let Some(auth) = authorization {
         builder = builder.header(header::AUTHORIZATION, auth.clone());
@@ -516,7 +515,7 @@ fn request(
         }
         None => Bytes::new(),
     };
-    builder.body(Full::new(body))
+    builder.body(body)
 }
 
 /// `POST {url}/chat/completions` with the backend's key and this JSON body,
@@ -524,7 +523,7 @@ fn request(
 fn chat_request(
     backend: &BackendState,
     body: &serde_json::Value,
-) -> Result<Request<Full<Bytes>>, http::Error> {
+) -> Result<Request<Bytes>, http::Error> {
     let uri = upstream::upstream_uri(&backend.config.url, "/chat/completions", None)?;
     request(
         Method::POST,
@@ -535,7 +534,7 @@ fn chat_request(
 }
 
 /// The whole body, up to `limit` bytes.
-async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProbeError> {
+async fn read_body(body: UpstreamBody, limit: usize) -> Result<Bytes, ProbeError> {
     Limited::new(body, limit)
         .collect()
         .await

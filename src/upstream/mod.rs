@@ -1,35 +1,81 @@
-//! The pooled HTTP clients that talk to backends.
+//! The clients that talk to backends.
 //!
 //! Only this module opens upstream connections. Each backend gets its own
-//! hyper-util pooled client (keep-alive, connection reuse), so its
-//! `connect_timeout` applies and its pool survives a reload that keeps the
-//! backend (the client lives in the backend's carried-over state). https
-//! backends use rustls with the `ring` provider and the webpki roots, so weir
-//! needs neither OpenSSL nor the system's certificate store.
+//! client, so its `connect_timeout` applies and its pool of keep-alive
+//! connections survives a reload that keeps the backend (the client lives in
+//! the backend's carried-over state).
+//!
+//! * plain `http://` backends (inference servers beside weir, the hot path)
+//!   use [`conn`]: HTTP/1.1 driven by the request's own task, the response
+//!   body read straight from the backend's socket, idle connections in a
+//!   [`pool`]. [`codec`] is its wire format.
+//! * `https://` backends (hosted APIs) use hyper-util's pooled client with
+//!   rustls (`ring` provider, webpki roots: weir needs neither OpenSSL nor
+//!   the system's certificate store), which also speaks HTTP/2 where the
+//!   server offers it.
 //!
 //! It does not decide what to retry: it reports *how* an attempt failed
 //! ([`AttemptError`]) and `proxy` decides from that alone.
 
-use std::{sync::Arc, time::Duration};
+mod codec;
+mod conn;
+mod pool;
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{uri::Scheme, Request, Response, Uri};
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::{TokioExecutor, TokioTimer},
 };
 
-/// A pooled client for one backend. Request bodies are the buffered client
-/// body (`Full<Bytes>`), cheap to clone for a retry.
-pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(crate) use conn::PlainClient;
 
-/// How long an idle pooled upstream connection is kept. Shorter than the
-/// common 60-120 s keep-alive of inference servers, so weir closes first and
-/// rarely sends on a connection the backend is closing.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// A backend's client, by the scheme of its URL.
+#[derive(Debug, Clone)]
+pub(crate) enum HttpClient {
+    /// `http://`: weir's own HTTP/1.1 client.
+    Plain(PlainClient),
+    /// `https://`: hyper-util with rustls (boxed: it is six times the
+    /// size of the plain client, and built once per backend).
+    Tls(Box<TlsClient>),
+}
+
+/// hyper-util's pooled client over rustls. Request bodies are the buffered
+/// client body (`Full<Bytes>`).
+pub(crate) type TlsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A backend's response body, streamed as it arrives.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Read by weir's own client from the backend's socket.
+    Plain(conn::ResponseBody),
+    /// Read through hyper-util.
+    Tls(Incoming),
+}
+
+/// Why a backend's body could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyReadError {
+    /// The connection failed (reset, closed early).
+    #[error("reading the upstream body: {0}")]
+    Io(#[from] std::io::Error),
+    /// The backend's framing was broken (bad chunk size, early close).
+    #[error(transparent)]
+    Malformed(#[from] codec::Malformed),
+    /// hyper-util's client failed (https backends).
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+}
 
 /// Why a client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +118,16 @@ impl AttemptError {
     }
 }
 
-/// Builds the pooled client for a backend with this connect timeout.
-pub(crate) fn client(connect_timeout: Duration) -> Result<HttpClient, UpstreamError> {
+/// Builds the client for the backend at `url` with this connect timeout.
+pub(crate) fn client(url: &Uri, connect_timeout: Duration) -> Result<HttpClient, UpstreamError> {
+    if url.scheme() == Some(&Scheme::HTTPS) {
+        tls_client(connect_timeout).map(|c| HttpClient::Tls(Box::new(c)))
+    } else {
+        Ok(HttpClient::Plain(PlainClient::new(url, connect_timeout)))
+    }
+}
+
+fn tls_client(connect_timeout: Duration) -> Result<TlsClient, UpstreamError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -85,27 +139,69 @@ pub(crate) fn client(connect_timeout: Duration) -> Result<HttpClient, UpstreamEr
         .enable_all_versions()
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_idle_timeout(pool::IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https))
 }
 
 /// Sends one request and waits at most `first_byte_timeout` for its
-/// response headers.
+/// response headers (connecting included).
 pub(crate) async fn send(
     client: &HttpClient,
-    request: Request<Full<Bytes>>,
+    request: Request<Bytes>,
     first_byte_timeout: Duration,
-) -> Result<Response<Incoming>, AttemptError> {
-    match tokio::time::timeout(first_byte_timeout, client.request(request)).await {
-        Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(e)) if e.is_connect() && is_refused(&e) => {
-            Err(AttemptError::Refused(error_chain(&e)))
+) -> Result<Response<UpstreamBody>, AttemptError> {
+    match client {
+        HttpClient::Plain(plain) => {
+            match tokio::time::timeout(first_byte_timeout, plain.send(request)).await {
+                Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
+                Ok(result) => result.map(|r| r.map(UpstreamBody::Plain)),
+            }
         }
-        Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(error_chain(&e))),
-        Ok(Err(e)) => Err(AttemptError::Protocol(error_chain(&e))),
+        HttpClient::Tls(tls) => {
+            let request = request.map(Full::new);
+            match tokio::time::timeout(first_byte_timeout, tls.request(request)).await {
+                Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
+                Ok(Ok(response)) => Ok(response.map(UpstreamBody::Tls)),
+                Ok(Err(e)) if e.is_connect() && is_refused(&e) => {
+                    Err(AttemptError::Refused(error_chain(&e)))
+                }
+                Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(error_chain(&e))),
+                Ok(Err(e)) => Err(AttemptError::Protocol(error_chain(&e))),
+            }
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyReadError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        match self.get_mut() {
+            UpstreamBody::Plain(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Tls(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyReadError::from))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Plain(body) => body.is_end_stream(),
+            UpstreamBody::Tls(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Plain(body) => body.size_hint(),
+            UpstreamBody::Tls(body) => body.size_hint(),
+        }
     }
 }
 

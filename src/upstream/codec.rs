@@ -1,0 +1,565 @@
+//! HTTP/1.1 as weir speaks it to a plain-http backend: the request head it
+//! writes, and the response head and body framing it reads (RFC 9112).
+//!
+//! Pure functions over byte buffers, so every framing rule is unit-tested
+//! without a socket; [`super::conn`] does the I/O. Header parsing is
+//! `httparse` (hyper's own parser); body frames are zero-copy slices of the
+//! read buffer, as in hyper's decoder.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
+
+/// The largest response head weir accepts. Inference servers send a few
+/// hundred bytes; nginx's default `proxy_buffer_size` is 4-8 KiB.
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Header lines per response head (hyper's limit).
+const MAX_HEADERS: usize = 100;
+/// The longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 1024;
+/// The most trailer bytes weir reads (and drops) after the last chunk.
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
+/// Bytes from a backend that are not acceptable HTTP/1.1. The connection
+/// is closed; before the response head this is a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed response: {0}")]
+pub struct Malformed(pub &'static str);
+
+/// Appends the request head: request line, `Host` (from the URI, unless
+/// the headers carry one), the headers, and `Content-Length` for the body.
+/// The caller's `Content-Length` and `Transfer-Encoding` are ignored: the
+/// body is always sent whole, with its real length.
+pub(crate) fn encode_request_head(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body_len: usize,
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(header::HOST) {
+        if let Some(authority) = uri.authority() {
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(authority.as_str().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // Like hyper: a body, or a method whose requests normally carry one,
+    // gets a length; an empty GET gets none.
+    if body_len > 0 || !matches!(*method, Method::GET | Method::HEAD | Method::DELETE) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A parsed response head and how its body is framed.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// Whether the connection may carry another request once the body has
+    /// been read to its end.
+    pub reusable: bool,
+}
+
+/// Takes a complete response head off the front of `buf`, skipping interim
+/// 1xx responses. `Ok(None)`: the head is not complete yet, read more.
+/// `head_request`: the request was `HEAD`, so no body follows whatever the
+/// headers say.
+pub(crate) fn read_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Malformed> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut slots);
+        let len = match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+                return Err(Malformed("response head larger than 64 KiB"))
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Malformed("more than 100 response headers"))
+            }
+            Err(_) => return Err(Malformed("response head is not HTTP/1.x")),
+        };
+        let code = response.code.unwrap_or_default();
+        let status = StatusCode::from_u16(code).map_err(|_| Malformed("invalid status code"))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(Malformed(
+                    "101 Switching Protocols on a request without Upgrade",
+                ));
+            }
+            // 100 Continue, 103 Early Hints: the final response follows.
+            buf.advance(len);
+            continue;
+        }
+        let version = if response.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Where each header sits in `buf`, so the values can be zero-copy
+        // slices of the frozen head once the parser's borrow ends.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = response.headers.len();
+        for (span, h) in spans.iter_mut().zip(response.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *span = (name, name + h.name.len(), value, value + h.value.len());
+        }
+        let raw = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let name = HeaderName::from_bytes(&raw[ns..ne])
+                .map_err(|_| Malformed("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(raw.slice(vs..ve))
+                .map_err(|_| Malformed("invalid header value"))?;
+            headers.append(name, value);
+        }
+        let (framing, framing_reusable) = framing(status, head_request, &headers)?;
+        let reusable = framing_reusable && keep_alive(version, &headers);
+        return Ok(Some(Head {
+            status,
+            version,
+            headers,
+            framing,
+            reusable,
+        }));
+    }
+}
+
+/// How the body's end is found (RFC 9112 §6.3), and whether that framing
+/// leaves the connection reusable.
+fn framing(
+    status: StatusCode,
+    head_request: bool,
+    headers: &HeaderMap,
+) -> Result<(Framing, bool), Malformed> {
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Done, true));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim);
+        if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+            // Content-Length beside it is ignored, and the connection
+            // closed afterwards: someone along the way got framing wrong.
+            let reusable = !headers.contains_key(header::CONTENT_LENGTH);
+            return Ok((Framing::Chunked(Chunk::Size), reusable));
+        }
+        return Ok((Framing::UntilClose, false));
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        // `42, 42` (a list of one repeated length) is accepted, as hyper does.
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+                return Err(Malformed("invalid content-length"));
+            }
+            let n = std::str::from_utf8(part)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(Malformed("invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Malformed("conflicting content-length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Framing::Done, true),
+        Some(n) => (Framing::Length(n), true),
+        None => (Framing::UntilClose, false),
+    })
+}
+
+/// Whether the backend keeps the connection open after this response.
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if version == Version::HTTP_10 {
+        has("keep-alive")
+    } else {
+        !has("close")
+    }
+}
+
+/// Where the reader is in a response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// `Content-Length`: this many bytes still to come.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked(Chunk),
+    /// No length: the body ends when the backend closes the connection.
+    UntilClose,
+    /// The whole body has been read.
+    Done,
+}
+
+/// Where the reader is in a chunked body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk, this many data bytes still to come.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk, reading (and dropping) trailer lines.
+    Trailers,
+}
+
+impl Framing {
+    /// Takes the next body bytes off the front of `buf`. `Ok(None)`: more
+    /// input is needed, or the body is done ([`Framing::is_done`]). Framing
+    /// that follows the data (a chunk's CRLF, the last chunk, trailers) is
+    /// consumed as soon as it is buffered, so the body is known to be done
+    /// together with its last bytes.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, Malformed> {
+        self.skip_framing(buf)?;
+        let data = match self {
+            Framing::UntilClose if !buf.is_empty() => Some(buf.split().freeze()),
+            Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) if !buf.is_empty() => {
+                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                *left -= take as u64;
+                let data = buf.split_to(take).freeze();
+                if *left == 0 {
+                    *self = match self {
+                        Framing::Length(_) => Framing::Done,
+                        _ => Framing::Chunked(Chunk::DataEnd),
+                    };
+                }
+                Some(data)
+            }
+            _ => None,
+        };
+        if data.is_some() {
+            // Broken framing after good data is reported by the next call
+            // (it stops at the same bytes again): the data goes out first.
+            let _ = self.skip_framing(buf);
+        }
+        Ok(data)
+    }
+
+    /// The connection reached its end of input.
+    pub(crate) fn eof(&mut self) -> Result<(), Malformed> {
+        match self {
+            Framing::UntilClose | Framing::Done => {
+                *self = Framing::Done;
+                Ok(())
+            }
+            _ => Err(Malformed("connection closed before the body ended")),
+        }
+    }
+
+    /// Whether the whole body has been read.
+    pub(crate) fn is_done(&self) -> bool {
+        *self == Framing::Done
+    }
+
+    /// Body bytes still to come, when the framing says.
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        match self {
+            Framing::Length(n) => Some(*n),
+            Framing::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Consumes chunk framing (sizes, CRLFs, trailers) up to the next data
+    /// byte or the end of what is buffered.
+    fn skip_framing(&mut self, buf: &mut BytesMut) -> Result<(), Malformed> {
+        loop {
+            let Framing::Chunked(chunk) = self else {
+                return Ok(());
+            };
+            match chunk {
+                Chunk::Data(_) => return Ok(()),
+                Chunk::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        *chunk = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                        return Err(Malformed("chunk-size line too long"))
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(()),
+                    Err(_) => return Err(Malformed("invalid chunk size")),
+                },
+                Chunk::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(());
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(Malformed("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *chunk = Chunk::Size;
+                }
+                Chunk::Trailers => match buf.windows(2).position(|w| w == b"\r\n") {
+                    Some(0) => {
+                        buf.advance(2);
+                        *self = Framing::Done;
+                        return Ok(());
+                    }
+                    Some(line) => buf.advance(line + 2),
+                    None if buf.len() > MAX_TRAILER_BYTES => {
+                        return Err(Malformed("trailers too large"))
+                    }
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(bytes: &[u8]) -> Result<Option<Head>, Malformed> {
+        read_head(&mut BytesMut::from(bytes), false)
+    }
+
+    /// Decodes `input` fed in pieces of `step` bytes; returns the body and
+    /// whether it ended.
+    fn decode_in_steps(mut framing: Framing, input: &[u8], step: usize) -> (Vec<u8>, bool) {
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        for piece in input.chunks(step) {
+            buf.extend_from_slice(piece);
+            while let Some(data) = framing.decode(&mut buf).unwrap() {
+                body.extend_from_slice(&data);
+            }
+        }
+        (body, framing.is_done())
+    }
+
+    #[test]
+    fn request_head_has_host_headers_and_length() {
+        let uri: Uri = "http://10.0.0.1:8000/v1/chat/completions?a=1"
+            .parse()
+            .unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("abc"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        let mut out = Vec::new();
+        encode_request_head(&Method::POST, &uri, &headers, 12, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /v1/chat/completions?a=1 HTTP/1.1\r\nhost: 10.0.0.1:8000\r\n\
+             x-request-id: abc\r\ncontent-length: 12\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        let uri: Uri = "http://h/models".parse().unwrap();
+        encode_request_head(&Method::GET, &uri, &HeaderMap::new(), 0, &mut out);
+        assert_eq!(out, b"GET /models HTTP/1.1\r\nhost: h\r\n\r\n");
+    }
+
+    #[test]
+    fn a_head_arriving_in_pieces_parses_once_complete() {
+        let raw =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        for cut in 0..raw.len() - 2 {
+            let mut buf = BytesMut::from(&raw[..cut]);
+            assert!(read_head(&mut buf, false).unwrap().is_none(), "cut {cut}");
+        }
+        let mut buf = BytesMut::from(&raw[..]);
+        let head = read_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(head.status, 200);
+        assert_eq!(head.headers["content-type"], "application/json");
+        assert_eq!(head.framing, Framing::Length(2));
+        assert!(head.reusable);
+        assert_eq!(&buf[..], b"{}");
+    }
+
+    #[test]
+    fn interim_responses_are_skipped() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: x\r\n\r\n\
+               HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n"[..],
+        );
+        let head = read_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(head.status, 201);
+        assert!(head.headers.get("link").is_none());
+        assert!(head.framing.is_done());
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let cases: [(&[u8], Framing, bool); 8] = [
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                Framing::Chunked(Chunk::Size),
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                Framing::Chunked(Chunk::Size),
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+                Framing::Chunked(Chunk::Size),
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                Framing::UntilClose,
+                false,
+            ),
+            (b"HTTP/1.1 200 OK\r\n\r\n", Framing::UntilClose, false),
+            (
+                b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+                Framing::Done,
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\nconnection: close\r\n\r\n",
+                Framing::Length(7),
+                false,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\ncontent-length: 7\r\n\r\n",
+                Framing::Length(7),
+                false,
+            ),
+        ];
+        for (raw, framing, reusable) in cases {
+            let head = head(raw).unwrap().unwrap();
+            let text = String::from_utf8_lossy(raw);
+            assert_eq!(head.framing, framing, "{text}");
+            assert_eq!(head.reusable, reusable, "{text}");
+        }
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"[..]);
+        assert!(read_head(&mut buf, true)
+            .unwrap()
+            .unwrap()
+            .framing
+            .is_done());
+    }
+
+    #[test]
+    fn bad_heads_are_refused() {
+        let bad: [&[u8]; 6] = [
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: +1\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"HTTP/1.1 999999 Big\r\n\r\n",
+        ];
+        for raw in bad {
+            assert!(head(raw).is_err(), "{}", String::from_utf8_lossy(raw));
+        }
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..101 {
+            many.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert!(head(&many).is_err());
+        let mut huge = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        huge.resize(MAX_HEAD_BYTES + 2, b'a');
+        assert!(head(&huge).is_err());
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_sizes() {
+        let wire = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\ntrailer: x\r\n\r\n";
+        for step in 1..=wire.len() {
+            let (body, done) = decode_in_steps(Framing::Chunked(Chunk::Size), wire, step);
+            assert_eq!(body, b"hello, world", "step {step}");
+            assert!(done, "step {step}");
+        }
+    }
+
+    #[test]
+    fn the_last_chunk_ends_the_body_with_the_last_data() {
+        let mut framing = Framing::Chunked(Chunk::Size);
+        let mut buf = BytesMut::from(&b"3\r\nend\r\n0\r\n\r\n"[..]);
+        assert_eq!(framing.decode(&mut buf).unwrap().unwrap(), "end");
+        assert!(framing.is_done());
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn broken_chunked_framing_is_an_error() {
+        let bad: [&[u8]; 3] = [
+            b"zz\r\nhello\r\n",
+            b"2\r\nhiX\r\n",
+            b"ffffffffffffffffffff\r\n",
+        ];
+        for wire in bad {
+            let mut framing = Framing::Chunked(Chunk::Size);
+            let mut buf = BytesMut::from(wire);
+            let result = (|| {
+                while framing.decode(&mut buf)?.is_some() {}
+                Ok::<_, Malformed>(())
+            })();
+            assert!(result.is_err(), "{}", String::from_utf8_lossy(wire));
+        }
+        let mut framing = Framing::Chunked(Chunk::Size);
+        let mut buf = BytesMut::from(&[b'1'; MAX_CHUNK_LINE + 1][..]);
+        assert!(framing.decode(&mut buf).is_err());
+        // Good data read together with the broken framing after it still
+        // comes out, and the error with the next call.
+        let mut framing = Framing::Chunked(Chunk::Size);
+        let mut buf = BytesMut::from(&b"2\r\nok\r\nzz\r\n"[..]);
+        assert_eq!(framing.decode(&mut buf).unwrap().unwrap(), "ok");
+        assert!(framing.decode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn length_bodies_stop_at_their_length_and_eof_early_is_an_error() {
+        let (body, done) = decode_in_steps(Framing::Length(5), b"hello", 2);
+        assert_eq!(body, b"hello");
+        assert!(done);
+        let mut framing = Framing::Length(5);
+        let mut buf = BytesMut::from(&b"hel"[..]);
+        assert_eq!(framing.decode(&mut buf).unwrap().unwrap(), "hel");
+        assert_eq!(framing.remaining(), Some(2));
+        assert!(framing.eof().is_err());
+        let mut framing = Framing::UntilClose;
+        let mut buf = BytesMut::from(&b"all of it"[..]);
+        assert_eq!(framing.decode(&mut buf).unwrap().unwrap(), "all of it");
+        assert!(!framing.is_done());
+        framing.eof().unwrap();
+        assert!(framing.is_done());
+    }
+}

@@ -1,0 +1,601 @@
+//! The client for plain-http backends (the vLLM, SGLang, TGI and llama.cpp
+//! servers next to weir): HTTP/1.1 over pooled keep-alive connections,
+//! driven by the request's own task.
+//!
+//! hyper-util's pooled client gives every connection a task of its own and
+//! hands each request, response and body frame across to it through
+//! channels; per connection it keeps a dispatch channel and two 8 KiB
+//! buffers for as long as the connection lives. Here the request's task
+//! writes the request and reads the response itself, and the response body
+//! reads the backend's socket when hyper's server asks it for the next frame:
+//! no hand-off, no wake-up of another task, and a read buffer that exists
+//! only while bytes are in flight (an idle stream holds none). That is the
+//! whole difference measured in docs/BENCHMARKS.md.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, Uri};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::{
+    codec::{self, Framing, Head},
+    pool::Pool,
+    AttemptError, BodyReadError,
+};
+
+/// The first read of a response, and the usual size of later ones.
+const READ_SIZE: usize = 8 * 1024;
+/// Reads grow (doubling while they fill the buffer) up to this size, so a
+/// large body does not take a system call per 8 KiB.
+const MAX_READ_SIZE: usize = 64 * 1024;
+/// Request bodies up to this size are copied behind the head and sent in
+/// one write; larger ones are written after it.
+const COPY_BODY_MAX: usize = 16 * 1024;
+/// Room for a typical request head.
+const HEAD_CAPACITY: usize = 512;
+
+/// A plain-http backend's client: where it is, and its idle connections.
+#[derive(Debug, Clone)]
+pub(crate) struct PlainClient {
+    pool: Arc<Pool>,
+    /// The backend's host (without IPv6 brackets) and port: requests to
+    /// it share the pool; a request elsewhere gets a connection of its own.
+    origin: (String, u16),
+    connect_timeout: Duration,
+}
+
+impl PlainClient {
+    /// A client for the backend at `url` (its host and port).
+    pub(crate) fn new(url: &Uri, connect_timeout: Duration) -> Self {
+        Self {
+            pool: Arc::default(),
+            origin: host_port(url).unwrap_or_default(),
+            connect_timeout,
+        }
+    }
+
+    /// Sends one request and reads its response head. The caller bounds the
+    /// whole call by `first_byte_timeout`.
+    pub(crate) async fn send(
+        &self,
+        request: Request<Bytes>,
+    ) -> Result<Response<ResponseBody>, AttemptError> {
+        let (parts, body) = request.into_parts();
+        let (host, port) = host_port(&parts.uri)
+            .ok_or_else(|| AttemptError::Connect(format!("no host in {}", parts.uri)))?;
+        let pooled = (host.as_str(), port) == (self.origin.0.as_str(), self.origin.1);
+        let copied = body.len() <= COPY_BODY_MAX;
+        let mut wire = Vec::with_capacity(HEAD_CAPACITY + if copied { body.len() } else { 0 });
+        codec::encode_request_head(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            body.len(),
+            &mut wire,
+        );
+        if copied {
+            wire.extend_from_slice(&body);
+        }
+        let request = Wire {
+            head: &wire,
+            body: (!copied).then_some(&body[..]),
+            head_request: parts.method == Method::HEAD,
+        };
+        let idle = if pooled { self.pool.take() } else { None };
+        let reused = idle.is_some();
+        let stream = match idle {
+            Some(stream) => stream,
+            None => self.connect(&host, port).await?,
+        };
+        let (stream, buf, head) = match exchange(stream, &request).await {
+            Ok(done) => done,
+            // The backend closed the idle connection as weir sent on it (it
+            // answered nothing): once more on a new connection, as hyper and
+            // nginx do for a kept-alive connection.
+            Err(Failed::Stale(_)) if reused => {
+                let stream = self.connect(&host, port).await?;
+                exchange(stream, &request)
+                    .await
+                    .map_err(Failed::into_attempt)?
+            }
+            Err(e) => return Err(e.into_attempt()),
+        };
+        let pool = (pooled && head.reusable).then(|| self.pool.clone());
+        let mut response = Response::new(ResponseBody::new(stream, buf, head.framing, pool));
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        Ok(response)
+    }
+
+    /// Opens a connection within `connect_timeout`.
+    async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, AttemptError> {
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((host, port)),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(AttemptError::Connect(format!(
+                    "connecting to {host}:{port} took longer than {:?}",
+                    self.connect_timeout
+                )))
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                return Err(AttemptError::Refused(format!("{host}:{port}: {e}")))
+            }
+            Ok(Err(e)) => return Err(AttemptError::Connect(format!("{host}:{port}: {e}"))),
+            Ok(Ok(stream)) => stream,
+        };
+        // Small requests and SSE events go out at once; dead peers are
+        // noticed on connections that idle in the pool.
+        let socket = socket2::SockRef::from(&stream);
+        let tuned = stream.set_nodelay(true).and_then(|()| {
+            socket
+                .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)))
+        });
+        if let Err(e) = tuned {
+            tracing::debug!(%host, port, error = %e, "could not tune the upstream socket");
+        }
+        Ok(stream)
+    }
+}
+
+/// The bytes of one request, ready to write.
+struct Wire<'a> {
+    /// Head, with the body behind it when the body is small.
+    head: &'a [u8],
+    /// A large body, written after the head.
+    body: Option<&'a [u8]>,
+    head_request: bool,
+}
+
+/// How one exchange on a connection failed.
+enum Failed {
+    /// The connection closed or reset before a byte of response came back:
+    /// on a reused connection, the backend closed it while it idled.
+    Stale(io::Error),
+    /// Any other failure: the attempt failed.
+    Attempt(AttemptError),
+}
+
+impl Failed {
+    fn into_attempt(self) -> AttemptError {
+        match self {
+            Failed::Stale(e) => {
+                AttemptError::Protocol(format!("connection closed before the response head: {e}"))
+            }
+            Failed::Attempt(e) => e,
+        }
+    }
+}
+
+/// Writes the request and reads the response head; returns the connection
+/// and the buffer holding whatever body bytes came with the head.
+async fn exchange(
+    mut stream: TcpStream,
+    request: &Wire<'_>,
+) -> Result<(TcpStream, BytesMut, Head), Failed> {
+    let written = async {
+        stream.write_all(request.head).await?;
+        if let Some(body) = request.body {
+            stream.write_all(body).await?;
+        }
+        io::Result::Ok(())
+    };
+    if let Err(e) = written.await {
+        return Err(if is_stale(&e) {
+            Failed::Stale(e)
+        } else {
+            Failed::Attempt(AttemptError::Protocol(format!("writing the request: {e}")))
+        });
+    }
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut received = false;
+    loop {
+        match codec::read_head(&mut buf, request.head_request) {
+            Ok(Some(head)) => return Ok((stream, buf, head)),
+            Ok(None) => {}
+            Err(e) => return Err(Failed::Attempt(AttemptError::Protocol(e.to_string()))),
+        }
+        if buf.capacity() - buf.len() < READ_SIZE / 4 {
+            buf.reserve(READ_SIZE);
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) if !received => {
+                return Err(Failed::Stale(io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(0) => {
+                return Err(Failed::Attempt(AttemptError::Protocol(
+                    "connection closed inside the response head".to_owned(),
+                )))
+            }
+            Ok(_) => received = true,
+            Err(e) if !received && is_stale(&e) => return Err(Failed::Stale(e)),
+            Err(e) => {
+                return Err(Failed::Attempt(AttemptError::Protocol(format!(
+                    "reading the response head: {e}"
+                ))))
+            }
+        }
+    }
+}
+
+/// Errors that mean the peer had closed the connection.
+fn is_stale(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// Host (IPv6 without brackets) and port (default 80) of a URI.
+fn host_port(uri: &Uri) -> Option<(String, u16)> {
+    let host = uri.host()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_owned(), uri.port_u16().unwrap_or(80)))
+}
+
+/// A response body read straight from the backend's connection, frame by
+/// frame as hyper's server asks for them. Read to its end, it returns the
+/// connection to the pool; dropped before, it closes it (which is how the
+/// backend learns that the client went away).
+#[derive(Debug)]
+pub struct ResponseBody {
+    stream: Option<TcpStream>,
+    /// Bytes read and not yet handed out; empty (no allocation) while
+    /// waiting for the backend.
+    buf: BytesMut,
+    framing: Framing,
+    /// Where the connection goes once the body is read, if it may be reused.
+    pool: Option<Arc<Pool>>,
+    /// The size of the next read.
+    read_size: usize,
+}
+
+impl ResponseBody {
+    fn new(stream: TcpStream, buf: BytesMut, framing: Framing, pool: Option<Arc<Pool>>) -> Self {
+        let mut body = Self {
+            stream: Some(stream),
+            buf,
+            framing,
+            pool,
+            read_size: READ_SIZE,
+        };
+        if body.framing.is_done() {
+            body.release();
+        }
+        body
+    }
+
+    /// The body was read to its end: the connection goes back to the pool
+    /// if it may be reused and nothing unasked follows the body.
+    fn release(&mut self) {
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        if let (Some(pool), true) = (self.pool.take(), self.buf.is_empty()) {
+            pool.put(stream);
+        }
+        self.buf = BytesMut::new();
+    }
+
+    /// The connection failed: it is closed and the body ends with `error`.
+    fn fail(&mut self, error: BodyReadError) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        self.stream = None;
+        self.framing = Framing::Done;
+        self.buf = BytesMut::new();
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyReadError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        let this = self.get_mut();
+        loop {
+            match this.framing.decode(&mut this.buf) {
+                Err(e) => return this.fail(e.into()),
+                Ok(Some(data)) => {
+                    if this.framing.is_done() {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) if this.framing.is_done() => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+            }
+            let Some(stream) = &this.stream else {
+                return Poll::Ready(None);
+            };
+            match stream.poll_read_ready(cx) {
+                Poll::Pending => {
+                    if this.buf.is_empty() {
+                        // Hold no buffer while the backend is quiet.
+                        this.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return this.fail(e.into()),
+                Poll::Ready(Ok(())) => {}
+            }
+            let spare = this.buf.capacity() - this.buf.len();
+            if spare < this.read_size / 4 {
+                this.buf.reserve(this.read_size);
+            }
+            let spare = this.buf.capacity() - this.buf.len();
+            match stream.try_read_buf(&mut this.buf) {
+                Ok(0) => match this.framing.eof() {
+                    Ok(()) => {
+                        // Ended by close: nothing to return to the pool.
+                        this.pool = None;
+                    }
+                    Err(e) => return this.fail(e.into()),
+                },
+                Ok(n) => {
+                    if n == spare {
+                        this.read_size = (this.read_size * 2).min(MAX_READ_SIZE);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return this.fail(e.into()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::{io::AsyncReadExt, net::TcpListener};
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    /// Reads one request head and its `content-length` body.
+    async fn read_request(s: &mut TcpStream) -> Option<String> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while buf.len() < end + 4 + len {
+                    let n = s.read(&mut chunk).await.ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                return Some(String::from_utf8_lossy(&buf).into_owned());
+            }
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// A backend whose `n`th connection (from 0) runs `serve(n, stream)`;
+    /// returns its URL and the count of connections accepted.
+    async fn backend<F, Fut>(serve: F) -> (Uri, Arc<AtomicUsize>)
+    where
+        F: Fn(usize, TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: Uri = format!("http://{}/v1", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let serve = Arc::new(serve);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn({
+                    let serve = serve.clone();
+                    async move { serve(n, stream).await }
+                });
+            }
+        });
+        (url, accepted)
+    }
+
+    fn post(url: &Uri, body: &'static str) -> Request<Bytes> {
+        let mut request = Request::new(Bytes::from_static(body.as_bytes()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = format!("{url}/chat/completions").parse().unwrap();
+        request
+    }
+
+    async fn text(response: Response<ResponseBody>) -> String {
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    #[tokio::test]
+    async fn requests_share_a_kept_alive_connection() {
+        let (url, accepted) = backend(|_, mut s| async move {
+            while let Some(request) = read_request(&mut s).await {
+                assert!(request.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"));
+                assert!(request.ends_with("\r\n\r\n{}"), "{request}");
+                s.write_all(OK).await.unwrap();
+            }
+        })
+        .await;
+        let client = PlainClient::new(&url, Duration::from_secs(1));
+        for _ in 0..3 {
+            let response = client.send(post(&url, "{}")).await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(text(response).await, "ok");
+            assert_eq!(client.pool.idle(), 1);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_closed_unanswered_is_replaced_once() {
+        // The first connection answers once, then takes the next request
+        // and closes without a word; the second connection answers.
+        let (url, accepted) = backend(|n, mut s| async move {
+            if read_request(&mut s).await.is_some() && n == 1 {
+                s.write_all(OK).await.unwrap();
+            } else if n == 0 {
+                s.write_all(OK).await.unwrap();
+                read_request(&mut s).await;
+            }
+        })
+        .await;
+        let client = PlainClient::new(&url, Duration::from_secs(1));
+        assert_eq!(
+            text(client.send(post(&url, "{}")).await.unwrap()).await,
+            "ok"
+        );
+        assert_eq!(
+            text(client.send(post(&url, "{}")).await.unwrap()).await,
+            "ok"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // A new connection closed unanswered is the backend's failure.
+        let (url, _) = backend(|_, mut s| async move {
+            read_request(&mut s).await;
+        })
+        .await;
+        let client = PlainClient::new(&url, Duration::from_secs(1));
+        let e = client.send(post(&url, "{}")).await.unwrap_err();
+        assert!(matches!(e, AttemptError::Protocol(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_stream_and_end_with_their_last_chunk() {
+        let (url, _) = backend(|_, mut s| async move {
+            read_request(&mut s).await;
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                  transfer-encoding: chunked\r\n\r\n6\r\ndata: \r\n",
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(b"3\r\n1\n\n\r\n0\r\n\r\n").await.unwrap();
+            read_request(&mut s).await;
+        })
+        .await;
+        let client = PlainClient::new(&url, Duration::from_secs(1));
+        let response = client.send(post(&url, "{}")).await.unwrap();
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "data: ");
+        assert!(!body.is_end_stream());
+        assert_eq!(client.pool.idle(), 0, "pooled before the body ended");
+        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(last, "1\n\n");
+        assert!(body.is_end_stream(), "the last chunk came with the data");
+        assert_eq!(client.pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn unfinished_or_closing_responses_do_not_return_to_the_pool() {
+        let (url, accepted) = backend(|n, mut s| async move {
+            while read_request(&mut s).await.is_some() {
+                let answer: &[u8] = match n {
+                    0 => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\npart",
+                    1 => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    _ => b"HTTP/1.1 200 OK\r\n\r\nuntil close",
+                };
+                s.write_all(answer).await.unwrap();
+                if n == 2 {
+                    return;
+                }
+            }
+        })
+        .await;
+        let client = PlainClient::new(&url, Duration::from_secs(1));
+        // Dropped after its first frame: the connection is closed.
+        let mut body = client.send(post(&url, "{}")).await.unwrap().into_body();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "part"
+        );
+        drop(body);
+        assert_eq!(client.pool.idle(), 0);
+        // `connection: close`, and a body ended by close: not reused.
+        assert_eq!(
+            text(client.send(post(&url, "{}")).await.unwrap()).await,
+            "ok"
+        );
+        assert_eq!(client.pool.idle(), 0);
+        let response = client.send(post(&url, "{}")).await.unwrap();
+        assert_eq!(text(response).await, "until close");
+        assert_eq!(client.pool.idle(), 0);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn refused_and_large_bodies() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: Uri = format!("http://{}/v1", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        drop(listener);
+        let client = PlainClient::new(&url, Duration::from_secs(1));
+        let e = client.send(post(&url, "{}")).await.unwrap_err();
+        assert!(matches!(e, AttemptError::Refused(_)), "{e:?}");
+        // A body above COPY_BODY_MAX is written after the head, whole.
+        static BIG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let big = BIG.get_or_init(|| "x".repeat(COPY_BODY_MAX * 3 + 7));
+        let (url, _) = backend(|_, mut s| async move {
+            let request = read_request(&mut s).await.unwrap();
+            let body = &request[request.find("\r\n\r\n").unwrap() + 4..];
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            s.write_all(answer.as_bytes()).await.unwrap();
+            s.write_all(body.as_bytes()).await.unwrap();
+        })
+        .await;
+        let client = PlainClient::new(&url, Duration::from_secs(1));
+        let response = client.send(post(&url, big)).await.unwrap();
+        assert_eq!(response.body().size_hint().exact(), Some(big.len() as u64));
+        assert_eq!(text(response).await, *big);
+    }
+}
