@@ -37,6 +37,7 @@ mod headers;
 pub mod health;
 pub mod healthcheck;
 mod jitter;
+mod lanes;
 mod metrics;
 pub mod mock;
 mod proxy;

@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{header, request::Parts, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
@@ -581,7 +581,7 @@ fn upstream_headers(mut headers: HeaderMap, request_id: &HeaderValue) -> HeaderM
 /// by `request_timeout`.
 async fn read_body(
     parts: &Parts,
-    body: Incoming,
+    mut body: Incoming,
     limit: usize,
     deadline: Instant,
 ) -> Result<Bytes, ApiError> {
@@ -590,15 +590,65 @@ async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::BodyTooLarge { limit });
-    }
-    match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ApiError::BodyTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::BodyTooLarge { limit })
+    if declared.is_none_or(|n| n <= limit as u64) {
+        match tokio::time::timeout_at(deadline, read_frames(&mut body, limit)).await {
+            Err(_) => return Err(ApiError::BodyTimeout),
+            Ok(Ok(Some(bytes))) => return Ok(bytes),
+            Ok(Ok(None)) => {} // too large
+            Ok(Err(e)) => return Err(ApiError::BodyRead(e.to_string())),
         }
-        Ok(Err(e)) => Err(ApiError::BodyRead(e.to_string())),
     }
+    // A client waiting for `100 Continue` has sent nothing more and gets
+    // the 413 at once; one that is still sending gets it too, because the
+    // rest is read and dropped meanwhile.
+    if !parts.headers.contains_key(header::EXPECT) {
+        linger(body);
+    }
+    Err(ApiError::BodyTooLarge { limit })
+}
+
+/// The body's bytes, or `None` as soon as they exceed `limit`. A body that
+/// arrives in one frame (the common case) is returned without a copy.
+async fn read_frames(body: &mut Incoming, limit: usize) -> Result<Option<Bytes>, hyper::Error> {
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // trailers
+        };
+        total = total.saturating_add(data.len());
+        if total > limit {
+            return Ok(None);
+        }
+        frames.push(data);
+    }
+    Ok(Some(match frames.len() {
+        0 => Bytes::new(),
+        1 => frames.pop().unwrap_or_default(),
+        _ => frames.concat().into(),
+    }))
+}
+
+/// How long, and how many bytes, weir keeps reading a refused body.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_BYTES: u64 = 64 * 1024 * 1024;
+
+/// nginx's lingering close: reads and drops what the client still sends of
+/// a refused body (up to [`LINGER_TIME`] and [`LINGER_BYTES`]), so a client
+/// that is still writing reads the 413 instead of a broken pipe or a reset.
+/// hyper writes the answer meanwhile; once the body is read to its end the
+/// connection stays open, past the limits it is closed.
+fn linger(mut body: Incoming) {
+    tokio::spawn(async move {
+        let drain = async {
+            let mut read = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
 }

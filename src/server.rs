@@ -62,8 +62,11 @@ use crate::{
     admin,
     api::ApiError,
     body::GatewayBody,
+    config::ServerConfig,
     gateway::Shared,
-    headers, proxy,
+    headers,
+    lanes::Lanes,
+    proxy,
 };
 
 pub(crate) use crate::reload::reload;
@@ -114,6 +117,20 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
         .keep_alive_interval(None);
+    let builder = Arc::new(builder);
+    let server_config = Arc::new(server_config);
+    // Client connections run on the lanes (one thread per core); the
+    // admin listener's few connections stay on the main runtime.
+    let lanes = match role {
+        Role::Admin => None,
+        Role::Public | Role::Both => match Lanes::start() {
+            Ok(lanes) => Some(lanes),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the connection lanes; serving on the main runtime");
+                None
+            }
+        },
+    };
     let graceful = GracefulShutdown::new();
     loop {
         // Wait for a connection slot before accepting, so connections beyond
@@ -138,7 +155,83 @@ pub(crate) async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
+        let accepted = Accepted {
+            peer,
+            role,
+            shared: shared.clone(),
+            builder: builder.clone(),
+            server_config: server_config.clone(),
+            graceful: graceful.watcher(),
+            permit,
+        };
+        // Connections are tracked by `graceful` (which waits for them on
+        // shutdown), not by a JoinSet that would grow with every connection.
+        match &lanes {
+            Some(lanes) => match stream.into_std() {
+                // Re-registered with the lane's own reactor there.
+                Ok(stream) => lanes.spawn(accepted.serve(Socket::Std(stream))),
+                Err(e) => tracing::debug!(%peer, error = %e, "accepted socket unusable"),
+            },
+            None => drop(tokio::spawn(accepted.serve(Socket::Tokio(stream)))),
+        }
+    }
+    drop(listener);
+    let grace = shared.snapshot.load().config.server.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "shutdown grace passed with connections still open; closing them"
+        );
+    }
+    // Stops the lane threads, dropping connections still open past the grace.
+    drop(lanes);
+}
+
+/// An accepted socket, registered with a reactor or about to be.
+enum Socket {
+    /// Accepted on this runtime.
+    Tokio(TcpStream),
+    /// Handed over from the accept loop to a lane.
+    Std(std::net::TcpStream),
+}
+
+/// One accepted connection and what serving it needs.
+struct Accepted {
+    peer: SocketAddr,
+    role: Role,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    server_config: Arc<ServerConfig>,
+    graceful: hyper_util::server::graceful::Watcher,
+    /// The `max_connections` slot, held until the connection closes.
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Accepted {
+    /// Serves the connection until it closes.
+    async fn serve(self, socket: Socket) {
+        let Accepted {
+            peer,
+            role,
+            shared,
+            builder,
+            server_config,
+            graceful,
+            permit,
+        } = self;
+        let stream = match socket {
+            Socket::Tokio(stream) => stream,
+            Socket::Std(stream) => match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "cannot register the connection");
+                    return;
+                }
+            },
+        };
         let watch = Arc::new(ConnWatch::default());
         let io = ClientIo::new(stream, watch.clone(), &server_config);
         let service = service_fn(move |req| {
@@ -152,29 +245,11 @@ pub(crate) async fn serve(
                 Ok::<_, Infallible>(response.map(|inner| ConnBody { inner, _busy: busy }))
             }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        // Connections are tracked by `graceful` (which waits for them on
-        // shutdown), not by a JoinSet that would grow with every connection.
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    let grace = shared.snapshot.load().config.server.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "shutdown grace passed with connections still open; closing them"
-        );
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        if let Err(e) = graceful.watch(conn.into_owned()).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        drop(permit);
     }
 }
 
@@ -373,7 +448,11 @@ fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
         }
     }
     let id: u128 = rand::random();
-    HeaderValue::try_from(format!("{id:032x}")).unwrap_or(HeaderValue::from_static("0"))
+    let mut hex = [0u8; 32];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// What one client connection's requests tell its [`ClientIo`], and what
@@ -644,6 +723,9 @@ struct FramingScan {
     transfer_encoding: bool,
     /// The connection speaks HTTP/2: nothing more to scan.
     off: bool,
+    /// The current line cannot name either field (nor be the h2 preface or
+    /// a blank line): it is skipped to its end unread.
+    boring: bool,
 }
 
 impl FramingScan {
@@ -652,7 +734,13 @@ impl FramingScan {
         let mut ambiguous = false;
         let mut rest = bytes;
         while !self.off && !rest.is_empty() {
-            if self.len >= LINE_PREFIX {
+            if self.len == 0 && !self.boring {
+                // Most lines (the request line, other headers, the body)
+                // are told apart by their first byte alone.
+                let first = rest.first().map_or(b'\n', u8::to_ascii_lowercase);
+                self.boring = !matches!(first, b'c' | b't' | b'p' | b'\r' | b'\n');
+            }
+            if self.boring || self.len >= LINE_PREFIX {
                 // The line is classified by its prefix: skip to its end.
                 match rest.iter().position(|&b| b == b'\n') {
                     Some(i) => rest = rest.get(i..).unwrap_or_default(),
@@ -678,6 +766,12 @@ impl FramingScan {
     }
 
     fn end_line(&mut self) -> bool {
+        if self.boring {
+            // Not blank, and names neither field.
+            self.boring = false;
+            self.lines += 1;
+            return self.content_length && self.transfer_encoding;
+        }
         let line = self
             .prefix
             .get(..self.len.min(LINE_PREFIX))

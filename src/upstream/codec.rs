@@ -6,6 +6,8 @@
 //! `httparse` (hyper's own parser); body frames are zero-copy slices of the
 //! read buffer, as in hyper's decoder.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 
@@ -18,6 +20,17 @@ const MAX_HEADERS: usize = 100;
 const MAX_CHUNK_LINE: usize = 1024;
 /// The most trailer bytes weir reads (and drops) after the last chunk.
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
+/// Headers a proxy typically adds to a response it passes on.
+const ADDED_HEADERS: usize = 10;
+
+/// Header positions kept on the stack while reading a head.
+const SMALL_HEAD: usize = 16;
+
+/// Where one header's name and value sit in the head: name start and end,
+/// value start and end.
+#[derive(Debug, Default, Clone, Copy)]
+struct Span(usize, usize, usize, usize);
 
 /// Bytes from a backend that are not acceptable HTTP/1.1. The connection
 /// is closed; before the response head this is a failed attempt.
@@ -85,9 +98,15 @@ pub(crate) struct Head {
 /// headers say.
 pub(crate) fn read_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Malformed> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut slots);
-        let len = match response.parse(buf) {
+        // Uninitialised slots: zeroing 100 headers costs more than parsing
+        // the handful a backend sends.
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut slots,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
                 return Err(Malformed("response head larger than 64 KiB"))
@@ -116,18 +135,27 @@ pub(crate) fn read_head(buf: &mut BytesMut, head_request: bool) -> Result<Option
             Version::HTTP_11
         };
         // Where each header sits in `buf`, so the values can be zero-copy
-        // slices of the frozen head once the parser's borrow ends.
+        // slices of the frozen head once the parser's borrow ends. A
+        // backend sends a handful; more than fit on the stack spill over.
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
         let count = response.headers.len();
-        for (span, h) in spans.iter_mut().zip(response.headers.iter()) {
+        let mut small = [Span::default(); SMALL_HEAD];
+        let mut spill = Vec::new();
+        for (i, h) in response.headers.iter().enumerate() {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
-            *span = (name, name + h.name.len(), value, value + h.value.len());
+            let span = Span(name, name + h.name.len(), value, value + h.value.len());
+            match small.get_mut(i) {
+                Some(slot) => *slot = span,
+                None => spill.push(span),
+            }
         }
         let raw = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(ns, ne, vs, ve) in &spans[..count] {
+        // Room for the headers the gateway adds (rate limits, request id,
+        // backend), so the map is not grown and rehashed on the way out.
+        let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
+        let spans = small.iter().take(count).chain(&spill);
+        for &Span(ns, ne, vs, ve) in spans {
             let name = HeaderName::from_bytes(&raw[ns..ne])
                 .map_err(|_| Malformed("invalid header name"))?;
             let value = HeaderValue::from_maybe_shared(raw.slice(vs..ve))
@@ -406,6 +434,22 @@ mod tests {
         assert_eq!(head.framing, Framing::Length(2));
         assert!(head.reusable);
         assert_eq!(&buf[..], b"{}");
+    }
+
+    #[test]
+    fn many_headers_keep_their_values_and_order() {
+        let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..40 {
+            raw.extend_from_slice(format!("x-h{}: v{i}\r\nset-cookie: c{i}\r\n", i % 7).as_bytes());
+        }
+        raw.extend_from_slice(b"content-length: 0\r\n\r\n");
+        let head = head(&raw).unwrap().unwrap();
+        assert_eq!(head.headers.len(), 81);
+        let cookies: Vec<_> = head.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies.len(), 40);
+        assert_eq!(cookies[39], "c39");
+        let h3: Vec<_> = head.headers.get_all("x-h3").iter().collect();
+        assert_eq!(h3, ["v3", "v10", "v17", "v24", "v31", "v38"]);
     }
 
     #[test]

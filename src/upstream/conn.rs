@@ -21,12 +21,14 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response, Uri};
+use http::{uri::Authority, Method, Request, Response, Uri};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
+
+use crate::lanes;
 
 use super::{
     codec::{self, Framing, Head},
@@ -48,10 +50,12 @@ const HEAD_CAPACITY: usize = 512;
 /// A plain-http backend's client: where it is, and its idle connections.
 #[derive(Debug, Clone)]
 pub(crate) struct PlainClient {
-    pool: Arc<Pool>,
-    /// The backend's host (without IPv6 brackets) and port: requests to
-    /// it share the pool; a request elsewhere gets a connection of its own.
-    origin: (String, u16),
+    /// Idle connections, one pool per lane (index [`lanes::current`]): a
+    /// socket is only ever used on the thread whose reactor it belongs to.
+    pools: Arc<[Arc<Pool>]>,
+    /// The backend's host and port: requests to it share the pool; a
+    /// request elsewhere gets a connection of its own.
+    authority: Option<Authority>,
     connect_timeout: Duration,
 }
 
@@ -59,8 +63,8 @@ impl PlainClient {
     /// A client for the backend at `url` (its host and port).
     pub(crate) fn new(url: &Uri, connect_timeout: Duration) -> Self {
         Self {
-            pool: Arc::default(),
-            origin: host_port(url).unwrap_or_default(),
+            pools: (0..=lanes::count()).map(|_| Arc::default()).collect(),
+            authority: url.authority().cloned(),
             connect_timeout,
         }
     }
@@ -72,9 +76,8 @@ impl PlainClient {
         request: Request<Bytes>,
     ) -> Result<Response<ResponseBody>, AttemptError> {
         let (parts, body) = request.into_parts();
-        let (host, port) = host_port(&parts.uri)
-            .ok_or_else(|| AttemptError::Connect(format!("no host in {}", parts.uri)))?;
-        let pooled = (host.as_str(), port) == (self.origin.0.as_str(), self.origin.1);
+        let pooled =
+            parts.uri.authority().is_some() && parts.uri.authority() == self.authority.as_ref();
         let copied = body.len() <= COPY_BODY_MAX;
         let mut wire = Vec::with_capacity(HEAD_CAPACITY + if copied { body.len() } else { 0 });
         codec::encode_request_head(
@@ -92,11 +95,12 @@ impl PlainClient {
             body: (!copied).then_some(&body[..]),
             head_request: parts.method == Method::HEAD,
         };
-        let idle = if pooled { self.pool.take() } else { None };
+        let pool = self.pool();
+        let idle = if pooled { pool.take() } else { None };
         let reused = idle.is_some();
         let stream = match idle {
             Some(stream) => stream,
-            None => self.connect(&host, port).await?,
+            None => self.connect(&parts.uri).await?,
         };
         let (stream, buf, head) = match exchange(stream, &request).await {
             Ok(done) => done,
@@ -104,14 +108,14 @@ impl PlainClient {
             // answered nothing): once more on a new connection, as hyper and
             // nginx do for a kept-alive connection.
             Err(Failed::Stale(_)) if reused => {
-                let stream = self.connect(&host, port).await?;
+                let stream = self.connect(&parts.uri).await?;
                 exchange(stream, &request)
                     .await
                     .map_err(Failed::into_attempt)?
             }
             Err(e) => return Err(e.into_attempt()),
         };
-        let pool = (pooled && head.reusable).then(|| self.pool.clone());
+        let pool = (pooled && head.reusable).then(|| pool.clone());
         let mut response = Response::new(ResponseBody::new(stream, buf, head.framing, pool));
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
@@ -119,8 +123,17 @@ impl PlainClient {
         Ok(response)
     }
 
-    /// Opens a connection within `connect_timeout`.
-    async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, AttemptError> {
+    /// The calling lane's pool.
+    fn pool(&self) -> &Arc<Pool> {
+        let pools = &*self.pools;
+        &pools[lanes::current().min(pools.len() - 1)]
+    }
+
+    /// Opens a connection to the URI's host within `connect_timeout`.
+    async fn connect(&self, uri: &Uri) -> Result<TcpStream, AttemptError> {
+        let (host, port) =
+            host_port(uri).ok_or_else(|| AttemptError::Connect(format!("no host in {uri}")))?;
+        let host = host.as_str();
         let stream = match tokio::time::timeout(
             self.connect_timeout,
             TcpStream::connect((host, port)),
@@ -468,7 +481,7 @@ mod tests {
             let response = client.send(post(&url, "{}")).await.unwrap();
             assert_eq!(response.status(), 200);
             assert_eq!(text(response).await, "ok");
-            assert_eq!(client.pool.idle(), 1);
+            assert_eq!(client.pool().idle(), 1);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -528,11 +541,11 @@ mod tests {
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "data: ");
         assert!(!body.is_end_stream());
-        assert_eq!(client.pool.idle(), 0, "pooled before the body ended");
+        assert_eq!(client.pool().idle(), 0, "pooled before the body ended");
         let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(last, "1\n\n");
         assert!(body.is_end_stream(), "the last chunk came with the data");
-        assert_eq!(client.pool.idle(), 1);
+        assert_eq!(client.pool().idle(), 1);
     }
 
     #[tokio::test]
@@ -559,16 +572,16 @@ mod tests {
             "part"
         );
         drop(body);
-        assert_eq!(client.pool.idle(), 0);
+        assert_eq!(client.pool().idle(), 0);
         // `connection: close`, and a body ended by close: not reused.
         assert_eq!(
             text(client.send(post(&url, "{}")).await.unwrap()).await,
             "ok"
         );
-        assert_eq!(client.pool.idle(), 0);
+        assert_eq!(client.pool().idle(), 0);
         let response = client.send(post(&url, "{}")).await.unwrap();
         assert_eq!(text(response).await, "until close");
-        assert_eq!(client.pool.idle(), 0);
+        assert_eq!(client.pool().idle(), 0);
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
