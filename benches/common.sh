@@ -1,4 +1,4 @@
-# Shared by the loopback benches (load.sh, streams.sh): sourced, not run.
+# Shared by the loopback benches (load.sh, streams.sh, cost.sh): sourced, not run.
 # Each script sets its own variables first; these helpers use WEIR_BIN,
 # KEEP and the PIDS array they start.
 
@@ -46,4 +46,35 @@ wait_port() { # port pid name
         sleep 0.1
     done
     die "$3 does not listen on 127.0.0.1:$1; see $DIR/$3.log"
+}
+
+# One nginx in the foreground (daemon off) with its own prefix, pid and logs,
+# in DIR/NAME; NGINX names the binary. EXTRA (optional, $4) goes at the top
+# level of nginx.conf (e.g. "master_process off;").
+start_nginx() { # name http-block port [extra]
+    local name=$1 conf="$DIR/$1"
+    mkdir -p "$conf/logs"
+    chmod 777 "$conf" "$conf/logs"
+    cat >"$conf/nginx.conf" <<EOF
+$([ "$(id -u)" = 0 ] && echo "user root;")
+worker_processes auto;
+${4:-}
+daemon off;
+pid $conf/nginx.pid;
+error_log $conf/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $conf/body;
+    proxy_temp_path $conf/proxy;
+    fastcgi_temp_path $conf/fastcgi;
+    uwsgi_temp_path $conf/uwsgi;
+    scgi_temp_path $conf/scgi;
+    keepalive_requests 1000000;
+    $2
+}
+EOF
+    "$NGINX" -p "$conf" -c "$conf/nginx.conf" -e "$conf/logs/error.log" >"$DIR/$name.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$3" $! "$name"
 }

@@ -64,34 +64,6 @@ start_workdir load
 # nginx workers run as another user unless root: let them in.
 chmod 755 "$DIR"
 
-# One nginx in the foreground (daemon off) with its own prefix, pid and logs.
-start_nginx() { # name server-block
-    local name=$1 conf="$DIR/$1"
-    mkdir -p "$conf/logs"
-    chmod 777 "$conf" "$conf/logs"
-    cat >"$conf/nginx.conf" <<EOF
-$([ "$(id -u)" = 0 ] && echo "user root;")
-worker_processes auto;
-daemon off;
-pid $conf/nginx.pid;
-error_log $conf/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $conf/body;
-    proxy_temp_path $conf/proxy;
-    fastcgi_temp_path $conf/fastcgi;
-    uwsgi_temp_path $conf/uwsgi;
-    scgi_temp_path $conf/scgi;
-    keepalive_requests 1000000;
-    $2
-}
-EOF
-    "$NGINX" -p "$conf" -c "$conf/nginx.conf" -e "$conf/logs/error.log" >"$DIR/$name.log" 2>&1 &
-    PIDS+=($!)
-    wait_port "$3" $! "$name"
-}
-
 start_nginx upstream "server {
         listen 127.0.0.1:$UP_PORT;
         default_type application/json;

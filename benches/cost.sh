@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# What one proxied request costs weir, beside nginx doing the same job, in
+# the two units this shared machine measures repeatably (issue #7, item 4):
+#
+#   1. CPU time per request: the proxy's utime and stime (all its threads;
+#      nginx: its workers) over a `wrk -t1 -c32` run, divided by the
+#      requests served. Rounds alternate nginx and weir.
+#   2. With INSTR=1, instructions per request under valgrind's callgrind
+#      (user space only; exact and repeatable whatever the load): each
+#      proxy runs single-process under callgrind, wrk -c4 warms it up for
+#      5 s, counters are zeroed, then 10 s are counted.
+#
+#   benches/cost.sh
+#   INSTR=1 benches/cost.sh
+#
+# Same targets as load.sh: nginx `return 200` upstream, nginx as a reverse
+# proxy (keepalive 64) and weir (limits that do not bind, two weighted
+# backends, metrics on, RUST_LOG=warn), small POST /v1/chat/completions.
+#
+# Environment (all optional):
+#   WEIR_BIN   weir binary (default: target/release/weir, built here)
+#   DURATION   seconds per CPU-time run (default 5)
+#   ROUNDS     CPU-time rounds (default 3)
+#   INSTR=1    also count instructions (installs valgrind if missing)
+#   BASE_PORT  first of the 5 loopback ports used (default 18281)
+#   KEEP=1     keep the temp dir
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-3}
+INSTR=${INSTR:-0}
+BASE_PORT=${BASE_PORT:-18281}
+UP_PORT=$BASE_PORT
+NGINX_PORT=$((BASE_PORT + 1))
+WEIR_PORT=$((BASE_PORT + 2))
+NGINX_CG_PORT=$((BASE_PORT + 3))   # INSTR=1: nginx, one process, under callgrind
+WEIR_CG_PORT=$((BASE_PORT + 4))    # INSTR=1: weir under callgrind
+MODEL=bench-model
+
+. benches/common.sh
+
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+[ "$INSTR" != 1 ] || command -v valgrind >/dev/null || need+=(valgrind)
+apt_install "${need[@]}"
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+resolve_weir_bin
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+start_workdir cost
+chmod 755 "$DIR"
+
+start_nginx upstream "server {
+        listen 127.0.0.1:$UP_PORT;
+        default_type application/json;
+        location / { return 200 '{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[]}'; }
+    }" "$UP_PORT"
+
+proxy_block() { # port
+    echo "upstream up { server 127.0.0.1:$UP_PORT; keepalive 64; }
+    server {
+        listen 127.0.0.1:$1;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }"
+}
+start_nginx nginx "$(proxy_block "$NGINX_PORT")" "$NGINX_PORT"
+NGINX_MASTER=${PIDS[-1]}
+
+weir_config() { # port
+    cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+
+[limits]
+requests_per_minute = 100_000_000
+tokens_per_minute = 1_000_000_000_000
+
+[[models]]
+name = "$MODEL"
+requests_per_minute = 100_000_000
+tokens_per_minute = 1_000_000_000_000
+max_concurrent = 10000
+
+[[backends]]
+name = "up-a"
+url = "http://127.0.0.1:$UP_PORT/v1"
+models = ["$MODEL"]
+weight = 3
+
+[[backends]]
+name = "up-b"
+url = "http://127.0.0.1:$UP_PORT/v1"
+models = ["$MODEL"]
+weight = 1
+
+[health]
+enabled = false
+EOF
+}
+weir_config "$WEIR_PORT" >"$DIR/weir.toml"
+RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir.toml" >"$DIR/weir.log" 2>&1 &
+WEIR_PID=$!
+PIDS+=($WEIR_PID)
+wait_port "$WEIR_PORT" $WEIR_PID weir
+
+cat >"$DIR/post.lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}'
+EOF
+
+# Clock ticks (user system) used so far by every thread of the pids given.
+ticks() {
+    local u=0 s=0 p t
+    for p in "$@"; do
+        for t in /proc/"$p"/task/*/stat; do
+            read -r -a f <"$t" || continue
+            # Fields 14 and 15; the command name (field 2) has no spaces here.
+            u=$((u + f[13])); s=$((s + f[14]))
+        done
+    done
+    echo "$u $s"
+}
+
+# cpu_run name port pids... -> "req/s user_us sys_us" per request
+cpu_run() {
+    local port=$2; shift 2
+    local hz before after n
+    hz=$(getconf CLK_TCK)
+    wrk -t1 -c32 -d1s -s "$DIR/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+    read -r -a before <<<"$(ticks "$@")"
+    n=$(wrk -t1 -c32 -d"${DURATION}s" -s "$DIR/post.lua" \
+        "http://127.0.0.1:$port/v1/chat/completions" | awk '/requests in/ {print $1}')
+    read -r -a after <<<"$(ticks "$@")"
+    awk -v n="$n" -v d="$DURATION" -v hz="$hz" -v u=$((after[0] - before[0])) \
+        -v s=$((after[1] - before[1])) \
+        'BEGIN { printf "%.0f %.1f %.1f", n / d, u / hz * 1e6 / n, s / hz * 1e6 / n }'
+}
+
+echo "CPU per request, wrk -t1 -c32 -d${DURATION}s, $ROUNDS rounds"
+echo
+echo "| round | target | req/s | user µs/req | sys µs/req | total µs/req |"
+echo "|---|---|---|---|---|---|"
+for round in $(seq "$ROUNDS"); do
+    # nginx's workers are its master's children.
+    workers=$(pgrep -P "$NGINX_MASTER" | tr '\n' ' ')
+    for target in nginx weir; do
+        if [ "$target" = nginx ]; then
+            read -r rps user sys <<<"$(cpu_run nginx "$NGINX_PORT" $workers)"
+        else
+            read -r rps user sys <<<"$(cpu_run weir "$WEIR_PORT" "$WEIR_PID")"
+        fi
+        total=$(awk -v a="$user" -v b="$sys" 'BEGIN { printf "%.1f", a + b }')
+        echo "| $round | $target | $rps | $user | $sys | $total |"
+    done
+done
+
+[ "$INSTR" = 1 ] || exit 0
+
+# instr name port cmd... -> instructions per request under callgrind
+instr() {
+    local name=$1 port=$2; shift 2
+    local out="$DIR/cg-$name" n total=0 f ir
+    mkdir -p "$out"
+    valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$out/callgrind.%p" "$@" \
+        >"$DIR/cg-$name.log" 2>&1 &
+    local pid=$!
+    PIDS+=($pid)
+    for _ in $(seq 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.1
+    done
+    wrk -t1 -c4 -d5s -s "$DIR/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    n=$(wrk -t1 -c4 -d10s -s "$DIR/post.lua" \
+        "http://127.0.0.1:$port/v1/chat/completions" | awk '/requests in/ {print $1}')
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    sleep 1
+    for f in "$out"/callgrind.*; do
+        ir=$(awk '/^summary:/ {print $2}' "$f")
+        total=$((total + ${ir:-0}))
+    done
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    awk -v t="$total" -v n="$n" 'BEGIN { printf "%d %.0f", n, t / n }'
+}
+
+echo
+echo "Instructions per request under callgrind (user space), wrk -t1 -c4 -d10s"
+echo
+echo "| target | requests counted | instructions/request |"
+echo "|---|---|---|"
+start_nginx_cg() {
+    # One process (no master, no workers), so callgrind sees all the work.
+    local conf="$DIR/nginx-cg"
+    mkdir -p "$conf/logs"
+    chmod 777 "$conf" "$conf/logs"
+    cat >"$conf/nginx.conf" <<EOF
+$([ "$(id -u)" = 0 ] && echo "user root;")
+master_process off;
+daemon off;
+pid $conf/nginx.pid;
+error_log $conf/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $conf/body;
+    proxy_temp_path $conf/proxy;
+    fastcgi_temp_path $conf/fastcgi;
+    uwsgi_temp_path $conf/uwsgi;
+    scgi_temp_path $conf/scgi;
+    keepalive_requests 1000000;
+    $(proxy_block "$NGINX_CG_PORT")
+}
+EOF
+    echo "$conf/nginx.conf"
+}
+read -r n per <<<"$(instr nginx "$NGINX_CG_PORT" "$NGINX" -p "$DIR/nginx-cg" -c "$(start_nginx_cg)")"
+echo "| nginx | $n | $per |"
+weir_config "$WEIR_CG_PORT" >"$DIR/weir-cg.toml"
+read -r n per <<<"$(instr weir "$WEIR_CG_PORT" env RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir-cg.toml")"
+echo "| weir | $n | $per |"
