@@ -48,17 +48,17 @@ wait_port() { # port pid name
     die "$3 does not listen on 127.0.0.1:$1; see $DIR/$3.log"
 }
 
-# One nginx in the foreground (daemon off) with its own prefix, pid and logs,
-# in DIR/NAME; NGINX names the binary. EXTRA (optional, $4) goes at the top
-# level of nginx.conf (e.g. "master_process off;").
-start_nginx() { # name http-block port [extra]
-    local name=$1 conf="$DIR/$1"
+# Writes DIR/NAME/nginx.conf for an nginx in the foreground (daemon off) with
+# its own prefix, pid and logs, and prints its path. EXTRA (optional, $3)
+# goes at the top level (e.g. "master_process off;").
+nginx_conf() { # name http-block [extra]
+    local conf="$DIR/$1"
     mkdir -p "$conf/logs"
     chmod 777 "$conf" "$conf/logs"
     cat >"$conf/nginx.conf" <<EOF
 $([ "$(id -u)" = 0 ] && echo "user root;")
 worker_processes auto;
-${4:-}
+${3:-}
 daemon off;
 pid $conf/nginx.pid;
 error_log $conf/logs/error.log warn;
@@ -74,7 +74,48 @@ http {
     $2
 }
 EOF
-    "$NGINX" -p "$conf" -c "$conf/nginx.conf" -e "$conf/logs/error.log" >"$DIR/$name.log" 2>&1 &
+    echo "$conf/nginx.conf"
+}
+
+# Starts an nginx (NGINX names the binary) with nginx_conf's config.
+start_nginx() { # name http-block port
+    local config
+    config=$(nginx_conf "$1" "$2")
+    "$NGINX" -p "$DIR/$1" -c "$config" -e "$DIR/$1/logs/error.log" >"$DIR/$1.log" 2>&1 &
     PIDS+=($!)
-    wait_port "$3" $! "$name"
+    wait_port "$3" $! "$1"
+}
+
+# The gateway the loopback benches time: limits that never bind, MODEL on
+# two weighted backends (up-a, up-b) at the upstream port, health checks off.
+bench_weir_config() { # listen-port upstream-port
+    cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+
+[limits]
+requests_per_minute = 100_000_000
+tokens_per_minute = 1_000_000_000_000
+
+[[models]]
+name = "$MODEL"
+requests_per_minute = 100_000_000
+tokens_per_minute = 1_000_000_000_000
+max_concurrent = 10000
+
+[[backends]]
+name = "up-a"
+url = "http://127.0.0.1:$2/v1"
+models = ["$MODEL"]
+weight = 3
+
+[[backends]]
+name = "up-b"
+url = "http://127.0.0.1:$2/v1"
+models = ["$MODEL"]
+weight = 1
+
+[health]
+enabled = false
+EOF
 }

@@ -72,38 +72,7 @@ proxy_block() { # port
 start_nginx nginx "$(proxy_block "$NGINX_PORT")" "$NGINX_PORT"
 NGINX_MASTER=${PIDS[-1]}
 
-weir_config() { # port
-    cat <<EOF
-[server]
-listen = "127.0.0.1:$1"
-
-[limits]
-requests_per_minute = 100_000_000
-tokens_per_minute = 1_000_000_000_000
-
-[[models]]
-name = "$MODEL"
-requests_per_minute = 100_000_000
-tokens_per_minute = 1_000_000_000_000
-max_concurrent = 10000
-
-[[backends]]
-name = "up-a"
-url = "http://127.0.0.1:$UP_PORT/v1"
-models = ["$MODEL"]
-weight = 3
-
-[[backends]]
-name = "up-b"
-url = "http://127.0.0.1:$UP_PORT/v1"
-models = ["$MODEL"]
-weight = 1
-
-[health]
-enabled = false
-EOF
-}
-weir_config "$WEIR_PORT" >"$DIR/weir.toml"
+bench_weir_config "$WEIR_PORT" "$UP_PORT" >"$DIR/weir.toml"
 RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir.toml" >"$DIR/weir.log" 2>&1 &
 WEIR_PID=$!
 PIDS+=($WEIR_PID)
@@ -196,33 +165,10 @@ echo "Instructions per request under callgrind (user space), wrk -t1 -c4 -d10s"
 echo
 echo "| target | requests counted | instructions/request |"
 echo "|---|---|---|"
-start_nginx_cg() {
-    # One process (no master, no workers), so callgrind sees all the work.
-    local conf="$DIR/nginx-cg"
-    mkdir -p "$conf/logs"
-    chmod 777 "$conf" "$conf/logs"
-    cat >"$conf/nginx.conf" <<EOF
-$([ "$(id -u)" = 0 ] && echo "user root;")
-master_process off;
-daemon off;
-pid $conf/nginx.pid;
-error_log $conf/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $conf/body;
-    proxy_temp_path $conf/proxy;
-    fastcgi_temp_path $conf/fastcgi;
-    uwsgi_temp_path $conf/uwsgi;
-    scgi_temp_path $conf/scgi;
-    keepalive_requests 1000000;
-    $(proxy_block "$NGINX_CG_PORT")
-}
-EOF
-    echo "$conf/nginx.conf"
-}
-read -r n per <<<"$(instr nginx "$NGINX_CG_PORT" "$NGINX" -p "$DIR/nginx-cg" -c "$(start_nginx_cg)")"
+# One process (no master, no workers), so callgrind sees all the work.
+config=$(nginx_conf nginx-cg "$(proxy_block "$NGINX_CG_PORT")" "master_process off;")
+read -r n per <<<"$(instr nginx "$NGINX_CG_PORT" "$NGINX" -p "$DIR/nginx-cg" -c "$config")"
 echo "| nginx | $n | $per |"
-weir_config "$WEIR_CG_PORT" >"$DIR/weir-cg.toml"
+bench_weir_config "$WEIR_CG_PORT" "$UP_PORT" >"$DIR/weir-cg.toml"
 read -r n per <<<"$(instr weir "$WEIR_CG_PORT" env RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir-cg.toml")"
 echo "| weir | $n | $per |"

@@ -85,19 +85,10 @@ start_nginx nginx "upstream up { server 127.0.0.1:$UP_PORT; keepalive 64; }
 PIDS+=($!)
 wait_port "$MOCK_PORT" $! mock
 
-cat >"$DIR/weir.toml" <<EOF
-[server]
-listen = "127.0.0.1:$WEIR_PORT"
-
-[limits]
-requests_per_minute = 100_000_000
-tokens_per_minute = 1_000_000_000_000
-
-[[models]]
-name = "$MODEL"
-requests_per_minute = 100_000_000
-tokens_per_minute = 1_000_000_000_000
-max_concurrent = 10000
+{
+    bench_weir_config "$WEIR_PORT" "$UP_PORT"
+    # The streaming model, on the mock.
+    cat <<EOF
 
 [[models]]
 name = "$STREAM_MODEL"
@@ -106,25 +97,11 @@ tokens_per_minute = 1_000_000_000_000
 max_concurrent = 10000
 
 [[backends]]
-name = "up-a"
-url = "http://127.0.0.1:$UP_PORT/v1"
-models = ["$MODEL"]
-weight = 3
-
-[[backends]]
-name = "up-b"
-url = "http://127.0.0.1:$UP_PORT/v1"
-models = ["$MODEL"]
-weight = 1
-
-[[backends]]
 name = "mock"
 url = "http://127.0.0.1:$MOCK_PORT/v1"
 models = ["$STREAM_MODEL"]
-
-[health]
-enabled = false
 EOF
+} >"$DIR/weir.toml"
 RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir.toml" >"$DIR/weir.log" 2>&1 &
 WEIR_PID=$!
 PIDS+=($WEIR_PID)
