@@ -124,8 +124,9 @@ grep -E "^requests:|^status codes:" "$DIR/h2load.log" | sed 's/^/  h2load /'
 sleep 2
 AFTER_RSS=$(rss_kb) AFTER_FDS=$(fds) PEAK_RSS=$(hwm_kb)
 # The upstream connections stay in weir's pool until its idle timeout
-# (50 s, src/upstream.rs) has passed at one of the pool's sweeps, which run
-# every 50 s too: 50-100 s after the streams end. Wait for them to close.
+# (50 s, src/upstream/pool.rs) has passed at one of the pool's sweeps, which
+# run every 10 s: 50-60 s after the streams end (https backends, on
+# hyper-util's pool, sweep every 50 s: up to 100 s). Wait for them to close.
 ended=$(date +%s) CLOSED_AFTER="not within 110 s"
 while [ $(($(date +%s) - ended)) -le 110 ]; do
     if [ "$(fds)" -le $((IDLE_FDS + 2)) ]; then CLOSED_AFTER="$(($(date +%s) - ended)) s"; break; fi
