@@ -12,7 +12,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{header, request::Parts, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, request::Parts, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
@@ -33,7 +33,7 @@ use crate::{
     jitter,
     metrics::{RetryLabels, UpstreamErrorLabels},
     snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Snapshot},
-    upstream::{self, AttemptError, UpstreamBody},
+    upstream::{self, AttemptError, Forward, UpstreamBody},
 };
 
 /// Why the last attempt did not produce the client's answer.
@@ -205,8 +205,12 @@ impl Exchange<'_> {
             let started = Instant::now();
             // Each failure says why, whether the backend asked for a pause,
             // and whether there is a response to hand over if no retry follows.
-            let (reason, retry_after, held) = match upstream::send(&backend.client, request, wait)
-                .await
+            let (reason, retry_after, held) = match upstream::forward(
+                &backend.client,
+                &request,
+                wait,
+            )
+            .await
             {
                 Ok(response) if !is_retryable(response.status()) => {
                     self.report(backend, Outcome::Success(started.elapsed()));
@@ -388,11 +392,9 @@ impl Exchange<'_> {
 
     /// The upstream request for one attempt: the backend's URL and key, the
     /// original body unless the backend renames the model or weir adds
-    /// `include_usage`.
-    fn request_for(&self, member: &Member) -> Result<Request<Bytes>, ApiError> {
+    /// `include_usage`. Borrowed: nothing of the request is copied.
+    fn request_for<'m>(&'m self, member: &'m Member) -> Result<Forward<'m>, ApiError> {
         let backend = &member.backend;
-        let uri = upstream::upstream_uri(&backend.config.url, self.rest, self.query)
-            .map_err(|e| ApiError::Internal(format!("upstream uri: {e}")))?;
         let body = if member.upstream_model.is_some() || self.add_include_usage {
             facts::rewrite(
                 self.body,
@@ -403,16 +405,14 @@ impl Exchange<'_> {
         } else {
             self.body.clone()
         };
-        let mut request = Request::new(body);
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = uri;
-        *request.headers_mut() = self.headers.clone();
-        if let Some(key) = &backend.authorization {
-            request
-                .headers_mut()
-                .insert(header::AUTHORIZATION, key.clone());
-        }
-        Ok(request)
+        Ok(Forward {
+            base: &backend.config.url,
+            rest: self.rest,
+            query: self.query,
+            headers: self.headers,
+            authorization: backend.authorization.as_ref(),
+            body,
+        })
     }
 
     /// The client's response: the backend's status and headers (hop-by-hop

@@ -9,7 +9,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 /// The largest response head weir accepts. Inference servers send a few
 /// hundred bytes; nginx's default `proxy_buffer_size` is 4-8 KiB.
@@ -38,44 +38,63 @@ struct Span(usize, usize, usize, usize);
 #[error("malformed response: {0}")]
 pub struct Malformed(pub &'static str);
 
-/// Appends the request head: request line, `Host` (from the URI, unless
-/// the headers carry one), the headers, and `Content-Length` for the body.
-/// The caller's `Content-Length` and `Transfer-Encoding` are ignored: the
-/// body is always sent whole, with its real length.
-pub(crate) fn encode_request_head(
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body_len: usize,
-    out: &mut Vec<u8>,
-) {
-    out.extend_from_slice(method.as_str().as_bytes());
+/// What a request head is written from: borrowed pieces, so the proxy
+/// needs neither an `http::Request` nor a copy of the client's headers.
+pub(crate) struct RequestHead<'a> {
+    pub method: &'a Method,
+    /// The request target, in pieces written one after the other (e.g. the
+    /// backend's base path, the client's path, `?`, the query).
+    pub target: &'a [&'a str],
+    /// The `Host` value, unless `headers` carry one.
+    pub host: Option<&'a str>,
+    /// Headers sent as they are, minus `Content-Length` and
+    /// `Transfer-Encoding` (the body is always sent whole, with its length).
+    pub headers: &'a HeaderMap,
+    /// Sent as `Authorization`, in place of any in `headers`.
+    pub authorization: Option<&'a HeaderValue>,
+    pub body_len: usize,
+}
+
+/// Appends the request head: request line, `Host`, the headers, the
+/// backend's `Authorization`, and `Content-Length` for the body.
+pub(crate) fn encode_request_head(head: &RequestHead<'_>, out: &mut Vec<u8>) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
-    let target = uri.path_and_query().map_or("/", |p| p.as_str());
-    out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) {
-        if let Some(authority) = uri.authority() {
-            out.extend_from_slice(b"host: ");
-            out.extend_from_slice(authority.as_str().as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+    let start = out.len();
+    for piece in head.target {
+        out.extend_from_slice(piece.as_bytes());
     }
-    for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+    if out.len() == start {
+        out.push(b'/');
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    if let (Some(host), false) = (head.host, head.headers.contains_key(header::HOST)) {
+        line(out, b"host", host.as_bytes());
+    }
+    for (name, value) in head.headers {
+        let replaced = name == header::AUTHORIZATION && head.authorization.is_some();
+        if replaced || name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(key) = head.authorization {
+        line(out, b"authorization", key.as_bytes());
     }
     // Like hyper: a body, or a method whose requests normally carry one,
     // gets a length; an empty GET gets none.
-    if body_len > 0 || !matches!(*method, Method::GET | Method::HEAD | Method::DELETE) {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
-        out.extend_from_slice(b"\r\n");
+    if head.body_len > 0 || !matches!(*head.method, Method::GET | Method::HEAD | Method::DELETE) {
+        line(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(head.body_len).as_bytes(),
+        );
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -399,24 +418,45 @@ mod tests {
     }
 
     #[test]
-    fn request_head_has_host_headers_and_length() {
-        let uri: Uri = "http://10.0.0.1:8000/v1/chat/completions?a=1"
-            .parse()
-            .unwrap();
+    fn request_head_has_host_headers_key_and_length() {
         let mut headers = HeaderMap::new();
         headers.insert("x-request-id", HeaderValue::from_static("abc"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client"),
+        );
+        let key = HeaderValue::from_static("Bearer backend");
         let mut out = Vec::new();
-        encode_request_head(&Method::POST, &uri, &headers, 12, &mut out);
+        encode_request_head(
+            &RequestHead {
+                method: &Method::POST,
+                target: &["/v1", "/chat/completions", "?", "a=1"],
+                host: Some("10.0.0.1:8000"),
+                headers: &headers,
+                authorization: Some(&key),
+                body_len: 12,
+            },
+            &mut out,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /v1/chat/completions?a=1 HTTP/1.1\r\nhost: 10.0.0.1:8000\r\n\
-             x-request-id: abc\r\ncontent-length: 12\r\n\r\n"
+             x-request-id: abc\r\nauthorization: Bearer backend\r\ncontent-length: 12\r\n\r\n"
         );
         let mut out = Vec::new();
-        let uri: Uri = "http://h/models".parse().unwrap();
-        encode_request_head(&Method::GET, &uri, &HeaderMap::new(), 0, &mut out);
-        assert_eq!(out, b"GET /models HTTP/1.1\r\nhost: h\r\n\r\n");
+        encode_request_head(
+            &RequestHead {
+                method: &Method::GET,
+                target: &[""],
+                host: Some("h"),
+                headers: &HeaderMap::new(),
+                authorization: None,
+                body_len: 0,
+            },
+            &mut out,
+        );
+        assert_eq!(out, b"GET / HTTP/1.1\r\nhost: h\r\n\r\n");
     }
 
     #[test]

@@ -31,9 +31,9 @@ use tokio::{
 use crate::lanes;
 
 use super::{
-    codec::{self, Framing, Head},
+    codec::{self, Framing, Head, RequestHead},
     pool::Pool,
-    AttemptError, BodyReadError,
+    AttemptError, BodyReadError, Forward,
 };
 
 /// The first read of a response, and the usual size of later ones.
@@ -76,31 +76,70 @@ impl PlainClient {
         request: Request<Bytes>,
     ) -> Result<Response<ResponseBody>, AttemptError> {
         let (parts, body) = request.into_parts();
-        let pooled =
-            parts.uri.authority().is_some() && parts.uri.authority() == self.authority.as_ref();
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let authority = parts.uri.authority();
+        let head = RequestHead {
+            method: &parts.method,
+            target: &[target],
+            host: authority.map(Authority::as_str),
+            headers: &parts.headers,
+            authorization: None,
+            body_len: body.len(),
+        };
+        self.round_trip(authority, &head, &body).await
+    }
+
+    /// Sends a proxied request, its head written straight from the
+    /// exchange's pieces: no `http::Request`, no copy of the headers.
+    pub(crate) async fn forward(
+        &self,
+        request: &Forward<'_>,
+    ) -> Result<Response<ResponseBody>, AttemptError> {
+        let base = request.base.path().trim_end_matches('/');
+        let (mark, query) = match request.query {
+            Some(q) => ("?", q),
+            None => ("", ""),
+        };
+        let authority = request.base.authority();
+        let head = RequestHead {
+            method: &Method::POST,
+            target: &[base, request.rest, mark, query],
+            host: authority.map(Authority::as_str),
+            headers: request.headers,
+            authorization: request.authorization,
+            body_len: request.body.len(),
+        };
+        self.round_trip(authority, &head, &request.body).await
+    }
+
+    /// Writes `head` and `body` to `authority` (a pooled connection when it
+    /// is the backend's) and reads the response head.
+    async fn round_trip(
+        &self,
+        authority: Option<&Authority>,
+        head: &RequestHead<'_>,
+        body: &Bytes,
+    ) -> Result<Response<ResponseBody>, AttemptError> {
+        let authority =
+            authority.ok_or_else(|| AttemptError::Connect("no host in the URL".to_owned()))?;
+        let pooled = self.authority.as_ref() == Some(authority);
         let copied = body.len() <= COPY_BODY_MAX;
         let mut wire = Vec::with_capacity(HEAD_CAPACITY + if copied { body.len() } else { 0 });
-        codec::encode_request_head(
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            body.len(),
-            &mut wire,
-        );
+        codec::encode_request_head(head, &mut wire);
         if copied {
-            wire.extend_from_slice(&body);
+            wire.extend_from_slice(body);
         }
         let request = Wire {
             head: &wire,
             body: (!copied).then_some(&body[..]),
-            head_request: parts.method == Method::HEAD,
+            head_request: *head.method == Method::HEAD,
         };
         let pool = self.pool();
         let idle = if pooled { pool.take() } else { None };
         let reused = idle.is_some();
         let stream = match idle {
             Some(stream) => stream,
-            None => self.connect(&parts.uri).await?,
+            None => self.connect(authority).await?,
         };
         let (stream, buf, head) = match exchange(stream, &request).await {
             Ok(done) => done,
@@ -108,7 +147,7 @@ impl PlainClient {
             // answered nothing): once more on a new connection, as hyper and
             // nginx do for a kept-alive connection.
             Err(Failed::Stale(_)) if reused => {
-                let stream = self.connect(&parts.uri).await?;
+                let stream = self.connect(authority).await?;
                 exchange(stream, &request)
                     .await
                     .map_err(Failed::into_attempt)?
@@ -129,11 +168,14 @@ impl PlainClient {
         &pools[lanes::current().min(pools.len() - 1)]
     }
 
-    /// Opens a connection to the URI's host within `connect_timeout`.
-    async fn connect(&self, uri: &Uri) -> Result<TcpStream, AttemptError> {
-        let (host, port) =
-            host_port(uri).ok_or_else(|| AttemptError::Connect(format!("no host in {uri}")))?;
-        let host = host.as_str();
+    /// Opens a connection to `authority` within `connect_timeout`.
+    async fn connect(&self, authority: &Authority) -> Result<TcpStream, AttemptError> {
+        // IPv6 literals come bracketed; port 80 unless given.
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(80);
         let stream = match tokio::time::timeout(
             self.connect_timeout,
             TcpStream::connect((host, port)),
@@ -255,13 +297,6 @@ fn is_stale(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::UnexpectedEof
     )
-}
-
-/// Host (IPv6 without brackets) and port (default 80) of a URI.
-fn host_port(uri: &Uri) -> Option<(String, u16)> {
-    let host = uri.host()?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    Some((host.to_owned(), uri.port_u16().unwrap_or(80)))
 }
 
 /// A response body read straight from the backend's connection, frame by

@@ -29,7 +29,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{uri::Scheme, Request, Response, Uri};
+use http::{uri::Scheme, HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_rustls::HttpsConnector;
@@ -143,6 +143,63 @@ fn tls_client(connect_timeout: Duration) -> Result<TlsClient, UpstreamError> {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https))
+}
+
+/// A proxied request as the exchange holds it, borrowed: the plain client
+/// writes it straight onto the wire (no `http::Request` built, no header
+/// map copied per attempt); for https one is built from it.
+pub(crate) struct Forward<'a> {
+    /// The backend's URL (scheme, authority, base path).
+    pub base: &'a Uri,
+    /// The client's path after `/v1`.
+    pub rest: &'a str,
+    pub query: Option<&'a str>,
+    /// The client's headers, cleaned for upstream.
+    pub headers: &'a HeaderMap,
+    /// The backend's key.
+    pub authorization: Option<&'a HeaderValue>,
+    /// The body to send (possibly rewritten for this backend).
+    pub body: Bytes,
+}
+
+impl Forward<'_> {
+    /// The same request as an `http::Request` (POST), for hyper-util.
+    fn to_request(&self) -> Result<Request<Bytes>, http::Error> {
+        let mut request = Request::new(self.body.clone());
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = upstream_uri(self.base, self.rest, self.query)?;
+        *request.headers_mut() = self.headers.clone();
+        if let Some(key) = self.authorization {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, key.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Sends a proxied request; the same contract as [`send`].
+pub(crate) async fn forward(
+    client: &HttpClient,
+    request: &Forward<'_>,
+    first_byte_timeout: Duration,
+) -> Result<Response<UpstreamBody>, AttemptError> {
+    match client {
+        HttpClient::Plain(plain) => {
+            match tokio::time::timeout(first_byte_timeout, plain.forward(request)).await {
+                Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
+                Ok(result) => result.map(|r| r.map(UpstreamBody::Plain)),
+            }
+        }
+        HttpClient::Tls(_) => {
+            // The client's path was parsed as a URI by hyper already, so
+            // joining it to a configured URL cannot fail in practice.
+            let request = request
+                .to_request()
+                .map_err(|e| AttemptError::Protocol(format!("upstream uri: {e}")))?;
+            send(client, request, first_byte_timeout).await
+        }
+    }
 }
 
 /// Sends one request and waits at most `first_byte_timeout` for its
@@ -276,6 +333,31 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forward_becomes_the_same_request_for_hyper_util() {
+        let base: Uri = "https://api.example.com/openai/v1/".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("r1"));
+        let key = HeaderValue::from_static("Bearer sk-backend");
+        let forward = Forward {
+            base: &base,
+            rest: "/chat/completions",
+            query: Some("a=1"),
+            headers: &headers,
+            authorization: Some(&key),
+            body: Bytes::from_static(b"{}"),
+        };
+        let request = forward.to_request().unwrap();
+        assert_eq!(request.method(), Method::POST);
+        assert_eq!(
+            request.uri().to_string(),
+            "https://api.example.com/openai/v1/chat/completions?a=1"
+        );
+        assert_eq!(request.headers()["x-request-id"], "r1");
+        assert_eq!(request.headers()["authorization"], "Bearer sk-backend");
+        assert_eq!(request.body(), "{}");
+    }
 
     #[test]
     fn upstream_uri_joins_base_path_and_rest() {
