@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{header, request::Parts, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
@@ -591,10 +591,11 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_none_or(|n| n <= limit as u64) {
-        match tokio::time::timeout_at(deadline, read_frames(&mut body, limit)).await {
+        // Through `&mut`, so a body found too large is still there to drain.
+        match tokio::time::timeout_at(deadline, Limited::new(&mut body, limit).collect()).await {
             Err(_) => return Err(ApiError::BodyTimeout),
-            Ok(Ok(Some(bytes))) => return Ok(bytes),
-            Ok(Ok(None)) => {} // too large
+            Ok(Ok(collected)) => return Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {} // too large
             Ok(Err(e)) => return Err(ApiError::BodyRead(e.to_string())),
         }
     }
@@ -605,28 +606,6 @@ async fn read_body(
         linger(body);
     }
     Err(ApiError::BodyTooLarge { limit })
-}
-
-/// The body's bytes, or `None` as soon as they exceed `limit`. A body that
-/// arrives in one frame (the common case) is returned without a copy.
-async fn read_frames(body: &mut Incoming, limit: usize) -> Result<Option<Bytes>, hyper::Error> {
-    let mut frames: Vec<Bytes> = Vec::new();
-    let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue; // trailers
-        };
-        total = total.saturating_add(data.len());
-        if total > limit {
-            return Ok(None);
-        }
-        frames.push(data);
-    }
-    Ok(Some(match frames.len() {
-        0 => Bytes::new(),
-        1 => frames.pop().unwrap_or_default(),
-        _ => frames.concat().into(),
-    }))
 }
 
 /// How long, and how many bytes, weir keeps reading a refused body.
