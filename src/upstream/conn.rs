@@ -95,15 +95,10 @@ impl PlainClient {
         &self,
         request: &Forward<'_>,
     ) -> Result<Response<ResponseBody>, AttemptError> {
-        let base = request.base.path().trim_end_matches('/');
-        let (mark, query) = match request.query {
-            Some(q) => ("?", q),
-            None => ("", ""),
-        };
         let authority = request.base.authority();
         let head = RequestHead {
             method: &Method::POST,
-            target: &[base, request.rest, mark, query],
+            target: &super::target_pieces(request.base, request.rest, request.query),
             host: authority.map(Authority::as_str),
             headers: request.headers,
             authorization: request.authorization,

@@ -185,12 +185,7 @@ pub(crate) async fn forward(
     first_byte_timeout: Duration,
 ) -> Result<Response<UpstreamBody>, AttemptError> {
     match client {
-        HttpClient::Plain(plain) => {
-            match tokio::time::timeout(first_byte_timeout, plain.forward(request)).await {
-                Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
-                Ok(result) => result.map(|r| r.map(UpstreamBody::Plain)),
-            }
-        }
+        HttpClient::Plain(plain) => within(first_byte_timeout, plain.forward(request)).await,
         HttpClient::Tls(_) => {
             // The client's path was parsed as a URI by hyper already, so
             // joining it to a configured URL cannot fail in practice.
@@ -210,12 +205,7 @@ pub(crate) async fn send(
     first_byte_timeout: Duration,
 ) -> Result<Response<UpstreamBody>, AttemptError> {
     match client {
-        HttpClient::Plain(plain) => {
-            match tokio::time::timeout(first_byte_timeout, plain.send(request)).await {
-                Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
-                Ok(result) => result.map(|r| r.map(UpstreamBody::Plain)),
-            }
-        }
+        HttpClient::Plain(plain) => within(first_byte_timeout, plain.send(request)).await,
         HttpClient::Tls(tls) => {
             let request = request.map(Full::new);
             match tokio::time::timeout(first_byte_timeout, tls.request(request)).await {
@@ -269,18 +259,38 @@ pub(crate) fn upstream_uri(
     rest: &str,
     query: Option<&str>,
 ) -> Result<Uri, http::Error> {
-    let base_path = base.path().trim_end_matches('/');
-    let mut path_and_query =
-        String::with_capacity(base_path.len() + rest.len() + 1 + query.map_or(0, str::len));
-    path_and_query.push_str(base_path);
-    path_and_query.push_str(rest);
-    if let Some(q) = query {
-        path_and_query.push('?');
-        path_and_query.push_str(q);
-    }
+    let pieces = target_pieces(base, rest, query);
+    let path_and_query: String = pieces.concat();
     let mut parts = base.clone().into_parts();
     parts.path_and_query = Some(path_and_query.parse()?);
     Ok(Uri::from_parts(parts)?)
+}
+
+/// The upstream request target in pieces, written one after the other:
+/// the base URL's path without its trailing `/`, the client's path after
+/// `/v1`, and `?query` when there is one. The one joining rule for both
+/// [`upstream_uri`] and the plain client's request line.
+pub(crate) fn target_pieces<'a>(
+    base: &'a Uri,
+    rest: &'a str,
+    query: Option<&'a str>,
+) -> [&'a str; 4] {
+    let (mark, query) = match query {
+        Some(q) => ("?", q),
+        None => ("", ""),
+    };
+    [base.path().trim_end_matches('/'), rest, mark, query]
+}
+
+/// Bounds a plain-client call by `first_byte_timeout`.
+async fn within(
+    first_byte_timeout: Duration,
+    call: impl std::future::Future<Output = Result<Response<conn::ResponseBody>, AttemptError>>,
+) -> Result<Response<UpstreamBody>, AttemptError> {
+    match tokio::time::timeout(first_byte_timeout, call).await {
+        Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
+        Ok(result) => result.map(|r| r.map(UpstreamBody::Plain)),
+    }
 }
 
 /// The rustls client configuration, built once: loading the webpki roots
