@@ -86,6 +86,30 @@ start_nginx() { # name http-block port
     wait_port "$3" $! "$1"
 }
 
+# The upstream the loopback benches proxy to: nginx answering every request
+# with a small chat-completion JSON (nginx_conf's http block).
+return200_block() { # port
+    echo "server {
+        listen 127.0.0.1:$1;
+        default_type application/json;
+        location / { return 200 '{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[]}'; }
+    }"
+}
+
+# nginx as the reverse proxy weir is compared with: HTTP/1.1 keep-alive to
+# the upstream, 64 idle connections kept (nginx_conf's http block).
+proxy_block() { # listen-port upstream-port
+    echo "upstream up { server 127.0.0.1:$2; keepalive 64; }
+    server {
+        listen 127.0.0.1:$1;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }"
+}
+
 # The gateway the loopback benches time: limits that never bind, MODEL on
 # two weighted backends (up-a, up-b) at the upstream port, health checks off.
 bench_weir_config() { # listen-port upstream-port

@@ -52,24 +52,9 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 start_workdir cost
 chmod 755 "$DIR"
 
-start_nginx upstream "server {
-        listen 127.0.0.1:$UP_PORT;
-        default_type application/json;
-        location / { return 200 '{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[]}'; }
-    }" "$UP_PORT"
+start_nginx upstream "$(return200_block "$UP_PORT")" "$UP_PORT"
 
-proxy_block() { # port
-    echo "upstream up { server 127.0.0.1:$UP_PORT; keepalive 64; }
-    server {
-        listen 127.0.0.1:$1;
-        location / {
-            proxy_pass http://up;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-        }
-    }"
-}
-start_nginx nginx "$(proxy_block "$NGINX_PORT")" "$NGINX_PORT"
+start_nginx nginx "$(proxy_block "$NGINX_PORT" "$UP_PORT")" "$NGINX_PORT"
 NGINX_MASTER=${PIDS[-1]}
 
 bench_weir_config "$WEIR_PORT" "$UP_PORT" >"$DIR/weir.toml"
@@ -166,7 +151,7 @@ echo
 echo "| target | requests counted | instructions/request |"
 echo "|---|---|---|"
 # One process (no master, no workers), so callgrind sees all the work.
-config=$(nginx_conf nginx-cg "$(proxy_block "$NGINX_CG_PORT")" "master_process off;")
+config=$(nginx_conf nginx-cg "$(proxy_block "$NGINX_CG_PORT" "$UP_PORT")" "master_process off;")
 read -r n per <<<"$(instr nginx "$NGINX_CG_PORT" "$NGINX" -p "$DIR/nginx-cg" -c "$config")"
 echo "| nginx | $n | $per |"
 bench_weir_config "$WEIR_CG_PORT" "$UP_PORT" >"$DIR/weir-cg.toml"

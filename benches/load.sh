@@ -64,21 +64,9 @@ start_workdir load
 # nginx workers run as another user unless root: let them in.
 chmod 755 "$DIR"
 
-start_nginx upstream "server {
-        listen 127.0.0.1:$UP_PORT;
-        default_type application/json;
-        location / { return 200 '{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[]}'; }
-    }" "$UP_PORT"
+start_nginx upstream "$(return200_block "$UP_PORT")" "$UP_PORT"
 
-start_nginx nginx "upstream up { server 127.0.0.1:$UP_PORT; keepalive 64; }
-    server {
-        listen 127.0.0.1:$NGINX_PORT;
-        location / {
-            proxy_pass http://up;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-        }
-    }" "$NGINX_PORT"
+start_nginx nginx "$(proxy_block "$NGINX_PORT" "$UP_PORT")" "$NGINX_PORT"
 
 "$WEIR_BIN" mock --listen "127.0.0.1:$MOCK_PORT" --models "$STREAM_MODEL" \
     --tokens-per-sec 50 --chunks 20 --no-record >"$DIR/mock.log" 2>&1 &
