@@ -380,6 +380,16 @@ impl Body for ProxiedBody {
     }
 }
 
+impl ProxiedBody {
+    /// The `x-ratelimit-*` values for the response head, which the
+    /// connection writes (they are not in the header map; see
+    /// `api::write_rate_headers`). Present until the body is settled, which
+    /// is after the head is written.
+    pub(crate) fn rate_headers(&self) -> Option<&crate::admission::limiter::RateHeaders> {
+        self.accounting.as_ref().map(|a| &a.admitted.headers)
+    }
+}
+
 impl Drop for ProxiedBody {
     fn drop(&mut self) {
         // Still holding the log: the client went away before the end.

@@ -11,10 +11,10 @@
 
 use std::{sync::Arc, time::Duration};
 
+use crate::server::ClientBody;
 use bytes::Bytes;
 use http::{header, request::Parts, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
@@ -25,7 +25,7 @@ use crate::{
         limiter::{self, AdmitError, Admitted, LimitKind},
         tokens::{self, UsageFilter, UsageTail},
     },
-    api::{facts, insert_rate_headers, json_response, ApiError},
+    api::{facts, json_response, ApiError},
     body::{Accounting, GatewayBody, MidStreamReporter, ProxiedBody, UsageReader},
     gateway::Shared,
     headers,
@@ -87,7 +87,7 @@ pub(crate) fn models(path: &str, snapshot: &Snapshot) -> Result<Response<Gateway
 
 /// Proxies one `POST /v1/*` request.
 pub(crate) async fn forward(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,
     request_id: &HeaderValue,
@@ -440,7 +440,8 @@ impl Exchange<'_> {
         parts
             .headers
             .insert(headers::X_WEIR_BACKEND, member.backend.name_header.clone());
-        insert_rate_headers(&mut parts.headers, &admitted.headers);
+        // The `x-ratelimit-*` headers travel with the body (see
+        // `ProxiedBody::rate_headers`).
         let reader = if sse {
             UsageReader::Sse(UsageFilter::new(self.add_include_usage))
         } else {
@@ -581,7 +582,7 @@ fn upstream_headers(mut headers: HeaderMap, request_id: &HeaderValue) -> HeaderM
 /// by `request_timeout`.
 async fn read_body(
     parts: &Parts,
-    mut body: Incoming,
+    mut body: ClientBody,
     limit: usize,
     deadline: Instant,
 ) -> Result<Bytes, ApiError> {
@@ -617,7 +618,7 @@ const LINGER_BYTES: u64 = 64 * 1024 * 1024;
 /// that is still writing reads the 413 instead of a broken pipe or a reset.
 /// hyper writes the answer meanwhile; once the body is read to its end the
 /// connection stays open, past the limits it is closed.
-fn linger(mut body: Incoming) {
+fn linger(mut body: ClientBody) {
     tokio::spawn(async move {
         let drain = async {
             let mut read = 0u64;

@@ -375,16 +375,40 @@ const RATE_HEADER_NAMES: [[HeaderName; 3]; 2] = [
     ],
 ];
 
-/// Writes the `x-ratelimit-*` headers OpenAI clients read; a kind without
-/// a limit sends none (SPEC "Precise points"). Every response carries
-/// them, so the values are written into one buffer and handed out as
-/// slices of it, instead of one allocation per value.
+/// Inserts the `x-ratelimit-*` headers OpenAI clients read; a kind without
+/// a limit sends none (SPEC "Precise points"). The values are written into
+/// one buffer and handed out as slices of it, instead of one allocation per
+/// value. (Proxied HTTP/1.1 responses skip the map: [`write_rate_headers`].)
 pub(crate) fn insert_rate_headers(h: &mut http::HeaderMap, headers: &RateHeaders) {
-    let states = [headers.requests, headers.tokens];
+    let (text, ends) = render_rate_values(headers);
+    let text = bytes::Bytes::from(text);
+    each_rate_header(headers, &ends, |name, range| {
+        if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(range)) {
+            h.insert(name, value);
+        }
+    });
+}
+
+/// Appends the `x-ratelimit-*` header lines to an HTTP/1.1 response head
+/// being written, without a header map: every proxied response carries six
+/// of them, and inserting them into the map cost more than the rest of the
+/// response head.
+pub(crate) fn write_rate_headers(out: &mut Vec<u8>, headers: &RateHeaders) {
+    let (text, ends) = render_rate_values(headers);
+    each_rate_header(headers, &ends, |name, range| {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(text.as_bytes().get(range).unwrap_or_default());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// The `x-ratelimit-*` values one after the other, and where each ends.
+fn render_rate_values(headers: &RateHeaders) -> (String, [[usize; 3]; 2]) {
     let mut text = String::with_capacity(96);
     let mut ends = [[0usize; 3]; 2];
     let mut digits = itoa::Buffer::new();
-    for (state, ends) in states.iter().zip(&mut ends) {
+    for (state, ends) in [headers.requests, headers.tokens].iter().zip(&mut ends) {
         let Some(state) = state else { continue };
         text.push_str(digits.format(state.limit));
         ends[0] = text.len();
@@ -393,16 +417,24 @@ pub(crate) fn insert_rate_headers(h: &mut http::HeaderMap, headers: &RateHeaders
         push_duration(state.reset, &mut text);
         ends[2] = text.len();
     }
-    let text = bytes::Bytes::from(text);
+    (text, ends)
+}
+
+/// Calls `f` with each header name that applies and its value's range in
+/// the rendered text.
+fn each_rate_header(
+    headers: &RateHeaders,
+    ends: &[[usize; 3]; 2],
+    mut f: impl FnMut(HeaderName, std::ops::Range<usize>),
+) {
+    let states = [headers.requests, headers.tokens];
     let mut start = 0;
     for ((state, names), ends) in states.iter().zip(RATE_HEADER_NAMES).zip(ends) {
         if state.is_none() {
             continue;
         }
-        for (name, end) in names.into_iter().zip(ends) {
-            if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
-                h.insert(name, value);
-            }
+        for (name, &end) in names.into_iter().zip(ends) {
+            f(name, start..end);
             start = end;
         }
     }

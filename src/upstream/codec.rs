@@ -32,6 +32,52 @@ const SMALL_HEAD: usize = 16;
 #[derive(Debug, Default, Clone, Copy)]
 struct Span(usize, usize, usize, usize);
 
+/// Where each header of a parsed head sits in the read buffer, so the
+/// values can become zero-copy slices of the frozen head once the parser's
+/// borrow of the buffer ends. A peer sends a handful; more than fit on the
+/// stack spill over.
+pub(crate) struct Spans {
+    small: [Span; SMALL_HEAD],
+    spill: Vec<Span>,
+    count: usize,
+}
+
+impl Spans {
+    /// The spans of `headers`, which `httparse` parsed out of `buf`.
+    pub(crate) fn new(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
+        let base = buf.as_ptr() as usize;
+        let mut spans = Spans {
+            small: [Span::default(); SMALL_HEAD],
+            spill: Vec::new(),
+            count: headers.len(),
+        };
+        for (i, h) in headers.iter().enumerate() {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            let span = Span(name, name + h.name.len(), value, value + h.value.len());
+            match spans.small.get_mut(i) {
+                Some(slot) => *slot = span,
+                None => spans.spill.push(span),
+            }
+        }
+        spans
+    }
+
+    /// The headers as a map over `raw` (the buffer the spans were taken
+    /// from, now frozen), with room for `extra` more.
+    pub(crate) fn header_map(&self, raw: &Bytes, extra: usize) -> Result<HeaderMap, Malformed> {
+        let mut headers = HeaderMap::with_capacity(self.count + extra);
+        for &Span(ns, ne, vs, ve) in self.small.iter().take(self.count).chain(&self.spill) {
+            let name = HeaderName::from_bytes(raw.get(ns..ne).unwrap_or_default())
+                .map_err(|_| Malformed("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(raw.slice(vs..ve))
+                .map_err(|_| Malformed("invalid header value"))?;
+            headers.append(name, value);
+        }
+        Ok(headers)
+    }
+}
+
 /// Bytes from a backend that are not acceptable HTTP/1.1. The connection
 /// is closed; before the response head this is a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -153,34 +199,11 @@ pub(crate) fn read_head(buf: &mut BytesMut, head_request: bool) -> Result<Option
         } else {
             Version::HTTP_11
         };
-        // Where each header sits in `buf`, so the values can be zero-copy
-        // slices of the frozen head once the parser's borrow ends. A
-        // backend sends a handful; more than fit on the stack spill over.
-        let base = buf.as_ptr() as usize;
-        let count = response.headers.len();
-        let mut small = [Span::default(); SMALL_HEAD];
-        let mut spill = Vec::new();
-        for (i, h) in response.headers.iter().enumerate() {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            let span = Span(name, name + h.name.len(), value, value + h.value.len());
-            match small.get_mut(i) {
-                Some(slot) => *slot = span,
-                None => spill.push(span),
-            }
-        }
+        let spans = Spans::new(buf, response.headers);
         let raw = buf.split_to(len).freeze();
-        // Room for the headers the gateway adds (rate limits, request id,
-        // backend), so the map is not grown and rehashed on the way out.
-        let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
-        let spans = small.iter().take(count).chain(&spill);
-        for &Span(ns, ne, vs, ve) in spans {
-            let name = HeaderName::from_bytes(&raw[ns..ne])
-                .map_err(|_| Malformed("invalid header name"))?;
-            let value = HeaderValue::from_maybe_shared(raw.slice(vs..ve))
-                .map_err(|_| Malformed("invalid header value"))?;
-            headers.append(name, value);
-        }
+        // Room for the headers the gateway adds (request id, backend), so
+        // the map is not grown and rehashed on the way out.
+        let headers = spans.header_map(&raw, ADDED_HEADERS)?;
         let (framing, framing_reusable) = framing(status, head_request, &headers)?;
         let reusable = framing_reusable && keep_alive(version, &headers);
         return Ok(Some(Head {
@@ -219,9 +242,20 @@ fn framing(
         }
         return Ok((Framing::UntilClose, false));
     }
+    let length = content_length(headers)?;
+    Ok(match length {
+        Some(0) => (Framing::Done, true),
+        Some(n) => (Framing::Length(n), true),
+        None => (Framing::UntilClose, false),
+    })
+}
+
+/// The message's `Content-Length`, if any. `42, 42` (a list of one
+/// repeated length) and repeated identical fields are accepted, as hyper
+/// does; differing or non-numeric values are refused.
+pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
     let mut length: Option<u64> = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        // `42, 42` (a list of one repeated length) is accepted, as hyper does.
         for part in value.as_bytes().split(|&b| b == b',') {
             let part = part.trim_ascii();
             if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
@@ -237,15 +271,12 @@ fn framing(
             length = Some(n);
         }
     }
-    Ok(match length {
-        Some(0) => (Framing::Done, true),
-        Some(n) => (Framing::Length(n), true),
-        None => (Framing::UntilClose, false),
-    })
+    Ok(length)
 }
 
-/// Whether the backend keeps the connection open after this response.
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+/// Whether the peer keeps the connection open after this message
+/// (HTTP/1.0: only when it asks to).
+pub(crate) fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
     let has = |token: &str| {
         headers
             .get_all(header::CONNECTION)
@@ -353,8 +384,8 @@ impl Framing {
             };
             match chunk {
                 Chunk::Data(_) => return Ok(()),
-                Chunk::Size => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((used, size))) => {
+                Chunk::Size => match chunk_size_line(buf) {
+                    Ok(Some((used, size))) => {
                         buf.advance(used);
                         *chunk = if size == 0 {
                             Chunk::Trailers
@@ -362,11 +393,8 @@ impl Framing {
                             Chunk::Data(size)
                         };
                     }
-                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
-                        return Err(Malformed("chunk-size line too long"))
-                    }
-                    Ok(httparse::Status::Partial) => return Ok(()),
-                    Err(_) => return Err(Malformed("invalid chunk size")),
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(e),
                 },
                 Chunk::DataEnd => {
                     if buf.len() < 2 {
@@ -393,6 +421,56 @@ impl Framing {
             }
         }
     }
+}
+
+/// Parses a chunk-size line (RFC 9112 §7.1): hex digits, optional blanks,
+/// optional extensions, CRLF. `Ok(Some((bytes used, size)))`; `Ok(None)`:
+/// not complete yet. Stricter than `httparse::parse_chunk_size`, which lets
+/// a bare LF inside an extension pass: like hyper, weir takes only CRLF
+/// here, so no two parsers can disagree on where a chunk starts.
+fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, Malformed> {
+    let invalid = Malformed("invalid chunk size");
+    let mut size: u64 = 0;
+    let mut digits = 0;
+    let mut i = 0;
+    // The size.
+    while let Some(&b) = buf.get(i) {
+        let Some(d) = (b as char).to_digit(16) else {
+            break;
+        };
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(d)))
+            .ok_or(Malformed("chunk size too large"))?;
+        digits += 1;
+        i += 1;
+    }
+    if buf.get(i).is_some() && digits == 0 {
+        return Err(invalid);
+    }
+    // Blanks, extensions, CRLF.
+    let mut in_extension = false;
+    while let Some(&b) = buf.get(i) {
+        match b {
+            b'\r' => {
+                return match buf.get(i + 1) {
+                    Some(b'\n') => Ok(Some((i + 2, size))),
+                    Some(_) => Err(invalid),
+                    None => Ok(None),
+                }
+            }
+            b'\n' => return Err(Malformed("bare LF in a chunk-size line")),
+            b';' => in_extension = true,
+            b' ' | b'\t' => {}
+            _ if in_extension => {}
+            _ => return Err(invalid),
+        }
+        i += 1;
+        if i > MAX_CHUNK_LINE {
+            return Err(Malformed("chunk-size line too long"));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -603,11 +681,30 @@ mod tests {
     }
 
     #[test]
+    fn chunk_size_lines_take_blanks_and_extensions() {
+        let wire = b"5 ;a=b;c\r\nhello\r\nA\t\r\n0123456789\r\n0;x\r\n\r\n";
+        for step in 1..wire.len() {
+            let (body, done) = decode_in_steps(Framing::Chunked(Chunk::Size), wire, step);
+            assert_eq!(body, b"hello0123456789", "step {step}");
+            assert!(done, "step {step}");
+        }
+    }
+
+    #[test]
     fn broken_chunked_framing_is_an_error() {
-        let bad: [&[u8]; 3] = [
+        let long_extension = [&b"5;"[..], &[b'a'; MAX_CHUNK_LINE]].concat();
+        let bad: [&[u8]; 9] = [
             b"zz\r\nhello\r\n",
             b"2\r\nhiX\r\n",
             b"ffffffffffffffffffff\r\n",
+            // A bare LF in an extension or ending the line: hyper refuses
+            // both, httparse would take them.
+            b"5;ext\nhello\r\n",
+            b"5\nhello\r\n",
+            b"5\rhello\r\n",
+            b"5 x\r\nhello\r\n",
+            b";x\r\nhello\r\n",
+            &long_extension,
         ];
         for wire in bad {
             let mut framing = Framing::Chunked(Chunk::Size);

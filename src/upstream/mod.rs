@@ -17,7 +17,7 @@
 //! It does not decide what to retry: it reports *how* an attempt failed
 //! ([`AttemptError`]) and `proxy` decides from that alone.
 
-mod codec;
+pub(crate) mod codec;
 mod conn;
 mod pool;
 

@@ -1,0 +1,922 @@
+//! weir's HTTP/1.1 server side: one loop per client connection that reads a
+//! request head, hands the request to [`super::route`], writes the response
+//! and goes round again.
+//!
+//! It replaces hyper's HTTP/1.1 server for the same reason weir has its own
+//! upstream client (`crate::upstream`): a proxy's hot path is head in, head
+//! out, and hyper's general machinery (dispatcher, buffered transport,
+//! header-map encoding, a read wrapper for the timers) cost more than the
+//! rest of the request put together. What it does, by RFC 9112:
+//!
+//! - Heads are parsed by `httparse` (hyper's parser) into zero-copy header
+//!   values; framing is decided here, and anything ambiguous (SPEC
+//!   "Framing": `Content-Length` beside `Transfer-Encoding`, a
+//!   `Transfer-Encoding` other than one `chunked`, differing lengths) is
+//!   answered 400 and the connection closed.
+//! - The body is read from the socket by whoever holds it
+//!   ([`super::request_body`]); `Expect: 100-continue` is answered when it is
+//!   first read.
+//! - Responses are framed by `Content-Length` when known, chunked otherwise
+//!   (HTTP/1.0: until close). Head and ready body bytes go out in one write.
+//! - Timers: `header_read_timeout` from the accept or the first byte of a
+//!   head, `idle_timeout` between requests, neither while a request is served;
+//!   a client that takes no byte of the response for `request_timeout` is cut.
+//! - While the response waits for the backend, a client that closes its
+//!   connection is noticed at once, and the response (and with it the
+//!   upstream request) dropped.
+//! - Keep-alive and pipelining; graceful shutdown closes idle connections
+//!   at once and busy ones after their response.
+//!
+//! HTTP/2 (prior knowledge) is detected from the first bytes and handed to
+//! hyper ([`super::http2`]).
+
+use std::{
+    cell::RefCell,
+    future::poll_fn,
+    io,
+    mem::MaybeUninit,
+    net::SocketAddr,
+    pin::pin,
+    sync::Arc,
+    task::Poll,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+#[cfg(test)]
+use bytes::BytesMut;
+use http::{header, HeaderMap, Method, Request, Response, Uri, Version};
+use hyper::body::Body;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    request_body::{ClientBody, Inbound, RequestBody, Wire},
+    Role, MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES,
+};
+use crate::{
+    admission::limiter::RateHeaders,
+    api::{self, ApiError},
+    body::GatewayBody,
+    gateway::Shared,
+    upstream::codec,
+};
+
+/// The HTTP/2 connection preface a prior-knowledge client opens with.
+pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Header lines per request head (hyper's limit); more get 431.
+const MAX_HEADERS: usize = 100;
+
+/// Bytes buffered for a head before it counts as too large (431): the
+/// header limit plus the longest request line, as before with hyper.
+const MAX_HEAD_BUFFER: usize = MAX_HEADER_BYTES + MAX_REQUEST_LINE_BYTES;
+
+/// Response bytes gathered before they are written.
+const FLUSH_BYTES: usize = 64 * 1024;
+
+/// Body frames at least this large are written as they are, not copied
+/// into the output buffer.
+const DIRECT_WRITE: usize = 16 * 1024;
+
+/// Bytes read ahead of the next request (pipelining) while a response is
+/// written; past this the client is not read until the response ends.
+const MAX_READ_AHEAD: usize = 64 * 1024;
+
+/// An unread request body this small is read and dropped after the
+/// response, so the connection can be kept; a larger one closes it.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+
+/// The per-connection settings, from `[server]` at accept time.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Timeouts {
+    pub header_read: Duration,
+    pub idle: Duration,
+    /// How long a client may take no byte of a response.
+    pub write: Duration,
+}
+
+/// One client connection.
+pub(super) struct Conn {
+    pub wire: Arc<Wire>,
+    pub peer: SocketAddr,
+    pub role: Role,
+    pub shared: Arc<Shared>,
+    pub timeouts: Timeouts,
+    pub shutdown: CancellationToken,
+}
+
+/// How a connection's loop ended.
+pub(super) enum Ended {
+    /// Closed (by either side, a timer, an error or shutdown).
+    Closed,
+    /// The client opened with the HTTP/2 preface: serve it with hyper.
+    Http2,
+}
+
+/// A request head taken off the buffer.
+#[derive(Debug)]
+struct Head {
+    request: Request<()>,
+    keep_alive: bool,
+}
+
+/// A head refused before routing: the error, and the head when it was
+/// parsed far enough to have a method and path.
+#[derive(Debug)]
+struct Refusal {
+    error: ApiError,
+    head: Option<Request<()>>,
+}
+
+impl Refusal {
+    fn new(error: ApiError) -> Box<Self> {
+        Box::new(Self { error, head: None })
+    }
+}
+
+/// What the next read of the connection gave. Not boxed: it lives on the
+/// stack for one request, and boxing the head would allocate per request.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Head(Head),
+    /// Refuse and close.
+    Refuse(Box<Refusal>),
+    Http2,
+    Closed,
+}
+
+impl Conn {
+    /// Serves requests until the connection closes.
+    pub(super) async fn run(&self) -> Ended {
+        let mut out = Vec::with_capacity(4 * 1024);
+        // Before the first request the head timer runs from the accept.
+        let mut since = Instant::now();
+        let mut idle = false;
+        let mut first = true;
+        loop {
+            let head = match self.next_head(&mut since, &mut idle, first).await {
+                Next::Head(head) => head,
+                Next::Refuse(refusal) => {
+                    let Refusal { error, head } = *refusal;
+                    let response = super::refuse(error, head.as_ref(), &self.shared);
+                    let _ = self
+                        .respond(response, &mut out, &Method::GET, Version::HTTP_11, true)
+                        .await;
+                    self.close();
+                    return Ended::Closed;
+                }
+                Next::Http2 => return Ended::Http2,
+                Next::Closed => return Ended::Closed,
+            };
+            first = false;
+            let keep = self.serve(head, &mut out).await;
+            if !keep || self.shutdown.is_cancelled() {
+                self.close();
+                return Ended::Closed;
+            }
+            since = Instant::now();
+            idle = true;
+        }
+    }
+
+    /// Routes one request and writes its response; whether the connection
+    /// can carry another.
+    async fn serve(&self, head: Head, out: &mut Vec<u8>) -> bool {
+        let Head {
+            request,
+            keep_alive,
+        } = head;
+        let method = request.method().clone();
+        let version = request.version();
+        let request = request.map(|()| ClientBody::Http1(RequestBody::new(self.wire.clone())));
+        let route = pin!(super::route(request, &self.shared, self.peer, self.role));
+        // A client that goes away while its request waits (for a slot, a
+        // backend) cancels it, as it would with hyper.
+        let response = tokio::select! {
+            biased;
+            response = route => response,
+            () = self.client_gone() => return false,
+        };
+        let keep = self
+            .respond(response, out, &method, version, !keep_alive)
+            .await;
+        keep && self.finish_request_body().await
+    }
+
+    /// Reads until a whole request head is buffered. Between requests the
+    /// idle timer runs until the first byte, then the head timer.
+    async fn next_head(&self, since: &mut Instant, idle: &mut bool, first: bool) -> Next {
+        loop {
+            {
+                let mut inbound = self.wire.inbound();
+                if !inbound.buf.is_empty() {
+                    if *idle {
+                        *idle = false;
+                        *since = Instant::now();
+                    }
+                    if first && inbound.buf.starts_with(H2_PREFACE) {
+                        return Next::Http2;
+                    }
+                    // The first bytes of an HTTP/2 preface: read on.
+                    let maybe_h2 = first
+                        && inbound.buf.len() < H2_PREFACE.len()
+                        && H2_PREFACE.starts_with(&inbound.buf);
+                    if !maybe_h2 {
+                        match parse_head(&mut inbound) {
+                            Ok(Some(head)) => return Next::Head(head),
+                            Ok(None) => {}
+                            Err(refusal) => return Next::Refuse(refusal),
+                        }
+                    }
+                }
+                if inbound.eof {
+                    return Next::Closed;
+                }
+                // Readiness is cached by tokio: no syscall when none is known.
+                inbound.buf.reserve(READ_AHEAD_CHUNK);
+                match self.wire.stream.try_read_buf(&mut inbound.buf) {
+                    Ok(0) => return Next::Closed,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Next::Closed,
+                }
+            }
+            let waiting_for_first_byte = *idle || first;
+            let deadline = *since
+                + if *idle {
+                    self.timeouts.idle
+                } else {
+                    self.timeouts.header_read
+                };
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled(), if waiting_for_first_byte && self.wire.inbound().buf.is_empty() => {
+                    return Next::Closed
+                }
+                readable = tokio::time::timeout_at(deadline, self.wire.stream.readable()) => match readable {
+                    Ok(Ok(())) => {}
+                    // A timer passed, or the socket failed.
+                    Ok(Err(_)) | Err(_) => return Next::Closed,
+                },
+            }
+        }
+    }
+
+    /// Writes `response`; whether the connection can carry another request.
+    /// `close`: the connection closes after it whatever the response says.
+    async fn respond(
+        &self,
+        response: Response<GatewayBody>,
+        out: &mut Vec<u8>,
+        method: &Method,
+        version: Version,
+        mut close: bool,
+    ) -> bool {
+        let (parts, body) = response.into_parts();
+        close |= self.shutdown.is_cancelled() || wants_close(&parts.headers);
+        let status = parts.status;
+        let bodiless = method == Method::HEAD
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED
+            || status.is_informational();
+        // 204, 304 and 1xx carry no length (RFC 9110 §8.6); HEAD says what
+        // GET would have sent.
+        let no_content = bodiless && method != Method::HEAD;
+        let declared = codec::content_length(&parts.headers).ok().flatten();
+        let mut framing = match declared.or_else(|| body.size_hint().exact()) {
+            Some(n) => Out::Length(n),
+            None if bodiless => Out::Length(0),
+            None if version == Version::HTTP_10 => {
+                close = true;
+                Out::UntilClose
+            }
+            None => Out::Chunked,
+        };
+        self.wire.inbound().responding = true;
+
+        out.clear();
+        let write_length = declared.is_none() && !no_content;
+        let rate = match &body {
+            GatewayBody::Proxied(proxied) => proxied.rate_headers(),
+            GatewayBody::Full(_) => None,
+        };
+        let head = ResponseHead {
+            status,
+            headers: &parts.headers,
+            rate,
+            framing: &framing,
+            write_length,
+            close,
+        };
+        head.encode(out);
+        if bodiless {
+            drop(body);
+            return self.write_all(out).await.is_ok() && !close;
+        }
+        let mut body = pin!(body);
+        loop {
+            // Take what the body has ready, then write it all at once.
+            let mut ended = false;
+            while out.len() < FLUSH_BYTES {
+                match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let Ok(data) = frame.into_data() else {
+                            continue;
+                        };
+                        if self.push(out, data, &mut framing).await.is_err() {
+                            return false;
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        // Cut short: the client sees the connection close
+                        // without the end of the body.
+                        let _ = self.write_all(out).await;
+                        return false;
+                    }
+                    Poll::Ready(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if ended {
+                let complete = finish(out, &framing);
+                return self.write_all(out).await.is_ok() && complete && !close;
+            }
+            if self.write_all(out).await.is_err() {
+                return false;
+            }
+            out.clear();
+            if matches!(framing, Out::Length(0)) {
+                // All the declared bytes are out; whatever else the body
+                // holds cannot be sent.
+                return false;
+            }
+            // Wait for the next frame, noticing a client that goes away.
+            let next = tokio::select! {
+                biased;
+                next = poll_fn(|cx| body.as_mut().poll_frame(cx)) => next,
+                () = self.client_gone() => return false,
+            };
+            match next {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if self.push(out, data, &mut framing).await.is_err() {
+                            return false;
+                        }
+                    }
+                }
+                Some(Err(_)) => return false,
+                None => {
+                    let complete = finish(out, &framing);
+                    return self.write_all(out).await.is_ok() && complete && !close;
+                }
+            }
+        }
+    }
+
+    /// Adds one body frame to `out` in the response's framing; a large
+    /// frame is written straight away instead of copied.
+    async fn push(&self, out: &mut Vec<u8>, data: Bytes, framing: &mut Out) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let data = match framing {
+            Out::Length(left) => {
+                // Never more than declared.
+                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len());
+                *left -= take as u64;
+                data.slice(..take)
+            }
+            Out::Chunked => {
+                push_hex(out, data.len());
+                out.extend_from_slice(b"\r\n");
+                data
+            }
+            Out::UntilClose => data,
+        };
+        if data.len() >= DIRECT_WRITE {
+            self.write_all(out).await?;
+            out.clear();
+            self.write_all(&data).await?;
+        } else {
+            out.extend_from_slice(&data);
+        }
+        if let Out::Chunked = framing {
+            out.extend_from_slice(b"\r\n");
+        }
+        Ok(())
+    }
+
+    /// Writes all of `bytes`, giving the client `timeouts.write` to take
+    /// each next byte.
+    async fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            match self.wire.stream.try_write(bytes) {
+                Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout(self.timeouts.write, self.wire.stream.writable())
+                        .await
+                        .map_err(|_| {
+                            io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "the client took no byte within request_timeout",
+                            )
+                        })??;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves when the client closes its connection (or it fails), once
+    /// the request body is no longer being read; reads ahead of a
+    /// pipelined request meanwhile, up to [`MAX_READ_AHEAD`].
+    async fn client_gone(&self) {
+        poll_fn(|cx| {
+            if self.wire.body_held() {
+                // Re-polled whenever the task wakes, e.g. when the route
+                // that holds the body makes progress.
+                return Poll::Pending;
+            }
+            let mut inbound = self.wire.inbound();
+            loop {
+                if inbound.eof {
+                    return Poll::Ready(());
+                }
+                if inbound.buf.len() >= MAX_READ_AHEAD {
+                    return Poll::Pending;
+                }
+                match self.wire.poll_fill(cx, &mut inbound) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await
+    }
+
+    /// After the response: waits for whoever still reads the request body
+    /// (the drain after a 413), then reads and drops what is left of a
+    /// small body. Whether the connection is still usable.
+    async fn finish_request_body(&self) -> bool {
+        self.wire.body_released().await;
+        let deadline = Instant::now() + self.timeouts.header_read;
+        let mut drained = 0u64;
+        let drain = poll_fn(|cx| {
+            let mut inbound = self.wire.inbound();
+            let inbound = &mut *inbound;
+            inbound.responding = false;
+            inbound.continue_due = false;
+            loop {
+                match inbound.framing.decode(&mut inbound.buf) {
+                    Ok(Some(data)) => {
+                        drained += data.len() as u64;
+                        if drained > DRAIN_LIMIT {
+                            return Poll::Ready(false);
+                        }
+                        continue;
+                    }
+                    Ok(None) if inbound.framing.is_done() => return Poll::Ready(true),
+                    Ok(None) => {}
+                    Err(_) => return Poll::Ready(false),
+                }
+                if inbound.eof || inbound.framing.remaining().is_some_and(|n| n > DRAIN_LIMIT) {
+                    return Poll::Ready(false);
+                }
+                match self.wire.poll_fill(cx, inbound) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(false),
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        });
+        tokio::time::timeout_at(deadline, drain)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Sends FIN after the last response, so a client reading until close
+    /// sees the end at once; the socket closes when the connection drops.
+    fn close(&self) {
+        let _ = socket2::SockRef::from(&self.wire.stream).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Bytes reserved in the read buffer before each read.
+const READ_AHEAD_CHUNK: usize = 8 * 1024;
+
+/// How a response body is framed on the wire.
+enum Out {
+    /// `Content-Length`: this many bytes still to send.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// HTTP/1.0 without a known length: the body ends with the connection.
+    UntilClose,
+}
+
+/// Appends what ends the body in its framing; whether the body was whole.
+fn finish(out: &mut Vec<u8>, framing: &Out) -> bool {
+    match framing {
+        Out::Length(left) => *left == 0,
+        Out::Chunked => {
+            out.extend_from_slice(b"0\r\n\r\n");
+            true
+        }
+        Out::UntilClose => true,
+    }
+}
+
+/// Takes a complete request head off the front of the buffer and sets up
+/// its body's framing. `Ok(None)`: not complete yet. A refusal carries the
+/// request when the head was parsed far enough to have one.
+fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
+    let buf = &mut inbound.buf;
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let too_large = || {
+        Refusal::new(ApiError::HeadersTooLarge {
+            limit: MAX_HEADER_BYTES,
+        })
+    };
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BUFFER => return Err(too_large()),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(too_large()),
+        Err(_) => return Err(Refusal::new(ApiError::BadFraming("malformed request head"))),
+    };
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr() as usize;
+    let span = |s: &str| {
+        let start = s.as_ptr() as usize - base;
+        (start, start + s.len())
+    };
+    let method = span(parsed.method.unwrap_or_default());
+    let target = span(parsed.path.unwrap_or_default());
+    let spans = codec::Spans::new(buf, parsed.headers);
+    let raw = buf.split_to(len).freeze();
+    let malformed = |what| Refusal::new(ApiError::BadFraming(what));
+    let method = Method::from_bytes(raw.get(method.0..method.1).unwrap_or_default())
+        .map_err(|_| malformed("invalid method"))?;
+    let uri = Uri::from_maybe_shared(raw.slice(target.0..target.1))
+        .map_err(|_| malformed("invalid request target"))?;
+    let headers = spans
+        .header_map(&raw, 0)
+        .map_err(|e| Refusal::new(ApiError::BadFraming(e.0)))?;
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    let framing = match request_framing(version, &headers) {
+        Ok(framing) => framing,
+        Err(what) => {
+            *request.headers_mut() = headers;
+            return Err(Box::new(Refusal {
+                error: ApiError::BadFraming(what),
+                head: Some(request),
+            }));
+        }
+    };
+    // HTTP/1.0 clients get one request per connection.
+    let keep_alive = version == Version::HTTP_11 && codec::keep_alive(version, &headers);
+    inbound.continue_due = version == Version::HTTP_11
+        && !framing.is_done()
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    inbound.framing = framing;
+    inbound.continue_sent = 0;
+    inbound.responding = false;
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        keep_alive,
+    }))
+}
+
+/// How a request body is framed (RFC 9112 §6.3), refusing what SPEC
+/// "Framing" refuses: a `Transfer-Encoding` other than one `chunked`, one
+/// in HTTP/1.0, one beside a `Content-Length`, and lengths that disagree.
+fn request_framing(version: Version, headers: &HeaderMap) -> Result<codec::Framing, &'static str> {
+    let mut encodings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = encodings.next() {
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err("Content-Length and Transfer-Encoding in one request");
+        }
+        if version == Version::HTTP_10 {
+            return Err("Transfer-Encoding in an HTTP/1.0 request");
+        }
+        if encodings.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err("Transfer-Encoding must be a single \"chunked\"");
+        }
+        return Ok(codec::Framing::Chunked(codec::Chunk::Size));
+    }
+    match codec::content_length(headers) {
+        Ok(Some(0) | None) => Ok(codec::Framing::Done),
+        Ok(Some(n)) => Ok(codec::Framing::Length(n)),
+        Err(e) => Err(e.0),
+    }
+}
+
+/// Whether the response asks for the connection to close.
+fn wants_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+}
+
+/// What a response head is written from.
+struct ResponseHead<'a> {
+    status: http::StatusCode,
+    /// Sent as they are, except `Connection` and `Transfer-Encoding`,
+    /// which are replaced by what this connection does.
+    headers: &'a HeaderMap,
+    /// The `x-ratelimit-*` headers of a proxied response, kept out of the
+    /// map (see `api::write_rate_headers`).
+    rate: Option<&'a RateHeaders>,
+    framing: &'a Out,
+    /// Whether to add `content-length` (not when the headers carry one, nor
+    /// on a 204, 304 or 1xx).
+    write_length: bool,
+    /// Whether the connection closes after this response.
+    close: bool,
+}
+
+impl ResponseHead<'_> {
+    /// Appends the status line, the headers, `date`, the framing header and
+    /// `connection: close` when closing.
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(self.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let mut has_date = false;
+        for (name, value) in self.headers {
+            if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            has_date |= name == header::DATE;
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if let Some(rate) = self.rate {
+            api::write_rate_headers(out, rate);
+        }
+        if !has_date {
+            push_date(out);
+        }
+        match self.framing {
+            Out::Length(n) if self.write_length => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Out::Length(_) | Out::UntilClose => {}
+            Out::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        if self.close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Appends a chunk size in hex.
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(n >> (4 * i)) & 0xf]);
+    }
+}
+
+thread_local! {
+    /// The `date` header line for the current second, per lane thread.
+    static DATE: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+}
+
+/// Appends `date: <IMF-fixdate>\r\n`, formatted once a second per thread.
+fn push_date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(second, line)| {
+        if *second != secs {
+            *second = secs;
+            line.clear();
+            line.extend_from_slice(b"date: ");
+            line.extend_from_slice(httpdate::fmt_http_date(now).as_bytes());
+            line.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(line);
+    });
+}
+
+impl Head {
+    #[cfg(test)]
+    fn method(&self) -> &Method {
+        self.request.method()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn inbound(bytes: &[u8]) -> Inbound {
+        Inbound {
+            buf: BytesMut::from(bytes),
+            framing: codec::Framing::Done,
+            eof: false,
+            continue_due: false,
+            continue_sent: 0,
+            responding: false,
+        }
+    }
+
+    #[test]
+    fn heads_parse_at_every_split() {
+        let head = b"POST /v1/chat/completions?a=1 HTTP/1.1\r\nHost: weir\r\nContent-Length: 2\r\nX-A: b\r\n\r\n{}";
+        let end = head.len() - 2;
+        for cut in 0..end {
+            assert!(
+                parse_head(&mut inbound(&head[..cut])).unwrap().is_none(),
+                "cut {cut}"
+            );
+        }
+        let mut input = inbound(head);
+        let parsed = parse_head(&mut input).unwrap().unwrap();
+        assert_eq!(parsed.method(), Method::POST);
+        assert_eq!(parsed.request.uri().path(), "/v1/chat/completions");
+        assert_eq!(parsed.request.uri().query(), Some("a=1"));
+        assert_eq!(parsed.request.headers()["x-a"], "b");
+        assert!(parsed.keep_alive);
+        assert_eq!(input.framing, codec::Framing::Length(2));
+        assert_eq!(&input.buf[..], b"{}");
+    }
+
+    #[test]
+    fn framing_rules() {
+        let framing = |lines: &str| {
+            let head = format!("POST / HTTP/1.1\r\n{lines}\r\n");
+            let mut input = inbound(head.as_bytes());
+            parse_head(&mut input)
+                .map(|_| input.framing)
+                .map_err(|r| r.error.to_string())
+        };
+        assert_eq!(framing(""), Ok(codec::Framing::Done));
+        assert_eq!(framing("Content-Length: 0\r\n"), Ok(codec::Framing::Done));
+        assert_eq!(
+            framing("Transfer-Encoding: Chunked\r\n"),
+            Ok(codec::Framing::Chunked(codec::Chunk::Size))
+        );
+        assert_eq!(
+            framing("Content-Length: 5\r\nContent-Length: 5\r\n"),
+            Ok(codec::Framing::Length(5))
+        );
+        for bad in [
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: -1\r\n",
+            "Content-Length: +1\r\n",
+        ] {
+            assert!(framing(bad).is_err(), "{bad}");
+        }
+        let mut old = inbound(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(parse_head(&mut old).is_err());
+    }
+
+    #[test]
+    fn oversized_and_malformed_heads_are_refused() {
+        let mut many = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..=MAX_HEADERS {
+            many.push_str(&format!("x-{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        let code = |bytes: &[u8]| {
+            parse_head(&mut inbound(bytes))
+                .err()
+                .map(|r| r.error.into_response().status())
+        };
+        assert_eq!(
+            code(many.as_bytes()),
+            Some(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        let huge = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(MAX_HEAD_BUFFER));
+        assert_eq!(
+            code(huge.as_bytes()),
+            Some(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        for bad in [
+            &b"GET / HTTP/1.7\r\n\r\n"[..],
+            b"G@T / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX A: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: a\0b\r\n\r\n",
+        ] {
+            assert_eq!(code(bad), Some(http::StatusCode::BAD_REQUEST));
+        }
+    }
+
+    #[test]
+    fn expect_continue_and_keep_alive() {
+        let mut input =
+            inbound(b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n");
+        assert!(parse_head(&mut input).unwrap().unwrap().keep_alive);
+        assert!(input.continue_due);
+        let mut input = inbound(b"POST / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(!parse_head(&mut input).unwrap().unwrap().keep_alive);
+        assert!(!input.continue_due);
+        let mut input = inbound(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(!parse_head(&mut input).unwrap().unwrap().keep_alive);
+    }
+
+    #[test]
+    fn response_heads() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        headers.insert(header::DATE, HeaderValue::from_static("then"));
+        let mut out = Vec::new();
+        let rate = RateHeaders {
+            requests: Some(crate::admission::limiter::RateState {
+                limit: 60,
+                remaining: 59,
+                reset: Duration::from_secs(1),
+            }),
+            tokens: None,
+        };
+        ResponseHead {
+            status: http::StatusCode::OK,
+            headers: &headers,
+            rate: Some(&rate),
+            framing: &Out::Length(12),
+            write_length: true,
+            close: true,
+        }
+        .encode(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: then\r\n\
+             x-ratelimit-limit-requests: 60\r\nx-ratelimit-remaining-requests: 59\r\n\
+             x-ratelimit-reset-requests: 1s\r\ncontent-length: 12\r\nconnection: close\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        ResponseHead {
+            status: http::StatusCode::BAD_GATEWAY,
+            headers: &HeaderMap::new(),
+            rate: None,
+            framing: &Out::Chunked,
+            write_length: true,
+            close: false,
+        }
+        .encode(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 502 Bad Gateway\r\ndate: "),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(" GMT\r\ntransfer-encoding: chunked\r\n\r\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        for (n, hex) in [
+            (0, "0"),
+            (1, "1"),
+            (15, "f"),
+            (16, "10"),
+            (4096, "1000"),
+            (65535, "ffff"),
+        ] {
+            let mut out = Vec::new();
+            push_hex(&mut out, n);
+            assert_eq!(out, hex.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! HTTP/2 clients (prior knowledge, h2c), served by hyper.
+//!
+//! [`super::http1`] tells an HTTP/2 connection by its preface and hands the
+//! socket over, with the bytes already read, to hyper's HTTP/2 server. h2
+//! has no framing ambiguity to refuse; weir adds its connection timers.
+//!
+//! # Connection timers ([`ClientIo`])
+//!
+//! hyper's own timers do not tell an idle connection from a busy one, so
+//! every HTTP/2 socket is wrapped in [`ClientIo`], which knows (through
+//! [`ConnWatch`]) whether a request is being served: before the first
+//! request, `header_read_timeout` applies; between requests,
+//! `idle_timeout`; while a request is served, neither (`request_timeout`
+//! bounds it). A client that takes no byte for `request_timeout` is cut.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use hyper::{
+    body::{Body, Frame, SizeHint},
+    server::conn::http2,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::{Instant, Sleep},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{http1::Timeouts, request_body::ClientBody, Role, MAX_HEADER_BYTES};
+use crate::{body::GatewayBody, gateway::Shared};
+
+/// Serves an HTTP/2 connection until it closes; on shutdown, hyper's
+/// graceful close (GOAWAY, in-flight streams finish).
+pub(super) async fn serve(
+    stream: TcpStream,
+    prefix: Bytes,
+    peer: SocketAddr,
+    role: Role,
+    shared: Arc<Shared>,
+    timeouts: Timeouts,
+    shutdown: CancellationToken,
+) {
+    let watch = Arc::new(ConnWatch::default());
+    let io = ClientIo::new(stream, prefix, watch.clone(), timeouts);
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        // Counted from the moment hyper hands the request over until it
+        // drops the response body, so `ClientIo` never times out a
+        // connection that is serving a request.
+        let busy = Busy::new(watch.clone());
+        let shared = shared.clone();
+        async move {
+            let req = req.map(ClientBody::Http2);
+            let mut response = super::route(req, &shared, peer, role).await;
+            // HTTP/1.1 writes these straight into the head; hyper needs them
+            // in the map.
+            if let GatewayBody::Proxied(body) = response.body() {
+                if let Some(rate) = body.rate_headers().copied() {
+                    crate::api::insert_rate_headers(response.headers_mut(), &rate);
+                }
+            }
+            Ok::<_, Infallible>(response.map(|inner| ConnBody { inner, _busy: busy }))
+        }
+    });
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
+        .keep_alive_interval(None);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// What one HTTP/2 connection's requests tell its [`ClientIo`].
+#[derive(Debug, Default)]
+struct ConnWatch {
+    /// Requests hyper has handed over whose response body it still holds.
+    busy: AtomicUsize,
+    /// The connection's reader while a request is served, woken when the
+    /// last one ends so the idle timer starts even if no byte arrives.
+    reader: Mutex<Option<Waker>>,
+}
+
+/// One request in [`ConnWatch::busy`], from hyper handing it over until
+/// its response body is dropped.
+struct Busy(Arc<ConnWatch>);
+
+impl Busy {
+    fn new(watch: Arc<ConnWatch>) -> Self {
+        watch.busy.fetch_add(1, Ordering::AcqRel);
+        Self(watch)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let reader = self
+                .0
+                .reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(waker) = reader {
+                waker.wake();
+            }
+        }
+    }
+}
+
+/// A response body plus its request's [`Busy`] mark.
+struct ConnBody {
+    inner: GatewayBody,
+    _busy: Busy,
+}
+
+impl Body for ConnBody {
+    type Data = Bytes;
+    type Error = crate::body::BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Where a connection is between requests, for its read deadline.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// A head is due since this instant (the accept, or the first byte
+    /// after an idle spell): `header_read_timeout` applies.
+    Head(Instant),
+    /// A request is being served: no read deadline.
+    Busy,
+    /// Idle since this instant (the last response ended): `idle_timeout`.
+    Idle(Instant),
+}
+
+/// An accepted client socket with weir's read deadlines (see the module
+/// doc). Every field is `Unpin`, so no projection is needed.
+struct ClientIo {
+    stream: TcpStream,
+    /// Shared with the requests served on this connection.
+    watch: Arc<ConnWatch>,
+    /// The current read deadline; reset as the phase changes.
+    timer: Pin<Box<Sleep>>,
+    phase: Phase,
+    /// Bytes read before the protocol was known, served before the socket.
+    prefix: Bytes,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    /// Set while a write waits for the client to take bytes: the deadline
+    /// after which the client counts as gone. Created on the first stall.
+    write_stall: Option<Pin<Box<Sleep>>>,
+    /// Whether `write_stall` is running (a write is pending).
+    write_stalled: bool,
+    /// How long a client may refuse every byte (`request_timeout`): a
+    /// client that never reads would otherwise hold its stream, permit and
+    /// reservation forever, since hyper stops polling a body it cannot
+    /// write, so the body's own deadline never fires.
+    write_timeout: Duration,
+}
+
+impl ClientIo {
+    fn new(stream: TcpStream, prefix: Bytes, watch: Arc<ConnWatch>, timeouts: Timeouts) -> Self {
+        let now = Instant::now();
+        Self {
+            stream,
+            watch,
+            timer: Box::pin(tokio::time::sleep_until(now + timeouts.header_read)),
+            phase: Phase::Head(now),
+            prefix,
+            header_read_timeout: timeouts.header_read,
+            idle_timeout: timeouts.idle,
+            write_stall: None,
+            write_stalled: false,
+            write_timeout: timeouts.write,
+        }
+    }
+
+    /// Tracks a write's progress: a pending write starts (or keeps) the
+    /// stall deadline, any progress clears it; an expired deadline turns
+    /// the pending write into an error, which makes hyper close the
+    /// connection and drop what the request holds.
+    fn watch_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.write_stalled = false;
+            return poll;
+        }
+        let deadline = Instant::now() + self.write_timeout;
+        let timer = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.write_stalled {
+            self.write_stalled = true;
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no byte within request_timeout",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        let busy = this.watch.busy.load(Ordering::Acquire) > 0;
+        this.phase = match (this.phase, busy) {
+            (_, true) => Phase::Busy,
+            (Phase::Busy, false) => Phase::Idle(Instant::now()),
+            (phase, false) => phase,
+        };
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let read = buf.filled().get(before..).unwrap_or_default();
+                if !read.is_empty() {
+                    if let Phase::Idle(_) = this.phase {
+                        this.phase = Phase::Head(Instant::now());
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let deadline = match this.phase {
+                    Phase::Busy => {
+                        let mut reader =
+                            this.watch.reader.lock().unwrap_or_else(|e| e.into_inner());
+                        if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *reader = Some(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                    Phase::Head(since) => since + this.header_read_timeout,
+                    Phase::Idle(since) => since + this.idle_timeout,
+                };
+                if this.timer.deadline() != deadline {
+                    this.timer.as_mut().reset(deadline);
+                }
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    let what = match this.phase {
+                        Phase::Idle(_) => "idle_timeout passed",
+                        _ => "header_read_timeout passed",
+                    };
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.watch_write(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.watch_write(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_flush(cx);
+        this.watch_write(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}

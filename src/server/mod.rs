@@ -1,0 +1,488 @@
+//! Accepting connections and routing requests.
+//!
+//! One accept loop per listener (the public one and, when configured, the
+//! admin one). Client connections are served by weir's own HTTP/1.1 server
+//! ([`http1`]); a connection that opens with the HTTP/2 preface is handed to
+//! hyper ([`http2`]). Routing is a plain match on method and path (SPEC
+//! "HTTP surface"); the `/v1` inference routes go to [`crate::proxy`], the
+//! operator routes to [`crate::admin`].
+//!
+//! This module enforces the connection-level limits (`max_connections`,
+//! head sizes, path rules, request ids) and graceful shutdown; [`http1`]
+//! the connection timers and request framing. It does not read bodies.
+
+mod http1;
+mod http2;
+mod request_body;
+
+pub(crate) use request_body::ClientBody;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    access_log::{AccessLog, Ending},
+    admin,
+    api::ApiError,
+    body::GatewayBody,
+    gateway::Shared,
+    headers,
+    lanes::Lanes,
+    proxy,
+};
+
+pub(crate) use crate::reload::reload;
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// `/v1/*`, `/healthz`, `/readyz` (an `admin_listen` is configured).
+    Public,
+    /// `/metrics`, `/admin/*`, `/healthz`, `/readyz`.
+    Admin,
+    /// Everything (no `admin_listen`).
+    Both,
+}
+
+/// Request headers in all beyond which weir answers 431 (SPEC: 64 KiB).
+/// [`http1`] buffers this plus [`MAX_REQUEST_LINE_BYTES`] for a head and
+/// answers 431 to one that does not fit; [`check_head`] to one that fits
+/// but whose headers exceed this.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Request lines longer than this get 414 (SPEC "Framing": 8 KiB).
+const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
+
+/// How long the accept loop backs off after an accept error such as EMFILE,
+/// instead of spinning on it.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves one listener until `shutdown` is cancelled, then lets open
+/// connections finish within `shutdown_grace`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    role: Role,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let server = &shared.snapshot.load().config.server;
+    let timeouts = http1::Timeouts {
+        header_read: server.header_read_timeout,
+        idle: server.idle_timeout,
+        write: server.request_timeout,
+    };
+    // Client connections run on the lanes (one thread per core); the
+    // admin listener's few connections stay on the main runtime.
+    let lanes = match role {
+        Role::Admin => None,
+        Role::Public | Role::Both => match Lanes::start() {
+            Ok(lanes) => Some(lanes),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the connection lanes; serving on the main runtime");
+                None
+            }
+        },
+    };
+    // Connections are tracked (for the shutdown grace) by a TaskTracker,
+    // not a JoinSet that would grow with every connection.
+    let tracker = TaskTracker::new();
+    loop {
+        // Wait for a connection slot before accepting, so connections beyond
+        // `max_connections` wait in the kernel's backlog instead of spinning.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = shared.connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                // The semaphore is never closed; if it were, stop serving.
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let accepted = Accepted {
+            peer,
+            role,
+            shared: shared.clone(),
+            timeouts,
+            shutdown: shutdown.clone(),
+            permit,
+        };
+        match &lanes {
+            Some(lanes) => match stream.into_std() {
+                // Re-registered with the lane's own reactor there.
+                Ok(stream) => {
+                    lanes.spawn(tracker.track_future(accepted.serve(Socket::Std(stream))))
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "accepted socket unusable"),
+            },
+            None => drop(tracker.spawn(accepted.serve(Socket::Tokio(stream)))),
+        }
+    }
+    drop(listener);
+    tracker.close();
+    let grace = shared.snapshot.load().config.server.shutdown_grace;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "shutdown grace passed with connections still open; closing them"
+        );
+    }
+    // Stops the lane threads, dropping connections still open past the grace.
+    drop(lanes);
+}
+
+/// An accepted socket, registered with a reactor or about to be.
+enum Socket {
+    /// Accepted on this runtime.
+    Tokio(TcpStream),
+    /// Handed over from the accept loop to a lane.
+    Std(std::net::TcpStream),
+}
+
+/// One accepted connection and what serving it needs.
+struct Accepted {
+    peer: SocketAddr,
+    role: Role,
+    shared: Arc<Shared>,
+    timeouts: http1::Timeouts,
+    /// Cancelled on shutdown: idle connections close, busy ones after
+    /// their response.
+    shutdown: CancellationToken,
+    /// The `max_connections` slot, held until the connection closes.
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Accepted {
+    /// Serves the connection until it closes.
+    async fn serve(self, socket: Socket) {
+        let Accepted {
+            peer,
+            role,
+            shared,
+            timeouts,
+            shutdown,
+            permit,
+        } = self;
+        let stream = match socket {
+            Socket::Tokio(stream) => stream,
+            Socket::Std(stream) => match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "cannot register the connection");
+                    return;
+                }
+            },
+        };
+        let conn = http1::Conn {
+            wire: Arc::new(request_body::Wire::new(stream, BytesMut::new())),
+            peer,
+            role,
+            shared,
+            timeouts,
+            shutdown,
+        };
+        if let http1::Ended::Http2 = conn.run().await {
+            let http1::Conn {
+                wire,
+                shared,
+                shutdown,
+                ..
+            } = conn;
+            // No request was served, so nothing else holds the connection.
+            if let Ok(wire) = Arc::try_unwrap(wire) {
+                let (stream, read) = wire.into_parts();
+                http2::serve(
+                    stream,
+                    read.freeze(),
+                    peer,
+                    role,
+                    shared,
+                    timeouts,
+                    shutdown,
+                )
+                .await;
+            }
+        }
+        drop(permit);
+    }
+}
+
+/// Routes one request and stamps `x-request-id` on its response. The
+/// access log line is written here for weir's own answers, and by the body
+/// when it ends for proxied ones.
+async fn route(
+    req: Request<ClientBody>,
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    role: Role,
+) -> Response<GatewayBody> {
+    let request_id = request_id(req.headers().get(headers::X_REQUEST_ID));
+    let mut log = AccessLog::new(
+        request_id.clone(),
+        req.method().clone(),
+        req.uri().path().to_owned(),
+    );
+    let result = match check_head(&req) {
+        Ok(()) => dispatch(req, shared, peer, role, &request_id, &mut log).await,
+        Err(error) => Err(error),
+    };
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    response
+        .headers_mut()
+        .insert(headers::X_REQUEST_ID, request_id);
+    log.status = response.status().as_u16();
+    match response.body_mut() {
+        GatewayBody::Proxied(body) => body.attach_log(log, shared.clone()),
+        GatewayBody::Full(_) => log.emit(&shared.metrics, Ending::Complete),
+    }
+    response
+}
+
+/// The answer to a request [`http1`] refuses before routing it (a head it
+/// cannot parse or whose framing is ambiguous): a fresh request id, and an
+/// access log line when the head got as far as a method and path.
+fn refuse(
+    error: ApiError,
+    head: Option<&Request<()>>,
+    shared: &Arc<Shared>,
+) -> Response<GatewayBody> {
+    let request_id = request_id(head.and_then(|h| h.headers().get(headers::X_REQUEST_ID)));
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(headers::X_REQUEST_ID, request_id.clone());
+    if let Some(head) = head {
+        let mut log = AccessLog::new(
+            request_id,
+            head.method().clone(),
+            head.uri().path().to_owned(),
+        );
+        log.status = response.status().as_u16();
+        log.emit(&shared.metrics, Ending::Complete);
+    }
+    response
+}
+
+async fn dispatch(
+    req: Request<ClientBody>,
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    role: Role,
+    request_id: &HeaderValue,
+    log: &mut AccessLog,
+) -> Result<Response<GatewayBody>, ApiError> {
+    let path = req.uri().path();
+    check_path(path)?;
+    // Loaded once: the whole request sees one routing state.
+    let snapshot = shared.snapshot.load_full();
+    let public = role != Role::Admin;
+    let operator = role != Role::Public;
+    match path {
+        "/healthz" => only(&req, &Method::GET).map(|()| admin::healthz()),
+        "/readyz" => only(&req, &Method::GET).map(|()| admin::readyz(shared)),
+        "/metrics" if operator => only(&req, &Method::GET).map(|()| admin::metrics(shared)),
+        p if operator && p.starts_with("/admin/") => {
+            admin::authorize(req.headers(), peer, &snapshot)?;
+            match p {
+                "/admin/backends" => only(&req, &Method::GET).map(|()| admin::backends(shared)),
+                "/admin/cluster" => only(&req, &Method::GET).map(|()| admin::cluster(shared)),
+                "/admin/reload" => {
+                    only(&req, &Method::POST)?;
+                    Ok(admin::reload_response(reload(shared).await))
+                }
+                _ => Err(unknown(&req)),
+            }
+        }
+        p if public && (p == "/v1" || p.starts_with("/v1/")) => {
+            proxy::authorize(req.headers(), &snapshot)?;
+            if req.method() == Method::GET {
+                return proxy::models(p, &snapshot);
+            }
+            if req.method() != Method::POST {
+                return Err(ApiError::MethodNotAllowed(req.method().to_string()));
+            }
+            proxy::forward(req, shared, &snapshot, request_id, log).await
+        }
+        _ => Err(unknown(&req)),
+    }
+}
+
+/// 405 unless the request uses `method`.
+fn only<B>(req: &Request<B>, method: &Method) -> Result<(), ApiError> {
+    if req.method() == method {
+        Ok(())
+    } else {
+        Err(ApiError::MethodNotAllowed(req.method().to_string()))
+    }
+}
+
+fn unknown<B>(req: &Request<B>) -> ApiError {
+    ApiError::UnknownRoute {
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+    }
+}
+
+/// SPEC "Framing" on a parsed head: a `Transfer-Encoding` other than one
+/// `chunked` or beside a `Content-Length` (also refused by [`http1`] before
+/// routing; HTTP/2 allows neither), a request line over 8 KiB and headers
+/// over 64 KiB in all. Each answer closes the connection.
+fn check_head(req: &Request<ClientBody>) -> Result<(), ApiError> {
+    let headers = req.headers();
+    let mut encodings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = encodings.next() {
+        if encodings.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(ApiError::BadFraming(
+                "Transfer-Encoding must be a single \"chunked\"",
+            ));
+        }
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(ApiError::BadFraming(
+                "Content-Length and Transfer-Encoding in one request",
+            ));
+        }
+    }
+    // method, target, "HTTP/1.1" and two spaces
+    let line = req.method().as_str().len() + target_len(req.uri()) + 10;
+    if line > MAX_REQUEST_LINE_BYTES {
+        return Err(ApiError::UriTooLong {
+            limit: MAX_REQUEST_LINE_BYTES,
+        });
+    }
+    if header_bytes(headers) > MAX_HEADER_BYTES {
+        return Err(ApiError::HeadersTooLarge {
+            limit: MAX_HEADER_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// Bytes of the request target as the client sent it (origin or absolute
+/// form).
+fn target_len(uri: &Uri) -> usize {
+    let scheme = uri.scheme_str().map_or(0, |s| s.len() + 3);
+    let authority = uri.authority().map_or(0, |a| a.as_str().len());
+    let path = uri.path_and_query().map_or(0, |p| p.as_str().len());
+    scheme + authority + path
+}
+
+/// Bytes of the header section as sent: `name: value` and CRLF per field.
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// SPEC "Paths": a path with `.` or `..` segments (also percent-encoded) or
+/// an empty segment is refused, so no backend ever sees a path that a
+/// normalising server would resolve differently from weir.
+pub(crate) fn check_path(path: &str) -> Result<(), ApiError> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(ApiError::BadPath("the path must start with /"));
+    };
+    for segment in rest.split('/') {
+        if segment.is_empty() {
+            return Err(ApiError::BadPath("empty path segment"));
+        }
+        if is_dot_segment(segment) {
+            return Err(ApiError::BadPath("dot segments are not allowed"));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a path segment is `.` or `..`, with any dot written `%2e` or
+/// `%2E` (checked without decoding: every request passes here).
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() && dots < 3 {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', b'e' | b'E', tail @ ..] => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    rest.is_empty() && (dots == 1 || dots == 2)
+}
+
+/// The client's `x-request-id` when it is 1-128 visible ASCII characters,
+/// otherwise a fresh random one (SPEC "Request ids").
+fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
+    if let Some(value) = client {
+        let bytes = value.as_bytes();
+        if (1..=128).contains(&bytes.len()) && bytes.iter().all(|b| b.is_ascii_graphic()) {
+            return value.clone();
+        }
+    }
+    let id: u128 = rand::random();
+    let mut hex = [0u8; 32];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_rules() {
+        for ok in [
+            "/v1/chat/completions",
+            "/healthz",
+            "/v1/models/gpt-4.1",
+            "/v1/a.b",
+            "/v1/.../x",
+            "/v1/%2e%2e%2e/x",
+            "/v1/..a/x",
+            "/v1/%2f/x",
+            "/v1/%2",
+        ] {
+            assert!(check_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/v1/../admin/backends",
+            "/v1/./models",
+            "/v1/%2e%2e/admin",
+            "/v1/%2E./x",
+            "/v1/.%2e",
+            "/v1/%2E",
+            "/v1//models",
+            "/v1/models/",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_sane() {
+        let good = HeaderValue::from_static("abc-123");
+        assert_eq!(request_id(Some(&good)), good);
+        let spaced = HeaderValue::from_static("has space");
+        assert_ne!(request_id(Some(&spaced)), spaced);
+        let long = HeaderValue::try_from("x".repeat(129)).unwrap();
+        assert_eq!(request_id(Some(&long)).len(), 32);
+        assert_eq!(request_id(None).len(), 32);
+    }
+}

@@ -1,0 +1,259 @@
+//! A client request's body as the routes see it ([`ClientBody`]), and the
+//! connection state an HTTP/1.1 body shares with its connection ([`Wire`]).
+//!
+//! An HTTP/1.1 request body is read by whoever holds it (the proxy, or the
+//! lingering drain after a 413) straight from the connection's socket and
+//! read buffer, with no task or channel in between; the connection loop
+//! reads the next head only once the body is finished or released.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    task::{ready, Context, Poll},
+};
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::{net::TcpStream, sync::Notify};
+
+use crate::upstream::codec::Framing;
+
+/// Bytes asked of the socket per read: a small request fits in one.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The interim answer to `Expect: 100-continue`.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    /// The client's framing is broken (chunk sizes, lengths).
+    #[error("{0}")]
+    Malformed(&'static str),
+    /// The client closed the connection before the body ended.
+    #[error("the client closed the connection before the body ended")]
+    Closed,
+    /// The socket failed.
+    #[error("reading the request body failed: {0}")]
+    Io(#[from] io::Error),
+    /// hyper's HTTP/2 body failed.
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+}
+
+/// A request body from either protocol: weir's own HTTP/1.1 connection or
+/// hyper's HTTP/2 one.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// Read from the connection's socket by [`RequestBody`].
+    Http1(RequestBody),
+    /// hyper's HTTP/2 stream.
+    Http2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        match self.get_mut() {
+            ClientBody::Http1(body) => body.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
+            ClientBody::Http2(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(RequestBodyError::from))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Http1(body) => body.wire.inbound().framing.is_done(),
+            ClientBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Http1(body) => match body.wire.inbound().framing.remaining() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+            ClientBody::Http2(body) => body.size_hint(),
+        }
+    }
+}
+
+/// One HTTP/1.1 client connection's socket and read side, shared by the
+/// connection loop and the body of the request being served.
+#[derive(Debug)]
+pub(crate) struct Wire {
+    pub(crate) stream: TcpStream,
+    inbound: Mutex<Inbound>,
+    /// A [`RequestBody`] for the current request still exists.
+    body_held: AtomicBool,
+    /// Signalled when that body is dropped.
+    released: Notify,
+}
+
+/// What has been read from the client and not yet consumed.
+#[derive(Debug)]
+pub(crate) struct Inbound {
+    /// Bytes read and not yet parsed: the rest of the body, or the next
+    /// request (pipelining).
+    pub(crate) buf: BytesMut,
+    /// Where the current request's body stands.
+    pub(crate) framing: Framing,
+    /// The client has closed its side.
+    pub(crate) eof: bool,
+    /// The client sent `Expect: 100-continue` and has not been told to go on.
+    pub(crate) continue_due: bool,
+    /// Bytes of `100 Continue` written so far.
+    pub(crate) continue_sent: usize,
+    /// The response has begun: too late for `100 Continue`.
+    pub(crate) responding: bool,
+}
+
+impl Wire {
+    /// Wraps an accepted socket and what was already read from it.
+    pub(crate) fn new(stream: TcpStream, buf: BytesMut) -> Self {
+        Self {
+            stream,
+            inbound: Mutex::new(Inbound {
+                buf,
+                framing: Framing::Done,
+                eof: false,
+                continue_due: false,
+                continue_sent: 0,
+                responding: false,
+            }),
+            body_held: AtomicBool::new(false),
+            released: Notify::new(),
+        }
+    }
+
+    /// The read side. Only the connection loop and the current body use
+    /// it, one at a time, so the lock is never contended.
+    pub(crate) fn inbound(&self) -> MutexGuard<'_, Inbound> {
+        self.inbound.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the current request's body still exists (someone may read it).
+    pub(crate) fn body_held(&self) -> bool {
+        self.body_held.load(Ordering::Acquire)
+    }
+
+    /// The socket and what was read from it and not consumed, once no
+    /// request holds the connection (for handing it to HTTP/2).
+    pub(crate) fn into_parts(self) -> (TcpStream, BytesMut) {
+        let inbound = self.inbound.into_inner().unwrap_or_else(|e| e.into_inner());
+        (self.stream, inbound.buf)
+    }
+
+    /// Waits until the current request's body has been dropped.
+    pub(crate) async fn body_released(&self) {
+        while self.body_held.load(Ordering::Acquire) {
+            self.released.notified().await;
+        }
+    }
+
+    /// Reads what the socket has into the buffer: `Ready(Ok(n))` with the
+    /// bytes read, 0 at the client's end of input.
+    pub(crate) fn poll_fill(
+        &self,
+        cx: &mut Context<'_>,
+        inbound: &mut Inbound,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            inbound.buf.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(&mut inbound.buf) {
+                Ok(0) => {
+                    inbound.eof = true;
+                    return Poll::Ready(Ok(0));
+                }
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// An HTTP/1.1 request body, read from the connection on demand. Dropping
+/// it hands the read side back to the connection.
+#[derive(Debug)]
+pub struct RequestBody {
+    wire: Arc<Wire>,
+}
+
+impl RequestBody {
+    /// The body of the request whose head was just parsed; `inbound`
+    /// already holds its framing.
+    pub(crate) fn new(wire: Arc<Wire>) -> Self {
+        wire.body_held.store(true, Ordering::Release);
+        Self { wire }
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, RequestBodyError>>> {
+        let wire = &*self.wire;
+        let mut inbound = wire.inbound();
+        let inbound = &mut *inbound;
+        loop {
+            if inbound.framing.is_done() {
+                return Poll::Ready(None);
+            }
+            match inbound.framing.decode(&mut inbound.buf) {
+                Ok(Some(data)) => return Poll::Ready(Some(Ok(data))),
+                Ok(None) if inbound.framing.is_done() => return Poll::Ready(None),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Some(Err(RequestBodyError::Malformed(e.0)))),
+            }
+            if inbound.eof {
+                return Poll::Ready(Some(Err(RequestBodyError::Closed)));
+            }
+            if inbound.continue_due && !inbound.responding {
+                if let Err(e) = ready!(poll_send_continue(&wire.stream, cx, inbound)) {
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+            inbound.continue_due = false;
+            match ready!(wire.poll_fill(cx, inbound)) {
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.wire.body_held.store(false, Ordering::Release);
+        self.wire.released.notify_one();
+    }
+}
+
+/// Writes (the rest of) `100 Continue`.
+fn poll_send_continue(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    inbound: &mut Inbound,
+) -> Poll<io::Result<()>> {
+    while let Some(rest) = CONTINUE
+        .get(inbound.continue_sent..)
+        .filter(|r| !r.is_empty())
+    {
+        ready!(stream.poll_write_ready(cx))?;
+        match stream.try_write(rest) {
+            Ok(n) => inbound.continue_sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+    Poll::Ready(Ok(()))
+}
