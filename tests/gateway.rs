@@ -456,7 +456,8 @@ async fn admin_and_probe_endpoints_answer() {
 
 #[tokio::test]
 async fn h2c_clients_are_served() {
-    let (gw, _m) = one_backend(MockConfig::default(), "").await;
+    let limits = "[limits]\nrequests_per_minute = 1000\n";
+    let (gw, _m) = one_backend(MockConfig::default(), limits).await;
     let c: TestClient =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)
@@ -472,6 +473,9 @@ async fn h2c_clients_are_served() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-weir-backend"), "b1");
+    // HTTP/1.1 heads get these written directly; h2 through the map.
+    assert_eq!(r.header("x-ratelimit-limit-requests"), "1000");
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), "999");
 }
 
 #[tokio::test]

@@ -1,0 +1,216 @@
+//! weir's own HTTP/1.1 server side (`server/http1.rs`), over raw TCP: the
+//! parts of RFC 9112 no other suite reaches. `Expect: 100-continue`,
+//! pipelining, HTTP/1.0, an unread body after an early answer, a client
+//! that leaves before its answer, and graceful shutdown of idle and busy
+//! connections.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use weir::mock::MockConfig;
+
+const MODEL: &str = "m1";
+
+/// Reads from `s` until `done` holds for what arrived (10 s at most).
+async fn read_until(s: &mut TcpStream, mut done: impl FnMut(&str) -> bool) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if done(&text) {
+            return text;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed early; got {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Whether `text` holds `n` whole responses framed by `content-length`.
+fn whole_responses(text: &str, n: usize) -> bool {
+    let mut rest = text;
+    for _ in 0..n {
+        let Some((head, after)) = rest.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if after.len() < len {
+            return false;
+        }
+        rest = &after[len..];
+    }
+    true
+}
+
+/// Whether the server closes `s` within `within` (reading and dropping
+/// anything else it sends).
+async fn closes_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_when_the_body_is_read() {
+    let (gw, m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;
+    let body = chat(MODEL, false);
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let interim = read_until(&mut s, |t| t.contains("\r\n\r\n")).await;
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    assert_eq!(m.requests(), 0);
+    s.write_all(body.as_bytes()).await.unwrap();
+    let text = read_until(&mut s, |t| whole_responses(t, 1)).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert_eq!(m.requests(), 1);
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let (gw, m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;
+    let body = chat(MODEL, false);
+    let mut wire = Vec::new();
+    for id in ["first", "second", "third"] {
+        wire.extend(raw_chat(&body, &format!("x-request-id: {id}\r\n")));
+    }
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(&wire).await.unwrap();
+    let text = read_until(&mut s, |t| whole_responses(t, 3)).await;
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("x-request-id: "))
+        .collect();
+    assert_eq!(ids, ["first", "second", "third"], "{text}");
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text}");
+    assert_eq!(m.requests(), 3);
+    // The connection is still open for a fourth.
+    s.write_all(&raw_chat(&body, "")).await.unwrap();
+    read_until(&mut s, |t| whole_responses(t, 1)).await;
+}
+
+#[tokio::test]
+async fn http_1_0_gets_one_answer_then_the_connection_closes() {
+    let (gw, _m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;
+    let body = chat(MODEL, false);
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{body}",
+        body.len()
+    );
+    let reply = raw(gw.addr(), request.into_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(reply.status(), 200, "{}", reply.text());
+    assert!(reply.closed, "{}", reply.text());
+    assert!(whole_responses(&reply.text(), 1), "{}", reply.text());
+    // A streamed answer has no length: it ends with the connection.
+    let body = chat(MODEL, true);
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let reply = raw(gw.addr(), request.into_bytes(), Duration::from_secs(10)).await;
+    let text = reply.text();
+    assert_eq!(reply.status(), 200, "{text}");
+    assert!(reply.closed);
+    assert!(!text.contains("transfer-encoding"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}
+
+/// A body the route never read (here: an unknown path answered before it)
+/// is read and dropped when small, so the connection carries on; a large
+/// one closes the connection instead.
+#[tokio::test]
+async fn an_unread_body_is_drained_when_small_and_closes_when_large() {
+    let (gw, _m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;
+    let body = chat(MODEL, false);
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let head = format!(
+        "POST /nowhere/at/all HTTP/1.1\r\nHost: weir\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // Answered before the body was sent.
+    let text = read_until(&mut s, |t| whole_responses(t, 1)).await;
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    s.write_all(body.as_bytes()).await.unwrap();
+    s.write_all(&raw_chat(&body, "")).await.unwrap();
+    let text = read_until(&mut s, |t| whole_responses(t, 1)).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"POST /nowhere HTTP/1.1\r\nHost: weir\r\nContent-Length: 10000000\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_until(&mut s, |t| whole_responses(t, 1)).await;
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(closes_within(&mut s, Duration::from_secs(5)).await);
+}
+
+/// A client that closes its connection while its request waits for the
+/// backend cancels the request: the backend's connection closes and its
+/// slot is free, long before the backend would have answered.
+#[tokio::test]
+async fn a_client_leaving_before_its_answer_cancels_the_request() {
+    let slow = MockConfig::default().latency(Duration::from_secs(30));
+    let (gw, m) = gateway_with_mock(MODEL, slow, "").await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(&raw_chat(&chat(MODEL, false), ""))
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
+    drop(s);
+    assert!(
+        eventually(Duration::from_secs(5), || m.in_flight() == 0
+            && m.connections_open() == 0)
+        .await,
+        "the backend still serves a request nobody waits for"
+    );
+    assert_eq!(
+        metric(gw.addr(), "weir_in_flight", &[("model", MODEL)]).await,
+        0.0
+    );
+}
+
+/// On shutdown an idle keep-alive connection is closed at once, and one
+/// whose request is under way gets its answer, marked `connection: close`,
+/// then is closed.
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_finishes_busy_ones() {
+    let slow = MockConfig::default().latency(Duration::from_millis(500));
+    let (gw, m) = gateway_with_mock(MODEL, slow, "").await;
+    let body = chat(MODEL, false);
+    let mut idle = TcpStream::connect(gw.addr()).await.unwrap();
+    idle.write_all(&raw_chat(&body, "")).await.unwrap();
+    read_until(&mut idle, |t| whole_responses(t, 1)).await;
+
+    let mut busy = TcpStream::connect(gw.addr()).await.unwrap();
+    busy.write_all(&raw_chat(&body, "")).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
+    gw.shutdown();
+    assert!(closes_within(&mut idle, Duration::from_secs(5)).await);
+    let text = read_until(&mut busy, |t| whole_responses(t, 1)).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+    assert!(closes_within(&mut busy, Duration::from_secs(5)).await);
+}
