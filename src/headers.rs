@@ -83,11 +83,25 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// library to set from the URI and the body, the backend's key injected.
 pub(crate) fn to_upstream(headers: &mut HeaderMap, backend_key: Option<&HeaderValue>) {
     strip_hop_by_hop(headers);
-    for name in &CLIENT_CREDENTIALS {
-        headers.remove(name);
+    // One pass over the few names a request has finds what to remove; a
+    // `remove` of an absent name still hashes and probes.
+    let (mut host, mut length, mut credentials) = (false, false, false);
+    for name in headers.keys() {
+        host |= name == header::HOST;
+        length |= name == header::CONTENT_LENGTH;
+        credentials |= CLIENT_CREDENTIALS.contains(name);
     }
-    headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
+    if host {
+        headers.remove(header::HOST);
+    }
+    if length {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    if credentials {
+        for name in &CLIENT_CREDENTIALS {
+            headers.remove(name);
+        }
+    }
     if let Some(key) = backend_key {
         headers.insert(header::AUTHORIZATION, key.clone());
     }

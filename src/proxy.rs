@@ -466,7 +466,7 @@ impl Exchange<'_> {
                 backend: member.backend.clone(),
             }),
         );
-        Response::from_parts(parts, GatewayBody::Proxied(body))
+        Response::from_parts(parts, GatewayBody::Proxied(Box::new(body)))
     }
 
     fn count_error(&self, member: &Member, kind: &'static str) {
