@@ -42,7 +42,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+#[cfg(test)]
+use bytes::BytesMut;
 use http::{header, HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Body;
 use tokio::time::Instant;
@@ -69,9 +71,6 @@ const MAX_HEADERS: usize = 100;
 /// Bytes buffered for a head before it counts as too large (431): the
 /// header limit plus the longest request line, as before with hyper.
 const MAX_HEAD_BUFFER: usize = MAX_HEADER_BYTES + MAX_REQUEST_LINE_BYTES;
-
-/// The response buffer's first size: a proxied head and a small body.
-const OUT_BUFFER: usize = 2 * 1024;
 
 /// Response bytes gathered before they are written.
 const FLUSH_BYTES: usize = 64 * 1024;
@@ -150,6 +149,7 @@ enum Next {
 impl Conn {
     /// Serves requests until the connection closes.
     pub(super) async fn run(&self) -> Ended {
+        let mut out = Vec::with_capacity(4 * 1024);
         // Before the first request the head timer runs from the accept.
         let mut since = Instant::now();
         let mut idle = false;
@@ -161,7 +161,7 @@ impl Conn {
                     let Refusal { error, head } = *refusal;
                     let response = super::refuse(error, head.as_ref(), &self.shared);
                     let _ = self
-                        .respond(response, &Method::GET, Version::HTTP_11, true)
+                        .respond(response, &mut out, &Method::GET, Version::HTTP_11, true)
                         .await;
                     self.close();
                     return Ended::Closed;
@@ -170,7 +170,7 @@ impl Conn {
                 Next::Closed => return Ended::Closed,
             };
             first = false;
-            let keep = self.serve(head).await;
+            let keep = self.serve(head, &mut out).await;
             if !keep || self.shutdown.is_cancelled() {
                 self.close();
                 return Ended::Closed;
@@ -182,7 +182,7 @@ impl Conn {
 
     /// Routes one request and writes its response; whether the connection
     /// can carry another.
-    async fn serve(&self, head: Head) -> bool {
+    async fn serve(&self, head: Head, out: &mut Vec<u8>) -> bool {
         let Head {
             request,
             keep_alive,
@@ -198,7 +198,9 @@ impl Conn {
             response = route => response,
             () = self.client_gone() => return false,
         };
-        let keep = self.respond(response, &method, version, !keep_alive).await;
+        let keep = self
+            .respond(response, out, &method, version, !keep_alive)
+            .await;
         keep && self.finish_request_body().await
     }
 
@@ -240,13 +242,6 @@ impl Conn {
                     Err(_) => return Next::Closed,
                 }
             }
-            {
-                // Nothing buffered: wait without holding a read buffer.
-                let mut inbound = self.wire.inbound();
-                if inbound.buf.is_empty() {
-                    inbound.buf = BytesMut::new();
-                }
-            }
             let waiting_for_first_byte = *idle || first;
             let deadline = *since
                 + if *idle {
@@ -273,6 +268,7 @@ impl Conn {
     async fn respond(
         &self,
         response: Response<GatewayBody>,
+        out: &mut Vec<u8>,
         method: &Method,
         version: Version,
         mut close: bool,
@@ -299,10 +295,7 @@ impl Conn {
         };
         self.wire.inbound().responding = true;
 
-        // Per response, not per connection: an idle keep-alive connection
-        // holds no buffer (nginx frees its buffers between requests too).
-        let mut out = Vec::with_capacity(OUT_BUFFER);
-        let out = &mut out;
+        out.clear();
         let write_length = declared.is_none() && !no_content;
         let rate = match &body {
             GatewayBody::Proxied(proxied) => proxied.rate_headers(),

@@ -178,14 +178,7 @@ impl Wire {
                     return Poll::Ready(Ok(0));
                 }
                 Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if inbound.buf.is_empty() {
-                        // Waiting (e.g. for the end of a long stream):
-                        // hold no buffer meanwhile.
-                        inbound.buf = BytesMut::new();
-                    }
-                    continue;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
