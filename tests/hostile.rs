@@ -364,7 +364,13 @@ async fn run_cases(addr: std::net::SocketAddr, cases: Vec<Case>) {
     let mut failures = Vec::new();
     for t in tasks {
         let (name, status, closes, reply) = t.await.unwrap();
-        let ok = reply.status() == status && reply.closed == closes && reply.responses() == 1;
+        // Every refusal is weir's own: an OpenAI error with a request id.
+        let text = reply.text();
+        let ok = reply.status() == status
+            && reply.closed == closes
+            && reply.responses() == 1
+            && text.contains("\r\nx-request-id: ")
+            && text.contains("{\"error\":{");
         if !ok {
             failures.push(format!(
                 "{name}: want {status} closed={closes}, got {} closed={} ({} responses): {:?}",
@@ -394,8 +400,8 @@ async fn hostile_paths_are_refused_and_never_forwarded() {
     assert_untouched_and_serving(&gw, &m).await;
 }
 
-/// weir's own framing refusals carry an OpenAI error body and a request id
-/// (hyper's own 400/431 answers, for heads it cannot parse, carry neither).
+/// weir's framing refusals carry an OpenAI error body, a request id and
+/// `connection: close`.
 #[tokio::test]
 async fn framing_refusals_are_openai_errors_with_a_request_id() {
     let (gw, _m) = setup("").await;
