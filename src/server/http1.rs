@@ -63,7 +63,7 @@ use crate::{
 };
 
 /// The HTTP/2 connection preface a prior-knowledge client opens with.
-pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Header lines per request head (hyper's limit); more get 431.
 const MAX_HEADERS: usize = 100;
@@ -274,7 +274,9 @@ impl Conn {
         mut close: bool,
     ) -> bool {
         let (parts, body) = response.into_parts();
-        close |= self.shutdown.is_cancelled() || wants_close(&parts.headers);
+        // `Connection: close` in the response (weir's refusals set it).
+        close |=
+            self.shutdown.is_cancelled() || !codec::keep_alive(Version::HTTP_11, &parts.headers);
         let status = parts.status;
         let bodiless = method == Method::HEAD
             || status == http::StatusCode::NO_CONTENT
@@ -316,49 +318,27 @@ impl Conn {
         }
         let mut body = pin!(body);
         loop {
-            // Take what the body has ready, then write it all at once.
-            let mut ended = false;
-            while out.len() < FLUSH_BYTES {
-                match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        let Ok(data) = frame.into_data() else {
-                            continue;
-                        };
-                        if self.push(out, data, &mut framing).await.is_err() {
-                            return false;
-                        }
-                    }
-                    Poll::Ready(Some(Err(_))) => {
-                        // Cut short: the client sees the connection close
-                        // without the end of the body.
-                        let _ = self.write_all(out).await;
+            // What the body has ready goes into `out`; only when it has
+            // nothing ready is `out` written and the next frame awaited,
+            // noticing meanwhile a client that goes away.
+            let next = match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+                Poll::Ready(next) => next,
+                Poll::Pending => {
+                    if self.write_all(out).await.is_err() {
                         return false;
                     }
-                    Poll::Ready(None) => {
-                        ended = true;
-                        break;
+                    out.clear();
+                    if matches!(framing, Out::Length(0)) {
+                        // All the declared bytes are out; whatever else the
+                        // body holds cannot be sent.
+                        return false;
                     }
-                    Poll::Pending => break,
+                    tokio::select! {
+                        biased;
+                        next = poll_fn(|cx| body.as_mut().poll_frame(cx)) => next,
+                        () = self.client_gone() => return false,
+                    }
                 }
-            }
-            if ended {
-                let complete = finish(out, &framing);
-                return self.write_all(out).await.is_ok() && complete && !close;
-            }
-            if self.write_all(out).await.is_err() {
-                return false;
-            }
-            out.clear();
-            if matches!(framing, Out::Length(0)) {
-                // All the declared bytes are out; whatever else the body
-                // holds cannot be sent.
-                return false;
-            }
-            // Wait for the next frame, noticing a client that goes away.
-            let next = tokio::select! {
-                biased;
-                next = poll_fn(|cx| body.as_mut().poll_frame(cx)) => next,
-                () = self.client_gone() => return false,
             };
             match next {
                 Some(Ok(frame)) => {
@@ -367,8 +347,19 @@ impl Conn {
                             return false;
                         }
                     }
+                    if out.len() >= FLUSH_BYTES {
+                        if self.write_all(out).await.is_err() {
+                            return false;
+                        }
+                        out.clear();
+                    }
                 }
-                Some(Err(_)) => return false,
+                Some(Err(_)) => {
+                    // Cut short: the client sees the connection close
+                    // without the end of the body.
+                    let _ = self.write_all(out).await;
+                    return false;
+                }
                 None => {
                     let complete = finish(out, &framing);
                     return self.write_all(out).await.is_ok() && complete && !close;
@@ -632,14 +623,6 @@ fn request_framing(version: Version, headers: &HeaderMap) -> Result<codec::Frami
     }
 }
 
-/// Whether the response asks for the connection to close.
-fn wants_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
-}
-
 /// What a response head is written from.
 struct ResponseHead<'a> {
     status: http::StatusCode,
@@ -728,13 +711,6 @@ fn push_date(out: &mut Vec<u8>) {
     });
 }
 
-impl Head {
-    #[cfg(test)]
-    fn method(&self) -> &Method {
-        self.request.method()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use http::HeaderValue;
@@ -764,7 +740,7 @@ mod tests {
         }
         let mut input = inbound(head);
         let parsed = parse_head(&mut input).unwrap().unwrap();
-        assert_eq!(parsed.method(), Method::POST);
+        assert_eq!(parsed.request.method(), Method::POST);
         assert_eq!(parsed.request.uri().path(), "/v1/chat/completions");
         assert_eq!(parsed.request.uri().query(), Some("a=1"));
         assert_eq!(parsed.request.headers()["x-a"], "b");
