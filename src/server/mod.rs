@@ -20,7 +20,7 @@ pub(crate) use request_body::ClientBody;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -221,9 +221,8 @@ impl Accepted {
     }
 }
 
-/// Routes one request and stamps `x-request-id` on its response. The
-/// access log line is written here for weir's own answers, and by the body
-/// when it ends for proxied ones.
+/// Routes one request and stamps `x-request-id` on its response
+/// ([`stamp`]).
 async fn route(
     req: Request<ClientBody>,
     shared: &Arc<Shared>,
@@ -240,19 +239,11 @@ async fn route(
         Ok(()) => dispatch(req, shared, peer, role, &request_id, &mut log).await,
         Err(error) => Err(error),
     };
-    let mut response = match result {
+    let response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    response
-        .headers_mut()
-        .insert(headers::X_REQUEST_ID, request_id);
-    log.status = response.status().as_u16();
-    match response.body_mut() {
-        GatewayBody::Proxied(body) => body.attach_log(log, shared.clone()),
-        GatewayBody::Full(_) => log.emit(&shared.metrics, Ending::Complete),
-    }
-    response
+    stamp(response, request_id, Some(log), shared)
 }
 
 /// The answer to a request [`http1`] refuses before routing it (a head it
@@ -264,18 +255,34 @@ fn refuse(
     shared: &Arc<Shared>,
 ) -> Response<GatewayBody> {
     let request_id = request_id(head.and_then(|h| h.headers().get(headers::X_REQUEST_ID)));
-    let mut response = error.into_response();
-    response
-        .headers_mut()
-        .insert(headers::X_REQUEST_ID, request_id.clone());
-    if let Some(head) = head {
-        let mut log = AccessLog::new(
-            request_id,
+    let log = head.map(|head| {
+        AccessLog::new(
+            request_id.clone(),
             head.method().clone(),
             head.uri().path().to_owned(),
-        );
+        )
+    });
+    stamp(error.into_response(), request_id, log, shared)
+}
+
+/// Puts `x-request-id` on a response and hands its access log line on:
+/// written now for weir's own answers, by the body when it ends for
+/// proxied ones.
+fn stamp(
+    mut response: Response<GatewayBody>,
+    request_id: HeaderValue,
+    log: Option<AccessLog>,
+    shared: &Arc<Shared>,
+) -> Response<GatewayBody> {
+    response
+        .headers_mut()
+        .insert(headers::X_REQUEST_ID, request_id);
+    if let Some(mut log) = log {
         log.status = response.status().as_u16();
-        log.emit(&shared.metrics, Ending::Complete);
+        match response.body_mut() {
+            GatewayBody::Proxied(body) => body.attach_log(log, shared.clone()),
+            GatewayBody::Full(_) => log.emit(&shared.metrics, Ending::Complete),
+        }
     }
     response
 }
@@ -340,25 +347,12 @@ fn unknown<B>(req: &Request<B>) -> ApiError {
     }
 }
 
-/// SPEC "Framing" on a parsed head: a `Transfer-Encoding` other than one
-/// `chunked` or beside a `Content-Length` (also refused by [`http1`] before
-/// routing; HTTP/2 allows neither), a request line over 8 KiB and headers
-/// over 64 KiB in all. Each answer closes the connection.
+/// SPEC "Framing" on a parsed head: a request line over 8 KiB and headers
+/// over 64 KiB in all. Each answer closes the connection. (Its
+/// `Transfer-Encoding` rules are [`http1`]'s `request_framing`, applied
+/// before routing; HTTP/2 refuses the header outright.)
 fn check_head(req: &Request<ClientBody>) -> Result<(), ApiError> {
     let headers = req.headers();
-    let mut encodings = headers.get_all(header::TRANSFER_ENCODING).iter();
-    if let Some(first) = encodings.next() {
-        if encodings.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
-            return Err(ApiError::BadFraming(
-                "Transfer-Encoding must be a single \"chunked\"",
-            ));
-        }
-        if headers.contains_key(header::CONTENT_LENGTH) {
-            return Err(ApiError::BadFraming(
-                "Content-Length and Transfer-Encoding in one request",
-            ));
-        }
-    }
     // method, target, "HTTP/1.1" and two spaces
     let line = req.method().as_str().len() + target_len(req.uri()) + 10;
     if line > MAX_REQUEST_LINE_BYTES {
