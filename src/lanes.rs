@@ -54,25 +54,29 @@ pub(crate) struct Lanes {
 
 impl Lanes {
     /// Starts [`count`] lanes.
+    ///
+    /// Each lane is a runtime with descriptors of its own (epoll, eventfd);
+    /// if one cannot start (EMFILE), the lanes already running are stopped
+    /// by the partial value's `Drop` instead of idling forever.
     pub(crate) fn start() -> io::Result<Self> {
-        let stop = CancellationToken::new();
-        let mut handles = Vec::with_capacity(count());
+        let mut lanes = Self {
+            handles: Vec::with_capacity(count()),
+            next: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
+        };
         for lane in 1..=count() {
             let runtime = Builder::new_current_thread().enable_all().build()?;
-            handles.push(runtime.handle().clone());
-            let stop = stop.clone();
+            let handle = runtime.handle().clone();
+            let stop = lanes.stop.clone();
             std::thread::Builder::new()
                 .name(format!("weir-lane-{lane}"))
                 .spawn(move || {
                     LANE.with(|l| l.set(lane));
                     runtime.block_on(stop.cancelled());
                 })?;
+            lanes.handles.push(handle);
         }
-        Ok(Self {
-            handles,
-            next: AtomicUsize::new(0),
-            stop,
-        })
+        Ok(lanes)
     }
 
     /// Runs `task` on the next lane, round-robin.

@@ -834,6 +834,14 @@ fn accept_errors_back_off_and_recover() {
     .unwrap();
     let weir = spawn_weir(&path, "info");
     let pid = weir.child.id();
+    // "listening" is logged once the socket is bound, before the accept
+    // loop has started its lanes (each a runtime with its own descriptors):
+    // one answered request proves they exist before descriptors are counted.
+    assert!(
+        healthz_answers(weir.addr),
+        "weir did not answer: {}",
+        weir.log.lock().unwrap()
+    );
     let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count();
@@ -866,21 +874,32 @@ fn accept_errors_back_off_and_recover() {
     drop(held);
     let start = tokio::time::Instant::now();
     let served = loop {
-        let attempt = std::net::TcpStream::connect(weir.addr).and_then(|mut s| {
-            use std::io::{Read, Write};
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        });
-        match attempt {
-            Ok(out) if out.starts_with("HTTP/1.1 200") => break true,
-            _ if start.elapsed() > Duration::from_secs(10) => break false,
-            _ => std::thread::sleep(Duration::from_millis(50)),
+        if healthz_answers(weir.addr) {
+            break true;
         }
+        if start.elapsed() > Duration::from_secs(10) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(served, "weir did not serve again after descriptors freed");
+    assert!(
+        served,
+        "weir did not serve again after descriptors freed: {}",
+        weir.log.lock().unwrap()
+    );
+}
+
+/// Whether `GET /healthz` on a fresh connection gets a 200 within 2 s.
+fn healthz_answers(addr: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let attempt = std::net::TcpStream::connect(addr).and_then(|mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    });
+    matches!(attempt, Ok(out) if out.starts_with("HTTP/1.1 200"))
 }
 
 /// SPEC "Admin": with `admin_token_env`, `/admin/*` needs the exact token
