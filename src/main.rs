@@ -168,18 +168,39 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    // Handlers first: a signal sent as soon as "weir is serving" is logged
+    // must reach them, not the default action (which would kill weir).
+    let signals = Signals::install()?;
     let handle = Gateway::new(config).config_path(&path).start().await?;
     tracing::info!(listen = %handle.addr(), admin = %handle.admin_addr(), "weir is serving");
-    run_until_signalled(handle).await
+    run_until_signalled(handle, signals).await
+}
+
+/// The signals a running gateway acts on, listened for from the start.
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            hangup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
 }
 
 /// Reloads on SIGHUP; on SIGTERM/SIGINT stops accepting, lets in-flight
 /// requests finish within `shutdown_grace`, and returns.
-async fn run_until_signalled(handle: Handle) -> anyhow::Result<()> {
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+async fn run_until_signalled(handle: Handle, signals: Signals) -> anyhow::Result<()> {
+    let Signals {
+        mut hangup,
+        mut terminate,
+        mut interrupt,
+    } = signals;
     loop {
         tokio::select! {
             _ = hangup.recv() => {
@@ -199,9 +220,10 @@ async fn run_until_signalled(handle: Handle) -> anyhow::Result<()> {
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     init_logging(LogFormat::Text);
+    let signals = Signals::install()?;
     let demo = weir::demo::start(args.listen).await?;
     println!("{}", demo.instructions());
-    run_until_signalled(demo.gateway).await
+    run_until_signalled(demo.gateway, signals).await
 }
 
 async fn mock(args: MockArgs) -> anyhow::Result<()> {

@@ -222,8 +222,16 @@ async fn backend_state(addr: SocketAddr, name: &str) -> serde_json::Value {
 async fn check_before_headers(fault: Fault, kind: &str, alone_status: u16) {
     let gw = setup(fault).await;
     let addr = gw.addr();
-    let started = Instant::now();
-    let r = post(addr, "/v1/chat/completions", &chat("mixed", false)).await;
+    let mut started = Instant::now();
+    let mut r = post(addr, "/v1/chat/completions", &chat("mixed", false)).await;
+    // The balancer starts at a random point of its schedule: one time in
+    // 101 the first pick is `good` itself and no fault is met. The next
+    // pick is then `bad` (weight 100 against 1).
+    if metric(addr, "weir_retries_total", &[("model", "mixed")]).await == 0.0 {
+        assert_eq!(r.header("x-weir-backend"), "good", "{fault:?}");
+        started = Instant::now();
+        r = post(addr, "/v1/chat/completions", &chat("mixed", false)).await;
+    }
     assert_eq!(r.status, 200, "{fault:?}: {}", r.text());
     assert_eq!(r.header("x-weir-backend"), "good", "{fault:?}");
     assert!(started.elapsed() < Duration::from_secs(3), "{fault:?}");
@@ -375,7 +383,8 @@ async fn a_stream_without_a_first_event_ends_at_first_byte_timeout() {
 }
 
 /// A client leaving mid-stream: the backend sees its connection close
-/// within 100 ms, the model's only concurrency permit is back (the next
+/// within a second (not the 20 s the stream would run; typically a few
+/// ms, but the bound must hold on a loaded machine), the model's only concurrency permit is back (the next
 /// request is admitted although the queue allows no wait), and the
 /// in-flight gauge returns to 0.
 #[tokio::test]
@@ -425,7 +434,7 @@ async fn a_client_leaving_mid_stream_cancels_upstream_and_frees_its_permit() {
             "round {round}: the backend's connection stayed open"
         );
         assert!(
-            took < Duration::from_millis(100),
+            took < Duration::from_secs(1),
             "round {round}: closed after {took:?}"
         );
         let r = post(addr, "/v1/chat/completions", &chat("m1", false)).await;
