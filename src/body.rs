@@ -22,6 +22,7 @@ use tokio::time::Sleep;
 
 use std::sync::Arc;
 
+use crate::upstream::codec::{Name, RawHeaders};
 use crate::{
     access_log::{AccessLog, Ending},
     admission::{
@@ -389,6 +390,31 @@ impl ProxiedBody {
     /// is after the head is written.
     pub(crate) fn rate_headers(&self) -> Option<&crate::admission::limiter::RateHeaders> {
         self.accounting.as_ref().map(|a| &a.admitted.headers)
+    }
+
+    /// The backend's headers that go to the client besides those in `map`
+    /// (a plain backend's, kept as received; see `codec::RawHeaders`):
+    /// hop-by-hop ones are left out, as is `content-length` on an SSE body
+    /// (weir may change its length), and any header weir sets itself: a
+    /// name in `map` (`x-request-id`, `x-weir-backend`) or a rate header.
+    pub(crate) fn backend_headers<'a>(
+        &'a self,
+        map: &'a http::HeaderMap,
+    ) -> impl Iterator<Item = (Name, &'a [u8], &'a [u8])> + 'a {
+        let raw = self.inner.raw_headers();
+        let rate = self.rate_headers();
+        raw.into_iter()
+            .flat_map(RawHeaders::iter)
+            .filter(move |&(kind, name, _)| match kind {
+                _ if kind.is_hop_by_hop() => false,
+                Name::ContentLength => !self.sse,
+                Name::RateLimit => !rate.is_some_and(|r| crate::api::writes_rate_header(r, name)),
+                _ => {
+                    !map.keys()
+                        .any(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes()))
+                        && !raw.is_some_and(|raw| raw.named_by_connection(name))
+                }
+            })
     }
 }
 

@@ -220,7 +220,7 @@ impl Exchange<'_> {
                     return Ok(self.respond(response, member, in_flight, admitted));
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
-                    let pause = retry_after(response.headers());
+                    let pause = retry_after(&response);
                     self.report(backend, Outcome::RateLimited(pause));
                     ("status_429", Some(pause), Some((response, in_flight)))
                 }
@@ -426,12 +426,18 @@ impl Exchange<'_> {
         admitted: Admitted,
     ) -> Response<GatewayBody> {
         let (mut parts, body) = response.into_parts();
+        // A plain backend's headers stay out of the map (the writers pass
+        // them on: `ProxiedBody::backend_headers`); an https one's are here.
         headers::strip_hop_by_hop(&mut parts.headers);
         let sse = parts
             .headers
             .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+            .map(HeaderValue::as_bytes)
+            .or_else(|| {
+                body.raw_headers()
+                    .and_then(|raw| raw.get(upstream::codec::Name::ContentType))
+            })
+            .is_some_and(|v| v.starts_with(b"text/event-stream"));
         if sse {
             // weir may remove the usage chunk or append an error event, so
             // the length is not known.
@@ -531,10 +537,16 @@ const MIN_RETRY_CONCURRENCY: u64 = 3;
 
 /// An upstream 429's `Retry-After` in seconds (the HTTP-date form is rare
 /// from inference servers and is read as 1 s, as is a missing header).
-fn retry_after(headers: &HeaderMap) -> Duration {
-    headers
+fn retry_after(response: &Response<UpstreamBody>) -> Duration {
+    response
+        .headers()
         .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
+        .map(HeaderValue::as_bytes)
+        .or_else(|| {
+            let raw = response.body().raw_headers()?;
+            raw.get(upstream::codec::Name::RetryAfter)
+        })
+        .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(Duration::from_secs(1), |s| Duration::from_secs(s.min(3600)))
 }

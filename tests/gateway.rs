@@ -308,13 +308,13 @@ async fn hop_by_hop_headers_are_dropped_both_ways() {
         *seen2.lock().unwrap() = String::from_utf8_lossy(&got).to_lowercase();
         let body = r#"{"object":"chat.completion","choices":[]}"#;
         let resp = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: x-up-hop\r\nx-up-hop: secret\r\nkeep-alive: timeout=5\r\nx-up-kept: yes\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: x-up-hop\r\nx-up-hop: secret\r\nkeep-alive: timeout=5\r\nx-up-kept: yes\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nx-ratelimit-limit-requests: 999\r\nx-ratelimit-limit-tokens: 5\r\nx-request-id: from-backend\r\nx-weir-backend: spoofed\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
         s.write_all(resp.as_bytes()).await.unwrap();
     });
     let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        "[limits]\nrequests_per_minute = 1000\n\n[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
         backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
     );
     let gw = gateway(&toml).await;
@@ -337,6 +337,28 @@ async fn hop_by_hop_headers_are_dropped_both_ways() {
     assert!(r.headers.get("x-up-hop").is_none());
     assert!(r.headers.get("keep-alive").is_none());
     assert_eq!(r.header("x-up-kept"), "yes");
+    let all = |name: &str| -> Vec<String> {
+        r.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        all("set-cookie"),
+        ["a=1", "b=2"],
+        "repeated headers pass in order"
+    );
+    // What weir sets replaces the backend's header of the same name: one
+    // value each, weir's. A kind weir has no limit for passes through.
+    assert_eq!(all("x-ratelimit-limit-requests"), ["1000"]);
+    assert_eq!(all("x-ratelimit-limit-tokens"), ["5"]);
+    assert_eq!(all("x-weir-backend"), ["raw"]);
+    let ids = all("x-request-id");
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_ne!(ids[0], "from-backend");
+    assert_eq!(all("content-length").len(), 1);
+    assert_eq!(all("date").len(), 1);
     let upstream_saw = seen.lock().unwrap().clone();
     assert!(!upstream_saw.contains("x-client-hop"), "{upstream_saw}");
     assert!(!upstream_saw.contains("\r\nte:"), "{upstream_saw}");

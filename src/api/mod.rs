@@ -403,6 +403,25 @@ pub(crate) fn write_rate_headers(out: &mut Vec<u8>, headers: &RateHeaders) {
     });
 }
 
+/// Whether weir writes a header named `name` (any case) from `headers`: a
+/// backend's own `x-ratelimit-*` of that name is then left out, so the
+/// client reads one value, weir's.
+pub(crate) fn writes_rate_header(headers: &RateHeaders, name: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"x-ratelimit-";
+    if name.len() <= PREFIX.len() || !name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) {
+        return false;
+    }
+    [headers.requests.is_some(), headers.tokens.is_some()]
+        .into_iter()
+        .zip(&RATE_HEADER_NAMES)
+        .any(|(applies, names)| {
+            applies
+                && names
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+        })
+}
+
 /// The `x-ratelimit-*` values one after the other, and where each ends.
 fn render_rate_values(headers: &RateHeaders) -> (String, [[usize; 3]; 2]) {
     let mut text = String::with_capacity(96);

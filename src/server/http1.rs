@@ -57,7 +57,7 @@ use super::{
 use crate::{
     admission::limiter::RateHeaders,
     api::{self, ApiError},
-    body::GatewayBody,
+    body::{GatewayBody, ProxiedBody},
     gateway::Shared,
     upstream::codec,
 };
@@ -275,8 +275,11 @@ impl Conn {
     ) -> bool {
         let (parts, body) = response.into_parts();
         // `Connection: close` in the response (weir's refusals set it).
-        close |=
-            self.shutdown.is_cancelled() || !codec::keep_alive(Version::HTTP_11, &parts.headers);
+        close |= self.shutdown.is_cancelled()
+            || !codec::keep_alive(
+                Version::HTTP_11,
+                codec::values(&parts.headers, &header::CONNECTION),
+            );
         let status = parts.status;
         let bodiless = method == Method::HEAD
             || status == http::StatusCode::NO_CONTENT
@@ -285,7 +288,20 @@ impl Conn {
         // 204, 304 and 1xx carry no length (RFC 9110 §8.6); HEAD says what
         // GET would have sent.
         let no_content = bodiless && method != Method::HEAD;
-        let declared = codec::content_length(&parts.headers).ok().flatten();
+        let proxied = match &body {
+            GatewayBody::Proxied(proxied) => Some(&**proxied),
+            GatewayBody::Full(_) => None,
+        };
+        let backend_length = proxied
+            .into_iter()
+            .flat_map(|p| p.backend_headers(&parts.headers))
+            .filter(|&(kind, _, _)| kind == codec::Name::ContentLength)
+            .map(|(_, _, value)| value);
+        let declared = codec::content_length(
+            codec::values(&parts.headers, &header::CONTENT_LENGTH).chain(backend_length),
+        )
+        .ok()
+        .flatten();
         let mut framing = match declared.or_else(|| body.size_hint().exact()) {
             Some(n) => Out::Length(n),
             None if bodiless => Out::Length(0),
@@ -299,14 +315,11 @@ impl Conn {
 
         out.clear();
         let write_length = declared.is_none() && !no_content;
-        let rate = match &body {
-            GatewayBody::Proxied(proxied) => proxied.rate_headers(),
-            GatewayBody::Full(_) => None,
-        };
         let head = ResponseHead {
             status,
             headers: &parts.headers,
-            rate,
+            rate: proxied.and_then(ProxiedBody::rate_headers),
+            proxied,
             framing: &framing,
             write_length,
             close,
@@ -583,7 +596,8 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
         }
     };
     // HTTP/1.0 clients get one request per connection.
-    let keep_alive = version == Version::HTTP_11 && codec::keep_alive(version, &headers);
+    let keep_alive = version == Version::HTTP_11
+        && codec::keep_alive(version, codec::values(&headers, &header::CONNECTION));
     inbound.continue_due = version == Version::HTTP_11
         && !framing.is_done()
         && headers
@@ -616,7 +630,7 @@ fn request_framing(version: Version, headers: &HeaderMap) -> Result<codec::Frami
         }
         return Ok(codec::Framing::Chunked(codec::Chunk::Size));
     }
-    match codec::content_length(headers) {
+    match codec::content_length(codec::values(headers, &header::CONTENT_LENGTH)) {
         Ok(Some(0) | None) => Ok(codec::Framing::Done),
         Ok(Some(n)) => Ok(codec::Framing::Length(n)),
         Err(e) => Err(e.0),
@@ -632,6 +646,9 @@ struct ResponseHead<'a> {
     /// The `x-ratelimit-*` headers of a proxied response, kept out of the
     /// map (see `api::write_rate_headers`).
     rate: Option<&'a RateHeaders>,
+    /// A proxied response's body, which holds the backend's headers that
+    /// are not in the map (`ProxiedBody::backend_headers`).
+    proxied: Option<&'a ProxiedBody>,
     framing: &'a Out,
     /// Whether to add `content-length` (not when the headers carry one, nor
     /// on a 204, 304 or 1xx).
@@ -649,18 +666,32 @@ impl ResponseHead<'_> {
         out.push(b' ');
         out.extend_from_slice(self.status.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
+        let line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        };
+        let rate = self.rate;
         let mut has_date = false;
         for (name, value) in self.headers {
-            if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+            let name = name.as_str().as_bytes();
+            if name == b"connection"
+                || name == b"transfer-encoding"
+                || rate.is_some_and(|r| api::writes_rate_header(r, name))
+            {
                 continue;
             }
-            has_date |= name == header::DATE;
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            has_date |= name == b"date";
+            line(out, name, value.as_bytes());
         }
-        if let Some(rate) = self.rate {
+        if let Some(proxied) = self.proxied {
+            for (kind, name, value) in proxied.backend_headers(self.headers) {
+                has_date |= kind == codec::Name::Date;
+                line(out, name, value);
+            }
+        }
+        if let Some(rate) = rate {
             api::write_rate_headers(out, rate);
         }
         if !has_date {
@@ -848,6 +879,7 @@ mod tests {
             status: http::StatusCode::OK,
             headers: &headers,
             rate: Some(&rate),
+            proxied: None,
             framing: &Out::Length(12),
             write_length: true,
             close: true,
@@ -864,6 +896,7 @@ mod tests {
             status: http::StatusCode::BAD_GATEWAY,
             headers: &HeaderMap::new(),
             rate: None,
+            proxied: None,
             framing: &Out::Chunked,
             write_length: true,
             close: false,

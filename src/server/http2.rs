@@ -28,6 +28,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use hyper::{
     body::{Body, Frame, SizeHint},
     server::conn::http2,
@@ -68,9 +69,25 @@ pub(super) async fn serve(
             let mut response = super::route(req, &shared, peer, role).await;
             // HTTP/1.1 writes these straight into the head; hyper needs them
             // in the map.
+            // So are a plain backend's headers (see
+            // `ProxiedBody::backend_headers`).
             if let GatewayBody::Proxied(body) = response.body() {
-                if let Some(rate) = body.rate_headers().copied() {
-                    crate::api::insert_rate_headers(response.headers_mut(), &rate);
+                let backend: Vec<(HeaderName, HeaderValue)> = body
+                    .backend_headers(response.headers())
+                    .filter_map(|(_, name, value)| {
+                        Some((
+                            HeaderName::from_bytes(name).ok()?,
+                            HeaderValue::from_bytes(value).ok()?,
+                        ))
+                    })
+                    .collect();
+                let rate = body.rate_headers().copied();
+                let headers = response.headers_mut();
+                for (name, value) in backend {
+                    headers.append(name, value);
+                }
+                if let Some(rate) = rate {
+                    crate::api::insert_rate_headers(headers, &rate);
                 }
             }
             Ok::<_, Infallible>(response.map(|inner| ConnBody { inner, _busy: busy }))

@@ -21,9 +21,6 @@ const MAX_CHUNK_LINE: usize = 1024;
 /// The most trailer bytes weir reads (and drops) after the last chunk.
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
-/// Headers a proxy typically adds to a response it passes on.
-const ADDED_HEADERS: usize = 10;
-
 /// Header positions kept on the stack while reading a head.
 const SMALL_HEAD: usize = 16;
 
@@ -71,6 +68,158 @@ impl Spans {
             let name = HeaderName::from_bytes(raw.get(ns..ne).unwrap_or_default())
                 .map_err(|_| Malformed("invalid header name"))?;
             let value = HeaderValue::from_maybe_shared(raw.slice(vs..ve))
+                .map_err(|_| Malformed("invalid header value"))?;
+            headers.append(name, value);
+        }
+        Ok(headers)
+    }
+}
+
+/// A response's headers as the backend sent them: the head's bytes and
+/// where each header sits in them. The proxy writes them to an HTTP/1.1
+/// client line by line (hop-by-hop ones left out) and looks up the few it
+/// reads by a scan, instead of building an `http::HeaderMap` (hashing and
+/// validating every name and value again, two allocations) that is read
+/// once and dropped. `httparse` has already checked the names are tokens
+/// and the values hold no control characters, as `HeaderMap` would.
+#[derive(Debug, Clone, Default)]
+pub struct RawHeaders {
+    raw: Bytes,
+    spans: Vec<Span>,
+    /// What each header is, by name, decided once while reading the head.
+    names: Vec<Name>,
+    /// Whether a `Connection` header names other headers (rare): those are
+    /// hop-by-hop too, and found by comparing names.
+    connection_names: bool,
+}
+
+/// The header names a proxy acts on, told apart once per header (by length,
+/// then one case-insensitive comparison) so that later lookups compare a
+/// byte instead of names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Name {
+    Connection,
+    ContentLength,
+    TransferEncoding,
+    ContentType,
+    Date,
+    RetryAfter,
+    /// The other hop-by-hop names: `keep-alive`, `proxy-connection`,
+    /// `proxy-authenticate`, `proxy-authorization`, `te`, `trailer`,
+    /// `upgrade`.
+    HopByHop,
+    /// `x-ratelimit-*`.
+    RateLimit,
+    Other,
+}
+
+impl Name {
+    fn of(name: &[u8]) -> Self {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            2 if is(b"te") => Name::HopByHop,
+            4 if is(b"date") => Name::Date,
+            7 if is(b"trailer") || is(b"upgrade") => Name::HopByHop,
+            10 if is(b"connection") => Name::Connection,
+            10 if is(b"keep-alive") => Name::HopByHop,
+            11 if is(b"retry-after") => Name::RetryAfter,
+            12 if is(b"content-type") => Name::ContentType,
+            14 if is(b"content-length") => Name::ContentLength,
+            16 if is(b"proxy-connection") => Name::HopByHop,
+            17 if is(b"transfer-encoding") => Name::TransferEncoding,
+            18 if is(b"proxy-authenticate") => Name::HopByHop,
+            19 if is(b"proxy-authorization") => Name::HopByHop,
+            n if n > 12 && name[..12].eq_ignore_ascii_case(b"x-ratelimit-") => Name::RateLimit,
+            _ => Name::Other,
+        }
+    }
+
+    /// Whether a header of this name describes one connection only (RFC
+    /// 9110 §7.6.1), so a proxy never passes it on.
+    pub(crate) fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Name::Connection | Name::TransferEncoding | Name::HopByHop
+        )
+    }
+}
+
+impl RawHeaders {
+    fn new(raw: Bytes, spans: &Spans) -> Self {
+        let mut all = Vec::with_capacity(spans.count);
+        all.extend(spans.small.iter().take(spans.count).chain(&spans.spill));
+        let mut headers = Self {
+            raw,
+            names: Vec::with_capacity(all.len()),
+            spans: all,
+            connection_names: false,
+        };
+        for i in 0..headers.spans.len() {
+            let (name, value) = headers.at(i);
+            let name = Name::of(name);
+            if name == Name::Connection {
+                headers.connection_names |= value
+                    .split(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .any(|t| {
+                        !t.is_empty()
+                            && !t.eq_ignore_ascii_case(b"keep-alive")
+                            && !t.eq_ignore_ascii_case(b"close")
+                    });
+            }
+            headers.names.push(name);
+        }
+        headers
+    }
+
+    /// The name and value of the `i`th header.
+    fn at(&self, i: usize) -> (&[u8], &[u8]) {
+        let Span(ns, ne, vs, ve) = self.spans.get(i).copied().unwrap_or_default();
+        (
+            self.raw.get(ns..ne).unwrap_or_default(),
+            self.raw.get(vs..ve).unwrap_or_default(),
+        )
+    }
+
+    /// Each header's kind, name and value, in the order received.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> + '_ {
+        self.names.iter().enumerate().map(|(i, &kind)| {
+            let (name, value) = self.at(i);
+            (kind, name, value)
+        })
+    }
+
+    /// The values of every header of kind `kind`, in order.
+    pub(crate) fn values(&self, kind: Name) -> impl Iterator<Item = &[u8]> + '_ {
+        self.iter()
+            .filter(move |&(k, _, _)| k == kind)
+            .map(|(_, _, v)| v)
+    }
+
+    /// The first value of kind `kind`.
+    pub(crate) fn get(&self, kind: Name) -> Option<&[u8]> {
+        self.values(kind).next()
+    }
+
+    /// Whether the header named `name` is one that a `Connection` header
+    /// names (other than `keep-alive` and `close`), which makes it
+    /// hop-by-hop for this message.
+    pub(crate) fn named_by_connection(&self, name: &[u8]) -> bool {
+        self.connection_names
+            && self
+                .values(Name::Connection)
+                .flat_map(|v| v.split(|&b| b == b','))
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+    }
+
+    /// The headers as a map, with room for `extra` more (for callers that
+    /// want one: health probes, `https://` parity, HTTP/2 clients).
+    pub(crate) fn to_map(&self, extra: usize) -> Result<HeaderMap, Malformed> {
+        let mut headers = HeaderMap::with_capacity(self.spans.len() + extra);
+        for &Span(ns, ne, vs, ve) in &self.spans {
+            let name = HeaderName::from_bytes(self.raw.get(ns..ne).unwrap_or_default())
+                .map_err(|_| Malformed("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(self.raw.slice(vs..ve))
                 .map_err(|_| Malformed("invalid header value"))?;
             headers.append(name, value);
         }
@@ -150,7 +299,7 @@ pub(crate) fn encode_request_head(head: &RequestHead<'_>, out: &mut Vec<u8>) {
 pub(crate) struct Head {
     pub status: StatusCode,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub headers: RawHeaders,
     pub framing: Framing,
     /// Whether the connection may carry another request once the body has
     /// been read to its end.
@@ -201,11 +350,9 @@ pub(crate) fn read_head(buf: &mut BytesMut, head_request: bool) -> Result<Option
         };
         let spans = Spans::new(buf, response.headers);
         let raw = buf.split_to(len).freeze();
-        // Room for the headers the gateway adds (request id, backend), so
-        // the map is not grown and rehashed on the way out.
-        let headers = spans.header_map(&raw, ADDED_HEADERS)?;
+        let headers = RawHeaders::new(raw, &spans);
         let (framing, framing_reusable) = framing(status, head_request, &headers)?;
-        let reusable = framing_reusable && keep_alive(version, &headers);
+        let reusable = framing_reusable && keep_alive(version, headers.values(Name::Connection));
         return Ok(Some(Head {
             status,
             version,
@@ -221,28 +368,22 @@ pub(crate) fn read_head(buf: &mut BytesMut, head_request: bool) -> Result<Option
 fn framing(
     status: StatusCode,
     head_request: bool,
-    headers: &HeaderMap,
+    headers: &RawHeaders,
 ) -> Result<(Framing, bool), Malformed> {
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, true));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim);
-        if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+    if let Some(last) = headers.values(Name::TransferEncoding).last() {
+        let last = last.rsplit(|&b| b == b',').next().unwrap_or_default();
+        if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             // Content-Length beside it is ignored, and the connection
             // closed afterwards: someone along the way got framing wrong.
-            let reusable = !headers.contains_key(header::CONTENT_LENGTH);
+            let reusable = headers.get(Name::ContentLength).is_none();
             return Ok((Framing::Chunked(Chunk::Size), reusable));
         }
         return Ok((Framing::UntilClose, false));
     }
-    let length = content_length(headers)?;
+    let length = content_length(headers.values(Name::ContentLength))?;
     Ok(match length {
         Some(0) => (Framing::Done, true),
         Some(n) => (Framing::Length(n), true),
@@ -253,10 +394,12 @@ fn framing(
 /// The message's `Content-Length`, if any. `42, 42` (a list of one
 /// repeated length) and repeated identical fields are accepted, as hyper
 /// does; differing or non-numeric values are refused.
-pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
+pub(crate) fn content_length<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<u64>, Malformed> {
     let mut length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
+    for value in values {
+        for part in value.split(|&b| b == b',') {
             let part = part.trim_ascii();
             if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
                 return Err(Malformed("invalid content-length"));
@@ -276,20 +419,26 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malform
 
 /// Whether the peer keeps the connection open after this message
 /// (HTTP/1.0: only when it asks to).
-pub(crate) fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if version == Version::HTTP_10 {
-        has("keep-alive")
+/// `connection` holds the values of its `Connection` headers.
+pub(crate) fn keep_alive<'a>(version: Version, connection: impl Iterator<Item = &'a [u8]>) -> bool {
+    let token = if version == Version::HTTP_10 {
+        &b"keep-alive"[..]
     } else {
-        !has("close")
-    }
+        &b"close"[..]
+    };
+    let has = connection
+        .flat_map(|v| v.split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token));
+    has == (version == Version::HTTP_10)
+}
+
+/// The values of `name` in a header map, as bytes (for [`content_length`]
+/// and [`keep_alive`]).
+pub(crate) fn values<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    headers.get_all(name).into_iter().map(HeaderValue::as_bytes)
 }
 
 /// Where the reader is in a response body.
@@ -548,7 +697,10 @@ mod tests {
         let mut buf = BytesMut::from(&raw[..]);
         let head = read_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(head.status, 200);
-        assert_eq!(head.headers["content-type"], "application/json");
+        assert_eq!(
+            head.headers.get(Name::ContentType),
+            Some(&b"application/json"[..])
+        );
         assert_eq!(head.framing, Framing::Length(2));
         assert!(head.reusable);
         assert_eq!(&buf[..], b"{}");
@@ -562,12 +714,22 @@ mod tests {
         }
         raw.extend_from_slice(b"content-length: 0\r\n\r\n");
         let head = head(&raw).unwrap().unwrap();
-        assert_eq!(head.headers.len(), 81);
-        let cookies: Vec<_> = head.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(head.headers.iter().count(), 81);
+        let named = |wanted: &str| -> Vec<Vec<u8>> {
+            head.headers
+                .iter()
+                .filter(|(_, n, _)| n.eq_ignore_ascii_case(wanted.as_bytes()))
+                .map(|(_, _, v)| v.to_vec())
+                .collect()
+        };
+        let cookies = named("set-cookie");
         assert_eq!(cookies.len(), 40);
-        assert_eq!(cookies[39], "c39");
-        let h3: Vec<_> = head.headers.get_all("x-h3").iter().collect();
-        assert_eq!(h3, ["v3", "v10", "v17", "v24", "v31", "v38"]);
+        assert_eq!(cookies[39], b"c39");
+        let h3 = named("X-H3");
+        assert_eq!(h3, [&b"v3"[..], b"v10", b"v17", b"v24", b"v31", b"v38"]);
+        let map = head.headers.to_map(0).unwrap();
+        assert_eq!(map.len(), 81);
+        assert_eq!(map.get_all("x-h3").iter().count(), 6);
     }
 
     #[test]
@@ -578,7 +740,7 @@ mod tests {
         );
         let head = read_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(head.status, 201);
-        assert!(head.headers.get("link").is_none());
+        assert!(head.headers.iter().all(|(_, name, _)| name != b"link"));
         assert!(head.framing.is_done());
         assert!(buf.is_empty());
     }

@@ -31,7 +31,7 @@ use tokio::{
 use crate::lanes;
 
 use super::{
-    codec::{self, Framing, Head, RequestHead},
+    codec::{self, Framing, Head, RawHeaders, RequestHead},
     pool::Pool,
     AttemptError, BodyReadError, Forward,
 };
@@ -86,11 +86,18 @@ impl PlainClient {
             authorization: None,
             body_len: body.len(),
         };
-        self.round_trip(authority, &head, &body).await
+        let mut response = self.round_trip(authority, &head, &body).await?;
+        let headers = std::mem::take(&mut response.body_mut().headers)
+            .to_map(0)
+            .map_err(|e| AttemptError::Protocol(e.to_string()))?;
+        *response.headers_mut() = headers;
+        Ok(response)
     }
 
     /// Sends a proxied request, its head written straight from the
-    /// exchange's pieces: no `http::Request`, no copy of the headers.
+    /// exchange's pieces: no `http::Request`, no copy of the headers. The
+    /// response's header map is empty: its headers stay as the backend sent
+    /// them, in [`ResponseBody::headers`], for the proxy to pass on.
     pub(crate) async fn forward(
         &self,
         request: &Forward<'_>,
@@ -153,7 +160,7 @@ impl PlainClient {
         let mut response = Response::new(ResponseBody::new(stream, buf, head.framing, pool));
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
-        *response.headers_mut() = head.headers;
+        response.body_mut().headers = head.headers;
         Ok(response)
     }
 
@@ -255,10 +262,13 @@ async fn exchange(
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     let mut received = false;
     loop {
-        match codec::read_head(&mut buf, request.head_request) {
-            Ok(Some(head)) => return Ok((stream, buf, head)),
-            Ok(None) => {}
-            Err(e) => return Err(Failed::Attempt(AttemptError::Protocol(e.to_string()))),
+        // Nothing to parse before the first read.
+        if received {
+            match codec::read_head(&mut buf, request.head_request) {
+                Ok(Some(head)) => return Ok((stream, buf, head)),
+                Ok(None) => {}
+                Err(e) => return Err(Failed::Attempt(AttemptError::Protocol(e.to_string()))),
+            }
         }
         if buf.capacity() - buf.len() < READ_SIZE / 4 {
             buf.reserve(READ_SIZE);
@@ -309,6 +319,8 @@ pub struct ResponseBody {
     pool: Option<Arc<Pool>>,
     /// The size of the next read.
     read_size: usize,
+    /// The response's headers as received (see [`PlainClient::forward`]).
+    headers: RawHeaders,
 }
 
 impl ResponseBody {
@@ -319,11 +331,18 @@ impl ResponseBody {
             framing,
             pool,
             read_size: READ_SIZE,
+            headers: RawHeaders::default(),
         };
         if body.framing.is_done() {
             body.release();
         }
         body
+    }
+
+    /// The response's headers as the backend sent them; empty once `send`
+    /// has moved them into the response's map.
+    pub(crate) fn headers(&self) -> &RawHeaders {
+        &self.headers
     }
 
     /// The body was read to its end: the connection goes back to the pool

@@ -63,6 +63,17 @@ pub enum UpstreamBody {
     Tls(Incoming),
 }
 
+impl UpstreamBody {
+    /// The response's headers as a plain backend sent them, when the
+    /// response's map was left empty for them ([`conn::PlainClient::forward`]).
+    pub(crate) fn raw_headers(&self) -> Option<&codec::RawHeaders> {
+        match self {
+            UpstreamBody::Plain(body) => Some(body.headers()),
+            UpstreamBody::Tls(_) => None,
+        }
+    }
+}
+
 /// Why a backend's body could not be read to its end.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyReadError {
