@@ -392,6 +392,12 @@ impl ProxiedBody {
         self.accounting.as_ref().map(|a| &a.admitted.headers)
     }
 
+    /// Frees the backend's headers once the head is written (see
+    /// `UpstreamBody::release_raw_headers`).
+    pub(crate) fn release_backend_headers(&mut self) {
+        self.inner.release_raw_headers();
+    }
+
     /// The backend's headers that go to the client besides those in `map`
     /// (a plain backend's, kept as received; see `codec::RawHeaders`):
     /// hop-by-hop ones are left out, as is `content-length` on an SSE body

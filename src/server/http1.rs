@@ -325,6 +325,10 @@ impl Conn {
             close,
         };
         head.encode(out);
+        let mut body = body;
+        if let GatewayBody::Proxied(proxied) = &mut body {
+            proxied.release_backend_headers();
+        }
         if bodiless {
             drop(body);
             return self.write_all(out).await.is_ok() && !close;

@@ -90,6 +90,9 @@ pub(super) async fn serve(
                     crate::api::insert_rate_headers(headers, &rate);
                 }
             }
+            if let GatewayBody::Proxied(body) = response.body_mut() {
+                body.release_backend_headers();
+            }
             Ok::<_, Infallible>(response.map(|inner| ConnBody { inner, _busy: busy }))
         }
     });

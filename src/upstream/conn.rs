@@ -345,6 +345,11 @@ impl ResponseBody {
         &self.headers
     }
 
+    /// Drops the headers once the proxy has passed them on.
+    pub(crate) fn release_headers(&mut self) {
+        self.headers = RawHeaders::default();
+    }
+
     /// The body was read to its end: the connection goes back to the pool
     /// if it may be reused and nothing unasked follows the body.
     fn release(&mut self) {

@@ -72,6 +72,15 @@ impl UpstreamBody {
             UpstreamBody::Tls(_) => None,
         }
     }
+
+    /// Drops the headers kept by [`UpstreamBody::raw_headers`] once they
+    /// have been written: they share the read buffer's allocation, which
+    /// would otherwise stay alive as long as a long stream.
+    pub(crate) fn release_raw_headers(&mut self) {
+        if let UpstreamBody::Plain(body) = self {
+            body.release_headers();
+        }
+    }
 }
 
 /// Why a backend's body could not be read to its end.
