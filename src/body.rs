@@ -22,7 +22,7 @@ use tokio::time::Sleep;
 
 use std::sync::Arc;
 
-use crate::upstream::codec::{Name, RawHeaders};
+use crate::upstream::codec::Name;
 use crate::{
     access_log::{AccessLog, Ending},
     admission::{
@@ -407,20 +407,23 @@ impl ProxiedBody {
         &'a self,
         map: &'a http::HeaderMap,
     ) -> impl Iterator<Item = (Name, &'a [u8], &'a [u8])> + 'a {
-        let raw = self.inner.raw_headers();
         let rate = self.rate_headers();
-        raw.into_iter()
-            .flat_map(RawHeaders::iter)
-            .filter(move |&(kind, name, _)| match kind {
-                _ if kind.is_hop_by_hop() => false,
-                Name::ContentLength => !self.sse,
-                Name::RateLimit => !rate.is_some_and(|r| crate::api::writes_rate_header(r, name)),
-                _ => {
-                    !map.keys()
-                        .any(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes()))
-                        && !raw.is_some_and(|raw| raw.named_by_connection(name))
+        self.inner.raw_headers().into_iter().flat_map(move |raw| {
+            raw.iter().filter(move |&(kind, name, _)| {
+                if kind.is_hop_by_hop() || raw.named_by_connection(name) {
+                    return false;
+                }
+                match kind {
+                    Name::ContentLength => !self.sse,
+                    Name::RateLimit => {
+                        !rate.is_some_and(|r| crate::api::writes_rate_header(r, name))
+                    }
+                    _ => !map
+                        .keys()
+                        .any(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes())),
                 }
             })
+        })
     }
 }
 

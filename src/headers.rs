@@ -8,6 +8,8 @@
 
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
+use crate::upstream::codec;
+
 /// Headers that are hop-by-hop whether or not `Connection` names them.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -59,11 +61,8 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .flat_map(|v| codec::connection_names(v.as_bytes()))
+            .filter_map(|token| HeaderName::from_bytes(token).ok())
             .collect();
         for name in named {
             headers.remove(name);

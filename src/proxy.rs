@@ -33,7 +33,7 @@ use crate::{
     jitter,
     metrics::{RetryLabels, UpstreamErrorLabels},
     snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Snapshot},
-    upstream::{self, AttemptError, Forward, UpstreamBody},
+    upstream::{self, codec::Name, AttemptError, Forward, UpstreamBody},
 };
 
 /// Why the last attempt did not produce the client's answer.
@@ -429,14 +429,7 @@ impl Exchange<'_> {
         // A plain backend's headers stay out of the map (the writers pass
         // them on: `ProxiedBody::backend_headers`); an https one's are here.
         headers::strip_hop_by_hop(&mut parts.headers);
-        let sse = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .map(HeaderValue::as_bytes)
-            .or_else(|| {
-                body.raw_headers()
-                    .and_then(|raw| raw.get(upstream::codec::Name::ContentType))
-            })
+        let sse = upstream_header(&parts.headers, &body, Name::ContentType)
             .is_some_and(|v| v.starts_with(b"text/event-stream"));
         if sse {
             // weir may remove the usage chunk or append an error event, so
@@ -538,17 +531,19 @@ const MIN_RETRY_CONCURRENCY: u64 = 3;
 /// An upstream 429's `Retry-After` in seconds (the HTTP-date form is rare
 /// from inference servers and is read as 1 s, as is a missing header).
 fn retry_after(response: &Response<UpstreamBody>) -> Duration {
-    response
-        .headers()
-        .get(header::RETRY_AFTER)
-        .map(HeaderValue::as_bytes)
-        .or_else(|| {
-            let raw = response.body().raw_headers()?;
-            raw.get(upstream::codec::Name::RetryAfter)
-        })
+    upstream_header(response.headers(), response.body(), Name::RetryAfter)
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(Duration::from_secs(1), |s| Duration::from_secs(s.min(3600)))
+}
+
+/// A backend response's header of kind `kind`: in the map for an
+/// `https://` backend, kept as received for a plain one.
+fn upstream_header<'a>(map: &'a HeaderMap, body: &'a UpstreamBody, kind: Name) -> Option<&'a [u8]> {
+    kind.header_name()
+        .and_then(|name| map.get(name))
+        .map(HeaderValue::as_bytes)
+        .or_else(|| body.raw_headers()?.get(kind))
 }
 
 /// What [`Exchange::next_backend`] found.

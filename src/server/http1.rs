@@ -273,7 +273,7 @@ impl Conn {
         version: Version,
         mut close: bool,
     ) -> bool {
-        let (parts, body) = response.into_parts();
+        let (parts, mut body) = response.into_parts();
         // `Connection: close` in the response (weir's refusals set it).
         close |= self.shutdown.is_cancelled()
             || !codec::keep_alive(
@@ -325,7 +325,6 @@ impl Conn {
             close,
         };
         head.encode(out);
-        let mut body = body;
         if let GatewayBody::Proxied(proxied) = &mut body {
             proxied.release_backend_headers();
         }
@@ -583,7 +582,7 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
     let uri = Uri::from_maybe_shared(raw.slice(target.0..target.1))
         .map_err(|_| malformed("invalid request target"))?;
     let headers = spans
-        .header_map(&raw, 0)
+        .header_map(&raw)
         .map_err(|e| Refusal::new(ApiError::BadFraming(e.0)))?;
     let mut request = Request::new(());
     *request.method_mut() = method;

@@ -28,7 +28,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue, Response};
 use hyper::{
     body::{Body, Frame, SizeHint},
     server::conn::http2,
@@ -67,12 +67,11 @@ pub(super) async fn serve(
         async move {
             let req = req.map(ClientBody::Http2);
             let mut response = super::route(req, &shared, peer, role).await;
-            // HTTP/1.1 writes these straight into the head; hyper needs them
-            // in the map.
-            // So are a plain backend's headers (see
-            // `ProxiedBody::backend_headers`).
-            if let GatewayBody::Proxied(body) = response.body() {
-                let backend: Vec<(HeaderName, HeaderValue)> = body
+            // HTTP/1.1 writes a proxied response's rate headers and a plain
+            // backend's headers straight into the head (see
+            // `ProxiedBody::backend_headers`); hyper needs them in the map.
+            if let GatewayBody::Proxied(proxied) = response.body() {
+                let backend: Vec<(HeaderName, HeaderValue)> = proxied
                     .backend_headers(response.headers())
                     .filter_map(|(_, name, value)| {
                         Some((
@@ -81,17 +80,18 @@ pub(super) async fn serve(
                         ))
                     })
                     .collect();
-                let rate = body.rate_headers().copied();
-                let headers = response.headers_mut();
+                let rate = proxied.rate_headers().copied();
+                let (mut parts, mut body) = response.into_parts();
                 for (name, value) in backend {
-                    headers.append(name, value);
+                    parts.headers.append(name, value);
                 }
                 if let Some(rate) = rate {
-                    crate::api::insert_rate_headers(headers, &rate);
+                    crate::api::insert_rate_headers(&mut parts.headers, &rate);
                 }
-            }
-            if let GatewayBody::Proxied(body) = response.body_mut() {
-                body.release_backend_headers();
+                if let GatewayBody::Proxied(proxied) = &mut body {
+                    proxied.release_backend_headers();
+                }
+                response = Response::from_parts(parts, body);
             }
             Ok::<_, Infallible>(response.map(|inner| ConnBody { inner, _busy: busy }))
         }

@@ -60,19 +60,47 @@ impl Spans {
         spans
     }
 
-    /// The headers as a map over `raw` (the buffer the spans were taken
-    /// from, now frozen), with room for `extra` more.
-    pub(crate) fn header_map(&self, raw: &Bytes, extra: usize) -> Result<HeaderMap, Malformed> {
-        let mut headers = HeaderMap::with_capacity(self.count + extra);
-        for &Span(ns, ne, vs, ve) in self.small.iter().take(self.count).chain(&self.spill) {
-            let name = HeaderName::from_bytes(raw.get(ns..ne).unwrap_or_default())
-                .map_err(|_| Malformed("invalid header name"))?;
-            let value = HeaderValue::from_maybe_shared(raw.slice(vs..ve))
-                .map_err(|_| Malformed("invalid header value"))?;
-            headers.append(name, value);
-        }
-        Ok(headers)
+    /// Each span, in the order parsed.
+    fn iter(&self) -> impl Iterator<Item = &Span> {
+        self.small.iter().take(self.count).chain(&self.spill)
     }
+
+    /// The headers as a map over `raw` (the buffer the spans were taken
+    /// from, now frozen).
+    pub(crate) fn header_map(&self, raw: &Bytes) -> Result<HeaderMap, Malformed> {
+        header_map(raw, self.iter(), self.count)
+    }
+}
+
+/// The `count` headers at `spans` in `raw`, as a map whose values are
+/// slices of `raw`.
+fn header_map<'a>(
+    raw: &Bytes,
+    spans: impl Iterator<Item = &'a Span>,
+    count: usize,
+) -> Result<HeaderMap, Malformed> {
+    let mut headers = HeaderMap::with_capacity(count);
+    for &Span(ns, ne, vs, ve) in spans {
+        let name = HeaderName::from_bytes(raw.get(ns..ne).unwrap_or_default())
+            .map_err(|_| Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(raw.slice(vs..ve))
+            .map_err(|_| Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// The header names a `Connection` value lists besides `keep-alive` and
+/// `close`: hop-by-hop for that message (RFC 9110 §7.6.1).
+pub(crate) fn connection_names(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"keep-alive")
+                && !t.eq_ignore_ascii_case(b"close")
+        })
 }
 
 /// A response's headers as the backend sent them: the head's bytes and
@@ -134,6 +162,19 @@ impl Name {
         }
     }
 
+    /// The header this kind stands for, when it is a single name.
+    pub(crate) fn header_name(self) -> Option<HeaderName> {
+        Some(match self {
+            Name::Connection => header::CONNECTION,
+            Name::ContentLength => header::CONTENT_LENGTH,
+            Name::TransferEncoding => header::TRANSFER_ENCODING,
+            Name::ContentType => header::CONTENT_TYPE,
+            Name::Date => header::DATE,
+            Name::RetryAfter => header::RETRY_AFTER,
+            Name::HopByHop | Name::RateLimit | Name::Other => return None,
+        })
+    }
+
     /// Whether a header of this name describes one connection only (RFC
     /// 9110 §7.6.1), so a proxy never passes it on.
     pub(crate) fn is_hop_by_hop(self) -> bool {
@@ -147,7 +188,7 @@ impl Name {
 impl RawHeaders {
     fn new(raw: Bytes, spans: &Spans) -> Self {
         let mut all = Vec::with_capacity(spans.count);
-        all.extend(spans.small.iter().take(spans.count).chain(&spans.spill));
+        all.extend(spans.iter());
         let mut headers = Self {
             raw,
             names: Vec::with_capacity(all.len()),
@@ -157,16 +198,8 @@ impl RawHeaders {
         for i in 0..headers.spans.len() {
             let (name, value) = headers.at(i);
             let name = Name::of(name);
-            if name == Name::Connection {
-                headers.connection_names |= value
-                    .split(|&b| b == b',')
-                    .map(<[u8]>::trim_ascii)
-                    .any(|t| {
-                        !t.is_empty()
-                            && !t.eq_ignore_ascii_case(b"keep-alive")
-                            && !t.eq_ignore_ascii_case(b"close")
-                    });
-            }
+            let names_others = name == Name::Connection && connection_names(value).next().is_some();
+            headers.connection_names |= names_others;
             headers.names.push(name);
         }
         headers
@@ -208,22 +241,14 @@ impl RawHeaders {
         self.connection_names
             && self
                 .values(Name::Connection)
-                .flat_map(|v| v.split(|&b| b == b','))
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+                .flat_map(connection_names)
+                .any(|t| t.eq_ignore_ascii_case(name))
     }
 
-    /// The headers as a map, with room for `extra` more (for callers that
-    /// want one: health probes, `https://` parity, HTTP/2 clients).
-    pub(crate) fn to_map(&self, extra: usize) -> Result<HeaderMap, Malformed> {
-        let mut headers = HeaderMap::with_capacity(self.spans.len() + extra);
-        for &Span(ns, ne, vs, ve) in &self.spans {
-            let name = HeaderName::from_bytes(self.raw.get(ns..ne).unwrap_or_default())
-                .map_err(|_| Malformed("invalid header name"))?;
-            let value = HeaderValue::from_maybe_shared(self.raw.slice(vs..ve))
-                .map_err(|_| Malformed("invalid header value"))?;
-            headers.append(name, value);
-        }
-        Ok(headers)
+    /// The headers as a map, for callers that want one (health probes,
+    /// through `PlainClient::send`).
+    pub(crate) fn to_map(&self) -> Result<HeaderMap, Malformed> {
+        header_map(&self.raw, self.spans.iter(), self.spans.len())
     }
 }
 
@@ -727,9 +752,35 @@ mod tests {
         assert_eq!(cookies[39], b"c39");
         let h3 = named("X-H3");
         assert_eq!(h3, [&b"v3"[..], b"v10", b"v17", b"v24", b"v31", b"v38"]);
-        let map = head.headers.to_map(0).unwrap();
+        let map = head.headers.to_map().unwrap();
         assert_eq!(map.len(), 81);
         assert_eq!(map.get_all("x-h3").iter().count(), 6);
+    }
+
+    #[test]
+    fn header_names_are_told_apart_in_any_case() {
+        for kind in [
+            Name::Connection,
+            Name::ContentLength,
+            Name::TransferEncoding,
+            Name::ContentType,
+            Name::Date,
+            Name::RetryAfter,
+        ] {
+            let name = kind.header_name().unwrap();
+            assert_eq!(Name::of(name.as_str().as_bytes()), kind);
+            assert_eq!(Name::of(name.as_str().to_uppercase().as_bytes()), kind);
+        }
+        for hop in ["TE", "Trailer", "upgrade", "Keep-Alive", "proxy-connection"] {
+            assert_eq!(Name::of(hop.as_bytes()), Name::HopByHop, "{hop}");
+        }
+        assert_eq!(Name::of(b"X-RateLimit-Limit-Tokens"), Name::RateLimit);
+        assert_eq!(Name::of(b"x-ratelimit-"), Name::Other);
+        assert_eq!(Name::of(b"content-lengths"), Name::Other);
+        assert_eq!(
+            connection_names(b"keep-alive, X-A ,close,,x-b").collect::<Vec<_>>(),
+            [&b"X-A"[..], b"x-b"]
+        );
     }
 
     #[test]

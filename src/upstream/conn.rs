@@ -88,7 +88,7 @@ impl PlainClient {
         };
         let mut response = self.round_trip(authority, &head, &body).await?;
         let headers = std::mem::take(&mut response.body_mut().headers)
-            .to_map(0)
+            .to_map()
             .map_err(|e| AttemptError::Protocol(e.to_string()))?;
         *response.headers_mut() = headers;
         Ok(response)
