@@ -44,6 +44,7 @@ mod proxy;
 mod reload;
 mod server;
 pub mod snapshot;
+mod socket;
 mod upstream;
 mod watch;
 

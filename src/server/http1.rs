@@ -59,6 +59,7 @@ use crate::{
     api::{self, ApiError},
     body::{GatewayBody, ProxiedBody},
     gateway::Shared,
+    socket,
     upstream::codec,
 };
 
@@ -235,7 +236,7 @@ impl Conn {
                 }
                 // Readiness is cached by tokio: no syscall when none is known.
                 inbound.buf.reserve(READ_AHEAD_CHUNK);
-                match self.wire.stream.try_read_buf(&mut inbound.buf) {
+                match socket::try_read_buf(&self.wire.stream, &mut inbound.buf) {
                     Ok(0) => return Next::Closed,
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -294,9 +295,7 @@ impl Conn {
         };
         let backend_length = proxied
             .into_iter()
-            .flat_map(|p| p.backend_headers(&parts.headers))
-            .filter(|&(kind, _, _)| kind == codec::Name::ContentLength)
-            .map(|(_, _, value)| value);
+            .flat_map(ProxiedBody::backend_content_length);
         let declared = codec::content_length(
             codec::values(&parts.headers, &header::CONTENT_LENGTH).chain(backend_length),
         )

@@ -20,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::{net::TcpStream, sync::Notify};
 
+use crate::socket;
 use crate::upstream::codec::Framing;
 
 /// Bytes asked of the socket per read: a small request fits in one.
@@ -172,7 +173,7 @@ impl Wire {
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
             inbound.buf.reserve(READ_CHUNK);
-            match self.stream.try_read_buf(&mut inbound.buf) {
+            match socket::try_read_buf(&self.stream, &mut inbound.buf) {
                 Ok(0) => {
                     inbound.eof = true;
                     return Poll::Ready(Ok(0));

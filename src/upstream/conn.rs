@@ -28,7 +28,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::lanes;
+use crate::{lanes, socket};
 
 use super::{
     codec::{self, Framing, Head, RawHeaders, RequestHead},
@@ -414,7 +414,7 @@ impl Body for ResponseBody {
                 this.buf.reserve(this.read_size);
             }
             let spare = this.buf.capacity() - this.buf.len();
-            match stream.try_read_buf(&mut this.buf) {
+            match socket::try_read_buf(stream, &mut this.buf) {
                 Ok(0) => match this.framing.eof() {
                     Ok(()) => {
                         // Ended by close: nothing to return to the pool.
