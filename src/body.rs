@@ -398,6 +398,19 @@ impl ProxiedBody {
         self.inner.release_raw_headers();
     }
 
+    /// The backend's `Content-Length` values that [`Self::backend_headers`]
+    /// passes on, found without comparing the other names.
+    pub(crate) fn backend_content_length(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let raw = self.inner.raw_headers().filter(|_| !self.sse);
+        raw.into_iter().flat_map(|raw| {
+            raw.iter()
+                .filter(move |&(kind, name, _)| {
+                    kind == Name::ContentLength && !raw.named_by_connection(name)
+                })
+                .map(|(_, _, value)| value)
+        })
+    }
+
     /// The backend's headers that go to the client besides those in `map`
     /// (a plain backend's, kept as received; see `codec::RawHeaders`):
     /// hop-by-hop ones are left out, as is `content-length` on an SSE body

@@ -324,21 +324,22 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 /// OpenAI's duration format for `x-ratelimit-reset-*` and messages:
 /// `120ms`, `1.2s`, `6m0s`.
 pub fn format_duration(d: Duration) -> String {
-    let mut out = String::with_capacity(8);
+    let mut out = Vec::with_capacity(8);
     push_duration(d, &mut out);
-    out
+    // Digits and unit letters only: always valid UTF-8.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Appends `d` in [`format_duration`]'s format, without a temporary.
-fn push_duration(d: Duration, out: &mut String) {
+fn push_duration(d: Duration, out: &mut Vec<u8>) {
     let mut digits = itoa::Buffer::new();
     let ms = d.as_millis();
     if ms < 1000 {
         // Round sub-millisecond waits up, so "0ms" never tells a client to
         // retry when it would still be refused.
         let ms = ms + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
-        out.push_str(digits.format(ms));
-        out.push_str("ms");
+        out.extend_from_slice(digits.format(ms).as_bytes());
+        out.extend_from_slice(b"ms");
         return;
     }
     let total_secs = d.as_secs();
@@ -350,15 +351,15 @@ fn push_duration(d: Duration, out: &mut String) {
     };
     let (minutes, secs) = (secs / 60, secs % 60);
     if minutes > 0 {
-        out.push_str(digits.format(minutes));
-        out.push('m');
+        out.extend_from_slice(digits.format(minutes).as_bytes());
+        out.push(b'm');
     }
-    out.push_str(digits.format(secs));
+    out.extend_from_slice(digits.format(secs).as_bytes());
     if tenths > 0 {
-        out.push('.');
-        out.push_str(digits.format(tenths));
+        out.push(b'.');
+        out.extend_from_slice(digits.format(tenths).as_bytes());
     }
-    out.push('s');
+    out.push(b's');
 }
 
 /// The `x-ratelimit-*` names, per kind: limit, remaining, reset.
@@ -394,13 +395,23 @@ pub(crate) fn insert_rate_headers(h: &mut http::HeaderMap, headers: &RateHeaders
 /// of them, and inserting them into the map cost more than the rest of the
 /// response head.
 pub(crate) fn write_rate_headers(out: &mut Vec<u8>, headers: &RateHeaders) {
-    let (text, ends) = render_rate_values(headers);
-    each_rate_header(headers, &ends, |name, range| {
-        out.extend_from_slice(name.as_str().as_bytes());
+    let mut digits = itoa::Buffer::new();
+    for (state, [limit, remaining, reset]) in [headers.requests, headers.tokens]
+        .iter()
+        .zip(&RATE_HEADER_NAMES)
+    {
+        let Some(state) = state else { continue };
+        for (name, value) in [(limit, state.limit), (remaining, state.remaining)] {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(digits.format(value).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(reset.as_str().as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(text.as_bytes().get(range).unwrap_or_default());
+        push_duration(state.reset, out);
         out.extend_from_slice(b"\r\n");
-    });
+    }
 }
 
 /// Whether weir writes a header named `name` (any case) from `headers`: a
@@ -423,15 +434,15 @@ pub(crate) fn writes_rate_header(headers: &RateHeaders, name: &[u8]) -> bool {
 }
 
 /// The `x-ratelimit-*` values one after the other, and where each ends.
-fn render_rate_values(headers: &RateHeaders) -> (String, [[usize; 3]; 2]) {
-    let mut text = String::with_capacity(96);
+fn render_rate_values(headers: &RateHeaders) -> (Vec<u8>, [[usize; 3]; 2]) {
+    let mut text = Vec::with_capacity(96);
     let mut ends = [[0usize; 3]; 2];
     let mut digits = itoa::Buffer::new();
     for (state, ends) in [headers.requests, headers.tokens].iter().zip(&mut ends) {
         let Some(state) = state else { continue };
-        text.push_str(digits.format(state.limit));
+        text.extend_from_slice(digits.format(state.limit).as_bytes());
         ends[0] = text.len();
-        text.push_str(digits.format(state.remaining));
+        text.extend_from_slice(digits.format(state.remaining).as_bytes());
         ends[1] = text.len();
         push_duration(state.reset, &mut text);
         ends[2] = text.len();

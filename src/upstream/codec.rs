@@ -113,9 +113,9 @@ pub(crate) fn connection_names(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[derive(Debug, Clone, Default)]
 pub struct RawHeaders {
     raw: Bytes,
-    spans: Vec<Span>,
-    /// What each header is, by name, decided once while reading the head.
-    names: Vec<Name>,
+    /// Each header: what it is, by name (decided once while reading the
+    /// head), and where it sits in `raw`.
+    entries: Vec<(Name, Span)>,
     /// Whether a `Connection` header names other headers (rare): those are
     /// hop-by-hop too, and found by comparing names.
     connection_names: bool,
@@ -187,37 +187,26 @@ impl Name {
 
 impl RawHeaders {
     fn new(raw: Bytes, spans: &Spans) -> Self {
-        let mut all = Vec::with_capacity(spans.count);
-        all.extend(spans.iter());
-        let mut headers = Self {
-            raw,
-            names: Vec::with_capacity(all.len()),
-            spans: all,
-            connection_names: false,
-        };
-        for i in 0..headers.spans.len() {
-            let (name, value) = headers.at(i);
-            let name = Name::of(name);
-            let names_others = name == Name::Connection && connection_names(value).next().is_some();
-            headers.connection_names |= names_others;
-            headers.names.push(name);
+        let mut entries = Vec::with_capacity(spans.count);
+        let mut connection_names_any = false;
+        for span in spans.iter() {
+            let (name, value) = at(&raw, *span);
+            let kind = Name::of(name);
+            connection_names_any |=
+                kind == Name::Connection && connection_names(value).next().is_some();
+            entries.push((kind, *span));
         }
-        headers
-    }
-
-    /// The name and value of the `i`th header.
-    fn at(&self, i: usize) -> (&[u8], &[u8]) {
-        let Span(ns, ne, vs, ve) = self.spans.get(i).copied().unwrap_or_default();
-        (
-            self.raw.get(ns..ne).unwrap_or_default(),
-            self.raw.get(vs..ve).unwrap_or_default(),
-        )
+        Self {
+            raw,
+            entries,
+            connection_names: connection_names_any,
+        }
     }
 
     /// Each header's kind, name and value, in the order received.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> + '_ {
-        self.names.iter().enumerate().map(|(i, &kind)| {
-            let (name, value) = self.at(i);
+        self.entries.iter().map(|&(kind, span)| {
+            let (name, value) = at(&self.raw, span);
             (kind, name, value)
         })
     }
@@ -248,8 +237,20 @@ impl RawHeaders {
     /// The headers as a map, for callers that want one (health probes,
     /// through `PlainClient::send`).
     pub(crate) fn to_map(&self) -> Result<HeaderMap, Malformed> {
-        header_map(&self.raw, self.spans.iter(), self.spans.len())
+        header_map(
+            &self.raw,
+            self.entries.iter().map(|(_, span)| span),
+            self.entries.len(),
+        )
     }
+}
+
+/// The name and value a span marks in `raw`.
+fn at(raw: &[u8], Span(ns, ne, vs, ve): Span) -> (&[u8], &[u8]) {
+    (
+        raw.get(ns..ne).unwrap_or_default(),
+        raw.get(vs..ve).unwrap_or_default(),
+    )
 }
 
 /// Bytes from a backend that are not acceptable HTTP/1.1. The connection
