@@ -65,21 +65,23 @@ impl Spans {
         self.small.iter().take(self.count).chain(&self.spill)
     }
 
-    /// The headers as a map over `raw` (the buffer the spans were taken
-    /// from, now frozen).
+    /// A client request's headers as a map over `raw` (the buffer the
+    /// spans were taken from, now frozen), with room for the two weir adds
+    /// on the way upstream (`x-request-id`, a backend's key): a map filled
+    /// to its capacity would otherwise grow, copying itself, per request.
     pub(crate) fn header_map(&self, raw: &Bytes) -> Result<HeaderMap, Malformed> {
-        header_map(raw, self.iter(), self.count)
+        header_map(raw, self.iter(), self.count + 2)
     }
 }
 
-/// The `count` headers at `spans` in `raw`, as a map whose values are
-/// slices of `raw`.
+/// The headers at `spans` in `raw`, as a map whose values are slices of
+/// `raw`, made for `capacity` headers.
 fn header_map<'a>(
     raw: &Bytes,
     spans: impl Iterator<Item = &'a Span>,
-    count: usize,
+    capacity: usize,
 ) -> Result<HeaderMap, Malformed> {
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = HeaderMap::with_capacity(capacity);
     for &Span(ns, ne, vs, ve) in spans {
         let name = HeaderName::from_bytes(raw.get(ns..ne).unwrap_or_default())
             .map_err(|_| Malformed("invalid header name"))?;
