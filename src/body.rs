@@ -18,7 +18,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use std::sync::Arc;
 
@@ -87,7 +87,11 @@ pub struct ProxiedBody {
     /// The backend's in-flight slot, released as soon as the body ends.
     in_flight: Option<InFlight>,
     /// `request_timeout`'s deadline for the whole exchange.
-    deadline: Pin<Box<Sleep>>,
+    deadline: Instant,
+    /// Its timer, armed only once the body has to wait (the backend has
+    /// nothing ready) or sends more than one frame: a response that is
+    /// whole in the first read never allocates or registers one.
+    deadline_timer: Option<Pin<Box<Sleep>>>,
     /// For SSE, until the first byte reaches the client: the end of
     /// `first_byte_timeout` counted from the response headers, so a backend
     /// that answers headers and then stalls does not hold the client (and
@@ -195,7 +199,7 @@ impl ProxiedBody {
     pub(crate) fn new(
         inner: UpstreamBody,
         in_flight: InFlight,
-        deadline: Pin<Box<Sleep>>,
+        deadline: Instant,
         sse: bool,
         first_byte_timeout: std::time::Duration,
         accounting: Option<Accounting>,
@@ -211,6 +215,7 @@ impl ProxiedBody {
             inner,
             in_flight: Some(in_flight),
             deadline,
+            deadline_timer: None,
             first_event,
             sse,
             finished: false,
@@ -218,6 +223,24 @@ impl ProxiedBody {
             reporter,
             log: None,
         }
+    }
+
+    /// Arms the timers if need be and polls them: the error that ends the
+    /// body if one has run out.
+    fn poll_timers(&mut self, cx: &mut Context<'_>) -> Option<BodyError> {
+        let deadline = self.deadline;
+        let timer = self
+            .deadline_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_ready() {
+            return Some(BodyError::Timeout);
+        }
+        if let Some((timer, after)) = &mut self.first_event {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Some(BodyError::FirstEventTimeout(*after));
+            }
+        }
+        None
     }
 
     /// Hands the body its access log line, to write when it ends.
@@ -311,18 +334,19 @@ impl Body for ProxiedBody {
         if this.finished {
             return Poll::Ready(None);
         }
-        if this.deadline.as_mut().poll(cx).is_ready() {
-            return this.fail(BodyError::Timeout);
-        }
-        if let Some((timer, after)) = &mut this.first_event {
-            if timer.as_mut().poll(cx).is_ready() {
-                let after = *after;
-                return this.fail(BodyError::FirstEventTimeout(after));
+        // Once armed, the timers are checked before anything else, so a
+        // backend that never lets the body wait still meets the deadline.
+        if this.deadline_timer.is_some() {
+            if let Some(error) = this.poll_timers(cx) {
+                return this.fail(error);
             }
         }
         loop {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => match this.poll_timers(cx) {
+                    Some(error) => this.fail(error),
+                    None => Poll::Pending,
+                },
                 Poll::Ready(Some(Ok(frame))) => {
                     let data = match frame.into_data() {
                         Ok(data) => data,
@@ -354,6 +378,12 @@ impl Body for ProxiedBody {
                         // The whole frame was held or removed (the usage
                         // chunk); read on rather than send nothing.
                         continue;
+                    }
+                    if !this.finished && this.deadline_timer.is_none() {
+                        // More is to come: from here on the timers count.
+                        if let Some(error) = this.poll_timers(cx) {
+                            return this.fail(error);
+                        }
                     }
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }

@@ -455,7 +455,7 @@ impl Exchange<'_> {
         let body = ProxiedBody::new(
             body,
             in_flight,
-            Box::pin(tokio::time::sleep_until(self.deadline)),
+            self.deadline,
             sse,
             self.first_byte_timeout,
             Some(accounting),
