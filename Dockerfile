@@ -6,8 +6,9 @@
 #   docker run --rm -p 8080:8080 -v "$PWD/weir.toml:/etc/weir/weir.toml:ro" \
 #       -e SGP_API_KEY weir
 #
-# Two stages: the official Rust image compiles the binary exactly as .ci/run
-# does (`cargo build --release --locked --bin weir`); the runtime stage is
+# Two stages: the official Rust image compiles the binary with the `dist`
+# profile (release plus link-time optimisation, Cargo.toml) from the same
+# files .ci/run builds from; the runtime stage is
 # distroless: glibc and the binary, no shell, no package manager. weir talks
 # TLS through rustls with the compiled-in webpki roots, so it does not need
 # the image's CA bundle either.
@@ -30,8 +31,8 @@ COPY src ./src
 # mount, so the binary is copied out of it in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin weir \
-    && cp target/release/weir /usr/local/bin/weir
+    cargo build --profile dist --locked --bin weir \
+    && cp target/dist/weir /usr/local/bin/weir
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /usr/local/bin/weir /usr/local/bin/weir

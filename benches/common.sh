@@ -13,12 +13,12 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
-# Sets WEIR_BIN to an absolute path: the given binary, or the release build
-# made here.
+# Sets WEIR_BIN to an absolute path: the given binary, or the shipped build
+# (`--profile dist`: release plus LTO, as the Dockerfile builds it) made here.
 resolve_weir_bin() {
     if [ -z "${WEIR_BIN:-}" ]; then
-        cargo build --release --bin weir
-        WEIR_BIN=target/release/weir
+        cargo build --profile dist --bin weir
+        WEIR_BIN=target/dist/weir
     fi
     [ -x "$WEIR_BIN" ] || die "no weir binary at $WEIR_BIN"
     WEIR_BIN=$(realpath "$WEIR_BIN")

@@ -37,8 +37,8 @@ command -v wrk >/dev/null || die "wrk is needed (apt-get install wrk)"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || die "nginx is needed (apt-get install nginx-light)"
 if [ -z "${WEIR_BIN:-}" ]; then
-    cargo build --release --bin weir
-    WEIR_BIN=target/release/weir
+    cargo build --profile dist --bin weir
+    WEIR_BIN=target/dist/weir
 fi
 WEIR_BIN=$(realpath "$WEIR_BIN")
 for port in $A $B $C $NGINX_PORT $WEIR_PORT $PLAIN_PORT; do

@@ -8,8 +8,8 @@
 #   benches/load.sh
 #
 # Environment (all optional):
-#   WEIR_BIN   weir binary to run (default: target/release/weir, built here
-#              with `cargo build --release`; set it to skip the build)
+#   WEIR_BIN   weir binary to run (default: target/dist/weir, built here
+#              with `cargo build --profile dist`; set it to skip the build)
 #   DURATION   seconds per wrk run (default 6)
 #   BASE_PORT  first of the 5 loopback ports used (default 18081)
 #   KEEP=1     keep the temp dir (configs, logs) for inspection

@@ -24,7 +24,7 @@
 # Environment (all optional):
 #   DURATION   seconds of load (default 60; at most 7200)
 #   RATE       requests per second (default 40)
-#   WEIR_BIN   weir binary (default: target/release/weir, built here)
+#   WEIR_BIN   weir binary (default: target/dist/weir, built here)
 #   BASE_PORT  first of 4 loopback ports (default 18181)
 #   OUT        directory for logs and samples (default: a temp dir, kept)
 set -euo pipefail
@@ -38,8 +38,8 @@ die() { echo "soak.sh: $*" >&2; exit 1; }
 command -v python3 >/dev/null || die "python3 is needed"
 
 if [ -z "${WEIR_BIN:-}" ]; then
-    cargo build --release --bin weir
-    WEIR_BIN=target/release/weir
+    cargo build --profile dist --bin weir
+    WEIR_BIN=target/dist/weir
 fi
 OUT=${OUT:-$(mktemp -d /tmp/weir-soak.XXXXXX)}
 mkdir -p "$OUT"

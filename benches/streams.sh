@@ -15,7 +15,7 @@
 # speaks HTTP/1.1 to the mock, one connection per open stream.
 #
 # Environment (all optional):
-#   WEIR_BIN   weir binary (default: target/release/weir, built here)
+#   WEIR_BIN   weir binary (default: target/dist/weir, built here)
 #   STREAMS    concurrent streams (default 10000)
 #   CONNS      h2c client connections carrying them (default 100)
 #   CHUNKS     tokens per stream = seconds each stays open (default 40)
