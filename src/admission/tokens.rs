@@ -134,6 +134,10 @@ pub struct UsageTail {
     /// The last bytes of the body: at least the last [`TAIL_BYTES`] (or all of
     /// a shorter body), at most twice that, so trimming is amortised.
     buf: Vec<u8>,
+    /// The body's only chunk so far, shared rather than copied (then `buf`
+    /// is empty): most non-stream responses arrive in one read and are
+    /// never copied. A second chunk moves it into `buf`.
+    first: Bytes,
 }
 
 /// The SSE line scanner's state between bytes (and frames).
@@ -390,6 +394,19 @@ impl UsageTail {
     /// Keeps the last bytes of `chunk`. Copies every byte once (amortised), no
     /// more than [`TAIL_BYTES`] per call.
     pub fn push(&mut self, chunk: &Bytes) {
+        if self.buf.is_empty() && self.first.is_empty() {
+            self.first = chunk.clone();
+            return;
+        }
+        if !self.first.is_empty() {
+            let first = std::mem::take(&mut self.first);
+            self.copy(&first);
+        }
+        self.copy(chunk);
+    }
+
+    /// [`Self::push`] into `buf`.
+    fn copy(&mut self, chunk: &[u8]) {
         if chunk.len() >= TAIL_BYTES {
             self.buf.clear();
             let from = chunk.len().saturating_sub(TAIL_BYTES);
@@ -408,8 +425,13 @@ impl UsageTail {
     /// key within the last [`TAIL_BYTES`] followed by an object with token
     /// counts. None when there is none or it does not parse.
     pub fn usage(&self) -> Option<Usage> {
-        let from = self.buf.len().saturating_sub(TAIL_BYTES);
-        let window = self.buf.get(from..)?;
+        let kept: &[u8] = if self.first.is_empty() {
+            &self.buf
+        } else {
+            &self.first
+        };
+        let from = kept.len().saturating_sub(TAIL_BYTES);
+        let window = kept.get(from..)?;
         let mut end = window.len();
         while let Some(at) = rfind(window.get(..end)?, USAGE_KEY) {
             let after = window.get(at.saturating_add(USAGE_KEY.len())..)?;
@@ -1091,6 +1113,8 @@ mod tests {
             let tail = tail_of(&chunks);
             assert_eq!(tail.usage(), want, "chunks of {size}");
             assert!(tail.buf.len() <= 2 * TAIL_BYTES);
+            // A body in one chunk is kept by reference, not copied.
+            assert_eq!(tail.buf.is_empty(), chunks.len() == 1, "chunks of {size}");
         }
         // embeddings: no completion_tokens
         let embeddings = b"{\"data\":[{\"embedding\":[0.1,0.2]}],\"usage\":{\"prompt_tokens\":8,\"total_tokens\":8}}";
