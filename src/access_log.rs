@@ -20,6 +20,7 @@ use std::sync::Arc;
 use crate::{
     admission::tokens::Usage,
     metrics::{Metrics, RequestCounters},
+    snapshot::BackendState,
 };
 
 /// How a response ended, for the log line.
@@ -65,8 +66,9 @@ pub(crate) struct AccessLog {
     pub started: Instant,
     /// The client's model, once read.
     pub model: Option<String>,
-    /// The backend that answered.
-    pub backend: Option<String>,
+    /// The backend that answered (shared, so that naming it costs a
+    /// reference count rather than a copy of its name per request).
+    pub backend: Option<Arc<BackendState>>,
     /// The status sent to the client.
     pub status: u16,
     /// Attempts made upstream.
@@ -135,7 +137,10 @@ impl AccessLog {
             path = %self.path,
             status = self.status,
             model = self.model.as_deref().unwrap_or(""),
-            backend = self.backend.as_deref().unwrap_or(""),
+            backend = self
+                .backend
+                .as_ref()
+                .map_or("", |b| b.config.name.as_str()),
             attempts = self.attempts,
             queue_ms = ms(self.queued),
             ttfb_ms = self.ttfb.map(ms),

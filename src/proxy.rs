@@ -98,20 +98,23 @@ pub(crate) async fn forward(
     let (parts, body) = req.into_parts();
     let body = read_body(&parts, body, server.max_body_bytes, deadline).await?;
     let facts = facts::parse(&body)?;
-    log.model = Some(facts.model.clone());
-    let route = snapshot
-        .model(&facts.model)
-        .ok_or_else(|| ApiError::ModelNotFound(facts.model.clone()))?;
+    let Some(route) = snapshot.model(&facts.model) else {
+        log.model = Some(facts.model.clone());
+        return Err(ApiError::ModelNotFound(facts.model));
+    };
     log.timings = Some(route.timings.clone());
     log.counters = Some(route.own_answers.clone());
     let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
     let estimate = tokens::estimate(&facts, route.config.max_tokens, rest != "/embeddings");
+    // The name is the route's from here on (the same string): the client's
+    // copy goes to the log without another allocation.
+    log.model = Some(facts.model);
     let now = Instant::now();
     let queue_deadline = (now + route.limits.queue_timeout()).min(deadline);
     let admitted = limiter::admit(
         &snapshot.global,
         &route.limits,
-        &facts.model,
+        &route.config.name,
         estimate.total(),
         now,
         queue_deadline,
@@ -194,7 +197,7 @@ impl Exchange<'_> {
             let Some(member) = members.get(i) else { break };
             let backend = &member.backend;
             log.attempts = attempt;
-            log.backend = Some(backend.config.name.clone());
+            log.backend = Some(backend.clone());
             log.counters = Some(member.requests.clone());
             let remaining = self.deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
