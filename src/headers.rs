@@ -78,24 +78,16 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Prepares client request headers for a backend: hop-by-hop and client
-/// credentials removed, `Host` and `Content-Length` left for the client
-/// library to set from the URI and the body, the backend's key injected.
+/// credentials removed, the backend's key injected. The client's `Host` and
+/// `Content-Length` stay in the map (removing them cost a hash and a probe
+/// each, per request) and are replaced where the request is written:
+/// `codec::encode_request_head` writes the backend's instead, and
+/// `Forward::to_request` drops them for hyper to set.
 pub(crate) fn to_upstream(headers: &mut HeaderMap, backend_key: Option<&HeaderValue>) {
     strip_hop_by_hop(headers);
     // One pass over the few names a request has finds what to remove; a
     // `remove` of an absent name still hashes and probes.
-    let (mut host, mut length, mut credentials) = (false, false, false);
-    for name in headers.keys() {
-        host |= name == header::HOST;
-        length |= name == header::CONTENT_LENGTH;
-        credentials |= CLIENT_CREDENTIALS.contains(name);
-    }
-    if host {
-        headers.remove(header::HOST);
-    }
-    if length {
-        headers.remove(header::CONTENT_LENGTH);
-    }
+    let credentials = headers.keys().any(|name| CLIENT_CREDENTIALS.contains(name));
     if credentials {
         for name in &CLIENT_CREDENTIALS {
             headers.remove(name);
@@ -150,7 +142,6 @@ mod tests {
         to_upstream(&mut h, Some(&key));
         assert_eq!(h[header::AUTHORIZATION], "Bearer sk-backend");
         assert!(h.get("x-api-key").is_none());
-        assert!(h.get(header::HOST).is_none());
         assert!(format!("{h:?}").contains("Sensitive"));
     }
 }

@@ -362,6 +362,21 @@ async fn hop_by_hop_headers_are_dropped_both_ways() {
     let upstream_saw = seen.lock().unwrap().clone();
     assert!(!upstream_saw.contains("x-client-hop"), "{upstream_saw}");
     assert!(!upstream_saw.contains("\r\nte:"), "{upstream_saw}");
+    // The backend gets its own Host and this body's length, once each.
+    assert_eq!(
+        upstream_saw.matches("\r\nhost:").count(),
+        1,
+        "{upstream_saw}"
+    );
+    assert!(
+        upstream_saw.contains(&format!("\r\nhost: {up_addr}\r\n")),
+        "{upstream_saw}"
+    );
+    assert_eq!(
+        upstream_saw.matches("\r\ncontent-length:").count(),
+        1,
+        "{upstream_saw}"
+    );
     assert!(
         upstream_saw.contains("x-client-kept: yes"),
         "{upstream_saw}"

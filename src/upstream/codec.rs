@@ -297,12 +297,18 @@ pub(crate) fn encode_request_head(head: &RequestHead<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     };
-    if let (Some(host), false) = (head.host, head.headers.contains_key(header::HOST)) {
+    if let Some(host) = head.host {
         line(out, b"host", host.as_bytes());
     }
     for (name, value) in head.headers {
+        // The client's `Host` and framing are the client's hop to weir:
+        // the backend gets its own host and this body's length.
         let replaced = name == header::AUTHORIZATION && head.authorization.is_some();
-        if replaced || name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if replaced
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+        {
             continue;
         }
         line(out, name.as_str().as_bytes(), value.as_bytes());
@@ -677,6 +683,8 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-request-id", HeaderValue::from_static("abc"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        // The client's Host: the backend gets its own.
+        headers.insert(header::HOST, HeaderValue::from_static("weir.local"));
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer client"),

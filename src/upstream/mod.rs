@@ -189,6 +189,9 @@ impl Forward<'_> {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = upstream_uri(self.base, self.rest, self.query)?;
         *request.headers_mut() = self.headers.clone();
+        // hyper sets both from the URI and the body.
+        request.headers_mut().remove(http::header::HOST);
+        request.headers_mut().remove(http::header::CONTENT_LENGTH);
         if let Some(key) = self.authorization {
             request
                 .headers_mut()
