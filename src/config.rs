@@ -70,6 +70,10 @@ impl fmt::Display for Secret {
 pub struct Config {
     /// The file it came from (`None` when parsed from a string), so reload knows what to read.
     pub source: Option<PathBuf>,
+    /// A hash of that file's bytes as read ([`fingerprint`]), so `watch_config` can tell
+    /// whether the file still holds what is served, including a change made before its
+    /// watch began.
+    pub source_fingerprint: Option<u64>,
     /// `[server]`: listeners, client-facing limits and timeouts, client/admin credentials.
     pub server: ServerConfig,
     /// `[limits]`: the global token buckets shared by all models.
@@ -431,6 +435,16 @@ pub mod defaults {
     pub const KEY_PREFIX: &str = "weir";
 }
 
+/// A hash of a config file's bytes. Config files are small, so hashing a whole one is
+/// cheap and, unlike (mtime, size, inode), sees every content change and ignores every
+/// non-change.
+pub(crate) fn fingerprint(bytes: &[u8]) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
 impl Config {
     /// Reads and validates a file; `source` is set to `path`. The environment is injected
     /// (pass [`process_env`] in production, a closure in tests).
@@ -447,6 +461,7 @@ impl Config {
         })?;
         let mut config = Config::parse(&text, &file, env)?;
         config.source = Some(path.to_path_buf());
+        config.source_fingerprint = Some(fingerprint(text.as_bytes()));
         Ok(config)
     }
 
@@ -884,6 +899,7 @@ impl Checker<'_> {
         let cluster = raw.cluster.and_then(|c| self.cluster(c, env));
         Config {
             source: None,
+            source_fingerprint: None,
             server,
             limits,
             defaults,

@@ -26,7 +26,6 @@
 
 use std::{
     ffi::OsString,
-    hash::{DefaultHasher, Hash, Hasher},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -36,7 +35,7 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::{gateway::Shared, reload};
+use crate::{config, gateway::Shared, reload};
 
 /// Quiet time after the last relevant event before reloading.
 pub(crate) const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -64,7 +63,11 @@ pub(crate) async fn watch(shared: Arc<Shared>, path: PathBuf, shutdown: Cancella
     let mut targets = Targets::resolve(&path);
     targets.apply(&mut *watcher, &Targets::default());
     tracing::info!(path = %path.display(), "watching the config file for changes");
-    let mut last_seen = fingerprint(&path).await;
+    // What is served came from these bytes. A change written after they
+    // were read and before the watch began raised no event: it is found
+    // here, by comparing, and applied at once.
+    let mut last_seen = shared.snapshot.load().config.source_fingerprint;
+    reload_if_changed(&shared, &path, &mut last_seen).await;
     loop {
         // Wait for a relevant event.
         tokio::select! {
@@ -91,16 +94,7 @@ pub(crate) async fn watch(shared: Arc<Shared>, path: PathBuf, shutdown: Cancella
                 },
             }
         }
-        let now_seen = fingerprint(&path).await;
-        if now_seen.is_none() {
-            // Mid-swap or deleted: the old config keeps serving, and the
-            // event that brings the file back triggers the reload.
-            tracing::warn!(path = %path.display(), "config file is gone; waiting for it to come back");
-        } else if now_seen != last_seen {
-            last_seen = now_seen;
-            // Outcome logged and counted by the reload itself.
-            let _ = reload::reload(&shared).await;
-        }
+        reload_if_changed(&shared, &path, &mut last_seen).await;
         // Follow a symlink that now points elsewhere.
         let next = Targets::resolve(&path);
         if next != targets {
@@ -200,15 +194,27 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// A hash of the file's bytes (following symlinks); `None` when it cannot
-/// be read. Config files are small, so reading one per debounced change is
-/// cheap and, unlike (mtime, size, inode), sees every content change and
-/// ignores every non-change.
+/// Reloads when the file's bytes differ from `last_seen` (the last bytes
+/// loaded or tried); a file that fails to load is tried again only once it
+/// changes again.
+async fn reload_if_changed(shared: &Arc<Shared>, path: &Path, last_seen: &mut Option<u64>) {
+    let now_seen = fingerprint(path).await;
+    if now_seen.is_none() {
+        // Mid-swap or deleted: the old config keeps serving, and the
+        // event that brings the file back triggers the reload.
+        tracing::warn!(path = %path.display(), "config file is gone; waiting for it to come back");
+    } else if now_seen != *last_seen {
+        *last_seen = now_seen;
+        // Outcome logged and counted by the reload itself.
+        let _ = reload::reload(shared).await;
+    }
+}
+
+/// [`config::fingerprint`] of the file's bytes (following symlinks); `None`
+/// when it cannot be read.
 async fn fingerprint(path: &Path) -> Option<u64> {
     let bytes = tokio::fs::read(path).await.ok()?;
-    let mut hasher = DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    Some(hasher.finish())
+    Some(config::fingerprint(&bytes))
 }
 
 #[cfg(test)]

@@ -738,6 +738,46 @@ async fn watch_config_picks_up_an_atomic_rename() {
     assert_eq!(live.reload_count("ok").await, 3);
 }
 
+/// A save that lands after the file was read and before the watch began
+/// raises no event the watch can see; it is found by comparing the file
+/// with what was loaded, and applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_config_applies_a_change_made_before_the_watch_began() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let watched = |w: u32| {
+        format!(
+            "[server]\nwatch_config = true\n\n{}",
+            file("", &[("b1", &m1, w)], "")
+        )
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("weir.toml");
+    std::fs::write(&path, watched(1)).expect("write config");
+    let config = Config::load(&path, &test_env).unwrap_or_else(|e| panic!("{e}"));
+    // The save between the read and the start.
+    write_atomically(&path, &watched(6));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let gw = Gateway::new(config)
+        .config_path(&path)
+        .env(test_env)
+        .start_on(listener, None)
+        .expect("gateway starts");
+    let live = Live {
+        _dir: dir,
+        path,
+        gw,
+    };
+    assert!(
+        wait_for_weight(&live, "b1", 6, Duration::from_secs(5)).await,
+        "{:?}",
+        live.weights()
+    );
+    assert_eq!(live.reload_count("ok").await, 1);
+    // Unchanged since: nothing more to reload.
+    tokio::time::sleep(ms(500)).await;
+    assert_eq!(live.reload_count("ok").await, 1);
+}
+
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_config_follows_a_configmap_symlink_swap() {
