@@ -22,7 +22,7 @@ use tokio::time::{Instant, Sleep};
 
 use std::sync::Arc;
 
-use crate::upstream::codec::Name;
+use crate::upstream::codec::{Name, RawHeaders};
 use crate::{
     access_log::{AccessLog, Ending},
     admission::{
@@ -431,14 +431,23 @@ impl ProxiedBody {
     /// The backend's `Content-Length` values that [`Self::backend_headers`]
     /// passes on, found without comparing the other names.
     pub(crate) fn backend_content_length(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        let raw = self.inner.raw_headers().filter(|_| !self.sse);
-        raw.into_iter().flat_map(|raw| {
+        self.inner.raw_headers().into_iter().flat_map(move |raw| {
             raw.iter()
                 .filter(move |&(kind, name, _)| {
-                    kind == Name::ContentLength && !raw.named_by_connection(name)
+                    kind == Name::ContentLength && self.may_pass_on(raw, kind, name)
                 })
                 .map(|(_, _, value)| value)
         })
+    }
+
+    /// The rules every backend header meets to reach the client, whoever
+    /// else sets it: not hop-by-hop (by name or because `Connection` names
+    /// it), and no `content-length` on an SSE body (weir may change its
+    /// length).
+    fn may_pass_on(&self, raw: &RawHeaders, kind: Name, name: &[u8]) -> bool {
+        let hop_by_hop = kind.is_hop_by_hop() || raw.named_by_connection(name);
+        let length_weir_may_change = kind == Name::ContentLength && self.sse;
+        !hop_by_hop && !length_weir_may_change
     }
 
     /// The backend's headers that go to the client besides those in `map`
@@ -453,18 +462,16 @@ impl ProxiedBody {
         let rate = self.rate_headers();
         self.inner.raw_headers().into_iter().flat_map(move |raw| {
             raw.iter().filter(move |&(kind, name, _)| {
-                if kind.is_hop_by_hop() || raw.named_by_connection(name) {
-                    return false;
-                }
-                match kind {
-                    Name::ContentLength => !self.sse,
-                    Name::RateLimit => {
-                        !rate.is_some_and(|r| crate::api::writes_rate_header(r, name))
+                self.may_pass_on(raw, kind, name)
+                    && match kind {
+                        Name::ContentLength => true,
+                        Name::RateLimit => {
+                            !rate.is_some_and(|r| crate::api::writes_rate_header(r, name))
+                        }
+                        _ => !map
+                            .keys()
+                            .any(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes())),
                     }
-                    _ => !map
-                        .keys()
-                        .any(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes())),
-                }
             })
         })
     }
