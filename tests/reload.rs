@@ -46,6 +46,12 @@ impl Live {
 
     async fn start_at(dir: tempfile::TempDir, path: PathBuf) -> Live {
         let config = Config::load(&path, &test_env).unwrap_or_else(|e| panic!("{e}"));
+        Self::start_loaded(dir, path, config).await
+    }
+
+    /// Starts a gateway on `config`, which was loaded from `path` (and
+    /// may no longer be what the file holds).
+    async fn start_loaded(dir: tempfile::TempDir, path: PathBuf, config: Config) -> Live {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let gw = Gateway::new(config)
             .config_path(&path)
@@ -756,17 +762,7 @@ async fn watch_config_applies_a_change_made_before_the_watch_began() {
     let config = Config::load(&path, &test_env).unwrap_or_else(|e| panic!("{e}"));
     // The save between the read and the start.
     write_atomically(&path, &watched(6));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = Gateway::new(config)
-        .config_path(&path)
-        .env(test_env)
-        .start_on(listener, None)
-        .expect("gateway starts");
-    let live = Live {
-        _dir: dir,
-        path,
-        gw,
-    };
+    let live = Live::start_loaded(dir, path, config).await;
     assert!(
         wait_for_weight(&live, "b1", 6, Duration::from_secs(5)).await,
         "{:?}",
