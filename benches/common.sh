@@ -86,6 +86,25 @@ start_nginx() { # name http-block port
     wait_port "$3" $! "$1"
 }
 
+# Starts weir on DIR/weir.toml (RUST_LOG=warn, log in DIR/weir.log), waits
+# until it listens on port $1, and sets WEIR_PID.
+start_weir() { # port
+    RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir.toml" >"$DIR/weir.log" 2>&1 &
+    WEIR_PID=$!
+    PIDS+=($WEIR_PID)
+    wait_port "$1" $WEIR_PID weir
+}
+
+# Writes DIR/post.lua: the request every bench sends with wrk, a small
+# non-streaming chat for MODEL.
+write_post_lua() {
+    cat >"$DIR/post.lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}'
+EOF
+}
+
 # The upstream the loopback benches proxy to: nginx answering every request
 # with a small chat-completion JSON (nginx_conf's http block).
 return200_block() { # port

@@ -58,16 +58,9 @@ start_nginx nginx "$(proxy_block "$NGINX_PORT" "$UP_PORT")" "$NGINX_PORT"
 NGINX_MASTER=${PIDS[-1]}
 
 bench_weir_config "$WEIR_PORT" "$UP_PORT" >"$DIR/weir.toml"
-RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir.toml" >"$DIR/weir.log" 2>&1 &
-WEIR_PID=$!
-PIDS+=($WEIR_PID)
-wait_port "$WEIR_PORT" $WEIR_PID weir
+start_weir "$WEIR_PORT"
 
-cat >"$DIR/post.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}'
-EOF
+write_post_lua
 
 # Clock ticks (user system) used so far by every thread of the pids given.
 ticks() {

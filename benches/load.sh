@@ -90,10 +90,7 @@ url = "http://127.0.0.1:$MOCK_PORT/v1"
 models = ["$STREAM_MODEL"]
 EOF
 } >"$DIR/weir.toml"
-RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir.toml" >"$DIR/weir.log" 2>&1 &
-WEIR_PID=$!
-PIDS+=($WEIR_PID)
-wait_port "$WEIR_PORT" $WEIR_PID weir
+start_weir "$WEIR_PORT"
 
 TARGETS="upstream:$UP_PORT nginx:$NGINX_PORT weir:$WEIR_PORT"
 if [ "$CLUSTER" = 1 ]; then
@@ -114,11 +111,7 @@ fi
 rss() { awk '/^VmRSS/ {print $2 " " $3}' "/proc/$WEIR_PID/status"; }
 
 # --- requests/s and latency -------------------------------------------------
-cat >"$DIR/post.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}'
-EOF
+write_post_lua
 
 # Every target must answer the bench request with 200 before it is timed.
 for target in $TARGETS; do

@@ -78,10 +78,7 @@ models = ["$MODEL"]
 [health]
 enabled = false
 EOF
-RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir.toml" >"$DIR/weir.log" 2>&1 &
-WEIR_PID=$!
-PIDS+=($WEIR_PID)
-wait_port "$WEIR_PORT" $WEIR_PID weir
+start_weir "$WEIR_PORT"
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$WEIR_PID/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$WEIR_PID/status"; }

@@ -44,16 +44,9 @@ start_nginx upstream "$(return200_block "$UP_PORT")" "$UP_PORT"
 start_nginx nginx "$(proxy_block "$NGINX_PORT" "$UP_PORT")" "$NGINX_PORT"
 NGINX_MASTER=${PIDS[-1]}
 bench_weir_config "$WEIR_PORT" "$UP_PORT" >"$DIR/weir.toml"
-RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir.toml" >"$DIR/weir.log" 2>&1 &
-WEIR_PID=$!
-PIDS+=($WEIR_PID)
-wait_port "$WEIR_PORT" $WEIR_PID weir
+start_weir "$WEIR_PORT"
 
-cat >"$DIR/post.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}'
-LUA
+write_post_lua
 
 # count name port pids...: prints "| name | call | per request | errors |" rows.
 count() {
