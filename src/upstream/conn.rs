@@ -13,10 +13,12 @@
 //! whole difference measured in docs/BENCHMARKS.md.
 
 use std::{
+    cell::RefCell,
     io,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    thread::LocalKey,
     time::Duration,
 };
 
@@ -46,6 +48,53 @@ const MAX_READ_SIZE: usize = 64 * 1024;
 const COPY_BODY_MAX: usize = 16 * 1024;
 /// Room for a typical request head.
 const HEAD_CAPACITY: usize = 512;
+
+/// Spare buffers of each kind kept per thread (see [`SPARE_READS`]).
+const SPARE_BUFFERS: usize = 16;
+/// Head buffers larger than this (a large header set behind a copied
+/// body) are not kept: at most 16 x 20 KiB per thread.
+const MAX_SPARE_HEAD: usize = COPY_BODY_MAX + 4 * 1024;
+
+thread_local! {
+    /// Emptied read buffers of responses that have ended, for the next
+    /// exchange on this thread. A read buffer is past glibc's per-thread
+    /// cache, so a fresh one per request cost more than all of its other
+    /// allocations together; a few spares per thread bound what is kept,
+    /// where a buffer per pooled connection would not be.
+    static SPARE_READS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    /// The same for the buffers request heads are written into.
+    static SPARE_HEADS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// This thread's last spare of a kind, or a new (unallocated) one.
+fn spare<T: Default>(kind: &'static LocalKey<RefCell<Vec<T>>>) -> T {
+    kind.with_borrow_mut(Vec::pop).unwrap_or_default()
+}
+
+/// Keeps an emptied buffer for [`spare`], while there is room.
+fn keep<T>(kind: &'static LocalKey<RefCell<Vec<T>>>, buf: T) {
+    kind.with_borrow_mut(|spares| {
+        if spares.len() < SPARE_BUFFERS {
+            spares.push(buf);
+        }
+    });
+}
+
+/// A read buffer with room for [`READ_SIZE`] bytes. `reserve` reuses a
+/// spare's memory in place once no frame cut from it is alive any more,
+/// and allocates anew otherwise.
+fn read_buffer() -> BytesMut {
+    let mut buf = spare(&SPARE_READS);
+    buf.reserve(READ_SIZE);
+    buf
+}
+
+/// Keeps an emptied read buffer for [`read_buffer`].
+fn recycle(buf: BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        keep(&SPARE_READS, buf);
+    }
+}
 
 /// A plain-http backend's client: where it is, and its idle connections.
 #[derive(Debug, Clone)]
@@ -126,7 +175,9 @@ impl PlainClient {
             authority.ok_or_else(|| AttemptError::Connect("no host in the URL".to_owned()))?;
         let pooled = self.authority.as_ref() == Some(authority);
         let copied = body.len() <= COPY_BODY_MAX;
-        let mut wire = Vec::with_capacity(HEAD_CAPACITY + if copied { body.len() } else { 0 });
+        let mut wire = spare(&SPARE_HEADS);
+        wire.clear();
+        wire.reserve(HEAD_CAPACITY + if copied { body.len() } else { 0 });
         codec::encode_request_head(head, &mut wire);
         if copied {
             wire.extend_from_slice(body);
@@ -143,19 +194,23 @@ impl PlainClient {
             Some(stream) => stream,
             None => self.connect(authority).await?,
         };
-        let (stream, buf, head) = match exchange(stream, &request).await {
-            Ok(done) => done,
+        let exchanged = match exchange(stream, &request).await {
+            Ok(done) => Ok(done),
             // The backend closed the idle connection as weir sent on it (it
             // answered nothing): once more on a new connection, as hyper and
             // nginx do for a kept-alive connection.
-            Err(Failed::Stale(_)) if reused => {
-                let stream = self.connect(authority).await?;
-                exchange(stream, &request)
+            Err(Failed::Stale(_)) if reused => match self.connect(authority).await {
+                Ok(stream) => exchange(stream, &request)
                     .await
-                    .map_err(Failed::into_attempt)?
-            }
-            Err(e) => return Err(e.into_attempt()),
+                    .map_err(Failed::into_attempt),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e.into_attempt()),
         };
+        if wire.capacity() <= MAX_SPARE_HEAD {
+            keep(&SPARE_HEADS, wire);
+        }
+        let (stream, buf, head) = exchanged?;
         let pool = (pooled && head.reusable).then(|| pool.clone());
         let mut response = Response::new(ResponseBody::new(stream, buf, head.framing, pool));
         *response.status_mut() = head.status;
@@ -259,7 +314,7 @@ async fn exchange(
             Failed::Attempt(AttemptError::Protocol(format!("writing the request: {e}")))
         });
     }
-    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut buf = read_buffer();
     let mut received = false;
     loop {
         // Nothing to parse before the first read.
@@ -359,7 +414,7 @@ impl ResponseBody {
         if let (Some(pool), true) = (self.pool.take(), self.buf.is_empty()) {
             pool.put(stream);
         }
-        self.buf = BytesMut::new();
+        recycle(std::mem::take(&mut self.buf));
     }
 
     /// The connection failed: it is closed and the body ends with `error`.
@@ -402,7 +457,7 @@ impl Body for ResponseBody {
                 Poll::Pending => {
                     if this.buf.is_empty() {
                         // Hold no buffer while the backend is quiet.
-                        this.buf = BytesMut::new();
+                        recycle(std::mem::take(&mut this.buf));
                     }
                     return Poll::Pending;
                 }
@@ -450,6 +505,37 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn read_buffers_are_reused_once_their_frames_are_gone() {
+        let mut buf = read_buffer();
+        let memory = buf.as_ptr();
+        buf.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\nhello");
+        let frame = buf.split().freeze();
+        recycle(buf);
+        // A frame cut from it is still alive: its bytes are left alone and
+        // the next exchange reads into new memory.
+        let mut second = read_buffer();
+        assert!(second.capacity() >= READ_SIZE);
+        assert_ne!(second.as_ptr(), memory);
+        second.extend_from_slice(b"other bytes");
+        assert_eq!(&frame[..], b"HTTP/1.1 200 OK\r\n\r\nhello");
+        drop(second);
+        // Once it is gone, the same memory serves the next exchange.
+        let mut buf = read_buffer();
+        let memory = buf.as_ptr();
+        buf.extend_from_slice(b"abc");
+        drop(buf.split().freeze());
+        recycle(buf);
+        let again = read_buffer();
+        assert_eq!(again.as_ptr(), memory);
+        assert!(again.is_empty() && again.capacity() >= READ_SIZE);
+        // A buffer with unread bytes is not kept.
+        let mut unread = read_buffer();
+        unread.extend_from_slice(b"x");
+        recycle(unread);
+        assert!(SPARE_READS.with_borrow(Vec::is_empty));
+    }
     use tokio::{io::AsyncReadExt, net::TcpListener};
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
