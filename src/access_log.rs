@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderValue, Method};
+use http::{HeaderValue, Method, Uri};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
@@ -60,8 +60,10 @@ pub(crate) struct AccessLog {
     pub request_id: HeaderValue,
     /// The request method.
     pub method: Method,
-    /// The request path (no query string: it may carry tokens).
-    pub path: String,
+    /// The request target, of which the line shows the path (not the
+    /// query string: it may carry tokens). Held as the client's `Uri`,
+    /// which shares the request head's bytes, instead of a copy.
+    pub uri: Uri,
     /// When weir started on the request.
     pub started: Instant,
     /// The client's model, once read.
@@ -90,11 +92,11 @@ pub(crate) struct AccessLog {
 
 impl AccessLog {
     /// A log for a request that just arrived.
-    pub(crate) fn new(request_id: HeaderValue, method: Method, path: String) -> Self {
+    pub(crate) fn new(request_id: HeaderValue, method: Method, uri: Uri) -> Self {
         Self {
             request_id,
             method,
-            path,
+            uri,
             started: Instant::now(),
             model: None,
             backend: None,
@@ -134,7 +136,7 @@ impl AccessLog {
         tracing::info!(
             request_id = self.request_id.to_str().unwrap_or(""),
             method = %self.method,
-            path = %self.path,
+            path = self.uri.path(),
             status = self.status,
             model = self.model.as_deref().unwrap_or(""),
             backend = self

@@ -16,6 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
@@ -110,7 +111,15 @@ pub struct ProxiedBody {
     reporter: Option<MidStreamReporter>,
     /// The access log line, written when the body ends or is dropped.
     log: Option<(AccessLog, Arc<Shared>)>,
+    /// `x-request-id` and `x-weir-backend`, which the connection writes
+    /// like the backend's headers: two headers are not worth allocating
+    /// and hashing a header map per request.
+    own: [Option<HeaderValue>; 2],
 }
+
+/// The names of [`ProxiedBody::own_headers`], in the order of its array.
+static OWN_HEADER_NAMES: [HeaderName; 2] =
+    [crate::headers::X_REQUEST_ID, crate::headers::X_WEIR_BACKEND];
 
 /// What a body needs to count a mid-stream upstream failure towards the
 /// backend's outlier state (SPEC "Backend faults").
@@ -222,6 +231,7 @@ impl ProxiedBody {
             accounting,
             reporter,
             log: None,
+            own: [None, None],
         }
     }
 
@@ -422,6 +432,31 @@ impl ProxiedBody {
         self.accounting.as_ref().map(|a| &a.admitted.headers)
     }
 
+    /// Sets the `x-request-id` the response carries.
+    pub(crate) fn set_request_id(&mut self, id: HeaderValue) {
+        self.own[0] = Some(id);
+    }
+
+    /// Sets the `x-weir-backend` the response carries.
+    pub(crate) fn set_backend_name(&mut self, name: HeaderValue) {
+        self.own[1] = Some(name);
+    }
+
+    /// The headers weir sets on the response, kept out of its header map
+    /// (which never holds them for a proxied response).
+    pub(crate) fn own_headers(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        OWN_HEADER_NAMES
+            .iter()
+            .zip(&self.own)
+            .filter_map(|(name, value)| Some((name, value.as_ref()?)))
+    }
+
+    /// Whether weir sets a header named `name` (any case) itself.
+    fn sets_own_header(&self, name: &[u8]) -> bool {
+        self.own_headers()
+            .any(|(own, _)| name.eq_ignore_ascii_case(own.as_str().as_bytes()))
+    }
+
     /// Frees the backend's headers once the head is written (see
     /// `UpstreamBody::release_raw_headers`).
     pub(crate) fn release_backend_headers(&mut self) {
@@ -454,7 +489,7 @@ impl ProxiedBody {
     /// (a plain backend's, kept as received; see `codec::RawHeaders`):
     /// hop-by-hop ones are left out, as is `content-length` on an SSE body
     /// (weir may change its length), and any header weir sets itself: a
-    /// name in `map` (`x-request-id`, `x-weir-backend`) or a rate header.
+    /// name in `map`, one of [`Self::own_headers`], or a rate header.
     pub(crate) fn backend_headers<'a>(
         &'a self,
         map: &'a http::HeaderMap,
@@ -468,9 +503,12 @@ impl ProxiedBody {
                         Name::RateLimit => {
                             !rate.is_some_and(|r| crate::api::writes_rate_header(r, name))
                         }
-                        _ => !map
-                            .keys()
-                            .any(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes())),
+                        _ => {
+                            !self.sets_own_header(name)
+                                && !map
+                                    .keys()
+                                    .any(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes()))
+                        }
                     }
             })
         })

@@ -11,10 +11,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::server::ClientBody;
-use bytes::Bytes;
+use crate::server::{ClientBody, RequestBodyError};
+use bytes::{Bytes, BytesMut};
 use http::{header, request::Parts, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
@@ -94,7 +94,8 @@ pub(crate) async fn forward(
     log: &mut AccessLog,
 ) -> Result<Response<GatewayBody>, ApiError> {
     let server = &snapshot.config.server;
-    let deadline = Instant::now() + server.request_timeout;
+    // From the start of the request (the log's clock reading).
+    let deadline = log.started + server.request_timeout;
     let (parts, body) = req.into_parts();
     let body = read_body(&parts, body, server.max_body_bytes, deadline).await?;
     let facts = facts::parse(&body)?;
@@ -199,13 +200,13 @@ impl Exchange<'_> {
             log.attempts = attempt;
             log.backend = Some(backend.clone());
             log.counters = Some(member.requests.clone());
-            let remaining = self.deadline.saturating_duration_since(Instant::now());
+            let started = Instant::now();
+            let remaining = self.deadline.saturating_duration_since(started);
             if remaining.is_zero() {
                 return Err(ApiError::UpstreamTimeout(self.first_byte_timeout));
             }
             let request = self.request_for(member)?;
             let wait = self.first_byte_timeout.min(remaining);
-            let started = Instant::now();
             // Each failure says why, whether the backend asked for a pause,
             // and whether there is a response to hand over if no retry follows.
             let (reason, retry_after, held) = match upstream::forward(
@@ -439,9 +440,12 @@ impl Exchange<'_> {
             // the length is not known.
             parts.headers.remove(header::CONTENT_LENGTH);
         }
-        parts
-            .headers
-            .insert(headers::X_WEIR_BACKEND, member.backend.name_header.clone());
+        if !parts.headers.is_empty() {
+            // An https backend's: weir sets these itself (see
+            // `ProxiedBody::own_headers`).
+            parts.headers.remove(headers::X_WEIR_BACKEND);
+            parts.headers.remove(headers::X_REQUEST_ID);
+        }
         // The `x-ratelimit-*` headers travel with the body (see
         // `ProxiedBody::rate_headers`).
         let reader = if sse {
@@ -455,7 +459,7 @@ impl Exchange<'_> {
             tokens: self.route.tokens.clone(),
             success: parts.status.is_success(),
         };
-        let body = ProxiedBody::new(
+        let mut body = ProxiedBody::new(
             body,
             in_flight,
             self.deadline,
@@ -468,6 +472,7 @@ impl Exchange<'_> {
                 backend: member.backend.clone(),
             }),
         );
+        body.set_backend_name(member.backend.name_header.clone());
         Response::from_parts(parts, GatewayBody::Proxied(Box::new(body)))
     }
 
@@ -603,11 +608,11 @@ async fn read_body(
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_none_or(|n| n <= limit as u64) {
         // Through `&mut`, so a body found too large is still there to drain.
-        match tokio::time::timeout_at(deadline, Limited::new(&mut body, limit).collect()).await {
+        match tokio::time::timeout_at(deadline, collect(&mut body, limit)).await {
             Err(_) => return Err(ApiError::BodyTimeout),
-            Ok(Ok(collected)) => return Ok(collected.to_bytes()),
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {} // too large
-            Ok(Err(e)) => return Err(ApiError::BodyRead(e.to_string())),
+            Ok(Ok(whole)) => return Ok(whole),
+            Ok(Err(Collect::TooLarge)) => {}
+            Ok(Err(Collect::Failed(e))) => return Err(ApiError::BodyRead(e.to_string())),
         }
     }
     // A client waiting for `100 Continue` has sent nothing more and gets
@@ -617,6 +622,40 @@ async fn read_body(
         linger(body);
     }
     Err(ApiError::BodyTooLarge { limit })
+}
+
+/// Why [`collect`] stopped short of the body's end.
+enum Collect {
+    /// More than the limit: the rest is still in the body, to drain.
+    TooLarge,
+    Failed(RequestBodyError),
+}
+
+/// The body's bytes, at most `limit` of them. A body that arrives in one
+/// frame (the usual case: it came with the head) is that frame, not a
+/// copy; a longer one is gathered into one buffer.
+async fn collect(body: &mut ClientBody, limit: usize) -> Result<Bytes, Collect> {
+    let mut whole = Bytes::new();
+    let mut gathered: Option<BytesMut> = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        // Trailers carry nothing weir forwards.
+        let Ok(data) = frame.map_err(Collect::Failed)?.into_data() else {
+            continue;
+        };
+        len = len.saturating_add(data.len());
+        if len > limit {
+            return Err(Collect::TooLarge);
+        }
+        if whole.is_empty() && gathered.is_none() {
+            whole = data;
+        } else {
+            gathered
+                .get_or_insert_with(|| BytesMut::from(&whole[..]))
+                .extend_from_slice(&data);
+        }
+    }
+    Ok(gathered.map_or(whole, BytesMut::freeze))
 }
 
 /// How long, and how many bytes, weir keeps reading a refused body.

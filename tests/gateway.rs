@@ -510,6 +510,7 @@ async fn h2c_clients_are_served() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-weir-backend"), "b1");
+    assert_eq!(r.header("x-request-id").len(), 32);
     // HTTP/1.1 heads get these written directly; h2 through the map.
     assert_eq!(r.header("x-ratelimit-limit-requests"), "1000");
     assert_eq!(r.header("x-ratelimit-remaining-requests"), "999");

@@ -36,7 +36,7 @@ use std::{
     io,
     mem::MaybeUninit,
     net::SocketAddr,
-    pin::pin,
+    pin::{pin, Pin},
     sync::Arc,
     task::Poll,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -47,8 +47,8 @@ use bytes::Bytes;
 use bytes::BytesMut;
 use http::{header, HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Body;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::{
     request_body::{ClientBody, Inbound, RequestBody, Wire},
@@ -136,6 +136,17 @@ impl Refusal {
     }
 }
 
+/// What a connection waits on between requests, made once for its life.
+/// Re-arming a registered tokio timer for a later deadline (the idle timer
+/// moves on with every request) only updates the entry, and the shutdown
+/// wait stays in its waiter list, where a `timeout_at` and a `cancelled()`
+/// per request would each add an entry and remove it again.
+struct Waits<'t, 's> {
+    /// `header_read_timeout` or `idle_timeout`, whichever runs.
+    timer: Pin<&'t mut Sleep>,
+    shutdown: Pin<&'t mut WaitForCancellationFuture<'s>>,
+}
+
 /// What the next read of the connection gave. Not boxed: it lives on the
 /// stack for one request, and boxing the head would allocate per request.
 #[allow(clippy::large_enum_variant)]
@@ -155,8 +166,15 @@ impl Conn {
         let mut since = Instant::now();
         let mut idle = false;
         let mut first = true;
+        let mut waits = Waits {
+            timer: pin!(tokio::time::sleep_until(since + self.timeouts.header_read)),
+            shutdown: pin!(self.shutdown.cancelled()),
+        };
         loop {
-            let head = match self.next_head(&mut since, &mut idle, first).await {
+            let head = match self
+                .next_head(&mut waits, &mut since, &mut idle, first)
+                .await
+            {
                 Next::Head(head) => head,
                 Next::Refuse(refusal) => {
                     let Refusal { error, head } = *refusal;
@@ -207,15 +225,17 @@ impl Conn {
 
     /// Reads until a whole request head is buffered. Between requests the
     /// idle timer runs until the first byte, then the head timer.
-    async fn next_head(&self, since: &mut Instant, idle: &mut bool, first: bool) -> Next {
+    async fn next_head(
+        &self,
+        waits: &mut Waits<'_, '_>,
+        since: &mut Instant,
+        idle: &mut bool,
+        first: bool,
+    ) -> Next {
         loop {
             {
                 let mut inbound = self.wire.inbound();
                 if !inbound.buf.is_empty() {
-                    if *idle {
-                        *idle = false;
-                        *since = Instant::now();
-                    }
                     if first && inbound.buf.starts_with(H2_PREFACE) {
                         return Next::Http2;
                     }
@@ -229,6 +249,12 @@ impl Conn {
                             Ok(None) => {}
                             Err(refusal) => return Next::Refuse(refusal),
                         }
+                    }
+                    // Part of a head: its timer runs from now (read only
+                    // when a head is incomplete, not for every request).
+                    if *idle {
+                        *idle = false;
+                        *since = Instant::now();
                     }
                 }
                 if inbound.eof {
@@ -250,16 +276,20 @@ impl Conn {
                 } else {
                     self.timeouts.header_read
                 };
+            if waits.timer.deadline() != deadline {
+                waits.timer.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
-                () = self.shutdown.cancelled(), if waiting_for_first_byte && self.wire.inbound().buf.is_empty() => {
+                () = waits.shutdown.as_mut(), if waiting_for_first_byte && self.wire.inbound().buf.is_empty() => {
                     return Next::Closed
                 }
-                readable = tokio::time::timeout_at(deadline, self.wire.stream.readable()) => match readable {
-                    Ok(Ok(())) => {}
-                    // A timer passed, or the socket failed.
-                    Ok(Err(_)) | Err(_) => return Next::Closed,
-                },
+                readable = self.wire.stream.readable() => {
+                    if readable.is_err() {
+                        return Next::Closed;
+                    }
+                }
+                () = waits.timer.as_mut() => return Next::Closed,
             }
         }
     }
@@ -471,6 +501,15 @@ impl Conn {
     /// small body. Whether the connection is still usable.
     async fn finish_request_body(&self) -> bool {
         self.wire.body_released().await;
+        {
+            // The usual case: the body was read to its end.
+            let mut inbound = self.wire.inbound();
+            if inbound.framing.is_done() {
+                inbound.responding = false;
+                inbound.continue_due = false;
+                return true;
+            }
+        }
         let deadline = Instant::now() + self.timeouts.header_read;
         let mut drained = 0u64;
         let drain = poll_fn(|cx| {
@@ -688,6 +727,9 @@ impl ResponseHead<'_> {
             line(out, name, value.as_bytes());
         }
         if let Some(proxied) = self.proxied {
+            for (name, value) in proxied.own_headers() {
+                line(out, name.as_str().as_bytes(), value.as_bytes());
+            }
             for (kind, name, value) in proxied.backend_headers(self.headers) {
                 has_date |= kind == codec::Name::Date;
                 line(out, name, value);

@@ -81,7 +81,14 @@ pub(super) async fn serve(
                     })
                     .collect();
                 let rate = proxied.rate_headers().copied();
+                let own: Vec<(HeaderName, HeaderValue)> = proxied
+                    .own_headers()
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect();
                 let (mut parts, mut body) = response.into_parts();
+                for (name, value) in own {
+                    parts.headers.insert(name, value);
+                }
                 for (name, value) in backend {
                     parts.headers.append(name, value);
                 }

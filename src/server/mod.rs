@@ -15,9 +15,9 @@ mod http1;
 mod http2;
 mod request_body;
 
-pub(crate) use request_body::ClientBody;
+pub(crate) use request_body::{ClientBody, RequestBodyError};
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{cell::RefCell, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
@@ -230,11 +230,7 @@ async fn route(
     role: Role,
 ) -> Response<GatewayBody> {
     let request_id = request_id(req.headers().get(headers::X_REQUEST_ID));
-    let mut log = AccessLog::new(
-        request_id.clone(),
-        req.method().clone(),
-        req.uri().path().to_owned(),
-    );
+    let mut log = AccessLog::new(request_id.clone(), req.method().clone(), req.uri().clone());
     let result = match check_head(&req) {
         Ok(()) => dispatch(req, shared, peer, role, &request_id, &mut log).await,
         Err(error) => Err(error),
@@ -259,7 +255,7 @@ fn refuse(
         AccessLog::new(
             request_id.clone(),
             head.method().clone(),
-            head.uri().path().to_owned(),
+            head.uri().clone(),
         )
     });
     stamp(error.into_response(), request_id, log, shared)
@@ -274,9 +270,14 @@ fn stamp(
     log: Option<AccessLog>,
     shared: &Arc<Shared>,
 ) -> Response<GatewayBody> {
-    response
-        .headers_mut()
-        .insert(headers::X_REQUEST_ID, request_id);
+    match response.body_mut() {
+        GatewayBody::Proxied(body) => body.set_request_id(request_id),
+        GatewayBody::Full(_) => {
+            response
+                .headers_mut()
+                .insert(headers::X_REQUEST_ID, request_id);
+        }
+    }
     if let Some(mut log) = log {
         log.status = response.status().as_u16();
         match response.body_mut() {
@@ -433,7 +434,28 @@ fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
     for (i, digit) in hex.iter_mut().enumerate() {
         *digit = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"))
+    FRESH_IDS.with_borrow_mut(|ids| {
+        if ids.capacity() < hex.len() {
+            // Reuses the last block in place once no id cut from it is
+            // alive any more.
+            ids.reserve(ID_BLOCK);
+        }
+        ids.extend_from_slice(&hex);
+        HeaderValue::from_maybe_shared(ids.split().freeze())
+            .unwrap_or(HeaderValue::from_static("0"))
+    })
+}
+
+/// Bytes set aside at a time for fresh request ids: 128 of them.
+const ID_BLOCK: usize = 4096;
+
+thread_local! {
+    /// Where fresh request ids are written, each then cut off as a shared
+    /// slice: an id is copied into the upstream request, the response and
+    /// the log line by reference count, and a block of them costs one
+    /// allocation instead of two per id (its bytes, then a shared header
+    /// for the first clone).
+    static FRESH_IDS: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
 #[cfg(test)]
@@ -478,5 +500,27 @@ mod tests {
         let long = HeaderValue::try_from("x".repeat(129)).unwrap();
         assert_eq!(request_id(Some(&long)).len(), 32);
         assert_eq!(request_id(None).len(), 32);
+    }
+
+    #[test]
+    fn fresh_request_ids_stay_intact_while_later_ones_are_made() {
+        // More than one block of ids, all kept alive: none may be written
+        // over by a later one, and none repeats.
+        let ids: Vec<HeaderValue> = (0..3 * ID_BLOCK / 32).map(|_| request_id(None)).collect();
+        let mut seen = std::collections::HashSet::new();
+        for id in &ids {
+            let text = id.to_str().unwrap();
+            assert_eq!(text.len(), 32);
+            assert!(text.bytes().all(|b| b.is_ascii_hexdigit()), "{text}");
+            assert!(seen.insert(text.to_owned()), "repeated id {text}");
+        }
+        let copies: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+        // Dropping some and making more reuses blocks, never a live id.
+        let kept: Vec<&HeaderValue> = ids.iter().step_by(2).collect();
+        let more: Vec<HeaderValue> = (0..ID_BLOCK / 8).map(|_| request_id(None)).collect();
+        for (id, copy) in kept.iter().zip(copies.iter().step_by(2)) {
+            assert_eq!(id.as_bytes(), &copy[..]);
+        }
+        assert!(more.iter().all(|id| !seen.contains(id.to_str().unwrap())));
     }
 }
