@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
-use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, Response, StatusCode};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
@@ -15,8 +15,10 @@ use crate::{
     api::{json_response, ApiError},
     body::GatewayBody,
     gateway::{ReloadError, Shared},
+    headers::ClientHeaders,
     health::state::Tier,
     snapshot::Snapshot,
+    upstream::codec::Name,
 };
 
 /// `GET /healthz`: 200 while the process runs.
@@ -163,14 +165,14 @@ pub(crate) fn reload_response(result: Result<Vec<String>, ReloadError>) -> Respo
 /// SPEC "Admin": with `admin_token_env` set, `/admin/*` needs that Bearer
 /// token (compared in constant time); without it, only loopback clients.
 pub(crate) fn authorize(
-    headers: &HeaderMap,
+    headers: &ClientHeaders,
     peer: SocketAddr,
     snapshot: &Snapshot,
 ) -> Result<(), ApiError> {
     match &snapshot.config.server.admin_token {
         Some(token) => {
             let sent = bearer_token(headers).unwrap_or_default();
-            if bool::from(sent.as_bytes().ct_eq(token.expose().as_bytes())) {
+            if bool::from(sent.ct_eq(token.expose().as_bytes())) {
                 Ok(())
             } else {
                 Err(ApiError::AdminForbidden("a valid admin token is required"))
@@ -184,16 +186,20 @@ pub(crate) fn authorize(
 }
 
 /// The token of `Authorization: Bearer TOKEN`, if any.
-pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+pub(crate) fn bearer_token(headers: &ClientHeaders) -> Option<&[u8]> {
+    let value = headers.get(Name::Authorization)?;
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, token) = (&value[..space], &value[space + 1..]);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| token.trim_ascii())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{config::Config, metrics::Metrics};
+    use http::HeaderMap;
 
     fn snapshot(server: &str) -> Snapshot {
         let toml = format!(
@@ -204,13 +210,17 @@ mod tests {
         Snapshot::build(Arc::new(config), None, &Metrics::new()).unwrap()
     }
 
-    fn headers(authorization: &str) -> HeaderMap {
+    fn headers(authorization: &str) -> ClientHeaders {
         let mut h = HeaderMap::new();
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_str(authorization).unwrap(),
         );
-        h
+        ClientHeaders::Map(h)
+    }
+
+    fn none() -> ClientHeaders {
+        ClientHeaders::Map(HeaderMap::new())
     }
 
     /// SPEC "Admin": without a token only loopback peers; with one, only
@@ -221,9 +231,9 @@ mod tests {
         let v6_loopback: SocketAddr = "[::1]:5000".parse().unwrap();
         let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
         let open = snapshot("");
-        assert!(authorize(&HeaderMap::new(), loopback, &open).is_ok());
-        assert!(authorize(&HeaderMap::new(), v6_loopback, &open).is_ok());
-        assert!(authorize(&HeaderMap::new(), remote, &open).is_err());
+        assert!(authorize(&none(), loopback, &open).is_ok());
+        assert!(authorize(&none(), v6_loopback, &open).is_ok());
+        assert!(authorize(&none(), remote, &open).is_err());
         assert!(authorize(&headers("Bearer anything"), remote, &open).is_err());
 
         let locked = snapshot("admin_token_env = \"TOKEN\"");
@@ -243,6 +253,6 @@ mod tests {
             );
         }
         // With a token, loopback alone is not enough.
-        assert!(authorize(&HeaderMap::new(), loopback, &locked).is_err());
+        assert!(authorize(&none(), loopback, &locked).is_err());
     }
 }

@@ -466,13 +466,14 @@ impl ProxiedBody {
     /// The backend's `Content-Length` values that [`Self::backend_headers`]
     /// passes on, found without comparing the other names.
     pub(crate) fn backend_content_length(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        self.inner.raw_headers().into_iter().flat_map(move |raw| {
-            raw.iter()
-                .filter(move |&(kind, name, _)| {
-                    kind == Name::ContentLength && self.may_pass_on(raw, kind, name)
-                })
-                .map(|(_, _, value)| value)
-        })
+        let raw = self.inner.raw_headers();
+        // Connection never names content-length in practice; the
+        // predicate is the shared one all the same.
+        let passes =
+            raw.is_some_and(|raw| self.may_pass_on(raw, Name::ContentLength, b"content-length"));
+        raw.filter(|_| passes)
+            .into_iter()
+            .flat_map(|raw| raw.values(Name::ContentLength))
     }
 
     /// The rules every backend header meets to reach the client, whoever

@@ -8,7 +8,7 @@
 
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
-use crate::upstream::codec;
+use crate::upstream::codec::{self, HeaderLines, Line, Name, RawHeaders};
 
 /// Headers that are hop-by-hop whether or not `Connection` names them.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -30,13 +30,6 @@ pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-i
 pub(crate) const X_WEIR_BACKEND: HeaderName = HeaderName::from_static("x-weir-backend");
 /// `x-api-key`: the other place clients put their key.
 pub(crate) const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-
-/// Client headers that carry the client's own credentials for weir.
-const CLIENT_CREDENTIALS: [HeaderName; 3] = [
-    header::AUTHORIZATION,
-    X_API_KEY,
-    HeaderName::from_static("api-key"),
-];
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop
 /// list, plus `Upgrade` (weir does not tunnel protocol switches).
@@ -77,24 +70,142 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Prepares client request headers for a backend: hop-by-hop and client
-/// credentials removed, the backend's key injected. The client's `Host` and
-/// `Content-Length` stay in the map (removing them cost a hash and a probe
-/// each, per request) and are replaced where the request is written:
-/// `codec::encode_request_head` writes the backend's instead, and
-/// `Forward::to_request` drops them for hyper to set.
-pub(crate) fn to_upstream(headers: &mut HeaderMap, backend_key: Option<&HeaderValue>) {
-    strip_hop_by_hop(headers);
-    // One pass over the few names a request has finds what to remove; a
-    // `remove` of an absent name still hashes and probes.
-    let credentials = headers.keys().any(|name| CLIENT_CREDENTIALS.contains(name));
-    if credentials {
-        for name in &CLIENT_CREDENTIALS {
-            headers.remove(name);
+/// A client request's headers: as an HTTP/1.1 head carried them (its
+/// bytes, read in place: building an `http::HeaderMap` per request, to read
+/// a few headers and write the rest out again, cost more than any other
+/// step of the request), or the map hyper's HTTP/2 server hands over.
+#[derive(Debug)]
+pub(crate) enum ClientHeaders {
+    Raw(RawHeaders),
+    Map(HeaderMap),
+}
+
+impl ClientHeaders {
+    /// The first value of kind `kind` (one of the single names weir reads).
+    pub(crate) fn get(&self, kind: Name) -> Option<&[u8]> {
+        match self {
+            Self::Raw(raw) => raw.get(kind),
+            Self::Map(map) => map.get(kind.header_name()?).map(HeaderValue::as_bytes),
         }
     }
-    if let Some(key) = backend_key {
-        headers.insert(header::AUTHORIZATION, key.clone());
+
+    /// Every value of kind `kind`, in order.
+    pub(crate) fn values(&self, kind: Name) -> impl Iterator<Item = &[u8]> {
+        let (raw, map) = match self {
+            Self::Raw(raw) => (Some(raw.values(kind)), None),
+            Self::Map(map) => (
+                None,
+                kind.header_name()
+                    .map(|name| map.get_all(name).into_iter().map(HeaderValue::as_bytes)),
+            ),
+        };
+        raw.into_iter().flatten().chain(map.into_iter().flatten())
+    }
+
+    /// The first value of kind `kind` as a header value (sharing the
+    /// head's bytes for HTTP/1.1).
+    pub(crate) fn value(&self, kind: Name) -> Option<HeaderValue> {
+        match self {
+            Self::Raw(raw) => raw.value(kind),
+            Self::Map(map) => map.get(kind.header_name()?).cloned(),
+        }
+    }
+
+    /// Each header's kind, name and value, in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> {
+        let (raw, map) = match self {
+            Self::Raw(raw) => (Some(raw.iter()), None),
+            Self::Map(map) => (
+                None,
+                Some(map.iter().map(|(name, value)| {
+                    let name = name.as_str().as_bytes();
+                    (Name::of(name), name, value.as_bytes())
+                })),
+            ),
+        };
+        raw.into_iter().flatten().chain(map.into_iter().flatten())
+    }
+
+    /// Whether a `Connection` header names `name`, which makes it
+    /// hop-by-hop for this request.
+    pub(crate) fn named_by_connection(&self, name: &[u8]) -> bool {
+        match self {
+            Self::Raw(raw) => raw.named_by_connection(name),
+            Self::Map(map) => map
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| codec::connection_names(v.as_bytes()))
+                .any(|t| t.eq_ignore_ascii_case(name)),
+        }
+    }
+
+    /// Bytes of the header section as sent: `name: value` and CRLF per
+    /// field.
+    pub(crate) fn section_len(&self) -> usize {
+        match self {
+            Self::Raw(raw) => raw.section_len(),
+            Self::Map(map) => map
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum(),
+        }
+    }
+}
+
+/// A client's headers as they go to a backend: hop-by-hop ones (RFC 9110
+/// §7.6.1, with those `Connection` names) and the client's credentials for
+/// weir left out, and weir's `x-request-id` in place of the client's. The
+/// request writers add the backend's `Host`, length and key
+/// (`codec::encode_request_head`, or hyper from `to_map`).
+pub(crate) struct Upstream<'a> {
+    pub client: &'a ClientHeaders,
+    pub request_id: &'a HeaderValue,
+}
+
+impl Upstream<'_> {
+    /// Each header sent (kind, name, value), in the client's order, the
+    /// request id last.
+    pub(crate) fn lines(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> {
+        self.client
+            .iter()
+            .filter(|&(kind, name, _)| {
+                let replaced = matches!(
+                    kind,
+                    Name::Authorization | Name::XApiKey | Name::ApiKey | Name::RequestId
+                );
+                !replaced && !kind.is_hop_by_hop() && !self.client.named_by_connection(name)
+            })
+            .chain([(
+                Name::RequestId,
+                &b"x-request-id"[..],
+                self.request_id.as_bytes(),
+            )])
+    }
+
+    /// The same headers as a map, for hyper (`https://` backends), which
+    /// sets `Host` and the length itself.
+    pub(crate) fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (kind, name, value) in self.lines() {
+            if matches!(kind, Name::Host | Name::ContentLength) {
+                continue;
+            }
+            // Both were valid when the request was read.
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+            {
+                map.append(name, value);
+            }
+        }
+        map
+    }
+}
+
+impl HeaderLines for Upstream<'_> {
+    fn each(&self, line: &mut Line<'_>) {
+        for (kind, name, value) in self.lines() {
+            line(kind, name, value);
+        }
     }
 }
 
@@ -129,19 +240,90 @@ mod tests {
         assert_eq!(h["x-end-to-end"], "kept");
     }
 
+    /// A client head as the HTTP/1.1 server reads it.
+    fn raw(head: &str) -> ClientHeaders {
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut slots);
+        let len = match request.parse(head.as_bytes()).unwrap() {
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial => panic!("partial head"),
+        };
+        let spans = codec::Spans::new(head.as_bytes(), request.headers);
+        let bytes = bytes::Bytes::copy_from_slice(&head.as_bytes()[..len]);
+        ClientHeaders::Raw(RawHeaders::new(bytes, &spans))
+    }
+
     #[test]
-    fn replaces_client_credentials_with_backend_key() {
-        let mut h = HeaderMap::new();
-        h.insert(
+    fn upstream_headers_leave_out_hop_by_hop_credentials_and_the_client_id() {
+        let id = HeaderValue::from_static("weir-id");
+        let head =
+            "POST / HTTP/1.1\r\nHost: weir.local\r\nConnection: keep-alive, X-Secret-Hop\r\n\
+            x-secret-hop: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\n\
+            Authorization: Bearer client-key\r\nx-api-key: k\r\napi-key: k\r\n\
+            X-Request-Id: client-id\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\r\n";
+        let mut map = HeaderMap::new();
+        map.insert(header::HOST, HeaderValue::from_static("weir.local"));
+        map.insert(header::CONNECTION, HeaderValue::from_static("x-secret-hop"));
+        map.insert("x-secret-hop", HeaderValue::from_static("1"));
+        map.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer client-key"),
         );
-        h.insert("x-api-key", HeaderValue::from_static("client-key"));
-        h.insert(header::HOST, HeaderValue::from_static("weir.local"));
+        map.insert("x-request-id", HeaderValue::from_static("client-id"));
+        map.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        map.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        for client in [raw(head), ClientHeaders::Map(map)] {
+            let upstream = Upstream {
+                client: &client,
+                request_id: &id,
+            };
+            let lines: Vec<(String, String)> = upstream
+                .lines()
+                .map(|(_, n, v)| {
+                    (
+                        String::from_utf8_lossy(n).to_lowercase(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )
+                })
+                .collect();
+            // Host and the length are left to the writers.
+            let names: Vec<&str> = lines.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(
+                names,
+                ["host", "x-end-to-end", "content-length", "x-request-id"],
+                "{client:?}"
+            );
+            assert_eq!(lines[3].1, "weir-id");
+            let map = upstream.to_map();
+            assert_eq!(map.len(), 2, "{map:?}");
+            assert_eq!(map["x-end-to-end"], "kept");
+            assert_eq!(map["x-request-id"], "weir-id");
+        }
+    }
+
+    #[test]
+    fn client_headers_are_found_by_kind_in_any_case() {
+        let head = "POST / HTTP/1.1\r\nHOST: a\r\nx-request-ID: r1\r\nConnection: close\r\n\
+            connection: x-a\r\nContent-Length: 2\r\n\r\n";
+        let client = raw(head);
+        assert_eq!(client.get(Name::Host), Some(&b"a"[..]));
+        assert_eq!(client.value(Name::RequestId).unwrap(), "r1");
+        assert_eq!(
+            client.values(Name::Connection).collect::<Vec<_>>(),
+            [&b"close"[..], b"x-a"]
+        );
+        assert!(client.named_by_connection(b"X-A"));
+        assert!(!client.named_by_connection(b"close"));
+        assert_eq!(
+            client.section_len(),
+            head.len() - "POST / HTTP/1.1\r\n\r\n".len()
+        );
+        assert_eq!(client.get(Name::Expect), None);
+    }
+
+    #[test]
+    fn the_backend_key_is_sensitive() {
         let key = bearer("sk-backend").unwrap();
-        to_upstream(&mut h, Some(&key));
-        assert_eq!(h[header::AUTHORIZATION], "Bearer sk-backend");
-        assert!(h.get("x-api-key").is_none());
-        assert!(format!("{h:?}").contains("Sensitive"));
+        assert!(key.is_sensitive());
     }
 }

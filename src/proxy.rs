@@ -11,9 +11,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::server::{ClientBody, RequestBodyError};
+use crate::server::{ClientBody, ClientHead, RequestBodyError};
 use bytes::{Bytes, BytesMut};
-use http::{header, request::Parts, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
@@ -28,12 +28,16 @@ use crate::{
     api::{facts, json_response, ApiError},
     body::{Accounting, GatewayBody, MidStreamReporter, ProxiedBody, UsageReader},
     gateway::Shared,
-    headers,
+    headers::{self, ClientHeaders, Upstream},
     health::outlier::{self, Outcome},
     jitter,
     metrics::{RetryLabels, UpstreamErrorLabels},
     snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Snapshot},
-    upstream::{self, codec::Name, AttemptError, Forward, UpstreamBody},
+    upstream::{
+        self,
+        codec::{self, Name},
+        AttemptError, Forward, UpstreamBody,
+    },
 };
 
 /// Why the last attempt did not produce the client's answer.
@@ -45,21 +49,17 @@ enum Failure {
 
 /// SPEC "Admin"/401: when `api_keys_env` is set, the client must send one of
 /// those keys as a Bearer token (or `x-api-key`), compared in constant time.
-pub(crate) fn authorize(headers: &HeaderMap, snapshot: &Snapshot) -> Result<(), ApiError> {
+pub(crate) fn authorize(headers: &ClientHeaders, snapshot: &Snapshot) -> Result<(), ApiError> {
     let Some(keys) = &snapshot.config.server.api_keys else {
         return Ok(());
     };
     let sent = bearer_token(headers)
-        .or_else(|| {
-            headers
-                .get(crate::headers::X_API_KEY)
-                .and_then(|v| v.to_str().ok())
-        })
+        .or_else(|| headers.get(Name::XApiKey))
         .unwrap_or_default();
     // Compare against every key, so the time taken does not say which
     // (or whether any) prefix matched.
     let matched = keys.iter().fold(subtle::Choice::from(0), |acc, k| {
-        acc | sent.as_bytes().ct_eq(k.expose().as_bytes())
+        acc | sent.ct_eq(k.expose().as_bytes())
     });
     if bool::from(matched) {
         Ok(())
@@ -87,7 +87,8 @@ pub(crate) fn models(path: &str, snapshot: &Snapshot) -> Result<Response<Gateway
 
 /// Proxies one `POST /v1/*` request.
 pub(crate) async fn forward(
-    req: Request<ClientBody>,
+    head: ClientHead,
+    body: ClientBody,
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,
     request_id: &HeaderValue,
@@ -96,8 +97,7 @@ pub(crate) async fn forward(
     let server = &snapshot.config.server;
     // From the start of the request (the log's clock reading).
     let deadline = log.started + server.request_timeout;
-    let (parts, body) = req.into_parts();
-    let body = read_body(&parts, body, server.max_body_bytes, deadline).await?;
+    let body = read_body(&head.headers, body, server.max_body_bytes, deadline).await?;
     let facts = facts::parse(&body)?;
     let Some(route) = snapshot.model(&facts.model) else {
         log.model = Some(facts.model.clone());
@@ -105,7 +105,7 @@ pub(crate) async fn forward(
     };
     log.timings = Some(route.timings.clone());
     log.counters = Some(route.own_answers.clone());
-    let rest = parts.uri.path().strip_prefix("/v1").unwrap_or("");
+    let rest = head.uri.path().strip_prefix("/v1").unwrap_or("");
     let estimate = tokens::estimate(&facts, route.config.max_tokens, rest != "/embeddings");
     // The name is the route's from here on (the same string): the client's
     // copy goes to the log without another allocation.
@@ -122,13 +122,16 @@ pub(crate) async fn forward(
     )
     .await?;
     log.queued = admitted.queued;
-    let upstream_headers = upstream_headers(parts.headers, request_id);
+    let upstream_headers = Upstream {
+        client: &head.headers,
+        request_id,
+    };
     let exchange = Exchange {
         shared,
         snapshot,
         route,
         rest,
-        query: parts.uri.query(),
+        query: head.uri.query(),
         headers: &upstream_headers,
         body: &body,
         // SPEC "Token accounting": ask for the usage chunk when the client
@@ -159,8 +162,8 @@ struct Exchange<'a> {
     /// The client's path after `/v1`.
     rest: &'a str,
     query: Option<&'a str>,
-    /// Client headers, cleaned for upstream, without the backend's key.
-    headers: &'a HeaderMap,
+    /// Client headers as they go upstream, without the backend's key.
+    headers: &'a Upstream<'a>,
     /// The client's body as received.
     body: &'a Bytes,
     /// Whether weir adds `stream_options.include_usage` upstream.
@@ -585,27 +588,18 @@ fn is_retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
 }
 
-/// Client headers as the backend should see them (no key yet).
-fn upstream_headers(mut headers: HeaderMap, request_id: &HeaderValue) -> HeaderMap {
-    headers::to_upstream(&mut headers, None);
-    headers.insert(crate::headers::X_REQUEST_ID, request_id.clone());
-    headers
-}
-
 /// Reads the whole request body, refusing it as soon as it is known to be
 /// larger than `limit` (413 without reading the rest) and bounding the wait
 /// by `request_timeout`.
 async fn read_body(
-    parts: &Parts,
+    headers: &ClientHeaders,
     mut body: ClientBody,
     limit: usize,
     deadline: Instant,
 ) -> Result<Bytes, ApiError> {
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = codec::content_length(headers.values(Name::ContentLength))
+        .ok()
+        .flatten();
     if declared.is_none_or(|n| n <= limit as u64) {
         // Through `&mut`, so a body found too large is still there to drain.
         match tokio::time::timeout_at(deadline, collect(&mut body, limit)).await {
@@ -618,7 +612,7 @@ async fn read_body(
     // A client waiting for `100 Continue` has sent nothing more and gets
     // the 413 at once; one that is still sending gets it too, because the
     // rest is read and dropped meanwhile.
-    if !parts.headers.contains_key(header::EXPECT) {
+    if headers.get(Name::Expect).is_none() {
         linger(body);
     }
     Err(ApiError::BodyTooLarge { limit })

@@ -398,21 +398,34 @@ pub(crate) fn write_rate_headers(out: &mut Vec<u8>, headers: &RateHeaders) {
     let mut digits = itoa::Buffer::new();
     for (state, [limit, remaining, reset]) in [headers.requests, headers.tokens]
         .iter()
-        .zip(&RATE_HEADER_NAMES)
+        .zip(&RATE_HEADER_LINES)
     {
         let Some(state) = state else { continue };
-        for (name, value) in [(limit, state.limit), (remaining, state.remaining)] {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
+        for (line, value) in [(limit, state.limit), (remaining, state.remaining)] {
+            out.extend_from_slice(line);
             out.extend_from_slice(digits.format(value).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(reset.as_str().as_bytes());
-        out.extend_from_slice(b": ");
+        out.extend_from_slice(reset);
         push_duration(state.reset, out);
         out.extend_from_slice(b"\r\n");
     }
 }
+
+/// [`RATE_HEADER_NAMES`] as the starts of their header lines, `name: `
+/// (one copy each instead of two).
+const RATE_HEADER_LINES: [[&[u8]; 3]; 2] = [
+    [
+        b"x-ratelimit-limit-requests: ",
+        b"x-ratelimit-remaining-requests: ",
+        b"x-ratelimit-reset-requests: ",
+    ],
+    [
+        b"x-ratelimit-limit-tokens: ",
+        b"x-ratelimit-remaining-tokens: ",
+        b"x-ratelimit-reset-tokens: ",
+    ],
+];
 
 /// Whether weir writes a header named `name` (any case) from `headers`: a
 /// backend's own `x-ratelimit-*` of that name is then left out, so the
@@ -493,6 +506,15 @@ pub(crate) fn json_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_header_lines_start_with_the_rate_header_names() {
+        for (lines, names) in RATE_HEADER_LINES.iter().zip(&RATE_HEADER_NAMES) {
+            for (line, name) in lines.iter().zip(names) {
+                assert_eq!(*line, format!("{name}: ").as_bytes());
+            }
+        }
+    }
 
     #[test]
     fn durations_in_openai_format() {

@@ -45,22 +45,23 @@ use std::{
 use bytes::Bytes;
 #[cfg(test)]
 use bytes::BytesMut;
-use http::{header, HeaderMap, Method, Request, Response, Uri, Version};
+use http::{header, HeaderMap, Method, Response, Uri, Version};
 use hyper::body::Body;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::{
     request_body::{ClientBody, Inbound, RequestBody, Wire},
-    Role, MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES,
+    ClientHead, Role, MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES,
 };
 use crate::{
     admission::limiter::RateHeaders,
     api::{self, ApiError},
     body::{GatewayBody, ProxiedBody},
     gateway::Shared,
+    headers::ClientHeaders,
     socket,
-    upstream::codec,
+    upstream::codec::{self, Name, RawHeaders},
 };
 
 /// The HTTP/2 connection preface a prior-knowledge client opens with.
@@ -118,7 +119,8 @@ pub(super) enum Ended {
 /// A request head taken off the buffer.
 #[derive(Debug)]
 struct Head {
-    request: Request<()>,
+    head: ClientHead,
+    version: Version,
     keep_alive: bool,
 }
 
@@ -127,7 +129,7 @@ struct Head {
 #[derive(Debug)]
 struct Refusal {
     error: ApiError,
-    head: Option<Request<()>>,
+    head: Option<ClientHead>,
 }
 
 impl Refusal {
@@ -203,13 +205,13 @@ impl Conn {
     /// can carry another.
     async fn serve(&self, head: Head, out: &mut Vec<u8>) -> bool {
         let Head {
-            request,
+            head,
+            version,
             keep_alive,
         } = head;
-        let method = request.method().clone();
-        let version = request.version();
-        let request = request.map(|()| ClientBody::Http1(RequestBody::new(self.wire.clone())));
-        let route = pin!(super::route(request, &self.shared, self.peer, self.role));
+        let method = head.method.clone();
+        let body = ClientBody::Http1(RequestBody::new(self.wire.clone()));
+        let route = pin!(super::route(head, body, &self.shared, self.peer, self.role));
         // A client that goes away while its request waits (for a slot, a
         // backend) cancels it, as it would with hyper.
         let response = tokio::select! {
@@ -619,37 +621,40 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
         .map_err(|_| malformed("invalid method"))?;
     let uri = Uri::from_maybe_shared(raw.slice(target.0..target.1))
         .map_err(|_| malformed("invalid request target"))?;
-    let headers = spans
-        .header_map(&raw)
-        .map_err(|e| Refusal::new(ApiError::BadFraming(e.0)))?;
-    let mut request = Request::new(());
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = version;
+    // `httparse` has checked the names are tokens and the values hold no
+    // control characters, as an `http::HeaderMap` would.
+    let headers = ClientHeaders::Raw(RawHeaders::new(raw, &spans));
     let framing = match request_framing(version, &headers) {
         Ok(framing) => framing,
         Err(what) => {
-            *request.headers_mut() = headers;
             return Err(Box::new(Refusal {
                 error: ApiError::BadFraming(what),
-                head: Some(request),
+                head: Some(ClientHead {
+                    method,
+                    uri,
+                    headers,
+                }),
             }));
         }
     };
     // HTTP/1.0 clients get one request per connection.
-    let keep_alive = version == Version::HTTP_11
-        && codec::keep_alive(version, codec::values(&headers, &header::CONNECTION));
+    let keep_alive =
+        version == Version::HTTP_11 && codec::keep_alive(version, headers.values(Name::Connection));
     inbound.continue_due = version == Version::HTTP_11
         && !framing.is_done()
         && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            .get(Name::Expect)
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
     inbound.framing = framing;
     inbound.continue_sent = 0;
     inbound.responding = false;
-    *request.headers_mut() = headers;
     Ok(Some(Head {
-        request,
+        head: ClientHead {
+            method,
+            uri,
+            headers,
+        },
+        version,
         keep_alive,
     }))
 }
@@ -657,21 +662,24 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
 /// How a request body is framed (RFC 9112 §6.3), refusing what SPEC
 /// "Framing" refuses: a `Transfer-Encoding` other than one `chunked`, one
 /// in HTTP/1.0, one beside a `Content-Length`, and lengths that disagree.
-fn request_framing(version: Version, headers: &HeaderMap) -> Result<codec::Framing, &'static str> {
-    let mut encodings = headers.get_all(header::TRANSFER_ENCODING).iter();
+fn request_framing(
+    version: Version,
+    headers: &ClientHeaders,
+) -> Result<codec::Framing, &'static str> {
+    let mut encodings = headers.values(Name::TransferEncoding);
     if let Some(first) = encodings.next() {
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        if headers.get(Name::ContentLength).is_some() {
             return Err("Content-Length and Transfer-Encoding in one request");
         }
         if version == Version::HTTP_10 {
             return Err("Transfer-Encoding in an HTTP/1.0 request");
         }
-        if encodings.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+        if encodings.next().is_some() || !first.eq_ignore_ascii_case(b"chunked") {
             return Err("Transfer-Encoding must be a single \"chunked\"");
         }
         return Ok(codec::Framing::Chunked(codec::Chunk::Size));
     }
-    match codec::content_length(codec::values(headers, &header::CONTENT_LENGTH)) {
+    match codec::content_length(headers.values(Name::ContentLength)) {
         Ok(Some(0) | None) => Ok(codec::Framing::Done),
         Ok(Some(n)) => Ok(codec::Framing::Length(n)),
         Err(e) => Err(e.0),
@@ -815,10 +823,15 @@ mod tests {
         }
         let mut input = inbound(head);
         let parsed = parse_head(&mut input).unwrap().unwrap();
-        assert_eq!(parsed.request.method(), Method::POST);
-        assert_eq!(parsed.request.uri().path(), "/v1/chat/completions");
-        assert_eq!(parsed.request.uri().query(), Some("a=1"));
-        assert_eq!(parsed.request.headers()["x-a"], "b");
+        assert_eq!(parsed.head.method, Method::POST);
+        assert_eq!(parsed.head.uri.path(), "/v1/chat/completions");
+        assert_eq!(parsed.head.uri.query(), Some("a=1"));
+        let x_a = parsed
+            .head
+            .headers
+            .iter()
+            .find(|(_, name, _)| name == b"X-A");
+        assert_eq!(x_a.map(|(_, _, value)| value), Some(&b"b"[..]));
         assert!(parsed.keep_alive);
         assert_eq!(input.framing, codec::Framing::Length(2));
         assert_eq!(&input.buf[..], b"{}");

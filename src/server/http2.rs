@@ -43,7 +43,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{http1::Timeouts, request_body::ClientBody, Role, MAX_HEADER_BYTES};
-use crate::{body::GatewayBody, gateway::Shared};
+use crate::{body::GatewayBody, gateway::Shared, headers::ClientHeaders};
 
 /// Serves an HTTP/2 connection until it closes; on shutdown, hyper's
 /// graceful close (GOAWAY, in-flight streams finish).
@@ -65,8 +65,14 @@ pub(super) async fn serve(
         let busy = Busy::new(watch.clone());
         let shared = shared.clone();
         async move {
-            let req = req.map(ClientBody::Http2);
-            let mut response = super::route(req, &shared, peer, role).await;
+            let (parts, body) = req.into_parts();
+            let head = super::ClientHead {
+                method: parts.method,
+                uri: parts.uri,
+                headers: ClientHeaders::Map(parts.headers),
+            };
+            let mut response =
+                super::route(head, ClientBody::Http2(body), &shared, peer, role).await;
             // HTTP/1.1 writes a proxied response's rate headers and a plain
             // backend's headers straight into the head (see
             // `ProxiedBody::backend_headers`); hyper needs them in the map.

@@ -20,7 +20,7 @@ pub(crate) use request_body::{ClientBody, RequestBodyError};
 use std::{cell::RefCell, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderValue, Method, Response, Uri};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -30,12 +30,22 @@ use crate::{
     api::ApiError,
     body::GatewayBody,
     gateway::Shared,
-    headers,
+    headers::{self, ClientHeaders},
     lanes::Lanes,
     proxy,
+    upstream::codec::Name,
 };
 
 pub(crate) use crate::reload::reload;
+
+/// A client request's head as weir routes it: HTTP/1.1 heads are read in
+/// place ([`ClientHeaders::Raw`]), HTTP/2 ones come as hyper's map.
+#[derive(Debug)]
+pub(crate) struct ClientHead {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: ClientHeaders,
+}
 
 /// Which routes a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,15 +234,16 @@ impl Accepted {
 /// Routes one request and stamps `x-request-id` on its response
 /// ([`stamp`]).
 async fn route(
-    req: Request<ClientBody>,
+    head: ClientHead,
+    body: ClientBody,
     shared: &Arc<Shared>,
     peer: SocketAddr,
     role: Role,
 ) -> Response<GatewayBody> {
-    let request_id = request_id(req.headers().get(headers::X_REQUEST_ID));
-    let mut log = AccessLog::new(request_id.clone(), req.method().clone(), req.uri().clone());
-    let result = match check_head(&req) {
-        Ok(()) => dispatch(req, shared, peer, role, &request_id, &mut log).await,
+    let request_id = request_id(head.headers.value(Name::RequestId));
+    let mut log = AccessLog::new(request_id.clone(), head.method.clone(), head.uri.clone());
+    let result = match check_head(&head) {
+        Ok(()) => dispatch(head, body, shared, peer, role, &request_id, &mut log).await,
         Err(error) => Err(error),
     };
     let response = match result {
@@ -247,17 +258,12 @@ async fn route(
 /// access log line when the head got as far as a method and path.
 fn refuse(
     error: ApiError,
-    head: Option<&Request<()>>,
+    head: Option<&ClientHead>,
     shared: &Arc<Shared>,
 ) -> Response<GatewayBody> {
-    let request_id = request_id(head.and_then(|h| h.headers().get(headers::X_REQUEST_ID)));
-    let log = head.map(|head| {
-        AccessLog::new(
-            request_id.clone(),
-            head.method().clone(),
-            head.uri().clone(),
-        )
-    });
+    let request_id = request_id(head.and_then(|h| h.headers.value(Name::RequestId)));
+    let log =
+        head.map(|head| AccessLog::new(request_id.clone(), head.method.clone(), head.uri.clone()));
     stamp(error.into_response(), request_id, log, shared)
 }
 
@@ -289,14 +295,15 @@ fn stamp(
 }
 
 async fn dispatch(
-    req: Request<ClientBody>,
+    req: ClientHead,
+    body: ClientBody,
     shared: &Arc<Shared>,
     peer: SocketAddr,
     role: Role,
     request_id: &HeaderValue,
     log: &mut AccessLog,
 ) -> Result<Response<GatewayBody>, ApiError> {
-    let path = req.uri().path();
+    let path = req.uri.path();
     check_path(path)?;
     // Loaded once: the whole request sees one routing state.
     let snapshot = shared.snapshot.load_full();
@@ -307,7 +314,7 @@ async fn dispatch(
         "/readyz" => only(&req, &Method::GET).map(|()| admin::readyz(shared)),
         "/metrics" if operator => only(&req, &Method::GET).map(|()| admin::metrics(shared)),
         p if operator && p.starts_with("/admin/") => {
-            admin::authorize(req.headers(), peer, &snapshot)?;
+            admin::authorize(&req.headers, peer, &snapshot)?;
             match p {
                 "/admin/backends" => only(&req, &Method::GET).map(|()| admin::backends(shared)),
                 "/admin/cluster" => only(&req, &Method::GET).map(|()| admin::cluster(shared)),
@@ -319,32 +326,32 @@ async fn dispatch(
             }
         }
         p if public && (p == "/v1" || p.starts_with("/v1/")) => {
-            proxy::authorize(req.headers(), &snapshot)?;
-            if req.method() == Method::GET {
+            proxy::authorize(&req.headers, &snapshot)?;
+            if req.method == Method::GET {
                 return proxy::models(p, &snapshot);
             }
-            if req.method() != Method::POST {
-                return Err(ApiError::MethodNotAllowed(req.method().to_string()));
+            if req.method != Method::POST {
+                return Err(ApiError::MethodNotAllowed(req.method.to_string()));
             }
-            proxy::forward(req, shared, &snapshot, request_id, log).await
+            proxy::forward(req, body, shared, &snapshot, request_id, log).await
         }
         _ => Err(unknown(&req)),
     }
 }
 
 /// 405 unless the request uses `method`.
-fn only<B>(req: &Request<B>, method: &Method) -> Result<(), ApiError> {
-    if req.method() == method {
+fn only(req: &ClientHead, method: &Method) -> Result<(), ApiError> {
+    if req.method == method {
         Ok(())
     } else {
-        Err(ApiError::MethodNotAllowed(req.method().to_string()))
+        Err(ApiError::MethodNotAllowed(req.method.to_string()))
     }
 }
 
-fn unknown<B>(req: &Request<B>) -> ApiError {
+fn unknown(req: &ClientHead) -> ApiError {
     ApiError::UnknownRoute {
-        method: req.method().to_string(),
-        path: req.uri().path().to_owned(),
+        method: req.method.to_string(),
+        path: req.uri.path().to_owned(),
     }
 }
 
@@ -352,16 +359,15 @@ fn unknown<B>(req: &Request<B>) -> ApiError {
 /// over 64 KiB in all. Each answer closes the connection. (Its
 /// `Transfer-Encoding` rules are [`http1`]'s `request_framing`, applied
 /// before routing; HTTP/2 refuses the header outright.)
-fn check_head(req: &Request<ClientBody>) -> Result<(), ApiError> {
-    let headers = req.headers();
+fn check_head(req: &ClientHead) -> Result<(), ApiError> {
     // method, target, "HTTP/1.1" and two spaces
-    let line = req.method().as_str().len() + target_len(req.uri()) + 10;
+    let line = req.method.as_str().len() + target_len(&req.uri) + 10;
     if line > MAX_REQUEST_LINE_BYTES {
         return Err(ApiError::UriTooLong {
             limit: MAX_REQUEST_LINE_BYTES,
         });
     }
-    if header_bytes(headers) > MAX_HEADER_BYTES {
+    if req.headers.section_len() > MAX_HEADER_BYTES {
         return Err(ApiError::HeadersTooLarge {
             limit: MAX_HEADER_BYTES,
         });
@@ -376,14 +382,6 @@ fn target_len(uri: &Uri) -> usize {
     let authority = uri.authority().map_or(0, |a| a.as_str().len());
     let path = uri.path_and_query().map_or(0, |p| p.as_str().len());
     scheme + authority + path
-}
-
-/// Bytes of the header section as sent: `name: value` and CRLF per field.
-fn header_bytes(headers: &HeaderMap) -> usize {
-    headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum()
 }
 
 /// SPEC "Paths": a path with `.` or `..` segments (also percent-encoded) or
@@ -422,11 +420,11 @@ fn is_dot_segment(segment: &str) -> bool {
 
 /// The client's `x-request-id` when it is 1-128 visible ASCII characters,
 /// otherwise a fresh random one (SPEC "Request ids").
-fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
+fn request_id(client: Option<HeaderValue>) -> HeaderValue {
     if let Some(value) = client {
         let bytes = value.as_bytes();
         if (1..=128).contains(&bytes.len()) && bytes.iter().all(|b| b.is_ascii_graphic()) {
-            return value.clone();
+            return value;
         }
     }
     let id: u128 = rand::random();
@@ -494,11 +492,11 @@ mod tests {
     #[test]
     fn request_ids_are_kept_only_when_sane() {
         let good = HeaderValue::from_static("abc-123");
-        assert_eq!(request_id(Some(&good)), good);
+        assert_eq!(request_id(Some(good.clone())), good);
         let spaced = HeaderValue::from_static("has space");
-        assert_ne!(request_id(Some(&spaced)), spaced);
+        assert_ne!(request_id(Some(spaced.clone())), spaced);
         let long = HeaderValue::try_from("x".repeat(129)).unwrap();
-        assert_eq!(request_id(Some(&long)).len(), 32);
+        assert_eq!(request_id(Some(long)).len(), 32);
         assert_eq!(request_id(None).len(), 32);
     }
 

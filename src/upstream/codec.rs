@@ -64,14 +64,6 @@ impl Spans {
     fn iter(&self) -> impl Iterator<Item = &Span> {
         self.small.iter().take(self.count).chain(&self.spill)
     }
-
-    /// A client request's headers as a map over `raw` (the buffer the
-    /// spans were taken from, now frozen), with room for the two weir adds
-    /// on the way upstream (`x-request-id`, a backend's key): a map filled
-    /// to its capacity would otherwise grow, copying itself, per request.
-    pub(crate) fn header_map(&self, raw: &Bytes) -> Result<HeaderMap, Malformed> {
-        header_map(raw, self.iter(), self.count + 2)
-    }
 }
 
 /// The headers at `spans` in `raw`, as a map whose values are slices of
@@ -134,6 +126,14 @@ pub(crate) enum Name {
     ContentType,
     Date,
     RetryAfter,
+    /// Request headers weir reads or replaces.
+    Host,
+    Expect,
+    Authorization,
+    XApiKey,
+    /// `api-key` (Azure OpenAI's spelling of the client's key).
+    ApiKey,
+    RequestId,
     /// The other hop-by-hop names: `keep-alive`, `proxy-connection`,
     /// `proxy-authenticate`, `proxy-authorization`, `te`, `trailer`,
     /// `upgrade`.
@@ -144,16 +144,24 @@ pub(crate) enum Name {
 }
 
 impl Name {
-    fn of(name: &[u8]) -> Self {
-        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+    /// The kind of the header named `name` (any case; a token, as every
+    /// parser weir takes names from checks).
+    pub(crate) fn of(name: &[u8]) -> Self {
+        let is = |known: &[u8]| token_is(name, known);
         match name.len() {
             2 if is(b"te") => Name::HopByHop,
             4 if is(b"date") => Name::Date,
+            4 if is(b"host") => Name::Host,
+            6 if is(b"expect") => Name::Expect,
             7 if is(b"trailer") || is(b"upgrade") => Name::HopByHop,
+            7 if is(b"api-key") => Name::ApiKey,
+            9 if is(b"x-api-key") => Name::XApiKey,
             10 if is(b"connection") => Name::Connection,
             10 if is(b"keep-alive") => Name::HopByHop,
             11 if is(b"retry-after") => Name::RetryAfter,
             12 if is(b"content-type") => Name::ContentType,
+            12 if is(b"x-request-id") => Name::RequestId,
+            13 if is(b"authorization") => Name::Authorization,
             14 if is(b"content-length") => Name::ContentLength,
             16 if is(b"proxy-connection") => Name::HopByHop,
             17 if is(b"transfer-encoding") => Name::TransferEncoding,
@@ -173,6 +181,12 @@ impl Name {
             Name::ContentType => header::CONTENT_TYPE,
             Name::Date => header::DATE,
             Name::RetryAfter => header::RETRY_AFTER,
+            Name::Host => header::HOST,
+            Name::Expect => header::EXPECT,
+            Name::Authorization => header::AUTHORIZATION,
+            Name::XApiKey => crate::headers::X_API_KEY,
+            Name::ApiKey => HeaderName::from_static("api-key"),
+            Name::RequestId => crate::headers::X_REQUEST_ID,
             Name::HopByHop | Name::RateLimit | Name::Other => return None,
         })
     }
@@ -188,7 +202,9 @@ impl Name {
 }
 
 impl RawHeaders {
-    fn new(raw: Bytes, spans: &Spans) -> Self {
+    /// The headers at `spans` in `raw` (the frozen head they were parsed
+    /// from).
+    pub(crate) fn new(raw: Bytes, spans: &Spans) -> Self {
         let mut entries = Vec::with_capacity(spans.count);
         let mut connection_names_any = false;
         for span in spans.iter() {
@@ -215,9 +231,11 @@ impl RawHeaders {
 
     /// The values of every header of kind `kind`, in order.
     pub(crate) fn values(&self, kind: Name) -> impl Iterator<Item = &[u8]> + '_ {
-        self.iter()
-            .filter(move |&(k, _, _)| k == kind)
-            .map(|(_, _, v)| v)
+        // By kind first: only the values wanted are sliced out.
+        self.entries
+            .iter()
+            .filter(move |&&(k, _)| k == kind)
+            .map(|&(_, span)| at(&self.raw, span).1)
     }
 
     /// The first value of kind `kind`.
@@ -236,6 +254,22 @@ impl RawHeaders {
                 .any(|t| t.eq_ignore_ascii_case(name))
     }
 
+    /// The first value of kind `kind` as a header value sharing the head's
+    /// bytes (no copy). `None` when absent, or not a valid value.
+    pub(crate) fn value(&self, kind: Name) -> Option<HeaderValue> {
+        let &(_, Span(_, _, vs, ve)) = self.entries.iter().find(|(k, _)| *k == kind)?;
+        HeaderValue::from_maybe_shared(self.raw.slice(vs..ve)).ok()
+    }
+
+    /// Bytes of the header section as sent: `name: value` and CRLF per
+    /// field.
+    pub(crate) fn section_len(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|&(_, Span(ns, ne, vs, ve))| (ne - ns) + (ve - vs) + 4)
+            .sum()
+    }
+
     /// The headers as a map, for callers that want one (health probes,
     /// through `PlainClient::send`).
     pub(crate) fn to_map(&self) -> Result<HeaderMap, Malformed> {
@@ -244,6 +278,41 @@ impl RawHeaders {
             self.entries.iter().map(|(_, span)| span),
             self.entries.len(),
         )
+    }
+}
+
+/// Whether the token `name` is `known` (lowercase letters, digits and
+/// `-`), in any case. Setting bit 5 lowercases a letter and leaves `-` and
+/// digits as they are; the only other bytes it could turn into one of
+/// those are control characters, which no token holds. Eight bytes are
+/// compared at a time: every request and response classifies its header
+/// names with this.
+fn token_is(name: &[u8], known: &[u8]) -> bool {
+    const LOWER: u64 = 0x2020_2020_2020_2020;
+    fn word(bytes: &[u8]) -> u64 {
+        match <[u8; 8]>::try_from(bytes) {
+            Ok(whole) => u64::from_le_bytes(whole),
+            Err(_) => bytes
+                .iter()
+                .rev()
+                .fold(0, |word, &b| (word << 8) | u64::from(b)),
+        }
+    }
+    if name.len() != known.len() {
+        return false;
+    }
+    let mut name = name.chunks(8);
+    let mut known = known.chunks(8);
+    loop {
+        match (name.next(), known.next()) {
+            (Some(n), Some(k)) => {
+                let mask = LOWER >> (8 * (8 - n.len()));
+                if word(n) | mask != word(k) {
+                    return false;
+                }
+            }
+            _ => return true,
+        }
     }
 }
 
@@ -261,6 +330,26 @@ fn at(raw: &[u8], Span(ns, ne, vs, ve): Span) -> (&[u8], &[u8]) {
 #[error("malformed response: {0}")]
 pub struct Malformed(pub &'static str);
 
+/// Headers a request head is written from, one `name: value` line each:
+/// a map (health probes), or a client's headers filtered on the way
+/// (`headers::Upstream`) without being copied into one.
+pub(crate) trait HeaderLines {
+    /// Calls `line` with each header's kind, name and value, in order.
+    fn each(&self, line: &mut Line<'_>);
+}
+
+/// What [`HeaderLines::each`] calls per header: its kind, name and value.
+pub(crate) type Line<'f> = dyn FnMut(Name, &[u8], &[u8]) + 'f;
+
+impl HeaderLines for HeaderMap {
+    fn each(&self, line: &mut Line<'_>) {
+        for (name, value) in self {
+            let name = name.as_str().as_bytes();
+            line(Name::of(name), name, value.as_bytes());
+        }
+    }
+}
+
 /// What a request head is written from: borrowed pieces, so the proxy
 /// needs neither an `http::Request` nor a copy of the client's headers.
 pub(crate) struct RequestHead<'a> {
@@ -270,9 +359,9 @@ pub(crate) struct RequestHead<'a> {
     pub target: &'a [&'a str],
     /// The `Host` value, unless `headers` carry one.
     pub host: Option<&'a str>,
-    /// Headers sent as they are, minus `Content-Length` and
+    /// Headers sent as they are, minus `Host`, `Content-Length` and
     /// `Transfer-Encoding` (the body is always sent whole, with its length).
-    pub headers: &'a HeaderMap,
+    pub headers: &'a (dyn HeaderLines + Sync),
     /// Sent as `Authorization`, in place of any in `headers`.
     pub authorization: Option<&'a HeaderValue>,
     pub body_len: usize,
@@ -300,19 +389,18 @@ pub(crate) fn encode_request_head(head: &RequestHead<'_>, out: &mut Vec<u8>) {
     if let Some(host) = head.host {
         line(out, b"host", host.as_bytes());
     }
-    for (name, value) in head.headers {
+    head.headers.each(&mut |kind, name, value| {
         // The client's `Host` and framing are the client's hop to weir:
         // the backend gets its own host and this body's length.
-        let replaced = name == header::AUTHORIZATION && head.authorization.is_some();
-        if replaced
-            || name == header::HOST
-            || name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-        {
-            continue;
+        let skip = match kind {
+            Name::Authorization => head.authorization.is_some(),
+            Name::Host | Name::ContentLength | Name::TransferEncoding => true,
+            _ => false,
+        };
+        if !skip {
+            line(out, name, value);
         }
-        line(out, name.as_str().as_bytes(), value.as_bytes());
-    }
+    });
     if let Some(key) = head.authorization {
         line(out, b"authorization", key.as_bytes());
     }
@@ -433,6 +521,14 @@ pub(crate) fn content_length<'a>(
 ) -> Result<Option<u64>, Malformed> {
     let mut length: Option<u64> = None;
     for value in values {
+        // The usual case, one number, without the list machinery.
+        if let Some(n) = plain_number(value) {
+            if length.is_some_and(|l| l != n) {
+                return Err(Malformed("conflicting content-length values"));
+            }
+            length = Some(n);
+            continue;
+        }
         for part in value.split(|&b| b == b',') {
             let part = part.trim_ascii();
             if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
@@ -449,6 +545,17 @@ pub(crate) fn content_length<'a>(
         }
     }
     Ok(length)
+}
+
+/// `value` as a number when it is only ASCII digits, few enough (19) that
+/// they cannot overflow.
+fn plain_number(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
 }
 
 /// Whether the peer keeps the connection open after this message

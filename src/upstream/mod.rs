@@ -29,7 +29,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{uri::Scheme, HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http::{uri::Scheme, HeaderValue, Method, Request, Response, Uri};
+
+use crate::headers::Upstream;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_rustls::HttpsConnector;
@@ -174,8 +176,8 @@ pub(crate) struct Forward<'a> {
     /// The client's path after `/v1`.
     pub rest: &'a str,
     pub query: Option<&'a str>,
-    /// The client's headers, cleaned for upstream.
-    pub headers: &'a HeaderMap,
+    /// The client's headers as they go upstream.
+    pub headers: &'a Upstream<'a>,
     /// The backend's key.
     pub authorization: Option<&'a HeaderValue>,
     /// The body to send (possibly rewritten for this backend).
@@ -188,10 +190,9 @@ impl Forward<'_> {
         let mut request = Request::new(self.body.clone());
         *request.method_mut() = Method::POST;
         *request.uri_mut() = upstream_uri(self.base, self.rest, self.query)?;
-        *request.headers_mut() = self.headers.clone();
-        // hyper sets both from the URI and the body.
-        request.headers_mut().remove(http::header::HOST);
-        request.headers_mut().remove(http::header::CONTENT_LENGTH);
+        // Without `Host` and the length: hyper sets both from the URI and
+        // the body.
+        *request.headers_mut() = self.headers.to_map();
         if let Some(key) = self.authorization {
             request
                 .headers_mut()
@@ -366,18 +367,28 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     #[test]
     fn a_forward_becomes_the_same_request_for_hyper_util() {
         let base: Uri = "https://api.example.com/openai/v1/".parse().unwrap();
         let mut headers = HeaderMap::new();
-        headers.insert("x-request-id", HeaderValue::from_static("r1"));
+        headers.insert("x-request-id", HeaderValue::from_static("client"));
+        headers.insert("authorization", HeaderValue::from_static("Bearer client"));
+        headers.insert("host", HeaderValue::from_static("weir.local"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        let client = crate::headers::ClientHeaders::Map(headers);
+        let id = HeaderValue::from_static("r1");
+        let upstream = crate::headers::Upstream {
+            client: &client,
+            request_id: &id,
+        };
         let key = HeaderValue::from_static("Bearer sk-backend");
         let forward = Forward {
             base: &base,
             rest: "/chat/completions",
             query: Some("a=1"),
-            headers: &headers,
+            headers: &upstream,
             authorization: Some(&key),
             body: Bytes::from_static(b"{}"),
         };
@@ -389,6 +400,8 @@ mod tests {
         );
         assert_eq!(request.headers()["x-request-id"], "r1");
         assert_eq!(request.headers()["authorization"], "Bearer sk-backend");
+        assert_eq!(request.headers()["x-kept"], "1");
+        assert_eq!(request.headers().len(), 3, "{:?}", request.headers());
         assert_eq!(request.body(), "{}");
     }
 
