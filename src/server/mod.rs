@@ -391,7 +391,7 @@ pub(crate) fn check_path(path: &str) -> Result<(), ApiError> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(ApiError::BadPath("the path must start with /"));
     };
-    for segment in rest.split('/') {
+    for segment in rest.as_bytes().split(|&b| b == b'/') {
         if segment.is_empty() {
             return Err(ApiError::BadPath("empty path segment"));
         }
@@ -404,8 +404,8 @@ pub(crate) fn check_path(path: &str) -> Result<(), ApiError> {
 
 /// Whether a path segment is `.` or `..`, with any dot written `%2e` or
 /// `%2E` (checked without decoding: every request passes here).
-fn is_dot_segment(segment: &str) -> bool {
-    let mut rest = segment.as_bytes();
+fn is_dot_segment(segment: &[u8]) -> bool {
+    let mut rest = segment;
     let mut dots = 0;
     while !rest.is_empty() && dots < 3 {
         rest = match rest {
