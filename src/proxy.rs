@@ -186,7 +186,8 @@ impl Exchange<'_> {
         log: &mut AccessLog,
     ) -> Result<Response<GatewayBody>, ApiError> {
         let members = &self.route.members;
-        let mut tried: Vec<usize> = Vec::with_capacity(self.max_attempts as usize);
+        // Filled only when an attempt fails: most requests never allocate it.
+        let mut tried: Vec<usize> = Vec::new();
         let mut last: Option<Failure> = None;
         let mut attempt = 0;
         let mut retry_permit: Option<RetryPermit<'_>> = None;
@@ -197,7 +198,6 @@ impl Exchange<'_> {
                 Pick::Saturated => return Err(self.saturated_error()),
             };
             attempt += 1;
-            tried.push(i);
             let Some(member) = members.get(i) else { break };
             let backend = &member.backend;
             log.attempts = attempt;
@@ -252,6 +252,7 @@ impl Exchange<'_> {
                 }
             };
             self.count_error(member, reason);
+            tried.push(i);
             match self.retry_delay(attempt, &mut tried, retry_after, &mut retry_permit) {
                 Some(delay) => {
                     // The failed answer is dropped unread: nothing of it
