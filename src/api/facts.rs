@@ -565,6 +565,15 @@ fn read_model<E: de::Error>(ctx: &Ctx<'_>, raw: &str) -> Result<(String, Range<u
         return Err(ctx.fail(FactsError::MissingModel));
     }
     let span = ctx.span(raw).ok_or_else(|| ctx.fail(internal()))?;
+    // `raw` is a string serde_json has already checked (escapes, control
+    // characters): without a backslash its text is what lies between the
+    // quotes, and a second parse is not needed.
+    if let Some(plain) = raw
+        .get(1..raw.len().saturating_sub(1))
+        .filter(|text| !text.contains('\\') && raw.len() >= 2)
+    {
+        return Ok((plain.to_owned(), span));
+    }
     match serde_json::from_str::<String>(raw) {
         Ok(model) => Ok((model, span)),
         Err(e) => Err(ctx.fail(from_json(&e))),

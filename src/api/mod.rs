@@ -333,11 +333,11 @@ pub fn format_duration(d: Duration) -> String {
 /// Appends `d` in [`format_duration`]'s format, without a temporary.
 fn push_duration(d: Duration, out: &mut Vec<u8>) {
     let mut digits = itoa::Buffer::new();
-    let ms = d.as_millis();
-    if ms < 1000 {
+    if d.as_secs() == 0 {
+        // Under a second: milliseconds, in 32 bits (`as_millis` is a u128).
         // Round sub-millisecond waits up, so "0ms" never tells a client to
         // retry when it would still be refused.
-        let ms = ms + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+        let ms = d.subsec_millis() + u32::from(!d.subsec_nanos().is_multiple_of(1_000_000));
         out.extend_from_slice(digits.format(ms).as_bytes());
         out.extend_from_slice(b"ms");
         return;
