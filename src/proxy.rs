@@ -87,7 +87,7 @@ pub(crate) fn models(path: &str, snapshot: &Snapshot) -> Result<Response<Gateway
 
 /// Proxies one `POST /v1/*` request.
 pub(crate) async fn forward(
-    head: ClientHead,
+    head: &ClientHead,
     body: ClientBody,
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,

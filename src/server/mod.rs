@@ -243,7 +243,7 @@ async fn route(
     let request_id = request_id(head.headers.value(Name::RequestId));
     let mut log = AccessLog::new(request_id.clone(), head.method.clone(), head.uri.clone());
     let result = match check_head(&head) {
-        Ok(()) => dispatch(head, body, shared, peer, role, &request_id, &mut log).await,
+        Ok(()) => dispatch(&head, body, shared, peer, role, &request_id, &mut log).await,
         Err(error) => Err(error),
     };
     let response = match result {
@@ -295,7 +295,7 @@ fn stamp(
 }
 
 async fn dispatch(
-    req: ClientHead,
+    req: &ClientHead,
     body: ClientBody,
     shared: &Arc<Shared>,
     peer: SocketAddr,
@@ -310,19 +310,19 @@ async fn dispatch(
     let public = role != Role::Admin;
     let operator = role != Role::Public;
     match path {
-        "/healthz" => only(&req, &Method::GET).map(|()| admin::healthz()),
-        "/readyz" => only(&req, &Method::GET).map(|()| admin::readyz(shared)),
-        "/metrics" if operator => only(&req, &Method::GET).map(|()| admin::metrics(shared)),
+        "/healthz" => only(req, &Method::GET).map(|()| admin::healthz()),
+        "/readyz" => only(req, &Method::GET).map(|()| admin::readyz(shared)),
+        "/metrics" if operator => only(req, &Method::GET).map(|()| admin::metrics(shared)),
         p if operator && p.starts_with("/admin/") => {
             admin::authorize(&req.headers, peer, &snapshot)?;
             match p {
-                "/admin/backends" => only(&req, &Method::GET).map(|()| admin::backends(shared)),
-                "/admin/cluster" => only(&req, &Method::GET).map(|()| admin::cluster(shared)),
+                "/admin/backends" => only(req, &Method::GET).map(|()| admin::backends(shared)),
+                "/admin/cluster" => only(req, &Method::GET).map(|()| admin::cluster(shared)),
                 "/admin/reload" => {
-                    only(&req, &Method::POST)?;
+                    only(req, &Method::POST)?;
                     Ok(admin::reload_response(reload(shared).await))
                 }
-                _ => Err(unknown(&req)),
+                _ => Err(unknown(req)),
             }
         }
         p if public && (p == "/v1" || p.starts_with("/v1/")) => {
@@ -335,7 +335,7 @@ async fn dispatch(
             }
             proxy::forward(req, body, shared, &snapshot, request_id, log).await
         }
-        _ => Err(unknown(&req)),
+        _ => Err(unknown(req)),
     }
 }
 

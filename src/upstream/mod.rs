@@ -209,14 +209,20 @@ pub(crate) async fn forward(
     first_byte_timeout: Duration,
 ) -> Result<Response<UpstreamBody>, AttemptError> {
     match client {
-        HttpClient::Plain(plain) => within(first_byte_timeout, plain.forward(request)).await,
+        HttpClient::Plain(plain) => {
+            let answer = tokio::time::timeout(first_byte_timeout, plain.forward(request)).await;
+            plain_answer(first_byte_timeout, answer)
+        }
         HttpClient::Tls(_) => {
             // The client's path was parsed as a URI by hyper already, so
             // joining it to a configured URL cannot fail in practice.
             let request = request
                 .to_request()
                 .map_err(|e| AttemptError::Protocol(format!("upstream uri: {e}")))?;
-            send(client, request, first_byte_timeout).await
+            // Boxed: hyper's request future is three times the size of the
+            // plain client's, and every future that awaits this one would
+            // otherwise carry (and move) its bytes on every request.
+            Box::pin(send(client, request, first_byte_timeout)).await
         }
     }
 }
@@ -229,7 +235,10 @@ pub(crate) async fn send(
     first_byte_timeout: Duration,
 ) -> Result<Response<UpstreamBody>, AttemptError> {
     match client {
-        HttpClient::Plain(plain) => within(first_byte_timeout, plain.send(request)).await,
+        HttpClient::Plain(plain) => {
+            let answer = tokio::time::timeout(first_byte_timeout, plain.send(request)).await;
+            plain_answer(first_byte_timeout, answer)
+        }
         HttpClient::Tls(tls) => {
             let request = request.map(Full::new);
             match tokio::time::timeout(first_byte_timeout, tls.request(request)).await {
@@ -306,12 +315,14 @@ pub(crate) fn target_pieces<'a>(
     [base.path().trim_end_matches('/'), rest, mark, query]
 }
 
-/// Bounds a plain-client call by `first_byte_timeout`.
-async fn within(
+/// The plain client's answer within `first_byte_timeout`, in the shape
+/// [`send`] returns. A plain function over the awaited result, not an async
+/// wrapper: an async fn taking the call's future would hold it twice.
+fn plain_answer(
     first_byte_timeout: Duration,
-    call: impl std::future::Future<Output = Result<Response<conn::ResponseBody>, AttemptError>>,
+    answer: Result<Result<Response<conn::ResponseBody>, AttemptError>, tokio::time::error::Elapsed>,
 ) -> Result<Response<UpstreamBody>, AttemptError> {
-    match tokio::time::timeout(first_byte_timeout, call).await {
+    match answer {
         Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
         Ok(result) => result.map(|r| r.map(UpstreamBody::Plain)),
     }
