@@ -41,8 +41,10 @@ use crate::{
 pub struct Snapshot {
     /// The validated configuration this snapshot was built from.
     pub config: Arc<Config>,
-    /// Client model name -> its route.
-    models: HashMap<String, ModelRoute>,
+    /// Client model name -> its route. Hashed with foldhash, not SipHash:
+    /// looked up on every request, and its keys come from the config file,
+    /// so a client cannot choose colliding ones.
+    models: HashMap<String, ModelRoute, foldhash::fast::RandomState>,
     /// Every configured backend, in file order.
     backends: Vec<Arc<BackendState>>,
     /// The `[limits]` buckets; carried over reloads.
@@ -320,7 +322,7 @@ impl Snapshot {
             let state = BackendState::new(backend.clone(), live, carried.map(|b| &**b))?;
             backends.push(Arc::new(state));
         }
-        let mut models = HashMap::with_capacity(config.models.len());
+        let mut models = HashMap::with_capacity_and_hasher(config.models.len(), Default::default());
         for model in &config.models {
             let serving: Vec<(&Arc<BackendState>, HealthRecord)> = backends
                 .iter()

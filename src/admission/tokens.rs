@@ -433,7 +433,7 @@ impl UsageTail {
         let from = kept.len().saturating_sub(TAIL_BYTES);
         let window = kept.get(from..)?;
         let mut end = window.len();
-        while let Some(at) = rfind(window.get(..end)?, USAGE_KEY) {
+        while let Some(at) = rfind_usage_key(window.get(..end)?) {
             let after = window.get(at.saturating_add(USAGE_KEY.len())..)?;
             if let Some(usage) = usage_after_key(after) {
                 return Some(usage);
@@ -558,7 +558,7 @@ fn prompt_tokens(facts: &RequestFacts) -> u64 {
 /// counts, and whether it is the usage-only chunk (`"choices": []`). Only
 /// events that mention `"usage"` are parsed at all.
 fn read_event(event: &[u8]) -> Option<(Usage, bool)> {
-    rfind(event, USAGE_KEY)?;
+    rfind_usage_key(event)?;
     // The event's data: its `data:` lines joined with LF (SSE). Nearly always
     // one line, which is parsed in place.
     let mut single: Option<&[u8]> = None;
@@ -611,9 +611,21 @@ fn usage_after_key(after: &[u8]) -> Option<Usage> {
     usage.into_usage()
 }
 
-/// The start of the last occurrence of `needle` in `haystack`.
-fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).rposition(|w| w == needle)
+/// The start of the last `"usage"` key in `haystack`. It looks for the
+/// key's `u` with `memrchr` and checks the bytes around it: a `u` is rare in
+/// the JSON around it (unlike the quotes), so most bodies cost one
+/// vectorised pass and no comparison.
+fn rfind_usage_key(haystack: &[u8]) -> Option<usize> {
+    let mut end = haystack.len();
+    while let Some(u) = memchr::memrchr(b'u', haystack.get(..end)?) {
+        if let Some(start) = u.checked_sub(1) {
+            if haystack.get(start..start.saturating_add(USAGE_KEY.len())) == Some(USAGE_KEY) {
+                return Some(start);
+            }
+        }
+        end = u;
+    }
+    None
 }
 
 /// The lines of an SSE event, split at CRLF, LF or CR; the last line may lack
@@ -1125,6 +1137,29 @@ mod tests {
                 completion_tokens: 0
             })
         );
+    }
+
+    #[test]
+    fn the_usage_key_is_found_from_the_end() {
+        let naive = |h: &[u8]| h.windows(USAGE_KEY.len()).rposition(|w| w == USAGE_KEY);
+        for haystack in [
+            &br#""usage""#[..],
+            br#"{"user":"u","usage":{},"x":"uuu"}"#,
+            br#"{"usage":1,"usage":2}"#,
+            br#"usage" "usage"#,
+            br#"{"text":""usage"","u":"""#,
+            br#"uuuuuuu"#,
+            br#""#,
+            br#"u"#,
+            br#""u"#,
+        ] {
+            assert_eq!(
+                rfind_usage_key(haystack),
+                naive(haystack),
+                "{}",
+                String::from_utf8_lossy(haystack)
+            );
+        }
     }
 
     #[test]
