@@ -211,13 +211,16 @@ impl Conn {
         } = head;
         let method = head.method.clone();
         let body = ClientBody::Http1(RequestBody::new(self.wire.clone()));
-        let route = pin!(super::route(head, body, &self.shared, self.peer, self.role));
         // A client that goes away while its request waits (for a slot, a
-        // backend) cancels it, as it would with hyper.
-        let response = tokio::select! {
-            biased;
-            response = route => response,
-            () = self.client_gone() => return false,
+        // backend) cancels it, as it would with hyper. The routing future
+        // ends in this block, so the response writer below reuses its space.
+        let response = {
+            let route = pin!(super::route(head, body, &self.shared, self.peer, self.role));
+            tokio::select! {
+                biased;
+                response = route => response,
+                () = self.client_gone() => return false,
+            }
         };
         let keep = self
             .respond(response, out, &method, version, !keep_alive)
