@@ -427,9 +427,9 @@ fn request_id(client: Option<HeaderValue>) -> HeaderValue {
             return value;
         }
     }
-    let id: [u8; 16] = rand::random();
+    let id: u128 = rand::random();
     let mut hex = [0u8; 32];
-    for (pair, byte) in hex.chunks_exact_mut(2).zip(id) {
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(id.to_be_bytes()) {
         pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
     FRESH_IDS.with_borrow_mut(|ids| {
