@@ -18,6 +18,7 @@ use crate::{
     metrics::Metrics,
     server::{self, Role},
     snapshot::Snapshot,
+    socket,
     upstream::UpstreamError,
 };
 
@@ -155,18 +156,14 @@ impl Gateway {
     /// Binds `server.listen` (and `admin_listen`) and starts serving.
     pub async fn start(self) -> Result<Handle, StartError> {
         let listen = self.config.server.listen;
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: listen,
-                source,
-            })?;
+        let listener = socket::listen(listen).map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?;
         let admin = match self.config.server.admin_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind { addr, source })?,
-            ),
+            Some(addr) => {
+                Some(socket::listen(addr).map_err(|source| StartError::Bind { addr, source })?)
+            }
             None => None,
         };
         self.start_on(listener, admin)

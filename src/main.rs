@@ -238,8 +238,7 @@ async fn mock(args: MockArgs) -> anyhow::Result<()> {
         .hang(args.hang)
         .name(args.name)
         .record(!args.no_record);
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let listener = weir::mock::listen(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, "weir mock is serving");
     weir::mock::serve(listener, config, shutdown_signal()).await?;

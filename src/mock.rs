@@ -119,8 +119,15 @@ pub struct MockHandle {
 
 /// Bind `127.0.0.1:0` and serve in a spawned task; the usual way tests get a backend.
 pub async fn start(cfg: MockConfig) -> std::io::Result<MockHandle> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     spawn(listener, cfg)
+}
+
+/// Binds `addr` with the gateway's accept backlog, so a burst of new
+/// connections (a bench opening hundreds of streams at once) is queued,
+/// not dropped into a 1 s SYN retransmission. Must run inside a runtime.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    crate::socket::listen(addr)
 }
 
 /// Serve on `listener` until `shutdown` completes, then close every connection; this is

@@ -1,4 +1,11 @@
-//! Reads from a tokio socket that forget readiness after a short read.
+//! Listening sockets with a real backlog, and reads from a tokio socket
+//! that forget readiness after a short read.
+//!
+//! tokio's `TcpListener::bind` listens with the standard library's backlog
+//! of 128, so a burst of new connections (256 streams opened at once in
+//! `benches/load.sh`) overflowed the accept queue: the kernel dropped SYNs
+//! and those clients waited out the 1 s retransmission. [`listen`] asks for
+//! [`LISTEN_BACKLOG`] instead (the kernel caps it at `net.core.somaxconn`).
 //!
 //! tokio keeps a socket marked readable until a read returns `WouldBlock`,
 //! so the read after one that drained the socket is a wasted syscall: per
@@ -11,10 +18,29 @@
 //! that no event has refreshed since the read began.
 
 use std::io;
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use tokio::io::Interest;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The accept queue asked of the kernel: room for a burst of thousands of
+/// new connections while the accept loop catches up (nginx asks 511, the
+/// standard library 128); Linux caps it at `net.core.somaxconn`.
+pub(crate) const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (with `SO_REUSEADDR`, as tokio's `bind` does) and listens
+/// with [`LISTEN_BACKLOG`]. Must run inside a tokio runtime.
+pub(crate) fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// [`TcpStream::try_read_buf`], but a short read also clears the socket's
 /// readiness, so the next read waits for the reactor instead of asking the
@@ -49,6 +75,36 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (client.unwrap(), server.unwrap().0)
+    }
+
+    /// 600 connections opened at once, none accepted yet: with the
+    /// standard library's backlog of 128 the kernel drops the SYNs past the
+    /// 129th and those connects hang; with [`LISTEN_BACKLOG`] all complete.
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_accept_queue() {
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let n = somaxconn.min(600);
+        if n <= 129 {
+            eprintln!("net.core.somaxconn is {somaxconn}: no backlog past 128 to check");
+            return;
+        }
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut connects = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            connects.spawn(TcpStream::connect(addr));
+        }
+        let all = tokio::time::timeout(std::time::Duration::from_secs(30), connects.join_all())
+            .await
+            .expect("connects past the 129th hung: the backlog is not LISTEN_BACKLOG");
+        assert!(all.iter().all(Result::is_ok));
+        // They are all waiting to be accepted.
+        for _ in 0..n {
+            listener.accept().await.unwrap();
+        }
     }
 
     #[tokio::test]
