@@ -713,11 +713,7 @@ impl ResponseHead<'_> {
     /// Appends the status line, the headers, `date`, the framing header and
     /// `connection: close` when closing.
     fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(self.status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(self.status.canonical_reason().unwrap_or("").as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_status_line(out, self.status);
         let line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
             out.extend_from_slice(name);
             out.extend_from_slice(b": ");
@@ -768,6 +764,20 @@ impl ResponseHead<'_> {
     }
 }
 
+/// Appends `HTTP/1.1 <code> <reason>\r\n`: nearly every answer is a 200,
+/// whose line is one copy instead of five.
+fn push_status_line(out: &mut Vec<u8>, status: http::StatusCode) {
+    if status == http::StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends a chunk size in hex.
 fn push_hex(out: &mut Vec<u8>, n: usize) {
     let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
@@ -811,6 +821,17 @@ mod tests {
             continue_due: false,
             continue_sent: 0,
             responding: false,
+        }
+    }
+
+    #[test]
+    fn status_lines_spell_code_and_reason() {
+        for code in 100..=999u16 {
+            let status = http::StatusCode::from_u16(code).unwrap();
+            let mut out = Vec::new();
+            push_status_line(&mut out, status);
+            let reason = status.canonical_reason().unwrap_or("");
+            assert_eq!(out, format!("HTTP/1.1 {code} {reason}\r\n").into_bytes());
         }
     }
 
