@@ -11,6 +11,10 @@
 #   WEIR_BIN   weir binary to run (default: target/dist/weir, built here
 #              with `cargo build --profile dist`; set it to skip the build)
 #   DURATION   seconds per wrk run (default 6)
+#   ROUNDS     wrk rounds per target and connection count (default 1); the
+#              tables then give each figure's median over the rounds, the
+#              order of the targets alternates from round to round, and a
+#              per-round weir/nginx table shows the spread
 #   BASE_PORT  first of the 5 loopback ports used (default 18081)
 #   KEEP=1     keep the temp dir (configs, logs) for inspection
 #   CLUSTER=1  also run a second weir with [cluster] (the same limits shared
@@ -21,6 +25,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-6}
+ROUNDS=${ROUNDS:-1}
 BASE_PORT=${BASE_PORT:-18081}
 UP_PORT=$BASE_PORT               # nginx `return 200`: the upstream
 NGINX_PORT=$((BASE_PORT + 1))    # nginx reverse proxy -> upstream
@@ -153,16 +158,38 @@ for t in $TARGETS; do
     wrk -t1 -c32 -d2s -s "$DIR/post.lua" "http://127.0.0.1:${t#*:}/v1/chat/completions" >/dev/null
 done
 
-declare -A R
-for conns in 1 32; do
-    for t in $TARGETS; do
-        R[${t%%:*}-$conns]=$(run "${t%%:*}" "${t#*:}" "$conns")
+# One line per round in ALL[target-conns]; R[target-conns] is their median.
+declare -A R ALL
+for round in $(seq "$ROUNDS"); do
+    order=$TARGETS
+    # Even rounds run the targets in reverse, so no target always follows
+    # the same one.
+    [ $((round % 2)) = 0 ] && order=$(tr ' ' '\n' <<<"$TARGETS" | tac | paste -sd' ')
+    for conns in 1 32; do
+        for t in $order; do
+            ALL[${t%%:*}-$conns]+="$(run "${t%%:*}" "${t#*:}" "$conns")"$'\n'
+        done
     done
+done
+# median of "rps p50 p99 errors" lines -> one such line (errors: the
+# non-zero ones, joined)
+median_line() {
+    awk 'NF { n++; for (i = 1; i <= 3; i++) v[i, n] = $i; if ($4 != "0") bad = bad (bad ? "," : "") $4 }
+         function med(i,   a, k, j, t) {
+             for (k = 1; k <= n; k++) a[k] = v[i, k]
+             for (k = 2; k <= n; k++) { t = a[k]; for (j = k - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+         }
+         END { printf "%.0f %.0f %.0f %s\n", med(1), med(2), med(3), bad ? bad : 0 }'
+}
+for key in "${!ALL[@]}"; do
+    R[$key]=$(median_line <<<"${ALL[$key]}")
 done
 RSS_LOADED=$(rss)
 
 echo
 echo "wrk -t1 -d${DURATION}s, POST /v1/chat/completions (small chat JSON), nginx return 200 upstream"
+[ "$ROUNDS" -gt 1 ] && echo "(medians of $ROUNDS rounds)"
 echo
 echo "| target | conns | req/s | p50 | p99 | errors |"
 echo "|---|---|---|---|---|---|"
@@ -187,6 +214,15 @@ ratios() {
     done
 }
 ratios "weir / nginx" weir nginx
+if [ "$ROUNDS" -gt 1 ]; then
+    echo
+    echo "| weir / nginx, each round | conns | req/s | p50 | p99 |"
+    echo "|---|---|---|---|---|"
+    for conns in 1 32; do
+        paste -d' ' <(sed '/^$/d' <<<"${ALL[weir-$conns]}") <(sed '/^$/d' <<<"${ALL[nginx-$conns]}") |
+            awk -v c="$conns" '{ printf "| %d | %s | %.2f | %.2f | %.2f |\n", NR, c, $1 / $5, $2 / $6, $3 / $7 }'
+    done
+fi
 if [ "$CLUSTER" = 1 ]; then
     echo
     ratios "cluster on / off" weir-cluster weir
