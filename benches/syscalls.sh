@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System calls per proxied request, weir beside nginx (issue #7, item 4):
-# each proxy serves `wrk -t1 -c32` for DURATION seconds with `strace -f -c`
+# each proxy serves `wrk -t1 -cCONNS` (32) for DURATION seconds with `strace -f -c`
 # attached to it (nginx: its workers), and every call is divided by the
 # requests served. strace slows both proxies down; the counts per request
 # are what this measures, not their time.
@@ -15,11 +15,13 @@
 # Environment (all optional):
 #   WEIR_BIN   weir binary (default: target/dist/weir, built here)
 #   DURATION   seconds counted per proxy (default 3)
+#   CONNS      wrk connections (default 32; 1 shows the serial path's calls)
 #   BASE_PORT  first of the 3 loopback ports used (default 18381)
 #   KEEP=1     keep the temp dir (strace summaries)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+CONNS=${CONNS:-32}
 DURATION=${DURATION:-3}
 BASE_PORT=${BASE_PORT:-18381}
 UP_PORT=$BASE_PORT
@@ -52,12 +54,12 @@ write_post_lua
 count() {
     local name=$1 port=$2; shift 2
     local url="http://127.0.0.1:$port/v1/chat/completions" args=() p n tracer
-    wrk -t1 -c32 -d1s -s "$DIR/post.lua" "$url" >/dev/null
+    wrk -t1 -c$CONNS -d1s -s "$DIR/post.lua" "$url" >/dev/null
     for p in "$@"; do args+=(-p "$p"); done
     strace -f -c -o "$DIR/$name.strace" "${args[@]}" 2>/dev/null &
     tracer=$!
     sleep 0.5
-    n=$(wrk -t1 -c32 -d"${DURATION}s" -s "$DIR/post.lua" "$url" | awk '/requests in/ {print $1}')
+    n=$(wrk -t1 -c$CONNS -d"${DURATION}s" -s "$DIR/post.lua" "$url" | awk '/requests in/ {print $1}')
     kill -INT "$tracer"
     wait "$tracer" || true
     # strace -c rows: % time, seconds, usecs/call, calls, [errors,] syscall.
@@ -69,7 +71,7 @@ count() {
     echo "| $name | (requests counted) | $n | |"
 }
 
-echo "System calls per request, wrk -t1 -c32 -d${DURATION}s under strace -f -c"
+echo "System calls per request, wrk -t1 -c$CONNS -d${DURATION}s under strace -f -c"
 echo
 echo "| target | call | per request | of which errors |"
 echo "|---|---|---|---|"
