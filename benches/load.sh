@@ -129,29 +129,6 @@ done
 sleep 1
 RSS_IDLE=$(rss)
 
-# wrk latency figure -> microseconds.
-to_us() {
-    awk -v v="$1" 'BEGIN {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "us") n = n; else if (u == "ms") n *= 1000; else if (u == "s") n *= 1e6
-        printf "%.0f", n }'
-}
-
-# run name port conns -> "rps p50_us p99_us errors"
-run() {
-    local out="$DIR/wrk-$1-$3.txt"
-    wrk -t1 -c"$3" -d"${DURATION}s" --latency -s "$DIR/post.lua" \
-        "http://127.0.0.1:$2/v1/chat/completions" >"$out"
-    local rps p50 p99 bad
-    rps=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' "$out")
-    p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$out")")
-    p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$out")")
-    bad=$(awk '/Non-2xx/ {print $5} /Socket errors/ {print "sock"}' "$out" | paste -sd, -)
-    echo "$rps $p50 $p99 ${bad:-0}"
-}
-
-fmt_us() { awk -v u="$1" 'BEGIN { if (u >= 1000) printf "%.2f ms", u / 1000; else printf "%d µs", u }'; }
-
 echo
 echo "warm-up (2 s each) ..."
 for t in $TARGETS; do
@@ -171,17 +148,6 @@ for round in $(seq "$ROUNDS"); do
         done
     done
 done
-# median of "rps p50 p99 errors" lines -> one such line (errors: the
-# non-zero ones, joined)
-median_line() {
-    awk 'NF { n++; for (i = 1; i <= 3; i++) v[i, n] = $i; if ($4 != "0") bad = bad (bad ? "," : "") $4 }
-         function med(i,   a, k, j, t) {
-             for (k = 1; k <= n; k++) a[k] = v[i, k]
-             for (k = 2; k <= n; k++) { t = a[k]; for (j = k - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
-             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-         }
-         END { printf "%.0f %.0f %.0f %s\n", med(1), med(2), med(3), bad ? bad : 0 }'
-}
 for key in "${!ALL[@]}"; do
     R[$key]=$(median_line <<<"${ALL[$key]}")
 done
