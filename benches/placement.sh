@@ -106,5 +106,6 @@ for name in with-upstream with-client alone unpinned; do
     read -r _ d50 _ _ <<<"${R[$name-direct]}"
     read -r _ n50 n99 _ <<<"${R[$name-nginx]}"
     read -r _ w50 w99 _ <<<"${R[$name-weir]}"
-    echo "| $name | $d50 µs | $n50 µs | $w50 µs | +$((n50 - d50)) µs | +$((w50 - d50)) µs | $((w50 - n50)) µs | $(fmt_us "$n99") | $(fmt_us "$w99") |"
+    printf '| %s | %d µs | %d µs | %d µs | %+d µs | %+d µs | %+d µs | %s | %s |\n' "$name" "$d50" "$n50" "$w50" \
+        $((n50 - d50)) $((w50 - d50)) $((w50 - n50)) "$(fmt_us "$n99")" "$(fmt_us "$w99")"
 done
