@@ -13,6 +13,17 @@
 //!
 //! The rest of weir (accept loops, admin listener, health probes, reloads)
 //! stays on the main runtime, whose thread is lane 0 for [`current`].
+//!
+//! When the process may run on exactly as many CPUs as it has lanes (a
+//! whole machine, a cpuset), lane *i* is pinned to the *i*-th of them, as
+//! thread-per-core servers do (nginx's `worker_cpu_affinity auto`). Left to
+//! the kernel, two busy lanes end up sharing one CPU while the other runs
+//! something else, and one lane's connections wait out the other's
+//! time slice: on two vCPUs beside the load generator and the upstream,
+//! that was half the bench's 32-connection p99 (docs/BENCHMARKS.md, session
+//! 10). Under a CPU quota smaller than the CPUs allowed (a Kubernetes limit
+//! without a cpuset) lanes are not pinned: they must be free to run on
+//! whichever shared CPU is idle. `WEIR_CPU_AFFINITY=off` turns pinning off.
 
 use std::{
     cell::Cell,
@@ -64,14 +75,21 @@ impl Lanes {
             next: AtomicUsize::new(0),
             stop: CancellationToken::new(),
         };
+        let cpus = planned_cpus();
         for lane in 1..=count() {
             let runtime = Builder::new_current_thread().enable_all().build()?;
             let handle = runtime.handle().clone();
             let stop = lanes.stop.clone();
+            let cpu = cpus.as_ref().and_then(|cpus| cpus.get(lane - 1).copied());
             std::thread::Builder::new()
                 .name(format!("weir-lane-{lane}"))
                 .spawn(move || {
                     LANE.with(|l| l.set(lane));
+                    if let Some(cpu) = cpu {
+                        if let Err(e) = affinity::pin_current(cpu) {
+                            tracing::warn!(lane, cpu, error = %e, "cannot pin the lane to its CPU");
+                        }
+                    }
                     runtime.block_on(stop.cancelled());
                 })?;
             lanes.handles.push(handle);
@@ -89,6 +107,81 @@ impl Lanes {
             Some(handle) => drop(handle.spawn(task)),
             None => drop(tokio::spawn(task)),
         }
+    }
+}
+
+/// The environment variable that can turn lane pinning off (`off`); the
+/// default, `auto`, pins when [`pinning`] says so.
+const AFFINITY_ENV: &str = "WEIR_CPU_AFFINITY";
+
+/// The CPU each lane is to be pinned to, for this process and its
+/// `WEIR_CPU_AFFINITY`; `None` leaves placement to the kernel. A setting
+/// that is neither `auto` nor `off` is reported and read as `auto`.
+fn planned_cpus() -> Option<Vec<usize>> {
+    let setting = std::env::var(AFFINITY_ENV).ok();
+    let allowed = affinity::allowed()?;
+    pinning(&allowed, count(), setting.as_deref()).unwrap_or_else(|bad| {
+        tracing::warn!("{AFFINITY_ENV}={bad:?} is neither \"auto\" nor \"off\"; using \"auto\"");
+        pinning(&allowed, count(), None).unwrap_or_default()
+    })
+}
+
+/// The CPU each lane is pinned to (lane *i* to the *i*-th), given the CPUs
+/// the process may run on, the lane count and the `WEIR_CPU_AFFINITY`
+/// setting; `Ok(None)` leaves placement to the kernel. Pinning needs one
+/// allowed CPU per lane and nothing more: with more CPUs allowed than lanes
+/// (a CPU quota) a pinned lane could not move off a CPU that other
+/// processes keep busy. A setting other than `auto` or `off` is returned
+/// as the error, for the caller to report.
+fn pinning<'s>(
+    allowed: &[usize],
+    lanes: usize,
+    setting: Option<&'s str>,
+) -> Result<Option<Vec<usize>>, &'s str> {
+    match setting.map(str::trim) {
+        None | Some("") | Some("auto") => {}
+        Some("off") => return Ok(None),
+        Some(_) => return Err(setting.unwrap_or_default()),
+    }
+    if lanes < 2 || allowed.len() != lanes {
+        return Ok(None);
+    }
+    Ok(Some(allowed.to_vec()))
+}
+
+/// The CPU-affinity system calls, where the platform has them.
+#[cfg(target_os = "linux")]
+mod affinity {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+
+    /// The CPUs the calling thread may run on, in ascending order.
+    pub(super) fn allowed() -> Option<Vec<usize>> {
+        let set = sched_getaffinity(Pid::from_raw(0)).ok()?;
+        Some(
+            (0..CpuSet::count())
+                .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+                .collect(),
+        )
+    }
+
+    /// Restricts the calling thread to `cpu`.
+    pub(super) fn pin_current(cpu: usize) -> nix::Result<()> {
+        let mut set = CpuSet::new();
+        set.set(cpu)?;
+        sched_setaffinity(Pid::from_raw(0), &set)
+    }
+}
+
+/// Elsewhere lanes are not pinned.
+#[cfg(not(target_os = "linux"))]
+mod affinity {
+    pub(super) fn allowed() -> Option<Vec<usize>> {
+        None
+    }
+
+    pub(super) fn pin_current(_cpu: usize) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -116,5 +209,45 @@ mod tests {
         assert_eq!(current(), 0);
         let expected: Vec<usize> = (1..=count()).chain(1..=count()).collect();
         assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn lanes_are_pinned_only_with_one_allowed_cpu_each() {
+        // A whole machine or a cpuset: lane i on the i-th allowed CPU.
+        assert_eq!(pinning(&[0, 1], 2, None), Ok(Some(vec![0, 1])));
+        assert_eq!(
+            pinning(&[2, 5, 7], 3, Some("auto")),
+            Ok(Some(vec![2, 5, 7]))
+        );
+        assert_eq!(pinning(&[0, 1], 2, Some(" auto ")), Ok(Some(vec![0, 1])));
+        // A quota below the CPUs allowed: the kernel places the lanes.
+        assert_eq!(pinning(&[0, 1, 2, 3], 2, None), Ok(None));
+        // One lane, or switched off.
+        assert_eq!(pinning(&[0], 1, None), Ok(None));
+        assert_eq!(pinning(&[0, 1], 2, Some("off")), Ok(None));
+        // Anything else is reported, not guessed at.
+        assert_eq!(pinning(&[0, 1], 2, Some("yes")), Err("yes"));
+        assert_eq!(pinning(&[0, 1], 2, Some("0-1")), Err("0-1"));
+    }
+
+    #[tokio::test]
+    async fn a_lane_runs_where_pinning_puts_it() {
+        let before = affinity::allowed();
+        let planned = planned_cpus();
+        let lanes = Lanes::start().unwrap();
+        for lane in 1..=count() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            lanes.spawn(async move {
+                let _ = tx.send((current(), affinity::allowed()));
+            });
+            let (on, cpus) = rx.await.unwrap();
+            assert_eq!(on, lane);
+            match &planned {
+                Some(plan) => assert_eq!(cpus, Some(vec![plan[lane - 1]])),
+                None => assert_eq!(cpus, before),
+            }
+        }
+        // The thread that started the lanes keeps its own CPUs.
+        assert_eq!(affinity::allowed(), before);
     }
 }
