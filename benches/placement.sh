@@ -13,7 +13,8 @@
 #   with-upstream  proxy and upstream on A, wrk on B   (direct: apart)
 #   with-client    proxy and wrk on B, upstream on A   (direct: apart)
 #   alone          proxy on B, wrk and upstream on A   (direct: together)
-#   unpinned       no affinity set                     (direct: unpinned)
+#   unpinned       no affinity set by this script      (direct: unpinned)
+#                  (measured first, so weir's own lane pinning stands)
 #
 # Same targets as load.sh: nginx `return 200` upstream, nginx as a reverse
 # proxy (keepalive 64) and weir (limits that do not bind, two weighted
@@ -50,7 +51,6 @@ read -r -a CPUS <<<"$(python3 -c 'import os; print(*sorted(os.sched_getaffinity(
 [ "${#CPUS[@]}" -ge 2 ] || die "needs two CPUs, has ${#CPUS[@]}"
 A=${CPUS[0]}
 B=${CPUS[1]}
-ALL_CPUS=$(IFS=,; echo "${CPUS[*]}")
 
 start_workdir placement
 chmod 755 "$DIR"
@@ -81,8 +81,8 @@ declare -A ALL R
 # placement upstream-cpus proxy-cpus wrk-cpus
 measure() {
     local name=$1 up=$2 proxy=$3 client=$4 round order t
-    pin "$up" "$UP_MASTER"
-    pin "$proxy" "$NGINX_MASTER" "$WEIR_PID"
+    [ -z "$up" ] || pin "$up" "$UP_MASTER"
+    [ -z "$proxy" ] || pin "$proxy" "$NGINX_MASTER" "$WEIR_PID"
     for round in $(seq "$ROUNDS"); do
         order="direct:$UP_PORT nginx:$NGINX_PORT weir:$WEIR_PORT"
         [ $((round % 2)) = 0 ] && order="weir:$WEIR_PORT nginx:$NGINX_PORT direct:$UP_PORT"
@@ -94,10 +94,10 @@ measure() {
 }
 
 echo "CPUs A=$A B=$B; wrk -t1 -c1 -d${DURATION}s, medians of $ROUNDS rounds"
+measure unpinned "" "" ""
 measure with-upstream "$A" "$A" "$B"
 measure with-client "$A" "$B" "$B"
 measure alone "$A" "$B" "$A"
-measure unpinned "$ALL_CPUS" "$ALL_CPUS" "$ALL_CPUS"
 
 echo
 echo "| placement | direct p50 | nginx p50 | weir p50 | nginx added | weir added | weir − nginx | nginx p99 | weir p99 |"
