@@ -13,6 +13,19 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
+# Installs what the nginx-beside-weir benches run, if missing: nginx, wrk
+# and each command named (its Debian package has its name); then sets NGINX
+# to nginx's path and WEIR_BIN (resolve_weir_bin).
+bench_tools() { # [command...]
+    local need=() cmd
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+    command -v wrk >/dev/null || need+=(wrk)
+    for cmd in "$@"; do command -v "$cmd" >/dev/null || need+=("$cmd"); done
+    apt_install "${need[@]}"
+    NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+    resolve_weir_bin
+}
+
 # Sets WEIR_BIN to an absolute path: the given binary, or the shipped build
 # (`--profile dist`: release plus LTO, as the Dockerfile builds it) made here.
 resolve_weir_bin() {
@@ -93,6 +106,24 @@ start_weir() { # port
     WEIR_PID=$!
     PIDS+=($WEIR_PID)
     wait_port "$1" $WEIR_PID weir
+}
+
+# Starts the three targets the nginx-beside-weir benches time, in a work
+# dir named after $1: the nginx `return 200` upstream on UP_PORT (its
+# master's pid in UP_MASTER), nginx proxying to it on NGINX_PORT (master in
+# NGINX_MASTER) and weir with bench_weir_config on WEIR_PORT (WEIR_PID);
+# and writes DIR/post.lua.
+start_targets() { # name
+    start_workdir "$1"
+    # nginx workers run as another user unless root: let them in.
+    chmod 755 "$DIR"
+    start_nginx upstream "$(return200_block "$UP_PORT")" "$UP_PORT"
+    UP_MASTER=${PIDS[-1]}
+    start_nginx nginx "$(proxy_block "$NGINX_PORT" "$UP_PORT")" "$NGINX_PORT"
+    NGINX_MASTER=${PIDS[-1]}
+    bench_weir_config "$WEIR_PORT" "$UP_PORT" >"$DIR/weir.toml"
+    start_weir "$WEIR_PORT"
+    write_post_lua
 }
 
 # Writes DIR/post.lua: the request every bench sends with wrk, a small

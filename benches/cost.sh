@@ -40,27 +40,12 @@ MODEL=bench-model
 
 . benches/common.sh
 
-need=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v wrk >/dev/null || need+=(wrk)
-[ "$INSTR" != 1 ] || command -v valgrind >/dev/null || need+=(valgrind)
-apt_install "${need[@]}"
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-resolve_weir_bin
+extra=()
+[ "$INSTR" != 1 ] || extra+=(valgrind)
+bench_tools "${extra[@]}"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-start_workdir cost
-chmod 755 "$DIR"
-
-start_nginx upstream "$(return200_block "$UP_PORT")" "$UP_PORT"
-
-start_nginx nginx "$(proxy_block "$NGINX_PORT" "$UP_PORT")" "$NGINX_PORT"
-NGINX_MASTER=${PIDS[-1]}
-
-bench_weir_config "$WEIR_PORT" "$UP_PORT" >"$DIR/weir.toml"
-start_weir "$WEIR_PORT"
-
-write_post_lua
+start_targets cost
 
 # Clock ticks (user system) used so far by every thread of the pids given.
 ticks() {

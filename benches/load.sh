@@ -40,16 +40,9 @@ STREAM_MODEL=mock-model
 . benches/common.sh
 
 # --- tools ---------------------------------------------------------------
-need=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v wrk >/dev/null || need+=(wrk)
-command -v python3 >/dev/null || need+=(python3)
-command -v curl >/dev/null || need+=(curl)
-[ "$CLUSTER" != 1 ] || command -v redis-server >/dev/null || need+=(redis-server)
-apt_install "${need[@]}"
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-
-resolve_weir_bin
+extra=(python3 curl)
+[ "$CLUSTER" != 1 ] || extra+=(redis-server)
+bench_tools "${extra[@]}"
 
 # 256 streams x 2 sockets each, wrk, nginx: raise the soft limit to the hard one.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

@@ -39,28 +39,14 @@ MODEL=bench-model
 
 . benches/common.sh
 
-need=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v wrk >/dev/null || need+=(wrk)
-command -v python3 >/dev/null || need+=(python3)
-apt_install "${need[@]}"
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-resolve_weir_bin
+bench_tools python3
 
 read -r -a CPUS <<<"$(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
 [ "${#CPUS[@]}" -ge 2 ] || die "needs two CPUs, has ${#CPUS[@]}"
 A=${CPUS[0]}
 B=${CPUS[1]}
 
-start_workdir placement
-chmod 755 "$DIR"
-start_nginx upstream "$(return200_block "$UP_PORT")" "$UP_PORT"
-UP_MASTER=${PIDS[-1]}
-start_nginx nginx "$(proxy_block "$NGINX_PORT" "$UP_PORT")" "$NGINX_PORT"
-NGINX_MASTER=${PIDS[-1]}
-bench_weir_config "$WEIR_PORT" "$UP_PORT" >"$DIR/weir.toml"
-start_weir "$WEIR_PORT"
-write_post_lua
+start_targets placement
 
 # pin CPUS PID...: every thread of each process (and of its children: the
 # nginx workers) may run on CPUS only.
