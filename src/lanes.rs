@@ -31,10 +31,13 @@ use std::{
     io,
     sync::atomic::{AtomicUsize, Ordering},
     sync::OnceLock,
+    time::Duration,
 };
 
 use tokio::runtime::{Builder, Handle};
 use tokio_util::sync::CancellationToken;
+
+use crate::busy_poll;
 
 thread_local! {
     /// This thread's lane: 1..=count() on lane threads, 0 elsewhere.
@@ -64,18 +67,26 @@ pub(crate) struct Lanes {
 }
 
 impl Lanes {
-    /// Starts [`count`] lanes.
+    /// Starts [`count`] lanes, pinned and busy polling as this process's
+    /// CPUs and environment say.
+    pub(crate) fn start() -> io::Result<Self> {
+        let cpus = planned_cpus();
+        let poll = busy_poll::planned(cpus.is_some());
+        Self::start_with(cpus, poll)
+    }
+
+    /// Starts [`count`] lanes, lane *i* pinned to `cpus[i - 1]` if given,
+    /// each polling for `poll` after a head if given.
     ///
     /// Each lane is a runtime with descriptors of its own (epoll, eventfd);
     /// if one cannot start (EMFILE), the lanes already running are stopped
     /// by the partial value's `Drop` instead of idling forever.
-    pub(crate) fn start() -> io::Result<Self> {
+    fn start_with(cpus: Option<Vec<usize>>, poll: Option<Duration>) -> io::Result<Self> {
         let mut lanes = Self {
             handles: Vec::with_capacity(count()),
             next: AtomicUsize::new(0),
             stop: CancellationToken::new(),
         };
-        let cpus = planned_cpus();
         for lane in 1..=count() {
             let runtime = Builder::new_current_thread().enable_all().build()?;
             let handle = runtime.handle().clone();
@@ -90,7 +101,15 @@ impl Lanes {
                             tracing::warn!(lane, cpu, error = %e, "cannot pin the lane to its CPU");
                         }
                     }
-                    runtime.block_on(stop.cancelled());
+                    runtime.block_on(async {
+                        match poll {
+                            Some(window) => tokio::select! {
+                                () = stop.cancelled() => {}
+                                () = busy_poll::run(window) => {}
+                            },
+                            None => stop.cancelled().await,
+                        }
+                    });
                 })?;
             lanes.handles.push(handle);
         }
@@ -249,5 +268,29 @@ mod tests {
         }
         // The thread that started the lanes keeps its own CPUs.
         assert_eq!(affinity::allowed(), before);
+    }
+
+    /// Polls made on the first lane while a task there reads heads, up to
+    /// `tries` times a millisecond apart until the lane has polled.
+    async fn polls_after_heads(poll: Option<Duration>, tries: usize) -> u64 {
+        let lanes = Lanes::start_with(None, poll).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lanes.spawn(async move {
+            for _ in 0..tries {
+                busy_poll::head_read();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                if busy_poll::polls() > 0 {
+                    break;
+                }
+            }
+            let _ = tx.send(busy_poll::polls());
+        });
+        rx.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_lane_polls_after_a_head_only_when_polling_is_on() {
+        assert!(polls_after_heads(Some(Duration::from_micros(50)), 200).await > 0);
+        assert_eq!(polls_after_heads(None, 20).await, 0);
     }
 }

@@ -586,6 +586,7 @@ fn finish(out: &mut Vec<u8>, framing: &Out) -> bool {
 /// its body's framing. `Ok(None)`: not complete yet. A refusal carries the
 /// request when the head was parsed far enough to have one.
 fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
+    crate::busy_poll::head_read();
     let buf = &mut inbound.buf;
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);

@@ -64,6 +64,7 @@ pub(super) async fn serve(
         // connection that is serving a request.
         let busy = Busy::new(watch.clone());
         let shared = shared.clone();
+        crate::busy_poll::head_read();
         async move {
             let (parts, body) = req.into_parts();
             let head = super::ClientHead {
