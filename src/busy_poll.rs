@@ -11,7 +11,8 @@
 //! the backend's answer). A lane that polls through those gaps is awake when
 //! the bytes arrive and sees them on its next `epoll_wait(0)`; the bench's
 //! one-connection round trip through weir drops by about a third, below
-//! the upstream's own when hit directly (docs/BENCHMARKS.md, session 11).
+//! the upstream's own when hit directly (docs/BENCHMARKS.md, sessions 11
+//! and 12).
 //!
 //! The price is CPU that would otherwise be idle, so polling is bounded
 //! three ways: it starts only when a request or response head is read (the
