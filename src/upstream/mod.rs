@@ -243,7 +243,12 @@ pub(crate) async fn send(
             let request = request.map(Full::new);
             match tokio::time::timeout(first_byte_timeout, tls.request(request)).await {
                 Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
-                Ok(Ok(response)) => Ok(response.map(UpstreamBody::Tls)),
+                Ok(Ok(response)) => {
+                    // hyper read the head; weir's own client says so in
+                    // `codec::read_head`.
+                    crate::busy_poll::head_read();
+                    Ok(response.map(UpstreamBody::Tls))
+                }
                 Ok(Err(e)) if e.is_connect() && is_refused(&e) => {
                     Err(AttemptError::Refused(error_chain(&e)))
                 }
