@@ -39,7 +39,7 @@ use tokio::time::Instant;
 /// How long a lane keeps polling after the last head it read: longer than
 /// one request's trip to a fast backend and back on the bench machine
 /// (20–40 µs), far shorter than a kernel time slice.
-pub(crate) const DEFAULT_WINDOW: Duration = Duration::from_micros(50);
+const DEFAULT_WINDOW: Duration = Duration::from_micros(50);
 
 /// How long polling stays off after the lane was preempted while polling,
 /// the first time: a brief contender (the client on the same CPU) gets
@@ -117,15 +117,14 @@ pub(crate) async fn run(window: Duration) {
         if let Some(until) = rule.quiet_until() {
             tokio::time::sleep_until(until).await;
         }
+        // Whether the waker is registered, so that its absence means
+        // `head_read` took it: a head was read.
+        let mut armed = false;
         std::future::poll_fn(|cx| match IDLE.with(Cell::take) {
-            // Armed, and `head_read` took the waker out: a head was read.
-            None if rule.armed => {
-                rule.armed = false;
-                Poll::Ready(())
-            }
+            None if armed => Poll::Ready(()),
             _ => {
                 IDLE.with(|idle| idle.set(Some(cx.waker().clone())));
-                rule.armed = true;
+                armed = true;
                 Poll::Pending
             }
         })
@@ -159,8 +158,6 @@ pub(crate) fn polls() -> u64 {
 #[derive(Debug)]
 struct Rule {
     window: Duration,
-    /// The waker is registered and a wake-up means a head was read.
-    armed: bool,
     /// Heads read when last looked at, and when that count last moved.
     heads: u64,
     since: Instant,
@@ -176,7 +173,6 @@ impl Rule {
     fn new(window: Duration) -> Self {
         Self {
             window,
-            armed: false,
             heads: 0,
             since: Instant::now(),
             preemptions: 0,

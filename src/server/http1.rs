@@ -249,6 +249,7 @@ impl Conn {
                         && inbound.buf.len() < H2_PREFACE.len()
                         && H2_PREFACE.starts_with(&inbound.buf);
                     if !maybe_h2 {
+                        crate::busy_poll::head_read();
                         match parse_head(&mut inbound) {
                             Ok(Some(head)) => return Next::Head(head),
                             Ok(None) => {}
@@ -586,7 +587,6 @@ fn finish(out: &mut Vec<u8>, framing: &Out) -> bool {
 /// its body's framing. `Ok(None)`: not complete yet. A refusal carries the
 /// request when the head was parsed far enough to have one.
 fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
-    crate::busy_poll::head_read();
     let buf = &mut inbound.buf;
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);

@@ -433,7 +433,6 @@ pub(crate) struct Head {
 /// `head_request`: the request was `HEAD`, so no body follows whatever the
 /// headers say.
 pub(crate) fn read_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Malformed> {
-    crate::busy_poll::head_read();
     loop {
         // Uninitialised slots: zeroing 100 headers costs more than parsing
         // the handful a backend sends.

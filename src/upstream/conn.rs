@@ -319,6 +319,7 @@ async fn exchange(
     loop {
         // Nothing to parse before the first read.
         if received {
+            crate::busy_poll::head_read();
             match codec::read_head(&mut buf, request.head_request) {
                 Ok(Some(head)) => return Ok((stream, buf, head)),
                 Ok(None) => {}

@@ -245,7 +245,7 @@ pub(crate) async fn send(
                 Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
                 Ok(Ok(response)) => {
                     // hyper read the head; weir's own client says so in
-                    // `codec::read_head`.
+                    // `conn.rs`, before it parses one.
                     crate::busy_poll::head_read();
                     Ok(response.map(UpstreamBody::Tls))
                 }
