@@ -734,6 +734,11 @@ fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, Malformed> {
             .ok_or(Malformed("chunk size too large"))?;
         digits += 1;
         i += 1;
+        // Leading zeros never overflow `size`: without this, a line of
+        // endless `0`s would be buffered and rescanned without bound.
+        if i > MAX_CHUNK_LINE {
+            return Err(Malformed("chunk-size line too long"));
+        }
     }
     if buf.get(i).is_some() && digits == 0 {
         return Err(invalid);
@@ -1049,6 +1054,14 @@ mod tests {
         let mut framing = Framing::Chunked(Chunk::Size);
         let mut buf = BytesMut::from(&[b'1'; MAX_CHUNK_LINE + 1][..]);
         assert!(framing.decode(&mut buf).is_err());
+        // Zeros never overflow the size, so only the line limit stops them.
+        let mut framing = Framing::Chunked(Chunk::Size);
+        let mut buf = BytesMut::from(&[b'0'; MAX_CHUNK_LINE + 1][..]);
+        assert!(framing.decode(&mut buf).is_err());
+        // A size with leading zeros inside the limit is still a size.
+        let mut framing = Framing::Chunked(Chunk::Size);
+        let mut buf = BytesMut::from(&b"0002\r\nok\r\n0\r\n\r\n"[..]);
+        assert_eq!(framing.decode(&mut buf).unwrap().unwrap(), "ok");
         // Good data read together with the broken framing after it still
         // comes out, and the error with the next call.
         let mut framing = Framing::Chunked(Chunk::Size);
