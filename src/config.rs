@@ -701,6 +701,12 @@ const ZERO_RATE: &str = "must be at least 1: a zero rate or cap would refuse eve
 /// Message for a zero count where the key has a default.
 const ZERO_COUNT: &str = "must be at least 1";
 
+/// The longest duration any key takes. Far beyond any sane timeout or
+/// window, yet small enough that adding it to a clock reading can never
+/// overflow (`Instant + Duration` panics past about 2^63 s) and the wall
+/// times `/admin/backends` prints stay within RFC 3339's years.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 /// Collects errors and warnings while turning the raw layer into [`Config`].
 struct Checker<'a> {
     file: &'a str,
@@ -742,6 +748,14 @@ impl Checker<'_> {
         match humantime::parse_duration(v.get_ref().trim()) {
             Ok(d) if d.is_zero() && zero == Zero::Refused => {
                 self.error(v.span(), key, "must be longer than 0");
+                default
+            }
+            Ok(d) if d > MAX_DURATION => {
+                self.error(
+                    v.span(),
+                    key,
+                    format!("must be at most 365d (got {:?})", v.get_ref()),
+                );
                 default
             }
             Ok(d) => d,
@@ -1030,6 +1044,18 @@ impl Checker<'_> {
             Some(v) => match self.uint(v, "server.max_connections", usize::MAX) {
                 Some(0) => {
                     self.error(v.span(), "server.max_connections", ZERO_COUNT);
+                    defaults::MAX_CONNECTIONS
+                }
+                // The connection semaphore holds at most this many permits.
+                Some(n) if n > tokio::sync::Semaphore::MAX_PERMITS => {
+                    self.error(
+                        v.span(),
+                        "server.max_connections",
+                        format!(
+                            "is too large (got {n}, at most {})",
+                            tokio::sync::Semaphore::MAX_PERMITS
+                        ),
+                    );
                     defaults::MAX_CONNECTIONS
                 }
                 Some(n) => n,
@@ -2591,6 +2617,26 @@ budget_percent = 200
             .next()
             .unwrap()
             .starts_with("bad.toml:2:10: server.listen: "));
+    }
+
+    /// Values that would overflow a clock or a semaphore at run time are
+    /// refused here, with the limit in the message, instead of panicking a
+    /// running gateway (`Instant + Duration` past 2^63 s).
+    #[test]
+    fn huge_durations_and_connection_caps_are_refused() {
+        let with = |server: &str| format!("[server]\n{server}\n{MINIMAL}");
+        for key in ["request_timeout", "header_read_timeout", "idle_timeout"] {
+            let e = one_error(&with(&format!("{key} = \"300000000000y\"")));
+            assert_eq!(e.key, format!("server.{key}"));
+            assert!(e.message.contains("at most 365d"), "{}", e.message);
+        }
+        let e = one_error(&format!("{MINIMAL}\n[health]\nslow_start = \"366d\"\n"));
+        assert_eq!(e.key, "health.slow_start");
+        let ok = Config::parse(&with("request_timeout = \"365d\""), "ok.toml", &no_env);
+        assert_eq!(ok.unwrap().server.request_timeout, MAX_DURATION);
+        let e = one_error(&with("max_connections = 9_000_000_000_000_000_000"));
+        assert_eq!(e.key, "server.max_connections");
+        assert!(e.message.contains("too large"), "{}", e.message);
     }
 
     #[test]
