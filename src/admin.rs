@@ -178,7 +178,9 @@ pub(crate) fn authorize(
                 Err(ApiError::AdminForbidden("a valid admin token is required"))
             }
         }
-        None if peer.ip().is_loopback() => Ok(()),
+        // On a dual-stack `[::]` listener an IPv4 client arrives as
+        // `::ffff:127.0.0.1`, which is loopback only once made canonical.
+        None if peer.ip().to_canonical().is_loopback() => Ok(()),
         None => Err(ApiError::AdminForbidden(
             "admin endpoints answer only loopback clients",
         )),
@@ -230,10 +232,15 @@ mod tests {
         let loopback: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let v6_loopback: SocketAddr = "[::1]:5000".parse().unwrap();
         let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        // What a dual-stack `[::]` listener reports for IPv4 peers.
+        let mapped_loopback: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
+        let mapped_remote: SocketAddr = "[::ffff:10.1.2.3]:5000".parse().unwrap();
         let open = snapshot("");
         assert!(authorize(&none(), loopback, &open).is_ok());
         assert!(authorize(&none(), v6_loopback, &open).is_ok());
+        assert!(authorize(&none(), mapped_loopback, &open).is_ok());
         assert!(authorize(&none(), remote, &open).is_err());
+        assert!(authorize(&none(), mapped_remote, &open).is_err());
         assert!(authorize(&headers("Bearer anything"), remote, &open).is_err());
 
         let locked = snapshot("admin_token_env = \"TOKEN\"");
