@@ -620,6 +620,37 @@ async fn hostile_json_bodies_are_refused() {
     assert_untouched_and_serving(&gw, &m).await;
 }
 
+/// A body that stalls counts against `request_timeout` (SPEC "Slow
+/// clients"): 504 `upstream_timeout` once it runs out, the connection
+/// closed, and nothing sent to the backend.
+#[tokio::test]
+async fn stalled_bodies_get_504_at_request_timeout() {
+    let (gw, m) = setup("request_timeout = \"500ms\"").await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\nContent-Length: {}\r\n\r\n",
+        BODY.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&BODY.as_bytes()[..10]).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply))
+        .await
+        .expect("the connection was not closed")
+        .unwrap();
+    let took = start.elapsed();
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.1 504 "), "{text}");
+    assert!(text.contains("\"code\":\"upstream_timeout\""), "{text}");
+    assert!(text.contains("\"type\":\"timeout\""), "{text}");
+    assert!(
+        took >= Duration::from_millis(400),
+        "answered too early: {took:?}"
+    );
+    assert_untouched_and_serving(&gw, &m).await;
+}
+
 /// Slowloris: a head dripped a byte at a time is cut at
 /// `header_read_timeout` (counted from the accept), without an answer and
 /// without touching the backend; others are served meanwhile.

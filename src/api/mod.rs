@@ -74,8 +74,10 @@ pub enum ApiError {
         /// `server.max_body_bytes`.
         limit: usize,
     },
-    /// The client did not send its whole body within the time allowed (408).
-    #[error("The request body was not received in time.")]
+    /// The client did not send its whole body within `request_timeout`:
+    /// 504 `upstream_timeout`, as SPEC's table has it for `request_timeout`
+    /// (SPEC "Slow clients": a stalled body counts against it).
+    #[error("The request body was not received within request_timeout.")]
     BodyTimeout,
     /// The client's body could not be read (400).
     #[error("The request body could not be read: {0}")]
@@ -192,9 +194,9 @@ impl ApiError {
                 Some("request_too_large"),
             ),
             BodyTimeout => (
-                StatusCode::REQUEST_TIMEOUT,
-                "invalid_request_error",
-                Some("request_timeout"),
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                Some("upstream_timeout"),
             ),
             BadGateway { .. } => (
                 StatusCode::BAD_GATEWAY,
