@@ -300,7 +300,7 @@ pub struct RetryConfig {
 pub struct ClusterConfig {
     /// The env var holding the Redis URL.
     pub redis_url_env: String,
-    /// `redis://` or `rediss://` URL; a secret because it may carry a password.
+    /// `redis://` or `redis+unix://` URL; a secret because it may carry a password.
     pub redis_url: Secret,
     /// Redis keys are `{key_prefix}:{limit}:{model}`; non-empty.
     pub key_prefix: String,
@@ -1668,15 +1668,28 @@ impl Checker<'_> {
         };
         let url = self.env_value(&name, "cluster.redis_url_env", env)?;
         let url = url.trim();
-        if !(url.starts_with("redis://")
-            || url.starts_with("rediss://")
-            || url.starts_with("redis+unix://"))
-        {
-            let var = name.get_ref().trim();
+        let var = name.get_ref().trim();
+        // Checked as the cluster will open it, so `check` passes no URL that
+        // `serve` then refuses; the URL itself is never echoed (a password).
+        if url.starts_with("rediss://") {
             self.error(
                 name.span(),
                 "cluster.redis_url_env",
-                format!("environment variable {var} does not hold a redis:// or rediss:// URL"),
+                format!(
+                    "environment variable {var} holds a rediss:// URL, and this build has no \
+                     TLS for Redis; use redis:// or redis+unix://"
+                ),
+            );
+        } else if !(url.starts_with("redis://") || url.starts_with("redis+unix://"))
+            || redis::Client::open(url).is_err()
+        {
+            self.error(
+                name.span(),
+                "cluster.redis_url_env",
+                format!(
+                    "environment variable {var} does not hold a valid redis:// or \
+                     redis+unix:// URL"
+                ),
             );
         }
         Some(ClusterConfig {
@@ -2666,8 +2679,20 @@ budget_percent = 200
         // A Redis URL that is not redis:// is refused without echoing it.
         let bad_redis = |n: &str| (n == "WEIR_REDIS_URL").then(|| format!("http://{SENTINEL}"));
         let errs = Config::parse(&format!("{MINIMAL}[cluster]\n"), "f", &bad_redis).unwrap_err();
-        assert!(errs.to_string().contains("does not hold a redis://"));
+        assert!(errs.to_string().contains("does not hold a valid redis://"));
         assert!(!errs.to_string().contains("SENTINEL"));
+        // rediss:// would pass a prefix check but the cluster cannot open it
+        // (no TLS in this build): `check` refuses it too, again unechoed.
+        for url in [
+            format!("rediss://:{SENTINEL}@redis:6379/0"),
+            format!("redis://:{SENTINEL}@[bad:6379/0"),
+        ] {
+            let env = |n: &str| (n == "WEIR_REDIS_URL").then(|| url.clone());
+            let errs = Config::parse(&format!("{MINIMAL}[cluster]\n"), "f", &env).unwrap_err();
+            assert_eq!(errs.0.len(), 1, "{errs}");
+            assert_eq!(errs.0[0].key, "cluster.redis_url_env");
+            assert!(!errs.to_string().contains(SENTINEL), "{errs}");
+        }
     }
 
     #[test]
