@@ -39,12 +39,12 @@ pub(crate) fn readyz(shared: &Shared) -> Response<GatewayBody> {
     }
 }
 
-/// `GET /metrics`: Prometheus text.
+/// `GET /metrics`: Prometheus text format 0.0.4 (SPEC).
 pub(crate) fn metrics(shared: &Shared) -> Response<GatewayBody> {
     let mut response = Response::new(GatewayBody::full(shared.metrics.render()));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
     );
     response
 }

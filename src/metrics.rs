@@ -458,14 +458,116 @@ impl Metrics {
         }
     }
 
-    /// The exposition text (OpenMetrics text, which Prometheus reads).
+    /// The exposition text in Prometheus text format 0.0.4, which SPEC
+    /// promises and every Prometheus-compatible scraper and parser reads.
     pub(crate) fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
+        let mut openmetrics = String::with_capacity(4096);
         // Writing into a String cannot fail; an encoder error would mean a
         // bug in a label type, and an empty answer is then the honest one.
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
+        if encode(&mut openmetrics, &self.registry).is_err() {
+            return String::new();
         }
-        out
+        prometheus_text(&openmetrics)
+    }
+}
+
+/// The Content-Type of [`Metrics::render`]'s text.
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text, the only format `prometheus-client` writes, as
+/// Prometheus text 0.0.4. The samples are the same; only the metadata
+/// differs: a counter family is named without `_total` in OpenMetrics but
+/// with it in Prometheus text (else parsers see its samples as untyped),
+/// and OpenMetrics' `# UNIT` and `# EOF` lines do not exist there.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 8 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(&name) && !name.ends_with("_total") {
+                    out.push_str("_total");
+                }
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counter metadata gains `_total` to match its samples, and nothing
+    /// OpenMetrics-only is left; gauges and histograms are unchanged.
+    #[test]
+    fn openmetrics_becomes_prometheus_text() {
+        let om = "# HELP weir_requests Requests answered.\n\
+                  # TYPE weir_requests counter\n\
+                  weir_requests_total{model=\"m\"} 3\n\
+                  # HELP weir_in_flight In flight.\n\
+                  # TYPE weir_in_flight gauge\n\
+                  weir_in_flight{model=\"m\"} 1\n\
+                  # HELP weir_d_seconds D.\n\
+                  # TYPE weir_d_seconds histogram\n\
+                  # UNIT weir_d_seconds seconds\n\
+                  weir_d_seconds_sum 0.5\n\
+                  weir_d_seconds_count 1\n\
+                  weir_d_seconds_bucket{le=\"+Inf\"} 1\n\
+                  # EOF\n";
+        assert_eq!(
+            prometheus_text(om),
+            "# HELP weir_requests_total Requests answered.\n\
+             # TYPE weir_requests_total counter\n\
+             weir_requests_total{model=\"m\"} 3\n\
+             # HELP weir_in_flight In flight.\n\
+             # TYPE weir_in_flight gauge\n\
+             weir_in_flight{model=\"m\"} 1\n\
+             # HELP weir_d_seconds D.\n\
+             # TYPE weir_d_seconds histogram\n\
+             weir_d_seconds_sum 0.5\n\
+             weir_d_seconds_count 1\n\
+             weir_d_seconds_bucket{le=\"+Inf\"} 1\n"
+        );
+    }
+
+    /// The registry as served parses as Prometheus text with every counter
+    /// typed as one.
+    #[test]
+    fn rendered_counters_are_typed_counters() {
+        let metrics = Metrics::new();
+        metrics.request_counters("m", "b").inc(200);
+        let text = metrics.render();
+        assert!(!text.contains("# EOF"), "{text}");
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .expect("parses as Prometheus text");
+        let requests = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "weir_requests_total")
+            .expect("weir_requests_total is exported");
+        assert!(
+            matches!(requests.value, prometheus_parse::Value::Counter(v) if v == 1.0),
+            "{:?}",
+            requests.value
+        );
     }
 }

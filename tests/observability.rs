@@ -104,7 +104,18 @@ async fn metrics_parse_and_move_with_requests_429s_and_retries() {
     assert_eq!(value(&after, "weir_cluster_replicas", &[]), 1.0);
     // Every SPEC metric is exported (weir_backend_up needs active checks,
     // which this gateway has off; tests/health.rs covers it).
-    let text = get(gw.addr(), "/metrics").await.text();
+    let r = get(gw.addr(), "/metrics").await;
+    // SPEC: Prometheus text format (0.0.4), not OpenMetrics.
+    assert_eq!(
+        r.header("content-type"),
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = r.text();
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(
+        text.contains("# TYPE weir_requests_total counter\n"),
+        "{text}"
+    );
     for name in [
         "weir_requests_total",
         "weir_request_duration_seconds",
