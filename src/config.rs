@@ -487,17 +487,26 @@ impl Config {
             }
             return Err(ConfigErrors(check.errors));
         }
-        let raw: RawConfig = match toml::from_str(text) {
-            Ok(raw) => raw,
-            Err(e) => {
-                // Unknown key or wrong type: serde stops here, so this is the only error.
-                let span = e.span().unwrap_or(0..0);
-                let key = key_path_at(text, span.start).unwrap_or_else(|| "(toml)".to_owned());
-                check.error(span, key, e.message().to_owned());
-                return Err(ConfigErrors(check.errors));
-            }
+        let (raw, schema_errors) = schema(text);
+        for (span, message) in schema_errors {
+            let key = key_path_at(text, span.start).unwrap_or_else(|| "(toml)".to_owned());
+            check.error(span, key, message);
+        }
+        // The rest of the file is still checked when only whole entries
+        // had to be left out, so one run lists every error.
+        let Some(raw) = raw else {
+            return Err(ConfigErrors(check.errors));
         };
+        let schema_errors = check.errors.len();
         let config = check.config(raw, env);
+        // A key taken out is then missing, or at its default: not news.
+        let (schema, validation) = check.errors.split_at(schema_errors);
+        let validation: Vec<ConfigError> = (validation.iter())
+            .filter(|v| schema.iter().all(|s| s.key != v.key))
+            .cloned()
+            .collect();
+        check.errors.truncate(schema_errors);
+        check.errors.extend(validation);
         if check.errors.is_empty() {
             Ok(Config {
                 warnings: check.warnings,
@@ -1719,6 +1728,122 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// The most schema errors (unknown keys, wrong types) one run reports.
+const MAX_SCHEMA_ERRORS: usize = 100;
+
+/// Every unknown key and wrong type in the file, with its span and serde's
+/// message, and the raw layer of what is left once those entries are taken
+/// out (`None` when that could not be done). serde stops at the first such
+/// error, so after each one the entry it points at is removed from the
+/// parsed document and the rest deserialized again; spans stay those of the
+/// original text. A missing key reported after another error may only be
+/// that removal's echo (a mistyped required key), so it ends the list.
+fn schema(text: &str) -> (Option<RawConfig>, Vec<(Range<usize>, String)>) {
+    let mut doc = match toml::de::DeTable::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            return (
+                None,
+                vec![(e.span().unwrap_or(0..0), e.message().to_owned())],
+            )
+        }
+    };
+    let mut errors = Vec::new();
+    while errors.len() < MAX_SCHEMA_ERRORS {
+        let e = match RawConfig::deserialize(toml::de::Deserializer::from(doc.clone())) {
+            Ok(raw) => return (Some(raw), errors),
+            Err(e) => e,
+        };
+        if !errors.is_empty() && e.message().starts_with("missing field") {
+            break;
+        }
+        let Some(span) = e.span() else {
+            // Nothing to take out: report it and stop.
+            errors.push((0..0, e.message().to_owned()));
+            break;
+        };
+        errors.push((span.clone(), e.message().to_owned()));
+        if !remove_entry_at(doc.get_mut(), span.start) {
+            break;
+        }
+    }
+    (None, errors)
+}
+
+/// Removes the narrowest entry (table key or array item) whose key or value
+/// holds the byte `offset`, the one [`key_path_at`] names; false if none does.
+fn remove_entry_at(table: &mut toml::de::DeTable<'_>, offset: usize) -> bool {
+    use toml::de::{DeTable, DeValue};
+
+    fn holds(span: &Range<usize>, offset: usize) -> bool {
+        span.contains(&offset) || (span.is_empty() && span.start == offset)
+    }
+
+    fn consider(span: Range<usize>, offset: usize, best: &mut Option<Range<usize>>) {
+        if holds(&span, offset) && best.as_ref().is_none_or(|b| span.len() <= b.len()) {
+            *best = Some(span);
+        }
+    }
+
+    fn narrowest(table: &DeTable<'_>, offset: usize, best: &mut Option<Range<usize>>) {
+        for (k, v) in table.iter() {
+            consider(k.span(), offset, best);
+            consider(v.span(), offset, best);
+            match v.get_ref() {
+                DeValue::Table(t) => narrowest(t, offset, best),
+                DeValue::Array(items) => {
+                    for item in items.iter() {
+                        consider(item.span(), offset, best);
+                        if let DeValue::Table(t) = item.get_ref() {
+                            narrowest(t, offset, best);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn remove(table: &mut DeTable<'_>, target: &Range<usize>) -> bool {
+        let hit = table
+            .iter()
+            .find(|(k, v)| k.span() == *target || v.span() == *target)
+            .map(|(k, _)| k.get_ref().to_string());
+        if let Some(name) = hit {
+            return table.remove(name.as_str()).is_some();
+        }
+        for (_, v) in table.iter_mut() {
+            let removed = match v.get_mut() {
+                DeValue::Table(t) => remove(t, target),
+                DeValue::Array(items) => {
+                    match items.iter().position(|item| item.span() == *target) {
+                        Some(i) => {
+                            *items = (items.iter().enumerate())
+                                .filter(|&(j, _)| j != i)
+                                .map(|(_, item)| item.clone())
+                                .collect();
+                            true
+                        }
+                        None => items.iter_mut().any(|item| match item.get_mut() {
+                            DeValue::Table(t) => remove(t, target),
+                            _ => false,
+                        }),
+                    }
+                }
+                _ => false,
+            };
+            if removed {
+                return true;
+            }
+        }
+        false
+    }
+
+    let mut best = None;
+    narrowest(table, offset, &mut best);
+    best.is_some_and(|target| remove(table, &target))
+}
+
 /// The dotted key path (`server.bogus`, `backends[1].liveness.zz`) of the entry at a byte
 /// offset, found by walking the spanned document. Used for serde errors, which carry a span
 /// but no path. Header tables (`[server]`) span only their header, so the walk descends into
@@ -2184,6 +2309,18 @@ key_prefix = "prod"
         errs.into_iter().next().unwrap()
     }
 
+    /// `errs` are exactly these (line, column, key, part of the message).
+    fn assert_exactly(errs: &[ConfigError], expect: &[(usize, usize, &str, &str)]) {
+        let all = ConfigErrors(errs.to_vec()).to_string();
+        for &(line, col, key, needle) in expect {
+            assert!(
+                has(errs, line, col, key, needle),
+                "missing {line}:{col}: {key}: ..{needle}.. in\n{all}"
+            );
+        }
+        assert_eq!(errs.len(), expect.len(), "{all}");
+    }
+
     fn has(errs: &[ConfigError], line: usize, column: usize, key: &str, needle: &str) -> bool {
         errs.iter().any(|e| {
             e.line == line && e.column == column && e.key == key && e.message.contains(needle)
@@ -2522,6 +2659,57 @@ key_prefix = "prod"
         assert_eq!(e.column, 19);
     }
 
+    /// SPEC `weir check`: every error. Unknown keys and wrong types at every
+    /// level are all reported, each at its own place, with the validation
+    /// errors of the rest, and nothing else.
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_reported() {
+        let text = r#"bogus_top = 1
+
+[server]
+listn = "127.0.0.1:1"
+max_connections = "many"
+
+[[models]]
+name = "m"
+burts = 5
+
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9001/v1"
+models = ["m"]
+weight = "heavy"
+
+[health]
+liveness = { intervl = "5s" }
+slow_start = "soon"
+
+[nonsense]
+x = 1
+"#;
+        let errs = errors(text);
+        let expect = [
+            (1, 1, "bogus_top", "unknown field"),
+            (4, 1, "server.listn", "unknown field"),
+            (5, 19, "server.max_connections", "invalid type"),
+            (9, 1, "models[0].burts", "unknown field"),
+            (15, 10, "backends[0].weight", "invalid type"),
+            (18, 14, "health.liveness.intervl", "unknown field"),
+            // A validation error in what is left is reported in the same run.
+            (19, 14, "health.slow_start", "not a duration"),
+            (21, 2, "nonsense", "unknown field"),
+        ];
+        assert_exactly(&errs, &expect);
+        assert!(errs
+            .windows(2)
+            .all(|w| (w[0].line, w[0].column) < (w[1].line, w[1].column)));
+        // A mistyped required key is reported as such, not also as missing.
+        let errs = errors(&MINIMAL.replace("name = \"b\"", "name = 7\nnmae = \"b\""));
+        let all = ConfigErrors(errs.clone()).to_string();
+        assert_eq!(errs.len(), 2, "{all}");
+        assert!(!all.contains("missing field"), "{all}");
+    }
+
     #[test]
     fn bad_duration_names_its_key_and_position() {
         let text = format!("{MINIMAL}[server]\nrequest_timeout = \"5 parsecs\"\n");
@@ -2616,13 +2804,7 @@ budget_percent = 200
             (41, 18, "retry.budget_percent", "at most 100"),
             (43, 1, "cluster.redis_url_env", "WEIR_REDIS_URL is not set"),
         ];
-        for (line, col, key, needle) in expect {
-            assert!(
-                has(&errs, line, col, key, needle),
-                "missing {line}:{col}: {key}: ..{needle}.. in\n{all}"
-            );
-        }
-        assert_eq!(errs.len(), expect.len(), "{all}");
+        assert_exactly(&errs, &expect);
         // Sorted by position, one per line in Display.
         assert_eq!(all.lines().count(), errs.len());
         assert!(all
