@@ -6,7 +6,7 @@
 # directly, nginx as a proxy and each weir once, with `wrk -t1` at C
 # connections, the order reversed every other round. It prints each round
 # and then, per weir, the median of the per-round ratios to nginx (with
-# their range) for req/s, p50, p99 and CPU per request.
+# their range) for req/s, mean latency, p50, p99 and CPU per request.
 #
 #   benches/variants.sh
 #   VARIANTS="weir off:WEIR_BUSY_POLL=off nopin:WEIR_CPU_AFFINITY=off" benches/variants.sh
@@ -136,8 +136,8 @@ RESULTS="$DIR/rounds.txt"
 echo
 echo "wrk -t1 -c$C -d${DURATION}s, $ROUNDS rounds, POST /v1/chat/completions (small chat JSON)"
 echo
-echo "| round | target | req/s | p50 | p99 | proxy CPU µs/req |"
-echo "|---|---|---|---|---|---|"
+echo "| round | target | req/s | mean | p50 | p99 | proxy CPU µs/req |"
+echo "|---|---|---|---|---|---|---|"
 for round in $(seq "$ROUNDS"); do
     order=("${names[@]}")
     if [ $((round % 2)) = 0 ]; then
@@ -152,12 +152,13 @@ for round in $(seq "$ROUNDS"); do
         [ -z "$pids" ] || after=$(oncpu $pids)
         n=$(awk '/requests in/ {print $1}' <<<"$out")
         rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
+        mean=$(to_us "$(awk '$1 == "Latency" {print $2; exit}' <<<"$out")")
         p50=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
         p99=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
         cpu=$(awk -v d=$((after - before)) -v n="$n" 'BEGIN { printf "%.1f", n ? d / 1000 / n : 0 }')
         [ -n "$pids" ] || cpu=-
-        echo "$round $name $rps $p50 $p99 $cpu" >>"$RESULTS"
-        echo "| $round | $name | $rps | ${p50} µs | ${p99} µs | $cpu |"
+        echo "$round $name $rps $mean $p50 $p99 $cpu" >>"$RESULTS"
+        echo "| $round | $name | $rps | ${mean} µs | ${p50} µs | ${p99} µs | $cpu |"
     done
 done
 
@@ -168,15 +169,16 @@ python3 - "$RESULTS" <<'EOF'
 import statistics, sys
 rounds = {}
 for line in open(sys.argv[1]):
-    r, name, rps, p50, p99, cpu = line.split()
-    rounds.setdefault(r, {})[name] = [float(rps), float(p50), float(p99),
+    r, name, rps, mean, p50, p99, cpu = line.split()
+    rounds.setdefault(r, {})[name] = [float(rps), float(mean), float(p50),
+                                      float(p99),
                                       None if cpu == "-" else float(cpu)]
 names = [n for n in next(iter(rounds.values())) if n not in ("direct", "nginx")]
-print("| variant | req/s | p50 | p99 | CPU per request |")
-print("|---|---|---|---|---|")
+print("| variant | req/s | mean latency | p50 | p99 | CPU per request |")
+print("|---|---|---|---|---|---|")
 for name in names:
     cells = []
-    for i in range(4):
+    for i in range(5):
         ratios = [r[name][i] / r["nginx"][i] for r in rounds.values()
                   if r["nginx"][i]]
         if not ratios:
