@@ -45,6 +45,8 @@ use crate::{
 enum Failure {
     /// The attempt failed before any response (connect, reset, timeout).
     Attempt(AttemptError),
+    /// The backend answered 429 or 5xx, and no retry was left.
+    Status(StatusCode),
 }
 
 /// SPEC "Admin"/401: when `api_keys_env` is set, the client must send one of
@@ -268,17 +270,14 @@ impl Exchange<'_> {
                         .inc();
                     tokio::time::sleep(delay).await;
                 }
-                None => match held {
-                    // No retry left: the backend's own answer goes to the
-                    // client as it came (its status, its Retry-After).
-                    Some((response, in_flight)) => {
-                        let Some(admitted) = admitted.take() else {
-                            break;
-                        };
-                        return Ok(self.respond(response, member, in_flight, admitted));
+                // No retry left: every attempt failed, which SPEC answers
+                // with 502 even when the last one was a 429 or 5xx answer.
+                None => {
+                    if let Some((response, _)) = held {
+                        last = Some(Failure::Status(response.status()));
                     }
-                    None => break,
-                },
+                    break;
+                }
             }
         }
         Err(match last {
@@ -287,6 +286,10 @@ impl Exchange<'_> {
             Some(Failure::Attempt(e)) => ApiError::BadGateway {
                 model: self.route.config.name.clone(),
                 detail: e.to_string(),
+            },
+            Some(Failure::Status(status)) => ApiError::BadGateway {
+                model: self.route.config.name.clone(),
+                detail: format!("the last backend answered {}", status.as_u16()),
             },
         })
     }

@@ -320,12 +320,15 @@ async fn an_upstream_429_sends_traffic_elsewhere_until_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_try_each_backend_once_then_pass_the_last_answer_through() {
+async fn retries_try_each_backend_once_then_answer_502() {
     let ms = mocks(3, MockConfig::default().failure_rate(1.0)).await;
     let health = "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 100\n\n[retry]\nmax_attempts = 3\nbase_delay = \"1ms\"\nmax_delay = \"5ms\"\n";
     let gw = gateway(&config_for(&ms, &[1, 1, 1], health, "")).await;
     let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
-    assert_eq!(r.status, 500, "the last backend's own answer: {}", r.text());
+    // SPEC: 502 `bad_gateway` when every attempt failed, a 5xx answer too.
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "bad_gateway", "{}", r.text());
+    assert!(r.text().contains("answered 500"), "{}", r.text());
     let seen: Vec<u64> = ms.iter().map(MockHandle::requests).collect();
     assert_eq!(seen, vec![1, 1, 1], "never the same backend twice");
     let metrics = get(gw.addr(), "/metrics").await.text();
@@ -342,8 +345,22 @@ async fn a_single_backend_is_retried_after_a_transient_failure() {
     let gw = gateway(&config_for(&ms, &[1], health, "")).await;
     ms[0].update(|c| c.failure_rate = 1.0);
     let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
-    assert_eq!(r.status, 500);
+    assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(ms[0].requests(), 3, "all attempts went to the only backend");
+}
+
+/// A backend's 429 is a failed attempt too: with no retry left the client
+/// gets weir's 502, not the backend's 429 (SPEC: every attempt failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_no_retry_left_is_a_502() {
+    let ms = mocks(1, MockConfig::default().rate_limit(1.0, 1)).await;
+    let health = "[health]\nenabled = false\n\n[retry]\nmax_attempts = 1\n";
+    let gw = gateway(&config_for(&ms, &[1], health, "")).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "upstream_error", "{}", r.text());
+    assert!(r.text().contains("answered 429"), "{}", r.text());
+    assert_eq!(ms[0].requests(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,7 +376,7 @@ async fn the_retry_budget_caps_retries() {
     let gw = gateway(&config_for(&ms, &[1, 1], health, "")).await;
     let addr = gw.addr();
     let statuses = concurrent_chats(addr, MODEL, 20).await;
-    assert!(statuses.iter().all(|&s| s == 500), "{statuses:?}");
+    assert!(statuses.iter().all(|&s| s == 502), "{statuses:?}");
     let total: u64 = ms.iter().map(MockHandle::requests).sum();
     let retries = total - 20;
     println!("FIGURE retry-budget 20 failing requests -> {retries} retries");
