@@ -294,7 +294,15 @@ impl ProxiedBody {
     fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.finished = true;
         self.in_flight = None;
+        // An unfinished event is held back, never half sent, unless it was
+        // too large to hold: then the error event must end it first.
+        let mid_event = matches!(
+            &self.accounting,
+            Some(Accounting { reader: UsageReader::Sse(filter), .. })
+                if filter.sent_part_of_an_event()
+        );
         // No usage will come: the estimate stays charged; the permit returns.
+        // A held, unfinished event is dropped with it.
         self.accounting = None;
         // The backend's failures count towards outlier detection and
         // `weir_upstream_errors_total`; weir's own deadline does not.
@@ -324,7 +332,8 @@ impl ProxiedBody {
             let event = serde_json::json!({
                 "error": { "message": message, "type": "upstream_error", "param": null, "code": "stream_error" }
             });
-            let frame = Bytes::from(format!("event: error\ndata: {event}\n\n"));
+            let end = if mid_event { "\n\n" } else { "" };
+            let frame = Bytes::from(format!("{end}event: error\ndata: {event}\n\n"));
             Poll::Ready(Some(Ok(Frame::data(frame))))
         } else {
             Poll::Ready(Some(Err(error)))

@@ -385,6 +385,58 @@ async fn the_retry_budget_caps_retries() {
     assert!(retries >= 1, "a budget still allows some retries");
 }
 
+/// A stream that breaks in the middle of an event never leaves half an event
+/// at the client, where the error event would be read as part of it; with
+/// the client's own `include_usage` (nothing stripped) as without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_breaks_mid_event_ends_with_a_clean_error_event() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                let body = "data: {\"object\":\"chat.completion.chunk\",\"choices\":[]}\n\n\
+                            data: {\"object\":\"chat.comp";
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                drop(s);
+            });
+        }
+    });
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}[health]\nenabled = false\n",
+        backend("broken", &format!("http://{up_addr}/v1"), &[MODEL], 1),
+    );
+    let gw = gateway(&toml).await;
+    for body in [
+        chat(MODEL, true),
+        format!(
+            "{{\"model\":\"{MODEL}\",\"stream\":true,\"stream_options\":{{\"include_usage\":true}},\"messages\":[]}}"
+        ),
+    ] {
+        let s = post_stream(gw.addr(), "/v1/chat/completions", &body).await;
+        assert_eq!(s.status, 200);
+        let text = s.text();
+        assert!(text.contains("chat.completion.chunk"), "{text}");
+        assert!(!text.contains("\"chat.comp\n") && !text.contains("chat.compevent"), "{text}");
+        // Every event is whole: each data line is JSON, the last one the error.
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        for event in &events {
+            let data = event.lines().find_map(|l| l.strip_prefix("data: "));
+            let data = data.unwrap_or_else(|| panic!("no data in {event:?}: {text}"));
+            assert!(serde_json::from_str::<serde_json::Value>(data).is_ok(), "{text}");
+        }
+        assert!(events.last().is_some_and(|e| e.starts_with("event: error")), "{text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_breaks_after_its_first_byte_ends_with_an_error_and_is_not_replayed() {
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

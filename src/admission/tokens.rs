@@ -88,11 +88,14 @@ pub struct Usage {
 /// returns a slice of that frame without copying or allocating; it copies only
 /// when an event straddles frames or an event is removed.
 ///
-/// With `strip`, an event split across frames is held until its blank line
-/// arrives (it might be the usage chunk), then sent at once; without `strip`
-/// nothing is held back, and only a copy of the split event's start is kept to
-/// read it. Everything else, `data: [DONE]`, comments and `event:`/`id:` lines
-/// included, passes untouched. One filter serves one response.
+/// An event split across frames is held until its blank line arrives, then
+/// sent at once: with `strip` it might be the usage chunk, and in either mode
+/// a stream that breaks mid-event must not leave half an event at the client,
+/// where the SSE `error` event weir then sends would be read as part of it.
+/// SSE clients act on an event only at its blank line, so holding its start
+/// delays nothing they can see. Everything else, `data: [DONE]`, comments and
+/// `event:`/`id:` lines included, passes untouched. One filter serves one
+/// response.
 #[derive(Debug)]
 pub struct UsageFilter {
     /// Whether the usage-only chunk is removed (weir added `include_usage`).
@@ -101,14 +104,13 @@ pub struct UsageFilter {
     /// The largest event held or inspected ([`MAX_EVENT_BYTES`]; smaller in
     /// tests so the overflow path is exercised).
     max_event: usize,
-    /// The start of the current, incomplete event, from earlier frames. With
-    /// `strip` these bytes have not been sent yet; without, they have been sent
-    /// and are kept only to be inspected when the event completes. Emptied when
-    /// the event completes; never longer than `max_event`, and its capacity is
-    /// reused from event to event.
+    /// The start of the current, incomplete event, from earlier frames, not
+    /// sent yet. Emptied when the event completes; never longer than
+    /// `max_event`, and its capacity is reused from event to event.
     partial: BytesMut,
     /// The current event outgrew `max_event`: its bytes were sent and are no
     /// longer kept; it is passed through uninspected until its terminator.
+    /// The only case where part of an unfinished event reached the client.
     skipping: bool,
     /// Where the line scanner is, carried across frames.
     scan: Scan,
@@ -243,9 +245,9 @@ impl UsageFilter {
 
     /// Feeds one upstream frame, split anywhere (even inside CRLF or a UTF-8
     /// character); returns the bytes to send to the client now, possibly empty.
-    /// A complete event is never delayed; only an incomplete one is held (with
-    /// `strip`), so that it can be removed if it turns out to be the usage
-    /// chunk.
+    /// A complete event is never delayed; only an incomplete one is held, so
+    /// that it can be removed if it turns out to be the usage chunk (with
+    /// `strip`) and never reaches the client half sent.
     pub fn push(&mut self, frame: Bytes) -> Bytes {
         if frame.is_empty() {
             return frame;
@@ -253,7 +255,7 @@ impl UsageFilter {
         let mut out = Out::Empty;
         // The next byte to scan.
         let mut pos = 0;
-        // The first byte of the frame not yet sent or removed (with `strip`).
+        // The first byte of the frame not yet sent or removed.
         let mut run_start = 0;
         if let Some(removed) = self.lf_after_event.take() {
             if frame.first() == Some(&b'\n') {
@@ -285,17 +287,11 @@ impl UsageFilter {
             if self.partial.len().saturating_add(tail.len()) > self.max_event {
                 // Too big to be a usage chunk: send what is held, stop looking.
                 self.skipping = true;
-                if self.strip {
-                    out.copy(&self.partial);
-                }
+                out.copy(&self.partial);
                 self.partial.clear();
             } else {
                 self.partial.extend_from_slice(tail);
             }
-        }
-        if !self.strip {
-            // Everything is sent at once; `partial` only keeps a copy.
-            return frame;
         }
         let run_end = if self.skipping || self.partial.is_empty() {
             frame.len()
@@ -338,7 +334,7 @@ impl UsageFilter {
             found
         };
         let remove = self.record(found);
-        if self.strip && !remove {
+        if !remove {
             out.copy(&self.partial);
         }
         self.partial.clear();
@@ -371,11 +367,13 @@ impl UsageFilter {
         self.skipping = false;
         self.scan = Scan::START;
         self.lf_after_event = None;
-        if self.strip {
-            held.freeze()
-        } else {
-            Bytes::new()
-        }
+        held.freeze()
+    }
+
+    /// Whether part of an unfinished event has reached the client (an event
+    /// too large to hold): an error event sent now must first end it.
+    pub fn sent_part_of_an_event(&self) -> bool {
+        self.skipping
     }
 
     /// The latest usage the stream reported, if any. Servers that report usage
