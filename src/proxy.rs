@@ -75,11 +75,18 @@ pub(crate) fn models(path: &str, snapshot: &Snapshot) -> Result<Response<Gateway
     if path == "/v1/models" {
         return Ok(json_response(StatusCode::OK, snapshot.models_list()));
     }
-    match path.strip_prefix("/v1/models/") {
-        Some(id) if snapshot.config.model(id).is_some() => {
-            Ok(json_response(StatusCode::OK, model_object(id).to_string()))
+    // Ids such as `org/model` come percent-encoded (`org%2Fmodel`), as the
+    // OpenAI SDKs send them; an id that does not decode to UTF-8 is unknown.
+    let id = path.strip_prefix("/v1/models/").map(|raw| {
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .unwrap_or(std::borrow::Cow::Borrowed(raw))
+    });
+    match id {
+        Some(id) if snapshot.config.model(&id).is_some() => {
+            Ok(json_response(StatusCode::OK, model_object(&id).to_string()))
         }
-        Some(id) => Err(ApiError::ModelNotFound(id.to_owned())),
+        Some(id) => Err(ApiError::ModelNotFound(id.into_owned())),
         None => Err(ApiError::UnknownRoute {
             method: "GET".to_owned(),
             path: path.to_owned(),

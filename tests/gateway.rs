@@ -137,6 +137,23 @@ async fn models_are_listed_by_weir() {
     assert_eq!(m.requests(), 0, "weir answers /v1/models itself");
 }
 
+/// An id with a slash arrives percent-encoded from the OpenAI SDKs
+/// (`models.retrieve("org/model-x")`) and is found decoded.
+#[tokio::test]
+async fn model_ids_are_percent_decoded() {
+    let (gw, _m) = gateway_with_mock("org/model-x", MockConfig::default(), "").await;
+    for path in ["/v1/models/org%2Fmodel-x", "/v1/models/org%2fmodel%2Dx"] {
+        let r = get(gw.addr(), path).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.json()["id"], "org/model-x", "{path}");
+    }
+    get(gw.addr(), "/v1/models/org%FFx").await.assert_error(
+        404,
+        "invalid_request_error",
+        "model_not_found",
+    );
+}
+
 #[tokio::test]
 async fn client_errors_are_openai_shaped() {
     let (gw, m) = one_backend(MockConfig::default(), "[server]\nmax_body_bytes = 1000\n").await;
