@@ -144,8 +144,11 @@ pub(crate) async fn forward(
         headers: &upstream_headers,
         body: &body,
         // SPEC "Token accounting": ask for the usage chunk when the client
-        // did not, and remove it again on the way back.
-        add_include_usage: facts.stream && !facts.include_usage,
+        // did not, and remove it again on the way back. Only where OpenAI
+        // defines `stream_options`: other routes pass through untouched.
+        add_include_usage: facts.stream
+            && !facts.include_usage
+            && matches!(rest, "/chat/completions" | "/completions"),
         deadline,
         queue_deadline,
         first_byte_timeout: server.first_byte_timeout,

@@ -226,6 +226,14 @@ async fn streams_are_counted_exactly_and_the_added_usage_chunk_is_removed() {
         2.0 * prompt,
         "{text}"
     );
+
+    // Other routes pass through untouched: OpenAI defines `stream_options`
+    // for chat and text completions only.
+    let responses = format!(r#"{{"model":"{MODEL}","stream":true,"input":"hi"}}"#);
+    let _ = post_stream(gw.addr(), "/v1/responses", &responses).await;
+    let sent = m.last_inference().unwrap();
+    assert_eq!(sent.uri, "/v1/responses");
+    assert_eq!(sent.body, responses.as_bytes());
 }
 
 #[tokio::test]
