@@ -75,6 +75,8 @@ pub(crate) struct ProbeTasks {
     pub running: std::collections::HashMap<crate::health::checker::BackendKey, CancellationToken>,
     /// Parent of every backend token; cancelled at shutdown.
     pub root: CancellationToken,
+    /// The tier intervals the running tasks were started with.
+    pub intervals: Option<[std::time::Duration; 3]>,
 }
 
 /// Why a gateway could not start.
@@ -202,6 +204,7 @@ impl Gateway {
                 set: JoinSet::new(),
                 running: std::collections::HashMap::new(),
                 root: shutdown.child_token(),
+                intervals: None,
             }),
             active_requests: std::sync::atomic::AtomicU64::new(0),
             active_retries: std::sync::atomic::AtomicU64::new(0),

@@ -531,6 +531,29 @@ async fn invalid_files_change_nothing_and_are_reported() {
     assert_eq!(live.reload_count("ok").await, 1);
 }
 
+/// A reload that shortens a probe interval applies at once: the probes do
+/// not first sleep out the (hour-long) interval they were started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_probe_interval_applies_at_once() {
+    let m = mock_named("b1", MockConfig::default()).await;
+    let health = |liveness: &str| {
+        format!(
+            "[health]\nunhealthy_threshold = 1\n\
+             liveness = {{ interval = \"{liveness}\", timeout = \"200ms\" }}\n\
+             readiness = {{ interval = \"1h\" }}\ndeep = {{ interval = \"1h\" }}\n"
+        )
+    };
+    let live = Live::start(&file("", &[("b1", &m, 1)], &health("1h"))).await;
+    live.apply(&file("", &[("b1", &m, 1)], &health("100ms")))
+        .await;
+    m.shutdown();
+    m.stopped().await;
+    assert!(
+        eventually(Duration::from_secs(5), || live.weights()["b1"] == 0).await,
+        "the dead backend is still in rotation"
+    );
+}
+
 #[tokio::test]
 async fn admin_reload_answers_with_the_changes_and_listen_needs_a_restart() {
     let (m1, m2, m3) = (

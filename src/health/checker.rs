@@ -107,6 +107,20 @@ pub(crate) fn sync_probes(shared: &Arc<Shared>) {
     if !enabled {
         return;
     }
+    // New intervals (a reload): restart every backend's probes, which then
+    // probe within a tenth of the new interval instead of first sleeping
+    // out the old one. Health records live in the backends, not the tasks.
+    let intervals = Tier::ALL.map(|tier| interval(tier, &snapshot.config.health));
+    if probes
+        .intervals
+        .replace(intervals)
+        .is_some_and(|before| before != intervals)
+    {
+        for token in probes.running.values() {
+            token.cancel();
+        }
+        probes.running.clear();
+    }
     for backend in snapshot.backends() {
         let k = key(backend);
         if probes.running.contains_key(&k) {
