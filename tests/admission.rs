@@ -52,6 +52,17 @@ async fn a_refused_request_gets_429_with_exact_headers_and_message() {
         message.starts_with(&format!("Rate limit reached for model {MODEL} on requests per min: limit 60. Please try again in ")),
         "{message}"
     );
+    // SPEC: the reset header carries the exact wait Retry-After rounds up.
+    let wait = message
+        .rsplit("try again in ")
+        .next()
+        .unwrap()
+        .trim_end_matches('.');
+    assert_eq!(
+        limited.header("x-ratelimit-reset-requests"),
+        wait,
+        "{message}"
+    );
     assert_eq!(
         m.requests(),
         1,

@@ -286,8 +286,18 @@ impl From<AdmitError> for ApiError {
                 kind,
                 limit,
                 wait,
-                headers,
+                mut headers,
             } => {
+                // SPEC "Precise points": on a 429 the refused kind's
+                // `x-ratelimit-reset-*` carries the exact wait that
+                // `Retry-After` rounds up (elsewhere: until the bucket is full).
+                let refused = match kind {
+                    LimitKind::Tokens => &mut headers.tokens,
+                    _ => &mut headers.requests,
+                };
+                if let Some(state) = refused {
+                    state.reset = wait;
+                }
                 let what = if kind == LimitKind::Tokens { "tokens" } else { "requests" };
                 ApiError::RateLimited {
                     message: format!(
