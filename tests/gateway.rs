@@ -531,6 +531,12 @@ async fn h2c_clients_are_served() {
     // HTTP/1.1 heads get these written directly; h2 through the map.
     assert_eq!(r.header("x-ratelimit-limit-requests"), "1000");
     assert_eq!(r.header("x-ratelimit-remaining-requests"), "999");
+    // A HEAD answer carries no DATA (RFC 9110), and the connection serves on.
+    let r = send(&c, "HEAD", gw.addr(), "/healthz", &[], "").await;
+    assert_eq!(r.status, 405);
+    assert!(r.body.is_empty(), "{}", r.text());
+    let r = send(&c, "GET", gw.addr(), "/healthz", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[tokio::test]

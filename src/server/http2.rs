@@ -67,6 +67,9 @@ pub(super) async fn serve(
         crate::busy_poll::head_read();
         async move {
             let (parts, body) = req.into_parts();
+            // A HEAD answer has headers only (RFC 9110 §9.3.2); HTTP/1.1
+            // writes none, and hyper's HTTP/2 would send the body as DATA.
+            let head_request = parts.method == http::Method::HEAD;
             let head = super::ClientHead {
                 method: parts.method,
                 uri: parts.uri,
@@ -106,6 +109,9 @@ pub(super) async fn serve(
                     proxied.release_backend_headers();
                 }
                 response = Response::from_parts(parts, body);
+            }
+            if head_request {
+                response = response.map(|_| GatewayBody::empty());
             }
             Ok::<_, Infallible>(response.map(|inner| ConnBody { inner, _busy: busy }))
         }
