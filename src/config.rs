@@ -1770,39 +1770,10 @@ fn schema(text: &str) -> (Option<RawConfig>, Vec<(Range<usize>, String)>) {
     (None, errors)
 }
 
-/// Removes the narrowest entry (table key or array item) whose key or value
-/// holds the byte `offset`, the one [`key_path_at`] names; false if none does.
+/// Removes the entry [`narrowest_entry`] finds at `offset` (the one
+/// [`key_path_at`] names): a table key or an array item; false if none.
 fn remove_entry_at(table: &mut toml::de::DeTable<'_>, offset: usize) -> bool {
     use toml::de::{DeTable, DeValue};
-
-    fn holds(span: &Range<usize>, offset: usize) -> bool {
-        span.contains(&offset) || (span.is_empty() && span.start == offset)
-    }
-
-    fn consider(span: Range<usize>, offset: usize, best: &mut Option<Range<usize>>) {
-        if holds(&span, offset) && best.as_ref().is_none_or(|b| span.len() <= b.len()) {
-            *best = Some(span);
-        }
-    }
-
-    fn narrowest(table: &DeTable<'_>, offset: usize, best: &mut Option<Range<usize>>) {
-        for (k, v) in table.iter() {
-            consider(k.span(), offset, best);
-            consider(v.span(), offset, best);
-            match v.get_ref() {
-                DeValue::Table(t) => narrowest(t, offset, best),
-                DeValue::Array(items) => {
-                    for item in items.iter() {
-                        consider(item.span(), offset, best);
-                        if let DeValue::Table(t) = item.get_ref() {
-                            narrowest(t, offset, best);
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
 
     fn remove(table: &mut DeTable<'_>, target: &Range<usize>) -> bool {
         let hit = table
@@ -1839,47 +1810,47 @@ fn remove_entry_at(table: &mut toml::de::DeTable<'_>, offset: usize) -> bool {
         false
     }
 
-    let mut best = None;
-    narrowest(table, offset, &mut best);
-    best.is_some_and(|target| remove(table, &target))
+    narrowest_entry(table, offset).is_some_and(|(target, _)| remove(table, &target))
 }
 
 /// The dotted key path (`server.bogus`, `backends[1].liveness.zz`) of the entry at a byte
 /// offset, found by walking the spanned document. Used for serde errors, which carry a span
-/// but no path. Header tables (`[server]`) span only their header, so the walk descends into
-/// every table and keeps the narrowest entry whose key or value contains the offset.
+/// but no path.
 fn key_path_at(text: &str, offset: usize) -> Option<String> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    narrowest_entry(doc.get_ref(), offset).map(|(_, path)| path)
+}
+
+/// The narrowest entry (a key, its value, or an array item) whose span holds the byte
+/// `offset`: its span and dotted path. Header tables (`[server]`) span only their header,
+/// so the walk descends into every table rather than only those whose span holds it.
+fn narrowest_entry(table: &toml::de::DeTable<'_>, offset: usize) -> Option<(Range<usize>, String)> {
     use toml::de::{DeTable, DeValue};
 
-    fn contains(span: &Range<usize>, offset: usize) -> bool {
-        span.contains(&offset) || (span.is_empty() && span.start == offset)
+    type Best = Option<(Range<usize>, String)>;
+
+    fn consider(span: Range<usize>, offset: usize, path: &str, best: &mut Best) {
+        let holds = span.contains(&offset) || (span.is_empty() && span.start == offset);
+        if holds && best.as_ref().is_none_or(|(b, _)| span.len() <= b.len()) {
+            *best = Some((span, path.to_owned()));
+        }
     }
 
-    fn walk(table: &DeTable<'_>, offset: usize, prefix: &str, best: &mut Option<(usize, String)>) {
+    fn walk(table: &DeTable<'_>, offset: usize, prefix: &str, best: &mut Best) {
         for (k, v) in table.iter() {
             let path = if prefix.is_empty() {
                 k.get_ref().to_string()
             } else {
                 format!("{prefix}.{}", k.get_ref())
             };
-            for span in [k.span(), v.span()] {
-                if contains(&span, offset)
-                    && best.as_ref().is_none_or(|(len, _)| span.len() <= *len)
-                {
-                    *best = Some((span.len(), path.clone()));
-                }
-            }
+            consider(k.span(), offset, &path, best);
+            consider(v.span(), offset, &path, best);
             match v.get_ref() {
                 DeValue::Table(t) => walk(t, offset, &path, best),
                 DeValue::Array(items) => {
                     for (i, item) in items.iter().enumerate() {
                         let item_path = format!("{path}[{i}]");
-                        let span = item.span();
-                        if contains(&span, offset)
-                            && best.as_ref().is_none_or(|(len, _)| span.len() <= *len)
-                        {
-                            *best = Some((span.len(), item_path.clone()));
-                        }
+                        consider(item.span(), offset, &item_path, best);
                         if let DeValue::Table(t) = item.get_ref() {
                             walk(t, offset, &item_path, best);
                         }
@@ -1890,10 +1861,9 @@ fn key_path_at(text: &str, offset: usize) -> Option<String> {
         }
     }
 
-    let doc = DeTable::parse(text).ok()?;
     let mut best = None;
-    walk(doc.get_ref(), offset, "", &mut best);
-    best.map(|(_, path)| path)
+    walk(table, offset, "", &mut best);
+    best
 }
 
 // ---------------------------------------------------------------------------------------------
