@@ -223,8 +223,8 @@ impl Exchange<'_> {
             let request = self.request_for(member)?;
             let wait = self.first_byte_timeout.min(remaining);
             // Each failure says why, whether the backend asked for a pause,
-            // and whether there is a response to hand over if no retry follows.
-            let (reason, retry_after, held) = match upstream::forward(
+            // and the status it answered with, if it answered.
+            let (reason, retry_after, answered) = match upstream::forward(
                 &backend.client,
                 &request,
                 wait,
@@ -241,11 +241,14 @@ impl Exchange<'_> {
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                     let pause = retry_after(&response);
                     self.report(backend, Outcome::RateLimited(pause));
-                    ("status_429", Some(pause), Some((response, in_flight)))
+                    // The backend's slot frees now, not after any back-off.
+                    drop(in_flight);
+                    ("status_429", Some(pause), Some(response.status()))
                 }
                 Ok(response) => {
                     self.report(backend, Outcome::Failure);
-                    ("status_5xx", None, Some((response, in_flight)))
+                    drop(in_flight);
+                    ("status_5xx", None, Some(response.status()))
                 }
                 Err(e) => {
                     tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
@@ -266,10 +269,9 @@ impl Exchange<'_> {
             self.count_error(member, reason);
             tried.push(i);
             match self.retry_delay(attempt, &mut tried, retry_after, &mut retry_permit) {
+                // The failed answer was dropped unread: nothing of it
+                // reached the client, so another backend may answer.
                 Some(delay) => {
-                    // The failed answer is dropped unread: nothing of it
-                    // reached the client, so another backend may answer.
-                    drop(held);
                     self.shared
                         .metrics
                         .retries
@@ -283,8 +285,8 @@ impl Exchange<'_> {
                 // No retry left: every attempt failed, which SPEC answers
                 // with 502 even when the last one was a 429 or 5xx answer.
                 None => {
-                    if let Some((response, _)) = held {
-                        last = Some(Failure::Status(response.status()));
+                    if let Some(status) = answered {
+                        last = Some(Failure::Status(status));
                     }
                     break;
                 }
