@@ -8,7 +8,7 @@ mod common;
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -385,31 +385,45 @@ async fn the_retry_budget_caps_retries() {
     assert!(retries >= 1, "a budget still allows some retries");
 }
 
-/// A stream that breaks in the middle of an event never leaves half an event
-/// at the client, where the error event would be read as part of it; with
-/// the client's own `include_usage` (nothing stripped) as without.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_that_breaks_mid_event_ends_with_a_clean_error_event() {
+/// A backend that answers every request with a chunked SSE response holding
+/// `body`, then, 100 ms later, drops the connection without the last chunk.
+/// Returns its address and how many connections it accepted.
+async fn breaking_sse_upstream(body: &'static str) -> (std::net::SocketAddr, Arc<AtomicU32>) {
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_addr = upstream.local_addr().unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU32::new(0));
+    let counter = accepted.clone();
     tokio::spawn(async move {
         loop {
             let (mut s, _) = upstream.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 let _ = s.read(&mut buf).await;
-                let body = "data: {\"object\":\"chat.completion.chunk\",\"choices\":[]}\n\n\
-                            data: {\"object\":\"chat.comp";
                 let head = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n",
                     body.len()
                 );
                 let _ = s.write_all(head.as_bytes()).await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                // Abrupt end: no terminating chunk.
                 drop(s);
             });
         }
     });
+    (addr, accepted)
+}
+
+/// A stream that breaks in the middle of an event never leaves half an event
+/// at the client, where the error event would be read as part of it; with
+/// the client's own `include_usage` (nothing stripped) as without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_breaks_mid_event_ends_with_a_clean_error_event() {
+    let (up_addr, _) = breaking_sse_upstream(
+        "data: {\"object\":\"chat.completion.chunk\",\"choices\":[]}\n\n\
+         data: {\"object\":\"chat.comp",
+    )
+    .await;
     let toml = format!(
         "[[models]]\nname = \"{MODEL}\"\n\n{}[health]\nenabled = false\n",
         backend("broken", &format!("http://{up_addr}/v1"), &[MODEL], 1),
@@ -439,29 +453,10 @@ async fn a_stream_that_breaks_mid_event_ends_with_a_clean_error_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_breaks_after_its_first_byte_ends_with_an_error_and_is_not_replayed() {
-    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_addr = upstream.local_addr().unwrap();
-    let accepted = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let accepted2 = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = upstream.accept().await.unwrap();
-            accepted2.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let _ = s.read(&mut buf).await;
-                let event = "data: {\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
-                    event.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                // Abrupt end: no terminating chunk.
-                drop(s);
-            });
-        }
-    });
+    let (up_addr, accepted) = breaking_sse_upstream(
+        "data: {\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
+    )
+    .await;
     let other = mock::start(MockConfig::default().models(vec![MODEL.into()]))
         .await
         .unwrap();
