@@ -252,15 +252,7 @@ impl Exchange<'_> {
                 }
                 Err(e) => {
                     tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
-                    let refused = matches!(e, AttemptError::Refused(_));
-                    self.report(
-                        backend,
-                        if refused {
-                            Outcome::Refused
-                        } else {
-                            Outcome::Failure
-                        },
-                    );
+                    self.report(backend, Outcome::Failure);
                     let reason = e.kind();
                     last = Some(Failure::Attempt(e));
                     (reason, None, None)

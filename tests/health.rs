@@ -79,7 +79,11 @@ async fn killing_a_backend_under_load_shows_no_client_error() {
             .record(false),
     )
     .await;
-    let gw = gateway(&config_for(&ms, &[1, 1, 1], FAST_LIVENESS, "")).await;
+    // A retry budget that never binds: the requests caught on the dead
+    // backend before its ejection each get a retry (with SPEC's default of
+    // 20%, a few of them at once may find the budget spent and answer 502).
+    let health = format!("{FAST_LIVENESS}\n[retry]\nbudget_percent = 100\n");
+    let gw = gateway(&config_for(&ms, &[1, 1, 1], &health, "")).await;
     let addr = gw.addr();
     let stop = Arc::new(AtomicBool::new(false));
     let statuses = Arc::new(Mutex::new(HashMap::<u16, u32>::new()));
@@ -111,7 +115,7 @@ async fn killing_a_backend_under_load_shows_no_client_error() {
     ms[1].shutdown();
     ms[1].stopped().await;
 
-    // Passive: the first refused connection ejects it.
+    // Passive: `consecutive_failures` (5) refused connections in a row eject it.
     let mut passive = None;
     let mut liveness = None;
     while killed.elapsed() < Duration::from_secs(5) && (passive.is_none() || liveness.is_none()) {
@@ -150,6 +154,43 @@ async fn killing_a_backend_under_load_shows_no_client_error() {
         "liveness took {liveness:?}"
     );
     assert_eq!(admin_backend(&gw, "b1").await["state"], "ejected");
+}
+
+/// SPEC's `[outlier]`: `consecutive_failures` counts connect errors like
+/// resets, 5xx and timeouts; a refused connection is one of them and does
+/// not eject a backend on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_count_towards_consecutive_failures() {
+    let ms = mocks(1, MockConfig::default()).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}/v1", dead.local_addr().unwrap());
+    drop(dead);
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}\n{}\n[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 3\nmax_ejection_percent = 100\n\n[retry]\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\n",
+        backend("b0", &ms[0].base_url(), &[MODEL], 1),
+        backend("dead", &dead_url, &[MODEL], 1),
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let mut refused = 0.0;
+    for _ in 0..40 {
+        let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 200, "retried on b0: {}", r.text());
+        refused = metric(
+            addr,
+            "weir_upstream_errors_total",
+            &[("backend", "dead"), ("kind", "connect")],
+        )
+        .await;
+        let state = admin_backend(&gw, "dead").await["state"].clone();
+        if refused < 3.0 {
+            assert_eq!(state, "healthy", "ejected after {refused} refusals");
+        } else {
+            assert_eq!(state, "ejected", "still in rotation after {refused}");
+            break;
+        }
+    }
+    assert_eq!(refused, 3.0, "the dead backend was picked too rarely");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

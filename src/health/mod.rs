@@ -9,7 +9,7 @@
 //!   jittered), applies rise/fall thresholds, and rebuilds the snapshot when
 //!   something changed;
 //! * [`outlier`] judges backends from live traffic (consecutive failures,
-//!   refused connections, upstream 429s) and ejects them.
+//!   upstream 429s) and ejects them.
 //!
 //! Requests never read this state: they read the effective weights baked
 //! into the snapshot they loaded.

@@ -1,7 +1,8 @@
 //! Passive outlier detection, judged from live traffic (Envoy's outlier
 //! detection): `consecutive_failures` connect errors, resets, 5xx or
 //! timeouts in a row eject a backend for `ejection_time` × its ejection
-//! count (capped at 5 minutes); a refused connection ejects at once; never
+//! count (capped at 5 minutes); a refused connection is a connect error like
+//! any other, one of the `consecutive_failures` (SPEC's `[outlier]`); never
 //! more than `max_ejection_percent` of a model's backends are ejected. An
 //! upstream 429 takes the backend out of rotation for its `Retry-After`.
 //!
@@ -24,10 +25,8 @@ use crate::{
 pub(crate) enum Outcome {
     /// Response headers arrived (any status but 5xx and 429) after this long.
     Success(Duration),
-    /// Connect error, reset, timeout or 5xx.
+    /// Connect error (refused too), reset, timeout or 5xx.
     Failure,
-    /// The connection was refused: nothing listens there; eject at once.
-    Refused,
     /// An upstream 429: out of rotation for this long.
     RateLimited(Duration),
 }
@@ -47,13 +46,13 @@ pub(crate) fn report(
                 live.consecutive_failures.store(0, Ordering::Relaxed);
             }
         }
-        Outcome::Failure | Outcome::Refused => {
+        Outcome::Failure => {
             let failures = live
                 .consecutive_failures
                 .fetch_add(1, Ordering::AcqRel)
                 .saturating_add(1);
             let threshold = snapshot.config.outlier.consecutive_failures.get();
-            if outcome == Outcome::Refused || failures >= threshold {
+            if failures >= threshold {
                 try_eject(shared, snapshot, backend, failures);
             }
         }
