@@ -253,6 +253,7 @@ impl Exchange<'_> {
                 Err(e) => {
                     tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
                     self.report(backend, Outcome::Failure);
+                    drop(in_flight);
                     let reason = e.kind();
                     last = Some(Failure::Attempt(e));
                     (reason, None, None)

@@ -193,6 +193,42 @@ async fn refused_connections_count_towards_consecutive_failures() {
     assert_eq!(refused, 3.0, "the dead backend was picked too rarely");
 }
 
+/// A failed attempt gives its backend slot back before the retry back-off,
+/// whatever the failure: a backend with `max_concurrent` is not held
+/// saturated by a request that is only waiting to try elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_frees_its_backend_slot_before_the_back_off() {
+    let ms = mocks(1, MockConfig::default()).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}/v1", dead.local_addr().unwrap());
+    drop(dead);
+    // `dead` is picked first (weight 1000 against 1, one time in 1,001 the
+    // schedule starts on b0 instead); the back-off is up to 1 s.
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{}\n[health]\nenabled = false\n\n[retry]\nbase_delay = \"1s\"\nmax_delay = \"1s\"\n",
+        backend("dead", &dead_url, &[MODEL], 1000),
+        backend("b0", &ms[0].base_url(), &[MODEL], 1),
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let request =
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
+    let mut most = 0;
+    while !request.is_finished() {
+        let n = admin_backend(&gw, "dead").await["in_flight"]
+            .as_u64()
+            .unwrap_or(0);
+        most = most.max(n);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let r = request.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        most, 0,
+        "the dead backend's slot was held during the back-off"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_takes_out_a_backend_that_cannot_infer() {
     let ms = mocks(2, MockConfig::default()).await;
