@@ -152,6 +152,8 @@ pub(crate) struct Accounting {
     pub tokens: TokenCounters,
     /// Whether the backend answered 2xx; an error answer used no tokens.
     pub success: bool,
+    /// The prompt part of the estimate (see [`Accounting::abandon`]).
+    pub prompt_estimate: u64,
 }
 
 /// How usage is read from a response body.
@@ -180,6 +182,26 @@ impl Accounting {
             UsageReader::Sse(filter) => filter.usage(),
             UsageReader::Json(tail) => tail.usage(),
         }
+    }
+
+    /// The client left before the end, and the upstream request is
+    /// cancelled with it: the completion tokens never generated are given
+    /// back (SPEC "Disconnects": its unspent token reservation). A stream
+    /// that already reported usage is settled with it. Otherwise it has
+    /// spent the prompt plus about one token per event it sent (an OpenAI
+    /// chunk carries one token; servers that batch several per chunk are
+    /// under-charged by that much). A JSON answer was generated whole
+    /// before its first byte left, so its estimate stays charged.
+    fn abandon(self) {
+        let UsageReader::Sse(filter) = &self.reader else {
+            return;
+        };
+        if filter.usage().is_some() || !self.success {
+            self.settle();
+            return;
+        }
+        let spent = self.prompt_estimate.saturating_add(filter.events_sent());
+        self.admitted.reconcile(spent.min(self.admitted.estimate()));
     }
 
     /// The response ended cleanly: reconcile the estimate with the usage
@@ -527,7 +549,11 @@ impl ProxiedBody {
 
 impl Drop for ProxiedBody {
     fn drop(&mut self) {
-        // Still holding the log: the client went away before the end.
+        // Still holding the accounting or the log: the client went away
+        // before the end.
+        if let Some(accounting) = self.accounting.take() {
+            accounting.abandon();
+        }
         self.emit_log(Ending::ClientGone);
     }
 }

@@ -149,6 +149,7 @@ pub(crate) async fn forward(
         add_include_usage: facts.stream
             && !facts.include_usage
             && matches!(rest, "/chat/completions" | "/completions"),
+        prompt_estimate: estimate.prompt,
         deadline,
         queue_deadline,
         first_byte_timeout: server.first_byte_timeout,
@@ -180,6 +181,9 @@ struct Exchange<'a> {
     body: &'a Bytes,
     /// Whether weir adds `stream_options.include_usage` upstream.
     add_include_usage: bool,
+    /// The prompt part of the admitted estimate: what a stream the client
+    /// leaves early has spent at least.
+    prompt_estimate: u64,
     /// `request_timeout` from the start of the request.
     deadline: Instant,
     /// How long the request may wait for a saturated backend.
@@ -470,6 +474,7 @@ impl Exchange<'_> {
             reader,
             tokens: self.route.tokens.clone(),
             success: parts.status.is_success(),
+            prompt_estimate: self.prompt_estimate,
         };
         let mut body = ProxiedBody::new(
             body,

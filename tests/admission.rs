@@ -274,3 +274,34 @@ async fn rate_limited_requests_are_counted() {
     );
     assert_eq!(metric(&text, "weir_admitted_total", MODEL), 1.0, "{text}");
 }
+
+/// SPEC "Disconnects": a client that leaves mid-stream gives back its unspent
+/// token reservation. The stream reserved ~908 tokens of a 1,000-token
+/// bucket; leaving after a few events it pays for those few only, so a
+/// 500-token request passes at once (kept, it would wait about 25 s).
+#[tokio::test]
+async fn a_client_leaving_mid_stream_gets_its_unspent_tokens_back() {
+    let (gw, _m) = setup(
+        "tokens_per_minute = 1000\nqueue_timeout = \"0s\"",
+        MockConfig::default().chunks(1000).tokens_per_sec(20.0),
+    )
+    .await;
+    let stream = r#"{"model":"m1","stream":true,"max_tokens":900,"messages":[{"role":"user","content":"hi"}]}"#;
+    let cut = raw(gw.addr(), raw_chat(stream, ""), Duration::from_millis(300)).await;
+    assert!(
+        String::from_utf8_lossy(&cut.bytes).contains("data: "),
+        "the stream had started"
+    );
+    let half = r#"{"model":"m1","max_tokens":500,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut last = 0;
+    for _ in 0..60 {
+        let r = post(gw.addr(), "/v1/chat/completions", half).await;
+        last = r.status.as_u16();
+        if last == 200 {
+            break;
+        }
+        assert_eq!(last, 429, "{}", r.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last, 200, "the unspent reservation was not given back");
+}

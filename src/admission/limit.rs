@@ -116,4 +116,12 @@ impl Limit {
             Limit::Shared(shared) => shared.rate_per_minute(),
         }
     }
+
+    /// Tokens the bucket holds when full.
+    pub fn capacity(&self) -> u64 {
+        match self {
+            Limit::Local(bucket) => bucket.capacity(),
+            Limit::Shared(shared) => shared.capacity(),
+        }
+    }
 }

@@ -367,15 +367,28 @@ impl Drop for InFlightGauge {
 }
 
 impl Admitted {
+    /// Tokens reserved for this request.
+    pub fn estimate(&self) -> u64 {
+        self.estimate
+    }
+
     /// Token reconciliation: the response reported `actual` tokens; refund
     /// or charge the difference from the estimate to every token bucket.
+    ///
+    /// A charge is capped at the bucket's capacity: the usage is the
+    /// backend's word, and a buggy or hostile backend reporting billions of
+    /// tokens would otherwise put the model's (and the global) bucket into
+    /// debt for years, a debt a reload keeps. Capped, one response can cost
+    /// at most one more full bucket, which any honest response that large
+    /// costs anyway to within that bucket.
     pub fn reconcile(&self, actual: u64) {
         let now = Instant::now();
         for bucket in self.token_buckets.iter().flatten() {
             if actual < self.estimate {
                 bucket.refund(self.estimate - actual, now);
             } else if actual > self.estimate {
-                bucket.charge(actual - self.estimate, now);
+                let extra = (actual - self.estimate).min(bucket.capacity());
+                bucket.charge(extra, now);
             }
         }
     }
@@ -634,6 +647,20 @@ fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -
             capacity,
         },
         ReserveError::WouldWait { wait } => {
+            // A later bucket that can never hold the request makes it a
+            // 413 (SPEC: it could never pass), not a 429 whose Retry-After
+            // would send the client back for nothing.
+            for &(other, n, _) in steps.iter().skip(taken) {
+                if let Some(Err(ReserveError::TooLarge { capacity })) =
+                    other.map(|o| o.wait_for(n, now))
+                {
+                    return AdmitError::TooLarge {
+                        model: model_name.to_owned(),
+                        estimate: n,
+                        capacity,
+                    };
+                }
+            }
             let rate = limit.map_or(0, Limit::rate_per_minute);
             let (mut kind, mut limit, mut wait) = (kind, rate, wait);
             for &(other, n, other_kind) in steps {
@@ -964,6 +991,41 @@ mod tests {
             1000,
             "nothing taken"
         );
+    }
+
+    /// A request the tokens bucket could never hold is a 413 even when an
+    /// earlier bucket (requests) would have refused it first with a 429.
+    #[tokio::test(start_paused = true)]
+    async fn too_large_wins_over_an_earlier_bucket_that_would_wait() {
+        let (global, m) = limits(&model(Some(60), Some(1), Some(1000), None));
+        let _first = admit(&global, &m, "m", 10, Instant::now(), Instant::now())
+            .await
+            .unwrap();
+        match admit(&global, &m, "m", 5000, Instant::now(), Instant::now()).await {
+            Err(AdmitError::TooLarge { capacity, .. }) => assert_eq!(capacity, 1000),
+            other => panic!("{other:?}"),
+        }
+        // A request that fits is still a 429 from the requests bucket.
+        match admit(&global, &m, "m", 10, Instant::now(), Instant::now()).await {
+            Err(AdmitError::RateLimited { kind, .. }) => assert_eq!(kind, LimitKind::Requests),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A backend's absurd usage costs at most one more full bucket.
+    #[tokio::test(start_paused = true)]
+    async fn a_charge_is_capped_at_the_bucket_capacity() {
+        let (global, m) = limits(&model(None, None, Some(1000), None));
+        let admitted = admit(&global, &m, "m", 10, Instant::now(), Instant::now())
+            .await
+            .unwrap();
+        admitted.reconcile(u64::MAX / 2);
+        drop(admitted);
+        let tokens = m.tokens.as_ref().unwrap();
+        // 10 reserved + 1000 charged: 1010 below full, refilled at 1000/min,
+        // so a full bucket's worth is 60.6 s away (uncapped: millennia).
+        let wait = tokens.wait_for(1000, Instant::now().into()).unwrap();
+        assert_eq!(wait, Duration::from_millis(60_600));
     }
 
     #[tokio::test(start_paused = true)]

@@ -121,6 +121,8 @@ pub struct UsageFilter {
     lf_after_event: Option<bool>,
     /// The latest usage seen (usage is cumulative, so the last one counts).
     usage: Option<Usage>,
+    /// Events completed and passed on (not removed).
+    events: u64,
 }
 
 /// A rolling tail of a non-stream response body, from which `usage` is read at
@@ -169,6 +171,10 @@ struct ChunkJson {
     #[serde(default)]
     usage: Option<UsageJson>,
 }
+
+/// The largest `usage` count believed: far above any model's context
+/// (millions of tokens), far below what would overflow a counter.
+const MAX_PLAUSIBLE_TOKENS: u64 = u32::MAX as u64;
 
 /// A `usage` object; fields other than these two are skipped.
 #[derive(Deserialize)]
@@ -240,6 +246,7 @@ impl UsageFilter {
             scan: Scan::START,
             lf_after_event: None,
             usage: None,
+            events: 0,
         }
     }
 
@@ -310,6 +317,7 @@ impl UsageFilter {
     fn complete_event(&mut self, rest: &[u8], out: &mut Out) -> bool {
         if self.skipping {
             self.skipping = false;
+            self.events = self.events.saturating_add(1);
             return false;
         }
         // An event's size, for the limit, leaves out the LF of a final CRLF, so
@@ -336,6 +344,7 @@ impl UsageFilter {
         let remove = self.record(found);
         if !remove {
             out.copy(&self.partial);
+            self.events = self.events.saturating_add(1);
         }
         self.partial.clear();
         remove
@@ -374,6 +383,12 @@ impl UsageFilter {
     /// too large to hold): an error event sent now must first end it.
     pub fn sent_part_of_an_event(&self) -> bool {
         self.skipping
+    }
+
+    /// How many events were completed and passed on so far: what a stream
+    /// the client left early is charged for (about one token each).
+    pub fn events_sent(&self) -> u64 {
+        self.events
     }
 
     /// The latest usage the stream reported, if any. Servers that report usage
@@ -529,6 +544,13 @@ impl UsageJson {
     /// `completion_tokens`).
     fn into_usage(self) -> Option<Usage> {
         if self.prompt_tokens.is_none() && self.completion_tokens.is_none() {
+            return None;
+        }
+        // No response holds billions of tokens: such a count is a backend's
+        // bug, and read as absent it leaves the estimate charged instead of
+        // wrapping the token counters.
+        let plausible = |n: Option<u64>| n.unwrap_or(0) <= MAX_PLAUSIBLE_TOKENS;
+        if !plausible(self.prompt_tokens) || !plausible(self.completion_tokens) {
             return None;
         }
         Some(Usage {
@@ -799,6 +821,20 @@ mod tests {
     #[test]
     fn strips_the_usage_chunk_cr() {
         check_stream("\r");
+    }
+
+    #[test]
+    fn implausible_usage_is_read_as_absent() {
+        let huge = "{\"usage\":{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":1}}";
+        assert_eq!(usage_after_key(&huge.as_bytes()[8..]), None);
+        let fine = "{\"usage\":{\"prompt_tokens\":4294967295,\"completion_tokens\":1}}";
+        assert_eq!(
+            usage_after_key(&fine.as_bytes()[8..]),
+            Some(Usage {
+                prompt_tokens: 4_294_967_295,
+                completion_tokens: 1
+            })
+        );
     }
 
     #[test]
