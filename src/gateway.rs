@@ -46,6 +46,12 @@ pub(crate) struct Shared {
     /// and health rebuilds (held for a synchronous build, never across an
     /// await), so neither publishes a stale view over the other.
     pub build_lock: std::sync::Mutex<()>,
+    /// Serialises outlier ejections, so that "not ejected yet, and under
+    /// `max_ejection_percent`" and the ejection are one step: concurrent
+    /// failures neither eject one backend twice (doubling its time) nor two
+    /// backends past the share. Taken only by a failure that reached
+    /// `consecutive_failures`.
+    pub ejections: std::sync::Mutex<()>,
     /// Wakes the health supervisor to rebuild the snapshot.
     pub rebuild: tokio::sync::Notify,
     /// The probe tasks, one per backend and tier.
@@ -199,6 +205,7 @@ impl Gateway {
             env: self.env,
             reload_lock: tokio::sync::Mutex::new(()),
             build_lock: std::sync::Mutex::new(()),
+            ejections: std::sync::Mutex::new(()),
             rebuild: tokio::sync::Notify::new(),
             probes: std::sync::Mutex::new(ProbeTasks {
                 set: JoinSet::new(),

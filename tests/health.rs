@@ -229,6 +229,34 @@ async fn a_failed_attempt_frees_its_backend_slot_before_the_back_off() {
     );
 }
 
+/// Failures arriving together (both lanes at once) still eject one backend
+/// once, and never more of a model's backends than `max_ejection_percent`
+/// allows: the share check and the ejection are one step. A guard of that
+/// invariant; the race it excludes is too narrow to provoke reliably.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_failures_eject_once_and_within_the_share() {
+    let ms = mocks(
+        2,
+        MockConfig::default()
+            .failure_rate(1.0)
+            .latency(Duration::from_millis(50)),
+    )
+    .await;
+    let health = "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 1\nmax_ejection_percent = 50\n\n[retry]\nmax_attempts = 1\n";
+    let gw = gateway(&config_for(&ms, &[1, 1], health, "")).await;
+    let statuses = concurrent_chats(gw.addr(), MODEL, 40).await;
+    assert!(statuses.iter().all(|&s| s == 502), "{statuses:?}");
+    let mut ejected = 0;
+    for name in ["b0", "b1"] {
+        let b = admin_backend(&gw, name).await;
+        if b["state"] == "ejected" {
+            ejected += 1;
+            assert_eq!(b["ejections"], 1, "{b}");
+        }
+    }
+    assert_eq!(ejected, 1, "50% of two backends is one");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_takes_out_a_backend_that_cannot_infer() {
     let ms = mocks(2, MockConfig::default()).await;

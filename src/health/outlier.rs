@@ -71,6 +71,7 @@ pub(crate) fn report(
 /// large a share of one of its models' backends (Envoy's rule: allowed
 /// while the share already ejected is below `max_ejection_percent`).
 fn try_eject(shared: &Shared, snapshot: &Snapshot, backend: &BackendState, failures: u32) {
+    let _one_at_a_time = shared.ejections.lock().unwrap_or_else(|e| e.into_inner());
     let now = Instant::now();
     if backend.live.health().state(now) == HealthState::Ejected {
         return;
