@@ -1257,11 +1257,24 @@ impl Checker<'_> {
                 .api_key_env
                 .as_ref()
                 .map(|v| v.get_ref().trim().to_owned());
-            let api_key = b
-                .api_key_env
-                .as_ref()
-                .and_then(|name| self.env_value(name, &format!("{p}.api_key_env"), env))
-                .map(|v| Secret::new(v.trim()));
+            let api_key = b.api_key_env.as_ref().and_then(|name| {
+                let key = format!("{p}.api_key_env");
+                let value = self.env_value(name, &key, env)?;
+                let value = value.trim();
+                // Sent as `Authorization: Bearer KEY`: a key that cannot be a
+                // header value (a newline of a multi-line secret, a control
+                // byte) would be dropped and the backend called keyless.
+                if http::HeaderValue::from_str(&format!("Bearer {value}")).is_err() {
+                    let var = name.get_ref().trim();
+                    self.error(
+                        name.span(),
+                        key,
+                        format!("environment variable {var} holds a byte that cannot go in an HTTP header (a control character or line break)"),
+                    );
+                    return None;
+                }
+                Some(Secret::new(value))
+            });
             let mut models: Vec<String> = Vec::new();
             match &b.models {
                 None => self.error(
@@ -2802,6 +2815,22 @@ budget_percent = 200
         let e = one_error(&with("max_connections = 9_000_000_000_000_000_000"));
         assert_eq!(e.key, "server.max_connections");
         assert!(e.message.contains("too large"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_backend_key_that_cannot_be_a_header_is_an_error_never_printed() {
+        let text = MINIMAL.replace(
+            "models = [\"m\"]",
+            "models = [\"m\"]\napi_key_env = \"KEY\"",
+        );
+        let multi_line = |n: &str| (n == "KEY").then(|| "sk-top\nsecret".to_owned());
+        let errs = Config::parse(&text, "f", &multi_line).unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].key, "backends[0].api_key_env");
+        assert!(errs[0].message.contains("cannot go in an HTTP header"));
+        assert!(!format!("{errs:?}").contains("secret"), "{errs:?}");
+        let fine = |n: &str| (n == "KEY").then(|| " sk-top-secret \n".to_owned());
+        assert!(Config::parse(&text, "f", &fine).is_ok());
     }
 
     #[test]
