@@ -509,12 +509,15 @@ impl ProxiedBody {
 
     /// The rules every backend header meets to reach the client, whoever
     /// else sets it: not hop-by-hop (by name or because `Connection` names
-    /// it), and no `content-length` on an SSE body (weir may change its
-    /// length).
+    /// it), no `content-length` on an SSE body (weir may change its
+    /// length), and none beside a `Transfer-Encoding`, which framed the
+    /// body instead (RFC 9112 §6.3: a proxy must drop such a length, or the
+    /// client would cut the body where the stale length says).
     fn may_pass_on(&self, raw: &RawHeaders, kind: Name, name: &[u8]) -> bool {
         let hop_by_hop = kind.is_hop_by_hop() || raw.named_by_connection(name);
-        let length_weir_may_change = kind == Name::ContentLength && self.sse;
-        !hop_by_hop && !length_weir_may_change
+        let length_not_framing =
+            kind == Name::ContentLength && (self.sse || raw.get(Name::TransferEncoding).is_some());
+        !hop_by_hop && !length_not_framing
     }
 
     /// The backend's headers that go to the client besides those in `map`

@@ -448,6 +448,11 @@ impl Exchange<'_> {
         let (mut parts, body) = response.into_parts();
         // A plain backend's headers stay out of the map (the writers pass
         // them on: `ProxiedBody::backend_headers`); an https one's are here.
+        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            // The chunks framed it, not this length (RFC 9112 §6.3); see
+            // `ProxiedBody::may_pass_on` for a plain backend's.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         headers::strip_hop_by_hop(&mut parts.headers);
         let sse = upstream_header(&parts.headers, &body, Name::ContentType)
             .is_some_and(|v| v.starts_with(b"text/event-stream"));

@@ -304,6 +304,42 @@ async fn upstream_client_errors_are_returned_as_they_came() {
     assert_eq!(m.requests(), 1, "a 4xx is not retried");
 }
 
+/// A backend that sends `Content-Length` beside `Transfer-Encoding:
+/// chunked`: the chunks frame the body (RFC 9112 §6.3), so the stale length
+/// must not reach the client, which would cut the body where it says.
+#[tokio::test]
+async fn a_backend_length_beside_chunked_framing_is_dropped() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let body = format!(
+        r#"{{"object":"chat.completion","pad":"{}"}}"#,
+        "x".repeat(100)
+    );
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200);
+    assert_ne!(r.header("content-length"), "5");
+    assert_eq!(r.text(), body);
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_are_dropped_both_ways() {
     // An upstream written by hand, so it can send hop-by-hop headers back.
