@@ -277,6 +277,16 @@ fn smuggling_cases() -> Vec<Case> {
         ),
         case("a 10 KiB request line", long_uri.into_bytes(), 414, true),
         case(
+            "a 100 KiB request line (past the whole head's buffer)",
+            format!(
+                "GET /v1/{} HTTP/1.1\r\nHost: weir\r\n\r\n",
+                "a".repeat(100 * 1024)
+            )
+            .into_bytes(),
+            414,
+            true,
+        ),
+        case(
             "space in the request target",
             format!("POST /v1/chat completions HTTP/1.1\r\nHost: weir\r\n{cl}\r\n\r\n{BODY}")
                 .into_bytes(),

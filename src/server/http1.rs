@@ -601,6 +601,18 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
         &mut slots,
     ) {
         Ok(httparse::Status::Complete(len)) => len,
+        // A request line still unended past its limit is a 414 (SPEC
+        // "Framing"), however much of it has arrived.
+        Ok(httparse::Status::Partial)
+            if buf.len() > MAX_REQUEST_LINE_BYTES + 2
+                && !buf
+                    .get(..MAX_REQUEST_LINE_BYTES + 2)
+                    .is_some_and(|line| memchr::memchr(b'\n', line).is_some()) =>
+        {
+            return Err(Refusal::new(ApiError::UriTooLong {
+                limit: MAX_REQUEST_LINE_BYTES,
+            }))
+        }
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BUFFER => return Err(too_large()),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(too_large()),
