@@ -327,11 +327,19 @@ async fn sample(
             continue; // trailers
         };
         let now = Instant::now();
+        // Only the new bytes are searched (what was held has no newline),
+        // and the finished lines leave in one drain: a backend dripping a
+        // long line a byte at a time costs linear time, not quadratic.
+        let mut from = pending.len();
         pending.extend_from_slice(&data);
-        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            tally.line(&line, now);
+        let mut line_start = 0;
+        while let Some(i) = memchr::memchr(b'\n', pending.get(from..).unwrap_or_default()) {
+            let end = from + i;
+            tally.line(pending.get(line_start..=end).unwrap_or_default(), now);
+            line_start = end + 1;
+            from = line_start;
         }
+        pending.drain(..line_start);
         if pending.len() > SSE_LINE_LIMIT {
             return Err(ProbeError::LineTooLong(SSE_LINE_LIMIT));
         }
