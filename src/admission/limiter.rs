@@ -135,8 +135,10 @@ pub struct ModelLimits {
     concurrency: Option<(Arc<Semaphore>, u32)>,
     max_queue: u32,
     queue_timeout: Duration,
-    /// Requests currently waiting for a bucket, a permit or a backend.
-    waiting: AtomicU32,
+    /// Requests currently waiting for a bucket, a permit or a backend;
+    /// shared with the limits a reload replaces, like the semaphore, so
+    /// the requests still waiting there count against `max_queue` here.
+    waiting: Arc<AtomicU32>,
     metrics: ModelMetrics,
 }
 
@@ -259,7 +261,7 @@ impl ModelLimits {
             concurrency,
             max_queue: config.max_queue,
             queue_timeout: config.queue_timeout,
-            waiting: AtomicU32::new(0),
+            waiting: previous.map_or_else(|| Arc::new(AtomicU32::new(0)), |p| p.waiting.clone()),
             metrics,
         }
     }
@@ -1026,6 +1028,40 @@ mod tests {
         // so a full bucket's worth is 60.6 s away (uncapped: millennia).
         let wait = tokens.wait_for(1000, Instant::now().into()).unwrap();
         assert_eq!(wait, Duration::from_millis(60_600));
+    }
+
+    /// A reload that changes the model keeps counting the requests already
+    /// waiting against `max_queue`.
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_count_survives_a_reload() {
+        let mut cfg = model(None, None, None, Some(1));
+        cfg.max_queue = 1;
+        let (global, m) = limits(&cfg);
+        let global = Arc::new(global);
+        let _held = admit(&global, &m, "m", 1, Instant::now(), Instant::now())
+            .await
+            .unwrap();
+        let (g2, m2) = (global.clone(), m.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let queued =
+            tokio::spawn(async move { admit(&g2, &m2, "m", 1, Instant::now(), deadline).await });
+        tokio::task::yield_now().await;
+        assert_eq!(m.waiting(), 1);
+        cfg.queue_timeout = Duration::from_secs(29);
+        let reloaded = Arc::new(ModelLimits::new(
+            &cfg,
+            Some(&m),
+            m.metrics().clone(),
+            Instant::now(),
+        ));
+        assert_eq!(reloaded.waiting(), 1);
+        match admit(&global, &reloaded, "m", 1, Instant::now(), deadline).await {
+            Err(AdmitError::Saturated { kind, .. }) => assert_eq!(kind, LimitKind::Queue),
+            other => panic!("{other:?}"),
+        }
+        queued.abort();
+        let _ = queued.await;
+        assert_eq!(reloaded.waiting(), 0);
     }
 
     #[tokio::test(start_paused = true)]
