@@ -350,6 +350,11 @@ fn push_duration(d: Duration, out: &mut Vec<u8>) {
         // Round sub-millisecond waits up, so "0ms" never tells a client to
         // retry when it would still be refused.
         let ms = d.subsec_millis() + u32::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+        if ms == 1000 {
+            // 999.x ms rounded up is a whole second: "1s", not "1000ms".
+            out.extend_from_slice(b"1s");
+            return;
+        }
         out.extend_from_slice(digits.format(ms).as_bytes());
         out.extend_from_slice(b"ms");
         return;
@@ -536,6 +541,8 @@ mod tests {
         assert_eq!(format_duration(ms(1200)), "1.2s");
         assert_eq!(format_duration(ms(6500)), "6.5s");
         assert_eq!(format_duration(ms(1000)), "1s");
+        assert_eq!(format_duration(Duration::from_micros(999_500)), "1s");
+        assert_eq!(format_duration(ms(999)), "999ms");
         assert_eq!(format_duration(ms(1201)), "1.3s");
         assert_eq!(format_duration(ms(360_000)), "6m0s");
         assert_eq!(retry_after_secs(ms(1)), 1);
