@@ -23,13 +23,22 @@
 //! `period × peers` steps, kept under [`BUILD_BUDGET`] by scaling the
 //! weights down when a huge pool of uneven weights would exceed it; shares
 //! then follow the scaled weights (each peer keeps at least 1), which moves
-//! no peer's share by more than one pick per period.
+//! no peer's share by more than one pick per period. The period itself is
+//! kept under [`MAX_PERIOD`] the same way: a pick that passes over
+//! ineligible peers walks at most one period, so weights in the billions
+//! (two peers of weight 4e9 and 4e9 − 1 have a period of 8e9) cost neither
+//! a schedule of tens of MiB per pool nor a walk of millions of turns.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The most `period × peers` steps [`Pool::new`] spends on a schedule
 /// (about 10 ms); beyond it the weights are scaled down.
 pub const BUILD_BUDGET: u64 = 1 << 24;
+
+/// The longest period (schedule length) of a pool with fewer peers than
+/// this; a larger pool's period is its peer count (each peer at least
+/// once). 65,536 turns keep weight ratios to within 1/65,536.
+pub const MAX_PERIOD: u64 = 1 << 16;
 
 /// The selection state of one pool: the effective weights and one period of
 /// nginx's pick sequence. Built once per snapshot; a rebuild (health change,
@@ -161,8 +170,8 @@ fn period_weights(weights: &[u32]) -> Vec<u64> {
     let mut reduced: Vec<u64> = weights.iter().map(|&w| u64::from(w) / divisor).collect();
     let live = reduced.iter().filter(|&&w| w > 0).count() as u64;
     let total: u64 = reduced.iter().sum();
-    if live > 0 && total.saturating_mul(live) > BUILD_BUDGET {
-        let max_total = (BUILD_BUDGET / live).max(live);
+    if live > 0 && (total.saturating_mul(live) > BUILD_BUDGET || total > MAX_PERIOD) {
+        let max_total = (BUILD_BUDGET / live).min(MAX_PERIOD).max(live);
         for w in reduced.iter_mut().filter(|w| **w > 0) {
             let scaled = u128::from(*w) * u128::from(max_total) / u128::from(total.max(1));
             *w = u64::try_from(scaled).unwrap_or(u64::MAX).max(1);
@@ -236,6 +245,25 @@ mod tests {
         assert_eq!(pool.schedule.len(), 5);
         let picks: Vec<usize> = (0..5).filter_map(|_| pool.pick(|_| true)).collect();
         assert_eq!(picks, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn weights_in_the_billions_keep_a_short_period_and_their_shares() {
+        let pool = Pool::new(vec![u32::MAX, u32::MAX - 1]);
+        assert!(
+            pool.schedule.len() as u64 <= MAX_PERIOD,
+            "{}",
+            pool.schedule.len()
+        );
+        let count = |p: u32| pool.schedule.iter().filter(|&&i| i == p).count();
+        assert!(count(0).abs_diff(count(1)) <= 1);
+        let pool = Pool::new(vec![4_000_000_000, 1]);
+        assert!(pool.schedule.len() as u64 <= MAX_PERIOD);
+        assert_eq!(count_in(&pool, 1), 1, "the light peer keeps its turn");
+    }
+
+    fn count_in(pool: &Pool, peer: u32) -> usize {
+        pool.schedule.iter().filter(|&&i| i == peer).count()
     }
 
     #[test]
