@@ -605,9 +605,9 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
         // "Framing"), however much of it has arrived.
         Ok(httparse::Status::Partial)
             if buf.len() > MAX_REQUEST_LINE_BYTES + 2
-                && !buf
+                && buf
                     .get(..MAX_REQUEST_LINE_BYTES + 2)
-                    .is_some_and(|line| memchr::memchr(b'\n', line).is_some()) =>
+                    .is_some_and(|line| memchr::memchr(b'\n', line).is_none()) =>
         {
             return Err(Refusal::new(ApiError::UriTooLong {
                 limit: MAX_REQUEST_LINE_BYTES,
