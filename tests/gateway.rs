@@ -569,8 +569,11 @@ async fn h2c_clients_are_served() {
     assert_eq!(r.header("x-ratelimit-remaining-requests"), "999");
     // A HEAD answer carries no DATA (RFC 9110), and the connection serves on.
     let r = send(&c, "HEAD", gw.addr(), "/healthz", &[], "").await;
-    assert_eq!(r.status, 405);
+    assert_eq!(r.status, 200);
     assert!(r.body.is_empty(), "{}", r.text());
+    let r = send(&c, "DELETE", gw.addr(), "/healthz", &[], "").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), "GET, HEAD");
     let r = send(&c, "GET", gw.addr(), "/healthz", &[], "").await;
     assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -88,6 +88,42 @@ async fn expect_100_continue_is_answered_when_the_body_is_read() {
     assert_eq!(m.requests(), 1);
 }
 
+/// RFC 9110: a resource that answers GET answers HEAD (the GET's headers,
+/// no body), and a 405 says in `Allow` which methods the route takes.
+#[tokio::test]
+async fn head_is_answered_where_get_is_and_405_says_allow() {
+    let (gw, _m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: weir\r\n\r\n")
+        .await
+        .unwrap();
+    let get = read_until(&mut s, |t| whole_responses(t, 1)).await;
+    let length = |t: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map(str::to_owned)
+    };
+    s.write_all(b"HEAD /v1/models HTTP/1.1\r\nHost: weir\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut s, |t| t.ends_with("\r\n\r\n")).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(length(&head), length(&get), "{head}");
+    // The connection serves on: nothing of a body was sent after the head.
+    for (method, path, allow) in [
+        ("PUT", "/v1/models", "GET, HEAD, POST"),
+        ("POST", "/readyz", "GET, HEAD"),
+        ("GET", "/admin/reload", "POST"),
+    ] {
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: weir\r\nContent-Length: 0\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let text = read_until(&mut s, |t| whole_responses(t, 1)).await;
+        assert!(text.starts_with("HTTP/1.1 405 "), "{method} {path}: {text}");
+        assert!(text.contains(&format!("\r\nallow: {allow}\r\n")), "{text}");
+    }
+}
+
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
     let (gw, m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;

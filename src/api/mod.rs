@@ -66,8 +66,13 @@ pub enum ApiError {
         path: String,
     },
     /// The route exists but not for this method (405).
-    #[error("Method {0} is not allowed on this route")]
-    MethodNotAllowed(String),
+    #[error("Method {method} is not allowed on this route")]
+    MethodNotAllowed {
+        /// The request's method.
+        method: String,
+        /// The route's methods, for the `Allow` header RFC 9110 asks of a 405.
+        allow: &'static str,
+    },
     /// The body is larger than `max_body_bytes` (413).
     #[error("Request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge {
@@ -173,7 +178,7 @@ impl ApiError {
                 "invalid_request_error",
                 Some("unknown_url"),
             ),
-            MethodNotAllowed(_) => (
+            MethodNotAllowed { .. } => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "invalid_request_error",
                 Some("method_not_allowed"),
@@ -261,6 +266,11 @@ impl ApiError {
                 HeaderValue::from(retry_after_secs(*retry_after)),
             );
             insert_rate_headers(h, headers);
+        }
+        if let ApiError::MethodNotAllowed { allow, .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         if self.closes_connection() {
             response

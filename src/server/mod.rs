@@ -310,16 +310,18 @@ async fn dispatch(
     let public = role != Role::Admin;
     let operator = role != Role::Public;
     match path {
-        "/healthz" => only(req, &Method::GET).map(|()| admin::healthz()),
-        "/readyz" => only(req, &Method::GET).map(|()| admin::readyz(shared)),
-        "/metrics" if operator => only(req, &Method::GET).map(|()| admin::metrics(shared)),
+        "/healthz" => only_get(req).map(|()| admin::healthz()),
+        "/readyz" => only_get(req).map(|()| admin::readyz(shared)),
+        "/metrics" if operator => only_get(req).map(|()| admin::metrics(shared)),
         p if operator && p.starts_with("/admin/") => {
             admin::authorize(&req.headers, peer, &snapshot)?;
             match p {
-                "/admin/backends" => only(req, &Method::GET).map(|()| admin::backends(shared)),
-                "/admin/cluster" => only(req, &Method::GET).map(|()| admin::cluster(shared)),
+                "/admin/backends" => only_get(req).map(|()| admin::backends(shared)),
+                "/admin/cluster" => only_get(req).map(|()| admin::cluster(shared)),
                 "/admin/reload" => {
-                    only(req, &Method::POST)?;
+                    if req.method != Method::POST {
+                        return Err(not_allowed(req, "POST"));
+                    }
                     Ok(admin::reload_response(reload(shared).await))
                 }
                 _ => Err(unknown(req)),
@@ -327,11 +329,11 @@ async fn dispatch(
         }
         p if public && (p == "/v1" || p.starts_with("/v1/")) => {
             proxy::authorize(&req.headers, &snapshot)?;
-            if req.method == Method::GET {
+            if req.method == Method::GET || req.method == Method::HEAD {
                 return proxy::models(p, &snapshot);
             }
             if req.method != Method::POST {
-                return Err(ApiError::MethodNotAllowed(req.method.to_string()));
+                return Err(not_allowed(req, "GET, HEAD, POST"));
             }
             proxy::forward(req, body, shared, &snapshot, request_id, log).await
         }
@@ -339,12 +341,21 @@ async fn dispatch(
     }
 }
 
-/// 405 unless the request uses `method`.
-fn only(req: &ClientHead, method: &Method) -> Result<(), ApiError> {
-    if req.method == method {
+/// 405 unless the request is a GET or a HEAD (RFC 9110: a resource that
+/// answers GET answers HEAD; the connection writes no body for it).
+fn only_get(req: &ClientHead) -> Result<(), ApiError> {
+    if req.method == Method::GET || req.method == Method::HEAD {
         Ok(())
     } else {
-        Err(ApiError::MethodNotAllowed(req.method.to_string()))
+        Err(not_allowed(req, "GET, HEAD"))
+    }
+}
+
+/// The 405 for `req` on a route that takes `allow`.
+fn not_allowed(req: &ClientHead, allow: &'static str) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: req.method.to_string(),
+        allow,
     }
 }
 
