@@ -25,7 +25,7 @@ pub struct Demo {
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     /// A mock backend could not bind a port.
-    #[error("starting a mock backend: {0}")]
+    #[error("starting a mock backend")]
     Mock(#[from] std::io::Error),
     /// The generated config did not validate (a bug).
     #[error("demo config: {0}")]

@@ -89,11 +89,14 @@ pub(crate) struct ProbeTasks {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    /// (The OS error is the source, not part of this message: error chains,
+    /// as `weir`'s `{:#}` prints them, would say it twice.)
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address from the config.
         addr: SocketAddr,
         /// The OS error.
+        #[source]
         source: std::io::Error,
     },
     /// The upstream clients could not be built.

@@ -45,6 +45,28 @@ fn check_prints_every_error_with_line_and_column() {
     assert!(err.contains("bogus_key"), "{err}");
 }
 
+/// A taken port stops start-up with exit 1 and says why once.
+#[test]
+fn a_taken_port_is_reported_once_and_exits_one() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!("[server]\nlisten = \"{addr}\"\n\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"),
+    );
+    let out = Command::new(BIN)
+        .args(["--config"])
+        .arg(&path)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert_eq!(err.matches("in use").count(), 1, "{err}");
+}
+
 #[test]
 fn check_prints_the_resolved_config_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();
