@@ -485,6 +485,8 @@ impl Config {
                 let span = e.span().unwrap_or(0..0);
                 check.error(span, "(syntax)", e.message().to_owned());
             }
+            // The parser's recovery may report a later line first.
+            check.errors.sort_by_key(|e| (e.line, e.column));
             return Err(ConfigErrors(check.errors));
         }
         let (raw, schema_errors) = schema(text);
@@ -2637,6 +2639,11 @@ key_prefix = "prod"
         let errs = errors("[server\nlisten = \n");
         assert!(errs.iter().all(|e| e.key == "(syntax)"));
         assert_eq!((errs[0].line, errs[0].column), (1, 8));
+        // In file order, though the parser's recovery finds line 4 first.
+        let errs = errors("[server]\nlisten = \"x\n[limits]\nrequests_per_minute = = 2\n");
+        let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        assert!(lines.len() >= 2 && lines.is_sorted(), "{lines:?}");
+        assert_eq!(lines.first(), Some(&2), "{lines:?}");
         let e = one_error(&format!("{MINIMAL}[server]\nmax_connections = \"many\"\n"));
         assert_eq!(e.key, "server.max_connections");
         assert_eq!(e.column, 19);
