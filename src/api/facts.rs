@@ -31,7 +31,7 @@
 //! Decisions worth knowing:
 //!
 //! * **Duplicate keys.** A key weir reads (`model`, `stream`, `max_tokens`,
-//!   `max_completion_tokens`, `n`, `stream_options`, `messages`, `prompt`,
+//!   `max_completion_tokens`, `max_output_tokens`, `n`, `stream_options`, `messages`, `prompt`,
 //!   `input`, and `include_usage` inside `stream_options`) may appear only
 //!   once: backends built on Python keep the *last* duplicate, so a body with
 //!   `"max_tokens":1, ..., "max_tokens":100000` would otherwise be admitted for
@@ -401,6 +401,8 @@ struct Top {
     stream: Option<bool>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
+    /// The Responses API's name for it (`/v1/responses`).
+    max_output_tokens: Option<u32>,
     n: Option<u32>,
     /// Where it is, and `include_usage == true`.
     stream_options: Option<(StreamOptionsSpan, bool)>,
@@ -432,7 +434,10 @@ impl Top {
             facts: RequestFacts {
                 model,
                 stream: self.stream.unwrap_or(false),
-                max_tokens: self.max_completion_tokens.or(self.max_tokens),
+                max_tokens: self
+                    .max_completion_tokens
+                    .or(self.max_tokens)
+                    .or(self.max_output_tokens),
                 n: self.n.unwrap_or(1).max(1),
                 include_usage,
                 has_stream_options,
@@ -453,6 +458,7 @@ enum Key {
     Stream,
     MaxTokens,
     MaxCompletionTokens,
+    MaxOutputTokens,
     N,
     StreamOptions,
     Messages,
@@ -468,6 +474,7 @@ impl Key {
             Key::Stream => "stream",
             Key::MaxTokens => "max_tokens",
             Key::MaxCompletionTokens => "max_completion_tokens",
+            Key::MaxOutputTokens => "max_output_tokens",
             Key::N => "n",
             Key::StreamOptions => "stream_options",
             Key::Messages => "messages",
@@ -508,6 +515,7 @@ fn top_key(key: &str) -> Key {
         "stream" => Key::Stream,
         "max_tokens" => Key::MaxTokens,
         "max_completion_tokens" => Key::MaxCompletionTokens,
+        "max_output_tokens" => Key::MaxOutputTokens,
         "n" => Key::N,
         "stream_options" => Key::StreamOptions,
         "messages" => Key::Messages,
@@ -569,6 +577,10 @@ impl<'de> Visitor<'de> for TopSeed<'_, 'de> {
                 Key::MaxCompletionTokens => {
                     top.max_completion_tokens =
                         map.next_value_seed(U32Seed(ctx, "max_completion_tokens"))?;
+                }
+                Key::MaxOutputTokens => {
+                    top.max_output_tokens =
+                        map.next_value_seed(U32Seed(ctx, "max_output_tokens"))?;
                 }
                 Key::N => top.n = map.next_value_seed(U32Seed(ctx, "n"))?,
                 Key::StreamOptions => {
@@ -1091,6 +1103,11 @@ mod tests {
         assert_eq!(
             ok(r#"{"model":"m","max_completion_tokens":9}"#).max_tokens,
             Some(9)
+        );
+        assert_eq!(
+            ok(r#"{"model":"m","input":"hi","max_output_tokens":5}"#).max_tokens,
+            Some(5),
+            "the Responses API's name"
         );
         let both = r#"{"model":"m","max_completion_tokens":9,"max_tokens":7}"#;
         assert_eq!(ok(both).max_tokens, Some(9));
