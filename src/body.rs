@@ -154,6 +154,8 @@ pub(crate) struct Accounting {
     pub success: bool,
     /// The prompt part of the estimate (see [`Accounting::abandon`]).
     pub prompt_estimate: u64,
+    /// Counts the request in flight for the retry budget until it ends.
+    pub _active: crate::proxy::ActiveRequest,
 }
 
 /// How usage is read from a response body.

@@ -155,10 +155,11 @@ pub(crate) async fn forward(
         first_byte_timeout: server.first_byte_timeout,
         max_attempts: snapshot.config.retry.max_attempts.get(),
     };
-    let _active = ActiveRequest::new(shared);
-    let mut admitted = Some(admitted);
+    // In flight until its response ends (the retry budget's base): handed
+    // to the body with the admission.
+    let mut admitted = Some((admitted, ActiveRequest::new(shared.clone())));
     let result = exchange.run(&mut admitted, log).await;
-    if let Some(unused) = admitted {
+    if let Some((unused, _)) = admitted {
         // Nothing reached a backend that answered: the permit returns on
         // drop, and the reserved tokens are refunded, as no backend spent
         // them.
@@ -198,7 +199,7 @@ impl Exchange<'_> {
     /// the client.
     async fn run(
         &self,
-        admitted: &mut Option<Admitted>,
+        admitted: &mut Option<(Admitted, ActiveRequest)>,
         log: &mut AccessLog,
     ) -> Result<Response<GatewayBody>, ApiError> {
         let members = &self.route.members;
@@ -237,10 +238,10 @@ impl Exchange<'_> {
             {
                 Ok(response) if !is_retryable(response.status()) => {
                     self.report(backend, Outcome::Success(started.elapsed()));
-                    let Some(admitted) = admitted.take() else {
+                    let Some((admitted, active)) = admitted.take() else {
                         break;
                     };
-                    return Ok(self.respond(response, member, in_flight, admitted));
+                    return Ok(self.respond(response, member, in_flight, admitted, active));
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                     let pause = retry_after(&response);
@@ -444,6 +445,7 @@ impl Exchange<'_> {
         member: &Member,
         in_flight: InFlight,
         admitted: Admitted,
+        active: ActiveRequest,
     ) -> Response<GatewayBody> {
         let (mut parts, body) = response.into_parts();
         // A plain backend's headers stay out of the map (the writers pass
@@ -480,6 +482,7 @@ impl Exchange<'_> {
             tokens: self.route.tokens.clone(),
             success: parts.status.is_success(),
             prompt_estimate: self.prompt_estimate,
+            _active: active,
         };
         let mut body = ProxiedBody::new(
             body,
@@ -537,21 +540,26 @@ impl Drop for RetryPermit<'_> {
     }
 }
 
-/// Counts a request in `Shared::active_requests` while it is alive.
-pub(crate) struct ActiveRequest<'a>(&'a std::sync::atomic::AtomicU64);
+/// Counts a request in `Shared::active_requests` from admission until its
+/// response ends (a stream too): SPEC's retry budget is a share of the
+/// requests in flight, streams included.
+#[derive(Debug)]
+pub(crate) struct ActiveRequest(Arc<Shared>);
 
-impl<'a> ActiveRequest<'a> {
-    pub(crate) fn new(shared: &'a Shared) -> Self {
+impl ActiveRequest {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         shared
             .active_requests
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Self(&shared.active_requests)
+        Self(shared)
     }
 }
 
-impl Drop for ActiveRequest<'_> {
+impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0
+            .active_requests
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

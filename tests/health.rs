@@ -490,6 +490,60 @@ async fn the_retry_budget_caps_retries() {
     assert!(retries >= 1, "a budget still allows some retries");
 }
 
+/// The retry budget is a share of every request in flight, streams still
+/// running included (SPEC `budget_percent`): 40 open streams and 10 failing
+/// requests allow 10 retries at once, where the 10 alone would allow 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_in_flight_count_in_the_retry_budget_base() {
+    let ms = mocks(
+        2,
+        MockConfig::default()
+            .failure_rate(1.0)
+            .latency(Duration::from_millis(300)),
+    )
+    .await;
+    let slow = mock::start(
+        MockConfig::default()
+            .models(vec!["slow".into()])
+            .chunks(1000)
+            .tokens_per_sec(10.0),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"slow\"\n\n{}\n{}",
+        backend("slow", &slow.base_url(), &["slow"], 1),
+        config_for(
+            &ms,
+            &[1, 1],
+            "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 1000\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 20\n",
+            "",
+        ),
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let body = chat("slow", true);
+    let streams: Vec<_> = (0..40)
+        .map(|_| {
+            let request = raw_chat(&body, "");
+            tokio::spawn(async move { raw(addr, request, Duration::from_secs(30)).await })
+        })
+        .collect();
+    // Every stream admitted and answered, so each counts as in flight.
+    assert!(
+        eventually(Duration::from_secs(10), || slow.requests() >= 40).await,
+        "streams started: {}",
+        slow.requests()
+    );
+    let statuses = concurrent_chats(addr, MODEL, 10).await;
+    assert!(statuses.iter().all(|&s| s == 502), "{statuses:?}");
+    let retries = ms.iter().map(MockHandle::requests).sum::<u64>() - 10;
+    assert_eq!(retries, 10, "20% of 50 in flight is 10 retries at once");
+    for s in streams {
+        s.abort();
+    }
+}
+
 /// A backend that answers every request with a chunked SSE response holding
 /// `body`, then, 100 ms later, drops the connection without the last chunk.
 /// Returns its address and how many connections it accepted.
