@@ -551,8 +551,17 @@ async fn read_body(body: UpstreamBody, limit: usize) -> Result<Bytes, ProbeError
 }
 
 /// A non-2xx answer as an error quoting the start of its body, which is
-/// where engines and hosted APIs say what is wrong.
+/// where engines and hosted APIs say what is wrong. Not for 401 and 403:
+/// hosted APIs' answers to a bad key may quote part of it, and the quote
+/// goes to `/admin/backends` and the log, where no key may appear (SPEC
+/// "Secrets").
 fn status_error(status: StatusCode, body: Option<&[u8]>) -> ProbeError {
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return ProbeError::Status {
+            status,
+            body: "(body not kept: it may quote the key)".to_owned(),
+        };
+    }
     let text = body.map(String::from_utf8_lossy).unwrap_or_default();
     let body: String = text.trim().chars().take(ERROR_SNIPPET_CHARS).collect();
     ProbeError::Status { status, body }
@@ -592,6 +601,18 @@ mod tests {
         snapshot::Snapshot,
         Config,
     };
+
+    #[test]
+    fn an_auth_failure_keeps_no_body_others_keep_its_start() {
+        let echo = br#"{"error":{"message":"Incorrect API key provided: sk-abc***wxyz"}}"#;
+        for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
+            let e = status_error(status, Some(echo)).to_string();
+            assert!(!e.contains("sk-abc"), "{e}");
+            assert!(e.contains(status.as_str()), "{e}");
+        }
+        let e = status_error(StatusCode::SERVICE_UNAVAILABLE, Some(b"engine loading")).to_string();
+        assert!(e.contains("engine loading"), "{e}");
+    }
 
     /// Room for a loaded 2-core machine on top of any expected duration.
     const MARGIN: Duration = Duration::from_secs(3);
