@@ -154,6 +154,8 @@ pub(crate) struct Accounting {
     pub success: bool,
     /// The prompt part of the estimate (see [`Accounting::abandon`]).
     pub prompt_estimate: u64,
+    /// When the answered attempt went to the backend.
+    pub sent_at: Instant,
     /// Counts the request in flight for the retry budget until it ends.
     pub _active: crate::proxy::ActiveRequest,
 }
@@ -190,11 +192,14 @@ impl Accounting {
     /// cancelled with it: the completion tokens never generated are given
     /// back (SPEC "Disconnects": its unspent token reservation). A stream
     /// that already reported usage is settled with it. Otherwise it has
-    /// spent the prompt plus about one token per event it sent (an OpenAI
-    /// chunk carries one token; servers that batch several per chunk are
-    /// under-charged by that much). A JSON answer was generated whole
-    /// before its first byte left, so its estimate stays charged.
-    fn abandon(self) {
+    /// spent the prompt plus what the backend may have generated: at least
+    /// one token per event sent (an OpenAI chunk carries one), and at least
+    /// the time since the request went out at the backend's measured
+    /// tokens/s (deep tier), which covers hidden reasoning tokens and
+    /// servers that batch several tokens per chunk. Never more than the
+    /// estimate. A JSON answer was generated whole before its first byte
+    /// left, so its estimate stays charged.
+    fn abandon(self, backend: Option<&BackendState>) {
         let UsageReader::Sse(filter) = &self.reader else {
             return;
         };
@@ -202,7 +207,10 @@ impl Accounting {
             self.settle();
             return;
         }
-        let spent = self.prompt_estimate.saturating_add(filter.events_sent());
+        let tokens_per_sec = backend.and_then(|b| b.live.with_health(|h| h.tokens_per_sec));
+        let completion =
+            generated_at_least(filter.events_sent(), self.sent_at.elapsed(), tokens_per_sec);
+        let spent = self.prompt_estimate.saturating_add(completion);
         self.admitted.reconcile(spent.min(self.admitted.estimate()));
     }
 
@@ -223,6 +231,21 @@ impl Accounting {
         }
         usage
     }
+}
+
+/// The completion tokens a stream cut after `events` events and `elapsed`
+/// may have cost: one per event, or `elapsed` at `tokens_per_sec`
+/// (when measured), whichever is more.
+fn generated_at_least(
+    events: u64,
+    elapsed: std::time::Duration,
+    tokens_per_sec: Option<f64>,
+) -> u64 {
+    let by_time = tokens_per_sec
+        .filter(|t| t.is_finite() && *t > 0.0)
+        // `as` saturates: an absurd rate charges the whole estimate.
+        .map_or(0, |t| (elapsed.as_secs_f64() * t).ceil() as u64);
+    events.max(by_time)
 }
 
 impl ProxiedBody {
@@ -557,7 +580,7 @@ impl Drop for ProxiedBody {
         // Still holding the accounting or the log: the client went away
         // before the end.
         if let Some(accounting) = self.accounting.take() {
-            accounting.abandon();
+            accounting.abandon(self.reporter.as_ref().map(|r| &*r.backend));
         }
         self.emit_log(Ending::ClientGone);
     }
@@ -591,5 +614,27 @@ impl Body for GatewayBody {
             GatewayBody::Full(full) => full.size_hint(),
             GatewayBody::Proxied(proxied) => proxied.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::generated_at_least;
+
+    #[test]
+    fn a_cut_stream_is_charged_by_events_or_by_time_whichever_is_more() {
+        let secs = Duration::from_secs;
+        // No measured rate: one token per event.
+        assert_eq!(generated_at_least(3, secs(30), None), 3);
+        // Hidden reasoning: few events, but 30 s at 50 tokens/s.
+        assert_eq!(generated_at_least(3, secs(30), Some(50.0)), 1500);
+        // Many tokens per event already counted: the larger wins.
+        assert_eq!(generated_at_least(400, secs(1), Some(50.0)), 400);
+        // Nonsense rates are ignored, absurd ones saturate.
+        assert_eq!(generated_at_least(2, secs(1), Some(f64::NAN)), 2);
+        assert_eq!(generated_at_least(2, secs(1), Some(-5.0)), 2);
+        assert_eq!(generated_at_least(2, secs(1), Some(1e300)), u64::MAX);
     }
 }

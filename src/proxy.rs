@@ -241,7 +241,8 @@ impl Exchange<'_> {
                     let Some((admitted, active)) = admitted.take() else {
                         break;
                     };
-                    return Ok(self.respond(response, member, in_flight, admitted, active));
+                    let sent = (admitted, active, started);
+                    return Ok(self.respond(response, member, in_flight, sent));
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                     let pause = retry_after(&response);
@@ -444,8 +445,7 @@ impl Exchange<'_> {
         response: Response<UpstreamBody>,
         member: &Member,
         in_flight: InFlight,
-        admitted: Admitted,
-        active: ActiveRequest,
+        (admitted, active, sent_at): (Admitted, ActiveRequest, Instant),
     ) -> Response<GatewayBody> {
         let (mut parts, body) = response.into_parts();
         // A plain backend's headers stay out of the map (the writers pass
@@ -482,6 +482,7 @@ impl Exchange<'_> {
             tokens: self.route.tokens.clone(),
             success: parts.status.is_success(),
             prompt_estimate: self.prompt_estimate,
+            sent_at,
             _active: active,
         };
         let mut body = ProxiedBody::new(

@@ -223,6 +223,13 @@ impl Estimate {
 }
 
 impl Usage {
+    /// No response holds billions of tokens: such a count is a backend's
+    /// bug, and read as absent it leaves the estimate charged instead of
+    /// wrapping the token counters.
+    pub fn is_plausible(&self) -> bool {
+        self.prompt_tokens <= MAX_PLAUSIBLE_TOKENS && self.completion_tokens <= MAX_PLAUSIBLE_TOKENS
+    }
+
     /// Prompt plus completion: what is settled against the estimate.
     pub fn total(&self) -> u64 {
         self.prompt_tokens.saturating_add(self.completion_tokens)
@@ -355,7 +362,11 @@ impl UsageFilter {
     fn record(&mut self, found: Option<(Usage, bool)>) -> bool {
         match found {
             Some((usage, usage_only)) => {
-                self.usage = Some(usage);
+                // Unbelievable counts are not kept; the chunk weir asked
+                // for is removed all the same.
+                if usage.is_plausible() {
+                    self.usage = Some(usage);
+                }
                 self.strip && usage_only
             }
             None => false,
@@ -369,7 +380,7 @@ impl UsageFilter {
     pub fn finish(&mut self) -> Bytes {
         let held = std::mem::take(&mut self.partial);
         if !self.skipping && !held.is_empty() && held.len() <= self.max_event {
-            if let Some((usage, _)) = read_event(&held) {
+            if let Some((usage, _)) = read_event(&held).filter(|(u, _)| u.is_plausible()) {
                 self.usage = Some(usage);
             }
         }
@@ -546,13 +557,6 @@ impl UsageJson {
         if self.prompt_tokens.is_none() && self.completion_tokens.is_none() {
             return None;
         }
-        // No response holds billions of tokens: such a count is a backend's
-        // bug, and read as absent it leaves the estimate charged instead of
-        // wrapping the token counters.
-        let plausible = |n: Option<u64>| n.unwrap_or(0) <= MAX_PLAUSIBLE_TOKENS;
-        if !plausible(self.prompt_tokens) || !plausible(self.completion_tokens) {
-            return None;
-        }
         Some(Usage {
             prompt_tokens: self.prompt_tokens.unwrap_or(0),
             completion_tokens: self.completion_tokens.unwrap_or(0),
@@ -628,7 +632,7 @@ fn usage_after_key(after: &[u8]) -> Option<Usage> {
     let value = after.get(start..)?.strip_prefix(b":")?;
     let mut de = serde_json::Deserializer::from_slice(value);
     let usage = Option::<UsageJson>::deserialize(&mut de).ok()??;
-    usage.into_usage()
+    usage.into_usage().filter(Usage::is_plausible)
 }
 
 /// The start of the last `"usage"` key in `haystack`. It looks for the
@@ -824,6 +828,14 @@ mod tests {
     }
 
     #[test]
+    fn a_usage_chunk_with_implausible_counts_is_still_removed() {
+        let event = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":1}}\n\n";
+        let mut filter = UsageFilter::new(true);
+        assert_eq!(run(&mut filter, &[event.as_bytes()]), b"");
+        assert_eq!(filter.usage(), None);
+    }
+
+    #[test]
     fn implausible_usage_is_read_as_absent() {
         let huge = "{\"usage\":{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":1}}";
         assert_eq!(usage_after_key(&huge.as_bytes()[8..]), None);
@@ -992,7 +1004,7 @@ mod tests {
                     } else {
                         None
                     };
-                    if let Some((u, _)) = found {
+                    if let Some((u, _)) = found.filter(|(u, _)| u.is_plausible()) {
                         usage = Some(u);
                     }
                     if !(strip && found.is_some_and(|(_, only)| only)) {
@@ -1008,7 +1020,7 @@ mod tests {
         }
         let rest = &input[start..];
         if !rest.is_empty() && rest.len() <= max_event {
-            if let Some((u, _)) = read_event(rest) {
+            if let Some((u, _)) = read_event(rest).filter(|(u, _)| u.is_plausible()) {
                 usage = Some(u);
             }
         }
