@@ -124,8 +124,10 @@ static OWN_HEADER_NAMES: [HeaderName; 2] =
 /// What a body needs to count a mid-stream upstream failure towards the
 /// backend's outlier state (SPEC "Backend faults").
 pub(crate) struct MidStreamReporter {
-    /// For the rebuild signal.
-    pub shared: Arc<Shared>,
+    /// Counts the request in flight for the retry budget until the body
+    /// ends; its `Arc<Shared>` is the one the report uses (one clone per
+    /// request, not two).
+    pub active: crate::proxy::ActiveRequest,
     /// The snapshot the request started with (for `max_ejection_percent`).
     pub snapshot: Arc<Snapshot>,
     /// The backend whose body failed.
@@ -156,8 +158,6 @@ pub(crate) struct Accounting {
     pub prompt_estimate: u64,
     /// When the answered attempt went to the backend.
     pub sent_at: Instant,
-    /// Counts the request in flight for the retry budget until it ends.
-    pub _active: crate::proxy::ActiveRequest,
 }
 
 /// How usage is read from a response body.
@@ -359,8 +359,9 @@ impl ProxiedBody {
             BodyError::Timeout => None,
         };
         if let (Some(kind), Some(r)) = (kind, self.reporter.take()) {
-            outlier::report(&r.shared, &r.snapshot, &r.backend, Outcome::Failure);
-            r.shared
+            outlier::report(r.active.shared(), &r.snapshot, &r.backend, Outcome::Failure);
+            r.active
+                .shared()
                 .metrics
                 .upstream_errors
                 .get_or_create(&UpstreamErrorLabels {

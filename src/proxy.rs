@@ -483,7 +483,6 @@ impl Exchange<'_> {
             success: parts.status.is_success(),
             prompt_estimate: self.prompt_estimate,
             sent_at,
-            _active: active,
         };
         let mut body = ProxiedBody::new(
             body,
@@ -493,7 +492,7 @@ impl Exchange<'_> {
             self.first_byte_timeout,
             Some(accounting),
             Some(MidStreamReporter {
-                shared: self.shared.clone(),
+                active,
                 snapshot: self.snapshot.clone(),
                 backend: member.backend.clone(),
             }),
@@ -553,6 +552,11 @@ impl ActiveRequest {
             .active_requests
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Self(shared)
+    }
+
+    /// The gateway state it counts in.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.0
     }
 }
 
