@@ -89,6 +89,12 @@ fn try_eject(shared: &Shared, snapshot: &Snapshot, backend: &BackendState, failu
             .count() as u64;
         if ejected * 100 >= max_percent * total {
             tracing::debug!(backend = %backend.config.name, model, "not ejected: max_ejection_percent reached");
+            // Counting starts over (as after an ejection), so a failure storm
+            // does not take the ejection lock on every failure.
+            backend
+                .live
+                .consecutive_failures
+                .store(0, Ordering::Relaxed);
             return;
         }
     }
