@@ -1266,12 +1266,14 @@ impl Checker<'_> {
                 // Sent as `Authorization: Bearer KEY`: a key that cannot be a
                 // header value (a newline of a multi-line secret, a control
                 // byte) would be dropped and the backend called keyless.
-                if http::HeaderValue::from_str(&format!("Bearer {value}")).is_err() {
+                if value.contains('\t')
+                    || http::HeaderValue::from_str(&format!("Bearer {value}")).is_err()
+                {
                     let var = name.get_ref().trim();
                     self.error(
                         name.span(),
                         key,
-                        format!("environment variable {var} holds a byte that cannot go in an HTTP header (a control character or line break)"),
+                        format!("environment variable {var} holds a control character (a line break, a tab) or another byte that cannot go in an HTTP header"),
                     );
                     return None;
                 }
@@ -2836,6 +2838,8 @@ budget_percent = 200
         assert_eq!(errs[0].key, "backends[0].api_key_env");
         assert!(errs[0].message.contains("cannot go in an HTTP header"));
         assert!(!format!("{errs:?}").contains("secret"), "{errs:?}");
+        let tab = |n: &str| (n == "KEY").then(|| "sk-top\tsecret".to_owned());
+        assert!(Config::parse(&text, "f", &tab).is_err());
         let fine = |n: &str| (n == "KEY").then(|| " sk-top-secret \n".to_owned());
         assert!(Config::parse(&text, "f", &fine).is_ok());
     }

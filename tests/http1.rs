@@ -112,6 +112,7 @@ async fn head_is_answered_where_get_is_and_405_says_allow() {
     // The connection serves on: nothing of a body was sent after the head.
     for (method, path, allow) in [
         ("PUT", "/v1/models", "GET, HEAD, POST"),
+        ("DELETE", "/v1/chat/completions", "POST"),
         ("POST", "/readyz", "GET, HEAD"),
         ("GET", "/admin/reload", "POST"),
     ] {

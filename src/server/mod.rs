@@ -333,7 +333,13 @@ async fn dispatch(
                 return proxy::models(p, &snapshot);
             }
             if req.method != Method::POST {
-                return Err(not_allowed(req, "GET, HEAD, POST"));
+                // GET answers only the models routes (elsewhere it is a 404);
+                // POST goes anywhere under /v1.
+                let models = p == "/v1/models" || p.starts_with("/v1/models/");
+                return Err(not_allowed(
+                    req,
+                    if models { "GET, HEAD, POST" } else { "POST" },
+                ));
             }
             proxy::forward(req, body, shared, &snapshot, request_id, log).await
         }
