@@ -67,16 +67,16 @@ struct MockArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     latency: Duration,
     /// Stream pacing in tokens per second (0 = as fast as possible).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     tokens_per_sec: f64,
     /// Completion length in tokens (stream chunks).
     #[arg(long, default_value_t = 16)]
     chunks: u32,
     /// Share of requests answered 500 (0..1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
     failure_rate: f64,
     /// Share of requests answered 429 (0..1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
     rate_limit_rate: f64,
     /// Retry-After seconds sent with a 429.
     #[arg(long, default_value_t = 1)]
@@ -90,6 +90,22 @@ struct MockArgs {
     /// Do not record requests (for load benchmarks).
     #[arg(long)]
     no_record: bool,
+}
+
+/// A share for `weir mock`: a number from 0 to 1 (NaN refused).
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{text:?} is not a share from 0 to 1")),
+    }
+}
+
+/// A finite number of at least 0.
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a finite number of at least 0")),
+    }
 }
 
 fn main() -> ExitCode {

@@ -45,6 +45,26 @@ fn check_prints_every_error_with_line_and_column() {
     assert!(err.contains("bogus_key"), "{err}");
 }
 
+/// `weir mock` refuses shares outside 0..1 and rates that are not finite,
+/// as clap refuses any bad argument (exit 2), instead of running with them.
+#[test]
+fn mock_refuses_out_of_range_rates() {
+    for bad in [
+        ["--failure-rate", "2"],
+        ["--rate-limit-rate", "NaN"],
+        ["--tokens-per-sec=-1", "--chunks=1"],
+    ] {
+        let out = Command::new(BIN)
+            .args(["mock", "--listen", "127.0.0.1:0"])
+            .args(bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid value"), "{bad:?}: {err}");
+    }
+}
+
 /// A taken port stops start-up with exit 1 and says why once.
 #[test]
 fn a_taken_port_is_reported_once_and_exits_one() {
