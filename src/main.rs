@@ -210,7 +210,9 @@ impl Signals {
 }
 
 /// Reloads on SIGHUP; on SIGTERM/SIGINT stops accepting, lets in-flight
-/// requests finish within `shutdown_grace`, and returns.
+/// requests finish within `shutdown_grace`, and returns. A second SIGTERM
+/// or SIGINT during that wait ends it at once (an operator pressing Ctrl-C
+/// twice means it), cutting what is still in flight, and exits 1.
 async fn run_until_signalled(handle: Handle, signals: Signals) -> anyhow::Result<()> {
     let Signals {
         mut hangup,
@@ -227,9 +229,13 @@ async fn run_until_signalled(handle: Handle, signals: Signals) -> anyhow::Result
             _ = interrupt.recv() => break,
         }
     }
-    tracing::info!("shutting down: no new connections; waiting for in-flight requests");
+    tracing::info!("shutting down: no new connections; waiting for in-flight requests (signal again to stop now)");
     handle.shutdown();
-    handle.wait().await;
+    tokio::select! {
+        () = handle.wait() => {}
+        _ = terminate.recv() => anyhow::bail!("stopped by a second signal before in-flight requests finished"),
+        _ = interrupt.recv() => anyhow::bail!("stopped by a second signal before in-flight requests finished"),
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -158,6 +158,54 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
     assert_eq!(code, Some(0), "{}", log.lock().unwrap());
 }
 
+/// A second SIGTERM during the grace period stops weir at once (exit 1),
+/// cutting the stream still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_at_once() {
+    // 1,000 chunks at 10/s: far longer than the test.
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .tokens_per_sec(10.0)
+            .chunks(1000),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"60s\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &["m"], 1)
+    );
+    let mut weir = spawn_weir(&write_config(&dir, &toml), "info");
+    let addr = weir.addr;
+    let request = raw_chat(&chat("m", true), "");
+    let stream = tokio::spawn(async move { raw(addr, request, Duration::from_secs(30)).await });
+    assert!(
+        eventually(Duration::from_secs(5), || m.in_flight() == 1).await,
+        "stream started"
+    );
+    signal(&weir.child, "-TERM");
+    let log = weir.log.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || log
+            .lock()
+            .unwrap()
+            .contains("shutting down"))
+        .await,
+        "the first signal was taken"
+    );
+    signal(&weir.child, "-TERM");
+    let code =
+        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(1), "{}", log.lock().unwrap());
+    assert!(log.lock().unwrap().contains("second signal"));
+    let s = stream.await.unwrap();
+    assert!(s.closed, "the stream was cut");
+    assert!(!String::from_utf8_lossy(&s.bytes).contains("[DONE]"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_logs_even_at_trace_level() {
     let m = mock::start(MockConfig::default().models(vec!["m".into()]))
