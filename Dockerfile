@@ -49,8 +49,8 @@ EXPOSE 8080 9090
 # weir drains in-flight requests (streams too) on SIGTERM within
 # `server.shutdown_grace`; give `docker stop -t` at least that long.
 STOPSIGNAL SIGTERM
-# No curl in the image: the binary probes itself. It GETs
-# http://127.0.0.1:8080/healthz; set WEIR_HEALTHCHECK_URL if `listen` differs.
+# No curl in the image: the binary probes itself. It GETs /healthz on the
+# `server.listen` of $WEIR_CONFIG over loopback (WEIR_HEALTHCHECK_URL overrides).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["/usr/local/bin/weir", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/weir"]

@@ -48,6 +48,31 @@ pub enum HealthcheckError {
     Status { url: String, status: StatusCode },
 }
 
+/// The `/healthz` URL of the gateway a config file describes: its
+/// `server.listen` (default `0.0.0.0:8080`) over loopback when it listens on
+/// every address. Only that key is read, so a config whose secrets live in
+/// variables the probe does not have still gives its address.
+pub fn url_from_config(text: &str) -> Result<String, String> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+    let listen = match table.get("server").and_then(|s| s.get("listen")) {
+        None => "0.0.0.0:8080",
+        Some(value) => value
+            .as_str()
+            .ok_or_else(|| "server.listen is not a string".to_owned())?,
+    };
+    let mut addr: std::net::SocketAddr = listen
+        .trim()
+        .parse()
+        .map_err(|e| format!("server.listen {listen:?}: {e}"))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}/healthz"))
+}
+
 /// Sends `GET url` and succeeds on a 2xx status.
 ///
 /// `timeout` bounds the whole exchange, connecting included, so that a
@@ -154,6 +179,25 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_url_comes_from_server_listen() {
+        assert_eq!(
+            url_from_config("[server]\nlisten = \"0.0.0.0:9000\"\n").unwrap(),
+            "http://127.0.0.1:9000/healthz"
+        );
+        assert_eq!(
+            url_from_config("[server]\nlisten = \"[::]:9000\"\n").unwrap(),
+            "http://[::1]:9000/healthz"
+        );
+        assert_eq!(
+            url_from_config("[server]\nlisten = \"10.0.0.5:81\"\n").unwrap(),
+            "http://10.0.0.5:81/healthz"
+        );
+        assert_eq!(url_from_config("").unwrap(), DEFAULT_URL);
+        assert!(url_from_config("[server]\nlisten = \"nope\"\n").is_err());
+        assert!(url_from_config("[server\n").is_err());
+    }
 
     #[test]
     fn only_absolute_http_urls_are_accepted() {

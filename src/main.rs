@@ -40,9 +40,11 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct HealthcheckArgs {
-    /// URL to GET (plain http).
-    #[arg(long, env = "WEIR_HEALTHCHECK_URL", default_value = weir::healthcheck::DEFAULT_URL)]
-    url: String,
+    /// URL to GET (plain http). Default: `/healthz` on the `server.listen`
+    /// of `--config` / $WEIR_CONFIG when one is given, else
+    /// http://127.0.0.1:8080/healthz.
+    #[arg(long, env = "WEIR_HEALTHCHECK_URL")]
+    url: Option<String>,
     /// Give up after this long, connecting included, e.g. "2s".
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     timeout: Duration,
@@ -126,7 +128,21 @@ fn main() -> ExitCode {
         Command::Demo(args) => runtime.block_on(demo(args)),
         Command::Mock(args) => runtime.block_on(mock(args)),
         Command::Healthcheck(args) => {
-            return match runtime.block_on(weir::healthcheck::check(&args.url, args.timeout)) {
+            let url = match (args.url, &cli.config) {
+                (Some(url), _) => url,
+                (None, None) => weir::healthcheck::DEFAULT_URL.to_owned(),
+                (None, Some(path)) => match std::fs::read_to_string(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| weir::healthcheck::url_from_config(&text))
+                {
+                    Ok(url) => url,
+                    Err(e) => {
+                        eprintln!("weir healthcheck: {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            return match runtime.block_on(weir::healthcheck::check(&url, args.timeout)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("weir healthcheck: {e}");

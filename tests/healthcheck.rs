@@ -23,11 +23,46 @@ async fn running_gateway() -> (weir::Handle, weir::mock::MockHandle) {
     (gateway(&toml).await, m)
 }
 
+/// Without `--url`, the probe goes to the `server.listen` of `--config`
+/// (over loopback when it is 0.0.0.0); `--url` still wins.
+#[tokio::test]
+async fn the_config_names_where_to_probe() {
+    let (gw, _m) = running_gateway().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"0.0.0.0:{}\"\n", gw.addr().port()),
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+    let out = healthcheck(&["--config", config], None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = healthcheck(
+        &["--config", config, "--url", "http://127.0.0.1:1/healthz"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    std::fs::write(&path, "[server]\nlisten = 8080\n").unwrap();
+    let out = healthcheck(&["--config", config], None).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.listen"), "{err}");
+}
+
 /// Runs `weir healthcheck ARGS` with `WEIR_HEALTHCHECK_URL` set to `env_url`
 /// (or removed), within 20 s.
 async fn healthcheck(args: &[&str], env_url: Option<&str>) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.arg("healthcheck").args(args).kill_on_drop(true);
+    cmd.arg("healthcheck")
+        .args(args)
+        .env_remove("WEIR_CONFIG")
+        .kill_on_drop(true);
     match env_url {
         Some(url) => cmd.env("WEIR_HEALTHCHECK_URL", url),
         None => cmd.env_remove("WEIR_HEALTHCHECK_URL"),
