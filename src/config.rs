@@ -483,7 +483,13 @@ impl Config {
         if !syntax.is_empty() {
             for e in syntax {
                 let span = e.span().unwrap_or(0..0);
-                check.error(span, "(syntax)", e.message().to_owned());
+                // A duplicate key is named like any other key (SPEC: every
+                // error names its key); other syntax errors have none.
+                let key = (e.message() == "duplicate key")
+                    .then(|| duplicate_key_path(text, span.clone()))
+                    .flatten()
+                    .unwrap_or_else(|| "(syntax)".to_owned());
+                check.error(span, key, e.message().to_owned());
             }
             // The parser's recovery may report a later line first.
             check.errors.sort_by_key(|e| (e.line, e.column));
@@ -1833,6 +1839,45 @@ fn remove_entry_at(table: &mut toml::de::DeTable<'_>, offset: usize) -> bool {
 /// The dotted key path (`server.bogus`, `backends[1].liveness.zz`) of the entry at a byte
 /// offset, found by walking the spanned document. Used for serde errors, which carry a span
 /// but no path.
+/// The dotted path of the duplicate key at `span`, for a file that does not
+/// parse (so no document to walk): the key's own text after the nearest
+/// table header above it, `[[name]]` headers counted into `name[i]`.
+/// A line inside a multi-line string that looks like a header can mislead
+/// it; the error's line and column stay exact either way.
+fn duplicate_key_path(text: &str, span: Range<usize>) -> Option<String> {
+    let key = text.get(span.clone())?.trim();
+    if key.is_empty() {
+        return None;
+    }
+    let before = text.get(..span.start)?;
+    let mut header = String::new();
+    let mut arrays: Vec<(String, usize)> = Vec::new();
+    for line in before.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let name = name.trim().to_owned();
+            let index = match arrays.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, count)) => {
+                    *count += 1;
+                    *count - 1
+                }
+                None => {
+                    arrays.push((name.clone(), 1));
+                    0
+                }
+            };
+            header = format!("{name}[{index}]");
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            header = name.trim().to_owned();
+        }
+    }
+    Some(if header.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{header}.{key}")
+    })
+}
+
 fn key_path_at(text: &str, offset: usize) -> Option<String> {
     let doc = toml::de::DeTable::parse(text).ok()?;
     narrowest_entry(doc.get_ref(), offset).map(|(_, path)| path)
@@ -2634,6 +2679,19 @@ key_prefix = "prod"
         // An unknown section.
         let e = one_error(&format!("{MINIMAL}[serverr]\n"));
         assert_eq!(e.key, "serverr");
+    }
+
+    #[test]
+    fn a_duplicate_key_is_named() {
+        let errs = errors(
+            "[server]\nlisten = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n[[models]]\nname = \"a\"\n[[backends]]\nname = \"b\"\n[[backends]]\nname = \"c\"\nname = \"d\"\n",
+        );
+        let keys: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            keys,
+            vec![(3, "server.listen"), (10, "backends[1].name")],
+            "{errs:?}"
+        );
     }
 
     #[test]
