@@ -247,24 +247,23 @@ impl Exchange<'_> {
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                     let pause = retry_after(&response);
                     self.report(backend, Outcome::RateLimited(pause));
-                    // The backend's slot frees now, not after any back-off.
-                    drop(in_flight);
                     ("status_429", Some(pause), Some(response.status()))
                 }
                 Ok(response) => {
                     self.report(backend, Outcome::Failure);
-                    drop(in_flight);
                     ("status_5xx", None, Some(response.status()))
                 }
                 Err(e) => {
                     tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
                     self.report(backend, Outcome::Failure);
-                    drop(in_flight);
                     let reason = e.kind();
                     last = Some(Failure::Attempt(e));
                     (reason, None, None)
                 }
             };
+            // The attempt failed, whichever way: its backend slot frees now,
+            // not after any back-off.
+            drop(in_flight);
             self.count_error(member, reason);
             tried.push(i);
             match self.retry_delay(attempt, &mut tried, retry_after, &mut retry_permit) {
