@@ -649,28 +649,27 @@ fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -
             capacity,
         },
         ReserveError::WouldWait { wait } => {
-            // A later bucket that can never hold the request makes it a
-            // 413 (SPEC: it could never pass), not a 429 whose Retry-After
-            // would send the client back for nothing.
-            for &(other, n, _) in steps.iter().skip(taken) {
-                if let Some(Err(ReserveError::TooLarge { capacity })) =
-                    other.map(|o| o.wait_for(n, now))
-                {
-                    return AdmitError::TooLarge {
-                        model: model_name.to_owned(),
-                        estimate: n,
-                        capacity,
-                    };
-                }
-            }
+            // One look at every bucket: the longest wait names the 429, and
+            // a bucket (a later one, not reached) that can never hold the
+            // request makes it a 413 instead (SPEC: it could never pass),
+            // not a 429 whose Retry-After would send the client back for
+            // nothing.
             let rate = limit.map_or(0, Limit::rate_per_minute);
             let (mut kind, mut limit, mut wait) = (kind, rate, wait);
             for &(other, n, other_kind) in steps {
                 let Some(other) = other else { continue };
-                if let Ok(w) = other.wait_for(n, now) {
-                    if w > wait {
+                match other.wait_for(n, now) {
+                    Ok(w) if w > wait => {
                         (kind, limit, wait) = (other_kind, other.rate_per_minute(), w);
                     }
+                    Err(ReserveError::TooLarge { capacity }) => {
+                        return AdmitError::TooLarge {
+                            model: model_name.to_owned(),
+                            estimate: n,
+                            capacity,
+                        };
+                    }
+                    Ok(_) | Err(ReserveError::WouldWait { .. }) => {}
                 }
             }
             model.count_limited(kind);
