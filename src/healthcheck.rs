@@ -54,16 +54,18 @@ pub enum HealthcheckError {
 /// variables the probe does not have still gives its address.
 pub fn url_from_config(text: &str) -> Result<String, String> {
     let table: toml::Table = toml::from_str(text).map_err(|e| e.message().to_owned())?;
-    let listen = match table.get("server").and_then(|s| s.get("listen")) {
-        None => "0.0.0.0:8080",
-        Some(value) => value
-            .as_str()
-            .ok_or_else(|| "server.listen is not a string".to_owned())?,
+    let mut addr = match table.get("server").and_then(|s| s.get("listen")) {
+        None => crate::config::defaults::LISTEN,
+        Some(value) => {
+            let listen = value
+                .as_str()
+                .ok_or_else(|| "server.listen is not a string".to_owned())?;
+            listen
+                .trim()
+                .parse()
+                .map_err(|e| format!("server.listen {listen:?}: {e}"))?
+        }
     };
-    let mut addr: std::net::SocketAddr = listen
-        .trim()
-        .parse()
-        .map_err(|e| format!("server.listen {listen:?}: {e}"))?;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
             std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
