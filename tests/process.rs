@@ -115,23 +115,34 @@ fn check_prints_the_resolved_config_with_secrets_masked() {
     assert!(!text.contains(BACKEND_KEY), "{text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
-    // 10 chunks at 10/s: the stream runs for about a second.
+/// A `weir` process (its config in the returned directory) in front of a
+/// mock that streams `chunks` chunks at 10 a second, with `shutdown_grace`
+/// set to `grace`: the set-up of the signal tests.
+async fn weir_before_a_slow_stream(
+    chunks: u32,
+    grace: &str,
+) -> (mock::MockHandle, tempfile::TempDir, Running) {
     let m = mock::start(
         MockConfig::default()
             .models(vec!["m".into()])
             .tokens_per_sec(10.0)
-            .chunks(10),
+            .chunks(chunks),
     )
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"20s\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"{grace}\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
         backend("b1", &m.base_url(), &["m"], 1)
     );
-    let mut weir = spawn_weir(&write_config(&dir, &toml), "info");
+    let weir = spawn_weir(&write_config(&dir, &toml), "info");
+    (m, dir, weir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
+    // 10 chunks at 10/s: the stream runs for about a second.
+    let (m, _dir, mut weir) = weir_before_a_slow_stream(10, "20s").await;
     let addr = weir.addr;
     let stream =
         tokio::spawn(
@@ -163,20 +174,7 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_stops_at_once() {
     // 1,000 chunks at 10/s: far longer than the test.
-    let m = mock::start(
-        MockConfig::default()
-            .models(vec!["m".into()])
-            .tokens_per_sec(10.0)
-            .chunks(1000),
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"60s\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
-        backend("b1", &m.base_url(), &["m"], 1)
-    );
-    let mut weir = spawn_weir(&write_config(&dir, &toml), "info");
+    let (m, _dir, mut weir) = weir_before_a_slow_stream(1000, "60s").await;
     let addr = weir.addr;
     let request = raw_chat(&chat("m", true), "");
     let stream = tokio::spawn(async move { raw(addr, request, Duration::from_secs(30)).await });
