@@ -300,7 +300,8 @@ pub struct RetryConfig {
 pub struct ClusterConfig {
     /// The env var holding the Redis URL.
     pub redis_url_env: String,
-    /// `redis://` or `redis+unix://` URL; a secret because it may carry a password.
+    /// `redis://`, `rediss://` (TLS) or `redis+unix://` URL; a secret because
+    /// it may carry a password.
     pub redis_url: Secret,
     /// Redis keys are `{key_prefix}:{limit}:{model}`; non-empty.
     pub key_prefix: String,
@@ -1703,23 +1704,15 @@ impl Checker<'_> {
         let var = name.get_ref().trim();
         // Checked as the cluster will open it, so `check` passes no URL that
         // `serve` then refuses; the URL itself is never echoed (a password).
-        if url.starts_with("rediss://") {
+        let scheme_known = ["redis://", "rediss://", "redis+unix://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme));
+        if !scheme_known || redis::Client::open(url).is_err() {
             self.error(
                 name.span(),
                 "cluster.redis_url_env",
                 format!(
-                    "environment variable {var} holds a rediss:// URL, and this build has no \
-                     TLS for Redis; use redis:// or redis+unix://"
-                ),
-            );
-        } else if !(url.starts_with("redis://") || url.starts_with("redis+unix://"))
-            || redis::Client::open(url).is_err()
-        {
-            self.error(
-                name.span(),
-                "cluster.redis_url_env",
-                format!(
-                    "environment variable {var} does not hold a valid redis:// or \
+                    "environment variable {var} does not hold a valid redis://, rediss:// or \
                      redis+unix:// URL"
                 ),
             );
@@ -2931,11 +2924,11 @@ budget_percent = 200
         let errs = Config::parse(&format!("{MINIMAL}[cluster]\n"), "f", &bad_redis).unwrap_err();
         assert!(errs.to_string().contains("does not hold a valid redis://"));
         assert!(!errs.to_string().contains("SENTINEL"));
-        // rediss:// would pass a prefix check but the cluster cannot open it
-        // (no TLS in this build): `check` refuses it too, again unechoed.
+        // A URL that passes the scheme check but does not parse is refused
+        // too, again unechoed.
         for url in [
-            format!("rediss://:{SENTINEL}@redis:6379/0"),
             format!("redis://:{SENTINEL}@[bad:6379/0"),
+            format!("rediss://:{SENTINEL}@[bad:6379/0"),
         ] {
             let env = |n: &str| (n == "WEIR_REDIS_URL").then(|| url.clone());
             let errs = Config::parse(&format!("{MINIMAL}[cluster]\n"), "f", &env).unwrap_err();

@@ -25,29 +25,65 @@ const MODEL: &str = "m";
 /// again on the same port (the outage test).
 struct Redis {
     port: u16,
+    /// A second port that speaks only TLS, with the certificate in
+    /// tests/fixtures/redis-tls (the `rediss://` test).
+    tls_port: Option<u16>,
     child: Option<Child>,
+}
+
+/// A free loopback port.
+fn free_port() -> Option<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .ok()
+        .map(|a| a.port())
+}
+
+/// tests/fixtures/redis-tls/NAME: a test CA and a server certificate it
+/// signed for 127.0.0.1, valid until 2126.
+fn tls_fixture(name: &str) -> String {
+    format!(
+        "{}/tests/fixtures/redis-tls/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 impl Redis {
     /// Starts one on a free port, or `None` (the test is skipped, said on
     /// stderr) when `redis-server` cannot be started.
     fn start() -> Option<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .ok()?
-            .port();
-        let mut redis = Redis { port, child: None };
+        let mut redis = Redis {
+            port: free_port()?,
+            tls_port: None,
+            child: None,
+        };
+        redis.restart().then_some(redis)
+    }
+
+    /// As [`start`](Self::start), plus a TLS-only port.
+    fn start_tls() -> Option<Redis> {
+        let mut redis = Redis {
+            port: free_port()?,
+            tls_port: Some(free_port()?),
+            child: None,
+        };
         redis.restart().then_some(redis)
     }
 
     /// (Re)starts the server on its port; false when it does not come up.
     fn restart(&mut self) -> bool {
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
+            .args(["--save", "", "--appendonly", "no"]);
+        if let Some(tls_port) = self.tls_port {
+            command
+                .args(["--tls-port", &tls_port.to_string()])
+                .args(["--tls-cert-file", &tls_fixture("server.pem")])
+                .args(["--tls-key-file", &tls_fixture("server-key.pem")])
+                .args(["--tls-auth-clients", "no"]);
+        }
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn();
         match child {
             Ok(child) => self.child = Some(child),
             Err(e) => {
@@ -57,8 +93,9 @@ impl Redis {
                 return false;
             }
         }
+        let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
         for _ in 0..250 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if listening(self.port) && self.tls_port.is_none_or(listening) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -387,6 +424,86 @@ async fn token_reconciliation_adds_up_across_replicas() {
     assert!(
         consumed >= reported - 0.01 && consumed <= reported + 200.0 * gap_s + 0.01,
         "consumed {consumed:.2}, reported {reported}, gap {gap_s:.4} s"
+    );
+}
+
+/// `rediss://`: a replica that trusts the server's CA (`SSL_CERT_FILE`)
+/// joins through Redis' TLS-only port and its limit is kept there; a
+/// replica that does not trust it stays on its fallback share and logs why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_url_speaks_tls_and_checks_the_certificate() {
+    let Some(redis) = Redis::start_tls() else {
+        return;
+    };
+    let tls_port = redis.tls_port.expect("started with TLS");
+    let backend = mock::start(MockConfig::default().models(vec![MODEL.into()]))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"{MODEL}\"\nrequests_per_minute = 60\nburst = 3\nqueue_timeout = \"0s\"\n\n{}{QUIET}[cluster]\nkey_prefix = \"tls\"\n",
+        backend_entry(&backend.base_url())
+    );
+    let path = dir.path().join("tls.toml");
+    std::fs::write(&path, toml).unwrap();
+    let url = format!("rediss://127.0.0.1:{tls_port}/");
+    let ca = tls_fixture("ca.pem");
+    let trusting = spawn_weir_env(
+        &path,
+        "info",
+        &[("WEIR_REDIS_URL", &url), ("SSL_CERT_FILE", &ca)],
+    );
+    assert!(
+        wait_for_metrics(trusting.addr, 1, 1).await,
+        "did not join over TLS: {}",
+        trusting.log.lock().unwrap()
+    );
+    let client = client();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let reply = send(
+            &client,
+            "POST",
+            trusting.addr,
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            format!(r#"{{"model":"{MODEL}","messages":[]}}"#),
+        )
+        .await;
+        statuses.push(reply.status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429], "burst 3 held");
+    // The limit lives in Redis (read here through its plain port).
+    let bucket = redis.bucket(&format!("tls:requests:{MODEL}")).await;
+    assert!(!bucket.is_empty(), "no bucket in Redis");
+
+    // Trusting no CA at all (an empty SSL_CERT_DIR): the handshake fails.
+    let no_roots = tempfile::tempdir().unwrap();
+    let doubting = spawn_weir_env(
+        &path,
+        "info",
+        &[
+            ("WEIR_REDIS_URL", &url),
+            ("SSL_CERT_DIR", no_roots.path().to_str().unwrap()),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let said_why = || {
+        let log = doubting.log.lock().unwrap();
+        log.contains("UnknownIssuer") || log.contains("certificate")
+    };
+    while !said_why() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        said_why(),
+        "no certificate error logged: {}",
+        doubting.log.lock().unwrap()
+    );
+    assert_eq!(cluster_metrics(doubting.addr).await.0, 0, "not joined");
+    assert!(
+        !doubting.log.lock().unwrap().contains(&url),
+        "the URL is a secret"
     );
 }
 

@@ -23,8 +23,8 @@
 //! succeeds, without a restart.
 //!
 //! The Redis URL is a [`crate::Secret`]: it is handed to the client and
-//! never logged or shown. Only `redis://` (and `redis+unix://`) are
-//! supported: the client is built without TLS (see docs/CLUSTER.md).
+//! never logged or shown. `rediss://` speaks TLS (rustls with `ring`, the
+//! system's trust store or `SSL_CERT_FILE`); see docs/CLUSTER.md.
 
 pub mod lease;
 pub(crate) mod scripts;
