@@ -236,7 +236,7 @@ impl Accounting {
 /// The completion tokens a stream cut after `events` events and `elapsed`
 /// may have cost: one per event, or `elapsed` at `tokens_per_sec`
 /// (when measured), whichever is more.
-fn generated_at_least(
+pub(crate) fn generated_at_least(
     events: u64,
     elapsed: std::time::Duration,
     tokens_per_sec: Option<f64>,

@@ -1188,7 +1188,11 @@ fn failure(cfg: &MockConfig, status: StatusCode) -> Response<MockBody> {
             ),
         ),
     };
-    if status == StatusCode::TOO_MANY_REQUESTS {
+    // A 503 (overloaded) says when to come back too, as hosted APIs' do.
+    if matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+    ) {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(cfg.retry_after));

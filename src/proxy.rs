@@ -26,7 +26,9 @@ use crate::{
         tokens::{self, UsageFilter, UsageTail},
     },
     api::{facts, json_response, ApiError},
-    body::{Accounting, GatewayBody, MidStreamReporter, ProxiedBody, UsageReader},
+    body::{
+        generated_at_least, Accounting, GatewayBody, MidStreamReporter, ProxiedBody, UsageReader,
+    },
     gateway::Shared,
     headers::{self, ClientHeaders, Upstream},
     health::outlier::{self, Outcome},
@@ -157,15 +159,43 @@ pub(crate) async fn forward(
     };
     // In flight until its response ends (the retry budget's base): handed
     // to the body with the admission.
-    let mut admitted = Some((admitted, ActiveRequest::new(shared.clone())));
-    let result = exchange.run(&mut admitted, log).await;
-    if let Some((unused, _)) = admitted {
-        // Nothing reached a backend that answered: the permit returns on
-        // drop, and the reserved tokens are refunded, as no backend spent
-        // them.
-        unused.reconcile(0);
+    let mut pending = Pending {
+        admitted: Some((admitted, ActiveRequest::new(shared.clone()))),
+        working: None,
+        prompt_estimate: estimate.prompt,
+    };
+    exchange.run(&mut pending, log).await
+}
+
+/// An admission no backend has answered yet. However the request ends
+/// before an answer takes it over, its reservation is settled here, so a
+/// client that leaves (and drops this future) is settled too (SPEC
+/// "Disconnects"): every token is refunded when no backend is working on
+/// the request (all attempts failed, or it waited for a slot or a back-off),
+/// and all but what the backend may have spent when the client leaves
+/// during an attempt: the prompt, and the time since it went out at the
+/// backend's measured tokens/s, as for a stream cut before its first event.
+/// The concurrency permit returns as the admission drops.
+struct Pending<'a> {
+    admitted: Option<(Admitted, ActiveRequest)>,
+    /// The attempt under way, if any: when it went out, and to whom.
+    working: Option<(Instant, &'a BackendState)>,
+    /// The prompt part of the estimate.
+    prompt_estimate: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let Some((admitted, _)) = self.admitted.take() else {
+            return;
+        };
+        let spent = self.working.map_or(0, |(sent_at, backend)| {
+            let tokens_per_sec = backend.live.with_health(|h| h.tokens_per_sec);
+            let completion = generated_at_least(0, sent_at.elapsed(), tokens_per_sec);
+            self.prompt_estimate.saturating_add(completion)
+        });
+        admitted.reconcile(spent.min(admitted.estimate()));
     }
-    result
 }
 
 /// Everything the attempts of one request share.
@@ -193,13 +223,13 @@ struct Exchange<'a> {
     max_attempts: u32,
 }
 
-impl Exchange<'_> {
+impl<'a> Exchange<'a> {
     /// Attempts up to `max_attempts` backends, each a different one while
     /// another is eligible, and returns the first answer that may go to
     /// the client.
     async fn run(
         &self,
-        admitted: &mut Option<(Admitted, ActiveRequest)>,
+        pending: &mut Pending<'a>,
         log: &mut AccessLog,
     ) -> Result<Response<GatewayBody>, ApiError> {
         let members = &self.route.members;
@@ -227,18 +257,15 @@ impl Exchange<'_> {
             }
             let request = self.request_for(member)?;
             let wait = self.first_byte_timeout.min(remaining);
+            pending.working = Some((started, backend));
+            let outcome = upstream::forward(&backend.client, &request, wait).await;
+            pending.working = None;
             // Each failure says why, whether the backend asked for a pause,
             // and the status it answered with, if it answered.
-            let (reason, retry_after, answered) = match upstream::forward(
-                &backend.client,
-                &request,
-                wait,
-            )
-            .await
-            {
+            let (reason, retry_after, answered) = match outcome {
                 Ok(response) if !is_retryable(response.status()) => {
                     self.report(backend, Outcome::Success(started.elapsed()));
-                    let Some((admitted, active)) = admitted.take() else {
+                    let Some((admitted, active)) = pending.admitted.take() else {
                         break;
                     };
                     let sent = (admitted, active, started);
@@ -249,9 +276,12 @@ impl Exchange<'_> {
                     self.report(backend, Outcome::RateLimited(pause));
                     ("status_429", Some(pause), Some(response.status()))
                 }
+                // A 503's `Retry-After` (RFC 9110 §10.2.3) paces a retry
+                // that goes back to this backend, as a 429's does.
                 Ok(response) => {
                     self.report(backend, Outcome::Failure);
-                    ("status_5xx", None, Some(response.status()))
+                    let pause = retry_after_given(&response);
+                    ("status_5xx", pause, Some(response.status()))
                 }
                 Err(e) => {
                     tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
@@ -573,10 +603,15 @@ const MIN_RETRY_CONCURRENCY: u64 = 3;
 /// An upstream 429's `Retry-After` in seconds (the HTTP-date form is rare
 /// from inference servers and is read as 1 s, as is a missing header).
 fn retry_after(response: &Response<UpstreamBody>) -> Duration {
+    retry_after_given(response).unwrap_or(Duration::from_secs(1))
+}
+
+/// A backend's `Retry-After` in seconds, if it sent one (capped at an hour).
+fn retry_after_given(response: &Response<UpstreamBody>) -> Option<Duration> {
     upstream_header(response.headers(), response.body(), Name::RetryAfter)
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::from_secs(1), |s| Duration::from_secs(s.min(3600)))
+        .map(|s| Duration::from_secs(s.min(3600)))
 }
 
 /// A backend response's header of kind `kind`: in the map for an

@@ -305,3 +305,70 @@ async fn a_client_leaving_mid_stream_gets_its_unspent_tokens_back() {
     }
     assert_eq!(last, 200, "the unspent reservation was not given back");
 }
+
+/// A client that leaves before any answer (SPEC "Disconnects"): while it
+/// waits for a backend slot, every reserved token comes back; while a
+/// backend works on it, all but the prompt (this backend's speed is not
+/// measured, health checks being off). Each is logged and counted as 499.
+#[tokio::test]
+async fn a_client_leaving_before_the_answer_gets_its_tokens_back() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .latency(Duration::from_millis(1500)),
+    )
+    .await
+    .unwrap();
+    // 1000 tokens refilling at 16.7/s; a request that finds too few waits
+    // at most 3 s (50 tokens' worth), so one reservation of 600 left
+    // charged makes the next such request a 429 at once.
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\ntokens_per_minute = 1000\nqueue_timeout = \"3s\"\n\n{}max_concurrent = 1\n\n{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let asking = |max_tokens: u32| {
+        format!(
+            r#"{{"model":"{MODEL}","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )
+    };
+
+    // 1. Waiting for the one backend slot, which a 300-token request holds.
+    let holder = {
+        let body = asking(300);
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &body).await })
+    };
+    assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
+    let left = raw(addr, raw_chat(&asking(600), ""), Duration::from_millis(300)).await;
+    assert_eq!(left.status(), 0, "no answer while it waited");
+    assert_eq!(m.requests(), 1, "the leaver never reached the backend");
+    let next = post(addr, "/v1/chat/completions", &asking(600)).await;
+    assert_eq!(
+        next.status,
+        200,
+        "600 tokens stayed charged: {}",
+        next.text()
+    );
+    assert_eq!(holder.await.unwrap().status, 200);
+
+    // 2. Leaving while the backend works on it.
+    let left = raw(addr, raw_chat(&asking(600), ""), Duration::from_millis(300)).await;
+    assert_eq!(left.status(), 0);
+    assert!(eventually(Duration::from_secs(5), || m.in_flight() == 0).await);
+    let next = post(addr, "/v1/chat/completions", &asking(600)).await;
+    assert_eq!(
+        next.status,
+        200,
+        "600 tokens stayed charged: {}",
+        next.text()
+    );
+
+    let text = get(addr, "/metrics").await.text();
+    let gone: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("weir_requests_total{") && l.contains("status=\"499\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(gone, 2.0, "{text}");
+}

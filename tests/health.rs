@@ -476,6 +476,24 @@ async fn a_429_with_no_retry_left_is_a_502() {
     assert_eq!(ms[0].requests(), 1);
 }
 
+/// A 503's `Retry-After` paces the retry that goes back to the same
+/// backend, as a 429's does (SPEC "Retries"; RFC 9110 §10.2.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_retry_after_paces_the_retry() {
+    let ms = mocks(1, MockConfig::default().rate_limit(0.0, 1).status(503)).await;
+    let health = "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 1000\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\n";
+    let gw = gateway(&config_for(&ms, &[1], health, "")).await;
+    let started = tokio::time::Instant::now();
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(ms[0].requests(), 2, "retried on the only backend");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the retry came {:?} after the first attempt, inside its Retry-After: 1",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_budget_caps_retries() {
     let ms = mocks(

@@ -241,17 +241,43 @@ async fn route(
     role: Role,
 ) -> Response<GatewayBody> {
     let request_id = request_id(head.headers.value(Name::RequestId));
-    let mut log = AccessLog::new(request_id.clone(), head.method.clone(), head.uri.clone());
+    let mut routing = Routing { log: None, shared };
+    let log = routing.log.insert(AccessLog::new(
+        request_id.clone(),
+        head.method.clone(),
+        head.uri.clone(),
+    ));
     let result = match check_head(&head) {
-        Ok(()) => dispatch(&head, body, shared, peer, role, &request_id, &mut log).await,
+        Ok(()) => dispatch(&head, body, shared, peer, role, &request_id, log).await,
         Err(error) => Err(error),
     };
     let response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    stamp(response, request_id, Some(log), shared)
+    stamp(response, request_id, routing.log.take(), shared)
 }
+
+/// The log line of a request that has no response yet. If the client
+/// leaves first (the connection drops the routing future), the line is
+/// still written, with nginx's status 499 ("client closed request") and
+/// ending `client_gone`, and counted in `weir_requests_total`.
+struct Routing<'a> {
+    log: Option<AccessLog>,
+    shared: &'a Shared,
+}
+
+impl Drop for Routing<'_> {
+    fn drop(&mut self) {
+        if let Some(mut log) = self.log.take() {
+            log.status = CLIENT_CLOSED_REQUEST;
+            log.emit(&self.shared.metrics, Ending::ClientGone);
+        }
+    }
+}
+
+/// nginx's non-standard status for a request its client abandoned.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// The answer to a request [`http1`] refuses before routing it (a head it
 /// cannot parse or whose framing is ambiguous): a fresh request id, and an
