@@ -1009,3 +1009,52 @@ async fn figures_reload_latency_and_p99_during_a_reload_storm() {
         );
     }
 }
+
+/// `weir_backend_up` follows the health record a reload keeps: a tier that
+/// is down stays 0 when new probe intervals restart the probes, and a
+/// backend added by a reload reads 0 until it is first seen alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_up_follows_the_kept_health_across_a_reload() {
+    let m1 = mock_named("b1", MockConfig::default().health_status(503)).await;
+    let m2 = mock_named("b2", MockConfig::default()).await;
+    let health = |liveness: &str| {
+        format!(
+            "[health]\nunhealthy_threshold = 1\n\
+             liveness = {{ interval = \"{liveness}\", timeout = \"200ms\" }}\n\
+             readiness = {{ interval = \"1h\" }}\ndeep = {{ interval = \"1h\" }}\n"
+        )
+    };
+    let live = Live::start(&with_health_path(file(
+        "",
+        &[("b1", &m1, 1)],
+        &health("50ms"),
+    )))
+    .await;
+    let up = |backend: &'static str, tier: &'static str| {
+        let addr = live.gw.addr();
+        async move {
+            metric(
+                addr,
+                "weir_backend_up",
+                &[("backend", backend), ("tier", tier)],
+            )
+            .await
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up("b1", "liveness").await != 0.0 {
+        assert!(Instant::now() < deadline, "b1's liveness never went down");
+        tokio::time::sleep(ms(20)).await;
+    }
+    // Slower probes restart every probe task; none runs again for an hour.
+    live.apply(&with_health_path(file(
+        "",
+        &[("b1", &m1, 1), ("b2", &m2, 1)],
+        &health("1h"),
+    )))
+    .await;
+    assert_eq!(up("b1", "liveness").await, 0.0, "b1 is still down");
+    for tier in ["liveness", "readiness", "deep"] {
+        assert_eq!(up("b2", tier).await, 0.0, "b2 was never seen alive");
+    }
+}

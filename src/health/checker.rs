@@ -131,7 +131,9 @@ pub(crate) fn sync_probes(shared: &Arc<Shared>) {
             let up = shared
                 .metrics
                 .backend_up(&backend.config.name, tier.as_str());
-            up.set(1);
+            // What the health record says, which a reload keeps: not 1 for
+            // a tier that is down, nor for a backend never seen alive.
+            up.set(backend.live.with_health(|h| h.tier_up(tier)));
             probes
                 .set
                 .spawn(run_tier(shared.clone(), k.clone(), tier, token.clone(), up));
@@ -235,7 +237,7 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
         }
     };
     let after = backend.live.health();
-    up.set(i64::from(!after.tier(tier).down));
+    up.set(after.tier_up(tier));
     log_transition(backend, tier, &before, &after, now_before);
     changed || before.state(now_before) != after.state(Instant::now())
 }

@@ -135,6 +135,12 @@ impl HealthRecord {
         &self.tiers[tier.index()]
     }
 
+    /// `weir_backend_up{tier}`: 1 while the tier passes (or has not failed
+    /// yet) on a backend that has been seen alive.
+    pub fn tier_up(&self, tier: Tier) -> i64 {
+        i64::from(!self.pending && !self.tier(tier).down)
+    }
+
     /// Records a probe result with rise/fall thresholds. Returns the flip.
     pub fn observe(
         &mut self,
