@@ -336,6 +336,12 @@ impl ProxiedBody {
         rest
     }
 
+    /// The response was sent whole with its head (a 204, a 304): settled
+    /// and logged as complete, not as a client that left.
+    pub(crate) fn end_without_body(&mut self) {
+        self.end();
+    }
+
     /// Ends the body: releases the backend slot, and for SSE returns the
     /// error event to send as the last frame.
     fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -520,8 +526,9 @@ impl ProxiedBody {
         self.inner.release_raw_headers();
     }
 
-    /// The backend's `Content-Length` values that [`Self::backend_headers`]
-    /// passes on, found without comparing the other names.
+    /// The backend's `Content-Length` values that may frame the answer to
+    /// the client (see [`Self::may_pass_on`]), found without comparing the
+    /// other names. The server writes the one length they agree on.
     pub(crate) fn backend_content_length(&self) -> impl Iterator<Item = &[u8]> + '_ {
         let raw = self.inner.raw_headers();
         // Connection never names content-length in practice; the
@@ -548,9 +555,10 @@ impl ProxiedBody {
 
     /// The backend's headers that go to the client besides those in `map`
     /// (a plain backend's, kept as received; see `codec::RawHeaders`):
-    /// hop-by-hop ones are left out, as is `content-length` on an SSE body
-    /// (weir may change its length), and any header weir sets itself: a
-    /// name in `map`, one of [`Self::own_headers`], or a rate header.
+    /// hop-by-hop ones are left out, as is `content-length` (the server
+    /// writes the length it read from [`Self::backend_content_length`]),
+    /// and any header weir sets itself: a name in `map`, one of
+    /// [`Self::own_headers`], or a rate header.
     pub(crate) fn backend_headers<'a>(
         &'a self,
         map: &'a http::HeaderMap,
@@ -560,7 +568,10 @@ impl ProxiedBody {
             raw.iter().filter(move |&(kind, name, _)| {
                 self.may_pass_on(raw, kind, name)
                     && match kind {
-                        Name::ContentLength => true,
+                        // Written by the server from the one length it
+                        // read (`backend_content_length`): a repeated or
+                        // listed length would break clients (RFC 9110 §8.6).
+                        Name::ContentLength => false,
                         Name::RateLimit => {
                             !rate.is_some_and(|r| crate::api::writes_rate_header(r, name))
                         }

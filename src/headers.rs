@@ -177,10 +177,20 @@ pub(crate) struct Upstream<'a> {
 
 impl Upstream<'_> {
     /// Whether the client's header `name` (of kind `kind`) goes upstream.
+    /// Besides the credentials and the request id (replaced), `Expect` stays
+    /// behind (weir sends the whole body at once, as nginx does) and so does
+    /// `Accept-Encoding` (replaced by `identity`: weir reads `usage` from
+    /// the answer and removes its own usage chunk, neither of which it can
+    /// do in compressed bytes).
     fn passes(&self, kind: Name, name: &[u8]) -> bool {
         let replaced = matches!(
             kind,
-            Name::Authorization | Name::XApiKey | Name::ApiKey | Name::RequestId
+            Name::Authorization
+                | Name::XApiKey
+                | Name::ApiKey
+                | Name::RequestId
+                | Name::Expect
+                | Name::AcceptEncoding
         );
         !replaced && !kind.is_hop_by_hop() && !self.client.named_by_connection(name)
     }
@@ -205,7 +215,8 @@ impl Upstream<'_> {
 }
 
 impl HeaderLines for Upstream<'_> {
-    /// The client's headers that pass, in its order, then the request id.
+    /// The client's headers that pass, in its order, then the request id
+    /// and `accept-encoding: identity` (see [`Upstream::passes`]).
     fn each(&self, line: &mut Line<'_>) {
         for (kind, name, value) in self.client.iter() {
             if self.passes(kind, name) {
@@ -213,6 +224,7 @@ impl HeaderLines for Upstream<'_> {
             }
         }
         line(Name::RequestId, b"x-request-id", self.request_id.as_bytes());
+        line(Name::AcceptEncoding, b"accept-encoding", b"identity");
     }
 }
 
@@ -267,7 +279,8 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: weir.local\r\nConnection: keep-alive, X-Secret-Hop\r\n\
             x-secret-hop: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\n\
             Authorization: Bearer client-key\r\nx-api-key: k\r\napi-key: k\r\n\
-            X-Request-Id: client-id\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\r\n";
+            X-Request-Id: client-id\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\
+            Expect: 100-continue\r\nAccept-Encoding: gzip, br\r\n\r\n";
         let mut map = HeaderMap::new();
         map.insert(header::HOST, HeaderValue::from_static("weir.local"));
         map.insert(header::CONNECTION, HeaderValue::from_static("x-secret-hop"));
@@ -279,6 +292,8 @@ mod tests {
         map.insert("x-request-id", HeaderValue::from_static("client-id"));
         map.insert("x-end-to-end", HeaderValue::from_static("kept"));
         map.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        map.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        map.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
         for client in [raw(head), ClientHeaders::Map(map)] {
             let upstream = Upstream {
                 client: &client,
@@ -293,16 +308,26 @@ mod tests {
             });
             // Host and the length are left to the writers.
             let names: Vec<&str> = lines.iter().map(|(n, _)| n.as_str()).collect();
+            // `Expect` stays behind; the client's encodings give way to
+            // `identity`, so the answer's usage can be read.
             assert_eq!(
                 names,
-                ["host", "x-end-to-end", "content-length", "x-request-id"],
+                [
+                    "host",
+                    "x-end-to-end",
+                    "content-length",
+                    "x-request-id",
+                    "accept-encoding"
+                ],
                 "{client:?}"
             );
             assert_eq!(lines[3].1, "weir-id");
+            assert_eq!(lines[4].1, "identity");
             let map = upstream.to_map();
-            assert_eq!(map.len(), 2, "{map:?}");
+            assert_eq!(map.len(), 3, "{map:?}");
             assert_eq!(map["x-end-to-end"], "kept");
             assert_eq!(map["x-request-id"], "weir-id");
+            assert_eq!(map["accept-encoding"], "identity");
         }
     }
 

@@ -485,8 +485,8 @@ impl<'a> Exchange<'a> {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         headers::strip_hop_by_hop(&mut parts.headers);
-        let sse = upstream_header(&parts.headers, &body, Name::ContentType)
-            .is_some_and(|v| v.starts_with(b"text/event-stream"));
+        let sse =
+            upstream_header(&parts.headers, &body, Name::ContentType).is_some_and(is_event_stream);
         if sse {
             // weir may remove the usage chunk or append an error event, so
             // the length is not known.
@@ -599,6 +599,16 @@ impl Drop for ActiveRequest {
 
 /// Retries that may run at once whatever the budget (Envoy's default).
 const MIN_RETRY_CONCURRENCY: u64 = 3;
+
+/// Whether a `Content-Type` value is `text/event-stream`, parameters
+/// allowed; type and subtype are case-insensitive (RFC 9110 §8.3.1).
+fn is_event_stream(value: &[u8]) -> bool {
+    const SSE: &[u8] = b"text/event-stream";
+    value
+        .get(..SSE.len())
+        .is_some_and(|v| v.eq_ignore_ascii_case(SSE))
+        && matches!(value.get(SSE.len()), None | Some(b';' | b' ' | b'\t'))
+}
 
 /// An upstream 429's `Retry-After` in seconds (the HTTP-date form is rare
 /// from inference servers and is read as 1 s, as is a missing header).
@@ -740,4 +750,28 @@ fn linger(mut body: ClientBody) {
         };
         let _ = tokio::time::timeout(LINGER_TIME, drain).await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_event_stream;
+
+    #[test]
+    fn event_streams_are_known_in_any_case_with_parameters() {
+        for yes in [
+            &b"text/event-stream"[..],
+            b"Text/Event-Stream; charset=utf-8",
+            b"TEXT/EVENT-STREAM ;charset=utf-8",
+        ] {
+            assert!(is_event_stream(yes), "{}", String::from_utf8_lossy(yes));
+        }
+        for no in [
+            &b"application/json"[..],
+            b"text/event-streams",
+            b"text/event",
+            b"",
+        ] {
+            assert!(!is_event_stream(no), "{}", String::from_utf8_lossy(no));
+        }
+    }
 }

@@ -319,6 +319,21 @@ async fn a_backend_length_beside_chunked_framing_is_dropped() {
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
         body.len()
     );
+    answer_every_request(upstream, answer);
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200);
+    assert_ne!(r.header("content-length"), "5");
+    assert_eq!(r.text(), body);
+}
+
+/// A backend written by hand: reads one request per connection and sends
+/// `answer`, on every connection.
+fn answer_every_request(upstream: tokio::net::TcpListener, answer: String) {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = upstream.accept().await {
             let answer = answer.clone();
@@ -329,15 +344,69 @@ async fn a_backend_length_beside_chunked_framing_is_dropped() {
             });
         }
     });
+}
+
+/// A backend's 204 is the whole answer: the access log says `complete`,
+/// not that the client left.
+#[tokio::test]
+async fn a_bodiless_backend_answer_is_logged_as_complete() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    answer_every_request(upstream, "HTTP/1.1 204 No Content\r\n\r\n".to_owned());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
     let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
         backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
     );
-    let gw = gateway(&toml).await;
-    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
-    assert_eq!(r.status, 200);
-    assert_ne!(r.header("content-length"), "5");
-    assert_eq!(r.text(), body);
+    std::fs::write(&path, toml).unwrap();
+    let weir = spawn_weir_env(&path, "info", &[]);
+    let r = post(weir.addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 204);
+    let logged = || {
+        let log = weir.log.lock().unwrap();
+        log.lines()
+            .find(|l| l.contains("status=204"))
+            .map(str::to_owned)
+    };
+    assert!(eventually(Duration::from_secs(5), || logged().is_some()).await);
+    let line = logged().unwrap_or_default();
+    assert!(line.contains("ending=\"complete\""), "{line}");
+}
+
+/// A backend that repeats its `Content-Length` (two lines, or a list of
+/// equal values) is read as the one length they agree on, and the client
+/// gets that length once: Node's parser, for one, refuses a repeated one
+/// (RFC 9110 §8.6).
+#[tokio::test]
+async fn a_repeated_backend_length_reaches_the_client_once() {
+    let body = r#"{"object":"chat.completion","choices":[]}"#;
+    for lengths in [
+        format!("content-length: {0}\r\nContent-Length: {0}\r\n", body.len()),
+        format!("content-length: {0}, {0}\r\n", body.len()),
+    ] {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        let answer =
+            format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{lengths}\r\n{body}");
+        answer_every_request(upstream, answer);
+        let toml = format!(
+            "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+            backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
+        );
+        let gw = gateway(&toml).await;
+        let request = raw_chat(&chat(MODEL, false), "connection: close\r\n");
+        let reply = raw(gw.addr(), request, Duration::from_secs(5)).await;
+        let text = String::from_utf8_lossy(&reply.bytes).into_owned();
+        assert_eq!(reply.status(), 200, "{text}");
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+        let lines: Vec<&str> = head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+            .collect();
+        assert_eq!(lines, [format!("content-length: {}", body.len())], "{head}");
+        assert_eq!(rest, body);
+    }
 }
 
 #[tokio::test]
@@ -594,4 +663,37 @@ async fn demo_starts_and_answers() {
     assert!(demo
         .instructions()
         .contains(&demo.gateway.addr().to_string()));
+}
+
+/// An HTTP/2 client that pings its idle connection keeps it for
+/// `idle_timeout`: a PING is not the start of a request, so
+/// `header_read_timeout` (1 s here) does not apply to it.
+#[tokio::test]
+async fn h2c_pings_on_an_idle_connection_do_not_shorten_it() {
+    let timeouts = "[server]\nheader_read_timeout = \"1s\"\nidle_timeout = \"20s\"\n";
+    let (gw, _m) = one_backend(MockConfig::default(), timeouts).await;
+    let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let get = || {
+        hyper::Request::get(format!("http://{}/healthz", gw.addr()))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let r = sender.send_request(get()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Ten pings later, well past header_read_timeout.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = sender
+        .send_request(get())
+        .await
+        .expect("the pinged connection is still open");
+    assert_eq!(r.status(), 200);
 }

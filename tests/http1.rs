@@ -251,3 +251,62 @@ async fn shutdown_closes_idle_connections_and_finishes_busy_ones() {
     assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
     assert!(closes_within(&mut busy, Duration::from_secs(5)).await);
 }
+
+/// An answer given before the body is read (here a 404) reaches a client
+/// that sends its whole large body before it reads, as Python's
+/// `http.client` does: weir reads and drops the rest (nginx's lingering
+/// close) instead of closing on unread bytes, which makes the kernel reset
+/// the connection and the client's write fail.
+#[tokio::test]
+async fn an_early_answer_survives_a_large_body_still_being_sent() {
+    let (gw, _m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;
+    let body = vec![b'x'; 8 * 1024 * 1024];
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let head = format!(
+        "POST /nowhere HTTP/1.1\r\nHost: weir\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body)
+        .await
+        .expect("weir takes the body it will not use");
+    let text = read_until(&mut s, |t| whole_responses(t, 1)).await;
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+    assert!(closes_within(&mut s, Duration::from_secs(5)).await);
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or any request with
+/// two, is a 400; an HTTP/1.0 request may leave it out. A refused HEAD gets
+/// its answer without a body.
+#[tokio::test]
+async fn host_is_required_once_and_a_refused_head_has_no_body() {
+    let (gw, _m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;
+    for request in [
+        &b"GET /healthz HTTP/1.1\r\n\r\n"[..],
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n",
+    ] {
+        let reply = raw(gw.addr(), request.to_vec(), Duration::from_secs(5)).await;
+        let text = String::from_utf8_lossy(&reply.bytes).into_owned();
+        assert_eq!(reply.status(), 400, "{text}");
+        assert!(text.contains("Host header"), "{text}");
+    }
+    let reply = raw(
+        gw.addr(),
+        b"GET /healthz HTTP/1.0\r\n\r\n".to_vec(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(reply.status(), 200);
+    let reply = raw(
+        gw.addr(),
+        b"HEAD /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec(),
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&reply.bytes).into_owned();
+    assert_eq!(reply.status(), 400, "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "a body after the head: {text}");
+}

@@ -89,6 +89,11 @@ const MAX_READ_AHEAD: usize = 64 * 1024;
 /// response, so the connection can be kept; a larger one closes it.
 const DRAIN_LIMIT: u64 = 64 * 1024;
 
+/// How long, and how many bytes, a lingering close reads (see
+/// [`Conn::close`]); nginx's `lingering_timeout` is 5 s too.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_BYTES: usize = 64 * 1024 * 1024;
+
 /// The per-connection settings, from `[server]` at accept time.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Timeouts {
@@ -181,10 +186,17 @@ impl Conn {
                 Next::Refuse(refusal) => {
                     let Refusal { error, head } = *refusal;
                     let response = super::refuse(error, head.as_ref(), &self.shared);
+                    // A HEAD gets its refusal without a body (RFC 9110 §9.3.2).
+                    let method = match &head {
+                        Some(head) if head.method == Method::HEAD => Method::HEAD,
+                        _ => Method::GET,
+                    };
                     let _ = self
-                        .respond(response, &mut out, &Method::GET, Version::HTTP_11, true)
+                        .respond(response, &mut out, &method, Version::HTTP_11, true)
                         .await;
-                    self.close();
+                    // What the client still sends of the refused request is
+                    // unread.
+                    self.close(true).await;
                     return Ended::Closed;
                 }
                 Next::Http2 => return Ended::Http2,
@@ -193,7 +205,8 @@ impl Conn {
             first = false;
             let keep = self.serve(head, &mut out).await;
             if !keep || self.shutdown.is_cancelled() {
-                self.close();
+                let unread = !self.wire.inbound().framing.is_done();
+                self.close(unread).await;
                 return Ended::Closed;
             }
             since = Instant::now();
@@ -222,8 +235,16 @@ impl Conn {
                 () = self.client_gone() => return false,
             }
         };
+        // A body too long to drain after the answer (an early 401 or 404,
+        // say) means this connection closes: the answer says so.
+        let undrainable = self
+            .wire
+            .inbound()
+            .framing
+            .remaining()
+            .is_some_and(|n| n > DRAIN_LIMIT);
         let keep = self
-            .respond(response, out, &method, version, !keep_alive)
+            .respond(response, out, &method, version, !keep_alive || undrainable)
             .await;
         keep && self.finish_request_body().await
     }
@@ -349,7 +370,7 @@ impl Conn {
         self.wire.inbound().responding = true;
 
         out.clear();
-        let write_length = declared.is_none() && !no_content;
+        let write_length = !no_content;
         let head = ResponseHead {
             status,
             headers: &parts.headers,
@@ -364,8 +385,12 @@ impl Conn {
             proxied.release_backend_headers();
         }
         if bodiless {
-            drop(body);
-            return self.write_all(out).await.is_ok() && !close;
+            let sent = self.write_all(out).await.is_ok();
+            if let (true, GatewayBody::Proxied(proxied)) = (sent, &mut body) {
+                // The head was the whole answer (a backend's 204 or 304).
+                proxied.end_without_body();
+            }
+            return sent && !close;
         }
         let mut body = pin!(body);
         loop {
@@ -553,8 +578,37 @@ impl Conn {
 
     /// Sends FIN after the last response, so a client reading until close
     /// sees the end at once; the socket closes when the connection drops.
-    fn close(&self) {
+    ///
+    /// With `unread` input (a body weir answered without reading, a refused
+    /// request), this is nginx's lingering close: closing a socket with
+    /// unread bytes makes the kernel send a reset, which can destroy the
+    /// answer before the client reads it. So weir first reads and drops
+    /// what the client still sends, until it closes its side, for at most
+    /// [`LINGER_TIME`] and [`LINGER_BYTES`] (not during shutdown).
+    async fn close(&self, unread: bool) {
         let _ = socket2::SockRef::from(&self.wire.stream).shutdown(std::net::Shutdown::Write);
+        if !unread || self.shutdown.is_cancelled() {
+            return;
+        }
+        let mut dropped = 0usize;
+        let drain = poll_fn(|cx| {
+            let mut inbound = self.wire.inbound();
+            let inbound = &mut *inbound;
+            loop {
+                inbound.buf.clear();
+                match self.wire.poll_fill(cx, inbound) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(n)) => {
+                        dropped = dropped.saturating_add(n);
+                        if dropped > LINGER_BYTES {
+                            return Poll::Ready(());
+                        }
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        });
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
     }
 }
 
@@ -677,11 +731,21 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
 
 /// How a request body is framed (RFC 9112 §6.3), refusing what SPEC
 /// "Framing" refuses: a `Transfer-Encoding` other than one `chunked`, one
-/// in HTTP/1.0, one beside a `Content-Length`, and lengths that disagree.
+/// in HTTP/1.0, one beside a `Content-Length`, and lengths that disagree;
+/// and a head whose `Host` is repeated, or missing in HTTP/1.1, which
+/// RFC 9112 §3.2 says a server must answer with 400.
 fn request_framing(
     version: Version,
     headers: &ClientHeaders,
 ) -> Result<codec::Framing, &'static str> {
+    let mut hosts = headers.values(Name::Host);
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    if host.is_none() && version == Version::HTTP_11 {
+        return Err("an HTTP/1.1 request without a Host header");
+    }
     let mut encodings = headers.values(Name::TransferEncoding);
     if let Some(first) = encodings.next() {
         if headers.get(Name::ContentLength).is_some() {
@@ -705,8 +769,8 @@ fn request_framing(
 /// What a response head is written from.
 struct ResponseHead<'a> {
     status: http::StatusCode,
-    /// Sent as they are, except `Connection` and `Transfer-Encoding`,
-    /// which are replaced by what this connection does.
+    /// Sent as they are, except `Connection`, `Transfer-Encoding` and
+    /// `Content-Length`, which are replaced by what this connection does.
     headers: &'a HeaderMap,
     /// The `x-ratelimit-*` headers of a proxied response, kept out of the
     /// map (see `api::write_rate_headers`).
@@ -715,8 +779,9 @@ struct ResponseHead<'a> {
     /// are not in the map (`ProxiedBody::backend_headers`).
     proxied: Option<&'a ProxiedBody>,
     framing: &'a Out,
-    /// Whether to add `content-length` (not when the headers carry one, nor
-    /// on a 204, 304 or 1xx).
+    /// Whether to write `content-length` (not on a 204, 304 or 1xx). The
+    /// headers' own are never copied: a backend's repeated or listed
+    /// length is written once, as the number it agreed on.
     write_length: bool,
     /// Whether the connection closes after this response.
     close: bool,
@@ -739,6 +804,7 @@ impl ResponseHead<'_> {
             let name = name.as_str().as_bytes();
             if name == b"connection"
                 || name == b"transfer-encoding"
+                || name == b"content-length"
                 || rate.is_some_and(|r| api::writes_rate_header(r, name))
             {
                 continue;
@@ -877,7 +943,7 @@ mod tests {
     #[test]
     fn framing_rules() {
         let framing = |lines: &str| {
-            let head = format!("POST / HTTP/1.1\r\n{lines}\r\n");
+            let head = format!("POST / HTTP/1.1\r\nHost: h\r\n{lines}\r\n");
             let mut input = inbound(head.as_bytes());
             parse_head(&mut input)
                 .map(|_| input.framing)
@@ -903,6 +969,12 @@ mod tests {
         ] {
             assert!(framing(bad).is_err(), "{bad}");
         }
+        // RFC 9112 §3.2: one Host, and HTTP/1.1 must send it.
+        assert!(framing("Host: i\r\n").is_err());
+        let mut hostless = inbound(b"POST / HTTP/1.1\r\n\r\n");
+        assert!(parse_head(&mut hostless).is_err());
+        let mut old = inbound(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(parse_head(&mut old).is_ok());
         let mut old = inbound(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert!(parse_head(&mut old).is_err());
     }
@@ -940,11 +1012,12 @@ mod tests {
 
     #[test]
     fn expect_continue_and_keep_alive() {
-        let mut input =
-            inbound(b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n");
+        let mut input = inbound(
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n",
+        );
         assert!(parse_head(&mut input).unwrap().unwrap().keep_alive);
         assert!(input.continue_due);
-        let mut input = inbound(b"POST / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let mut input = inbound(b"POST / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
         assert!(!parse_head(&mut input).unwrap().unwrap().keep_alive);
         assert!(!input.continue_due);
         let mut input = inbound(b"GET / HTTP/1.0\r\n\r\n");

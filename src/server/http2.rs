@@ -28,7 +28,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response};
+use http::{header, HeaderName, HeaderValue, Response};
 use hyper::{
     body::{Body, Frame, SizeHint},
     server::conn::http2,
@@ -43,7 +43,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{http1::Timeouts, request_body::ClientBody, Role, MAX_HEADER_BYTES};
-use crate::{body::GatewayBody, gateway::Shared, headers::ClientHeaders};
+use crate::{body::GatewayBody, gateway::Shared, headers::ClientHeaders, upstream::codec};
 
 /// Serves an HTTP/2 connection until it closes; on shutdown, hyper's
 /// graceful close (GOAWAY, in-flight streams finish).
@@ -90,6 +90,14 @@ pub(super) async fn serve(
                         ))
                     })
                     .collect();
+                // One length, as read: never a backend's repeated or listed
+                // one, which is a PROTOCOL_ERROR in HTTP/2 (RFC 9113 §8.1.1).
+                let length = codec::content_length(
+                    codec::values(response.headers(), &header::CONTENT_LENGTH)
+                        .chain(proxied.backend_content_length()),
+                )
+                .ok()
+                .flatten();
                 let rate = proxied.rate_headers().copied();
                 let own: Vec<(HeaderName, HeaderValue)> = proxied
                     .own_headers()
@@ -101,6 +109,10 @@ pub(super) async fn serve(
                 }
                 for (name, value) in backend {
                     parts.headers.append(name, value);
+                }
+                parts.headers.remove(header::CONTENT_LENGTH);
+                if let Some(length) = length {
+                    parts.headers.insert(header::CONTENT_LENGTH, length.into());
                 }
                 if let Some(rate) = rate {
                     crate::api::insert_rate_headers(&mut parts.headers, &rate);
@@ -201,12 +213,17 @@ impl Body for ConnBody {
 /// Where a connection is between requests, for its read deadline.
 #[derive(Debug, Clone, Copy)]
 enum Phase {
-    /// A head is due since this instant (the accept, or the first byte
-    /// after an idle spell): `header_read_timeout` applies.
+    /// A head is due since this instant (the accept):
+    /// `header_read_timeout` applies.
     Head(Instant),
     /// A request is being served: no read deadline.
     Busy,
     /// Idle since this instant (the last response ended): `idle_timeout`.
+    /// Bytes read meanwhile do not end it: on HTTP/2 they are as likely a
+    /// PING or a WINDOW_UPDATE as a request, and a client that pings to
+    /// keep its connection must not be held to `header_read_timeout` for
+    /// a head it never meant to send. A request that starts makes the
+    /// connection busy.
     Idle(Instant),
 }
 
@@ -301,18 +318,8 @@ impl AsyncRead for ClientIo {
             (Phase::Busy, false) => Phase::Idle(Instant::now()),
             (phase, false) => phase,
         };
-        let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let read = buf.filled().get(before..).unwrap_or_default();
-                if !read.is_empty() {
-                    if let Phase::Idle(_) = this.phase {
-                        this.phase = Phase::Head(Instant::now());
-                    }
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending => {
                 let deadline = match this.phase {
                     Phase::Busy => {

@@ -129,6 +129,7 @@ pub(crate) enum Name {
     /// Request headers weir reads or replaces.
     Host,
     Expect,
+    AcceptEncoding,
     Authorization,
     XApiKey,
     /// `api-key` (Azure OpenAI's spelling of the client's key).
@@ -163,6 +164,7 @@ impl Name {
             12 if is(b"x-request-id") => Name::RequestId,
             13 if is(b"authorization") => Name::Authorization,
             14 if is(b"content-length") => Name::ContentLength,
+            15 if is(b"accept-encoding") => Name::AcceptEncoding,
             16 if is(b"proxy-connection") => Name::HopByHop,
             17 if is(b"transfer-encoding") => Name::TransferEncoding,
             18 if is(b"proxy-authenticate") => Name::HopByHop,
@@ -183,6 +185,7 @@ impl Name {
             Name::RetryAfter => header::RETRY_AFTER,
             Name::Host => header::HOST,
             Name::Expect => header::EXPECT,
+            Name::AcceptEncoding => header::ACCEPT_ENCODING,
             Name::Authorization => header::AUTHORIZATION,
             Name::XApiKey => crate::headers::X_API_KEY,
             Name::ApiKey => HeaderName::from_static("api-key"),

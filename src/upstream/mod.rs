@@ -417,7 +417,8 @@ mod tests {
         assert_eq!(request.headers()["x-request-id"], "r1");
         assert_eq!(request.headers()["authorization"], "Bearer sk-backend");
         assert_eq!(request.headers()["x-kept"], "1");
-        assert_eq!(request.headers().len(), 3, "{:?}", request.headers());
+        assert_eq!(request.headers()["accept-encoding"], "identity");
+        assert_eq!(request.headers().len(), 4, "{:?}", request.headers());
         assert_eq!(request.body(), "{}");
     }
 
