@@ -697,3 +697,70 @@ async fn h2c_pings_on_an_idle_connection_do_not_shorten_it() {
         .expect("the pinged connection is still open");
     assert_eq!(r.status(), 200);
 }
+
+/// A backend that takes a request on a kept-alive connection and closes it
+/// unanswered (as a crashing worker does) may have read it: weir does not
+/// send it there again but retries it on another backend, counted as a
+/// retry (SPEC "Retries": never the same backend twice while another is
+/// available).
+#[tokio::test]
+async fn a_request_dropped_on_a_kept_alive_connection_goes_to_another_backend() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let body = r#"{"object":"chat.completion","choices":[]}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut buf = vec![0u8; 65536];
+                // Answers the first request, takes the second and closes.
+                for answered in [true, false] {
+                    if !matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        return;
+                    }
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if answered {
+                        let _ = s.write_all(answer.as_bytes()).await;
+                    }
+                }
+            });
+        }
+    });
+    let other = mock::start(MockConfig::default().models(vec![MODEL.into()]))
+        .await
+        .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{}{QUIET}",
+        backend("a", &format!("http://{up_addr}/v1"), &[MODEL], 1000),
+        backend("b", &other.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    // `a` takes nearly every first attempt; each of its connections (one
+    // per lane) answers once and drops the next request.
+    let (mut from_a, mut from_b) = (0usize, 0usize);
+    for _ in 0..20 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        match r.header("x-weir-backend") {
+            "a" => from_a += 1,
+            _ => from_b += 1,
+        }
+    }
+    let retries = metric(gw.addr(), "weir_retries_total", &[("model", MODEL)]).await;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let retries = retries as usize;
+    assert!(retries > 0, "every dropped request was sent to a again");
+    // Each retry went to `b`; `a` saw its answers and each dropped request
+    // once, never a second copy.
+    assert!(from_b >= retries, "{from_b} < {retries}");
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        from_a + retries
+    );
+}

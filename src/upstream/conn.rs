@@ -196,9 +196,14 @@ impl PlainClient {
         };
         let exchanged = match exchange(stream, &request).await {
             Ok(done) => Ok(done),
-            // The backend closed the idle connection as weir sent on it (it
-            // answered nothing): once more on a new connection, as hyper and
-            // nginx do for a kept-alive connection.
+            // The backend had closed the idle connection: the request could
+            // not be written, so no backend saw it, and it goes once more on
+            // a new connection (hyper-util's retry of a request that was
+            // never sent). A request written whole is never sent again
+            // here: if the connection then closes without an answer, the
+            // backend may have read it (a crash mid-request looks the same
+            // as an idle close), so that is a failed attempt, which the
+            // retry policy sends elsewhere and counts.
             Err(Failed::Stale(_)) if reused => match self.connect(authority).await {
                 Ok(stream) => exchange(stream, &request)
                     .await
@@ -276,8 +281,9 @@ struct Wire<'a> {
 
 /// How one exchange on a connection failed.
 enum Failed {
-    /// The connection closed or reset before a byte of response came back:
-    /// on a reused connection, the backend closed it while it idled.
+    /// Writing the request failed because the peer had closed or reset
+    /// the connection: on a reused connection, the backend closed it while
+    /// it idled, and nothing of the request was taken.
     Stale(io::Error),
     /// Any other failure: the attempt failed.
     Attempt(AttemptError),
@@ -331,7 +337,9 @@ async fn exchange(
         }
         match stream.read_buf(&mut buf).await {
             Ok(0) if !received => {
-                return Err(Failed::Stale(io::ErrorKind::UnexpectedEof.into()));
+                return Err(Failed::Attempt(AttemptError::Protocol(
+                    "connection closed before the response head".to_owned(),
+                )));
             }
             Ok(0) => {
                 return Err(Failed::Attempt(AttemptError::Protocol(
@@ -339,7 +347,6 @@ async fn exchange(
                 )))
             }
             Ok(_) => received = true,
-            Err(e) if !received && is_stale(&e) => return Err(Failed::Stale(e)),
             Err(e) => {
                 return Err(Failed::Attempt(AttemptError::Protocol(format!(
                     "reading the response head: {e}"
@@ -628,9 +635,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_kept_alive_connection_closed_unanswered_is_replaced_once() {
+    async fn a_request_taken_and_unanswered_on_a_kept_alive_connection_is_not_resent() {
         // The first connection answers once, then takes the next request
-        // and closes without a word; the second connection answers.
+        // and closes without a word (a crash looks like this). That request
+        // may have been read, so it fails here, for the retry policy to
+        // send elsewhere; the next one goes on a new connection.
         let (url, accepted) = backend(|n, mut s| async move {
             if read_request(&mut s).await.is_some() && n == 1 {
                 s.write_all(OK).await.unwrap();
@@ -645,6 +654,9 @@ mod tests {
             text(client.send(post(&url, "{}")).await.unwrap()).await,
             "ok"
         );
+        let e = client.send(post(&url, "{}")).await.unwrap_err();
+        assert!(matches!(e, AttemptError::Protocol(_)), "{e:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
         assert_eq!(
             text(client.send(post(&url, "{}")).await.unwrap()).await,
             "ok"
