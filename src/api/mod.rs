@@ -48,6 +48,12 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// More header fields than weir reads (431, as hyper answers it).
+    #[error("The request has more than {limit} header fields.")]
+    TooManyHeaders {
+        /// The limit in fields.
+        limit: usize,
+    },
     /// The client's Bearer key is not one of `api_keys_env` (401).
     #[error("Incorrect API key provided.")]
     InvalidApiKey,
@@ -152,7 +158,7 @@ impl ApiError {
                 "invalid_request_error",
                 Some("uri_too_long"),
             ),
-            HeadersTooLarge { .. } => (
+            HeadersTooLarge { .. } | TooManyHeaders { .. } => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "invalid_request_error",
                 Some("headers_too_large"),
@@ -242,6 +248,7 @@ impl ApiError {
                 | ApiError::BadFraming(_)
                 | ApiError::UriTooLong { .. }
                 | ApiError::HeadersTooLarge { .. }
+                | ApiError::TooManyHeaders { .. }
         )
     }
 

@@ -669,7 +669,11 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
         }
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BUFFER => return Err(too_large()),
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(too_large()),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::new(ApiError::TooManyHeaders {
+                limit: MAX_HEADERS,
+            }))
+        }
         Err(_) => return Err(Refusal::new(ApiError::BadFraming("malformed request head"))),
     };
     let version = if parsed.version == Some(0) {
@@ -994,6 +998,14 @@ mod tests {
         assert_eq!(
             code(many.as_bytes()),
             Some(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        // Said as it is: too many fields, not too many bytes.
+        let said = parse_head(&mut inbound(many.as_bytes()))
+            .err()
+            .map(|r| r.error.to_string());
+        assert_eq!(
+            said.as_deref(),
+            Some("The request has more than 100 header fields.")
         );
         let huge = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(MAX_HEAD_BUFFER));
         assert_eq!(

@@ -18,7 +18,8 @@ pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 1024;
-/// The most trailer bytes weir reads (and drops) after the last chunk.
+/// The most trailer bytes weir reads (and drops) after the last chunk, in
+/// all.
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
 /// Header positions kept on the stack while reading a head.
@@ -446,6 +447,11 @@ pub(crate) fn read_head(buf: &mut BytesMut, head_request: bool) -> Result<Option
             buf,
             &mut slots,
         ) {
+            // The limit holds however the head arrived: whole in one read
+            // or in pieces.
+            Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => {
+                return Err(Malformed("response head larger than 64 KiB"))
+            }
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
                 return Err(Malformed("response head larger than 64 KiB"))
@@ -607,8 +613,9 @@ pub(crate) enum Chunk {
     Data(u64),
     /// Expecting the CRLF after a chunk's data.
     DataEnd,
-    /// After the last chunk, reading (and dropping) trailer lines.
-    Trailers,
+    /// After the last chunk, reading (and dropping) trailer lines; this
+    /// many trailer bytes dropped so far.
+    Trailers(usize),
 }
 
 impl Framing {
@@ -681,7 +688,7 @@ impl Framing {
                     Ok(Some((used, size))) => {
                         buf.advance(used);
                         *chunk = if size == 0 {
-                            Chunk::Trailers
+                            Chunk::Trailers(0)
                         } else {
                             Chunk::Data(size)
                         };
@@ -699,14 +706,32 @@ impl Framing {
                     buf.advance(2);
                     *chunk = Chunk::Size;
                 }
-                Chunk::Trailers => match buf.windows(2).position(|w| w == b"\r\n") {
+                // Dropped, but read as strictly as a head (RFC 9112 §7.1.2):
+                // field lines ended by CRLF, no bare CR or LF inside one
+                // (which another parser could split differently), and at
+                // most MAX_TRAILER_BYTES in all.
+                Chunk::Trailers(dropped) => match buf.windows(2).position(|w| w == b"\r\n") {
                     Some(0) => {
                         buf.advance(2);
                         *self = Framing::Done;
                         return Ok(());
                     }
-                    Some(line) => buf.advance(line + 2),
-                    None if buf.len() > MAX_TRAILER_BYTES => {
+                    Some(line) => {
+                        let field = &buf[..line];
+                        if field.iter().any(|&b| b == b'\r' || b == b'\n') || !field.contains(&b':')
+                        {
+                            return Err(Malformed("malformed trailer line"));
+                        }
+                        *dropped += line + 2;
+                        if *dropped > MAX_TRAILER_BYTES {
+                            return Err(Malformed("trailers too large"));
+                        }
+                        buf.advance(line + 2);
+                    }
+                    None if buf.contains(&b'\n') => {
+                        return Err(Malformed("malformed trailer line"))
+                    }
+                    None if *dropped + buf.len() > MAX_TRAILER_BYTES => {
                         return Err(Malformed("trailers too large"))
                     }
                     None => return Ok(()),
@@ -998,6 +1023,9 @@ mod tests {
         let mut huge = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
         huge.resize(MAX_HEAD_BYTES + 2, b'a');
         assert!(head(&huge).is_err());
+        // Too large even when it arrives whole.
+        huge.extend_from_slice(b"\r\n\r\n");
+        assert!(head(&huge).is_err());
     }
 
     #[test]
@@ -1032,7 +1060,13 @@ mod tests {
     #[test]
     fn broken_chunked_framing_is_an_error() {
         let long_extension = [&b"5;"[..], &[b'a'; MAX_CHUNK_LINE]].concat();
-        let bad: [&[u8]; 9] = [
+        // Many small trailer lines, each well formed, too many in all.
+        let many_trailers = [
+            &b"0\r\n"[..],
+            &b"x: 1\r\n".repeat(MAX_TRAILER_BYTES / 6 + 1),
+        ]
+        .concat();
+        let bad: [&[u8]; 13] = [
             b"zz\r\nhello\r\n",
             b"2\r\nhiX\r\n",
             b"ffffffffffffffffffff\r\n",
@@ -1044,6 +1078,12 @@ mod tests {
             b"5 x\r\nhello\r\n",
             b";x\r\nhello\r\n",
             &long_extension,
+            // Trailers: a bare LF inside a line, one ending a line (with
+            // more to come), a line that is no field.
+            b"0\r\nx: 1\nGET /admin HTTP/1.1\r\n\r\n",
+            b"0\r\nx: 1\ny",
+            b"0\r\nnot a field\r\n\r\n",
+            &many_trailers,
         ];
         for wire in bad {
             let mut framing = Framing::Chunked(Chunk::Size);
