@@ -764,3 +764,38 @@ async fn a_request_dropped_on_a_kept_alive_connection_goes_to_another_backend() 
         from_a + retries
     );
 }
+
+/// An HTTP/2 connection whose timer runs out (here `header_read_timeout`
+/// before any request) says GOAWAY before it closes (RFC 9113 §9.1), so a
+/// client knows no request of its was taken.
+#[tokio::test]
+async fn h2c_timeouts_send_goaway_before_closing() {
+    let timeouts = "[server]\nheader_read_timeout = \"1s\"\n";
+    let (gw, _m) = one_backend(MockConfig::default(), timeouts).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    // The preface and an empty SETTINGS frame; nothing after it, and no
+    // answer to the server's PING either.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut wire = Vec::new();
+    let read_all = async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            wire.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read_all)
+        .await
+        .expect("closed within 10 s");
+    // Frame types, walking the 9-byte frame headers.
+    let mut types = Vec::new();
+    let mut at = 0;
+    while let Some(header) = wire.get(at..at + 9) {
+        let len =
+            usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        types.push(header[3]);
+        at += 9 + len;
+    }
+    assert!(types.contains(&0x7), "no GOAWAY among frames {types:?}");
+}

@@ -11,7 +11,9 @@
 //! [`ConnWatch`]) whether a request is being served: before the first
 //! request, `header_read_timeout` applies; between requests,
 //! `idle_timeout`; while a request is served, neither (`request_timeout`
-//! bounds it). A client that takes no byte for `request_timeout` is cut.
+//! bounds it). A timer that runs out sends GOAWAY, as shutdown does, and
+//! the connection is cut [`GOAWAY_GRACE`] later if it is still open. A
+//! client that takes no byte for `request_timeout` is cut.
 
 use std::{
     convert::Infallible,
@@ -57,6 +59,7 @@ pub(super) async fn serve(
     shutdown: CancellationToken,
 ) {
     let watch = Arc::new(ConnWatch::default());
+    let watch_for_goaway = watch.clone();
     let io = ClientIo::new(stream, prefix, watch.clone(), timeouts);
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         // Counted from the moment hyper hands the request over until it
@@ -135,9 +138,16 @@ pub(super) async fn serve(
         .keep_alive_interval(None);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
+    // A timer that runs out (see `ClientIo`) and shutdown both end the
+    // connection with GOAWAY first (RFC 9113 §9.1), so a client knows which
+    // of its requests were not taken.
     let result = tokio::select! {
         result = conn.as_mut() => result,
         () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = watch_for_goaway.expired.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -155,6 +165,9 @@ struct ConnWatch {
     /// The connection's reader while a request is served, woken when the
     /// last one ends so the idle timer starts even if no byte arrives.
     reader: Mutex<Option<Waker>>,
+    /// Cancelled when a read deadline passes: the connection sends GOAWAY
+    /// and closes.
+    expired: CancellationToken,
 }
 
 /// One request in [`ConnWatch::busy`], from hyper handing it over until
@@ -227,6 +240,10 @@ enum Phase {
     Idle(Instant),
 }
 
+/// How long a connection whose read deadline passed has to close after
+/// its GOAWAY before it is cut.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+
 /// An accepted client socket with weir's read deadlines (see the module
 /// doc). Every field is `Unpin`, so no projection is needed.
 struct ClientIo {
@@ -238,6 +255,9 @@ struct ClientIo {
     phase: Phase,
     /// Bytes read before the protocol was known, served before the socket.
     prefix: Bytes,
+    /// Set when a read deadline passed and GOAWAY is on its way: the
+    /// connection is cut if it has not closed by then.
+    closing: Option<Instant>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
     /// Set while a write waits for the client to take bytes: the deadline
@@ -261,6 +281,7 @@ impl ClientIo {
             timer: Box::pin(tokio::time::sleep_until(now + timeouts.header_read)),
             phase: Phase::Head(now),
             prefix,
+            closing: None,
             header_read_timeout: timeouts.header_read,
             idle_timeout: timeouts.idle,
             write_stall: None,
@@ -321,7 +342,7 @@ impl AsyncRead for ClientIo {
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending => {
-                let deadline = match this.phase {
+                let phase_deadline = match this.phase {
                     Phase::Busy => {
                         let mut reader =
                             this.watch.reader.lock().unwrap_or_else(|e| e.into_inner());
@@ -333,16 +354,29 @@ impl AsyncRead for ClientIo {
                     Phase::Head(since) => since + this.header_read_timeout,
                     Phase::Idle(since) => since + this.idle_timeout,
                 };
+                let deadline = this.closing.unwrap_or(phase_deadline);
                 if this.timer.deadline() != deadline {
                     this.timer.as_mut().reset(deadline);
                 }
-                if this.timer.as_mut().poll(cx).is_ready() {
+                if this.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if this.closing.is_some() {
                     let what = match this.phase {
                         Phase::Idle(_) => "idle_timeout passed",
                         _ => "header_read_timeout passed",
                     };
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
                 }
+                // Say goodbye first: hyper sends GOAWAY (and a PING) and
+                // closes once the client has answered, or GOAWAY_GRACE
+                // runs out and the connection is cut.
+                let until = Instant::now() + GOAWAY_GRACE;
+                this.closing = Some(until);
+                this.watch.expired.cancel();
+                this.timer.as_mut().reset(until);
+                // Registers the waker for the grace.
+                let _ = this.timer.as_mut().poll(cx);
                 Poll::Pending
             }
         }
