@@ -11,7 +11,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::server::{ClientBody, ClientHead, RequestBodyError};
+use crate::server::{ClientBody, ClientHead, RequestBodyError, LINGER_BYTES, LINGER_TIME};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -276,8 +276,8 @@ impl<'a> Exchange<'a> {
                     self.report(backend, Outcome::RateLimited(pause));
                     ("status_429", Some(pause), Some(response.status()))
                 }
-                // A 503's `Retry-After` (RFC 9110 §10.2.3) paces a retry
-                // that goes back to this backend, as a 429's does.
+                // A 5xx's `Retry-After` (a 503's, RFC 9110 §10.2.3) paces a
+                // retry that goes back to this backend, as a 429's does.
                 Ok(response) => {
                     self.report(backend, Outcome::Failure);
                     let pause = retry_after_given(&response);
@@ -285,16 +285,24 @@ impl<'a> Exchange<'a> {
                 }
                 Err(e) => {
                     tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
-                    self.report(backend, Outcome::Failure);
+                    // A kept-alive connection closed unanswered is most
+                    // often the backend's idle close racing weir's reuse:
+                    // not held against it.
+                    if !matches!(e, AttemptError::IdleClosed(_)) {
+                        self.report(backend, Outcome::Failure);
+                    }
                     let reason = e.kind();
                     last = Some(Failure::Attempt(e));
                     (reason, None, None)
                 }
             };
+            let idle_closed = reason == "idle_closed";
             // The attempt failed, whichever way: its backend slot frees now,
             // not after any back-off.
             drop(in_flight);
-            self.count_error(member, reason);
+            if !idle_closed {
+                self.count_error(member, reason);
+            }
             tried.push(i);
             match self.retry_delay(attempt, &mut tried, retry_after, &mut retry_permit) {
                 // The failed answer was dropped unread: nothing of it
@@ -308,7 +316,11 @@ impl<'a> Exchange<'a> {
                             reason,
                         })
                         .inc();
-                    tokio::time::sleep(delay).await;
+                    // No back-off after an idle close: nothing is wrong
+                    // with the next backend.
+                    if !idle_closed {
+                        tokio::time::sleep(delay).await;
+                    }
                 }
                 // No retry left: every attempt failed, which SPEC answers
                 // with 502 even when the last one was a 429 or 5xx answer.
@@ -687,8 +699,10 @@ async fn read_body(
     }
     // A client waiting for `100 Continue` has sent nothing more and gets
     // the 413 at once; one that is still sending gets it too, because the
-    // rest is read and dropped meanwhile.
-    if headers.get(Name::Expect).is_none() {
+    // rest is read and dropped meanwhile: on HTTP/1.1 by the connection
+    // once it has answered (its lingering close, `server::http1`), on
+    // HTTP/2 here, per stream.
+    if matches!(body, ClientBody::Http2(_)) && headers.get(Name::Expect).is_none() {
         linger(body);
     }
     Err(ApiError::BodyTooLarge { limit })
@@ -728,22 +742,17 @@ async fn collect(body: &mut ClientBody, limit: usize) -> Result<Bytes, Collect> 
     Ok(gathered.map_or(whole, BytesMut::freeze))
 }
 
-/// How long, and how many bytes, weir keeps reading a refused body.
-const LINGER_TIME: Duration = Duration::from_secs(5);
-const LINGER_BYTES: u64 = 64 * 1024 * 1024;
-
-/// nginx's lingering close: reads and drops what the client still sends of
-/// a refused body (up to [`LINGER_TIME`] and [`LINGER_BYTES`]), so a client
-/// that is still writing reads the 413 instead of a broken pipe or a reset.
-/// hyper writes the answer meanwhile; once the body is read to its end the
-/// connection stays open, past the limits it is closed.
+/// nginx's lingering close, for one HTTP/2 stream: reads and drops what
+/// the client still sends of a refused body (up to [`LINGER_TIME`] and
+/// [`LINGER_BYTES`]), so a client that is still writing reads the 413
+/// instead of a stream reset. hyper writes the answer meanwhile.
 fn linger(mut body: ClientBody) {
     tokio::spawn(async move {
         let drain = async {
             let mut read = 0u64;
             while let Some(Ok(frame)) = body.frame().await {
                 read += frame.data_ref().map_or(0, |d| d.len() as u64);
-                if read > LINGER_BYTES {
+                if read > LINGER_BYTES as u64 {
                     break;
                 }
             }

@@ -334,6 +334,22 @@ async fn a_client_leaving_before_the_answer_gets_its_tokens_back() {
         )
     };
 
+    // Settling runs as weir sees the client go, a moment after it went.
+    let gone = || async move {
+        let text = get(addr, "/metrics").await.text();
+        text.lines()
+            .filter(|l| l.starts_with("weir_requests_total{") && l.contains("status=\"499\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let settled = |n: f64| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while gone().await < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        gone().await
+    };
+
     // 1. Waiting for the one backend slot, which a 300-token request holds.
     let holder = {
         let body = asking(300);
@@ -342,6 +358,7 @@ async fn a_client_leaving_before_the_answer_gets_its_tokens_back() {
     assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
     let left = raw(addr, raw_chat(&asking(600), ""), Duration::from_millis(300)).await;
     assert_eq!(left.status(), 0, "no answer while it waited");
+    assert_eq!(settled(1.0).await, 1.0, "logged and counted as 499");
     assert_eq!(m.requests(), 1, "the leaver never reached the backend");
     let next = post(addr, "/v1/chat/completions", &asking(600)).await;
     assert_eq!(
@@ -355,6 +372,7 @@ async fn a_client_leaving_before_the_answer_gets_its_tokens_back() {
     // 2. Leaving while the backend works on it.
     let left = raw(addr, raw_chat(&asking(600), ""), Duration::from_millis(300)).await;
     assert_eq!(left.status(), 0);
+    assert_eq!(settled(2.0).await, 2.0, "logged and counted as 499");
     assert!(eventually(Duration::from_secs(5), || m.in_flight() == 0).await);
     let next = post(addr, "/v1/chat/completions", &asking(600)).await;
     assert_eq!(
@@ -363,12 +381,4 @@ async fn a_client_leaving_before_the_answer_gets_its_tokens_back() {
         "600 tokens stayed charged: {}",
         next.text()
     );
-
-    let text = get(addr, "/metrics").await.text();
-    let gone: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("weir_requests_total{") && l.contains("status=\"499\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(gone, 2.0, "{text}");
 }

@@ -441,7 +441,7 @@ async fn a_rediss_url_speaks_tls_and_checks_the_certificate() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"{MODEL}\"\nrequests_per_minute = 60\nburst = 3\nqueue_timeout = \"0s\"\n\n{}{QUIET}[cluster]\nkey_prefix = \"tls\"\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"{MODEL}\"\nrequests_per_minute = 6\nburst = 3\nqueue_timeout = \"0s\"\n\n{}{QUIET}[cluster]\nkey_prefix = \"tls\"\n",
         backend_entry(&backend.base_url())
     );
     let path = dir.path().join("tls.toml");

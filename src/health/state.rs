@@ -136,9 +136,12 @@ impl HealthRecord {
     }
 
     /// `weir_backend_up{tier}`: 1 while the tier passes (or has not failed
-    /// yet) on a backend that has been seen alive.
+    /// yet); liveness also needs the backend to have been seen alive. Only
+    /// liveness decides that, so the other tiers' gauges, refreshed by
+    /// their own (rarer) probes, do not wait for it.
     pub fn tier_up(&self, tier: Tier) -> i64 {
-        i64::from(!self.pending && !self.tier(tier).down)
+        let unseen = self.pending && tier == Tier::Liveness;
+        i64::from(!unseen && !self.tier(tier).down)
     }
 
     /// Records a probe result with rise/fall thresholds. Returns the flip.

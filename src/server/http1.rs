@@ -90,9 +90,10 @@ const MAX_READ_AHEAD: usize = 64 * 1024;
 const DRAIN_LIMIT: u64 = 64 * 1024;
 
 /// How long, and how many bytes, a lingering close reads (see
-/// [`Conn::close`]); nginx's `lingering_timeout` is 5 s too.
-const LINGER_TIME: Duration = Duration::from_secs(5);
-const LINGER_BYTES: usize = 64 * 1024 * 1024;
+/// [`Conn::close`], and `proxy::linger` for an HTTP/2 stream); nginx's
+/// `lingering_timeout` is 5 s too.
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(5);
+pub(crate) const LINGER_BYTES: usize = 64 * 1024 * 1024;
 
 /// The per-connection settings, from `[server]` at accept time.
 #[derive(Debug, Clone, Copy)]
@@ -235,16 +236,8 @@ impl Conn {
                 () = self.client_gone() => return false,
             }
         };
-        // A body too long to drain after the answer (an early 401 or 404,
-        // say) means this connection closes: the answer says so.
-        let undrainable = self
-            .wire
-            .inbound()
-            .framing
-            .remaining()
-            .is_some_and(|n| n > DRAIN_LIMIT);
         let keep = self
-            .respond(response, out, &method, version, !keep_alive || undrainable)
+            .respond(response, out, &method, version, !keep_alive)
             .await;
         keep && self.finish_request_body().await
     }
@@ -367,7 +360,15 @@ impl Conn {
             }
             None => Out::Chunked,
         };
-        self.wire.inbound().responding = true;
+        {
+            let mut inbound = self.wire.inbound();
+            inbound.responding = true;
+            // A body left unread that is too long to drain after the answer
+            // (an early 401 or 404, say), or of unknown length (chunked),
+            // means this connection closes: the answer says so.
+            let framing = &inbound.framing;
+            close |= !framing.is_done() && framing.remaining().is_none_or(|n| n > DRAIN_LIMIT);
+        }
 
         out.clear();
         let write_length = !no_content;

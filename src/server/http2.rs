@@ -256,8 +256,8 @@ struct ClientIo {
     /// Bytes read before the protocol was known, served before the socket.
     prefix: Bytes,
     /// Set when a read deadline passed and GOAWAY is on its way: the
-    /// connection is cut if it has not closed by then.
-    closing: Option<Instant>,
+    /// connection is cut if it has not closed by then, and why.
+    closing: Option<(Instant, &'static str)>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
     /// Set while a write waits for the client to take bytes: the deadline
@@ -336,7 +336,15 @@ impl AsyncRead for ClientIo {
         let busy = this.watch.busy.load(Ordering::Acquire) > 0;
         this.phase = match (this.phase, busy) {
             (_, true) => Phase::Busy,
-            (Phase::Busy, false) => Phase::Idle(Instant::now()),
+            (Phase::Busy, false) => {
+                let now = Instant::now();
+                // A stream taken as GOAWAY went out has just ended: its
+                // last frames get the whole grace to leave.
+                if let Some((until, _)) = &mut this.closing {
+                    *until = (*until).max(now + GOAWAY_GRACE);
+                }
+                Phase::Idle(now)
+            }
             (phase, false) => phase,
         };
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
@@ -354,25 +362,25 @@ impl AsyncRead for ClientIo {
                     Phase::Head(since) => since + this.header_read_timeout,
                     Phase::Idle(since) => since + this.idle_timeout,
                 };
-                let deadline = this.closing.unwrap_or(phase_deadline);
+                let deadline = this.closing.map_or(phase_deadline, |(until, _)| until);
                 if this.timer.deadline() != deadline {
                     this.timer.as_mut().reset(deadline);
                 }
                 if this.timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                if this.closing.is_some() {
-                    let what = match this.phase {
-                        Phase::Idle(_) => "idle_timeout passed",
-                        _ => "header_read_timeout passed",
-                    };
+                if let Some((_, what)) = this.closing {
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
                 }
                 // Say goodbye first: hyper sends GOAWAY (and a PING) and
                 // closes once the client has answered, or GOAWAY_GRACE
                 // runs out and the connection is cut.
+                let what = match this.phase {
+                    Phase::Idle(_) => "idle_timeout passed",
+                    _ => "header_read_timeout passed",
+                };
                 let until = Instant::now() + GOAWAY_GRACE;
-                this.closing = Some(until);
+                this.closing = Some((until, what));
                 this.watch.expired.cancel();
                 this.timer.as_mut().reset(until);
                 // Registers the waker for the grace.

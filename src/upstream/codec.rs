@@ -717,7 +717,7 @@ impl Framing {
                         return Ok(());
                     }
                     Some(line) => {
-                        let field = &buf[..line];
+                        let field = buf.get(..line).unwrap_or_default();
                         if field.iter().any(|&b| b == b'\r' || b == b'\n') || !field.contains(&b':')
                         {
                             return Err(Malformed("malformed trailer line"));

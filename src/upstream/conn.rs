@@ -202,14 +202,15 @@ impl PlainClient {
             // never sent). A request written whole is never sent again
             // here: if the connection then closes without an answer, the
             // backend may have read it (a crash mid-request looks the same
-            // as an idle close), so that is a failed attempt, which the
-            // retry policy sends elsewhere and counts.
+            // as an idle close), so the attempt fails as `IdleClosed`,
+            // which the retry policy sends to another backend.
             Err(Failed::Stale(_)) if reused => match self.connect(authority).await {
                 Ok(stream) => exchange(stream, &request)
                     .await
                     .map_err(Failed::into_attempt),
                 Err(e) => Err(e),
             },
+            Err(Failed::Closed(e)) if reused => Err(AttemptError::IdleClosed(e.to_string())),
             Err(e) => Err(e.into_attempt()),
         };
         if wire.capacity() <= MAX_SPARE_HEAD {
@@ -285,6 +286,9 @@ enum Failed {
     /// the connection: on a reused connection, the backend closed it while
     /// it idled, and nothing of the request was taken.
     Stale(io::Error),
+    /// The request was written and the connection closed or reset before
+    /// a byte of answer came back: the backend may have read it.
+    Closed(io::Error),
     /// Any other failure: the attempt failed.
     Attempt(AttemptError),
 }
@@ -292,7 +296,7 @@ enum Failed {
 impl Failed {
     fn into_attempt(self) -> AttemptError {
         match self {
-            Failed::Stale(e) => {
+            Failed::Stale(e) | Failed::Closed(e) => {
                 AttemptError::Protocol(format!("connection closed before the response head: {e}"))
             }
             Failed::Attempt(e) => e,
@@ -337,9 +341,7 @@ async fn exchange(
         }
         match stream.read_buf(&mut buf).await {
             Ok(0) if !received => {
-                return Err(Failed::Attempt(AttemptError::Protocol(
-                    "connection closed before the response head".to_owned(),
-                )));
+                return Err(Failed::Closed(io::ErrorKind::UnexpectedEof.into()));
             }
             Ok(0) => {
                 return Err(Failed::Attempt(AttemptError::Protocol(
@@ -347,6 +349,7 @@ async fn exchange(
                 )))
             }
             Ok(_) => received = true,
+            Err(e) if !received && is_stale(&e) => return Err(Failed::Closed(e)),
             Err(e) => {
                 return Err(Failed::Attempt(AttemptError::Protocol(format!(
                     "reading the response head: {e}"
@@ -655,7 +658,7 @@ mod tests {
             "ok"
         );
         let e = client.send(post(&url, "{}")).await.unwrap_err();
-        assert!(matches!(e, AttemptError::Protocol(_)), "{e:?}");
+        assert!(matches!(e, AttemptError::IdleClosed(_)), "{e:?}");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
         assert_eq!(
             text(client.send(post(&url, "{}")).await.unwrap()).await,

@@ -127,6 +127,13 @@ pub(crate) enum AttemptError {
     /// HTTP (reset, garbage, oversized headers).
     #[error("upstream failed: {0}")]
     Protocol(String),
+    /// A kept-alive connection closed, after the request was written,
+    /// without a byte of answer: most often the backend closing it as it
+    /// idled, just as weir reused it, but possibly a worker that read the
+    /// request and died. Never re-sent to the same backend; retried
+    /// elsewhere at once, and not held against the backend.
+    #[error("kept-alive connection closed without an answer: {0}")]
+    IdleClosed(String),
 }
 
 impl AttemptError {
@@ -136,6 +143,7 @@ impl AttemptError {
             AttemptError::Refused(_) | AttemptError::Connect(_) => "connect",
             AttemptError::Timeout(_) => "timeout",
             AttemptError::Protocol(_) => "protocol",
+            AttemptError::IdleClosed(_) => "idle_closed",
         }
     }
 }

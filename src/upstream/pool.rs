@@ -16,9 +16,11 @@ use std::time::Duration;
 
 use tokio::{net::TcpStream, time::Instant};
 
-/// How long an idle connection is kept. Shorter than the common 60-120 s
-/// keep-alive of inference servers, so weir closes first and rarely sends
-/// on a connection the backend is closing.
+/// How long an idle connection is kept. Shorter than the 60-120 s of
+/// hosted APIs' load balancers; uvicorn-based servers (vLLM, SGLang) and
+/// llama.cpp close theirs after 5 s, and those closes are found as the
+/// connection is taken (`is_open`), so only a close racing the reuse
+/// itself reaches a request, as `AttemptError::IdleClosed`.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
 /// How often the sweeper looks at idle connections.
