@@ -88,6 +88,24 @@ impl Limit {
         }
     }
 
+    /// The cluster link's epoch, for a shared limit (see
+    /// [`SharedBucket::refund_taken`]).
+    pub fn cluster_epoch(&self) -> Option<u64> {
+        match self {
+            Limit::Local(_) => None,
+            Limit::Shared(shared) => Some(shared.epoch()),
+        }
+    }
+
+    /// [`Limit::refund`] of tokens taken when the cluster link was at
+    /// `epoch` (read before they were taken).
+    pub fn refund_taken(&self, n: u64, now: impl Into<Tick>, epoch: Option<u64>) {
+        match (self, epoch) {
+            (Limit::Shared(shared), Some(epoch)) => shared.refund_taken(n, now.into(), epoch),
+            _ => self.refund(n, now),
+        }
+    }
+
     /// `Bucket::charge`.
     pub fn charge(&self, n: u64, now: impl Into<Tick>) {
         match self {

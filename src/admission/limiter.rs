@@ -327,6 +327,8 @@ type Step<'a> = (Option<&'a Limit>, u64, LimitKind);
 struct Held<'a> {
     steps: [Step<'a>; 4],
     settled: bool,
+    /// See [`Admitted::cluster_epoch`].
+    cluster_epoch: Option<u64>,
 }
 
 impl Drop for Held<'_> {
@@ -335,7 +337,7 @@ impl Drop for Held<'_> {
             let now = Instant::now();
             for (bucket, n, _) in self.steps {
                 if let Some(bucket) = bucket {
-                    bucket.refund(n, now);
+                    bucket.refund_taken(n, now, self.cluster_epoch);
                 }
             }
         }
@@ -357,6 +359,11 @@ pub struct Admitted {
     pub headers: RateHeaders,
     /// How long the request waited for admission.
     pub queued: Duration,
+    /// The cluster link's epoch before the first reservation (`None`
+    /// without a shared limit): a refund made after the link changed is
+    /// dropped, not given to a bucket that never lent the tokens
+    /// (`SharedBucket::refund_taken`).
+    cluster_epoch: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -387,7 +394,7 @@ impl Admitted {
         let now = Instant::now();
         for bucket in self.token_buckets.iter().flatten() {
             if actual < self.estimate {
-                bucket.refund(self.estimate - actual, now);
+                bucket.refund_taken(self.estimate - actual, now, self.cluster_epoch);
             } else if actual > self.estimate {
                 let extra = (actual - self.estimate).min(bucket.capacity());
                 bucket.charge(extra, now);
@@ -420,6 +427,12 @@ pub async fn admit(
         (model.requests.as_ref(), 1, LimitKind::Requests),
         (model.tokens.as_ref(), estimate, LimitKind::Tokens),
     ];
+    // Read before anything is taken: tokens taken after a change of the
+    // link then carry an older epoch, and their refund is dropped (never
+    // over-admits).
+    let cluster_epoch = steps
+        .iter()
+        .find_map(|(limit, ..)| limit.and_then(Limit::cluster_epoch));
     let max_wait = deadline.saturating_duration_since(now);
     let request = Request {
         steps: &steps,
@@ -428,6 +441,7 @@ pub async fn admit(
         model_name,
         now: now.into(),
         max_wait,
+        cluster_epoch,
     };
     let mut progress = Progress::default();
     if !reserve_all(&request, &mut progress)? {
@@ -450,7 +464,7 @@ pub async fn admit(
             return Ok(settle(
                 model,
                 &steps,
-                estimate,
+                (estimate, cluster_epoch),
                 permit,
                 headers,
                 Duration::ZERO,
@@ -462,6 +476,7 @@ pub async fn admit(
     let mut held = Held {
         steps,
         settled: false,
+        cluster_epoch,
     };
     let queue_slot = queue_or_refuse(model, model_name)?;
     if !wait.is_zero() {
@@ -492,7 +507,14 @@ pub async fn admit(
     let admitted_at = Instant::now();
     let headers = rate_headers(global, model, admitted_at);
     let queued = admitted_at.saturating_duration_since(now);
-    Ok(settle(model, &steps, estimate, permit, headers, queued))
+    Ok(settle(
+        model,
+        &steps,
+        (estimate, cluster_epoch),
+        permit,
+        headers,
+        queued,
+    ))
 }
 
 /// One request's reservations: what [`reserve_all`], [`reserve_slowly`]
@@ -505,6 +527,7 @@ struct Request<'s, 'a> {
     model_name: &'s str,
     now: Tick,
     max_wait: Duration,
+    cluster_epoch: Option<u64>,
 }
 
 /// How far [`reserve_all`] got: the next step to reserve, the longest wait
@@ -584,6 +607,7 @@ async fn reserve_slowly(
         let mut held = Held {
             steps: taken,
             settled: false,
+            cluster_epoch: request.cluster_epoch,
         };
         let reserved = limit.reserve_slow(n, now, max_wait).await;
         held.settled = true;
@@ -702,7 +726,7 @@ fn try_permit(model: &ModelLimits) -> Result<Option<OwnedSemaphorePermit>, TryAc
 fn settle(
     model: &ModelLimits,
     steps: &[Step<'_>; 4],
-    estimate: u64,
+    (estimate, cluster_epoch): (u64, Option<u64>),
     permit: Option<OwnedSemaphorePermit>,
     headers: RateHeaders,
     queued: Duration,
@@ -717,6 +741,7 @@ fn settle(
         _in_flight: InFlightGauge(model.metrics.in_flight.clone()),
         headers,
         queued,
+        cluster_epoch,
     }
 }
 

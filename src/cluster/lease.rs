@@ -305,6 +305,25 @@ impl SharedBucket {
         }
     }
 
+    /// The link's epoch (see `Link::epoch`), read before tokens are taken.
+    pub fn epoch(&self) -> u64 {
+        self.link.epoch()
+    }
+
+    /// [`refund`](Self::refund) of tokens taken while the link was at
+    /// `epoch`. If it has gone down or come back since, the bucket that
+    /// lent them (the lease, or the fallback) no longer decides, and giving
+    /// them to the one that does would admit tokens Redis never lent: a
+    /// request admitted by the fallback during an outage and refunded
+    /// after the rejoin would top the shared bucket up. Such a refund is
+    /// dropped instead, which can only under-admit, by what the requests
+    /// in flight across the change did not use.
+    pub fn refund_taken(&self, n: u64, now: Tick, epoch: u64) {
+        if epoch == self.link.epoch() {
+            self.refund(n, now);
+        }
+    }
+
     /// Takes `n` more tokens without waiting (an under-estimate): from the
     /// lease, and what it cannot cover is charged in Redis at the next
     /// top-up.
@@ -583,4 +602,55 @@ fn share(
     let rate = std::num::NonZeroU64::new((rate_per_minute / replicas).max(1))?;
     let capacity = std::num::NonZeroU64::new((capacity / replicas).max(1))?;
     Some((rate, capacity))
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+    use super::*;
+
+    /// A link that never connects (the connection is lazy and unused).
+    fn link() -> Arc<Link> {
+        let client = redis::Client::open("redis://127.0.0.1:1/").expect("URL parses");
+        let conn = ConnectionManager::new_lazy_with_config(client, ConnectionManagerConfig::new())
+            .expect("lazy connection");
+        Arc::new(Link::new(conn))
+    }
+
+    /// Tokens the fallback lent during an outage, refunded after Redis is
+    /// back, must not top up the shared bucket (which never lent them);
+    /// tokens taken while Redis is up still come back to the lease.
+    #[tokio::test]
+    async fn a_refund_across_a_change_of_the_link_is_dropped() {
+        let link = link();
+        let now = Instant::now();
+        let bucket = SharedBucket::new("k".to_owned(), link.clone(), 6000, 6000, now)
+            .expect("exact in Redis");
+        let down = bucket.epoch();
+        let taken = bucket.try_reserve(3000, now.into(), Duration::ZERO);
+        assert!(matches!(taken, Some(Ok(_))), "the fallback decides");
+        assert_eq!(bucket.fallback.remaining(now), 3000);
+        link.set_up(true);
+        assert_ne!(bucket.epoch(), down);
+        bucket.refund_taken(2990, now.into(), down);
+        assert_eq!(
+            bucket.lease.load(Ordering::Acquire),
+            0,
+            "nothing lent, nothing back"
+        );
+        assert_eq!(bucket.fallback.remaining(now), 3000);
+        bucket.refund_taken(10, now.into(), bucket.epoch());
+        assert_eq!(
+            bucket.lease.load(Ordering::Acquire),
+            10,
+            "taken while up: back"
+        );
+        // Down and up again is a new epoch too.
+        let up = bucket.epoch();
+        link.set_up(false);
+        link.set_up(true);
+        bucket.refund_taken(10, now.into(), up);
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 10);
+    }
 }

@@ -34,7 +34,7 @@ mod test_redis;
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex, PoisonError,
     },
     time::Duration,
@@ -103,9 +103,10 @@ pub(crate) struct Link {
     conn: ConnectionManager,
     /// The compiled scripts.
     scripts: Scripts,
-    /// Whether Redis answered the last heartbeat; read on every request to
-    /// a shared limit.
-    up: AtomicBool,
+    /// Whether Redis answered the last heartbeat (odd: up), read on every
+    /// request to a shared limit; each change adds one, so the value is
+    /// also the epoch tokens were taken in (`SharedBucket::refund_taken`).
+    state: AtomicU64,
     /// Replicas seen alive at the last heartbeat (at least 1: this one).
     replicas: AtomicU64,
     /// Wakes the task: a lease ran low, or a request saw an error.
@@ -126,9 +127,36 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
+    /// A link over `conn`, down until the task's first heartbeat succeeds.
+    fn new(conn: ConnectionManager) -> Self {
+        Self {
+            conn,
+            scripts: Scripts::new(),
+            state: AtomicU64::new(0),
+            replicas: AtomicU64::new(1),
+            wake: Notify::new(),
+            errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
     /// Whether shared limits are decided with Redis right now.
     pub(crate) fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) & 1 == 1
+    }
+
+    /// The link's epoch: changes each time it goes down or comes back.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Marks the link up or down; a new epoch when that is a change.
+    fn set_up(&self, up: bool) {
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                ((state & 1 == 1) != up).then_some(state + 1)
+            });
     }
 
     /// Replicas last seen alive, this one included.
@@ -174,6 +202,8 @@ pub struct Cluster {
     up_gauge: Gauge,
     /// `weir_cluster_replicas`.
     replicas_gauge: Gauge,
+    /// When the link last came up (only the cluster task writes it).
+    up_since: Mutex<Option<Instant>>,
 }
 
 impl Cluster {
@@ -205,20 +235,13 @@ impl Cluster {
         up_gauge.set(0);
         replicas_gauge.set(1);
         Ok(Arc::new(Self {
-            link: Arc::new(Link {
-                conn,
-                scripts: Scripts::new(),
-                up: AtomicBool::new(false),
-                replicas: AtomicU64::new(1),
-                wake: Notify::new(),
-                errors: AtomicU64::new(0),
-                last_error: Mutex::new(None),
-            }),
+            link: Arc::new(Link::new(conn)),
             replica_id,
             key_prefix: config.key_prefix.clone(),
             buckets: Mutex::new(HashMap::new()),
             up_gauge,
             replicas_gauge,
+            up_since: Mutex::new(None),
         }))
     }
 
@@ -370,6 +393,21 @@ impl Cluster {
         if leave {
             return Ok(());
         }
+        // Every replica's heartbeats failed during an outage, so the
+        // registry has aged them all out: the first ones back would count
+        // too few (and each take a larger fallback share). Until a whole
+        // window of heartbeats has run again, the count does not drop.
+        let settling = !self.link.is_up()
+            || self
+                .up_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none_or(|since| since.elapsed() < REPLICA_WINDOW);
+        let replicas = if settling {
+            replicas.max(self.link.replicas())
+        } else {
+            replicas
+        };
         self.link.replicas.store(replicas, Ordering::Relaxed);
         self.replicas_gauge
             .set(i64::try_from(replicas).unwrap_or(i64::MAX));
@@ -420,7 +458,7 @@ impl Cluster {
     /// Redis stopped answering: every shared limit falls back to this
     /// replica's share (logged once per outage).
     fn go_down(&self, error: &str, now: Instant) {
-        self.link.up.store(false, Ordering::Release);
+        self.link.set_up(false);
         for bucket in self.lock_buckets().values() {
             bucket.enter_fallback(now);
         }
@@ -439,7 +477,8 @@ impl Cluster {
 
     fn come_up(&self, after_outage: bool) {
         self.link.errors.store(0, Ordering::Release);
-        self.link.up.store(true, Ordering::Release);
+        self.link.set_up(true);
+        *self.up_since.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         self.up_gauge.set(1);
         let replicas = self.link.replicas();
         if after_outage {
@@ -464,7 +503,7 @@ impl Cluster {
                 "cluster: leases not returned within {LEAVE_TIMEOUT:?}; they return by refill"
             );
         }
-        self.link.up.store(false, Ordering::Release);
+        self.link.set_up(false);
         self.up_gauge.set(0);
     }
 
