@@ -23,7 +23,7 @@ use tokio::time::{Instant, Sleep};
 
 use std::sync::Arc;
 
-use crate::upstream::codec::{Name, RawHeaders};
+use crate::upstream::codec::{self, Name, RawHeaders};
 use crate::{
     access_log::{AccessLog, Ending},
     admission::{
@@ -70,6 +70,26 @@ pub enum BodyError {
 }
 
 impl GatewayBody {
+    /// The one length a response declares, if any: its map's
+    /// `Content-Length` and a plain backend's (kept with the body), which
+    /// must agree. A repeated or listed length becomes that one number, so
+    /// both servers write it once.
+    pub(crate) fn declared_length(&self, headers: &http::HeaderMap) -> Option<u64> {
+        let backend = match self {
+            GatewayBody::Proxied(proxied) => Some(&**proxied),
+            GatewayBody::Full(_) => None,
+        };
+        codec::content_length(
+            codec::values(headers, &http::header::CONTENT_LENGTH).chain(
+                backend
+                    .into_iter()
+                    .flat_map(ProxiedBody::backend_content_length),
+            ),
+        )
+        .ok()
+        .flatten()
+    }
+
     /// A complete body from bytes.
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         GatewayBody::Full(Full::new(bytes.into()))
@@ -207,11 +227,14 @@ impl Accounting {
             self.settle();
             return;
         }
-        let tokens_per_sec = backend.and_then(|b| b.live.with_health(|h| h.tokens_per_sec));
-        let completion =
-            generated_at_least(filter.events_sent(), self.sent_at.elapsed(), tokens_per_sec);
-        let spent = self.prompt_estimate.saturating_add(completion);
-        self.admitted.reconcile(spent.min(self.admitted.estimate()));
+        let events = filter.events_sent();
+        settle_cut(
+            &self.admitted,
+            self.prompt_estimate,
+            events,
+            self.sent_at,
+            backend,
+        );
     }
 
     /// The response ended cleanly: reconcile the estimate with the usage
@@ -233,10 +256,27 @@ impl Accounting {
     }
 }
 
+/// Settles a request whose client left while `backend` worked on it (SPEC
+/// "Disconnects"), the attempt sent at `sent_at` and `events` SSE events
+/// passed on: the prompt estimate plus what the backend may have generated
+/// ([`generated_at_least`]), never more than the estimate.
+pub(crate) fn settle_cut(
+    admitted: &Admitted,
+    prompt_estimate: u64,
+    events: u64,
+    sent_at: Instant,
+    backend: Option<&BackendState>,
+) {
+    let tokens_per_sec = backend.and_then(|b| b.live.with_health(|h| h.tokens_per_sec));
+    let completion = generated_at_least(events, sent_at.elapsed(), tokens_per_sec);
+    let spent = prompt_estimate.saturating_add(completion);
+    admitted.reconcile(spent.min(admitted.estimate()));
+}
+
 /// The completion tokens a stream cut after `events` events and `elapsed`
 /// may have cost: one per event, or `elapsed` at `tokens_per_sec`
 /// (when measured), whichever is more.
-pub(crate) fn generated_at_least(
+fn generated_at_least(
     events: u64,
     elapsed: std::time::Duration,
     tokens_per_sec: Option<f64>,

@@ -26,9 +26,7 @@ use crate::{
         tokens::{self, UsageFilter, UsageTail},
     },
     api::{facts, json_response, ApiError},
-    body::{
-        generated_at_least, Accounting, GatewayBody, MidStreamReporter, ProxiedBody, UsageReader,
-    },
+    body::{settle_cut, Accounting, GatewayBody, MidStreamReporter, ProxiedBody, UsageReader},
     gateway::Shared,
     headers::{self, ClientHeaders, Upstream},
     health::outlier::{self, Outcome},
@@ -189,12 +187,12 @@ impl Drop for Pending<'_> {
         let Some((admitted, _)) = self.admitted.take() else {
             return;
         };
-        let spent = self.working.map_or(0, |(sent_at, backend)| {
-            let tokens_per_sec = backend.live.with_health(|h| h.tokens_per_sec);
-            let completion = generated_at_least(0, sent_at.elapsed(), tokens_per_sec);
-            self.prompt_estimate.saturating_add(completion)
-        });
-        admitted.reconcile(spent.min(admitted.estimate()));
+        match self.working {
+            Some((sent_at, backend)) => {
+                settle_cut(&admitted, self.prompt_estimate, 0, sent_at, Some(backend));
+            }
+            None => admitted.reconcile(0),
+        }
     }
 }
 
@@ -260,6 +258,10 @@ impl<'a> Exchange<'a> {
             pending.working = Some((started, backend));
             let outcome = upstream::forward(&backend.client, &request, wait).await;
             pending.working = None;
+            // A kept-alive connection closed unanswered is most often the
+            // backend's idle close racing weir's reuse: not held against
+            // the backend, and no back-off before the next one.
+            let idle_closed = matches!(outcome, Err(AttemptError::IdleClosed(_)));
             // Each failure says why, whether the backend asked for a pause,
             // and the status it answered with, if it answered.
             let (reason, retry_after, answered) = match outcome {
@@ -285,10 +287,7 @@ impl<'a> Exchange<'a> {
                 }
                 Err(e) => {
                     tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
-                    // A kept-alive connection closed unanswered is most
-                    // often the backend's idle close racing weir's reuse:
-                    // not held against it.
-                    if !matches!(e, AttemptError::IdleClosed(_)) {
+                    if !idle_closed {
                         self.report(backend, Outcome::Failure);
                     }
                     let reason = e.kind();
@@ -296,7 +295,6 @@ impl<'a> Exchange<'a> {
                     (reason, None, None)
                 }
             };
-            let idle_closed = reason == "idle_closed";
             // The attempt failed, whichever way: its backend slot frees now,
             // not after any back-off.
             drop(in_flight);
@@ -316,8 +314,6 @@ impl<'a> Exchange<'a> {
                             reason,
                         })
                         .inc();
-                    // No back-off after an idle close: nothing is wrong
-                    // with the next backend.
                     if !idle_closed {
                         tokio::time::sleep(delay).await;
                     }

@@ -343,14 +343,7 @@ impl Conn {
             GatewayBody::Proxied(proxied) => Some(&**proxied),
             GatewayBody::Full(_) => None,
         };
-        let backend_length = proxied
-            .into_iter()
-            .flat_map(ProxiedBody::backend_content_length);
-        let declared = codec::content_length(
-            codec::values(&parts.headers, &header::CONTENT_LENGTH).chain(backend_length),
-        )
-        .ok()
-        .flatten();
+        let declared = body.declared_length(&parts.headers);
         let mut framing = match declared.or_else(|| body.size_hint().exact()) {
             Some(n) => Out::Length(n),
             None if bodiless => Out::Length(0),

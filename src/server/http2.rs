@@ -45,7 +45,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{http1::Timeouts, request_body::ClientBody, Role, MAX_HEADER_BYTES};
-use crate::{body::GatewayBody, gateway::Shared, headers::ClientHeaders, upstream::codec};
+use crate::{body::GatewayBody, gateway::Shared, headers::ClientHeaders};
 
 /// Serves an HTTP/2 connection until it closes; on shutdown, hyper's
 /// graceful close (GOAWAY, in-flight streams finish).
@@ -59,7 +59,7 @@ pub(super) async fn serve(
     shutdown: CancellationToken,
 ) {
     let watch = Arc::new(ConnWatch::default());
-    let watch_for_goaway = watch.clone();
+    let expired = watch.expired.clone();
     let io = ClientIo::new(stream, prefix, watch.clone(), timeouts);
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         // Counted from the moment hyper hands the request over until it
@@ -95,12 +95,7 @@ pub(super) async fn serve(
                     .collect();
                 // One length, as read: never a backend's repeated or listed
                 // one, which is a PROTOCOL_ERROR in HTTP/2 (RFC 9113 §8.1.1).
-                let length = codec::content_length(
-                    codec::values(response.headers(), &header::CONTENT_LENGTH)
-                        .chain(proxied.backend_content_length()),
-                )
-                .ok()
-                .flatten();
+                let length = response.body().declared_length(response.headers());
                 let rate = proxied.rate_headers().copied();
                 let own: Vec<(HeaderName, HeaderValue)> = proxied
                     .own_headers()
@@ -147,7 +142,7 @@ pub(super) async fn serve(
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-        () = watch_for_goaway.expired.cancelled() => {
+        () = expired.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
