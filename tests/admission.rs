@@ -11,12 +11,27 @@ use weir::mock::{self, MockConfig};
 const MODEL: &str = "m1";
 
 async fn setup(model_limits: &str, cfg: MockConfig) -> (weir::Handle, weir::mock::MockHandle) {
+    setup_backend(model_limits, "", cfg).await
+}
+
+/// As [`setup`], with `backend_extra` lines in the backend's entry.
+async fn setup_backend(
+    model_limits: &str,
+    backend_extra: &str,
+    cfg: MockConfig,
+) -> (weir::Handle, weir::mock::MockHandle) {
     let m = mock::start(cfg.models(vec![MODEL.into()])).await.unwrap();
     let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\n{model_limits}\n\n{}{QUIET}",
+        "[[models]]\nname = \"{MODEL}\"\n{model_limits}\n\n{}{backend_extra}\n\n{QUIET}",
         backend("b1", &m.base_url(), &[MODEL], 1)
     );
     (gateway(&toml).await, m)
+}
+
+/// One backend with a single slot, answering after `latency`.
+async fn one_slot(model_limits: &str, latency: Duration) -> (weir::Handle, weir::mock::MockHandle) {
+    let slow = MockConfig::default().latency(latency);
+    setup_backend(model_limits, "max_concurrent = 1", slow).await
 }
 
 #[tokio::test]
@@ -128,18 +143,7 @@ async fn max_concurrent_caps_what_the_backend_sees() {
 
 #[tokio::test]
 async fn backend_max_concurrent_waits_for_a_free_slot() {
-    let m = mock::start(
-        MockConfig::default()
-            .models(vec![MODEL.into()])
-            .latency(Duration::from_millis(200)),
-    )
-    .await
-    .unwrap();
-    let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{QUIET}",
-        backend("b1", &m.base_url(), &[MODEL], 1)
-    );
-    let gw = gateway(&toml).await;
+    let (gw, m) = one_slot("", Duration::from_millis(200)).await;
     let addr = gw.addr();
     let statuses = concurrent_chats(addr, MODEL, 4).await;
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
@@ -148,18 +152,7 @@ async fn backend_max_concurrent_waits_for_a_free_slot() {
 
 #[tokio::test]
 async fn saturated_backends_refuse_after_queue_timeout() {
-    let m = mock::start(
-        MockConfig::default()
-            .models(vec![MODEL.into()])
-            .latency(Duration::from_millis(800)),
-    )
-    .await
-    .unwrap();
-    let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\nqueue_timeout = \"100ms\"\n\n{}max_concurrent = 1\n\n{QUIET}",
-        backend("b1", &m.base_url(), &[MODEL], 1)
-    );
-    let gw = gateway(&toml).await;
+    let (gw, m) = one_slot("queue_timeout = \"100ms\"", Duration::from_millis(800)).await;
     let addr = gw.addr();
     let first =
         tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
@@ -312,21 +305,11 @@ async fn a_client_leaving_mid_stream_gets_its_unspent_tokens_back() {
 /// measured, health checks being off). Each is logged and counted as 499.
 #[tokio::test]
 async fn a_client_leaving_before_the_answer_gets_its_tokens_back() {
-    let m = mock::start(
-        MockConfig::default()
-            .models(vec![MODEL.into()])
-            .latency(Duration::from_millis(1500)),
-    )
-    .await
-    .unwrap();
     // 1000 tokens refilling at 16.7/s; a request that finds too few waits
     // at most 3 s (50 tokens' worth), so one reservation of 600 left
     // charged makes the next such request a 429 at once.
-    let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\ntokens_per_minute = 1000\nqueue_timeout = \"3s\"\n\n{}max_concurrent = 1\n\n{QUIET}",
-        backend("b1", &m.base_url(), &[MODEL], 1)
-    );
-    let gw = gateway(&toml).await;
+    let limits = "tokens_per_minute = 1000\nqueue_timeout = \"3s\"";
+    let (gw, m) = one_slot(limits, Duration::from_millis(1500)).await;
     let addr = gw.addr();
     let asking = |max_tokens: u32| {
         format!(
