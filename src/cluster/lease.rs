@@ -66,6 +66,11 @@ pub(crate) const LEASE_PERCENT: u64 = 1;
 /// fallback bucket decides for it (SPEC: never wait on a dead Redis).
 pub(crate) const SLOW_PATH_TIMEOUT: Duration = Duration::from_millis(20);
 
+/// How long a slow-path call may still run after its waiter stopped
+/// listening (it timed out, or its client left), to learn whether Redis
+/// took the tokens and give them back if it did.
+const ORPHAN_CALL_LIMIT: Duration = Duration::from_secs(10);
+
 /// How quickly the demand estimate follows a change (EWMA time constant).
 const DEMAND_TAU: Duration = Duration::from_secs(1);
 
@@ -221,8 +226,13 @@ impl SharedBucket {
     /// does not answer within [`SLOW_PATH_TIMEOUT`], or is down, the
     /// fallback bucket decides. Callers that give up after a wait refund
     /// `n` with [`refund`](Self::refund), as with a local bucket.
+    ///
+    /// The call runs in a task of its own, to its end: Redis may take the
+    /// tokens after the waiter stopped listening (it timed out and the
+    /// fallback decided, or its client left), and then nobody else would
+    /// ever give them back.
     pub async fn reserve_slow(
-        &self,
+        self: &Arc<Self>,
         n: u64,
         now: Tick,
         max_wait: Duration,
@@ -233,17 +243,30 @@ impl SharedBucket {
         }
         // Demand outran the lease: top it up now rather than at the period.
         self.link.wake();
-        let params = self.params();
-        let mut conn = self.link.conn.clone();
-        let call = self
-            .link
-            .scripts
-            .reserve(&mut conn, &self.key, params, n, max_wait, None);
-        let outcome = tokio::time::timeout(SLOW_PATH_TIMEOUT, call).await;
+        let epoch = self.link.epoch();
+        let (answer, answered_rx) = tokio::sync::oneshot::channel();
+        let bucket = Arc::clone(self);
+        tokio::spawn(async move {
+            let params = bucket.params();
+            let mut conn = bucket.link.conn.clone();
+            let call =
+                bucket
+                    .link
+                    .scripts
+                    .reserve(&mut conn, &bucket.key, params, n, max_wait, None);
+            let Ok(outcome) = tokio::time::timeout(ORPHAN_CALL_LIMIT, call).await else {
+                return;
+            };
+            if let Err(Ok(Reserved::Taken { .. })) = answer.send(outcome) {
+                // Nobody listens any more: what Redis took goes back.
+                bucket.refund_taken(n, Tick::from(Instant::now()), epoch);
+            }
+        });
+        let outcome = tokio::time::timeout(SLOW_PATH_TIMEOUT, answered_rx).await;
         let answered = Tick::from(Instant::now());
         let rate = self.rate_per_minute.load(Ordering::Relaxed);
         match outcome {
-            Ok(Ok(Reserved::Taken { wait, report })) => {
+            Ok(Ok(Ok(Reserved::Taken { wait, report }))) => {
                 self.store_report(report, answered);
                 self.follow_level(report.remaining, answered);
                 // Redis counted the wait from its own "now", which is after
@@ -255,16 +278,22 @@ impl SharedBucket {
                 };
                 Ok((wait, (rate, report.remaining, report.reset)))
             }
-            Ok(Ok(Reserved::WouldWait { wait, report })) => {
+            Ok(Ok(Ok(Reserved::WouldWait { wait, report }))) => {
                 self.store_report(report, answered);
                 self.follow_level(report.remaining, answered);
                 Err(ReserveError::WouldWait { wait })
             }
-            Ok(Ok(Reserved::TooLarge)) => Err(ReserveError::TooLarge {
+            Ok(Ok(Ok(Reserved::TooLarge))) => Err(ReserveError::TooLarge {
                 capacity: self.capacity(),
             }),
-            Ok(Err(error)) => {
+            Ok(Ok(Err(error))) => {
                 self.link.failed(&error.to_string());
+                self.reserve_fallback(n, now, max_wait)
+            }
+            // The call gave up after `ORPHAN_CALL_LIMIT` (never within
+            // `SLOW_PATH_TIMEOUT`), or the runtime is stopping.
+            Ok(Err(_gone)) => {
+                self.link.failed("slow path abandoned");
                 self.reserve_fallback(n, now, max_wait)
             }
             Err(_elapsed) => {
@@ -609,6 +638,7 @@ mod tests {
     use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
     use super::*;
+    use crate::cluster::test_redis::TestRedis;
 
     /// A link that never connects (the connection is lazy and unused).
     fn link() -> Arc<Link> {
@@ -652,5 +682,52 @@ mod tests {
         link.set_up(true);
         bucket.refund_taken(10, now.into(), up);
         assert_eq!(bucket.lease.load(Ordering::Acquire), 10);
+    }
+
+    /// A slow-path call Redis runs after its waiter stopped listening (the
+    /// waiter timed out and the fallback decided, or its client left)
+    /// still took tokens in Redis: they come back to the lease, so Redis
+    /// being slow for a moment does not leave the cluster under-admitting.
+    #[tokio::test]
+    async fn tokens_redis_takes_after_the_waiter_left_come_back() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let link = Arc::new(Link::new(redis.connect().await));
+        link.set_up(true);
+        let now = Instant::now();
+        let bucket = Arc::new(
+            SharedBucket::new("k".to_owned(), link.clone(), 6000, 6000, now)
+                .expect("exact in Redis"),
+        );
+        // Redis holds every client's commands for a while.
+        let mut admin = redis.connect().await;
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(400)
+            .query_async::<()>(&mut admin)
+            .await
+            .expect("CLIENT PAUSE");
+        // One waiter times out: the fallback admits it.
+        let timed_out = bucket.reserve_slow(1000, now.into(), Duration::ZERO).await;
+        assert!(timed_out.is_ok(), "the fallback decides: {timed_out:?}");
+        // Another one's client leaves while Redis holds the call.
+        let left = tokio::time::timeout(
+            Duration::from_millis(5),
+            bucket.reserve_slow(500, now.into(), Duration::ZERO),
+        )
+        .await;
+        assert!(left.is_err(), "still waiting when it left");
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
+        // Once Redis runs the held calls, what they took comes back.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while bucket.lease.load(Ordering::Acquire) != 1500 {
+            assert!(
+                Instant::now() < deadline,
+                "lease {} after the pause",
+                bucket.lease.load(Ordering::Acquire)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
