@@ -301,6 +301,13 @@ fn smuggling_cases() -> Vec<Case> {
             true,
         ),
         case(
+            "a Host that is not host[:port]",
+            format!("POST /v1/chat/completions HTTP/1.1\r\nHost: a b@c/d\r\n{cl}\r\n\r\n{BODY}")
+                .into_bytes(),
+            400,
+            true,
+        ),
+        case(
             "unknown HTTP version",
             format!("POST /v1/chat/completions HTTP/1.7\r\nHost: weir\r\n{cl}\r\n\r\n{BODY}")
                 .into_bytes(),
@@ -341,6 +348,18 @@ fn path_cases() -> Vec<Case> {
             false,
         ),
         case("half-encoded dot-dot", req("/v1/.%2E/x"), 400, false),
+        case(
+            "dot-dots behind encoded slashes",
+            req("/v1/..%2f..%2ftenant-b/chat/completions"),
+            400,
+            false,
+        ),
+        case(
+            "dot-dot with a path parameter",
+            req("/v1/..;x/chat/completions"),
+            400,
+            false,
+        ),
         case("dot segment", req("/v1/./chat/completions"), 400, false),
         case("empty segment", req("/v1//chat/completions"), 400, false),
         case("trailing slash", req("/v1/chat/completions/"), 400, false),

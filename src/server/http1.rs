@@ -727,11 +727,56 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
     }))
 }
 
+/// Whether a `Host` value is RFC 3986's `host [ ":" port ]`: a bracketed IP
+/// literal or a reg-name (which may be empty), then digits after a colon.
+/// weir routes by the body, not by `Host`, but RFC 9112 §3.2 asks a server
+/// to refuse an invalid one, and a backend that trusted it would not be
+/// the one to refuse it.
+fn is_host(value: &[u8]) -> bool {
+    let (host, port) = match value {
+        [b'[', rest @ ..] => match rest.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let (literal, after) = rest.split_at(end);
+                let literal_ok = !literal.is_empty()
+                    && literal
+                        .iter()
+                        .all(|&b| b.is_ascii_alphanumeric() || b":._~-!$&'()*+,;=".contains(&b));
+                if !literal_ok {
+                    return false;
+                }
+                match after.get(1..) {
+                    Some([]) => return true,
+                    Some([b':', port @ ..]) => (&[][..], port),
+                    _ => return false,
+                }
+            }
+            None => return false,
+        },
+        _ => match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon + 1..]),
+            None => (value, &[][..]),
+        },
+    };
+    let port_ok = port.iter().all(u8::is_ascii_digit);
+    let mut rest = host;
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = match b {
+            b'%' => match tail {
+                [h, l, tail @ ..] if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => tail,
+                _ => return false,
+            },
+            b if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) => tail,
+            _ => return false,
+        };
+    }
+    port_ok
+}
+
 /// How a request body is framed (RFC 9112 §6.3), refusing what SPEC
 /// "Framing" refuses: a `Transfer-Encoding` other than one `chunked`, one
 /// in HTTP/1.0, one beside a `Content-Length`, and lengths that disagree;
-/// and a head whose `Host` is repeated, or missing in HTTP/1.1, which
-/// RFC 9112 §3.2 says a server must answer with 400.
+/// and a head whose `Host` is repeated, missing in HTTP/1.1, or not a
+/// `host[:port]`, which RFC 9112 §3.2 says a server must answer with 400.
 fn request_framing(
     version: Version,
     headers: &ClientHeaders,
@@ -741,8 +786,12 @@ fn request_framing(
     if hosts.next().is_some() {
         return Err("more than one Host header");
     }
-    if host.is_none() && version == Version::HTTP_11 {
-        return Err("an HTTP/1.1 request without a Host header");
+    match host {
+        None if version == Version::HTTP_11 => {
+            return Err("an HTTP/1.1 request without a Host header");
+        }
+        Some(host) if !is_host(host) => return Err("a Host header that is not host[:port]"),
+        _ => {}
     }
     let mut encodings = headers.values(Name::TransferEncoding);
     if let Some(first) = encodings.next() {
@@ -969,6 +1018,24 @@ mod tests {
         }
         // RFC 9112 §3.2: one Host, and HTTP/1.1 must send it.
         assert!(framing("Host: i\r\n").is_err());
+        for ok in [
+            "",
+            "weir",
+            "weir:8080",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:8080",
+            "a-b.example_c~",
+            "%41b",
+            "h:",
+        ] {
+            assert!(is_host(ok.as_bytes()), "{ok:?}");
+        }
+        for bad in [
+            "a b", "a@b", "a/b", "h:8x", "[::1", "[]", "[::1]x", "%4", "a?b", "a#b", "h:1:2",
+        ] {
+            assert!(!is_host(bad.as_bytes()), "{bad:?}");
+        }
         let mut hostless = inbound(b"POST / HTTP/1.1\r\n\r\n");
         assert!(parse_head(&mut hostless).is_err());
         let mut old = inbound(b"GET / HTTP/1.0\r\n\r\n");

@@ -368,6 +368,7 @@ async fn dispatch(
                     if models { "GET, HEAD, POST" } else { "POST" },
                 ));
             }
+            check_forwarded_path(p)?;
             proxy::forward(req, body, shared, &snapshot, request_id, log).await
         }
         _ => Err(unknown(req)),
@@ -441,6 +442,41 @@ pub(crate) fn check_path(path: &str) -> Result<(), ApiError> {
         }
         if is_dot_segment(segment) {
             return Err(ApiError::BadPath("dot segments are not allowed"));
+        }
+    }
+    Ok(())
+}
+
+/// The stricter rule for a path weir forwards (SPEC "Paths"): the backend
+/// must see the segments weir saw. An encoded slash or backslash (`%2F`,
+/// `%5C`, or `\`) would become a separator at a server that decodes them,
+/// turning `..%2F..%2Fother` into two dot segments behind weir's check;
+/// and `..;x` is a dot segment to servers that strip path parameters
+/// (Tomcat, Spring). Paths weir answers itself (a model id with a `/`,
+/// `GET /v1/models/a%2Fb`) are not forwarded and keep [`check_path`] alone.
+fn check_forwarded_path(path: &str) -> Result<(), ApiError> {
+    let bytes = path.as_bytes();
+    let encoded_separator = bytes.contains(&b'\\')
+        || bytes.windows(3).any(|w| {
+            w[0] == b'%'
+                && matches!(
+                    (w[1], w[2].to_ascii_lowercase()),
+                    (b'2', b'f') | (b'5', b'c')
+                )
+        });
+    if encoded_separator {
+        return Err(ApiError::BadPath(
+            "encoded slashes and backslashes are not allowed in a forwarded path",
+        ));
+    }
+    for segment in bytes.split(|&b| b == b'/') {
+        if let Some(end) = segment.iter().position(|&b| b == b';') {
+            if segment
+                .get(..end)
+                .is_some_and(|s| s.is_empty() || is_dot_segment(s))
+            {
+                return Err(ApiError::BadPath("dot segments are not allowed"));
+            }
         }
     }
     Ok(())
@@ -543,6 +579,32 @@ mod tests {
             "/v1/models/",
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn forwarded_path_rules() {
+        for ok in [
+            "/v1/chat/completions",
+            "/v1/a;b/x",
+            "/v1/a%2",
+            "/v1/a%2e",
+            "/v1/%25%32%66",
+        ] {
+            assert!(check_forwarded_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/v1/..%2f..%2ftenant-b/chat/completions",
+            "/v1/%2e%2e%2F%2e%2e%2Ftenant-b/x",
+            "/v1/x%2f..%2f..%2fy",
+            "/v1/a%5Cb",
+            "/v1/a\\b",
+            "/v1/..;x/admin",
+            "/v1/.;/x",
+            "/v1/%2e%2e;/x",
+            "/v1/;x/y",
+        ] {
+            assert!(check_forwarded_path(bad).is_err(), "{bad}");
         }
     }
 
