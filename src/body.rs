@@ -218,15 +218,15 @@ impl Accounting {
     /// tokens/s (deep tier), which covers hidden reasoning tokens and
     /// servers that batch several tokens per chunk. Never more than the
     /// estimate. A JSON answer was generated whole before its first byte
-    /// left, so its estimate stays charged.
-    fn abandon(self, backend: Option<&BackendState>) {
-        let UsageReader::Sse(filter) = &self.reader else {
-            return;
-        };
-        if filter.usage().is_some() || !self.success {
-            self.settle();
-            return;
+    /// left, so its estimate stays charged. Returns the usage it was
+    /// settled with, for the access log.
+    fn abandon(self, backend: Option<&BackendState>) -> Option<Usage> {
+        if self.usage().is_some() || !self.success {
+            return self.settle();
         }
+        let UsageReader::Sse(filter) = &self.reader else {
+            return None;
+        };
         let events = filter.events_sent();
         settle_cut(
             &self.admitted,
@@ -235,6 +235,19 @@ impl Accounting {
             self.sent_at,
             backend,
         );
+        None
+    }
+
+    /// The backend (or `request_timeout`) cut the body: a usage the stream
+    /// already reported is what the request cost (SPEC "Token accounting"),
+    /// and an error answer cost nothing; otherwise no usage will come and
+    /// the estimate stays charged, as SPEC says for a stream cut before
+    /// its usage chunk. Returns the usage it was settled with.
+    fn cut(self) -> Option<Usage> {
+        if self.usage().is_some() || !self.success {
+            return self.settle();
+        }
+        None
     }
 
     /// The response ended cleanly: reconcile the estimate with the usage
@@ -394,9 +407,13 @@ impl ProxiedBody {
             Some(Accounting { reader: UsageReader::Sse(filter), .. })
                 if filter.sent_part_of_an_event()
         );
-        // No usage will come: the estimate stays charged; the permit returns.
-        // A held, unfinished event is dropped with it.
-        self.accounting = None;
+        // Settled with a usage already reported, else the estimate stays
+        // charged; the permit returns. A held, unfinished event is dropped
+        // with it.
+        let usage = self.accounting.take().and_then(Accounting::cut);
+        if let Some((log, _)) = &mut self.log {
+            log.usage = usage;
+        }
         // The backend's failures count towards outlier detection and
         // `weir_upstream_errors_total`; weir's own deadline does not.
         let kind = match &error {
@@ -632,7 +649,10 @@ impl Drop for ProxiedBody {
         // Still holding the accounting or the log: the client went away
         // before the end.
         if let Some(accounting) = self.accounting.take() {
-            accounting.abandon(self.reporter.as_ref().map(|r| &*r.backend));
+            let usage = accounting.abandon(self.reporter.as_ref().map(|r| &*r.backend));
+            if let Some((log, _)) = &mut self.log {
+                log.usage = usage;
+            }
         }
         self.emit_log(Ending::ClientGone);
     }

@@ -36,6 +36,8 @@ enum Fault {
     NeverAnswers,
     /// Starts an SSE stream, then resets the connection.
     ResetMidStream,
+    /// Starts an SSE stream, sends its usage chunk, then resets.
+    ResetAfterUsage,
     /// Starts an SSE stream, then sends a chunk size that is not hex.
     BrokenChunked,
     /// Starts an SSE stream, then drips its next event one byte per second.
@@ -46,6 +48,9 @@ enum Fault {
 
 /// One SSE event of a chat stream.
 const EVENT: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}]}\n\n";
+
+/// A stream's usage chunk (the one weir asks for with `include_usage`).
+const USAGE_EVENT: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3000,\"total_tokens\":3005}}\n\n";
 
 const SSE_HEAD: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
@@ -97,6 +102,13 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
         }
         Fault::ResetMidStream => {
             let r = s.write_all(&[SSE_HEAD, &chunk(EVENT)].concat()).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            r.and(reset(s))
+        }
+        Fault::ResetAfterUsage => {
+            let r = s
+                .write_all(&[SSE_HEAD, &chunk(EVENT), &chunk(USAGE_EVENT)].concat())
+                .await;
             tokio::time::sleep(Duration::from_millis(50)).await;
             r.and(reset(s))
         }
@@ -309,7 +321,7 @@ async fn silent_backends_time_out_and_are_retried_elsewhere_or_504() {
 /// `weir_upstream_errors_total` kind it counts as, which also counts
 /// towards outlier detection; `None` when weir's own `request_timeout`
 /// ended it (not a failure weir can attribute to the backend).
-async fn check_mid_stream(fault: Fault, kind: Option<&str>) -> Streamed {
+async fn check_mid_stream(fault: Fault, kind: Option<&str>) -> (Streamed, weir::Handle) {
     let gw = setup(fault).await;
     let addr = gw.addr();
     let s = post_stream(addr, "/v1/chat/completions", &chat("alone", true)).await;
@@ -348,12 +360,34 @@ async fn check_mid_stream(fault: Fault, kind: Option<&str>) -> Streamed {
     }
     let r = post(addr, "/v1/chat/completions", &chat("other", false)).await;
     assert_eq!(r.status, 200, "{fault:?}: weir stopped serving");
-    s
+    (s, gw)
 }
 
 #[tokio::test]
 async fn resets_mid_stream_end_with_an_sse_error_event() {
     check_mid_stream(Fault::ResetMidStream, Some("protocol")).await;
+}
+
+/// SPEC "Token accounting": a stream that reported its usage and was then
+/// cut by the backend cost what it reported, not its estimate.
+#[tokio::test]
+async fn a_stream_cut_after_its_usage_is_charged_that_usage() {
+    let (s, gw) = check_mid_stream(Fault::ResetAfterUsage, Some("protocol")).await;
+    assert!(
+        !s.text().contains("\"usage\""),
+        "weir's usage chunk is removed: {}",
+        s.text()
+    );
+    let addr = gw.addr();
+    for (kind, tokens) in [("prompt", 5.0), ("completion", 3000.0)] {
+        let counted = metric(
+            addr,
+            "weir_tokens_total",
+            &[("model", "alone"), ("kind", kind)],
+        )
+        .await;
+        assert_eq!(counted, tokens, "{kind}");
+    }
 }
 
 #[tokio::test]
@@ -365,7 +399,7 @@ async fn broken_chunked_framing_ends_with_an_sse_error_event() {
 /// here), not held for the minutes the drip would take.
 #[tokio::test]
 async fn dripped_bodies_end_at_request_timeout_with_an_sse_error_event() {
-    let s = check_mid_stream(Fault::DripBody, None).await;
+    let (s, _gw) = check_mid_stream(Fault::DripBody, None).await;
     let (at, _) = s.frames.last().unwrap();
     assert!(*at >= Duration::from_millis(2500), "{at:?}");
     assert!(*at < Duration::from_secs(6), "{at:?}");
@@ -376,7 +410,7 @@ async fn dripped_bodies_end_at_request_timeout_with_an_sse_error_event() {
 /// event"), not at `request_timeout` (3 s), and counts as a timeout.
 #[tokio::test]
 async fn a_stream_without_a_first_event_ends_at_first_byte_timeout() {
-    let s = check_mid_stream(Fault::StallAfterHeaders, Some("timeout")).await;
+    let (s, _gw) = check_mid_stream(Fault::StallAfterHeaders, Some("timeout")).await;
     let (at, _) = s.frames.last().unwrap();
     assert!(*at >= Duration::from_millis(250), "{at:?}");
     assert!(*at < Duration::from_millis(2500), "{at:?}");
