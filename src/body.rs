@@ -23,6 +23,7 @@ use tokio::time::{Instant, Sleep};
 
 use std::sync::Arc;
 
+use crate::redact::KeyRedactor;
 use crate::upstream::codec::{self, Name, RawHeaders};
 use crate::{
     access_log::{AccessLog, Ending},
@@ -135,6 +136,9 @@ pub struct ProxiedBody {
     /// like the backend's headers: two headers are not worth allocating
     /// and hashing a header map per request.
     own: [Option<HeaderValue>; 2],
+    /// For an error answer of a backend with a key: removes the key from
+    /// the body (see `crate::redact`), which changes its length.
+    redactor: Option<Box<KeyRedactor>>,
 }
 
 /// The names of [`ProxiedBody::own_headers`], in the order of its array.
@@ -332,7 +336,21 @@ impl ProxiedBody {
             reporter,
             log: None,
             own: [None, None],
+            redactor: None,
         }
+    }
+
+    /// Removes every occurrence of `key` from the body (an error answer
+    /// may quote the provider key weir sent). The backend's length no
+    /// longer frames it.
+    pub(crate) fn redact(&mut self, key: &str) {
+        self.redactor = KeyRedactor::new(key).map(Box::new);
+    }
+
+    /// Whether weir may change the body's length: an SSE stream (the usage
+    /// chunk removed, an error event added) or a redacted one.
+    fn resized(&self) -> bool {
+        self.sse || self.redactor.is_some()
     }
 
     /// Arms the timers if need be and polls them: the error that ends the
@@ -378,6 +396,13 @@ impl ProxiedBody {
                 (rest, accounting.settle())
             }
             None => (Bytes::new(), None),
+        };
+        let rest = match &mut self.redactor {
+            Some(redactor) => {
+                let sent = redactor.push(rest);
+                [sent, redactor.finish()].concat().into()
+            }
+            None => rest,
         };
         if let Some((log, _)) = &mut self.log {
             log.usage = usage;
@@ -486,6 +511,9 @@ impl Body for ProxiedBody {
                         Some(accounting) => accounting.observe(data),
                         None => data,
                     };
+                    if let Some(redactor) = &mut this.redactor {
+                        data = redactor.push(data);
+                    }
                     if !data.is_empty() {
                         this.first_event = None;
                         if let Some((log, _)) = &mut this.log {
@@ -535,7 +563,7 @@ impl Body for ProxiedBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.sse {
+        if self.resized() {
             SizeHint::default()
         } else {
             self.inner.size_hint()
@@ -605,8 +633,8 @@ impl ProxiedBody {
     /// client would cut the body where the stale length says).
     fn may_pass_on(&self, raw: &RawHeaders, kind: Name, name: &[u8]) -> bool {
         let hop_by_hop = kind.is_hop_by_hop() || raw.named_by_connection(name);
-        let length_not_framing =
-            kind == Name::ContentLength && (self.sse || raw.get(Name::TransferEncoding).is_some());
+        let length_not_framing = kind == Name::ContentLength
+            && (self.resized() || raw.get(Name::TransferEncoding).is_some());
         !hop_by_hop && !length_not_framing
     }
 

@@ -42,6 +42,7 @@ mod lanes;
 mod metrics;
 pub mod mock;
 mod proxy;
+mod redact;
 mod reload;
 mod server;
 pub mod snapshot;

@@ -535,6 +535,15 @@ impl<'a> Exchange<'a> {
             }),
         );
         body.set_backend_name(member.backend.name_header.clone());
+        // SPEC "Secrets": an error answer may quote the key weir sent (a
+        // 401's "Incorrect API key provided: sk-…"); it reaches the client
+        // without it. Its length changes with it.
+        if !parts.status.is_success() {
+            if let Some(key) = &member.backend.config.api_key {
+                body.redact(key.expose());
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
+        }
         Response::from_parts(parts, GatewayBody::Proxied(Box::new(body)))
     }
 

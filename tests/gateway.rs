@@ -333,6 +333,46 @@ async fn a_backend_length_beside_chunked_framing_is_dropped() {
 
 /// A backend written by hand: reads one request per connection and sends
 /// `answer`, on every connection.
+/// SPEC "Secrets": a backend's error answer that quotes the key weir sent
+/// (as hosted APIs do for a key they refuse) reaches the client without
+/// it, whether the answer is framed by chunks (the key split across two)
+/// or by a length, which then no longer holds.
+#[tokio::test]
+async fn a_backend_error_quoting_its_key_reaches_the_client_without_it() {
+    let (start, end) = BACKEND_KEY.split_at(7);
+    let message = |key: &str| {
+        format!(
+            r#"{{"error":{{"message":"Incorrect API key provided: {key}.","type":"invalid_request_error"}}}}"#
+        )
+    };
+    let whole = message(BACKEND_KEY);
+    let (first, second) = whole.split_at(whole.find(end).unwrap());
+    assert!(first.ends_with(start));
+    let chunked = format!(
+        "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n{:x}\r\n{second}\r\n0\r\n\r\n",
+        first.len(),
+        second.len()
+    );
+    let sized = format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{whole}",
+        whole.len()
+    );
+    for (answer, status) in [(chunked, 401), (sized, 403)] {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        answer_every_request(upstream, answer);
+        let toml = format!(
+            "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+            backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
+        );
+        let gw = gateway(&toml).await;
+        let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, status, "{}", r.text());
+        assert_eq!(r.text(), message("[redacted]"), "{status}");
+        assert!(!format!("{:?}", r.headers).contains(BACKEND_KEY));
+    }
+}
+
 fn answer_every_request(upstream: tokio::net::TcpListener, answer: String) {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = upstream.accept().await {

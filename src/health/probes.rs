@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use super::engine::{self, EngineLoad};
 use crate::{
-    config::BackendConfig,
+    config::{BackendConfig, Secret},
     snapshot::BackendState,
     upstream::{self, AttemptError, UpstreamBody},
 };
@@ -232,7 +232,11 @@ async fn check_liveness(backend: &BackendState, timeout: Duration) -> Result<(),
     // its content does not matter to liveness, only that it arrives in time.
     let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
     if !status.is_success() {
-        return Err(status_error(status, body.ok().as_deref()));
+        return Err(status_error(
+            status,
+            body.ok().as_deref(),
+            config.api_key.as_ref(),
+        ));
     }
     Ok(())
 }
@@ -251,7 +255,11 @@ async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<()
     let status = response.status();
     let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
     if !status.is_success() {
-        return Err(status_error(status, body.ok().as_deref()));
+        return Err(status_error(
+            status,
+            body.ok().as_deref(),
+            config.api_key.as_ref(),
+        ));
     }
     let body = body?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&body)
@@ -313,7 +321,11 @@ async fn sample(
     let status = response.status();
     if !status.is_success() {
         let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
-        return Err(status_error(status, body.ok().as_deref()));
+        return Err(status_error(
+            status,
+            body.ok().as_deref(),
+            config.api_key.as_ref(),
+        ));
     }
     let mut body = response.into_body();
     let mut tally = Tally::default();
@@ -367,7 +379,11 @@ async fn read_engine(
         let status = response.status();
         let body = read_body(response.into_body(), METRICS_BODY_LIMIT).await;
         if !status.is_success() {
-            return Err(status_error(status, body.ok().as_deref()));
+            return Err(status_error(
+                status,
+                body.ok().as_deref(),
+                config.api_key.as_ref(),
+            ));
         }
         let body = body?;
         Ok(Some(engine::parse(&String::from_utf8_lossy(&body))))
@@ -555,7 +571,7 @@ async fn read_body(body: UpstreamBody, limit: usize) -> Result<Bytes, ProbeError
 /// hosted APIs' answers to a bad key may quote part of it, and the quote
 /// goes to `/admin/backends` and the log, where no key may appear (SPEC
 /// "Secrets").
-fn status_error(status: StatusCode, body: Option<&[u8]>) -> ProbeError {
+fn status_error(status: StatusCode, body: Option<&[u8]>, key: Option<&Secret>) -> ProbeError {
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         return ProbeError::Status {
             status,
@@ -563,6 +579,12 @@ fn status_error(status: StatusCode, body: Option<&[u8]>) -> ProbeError {
         };
     }
     let text = body.map(String::from_utf8_lossy).unwrap_or_default();
+    // Any other answer may echo the request too (a 400 quoting its
+    // headers): the key is taken out before the quote is cut.
+    let text = match key {
+        Some(key) => crate::redact::redact_str(&text, key.expose()),
+        None => text.into_owned(),
+    };
     let body: String = text.trim().chars().take(ERROR_SNIPPET_CHARS).collect();
     ProbeError::Status { status, body }
 }
@@ -606,12 +628,23 @@ mod tests {
     fn an_auth_failure_keeps_no_body_others_keep_its_start() {
         let echo = br#"{"error":{"message":"Incorrect API key provided: sk-abc***wxyz"}}"#;
         for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
-            let e = status_error(status, Some(echo)).to_string();
+            let e = status_error(status, Some(echo), None).to_string();
             assert!(!e.contains("sk-abc"), "{e}");
             assert!(e.contains(status.as_str()), "{e}");
         }
-        let e = status_error(StatusCode::SERVICE_UNAVAILABLE, Some(b"engine loading")).to_string();
+        let e = status_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(b"engine loading"),
+            None,
+        )
+        .to_string();
         assert!(e.contains("engine loading"), "{e}");
+        // An answer that echoes the request quotes the key weir sent.
+        let key = Secret::new("sk-SUPERSECRET-123");
+        let echo = b"bad request: authorization: Bearer sk-SUPERSECRET-123";
+        let e = status_error(StatusCode::BAD_REQUEST, Some(echo), Some(&key)).to_string();
+        assert!(!e.contains("SUPERSECRET"), "{e}");
+        assert!(e.contains("Bearer [redacted]"), "{e}");
     }
 
     /// Room for a loaded 2-core machine on top of any expected duration.
