@@ -310,7 +310,6 @@ async fn upstream_client_errors_are_returned_as_they_came() {
 #[tokio::test]
 async fn a_backend_length_beside_chunked_framing_is_dropped() {
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_addr = upstream.local_addr().unwrap();
     let body = format!(
         r#"{{"object":"chat.completion","pad":"{}"}}"#,
         "x".repeat(100)
@@ -319,16 +318,22 @@ async fn a_backend_length_beside_chunked_framing_is_dropped() {
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
         body.len()
     );
+    let gw = gateway_before(upstream, answer).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200);
+    assert_ne!(r.header("content-length"), "5");
+    assert_eq!(r.text(), body);
+}
+
+/// A gateway whose one backend `raw` answers every request with `answer`.
+async fn gateway_before(upstream: tokio::net::TcpListener, answer: String) -> weir::Handle {
+    let up_addr = upstream.local_addr().unwrap();
     answer_every_request(upstream, answer);
     let toml = format!(
         "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
         backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
     );
-    let gw = gateway(&toml).await;
-    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
-    assert_eq!(r.status, 200);
-    assert_ne!(r.header("content-length"), "5");
-    assert_eq!(r.text(), body);
+    gateway(&toml).await
 }
 
 /// A backend written by hand: reads one request per connection and sends
@@ -359,13 +364,7 @@ async fn a_backend_error_quoting_its_key_reaches_the_client_without_it() {
     );
     for (answer, status) in [(chunked, 401), (sized, 403)] {
         let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let up_addr = upstream.local_addr().unwrap();
-        answer_every_request(upstream, answer);
-        let toml = format!(
-            "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
-            backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
-        );
-        let gw = gateway(&toml).await;
+        let gw = gateway_before(upstream, answer).await;
         let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
         assert_eq!(r.status, status, "{}", r.text());
         assert_eq!(r.text(), message("[redacted]"), "{status}");
