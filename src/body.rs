@@ -340,6 +340,11 @@ impl ProxiedBody {
         }
     }
 
+    /// When `request_timeout` ends the exchange.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     /// Removes every occurrence of `key` from the body (an error answer
     /// may quote the provider key weir sent). The backend's length no
     /// longer frames it.

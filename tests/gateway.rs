@@ -679,6 +679,19 @@ async fn h2c_clients_are_served() {
     let r = send(&c, "HEAD", gw.addr(), "/healthz", &[], "").await;
     assert_eq!(r.status, 200);
     assert!(r.body.is_empty(), "{}", r.text());
+    let get = send(&c, "GET", gw.addr(), "/healthz", &[], "").await;
+    assert_eq!(
+        r.header("content-length"),
+        get.body.len().to_string(),
+        "HEAD has GET's length"
+    );
+    // Headers over 64 KiB get weir's own 431, as on HTTP/1.1.
+    let big = "a".repeat(3500);
+    let names: Vec<String> = (0..20).map(|i| format!("x-big-{i}")).collect();
+    let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), big.as_str())).collect();
+    send(&c, "GET", gw.addr(), "/healthz", &headers, "")
+        .await
+        .assert_error(431, "invalid_request_error", "headers_too_large");
     let r = send(&c, "DELETE", gw.addr(), "/healthz", &[], "").await;
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), "GET, HEAD");
@@ -702,6 +715,51 @@ async fn demo_starts_and_answers() {
     assert!(demo
         .instructions()
         .contains(&demo.gateway.addr().to_string()));
+}
+
+/// An HTTP/2 client that grants a stream no window cannot hold its
+/// response (and with it the model's only concurrency slot and the backend
+/// request) past `request_timeout`: hyper never polls a body it cannot
+/// send, so the connection is closed once the body outlives its deadline.
+#[tokio::test]
+async fn h2c_a_stream_without_window_is_cut_after_request_timeout() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .tokens_per_sec(20.0)
+            .chunks(1000),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[server]\nrequest_timeout = \"1s\"\n\n[[models]]\nname = \"{MODEL}\"\nmax_concurrent = 1\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let closed = tokio::spawn(conn);
+    let request = hyper::Request::post(format!("http://{}/v1/chat/completions", gw.addr()))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(chat(MODEL, true))))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let in_flight = || metric(gw.addr(), "weir_in_flight", &[("model", MODEL)]);
+    assert_eq!(in_flight().await, 1.0);
+    // request_timeout (1 s) and the grace (1 s), with room for a busy host.
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the connection is closed")
+        .unwrap()
+        .ok();
+    assert_eq!(in_flight().await, 0.0, "the slot is back");
+    drop(response);
 }
 
 /// An HTTP/2 client that pings its idle connection keeps it for

@@ -14,6 +14,17 @@
 //! bounds it). A timer that runs out sends GOAWAY, as shutdown does, and
 //! the connection is cut [`GOAWAY_GRACE`] later if it is still open. A
 //! client that takes no byte for `request_timeout` is cut.
+//!
+//! # Streams the client gives no window
+//!
+//! hyper polls a response body only when the client's flow-control window
+//! has room, so a client that grants none would keep a response, and its
+//! concurrency permit, reservation and backend request, past
+//! `request_timeout`: the body's own deadline never gets polled. Each
+//! proxied response therefore has a watchdog; a body still held
+//! [`GOAWAY_GRACE`] after its deadline closes the connection (GOAWAY, then
+//! cut), which drops it. A client that reads slowly but grants window gets
+//! the body's own timeout (an SSE `error` event) instead.
 
 use std::{
     convert::Infallible,
@@ -40,6 +51,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
+    sync::oneshot,
     time::{Instant, Sleep},
 };
 use tokio_util::sync::CancellationToken;
@@ -60,12 +72,14 @@ pub(super) async fn serve(
 ) {
     let watch = Arc::new(ConnWatch::default());
     let expired = watch.expired.clone();
+    let stuck = watch.stuck.clone();
     let io = ClientIo::new(stream, prefix, watch.clone(), timeouts);
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         // Counted from the moment hyper hands the request over until it
         // drops the response body, so `ClientIo` never times out a
         // connection that is serving a request.
         let busy = Busy::new(watch.clone());
+        let stuck = watch.stuck.clone();
         let shared = shared.clone();
         crate::busy_poll::head_read();
         async move {
@@ -121,15 +135,40 @@ pub(super) async fn serve(
                 response = Response::from_parts(parts, body);
             }
             if head_request {
+                // The same head as GET's, its length included (RFC 9110
+                // §9.3.2), which hyper would otherwise take from the
+                // empty body.
+                let length = response.body().size_hint().exact();
+                if let Some(length) = length {
+                    if !response.headers().contains_key(header::CONTENT_LENGTH) {
+                        response
+                            .headers_mut()
+                            .insert(header::CONTENT_LENGTH, length.into());
+                    }
+                }
                 response = response.map(|_| GatewayBody::empty());
             }
-            Ok::<_, Infallible>(response.map(|inner| ConnBody { inner, _busy: busy }))
+            let watchdog = match response.body() {
+                GatewayBody::Proxied(proxied) => Some(watch_stuck(proxied.deadline(), stuck)),
+                GatewayBody::Full(_) => None,
+            };
+            Ok::<_, Infallible>(response.map(|inner| ConnBody {
+                inner,
+                _busy: busy,
+                _watchdog: watchdog,
+            }))
         }
     });
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
+        // Twice weir's limit (h2 counts 32 bytes more per field): a head
+        // over 64 KiB gets weir's own 431, with its JSON and request id,
+        // not h2's bare one.
+        .max_header_list_size(u32::try_from(2 * MAX_HEADER_BYTES).unwrap_or(u32::MAX))
+        // SPEC "Slow clients": a few tens of KiB per stream, not h2's
+        // 400 KiB, for a client that reads slowly.
+        .max_send_buf_size(MAX_SEND_BUF)
         .keep_alive_interval(None);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
@@ -145,6 +184,14 @@ pub(super) async fn serve(
         () = expired.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+        () = stuck.cancelled() => {
+            tracing::debug!(%peer, "a response outlived request_timeout without window: closing");
+            conn.as_mut().graceful_shutdown();
+            // The stuck stream will not end by itself: cut what is left.
+            tokio::time::timeout(GOAWAY_GRACE, conn.as_mut())
+                .await
+                .unwrap_or(Ok(()))
         }
     };
     if let Err(e) = result {
@@ -163,6 +210,26 @@ struct ConnWatch {
     /// Cancelled when a read deadline passes: the connection sends GOAWAY
     /// and closes.
     expired: CancellationToken,
+    /// Cancelled when a response body outlives its deadline because the
+    /// client gives it no window (see the module doc).
+    stuck: CancellationToken,
+}
+
+/// The most a stream buffers for a client that reads slowly.
+const MAX_SEND_BUF: usize = 16 * 1024;
+
+/// Watches a proxied response whose `request_timeout` ends at `deadline`:
+/// unless the returned guard is dropped (the body ended, or hyper dropped
+/// it) by [`GOAWAY_GRACE`] after that, cancels `stuck`.
+fn watch_stuck(deadline: Instant, stuck: CancellationToken) -> oneshot::Sender<Infallible> {
+    let (guard, mut ended) = oneshot::channel::<Infallible>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = &mut ended => {}
+            () = tokio::time::sleep_until(deadline + GOAWAY_GRACE) => stuck.cancel(),
+        }
+    });
+    guard
 }
 
 /// One request in [`ConnWatch::busy`], from hyper handing it over until
@@ -192,10 +259,12 @@ impl Drop for Busy {
     }
 }
 
-/// A response body plus its request's [`Busy`] mark.
+/// A response body plus its request's [`Busy`] mark and, for a proxied
+/// one, its [`watch_stuck`] guard.
 struct ConnBody {
     inner: GatewayBody,
     _busy: Busy,
+    _watchdog: Option<oneshot::Sender<Infallible>>,
 }
 
 impl Body for ConnBody {
