@@ -35,6 +35,7 @@ use crate::{lanes, socket};
 use super::{
     codec::{self, Framing, Head, RawHeaders, RequestHead},
     pool::Pool,
+    resolve::Resolver,
     AttemptError, BodyReadError, Forward,
 };
 
@@ -105,15 +106,23 @@ pub(crate) struct PlainClient {
     /// The backend's host and port: requests to it share the pool; a
     /// request elsewhere gets a connection of its own.
     authority: Option<Authority>,
+    /// Its addresses, looked up once for many connections.
+    resolver: Option<Arc<Resolver>>,
     connect_timeout: Duration,
 }
 
 impl PlainClient {
     /// A client for the backend at `url` (its host and port).
     pub(crate) fn new(url: &Uri, connect_timeout: Duration) -> Self {
+        let authority = url.authority().cloned();
+        let resolver = authority.as_ref().map(|a| {
+            let (host, port) = host_port(a);
+            Arc::new(Resolver::new(host, port))
+        });
         Self {
             pools: (0..=lanes::count()).map(|_| Arc::default()).collect(),
-            authority: url.authority().cloned(),
+            authority,
+            resolver,
             connect_timeout,
         }
     }
@@ -231,30 +240,30 @@ impl PlainClient {
         &pools[lanes::current().min(pools.len() - 1)]
     }
 
-    /// Opens a connection to `authority` within `connect_timeout`.
+    /// Opens a connection to `authority` within `connect_timeout`: the
+    /// backend's own through its [`Resolver`], another (never in practice)
+    /// with a lookup of its own. The errors name no address: they reach
+    /// the client in a 502, and the log names the backend.
     async fn connect(&self, authority: &Authority) -> Result<TcpStream, AttemptError> {
-        // IPv6 literals come bracketed; port 80 unless given.
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(80);
-        let stream = match tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((host, port)),
-        )
-        .await
-        {
+        let resolver = match &self.resolver {
+            Some(r) if self.authority.as_ref() == Some(authority) => r.clone(),
+            _ => {
+                let (host, port) = host_port(authority);
+                Arc::new(Resolver::new(host, port))
+            }
+        };
+        let connected = tokio::time::timeout(self.connect_timeout, connect_first(&resolver)).await;
+        let stream = match connected {
             Err(_) => {
                 return Err(AttemptError::Connect(format!(
-                    "connecting to {host}:{port} took longer than {:?}",
+                    "connecting took longer than {:?}",
                     self.connect_timeout
                 )))
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                return Err(AttemptError::Refused(format!("{host}:{port}: {e}")))
+                return Err(AttemptError::Refused(e.to_string()))
             }
-            Ok(Err(e)) => return Err(AttemptError::Connect(format!("{host}:{port}: {e}"))),
+            Ok(Err(e)) => return Err(AttemptError::Connect(e.to_string())),
             Ok(Ok(stream)) => stream,
         };
         // Small requests and SSE events go out at once; dead peers are
@@ -265,10 +274,35 @@ impl PlainClient {
                 .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)))
         });
         if let Err(e) = tuned {
-            tracing::debug!(%host, port, error = %e, "could not tune the upstream socket");
+            tracing::debug!(%authority, error = %e, "could not tune the upstream socket");
         }
         Ok(stream)
     }
+}
+
+/// An authority's host (IPv6 literals without their brackets) and port
+/// (80 unless given).
+fn host_port(authority: &Authority) -> (&str, u16) {
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    (host, authority.port_u16().unwrap_or(80))
+}
+
+/// Connects to the first of the resolver's addresses that accepts, in the
+/// order the lookup gave them (as `TcpStream::connect` does); the last
+/// error if none does.
+async fn connect_first(resolver: &Resolver) -> io::Result<TcpStream> {
+    let addrs = resolver.addrs().await?;
+    let mut last = None;
+    for addr in addrs.iter() {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("the name has no address")))
 }
 
 /// The bytes of one request, ready to write.

@@ -20,6 +20,7 @@
 pub(crate) mod codec;
 mod conn;
 mod pool;
+mod resolve;
 
 use std::{
     pin::Pin,
