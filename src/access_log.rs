@@ -58,12 +58,14 @@ pub(crate) struct ModelTimings {
 pub(crate) struct AccessLog {
     /// The request id sent back in `x-request-id`.
     pub request_id: HeaderValue,
-    /// The request method.
-    pub method: Method,
+    /// The request method; `None` for a head that could not be parsed
+    /// (logged as `-`, as nginx does).
+    pub method: Option<Method>,
     /// The request target, of which the line shows the path (not the
     /// query string: it may carry tokens). Held as the client's `Uri`,
-    /// which shares the request head's bytes, instead of a copy.
-    pub uri: Uri,
+    /// which shares the request head's bytes, instead of a copy. `None`
+    /// as for the method.
+    pub uri: Option<Uri>,
     /// When weir started on the request.
     pub started: Instant,
     /// The client's model, once read.
@@ -93,6 +95,17 @@ pub(crate) struct AccessLog {
 impl AccessLog {
     /// A log for a request that just arrived.
     pub(crate) fn new(request_id: HeaderValue, method: Method, uri: Uri) -> Self {
+        Self::with_target(request_id, Some(method), Some(uri))
+    }
+
+    /// The line of a request whose head could not be parsed (a refusal
+    /// before any method or path was read): it is logged all the same,
+    /// so malformed and smuggling attempts show in the access log.
+    pub(crate) fn unparsed(request_id: HeaderValue) -> Self {
+        Self::with_target(request_id, None, None)
+    }
+
+    fn with_target(request_id: HeaderValue, method: Option<Method>, uri: Option<Uri>) -> Self {
         Self {
             request_id,
             method,
@@ -135,14 +148,11 @@ impl AccessLog {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         tracing::info!(
             request_id = self.request_id.to_str().unwrap_or(""),
-            method = %self.method,
-            path = self.uri.path(),
+            method = self.method.as_ref().map_or("-", Method::as_str),
+            path = self.uri.as_ref().map_or("-", Uri::path),
             status = self.status,
-            model = self.model.as_deref().unwrap_or(""),
-            backend = self
-                .backend
-                .as_ref()
-                .map_or("", |b| b.config.name.as_str()),
+            model = logged_model(self.model.as_deref().unwrap_or("")),
+            backend = self.backend.as_ref().map_or("", |b| b.config.name.as_str()),
             attempts = self.attempts,
             queue_ms = ms(self.queued),
             ttfb_ms = self.ttfb.map(ms),
@@ -153,4 +163,20 @@ impl AccessLog {
             "request"
         );
     }
+}
+/// The most of a client's model name a log line shows: a client controls
+/// it, and a 5 MB name (an unknown model, refused with 404) must not make
+/// a 5 MB line that log shippers drop or split.
+pub(crate) const MAX_LOGGED_MODEL: usize = 256;
+
+/// `model` cut to [`MAX_LOGGED_MODEL`] bytes at a character boundary.
+pub(crate) fn logged_model(model: &str) -> &str {
+    if model.len() <= MAX_LOGGED_MODEL {
+        return model;
+    }
+    let mut end = MAX_LOGGED_MODEL;
+    while !model.is_char_boundary(end) {
+        end -= 1;
+    }
+    model.get(..end).unwrap_or_default()
 }

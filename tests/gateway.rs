@@ -413,6 +413,58 @@ async fn a_bodiless_backend_answer_is_logged_as_complete() {
     assert!(line.contains("ending=\"complete\""), "{line}");
 }
 
+/// Every answer has its access log line: also a head that could not be
+/// parsed (method and path `-`, the request id sent back), and a client's
+/// model name, which it controls, is logged and quoted only in part.
+#[tokio::test]
+async fn refusals_of_unparsable_heads_are_logged_and_long_models_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        backend("b", "http://127.0.0.1:9/v1", &[MODEL], 1)
+    );
+    std::fs::write(&path, toml).unwrap();
+    let weir = spawn_weir_env(&path, "info", &[]);
+    let reply = raw(
+        weir.addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n".to_vec(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(reply.status(), 400);
+    let text = String::from_utf8_lossy(&reply.bytes).to_ascii_lowercase();
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("a request id")
+        .trim()
+        .to_owned();
+    let logged = |needle: String| {
+        let log = weir.log.lock().unwrap();
+        log.lines().find(|l| l.contains(&needle)).map(str::to_owned)
+    };
+    assert!(eventually(Duration::from_secs(5), || logged(id.clone()).is_some()).await);
+    let line = logged(id).unwrap_or_default();
+    assert!(
+        line.contains("method=\"-\"") || line.contains("method=-"),
+        "{line}"
+    );
+    assert!(line.contains("status=400"), "{line}");
+    let long = "z".repeat(100_000);
+    let r = post(weir.addr, "/v1/chat/completions", &chat(&long, false)).await;
+    r.assert_error(404, "invalid_request_error", "model_not_found");
+    assert!(r.text().len() < 1000, "{}", r.text().len());
+    assert!(
+        eventually(Duration::from_secs(5), || logged("status=404".into())
+            .is_some())
+        .await
+    );
+    let line = logged("status=404".into()).unwrap_or_default();
+    assert!(line.len() < 1000, "{}", line.len());
+    assert!(line.contains(&"z".repeat(256)), "{line}");
+}
+
 /// A backend that repeats its `Content-Length` (two lines, or a list of
 /// equal values) is read as the one length they agree on, and the client
 /// gets that length once: Node's parser, for one, refuses a repeated one

@@ -60,8 +60,12 @@ pub enum ApiError {
     /// `/admin/*` from a client that may not use it (401/403).
     #[error("{0}")]
     AdminForbidden(&'static str),
-    /// No backend serves the model (404 `model_not_found`).
-    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    /// No backend serves the model (404 `model_not_found`). The name is
+    /// the client's: quoted only up to 256 bytes.
+    #[error(
+        "The model `{}` does not exist or you do not have access to it.",
+        crate::access_log::logged_model(.0)
+    )]
     ModelNotFound(String),
     /// No such route (404).
     #[error("Invalid URL ({method} {path})")]

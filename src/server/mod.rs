@@ -281,17 +281,21 @@ impl Drop for Routing<'_> {
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// The answer to a request [`http1`] refuses before routing it (a head it
-/// cannot parse or whose framing is ambiguous): a fresh request id, and an
-/// access log line when the head got as far as a method and path.
+/// cannot parse or whose framing is ambiguous): the client's request id
+/// if the head was read, else a fresh one, and an access log line either
+/// way (with `-` for the method and path a head that could not be parsed
+/// never gave).
 fn refuse(
     error: ApiError,
     head: Option<&ClientHead>,
     shared: &Arc<Shared>,
 ) -> Response<GatewayBody> {
     let request_id = request_id(head.and_then(|h| h.headers.value(Name::RequestId)));
-    let log =
-        head.map(|head| AccessLog::new(request_id.clone(), head.method.clone(), head.uri.clone()));
-    stamp(error.into_response(), request_id, log, shared)
+    let log = match head {
+        Some(head) => AccessLog::new(request_id.clone(), head.method.clone(), head.uri.clone()),
+        None => AccessLog::unparsed(request_id.clone()),
+    };
+    stamp(error.into_response(), request_id, Some(log), shared)
 }
 
 /// Puts `x-request-id` on a response and hands its access log line on:
