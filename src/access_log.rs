@@ -77,8 +77,11 @@ pub(crate) struct AccessLog {
     pub status: u16,
     /// Attempts made upstream.
     pub attempts: u32,
-    /// Time spent waiting for admission.
+    /// Time spent waiting: for admission, and for a backend slot.
     pub queued: Duration,
+    /// When the wait under way started, if one is: a request refused or
+    /// left while it waits counts its wait too.
+    waiting_since: Option<Instant>,
     /// Time until the first body byte left weir.
     pub ttfb: Option<Duration>,
     /// The usage the response reported.
@@ -116,11 +119,31 @@ impl AccessLog {
             status: 0,
             attempts: 0,
             queued: Duration::ZERO,
+            waiting_since: None,
             ttfb: None,
             usage: None,
             timings: None,
             counters: None,
         }
+    }
+
+    /// A wait (for admission, or for a backend slot) starts at `at`.
+    pub(crate) fn wait_starts(&mut self, at: Instant) {
+        self.waiting_since = Some(at);
+    }
+
+    /// The wait under way, if any, ends now and counts in `queue_ms`.
+    pub(crate) fn wait_ends(&mut self) {
+        if let Some(since) = self.waiting_since.take() {
+            self.queued += since.elapsed();
+        }
+    }
+
+    /// Admission took `queued` (measured by the limiter, which knows
+    /// whether it waited): the wait started before it is over.
+    pub(crate) fn admitted_after(&mut self, queued: Duration) {
+        self.waiting_since = None;
+        self.queued += queued;
     }
 
     /// The first body byte is leaving now.
@@ -135,7 +158,10 @@ impl AccessLog {
     }
 
     /// Writes the line and records the request's metrics.
-    pub(crate) fn emit(self, metrics: &Metrics, ending: Ending) {
+    pub(crate) fn emit(mut self, metrics: &Metrics, ending: Ending) {
+        // A request that ends while it waits (refused, or its client
+        // left) waited until now.
+        self.wait_ends();
         let total = self.started.elapsed();
         if let Some(t) = &self.timings {
             t.duration.observe(total.as_secs_f64());
@@ -179,4 +205,56 @@ pub(crate) fn logged_model(model: &str) -> &str {
         end -= 1;
     }
     model.get(..end).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line() -> AccessLog {
+        AccessLog::new(
+            HeaderValue::from_static("id"),
+            Method::POST,
+            Uri::from_static("/v1/chat/completions"),
+        )
+    }
+
+    /// `queue_ms` counts every wait: admission's, a backend slot's, and
+    /// one still under way when the request ends (refused, or its client
+    /// left while it waited).
+    #[tokio::test(start_paused = true)]
+    async fn every_wait_counts_in_queue_ms() {
+        let mut log = line();
+        log.wait_starts(Instant::now());
+        log.admitted_after(Duration::from_millis(30));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        log.wait_ends();
+        assert_eq!(log.queued, Duration::from_millis(30), "no wait under way");
+        log.wait_starts(Instant::now());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        log.wait_ends();
+        assert_eq!(
+            log.queued,
+            Duration::from_millis(230),
+            "a backend slot's wait"
+        );
+        let mut refused = line();
+        refused.wait_starts(Instant::now());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        refused.wait_ends();
+        assert_eq!(
+            refused.queued,
+            Duration::from_millis(300),
+            "refused after waiting"
+        );
+    }
+
+    #[test]
+    fn a_long_model_name_is_cut_at_a_character_boundary() {
+        assert_eq!(logged_model("m"), "m");
+        let long = "é".repeat(200);
+        let cut = logged_model(&long);
+        assert!(cut.len() <= MAX_LOGGED_MODEL && cut.len() >= MAX_LOGGED_MODEL - 1);
+        assert!(long.starts_with(cut));
+    }
 }

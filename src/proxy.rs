@@ -121,6 +121,7 @@ pub(crate) async fn forward(
     log.model = Some(facts.model);
     let now = Instant::now();
     let queue_deadline = (now + route.limits.queue_timeout()).min(deadline);
+    log.wait_starts(now);
     let admitted = limiter::admit(
         &snapshot.global,
         &route.limits,
@@ -130,7 +131,7 @@ pub(crate) async fn forward(
         queue_deadline,
     )
     .await?;
-    log.queued = admitted.queued;
+    log.admitted_after(admitted.queued);
     let upstream_headers = Upstream {
         client: &head.headers,
         request_id,
@@ -237,10 +238,13 @@ impl<'a> Exchange<'a> {
         let mut attempt = 0;
         let mut retry_permit: Option<RetryPermit<'_>> = None;
         loop {
-            let (i, in_flight) = match self.next_backend(&tried).await {
+            let pick = self.next_backend(&tried, log).await;
+            log.wait_ends();
+            let (i, in_flight) = match pick {
                 Pick::Backend(i, in_flight) => (i, in_flight),
                 Pick::NoneLeft => break,
                 Pick::Saturated => return Err(self.saturated_error()),
+                Pick::QueueFull(error) => return Err(ApiError::from(error)),
             };
             attempt += 1;
             let Some(member) = members.get(i) else { break };
@@ -395,11 +399,13 @@ impl<'a> Exchange<'a> {
 
     /// The next backend to try: smooth WRR over those not yet tried and not
     /// saturated. When every remaining backend is saturated, waits (until
-    /// the queue deadline) for one to free a slot.
-    async fn next_backend(&self, tried: &[usize]) -> Pick {
+    /// the queue deadline) for one to free a slot, in the model's queue
+    /// (`max_queue`, `weir_queue_depth`, `queue_ms`) like a request waiting
+    /// for admission.
+    async fn next_backend(&self, tried: &[usize], log: &mut AccessLog) -> Pick {
         let members = &self.route.members;
         let signal = &self.snapshot.slots;
-        let mut waiting: Option<WaiterCount<'_>> = None;
+        let mut waiting: Option<(WaiterCount<'_>, limiter::QueueSlot)> = None;
         loop {
             // Register interest before looking, so a slot freed between the
             // look and the wait still wakes us.
@@ -422,7 +428,13 @@ impl<'a> Exchange<'a> {
                 return Pick::NoneLeft;
             }
             if waiting.is_none() {
-                waiting = Some(WaiterCount::new(&signal.waiters));
+                let slot =
+                    match limiter::queue_or_refuse(&self.route.limits, &self.route.config.name) {
+                        Ok(slot) => slot,
+                        Err(full) => return Pick::QueueFull(full),
+                    };
+                log.wait_starts(Instant::now());
+                waiting = Some((WaiterCount::new(&signal.waiters), slot));
             }
             if tokio::time::timeout_at(self.queue_deadline, notified)
                 .await
@@ -658,6 +670,8 @@ enum Pick {
     NoneLeft,
     /// Backends remain but all stayed saturated until the queue deadline.
     Saturated,
+    /// Backends remain but all are saturated and the model's queue is full.
+    QueueFull(AdmitError),
 }
 
 /// Counts this request among those waiting for a backend slot while alive.

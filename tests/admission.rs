@@ -163,6 +163,40 @@ async fn saturated_backends_refuse_after_queue_timeout() {
     assert_eq!(first.await.unwrap().status, 200);
 }
 
+/// A request waiting for a saturated backend waits in the model's queue:
+/// it shows in `weir_queue_depth`, and once `max_queue` wait, the next is
+/// refused at once naming `max_queue`.
+#[tokio::test]
+async fn waiting_for_a_backend_slot_is_queueing() {
+    let (gw, m) = one_slot(
+        "queue_timeout = \"10s\"\nmax_queue = 1",
+        Duration::from_millis(1500),
+    )
+    .await;
+    let addr = gw.addr();
+    let chat_later = || {
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
+    };
+    let first = chat_later();
+    assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
+    let second = chat_later();
+    let depth = || async {
+        let text = get(addr, "/metrics").await.text();
+        metric(&text, "weir_queue_depth", &format!("model=\"{MODEL}\""))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while depth().await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let third = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    third.assert_error(429, "requests", "rate_limit_exceeded");
+    assert!(third.text().contains("max_queue"), "{}", third.text());
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(second.await.unwrap().status, 200);
+    assert_eq!(depth().await, 0.0);
+}
+
 fn metric(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l.contains(labels))

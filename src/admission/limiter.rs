@@ -745,7 +745,10 @@ fn settle(
     }
 }
 
-fn queue_or_refuse(model: &Arc<ModelLimits>, model_name: &str) -> Result<QueueSlot, AdmitError> {
+pub(crate) fn queue_or_refuse(
+    model: &Arc<ModelLimits>,
+    model_name: &str,
+) -> Result<QueueSlot, AdmitError> {
     model.enter_queue().ok_or_else(|| {
         model.count_limited(LimitKind::Queue);
         AdmitError::Saturated {
