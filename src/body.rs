@@ -648,12 +648,12 @@ impl ProxiedBody {
     /// hop-by-hop ones are left out, as is `content-length` (the server
     /// writes the length it read from [`Self::backend_content_length`]),
     /// and any header weir sets itself: a name in `map`, one of
-    /// [`Self::own_headers`], or a rate header.
+    /// [`Self::own_headers`], or a rate header (the backend's own are never
+    /// passed on).
     pub(crate) fn backend_headers<'a>(
         &'a self,
         map: &'a http::HeaderMap,
     ) -> impl Iterator<Item = (Name, &'a [u8], &'a [u8])> + 'a {
-        let rate = self.rate_headers();
         self.inner.raw_headers().into_iter().flat_map(move |raw| {
             raw.iter().filter(move |&(kind, name, _)| {
                 self.may_pass_on(raw, kind, name)
@@ -662,9 +662,10 @@ impl ProxiedBody {
                         // read (`backend_content_length`): a repeated or
                         // listed length would break clients (RFC 9110 §8.6).
                         Name::ContentLength => false,
-                        Name::RateLimit => {
-                            !rate.is_some_and(|r| crate::api::writes_rate_header(r, name))
-                        }
+                        // weir's limits are the ones the client is held
+                        // to: a backend's own never pass (SPEC: a model
+                        // with no limit of a kind sends none for it).
+                        Name::RateLimit => false,
                         _ => {
                             !self.sets_own_header(name)
                                 && !map

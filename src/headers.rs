@@ -31,6 +31,19 @@ pub(crate) const X_WEIR_BACKEND: HeaderName = HeaderName::from_static("x-weir-ba
 /// `x-api-key`: the other place clients put their key.
 pub(crate) const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
+/// Removes a backend's `x-ratelimit-*` headers (an https backend's, which
+/// arrive in a map): the client reads weir's limits or none.
+pub(crate) fn strip_rate_headers(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| codec::Name::of(name.as_str().as_bytes()) == codec::Name::RateLimit)
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop
 /// list, plus `Upgrade` (weir does not tunnel protocol switches).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {

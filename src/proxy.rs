@@ -514,9 +514,12 @@ impl<'a> Exchange<'a> {
         }
         if !parts.headers.is_empty() {
             // An https backend's: weir sets these itself (see
-            // `ProxiedBody::own_headers`).
+            // `ProxiedBody::own_headers`), and its limits are the ones
+            // the client is held to, so a backend's `x-ratelimit-*` never
+            // pass (SPEC: a model with no limit of a kind sends none).
             parts.headers.remove(headers::X_WEIR_BACKEND);
             parts.headers.remove(headers::X_REQUEST_ID);
+            headers::strip_rate_headers(&mut parts.headers);
         }
         // The `x-ratelimit-*` headers travel with the body (see
         // `ProxiedBody::rate_headers`).
