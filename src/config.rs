@@ -1241,6 +1241,13 @@ impl Checker<'_> {
                     let name = n.get_ref().trim().to_owned();
                     if name.is_empty() {
                         self.error(n.span(), format!("{p}.name"), "must not be empty");
+                    } else if http::HeaderValue::from_str(&name).is_err() {
+                        // It is sent as `x-weir-backend` (SPEC).
+                        self.error(
+                            n.span(),
+                            format!("{p}.name"),
+                            format!("{name:?} cannot be sent as a header: control characters are not allowed"),
+                        );
                     } else if !seen.insert(name.clone()) {
                         self.error(
                             n.span(),
@@ -1399,10 +1406,13 @@ impl Checker<'_> {
     fn url(&mut self, v: &S<String>, key: &str) -> Option<http::Uri> {
         let text = v.get_ref().trim();
         let fail = |this: &mut Self, why: &str| {
+            // The message goes to the log and `/admin/reload`: a password
+            // in the URL is not repeated there.
+            let shown = without_userinfo(text);
             this.error(
                 v.span(),
                 key,
-                format!("{text:?} is not a usable backend URL: {why}"),
+                format!("{shown:?} is not a usable backend URL: {why}"),
             );
             None
         };
@@ -2216,6 +2226,22 @@ fn render(c: &Config) -> String {
     o
 }
 
+/// `url` with any `user:password@` of its authority shown as `***@`.
+fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = url.get(start..).unwrap_or_default();
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest.get(..authority_end).and_then(|a| a.rfind('@')) {
+        Some(at) => format!(
+            "{}***{}",
+            url.get(..start).unwrap_or_default(),
+            rest.get(at..).unwrap_or_default()
+        )
+        .into(),
+        None => url.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2361,6 +2387,36 @@ key_prefix = "prod"
         errs.iter().any(|e| {
             e.line == line && e.column == column && e.key == key && e.message.contains(needle)
         })
+    }
+
+    /// A URL refused for its credentials does not repeat them: the error
+    /// goes to the log and the `/admin/reload` answer.
+    #[test]
+    fn a_url_with_credentials_is_refused_without_showing_them() {
+        let toml = "[[backends]]\nname = \"b\"\nurl = \"http://user:hunter2pw@127.0.0.1:1/v1\"\nmodels = [\"m\"]\n";
+        let errs = parse(toml).unwrap_err();
+        let text = format!("{errs:?}");
+        assert!(!text.contains("hunter2pw"), "{text}");
+        assert!(text.contains("http://***@127.0.0.1:1/v1"), "{text}");
+        assert_eq!(
+            without_userinfo("https://a@b@h/x?u@v"),
+            "https://***@h/x?u@v"
+        );
+        assert_eq!(without_userinfo("http://h/p@q"), "http://h/p@q");
+        assert_eq!(without_userinfo("u:p@h"), "***@h");
+    }
+
+    /// A backend's name is sent as `x-weir-backend`: it must be a valid
+    /// header value.
+    #[test]
+    fn a_backend_name_must_be_a_header_value() {
+        let toml =
+            "[[backends]]\nname = \"x\\ny\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n";
+        let errs = parse(toml).unwrap_err();
+        assert!(
+            format!("{errs:?}").contains("cannot be sent as a header"),
+            "{errs:?}"
+        );
     }
 
     #[test]
