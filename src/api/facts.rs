@@ -26,7 +26,8 @@
 //! | a JSON value that is not an object | [`FactsError::NotObject`] | 400 `invalid_json` |
 //! | arrays/objects nested [`MAX_DEPTH`] levels deep | [`FactsError::TooDeep`] | 400 `invalid_json` |
 //! | no `model`, `model` not a string, `model` twice | [`FactsError::MissingModel`] | 400 `missing_model` |
-//! | a field weir reads has the wrong type, or appears twice | [`FactsError::BadField`] | 400 `invalid_json` |
+//! | a field weir reads has the wrong type | [`FactsError::BadField`] | 400 `invalid_json` |
+//! | a field weir reads appears twice | [`FactsError::DuplicateField`] | 400 `invalid_json` |
 //!
 //! Decisions worth knowing:
 //!
@@ -36,7 +37,7 @@
 //!   once: backends built on Python keep the *last* duplicate, so a body with
 //!   `"max_tokens":1, ..., "max_tokens":100000` would otherwise be admitted for
 //!   far fewer tokens than it uses. A duplicate `model` is
-//!   [`FactsError::MissingModel`], any other is [`FactsError::BadField`].
+//!   [`FactsError::MissingModel`], any other is [`FactsError::DuplicateField`].
 //!   Duplicates of keys weir does not read are forwarded untouched.
 //! * **Depth.** serde_json refuses to open a 128th nested array/object (the
 //!   top-level object is level 1), so at most 127 levels are accepted. Every
@@ -114,11 +115,18 @@ pub enum FactsError {
     /// No top-level `model`, or it is not a string, or it appears twice.
     #[error("request body must have a string \"model\"")]
     MissingModel,
-    /// A field weir reads has the wrong type or appears twice: e.g. `stream`
+    /// A field weir reads has the wrong type: e.g. `stream`
     /// not a boolean, `max_tokens` negative, fractional or above `u32::MAX`.
     #[error("\"{field}\" has the wrong type")]
     BadField {
         /// The field's name as the client spelled it (unescaped).
+        field: &'static str,
+    },
+    /// A field weir reads appears twice (backends keep the last one, weir
+    /// would read the first: see "Duplicate keys" above).
+    #[error("\"{field}\" appears more than once")]
+    DuplicateField {
+        /// The field's name (unescaped).
         field: &'static str,
     },
 }
@@ -560,7 +568,7 @@ impl<'de> Visitor<'de> for TopSeed<'_, 'de> {
                 if seen & key.bit() != 0 {
                     return Err(ctx.fail(match key {
                         Key::Model => FactsError::MissingModel,
-                        key => FactsError::BadField { field: key.name() },
+                        key => FactsError::DuplicateField { field: key.name() },
                     }));
                 }
                 seen |= key.bit();
@@ -693,7 +701,9 @@ impl<'de> Visitor<'de> for StreamOptionsSeed<'_, 'de> {
                 })
             };
             if include_usage.is_some() {
-                return Err(bad());
+                return Err(ctx.fail(FactsError::DuplicateField {
+                    field: "include_usage",
+                }));
             }
             let raw: &'de RawValue = map.next_value()?;
             let on = match raw.get() {
@@ -1153,14 +1163,15 @@ mod tests {
         );
         let twice =
             r#"{"model":"m","stream_options":{"include_usage":true,"include_usage":false}}"#;
-        assert_eq!(err(twice), bad("include_usage"));
+        let twice_field = |field| FactsError::DuplicateField { field };
+        assert_eq!(err(twice), twice_field("include_usage"));
         assert_eq!(
             err(r#"{"model":"m","max_tokens":1,"max_tokens":9}"#),
-            bad("max_tokens")
+            twice_field("max_tokens")
         );
         assert_eq!(
             err(r#"{"model":"m","messages":[],"messages":[]}"#),
-            bad("messages")
+            twice_field("messages")
         );
         // unknown keys may repeat
         assert_eq!(ok(r#"{"model":"m","user":"a","user":"b"}"#).model, "m");
