@@ -32,6 +32,8 @@ pub(crate) enum Ending {
     UpstreamError,
     /// The client went away before the end.
     ClientGone,
+    /// weir cut it: `shutdown_grace` ran out before it ended.
+    Shutdown,
 }
 
 impl Ending {
@@ -40,6 +42,7 @@ impl Ending {
             Ending::Complete => "complete",
             Ending::UpstreamError => "upstream_error",
             Ending::ClientGone => "client_gone",
+            Ending::Shutdown => "shutdown",
         }
     }
 }

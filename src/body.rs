@@ -688,7 +688,11 @@ impl Drop for ProxiedBody {
                 log.usage = usage;
             }
         }
-        self.emit_log(Ending::ClientGone);
+        let ending = self
+            .log
+            .as_ref()
+            .map_or(Ending::ClientGone, |(_, shared)| shared.gone());
+        self.emit_log(ending);
     }
 }
 

@@ -63,6 +63,21 @@ pub(crate) struct Shared {
     /// `[cluster]`: the Redis link and the shared buckets; fixed at start
     /// (changing `[cluster]` needs a restart), so leases outlive reloads.
     pub cluster: Option<Arc<Cluster>>,
+    /// Set when `shutdown_grace` ran out: a request dropped from then on
+    /// was cut by weir, not left by its client (its log says `shutdown`).
+    pub cut: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// How a request that ends before its answer is whole ended: its client
+    /// left, or weir cut it at the end of `shutdown_grace`.
+    pub(crate) fn gone(&self) -> crate::access_log::Ending {
+        if self.cut.load(std::sync::atomic::Ordering::Relaxed) {
+            crate::access_log::Ending::Shutdown
+        } else {
+            crate::access_log::Ending::ClientGone
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -219,6 +234,7 @@ impl Gateway {
             active_requests: std::sync::atomic::AtomicU64::new(0),
             active_retries: std::sync::atomic::AtomicU64::new(0),
             cluster: cluster.clone(),
+            cut: std::sync::atomic::AtomicBool::new(false),
         });
         let addr = listener.local_addr().map_err(StartError::Listener)?;
         let admin_addr = match &admin {

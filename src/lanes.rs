@@ -62,6 +62,8 @@ pub(crate) fn current() -> usize {
 #[derive(Debug)]
 pub(crate) struct Lanes {
     handles: Vec<Handle>,
+    /// The lanes' threads, joined by [`Lanes::stop`].
+    threads: Vec<std::thread::JoinHandle<()>>,
     next: AtomicUsize,
     stop: CancellationToken,
 }
@@ -84,6 +86,7 @@ impl Lanes {
     fn start_with(cpus: Option<Vec<usize>>, poll: Option<Duration>) -> io::Result<Self> {
         let mut lanes = Self {
             handles: Vec::with_capacity(count()),
+            threads: Vec::with_capacity(count()),
             next: AtomicUsize::new(0),
             stop: CancellationToken::new(),
         };
@@ -92,7 +95,7 @@ impl Lanes {
             let handle = runtime.handle().clone();
             let stop = lanes.stop.clone();
             let cpu = cpus.as_ref().and_then(|cpus| cpus.get(lane - 1).copied());
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("weir-lane-{lane}"))
                 .spawn(move || {
                     LANE.with(|l| l.set(lane));
@@ -112,8 +115,26 @@ impl Lanes {
                     });
                 })?;
             lanes.handles.push(handle);
+            lanes.threads.push(thread);
         }
         Ok(lanes)
+    }
+
+    /// Stops the lanes and waits (up to [`STOP_WAIT`]) until their threads
+    /// have dropped every task they ran: a connection cut at shutdown
+    /// writes its log lines as it drops, and the process must not exit
+    /// before that.
+    pub(crate) async fn stop(mut self) {
+        self.stop.cancel();
+        let threads = std::mem::take(&mut self.threads);
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        });
+        if tokio::time::timeout(STOP_WAIT, joined).await.is_err() {
+            tracing::warn!("the connection lanes did not stop within {STOP_WAIT:?}");
+        }
     }
 
     /// Runs `task` on the next lane, round-robin.
@@ -128,6 +149,9 @@ impl Lanes {
         }
     }
 }
+
+/// How long [`Lanes::stop`] waits for the lanes' threads.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The environment variable that can turn lane pinning off (`off`); the
 /// default, `auto`, pins when [`pinning`] says so.

@@ -169,6 +169,72 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
     assert_eq!(code, Some(0), "{}", log.lock().unwrap());
 }
 
+/// Requests still running or waiting when `shutdown_grace` runs out are
+/// cut, and each is logged before the process exits, as cut by weir
+/// (`ending="shutdown"`), not as a client that left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .tokens_per_sec(10.0)
+            .chunks(1000),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n\n[[models]]\nname = \"m\"\nmax_concurrent = 1\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &["m"], 1)
+    );
+    let mut weir = spawn_weir(&write_config(&dir, &toml), "info");
+    let addr = weir.addr;
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let request = raw_chat(&chat("m", true), &format!("x-request-id: CUT-{i}\r\n"));
+        clients.push(tokio::spawn(async move {
+            raw(addr, request, Duration::from_secs(30)).await
+        }));
+        if i == 0 {
+            assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
+        }
+    }
+    let log = weir.log.clone();
+    // The other three wait for the model's one slot.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(addr, "weir_queue_depth", &[("model", "m")]).await != 3.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&weir.child, "-TERM");
+    let code =
+        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(20)))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(0));
+    for client in clients {
+        let _ = client.await;
+    }
+    // The log thread reads stderr to its end.
+    assert!(
+        eventually(Duration::from_secs(5), || (0..4)
+            .all(|i| log.lock().unwrap().contains(&format!("CUT-{i}"))))
+        .await,
+        "{}",
+        log.lock().unwrap()
+    );
+    let log = log.lock().unwrap().clone();
+    for i in 0..4 {
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("CUT-{i}")))
+            .unwrap_or_default();
+        assert!(line.contains("ending=\"shutdown\""), "{line}");
+        let status = if i == 0 { "status=200" } else { "status=499" };
+        assert!(line.contains(status), "{line}");
+    }
+}
+
 /// A second SIGTERM during the grace period stops weir at once (exit 1),
 /// cutting the stream still running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -151,9 +151,14 @@ pub(crate) async fn serve(
             ?grace,
             "shutdown grace passed with connections still open; closing them"
         );
+        shared.cut.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    // Stops the lane threads, dropping connections still open past the grace.
-    drop(lanes);
+    // Stops the lane threads, dropping connections still open past the
+    // grace, and waits for them, so every request they cut is logged
+    // before the process exits.
+    if let Some(lanes) = lanes {
+        lanes.stop().await;
+    }
 }
 
 /// An accepted socket, registered with a reactor or about to be.
@@ -272,7 +277,7 @@ impl Drop for Routing<'_> {
     fn drop(&mut self) {
         if let Some(mut log) = self.log.take() {
             log.status = CLIENT_CLOSED_REQUEST;
-            log.emit(&self.shared.metrics, Ending::ClientGone);
+            log.emit(&self.shared.metrics, self.shared.gone());
         }
     }
 }
