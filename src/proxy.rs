@@ -712,7 +712,11 @@ async fn read_body(
         .flatten();
     if declared.is_none_or(|n| n <= limit as u64) {
         // Through `&mut`, so a body found too large is still there to drain.
-        match tokio::time::timeout_at(deadline, collect(&mut body, limit)).await {
+        // Without a length (chunked), a chunk's size already promises how
+        // much more is coming: one over the limit is refused at once,
+        // not after waiting for bytes the client may never send.
+        let promises = declared.is_none();
+        match tokio::time::timeout_at(deadline, collect(&mut body, limit, promises)).await {
             Err(_) => return Err(ApiError::BodyTimeout),
             Ok(Ok(whole)) => return Ok(whole),
             Ok(Err(Collect::TooLarge)) => {}
@@ -739,8 +743,9 @@ enum Collect {
 
 /// The body's bytes, at most `limit` of them. A body that arrives in one
 /// frame (the usual case: it came with the head) is that frame, not a
-/// copy; a longer one is gathered into one buffer.
-async fn collect(body: &mut ClientBody, limit: usize) -> Result<Bytes, Collect> {
+/// copy; a longer one is gathered into one buffer. With `promises`, what
+/// the body's framing has promised (the rest of a chunk) counts too.
+async fn collect(body: &mut ClientBody, limit: usize, promises: bool) -> Result<Bytes, Collect> {
     let mut whole = Bytes::new();
     let mut gathered: Option<BytesMut> = None;
     let mut len = 0usize;
@@ -750,7 +755,12 @@ async fn collect(body: &mut ClientBody, limit: usize) -> Result<Bytes, Collect> 
             continue;
         };
         len = len.saturating_add(data.len());
-        if len > limit {
+        let promised = if promises {
+            usize::try_from(hyper::body::Body::size_hint(&*body).lower()).unwrap_or(usize::MAX)
+        } else {
+            0
+        };
+        if len.saturating_add(promised) > limit {
             return Err(Collect::TooLarge);
         }
         if whole.is_empty() && gathered.is_none() {

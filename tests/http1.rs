@@ -88,6 +88,21 @@ async fn expect_100_continue_is_answered_when_the_body_is_read() {
     assert_eq!(m.requests(), 1);
 }
 
+/// A chunk whose size alone takes the body past `max_body_bytes` is
+/// refused with 413 as soon as its data starts, as a `Content-Length` over
+/// the limit is, not after `request_timeout` waiting for the rest.
+#[tokio::test]
+async fn a_chunk_larger_than_the_body_limit_is_refused_at_once() {
+    let limits = "[server]\nmax_body_bytes = 1000\nrequest_timeout = \"60s\"\n";
+    let (gw, m) = gateway_with_mock(MODEL, MockConfig::default(), limits).await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\nTransfer-Encoding: chunked\r\n\r\nfffff\r\n{\"model\":";
+    s.write_all(head.as_bytes()).await.unwrap();
+    let text = read_until(&mut s, |t| t.contains("\r\n\r\n")).await;
+    assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+    assert_eq!(m.requests(), 0);
+}
+
 /// RFC 9110: a resource that answers GET answers HEAD (the GET's headers,
 /// no body), and a 405 says in `Allow` which methods the route takes.
 #[tokio::test]

@@ -81,10 +81,18 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ClientBody::Http1(body) => match body.wire.inbound().framing.remaining() {
-                Some(n) => SizeHint::with_exact(n),
-                None => SizeHint::default(),
-            },
+            ClientBody::Http1(body) => {
+                let framing = &body.wire.inbound().framing;
+                match framing.remaining() {
+                    Some(n) => SizeHint::with_exact(n),
+                    // Chunked: at least the rest of the chunk being read.
+                    None => {
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(framing.promised());
+                        hint
+                    }
+                }
+            }
             ClientBody::Http2(body) => body.size_hint(),
         }
     }

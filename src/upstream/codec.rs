@@ -675,6 +675,15 @@ impl Framing {
         }
     }
 
+    /// Body bytes the framing has already promised: the rest of a length,
+    /// or of the chunk being read.
+    pub(crate) fn promised(&self) -> u64 {
+        match self {
+            Framing::Length(n) | Framing::Chunked(Chunk::Data(n)) => *n,
+            _ => 0,
+        }
+    }
+
     /// Consumes chunk framing (sizes, CRLFs, trailers) up to the next data
     /// byte or the end of what is buffered.
     fn skip_framing(&mut self, buf: &mut BytesMut) -> Result<(), Malformed> {
