@@ -78,6 +78,9 @@ pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
             for tier in Tier::ALL {
                 let t = health.tier(tier);
                 let state = match (t.checked_at, t.down) {
+                    // A backend a reload added, not seen alive yet: as
+                    // `weir_backend_up{tier="liveness"}` says, not up.
+                    _ if tier == Tier::Liveness && health.pending => "pending",
                     (None, _) => "unknown",
                     (Some(_), true) => "down",
                     (Some(_), false) if tier == Tier::Readiness && t.slow => "slow",

@@ -690,6 +690,10 @@ async fn a_new_backend_waits_for_its_first_passing_liveness_probe() {
         backends["backends"][1]["pending_first_probe"], true,
         "{backends}"
     );
+    assert_eq!(
+        backends["backends"][1]["tiers"]["liveness"]["state"], "pending",
+        "{backends}"
+    );
     m2.update(|c| c.health_status = None);
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut got_b2 = false;
