@@ -293,7 +293,7 @@ fn host_port(authority: &Authority) -> (&str, u16) {
 /// Connects to the first of the resolver's addresses that accepts, in the
 /// order the lookup gave them (as `TcpStream::connect` does); the last
 /// error if none does.
-async fn connect_first(resolver: &Resolver) -> io::Result<TcpStream> {
+async fn connect_first(resolver: &Arc<Resolver>) -> io::Result<TcpStream> {
     let addrs = resolver.addrs().await?;
     let mut last = None;
     for addr in addrs.iter() {

@@ -6,20 +6,33 @@
 //! whose pool is empty, or one whose name does not resolve, where no
 //! connection is ever pooled) that started up to 512 threads per runtime,
 //! each holding a socket to the resolver. Here one lookup runs at a time
-//! per backend and its answer serves every connection for a while, as
-//! Envoy's `STRICT_DNS` clusters do: [`FRESH_FOR`] for addresses,
-//! [`FAILED_FOR`] for a failure. An IP address is never looked up.
+//! per backend, in a task of its own (a caller that gives up does not
+//! start another), and its answer serves every connection for a while, as
+//! Envoy's `STRICT_DNS` clusters do: [`FRESH_FOR`] for addresses. A failed
+//! refresh keeps the last good addresses and tries again after
+//! [`FAILED_FOR`] (a DNS hiccup must not fail every new connection, which
+//! would eject a healthy backend); a name never resolved answers its
+//! failure for [`FAILED_FOR`]. Stale addresses are used while the refresh
+//! runs. An IP address is never looked up.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use arc_swap::ArcSwapOption;
-use tokio::{sync::Mutex, time::Instant};
+use tokio::{sync::Notify, time::Instant};
 
 /// How long a lookup's addresses are used before the name is looked up
 /// again (Envoy's default DNS refresh rate).
 const FRESH_FOR: Duration = Duration::from_secs(5);
 
-/// How long a failed lookup answers for the name: long enough that a
+/// How long a failed lookup stands before the next one: long enough that a
 /// burst of requests to a name that does not resolve costs one lookup, not
 /// one per request.
 const FAILED_FOR: Duration = Duration::from_secs(1);
@@ -38,8 +51,10 @@ pub(crate) struct Resolver {
     port: u16,
     /// The last answer, read without a lock.
     answer: ArcSwapOption<Answer>,
-    /// Held by the one lookup in progress; others wait for its answer.
-    lookup: Mutex<()>,
+    /// Whether a lookup is running.
+    looking_up: AtomicBool,
+    /// Woken when a lookup stores its answer.
+    looked_up: Notify,
 }
 
 impl Resolver {
@@ -49,44 +64,76 @@ impl Resolver {
             host: host.to_owned(),
             port,
             answer: ArcSwapOption::empty(),
-            lookup: Mutex::new(()),
+            looking_up: AtomicBool::new(false),
+            looked_up: Notify::new(),
         }
     }
 
-    /// The addresses to connect to: a literal IP at once, else the cached
-    /// answer while it holds, else one lookup shared by every caller.
-    pub(crate) async fn addrs(&self) -> io::Result<Arc<[SocketAddr]>> {
+    /// The addresses to connect to: a literal IP at once; else the answer
+    /// while it holds; else good addresses past their time (a refresh
+    /// starts); else the answer of the lookup that runs.
+    pub(crate) async fn addrs(self: &Arc<Self>) -> io::Result<Arc<[SocketAddr]>> {
         if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
             return Ok(Arc::from([SocketAddr::new(ip, self.port)]));
         }
-        if let Some(answer) = self.fresh() {
-            return answer;
+        loop {
+            // Registered before looking, so an answer stored between the
+            // look and the wait still wakes this caller.
+            let stored = self.looked_up.notified();
+            tokio::pin!(stored);
+            stored.as_mut().enable();
+            if let Some(answer) = self.answer.load_full() {
+                if answer.until > Instant::now() {
+                    return answer.addrs.clone().map_err(lookup_error);
+                }
+                if let Ok(addrs) = &answer.addrs {
+                    self.refresh();
+                    return Ok(addrs.clone());
+                }
+            }
+            self.refresh();
+            stored.await;
         }
-        let _lookup = self.lookup.lock().await;
-        // Another caller may have looked it up while this one waited.
-        if let Some(answer) = self.fresh() {
-            return answer;
-        }
-        let found = tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await
-            .map(|addrs| addrs.collect::<Arc<[SocketAddr]>>());
-        let (addrs, ttl) = match found {
-            Ok(addrs) if !addrs.is_empty() => (Ok(addrs), FRESH_FOR),
-            Ok(_) => (Err("the name has no address".to_owned()), FAILED_FOR),
-            Err(e) => (Err(e.to_string()), FAILED_FOR),
-        };
-        self.answer.store(Some(Arc::new(Answer {
-            until: Instant::now() + ttl,
-            addrs: addrs.clone(),
-        })));
-        addrs.map_err(lookup_error)
     }
 
-    /// The cached answer, if it still holds.
-    fn fresh(&self) -> Option<io::Result<Arc<[SocketAddr]>>> {
-        let answer = self.answer.load();
-        let answer = answer.as_ref().filter(|a| a.until > Instant::now())?;
-        Some(answer.addrs.clone().map_err(lookup_error))
+    /// Starts a lookup unless one is running. It runs to its end in a
+    /// task of its own and stores its answer (keeping the last good
+    /// addresses if it fails).
+    fn refresh(self: &Arc<Self>) {
+        if self.looking_up.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let resolver = Arc::clone(self);
+        tokio::spawn(async move {
+            let found = tokio::net::lookup_host((resolver.host.as_str(), resolver.port))
+                .await
+                .map(|addrs| addrs.collect::<Arc<[SocketAddr]>>());
+            let now = Instant::now();
+            let answer = match found {
+                Ok(addrs) if !addrs.is_empty() => Answer {
+                    until: now + FRESH_FOR,
+                    addrs: Ok(addrs),
+                },
+                failed => {
+                    let error = match failed {
+                        Ok(_) => "the name has no address".to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    let last_good = resolver
+                        .answer
+                        .load()
+                        .as_ref()
+                        .and_then(|a| a.addrs.as_ref().ok().cloned());
+                    Answer {
+                        until: now + FAILED_FOR,
+                        addrs: last_good.ok_or(error),
+                    }
+                }
+            };
+            resolver.answer.store(Some(Arc::new(answer)));
+            resolver.looking_up.store(false, Ordering::Release);
+            resolver.looked_up.notify_waiters();
+        });
     }
 }
 
@@ -100,15 +147,15 @@ mod tests {
 
     #[tokio::test]
     async fn an_ip_is_not_looked_up_and_a_name_is_cached() {
-        let ip = Resolver::new("127.0.0.1", 8080);
+        let ip = Arc::new(Resolver::new("127.0.0.1", 8080));
         assert_eq!(
             &*ip.addrs().await.unwrap(),
             &["127.0.0.1:8080".parse().unwrap()]
         );
         assert!(ip.answer.load().is_none());
-        let v6 = Resolver::new("::1", 80);
+        let v6 = Arc::new(Resolver::new("::1", 80));
         assert_eq!(&*v6.addrs().await.unwrap(), &["[::1]:80".parse().unwrap()]);
-        let name = Resolver::new("localhost", 9);
+        let name = Arc::new(Resolver::new("localhost", 9));
         let first = name.addrs().await.unwrap();
         assert!(first.iter().all(|a| a.port() == 9 && a.ip().is_loopback()));
         let cached = name.answer.load_full().expect("cached");
@@ -120,7 +167,7 @@ mod tests {
     /// one lookup: `.invalid` never resolves (RFC 6761).
     #[tokio::test]
     async fn a_failed_lookup_is_cached_briefly() {
-        let bad = Resolver::new("no-such-host.invalid", 80);
+        let bad = Arc::new(Resolver::new("no-such-host.invalid", 80));
         let e = bad.addrs().await.unwrap_err();
         assert!(e.to_string().contains("could not resolve"), "{e}");
         let cached = bad.answer.load_full().expect("the failure is cached");
@@ -128,5 +175,31 @@ mod tests {
         bad.addrs().await.unwrap_err();
         let again = bad.answer.load_full().expect("still cached");
         assert!(Arc::ptr_eq(&cached, &again), "no second lookup");
+    }
+
+    /// A refresh that fails keeps the last good addresses (used meanwhile,
+    /// and after it for [`FAILED_FOR`]): a DNS hiccup does not fail every
+    /// new connection to a backend that is fine.
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_the_last_good_addresses() {
+        let r = Arc::new(Resolver::new("no-such-host.invalid", 80));
+        let good: Arc<[SocketAddr]> = Arc::from(["127.0.0.1:80".parse::<SocketAddr>().unwrap()]);
+        r.answer.store(Some(Arc::new(Answer {
+            until: Instant::now(),
+            addrs: Ok(good.clone()),
+        })));
+        let stale = r.addrs().await.unwrap();
+        assert!(
+            Arc::ptr_eq(&stale, &good),
+            "stale addresses while refreshing"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while r.looking_up.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the lookup ends");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let kept = r.answer.load_full().expect("an answer");
+        assert!(Arc::ptr_eq(kept.addrs.as_ref().unwrap(), &good));
+        assert!(kept.until > Instant::now() && kept.until <= Instant::now() + FAILED_FOR);
     }
 }
