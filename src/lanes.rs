@@ -113,6 +113,10 @@ impl Lanes {
                             None => stop.cancelled().await,
                         }
                     });
+                    // Drops every task (a connection cut at shutdown logs
+                    // as it drops), without waiting long for blocking work
+                    // (a host name lookup) that may never end.
+                    runtime.shutdown_timeout(LANE_SHUTDOWN);
                 })?;
             lanes.handles.push(handle);
             lanes.threads.push(thread);
@@ -127,12 +131,22 @@ impl Lanes {
     pub(crate) async fn stop(mut self) {
         self.stop.cancel();
         let threads = std::mem::take(&mut self.threads);
-        let joined = tokio::task::spawn_blocking(move || {
-            for thread in threads {
-                let _ = thread.join();
-            }
-        });
-        if tokio::time::timeout(STOP_WAIT, joined).await.is_err() {
+        // A plain thread, not the runtime's blocking pool: one still
+        // joining when the wait ends must not hold up the runtime's drop
+        // (and with it the process's exit).
+        let (joined, all_joined) = tokio::sync::oneshot::channel();
+        let joiner = std::thread::Builder::new()
+            .name("weir-lane-join".to_owned())
+            .spawn(move || {
+                for thread in threads {
+                    let _ = thread.join();
+                }
+                let _ = joined.send(());
+            });
+        if joiner.is_err() {
+            return;
+        }
+        if tokio::time::timeout(STOP_WAIT, all_joined).await.is_err() {
             tracing::warn!("the connection lanes did not stop within {STOP_WAIT:?}");
         }
     }
@@ -152,6 +166,9 @@ impl Lanes {
 
 /// How long [`Lanes::stop`] waits for the lanes' threads.
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a stopping lane waits for its blocking work.
+const LANE_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The environment variable that can turn lane pinning off (`off`); the
 /// default, `auto`, pins when [`pinning`] says so.

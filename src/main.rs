@@ -151,6 +151,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Blocking work still running (a host name lookup on a DNS server that
+    // does not answer) must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
