@@ -262,7 +262,15 @@ impl SharedBucket {
                 bucket.refund_taken(n, Tick::from(Instant::now()), epoch);
             }
         });
-        let outcome = tokio::time::timeout(SLOW_PATH_TIMEOUT, answered_rx).await;
+        let mut slot = AnswerSlot {
+            rx: answered_rx,
+            unread: Some((self.clone(), n, epoch)),
+        };
+        let outcome = tokio::time::timeout(SLOW_PATH_TIMEOUT, &mut slot.rx).await;
+        if outcome.is_ok() {
+            slot.unread = None;
+        }
+        drop(slot);
         let answered = Tick::from(Instant::now());
         let rate = self.rate_per_minute.load(Ordering::Relaxed);
         match outcome {
@@ -612,6 +620,26 @@ impl SharedBucket {
     }
 }
 
+/// The waiter's end of a slow-path call. Dropped with an answer it never
+/// read (Redis answered just as the waiter timed out or its client left),
+/// it gives the tokens Redis took back, as the call's task does when the
+/// waiter is already gone.
+struct AnswerSlot {
+    rx: tokio::sync::oneshot::Receiver<redis::RedisResult<Reserved>>,
+    /// The bucket, the tokens asked for and the link's epoch, until read.
+    unread: Option<(Arc<SharedBucket>, u64, u64)>,
+}
+
+impl Drop for AnswerSlot {
+    fn drop(&mut self) {
+        if let Some((bucket, n, epoch)) = self.unread.take() {
+            if let Ok(Ok(Reserved::Taken { .. })) = self.rx.try_recv() {
+                bucket.refund_taken(n, Tick::from(Instant::now()), epoch);
+            }
+        }
+    }
+}
+
 /// The most one replica's lease may hold: [`LEASE_PERCENT`] % of the
 /// capacity, split over the replicas alive (rounded down: a bucket too small
 /// to split gets no lease, and every request asks Redis).
@@ -693,18 +721,26 @@ mod tests {
         let Some(redis) = TestRedis::start() else {
             return;
         };
-        let link = Arc::new(Link::new(redis.connect().await));
+        // weir's own response timeout (1 s), above the pause below.
+        let client = redis::Client::open(redis.url.as_str()).expect("test URL parses");
+        let config =
+            ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(1)));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .expect("test redis answers");
+        let link = Arc::new(Link::new(conn));
         link.set_up(true);
         let now = Instant::now();
         let bucket = Arc::new(
             SharedBucket::new("k".to_owned(), link.clone(), 6000, 6000, now)
                 .expect("exact in Redis"),
         );
-        // Redis holds every client's commands for a while.
+        // Redis holds every client's commands for a while (under the
+        // connection's 1 s response timeout).
         let mut admin = redis.connect().await;
         redis::cmd("CLIENT")
             .arg("PAUSE")
-            .arg(400)
+            .arg(800)
             .query_async::<()>(&mut admin)
             .await
             .expect("CLIENT PAUSE");
