@@ -2226,16 +2226,17 @@ fn render(c: &Config) -> String {
     o
 }
 
-/// `url` with any `user:password@` of its authority shown as `***@`.
+/// `url` with everything between its scheme and its last `@` shown as
+/// `***`: any `user:password@`, even one whose password holds a `/` or a
+/// `?` (which would end the authority where a parser looks for it). A
+/// path with an `@` is over-masked, which only an error message shows.
 fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
     let start = url.find("://").map_or(0, |i| i + 3);
-    let rest = url.get(start..).unwrap_or_default();
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest.get(..authority_end).and_then(|a| a.rfind('@')) {
+    match url.rfind('@').filter(|&at| at >= start) {
         Some(at) => format!(
             "{}***{}",
             url.get(..start).unwrap_or_default(),
-            rest.get(at..).unwrap_or_default()
+            url.get(at..).unwrap_or_default()
         )
         .into(),
         None => url.into(),
@@ -2398,11 +2399,10 @@ key_prefix = "prod"
         let text = format!("{errs:?}");
         assert!(!text.contains("hunter2pw"), "{text}");
         assert!(text.contains("http://***@127.0.0.1:1/v1"), "{text}");
-        assert_eq!(
-            without_userinfo("https://a@b@h/x?u@v"),
-            "https://***@h/x?u@v"
-        );
-        assert_eq!(without_userinfo("http://h/p@q"), "http://h/p@q");
+        assert_eq!(without_userinfo("https://a@b@h/x"), "https://***@h/x");
+        assert_eq!(without_userinfo("http://u:pa/ss@h/v1"), "http://***@h/v1");
+        assert_eq!(without_userinfo("http://h/p@q"), "http://***@q");
+        assert_eq!(without_userinfo("http://h/v1"), "http://h/v1");
         assert_eq!(without_userinfo("u:p@h"), "***@h");
     }
 

@@ -169,8 +169,8 @@ async fn saturated_backends_refuse_after_queue_timeout() {
 #[tokio::test]
 async fn waiting_for_a_backend_slot_is_queueing() {
     let (gw, m) = one_slot(
-        "queue_timeout = \"10s\"\nmax_queue = 1",
-        Duration::from_millis(1500),
+        "queue_timeout = \"20s\"\nmax_queue = 1",
+        Duration::from_millis(4000),
     )
     .await;
     let addr = gw.addr();

@@ -336,8 +336,6 @@ async fn gateway_before(upstream: tokio::net::TcpListener, answer: String) -> we
     gateway(&toml).await
 }
 
-/// A backend written by hand: reads one request per connection and sends
-/// `answer`, on every connection.
 /// SPEC "Secrets": a backend's error answer that quotes the key weir sent
 /// (as hosted APIs do for a key they refuse) reaches the client without
 /// it, whether the answer is framed by chunks (the key split across two)
@@ -372,6 +370,8 @@ async fn a_backend_error_quoting_its_key_reaches_the_client_without_it() {
     }
 }
 
+/// A backend written by hand: reads one request per connection and sends
+/// `answer`, on every connection.
 fn answer_every_request(upstream: tokio::net::TcpListener, answer: String) {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = upstream.accept().await {
