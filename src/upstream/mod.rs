@@ -22,6 +22,8 @@ mod conn;
 mod pool;
 mod resolve;
 
+use resolve::HostResolver;
+
 use std::{
     pin::Pin,
     sync::Arc,
@@ -55,7 +57,7 @@ pub(crate) enum HttpClient {
 
 /// hyper-util's pooled client over rustls. Request bodies are the buffered
 /// client body (`Full<Bytes>`).
-pub(crate) type TlsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(crate) type TlsClient = Client<HttpsConnector<HttpConnector<HostResolver>>, Full<Bytes>>;
 
 /// A backend's response body, streamed as it arrives.
 #[derive(Debug)]
@@ -152,14 +154,20 @@ impl AttemptError {
 /// Builds the client for the backend at `url` with this connect timeout.
 pub(crate) fn client(url: &Uri, connect_timeout: Duration) -> Result<HttpClient, UpstreamError> {
     if url.scheme() == Some(&Scheme::HTTPS) {
-        tls_client(connect_timeout).map(|c| HttpClient::Tls(Box::new(c)))
+        let host = url
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        tls_client(host, connect_timeout).map(|c| HttpClient::Tls(Box::new(c)))
     } else {
         Ok(HttpClient::Plain(PlainClient::new(url, connect_timeout)))
     }
 }
 
-fn tls_client(connect_timeout: Duration) -> Result<TlsClient, UpstreamError> {
-    let mut http = HttpConnector::new();
+fn tls_client(host: &str, connect_timeout: Duration) -> Result<TlsClient, UpstreamError> {
+    // The host's addresses from one shared lookup (`resolve.rs`).
+    let mut http = HttpConnector::new_with_resolver(HostResolver::new(host));
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));

@@ -16,16 +16,20 @@
 //! runs. An IP address is never looked up.
 
 use std::{
+    future::Future,
     io,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
 use arc_swap::ArcSwapOption;
+use hyper_util::client::legacy::connect::dns::Name;
 use tokio::{sync::Notify, time::Instant};
 
 /// How long a lookup's addresses are used before the name is looked up
@@ -137,6 +141,41 @@ impl Resolver {
     }
 }
 
+/// The same for an `https://` backend: hyper-util's connector asks this
+/// service for a host's addresses (port 0; the connector sets the port),
+/// instead of its own resolver, which runs a blocking lookup for every new
+/// connection.
+#[derive(Debug, Clone)]
+pub(crate) struct HostResolver(Arc<Resolver>);
+
+impl HostResolver {
+    /// A resolver for the backend URL's host.
+    pub(crate) fn new(host: &str) -> Self {
+        Self(Arc::new(Resolver::new(host, 0)))
+    }
+}
+
+impl tower_service::Service<Name> for HostResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        // Every request of a backend's client goes to its URL's host; any
+        // other name (never, in practice) gets a lookup of its own.
+        let resolver = if name.as_str() == self.0.host {
+            self.0.clone()
+        } else {
+            Arc::new(Resolver::new(name.as_str(), 0))
+        };
+        Box::pin(async move { Ok(resolver.addrs().await?.to_vec().into_iter()) })
+    }
+}
+
 fn lookup_error(message: String) -> io::Error {
     io::Error::other(format!("could not resolve the host: {message}"))
 }
@@ -201,5 +240,25 @@ mod tests {
         let kept = r.answer.load_full().expect("an answer");
         assert!(Arc::ptr_eq(kept.addrs.as_ref().unwrap(), &good));
         assert!(kept.until > Instant::now() && kept.until <= Instant::now() + FAILED_FOR);
+    }
+
+    /// hyper-util's connector gets an https backend's addresses from the
+    /// shared lookup, at port 0 (the connector sets the URL's port).
+    #[tokio::test]
+    async fn an_https_backend_shares_the_lookup() {
+        use tower_service::Service;
+        let mut r = HostResolver::new("localhost");
+        let name: Name = "localhost".parse().expect("a name");
+        let addrs: Vec<SocketAddr> = r.call(name.clone()).await.unwrap().collect();
+        assert!(!addrs.is_empty());
+        assert!(addrs.iter().all(|a| a.port() == 0 && a.ip().is_loopback()));
+        let cached =
+            r.0.answer
+                .load_full()
+                .expect("cached in the shared resolver");
+        let again: Vec<SocketAddr> = r.call(name).await.unwrap().collect();
+        assert_eq!(again, addrs);
+        let still = r.0.answer.load_full().expect("cached");
+        assert!(Arc::ptr_eq(&cached, &still), "no second lookup");
     }
 }
