@@ -193,6 +193,7 @@ impl AccessLog {
         );
     }
 }
+
 /// The most of a client's model name a log line shows: a client controls
 /// it, and a 5 MB name (an unknown model, refused with 404) must not make
 /// a 5 MB line that log shippers drop or split.

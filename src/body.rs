@@ -225,21 +225,22 @@ impl Accounting {
     /// left, so its estimate stays charged. Returns the usage it was
     /// settled with, for the access log.
     fn abandon(self, backend: Option<&BackendState>) -> Option<Usage> {
-        if self.usage().is_some() || !self.success {
-            return self.settle();
+        match &self.reader {
+            // A successful stream with no usage yet: what it may have
+            // generated. Anything else settles as a cut body does.
+            UsageReader::Sse(filter) if filter.usage().is_none() && self.success => {
+                let events = filter.events_sent();
+                settle_cut(
+                    &self.admitted,
+                    self.prompt_estimate,
+                    events,
+                    self.sent_at,
+                    backend,
+                );
+                None
+            }
+            _ => self.cut(),
         }
-        let UsageReader::Sse(filter) = &self.reader else {
-            return None;
-        };
-        let events = filter.events_sent();
-        settle_cut(
-            &self.admitted,
-            self.prompt_estimate,
-            events,
-            self.sent_at,
-            backend,
-        );
-        None
     }
 
     /// The backend (or `request_timeout`) cut the body: a usage the stream

@@ -11,14 +11,14 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 
 /// What a key is replaced with.
-pub(crate) const REDACTED: &[u8] = b"[redacted]";
+pub(crate) const REDACTED: &str = "[redacted]";
 
 /// Replaces every occurrence of `key` in `text`.
 pub(crate) fn redact_str(text: &str, key: &str) -> String {
     if key.is_empty() {
         return text.to_owned();
     }
-    text.replace(key, "[redacted]")
+    text.replace(key, REDACTED)
 }
 
 /// Removes a key from a body that arrives in pieces: an occurrence may
@@ -53,7 +53,7 @@ impl KeyRedactor {
         let mut at = 0;
         while let Some(found) = buf.get(at..).and_then(|rest| self.finder.find(rest)) {
             out.extend_from_slice(buf.get(at..at + found).unwrap_or_default());
-            out.extend_from_slice(REDACTED);
+            out.extend_from_slice(REDACTED.as_bytes());
             at += found + self.key.len();
         }
         let tail = buf.get(at..).unwrap_or_default();

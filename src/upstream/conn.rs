@@ -280,14 +280,10 @@ impl PlainClient {
     }
 }
 
-/// An authority's host (IPv6 literals without their brackets) and port
-/// (80 unless given).
+/// An authority's host (as written: [`Resolver::new`] takes an IPv6
+/// literal's brackets off) and port (80 unless given).
 fn host_port(authority: &Authority) -> (&str, u16) {
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    (host, authority.port_u16().unwrap_or(80))
+    (authority.host(), authority.port_u16().unwrap_or(80))
 }
 
 /// Connects to the first of the resolver's addresses that accepts, in the

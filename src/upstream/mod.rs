@@ -154,17 +154,14 @@ impl AttemptError {
 /// Builds the client for the backend at `url` with this connect timeout.
 pub(crate) fn client(url: &Uri, connect_timeout: Duration) -> Result<HttpClient, UpstreamError> {
     if url.scheme() == Some(&Scheme::HTTPS) {
-        let host = url
-            .host()
-            .unwrap_or_default()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        tls_client(host, connect_timeout).map(|c| HttpClient::Tls(Box::new(c)))
+        tls_client(url.host().unwrap_or_default(), connect_timeout)
+            .map(|c| HttpClient::Tls(Box::new(c)))
     } else {
         Ok(HttpClient::Plain(PlainClient::new(url, connect_timeout)))
     }
 }
 
+/// `host` as the URL writes it (see [`resolve::Resolver::new`]).
 fn tls_client(host: &str, connect_timeout: Duration) -> Result<TlsClient, UpstreamError> {
     // The host's addresses from one shared lookup (`resolve.rs`).
     let mut http = HttpConnector::new_with_resolver(HostResolver::new(host));

@@ -62,10 +62,14 @@ pub(crate) struct Resolver {
 }
 
 impl Resolver {
-    /// A resolver for `host` (without brackets) and `port`.
+    /// A resolver for `host` as a URL writes it (an IPv6 literal in
+    /// brackets, which are dropped here) and `port`.
     pub(crate) fn new(host: &str, port: u16) -> Self {
         Self {
-            host: host.to_owned(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
             port,
             answer: ArcSwapOption::empty(),
             looking_up: AtomicBool::new(false),
