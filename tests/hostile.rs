@@ -301,7 +301,7 @@ fn smuggling_cases() -> Vec<Case> {
             true,
         ),
         case(
-            "a Host that is not host[:port]",
+            "a Host that cannot name a host",
             format!("POST /v1/chat/completions HTTP/1.1\r\nHost: a b@c/d\r\n{cl}\r\n\r\n{BODY}")
                 .into_bytes(),
             400,

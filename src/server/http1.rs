@@ -750,8 +750,9 @@ fn is_host(value: &[u8]) -> bool {
 /// How a request body is framed (RFC 9112 §6.3), refusing what SPEC
 /// "Framing" refuses: a `Transfer-Encoding` other than one `chunked`, one
 /// in HTTP/1.0, one beside a `Content-Length`, and lengths that disagree;
-/// and a head whose `Host` is repeated, missing in HTTP/1.1, or not a
-/// `host[:port]`, which RFC 9112 §3.2 says a server must answer with 400.
+/// and a head whose `Host` is repeated, missing in HTTP/1.1, or cannot
+/// name a host ([`is_host`]), which RFC 9112 §3.2 says a server must
+/// answer with 400.
 fn request_framing(
     version: Version,
     headers: &ClientHeaders,
@@ -765,7 +766,7 @@ fn request_framing(
         None if version == Version::HTTP_11 => {
             return Err("an HTTP/1.1 request without a Host header");
         }
-        Some(host) if !is_host(host) => return Err("a Host header that is not host[:port]"),
+        Some(host) if !is_host(host) => return Err("a Host header that cannot name a host"),
         _ => {}
     }
     let mut encodings = headers.values(Name::TransferEncoding);
