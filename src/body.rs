@@ -393,6 +393,7 @@ impl ProxiedBody {
     fn end(&mut self) -> Bytes {
         self.finished = true;
         self.in_flight = None;
+        self.report_completed();
         let (rest, usage) = match self.accounting.take() {
             Some(mut accounting) => {
                 let rest = match &mut accounting.reader {
@@ -418,6 +419,19 @@ impl ProxiedBody {
         }
         self.emit_log(Ending::Complete);
         rest
+    }
+
+    /// Tells outlier detection the backend's answer ended whole, which
+    /// starts its failure count over.
+    fn report_completed(&self) {
+        if let Some(r) = &self.reporter {
+            outlier::report(
+                r.active.shared(),
+                &r.snapshot,
+                &r.backend,
+                Outcome::Completed,
+            );
+        }
     }
 
     /// The response was sent whole with its head (a 204, a 304): settled

@@ -238,11 +238,15 @@ impl<'a> Exchange<'a> {
         let mut attempt = 0;
         let mut retry_permit: Option<RetryPermit<'_>> = None;
         loop {
-            let pick = self.next_backend(&tried, log).await;
+            let pick = self.next_backend(&tried, attempt > 0, log).await;
             log.wait_ends();
             let (i, in_flight) = match pick {
                 Pick::Backend(i, in_flight) => (i, in_flight),
                 Pick::NoneLeft => break,
+                // A retry that found every backend busy answers with what
+                // went wrong upstream, not with a concurrency 429 the
+                // client's own request never hit.
+                Pick::Saturated if attempt > 0 => break,
                 Pick::Saturated => return Err(self.saturated_error()),
                 Pick::QueueFull(error) => return Err(ApiError::from(error)),
             };
@@ -250,12 +254,10 @@ impl<'a> Exchange<'a> {
             let Some(member) = members.get(i) else { break };
             let backend = &member.backend;
             log.attempts = attempt;
-            log.backend = Some(backend.clone());
-            log.counters = Some(member.requests.clone());
             let started = Instant::now();
             let remaining = self.deadline.saturating_duration_since(started);
             if remaining.is_zero() {
-                return Err(ApiError::UpstreamTimeout(self.first_byte_timeout));
+                return Err(self.timeout(Duration::ZERO));
             }
             let request = self.request_for(member)?;
             let wait = self.first_byte_timeout.min(remaining);
@@ -270,17 +272,23 @@ impl<'a> Exchange<'a> {
             // and the status it answered with, if it answered.
             let (reason, retry_after, answered) = match outcome {
                 Ok(response) if !is_retryable(response.status()) => {
-                    self.report(backend, Outcome::Success(started.elapsed()));
+                    self.report(backend, Outcome::Answered(started.elapsed()));
                     let Some((admitted, active)) = pending.admitted.take() else {
                         break;
                     };
+                    // Named only when its answer goes to the client: a
+                    // 502/504/499 is weir's own answer (`backend=""`).
+                    log.backend = Some(backend.clone());
+                    log.counters = Some(member.requests.clone());
                     let sent = (admitted, active, started);
                     return Ok(self.respond(response, member, in_flight, sent));
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+                    // Out of rotation for its `Retry-After`, which the
+                    // retry reads from the backend's live state.
                     let pause = retry_after(&response);
                     self.report(backend, Outcome::RateLimited(pause));
-                    ("status_429", Some(pause), Some(response.status()))
+                    ("status_429", None, Some(response.status()))
                 }
                 // A 5xx's `Retry-After` (a 503's, RFC 9110 §10.2.3) paces a
                 // retry that goes back to this backend, as a 429's does.
@@ -334,7 +342,7 @@ impl<'a> Exchange<'a> {
         }
         Err(match last {
             None => ApiError::NoHealthyBackend(self.route.config.name.clone()),
-            Some(Failure::Attempt(AttemptError::Timeout(d))) => ApiError::UpstreamTimeout(d),
+            Some(Failure::Attempt(AttemptError::Timeout(d))) => self.timeout(d),
             Some(Failure::Attempt(e)) => ApiError::BadGateway {
                 model: self.route.config.name.clone(),
                 detail: e.to_string(),
@@ -350,9 +358,10 @@ impl<'a> Exchange<'a> {
     /// "Retries", Envoy's policy): attempts left, a backend left (untried
     /// ones first; the same ones again only when none is left), the retry
     /// budget, and the back-off — full jitter, exponential from
-    /// `base_delay` to `max_delay`, at least an upstream `Retry-After` when
-    /// the next attempt may go back to a backend already tried — all within
-    /// `request_timeout`.
+    /// `base_delay` to `max_delay`; when the next attempt may go back to a
+    /// backend already tried, at least a 5xx's `Retry-After` and until the
+    /// first backend held out (a 429's `Retry-After`, an ejection) is back
+    /// if none is in rotation — all within `request_timeout`.
     fn retry_delay<'s>(
         &'s self,
         attempt: u32,
@@ -363,11 +372,26 @@ impl<'a> Exchange<'a> {
         if attempt >= self.max_attempts {
             return None;
         }
-        let in_rotation = |j: usize| self.route.pool.weight(j) > 0;
-        let untried_left =
-            (0..self.route.members.len()).any(|j| in_rotation(j) && !tried.contains(&j));
+        let now = Instant::now();
+        let members = &self.route.members;
+        // The snapshot's weights predate what this request's own failures
+        // did: a backend that answered 429, or was ejected, since it began
+        // is out until its live state says it is back.
+        let back_at = |j: usize| -> Option<Instant> {
+            let member = members.get(j).filter(|_| self.route.pool.weight(j) > 0)?;
+            Some(member.backend.live.held_out_until(now).unwrap_or(now))
+        };
+        // A busy backend is not "another backend available": the retry
+        // goes back to one already tried rather than wait for its slot.
+        let untried_left = (0..members.len()).any(|j| {
+            back_at(j) == Some(now)
+                && !tried.contains(&j)
+                && members.get(j).is_some_and(|m| !m.backend.is_saturated())
+        });
         let repeat = !untried_left;
-        if repeat && !(0..self.route.members.len()).any(in_rotation) {
+        // The soonest any backend is back in rotation.
+        let soonest = (0..members.len()).filter_map(back_at).min();
+        if repeat && soonest.is_none() {
             return None;
         }
         if permit.is_none() {
@@ -386,10 +410,28 @@ impl<'a> Exchange<'a> {
             .min(retry.max_delay);
         let mut delay = jitter::up_to(exp);
         if repeat {
-            delay = delay.max(retry_after.unwrap_or_default());
+            let back = soonest.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+            delay = delay.max(retry_after.unwrap_or_default()).max(back);
             tried.clear();
         }
         (Instant::now() + delay < self.deadline).then_some(delay)
+    }
+
+    /// The 504 for an attempt that waited `waited` for headers: cut by
+    /// `first_byte_timeout` when it waited that long, else by
+    /// `request_timeout`.
+    fn timeout(&self, waited: Duration) -> ApiError {
+        if waited >= self.first_byte_timeout {
+            ApiError::UpstreamTimeout {
+                limit: "first_byte_timeout",
+                after: self.first_byte_timeout,
+            }
+        } else {
+            ApiError::UpstreamTimeout {
+                limit: "request_timeout",
+                after: self.snapshot.config.server.request_timeout,
+            }
+        }
     }
 
     /// Reports an attempt's outcome to passive outlier detection.
@@ -402,7 +444,11 @@ impl<'a> Exchange<'a> {
     /// the queue deadline) for one to free a slot, in the model's queue
     /// (`max_queue`, `weir_queue_depth`, `queue_ms`) like a request waiting
     /// for admission.
-    async fn next_backend(&self, tried: &[usize], log: &mut AccessLog) -> Pick {
+    ///
+    /// A retry (`retrying`) also skips backends held out since the
+    /// request's snapshot was taken (ejected, or rate-limited by a 429),
+    /// reading their live state; a first attempt takes no lock.
+    async fn next_backend(&self, tried: &[usize], retrying: bool, log: &mut AccessLog) -> Pick {
         let members = &self.route.members;
         let signal = &self.snapshot.slots;
         let mut waiting: Option<(WaiterCount<'_>, limiter::QueueSlot)> = None;
@@ -412,8 +458,14 @@ impl<'a> Exchange<'a> {
             let notified = signal.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let now = retrying.then(Instant::now);
+            let held_out =
+                |m: &Member| now.is_some_and(|now| m.backend.live.held_out_until(now).is_some());
             let eligible = |i: usize| {
-                !tried.contains(&i) && members.get(i).is_some_and(|m| !m.backend.is_saturated())
+                !tried.contains(&i)
+                    && members
+                        .get(i)
+                        .is_some_and(|m| !m.backend.is_saturated() && !held_out(m))
             };
             if let Some(i) = self.route.pool.pick(eligible) {
                 match members.get(i).and_then(|m| m.backend.try_begin()) {
@@ -422,8 +474,11 @@ impl<'a> Exchange<'a> {
                     None => continue,
                 }
             }
-            let any_left =
-                (0..members.len()).any(|i| !tried.contains(&i) && self.route.pool.weight(i) > 0);
+            let any_left = (0..members.len()).any(|i| {
+                !tried.contains(&i)
+                    && self.route.pool.weight(i) > 0
+                    && members.get(i).is_some_and(|m| !held_out(m))
+            });
             if !any_left {
                 return Pick::NoneLeft;
             }

@@ -22,7 +22,7 @@ use std::{
 use bytes::Bytes;
 use http::HeaderValue;
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
 
 use crate::{
     access_log::ModelTimings,
@@ -151,6 +151,20 @@ impl BackendLive {
     /// Runs `f` on the health record under its lock (never across an await).
     pub(crate) fn with_health<R>(&self, f: impl FnOnce(&mut HealthRecord) -> R) -> R {
         f(&mut self.health.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Until when passive outlier state holds the backend out of rotation
+    /// (the later of an ejection's end and a 429's `Retry-After`), or
+    /// `None` if it does not at `now`. Read only by a request that retries:
+    /// its snapshot's weights predate what its own failures caused.
+    pub(crate) fn held_out_until(&self, now: Instant) -> Option<Instant> {
+        self.with_health(|h| {
+            [h.ejected_until, h.rate_limited_until]
+                .into_iter()
+                .flatten()
+                .filter(|t| *t > now)
+                .max()
+        })
     }
 
     /// The latency EMA in milliseconds, if any request was measured.

@@ -179,6 +179,11 @@ async fn read_request(s: &mut TcpStream) -> Option<Vec<u8>> {
 /// only, as `bad2`) and `other` (the healthy mock only). One failure ejects
 /// a backend, so the ejection count shows that outlier detection counted it.
 async fn setup(fault: Fault) -> weir::Handle {
+    setup_ejecting_after(fault, 1).await
+}
+
+/// [`setup`] with `consecutive_failures = failures`.
+async fn setup_ejecting_after(fault: Fault, failures: u32) -> weir::Handle {
     let bad = faulty(fault).await;
     let good = mock::start(MockConfig::default().models(vec!["mixed".into(), "other".into()]))
         .await
@@ -197,7 +202,7 @@ name = "other"
 
 {}{}{}{}
 [outlier]
-consecutive_failures = 1
+consecutive_failures = {failures}
 max_ejection_percent = 100
 
 [retry]
@@ -272,8 +277,9 @@ async fn check_before_headers(fault: Fault, kind: &str, alone_status: u16) {
         "{fault:?}"
     );
     // `bad` failed once (then `good` answered); `bad2`, alone, was tried
-    // max_attempts times: with no other backend, a retry may go back to it.
-    for (backend, attempts) in [("bad", 1.0), ("bad2", 3.0)] {
+    // once: its failure ejected it (`consecutive_failures = 1`), and an
+    // ejected backend gets no retry, even when it is the only one.
+    for (backend, attempts) in [("bad", 1.0), ("bad2", 1.0)] {
         let errors = metric(
             addr,
             "weir_upstream_errors_total",
@@ -370,6 +376,31 @@ async fn resets_mid_stream_end_with_an_sse_error_event() {
 
 /// SPEC "Token accounting": a stream that reported its usage and was then
 /// cut by the backend cost what it reported, not its estimate.
+/// Each answer's headers arrive, then its body breaks: the failures are
+/// consecutive (the headers alone are not a success), so the third ejects.
+#[tokio::test]
+async fn bodies_breaking_after_their_headers_count_in_a_row_and_eject() {
+    for fault in [Fault::ResetMidStream, Fault::BrokenChunked] {
+        let gw = setup_ejecting_after(fault, 3).await;
+        let addr = gw.addr();
+        for n in 1..=3 {
+            assert_eq!(
+                backend_state(addr, "bad2").await["ejections"],
+                0,
+                "{fault:?} {n}"
+            );
+            let s = post_stream(addr, "/v1/chat/completions", &chat("alone", true)).await;
+            assert_eq!(s.status, 200, "{fault:?}");
+            assert!(s.text().contains("event: error"), "{fault:?}: {}", s.text());
+        }
+        assert_eq!(
+            backend_state(addr, "bad2").await["ejections"],
+            1,
+            "{fault:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_stream_cut_after_its_usage_is_charged_that_usage() {
     let (s, gw) = check_mid_stream(Fault::ResetAfterUsage, Some("protocol")).await;
@@ -563,4 +594,150 @@ async fn a_client_that_never_reads_is_dropped_at_request_timeout() {
     );
     let r = post(gw.addr(), "/v1/chat/completions", &chat("m1", false)).await;
     assert_eq!(r.status, 200);
+}
+
+/// Mock backends named `b0`, `b1`, ... serving `mixed`, one per config.
+async fn mocks(cfgs: Vec<MockConfig>) -> Vec<mock::MockHandle> {
+    let mut v = Vec::new();
+    for (i, cfg) in cfgs.into_iter().enumerate() {
+        let cfg = cfg.models(vec!["mixed".into()]).name(format!("b{i}"));
+        v.push(mock::start(cfg).await.unwrap());
+    }
+    v
+}
+
+/// The backends' `[[backends]]` entries (weight 1 each, `extra` appended to
+/// the entry of the backend at the same index) and `rest` after them.
+fn retry_config(ms: &[mock::MockHandle], extra: &[&str], rest: &str) -> String {
+    let mut toml = String::from("[[models]]\nname = \"mixed\"\n\n");
+    for (i, m) in ms.iter().enumerate() {
+        toml.push_str(backend(&format!("b{i}"), &m.base_url(), &["mixed"], 1).trim_end());
+        toml.push('\n');
+        toml.push_str(extra.get(i).copied().unwrap_or(""));
+        toml.push_str("\n\n");
+    }
+    toml.push_str(QUIET);
+    toml.push_str(rest);
+    toml
+}
+
+/// A backend that outlier detection ejects during a request is not tried
+/// again by that request's retries, although the request's snapshot still
+/// has it in rotation (SPEC "Ejection": out whatever happens).
+#[tokio::test]
+async fn a_retry_skips_a_backend_ejected_during_the_request() {
+    let ms = mocks(vec![MockConfig::default().failure_rate(1.0); 2]).await;
+    let toml = retry_config(
+        &ms,
+        &[],
+        "[outlier]\nconsecutive_failures = 1\nmax_ejection_percent = 50\n\n[retry]\nmax_attempts = 3\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 100\n",
+    );
+    let gw = gateway(&toml).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    // The first backend tried was ejected (the second was not: 50 % were
+    // out), so the third attempt went to the second again.
+    let mut seen: Vec<u64> = ms.iter().map(mock::MockHandle::requests).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, vec![1, 2]);
+    let first = ms.iter().position(|m| m.requests() == 1).unwrap();
+    assert_eq!(
+        backend_state(gw.addr(), &format!("b{first}")).await["state"],
+        "ejected"
+    );
+}
+
+/// A backend that answered 429 in this request is out for its
+/// `Retry-After`, for this request's retries too: the repeat goes to the
+/// backend that answered 500 instead, at once.
+#[tokio::test]
+async fn a_retry_skips_a_backend_whose_429_is_still_running() {
+    let ms = mocks(vec![
+        MockConfig::default().rate_limit(1.0, 30),
+        MockConfig::default().failure_rate(1.0),
+    ])
+    .await;
+    let toml = retry_config(
+        &ms,
+        &[],
+        "[outlier]\nconsecutive_failures = 100\n\n[retry]\nmax_attempts = 3\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 100\n",
+    );
+    let gw = gateway(&toml).await;
+    let started = Instant::now();
+    let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        ms[0].requests(),
+        1,
+        "the 429 backend was asked again inside its Retry-After"
+    );
+    assert_eq!(ms[1].requests(), 2);
+}
+
+/// After a failure, an untried backend that is busy (at its
+/// `max_concurrent`) does not hold the retry: it goes back to the backend
+/// that failed, and the client gets that backend's failure as a 502, not a
+/// concurrency 429 after `queue_timeout`.
+#[tokio::test]
+async fn a_retry_does_not_wait_for_a_busy_backend() {
+    let ms = mocks(vec![
+        MockConfig::default().failure_rate(1.0),
+        MockConfig::default().hang(true),
+    ])
+    .await;
+    let toml = retry_config(
+        &ms,
+        &["", "max_concurrent = 1"],
+        "[server]\nfirst_byte_timeout = \"20s\"\nrequest_timeout = \"30s\"\n\n[outlier]\nconsecutive_failures = 100\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 100\n",
+    )
+    .replace("[[models]]\nname = \"mixed\"\n", "[[models]]\nname = \"mixed\"\nqueue_timeout = \"20s\"\n");
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    // One request holds b1's only slot (b0 fails it over to b1 if picked first).
+    let holder =
+        tokio::spawn(
+            async move { post(addr, "/v1/chat/completions", &chat("mixed", false)).await },
+        );
+    assert!(eventually(Duration::from_secs(5), || ms[1].in_flight() == 1).await);
+    let before = ms[0].requests();
+    let started = Instant::now();
+    let r = post(addr, "/v1/chat/completions", &chat("mixed", false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("answered 500"), "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(ms[0].requests() - before, 2, "both attempts went to b0");
+    holder.abort();
+}
+
+/// A request that no backend answered is weir's own answer: counted and
+/// logged with `backend=""`, not under the last backend it tried.
+#[tokio::test]
+async fn failed_requests_are_counted_as_weirs_own_answers() {
+    let ms = mocks(vec![MockConfig::default().failure_rate(1.0)]).await;
+    let toml = retry_config(
+        &ms,
+        &[],
+        "[outlier]\nconsecutive_failures = 100\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 100\n",
+    );
+    let gw = gateway(&toml).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let labels = |backend| [("model", "mixed"), ("backend", backend), ("status", "502")];
+    assert_eq!(
+        metric(gw.addr(), "weir_requests_total", &labels("")).await,
+        1.0
+    );
+    assert_eq!(
+        metric(gw.addr(), "weir_requests_total", &labels("b0")).await,
+        0.0
+    );
 }

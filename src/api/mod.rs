@@ -124,9 +124,15 @@ pub enum ApiError {
     /// No backend of the model is in rotation (503 `no_healthy_backend`).
     #[error("No backend for model `{0}` is available right now.")]
     NoHealthyBackend(String),
-    /// `first_byte_timeout` or `request_timeout` passed (504).
-    #[error("The upstream did not answer within {0:?}.")]
-    UpstreamTimeout(Duration),
+    /// `first_byte_timeout` or `request_timeout` passed (504); the message
+    /// names which, with its configured value.
+    #[error("The upstream did not answer within {limit} ({after:?}).")]
+    UpstreamTimeout {
+        /// `first_byte_timeout` or `request_timeout`.
+        limit: &'static str,
+        /// Its value.
+        after: Duration,
+    },
     /// A bug or an unexpected internal failure (500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -223,7 +229,7 @@ impl ApiError {
                 "service_unavailable",
                 Some("no_healthy_backend"),
             ),
-            UpstreamTimeout(_) => (
+            UpstreamTimeout { .. } => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
                 Some("upstream_timeout"),
@@ -621,7 +627,10 @@ mod tests {
                 "no_healthy_backend",
             ),
             (
-                ApiError::UpstreamTimeout(Duration::from_secs(1)),
+                ApiError::UpstreamTimeout {
+                    limit: "first_byte_timeout",
+                    after: Duration::from_secs(1),
+                },
                 504,
                 "timeout",
                 "upstream_timeout",

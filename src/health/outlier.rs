@@ -6,8 +6,9 @@
 //! more than `max_ejection_percent` of a model's backends are ejected. An
 //! upstream 429 takes the backend out of rotation for its `Retry-After`.
 //!
-//! The request path reports each attempt's outcome here. A success costs
-//! one atomic load (and a lock-free EMA update); only a failure that ejects
+//! The request path reports each attempt's outcome here: its headers (a
+//! lock-free EMA update), then its body's clean end (one atomic load), or a
+//! failure at either point; only a failure that ejects
 //! takes the health record's lock and wakes the snapshot supervisor.
 
 use std::{sync::atomic::Ordering, time::Duration};
@@ -23,8 +24,15 @@ use crate::{
 /// What one attempt on a backend showed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// Response headers arrived (any status but 5xx and 429) after this long.
-    Success(Duration),
+    /// Response headers arrived (any status but 5xx and 429) after this
+    /// long: feeds the latency average. The failure count waits for the
+    /// body's end ([`Outcome::Completed`]).
+    Answered(Duration),
+    /// The answer's body ended cleanly: consecutive failures start over.
+    /// Not at the headers, or a backend whose bodies always break after
+    /// them (a cut stream, a broken chunk) would count 0, 1, 0, 1 and
+    /// never be ejected.
+    Completed,
     /// Connect error (refused too), reset, timeout or 5xx.
     Failure,
     /// An upstream 429: out of rotation for this long.
@@ -40,8 +48,8 @@ pub(crate) fn report(
 ) {
     let live = &backend.live;
     match outcome {
-        Outcome::Success(latency) => {
-            live.observe_latency(latency);
+        Outcome::Answered(latency) => live.observe_latency(latency),
+        Outcome::Completed => {
             if live.consecutive_failures.load(Ordering::Relaxed) != 0 {
                 live.consecutive_failures.store(0, Ordering::Relaxed);
             }
