@@ -399,3 +399,159 @@ async fn a_client_leaving_before_the_answer_gets_its_tokens_back() {
         next.text()
     );
 }
+
+/// A Responses API answer's `usage`: its counts are `input_tokens` and
+/// `output_tokens`.
+const RESPONSES_USAGE: &str = r#"{"input_tokens":11,"input_tokens_details":{"cached_tokens":0},"output_tokens":22,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":33}"#;
+
+/// A `/v1/responses` backend written by hand, answering as OpenAI does: a
+/// JSON response object with `usage` at its top, or, for `"stream": true`,
+/// events ending in `response.completed`, whose `response` repeats the
+/// whole answer (here 80 KB, more than weir holds of one event) with the
+/// `usage`; that event comes in two chunks.
+fn responses_backend(upstream: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let text = "The weir holds the river back. ".repeat(2_600);
+    let response = |status: &str, output: &str, usage: &str| {
+        format!(
+            r#"{{"id":"resp_1","object":"response","status":"{status}","output":[{output}],"tools":[],"usage":{usage},"user":null,"metadata":{{}}}}"#
+        )
+    };
+    let message = format!(
+        r#"{{"type":"message","id":"msg_1","role":"assistant","content":[{{"type":"output_text","text":"{text}","annotations":[]}}]}}"#
+    );
+    let json = response("completed", &message, RESPONSES_USAGE);
+    let events = [
+        format!(
+            "event: response.created\ndata: {{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{}}}\n\n",
+            response("in_progress", "", "null")
+        ),
+        format!("event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"delta\":\"{text}\"}}\n\n"),
+        format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{json}}}\n\n"
+        ),
+    ];
+    let (completed_start, completed_end) = events[2].split_at(events[2].len() - 200);
+    let chunks = [
+        events[0].as_str(),
+        events[1].as_str(),
+        completed_start,
+        completed_end,
+    ]
+    .map(|c| format!("{:x}\r\n{c}\r\n", c.len()));
+    let stream = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{}0\r\n\r\n",
+        chunks.concat()
+    );
+    let whole = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{json}",
+        json.len()
+    );
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream.accept().await {
+            let (stream, whole) = (stream.clone(), whole.clone());
+            tokio::spawn(async move {
+                // The head and the body (`Content-Length` long).
+                let mut request = Vec::new();
+                let mut buf = [0u8; 8192];
+                let body = loop {
+                    let text = String::from_utf8_lossy(&request).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .to_ascii_lowercase()
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            break body.to_owned();
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                };
+                let answer = if body.contains(r#""stream":true"#) {
+                    stream
+                } else {
+                    whole
+                };
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+}
+
+/// The Responses API (`/v1/responses`) reports `input_tokens` and
+/// `output_tokens`, streamed in `response.completed`'s `response.usage`.
+/// Both answers settle their estimate with them: each reserves 600+ of a
+/// 1,000-token bucket, and with no queueing, the next fits only if the last
+/// was refunded. Both are counted in `weir_tokens_total` and the access log.
+#[tokio::test]
+async fn responses_api_usage_is_settled_and_counted() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    responses_backend(upstream);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"{MODEL}\"\ntokens_per_minute = 1000\nqueue_timeout = \"0s\"\n\n{}{QUIET}",
+        backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
+    );
+    std::fs::write(&path, toml).unwrap();
+    let weir = spawn_weir(&path, "info");
+    let addr = weir.addr;
+    let counted = |kind: &'static str| async move {
+        let text = get(addr, "/metrics").await.text();
+        metric(&text, "weir_tokens_total", &format!("kind=\"{kind}\""))
+    };
+    let asking = |stream: bool| {
+        format!(
+            r#"{{"model":"{MODEL}","stream":{stream},"max_output_tokens":600,"input":"Hello there"}}"#
+        )
+    };
+    for (n, stream) in [false, true, false].into_iter().enumerate() {
+        let what = if stream { "stream" } else { "JSON answer" };
+        if stream {
+            let s = post_stream(addr, "/v1/responses", &asking(true)).await;
+            assert_eq!(
+                s.status,
+                200,
+                "the last {what} stayed charged: {}",
+                s.text()
+            );
+            assert!(s.text().contains("\"output_tokens\":22"), "passed on whole");
+        } else {
+            let r = post(addr, "/v1/responses", &asking(false)).await;
+            assert_eq!(
+                r.status,
+                200,
+                "the last {what} stayed charged: {}",
+                r.text()
+            );
+        }
+        // Settling runs as weir sees the body end, a moment after the
+        // client did.
+        let want = 22.0 * (n + 1) as f64;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while counted("completion").await < want && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(counted("completion").await, want, "{what} {n}");
+        assert_eq!(counted("prompt").await, 11.0 * (n + 1) as f64, "{what} {n}");
+    }
+    let logged = || {
+        let log = weir.log.lock().unwrap();
+        log.lines()
+            .filter(|l| l.contains("/v1/responses") && l.contains("status=200"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(eventually(Duration::from_secs(5), || logged().len() == 3).await);
+    for line in logged() {
+        assert!(
+            line.contains("prompt_tokens=11") && line.contains("completion_tokens=22"),
+            "{line}"
+        );
+    }
+}

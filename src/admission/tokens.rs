@@ -12,9 +12,10 @@
 //! No I/O, no buckets, no settling: it only turns bytes into numbers (and, for
 //! a stream, drops the one event the client did not ask for). It never buffers
 //! a response (STYLE "Stream bodies; never buffer a response"): [`UsageFilter`]
-//! holds at most one incomplete SSE event of at most [`MAX_EVENT_BYTES`], and
-//! [`UsageTail`] keeps a rolling tail of at most `2 ×` [`TAIL_BYTES`] (SPEC
-//! "Hostile input and faults": a few tens of KiB per stream).
+//! holds at most one incomplete SSE event of at most [`MAX_EVENT_BYTES`] (or,
+//! for a larger one, a rolling tail of it), and [`UsageTail`] keeps a rolling
+//! tail of at most `2 ×` [`TAIL_BYTES`] (SPEC "Hostile input and faults": a
+//! few tens of KiB per stream).
 //!
 //! # Where the numbers come from
 //!
@@ -29,6 +30,14 @@
 //!   `data: [DONE]` has `"choices": []` and a `usage` object. vLLM's
 //!   `continuous_usage_stats` (and some other servers) also put `usage` on
 //!   content chunks; that is read too, but never removed.
+//! * The Responses API (`/v1/responses`) names the counts `input_tokens` and
+//!   `output_tokens`: a JSON answer has them in its top-level `usage`, a
+//!   stream in `response.usage` of its `response.completed` event (also of
+//!   `response.incomplete` and `response.failed`). That event repeats the
+//!   whole answer, with the request's instructions and tools, so it can
+//!   outgrow [`MAX_EVENT_BYTES`]; an event that does is still passed on as it
+//!   arrives, and its usage is read from its last [`TAIL_BYTES`], where the
+//!   Responses object puts `usage` (after `output` and `tools`).
 #![forbid(unsafe_code)]
 
 use bytes::{Bytes, BytesMut};
@@ -44,14 +53,16 @@ const TOKENS_PER_MESSAGE: u64 = 4;
 /// Tokens that prime the assistant's reply, added once when there are messages.
 const TOKENS_REPLY_PRIMING: u64 = 3;
 
-/// The largest SSE event [`UsageFilter`] holds back or inspects. A usage chunk
-/// is a few hundred bytes; a content event that grows beyond this without a
-/// terminator is flushed and passed through uninspected, so a hostile or
-/// broken upstream cannot make weir buffer without bound (SPEC "Hostile input
-/// and faults": a few tens of KiB per stream).
+/// The largest SSE event [`UsageFilter`] holds back or parses whole. A usage
+/// chunk is a few hundred bytes; an event that grows beyond this without a
+/// terminator is flushed and passed through, only its last [`TAIL_BYTES`]
+/// kept to read `usage` from, so a hostile or broken upstream cannot make
+/// weir buffer without bound (SPEC "Hostile input and faults": a few tens of
+/// KiB per stream).
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
-/// How far from the end of a non-stream body [`UsageTail`] looks for `usage`.
+/// How far from the end of a non-stream body [`UsageTail`] looks for `usage`,
+/// and of an SSE event larger than [`MAX_EVENT_BYTES`].
 pub const TAIL_BYTES: usize = 16 * 1024;
 
 /// The key searched for; with its quotes, so an escaped `\"usage\"` inside a
@@ -72,9 +83,11 @@ pub struct Estimate {
 /// Token counts a response reported in its `usage` object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
-    /// `usage.prompt_tokens` (0 when absent).
+    /// `usage.prompt_tokens`, or the Responses API's `usage.input_tokens`
+    /// (0 when absent).
     pub prompt_tokens: u64,
-    /// `usage.completion_tokens` (0 when absent, as in embeddings responses).
+    /// `usage.completion_tokens`, or the Responses API's
+    /// `usage.output_tokens` (0 when absent, as in embeddings responses).
     pub completion_tokens: u64,
 }
 
@@ -109,9 +122,15 @@ pub struct UsageFilter {
     /// `max_event`, and its capacity is reused from event to event.
     partial: BytesMut,
     /// The current event outgrew `max_event`: its bytes were sent and are no
-    /// longer kept; it is passed through uninspected until its terminator.
-    /// The only case where part of an unfinished event reached the client.
+    /// longer held; it is passed through until its terminator, and only its
+    /// usage is read, from `skipped`. The only case where part of an
+    /// unfinished event reached the client.
     skipping: bool,
+    /// While `skipping`: the last bytes of the event (its final LF of a CRLF
+    /// left out, as for its size), where a Responses `response.completed`
+    /// that repeats a long answer has its `usage`. Empty otherwise; its
+    /// memory is given back when the event ends.
+    skipped: UsageTail,
     /// Where the line scanner is, carried across frames.
     scan: Scan,
     /// The last frame ended right after an event whose terminator ended in CR;
@@ -170,19 +189,35 @@ struct ChunkJson {
     choices: Option<Vec<IgnoredAny>>,
     #[serde(default)]
     usage: Option<UsageJson>,
+    /// A Responses API event's response object (`response.completed` and
+    /// the like), whose `usage` is the stream's.
+    #[serde(default)]
+    response: Option<ResponseJson>,
+}
+
+/// The `response` of a Responses API stream event; only its `usage` is read.
+#[derive(Deserialize)]
+struct ResponseJson {
+    #[serde(default)]
+    usage: Option<UsageJson>,
 }
 
 /// The largest `usage` count believed: far above any model's context
 /// (millions of tokens), far below what would overflow a counter.
 const MAX_PLAUSIBLE_TOKENS: u64 = u32::MAX as u64;
 
-/// A `usage` object; fields other than these two are skipped.
+/// A `usage` object, with the chat names of the counts or the Responses
+/// API's; other fields are skipped.
 #[derive(Deserialize)]
 struct UsageJson {
     #[serde(default)]
     prompt_tokens: Option<u64>,
     #[serde(default)]
     completion_tokens: Option<u64>,
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
 }
 
 /// Estimates a request before it is admitted: prompt from its size, and
@@ -250,6 +285,7 @@ impl UsageFilter {
             max_event,
             partial: BytesMut::new(),
             skipping: false,
+            skipped: UsageTail::new(),
             scan: Scan::START,
             lf_after_event: None,
             usage: None,
@@ -297,12 +333,19 @@ impl UsageFilter {
             event_start = end;
         }
         let tail = frame.get(event_start..).unwrap_or_default();
-        if !self.skipping && !tail.is_empty() {
+        if self.skipping {
+            if !tail.is_empty() {
+                self.skipped.push(&frame.slice(event_start..));
+            }
+        } else if !tail.is_empty() {
             if self.partial.len().saturating_add(tail.len()) > self.max_event {
-                // Too big to be a usage chunk: send what is held, stop looking.
+                // Too big to hold: send what is held, keep only a tail of
+                // the event to read its usage from.
                 self.skipping = true;
-                out.copy(&self.partial);
-                self.partial.clear();
+                let held = std::mem::take(&mut self.partial).freeze();
+                self.skipped.push(&held);
+                out.push(held);
+                self.skipped.push(&frame.slice(event_start..));
             } else {
                 self.partial.extend_from_slice(tail);
             }
@@ -322,21 +365,35 @@ impl UsageFilter {
     /// current frame (the part before is in `partial`). Sends what `partial`
     /// held into `out` unless the event is removed; returns whether it is.
     fn complete_event(&mut self, rest: &[u8], out: &mut Out) -> bool {
+        // An event's size, for the limit, and the bytes its tail is read
+        // from leave out the LF of a final CRLF, so that neither depends on
+        // where frames split it (that LF may arrive after the event was
+        // handled).
+        let rest_sized = rest
+            .strip_suffix(b"\n")
+            .filter(|r| r.ends_with(b"\r"))
+            .unwrap_or(rest);
         if self.skipping {
             self.skipping = false;
+            self.skipped.push_slice(rest_sized);
+            let usage = std::mem::take(&mut self.skipped).usage();
+            self.record(usage.map(|u| (u, false)));
             self.events = self.events.saturating_add(1);
             return false;
         }
-        // An event's size, for the limit, leaves out the LF of a final CRLF, so
-        // that whether an event is inspected does not depend on where frames
-        // split it (that LF may arrive after the event was handled).
-        let size = self
-            .partial
-            .len()
-            .saturating_add(rest.len())
-            .saturating_sub(usize::from(rest.ends_with(b"\r\n")));
+        let size = self.partial.len().saturating_add(rest_sized.len());
         let found = if size > self.max_event {
-            None
+            // Completed in the frame that made it too big: read as a
+            // skipped event is, from its tail.
+            let usage = if self.partial.is_empty() {
+                usage_near_end(rest_sized)
+            } else {
+                let mut tail = UsageTail::new();
+                tail.push_slice(&self.partial);
+                tail.push_slice(rest_sized);
+                tail.usage()
+            };
+            usage.map(|u| (u, false))
         } else if self.partial.is_empty() {
             read_event(rest)
         } else {
@@ -379,10 +436,15 @@ impl UsageFilter {
     /// removed, since SSE clients discard an unterminated event anyway.
     pub fn finish(&mut self) -> Bytes {
         let held = std::mem::take(&mut self.partial);
-        if !self.skipping && !held.is_empty() && held.len() <= self.max_event {
-            if let Some((usage, _)) = read_event(&held).filter(|(u, _)| u.is_plausible()) {
-                self.usage = Some(usage);
-            }
+        let found = if self.skipping {
+            std::mem::take(&mut self.skipped).usage()
+        } else if !held.is_empty() && held.len() <= self.max_event {
+            read_event(&held).map(|(usage, _)| usage)
+        } else {
+            None
+        };
+        if let Some(usage) = found.filter(Usage::is_plausible) {
+            self.usage = Some(usage);
         }
         self.skipping = false;
         self.scan = Scan::START;
@@ -422,6 +484,11 @@ impl UsageTail {
             self.first = chunk.clone();
             return;
         }
+        self.push_slice(chunk);
+    }
+
+    /// [`Self::push`] for bytes that cannot be shared: always copied.
+    fn push_slice(&mut self, chunk: &[u8]) {
         if !self.first.is_empty() {
             let first = std::mem::take(&mut self.first);
             self.copy(&first);
@@ -454,18 +521,25 @@ impl UsageTail {
         } else {
             &self.first
         };
-        let from = kept.len().saturating_sub(TAIL_BYTES);
-        let window = kept.get(from..)?;
-        let mut end = window.len();
-        while let Some(at) = rfind_usage_key(window.get(..end)?) {
-            let after = window.get(at.saturating_add(USAGE_KEY.len())..)?;
-            if let Some(usage) = usage_after_key(after) {
-                return Some(usage);
-            }
-            end = at;
-        }
-        None
+        usage_near_end(kept)
     }
+}
+
+/// The usage object nearest the end of `body`: the last `"usage":` key within
+/// its last [`TAIL_BYTES`] followed by an object with plausible token counts,
+/// at any depth (a Responses event's is in `response`).
+fn usage_near_end(body: &[u8]) -> Option<Usage> {
+    let from = body.len().saturating_sub(TAIL_BYTES);
+    let window = body.get(from..)?;
+    let mut end = window.len();
+    while let Some(at) = rfind_usage_key(window.get(..end)?) {
+        let after = window.get(at.saturating_add(USAGE_KEY.len())..)?;
+        if let Some(usage) = usage_after_key(after) {
+            return Some(usage);
+        }
+        end = at;
+    }
+    None
 }
 
 impl Scan {
@@ -552,14 +626,16 @@ impl Out {
 
 impl UsageJson {
     /// Usage with at least one count; a missing count is 0 (embeddings have no
-    /// `completion_tokens`).
+    /// `completion_tokens`). The chat names win over the Responses API's.
     fn into_usage(self) -> Option<Usage> {
-        if self.prompt_tokens.is_none() && self.completion_tokens.is_none() {
+        let prompt = self.prompt_tokens.or(self.input_tokens);
+        let completion = self.completion_tokens.or(self.output_tokens);
+        if prompt.is_none() && completion.is_none() {
             return None;
         }
         Some(Usage {
-            prompt_tokens: self.prompt_tokens.unwrap_or(0),
-            completion_tokens: self.completion_tokens.unwrap_or(0),
+            prompt_tokens: prompt.unwrap_or(0),
+            completion_tokens: completion.unwrap_or(0),
         })
     }
 }
@@ -579,8 +655,9 @@ fn prompt_tokens(facts: &RequestFacts) -> u64 {
 }
 
 /// Reads one SSE event: its usage, if it has a non-null `usage` object with
-/// counts, and whether it is the usage-only chunk (`"choices": []`). Only
-/// events that mention `"usage"` are parsed at all.
+/// counts (at the top, or in `response` for a Responses API event), and
+/// whether it is the usage-only chunk (`"choices": []`). Only events that
+/// mention `"usage"` are parsed at all.
 fn read_event(event: &[u8]) -> Option<(Usage, bool)> {
     rfind_usage_key(event)?;
     // The event's data: its `data:` lines joined with LF (SSE). Nearly always
@@ -609,7 +686,11 @@ fn read_event(event: &[u8]) -> Option<(Usage, bool)> {
     }
     let data = joined.as_deref().or(single)?;
     let chunk: ChunkJson = serde_json::from_slice(data).ok()?;
-    let usage = chunk.usage?.into_usage()?;
+    let usage = match chunk.usage {
+        Some(usage) => usage,
+        None => chunk.response?.usage?,
+    }
+    .into_usage()?;
     let usage_only = chunk.choices.is_some_and(|choices| choices.is_empty());
     Some((usage, usage_only))
 }
@@ -940,8 +1021,8 @@ mod tests {
     }
 
     #[test]
-    fn oversized_event_passes_uninspected() {
-        // A usage-only event too big to inspect, then a normal one.
+    fn oversized_event_passes_and_its_usage_is_read_from_its_tail() {
+        // A usage-only event too big to hold, then a normal one.
         let padded = format!(
             "data: {{\"choices\":[],\"pad\":\"{}\",\"usage\":{{\"prompt_tokens\":1}}}}\n\n",
             "x".repeat(400)
@@ -962,10 +1043,24 @@ mod tests {
             format!("{padded}data: [DONE]\n\n")
         );
         assert_eq!(filter.usage(), Some(USAGE));
-        // In one frame the big event is not inspected either.
-        let mut filter = UsageFilter::with_max_event(true, 200);
-        assert_eq!(run(&mut filter, &[padded.as_bytes()]), padded.as_bytes());
-        assert_eq!(filter.usage(), None);
+        // Alone, in one frame or many, the big event is passed on whole
+        // (never removed) and its usage is read.
+        let one = Usage {
+            prompt_tokens: 1,
+            completion_tokens: 0,
+        };
+        for size in [1, 10, padded.len()] {
+            let frames: Vec<&[u8]> = padded.as_bytes().chunks(size).collect();
+            let mut filter = UsageFilter::with_max_event(true, 200);
+            assert_eq!(run(&mut filter, &frames), padded.as_bytes(), "{size}");
+            assert_eq!(filter.usage(), Some(one), "{size}");
+            // Unterminated at the end of the stream, too.
+            let cut = padded.trim_end();
+            let frames: Vec<&[u8]> = cut.as_bytes().chunks(size).collect();
+            let mut filter = UsageFilter::with_max_event(true, 200);
+            assert_eq!(run(&mut filter, &frames), cut.as_bytes(), "{size}");
+            assert_eq!(filter.usage(), Some(one), "{size}");
+        }
     }
 
     #[test]
@@ -1002,7 +1097,9 @@ mod tests {
                     let found = if size <= max_event {
                         read_event(event)
                     } else {
-                        None
+                        // Too big to parse whole: usage from its tail, and
+                        // never removed.
+                        usage_near_end(&event[..size]).map(|u| (u, false))
                     };
                     if let Some((u, _)) = found.filter(|(u, _)| u.is_plausible()) {
                         usage = Some(u);
@@ -1019,10 +1116,15 @@ mod tests {
             }
         }
         let rest = &input[start..];
-        if !rest.is_empty() && rest.len() <= max_event {
-            if let Some((u, _)) = read_event(rest).filter(|(u, _)| u.is_plausible()) {
-                usage = Some(u);
-            }
+        let found = if rest.is_empty() {
+            None
+        } else if rest.len() <= max_event {
+            read_event(rest).map(|(u, _)| u)
+        } else {
+            usage_near_end(rest)
+        };
+        if let Some(u) = found.filter(Usage::is_plausible) {
+            usage = Some(u);
         }
         out.extend_from_slice(rest);
         (out, usage)
@@ -1132,6 +1234,8 @@ mod tests {
                 "{\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}",
                 "{\"choices\":[{}],\"usage\":{\"prompt_tokens\":3}}",
                 "{\"choices\":[],", "\"usage\":{\"completion_tokens\":4}}",
+                "{\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":6}}}",
+                "{\"response\":{\"usage\":null}}", "{\"response\":{", "\"usage\":{\"output_tokens\":7}}}",
             ][..]), 0..40),
             cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
             single in any::<bool>(),
@@ -1245,5 +1349,242 @@ mod tests {
                 completion_tokens: 0
             })
         );
+    }
+
+    /// A Responses API stream as OpenAI sends it, `text` the answer, ending
+    /// with `end` (`response.completed`, `.incomplete` or `.failed`), whose
+    /// `response` repeats the whole answer and carries the usage.
+    fn responses_stream(text: &str, end: &str, le: &str) -> String {
+        let created = serde_json::json!({
+            "type": "response.created", "sequence_number": 0,
+            "response": {"id": "resp_1", "object": "response", "status": "in_progress", "output": [], "usage": null},
+        });
+        let delta = serde_json::json!({
+            "type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1",
+            "output_index": 0, "content_index": 0, "delta": text,
+        });
+        let done = serde_json::json!({
+            "type": end, "sequence_number": 2,
+            "response": {
+                "id": "resp_1", "object": "response", "status": "completed",
+                "output": [{"type": "message", "id": "msg_1", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "tools": [],
+                "usage": {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": 87, "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": 123},
+                "user": null, "metadata": {},
+            },
+        });
+        let event =
+            |name: &str, data: &serde_json::Value| format!("event: {name}{le}data: {data}{le}{le}");
+        [
+            event("response.created", &created),
+            event("response.output_text.delta", &delta),
+            event(end, &done),
+        ]
+        .concat()
+    }
+
+    const RESPONSES_USAGE: Usage = Usage {
+        prompt_tokens: 36,
+        completion_tokens: 87,
+    };
+
+    #[test]
+    fn responses_stream_usage_is_read_in_any_framing() {
+        let text = "Hi \"usage\": {\"input_tokens\": 1} \u{e9}\u{1f600}";
+        for end in [
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+        ] {
+            for le in ["\n", "\r\n", "\r"] {
+                let input = responses_stream(text, end, le);
+                let bytes = input.as_bytes();
+                for size in [1, 2, 7, 64, bytes.len()] {
+                    let frames: Vec<&[u8]> = bytes.chunks(size).collect();
+                    for strip in [false, true] {
+                        let mut filter = UsageFilter::new(strip);
+                        assert_eq!(run(&mut filter, &frames), bytes, "{end} {le:?} {size}");
+                        assert_eq!(filter.usage(), Some(RESPONSES_USAGE), "{end} {le:?} {size}");
+                    }
+                }
+            }
+        }
+        // Cut before its last event: only `"usage": null` was seen.
+        let input = responses_stream(text, "response.completed", "\n");
+        let cut = &input[..input.find("event: response.completed").unwrap()];
+        let mut filter = UsageFilter::new(false);
+        assert_eq!(run(&mut filter, &[cut.as_bytes()]), cut.as_bytes());
+        assert_eq!(filter.usage(), None);
+    }
+
+    #[test]
+    fn a_big_responses_event_is_read_from_its_tail() {
+        // `response.completed` repeats a 100 KB answer: too big to hold.
+        let text = "The weir holds \"the\" river back.\n".repeat(3_000);
+        let input = responses_stream(&text, "response.completed", "\n");
+        assert!(input.len() > 2 * MAX_EVENT_BYTES);
+        let bytes = input.as_bytes();
+        for size in [1, 1000, TAIL_BYTES + 1, MAX_EVENT_BYTES + 1, bytes.len()] {
+            let mut filter = UsageFilter::new(false);
+            let mut out = Vec::new();
+            for frame in bytes.chunks(size) {
+                out.extend_from_slice(&filter.push(Bytes::copy_from_slice(frame)));
+                assert!(filter.partial.len() <= MAX_EVENT_BYTES, "{size}");
+                assert!(filter.skipped.buf.len() <= 2 * TAIL_BYTES, "{size}");
+            }
+            out.extend_from_slice(&filter.finish());
+            assert!(out == bytes, "frames of {size}: the stream is untouched");
+            assert_eq!(filter.usage(), Some(RESPONSES_USAGE), "{size}");
+            assert_eq!(filter.skipped.buf.capacity(), 0, "given back");
+        }
+    }
+
+    #[test]
+    fn usage_names() {
+        let read = |usage: &str| usage_after_key(format!(": {usage}").as_bytes());
+        let usage = |prompt_tokens, completion_tokens| {
+            Some(Usage {
+                prompt_tokens,
+                completion_tokens,
+            })
+        };
+        assert_eq!(read(r#"{"input_tokens":5,"output_tokens":3}"#), usage(5, 3));
+        assert_eq!(read(r#"{"input_tokens":5}"#), usage(5, 0));
+        assert_eq!(read(r#"{"output_tokens":3}"#), usage(0, 3));
+        // The chat names win where a server sends both.
+        assert_eq!(
+            read(r#"{"prompt_tokens":1,"input_tokens":2,"output_tokens":4,"completion_tokens":3}"#),
+            usage(1, 3)
+        );
+        assert_eq!(read(r#"{"total_tokens":3}"#), None);
+        assert_eq!(read(r#"{"input_tokens":-3}"#), None);
+        assert_eq!(
+            read(r#"{"input_tokens":18446744073709551615,"output_tokens":1}"#),
+            None
+        );
+        // In an event: at the top, or in `response`; not elsewhere.
+        let event = |data: &str| read_event(format!("data: {data}\n\n").as_bytes());
+        assert_eq!(
+            event(
+                r#"{"type":"response.failed","response":{"usage":{"input_tokens":5,"output_tokens":3}}}"#
+            ),
+            Some((
+                Usage {
+                    prompt_tokens: 5,
+                    completion_tokens: 3
+                },
+                false
+            ))
+        );
+        assert_eq!(event(r#"{"response":{"usage":null}}"#), None);
+        assert_eq!(event(r#"{"item":{"usage":{"input_tokens":5}}}"#), None);
+    }
+
+    #[test]
+    fn tail_reads_a_responses_body() {
+        let body = serde_json::json!({
+            "id": "resp_1", "object": "response", "status": "completed",
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "y".repeat(50_000)}]}],
+            "usage": {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": 87, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 123},
+            "user": null, "metadata": {"k": "v"},
+        })
+        .to_string();
+        for size in [1, 1000, body.len()] {
+            let chunks: Vec<&[u8]> = body.as_bytes().chunks(size).collect();
+            assert_eq!(tail_of(&chunks).usage(), Some(RESPONSES_USAGE), "{size}");
+        }
+    }
+
+    /// The usage serde reads from one event's data, as SPEC means it: the
+    /// top-level `usage` or, for a Responses event, `response.usage`.
+    fn serde_usage(data: &serde_json::Value) -> Option<Usage> {
+        let usage = match data.get("usage") {
+            Some(usage) if !usage.is_null() => usage,
+            _ => data.get("response")?.get("usage")?,
+        };
+        let count = |chat: &str, responses: &str| {
+            usage.get(chat).or_else(|| usage.get(responses))?.as_u64()
+        };
+        let (prompt, completion) = (
+            count("prompt_tokens", "input_tokens"),
+            count("completion_tokens", "output_tokens"),
+        );
+        (prompt.is_some() || completion.is_some()).then(|| Usage {
+            prompt_tokens: prompt.unwrap_or(0),
+            completion_tokens: completion.unwrap_or(0),
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn responses_streams_match_serde(
+            events in prop::collection::vec((
+                0..4u8,
+                "[a-z \"\\\\:{}é中😀\n\r]{0,40}|\"usage\": \\{\"input_tokens\": 9\\}",
+                0..3usize,
+                any::<u32>(),
+                any::<u32>(),
+                any::<bool>(),
+                0..ENDINGS.len(),
+            ), 0..6),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+            single in any::<bool>(),
+            strip in any::<bool>(),
+            max_event in prop::sample::select(&[0usize, 100, 300, 600, MAX_EVENT_BYTES][..]),
+        ) {
+            let mut input = String::new();
+            let mut want = None;
+            for (kind, text, repeat, prompt, completion, split, le) in events {
+                let (le, blank) = ENDINGS[le];
+                let text = text.repeat(repeat * 20 + 1);
+                let usage = serde_json::json!({"input_tokens": prompt, "output_tokens": completion, "total_tokens": 1});
+                let (name, fields) = match kind {
+                    0 => ("response.output_text.delta", serde_json::json!({"delta": text})),
+                    1 => ("response.created", serde_json::json!({"response": {"output": [], "usage": null}})),
+                    2 => ("response.completed", serde_json::json!({"response": {"output": [{"text": text}], "usage": usage, "metadata": {"text": text}}})),
+                    _ => ("response.incomplete", serde_json::json!({"response": {"output": [{"text": text}], "usage": usage}})),
+                };
+                // Sometimes a second data line before the response object,
+                // where the usage of an event too big to parse is still read.
+                let head = format!("{{\"type\":\"{name}\",\"sequence_number\":1,");
+                let fields = fields.to_string();
+                let rest = fields.strip_prefix('{').unwrap_or_default();
+                // The reference: serde's reading of the data as SSE joins it.
+                let data: serde_json::Value = serde_json::from_str(&format!("{head}\n{rest}")).unwrap();
+                if let Some(usage) = serde_usage(&data) {
+                    want = Some(usage);
+                }
+                let middle = if split { format!("{le}data: ") } else { String::new() };
+                input += &format!("event: {name}{le}data: {head}{middle}{rest}{le}{blank}");
+            }
+            let frames = frames(input.as_bytes(), &cuts, single);
+            let mut filter = UsageFilter::with_max_event(strip, max_event);
+            let out = run(&mut filter, &frames);
+            prop_assert_eq!(String::from_utf8_lossy(&out), input);
+            prop_assert_eq!(filter.usage(), want);
+        }
+
+        #[test]
+        fn responses_bodies_match_serde(
+            text in "[a-z \"\\\\:{}é中😀\n\r]{0,40}|\"usage\": \\{\"input_tokens\": 9\\}",
+            repeat in 0..2000usize,
+            usage in prop::option::of((any::<u32>(), any::<u32>())),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let text = text.repeat(repeat);
+            let usage_json = usage.map(|(p, c)| serde_json::json!({"input_tokens": p, "output_tokens": c, "total_tokens": 1}));
+            let body = serde_json::json!({
+                "object": "response", "output": [{"content": [{"text": text}]}],
+                "usage": usage_json, "user": null, "metadata": {"note": "usage"},
+            });
+            let want = serde_usage(&body);
+            let body = body.to_string();
+            let chunks = frames(body.as_bytes(), &cuts, false);
+            prop_assert_eq!(tail_of(&chunks).usage(), want);
+        }
     }
 }
