@@ -66,6 +66,9 @@ pub(crate) struct Shared {
     /// Set when `shutdown_grace` ran out: a request dropped from then on
     /// was cut by weir, not left by its client (its log says `shutdown`).
     pub cut: std::sync::atomic::AtomicBool,
+    /// Ends `shutdown_grace` early (a second signal): connections still
+    /// open are cut then, as at the grace's end.
+    pub grace_over: CancellationToken,
 }
 
 impl Shared {
@@ -235,6 +238,7 @@ impl Gateway {
             active_retries: std::sync::atomic::AtomicU64::new(0),
             cluster: cluster.clone(),
             cut: std::sync::atomic::AtomicBool::new(false),
+            grace_over: CancellationToken::new(),
         });
         let addr = listener.local_addr().map_err(StartError::Listener)?;
         let admin_addr = match &admin {
@@ -317,6 +321,15 @@ impl Handle {
     /// finish within `shutdown_grace`.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Cancelling this ends the `shutdown_grace` of a shutdown under way at
+    /// once (an operator's second signal): connections still open are
+    /// closed and what they were serving is logged as cut by weir
+    /// (`ending="shutdown"`), as at the grace's end; [`Handle::wait`] then
+    /// returns. A token, since `wait` takes the handle.
+    pub fn grace_ender(&self) -> CancellationToken {
+        self.shared.grace_over.clone()
     }
 
     /// Waits until every listener has shut down and its connections closed

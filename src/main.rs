@@ -17,8 +17,9 @@ use weir::{config::LogFormat, mock::MockConfig, Config, Gateway, Handle};
 #[derive(Parser, Debug)]
 #[command(name = "weir", version, about)]
 struct Cli {
-    /// Config file (default: $WEIR_CONFIG, else config/weir.toml).
-    #[arg(long, global = true, env = "WEIR_CONFIG")]
+    /// Config file (default: $WEIR_CONFIG, else config/weir.toml). An
+    /// empty WEIR_CONFIG counts as unset.
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -111,7 +112,15 @@ fn non_negative(text: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // Read here rather than by clap, which refuses an empty variable (as
+    // a `--config` with no value) in every subcommand, even those that
+    // read no config.
+    if cli.config.is_none() {
+        cli.config = std::env::var_os("WEIR_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -184,7 +193,15 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // An unset RUST_LOG means `info`; an invalid one too, said once logging
+    // is up (a typo should not silently change what is logged).
+    let (filter, invalid) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            EnvFilter::new("info"),
+            std::env::var_os("RUST_LOG").map(|_| e.to_string()),
+        ),
+    };
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -194,6 +211,9 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    if let Some(error) = invalid {
+        tracing::warn!(%error, "RUST_LOG is not a valid filter; logging at info");
+    }
 }
 
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
@@ -250,10 +270,24 @@ async fn run_until_signalled(handle: Handle, signals: Signals) -> anyhow::Result
     }
     tracing::info!("shutting down: no new connections; waiting for in-flight requests (signal again to stop now)");
     handle.shutdown();
-    tokio::select! {
-        () = handle.wait() => {}
-        _ = terminate.recv() => anyhow::bail!("stopped by a second signal before in-flight requests finished"),
-        _ = interrupt.recv() => anyhow::bail!("stopped by a second signal before in-flight requests finished"),
+    let again = async {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    };
+    let end_grace = handle.grace_ender();
+    let wait = handle.wait();
+    tokio::pin!(wait);
+    let second = tokio::select! {
+        () = &mut wait => false,
+        () = again => true,
+    };
+    if second {
+        // What is still open is cut now, and logged as cut, before exit.
+        end_grace.cancel();
+        wait.await;
+        anyhow::bail!("stopped by a second signal before in-flight requests finished");
     }
     tracing::info!("shutdown complete");
     Ok(())

@@ -695,9 +695,12 @@ async fn admin_and_probe_endpoints_answer() {
     let m = get(a, "/metrics").await;
     assert_eq!(m.status, 200);
     assert!(m.text().contains("weir_build_info"), "{}", m.text());
-    get(a, "/nope")
-        .await
-        .assert_error(404, "invalid_request_error", "unknown_url");
+    // `/` too (load balancers' default health check): unknown, not bad.
+    for path in ["/nope", "/"] {
+        get(a, path)
+            .await
+            .assert_error(404, "invalid_request_error", "unknown_url");
+    }
     get(a, "/v1/../admin/backends").await.assert_error(
         400,
         "invalid_request_error",

@@ -857,6 +857,42 @@ async fn connections_beyond_max_connections_wait_for_a_slot() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// With `admin_listen`, the admin listener has connection slots of its
+/// own: clients get all `max_connections`, and holding them all does not
+/// lock out the operator's probes and scrapes.
+#[tokio::test]
+async fn clients_at_max_connections_leave_the_admin_listener_serving() {
+    let m = weir::mock::start(MockConfig::default().models(vec![MODEL.into()]))
+        .await
+        .unwrap();
+    let toml = format!(
+        "[server]\nmax_connections = 2\nheader_read_timeout = \"30s\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (listener, admin) = (bind(), bind());
+    for l in [&listener, &admin] {
+        l.set_nonblocking(true).unwrap();
+    }
+    let gw = weir::Gateway::new(config(&toml))
+        .start_on(
+            tokio::net::TcpListener::from_std(listener).unwrap(),
+            Some(tokio::net::TcpListener::from_std(admin).unwrap()),
+        )
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        let answer = keep_alive_request(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(s);
+    }
+    for _ in 0..3 {
+        let r = get(gw.admin_addr(), "/healthz").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}
+
 /// Request ids: a client id with a CR-free but non-visible or too long
 /// value is replaced, never echoed.
 #[tokio::test]

@@ -326,6 +326,13 @@ async fn json_log_lines_carry_every_field_and_no_secret() {
     assert_eq!(first["backend"], "b1");
     assert_eq!(first["status"], 200);
     assert_eq!(first["ending"], "complete");
+    let client = first["client"].as_str().unwrap_or_default();
+    assert!(
+        client
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback()),
+        "the client's address: {first}"
+    );
     let stream = requests
         .iter()
         .find(|j| j["request_id"] != "log-test-1")

@@ -65,6 +65,47 @@ fn mock_refuses_out_of_range_rates() {
     }
 }
 
+/// `WEIR_CONFIG` names the config when `--config` does not; set but empty,
+/// it counts as unset (`config/weir.toml`), in every subcommand.
+#[test]
+fn weir_config_names_the_file_and_empty_means_unset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        "[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n",
+    );
+    let check = |env: &std::ffi::OsStr| {
+        Command::new(BIN)
+            .arg("check")
+            .current_dir(dir.path())
+            .env("WEIR_CONFIG", env)
+            .output()
+            .unwrap()
+    };
+    let out = check(path.as_os_str());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = check("".as_ref());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("config/weir.toml"), "{err}");
+    let out = Command::new(BIN)
+        .args(["mock", "--help"])
+        .env("WEIR_CONFIG", "")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A taken port stops start-up with exit 1 and says why once.
 #[test]
 fn a_taken_port_is_reported_once_and_exits_one() {
@@ -236,13 +277,13 @@ async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
 }
 
 /// A second SIGTERM during the grace period stops weir at once (exit 1),
-/// cutting the stream still running.
+/// cutting the stream still running, which is logged as cut by weir.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_stops_at_once() {
     // 1,000 chunks at 10/s: far longer than the test.
     let (m, _dir, mut weir) = weir_before_a_slow_stream(1000, "60s").await;
     let addr = weir.addr;
-    let request = raw_chat(&chat("m", true), "");
+    let request = raw_chat(&chat("m", true), "x-request-id: SECOND-CUT\r\n");
     let stream = tokio::spawn(async move { raw(addr, request, Duration::from_secs(30)).await });
     assert!(
         eventually(Duration::from_secs(5), || m.in_flight() == 1).await,
@@ -265,6 +306,23 @@ async fn a_second_signal_stops_at_once() {
             .unwrap();
     assert_eq!(code, Some(1), "{}", log.lock().unwrap());
     assert!(log.lock().unwrap().contains("second signal"));
+    assert!(
+        eventually(Duration::from_secs(5), || log
+            .lock()
+            .unwrap()
+            .contains("SECOND-CUT"))
+        .await,
+        "{}",
+        log.lock().unwrap()
+    );
+    let line = log
+        .lock()
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("SECOND-CUT"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(line.contains("ending=\"shutdown\""), "{line}");
     let s = stream.await.unwrap();
     assert!(s.closed, "the stream was cut");
     assert!(!String::from_utf8_lossy(&s.bytes).contains("[DONE]"));

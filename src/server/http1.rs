@@ -186,7 +186,7 @@ impl Conn {
                 Next::Head(head) => head,
                 Next::Refuse(refusal) => {
                     let Refusal { error, head } = *refusal;
-                    let response = super::refuse(error, head.as_ref(), &self.shared);
+                    let response = super::refuse(error, head.as_ref(), self.peer, &self.shared);
                     // A HEAD gets its refusal without a body (RFC 9110 §9.3.2).
                     let method = match &head {
                         Some(head) if head.method == Method::HEAD => Method::HEAD,

@@ -22,7 +22,10 @@ use std::{cell::RefCell, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use http::{HeaderValue, Method, Response, Uri};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -72,6 +75,11 @@ const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 /// instead of spinning on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Connections the separate admin listener (`admin_listen`) serves at once,
+/// outside `max_connections`: probes and scrapes must get through when
+/// clients have taken every client slot, which is when they matter most.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// Serves one listener until `shutdown` is cancelled, then lets open
 /// connections finish within `shutdown_grace`.
 pub(crate) async fn serve(
@@ -101,12 +109,19 @@ pub(crate) async fn serve(
     // Connections are tracked (for the shutdown grace) by a TaskTracker,
     // not a JoinSet that would grow with every connection.
     let tracker = TaskTracker::new();
+    // The admin listener has slots of its own: sharing `max_connections`
+    // would let clients lock out probes, and its idle accept loop would
+    // hold one of the clients' slots.
+    let slots = match role {
+        Role::Admin => Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)),
+        Role::Public | Role::Both => shared.connections.clone(),
+    };
     loop {
         // Wait for a connection slot before accepting, so connections beyond
         // `max_connections` wait in the kernel's backlog instead of spinning.
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
-            permit = shared.connections.clone().acquire_owned() => match permit {
+            permit = slots.clone().acquire_owned() => match permit {
                 Ok(p) => p,
                 // The semaphore is never closed; if it were, stop serving.
                 Err(_) => break,
@@ -146,11 +161,18 @@ pub(crate) async fn serve(
     drop(listener);
     tracker.close();
     let grace = shared.snapshot.load().config.server.shutdown_grace;
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            ?grace,
-            "shutdown grace passed with connections still open; closing them"
-        );
+    let closed = tokio::select! {
+        () = tracker.wait() => true,
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "shutdown grace passed with connections still open; closing them");
+            false
+        }
+        () = shared.grace_over.cancelled() => {
+            tracing::warn!("grace ended by a second signal; closing the connections still open");
+            false
+        }
+    };
+    if !closed {
         shared.cut.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     // Stops the lane threads, dropping connections still open past the
@@ -250,6 +272,7 @@ async fn route(
     let mut routing = Routing { log: None, shared };
     let log = routing.log.insert(AccessLog::new(
         request_id.clone(),
+        peer,
         head.method.clone(),
         head.uri.clone(),
     ));
@@ -293,12 +316,18 @@ const CLIENT_CLOSED_REQUEST: u16 = 499;
 fn refuse(
     error: ApiError,
     head: Option<&ClientHead>,
+    peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Response<GatewayBody> {
     let request_id = request_id(head.and_then(|h| h.headers.value(Name::RequestId)));
     let log = match head {
-        Some(head) => AccessLog::new(request_id.clone(), head.method.clone(), head.uri.clone()),
-        None => AccessLog::unparsed(request_id.clone()),
+        Some(head) => AccessLog::new(
+            request_id.clone(),
+            peer,
+            head.method.clone(),
+            head.uri.clone(),
+        ),
+        None => AccessLog::unparsed(request_id.clone(), peer),
     };
     stamp(error.into_response(), request_id, Some(log), shared)
 }
@@ -445,6 +474,10 @@ pub(crate) fn check_path(path: &str) -> Result<(), ApiError> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(ApiError::BadPath("the path must start with /"));
     };
+    // `/` itself has no segment, empty or not: routing answers it (404).
+    if rest.is_empty() {
+        return Ok(());
+    }
     for segment in rest.as_bytes().split(|&b| b == b'/') {
         if segment.is_empty() {
             return Err(ApiError::BadPath("empty path segment"));
@@ -578,6 +611,7 @@ mod tests {
             "/v1/..a/x",
             "/v1/%2f/x",
             "/v1/%2",
+            "/",
         ] {
             assert!(check_path(ok).is_ok(), "{ok}");
         }
