@@ -44,6 +44,27 @@ async fn admin_backend(gw: &weir::Handle, name: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no backend {name} in {j}"))
 }
 
+/// Polls `/admin/backends` until backend `name` satisfies `done`; returns
+/// its last entry and whether `done` held within `within`.
+async fn admin_until(
+    gw: &weir::Handle,
+    name: &str,
+    within: Duration,
+    mut done: impl FnMut(&serde_json::Value) -> bool,
+) -> (serde_json::Value, bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        let b = admin_backend(gw, name).await;
+        if done(&b) {
+            return (b, true);
+        }
+        if Instant::now() >= deadline {
+            return (b, false);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn mocks(n: usize, cfg: MockConfig) -> Vec<MockHandle> {
     let mut v = Vec::new();
     for i in 0..n {
@@ -312,6 +333,52 @@ async fn readiness_takes_out_a_backend_that_cannot_infer() {
         metrics.contains("weir_backend_effective_weight{backend=\"b0\",model=\"m\"} 0"),
         "{metrics}"
     );
+}
+
+/// SPEC "Health states": slowness is judged on answers only. A failed
+/// readiness probe (not yet `unhealthy_threshold` of them) is no fast
+/// answer, so a degraded backend stays degraded at half weight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_readiness_probe_keeps_a_slow_backend_degraded() {
+    let ms = mocks(2, MockConfig::default()).await;
+    let health = "[health]\nunhealthy_threshold = 1000\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"50ms\", timeout = \"2s\", degraded_latency = \"100ms\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let gw = gateway(&config_for(
+        &ms,
+        &[100, 100],
+        health,
+        "health_path = \"/health\"\n",
+    ))
+    .await;
+    ms[0].update(|c| c.latency = Duration::from_millis(300));
+    let (b0, slow) = admin_until(&gw, "b0", Duration::from_secs(10), |b| {
+        b["state"] == "degraded"
+    })
+    .await;
+    assert!(slow, "a slow readiness answer degrades: {b0}");
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") == 50).await);
+    // Now readiness fails, fast: no answer at all, which must not read as
+    // a fast one.
+    ms[0].update(|c| {
+        c.latency = Duration::ZERO;
+        c.fail_inference_only = true;
+    });
+    let (b0, failed) = admin_until(&gw, "b0", Duration::from_secs(10), |b| {
+        b["tiers"]["readiness"]["consecutive_failures"]
+            .as_u64()
+            .is_some_and(|n| n >= 2)
+    })
+    .await;
+    assert!(failed, "readiness failures: {b0}");
+    assert_eq!(b0["state"], "degraded", "{b0}");
+    assert_eq!(b0["tiers"]["readiness"]["state"], "slow", "{b0}");
+    assert_eq!(weight(&gw, "b0"), 50);
+    // The next fast answer restores it.
+    ms[0].update(|c| c.fail_inference_only = false);
+    let (b0, restored) = admin_until(&gw, "b0", Duration::from_secs(10), |b| {
+        b["state"] == "healthy"
+    })
+    .await;
+    assert!(restored, "{b0}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -197,10 +197,18 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
         }
         Tier::Readiness => {
             let outcome = probes::readiness(backend, health.readiness.timeout).await;
-            let slow = outcome.is_pass() && outcome.latency() > health.readiness.degraded_latency;
             // SPEC "Health states": one slow answer degrades, the next fast
-            // one restores; slowness does not count towards rise/fall.
-            observe(backend, tier, &outcome, thresholds, |h| h.set_slow(slow))
+            // one restores; slowness does not count towards rise/fall. A
+            // failure is no answer, so it leaves slowness as it was (it
+            // counts towards `unhealthy_threshold` instead).
+            let slow = outcome
+                .is_pass()
+                .then(|| outcome.latency() > health.readiness.degraded_latency);
+            observe(backend, tier, &outcome, thresholds, |h| {
+                if let Some(slow) = slow {
+                    h.set_slow(slow);
+                }
+            })
         }
         Tier::Deep => {
             let result = probes::deep(
