@@ -184,9 +184,17 @@ impl HealthRecord {
             self.pending = false;
         }
         if was_out && !self.is_out() {
-            self.back_since = Some(now);
+            self.back_since = Some(self.returns_at(now));
         }
         flip
+    }
+
+    /// When a backend that passes its probes again at `now` is back in
+    /// rotation: now, or when its ejection ends if it is still ejected (the
+    /// ejection holds "whatever its probes say", SPEC "Ejection"), so its
+    /// slow start runs from then and it does not return at full weight.
+    fn returns_at(&self, now: Instant) -> Instant {
+        self.ejected_until.map_or(now, |until| until.max(now))
     }
 
     /// Readiness: whether the last answer was slower than `degraded_latency`.
@@ -400,6 +408,41 @@ mod tests {
         }
         assert_eq!(h.ejected_until, Some(now + MAX_EJECTION));
         assert_eq!(h.state(now + MAX_EJECTION), HealthState::Healthy);
+    }
+
+    /// A backend that crashed (so was ejected and then failed liveness)
+    /// and recovers while still ejected returns through the full slow start
+    /// when the ejection ends, not at the weight the ramp would have
+    /// reached since the probes passed again.
+    #[test]
+    fn recovering_during_an_ejection_slow_starts_when_it_ends() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let slow_start = Duration::from_secs(10);
+        let mut h = HealthRecord::default();
+        let until = h.eject(t0, Duration::from_secs(30));
+        for _ in 0..3 {
+            h.observe(Tier::Liveness, false, ms, Some("refused".into()), T, t0);
+        }
+        assert!(h.is_out());
+        let recovered = t0 + Duration::from_secs(5);
+        for _ in 0..2 {
+            h.observe(Tier::Liveness, true, ms, None, T, recovered);
+        }
+        assert!(!h.is_out());
+        assert_eq!(h.back_since, Some(until));
+        assert_eq!(h.state(until - ms), HealthState::Ejected);
+        assert!((h.factor(until, slow_start) - 0.1).abs() < 1e-9);
+        assert!((h.factor(until + slow_start / 2, slow_start) - 0.55).abs() < 1e-9);
+        // Recovering after the ejection ended ramps from then.
+        let later = until + Duration::from_secs(60);
+        for _ in 0..3 {
+            h.observe(Tier::Liveness, false, ms, Some("refused".into()), T, later);
+        }
+        for _ in 0..2 {
+            h.observe(Tier::Liveness, true, ms, None, T, later);
+        }
+        assert_eq!(h.back_since, Some(later));
     }
 
     #[test]
