@@ -10,7 +10,7 @@ use weir::balancer::Pool;
 
 /// Uneven weights (10..=50), as a mixed fleet would have.
 fn pool(n: usize) -> Pool {
-    Pool::new((0..n).map(|i| 10 * (1 + (i % 5) as u32)).collect())
+    Pool::new((0..n).map(|i| 10 * (1 + (i % 5) as u64)).collect())
 }
 
 fn bench(c: &mut Criterion) {
@@ -28,7 +28,7 @@ fn bench(c: &mut Criterion) {
     group.finish();
     let mut group = c.benchmark_group("balancer/build");
     for n in [2usize, 16, 1000] {
-        let weights: Vec<u32> = (0..n).map(|i| 10 * (1 + (i % 5) as u32)).collect();
+        let weights: Vec<u64> = (0..n).map(|i| 10 * (1 + (i % 5) as u64)).collect();
         group.bench_with_input(BenchmarkId::from_parameter(n), &weights, |b, w| {
             b.iter(|| Pool::new(black_box(w.clone())))
         });

@@ -68,10 +68,10 @@ pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
                 let weight = snapshot
                     .model(name)
                     .and_then(|route| route.members.iter().find(|m| Arc::ptr_eq(&m.backend, b)))
-                    .map_or(0, |m| m.effective_weight);
+                    .map_or(0.0, |m| m.effective_weight);
                 models.insert(
                     name.clone(),
-                    serde_json::json!({ "effective_weight": weight }),
+                    serde_json::json!({ "effective_weight": weight_json(weight) }),
                 );
             }
             let mut tiers = serde_json::Map::new();
@@ -137,6 +137,18 @@ pub(crate) fn cluster(shared: &Shared) -> Response<GatewayBody> {
         |cluster| cluster.status(),
     );
     json_response(StatusCode::OK, status.to_string())
+}
+
+/// An effective weight as JSON: a whole number as an integer (`100`, as
+/// configured weights are written), a fraction as one (`0.5`).
+fn weight_json(weight: f64) -> serde_json::Value {
+    // Below 2^53 every whole f64 is an exact integer; weights stay under
+    // u32::MAX.
+    if weight.fract() == 0.0 && (0.0..9.0e15).contains(&weight) {
+        serde_json::Value::from(weight as u64)
+    } else {
+        serde_json::Value::from(weight)
+    }
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-23T10:44:48.123Z`.

@@ -17,7 +17,16 @@
 //! Which peers are eligible (saturated, already tried in this request) is
 //! decided by the caller through a predicate. An ineligible peer's turns
 //! are passed over, so the peers left share the traffic in proportion to
-//! their weights, as nginx's skipping does.
+//! their weights, as nginx's skipping does. A pick that has passed over as
+//! many turns as there are peers in rotation checks once whether any peer
+//! is eligible at all, so a pick among only ineligible peers costs
+//! O(peers), not a walk of the whole period.
+//!
+//! Weights are integers; the snapshot hands over effective weights in
+//! thousandths (`health::state::WEIGHT_SCALE`), so a weight-1 backend at
+//! half health gets half the picks of its peers rather than rounding back
+//! up to 1. The gcd reduction below takes the scale out again whenever the
+//! weights share it (equal weights still make a period of one pick each).
 //!
 //! The period is `sum(weights) / gcd(weights)`. Building it costs
 //! `period × peers` steps, kept under [`BUILD_BUDGET`] by scaling the
@@ -47,7 +56,10 @@ pub const MAX_PERIOD: u64 = 1 << 16;
 #[derive(Debug)]
 pub struct Pool {
     /// Effective weight per peer, in the snapshot's member order.
-    weights: Box<[u32]>,
+    weights: Box<[u64]>,
+    /// Peers with a non-zero weight: after this many ineligible turns a
+    /// pick checks whether any peer is eligible at all.
+    live: usize,
     /// One period of picks: peer indices, each appearing `weight` times
     /// (after the gcd reduction and any scaling).
     schedule: Box<[u32]>,
@@ -58,7 +70,7 @@ pub struct Pool {
 impl Pool {
     /// A pool over peers with these effective weights (0 = never picked),
     /// starting at a random point of its period.
-    pub fn new(weights: Vec<u32>) -> Self {
+    pub fn new(weights: Vec<u64>) -> Self {
         let pool = Self::starting_at(weights, 0);
         if !pool.schedule.is_empty() {
             let phase = rand::random_range(0..pool.schedule.len());
@@ -69,9 +81,10 @@ impl Pool {
 
     /// A pool whose first pick is `phase` picks into the period (tests and
     /// benches want a known sequence).
-    pub fn starting_at(weights: Vec<u32>, phase: usize) -> Self {
+    pub fn starting_at(weights: Vec<u64>, phase: usize) -> Self {
         let schedule = schedule(&weights);
         Self {
+            live: weights.iter().filter(|&&w| w > 0).count(),
             weights: weights.into_boxed_slice(),
             schedule,
             next: AtomicUsize::new(phase),
@@ -89,7 +102,7 @@ impl Pool {
     }
 
     /// The effective weight of peer `i` (0 when out of range).
-    pub fn weight(&self, i: usize) -> u32 {
+    pub fn weight(&self, i: usize) -> u64 {
         self.weights.get(i).copied().unwrap_or(0)
     }
 
@@ -103,29 +116,41 @@ impl Pool {
     ///
     /// When every peer is eligible this is O(1): one turn. An ineligible
     /// peer's turn is passed over, so the walk is at most one period long
-    /// (it ends at the first eligible peer).
+    /// (it ends at the first eligible peer); when no peer is eligible it
+    /// ends after as many turns as there are peers in rotation.
     pub fn pick(&self, mut eligible: impl FnMut(usize) -> bool) -> Option<usize> {
         let len = self.schedule.len();
-        if len == 0 {
-            return None;
+        for look in 1..=len {
+            // Each look takes the next turn of the shared sequence, so an
+            // ineligible peer's turns are passed over and the eligible
+            // peers' turns keep their proportions (taking "the entry after
+            // it" instead would hand all of them to whichever peer follows
+            // it). Relaxed: the counter only spreads picks; it orders no
+            // other memory.
+            let turn = self.next.fetch_add(1, Ordering::Relaxed) % len;
+            let peer = self.schedule.get(turn).map(|&i| i as usize);
+            if let Some(i) = peer.filter(|&i| eligible(i)) {
+                return Some(i);
+            }
+            // A long period (uneven weights) is not walked to its end
+            // just to learn that every peer is saturated or tried.
+            if look == self.live && !self.any_eligible(&mut eligible) {
+                return None;
+            }
         }
-        // Each look takes the next turn of the shared sequence, so an
-        // ineligible peer's turns are passed over and the eligible peers'
-        // turns keep their proportions (taking "the entry after it" instead
-        // would hand all of them to whichever peer follows it). Relaxed: the
-        // counter only spreads picks; it orders no other memory.
-        (0..len)
-            .map(|_| self.next.fetch_add(1, Ordering::Relaxed) % len)
-            .filter_map(|turn| self.schedule.get(turn))
-            .map(|&i| i as usize)
-            .find(|&i| eligible(i))
+        None
+    }
+
+    /// Whether some peer in rotation is eligible.
+    fn any_eligible(&self, eligible: &mut impl FnMut(usize) -> bool) -> bool {
+        (0..self.weights.len()).any(|i| self.weight(i) > 0 && eligible(i))
     }
 }
 
 /// One period of nginx's smooth weighted round-robin over `weights`: each
 /// round adds every live peer's weight to its `current`, picks the largest
 /// (the earlier peer on a tie) and subtracts the total from it.
-fn schedule(weights: &[u32]) -> Box<[u32]> {
+fn schedule(weights: &[u64]) -> Box<[u32]> {
     let weights = period_weights(weights);
     let weights: Vec<i64> = weights
         .into_iter()
@@ -162,14 +187,13 @@ fn schedule(weights: &[u32]) -> Box<[u32]> {
 /// equal weights has a period of one pick per peer), then, if building the
 /// period would exceed [`BUILD_BUDGET`], scaled down proportionally with
 /// every live peer keeping at least 1.
-fn period_weights(weights: &[u32]) -> Vec<u64> {
-    let divisor = weights
-        .iter()
-        .fold(0u64, |g, &w| gcd(g, u64::from(w)))
-        .max(1);
-    let mut reduced: Vec<u64> = weights.iter().map(|&w| u64::from(w) / divisor).collect();
+fn period_weights(weights: &[u64]) -> Vec<u64> {
+    let divisor = weights.iter().fold(0u64, |g, &w| gcd(g, w)).max(1);
+    let mut reduced: Vec<u64> = weights.iter().map(|&w| w / divisor).collect();
     let live = reduced.iter().filter(|&&w| w > 0).count() as u64;
-    let total: u64 = reduced.iter().sum();
+    // Saturating: a million peers of u64-sized weights would overflow the
+    // sum; the scaling below then still brings the period into bounds.
+    let total: u64 = reduced.iter().fold(0u64, |t, &w| t.saturating_add(w));
     if live > 0 && (total.saturating_mul(live) > BUILD_BUDGET || total > MAX_PERIOD) {
         let max_total = (BUILD_BUDGET / live).min(MAX_PERIOD).max(live);
         for w in reduced.iter_mut().filter(|w| **w > 0) {
@@ -192,7 +216,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 mod tests {
     use super::*;
 
-    fn sequence(weights: &[u32], n: usize) -> Vec<usize> {
+    fn sequence(weights: &[u64], n: usize) -> Vec<usize> {
         let pool = Pool::starting_at(weights.to_vec(), 0);
         (0..n).filter_map(|_| pool.pick(|_| true)).collect()
     }
@@ -240,6 +264,32 @@ mod tests {
     }
 
     #[test]
+    fn a_pick_among_ineligible_peers_stops_after_one_turn_per_peer() {
+        // Uneven weights: a period of 3,000 turns.
+        let pool = Pool::starting_at(vec![999, 1000, 1001, 0], 0);
+        assert_eq!(pool.schedule.len(), 3000);
+        assert_eq!(pool.pick(|_| false), None);
+        assert_eq!(pool.next.load(Ordering::Relaxed), 3, "turns taken");
+        // One eligible peer is still found, however far its turn is.
+        assert_eq!(pool.pick(|i| i == 2), Some(2));
+        let before = pool.next.load(Ordering::Relaxed);
+        for _ in 0..100 {
+            assert_eq!(pool.pick(|i| i == 0), Some(0));
+        }
+        assert!(pool.next.load(Ordering::Relaxed) - before < 100 * 4);
+    }
+
+    #[test]
+    fn weights_in_thousandths_keep_their_shares() {
+        // Three weight-1 backends in thousandths, one at half health.
+        let pool = Pool::starting_at(vec![500, 1000, 1000], 0);
+        assert_eq!(pool.schedule.len(), 5);
+        let picks = sequence(&[500, 1000, 1000], 500);
+        let count = |p: usize| picks.iter().filter(|&&i| i == p).count();
+        assert_eq!((count(0), count(1), count(2)), (100, 200, 200));
+    }
+
+    #[test]
     fn equal_weights_reduce_to_one_pick_each() {
         let pool = Pool::starting_at(vec![100; 5], 0);
         assert_eq!(pool.schedule.len(), 5);
@@ -249,7 +299,7 @@ mod tests {
 
     #[test]
     fn weights_in_the_billions_keep_a_short_period_and_their_shares() {
-        let pool = Pool::new(vec![u32::MAX, u32::MAX - 1]);
+        let pool = Pool::new(vec![u64::from(u32::MAX), u64::from(u32::MAX - 1)]);
         assert!(
             pool.schedule.len() as u64 <= MAX_PERIOD,
             "{}",
@@ -268,7 +318,7 @@ mod tests {
 
     #[test]
     fn a_huge_uneven_pool_is_scaled_within_budget_and_keeps_every_peer() {
-        let weights: Vec<u32> = (0..1000u32).map(|i| 1 + (i * 7919) % 1000).collect();
+        let weights: Vec<u64> = (0..1000u64).map(|i| 1 + (i * 7919) % 1000).collect();
         let pool = Pool::new(weights.clone());
         let len = pool.schedule.len() as u64;
         assert!(len * 1000 <= BUILD_BUDGET + 1000 * 1000, "period {len}");
@@ -301,10 +351,10 @@ mod proptests {
         /// its weight's times, and no peer runs longer than its share allows
         /// (the picks interleave rather than bunch).
         #[test]
-        fn picks_match_weights_exactly_and_interleave(weights in prop::collection::vec(0u32..20, 1..8), start in 0usize..50) {
+        fn picks_match_weights_exactly_and_interleave(weights in prop::collection::vec(0u64..20, 1..8), start in 0usize..50) {
             prop_assume!(weights.iter().any(|&w| w > 0));
             let pool = Pool::new(weights.clone());
-            let total: u32 = weights.iter().sum();
+            let total = weights.iter().sum::<u64>() as u32;
             // Start anywhere in the cycle: the property holds for every window.
             for _ in 0..start {
                 pool.pick(|_| true);
@@ -313,7 +363,7 @@ mod proptests {
             prop_assert_eq!(picks.len() as u32, total * 3);
             for window in picks.windows(total as usize) {
                 for (i, &w) in weights.iter().enumerate() {
-                    let n = window.iter().filter(|&&p| p == i).count() as u32;
+                    let n = window.iter().filter(|&&p| p == i).count() as u64;
                     prop_assert_eq!(n, w, "peer {} in window {:?}", i, window);
                 }
             }
@@ -331,7 +381,7 @@ mod proptests {
                 for len in 1..=total as usize {
                     for start in 0..total as usize {
                         let n = f64::from(prefix[start + len] - prefix[start]);
-                        let expected = len as f64 * f64::from(w) / w_total;
+                        let expected = len as f64 * w as f64 / w_total;
                         prop_assert!((n - expected).abs() < 2.0, "peer {} (weight {} of {}): {} picks in a window of {}", i, w, total, n, len);
                     }
                 }

@@ -4,6 +4,8 @@
 //! the Prometheus project's own Rust client, rather than hand-written text.
 //! This module only counts; it never decides anything.
 
+use std::sync::atomic::AtomicU64;
+
 use crate::admission::limiter::{LimitKind, ModelMetrics};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
@@ -156,7 +158,8 @@ pub(crate) struct Metrics {
     admitted: Family<ModelLabel, Counter>,
     tokens: Family<TokenLabels, Counter>,
     backend_up: Family<TierLabels, Gauge>,
-    effective_weight: Family<WeightLabels, Gauge>,
+    /// Fractional (0.5 for a degraded weight-1 backend), so an `f64` gauge.
+    effective_weight: Family<WeightLabels, Gauge<f64, AtomicU64>>,
     /// The `weir_backend_effective_weight` label sets published so far.
     weight_labels: std::sync::Mutex<Vec<WeightLabels>>,
     /// `weir_retries_total{model,reason}`.
@@ -248,7 +251,7 @@ impl Metrics {
             "1 while the backend passes the tier's probes",
             backend_up.clone(),
         );
-        let effective_weight = Family::<WeightLabels, Gauge>::default();
+        let effective_weight = Family::<WeightLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "weir_backend_effective_weight",
             "The weight smooth WRR uses now, per backend and model",
@@ -411,7 +414,7 @@ impl Metrics {
                 };
                 self.effective_weight
                     .get_or_create(&labels)
-                    .set(i64::from(member.effective_weight));
+                    .set(member.effective_weight);
                 if !published.contains(&labels) {
                     published.push(labels);
                 }

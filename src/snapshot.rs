@@ -31,7 +31,7 @@ use crate::{
     cluster::Cluster,
     config::{BackendConfig, Config, ModelConfig},
     headers,
-    health::state::{effective_weight, median, throughput_factor, HealthRecord},
+    health::state::{median, scaled_weight, throughput_factor, unscaled_weight, HealthRecord},
     metrics::{Metrics, RequestCounters, TokenCounters},
     upstream::{self, HttpClient, UpstreamError},
 };
@@ -85,8 +85,9 @@ pub struct Member {
     /// The model name to send upstream when the backend renames it.
     pub upstream_model: Option<String>,
     /// Configured weight × health factor × slow-start ramp × throughput
-    /// factor, computed when the snapshot was built.
-    pub effective_weight: u32,
+    /// factor, computed when the snapshot was built; fractional (0.5 for a
+    /// degraded weight-1 backend), to the thousandth the balancer uses.
+    pub effective_weight: f64,
     /// `weir_requests_total{model,backend,*}` handles; carried over rebuilds.
     pub(crate) requests: Arc<RequestCounters>,
 }
@@ -363,7 +364,7 @@ impl Snapshot {
                     .collect(),
             );
             let old = previous.and_then(|p| p.models.get(&model.name));
-            let members: Vec<Member> = serving
+            let (members, weights): (Vec<Member>, Vec<u64>) = serving
                 .iter()
                 .map(|(b, h)| {
                     let factor = h.factor(now, config.health.slow_start)
@@ -378,15 +379,17 @@ impl Snapshot {
                             || metrics.request_counters(&model.name, &b.config.name),
                             |m| m.requests.clone(),
                         );
-                    Member {
+                    let weight = scaled_weight(b.config.weight, factor);
+                    let member = Member {
                         backend: (*b).clone(),
                         upstream_model: b.config.rename.get(&model.name).cloned(),
-                        effective_weight: effective_weight(b.config.weight, factor),
+                        effective_weight: unscaled_weight(weight),
                         requests,
-                    }
+                    };
+                    (member, weight)
                 })
-                .collect();
-            let pool = Pool::new(members.iter().map(|m| m.effective_weight).collect());
+                .unzip();
+            let pool = Pool::new(weights);
             let limits = match old {
                 Some(old) if old.config == *model => old.limits.clone(),
                 _ => Arc::new(ModelLimits::with_cluster(

@@ -23,14 +23,14 @@ use weir::mock::{self, MockConfig, MockHandle};
 
 const MODEL: &str = "m";
 
-fn weight(gw: &weir::Handle, backend: &str) -> u32 {
+fn weight(gw: &weir::Handle, backend: &str) -> f64 {
     let snapshot = gw.snapshot();
     let route = snapshot.model(MODEL).expect("model routed");
     route
         .members
         .iter()
         .find(|m| m.backend.config.name == backend)
-        .map_or(0, |m| m.effective_weight)
+        .map_or(0.0, |m| m.effective_weight)
 }
 
 async fn admin_backend(gw: &weir::Handle, name: &str) -> serde_json::Value {
@@ -140,7 +140,7 @@ async fn killing_a_backend_under_load_shows_no_client_error() {
     let mut passive = None;
     let mut liveness = None;
     while killed.elapsed() < Duration::from_secs(5) && (passive.is_none() || liveness.is_none()) {
-        if passive.is_none() && weight(&gw, "b1") == 0 {
+        if passive.is_none() && weight(&gw, "b1") == 0.0 {
             passive = Some(killed.elapsed());
         }
         if liveness.is_none()
@@ -300,7 +300,7 @@ async fn readiness_takes_out_a_backend_that_cannot_infer() {
     ms[0].update(|c| c.fail_inference_only = true);
     let start = Instant::now();
     assert!(
-        eventually(Duration::from_secs(5), || weight(&gw, "b0") == 0).await,
+        eventually(Duration::from_secs(5), || weight(&gw, "b0") == 0.0).await,
         "b0 still in rotation"
     );
     println!("FIGURE readiness-out {:?}", start.elapsed());
@@ -311,7 +311,7 @@ async fn readiness_takes_out_a_backend_that_cannot_infer() {
         b0["tiers"]["liveness"]["state"], "up",
         "/health still passes: {b0}"
     );
-    assert_eq!(weight(&gw, "b1"), 1);
+    assert_eq!(weight(&gw, "b1"), 1.0);
     // Everything now goes to b1.
     for _ in 0..10 {
         let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
@@ -355,7 +355,7 @@ async fn a_failed_readiness_probe_keeps_a_slow_backend_degraded() {
     })
     .await;
     assert!(slow, "a slow readiness answer degrades: {b0}");
-    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") == 50).await);
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") == 50.0).await);
     // Now readiness fails, fast: no answer at all, which must not read as
     // a fast one.
     ms[0].update(|c| {
@@ -371,7 +371,7 @@ async fn a_failed_readiness_probe_keeps_a_slow_backend_degraded() {
     assert!(failed, "readiness failures: {b0}");
     assert_eq!(b0["state"], "degraded", "{b0}");
     assert_eq!(b0["tiers"]["readiness"]["state"], "slow", "{b0}");
-    assert_eq!(weight(&gw, "b0"), 50);
+    assert_eq!(weight(&gw, "b0"), 50.0);
     // The next fast answer restores it.
     ms[0].update(|c| c.fail_inference_only = false);
     let (b0, restored) = admin_until(&gw, "b0", Duration::from_secs(10), |b| {
@@ -379,6 +379,60 @@ async fn a_failed_readiness_probe_keeps_a_slow_backend_degraded() {
     })
     .await;
     assert!(restored, "{b0}");
+}
+
+/// SPEC "Balancing": shares follow effective weights, also for small
+/// configured weights: of three weight-1 backends, a degraded one (x0.5)
+/// gets half the picks of each healthy one (it was rounded back up to 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_weight_1_backend_gets_half_the_picks_of_its_peers() {
+    let ms = mocks(3, MockConfig::default()).await;
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"50ms\", timeout = \"2s\", degraded_latency = \"100ms\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let gw = gateway(&config_for(
+        &ms,
+        &[1, 1, 1],
+        health,
+        "health_path = \"/health\"\n",
+    ))
+    .await;
+    ms[0].update(|c| c.latency = Duration::from_millis(300));
+    assert!(
+        eventually(Duration::from_secs(10), || weight(&gw, "b0") == 0.5).await,
+        "b0 degraded to half of weight 1: {}",
+        weight(&gw, "b0")
+    );
+    let b0 = admin_backend(&gw, "b0").await;
+    assert_eq!(b0["state"], "degraded", "{b0}");
+    assert_eq!(b0["models"][MODEL]["effective_weight"], 0.5, "{b0}");
+    assert_eq!(
+        admin_backend(&gw, "b1").await["models"][MODEL]["effective_weight"],
+        1
+    );
+    let metrics = get(gw.addr(), "/metrics").await.text();
+    assert!(
+        metrics.contains("weir_backend_effective_weight{backend=\"b0\",model=\"m\"} 0.5\n"),
+        "{metrics}"
+    );
+    // The pool the requests pick from: 1:2:2 over every window of 5.
+    let snapshot = gw.snapshot();
+    let pool = &snapshot.model(MODEL).expect("routed").pool;
+    let mut picks = [0u32; 3];
+    for _ in 0..500 {
+        let i = pool.pick(|_| true).expect("a backend in rotation");
+        picks[i] += 1;
+    }
+    assert_eq!(picks, [100, 200, 200]);
+    // And requests go that way: b0 answers about a fifth of them.
+    let mut served = HashMap::<String, u32>::new();
+    for _ in 0..30 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 200);
+        *served
+            .entry(r.header("x-weir-backend").to_owned())
+            .or_default() += 1;
+    }
+    let b0 = served.get("b0").copied().unwrap_or(0);
+    assert!((3..=9).contains(&b0), "{served:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,28 +447,28 @@ async fn a_recovered_backend_returns_through_slow_start() {
     ))
     .await;
     ms[0].update(|c| c.health_status = Some(500));
-    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") == 0).await);
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") == 0.0).await);
     assert_eq!(get(gw.addr(), "/readyz").await.status, 200);
     ms[0].update(|c| c.health_status = None);
     // Back after healthy_threshold passes, at a fraction of its weight...
-    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") > 0).await);
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") > 0.0).await);
     let first = weight(&gw, "b0");
-    assert!(first <= 50, "came back at {first}, not ramping from 10%");
+    assert!(first <= 50.0, "came back at {first}, not ramping from 10%");
     // ...rising to full weight over slow_start.
     let mut seen = vec![first];
     let deadline = Instant::now() + Duration::from_secs(6);
-    while weight(&gw, "b0") < 100 && Instant::now() < deadline {
+    while weight(&gw, "b0") < 100.0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
         seen.push(weight(&gw, "b0"));
     }
     println!("FIGURE slow-start weights {seen:?}");
-    assert_eq!(weight(&gw, "b0"), 100, "{seen:?}");
+    assert_eq!(weight(&gw, "b0"), 100.0, "{seen:?}");
     assert!(
         seen.windows(2).all(|w| w[0] <= w[1]),
         "monotonic ramp: {seen:?}"
     );
     assert!(
-        seen.iter().any(|&w| w > first && w < 100),
+        seen.iter().any(|&w| w > first && w < 100.0),
         "intermediate steps: {seen:?}"
     );
 }
@@ -457,7 +511,7 @@ async fn deep_tier_shrinks_a_slow_backend_and_degrades_a_saturated_one() {
     ))
     .await;
     let settled = eventually(Duration::from_secs(10), || {
-        weight(&gw, "b1") < 60 && weight(&gw, "b2") <= 50 && weight(&gw, "b0") == 100
+        weight(&gw, "b1") < 60.0 && weight(&gw, "b2") <= 50.0 && weight(&gw, "b0") == 100.0
     })
     .await;
     let weights = (weight(&gw, "b0"), weight(&gw, "b1"), weight(&gw, "b2"));
@@ -486,7 +540,7 @@ async fn an_upstream_429_sends_traffic_elsewhere_until_retry_after() {
     assert_eq!(ms[0].requests(), 1, "b0 was left alone after its 429");
     ms[0].update(|c| c.rate_limit_rate = 0.0);
     assert!(
-        eventually(Duration::from_secs(3), || weight(&gw, "b0") == 1).await,
+        eventually(Duration::from_secs(3), || weight(&gw, "b0") == 1.0).await,
         "b0 returns after Retry-After"
     );
     let mut back = false;
@@ -744,7 +798,7 @@ async fn a_stream_that_breaks_after_its_first_byte_ends_with_an_error_and_is_not
     );
     // The broken body counted towards outlier detection (threshold 1).
     assert!(
-        eventually(Duration::from_secs(2), || weight(&gw, "broken") == 0).await,
+        eventually(Duration::from_secs(2), || weight(&gw, "broken") == 0.0).await,
         "a mid-stream failure counts as a failure"
     );
 }

@@ -92,7 +92,7 @@ impl Live {
     }
 
     /// Effective weight per backend for MODEL in the current snapshot.
-    fn weights(&self) -> HashMap<String, u32> {
+    fn weights(&self) -> HashMap<String, f64> {
         let snapshot = self.gw.snapshot();
         let route = snapshot.model(MODEL).expect("model routed");
         route
@@ -282,7 +282,7 @@ async fn ten_reloads_under_load_fail_no_request_and_cut_no_stream() {
         tokio::time::sleep(ms(40)).await;
     }
     let removed_at = t0.elapsed();
-    assert_eq!(live.weights(), counts_u32(&[("b1", 2), ("b3", 1)]));
+    assert_eq!(live.weights(), weights_of(&[("b1", 2.0), ("b3", 1.0)]));
     // b2 drains: what it had in flight finishes.
     assert!(
         eventually(Duration::from_secs(5), || m2.in_flight() == 0).await,
@@ -322,7 +322,8 @@ async fn ten_reloads_under_load_fail_no_request_and_cut_no_stream() {
     assert_eq!(live.reload_count("error").await, 0);
 }
 
-fn counts_u32(pairs: &[(&str, u32)]) -> HashMap<String, u32> {
+/// Effective weights as `Live::weights` reports them.
+fn weights_of(pairs: &[(&str, f64)]) -> HashMap<String, f64> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
 }
 
@@ -549,7 +550,7 @@ async fn a_shorter_probe_interval_applies_at_once() {
     m.shutdown();
     m.stopped().await;
     assert!(
-        eventually(Duration::from_secs(5), || live.weights()["b1"] == 0).await,
+        eventually(Duration::from_secs(5), || live.weights()["b1"] == 0.0).await,
         "the dead backend is still in rotation"
     );
 }
@@ -631,7 +632,7 @@ async fn concurrent_reloads_are_serialised_and_the_last_file_wins() {
         let r = r.await.expect("reload task");
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    assert_eq!(live.weights(), counts_u32(&[("b1", 6)]));
+    assert_eq!(live.weights(), weights_of(&[("b1", 6.0)]));
     assert_eq!(live.reload_count("ok").await, 5);
 }
 
@@ -710,7 +711,7 @@ async fn turning_health_checks_off_puts_probed_out_backends_back() {
     let m2 = mock_named("b2", MockConfig::default().health_status(503)).await;
     let both = |tail: &str| with_health_path(file("", &[("b1", &m1, 1), ("b2", &m2, 1)], tail));
     let live = Live::start(&both(fast_health())).await;
-    let out = || live.weights().get("b2").copied() == Some(0);
+    let out = || live.weights().get("b2").copied() == Some(0.0);
     assert!(
         eventually(Duration::from_secs(5), out).await,
         "b2 probed out"
@@ -720,7 +721,7 @@ async fn turning_health_checks_off_puts_probed_out_backends_back() {
     // SPEC: without active checks, backends stay in rotation unless ejected.
     assert!(
         eventually(Duration::from_secs(2), || live.weights().get("b2")
-            == Some(&1))
+            == Some(&1.0))
         .await,
         "{:?}",
         live.weights()
@@ -731,7 +732,7 @@ async fn turning_health_checks_off_puts_probed_out_backends_back() {
     );
 }
 
-async fn wait_for_weight(live: &Live, backend: &str, weight: u32, within: Duration) -> bool {
+async fn wait_for_weight(live: &Live, backend: &str, weight: f64, within: Duration) -> bool {
     eventually(within, || live.weights().get(backend) == Some(&weight)).await
 }
 
@@ -749,16 +750,16 @@ async fn watch_config_picks_up_an_atomic_rename() {
     tokio::time::sleep(ms(100)).await;
     live.write(&watched(4));
     assert!(
-        wait_for_weight(&live, "b1", 4, Duration::from_secs(5)).await,
+        wait_for_weight(&live, "b1", 4.0, Duration::from_secs(5)).await,
         "{:?}",
         live.weights()
     );
     // A second save is seen too (the watch survived the rename).
     live.write(&watched(7));
-    assert!(wait_for_weight(&live, "b1", 7, Duration::from_secs(5)).await);
+    assert!(wait_for_weight(&live, "b1", 7.0, Duration::from_secs(5)).await);
     // An in-place rewrite (truncate + write) as well.
     std::fs::write(&live.path, watched(2)).expect("rewrite");
-    assert!(wait_for_weight(&live, "b1", 2, Duration::from_secs(5)).await);
+    assert!(wait_for_weight(&live, "b1", 2.0, Duration::from_secs(5)).await);
     // Debounced: one reload per save, not one per event.
     assert_eq!(live.reload_count("ok").await, 3);
     // Touching the file without changing it reloads nothing.
@@ -791,7 +792,7 @@ async fn watch_config_applies_a_change_made_before_the_watch_began() {
     write_atomically(&path, &watched(6));
     let live = Live::start_loaded(dir, path, config).await;
     assert!(
-        wait_for_weight(&live, "b1", 6, Duration::from_secs(5)).await,
+        wait_for_weight(&live, "b1", 6.0, Duration::from_secs(5)).await,
         "{:?}",
         live.weights()
     );
@@ -829,7 +830,7 @@ async fn watch_config_follows_a_configmap_symlink_swap() {
     std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
     std::fs::remove_dir_all(root.join("..v1")).expect("rm old");
     assert!(
-        wait_for_weight(&live, "b1", 5, Duration::from_secs(5)).await,
+        wait_for_weight(&live, "b1", 5.0, Duration::from_secs(5)).await,
         "{:?}",
         live.weights()
     );
@@ -957,7 +958,7 @@ async fn figures_reload_latency_and_p99_during_a_reload_storm() {
         let r = post(admin, "/admin/reload", "").await;
         round_trip.push(start.elapsed());
         assert_eq!(r.status, 200);
-        let want = 1 + i % 5;
+        let want = f64::from(1 + i % 5);
         while live.weights().get("b1") != Some(&want) {
             tokio::task::yield_now().await;
         }

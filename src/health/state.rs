@@ -10,7 +10,8 @@
 //! (healthy 1, degraded 0.5, out/ejected/rate-limited 0) × slow-start ramp
 //! (HAProxy's linear ramp, from 10% to 100% over `slow_start` after coming
 //! back) × the deep tier's throughput factor (tokens/s ÷ the pool's median,
-//! clamped to [0.1, 1]).
+//! clamped to [0.1, 1]), kept in thousandths so the factors count for small
+//! weights too.
 
 use std::time::{Duration, SystemTime};
 
@@ -323,15 +324,31 @@ pub fn median(mut values: Vec<f64>) -> Option<f64> {
     })
 }
 
-/// Configured weight × factor, rounded, but never rounded down to 0 while
-/// the factor is positive (a slow-starting backend must get some traffic).
-pub fn effective_weight(configured: u32, factor: f64) -> u32 {
-    if configured == 0 || factor <= 0.0 {
+/// Effective weights are counted in thousandths of a configured weight
+/// unit: fine enough that every factor counts for a weight of 1 (degraded
+/// 0.5, slow start from 0.1, throughput down to 0.1), and small enough that
+/// `u32::MAX` × 1000 (4.3e12) is exact in an `f64` and far from `u64::MAX`,
+/// so no configured weight needs a bound.
+pub const WEIGHT_SCALE: u32 = 1000;
+
+/// Configured weight × factor in thousandths ([`WEIGHT_SCALE`]): the
+/// integer weight the balancer shares picks by. Rounded, but never down to
+/// 0 while the factor is positive (a slow-starting backend must get some
+/// traffic).
+pub fn scaled_weight(configured: u32, factor: f64) -> u64 {
+    if configured == 0 || factor.is_nan() || factor <= 0.0 {
         return 0;
     }
-    let w = (f64::from(configured) * factor).round();
-    // Weights are at most u32::MAX × 1.0; the cast saturates anyway.
-    (w as u32).max(1)
+    let w = (f64::from(configured) * f64::from(WEIGHT_SCALE) * factor.min(1.0)).round();
+    // At most u32::MAX × 1000; the cast saturates anyway.
+    (w as u64).max(1)
+}
+
+/// A scaled weight as configured-weight units, as `/admin/backends` and
+/// `weir_backend_effective_weight` report it (0.5 for a degraded weight-1
+/// backend).
+pub fn unscaled_weight(scaled: u64) -> f64 {
+    scaled as f64 / f64::from(WEIGHT_SCALE)
 }
 
 #[cfg(test)]
@@ -457,10 +474,20 @@ mod tests {
     }
 
     #[test]
-    fn effective_weight_never_rounds_a_live_backend_to_zero() {
-        assert_eq!(effective_weight(100, 0.1), 10);
-        assert_eq!(effective_weight(1, 0.1), 1);
-        assert_eq!(effective_weight(3, 0.0), 0);
-        assert_eq!(effective_weight(0, 1.0), 0);
+    fn scaled_weights_keep_small_weights_apart() {
+        assert_eq!(scaled_weight(100, 0.1), 10_000);
+        assert_eq!(scaled_weight(1, 0.5), 500);
+        assert_eq!(scaled_weight(1, 0.1), 100);
+        assert_eq!(scaled_weight(1, 0.05), 50);
+        assert_eq!(scaled_weight(1, 1e-9), 1, "a live backend keeps a turn");
+        assert_eq!(scaled_weight(3, 0.0), 0);
+        assert_eq!(scaled_weight(0, 1.0), 0);
+        assert_eq!(scaled_weight(u32::MAX, 1.0), u64::from(u32::MAX) * 1000);
+        assert_eq!(unscaled_weight(scaled_weight(1, 0.5)), 0.5);
+        assert_eq!(unscaled_weight(scaled_weight(100, 0.55)), 55.0);
+        assert_eq!(
+            unscaled_weight(scaled_weight(u32::MAX, 1.0)),
+            f64::from(u32::MAX)
+        );
     }
 }
