@@ -1,7 +1,8 @@
 //! Passive outlier detection, judged from live traffic (Envoy's outlier
 //! detection): `consecutive_failures` connect errors, resets, 5xx or
 //! timeouts in a row eject a backend for `ejection_time` × its ejection
-//! count (capped at 5 minutes); a refused connection is a connect error like
+//! count (capped at 5 minutes; the count decays by one per `ejection_time`
+//! out of ejection, see `HealthRecord::eject`); a refused connection is a connect error like
 //! any other, one of the `consecutive_failures` (SPEC's `[outlier]`); never
 //! more than `max_ejection_percent` of a model's backends are ejected. An
 //! upstream 429 takes the backend out of rotation for its `Retry-After`.

@@ -266,8 +266,21 @@ impl HealthRecord {
     }
 
     /// Ejects until `now + ejection_time × ejections`, capped at 5 minutes
-    /// (Envoy's rule). Returns the deadline.
+    /// (Envoy's rule). The count first decays by one for every
+    /// `ejection_time` since the previous ejection ended (Envoy lowers its
+    /// multiplier for each interval a host stays un-ejected), so a backend
+    /// that failed once an hour ago is not ejected for minutes. Returns the
+    /// deadline.
     pub fn eject(&mut self, now: Instant, ejection_time: Duration) -> Instant {
+        if let Some(ended) = self.ejected_until {
+            let back = now.saturating_duration_since(ended);
+            let periods = back
+                .as_nanos()
+                .checked_div(ejection_time.as_nanos())
+                .unwrap_or(0);
+            let decay = u32::try_from(periods).unwrap_or(u32::MAX);
+            self.ejections = self.ejections.saturating_sub(decay);
+        }
         self.ejections = self.ejections.saturating_add(1);
         let time = ejection_time
             .saturating_mul(self.ejections)
@@ -460,6 +473,32 @@ mod tests {
             h.observe(Tier::Liveness, true, ms, None, T, later);
         }
         assert_eq!(h.back_since, Some(later));
+    }
+
+    /// Envoy lowers the ejection multiplier while a host stays healthy:
+    /// each `ejection_time` back in rotation takes one off the count before
+    /// the next ejection adds one.
+    #[test]
+    fn the_ejection_count_decays_while_not_ejected() {
+        let t0 = Instant::now();
+        let base = Duration::from_secs(30);
+        let mut h = HealthRecord::default();
+        let mut until = t0;
+        for _ in 0..4 {
+            until = h.eject(until, base);
+        }
+        assert_eq!(h.ejections, 4);
+        // Back for 2.5 × ejection_time: two off, then this ejection's one.
+        let now = until + base * 5 / 2;
+        assert_eq!(h.eject(now, base), now + 3 * base);
+        assert_eq!(h.ejections, 3);
+        // Straight after the ejection ends: no decay.
+        let now = now + 3 * base;
+        assert_eq!(h.eject(now, base), now + 4 * base);
+        // Long enough back in rotation: starts over at 1, not below.
+        let now = now + 4 * base + Duration::from_secs(3600);
+        assert_eq!(h.eject(now, base), now + base);
+        assert_eq!(h.ejections, 1);
     }
 
     #[test]
