@@ -86,17 +86,20 @@ pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
                     (Some(_), false) if tier == Tier::Readiness && t.slow => "slow",
                     (Some(_), false) => "up",
                 };
-                tiers.insert(
-                    tier.as_str().to_owned(),
-                    serde_json::json!({
-                        "state": state,
-                        "last_latency_ms": t.last_latency.map(|d| d.as_secs_f64() * 1000.0),
-                        "last_error": t.last_error,
-                        "checked_at": t.checked_at.map(rfc3339),
-                        "consecutive_passes": t.passes,
-                        "consecutive_failures": t.failures,
-                    }),
-                );
+                let mut entry = serde_json::json!({
+                    "state": state,
+                    "last_latency_ms": t.last_latency.map(|d| d.as_secs_f64() * 1000.0),
+                    "last_error": t.last_error,
+                    "checked_at": t.checked_at.map(rfc3339),
+                    "consecutive_passes": t.passes,
+                    "consecutive_failures": t.failures,
+                });
+                if tier == Tier::Deep {
+                    // A failing metrics_path does not fail the tier (the
+                    // samples decide that), so it has a field of its own.
+                    entry["metrics_error"] = health.metrics_error.clone().into();
+                }
+                tiers.insert(tier.as_str().to_owned(), entry);
             }
             let ejected_until = health.ejected_until.filter(|&t| t > now).map(to_wall);
             serde_json::json!({

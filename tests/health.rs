@@ -802,3 +802,66 @@ async fn a_stream_that_breaks_after_its_first_byte_ends_with_an_error_and_is_not
         "a mid-stream failure counts as a failure"
     );
 }
+
+/// A `metrics_path` that fails (here a 404) does not fail the deep tier,
+/// but it is not silent either: `/admin/backends` shows it as the deep
+/// tier's `metrics_error`, and the log warns once when it starts failing,
+/// not every round; a reload to a readable path clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_metrics_path_is_shown_and_logged_once() {
+    let ms = mocks(1, MockConfig::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("weir.toml");
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"50ms\", timeout = \"2s\", samples = 1, max_tokens = 4 }\n";
+    let text = |metrics_path: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n{}",
+            config_for(
+                &ms,
+                &[1],
+                health,
+                &format!("metrics_path = \"{metrics_path}\"\n")
+            )
+        )
+    };
+    std::fs::write(&path, text("/no-such-metrics")).expect("write");
+    let weir = spawn_weir(&path, "info");
+    let deep = |addr| async move {
+        get(addr, "/admin/backends").await.json()["backends"][0]["tiers"]["deep"].clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut tier = deep(weir.addr).await;
+    while tier["consecutive_passes"].as_u64().unwrap_or(0) < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tier = deep(weir.addr).await;
+    }
+    assert_eq!(tier["state"], "up", "the samples pass: {tier}");
+    let error = tier["metrics_error"].as_str().unwrap_or_default();
+    assert!(error.contains("404"), "{tier}");
+    let log = weir.log.lock().expect("log").clone();
+    assert_eq!(
+        log.matches("engine metrics unreadable").count(),
+        1,
+        "one warning for five failing rounds: {log}"
+    );
+    assert!(log.contains("/no-such-metrics"), "{log}");
+
+    std::fs::write(&path, text("/metrics")).expect("write");
+    assert_eq!(post(weir.addr, "/admin/reload", "").await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !deep(weir.addr).await["metrics_error"].is_null() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(deep(weir.addr).await["metrics_error"].is_null());
+    let recovered = || {
+        weir.log
+            .lock()
+            .expect("log")
+            .contains("engine metrics no longer failing")
+    };
+    assert!(
+        eventually(Duration::from_secs(5), recovered).await,
+        "{}",
+        weir.log.lock().expect("log")
+    );
+}

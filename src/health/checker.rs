@@ -234,8 +234,10 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
             };
             let saturated = result.engine.as_ref().is_some_and(|e| e.is_saturated());
             let tps = result.median_tokens_per_sec;
+            let metrics_error = result.metrics_error;
             observe(backend, tier, &outcome, thresholds, |h| {
                 h.saturated = saturated;
+                h.metrics_error = metrics_error;
                 if tps.is_some() {
                     h.tokens_per_sec = tps;
                 }
@@ -247,6 +249,7 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
     let after = backend.live.health();
     up.set(after.tier_up(tier));
     log_transition(backend, tier, &before, &after, now_before);
+    log_metrics_path(backend, &before, &after);
     changed || before.state(now_before) != after.state(Instant::now())
 }
 
@@ -293,6 +296,22 @@ fn log_transition(
         } else {
             tracing::info!(backend = %backend.config.name, tier = tier.as_str(), from = from.as_str(), to = to.as_str(), "backend health changed");
         }
+    }
+}
+
+/// A `metrics_path` that starts or stops failing, logged once each way (not
+/// every round): while it fails, the engine's saturation goes unjudged.
+fn log_metrics_path(backend: &BackendState, before: &HealthRecord, after: &HealthRecord) {
+    let name = &backend.config.name;
+    let path = backend.config.metrics_path.as_deref().unwrap_or("");
+    match (&before.metrics_error, &after.metrics_error) {
+        (None, Some(error)) => {
+            tracing::warn!(backend = %name, metrics_path = path, error = %error, "engine metrics unreadable; saturation is not judged until they are")
+        }
+        (Some(_), None) => {
+            tracing::info!(backend = %name, metrics_path = path, "engine metrics no longer failing")
+        }
+        _ => {}
     }
 }
 

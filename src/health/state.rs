@@ -111,6 +111,9 @@ pub struct HealthRecord {
     pub tokens_per_sec: Option<f64>,
     /// Deep tier: the engine reports a waiting queue and a full KV cache.
     pub saturated: bool,
+    /// Deep tier: why the last round could not read `metrics_path` (a
+    /// 404, a 500, a refused connection); saturation is not judged then.
+    pub metrics_error: Option<String>,
     /// Passive: out of rotation until then.
     pub ejected_until: Option<Instant>,
     /// Passive: how many times it was ejected (multiplies the ejection time).
@@ -212,6 +215,7 @@ impl HealthRecord {
             pending: false,
             tokens_per_sec: None,
             saturated: false,
+            metrics_error: None,
             ..self.clone()
         }
     }
