@@ -58,6 +58,7 @@ pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
     let wall = SystemTime::now();
     // Instants are process-relative; report deadlines as wall-clock times.
     let to_wall = |t: Instant| rfc3339(wall + t.saturating_duration_since(now));
+    let slow_start = snapshot.config.health.slow_start;
     let backends: Vec<serde_json::Value> = snapshot
         .backends()
         .iter()
@@ -113,9 +114,12 @@ pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
                 "ejected_until": ejected_until,
                 "ejections": health.ejections,
                 "rate_limited_until": health.rate_limited_until.filter(|&t| t > now).map(to_wall),
+                // Null when no ramp applies, `slow_start = "0s"` included
+                // (back_since + 0 would repeat ejected_until).
                 "slow_start_until": health
                     .back_since
-                    .map(|t| t + snapshot.config.health.slow_start)
+                    .filter(|_| !slow_start.is_zero())
+                    .map(|t| t + slow_start)
                     .filter(|&t| t > now)
                     .map(to_wall),
                 "tokens_per_sec": health.tokens_per_sec,

@@ -865,3 +865,51 @@ async fn a_failing_metrics_path_is_shown_and_logged_once() {
         weir.log.lock().expect("log")
     );
 }
+
+/// A deep round whose samples fail at once reports how long it took, not
+/// the deep timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_round_that_fails_at_once_reports_its_real_latency() {
+    let ms = mocks(1, MockConfig::default().fail_inference_only(true)).await;
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"50ms\", timeout = \"60s\", samples = 1, max_tokens = 4 }\n";
+    let gw = gateway(&config_for(&ms, &[1], health, "")).await;
+    let (b0, failed) = admin_until(&gw, "b0", Duration::from_secs(10), |b| {
+        b["tiers"]["deep"]["consecutive_failures"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(failed, "{b0}");
+    let deep = &b0["tiers"]["deep"];
+    assert!(
+        deep["last_error"].as_str().unwrap_or("").contains("500"),
+        "{deep}"
+    );
+    let latency = deep["last_latency_ms"].as_f64().unwrap_or(f64::NAN);
+    assert!(
+        latency < 30_000.0,
+        "a 500 at once, not the 60 s timeout: {deep}"
+    );
+}
+
+/// With `slow_start = "0s"` an ejected backend returns at full weight, so
+/// `/admin/backends` shows no `slow_start_until` (it repeated
+/// `ejected_until`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_slow_start_until_without_slow_start() {
+    let ms = mocks(2, MockConfig::default()).await;
+    ms[0].update(|c| c.failure_rate = 1.0);
+    let settings = "[health]\nenabled = false\nslow_start = \"0s\"\n\n[outlier]\nconsecutive_failures = 1\nejection_time = \"1h\"\n";
+    let gw = gateway(&config_for(&ms, &[1, 1], settings, "")).await;
+    // Requests until one lands on b0 and ejects it (retried on b1).
+    let mut b0 = admin_backend(&gw, "b0").await;
+    for _ in 0..10 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        b0 = admin_backend(&gw, "b0").await;
+        if b0["state"] == "ejected" {
+            break;
+        }
+    }
+    assert_eq!(b0["state"], "ejected", "{b0}");
+    assert!(b0["ejected_until"].is_string(), "{b0}");
+    assert!(b0["slow_start_until"].is_null(), "{b0}");
+}

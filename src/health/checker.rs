@@ -225,7 +225,9 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
                 }
             } else {
                 probes::ProbeOutcome::Fail {
-                    latency: health.deep.timeout,
+                    // The round's real length: a refused connection fails
+                    // at once, only a hang takes the whole timeout.
+                    latency: now_before.elapsed(),
                     error: result
                         .last_error
                         .clone()
