@@ -32,7 +32,7 @@ fn uncontended(c: &mut Criterion) {
     c.bench_function("bucket/reserve+refund", |b| {
         b.iter(|| {
             let wait = bucket.reserve(black_box(300), now, Duration::ZERO);
-            bucket.refund(300, now);
+            let _ = bucket.refund(300, now);
             wait
         })
     });
@@ -43,7 +43,7 @@ fn uncontended(c: &mut Criterion) {
     c.bench_function("bucket/reserve+refund (waiting)", |b| {
         b.iter(|| {
             let wait = indebted.reserve(black_box(300), now, Duration::from_secs(3600));
-            indebted.refund(300, now);
+            let _ = indebted.refund(300, now);
             wait
         })
     });
@@ -75,7 +75,7 @@ fn contended(c: &mut Criterion) {
                     let begin = Instant::now();
                     for _ in 0..iters {
                         let wait = bucket.reserve(black_box(300), now, Duration::ZERO);
-                        bucket.refund(300, now);
+                        let _ = bucket.refund(300, now);
                         let _ = black_box(wait);
                     }
                     done.store(true, Ordering::Relaxed);

@@ -5,15 +5,17 @@
 //! and learns how long it must wait until the debt is repaid; if that wait is
 //! longer than it is willing to wait, it takes nothing and learns the exact
 //! wait instead (the `Retry-After`). Later reservations go deeper into debt
-//! and so wait longer: first come, first served by construction, with no
-//! queue. Tokens can be given back (a client that left while waiting, an
+//! and so wait longer: first come, first served by construction. The
+//! waiters are kept in line only so that tokens given back can move them
+//! forward ("Refunds and waiters"). Tokens can be given back (a client that left while waiting, an
 //! over-estimate) and charged afterwards (an under-estimate); see
 //! [`Bucket::refund`] and [`Bucket::charge`].
 //!
 //! This module only does arithmetic on a time it is given. It does not sleep,
 //! has no async code, reads no clock and knows nothing of requests, models or
 //! HTTP; the limiter on top of it owns those (and the RAII guard that refunds
-//! on drop).
+//! on drop). It keeps its waiters' wakers, but leaves waking them to the
+//! caller.
 //!
 //! # Algorithm
 //!
@@ -50,13 +52,47 @@
 //!
 //! # Refunds and waiters
 //!
-//! A refund lowers `tat`; reservations already handed out keep the waits they
-//! were given. If an earlier waiter cancels, later waiters therefore wait a
-//! little longer than they would have needed to, and a reservation made after
-//! the refund may proceed before them. That never admits too much: every
-//! outstanding reservation's tokens are still counted in `tat`, so each
-//! reservation proceeds only once everything reserved up to it has been paid
-//! for by refill. A refund must only return tokens that were not used.
+//! A reservation that must wait proceeds at `P = tat_after - tau`, where
+//! `tat_after` is `tat` right after it: then everything reserved up to and
+//! including it has been paid for by refill. Waiters that reserved through
+//! [`Bucket::reserve_in_line`] are kept in a registry (a [`Ticket`] and
+//! their `P`, in reservation order, which is also `P` order), so a refund
+//! can move them forward instead of leaving them on the wait they were
+//! handed (SPEC: waiting requests are served first come, first served; a
+//! request arriving after a refund must not pass earlier waiters):
+//!
+//! * a refund by a request that is not waiting here ([`Bucket::refund`]: an
+//!   over-estimate reconciled, a request that left after its wait here was
+//!   over, or that never waited here) lowers `tat` by `d`, the decrease
+//!   after the clamp at `now`, and every waiter's `P` moves `d` earlier: a
+//!   waiter still waiting reserved after it (one ahead of it would have
+//!   made it wait, and would be due before it), so its tokens were counted
+//!   ahead of every such waiter;
+//! * a waiter that leaves ([`Bucket::leave`]) lowers `tat` by its `d`, and
+//!   only the waiters that reserved after it move `d` earlier; those ahead
+//!   of it never counted its tokens, and moving them would admit too much;
+//! * a charge (an under-estimate) and a new reservation move nobody.
+//!
+//! Every waiter therefore still proceeds only once everything reserved up to
+//! it, minus what was given back, has been paid for by refill: the limit
+//! stays exact. A refund must only return tokens that were not used. (A
+//! reload that changes the rate keeps the instants handed out, see
+//! [`Bucket::set_limits`]; until those waiters are through, the order and
+//! the bound are those of the old rate for them, as before.)
+//!
+//! The bucket keeps each waiter's `Waker` but never wakes anyone: the
+//! methods that move a waiter hand back the one waker to wake, and the
+//! caller wakes it after the lock is released. Only the first waiter whose
+//! wait moved is woken; it re-arms its timer, and a waiter that finds its
+//! wait over hands the turn to the next one whose timer is stale
+//! ([`Bucket::turn`]), so a refund wakes one task, not the whole queue, and
+//! every waiter still wakes exactly at its `P`. Moving everyone is one
+//! addition (an offset the entries are read through); only a leaving
+//! waiter's followers are updated one by one. With nobody waiting, a refund
+//! costs one emptiness check more than before.
+//!
+//! Waits handed out by [`Bucket::reserve`] and [`Bucket::reserve_and_report`]
+//! (the cluster's fallback bucket) are not registered and stay as given.
 //!
 //! # Why a mutex
 //!
@@ -66,8 +102,10 @@
 //! `std::sync::Mutex` held only for a few multiplications (tens of
 //! nanoseconds, see `benches/admission.rs`), never across an `.await`.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU64;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::Waker;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -108,8 +146,18 @@ pub enum ReserveError {
     },
 }
 
+/// `(rate per minute, remaining, reset_after)`: what [`Bucket::report`]
+/// returns and the `x-ratelimit-*` headers show.
+pub type Report = (u64, u64, Duration);
+
+/// A waiter's place in a bucket's registry, from
+/// [`Bucket::reserve_in_line`]: what it later asks [`Bucket::turn`] about and
+/// gives to [`Bucket::leave`] or [`Bucket::done`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u64);
+
 /// The mutable part of a [`Bucket`]; see the module doc for the variables.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct State {
     /// `r`: tokens per minute; also the scale of `tat`.
     rate_per_minute: u64,
@@ -117,6 +165,35 @@ struct State {
     capacity: u64,
     /// `tat` in scaled units since the epoch, at the scale `rate_per_minute`.
     tat: u128,
+    /// The reservations still waiting (module doc, "Refunds and waiters").
+    waiters: Waiters,
+}
+
+/// The registry of waiting reservations.
+#[derive(Debug, Default)]
+struct Waiters {
+    /// The next ticket handed out; tickets rise with reservation order.
+    next: u64,
+    /// How far refunds that moved every waiter have moved them, in units: a
+    /// waiter's `P` is its `base - shift`, so moving all is one addition.
+    shift: u128,
+    /// In ticket order, which is `P` order.
+    queue: VecDeque<Waiter>,
+}
+
+/// One waiting reservation.
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    /// `P + shift`, in units (see [`Waiters::shift`]).
+    base: u128,
+    /// The `P` its owner last read and set its timer for: a `P` below it
+    /// means the timer is stale (late), and the owner must be woken.
+    armed: u128,
+    /// The owner has seen its wait here end (and handed the turn on).
+    due: bool,
+    /// Wakes the owner; `None` until it first asks, or once taken.
+    waker: Option<Waker>,
 }
 
 impl Bucket {
@@ -129,6 +206,7 @@ impl Bucket {
             capacity: capacity.get(),
             // tat = now means full.
             tat: u128::from(now.0).saturating_mul(u128::from(rate_per_minute)),
+            waiters: Waiters::default(),
         };
         Bucket {
             created: now,
@@ -149,8 +227,8 @@ impl Bucket {
         now: impl Into<Tick>,
         max_wait: Duration,
     ) -> Result<Duration, ReserveError> {
-        self.reserve_then(n, now, max_wait, |_, _| ())
-            .map(|(wait, ())| wait)
+        self.reserve_then(n, now, max_wait, false, |_, _| ())
+            .map(|(wait, _, ())| wait)
     }
 
     /// [`reserve`](Self::reserve), also returning [`report`](Self::report)'s
@@ -161,19 +239,39 @@ impl Bucket {
         n: u64,
         now: impl Into<Tick>,
         max_wait: Duration,
-    ) -> Result<(Duration, (u64, u64, Duration)), ReserveError> {
-        self.reserve_then(n, now, max_wait, State::report)
+    ) -> Result<(Duration, Report), ReserveError> {
+        self.reserve_then(n, now, max_wait, false, State::report)
+            .map(|(wait, _, report)| (wait, report))
     }
 
-    /// The reservation itself; `after` reads the state it leaves, under the
-    /// same lock.
+    /// [`reserve`](Self::reserve) for a caller that follows its turn: a
+    /// reservation that must wait is registered and gets a [`Ticket`], so
+    /// refunds move it forward ([`turn`](Self::turn) tells the current
+    /// wait). The caller must end every ticket with [`done`](Self::done) or
+    /// [`leave`](Self::leave). `report` reads the state as
+    /// [`reserve_and_report`](Self::reserve_and_report) does.
+    pub fn reserve_in_line(
+        &self,
+        n: u64,
+        now: impl Into<Tick>,
+        max_wait: Duration,
+        report: bool,
+    ) -> Result<(Duration, Option<Ticket>, Option<Report>), ReserveError> {
+        self.reserve_then(n, now, max_wait, true, |state, now| {
+            report.then(|| state.report(now))
+        })
+    }
+
+    /// The reservation itself; with `queue`, a reservation that waits is
+    /// registered. `after` reads the state it leaves, under the same lock.
     fn reserve_then<R>(
         &self,
         n: u64,
         now: impl Into<Tick>,
         max_wait: Duration,
+        queue: bool,
         after: impl FnOnce(&State, u64) -> R,
-    ) -> Result<(Duration, R), ReserveError> {
+    ) -> Result<(Duration, Option<Ticket>, R), ReserveError> {
         let now = self.nanos(now);
         let mut state = self.lock();
         let (new_tat, wait_nanos) = state.reservation(n, now)?;
@@ -184,7 +282,13 @@ impl Bucket {
             return Err(ReserveError::WouldWait { wait });
         }
         state.tat = new_tat;
-        Ok((wait, after(&state, now)))
+        let ticket = if queue && wait_nanos > 0 {
+            let proceed = new_tat.saturating_sub(cost(state.capacity));
+            Some(state.waiters.register(proceed))
+        } else {
+            None
+        };
+        Ok((wait, ticket, after(&state, now)))
     }
 
     /// How long a reservation of `n` tokens made at `now` would wait, without
@@ -198,14 +302,100 @@ impl Bucket {
         Ok(duration_from_nanos(wait_nanos))
     }
 
-    /// Gives `n` tokens back: a waiter that was cancelled, or tokens reserved
-    /// but not used. The level never rises above capacity, so returning tokens
-    /// to a bucket that has refilled meanwhile cannot create extra burst.
-    pub fn refund(&self, n: u64, now: impl Into<Tick>) {
+    /// Gives `n` tokens back that were reserved ahead of every current waiter:
+    /// tokens reserved but not used, or a request that left after its wait
+    /// here was over (or that never waited here). The level never rises
+    /// above capacity, so returning tokens to a bucket that has refilled
+    /// meanwhile cannot create extra burst.
+    ///
+    /// Every waiter moves forward by what `tat` fell; the returned waker (at
+    /// most one, `None` when nobody waits) is the caller's to wake.
+    #[must_use = "the waiter handed back must be woken"]
+    pub fn refund(&self, n: u64, now: impl Into<Tick>) -> Option<Waker> {
+        let now = self.nanos(now);
+        let mut state = self.lock();
+        let moved = state.lower_tat(n, now);
+        if state.waiters.queue.is_empty() || moved == 0 {
+            return None;
+        }
+        state.waiters.shift = state.waiters.shift.saturating_add(moved);
+        state.waiters.wake_stale(0)
+    }
+
+    /// A waiter gives its `n` tokens back and its place up (its client left,
+    /// or another bucket refused the request): only the waiters that
+    /// reserved after it move forward. Returns the waker to wake, as
+    /// [`refund`](Self::refund). An unknown ticket is refunded as
+    /// [`refund`](Self::refund) would.
+    #[must_use = "the waiter handed back must be woken"]
+    pub fn leave(&self, ticket: Ticket, n: u64, now: impl Into<Tick>) -> Option<Waker> {
+        let now = self.nanos(now);
+        let mut state = self.lock();
+        let Some(at) = state.waiters.remove(ticket) else {
+            drop(state);
+            return self.refund(n, Tick(now));
+        };
+        let moved = state.lower_tat(n, now);
+        if moved > 0 {
+            for waiter in state.waiters.queue.iter_mut().skip(at) {
+                waiter.base = waiter.base.saturating_sub(moved);
+            }
+        }
+        // Even with nothing moved, the turn it would have handed on passes.
+        state.waiters.wake_stale(at)
+    }
+
+    /// A waiter whose wait is over in every bucket it waited in gives up its
+    /// place (its tokens stay taken). Returns the waker to wake when it
+    /// leaves before its turn had passed on (it never does in the limiter).
+    #[must_use = "the waiter handed back must be woken"]
+    pub fn done(&self, ticket: Ticket) -> Option<Waker> {
+        let mut state = self.lock();
+        let at = state.waiters.remove(ticket)?;
+        state.waiters.wake_stale(at)
+    }
+
+    /// How long the waiter with `ticket` still waits at `now`: `None` when
+    /// its wait here is over (or the ticket is unknown). Otherwise `waker`
+    /// is kept, to be handed to whoever moves it.
+    ///
+    /// The first time a waiter's wait is seen to be over, the turn passes:
+    /// the next waiter, if a refund made its timer late, is returned to be
+    /// woken. Waiters therefore wake in order, each at its own `P`.
+    pub fn turn(
+        &self,
+        ticket: Ticket,
+        now: impl Into<Tick>,
+        waker: &Waker,
+    ) -> (Option<Duration>, Option<Waker>) {
         let now = self.nanos(now);
         let mut state = self.lock();
         let now = state.scaled(now);
-        state.tat = state.tat.saturating_sub(cost(n)).max(now);
+        let rate = state.rate();
+        let waiters = &mut state.waiters;
+        let shift = waiters.shift;
+        let Some(at) = waiters.position(ticket) else {
+            return (None, None);
+        };
+        let Some(waiter) = waiters.queue.get_mut(at) else {
+            return (None, None);
+        };
+        let proceed = waiter.base.saturating_sub(shift);
+        if proceed <= now {
+            if waiter.due {
+                return (None, None);
+            }
+            waiter.due = true;
+            waiter.waker = None;
+            return (None, waiters.wake_stale(at + 1));
+        }
+        waiter.armed = proceed;
+        match &mut waiter.waker {
+            Some(kept) => kept.clone_from(waker),
+            None => waiter.waker = Some(waker.clone()),
+        }
+        let wait = duration_from_nanos(div_ceil(proceed - now, rate));
+        (Some(wait), None)
     }
 
     /// Takes `n` more tokens without waiting: a response used more tokens than
@@ -241,7 +431,7 @@ impl Bucket {
 
     /// `(rate per minute, remaining, reset_after)` at `now` under one lock:
     /// everything the `x-ratelimit-*` headers say about this bucket.
-    pub fn report(&self, now: impl Into<Tick>) -> (u64, u64, Duration) {
+    pub fn report(&self, now: impl Into<Tick>) -> Report {
         let now = self.nanos(now);
         self.lock().report(now)
     }
@@ -262,7 +452,9 @@ impl Bucket {
     ///
     /// Waits already handed out keep the old rate: reservations in flight
     /// finish on what they started with (SPEC "Reload"); their tokens stay
-    /// counted, so new reservations see them at the new rate.
+    /// counted, so new reservations see them at the new rate. A registered
+    /// waiter keeps the instant it proceeds at; refunds after the change
+    /// move it at the new rate.
     pub fn set_limits(
         &self,
         rate_per_minute: NonZeroU64,
@@ -281,9 +473,20 @@ impl Bucket {
         } else {
             deficit.saturating_sub(cost(state.capacity - capacity))
         };
+        let old_rate = state.rate();
         state.rate_per_minute = rate_per_minute;
         state.capacity = capacity;
         state.tat = state.scaled(now).saturating_add(deficit);
+        // Waits handed out keep their instant: each `P` becomes the same
+        // nanosecond (rounded up, as the wait was) at the new scale.
+        let rate = state.rate();
+        let waiters = &mut state.waiters;
+        let rescale = |units: u128| div_ceil(units, old_rate).saturating_mul(rate);
+        for waiter in &mut waiters.queue {
+            waiter.base = rescale(waiter.base.saturating_sub(waiters.shift));
+            waiter.armed = rescale(waiter.armed);
+        }
+        waiters.shift = 0;
     }
 
     /// Locks the state. Nothing under the lock can panic (saturating integer
@@ -346,7 +549,7 @@ fn epoch() -> Instant {
 impl State {
     /// `(rate per minute, remaining, reset_after)` at `now` (nanoseconds
     /// since origin).
-    fn report(&self, now: u64) -> (u64, u64, Duration) {
+    fn report(&self, now: u64) -> Report {
         let deficit = self.deficit(now);
         let remaining = u128::from(self.capacity)
             .saturating_sub(tokens_ceil(deficit))
@@ -355,6 +558,15 @@ impl State {
             .unwrap_or(u64::MAX);
         let reset = duration_from_nanos(div_ceil(deficit, self.rate()));
         (self.rate_per_minute, remaining, reset)
+    }
+
+    /// Lowers `tat` by `n` tokens, never below `now` (full): a refund.
+    /// Returns how far it fell, in units.
+    fn lower_tat(&mut self, n: u64, now_nanos: u64) -> u128 {
+        let now = self.scaled(now_nanos);
+        let before = self.tat;
+        self.tat = self.tat.saturating_sub(cost(n)).max(now);
+        before.saturating_sub(self.tat)
     }
 
     /// `r` as a divisor; never 0 because it comes from a `NonZeroU64`.
@@ -390,6 +602,51 @@ impl State {
             units => div_ceil(units, self.rate()),
         };
         Ok((new_tat, wait))
+    }
+}
+
+impl Waiters {
+    /// Registers a waiter proceeding at `proceed` (units); it is last in
+    /// line, since its `tat` is the highest.
+    fn register(&mut self, proceed: u128) -> Ticket {
+        let ticket = self.next;
+        self.next = self.next.wrapping_add(1);
+        self.queue.push_back(Waiter {
+            ticket,
+            base: proceed.saturating_add(self.shift),
+            armed: proceed,
+            due: false,
+            waker: None,
+        });
+        Ticket(ticket)
+    }
+
+    /// Where `ticket` is in the queue (tickets are sorted).
+    fn position(&self, ticket: Ticket) -> Option<usize> {
+        self.queue
+            .binary_search_by_key(&ticket.0, |w| w.ticket)
+            .ok()
+    }
+
+    /// Takes `ticket` out; returns where it was (now its follower's place).
+    /// A waiter that had not yet handed its turn on leaves it at `at`.
+    fn remove(&mut self, ticket: Ticket) -> Option<usize> {
+        let at = self.position(ticket)?;
+        self.queue.remove(at);
+        Some(at)
+    }
+
+    /// The waker of the first waiter from `from` on whose wait is not over,
+    /// if its timer is late (its `P` moved below what it armed for); the
+    /// waiters behind it get the turn from it.
+    fn wake_stale(&mut self, from: usize) -> Option<Waker> {
+        let shift = self.shift;
+        let waiter = self.queue.iter_mut().skip(from).find(|w| !w.due)?;
+        if waiter.base.saturating_sub(shift) < waiter.armed {
+            waiter.waker.take()
+        } else {
+            None
+        }
     }
 }
 
@@ -524,15 +781,15 @@ mod tests {
         let t0 = Instant::now();
         let bucket = Bucket::new(nz(600), nz(10), t0);
         assert_eq!(bucket.reserve(8, t0, Duration::ZERO), Ok(Duration::ZERO));
-        bucket.refund(5, t0);
+        let _ = bucket.refund(5, t0);
         assert_eq!(bucket.remaining(t0), 7);
-        bucket.refund(100, t0);
+        let _ = bucket.refund(100, t0);
         assert_eq!(bucket.remaining(t0), 10);
         assert_eq!(bucket.reset_after(t0), Duration::ZERO);
         assert_eq!(bucket.reserve(10, t0, Duration::ZERO), Ok(Duration::ZERO));
         // Refilled meanwhile: the refund of the 10 reserved at t0 cannot
         // lift the bucket above full.
-        bucket.refund(10, t0 + ms(500));
+        let _ = bucket.refund(10, t0 + ms(500));
         assert_eq!(bucket.remaining(t0 + ms(500)), 10);
         assert_eq!(
             bucket.reserve(11, t0 + ms(500), LONG),
@@ -547,8 +804,156 @@ mod tests {
         assert_eq!(bucket.reserve(1, t0, LONG), Ok(Duration::ZERO));
         assert_eq!(bucket.reserve(1, t0, LONG), Ok(ms(100)));
         assert_eq!(bucket.reserve(1, t0, LONG), Ok(ms(200)));
-        bucket.refund(1, t0 + ms(10)); // one waiter left
+        let _ = bucket.refund(1, t0 + ms(10)); // one waiter left
         assert_eq!(bucket.wait_for(1, t0 + ms(10)), Ok(ms(190)));
+    }
+
+    /// A waker that counts how often it was woken.
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn counting() -> (std::sync::Arc<Count>, Waker) {
+        let count = std::sync::Arc::new(Count::default());
+        (count.clone(), Waker::from(count))
+    }
+
+    fn wake(waker: Option<Waker>) {
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn woken(count: &Count) -> usize {
+        count.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `Bucket::turn`, with whether it handed a waker back.
+    fn turn(
+        bucket: &Bucket,
+        ticket: Ticket,
+        now: Instant,
+        waker: &Waker,
+    ) -> (Option<Duration>, bool) {
+        let (wait, next) = bucket.turn(ticket, now, waker);
+        (wait, next.is_some())
+    }
+
+    fn in_line(bucket: &Bucket, now: Instant) -> (Duration, Option<Ticket>) {
+        match bucket.reserve_in_line(1, now, LONG, false) {
+            Ok((wait, ticket, _)) => (wait, ticket),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn refunds_move_waiters_and_wake_one_at_a_time() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(1), t0);
+        assert_eq!(
+            in_line(&bucket, t0),
+            (Duration::ZERO, None),
+            "no wait, no ticket"
+        );
+        let mut waiters = Vec::new();
+        for i in 1..=3 {
+            let (wait, ticket) = in_line(&bucket, t0);
+            assert_eq!(wait, ms(100 * i));
+            let (count, waker) = counting();
+            let ticket = ticket.unwrap_or(Ticket(u64::MAX));
+            assert_eq!(
+                turn(&bucket, ticket, t0, &waker),
+                (Some(ms(100 * i)), false)
+            );
+            waiters.push((ticket, count, waker));
+        }
+        let [(a, a_count, a_waker), (b, b_count, b_waker), (c, c_count, c_waker)] =
+            <[_; 3]>::try_from(waiters).unwrap_or_else(|_| panic!("three waiters"));
+        // The first request's token comes back: every turn moves 100 ms, and
+        // only the first waiter is woken.
+        wake(bucket.refund(1, t0));
+        assert_eq!(
+            (woken(&a_count), woken(&b_count), woken(&c_count)),
+            (1, 0, 0)
+        );
+        // Its wait is over: it hands the turn to the next, whose timer is late.
+        let (wait, next) = bucket.turn(a, t0, &a_waker);
+        assert_eq!(wait, None);
+        wake(next);
+        assert_eq!(woken(&b_count), 1);
+        assert_eq!(turn(&bucket, b, t0, &b_waker), (Some(ms(100)), false));
+        // b re-armed on time: when its turn comes, c's timer is late by 100 ms.
+        let (wait, next) = bucket.turn(b, t0 + ms(100), &b_waker);
+        assert_eq!(wait, None);
+        wake(next);
+        assert_eq!(woken(&c_count), 1);
+        assert_eq!(
+            turn(&bucket, c, t0 + ms(100), &c_waker),
+            (Some(ms(100)), false)
+        );
+        // b leaves after its turn: c, behind it, moves; a, ahead, does not.
+        wake(bucket.leave(b, 1, t0 + ms(100)));
+        assert_eq!(woken(&c_count), 2);
+        assert_eq!(turn(&bucket, c, t0 + ms(100), &c_waker), (None, false));
+        assert!(bucket.done(a).is_none());
+        assert!(bucket.done(c).is_none());
+        // Nobody waits: a refund hands nobody back.
+        assert!(bucket.refund(1, t0 + ms(100)).is_none());
+        assert_eq!(
+            turn(&bucket, a, t0, &a_waker),
+            (None, false),
+            "unknown ticket"
+        );
+    }
+
+    #[test]
+    fn a_leaving_waiter_moves_only_those_behind_it() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(1), t0);
+        let _ = in_line(&bucket, t0);
+        let tickets: Vec<_> = (0..3).filter_map(|_| in_line(&bucket, t0).1).collect();
+        let (_, waker) = counting();
+        let turns = |at| {
+            tickets
+                .iter()
+                .map(|&t| bucket.turn(t, at, &waker).0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(turns(t0), [Some(ms(100)), Some(ms(200)), Some(ms(300))]);
+        let leaving = tickets.get(1).copied().unwrap_or(Ticket(0));
+        let next = bucket.leave(leaving, 1, t0 + ms(50));
+        assert!(next.is_some(), "the waiter behind is woken");
+        assert_eq!(
+            turns(t0 + ms(50)),
+            [Some(ms(50)), None, Some(ms(150))],
+            "the one ahead keeps its turn, the one behind moves 100 ms"
+        );
+        // A newcomer lines up behind everyone still waiting.
+        assert_eq!(in_line(&bucket, t0 + ms(50)).0, ms(250));
+    }
+
+    #[test]
+    fn set_limits_keeps_the_turns_handed_out() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(1), t0);
+        let _ = in_line(&bucket, t0);
+        let (wait, ticket) = in_line(&bucket, t0);
+        assert_eq!(wait, ms(100));
+        let ticket = ticket.unwrap_or(Ticket(u64::MAX));
+        let (_, waker) = counting();
+        bucket.set_limits(nz(7), nz(3), t0 + ms(30));
+        assert_eq!(
+            turn(&bucket, ticket, t0 + ms(30), &waker),
+            (Some(ms(70)), false)
+        );
+        // Refunds move it at the new rate: 1 token is 8.57 s at 7 a minute.
+        wake(bucket.refund(1, t0 + ms(30)));
+        assert_eq!(turn(&bucket, ticket, t0 + ms(30), &waker), (None, false));
     }
 
     #[test]
@@ -641,7 +1046,7 @@ mod tests {
             let _ = bucket.reserve(u64::MAX, t0, Duration::MAX);
         }
         let far = t0 + Duration::from_secs(1 << 40);
-        bucket.refund(u64::MAX, far);
+        let _ = bucket.refund(u64::MAX, far);
         let _ = (bucket.remaining(far), bucket.reset_after(far));
         bucket.set_limits(nz(1), nz(1), far);
         let slow = Bucket::new(nz(1), nz(1), t0);
@@ -771,7 +1176,7 @@ mod tests {
                         prop_assert_eq!(result, expected);
                     }
                     Op::Refund(n) => {
-                        bucket.refund(n, now);
+                        let _ = bucket.refund(n, now);
                         level = (level + cost(n)).min(full);
                     }
                     Op::Charge(n) => {

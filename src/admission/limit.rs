@@ -4,17 +4,22 @@
 //!
 //! The local variant only forwards to the bucket (the enum match is all it
 //! adds to the admission fast path). The shared variant decides most
-//! requests as fast, from its lease; when it cannot, [`Limit::reserve`]
-//! returns `None` and the limiter awaits [`Limit::reserve_slow`], the one
-//! round trip to Redis.
+//! requests as fast, from its lease; when it cannot,
+//! [`Limit::reserve_in_line`] returns `None` and the limiter awaits
+//! [`Limit::reserve_slow`], the one round trip to Redis.
+//!
+//! A local bucket also keeps its waiters in line (`bucket`, "Refunds and
+//! waiters"): this is where the waiter a bucket hands back is woken, after
+//! the bucket's lock is released. A shared limit's waits stay as given.
 
-use std::{sync::Arc, time::Duration};
+use std::{sync::Arc, task::Waker, time::Duration};
 
-use super::bucket::{Bucket, ReserveError, Tick};
+use super::bucket::{Bucket, Report, ReserveError, Tick, Ticket};
 use crate::cluster::SharedBucket;
 
-/// `(rate per minute, remaining, reset)`, as `Bucket::report` returns it.
-type Report = (u64, u64, Duration);
+/// A reservation made: the wait, the waiter's ticket when it must wait in
+/// a local bucket, and the bucket's state right after, when asked for.
+pub type Reserved = (Duration, Option<Ticket>, Option<Report>);
 
 /// A requests or tokens limit: local or shared.
 #[derive(Debug, Clone)]
@@ -26,38 +31,27 @@ pub enum Limit {
 }
 
 impl Limit {
-    /// `Bucket::reserve_and_report` without a round trip; `None` when a
-    /// shared limit must ask Redis ([`reserve_slow`](Self::reserve_slow)).
+    /// `Bucket::reserve_in_line` without a round trip; `None` when a shared
+    /// limit must ask Redis ([`reserve_slow`](Self::reserve_slow)). A shared
+    /// limit hands out no [`Ticket`]: its wait stays as given (it lives in
+    /// Redis, where refunds cannot reach the other replicas' waiters).
     #[inline]
-    pub fn reserve_and_report(
+    pub fn reserve_in_line(
         &self,
         n: u64,
         now: Tick,
         max_wait: Duration,
-    ) -> Option<Result<(Duration, Report), ReserveError>> {
+        report: bool,
+    ) -> Option<Result<Reserved, ReserveError>> {
         match self {
-            Limit::Local(bucket) => Some(bucket.reserve_and_report(n, now, max_wait)),
-            Limit::Shared(shared) => shared.try_reserve(n, now, max_wait),
-        }
-    }
-
-    /// `Bucket::reserve` without a round trip; `None` as above.
-    #[inline]
-    pub fn reserve(
-        &self,
-        n: u64,
-        now: Tick,
-        max_wait: Duration,
-    ) -> Option<Result<Duration, ReserveError>> {
-        match self {
-            Limit::Local(bucket) => Some(bucket.reserve(n, now, max_wait)),
+            Limit::Local(bucket) => Some(bucket.reserve_in_line(n, now, max_wait, report)),
             Limit::Shared(shared) => shared
                 .try_reserve(n, now, max_wait)
-                .map(|r| r.map(|(wait, _)| wait)),
+                .map(|r| r.map(|(wait, state)| (wait, None, report.then_some(state)))),
         }
     }
 
-    /// The reservation [`reserve`](Self::reserve) could not make alone: a
+    /// The reservation [`reserve_in_line`](Self::reserve_in_line) could not make alone: a
     /// round trip to Redis for a shared limit (bounded; the fallback decides
     /// when Redis does not answer in time).
     pub async fn reserve_slow(
@@ -80,11 +74,38 @@ impl Limit {
         }
     }
 
-    /// `Bucket::refund`.
+    /// `Bucket::refund`, waking the waiter it moved.
     pub fn refund(&self, n: u64, now: impl Into<Tick>) {
         match self {
-            Limit::Local(bucket) => bucket.refund(n, now),
+            Limit::Local(bucket) => wake(bucket.refund(n, now)),
             Limit::Shared(shared) => shared.refund(n, now.into()),
+        }
+    }
+
+    /// `Bucket::leave`: a waiter gives its tokens and its place back.
+    pub fn leave(&self, ticket: Ticket, n: u64, now: impl Into<Tick>) {
+        if let Limit::Local(bucket) = self {
+            wake(bucket.leave(ticket, n, now));
+        }
+    }
+
+    /// `Bucket::done`: a waiter's wait is over everywhere.
+    pub fn done(&self, ticket: Ticket) {
+        if let Limit::Local(bucket) = self {
+            wake(bucket.done(ticket));
+        }
+    }
+
+    /// `Bucket::turn`: how long the waiter with `ticket` still waits
+    /// (`None`: not any more), keeping `waker` to wake it if that changes.
+    pub fn turn(&self, ticket: Ticket, now: Tick, waker: &Waker) -> Option<Duration> {
+        match self {
+            Limit::Local(bucket) => {
+                let (wait, next) = bucket.turn(ticket, now, waker);
+                wake(next);
+                wait
+            }
+            Limit::Shared(_) => None,
         }
     }
 
@@ -141,5 +162,12 @@ impl Limit {
             Limit::Local(bucket) => bucket.capacity(),
             Limit::Shared(shared) => shared.capacity(),
         }
+    }
+}
+
+/// Wakes the waiter a bucket handed back, now that its lock is released.
+fn wake(waker: Option<Waker>) {
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }

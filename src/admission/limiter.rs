@@ -6,18 +6,24 @@
 //! If the buckets cannot cover it before `queue_timeout` it is refused at
 //! once with the exact `Retry-After`, never after a pointless wait. Waiting
 //! requests are served first come, first served: bucket reservations queue by
-//! construction (each later one waits longer) and tokio's semaphore is fair.
+//! construction (each later one waits longer), a refund moves the waiters of
+//! a local bucket forward rather than letting a later request pass them
+//! (`bucket`, "Refunds and waiters"; [`wait_turn`] follows the moves), and
+//! tokio's semaphore is fair.
 //!
 //! Everything a request holds is a guard: a reservation refunds on drop
 //! until admission settles it, a queue slot and a permit give themselves
 //! back, so a client that disconnects while waiting returns everything.
 
 use std::{
+    future::Future,
     num::NonZeroU64,
+    pin::pin,
     sync::{
         atomic::{AtomicU32, Ordering},
         Arc,
     },
+    task::Poll,
     time::Duration,
 };
 
@@ -28,7 +34,7 @@ use tokio::{
 };
 
 use super::{
-    bucket::{Bucket, ReserveError, Tick},
+    bucket::{Bucket, ReserveError, Tick, Ticket},
     limit::Limit,
 };
 use crate::{
@@ -326,18 +332,35 @@ type Step<'a> = (Option<&'a Limit>, u64, LimitKind);
 /// client that disconnects while queued) unless admission settles them.
 struct Held<'a> {
     steps: [Step<'a>; 4],
+    /// The waiter's place in each local bucket it waits in: it leaves
+    /// them, not just refunds (only the waiters behind it move forward).
+    tickets: [Option<Ticket>; 4],
     settled: bool,
     /// See [`Admitted::cluster_epoch`].
     cluster_epoch: Option<u64>,
+}
+
+impl Held<'_> {
+    /// The wait is over in every bucket: the places in line go (the tokens
+    /// stay taken until `settled` or the drop).
+    fn done(&mut self) {
+        for ((bucket, ..), ticket) in self.steps.iter().zip(&mut self.tickets) {
+            if let (Some(bucket), Some(ticket)) = (bucket, ticket.take()) {
+                bucket.done(ticket);
+            }
+        }
+    }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         if !self.settled {
             let now = Instant::now();
-            for (bucket, n, _) in self.steps {
-                if let Some(bucket) = bucket {
-                    bucket.refund_taken(n, now, self.cluster_epoch);
+            for ((bucket, n, _), ticket) in self.steps.iter().zip(self.tickets) {
+                match (bucket, ticket) {
+                    (Some(bucket), Some(ticket)) => bucket.leave(ticket, *n, now),
+                    (Some(bucket), None) => bucket.refund_taken(*n, now, self.cluster_epoch),
+                    (None, _) => {}
                 }
             }
         }
@@ -451,7 +474,13 @@ pub async fn admit(
         // the allocation happens only on this path, next to a round trip.
         Box::pin(reserve_slowly(request, &mut progress)).await?;
     }
-    let Progress { wait, reports, .. } = progress;
+    let Progress {
+        wait,
+        fixed_wait,
+        reports,
+        tickets,
+        ..
+    } = progress;
     if wait.is_zero() {
         if let Ok(permit) = try_permit(model) {
             // The model's bucket of each kind, else the global one (see
@@ -475,12 +504,14 @@ pub async fn admit(
     // dropped, and it counts in the queue.
     let mut held = Held {
         steps,
+        tickets,
         settled: false,
         cluster_epoch,
     };
     let queue_slot = queue_or_refuse(model, model_name)?;
     if !wait.is_zero() {
-        tokio::time::sleep_until(now + wait).await;
+        wait_turn(&held, now + fixed_wait).await;
+        held.done();
     }
     let permit = match (&model.concurrency, try_permit(model)) {
         (_, Ok(permit)) => permit,
@@ -517,6 +548,44 @@ pub async fn admit(
     ))
 }
 
+/// Sleeps until the request's wait is over in every bucket: until `fixed`
+/// (the waits of shared limits, which stay as given) and until every local
+/// bucket it holds a ticket in says its turn has come.
+///
+/// A refund moves a ticket's turn earlier; the bucket then wakes the task
+/// (or the waiter ahead of it hands the turn on), and the timer is set
+/// again. The timer runs to the earliest turn not yet come, not to the
+/// latest: a waiter whose turn came in one bucket hands that bucket's turn
+/// on at once, even while it still waits in another.
+async fn wait_turn(held: &Held<'_>, fixed: Instant) {
+    let mut timer = pin!(tokio::time::sleep_until(fixed));
+    std::future::poll_fn(|cx| loop {
+        let now = Instant::now();
+        let tick = Tick::from(now);
+        let mut next: Option<Duration> = None;
+        for ((limit, ..), ticket) in held.steps.iter().zip(&held.tickets) {
+            if let (Some(limit), Some(ticket)) = (limit, ticket) {
+                if let Some(wait) = limit.turn(*ticket, tick, cx.waker()) {
+                    next = Some(next.map_or(wait, |n| n.min(wait)));
+                }
+            }
+        }
+        let at = match next {
+            // `wait` is at least 1 ns: the timer set for it is not yet due.
+            Some(wait) => now + wait,
+            None if now >= fixed => return Poll::Ready(()),
+            None => fixed,
+        };
+        if timer.deadline() != at {
+            timer.as_mut().reset(at);
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+    })
+    .await;
+}
+
 /// One request's reservations: what [`reserve_all`], [`reserve_slowly`]
 /// and [`refuse`] need of it.
 #[derive(Clone, Copy)]
@@ -531,12 +600,17 @@ struct Request<'s, 'a> {
 }
 
 /// How far [`reserve_all`] got: the next step to reserve, the longest wait
-/// so far, and the states the headers report.
+/// so far, the states the headers report, and the tickets of the local
+/// buckets it waits in.
 #[derive(Default)]
 struct Progress {
     next: usize,
     wait: Duration,
+    /// The longest wait of the steps without a ticket (shared limits): it
+    /// stays as given, while a ticket's wait can shrink.
+    fixed_wait: Duration,
     reports: [Option<RateState>; 4],
+    tickets: [Option<Ticket>; 4],
 }
 
 /// Reserves from every bucket in `steps` at `now`, from `progress.next` on.
@@ -565,17 +639,8 @@ fn reserve_all(request: &Request<'_, '_>, progress: &mut Progress) -> Result<boo
             progress.next += 1;
             continue;
         };
-        let reserved = if reports_state {
-            limit
-                .reserve_and_report(n, now, max_wait)
-                .map(|r| r.map(|(w, report)| (w, Some(report))))
-        } else {
-            limit
-                .reserve(n, now, max_wait)
-                .map(|r| r.map(|w| (w, None)))
-        };
-        match reserved {
-            Some(Ok((w, state))) => progress.record(w, state),
+        match limit.reserve_in_line(n, now, max_wait, reports_state) {
+            Some(Ok((w, ticket, state))) => progress.record(w, ticket, state),
             Some(Err(error)) => return Err(refuse(request, error, progress)),
             None => return Ok(false),
         }
@@ -606,13 +671,14 @@ async fn reserve_slowly(
         }
         let mut held = Held {
             steps: taken,
+            tickets: progress.tickets,
             settled: false,
             cluster_epoch: request.cluster_epoch,
         };
         let reserved = limit.reserve_slow(n, now, max_wait).await;
         held.settled = true;
         match reserved {
-            Ok((w, report)) => progress.record(w, Some(report)),
+            Ok((w, report)) => progress.record(w, None, Some(report)),
             Err(error) => return Err(refuse(&request, error, progress)),
         }
         if reserve_all(&request, progress)? {
@@ -628,10 +694,21 @@ fn reporting(model: &ModelLimits) -> [bool; 4] {
 }
 
 impl Progress {
-    /// Step `next` reserved, to proceed after `wait`, leaving `state`.
+    /// Step `next` reserved, to proceed after `wait` (or its `ticket`'s
+    /// turn), leaving `state`.
     #[inline]
-    fn record(&mut self, wait: Duration, state: Option<(u64, u64, Duration)>) {
+    fn record(
+        &mut self,
+        wait: Duration,
+        ticket: Option<Ticket>,
+        state: Option<(u64, u64, Duration)>,
+    ) {
         self.wait = self.wait.max(wait);
+        if ticket.is_none() {
+            self.fixed_wait = self.fixed_wait.max(wait);
+        } else if let Some(slot) = self.tickets.get_mut(self.next) {
+            *slot = ticket;
+        }
         if let Some(report) = self.reports.get_mut(self.next) {
             *report = state.map(|(limit, remaining, reset)| RateState {
                 limit,
@@ -660,10 +737,13 @@ fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -
         .get(taken)
         .copied()
         .unwrap_or((None, 0, LimitKind::Requests));
-    // Refused: the request proceeds with nothing, so nothing stays taken.
-    for &(limit, n, _) in steps.iter().take(taken) {
-        if let Some(limit) = limit {
-            limit.refund(n, now);
+    // Refused: the request proceeds with nothing, so nothing stays taken,
+    // and the places it took in line go too.
+    for (&(limit, n, _), ticket) in steps.iter().zip(progress.tickets).take(taken) {
+        match (limit, ticket) {
+            (Some(limit), Some(ticket)) => limit.leave(ticket, n, now),
+            (Some(limit), None) => limit.refund(n, now),
+            (None, _) => {}
         }
     }
     match error {
@@ -821,6 +901,7 @@ mod tests {
     use std::num::NonZeroU32;
 
     use super::*;
+    use crate::admission::bucket::TOKEN_COST;
 
     fn model(
         rpm: Option<u32>,
@@ -1006,6 +1087,270 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    /// Spawns a request of `estimate` tokens that waits up to 10 s; it
+    /// answers with when it was admitted (since `start`) and what it holds.
+    /// The spawned task has reserved once the caller yields.
+    fn spawn_admit(
+        global: &Arc<GlobalLimits>,
+        m: &Arc<ModelLimits>,
+        estimate: u64,
+        start: Instant,
+    ) -> tokio::task::JoinHandle<Result<(Duration, Admitted), AdmitError>> {
+        let (global, m) = (global.clone(), m.clone());
+        tokio::spawn(async move {
+            let now = Instant::now();
+            let deadline = now + Duration::from_secs(10);
+            let admitted = admit(&global, &m, "m", estimate, now, deadline).await?;
+            Ok((start.elapsed(), admitted))
+        })
+    }
+
+    /// The review's case: a request arriving after a refund must not pass
+    /// one that waits since before it; the waiter is admitted as soon as
+    /// the refund covers it.
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_moves_the_waiters_forward() {
+        // 6000 tokens/min: 100 per second, capacity 6000.
+        let (global, m) = limits(&model(None, None, Some(6000), None));
+        let global = Arc::new(global);
+        let start = Instant::now();
+        let big = admit(&global, &m, "m", 6000, start, start).await.unwrap();
+        tokio::time::advance(ms(100)).await;
+        // 10 tokens refilled, 240 missing: told to wait 2.4 s.
+        let waiter = spawn_admit(&global, &m, 250, start);
+        tokio::task::yield_now().await;
+        tokio::time::advance(ms(900)).await;
+        // The big request used 10 tokens: 5990 come back at 1 s.
+        big.reconcile(10);
+        let (at, _) = waiter.await.unwrap().unwrap();
+        assert_eq!(at, Duration::from_secs(1), "admitted at the refund");
+        tokio::time::advance(ms(500)).await;
+        let late = spawn_admit(&global, &m, 10, start).await.unwrap().unwrap();
+        assert_eq!(late.0, ms(1500));
+    }
+
+    /// A refund that covers several waiters admits each at once, and moves
+    /// the others to their exact new turns, in order.
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_moves_every_waiter_to_its_exact_new_turn() {
+        let (global, m) = limits(&model(None, None, Some(6000), None));
+        let global = Arc::new(global);
+        let start = Instant::now();
+        let big = admit(&global, &m, "m", 6000, start, start).await.unwrap();
+        // Five waiters of 100 tokens: turns at 1, 2, 3, 4 and 5 s.
+        let mut waiters = Vec::new();
+        for _ in 0..5 {
+            waiters.push(spawn_admit(&global, &m, 100, start));
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(ms(500)).await;
+        // 200 tokens back: every turn moves 2 s earlier.
+        big.reconcile(5800);
+        let mut at = Vec::new();
+        for w in waiters {
+            at.push(w.await.unwrap().unwrap().0);
+        }
+        let expected = [500, 500, 1000, 2000, 3000].map(ms);
+        assert_eq!(at, expected);
+    }
+
+    /// A waiter that leaves moves the waiters behind it forward, and only
+    /// them: those ahead never counted its tokens.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_leaving_moves_only_the_waiters_behind_it() {
+        // 60 requests/min, burst 1: one request per second.
+        let (global, m) = limits(&model(Some(60), Some(1), None, None));
+        let global = Arc::new(global);
+        let start = Instant::now();
+        let _first = admit(&global, &m, "m", 1, start, start).await.unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..3 {
+            waiters.push(spawn_admit(&global, &m, 1, start));
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(ms(500)).await;
+        let [ahead, leaving, behind] = <[_; 3]>::try_from(waiters).unwrap();
+        leaving.abort();
+        let _ = leaving.await;
+        // A newcomer queues behind every waiter still there.
+        let newcomer = spawn_admit(&global, &m, 1, start);
+        assert_eq!(ahead.await.unwrap().unwrap().0, ms(1000), "not moved");
+        assert_eq!(behind.await.unwrap().unwrap().0, ms(2000), "moved 1 s");
+        assert_eq!(newcomer.await.unwrap().unwrap().0, ms(3000));
+    }
+
+    /// A request waiting in two buckets proceeds when both cover it: a
+    /// refund in one moves it only as far as the other allows.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_in_two_buckets_moves_as_far_as_both_allow() {
+        let global_cfg = GlobalLimitsConfig {
+            requests_per_minute: None,
+            tokens_per_minute: NonZeroU64::new(12_000),
+        };
+        let global = Arc::new(GlobalLimits::new(&global_cfg, None, Instant::now()));
+        let (_, m) = limits(&model(None, None, Some(6000), None));
+        let start = Instant::now();
+        // Global: 12000 of 12000 taken (200/s); model: 6000 of 6000 (100/s).
+        let big = admit(&global, &m, "m", 6000, start, start).await.unwrap();
+        let other = Arc::new(ModelLimits::new(
+            &model(None, None, None, None),
+            None,
+            ModelMetrics::default(),
+            start,
+        ));
+        let _other = admit(&global, &other, "o", 6000, start, start)
+            .await
+            .unwrap();
+        // 400 tokens: global turn at 2 s, model turn at 4 s.
+        let waiter = spawn_admit(&global, &m, 400, start);
+        tokio::task::yield_now().await;
+        tokio::time::advance(ms(500)).await;
+        // 100 come back to both: the model turn moves to 3 s, the global
+        // one to 1.5 s.
+        big.reconcile(5900);
+        assert_eq!(waiter.await.unwrap().unwrap().0, ms(3000));
+    }
+
+    /// One simulated client: arrives at `at_ms`, asks for `estimate` tokens,
+    /// uses `actual` of them over `hold_ms`, and gives up waiting after
+    /// `patience_ms` if set.
+    #[derive(Debug, Clone)]
+    struct Client {
+        at_ms: u64,
+        estimate: u64,
+        actual: u64,
+        hold_ms: u64,
+        patience_ms: Option<u64>,
+    }
+
+    fn client() -> impl proptest::strategy::Strategy<Value = Client> {
+        use proptest::prelude::*;
+        (
+            0..60_000u64,
+            1..=400u64,
+            0..=100u64,
+            0..5_000u64,
+            prop::option::of(0..5_000u64),
+        )
+            .prop_map(|(at_ms, estimate, used, hold_ms, patience_ms)| Client {
+                at_ms,
+                estimate,
+                actual: estimate * used / 100,
+                hold_ms,
+                patience_ms,
+            })
+    }
+
+    /// What the simulated clients saw.
+    #[derive(Default)]
+    struct Ledger {
+        /// Each admitted client's tokens as the buckets count them now:
+        /// its estimate, then its usage once reconciled.
+        charges: Vec<u64>,
+        /// When each client was admitted, by arrival.
+        admitted_at: Vec<Option<Duration>>,
+        violations: Vec<String>,
+    }
+
+    /// Runs `clients` against a global tokens limit and a model's requests
+    /// and tokens limits, in paused time.
+    fn simulate(
+        (global_tpm, model_tpm, rpm, burst): (u64, u64, u32, u32),
+        mut clients: Vec<Client>,
+    ) -> Ledger {
+        // Distinct arrival instants: arrival order is reservation order.
+        clients.sort_by_key(|c| c.at_ms);
+        for i in 1..clients.len() {
+            clients[i].at_ms = clients[i].at_ms.max(clients[i - 1].at_ms + 1);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let start = Instant::now();
+            let global_cfg = GlobalLimitsConfig {
+                requests_per_minute: None,
+                tokens_per_minute: NonZeroU64::new(global_tpm),
+            };
+            let global = Arc::new(GlobalLimits::new(&global_cfg, None, start));
+            let (_, m) = limits(&model(Some(rpm), Some(burst), Some(model_tpm), None));
+            let ledger = Arc::new(std::sync::Mutex::new(Ledger {
+                admitted_at: vec![None; clients.len()],
+                ..Ledger::default()
+            }));
+            // Each bound as tokens × 60e9 <= capacity × 60e9 + rate × ns.
+            let bounds = [(global_tpm, global_tpm), (model_tpm, model_tpm)];
+            let mut tasks = Vec::new();
+            for (i, c) in clients.into_iter().enumerate() {
+                let (global, m, ledger) = (global.clone(), m.clone(), ledger.clone());
+                tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep_until(start + ms(c.at_ms)).await;
+                    let now = Instant::now();
+                    let patience = ms(c.patience_ms.unwrap_or(3_600_000));
+                    let admitting = admit(&global, &m, "m", c.estimate, now, now + ms(10_000));
+                    let Ok(Ok(admitted)) = tokio::time::timeout(patience, admitting).await else {
+                        return;
+                    };
+                    let t = u128::from(u64::try_from(start.elapsed().as_nanos()).unwrap());
+                    let slot = {
+                        let mut l = ledger.lock().unwrap();
+                        l.charges.push(c.estimate);
+                        l.admitted_at[i] = Some(start.elapsed());
+                        let tokens: u128 = l.charges.iter().map(|&n| u128::from(n)).sum();
+                        for (capacity, rate) in bounds {
+                            if tokens * TOKEN_COST
+                                > u128::from(capacity) * TOKEN_COST + u128::from(rate) * t
+                            {
+                                l.violations.push(format!("{tokens} tokens at {t} ns"));
+                            }
+                        }
+                        let requests = l.charges.len() as u128;
+                        if requests * TOKEN_COST
+                            > u128::from(burst) * TOKEN_COST + u128::from(rpm) * t
+                        {
+                            l.violations.push(format!("{requests} requests at {t} ns"));
+                        }
+                        l.charges.len() - 1
+                    };
+                    tokio::time::sleep(ms(c.hold_ms)).await;
+                    ledger.lock().unwrap().charges[slot] = c.actual;
+                    admitted.reconcile(c.actual);
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+            Arc::try_unwrap(ledger).ok().unwrap().into_inner().unwrap()
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// SPEC: never more than rate × t + burst, however refunds and
+        /// waiters that leave move the queue; and first come, first served
+        /// (admission times never fall in arrival order).
+        #[test]
+        fn refunds_and_cancels_never_over_admit_and_keep_fifo(
+            limits in (1_000..6_000u64, 500..3_000u64, 10..120u32, 1..10u32),
+            clients in proptest::collection::vec(client(), 1..150),
+        ) {
+            let ledger = simulate(limits, clients);
+            proptest::prop_assert!(ledger.violations.is_empty(), "{:?}", ledger.violations);
+            let admitted: Vec<Duration> = ledger.admitted_at.iter().flatten().copied().collect();
+            proptest::prop_assert!(
+                admitted.windows(2).all(|w| w[0] <= w[1]),
+                "admitted out of arrival order: {admitted:?}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -338,7 +338,8 @@ impl SharedBucket {
                 self.link.wake();
             }
         } else {
-            self.fallback.refund(n, now);
+            // The fallback registers no waiters: nobody to wake.
+            let _ = self.fallback.refund(n, now);
         }
     }
 
@@ -586,7 +587,7 @@ impl SharedBucket {
         if level < current {
             self.fallback.charge(current - level, now);
         } else if level > current {
-            self.fallback.refund(level - current, now);
+            let _ = self.fallback.refund(level - current, now);
         }
     }
 

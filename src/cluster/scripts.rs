@@ -483,7 +483,7 @@ mod tests {
                                     w <= max_wait && wait > max_wait && wait == ceil_us(w),
                                     "case {case} step {step}"
                                 );
-                                bucket.refund(n, now);
+                                let _ = bucket.refund(n, now);
                             }
                             other => panic!("case {case} step {step}: {other:?}"),
                         }
@@ -505,7 +505,7 @@ mod tests {
                             .lease(&mut conn, &key, params, (n, 0, 0), redis_now)
                             .await
                             .unwrap();
-                        bucket.refund(n, now);
+                        let _ = bucket.refund(n, now);
                     }
                     _ => {
                         scripts
