@@ -127,6 +127,54 @@ async fn token_limit_refusals_and_impossible_requests() {
     assert_eq!(m.requests(), 2);
 }
 
+/// A model with a generous limit under a tight global one: the global
+/// bucket refuses, and the headers and messages say so (they showed the
+/// model's limit, and the 413 passed the global limit off as the model's).
+#[tokio::test]
+async fn the_global_limit_that_refuses_is_the_one_reported() {
+    let (gw, m) = setup(
+        "tokens_per_minute = 6000\nqueue_timeout = \"0s\"\n\n[limits]\ntokens_per_minute = 1000",
+        MockConfig::default(),
+    )
+    .await;
+    let ask = |max_tokens: u32| {
+        format!(r#"{{"model":"{MODEL}","max_tokens":{max_tokens},"messages":[]}}"#)
+    };
+    let big = post(gw.addr(), "/v1/chat/completions", &ask(2000)).await;
+    big.assert_error(413, "invalid_request_error", "request_too_large");
+    let message = big.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("more than the global limit of 1000 tokens per min"),
+        "{message}"
+    );
+    // Admitted: the global bucket (1000 - 600 left) is the tighter one.
+    let ok = post(gw.addr(), "/v1/chat/completions", &ask(600)).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(ok.header("x-ratelimit-limit-tokens"), "1000");
+    let left: u64 = ok.header("x-ratelimit-remaining-tokens").parse().unwrap();
+    assert!(left <= 400, "{left}");
+    let again = post(gw.addr(), "/v1/chat/completions", &ask(600)).await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    // Refused by the global bucket: its limit and level, not the model's.
+    let limited = post(gw.addr(), "/v1/chat/completions", &ask(990)).await;
+    limited.assert_error(429, "tokens", "rate_limit_exceeded");
+    let message = limited.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("on global tokens per min: limit 1000."),
+        "{message}"
+    );
+    assert_eq!(limited.header("x-ratelimit-limit-tokens"), "1000");
+    let left: u64 = limited
+        .header("x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(left < 990, "{left}");
+    assert_eq!(m.requests(), 2);
+}
+
 #[tokio::test]
 async fn max_concurrent_caps_what_the_backend_sees() {
     let (gw, m) = setup(

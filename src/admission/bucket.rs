@@ -150,6 +150,17 @@ pub enum ReserveError {
 /// returns and the `x-ratelimit-*` headers show.
 pub type Report = (u64, u64, Duration);
 
+/// A bucket's level at one instant, copied under its lock: enough to say
+/// how many tokens remain (cheap) and to compute the full [`Report`] (a
+/// division) only for the bucket the headers end up reporting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Level {
+    rate_per_minute: u64,
+    capacity: u64,
+    /// `D` in units at the instant it was read.
+    deficit: u128,
+}
+
 /// A waiter's place in a bucket's registry, from
 /// [`Bucket::reserve_in_line`]: what it later asks [`Bucket::turn`] about and
 /// gives to [`Bucket::leave`] or [`Bucket::done`].
@@ -248,18 +259,15 @@ impl Bucket {
     /// reservation that must wait is registered and gets a [`Ticket`], so
     /// refunds move it forward ([`turn`](Self::turn) tells the current
     /// wait). The caller must end every ticket with [`done`](Self::done) or
-    /// [`leave`](Self::leave). `report` reads the state as
-    /// [`reserve_and_report`](Self::reserve_and_report) does.
+    /// [`leave`](Self::leave). Also returns the [`Level`] the reservation
+    /// leaves, read under the same lock.
     pub fn reserve_in_line(
         &self,
         n: u64,
         now: impl Into<Tick>,
         max_wait: Duration,
-        report: bool,
-    ) -> Result<(Duration, Option<Ticket>, Option<Report>), ReserveError> {
-        self.reserve_then(n, now, max_wait, true, |state, now| {
-            report.then(|| state.report(now))
-        })
+    ) -> Result<(Duration, Option<Ticket>, Level), ReserveError> {
+        self.reserve_then(n, now, max_wait, true, State::level)
     }
 
     /// The reservation itself; with `queue`, a reservation that waits is
@@ -411,14 +419,7 @@ impl Bucket {
     /// Whole tokens available at `now` (the floor of the level; 0 in debt):
     /// `x-ratelimit-remaining-*`.
     pub fn remaining(&self, now: impl Into<Tick>) -> u64 {
-        let now = self.nanos(now);
-        let state = self.lock();
-        let deficit_tokens = tokens_ceil(state.deficit(now));
-        u128::from(state.capacity)
-            .saturating_sub(deficit_tokens)
-            .try_into()
-            // Cannot fail: the value is at most `capacity`, a u64.
-            .unwrap_or(u64::MAX)
+        self.level(now).remaining()
     }
 
     /// Time from `now` until the bucket is full again, rounded up to the
@@ -432,8 +433,13 @@ impl Bucket {
     /// `(rate per minute, remaining, reset_after)` at `now` under one lock:
     /// everything the `x-ratelimit-*` headers say about this bucket.
     pub fn report(&self, now: impl Into<Tick>) -> Report {
+        self.level(now).report()
+    }
+
+    /// The bucket's [`Level`] at `now`.
+    pub fn level(&self, now: impl Into<Tick>) -> Level {
         let now = self.nanos(now);
-        self.lock().report(now)
+        self.lock().level(now)
     }
 
     /// Tokens the bucket holds when full.
@@ -546,18 +552,39 @@ fn epoch() -> Instant {
     })
 }
 
+impl Level {
+    /// Whole tokens available (the floor of the level; 0 in debt).
+    pub fn remaining(&self) -> u64 {
+        u128::from(self.capacity)
+            .saturating_sub(tokens_ceil(self.deficit))
+            .try_into()
+            // Cannot fail: the value is at most `capacity`, a u64.
+            .unwrap_or(u64::MAX)
+    }
+
+    /// `(rate per minute, remaining, reset_after)`, the reset rounded up to
+    /// the nanosecond.
+    pub fn report(&self) -> Report {
+        // Never 0: the rate comes from a `NonZeroU64`.
+        let reset = duration_from_nanos(div_ceil(self.deficit, u128::from(self.rate_per_minute)));
+        (self.rate_per_minute, self.remaining(), reset)
+    }
+}
+
 impl State {
     /// `(rate per minute, remaining, reset_after)` at `now` (nanoseconds
     /// since origin).
     fn report(&self, now: u64) -> Report {
-        let deficit = self.deficit(now);
-        let remaining = u128::from(self.capacity)
-            .saturating_sub(tokens_ceil(deficit))
-            .try_into()
-            // Cannot fail: the value is at most `capacity`, a u64.
-            .unwrap_or(u64::MAX);
-        let reset = duration_from_nanos(div_ceil(deficit, self.rate()));
-        (self.rate_per_minute, remaining, reset)
+        self.level(now).report()
+    }
+
+    /// The [`Level`] at `now` (nanoseconds since origin).
+    fn level(&self, now: u64) -> Level {
+        Level {
+            rate_per_minute: self.rate_per_minute,
+            capacity: self.capacity,
+            deficit: self.deficit(now),
+        }
     }
 
     /// Lowers `tat` by `n` tokens, never below `now` (full): a refund.
@@ -845,7 +872,7 @@ mod tests {
     }
 
     fn in_line(bucket: &Bucket, now: Instant) -> (Duration, Option<Ticket>) {
-        match bucket.reserve_in_line(1, now, LONG, false) {
+        match bucket.reserve_in_line(1, now, LONG) {
             Ok((wait, ticket, _)) => (wait, ticket),
             Err(e) => panic!("{e:?}"),
         }

@@ -14,12 +14,23 @@
 
 use std::{sync::Arc, task::Waker, time::Duration};
 
-use super::bucket::{Bucket, Report, ReserveError, Tick, Ticket};
+use super::bucket::{Bucket, Level, Report, ReserveError, Tick, Ticket};
 use crate::cluster::SharedBucket;
 
 /// A reservation made: the wait, the waiter's ticket when it must wait in
-/// a local bucket, and the bucket's state right after, when asked for.
-pub type Reserved = (Duration, Option<Ticket>, Option<Report>);
+/// a local bucket, and the limit's state right after.
+pub type Reserved = (Duration, Option<Ticket>, Reading);
+
+/// A limit's state at one instant, for the `x-ratelimit-*` headers: a local
+/// bucket's [`Level`] (its report, a division, is computed only for the
+/// bucket the headers show) or a shared limit's report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reading {
+    /// Read under a local bucket's lock.
+    Local(Level),
+    /// A shared limit's cached report.
+    Shared(Report),
+}
 
 /// A requests or tokens limit: local or shared.
 #[derive(Debug, Clone)]
@@ -41,13 +52,16 @@ impl Limit {
         n: u64,
         now: Tick,
         max_wait: Duration,
-        report: bool,
     ) -> Option<Result<Reserved, ReserveError>> {
         match self {
-            Limit::Local(bucket) => Some(bucket.reserve_in_line(n, now, max_wait, report)),
+            Limit::Local(bucket) => Some(
+                bucket
+                    .reserve_in_line(n, now, max_wait)
+                    .map(|(wait, ticket, level)| (wait, ticket, Reading::Local(level))),
+            ),
             Limit::Shared(shared) => shared
                 .try_reserve(n, now, max_wait)
-                .map(|r| r.map(|(wait, state)| (wait, None, report.then_some(state)))),
+                .map(|r| r.map(|(wait, report)| (wait, None, Reading::Shared(report)))),
         }
     }
 
@@ -135,6 +149,14 @@ impl Limit {
         }
     }
 
+    /// The limit's [`Reading`] at `now`.
+    pub fn reading(&self, now: impl Into<Tick>) -> Reading {
+        match self {
+            Limit::Local(bucket) => Reading::Local(bucket.level(now)),
+            Limit::Shared(shared) => Reading::Shared(shared.report(now.into())),
+        }
+    }
+
     /// `Bucket::report`.
     pub fn report(&self, now: impl Into<Tick>) -> Report {
         match self {
@@ -161,6 +183,24 @@ impl Limit {
         match self {
             Limit::Local(bucket) => bucket.capacity(),
             Limit::Shared(shared) => shared.capacity(),
+        }
+    }
+}
+
+impl Reading {
+    /// Whole tokens left: which of two limits of a kind is the tighter.
+    pub fn remaining(&self) -> u64 {
+        match self {
+            Reading::Local(level) => level.remaining(),
+            Reading::Shared((_, remaining, _)) => *remaining,
+        }
+    }
+
+    /// `(rate per minute, remaining, reset)`, as `Bucket::report`.
+    pub fn report(&self) -> Report {
+        match self {
+            Reading::Local(level) => level.report(),
+            Reading::Shared(report) => *report,
         }
     }
 }

@@ -34,8 +34,8 @@ use tokio::{
 };
 
 use super::{
-    bucket::{Bucket, ReserveError, Tick, Ticket},
-    limit::Limit,
+    bucket::{Bucket, Report, ReserveError, Tick, Ticket},
+    limit::{Limit, Reading},
 };
 use crate::{
     cluster::Cluster,
@@ -79,6 +79,8 @@ pub enum AdmitError {
         estimate: u64,
         /// The bucket's capacity.
         capacity: u64,
+        /// The bucket is the global one (`[limits]`), not the model's.
+        global: bool,
     },
     /// A bucket would not cover the request before `queue_timeout` (429).
     RateLimited {
@@ -86,6 +88,8 @@ pub enum AdmitError {
         model: String,
         /// Requests or tokens.
         kind: LimitKind,
+        /// The bucket is the global one (`[limits]`), not the model's.
+        global: bool,
         /// The bucket's rate per minute.
         limit: u64,
         /// Exactly how long until the request would pass.
@@ -105,7 +109,10 @@ pub enum AdmitError {
     },
 }
 
-/// `x-ratelimit-*` values computed at admission (OpenAI's headers).
+/// `x-ratelimit-*` values computed at admission (OpenAI's headers): per
+/// kind, the bucket with fewer left of the global and the model's (the
+/// model's on a tie); on a 429, the refused kind's from the bucket that
+/// refused.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RateHeaders {
     /// `limit`, `remaining`, `reset` for requests, when a request limit applies.
@@ -483,13 +490,8 @@ pub async fn admit(
     } = progress;
     if wait.is_zero() {
         if let Ok(permit) = try_permit(model) {
-            // The model's bucket of each kind, else the global one (see
-            // `rate_headers`), as the reservations just left them.
-            let [global_requests, global_tokens, model_requests, model_tokens] = reports;
-            let headers = RateHeaders {
-                requests: model_requests.or(global_requests),
-                tokens: model_tokens.or(global_tokens),
-            };
+            // As the reservations just left the buckets.
+            let headers = RateHeaders::tighter(reports);
             return Ok(settle(
                 model,
                 &steps,
@@ -609,7 +611,9 @@ struct Progress {
     /// The longest wait of the steps without a ticket (shared limits): it
     /// stays as given, while a ticket's wait can shrink.
     fixed_wait: Duration,
-    reports: [Option<RateState>; 4],
+    /// Each bucket's state right after its reservation, read under its
+    /// lock; only the ones the headers show are turned into numbers.
+    reports: [Option<Reading>; 4],
     tickets: [Option<Ticket>; 4],
 }
 
@@ -617,29 +621,23 @@ struct Progress {
 /// On the first bucket that cannot cover the request within `max_wait`,
 /// gives back what was taken and refuses with the longest wait of all the
 /// buckets: the request passes only when every one covers it, so that is the
-/// exact `Retry-After`. Records the wait before the request may proceed and,
-/// for the buckets the headers report, their state after the reservation
-/// (read under the same lock). Returns `false`, stopped at `progress.next`,
+/// exact `Retry-After`. Records the wait before the request may proceed and
+/// each bucket's state after the reservation (read under the same lock).
+/// Returns `false`, stopped at `progress.next`,
 /// when a shared limit must ask Redis ([`reserve_slowly`]).
 fn reserve_all(request: &Request<'_, '_>, progress: &mut Progress) -> Result<bool, AdmitError> {
     let &Request {
         steps,
-        model,
         now,
         max_wait,
         ..
     } = request;
-    // The headers report the model's bucket of each kind, else the global
-    // one (see `rate_headers`): only those reservations report their state.
-    let reporting = reporting(model);
-    while let (Some(&(limit, n, _)), Some(&reports_state)) =
-        (steps.get(progress.next), reporting.get(progress.next))
-    {
+    while let Some(&(limit, n, _)) = steps.get(progress.next) {
         let Some(limit) = limit else {
             progress.next += 1;
             continue;
         };
-        match limit.reserve_in_line(n, now, max_wait, reports_state) {
+        match limit.reserve_in_line(n, now, max_wait) {
             Some(Ok((w, ticket, state))) => progress.record(w, ticket, state),
             Some(Err(error)) => return Err(refuse(request, error, progress)),
             None => return Ok(false),
@@ -678,7 +676,7 @@ async fn reserve_slowly(
         let reserved = limit.reserve_slow(n, now, max_wait).await;
         held.settled = true;
         match reserved {
-            Ok((w, report)) => progress.record(w, None, Some(report)),
+            Ok((w, report)) => progress.record(w, None, Reading::Shared(report)),
             Err(error) => return Err(refuse(&request, error, progress)),
         }
         if reserve_all(&request, progress)? {
@@ -687,22 +685,11 @@ async fn reserve_slowly(
     }
 }
 
-/// Which steps' state the headers report (the model's bucket of each kind,
-/// else the global one).
-fn reporting(model: &ModelLimits) -> [bool; 4] {
-    [model.requests.is_none(), model.tokens.is_none(), true, true]
-}
-
 impl Progress {
     /// Step `next` reserved, to proceed after `wait` (or its `ticket`'s
     /// turn), leaving `state`.
     #[inline]
-    fn record(
-        &mut self,
-        wait: Duration,
-        ticket: Option<Ticket>,
-        state: Option<(u64, u64, Duration)>,
-    ) {
+    fn record(&mut self, wait: Duration, ticket: Option<Ticket>, state: Reading) {
         self.wait = self.wait.max(wait);
         if ticket.is_none() {
             self.fixed_wait = self.fixed_wait.max(wait);
@@ -710,11 +697,7 @@ impl Progress {
             *slot = ticket;
         }
         if let Some(report) = self.reports.get_mut(self.next) {
-            *report = state.map(|(limit, remaining, reset)| RateState {
-                limit,
-                remaining,
-                reset,
-            });
+            *report = Some(state);
         }
         self.next += 1;
     }
@@ -746,11 +729,14 @@ fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -
             (None, _) => {}
         }
     }
+    // Steps 0 and 1 are the global buckets.
+    let is_global = |step: usize| step < 2;
     match error {
         ReserveError::TooLarge { capacity } => AdmitError::TooLarge {
             model: model_name.to_owned(),
             estimate: n,
             capacity,
+            global: is_global(taken),
         },
         ReserveError::WouldWait { wait } => {
             // One look at every bucket: the longest wait names the 429, and
@@ -758,33 +744,42 @@ fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -
             // request makes it a 413 instead (SPEC: it could never pass),
             // not a 429 whose Retry-After would send the client back for
             // nothing.
-            let rate = limit.map_or(0, Limit::rate_per_minute);
-            let (mut kind, mut limit, mut wait) = (kind, rate, wait);
-            for &(other, n, other_kind) in steps {
+            let (mut kind, mut refusing, mut wait) = ((kind, taken), limit, wait);
+            for (step, &(other, n, other_kind)) in steps.iter().enumerate() {
                 let Some(other) = other else { continue };
                 match other.wait_for(n, now) {
                     Ok(w) if w > wait => {
-                        (kind, limit, wait) = (other_kind, other.rate_per_minute(), w);
+                        (kind, refusing, wait) = ((other_kind, step), Some(other), w);
                     }
                     Err(ReserveError::TooLarge { capacity }) => {
                         return AdmitError::TooLarge {
                             model: model_name.to_owned(),
                             estimate: n,
                             capacity,
+                            global: is_global(step),
                         };
                     }
                     Ok(_) | Err(ReserveError::WouldWait { .. }) => {}
                 }
             }
+            let (kind, step) = kind;
             model.count_limited(kind);
-            // The headers show the state this request leaves behind:
-            // untouched.
+            // The headers show the state this request leaves behind
+            // (untouched); the refused kind's, that of the bucket that
+            // refused.
+            let mut headers = rate_headers(global, model, now);
+            let refused = refusing.map(|limit| RateState::from(limit.report(now)));
+            match kind {
+                LimitKind::Tokens => headers.tokens = refused,
+                _ => headers.requests = refused,
+            }
             AdmitError::RateLimited {
                 model: model_name.to_owned(),
                 kind,
-                limit,
+                global: is_global(step),
+                limit: refusing.map_or(0, Limit::rate_per_minute),
                 wait,
-                headers: rate_headers(global, model, now),
+                headers,
             }
         }
     }
@@ -839,25 +834,48 @@ pub(crate) fn queue_or_refuse(
     })
 }
 
-/// The headers a response reports: the model's bucket of each kind, or the
-/// global one when the model has none (the limit that applies to it).
+/// The headers a response reports at `now`: per kind, the tighter of the
+/// global and the model's bucket ([`RateHeaders::tighter`]).
 fn rate_headers(global: &GlobalLimits, model: &ModelLimits, now: impl Into<Tick>) -> RateHeaders {
     let now = now.into();
-    let state = |b: &Limit| {
-        let (limit, remaining, reset) = b.report(now);
+    let read = |limit: &Option<Limit>| limit.as_ref().map(|l| l.reading(now));
+    RateHeaders::tighter([
+        read(&global.requests),
+        read(&global.tokens),
+        read(&model.requests),
+        read(&model.tokens),
+    ])
+}
+
+impl RateHeaders {
+    /// From the states of the four buckets in step order: per kind, the one
+    /// with fewer left (the model's on a tie). Only the two shown are turned
+    /// into numbers (a division each), as only two were before.
+    #[inline]
+    fn tighter(readings: [Option<Reading>; 4]) -> RateHeaders {
+        let [global_requests, global_tokens, model_requests, model_tokens] = readings;
+        let pick = |global: Option<Reading>, model: Option<Reading>| {
+            let reading = match (global, model) {
+                (Some(g), Some(m)) if g.remaining() < m.remaining() => g,
+                (_, Some(m)) => m,
+                (g, None) => g?,
+            };
+            Some(RateState::from(reading.report()))
+        };
+        RateHeaders {
+            requests: pick(global_requests, model_requests),
+            tokens: pick(global_tokens, model_tokens),
+        }
+    }
+}
+
+impl From<Report> for RateState {
+    fn from((limit, remaining, reset): Report) -> RateState {
         RateState {
             limit,
             remaining,
             reset,
         }
-    };
-    RateHeaders {
-        requests: model
-            .requests
-            .as_ref()
-            .or(global.requests.as_ref())
-            .map(state),
-        tokens: model.tokens.as_ref().or(global.tokens.as_ref()).map(state),
     }
 }
 
@@ -1350,6 +1368,82 @@ mod tests {
                 admitted.windows(2).all(|w| w[0] <= w[1]),
                 "admitted out of arrival order: {admitted:?}"
             );
+        }
+    }
+
+    fn global_limits(rpm: Option<u32>, tpm: Option<u64>) -> GlobalLimits {
+        let config = GlobalLimitsConfig {
+            requests_per_minute: rpm.and_then(NonZeroU32::new),
+            tokens_per_minute: tpm.and_then(NonZeroU64::new),
+        };
+        GlobalLimits::new(&config, None, Instant::now())
+    }
+
+    /// Per kind, the headers show the bucket with fewer left, global or
+    /// the model's (they showed the model's whenever it had one).
+    #[tokio::test(start_paused = true)]
+    async fn the_headers_show_the_tighter_bucket_of_each_kind() {
+        let global = global_limits(Some(100), Some(1000));
+        let (_, m) = limits(&model(Some(10), Some(10), Some(6000), None));
+        let now = Instant::now();
+        let admitted = admit(&global, &m, "m", 300, now, now).await.unwrap();
+        let (requests, tokens) = (
+            admitted.headers.requests.unwrap(),
+            admitted.headers.tokens.unwrap(),
+        );
+        assert_eq!((requests.limit, requests.remaining), (10, 9), "the model's");
+        assert_eq!(
+            (tokens.limit, tokens.remaining),
+            (1000, 700),
+            "the global one"
+        );
+        assert_eq!(tokens.reset, Duration::from_secs(18));
+    }
+
+    /// A 429 from the global bucket reports that bucket for the refused
+    /// kind, and says it is the global limit.
+    #[tokio::test(start_paused = true)]
+    async fn a_429_reports_the_bucket_that_refused() {
+        let global = global_limits(None, Some(1000));
+        let (_, m) = limits(&model(None, None, Some(6000), None));
+        let now = Instant::now();
+        let _held = admit(&global, &m, "m", 900, now, now).await.unwrap();
+        match admit(&global, &m, "m", 500, now, now).await {
+            Err(AdmitError::RateLimited {
+                kind,
+                global,
+                limit,
+                wait,
+                headers,
+                ..
+            }) => {
+                assert_eq!((kind, global, limit), (LimitKind::Tokens, true, 1000));
+                assert_eq!(wait, Duration::from_secs(24));
+                let tokens = headers.tokens.unwrap();
+                assert_eq!((tokens.limit, tokens.remaining), (1000, 100));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A 413 says whether the bucket that can never hold the request is the
+    /// global one or the model's.
+    #[tokio::test(start_paused = true)]
+    async fn too_large_says_which_bucket() {
+        let global = global_limits(None, Some(1000));
+        let now = Instant::now();
+        let (_, unlimited) = limits(&model(None, None, None, None));
+        let (_, small) = limits(&model(None, None, Some(500), None));
+        for (m, estimate, expected) in [
+            (&unlimited, 2000, (1000, true)),
+            (&small, 800, (500, false)),
+        ] {
+            match admit(&global, m, "m", estimate, now, now).await {
+                Err(AdmitError::TooLarge {
+                    capacity, global, ..
+                }) => assert_eq!((capacity, global), expected),
+                other => panic!("{other:?}"),
+            }
         }
     }
 

@@ -305,12 +305,19 @@ impl From<AdmitError> for ApiError {
                 model,
                 estimate,
                 capacity,
-            } => ApiError::TooManyTokens(format!(
-                "Request too large for model `{model}`: it needs an estimated {estimate} tokens, more than the limit of {capacity} tokens per min can ever hold. Reduce the prompt or max_tokens."
-            )),
+                global,
+            } => {
+                // A model without its own limit is held to the global one:
+                // the message must not pass that off as the model's.
+                let scope = if global { "global " } else { "" };
+                ApiError::TooManyTokens(format!(
+                    "Request too large for model `{model}`: it needs an estimated {estimate} tokens, more than the {scope}limit of {capacity} tokens per min can ever hold. Reduce the prompt or max_tokens."
+                ))
+            }
             AdmitError::RateLimited {
                 model,
                 kind,
+                global,
                 limit,
                 wait,
                 mut headers,
@@ -325,10 +332,15 @@ impl From<AdmitError> for ApiError {
                 if let Some(state) = refused {
                     state.reset = wait;
                 }
-                let what = if kind == LimitKind::Tokens { "tokens" } else { "requests" };
+                let what = if kind == LimitKind::Tokens {
+                    "tokens"
+                } else {
+                    "requests"
+                };
+                let scope = if global { "global " } else { "" };
                 ApiError::RateLimited {
                     message: format!(
-                        "Rate limit reached for model {model} on {what} per min: limit {limit}. Please try again in {}.",
+                        "Rate limit reached for model {model} on {scope}{what} per min: limit {limit}. Please try again in {}.",
                         format_duration(wait)
                     ),
                     kind: what,
@@ -343,7 +355,9 @@ impl From<AdmitError> for ApiError {
                     format!("max_concurrent: limit {limit} requests in flight")
                 };
                 ApiError::RateLimited {
-                    message: format!("Rate limit reached for model {model} on {what}. Please try again in 1s."),
+                    message: format!(
+                        "Rate limit reached for model {model} on {what}. Please try again in 1s."
+                    ),
                     kind: "requests",
                     retry_after: Duration::from_secs(1),
                     headers: RateHeaders::default(),
