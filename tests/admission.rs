@@ -43,7 +43,8 @@ async fn a_refused_request_gets_429_with_exact_headers_and_message() {
     .await;
     let ok = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
     assert_eq!(ok.status, 200, "{}", ok.text());
-    assert_eq!(ok.header("x-ratelimit-limit-requests"), "60");
+    // The limit header is the capacity (burst 1), the message the rate.
+    assert_eq!(ok.header("x-ratelimit-limit-requests"), "1");
     assert_eq!(ok.header("x-ratelimit-remaining-requests"), "0");
     assert!(
         ok.header("x-ratelimit-reset-requests").ends_with("ms")
@@ -57,7 +58,7 @@ async fn a_refused_request_gets_429_with_exact_headers_and_message() {
     let limited = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
     limited.assert_error(429, "requests", "rate_limit_exceeded");
     assert_eq!(limited.header("retry-after"), "1");
-    assert_eq!(limited.header("x-ratelimit-limit-requests"), "60");
+    assert_eq!(limited.header("x-ratelimit-limit-requests"), "1");
     assert_eq!(limited.header("x-ratelimit-remaining-requests"), "0");
     let message = limited.json()["error"]["message"]
         .as_str()
@@ -88,6 +89,21 @@ async fn a_refused_request_gets_429_with_exact_headers_and_message() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let again = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
     assert_eq!(again.status, 200, "{}", again.text());
+}
+
+/// With a burst, the limit header is the burst (the most permitted before
+/// the limit is exhausted), so remaining never exceeds it.
+#[tokio::test]
+async fn the_limit_header_is_the_burst_remaining_counts_against() {
+    let (gw, _m) = setup(
+        "requests_per_minute = 60\nburst = 500",
+        MockConfig::default(),
+    )
+    .await;
+    let ok = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(ok.header("x-ratelimit-limit-requests"), "500");
+    assert_eq!(ok.header("x-ratelimit-remaining-requests"), "499");
 }
 
 #[tokio::test]

@@ -146,8 +146,11 @@ pub enum ReserveError {
     },
 }
 
-/// `(rate per minute, remaining, reset_after)`: what [`Bucket::report`]
-/// returns and the `x-ratelimit-*` headers show.
+/// `(capacity, remaining, reset_after)`: what [`Bucket::report`] returns and
+/// the `x-ratelimit-*` headers show. The limit is the capacity, not the
+/// rate: OpenAI's `x-ratelimit-limit-*` is the most permitted before the
+/// limit is exhausted, and `remaining` counts against the capacity, so
+/// `remaining <= limit` always (with no `burst` the two are equal).
 pub type Report = (u64, u64, Duration);
 
 /// A bucket's level at one instant, copied under its lock: enough to say
@@ -430,7 +433,7 @@ impl Bucket {
         duration_from_nanos(div_ceil(state.deficit(now), state.rate()))
     }
 
-    /// `(rate per minute, remaining, reset_after)` at `now` under one lock:
+    /// `(capacity, remaining, reset_after)` at `now` under one lock:
     /// everything the `x-ratelimit-*` headers say about this bucket.
     pub fn report(&self, now: impl Into<Tick>) -> Report {
         self.level(now).report()
@@ -562,18 +565,18 @@ impl Level {
             .unwrap_or(u64::MAX)
     }
 
-    /// `(rate per minute, remaining, reset_after)`, the reset rounded up to
-    /// the nanosecond.
+    /// `(capacity, remaining, reset_after)`, the reset rounded up to the
+    /// nanosecond.
     pub fn report(&self) -> Report {
         // Never 0: the rate comes from a `NonZeroU64`.
         let reset = duration_from_nanos(div_ceil(self.deficit, u128::from(self.rate_per_minute)));
-        (self.rate_per_minute, self.remaining(), reset)
+        (self.capacity, self.remaining(), reset)
     }
 }
 
 impl State {
-    /// `(rate per minute, remaining, reset_after)` at `now` (nanoseconds
-    /// since origin).
+    /// `(capacity, remaining, reset_after)` at `now` (nanoseconds since
+    /// origin).
     fn report(&self, now: u64) -> Report {
         self.level(now).report()
     }

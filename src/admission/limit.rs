@@ -196,7 +196,7 @@ impl Reading {
         }
     }
 
-    /// `(rate per minute, remaining, reset)`, as `Bucket::report`.
+    /// `(capacity, remaining, reset)`, as `Bucket::report`.
     pub fn report(&self) -> Report {
         match self {
             Reading::Local(level) => level.report(),

@@ -124,7 +124,9 @@ pub struct RateHeaders {
 /// One bucket's state as the headers report it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateState {
-    /// The rate per minute.
+    /// The bucket's capacity: the most it permits before it is exhausted
+    /// (OpenAI's meaning), which `remaining` never exceeds; the rate per
+    /// minute unless a `burst` sets another capacity.
     pub limit: u64,
     /// Whole tokens left in the bucket.
     pub remaining: u64,
@@ -1018,8 +1020,9 @@ mod tests {
                 assert_eq!(kind, LimitKind::Requests);
                 assert_eq!(wait, Duration::from_secs(1));
                 assert_eq!(limit, 60);
+                // Burst 1: one request is the most permitted at once.
                 let r = headers.requests.unwrap();
-                assert_eq!((r.limit, r.remaining), (60, 0));
+                assert_eq!((r.limit, r.remaining), (1, 0));
             }
             other => panic!("{other:?}"),
         }
@@ -1398,6 +1401,18 @@ mod tests {
             "the global one"
         );
         assert_eq!(tokens.reset, Duration::from_secs(18));
+    }
+
+    /// The limit header is the bucket's capacity (the burst), which the
+    /// remaining count is measured against: never limit 60, remaining 499.
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_reported_is_the_capacity_remaining_counts_against() {
+        let (global, m) = limits(&model(Some(60), Some(500), None, None));
+        let now = Instant::now();
+        let admitted = admit(&global, &m, "m", 1, now, now).await.unwrap();
+        let requests = admitted.headers.requests.unwrap();
+        assert_eq!((requests.limit, requests.remaining), (500, 499));
+        assert_eq!(requests.reset, Duration::from_secs(1));
     }
 
     /// A 429 from the global bucket reports that bucket for the refused

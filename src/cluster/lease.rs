@@ -78,8 +78,8 @@ const DEMAND_TAU: Duration = Duration::from_secs(1);
 /// headers and the fallback's level stay current.
 const REFRESH: Duration = Duration::from_secs(1);
 
-/// `(rate per minute, remaining, reset)`: what `Bucket::report` returns and
-/// the `x-ratelimit-*` headers show.
+/// `(capacity, remaining, reset)`: what `Bucket::report` returns and the
+/// `x-ratelimit-*` headers show.
 pub type ReportTriple = (u64, u64, Duration);
 
 /// A limit shared with the other replicas through Redis.
@@ -272,7 +272,7 @@ impl SharedBucket {
         }
         drop(slot);
         let answered = Tick::from(Instant::now());
-        let rate = self.rate_per_minute.load(Ordering::Relaxed);
+        let capacity = self.capacity();
         match outcome {
             Ok(Ok(Ok(Reserved::Taken { wait, report }))) => {
                 self.store_report(report, answered);
@@ -284,7 +284,7 @@ impl SharedBucket {
                 } else {
                     wait + Duration::from_nanos(answered.nanos().saturating_sub(now.nanos()))
                 };
-                Ok((wait, (rate, report.remaining, report.reset)))
+                Ok((wait, (capacity, report.remaining, report.reset)))
             }
             Ok(Ok(Ok(Reserved::WouldWait { wait, report }))) => {
                 self.store_report(report, answered);
@@ -382,18 +382,14 @@ impl SharedBucket {
         }
     }
 
-    /// `(rate per minute, remaining, reset_after)` at `now`: the level Redis
-    /// last reported plus the lease (or the fallback's, while down).
+    /// `(capacity, remaining, reset_after)` at `now`: the level Redis last
+    /// reported plus the lease (or the fallback's, while down).
     pub fn report(&self, now: Tick) -> ReportTriple {
         if self.link.is_up() {
             self.cached_report(self.lease.load(Ordering::Relaxed), now)
         } else {
             let (_, remaining, reset) = self.fallback.report(now);
-            (
-                self.rate_per_minute.load(Ordering::Relaxed),
-                remaining,
-                reset,
-            )
+            (self.capacity(), remaining, reset)
         }
     }
 
@@ -568,10 +564,11 @@ impl SharedBucket {
         now: Tick,
         max_wait: Duration,
     ) -> Result<(Duration, ReportTriple), ReserveError> {
-        let rate = self.rate_per_minute.load(Ordering::Relaxed);
+        // The cluster's capacity, not the fallback's share of it.
+        let capacity = self.capacity();
         self.fallback
             .reserve_and_report(n, now, max_wait)
-            .map(|(wait, (_, remaining, reset))| (wait, (rate, remaining, reset)))
+            .map(|(wait, (_, remaining, reset))| (wait, (capacity, remaining, reset)))
     }
 
     /// The fallback's level follows this replica's share of the Redis level.
@@ -601,15 +598,15 @@ impl SharedBucket {
 
     /// The headers' view: the level Redis last reported plus the lease.
     fn cached_report(&self, lease: u64, now: Tick) -> ReportTriple {
-        let rate = self.rate_per_minute.load(Ordering::Relaxed);
+        let capacity = self.capacity();
         let remaining = self
             .remaining
             .load(Ordering::Relaxed)
             .saturating_add(lease)
-            .min(self.capacity.load(Ordering::Relaxed));
+            .min(capacity);
         let full_at = self.full_at.load(Ordering::Relaxed);
         let reset = Duration::from_nanos(full_at.saturating_sub(now.nanos()));
-        (rate, remaining, reset)
+        (capacity, remaining, reset)
     }
 
     fn params(&self) -> Params {
