@@ -140,6 +140,9 @@ pub enum ReloadError {
     /// The new snapshot could not be built.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The reload's task ended before the reload did (weir is stopping).
+    #[error("the reload did not finish: {0}")]
+    Interrupted(String),
 }
 
 /// A gateway to start: a validated config plus where it came from.

@@ -7,7 +7,9 @@
 //! A valid one becomes a new [`Snapshot`] swapped in with one
 //! `ArcSwap::store`: requests in flight keep the snapshot they loaded, and
 //! `Snapshot::build` carries live state over (backends by name + url, model
-//! limits by model name). Reloads are serialised by `Shared::reload_lock`, a
+//! limits by model name). Backends new to the file are probed for liveness
+//! first, while the old snapshot serves, so one that is alive enters
+//! rotation in the same swap that removes the one it replaces. Reloads are serialised by `Shared::reload_lock`, a
 //! FIFO mutex, and each reads the file only once it holds the lock, so the
 //! last reload asked for reads the newest file and wins.
 //!
@@ -25,17 +27,33 @@ use std::{collections::HashMap, fmt::Display, sync::Arc, time::Duration};
 use crate::{
     config::{BackendConfig, Config, ConfigError, ConfigErrors, ModelConfig},
     gateway::{ReloadError, Shared},
-    health::{checker, state::HealthRecord},
-    snapshot::Snapshot,
+    health::{
+        checker,
+        state::{HealthRecord, Tier},
+    },
+    snapshot::{BackendState, Snapshot},
 };
 
 /// Re-reads the config file and swaps it in. Returns what changed, one item
 /// per entry, or why nothing did. Every outcome is logged once and counted.
 ///
-/// Cancellation-safe (an admin client that hangs up drops this future): the
-/// only awaits come before anything changes, and the build-and-store runs
-/// without one.
+/// The reload runs in a task of its own, which this awaits: probing new
+/// backends can take up to the liveness timeout, and an admin client that
+/// hangs up meanwhile (hyper then drops its handler, and this future) must
+/// not call off a reload it asked for. The task is never left running
+/// unobserved for longer than that reload takes.
 pub(crate) async fn reload(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
+    tokio::spawn(reload_in_turn(shared.clone()))
+        .await
+        .unwrap_or_else(|e| Err(ReloadError::Interrupted(e.to_string())))
+}
+
+/// Waits for earlier reloads, then reloads, logs and counts the outcome.
+///
+/// Cancellation-safe (runtime shutdown drops it): the awaits come before
+/// anything changes, and the build-and-store runs without one.
+async fn reload_in_turn(shared: Arc<Shared>) -> Result<Vec<String>, ReloadError> {
+    let shared = &shared;
     let _serialised = shared.reload_lock.lock().await;
     let result = swap_in(shared).await;
     match &result {
@@ -67,13 +85,23 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    let (changes, checks_turned_off) = {
+    // New backends (a new name or url) are probed while the old snapshot
+    // keeps serving, so one that is alive enters rotation in the same swap
+    // that removes the one it replaces. Only reloads change the set of
+    // backends, and they run one at a time, so the set is still new when
+    // the snapshot is built below.
+    let added = shared.snapshot.load().added_backends(&config)?;
+    if config.health.enabled && !added.is_empty() {
+        checker::probe_added(&added, &config.health).await;
+    }
+    let (mut changes, checks_turned_off) = {
         let _serialised = shared.build_lock.lock().unwrap_or_else(|e| e.into_inner());
         let old = shared.snapshot.load_full();
         let changes = describe_changes(&old.config, &config);
         keep_restart_only_settings(&old.config, &mut config);
         let checks_turned_off = old.config.health.enabled && !config.health.enabled;
-        let snapshot = Snapshot::build(Arc::new(config), Some(&old), &shared.metrics)?;
+        let snapshot =
+            Snapshot::build_adding(Arc::new(config), Some(&old), &shared.metrics, &added)?;
         shared.metrics.publish_weights(&snapshot);
         shared.snapshot.store(Arc::new(snapshot));
         (changes, checks_turned_off)
@@ -84,7 +112,26 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     if checks_turned_off {
         forget_active_checks(shared);
     }
+    changes.extend(added.iter().filter_map(|b| still_pending(b)));
     Ok(changes)
+}
+
+/// `backend NAME waits for its first passing liveness probe (ERROR)` for a
+/// new backend whose probe before the swap failed, so the reload's answer
+/// says why it is not in rotation yet.
+fn still_pending(backend: &BackendState) -> Option<String> {
+    let health = backend.live.health();
+    health.pending.then(|| {
+        let error = health
+            .tier(Tier::Liveness)
+            .last_error
+            .as_deref()
+            .unwrap_or("not probed");
+        format!(
+            "backend {} waits for its first passing liveness probe ({error})",
+            backend.config.name
+        )
+    })
 }
 
 /// With active checks switched off, nothing would ever clear what they last

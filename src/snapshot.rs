@@ -290,8 +290,41 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         metrics: &Metrics,
     ) -> Result<Self, UpstreamError> {
+        Self::build_adding(config, previous, metrics, &[])
+    }
+
+    /// As [`Snapshot::build`], taking backends that `previous` does not have
+    /// from `added` (made by [`Snapshot::added_backends`] and probed by the
+    /// reload) with their live state and connections.
+    pub(crate) fn build_adding(
+        config: Arc<Config>,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+        added: &[Arc<BackendState>],
+    ) -> Result<Self, UpstreamError> {
         let cluster = previous.and_then(|p| p.cluster.clone());
-        Self::build_with(config, previous, metrics, cluster)
+        Self::build_with(config, previous, added, metrics, cluster)
+    }
+
+    /// The backends of `config` that `self` does not have (by name + url),
+    /// ready to serve but in no snapshot yet. With active checks on they are
+    /// pending: a reload probes their liveness before it publishes the
+    /// snapshot that adds them, so one that passes enters rotation in the
+    /// same swap that removes the backend it replaces (SPEC "Start-up":
+    /// a new backend enters rotation only after its first passing probe).
+    pub(crate) fn added_backends(
+        &self,
+        config: &Config,
+    ) -> Result<Vec<Arc<BackendState>>, UpstreamError> {
+        config
+            .backends
+            .iter()
+            .filter(|b| !self.backends.iter().any(|old| old.same_identity(b)))
+            .map(|b| {
+                let live = BackendLive::new(self.slots.clone(), config.health.enabled);
+                BackendState::new(b.clone(), Arc::new(live), None).map(Arc::new)
+            })
+            .collect()
     }
 
     /// The first snapshot of a gateway, with its `[cluster]` handle (later
@@ -301,12 +334,13 @@ impl Snapshot {
         metrics: &Metrics,
         cluster: Option<Arc<Cluster>>,
     ) -> Result<Self, UpstreamError> {
-        Self::build_with(config, None, metrics, cluster)
+        Self::build_with(config, None, &[], metrics, cluster)
     }
 
     fn build_with(
         config: Arc<Config>,
         previous: Option<&Snapshot>,
+        added: &[Arc<BackendState>],
         metrics: &Metrics,
         cluster: Option<Arc<Cluster>>,
     ) -> Result<Self, UpstreamError> {
@@ -320,13 +354,17 @@ impl Snapshot {
         ));
         let mut backends = Vec::with_capacity(config.backends.len());
         for backend in &config.backends {
-            let carried =
-                previous.and_then(|p| p.backends.iter().find(|b| b.same_identity(backend)));
+            let carried = previous
+                .map_or(&[][..], |p| &p.backends[..])
+                .iter()
+                .chain(added)
+                .find(|b| b.same_identity(backend));
             // Same identity (name + url): keep its live state (health,
             // in-flight, outlier) and, when the connect timeout is the same,
-            // its pooled connections. A new backend starts pending (out of
-            // rotation until its first passing liveness probe) when there is
-            // a previous snapshot and active checks are on.
+            // its pooled connections; a backend the reload added and probed
+            // comes from `added`. Any other new backend starts pending (out
+            // of rotation until its first passing liveness probe) when there
+            // is a previous snapshot and active checks are on.
             let live = match carried {
                 Some(old) => old.live.clone(),
                 None => Arc::new(BackendLive::new(

@@ -659,12 +659,20 @@ async fn a_new_backend_waits_for_its_first_passing_liveness_probe() {
         fast_health(),
     )))
     .await;
-    live.apply(&with_health_path(file(
-        "",
-        &[("b1", &m1, 1), ("b2", &m2, 1)],
-        fast_health(),
-    )))
-    .await;
+    // b2 failed its probe before the swap and stays out; the answer says so.
+    let changes = live
+        .apply(&with_health_path(file(
+            "",
+            &[("b1", &m1, 1), ("b2", &m2, 1)],
+            fast_health(),
+        )))
+        .await;
+    assert!(
+        changes.iter().any(|c| c
+            .starts_with("backend b2 waits for its first passing liveness probe (")
+            && c.contains("503")),
+        "{changes:?}"
+    );
     // Give b2's liveness probes time to run (and fail) a few times.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -703,6 +711,101 @@ async fn a_new_backend_waits_for_its_first_passing_liveness_probe() {
         got_b2 = r.header("x-weir-backend") == "b2";
     }
     assert!(got_b2, "b2 entered rotation after passing liveness");
+}
+
+/// Health checks on, every tier once an hour: a backend a reload adds can
+/// only get in by the probe the reload runs before its swap (or by a
+/// pending backend's first regular probe, which runs at once).
+fn hourly_health() -> &'static str {
+    "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"2s\" }\nreadiness = { interval = \"1h\" }\ndeep = { interval = \"1h\" }\n"
+}
+
+/// Moving the only backend to another URL: the new one is probed before the
+/// swap and replaces the old one in it, so requests fired all through the
+/// reload never get 503 and `/readyz` never fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moving_the_only_backend_to_a_new_url_drops_no_request() {
+    let old = mock_named("b1", MockConfig::default()).await;
+    let new = mock_named("b1", MockConfig::default()).await;
+    let at = |m: &MockHandle| with_health_path(file("", &[("b1", m, 1)], hourly_health()));
+    let live = Live::start(&at(&old)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = live.gw.addr();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = if i == 0 {
+                    get(addr, "/readyz").await
+                } else {
+                    post(addr, "/v1/chat/completions", &chat(MODEL, false)).await
+                };
+                statuses.push((i, r.status.as_u16(), r.text()));
+            }
+            statuses
+        }));
+    }
+    // Let the loops run before, during and after the reload.
+    let before = old.requests();
+    assert!(eventually(Duration::from_secs(5), || old.requests() >= before + 20).await);
+    let changes = live.apply(&at(&new)).await;
+    assert!(
+        changes.iter().all(|c| !c.contains("waits for")),
+        "{changes:?}"
+    );
+    let after = new.requests();
+    assert!(eventually(Duration::from_secs(5), || new.requests() >= after + 20).await);
+    stop.store(true, Ordering::Relaxed);
+    let mut answers = 0;
+    for task in tasks {
+        for (i, status, body) in task.await.expect("loop") {
+            answers += 1;
+            assert_eq!(status, 200, "loop {i}: {body}");
+        }
+    }
+    assert!(answers > 40, "{answers}");
+}
+
+/// A pending backend's first regular liveness probe runs at once, not after
+/// the start-up jitter: here the probes restart (a new interval) while b2
+/// waits to be seen alive, and the next hour-long wait is not taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_backend_is_probed_at_once_when_its_probes_start() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let m2 = mock_named("b2", MockConfig::default().health_status(503)).await;
+    let health = |interval: &str| {
+        hourly_health().replace("\"1h\", timeout", &format!("\"{interval}\", timeout"))
+    };
+    let both = |interval: &str| {
+        with_health_path(file(
+            "",
+            &[("b1", &m1, 1), ("b2", &m2, 1)],
+            &health(interval),
+        ))
+    };
+    let live = Live::start(&with_health_path(file(
+        "",
+        &[("b1", &m1, 1)],
+        &health("1h"),
+    )))
+    .await;
+    let changes = live.apply(&both("1h")).await;
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.starts_with("backend b2 waits for its first passing liveness probe (")),
+        "{changes:?}"
+    );
+    assert_eq!(live.weights().get("b2"), Some(&0));
+    m2.update(|c| c.health_status = None);
+    live.apply(&both("59m")).await;
+    assert!(
+        wait_for_weight(&live, "b2", 1, Duration::from_secs(5)).await,
+        "{:?}",
+        live.weights()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1022,7 +1125,8 @@ async fn figures_reload_latency_and_p99_during_a_reload_storm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_up_follows_the_kept_health_across_a_reload() {
     let m1 = mock_named("b1", MockConfig::default().health_status(503)).await;
-    let m2 = mock_named("b2", MockConfig::default()).await;
+    let m2 = mock_named("b2", MockConfig::default().health_status(503)).await;
+    let m3 = mock_named("b3", MockConfig::default()).await;
     let health = |liveness: &str| {
         format!(
             "[health]\nunhealthy_threshold = 1\n\
@@ -1042,10 +1146,11 @@ async fn backend_up_follows_the_kept_health_across_a_reload() {
         assert!(Instant::now() < deadline, "b1's liveness never went down");
         tokio::time::sleep(ms(20)).await;
     }
-    // Slower probes restart every probe task; none runs again for an hour.
+    // Slower probes restart every probe task; none runs again for an hour
+    // (b2, waiting to be seen alive, is probed once more at once, and fails).
     live.apply(&with_health_path(file(
         "",
-        &[("b1", &m1, 1), ("b2", &m2, 1)],
+        &[("b1", &m1, 1), ("b2", &m2, 1), ("b3", &m3, 1)],
         &health("1h"),
     )))
     .await;
@@ -1070,5 +1175,10 @@ async fn backend_up_follows_the_kept_health_across_a_reload() {
         series("b2", "liveness").as_deref(),
         Some("0"),
         "b2 was never seen alive: {text}"
+    );
+    assert_eq!(
+        series("b3", "liveness").as_deref(),
+        Some("1"),
+        "b3 passed its probe before the reload's swap: {text}"
     );
 }

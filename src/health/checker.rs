@@ -81,6 +81,42 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Probes the liveness of backends a reload is about to add, all at once,
+/// each within the liveness timeout, and records the results. Runs before
+/// the reload publishes its snapshot (the old one keeps serving meanwhile):
+/// a backend that passes enters rotation in the same swap that removes the
+/// one it replaces, so changing a backend's URL or name leaves no gap
+/// without a backend; one that fails stays pending, and its regular probes
+/// (which start at once for a pending backend) let it in later.
+///
+/// Cancellation-safe: dropping it aborts the probes; their backends are in
+/// no snapshot yet.
+pub(crate) async fn probe_added(added: &[Arc<BackendState>], health: &HealthConfig) {
+    let thresholds = (
+        health.unhealthy_threshold.get(),
+        health.healthy_threshold.get(),
+    );
+    let timeout = health.liveness.timeout;
+    let mut probes = tokio::task::JoinSet::new();
+    for backend in added {
+        let backend = backend.clone();
+        probes.spawn(async move {
+            let before = backend.live.health();
+            let at = Instant::now();
+            let outcome = probes::liveness(&backend, timeout).await;
+            observe(&backend, Tier::Liveness, &outcome, thresholds, |_| {});
+            log_transition(
+                &backend,
+                Tier::Liveness,
+                &before,
+                &backend.live.health(),
+                at,
+            );
+        });
+    }
+    while probes.join_next().await.is_some() {}
+}
+
 /// A backend's identity across snapshots (SPEC "Reload": name + url).
 pub(crate) type BackendKey = (String, http::Uri);
 
@@ -151,20 +187,26 @@ async fn run_tier(
     up: Gauge,
 ) {
     // SPEC "Start-up": each tier probes once at start, jittered by up to 10%
-    // of its interval, so replicas do not probe in lock-step.
-    let first = interval(tier, &shared.snapshot.load().config.health);
-    let mut next = Instant::now() + jitter::up_to(first / 10);
+    // of its interval, so replicas do not probe in lock-step. A backend
+    // still waiting to be seen alive (its probe before the reload failed, or
+    // the probes restarted meanwhile) is probed at once: the jitter would
+    // only keep it out of rotation longer.
+    let snapshot = shared.snapshot.load_full();
+    let first = interval(tier, &snapshot.config.health);
+    let pending = tier == Tier::Liveness
+        && find(&snapshot, &key).is_some_and(|b| b.live.with_health(|h| h.pending));
+    drop(snapshot);
+    let mut next = Instant::now();
+    if !pending {
+        next += jitter::up_to(first / 10);
+    }
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep_until(next) => {}
         }
         let snapshot = shared.snapshot.load_full();
-        let Some(backend) = snapshot
-            .backends()
-            .iter()
-            .find(|b| (b.config.name.as_str(), &b.config.url) == (key.0.as_str(), &key.1))
-        else {
+        let Some(backend) = find(&snapshot, &key) else {
             return;
         };
         let health = &snapshot.config.health;
@@ -280,6 +322,14 @@ fn observe(
         extra(h);
         flip != super::state::Flip::None
     })
+}
+
+/// The backend with this identity in `snapshot`, if it is still there.
+fn find<'a>(snapshot: &'a Snapshot, key: &BackendKey) -> Option<&'a Arc<BackendState>> {
+    snapshot
+        .backends()
+        .iter()
+        .find(|b| (b.config.name.as_str(), &b.config.url) == (key.0.as_str(), &key.1))
 }
 
 fn log_transition(
