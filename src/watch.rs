@@ -8,8 +8,9 @@
 //! `notify` documentation advises, this watches the file's *parent
 //! directory*, non-recursively, and keeps only events that name the file,
 //! `..data`, or the file a symlinked config resolves to (whose directory is
-//! watched too when it lies elsewhere). Symlinks are re-resolved after every
-//! reload, so a link that moves to another directory is followed.
+//! watched too when it is not the link's: a subdirectory or elsewhere;
+//! a target reached through `..data` is covered by that name). Symlinks are
+//! re-resolved after every reload, so a link that moves is followed.
 //!
 //! A save is several events (create, write, rename; the ConfigMap swap five
 //! or more), so they are debounced: the reload runs once the directory has
@@ -140,14 +141,24 @@ impl Targets {
         let mut names = vec![OsString::from(CONFIGMAP_DATA)];
         names.extend(path.file_name().map(OsString::from));
         if let Ok(real) = std::fs::canonicalize(path) {
-            let real_parent = parent_dir(&real);
-            let parent_real = std::fs::canonicalize(&parent).unwrap_or(parent);
-            // A ConfigMap's target lives in a timestamped directory *under*
-            // the parent, which is replaced, never modified: `..data` covers
-            // it. A target elsewhere is watched where it lives.
-            if !real_parent.starts_with(&parent_real) {
-                dirs.push(real_parent);
-                names.extend(real.file_name().map(OsString::from));
+            // A ConfigMap's target lives in a timestamped directory reached
+            // through `..data`, which is replaced, never modified: the
+            // `..data` name covers it. Any other target (beside the link,
+            // below it, or elsewhere) is watched where it lives, under its
+            // own name, so edits in place and saves by rename are seen.
+            let through_data = std::fs::canonicalize(parent.join(CONFIGMAP_DATA))
+                .is_ok_and(|data| real.starts_with(data));
+            if !through_data {
+                let real_parent = parent_dir(&real);
+                let parent_real = std::fs::canonicalize(&parent).unwrap_or(parent);
+                if real_parent != parent_real {
+                    dirs.push(real_parent);
+                }
+                names.extend(
+                    real.file_name()
+                        .filter(|n| !names.iter().any(|m| m == n))
+                        .map(OsString::from),
+                );
             }
         }
         Self { dirs, names }
@@ -243,6 +254,42 @@ mod tests {
         let t = Targets::resolve(Path::new("no-such-weir.toml"));
         assert_eq!(t.dirs, vec![PathBuf::from(".")]);
         assert!(t.names.contains(&OsString::from("no-such-weir.toml")));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_beside_or_below_adds_its_target_name_and_directory() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(root.path()).expect("canonical");
+        std::fs::create_dir(root.join("sub")).expect("mkdir");
+        for target in ["weir-v2.toml", "sub/real.toml"] {
+            std::fs::write(root.join(target), "").expect("write");
+        }
+        let link = root.join("weir.toml");
+        std::os::unix::fs::symlink("weir-v2.toml", &link).expect("symlink");
+        let t = Targets::resolve(&link);
+        assert_eq!(t.dirs, vec![root.clone()], "{t:?}");
+        assert!(t.names.contains(&OsString::from("weir-v2.toml")), "{t:?}");
+        std::fs::remove_file(&link).expect("rm");
+        std::os::unix::fs::symlink("sub/real.toml", &link).expect("symlink");
+        let t = Targets::resolve(&link);
+        assert_eq!(t.dirs, vec![root.clone(), root.join("sub")], "{t:?}");
+        assert!(t.names.contains(&OsString::from("real.toml")), "{t:?}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_configmap_target_is_covered_by_its_data_link() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let root = root.path();
+        std::fs::create_dir(root.join("..v1")).expect("mkdir");
+        std::fs::write(root.join("..v1/weir.toml"), "").expect("write");
+        std::os::unix::fs::symlink("..v1", root.join("..data")).expect("symlink");
+        let link = root.join("weir.toml");
+        std::os::unix::fs::symlink("..data/weir.toml", &link).expect("symlink");
+        let t = Targets::resolve(&link);
+        assert_eq!(t.dirs, vec![root.to_path_buf()], "{t:?}");
+        assert_eq!(t.names, vec![OsString::from("..data"), "weir.toml".into()]);
     }
 
     #[cfg(unix)]

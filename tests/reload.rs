@@ -940,6 +940,50 @@ async fn watch_config_follows_a_configmap_symlink_swap() {
     assert_eq!(live.reload_count("ok").await, 1);
 }
 
+/// A config path that is a symlink to a file beside it or in a
+/// subdirectory (not a ConfigMap's `..data` layout): edits of the target,
+/// in place and by rename, are seen.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_config_follows_a_symlink_to_a_file_beside_or_below_it() {
+    use std::os::unix::fs::symlink;
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let watched = |w: u32| {
+        format!(
+            "[server]\nwatch_config = true\n\n{}",
+            file("", &[("b1", &m1, w)], "")
+        )
+    };
+    for target in ["weir-v2.toml", "sub/real.toml"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        std::fs::create_dir(root.join("sub")).expect("mkdir");
+        std::fs::write(root.join(target), watched(1)).expect("write");
+        symlink(target, root.join("weir.toml")).expect("symlink");
+        let live = Live::start_at(dir, root.join("weir.toml")).await;
+        // The first change may be caught as the watch starts (by comparing
+        // the file); the next two can only come from the watch's events.
+        std::fs::write(root.join(target), watched(3)).expect("rewrite");
+        assert!(
+            wait_for_weight(&live, "b1", 3, Duration::from_secs(5)).await,
+            "{target}: {:?}",
+            live.weights()
+        );
+        std::fs::write(root.join(target), watched(4)).expect("rewrite");
+        assert!(
+            wait_for_weight(&live, "b1", 4, Duration::from_secs(5)).await,
+            "{target} edited in place: {:?}",
+            live.weights()
+        );
+        write_atomically(&root.join(target), &watched(7));
+        assert!(
+            wait_for_weight(&live, "b1", 7, Duration::from_secs(5)).await,
+            "{target} replaced by rename: {:?}",
+            live.weights()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_running_binary() {
     let m1 = mock_named("b1", MockConfig::default()).await;
