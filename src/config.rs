@@ -333,6 +333,17 @@ pub struct ConfigError {
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+/// What `weir check` reports about a file: the configuration or every
+/// error, and the warnings in both cases, since a file with errors can
+/// deserve warnings too and the errors alone would hide them.
+#[derive(Debug)]
+pub struct Checked {
+    /// The configuration (which keeps its warnings), or every error.
+    pub result: Result<Config, ConfigErrors>,
+    /// Every warning, `FILE:LINE:COLUMN: KEY.PATH: message`.
+    pub warnings: Vec<String>,
+}
+
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, e) in self.0.iter().enumerate() {
@@ -450,20 +461,34 @@ impl Config {
     /// Reads and validates a file; `source` is set to `path`. The environment is injected
     /// (pass [`process_env`] in production, a closure in tests).
     pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        Self::check(path, env).result
+    }
+
+    /// As [`Config::load`], keeping the warnings also when there are errors
+    /// (for `weir check`).
+    pub fn check(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Checked {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: file.clone(),
-                line: 1,
-                column: 1,
-                key: "(file)".to_owned(),
-                message: format!("cannot read the file: {e}"),
-            }])
-        })?;
-        let mut config = Config::parse(&text, &file, env)?;
-        config.source = Some(path.to_path_buf());
-        config.source_fingerprint = Some(fingerprint(text.as_bytes()));
-        Ok(config)
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                return Checked {
+                    result: Err(ConfigErrors(vec![ConfigError {
+                        file,
+                        line: 1,
+                        column: 1,
+                        key: "(file)".to_owned(),
+                        message: format!("cannot read the file: {e}"),
+                    }])),
+                    warnings: Vec::new(),
+                }
+            }
+        };
+        let mut checked = Self::parse_checked(&text, &file, env);
+        if let Ok(config) = &mut checked.result {
+            config.source = Some(path.to_path_buf());
+            config.source_fingerprint = Some(fingerprint(text.as_bytes()));
+        }
+        checked
     }
 
     /// Validates TOML text; `file` is the name used in error messages. Returns every error
@@ -473,6 +498,21 @@ impl Config {
         file: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
+        Self::parse_checked(text, file, env).result
+    }
+
+    /// [`Config::parse`] with the warnings kept beside the errors.
+    fn parse_checked(text: &str, file: &str, env: &dyn Fn(&str) -> Option<String>) -> Checked {
+        let (result, warnings) = Self::validate(text, file, env);
+        Checked { result, warnings }
+    }
+
+    /// Every error, or the configuration; the warnings either way.
+    fn validate(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> (Result<Config, ConfigErrors>, Vec<String>) {
         let mut check = Checker {
             file,
             text,
@@ -494,7 +534,7 @@ impl Config {
             }
             // The parser's recovery may report a later line first.
             check.errors.sort_by_key(|e| (e.line, e.column));
-            return Err(ConfigErrors(check.errors));
+            return (Err(ConfigErrors(check.errors)), Vec::new());
         }
         let (raw, schema_errors) = schema(text);
         for (span, message) in schema_errors {
@@ -504,7 +544,7 @@ impl Config {
         // The rest of the file is still checked when only whole entries
         // had to be left out, so one run lists every error.
         let Some(raw) = raw else {
-            return Err(ConfigErrors(check.errors));
+            return (Err(ConfigErrors(check.errors)), Vec::new());
         };
         let schema_errors = check.errors.len();
         let config = check.config(raw, env);
@@ -516,14 +556,16 @@ impl Config {
             .collect();
         check.errors.truncate(schema_errors);
         check.errors.extend(validation);
+        let warnings = check.warnings;
         if check.errors.is_empty() {
-            Ok(Config {
-                warnings: check.warnings,
+            let config = Config {
+                warnings: warnings.clone(),
                 ..config
-            })
+            };
+            (Ok(config), warnings)
         } else {
             check.errors.sort_by_key(|e| (e.line, e.column));
-            Err(ConfigErrors(check.errors))
+            (Err(ConfigErrors(check.errors)), warnings)
         }
     }
 
@@ -994,12 +1036,23 @@ impl Checker<'_> {
             Zero::Refused,
         );
         if first_byte_timeout > request_timeout {
-            let span = raw.first_byte_timeout.as_ref().map_or(0..0, Spanned::span);
-            self.warn(
-                span,
-                "server.first_byte_timeout",
-                "is longer than server.request_timeout, which ends the request first",
-            );
+            // Located at the key the file sets: first_byte_timeout when
+            // written, else request_timeout, which is then below the default.
+            match (&raw.first_byte_timeout, &raw.request_timeout) {
+                (None, Some(request)) => self.warn(
+                    request.span(),
+                    "server.request_timeout",
+                    format!(
+                        "is shorter than server.first_byte_timeout ({}, its default), so it ends the request first",
+                        humantime::format_duration(first_byte_timeout)
+                    ),
+                ),
+                (first_byte, _) => self.warn(
+                    first_byte.as_ref().map_or(0..0, Spanned::span),
+                    "server.first_byte_timeout",
+                    "is longer than server.request_timeout, which ends the request first",
+                ),
+            }
         }
         let shutdown_grace = self.duration(
             &raw.shutdown_grace,
@@ -1796,15 +1849,62 @@ fn schema(text: &str) -> (Option<RawConfig>, Vec<(Range<usize>, String)>) {
         }
         let Some(span) = e.span() else {
             // Nothing to take out: report it and stop.
-            errors.push((0..0, e.message().to_owned()));
+            errors.push((0..0, plain_schema_message(e.message())));
             break;
         };
-        errors.push((span.clone(), e.message().to_owned()));
+        let message = plain_schema_message(e.message());
+        if message == ARRAY_FOR_TABLE {
+            // serde read the array as the table's fields in order, so the
+            // errors already found inside it were about that misreading.
+            errors.retain(|(inner, _)| !(span.start <= inner.start && inner.end <= span.end));
+        }
+        errors.push((span.clone(), message));
         if !remove_entry_at(doc.get_mut(), span.start) {
             break;
         }
     }
     (None, errors)
+}
+
+/// The message for an array where a table belongs.
+const ARRAY_FOR_TABLE: &str = "invalid type: array, expected a table";
+
+/// serde's message in the file's terms: the raw layer's type names
+/// (`struct RawServer`, `i64`, `i128`) mean nothing to whoever wrote the
+/// file. Messages without them pass through unchanged.
+fn plain_schema_message(message: &str) -> String {
+    // An integer beyond i64 is read as i128, then refused.
+    if let Some((n, tail)) = message
+        .strip_prefix("invalid type: integer `")
+        .and_then(|rest| rest.split_once('`'))
+    {
+        if tail.starts_with(" as i128") {
+            return if n.starts_with('-') {
+                format!("must not be negative (got {n})")
+            } else {
+                format!("is too large (got {n}; integers must fit in 64 bits)")
+            };
+        }
+    }
+    if let Some(at) = message.find("expected struct Raw") {
+        // An array where a table belongs is refused for its length.
+        if message.starts_with("invalid length") {
+            return ARRAY_FOR_TABLE.to_owned();
+        }
+        return format!("{}expected a table", &message[..at]);
+    }
+    [
+        ("expected i64", "expected an integer"),
+        ("expected a sequence", "expected an array"),
+        ("expected a map", "expected a table"),
+    ]
+    .iter()
+    .find_map(|(internal, plain)| {
+        message
+            .strip_suffix(internal)
+            .map(|start| format!("{start}{plain}"))
+    })
+    .unwrap_or_else(|| message.to_owned())
 }
 
 /// Removes the entry [`narrowest_entry`] finds at `offset` (the one
@@ -1854,8 +1954,10 @@ fn remove_entry_at(table: &mut toml::de::DeTable<'_>, offset: usize) -> bool {
 /// offset, found by walking the spanned document. Used for serde errors, which carry a span
 /// but no path.
 /// The dotted path of the duplicate key at `span`, for a file that does not
-/// parse (so no document to walk): the key's own text after the nearest
-/// table header above it, `[[name]]` headers counted into `name[i]`.
+/// parse (so no document to walk): the nearest table header above it
+/// (`[[name]]` headers counted into `name[i]`), then the keys leading to it
+/// on its own line (a dotted key's first parts, the inline tables it is in),
+/// then the key's own text; a header named twice is its own path.
 /// A line inside a multi-line string that looks like a header can mislead
 /// it; the error's line and column stay exact either way.
 fn duplicate_key_path(text: &str, span: Range<usize>) -> Option<String> {
@@ -1863,7 +1965,13 @@ fn duplicate_key_path(text: &str, span: Range<usize>) -> Option<String> {
     if key.is_empty() {
         return None;
     }
-    let before = text.get(..span.start)?;
+    let line_start = text.get(..span.start)?.rfind('\n').map_or(0, |i| i + 1);
+    let on_line = text.get(line_start..span.start)?;
+    if on_line.trim_start().starts_with('[') {
+        let header = text.get(line_start..span.end)?;
+        return Some(header.trim().trim_start_matches('[').trim().to_owned());
+    }
+    let before = text.get(..line_start)?;
     let mut header = String::new();
     let mut arrays: Vec<(String, usize)> = Vec::new();
     for line in before.lines() {
@@ -1885,11 +1993,65 @@ fn duplicate_key_path(text: &str, span: Range<usize>) -> Option<String> {
             header = name.trim().to_owned();
         }
     }
-    Some(if header.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{header}.{key}")
-    })
+    let path: Vec<String> = (!header.is_empty())
+        .then_some(header)
+        .into_iter()
+        .chain(keys_leading_to(on_line))
+        .chain([key.to_owned()])
+        .collect();
+    Some(path.join("."))
+}
+
+/// The keys that lead to a key starting right after `line` (the text of
+/// its line before it): the first parts of a dotted key (`liveness.` in
+/// `liveness.interval`) and the keys of the inline tables it sits in
+/// (`liveness` in `liveness = { interval`). Quoted keys lose their quotes.
+fn keys_leading_to(line: &str) -> Vec<String> {
+    // Keys of the inline tables still open, and the key being read.
+    let mut open: Vec<Vec<String>> = Vec::new();
+    let mut key: Vec<String> = Vec::new();
+    let mut part = String::new();
+    let mut in_value = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' => {
+                let mut quoted = String::new();
+                while let Some(q) = chars.next() {
+                    match q {
+                        '\\' if c == '"' => quoted.extend(chars.next()),
+                        q if q == c => break,
+                        q => quoted.push(q),
+                    }
+                }
+                if !in_value {
+                    part.push_str(&quoted);
+                }
+            }
+            '.' if !in_value => key.push(std::mem::take(&mut part)),
+            '=' if !in_value => {
+                key.push(std::mem::take(&mut part));
+                in_value = true;
+            }
+            '{' if in_value => {
+                open.push(std::mem::take(&mut key));
+                in_value = false;
+            }
+            '}' => {
+                open.pop();
+                key.clear();
+                in_value = true;
+            }
+            ',' => {
+                key.clear();
+                part.clear();
+                in_value = false;
+            }
+            c if !in_value && !c.is_whitespace() => part.push(c),
+            _ => {}
+        }
+    }
+    open.into_iter().flatten().chain(key).collect()
 }
 
 fn key_path_at(text: &str, offset: usize) -> Option<String> {
@@ -2752,6 +2914,147 @@ key_prefix = "prod"
             vec![(3, "server.listen"), (10, "backends[1].name")],
             "{errs:?}"
         );
+    }
+
+    /// A dotted key, or one in an inline table, is named by its whole path;
+    /// a header named twice by its own.
+    #[test]
+    fn a_duplicate_dotted_or_inline_key_is_named_in_full() {
+        let key = |text: &str| one_error(text).key;
+        assert_eq!(
+            key("[health]\nliveness.interval = \"5s\"\nliveness.interval = \"6s\"\n"),
+            "health.liveness.interval"
+        );
+        assert_eq!(
+            key("[health]\nreadiness = { timeout = \"1s\", interval = \"5s\", interval = \"6s\" }\n"),
+            "health.readiness.interval"
+        );
+        assert_eq!(
+            key("health.liveness.interval = \"5s\"\nhealth.liveness.interval = \"6s\"\n"),
+            "health.liveness.interval"
+        );
+        assert_eq!(
+            key("backends = 3\n[[backends]]\nname = \"b\"\n"),
+            "backends"
+        );
+        assert_eq!(
+            key("[health.deep]\nsamples = 1\n[health.deep]\n"),
+            "health.deep"
+        );
+    }
+
+    /// serde's internal names (`struct RawServer`, `i64`, `i128`) never
+    /// reach the user; the location and key path stay as they were.
+    #[test]
+    fn type_errors_speak_of_tables_arrays_and_integers() {
+        let check = |text: &str, expect: (usize, usize, &str, &str)| {
+            let e = one_error(text);
+            assert_eq!(
+                (e.line, e.column, e.key.as_str(), e.message.as_str()),
+                expect,
+                "{e}"
+            );
+        };
+        check(
+            &format!("server = 1\n{MINIMAL}"),
+            (
+                1,
+                10,
+                "server",
+                "invalid type: integer `1`, expected a table",
+            ),
+        );
+        check(
+            &format!("{MINIMAL}[health]\nliveness = \"5s\"\n"),
+            (
+                10,
+                12,
+                "health.liveness",
+                "invalid type: string \"5s\", expected a table",
+            ),
+        );
+        check(
+            &format!("{MINIMAL}[health]\ndeep = [1]\n"),
+            (
+                10,
+                8,
+                "health.deep",
+                "invalid type: array, expected a table",
+            ),
+        );
+        check(
+            &format!("{MINIMAL}[server]\nmax_body_bytes = 99999999999999999999\n"),
+            (
+                10,
+                18,
+                "server.max_body_bytes",
+                "is too large (got 99999999999999999999; integers must fit in 64 bits)",
+            ),
+        );
+        check(
+            &format!("{MINIMAL}[server]\nmax_body_bytes = -99999999999999999999\n"),
+            (
+                10,
+                18,
+                "server.max_body_bytes",
+                "must not be negative (got -99999999999999999999)",
+            ),
+        );
+        check(
+            &format!("{MINIMAL}[server]\nmax_body_bytes = \"x\"\n"),
+            (
+                10,
+                18,
+                "server.max_body_bytes",
+                "invalid type: string \"x\", expected an integer",
+            ),
+        );
+        let all = ConfigErrors(errors(&format!(
+            "{MINIMAL}[[backends]]\nname = \"c\"\nurl = \"http://h/v1\"\nmodels = \"m\"\nrename = 1\n"
+        )))
+        .to_string();
+        assert!(
+            all.contains("models: invalid type: string \"m\", expected an array"),
+            "{all}"
+        );
+        assert!(
+            all.contains("rename: invalid type: integer `1`, expected a table"),
+            "{all}"
+        );
+        assert!(!all.contains("Raw") && !all.contains("i64"), "{all}");
+    }
+
+    /// The warning that `first_byte_timeout` outlasts `request_timeout`
+    /// points at the key the file sets.
+    #[test]
+    fn the_first_byte_warning_points_at_the_key_written() {
+        let c = parse(&format!("{MINIMAL}[server]\nrequest_timeout = \"30s\"\n")).unwrap();
+        assert_eq!(
+            c.warnings,
+            ["weir.toml:10:19: server.request_timeout: is shorter than server.first_byte_timeout (1m, its default), so it ends the request first"]
+        );
+        let c = parse(&format!(
+            "{MINIMAL}[server]\nfirst_byte_timeout = \"11m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.warnings,
+            ["weir.toml:10:22: server.first_byte_timeout: is longer than server.request_timeout, which ends the request first"]
+        );
+    }
+
+    /// `weir check` needs the warnings of a file that has errors too.
+    #[test]
+    fn warnings_are_kept_beside_errors() {
+        let checked = Config::parse_checked(
+            &format!("{MINIMAL}[server]\nrequest_timeout = \"30s\"\nlisten = \"nowhere\"\n"),
+            "weir.toml",
+            &env,
+        );
+        let errors = checked.result.expect_err("listen is invalid");
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert_eq!(checked.warnings.len(), 1, "{:?}", checked.warnings);
+        assert!(checked.warnings[0].starts_with("weir.toml:10:19: server.request_timeout: "));
     }
 
     #[test]

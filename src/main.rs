@@ -177,8 +177,13 @@ fn config_path(flag: Option<PathBuf>) -> PathBuf {
 }
 
 /// `weir check`: exit 0 with the resolved config, or 1 with every error.
+/// `weir check`: the resolved config on stdout, or every error on stderr
+/// (SPEC: `FILE:LINE:COLUMN: KEY.PATH: message`); warnings go to stderr in
+/// the same form after `warning: ` either way, so they are seen also when
+/// errors hide the config (whose `#` comments repeat them).
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path, &weir::config::process_env) {
+    let checked = Config::check(path, &weir::config::process_env);
+    let code = match &checked.result {
         Ok(config) => {
             print!("{}", config.render());
             ExitCode::SUCCESS
@@ -189,7 +194,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    };
+    for warning in &checked.warnings {
+        eprintln!("warning: {warning}");
     }
+    code
 }
 
 fn init_logging(format: LogFormat) {

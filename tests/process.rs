@@ -45,6 +45,51 @@ fn check_prints_every_error_with_line_and_column() {
     assert!(err.contains("bogus_key"), "{err}");
 }
 
+/// Warnings reach stderr after `warning: `, in the errors' form, also when
+/// there are errors (which keep their exact SPEC form).
+#[test]
+fn check_prints_warnings_to_stderr_also_beside_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "[server]\nrequest_timeout = \"30s\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n";
+    let path = write_config(&dir, &format!("{body}weight = \"heavy\"\n"));
+    let file = path.display().to_string();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("{file}:8:10: backends[0].weight: invalid type: string \"heavy\", expected an integer"),
+            format!("warning: {file}:2:19: server.request_timeout: is shorter than server.first_byte_timeout (1m, its default), so it ends the request first"),
+            format!("warning: {file}:7:11: backends[0].models: model \"m\" is not declared in [[models]]; it gets [defaults] limits"),
+        ],
+        "{err}"
+    );
+    // Without errors: the config on stdout (warnings as comments there),
+    // the warnings on stderr.
+    let path = write_config(&dir, body);
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 2, "{err}");
+    assert!(
+        err.lines()
+            .all(|l| l.starts_with(&format!("warning: {file}:"))),
+        "{err}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("# warning: "), "{text}");
+}
+
 /// `weir mock` refuses shares outside 0..1 and rates that are not finite,
 /// as clap refuses any bad argument (exit 2), instead of running with them.
 #[test]
