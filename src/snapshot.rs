@@ -26,7 +26,7 @@ use tokio::{sync::Notify, time::Instant};
 
 use crate::{
     access_log::ModelTimings,
-    admission::limiter::{GlobalLimits, ModelLimits},
+    admission::limiter::{GlobalLimits, ModelLimits, RetiredConcurrency},
     balancer::Pool,
     cluster::Cluster,
     config::{BackendConfig, Config, ModelConfig},
@@ -56,6 +56,10 @@ pub struct Snapshot {
     /// `[cluster]`: where shared limits come from; passed from snapshot to
     /// snapshot (it is fixed at start).
     pub(crate) cluster: Option<Arc<Cluster>>,
+    /// Models a reload removed while requests admitted there still hold
+    /// concurrency permits, by name: a reload that restores one keeps
+    /// counting them. Passed on until those requests have all finished.
+    retired: HashMap<String, RetiredConcurrency>,
 }
 
 /// One model's admission settings and its pool of backends.
@@ -432,7 +436,10 @@ impl Snapshot {
                 Some(old) if old.config == *model => old.limits.clone(),
                 _ => Arc::new(ModelLimits::with_cluster(
                     model,
-                    old.map(|o| &o.limits),
+                    (
+                        old.map(|o| &o.limits),
+                        previous.and_then(|p| p.retired.get(&model.name)),
+                    ),
                     metrics.model(&model.name),
                     now,
                     cluster.as_deref(),
@@ -458,6 +465,7 @@ impl Snapshot {
             );
         }
         let models_list = render_models_list(&config);
+        let retired = previous.map(|p| p.retire(&config)).unwrap_or_default();
         Ok(Self {
             config,
             models,
@@ -466,7 +474,23 @@ impl Snapshot {
             slots,
             models_list,
             cluster,
+            retired,
         })
+    }
+
+    /// The models of `self` that `next` does not have, and still in use:
+    /// those it retired before and those it drops now.
+    fn retire(&self, next: &Config) -> HashMap<String, RetiredConcurrency> {
+        let dropped = self
+            .models
+            .iter()
+            .filter_map(|(name, route)| Some((name.clone(), route.limits.retire()?)));
+        self.retired
+            .iter()
+            .map(|(name, r)| (name.clone(), r.clone()))
+            .chain(dropped)
+            .filter(|(name, r)| next.model(name).is_none() && r.in_use())
+            .collect()
     }
 
     /// The route for a client's model name.

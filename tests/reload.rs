@@ -468,6 +468,52 @@ async fn concurrency_permits_survive_a_reload() {
     );
 }
 
+/// `max_concurrent` (or the whole model) removed by one reload and
+/// restored by the next: the stream admitted before still holds its
+/// permit, so a new request does not fit beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_limit_removed_and_restored_still_counts_running_streams() {
+    let m1 = mock_named("b1", MockConfig::default().chunks(30).tokens_per_sec(10.0)).await;
+    let one = "max_concurrent = 1\nqueue_timeout = \"100ms\"";
+    let limited = file(one, &[("b1", &m1, 1)], "");
+    // The same backend, serving only another model: `m` is gone.
+    let without_m = format!(
+        "[[models]]\nname = \"other\"\n\n{}{QUIET}",
+        backend("b1", &m1.base_url(), &["other"], 1)
+    );
+    for (step, gap) in [
+        ("max_concurrent removed", file("", &[("b1", &m1, 1)], "")),
+        ("model removed", without_m),
+    ] {
+        let live = Live::start(&limited).await;
+        let addr = live.gw.addr();
+        let stream = tokio::spawn(async move {
+            post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await
+        });
+        assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
+        live.apply(&gap).await;
+        live.apply(&limited).await;
+        let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 429, "{step}: {}", r.text());
+        assert!(r.text().contains("max_concurrent"), "{step}: {}", r.text());
+        let s = stream.await.expect("stream task");
+        assert!(
+            s.text().trim_end().ends_with("data: [DONE]"),
+            "{step}: the stream finished"
+        );
+        // Its permit is back (the last frame can reach the client just
+        // before weir lets go of it).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+            if r.status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{step}: {}", r.text());
+        }
+    }
+}
+
 #[tokio::test]
 async fn invalid_files_change_nothing_and_are_reported() {
     let m1 = mock_named("b1", MockConfig::default()).await;

@@ -17,11 +17,11 @@
 
 use std::{
     future::Future,
-    num::NonZeroU64,
+    num::{NonZeroU32, NonZeroU64},
     pin::pin,
     sync::{
         atomic::{AtomicU32, Ordering},
-        Arc,
+        Arc, Weak,
     },
     task::Poll,
     time::Duration,
@@ -147,7 +147,7 @@ pub struct GlobalLimits {
 pub struct ModelLimits {
     requests: Option<Limit>,
     tokens: Option<Limit>,
-    concurrency: Option<(Arc<Semaphore>, u32)>,
+    concurrency: Option<Concurrency>,
     max_queue: u32,
     queue_timeout: Duration,
     /// Requests currently waiting for a bucket, a permit or a backend;
@@ -155,6 +155,54 @@ pub struct ModelLimits {
     /// the requests still waiting there count against `max_queue` here.
     waiting: Arc<AtomicU32>,
     metrics: ModelMetrics,
+}
+
+/// A model's concurrency semaphore and how many permits it stands for.
+///
+/// Kept when a reload removes `max_concurrent`: it then stands for
+/// [`UNLIMITED_PERMITS`], so no request waits, yet every request admitted
+/// meanwhile holds a permit; a later reload that restores a limit shrinks
+/// the same semaphore and so counts every request still running (a fresh
+/// one would let `max_concurrent` more in beside them). A model that never
+/// had a limit has none, and its requests take no permit.
+#[derive(Debug, Clone)]
+struct Concurrency {
+    semaphore: Arc<Semaphore>,
+    /// `max_concurrent`, or [`UNLIMITED_PERMITS`] once a reload removed it.
+    total: u32,
+}
+
+/// Permits of a model whose `max_concurrent` a reload removed: more than
+/// can ever run at once, and within what tokio's semaphore and
+/// `acquire_many` (a `u32`) accept.
+const UNLIMITED_PERMITS: u32 = if Semaphore::MAX_PERMITS < u32::MAX as usize {
+    Semaphore::MAX_PERMITS as u32
+} else {
+    u32::MAX
+};
+
+/// The concurrency state of a model a reload removed, for a later reload
+/// that restores it. Alive while a request admitted there still holds a
+/// permit (each permit holds the semaphore), so the restored model counts
+/// those requests; once they have all finished it starts afresh.
+#[derive(Debug, Clone)]
+pub(crate) struct RetiredConcurrency {
+    semaphore: Weak<Semaphore>,
+    total: u32,
+}
+
+impl RetiredConcurrency {
+    /// Whether a request admitted before the model was removed still runs.
+    pub(crate) fn in_use(&self) -> bool {
+        self.semaphore.strong_count() > 0
+    }
+
+    fn revive(&self) -> Option<Concurrency> {
+        Some(Concurrency {
+            semaphore: self.semaphore.upgrade()?,
+            total: self.total,
+        })
+    }
 }
 
 /// Metric handles resolved once per model (no label formatting per request).
@@ -214,15 +262,17 @@ impl ModelLimits {
         metrics: ModelMetrics,
         now: Instant,
     ) -> Self {
-        Self::with_cluster(config, previous, metrics, now, None)
+        Self::with_cluster(config, (previous, None), metrics, now, None)
     }
 
     /// As [`new`](Self::new); with a `cluster`, the rate limits are shared
     /// with the other replicas (keys `{key_prefix}:{limit}:{model}`; the
-    /// semaphore and queue stay per replica, SPEC `[cluster]`).
-    pub fn with_cluster(
+    /// semaphore and queue stay per replica, SPEC `[cluster]`). Without
+    /// `previous` limits, a `retired` semaphore (the model was removed by an
+    /// earlier reload while requests ran) is resized and kept.
+    pub(crate) fn with_cluster(
         config: &ModelConfig,
-        previous: Option<&Arc<ModelLimits>>,
+        (previous, retired): (Option<&Arc<ModelLimits>>, Option<&RetiredConcurrency>),
         metrics: ModelMetrics,
         now: Instant,
         cluster: Option<&Cluster>,
@@ -234,32 +284,11 @@ impl ModelLimits {
         let rpm = config.requests_per_minute.map(|r| u64::from(r.get()));
         let burst = config.burst_capacity().map(|b| u64::from(b.get()));
         let tpm = config.tokens_per_minute.map(NonZeroU64::get);
-        let concurrency = config.max_concurrent.map(|max| {
-            let max = max.get();
-            match previous.and_then(|p| p.concurrency.as_ref()) {
-                Some((sem, old)) if *old == max => (sem.clone(), max),
-                Some((sem, old)) if max > *old => {
-                    sem.add_permits((max - old) as usize);
-                    (sem.clone(), max)
-                }
-                Some((sem, old)) => {
-                    // Shrinking: take the surplus permits away as they free
-                    // up, without waiting here (reload must not block). The
-                    // task ends as soon as the surplus is retired; it is the
-                    // one spawn not owned by a JoinSet, because it must
-                    // outlive the snapshot that started it.
-                    let sem2 = sem.clone();
-                    let surplus = old - max;
-                    tokio::spawn(async move {
-                        if let Ok(p) = sem2.acquire_many(surplus).await {
-                            p.forget();
-                        }
-                    });
-                    (sem.clone(), max)
-                }
-                None => (Arc::new(Semaphore::new(max as usize)), max),
-            }
-        });
+        let before = match previous {
+            Some(p) => p.concurrency.clone(),
+            None => retired.and_then(RetiredConcurrency::revive),
+        };
+        let concurrency = resize(before, config.max_concurrent.map(NonZeroU32::get));
         Self {
             requests: limit(
                 LimitKind::Requests,
@@ -279,6 +308,15 @@ impl ModelLimits {
             waiting: previous.map_or_else(|| Arc::new(AtomicU32::new(0)), |p| p.waiting.clone()),
             metrics,
         }
+    }
+
+    /// What a reload that removes this model leaves for one that restores
+    /// it: its semaphore, if it has one.
+    pub(crate) fn retire(&self) -> Option<RetiredConcurrency> {
+        self.concurrency.as_ref().map(|c| RetiredConcurrency {
+            semaphore: Arc::downgrade(&c.semaphore),
+            total: c.total,
+        })
     }
 
     /// Requests waiting right now.
@@ -320,6 +358,40 @@ impl ModelLimits {
             c.inc();
         }
     }
+}
+
+/// The semaphore for `max` permits (`None`: no limit), made from the one
+/// `before` when there is one, so the permits its requests hold still count:
+/// grown at once, or shrunk as permits free up. A model that had a limit
+/// keeps its semaphore without one ([`Concurrency`]).
+fn resize(before: Option<Concurrency>, max: Option<u32>) -> Option<Concurrency> {
+    let Some(Concurrency { semaphore, total }) = before else {
+        return max.map(|max| Concurrency {
+            semaphore: Arc::new(Semaphore::new(max as usize)),
+            total: max,
+        });
+    };
+    let new_total = max.unwrap_or(UNLIMITED_PERMITS);
+    if new_total > total {
+        semaphore.add_permits((new_total - total) as usize);
+    } else if new_total < total {
+        // Shrinking: take the surplus permits away as they free up, without
+        // waiting here (reload must not block); meanwhile the semaphore's
+        // FIFO queue holds new requests behind it. The task ends as soon as
+        // the surplus is retired; it is the one spawn not owned by a
+        // JoinSet, because it must outlive the snapshot that started it.
+        let surplus = total - new_total;
+        let shrinking = semaphore.clone();
+        tokio::spawn(async move {
+            if let Ok(p) = shrinking.acquire_many(surplus).await {
+                p.forget();
+            }
+        });
+    }
+    Some(Concurrency {
+        semaphore,
+        total: new_total,
+    })
 }
 
 /// A place in a model's queue; dropping it leaves the queue.
@@ -520,8 +592,8 @@ pub async fn admit(
     let permit = match (&model.concurrency, try_permit(model)) {
         (_, Ok(permit)) => permit,
         (None, Err(_)) => None,
-        (Some((sem, max)), Err(_)) => {
-            match tokio::time::timeout_at(deadline, sem.clone().acquire_owned()).await {
+        (Some(Concurrency { semaphore, total }), Err(_)) => {
+            match tokio::time::timeout_at(deadline, semaphore.clone().acquire_owned()).await {
                 Ok(Ok(p)) => Some(p),
                 // Timed out, or the semaphore was closed (never happens:
                 // weir never closes it): refused, reservations refunded.
@@ -530,7 +602,7 @@ pub async fn admit(
                     return Err(AdmitError::Saturated {
                         model: model_name.to_owned(),
                         kind: LimitKind::Concurrency,
-                        limit: u64::from(*max),
+                        limit: u64::from(*total),
                     });
                 }
             }
@@ -792,7 +864,7 @@ fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -
 fn try_permit(model: &ModelLimits) -> Result<Option<OwnedSemaphorePermit>, TryAcquireError> {
     match &model.concurrency {
         None => Ok(None),
-        Some((sem, _)) => sem.clone().try_acquire_owned().map(Some),
+        Some(c) => c.semaphore.clone().try_acquire_owned().map(Some),
     }
 }
 
@@ -1543,6 +1615,77 @@ mod tests {
         queued.abort();
         let _ = queued.await;
         assert_eq!(reloaded.waiting(), 0);
+    }
+
+    /// `max_concurrent` removed by one reload and restored by the next:
+    /// the requests admitted before and in between still count.
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_removed_and_restored_counts_the_requests_still_running() {
+        let limited = model(None, None, None, Some(2));
+        let unlimited = model(None, None, None, None);
+        let (global, m) = limits(&limited);
+        let now = Instant::now;
+        let admit_now = |m: &Arc<ModelLimits>| {
+            let m = m.clone();
+            async move { admit(&GlobalLimits::default(), &m, "m", 1, now(), now()).await }
+        };
+        let mut running = vec![admit_now(&m).await.unwrap(), admit_now(&m).await.unwrap()];
+        let reload = |cfg: &ModelConfig, m: &Arc<ModelLimits>| {
+            Arc::new(ModelLimits::new(cfg, Some(m), m.metrics().clone(), now()))
+        };
+        let m = reload(&unlimited, &m);
+        for _ in 0..3 {
+            running.push(admit_now(&m).await.expect("no limit"));
+        }
+        let m = reload(&limited, &m);
+        tokio::task::yield_now().await;
+        match admit(&global, &m, "m", 1, now(), now()).await {
+            Err(AdmitError::Saturated {
+                kind: LimitKind::Concurrency,
+                limit: 2,
+                ..
+            }) => {}
+            other => panic!("5 run under a limit of 2: {other:?}"),
+        }
+        // Only once all but one have finished is there room for one more.
+        running.truncate(2);
+        tokio::task::yield_now().await;
+        assert!(admit_now(&m).await.is_err(), "2 still run");
+        running.truncate(1);
+        tokio::task::yield_now().await;
+        running.push(admit_now(&m).await.expect("1 runs: room for one"));
+        assert!(admit_now(&m).await.is_err());
+    }
+
+    /// A model removed by one reload and restored by the next, while its
+    /// requests still run, gets its semaphore back; once they have
+    /// finished, nothing is kept.
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_semaphore_lives_as_long_as_its_permits() {
+        let (global, m) = limits(&model(None, None, None, Some(1)));
+        let held = admit(&global, &m, "m", 1, Instant::now(), Instant::now())
+            .await
+            .unwrap();
+        let retired = m.retire().expect("a semaphore");
+        drop(m);
+        assert!(retired.in_use());
+        let restored = ModelLimits::with_cluster(
+            &model(None, None, None, Some(1)),
+            (None, Some(&retired)),
+            ModelMetrics::default(),
+            Instant::now(),
+            None,
+        );
+        let restored = Arc::new(restored);
+        assert!(
+            admit(&global, &restored, "m", 1, Instant::now(), Instant::now())
+                .await
+                .is_err(),
+            "the request from before holds the only permit"
+        );
+        drop(held);
+        drop(restored);
+        assert!(!retired.in_use());
     }
 
     #[tokio::test(start_paused = true)]
