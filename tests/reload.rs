@@ -844,11 +844,11 @@ async fn a_pending_backend_is_probed_at_once_when_its_probes_start() {
             .any(|c| c.starts_with("backend b2 waits for its first passing liveness probe (")),
         "{changes:?}"
     );
-    assert_eq!(live.weights().get("b2"), Some(&0));
+    assert_eq!(live.weights().get("b2"), Some(&0.0));
     m2.update(|c| c.health_status = None);
     live.apply(&both("59m")).await;
     assert!(
-        wait_for_weight(&live, "b2", 1, Duration::from_secs(5)).await,
+        wait_for_weight(&live, "b2", 1.0, Duration::from_secs(5)).await,
         "{:?}",
         live.weights()
     );
@@ -1011,19 +1011,19 @@ async fn watch_config_follows_a_symlink_to_a_file_beside_or_below_it() {
         // the file); the next two can only come from the watch's events.
         std::fs::write(root.join(target), watched(3)).expect("rewrite");
         assert!(
-            wait_for_weight(&live, "b1", 3, Duration::from_secs(5)).await,
+            wait_for_weight(&live, "b1", 3.0, Duration::from_secs(5)).await,
             "{target}: {:?}",
             live.weights()
         );
         std::fs::write(root.join(target), watched(4)).expect("rewrite");
         assert!(
-            wait_for_weight(&live, "b1", 4, Duration::from_secs(5)).await,
+            wait_for_weight(&live, "b1", 4.0, Duration::from_secs(5)).await,
             "{target} edited in place: {:?}",
             live.weights()
         );
         write_atomically(&root.join(target), &watched(7));
         assert!(
-            wait_for_weight(&live, "b1", 7, Duration::from_secs(5)).await,
+            wait_for_weight(&live, "b1", 7.0, Duration::from_secs(5)).await,
             "{target} replaced by rename: {:?}",
             live.weights()
         );

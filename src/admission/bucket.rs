@@ -206,6 +206,9 @@ struct Waiter {
     armed: u128,
     /// The owner has seen its wait here end (and handed the turn on).
     due: bool,
+    /// Its tokens, `n × T` units: its span of the line ends at `P + tau`
+    /// and starts this much earlier.
+    cost: u128,
     /// Wakes the owner; `None` until it first asks, or once taken.
     waker: Option<Waker>,
 }
@@ -295,7 +298,7 @@ impl Bucket {
         state.tat = new_tat;
         let ticket = if queue && wait_nanos > 0 {
             let proceed = new_tat.saturating_sub(cost(state.capacity));
-            Some(state.waiters.register(proceed))
+            Some(state.waiters.register(proceed, cost(n)))
         } else {
             None
         };
@@ -325,8 +328,16 @@ impl Bucket {
     pub fn refund(&self, n: u64, now: impl Into<Tick>) -> Option<Waker> {
         let now = self.nanos(now);
         let mut state = self.lock();
-        let moved = state.lower_tat(n, now);
-        if state.waiters.queue.is_empty() || moved == 0 {
+        // The line of waiters cannot start before `now`: refill before now
+        // went to a bucket that was full, not to them. So the refund moves
+        // them at most as far as the debt still ahead of the first one, and
+        // what is left of it is lost, as a refund to a full bucket is.
+        let Some(room) = state.room_ahead(now) else {
+            state.lower_tat(n, now);
+            return None;
+        };
+        let moved = state.lower_tat_by(cost(n).min(room), now);
+        if moved == 0 {
             return None;
         }
         state.waiters.shift = state.waiters.shift.saturating_add(moved);
@@ -342,11 +353,16 @@ impl Bucket {
     pub fn leave(&self, ticket: Ticket, n: u64, now: impl Into<Tick>) -> Option<Waker> {
         let now = self.nanos(now);
         let mut state = self.lock();
-        let Some(at) = state.waiters.remove(ticket) else {
+        let Some(at) = state.waiters.position(ticket) else {
             drop(state);
             return self.refund(n, Tick(now));
         };
-        let moved = state.lower_tat(n, now);
+        // Only the part of its span still ahead of `now` can go to those
+        // behind it: a span that started in the past was paid for by
+        // refill they could not have used.
+        let ahead = state.span_ahead(at, now);
+        state.waiters.queue.remove(at);
+        let moved = state.lower_tat_by(ahead.min(cost(n)), now);
         if moved > 0 {
             for waiter in state.waiters.queue.iter_mut().skip(at) {
                 waiter.base = waiter.base.saturating_sub(moved);
@@ -593,10 +609,40 @@ impl State {
     /// Lowers `tat` by `n` tokens, never below `now` (full): a refund.
     /// Returns how far it fell, in units.
     fn lower_tat(&mut self, n: u64, now_nanos: u64) -> u128 {
+        self.lower_tat_by(cost(n), now_nanos)
+    }
+
+    /// [`Self::lower_tat`] by `units`.
+    fn lower_tat_by(&mut self, units: u128, now_nanos: u64) -> u128 {
         let now = self.scaled(now_nanos);
         let before = self.tat;
-        self.tat = self.tat.saturating_sub(cost(n)).max(now);
+        self.tat = self.tat.saturating_sub(units).max(now);
         before.saturating_sub(self.tat)
+    }
+
+    /// With waiters, how far the line may move forward at `now`: the debt
+    /// still ahead of the first waiter's span (its start minus `now`), in
+    /// units; `None` with nobody waiting.
+    fn room_ahead(&self, now_nanos: u64) -> Option<u128> {
+        let first = self.waiters.queue.front()?;
+        let end = first
+            .base
+            .saturating_sub(self.waiters.shift)
+            .saturating_add(cost(self.capacity));
+        let start = end.saturating_sub(first.cost);
+        Some(start.saturating_sub(self.scaled(now_nanos)))
+    }
+
+    /// How much of the span of the waiter at `at` lies after `now`, in
+    /// units (its span ends at `P + tau`).
+    fn span_ahead(&self, at: usize, now_nanos: u64) -> u128 {
+        self.waiters.queue.get(at).map_or(0, |w| {
+            let end = w
+                .base
+                .saturating_sub(self.waiters.shift)
+                .saturating_add(cost(self.capacity));
+            w.cost.min(end.saturating_sub(self.scaled(now_nanos)))
+        })
     }
 
     /// `r` as a divisor; never 0 because it comes from a `NonZeroU64`.
@@ -638,7 +684,7 @@ impl State {
 impl Waiters {
     /// Registers a waiter proceeding at `proceed` (units); it is last in
     /// line, since its `tat` is the highest.
-    fn register(&mut self, proceed: u128) -> Ticket {
+    fn register(&mut self, proceed: u128, cost: u128) -> Ticket {
         let ticket = self.next;
         self.next = self.next.wrapping_add(1);
         self.queue.push_back(Waiter {
@@ -646,6 +692,7 @@ impl Waiters {
             base: proceed.saturating_add(self.shift),
             armed: proceed,
             due: false,
+            cost,
             waker: None,
         });
         Ticket(ticket)
@@ -716,6 +763,52 @@ fn duration_from_nanos(nanos: u128) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refund larger than the debt ahead of the waiters moves them to
+    /// `now`, not into the past: refill before now went to a full bucket.
+    #[test]
+    fn a_refund_moves_waiters_no_earlier_than_now() {
+        let t0 = Instant::now();
+        let nz = |v| NonZeroU64::new(v).unwrap();
+        let b = Bucket::new(nz(6000), nz(6000), t0);
+        let long = Duration::from_secs(10);
+        let (wait, ticket, _) = b.reserve_in_line(6000, t0, long).unwrap();
+        assert!(wait.is_zero() && ticket.is_none());
+        let (_, first, _) = b.reserve_in_line(100, t0, long).unwrap();
+        let (_, second, _) = b.reserve_in_line(100, t0, long).unwrap();
+        let now = t0 + Duration::from_millis(900);
+        let _ = b.refund(6000, now);
+        let w = Waker::noop().clone();
+        assert_eq!(b.turn(first.unwrap(), now, &w).0, None);
+        assert_eq!(b.turn(second.unwrap(), now, &w).0, None);
+        // Full at 0.9 s but for the two waiters' 200.
+        assert_eq!(b.remaining(now), 5800);
+    }
+
+    /// A waiter that leaves after part of its span has passed gives those
+    /// behind it only the part still ahead: at burst 1 they stay a second
+    /// apart.
+    #[test]
+    fn a_waiter_leaving_late_moves_its_followers_by_what_is_left_of_its_span() {
+        let t0 = Instant::now();
+        let nz = |v| NonZeroU64::new(v).unwrap();
+        let b = Bucket::new(nz(60), nz(1), t0);
+        let long = Duration::from_secs(10);
+        b.reserve_in_line(1, t0, long).unwrap();
+        let (_, leaver, _) = b.reserve_in_line(1, t0, long).unwrap();
+        let (_, next, _) = b.reserve_in_line(1, t0, long).unwrap();
+        let (_, last, _) = b.reserve_in_line(1, t0, long).unwrap();
+        let w = Waker::noop().clone();
+        let now = t0 + Duration::from_millis(1500);
+        assert_eq!(b.turn(leaver.unwrap(), now, &w).0, None, "due here");
+        let _ = b.leave(leaver.unwrap(), 1, now);
+        assert_eq!(b.turn(next.unwrap(), now, &w).0, None, "moved to now");
+        assert_eq!(
+            b.turn(last.unwrap(), now, &w).0,
+            Some(Duration::from_secs(1)),
+            "a second after the one ahead"
+        );
+    }
     use proptest::prelude::*;
 
     fn nz(v: u64) -> NonZeroU64 {
