@@ -51,7 +51,9 @@ pub(crate) fn metrics(shared: &Shared) -> Response<GatewayBody> {
 
 /// `GET /admin/backends`: per backend, its state in each tier, last probe
 /// results, effective weight per model, in-flight count, latency EMA and
-/// ejection state (SPEC "Precise points" shape). Never includes a key.
+/// ejection state (SPEC "Precise points" shape), then, under `draining`,
+/// the backends a reload removed that still have requests running, so an
+/// operator can see when draining ends. Never includes a key.
 pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
     let snapshot = shared.snapshot.load();
     let now = Instant::now();
@@ -128,9 +130,17 @@ pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
             })
         })
         .collect();
+    // Removed by a reload, in no pool, but still serving requests that
+    // began before it: listed apart, so `backends` keeps SPEC's shape.
+    let draining: Vec<serde_json::Value> = snapshot
+        .draining_backends()
+        .map(|(d, in_flight)| {
+            serde_json::json!({ "name": d.name, "url": d.url.to_string(), "in_flight": in_flight })
+        })
+        .collect();
     json_response(
         StatusCode::OK,
-        serde_json::json!({ "backends": backends }).to_string(),
+        serde_json::json!({ "backends": backends, "draining": draining }).to_string(),
     )
 }
 

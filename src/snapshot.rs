@@ -60,6 +60,32 @@ pub struct Snapshot {
     /// concurrency permits, by name: a reload that restores one keeps
     /// counting them. Passed on until those requests have all finished.
     retired: HashMap<String, RetiredConcurrency>,
+    /// Backends a reload removed (or gave a new identity), for
+    /// `/admin/backends` to show until their requests have finished.
+    /// Passed on while a request or an older snapshot still holds them.
+    draining: Vec<Draining>,
+}
+
+/// A backend a reload removed, as `/admin/backends` lists it while it
+/// drains: it is in no pool, but requests that began before still use it.
+#[derive(Debug, Clone)]
+pub(crate) struct Draining {
+    /// Its name in the config it was removed from.
+    pub name: String,
+    /// Its URL there.
+    pub url: http::Uri,
+    /// Its live state; held by its requests' in-flight guards (and the
+    /// snapshots they loaded), so it dies once they have all finished.
+    live: std::sync::Weak<BackendLive>,
+}
+
+impl Draining {
+    /// Requests still running on it; `None` once it has drained.
+    pub(crate) fn in_flight(&self) -> Option<u32> {
+        let live = self.live.upgrade()?;
+        let n = live.in_flight.load(Ordering::Relaxed);
+        (n > 0).then_some(n)
+    }
 }
 
 /// One model's admission settings and its pool of backends.
@@ -466,6 +492,7 @@ impl Snapshot {
         }
         let models_list = render_models_list(&config);
         let retired = previous.map(|p| p.retire(&config)).unwrap_or_default();
+        let draining = previous.map(|p| p.draining(&backends)).unwrap_or_default();
         Ok(Self {
             config,
             models,
@@ -475,7 +502,36 @@ impl Snapshot {
             models_list,
             cluster,
             retired,
+            draining,
         })
+    }
+
+    /// The backends of `self` that `next` does not keep (by their live
+    /// state, so a new URL counts as removed) and those already draining,
+    /// while anything still holds them.
+    fn draining(&self, next: &[Arc<BackendState>]) -> Vec<Draining> {
+        let dropped = self
+            .backends
+            .iter()
+            .filter(|b| !next.iter().any(|n| Arc::ptr_eq(&n.live, &b.live)))
+            .map(|b| Draining {
+                name: b.config.name.clone(),
+                url: b.config.url.clone(),
+                live: Arc::downgrade(&b.live),
+            });
+        self.draining
+            .iter()
+            .cloned()
+            .chain(dropped)
+            .filter(|d| d.live.strong_count() > 0)
+            .collect()
+    }
+
+    /// Backends a reload removed that still have requests running.
+    pub(crate) fn draining_backends(&self) -> impl Iterator<Item = (&Draining, u32)> {
+        self.draining
+            .iter()
+            .filter_map(|d| Some((d, d.in_flight()?)))
     }
 
     /// The models of `self` that `next` does not have, and still in use:

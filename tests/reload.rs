@@ -388,6 +388,52 @@ async fn a_removed_backend_gets_no_request_once_the_reload_returns() {
         .all(|b| b.config.name != "b2"));
 }
 
+/// A backend a reload removed is listed under `draining` in
+/// `/admin/backends` while its requests run, and leaves once they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_backends_lists_a_removed_backend_until_it_has_drained() {
+    let m1 = mock_named("b1", MockConfig::default().chunks(20).tokens_per_sec(10.0)).await;
+    let m2 = mock_named("b2", MockConfig::default()).await;
+    let live = Live::start(&file("", &[("b1", &m1, 1)], "")).await;
+    let addr = live.gw.addr();
+    let stream =
+        tokio::spawn(
+            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
+        );
+    assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
+    let changes = live.apply(&file("", &[("b2", &m2, 1)], "")).await;
+    assert!(
+        changes.contains(&"backend b1 removed (draining)".to_owned()),
+        "{changes:?}"
+    );
+    let admin = |live: &Live| {
+        let addr = live.gw.admin_addr();
+        async move { get(addr, "/admin/backends").await.json() }
+    };
+    let j = admin(&live).await;
+    assert_eq!(j["backends"].as_array().map(Vec::len), Some(1), "{j}");
+    assert_eq!(j["backends"][0]["name"], "b2", "{j}");
+    assert_eq!(
+        j["draining"],
+        serde_json::json!([{"name": "b1", "url": m1.base_url(), "in_flight": 1}]),
+        "{j}"
+    );
+    let s = stream.await.expect("stream task");
+    assert!(
+        s.text().trim_end().ends_with("data: [DONE]"),
+        "the stream finished"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let j = admin(&live).await;
+        if j["draining"] == serde_json::json!([]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b1 still draining: {j}");
+        tokio::time::sleep(ms(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn bucket_levels_survive_unrelated_and_changed_limits() {
     let m1 = mock_named("b1", MockConfig::default()).await;
