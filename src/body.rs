@@ -695,6 +695,13 @@ impl ProxiedBody {
 
 impl Drop for ProxiedBody {
     fn drop(&mut self) {
+        // The client went away mid-body: nothing the backend did wrong, so
+        // its failures in a row end here as after a whole answer (else a
+        // backend whose answers clients often stop would be ejected for
+        // failures that were not consecutive).
+        if !self.finished {
+            self.report_completed();
+        }
         // Still holding the accounting or the log: the client went away
         // before the end.
         if let Some(accounting) = self.accounting.take() {

@@ -307,6 +307,11 @@ impl<'a> Exchange<'a> {
                     (reason, None, None)
                 }
             };
+            // An answered failure is what the client hears of if no later
+            // attempt answers (a retry may yet find no backend to go to).
+            if let Some(status) = answered {
+                last = Some(Failure::Status(status));
+            }
             // The attempt failed, whichever way: its backend slot frees now,
             // not after any back-off.
             drop(in_flight);
@@ -332,12 +337,7 @@ impl<'a> Exchange<'a> {
                 }
                 // No retry left: every attempt failed, which SPEC answers
                 // with 502 even when the last one was a 429 or 5xx answer.
-                None => {
-                    if let Some(status) = answered {
-                        last = Some(Failure::Status(status));
-                    }
-                    break;
-                }
+                None => break,
             }
         }
         Err(match last {
