@@ -625,11 +625,7 @@ impl State {
     /// units; `None` with nobody waiting.
     fn room_ahead(&self, now_nanos: u64) -> Option<u128> {
         let first = self.waiters.queue.front()?;
-        let end = first
-            .base
-            .saturating_sub(self.waiters.shift)
-            .saturating_add(cost(self.capacity));
-        let start = end.saturating_sub(first.cost);
+        let start = self.span_end(first).saturating_sub(first.cost);
         Some(start.saturating_sub(self.scaled(now_nanos)))
     }
 
@@ -637,12 +633,17 @@ impl State {
     /// units (its span ends at `P + tau`).
     fn span_ahead(&self, at: usize, now_nanos: u64) -> u128 {
         self.waiters.queue.get(at).map_or(0, |w| {
-            let end = w
-                .base
-                .saturating_sub(self.waiters.shift)
-                .saturating_add(cost(self.capacity));
-            w.cost.min(end.saturating_sub(self.scaled(now_nanos)))
+            w.cost
+                .min(self.span_end(w).saturating_sub(self.scaled(now_nanos)))
         })
+    }
+
+    /// Where a waiter's span of the line ends, in units: `P + tau`.
+    fn span_end(&self, waiter: &Waiter) -> u128 {
+        waiter
+            .base
+            .saturating_sub(self.waiters.shift)
+            .saturating_add(cost(self.capacity))
     }
 
     /// `r` as a divisor; never 0 because it comes from a `NonZeroU64`.
