@@ -452,12 +452,19 @@ impl<'a> Exchange<'a> {
         let members = &self.route.members;
         let signal = &self.snapshot.slots;
         let mut waiting: Option<(WaiterCount<'_>, limiter::QueueSlot)> = None;
+        // The first look registers nothing: registering locks the waiter
+        // list that every lane's requests share, and most requests find a
+        // backend at once.
+        let mut registered = false;
         loop {
-            // Register interest before looking, so a slot freed between the
-            // look and the wait still wakes us.
+            // From the second look on, interest is registered before
+            // looking, so a slot freed between the look and the wait still
+            // wakes us.
             let notified = signal.notify.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
+            if registered {
+                notified.as_mut().enable();
+            }
             let now = retrying.then(Instant::now);
             let held_out =
                 |m: &Member| now.is_some_and(|now| m.backend.live.held_out_until(now).is_some());
@@ -473,6 +480,11 @@ impl<'a> Exchange<'a> {
                     // Lost a race for its last slot: look again.
                     None => continue,
                 }
+            }
+            if !registered {
+                // Every backend looked saturated: look again, registered.
+                registered = true;
+                continue;
             }
             let any_left = (0..members.len()).any(|i| {
                 !tried.contains(&i)

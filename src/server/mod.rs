@@ -144,7 +144,12 @@ pub(crate) async fn serve(
             role,
             shared: shared.clone(),
             timeouts,
-            shutdown: shutdown.clone(),
+            // Its own token (cancelled with the listener's): a connection
+            // polls its shutdown wait whenever it wakes, and each poll locks
+            // the token's waiter list. One list shared by every connection
+            // of every lane would pass its lock between CPUs on most
+            // requests.
+            shutdown: shutdown.child_token(),
             permit,
         };
         match &lanes {
