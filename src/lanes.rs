@@ -93,7 +93,11 @@ impl Lanes {
         for lane in 1..=count() {
             let runtime = Builder::new_current_thread().enable_all().build()?;
             let handle = runtime.handle().clone();
-            let stop = lanes.stop.clone();
+            // The lane's own token (cancelled with `stop`): the lane's
+            // root task polls it at every turn while it busy polls, and
+            // each poll locks the token's waiter list, which must not be
+            // one list shared with the other lanes.
+            let stop = lanes.stop.child_token();
             let cpu = cpus.as_ref().and_then(|cpus| cpus.get(lane - 1).copied());
             let thread = std::thread::Builder::new()
                 .name(format!("weir-lane-{lane}"))
