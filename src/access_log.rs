@@ -12,14 +12,13 @@
 use std::{net::SocketAddr, time::Duration};
 
 use http::{HeaderValue, Method, Uri};
-use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
 use std::sync::Arc;
 
 use crate::{
     admission::tokens::Usage,
-    metrics::{Metrics, RequestCounters},
+    metrics::{LatencyHistogram, Metrics, RequestCounters},
     snapshot::BackendState,
 };
 
@@ -47,13 +46,14 @@ impl Ending {
     }
 }
 
-/// A model's latency histograms, resolved once per model.
+/// A model's latency histograms, resolved once per model; per lane, so
+/// observing takes no lock.
 #[derive(Debug, Clone)]
 pub(crate) struct ModelTimings {
     /// `weir_request_duration_seconds{model}`.
-    pub duration: Histogram,
+    pub duration: LatencyHistogram,
     /// `weir_time_to_first_byte_seconds{model}`.
-    pub ttfb: Histogram,
+    pub ttfb: LatencyHistogram,
 }
 
 /// Everything the access log line says about one request.

@@ -57,6 +57,13 @@ pub(crate) fn current() -> usize {
     LANE.with(Cell::get)
 }
 
+/// Makes the calling thread count as lane `lane` for [`current`], so tests
+/// of per-lane state can write several lanes' slots without starting lanes.
+#[cfg(test)]
+pub(crate) fn pretend_lane(lane: usize) {
+    LANE.with(|l| l.set(lane));
+}
+
 /// Running lanes; dropping them stops their threads (and drops whatever
 /// tasks are still on them).
 #[derive(Debug)]

@@ -27,7 +27,6 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError},
     time::Instant,
@@ -40,6 +39,7 @@ use super::{
 use crate::{
     cluster::Cluster,
     config::{GlobalLimits as GlobalLimitsConfig, ModelConfig},
+    metrics::{LaneCounter, LaneGauge},
 };
 
 /// Which limit refused or bound a request; the `limit` label of
@@ -206,16 +206,17 @@ impl RetiredConcurrency {
 }
 
 /// Metric handles resolved once per model (no label formatting per request).
+/// Per lane (`metrics::lane`): every admission writes them.
 #[derive(Debug, Clone, Default)]
 pub struct ModelMetrics {
     /// `weir_queue_depth{model}`.
-    pub queue_depth: Gauge,
+    pub queue_depth: LaneGauge,
     /// `weir_in_flight{model}`.
-    pub in_flight: Gauge,
+    pub in_flight: LaneGauge,
     /// `weir_admitted_total{model}`.
-    pub admitted: Counter,
+    pub admitted: LaneCounter,
     /// `weir_rate_limited_total{model,limit}` per [`LimitKind`].
-    pub limited: [Counter; 4],
+    pub limited: [LaneCounter; 4],
 }
 
 impl GlobalLimits {
@@ -471,7 +472,7 @@ pub struct Admitted {
 }
 
 #[derive(Debug)]
-struct InFlightGauge(Gauge);
+struct InFlightGauge(LaneGauge);
 
 impl Drop for InFlightGauge {
     fn drop(&mut self) {

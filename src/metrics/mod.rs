@@ -2,14 +2,20 @@
 //!
 //! Metric names and labels are SPEC's ("Metrics"). Uses `prometheus-client`,
 //! the Prometheus project's own Rust client, rather than hand-written text.
-//! This module only counts; it never decides anything.
+//! This module only counts; it never decides anything. The metrics every
+//! proxied request updates are per lane ([`lane`]), so that the lanes do not
+//! write one shared cache line each request; the rest are
+//! prometheus-client's own types.
+
+mod lane;
 
 use std::sync::atomic::AtomicU64;
 
 use crate::admission::limiter::{LimitKind, ModelMetrics};
+pub(crate) use lane::{LaneCounter, LaneGauge, LaneHistogram};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -31,14 +37,14 @@ pub(crate) struct RequestLabels {
 pub(crate) struct RequestCounters {
     model: String,
     backend: String,
-    family: Family<RequestLabels, Counter>,
+    family: Family<RequestLabels, LaneCounter>,
     /// The statuses weir answers most, each resolved on first use.
-    common: [(u16, std::sync::OnceLock<Counter>); 12],
+    common: [(u16, std::sync::OnceLock<LaneCounter>); 12],
 }
 
 impl RequestCounters {
     fn new(
-        family: &Family<RequestLabels, Counter>,
+        family: &Family<RequestLabels, LaneCounter>,
         model: &str,
         backend: &str,
     ) -> std::sync::Arc<Self> {
@@ -146,17 +152,17 @@ struct BuildLabels {
 pub(crate) struct Metrics {
     registry: Registry,
     /// `weir_requests_total{model,backend,status}`.
-    requests: Family<RequestLabels, Counter>,
+    requests: Family<RequestLabels, LaneCounter>,
     /// `weir_requests_total{model="",backend=""}`: requests naming a model
     /// no route serves (the client's string never becomes a label).
     pub unknown_model_requests: std::sync::Arc<RequestCounters>,
     /// `weir_upstream_errors_total{backend,kind}`.
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
-    rate_limited: Family<LimitLabels, Counter>,
-    queue_depth: Family<ModelLabel, Gauge>,
-    in_flight: Family<ModelLabel, Gauge>,
-    admitted: Family<ModelLabel, Counter>,
-    tokens: Family<TokenLabels, Counter>,
+    rate_limited: Family<LimitLabels, LaneCounter>,
+    queue_depth: Family<ModelLabel, LaneGauge>,
+    in_flight: Family<ModelLabel, LaneGauge>,
+    admitted: Family<ModelLabel, LaneCounter>,
+    tokens: Family<TokenLabels, LaneCounter>,
     backend_up: Family<TierLabels, Gauge>,
     /// Fractional (0.5 for a degraded weight-1 backend), so an `f64` gauge.
     effective_weight: Family<WeightLabels, Gauge<f64, AtomicU64>>,
@@ -166,8 +172,8 @@ pub(crate) struct Metrics {
     pub retries: Family<RetryLabels, Counter>,
     /// `weir_config_reloads_total{result}`: every reload's outcome.
     config_reloads: Family<ReloadLabels, Counter>,
-    duration: Family<ModelLabel, Histogram, fn() -> Histogram>,
-    ttfb: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    duration: Family<ModelLabel, LatencyHistogram, fn() -> LatencyHistogram>,
+    ttfb: Family<ModelLabel, LatencyHistogram, fn() -> LatencyHistogram>,
     /// `weir_cluster_up`: set by the cluster task (`0` without `[cluster]`).
     pub cluster_up: Gauge,
     /// `weir_cluster_replicas`: set by the cluster task (`1` without
@@ -180,17 +186,21 @@ const LATENCY_BUCKETS: [f64; 15] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
+/// `weir_request_duration_seconds` and `weir_time_to_first_byte_seconds`:
+/// one observation each per request.
+pub(crate) type LatencyHistogram = LaneHistogram<{ LATENCY_BUCKETS.len() }>;
+
+fn latency_histogram() -> LatencyHistogram {
+    LaneHistogram::new(&LATENCY_BUCKETS)
 }
 
 /// `weir_tokens_total{model,kind}` handles of one model.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TokenCounters {
     /// `kind="prompt"`.
-    pub prompt: Counter,
+    pub prompt: LaneCounter,
     /// `kind="completion"`.
-    pub completion: Counter,
+    pub completion: LaneCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -203,7 +213,7 @@ impl Metrics {
     /// Registers every metric.
     pub(crate) fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
+        let requests = Family::<RequestLabels, LaneCounter>::default();
         registry.register(
             "weir_requests",
             "Requests answered, by model, backend and status",
@@ -215,31 +225,31 @@ impl Metrics {
             "Failed upstream attempts, by backend and kind",
             upstream_errors.clone(),
         );
-        let rate_limited = Family::<LimitLabels, Counter>::default();
+        let rate_limited = Family::<LimitLabels, LaneCounter>::default();
         registry.register(
             "weir_rate_limited",
             "Requests refused by a limit, by model and limit",
             rate_limited.clone(),
         );
-        let queue_depth = Family::<ModelLabel, Gauge>::default();
+        let queue_depth = Family::<ModelLabel, LaneGauge>::default();
         registry.register(
             "weir_queue_depth",
             "Requests waiting for admission",
             queue_depth.clone(),
         );
-        let in_flight = Family::<ModelLabel, Gauge>::default();
+        let in_flight = Family::<ModelLabel, LaneGauge>::default();
         registry.register(
             "weir_in_flight",
             "Admitted requests not yet finished",
             in_flight.clone(),
         );
-        let admitted = Family::<ModelLabel, Counter>::default();
+        let admitted = Family::<ModelLabel, LaneCounter>::default();
         registry.register(
             "weir_admitted",
             "Requests admitted by the limits",
             admitted.clone(),
         );
-        let tokens = Family::<TokenLabels, Counter>::default();
+        let tokens = Family::<TokenLabels, LaneCounter>::default();
         registry.register(
             "weir_tokens",
             "Tokens used, as the responses reported them",
@@ -263,17 +273,19 @@ impl Metrics {
             "Attempts retried on another backend, by reason",
             retries.clone(),
         );
-        let duration = Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
-        );
+        let duration =
+            Family::<ModelLabel, LatencyHistogram, fn() -> LatencyHistogram>::new_with_constructor(
+                latency_histogram,
+            );
         registry.register(
             "weir_request_duration_seconds",
             "Whole request time, until the last body byte",
             duration.clone(),
         );
-        let ttfb = Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
-        );
+        let ttfb =
+            Family::<ModelLabel, LatencyHistogram, fn() -> LatencyHistogram>::new_with_constructor(
+                latency_histogram,
+            );
         registry.register(
             "weir_time_to_first_byte_seconds",
             "Time until the first response body byte (the first token of a stream)",
