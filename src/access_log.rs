@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::{
     admission::tokens::Usage,
     metrics::{LatencyHistogram, Metrics, RequestCounters},
-    snapshot::BackendState,
+    snapshot::{Place, Snapshot},
 };
 
 /// How a response ended, for the log line.
@@ -76,9 +76,15 @@ pub(crate) struct AccessLog {
     pub started: Instant,
     /// The client's model, once read.
     pub model: Option<String>,
-    /// The backend that answered (shared, so that naming it costs a
-    /// reference count rather than a copy of its name per request).
-    pub backend: Option<Arc<BackendState>>,
+    /// Where the request was routed, when it named a routed model: its
+    /// route (whose latency histograms it is timed in) and, once a
+    /// backend's answer goes to the client, that backend (named on the
+    /// line, and whose `weir_requests_total` counts it; else the model's
+    /// own-answer counters do). Resolved against the request's snapshot,
+    /// which every caller of [`AccessLog::emit`] holds: the line keeps no
+    /// handle of its own, each of which would be a reference count shared
+    /// by every lane, taken and given back per request.
+    pub place: Option<Place>,
     /// The status sent to the client.
     pub status: u16,
     /// Attempts made upstream.
@@ -92,13 +98,6 @@ pub(crate) struct AccessLog {
     pub ttfb: Option<Duration>,
     /// The usage the response reported.
     pub usage: Option<Usage>,
-    /// The model's histograms, when the request named a routed model.
-    pub timings: Option<ModelTimings>,
-    /// The `weir_requests_total` handles to count this request with: the
-    /// answering backend's, or the model's own-answer ones. A model name
-    /// no route knows is counted as `model=""`, so clients cannot grow the
-    /// metric's label set.
-    pub counters: Option<Arc<RequestCounters>>,
 }
 
 impl AccessLog {
@@ -132,15 +131,13 @@ impl AccessLog {
             uri,
             started: Instant::now(),
             model: None,
-            backend: None,
+            place: None,
             status: 0,
             attempts: 0,
             queued: Duration::ZERO,
             waiting_since: None,
             ttfb: None,
             usage: None,
-            timings: None,
-            counters: None,
         }
     }
 
@@ -163,27 +160,50 @@ impl AccessLog {
         self.queued += queued;
     }
 
-    /// The first body byte is leaving now.
-    pub(crate) fn first_byte(&mut self) {
+    /// The model's histograms, when the request named a routed model.
+    fn timings<'s>(&self, snapshot: Option<&'s Snapshot>) -> Option<&'s ModelTimings> {
+        Some(&snapshot?.route_at(self.place?)?.timings)
+    }
+
+    /// The `weir_requests_total` handles to count this request with: the
+    /// answering backend's, or the model's own-answer ones. A model name
+    /// no route knows is counted as `model=""` (`None` here), so clients
+    /// cannot grow the metric's label set.
+    fn counters<'s>(&self, snapshot: Option<&'s Snapshot>) -> Option<&'s Arc<RequestCounters>> {
+        let (snapshot, place) = (snapshot?, self.place?);
+        match snapshot.member_at(place) {
+            Some(member) => Some(&member.requests),
+            None => Some(&snapshot.route_at(place)?.own_answers),
+        }
+    }
+
+    /// The first body byte is leaving now; `snapshot` is the request's.
+    pub(crate) fn first_byte(&mut self, snapshot: Option<&Snapshot>) {
         if self.ttfb.is_none() {
             let ttfb = self.started.elapsed();
             self.ttfb = Some(ttfb);
-            if let Some(t) = &self.timings {
+            if let Some(t) = self.timings(snapshot) {
                 t.ttfb.observe(ttfb.as_secs_f64());
             }
         }
     }
 
-    /// Writes the line and records the request's metrics.
-    pub(crate) fn emit(mut self, metrics: &Metrics, ending: Ending) {
+    /// Writes the line and records the request's metrics; `snapshot` is
+    /// the one the request was routed with (`None` for a request refused
+    /// before it loaded one, which has no [`Place`]).
+    pub(crate) fn emit(mut self, metrics: &Metrics, snapshot: Option<&Snapshot>, ending: Ending) {
         // A request that ends while it waits (refused, or its client
         // left) waited until now.
         self.wait_ends();
         let total = self.started.elapsed();
-        if let Some(t) = &self.timings {
+        if let Some(t) = self.timings(snapshot) {
             t.duration.observe(total.as_secs_f64());
         }
-        match &self.counters {
+        let backend = snapshot
+            .zip(self.place)
+            .and_then(|(snapshot, place)| snapshot.member_at(place))
+            .map_or("", |m| m.backend.config.name.as_str());
+        match self.counters(snapshot) {
             Some(counters) => counters.inc(self.status),
             None if self.model.is_some() => metrics.unknown_model_requests.inc(self.status),
             None => {}
@@ -198,7 +218,7 @@ impl AccessLog {
             path = self.uri.as_ref().map_or("-", Uri::path),
             status = self.status,
             model = logged_model(self.model.as_deref().unwrap_or("")),
-            backend = self.backend.as_ref().map_or("", |b| b.config.name.as_str()),
+            backend,
             attempts = self.attempts,
             queue_ms = ms(self.queued),
             ttfb_ms = self.ttfb.map(ms),
@@ -268,6 +288,48 @@ mod tests {
             refused.queued,
             Duration::from_millis(300),
             "refused after waiting"
+        );
+    }
+
+    /// A line finds its route and answering backend in the request's
+    /// snapshot: timed in its model's histograms, counted under the
+    /// backend that answered or as the model's own answer, and a model no
+    /// route knows under `model=""`.
+    #[test]
+    fn a_line_counts_where_its_place_in_the_snapshot_says() {
+        let toml = "[[models]]\nname = \"m\"\n\n[[models]]\nname = \"n\"\n\n\
+            [[backends]]\nname = \"b1\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\", \"n\"]\n\n\
+            [[backends]]\nname = \"b2\"\nurl = \"http://127.0.0.1:2/v1\"\nmodels = [\"n\"]\n";
+        let config = crate::config::Config::parse(toml, "t.toml", &|_| None).unwrap();
+        let metrics = Metrics::new();
+        let snapshot = Snapshot::build(Arc::new(config), None, &metrics).unwrap();
+        let (place, route) = snapshot.route("n").unwrap();
+        assert_eq!(route.config.name, "n");
+        let b2 = Place {
+            member: Some(1),
+            ..place
+        };
+        assert_eq!(snapshot.member_at(b2).unwrap().backend.config.name, "b2");
+        assert!(snapshot.member_at(place).is_none());
+        for (routed, status) in [(Some(place), 502), (Some(b2), 200), (None, 404)] {
+            let mut log = line();
+            log.model = Some(if routed.is_some() { "n" } else { "zz" }.to_owned());
+            log.place = routed;
+            log.status = status;
+            log.emit(&metrics, Some(&snapshot), Ending::Complete);
+        }
+        let text = metrics.render();
+        for expected in [
+            "weir_requests_total{model=\"n\",backend=\"\",status=\"502\"} 1\n",
+            "weir_requests_total{model=\"n\",backend=\"b2\",status=\"200\"} 1\n",
+            "weir_requests_total{model=\"\",backend=\"\",status=\"404\"} 1\n",
+            "weir_request_duration_seconds_count{model=\"n\"} 2\n",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
+        assert!(
+            !text.contains("model=\"m\",backend=\"b1\",status"),
+            "{text}"
         );
     }
 

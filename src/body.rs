@@ -31,11 +31,11 @@ use crate::{
         limiter::Admitted,
         tokens::{Usage, UsageFilter, UsageTail},
     },
-    gateway::Shared,
     health::outlier::{self, Outcome},
     metrics::{TokenCounters, UpstreamErrorLabels},
+    proxy::ActiveRequest,
     snapshot::InFlight,
-    snapshot::{BackendState, Snapshot},
+    snapshot::{BackendState, Member, Place, Snapshot},
     upstream::{BodyReadError, UpstreamBody},
 };
 
@@ -128,14 +128,22 @@ pub struct ProxiedBody {
     /// The admission this request holds and how its usage is read; `None`
     /// once settled. Dropping it returns the concurrency permit.
     accounting: Option<Accounting>,
-    /// Reports a body that breaks mid-way to outlier detection.
-    reporter: Option<MidStreamReporter>,
+    /// Who answered, and the request's count in flight.
+    answered_by: AnsweredBy,
+    /// The request's snapshot, taken over from the router with the log
+    /// ([`ProxiedBody::attach_log`]) before the response leaves it. The
+    /// answering backend (its outlier state, `x-weir-backend`, the log's
+    /// `backend`) and its model are found in it through
+    /// `answered_by.place`: the body holds no handle on either, each a
+    /// reference count shared by every lane.
+    snapshot: Option<Arc<Snapshot>>,
     /// The access log line, written when the body ends or is dropped.
-    log: Option<(AccessLog, Arc<Shared>)>,
-    /// `x-request-id` and `x-weir-backend`, which the connection writes
-    /// like the backend's headers: two headers are not worth allocating
-    /// and hashing a header map per request.
-    own: [Option<HeaderValue>; 2],
+    log: Option<AccessLog>,
+    /// `x-request-id`, which the connection writes like the backend's
+    /// headers with `x-weir-backend` (see [`Self::own_headers`]): two
+    /// headers are not worth allocating and hashing a header map per
+    /// request.
+    request_id: Option<HeaderValue>,
     /// For an error answer of a backend with a key: removes the key from
     /// the body (see `crate::redact`), which changes its length.
     redactor: Option<Box<KeyRedactor>>,
@@ -145,25 +153,18 @@ pub struct ProxiedBody {
 static OWN_HEADER_NAMES: [HeaderName; 2] =
     [crate::headers::X_REQUEST_ID, crate::headers::X_WEIR_BACKEND];
 
-/// What a body needs to count a mid-stream upstream failure towards the
-/// backend's outlier state (SPEC "Backend faults").
-pub(crate) struct MidStreamReporter {
+/// Who answered a proxied request: what its body needs to name the
+/// backend and to report how its body ended to outlier detection (SPEC
+/// "Backend faults").
+#[derive(Debug)]
+pub(crate) struct AnsweredBy {
     /// Counts the request in flight for the retry budget until the body
-    /// ends; its `Arc<Shared>` is the one the report uses (one clone per
-    /// request, not two).
-    pub active: crate::proxy::ActiveRequest,
-    /// The snapshot the request started with (for `max_ejection_percent`).
-    pub snapshot: Arc<Snapshot>,
-    /// The backend whose body failed.
-    pub backend: Arc<BackendState>,
-}
-
-impl std::fmt::Debug for MidStreamReporter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MidStreamReporter")
-            .field("backend", &self.backend.config.name)
-            .finish_non_exhaustive()
-    }
+    /// drops; its `Arc<Shared>` is the body's handle on the gateway
+    /// (metrics, outlier detection, the log line's ending): one per
+    /// request.
+    pub active: ActiveRequest,
+    /// The answering member in the request's snapshot.
+    pub place: Place,
 }
 
 /// Token accounting for one response: the admission to reconcile and the
@@ -317,7 +318,7 @@ impl ProxiedBody {
         sse: bool,
         first_byte_timeout: std::time::Duration,
         accounting: Option<Accounting>,
-        reporter: Option<MidStreamReporter>,
+        answered_by: AnsweredBy,
     ) -> Self {
         let first_event = sse.then(|| {
             (
@@ -334,9 +335,10 @@ impl ProxiedBody {
             sse,
             finished: false,
             accounting,
-            reporter,
+            answered_by,
+            snapshot: None,
             log: None,
-            own: [None, None],
+            request_id: None,
             redactor: None,
         }
     }
@@ -377,15 +379,25 @@ impl ProxiedBody {
         None
     }
 
-    /// Hands the body its access log line, to write when it ends.
-    pub(crate) fn attach_log(&mut self, log: AccessLog, shared: Arc<Shared>) {
-        self.log = Some((log, shared));
+    /// Hands the body its access log line, to write when it ends, and the
+    /// request's snapshot, where the line and the body find the route and
+    /// the backend that answered.
+    pub(crate) fn attach_log(&mut self, log: AccessLog, snapshot: Option<Arc<Snapshot>>) {
+        self.log = Some(log);
+        self.snapshot = snapshot;
     }
 
     fn emit_log(&mut self, ending: Ending) {
-        if let Some((log, shared)) = self.log.take() {
-            log.emit(&shared.metrics, ending);
+        if let Some(log) = self.log.take() {
+            let metrics = &self.answered_by.active.shared().metrics;
+            log.emit(metrics, self.snapshot.as_deref(), ending);
         }
+    }
+
+    /// The backend's place in the request's route, found in its snapshot
+    /// (`None` only before [`Self::attach_log`]).
+    fn member(&self) -> Option<&Member> {
+        self.snapshot.as_deref()?.member_at(self.answered_by.place)
     }
 
     /// The upstream body ended cleanly: release the backend slot, settle
@@ -411,10 +423,10 @@ impl ProxiedBody {
             }
             None => rest,
         };
-        if let Some((log, _)) = &mut self.log {
+        if let Some(log) = &mut self.log {
             log.usage = usage;
             if !rest.is_empty() {
-                log.first_byte();
+                log.first_byte(self.snapshot.as_deref());
             }
         }
         self.emit_log(Ending::Complete);
@@ -424,13 +436,14 @@ impl ProxiedBody {
     /// Tells outlier detection the backend's answer ended whole, which
     /// starts its failure count over.
     fn report_completed(&self) {
-        if let Some(r) = &self.reporter {
-            outlier::report(
-                r.active.shared(),
-                &r.snapshot,
-                &r.backend,
-                Outcome::Completed,
-            );
+        self.report(Outcome::Completed);
+    }
+
+    /// Reports how the backend's body ended to outlier detection.
+    fn report(&self, outcome: Outcome) {
+        if let (Some(snapshot), Some(member)) = (self.snapshot.as_deref(), self.member()) {
+            let shared = self.answered_by.active.shared();
+            outlier::report(shared, snapshot, &member.backend, outcome);
         }
     }
 
@@ -456,7 +469,7 @@ impl ProxiedBody {
         // charged; the permit returns. A held, unfinished event is dropped
         // with it.
         let usage = self.accounting.take().and_then(Accounting::cut);
-        if let Some((log, _)) = &mut self.log {
+        if let Some(log) = &mut self.log {
             log.usage = usage;
         }
         // The backend's failures count towards outlier detection and
@@ -466,14 +479,15 @@ impl ProxiedBody {
             BodyError::FirstEventTimeout(_) => Some("timeout"),
             BodyError::Timeout => None,
         };
-        if let (Some(kind), Some(r)) = (kind, self.reporter.take()) {
-            outlier::report(r.active.shared(), &r.snapshot, &r.backend, Outcome::Failure);
-            r.active
+        if let (Some(kind), Some(member)) = (kind, self.member()) {
+            self.report(Outcome::Failure);
+            self.answered_by
+                .active
                 .shared()
                 .metrics
                 .upstream_errors
                 .get_or_create(&UpstreamErrorLabels {
-                    backend: r.backend.config.name.clone(),
+                    backend: member.backend.config.name.clone(),
                     kind,
                 })
                 .inc();
@@ -536,8 +550,8 @@ impl Body for ProxiedBody {
                     }
                     if !data.is_empty() {
                         this.first_event = None;
-                        if let Some((log, _)) = &mut this.log {
-                            log.first_byte();
+                        if let Some(log) = &mut this.log {
+                            log.first_byte(this.snapshot.as_deref());
                         }
                     }
                     if this.inner.is_end_stream() {
@@ -602,21 +616,20 @@ impl ProxiedBody {
 
     /// Sets the `x-request-id` the response carries.
     pub(crate) fn set_request_id(&mut self, id: HeaderValue) {
-        self.own[0] = Some(id);
-    }
-
-    /// Sets the `x-weir-backend` the response carries.
-    pub(crate) fn set_backend_name(&mut self, name: HeaderValue) {
-        self.own[1] = Some(name);
+        self.request_id = Some(id);
     }
 
     /// The headers weir sets on the response, kept out of its header map
-    /// (which never holds them for a proxied response).
+    /// (which never holds them for a proxied response): `x-request-id`
+    /// and `x-weir-backend`, the backend's value built once per snapshot
+    /// and read where it is (a clone would be a reference count every
+    /// lane's responses from that backend share).
     pub(crate) fn own_headers(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        let backend = self.member().map(|m| &m.backend.name_header);
         OWN_HEADER_NAMES
             .iter()
-            .zip(&self.own)
-            .filter_map(|(name, value)| Some((name, value.as_ref()?)))
+            .zip([self.request_id.as_ref(), backend])
+            .filter_map(|(name, value)| Some((name, value?)))
     }
 
     /// Whether weir sets a header named `name` (any case) itself.
@@ -705,16 +718,15 @@ impl Drop for ProxiedBody {
         // Still holding the accounting or the log: the client went away
         // before the end.
         if let Some(accounting) = self.accounting.take() {
-            let usage = accounting.abandon(self.reporter.as_ref().map(|r| &*r.backend));
-            if let Some((log, _)) = &mut self.log {
+            let usage = accounting.abandon(self.member().map(|m| &*m.backend));
+            if let Some(log) = &mut self.log {
                 log.usage = usage;
             }
         }
-        let ending = self
-            .log
-            .as_ref()
-            .map_or(Ending::ClientGone, |(_, shared)| shared.gone());
-        self.emit_log(ending);
+        if self.log.is_some() {
+            let ending = self.answered_by.active.shared().gone();
+            self.emit_log(ending);
+        }
     }
 }
 

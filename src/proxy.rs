@@ -26,13 +26,13 @@ use crate::{
         tokens::{self, UsageFilter, UsageTail},
     },
     api::{facts, json_response, ApiError},
-    body::{settle_cut, Accounting, GatewayBody, MidStreamReporter, ProxiedBody, UsageReader},
+    body::{settle_cut, Accounting, AnsweredBy, GatewayBody, ProxiedBody, UsageReader},
     gateway::Shared,
     headers::{self, ClientHeaders, Upstream},
     health::outlier::{self, Outcome},
     jitter,
     metrics::{RetryLabels, UpstreamErrorLabels},
-    snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Snapshot},
+    snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Place, Snapshot},
     upstream::{
         self,
         codec::{self, Name},
@@ -108,12 +108,11 @@ pub(crate) async fn forward(
     let deadline = log.started + server.request_timeout;
     let body = read_body(&head.headers, body, server.max_body_bytes, deadline).await?;
     let facts = facts::parse(&body)?;
-    let Some(route) = snapshot.model(&facts.model) else {
+    let Some((place, route)) = snapshot.route(&facts.model) else {
         log.model = Some(facts.model.clone());
         return Err(ApiError::ModelNotFound(facts.model));
     };
-    log.timings = Some(route.timings.clone());
-    log.counters = Some(route.own_answers.clone());
+    log.place = Some(place);
     let rest = head.uri.path().strip_prefix("/v1").unwrap_or("");
     let estimate = tokens::estimate(&facts, route.config.max_tokens, rest != "/embeddings");
     // The name is the route's from here on (the same string): the client's
@@ -140,6 +139,7 @@ pub(crate) async fn forward(
         shared,
         snapshot,
         route,
+        place,
         rest,
         query: head.uri.query(),
         headers: &upstream_headers,
@@ -202,6 +202,8 @@ struct Exchange<'a> {
     shared: &'a Arc<Shared>,
     snapshot: &'a Arc<Snapshot>,
     route: &'a ModelRoute,
+    /// Where `route` is in `snapshot`.
+    place: Place,
     /// The client's path after `/v1`.
     rest: &'a str,
     query: Option<&'a str>,
@@ -278,10 +280,13 @@ impl<'a> Exchange<'a> {
                     };
                     // Named only when its answer goes to the client: a
                     // 502/504/499 is weir's own answer (`backend=""`).
-                    log.backend = Some(backend.clone());
-                    log.counters = Some(member.requests.clone());
+                    let place = Place {
+                        member: Some(i),
+                        ..self.place
+                    };
+                    log.place = Some(place);
                     let sent = (admitted, active, started);
-                    return Ok(self.respond(response, member, in_flight, sent));
+                    return Ok(self.respond(response, member, place, in_flight, sent));
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                     // Out of rotation for its `Retry-After`, which the
@@ -560,6 +565,7 @@ impl<'a> Exchange<'a> {
         &self,
         response: Response<UpstreamBody>,
         member: &Member,
+        place: Place,
         in_flight: InFlight,
         (admitted, active, sent_at): (Admitted, ActiveRequest, Instant),
     ) -> Response<GatewayBody> {
@@ -610,13 +616,8 @@ impl<'a> Exchange<'a> {
             sse,
             self.first_byte_timeout,
             Some(accounting),
-            Some(MidStreamReporter {
-                active,
-                snapshot: self.snapshot.clone(),
-                backend: member.backend.clone(),
-            }),
+            AnsweredBy { active, place },
         );
-        body.set_backend_name(member.backend.name_header.clone());
         // SPEC "Secrets": an error answer may quote the key weir sent (a
         // 401's "Incorrect API key provided: sk-…"); it reaches the client
         // without it. Its length changes with it.

@@ -41,10 +41,15 @@ use crate::{
 pub struct Snapshot {
     /// The validated configuration this snapshot was built from.
     pub config: Arc<Config>,
-    /// Client model name -> its route. Hashed with foldhash, not SipHash:
-    /// looked up on every request, and its keys come from the config file,
-    /// so a client cannot choose colliding ones.
-    models: HashMap<String, ModelRoute, foldhash::fast::RandomState>,
+    /// Client model name -> its route's index in `routes`. Hashed with
+    /// foldhash, not SipHash: looked up on every request, and its keys come
+    /// from the config file, so a client cannot choose colliding ones.
+    models: HashMap<String, usize, foldhash::fast::RandomState>,
+    /// Every model's route, in config order. A request's log line and
+    /// response body name their route by its index ([`Place`]) and find it
+    /// again through the snapshot they keep, instead of holding handles
+    /// of their own (a reference count each, shared by every lane).
+    routes: Vec<ModelRoute>,
     /// Every configured backend, in file order.
     backends: Vec<Arc<BackendState>>,
     /// The `[limits]` buckets; carried over reloads.
@@ -105,6 +110,18 @@ pub struct ModelRoute {
     pub members: Vec<Member>,
     /// Smooth-WRR selection over `members`' effective weights.
     pub pool: Pool,
+}
+
+/// Where a request was routed in its snapshot: the model's route and,
+/// once a backend's answer goes to the client, that backend's place in the
+/// route's members. Indices into the snapshot the request loaded, which
+/// alone can resolve them ([`Snapshot::route_at`], [`Snapshot::member_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Place {
+    /// The route's index in the snapshot.
+    pub route: usize,
+    /// The answering member's index in the route's `members`.
+    pub member: Option<usize>,
 }
 
 /// A backend's place in one model's pool.
@@ -406,6 +423,7 @@ impl Snapshot {
             backends.push(Arc::new(state));
         }
         let mut models = HashMap::with_capacity_and_hasher(config.models.len(), Default::default());
+        let mut routes = Vec::with_capacity(config.models.len());
         for model in &config.models {
             let serving: Vec<(&Arc<BackendState>, HealthRecord)> = backends
                 .iter()
@@ -431,7 +449,7 @@ impl Snapshot {
                     .filter_map(|(_, h)| h.tokens_per_sec)
                     .collect(),
             );
-            let old = previous.and_then(|p| p.models.get(&model.name));
+            let old = previous.and_then(|p| p.model(&model.name));
             let (members, weights): (Vec<Member>, Vec<u64>) = serving
                 .iter()
                 .map(|(b, h)| {
@@ -477,18 +495,16 @@ impl Snapshot {
                 || metrics.request_counters(&model.name, ""),
                 |o| o.own_answers.clone(),
             );
-            models.insert(
-                model.name.clone(),
-                ModelRoute {
-                    config: model.clone(),
-                    members,
-                    pool,
-                    limits,
-                    tokens,
-                    timings,
-                    own_answers,
-                },
-            );
+            models.insert(model.name.clone(), routes.len());
+            routes.push(ModelRoute {
+                config: model.clone(),
+                members,
+                pool,
+                limits,
+                tokens,
+                timings,
+                own_answers,
+            });
         }
         let models_list = render_models_list(&config);
         let retired = previous.map(|p| p.retire(&config)).unwrap_or_default();
@@ -496,6 +512,7 @@ impl Snapshot {
         Ok(Self {
             config,
             models,
+            routes,
             backends,
             global,
             slots,
@@ -540,7 +557,7 @@ impl Snapshot {
         let dropped = self
             .models
             .iter()
-            .filter_map(|(name, route)| Some((name.clone(), route.limits.retire()?)));
+            .filter_map(|(name, &i)| Some((name.clone(), self.routes.get(i)?.limits.retire()?)));
         self.retired
             .iter()
             .map(|(name, r)| (name.clone(), r.clone()))
@@ -551,7 +568,28 @@ impl Snapshot {
 
     /// The route for a client's model name.
     pub fn model(&self, name: &str) -> Option<&ModelRoute> {
-        self.models.get(name)
+        self.route(name).map(|(_, route)| route)
+    }
+
+    /// The route for a client's model name, with its [`Place`] (no member
+    /// yet).
+    pub(crate) fn route(&self, name: &str) -> Option<(Place, &ModelRoute)> {
+        let &i = self.models.get(name)?;
+        let place = Place {
+            route: i,
+            member: None,
+        };
+        Some((place, self.routes.get(i)?))
+    }
+
+    /// The route `place` names in this snapshot.
+    pub(crate) fn route_at(&self, place: Place) -> Option<&ModelRoute> {
+        self.routes.get(place.route)
+    }
+
+    /// The member `place` names in this snapshot, if it names one.
+    pub(crate) fn member_at(&self, place: Place) -> Option<&Member> {
+        self.route_at(place)?.members.get(place.member?)
     }
 
     /// Every backend, in configuration order.
@@ -570,8 +608,7 @@ impl Snapshot {
             .models
             .iter()
             .filter(|m| {
-                self.models
-                    .get(&m.name)
+                self.model(&m.name)
                     .is_none_or(|r| !r.pool.has_peer_in_rotation())
             })
             .map(|m| m.name.as_str())

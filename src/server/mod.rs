@@ -37,6 +37,7 @@ use crate::{
     headers::{self, ClientHeaders},
     lanes::Lanes,
     proxy,
+    snapshot::Snapshot,
     upstream::codec::Name,
 };
 
@@ -274,7 +275,15 @@ async fn route(
     role: Role,
 ) -> Response<GatewayBody> {
     let request_id = request_id(head.headers.value(Name::RequestId));
-    let mut routing = Routing { log: None, shared };
+    // Loaded once: the whole request sees one routing state. A proxied
+    // response's body takes this one over (`stamp`), so a request costs
+    // one reference count on the snapshot, whose line every lane shares.
+    let snapshot = shared.snapshot.load_full();
+    let mut routing = Routing {
+        log: None,
+        shared,
+        snapshot: &snapshot,
+    };
     let log = routing.log.insert(AccessLog::new(
         request_id.clone(),
         peer,
@@ -282,14 +291,16 @@ async fn route(
         head.uri.clone(),
     ));
     let result = match check_head(&head) {
-        Ok(()) => dispatch(&head, body, shared, peer, role, &request_id, log).await,
+        Ok(()) => dispatch(&head, body, shared, &snapshot, peer, role, &request_id, log).await,
         Err(error) => Err(error),
     };
     let response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    stamp(response, request_id, routing.log.take(), shared)
+    let log = routing.log.take();
+    drop(routing);
+    stamp(response, request_id, log, Some(snapshot), shared)
 }
 
 /// The log line of a request that has no response yet. If the client
@@ -299,13 +310,19 @@ async fn route(
 struct Routing<'a> {
     log: Option<AccessLog>,
     shared: &'a Shared,
+    /// The request's snapshot, where the line finds its route.
+    snapshot: &'a Snapshot,
 }
 
 impl Drop for Routing<'_> {
     fn drop(&mut self) {
         if let Some(mut log) = self.log.take() {
             log.status = CLIENT_CLOSED_REQUEST;
-            log.emit(&self.shared.metrics, self.shared.gone());
+            log.emit(
+                &self.shared.metrics,
+                Some(self.snapshot),
+                self.shared.gone(),
+            );
         }
     }
 }
@@ -334,16 +351,18 @@ fn refuse(
         ),
         None => AccessLog::unparsed(request_id.clone(), peer),
     };
-    stamp(error.into_response(), request_id, Some(log), shared)
+    stamp(error.into_response(), request_id, Some(log), None, shared)
 }
 
 /// Puts `x-request-id` on a response and hands its access log line on:
 /// written now for weir's own answers, by the body when it ends for
-/// proxied ones.
+/// proxied ones, which also takes over the request's `snapshot` (where
+/// its line, `x-weir-backend` and outlier reports find the route).
 fn stamp(
     mut response: Response<GatewayBody>,
     request_id: HeaderValue,
     log: Option<AccessLog>,
+    snapshot: Option<Arc<Snapshot>>,
     shared: &Arc<Shared>,
 ) -> Response<GatewayBody> {
     match response.body_mut() {
@@ -357,17 +376,23 @@ fn stamp(
     if let Some(mut log) = log {
         log.status = response.status().as_u16();
         match response.body_mut() {
-            GatewayBody::Proxied(body) => body.attach_log(log, shared.clone()),
-            GatewayBody::Full(_) => log.emit(&shared.metrics, Ending::Complete),
+            GatewayBody::Proxied(body) => body.attach_log(log, snapshot),
+            GatewayBody::Full(_) => {
+                log.emit(&shared.metrics, snapshot.as_deref(), Ending::Complete)
+            }
         }
     }
     response
 }
 
+// The request's parts as separate borrows: `log` is written while the
+// snapshot and the request id (which the log line also holds) are read.
+#[allow(clippy::too_many_arguments)]
 async fn dispatch(
     req: &ClientHead,
     body: ClientBody,
     shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
     peer: SocketAddr,
     role: Role,
     request_id: &HeaderValue,
@@ -375,8 +400,6 @@ async fn dispatch(
 ) -> Result<Response<GatewayBody>, ApiError> {
     let path = req.uri.path();
     check_path(path)?;
-    // Loaded once: the whole request sees one routing state.
-    let snapshot = shared.snapshot.load_full();
     let public = role != Role::Admin;
     let operator = role != Role::Public;
     match path {
@@ -384,7 +407,7 @@ async fn dispatch(
         "/readyz" => only_get(req).map(|()| admin::readyz(shared)),
         "/metrics" if operator => only_get(req).map(|()| admin::metrics(shared)),
         p if operator && p.starts_with("/admin/") => {
-            admin::authorize(&req.headers, peer, &snapshot)?;
+            admin::authorize(&req.headers, peer, snapshot)?;
             match p {
                 "/admin/backends" => only_get(req).map(|()| admin::backends(shared)),
                 "/admin/cluster" => only_get(req).map(|()| admin::cluster(shared)),
@@ -398,9 +421,9 @@ async fn dispatch(
             }
         }
         p if public && (p == "/v1" || p.starts_with("/v1/")) => {
-            proxy::authorize(&req.headers, &snapshot)?;
+            proxy::authorize(&req.headers, snapshot)?;
             if req.method == Method::GET || req.method == Method::HEAD {
-                return proxy::models(p, &snapshot);
+                return proxy::models(p, snapshot);
             }
             if req.method != Method::POST {
                 // GET answers only the models routes (elsewhere it is a 404);
@@ -412,7 +435,7 @@ async fn dispatch(
                 ));
             }
             check_forwarded_path(p)?;
-            proxy::forward(req, body, shared, &snapshot, request_id, log).await
+            proxy::forward(req, body, shared, snapshot, request_id, log).await
         }
         _ => Err(unknown(req)),
     }
