@@ -48,6 +48,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::lanes::Padded;
+
 /// The most `period × peers` steps [`Pool::new`] spends on a schedule
 /// (about 10 ms); beyond it the weights are scaled down.
 pub const BUILD_BUDGET: u64 = 1 << 24;
@@ -73,16 +75,10 @@ pub struct Pool {
     schedule: Box<[u32]>,
     /// The next position in `schedule` (modulo its length), per lane:
     /// index `crate::lanes::current()`, slot 0 for threads that are not
-    /// lanes. Never empty.
-    cursors: Box<[Cursor]>,
+    /// lanes. Each is [`Padded`], so a pick on one lane never writes a line
+    /// another lane reads or writes. Never empty.
+    cursors: Box<[Padded<AtomicUsize>]>,
 }
-
-/// One lane's next position in a schedule. Aligned to 128 bytes (two cache
-/// lines, as adjacent-line prefetch pairs them) so that a pick on one lane
-/// never writes a line another lane reads or writes.
-#[derive(Debug)]
-#[repr(align(128))]
-struct Cursor(AtomicUsize);
 
 impl Pool {
     /// A pool over peers with these effective weights (0 = never picked),
@@ -114,7 +110,7 @@ impl Pool {
         let cursors = (0..=lanes)
             .map(|slot| {
                 let offset = slot.saturating_sub(1) * period / lanes;
-                Cursor(AtomicUsize::new(phase.wrapping_add(offset)))
+                Padded(AtomicUsize::new(phase.wrapping_add(offset)))
             })
             .collect();
         Self {

@@ -56,8 +56,10 @@ pub(crate) struct Shared {
     pub rebuild: tokio::sync::Notify,
     /// The probe tasks, one per backend and tier.
     pub probes: std::sync::Mutex<ProbeTasks>,
-    /// Requests between admission and their answer (the retry budget's base).
-    pub active_requests: std::sync::atomic::AtomicU64,
+    /// Requests between admission and their answer (the retry budget's
+    /// base). Per lane (a gauge's slots, never exported): every request
+    /// counts itself in and out, and only a retry reads the sum.
+    pub active_requests: crate::metrics::LaneGauge,
     /// Retries in progress (capped by `retry.budget_percent` of the above).
     pub active_retries: std::sync::atomic::AtomicU64,
     /// `[cluster]`: the Redis link and the shared buckets; fixed at start
@@ -237,7 +239,7 @@ impl Gateway {
                 root: shutdown.child_token(),
                 intervals: None,
             }),
-            active_requests: std::sync::atomic::AtomicU64::new(0),
+            active_requests: crate::metrics::LaneGauge::default(),
             active_retries: std::sync::atomic::AtomicU64::new(0),
             cluster: cluster.clone(),
             cut: std::sync::atomic::AtomicBool::new(false),

@@ -57,6 +57,14 @@ pub(crate) fn current() -> usize {
     LANE.with(Cell::get)
 }
 
+/// A value alone on its cache lines: 128 bytes, since x86 prefetches
+/// lines in pairs and Apple/ARM cores use 128-byte lines (crossbeam's
+/// `CachePadded` uses the same figure). Per-lane state padded so, written
+/// by one lane, never moves a line another lane reads or writes.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub T);
+
 /// Makes the calling thread count as lane `lane` for [`current`], so tests
 /// of per-lane state can write several lanes' slots without starting lanes.
 #[cfg(test)]

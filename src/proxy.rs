@@ -651,7 +651,9 @@ struct RetryPermit<'a>(&'a std::sync::atomic::AtomicU64);
 impl<'a> RetryPermit<'a> {
     fn try_new(shared: &'a Shared, budget_percent: u8) -> Option<Self> {
         use std::sync::atomic::Ordering;
-        let active = shared.active_requests.load(Ordering::Relaxed);
+        // A request counted in on one lane and out on another leaves the
+        // sum exact; read mid-way, it is never taken for less than 0.
+        let active = u64::try_from(shared.active_requests.get()).unwrap_or(0);
         let allowed = (active * u64::from(budget_percent) / 100).max(MIN_RETRY_CONCURRENCY);
         shared
             .active_retries
@@ -677,9 +679,7 @@ pub(crate) struct ActiveRequest(Arc<Shared>);
 
 impl ActiveRequest {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        shared
-            .active_requests
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        shared.active_requests.inc();
         Self(shared)
     }
 
@@ -691,9 +691,7 @@ impl ActiveRequest {
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.0
-            .active_requests
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.active_requests.dec();
     }
 }
 

@@ -27,14 +27,7 @@ use prometheus_client::{
     metrics::{MetricType, TypedMetric},
 };
 
-use crate::lanes;
-
-/// One lane's part of a metric, alone on its cache lines: 128 bytes, since
-/// x86 prefetches lines in pairs and Apple/ARM cores use 128-byte lines
-/// (crossbeam's `CachePadded` uses the same figure).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Padded<T>(T);
+use crate::lanes::{self, Padded};
 
 /// A slot for slot 0 (threads outside the lanes) and one per lane.
 fn slots<T: Default>() -> Arc<[Padded<T>]> {
