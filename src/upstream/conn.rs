@@ -102,6 +102,7 @@ fn recycle(buf: BytesMut) {
 pub(crate) struct PlainClient {
     /// Idle connections, one pool per lane (index [`lanes::current`]): a
     /// socket is only ever used on the thread whose reactor it belongs to.
+    /// Each pool has its cache lines to itself (see [`Pool`]).
     pools: Arc<[Arc<Pool>]>,
     /// The backend's host and port: requests to it share the pool; a
     /// request elsewhere gets a connection of its own.
