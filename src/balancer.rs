@@ -1,5 +1,5 @@
 //! Smooth weighted round-robin, as nginx's `ngx_http_upstream_round_robin.c`,
-//! precomputed once per snapshot and walked with an atomic counter per lane.
+//! precomputed once per snapshot and walked with an atomic counter.
 //!
 //! nginx's pick adds every eligible peer's effective weight to its `current`,
 //! takes the peer with the largest `current` and subtracts the round's total
@@ -13,14 +13,6 @@
 //! walk it with an atomic counter; measure both" — `benches/balancer.rs`:
 //! the mutex and the O(n) pass cost 1.66 µs at 1000 peers, the walk a few
 //! nanoseconds at any size).
-//!
-//! Each lane (`crate::lanes`) walks the period with a cursor of its own,
-//! alone on its cache line: one counter shared by both lanes of a 2-CPU
-//! machine moved its line between the CPUs on every pick. The lanes start
-//! spread evenly over the period, so two lanes do not pick the same peer in
-//! lockstep, and each walks nginx's exact sequence, so every lane's picks
-//! (and therefore all of them) keep the weights' proportions. Threads that
-//! are not lanes (tests, benches) share slot 0.
 //!
 //! Which peers are eligible (saturated, already tried in this request) is
 //! decided by the caller through a predicate. An ineligible peer's turns
@@ -73,51 +65,36 @@ pub struct Pool {
     /// One period of picks: peer indices, each appearing `weight` times
     /// (after the gcd reduction and any scaling).
     schedule: Box<[u32]>,
-    /// The next position in `schedule` (modulo its length), per lane:
-    /// index `crate::lanes::current()`, slot 0 for threads that are not
-    /// lanes. Each is [`Padded`], so a pick on one lane never writes a line
-    /// another lane reads or writes. Never empty.
-    cursors: Box<[Padded<AtomicUsize>]>,
+    /// The next position in `schedule` (modulo its length). One for every
+    /// lane, so that picks follow nginx's sequence whichever lane a request
+    /// is on ("interleaved, not bunched": per-lane cursors bunch picks
+    /// when consecutive requests land on different lanes). On a line of its
+    /// own, so the picks' writes do not evict the pool's read-only fields
+    /// from the other lanes' caches.
+    next: Padded<AtomicUsize>,
 }
 
 impl Pool {
     /// A pool over peers with these effective weights (0 = never picked),
     /// starting at a random point of its period.
     pub fn new(weights: Vec<u64>) -> Self {
-        Self::build(weights, None, crate::lanes::count())
+        let pool = Self::starting_at(weights, 0);
+        if !pool.schedule.is_empty() {
+            let phase = rand::random_range(0..pool.schedule.len());
+            pool.next.0.store(phase, Ordering::Relaxed);
+        }
+        pool
     }
 
-    /// A pool whose first pick is `phase` picks into the period on a thread
-    /// that is not a lane (tests and benches want a known sequence); lane
-    /// *k* of *n* starts `(k - 1) / n` of the period further on.
+    /// A pool whose first pick is `phase` picks into the period (tests and
+    /// benches want a known sequence).
     pub fn starting_at(weights: Vec<u64>, phase: usize) -> Self {
-        Self::build(weights, Some(phase), crate::lanes::count())
-    }
-
-    /// A pool with cursors for `lanes` lanes (at least 1), starting at
-    /// `phase`, or at a random point of the period without one.
-    fn build(weights: Vec<u64>, phase: Option<usize>, lanes: usize) -> Self {
         let schedule = schedule(&weights);
-        let lanes = lanes.max(1);
-        let period = schedule.len();
-        let phase = phase.unwrap_or_else(|| {
-            if period == 0 {
-                0
-            } else {
-                rand::random_range(0..period)
-            }
-        });
-        let cursors = (0..=lanes)
-            .map(|slot| {
-                let offset = slot.saturating_sub(1) * period / lanes;
-                Padded(AtomicUsize::new(phase.wrapping_add(offset)))
-            })
-            .collect();
         Self {
             live: weights.iter().filter(|&&w| w > 0).count(),
             weights: weights.into_boxed_slice(),
             schedule,
-            cursors,
+            next: Padded(AtomicUsize::new(phase)),
         }
     }
 
@@ -148,14 +125,7 @@ impl Pool {
     /// peer's turn is passed over, so the walk is at most one period long
     /// (it ends at the first eligible peer); when no peer is eligible it
     /// ends after as many turns as there are peers in rotation.
-    pub fn pick(&self, eligible: impl FnMut(usize) -> bool) -> Option<usize> {
-        self.pick_in(crate::lanes::current(), eligible)
-    }
-
-    /// [`Pool::pick`] with the cursor of `slot` (a lane; clamped to the
-    /// last slot, which only a lane started after the pool could exceed).
-    fn pick_in(&self, slot: usize, mut eligible: impl FnMut(usize) -> bool) -> Option<usize> {
-        let next = self.cursor(slot);
+    pub fn pick(&self, mut eligible: impl FnMut(usize) -> bool) -> Option<usize> {
         let len = self.schedule.len();
         for look in 1..=len {
             // Each look takes the next turn of the shared sequence, so an
@@ -164,7 +134,7 @@ impl Pool {
             // it" instead would hand all of them to whichever peer follows
             // it). Relaxed: the counter only spreads picks; it orders no
             // other memory.
-            let turn = next.fetch_add(1, Ordering::Relaxed) % len;
+            let turn = self.next.0.fetch_add(1, Ordering::Relaxed) % len;
             let peer = self.schedule.get(turn).map(|&i| i as usize);
             if let Some(i) = peer.filter(|&i| eligible(i)) {
                 return Some(i);
@@ -176,13 +146,6 @@ impl Pool {
             }
         }
         None
-    }
-
-    /// The cursor of `slot`, clamped to the slots there are.
-    fn cursor(&self, slot: usize) -> &AtomicUsize {
-        let last = self.cursors.len().saturating_sub(1);
-        // `cursors` holds at least slot 0 and lane 1 (see `starting_at`).
-        &self.cursors[slot.min(last)].0
     }
 
     /// Whether some peer in rotation is eligible.
@@ -313,50 +276,14 @@ mod tests {
         let pool = Pool::starting_at(vec![999, 1000, 1001, 0], 0);
         assert_eq!(pool.schedule.len(), 3000);
         assert_eq!(pool.pick(|_| false), None);
-        assert_eq!(pool.cursor(0).load(Ordering::Relaxed), 3, "turns taken");
+        assert_eq!(pool.next.0.load(Ordering::Relaxed), 3, "turns taken");
         // One eligible peer is still found, however far its turn is.
         assert_eq!(pool.pick(|i| i == 2), Some(2));
-        let before = pool.cursor(0).load(Ordering::Relaxed);
+        let before = pool.next.0.load(Ordering::Relaxed);
         for _ in 0..100 {
             assert_eq!(pool.pick(|i| i == 0), Some(0));
         }
-        assert!(pool.cursor(0).load(Ordering::Relaxed) - before < 100 * 4);
-    }
-
-    #[test]
-    fn each_lane_walks_the_whole_sequence_from_its_own_phase() {
-        let weights = vec![5, 1, 1];
-        let lanes = 3;
-        let pool = Pool::build(weights.clone(), Some(0), lanes);
-        let period = pool.schedule.len();
-        let nginx = [0, 0, 1, 0, 2, 0, 0];
-        for lane in 1..=lanes {
-            // Lanes are spread evenly over the period...
-            let start = (lane - 1) * period / lanes;
-            let picks: Vec<usize> = (0..14)
-                .filter_map(|_| pool.pick_in(lane, |_| true))
-                .collect();
-            // ...and each walks nginx's sequence from there, so each
-            // keeps the weights' shares on its own.
-            let expected: Vec<usize> = (start..start + 14).map(|t| nginx[t % 7]).collect();
-            assert_eq!(picks, expected, "lane {lane}");
-        }
-        // Lanes never disturb slot 0's sequence, nor one another's.
-        assert_eq!(sequence(&weights, 7), nginx);
-        assert_eq!(pool.pick_in(0, |_| true), Some(0));
-        // A lane beyond the slots (none exists) shares the last one.
-        assert_eq!(
-            pool.cursor(lanes + 5) as *const _,
-            pool.cursor(lanes) as *const _
-        );
-    }
-
-    #[test]
-    fn two_lanes_of_two_equal_peers_start_on_different_peers() {
-        let pool = Pool::build(vec![1, 1], Some(0), 2);
-        for _ in 0..5 {
-            assert_ne!(pool.pick_in(1, |_| true), pool.pick_in(2, |_| true));
-        }
+        assert!(pool.next.0.load(Ordering::Relaxed) - before < 100 * 4);
     }
 
     #[test]
