@@ -8,8 +8,10 @@
 //! over. A connection accepted by weir is instead handed, whole, to one
 //! lane; its requests, its upstream connections (the pools are per lane,
 //! see [`current`]) and their timers all live on that lane's thread, so no
-//! hop between threads happens on the request path. Lanes share everything
-//! else (snapshot, buckets, metrics) through the same atomics as before.
+//! hop between threads happens on the request path. Lanes share the rest
+//! (snapshot, buckets, the balancer's cursor) through atomics; what every
+//! request writes and nothing needs exact at once (metrics, the retry
+//! budget's count) is kept per lane, on lines of its own ([`Padded`]).
 //!
 //! The rest of weir (accept loops, admin listener, health probes, reloads)
 //! stays on the main runtime, whose thread is lane 0 for [`current`].
