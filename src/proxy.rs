@@ -456,18 +456,18 @@ impl<'a> Exchange<'a> {
     async fn next_backend(&self, tried: &[usize], retrying: bool, log: &mut AccessLog) -> Pick {
         let members = &self.route.members;
         let signal = &self.snapshot.slots;
-        let mut waiting: Option<(WaiterCount<'_>, limiter::QueueSlot)> = None;
-        // The first look registers nothing: registering locks the waiter
-        // list that every lane's requests share, and most requests find a
-        // backend at once.
-        let mut registered = false;
+        // Counted among the waiters from the second look on.
+        let mut counted: Option<WaiterCount<'_>> = None;
+        let mut queued: Option<limiter::QueueSlot> = None;
         loop {
-            // From the second look on, interest is registered before
-            // looking, so a slot freed between the look and the wait still
-            // wakes us.
+            // The first look registers nothing: registering locks the
+            // waiter list that every lane's requests share, and most
+            // requests find a backend at once. From the second look on,
+            // interest is registered before looking, so a slot freed
+            // between the look and the wait still wakes us.
             let notified = signal.notify.notified();
             tokio::pin!(notified);
-            if registered {
+            if counted.is_some() {
                 notified.as_mut().enable();
             }
             let now = retrying.then(Instant::now);
@@ -486,9 +486,13 @@ impl<'a> Exchange<'a> {
                     None => continue,
                 }
             }
-            if !registered {
-                // Every backend looked saturated: look again, registered.
-                registered = true;
+            if counted.is_none() {
+                // Every backend looked saturated: count this request among
+                // the waiters, then look again, registered. A slot given
+                // back after the count wakes us (its release sees the
+                // count); one given back before it shows in the look. Both
+                // sides use sequentially consistent order for this.
+                counted = Some(WaiterCount::new(&signal.waiters));
                 continue;
             }
             let any_left = (0..members.len()).any(|i| {
@@ -499,14 +503,14 @@ impl<'a> Exchange<'a> {
             if !any_left {
                 return Pick::NoneLeft;
             }
-            if waiting.is_none() {
+            if queued.is_none() {
                 let slot =
                     match limiter::queue_or_refuse(&self.route.limits, &self.route.config.name) {
                         Ok(slot) => slot,
                         Err(full) => return Pick::QueueFull(full),
                     };
                 log.wait_starts(Instant::now());
-                waiting = Some((WaiterCount::new(&signal.waiters), slot));
+                queued = Some(slot);
             }
             if tokio::time::timeout_at(self.queue_deadline, notified)
                 .await
@@ -763,7 +767,9 @@ struct WaiterCount<'a>(&'a std::sync::atomic::AtomicUsize);
 
 impl<'a> WaiterCount<'a> {
     fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
-        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        // SeqCst, paired with `InFlight`'s release: either the release sees
+        // this count, or the look that follows sees the slot it gave back.
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Self(count)
     }
 }

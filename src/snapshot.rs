@@ -285,7 +285,9 @@ impl BackendState {
 
     /// Requests in flight to this backend right now.
     pub fn in_flight(&self) -> u32 {
-        self.live.in_flight.load(Ordering::Relaxed)
+        // SeqCst: a waiting pick's look must see a slot given back before
+        // its release read the waiter count (see `InFlight`'s drop).
+        self.live.in_flight.load(Ordering::SeqCst)
     }
 
     /// Whether the backend is at its `max_concurrent`.
@@ -302,7 +304,7 @@ impl BackendState {
         let max = self.config.max_concurrent.map_or(u32::MAX, |m| m.get());
         self.live
             .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
@@ -321,8 +323,11 @@ pub(crate) struct InFlight(Arc<BackendLive>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if self.0.slots.waiters.load(Ordering::Acquire) > 0 {
+        // SeqCst on both, paired with the waiter count's increment: either
+        // this load sees a waiter that counted itself, or that waiter's
+        // next look sees the slot given back here.
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.0.slots.waiters.load(Ordering::SeqCst) > 0 {
             self.0.slots.notify.notify_waiters();
         }
     }
