@@ -31,9 +31,9 @@ use crate::lanes::{self, Padded};
 
 /// The most lane slots a metric has. Each slot costs 128 bytes per
 /// counter (256 per histogram) per labelled series, so on a host with many
-/// CPUs lanes share slots (lane *k* writes slot `(k - 1) % MAX_LANE_SLOTS
-/// + 1`), which keeps a series under 2.2 KB (4.4 KB for a histogram)
-/// while contention stays split 16 ways.
+/// CPUs lanes share slots in turn (lane 17 writes lane 1's slot), which
+/// keeps a series under 2.2 KB (4.4 KB for a histogram) while contention
+/// stays split 16 ways.
 const MAX_LANE_SLOTS: usize = 16;
 
 /// A slot for slot 0 (threads outside the lanes) and one per lane, up to
