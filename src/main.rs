@@ -165,6 +165,7 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Logged>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("weir: {e:#}");
             ExitCode::FAILURE
@@ -232,13 +233,31 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    // Handlers first: a signal sent as soon as "weir is serving" is logged
-    // must reach them, not the default action (which would kill weir).
-    let signals = Signals::install()?;
-    let handle = Gateway::new(config).config_path(&path).start().await?;
-    tracing::info!(listen = %handle.addr(), admin = %handle.admin_addr(), "weir is serving");
-    run_until_signalled(handle, signals).await
+    let served = async {
+        // Handlers first: a signal sent as soon as "weir is serving" is
+        // logged must reach them, not the default action (which would kill
+        // weir).
+        let signals = Signals::install()?;
+        let handle = Gateway::new(config).config_path(&path).start().await?;
+        tracing::info!(listen = %handle.addr(), admin = %handle.admin_addr(), "weir is serving");
+        run_until_signalled(handle, signals).await
+    };
+    // With logging up, why weir stops goes to the log in its format (a
+    // JSON log stays all JSON), unless the log would drop it.
+    served.await.map_err(|e| {
+        if tracing::enabled!(tracing::Level::ERROR) {
+            tracing::error!(error = format!("{e:#}"), "weir stopped");
+            anyhow::Error::new(Logged)
+        } else {
+            e
+        }
+    })
 }
+
+/// An error already written to the log, so `main` does not print it again.
+#[derive(Debug, thiserror::Error)]
+#[error("already logged")]
+struct Logged;
 
 /// The signals a running gateway acts on, listened for from the start.
 struct Signals {

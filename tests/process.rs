@@ -173,6 +173,40 @@ fn a_taken_port_is_reported_once_and_exits_one() {
     assert_eq!(err.matches("in use").count(), 1, "{err}");
 }
 
+/// With `log_format = "json"`, why weir stops is a JSON log line too, and
+/// the only place it is said: stderr stays all JSON.
+#[test]
+fn a_fatal_error_under_json_logging_is_one_json_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!("[server]\nlisten = \"{addr}\"\nlog_format = \"json\"\n\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"),
+    );
+    let out = Command::new(BIN)
+        .args(["--config"])
+        .arg(&path)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let fatal: Vec<_> = lines
+        .iter()
+        .filter(|l| l["level"] == "ERROR" && l["message"] == "weir stopped")
+        .collect();
+    assert_eq!(fatal.len(), 1, "{err}");
+    let why = fatal[0]["error"].as_str().unwrap_or_default();
+    assert!(why.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert_eq!(err.matches("in use").count(), 1, "{err}");
+}
+
 #[test]
 fn check_prints_the_resolved_config_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();
