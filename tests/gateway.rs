@@ -603,6 +603,19 @@ async fn hop_by_hop_headers_are_dropped_both_ways() {
 
 #[tokio::test]
 async fn weights_three_to_one_interleave() {
+    three_to_one_interleaves(&[]).await;
+}
+
+/// A new connection per request goes to each lane in turn; picks still
+/// follow one interleaved sequence (one cursor for every lane), not one per
+/// lane, which bunches them when consecutive requests land on different
+/// lanes.
+#[tokio::test]
+async fn weights_interleave_across_lanes_too() {
+    three_to_one_interleaves(&[("connection", "close")]).await;
+}
+
+async fn three_to_one_interleaves(headers: &[(&str, &str)]) {
     let heavy = mock::start(
         MockConfig::default()
             .models(vec![MODEL.into()])
@@ -631,7 +644,7 @@ async fn weights_three_to_one_interleave() {
             "POST",
             gw.addr(),
             "/v1/chat/completions",
-            &[("content-type", "application/json")],
+            &[&[("content-type", "application/json")], headers].concat(),
             chat(MODEL, false),
         )
         .await;
