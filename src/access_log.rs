@@ -14,12 +14,10 @@ use std::{net::SocketAddr, time::Duration};
 use http::{HeaderValue, Method, Uri};
 use tokio::time::Instant;
 
-use std::sync::Arc;
-
 use crate::{
     admission::tokens::Usage,
-    metrics::{LatencyHistogram, Metrics, RequestCounters},
-    snapshot::{Place, Snapshot},
+    metrics::{LatencyHistogram, Metrics},
+    snapshot::{Member, ModelRoute, Place, Snapshot},
 };
 
 /// How a response ended, for the log line.
@@ -162,19 +160,17 @@ impl AccessLog {
 
     /// The model's histograms, when the request named a routed model.
     fn timings<'s>(&self, snapshot: Option<&'s Snapshot>) -> Option<&'s ModelTimings> {
-        Some(&snapshot?.route_at(self.place?)?.timings)
+        Some(&self.route(snapshot)?.timings)
     }
 
-    /// The `weir_requests_total` handles to count this request with: the
-    /// answering backend's, or the model's own-answer ones. A model name
-    /// no route knows is counted as `model=""` (`None` here), so clients
-    /// cannot grow the metric's label set.
-    fn counters<'s>(&self, snapshot: Option<&'s Snapshot>) -> Option<&'s Arc<RequestCounters>> {
-        let (snapshot, place) = (snapshot?, self.place?);
-        match snapshot.member_at(place) {
-            Some(member) => Some(&member.requests),
-            None => Some(&snapshot.route_at(place)?.own_answers),
-        }
+    /// The request's route, when it named a routed model.
+    fn route<'s>(&self, snapshot: Option<&'s Snapshot>) -> Option<&'s ModelRoute> {
+        snapshot?.route_at(self.place?)
+    }
+
+    /// The backend that answered, when one's answer went to the client.
+    fn member<'s>(&self, snapshot: Option<&'s Snapshot>) -> Option<&'s Member> {
+        snapshot?.member_at(self.place?)
     }
 
     /// The first body byte is leaving now; `snapshot` is the request's.
@@ -199,11 +195,15 @@ impl AccessLog {
         if let Some(t) = self.timings(snapshot) {
             t.duration.observe(total.as_secs_f64());
         }
-        let backend = snapshot
-            .zip(self.place)
-            .and_then(|(snapshot, place)| snapshot.member_at(place))
-            .map_or("", |m| m.backend.config.name.as_str());
-        match self.counters(snapshot) {
+        let member = self.member(snapshot);
+        // Counted under the answering backend, or as the model's own
+        // answer. A model name no route knows is counted as `model=""`,
+        // so clients cannot grow the metric's label set.
+        let counters = match member {
+            Some(member) => Some(&member.requests),
+            None => self.route(snapshot).map(|r| &r.own_answers),
+        };
+        match counters {
             Some(counters) => counters.inc(self.status),
             None if self.model.is_some() => metrics.unknown_model_requests.inc(self.status),
             None => {}
@@ -218,7 +218,7 @@ impl AccessLog {
             path = self.uri.as_ref().map_or("-", Uri::path),
             status = self.status,
             model = logged_model(self.model.as_deref().unwrap_or("")),
-            backend,
+            backend = member.map_or("", |m| m.backend.config.name.as_str()),
             attempts = self.attempts,
             queue_ms = ms(self.queued),
             ttfb_ms = self.ttfb.map(ms),
@@ -302,7 +302,7 @@ mod tests {
             [[backends]]\nname = \"b2\"\nurl = \"http://127.0.0.1:2/v1\"\nmodels = [\"n\"]\n";
         let config = crate::config::Config::parse(toml, "t.toml", &|_| None).unwrap();
         let metrics = Metrics::new();
-        let snapshot = Snapshot::build(Arc::new(config), None, &metrics).unwrap();
+        let snapshot = Snapshot::build(std::sync::Arc::new(config), None, &metrics).unwrap();
         let (place, route) = snapshot.route("n").unwrap();
         assert_eq!(route.config.name, "n");
         let b2 = Place {

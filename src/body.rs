@@ -405,7 +405,7 @@ impl ProxiedBody {
     fn end(&mut self) -> Bytes {
         self.finished = true;
         self.in_flight = None;
-        self.report_completed();
+        self.report(Outcome::Completed);
         let (rest, usage) = match self.accounting.take() {
             Some(mut accounting) => {
                 let rest = match &mut accounting.reader {
@@ -433,13 +433,8 @@ impl ProxiedBody {
         rest
     }
 
-    /// Tells outlier detection the backend's answer ended whole, which
-    /// starts its failure count over.
-    fn report_completed(&self) {
-        self.report(Outcome::Completed);
-    }
-
-    /// Reports how the backend's body ended to outlier detection.
+    /// Reports how the backend's body ended to outlier detection (ended
+    /// whole, `Completed`, starts its failure count over).
     fn report(&self, outcome: Outcome) {
         if let (Some(snapshot), Some(member)) = (self.snapshot.as_deref(), self.member()) {
             let shared = self.answered_by.active.shared();
@@ -713,7 +708,7 @@ impl Drop for ProxiedBody {
         // backend whose answers clients often stop would be ejected for
         // failures that were not consecutive).
         if !self.finished {
-            self.report_completed();
+            self.report(Outcome::Completed);
         }
         // Still holding the accounting or the log: the client went away
         // before the end.
