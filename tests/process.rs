@@ -151,15 +151,15 @@ fn weir_config_names_the_file_and_empty_means_unset() {
     );
 }
 
-/// A taken port stops start-up with exit 1 and says why once.
-#[test]
-fn a_taken_port_is_reported_once_and_exits_one() {
+/// Starts weir on a port something else holds, with `server_extra` in its
+/// `[server]` table, and waits for it to exit: the address and its output.
+fn start_on_a_taken_port(server_extra: &str) -> (std::net::SocketAddr, std::process::Output) {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         &dir,
-        &format!("[server]\nlisten = \"{addr}\"\n\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"),
+        &format!("[server]\nlisten = \"{addr}\"\n{server_extra}\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"),
     );
     let out = Command::new(BIN)
         .args(["--config"])
@@ -167,6 +167,13 @@ fn a_taken_port_is_reported_once_and_exits_one() {
         .env("RUST_LOG", "error")
         .output()
         .unwrap();
+    (addr, out)
+}
+
+/// A taken port stops start-up with exit 1 and says why once.
+#[test]
+fn a_taken_port_is_reported_once_and_exits_one() {
+    let (addr, out) = start_on_a_taken_port("");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
@@ -177,19 +184,7 @@ fn a_taken_port_is_reported_once_and_exits_one() {
 /// the only place it is said: stderr stays all JSON.
 #[test]
 fn a_fatal_error_under_json_logging_is_one_json_line() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        &dir,
-        &format!("[server]\nlisten = \"{addr}\"\nlog_format = \"json\"\n\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"),
-    );
-    let out = Command::new(BIN)
-        .args(["--config"])
-        .arg(&path)
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
+    let (addr, out) = start_on_a_taken_port("log_format = \"json\"\n");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<serde_json::Value> = err
