@@ -146,6 +146,21 @@ return200_block() { # port
     }"
 }
 
+# nginx proxying SSE streams: as proxy_block, but unbuffered, so each chunk
+# goes on to the client as it arrives, as an SSE proxy must.
+stream_proxy_block() { # listen-port upstream-port
+    echo "upstream mock { server 127.0.0.1:$2; keepalive 64; }
+    server {
+        listen 127.0.0.1:$1;
+        location / {
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_buffering off;
+        }
+    }"
+}
+
 # nginx as the reverse proxy weir is compared with: HTTP/1.1 keep-alive to
 # the upstream, 64 idle connections kept (nginx_conf's http block).
 proxy_block() { # listen-port upstream-port

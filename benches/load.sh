@@ -3,7 +3,8 @@
 # upstream (nginx `return 200`) hit directly, through nginx as a reverse proxy
 # and through weir, with wrk at 1 and 32 connections; then time to first byte
 # of streamed completions from `weir mock`, directly and through weir, at 1
-# and 256 concurrent streams. One command:
+# and 256 concurrent streams, with nginx (`proxy_buffering off`) in front of
+# the same mock beside it for comparison. One command:
 #
 #   benches/load.sh
 #
@@ -15,7 +16,8 @@
 #              tables then give each figure's median over the rounds, the
 #              order of the targets alternates from round to round, and a
 #              per-round weir/nginx table shows the spread
-#   BASE_PORT  first of the 5 loopback ports used (default 18081)
+#   BASE_PORT  first loopback port (default 18081); uses BASE_PORT to +3
+#              and +6
 #   KEEP=1     keep the temp dir (configs, logs) for inspection
 #   CLUSTER=1  also run a second weir with [cluster] (the same limits shared
 #              through a local redis-server, installed if missing) and time
@@ -33,6 +35,7 @@ WEIR_PORT=$((BASE_PORT + 2))     # weir -> upstream (and -> mock for streams)
 MOCK_PORT=$((BASE_PORT + 3))     # weir mock, paced SSE streams
 REDIS_PORT=$((BASE_PORT + 4))    # CLUSTER=1: redis-server
 CLUSTER_PORT=$((BASE_PORT + 5))  # CLUSTER=1: weir with [cluster]
+NGINX_STREAM_PORT=$((BASE_PORT + 6)) # nginx reverse proxy -> mock, unbuffered
 CLUSTER=${CLUSTER:-0}
 MODEL=bench-model
 STREAM_MODEL=mock-model
@@ -49,7 +52,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge 2048 ] \
     || die "open-files limit $(ulimit -n) is below 2048"
 
-PORTS="$UP_PORT $NGINX_PORT $WEIR_PORT $MOCK_PORT"
+PORTS="$UP_PORT $NGINX_PORT $WEIR_PORT $MOCK_PORT $NGINX_STREAM_PORT"
 [ "$CLUSTER" != 1 ] || PORTS="$PORTS $REDIS_PORT $CLUSTER_PORT"
 for port in $PORTS; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -64,7 +67,10 @@ chmod 755 "$DIR"
 
 start_nginx upstream "$(return200_block "$UP_PORT")" "$UP_PORT"
 
-start_nginx nginx "$(proxy_block "$NGINX_PORT" "$UP_PORT")" "$NGINX_PORT"
+# The same nginx also streams from the mock on NGINX_STREAM_PORT, unbuffered
+# as an SSE proxy must be, for the time-to-first-byte comparison.
+start_nginx nginx "$(proxy_block "$NGINX_PORT" "$UP_PORT")
+$(stream_proxy_block "$NGINX_STREAM_PORT" "$MOCK_PORT")" "$NGINX_PORT"
 
 "$WEIR_BIN" mock --listen "127.0.0.1:$MOCK_PORT" --models "$STREAM_MODEL" \
     --tokens-per-sec 50 --chunks 20 --no-record >"$DIR/mock.log" 2>&1 &
@@ -198,7 +204,7 @@ echo "|---|---|---|---|---|---|---|---|"
 declare -A T
 for spec in "1 20" "256 3"; do
     read -r conc rounds <<<"$spec"
-    for t in direct:$MOCK_PORT weir:$WEIR_PORT; do
+    for t in direct:$MOCK_PORT nginx:$NGINX_STREAM_PORT weir:$WEIR_PORT; do
         res=$(python3 benches/ttfb.py 127.0.0.1 "${t#*:}" "$STREAM_MODEL" "$conc" "$rounds")
         T[${t%%:*}-$conc]=$res
         read -r n med p90 p99 max err <<<"$res"
@@ -208,8 +214,10 @@ done
 echo
 for conc in 1 256; do
     read -r _ dmed _ dp99 _ _ <<<"${T[direct-$conc]}"
-    read -r _ wmed _ wp99 _ _ <<<"${T[weir-$conc]}"
-    awk -v c="$conc" -v d="$dmed" -v w="$wmed" -v d9="$dp99" -v w9="$wp99" \
-        'BEGIN { printf "TTFB overhead at %s streams: median %+.2f ms, p99 %+.2f ms\n", c, w - d, w9 - d9 }'
+    for proxy in weir nginx; do
+        read -r _ wmed _ wp99 _ _ <<<"${T[$proxy-$conc]}"
+        awk -v c="$conc" -v p="$proxy" -v d="$dmed" -v w="$wmed" -v d9="$dp99" -v w9="$wp99" \
+            'BEGIN { printf "TTFB overhead at %s streams, %s: median %+.2f ms, p99 %+.2f ms\n", c, p, w - d, w9 - d9 }'
+    done
 done
 echo "weir RSS after streams: $(rss)"
