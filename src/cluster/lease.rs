@@ -28,16 +28,25 @@
 //!
 //! While Redis is unreachable, every decision goes to a local [`Bucket`] at
 //! this replica's share: rate and capacity divided by the replicas last
-//! seen. Its level follows the Redis bucket's share at every top-up, and on
-//! the way down it also receives the lease, so a replica continues from
-//! where the cluster was instead of from a fresh burst.
+//! seen. Its level never exceeds this replica's share of the level Redis
+//! last reported (every answer lowers it to that share when it is above; an
+//! answer never raises it), less what the fallback itself admitted since;
+//! on the way down it also receives the lease. So a replica continues from
+//! where the cluster was instead of from a fresh burst, and what the
+//! fallback admits while Redis is merely slow is not handed out again.
+//!
+//! A request the fallback admits while Redis is still up (its reservation
+//! timed out) is charged in Redis: the reservation that timed out stands if
+//! Redis made it, and is owed (charged at the next top-up) if Redis
+//! refused it. Only a reservation whose request the fallback refused, or
+//! whose client left, is given back.
 //!
 //! [`try_reserve`]: SharedBucket::try_reserve
 //! [`reserve_slow`]: SharedBucket::reserve_slow
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, PoisonError,
     },
     time::Duration,
@@ -246,6 +255,9 @@ impl SharedBucket {
         let epoch = self.link.epoch();
         let (answer, answered_rx) = tokio::sync::oneshot::channel();
         let bucket = Arc::clone(self);
+        // Set when the fallback admits the request because Redis was slow.
+        let decided = Arc::new(AtomicBool::new(false));
+        let admitted_locally = Arc::clone(&decided);
         tokio::spawn(async move {
             let params = bucket.params();
             let mut conn = bucket.link.conn.clone();
@@ -257,24 +269,37 @@ impl SharedBucket {
             let Ok(outcome) = tokio::time::timeout(ORPHAN_CALL_LIMIT, call).await else {
                 return;
             };
-            if let Err(Ok(Reserved::Taken { .. })) = answer.send(outcome) {
-                // Nobody listens any more: what Redis took goes back.
-                bucket.refund_taken(n, Tick::from(Instant::now()), epoch);
+            if let Err(unread) = answer.send(outcome) {
+                // Nobody listens any more: settle what Redis did.
+                let admitted = admitted_locally.load(Ordering::Acquire);
+                bucket.settle_unread(n, epoch, &unread, admitted);
             }
         });
         let mut slot = AnswerSlot {
             rx: answered_rx,
             unread: Some((self.clone(), n, epoch)),
+            admitted_locally: decided,
         };
-        let outcome = tokio::time::timeout(SLOW_PATH_TIMEOUT, &mut slot.rx).await;
-        if outcome.is_ok() {
-            slot.unread = None;
-        }
+        let outcome = match tokio::time::timeout(SLOW_PATH_TIMEOUT, &mut slot.rx).await {
+            Ok(outcome) => {
+                slot.unread = None;
+                outcome
+            }
+            Err(_elapsed) => {
+                self.link.failed("slow path timed out");
+                let decided = self.reserve_fallback(n, now, max_wait);
+                // Recorded before the slot goes, so an answer that lands
+                // from now on knows the request was admitted without it.
+                slot.admitted_locally
+                    .store(decided.is_ok(), Ordering::Release);
+                return decided;
+            }
+        };
         drop(slot);
         let answered = Tick::from(Instant::now());
         let capacity = self.capacity();
         match outcome {
-            Ok(Ok(Ok(Reserved::Taken { wait, report }))) => {
+            Ok(Ok(Reserved::Taken { wait, report })) => {
                 self.store_report(report, answered);
                 self.follow_level(report.remaining, answered);
                 // Redis counted the wait from its own "now", which is after
@@ -286,28 +311,51 @@ impl SharedBucket {
                 };
                 Ok((wait, (capacity, report.remaining, report.reset)))
             }
-            Ok(Ok(Ok(Reserved::WouldWait { wait, report }))) => {
+            Ok(Ok(Reserved::WouldWait { wait, report })) => {
                 self.store_report(report, answered);
                 self.follow_level(report.remaining, answered);
                 Err(ReserveError::WouldWait { wait })
             }
-            Ok(Ok(Ok(Reserved::TooLarge))) => Err(ReserveError::TooLarge {
+            Ok(Ok(Reserved::TooLarge)) => Err(ReserveError::TooLarge {
                 capacity: self.capacity(),
             }),
-            Ok(Ok(Err(error))) => {
+            Ok(Err(error)) => {
                 self.link.failed(&error.to_string());
                 self.reserve_fallback(n, now, max_wait)
             }
             // The call gave up after `ORPHAN_CALL_LIMIT` (never within
             // `SLOW_PATH_TIMEOUT`), or the runtime is stopping.
-            Ok(Err(_gone)) => {
+            Err(_gone) => {
                 self.link.failed("slow path abandoned");
                 self.reserve_fallback(n, now, max_wait)
             }
-            Err(_elapsed) => {
-                self.link.failed("slow path timed out");
-                self.reserve_fallback(n, now, max_wait)
+        }
+    }
+
+    /// Settles a slow-path answer nobody read (it came after its waiter
+    /// timed out or left). If the fallback admitted the request, Redis must
+    /// count it, or the tokens would be spent twice, once locally and once
+    /// again from Redis: a reservation Redis made stands as the request's
+    /// charge, and one it refused is owed (unless the link changed since:
+    /// then the fallback's share accounted for it, as during an outage).
+    /// Otherwise what Redis took goes back to the lease.
+    fn settle_unread(
+        &self,
+        n: u64,
+        epoch: u64,
+        answer: &redis::RedisResult<Reserved>,
+        admitted_locally: bool,
+    ) {
+        match answer {
+            Ok(Reserved::Taken { .. }) if !admitted_locally => {
+                self.refund_taken(n, Tick::from(Instant::now()), epoch);
             }
+            Ok(Reserved::WouldWait { .. } | Reserved::TooLarge)
+                if admitted_locally && epoch == self.link.epoch() =>
+            {
+                self.owed.fetch_add(n, Ordering::AcqRel);
+            }
+            _ => {}
         }
     }
 
@@ -475,14 +523,16 @@ impl SharedBucket {
         }
     }
 
-    /// Redis is gone: the fallback continues from this replica's share of
-    /// the last level Redis reported, plus the lease it held (so decisions
-    /// go on from where the cluster was, not from a fresh burst).
+    /// Redis is gone: the fallback continues from where it is (at most this
+    /// replica's share of the last level Redis reported, less what it
+    /// admitted since, while Redis was too slow to answer) plus the lease
+    /// it held, so decisions go on from where the cluster was, not from a
+    /// fresh burst, and nothing the fallback already admitted is handed out
+    /// again.
     pub(crate) fn enter_fallback(&self, now: Instant) {
         let lease = self.lease.swap(0, Ordering::AcqRel);
-        let share_of = self.sync_state().share_of.max(1);
-        let level = self.remaining.load(Ordering::Relaxed) / share_of + lease;
-        self.set_fallback_level(level, now);
+        // The fallback registers no waiters: nobody to wake.
+        let _ = self.fallback.refund(lease, now);
     }
 
     /// The replicas alive changed: the fallback's share follows.
@@ -571,20 +621,17 @@ impl SharedBucket {
             .map(|(wait, (_, remaining, reset))| (wait, (capacity, remaining, reset)))
     }
 
-    /// The fallback's level follows this replica's share of the Redis level.
+    /// The fallback's level comes down to this replica's share of the Redis
+    /// level when it is above it. It is never raised: a report may predate
+    /// requests the fallback admitted while Redis was slow (their charges
+    /// still on the way), and raising it would hand those tokens out again.
+    /// The fallback refills at its own share of the rate meanwhile.
     fn follow_level(&self, remaining: u64, now: impl Into<Tick> + Copy) {
         let share_of = self.sync_state().share_of.max(1);
-        self.set_fallback_level(remaining / share_of, now);
-    }
-
-    /// Moves the fallback's level to `level` whole tokens (clamped to its
-    /// capacity by the bucket itself).
-    fn set_fallback_level(&self, level: u64, now: impl Into<Tick> + Copy) {
+        let level = remaining / share_of;
         let current = self.fallback.remaining(now);
         if level < current {
             self.fallback.charge(current - level, now);
-        } else if level > current {
-            let _ = self.fallback.refund(level - current, now);
         }
     }
 
@@ -620,19 +667,23 @@ impl SharedBucket {
 
 /// The waiter's end of a slow-path call. Dropped with an answer it never
 /// read (Redis answered just as the waiter timed out or its client left),
-/// it gives the tokens Redis took back, as the call's task does when the
-/// waiter is already gone.
+/// it settles it as the call's task does when the waiter is already gone
+/// (`SharedBucket::settle_unread`).
 struct AnswerSlot {
     rx: tokio::sync::oneshot::Receiver<redis::RedisResult<Reserved>>,
     /// The bucket, the tokens asked for and the link's epoch, until read.
     unread: Option<(Arc<SharedBucket>, u64, u64)>,
+    /// Whether the fallback admitted the request when Redis was too slow;
+    /// shared with the call's task.
+    admitted_locally: Arc<AtomicBool>,
 }
 
 impl Drop for AnswerSlot {
     fn drop(&mut self) {
         if let Some((bucket, n, epoch)) = self.unread.take() {
-            if let Ok(Ok(Reserved::Taken { .. })) = self.rx.try_recv() {
-                bucket.refund_taken(n, Tick::from(Instant::now()), epoch);
+            if let Ok(answer) = self.rx.try_recv() {
+                let admitted = self.admitted_locally.load(Ordering::Acquire);
+                bucket.settle_unread(n, epoch, &answer, admitted);
             }
         }
     }
@@ -665,6 +716,16 @@ mod tests {
 
     use super::*;
     use crate::cluster::test_redis::TestRedis;
+
+    /// A link marked up that never connects, and a 6000/min bucket of 6000
+    /// on it.
+    fn bucket_on_an_up_link(now: Instant) -> (Arc<Link>, SharedBucket) {
+        let link = link();
+        link.set_up(true);
+        let bucket = SharedBucket::new("k".to_owned(), link.clone(), 6000, 6000, now)
+            .expect("exact in Redis");
+        (link, bucket)
+    }
 
     /// A link that never connects (the connection is lazy and unused).
     fn link() -> Arc<Link> {
@@ -710,12 +771,15 @@ mod tests {
         assert_eq!(bucket.lease.load(Ordering::Acquire), 10);
     }
 
-    /// A slow-path call Redis runs after its waiter stopped listening (the
-    /// waiter timed out and the fallback decided, or its client left)
-    /// still took tokens in Redis: they come back to the lease, so Redis
-    /// being slow for a moment does not leave the cluster under-admitting.
+    /// A slow-path call Redis runs after its waiter stopped listening still
+    /// took tokens in Redis. If the waiter's client left, they come back to
+    /// the lease, so Redis being slow for a moment does not leave the
+    /// cluster under-admitting. If the fallback admitted the request, they
+    /// stay taken: they are that request's charge, and giving them back
+    /// would let the cluster spend them twice (a review saw two replicas
+    /// admit 610 against a burst of 300 behind a 30 ms Redis).
     #[tokio::test]
-    async fn tokens_redis_takes_after_the_waiter_left_come_back() {
+    async fn tokens_redis_takes_after_the_waiter_left_come_back_unless_the_fallback_admitted() {
         let Some(redis) = TestRedis::start() else {
             return;
         };
@@ -753,9 +817,10 @@ mod tests {
         .await;
         assert!(left.is_err(), "still waiting when it left");
         assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
-        // Once Redis runs the held calls, what they took comes back.
+        // Once Redis runs the held calls, what the left client's took comes
+        // back; the admitted one's stays taken.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while bucket.lease.load(Ordering::Acquire) != 1500 {
+        while bucket.lease.load(Ordering::Acquire) != 500 {
             assert!(
                 Instant::now() < deadline,
                 "lease {} after the pause",
@@ -763,5 +828,82 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Returning the lease leaves Redis charged for the admitted request
+        // alone.
+        bucket
+            .sync(Instant::now(), true)
+            .await
+            .expect("Redis answers");
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
+        assert_eq!(bucket.owed.load(Ordering::Acquire), 0);
+        let (_, remaining, _) = bucket.report(Instant::now().into());
+        assert_eq!(remaining, 5000, "1000 of 6000 spent, once");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 0, "nothing more back");
+    }
+
+    /// The fallback's level follows Redis' share down, never up: a report
+    /// may predate what the fallback admitted while Redis was slow. Going
+    /// down, it keeps that level and adds the lease.
+    #[tokio::test]
+    async fn redis_answers_lower_the_fallback_and_never_raise_it() {
+        let now = Instant::now();
+        let (link, bucket) = bucket_on_an_up_link(now);
+        // Redis was too slow: the fallback admitted 1000.
+        assert!(bucket
+            .reserve_fallback(1000, now.into(), Duration::ZERO)
+            .is_ok());
+        assert_eq!(bucket.fallback.remaining(now), 5000);
+        // A report from before that admission reached Redis.
+        bucket.follow_level(6000, now);
+        assert_eq!(bucket.fallback.remaining(now), 5000, "not raised");
+        bucket.follow_level(3000, now);
+        assert_eq!(bucket.fallback.remaining(now), 3000, "lowered");
+        bucket.lease.store(40, Ordering::Release);
+        link.set_up(false);
+        bucket.enter_fallback(now);
+        assert_eq!(
+            bucket.fallback.remaining(now),
+            3040,
+            "its level and the lease"
+        );
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
+    }
+
+    /// An answer nobody read: kept as the charge of a request the fallback
+    /// admitted (owed if Redis refused it), given back otherwise, and never
+    /// owed across a change of the link.
+    #[tokio::test]
+    async fn an_unread_answer_is_settled_by_what_the_fallback_decided() {
+        let (link, bucket) = bucket_on_an_up_link(Instant::now());
+        let report = Report {
+            remaining: 10,
+            reset: Duration::ZERO,
+        };
+        let taken = Ok(Reserved::Taken {
+            wait: Duration::ZERO,
+            report,
+        });
+        let refused = Ok(Reserved::WouldWait {
+            wait: Duration::from_secs(1),
+            report,
+        });
+        let epoch = bucket.epoch();
+        bucket.settle_unread(7, epoch, &taken, true);
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 0, "the charge stands");
+        assert_eq!(bucket.owed.load(Ordering::Acquire), 0);
+        bucket.settle_unread(7, epoch, &refused, true);
+        assert_eq!(bucket.owed.load(Ordering::Acquire), 7, "owed to Redis");
+        bucket.settle_unread(5, epoch, &taken, false);
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 5, "given back");
+        bucket.settle_unread(3, epoch, &refused, false);
+        assert_eq!(bucket.owed.load(Ordering::Acquire), 7, "nothing to settle");
+        link.set_up(false);
+        bucket.settle_unread(7, epoch, &refused, true);
+        assert_eq!(
+            bucket.owed.load(Ordering::Acquire),
+            7,
+            "the fallback's share counted it"
+        );
     }
 }
