@@ -74,8 +74,10 @@ const MAX_HEADERS: usize = 100;
 /// header limit plus the longest request line, as before with hyper.
 const MAX_HEAD_BUFFER: usize = MAX_HEADER_BYTES + MAX_REQUEST_LINE_BYTES;
 
-/// Response bytes gathered before they are written.
-const FLUSH_BYTES: usize = 64 * 1024;
+/// Response bytes gathered before they are written: what a stream whose
+/// client stops reading holds here at most, beside one frame (SPEC: a few
+/// tens of KiB per stream).
+const FLUSH_BYTES: usize = 16 * 1024;
 
 /// Body frames at least this large are written as they are, not copied
 /// into the output buffer.

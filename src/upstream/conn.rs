@@ -42,8 +42,10 @@ use super::{
 /// The first read of a response, and the usual size of later ones.
 const READ_SIZE: usize = 8 * 1024;
 /// Reads grow (doubling while they fill the buffer) up to this size, so a
-/// large body does not take a system call per 8 KiB.
-const MAX_READ_SIZE: usize = 64 * 1024;
+/// large body does not take a system call per 8 KiB. Small, because a
+/// stream whose client stops reading holds about one read's worth here
+/// (SPEC: a few tens of KiB per stream at most).
+const MAX_READ_SIZE: usize = 16 * 1024;
 /// Request bodies up to this size are copied behind the head and sent in
 /// one write; larger ones are written after it.
 const COPY_BODY_MAX: usize = 16 * 1024;
