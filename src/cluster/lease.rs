@@ -253,6 +253,21 @@ impl SharedBucket {
         // Demand outran the lease: top it up now rather than at the period.
         self.link.wake();
         let epoch = self.link.epoch();
+        // What the lease holds pays its part and Redis is asked for the rest
+        // only: a replica whose lease and Redis' level together cover a
+        // request does not refuse it.
+        let from_lease = self
+            .lease
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                Some(held - held.min(n))
+            })
+            .map_or(0, |held| held.min(n));
+        let ask = n - from_lease;
+        if ask == 0 {
+            // A refund came in meanwhile: the lease covers it after all.
+            let lease = self.lease.load(Ordering::Relaxed);
+            return Ok((Duration::ZERO, self.cached_report(lease, now)));
+        }
         let (answer, answered_rx) = tokio::sync::oneshot::channel();
         let bucket = Arc::clone(self);
         // Set when the fallback admits the request because Redis was slow.
@@ -265,24 +280,28 @@ impl SharedBucket {
                 bucket
                     .link
                     .scripts
-                    .reserve(&mut conn, &bucket.key, params, n, max_wait, None);
+                    .reserve(&mut conn, &bucket.key, params, ask, max_wait, None);
             let Ok(outcome) = tokio::time::timeout(ORPHAN_CALL_LIMIT, call).await else {
                 return;
             };
             if let Err(unread) = answer.send(outcome) {
                 // Nobody listens any more: settle what Redis did.
                 let admitted = admitted_locally.load(Ordering::Acquire);
-                bucket.settle_unread(n, epoch, &unread, admitted);
+                bucket.settle_unread(ask, epoch, &unread, admitted);
             }
         });
         let mut slot = AnswerSlot {
             rx: answered_rx,
-            unread: Some((self.clone(), n, epoch)),
+            bucket: self.clone(),
+            ask,
+            epoch,
+            unread: true,
             admitted_locally: decided,
+            from_lease,
         };
         let outcome = match tokio::time::timeout(SLOW_PATH_TIMEOUT, &mut slot.rx).await {
             Ok(outcome) => {
-                slot.unread = None;
+                slot.unread = false;
                 outcome
             }
             Err(_elapsed) => {
@@ -292,14 +311,19 @@ impl SharedBucket {
                 // from now on knows the request was admitted without it.
                 slot.admitted_locally
                     .store(decided.is_ok(), Ordering::Release);
+                if decided.is_ok() {
+                    // Spent: with what Redis is charged for the rest, Redis
+                    // counts the whole request.
+                    slot.from_lease = 0;
+                }
                 return decided;
             }
         };
-        drop(slot);
         let answered = Tick::from(Instant::now());
         let capacity = self.capacity();
         match outcome {
             Ok(Ok(Reserved::Taken { wait, report })) => {
+                slot.from_lease = 0;
                 self.store_report(report, answered);
                 self.follow_level(report.remaining, answered);
                 // Redis counted the wait from its own "now", which is after
@@ -312,6 +336,7 @@ impl SharedBucket {
                 Ok((wait, (capacity, report.remaining, report.reset)))
             }
             Ok(Ok(Reserved::WouldWait { wait, report })) => {
+                // Refused: the slot gives the lease's part back as it goes.
                 self.store_report(report, answered);
                 self.follow_level(report.remaining, answered);
                 Err(ReserveError::WouldWait { wait })
@@ -321,13 +346,13 @@ impl SharedBucket {
             }),
             Ok(Err(error)) => {
                 self.link.failed(&error.to_string());
-                self.reserve_fallback(n, now, max_wait)
+                slot.fallback_decides(n, now, max_wait)
             }
             // The call gave up after `ORPHAN_CALL_LIMIT` (never within
             // `SLOW_PATH_TIMEOUT`), or the runtime is stopping.
             Err(_gone) => {
                 self.link.failed("slow path abandoned");
-                self.reserve_fallback(n, now, max_wait)
+                slot.fallback_decides(n, now, max_wait)
             }
         }
     }
@@ -668,23 +693,52 @@ impl SharedBucket {
 /// The waiter's end of a slow-path call. Dropped with an answer it never
 /// read (Redis answered just as the waiter timed out or its client left),
 /// it settles it as the call's task does when the waiter is already gone
-/// (`SharedBucket::settle_unread`).
+/// (`SharedBucket::settle_unread`); and it gives back the lease's part of
+/// the request unless the request was admitted.
 struct AnswerSlot {
     rx: tokio::sync::oneshot::Receiver<redis::RedisResult<Reserved>>,
-    /// The bucket, the tokens asked for and the link's epoch, until read.
-    unread: Option<(Arc<SharedBucket>, u64, u64)>,
+    bucket: Arc<SharedBucket>,
+    /// The tokens asked of Redis, and the link's epoch then.
+    ask: u64,
+    epoch: u64,
+    /// Whether the answer is still to be read.
+    unread: bool,
     /// Whether the fallback admitted the request when Redis was too slow;
     /// shared with the call's task.
     admitted_locally: Arc<AtomicBool>,
+    /// The tokens the lease paid towards the request; zeroed once spent.
+    from_lease: u64,
+}
+
+impl AnswerSlot {
+    /// Redis failed: the fallback decides the whole request. If it admits,
+    /// the lease's part is spent (Redis lent it).
+    fn fallback_decides(
+        &mut self,
+        n: u64,
+        now: Tick,
+        max_wait: Duration,
+    ) -> Result<(Duration, ReportTriple), ReserveError> {
+        let decided = self.bucket.reserve_fallback(n, now, max_wait);
+        if decided.is_ok() {
+            self.from_lease = 0;
+        }
+        decided
+    }
 }
 
 impl Drop for AnswerSlot {
     fn drop(&mut self) {
-        if let Some((bucket, n, epoch)) = self.unread.take() {
+        if self.unread {
             if let Ok(answer) = self.rx.try_recv() {
                 let admitted = self.admitted_locally.load(Ordering::Acquire);
-                bucket.settle_unread(n, epoch, &answer, admitted);
+                self.bucket
+                    .settle_unread(self.ask, self.epoch, &answer, admitted);
             }
+        }
+        if self.from_lease > 0 {
+            self.bucket
+                .refund_taken(self.from_lease, Tick::from(Instant::now()), self.epoch);
         }
     }
 }
@@ -725,6 +779,31 @@ mod tests {
         let bucket = SharedBucket::new("k".to_owned(), link.clone(), 6000, 6000, now)
             .expect("exact in Redis");
         (link, bucket)
+    }
+
+    /// A shared bucket on a link to `redis` that is up, with weir's own
+    /// response timeout (1 s).
+    async fn bucket_on(
+        redis: &TestRedis,
+        rate_per_minute: u64,
+        capacity: u64,
+    ) -> Arc<SharedBucket> {
+        let client = redis::Client::open(redis.url.as_str()).expect("test URL parses");
+        let config =
+            ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(1)));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .expect("test redis answers");
+        let link = Arc::new(Link::new(conn));
+        link.set_up(true);
+        let bucket = SharedBucket::new(
+            "k".to_owned(),
+            link,
+            rate_per_minute,
+            capacity,
+            Instant::now(),
+        );
+        Arc::new(bucket.expect("exact in Redis"))
     }
 
     /// A link that never connects (the connection is lazy and unused).
@@ -783,20 +862,10 @@ mod tests {
         let Some(redis) = TestRedis::start() else {
             return;
         };
-        // weir's own response timeout (1 s), above the pause below.
-        let client = redis::Client::open(redis.url.as_str()).expect("test URL parses");
-        let config =
-            ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(1)));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .expect("test redis answers");
-        let link = Arc::new(Link::new(conn));
-        link.set_up(true);
         let now = Instant::now();
-        let bucket = Arc::new(
-            SharedBucket::new("k".to_owned(), link.clone(), 6000, 6000, now)
-                .expect("exact in Redis"),
-        );
+        // A bucket of 6000 that refills 1 token/s, so its level reads the
+        // same for a while after the calls ran.
+        let bucket = bucket_on(&redis, 60, 6000).await;
         // Redis holds every client's commands for a while (under the
         // connection's 1 s response timeout).
         let mut admin = redis.connect().await;
@@ -837,9 +906,44 @@ mod tests {
         assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
         assert_eq!(bucket.owed.load(Ordering::Acquire), 0);
         let (_, remaining, _) = bucket.report(Instant::now().into());
-        assert_eq!(remaining, 5000, "1000 of 6000 spent, once");
+        // Plus what refilled since the calls ran (1/s).
+        assert!(
+            (5000..5010).contains(&remaining),
+            "1000 of 6000 spent, once: {remaining}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(bucket.lease.load(Ordering::Acquire), 0, "nothing more back");
+    }
+
+    /// A request the lease cannot cover alone takes what the lease holds and
+    /// asks Redis for the rest only: tokens parked in this replica's lease
+    /// (a refund) do not make it refuse what they and Redis' level cover
+    /// together (a review saw a 429 with `Retry-After: 4` beside a lease of
+    /// 93 and a level of 44, for 117 tokens). A refusal gives the lease's
+    /// part back.
+    #[tokio::test]
+    async fn the_slow_path_spends_the_lease_before_asking_redis() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let now = Instant::now();
+        // Refilling 1 token a minute: the levels below hold still.
+        let bucket = bucket_on(&redis, 1, 1000).await;
+        let drained = bucket.reserve_slow(956, now.into(), Duration::ZERO).await;
+        assert!(drained.is_ok(), "{drained:?}");
+        bucket.lease.store(93, Ordering::Release);
+        let covered = bucket.reserve_slow(117, now.into(), Duration::ZERO).await;
+        let (wait, (_, remaining, _)) = covered.expect("93 held and 44 in Redis cover 117");
+        assert_eq!(wait, Duration::ZERO);
+        assert_eq!(remaining, 20, "Redis gave the other 24");
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
+        bucket.lease.store(10, Ordering::Release);
+        let refused = bucket.reserve_slow(50, now.into(), Duration::ZERO).await;
+        assert!(
+            matches!(refused, Err(ReserveError::WouldWait { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 10, "given back");
     }
 
     /// The fallback's level follows Redis' share down, never up: a report
