@@ -5,7 +5,10 @@
 //! line, logging set-up, and turning signals into calls on the gateway's
 //! [`weir::Handle`] (SIGHUP reloads; SIGTERM/SIGINT shut down gracefully).
 
-use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    future::Future, io::IsTerminal, net::SocketAddr, path::PathBuf, pin::Pin, process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -280,17 +283,33 @@ impl Signals {
 /// requests finish within `shutdown_grace`, and returns. A second SIGTERM
 /// or SIGINT during that wait ends it at once (an operator pressing Ctrl-C
 /// twice means it), cutting what is still in flight, and exits 1.
+///
+/// A reload runs beside the signals, not in their stead: probing a new
+/// backend can take the liveness timeout, and a SIGTERM meanwhile must stop
+/// accepting at once (the shutdown calls the reload off). SIGHUPs that
+/// arrive during a reload are merged into one reload after it, as before.
 async fn run_until_signalled(handle: Handle, signals: Signals) -> anyhow::Result<()> {
     let Signals {
         mut hangup,
         mut terminate,
         mut interrupt,
     } = signals;
+    let mut reloading: Option<Pin<Box<dyn Future<Output = ()> + '_>>> = None;
     loop {
         tokio::select! {
-            _ = hangup.recv() => {
+            _ = hangup.recv(), if reloading.is_none() => {
                 // The outcome is logged by the reload itself.
-                let _ = handle.reload().await;
+                reloading = Some(Box::pin(async {
+                    let _ = handle.reload().await;
+                }));
+            }
+            () = async {
+                match reloading.as_mut() {
+                    Some(reload) => reload.await,
+                    None => std::future::pending().await,
+                }
+            }, if reloading.is_some() => {
+                reloading = None;
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -298,6 +317,8 @@ async fn run_until_signalled(handle: Handle, signals: Signals) -> anyhow::Result
     }
     tracing::info!("shutting down: no new connections; waiting for in-flight requests (signal again to stop now)");
     handle.shutdown();
+    // The shutdown called off a reload still running; its task logs that.
+    drop(reloading);
     let again = async {
         tokio::select! {
             _ = terminate.recv() => {}

@@ -440,3 +440,122 @@ async fn no_secret_in_logs_even_at_trace_level() {
         "the backend key leaked into the logs"
     );
 }
+
+/// Health checks on with a 60 s liveness timeout, every tier hourly.
+const PATIENT_HEALTH: &str = "[health]\nliveness = { interval = \"1h\", timeout = \"60s\" }\nreadiness = { interval = \"1h\" }\ndeep = { interval = \"1h\" }\n";
+
+/// A `weir` process in front of a mock streaming `chunks` chunks at 10 a
+/// second, with `shutdown_grace` set to `grace`, in the middle of a SIGHUP
+/// reload that added a backend which never answers: the reload waits for
+/// that backend's liveness probe (60 s) when this returns.
+async fn weir_reloading_onto_a_hanging_backend(
+    chunks: u32,
+    grace: &str,
+) -> (
+    mock::MockHandle,
+    mock::MockHandle,
+    tempfile::TempDir,
+    Running,
+) {
+    let m1 = mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .tokens_per_sec(10.0)
+            .chunks(chunks),
+    )
+    .await
+    .unwrap();
+    let m2 = mock::start(MockConfig::default().models(vec!["m".into()]).hang(true))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let head = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"{grace}\"\n\n[[models]]\nname = \"m\"\n\n{PATIENT_HEALTH}\n{}",
+        backend("b1", &m1.base_url(), &["m"], 1)
+    );
+    let path = write_config(&dir, &head);
+    let weir = spawn_weir(&path, "info");
+    let with_b2 = format!("{head}{}", backend("b2", &m2.base_url(), &["m"], 1));
+    let tmp = dir.path().join("weir.toml.tmp");
+    std::fs::write(&tmp, with_b2).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    signal(&weir.child, "-HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || !m2.recorded().is_empty()).await,
+        "the reload probes b2: {}",
+        weir.log.lock().unwrap()
+    );
+    (m1, m2, dir, weir)
+}
+
+/// Whether a connection to `addr` is refused (the listener is closed)
+/// within `within`.
+async fn refused_within(addr: std::net::SocketAddr, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// SIGTERM during a reload stuck probing a new backend (timeout 60 s) is
+/// taken at once: the reload is called off, nothing is in flight, and weir
+/// exits 0 long before the probe would have timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_stuck_reload_stops_at_once() {
+    let (_m1, _m2, _dir, mut weir) = weir_reloading_onto_a_hanging_backend(1, "60s").await;
+    // The old config keeps serving while the reload probes.
+    let r = get(weir.addr, "/healthz").await;
+    assert_eq!(r.status, 200);
+    signal(&weir.child, "-TERM");
+    let log = weir.log.clone();
+    let code =
+        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(0), "{}", log.lock().unwrap());
+    let log = log.lock().unwrap().clone();
+    assert!(log.contains("config reload called off"), "{log}");
+    assert!(!log.contains("config reloaded"), "{log}");
+}
+
+/// During a reload stuck probing a new backend, the first SIGINT closes the
+/// listener at once while a stream runs on, and a second one stops weir
+/// (exit 1): neither waits for the probe, and the second is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_a_stuck_reload_exits_one() {
+    // 1,000 chunks at 10/s: far longer than the test.
+    let (m1, _m2, _dir, mut weir) = weir_reloading_onto_a_hanging_backend(1000, "60s").await;
+    let addr = weir.addr;
+    let request = raw_chat(&chat("m", true), "");
+    let stream = tokio::spawn(async move { raw(addr, request, Duration::from_secs(30)).await });
+    // The readiness and deep probes send chats too; this one says hello.
+    assert!(
+        eventually(Duration::from_secs(5), || m1
+            .recorded()
+            .iter()
+            .any(|r| String::from_utf8_lossy(&r.body).contains("Hello there")))
+        .await,
+        "stream started"
+    );
+    signal(&weir.child, "-INT");
+    assert!(
+        refused_within(addr, Duration::from_secs(10)).await,
+        "the listener closed: {}",
+        weir.log.lock().unwrap()
+    );
+    let log = weir.log.clone();
+    assert!(log.lock().unwrap().contains("shutting down"));
+    signal(&weir.child, "-INT");
+    let code =
+        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(1), "{}", log.lock().unwrap());
+    assert!(log.lock().unwrap().contains("second signal"));
+    let s = stream.await.unwrap();
+    assert!(s.closed, "the stream was cut");
+}
