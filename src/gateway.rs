@@ -42,6 +42,11 @@ pub(crate) struct Shared {
     pub env: EnvLookup,
     /// Serialises reloads; never touched by the request path.
     pub reload_lock: tokio::sync::Mutex<()>,
+    /// Cancelled when a shutdown starts: a reload still reading the file or
+    /// probing new backends is called off then, so stopping never waits
+    /// out a probe's timeout (whoever asked, a signal, the watcher or
+    /// `POST /admin/reload`).
+    pub stopping: CancellationToken,
     /// Serialises "load snapshot, build the next, store it" between reloads
     /// and health rebuilds (held for a synchronous build, never across an
     /// await), so neither publishes a stale view over the other.
@@ -145,6 +150,9 @@ pub enum ReloadError {
     /// The reload's task ended before the reload did (weir is stopping).
     #[error("the reload did not finish: {0}")]
     Interrupted(String),
+    /// A shutdown started before the reload changed anything; nothing did.
+    #[error("weir is shutting down; the reload was called off")]
+    ShuttingDown,
 }
 
 /// A gateway to start: a validated config plus where it came from.
@@ -230,6 +238,7 @@ impl Gateway {
             config_path: self.config_path,
             env: self.env,
             reload_lock: tokio::sync::Mutex::new(()),
+            stopping: shutdown.child_token(),
             build_lock: std::sync::Mutex::new(()),
             ejections: std::sync::Mutex::new(()),
             rebuild: tokio::sync::Notify::new(),

@@ -11,7 +11,9 @@
 //! first, while the old snapshot serves, so one that is alive enters
 //! rotation in the same swap that removes the one it replaces. Reloads are serialised by `Shared::reload_lock`, a
 //! FIFO mutex, and each reads the file only once it holds the lock, so the
-//! last reload asked for reads the newest file and wins.
+//! last reload asked for reads the newest file and wins. A shutdown calls
+//! off every reload still waiting, reading or probing (`Shared::stopping`),
+//! so stopping never waits for a probe.
 //!
 //! Settings that only take effect when a listener starts (`listen`,
 //! `admin_listen`, `max_connections`, the connection timeouts, `log_format`,
@@ -41,7 +43,8 @@ use crate::{
 /// backends can take up to the liveness timeout, and an admin client that
 /// hangs up meanwhile (hyper then drops its handler, and this future) must
 /// not call off a reload it asked for. The task is never left running
-/// unobserved for longer than that reload takes.
+/// unobserved for longer than that reload takes, and a shutdown calls it
+/// off (see [`reload_in_turn`]).
 pub(crate) async fn reload(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     tokio::spawn(reload_in_turn(shared.clone()))
         .await
@@ -50,16 +53,31 @@ pub(crate) async fn reload(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadEr
 
 /// Waits for earlier reloads, then reloads, logs and counts the outcome.
 ///
+/// A shutdown that starts while this still waits (for its turn, the file or
+/// the new backends' probes) calls it off, changing nothing: stopping must
+/// not wait out a probe's timeout, and a config swapped in while weir
+/// drains would serve nothing new.
+///
 /// Cancellation-safe (runtime shutdown drops it): the awaits come before
 /// anything changes, and the build-and-store runs without one.
 async fn reload_in_turn(shared: Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     let shared = &shared;
-    let _serialised = shared.reload_lock.lock().await;
-    let result = swap_in(shared).await;
+    let in_turn = async {
+        let _serialised = shared.reload_lock.lock().await;
+        swap_in(shared).await
+    };
+    let result = tokio::select! {
+        result = in_turn => result,
+        () = shared.stopping.cancelled() => Err(ReloadError::ShuttingDown),
+    };
     match &result {
         Ok(changes) => {
             shared.metrics.count_reload("ok");
             tracing::info!(changes = %changes.join("; "), "config reloaded");
+        }
+        Err(ReloadError::ShuttingDown) => {
+            shared.metrics.count_reload("error");
+            tracing::warn!("config reload called off: weir is shutting down; the old config stays");
         }
         Err(e) => {
             shared.metrics.count_reload("error");
@@ -70,6 +88,8 @@ async fn reload_in_turn(shared: Arc<Shared>) -> Result<Vec<String>, ReloadError>
 }
 
 /// Loads, validates, builds and stores; the caller holds `reload_lock`.
+/// Nothing is awaited from the build on, so a caller that drops this (a
+/// shutdown) finds either nothing or everything changed.
 async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     let path = shared
         .config_path

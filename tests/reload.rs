@@ -1112,6 +1112,79 @@ async fn sighup_reloads_the_running_binary() {
     assert_eq!(r.status, 200);
 }
 
+/// Health checks on, every tier hourly, and a liveness timeout (60 s) far
+/// beyond what a test waits: a reload probing a backend that never answers
+/// stays stuck for the whole test.
+fn patient_health() -> &'static str {
+    "[health]\nliveness = { interval = \"1h\", timeout = \"60s\" }\nreadiness = { interval = \"1h\" }\ndeep = { interval = \"1h\" }\n"
+}
+
+/// b1 answering, and b2 that never answers (not in the file yet).
+async fn answering_and_hanging() -> (MockHandle, MockHandle) {
+    (
+        mock_named("b1", MockConfig::default()).await,
+        mock_named("b2", MockConfig::default().hang(true)).await,
+    )
+}
+
+/// A shutdown calls off a `POST /admin/reload` stuck probing a new backend:
+/// the gateway stops without waiting out the probe's timeout, and the
+/// client is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_calls_off_an_admin_reload_stuck_probing() {
+    let (m1, m2) = answering_and_hanging().await;
+    let live = Live::start(&file("", &[("b1", &m1, 1)], patient_health())).await;
+    live.write(&file(
+        "",
+        &[("b1", &m1, 1), ("b2", &m2, 1)],
+        patient_health(),
+    ));
+    let admin = live.gw.admin_addr();
+    let reload = tokio::spawn(async move { post(admin, "/admin/reload", "").await });
+    assert!(
+        eventually(Duration::from_secs(10), || !m2.recorded().is_empty()).await,
+        "the reload probes b2"
+    );
+    let Live { _dir, gw, .. } = live;
+    gw.shutdown();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), gw.wait())
+            .await
+            .is_ok(),
+        "the shutdown waited for the reload's probe"
+    );
+    let r = reload.await.expect("the admin client ran");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("shutting down"), "{}", r.text());
+}
+
+/// The same for a reload `watch_config` started: the watcher's task (which
+/// the gateway waits for) does not hold a shutdown up for the probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_calls_off_a_watched_reload_stuck_probing() {
+    let (m1, m2) = answering_and_hanging().await;
+    let watched = |backends: &[(&str, &MockHandle, u32)]| {
+        format!(
+            "[server]\nwatch_config = true\n\n{}",
+            file("", backends, patient_health())
+        )
+    };
+    let live = Live::start(&watched(&[("b1", &m1, 1)])).await;
+    live.write(&watched(&[("b1", &m1, 1), ("b2", &m2, 1)]));
+    assert!(
+        eventually(Duration::from_secs(10), || !m2.recorded().is_empty()).await,
+        "the watcher's reload probes b2"
+    );
+    let Live { _dir, gw, .. } = live;
+    gw.shutdown();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), gw.wait())
+            .await
+            .is_ok(),
+        "the shutdown waited for the reload's probe"
+    );
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
