@@ -32,7 +32,7 @@ use crate::{
         tokens::{Usage, UsageFilter, UsageTail},
     },
     health::outlier::{self, Outcome},
-    metrics::{TokenCounters, UpstreamErrorLabels},
+    metrics::{FailureKind, TokenCounters},
     proxy::ActiveRequest,
     snapshot::InFlight,
     snapshot::{BackendState, Member, Place, Snapshot},
@@ -470,22 +470,13 @@ impl ProxiedBody {
         // The backend's failures count towards outlier detection and
         // `weir_upstream_errors_total`; weir's own deadline does not.
         let kind = match &error {
-            BodyError::Upstream(_) => Some("protocol"),
-            BodyError::FirstEventTimeout(_) => Some("timeout"),
+            BodyError::Upstream(_) => Some(FailureKind::Protocol),
+            BodyError::FirstEventTimeout(_) => Some(FailureKind::Timeout),
             BodyError::Timeout => None,
         };
         if let (Some(kind), Some(member)) = (kind, self.member()) {
             self.report(Outcome::Failure);
-            self.answered_by
-                .active
-                .shared()
-                .metrics
-                .upstream_errors
-                .get_or_create(&UpstreamErrorLabels {
-                    backend: member.backend.config.name.clone(),
-                    kind,
-                })
-                .inc();
+            member.backend.errors.inc(kind);
         }
         self.emit_log(Ending::UpstreamError);
         if self.sse {

@@ -31,7 +31,7 @@ use crate::{
     headers::{self, ClientHeaders, Upstream},
     health::outlier::{self, Outcome},
     jitter,
-    metrics::{RetryLabels, UpstreamErrorLabels},
+    metrics::FailureKind,
     snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Place, Snapshot},
     upstream::{
         self,
@@ -293,14 +293,14 @@ impl<'a> Exchange<'a> {
                     // retry reads from the backend's live state.
                     let pause = retry_after(&response);
                     self.report(backend, Outcome::RateLimited(pause));
-                    ("status_429", None, Some(response.status()))
+                    (FailureKind::Status429, None, Some(response.status()))
                 }
                 // A 5xx's `Retry-After` (a 503's, RFC 9110 §10.2.3) paces a
                 // retry that goes back to this backend, as a 429's does.
                 Ok(response) => {
                     self.report(backend, Outcome::Failure);
                     let pause = retry_after_given(&response);
-                    ("status_5xx", pause, Some(response.status()))
+                    (FailureKind::Status5xx, pause, Some(response.status()))
                 }
                 Err(e) => {
                     tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
@@ -321,21 +321,14 @@ impl<'a> Exchange<'a> {
             // not after any back-off.
             drop(in_flight);
             if !idle_closed {
-                self.count_error(member, reason);
+                backend.errors.inc(reason);
             }
             tried.push(i);
             match self.retry_delay(attempt, &mut tried, retry_after, &mut retry_permit) {
                 // The failed answer was dropped unread: nothing of it
                 // reached the client, so another backend may answer.
                 Some(delay) => {
-                    self.shared
-                        .metrics
-                        .retries
-                        .get_or_create(&RetryLabels {
-                            model: self.route.config.name.clone(),
-                            reason,
-                        })
-                        .inc();
+                    self.route.retries.inc(reason);
                     if !idle_closed {
                         tokio::time::sleep(delay).await;
                     }
@@ -632,17 +625,6 @@ impl<'a> Exchange<'a> {
             }
         }
         Response::from_parts(parts, GatewayBody::Proxied(Box::new(body)))
-    }
-
-    fn count_error(&self, member: &Member, kind: &'static str) {
-        self.shared
-            .metrics
-            .upstream_errors
-            .get_or_create(&UpstreamErrorLabels {
-                backend: member.backend.config.name.clone(),
-                kind,
-            })
-            .inc();
     }
 }
 

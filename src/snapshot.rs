@@ -32,7 +32,7 @@ use crate::{
     config::{BackendConfig, Config, ModelConfig},
     headers,
     health::state::{median, scaled_weight, throughput_factor, unscaled_weight, HealthRecord},
-    metrics::{Metrics, RequestCounters, TokenCounters},
+    metrics::{Metrics, RequestCounters, RetryCounters, TokenCounters, UpstreamErrorCounters},
     upstream::{self, HttpClient, UpstreamError},
 };
 
@@ -106,6 +106,8 @@ pub struct ModelRoute {
     pub(crate) timings: ModelTimings,
     /// `weir_requests_total{model,backend=""}`: answers weir gave itself.
     pub(crate) own_answers: Arc<RequestCounters>,
+    /// `weir_retries_total` handles.
+    pub(crate) retries: RetryCounters,
     /// The backends that serve it, in the pool's order.
     pub members: Vec<Member>,
     /// Smooth-WRR selection over `members`' effective weights.
@@ -153,6 +155,9 @@ pub struct BackendState {
     pub(crate) name_header: HeaderValue,
     /// Counters and health, shared by every snapshot that has this backend.
     pub(crate) live: Arc<BackendLive>,
+    /// `weir_upstream_errors_total` handles (by name: carried over a
+    /// rebuild, and over a reload that keeps the name).
+    pub(crate) errors: UpstreamErrorCounters,
 }
 
 /// What a backend carries from snapshot to snapshot (SPEC "Reload": health
@@ -259,6 +264,8 @@ impl std::fmt::Debug for BackendState {
 }
 
 impl BackendState {
+    /// Its metric handles are detached until [`Snapshot::build_with`]
+    /// resolves them (once no backend of the snapshot can fail to build).
     fn new(
         config: BackendConfig,
         live: Arc<BackendLive>,
@@ -280,6 +287,7 @@ impl BackendState {
             authorization,
             name_header,
             live,
+            errors: UpstreamErrorCounters::default(),
         })
     }
 
@@ -424,9 +432,30 @@ impl Snapshot {
                     previous.is_some() && config.health.enabled,
                 )),
             };
-            let state = BackendState::new(backend.clone(), live, carried.map(|b| &**b))?;
-            backends.push(Arc::new(state));
+            backends.push(BackendState::new(
+                backend.clone(),
+                live,
+                carried.map(|b| &**b),
+            )?);
         }
+        // Every backend built: only now create series (by name, so a new
+        // URL keeps counting in the same ones).
+        let backends: Vec<Arc<BackendState>> = backends
+            .into_iter()
+            .map(|mut state| {
+                state.errors = previous
+                    .and_then(|p| {
+                        p.backends
+                            .iter()
+                            .find(|b| b.config.name == state.config.name)
+                    })
+                    .map_or_else(
+                        || metrics.upstream_errors(&state.config.name),
+                        |b| b.errors.clone(),
+                    );
+                Arc::new(state)
+            })
+            .collect();
         let mut models = HashMap::with_capacity_and_hasher(config.models.len(), Default::default());
         let mut routes = Vec::with_capacity(config.models.len());
         for model in &config.models {
@@ -500,6 +529,7 @@ impl Snapshot {
                 || metrics.request_counters(&model.name, ""),
                 |o| o.own_answers.clone(),
             );
+            let retries = old.map_or_else(|| metrics.retries(&model.name), |o| o.retries.clone());
             models.insert(model.name.clone(), routes.len());
             routes.push(ModelRoute {
                 config: model.clone(),
@@ -509,6 +539,7 @@ impl Snapshot {
                 tokens,
                 timings,
                 own_answers,
+                retries,
             });
         }
         let models_list = render_models_list(&config);

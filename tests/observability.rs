@@ -222,6 +222,85 @@ async fn metrics_parse_and_move_with_requests_429s_and_retries() {
     assert_eq!(value(&after, "weir_queue_depth", &[("model", "m")]), 0.0);
 }
 
+/// The `(labels…, value)` of every `name` series, sorted.
+fn series(scrape: &prometheus_parse::Scrape, name: &str, labels: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v) => v.to_string(),
+                ref other => format!("{other:?}"),
+            };
+            let mut parts: Vec<&str> = labels
+                .iter()
+                .map(|l| s.labels.get(l).unwrap_or("-"))
+                .collect();
+            parts.push(&value);
+            parts.join(" ")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A fresh gateway lists `weir_retries_total` for every model and reason,
+/// and `weir_upstream_errors_total` for every backend and kind, at 0
+/// before anything failed, so dashboards and `absent()` alerts see data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_gateway_lists_retries_and_upstream_errors_at_0() {
+    let m = mock::start(MockConfig::default().models(vec!["m".into(), "n".into()]))
+        .await
+        .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"m\"\n\n[[models]]\nname = \"n\"\n\n{}{}{QUIET}",
+        backend("b1", &m.base_url(), &["m", "n"], 1),
+        backend("b2", &m.base_url(), &["m"], 1),
+    );
+    let gw = gateway(&toml).await;
+    let text = get(gw.addr(), "/metrics").await.text();
+    assert!(
+        text.contains("# TYPE weir_retries_total counter\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE weir_upstream_errors_total counter\n"),
+        "{text}"
+    );
+    let scrape = scrape(gw.addr()).await;
+    let reasons = [
+        "connect",
+        "idle_closed",
+        "protocol",
+        "status_429",
+        "status_5xx",
+        "timeout",
+    ];
+    let expected: Vec<String> = ["m", "n"]
+        .iter()
+        .flat_map(|m| reasons.iter().map(move |r| format!("{m} {r} 0")))
+        .collect();
+    assert_eq!(
+        series(&scrape, "weir_retries_total", &["model", "reason"]),
+        expected
+    );
+    // `idle_closed` is retried but never held against a backend.
+    let expected: Vec<String> = ["b1", "b2"]
+        .iter()
+        .flat_map(|b| {
+            reasons
+                .iter()
+                .filter(|k| **k != "idle_closed")
+                .map(move |k| format!("{b} {k} 0"))
+        })
+        .collect();
+    assert_eq!(
+        series(&scrape, "weir_upstream_errors_total", &["backend", "kind"]),
+        expected
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_carry_every_field_and_no_secret() {
     let m = mock::start(MockConfig::default().models(vec!["m".into()]).chunks(4))

@@ -73,13 +73,98 @@ impl RequestCounters {
     }
 }
 
+/// Why an upstream attempt failed: the `kind` of
+/// `weir_upstream_errors_total` and the `reason` of `weir_retries_total`.
+/// A closed set, so every series exists (at 0) before the first failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// The connection could not be made (refused, unreachable, TLS).
+    Connect,
+    /// No response headers, or no stream event, in time.
+    Timeout,
+    /// The connection broke or the answer was not HTTP.
+    Protocol,
+    /// A retryable 5xx answer.
+    Status5xx,
+    /// A 429 answer.
+    Status429,
+    /// A kept-alive connection closed unanswered: retried, but never held
+    /// against the backend, so a retry reason and not an error kind.
+    IdleClosed,
+}
+
+impl FailureKind {
+    /// The `kind` values of `weir_upstream_errors_total`, in index order.
+    const ERRORS: [Self; 5] = [
+        Self::Connect,
+        Self::Timeout,
+        Self::Protocol,
+        Self::Status5xx,
+        Self::Status429,
+    ];
+
+    /// The `reason` values of `weir_retries_total`, in index order.
+    const ALL: [Self; 6] = [
+        Self::Connect,
+        Self::Timeout,
+        Self::Protocol,
+        Self::Status5xx,
+        Self::Status429,
+        Self::IdleClosed,
+    ];
+
+    /// The metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Protocol => "protocol",
+            Self::Status5xx => "status_5xx",
+            Self::Status429 => "status_429",
+            Self::IdleClosed => "idle_closed",
+        }
+    }
+}
+
+/// `weir_retries_total{model,reason}` handles of one model, one per
+/// [`FailureKind`] (index = discriminant), resolved with the model so a
+/// retry formats no label and every reason reads 0 until it happens.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RetryCounters([Counter; FailureKind::ALL.len()]);
+
+impl RetryCounters {
+    /// Counts one retry after a failure of this kind.
+    pub(crate) fn inc(&self, reason: FailureKind) {
+        if let Some(c) = self.0.get(reason as usize) {
+            c.inc();
+        }
+    }
+}
+
+/// `weir_upstream_errors_total{backend,kind}` handles of one backend, one
+/// per kind of [`FailureKind::ERRORS`] (index = discriminant), resolved
+/// with the backend so a failure formats no label and every kind reads 0
+/// until it happens.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UpstreamErrorCounters([Counter; FailureKind::ERRORS.len()]);
+
+impl UpstreamErrorCounters {
+    /// Counts one failed attempt. `IdleClosed` is not an upstream error
+    /// (not held against the backend) and has no slot: it counts nowhere.
+    pub(crate) fn inc(&self, kind: FailureKind) {
+        if let Some(c) = self.0.get(kind as usize) {
+            c.inc();
+        }
+    }
+}
+
 /// Labels of `weir_upstream_errors_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct UpstreamErrorLabels {
+struct UpstreamErrorLabels {
     /// The backend's name.
-    pub backend: String,
-    /// `connect`, `timeout`, `protocol`, `status_5xx`, `status_429`.
-    pub kind: &'static str,
+    backend: String,
+    /// One of [`FailureKind::ERRORS`].
+    kind: &'static str,
 }
 
 /// A `{model}` label set.
@@ -127,12 +212,11 @@ pub(crate) struct WeightLabels {
 
 /// Labels of `weir_retries_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct RetryLabels {
+struct RetryLabels {
     /// The client's model name.
-    pub model: String,
-    /// Why the attempt before it failed: `connect`, `timeout`, `protocol`,
-    /// `status_5xx`, `status_429`.
-    pub reason: &'static str,
+    model: String,
+    /// Why the attempt before it failed: one of [`FailureKind::ALL`].
+    reason: &'static str,
 }
 
 /// Labels of `weir_config_reloads_total`.
@@ -157,7 +241,7 @@ pub(crate) struct Metrics {
     /// no route serves (the client's string never becomes a label).
     pub unknown_model_requests: std::sync::Arc<RequestCounters>,
     /// `weir_upstream_errors_total{backend,kind}`.
-    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
     rate_limited: Family<LimitLabels, LaneCounter>,
     queue_depth: Family<ModelLabel, LaneGauge>,
     in_flight: Family<ModelLabel, LaneGauge>,
@@ -169,7 +253,7 @@ pub(crate) struct Metrics {
     /// The `weir_backend_effective_weight` label sets published so far.
     weight_labels: std::sync::Mutex<Vec<WeightLabels>>,
     /// `weir_retries_total{model,reason}`.
-    pub retries: Family<RetryLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
     /// `weir_config_reloads_total{result}`: every reload's outcome.
     config_reloads: Family<ReloadLabels, Counter>,
     duration: Family<ModelLabel, LatencyHistogram, fn() -> LatencyHistogram>,
@@ -374,6 +458,29 @@ impl Metrics {
             .inc();
     }
 
+    /// `weir_retries_total` handles of one model: every reason's series
+    /// exists from here on, at 0 until that retry happens.
+    pub(crate) fn retries(&self, model: &str) -> RetryCounters {
+        RetryCounters(FailureKind::ALL.map(|reason| {
+            self.retries.get_or_create_owned(&RetryLabels {
+                model: model.to_owned(),
+                reason: reason.label(),
+            })
+        }))
+    }
+
+    /// `weir_upstream_errors_total` handles of one backend: every kind's
+    /// series exists from here on, at 0 until that failure happens.
+    pub(crate) fn upstream_errors(&self, backend: &str) -> UpstreamErrorCounters {
+        UpstreamErrorCounters(FailureKind::ERRORS.map(|kind| {
+            self.upstream_errors
+                .get_or_create_owned(&UpstreamErrorLabels {
+                    backend: backend.to_owned(),
+                    kind: kind.label(),
+                })
+        }))
+    }
+
     /// Removes a backend's `weir_backend_up` series (it left the config).
     pub(crate) fn forget_backend(&self, backend: &str) {
         for tier in ["liveness", "readiness", "deep"] {
@@ -562,6 +669,24 @@ mod tests {
              weir_d_seconds_count 1\n\
              weir_d_seconds_bucket{le=\"+Inf\"} 1\n"
         );
+    }
+
+    /// Each kind's handle sits at its discriminant: the error kinds first,
+    /// in both sets, and `idle_closed` only among the retry reasons.
+    #[test]
+    fn failure_kinds_index_their_handles() {
+        for (i, kind) in FailureKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, i);
+        }
+        assert_eq!(FailureKind::ERRORS[..], FailureKind::ALL[..5]);
+        let metrics = Metrics::new();
+        metrics.upstream_errors("b").inc(FailureKind::IdleClosed);
+        metrics.upstream_errors("b").inc(FailureKind::Status429);
+        metrics.retries("m").inc(FailureKind::IdleClosed);
+        let text = metrics.render();
+        assert!(text.contains("weir_upstream_errors_total{backend=\"b\",kind=\"status_429\"} 1\n"));
+        assert!(text.contains("weir_retries_total{model=\"m\",reason=\"idle_closed\"} 1\n"));
+        assert!(!text.contains("kind=\"idle_closed\""), "{text}");
     }
 
     /// The registry as served parses as Prometheus text with every counter

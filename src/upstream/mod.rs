@@ -34,7 +34,7 @@ use std::{
 use bytes::Bytes;
 use http::{uri::Scheme, HeaderValue, Method, Request, Response, Uri};
 
-use crate::headers::Upstream;
+use crate::{headers::Upstream, metrics::FailureKind};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_rustls::HttpsConnector;
@@ -140,13 +140,14 @@ pub(crate) enum AttemptError {
 }
 
 impl AttemptError {
-    /// The `kind` label of `weir_upstream_errors_total`.
-    pub(crate) fn kind(&self) -> &'static str {
+    /// Its `kind` in `weir_upstream_errors_total` (and `reason` in
+    /// `weir_retries_total`).
+    pub(crate) fn kind(&self) -> FailureKind {
         match self {
-            AttemptError::Refused(_) | AttemptError::Connect(_) => "connect",
-            AttemptError::Timeout(_) => "timeout",
-            AttemptError::Protocol(_) => "protocol",
-            AttemptError::IdleClosed(_) => "idle_closed",
+            AttemptError::Refused(_) | AttemptError::Connect(_) => FailureKind::Connect,
+            AttemptError::Timeout(_) => FailureKind::Timeout,
+            AttemptError::Protocol(_) => FailureKind::Protocol,
+            AttemptError::IdleClosed(_) => FailureKind::IdleClosed,
         }
     }
 }
