@@ -123,7 +123,11 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
         let snapshot =
             Snapshot::build_adding(Arc::new(config), Some(&old), &shared.metrics, &added)?;
         shared.metrics.publish_weights(&snapshot);
-        shared.snapshot.store(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        shared.snapshot.store(snapshot.clone());
+        // Removed models and backends leave /metrics with the swap (no
+        // rebuild runs in between: this holds the build lock).
+        shared.metrics.forget_removed(&old, &snapshot);
         (changes, checks_turned_off)
     };
     // Starts probes for new backends, cancels those of removed ones (which

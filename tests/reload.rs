@@ -434,6 +434,128 @@ async fn admin_backends_lists_a_removed_backend_until_it_has_drained() {
     }
 }
 
+/// The samples at /metrics with `label="value"`, counted per name.
+async fn series_with(
+    addr: std::net::SocketAddr,
+    label: &str,
+    value: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    let text = get(addr, "/metrics").await.text();
+    let wanted = format!("{label}=\"{value}\"");
+    let mut per_name = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if let Some((name, rest)) = line.split_once('{') {
+            if rest.contains(&wanted) {
+                *per_name.entry(name.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    per_name
+}
+
+/// A reload that removes a model drops its series from /metrics (and a
+/// removed backend's), also while a request for it still runs: that one
+/// finishes counting where no scrape sees it. One that adds a model or a
+/// backend creates their series at 0; a model that stays keeps its counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_drops_a_removed_models_series_and_creates_an_added_ones() {
+    let models = ["m", "slow", "slow2", "slow3"].map(String::from).to_vec();
+    let fast = mock::start(MockConfig::default().models(models.clone()))
+        .await
+        .expect("mock starts");
+    let streaming = mock::start(
+        MockConfig::default()
+            .models(models)
+            .chunks(20)
+            .tokens_per_sec(10.0),
+    )
+    .await
+    .expect("mock starts");
+    let file = |slow: &str, slow_backends: &[(&str, &MockHandle)]| {
+        let mut s = format!("[[models]]\nname = \"m\"\n\n[[models]]\nname = \"{slow}\"\n\n");
+        s.push_str(&backend("b1", &fast.base_url(), &["m"], 1));
+        for (name, mock) in slow_backends {
+            s.push_str(&backend(name, &mock.base_url(), &[slow], 1));
+        }
+        s + QUIET
+    };
+    let live = Live::start(&file("slow", &[("b2", &streaming)])).await;
+    let addr = live.gw.addr();
+    for model in ["m", "m", "slow"] {
+        let r = post(addr, "/v1/chat/completions", &chat(model, false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let m_ok = [("model", "m"), ("backend", "b1"), ("status", "200")];
+    assert_eq!(metric(addr, "weir_requests_total", &m_ok).await, 2.0);
+    let stream = tokio::spawn(async move {
+        post_stream(addr, "/v1/chat/completions", &chat("slow", true)).await
+    });
+    assert!(eventually(Duration::from_secs(5), || streaming.in_flight() == 1).await);
+    let fresh: std::collections::BTreeMap<String, usize> = [
+        ("weir_admitted_total", 1),
+        ("weir_backend_effective_weight", 1),
+        ("weir_in_flight", 1),
+        ("weir_queue_depth", 1),
+        ("weir_rate_limited_total", 4),
+        ("weir_request_duration_seconds_bucket", 16),
+        ("weir_request_duration_seconds_count", 1),
+        ("weir_request_duration_seconds_sum", 1),
+        ("weir_retries_total", 6),
+        ("weir_time_to_first_byte_seconds_bucket", 16),
+        ("weir_time_to_first_byte_seconds_count", 1),
+        ("weir_time_to_first_byte_seconds_sum", 1),
+        ("weir_tokens_total", 2),
+    ]
+    .into_iter()
+    .map(|(name, n)| (name.to_owned(), n))
+    .collect();
+    let mut slow = fresh.clone();
+    slow.insert("weir_requests_total".into(), 1);
+    assert_eq!(series_with(addr, "model", "slow").await, slow);
+    assert_eq!(
+        series_with(addr, "backend", "b2").await,
+        [
+            ("weir_backend_effective_weight".to_owned(), 1),
+            ("weir_requests_total".to_owned(), 1),
+            ("weir_upstream_errors_total".to_owned(), 5),
+        ]
+        .into()
+    );
+
+    // `slow` becomes `slow2`, served by b1's mock as the new backend b3;
+    // b2 goes, with the stream on `slow` still running there.
+    live.apply(&file("slow2", &[("b3", &fast)])).await;
+    assert_eq!(streaming.in_flight(), 1, "the stream outlives the reload");
+    assert_eq!(series_with(addr, "model", "slow").await, [].into());
+    assert_eq!(series_with(addr, "backend", "b2").await, [].into());
+    assert_eq!(series_with(addr, "model", "slow2").await, fresh);
+    assert_eq!(
+        series_with(addr, "backend", "b3").await,
+        [
+            ("weir_backend_effective_weight".to_owned(), 1),
+            ("weir_upstream_errors_total".to_owned(), 5),
+        ]
+        .into()
+    );
+    let s = stream.await.expect("stream task");
+    assert!(
+        s.text().trim_end().ends_with("data: [DONE]"),
+        "the stream finished"
+    );
+    // It counted its answer, tokens and times as it ended: out of sight.
+    assert_eq!(series_with(addr, "model", "slow").await, [].into());
+    assert_eq!(series_with(addr, "backend", "b2").await, [].into());
+
+    live.apply(&file("slow3", &[("b3", &fast)])).await;
+    assert_eq!(series_with(addr, "model", "slow2").await, [].into());
+    assert_eq!(series_with(addr, "model", "slow3").await, fresh);
+    // A model that stays keeps its counts, and the whole text parses.
+    assert_eq!(metric(addr, "weir_requests_total", &m_ok).await, 2.0);
+    let text = get(addr, "/metrics").await.text();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("unparsable /metrics ({e}):\n{text}"));
+}
+
 #[tokio::test]
 async fn bucket_levels_survive_unrelated_and_changed_limits() {
     let m1 = mock_named("b1", MockConfig::default()).await;

@@ -57,6 +57,14 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
+    /// Every kind, in the order of [`ModelMetrics::limited`].
+    pub const ALL: [Self; 4] = [
+        LimitKind::Requests,
+        LimitKind::Tokens,
+        LimitKind::Concurrency,
+        LimitKind::Queue,
+    ];
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {

@@ -37,39 +37,114 @@ pub(crate) struct RequestLabels {
 pub(crate) struct RequestCounters {
     model: String,
     backend: String,
-    family: Family<RequestLabels, LaneCounter>,
+    requests: std::sync::Arc<Requests>,
     /// The statuses weir answers most, each resolved on first use.
     common: [(u16, std::sync::OnceLock<LaneCounter>); 12],
 }
 
 impl RequestCounters {
+    /// Handles for a pair a snapshot routes; the pair is routed (its series
+    /// may be created) until [`Metrics::forget_removed`] drops it.
     fn new(
-        family: &Family<RequestLabels, LaneCounter>,
+        requests: &std::sync::Arc<Requests>,
         model: &str,
         backend: &str,
     ) -> std::sync::Arc<Self> {
         const COMMON: [u16; 12] = [200, 400, 401, 403, 404, 408, 413, 429, 500, 502, 503, 504];
+        requests
+            .routed()
+            .entry((model.to_owned(), backend.to_owned()))
+            .or_default();
         std::sync::Arc::new(Self {
             model: model.to_owned(),
             backend: backend.to_owned(),
-            family: family.clone(),
+            requests: requests.clone(),
             common: COMMON.map(|s| (s, std::sync::OnceLock::new())),
         })
     }
 
     /// Counts one answered request with this status.
     pub(crate) fn inc(&self, status: u16) {
-        let labels = || RequestLabels {
+        match self.common.iter().find(|(s, _)| *s == status) {
+            Some((_, cell)) => cell.get_or_init(|| self.resolve(status)).inc(),
+            None => {
+                // The family's read lock is let go at the end of this
+                // statement, before `resolve` may take its write lock.
+                let counted = self
+                    .requests
+                    .family
+                    .get(&self.labels(status))
+                    .map(|c| c.inc())
+                    .is_some();
+                if !counted {
+                    self.resolve(status).inc();
+                }
+            }
+        }
+    }
+
+    fn labels(&self, status: u16) -> RequestLabels {
+        RequestLabels {
             model: self.model.clone(),
             backend: self.backend.clone(),
             status,
-        };
-        match self.common.iter().find(|(s, _)| *s == status) {
-            Some((_, cell)) => cell
-                .get_or_init(|| self.family.get_or_create_owned(&labels()))
-                .inc(),
-            None => self.family.get_or_create(&labels()).inc(),
-        };
+        }
+    }
+
+    /// The series for `status`, created (and listed, so a reload can drop
+    /// it) while the pair is routed. Once a reload has dropped the pair, a
+    /// request still running there counts into a counter no scrape shows,
+    /// so the dropped series never comes back.
+    fn resolve(&self, status: u16) -> LaneCounter {
+        let mut routed = self.requests.routed();
+        match routed.get_mut(&(self.model.clone(), self.backend.clone())) {
+            Some(statuses) => {
+                if !statuses.contains(&status) {
+                    statuses.push(status);
+                }
+                self.requests
+                    .family
+                    .get_or_create_owned(&self.labels(status))
+            }
+            None => LaneCounter::default(),
+        }
+    }
+}
+
+/// `weir_requests_total` and the statuses counted so far per (model,
+/// backend) pair a snapshot routes. Unlike every other label of weir's,
+/// `status` is an open set (whatever a backend answers), so the series are
+/// listed as they are created, for a reload to find and drop.
+#[derive(Debug, Default)]
+struct Requests {
+    family: Family<RequestLabels, LaneCounter>,
+    /// Taken only when a series is created or dropped, never to count.
+    routed: std::sync::Mutex<std::collections::HashMap<(String, String), Vec<u16>>>,
+}
+
+impl Requests {
+    /// Drops the series of every pair `routed` says no, but the one of
+    /// models no route serves (`("", "")`), which is always kept.
+    fn retain(&self, routed: impl Fn(&str, &str) -> bool) {
+        self.routed().retain(|(model, backend), statuses| {
+            let keep = model.is_empty() || routed(model, backend);
+            if !keep {
+                for &status in statuses.iter() {
+                    self.family.remove(&RequestLabels {
+                        model: model.clone(),
+                        backend: backend.clone(),
+                        status,
+                    });
+                }
+            }
+            keep
+        });
+    }
+
+    fn routed(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), Vec<u16>>> {
+        self.routed.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -236,7 +311,7 @@ struct BuildLabels {
 pub(crate) struct Metrics {
     registry: Registry,
     /// `weir_requests_total{model,backend,status}`.
-    requests: Family<RequestLabels, LaneCounter>,
+    requests: std::sync::Arc<Requests>,
     /// `weir_requests_total{model="",backend=""}`: requests naming a model
     /// no route serves (the client's string never becomes a label).
     pub unknown_model_requests: std::sync::Arc<RequestCounters>,
@@ -278,6 +353,9 @@ fn latency_histogram() -> LatencyHistogram {
     LaneHistogram::new(&LATENCY_BUCKETS)
 }
 
+/// The `kind` values of `weir_tokens_total`, in [`TokenCounters`] order.
+const TOKEN_KINDS: [&str; 2] = ["prompt", "completion"];
+
 /// `weir_tokens_total{model,kind}` handles of one model.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TokenCounters {
@@ -297,11 +375,11 @@ impl Metrics {
     /// Registers every metric.
     pub(crate) fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, LaneCounter>::default();
+        let requests = std::sync::Arc::new(Requests::default());
         registry.register(
             "weir_requests",
             "Requests answered, by model, backend and status",
-            requests.clone(),
+            requests.family.clone(),
         );
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         registry.register(
@@ -481,6 +559,74 @@ impl Metrics {
         }))
     }
 
+    /// After a reload swapped `new` in for `old`: drops every series of a
+    /// model or backend `old` has and `new` does not, and the
+    /// `weir_requests_total` series of (model, backend) pairs `new` does
+    /// not route. Requests still running there keep their handles, which
+    /// count on unseen and never bring a series back; a model or backend
+    /// restored later starts again from 0. (`weir_backend_up` goes with
+    /// its probes, [`Metrics::forget_backend`]; the weights with
+    /// [`Metrics::publish_weights`].)
+    pub(crate) fn forget_removed(
+        &self,
+        old: &crate::snapshot::Snapshot,
+        new: &crate::snapshot::Snapshot,
+    ) {
+        for model in &old.config.models {
+            if new.model(&model.name).is_none() {
+                self.forget_model(&model.name);
+            }
+        }
+        for backend in old.backends() {
+            let name = &backend.config.name;
+            if !new.backends().iter().any(|b| b.config.name == *name) {
+                for kind in FailureKind::ERRORS {
+                    self.upstream_errors.remove(&UpstreamErrorLabels {
+                        backend: name.clone(),
+                        kind: kind.label(),
+                    });
+                }
+            }
+        }
+        self.requests.retain(|model, backend| {
+            new.model(model).is_some_and(|r| {
+                backend.is_empty() || r.members.iter().any(|m| m.backend.config.name == backend)
+            })
+        });
+    }
+
+    /// Drops a removed model's series of every per-model family but
+    /// `weir_requests_total` (by pair, in [`Metrics::forget_removed`]) and
+    /// `weir_backend_effective_weight` ([`Metrics::publish_weights`]).
+    fn forget_model(&self, model: &str) {
+        let label = ModelLabel {
+            model: model.to_owned(),
+        };
+        self.queue_depth.remove(&label);
+        self.in_flight.remove(&label);
+        self.admitted.remove(&label);
+        self.duration.remove(&label);
+        self.ttfb.remove(&label);
+        for limit in LimitKind::ALL {
+            self.rate_limited.remove(&LimitLabels {
+                model: model.to_owned(),
+                limit: limit.label(),
+            });
+        }
+        for kind in TOKEN_KINDS {
+            self.tokens.remove(&TokenLabels {
+                model: model.to_owned(),
+                kind,
+            });
+        }
+        for reason in FailureKind::ALL {
+            self.retries.remove(&RetryLabels {
+                model: model.to_owned(),
+                reason: reason.label(),
+            });
+        }
+    }
+
     /// Removes a backend's `weir_backend_up` series (it left the config).
     pub(crate) fn forget_backend(&self, backend: &str) {
         for tier in ["liveness", "readiness", "deep"] {
@@ -557,12 +703,7 @@ impl Metrics {
             queue_depth: self.queue_depth.get_or_create_owned(&label),
             in_flight: self.in_flight.get_or_create_owned(&label),
             admitted: self.admitted.get_or_create_owned(&label),
-            limited: [
-                limited(LimitKind::Requests.label()),
-                limited(LimitKind::Tokens.label()),
-                limited(LimitKind::Concurrency.label()),
-                limited(LimitKind::Queue.label()),
-            ],
+            limited: LimitKind::ALL.map(|kind| limited(kind.label())),
         }
     }
 
@@ -574,10 +715,8 @@ impl Metrics {
                 kind,
             })
         };
-        TokenCounters {
-            prompt: counter("prompt"),
-            completion: counter("completion"),
-        }
+        let [prompt, completion] = TOKEN_KINDS.map(counter);
+        TokenCounters { prompt, completion }
     }
 
     /// The exposition text in Prometheus text format 0.0.4, which SPEC
@@ -687,6 +826,37 @@ mod tests {
         assert!(text.contains("weir_upstream_errors_total{backend=\"b\",kind=\"status_429\"} 1\n"));
         assert!(text.contains("weir_retries_total{model=\"m\",reason=\"idle_closed\"} 1\n"));
         assert!(!text.contains("kind=\"idle_closed\""), "{text}");
+    }
+
+    /// Once a reload dropped a (model, backend) pair, a request still
+    /// running there counts nowhere visible, whether its status's series
+    /// was resolved before (200), is a common one not yet resolved (404)
+    /// or an uncommon one (201): none comes back. The pair made routed
+    /// again (a reload restored it) counts again, from 0.
+    #[test]
+    fn a_dropped_pair_never_comes_back() {
+        let metrics = Metrics::new();
+        let running = metrics.request_counters("m", "b");
+        let kept = metrics.request_counters("k", "b");
+        running.inc(200);
+        running.inc(201);
+        kept.inc(200);
+        assert!(metrics.render().contains("model=\"m\""));
+        metrics.requests.retain(|model, _| model == "k");
+        assert!(!metrics.render().contains("model=\"m\""));
+        for status in [200, 404, 201] {
+            running.inc(status);
+        }
+        metrics.unknown_model_requests.inc(404);
+        kept.inc(200);
+        let text = metrics.render();
+        assert!(!text.contains("model=\"m\""), "{text}");
+        assert!(text.contains("weir_requests_total{model=\"\",backend=\"\",status=\"404\"} 1\n"));
+        assert!(text.contains("weir_requests_total{model=\"k\",backend=\"b\",status=\"200\"} 2\n"));
+        metrics.request_counters("m", "b").inc(201);
+        assert!(metrics
+            .render()
+            .contains("weir_requests_total{model=\"m\",backend=\"b\",status=\"201\"} 1\n"));
     }
 
     /// The registry as served parses as Prometheus text with every counter
