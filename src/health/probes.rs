@@ -115,7 +115,8 @@ enum ProbeError {
     /// Connect, first-byte timeout or protocol failure, as `upstream` reports it.
     #[error(transparent)]
     Attempt(#[from] AttemptError),
-    /// A non-2xx answer, with the start of its body.
+    /// A non-2xx answer, with the start of its body (control characters
+    /// escaped, see [`printable`]).
     #[error("status {status}: {body}")]
     Status { status: StatusCode, body: String },
     /// The body broke off or was larger than the probe reads.
@@ -585,8 +586,25 @@ fn status_error(status: StatusCode, body: Option<&[u8]>, key: Option<&Secret>) -
         Some(key) => crate::redact::redact_str(&text, key.expose()),
         None => text.into_owned(),
     };
-    let body: String = text.trim().chars().take(ERROR_SNIPPET_CHARS).collect();
+    let body = printable(text.trim().chars().take(ERROR_SNIPPET_CHARS));
     ProbeError::Status { status, body }
+}
+
+/// The quoted characters with every control character (and the Unicode
+/// line and paragraph separators) written as its Rust escape (`\n`,
+/// `\u{1b}`): the quote is the backend's text, and goes to the log, where
+/// a line break in it would start a forged log line of the backend's
+/// making, and a terminal escape would act on whoever reads the log.
+fn printable(quote: impl Iterator<Item = char>) -> String {
+    let mut out = String::new();
+    for c in quote {
+        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Median of `values` (mean of the middle two for an even count).
@@ -645,6 +663,28 @@ mod tests {
         let e = status_error(StatusCode::BAD_REQUEST, Some(echo), Some(&key)).to_string();
         assert!(!e.contains("SUPERSECRET"), "{e}");
         assert!(e.contains("Bearer [redacted]"), "{e}");
+    }
+
+    /// A backend's error body cannot forge a log line or act on a terminal:
+    /// line breaks and other control characters in the quote are escaped,
+    /// and the rest of the text, quotes and all, stays as it came.
+    #[test]
+    fn a_quoted_body_carries_no_control_characters() {
+        let body = "oops\n2026-12-04T21:00:00Z  INFO weir::access_log: request status=200\r\n\
+                    \u{1b}[2J \"x\"\t\u{2028}end\u{0}";
+        let e = status_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some(body.as_bytes()),
+            None,
+        );
+        let e = e.to_string();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(!e.contains('\u{2028}'), "{e:?}");
+        assert_eq!(
+            e,
+            "status 500 Internal Server Error: oops\\n2026-12-04T21:00:00Z  INFO \
+             weir::access_log: request status=200\\r\\n\\u{1b}[2J \"x\"\\t\\u{2028}end\\u{0}"
+        );
     }
 
     /// Room for a loaded 2-core machine on top of any expected duration.
