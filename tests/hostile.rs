@@ -456,6 +456,47 @@ async fn framing_refusals_are_openai_errors_with_a_request_id() {
     assert!(text.contains("connection: close"), "{text}");
 }
 
+/// A refused head whose headers were read keeps the client's
+/// `x-request-id` (SPEC: every response carries the client's id), also
+/// when the request target cannot be parsed, as the framing refusals do;
+/// the code stays `invalid_framing`.
+#[tokio::test]
+async fn refusals_of_a_read_head_keep_the_client_request_id() {
+    let (gw, m) = setup("").await;
+    let cl = format!("Content-Length: {}", BODY.len());
+    let cases = [
+        (
+            "invalid request target",
+            b"GET /v1/models/a<b HTTP/1.1\r\nHost: x\r\nx-request-id: keep-me-123\r\n\r\n".to_vec(),
+        ),
+        (
+            "Content-Length beside Transfer-Encoding",
+            post_with(
+                &[
+                    "Transfer-Encoding: chunked",
+                    &cl,
+                    "x-request-id: keep-me-123",
+                ],
+                &chunked_body(),
+            ),
+        ),
+    ];
+    for (name, request) in cases {
+        let reply = raw(gw.addr(), request, Duration::from_secs(10)).await;
+        let text = reply.text();
+        assert_eq!(reply.status(), 400, "{name}: {text}");
+        assert!(
+            text.contains("\r\nx-request-id: keep-me-123\r\n"),
+            "{name}: {text}"
+        );
+        assert!(
+            text.contains("\"code\":\"invalid_framing\""),
+            "{name}: {text}"
+        );
+    }
+    assert_untouched_and_serving(&gw, &m).await;
+}
+
 /// What RFC 9112 lets a server accept is accepted, and reaches the backend
 /// as one clean request: bare LF line ends, `CHUNKED` in capitals, a
 /// repeated identical `Content-Length`, absolute-form targets (served by

@@ -45,7 +45,7 @@ use std::{
 use bytes::Bytes;
 #[cfg(test)]
 use bytes::BytesMut;
-use http::{header, HeaderMap, Method, Response, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Response, Uri, Version};
 use hyper::body::Body;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
@@ -138,11 +138,19 @@ struct Head {
 struct Refusal {
     error: ApiError,
     head: Option<ClientHead>,
+    /// The client's `x-request-id` when its headers were parsed but its
+    /// method or target was not (a `head` carries its own), so the answer
+    /// still names the client's id (SPEC: every response carries it).
+    request_id: Option<HeaderValue>,
 }
 
 impl Refusal {
     fn new(error: ApiError) -> Box<Self> {
-        Box::new(Self { error, head: None })
+        Box::new(Self {
+            error,
+            head: None,
+            request_id: None,
+        })
     }
 }
 
@@ -187,8 +195,13 @@ impl Conn {
             {
                 Next::Head(head) => head,
                 Next::Refuse(refusal) => {
-                    let Refusal { error, head } = *refusal;
-                    let response = super::refuse(error, head.as_ref(), self.peer, &self.shared);
+                    let Refusal {
+                        error,
+                        head,
+                        request_id,
+                    } = *refusal;
+                    let response =
+                        super::refuse(error, head.as_ref(), request_id, self.peer, &self.shared);
                     // A HEAD gets its refusal without a body (RFC 9110 §9.3.2).
                     let method = match &head {
                         Some(head) if head.method == Method::HEAD => Method::HEAD,
@@ -686,14 +699,25 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
     let target = span(parsed.path.unwrap_or_default());
     let spans = codec::Spans::new(buf, parsed.headers);
     let raw = buf.split_to(len).freeze();
-    let malformed = |what| Refusal::new(ApiError::BadFraming(what));
-    let method = Method::from_bytes(raw.get(method.0..method.1).unwrap_or_default())
-        .map_err(|_| malformed("invalid method"))?;
-    let uri = Uri::from_maybe_shared(raw.slice(target.0..target.1))
-        .map_err(|_| malformed("invalid request target"))?;
+    let method = Method::from_bytes(raw.get(method.0..method.1).unwrap_or_default());
+    let uri = Uri::from_maybe_shared(raw.slice(target.0..target.1));
     // `httparse` has checked the names are tokens and the values hold no
     // control characters, as an `http::HeaderMap` would.
     let headers = ClientHeaders::Raw(RawHeaders::new(raw, &spans));
+    let (method, uri) = match (method, uri) {
+        (Ok(method), Ok(uri)) => (method, uri),
+        (method, _) => {
+            return Err(Box::new(Refusal {
+                error: ApiError::BadFraming(if method.is_err() {
+                    "invalid method"
+                } else {
+                    "invalid request target"
+                }),
+                head: None,
+                request_id: headers.value(Name::RequestId),
+            }));
+        }
+    };
     let framing = match request_framing(version, &headers) {
         Ok(framing) => framing,
         Err(what) => {
@@ -704,6 +728,7 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
                     uri,
                     headers,
                 }),
+                request_id: None,
             }));
         }
     };

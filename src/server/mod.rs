@@ -332,16 +332,19 @@ const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// The answer to a request [`http1`] refuses before routing it (a head it
 /// cannot parse or whose framing is ambiguous): the client's request id
-/// if the head was read, else a fresh one, and an access log line either
+/// if its headers were read (`client_id` when they were but the method or
+/// target was not, else the head's), else a fresh one, and an access log line either
 /// way (with `-` for the method and path a head that could not be parsed
 /// never gave).
 fn refuse(
     error: ApiError,
     head: Option<&ClientHead>,
+    client_id: Option<HeaderValue>,
     peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Response<GatewayBody> {
-    let request_id = request_id(head.and_then(|h| h.headers.value(Name::RequestId)));
+    let client_id = client_id.or_else(|| head.and_then(|h| h.headers.value(Name::RequestId)));
+    let request_id = request_id(client_id);
     let log = match head {
         Some(head) => AccessLog::new(
             request_id.clone(),
