@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{error::ErrorKind, Args, CommandFactory, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::{fmt, EnvFilter};
 use weir::{config::LogFormat, mock::MockConfig, Config, Gateway, Handle};
@@ -78,10 +78,12 @@ struct MockArgs {
     /// Completion length in tokens (stream chunks).
     #[arg(long, default_value_t = 16)]
     chunks: u32,
-    /// Share of requests answered 500 (0..1).
+    /// Share of requests answered 500 (0..1; with --rate-limit-rate at
+    /// most 1 in all).
     #[arg(long, default_value_t = 0.0, value_parser = share)]
     failure_rate: f64,
-    /// Share of requests answered 429 (0..1).
+    /// Share of requests answered 429 (0..1; with --failure-rate at most 1
+    /// in all).
     #[arg(long, default_value_t = 0.0, value_parser = share)]
     rate_limit_rate: f64,
     /// Retry-After seconds sent with a 429.
@@ -106,6 +108,23 @@ fn share(text: &str) -> Result<f64, String> {
     }
 }
 
+impl MockArgs {
+    /// The two fault shares split the same requests (500 first, then 429,
+    /// then answers), so past 1 in all the 429s get less than asked for:
+    /// refused, as clap refuses each share past 1. A sum within rounding
+    /// of 1 (`0.7 + 0.3`) passes.
+    fn check_shares(&self) -> Result<(), String> {
+        if self.failure_rate + self.rate_limit_rate > 1.0 + 1e-9 {
+            return Err(format!(
+                "--failure-rate {} and --rate-limit-rate {} add up to more than 1: \
+                 they are shares of the same requests",
+                self.failure_rate, self.rate_limit_rate
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A finite number of at least 0.
 fn non_negative(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -116,6 +135,19 @@ fn non_negative(text: &str) -> Result<f64, String> {
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
+    // A check across two arguments, which a value parser cannot make:
+    // reported as clap reports a bad argument (usage, exit 2).
+    if let Some(Command::Mock(args)) = &cli.command {
+        if let Err(message) = args.check_shares() {
+            let mut command = Cli::command();
+            command.build();
+            let kind = ErrorKind::ArgumentConflict;
+            match command.find_subcommand_mut("mock") {
+                Some(mock) => mock.error(kind, message).exit(),
+                None => command.error(kind, message).exit(),
+            }
+        }
+    }
     // Read here rather than by clap, which refuses an empty variable (as
     // a `--config` with no value) in every subcommand, even those that
     // read no config.

@@ -74,7 +74,9 @@ pub struct MockConfig {
     pub chunks: u32,
     /// Share (0..=1) of inference requests answered 500 with an OpenAI error body.
     pub failure_rate: f64,
-    /// Share (0..=1) of inference requests answered 429 with `Retry-After: retry_after`.
+    /// Share (0..=1) of inference requests answered 429 with `Retry-After: retry_after`,
+    /// drawn after `failure_rate`'s 500s: the two should add up to at most 1
+    /// (`weir mock` refuses more), or the 429s get only what is left.
     pub rate_limit_rate: f64,
     /// Seconds sent in `Retry-After` with each 429.
     pub retry_after: u32,

@@ -110,6 +110,52 @@ fn mock_refuses_out_of_range_rates() {
     }
 }
 
+/// `--failure-rate` and `--rate-limit-rate` split the same requests, so
+/// together they may not pass 1 (0.5 and 0.8 gave 51% 500s, 49% 429s and
+/// no answer at all): refused as clap refuses a bad argument, with the
+/// subcommand's usage and exit 2. Shares that add up to exactly 1 run.
+#[test]
+fn mock_refuses_fault_shares_that_add_up_past_one() {
+    let mut refused = Command::new(BIN)
+        .args(["mock", "--listen", "127.0.0.1:0"])
+        .args(["--failure-rate", "0.5", "--rate-limit-rate", "0.8"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a mock that accepts the shares serves until it is killed.
+    let code = wait_exit(&mut refused, Duration::from_secs(10));
+    let out = refused.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with(
+            "error: --failure-rate 0.5 and --rate-limit-rate 0.8 add up to more than 1"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("Usage: weir mock "), "{err}");
+
+    let mut mock = Command::new(BIN)
+        .args(["mock", "--listen", "127.0.0.1:0"])
+        .args(["--failure-rate", "0.7", "--rate-limit-rate", "0.3"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The log goes to stderr; a refusal would end it (and the loop) at once.
+    let log = mock.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let serving = std::io::BufRead::lines(std::io::BufReader::new(log))
+        .map_while(Result::ok)
+        .inspect(|line| seen.push(line.clone()))
+        .any(|line| line.contains("weir mock is serving"));
+    mock.kill().unwrap();
+    mock.wait().unwrap();
+    assert!(serving, "{}", seen.join("\n"));
+}
+
 /// `WEIR_CONFIG` names the config when `--config` does not; set but empty,
 /// it counts as unset (`config/weir.toml`), in every subcommand.
 #[test]
