@@ -114,6 +114,8 @@ pub(crate) struct Link {
     /// Errors the request path saw since the task last looked.
     errors: AtomicU64,
     /// The last Redis error, for `/admin/cluster`; never holds the URL.
+    /// While down, the latest failed heartbeat's; cleared when the link
+    /// comes back up, so an outage that ended is not shown as current.
     last_error: Mutex<Option<String>>,
 }
 
@@ -181,6 +183,14 @@ impl Link {
             .last_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(error.to_owned());
+    }
+
+    /// Redis answers again: the errors of the outage are over.
+    fn clear_error(&self) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
     }
 }
 
@@ -343,7 +353,11 @@ impl Cluster {
                         next_sync = now;
                     }
                     Err(error) => {
-                        if !announced_down {
+                        // Logged once per outage; `/admin/cluster` shows
+                        // the latest reason (refused, then timing out).
+                        if announced_down {
+                            self.link.note_error(&error);
+                        } else {
                             self.announce_down(&error);
                             announced_down = true;
                         }
@@ -477,6 +491,7 @@ impl Cluster {
 
     fn come_up(&self, after_outage: bool) {
         self.link.errors.store(0, Ordering::Release);
+        self.link.clear_error();
         self.link.set_up(true);
         *self.up_since.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         self.up_gauge.set(1);
@@ -509,5 +524,83 @@ impl Cluster {
 
     fn lock_buckets(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<SharedBucket>>> {
         self.buckets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cluster::test_redis::TestRedis, config::Secret};
+
+    /// `/admin/cluster`'s `last_error` once `done` says it is settled, or
+    /// after 15 s (generous: the task retries at most every 2 s).
+    async fn settled(
+        cluster: &Cluster,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let status = cluster.status();
+            if done(&status) || Instant::now() > deadline {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `last_error` is the current outage's latest reason and goes away
+    /// when Redis is back: a review saw `"state":"up"` beside the error of
+    /// an outage long over. Nothing listens on the port at first
+    /// (refused), then something that never answers (a timeout), then
+    /// Redis.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn last_error_follows_the_outage_and_clears_when_redis_is_back() {
+        let Some(port) = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ok()
+            .map(|a| a.port())
+        else {
+            return;
+        };
+        let config = ClusterConfig {
+            redis_url_env: "WEIR_REDIS_URL".to_owned(),
+            redis_url: Secret::new(format!("redis://127.0.0.1:{port}/")),
+            key_prefix: "last-error".to_owned(),
+        };
+        let cluster =
+            Cluster::new(&config, None, Gauge::default(), Gauge::default()).expect("URL parses");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(cluster.clone().run(shutdown.clone()));
+
+        let status = settled(&cluster, |s| s["last_error"].is_string()).await;
+        assert_eq!(status["state"], "down", "{status}");
+        let refused = status["last_error"].clone();
+        assert!(refused.is_string(), "{status}");
+
+        let silent = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("the port is free again");
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        let status = settled(&cluster, |s| s["last_error"] != refused).await;
+        assert_eq!(status["state"], "down", "{status}");
+        assert!(status["last_error"].is_string(), "{status}");
+        assert_ne!(status["last_error"], refused, "a later reason replaces it");
+        hold.abort();
+        let _ = hold.await;
+
+        let Some(_redis) = TestRedis::start_on(port) else {
+            shutdown.cancel();
+            return;
+        };
+        let status = settled(&cluster, |s| s["state"] == "up").await;
+        assert_eq!(status["state"], "up", "{status}");
+        assert!(status["last_error"].is_null(), "{status}");
+        shutdown.cancel();
+        task.await.expect("the task ends");
     }
 }

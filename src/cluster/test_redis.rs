@@ -24,6 +24,12 @@ impl TestRedis {
             .and_then(|l| l.local_addr())
             .ok()?
             .port();
+        Self::start_on(port)
+    }
+
+    /// As [`start`](Self::start), on `port` (a client already pointed at
+    /// it sees Redis appear).
+    pub(crate) fn start_on(port: u16) -> Option<TestRedis> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
