@@ -28,25 +28,26 @@
 //!
 //! While Redis is unreachable, every decision goes to a local [`Bucket`] at
 //! this replica's share: rate and capacity divided by the replicas last
-//! seen. Its level never exceeds this replica's share of the level Redis
-//! last reported (every answer lowers it to that share when it is above; an
-//! answer never raises it), less what the fallback itself admitted since;
-//! on the way down it also receives the lease. So a replica continues from
+//! seen. It starts full and refills at that share of the rate; every
+//! top-up and every slow-path answer read in time lowers its level to this
+//! replica's share of the level Redis reports when it is above it (an
+//! answer never raises it); and it spends what it admits. On the way down
+//! it also receives the lease. So a replica continues from
 //! where the cluster was instead of from a fresh burst, and what the
 //! fallback admits while Redis is merely slow is not handed out again.
 //!
 //! A request the fallback admits while Redis is still up (its reservation
 //! timed out) is charged in Redis: the reservation that timed out stands if
 //! Redis made it, and is owed (charged at the next top-up) if Redis
-//! refused it. Only a reservation whose request the fallback refused, or
-//! whose client left, is given back.
+//! refused it or failed. Only a reservation whose request the fallback
+//! refused, or whose client left, is given back.
 //!
 //! [`try_reserve`]: SharedBucket::try_reserve
 //! [`reserve_slow`]: SharedBucket::reserve_slow
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex, PoisonError,
     },
     time::Duration,
@@ -268,11 +269,9 @@ impl SharedBucket {
             let lease = self.lease.load(Ordering::Relaxed);
             return Ok((Duration::ZERO, self.cached_report(lease, now)));
         }
-        let (answer, answered_rx) = tokio::sync::oneshot::channel();
+        let pending = Arc::new(Pending::default());
         let bucket = Arc::clone(self);
-        // Set when the fallback admits the request because Redis was slow.
-        let decided = Arc::new(AtomicBool::new(false));
-        let admitted_locally = Arc::clone(&decided);
+        let handed = Arc::clone(&pending);
         tokio::spawn(async move {
             let params = bucket.params();
             let mut conn = bucket.link.conn.clone();
@@ -281,48 +280,51 @@ impl SharedBucket {
                     .link
                     .scripts
                     .reserve(&mut conn, &bucket.key, params, ask, max_wait, None);
-            let Ok(outcome) = tokio::time::timeout(ORPHAN_CALL_LIMIT, call).await else {
-                return;
+            let outcome = match tokio::time::timeout(ORPHAN_CALL_LIMIT, call).await {
+                Ok(Ok(reserved)) => Ok(reserved),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_elapsed) => Err("no answer from Redis".to_owned()),
             };
-            if let Err(unread) = answer.send(outcome) {
-                // Nobody listens any more: settle what Redis did.
-                let admitted = admitted_locally.load(Ordering::Acquire);
-                bucket.settle_unread(ask, epoch, &unread, admitted);
+            // Handed to the waiter if it still waits; else settled here by
+            // what it decided without it.
+            let decided = {
+                let mut state = handed.lock();
+                match std::mem::take(&mut *state) {
+                    Handoff::Decided(admitted) => Some(admitted),
+                    Handoff::Waiting | Handoff::Answered(_) => {
+                        *state = Handoff::Answered(outcome.clone());
+                        None
+                    }
+                }
+            };
+            match decided {
+                Some(admitted) => bucket.settle_unread(ask, epoch, &outcome, admitted),
+                None => handed.answered.notify_one(),
             }
         });
         let mut slot = AnswerSlot {
-            rx: answered_rx,
+            pending,
             bucket: self.clone(),
             ask,
             epoch,
-            unread: true,
-            admitted_locally: decided,
+            open: true,
             from_lease,
         };
-        let outcome = match tokio::time::timeout(SLOW_PATH_TIMEOUT, &mut slot.rx).await {
-            Ok(outcome) => {
-                slot.unread = false;
-                outcome
-            }
-            Err(_elapsed) => {
-                self.link.failed("slow path timed out");
-                let decided = self.reserve_fallback(n, now, max_wait);
-                // Recorded before the slot goes, so an answer that lands
-                // from now on knows the request was admitted without it.
-                slot.admitted_locally
-                    .store(decided.is_ok(), Ordering::Release);
-                if decided.is_ok() {
-                    // Spent: with what Redis is charged for the rest, Redis
-                    // counts the whole request.
-                    slot.from_lease = 0;
+        let outcome = match tokio::time::timeout(SLOW_PATH_TIMEOUT, slot.answer()).await {
+            Ok(outcome) => outcome,
+            Err(_elapsed) => match slot.decide(|| self.reserve_fallback(n, now, max_wait)) {
+                Ok(decided) => {
+                    self.link.failed("slow path timed out");
+                    return decided;
                 }
-                return decided;
-            }
+                // It came just as the wait ran out.
+                Err(outcome) => outcome,
+            },
         };
         let answered = Tick::from(Instant::now());
         let capacity = self.capacity();
         match outcome {
-            Ok(Ok(Reserved::Taken { wait, report })) => {
+            Ok(Reserved::Taken { wait, report }) => {
                 slot.from_lease = 0;
                 self.store_report(report, answered);
                 self.follow_level(report.remaining, answered);
@@ -335,52 +337,61 @@ impl SharedBucket {
                 };
                 Ok((wait, (capacity, report.remaining, report.reset)))
             }
-            Ok(Ok(Reserved::WouldWait { wait, report })) => {
+            Ok(Reserved::WouldWait { wait, report }) => {
                 // Refused: the slot gives the lease's part back as it goes.
                 self.store_report(report, answered);
                 self.follow_level(report.remaining, answered);
                 Err(ReserveError::WouldWait { wait })
             }
-            Ok(Ok(Reserved::TooLarge)) => Err(ReserveError::TooLarge {
+            Ok(Reserved::TooLarge) => Err(ReserveError::TooLarge {
                 capacity: self.capacity(),
             }),
-            Ok(Err(error)) => {
-                self.link.failed(&error.to_string());
-                slot.fallback_decides(n, now, max_wait)
-            }
-            // The call gave up after `ORPHAN_CALL_LIMIT` (never within
-            // `SLOW_PATH_TIMEOUT`), or the runtime is stopping.
-            Err(_gone) => {
-                self.link.failed("slow path abandoned");
-                slot.fallback_decides(n, now, max_wait)
+            Err(error) => {
+                self.link.failed(&error);
+                let decided = self.reserve_fallback(n, now, max_wait);
+                if decided.is_ok() {
+                    // Served: Redis counts the lease's part already and is
+                    // owed the rest (the call may or may not have run:
+                    // charging twice can only under-admit).
+                    slot.from_lease = 0;
+                    self.owe(ask, epoch);
+                }
+                decided
             }
         }
     }
 
-    /// Settles a slow-path answer nobody read (it came after its waiter
-    /// timed out or left). If the fallback admitted the request, Redis must
-    /// count it, or the tokens would be spent twice, once locally and once
-    /// again from Redis: a reservation Redis made stands as the request's
-    /// charge, and one it refused is owed (unless the link changed since:
-    /// then the fallback's share accounted for it, as during an outage).
-    /// Otherwise what Redis took goes back to the lease.
+    /// Settles a slow-path answer its waiter did not read (it came after the
+    /// waiter timed out or left). If the fallback admitted the request,
+    /// Redis must count it, or the tokens would be spent twice, once
+    /// locally and once again from Redis: a reservation Redis made stands as
+    /// the request's charge, and one it refused or failed is owed (unless
+    /// the link changed since: then the fallback's share accounted for it,
+    /// as during an outage). Otherwise what Redis took goes back to the
+    /// lease.
     fn settle_unread(
         &self,
         n: u64,
         epoch: u64,
-        answer: &redis::RedisResult<Reserved>,
+        answer: &Result<Reserved, String>,
         admitted_locally: bool,
     ) {
         match answer {
             Ok(Reserved::Taken { .. }) if !admitted_locally => {
                 self.refund_taken(n, Tick::from(Instant::now()), epoch);
             }
-            Ok(Reserved::WouldWait { .. } | Reserved::TooLarge)
-                if admitted_locally && epoch == self.link.epoch() =>
-            {
-                self.owed.fetch_add(n, Ordering::AcqRel);
+            Ok(Reserved::WouldWait { .. } | Reserved::TooLarge) | Err(_) if admitted_locally => {
+                self.owe(n, epoch);
             }
             _ => {}
+        }
+    }
+
+    /// Owes Redis `n` tokens the fallback admitted while the link was at
+    /// `epoch`, unless it has changed since (see `settle_unread`).
+    fn owe(&self, n: u64, epoch: u64) {
+        if epoch == self.link.epoch() {
+            self.owed.fetch_add(n, Ordering::AcqRel);
         }
     }
 
@@ -690,50 +701,104 @@ impl SharedBucket {
     }
 }
 
-/// The waiter's end of a slow-path call. Dropped with an answer it never
-/// read (Redis answered just as the waiter timed out or its client left),
-/// it settles it as the call's task does when the waiter is already gone
-/// (`SharedBucket::settle_unread`); and it gives back the lease's part of
-/// the request unless the request was admitted.
+/// Where a slow-path call's answer meets its waiter. Whichever of the two
+/// comes second settles, under the lock: the call's task hands the answer
+/// over while the waiter still waits, or settles it by what the waiter
+/// decided without it (`SharedBucket::settle_unread`).
+#[derive(Debug, Default)]
+struct Pending {
+    state: Mutex<Handoff>,
+    /// Notified when an answer is handed over.
+    answered: tokio::sync::Notify,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Handoff> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What a slow-path call's waiter and its task know of each other.
+#[derive(Debug, Default)]
+enum Handoff {
+    /// Neither has come yet.
+    #[default]
+    Waiting,
+    /// Redis answered (or failed) before the waiter decided.
+    Answered(Result<Reserved, String>),
+    /// The waiter decided without the answer: whether the fallback
+    /// admitted the request (`false` too when its client left).
+    Decided(bool),
+}
+
+/// The waiter's end of a slow-path call. Dropped while still open (its
+/// client left), it settles an answer that came meanwhile or records that
+/// nothing was admitted; and it gives back the lease's part of the request
+/// unless the request was admitted.
 struct AnswerSlot {
-    rx: tokio::sync::oneshot::Receiver<redis::RedisResult<Reserved>>,
+    pending: Arc<Pending>,
     bucket: Arc<SharedBucket>,
     /// The tokens asked of Redis, and the link's epoch then.
     ask: u64,
     epoch: u64,
-    /// Whether the answer is still to be read.
-    unread: bool,
-    /// Whether the fallback admitted the request when Redis was too slow;
-    /// shared with the call's task.
-    admitted_locally: Arc<AtomicBool>,
+    /// Until the waiter has read the answer or decided without it.
+    open: bool,
     /// The tokens the lease paid towards the request; zeroed once spent.
     from_lease: u64,
 }
 
 impl AnswerSlot {
-    /// Redis failed: the fallback decides the whole request. If it admits,
-    /// the lease's part is spent (Redis lent it).
-    fn fallback_decides(
+    /// Waits for the answer.
+    async fn answer(&mut self) -> Result<Reserved, String> {
+        loop {
+            if let Handoff::Answered(outcome) = std::mem::take(&mut *self.pending.lock()) {
+                self.open = false;
+                return outcome;
+            }
+            // A notification sent since the look is kept for this wait.
+            self.pending.answered.notified().await;
+        }
+    }
+
+    /// The wait ran out: `fallback` decides, unless the answer has come
+    /// after all (returned as `Err`, to be read as any answer).
+    fn decide(
         &mut self,
-        n: u64,
-        now: Tick,
-        max_wait: Duration,
-    ) -> Result<(Duration, ReportTriple), ReserveError> {
-        let decided = self.bucket.reserve_fallback(n, now, max_wait);
+        fallback: impl FnOnce() -> Result<(Duration, ReportTriple), ReserveError>,
+    ) -> Result<Result<(Duration, ReportTriple), ReserveError>, Result<Reserved, String>> {
+        let mut state = self.pending.lock();
+        if let Handoff::Answered(outcome) = std::mem::take(&mut *state) {
+            self.open = false;
+            return Err(outcome);
+        }
+        let decided = fallback();
+        *state = Handoff::Decided(decided.is_ok());
+        self.open = false;
         if decided.is_ok() {
+            // Spent: with what Redis is charged for the rest, Redis counts
+            // the whole request.
             self.from_lease = 0;
         }
-        decided
+        Ok(decided)
     }
 }
 
 impl Drop for AnswerSlot {
     fn drop(&mut self) {
-        if self.unread {
-            if let Ok(answer) = self.rx.try_recv() {
-                let admitted = self.admitted_locally.load(Ordering::Acquire);
+        if self.open {
+            let unread = {
+                let mut state = self.pending.lock();
+                match std::mem::take(&mut *state) {
+                    Handoff::Answered(outcome) => Some(outcome),
+                    Handoff::Waiting | Handoff::Decided(_) => {
+                        *state = Handoff::Decided(false);
+                        None
+                    }
+                }
+            };
+            if let Some(outcome) = unread {
                 self.bucket
-                    .settle_unread(self.ask, self.epoch, &answer, admitted);
+                    .settle_unread(self.ask, self.epoch, &outcome, false);
             }
         }
         if self.from_lease > 0 {
@@ -856,7 +921,7 @@ mod tests {
     /// cluster under-admitting. If the fallback admitted the request, they
     /// stay taken: they are that request's charge, and giving them back
     /// would let the cluster spend them twice (a review saw two replicas
-    /// admit 610 against a burst of 300 behind a 30 ms Redis).
+    /// admit 610 and 619 against a burst of 300 behind a 30 ms Redis).
     #[tokio::test]
     async fn tokens_redis_takes_after_the_waiter_left_come_back_unless_the_fallback_admitted() {
         let Some(redis) = TestRedis::start() else {
@@ -1002,11 +1067,17 @@ mod tests {
         assert_eq!(bucket.lease.load(Ordering::Acquire), 5, "given back");
         bucket.settle_unread(3, epoch, &refused, false);
         assert_eq!(bucket.owed.load(Ordering::Acquire), 7, "nothing to settle");
+        // A call that failed may or may not have run: owed, as charging
+        // twice can only under-admit.
+        bucket.settle_unread(2, epoch, &Err("reset".to_owned()), true);
+        assert_eq!(bucket.owed.load(Ordering::Acquire), 9);
+        bucket.settle_unread(2, epoch, &Err("reset".to_owned()), false);
+        assert_eq!(bucket.owed.load(Ordering::Acquire), 9);
         link.set_up(false);
         bucket.settle_unread(7, epoch, &refused, true);
         assert_eq!(
             bucket.owed.load(Ordering::Acquire),
-            7,
+            9,
             "the fallback's share counted it"
         );
     }
