@@ -77,6 +77,10 @@ def open_streams(port, n):
         s.connect(("127.0.0.1", port))
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        # The stream must be flowing (a 200) before its client stops reading.
+        status = s.recv(12)
+        if status != b"HTTP/1.1 200":
+            sys.exit(f"a stream was answered {status!r}, not 200: no figure")
         socks.append(s)
     return socks
 
@@ -101,6 +105,8 @@ def main():
                 break
             except OSError:
                 time.sleep(0.05)
+        else:
+            sys.exit(f"weir did not listen on 127.0.0.1:{port}")
         base = settle(weir.pid)
         stalled = open_streams(port, STREAMS)
         held = settle(weir.pid)
