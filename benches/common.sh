@@ -146,33 +146,28 @@ return200_block() { # port
     }"
 }
 
-# nginx proxying SSE streams: as proxy_block, but unbuffered, so each chunk
-# goes on to the client as it arrives, as an SSE proxy must.
-stream_proxy_block() { # listen-port upstream-port
-    echo "upstream mock { server 127.0.0.1:$2; keepalive 64; }
+# nginx as the reverse proxy weir is compared with: HTTP/1.1 keep-alive to
+# the upstream, 64 idle connections kept (nginx_conf's http block). An
+# optional upstream name (default `up`, one per block in an http block) and
+# extra directives for the location.
+proxy_block() { # listen-port upstream-port [upstream-name] [directive]
+    local name=${3:-up}
+    echo "upstream $name { server 127.0.0.1:$2; keepalive 64; }
     server {
         listen 127.0.0.1:$1;
         location / {
-            proxy_pass http://mock;
+            proxy_pass http://$name;
             proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-            proxy_buffering off;
+            proxy_set_header Connection \"\";${4:+
+            $4}
         }
     }"
 }
 
-# nginx as the reverse proxy weir is compared with: HTTP/1.1 keep-alive to
-# the upstream, 64 idle connections kept (nginx_conf's http block).
-proxy_block() { # listen-port upstream-port
-    echo "upstream up { server 127.0.0.1:$2; keepalive 64; }
-    server {
-        listen 127.0.0.1:$1;
-        location / {
-            proxy_pass http://up;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-        }
-    }"
+# nginx proxying SSE streams: as proxy_block, but unbuffered, so each chunk
+# goes on to the client as it arrives, as an SSE proxy must.
+stream_proxy_block() { # listen-port upstream-port
+    proxy_block "$1" "$2" mock "proxy_buffering off;"
 }
 
 # The gateway the loopback benches time: limits that never bind, MODEL on
