@@ -276,6 +276,18 @@ fn check_prints_the_resolved_config_with_secrets_masked() {
     assert!(!text.contains(BACKEND_KEY), "{text}");
 }
 
+/// A mock serving model `m` that streams `chunks` chunks at 10 a second.
+async fn slow_stream_mock(chunks: u32) -> mock::MockHandle {
+    mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .tokens_per_sec(10.0)
+            .chunks(chunks),
+    )
+    .await
+    .unwrap()
+}
+
 /// A `weir` process (its config in the returned directory) in front of a
 /// mock that streams `chunks` chunks at 10 a second, with `shutdown_grace`
 /// set to `grace`: the set-up of the signal tests.
@@ -283,14 +295,7 @@ async fn weir_before_a_slow_stream(
     chunks: u32,
     grace: &str,
 ) -> (mock::MockHandle, tempfile::TempDir, Running) {
-    let m = mock::start(
-        MockConfig::default()
-            .models(vec!["m".into()])
-            .tokens_per_sec(10.0)
-            .chunks(chunks),
-    )
-    .await
-    .unwrap();
+    let m = slow_stream_mock(chunks).await;
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"{grace}\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
@@ -503,14 +508,7 @@ async fn weir_reloading_onto_a_hanging_backend(
     tempfile::TempDir,
     Running,
 ) {
-    let m1 = mock::start(
-        MockConfig::default()
-            .models(vec!["m".into()])
-            .tokens_per_sec(10.0)
-            .chunks(chunks),
-    )
-    .await
-    .unwrap();
+    let m1 = slow_stream_mock(chunks).await;
     let m2 = mock::start(MockConfig::default().models(vec!["m".into()]).hang(true))
         .await
         .unwrap();
