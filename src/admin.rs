@@ -174,7 +174,9 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 /// `POST /admin/reload`: the reload's result; 400 with the errors when the
-/// new file is invalid (the old config keeps serving).
+/// new file is invalid (the old config keeps serving), 503 when a shutdown
+/// called the reload off (nothing was wrong with the request; the server
+/// is going away, as a proxy answers while draining).
 pub(crate) fn reload_response(result: Result<Vec<String>, ReloadError>) -> Response<GatewayBody> {
     match result {
         Ok(changes) => json_response(
@@ -186,8 +188,14 @@ pub(crate) fn reload_response(result: Result<Vec<String>, ReloadError>) -> Respo
                 ReloadError::Invalid(errors) => errors.0.iter().map(ToString::to_string).collect(),
                 other => vec![other.to_string()],
             };
+            let status = match e {
+                ReloadError::ShuttingDown | ReloadError::Interrupted(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                _ => StatusCode::BAD_REQUEST,
+            };
             json_response(
-                StatusCode::BAD_REQUEST,
+                status,
                 serde_json::json!({ "result": "error", "errors": errors }).to_string(),
             )
         }

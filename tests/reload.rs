@@ -1269,7 +1269,7 @@ async fn a_shutdown_calls_off_an_admin_reload_stuck_probing() {
     );
     shut_down_without_waiting_for_the_probe(live).await;
     let r = reload.await.expect("the admin client ran");
-    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("shutting down"), "{}", r.text());
 }
 
