@@ -92,6 +92,13 @@ struct MockArgs {
     /// Accept requests and never answer them.
     #[arg(long)]
     hang: bool,
+    /// Start answers but never finish them: a stream sends its headers and
+    /// its first N token chunks (never the final chunk or [DONE]), a
+    /// non-stream answer its headers and no body; the connection stays
+    /// open until the client leaves. /health and the injected 500s and
+    /// 429s are not held.
+    #[arg(long, value_name = "N")]
+    stall_after: Option<u32>,
     /// Name sent as `x-mock-name`.
     #[arg(long, default_value = "mock")]
     name: String,
@@ -384,7 +391,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
 async fn mock(args: MockArgs) -> anyhow::Result<()> {
     init_logging(LogFormat::Text);
-    let config = MockConfig::default()
+    let mut config = MockConfig::default()
         .models(args.models)
         .latency(args.latency)
         .tokens_per_sec(args.tokens_per_sec)
@@ -394,6 +401,7 @@ async fn mock(args: MockArgs) -> anyhow::Result<()> {
         .hang(args.hang)
         .name(args.name)
         .record(!args.no_record);
+    config.stall_after = args.stall_after;
     let listener = weir::mock::listen(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, "weir mock is serving");

@@ -4,7 +4,8 @@
 //! It owns the mock's whole life: the accept loop (HTTP/1.1 and h2c on one port, via
 //! `hyper_util`'s auto builder), the routes an OpenAI-style engine serves (`/v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings`, `/v1/models`, plus vLLM-style `/health` and `/metrics`),
-//! fault injection (latency, token pacing, 500s, 429s with `Retry-After`, a fixed status, hangs)
+//! fault injection (latency, token pacing, 500s, 429s with `Retry-After`, a fixed status, hangs,
+//! answers that stall part-way)
 //! and the bookkeeping tests assert on (request, in-flight, connection counts and the last
 //! [`RECORDED_CAPACITY`] requests).
 //!
@@ -82,6 +83,12 @@ pub struct MockConfig {
     pub retry_after: u32,
     /// Accept every request (all routes, `/health` included) and never answer it.
     pub hang: bool,
+    /// Answer inference requests but never finish them: a stream sends its head and its first
+    /// `N` token chunks (at most all of them, never the finish chunk or `[DONE]`), a non-stream
+    /// answer its head (with its `content-length`) and no body; then nothing more until the
+    /// client leaves or the mock shuts down. The connection stays open, and `/health` and the
+    /// injected failures are unaffected: a backend that stops mid-answer while its probes pass.
+    pub stall_after: Option<u32>,
     /// Answer every inference request with this status and an OpenAI error body.
     pub status_override: Option<u16>,
     /// Answer every inference request 500 while `/health` stays 200: a backend that passes
@@ -179,6 +186,7 @@ impl Default for MockConfig {
             rate_limit_rate: 0.0,
             retry_after: 1,
             hang: false,
+            stall_after: None,
             status_override: None,
             fail_inference_only: false,
             health_status: None,
@@ -241,6 +249,13 @@ impl MockConfig {
     /// Never answer.
     pub fn hang(mut self, hang: bool) -> Self {
         self.hang = hang;
+        self
+    }
+
+    /// Stall every answer after its head and `chunks` token chunks (see
+    /// [`MockConfig::stall_after`]).
+    pub fn stall_after(mut self, chunks: u32) -> Self {
+        self.stall_after = Some(chunks);
         self
     }
 
@@ -499,6 +514,9 @@ struct MockBody {
     pacing: Option<Pacing>,
     /// Frames handed out so far; the index of the next frame.
     sent: u32,
+    /// The index of the frame never handed out (`stall_after`): from there the body stays
+    /// pending, holding its connection, until hyper drops it. `None` for a body that finishes.
+    stall_at: Option<u32>,
     /// Advertise the exact length (non-stream); a stream stays chunked as real engines send it.
     exact_length: bool,
     /// Held until the body is finished or dropped.
@@ -529,6 +547,7 @@ impl MockBody {
             frames: VecDeque::from([bytes]),
             pacing: None,
             sent: 0,
+            stall_at: None,
             exact_length: true,
             _in_flight: in_flight,
         }
@@ -546,6 +565,11 @@ impl Body for MockBody {
         let this = self.get_mut();
         if this.frames.is_empty() {
             return Poll::Ready(None);
+        }
+        if this.stall_at == Some(this.sent) {
+            // No waker is kept: nothing is ever due. The client leaving (hyper sees the EOF or
+            // the h2 reset) or a shutdown (the connection task ends) drops the body instead.
+            return Poll::Pending;
         }
         if let Some(pacing) = &mut this.pacing {
             let at = pacing.deadline(this.sent);
@@ -883,7 +907,7 @@ async fn infer(
     if route == Route::Embeddings {
         wait(cfg.latency).await;
         let body = embeddings_json(&model, req.input.as_ref(), prompt_tokens);
-        return json_response(cfg, StatusCode::OK, &body);
+        return answer(cfg, &body, in_flight);
     }
     let limit = req.max_completion_tokens.or(req.max_tokens);
     let tokens = limit.map_or(cfg.chunks, |l| {
@@ -915,8 +939,16 @@ async fn infer(
         return stream_response(cfg, &completion, include_usage, in_flight);
     }
     wait(cfg.latency).await;
-    let mut response = json_response(cfg, StatusCode::OK, &completion.to_json());
-    response.body_mut()._in_flight = in_flight;
+    answer(cfg, &completion.to_json(), in_flight)
+}
+
+/// A non-stream 200: in flight until its body is sent, which a `stall_after` holds back whole
+/// (its head, `content-length` included, goes out; the body never does).
+fn answer(cfg: &MockConfig, body: &Value, in_flight: Option<InFlight>) -> Response<MockBody> {
+    let mut response = json_response(cfg, StatusCode::OK, body);
+    let body = response.body_mut();
+    body._in_flight = in_flight;
+    body.stall_at = cfg.stall_after.map(|_| 0);
     response
 }
 
@@ -1086,6 +1118,9 @@ fn stream_response(
         frames: completion.sse_frames(include_usage),
         pacing,
         sent: 0,
+        // Token chunks come first, so stalling at frame `n` sends `n` of them and never the
+        // finish chunk, even when `n` is more than the completion has.
+        stall_at: cfg.stall_after.map(|n| n.min(completion.tokens)),
         exact_length: false,
         _in_flight: in_flight,
     };
@@ -1895,6 +1930,161 @@ mod tests {
         );
         client.write_all(request.as_bytes()).await.expect("write");
         eventually("the hung request in flight", || mock.in_flight() == 1).await;
+
+        drop(client);
+
+        eventually("in-flight back to 0", || mock.in_flight() == 0).await;
+        eventually("connection closed", || mock.connections_open() == 0).await;
+    }
+
+    /// The events of `body` until `n` have come (frames may merge them), as text.
+    async fn first_events(body: &mut Incoming, n: usize) -> String {
+        let mut text = String::new();
+        while text.matches("\n\n").count() < n {
+            let frame = body.frame().await.expect("a frame").expect("a good frame");
+            if let Ok(data) = frame.into_data() {
+                text.push_str(std::str::from_utf8(&data).expect("utf-8"));
+            }
+        }
+        text
+    }
+
+    /// On a paused clock the runtime moves time on only once no task can make progress, so
+    /// anything the mock was going to send has been sent before this gives up.
+    async fn nothing_more(body: &mut Incoming) {
+        let more = tokio::time::timeout(Duration::from_secs(3600), body.frame()).await;
+        assert!(more.is_err(), "the body went on: {more:?}");
+    }
+
+    /// A new HTTP/1.1 connection's sender.
+    async fn connect(mock: &MockHandle) -> http1::SendRequest<Full<Bytes>> {
+        let stream = TcpStream::connect(mock.addr()).await.expect("connect");
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        sender
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stall_after_sends_n_chunks_then_holds_the_stream_until_shutdown() {
+        let mock = MockConfig::new()
+            .chunks(5)
+            .stall_after(2)
+            .start()
+            .await
+            .expect("start");
+        let mut sender = connect(&mock).await;
+
+        let response = sender
+            .send_request(chat(hello(json!({"stream": true}))))
+            .await
+            .expect("response head");
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let text = first_events(&mut body, 2).await;
+        assert_eq!(text.matches("\n\n").count(), 2, "{text}");
+        assert!(text.contains(r#""content":"tok0""#), "{text}");
+        assert!(text.contains(r#""content":" tok1""#), "{text}");
+        nothing_more(&mut body).await;
+        assert_eq!(mock.in_flight(), 1);
+        assert_eq!(mock.connections_open(), 1);
+
+        mock.shutdown();
+        tokio::time::timeout(Duration::from_secs(10), mock.stopped())
+            .await
+            .expect("a stalled stream does not hold the shutdown up");
+
+        let end = body.frame().await;
+        assert!(matches!(end, Some(Err(_))), "cut, not finished: {end:?}");
+        assert_eq!(mock.in_flight(), 0);
+        assert_eq!(mock.connections_open(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stall_after_past_the_last_token_still_holds_back_the_finish() {
+        let mock = MockConfig::new()
+            .chunks(2)
+            .stall_after(10)
+            .start()
+            .await
+            .expect("start");
+        let mut sender = connect(&mock).await;
+
+        let response = sender
+            .send_request(chat(hello(json!({"stream": true}))))
+            .await
+            .expect("response head");
+        let mut body = response.into_body();
+        let text = first_events(&mut body, 2).await;
+        nothing_more(&mut body).await;
+
+        assert!(!text.contains("finish_reason\":\"stop"), "{text}");
+        assert!(!text.contains("[DONE]"), "{text}");
+        assert_eq!(mock.in_flight(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stall_after_set_on_a_running_mock_holds_a_plain_answer_after_its_head() {
+        let mock = MockConfig::new().start().await.expect("start");
+        assert_eq!(
+            send(&mock, chat(hello(json!({})))).await.status,
+            StatusCode::OK
+        );
+
+        mock.update(|c| c.stall_after = Some(3));
+        let mut sender = connect(&mock).await;
+        let response = sender
+            .send_request(chat(hello(json!({}))))
+            .await
+            .expect("response head");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            response.headers().contains_key(header::CONTENT_LENGTH),
+            "{:?}",
+            response.headers()
+        );
+        let mut body = response.into_body();
+        nothing_more(&mut body).await;
+        assert_eq!(mock.in_flight(), 1);
+
+        // Probes and injected failures are answered whole beside it.
+        assert_eq!(send(&mock, get("/health")).await.status, StatusCode::OK);
+        mock.update(|c| c.failure_rate = 1.0);
+        let failed = send(&mock, chat(hello(json!({})))).await;
+        assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(failed.json()["error"]["type"], "server_error");
+        mock.update(|c| {
+            c.failure_rate = 0.0;
+            c.stall_after = None;
+        });
+        let answered = send(&mock, chat(hello(json!({})))).await;
+        assert_eq!(answered.json()["choices"][0]["finish_reason"], "stop");
+        assert_eq!(mock.in_flight(), 1, "the stalled answer is still held");
+    }
+
+    #[tokio::test]
+    async fn in_flight_returns_to_zero_when_client_leaves_a_stalled_stream() {
+        let mock = MockConfig::new()
+            .stall_after(1)
+            .start()
+            .await
+            .expect("start");
+        let body = hello(json!({"stream": true})).to_string();
+        let mut client = TcpStream::connect(mock.addr()).await.expect("connect");
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(request.as_bytes()).await.expect("write");
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("\n\n\r\n") {
+            let mut buf = [0u8; 1024];
+            let n = client.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the first chunk");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(mock.in_flight(), 1);
 
         drop(client);
 

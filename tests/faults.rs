@@ -436,6 +436,42 @@ async fn dripped_bodies_end_at_request_timeout_with_an_sse_error_event() {
     assert!(*at < Duration::from_secs(6), "{at:?}");
 }
 
+/// A stream that goes silent after its first event, its connection held
+/// open (the mock's `stall_after`): weir ends it at `request_timeout` (1 s
+/// here) with an `error` event after what arrived, and closes the
+/// backend's connection instead of keeping the stalled answer.
+#[tokio::test]
+async fn a_stream_stalled_after_its_first_event_ends_at_request_timeout() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m1".into()])
+            .stall_after(1),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[server]\nrequest_timeout = \"1s\"\n\n[[models]]\nname = \"m1\"\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &["m1"], 1)
+    );
+    let gw = gateway(&toml).await;
+
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &chat("m1", true)).await;
+
+    assert_eq!(s.status, 200);
+    let text = s.text();
+    let events: Vec<&str> = text.trim_end().split("\n\n").collect();
+    assert_eq!(events.len(), 2, "{text}");
+    assert!(events[0].contains(r#""content":"tok0""#), "{text}");
+    assert!(events[1].starts_with("event: error\ndata: {"), "{text}");
+    let (at, _) = s.frames.last().unwrap();
+    assert!(*at >= Duration::from_millis(900), "{at:?}");
+    let closed = eventually(Duration::from_secs(5), || {
+        m.connections_open() == 0 && m.in_flight() == 0
+    })
+    .await;
+    assert!(closed, "weir kept the stalled backend connection");
+}
+
 /// Headers and then silence: the stream ends with an `error` event at
 /// `first_byte_timeout` (300 ms here; SPEC: "response headers / first SSE
 /// event"), not at `request_timeout` (3 s), and counts as a timeout.
