@@ -16,24 +16,40 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::{fmt, EnvFilter};
 use weir::{config::LogFormat, mock::MockConfig, Config, Gateway, Handle};
 
+// `--config` is taken only where a config file is read: before the
+// subcommand (for the gateway, or for the subcommand after it, since users
+// write `weir --config F check` as well as `weir check --config F`) and by
+// `serve`, `check` and `healthcheck`. `demo` and `mock` read none, so there
+// it is a usage error rather than a flag silently ignored.
+
 /// A reverse-proxy gateway for OpenAI-style LLM APIs.
 #[derive(Parser, Debug)]
 #[command(name = "weir", version, about)]
 struct Cli {
-    /// Config file (default: $WEIR_CONFIG, else config/weir.toml). An
-    /// empty WEIR_CONFIG counts as unset.
-    #[arg(long, global = true)]
+    /// Config file of the gateway, or of the serve, check or healthcheck
+    /// after it (default: $WEIR_CONFIG, else config/weir.toml). An empty
+    /// WEIR_CONFIG counts as unset.
+    #[arg(long)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+/// The config file of the commands that read one.
+#[derive(Args, Debug, Default)]
+struct ConfigArgs {
+    /// Config file (default: $WEIR_CONFIG, else config/weir.toml). An
+    /// empty WEIR_CONFIG counts as unset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the gateway (the default).
-    Serve,
+    Serve(ConfigArgs),
     /// Validate the config and print it resolved (secrets masked), or every error.
-    Check,
+    Check(ConfigArgs),
     /// Run the gateway on 127.0.0.1:8080 in front of two embedded mock backends.
     Demo(DemoArgs),
     /// Run a standalone OpenAI-compatible mock backend.
@@ -44,6 +60,10 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct HealthcheckArgs {
+    /// Config whose `server.listen` is probed when there is no --url
+    /// (default: $WEIR_CONFIG; an empty one counts as unset).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// URL to GET (plain http). Default: `/healthz` on the `server.listen`
     /// of `--config` / $WEIR_CONFIG when one is given, else
     /// http://127.0.0.1:8080/healthz.
@@ -141,28 +161,28 @@ fn non_negative(text: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
+    let cli = Cli::parse();
+    let mut command = cli
+        .command
+        .unwrap_or_else(|| Command::Serve(ConfigArgs::default()));
     // A check across two arguments, which a value parser cannot make:
     // reported as clap reports a bad argument (usage, exit 2).
-    if let Some(Command::Mock(args)) = &cli.command {
+    if let Command::Mock(args) = &command {
         if let Err(message) = args.check_shares() {
-            let mut command = Cli::command();
-            command.build();
-            let kind = ErrorKind::ArgumentConflict;
-            match command.find_subcommand_mut("mock") {
-                Some(mock) => mock.error(kind, message).exit(),
-                None => command.error(kind, message).exit(),
-            }
+            usage_error("mock", ErrorKind::ArgumentConflict, message);
         }
     }
+    let config = match placed_config(cli.config, &mut command) {
+        Ok(flag) => flag,
+        Err((subcommand, message)) => usage_error(subcommand, ErrorKind::ArgumentConflict, message),
+    };
     // Read here rather than by clap, which refuses an empty variable (as
-    // a `--config` with no value) in every subcommand, even those that
-    // read no config.
-    if cli.config.is_none() {
-        cli.config = std::env::var_os("WEIR_CONFIG")
+    // a `--config` with no value).
+    let config = config.or_else(|| {
+        std::env::var_os("WEIR_CONFIG")
             .filter(|v| !v.is_empty())
-            .map(PathBuf::from);
-    }
+            .map(PathBuf::from)
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -173,13 +193,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => runtime.block_on(serve(config_path(cli.config))),
-        Command::Check => return check(&config_path(cli.config)),
+    let result = match command {
+        Command::Serve(_) => runtime.block_on(serve(config_path(config))),
+        Command::Check(_) => return check(&config_path(config)),
         Command::Demo(args) => runtime.block_on(demo(args)),
         Command::Mock(args) => runtime.block_on(mock(args)),
         Command::Healthcheck(args) => {
-            let url = match (args.url, &cli.config) {
+            let url = match (args.url, &config) {
                 (Some(url), _) => url,
                 (None, None) => weir::healthcheck::DEFAULT_URL.to_owned(),
                 (None, Some(path)) => match std::fs::read_to_string(path)
@@ -212,6 +232,47 @@ fn main() -> ExitCode {
             eprintln!("weir: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Exits as clap does on a bad argument (the message, the usage of
+/// `weir SUBCOMMAND`, exit 2), for checks clap cannot make itself.
+fn usage_error(subcommand: &str, kind: ErrorKind, message: String) -> ! {
+    let mut command = Cli::command();
+    command.build();
+    match command.find_subcommand_mut(subcommand) {
+        Some(sub) => sub.error(kind, message).exit(),
+        None => command.error(kind, message).exit(),
+    }
+}
+
+/// The `--config` given before the subcommand or after it (taken out of
+/// `command`). Given twice, or before a subcommand that reads no config,
+/// it is refused with that subcommand's name: ignoring it would run with
+/// a file the user did not mean, or with none.
+fn placed_config(
+    before: Option<PathBuf>,
+    command: &mut Command,
+) -> Result<Option<PathBuf>, (&'static str, String)> {
+    let (name, reads_config, after) = match command {
+        Command::Serve(args) => ("serve", true, args.config.take()),
+        Command::Check(args) => ("check", true, args.config.take()),
+        Command::Healthcheck(args) => ("healthcheck", true, args.config.take()),
+        Command::Demo(_) => ("demo", false, None),
+        Command::Mock(_) => ("mock", false, None),
+    };
+    match (before, after) {
+        (Some(_), Some(_)) => Err((
+            name,
+            "--config given twice, before and after the subcommand".to_owned(),
+        )),
+        (Some(_), None) if !reads_config => Err((
+            name,
+            format!(
+                "weir {name} reads no config file; --config is for serve, check and healthcheck"
+            ),
+        )),
+        (before, after) => Ok(before.or(after)),
     }
 }
 

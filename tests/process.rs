@@ -197,6 +197,102 @@ fn weir_config_names_the_file_and_empty_means_unset() {
     );
 }
 
+/// Runs `weir ARGS` (no `WEIR_CONFIG`) for at most 10 s: its exit code
+/// (`None` if it was still running and killed) and stderr.
+fn run_bounded(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("WEIR_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = wait_exit(&mut child, Duration::from_secs(10));
+    let out = child.wait_with_output().unwrap();
+    (code, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `--config` is taken before or after the subcommands that read a config
+/// (`weir --config F check` is `weir check --config F`; before
+/// `healthcheck` it names where to probe; `weir --config F` and
+/// `weir serve --config F` run the gateway on it), and refused as clap
+/// refuses a bad argument (usage, exit 2) where nothing reads it or when
+/// given twice: `demo` and `mock` ignored it, and showed it in their help.
+#[test]
+fn config_is_taken_where_a_config_is_read_and_refused_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        "[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n",
+    );
+    let bad_listen = dir.path().join("bad-listen.toml");
+    std::fs::write(&bad_listen, "[server]\nlisten = 8080\n").unwrap();
+    let missing = dir.path().join("missing.toml");
+    let (f, bad, none) = (
+        path.as_os_str(),
+        bad_listen.as_os_str(),
+        missing.as_os_str(),
+    );
+    let arg = |a: &'static str| std::ffi::OsStr::new(a);
+    let (config, listen, any) = (arg("--config"), arg("--listen"), arg("127.0.0.1:0"));
+
+    let after = Command::new(BIN)
+        .args([arg("check"), config, f])
+        .env_remove("WEIR_CONFIG")
+        .output()
+        .unwrap();
+    let before = Command::new(BIN)
+        .args([config, f, arg("check")])
+        .env_remove("WEIR_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(after.status.code(), Some(0), "{after:?}");
+    assert_eq!(before.status.code(), Some(0), "{before:?}");
+    assert_eq!(before.stdout, after.stdout);
+    for args in [
+        [config, bad, arg("healthcheck")],
+        [arg("healthcheck"), config, bad],
+    ] {
+        let (code, err) = run_bounded(&args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains("server.listen"), "{args:?}: {err}");
+    }
+    for args in [&[config, none][..], &[arg("serve"), config, none]] {
+        let (code, err) = run_bounded(args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains("cannot read the file"), "{args:?}: {err}");
+    }
+
+    for (args, usage) in [
+        (&[arg("demo"), listen, any, config, f][..], "weir demo"),
+        (&[config, f, arg("demo"), listen, any], "weir demo"),
+        (&[arg("mock"), listen, any, config, f], "weir mock"),
+        (&[config, f, arg("mock"), listen, any], "weir mock"),
+        (&[config, f, arg("check"), config, f], "weir check"),
+    ] {
+        let (code, err) = run_bounded(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(&format!("Usage: {usage} ")), "{args:?}: {err}");
+    }
+
+    let help = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).contains("--config")
+    };
+    for sub in ["demo", "mock"] {
+        assert!(!help(&[sub, "--help"]), "{sub}");
+    }
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["check", "--help"],
+        &["healthcheck", "--help"],
+    ] {
+        assert!(help(args), "{args:?}");
+    }
+}
+
 /// Starts weir on a port something else holds, with `server_extra` in its
 /// `[server]` table, and waits for it to exit: the address and its output.
 fn start_on_a_taken_port(server_extra: &str) -> (std::net::SocketAddr, std::process::Output) {
