@@ -724,3 +724,44 @@ async fn a_replica_killed_holding_a_lease_loses_at_most_its_lease() {
         "lost more than a lease: consumed {consumed:.2}, admitted {admitted}"
     );
 }
+
+/// A model a reload removes gives its shared bucket back: no snapshot
+/// keeps the start-up one (and with it the removed model's lease and its
+/// Redis top-ups) alive once the reload is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_removed_by_a_reload_leaves_the_cluster_status() {
+    let limits = format!("[[models]]\nname = \"{MODEL}\"\nrequests_per_minute = 600\n");
+    let Some(setup) = setup(MockConfig::default(), &limits, "gone", 1).await else {
+        return;
+    };
+    let addr = setup.running[0].addr;
+    let key = format!("gone:requests:{MODEL}");
+    let listed = |status: serde_json::Value| {
+        status["limits"]
+            .as_array()
+            .is_some_and(|limits| limits.iter().any(|l| l["key"] == key.as_str()))
+    };
+    let status = get(addr, "/admin/cluster").await.json();
+    assert!(listed(status.clone()), "{status}");
+    let path = setup._dir.path().join("gone.toml");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n\n[[models]]\nname = \"other\"\nrequests_per_minute = 600\n\n{}{QUIET}[cluster]\nkey_prefix = \"gone\"\n",
+        backend("b", &setup.backend.base_url(), &["other"], 1)
+    );
+    std::fs::write(&path, toml).unwrap();
+    signal(&setup.running[0].child, "-HUP");
+    let mut gone = false;
+    for _ in 0..100 {
+        let status = get(addr, "/admin/cluster").await.json();
+        if !listed(status) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gone,
+        "{key} is still in /admin/cluster 10 s after the reload: {}",
+        setup.running[0].log.lock().unwrap()
+    );
+}

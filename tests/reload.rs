@@ -1512,3 +1512,40 @@ async fn backend_up_follows_the_kept_health_across_a_reload() {
         "b3 passed its probe before the reload's swap: {text}"
     );
 }
+
+/// A reload that lowers `request_timeout` also shortens how long a client
+/// connecting afterwards may take no byte of a response: weir drops a
+/// client that never reads at the new value, not the one the listener
+/// started with.
+#[tokio::test]
+async fn a_reloaded_request_timeout_applies_to_clients_that_stop_reading() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = mock_named("b1", MockConfig::default().chunks(400_000)).await;
+    let slow = "[server]\nrequest_timeout = \"1h\"\nfirst_byte_timeout = \"1s\"\n";
+    let fast = "[server]\nrequest_timeout = \"1s\"\nfirst_byte_timeout = \"1s\"\n";
+    let live = Live::start(&format!("{slow}{}", file("", &[("b1", &m, 1)], ""))).await;
+    let changes = live
+        .apply(&format!("{fast}{}", file("", &[("b1", &m, 1)], "")))
+        .await;
+    assert!(
+        changes.iter().any(|c| c.contains("request_timeout")),
+        "{changes:?}"
+    );
+    let mut s = tokio::net::TcpStream::connect(live.gw.addr())
+        .await
+        .unwrap();
+    s.write_all(&raw_chat(&chat(MODEL, true), "connection: close\r\n"))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let _ = s.read(&mut buf).await.unwrap();
+    // Never read again: the stream fills the socket buffers and stalls.
+    let released = eventually(Duration::from_secs(20), || {
+        m.in_flight() == 0 && m.connections_open() == 0
+    })
+    .await;
+    assert!(
+        released,
+        "the stream is still held: the old request_timeout (1h) applies"
+    );
+}

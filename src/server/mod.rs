@@ -89,11 +89,17 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let server = &shared.snapshot.load().config.server;
-    let timeouts = http1::Timeouts {
-        header_read: server.header_read_timeout,
-        idle: server.idle_timeout,
-        write: server.request_timeout,
+    // Copied out of a guard dropped at once: a guard kept for the accept
+    // loop's life would keep the start-up snapshot (its buckets, leases and
+    // clients) alive after every reload.
+    let mut timeouts = {
+        let snapshot = shared.snapshot.load();
+        let server = &snapshot.config.server;
+        http1::Timeouts {
+            header_read: server.header_read_timeout,
+            idle: server.idle_timeout,
+            write: server.request_timeout,
+        }
     };
     // Client connections run on the lanes (one thread per core); the
     // admin listener's few connections stay on the main runtime.
@@ -140,6 +146,9 @@ pub(crate) async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        // `request_timeout` follows reloads (for the connections accepted
+        // after one); the header and idle timers need a restart.
+        timeouts.write = shared.snapshot.load().config.server.request_timeout;
         let accepted = Accepted {
             peer,
             role,
