@@ -1023,6 +1023,7 @@ impl Checker<'_> {
             },
             None => defaults::MAX_BODY_BYTES,
         };
+        let errors_before = self.errors.len();
         let request_timeout = self.duration(
             &raw.request_timeout,
             "server.request_timeout",
@@ -1035,7 +1036,10 @@ impl Checker<'_> {
             defaults::FIRST_BYTE_TIMEOUT,
             Zero::Refused,
         );
-        if first_byte_timeout > request_timeout {
+        // A refused value stands in as its default: comparing that would
+        // warn about a value the file does not set.
+        let both_taken = self.errors.len() == errors_before;
+        if both_taken && first_byte_timeout > request_timeout {
             // Located at the key the file sets: first_byte_timeout when
             // written, else request_timeout, which is then below the default.
             match (&raw.first_byte_timeout, &raw.request_timeout) {
@@ -3041,6 +3045,28 @@ key_prefix = "prod"
             c.warnings,
             ["weir.toml:10:22: server.first_byte_timeout: is longer than server.request_timeout, which ends the request first"]
         );
+    }
+
+    /// A refused timeout is not compared as the default standing in for it:
+    /// `first_byte_timeout = "0s"` beside a 30 s `request_timeout` is one
+    /// error, not also a warning that 60 s outlasts 30 s.
+    #[test]
+    fn a_refused_timeout_is_not_compared() {
+        for server in [
+            "request_timeout = \"30s\"\nfirst_byte_timeout = \"0s\"\n",
+            "request_timeout = \"30s\"\nfirst_byte_timeout = \"soon\"\n",
+            "request_timeout = \"0s\"\nfirst_byte_timeout = \"11m\"\n",
+        ] {
+            let checked =
+                Config::parse_checked(&format!("{MINIMAL}[server]\n{server}"), "weir.toml", &env);
+            let errors = checked.result.expect_err("a timeout is refused");
+            assert_eq!(errors.0.len(), 1, "{server}: {errors}");
+            assert!(
+                checked.warnings.is_empty(),
+                "{server}: {:?}",
+                checked.warnings
+            );
+        }
     }
 
     /// `weir check` needs the warnings of a file that has errors too.
