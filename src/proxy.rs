@@ -49,6 +49,16 @@ enum Failure {
     Status(StatusCode),
 }
 
+impl Failure {
+    /// What went wrong, for the client's error message (no secrets).
+    fn detail(&self) -> String {
+        match self {
+            Self::Attempt(e) => e.to_string(),
+            Self::Status(status) => format!("the last backend answered {}", status.as_u16()),
+        }
+    }
+}
+
 /// SPEC "Admin"/401: when `api_keys_env` is set, the client must send one of
 /// those keys as a Bearer token (or `x-api-key`), compared in constant time.
 pub(crate) fn authorize(headers: &ClientHeaders, snapshot: &Snapshot) -> Result<(), ApiError> {
@@ -236,11 +246,14 @@ impl<'a> Exchange<'a> {
         let members = &self.route.members;
         // Filled only when an attempt fails: most requests never allocate it.
         let mut tried: Vec<usize> = Vec::new();
+        // Backends that answered a 5xx with a `Retry-After`, and until when
+        // this request leaves them alone (only when one asks for a pause).
+        let mut paused: Vec<(usize, Instant)> = Vec::new();
         let mut last: Option<Failure> = None;
         let mut attempt = 0;
         let mut retry_permit: Option<RetryPermit<'_>> = None;
         loop {
-            let pick = self.next_backend(&tried, attempt > 0, log).await;
+            let pick = self.next_backend(&tried, &paused, attempt > 0, log).await;
             log.wait_ends();
             let (i, in_flight) = match pick {
                 Pick::Backend(i, in_flight) => (i, in_flight),
@@ -270,9 +283,9 @@ impl<'a> Exchange<'a> {
             // backend's idle close racing weir's reuse: not held against
             // the backend, and no back-off before the next one.
             let idle_closed = matches!(outcome, Err(AttemptError::IdleClosed(_)));
-            // Each failure says why, whether the backend asked for a pause,
-            // and the status it answered with, if it answered.
-            let (reason, retry_after, answered) = match outcome {
+            // Each failure says why, and the status it answered with, if it
+            // answered.
+            let (reason, answered) = match outcome {
                 Ok(response) if !is_retryable(response.status()) => {
                     self.report(backend, Outcome::Answered(started.elapsed()));
                     let Some((admitted, active)) = pending.admitted.take() else {
@@ -293,14 +306,21 @@ impl<'a> Exchange<'a> {
                     // retry reads from the backend's live state.
                     let pause = retry_after(&response);
                     self.report(backend, Outcome::RateLimited(pause));
-                    (FailureKind::Status429, None, Some(response.status()))
+                    (FailureKind::Status429, Some(response.status()))
                 }
-                // A 5xx's `Retry-After` (a 503's, RFC 9110 §10.2.3) paces a
-                // retry that goes back to this backend, as a 429's does.
+                // A 5xx's `Retry-After` (a 503's, RFC 9110 §10.2.3) keeps
+                // this request's retries off this backend, and only it,
+                // until it passes (other requests are not held to it).
                 Ok(response) => {
                     self.report(backend, Outcome::Failure);
-                    let pause = retry_after_given(&response);
-                    (FailureKind::Status5xx, pause, Some(response.status()))
+                    if let Some(pause) = retry_after_given(&response).filter(|p| !p.is_zero()) {
+                        let until = Instant::now() + pause;
+                        match paused.iter_mut().find(|(j, _)| *j == i) {
+                            Some((_, t)) => *t = until,
+                            None => paused.push((i, until)),
+                        }
+                    }
+                    (FailureKind::Status5xx, Some(response.status()))
                 }
                 Err(e) => {
                     tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
@@ -309,7 +329,7 @@ impl<'a> Exchange<'a> {
                     }
                     let reason = e.kind();
                     last = Some(Failure::Attempt(e));
-                    (reason, None, None)
+                    (reason, None)
                 }
             };
             // An answered failure is what the client hears of if no later
@@ -324,10 +344,10 @@ impl<'a> Exchange<'a> {
                 backend.errors.inc(reason);
             }
             tried.push(i);
-            match self.retry_delay(attempt, &mut tried, retry_after, &mut retry_permit) {
+            match self.retry_delay(attempt, &mut tried, &paused, &mut retry_permit) {
                 // The failed answer was dropped unread: nothing of it
                 // reached the client, so another backend may answer.
-                Some(delay) => {
+                Next::After(delay) => {
                     self.route.retries.inc(reason);
                     if !idle_closed {
                         tokio::time::sleep(delay).await;
@@ -335,19 +355,23 @@ impl<'a> Exchange<'a> {
                 }
                 // No retry left: every attempt failed, which SPEC answers
                 // with 502 even when the last one was a 429 or 5xx answer.
-                None => break,
+                Next::GiveUp => break,
+                // Time ran out, not attempts (SPEC "Timeouts"): 504, as
+                // when the last attempt itself was cut by request_timeout.
+                Next::OutOfTime => {
+                    return Err(ApiError::NoTimeToRetry {
+                        after: self.snapshot.config.server.request_timeout,
+                        detail: last.as_ref().map_or_else(String::new, Failure::detail),
+                    })
+                }
             }
         }
         Err(match last {
             None => ApiError::NoHealthyBackend(self.route.config.name.clone()),
             Some(Failure::Attempt(AttemptError::Timeout(d))) => self.timeout(d),
-            Some(Failure::Attempt(e)) => ApiError::BadGateway {
+            Some(failure) => ApiError::BadGateway {
                 model: self.route.config.name.clone(),
-                detail: e.to_string(),
-            },
-            Some(Failure::Status(status)) => ApiError::BadGateway {
-                model: self.route.config.name.clone(),
-                detail: format!("the last backend answered {}", status.as_u16()),
+                detail: failure.detail(),
             },
         })
     }
@@ -356,28 +380,43 @@ impl<'a> Exchange<'a> {
     /// "Retries", Envoy's policy): attempts left, a backend left (untried
     /// ones first; the same ones again only when none is left), the retry
     /// budget, and the back-off — full jitter, exponential from
-    /// `base_delay` to `max_delay`; when the next attempt may go back to a
-    /// backend already tried, at least a 5xx's `Retry-After` and until the
-    /// first backend held out (a 429's `Retry-After`, an ejection) is back
-    /// if none is in rotation — all within `request_timeout`.
+    /// `base_delay` to `max_delay`. A backend that asked for a pause (this
+    /// request's 5xx `Retry-After` in `paused`, anyone's 429 in its live
+    /// state) is not available until it passes; one ejected is not
+    /// available either, and not waited for past `max_delay` (nor does a
+    /// retry meet it failing again). When the next attempt must go to a
+    /// backend already tried, the back-off lasts at least until the first
+    /// available one is back. All within `request_timeout`: a retry that
+    /// could not start before it is [`Next::OutOfTime`].
     fn retry_delay<'s>(
         &'s self,
         attempt: u32,
         tried: &mut Vec<usize>,
-        retry_after: Option<Duration>,
+        paused: &[(usize, Instant)],
         permit: &mut Option<RetryPermit<'s>>,
-    ) -> Option<Duration> {
+    ) -> Next {
         if attempt >= self.max_attempts {
-            return None;
+            return Next::GiveUp;
         }
         let now = Instant::now();
         let members = &self.route.members;
-        // The snapshot's weights predate what this request's own failures
-        // did: a backend that answered 429, or was ejected, since it began
-        // is out until its live state says it is back.
+        let retry = &self.snapshot.config.retry;
+        // When backend `j` may take the next attempt, if this retry would
+        // wait for it. The snapshot's weights predate what this request's
+        // own failures did: a backend that answered 429, or was ejected,
+        // since it began is out until its live state says it is back.
         let back_at = |j: usize| -> Option<Instant> {
             let member = members.get(j).filter(|_| self.route.pool.weight(j) > 0)?;
-            Some(member.backend.live.held_out_until(now).unwrap_or(now))
+            let live = match member.backend.live.held_out_until(now) {
+                None => now,
+                Some(held) if held.asked || held.until <= now + retry.max_delay => held.until,
+                Some(_) => return None,
+            };
+            let asked = paused
+                .iter()
+                .find(|(k, _)| *k == j)
+                .map_or(now, |&(_, t)| t);
+            Some(live.max(asked))
         };
         // A busy backend is not "another backend available": the retry
         // goes back to one already tried rather than wait for its slot.
@@ -390,15 +429,14 @@ impl<'a> Exchange<'a> {
         // The soonest any backend is back in rotation.
         let soonest = (0..members.len()).filter_map(back_at).min();
         if repeat && soonest.is_none() {
-            return None;
+            return Next::GiveUp;
         }
         if permit.is_none() {
-            *permit = Some(RetryPermit::try_new(
-                self.shared,
-                self.snapshot.config.retry.budget_percent,
-            )?);
+            match RetryPermit::try_new(self.shared, retry.budget_percent) {
+                Some(p) => *permit = Some(p),
+                None => return Next::GiveUp,
+            }
         }
-        let retry = &self.snapshot.config.retry;
         let exp = retry
             .base_delay
             .saturating_mul(
@@ -409,10 +447,14 @@ impl<'a> Exchange<'a> {
         let mut delay = jitter::up_to(exp);
         if repeat {
             let back = soonest.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
-            delay = delay.max(retry_after.unwrap_or_default()).max(back);
+            delay = delay.max(back);
             tried.clear();
         }
-        (Instant::now() + delay < self.deadline).then_some(delay)
+        if Instant::now() + delay < self.deadline {
+            Next::After(delay)
+        } else {
+            Next::OutOfTime
+        }
     }
 
     /// The 504 for an attempt that waited `waited` for headers: cut by
@@ -446,7 +488,13 @@ impl<'a> Exchange<'a> {
     /// A retry (`retrying`) also skips backends held out since the
     /// request's snapshot was taken (ejected, or rate-limited by a 429),
     /// reading their live state; a first attempt takes no lock.
-    async fn next_backend(&self, tried: &[usize], retrying: bool, log: &mut AccessLog) -> Pick {
+    async fn next_backend(
+        &self,
+        tried: &[usize],
+        paused: &[(usize, Instant)],
+        retrying: bool,
+        log: &mut AccessLog,
+    ) -> Pick {
         let members = &self.route.members;
         let signal = &self.snapshot.slots;
         // Counted among the waiters from the second look on.
@@ -464,13 +512,17 @@ impl<'a> Exchange<'a> {
                 notified.as_mut().enable();
             }
             let now = retrying.then(Instant::now);
-            let held_out =
-                |m: &Member| now.is_some_and(|now| m.backend.live.held_out_until(now).is_some());
+            let held_out = |i: usize, m: &Member| {
+                now.is_some_and(|now| {
+                    m.backend.live.held_out_until(now).is_some()
+                        || paused.iter().any(|&(j, t)| j == i && t > now)
+                })
+            };
             let eligible = |i: usize| {
                 !tried.contains(&i)
                     && members
                         .get(i)
-                        .is_some_and(|m| !m.backend.is_saturated() && !held_out(m))
+                        .is_some_and(|m| !m.backend.is_saturated() && !held_out(i, m))
             };
             if let Some(i) = self.route.pool.pick(eligible) {
                 match members.get(i).and_then(|m| m.backend.try_begin()) {
@@ -491,7 +543,7 @@ impl<'a> Exchange<'a> {
             let any_left = (0..members.len()).any(|i| {
                 !tried.contains(&i)
                     && self.route.pool.weight(i) > 0
-                    && members.get(i).is_some_and(|m| !held_out(m))
+                    && members.get(i).is_some_and(|m| !held_out(i, m))
             });
             if !any_left {
                 return Pick::NoneLeft;
@@ -730,6 +782,18 @@ fn upstream_header<'a>(map: &'a HeaderMap, body: &'a UpstreamBody, kind: Name) -
         .and_then(|name| map.get(name))
         .map(HeaderValue::as_bytes)
         .or_else(|| body.raw_headers()?.get(kind))
+}
+
+/// What [`Exchange::retry_delay`] decided after a failed attempt.
+enum Next {
+    /// Retry after this back-off.
+    After(Duration),
+    /// No retry: attempts, backends worth waiting for or the retry budget
+    /// ran out; the client gets the last failure (502, or 504 for a
+    /// timeout).
+    GiveUp,
+    /// The next attempt could not start before `request_timeout` (504).
+    OutOfTime,
 }
 
 /// What [`Exchange::next_backend`] found.

@@ -210,13 +210,22 @@ impl BackendLive {
     /// (the later of an ejection's end and a 429's `Retry-After`), or
     /// `None` if it does not at `now`. Read only by a request that retries:
     /// its snapshot's weights predate what its own failures caused.
-    pub(crate) fn held_out_until(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn held_out_until(&self, now: Instant) -> Option<HeldOut> {
         self.with_health(|h| {
-            [h.ejected_until, h.rate_limited_until]
-                .into_iter()
-                .flatten()
-                .filter(|t| *t > now)
-                .max()
+            let ejected = h.ejected_until.filter(|t| *t > now);
+            let asked = h.rate_limited_until.filter(|t| *t > now);
+            match (ejected, asked) {
+                (None, None) => None,
+                (Some(until), None) => Some(HeldOut {
+                    until,
+                    asked: false,
+                }),
+                (None, Some(until)) => Some(HeldOut { until, asked: true }),
+                (Some(e), Some(a)) => Some(HeldOut {
+                    until: e.max(a),
+                    asked: a >= e,
+                }),
+            }
         })
     }
 
@@ -242,6 +251,17 @@ impl BackendLive {
                 Some(next.to_bits())
             });
     }
+}
+
+/// A backend out of rotation for a while: a retry waits out a pause the
+/// backend asked for (its 429's `Retry-After`), but not an ejection longer
+/// than `retry.max_delay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HeldOut {
+    /// When it is back.
+    pub until: Instant,
+    /// Whether the backend's own `Retry-After` ends last (not an ejection).
+    pub asked: bool,
 }
 
 /// Lets requests wait for "some backend freed a slot" without polling.

@@ -777,3 +777,134 @@ async fn failed_requests_are_counted_as_weirs_own_answers() {
         0.0
     );
 }
+
+/// A 5xx's `Retry-After` holds this request off the backend that sent it,
+/// and only it: the retries go on to a backend that asked for no pause,
+/// whichever of the two was tried first, instead of asking the first again
+/// inside its pause (`a_first`) or waiting out a pause the other one never
+/// asked for (`b_first`).
+#[tokio::test]
+async fn a_5xx_retry_after_pauses_only_the_backend_that_sent_it() {
+    let paused = mock::start(
+        MockConfig::default()
+            .models(vec!["a_first".into(), "b_first".into()])
+            .status(503)
+            .rate_limit(0.0, 30),
+    )
+    .await
+    .unwrap();
+    let resets = faulty(Fault::ResetBeforeHeaders).await;
+    // Weights 100 to 1, so each model's first pick is (almost always) the
+    // backend its name says.
+    let toml = format!(
+        r#"[server]
+request_timeout = "60s"
+
+[[models]]
+name = "a_first"
+[[models]]
+name = "b_first"
+
+{}{}{}{}{QUIET}
+[outlier]
+consecutive_failures = 1000
+
+[retry]
+max_attempts = 3
+base_delay = "1ms"
+max_delay = "5ms"
+budget_percent = 100
+"#,
+        backend("a1", &paused.base_url(), &["a_first"], 100),
+        backend("b1", &resets, &["a_first"], 1),
+        backend("a2", &paused.base_url(), &["b_first"], 1),
+        backend("b2", &resets, &["b_first"], 100),
+    );
+    let gw = gateway(&toml).await;
+    for (model, asked) in [("a_first", 1), ("b_first", 2)] {
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            post(gw.addr(), "/v1/chat/completions", &chat(model, false)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{model}: the retry waited out the 503's Retry-After: 30"));
+        assert_eq!(r.status, 502, "{model}: {}", r.text());
+        // Its third attempt went to the backend that reset, the only one
+        // not paused.
+        assert!(
+            r.text().contains("upstream failed"),
+            "{model}: {}",
+            r.text()
+        );
+        assert_eq!(
+            paused.requests(),
+            asked,
+            "{model}: the 503 backend was asked again inside its Retry-After"
+        );
+    }
+}
+
+/// A retry does not wait out an ejection longer than `max_delay`: the only
+/// backend's 500 ejects it for 3 s, and the client gets that 500 as a 502
+/// at once, instead of after 3 s and 6 s more of waiting for a backend
+/// that fails again, escalating its ejection count to 3 for one request.
+#[tokio::test]
+async fn a_retry_does_not_wait_out_an_ejection() {
+    let ms = mocks(vec![MockConfig::default().failure_rate(1.0)]).await;
+    let toml = retry_config(
+        &ms,
+        &[],
+        "[server]\nrequest_timeout = \"60s\"\n\n[outlier]\nconsecutive_failures = 1\nejection_time = \"3s\"\n\n[retry]\nmax_attempts = 3\nbase_delay = \"1ms\"\nmax_delay = \"200ms\"\nbudget_percent = 100\n",
+    );
+    let gw = gateway(&toml).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("answered 500"), "{}", r.text());
+    assert_eq!(ms[0].requests(), 1, "the ejected backend was tried again");
+    assert_eq!(backend_state(gw.addr(), "b0").await["ejections"], 1);
+}
+
+/// SPEC "Timeouts": 504 when time runs out, 502 when attempts do. With
+/// attempts to spare, failures until `request_timeout` leaves no time for
+/// another are a 504 naming it; so is a backend's `Retry-After` (a 503's
+/// or a 429's) that ends after `request_timeout`, at once, naming the
+/// backend's answer.
+#[tokio::test]
+async fn retries_that_run_out_of_time_answer_504() {
+    let cases = [
+        // The last failure is most often the 500, but an attempt that
+        // starts just before the deadline is cut by it instead.
+        (MockConfig::default().failure_rate(1.0), None),
+        (
+            MockConfig::default().status(503).rate_limit(0.0, 30),
+            Some("answered 503"),
+        ),
+        (
+            MockConfig::default().rate_limit(1.0, 30),
+            Some("answered 429"),
+        ),
+    ];
+    for (cfg, answered) in cases {
+        let ms = mocks(vec![cfg]).await;
+        let toml = retry_config(
+            &ms,
+            &[],
+            "[server]\nrequest_timeout = \"1s\"\n\n[outlier]\nconsecutive_failures = 1000000\n\n[retry]\nmax_attempts = 4294967295\nbase_delay = \"1ms\"\nmax_delay = \"200ms\"\nbudget_percent = 100\n",
+        );
+        let gw = gateway(&toml).await;
+        let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+        assert_eq!(r.status, 504, "{answered:?}: {}", r.text());
+        let error = &r.json()["error"];
+        assert_eq!(error["code"], "upstream_timeout", "{error}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(message.contains("request_timeout (1s)"), "{message}");
+        if let Some(answered) = answered {
+            assert!(message.contains(answered), "{message}");
+            assert_eq!(
+                ms[0].requests(),
+                1,
+                "{answered}: asked inside its Retry-After"
+            );
+        }
+    }
+}

@@ -133,6 +133,16 @@ pub enum ApiError {
         /// Its value.
         after: Duration,
     },
+    /// `request_timeout` would pass before another attempt could start,
+    /// with attempts left (504, SPEC "Timeouts": time ran out, not
+    /// attempts); the message says what the last attempt met.
+    #[error("The upstream did not answer within request_timeout ({after:?}): too little of it was left to try again after the last failure ({detail}).")]
+    NoTimeToRetry {
+        /// `request_timeout`.
+        after: Duration,
+        /// The last attempt's failure, without secrets.
+        detail: String,
+    },
     /// A bug or an unexpected internal failure (500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -229,7 +239,7 @@ impl ApiError {
                 "service_unavailable",
                 Some("no_healthy_backend"),
             ),
-            UpstreamTimeout { .. } => (
+            UpstreamTimeout { .. } | NoTimeToRetry { .. } => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
                 Some("upstream_timeout"),
