@@ -767,6 +767,8 @@ fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration
     let value = value.trim();
     let wait = match value.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
+        // Delay-seconds too large for 64 bits is still a (very long) wait.
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => MAX,
         Err(_) => {
             let at = httpdate::parse_http_date(value).ok()?;
             at.duration_since(now).unwrap_or(Duration::ZERO)
@@ -942,6 +944,7 @@ mod tests {
             (" 7 ", secs(7)),
             ("0", secs(0)),
             ("86400", secs(3600)),
+            ("99999999999999999999", secs(3600)),
             ("Wed, 21 Oct 2015 07:28:08 GMT", secs(8)),
             ("Wed, 21 Oct 2015 07:27:00 GMT", secs(0)),
             ("Thu, 22 Oct 2015 07:28:00 GMT", secs(3600)),
