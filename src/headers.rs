@@ -194,7 +194,8 @@ impl Upstream<'_> {
     /// behind (weir sends the whole body at once, as nginx does) and so does
     /// `Accept-Encoding` (replaced by `identity`: weir reads `usage` from
     /// the answer and removes its own usage chunk, neither of which it can
-    /// do in compressed bytes).
+    /// do in compressed bytes), and so do the scopes of the client's own key
+    /// ([`scopes_the_client_key`]).
     fn passes(&self, kind: Name, name: &[u8]) -> bool {
         let replaced = matches!(
             kind,
@@ -204,7 +205,7 @@ impl Upstream<'_> {
                 | Name::RequestId
                 | Name::Expect
                 | Name::AcceptEncoding
-        );
+        ) || (kind == Name::Other && scopes_the_client_key(name));
         !replaced && !kind.is_hop_by_hop() && !self.client.named_by_connection(name)
     }
 
@@ -238,6 +239,20 @@ impl HeaderLines for Upstream<'_> {
         }
         line(Name::RequestId, b"x-request-id", self.request_id.as_bytes());
         line(Name::AcceptEncoding, b"accept-encoding", b"identity");
+    }
+}
+
+/// Whether `name` is `OpenAI-Organization` or `OpenAI-Project` (any case):
+/// they pick the organization and project the client's own key acts for.
+/// weir sends the backend's key instead of the client's, and a provider may
+/// refuse that key beside an organization or project it does not belong to,
+/// so they stay behind with the key they scope. One length compare for
+/// nearly every other header.
+fn scopes_the_client_key(name: &[u8]) -> bool {
+    match name.len() {
+        14 => name.eq_ignore_ascii_case(b"openai-project"),
+        19 => name.eq_ignore_ascii_case(b"openai-organization"),
+        _ => false,
     }
 }
 
@@ -286,14 +301,15 @@ mod tests {
     }
 
     #[test]
-    fn upstream_headers_leave_out_hop_by_hop_credentials_and_the_client_id() {
+    fn upstream_headers_leave_out_hop_by_hop_credentials_their_scopes_and_the_client_id() {
         let id = HeaderValue::from_static("weir-id");
         let head =
             "POST / HTTP/1.1\r\nHost: weir.local\r\nConnection: keep-alive, X-Secret-Hop\r\n\
             x-secret-hop: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\n\
             Authorization: Bearer client-key\r\nx-api-key: k\r\napi-key: k\r\n\
             X-Request-Id: client-id\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\
-            Expect: 100-continue\r\nAccept-Encoding: gzip, br\r\n\r\n";
+            Expect: 100-continue\r\nAccept-Encoding: gzip, br\r\n\
+            OpenAI-Organization: org-client\r\nopenai-project: proj_client\r\n\r\n";
         let mut map = HeaderMap::new();
         map.insert(header::HOST, HeaderValue::from_static("weir.local"));
         map.insert(header::CONNECTION, HeaderValue::from_static("x-secret-hop"));
@@ -307,6 +323,11 @@ mod tests {
         map.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
         map.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
         map.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        map.insert(
+            "openai-organization",
+            HeaderValue::from_static("org-client"),
+        );
+        map.insert("openai-project", HeaderValue::from_static("proj_client"));
         for client in [raw(head), ClientHeaders::Map(map)] {
             let upstream = Upstream {
                 client: &client,
@@ -321,7 +342,8 @@ mod tests {
             });
             // Host and the length are left to the writers.
             let names: Vec<&str> = lines.iter().map(|(n, _)| n.as_str()).collect();
-            // `Expect` stays behind; the client's encodings give way to
+            // `Expect` stays behind, and so do the organization and project
+            // of the client's key; the client's encodings give way to
             // `identity`, so the answer's usage can be read.
             assert_eq!(
                 names,

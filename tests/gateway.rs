@@ -258,6 +258,56 @@ async fn api_keys_are_checked_and_never_forwarded() {
     assert!(!format!("{:?}{}", ok.headers, ok.text()).contains(BACKEND_KEY));
 }
 
+/// The client's `OpenAI-Organization` and `OpenAI-Project` scope its own
+/// key, which never goes upstream: they stay behind with it, so a provider
+/// never sees them beside the backend's key. Forwarding headers pass as the
+/// client sent them, and weir adds none of its own (README "Headers").
+#[tokio::test]
+async fn the_client_keys_organization_and_project_stay_behind() {
+    let (gw, m) = one_backend(MockConfig::default(), "").await;
+    let c = client();
+    let ok = send(
+        &c,
+        "POST",
+        gw.addr(),
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("OpenAI-Organization", "org-client"),
+            ("openai-project", "proj_client"),
+            ("x-forwarded-for", "10.0.0.7"),
+            ("forwarded", "for=10.0.0.7"),
+            ("x-end-to-end", "kept"),
+        ],
+        chat(MODEL, false),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let bare = send(
+        &c,
+        "POST",
+        gw.addr(),
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        chat(MODEL, false),
+    )
+    .await;
+    assert_eq!(bare.status, 200, "{}", bare.text());
+    let seen = m.recorded();
+    assert_eq!(seen.len(), 2);
+    let h = &seen[0].headers;
+    assert!(h.get("openai-organization").is_none(), "{h:?}");
+    assert!(h.get("openai-project").is_none(), "{h:?}");
+    assert_eq!(h["authorization"], format!("Bearer {BACKEND_KEY}"));
+    assert_eq!(h["x-end-to-end"], "kept");
+    assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+    assert_eq!(h["forwarded"], "for=10.0.0.7");
+    let h = &seen[1].headers;
+    for added in ["x-forwarded-for", "forwarded", "x-real-ip", "via"] {
+        assert!(h.get(added).is_none(), "{added}: {h:?}");
+    }
+}
+
 #[tokio::test]
 async fn unreachable_backend_gives_502() {
     // Bind and drop a listener to get a port nothing listens on.
