@@ -344,6 +344,146 @@ fn a_fatal_error_under_json_logging_is_one_json_line() {
     assert_eq!(err.matches("in use").count(), 1, "{err}");
 }
 
+/// tests/fixtures/redis-tls/NAME: a test CA, and a certificate it signed
+/// for 127.0.0.1 with its key.
+fn private_ca_fixture(name: &str) -> String {
+    format!(
+        "{}/tests/fixtures/redis-tls/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// An `https://` backend on 127.0.0.1 whose certificate only the test CA
+/// vouches for (an in-cluster server behind a private CA): every request,
+/// read whole, gets one chat completion and the connection's close.
+fn https_backend_behind_a_private_ca() -> std::net::SocketAddr {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(private_ca_fixture("server.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(private_ca_fixture("server-key.pem")).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let config = config.clone();
+            // A handshake weir refuses ends this connection's thread only.
+            std::thread::spawn(move || answer_one_request(config, tcp));
+        }
+    });
+    addr
+}
+
+/// Reads one request (head and `Content-Length` body) over TLS and answers
+/// it with a chat completion.
+fn answer_one_request(
+    config: std::sync::Arc<rustls::ServerConfig>,
+    tcp: std::net::TcpStream,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tls.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        request.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&request).to_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = (text[..end].lines())
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if request.len() >= end + 4 + length {
+                break;
+            }
+        }
+    }
+    let body = r#"{"id":"c1","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    write!(
+        tls,
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    tls.conn.send_close_notify();
+    tls.flush()
+}
+
+/// An `https://` backend behind a private CA is trusted through OpenSSL's
+/// `SSL_CERT_FILE` or `SSL_CERT_DIR` (beside the webpki roots); without
+/// either its answer is a 502 (`UnknownIssuer`), and a file that cannot be
+/// read stops start-up with an error naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_backend_behind_a_private_ca_is_trusted_through_ssl_cert_file_or_dir() {
+    let backend_addr = https_backend_behind_a_private_ca();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+            backend("private", &format!("https://{backend_addr}/v1"), &["m"], 1)
+        ),
+    );
+    let ca = private_ca_fixture("ca.pem");
+    let ca_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&ca, ca_dir.path().join("weir-test-ca.pem")).unwrap();
+    let ca_dir = ca_dir.path().to_str().unwrap().to_owned();
+    // Each variable is given (empty counts as unset), so the test's own
+    // environment cannot add a CA.
+    for (env, trusted) in [
+        ([("SSL_CERT_FILE", ca.as_str()), ("SSL_CERT_DIR", "")], true),
+        (
+            [("SSL_CERT_FILE", ""), ("SSL_CERT_DIR", ca_dir.as_str())],
+            true,
+        ),
+        ([("SSL_CERT_FILE", ""), ("SSL_CERT_DIR", "")], false),
+    ] {
+        let weir = spawn_weir_env(&config, "debug", &env);
+        let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+        let log = weir.log.lock().unwrap().clone();
+        if trusted {
+            assert_eq!(reply.status, 200, "{env:?}: {}\n{log}", reply.text());
+            assert_eq!(reply.json()["choices"][0]["message"]["content"], "hi");
+        } else {
+            assert_eq!(reply.status, 502, "{env:?}: {}", reply.text());
+            assert!(log.contains("UnknownIssuer"), "{log}");
+        }
+    }
+    let missing = dir.path().join("missing-ca.pem");
+    let out = Command::new(BIN)
+        .args(["--config"])
+        .arg(&config)
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .env("SSL_CERT_FILE", &missing)
+        .env("SSL_CERT_DIR", "")
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "SSL_CERT_FILE={}: cannot read it",
+            missing.display()
+        )),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_prints_the_resolved_config_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();
