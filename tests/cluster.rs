@@ -765,3 +765,35 @@ async fn a_model_removed_by_a_reload_leaves_the_cluster_status() {
         setup.running[0].log.lock().unwrap()
     );
 }
+
+/// A 429 of a shared limit carries the wait Redis computed, exactly: at 6 a
+/// minute with a burst of 1, a request a second after the bucket was
+/// emptied (on the other replica) waits at most 9 s. A review saw
+/// `retry-after: 10` and reset `10s` 7 s after, for a wait of 3 s: the
+/// refusing bucket's wait was replaced by an estimate from whole tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_limits_429_carries_the_exact_wait() {
+    let limits = format!(
+        "[[models]]\nname = \"{MODEL}\"\nrequests_per_minute = 6\nburst = 1\nqueue_timeout = \"500ms\"\n"
+    );
+    let Some(setup) = setup(MockConfig::default(), &limits, "exact", 2).await else {
+        return;
+    };
+    let (a, b) = (setup.running[0].addr, setup.running[1].addr);
+    let first = post(a, "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    // Redis took the token before that answer: a second of it refills.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refused = post(b, "/v1/chat/completions", &chat(MODEL, false)).await;
+    refused.assert_error(429, "requests", "rate_limit_exceeded");
+    let retry_after: u64 = refused.header("retry-after").parse().unwrap();
+    assert!(retry_after <= 9, "retry-after {retry_after}");
+    let reset = refused.header("x-ratelimit-reset-requests");
+    let reset_s: f64 = reset.strip_suffix('s').unwrap().parse().unwrap();
+    assert!(reset_s <= 9.0, "reset {reset}");
+    assert_eq!(
+        reset_s.ceil().to_string(),
+        retry_after.to_string(),
+        "Retry-After rounds the reset up: {reset}"
+    );
+}

@@ -822,14 +822,18 @@ fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -
             global: is_global(taken),
         },
         ReserveError::WouldWait { wait } => {
-            // One look at every bucket: the longest wait names the 429, and
-            // a bucket (a later one, not reached) that can never hold the
-            // request makes it a 413 instead (SPEC: it could never pass),
-            // not a 429 whose Retry-After would send the client back for
-            // nothing.
+            // One look at every other bucket: the longest wait names the
+            // 429, and a bucket (a later one, not reached) that can never
+            // hold the request makes it a 413 instead (SPEC: it could never
+            // pass), not a 429 whose Retry-After would send the client back
+            // for nothing. The refusing bucket is not asked again: its
+            // `wait` is exact (a shared limit's comes from Redis, and its
+            // `wait_for` only estimates from the last level reported).
             let (mut kind, mut refusing, mut wait) = ((kind, taken), limit, wait);
             for (step, &(other, n, other_kind)) in steps.iter().enumerate() {
-                let Some(other) = other else { continue };
+                let Some(other) = other.filter(|_| step != taken) else {
+                    continue;
+                };
                 match other.wait_for(n, now) {
                     Ok(w) if w > wait => {
                         (kind, refusing, wait) = ((other_kind, step), Some(other), w);

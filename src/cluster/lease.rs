@@ -398,17 +398,35 @@ impl SharedBucket {
     /// How long `n` tokens would wait at `now`, without taking anything:
     /// from the lease and the level Redis last reported (no round trip; used
     /// only to find the longest wait of a request another bucket refused).
+    ///
+    /// Redis' report says when the bucket is full again (`full_at`); its
+    /// level rises by one token every `60 / rate` s until then, so it holds
+    /// what the lease does not cover `(capacity - that)` tokens' refill time
+    /// before `full_at`. That counts the part of a token already refilled,
+    /// which the whole tokens of `remaining` drop (a review saw a
+    /// `Retry-After: 10` for a wait of 3 s at 6 a minute). It is exact as of
+    /// the last report; what other replicas took since can only make the
+    /// real wait longer, never this estimate.
     pub fn wait_for(&self, n: u64, now: Tick) -> Result<Duration, ReserveError> {
         self.fits(n)?;
         if !self.link.is_up() {
             return self.fallback.wait_for(n, now);
         }
-        let (_, remaining, _) = self.cached_report(self.lease.load(Ordering::Relaxed), now);
-        let missing = n.saturating_sub(remaining);
-        let rate = self.rate_per_minute.load(Ordering::Relaxed).max(1);
-        let nanos = u128::from(missing) * 60_000_000_000 / u128::from(rate);
+        let from_redis = n.saturating_sub(self.lease.load(Ordering::Relaxed));
+        if from_redis == 0 {
+            return Ok(Duration::ZERO);
+        }
+        let until_full = self
+            .full_at
+            .load(Ordering::Relaxed)
+            .saturating_sub(now.nanos());
+        let spare = self.capacity().saturating_sub(from_redis);
+        let rate = self.rate_per_minute().max(1);
+        // Rounded down, so the wait is rounded up.
+        let spare_nanos = u128::from(spare) * 60_000_000_000 / u128::from(rate);
+        let wait = u128::from(until_full).saturating_sub(spare_nanos);
         Ok(Duration::from_nanos(
-            u64::try_from(nanos).unwrap_or(u64::MAX),
+            u64::try_from(wait).unwrap_or(u64::MAX),
         ))
     }
 
@@ -1009,6 +1027,33 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(bucket.lease.load(Ordering::Acquire), 10, "given back");
+    }
+
+    /// Another bucket's refusal asks this one how long it would make the
+    /// request wait, from Redis' last report: the part of a token refilled
+    /// since counts (a review saw 10 s, a whole token at 6 a minute, for a
+    /// wait of 3 s), and the lease covers its share.
+    #[tokio::test]
+    async fn wait_for_counts_the_part_of_a_token_already_refilled() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        // 6 a minute, burst 1: one token every 10 s.
+        let bucket = bucket_on(&redis, 6, 1).await;
+        let taken = bucket
+            .reserve_slow(1, Instant::now().into(), Duration::ZERO)
+            .await;
+        assert!(matches!(taken, Ok((Duration::ZERO, _))), "{taken:?}");
+        // Redis reported the bucket full 10 s after it answered, which came
+        // before this reading.
+        let later = Instant::now() + Duration::from_secs(7);
+        let wait = bucket.wait_for(1, later.into()).expect("fits");
+        assert!(wait <= Duration::from_secs(3), "{wait:?}");
+        assert!(wait > Duration::ZERO, "not refilled yet");
+        let full = later + Duration::from_secs(3);
+        assert_eq!(bucket.wait_for(1, full.into()), Ok(Duration::ZERO));
+        bucket.lease.store(1, Ordering::Release);
+        assert_eq!(bucket.wait_for(1, later.into()), Ok(Duration::ZERO));
     }
 
     /// The fallback's level follows Redis' share down, never up: a report
