@@ -797,3 +797,48 @@ async fn a_shared_limits_429_carries_the_exact_wait() {
         "Retry-After rounds the reset up: {reset}"
     );
 }
+
+/// With Redis down, a request the configured limit admits is still
+/// admitted: 600 tokens a minute over two replicas is a fallback share of
+/// 300 each, and a request of more than 300 (but at most 600) waits for
+/// the share to be full and takes it into debt, instead of the permanent
+/// 413 ("can ever hold") a review saw until Redis came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_limit_admits_is_not_too_large_for_the_fallback_share() {
+    let limits = format!(
+        "[[models]]\nname = \"{MODEL}\"\ntokens_per_minute = 600\nqueue_timeout = \"0s\"\n"
+    );
+    let Some(setup) = setup(MockConfig::default(), &limits, "share", 2).await else {
+        return;
+    };
+    let Setup {
+        mut redis,
+        backend: _backend,
+        running,
+        _dir: _keep,
+    } = setup;
+    redis.kill();
+    let addr = running[0].addr;
+    assert!(
+        wait_for_metrics(addr, 0, 0).await,
+        "{addr} never noticed Redis was gone"
+    );
+    let body = |max_tokens: u32| {
+        format!(
+            r#"{{"model":"{MODEL}","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )
+    };
+    let big = post(addr, "/v1/chat/completions", &body(400)).await;
+    assert_eq!(big.status, 200, "{}", big.text());
+    // Its unused tokens came back, but the share is not full again: the
+    // next large one waits for it (429, not 413).
+    let next = post(addr, "/v1/chat/completions", &body(400)).await;
+    next.assert_error(429, "tokens", "rate_limit_exceeded");
+    let too_large = post(addr, "/v1/chat/completions", &body(700)).await;
+    assert_eq!(too_large.status, 413, "{}", too_large.text());
+    assert!(
+        too_large.text().contains("limit of 600"),
+        "{}",
+        too_large.text()
+    );
+}

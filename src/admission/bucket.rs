@@ -244,7 +244,7 @@ impl Bucket {
         now: impl Into<Tick>,
         max_wait: Duration,
     ) -> Result<Duration, ReserveError> {
-        self.reserve_then(n, now, max_wait, false, |_, _| ())
+        self.reserve_then(n, now, max_wait, (false, None), |_, _| ())
             .map(|(wait, _, ())| wait)
     }
 
@@ -257,7 +257,26 @@ impl Bucket {
         now: impl Into<Tick>,
         max_wait: Duration,
     ) -> Result<(Duration, Report), ReserveError> {
-        self.reserve_then(n, now, max_wait, false, State::report)
+        self.reserve_then(n, now, max_wait, (false, None), State::report)
+            .map(|(wait, _, report)| (wait, report))
+    }
+
+    /// [`reserve_and_report`](Self::reserve_and_report) that also admits a
+    /// request larger than the bucket, up to `most` tokens: it waits until
+    /// the bucket is full, then takes it into debt for the rest (`tat`
+    /// moves `n × T` on, as for any reservation), which later requests wait
+    /// out. The long-run rate holds; the burst grows by at most one such
+    /// request's excess over the capacity. Only the cluster's fallback
+    /// uses it: its bucket is a replica's share of a limit that admits
+    /// such requests (SPEC: a 413 only for what can never pass).
+    pub fn reserve_and_report_up_to(
+        &self,
+        n: u64,
+        now: impl Into<Tick>,
+        max_wait: Duration,
+        most: u64,
+    ) -> Result<(Duration, Report), ReserveError> {
+        self.reserve_then(n, now, max_wait, (false, Some(most)), State::report)
             .map(|(wait, _, report)| (wait, report))
     }
 
@@ -273,22 +292,25 @@ impl Bucket {
         now: impl Into<Tick>,
         max_wait: Duration,
     ) -> Result<(Duration, Option<Ticket>, Level), ReserveError> {
-        self.reserve_then(n, now, max_wait, true, State::level)
+        self.reserve_then(n, now, max_wait, (true, None), State::level)
     }
 
     /// The reservation itself; with `queue`, a reservation that waits is
-    /// registered. `after` reads the state it leaves, under the same lock.
+    /// registered; with `most`, one larger than the bucket is admitted up
+    /// to it ([`reserve_and_report_up_to`](Self::reserve_and_report_up_to);
+    /// never with `queue`). `after` reads the state it leaves, under the
+    /// same lock.
     fn reserve_then<R>(
         &self,
         n: u64,
         now: impl Into<Tick>,
         max_wait: Duration,
-        queue: bool,
+        (queue, most): (bool, Option<u64>),
         after: impl FnOnce(&State, u64) -> R,
     ) -> Result<(Duration, Option<Ticket>, R), ReserveError> {
         let now = self.nanos(now);
         let mut state = self.lock();
-        let (new_tat, wait_nanos) = state.reservation(n, now)?;
+        let (new_tat, wait_nanos) = state.reservation(n, now, most)?;
         // Compared after saturating, so `WouldWait { wait }` always has
         // `wait > max_wait`; the two differ only beyond 584 years.
         let wait = duration_from_nanos(wait_nanos);
@@ -310,9 +332,21 @@ impl Bucket {
     /// longest wait before reserving in any of them. Only
     /// [`ReserveError::TooLarge`] is returned.
     pub fn wait_for(&self, n: u64, now: impl Into<Tick>) -> Result<Duration, ReserveError> {
+        self.wait_for_up_to(n, now, None)
+    }
+
+    /// [`wait_for`](Self::wait_for) of a reservation that may be larger
+    /// than the bucket, up to `most` tokens, as
+    /// [`reserve_and_report_up_to`](Self::reserve_and_report_up_to) makes it.
+    pub fn wait_for_up_to(
+        &self,
+        n: u64,
+        now: impl Into<Tick>,
+        most: Option<u64>,
+    ) -> Result<Duration, ReserveError> {
         let now = self.nanos(now);
         let state = self.lock();
-        let (_, wait_nanos) = state.reservation(n, now)?;
+        let (_, wait_nanos) = state.reservation(n, now, most)?;
         Ok(duration_from_nanos(wait_nanos))
     }
 
@@ -663,15 +697,21 @@ impl State {
 
     /// The `tat` after reserving `n` at `now_nanos` and the wait in
     /// nanoseconds (rounded up, so the tokens are surely covered by then).
-    fn reservation(&self, n: u64, now_nanos: u64) -> Result<(u128, u128), ReserveError> {
-        if n > self.capacity {
-            return Err(ReserveError::TooLarge {
-                capacity: self.capacity,
-            });
+    /// Up to `most` tokens (at least the capacity) are admitted; one larger
+    /// than the bucket waits until it is full (`tau` is then `n × T`).
+    fn reservation(
+        &self,
+        n: u64,
+        now_nanos: u64,
+        most: Option<u64>,
+    ) -> Result<(u128, u128), ReserveError> {
+        let most = most.map_or(self.capacity, |most| most.max(self.capacity));
+        if n > most {
+            return Err(ReserveError::TooLarge { capacity: most });
         }
         let now = self.scaled(now_nanos);
         let new_tat = self.tat.max(now).saturating_add(cost(n));
-        let tau = cost(self.capacity);
+        let tau = cost(self.capacity.max(n));
         let wait_units = new_tat.saturating_sub(now).saturating_sub(tau);
         // Most reservations are covered at once: skip the division then.
         let wait = match wait_units {
@@ -1078,6 +1118,37 @@ mod tests {
         // Refunds move it at the new rate: 1 token is 8.57 s at 7 a minute.
         wake(bucket.refund(1, t0 + ms(30)));
         assert_eq!(turn(&bucket, ticket, t0 + ms(30), &waker), (None, false));
+    }
+
+    /// Up to `most`, a request larger than the bucket waits until it is
+    /// full and then takes it into debt, which the next one waits out.
+    #[test]
+    fn a_request_beyond_the_capacity_waits_for_a_full_bucket_then_goes_into_debt() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(600), nz(10), t0);
+        assert_eq!(bucket.reserve(4, t0, Duration::ZERO), Ok(Duration::ZERO));
+        // Full again in 4 × 100 ms.
+        assert_eq!(bucket.wait_for_up_to(15, t0, Some(20)), Ok(ms(400)));
+        assert_eq!(
+            bucket.reserve_and_report_up_to(15, t0, Duration::ZERO, 20),
+            Err(ReserveError::WouldWait { wait: ms(400) })
+        );
+        assert_eq!(
+            bucket.reserve_and_report_up_to(21, t0, LONG, 20),
+            Err(ReserveError::TooLarge { capacity: 20 })
+        );
+        assert_eq!(
+            bucket.wait_for(15, t0),
+            Err(ReserveError::TooLarge { capacity: 10 }),
+            "without `most`, as before"
+        );
+        let full = t0 + ms(400);
+        let (wait, (_, remaining, reset)) = bucket
+            .reserve_and_report_up_to(15, full, Duration::ZERO, 20)
+            .expect("admitted once full");
+        assert_eq!((wait, remaining, reset), (Duration::ZERO, 0, ms(1500)));
+        // 5 tokens of debt, then 1: 600 ms.
+        assert_eq!(bucket.reserve(1, full, LONG), Ok(ms(600)));
     }
 
     #[test]

@@ -34,7 +34,10 @@
 //! answer never raises it); and it spends what it admits. On the way down
 //! it also receives the lease. So a replica continues from
 //! where the cluster was instead of from a fresh burst, and what the
-//! fallback admits while Redis is merely slow is not handed out again.
+//! fallback admits while Redis is merely slow is not handed out again. A
+//! request the limit admits but the share is too small for waits until the
+//! share is full and takes it into debt (`Bucket::reserve_and_report_up_to`;
+//! docs/CLUSTER.md bounds the burst it adds): it is not a 413.
 //!
 //! A request the fallback admits while Redis is still up (its reservation
 //! timed out) is charged in Redis: the reservation that timed out stands if
@@ -410,7 +413,7 @@ impl SharedBucket {
     pub fn wait_for(&self, n: u64, now: Tick) -> Result<Duration, ReserveError> {
         self.fits(n)?;
         if !self.link.is_up() {
-            return self.fallback.wait_for(n, now);
+            return self.fallback.wait_for_up_to(n, now, Some(self.capacity()));
         }
         let from_redis = n.saturating_sub(self.lease.load(Ordering::Relaxed));
         if from_redis == 0 {
@@ -668,10 +671,14 @@ impl SharedBucket {
         now: Tick,
         max_wait: Duration,
     ) -> Result<(Duration, ReportTriple), ReserveError> {
-        // The cluster's capacity, not the fallback's share of it.
+        // The cluster's capacity, not the fallback's share of it: a request
+        // the limit admits is never refused as too large because Redis is
+        // gone (a review saw a 413 for 301 tokens against a limit of 600,
+        // the share of two replicas being 300). One larger than the share
+        // waits until the share is full and takes it into debt.
         let capacity = self.capacity();
         self.fallback
-            .reserve_and_report(n, now, max_wait)
+            .reserve_and_report_up_to(n, now, max_wait, capacity)
             .map(|(wait, (_, remaining, reset))| (wait, (capacity, remaining, reset)))
     }
 
@@ -1054,6 +1061,36 @@ mod tests {
         assert_eq!(bucket.wait_for(1, full.into()), Ok(Duration::ZERO));
         bucket.lease.store(1, Ordering::Release);
         assert_eq!(bucket.wait_for(1, later.into()), Ok(Duration::ZERO));
+    }
+
+    /// With Redis down, a request the limit admits is not refused as too
+    /// large for this replica's share of it: at 600 a minute shared by two,
+    /// 301 tokens wait for the share (300) to be full and take it into
+    /// debt (a review saw a permanent 413 while Redis was down).
+    #[tokio::test]
+    async fn the_fallback_admits_what_the_limit_admits_beyond_its_share() {
+        let now = Instant::now();
+        let bucket =
+            SharedBucket::new("k".to_owned(), link(), 600, 600, now).expect("exact in Redis");
+        bucket.reshare(2, now);
+        let tick = Tick::from(now);
+        assert_eq!(bucket.wait_for(301, tick), Ok(Duration::ZERO));
+        let admitted = bucket.try_reserve(301, tick, Duration::ZERO);
+        assert!(
+            matches!(admitted, Some(Ok((Duration::ZERO, (600, 0, _))))),
+            "{admitted:?}"
+        );
+        // In debt by one token: the next one waits 2 tokens at 300/min.
+        assert_eq!(
+            bucket.try_reserve(1, tick, Duration::ZERO),
+            Some(Err(ReserveError::WouldWait {
+                wait: Duration::from_millis(400)
+            }))
+        );
+        assert_eq!(
+            bucket.try_reserve(601, tick, Duration::ZERO),
+            Some(Err(ReserveError::TooLarge { capacity: 600 }))
+        );
     }
 
     /// The fallback's level follows Redis' share down, never up: a report
