@@ -128,6 +128,13 @@ pub(crate) async fn forward(
     // The name is the route's from here on (the same string): the client's
     // copy goes to the log without another allocation.
     log.model = Some(facts.model);
+    // SPEC: refused at once, never after a pointless wait. With no backend
+    // in rotation the answer is this 503 whatever admission says, and
+    // waiting there would hold a queue slot and a reservation ahead of
+    // later requests.
+    if !route.pool.has_peer_in_rotation() {
+        return Err(ApiError::NoHealthyBackend(route.config.name.clone()));
+    }
     let now = Instant::now();
     let queue_deadline = (now + route.limits.queue_timeout()).min(deadline);
     log.wait_starts(now);

@@ -619,3 +619,62 @@ async fn responses_api_usage_is_settled_and_counted() {
         );
     }
 }
+
+/// A model with no backend in rotation answers 503 at once, before
+/// admission: not after waiting out its bucket (SPEC: refused at once,
+/// never after a pointless wait), and without taking a reservation from
+/// the requests that come once a backend is back. A review saw the 503
+/// come 4 s late, holding a queue slot and a reservation meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_backend_in_rotation_answers_503_before_admission() {
+    let m = mock::start(MockConfig::default().models(vec![MODEL.into()]))
+        .await
+        .unwrap();
+    // One request a minute, a burst of 2, and a long queue: a request the
+    // bucket cannot cover waits a minute.
+    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"50ms\", timeout = \"500ms\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\nrequests_per_minute = 1\nburst = 2\nqueue_timeout = \"2m\"\n\n{}health_path = \"/health\"\n\n{health}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let ok = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(ok.header("x-ratelimit-remaining-requests"), "1");
+    let readyz = |status: u16| {
+        let addr = gw.addr();
+        async move {
+            for _ in 0..200 {
+                if get(addr, "/readyz").await.status == status {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("/readyz never answered {status}");
+        }
+    };
+    m.update(|c| c.health_status = Some(500));
+    readyz(503).await;
+    // The bucket holds one more: before the fix the first of these took it
+    // and the second waited a minute for the next. Neither may touch the
+    // bucket. (The timeout only turns that minute into a failure.)
+    for _ in 0..2 {
+        let refused = tokio::time::timeout(
+            Duration::from_secs(20),
+            post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)),
+        )
+        .await
+        .expect("answered at once, not after the bucket's wait");
+        refused.assert_error(503, "service_unavailable", "no_healthy_backend");
+    }
+    m.update(|c| c.health_status = None);
+    readyz(200).await;
+    let again = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(
+        again.header("x-ratelimit-remaining-requests"),
+        "0",
+        "the 503s took nothing"
+    );
+    assert_eq!(m.requests(), 2);
+}
