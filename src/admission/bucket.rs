@@ -76,9 +76,11 @@
 //! Every waiter therefore still proceeds only once everything reserved up to
 //! it, minus what was given back, has been paid for by refill: the limit
 //! stays exact. A refund must only return tokens that were not used. (A
-//! reload that changes the rate keeps the instants handed out, see
-//! [`Bucket::set_limits`]; until those waiters are through, the order and
-//! the bound are those of the old rate for them, as before.)
+//! reload that changes the limits moves each waiter to the earlier of the
+//! instant it was handed and the one its place in line gives at the new
+//! limits, see [`Bucket::set_limits`]: a raised rate serves the waiters
+//! before the requests that come after them; a lowered one does not delay
+//! them.)
 //!
 //! The bucket keeps each waiter's `Waker` but never wakes anyone: the
 //! methods that move a waiter hand back the one waker to wake, and the
@@ -509,17 +511,24 @@ impl Bucket {
     /// the new capacity, debt kept as debt), so a changed limit neither resets
     /// a limited client nor hands anyone extra burst.
     ///
-    /// Waits already handed out keep the old rate: reservations in flight
-    /// finish on what they started with (SPEC "Reload"); their tokens stay
-    /// counted, so new reservations see them at the new rate. A registered
-    /// waiter keeps the instant it proceeds at; refunds after the change
-    /// move it at the new rate.
+    /// Reservations in flight keep their tokens counted, so new
+    /// reservations see them at the new rate. A registered waiter proceeds
+    /// at the earlier of the instant it was handed (SPEC "Reload": it
+    /// finishes on what it started with) and the one its place in line
+    /// gives at the new limits: a raised rate moves the waiters forward as
+    /// it does the requests that come after them, so no later request
+    /// passes one (a review saw a request made 2 s after a reload to ten
+    /// times the rate pass a waiter left on its 30 s wait). Both instants
+    /// rise along the line, so the order holds. Refunds after the change
+    /// move waiters at the new rate. Returns the waiter to wake when its
+    /// wait got shorter; the others follow as the turn passes.
+    #[must_use = "the waiter handed back must be woken"]
     pub fn set_limits(
         &self,
         rate_per_minute: NonZeroU64,
         capacity: NonZeroU64,
         now: impl Into<Tick>,
-    ) {
+    ) -> Option<Waker> {
         let now = self.nanos(now);
         let mut state = self.lock();
         // The deficit D in units equals (c - level) × T at any rate, because
@@ -532,20 +541,27 @@ impl Bucket {
         } else {
             deficit.saturating_sub(cost(state.capacity - capacity))
         };
-        let old_rate = state.rate();
+        let (old_rate, old_tat, old_tau) = (state.rate(), state.tat, cost(state.capacity));
         state.rate_per_minute = rate_per_minute;
         state.capacity = capacity;
         state.tat = state.scaled(now).saturating_add(deficit);
-        // Waits handed out keep their instant: each `P` becomes the same
-        // nanosecond (rounded up, as the wait was) at the new scale.
-        let rate = state.rate();
+        let (rate, tat, tau) = (state.rate(), state.tat, cost(capacity));
         let waiters = &mut state.waiters;
+        // The instant handed out, as the same nanosecond (rounded up, as
+        // the wait was) at the new scale.
         let rescale = |units: u128| div_ceil(units, old_rate).saturating_mul(rate);
         for waiter in &mut waiters.queue {
-            waiter.base = rescale(waiter.base.saturating_sub(waiters.shift));
+            let proceed = waiter.base.saturating_sub(waiters.shift);
+            // Its place in line: the tokens reserved after its span (which
+            // ends at `P + tau`), in units at either scale. The line ends
+            // where `tat` is now, so its span ends that much before.
+            let behind = old_tat.saturating_sub(proceed.saturating_add(old_tau));
+            let by_place = tat.saturating_sub(behind).saturating_sub(tau);
+            waiter.base = rescale(proceed).min(by_place);
             waiter.armed = rescale(waiter.armed);
         }
         waiters.shift = 0;
+        waiters.wake_stale(0)
     }
 
     /// Locks the state. Nothing under the lock can panic (saturating integer
@@ -1101,8 +1117,10 @@ mod tests {
         assert_eq!(in_line(&bucket, t0 + ms(50)).0, ms(250));
     }
 
+    /// A lowered limit leaves a waiter on the turn it was handed: it
+    /// finishes on what it started with.
     #[test]
-    fn set_limits_keeps_the_turns_handed_out() {
+    fn set_limits_never_delays_the_turns_handed_out() {
         let t0 = Instant::now();
         let bucket = Bucket::new(nz(600), nz(1), t0);
         let _ = in_line(&bucket, t0);
@@ -1110,7 +1128,7 @@ mod tests {
         assert_eq!(wait, ms(100));
         let ticket = ticket.unwrap_or(Ticket(u64::MAX));
         let (_, waker) = counting();
-        bucket.set_limits(nz(7), nz(3), t0 + ms(30));
+        assert!(bucket.set_limits(nz(7), nz(3), t0 + ms(30)).is_none());
         assert_eq!(
             turn(&bucket, ticket, t0 + ms(30), &waker),
             (Some(ms(70)), false)
@@ -1149,6 +1167,35 @@ mod tests {
         assert_eq!((wait, remaining, reset), (Duration::ZERO, 0, ms(1500)));
         // 5 tokens of debt, then 1: 600 ms.
         assert_eq!(bucket.reserve(1, full, LONG), Ok(ms(600)));
+    }
+
+    /// A raised rate moves the waiters forward by their place in line, as
+    /// it does the requests after them, so none of those passes a waiter:
+    /// at 60 a minute, drained, a waiter for 30 waits 30 s; reloaded to 600,
+    /// it proceeds after 3 s, and a request for 30 two seconds later after
+    /// it (6 s). The waiter is woken to re-arm its timer.
+    #[test]
+    fn set_limits_keeps_the_waiters_first_in_line() {
+        let t0 = Instant::now();
+        let bucket = Bucket::new(nz(60), nz(60), t0);
+        assert_eq!(bucket.reserve(60, t0, LONG), Ok(Duration::ZERO));
+        let (wait, first, _) = bucket.reserve_in_line(30, t0, LONG).unwrap();
+        assert_eq!(wait, Duration::from_secs(30));
+        let first = first.unwrap_or(Ticket(u64::MAX));
+        let (count, waker) = counting();
+        assert_eq!(
+            turn(&bucket, first, t0, &waker),
+            (Some(Duration::from_secs(30)), false)
+        );
+        wake(bucket.set_limits(nz(600), nz(600), t0));
+        assert_eq!(woken(&count), 1, "its timer was set for 30 s");
+        assert_eq!(
+            turn(&bucket, first, t0, &waker),
+            (Some(Duration::from_secs(3)), false)
+        );
+        let later = t0 + Duration::from_secs(2);
+        let (wait, _, _) = bucket.reserve_in_line(30, later, LONG).unwrap();
+        assert_eq!(wait, Duration::from_secs(4), "behind the waiter");
     }
 
     #[test]
@@ -1203,19 +1250,19 @@ mod tests {
         let bucket = Bucket::new(nz(600), nz(10), t0);
         assert_eq!(bucket.reserve(7, t0, Duration::ZERO), Ok(Duration::ZERO));
         // Raising the capacity keeps 3 tokens; refill at the new rate.
-        bucket.set_limits(nz(60), nz(20), t0);
+        let _ = bucket.set_limits(nz(60), nz(20), t0);
         assert_eq!((bucket.capacity(), bucket.rate_per_minute()), (20, 60));
         assert_eq!(bucket.remaining(t0), 3);
         assert_eq!(bucket.reset_after(t0), Duration::from_secs(17));
         assert_eq!(bucket.remaining(t0 + ms(2500)), 5);
         // Lowering it below the level clamps; 5.5 tokens become 4.
         let t = t0 + ms(2500);
-        bucket.set_limits(nz(60), nz(4), t);
+        let _ = bucket.set_limits(nz(60), nz(4), t);
         assert_eq!(bucket.remaining(t), 4);
         assert_eq!(bucket.reset_after(t), Duration::ZERO);
         // Debt stays debt at the new rate.
         bucket.charge(6, t); // level -2
-        bucket.set_limits(nz(600), nz(2), t);
+        let _ = bucket.set_limits(nz(600), nz(2), t);
         assert_eq!(bucket.remaining(t), 0);
         assert_eq!(bucket.wait_for(1, t), Ok(ms(300)));
         // A fractional level survives a rate change exactly.
@@ -1224,7 +1271,7 @@ mod tests {
         // 3 s at 7 RPM refill 0.35 tokens; the missing 0.65 at 600 RPM take
         // 65 ms, not a rounded 100 ms or 0.
         let t = t0 + Duration::from_secs(3);
-        bucket.set_limits(nz(600), nz(1), t);
+        let _ = bucket.set_limits(nz(600), nz(1), t);
         assert_eq!(bucket.wait_for(1, t), Ok(ms(65)));
     }
 
@@ -1243,7 +1290,7 @@ mod tests {
         let far = t0 + Duration::from_secs(1 << 40);
         let _ = bucket.refund(u64::MAX, far);
         let _ = (bucket.remaining(far), bucket.reset_after(far));
-        bucket.set_limits(nz(1), nz(1), far);
+        let _ = bucket.set_limits(nz(1), nz(1), far);
         let slow = Bucket::new(nz(1), nz(1), t0);
         for _ in 0..1000 {
             slow.charge(u64::MAX, t0);
@@ -1253,7 +1300,7 @@ mod tests {
             slow.reserve(1, t0, Duration::MAX),
             Ok(Duration::from_nanos(u64::MAX))
         );
-        slow.set_limits(nz(u64::MAX), nz(u64::MAX), far);
+        let _ = slow.set_limits(nz(u64::MAX), nz(u64::MAX), far);
         let _ = slow.reserve(1, far, Duration::ZERO);
     }
 
@@ -1379,7 +1426,7 @@ mod tests {
                         level -= cost(n);
                     }
                     Op::SetLimits { rate: r, capacity: c } => {
-                        bucket.set_limits(nz(r), nz(c), now);
+                        let _ = bucket.set_limits(nz(r), nz(c), now);
                         (rate, capacity) = (r, c);
                         level = level.min(cost(c));
                     }

@@ -993,7 +993,10 @@ fn bucket(
     match previous {
         Some(Limit::Local(old)) => {
             if old.rate_per_minute() != rate.get() || old.capacity() != capacity.get() {
-                old.set_limits(rate, capacity, now);
+                // Its waiters' turns may have come closer.
+                if let Some(waker) = old.set_limits(rate, capacity, now) {
+                    waker.wake();
+                }
             }
             Some(Limit::Local(old.clone()))
         }

@@ -525,7 +525,8 @@ impl SharedBucket {
         self.rate_per_minute
             .store(rate_per_minute, Ordering::Relaxed);
         self.capacity.store(capacity, Ordering::Relaxed);
-        self.fallback.set_limits(rate_share, capacity_share, now);
+        // The fallback registers no waiters: nobody to wake.
+        let _ = self.fallback.set_limits(rate_share, capacity_share, now);
         true
     }
 
@@ -603,7 +604,8 @@ impl SharedBucket {
         drop(sync);
         let (rate, capacity) = (self.rate_per_minute(), self.capacity());
         if let Some((rate_share, capacity_share)) = share(rate, capacity, replicas) {
-            self.fallback.set_limits(rate_share, capacity_share, now);
+            // The fallback registers no waiters: nobody to wake.
+            let _ = self.fallback.set_limits(rate_share, capacity_share, now);
         }
     }
 
