@@ -408,8 +408,8 @@ impl SharedBucket {
     /// before `full_at`. That counts the part of a token already refilled,
     /// which the whole tokens of `remaining` drop (a review saw a
     /// `Retry-After: 10` for a wait of 3 s at 6 a minute). It is exact as of
-    /// the last report; what other replicas took since can only make the
-    /// real wait longer, never this estimate.
+    /// the last report, give or take the trip that report came back in;
+    /// what other replicas took since can only make the real wait longer.
     pub fn wait_for(&self, n: u64, now: Tick) -> Result<Duration, ReserveError> {
         self.fits(n)?;
         if !self.link.is_up() {
