@@ -908,3 +908,139 @@ async fn retries_that_run_out_of_time_answer_504() {
         }
     }
 }
+
+/// A backend that answers `413` after reading only a request's head, as
+/// Go's `MaxBytesReader` does, and then closes (`hold` false: the body it
+/// left unread makes the kernel reset the connection) or keeps the
+/// connection without reading more. Returns its base URL.
+async fn answers_before_the_body(hold: bool) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let body = r#"{"error":{"message":"http: request body too large"}}"#;
+                let answer = format!(
+                    "HTTP/1.1 413 Request Entity Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+                if hold {
+                    std::future::pending::<()>().await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+/// A backend's early answer to a body larger than the socket buffers
+/// take (8 MB) reaches the client as any 4xx does: no retry, no upstream
+/// error, no ejection, and not after `first_byte_timeout`.
+async fn check_early_answer(hold: bool) {
+    let bad = answers_before_the_body(hold).await;
+    let toml = format!(
+        "[server]\nfirst_byte_timeout = \"1s\"\nrequest_timeout = \"20s\"\nmax_body_bytes = 20000000\n\n\
+         [[models]]\nname = \"m\"\n\n{}{QUIET}\
+         [outlier]\nconsecutive_failures = 1\nmax_ejection_percent = 100\n\n\
+         [retry]\nmax_attempts = 3\nbase_delay = \"1ms\"\nmax_delay = \"5ms\"\nbudget_percent = 100\n",
+        backend("bad", &bad, &["m"], 1),
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let content = "x".repeat(8_000_000);
+    let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{content}"}}]}}"#);
+    let r = post(addr, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 413, "hold {hold}: {}", r.text());
+    assert_eq!(
+        r.json()["error"]["message"],
+        "http: request body too large",
+        "hold {hold}"
+    );
+    let errors = metric(addr, "weir_upstream_errors_total", &[("backend", "bad")]).await;
+    assert_eq!(errors, 0.0, "hold {hold}");
+    let retries = metric(addr, "weir_retries_total", &[("model", "m")]).await;
+    assert_eq!(retries, 0.0, "hold {hold}");
+    assert_eq!(
+        backend_state(addr, "bad").await["ejections"],
+        0,
+        "hold {hold}"
+    );
+}
+
+#[tokio::test]
+async fn an_early_answer_to_a_large_body_then_a_close_reaches_the_client() {
+    check_early_answer(false).await;
+}
+
+#[tokio::test]
+async fn an_early_answer_to_a_large_body_on_a_held_connection_reaches_the_client() {
+    check_early_answer(true).await;
+}
+
+/// A backend whose worker dies 0.7 s into the second request on a
+/// connection (a reset, long after the request went out) fails that
+/// request: it is not the idle-close race, so it counts as a `protocol`
+/// error and one ejects the backend; the request is not sent again to it.
+#[tokio::test]
+async fn a_late_reset_on_a_kept_alive_connection_counts_and_ejects() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request(&mut s).await.is_none() {
+                    return;
+                }
+                let ok = r#"{"id":"c1","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ok}",
+                    ok.len()
+                );
+                if s.write_all(answer.as_bytes()).await.is_err()
+                    || read_request(&mut s).await.is_none()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let _ = reset(s);
+            });
+        }
+    });
+    let toml = format!(
+        "[server]\nfirst_byte_timeout = \"3s\"\nrequest_timeout = \"10s\"\n\n\
+         [[models]]\nname = \"m\"\n\n{}{QUIET}\
+         [outlier]\nconsecutive_failures = 1\nmax_ejection_percent = 100\n\n\
+         [retry]\nmax_attempts = 3\nbase_delay = \"1ms\"\nmax_delay = \"5ms\"\nbudget_percent = 100\n",
+        backend("bad", &url, &["m"], 1),
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let r = post(addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = post(addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let errors = metric(
+        addr,
+        "weir_upstream_errors_total",
+        &[("backend", "bad"), ("kind", "protocol")],
+    )
+    .await;
+    assert_eq!(errors, 1.0);
+    let idle = metric(
+        addr,
+        "weir_retries_total",
+        &[("model", "m"), ("reason", "idle_closed")],
+    )
+    .await;
+    assert_eq!(idle, 0.0);
+    assert_eq!(backend_state(addr, "bad").await["ejections"], 1);
+}

@@ -14,9 +14,13 @@
 
 use std::{
     cell::RefCell,
+    future::{poll_fn, Future},
     io,
-    pin::Pin,
-    sync::Arc,
+    pin::{pin, Pin},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
     thread::LocalKey,
     time::Duration,
@@ -28,6 +32,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
+    time::Instant,
 };
 
 use crate::{lanes, socket};
@@ -51,6 +56,13 @@ const MAX_READ_SIZE: usize = 16 * 1024;
 const COPY_BODY_MAX: usize = 16 * 1024;
 /// Room for a typical request head.
 const HEAD_CAPACITY: usize = 512;
+/// What a close on a reused connection may take beyond a round trip and
+/// still be the idle-close race ([`PlainClient::idle_race`]): the
+/// gateway's own delay in seeing it, when busy.
+const IDLE_RACE_SLACK: Duration = Duration::from_millis(100);
+/// Handshakes this long are not round-trip samples: the SYN was lost and
+/// sent again (Linux waits 1 s).
+const MAX_HANDSHAKE_SAMPLE: Duration = Duration::from_secs(1);
 
 /// Spare buffers of each kind kept per thread (see [`SPARE_READS`]).
 const SPARE_BUFFERS: usize = 16;
@@ -112,6 +124,9 @@ pub(crate) struct PlainClient {
     /// Its addresses, looked up once for many connections.
     resolver: Option<Arc<Resolver>>,
     connect_timeout: Duration,
+    /// How long the latest TCP handshake with the backend took, in
+    /// microseconds: a round trip, for [`PlainClient::idle_race`].
+    handshake_us: Arc<AtomicU32>,
 }
 
 impl PlainClient {
@@ -127,6 +142,7 @@ impl PlainClient {
             authority,
             resolver,
             connect_timeout,
+            handshake_us: Arc::default(),
         }
     }
 
@@ -202,6 +218,9 @@ impl PlainClient {
         let pool = self.pool();
         let idle = if pooled { pool.take() } else { None };
         let reused = idle.is_some();
+        // When a reused connection's request went out: the idle-close
+        // race shows within a round trip of it (see `idle_race`).
+        let sent_at = reused.then(Instant::now);
         let stream = match idle {
             Some(stream) => stream,
             None => self.connect(authority).await?,
@@ -212,17 +231,22 @@ impl PlainClient {
             // not be written, so no backend saw it, and it goes once more on
             // a new connection (hyper-util's retry of a request that was
             // never sent). A request written whole is never sent again
-            // here: if the connection then closes without an answer, the
-            // backend may have read it (a crash mid-request looks the same
-            // as an idle close), so the attempt fails as `IdleClosed`,
-            // which the retry policy sends to another backend.
+            // here: if the connection then closes without an answer at
+            // once, the backend may have read it (a crash mid-request looks
+            // the same as an idle close), so the attempt fails as
+            // `IdleClosed`, which the retry policy sends to another
+            // backend. A close later than the race allows is the backend
+            // failing with the request in hand: a `Protocol` failure that
+            // counts against it, as on a new connection.
             Err(Failed::Stale(_)) if reused => match self.connect(authority).await {
                 Ok(stream) => exchange(stream, &request)
                     .await
                     .map_err(Failed::into_attempt),
                 Err(e) => Err(e),
             },
-            Err(Failed::Closed(e)) if reused => Err(AttemptError::IdleClosed(e.to_string())),
+            Err(Failed::Closed(e)) if sent_at.is_some_and(|t| t.elapsed() <= self.idle_race()) => {
+                Err(AttemptError::IdleClosed(e.to_string()))
+            }
             Err(e) => Err(e.into_attempt()),
         };
         if wire.capacity() <= MAX_SPARE_HEAD {
@@ -235,6 +259,18 @@ impl PlainClient {
         *response.version_mut() = head.version;
         response.body_mut().headers = head.headers;
         Ok(response)
+    }
+
+    /// How soon after a request went out on a kept-alive connection a close
+    /// without an answer may be the backend closing the connection as it
+    /// idled, just as weir reused it. On the wire, the backend's FIN (or
+    /// its RST to the request) was already on its way when the request
+    /// went out, so it arrives within a round trip: [`IDLE_RACE_SLACK`]
+    /// (for a busy gateway's scheduling) plus twice the latest handshake.
+    /// A close after that is a backend that took the request and failed.
+    fn idle_race(&self) -> Duration {
+        let round_trip = u64::from(self.handshake_us.load(Ordering::Relaxed));
+        IDLE_RACE_SLACK + Duration::from_micros(2 * round_trip)
     }
 
     /// The calling lane's pool.
@@ -256,7 +292,7 @@ impl PlainClient {
             }
         };
         let connected = tokio::time::timeout(self.connect_timeout, connect_first(&resolver)).await;
-        let stream = match connected {
+        let (stream, handshake) = match connected {
             Err(_) => {
                 return Err(AttemptError::Connect(format!(
                     "connecting took longer than {:?}",
@@ -267,8 +303,13 @@ impl PlainClient {
                 return Err(AttemptError::Refused(e.to_string()))
             }
             Ok(Err(e)) => return Err(AttemptError::Connect(e.to_string())),
-            Ok(Ok(stream)) => stream,
+            Ok(Ok(connected)) => connected,
         };
+        // A retransmitted SYN (1 s) is no round trip: that sample is left out.
+        if handshake < MAX_HANDSHAKE_SAMPLE {
+            let us = u32::try_from(handshake.as_micros()).unwrap_or(u32::MAX);
+            self.handshake_us.store(us, Ordering::Relaxed);
+        }
         // Small requests and SSE events go out at once; dead peers are
         // noticed on connections that idle in the pool.
         let socket = socket2::SockRef::from(&stream);
@@ -291,13 +332,14 @@ fn host_port(authority: &Authority) -> (&str, u16) {
 
 /// Connects to the first of the resolver's addresses that accepts, in the
 /// order the lookup gave them (as `TcpStream::connect` does); the last
-/// error if none does.
-async fn connect_first(resolver: &Arc<Resolver>) -> io::Result<TcpStream> {
+/// error if none does. With the connection, how long its handshake took.
+async fn connect_first(resolver: &Arc<Resolver>) -> io::Result<(TcpStream, Duration)> {
     let addrs = resolver.addrs().await?;
     let mut last = None;
     for addr in addrs.iter() {
+        let began = Instant::now();
         match TcpStream::connect(addr).await {
-            Ok(stream) => return Ok(stream),
+            Ok(stream) => return Ok((stream, began.elapsed())),
             Err(e) => last = Some(e),
         }
     }
@@ -343,28 +385,31 @@ async fn exchange(
     mut stream: TcpStream,
     request: &Wire<'_>,
 ) -> Result<(TcpStream, BytesMut, Head), Failed> {
-    let written = async {
-        stream.write_all(request.head).await?;
-        if let Some(body) = request.body {
-            stream.write_all(body).await?;
-        }
-        io::Result::Ok(())
-    };
-    if let Err(e) = written.await {
-        return Err(if is_stale(&e) {
-            Failed::Stale(e)
-        } else {
-            Failed::Attempt(AttemptError::Protocol(format!("writing the request: {e}")))
-        });
-    }
     let mut buf = read_buffer();
-    let mut received = false;
+    let unwritten = match send(&mut stream, request, &mut buf).await? {
+        Sent::Whole => None,
+        Sent::Answered(mut head) => {
+            // The rest of the request is still owed: nothing more can go
+            // on this connection.
+            head.reusable = false;
+            return Ok((stream, buf, head));
+        }
+        Sent::Failed(e) => Some(e),
+    };
+    // Bytes read while writing were not a whole head yet.
+    let mut received = !buf.is_empty();
     loop {
         // Nothing to parse before the first read.
         if received {
             crate::busy_poll::head_read();
             match codec::read_head(&mut buf, request.head_request) {
-                Ok(Some(head)) => return Ok((stream, buf, head)),
+                Ok(Some(mut head)) => {
+                    // An answer that came although the request could not
+                    // be written whole (a 413 before a reset): it is the
+                    // backend's, and the connection is done.
+                    head.reusable &= unwritten.is_none();
+                    return Ok((stream, buf, head));
+                }
                 Ok(None) => {}
                 Err(e) => return Err(Failed::Attempt(AttemptError::Protocol(e.to_string()))),
             }
@@ -372,7 +417,14 @@ async fn exchange(
         if buf.capacity() - buf.len() < READ_SIZE / 4 {
             buf.reserve(READ_SIZE);
         }
-        match stream.read_buf(&mut buf).await {
+        let read = stream.read_buf(&mut buf).await;
+        if !received && !matches!(read, Ok(1..)) {
+            if let Some(e) = unwritten {
+                // No answer either: the attempt failed as the write did.
+                return Err(write_failed(e));
+            }
+        }
+        match read {
             Ok(0) if !received => {
                 return Err(Failed::Closed(io::ErrorKind::UnexpectedEof.into()));
             }
@@ -389,6 +441,76 @@ async fn exchange(
                 ))))
             }
         }
+    }
+}
+
+/// How writing a request ended.
+enum Sent {
+    /// All of it went out.
+    Whole,
+    /// The backend answered before taking all of it (a `413` after reading
+    /// the head, as Go's `MaxBytesReader` does): the rest is not written.
+    Answered(Head),
+    /// Writing failed; an answer sent before may still be readable.
+    Failed(io::Error),
+}
+
+/// Writes the request. When the socket takes it at once (any request but
+/// one with a large body, as a rule) that is all; else the answer is read
+/// while the rest is written, as hyper and Envoy do: a backend may answer
+/// early and stop reading, and waiting on the write alone would block
+/// until `first_byte_timeout`, or fail with a reset and lose the answer.
+async fn send(
+    stream: &mut TcpStream,
+    request: &Wire<'_>,
+    buf: &mut BytesMut,
+) -> Result<Sent, Failed> {
+    let (mut reader, mut writer) = stream.split();
+    let written = async {
+        writer.write_all(request.head).await?;
+        if let Some(body) = request.body {
+            writer.write_all(body).await?;
+        }
+        io::Result::Ok(())
+    };
+    let mut written = pin!(written);
+    let done = |result: io::Result<()>| Ok(result.map_or_else(Sent::Failed, |()| Sent::Whole));
+    if let Poll::Ready(result) = poll_fn(|cx| Poll::Ready(written.as_mut().poll(cx))).await {
+        return done(result);
+    }
+    // Until the backend closes its side (or resets): then the write's
+    // outcome decides.
+    let mut reading = true;
+    loop {
+        if buf.capacity() - buf.len() < READ_SIZE / 4 {
+            buf.reserve(READ_SIZE);
+        }
+        tokio::select! {
+            biased;
+            result = &mut written => return done(result),
+            read = reader.read_buf(buf), if reading => match read {
+                Ok(0) | Err(_) => reading = false,
+                Ok(_) => {
+                    crate::busy_poll::head_read();
+                    match codec::read_head(buf, request.head_request) {
+                        Ok(Some(head)) => return Ok(Sent::Answered(head)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            return Err(Failed::Attempt(AttemptError::Protocol(e.to_string())))
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// The failure of a request that could not be written and got no answer.
+fn write_failed(e: io::Error) -> Failed {
+    if is_stale(&e) {
+        Failed::Stale(e)
+    } else {
+        Failed::Attempt(AttemptError::Protocol(format!("writing the request: {e}")))
     }
 }
 
@@ -706,6 +828,153 @@ mod tests {
         let client = PlainClient::new(&url, Duration::from_secs(1));
         let e = client.send(post(&url, "{}")).await.unwrap_err();
         assert!(matches!(e, AttemptError::Protocol(_)), "{e:?}");
+    }
+
+    /// A late close on a reused connection, as RST (`reset`) or FIN.
+    async fn late_close(reset: bool) {
+        // Every connection answers its first request; its second the
+        // backend holds for 0.7 s, then closes unanswered: a worker that
+        // died with the request in hand, not the idle-close race.
+        let (url, accepted) = backend(move |_, mut s| async move {
+            read_request(&mut s).await;
+            s.write_all(OK).await.unwrap();
+            read_request(&mut s).await;
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            if reset {
+                s.set_zero_linger().unwrap();
+            }
+        })
+        .await;
+        let client = PlainClient::new(&url, Duration::from_secs(1));
+        assert_eq!(
+            text(client.send(post(&url, "{}")).await.unwrap()).await,
+            "ok"
+        );
+        // The backend's hold passes at once (the connection is pooled:
+        // no connect in paused time).
+        tokio::time::pause();
+        let e = client.send(post(&url, "{}")).await.unwrap_err();
+        assert!(matches!(e, AttemptError::Protocol(_)), "{reset}: {e:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
+    }
+
+    #[tokio::test]
+    async fn a_late_reset_on_a_kept_alive_connection_is_the_backends_failure() {
+        late_close(true).await;
+    }
+
+    #[tokio::test]
+    async fn a_late_close_on_a_kept_alive_connection_is_the_backends_failure() {
+        late_close(false).await;
+    }
+
+    /// What a backend does after answering `413` to a request's head.
+    #[derive(Clone, Copy, Debug)]
+    enum AfterAnswer {
+        /// Closes with the body unread (the kernel resets the connection).
+        Closes,
+        /// Keeps the connection and reads nothing more.
+        Holds,
+        /// Answers and resets as soon as it accepts, before weir writes.
+        ResetsFirst,
+    }
+
+    /// A backend answers before reading an 8 MiB body (more than the
+    /// socket buffers take): weir reads the answer while writing, stops
+    /// writing, and the answer is the response; the connection is not
+    /// reused.
+    async fn early_answer(after: AfterAnswer) {
+        const TOO_LARGE: &[u8] =
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n\
+              content-length: 27\r\nconnection: close\r\n\r\n{\"error\":\"body too large\"}\n";
+        let (answered, ready) = tokio::sync::oneshot::channel();
+        let answered = std::sync::Mutex::new(Some(answered));
+        let (url, accepted) = backend(move |_, mut s| {
+            let answered = answered.lock().unwrap().take();
+            async move {
+                if !matches!(after, AfterAnswer::ResetsFirst) {
+                    let mut head = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = s.read(&mut chunk).await.unwrap();
+                        assert!(n > 0);
+                        head.extend_from_slice(&chunk[..n]);
+                    }
+                }
+                s.write_all(TOO_LARGE).await.unwrap();
+                match after {
+                    AfterAnswer::Closes => drop(s),
+                    AfterAnswer::Holds => std::future::pending().await,
+                    AfterAnswer::ResetsFirst => {
+                        s.set_zero_linger().unwrap();
+                        drop(s);
+                        if let Some(answered) = answered {
+                            let _ = answered.send(());
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        let mut request = Request::new(Bytes::from(vec![b'x'; 8 << 20]));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = format!("{url}/chat/completions").parse().unwrap();
+        let client = PlainClient::new(&url, Duration::from_secs(1));
+        let response = if let AfterAnswer::ResetsFirst = after {
+            // The answer and the reset are in before the first byte goes
+            // out: the write fails, and the answer is still read.
+            let stream = client.connect(url.authority().unwrap()).await.unwrap();
+            ready.await.unwrap();
+            let (parts, body) = request.into_parts();
+            let head = RequestHead {
+                method: &parts.method,
+                target: &["/v1/chat/completions"],
+                host: None,
+                headers: &parts.headers,
+                authorization: None,
+                body_len: body.len(),
+            };
+            let mut wire = Vec::new();
+            codec::encode_request_head(&head, &mut wire);
+            let request = Wire {
+                head: &wire,
+                body: Some(&body),
+                head_request: false,
+            };
+            let (stream, buf, head) = match exchange(stream, &request).await {
+                Ok(exchanged) => exchanged,
+                Err(e) => panic!("{after:?}: {:?}", e.into_attempt()),
+            };
+            assert!(!head.reusable);
+            let mut response = Response::new(ResponseBody::new(stream, buf, head.framing, None));
+            *response.status_mut() = head.status;
+            response
+        } else {
+            // Bounded here by `first_byte_timeout` in the proxy.
+            tokio::time::timeout(Duration::from_secs(10), client.send(request))
+                .await
+                .unwrap_or_else(|_| panic!("{after:?}: no answer while writing"))
+                .unwrap_or_else(|e| panic!("{after:?}: {e:?}"))
+        };
+        assert_eq!(response.status(), 413, "{after:?}");
+        assert_eq!(text(response).await, "{\"error\":\"body too large\"}\n");
+        assert_eq!(client.pool().idle(), 0, "{after:?}: reused");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "{after:?}: sent again");
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_then_a_close_is_the_response() {
+        early_answer(AfterAnswer::Closes).await;
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_on_a_held_connection_is_the_response() {
+        early_answer(AfterAnswer::Holds).await;
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_a_failed_write_is_the_response() {
+        early_answer(AfterAnswer::ResetsFirst).await;
     }
 
     #[tokio::test]
