@@ -1024,9 +1024,29 @@ async fn a_late_reset_on_a_kept_alive_connection_counts_and_ejects() {
     );
     let gw = gateway(&toml).await;
     let addr = gw.addr();
-    let r = post(addr, "/v1/chat/completions", &chat("m", false)).await;
+    // One client connection: its requests run on one lane, whose pool
+    // holds the backend connection the first one used.
+    let client = client();
+    let json = [("content-type", "application/json")];
+    let r = send(
+        &client,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        &json,
+        chat("m", false),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = post(addr, "/v1/chat/completions", &chat("m", false)).await;
+    let r = send(
+        &client,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        &json,
+        chat("m", false),
+    )
+    .await;
     assert_eq!(r.status, 502, "{}", r.text());
     let errors = metric(
         addr,
