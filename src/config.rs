@@ -312,7 +312,7 @@ pub struct ClusterConfig {
 ///
 /// `key` is a path such as `server.listen`, `models[1].burst`; `(syntax)` for TOML syntax
 /// errors and `(file)` when the file cannot be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, thiserror::Error)]
 #[error("{file}:{line}:{column}: {key}: {message}")]
 pub struct ConfigError {
     /// The file name as given to [`Config::load`] / [`Config::parse`].
@@ -518,6 +518,9 @@ impl Config {
             text,
             errors: Vec::new(),
             warnings: Vec::new(),
+            line_starts: std::iter::once(0)
+                .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect(),
         };
         // Syntax first, with recovery, so every syntax error is reported at once.
         let (_, syntax) = toml::de::DeTable::parse_recoverable(text);
@@ -536,28 +539,50 @@ impl Config {
             check.errors.sort_by_key(|e| (e.line, e.column));
             return (Err(ConfigErrors(check.errors)), Vec::new());
         }
-        let (raw, schema_errors) = schema(text);
-        for (span, message) in schema_errors {
-            let key = key_path_at(text, span.start).unwrap_or_else(|| "(toml)".to_owned());
+        let (raw, mut schema_errors) = schema(text);
+        // Listed in file order; past the cap, counted on a last line.
+        schema_errors.sort_by_key(|(span, _, _)| span.start);
+        let left_out = schema_errors.split_off(schema_errors.len().min(MAX_SCHEMA_ERRORS));
+        let mut schema_keys: HashSet<String> = HashSet::new();
+        for (span, message, path) in schema_errors {
+            let key = path
+                .or_else(|| key_path_at(text, span.start))
+                .unwrap_or_else(|| "(toml)".to_owned());
+            schema_keys.insert(key.clone());
             check.error(span, key, message);
         }
+        schema_keys.extend(left_out.iter().filter_map(|(_, _, path)| path.clone()));
+        let more = left_out.first().map(|(span, _, _)| {
+            check.located(
+                span,
+                "(more)".to_owned(),
+                format!(
+                    "and {} more unknown keys or wrong types from here on, not listed",
+                    left_out.len()
+                ),
+            )
+        });
         // The rest of the file is still checked when only whole entries
         // had to be left out, so one run lists every error.
         let Some(raw) = raw else {
+            check.errors.extend(more);
             return (Err(ConfigErrors(check.errors)), Vec::new());
         };
         let schema_errors = check.errors.len();
         let config = check.config(raw, env);
         // A key taken out is then missing, or at its default: not news.
-        let (schema, validation) = check.errors.split_at(schema_errors);
-        let validation: Vec<ConfigError> = (validation.iter())
-            .filter(|v| schema.iter().all(|s| s.key != v.key))
-            .cloned()
-            .collect();
-        check.errors.truncate(schema_errors);
-        check.errors.extend(validation);
+        let validation = check.errors.split_off(schema_errors);
+        let mut seen: HashSet<ConfigError> = HashSet::new();
+        check.errors.extend(
+            validation
+                .into_iter()
+                .filter(|v| !schema_keys.contains(&v.key))
+                // Each distinct error once (a model declared twice reaches
+                // some checks twice).
+                .filter(|v| seen.insert(v.clone())),
+        );
         let warnings = check.warnings;
-        if check.errors.is_empty() {
+        if check.errors.is_empty() && more.is_none() {
             let config = Config {
                 warnings: warnings.clone(),
                 ..config
@@ -565,6 +590,7 @@ impl Config {
             (Ok(config), warnings)
         } else {
             check.errors.sort_by_key(|e| (e.line, e.column));
+            check.errors.extend(more);
             (Err(ConfigErrors(check.errors)), warnings)
         }
     }
@@ -773,11 +799,20 @@ struct Checker<'a> {
     text: &'a str,
     errors: Vec<ConfigError>,
     warnings: Vec<String>,
+    /// Byte offset of each line's start.
+    line_starts: Vec<usize>,
 }
 
 impl Checker<'_> {
     fn located(&self, span: &Range<usize>, key: String, message: String) -> ConfigError {
-        let (line, column) = line_col(self.text, span.start);
+        // Where the line starts, then the characters before the offset on
+        // it: a file with thousands of errors is not read once per error.
+        let index = self
+            .line_starts
+            .partition_point(|&start| start <= span.start);
+        let start = self.line_starts[index.saturating_sub(1)];
+        let (_, column) = line_col(&self.text[start..], span.start - start);
+        let line = index.max(1);
         ConfigError {
             file: self.file.to_owned(),
             line,
@@ -1601,6 +1636,38 @@ impl Checker<'_> {
         let live = raw.liveness.unwrap_or_default();
         let ready = raw.readiness.unwrap_or_default();
         let deep = raw.deep.unwrap_or_default();
+        let errors_before = self.errors.len();
+        let readiness_timeout = self.duration(
+            &ready.timeout,
+            "health.readiness.timeout",
+            defaults::READINESS_TIMEOUT,
+            Zero::Refused,
+        );
+        let degraded_latency = self.duration(
+            &ready.degraded_latency,
+            "health.readiness.degraded_latency",
+            defaults::DEGRADED_LATENCY,
+            Zero::Refused,
+        );
+        // A probe that slow times out first, so slowness is never seen.
+        // Compared only when both were taken (a refused one is its default).
+        if self.errors.len() == errors_before && degraded_latency >= readiness_timeout {
+            match (&ready.degraded_latency, &ready.timeout) {
+                (None, Some(timeout)) => self.warn(
+                    timeout.span(),
+                    "health.readiness.timeout",
+                    format!(
+                        "is not longer than health.readiness.degraded_latency ({}, its default), so a probe that slow times out first and is never reported as degraded",
+                        humantime::format_duration(degraded_latency)
+                    ),
+                ),
+                (degraded, _) => self.warn(
+                    degraded.as_ref().map_or(0..0, Spanned::span),
+                    "health.readiness.degraded_latency",
+                    "is not shorter than health.readiness.timeout, so a probe that slow times out first and is never reported as degraded",
+                ),
+            }
+        }
         HealthConfig {
             enabled: raw.enabled.unwrap_or(defaults::HEALTH_ENABLED),
             unhealthy_threshold: self.nz32_or(
@@ -1640,18 +1707,8 @@ impl Checker<'_> {
                     defaults::READINESS_INTERVAL,
                     Zero::Refused,
                 ),
-                timeout: self.duration(
-                    &ready.timeout,
-                    "health.readiness.timeout",
-                    defaults::READINESS_TIMEOUT,
-                    Zero::Refused,
-                ),
-                degraded_latency: self.duration(
-                    &ready.degraded_latency,
-                    "health.readiness.degraded_latency",
-                    defaults::DEGRADED_LATENCY,
-                    Zero::Refused,
-                ),
+                timeout: readiness_timeout,
+                degraded_latency,
             },
             deep: DeepTier {
                 interval: self.duration(
@@ -1822,52 +1879,215 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The most schema errors (unknown keys, wrong types) one run reports.
+/// The most schema errors (unknown keys, wrong types) one run lists; the
+/// rest are counted on a last line.
 const MAX_SCHEMA_ERRORS: usize = 100;
 
-/// Every unknown key and wrong type in the file, with its span and serde's
-/// message, and the raw layer of what is left once those entries are taken
-/// out (`None` when that could not be done). serde stops at the first such
-/// error, so after each one the entry it points at is removed from the
-/// parsed document and the rest deserialized again; spans stay those of the
-/// original text. A missing key reported after another error may only be
-/// that removal's echo (a mistyped required key), so it ends the list.
-fn schema(text: &str) -> (Option<RawConfig>, Vec<(Range<usize>, String)>) {
-    let mut doc = match toml::de::DeTable::parse(text) {
+/// One unknown key or wrong type: its span, the message, and its key path
+/// (`None` when it has no place in the document).
+type SchemaError = (Range<usize>, String, Option<String>);
+
+/// Top-level keys that hold an array of tables, checked an item at a time.
+const ARRAY_SECTIONS: [&str; 2] = ["models", "backends"];
+
+/// Every unknown key and wrong type in the file, with its span, its message
+/// in the file's terms and its key path, and the raw layer of what is left
+/// once those entries are taken out (`None` when that could not be done).
+/// serde stops at the first such error, so after each one the entry it
+/// points at is removed and the rest deserialized again; spans stay those of
+/// the original text. Each top-level entry, and each `[[models]]` and
+/// `[[backends]]` item, is deserialized on its own, so an error costs the
+/// size of its entry, not of the file (a file with an error in each of
+/// thousands of backends is not quadratic). A missing key reported after
+/// another error in the same entry may only be that removal's echo (a
+/// mistyped required key), so it ends that entry's list.
+fn schema(text: &str) -> (Option<RawConfig>, Vec<SchemaError>) {
+    use toml::de::{DeTable, DeValue};
+
+    let doc = match DeTable::parse(text) {
         Ok(doc) => doc,
         Err(e) => {
             return (
                 None,
-                vec![(e.span().unwrap_or(0..0), e.message().to_owned())],
+                vec![(e.span().unwrap_or(0..0), e.message().to_owned(), None)],
             )
         }
     };
+    let doc_span = doc.span();
     let mut errors = Vec::new();
-    while errors.len() < MAX_SCHEMA_ERRORS {
-        let e = match RawConfig::deserialize(toml::de::Deserializer::from(doc.clone())) {
-            Ok(raw) => return (Some(raw), errors),
+    let mut whole = true;
+    let mut clean = DeTable::new();
+    for (key, value) in doc.into_inner() {
+        let name = key.get_ref().to_string();
+        let value_span = value.span();
+        let one = |value| {
+            let mut unit = DeTable::new();
+            unit.insert(key.clone(), Spanned::new(value_span.clone(), value));
+            Spanned::new(doc_span.clone(), unit)
+        };
+        match value.into_inner() {
+            DeValue::Array(items) if ARRAY_SECTIONS.contains(&name.as_str()) => {
+                let mut kept = Vec::with_capacity(items.len());
+                for (i, item) in items.into_iter().enumerate() {
+                    let unit = one(DeValue::Array([item].into_iter().collect()));
+                    // Paths are the file's: item i, not the unit's item 0.
+                    let in_file = |path: String| match path.strip_prefix(&format!("{name}[0]")) {
+                        Some(rest) => format!("{name}[{i}]{rest}"),
+                        None => path,
+                    };
+                    match check_entry(unit, &mut errors, in_file) {
+                        Some(mut unit) => {
+                            if let Some(DeValue::Array(left)) = unit
+                                .get_mut()
+                                .remove(name.as_str())
+                                .map(Spanned::into_inner)
+                            {
+                                kept.extend(left);
+                            }
+                        }
+                        None => whole = false,
+                    }
+                }
+                clean.insert(
+                    key,
+                    Spanned::new(value_span, DeValue::Array(kept.into_iter().collect())),
+                );
+            }
+            value => match check_entry(one(value), &mut errors, |path| path) {
+                Some(unit) => clean.extend(unit.into_inner()),
+                None => whole = false,
+            },
+        }
+    }
+    if !whole {
+        return (None, errors);
+    }
+    match RawConfig::deserialize(toml::de::Deserializer::from(Spanned::new(doc_span, clean))) {
+        Ok(raw) => (Some(raw), errors),
+        // Each entry passed alone; so should all of them. Reported, not assumed.
+        Err(e) => {
+            errors.push((
+                e.span().unwrap_or(0..0),
+                plain_schema_message(e.message()),
+                None,
+            ));
+            (None, errors)
+        }
+    }
+}
+
+/// [`schema`] for one document holding a single entry: every error in it
+/// (paths passed through `in_file`), and the entry with them taken out,
+/// or `None` when one could not be.
+fn check_entry<'i>(
+    mut unit: Spanned<toml::de::DeTable<'i>>,
+    errors: &mut Vec<SchemaError>,
+    in_file: impl Fn(String) -> String,
+) -> Option<Spanned<toml::de::DeTable<'i>>> {
+    let first = errors.len();
+    // An array of tables where one table belongs (`[[server]]`): serde
+    // would read its first table as the table's first field.
+    for (span, path) in arrays_for_tables(unit.get_ref()) {
+        errors.push((
+            span.clone(),
+            ARRAY_FOR_TABLE.to_owned(),
+            Some(in_file(path)),
+        ));
+        if !remove_entry(unit.get_mut(), &span) {
+            return None;
+        }
+    }
+    loop {
+        let e = match RawConfig::deserialize(toml::de::Deserializer::from(unit.clone())) {
+            Ok(_) => return Some(unit),
             Err(e) => e,
         };
-        if !errors.is_empty() && e.message().starts_with("missing field") {
-            break;
+        if errors.len() > first && e.message().starts_with("missing field") {
+            return Some(unit);
         }
+        let message = plain_schema_message(e.message());
         let Some(span) = e.span() else {
             // Nothing to take out: report it and stop.
-            errors.push((0..0, plain_schema_message(e.message())));
-            break;
+            errors.push((0..0, message, None));
+            return None;
         };
-        let message = plain_schema_message(e.message());
         if message == ARRAY_FOR_TABLE {
             // serde read the array as the table's fields in order, so the
             // errors already found inside it were about that misreading.
-            errors.retain(|(inner, _)| !(span.start <= inner.start && inner.end <= span.end));
+            let inside = |inner: &Range<usize>| span.start <= inner.start && inner.end <= span.end;
+            let mut i = first;
+            while i < errors.len() {
+                if inside(&errors[i].0) {
+                    errors.remove(i);
+                } else {
+                    i += 1;
+                }
+            }
         }
-        errors.push((span.clone(), message));
-        if !remove_entry_at(doc.get_mut(), span.start) {
-            break;
+        let found = narrowest_entry(unit.get_ref(), span.start);
+        let path = found.as_ref().map(|(_, path)| in_file(path.clone()));
+        errors.push((span, message, path));
+        if !found.is_some_and(|(target, _)| remove_entry(unit.get_mut(), &target)) {
+            return None;
         }
     }
-    (None, errors)
+}
+
+/// The tables of the schema that the document writes as arrays (`[[server]]`,
+/// `server = []`, `[[health.deep]]`, `rename = [..]`): each value's span and
+/// key path.
+fn arrays_for_tables(doc: &toml::de::DeTable<'_>) -> Vec<(Range<usize>, String)> {
+    use toml::de::{DeTable, DeValue};
+
+    /// Tables at the top level, and the tables inside them or inside an
+    /// array section's items.
+    const TABLES: [&str; 7] = [
+        "server", "limits", "defaults", "health", "outlier", "retry", "cluster",
+    ];
+    const INNER: [(&str, &str); 4] = [
+        ("health", "liveness"),
+        ("health", "readiness"),
+        ("health", "deep"),
+        ("backends", "rename"),
+    ];
+    fn arrays(
+        table: &DeTable<'_>,
+        path: &str,
+        names: &[&str],
+        out: &mut Vec<(Range<usize>, String)>,
+    ) {
+        for (k, v) in table.iter() {
+            if matches!(v.get_ref(), DeValue::Array(_)) && names.contains(&k.get_ref().as_ref()) {
+                let key = if path.is_empty() {
+                    k.get_ref().to_string()
+                } else {
+                    format!("{path}.{}", k.get_ref())
+                };
+                out.push((v.span(), key));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    arrays(doc, "", &TABLES, &mut out);
+    for (k, v) in doc.iter() {
+        let section = k.get_ref().as_ref();
+        let inner: Vec<&str> = (INNER.iter())
+            .filter(|(outer, _)| *outer == section)
+            .map(|(_, inner)| *inner)
+            .collect();
+        match v.get_ref() {
+            DeValue::Table(t) => arrays(t, section, &inner, &mut out),
+            DeValue::Array(items) if ARRAY_SECTIONS.contains(&section) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let DeValue::Table(t) = item.get_ref() {
+                        arrays(t, &format!("{section}[{i}]"), &inner, &mut out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The message for an array where a table belongs.
@@ -1877,18 +2097,26 @@ const ARRAY_FOR_TABLE: &str = "invalid type: array, expected a table";
 /// (`struct RawServer`, `i64`, `i128`) mean nothing to whoever wrote the
 /// file. Messages without them pass through unchanged.
 fn plain_schema_message(message: &str) -> String {
-    // An integer beyond i64 is read as i128, then refused.
-    if let Some((n, tail)) = message
-        .strip_prefix("invalid type: integer `")
-        .and_then(|rest| rest.split_once('`'))
+    // A TOML integer is an i64: one beyond u64 is read as i128, one
+    // beyond i64 as u64, and either is then refused.
+    let beyond_i64 = |prefix: &str, suffix: &str| {
+        message
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('`'))
+            .filter(|(_, tail)| tail.starts_with(suffix))
+            .map(|(n, _)| n.to_owned())
+    };
+    if let Some(n) = beyond_i64("invalid type: integer `", " as i128")
+        .or_else(|| beyond_i64("invalid value: integer `", ", expected i64"))
     {
-        if tail.starts_with(" as i128") {
-            return if n.starts_with('-') {
-                format!("must not be negative (got {n})")
-            } else {
-                format!("is too large (got {n}; integers must fit in 64 bits)")
-            };
-        }
+        return if n.starts_with('-') {
+            format!("must not be negative (got {n})")
+        } else {
+            format!(
+                "is too large (got {n}; a TOML integer is at most {})",
+                i64::MAX
+            )
+        };
     }
     if let Some(at) = message.find("expected struct Raw") {
         // An array where a table belongs is refused for its length.
@@ -1911,47 +2139,41 @@ fn plain_schema_message(message: &str) -> String {
     .unwrap_or_else(|| message.to_owned())
 }
 
-/// Removes the entry [`narrowest_entry`] finds at `offset` (the one
-/// [`key_path_at`] names): a table key or an array item; false if none.
-fn remove_entry_at(table: &mut toml::de::DeTable<'_>, offset: usize) -> bool {
-    use toml::de::{DeTable, DeValue};
+/// Removes the entry whose key, value or array item spans exactly
+/// `target` (one [`narrowest_entry`] found); false if none does.
+fn remove_entry(table: &mut toml::de::DeTable<'_>, target: &Range<usize>) -> bool {
+    use toml::de::DeValue;
 
-    fn remove(table: &mut DeTable<'_>, target: &Range<usize>) -> bool {
-        let hit = table
-            .iter()
-            .find(|(k, v)| k.span() == *target || v.span() == *target)
-            .map(|(k, _)| k.get_ref().to_string());
-        if let Some(name) = hit {
-            return table.remove(name.as_str()).is_some();
-        }
-        for (_, v) in table.iter_mut() {
-            let removed = match v.get_mut() {
-                DeValue::Table(t) => remove(t, target),
-                DeValue::Array(items) => {
-                    match items.iter().position(|item| item.span() == *target) {
-                        Some(i) => {
-                            *items = (items.iter().enumerate())
-                                .filter(|&(j, _)| j != i)
-                                .map(|(_, item)| item.clone())
-                                .collect();
-                            true
-                        }
-                        None => items.iter_mut().any(|item| match item.get_mut() {
-                            DeValue::Table(t) => remove(t, target),
-                            _ => false,
-                        }),
-                    }
-                }
-                _ => false,
-            };
-            if removed {
-                return true;
-            }
-        }
-        false
+    let hit = table
+        .iter()
+        .find(|(k, v)| k.span() == *target || v.span() == *target)
+        .map(|(k, _)| k.get_ref().to_string());
+    if let Some(name) = hit {
+        return table.remove(name.as_str()).is_some();
     }
-
-    narrowest_entry(table, offset).is_some_and(|(target, _)| remove(table, &target))
+    for (_, v) in table.iter_mut() {
+        let removed = match v.get_mut() {
+            DeValue::Table(t) => remove_entry(t, target),
+            DeValue::Array(items) => match items.iter().position(|item| item.span() == *target) {
+                Some(i) => {
+                    *items = (items.iter().enumerate())
+                        .filter(|&(j, _)| j != i)
+                        .map(|(_, item)| item.clone())
+                        .collect();
+                    true
+                }
+                None => items.iter_mut().any(|item| match item.get_mut() {
+                    DeValue::Table(t) => remove_entry(t, target),
+                    _ => false,
+                }),
+            },
+            _ => false,
+        };
+        if removed {
+            return true;
+        }
+    }
+    false
 }
 
 /// The dotted key path (`server.bogus`, `backends[1].liveness.zz`) of the entry at a byte
@@ -2992,7 +3214,7 @@ key_prefix = "prod"
                 10,
                 18,
                 "server.max_body_bytes",
-                "is too large (got 99999999999999999999; integers must fit in 64 bits)",
+                "is too large (got 99999999999999999999; a TOML integer is at most 9223372036854775807)",
             ),
         );
         check(
@@ -3147,6 +3369,111 @@ x = 1
         let all = ConfigErrors(errs.clone()).to_string();
         assert_eq!(errs.len(), 2, "{all}");
         assert!(!all.contains("missing field"), "{all}");
+    }
+
+    /// Past the cap, the schema errors listed are the file's first ones,
+    /// in file order, and a last line counts the rest.
+    #[test]
+    fn capped_schema_errors_are_the_first_in_the_file_and_the_rest_counted() {
+        let keys: String = (0..150).map(|i| format!("k{i} = 1\n")).collect();
+        let errs = errors(&format!("[server]\n{keys}{MINIMAL}"));
+        assert_eq!(errs.len(), MAX_SCHEMA_ERRORS + 1);
+        for (i, e) in errs.iter().take(MAX_SCHEMA_ERRORS).enumerate() {
+            assert_eq!(
+                (e.line, e.key.clone()),
+                (i + 2, format!("server.k{i}")),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            errs[MAX_SCHEMA_ERRORS].to_string(),
+            "weir.toml:102:1: (more): and 50 more unknown keys or wrong types from here on, not listed"
+        );
+    }
+
+    /// `[[server]]` and the like are one table written as an array of
+    /// tables, reported as `server = []` is.
+    #[test]
+    fn an_array_of_tables_where_a_table_belongs_is_named_as_such() {
+        for (section, key) in [
+            ("server", "listen = \"x\""),
+            ("limits", "x = 1"),
+            ("defaults", "x = 1"),
+            ("health", "enabled = true"),
+            ("outlier", "x = 1"),
+            ("retry", "x = 1"),
+            ("cluster", "x = 1"),
+            ("health.deep", "x = 1"),
+            ("backends.rename", "m = \"n\""),
+        ] {
+            let e = one_error(&format!("{MINIMAL}[[{section}]]\n{key}\n"));
+            let shown = section.replace("backends.", "backends[0].");
+            assert_eq!(
+                e.to_string(),
+                format!("weir.toml:9:1: {shown}: invalid type: array, expected a table")
+            );
+        }
+    }
+
+    /// A model declared twice reaches the weight check twice; the error is
+    /// printed once.
+    #[test]
+    fn a_distinct_error_is_printed_once() {
+        let text = "[[models]]\nname = \"m\"\n[[models]]\nname = \"m\"\n\
+                    [[backends]]\nname = \"b\"\nurl = \"http://h/v1\"\nmodels = [\"m\"]\nweight = 0\n";
+        assert_eq!(
+            ConfigErrors(errors(text)).to_string(),
+            "weir.toml:4:8: models[1].name: model \"m\" is declared twice\n\
+             weir.toml:9:10: backends[0].weight: weight 0 everywhere: every backend serving model \"m\" has weight 0, so it can never be picked"
+        );
+    }
+
+    /// An integer past i64 is refused with TOML's limit, whether serde read
+    /// it as u64 or i128.
+    #[test]
+    fn an_integer_past_i64_names_the_limit() {
+        for n in [
+            "9223372036854775808",
+            "18446744073709551615",
+            "99999999999999999999",
+        ] {
+            let e = one_error(&format!("{MINIMAL}[server]\nmax_body_bytes = {n}\n"));
+            assert_eq!(
+                e.to_string(),
+                format!("weir.toml:10:18: server.max_body_bytes: is too large (got {n}; a TOML integer is at most 9223372036854775807)")
+            );
+        }
+    }
+
+    /// A degraded_latency no shorter than the readiness timeout can never
+    /// be seen: the probe times out first.
+    #[test]
+    fn a_degraded_latency_past_the_readiness_timeout_warns() {
+        let warnings = |extra: &str| {
+            let (result, warnings) =
+                Config::validate(&format!("{MINIMAL}[health]\n{extra}"), "weir.toml", &env);
+            assert!(result.is_ok(), "{extra}");
+            warnings
+        };
+        assert_eq!(
+            warnings("readiness.degraded_latency = \"10s\"\n"),
+            ["weir.toml:10:30: health.readiness.degraded_latency: is not shorter than health.readiness.timeout, so a probe that slow times out first and is never reported as degraded"]
+        );
+        assert_eq!(
+            warnings("readiness.timeout = \"2s\"\n"),
+            ["weir.toml:10:21: health.readiness.timeout: is not longer than health.readiness.degraded_latency (5s, its default), so a probe that slow times out first and is never reported as degraded"]
+        );
+        assert!(
+            warnings("readiness = { timeout = \"2s\", degraded_latency = \"1s\" }\n").is_empty()
+        );
+        // A refused value is not compared.
+        assert!(Config::validate(
+            &format!("{MINIMAL}[health]\nreadiness.timeout = \"0s\"\n"),
+            "weir.toml",
+            &env
+        )
+        .1
+        .is_empty());
     }
 
     #[test]
