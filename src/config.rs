@@ -1900,7 +1900,7 @@ const ARRAY_SECTIONS: [&str; 2] = ["models", "backends"];
 /// size of its entry, not of the file (a file with an error in each of
 /// thousands of backends is not quadratic). A missing key reported after
 /// another error in the same entry may only be that removal's echo (a
-/// mistyped required key), so it ends that entry's list.
+/// mistyped required key), so it ends the list.
 fn schema(text: &str) -> (Option<RawConfig>, Vec<SchemaError>) {
     use toml::de::{DeTable, DeValue};
 
@@ -2003,7 +2003,7 @@ fn check_entry<'i>(
             Err(e) => e,
         };
         if errors.len() > first && e.message().starts_with("missing field") {
-            return Some(unit);
+            return None;
         }
         let message = plain_schema_message(e.message());
         let Some(span) = e.span() else {
