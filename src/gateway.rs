@@ -73,8 +73,11 @@ pub(crate) struct Shared {
     /// Set when `shutdown_grace` ran out: a request dropped from then on
     /// was cut by weir, not left by its client (its log says `shutdown`).
     pub cut: std::sync::atomic::AtomicBool,
-    /// Ends `shutdown_grace` early (a second signal): connections still
-    /// open are cut then, as at the grace's end.
+    /// Cancelled when `shutdown_grace` ends: by a second signal, or by the
+    /// accept loop when the grace runs out. Connections still open then
+    /// answer their waiting requests 503 (`server::GraceEnd`), and are
+    /// dropped shortly after.
+    /// Waited on only once a shutdown has started.
     pub grace_over: CancellationToken,
 }
 
@@ -338,10 +341,11 @@ impl Handle {
     }
 
     /// Cancelling this ends the `shutdown_grace` of a shutdown under way at
-    /// once (an operator's second signal): connections still open are
-    /// closed and what they were serving is logged as cut by weir
-    /// (`ending="shutdown"`), as at the grace's end; [`Handle::wait`] then
-    /// returns. A token, since `wait` takes the handle.
+    /// once (an operator's second signal), as if it ran out: requests still
+    /// waiting are answered 503 `shutting_down`, connections still open are
+    /// closed shortly after, and what they were serving is logged as cut by weir
+    /// (`ending="shutdown"`); [`Handle::wait`] then returns. A token, since
+    /// `wait` takes the handle.
     pub fn grace_ender(&self) -> CancellationToken {
         self.shared.grace_over.clone()
     }

@@ -267,6 +267,76 @@ async fn shutdown_closes_idle_connections_and_finishes_busy_ones() {
     assert!(closes_within(&mut busy, Duration::from_secs(5)).await);
 }
 
+/// What two clients got when `shutdown_grace` (here 300 ms, against a
+/// stream of 100 s) ran out: the client of a stream that was running, and
+/// one (`x-request-id: WAITER`) queued behind it for the model's
+/// `max_concurrent = 1`; each read until weir closed its connection. The
+/// gateway must have stopped meanwhile.
+async fn clients_at_the_grace_s_end() -> (String, String) {
+    let m = weir::mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .tokens_per_sec(10.0)
+            .chunks(1000),
+    )
+    .await
+    .unwrap();
+    let gw = gateway(&format!(
+        "[server]\nshutdown_grace = \"300ms\"\n\n[[models]]\nname = \"{MODEL}\"\nmax_concurrent = 1\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gw.addr()).await.unwrap();
+    stream
+        .write_all(&raw_chat(&chat(MODEL, true), ""))
+        .await
+        .unwrap();
+    let started = read_until(&mut stream, |t| t.contains("data: ")).await;
+    let waiter = raw_chat(&chat(MODEL, false), "x-request-id: WAITER\r\n");
+    let addr = gw.addr();
+    let waiter = tokio::spawn(async move { raw(addr, waiter, Duration::from_secs(30)).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(gw.addr(), "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.shutdown();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "weir closed the stream's connection");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), gw.wait())
+            .await
+            .is_ok(),
+        "the gateway stopped"
+    );
+    let waiter = waiter.await.unwrap();
+    assert!(waiter.closed, "weir closed the waiter's connection");
+    (started + &String::from_utf8_lossy(&rest), waiter.text())
+}
+
+/// A request still queued (here behind `max_concurrent = 1`) when
+/// `shutdown_grace` runs out is answered an OpenAI-shaped 503
+/// `shutting_down` with `connection: close` and its request id, instead of
+/// a bare close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_queued_at_the_grace_s_end_gets_a_503() {
+    let (_, text) = clients_at_the_grace_s_end().await;
+    assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+    assert!(text.contains("\r\nx-request-id: WAITER\r\n"), "{text}");
+    let (_, body) = text.split_once("\r\n\r\n").unwrap_or_default();
+    let j: serde_json::Value = serde_json::from_str(body).expect("a JSON error");
+    assert_eq!(j["error"]["type"], "service_unavailable", "{j}");
+    assert_eq!(j["error"]["code"], "shutting_down", "{j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{j}"
+    );
+}
+
 /// An answer given before the body is read (here a 404) reaches a client
 /// that sends its whole large body before it reads, as Python's
 /// `http.client` does: weir reads and drops the rest (nginx's lingering

@@ -573,7 +573,8 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
 
 /// Requests still running or waiting when `shutdown_grace` runs out are
 /// cut, and each is logged before the process exits, as cut by weir
-/// (`ending="shutdown"`), not as a client that left.
+/// (`ending="shutdown"`), not as a client that left. The waiters hear of
+/// it: a 503 `shutting_down` (logged as such).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
     let m = mock::start(
@@ -614,8 +615,18 @@ async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
             .await
             .unwrap();
     assert_eq!(code, Some(0));
+    let mut replies = Vec::new();
     for client in clients {
-        let _ = client.await;
+        replies.push(client.await.unwrap());
+    }
+    for waiter in &replies[1..] {
+        assert!(waiter.closed);
+        assert_eq!(waiter.status(), 503, "{}", waiter.text());
+        assert!(
+            waiter.text().contains("\"code\":\"shutting_down\""),
+            "{}",
+            waiter.text()
+        );
     }
     // The log thread reads stderr to its end.
     assert!(
@@ -632,7 +643,7 @@ async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
             .find(|l| l.contains(&format!("CUT-{i}")))
             .unwrap_or_default();
         assert!(line.contains("ending=\"shutdown\""), "{line}");
-        let status = if i == 0 { "status=200" } else { "status=499" };
+        let status = if i == 0 { "status=200" } else { "status=503" };
         assert!(line.contains(status), "{line}");
     }
 }
@@ -686,7 +697,7 @@ async fn a_second_signal_stops_at_once() {
     assert!(line.contains("ending=\"shutdown\""), "{line}");
     let s = stream.await.unwrap();
     assert!(s.closed, "the stream was cut");
-    assert!(!String::from_utf8_lossy(&s.bytes).contains("[DONE]"));
+    assert!(!s.text().contains("[DONE]"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,11 @@ use crate::{
 /// `content-type` of every JSON body weir writes.
 pub(crate) const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
+/// What a request cut at the end of `shutdown_grace` is told: one not yet
+/// answered in its 503 ([`ApiError::ShuttingDown`]).
+pub(crate) const SHUTDOWN_MESSAGE: &str =
+    "weir is shutting down and its shutdown grace ran out before this request was done; retry it";
+
 /// An error weir answers itself, with everything its response needs.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -143,6 +148,12 @@ pub enum ApiError {
         /// The last attempt's failure, without secrets.
         detail: String,
     },
+    /// `shutdown_grace` ran out (or a second signal ended it) while the
+    /// request still waited: for its body, admission, a backend slot or
+    /// the backend's answer (503 `shutting_down`, and the connection
+    /// closes). OpenAI's SDKs retry a 503, on a new connection.
+    #[error("{}", SHUTDOWN_MESSAGE)]
+    ShuttingDown,
     /// A bug or an unexpected internal failure (500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -244,6 +255,11 @@ impl ApiError {
                 "timeout",
                 Some("upstream_timeout"),
             ),
+            ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("shutting_down"),
+            ),
             Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -258,7 +274,8 @@ impl ApiError {
     }
 
     /// Whether the connection should be closed after answering: the request
-    /// body was not (fully) read, so the connection cannot be reused safely.
+    /// body was not (fully) read, so the connection cannot be reused safely,
+    /// or weir is stopping.
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
@@ -269,6 +286,7 @@ impl ApiError {
                 | ApiError::UriTooLong { .. }
                 | ApiError::HeadersTooLarge { .. }
                 | ApiError::TooManyHeaders { .. }
+                | ApiError::ShuttingDown
         )
     }
 
@@ -649,6 +667,12 @@ mod tests {
                 503,
                 "service_unavailable",
                 "no_healthy_backend",
+            ),
+            (
+                ApiError::ShuttingDown,
+                503,
+                "service_unavailable",
+                "shutting_down",
             ),
             (
                 ApiError::UpstreamTimeout {

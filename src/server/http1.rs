@@ -52,7 +52,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::{
     request_body::{ClientBody, Inbound, RequestBody, Wire},
-    ClientHead, Role, MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES,
+    ClientHead, GraceEnd, Role, MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES,
 };
 use crate::{
     admission::limiter::RateHeaders,
@@ -188,6 +188,9 @@ impl Conn {
             timer: pin!(tokio::time::sleep_until(since + self.timeouts.header_read)),
             shutdown: pin!(self.shutdown.cancelled()),
         };
+        // Made once per connection, like `waits`; polled only while a
+        // request waits.
+        let mut grace_end = pin!(GraceEnd::new(&self.shutdown, &self.shared));
         loop {
             let head = match self
                 .next_head(&mut waits, &mut since, &mut idle, first)
@@ -219,7 +222,7 @@ impl Conn {
                 Next::Closed => return Ended::Closed,
             };
             first = false;
-            let keep = self.serve(head, &mut out).await;
+            let keep = self.serve(head, &mut out, grace_end.as_mut()).await;
             if !keep || self.shutdown.is_cancelled() {
                 let unread = !self.wire.inbound().framing.is_done();
                 self.close(unread).await;
@@ -231,8 +234,14 @@ impl Conn {
     }
 
     /// Routes one request and writes its response; whether the connection
-    /// can carry another.
-    async fn serve(&self, head: Head, out: &mut Vec<u8>) -> bool {
+    /// can carry another. When `grace_end` resolves before the request is
+    /// answered, it is answered 503 (see `super::route`).
+    async fn serve(
+        &self,
+        head: Head,
+        out: &mut Vec<u8>,
+        grace_end: Pin<&mut GraceEnd<'_>>,
+    ) -> bool {
         let Head {
             head,
             version,
@@ -244,7 +253,14 @@ impl Conn {
         // backend) cancels it, as it would with hyper. The routing future
         // ends in this block, so the response writer below reuses its space.
         let response = {
-            let route = pin!(super::route(head, body, &self.shared, self.peer, self.role));
+            let route = pin!(super::route(
+                head,
+                body,
+                &self.shared,
+                self.peer,
+                self.role,
+                grace_end,
+            ));
             tokio::select! {
                 biased;
                 response = route => response,

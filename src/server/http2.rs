@@ -56,7 +56,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{http1::Timeouts, request_body::ClientBody, Role, MAX_HEADER_BYTES};
+use super::{http1::Timeouts, request_body::ClientBody, GraceEnd, Role, MAX_HEADER_BYTES};
 use crate::{body::GatewayBody, gateway::Shared, headers::ClientHeaders};
 
 /// Serves an HTTP/2 connection until it closes; on shutdown, hyper's
@@ -73,6 +73,11 @@ pub(super) async fn serve(
     let watch = Arc::new(ConnWatch::default());
     let expired = watch.expired.clone();
     let stuck = watch.stuck.clone();
+    // Cancelled by this task when `shutdown_grace` ends (see `until_cut`):
+    // the streams still waiting are answered 503.
+    let cut = CancellationToken::new();
+    let conn_cut = cut.clone();
+    let grace_shared = shared.clone();
     let io = ClientIo::new(stream, prefix, watch.clone(), timeouts);
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         // Counted from the moment hyper hands the request over until it
@@ -81,6 +86,7 @@ pub(super) async fn serve(
         let busy = Busy::new(watch.clone());
         let stuck = watch.stuck.clone();
         let shared = shared.clone();
+        let cut = cut.clone();
         crate::busy_poll::head_read();
         async move {
             let (parts, body) = req.into_parts();
@@ -92,8 +98,15 @@ pub(super) async fn serve(
                 uri: parts.uri,
                 headers: ClientHeaders::Map(parts.headers),
             };
-            let mut response =
-                super::route(head, ClientBody::Http2(body), &shared, peer, role).await;
+            let mut response = super::route(
+                head,
+                ClientBody::Http2(body),
+                &shared,
+                peer,
+                role,
+                std::pin::pin!(cut.cancelled()),
+            )
+            .await;
             // HTTP/1.1 writes a proxied response's rate headers and a plain
             // backend's headers straight into the head (see
             // `ProxiedBody::backend_headers`); hyper needs them in the map.
@@ -175,15 +188,16 @@ pub(super) async fn serve(
     // A timer that runs out (see `ClientIo`) and shutdown both end the
     // connection with GOAWAY first (RFC 9113 §9.1), so a client knows which
     // of its requests were not taken.
+    let grace_end = std::pin::pin!(GraceEnd::new(&shutdown, &grace_shared));
     let result = tokio::select! {
         result = conn.as_mut() => result,
         () = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            until_cut(conn, grace_end, &conn_cut).await
         }
         () = expired.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            until_cut(conn, grace_end, &conn_cut).await
         }
         () = stuck.cancelled() => {
             tracing::debug!(%peer, "a response outlived request_timeout without window: closing");
@@ -196,6 +210,25 @@ pub(super) async fn serve(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Drives a connection that has sent GOAWAY until its streams are done;
+/// if `grace_end` comes first, cancels `cut`, so that its streams still
+/// waiting are answered (503) and the connection can close, then
+/// drives it on (what is still open when the accept loop's flush ends is
+/// dropped with the lanes).
+async fn until_cut<C: Future>(
+    mut conn: Pin<&mut C>,
+    grace_end: Pin<&mut GraceEnd<'_>>,
+    cut: &CancellationToken,
+) -> C::Output {
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = grace_end => {
+            cut.cancel();
+            conn.await
+        }
     }
 }
 

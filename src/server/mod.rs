@@ -18,7 +18,15 @@ mod request_body;
 pub(crate) use http1::{LINGER_BYTES, LINGER_TIME};
 pub(crate) use request_body::{ClientBody, RequestBodyError};
 
-use std::{cell::RefCell, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    cell::RefCell,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::BytesMut;
 use http::{HeaderValue, Method, Response, Uri};
@@ -26,7 +34,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFuture, WaitForCancellationFutureOwned},
+    task::TaskTracker,
+};
 
 use crate::{
     access_log::{AccessLog, Ending},
@@ -75,6 +86,13 @@ const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 /// How long the accept loop backs off after an accept error such as EMFILE,
 /// instead of spinning on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long connections still open when `shutdown_grace` ends get to
+/// write their last words (a 503) and close before
+/// they are dropped: enough for a few small writes to a client that reads,
+/// short enough that stopping stays prompt (a client that reads nothing
+/// holds no shutdown up).
+const CUT_FLUSH: Duration = Duration::from_millis(300);
 
 /// Connections the separate admin listener (`admin_listen`) serves at once,
 /// outside `max_connections`: probes and scrapes must get through when
@@ -189,6 +207,17 @@ pub(crate) async fn serve(
     };
     if !closed {
         shared.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Tells the connections still open (see `GraceEnd`): each answers a
+        // request still waiting with a 503 `shutting_down` and closes. They
+        // get `CUT_FLUSH` to write that; whatever still runs after it
+        // (a response under way) is dropped.
+        shared.grace_over.cancel();
+        if tokio::time::timeout(CUT_FLUSH, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!("connections still open after the cut's flush; dropping them");
+        }
     }
     // Stops the lane threads, dropping connections still open past the
     // grace, and waits for them, so every request they cut is logged
@@ -274,14 +303,69 @@ impl Accepted {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// One connection's wait for the end of `shutdown_grace` (or the second
+    /// signal that ends it): first for its own shutdown token, then, once
+    /// that is cancelled, for a child of [`Shared::grace_over`] made then.
+    /// Until a shutdown starts, polling it locks nothing but the
+    /// connection's own token (no line another connection or lane writes),
+    /// and during one only its own child. Once resolved it stays so.
+    pub(super) struct GraceEnd<'a> {
+        #[pin]
+        shutdown: WaitForCancellationFuture<'a>,
+        #[pin]
+        grace: Option<WaitForCancellationFutureOwned>,
+        shared: &'a Shared,
+    }
+}
+
+impl<'a> GraceEnd<'a> {
+    /// The end of the grace for a connection whose shutdown token is
+    /// `shutdown`.
+    pub(super) fn new(shutdown: &'a CancellationToken, shared: &'a Shared) -> Self {
+        Self {
+            shutdown: shutdown.cancelled(),
+            grace: None,
+            shared,
+        }
+    }
+}
+
+impl Future for GraceEnd<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        // Ready again whenever polled once cancelled.
+        if this.shutdown.poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if this.grace.is_none() {
+            let grace = this.shared.grace_over.child_token().cancelled_owned();
+            this.grace.set(Some(grace));
+        }
+        match this.grace.as_pin_mut() {
+            Some(grace) => grace.poll(cx),
+            // Set just above.
+            None => Poll::Pending,
+        }
+    }
+}
+
 /// Routes one request and stamps `x-request-id` on its response
-/// ([`stamp`]).
-async fn route(
+/// ([`stamp`]). A request not answered when `cutoff` resolves (the end
+/// of `shutdown_grace` for its connection, [`GraceEnd`]) because it still
+/// waits for its body, admission, a backend slot or the backend's head is
+/// answered 503 `shutting_down` instead, logged with `ending="shutdown"`;
+/// dropping the routing future settles its admission as a client that
+/// left would.
+async fn route<F: Future<Output = ()>>(
     head: ClientHead,
     body: ClientBody,
     shared: &Arc<Shared>,
     peer: SocketAddr,
     role: Role,
+    cutoff: Pin<&mut F>,
 ) -> Response<GatewayBody> {
     let request_id = request_id(head.headers.value(Name::RequestId));
     // Loaded once: the whole request sees one routing state. A proxied
@@ -300,8 +384,22 @@ async fn route(
         head.uri.clone(),
     ));
     let result = match check_head(&head) {
-        Ok(()) => dispatch(&head, body, shared, &snapshot, peer, role, &request_id, log).await,
+        Ok(()) => {
+            let dispatch = dispatch(&head, body, shared, &snapshot, peer, role, &request_id, log);
+            // The cutoff is polled only while the request waits (biased):
+            // until a shutdown starts, that locks the connection's own
+            // token, never anything another connection or lane touches.
+            tokio::select! {
+                biased;
+                result = dispatch => result,
+                () = cutoff => Err(ApiError::ShuttingDown),
+            }
+        }
         Err(error) => Err(error),
+    };
+    let ending = match &result {
+        Err(ApiError::ShuttingDown) => Ending::Shutdown,
+        _ => Ending::Complete,
     };
     let response = match result {
         Ok(response) => response,
@@ -309,7 +407,7 @@ async fn route(
     };
     let log = routing.log.take();
     drop(routing);
-    stamp(response, request_id, log, Some(snapshot), shared)
+    stamp(response, request_id, log, Some(snapshot), shared, ending)
 }
 
 /// The log line of a request that has no response yet. If the client
@@ -363,19 +461,27 @@ fn refuse(
         ),
         None => AccessLog::unparsed(request_id.clone(), peer),
     };
-    stamp(error.into_response(), request_id, Some(log), None, shared)
+    stamp(
+        error.into_response(),
+        request_id,
+        Some(log),
+        None,
+        shared,
+        Ending::Complete,
+    )
 }
 
 /// Puts `x-request-id` on a response and hands its access log line on:
-/// written now for weir's own answers, by the body when it ends for
-/// proxied ones, which also takes over the request's `snapshot` (where
-/// its line, `x-weir-backend` and outlier reports find the route).
+/// written now for weir's own answers (with `ending`), by the body when it
+/// ends for proxied ones, which also takes over the request's `snapshot`
+/// (where its line, `x-weir-backend` and outlier reports find the route).
 fn stamp(
     mut response: Response<GatewayBody>,
     request_id: HeaderValue,
     log: Option<AccessLog>,
     snapshot: Option<Arc<Snapshot>>,
     shared: &Arc<Shared>,
+    ending: Ending,
 ) -> Response<GatewayBody> {
     match response.body_mut() {
         GatewayBody::Proxied(body) => body.set_request_id(request_id),
@@ -389,9 +495,7 @@ fn stamp(
         log.status = response.status().as_u16();
         match response.body_mut() {
             GatewayBody::Proxied(body) => body.attach_log(log, snapshot),
-            GatewayBody::Full(_) => {
-                log.emit(&shared.metrics, snapshot.as_deref(), Ending::Complete)
-            }
+            GatewayBody::Full(_) => log.emit(&shared.metrics, snapshot.as_deref(), ending),
         }
     }
     response
