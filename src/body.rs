@@ -68,6 +68,10 @@ pub enum BodyError {
     /// `first_byte_timeout` (SPEC: "response headers / first SSE event").
     #[error("the upstream sent no event within {0:?}")]
     FirstEventTimeout(std::time::Duration),
+    /// `shutdown_grace` ran out before the body ended (HTTP/2 resets the
+    /// stream; an SSE stream gets its `error` event instead).
+    #[error("weir is shutting down and cut the response")]
+    Shutdown,
 }
 
 impl GatewayBody {
@@ -99,6 +103,16 @@ impl GatewayBody {
     /// An empty body.
     pub fn empty() -> Self {
         GatewayBody::Full(Full::new(Bytes::new()))
+    }
+
+    /// Ends a body still being sent when `shutdown_grace` ran out: the
+    /// last bytes to write, if any (see [`ProxiedBody::cut_by_shutdown`]).
+    /// weir's own answers are whole from the start and have none.
+    pub(crate) fn cut_by_shutdown(&mut self) -> Option<Bytes> {
+        match self {
+            GatewayBody::Proxied(proxied) => proxied.cut_by_shutdown(),
+            GatewayBody::Full(_) => None,
+        }
     }
 }
 
@@ -455,11 +469,7 @@ impl ProxiedBody {
         self.in_flight = None;
         // An unfinished event is held back, never half sent, unless it was
         // too large to hold: then the error event must end it first.
-        let mid_event = matches!(
-            &self.accounting,
-            Some(Accounting { reader: UsageReader::Sse(filter), .. })
-                if filter.sent_part_of_an_event()
-        );
+        let mid_event = self.mid_event();
         // Settled with a usage already reported, else the estimate stays
         // charged; the permit returns. A held, unfinished event is dropped
         // with it.
@@ -472,7 +482,7 @@ impl ProxiedBody {
         let kind = match &error {
             BodyError::Upstream(_) => Some(FailureKind::Protocol),
             BodyError::FirstEventTimeout(_) => Some(FailureKind::Timeout),
-            BodyError::Timeout => None,
+            BodyError::Timeout | BodyError::Shutdown => None,
         };
         if let (Some(kind), Some(member)) = (kind, self.member()) {
             self.report(Outcome::Failure);
@@ -484,17 +494,69 @@ impl ProxiedBody {
                 BodyError::Timeout => "request timeout passed while streaming the response",
                 BodyError::FirstEventTimeout(_) => "the upstream sent no event in time",
                 BodyError::Upstream(_) => "the upstream stream ended with an error",
+                BodyError::Shutdown => crate::api::SHUTDOWN_MESSAGE,
             };
-            let event = serde_json::json!({
-                "error": { "message": message, "type": "upstream_error", "param": null, "code": "stream_error" }
-            });
-            let end = if mid_event { "\n\n" } else { "" };
-            let frame = Bytes::from(format!("{end}event: error\ndata: {event}\n\n"));
+            let frame = error_event(message, "upstream_error", "stream_error", mid_event);
             Poll::Ready(Some(Ok(Frame::data(frame))))
         } else {
             Poll::Ready(Some(Err(error)))
         }
     }
+
+    /// Ends the body because `shutdown_grace` ran out (or a second signal
+    /// ended it) before the backend finished: the backend request is
+    /// called off and settled as a client leaving would settle it, and the
+    /// line is logged with `ending="shutdown"`. For SSE, returns the
+    /// `error` event (type `service_unavailable`, code `shutting_down`)
+    /// that the connection writes as the stream's last bytes, so an SDK
+    /// raises a clear error instead of seeing the connection drop; any
+    /// other body is cut as before. `None` too once the body has ended.
+    pub(crate) fn cut_by_shutdown(&mut self) -> Option<Bytes> {
+        if self.finished {
+            return None;
+        }
+        self.finished = true;
+        self.in_flight = None;
+        let mid_event = self.mid_event();
+        // Not the backend's doing: as after a whole answer.
+        self.report(Outcome::Completed);
+        if let Some(accounting) = self.accounting.take() {
+            let usage = accounting.abandon(self.member().map(|m| &*m.backend));
+            if let Some(log) = &mut self.log {
+                log.usage = usage;
+            }
+        }
+        self.emit_log(Ending::Shutdown);
+        self.sse.then(|| {
+            error_event(
+                crate::api::SHUTDOWN_MESSAGE,
+                "service_unavailable",
+                "shutting_down",
+                mid_event,
+            )
+        })
+    }
+
+    /// Whether part of an SSE event has gone to the client without its end
+    /// (an event too large to hold back): an `error` event must end it first.
+    fn mid_event(&self) -> bool {
+        matches!(
+            &self.accounting,
+            Some(Accounting { reader: UsageReader::Sse(filter), .. })
+                if filter.sent_part_of_an_event()
+        )
+    }
+}
+
+/// The SSE `error` event that ends a stream weir cannot finish, with an
+/// OpenAI-shaped error object as its data; `mid_event` first ends an event
+/// the client holds only part of.
+fn error_event(message: &str, kind: &str, code: &str, mid_event: bool) -> Bytes {
+    let event = serde_json::json!({
+        "error": { "message": message, "type": kind, "param": null, "code": code }
+    });
+    let end = if mid_event { "\n\n" } else { "" };
+    Bytes::from(format!("{end}event: error\ndata: {event}\n\n"))
 }
 
 impl Body for ProxiedBody {

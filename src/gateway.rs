@@ -75,8 +75,8 @@ pub(crate) struct Shared {
     pub cut: std::sync::atomic::AtomicBool,
     /// Cancelled when `shutdown_grace` ends: by a second signal, or by the
     /// accept loop when the grace runs out. Connections still open then
-    /// answer their waiting requests 503 (`server::GraceEnd`), and are
-    /// dropped shortly after.
+    /// answer their waiting requests 503 and end their SSE streams with an
+    /// `error` event (`server::GraceEnd`), and are dropped shortly after.
     /// Waited on only once a shutdown has started.
     pub grace_over: CancellationToken,
 }
@@ -342,8 +342,9 @@ impl Handle {
 
     /// Cancelling this ends the `shutdown_grace` of a shutdown under way at
     /// once (an operator's second signal), as if it ran out: requests still
-    /// waiting are answered 503 `shutting_down`, connections still open are
-    /// closed shortly after, and what they were serving is logged as cut by weir
+    /// waiting are answered 503 `shutting_down`, SSE streams still running
+    /// end with an `error` event, connections still open are closed
+    /// shortly after, and what they were serving is logged as cut by weir
     /// (`ending="shutdown"`); [`Handle::wait`] then returns. A token, since
     /// `wait` takes the handle.
     pub fn grace_ender(&self) -> CancellationToken {

@@ -7,6 +7,7 @@ use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
 use common::*;
+use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::mock::{self, MockConfig};
 
@@ -879,6 +880,90 @@ async fn h2c_a_stream_without_window_is_cut_after_request_timeout() {
         .ok();
     assert_eq!(in_flight().await, 0.0, "the slot is back");
     drop(response);
+}
+
+/// On HTTP/2 too, ending `shutdown_grace` (as a second signal does, with
+/// `grace_ender`) ends a stream still running with its SSE `error` event
+/// and the stream's end, and answers a stream still queued (behind
+/// `max_concurrent = 1`) with a 503 `shutting_down`, on the same
+/// connection; then the gateway stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_streams_get_their_last_word_when_the_grace_is_ended() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec![MODEL.into()])
+            .tokens_per_sec(10.0)
+            .chunks(1000),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[server]\nshutdown_grace = \"60s\"\n\n[[models]]\nname = \"{MODEL}\"\nmax_concurrent = 1\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = |stream: bool| {
+        hyper::Request::post(format!("http://{}/v1/chat/completions", gw.addr()))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(Bytes::from(chat(MODEL, stream))))
+            .unwrap()
+    };
+    let response = sender.send_request(request(true)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = tokio::spawn(response.into_body().collect());
+    let mut waiting = sender.clone();
+    let waiter = request(false);
+    let waiter = tokio::spawn(async move {
+        let response = waiting.send_request(waiter).await.unwrap();
+        let status = response.status();
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(gw.addr(), "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.shutdown();
+    gw.grace_ender().cancel();
+
+    let body = tokio::time::timeout(Duration::from_secs(10), body)
+        .await
+        .expect("the stream ended")
+        .unwrap()
+        .expect("the stream ended cleanly, not reset")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let (_, last) = text
+        .rsplit_once("event: error\ndata: ")
+        .unwrap_or_else(|| panic!("no error event: {text}"));
+    let event: serde_json::Value =
+        serde_json::from_str(last.trim_end()).expect("the event's data is JSON");
+    assert_eq!(event["error"]["code"], "shutting_down", "{event}");
+
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter was answered")
+        .unwrap();
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    let j: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+    assert_eq!(j["error"]["type"], "service_unavailable", "{j}");
+    assert_eq!(j["error"]["code"], "shutting_down", "{j}");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), gw.wait())
+            .await
+            .is_ok(),
+        "the gateway stopped"
+    );
 }
 
 /// An HTTP/2 client that pings its idle connection keeps it for

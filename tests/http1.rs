@@ -315,6 +315,28 @@ async fn clients_at_the_grace_s_end() -> (String, String) {
     (started + &String::from_utf8_lossy(&rest), waiter.text())
 }
 
+/// A stream still running when `shutdown_grace` runs out ends with an SSE
+/// `error` event (`service_unavailable`, `shutting_down`) and the end of
+/// its chunked body, then its connection closes: an SDK raises a clear
+/// error instead of seeing a bare close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_at_the_grace_s_end_gets_an_error_event() {
+    let (text, _) = clients_at_the_grace_s_end().await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        text.ends_with("\r\n0\r\n\r\n"),
+        "a whole chunked body: {text}"
+    );
+    let (_, last) = text
+        .rsplit_once("event: error\ndata: ")
+        .unwrap_or_else(|| panic!("no error event: {text}"));
+    let data = last.split_once('\n').map_or(last, |(data, _)| data);
+    let event: serde_json::Value = serde_json::from_str(data).expect("the event's data is JSON");
+    assert_eq!(event["error"]["type"], "service_unavailable", "{event}");
+    assert_eq!(event["error"]["code"], "shutting_down", "{event}");
+    assert!(!text.contains("[DONE]"), "{text}");
+}
+
 /// A request still queued (here behind `max_concurrent = 1`) when
 /// `shutdown_grace` runs out is answered an OpenAI-shaped 503
 /// `shutting_down` with `connection: close` and its request id, instead of

@@ -573,8 +573,9 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
 
 /// Requests still running or waiting when `shutdown_grace` runs out are
 /// cut, and each is logged before the process exits, as cut by weir
-/// (`ending="shutdown"`), not as a client that left. The waiters hear of
-/// it: a 503 `shutting_down` (logged as such).
+/// (`ending="shutdown"`), not as a client that left. Each client hears of
+/// it: the stream gets an SSE `error` event, the waiters a 503
+/// `shutting_down` (logged as such).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
     let m = mock::start(
@@ -619,6 +620,12 @@ async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
     for client in clients {
         replies.push(client.await.unwrap());
     }
+    let stream = replies[0].text();
+    assert!(stream.starts_with("HTTP/1.1 200 OK\r\n"), "{stream}");
+    assert!(
+        stream.contains("event: error\ndata: ") && stream.contains("\"code\":\"shutting_down\""),
+        "{stream}"
+    );
     for waiter in &replies[1..] {
         assert!(waiter.closed);
         assert_eq!(waiter.status(), 503, "{}", waiter.text());
@@ -649,7 +656,8 @@ async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
 }
 
 /// A second SIGTERM during the grace period stops weir at once (exit 1),
-/// cutting the stream still running, which is logged as cut by weir.
+/// cutting the stream still running (which gets its SSE `error` event
+/// first), which is logged as cut by weir.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_stops_at_once() {
     // 1,000 chunks at 10/s: far longer than the test.
@@ -698,6 +706,11 @@ async fn a_second_signal_stops_at_once() {
     let s = stream.await.unwrap();
     assert!(s.closed, "the stream was cut");
     assert!(!s.text().contains("[DONE]"));
+    assert!(
+        s.text().contains("\"code\":\"shutting_down\""),
+        "the stream's last word is its error event: {}",
+        s.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

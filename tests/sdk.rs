@@ -83,3 +83,43 @@ async fn openai_sdk_raises_rate_limit_error() {
     let retry_after: u64 = j["retry_after"].as_str().unwrap().parse().unwrap();
     assert!((30..=60).contains(&retry_after), "{j}");
 }
+
+/// What the SDK raises when weir's `shutdown_grace` ends (here ended early,
+/// as a second signal does) while it streams and while a second request
+/// waits for the model's one slot: an `APIError` from the stream (its
+/// `event: error`) and a 503 `InternalServerError`, both `shutting_down`,
+/// never a bare connection error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_sdk_hears_of_a_shutdown_that_cuts_its_requests() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .tokens_per_sec(10.0)
+            .chunks(1000),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[server]\nshutdown_grace = \"60s\"\n\n[[models]]\nname = \"m\"\nmax_concurrent = 1\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &["m"], 1)
+    );
+    let gw = gateway(&toml).await;
+    let base = format!("http://{}/v1", gw.addr());
+    let sdk = tokio::spawn(async move { run_sdk(&base, "m", "shutdown").await });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while metric(gw.addr(), "weir_queue_depth", &[("model", "m")]).await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    gw.shutdown();
+    gw.grace_ender().cancel();
+    let j = sdk.await.unwrap();
+    assert_eq!(j["stream"][0], "APIError", "{j}");
+    assert_eq!(j["stream"][1], "shutting_down", "{j}");
+    assert!(j["chunks"].as_u64().unwrap() >= 1, "{j}");
+    assert_eq!(
+        j["waiter"],
+        serde_json::json!([503, "shutting_down"]),
+        "{j}"
+    );
+}

@@ -21,7 +21,8 @@ use crate::{
 pub(crate) const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// What a request cut at the end of `shutdown_grace` is told: one not yet
-/// answered in its 503 ([`ApiError::ShuttingDown`]).
+/// answered in its 503 ([`ApiError::ShuttingDown`]), a stream in its SSE
+/// `error` event.
 pub(crate) const SHUTDOWN_MESSAGE: &str =
     "weir is shutting down and its shutdown grace ran out before this request was done; retry it";
 

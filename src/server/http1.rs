@@ -189,7 +189,7 @@ impl Conn {
             shutdown: pin!(self.shutdown.cancelled()),
         };
         // Made once per connection, like `waits`; polled only while a
-        // request waits.
+        // request waits or its body has nothing ready.
         let mut grace_end = pin!(GraceEnd::new(&self.shutdown, &self.shared));
         loop {
             let head = match self
@@ -211,7 +211,13 @@ impl Conn {
                         _ => Method::GET,
                     };
                     let _ = self
-                        .respond(response, &mut out, &method, Version::HTTP_11, true)
+                        .respond(
+                            response,
+                            &mut out,
+                            &method,
+                            (Version::HTTP_11, true),
+                            grace_end.as_mut(),
+                        )
                         .await;
                     // What the client still sends of the refused request is
                     // unread.
@@ -234,13 +240,13 @@ impl Conn {
     }
 
     /// Routes one request and writes its response; whether the connection
-    /// can carry another. When `grace_end` resolves before the request is
-    /// answered, it is answered 503 (see `super::route`).
+    /// can carry another. When `grace_end` resolves first, the request is
+    /// answered 503 or its stream ended (see [`Conn::respond`]).
     async fn serve(
         &self,
         head: Head,
         out: &mut Vec<u8>,
-        grace_end: Pin<&mut GraceEnd<'_>>,
+        mut grace_end: Pin<&mut GraceEnd<'_>>,
     ) -> bool {
         let Head {
             head,
@@ -259,7 +265,7 @@ impl Conn {
                 &self.shared,
                 self.peer,
                 self.role,
-                grace_end,
+                grace_end.as_mut(),
             ));
             tokio::select! {
                 biased;
@@ -268,7 +274,7 @@ impl Conn {
             }
         };
         let keep = self
-            .respond(response, out, &method, version, !keep_alive)
+            .respond(response, out, &method, (version, !keep_alive), grace_end)
             .await;
         keep && self.finish_request_body().await
     }
@@ -347,13 +353,16 @@ impl Conn {
 
     /// Writes `response`; whether the connection can carry another request.
     /// `close`: the connection closes after it whatever the response says.
+    /// A body still waiting for the backend when `grace_end` resolves is
+    /// ended there ([`GatewayBody::cut_by_shutdown`]): an SSE stream with
+    /// its `error` event and its framing's end, then the connection closes.
     async fn respond(
         &self,
         response: Response<GatewayBody>,
         out: &mut Vec<u8>,
         method: &Method,
-        version: Version,
-        mut close: bool,
+        (version, mut close): (Version, bool),
+        mut grace_end: Pin<&mut GraceEnd<'_>>,
     ) -> bool {
         let (parts, mut body) = response.into_parts();
         // `Connection: close` in the response (weir's refusals set it).
@@ -438,6 +447,15 @@ impl Conn {
                         biased;
                         next = poll_fn(|cx| body.as_mut().poll_frame(cx)) => next,
                         () = self.client_gone() => return false,
+                        () = grace_end.as_mut() => {
+                            if let Some(last) = body.as_mut().get_mut().cut_by_shutdown() {
+                                if self.push(out, last, &mut framing).await.is_ok() {
+                                    finish(out, &framing);
+                                    let _ = self.write_all(out).await;
+                                }
+                            }
+                            return false;
+                        }
                     }
                 }
             };

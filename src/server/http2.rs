@@ -54,7 +54,7 @@ use tokio::{
     sync::oneshot,
     time::{Instant, Sleep},
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{http1::Timeouts, request_body::ClientBody, GraceEnd, Role, MAX_HEADER_BYTES};
 use crate::{body::GatewayBody, gateway::Shared, headers::ClientHeaders};
@@ -74,7 +74,8 @@ pub(super) async fn serve(
     let expired = watch.expired.clone();
     let stuck = watch.stuck.clone();
     // Cancelled by this task when `shutdown_grace` ends (see `until_cut`):
-    // the streams still waiting are answered 503.
+    // the streams still waiting are answered 503, the SSE streams still
+    // running get their `error` event (`ConnBody`).
     let cut = CancellationToken::new();
     let conn_cut = cut.clone();
     let grace_shared = shared.clone();
@@ -161,12 +162,16 @@ pub(super) async fn serve(
                 }
                 response = response.map(|_| GatewayBody::empty());
             }
-            let watchdog = match response.body() {
-                GatewayBody::Proxied(proxied) => Some(watch_stuck(proxied.deadline(), stuck)),
-                GatewayBody::Full(_) => None,
+            let (watchdog, cut) = match response.body() {
+                GatewayBody::Proxied(proxied) => (
+                    Some(watch_stuck(proxied.deadline(), stuck)),
+                    Some(cut.cancelled_owned()),
+                ),
+                GatewayBody::Full(_) => (None, None),
             };
             Ok::<_, Infallible>(response.map(|inner| ConnBody {
                 inner,
+                cut,
                 _busy: busy,
                 _watchdog: watchdog,
             }))
@@ -214,8 +219,8 @@ pub(super) async fn serve(
 }
 
 /// Drives a connection that has sent GOAWAY until its streams are done;
-/// if `grace_end` comes first, cancels `cut`, so that its streams still
-/// waiting are answered (503) and the connection can close, then
+/// if `grace_end` comes first, cancels `cut`, so that its streams answer
+/// or end (503, SSE `error` event) and the connection can close, then
 /// drives it on (what is still open when the accept loop's flush ends is
 /// dropped with the lanes).
 async fn until_cut<C: Future>(
@@ -292,12 +297,18 @@ impl Drop for Busy {
     }
 }
 
-/// A response body plus its request's [`Busy`] mark and, for a proxied
-/// one, its [`watch_stuck`] guard.
-struct ConnBody {
-    inner: GatewayBody,
-    _busy: Busy,
-    _watchdog: Option<oneshot::Sender<Infallible>>,
+pin_project_lite::pin_project! {
+    /// A response body plus its request's [`Busy`] mark and, for a proxied
+    /// one, its [`watch_stuck`] guard and `cut`, the connection's wait for
+    /// the end of `shutdown_grace`: polled only when the body has nothing
+    /// ready, it locks this connection's own token, nothing shared.
+    struct ConnBody {
+        inner: GatewayBody,
+        #[pin]
+        cut: Option<WaitForCancellationFutureOwned>,
+        _busy: Busy,
+        _watchdog: Option<oneshot::Sender<Infallible>>,
+    }
 }
 
 impl Body for ConnBody {
@@ -308,7 +319,23 @@ impl Body for ConnBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let mut this = self.project();
+        let poll = Pin::new(&mut *this.inner).poll_frame(cx);
+        if poll.is_ready() {
+            return poll;
+        }
+        let cut = this.cut.as_mut().as_pin_mut().map(|cut| cut.poll(cx));
+        if cut.is_none_or(|cut| cut.is_pending()) {
+            return Poll::Pending;
+        }
+        this.cut.set(None);
+        // An SSE stream ends with its `error` event (then `None`: the
+        // body is finished); another body is reset, as a backend failure
+        // resets it.
+        Poll::Ready(Some(match this.inner.cut_by_shutdown() {
+            Some(last) => Ok(Frame::data(last)),
+            None => Err(crate::body::BodyError::Shutdown),
+        }))
     }
 
     fn is_end_stream(&self) -> bool {

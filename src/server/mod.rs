@@ -88,7 +88,7 @@ const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How long connections still open when `shutdown_grace` ends get to
-/// write their last words (a 503) and close before
+/// write their last words (a 503, an SSE `error` event) and close before
 /// they are dropped: enough for a few small writes to a client that reads,
 /// short enough that stopping stays prompt (a client that reads nothing
 /// holds no shutdown up).
@@ -208,9 +208,9 @@ pub(crate) async fn serve(
     if !closed {
         shared.cut.store(true, std::sync::atomic::Ordering::Relaxed);
         // Tells the connections still open (see `GraceEnd`): each answers a
-        // request still waiting with a 503 `shutting_down` and closes. They
-        // get `CUT_FLUSH` to write that; whatever still runs after it
-        // (a response under way) is dropped.
+        // request still waiting with a 503 `shutting_down`, ends a stream
+        // with an SSE `error` event, and closes. They get `CUT_FLUSH` to
+        // write that; whatever still runs after it is dropped.
         shared.grace_over.cancel();
         if tokio::time::timeout(CUT_FLUSH, tracker.wait())
             .await

@@ -51,6 +51,34 @@ elif scenario == "rate_limit":
     except openai.RateLimitError as e:
         out["rate_limited"] = e.code
         out["retry_after"] = e.response.headers.get("retry-after")
+elif scenario == "shutdown":
+    # A stream, then (once it runs) a second request that queues behind it;
+    # the test ends weir's shutdown grace while both are under way.
+    import threading
+
+    def wait():
+        try:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+            out["waiter"] = "no exception"
+        except openai.APIStatusError as e:
+            out["waiter"] = [e.status_code, e.code]
+        except openai.APIError as e:
+            out["waiter"] = [type(e).__name__, e.message]
+
+    waiter = threading.Thread(target=wait)
+    chunks = 0
+    try:
+        for chunk in client.chat.completions.create(
+            model=model, stream=True, messages=[{"role": "user", "content": "Hello"}]
+        ):
+            chunks += 1
+            if chunks == 1:
+                waiter.start()
+        out["stream"] = "no exception"
+    except openai.APIError as e:
+        out["stream"] = [type(e).__name__, e.code, e.message]
+    out["chunks"] = chunks
+    waiter.join()
 else:
     sys.exit(f"unknown scenario {scenario}")
 
