@@ -164,7 +164,7 @@ impl HealthRecord {
         record.last_latency = Some(latency);
         record.last_error = error;
         record.checked_at = Some(SystemTime::now());
-        let flip = if passed {
+        let mut flip = if passed {
             record.failures = 0;
             record.passes = record.passes.saturating_add(1);
             if record.down && record.passes >= healthy_threshold {
@@ -184,8 +184,20 @@ impl HealthRecord {
             }
         };
         if tier == Tier::Liveness && passed && self.pending {
-            // A new backend enters rotation on its first passing liveness.
+            // SPEC "Start-up": a new backend enters rotation on its first
+            // passing liveness probe, whatever failed while it was not yet
+            // up. It starts as every backend does at start-up: each tier in
+            // and its failure count at 0 (a readiness or deep probe that
+            // failed while the engine was still loading does not hold it out
+            // for that tier's interval), so only failures from now on count
+            // towards `unhealthy_threshold`. What those probes said
+            // (`last_error`, latency, slowness) is still shown.
             self.pending = false;
+            for record in &mut self.tiers {
+                record.down = false;
+                record.failures = 0;
+            }
+            flip = Flip::Up;
         }
         if was_out && !self.is_out() {
             self.back_since = Some(self.returns_at(now));
@@ -402,6 +414,48 @@ mod tests {
         assert_eq!(h.observe(Tier::Liveness, true, ms, None, T, back), Flip::Up);
         assert_eq!(h.state(back), HealthState::Healthy);
         assert_eq!(h.back_since, Some(back));
+    }
+
+    /// SPEC "Start-up": a backend a reload added enters rotation on its
+    /// first passing liveness probe, even when enough liveness and
+    /// readiness probes failed meanwhile to take a running backend out
+    /// (which would then need `healthy_threshold` passes), and enters
+    /// through slow start.
+    #[test]
+    fn a_pending_backend_enters_on_its_first_liveness_pass_whatever_failed_before() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let slow_start = Duration::from_secs(10);
+        let thresholds = (1, 3);
+        let mut h = HealthRecord {
+            pending: true,
+            ..HealthRecord::default()
+        };
+        for tier in Tier::ALL {
+            for _ in 0..4 {
+                h.observe(tier, false, ms, Some("loading".into()), thresholds, t0);
+            }
+        }
+        assert!(h.tier(Tier::Readiness).down && h.tier(Tier::Deep).down);
+        assert_eq!(h.state(t0), HealthState::Out);
+        let up = t0 + Duration::from_secs(1);
+        let flip = h.observe(Tier::Liveness, true, ms, None, thresholds, up);
+        assert_eq!(h.state(up), HealthState::Healthy);
+        assert_eq!(flip, Flip::Up);
+        assert_eq!(h.back_since, Some(up), "enters through slow start");
+        assert!((h.factor(up, slow_start) - 0.1).abs() < 1e-9);
+        for tier in Tier::ALL {
+            assert_eq!(h.tier_up(tier), 1, "{tier:?}");
+            assert_eq!(h.tier(tier).failures, 0, "{tier:?}");
+        }
+        // What the failed probes said is still shown.
+        assert_eq!(
+            h.tier(Tier::Readiness).last_error.as_deref(),
+            Some("loading")
+        );
+        // From now on failures count as for any backend.
+        h.observe(Tier::Readiness, false, ms, Some("x".into()), thresholds, up);
+        assert_eq!(h.state(up), HealthState::Out);
     }
 
     #[test]
