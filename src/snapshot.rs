@@ -496,11 +496,13 @@ impl Snapshot {
                 })
                 .collect();
             // The deep tier's throughput factor compares each backend with
-            // the median of this model's pool.
+            // the median of this model's pool, among the figures measured
+            // on this model (a backend is sampled on its first model only;
+            // one measured on another model keeps factor 1 here).
             let pool_median = median(
                 serving
                     .iter()
-                    .filter_map(|(_, h)| h.tokens_per_sec)
+                    .filter_map(|(_, h)| h.tokens_per_sec_on(&model.name))
                     .collect(),
             );
             let old = previous.and_then(|p| p.model(&model.name));
@@ -508,7 +510,7 @@ impl Snapshot {
                 .iter()
                 .map(|(b, h)| {
                     let factor = h.factor(now, config.health.slow_start)
-                        * throughput_factor(h.tokens_per_sec, pool_median);
+                        * throughput_factor(h.tokens_per_sec_on(&model.name), pool_median);
                     let requests = old
                         .and_then(|o| {
                             o.members

@@ -521,6 +521,59 @@ async fn deep_tier_shrinks_a_slow_backend_and_degrades_a_saturated_one() {
     assert_eq!(admin_backend(&gw, "b1").await["state"], "healthy");
 }
 
+/// The deep tier samples a backend on its first model; a pool compares
+/// only figures measured on its own model. `d` serves a small model (fast)
+/// and the big one and is measured on the small one; `e` serves only the
+/// big one and is measured there: on the big model neither is known to be
+/// slower than the other, so both keep their full weight (comparing `d`'s
+/// small-model speed with `e`'s gave `e` a fifth of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throughput_is_compared_only_on_the_model_it_was_measured_on() {
+    let start = |models: &[&str], tps: f64| {
+        mock::start(
+            MockConfig::default()
+                .models(models.iter().map(|m| m.to_string()).collect())
+                .tokens_per_sec(tps)
+                .chunks(8),
+        )
+    };
+    let d = start(&["small", "big"], 250.0).await.unwrap();
+    let e = start(&["big"], 25.0).await.unwrap();
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"200ms\", timeout = \"5s\", samples = 1, max_tokens = 8 }\n";
+    let toml = format!(
+        "[[models]]\nname = \"small\"\n\n[[models]]\nname = \"big\"\n\n{}{}{health}",
+        backend("d", &d.base_url(), &["small", "big"], 100),
+        backend("e", &e.base_url(), &["big"], 100),
+    );
+    let gw = gateway(&toml).await;
+    // Two measured rounds each: the rebuild the first one asked for has
+    // run by the time the second is recorded.
+    for name in ["d", "e"] {
+        let (b, measured) = admin_until(&gw, name, Duration::from_secs(10), |b| {
+            b["tokens_per_sec"].is_number()
+                && b["tiers"]["deep"]["consecutive_passes"].as_u64() >= Some(2)
+        })
+        .await;
+        assert!(measured, "{b}");
+    }
+    let big = |name: &str| {
+        let snapshot = gw.snapshot();
+        let route = snapshot.model("big").expect("big routed");
+        route
+            .members
+            .iter()
+            .find(|m| m.backend.config.name == name)
+            .map_or(0.0, |m| m.effective_weight)
+    };
+    let tps = |b: serde_json::Value| b["tokens_per_sec"].as_f64().unwrap_or(0.0);
+    let (d_tps, e_tps) = (
+        tps(admin_backend(&gw, "d").await),
+        tps(admin_backend(&gw, "e").await),
+    );
+    assert!(d_tps > 2.0 * e_tps, "d {d_tps} tok/s, e {e_tps} tok/s");
+    assert_eq!((big("d"), big("e")), (100.0, 100.0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_429_sends_traffic_elsewhere_until_retry_after() {
     let ms = mocks(2, MockConfig::default()).await;

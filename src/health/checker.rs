@@ -284,6 +284,8 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
                 h.metrics_error = metrics_error;
                 if tps.is_some() {
                     h.tokens_per_sec = tps;
+                    // The samples ran on the backend's first model.
+                    h.tokens_per_sec_model = backend.config.models.first().cloned();
                 }
             });
             // Throughput moves weights even when no state flips.

@@ -109,6 +109,10 @@ pub struct HealthRecord {
     pub pending: bool,
     /// Deep tier: median decode speed, for the throughput factor.
     pub tokens_per_sec: Option<f64>,
+    /// The (client) model `tokens_per_sec` was measured on: the deep tier
+    /// samples a backend's first model only, and a figure only compares
+    /// with figures measured on the same model ([`Self::tokens_per_sec_on`]).
+    pub tokens_per_sec_model: Option<String>,
     /// Deep tier: the engine reports a waiting queue and a full KV cache.
     pub saturated: bool,
     /// Deep tier: why the last round could not read `metrics_path` (a
@@ -226,10 +230,21 @@ impl HealthRecord {
             tiers: Default::default(),
             pending: false,
             tokens_per_sec: None,
+            tokens_per_sec_model: None,
             saturated: false,
             metrics_error: None,
             ..self.clone()
         }
+    }
+
+    /// The deep tier's tokens/s if it was measured on `model`: a pool
+    /// compares only figures measured on its own model (a backend serving
+    /// a small and a big model, measured on the small one, is not "faster"
+    /// on the big one than a peer measured there); `None` otherwise, so the
+    /// backend's throughput factor in that pool is 1.
+    pub fn tokens_per_sec_on(&self, model: &str) -> Option<f64> {
+        self.tokens_per_sec
+            .filter(|_| self.tokens_per_sec_model.as_deref() == Some(model))
     }
 
     /// Out of rotation by the active tiers (liveness or readiness down).
@@ -568,6 +583,18 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn throughput_compares_only_on_the_model_it_was_measured_on() {
+        let h = HealthRecord {
+            tokens_per_sec: Some(282.0),
+            tokens_per_sec_model: Some("small".into()),
+            ..HealthRecord::default()
+        };
+        assert_eq!(h.tokens_per_sec_on("small"), Some(282.0));
+        assert_eq!(h.tokens_per_sec_on("big"), None);
+        assert_eq!(HealthRecord::default().tokens_per_sec_on("small"), None);
     }
 
     #[test]
