@@ -14,7 +14,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
 };
@@ -176,6 +176,11 @@ pub(crate) struct BackendLive {
     pub consecutive_failures: AtomicU32,
     /// Latency EMA in microseconds (f64 bits), updated without a lock.
     pub latency_ema_us: AtomicU64,
+    /// Readiness and deep probes limit their answer with
+    /// `max_completion_tokens` instead of `max_tokens`: set once the backend
+    /// refused `max_tokens` asking for it (OpenAI's reasoning models, Azure
+    /// OpenAI). Probes only; client requests carry the client's own fields.
+    pub(crate) probe_max_completion_tokens: AtomicBool,
 }
 
 impl BackendLive {
@@ -190,6 +195,7 @@ impl BackendLive {
             health: Mutex::new(health),
             consecutive_failures: AtomicU32::new(0),
             latency_ema_us: AtomicU64::new(f64::NAN.to_bits()),
+            probe_max_completion_tokens: AtomicBool::new(false),
         }
     }
 

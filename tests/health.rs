@@ -744,6 +744,118 @@ async fn streams_in_flight_count_in_the_retry_budget_base() {
     }
 }
 
+/// OpenAI's answer to `max_tokens` on a reasoning model, byte for byte.
+const UNSUPPORTED_MAX_TOKENS: &str = r#"{"error":{"message":"Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.","type":"invalid_request_error","param":"max_tokens","code":"unsupported_parameter"}}"#;
+
+/// A backend that refuses `max_tokens` as OpenAI's reasoning models do and
+/// answers anything else (`/health`, a completion with
+/// `max_completion_tokens`) with a small completion. Returns its address
+/// and every request body it read.
+async fn reasoning_model_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = upstream.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // One request: its head, then content-length bytes.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + length {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..head_end + length).skip(head_end).collect();
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    let refused = body.contains("\"max_tokens\"");
+                    seen.lock().unwrap().push(body);
+                    let (status, answer) = if refused {
+                        ("400 Bad Request", UNSUPPORTED_MAX_TOKENS)
+                    } else {
+                        (
+                            "200 OK",
+                            r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"pong"},"finish_reason":"length"}]}"#,
+                        )
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+/// Readiness probes of a backend that refuses `max_tokens` for
+/// `max_completion_tokens` (OpenAI's reasoning models, Azure OpenAI) are
+/// sent again at once with `max_completion_tokens` and pass, instead of
+/// failing until the backend is out; later probes send that field first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_switch_to_max_completion_tokens_when_max_tokens_is_refused() {
+    let (addr, bodies) = reasoning_model_upstream().await;
+    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"100ms\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{health}",
+        backend("o", &format!("http://{addr}/v1"), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let (b, passed) = admin_until(&gw, "o", Duration::from_secs(10), |b| {
+        b["tiers"]["readiness"]["consecutive_passes"].as_u64() >= Some(3)
+    })
+    .await;
+    assert!(passed, "{b}");
+    assert_eq!(b["state"], "healthy", "{b}");
+    assert_eq!(b["tiers"]["readiness"]["consecutive_failures"], 0, "{b}");
+    let completions: Vec<String> = bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|b| b.contains("messages"))
+        .cloned()
+        .collect();
+    // The first probe's max_tokens was refused; every later one (the retry
+    // included) asked for max_completion_tokens.
+    assert!(
+        completions[0].contains("\"max_tokens\":1"),
+        "{completions:?}"
+    );
+    assert!(completions.len() >= 4, "{completions:?}");
+    for body in &completions[1..] {
+        assert!(body.contains("\"max_completion_tokens\":1"), "{body}");
+        assert!(!body.contains("\"max_tokens\""), "{body}");
+    }
+    assert_eq!(weight(&gw, "o"), 1.0);
+}
+
 /// A backend that answers every request with a chunked SSE response holding
 /// `body`, then, 100 ms later, drops the connection without the last chunk.
 /// Returns its address and how many connections it accepted.

@@ -18,7 +18,7 @@
 //! output token is (last chunk - first chunk) / (tokens - 1), so the first
 //! token, which pays for the prefill, counts toward time to first token only.
 
-use std::time::Duration;
+use std::{sync::atomic::Ordering, time::Duration};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
@@ -245,24 +245,16 @@ async fn check_liveness(backend: &BackendState, timeout: Duration) -> Result<(),
 async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<(), ProbeError> {
     let config = &backend.config;
     let model = probe_model(config).ok_or(ProbeError::NoModel)?;
-    let body = serde_json::json!({
-        "model": model,
-        "messages": [{"role": "user", "content": READINESS_PROMPT}],
-        "max_tokens": 1,
-        "stream": false,
-    });
-    let request = chat_request(backend, &body)?;
-    let response = upstream::send(&backend.client, request, timeout).await?;
-    let status = response.status();
-    let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
-    if !status.is_success() {
-        return Err(status_error(
-            status,
-            body.ok().as_deref(),
-            config.api_key.as_ref(),
-        ));
-    }
-    let body = body?;
+    let body = |limit_field: &str| {
+        serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": READINESS_PROMPT}],
+            limit_field: 1,
+            "stream": false,
+        })
+    };
+    let (_, response) = send_chat(backend, body, timeout).await?;
+    let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&body)
         .map_err(|e| ProbeError::NotJson(e.to_string()))?;
     Ok(())
@@ -309,25 +301,16 @@ async fn sample(
 ) -> Result<DeepSample, ProbeError> {
     let config = &backend.config;
     let model = probe_model(config).ok_or(ProbeError::NoModel)?;
-    let body = serde_json::json!({
-        "model": model,
-        "messages": [{"role": "user", "content": DEEP_PROMPT}],
-        "max_tokens": max_tokens,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    });
-    let request = chat_request(backend, &body)?;
-    let start = Instant::now();
-    let response = upstream::send(&backend.client, request, first_byte_timeout).await?;
-    let status = response.status();
-    if !status.is_success() {
-        let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
-        return Err(status_error(
-            status,
-            body.ok().as_deref(),
-            config.api_key.as_ref(),
-        ));
-    }
+    let body = |limit_field: &str| {
+        serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": DEEP_PROMPT}],
+            limit_field: max_tokens,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        })
+    };
+    let (start, response) = send_chat(backend, body, first_byte_timeout).await?;
     let mut body = response.into_body();
     let mut tally = Tally::default();
     let mut pending: Vec<u8> = Vec::new();
@@ -541,6 +524,66 @@ fn request(
         None => Bytes::new(),
     };
     builder.body(body)
+}
+
+/// Sends a probe's chat completion built by `body` around the name of the
+/// field that limits its length, and returns when that request was sent
+/// and its 2xx answer (a non-2xx is the error, quoting its body).
+///
+/// The field is `max_tokens`, which every engine knows (an older one that
+/// ignored an unknown `max_completion_tokens` would generate without
+/// limit), until the backend refuses it with a 400 that asks for
+/// `max_completion_tokens` (OpenAI's reasoning models, Azure OpenAI:
+/// `unsupported_parameter`): then the probe is sent again at once with
+/// that field, and the backend's probes keep using it.
+async fn send_chat(
+    backend: &BackendState,
+    body: impl Fn(&str) -> serde_json::Value,
+    timeout: Duration,
+) -> Result<(Instant, http::Response<UpstreamBody>), ProbeError> {
+    let flag = &backend.live.probe_max_completion_tokens;
+    loop {
+        let completion_tokens = flag.load(Ordering::Relaxed);
+        let field = if completion_tokens {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        let request = chat_request(backend, &body(field))?;
+        let start = Instant::now();
+        let response = upstream::send(&backend.client, request, timeout).await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok((start, response));
+        }
+        let answer = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
+        let answer = answer.ok();
+        if status == StatusCode::BAD_REQUEST
+            && !completion_tokens
+            && answer
+                .as_deref()
+                .is_some_and(asks_for_max_completion_tokens)
+        {
+            flag.store(true, Ordering::Relaxed);
+            tracing::info!(backend = %backend.config.name, "backend refuses max_tokens; its probes send max_completion_tokens");
+            continue;
+        }
+        return Err(status_error(
+            status,
+            answer.as_deref(),
+            backend.config.api_key.as_ref(),
+        ));
+    }
+}
+
+/// Whether a 400's body refuses `max_tokens` for `max_completion_tokens`:
+/// OpenAI's "Unsupported parameter: 'max_tokens' is not supported with this
+/// model. Use 'max_completion_tokens' instead." (code
+/// `unsupported_parameter`, param `max_tokens`), or any answer naming
+/// `max_completion_tokens`.
+fn asks_for_max_completion_tokens(body: &[u8]) -> bool {
+    let has = |needle: &str| memchr::memmem::find(body, needle.as_bytes()).is_some();
+    has("max_completion_tokens") || (has("unsupported_parameter") && has("max_tokens"))
 }
 
 /// `POST {url}/chat/completions` with the backend's key and this JSON body,
