@@ -38,7 +38,10 @@
 //! (two peers of weight 4e9 and 4e9 − 1 have a period of 8e9) cost neither
 //! a schedule of tens of MiB per pool nor a walk of millions of turns.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
 
 use crate::lanes::Padded;
 
@@ -52,9 +55,11 @@ pub const BUILD_BUDGET: u64 = 1 << 24;
 pub const MAX_PERIOD: u64 = 1 << 16;
 
 /// The selection state of one pool: the effective weights and one period of
-/// nginx's pick sequence. Built once per snapshot; a rebuild (health change,
-/// reload) starts at a random point of the new period, so frequent rebuilds
-/// favour no peer.
+/// nginx's pick sequence. Built once per snapshot; a rebuild that changed
+/// the pool's weights (health change, reload) starts at a random point of
+/// the new period, so frequent rebuilds favour no peer, and one that did
+/// not ([`Pool::following`]) goes on where the old pool was, so picks stay
+/// interleaved across rebuilds.
 #[derive(Debug)]
 pub struct Pool {
     /// Effective weight per peer, in the snapshot's member order.
@@ -70,8 +75,9 @@ pub struct Pool {
     /// is on ("interleaved, not bunched": per-lane cursors bunch picks
     /// when consecutive requests land on different lanes). On a line of its
     /// own, so the picks' writes do not evict the pool's read-only fields
-    /// from the other lanes' caches.
-    next: Padded<AtomicUsize>,
+    /// from the other lanes' caches. Shared with the pool of the next
+    /// snapshot when that one has the same peers and weights.
+    next: Arc<Padded<AtomicUsize>>,
 }
 
 impl Pool {
@@ -94,7 +100,26 @@ impl Pool {
             live: weights.iter().filter(|&&w| w > 0).count(),
             weights: weights.into_boxed_slice(),
             schedule,
-            next: Padded(AtomicUsize::new(phase)),
+            next: Arc::new(Padded(AtomicUsize::new(phase))),
+        }
+    }
+
+    /// The pool that replaces `previous` (the same peers, in the same
+    /// order) in a rebuilt snapshot. With the same weights it continues
+    /// `previous`'s sequence, sharing its position, so a rebuild that
+    /// changed nothing for this pool (a deep round, a no-op reload, another
+    /// pool's health flip) neither restarts nor bunches its picks; requests
+    /// still on the old snapshot and those on the new one take turns from
+    /// the one counter. Otherwise a new pool ([`Pool::new`]).
+    pub fn following(weights: Vec<u64>, previous: &Pool) -> Self {
+        if *weights != *previous.weights {
+            return Self::new(weights);
+        }
+        Self {
+            live: previous.live,
+            weights: weights.into_boxed_slice(),
+            schedule: previous.schedule.clone(),
+            next: previous.next.clone(),
         }
     }
 
@@ -284,6 +309,36 @@ mod tests {
             assert_eq!(pool.pick(|i| i == 0), Some(0));
         }
         assert!(pool.next.0.load(Ordering::Relaxed) - before < 100 * 4);
+    }
+
+    /// SPEC "Balancing: picks are interleaved, not bunched", across
+    /// rebuilds too: a pool rebuilt with the same weights continues the
+    /// sequence (three weight-1 peers rebuilt after every pick still go
+    /// a b c a b c); one with new weights starts afresh.
+    #[test]
+    fn a_pool_rebuilt_with_the_same_weights_continues_its_sequence() {
+        let mut pool = Pool::new(vec![1000, 1000, 1000]);
+        let mut picks = Vec::new();
+        for _ in 0..30 {
+            picks.extend(pool.pick(|_| true));
+            pool = Pool::following(vec![1000, 1000, 1000], &pool);
+        }
+        for window in picks.windows(3) {
+            let mut w = window.to_vec();
+            w.sort_unstable();
+            assert_eq!(w, vec![0, 1, 2], "{picks:?}");
+        }
+        // 3:1 rebuilt after every pick: never more than three in a row.
+        let mut pool = Pool::new(vec![3, 1]);
+        let mut picks = Vec::new();
+        for _ in 0..40 {
+            picks.extend(pool.pick(|_| true));
+            pool = Pool::following(vec![3, 1], &pool);
+        }
+        assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 10, "{picks:?}");
+        let other = Pool::following(vec![1, 3], &pool);
+        assert!(!Arc::ptr_eq(&other.next, &pool.next));
+        assert_eq!(other.weight(1), 3);
     }
 
     #[test]

@@ -537,7 +537,19 @@ impl Snapshot {
                     (member, weight)
                 })
                 .unzip();
-            let pool = Pool::new(weights);
+            // Same peers (by identity, in order) and weights as the old
+            // pool: continue its sequence rather than restart it.
+            let same_peers = old.is_some_and(|o| {
+                o.members.len() == members.len()
+                    && o.members
+                        .iter()
+                        .zip(&members)
+                        .all(|(a, b)| Arc::ptr_eq(&a.backend.live, &b.backend.live))
+            });
+            let pool = match old {
+                Some(o) if same_peers => Pool::following(weights, &o.pool),
+                _ => Pool::new(weights),
+            };
             let limits = match old {
                 Some(old) if old.config == *model => old.limits.clone(),
                 _ => Arc::new(ModelLimits::with_cluster(
