@@ -1750,6 +1750,26 @@ mod tests {
         assert_eq!(mock.requests(), 0, "only inference routes count");
     }
 
+    /// A raw HTTP/1.1 client that asked `mock` for a streamed chat and has
+    /// read until `until` appeared (its connection held open, unread after).
+    async fn raw_stream_until(mock: &MockHandle, until: &str) -> TcpStream {
+        let body = hello(json!({"stream": true})).to_string();
+        let mut client = TcpStream::connect(mock.addr()).await.expect("connect");
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(request.as_bytes()).await.expect("write");
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains(until) {
+            let mut buf = [0u8; 1024];
+            let n = client.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the first chunk");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        client
+    }
+
     #[tokio::test]
     async fn in_flight_returns_to_zero_when_client_leaves_mid_stream() {
         // 100 tokens at 20/s: five seconds of stream, so the client surely leaves mid-way.
@@ -1759,20 +1779,7 @@ mod tests {
             .start()
             .await
             .expect("start");
-        let body = hello(json!({"stream": true})).to_string();
-        let mut client = TcpStream::connect(mock.addr()).await.expect("connect");
-        let request = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        client.write_all(request.as_bytes()).await.expect("write");
-        let mut seen = Vec::new();
-        while !String::from_utf8_lossy(&seen).contains("data: ") {
-            let mut buf = [0u8; 1024];
-            let n = client.read(&mut buf).await.expect("read");
-            assert!(n > 0, "closed before the first chunk");
-            seen.extend_from_slice(&buf[..n]);
-        }
+        let client = raw_stream_until(&mock, "data: ").await;
         assert_eq!(mock.in_flight(), 1);
         assert_eq!(mock.connections_open(), 1);
 
@@ -2070,20 +2077,7 @@ mod tests {
             .start()
             .await
             .expect("start");
-        let body = hello(json!({"stream": true})).to_string();
-        let mut client = TcpStream::connect(mock.addr()).await.expect("connect");
-        let request = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        client.write_all(request.as_bytes()).await.expect("write");
-        let mut seen = Vec::new();
-        while !String::from_utf8_lossy(&seen).contains("\n\n\r\n") {
-            let mut buf = [0u8; 1024];
-            let n = client.read(&mut buf).await.expect("read");
-            assert!(n > 0, "closed before the first chunk");
-            seen.extend_from_slice(&buf[..n]);
-        }
+        let client = raw_stream_until(&mock, "\n\n\r\n").await;
         assert_eq!(mock.in_flight(), 1);
 
         drop(client);
