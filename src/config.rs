@@ -832,6 +832,31 @@ impl Checker<'_> {
         self.warnings.push(e.to_string());
     }
 
+    /// Warns that a duration meant to end before another (`early`, with
+    /// its value) does not: located at the key the file sets, `early` when
+    /// written (`early_says`), else `late`, which is then what undercuts
+    /// `early`'s default (`late_says`, given that default).
+    fn warn_misordered(
+        &mut self,
+        (early, early_key, early_value): (&Option<S<String>>, &str, Duration),
+        (late, late_key): (&Option<S<String>>, &str),
+        early_says: &str,
+        late_says: impl FnOnce(humantime::FormattedDuration) -> String,
+    ) {
+        match (early, late) {
+            (None, Some(late)) => self.warn(
+                late.span(),
+                late_key,
+                late_says(humantime::format_duration(early_value)),
+            ),
+            (early, _) => self.warn(
+                early.as_ref().map_or(0..0, Spanned::span),
+                early_key,
+                early_says,
+            ),
+        }
+    }
+
     fn duration(
         &mut self,
         v: &Option<S<String>>,
@@ -1075,23 +1100,12 @@ impl Checker<'_> {
         // warn about a value the file does not set.
         let both_taken = self.errors.len() == errors_before;
         if both_taken && first_byte_timeout > request_timeout {
-            // Located at the key the file sets: first_byte_timeout when
-            // written, else request_timeout, which is then below the default.
-            match (&raw.first_byte_timeout, &raw.request_timeout) {
-                (None, Some(request)) => self.warn(
-                    request.span(),
-                    "server.request_timeout",
-                    format!(
-                        "is shorter than server.first_byte_timeout ({}, its default), so it ends the request first",
-                        humantime::format_duration(first_byte_timeout)
-                    ),
-                ),
-                (first_byte, _) => self.warn(
-                    first_byte.as_ref().map_or(0..0, Spanned::span),
-                    "server.first_byte_timeout",
-                    "is longer than server.request_timeout, which ends the request first",
-                ),
-            }
+            self.warn_misordered(
+                (&raw.first_byte_timeout, "server.first_byte_timeout", first_byte_timeout),
+                (&raw.request_timeout, "server.request_timeout"),
+                "is longer than server.request_timeout, which ends the request first",
+                |default| format!("is shorter than server.first_byte_timeout ({default}, its default), so it ends the request first"),
+            );
         }
         let shutdown_grace = self.duration(
             &raw.shutdown_grace,
@@ -1652,21 +1666,12 @@ impl Checker<'_> {
         // A probe that slow times out first, so slowness is never seen.
         // Compared only when both were taken (a refused one is its default).
         if self.errors.len() == errors_before && degraded_latency >= readiness_timeout {
-            match (&ready.degraded_latency, &ready.timeout) {
-                (None, Some(timeout)) => self.warn(
-                    timeout.span(),
-                    "health.readiness.timeout",
-                    format!(
-                        "is not longer than health.readiness.degraded_latency ({}, its default), so a probe that slow times out first and is never reported as degraded",
-                        humantime::format_duration(degraded_latency)
-                    ),
-                ),
-                (degraded, _) => self.warn(
-                    degraded.as_ref().map_or(0..0, Spanned::span),
-                    "health.readiness.degraded_latency",
-                    "is not shorter than health.readiness.timeout, so a probe that slow times out first and is never reported as degraded",
-                ),
-            }
+            self.warn_misordered(
+                (&ready.degraded_latency, "health.readiness.degraded_latency", degraded_latency),
+                (&ready.timeout, "health.readiness.timeout"),
+                "is not shorter than health.readiness.timeout, so a probe that slow times out first and is never reported as degraded",
+                |default| format!("is not longer than health.readiness.degraded_latency ({default}, its default), so a probe that slow times out first and is never reported as degraded"),
+            );
         }
         HealthConfig {
             enabled: raw.enabled.unwrap_or(defaults::HEALTH_ENABLED),
