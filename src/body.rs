@@ -68,6 +68,12 @@ pub enum BodyError {
     /// `first_byte_timeout` (SPEC: "response headers / first SSE event").
     #[error("the upstream sent no event within {0:?}")]
     FirstEventTimeout(std::time::Duration),
+    /// The backend sent nothing more of the body for `first_byte_timeout`
+    /// while weir waited on it (nginx's `proxy_read_timeout`): a stream
+    /// that stalls mid-way would otherwise hold the client, its permit and
+    /// the backend's slot until `request_timeout`.
+    #[error("the upstream sent nothing for {0:?}")]
+    IdleTimeout(std::time::Duration),
     /// `shutdown_grace` ran out before the body ended (HTTP/2 resets the
     /// stream; an SSE stream gets its `error` event instead).
     #[error("weir is shutting down and cut the response")]
@@ -128,11 +134,23 @@ pub struct ProxiedBody {
     /// nothing ready) or sends more than one frame: a response that is
     /// whole in the first read never allocates or registers one.
     deadline_timer: Option<Pin<Box<Sleep>>>,
-    /// For SSE, until the first byte reaches the client: the end of
-    /// `first_byte_timeout` counted from the response headers, so a backend
-    /// that answers headers and then stalls does not hold the client (and
-    /// the permit) until `request_timeout`.
-    first_event: Option<(Pin<Box<Sleep>>, std::time::Duration)>,
+    /// `first_byte_timeout`: the longest the backend may stay silent, from
+    /// its headers to an SSE stream's first event, and between two reads of
+    /// any body while weir waits on it.
+    quiet_limit: std::time::Duration,
+    /// That limit's timer. For SSE armed with the headers (the first event
+    /// must come by its end), else at the body's first wait. Lazy: never
+    /// reset per frame; when it fires during a wait that began later, it is
+    /// moved to that wait's end (see [`Self::poll_quiet`]).
+    quiet_timer: Option<Pin<Box<Sleep>>>,
+    /// An SSE stream whose first byte has not reached the client: the
+    /// timer counts from the headers and ends it with `FirstEventTimeout`.
+    awaiting_first_event: bool,
+    /// When weir began waiting on the backend: the first poll of its body
+    /// that found nothing since the last frame; `None` once a frame came.
+    /// Time weir did not poll (the client not reading) is never part of a
+    /// wait: a poll after it finds what the backend sent meanwhile.
+    waiting_since: Option<Instant>,
     /// Whether the body is `text/event-stream`: a failure mid-stream then
     /// ends it with an SSE `error` event the client's SDK can read, instead
     /// of a bare connection abort.
@@ -324,7 +342,8 @@ fn generated_at_least(
 impl ProxiedBody {
     /// Wraps a backend body. `deadline` ends the stream when it passes; an
     /// SSE stream must also send its first event within
-    /// `first_byte_timeout` of its headers.
+    /// `first_byte_timeout` of its headers, and any body must send more
+    /// within `first_byte_timeout` of weir starting to wait for it.
     pub(crate) fn new(
         inner: UpstreamBody,
         in_flight: InFlight,
@@ -334,18 +353,16 @@ impl ProxiedBody {
         accounting: Option<Accounting>,
         answered_by: AnsweredBy,
     ) -> Self {
-        let first_event = sse.then(|| {
-            (
-                Box::pin(tokio::time::sleep(first_byte_timeout)),
-                first_byte_timeout,
-            )
-        });
+        let quiet_timer = sse.then(|| Box::pin(tokio::time::sleep(first_byte_timeout)));
         Self {
             inner,
             in_flight: Some(in_flight),
             deadline,
             deadline_timer: None,
-            first_event,
+            quiet_limit: first_byte_timeout,
+            quiet_timer,
+            awaiting_first_event: sse,
+            waiting_since: None,
             sse,
             finished: false,
             accounting,
@@ -376,8 +393,9 @@ impl ProxiedBody {
     }
 
     /// Arms the timers if need be and polls them: the error that ends the
-    /// body if one has run out.
-    fn poll_timers(&mut self, cx: &mut Context<'_>) -> Option<BodyError> {
+    /// body if one has run out. `waiting`: the backend's body has just
+    /// found nothing to read, so its silence counts.
+    fn poll_timers(&mut self, cx: &mut Context<'_>, waiting: bool) -> Option<BodyError> {
         let deadline = self.deadline;
         let timer = self
             .deadline_timer
@@ -385,10 +403,39 @@ impl ProxiedBody {
         if timer.as_mut().poll(cx).is_ready() {
             return Some(BodyError::Timeout);
         }
-        if let Some((timer, after)) = &mut self.first_event {
-            if timer.as_mut().poll(cx).is_ready() {
-                return Some(BodyError::FirstEventTimeout(*after));
+        if self.awaiting_first_event {
+            // Counted from the headers, which no wait can start later than.
+            let fired = self
+                .quiet_timer
+                .as_mut()
+                .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
+            return fired.then_some(BodyError::FirstEventTimeout(self.quiet_limit));
+        }
+        if waiting {
+            return self.poll_quiet(cx);
+        }
+        None
+    }
+
+    /// The idle limit while weir waits on the backend: `IdleTimeout` once
+    /// the wait has lasted `first_byte_timeout`. The timer is armed for the
+    /// end of the wait it first sees and only moved when it fires: a later
+    /// wait ends later, so the timer is then reset to that end if it is
+    /// still ahead. A stream of many frames thus costs one clock read per
+    /// wait and no timer reset per frame.
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Option<BodyError> {
+        // A limit too large for the clock never ends.
+        let due = self.waiting_since?.checked_add(self.quiet_limit)?;
+        let timer = self
+            .quiet_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        while timer.as_mut().poll(cx).is_ready() {
+            if timer.deadline() >= due {
+                return Some(BodyError::IdleTimeout(self.quiet_limit));
             }
+            // Set for an earlier wait (or the first event): this one ends
+            // later. Polled again to register the waker.
+            timer.as_mut().reset(due);
         }
         None
     }
@@ -481,7 +528,9 @@ impl ProxiedBody {
         // `weir_upstream_errors_total`; weir's own deadline does not.
         let kind = match &error {
             BodyError::Upstream(_) => Some(FailureKind::Protocol),
-            BodyError::FirstEventTimeout(_) => Some(FailureKind::Timeout),
+            BodyError::FirstEventTimeout(_) | BodyError::IdleTimeout(_) => {
+                Some(FailureKind::Timeout)
+            }
             BodyError::Timeout | BodyError::Shutdown => None,
         };
         if let (Some(kind), Some(member)) = (kind, self.member()) {
@@ -490,9 +539,14 @@ impl ProxiedBody {
         }
         self.emit_log(Ending::UpstreamError);
         if self.sse {
+            let idle;
             let message = match &error {
                 BodyError::Timeout => "request timeout passed while streaming the response",
                 BodyError::FirstEventTimeout(_) => "the upstream sent no event in time",
+                BodyError::IdleTimeout(after) => {
+                    idle = format!("the upstream sent nothing for first_byte_timeout ({after:?})");
+                    &idle
+                }
                 BodyError::Upstream(_) => "the upstream stream ended with an error",
                 BodyError::Shutdown => crate::api::SHUTDOWN_MESSAGE,
             };
@@ -574,17 +628,25 @@ impl Body for ProxiedBody {
         // Once armed, the timers are checked before anything else, so a
         // backend that never lets the body wait still meets the deadline.
         if this.deadline_timer.is_some() {
-            if let Some(error) = this.poll_timers(cx) {
+            if let Some(error) = this.poll_timers(cx, false) {
                 return this.fail(error);
             }
         }
         loop {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => match this.poll_timers(cx) {
-                    Some(error) => this.fail(error),
-                    None => Poll::Pending,
-                },
+                Poll::Pending => {
+                    // The first poll that finds nothing starts the wait:
+                    // one clock read per wait, none per frame.
+                    if this.waiting_since.is_none() {
+                        this.waiting_since = Some(Instant::now());
+                    }
+                    match this.poll_timers(cx, true) {
+                        Some(error) => this.fail(error),
+                        None => Poll::Pending,
+                    }
+                }
                 Poll::Ready(Some(Ok(frame))) => {
+                    this.waiting_since = None;
                     let data = match frame.into_data() {
                         Ok(data) => data,
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
@@ -597,7 +659,8 @@ impl Body for ProxiedBody {
                         data = redactor.push(data);
                     }
                     if !data.is_empty() {
-                        this.first_event = None;
+                        // The timer stays, to serve as the idle limit.
+                        this.awaiting_first_event = false;
                         if let Some(log) = &mut this.log {
                             log.first_byte(this.snapshot.as_deref());
                         }
@@ -621,7 +684,7 @@ impl Body for ProxiedBody {
                     }
                     if !this.finished && this.deadline_timer.is_none() {
                         // More is to come: from here on the timers count.
-                        if let Some(error) = this.poll_timers(cx) {
+                        if let Some(error) = this.poll_timers(cx, false) {
                             return this.fail(error);
                         }
                     }

@@ -426,14 +426,16 @@ async fn broken_chunked_framing_ends_with_an_sse_error_event() {
     check_mid_stream(Fault::BrokenChunked, Some("protocol")).await;
 }
 
-/// A body dripping one byte per second is ended at `request_timeout` (3 s
-/// here), not held for the minutes the drip would take.
+/// A body dripping one byte per second leaves gaps longer than
+/// `first_byte_timeout` (300 ms here): the first one ends it as the
+/// backend's timeout, not held for the minutes the drip would take nor
+/// until `request_timeout` (3 s).
 #[tokio::test]
-async fn dripped_bodies_end_at_request_timeout_with_an_sse_error_event() {
-    let (s, _gw) = check_mid_stream(Fault::DripBody, None).await;
+async fn dripped_bodies_end_at_first_byte_timeout_with_an_sse_error_event() {
+    let (s, _gw) = check_mid_stream(Fault::DripBody, Some("timeout")).await;
     let (at, _) = s.frames.last().unwrap();
-    assert!(*at >= Duration::from_millis(2500), "{at:?}");
-    assert!(*at < Duration::from_secs(6), "{at:?}");
+    assert!(*at >= Duration::from_millis(250), "{at:?}");
+    assert!(*at < Duration::from_millis(2500), "{at:?}");
 }
 
 /// A stream that goes silent after its first event, its connection held
@@ -470,6 +472,137 @@ async fn a_stream_stalled_after_its_first_event_ends_at_request_timeout() {
     })
     .await;
     assert!(closed, "weir kept the stalled backend connection");
+}
+
+/// A gateway in front of one mock (`b1`, model `m1`) whose streams stall
+/// after their first event (`stall_after(1)`), with `first_byte_timeout`
+/// 1 s, `request_timeout` 60 s and `consecutive_failures = failures`.
+async fn stalling_gateway(failures: u32) -> (weir::Handle, mock::MockHandle) {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m1".into()])
+            .stall_after(1),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[server]\nfirst_byte_timeout = \"1s\"\nrequest_timeout = \"60s\"\n\n\
+         [[models]]\nname = \"m1\"\n\n{}\
+         [outlier]\nconsecutive_failures = {failures}\nmax_ejection_percent = 100\n\n{QUIET}",
+        backend("b1", &m.base_url(), &["m1"], 1)
+    );
+    (gateway(&toml).await, m)
+}
+
+/// A stalled stream read to its end: its first event, then the `error`
+/// event the idle limit ends it with (bounded well below
+/// `request_timeout`, which would end it only after 60 s).
+async fn read_stalled_stream(addr: SocketAddr) -> String {
+    let s = tokio::time::timeout(
+        Duration::from_secs(20),
+        post_stream(addr, "/v1/chat/completions", &chat("m1", true)),
+    )
+    .await
+    .expect("the stalled stream ends long before request_timeout");
+    assert_eq!(s.status, 200);
+    let text = s.text();
+    let events: Vec<&str> = text.trim_end().split("\n\n").collect();
+    assert_eq!(events.len(), 2, "{text}");
+    assert!(events[0].contains(r#""content":"tok0""#), "{text}");
+    let error = events[1]
+        .strip_prefix("event: error\ndata: ")
+        .unwrap_or_else(|| panic!("no error event: {text}"));
+    let error: serde_json::Value = serde_json::from_str(error).unwrap();
+    assert_eq!(error["error"]["type"], "upstream_error", "{text}");
+    assert_eq!(
+        error["error"]["message"], "the upstream sent nothing for first_byte_timeout (1s)",
+        "{text}"
+    );
+    text
+}
+
+/// A stream that stalls mid-way (its first event sent, its connection held
+/// open) ends with an SSE `error` event once the backend has sent nothing
+/// for `first_byte_timeout` (1 s), not at `request_timeout` (60 s), and
+/// counts as the backend's timeout: it is ejected after one failure, and
+/// its stalled connection is closed.
+#[tokio::test]
+async fn a_stream_stalled_mid_way_ends_at_first_byte_timeout_and_ejects() {
+    let (gw, m) = stalling_gateway(1).await;
+    let addr = gw.addr();
+
+    read_stalled_stream(addr).await;
+
+    let errors = metric(
+        addr,
+        "weir_upstream_errors_total",
+        &[("backend", "b1"), ("kind", "timeout")],
+    )
+    .await;
+    assert_eq!(errors, 1.0);
+    assert_eq!(backend_state(addr, "b1").await["ejections"], 1);
+    let closed = eventually(Duration::from_secs(5), || {
+        m.connections_open() == 0 && m.in_flight() == 0
+    })
+    .await;
+    assert!(closed, "weir kept the stalled backend connection");
+}
+
+/// The idle limit counts only time weir waits on the backend: a client
+/// that reads a fast stream slowly (1.5 s between reads, past
+/// `first_byte_timeout` = 1 s) holds weir back from reading the backend
+/// (back-pressure), and that is not the backend's silence. The stream is
+/// not cut and arrives whole.
+#[tokio::test]
+async fn a_slow_but_steady_reader_is_not_cut_by_the_idle_limit() {
+    let fast = MockConfig::default().chunks(400_000);
+    let (gw, m) = gateway_with_mock(
+        "m1",
+        fast,
+        "[server]\nfirst_byte_timeout = \"1s\"\nrequest_timeout = \"60s\"",
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(&raw_chat(&chat("m1", true), "connection: close\r\n"))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut total = n;
+    let mut tail = Vec::new();
+    let mut reads = 0;
+    loop {
+        if reads < 4 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            // Still streaming: weir was held back, not the backend done.
+            assert_eq!(m.in_flight(), 1, "the backend finished: weir buffered");
+        }
+        reads += 1;
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+            .await
+            .expect("stream goes on")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > 512 {
+            tail.drain(..tail.len() - 512);
+        }
+    }
+    let tail = String::from_utf8_lossy(&tail);
+    assert!(total > 10_000_000, "{total} bytes");
+    assert!(!tail.contains("event: error"), "cut: {tail}");
+    assert!(tail.contains("data: [DONE]"), "{tail}");
+    let errors = metric(
+        gw.addr(),
+        "weir_upstream_errors_total",
+        &[("kind", "timeout")],
+    )
+    .await;
+    assert_eq!(errors, 0.0);
 }
 
 /// Headers and then silence: the stream ends with an `error` event at
