@@ -440,6 +440,22 @@ impl ProxiedBody {
         None
     }
 
+    /// Whether the backend has sent nothing for `first_byte_timeout` while
+    /// weir waited on it, checked as the client leaves. The wait began at a
+    /// poll that found nothing, but weir may not have polled since (the
+    /// client was not reading either): one last poll, with a waker nobody
+    /// listens to, finds what the backend sent meanwhile.
+    fn silent_past_limit(&mut self) -> bool {
+        let Some(since) = self.waiting_since else {
+            return false;
+        };
+        if since.elapsed() < self.quiet_limit {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(&mut self.inner).poll_frame(&mut cx).is_pending()
+    }
+
     /// Hands the body its access log line, to write when it ends, and the
     /// request's snapshot, where the line and the body find the route and
     /// the backend that answered.
@@ -819,12 +835,28 @@ impl ProxiedBody {
 
 impl Drop for ProxiedBody {
     fn drop(&mut self) {
-        // The client went away mid-body: nothing the backend did wrong, so
-        // its failures in a row end here as after a whole answer (else a
-        // backend whose answers clients often stop would be ejected for
-        // failures that were not consecutive).
+        // The client went away mid-body. If weir had been waiting on the
+        // backend for `first_byte_timeout` by then, the backend had stalled
+        // (the idle limit was about to end the body): its timeout failure,
+        // as the timer would have counted it. If weir was waiting for less,
+        // the client left during a wait whose end nobody will see: that
+        // proves neither a stall nor a working backend, so outlier
+        // detection hears nothing; reporting a success here (as weir once
+        // did) let a backend whose streams stall and whose clients give up
+        // before the limit reset its failures forever, and reporting a
+        // failure would eject a backend for answers clients merely stopped.
+        // If weir was not waiting (the backend's frame was on its way, the
+        // client the slower side), the backend was delivering: its
+        // failures in a row end here as after a whole answer.
         if !self.finished {
-            self.report(Outcome::Completed);
+            if self.silent_past_limit() {
+                self.report(Outcome::Failure);
+                if let Some(member) = self.member() {
+                    member.backend.errors.inc(FailureKind::Timeout);
+                }
+            } else if self.waiting_since.is_none() {
+                self.report(Outcome::Completed);
+            }
         }
         // Still holding the accounting or the log: the client went away
         // before the end.

@@ -548,6 +548,48 @@ async fn a_stream_stalled_mid_way_ends_at_first_byte_timeout_and_ejects() {
     assert!(closed, "weir kept the stalled backend connection");
 }
 
+/// A client that gives up on a stalled stream before the idle limit does
+/// not count as a success of the backend (which would start its failures
+/// in a row over): with `consecutive_failures = 2`, a timeout, a client
+/// leaving after its first event, and a second timeout eject it.
+#[tokio::test]
+async fn a_client_leaving_a_stalled_stream_does_not_reset_the_failures_in_a_row() {
+    let (gw, m) = stalling_gateway(2).await;
+    let addr = gw.addr();
+
+    read_stalled_stream(addr).await;
+    assert_eq!(backend_state(addr, "b1").await["ejections"], 0);
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&raw_chat(&chat("m1", true), "")).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("data: {") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("first event within 5s")
+            .unwrap();
+        assert!(n > 0, "closed before the first event");
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    let left = eventually(Duration::from_secs(5), || m.in_flight() == 0).await;
+    assert!(left, "the abandoned stream is still held");
+    assert_eq!(backend_state(addr, "b1").await["ejections"], 0);
+
+    read_stalled_stream(addr).await;
+    assert_eq!(
+        metric(
+            addr,
+            "weir_upstream_errors_total",
+            &[("backend", "b1"), ("kind", "timeout")],
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(backend_state(addr, "b1").await["ejections"], 1);
+}
+
 /// The idle limit counts only time weir waits on the backend: a client
 /// that reads a fast stream slowly (1.5 s between reads, past
 /// `first_byte_timeout` = 1 s) holds weir back from reading the backend
