@@ -36,6 +36,7 @@ use crate::{
     upstream::{
         self,
         codec::{self, Name},
+        retry_after::{retry_after, retry_after_given},
         AttemptError, Forward, UpstreamBody,
     },
 };
@@ -753,37 +754,6 @@ fn is_event_stream(value: &[u8]) -> bool {
         && matches!(value.get(SSE.len()), None | Some(b';' | b' ' | b'\t'))
 }
 
-/// An upstream 429's `Retry-After` in seconds (the HTTP-date form is rare
-/// from inference servers and is read as 1 s, as is a missing header).
-fn retry_after(response: &Response<UpstreamBody>) -> Duration {
-    retry_after_given(response).unwrap_or(Duration::from_secs(1))
-}
-
-/// A backend's `Retry-After` in seconds, if it sent one (capped at an hour).
-fn retry_after_given(response: &Response<UpstreamBody>) -> Option<Duration> {
-    upstream_header(response.headers(), response.body(), Name::RetryAfter)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()))
-}
-
-/// A `Retry-After` value (RFC 9110 §10.2.3): delay-seconds, or an HTTP-date
-/// counted from `now` (a date already past is no wait); at most an hour, so
-/// a backend cannot take itself out of rotation for days.
-fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
-    const MAX: Duration = Duration::from_secs(3600);
-    let value = value.trim();
-    let wait = match value.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        // Delay-seconds too large for 64 bits is still a (very long) wait.
-        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => MAX,
-        Err(_) => {
-            let at = httpdate::parse_http_date(value).ok()?;
-            at.duration_since(now).unwrap_or(Duration::ZERO)
-        }
-    };
-    Some(wait.min(MAX))
-}
-
 /// A backend response's header of kind `kind`: in the map for an
 /// `https://` backend, kept as received for a plain one.
 fn upstream_header<'a>(map: &'a HeaderMap, body: &'a UpstreamBody, kind: Name) -> Option<&'a [u8]> {
@@ -937,33 +907,7 @@ fn linger(mut body: ClientBody) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
-
-    use super::{is_event_stream, parse_retry_after};
-
-    #[test]
-    fn retry_after_takes_seconds_or_a_date_capped_at_an_hour() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
-        let secs = |s| Some(Duration::from_secs(s));
-        // Wed, 21 Oct 2015 07:28:00 GMT is `now`.
-        for (value, wait) in [
-            ("120", secs(120)),
-            (" 7 ", secs(7)),
-            ("0", secs(0)),
-            ("86400", secs(3600)),
-            ("99999999999999999999", secs(3600)),
-            ("Wed, 21 Oct 2015 07:28:08 GMT", secs(8)),
-            ("Wed, 21 Oct 2015 07:27:00 GMT", secs(0)),
-            ("Thu, 22 Oct 2015 07:28:00 GMT", secs(3600)),
-            ("Wednesday, 21-Oct-15 07:28:30 GMT", secs(30)),
-            ("-1", None),
-            ("1.5", None),
-            ("soon", None),
-            ("", None),
-        ] {
-            assert_eq!(parse_retry_after(value, now), wait, "{value:?}");
-        }
-    }
+    use super::is_event_stream;
 
     #[test]
     fn event_streams_are_known_in_any_case_with_parameters() {

@@ -16,12 +16,14 @@
 //!   through OpenSSL's `SSL_CERT_FILE` and `SSL_CERT_DIR`.
 //!
 //! It does not decide what to retry: it reports *how* an attempt failed
-//! ([`AttemptError`]) and `proxy` decides from that alone.
+//! ([`AttemptError`]) and `proxy` decides from that alone. [`retry_after`]
+//! reads a backend's `Retry-After` for the proxy and the health probes alike.
 
 pub(crate) mod codec;
 mod conn;
 mod pool;
 mod resolve;
+pub(crate) mod retry_after;
 
 use resolve::HostResolver;
 
