@@ -606,6 +606,150 @@ async fn an_upstream_429_sends_traffic_elsewhere_until_retry_after() {
     assert!(back);
 }
 
+/// Readiness probes every 50 ms, the other tiers effectively off, and
+/// `unhealthy_threshold` 2.
+const FAST_READINESS: &str = "[health]\nunhealthy_threshold = 2\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"50ms\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+
+/// Readiness probes `mock` received (non-streamed completions; deep
+/// samples stream), of the last `mock::RECORDED_CAPACITY` requests.
+fn readiness_probes(mock: &MockHandle) -> usize {
+    mock.recorded()
+        .iter()
+        .filter(|r| r.uri == "/v1/chat/completions")
+        .filter(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).is_ok_and(|b| b["stream"] == false)
+        })
+        .count()
+}
+
+/// The backend's `rate_limited_until` is more than `ahead` away.
+fn rate_limited_beyond(b: &serde_json::Value, ahead: Duration) -> bool {
+    b["rate_limited_until"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        .is_some_and(|t| t > std::time::SystemTime::now() + ahead)
+}
+
+/// A readiness probe answered 429 (a hosted backend that is busy, not
+/// broken) is no failure: however many come, the tier stays up with no
+/// failure counted and the backend is neither taken out by readiness nor
+/// ejected; probing goes on once its Retry-After passes; and it is held
+/// out of rotation for its Retry-After as after a client's 429, which
+/// `/admin/backends` and the metrics show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readiness_probe_answered_429_is_no_failure_and_holds_for_its_retry_after() {
+    let ms = mocks(2, MockConfig::default()).await;
+    // `Retry-After: 0` first: no hold, so the probes keep coming.
+    ms[0].update(|c| {
+        c.rate_limit_rate = 1.0;
+        c.retry_after = 0;
+    });
+    let gw = gateway(&config_for(
+        &ms,
+        &[1, 1],
+        FAST_READINESS,
+        "health_path = \"/health\"\n",
+    ))
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || readiness_probes(&ms[0]) > 4).await,
+        "b0 probed more than unhealthy_threshold times"
+    );
+    let b0 = admin_backend(&gw, "b0").await;
+    assert_eq!(b0["tiers"]["readiness"]["state"], "up", "{b0}");
+    assert_eq!(b0["tiers"]["readiness"]["consecutive_failures"], 0, "{b0}");
+    assert!(
+        b0["tiers"]["readiness"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("429")),
+        "{b0}"
+    );
+    assert_eq!(b0["state"], "healthy", "{b0}");
+    assert!(b0["ejected_until"].is_null(), "{b0}");
+    assert_eq!(weight(&gw, "b0"), 1.0);
+
+    // `Retry-After: 1`: held, then probed again once it passes.
+    ms[0].update(|c| c.retry_after = 1);
+    let (b0, held) = admin_until(&gw, "b0", Duration::from_secs(10), |b| {
+        !b["rate_limited_until"].is_null()
+    })
+    .await;
+    assert!(held, "{b0}");
+    let seen = ms[0].requests();
+    assert!(
+        eventually(Duration::from_secs(10), || ms[0].requests() > seen).await,
+        "probed again after Retry-After"
+    );
+
+    // `Retry-After: 30`: out of rotation for it, not down, not ejected.
+    ms[0].update(|c| c.retry_after = 30);
+    let (b0, held) = admin_until(&gw, "b0", Duration::from_secs(10), |b| {
+        rate_limited_beyond(b, Duration::from_secs(10))
+    })
+    .await;
+    assert!(held, "rate_limited_until about 30 s ahead: {b0}");
+    assert_eq!(b0["state"], "out", "{b0}");
+    assert_eq!(b0["tiers"]["readiness"]["state"], "up", "{b0}");
+    assert_eq!(b0["tiers"]["readiness"]["consecutive_failures"], 0, "{b0}");
+    assert!(b0["ejected_until"].is_null(), "{b0}");
+    assert_eq!(b0["ejections"], 0, "{b0}");
+    assert!(
+        eventually(Duration::from_secs(5), || weight(&gw, "b0") == 0.0).await,
+        "b0 out of rotation for its Retry-After"
+    );
+    let up = |tier| [("backend", "b0"), ("tier", tier)];
+    assert_eq!(
+        metric(gw.addr(), "weir_backend_up", &up("readiness")).await,
+        1.0
+    );
+    assert_eq!(
+        metric(gw.addr(), "weir_backend_up", &up("liveness")).await,
+        1.0
+    );
+    let b0_weight = [("backend", "b0"), ("model", MODEL)];
+    assert_eq!(
+        metric(gw.addr(), "weir_backend_effective_weight", &b0_weight).await,
+        0.0
+    );
+    for _ in 0..6 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-weir-backend"), "b1");
+    }
+}
+
+/// A backend that answered a probe 429 asked for a pause: no probe goes to
+/// it before its Retry-After passes (they would only add to its 429s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_answered_a_probe_429_is_not_probed_before_its_retry_after() {
+    let ms = mocks(1, MockConfig::default().rate_limit(1.0, 30)).await;
+    let gw = gateway(&config_for(
+        &ms,
+        &[1],
+        FAST_READINESS,
+        "health_path = \"/health\"\n",
+    ))
+    .await;
+    let (b0, held) = admin_until(&gw, "b0", Duration::from_secs(10), |b| {
+        !b["rate_limited_until"].is_null()
+    })
+    .await;
+    assert!(held, "{b0}");
+    let probed = readiness_probes(&ms[0]);
+    assert_eq!(probed, 1, "one probe, then the pause");
+    // Twenty readiness intervals, all within the 30 s asked for.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        readiness_probes(&ms[0]),
+        probed,
+        "probed during Retry-After"
+    );
+    assert_eq!(
+        admin_backend(&gw, "b0").await["tiers"]["readiness"]["state"],
+        "up"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_try_each_backend_once_then_answer_502() {
     let ms = mocks(3, MockConfig::default().failure_rate(1.0)).await;

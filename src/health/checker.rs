@@ -210,6 +210,18 @@ async fn run_tier(
             return;
         };
         let health = &snapshot.config.health;
+        // A backend that answered 429 (a probe or a client's request) asked
+        // for a pause: no probe of any tier goes to it before its
+        // Retry-After, where the next one is sent (jittered by a tenth of
+        // the interval, as replicas given the same wait would probe at once).
+        let every = interval(tier, health);
+        if let Some(until) = backend
+            .live
+            .with_health(|h| h.rate_limited_at(Instant::now()))
+        {
+            next = until + jitter::up_to(every / 10);
+            continue;
+        }
         let changed = tokio::select! {
             _ = token.cancelled() => return,
             changed = probe_once(backend, tier, health, &up) => changed,
@@ -217,7 +229,6 @@ async fn run_tier(
         if changed {
             shared.rebuild.notify_one();
         }
-        let every = interval(tier, health);
         // ±10% jitter around the interval.
         next = Instant::now() + every - every / 10 + jitter::up_to(every / 5);
     }
@@ -265,6 +276,12 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
                 probes::ProbeOutcome::Pass {
                     latency: result.median_ttft.unwrap_or_default(),
                 }
+            } else if let Some(retry_after) = result.rate_limited.filter(|_| result.failures == 0) {
+                probes::ProbeOutcome::RateLimited {
+                    latency: now_before.elapsed(),
+                    retry_after,
+                    error: result.last_error.clone().unwrap_or_default(),
+                }
             } else {
                 probes::ProbeOutcome::Fail {
                     // The round's real length: a refused connection fails
@@ -279,7 +296,15 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
             let saturated = result.engine.as_ref().is_some_and(|e| e.is_saturated());
             let tps = result.median_tokens_per_sec;
             let metrics_error = result.metrics_error;
+            // A round that passed or failed before its 429 (samples that
+            // measured, or failed) is judged on those; the 429 still holds.
+            let rate_limited = result
+                .rate_limited
+                .filter(|_| !matches!(outcome, probes::ProbeOutcome::RateLimited { .. }));
             observe(backend, tier, &outcome, thresholds, |h| {
+                if let Some(wait) = rate_limited {
+                    h.rate_limit_until(Instant::now() + wait);
+                }
                 h.saturated = saturated;
                 h.metrics_error = metrics_error;
                 if tps.is_some() {
@@ -300,7 +325,8 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
 }
 
 /// Records an outcome with rise/fall thresholds plus `extra` changes, under
-/// the record's lock. Returns whether a tier flipped.
+/// the record's lock. Returns whether a tier flipped. A 429 flips none: it
+/// starts a 429 window, which changes the state (the caller compares it).
 fn observe(
     backend: &BackendState,
     tier: Tier,
@@ -311,6 +337,17 @@ fn observe(
     let (passed, error) = match outcome {
         probes::ProbeOutcome::Pass { .. } => (true, None),
         probes::ProbeOutcome::Fail { error, .. } => (false, Some(error.clone())),
+        probes::ProbeOutcome::RateLimited {
+            latency,
+            retry_after,
+            error,
+        } => {
+            backend.live.with_health(|h| {
+                h.observe_rate_limited(tier, *latency, error.clone(), *retry_after, Instant::now());
+                extra(h);
+            });
+            return false;
+        }
     };
     backend.live.with_health(|h| {
         let flip = h.observe(

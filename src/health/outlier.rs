@@ -67,9 +67,7 @@ pub(crate) fn report(
         }
         Outcome::RateLimited(wait) => {
             let until = Instant::now() + wait;
-            live.with_health(|h| {
-                h.rate_limited_until = Some(h.rate_limited_until.map_or(until, |t| t.max(until)))
-            });
+            live.with_health(|h| h.rate_limit_until(until));
             tracing::info!(backend = %backend.config.name, retry_after = ?wait, "backend rate-limited weir; out of rotation until its Retry-After");
             shared.rebuild.notify_one();
         }

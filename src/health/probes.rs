@@ -30,7 +30,7 @@ use super::engine::{self, EngineLoad};
 use crate::{
     config::{BackendConfig, Secret},
     snapshot::BackendState,
-    upstream::{self, AttemptError, UpstreamBody},
+    upstream::{self, retry_after::retry_after, AttemptError, UpstreamBody},
 };
 
 /// The result of one liveness or readiness probe.
@@ -46,6 +46,18 @@ pub enum ProbeOutcome {
         /// Time spent until the failure was known (about `timeout` on a hang).
         latency: Duration,
         /// What went wrong: a status, a connect error, a timeout, a bad body.
+        error: String,
+    },
+    /// The backend answered 429: it can answer but is busy. Neither a pass
+    /// nor a failure; the checker keeps it out of rotation, and its probes
+    /// off it, for `retry_after`.
+    RateLimited {
+        /// Time until the 429's head and body were read.
+        latency: Duration,
+        /// Its `Retry-After` (the proxy's reading: seconds or an HTTP-date,
+        /// at most an hour, 1 s without one).
+        retry_after: Duration,
+        /// What `/admin/backends` `last_error` shows for it.
         error: String,
     },
 }
@@ -74,6 +86,10 @@ pub struct DeepResult {
     pub median_ttft: Option<Duration>,
     /// Why the last failed sample failed.
     pub last_error: Option<String>,
+    /// A sample was answered 429 with this `Retry-After`: the round stopped
+    /// there (that sample is not a failure; `last_error` says so unless an
+    /// earlier sample failed).
+    pub rate_limited: Option<Duration>,
     /// Why `metrics_path` could not be read (the samples may still be fine).
     pub metrics_error: Option<String>,
 }
@@ -115,6 +131,9 @@ enum ProbeError {
     /// Connect, first-byte timeout or protocol failure, as `upstream` reports it.
     #[error(transparent)]
     Attempt(#[from] AttemptError),
+    /// A 429 with its `Retry-After`: the backend is busy, not failing.
+    #[error("status 429: rate limited; not probed for {0:?} (its Retry-After)")]
+    RateLimited(Duration),
     /// A non-2xx answer, with the start of its body (control characters
     /// escaped, see [`printable`]).
     #[error("status {status}: {body}")]
@@ -145,10 +164,12 @@ impl ProbeOutcome {
         matches!(self, ProbeOutcome::Pass { .. })
     }
 
-    /// The latency of a pass or the time to a failure.
+    /// The latency of a pass or the time to a failure or a 429.
     pub fn latency(&self) -> Duration {
         match self {
-            ProbeOutcome::Pass { latency } | ProbeOutcome::Fail { latency, .. } => *latency,
+            ProbeOutcome::Pass { latency }
+            | ProbeOutcome::Fail { latency, .. }
+            | ProbeOutcome::RateLimited { latency, .. } => *latency,
         }
     }
 }
@@ -165,8 +186,9 @@ pub async fn liveness(backend: &BackendState, timeout: Duration) -> ProbeOutcome
 
 /// Readiness: a one-token, non-streamed chat completion on the backend's
 /// first model (under its upstream name), with its key. A 2xx with a JSON
-/// body passes; judging the latency against `degraded_latency` is the
-/// caller's.
+/// body passes, a 429 is [`ProbeOutcome::RateLimited`] (so is one to
+/// liveness or a deep sample); judging the latency against
+/// `degraded_latency` is the caller's.
 pub async fn readiness(backend: &BackendState, timeout: Duration) -> ProbeOutcome {
     let start = Instant::now();
     let result = tokio::time::timeout(timeout, check_readiness(backend, timeout)).await;
@@ -209,6 +231,11 @@ fn outcome(
     let latency = start.elapsed();
     match result.unwrap_or(Err(ProbeError::Timeout(timeout))) {
         Ok(()) => ProbeOutcome::Pass { latency },
+        Err(e @ ProbeError::RateLimited(retry_after)) => ProbeOutcome::RateLimited {
+            latency,
+            retry_after,
+            error: e.to_string(),
+        },
         Err(e) => ProbeOutcome::Fail {
             latency,
             error: e.to_string(),
@@ -229,9 +256,13 @@ async fn check_liveness(backend: &BackendState, timeout: Duration) -> Result<(),
     let request = request(Method::GET, uri, authorization, None)?;
     let response = upstream::send(&backend.client, request, timeout).await?;
     let status = response.status();
+    let rate_limited = (status == StatusCode::TOO_MANY_REQUESTS).then(|| retry_after(&response));
     // Read the body (it is small) so the pooled connection can be reused;
     // its content does not matter to liveness, only that it arrives in time.
     let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
+    if let Some(wait) = rate_limited {
+        return Err(ProbeError::RateLimited(wait));
+    }
     if !status.is_success() {
         return Err(status_error(
             status,
@@ -273,6 +304,15 @@ async fn run_samples(
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout_at(deadline, sample(backend, max_tokens, remaining)).await {
             Ok(Ok(s)) => result.samples.push(s),
+            Ok(Err(ProbeError::RateLimited(wait))) => {
+                // The backend asked for a pause: the rest of the round
+                // would only add to its 429s.
+                result.rate_limited = Some(wait);
+                result
+                    .last_error
+                    .get_or_insert_with(|| ProbeError::RateLimited(wait).to_string());
+                break;
+            }
             Ok(Err(e)) => {
                 result.failures += 1;
                 result.last_error = Some(e.to_string());
@@ -528,7 +568,8 @@ fn request(
 
 /// Sends a probe's chat completion built by `body` around the name of the
 /// field that limits its length, and returns when that request was sent
-/// and its 2xx answer (a non-2xx is the error, quoting its body).
+/// and its 2xx answer (a 429 is [`ProbeError::RateLimited`], another
+/// non-2xx the error quoting its body).
 ///
 /// The field is `max_tokens`, which every engine knows (an older one that
 /// ignored an unknown `max_completion_tokens` would generate without
@@ -556,7 +597,12 @@ async fn send_chat(
         if status.is_success() {
             return Ok((start, response));
         }
+        let rate_limited =
+            (status == StatusCode::TOO_MANY_REQUESTS).then(|| retry_after(&response));
         let answer = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
+        if let Some(wait) = rate_limited {
+            return Err(ProbeError::RateLimited(wait));
+        }
         let answer = answer.ok();
         if status == StatusCode::BAD_REQUEST
             && !completion_tokens
@@ -785,7 +831,9 @@ enabled = false
             ProbeOutcome::Fail { error, .. } => {
                 assert!(error.contains(containing), "{error:?} lacks {containing:?}")
             }
-            ProbeOutcome::Pass { .. } => panic!("expected a failure: {outcome:?}"),
+            ProbeOutcome::Pass { .. } | ProbeOutcome::RateLimited { .. } => {
+                panic!("expected a failure: {outcome:?}")
+            }
         }
     }
 
@@ -881,6 +929,35 @@ enabled = false
         let b = backend(&mock, "");
         assert_pass(&liveness(&b, TIMEOUT).await);
         assert_fail(&readiness(&b, TIMEOUT).await, "500");
+    }
+
+    /// A 429 is its own outcome, carrying the backend's Retry-After; a
+    /// deep round stops at one, which is no failed sample.
+    #[tokio::test]
+    async fn a_429_is_rate_limited_with_its_retry_after() {
+        let mock = start(MockConfig::new().rate_limit(1.0, 7)).await;
+        let b = backend(&mock, "");
+        match readiness(&b, TIMEOUT).await {
+            ProbeOutcome::RateLimited {
+                retry_after, error, ..
+            } => {
+                assert_eq!(retry_after, Duration::from_secs(7));
+                assert!(error.contains("429"), "{error}");
+            }
+            other => panic!("expected a 429: {other:?}"),
+        }
+        let result = deep(&b, TIMEOUT, 3, 4).await;
+        assert_eq!(result.rate_limited, Some(Duration::from_secs(7)));
+        assert_eq!(
+            (result.samples.len(), result.failures),
+            (0, 0),
+            "{result:?}"
+        );
+        assert_eq!(
+            requests_to(&mock, "/v1/chat/completions").len(),
+            2,
+            "one sample"
+        );
     }
 
     #[tokio::test]

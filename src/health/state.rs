@@ -209,6 +209,36 @@ impl HealthRecord {
         flip
     }
 
+    /// Records a probe the backend answered 429 (it can answer; it is busy)
+    /// at `now`: neither a pass nor a failure, so no tier's counts move and
+    /// a tier that is down stays down; the backend is out of rotation, and
+    /// its probes wait, until `now + retry_after` (as after a proxied 429).
+    pub fn observe_rate_limited(
+        &mut self,
+        tier: Tier,
+        latency: Duration,
+        error: String,
+        retry_after: Duration,
+        now: Instant,
+    ) {
+        let record = &mut self.tiers[tier.index()];
+        record.last_latency = Some(latency);
+        record.last_error = Some(error);
+        record.checked_at = Some(SystemTime::now());
+        self.rate_limit_until(now + retry_after);
+    }
+
+    /// Out of rotation until `until` for an upstream 429, or until a later
+    /// 429 window already running ends.
+    pub fn rate_limit_until(&mut self, until: Instant) {
+        self.rate_limited_until = Some(self.rate_limited_until.map_or(until, |t| t.max(until)));
+    }
+
+    /// The end of the 429 window the backend is in at `now`, if any.
+    pub fn rate_limited_at(&self, now: Instant) -> Option<Instant> {
+        self.rate_limited_until.filter(|&t| t > now)
+    }
+
     /// When a backend that passes its probes again at `now` is back in
     /// rotation: now, or when its ejection ends if it is still ejected (the
     /// ejection holds "whatever its probes say", SPEC "Ejection"), so its
@@ -613,5 +643,58 @@ mod tests {
             unscaled_weight(scaled_weight(u32::MAX, 1.0)),
             f64::from(u32::MAX)
         );
+    }
+
+    /// A probe's 429 is neither a pass nor a failure: no count moves, a
+    /// tier that is up stays up however many come, one that is down stays
+    /// down; each holds the backend out until its Retry-After, and a
+    /// shorter one does not cut a running window short.
+    #[test]
+    fn a_rate_limited_probe_neither_fails_nor_passes() {
+        let now = Instant::now();
+        let ms = Duration::from_millis(1);
+        let secs = Duration::from_secs;
+        let mut h = HealthRecord::default();
+        for _ in 0..10 {
+            h.observe_rate_limited(Tier::Readiness, ms, "429".into(), secs(30), now);
+        }
+        let r = h.tier(Tier::Readiness);
+        assert!(!r.down);
+        assert_eq!((r.passes, r.failures), (0, 0));
+        assert_eq!(r.last_error.as_deref(), Some("429"));
+        assert_eq!(h.state(now), HealthState::Out, "rate-limited");
+        assert_eq!(h.rate_limited_at(now), Some(now + secs(30)));
+        h.observe_rate_limited(Tier::Readiness, ms, "429".into(), secs(1), now);
+        assert_eq!(
+            h.rate_limited_until,
+            Some(now + secs(30)),
+            "the later end holds"
+        );
+        assert_eq!(
+            h.state(now + secs(30)),
+            HealthState::Healthy,
+            "back when it ends"
+        );
+        assert_eq!(h.rate_limited_at(now + secs(30)), None);
+
+        // One failure short of the threshold, then 429s: the next failure
+        // still takes it out (the streak was not reset) ...
+        let mut h = HealthRecord::default();
+        h.observe(Tier::Readiness, false, ms, Some("x".into()), T, now);
+        h.observe(Tier::Readiness, false, ms, Some("x".into()), T, now);
+        h.observe_rate_limited(Tier::Readiness, ms, "429".into(), secs(1), now);
+        assert_eq!(h.tier(Tier::Readiness).failures, 2);
+        assert_eq!(
+            h.observe(Tier::Readiness, false, ms, Some("x".into()), T, now),
+            Flip::Down
+        );
+        // ... and a tier that is down is not brought back by 429s.
+        let later = now + secs(5);
+        h.observe(Tier::Readiness, true, ms, None, T, later);
+        h.observe_rate_limited(Tier::Readiness, ms, "429".into(), secs(1), later);
+        let r = h.tier(Tier::Readiness);
+        assert!(r.down, "one pass of the two healthy_threshold asks for");
+        assert_eq!(r.passes, 1);
+        assert_eq!(h.state(later + secs(2)), HealthState::Out);
     }
 }
