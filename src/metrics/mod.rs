@@ -38,6 +38,11 @@ pub(crate) struct RequestCounters {
     model: String,
     backend: String,
     requests: std::sync::Arc<Requests>,
+    /// The routing of the pair these handles were made for: a reload that
+    /// drops the pair retires it, and one that restores the pair routes it
+    /// anew, so a request still running from before the drop can tell the
+    /// restored series is not its own.
+    routing: std::sync::Arc<Routing>,
     /// The statuses weir answers most, each resolved on first use.
     common: [(u16, std::sync::OnceLock<LaneCounter>); 12],
 }
@@ -51,14 +56,16 @@ impl RequestCounters {
         backend: &str,
     ) -> std::sync::Arc<Self> {
         const COMMON: [u16; 12] = [200, 400, 401, 403, 404, 408, 413, 429, 500, 502, 503, 504];
-        requests
+        let routing = requests
             .routed()
             .entry((model.to_owned(), backend.to_owned()))
-            .or_default();
+            .or_default()
+            .clone();
         std::sync::Arc::new(Self {
             model: model.to_owned(),
             backend: backend.to_owned(),
             requests: requests.clone(),
+            routing,
             common: COMMON.map(|s| (s, std::sync::OnceLock::new())),
         })
     }
@@ -69,13 +76,16 @@ impl RequestCounters {
             Some((_, cell)) => cell.get_or_init(|| self.resolve(status)).inc(),
             None => {
                 // The family's read lock is let go at the end of this
-                // statement, before `resolve` may take its write lock.
-                let counted = self
-                    .requests
-                    .family
-                    .get(&self.labels(status))
-                    .map(|c| c.inc())
-                    .is_some();
+                // statement, before `resolve` may take its write lock. A
+                // retired pair's series, if a reload restored it, belongs
+                // to the restored routing, not to this request.
+                let counted = !self.routing.retired()
+                    && self
+                        .requests
+                        .family
+                        .get(&self.labels(status))
+                        .map(|c| c.inc())
+                        .is_some();
                 if !counted {
                     self.resolve(status).inc();
                 }
@@ -94,11 +104,14 @@ impl RequestCounters {
     /// The series for `status`, created (and listed, so a reload can drop
     /// it) while the pair is routed. Once a reload has dropped the pair, a
     /// request still running there counts into a counter no scrape shows,
-    /// so the dropped series never comes back.
+    /// so the dropped series never comes back, not even when a later reload
+    /// restores the pair (its series then start from 0, as its latency and
+    /// token series do).
     fn resolve(&self, status: u16) -> LaneCounter {
         let mut routed = self.requests.routed();
         match routed.get_mut(&(self.model.clone(), self.backend.clone())) {
-            Some(statuses) => {
+            Some(routing) if std::sync::Arc::ptr_eq(routing, &self.routing) => {
+                let mut statuses = routing.statuses.lock().unwrap_or_else(|e| e.into_inner());
                 if !statuses.contains(&status) {
                     statuses.push(status);
                 }
@@ -106,8 +119,25 @@ impl RequestCounters {
                     .family
                     .get_or_create_owned(&self.labels(status))
             }
-            None => LaneCounter::default(),
+            _ => LaneCounter::default(),
         }
+    }
+}
+
+/// One routing of a (model, backend) pair: from the snapshot that first
+/// routes it to the reload that drops it.
+#[derive(Debug, Default)]
+struct Routing {
+    /// The statuses whose series exist, for the reload that drops them.
+    /// Locked only under [`Requests::routed`], never to count.
+    statuses: std::sync::Mutex<Vec<u16>>,
+    /// Set when a reload drops the pair.
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl Routing {
+    fn retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -119,16 +149,20 @@ impl RequestCounters {
 struct Requests {
     family: Family<RequestLabels, LaneCounter>,
     /// Taken only when a series is created or dropped, never to count.
-    routed: std::sync::Mutex<std::collections::HashMap<(String, String), Vec<u16>>>,
+    routed: std::sync::Mutex<std::collections::HashMap<(String, String), std::sync::Arc<Routing>>>,
 }
 
 impl Requests {
     /// Drops the series of every pair `routed` says no, but the one of
     /// models no route serves (`("", "")`), which is always kept.
     fn retain(&self, routed: impl Fn(&str, &str) -> bool) {
-        self.routed().retain(|(model, backend), statuses| {
+        self.routed().retain(|(model, backend), routing| {
             let keep = model.is_empty() || routed(model, backend);
             if !keep {
+                routing
+                    .retired
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                let statuses = routing.statuses.lock().unwrap_or_else(|e| e.into_inner());
                 for &status in statuses.iter() {
                     self.family.remove(&RequestLabels {
                         model: model.clone(),
@@ -143,7 +177,10 @@ impl Requests {
 
     fn routed(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), Vec<u16>>> {
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<(String, String), std::sync::Arc<Routing>>,
+    > {
         self.routed.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -853,10 +890,19 @@ mod tests {
         assert!(!text.contains("model=\"m\""), "{text}");
         assert!(text.contains("weir_requests_total{model=\"\",backend=\"\",status=\"404\"} 1\n"));
         assert!(text.contains("weir_requests_total{model=\"k\",backend=\"b\",status=\"200\"} 2\n"));
-        metrics.request_counters("m", "b").inc(201);
-        assert!(metrics
-            .render()
-            .contains("weir_requests_total{model=\"m\",backend=\"b\",status=\"201\"} 1\n"));
+        let restored = metrics.request_counters("m", "b");
+        restored.inc(201);
+        // The request from before the drop still counts nowhere visible,
+        // though its pair is routed again (an uncommon status found by
+        // name, a common one resolved now).
+        running.inc(201);
+        running.inc(404);
+        let text = metrics.render();
+        assert!(text.contains("weir_requests_total{model=\"m\",backend=\"b\",status=\"201\"} 1\n"));
+        assert!(
+            !text.contains("model=\"m\",backend=\"b\",status=\"404\""),
+            "{text}"
+        );
     }
 
     /// The registry as served parses as Prometheus text with every counter
