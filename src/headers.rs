@@ -231,15 +231,50 @@ impl Upstream<'_> {
 impl HeaderLines for Upstream<'_> {
     /// The client's headers that pass, in its order, then the request id
     /// and `accept-encoding: identity` (see [`Upstream::passes`]).
+    /// Every `Cookie` goes as one line, at the first one's place, its
+    /// values joined with `"; "` (see [`join_cookies`]).
     fn each(&self, line: &mut Line<'_>) {
+        let mut cookie_sent = false;
         for (kind, name, value) in self.client.iter() {
-            if self.passes(kind, name) {
-                line(kind, name, value);
+            if !self.passes(kind, name) {
+                continue;
             }
+            if kind == Name::Cookie {
+                if cookie_sent {
+                    continue;
+                }
+                cookie_sent = true;
+                if let Some(joined) = join_cookies(self.client) {
+                    line(kind, name, &joined);
+                    continue;
+                }
+            }
+            line(kind, name, value);
         }
         line(Name::RequestId, b"x-request-id", self.request_id.as_bytes());
         line(Name::AcceptEncoding, b"accept-encoding", b"identity");
     }
+}
+
+/// The client's `Cookie` values joined with `"; "`, or `None` when it sent
+/// at most one (nothing to join, nothing allocated). An HTTP/2 client may
+/// split its cookies into one field per crumb (RFC 9113 §8.2.3), which
+/// must be joined before they go to an HTTP/1.1 hop, where a server reads
+/// one `Cookie` line (RFC 6265 §5.4: a client sends one). Joined for
+/// HTTP/1.1 clients too: their only way to send two lines is to break
+/// that rule, and a backend that reads the first line alone would see
+/// part of the cookies.
+fn join_cookies(client: &ClientHeaders) -> Option<Vec<u8>> {
+    let mut values = client.values(Name::Cookie);
+    let first = values.next()?;
+    let mut rest = values.peekable();
+    rest.peek()?;
+    let mut joined = first.to_vec();
+    for value in rest {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value);
+    }
+    Some(joined)
 }
 
 /// Whether `name` is `OpenAI-Organization` or `OpenAI-Project` (any case):
@@ -364,6 +399,45 @@ mod tests {
             assert_eq!(map["x-request-id"], "weir-id");
             assert_eq!(map["accept-encoding"], "identity");
         }
+    }
+
+    #[test]
+    fn cookie_crumbs_go_upstream_as_one_line_at_the_first_ones_place() {
+        let id = HeaderValue::from_static("weir-id");
+        let head = "POST / HTTP/1.1\r\nHost: a\r\nCookie: a=1\r\nx-b: 2\r\n\
+            cookie: b=2\r\nCOOKIE: c=3\r\n\r\n";
+        let mut map = HeaderMap::new();
+        map.insert(header::HOST, HeaderValue::from_static("a"));
+        map.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        map.insert("x-b", HeaderValue::from_static("2"));
+        map.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        map.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        for client in [raw(head), ClientHeaders::Map(map)] {
+            let upstream = Upstream {
+                client: &client,
+                request_id: &id,
+            };
+            let mut cookies = Vec::new();
+            upstream.each(&mut |kind, _, v| {
+                if kind == Name::Cookie {
+                    cookies.push(String::from_utf8_lossy(v).into_owned());
+                }
+            });
+            assert_eq!(cookies, ["a=1; b=2; c=3"], "{client:?}");
+            let map = upstream.to_map();
+            assert_eq!(map.get_all(header::COOKIE).iter().count(), 1);
+            assert_eq!(map[header::COOKIE], "a=1; b=2; c=3");
+        }
+        // One cookie line is passed as it is.
+        let client = raw("POST / HTTP/1.1\r\nHost: a\r\nCookie: a=1; b=2\r\n\r\n");
+        assert_eq!(join_cookies(&client), None);
+        let upstream = Upstream {
+            client: &client,
+            request_id: &id,
+        };
+        let mut lines = Vec::new();
+        upstream.each(&mut |_, n, v| lines.push((n.to_vec(), v.to_vec())));
+        assert_eq!(lines[1], (b"Cookie".to_vec(), b"a=1; b=2".to_vec()));
     }
 
     #[test]

@@ -1119,3 +1119,82 @@ async fn admin_and_client_keys_are_enforced() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// Sends `request` on a new prior-knowledge HTTP/2 connection and reads
+/// the whole answer. A request whose version is HTTP/1.1 and whose URI is
+/// a bare path goes without `:authority` (h2 takes it for a forwarded
+/// HTTP/1.1 request).
+async fn h2_send(
+    addr: std::net::SocketAddr,
+    request: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Reply {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
+        .await
+        .expect("an answer within 20 s")
+        .expect("an answer");
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// `POST` of `BODY` to `uri` with these extra headers.
+fn h2_chat(
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut request = http::Request::post(uri).header("content-type", "application/json");
+    if !uri.starts_with("http") {
+        request = request.version(http::Version::HTTP_11);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            BODY.as_bytes(),
+        )))
+        .unwrap()
+}
+
+/// RFC 9113 §8.2.3: an HTTP/2 client's cookie crumbs reach an HTTP/1.1
+/// backend as one `Cookie` line; so do an HTTP/1.1 client's two lines.
+#[tokio::test]
+async fn cookie_crumbs_reach_the_backend_as_one_line() {
+    let (gw, m) = gateway_with_mock(MODEL, MockConfig::default().record(true), "").await;
+    let uri = format!("http://{}/v1/chat/completions", gw.addr());
+    let r = h2_send(
+        gw.addr(),
+        h2_chat(&uri, &[("cookie", "a=1"), ("x-b", "2"), ("cookie", "b=2")]),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let cookies = |m: &MockHandle| -> Vec<String> {
+        let seen = m.last_inference().unwrap();
+        seen.headers
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(cookies(&m), ["a=1; b=2"]);
+    let reply = raw(
+        gw.addr(),
+        raw_chat(BODY, "Cookie: a=1\r\nCookie: b=2\r\nConnection: close\r\n"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(reply.status(), 200, "{}", reply.text());
+    assert_eq!(cookies(&m), ["a=1; b=2"]);
+}

@@ -130,6 +130,8 @@ pub(crate) enum Name {
     /// Request headers weir reads or replaces.
     Host,
     Expect,
+    /// `cookie`: sent upstream as one line (`headers::Upstream`).
+    Cookie,
     AcceptEncoding,
     Authorization,
     XApiKey,
@@ -155,6 +157,7 @@ impl Name {
             4 if is(b"date") => Name::Date,
             4 if is(b"host") => Name::Host,
             6 if is(b"expect") => Name::Expect,
+            6 if is(b"cookie") => Name::Cookie,
             7 if is(b"trailer") || is(b"upgrade") => Name::HopByHop,
             7 if is(b"api-key") => Name::ApiKey,
             9 if is(b"x-api-key") => Name::XApiKey,
@@ -186,6 +189,7 @@ impl Name {
             Name::RetryAfter => header::RETRY_AFTER,
             Name::Host => header::HOST,
             Name::Expect => header::EXPECT,
+            Name::Cookie => header::COOKIE,
             Name::AcceptEncoding => header::ACCEPT_ENCODING,
             Name::Authorization => header::AUTHORIZATION,
             Name::XApiKey => crate::headers::X_API_KEY,
