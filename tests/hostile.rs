@@ -1198,3 +1198,33 @@ async fn cookie_crumbs_reach_the_backend_as_one_line() {
     assert_eq!(reply.status(), 200, "{}", reply.text());
     assert_eq!(cookies(&m), ["a=1; b=2"]);
 }
+
+/// HTTP/2 heads get HTTP/1.1's 100-field limit, with the same 431, and
+/// one over it is not forwarded.
+#[tokio::test]
+async fn h2_heads_with_too_many_fields_get_431() {
+    let (gw, m) = setup("").await;
+    let names: Vec<String> = (0..101).map(|i| format!("x-h-{i}")).collect();
+    let get = |n: usize| {
+        let mut request = http::Request::get(format!("http://{}/healthz", gw.addr()));
+        for name in &names[..n] {
+            request = request.header(name.as_str(), "v");
+        }
+        request.body(http_body_util::Full::default()).unwrap()
+    };
+    let r = h2_send(gw.addr(), get(100)).await;
+    assert_eq!(r.status, 200, "at the limit: {}", r.text());
+    h2_send(gw.addr(), get(101)).await.assert_error(
+        431,
+        "invalid_request_error",
+        "headers_too_large",
+    );
+    let uri = format!("http://{}/v1/chat/completions", gw.addr());
+    let over: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    h2_send(gw.addr(), h2_chat(&uri, &over)).await.assert_error(
+        431,
+        "invalid_request_error",
+        "headers_too_large",
+    );
+    assert_eq!(m.requests(), 0);
+}

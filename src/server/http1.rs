@@ -68,7 +68,7 @@ use crate::{
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Header lines per request head (hyper's limit); more get 431.
-const MAX_HEADERS: usize = 100;
+pub(super) const MAX_HEADERS: usize = 100;
 
 /// Bytes buffered for a head before it counts as too large (431): the
 /// header limit plus the longest request line, as before with hyper.
@@ -795,7 +795,7 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
 /// reg-name that real clients send (Envoy's `outbound|8080||svc` health
 /// checks, IPv6 zone ids, UTF-8) pass, as they do at nginx. weir routes
 /// by the body, not by `Host`.
-fn is_host(value: &[u8]) -> bool {
+pub(super) fn is_host(value: &[u8]) -> bool {
     let mut previous = 0u8;
     for &b in value {
         if matches!(b, b' ' | b'\t' | b'/' | b'\\' | b'@' | b'?' | b'#')

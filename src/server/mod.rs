@@ -599,6 +599,15 @@ fn check_head(req: &ClientHead) -> Result<(), ApiError> {
             limit: MAX_HEADER_BYTES,
         });
     }
+    // HTTP/1.1 heads with more fields are refused while parsed; HTTP/2
+    // ones get the same limit here (hyper's map counts each field).
+    if let ClientHeaders::Map(map) = &req.headers {
+        if map.len() > http1::MAX_HEADERS {
+            return Err(ApiError::TooManyHeaders {
+                limit: http1::MAX_HEADERS,
+            });
+        }
+    }
     Ok(())
 }
 
