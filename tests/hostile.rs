@@ -308,6 +308,15 @@ fn smuggling_cases() -> Vec<Case> {
             true,
         ),
         case(
+            "an absolute-form target with userinfo",
+            format!(
+                "POST http://u@evil.example:1/v1/chat/completions HTTP/1.1\r\nHost: weir\r\n{cl}\r\n\r\n{BODY}"
+            )
+            .into_bytes(),
+            400,
+            true,
+        ),
+        case(
             "unknown HTTP version",
             format!("POST /v1/chat/completions HTTP/1.7\r\nHost: weir\r\n{cl}\r\n\r\n{BODY}")
                 .into_bytes(),
@@ -1227,4 +1236,51 @@ async fn h2_heads_with_too_many_fields_get_431() {
         "headers_too_large",
     );
     assert_eq!(m.requests(), 0);
+}
+
+/// HTTP/2's `:authority` and `Host` get HTTP/1.1's `Host` rules: no
+/// userinfo, one of them present, and a `Host` beside `:authority` names
+/// the same host.
+#[tokio::test]
+async fn h2_authorities_are_checked_as_hosts_are() {
+    let (gw, m) = setup("").await;
+    let addr = gw.addr();
+    let path = "/v1/chat/completions";
+    let refused: Vec<(&str, http::Request<_>)> = vec![
+        (
+            "userinfo in :authority",
+            h2_chat(&format!("http://user@evil{path}"), &[]),
+        ),
+        ("neither :authority nor Host", h2_chat(path, &[])),
+        (
+            "a Host that differs from :authority",
+            h2_chat(&format!("http://{addr}{path}"), &[("host", "evil")]),
+        ),
+        (
+            "two Hosts",
+            h2_chat(path, &[("host", "weir"), ("host", "weir")]),
+        ),
+        ("a Host with userinfo", h2_chat(path, &[("host", "u@weir")])),
+    ];
+    for (name, request) in refused {
+        let r = h2_send(addr, request).await;
+        assert_eq!(r.status, 400, "{name}: {}", r.text());
+        r.assert_error(400, "invalid_request_error", "invalid_framing");
+    }
+    assert_eq!(m.requests(), 0);
+    let accepted: Vec<(&str, http::Request<_>)> = vec![
+        ("Host alone", h2_chat(path, &[("host", "weir")])),
+        (
+            "the same host in another case",
+            h2_chat(
+                &format!("http://localhost:{}{path}", addr.port()),
+                &[("host", &format!("LocalHost:{}", addr.port()))],
+            ),
+        ),
+    ];
+    for (name, request) in accepted {
+        let r = h2_send(addr, request).await;
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+    }
+    assert_eq!(m.requests(), 2);
 }

@@ -608,7 +608,43 @@ fn check_head(req: &ClientHead) -> Result<(), ApiError> {
             });
         }
     }
-    Ok(())
+    check_authority(req)
+}
+
+/// SPEC "Framing" for the authority a request names besides `Host` (whose
+/// HTTP/1.1 rules are [`http1`]'s): an absolute-form target's or HTTP/2's
+/// `:authority` must name a host as `Host` must (no userinfo: RFC 9110
+/// §4.2.4); an HTTP/2 request needs one of the two, at most one `Host`,
+/// and a `Host` beside `:authority` must name the same host (RFC 9113
+/// §8.3.1 asks to treat a mismatch as malformed). A backend that routes
+/// or logs by the host it is told then never sees one weir did not check.
+fn check_authority(req: &ClientHead) -> Result<(), ApiError> {
+    let authority = req.uri.authority().map(|a| a.as_str().as_bytes());
+    if authority.is_some_and(|a| !http1::is_host(a)) {
+        return Err(ApiError::BadFraming(
+            "a request authority that cannot name a host",
+        ));
+    }
+    let ClientHeaders::Map(map) = &req.headers else {
+        return Ok(());
+    };
+    let mut hosts = map.get_all(http::header::HOST).iter();
+    let host = hosts.next().map(HeaderValue::as_bytes);
+    if hosts.next().is_some() {
+        return Err(ApiError::BadFraming("more than one Host header"));
+    }
+    match (authority, host) {
+        (None, None) => Err(ApiError::BadFraming(
+            "an HTTP/2 request without :authority or Host",
+        )),
+        (Some(authority), Some(host)) if !host.eq_ignore_ascii_case(authority) => Err(
+            ApiError::BadFraming("a Host header that differs from :authority"),
+        ),
+        (None, Some(host)) if !http1::is_host(host) => Err(ApiError::BadFraming(
+            "a Host header that cannot name a host",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Bytes of the request target as the client sent it (origin or absolute
