@@ -384,6 +384,9 @@ fn path_cases() -> Vec<Case> {
             400,
             false,
         ),
+        // `/v1` alone would be forwarded to the backend's base URL.
+        case("bare /v1", req("/v1"), 404, false),
+        case("bare /v1 with a query", req("/v1?x"), 404, false),
         case(
             "path outside the served routes",
             req("/etc/passwd"),

@@ -538,6 +538,11 @@ async fn dispatch(
         }
         p if public && (p == "/v1" || p.starts_with("/v1/")) => {
             proxy::authorize(&req.headers, snapshot)?;
+            // `/v1` itself is no route: forwarded, it would reach the
+            // backend's base URL.
+            if p == "/v1" {
+                return Err(unknown(req));
+            }
             if req.method == Method::GET || req.method == Method::HEAD {
                 return proxy::models(p, snapshot);
             }
