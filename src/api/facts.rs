@@ -25,7 +25,8 @@
 //! | not UTF-8, not JSON, trailing bytes | [`FactsError::InvalidJson`] | 400 `invalid_json` |
 //! | a JSON value that is not an object | [`FactsError::NotObject`] | 400 `invalid_json` |
 //! | arrays/objects nested [`MAX_DEPTH`] levels deep | [`FactsError::TooDeep`] | 400 `invalid_json` |
-//! | no `model`, `model` not a string, `model` twice | [`FactsError::MissingModel`] | 400 `missing_model` |
+//! | no `model`, `model` not a string | [`FactsError::MissingModel`] | 400 `missing_model` |
+//! | `model` twice | [`FactsError::DuplicateModel`] | 400 `missing_model` |
 //! | a field weir reads has the wrong type | [`FactsError::BadField`] | 400 `invalid_json` |
 //! | a field weir reads appears twice | [`FactsError::DuplicateField`] | 400 `invalid_json` |
 //!
@@ -37,7 +38,7 @@
 //!   once: backends built on Python keep the *last* duplicate, so a body with
 //!   `"max_tokens":1, ..., "max_tokens":100000` would otherwise be admitted for
 //!   far fewer tokens than it uses. A duplicate `model` is
-//!   [`FactsError::MissingModel`], any other is [`FactsError::DuplicateField`].
+//!   [`FactsError::DuplicateModel`], any other is [`FactsError::DuplicateField`].
 //!   Duplicates of keys weir does not read are forwarded untouched.
 //! * **Depth.** serde_json refuses to open a 128th nested array/object (the
 //!   top-level object is level 1), so at most 127 levels are accepted. Every
@@ -49,7 +50,8 @@
 //!   [`FactsError::InvalidJson`] wherever they appear: serde_json has no
 //!   infinity, and weir does not forward what it cannot read.
 //! * **Strings** are fully validated, escapes included; a lone UTF-16
-//!   surrogate (`"\ud800"`) is [`FactsError::InvalidJson`].
+//!   surrogate (`"\ud800"`) is [`FactsError::InvalidJson`], whose message
+//!   says so (serde_json's two messages for it are replaced).
 //! * **Lenient prompt fields.** `messages`, `prompt` and `input` may have any
 //!   shape; weir only counts the text it recognises (see
 //!   [`RequestFacts::prompt_bytes`]) and leaves judging the shape to the
@@ -112,9 +114,13 @@ pub enum FactsError {
     /// Arrays/objects reach the given nesting level ([`MAX_DEPTH`]).
     #[error("request body is nested {0} or more levels deep")]
     TooDeep(usize),
-    /// No top-level `model`, or it is not a string, or it appears twice.
+    /// No top-level `model`, or it is not a string.
     #[error("request body must have a string \"model\"")]
     MissingModel,
+    /// `model` appears twice (400 `missing_model` as well: which one would
+    /// be the model is unknown, see "Duplicate keys" above).
+    #[error("\"model\" appears more than once")]
+    DuplicateModel,
     /// A field weir reads has the wrong type: e.g. `stream`
     /// not a boolean, `max_tokens` negative, fractional or above `u32::MAX`.
     #[error("\"{field}\" has the wrong type")]
@@ -396,11 +402,26 @@ const RECURSION: &str = "recursion limit exceeded";
 fn from_json(e: &serde_json::Error) -> FactsError {
     let message = e.to_string();
     if message.starts_with(RECURSION) {
-        FactsError::TooDeep(MAX_DEPTH)
-    } else {
-        FactsError::InvalidJson(message)
+        return FactsError::TooDeep(MAX_DEPTH);
     }
+    // serde_json names a lone UTF-16 surrogate (`"\ud800"`, `"\udc00"`)
+    // after how it noticed, which reads as a truncated escape; its position
+    // (" at line 1 column 25") is kept.
+    for noticed in SURROGATE_MESSAGES {
+        if let Some(at) = message.strip_prefix(noticed) {
+            return FactsError::InvalidJson(format!("lone UTF-16 surrogate in a \\u escape{at}"));
+        }
+    }
+    FactsError::InvalidJson(message)
 }
+
+/// serde_json's messages for a `\u` escape that is a lone surrogate: a
+/// high one not followed by `\u` and a low one, a low one alone or after
+/// a high one.
+const SURROGATE_MESSAGES: [&str; 2] = [
+    "unexpected end of hex escape",
+    "lone leading surrogate in hex escape",
+];
 
 /// The top-level fields as read, before defaults.
 #[derive(Default)]
@@ -567,7 +588,7 @@ impl<'de> Visitor<'de> for TopSeed<'_, 'de> {
             if key != Key::Other {
                 if seen & key.bit() != 0 {
                     return Err(ctx.fail(match key {
-                        Key::Model => FactsError::MissingModel,
+                        Key::Model => FactsError::DuplicateModel,
                         key => FactsError::DuplicateField { field: key.name() },
                     }));
                 }
@@ -1074,7 +1095,7 @@ mod tests {
         assert_eq!((f.model.as_str(), f.stream), ("m", true));
         assert_eq!(
             err(r#"{"model":"a","mod\u0065l":"b"}"#),
-            FactsError::MissingModel
+            FactsError::DuplicateModel
         );
     }
 
@@ -1199,6 +1220,21 @@ mod tests {
         ] {
             assert!(matches!(err(body), FactsError::InvalidJson(_)), "{body:?}");
         }
+        // A lone surrogate is named as one, with serde_json's position,
+        // however serde_json noticed it.
+        for (body, column) in [
+            (r#"{"model":"m","x":"\ud800"}"#, 25),
+            (r#"{"model":"m","x":"\ud800\u0041"}"#, 30),
+            (r#"{"model":"m","x":"\udc00"}"#, 24),
+        ] {
+            assert_eq!(
+                err(body),
+                FactsError::InvalidJson(format!(
+                    "lone UTF-16 surrogate in a \\u escape at line 1 column {column}"
+                )),
+                "{body:?}"
+            );
+        }
     }
 
     #[test]
@@ -1239,11 +1275,14 @@ mod tests {
             r#"{"model":["m"]}"#,
             r#"{"model":null}"#,
             r#"{"model":true}"#,
-            r#"{"model":"a","model":"a"}"#,
             r#"{"x":{"model":"nested"}}"#,
         ] {
             assert_eq!(err(body), FactsError::MissingModel, "{body:?}");
         }
+        // Twice is said as such, not as missing.
+        let twice = err(r#"{"model":"a","model":"a"}"#);
+        assert_eq!(twice, FactsError::DuplicateModel);
+        assert_eq!(twice.to_string(), "\"model\" appears more than once");
     }
 
     #[test]

@@ -573,7 +573,9 @@ fn each_rate_header(
 impl From<facts::FactsError> for ApiError {
     fn from(e: facts::FactsError) -> Self {
         match e {
-            facts::FactsError::MissingModel => ApiError::MissingModel(e.to_string()),
+            facts::FactsError::MissingModel | facts::FactsError::DuplicateModel => {
+                ApiError::MissingModel(e.to_string())
+            }
             other => ApiError::InvalidJson(other.to_string()),
         }
     }
