@@ -24,7 +24,7 @@
 //! |---|---|---|
 //! | not UTF-8, not JSON, trailing bytes | [`FactsError::InvalidJson`] | 400 `invalid_json` |
 //! | a JSON value that is not an object | [`FactsError::NotObject`] | 400 `invalid_json` |
-//! | arrays/objects nested [`MAX_DEPTH`] levels deep | [`FactsError::TooDeep`] | 400 `invalid_json` |
+//! | arrays/objects nested deeper than [`MAX_DEPTH`] levels | [`FactsError::TooDeep`] | 400 `invalid_json` |
 //! | no `model`, `model` not a string | [`FactsError::MissingModel`] | 400 `missing_model` |
 //! | `model` twice | [`FactsError::DuplicateModel`] | 400 `missing_model` |
 //! | a field weir reads has the wrong type | [`FactsError::BadField`] | 400 `invalid_json` |
@@ -40,12 +40,20 @@
 //!   far fewer tokens than it uses. A duplicate `model` is
 //!   [`FactsError::DuplicateModel`], any other is [`FactsError::DuplicateField`].
 //!   Duplicates of keys weir does not read are forwarded untouched.
-//! * **Depth.** serde_json refuses to open a 128th nested array/object (the
-//!   top-level object is level 1), so at most 127 levels are accepted. Every
-//!   value is walked with that limit, skipped ones included (serde's
-//!   `IgnoredAny` skips iteratively *without* a limit, so it is not used), so a
-//!   100 000-deep array anywhere is refused after 128 levels, without deep
-//!   recursion.
+//! * **Depth.** SPEC refuses bodies "nested deeper than 128": arrays/objects
+//!   up to level [`MAX_DEPTH`] (128; the top-level object is level 1) are
+//!   accepted, a 129th level is [`FactsError::TooDeep`]. serde_json's own
+//!   recursion limit would refuse the 128th level already, so every
+//!   deserializer here runs with it disabled (`unbounded_depth`) and weir's
+//!   seeds are the only limit: each one that can recurse (`Skip`,
+//!   `TextBytes`, `Messages`) carries the levels it may still open and
+//!   refuses the next, skipped values included (serde's `IgnoredAny` skips
+//!   iteratively *without* a limit, so it is not used). A 100 000-deep array
+//!   anywhere is thus refused at level 129, without deep recursion. Values
+//!   read whole as a `RawValue` (`model`, `stream_options`) are skipped by
+//!   serde_json iteratively; `stream_options` is then walked by a seed
+//!   with the same limit. The fast scanner gives up beyond 64 levels, so
+//!   deeper bodies always get this pass.
 //! * **Numbers out of range** such as `1e999` are refused as
 //!   [`FactsError::InvalidJson`] wherever they appear: serde_json has no
 //!   infinity, and weir does not forward what it cannot read.
@@ -111,8 +119,8 @@ pub enum FactsError {
     /// The body is valid JSON but not an object.
     #[error("request body must be a JSON object")]
     NotObject,
-    /// Arrays/objects reach the given nesting level ([`MAX_DEPTH`]).
-    #[error("request body is nested {0} or more levels deep")]
+    /// Arrays/objects nest deeper than the given level ([`MAX_DEPTH`]).
+    #[error("request body is nested deeper than {0} levels")]
     TooDeep(usize),
     /// No top-level `model`, or it is not a string.
     #[error("request body must have a string \"model\"")]
@@ -137,11 +145,20 @@ pub enum FactsError {
     },
 }
 
-/// The nesting level (top-level object = 1) at which a body is refused; the
-/// deepest accepted body has `MAX_DEPTH - 1` levels. This is serde_json's own
-/// recursion limit, which weir relies on so that hostile nesting can neither
-/// overflow the stack nor reach a backend whose parser might.
+/// The deepest nesting level (top-level object = 1) a body may reach; one
+/// level more is refused (SPEC: "nested deeper than 128"), so that hostile
+/// nesting can neither overflow weir's stack nor reach a backend whose parser
+/// might. weir's seeds enforce it, not serde_json (see "Depth" above).
 pub const MAX_DEPTH: usize = 128;
+
+/// Levels of arrays/objects a value at `level` may open (its own included)
+/// without passing [`MAX_DEPTH`]: the budget of a seed reading it.
+const fn levels_from(level: usize) -> usize {
+    MAX_DEPTH + 1 - level
+}
+
+/// The budget of a top-level member's value (level 2).
+const MEMBER_LEVELS: usize = levels_from(2);
 
 /// Bytes a token id in `prompt`/`input` counts for: one token at the ~4 bytes
 /// per token the estimate assumes.
@@ -365,6 +382,8 @@ fn read_with_serde(text: &str) -> Result<Read, FactsError> {
         error: Cell::new(None),
     };
     let mut de = serde_json::Deserializer::from_str(text);
+    // weir's seeds bound the depth (see "Depth" above).
+    de.disable_recursion_limit();
     let top = match TopSeed(&ctx)
         .deserialize(&mut de)
         .and_then(|top| de.end().map(|()| top))
@@ -390,13 +409,19 @@ fn is_ws(b: u8) -> bool {
 /// if it is valid JSON, else what is wrong with it.
 fn not_object(text: &str) -> FactsError {
     let mut de = serde_json::Deserializer::from_str(text);
-    match Skip(MAX_DEPTH).deserialize(&mut de).and_then(|()| de.end()) {
+    // `Skip` bounds the depth: the value is level 1.
+    de.disable_recursion_limit();
+    match Skip(levels_from(1))
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+    {
         Ok(()) => FactsError::NotObject,
         Err(e) => from_json(&e),
     }
 }
 
-/// Message prefix of serde_json's recursion error; [`Skip`] uses it too.
+/// Message prefix of serde_json's recursion error (which it no longer raises
+/// here, its limit being disabled); weir's seeds refuse with it.
 const RECURSION: &str = "recursion limit exceeded";
 
 fn from_json(e: &serde_json::Error) -> FactsError {
@@ -616,9 +641,11 @@ impl<'de> Visitor<'de> for TopSeed<'_, 'de> {
                     let raw: &'de RawValue = map.next_value()?;
                     top.stream_options = Some(read_stream_options(ctx, raw.get())?);
                 }
-                Key::Messages => top.messages(map.next_value_seed(Messages)?),
-                Key::Prompt | Key::Input => top.prompt(map.next_value_seed(TextBytes)?),
-                Key::Other => map.next_value_seed(Skip(MAX_DEPTH))?,
+                Key::Messages => top.messages(map.next_value_seed(Messages(MEMBER_LEVELS))?),
+                Key::Prompt | Key::Input => {
+                    top.prompt(map.next_value_seed(TextBytes(MEMBER_LEVELS))?);
+                }
+                Key::Other => map.next_value_seed(Skip(MEMBER_LEVELS))?,
             }
         }
         if top.model.is_none() {
@@ -665,6 +692,8 @@ fn read_stream_options<E: de::Error>(
         }));
     }
     let mut de = serde_json::Deserializer::from_str(raw);
+    // The seed bounds the depth (see "Depth" above).
+    de.disable_recursion_limit();
     match StreamOptionsSeed(ctx).deserialize(&mut de) {
         Ok((include_usage, has_members)) => {
             let on = include_usage.as_ref().is_some_and(|(_, on)| *on);
@@ -712,8 +741,8 @@ impl<'de> Visitor<'de> for StreamOptionsSeed<'_, 'de> {
             has_members = true;
             if !include_usage_key {
                 // This object is level 2 of the body (level 1 of this
-                // deserializer): its members may open levels 3..MAX_DEPTH.
-                map.next_value_seed(Skip(MAX_DEPTH - 3))?;
+                // deserializer): its members may open levels 3..=MAX_DEPTH.
+                map.next_value_seed(Skip(levels_from(3)))?;
                 continue;
             }
             let bad = || {
@@ -843,7 +872,8 @@ impl<'de> Visitor<'de> for U32Seed<'_, 'de> {
 /// `messages`: `(number of entries, prompt bytes)`. Each entry is measured by
 /// [`TextBytes`], which, for a message object, counts its `content`.
 /// Anything that is not an array counts nothing (the backend will refuse it).
-struct Messages;
+/// `.0` is its depth budget, as [`Skip`]'s.
+struct Messages(usize);
 
 impl<'de> DeserializeSeed<'de> for Messages {
     type Value = (u32, usize);
@@ -858,15 +888,16 @@ impl<'de> Visitor<'de> for Messages {
         f.write_str("an array of messages")
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let inner = TextBytes(deeper(self.0)?);
         let (mut count, mut bytes) = (0u32, 0usize);
-        while let Some(len) = seq.next_element_seed(TextBytes)? {
+        while let Some(len) = seq.next_element_seed(inner)? {
             count = count.saturating_add(1);
             bytes = bytes.saturating_add(len);
         }
         Ok((count, bytes))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        Skip(MAX_DEPTH).visit_map(map).map(|()| (0, 0))
+        Skip(self.0).visit_map(map).map(|()| (0, 0))
     }
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
         Ok((0, 0))
@@ -893,8 +924,10 @@ impl<'de> Visitor<'de> for Messages {
 /// allocating a `String`), an integer counts [`TOKEN_ID_BYTES`], an array the
 /// sum of its elements, an object the sum of its `content` and `text` members
 /// (message objects and `{"type":"text","text":..}` parts); everything else,
-/// e.g. `image_url` parts, counts nothing.
-struct TextBytes;
+/// e.g. `image_url` parts, counts nothing. `.0` is its depth budget, as
+/// [`Skip`]'s.
+#[derive(Clone, Copy)]
+struct TextBytes(usize);
 
 impl<'de> DeserializeSeed<'de> for TextBytes {
     type Value = usize;
@@ -927,41 +960,41 @@ impl<'de> Visitor<'de> for TextBytes {
         Ok(0)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let inner = TextBytes(deeper(self.0)?);
         let mut bytes = 0usize;
-        while let Some(len) = seq.next_element_seed(TextBytes)? {
+        while let Some(len) = seq.next_element_seed(inner)? {
             bytes = bytes.saturating_add(len);
         }
         Ok(bytes)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
+        let inner = deeper(self.0)?;
         let mut bytes = 0usize;
         while let Some(is_text) = map.next_key_seed(KeySeed(is_text_key))? {
             if is_text {
-                bytes = bytes.saturating_add(map.next_value_seed(TextBytes)?);
+                bytes = bytes.saturating_add(map.next_value_seed(TextBytes(inner))?);
             } else {
-                map.next_value_seed(Skip(MAX_DEPTH))?;
+                map.next_value_seed(Skip(inner))?;
             }
         }
         Ok(bytes)
     }
 }
 
-/// Skips any value, fully validated, opening at most `.0` more levels of
-/// arrays/objects (serde_json's own limit applies as well, and first, in the
-/// main pass). Unlike `serde::de::IgnoredAny`, for which serde_json skips
+/// The budget left inside an array/object opened with budget `levels`, or the
+/// [`FactsError::TooDeep`] refusal when it may open none
+/// ([`levels_from`] says what budget a level gets).
+fn deeper<E: de::Error>(levels: usize) -> Result<usize, E> {
+    levels.checked_sub(1).ok_or_else(|| E::custom(RECURSION))
+}
+
+/// Skips any value, fully validated, opening at most `.0` levels of
+/// arrays/objects (its own included): the only depth limit, serde_json's
+/// being disabled. Unlike `serde::de::IgnoredAny`, for which serde_json skips
 /// iteratively with no depth limit, this makes nesting inside unknown fields
 /// count.
 #[derive(Clone, Copy)]
 struct Skip(usize);
-
-impl Skip {
-    fn deeper<E: de::Error>(self) -> Result<Skip, E> {
-        match self.0.checked_sub(1) {
-            Some(left) => Ok(Skip(left)),
-            None => Err(E::custom(RECURSION)),
-        }
-    }
-}
 
 impl<'de> DeserializeSeed<'de> for Skip {
     type Value = ();
@@ -994,12 +1027,12 @@ impl<'de> Visitor<'de> for Skip {
         Ok(())
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let inner = self.deeper()?;
+        let inner = Skip(deeper(self.0)?);
         while seq.next_element_seed(inner)?.is_some() {}
         Ok(())
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let inner = self.deeper()?;
+        let inner = Skip(deeper(self.0)?);
         while map.next_key_seed(KeySeed(any_key))?.is_some() {
             map.next_value_seed(inner)?;
         }
@@ -1285,30 +1318,91 @@ mod tests {
         assert_eq!(twice.to_string(), "\"model\" appears more than once");
     }
 
+    /// A body whose deepest array/object is at `levels` (top-level object =
+    /// 1), all of it under the top-level `field`: `shape` is "arrays",
+    /// "objects" (`{"a":` chains, read by [`Skip`] even in prompt fields) or
+    /// "content" (`[{"content":[{"content":...`, read by [`TextBytes`] all the
+    /// way down, 2 bytes of text at the bottom). `stream_options` is itself
+    /// level 2; the chain starts in its member `x`.
+    fn nested_in(field: &str, levels: usize, shape: &str) -> String {
+        let (before, after, k) = if field == "stream_options" {
+            (r#"{"x":"#, "}", levels - 2)
+        } else {
+            ("", "", levels - 1)
+        };
+        let value = match shape {
+            "arrays" => format!("{}{}", "[".repeat(k), "]".repeat(k)),
+            "objects" => format!("{}1{}", r#"{"a":"#.repeat(k), "}".repeat(k)),
+            _ => {
+                let open: String = (0..k)
+                    .map(|i| if i % 2 == 0 { "[" } else { r#"{"content":"# })
+                    .collect();
+                let close: String = (0..k)
+                    .rev()
+                    .map(|i| if i % 2 == 0 { "]" } else { "}" })
+                    .collect();
+                format!(r#"{open}"hi"{close}"#)
+            }
+        };
+        format!(r#"{{"model":"m","{field}":{before}{value}{after}}}"#)
+    }
+
     #[test]
     fn depth_limit() {
-        // serde_json refuses the 128th level: 127 levels pass, 128 do not,
-        // wherever they are (skipped fields, prompt fields, stream_options).
-        assert_eq!(ok(&nested(MAX_DEPTH - 1, false)).model, "m");
+        // SPEC: refused when "nested deeper than 128" (top-level object =
+        // level 1): 128 levels pass, 129 do not, wherever they are (skipped
+        // fields, prompt fields, messages, stream_options), in parse and
+        // rewrite alike.
+        assert_eq!(MAX_DEPTH, 128);
+        let cases = [
+            ("x", "arrays"),
+            ("x", "objects"),
+            ("messages", "arrays"),
+            ("messages", "objects"),
+            ("messages", "content"),
+            ("prompt", "arrays"),
+            ("prompt", "objects"),
+            ("prompt", "content"),
+            ("input", "arrays"),
+            ("input", "objects"),
+            ("input", "content"),
+            ("stream_options", "arrays"),
+            ("stream_options", "objects"),
+        ];
+        for (field, shape) in cases {
+            let deepest = nested_in(field, MAX_DEPTH, shape);
+            let facts = ok(&deepest);
+            if shape == "content" {
+                assert_eq!(facts.prompt_bytes, 2, "{field} {shape}");
+            }
+            assert!(
+                rewrite(deepest.as_bytes(), Some("x"), true).is_ok(),
+                "{field} {shape}"
+            );
+            let too_deep = nested_in(field, MAX_DEPTH + 1, shape);
+            assert_eq!(
+                err(&too_deep),
+                FactsError::TooDeep(MAX_DEPTH),
+                "{field} {shape}"
+            );
+            assert_eq!(
+                rewrite(too_deep.as_bytes(), Some("x"), true).err(),
+                Some(FactsError::TooDeep(MAX_DEPTH)),
+                "{field} {shape}"
+            );
+        }
+        // The helper the older tests use builds the same bodies.
+        assert_eq!(ok(&nested(MAX_DEPTH, false)).model, "m");
+        assert_eq!(ok(&nested(MAX_DEPTH, true)).model, "m");
+        // A top-level array is read for its error alone: 128 levels are
+        // valid JSON but no object, 129 are too deep.
+        let array = |k: usize| format!("{}{}", "[".repeat(k), "]".repeat(k));
+        assert_eq!(err(array(MAX_DEPTH)), FactsError::NotObject);
+        assert_eq!(err(array(MAX_DEPTH + 1)), FactsError::TooDeep(MAX_DEPTH));
         assert_eq!(
-            err(nested(MAX_DEPTH, false)),
-            FactsError::TooDeep(MAX_DEPTH)
+            FactsError::TooDeep(MAX_DEPTH).to_string(),
+            "request body is nested deeper than 128 levels"
         );
-        assert_eq!(ok(&nested(MAX_DEPTH - 1, true)).model, "m");
-        assert_eq!(err(nested(MAX_DEPTH, true)), FactsError::TooDeep(MAX_DEPTH));
-        let k = MAX_DEPTH - 1;
-        let prompt = format!(
-            r#"{{"model":"m","prompt":{}{}}}"#,
-            "[".repeat(k),
-            "]".repeat(k)
-        );
-        assert_eq!(err(prompt), FactsError::TooDeep(MAX_DEPTH));
-        let objects = format!(
-            r#"{{"model":"m","x":{}1{}}}"#,
-            r#"{"a":"#.repeat(k),
-            "}".repeat(k)
-        );
-        assert_eq!(err(objects), FactsError::TooDeep(MAX_DEPTH));
     }
 
     #[test]

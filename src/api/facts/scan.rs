@@ -31,6 +31,9 @@ use super::{Key, Read, StreamOptionsSpan, Top, TOKEN_ID_BYTES};
 /// scanner never accepts what the serde pass would refuse as too deep.
 pub(super) const MAX_LEVELS: u32 = 64;
 
+// The scanner must give up before the serde pass would refuse a depth.
+const _: () = assert!(MAX_LEVELS as usize <= super::MAX_DEPTH);
+
 /// Longest number the scanner reads, in bytes; within it, a number without an
 /// exponent is always a finite `f64` for serde_json.
 const MAX_NUMBER_LEN: usize = 64;
