@@ -572,7 +572,22 @@ async fn hostile_json_bodies_are_refused() {
         "}".repeat(100_000)
     );
     let ten_mib = format!(r#"{{"model":"m1","x":"{}"}}"#, "a".repeat(10 * 1024 * 1024));
+    // The top-level object is level 1: SPEC refuses bodies nested deeper
+    // than 128 levels, so its arrays may reach level 128, not 129.
+    let nested = |levels: usize| {
+        format!(
+            r#"{{"model":"m1","x":{}{}}}"#,
+            "[".repeat(levels - 1),
+            "]".repeat(levels - 1)
+        )
+    };
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "arrays nested 129 levels deep",
+            nested(129).into_bytes(),
+            400,
+            "invalid_json",
+        ),
         (
             "arrays nested 100 000 deep",
             deep.into_bytes(),
@@ -700,6 +715,14 @@ async fn hostile_json_bodies_are_refused() {
         assert_eq!(r.header("x-request-id").len(), 32, "{name}");
     }
     assert_untouched_and_serving(&gw, &m).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &nested(128)).await;
+    assert_eq!(
+        r.status,
+        200,
+        "128 levels are not deeper than 128: {}",
+        r.text()
+    );
+    assert_eq!(m.requests(), 2, "the 128-level body reached the backend");
 }
 
 /// A body that stalls counts against `request_timeout` (SPEC "Slow
