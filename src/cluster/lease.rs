@@ -126,6 +126,15 @@ pub struct SharedBucket {
     remaining: AtomicU64,
     /// ...and when it will be full again ([`Tick`] nanoseconds).
     full_at: AtomicU64,
+    /// The latest instant ([`Tick`] nanoseconds) a Redis reservation of
+    /// this replica was scheduled for. Until then a refund may be a waiter's
+    /// place in line (a slot Redis put the bucket into debt for), which the
+    /// lease must not make spendable at once: it goes back to Redis.
+    scheduled_until: AtomicU64,
+    /// Refunded tokens that go back to Redis at the next top-up (not into
+    /// the lease): Redis moves its `tat` back, so the freed slot stays where
+    /// it was in the line, as a local bucket's refund does.
+    returning: AtomicU64,
     /// The share this replica enforces while Redis is unreachable.
     fallback: Bucket,
     /// Top-up bookkeeping, touched by the cluster task only.
@@ -193,6 +202,8 @@ impl SharedBucket {
             demand: AtomicU64::new(0),
             remaining: AtomicU64::new(capacity),
             full_at: AtomicU64::new(0),
+            scheduled_until: AtomicU64::new(0),
+            returning: AtomicU64::new(0),
             fallback: Bucket::new(rate_share, capacity_share, now),
             sync: Mutex::new(SyncState {
                 demand_per_sec: 0.0,
@@ -336,6 +347,7 @@ impl SharedBucket {
                 let wait = if wait.is_zero() {
                     wait
                 } else {
+                    self.scheduled(answered, wait);
                     wait + Duration::from_nanos(answered.nanos().saturating_sub(now.nanos()))
                 };
                 Ok((wait, (capacity, report.remaining, report.reset)))
@@ -380,8 +392,11 @@ impl SharedBucket {
         admitted_locally: bool,
     ) {
         match answer {
-            Ok(Reserved::Taken { .. }) if !admitted_locally => {
-                self.refund_taken(n, Tick::from(Instant::now()), epoch);
+            Ok(Reserved::Taken { wait, .. }) if !admitted_locally => {
+                let now = Tick::from(Instant::now());
+                // A slot in the line: back to Redis, not to the lease.
+                self.scheduled(now, *wait);
+                self.refund_taken(n, now, epoch);
             }
             Ok(Reserved::WouldWait { .. } | Reserved::TooLarge) | Err(_) if admitted_locally => {
                 self.owe(n, epoch);
@@ -435,9 +450,21 @@ impl SharedBucket {
 
     /// Gives back `n` unused tokens (a cancelled waiter, an over-estimate):
     /// to the lease, whose surplus the cluster task, woken at once, returns
-    /// to Redis.
+    /// to Redis. While a reservation this replica made in Redis is still
+    /// scheduled for later, the tokens may be such a waiter's place in line
+    /// (a future slot Redis put the bucket into debt for): they go back to
+    /// Redis at the next top-up instead (the task woken at once), which
+    /// moves the shared `tat` back as a local bucket's refund does, so
+    /// nobody spends that slot before its instant (a review saw 27-29
+    /// admitted against 22 when the lease handed such tokens to the next
+    /// request at once).
     pub fn refund(&self, n: u64, now: Tick) {
         if self.link.is_up() {
+            if now.nanos() < self.scheduled_until.load(Ordering::Acquire) {
+                self.returning.fetch_add(n, Ordering::AcqRel);
+                self.link.wake();
+                return;
+            }
             let held = self.lease.fetch_add(n, Ordering::AcqRel).saturating_add(n);
             if held > self.target.load(Ordering::Relaxed) {
                 self.link.wake();
@@ -551,6 +578,8 @@ impl SharedBucket {
         } else {
             want = target - held;
         }
+        // Refunds of slots in the line go back to Redis too (see `refund`).
+        give_back = give_back.saturating_add(self.returning.swap(0, Ordering::AcqRel));
         let owed = self.owed.swap(0, Ordering::AcqRel);
         if give_back == 0 && want == 0 && owed == 0 && !refresh_due {
             return Ok(());
@@ -589,6 +618,10 @@ impl SharedBucket {
     /// again.
     pub(crate) fn enter_fallback(&self, now: Instant) {
         let lease = self.lease.swap(0, Ordering::AcqRel);
+        // Slots in Redis' line given up just before: the fallback carries
+        // only its share of that line, so they are dropped (under-admitting
+        // by what a few milliseconds of refunds held).
+        self.returning.store(0, Ordering::Release);
         // The fallback registers no waiters: nobody to wake.
         let _ = self.fallback.refund(lease, now);
     }
@@ -696,6 +729,14 @@ impl SharedBucket {
         if level < current {
             self.fallback.charge(current - level, now);
         }
+    }
+
+    /// A reservation Redis answered at `answered` waits `wait`: refunds
+    /// before then go back to Redis (see [`refund`](Self::refund)).
+    fn scheduled(&self, answered: Tick, wait: Duration) {
+        let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        self.scheduled_until
+            .fetch_max(answered.nanos().saturating_add(wait), Ordering::AcqRel);
     }
 
     /// Keeps the level Redis just reported, for the headers.
@@ -1036,6 +1077,55 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(bucket.lease.load(Ordering::Acquire), 10, "given back");
+    }
+
+    /// A waiter Redis scheduled for later (the bucket in debt) that gives
+    /// up returns its slot to Redis, which moves the shared `tat` back: the
+    /// next request gets that slot, never the tokens at once (a review saw
+    /// 27-29 admitted against 22 when the refund went to the lease and the
+    /// next request spent it with queue_ms=0).
+    #[tokio::test]
+    async fn a_cancelled_waiters_slot_is_not_spent_before_its_instant() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let bucket = bucket_on(&redis, 60, 2).await;
+        let max_wait = Duration::from_secs(60);
+        let mut slots = Vec::new();
+        for _ in 0..4 {
+            let now = Instant::now();
+            let (wait, _) = bucket
+                .reserve_slow(1, now.into(), max_wait)
+                .await
+                .expect("queued in Redis");
+            slots.push(now + wait);
+        }
+        // Slots 0, 0, 1 s, 2 s: the last waiter gives up (its client left)
+        // while the bucket is in debt.
+        let last = *slots.last().expect("four slots");
+        assert!(last > Instant::now() + Duration::from_secs(1), "{slots:?}");
+        bucket.refund_taken(1, Instant::now().into(), bucket.epoch());
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 0, "not spendable");
+        let now = Instant::now();
+        assert!(
+            bucket.try_reserve(1, now.into(), max_wait).is_none(),
+            "the lease does not admit it at once"
+        );
+        // The top-up returns it to Redis, and the next request is scheduled
+        // in the freed slot, not before it (give or take the round trips
+        // the instants were read across).
+        bucket
+            .sync(Instant::now(), false)
+            .await
+            .expect("Redis answers");
+        let now = Instant::now();
+        let (wait, _) = bucket
+            .reserve_slow(1, now.into(), max_wait)
+            .await
+            .expect("queued in Redis");
+        let trips = Duration::from_millis(200);
+        assert!(now + wait + trips >= last, "{wait:?} for {slots:?}");
+        assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
     }
 
     /// Another bucket's refusal asks this one how long it would make the
