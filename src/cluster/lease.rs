@@ -30,8 +30,8 @@
 //! this replica's share: rate and capacity divided by the replicas last
 //! seen. It starts full and refills at that share of the rate; every
 //! top-up and every slow-path answer read in time lowers its level to this
-//! replica's share of the level Redis reports when it is above it (an
-//! answer never raises it); and it spends what it admits. On the way down
+//! replica's share of the level Redis reports when it is above it, debt
+//! included (an answer never raises it); and it spends what it admits. On the way down
 //! it also receives the lease. So a replica continues from
 //! where the cluster was instead of from a fresh burst, and what the
 //! fallback admits while Redis is merely slow is not handed out again. A
@@ -341,7 +341,7 @@ impl SharedBucket {
             Ok(Reserved::Taken { wait, report }) => {
                 slot.from_lease = 0;
                 self.store_report(report, answered);
-                self.follow_level(report.remaining, answered);
+                self.follow_level(report, answered);
                 // Redis counted the wait from its own "now", which is after
                 // ours: waiting from `now` would end early by the round trip.
                 let wait = if wait.is_zero() {
@@ -355,7 +355,7 @@ impl SharedBucket {
             Ok(Reserved::WouldWait { wait, report }) => {
                 // Refused: the slot gives the lease's part back as it goes.
                 self.store_report(report, answered);
-                self.follow_level(report.remaining, answered);
+                self.follow_level(report, answered);
                 Err(ReserveError::WouldWait { wait })
             }
             Ok(Reserved::TooLarge) => Err(ReserveError::TooLarge {
@@ -596,7 +596,7 @@ impl SharedBucket {
                 self.lease.fetch_add(leased.granted, Ordering::AcqRel);
                 let answered = Instant::now();
                 self.store_report(leased.report, answered.into());
-                self.follow_level(leased.report.remaining, answered);
+                self.follow_level(leased.report, answered);
                 self.sync_state().refreshed_at = Some(answered);
                 Ok(())
             }
@@ -718,17 +718,29 @@ impl SharedBucket {
     }
 
     /// The fallback's level comes down to this replica's share of the Redis
-    /// level when it is above it. It is never raised: a report may predate
-    /// requests the fallback admitted while Redis was slow (their charges
-    /// still on the way), and raising it would hand those tokens out again.
-    /// The fallback refills at its own share of the rate meanwhile.
-    fn follow_level(&self, remaining: u64, now: impl Into<Tick> + Copy) {
-        let share_of = self.sync_state().share_of.max(1);
-        let level = remaining / share_of;
-        let current = self.fallback.remaining(now);
-        if level < current {
-            self.fallback.charge(current - level, now);
+    /// level when it is above it, debt included. It is never raised: a
+    /// report may predate requests the fallback admitted while Redis was
+    /// slow (their charges still on the way), and raising it would hand
+    /// those tokens out again. The fallback refills at its own share of the
+    /// rate meanwhile.
+    ///
+    /// Compared by the time until full, not by `remaining` (which stops at
+    /// 0): the share (`capacity / N` refilling at `rate / N`) of a level is
+    /// full exactly when the bucket is, so a bucket in debt, whose tokens
+    /// are already promised to waiters scheduled for later, puts the
+    /// fallback in debt by its share too, and an outage does not admit its
+    /// share again beside those waiters (a review saw 15 admitted in 7 s
+    /// against 9 when the fallback started from 0 instead).
+    fn follow_level(&self, report: Report, now: impl Into<Tick> + Copy) {
+        let behind = report.reset.saturating_sub(self.fallback.reset_after(now));
+        if behind.is_zero() {
+            return;
         }
+        // Rounded up: the fallback is never left above Redis' share.
+        let rate = u128::from(self.fallback.rate_per_minute());
+        let tokens = (behind.as_nanos() * rate).div_ceil(60_000_000_000);
+        self.fallback
+            .charge(u64::try_from(tokens).unwrap_or(u64::MAX), now);
     }
 
     /// A reservation Redis answered at `answered` waits `wait`: refunds
@@ -1197,10 +1209,15 @@ mod tests {
             .reserve_fallback(1000, now.into(), Duration::ZERO)
             .is_ok());
         assert_eq!(bucket.fallback.remaining(now), 5000);
-        // A report from before that admission reached Redis.
-        bucket.follow_level(6000, now);
+        // A report from before that admission reached Redis (at 6000 a
+        // minute, 3000 tokens refill in 30 s).
+        let level = |remaining: u64| Report {
+            remaining,
+            reset: Duration::from_millis(10 * (6000 - remaining)),
+        };
+        bucket.follow_level(level(6000), now);
         assert_eq!(bucket.fallback.remaining(now), 5000, "not raised");
-        bucket.follow_level(3000, now);
+        bucket.follow_level(level(3000), now);
         assert_eq!(bucket.fallback.remaining(now), 3000, "lowered");
         bucket.lease.store(40, Ordering::Release);
         link.set_up(false);
@@ -1211,6 +1228,51 @@ mod tests {
             "its level and the lease"
         );
         assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
+    }
+
+    /// A bucket in debt (its tokens promised to waiters Redis scheduled
+    /// for later) seeds the fallback in debt too: with Redis gone, the
+    /// fallback admits nothing before the waiters' slots are paid for (a
+    /// review saw 15 admitted in 7 s against 2 + 7 when it started from the
+    /// `remaining` of 0 Redis reports for any debt).
+    #[tokio::test]
+    async fn the_fallback_seeded_from_a_bucket_in_debt_waits_for_the_debt() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        // 60 a minute, burst 2: ten queued take slots 0, 0, 1 s, ... 8 s.
+        // Two replicas: the fallback's share is 30 a minute, burst 1.
+        let bucket = bucket_on(&redis, 60, 2).await;
+        bucket.reshare(2, Instant::now());
+        let max_wait = Duration::from_secs(60);
+        let mut last = Instant::now();
+        for _ in 0..10 {
+            let now = Instant::now();
+            let (wait, _) = bucket
+                .reserve_slow(1, now.into(), max_wait)
+                .await
+                .expect("queued in Redis");
+            last = now + wait;
+        }
+        assert!(last > Instant::now() + Duration::from_secs(7), "in debt");
+        // Redis goes away: the fallback decides.
+        bucket.link.set_up(false);
+        bucket.enter_fallback(Instant::now());
+        let now = Instant::now();
+        let (wait, _) = bucket
+            .try_reserve(1, now.into(), max_wait)
+            .expect("the fallback decides")
+            .expect("within the queue timeout");
+        assert!(
+            now + wait > last,
+            "admitted before the debt is paid: {wait:?}"
+        );
+        // Within the queue timeout it is refused, saying when.
+        let refused = bucket.try_reserve(1, Instant::now().into(), Duration::from_secs(1));
+        assert!(
+            matches!(refused, Some(Err(ReserveError::WouldWait { wait })) if wait > Duration::from_secs(7)),
+            "{refused:?}"
+        );
     }
 
     /// An answer nobody read: kept as the charge of a request the fallback
