@@ -1847,15 +1847,33 @@ impl Checker<'_> {
                      verifies Redis' certificate (trust a private CA with SSL_CERT_FILE)"
                 ),
             );
-        } else if !scheme_known || redis::Client::open(url).is_err() {
-            self.error(
-                name.span(),
-                "cluster.redis_url_env",
-                format!(
-                    "environment variable {var} does not hold a valid redis://, rediss:// or \
-                     redis+unix:// URL"
+        } else {
+            match redis::Client::open(url) {
+                Ok(client) if scheme_known => {
+                    // Redis numbers its databases from 0: a negative index
+                    // parses but every connection is refused ("DB index is
+                    // out of range"), so the replica would never join. An
+                    // index past the server's count is left to the server.
+                    if client.get_connection_info().redis_settings().db() < 0 {
+                        self.error(
+                            name.span(),
+                            "cluster.redis_url_env",
+                            format!(
+                                "environment variable {var} holds a URL with a negative \
+                                 database index; Redis numbers its databases from 0"
+                            ),
+                        );
+                    }
+                }
+                _ => self.error(
+                    name.span(),
+                    "cluster.redis_url_env",
+                    format!(
+                        "environment variable {var} does not hold a valid redis://, rediss:// \
+                         or redis+unix:// URL"
+                    ),
                 ),
-            );
+            }
         }
         Some(ClusterConfig {
             redis_url_env: name.get_ref().trim().to_owned(),
@@ -3665,6 +3683,28 @@ budget_percent = 200
             assert_eq!(errs.0[0].key, "cluster.redis_url_env");
             assert!(!errs.to_string().contains(SENTINEL), "{errs}");
         }
+        // A negative database index parses but Redis refuses every
+        // connection with it: refused at its line, unechoed. An index past
+        // the server's count may be valid there and passes.
+        let negative_db = |n: &str| {
+            (n == "WEIR_REDIS_URL").then(|| format!("redis://:{SENTINEL}@127.0.0.1:6379/-1"))
+        };
+        let text = format!("{MINIMAL}[cluster]\n");
+        let errs = Config::parse(&text, "f", &negative_db).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].key, "cluster.redis_url_env");
+        assert!(
+            errs.0[0].message.contains("negative database index"),
+            "{errs}"
+        );
+        assert!(
+            errs.to_string().starts_with("f:"),
+            "FILE:LINE:COLUMN: {errs}"
+        );
+        assert!(!errs.to_string().contains(SENTINEL), "{errs}");
+        let db_99 =
+            |n: &str| (n == "WEIR_REDIS_URL").then(|| format!("redis://:{SENTINEL}@127.0.0.1/99"));
+        assert!(Config::parse(&text, "f", &db_99).is_ok());
     }
 
     #[test]

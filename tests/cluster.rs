@@ -842,3 +842,37 @@ async fn a_request_the_limit_admits_is_not_too_large_for_the_fallback_share() {
         too_large.text()
     );
 }
+
+/// `weir check` refuses a Redis URL with a negative database index (it
+/// parses, but Redis refuses every connection: "DB index is out of range",
+/// so serve would never join) at the `[cluster]` line, without echoing the
+/// URL or its password; an index past the server's count may be valid
+/// there and passes.
+#[test]
+fn check_refuses_a_negative_redis_database_index() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("weir.toml");
+    let toml = "[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n\n[cluster]\nredis_url_env = \"WEIR_TEST_REDIS_URL\"\n";
+    std::fs::write(&path, toml).expect("config written");
+    let check = |url: &str| {
+        Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("WEIR_TEST_REDIS_URL", url)
+            .output()
+            .expect("weir runs")
+    };
+    let out = check("redis://:pw-SENTINEL@127.0.0.1:6379/-1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("{}:10:", path.display())), "{err}");
+    assert!(err.contains("negative database index"), "{err}");
+    assert!(!err.contains("SENTINEL"), "{err}");
+    let out = check("redis://:pw-SENTINEL@127.0.0.1:6379/99");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
