@@ -25,8 +25,13 @@ use crate::{
 pub(crate) enum Ending {
     /// Sent in full.
     Complete,
-    /// The upstream body failed or timed out mid-way.
+    /// The upstream body failed mid-way, or the backend stayed silent for
+    /// `first_byte_timeout`.
     UpstreamError,
+    /// weir's own `request_timeout` passed mid-body: not the backend's
+    /// failure (a backend sending steadily can be cut this way), so not
+    /// logged as one.
+    Timeout,
     /// The client went away before the end.
     ClientGone,
     /// weir cut it: `shutdown_grace` ran out before it ended.
@@ -38,6 +43,7 @@ impl Ending {
         match self {
             Ending::Complete => "complete",
             Ending::UpstreamError => "upstream_error",
+            Ending::Timeout => "timeout",
             Ending::ClientGone => "client_gone",
             Ending::Shutdown => "shutdown",
         }

@@ -64,8 +64,10 @@ pub enum BodyError {
     /// `request_timeout` passed while streaming.
     #[error("request timeout passed while streaming the response")]
     Timeout,
-    /// An SSE stream sent its headers but no byte of an event within
-    /// `first_byte_timeout` (SPEC: "response headers / first SSE event").
+    /// An SSE stream sent its headers but no whole event within
+    /// `first_byte_timeout` (SPEC: "response headers / first SSE event"):
+    /// the event must end by then, as a part of one is held back until it
+    /// does (an SSE comment line counts as an event).
     #[error("the upstream sent no event within {0:?}")]
     FirstEventTimeout(std::time::Duration),
     /// The backend sent nothing more of the body for `first_byte_timeout`
@@ -553,7 +555,11 @@ impl ProxiedBody {
             self.report(Outcome::Failure);
             member.backend.errors.inc(kind);
         }
-        self.emit_log(Ending::UpstreamError);
+        self.emit_log(match &error {
+            BodyError::Timeout => Ending::Timeout,
+            BodyError::Shutdown => Ending::Shutdown,
+            _ => Ending::UpstreamError,
+        });
         if self.sse {
             let idle;
             let message = match &error {

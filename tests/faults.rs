@@ -474,6 +474,41 @@ async fn a_stream_stalled_after_its_first_event_ends_at_request_timeout() {
     assert!(closed, "weir kept the stalled backend connection");
 }
 
+/// The access log tells weir's own `request_timeout` cutting a stream
+/// (`ending="timeout"`) from a backend failing (`upstream_error`): the cut
+/// is not held against the backend, so an operator filtering for backend
+/// failures must not find it there.
+#[tokio::test]
+async fn a_stream_cut_by_request_timeout_is_logged_as_timeout() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m1".into()])
+            .stall_after(1),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"1s\"\n\n[[models]]\nname = \"m1\"\n\n{}{QUIET}",
+        backend("b1", &m.base_url(), &["m1"], 1)
+    );
+    std::fs::write(&path, toml).unwrap();
+    let weir = spawn_weir_env(&path, "info", &[]);
+    let s = post_stream(weir.addr, "/v1/chat/completions", &chat("m1", true)).await;
+    assert_eq!(s.status, 200);
+    assert!(s.text().contains("event: error"), "{}", s.text());
+    let logged = || {
+        let log = weir.log.lock().unwrap();
+        log.lines()
+            .find(|l| l.contains("ending="))
+            .map(str::to_owned)
+    };
+    assert!(eventually(Duration::from_secs(5), || logged().is_some()).await);
+    let line = logged().unwrap_or_default();
+    assert!(line.contains("ending=\"timeout\""), "{line}");
+}
+
 /// A gateway in front of one mock (`b1`, model `m1`) whose streams stall
 /// after their first event (`stall_after(1)`), with `first_byte_timeout`
 /// 1 s, `request_timeout` 60 s and `consecutive_failures = failures`.
