@@ -438,19 +438,25 @@ async fn dripped_bodies_end_at_first_byte_timeout_with_an_sse_error_event() {
     assert!(*at < Duration::from_millis(2500), "{at:?}");
 }
 
+/// A mock serving `m1` whose streams stall after their first event, the
+/// connection held open (`stall_after(1)`).
+async fn stalling_mock() -> mock::MockHandle {
+    mock::start(
+        MockConfig::default()
+            .models(vec!["m1".into()])
+            .stall_after(1),
+    )
+    .await
+    .unwrap()
+}
+
 /// A stream that goes silent after its first event, its connection held
 /// open (the mock's `stall_after`): weir ends it at `request_timeout` (1 s
 /// here) with an `error` event after what arrived, and closes the
 /// backend's connection instead of keeping the stalled answer.
 #[tokio::test]
 async fn a_stream_stalled_after_its_first_event_ends_at_request_timeout() {
-    let m = mock::start(
-        MockConfig::default()
-            .models(vec!["m1".into()])
-            .stall_after(1),
-    )
-    .await
-    .unwrap();
+    let m = stalling_mock().await;
     let toml = format!(
         "[server]\nrequest_timeout = \"1s\"\n\n[[models]]\nname = \"m1\"\n\n{}{QUIET}",
         backend("b1", &m.base_url(), &["m1"], 1)
@@ -480,13 +486,7 @@ async fn a_stream_stalled_after_its_first_event_ends_at_request_timeout() {
 /// failures must not find it there.
 #[tokio::test]
 async fn a_stream_cut_by_request_timeout_is_logged_as_timeout() {
-    let m = mock::start(
-        MockConfig::default()
-            .models(vec!["m1".into()])
-            .stall_after(1),
-    )
-    .await
-    .unwrap();
+    let m = stalling_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("weir.toml");
     let toml = format!(
@@ -513,13 +513,7 @@ async fn a_stream_cut_by_request_timeout_is_logged_as_timeout() {
 /// after their first event (`stall_after(1)`), with `first_byte_timeout`
 /// 1 s, `request_timeout` 60 s and `consecutive_failures = failures`.
 async fn stalling_gateway(failures: u32) -> (weir::Handle, mock::MockHandle) {
-    let m = mock::start(
-        MockConfig::default()
-            .models(vec!["m1".into()])
-            .stall_after(1),
-    )
-    .await
-    .unwrap();
+    let m = stalling_mock().await;
     let toml = format!(
         "[server]\nfirst_byte_timeout = \"1s\"\nrequest_timeout = \"60s\"\n\n\
          [[models]]\nname = \"m1\"\n\n{}\
