@@ -462,6 +462,18 @@ impl SharedBucket {
         if self.link.is_up() {
             if now.nanos() < self.scheduled_until.load(Ordering::Acquire) {
                 self.returning.fetch_add(n, Ordering::AcqRel);
+                if !self.link.is_up() {
+                    // The link went down since the check above, and going
+                    // down may have cleared `returning` before this add:
+                    // taken back, so it is not given to Redis after the
+                    // outage (a refund across epochs is dropped).
+                    let _ = self
+                        .returning
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                            Some(r.saturating_sub(n))
+                        });
+                    return;
+                }
                 self.link.wake();
                 return;
             }
@@ -731,16 +743,28 @@ impl SharedBucket {
     /// fallback in debt by its share too, and an outage does not admit its
     /// share again beside those waiters (a review saw 15 admitted in 7 s
     /// against 9 when the fallback started from 0 instead).
+    ///
+    /// The shares are whole tokens, so the two comparisons can disagree: a
+    /// rate share rounded down (5 a minute over 2 replicas: 2) refills more
+    /// slowly, so the same time until full leaves more tokens than the
+    /// level's share. The larger of the two corrections is charged, so the
+    /// fallback is left at neither more than `remaining / N` nor a shorter
+    /// time until full than Redis'.
     fn follow_level(&self, report: Report, now: impl Into<Tick> + Copy) {
         let behind = report.reset.saturating_sub(self.fallback.reset_after(now));
-        if behind.is_zero() {
-            return;
-        }
         // Rounded up: the fallback is never left above Redis' share.
         let rate = u128::from(self.fallback.rate_per_minute());
-        let tokens = (behind.as_nanos() * rate).div_ceil(60_000_000_000);
-        self.fallback
-            .charge(u64::try_from(tokens).unwrap_or(u64::MAX), now);
+        let by_time = (behind.as_nanos() * rate).div_ceil(60_000_000_000);
+        let by_time = u64::try_from(by_time).unwrap_or(u64::MAX);
+        let share_of = self.sync_state().share_of.max(1);
+        let by_level = self
+            .fallback
+            .remaining(now)
+            .saturating_sub(report.remaining / share_of);
+        let tokens = by_time.max(by_level);
+        if tokens > 0 {
+            self.fallback.charge(tokens, now);
+        }
     }
 
     /// A reservation Redis answered at `answered` waits `wait`: refunds
@@ -1228,6 +1252,29 @@ mod tests {
             "its level and the lease"
         );
         assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
+    }
+
+    /// A rate the replicas do not divide (5 a minute over 2: a share of 2 a
+    /// minute, burst 10 of 20) leaves the fallback at the level's share
+    /// when Redis is empty, not at what the same time until full would hold
+    /// at the slower share (a review worked out 2 tokens each, 4 admitted at
+    /// once by an outage that should admit none).
+    #[tokio::test]
+    async fn the_fallback_follows_the_level_when_the_rate_share_rounds_down() {
+        let now = Instant::now();
+        let link = link();
+        link.set_up(true);
+        let bucket = SharedBucket::new("k".to_owned(), link, 5, 20, now).expect("exact in Redis");
+        bucket.reshare(2, now);
+        assert_eq!(bucket.fallback.remaining(now), 10);
+        // Redis empty: 20 tokens at 5 a minute are full in 240 s.
+        let empty = Report {
+            remaining: 0,
+            reset: Duration::from_secs(240),
+        };
+        bucket.follow_level(empty, now);
+        assert_eq!(bucket.fallback.remaining(now), 0, "the level's share");
+        assert!(bucket.fallback.reset_after(now) >= Duration::from_secs(240));
     }
 
     /// A bucket in debt (its tokens promised to waiters Redis scheduled
