@@ -1254,6 +1254,18 @@ async fn h2_heads_with_too_many_fields_get_431() {
         "invalid_request_error",
         "headers_too_large",
     );
+    // Cookie crumbs are one line (as on HTTP/1.1): 99 fields and 5 crumbs
+    // are 100.
+    let mut crumbs = http::Request::get(format!("http://{}/healthz", gw.addr()));
+    for name in &names[..99] {
+        crumbs = crumbs.header(name.as_str(), "v");
+    }
+    for i in 0..5 {
+        crumbs = crumbs.header("cookie", format!("c{i}=v"));
+    }
+    let crumbs = crumbs.body(http_body_util::Full::default()).unwrap();
+    let r = h2_send(gw.addr(), crumbs).await;
+    assert_eq!(r.status, 200, "cookie crumbs: {}", r.text());
     let uri = format!("http://{}/v1/chat/completions", gw.addr());
     let over: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
     h2_send(gw.addr(), h2_chat(&uri, &over)).await.assert_error(
@@ -1303,10 +1315,17 @@ async fn h2_authorities_are_checked_as_hosts_are() {
                 &[("host", &format!("LocalHost:{}", addr.port()))],
             ),
         ),
+        (
+            "the scheme's default port written on one side only",
+            h2_chat(
+                &format!("http://weir.example:80{path}"),
+                &[("host", "Weir.example")],
+            ),
+        ),
     ];
     for (name, request) in accepted {
         let r = h2_send(addr, request).await;
         assert_eq!(r.status, 200, "{name}: {}", r.text());
     }
-    assert_eq!(m.requests(), 2);
+    assert_eq!(m.requests(), 3);
 }

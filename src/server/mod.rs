@@ -607,7 +607,13 @@ fn check_head(req: &ClientHead) -> Result<(), ApiError> {
     // HTTP/1.1 heads with more fields are refused while parsed; HTTP/2
     // ones get the same limit here (hyper's map counts each field).
     if let ClientHeaders::Map(map) = &req.headers {
-        if map.len() > http1::MAX_HEADERS {
+        // Cookie crumbs (RFC 9113 §8.2.3 lets a client split its cookies
+        // into one field each, for HPACK) count as the one line they are
+        // on HTTP/1.1 and upstream.
+        let crumbs = || map.get_all(http::header::COOKIE).iter().count();
+        if map.len() > http1::MAX_HEADERS
+            && map.len() - crumbs().saturating_sub(1) > http1::MAX_HEADERS
+        {
             return Err(ApiError::TooManyHeaders {
                 limit: http1::MAX_HEADERS,
             });
@@ -642,7 +648,7 @@ fn check_authority(req: &ClientHead) -> Result<(), ApiError> {
         (None, None) => Err(ApiError::BadFraming(
             "an HTTP/2 request without :authority or Host",
         )),
-        (Some(authority), Some(host)) if !host.eq_ignore_ascii_case(authority) => Err(
+        (Some(authority), Some(host)) if !same_host(req, host, authority) => Err(
             ApiError::BadFraming("a Host header that differs from :authority"),
         ),
         (None, Some(host)) if !http1::is_host(host) => Err(ApiError::BadFraming(
@@ -650,6 +656,21 @@ fn check_authority(req: &ClientHead) -> Result<(), ApiError> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Whether `Host` and `:authority` name the same host: compared without
+/// case and without the scheme's default port, which either may leave out
+/// (`example.com` and `Example.com:443` on https are one entity).
+fn same_host(req: &ClientHead, host: &[u8], authority: &[u8]) -> bool {
+    let default_port: &[u8] = match req.uri.scheme_str() {
+        Some(s) if s.eq_ignore_ascii_case("https") => b":443",
+        _ => b":80",
+    };
+    let bare = |h: &'_ [u8]| -> Vec<u8> {
+        let h = h.strip_suffix(default_port).unwrap_or(h);
+        h.to_ascii_lowercase()
+    };
+    host.eq_ignore_ascii_case(authority) || bare(host) == bare(authority)
 }
 
 /// Bytes of the request target as the client sent it (origin or absolute
