@@ -50,9 +50,11 @@
 //!   refuses the next, skipped values included (serde's `IgnoredAny` skips
 //!   iteratively *without* a limit, so it is not used). A 100 000-deep array
 //!   anywhere is thus refused at level 129, without deep recursion. Values
-//!   read whole as a `RawValue` (`model`, `stream_options`) are skipped by
-//!   serde_json iteratively; `stream_options` is then walked by a seed
-//!   with the same limit. The fast scanner gives up beyond 64 levels, so
+//!   read whole as a `RawValue` (`model`, `stream_options`,
+//!   `include_usage`) are skipped by serde_json iteratively; `stream_options`
+//!   is then walked by a seed with the same limit, and a nested `model` or
+//!   `include_usage` is refused for its type (`missing_model`, a wrong-type
+//!   field), not for its depth. The fast scanner gives up beyond 64 levels, so
 //!   deeper bodies always get this pass.
 //! * **Numbers out of range** such as `1e999` are refused as
 //!   [`FactsError::InvalidJson`] wherever they appear: serde_json has no
