@@ -67,7 +67,7 @@ pub enum BodyError {
     /// An SSE stream sent its headers but no whole event within
     /// `first_byte_timeout` (SPEC: "response headers / first SSE event"):
     /// the event must end by then, as a part of one is held back until it
-    /// does (an SSE comment line counts as an event).
+    /// does (an SSE comment followed by its blank line counts as an event).
     #[error("the upstream sent no event within {0:?}")]
     FirstEventTimeout(std::time::Duration),
     /// The backend sent nothing more of the body for `first_byte_timeout`

@@ -210,14 +210,18 @@ async fn run_tier(
             return;
         };
         let health = &snapshot.config.health;
-        // A backend that answered 429 (a probe or a client's request) asked
-        // for a pause: no probe of any tier goes to it before its
-        // Retry-After, where the next one is sent (jittered by a tenth of
-        // the interval, as replicas given the same wait would probe at once).
+        // A backend that answered this tier's probe 429 asked for a pause:
+        // the tier sends nothing before its Retry-After, and probes no
+        // earlier than its end (jittered by a tenth of the interval, as
+        // replicas given the same wait would probe at once). A client's
+        // 429 keeps the backend out of rotation but does not pause the
+        // probes: steady traffic drawing 429s would otherwise keep them
+        // quiet for good.
         let every = interval(tier, health);
+        let now = Instant::now();
         if let Some(until) = backend
             .live
-            .with_health(|h| h.rate_limited_at(Instant::now()))
+            .with_health(|h| h.tier(tier).paused_until.filter(|&t| t > now))
         {
             next = until + jitter::up_to(every / 10);
             continue;

@@ -95,6 +95,11 @@ pub struct TierRecord {
     pub checked_at: Option<SystemTime>,
     /// Readiness only: the last answer was slower than `degraded_latency`.
     pub slow: bool,
+    /// The end of the pause this tier's own last probe was asked for (its
+    /// 429's Retry-After): the tier sends nothing to the backend before.
+    /// A window a client's 429 opened does not stop the probes, or steady
+    /// traffic that keeps drawing 429s would keep every tier quiet forever.
+    pub paused_until: Option<Instant>,
 }
 
 /// Everything known about a backend's health.
@@ -225,6 +230,7 @@ impl HealthRecord {
         record.last_latency = Some(latency);
         record.last_error = Some(error);
         record.checked_at = Some(SystemTime::now());
+        record.paused_until = Some(now + retry_after);
         self.rate_limit_until(now + retry_after);
     }
 
@@ -649,6 +655,29 @@ mod tests {
     /// tier that is up stays up however many come, one that is down stays
     /// down; each holds the backend out until its Retry-After, and a
     /// shorter one does not cut a running window short.
+    #[test]
+    fn only_a_tiers_own_429_pauses_its_probes() {
+        let now = Instant::now();
+        let secs = Duration::from_secs;
+        let mut h = HealthRecord::default();
+        // A client's 429: out of rotation, but every tier keeps probing.
+        h.rate_limit_until(now + secs(30));
+        assert!(h.rate_limited_at(now).is_some());
+        for tier in [Tier::Liveness, Tier::Readiness, Tier::Deep] {
+            assert_eq!(h.tier(tier).paused_until, None);
+        }
+        // A readiness probe's own 429 pauses readiness only.
+        let ms = Duration::from_millis(1);
+        h.observe_rate_limited(Tier::Readiness, ms, "429".into(), secs(5), now);
+        assert_eq!(h.tier(Tier::Readiness).paused_until, Some(now + secs(5)));
+        assert_eq!(h.tier(Tier::Liveness).paused_until, None);
+        assert_eq!(
+            h.rate_limited_at(now),
+            Some(now + secs(30)),
+            "the later end"
+        );
+    }
+
     #[test]
     fn a_rate_limited_probe_neither_fails_nor_passes() {
         let now = Instant::now();

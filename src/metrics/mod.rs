@@ -105,8 +105,8 @@ impl RequestCounters {
     /// it) while the pair is routed. Once a reload has dropped the pair, a
     /// request still running there counts into a counter no scrape shows,
     /// so the dropped series never comes back, not even when a later reload
-    /// restores the pair (its series then start from 0, as its latency and
-    /// token series do).
+    /// restores the pair (its series then start from 0; the model's latency
+    /// and token series do too when the reload had dropped the model).
     fn resolve(&self, status: u16) -> LaneCounter {
         let mut routed = self.requests.routed();
         match routed.get_mut(&(self.model.clone(), self.backend.clone())) {
