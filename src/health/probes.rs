@@ -30,7 +30,7 @@ use super::engine::{self, EngineLoad};
 use crate::{
     config::{BackendConfig, Secret},
     snapshot::BackendState,
-    upstream::{self, retry_after::retry_after, AttemptError, UpstreamBody},
+    upstream::{self, retry_after::retry_after_given, AttemptError, UpstreamBody},
 };
 
 /// The result of one liveness or readiness probe.
@@ -122,6 +122,14 @@ const MIN_SPAN: Duration = Duration::from_millis(1);
 /// Longest deep round when `timeout` is too large for the clock to add.
 const MAX_DEEP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
+/// The pause a busy backend asks for: a 429 that says when to come back
+/// (`Retry-After`). A 429 without one is judged as any other refusal.
+fn busy(status: StatusCode, response: &http::Response<UpstreamBody>) -> Option<Duration> {
+    (status == StatusCode::TOO_MANY_REQUESTS)
+        .then(|| retry_after_given(response))
+        .flatten()
+}
+
 /// Why a probe failed; its `Display` is the `error` a failure carries.
 #[derive(Debug, thiserror::Error)]
 enum ProbeError {
@@ -132,6 +140,8 @@ enum ProbeError {
     #[error(transparent)]
     Attempt(#[from] AttemptError),
     /// A 429 with its `Retry-After`: the backend is busy, not failing.
+    /// (One without says no more than that it refuses: a key whose quota
+    /// ran out answers so for good, so that is a failing [`Self::Status`].)
     #[error("status 429: rate limited; not probed for {0:?} (its Retry-After)")]
     RateLimited(Duration),
     /// A non-2xx answer, with the start of its body (control characters
@@ -256,7 +266,7 @@ async fn check_liveness(backend: &BackendState, timeout: Duration) -> Result<(),
     let request = request(Method::GET, uri, authorization, None)?;
     let response = upstream::send(&backend.client, request, timeout).await?;
     let status = response.status();
-    let rate_limited = (status == StatusCode::TOO_MANY_REQUESTS).then(|| retry_after(&response));
+    let rate_limited = busy(status, &response);
     // Read the body (it is small) so the pooled connection can be reused;
     // its content does not matter to liveness, only that it arrives in time.
     let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
@@ -597,8 +607,7 @@ async fn send_chat(
         if status.is_success() {
             return Ok((start, response));
         }
-        let rate_limited =
-            (status == StatusCode::TOO_MANY_REQUESTS).then(|| retry_after(&response));
+        let rate_limited = busy(status, &response);
         let answer = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
         if let Some(wait) = rate_limited {
             return Err(ProbeError::RateLimited(wait));
@@ -958,6 +967,34 @@ enabled = false
             2,
             "one sample"
         );
+    }
+
+    /// A 429 without `Retry-After` (a key whose quota ran out answers so
+    /// for good) is a failed probe, not a pause: a backend that refuses
+    /// every probe so is taken out by `unhealthy_threshold` as before.
+    #[tokio::test]
+    async fn a_429_without_retry_after_is_a_failure() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("bound");
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        let answer =
+                            "HTTP/1.1 429 Too Many Requests\r\ncontent-length: 2\r\n\r\n{}";
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let b = backend_at(&format!("http://{addr}/v1"), "");
+        assert_fail(&readiness(&b, TIMEOUT).await, "429");
     }
 
     #[tokio::test]
