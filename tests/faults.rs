@@ -498,14 +498,7 @@ async fn a_stream_cut_by_request_timeout_is_logged_as_timeout() {
     let s = post_stream(weir.addr, "/v1/chat/completions", &chat("m1", true)).await;
     assert_eq!(s.status, 200);
     assert!(s.text().contains("event: error"), "{}", s.text());
-    let logged = || {
-        let log = weir.log.lock().unwrap();
-        log.lines()
-            .find(|l| l.contains("ending="))
-            .map(str::to_owned)
-    };
-    assert!(eventually(Duration::from_secs(5), || logged().is_some()).await);
-    let line = logged().unwrap_or_default();
+    let line = log_line(&weir.log, "ending=").await.expect("a log line");
     assert!(line.contains("ending=\"timeout\""), "{line}");
 }
 

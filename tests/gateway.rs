@@ -453,14 +453,7 @@ async fn a_bodiless_backend_answer_is_logged_as_complete() {
     let weir = spawn_weir_env(&path, "info", &[]);
     let r = post(weir.addr, "/v1/chat/completions", &chat(MODEL, false)).await;
     assert_eq!(r.status, 204);
-    let logged = || {
-        let log = weir.log.lock().unwrap();
-        log.lines()
-            .find(|l| l.contains("status=204"))
-            .map(str::to_owned)
-    };
-    assert!(eventually(Duration::from_secs(5), || logged().is_some()).await);
-    let line = logged().unwrap_or_default();
+    let line = log_line(&weir.log, "status=204").await.expect("a log line");
     assert!(line.contains("ending=\"complete\""), "{line}");
 }
 
@@ -491,12 +484,7 @@ async fn refusals_of_unparsable_heads_are_logged_and_long_models_cut() {
         .expect("a request id")
         .trim()
         .to_owned();
-    let logged = |needle: String| {
-        let log = weir.log.lock().unwrap();
-        log.lines().find(|l| l.contains(&needle)).map(str::to_owned)
-    };
-    assert!(eventually(Duration::from_secs(5), || logged(id.clone()).is_some()).await);
-    let line = logged(id).unwrap_or_default();
+    let line = log_line(&weir.log, &id).await.expect("a log line");
     assert!(
         line.contains("method=\"-\"") || line.contains("method=-"),
         "{line}"
@@ -506,12 +494,7 @@ async fn refusals_of_unparsable_heads_are_logged_and_long_models_cut() {
     let r = post(weir.addr, "/v1/chat/completions", &chat(&long, false)).await;
     r.assert_error(404, "invalid_request_error", "model_not_found");
     assert!(r.text().len() < 1000, "{}", r.text().len());
-    assert!(
-        eventually(Duration::from_secs(5), || logged("status=404".into())
-            .is_some())
-        .await
-    );
-    let line = logged("status=404".into()).unwrap_or_default();
+    let line = log_line(&weir.log, "status=404").await.expect("a log line");
     assert!(line.len() < 1000, "{}", line.len());
     assert!(line.contains(&"z".repeat(256)), "{line}");
 }

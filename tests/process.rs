@@ -672,7 +672,7 @@ async fn a_second_signal_stops_at_once() {
     signal(&weir.child, "-TERM");
     let log = weir.log.clone();
     assert!(
-        logs(&log, "shutting down").await,
+        log_line(&log, "shutting down").await.is_some(),
         "the first signal was taken"
     );
     signal(&weir.child, "-TERM");
@@ -682,8 +682,16 @@ async fn a_second_signal_stops_at_once() {
             .unwrap();
     assert_eq!(code, Some(1), "{}", log.lock().unwrap());
     // Its stderr may still be on its way to the log reader after the exit.
-    assert!(logs(&log, "second signal").await, "{}", log.lock().unwrap());
-    assert!(logs(&log, "SECOND-CUT").await, "{}", log.lock().unwrap());
+    assert!(
+        log_line(&log, "second signal").await.is_some(),
+        "{}",
+        log.lock().unwrap()
+    );
+    assert!(
+        log_line(&log, "SECOND-CUT").await.is_some(),
+        "{}",
+        log.lock().unwrap()
+    );
     let line = log
         .lock()
         .unwrap()
@@ -842,7 +850,11 @@ async fn a_second_signal_during_a_stuck_reload_exits_one() {
     );
     let log = weir.log.clone();
     // The line may reach the log reader just after the listener closed.
-    assert!(logs(&log, "shutting down").await, "{}", log.lock().unwrap());
+    assert!(
+        log_line(&log, "shutting down").await.is_some(),
+        "{}",
+        log.lock().unwrap()
+    );
     signal(&weir.child, "-INT");
     let code =
         tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(10)))
@@ -850,17 +862,11 @@ async fn a_second_signal_during_a_stuck_reload_exits_one() {
             .unwrap();
     assert_eq!(code, Some(1), "{}", log.lock().unwrap());
     // Its stderr may still be on its way to the log reader after the exit.
-    assert!(logs(&log, "second signal").await, "{}", log.lock().unwrap());
+    assert!(
+        log_line(&log, "second signal").await.is_some(),
+        "{}",
+        log.lock().unwrap()
+    );
     let s = stream.await.unwrap();
     assert!(s.closed, "the stream was cut");
-}
-
-/// Whether `log` (a running weir's stderr, as read so far) comes to hold
-/// `text` within 5 s: a line may reach the reader just after what the test
-/// saw happen (a listener closing, the process exiting).
-async fn logs(log: &std::sync::Arc<std::sync::Mutex<String>>, text: &str) -> bool {
-    eventually(Duration::from_secs(5), || {
-        log.lock().unwrap_or_else(|e| e.into_inner()).contains(text)
-    })
-    .await
 }

@@ -441,3 +441,19 @@ pub fn raw_chat(body: &str, extra_headers: &str) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// The first line of `log` (a running weir's stderr as read so far, e.g.
+/// [`Running::log`]) holding `text`, waited for up to 5 s: a line may reach
+/// the reader just after what the test saw happen (an answer, a listener
+/// closing, the process exiting).
+pub async fn log_line(log: &std::sync::Mutex<String>, text: &str) -> Option<String> {
+    let line = || {
+        let log = log.lock().unwrap_or_else(|e| e.into_inner());
+        log.lines().find(|l| l.contains(text)).map(str::to_owned)
+    };
+    if eventually(Duration::from_secs(5), || line().is_some()).await {
+        line()
+    } else {
+        None
+    }
+}
