@@ -34,6 +34,7 @@ use crate::{
         state::{HealthRecord, Tier},
     },
     snapshot::{BackendState, Snapshot},
+    upstream,
 };
 
 /// Re-reads the config file and swaps it in. Returns what changed, one item
@@ -105,6 +106,15 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    // A rotated CA bundle is trusted from this reload on (upstream::trust);
+    // reading it is file I/O too. Without an https backend nothing reads it.
+    let cas_changed = if config.backends.iter().any(|b| upstream::is_https(&b.url)) {
+        tokio::task::spawn_blocking(upstream::trust::reread)
+            .await
+            .map_err(|e| ReloadError::Interrupted(e.to_string()))??
+    } else {
+        false
+    };
     // New backends (a new name or url) are probed while the old snapshot
     // keeps serving, so one that is alive enters rotation in the same swap
     // that removes the one it replaces. Only reloads change the set of
@@ -135,6 +145,15 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     checker::sync_probes(shared);
     if checks_turned_off {
         forget_active_checks(shared);
+    }
+    if cas_changed {
+        if changes == ["no changes"] {
+            changes.clear();
+        }
+        changes.push(
+            "trusted CAs (SSL_CERT_FILE / SSL_CERT_DIR) changed; https backends reconnect"
+                .to_owned(),
+        );
     }
     changes.extend(added.iter().filter_map(|b| still_pending(b)));
     Ok(changes)

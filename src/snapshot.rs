@@ -298,7 +298,12 @@ impl BackendState {
         previous: Option<&BackendState>,
     ) -> Result<Self, UpstreamError> {
         let client = match previous {
-            Some(old) if old.config.connect_timeout == config.connect_timeout => old.client.clone(),
+            Some(old)
+                if old.config.connect_timeout == config.connect_timeout
+                    && old.client.reusable() =>
+            {
+                old.client.clone()
+            }
             _ => upstream::client(&config.url, config.connect_timeout)?,
         };
         let authorization = config
@@ -446,8 +451,8 @@ impl Snapshot {
                 .chain(added)
                 .find(|b| b.same_identity(backend));
             // Same identity (name + url): keep its live state (health,
-            // in-flight, outlier) and, when the connect timeout is the same,
-            // its pooled connections; a backend the reload added and probed
+            // in-flight, outlier) and, when the connect timeout and (https)
+            // the trusted CAs are the same, its pooled connections; a backend the reload added and probed
             // comes from `added`. Any other new backend starts pending (out
             // of rotation until its first passing liveness probe) when there
             // is a previous snapshot and active checks are on.

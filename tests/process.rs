@@ -385,6 +385,19 @@ fn https_backend_behind_a_private_ca() -> std::net::SocketAddr {
     addr
 }
 
+/// A config in `dir` serving model "m" from one backend,
+/// [`https_backend_behind_a_private_ca`], health checks off.
+fn private_backend_config(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let backend_addr = https_backend_behind_a_private_ca();
+    write_config(
+        dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+            backend("private", &format!("https://{backend_addr}/v1"), &["m"], 1)
+        ),
+    )
+}
+
 /// Reads one request (head and `Content-Length` body) over TLS and answers
 /// it with a chat completion.
 fn answer_one_request(
@@ -429,15 +442,8 @@ fn answer_one_request(
 /// read stops start-up with an error naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_backend_behind_a_private_ca_is_trusted_through_ssl_cert_file_or_dir() {
-    let backend_addr = https_backend_behind_a_private_ca();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        &dir,
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
-            backend("private", &format!("https://{backend_addr}/v1"), &["m"], 1)
-        ),
-    );
+    let config = private_backend_config(&dir);
     let ca = private_ca_fixture("ca.pem");
     let ca_dir = tempfile::tempdir().unwrap();
     std::fs::copy(&ca, ca_dir.path().join("weir-test-ca.pem")).unwrap();
@@ -482,6 +488,71 @@ async fn an_https_backend_behind_a_private_ca_is_trusted_through_ssl_cert_file_o
         )),
         "{err}"
     );
+}
+
+/// A reload reads `SSL_CERT_FILE` again: a CA bundle rotated in place is
+/// trusted from that reload on, without a restart; a reload that finds the
+/// same CAs says "no changes", and one that cannot read the file is
+/// refused and keeps the CAs in effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_trusts_a_rotated_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = private_backend_config(&dir);
+    // At first the bundle holds only the server's own certificate, which
+    // does not vouch for itself: the backend cannot be verified.
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::copy(private_ca_fixture("server.pem"), &bundle).unwrap();
+    let bundle_path = bundle.to_str().unwrap().to_owned();
+    let weir = spawn_weir_env(
+        &config,
+        "info",
+        &[
+            ("SSL_CERT_FILE", bundle_path.as_str()),
+            ("SSL_CERT_DIR", ""),
+        ],
+    );
+    let log = || weir.log.lock().unwrap().clone();
+    let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(reply.status, 502, "{}\n{}", reply.text(), log());
+    assert!(reply.text().contains("UnknownIssuer"), "{}", reply.text());
+
+    // The CA is rotated in (written beside, renamed over, as a ConfigMap
+    // update does) and weir told to reload.
+    let tmp = dir.path().join("bundle.pem.tmp");
+    std::fs::copy(private_ca_fixture("ca.pem"), &tmp).unwrap();
+    std::fs::rename(&tmp, &bundle).unwrap();
+    signal(&weir.child, "-HUP");
+    let line = log_line(&weir.log, "config reloaded").await;
+    assert!(
+        line.as_deref().is_some_and(|l| l.contains("trusted CAs")),
+        "{line:?}\n{}",
+        log()
+    );
+    let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(reply.status, 200, "{}\n{}", reply.text(), log());
+
+    // The same CAs again: nothing to change.
+    signal(&weir.child, "-HUP");
+    assert!(
+        log_line(&weir.log, "no changes").await.is_some(),
+        "{}",
+        log()
+    );
+
+    // A bundle that cannot be read refuses the reload; the CA read before
+    // keeps verifying new connections (this backend closes each one).
+    std::fs::remove_file(&bundle).unwrap();
+    signal(&weir.child, "-HUP");
+    let refused = log_line(&weir.log, "config reload refused").await;
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|l| l.contains(&format!("SSL_CERT_FILE={bundle_path}: cannot read it"))),
+        "{refused:?}\n{}",
+        log()
+    );
+    let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(reply.status, 200, "{}\n{}", reply.text(), log());
 }
 
 #[test]

@@ -13,7 +13,8 @@
 //!   rustls (`ring` provider, webpki roots: weir needs neither OpenSSL nor
 //!   the system's certificate store), which also speaks HTTP/2 where the
 //!   server offers it. Private CAs are trusted beside the webpki roots
-//!   through OpenSSL's `SSL_CERT_FILE` and `SSL_CERT_DIR`.
+//!   through OpenSSL's `SSL_CERT_FILE` and `SSL_CERT_DIR`, read again at
+//!   each reload ([`trust`]).
 //!
 //! It does not decide what to retry: it reports *how* an attempt failed
 //! ([`AttemptError`]) and `proxy` decides from that alone. [`retry_after`]
@@ -24,6 +25,7 @@ mod conn;
 mod pool;
 mod resolve;
 pub(crate) mod retry_after;
+pub(crate) mod trust;
 
 use resolve::HostResolver;
 
@@ -54,8 +56,21 @@ pub(crate) enum HttpClient {
     /// `http://`: weir's own HTTP/1.1 client.
     Plain(PlainClient),
     /// `https://`: hyper-util with rustls (boxed: it is six times the
-    /// size of the plain client, and built once per backend).
-    Tls(Box<TlsClient>),
+    /// size of the plain client, and built once per backend), and the CAs
+    /// it trusts: a reload that reads other CAs builds another.
+    Tls(Box<TlsClient>, Arc<trust::Trust>),
+}
+
+impl HttpClient {
+    /// Whether a snapshot build may keep this client for a backend whose
+    /// URL and connect timeout are unchanged: a plain one always, an https
+    /// one while the CAs it trusts are still those in effect.
+    pub(crate) fn reusable(&self) -> bool {
+        match self {
+            HttpClient::Plain(_) => true,
+            HttpClient::Tls(_, trust) => trust::is_current(trust),
+        }
+    }
 }
 
 /// hyper-util's pooled client over rustls. Request bodies are the buffered
@@ -168,18 +183,24 @@ impl AttemptError {
     }
 }
 
+/// Whether a backend at `url` is reached over TLS (and so needs [`trust`]).
+pub(crate) fn is_https(url: &Uri) -> bool {
+    url.scheme() == Some(&Scheme::HTTPS)
+}
+
 /// Builds the client for the backend at `url` with this connect timeout.
 pub(crate) fn client(url: &Uri, connect_timeout: Duration) -> Result<HttpClient, UpstreamError> {
-    if url.scheme() == Some(&Scheme::HTTPS) {
-        tls_client(url.host().unwrap_or_default(), connect_timeout)
-            .map(|c| HttpClient::Tls(Box::new(c)))
+    if is_https(url) {
+        let trust = trust::current()?;
+        let client = tls_client(url.host().unwrap_or_default(), connect_timeout, &trust);
+        Ok(HttpClient::Tls(Box::new(client), trust))
     } else {
         Ok(HttpClient::Plain(PlainClient::new(url, connect_timeout)))
     }
 }
 
 /// `host` as the URL writes it (see [`resolve::Resolver::new`]).
-fn tls_client(host: &str, connect_timeout: Duration) -> Result<TlsClient, UpstreamError> {
+fn tls_client(host: &str, connect_timeout: Duration, trust: &trust::Trust) -> TlsClient {
     // The host's addresses from one shared lookup (`resolve.rs`).
     let mut http = HttpConnector::new_with_resolver(HostResolver::new(host));
     http.enforce_http(false);
@@ -187,15 +208,15 @@ fn tls_client(host: &str, connect_timeout: Duration) -> Result<TlsClient, Upstre
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(30)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config()?.as_ref().clone())
+        .with_tls_config(trust.config.as_ref().clone())
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(pool::IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(https))
+        .build(https)
 }
 
 /// A proxied request as the exchange holds it, borrowed: the plain client
@@ -244,7 +265,7 @@ pub(crate) async fn forward(
             let answer = tokio::time::timeout(first_byte_timeout, plain.forward(request)).await;
             plain_answer(first_byte_timeout, answer)
         }
-        HttpClient::Tls(_) => {
+        HttpClient::Tls(..) => {
             // The client's path was parsed as a URI by hyper already, so
             // joining it to a configured URL cannot fail in practice.
             let request = request
@@ -270,7 +291,7 @@ pub(crate) async fn send(
             let answer = tokio::time::timeout(first_byte_timeout, plain.send(request)).await;
             plain_answer(first_byte_timeout, answer)
         }
-        HttpClient::Tls(tls) => {
+        HttpClient::Tls(tls, _) => {
             let request = request.map(Full::new);
             match tokio::time::timeout(first_byte_timeout, tls.request(request)).await {
                 Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
@@ -364,162 +385,6 @@ fn plain_answer(
     }
 }
 
-/// The rustls client configuration, built once, from the process
-/// environment, when the first https backend's client is built (at start,
-/// or at the reload that adds the first one): loading the roots and the
-/// provider is the expensive part of a connector. A failure is not kept, so
-/// a later reload tries again; a success is kept until weir stops.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, UpstreamError> {
-    static TLS: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
-    if let Some(config) = TLS.get() {
-        return Ok(config.clone());
-    }
-    let config = tls_config_from(&crate::config::process_env)?;
-    Ok(TLS.get_or_init(|| Arc::new(config)).clone())
-}
-
-/// The rustls client configuration for the environment `env` (injected so
-/// tests never touch the process's): the webpki roots, plus the CAs of
-/// `SSL_CERT_FILE` and `SSL_CERT_DIR` ([`private_cas`]), so a backend behind
-/// a private CA can be trusted without a config key of its own.
-fn tls_config_from(
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<rustls::ClientConfig, UpstreamError> {
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    for mut source in private_cas(env)? {
-        let (added, ignored) = roots.add_parsable_certificates(std::mem::take(&mut source.certs));
-        if added == 0 {
-            return Err(source.refused("holds no certificate rustls can use as a CA"));
-        }
-        if ignored > 0 {
-            tracing::warn!(
-                "{}={}: {ignored} of its certificates cannot be used as a CA and are not trusted",
-                source.var,
-                source.path.display()
-            );
-        }
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| UpstreamError::Tls(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth())
-}
-
-/// OpenSSL's variable for one PEM bundle of trusted CAs.
-const SSL_CERT_FILE: &str = "SSL_CERT_FILE";
-/// OpenSSL's variable for directories of PEM files of trusted CAs
-/// (`:`-separated).
-const SSL_CERT_DIR: &str = "SSL_CERT_DIR";
-
-/// The certificates of one place `SSL_CERT_FILE` or `SSL_CERT_DIR` names,
-/// kept with that place so an error can say which to fix.
-struct CaSource {
-    var: &'static str,
-    path: std::path::PathBuf,
-    certs: Vec<rustls::pki_types::CertificateDer<'static>>,
-}
-
-impl CaSource {
-    /// The error saying why this source cannot be trusted.
-    fn refused(&self, why: impl Into<String>) -> UpstreamError {
-        UpstreamError::TrustedCa {
-            var: self.var,
-            path: self.path.clone(),
-            why: why.into(),
-        }
-    }
-}
-
-/// The PEM certificates of `SSL_CERT_FILE` and of every file in each
-/// directory of `SSL_CERT_DIR`, the convention of OpenSSL, curl and the
-/// `rediss://` client (an empty value counts as unset). The file must hold
-/// one; a directory must hold one among its files (subdirectories,
-/// dangling links and files without a certificate are passed over, as
-/// `/etc/ssl/certs` has all three). A file that cannot be read, or a
-/// certificate section that is not valid PEM, is an error naming the file.
-fn private_cas(env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<CaSource>, UpstreamError> {
-    let mut sources = Vec::new();
-    if let Some(file) = env(SSL_CERT_FILE).filter(|v| !v.is_empty()) {
-        let mut source = CaSource {
-            var: SSL_CERT_FILE,
-            path: file.into(),
-            certs: Vec::new(),
-        };
-        source.certs = pem_certificates(&source.path).map_err(|why| source.refused(why))?;
-        if source.certs.is_empty() {
-            return Err(source.refused(NO_PEM_CERTIFICATE));
-        }
-        sources.push(source);
-    }
-    let dirs = env(SSL_CERT_DIR).unwrap_or_default();
-    for dir in std::env::split_paths(&dirs).filter(|d| !d.as_os_str().is_empty()) {
-        let mut source = CaSource {
-            var: SSL_CERT_DIR,
-            path: dir,
-            certs: Vec::new(),
-        };
-        let files = pem_files(&source.path).map_err(|why| source.refused(why))?;
-        for file in files {
-            let certs = pem_certificates(&file).map_err(|why| UpstreamError::TrustedCa {
-                var: SSL_CERT_DIR,
-                path: file.clone(),
-                why,
-            })?;
-            source.certs.extend(certs);
-        }
-        if source.certs.is_empty() {
-            return Err(source.refused(format!("no file in it {NO_PEM_CERTIFICATE}")));
-        }
-        // `openssl rehash` links each certificate under its hash beside
-        // its own name, so a directory names most of them twice.
-        source
-            .certs
-            .sort_unstable_by(|a, b| a.as_ref().cmp(b.as_ref()));
-        source.certs.dedup_by(|a, b| a.as_ref() == b.as_ref());
-        sources.push(source);
-    }
-    Ok(sources)
-}
-
-/// Why a file (or directory) of CAs is refused when it holds none.
-const NO_PEM_CERTIFICATE: &str = "holds no PEM certificate (-----BEGIN CERTIFICATE-----)";
-
-/// The files in `dir`, links followed, in name order.
-fn pem_files(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read the directory: {e}"))?;
-    let mut files = Vec::new();
-    for entry in entries {
-        let path = entry
-            .map_err(|e| format!("cannot read the directory: {e}"))?
-            .path();
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => files.push(path),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-        }
-    }
-    files.sort_unstable();
-    Ok(files)
-}
-
-/// The `CERTIFICATE` sections of the PEM file at `path` (other sections
-/// and text between them are passed over).
-fn pem_certificates(
-    path: &std::path::Path,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
-    CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not valid PEM: {e}"))
-}
-
 /// Whether an `io::Error` of kind `ConnectionRefused` is in the chain.
 fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -600,146 +465,5 @@ mod tests {
         let base: Uri = "http://127.0.0.1:9001/openai/v1/".parse().unwrap();
         let uri = upstream_uri(&base, "/models", None).unwrap();
         assert_eq!(uri.to_string(), "http://127.0.0.1:9001/openai/v1/models");
-    }
-
-    /// tests/fixtures/redis-tls/NAME: a test CA and a certificate it signed
-    /// for 127.0.0.1 (the `https://` backend test in tests/process.rs uses
-    /// them too).
-    fn fixture(name: &str) -> String {
-        format!(
-            "{}/tests/fixtures/redis-tls/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        )
-    }
-
-    /// An environment holding only `vars`.
-    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let vars: Vec<(String, String)> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-    }
-
-    /// The error message for `vars`, which must fail.
-    fn refused(vars: &[(&str, &str)]) -> String {
-        match tls_config_from(&env_of(vars)) {
-            Ok(_) => panic!("{vars:?} was trusted"),
-            Err(e) => e.to_string(),
-        }
-    }
-
-    /// How many CAs beside the webpki roots `vars` trusts.
-    fn private_ca_count(vars: &[(&str, &str)]) -> usize {
-        let sources = private_cas(&env_of(vars)).unwrap();
-        sources.iter().map(|s| s.certs.len()).sum()
-    }
-
-    #[test]
-    fn without_ssl_cert_file_or_dir_only_the_webpki_roots_are_trusted() {
-        assert_eq!(private_ca_count(&[]), 0);
-        assert_eq!(
-            private_ca_count(&[("SSL_CERT_FILE", ""), ("SSL_CERT_DIR", "")]),
-            0
-        );
-        assert!(tls_config_from(&env_of(&[])).is_ok());
-    }
-
-    #[test]
-    fn ssl_cert_file_and_every_file_in_ssl_cert_dir_are_trusted() {
-        let ca = fixture("ca.pem");
-        assert_eq!(private_ca_count(&[("SSL_CERT_FILE", &ca)]), 1);
-        assert!(tls_config_from(&env_of(&[("SSL_CERT_FILE", &ca)])).is_ok());
-        // A directory as /etc/ssl/certs has it: the CA under its name and
-        // a hash link, a subdirectory, a file without a certificate and a
-        // dangling link, all passed over but the one CA (counted once).
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(&ca, dir.path().join("weir-test-ca.pem")).unwrap();
-        std::os::unix::fs::symlink("weir-test-ca.pem", dir.path().join("1a2b3c4d.0")).unwrap();
-        std::os::unix::fs::symlink("gone.pem", dir.path().join("5e6f7a8b.0")).unwrap();
-        std::fs::create_dir(dir.path().join("java")).unwrap();
-        std::fs::write(dir.path().join("README"), "not a certificate\n").unwrap();
-        let path = dir.path().to_str().unwrap();
-        assert_eq!(private_ca_count(&[("SSL_CERT_DIR", path)]), 1);
-        // Several directories, `:`-separated, as OpenSSL takes them.
-        let other = tempfile::tempdir().unwrap();
-        std::fs::copy(fixture("server.pem"), other.path().join("leaf.pem")).unwrap();
-        let both = format!("{path}:{}", other.path().display());
-        assert_eq!(private_ca_count(&[("SSL_CERT_DIR", &both)]), 2);
-        assert_eq!(
-            private_ca_count(&[("SSL_CERT_FILE", &ca), ("SSL_CERT_DIR", &both)]),
-            3,
-            "the file and the directories are read each for itself"
-        );
-        assert!(tls_config_from(&env_of(&[("SSL_CERT_DIR", &both)])).is_ok());
-    }
-
-    #[test]
-    fn a_ca_file_or_dir_that_cannot_be_trusted_is_an_error_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("missing.pem");
-        let missing = missing.to_str().unwrap();
-        let e = refused(&[("SSL_CERT_FILE", missing)]);
-        assert!(
-            e.starts_with(&format!("SSL_CERT_FILE={missing}: cannot read it")),
-            "{e}"
-        );
-        let text = dir.path().join("text.pem");
-        std::fs::write(&text, "no certificate here\n").unwrap();
-        let text = text.to_str().unwrap();
-        let e = refused(&[("SSL_CERT_FILE", text)]);
-        assert_eq!(
-            e,
-            format!("SSL_CERT_FILE={text}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
-        );
-        // A key is not a certificate.
-        let key = fixture("server-key.pem");
-        let e = refused(&[("SSL_CERT_FILE", &key)]);
-        assert!(e.contains("holds no PEM certificate"), "{e}");
-        let broken = dir.path().join("broken.pem");
-        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
-        let broken = broken.to_str().unwrap();
-        let e = refused(&[("SSL_CERT_FILE", broken)]);
-        assert!(
-            e.starts_with(&format!("SSL_CERT_FILE={broken}: not valid PEM")),
-            "{e}"
-        );
-        // Valid PEM around bytes that are no certificate.
-        let junk = dir.path().join("junk.pem");
-        std::fs::write(
-            &junk,
-            "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
-        )
-        .unwrap();
-        let junk = junk.to_str().unwrap();
-        let e = refused(&[("SSL_CERT_FILE", junk)]);
-        assert!(
-            e.starts_with(&format!(
-                "SSL_CERT_FILE={junk}: holds no certificate rustls"
-            )),
-            "{e}"
-        );
-        // A directory: missing, without a certificate, or with a broken file
-        // (named, not its directory).
-        let e = refused(&[("SSL_CERT_DIR", missing)]);
-        assert!(
-            e.starts_with(&format!(
-                "SSL_CERT_DIR={missing}: cannot read the directory"
-            )),
-            "{e}"
-        );
-        let empty = tempfile::tempdir().unwrap();
-        std::fs::write(empty.path().join("README"), "nothing\n").unwrap();
-        let empty = empty.path().to_str().unwrap();
-        let e = refused(&[("SSL_CERT_DIR", empty)]);
-        assert!(
-            e.starts_with(&format!("SSL_CERT_DIR={empty}: no file in it holds")),
-            "{e}"
-        );
-        let e = refused(&[("SSL_CERT_DIR", dir.path().to_str().unwrap())]);
-        assert!(
-            e.starts_with(&format!("SSL_CERT_DIR={broken}: not valid PEM")),
-            "{e}"
-        );
     }
 }
