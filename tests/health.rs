@@ -750,6 +750,41 @@ async fn a_backend_that_answered_a_probe_429_is_not_probed_before_its_retry_afte
     );
 }
 
+/// A client's 429 holds the backend out of rotation for its Retry-After,
+/// but its probes go on: only a probe's own 429 pauses its tier, or steady
+/// traffic drawing 429s would keep the probes quiet for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_429_does_not_pause_the_probes() {
+    let ms = mocks(1, MockConfig::default()).await;
+    let health = format!("{FAST_LIVENESS}\n[retry]\nmax_attempts = 1\n");
+    let gw = gateway(&config_for(
+        &ms,
+        &[1],
+        &health,
+        "health_path = \"/health\"\n",
+    ))
+    .await;
+    let liveness = |m: &MockHandle| m.recorded().iter().filter(|r| r.uri == "/health").count();
+    assert!(eventually(Duration::from_secs(5), || liveness(&ms[0]) >= 1).await);
+    // The mock's 429s are for completions only: `/health` stays 200.
+    ms[0].update(|c| {
+        c.rate_limit_rate = 1.0;
+        c.retry_after = 30;
+    });
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let b0 = admin_backend(&gw, "b0").await;
+    assert!(!b0["rate_limited_until"].is_null(), "{b0}");
+    let before = liveness(&ms[0]);
+    // Liveness probes every 100 ms, all inside the 30 s the 429 asked for.
+    assert!(
+        eventually(Duration::from_secs(5), || liveness(&ms[0]) >= before + 3).await,
+        "liveness stopped probing after a client's 429: {} then {}",
+        before,
+        liveness(&ms[0])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_try_each_backend_once_then_answer_502() {
     let ms = mocks(3, MockConfig::default().failure_rate(1.0)).await;
