@@ -52,3 +52,4 @@ mod watch;
 
 pub use config::{Config, Secret};
 pub use gateway::{Gateway, Handle};
+pub use upstream::{trust::check as check_trusted_cas, UpstreamError};

@@ -280,7 +280,6 @@ fn config_path(flag: Option<PathBuf>) -> PathBuf {
     flag.unwrap_or_else(|| PathBuf::from("config/weir.toml"))
 }
 
-/// `weir check`: exit 0 with the resolved config, or 1 with every error.
 /// `weir check`: the resolved config on stdout, or every error on stderr
 /// (SPEC: `FILE:LINE:COLUMN: KEY.PATH: message`); warnings go to stderr in
 /// the same form after `warning: ` either way, so they are seen also when
@@ -288,10 +287,18 @@ fn config_path(flag: Option<PathBuf>) -> PathBuf {
 fn check(path: &std::path::Path) -> ExitCode {
     let checked = Config::check(path, &weir::config::process_env);
     let code = match &checked.result {
-        Ok(config) => {
-            print!("{}", config.render());
-            ExitCode::SUCCESS
-        }
+        // The CAs of SSL_CERT_FILE / SSL_CERT_DIR are read too when an
+        // https backend needs them: a file a start would refuse fails here.
+        Ok(config) => match weir::check_trusted_cas(config) {
+            Ok(()) => {
+                print!("{}", config.render());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
         Err(errors) => {
             for e in &errors.0 {
                 eprintln!("{e}");

@@ -488,6 +488,25 @@ async fn an_https_backend_behind_a_private_ca_is_trusted_through_ssl_cert_file_o
         )),
         "{err}"
     );
+    // `weir check` reads the CAs as a start would, and refuses alike.
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .env("SSL_CERT_FILE", &missing)
+        .env("SSL_CERT_DIR", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "SSL_CERT_FILE={}: cannot read it",
+            missing.display()
+        )),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "no config shown");
 }
 
 /// A reload reads `SSL_CERT_FILE` again: a CA bundle rotated in place is

@@ -77,6 +77,16 @@ pub(crate) fn reread() -> Result<bool, UpstreamError> {
     }
 }
 
+/// `weir check`: reads the CAs `config`'s https backends would trust, as a
+/// start would, so that a file a start would refuse fails the check too.
+/// Without an https backend nothing is read, as at start.
+pub fn check(config: &crate::Config) -> Result<(), UpstreamError> {
+    if config.backends.iter().any(|b| super::is_https(&b.url)) {
+        Trust::read(&crate::config::process_env)?;
+    }
+    Ok(())
+}
+
 /// Whether a client built with `trust` still trusts what weir does: a
 /// snapshot build keeps such a client, and builds another otherwise.
 pub(crate) fn is_current(trust: &Arc<Trust>) -> bool {
@@ -186,7 +196,8 @@ fn private_cas(env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<CaSource>, Up
             source.certs.extend(certs);
         }
         if source.certs.is_empty() {
-            return Err(source.refused(format!("no file in it {NO_PEM_CERTIFICATE}")));
+            return Err(source
+                .refused("no file in it holds a PEM certificate (-----BEGIN CERTIFICATE-----)"));
         }
         // `openssl rehash` links each certificate under its hash beside
         // its own name, so a directory names most of them twice.
