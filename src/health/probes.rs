@@ -117,6 +117,8 @@ const DEEP_PROMPT: &str = "Count from 1 to 500, separated by spaces.";
 
 /// Shortest span a tokens/s figure divides by: an unpaced stream can deliver
 /// every chunk in one read, and a zero span must not make it infinitely fast.
+/// A decode span shorter than this is not measured at all (see
+/// [`Tally::sample`]).
 const MIN_SPAN: Duration = Duration::from_millis(1);
 
 /// Longest deep round when `timeout` is too large for the clock to add.
@@ -511,11 +513,15 @@ impl Tally {
             .unwrap_or(self.content_chunks);
         // Whole numbers of tokens fit an f64 exactly far beyond any stream.
         let tokens = f64::from(u32::try_from(tokens).unwrap_or(u32::MAX));
-        let tokens_per_sec = if tokens >= 2.0 {
-            (tokens - 1.0) / last.duration_since(first).max(MIN_SPAN).as_secs_f64()
+        let decode = last.duration_since(first);
+        let tokens_per_sec = if tokens >= 2.0 && decode >= MIN_SPAN {
+            (tokens - 1.0) / decode.as_secs_f64()
         } else {
-            // One token: no decode span exists, so the whole request is all
-            // there is to divide by.
+            // One token, or every token in one read (a buffering proxy, a
+            // backend that sends its whole answer at once): no decode span
+            // was seen, so the whole request is all there is to divide by.
+            // Dividing by the 1 ms floor instead made such a backend look
+            // thousands of times faster than its peers, and throttled them.
             tokens / last.duration_since(start).max(MIN_SPAN).as_secs_f64()
         };
         Ok(DeepSample {
@@ -1168,6 +1174,15 @@ enabled = false
         let s = tally.sample(t0).expect("a sample");
         assert_eq!(s.ttft, Duration::ZERO);
         assert!(s.tokens_per_sec.is_finite(), "{s:?}");
+        // A whole answer in one read, 320 ms after the request: 16 tokens
+        // over the request's 320 ms (50/s), not 15 over a 1 ms floor.
+        let mut burst = Tally::default();
+        let t1 = t0 + Duration::from_millis(320);
+        for _ in 0..16 {
+            burst.line(br#"data: {"choices":[{"delta":{"content":"x"}}]}"#, t1);
+        }
+        let s = burst.sample(t0).expect("a sample");
+        assert!((s.tokens_per_sec - 50.0).abs() < 1e-9, "{s:?}");
         assert!(
             Tally::default().sample(t0).is_err(),
             "no content, no sample"
