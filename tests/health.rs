@@ -931,16 +931,46 @@ const UNSUPPORTED_MAX_TOKENS: &str = r#"{"error":{"message":"Unsupported paramet
 /// `max_completion_tokens`) with a small completion. Returns its address
 /// and every request body it read.
 async fn reasoning_model_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    scripted_upstream(|body, _| {
+        if body.contains("\"max_tokens\"") {
+            reply("400 Bad Request", "", UNSUPPORTED_MAX_TOKENS)
+        } else {
+            reply("200 OK", "", PONG)
+        }
+    })
+    .await
+}
+
+/// A small non-streamed completion.
+const PONG: &str = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"pong"},"finish_reason":"length"}]}"#;
+
+/// A whole HTTP/1.1 answer: status line, `extra` header lines (each ending
+/// in CRLF), a JSON content type and `body` with its length.
+fn reply(status: &str, extra: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A keep-alive HTTP/1.1 backend on 127.0.0.1 that answers each request
+/// (head and `Content-Length` body) with `answer(body, n)`, `n` counting
+/// the requests from 1. Returns its address and every request body it read.
+async fn scripted_upstream(
+    answer: impl Fn(&str, usize) -> String + Send + Sync + 'static,
+) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = upstream.local_addr().unwrap();
     let bodies = Arc::new(Mutex::new(Vec::new()));
     let seen = bodies.clone();
+    let answer = Arc::new(answer);
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = upstream.accept().await else {
                 return;
             };
             let seen = seen.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -970,21 +1000,12 @@ async fn reasoning_model_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<Stri
                     }
                     let body: Vec<u8> = buf.drain(..head_end + length).skip(head_end).collect();
                     let body = String::from_utf8_lossy(&body).into_owned();
-                    let refused = body.contains("\"max_tokens\"");
-                    seen.lock().unwrap().push(body);
-                    let (status, answer) = if refused {
-                        ("400 Bad Request", UNSUPPORTED_MAX_TOKENS)
-                    } else {
-                        (
-                            "200 OK",
-                            r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"pong"},"finish_reason":"length"}]}"#,
-                        )
+                    let n = {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(body.clone());
+                        seen.len()
                     };
-                    let reply = format!(
-                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
-                        answer.len()
-                    );
-                    if s.write_all(reply.as_bytes()).await.is_err() {
+                    if s.write_all(answer(&body, n).as_bytes()).await.is_err() {
                         return;
                     }
                 }
@@ -992,6 +1013,52 @@ async fn reasoning_model_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<Stri
         }
     });
     (addr, bodies)
+}
+
+/// A deep round whose first sample measured and whose second drew a 429
+/// with a Retry-After pauses the deep tier all the same: no deep sample
+/// goes out before it ends (the round used to be judged on its first
+/// sample alone, and the deep tier went on probing every interval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_round_with_a_429_after_a_good_sample_pauses_the_deep_tier() {
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = streams.clone();
+    let (addr, _) = scripted_upstream(move |body, _| {
+        if !body.contains("\"stream\":true") {
+            return reply("200 OK", "", PONG);
+        }
+        // Odd streams answer, even ones are rate limited.
+        if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 1 {
+            return reply("429 Too Many Requests", "retry-after: 30\r\n", "{}");
+        }
+        let chunk = r#"data: {"choices":[{"index":0,"delta":{"content":"x"}}]}"#;
+        let sse = format!("{chunk}\n\n{chunk}\n\n{chunk}\n\ndata: [DONE]\n\n");
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{sse}",
+            sse.len()
+        )
+    })
+    .await;
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"100ms\", timeout = \"1s\", samples = 2, max_tokens = 4 }\n";
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{health}",
+        backend("d", &format!("http://{addr}/v1"), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let (d, held) = admin_until(&gw, "d", Duration::from_secs(10), |b| {
+        !b["rate_limited_until"].is_null()
+    })
+    .await;
+    assert!(held, "{d}");
+    let sampled = streams.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(sampled, 2, "one round: a good sample, then the 429");
+    // Ten deep intervals, all inside the 30 s asked for.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        streams.load(std::sync::atomic::Ordering::SeqCst),
+        sampled,
+        "deep samples went out during the Retry-After"
+    );
 }
 
 /// Readiness probes of a backend that refuses `max_tokens` for

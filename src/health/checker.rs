@@ -307,7 +307,7 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
                 .filter(|_| !matches!(outcome, probes::ProbeOutcome::RateLimited { .. }));
             observe(backend, tier, &outcome, thresholds, |h| {
                 if let Some(wait) = rate_limited {
-                    h.rate_limit_until(Instant::now() + wait);
+                    h.probe_rate_limited(tier, Instant::now() + wait);
                 }
                 h.saturated = saturated;
                 h.metrics_error = metrics_error;

@@ -230,8 +230,16 @@ impl HealthRecord {
         record.last_latency = Some(latency);
         record.last_error = Some(error);
         record.checked_at = Some(SystemTime::now());
-        record.paused_until = Some(now + retry_after);
-        self.rate_limit_until(now + retry_after);
+        self.probe_rate_limited(tier, now + retry_after);
+    }
+
+    /// A probe of `tier` was answered 429 with a Retry-After ending at
+    /// `until`: the backend is out of rotation and that tier sends nothing
+    /// more until then, whatever the rest of its round said (a deep round
+    /// whose first samples measured and whose next one drew the 429).
+    pub fn probe_rate_limited(&mut self, tier: Tier, until: Instant) {
+        self.tiers[tier.index()].paused_until = Some(until);
+        self.rate_limit_until(until);
     }
 
     /// Out of rotation until `until` for an upstream 429, or until a later
