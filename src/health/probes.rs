@@ -125,11 +125,15 @@ const MIN_SPAN: Duration = Duration::from_millis(1);
 const MAX_DEEP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// The pause a busy backend asks for: a 429 that says when to come back
-/// (`Retry-After`). A 429 without one is judged as any other refusal.
+/// (`Retry-After`). A 429 without one is judged as any other refusal, and
+/// so is one whose Retry-After asks for no pause (`0`, a date already
+/// past): neutral, it would leave a backend that answers every request so
+/// in rotation at full weight for good.
 fn busy(status: StatusCode, response: &http::Response<UpstreamBody>) -> Option<Duration> {
     (status == StatusCode::TOO_MANY_REQUESTS)
         .then(|| retry_after_given(response))
         .flatten()
+        .filter(|wait| !wait.is_zero())
 }
 
 /// Why a probe failed; its `Display` is the `error` a failure carries.
@@ -1001,6 +1005,19 @@ enabled = false
         });
         let b = backend_at(&format!("http://{addr}/v1"), "");
         assert_fail(&readiness(&b, TIMEOUT).await, "429");
+    }
+
+    /// A 429 whose Retry-After asks for no pause (`0`) is a failure too: as
+    /// a pause of nothing it left a backend that answers every request so
+    /// in rotation at full weight for good.
+    #[tokio::test]
+    async fn a_429_with_retry_after_0_is_a_failure() {
+        let mock = start(MockConfig::new().rate_limit(1.0, 0)).await;
+        let b = backend(&mock, "");
+        assert_fail(&readiness(&b, TIMEOUT).await, "429");
+        let result = deep(&b, TIMEOUT, 2, 4).await;
+        assert_eq!(result.rate_limited, None, "{result:?}");
+        assert_eq!(result.failures, 2, "{result:?}");
     }
 
     #[tokio::test]

@@ -40,14 +40,14 @@ pub(crate) fn retry_after_given(response: &Response<UpstreamBody>) -> Option<Dur
 /// `now` (a date already past is no wait); at most [`MAX`].
 pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    let wait = match value.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        // Delay-seconds too large for 64 bits is still a (very long) wait.
-        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => MAX,
-        Err(_) => {
-            let at = httpdate::parse_http_date(value).ok()?;
-            at.duration_since(now).unwrap_or(Duration::ZERO)
-        }
+    // Delay-seconds is digits only (RFC 9110 §10.2.3): `+30` is no value,
+    // though Rust's integer parser would take it.
+    let wait = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too large for 64 bits is still a (very long) wait.
+        value.parse::<u64>().map_or(MAX, Duration::from_secs)
+    } else {
+        let at = httpdate::parse_http_date(value).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
     };
     Some(wait.min(MAX))
 }
@@ -74,6 +74,7 @@ mod tests {
             ("Thu, 22 Oct 2015 07:28:00 GMT", secs(3600)),
             ("Wednesday, 21-Oct-15 07:28:30 GMT", secs(30)),
             ("-1", None),
+            ("+30", None),
             ("1.5", None),
             ("soon", None),
             ("", None),
