@@ -467,7 +467,13 @@ pub(crate) fn read_head(buf: &mut BytesMut, head_request: bool) -> Result<Option
             Err(_) => return Err(Malformed("response head is not HTTP/1.x")),
         };
         let code = response.code.unwrap_or_default();
-        let status = StatusCode::from_u16(code).map_err(|_| Malformed("invalid status code"))?;
+        // RFC 9110 §15 defines 100-599; a client must take anything else as
+        // a 5xx, so weir refuses it as nginx does ("upstream sent invalid
+        // status") rather than pass it on (and into a metric label).
+        let status = StatusCode::from_u16(code)
+            .ok()
+            .filter(|s| s.as_u16() <= 599)
+            .ok_or(Malformed("status code outside 100-599"))?;
         if status.is_informational() {
             if status == StatusCode::SWITCHING_PROTOCOLS {
                 return Err(Malformed(
@@ -873,6 +879,25 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, b"GET / HTTP/1.1\r\nhost: h\r\n\r\n");
+    }
+
+    #[test]
+    fn a_status_outside_100_to_599_is_malformed() {
+        for code in ["099", "600", "999"] {
+            let raw = format!("HTTP/1.1 {code} Weird\r\ncontent-length: 0\r\n\r\n");
+            assert_eq!(
+                head(raw.as_bytes()).unwrap_err(),
+                Malformed("status code outside 100-599"),
+                "{code}"
+            );
+        }
+        assert_eq!(
+            head(b"HTTP/1.1 599 Edge\r\ncontent-length: 0\r\n\r\n")
+                .unwrap()
+                .unwrap()
+                .status,
+            599
+        );
     }
 
     #[test]

@@ -299,6 +299,13 @@ pub(crate) async fn send(
                     // hyper read the head; weir's own client says so in
                     // `conn.rs`, before it parses one.
                     crate::busy_poll::head_read();
+                    // hyper takes 100-999; the plain client's rule
+                    // (codec::read_head) holds for https too.
+                    if response.status().as_u16() > 599 {
+                        return Err(AttemptError::Protocol(
+                            "status code outside 100-599".to_owned(),
+                        ));
+                    }
                     Ok(response.map(UpstreamBody::Tls))
                 }
                 Ok(Err(e)) if e.is_connect() && is_refused(&e) => {
