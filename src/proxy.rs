@@ -260,11 +260,19 @@ impl<'a> Exchange<'a> {
         let mut last: Option<Failure> = None;
         let mut attempt = 0;
         let mut retry_permit: Option<RetryPermit<'_>> = None;
+        // Why the retry about to be picked is made: counted in
+        // `weir_retries_total` once it has a backend to go to.
+        let mut retrying: Option<FailureKind> = None;
         loop {
             let pick = self.next_backend(&tried, &paused, attempt > 0, log).await;
             log.wait_ends();
             let (i, in_flight) = match pick {
-                Pick::Backend(i, in_flight) => (i, in_flight),
+                Pick::Backend(i, in_flight) => {
+                    if let Some(reason) = retrying.take() {
+                        self.route.retries.inc(reason);
+                    }
+                    (i, in_flight)
+                }
                 Pick::NoneLeft => break,
                 // A retry that found every backend busy answers with what
                 // went wrong upstream, not with a concurrency 429 the
@@ -351,12 +359,14 @@ impl<'a> Exchange<'a> {
             if !idle_closed {
                 backend.errors.inc(reason);
             }
-            tried.push(i);
-            match self.retry_delay(attempt, &mut tried, &paused, &mut retry_permit) {
+            if !tried.contains(&i) {
+                tried.push(i);
+            }
+            match self.retry_delay(attempt, &tried, &paused, &mut retry_permit) {
                 // The failed answer was dropped unread: nothing of it
                 // reached the client, so another backend may answer.
                 Next::After(delay) => {
-                    self.route.retries.inc(reason);
+                    retrying = Some(reason);
                     if !idle_closed {
                         tokio::time::sleep(delay).await;
                     }
@@ -388,7 +398,9 @@ impl<'a> Exchange<'a> {
     /// "Retries", Envoy's policy): attempts left, a backend left (untried
     /// ones first; the same ones again only when none is left), the retry
     /// budget, and the back-off — full jitter, exponential from
-    /// `base_delay` to `max_delay`. A backend that asked for a pause (this
+    /// `base_delay` to `max_delay`. Which backend takes the retry is
+    /// decided after the back-off, by [`Exchange::next_backend`], from the
+    /// state then: a backend may be held out or freed meanwhile. A backend that asked for a pause (this
     /// request's 5xx `Retry-After` in `paused`, anyone's 429 in its live
     /// state) is not available until it passes; one ejected is not
     /// available either, and not waited for past `max_delay` (nor does a
@@ -399,7 +411,7 @@ impl<'a> Exchange<'a> {
     fn retry_delay<'s>(
         &'s self,
         attempt: u32,
-        tried: &mut Vec<usize>,
+        tried: &[usize],
         paused: &[(usize, Instant)],
         permit: &mut Option<RetryPermit<'s>>,
     ) -> Next {
@@ -456,7 +468,6 @@ impl<'a> Exchange<'a> {
         if repeat {
             let back = soonest.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
             delay = delay.max(back);
-            tried.clear();
         }
         if Instant::now() + delay < self.deadline {
             Next::After(delay)
@@ -488,14 +499,19 @@ impl<'a> Exchange<'a> {
     }
 
     /// The next backend to try: smooth WRR over those not yet tried and not
-    /// saturated. When every remaining backend is saturated, waits (until
-    /// the queue deadline) for one to free a slot, in the model's queue
+    /// saturated; for a retry with none such, over those already tried that
+    /// are free (SPEC: never the same backend twice while another is
+    /// available, and a busy one is not available: a retry does not wait
+    /// for its slot). When every backend is saturated, waits (until the
+    /// queue deadline) for one to free a slot, in the model's queue
     /// (`max_queue`, `weir_queue_depth`, `queue_ms`) like a request waiting
     /// for admission.
     ///
     /// A retry (`retrying`) also skips backends held out since the
     /// request's snapshot was taken (ejected, or rate-limited by a 429),
-    /// reading their live state; a first attempt takes no lock.
+    /// reading their live state; a first attempt takes no lock. All of it
+    /// is read now, after the retry's back-off, not when the retry was
+    /// decided.
     async fn next_backend(
         &self,
         tried: &[usize],
@@ -526,13 +542,22 @@ impl<'a> Exchange<'a> {
                         || paused.iter().any(|&(j, t)| j == i && t > now)
                 })
             };
-            let eligible = |i: usize| {
-                !tried.contains(&i)
-                    && members
-                        .get(i)
-                        .is_some_and(|m| !m.backend.is_saturated() && !held_out(i, m))
+            let available = |i: usize| {
+                members
+                    .get(i)
+                    .is_some_and(|m| !m.backend.is_saturated() && !held_out(i, m))
             };
-            if let Some(i) = self.route.pool.pick(eligible) {
+            let picked = self
+                .route
+                .pool
+                .pick(|i| !tried.contains(&i) && available(i))
+                .or_else(|| {
+                    // Nothing untried is free now: back to one tried.
+                    (!tried.is_empty())
+                        .then(|| self.route.pool.pick(available))
+                        .flatten()
+                });
+            if let Some(i) = picked {
                 match members.get(i).and_then(|m| m.backend.try_begin()) {
                     Some(in_flight) => return Pick::Backend(i, in_flight),
                     // Lost a race for its last slot: look again.
@@ -549,9 +574,7 @@ impl<'a> Exchange<'a> {
                 continue;
             }
             let any_left = (0..members.len()).any(|i| {
-                !tried.contains(&i)
-                    && self.route.pool.weight(i) > 0
-                    && members.get(i).is_some_and(|m| !held_out(i, m))
+                self.route.pool.weight(i) > 0 && members.get(i).is_some_and(|m| !held_out(i, m))
             });
             if !any_left {
                 return Pick::NoneLeft;
