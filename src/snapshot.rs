@@ -412,8 +412,19 @@ impl Snapshot {
             .iter()
             .filter(|b| !self.backends.iter().any(|old| old.same_identity(b)))
             .map(|b| {
-                let live = BackendLive::new(self.slots.clone(), config.health.enabled);
-                BackendState::new(b.clone(), Arc::new(live), None).map(Arc::new)
+                // Removed by an earlier reload but still draining: the same
+                // backend comes back with its live state, so the requests
+                // still running on it count towards its `max_concurrent`
+                // (and it is not listed as draining beside itself).
+                let live = self
+                    .draining
+                    .iter()
+                    .filter(|d| d.name == b.name && d.url == b.url)
+                    .find_map(|d| d.live.upgrade())
+                    .unwrap_or_else(|| {
+                        Arc::new(BackendLive::new(self.slots.clone(), config.health.enabled))
+                    });
+                BackendState::new(b.clone(), live, None).map(Arc::new)
             })
             .collect()
     }
@@ -622,6 +633,12 @@ impl Snapshot {
             .cloned()
             .chain(dropped)
             .filter(|d| d.live.strong_count() > 0)
+            // One a reload restored is serving again, not draining.
+            .filter(|d| {
+                !next
+                    .iter()
+                    .any(|n| std::ptr::eq(d.live.as_ptr(), Arc::as_ptr(&n.live)))
+            })
             .collect()
     }
 

@@ -434,6 +434,50 @@ async fn admin_backends_lists_a_removed_backend_until_it_has_drained() {
     }
 }
 
+/// A backend a reload removed and the next restored while a request still
+/// ran on it comes back with its live state: that request counts towards
+/// its `max_concurrent` (it used to start again from 0 and take a second
+/// request beside the first), and it is not listed as draining as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_restored_while_it_drains_keeps_counting_its_requests() {
+    let m1 = mock_named("b1", MockConfig::default().chunks(30).tokens_per_sec(10.0)).await;
+    let m2 = mock_named("b2", MockConfig::default()).await;
+    let b1 = format!(
+        "{}max_concurrent = 1\n\n",
+        backend("b1", &m1.base_url(), &[MODEL], 100)
+    );
+    let b2 = backend("b2", &m2.base_url(), &[MODEL], 1);
+    let both = format!("[[models]]\nname = \"{MODEL}\"\n\n{b1}{b2}{QUIET}");
+    let live = Live::start(&both).await;
+    let addr = live.gw.addr();
+    let stream =
+        tokio::spawn(
+            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
+        );
+    assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
+    live.apply(&file("", &[("b2", &m2, 1)], "")).await;
+    let changes = live.apply(&both).await;
+    assert!(
+        changes.contains(&"backend b1 added".to_owned()),
+        "{changes:?}"
+    );
+    let j = get(live.gw.admin_addr(), "/admin/backends").await.json();
+    assert_eq!(j["draining"], serde_json::json!([]), "{j}");
+    let restored = j["backends"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["name"] == "b1"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(restored["in_flight"], 1, "{j}");
+    // b1 (weight 100) is at its one slot: the next request goes to b2.
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "b2");
+    assert_eq!(m1.max_in_flight(), 1);
+    let s = stream.await.expect("stream task");
+    assert!(s.text().trim_end().ends_with("data: [DONE]"));
+}
+
 /// The samples at /metrics with `label="value"`, counted per name.
 async fn series_with(
     addr: std::net::SocketAddr,
