@@ -105,8 +105,12 @@ impl std::fmt::Debug for Shared {
 pub(crate) struct ProbeTasks {
     /// Every probe task.
     pub set: JoinSet<()>,
-    /// One token per backend identity; cancelling it stops its three tiers.
-    pub running: std::collections::HashMap<crate::health::checker::BackendKey, CancellationToken>,
+    /// One token per backend identity, cancelling it stops its three tiers,
+    /// with the key they were started under (a new key restarts them).
+    pub running: std::collections::HashMap<
+        crate::health::checker::BackendKey,
+        (CancellationToken, Option<crate::Secret>),
+    >,
     /// Parent of every backend token; cancelled at shutdown.
     pub root: CancellationToken,
     /// The tier intervals the running tasks were started with.

@@ -468,7 +468,14 @@ impl Snapshot {
             // of rotation until its first passing liveness probe) when there
             // is a previous snapshot and active checks are on.
             let live = match carried {
-                Some(old) => old.live.clone(),
+                Some(old) => {
+                    // A new key is a new quota: the old key's 429s say
+                    // nothing of it.
+                    if old.config.api_key != backend.api_key {
+                        old.live.with_health(HealthRecord::forget_rate_limits);
+                    }
+                    old.live.clone()
+                }
                 None => Arc::new(BackendLive::new(
                     slots.clone(),
                     previous.is_some() && config.health.enabled,

@@ -478,6 +478,75 @@ async fn a_backend_restored_while_it_drains_keeps_counting_its_requests() {
     assert!(s.text().trim_end().ends_with("data: [DONE]"));
 }
 
+/// A reload that gives a backend another key forgets the 429s its old key
+/// drew (a new key is a new quota, and swapping it is the usual fix for
+/// one that ran out): it is back in rotation and its probes start again at
+/// once, instead of waiting out the old key's Retry-After (up to 1 h).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_backend_key_forgets_the_old_keys_429s() {
+    let m1 = mock_named("b1", MockConfig::default().rate_limit(1.0, 600)).await;
+    let m2 = mock_named("b2", MockConfig::default()).await;
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"100ms\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let old = with_health_path(file("", &[("b1", &m1, 100), ("b2", &m2, 1)], health));
+    let live = Live::start(&old).await;
+    let b1 = |live: &Live| {
+        let addr = live.gw.admin_addr();
+        async move {
+            let j = get(addr, "/admin/backends").await.json();
+            j["backends"]
+                .as_array()
+                .and_then(|b| b.iter().find(|b| b["name"] == "b1"))
+                .cloned()
+                .unwrap_or_default()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b1(&live).await["rate_limited_until"].is_null() {
+        assert!(Instant::now() < deadline, "b1's probe 429 holds it out");
+        tokio::time::sleep(ms(20)).await;
+    }
+    // Past the next readiness turn, which finds the pause and sleeps it out.
+    tokio::time::sleep(ms(300)).await;
+    m1.update(|c| c.rate_limit_rate = 0.0);
+    // The first backend in the file is b1.
+    let new = old.replacen(
+        "api_key_env = \"BACKEND_KEY\"",
+        "api_key_env = \"ADMIN_TOKEN\"",
+        1,
+    );
+    let changes = live.apply(&new).await;
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.starts_with("backend b1 api_key_env")),
+        "{changes:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let b = b1(&live).await;
+        if b["rate_limited_until"].is_null() && b["state"] == "healthy" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b1 still held out: {b}");
+        tokio::time::sleep(ms(20)).await;
+    }
+    // Before any client request: a probe with the new key.
+    let new_key_probed = || {
+        m1.recorded().iter().any(|r| {
+            r.uri == "/v1/chat/completions"
+                && r.headers.get("authorization").and_then(|v| v.to_str().ok())
+                    == Some("Bearer admin-token-1")
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), new_key_probed).await,
+        "b1's readiness probes started again, with the new key"
+    );
+    let r = post(live.gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "b1");
+}
+
 /// The samples at /metrics with `label="value"`, counted per name.
 async fn series_with(
     addr: std::net::SocketAddr,

@@ -132,7 +132,7 @@ pub(crate) fn sync_probes(shared: &Arc<Shared>) {
     let mut probes = shared.probes.lock().unwrap_or_else(|e| e.into_inner());
     // Reap tasks that finished (cancelled ones), so the set does not grow.
     while probes.set.try_join_next().is_some() {}
-    probes.running.retain(|k, token| {
+    probes.running.retain(|k, (token, _)| {
         let keep = enabled && snapshot.backends().iter().any(|b| key(b) == *k);
         if !keep {
             token.cancel();
@@ -152,15 +152,20 @@ pub(crate) fn sync_probes(shared: &Arc<Shared>) {
         .replace(intervals)
         .is_some_and(|before| before != intervals)
     {
-        for token in probes.running.values() {
+        for (token, _) in probes.running.values() {
             token.cancel();
         }
         probes.running.clear();
     }
     for backend in snapshot.backends() {
         let k = key(backend);
-        if probes.running.contains_key(&k) {
-            continue;
+        match probes.running.get(&k) {
+            Some((_, started_with)) if *started_with == backend.config.api_key => continue,
+            // A new key (a reload): its probes start again at once, not
+            // after a pause the old key's 429 asked for (`Snapshot::build`
+            // forgot those pauses).
+            Some((token, _)) => token.cancel(),
+            None => {}
         }
         let token = probes.root.child_token();
         for tier in Tier::ALL {
@@ -174,7 +179,9 @@ pub(crate) fn sync_probes(shared: &Arc<Shared>) {
                 .set
                 .spawn(run_tier(shared.clone(), k.clone(), tier, token.clone(), up));
         }
-        probes.running.insert(k, token);
+        probes
+            .running
+            .insert(k, (token, backend.config.api_key.clone()));
     }
 }
 

@@ -242,6 +242,16 @@ impl HealthRecord {
         self.rate_limit_until(until);
     }
 
+    /// Forgets every 429 window and probe pause: they were asked for by the
+    /// backend's old key, and a new key is a new quota (a reload that swaps
+    /// the key is the usual fix for one that ran out).
+    pub fn forget_rate_limits(&mut self) {
+        self.rate_limited_until = None;
+        for record in &mut self.tiers {
+            record.paused_until = None;
+        }
+    }
+
     /// Out of rotation until `until` for an upstream 429, or until a later
     /// 429 window already running ends.
     pub fn rate_limit_until(&mut self, until: Instant) {
