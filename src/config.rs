@@ -841,14 +841,12 @@ impl Checker<'_> {
         (early, early_key, early_value): (&Option<S<String>>, &str, Duration),
         (late, late_key): (&Option<S<String>>, &str),
         early_says: &str,
-        late_says: impl FnOnce(humantime::FormattedDuration) -> String,
+        late_says: impl FnOnce(String) -> String,
     ) {
         match (early, late) {
-            (None, Some(late)) => self.warn(
-                late.span(),
-                late_key,
-                late_says(humantime::format_duration(early_value)),
-            ),
+            (None, Some(late)) => {
+                self.warn(late.span(), late_key, late_says(duration_text(early_value)))
+            }
             (early, _) => self.warn(
                 early.as_ref().map_or(0..0, Spanned::span),
                 early_key,
@@ -1786,8 +1784,8 @@ impl Checker<'_> {
                 key,
                 format!(
                     "retry.max_delay ({}) is shorter than retry.base_delay ({})",
-                    humantime::format_duration(max_delay),
-                    humantime::format_duration(base_delay)
+                    duration_text(max_delay),
+                    duration_text(base_delay)
                 ),
             );
             max_delay = base_delay;
@@ -2376,7 +2374,35 @@ fn quote(s: &str) -> String {
 }
 
 fn dur(d: Duration) -> String {
-    quote(&humantime::format_duration(d).to_string())
+    quote(&duration_text(d))
+}
+
+/// A duration as a config file writes it (`250ms`, `1m 30s`, `365d`), in
+/// days at most: humantime's formatter counts months and years of 30.44
+/// and 365.25 days, which printed `365d` as `11months 30days 3h 50m 24s`.
+/// Read back by the same parser as the file.
+pub(crate) fn duration_text(d: Duration) -> String {
+    let secs = d.as_secs();
+    let nanos = u64::from(d.subsec_nanos());
+    let parts = [
+        (secs / 86_400, "d"),
+        (secs / 3600 % 24, "h"),
+        (secs / 60 % 60, "m"),
+        (secs % 60, "s"),
+        (nanos / 1_000_000, "ms"),
+        (nanos / 1000 % 1000, "us"),
+        (nanos % 1000, "ns"),
+    ];
+    let text: Vec<String> = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect();
+    if text.is_empty() {
+        "0s".to_owned()
+    } else {
+        text.join(" ")
+    }
 }
 
 fn render(c: &Config) -> String {
@@ -2799,6 +2825,24 @@ key_prefix = "prod"
         errs.iter().any(|e| {
             e.line == line && e.column == column && e.key == key && e.message.contains(needle)
         })
+    }
+
+    /// Durations print in days at most, and read back as they were.
+    #[test]
+    fn durations_print_as_a_file_writes_them_and_read_back() {
+        let secs = Duration::from_secs;
+        for (d, text) in [
+            (secs(365 * 86_400), "365d"),
+            (secs(31 * 86_400), "31d"),
+            (secs(90), "1m 30s"),
+            (Duration::from_millis(250), "250ms"),
+            (Duration::from_micros(1500), "1ms 500us"),
+            (Duration::ZERO, "0s"),
+            (secs(86_400 + 3600 + 61), "1d 1h 1m 1s"),
+        ] {
+            assert_eq!(duration_text(d), text);
+            assert_eq!(humantime::parse_duration(text).ok(), Some(d), "{text}");
+        }
     }
 
     /// A URL refused for its credentials does not repeat them: the error

@@ -497,7 +497,7 @@ struct Dur(Duration);
 
 impl Display for Dur {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
+        f.write_str(&crate::config::duration_text(self.0))
     }
 }
 

@@ -261,6 +261,28 @@ async fn waiting_for_a_backend_slot_is_queueing() {
     assert_eq!(depth().await, 0.0);
 }
 
+/// `max_queue = 0`: a request that would wait, here for the bucket's next
+/// token, is refused at once, and the message says why.
+#[tokio::test]
+async fn max_queue_0_lets_no_request_wait() {
+    let (gw, _m) = setup(
+        "requests_per_minute = 60\nburst = 1\nqueue_timeout = \"2s\"\nmax_queue = 0",
+        MockConfig::default(),
+    )
+    .await;
+    let first = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let second = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    second.assert_error(429, "requests", "rate_limit_exceeded");
+    assert!(
+        second
+            .text()
+            .contains("on max_queue: 0, so no request may wait"),
+        "{}",
+        second.text()
+    );
+}
+
 fn metric(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l.contains(labels))

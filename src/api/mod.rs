@@ -378,7 +378,9 @@ impl From<AdmitError> for ApiError {
                 }
             }
             AdmitError::Saturated { model, kind, limit } => {
-                let what = if kind == LimitKind::Queue {
+                let what = if kind == LimitKind::Queue && limit == 0 {
+                    "max_queue: 0, so no request may wait".to_owned()
+                } else if kind == LimitKind::Queue {
                     format!("max_queue: {limit} requests are already waiting")
                 } else {
                     format!("max_concurrent: limit {limit} requests in flight")
