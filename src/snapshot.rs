@@ -181,6 +181,11 @@ pub(crate) struct BackendLive {
     /// refused `max_tokens` asking for it (OpenAI's reasoning models, Azure
     /// OpenAI). Probes only; client requests carry the client's own fields.
     pub(crate) probe_max_completion_tokens: AtomicBool,
+    /// The backend's first model answers embeddings, not chat (an embedding
+    /// model on OpenAI, vLLM `--task embed`, TEI): set once it refused a
+    /// chat readiness probe and answered an embedding. Readiness then sends
+    /// an embedding, and the deep tier reads only engine metrics.
+    pub(crate) probe_embeddings: AtomicBool,
 }
 
 impl BackendLive {
@@ -196,6 +201,7 @@ impl BackendLive {
             consecutive_failures: AtomicU32::new(0),
             latency_ema_us: AtomicU64::new(f64::NAN.to_bits()),
             probe_max_completion_tokens: AtomicBool::new(false),
+            probe_embeddings: AtomicBool::new(false),
         }
     }
 

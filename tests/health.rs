@@ -1006,6 +1006,58 @@ async fn scripted_upstream(
     (addr, bodies)
 }
 
+/// A backend serving only an embedding model refuses chat (OpenAI's 404
+/// "not a chat model"): its readiness probe sends an embedding instead and
+/// passes, and the deep tier, with no tokens to time, does not fail it.
+/// It used to be taken out for good, with `/readyz` 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embeddings_only_backend_is_probed_with_an_embedding() {
+    const NOT_CHAT: &str = r#"{"error":{"message":"This is not a chat model and thus not supported in the v1/chat/completions endpoint.","type":"invalid_request_error","param":"model","code":null}}"#;
+    const EMBEDDING: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,0.2]}],"model":"emb","usage":{"prompt_tokens":1,"total_tokens":1}}"#;
+    let (addr, bodies) = scripted_upstream(|body, _| {
+        if body.contains("\"input\"") {
+            reply("200 OK", "", EMBEDDING)
+        } else if body.contains("\"messages\"") {
+            reply("404 Not Found", "", NOT_CHAT)
+        } else {
+            reply("200 OK", "", "{}")
+        }
+    })
+    .await;
+    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"1s\" }\nreadiness = { interval = \"100ms\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"100ms\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let toml = format!(
+        "[[models]]\nname = \"emb\"\n\n{}{health}",
+        backend("e", &format!("http://{addr}/v1"), &["emb"], 1)
+    );
+    let gw = gateway(&toml).await;
+    // Several rounds of every tier.
+    let rounds = || {
+        bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| b.contains("\"input\""))
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || rounds() >= 3).await,
+        "readiness probes send embeddings"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = admin_backend(&gw, "e").await;
+    assert_eq!(e["state"], "healthy", "{e}");
+    assert_eq!(e["tiers"]["readiness"]["state"], "up", "{e}");
+    assert_ne!(e["tiers"]["deep"]["state"], "down", "{e}");
+    assert_eq!(get(gw.addr(), "/readyz").await.status, 200);
+    let r = post(
+        gw.addr(),
+        "/v1/embeddings",
+        &serde_json::json!({"model": "emb", "input": "hi"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// A deep round whose first sample measured and whose second drew a 429
 /// with a Retry-After pauses the deep tier all the same: no deep sample
 /// goes out before it ends (the round used to be judged on its first

@@ -282,7 +282,7 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
                 health.deep.max_tokens,
             )
             .await;
-            let passed = !result.samples.is_empty();
+            let passed = !result.samples.is_empty() || result.embeddings_only;
             let outcome = if passed {
                 probes::ProbeOutcome::Pass {
                     latency: result.median_ttft.unwrap_or_default(),

@@ -92,6 +92,9 @@ pub struct DeepResult {
     pub rate_limited: Option<Duration>,
     /// Why `metrics_path` could not be read (the samples may still be fine).
     pub metrics_error: Option<String>,
+    /// The backend serves embeddings: no sample was sent, and none is
+    /// missed (the round passes on the engine's metrics alone).
+    pub embeddings_only: bool,
 }
 
 /// Liveness and `/models` answers beyond this are not read further.
@@ -227,10 +230,15 @@ pub async fn deep(
     let deadline = start
         .checked_add(timeout)
         .unwrap_or(start + MAX_DEEP_TIMEOUT);
+    // An embedding model streams no tokens to time: only its engine's
+    // load is read (no samples, none failed; no throughput factor).
+    let embeddings_only = backend.live.probe_embeddings.load(Ordering::Relaxed);
+    let samples = if embeddings_only { 0 } else { samples };
     let (mut result, metrics) = tokio::join!(
         run_samples(backend, deadline, timeout, samples, max_tokens),
         read_engine(backend, deadline, timeout),
     );
+    result.embeddings_only = embeddings_only;
     match metrics {
         Ok(load) => result.engine = load,
         Err(e) => result.metrics_error = Some(e.to_string()),
@@ -292,6 +300,10 @@ async fn check_liveness(backend: &BackendState, timeout: Duration) -> Result<(),
 async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<(), ProbeError> {
     let config = &backend.config;
     let model = probe_model(config).ok_or(ProbeError::NoModel)?;
+    let embeddings = &backend.live.probe_embeddings;
+    if embeddings.load(Ordering::Relaxed) {
+        return check_embedding(backend, model, timeout).await;
+    }
     let body = |limit_field: &str| {
         serde_json::json!({
             "model": model,
@@ -300,9 +312,63 @@ async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<()
             "stream": false,
         })
     };
-    let (_, response) = send_chat(backend, body, timeout).await?;
+    let response = match send_chat(backend, body, timeout).await {
+        Ok((_, response)) => response,
+        // An embedding model refuses chat (OpenAI 404 "not a chat model",
+        // vLLM `--task embed` 400/404, TEI without the route): one
+        // embedding tells whether it can answer what it serves.
+        Err(chat @ ProbeError::Status { status, .. }) if refuses_chat(status) => {
+            if check_embedding(backend, model, timeout).await.is_err() {
+                return Err(chat);
+            }
+            embeddings.store(true, Ordering::Relaxed);
+            tracing::info!(backend = %config.name, model, "backend refuses chat and answers embeddings; its readiness probes send an embedding");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+        .map_err(|e| ProbeError::NotJson(e.to_string()))?;
+    Ok(())
+}
+
+/// Whether a chat probe's status may mean "this model does not chat":
+/// the answers engines give a route or model they do not serve so.
+fn refuses_chat(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 404 | 405 | 422 | 501)
+}
+
+/// Readiness for an embedding model: `POST {url}/embeddings` with a
+/// one-word input, answered 2xx with JSON.
+async fn check_embedding(
+    backend: &BackendState,
+    model: &str,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let body = serde_json::json!({ "model": model, "input": READINESS_PROMPT });
+    let uri = upstream::upstream_uri(&backend.config.url, "/embeddings", None)?;
+    let request = request(
+        Method::POST,
+        uri,
+        backend.authorization.as_ref(),
+        Some(Bytes::from(body.to_string())),
+    )?;
+    let response = upstream::send(&backend.client, request, timeout).await?;
+    let status = response.status();
+    let rate_limited = busy(status, &response);
+    let answer = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
+    if let Some(wait) = rate_limited {
+        return Err(ProbeError::RateLimited(wait));
+    }
+    if !status.is_success() {
+        return Err(status_error(
+            status,
+            answer.ok().as_deref(),
+            backend.config.api_key.as_ref(),
+        ));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(&answer?)
         .map_err(|e| ProbeError::NotJson(e.to_string()))?;
     Ok(())
 }
