@@ -574,6 +574,43 @@ async fn a_reload_trusts_a_rotated_ca_file() {
     assert_eq!(reply.status, 200, "{}\n{}", reply.text(), log());
 }
 
+/// A health change is logged once, under the tier whose probe made it,
+/// with what made it: a slow readiness answer says so (it said nothing),
+/// and a deep round running meanwhile does not log the same change again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_readiness_answer_is_logged_once_with_its_reason() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .latency(Duration::from_millis(150)),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let health = "[health]\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"200ms\", timeout = \"1s\", degraded_latency = \"50ms\" }\ndeep = { interval = \"200ms\", timeout = \"5s\", samples = 3, max_tokens = 4 }\n";
+    let config = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{health}",
+            backend("slow", &m.base_url(), &["m"], 1)
+        ),
+    );
+    let weir = spawn_weir(&config, "info");
+    let line = log_line(&weir.log, "to=\"degraded\"").await;
+    let line = line.unwrap_or_else(|| panic!("no degraded line: {}", weir.log.lock().unwrap()));
+    assert!(line.contains("tier=\"readiness\""), "{line}");
+    assert!(line.contains("slower than degraded_latency"), "{line}");
+    // Long enough for deep rounds (three samples of 150 ms or more each)
+    // that overlapped the change to have ended.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = weir.log.lock().unwrap().clone();
+    assert_eq!(
+        log.matches("to=\"degraded\"").count(),
+        1,
+        "logged once: {log}"
+    );
+}
+
 #[test]
 fn check_prints_the_resolved_config_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();

@@ -252,9 +252,8 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
         health.unhealthy_threshold.get(),
         health.healthy_threshold.get(),
     );
-    let before = backend.live.health();
     let now_before = Instant::now();
-    let changed = match tier {
+    let (changed, before, after) = match tier {
         Tier::Liveness => {
             let outcome = probes::liveness(backend, health.liveness.timeout).await;
             observe(backend, tier, &outcome, thresholds, |_| {})
@@ -312,7 +311,7 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
             let rate_limited = result
                 .rate_limited
                 .filter(|_| !matches!(outcome, probes::ProbeOutcome::RateLimited { .. }));
-            observe(backend, tier, &outcome, thresholds, |h| {
+            let (_, before, after) = observe(backend, tier, &outcome, thresholds, |h| {
                 if let Some(wait) = rate_limited {
                     h.probe_rate_limited(tier, Instant::now() + wait);
                 }
@@ -325,18 +324,22 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
                 }
             });
             // Throughput moves weights even when no state flips.
-            true
+            (true, before, after)
         }
     };
-    let after = backend.live.health();
     up.set(after.tier_up(tier));
-    log_transition(backend, tier, &before, &after, now_before);
+    // Both read at one instant, under the lock that applied this probe: the
+    // change logged is this tier's, not another tier's that landed while
+    // this probe ran (a deep round takes seconds), nor the clock's.
+    let now = Instant::now();
+    log_transition(backend, tier, &before, &after, now);
     log_metrics_path(backend, &before, &after);
-    changed || before.state(now_before) != after.state(Instant::now())
+    changed || before.state(now_before) != after.state(now)
 }
 
 /// Records an outcome with rise/fall thresholds plus `extra` changes, under
-/// the record's lock. Returns whether a tier flipped. A 429 flips none: it
+/// the record's lock. Returns whether a tier flipped, and the record just
+/// before and just after. A 429 flips none: it
 /// starts a 429 window, which changes the state (the caller compares it).
 fn observe(
     backend: &BackendState,
@@ -344,7 +347,7 @@ fn observe(
     outcome: &probes::ProbeOutcome,
     thresholds: (u32, u32),
     extra: impl FnOnce(&mut HealthRecord),
-) -> bool {
+) -> (bool, HealthRecord, HealthRecord) {
     let (passed, error) = match outcome {
         probes::ProbeOutcome::Pass { .. } => (true, None),
         probes::ProbeOutcome::Fail { error, .. } => (false, Some(error.clone())),
@@ -353,14 +356,16 @@ fn observe(
             retry_after,
             error,
         } => {
-            backend.live.with_health(|h| {
+            return backend.live.with_health(|h| {
+                let before = h.clone();
                 h.observe_rate_limited(tier, *latency, error.clone(), *retry_after, Instant::now());
                 extra(h);
+                (false, before, h.clone())
             });
-            return false;
         }
     };
     backend.live.with_health(|h| {
+        let before = h.clone();
         let flip = h.observe(
             tier,
             passed,
@@ -370,7 +375,7 @@ fn observe(
             Instant::now(),
         );
         extra(h);
-        flip != super::state::Flip::None
+        (flip != super::state::Flip::None, before, h.clone())
     })
 }
 
@@ -389,10 +394,25 @@ fn log_transition(
     after: &HealthRecord,
     at: Instant,
 ) {
-    let (from, to) = (before.state(at), after.state(Instant::now()));
+    let (from, to) = (before.state(at), after.state(at));
     if from != to {
         let level_warn = matches!(to, HealthState::Out | HealthState::Degraded);
-        let error = after.tier(tier).last_error.as_deref().unwrap_or("");
+        let reason;
+        let error = match after.tier(tier).last_error.as_deref() {
+            Some(error) => error,
+            // Degraded without an error: say by what.
+            None if after.saturated => {
+                "engine saturated (waiting requests, KV cache at 95 % or more)"
+            }
+            None if after.tier(Tier::Readiness).slow => {
+                reason = format!(
+                    "readiness answered in {:?}, slower than degraded_latency",
+                    after.tier(Tier::Readiness).last_latency.unwrap_or_default()
+                );
+                &reason
+            }
+            None => "",
+        };
         if level_warn {
             tracing::warn!(backend = %backend.config.name, tier = tier.as_str(), from = from.as_str(), to = to.as_str(), error, "backend health changed");
         } else {
