@@ -564,6 +564,13 @@ impl<'a> Exchange<'a> {
                     None => continue,
                 }
             }
+            // A retry does not queue for a slot (nor take a place in the
+            // model's queue, whose refusal would be a 429 for a request
+            // already admitted): with every backend busy, it ends with
+            // the last failure.
+            if retrying {
+                return Pick::Saturated;
+            }
             if counted.is_none() {
                 // Every backend looked saturated: count this request among
                 // the waiters, then look again, registered. A slot given

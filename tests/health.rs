@@ -838,6 +838,46 @@ async fn a_503_retry_after_paces_the_retry() {
     );
 }
 
+/// A retry that finds every backend busy ends with the last failure at
+/// once: it neither queues for a slot (this one waited for the other
+/// request to finish, then answered 200 seconds later) nor, with a full
+/// queue, turns into a 429 for a request already admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_finds_every_backend_busy_ends_with_the_last_failure() {
+    for max_queue in ["", "max_queue = 0\n"] {
+        let ms = mocks(1, MockConfig::default().rate_limit(0.0, 2).status(503)).await;
+        let health = "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 1000\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\n";
+        let toml = config_for(&ms, &[1], health, "max_concurrent = 1\n").replacen(
+            "\n\n",
+            &format!("\n{max_queue}\n"),
+            1,
+        );
+        let gw = gateway(&toml).await;
+        let addr = gw.addr();
+        // X: a 503 asking for 2 s, so its retry waits that long.
+        let x =
+            tokio::spawn(
+                async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await },
+            );
+        assert!(eventually(Duration::from_secs(5), || ms[0].requests() == 1).await);
+        // Y takes the only slot meanwhile, for longer than X's pause.
+        ms[0].update(|c| {
+            c.status_override = None;
+            c.latency = Duration::from_secs(4);
+        });
+        let y =
+            tokio::spawn(
+                async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await },
+            );
+        assert!(eventually(Duration::from_secs(5), || ms[0].in_flight() == 1).await);
+        let x = x.await.expect("x");
+        assert_eq!(x.status, 502, "{max_queue:?}: {}", x.text());
+        assert!(x.text().contains("503"), "{}", x.text());
+        assert_eq!(ms[0].requests(), 2, "X's retry never went out");
+        assert_eq!(y.await.expect("y").status, 200);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_budget_caps_retries() {
     let ms = mocks(
