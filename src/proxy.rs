@@ -617,6 +617,7 @@ impl<'a> Exchange<'a> {
             model: self.route.config.name.clone(),
             kind: LimitKind::Concurrency,
             limit,
+            bucket_wait: None,
         })
     }
 

@@ -262,11 +262,12 @@ async fn waiting_for_a_backend_slot_is_queueing() {
 }
 
 /// `max_queue = 0`: a request that would wait, here for the bucket's next
-/// token, is refused at once, and the message says why.
+/// token, is refused at once, and the message says why; its `Retry-After`
+/// and headers say when the bucket would have covered it (5 s), not 1 s.
 #[tokio::test]
 async fn max_queue_0_lets_no_request_wait() {
     let (gw, _m) = setup(
-        "requests_per_minute = 60\nburst = 1\nqueue_timeout = \"2s\"\nmax_queue = 0",
+        "requests_per_minute = 12\nburst = 1\nqueue_timeout = \"10s\"\nmax_queue = 0",
         MockConfig::default(),
     )
     .await;
@@ -278,6 +279,14 @@ async fn max_queue_0_lets_no_request_wait() {
         second
             .text()
             .contains("on max_queue: 0, so no request may wait"),
+        "{}",
+        second.text()
+    );
+    assert_eq!(second.header("retry-after"), "5");
+    assert_eq!(second.header("x-ratelimit-limit-requests"), "1");
+    // The exact wait (5s, or a tenth under if the machine is slow), not 1s.
+    assert!(
+        !second.text().contains("try again in 1s."),
         "{}",
         second.text()
     );

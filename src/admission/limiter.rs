@@ -114,6 +114,11 @@ pub enum AdmitError {
         kind: LimitKind,
         /// The configured `max_concurrent` / `max_queue`.
         limit: u64,
+        /// A queue refusal of a request that would have waited for a
+        /// bucket: how long until the buckets would cover it, and their
+        /// headers, so `Retry-After` says when it would pass (1 s
+        /// otherwise: a slot's or a queue place's freeing is not known).
+        bucket_wait: Option<(Duration, RateHeaders)>,
     },
 }
 
@@ -593,7 +598,17 @@ pub async fn admit(
         settled: false,
         cluster_epoch,
     };
-    let queue_slot = queue_or_refuse(model, model_name)?;
+    let queue_slot = queue_or_refuse(model, model_name).map_err(|refused| match refused {
+        AdmitError::Saturated {
+            model, kind, limit, ..
+        } if !wait.is_zero() => AdmitError::Saturated {
+            model,
+            kind,
+            limit,
+            bucket_wait: Some((wait, RateHeaders::tighter(reports))),
+        },
+        other => other,
+    })?;
     if !wait.is_zero() {
         wait_turn(&held, now + fixed_wait).await;
         held.done();
@@ -612,6 +627,7 @@ pub async fn admit(
                         model: model_name.to_owned(),
                         kind: LimitKind::Concurrency,
                         limit: u64::from(*total),
+                        bucket_wait: None,
                     });
                 }
             }
@@ -917,6 +933,7 @@ pub(crate) fn queue_or_refuse(
             model: model_name.to_owned(),
             kind: LimitKind::Queue,
             limit: u64::from(model.max_queue),
+            bucket_wait: None,
         }
     })
 }

@@ -377,7 +377,12 @@ impl From<AdmitError> for ApiError {
                     headers,
                 }
             }
-            AdmitError::Saturated { model, kind, limit } => {
+            AdmitError::Saturated {
+                model,
+                kind,
+                limit,
+                bucket_wait,
+            } => {
                 let what = if kind == LimitKind::Queue && limit == 0 {
                     "max_queue: 0, so no request may wait".to_owned()
                 } else if kind == LimitKind::Queue {
@@ -385,13 +390,18 @@ impl From<AdmitError> for ApiError {
                 } else {
                     format!("max_concurrent: limit {limit} requests in flight")
                 };
+                // Refused a wait for a bucket: when the buckets would have
+                // covered it is known exactly.
+                let (retry_after, headers) =
+                    bucket_wait.unwrap_or((Duration::from_secs(1), RateHeaders::default()));
                 ApiError::RateLimited {
                     message: format!(
-                        "Rate limit reached for model {model} on {what}. Please try again in 1s."
+                        "Rate limit reached for model {model} on {what}. Please try again in {}.",
+                        format_duration(retry_after)
                     ),
                     kind: "requests",
-                    retry_after: Duration::from_secs(1),
-                    headers: RateHeaders::default(),
+                    retry_after,
+                    headers,
                 }
             }
         }
