@@ -357,7 +357,18 @@ fn private_ca_fixture(name: &str) -> String {
 /// vouches for (an in-cluster server behind a private CA): every request,
 /// read whole, gets one chat completion and the connection's close.
 fn https_backend_behind_a_private_ca() -> std::net::SocketAddr {
+    let body = r#"{"id":"c1","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    https_backend_answering(format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ))
+}
+
+/// As [`https_backend_behind_a_private_ca`], answering every request with
+/// `reply` (a whole HTTP/1.1 answer) and the connection's close.
+fn https_backend_answering(reply: String) -> std::net::SocketAddr {
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let reply: std::sync::Arc<str> = reply.into();
     let chain = CertificateDer::pem_file_iter(private_ca_fixture("server.pem"))
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
@@ -378,8 +389,9 @@ fn https_backend_behind_a_private_ca() -> std::net::SocketAddr {
     std::thread::spawn(move || {
         for tcp in listener.incoming().flatten() {
             let config = config.clone();
+            let reply = reply.clone();
             // A handshake weir refuses ends this connection's thread only.
-            std::thread::spawn(move || answer_one_request(config, tcp));
+            std::thread::spawn(move || answer_one_request(config, tcp, &reply));
         }
     });
     addr
@@ -388,7 +400,14 @@ fn https_backend_behind_a_private_ca() -> std::net::SocketAddr {
 /// A config in `dir` serving model "m" from one backend,
 /// [`https_backend_behind_a_private_ca`], health checks off.
 fn private_backend_config(dir: &tempfile::TempDir) -> std::path::PathBuf {
-    let backend_addr = https_backend_behind_a_private_ca();
+    private_backend_config_at(dir, https_backend_behind_a_private_ca())
+}
+
+/// As [`private_backend_config`], for the https backend at `backend_addr`.
+fn private_backend_config_at(
+    dir: &tempfile::TempDir,
+    backend_addr: std::net::SocketAddr,
+) -> std::path::PathBuf {
     write_config(
         dir,
         &format!(
@@ -399,10 +418,11 @@ fn private_backend_config(dir: &tempfile::TempDir) -> std::path::PathBuf {
 }
 
 /// Reads one request (head and `Content-Length` body) over TLS and answers
-/// it with a chat completion.
+/// it with `reply`.
 fn answer_one_request(
     config: std::sync::Arc<rustls::ServerConfig>,
     tcp: std::net::TcpStream,
+    reply: &str,
 ) -> std::io::Result<()> {
     use std::io::{Read, Write};
     let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
@@ -426,12 +446,7 @@ fn answer_one_request(
             }
         }
     }
-    let body = r#"{"id":"c1","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
-    write!(
-        tls,
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
+    tls.write_all(reply.as_bytes())?;
     tls.conn.send_close_notify();
     tls.flush()
 }
@@ -507,6 +522,35 @@ async fn an_https_backend_behind_a_private_ca_is_trusted_through_ssl_cert_file_o
         "{err}"
     );
     assert!(out.stdout.is_empty(), "no config shown");
+}
+
+/// An https backend's answer is held to the plain client's rules: a 101 to
+/// a request without Upgrade, a status past 599 or a head over 64 KiB is
+/// no answer (hyper passes all three on), so the client gets a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_backend_that_answers_what_is_not_http_is_a_502() {
+    let ca = private_ca_fixture("ca.pem");
+    let big = "a".repeat(200_000);
+    for (what, reply) in [
+        ("101", "HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n".to_owned()),
+        ("999", "HTTP/1.1 999 Weird\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}".to_owned()),
+        ("big head", format!("HTTP/1.1 200 OK\r\nx-big: {big}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}")),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = private_backend_config_at(&dir, https_backend_answering(reply));
+        let weir = spawn_weir_env(
+            &config,
+            "info",
+            &[("SSL_CERT_FILE", ca.as_str()), ("SSL_CERT_DIR", "")],
+        );
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            post(weir.addr, "/v1/chat/completions", &chat("m", false)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within 10 s"));
+        assert_eq!(reply.status, 502, "{what}: {}", reply.text());
+    }
 }
 
 /// A reload reads `SSL_CERT_FILE` again: a CA bundle rotated in place is

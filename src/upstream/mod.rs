@@ -213,6 +213,10 @@ fn tls_client(host: &str, connect_timeout: Duration, trust: &trust::Trust) -> Tl
         .enable_all_versions()
         .wrap_connector(http);
     Client::builder(TokioExecutor::new())
+        // The plain client's head limit (64 KiB) for https too: hyper's
+        // own read buffer would take a head of about 400 KB.
+        .http1_max_buf_size(codec::MAX_HEAD_BYTES)
+        .http2_max_header_list_size(codec::MAX_HEAD_BYTES as u32)
         .pool_idle_timeout(pool::IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
@@ -299,12 +303,18 @@ pub(crate) async fn send(
                     // hyper read the head; weir's own client says so in
                     // `conn.rs`, before it parses one.
                     crate::busy_poll::head_read();
-                    // hyper takes 100-999; the plain client's rule
-                    // (codec::read_head) holds for https too.
-                    if response.status().as_u16() > 599 {
+                    // hyper takes 100-999, and hands a 101 over; the plain
+                    // client's rules (codec::read_head) hold for https too.
+                    let status = response.status();
+                    if status.as_u16() > 599 {
                         return Err(AttemptError::Protocol(
                             "status code outside 100-599".to_owned(),
                         ));
+                    }
+                    if status.is_informational() {
+                        return Err(AttemptError::Protocol(format!(
+                            "{status} on a request without Upgrade"
+                        )));
                     }
                     Ok(response.map(UpstreamBody::Tls))
                 }
