@@ -434,6 +434,52 @@ async fn admin_backends_lists_a_removed_backend_until_it_has_drained() {
     }
 }
 
+/// A reload that removes a model's limit lets the requests waiting in that
+/// bucket go at once: they used to wait out a bucket no request used any
+/// more (about 10 s here), while later requests, under no limit, passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_limit_lets_its_waiters_go() {
+    let m1 = mock_named("b1", MockConfig::default().chunks(100_000)).await;
+    let queue = "queue_timeout = \"60s\"";
+    let live = Live::start(&file(
+        &format!("tokens_per_minute = 600\n{queue}"),
+        &[("b1", &m1, 1)],
+        "",
+    ))
+    .await;
+    let addr = live.gw.addr();
+    let body = |n: u32| {
+        serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": n})
+            .to_string()
+    };
+    let r = post(addr, "/v1/chat/completions", &body(580)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // About 100 tokens more than are left: a wait of about 10 s.
+    let a = tokio::spawn(async move { post(addr, "/v1/chat/completions", &body(100)).await });
+    let depth = || {
+        metric(
+            live.gw.admin_addr(),
+            "weir_queue_depth",
+            &[("model", MODEL)],
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while depth().await != 1.0 {
+        assert!(Instant::now() < deadline, "never queued");
+        tokio::time::sleep(ms(10)).await;
+    }
+    let changes = live.apply(&file(queue, &[("b1", &m1, 1)], "")).await;
+    assert!(
+        changes.contains(&format!("model {MODEL} tokens_per_minute 600 -> none")),
+        "{changes:?}"
+    );
+    let a = tokio::time::timeout(Duration::from_secs(5), a)
+        .await
+        .expect("the waiter went once its limit was gone")
+        .expect("task");
+    assert_eq!(a.status, 200, "{}", a.text());
+}
+
 /// A backend a reload removed and the next restored while a request still
 /// ran on it comes back with its live state: that request counts towards
 /// its `max_concurrent` (it used to start again from 0 and take a second

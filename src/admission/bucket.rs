@@ -564,6 +564,20 @@ impl Bucket {
         waiters.wake_stale(0)
     }
 
+    /// The limit is gone (a reload removed it): every waiter's turn is now.
+    /// Returns the first waiter's waker; each hands the turn on as usual.
+    /// Without this they would wait out a bucket no request uses any more
+    /// while later requests, under no limit, passed them.
+    pub fn lift(&self) -> Option<Waker> {
+        let mut state = self.lock();
+        let waiters = &mut state.waiters;
+        let shift = waiters.shift;
+        for waiter in &mut waiters.queue {
+            waiter.base = shift;
+        }
+        waiters.wake_stale(0)
+    }
+
     /// Locks the state. Nothing under the lock can panic (saturating integer
     /// arithmetic only), so a poisoned lock still holds consistent state and
     /// is used as is.

@@ -995,7 +995,16 @@ fn bucket(
     now: Instant,
     shared: Option<(&Cluster, &str, Option<&str>)>,
 ) -> Option<Limit> {
-    let rate = NonZeroU64::new(rate?)?;
+    let Some(rate) = rate.and_then(NonZeroU64::new) else {
+        // The limit is gone: whoever waits in the old bucket waits for
+        // nothing now, and goes.
+        if let Some(Limit::Local(old)) = previous {
+            if let Some(waker) = old.lift() {
+                waker.wake();
+            }
+        }
+        return None;
+    };
     let capacity = NonZeroU64::new(capacity.unwrap_or(rate.get())).unwrap_or(rate);
     if let Some((cluster, limit, model)) = shared {
         if let Some(bucket) = cluster.bucket(limit, model, rate.get(), capacity.get(), now) {
