@@ -262,13 +262,13 @@ impl<'a> Exchange<'a> {
         let mut retry_permit: Option<RetryPermit<'_>> = None;
         // Why the retry about to be picked is made: counted in
         // `weir_retries_total` once it has a backend to go to.
-        let mut retrying: Option<FailureKind> = None;
+        let mut retry_reason: Option<FailureKind> = None;
         loop {
             let pick = self.next_backend(&tried, &paused, attempt > 0, log).await;
             log.wait_ends();
             let (i, in_flight) = match pick {
                 Pick::Backend(i, in_flight) => {
-                    if let Some(reason) = retrying.take() {
+                    if let Some(reason) = retry_reason.take() {
                         self.route.retries.inc(reason);
                     }
                     (i, in_flight)
@@ -366,7 +366,7 @@ impl<'a> Exchange<'a> {
                 // The failed answer was dropped unread: nothing of it
                 // reached the client, so another backend may answer.
                 Next::After(delay) => {
-                    retrying = Some(reason);
+                    retry_reason = Some(reason);
                     if !idle_closed {
                         tokio::time::sleep(delay).await;
                     }
@@ -400,8 +400,8 @@ impl<'a> Exchange<'a> {
     /// budget, and the back-off — full jitter, exponential from
     /// `base_delay` to `max_delay`. Which backend takes the retry is
     /// decided after the back-off, by [`Exchange::next_backend`], from the
-    /// state then: a backend may be held out or freed meanwhile. A backend that asked for a pause (this
-    /// request's 5xx `Retry-After` in `paused`, anyone's 429 in its live
+    /// state then: a backend may be held out or freed meanwhile. A backend
+    /// that asked for a pause (this request's 5xx `Retry-After` in `paused`, anyone's 429 in its live
     /// state) is not available until it passes; one ejected is not
     /// available either, and not waited for past `max_delay` (nor does a
     /// retry meet it failing again). When the next attempt must go to a
@@ -501,11 +501,11 @@ impl<'a> Exchange<'a> {
     /// The next backend to try: smooth WRR over those not yet tried and not
     /// saturated; for a retry with none such, over those already tried that
     /// are free (SPEC: never the same backend twice while another is
-    /// available, and a busy one is not available: a retry does not wait
-    /// for its slot). When every backend is saturated, waits (until the
-    /// queue deadline) for one to free a slot, in the model's queue
-    /// (`max_queue`, `weir_queue_depth`, `queue_ms`) like a request waiting
-    /// for admission.
+    /// available, and a busy one is not available). When every backend is
+    /// saturated, a retry gets [`Pick::Saturated`] at once; a first attempt
+    /// waits (until the queue deadline) for one to free a slot, in the
+    /// model's queue (`max_queue`, `weir_queue_depth`, `queue_ms`) like a
+    /// request waiting for admission.
     ///
     /// A retry (`retrying`) also skips backends held out since the
     /// request's snapshot was taken (ejected, or rate-limited by a 429),

@@ -108,7 +108,7 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     }
     // A rotated CA bundle is trusted from this reload on (upstream::trust);
     // reading it is file I/O too. Without an https backend nothing reads it.
-    let cas_changed = if config.backends.iter().any(|b| upstream::is_https(&b.url)) {
+    let cas_changed = if upstream::trust::needed(&config) {
         tokio::task::spawn_blocking(upstream::trust::reread)
             .await
             .map_err(|e| ReloadError::Interrupted(e.to_string()))??

@@ -972,6 +972,21 @@ async fn reasoning_model_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<Stri
     .await
 }
 
+/// A gateway with one model served by one backend, `name` at `addr` (a
+/// hand-made upstream), then `tail` (e.g. its `[health]`).
+async fn one_backend_gateway(
+    name: &str,
+    addr: std::net::SocketAddr,
+    model: &str,
+    tail: &str,
+) -> weir::Handle {
+    let toml = format!(
+        "[[models]]\nname = \"{model}\"\n\n{}{tail}",
+        backend(name, &format!("http://{addr}/v1"), &[model], 1)
+    );
+    gateway(&toml).await
+}
+
 /// A small non-streamed completion.
 const PONG: &str = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"pong"},"finish_reason":"length"}]}"#;
 
@@ -1065,11 +1080,7 @@ async fn an_embeddings_only_backend_is_probed_with_an_embedding() {
     })
     .await;
     let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"1s\" }\nreadiness = { interval = \"100ms\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"100ms\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
-    let toml = format!(
-        "[[models]]\nname = \"emb\"\n\n{}{health}",
-        backend("e", &format!("http://{addr}/v1"), &["emb"], 1)
-    );
-    let gw = gateway(&toml).await;
+    let gw = one_backend_gateway("e", addr, "emb", health).await;
     // Several rounds of every tier.
     let rounds = || {
         bodies
@@ -1123,11 +1134,7 @@ async fn a_deep_round_with_a_429_after_a_good_sample_pauses_the_deep_tier() {
     })
     .await;
     let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"100ms\", timeout = \"1s\", samples = 2, max_tokens = 4 }\n";
-    let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\n\n{}{health}",
-        backend("d", &format!("http://{addr}/v1"), &[MODEL], 1)
-    );
-    let gw = gateway(&toml).await;
+    let gw = one_backend_gateway("d", addr, MODEL, health).await;
     let (d, held) = admin_until(&gw, "d", Duration::from_secs(10), |b| {
         !b["rate_limited_until"].is_null()
     })
@@ -1152,11 +1159,7 @@ async fn a_deep_round_with_a_429_after_a_good_sample_pauses_the_deep_tier() {
 async fn probes_switch_to_max_completion_tokens_when_max_tokens_is_refused() {
     let (addr, bodies) = reasoning_model_upstream().await;
     let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"100ms\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
-    let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\n\n{}{health}",
-        backend("o", &format!("http://{addr}/v1"), &[MODEL], 1)
-    );
-    let gw = gateway(&toml).await;
+    let gw = one_backend_gateway("o", addr, MODEL, health).await;
     let (b, passed) = admin_until(&gw, "o", Duration::from_secs(10), |b| {
         b["tiers"]["readiness"]["consecutive_passes"].as_u64() >= Some(3)
     })
@@ -1224,11 +1227,7 @@ async fn a_stream_that_breaks_mid_event_ends_with_a_clean_error_event() {
          data: {\"object\":\"chat.comp",
     )
     .await;
-    let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\n\n{}[health]\nenabled = false\n",
-        backend("broken", &format!("http://{up_addr}/v1"), &[MODEL], 1),
-    );
-    let gw = gateway(&toml).await;
+    let gw = one_backend_gateway("broken", up_addr, MODEL, "[health]\nenabled = false\n").await;
     for body in [
         chat(MODEL, true),
         format!(

@@ -278,11 +278,23 @@ async fn check_liveness(backend: &BackendState, timeout: Duration) -> Result<(),
         (origin_uri(&config.url, &config.health_path)?, None)
     };
     let request = request(Method::GET, uri, authorization, None)?;
+    // Its content does not matter to liveness, only that it arrives in
+    // time (a body that cannot be read passes).
+    small_answer(backend, request, timeout).await.map(drop)
+}
+
+/// Sends a probe whose answer is small and read whole (so the pooled
+/// connection can be reused): a 429 with a Retry-After is
+/// [`ProbeError::RateLimited`], any other non-2xx a [`status_error`]; a
+/// 2xx gives its body, or why it could not be read.
+async fn small_answer(
+    backend: &BackendState,
+    request: Request<Bytes>,
+    timeout: Duration,
+) -> Result<Result<Bytes, ProbeError>, ProbeError> {
     let response = upstream::send(&backend.client, request, timeout).await?;
     let status = response.status();
     let rate_limited = busy(status, &response);
-    // Read the body (it is small) so the pooled connection can be reused;
-    // its content does not matter to liveness, only that it arrives in time.
     let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
     if let Some(wait) = rate_limited {
         return Err(ProbeError::RateLimited(wait));
@@ -291,10 +303,17 @@ async fn check_liveness(backend: &BackendState, timeout: Duration) -> Result<(),
         return Err(status_error(
             status,
             body.ok().as_deref(),
-            config.api_key.as_ref(),
+            backend.config.api_key.as_ref(),
         ));
     }
-    Ok(())
+    Ok(body)
+}
+
+/// Passes a body that is JSON, whatever it holds.
+fn is_json(body: &[u8]) -> Result<(), ProbeError> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|e| ProbeError::NotJson(e.to_string()))
 }
 
 async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<(), ProbeError> {
@@ -327,10 +346,7 @@ async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<()
         }
         Err(e) => return Err(e),
     };
-    let body = read_body(response.into_body(), SMALL_BODY_LIMIT).await?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(&body)
-        .map_err(|e| ProbeError::NotJson(e.to_string()))?;
-    Ok(())
+    is_json(&read_body(response.into_body(), SMALL_BODY_LIMIT).await?)
 }
 
 /// Whether a chat probe's status may mean "this model does not chat":
@@ -354,23 +370,7 @@ async fn check_embedding(
         backend.authorization.as_ref(),
         Some(Bytes::from(body.to_string())),
     )?;
-    let response = upstream::send(&backend.client, request, timeout).await?;
-    let status = response.status();
-    let rate_limited = busy(status, &response);
-    let answer = read_body(response.into_body(), SMALL_BODY_LIMIT).await;
-    if let Some(wait) = rate_limited {
-        return Err(ProbeError::RateLimited(wait));
-    }
-    if !status.is_success() {
-        return Err(status_error(
-            status,
-            answer.ok().as_deref(),
-            backend.config.api_key.as_ref(),
-        ));
-    }
-    serde_json::from_slice::<serde::de::IgnoredAny>(&answer?)
-        .map_err(|e| ProbeError::NotJson(e.to_string()))?;
-    Ok(())
+    is_json(&small_answer(backend, request, timeout).await??)
 }
 
 /// Runs the samples one after another until done or `deadline`.

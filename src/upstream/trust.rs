@@ -81,10 +81,16 @@ pub(crate) fn reread() -> Result<bool, UpstreamError> {
 /// start would, so that a file a start would refuse fails the check too.
 /// Without an https backend nothing is read, as at start.
 pub fn check(config: &crate::Config) -> Result<(), UpstreamError> {
-    if config.backends.iter().any(|b| super::is_https(&b.url)) {
+    if needed(config) {
         Trust::read(&crate::config::process_env)?;
     }
     Ok(())
+}
+
+/// Whether `config` has an https backend, the only thing that reads the
+/// CAs (at start, at a reload, in `weir check`).
+pub(crate) fn needed(config: &crate::Config) -> bool {
+    config.backends.iter().any(|b| super::is_https(&b.url))
 }
 
 /// Whether a client built with `trust` still trusts what weir does: a
