@@ -539,6 +539,46 @@ async fn an_https_backend_that_answers_what_is_not_http_is_a_502() {
     }
 }
 
+/// An https backend that accepts the TCP connection and never answers the
+/// TLS handshake is a connect failure after `connect_timeout` (502), as
+/// nginx's `proxy_connect_timeout` bounds the handshake, not a wait for
+/// `first_byte_timeout` (here 60 s, past the test's patience).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_backend_that_never_finishes_the_handshake_fails_at_connect_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        // Accepted, held open, never read or written.
+        let mut held = Vec::new();
+        for tcp in listener.incoming().flatten() {
+            held.push(tcp);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nfirst_byte_timeout = \"60s\"\n\n\
+             [[models]]\nname = \"m\"\n\n{}connect_timeout = \"300ms\"\n\n{QUIET}",
+            backend("silent", &format!("https://{addr}/v1"), &["m"], 1)
+        ),
+    );
+    let weir = spawn_weir_env(&config, "info", &[]);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(20),
+        post(weir.addr, "/v1/chat/completions", &chat("m", false)),
+    )
+    .await
+    .expect("an answer before first_byte_timeout");
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let metrics = get(weir.addr, "/metrics").await.text();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("weir_upstream_errors_total{")
+            && l.contains("kind=\"connect\"")),
+        "{metrics}"
+    );
+}
+
 /// A reload reads `SSL_CERT_FILE` again: a CA bundle rotated in place is
 /// trusted from that reload on, without a restart; a reload that finds the
 /// same CAs says "no changes", and one that cannot read the file is

@@ -75,7 +75,8 @@ impl HttpClient {
 
 /// hyper-util's pooled client over rustls. Request bodies are the buffered
 /// client body (`Full<Bytes>`).
-pub(crate) type TlsClient = Client<HttpsConnector<HttpConnector<HostResolver>>, Full<Bytes>>;
+pub(crate) type TlsClient =
+    Client<Bounded<HttpsConnector<HttpConnector<HostResolver>>>, Full<Bytes>>;
 
 /// A backend's response body, streamed as it arrives.
 #[derive(Debug)]
@@ -207,11 +208,14 @@ fn tls_client(host: &str, connect_timeout: Duration, trust: &trust::Trust) -> Tl
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(30)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(trust.config.as_ref().clone())
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
+    let https = Bounded {
+        inner: hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(trust.config.as_ref().clone())
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http),
+        limit: connect_timeout,
+    };
     Client::builder(TokioExecutor::new())
         // The plain client's head limit (64 KiB) for https too: hyper's
         // own read buffer would take a head of about 400 KB.
@@ -221,6 +225,51 @@ fn tls_client(host: &str, connect_timeout: Duration, trust: &trust::Trust) -> Tl
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https)
+}
+
+/// A connector whose whole connection, TCP and then the TLS handshake,
+/// must be made within `limit`, as nginx's `proxy_connect_timeout` bounds
+/// its SSL handshake too: a backend that accepts and never finishes the
+/// handshake is a `connect` failure after `connect_timeout`, not a
+/// `timeout` after `first_byte_timeout` (hyper-util's connector bounds
+/// only the TCP connect).
+#[derive(Debug, Clone)]
+pub(crate) struct Bounded<C> {
+    inner: C,
+    limit: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The handshake that did not finish within `connect_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("connection not made within connect_timeout ({0:?}, TCP and TLS handshake)")]
+struct ConnectTimedOut(Duration);
+
+impl<C> tower_service::Service<Uri> for Bounded<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let limit = self.limit;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(made) => made.map_err(Into::into),
+                Err(_) => Err(ConnectTimedOut(limit).into()),
+            }
+        })
+    }
 }
 
 /// A proxied request as the exchange holds it, borrowed: the plain client
