@@ -182,9 +182,10 @@ pub(crate) struct BackendLive {
     /// OpenAI). Probes only; client requests carry the client's own fields.
     pub(crate) probe_max_completion_tokens: AtomicBool,
     /// The backend's first model answers embeddings, not chat (an embedding
-    /// model on OpenAI, vLLM `--task embed`, TEI): set once it refused a
-    /// chat readiness probe and answered an embedding. Readiness then sends
-    /// an embedding, and the deep tier reads only engine metrics.
+    /// model on OpenAI, vLLM `--task embed`, TEI): set by a readiness round
+    /// that was refused chat and passed on an embedding, cleared by one
+    /// that chat answered. While set, the deep tier reads only engine
+    /// metrics.
     pub(crate) probe_embeddings: AtomicBool,
 }
 

@@ -1109,6 +1109,58 @@ async fn an_embeddings_only_backend_is_probed_with_an_embedding() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// The embedding fallback is no standing verdict: every readiness round
+/// asks for a chat completion first, so a backend that starts answering
+/// chat (an engine restarted with a chat model, a reload that puts a chat
+/// model first) is judged on chat again. It used to send embeddings for
+/// good, and was taken out once they were refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_answers_chat_again_is_probed_with_chat_again() {
+    const NOT_CHAT: &str = r#"{"error":{"message":"This is not a chat model.","type":"invalid_request_error","param":"model","code":null}}"#;
+    const EMBEDDING: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1]}],"model":"m","usage":{"prompt_tokens":1,"total_tokens":1}}"#;
+    let chats = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let switch = chats.clone();
+    let (addr, bodies) = scripted_upstream(move |body, _| {
+        let chats = switch.load(std::sync::atomic::Ordering::SeqCst);
+        match (
+            body.contains("\"messages\""),
+            body.contains("\"input\""),
+            chats,
+        ) {
+            (true, _, true) => reply("200 OK", "", PONG),
+            (true, _, false) => reply("404 Not Found", "", NOT_CHAT),
+            (_, true, false) => reply("200 OK", "", EMBEDDING),
+            (_, true, true) => reply("404 Not Found", "", "{}"),
+            _ => reply("200 OK", "", "{}"),
+        }
+    })
+    .await;
+    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"1s\" }\nreadiness = { interval = \"100ms\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let gw = one_backend_gateway("e", addr, MODEL, health).await;
+    let count = |what: &str| {
+        let bodies = bodies.lock().unwrap();
+        bodies.iter().filter(|b| b.contains(what)).count()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || count("\"input\"") >= 2).await,
+        "readiness falls back to embeddings"
+    );
+    let e = admin_backend(&gw, "e").await;
+    assert_eq!(e["tiers"]["readiness"]["state"], "up", "{e}");
+    chats.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = count("\"messages\"");
+    // Three more chat probes, all answered: readiness stays up.
+    assert!(
+        eventually(Duration::from_secs(5), || count("\"messages\"")
+            >= refused + 3)
+        .await,
+        "readiness asks for chat again"
+    );
+    let e = admin_backend(&gw, "e").await;
+    assert_eq!(e["tiers"]["readiness"]["state"], "up", "{e}");
+    assert_eq!(e["state"], "healthy", "{e}");
+}
+
 /// A deep round whose first sample measured and whose second drew a 429
 /// with a Retry-After pauses the deep tier all the same: no deep sample
 /// goes out before it ends (the round used to be judged on its first

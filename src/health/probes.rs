@@ -319,10 +319,11 @@ fn is_json(body: &[u8]) -> Result<(), ProbeError> {
 async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<(), ProbeError> {
     let config = &backend.config;
     let model = probe_model(config).ok_or(ProbeError::NoModel)?;
+    // Every round asks for a chat completion first, so the fallback below
+    // is never a standing verdict: a reload that puts a chat model first,
+    // or an engine that starts serving chat, is probed with chat again.
+    // An embedding model pays one refused request per round for it.
     let embeddings = &backend.live.probe_embeddings;
-    if embeddings.load(Ordering::Relaxed) {
-        return check_embedding(backend, model, timeout).await;
-    }
     let body = |limit_field: &str| {
         serde_json::json!({
             "model": model,
@@ -340,13 +341,16 @@ async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<()
             if check_embedding(backend, model, timeout).await.is_err() {
                 return Err(chat);
             }
-            embeddings.store(true, Ordering::Relaxed);
-            tracing::info!(backend = %config.name, model, "backend refuses chat and answers embeddings; its readiness probes send an embedding");
+            if !embeddings.swap(true, Ordering::Relaxed) {
+                tracing::info!(backend = %config.name, model, "backend refuses chat and answers embeddings; its readiness passes on an embedding");
+            }
             return Ok(());
         }
         Err(e) => return Err(e),
     };
-    is_json(&read_body(response.into_body(), SMALL_BODY_LIMIT).await?)
+    is_json(&read_body(response.into_body(), SMALL_BODY_LIMIT).await?)?;
+    embeddings.store(false, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Whether a chat probe's status may mean "this model does not chat":
