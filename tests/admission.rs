@@ -263,7 +263,8 @@ async fn waiting_for_a_backend_slot_is_queueing() {
 
 /// `max_queue = 0`: a request that would wait, here for the bucket's next
 /// token, is refused at once, and the message says why; its `Retry-After`
-/// and headers say when the bucket would have covered it (5 s), not 1 s.
+/// and headers say when the bucket would have covered it (5 s), not 1 s,
+/// and show the bucket as a bucket 429 does.
 #[tokio::test]
 async fn max_queue_0_lets_no_request_wait() {
     let (gw, _m) = setup(
@@ -284,6 +285,12 @@ async fn max_queue_0_lets_no_request_wait() {
     );
     assert_eq!(second.header("retry-after"), "5");
     assert_eq!(second.header("x-ratelimit-limit-requests"), "1");
+    // The bucket as the refused request leaves it: empty, full again in
+    // one token's time (it used to count its own refunded reservation: 10s).
+    assert_eq!(second.header("x-ratelimit-remaining-requests"), "0");
+    let reset = second.header("x-ratelimit-reset-requests");
+    let reset: f64 = reset.trim_end_matches('s').parse().unwrap_or(0.0);
+    assert!((4.0..=5.0).contains(&reset), "{reset}");
     // The exact wait (5s, or a tenth under if the machine is slow), not 1s.
     assert!(
         !second.text().contains("try again in 1s."),

@@ -598,17 +598,26 @@ pub async fn admit(
         settled: false,
         cluster_epoch,
     };
-    let queue_slot = queue_or_refuse(model, model_name).map_err(|refused| match refused {
-        AdmitError::Saturated {
-            model, kind, limit, ..
-        } if !wait.is_zero() => AdmitError::Saturated {
-            model,
+    let queue_slot = match queue_or_refuse(model, model_name) {
+        Ok(slot) => slot,
+        Err(AdmitError::Saturated {
+            model: name,
             kind,
             limit,
-            bucket_wait: Some((wait, RateHeaders::tighter(reports))),
-        },
-        other => other,
-    })?;
+            ..
+        }) if !wait.is_zero() => {
+            // Refused: its reservations go back first, so the headers show
+            // the state it leaves behind, as a bucket 429's do.
+            drop(held);
+            return Err(AdmitError::Saturated {
+                model: name,
+                kind,
+                limit,
+                bucket_wait: Some((wait, rate_headers(global, model, Instant::now()))),
+            });
+        }
+        Err(other) => return Err(other),
+    };
     if !wait.is_zero() {
         wait_turn(&held, now + fixed_wait).await;
         held.done();
