@@ -206,6 +206,21 @@ impl BackendLive {
         }
     }
 
+    /// A removed backend added back while it drains: everything but its
+    /// in-flight count starts as [`BackendLive::new`]'s would.
+    fn start_afresh(&self, pending: bool) {
+        self.with_health(|health| {
+            *health = HealthRecord::default();
+            health.pending = pending;
+        });
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.latency_ema_us
+            .store(f64::NAN.to_bits(), Ordering::Relaxed);
+        self.probe_max_completion_tokens
+            .store(false, Ordering::Relaxed);
+        self.probe_embeddings.store(false, Ordering::Relaxed);
+    }
+
     /// A copy of the health record (the lock is held for the copy only).
     pub(crate) fn health(&self) -> HealthRecord {
         self.health
@@ -420,17 +435,20 @@ impl Snapshot {
             .filter(|b| !self.backends.iter().any(|old| old.same_identity(b)))
             .map(|b| {
                 // Removed by an earlier reload but still draining: the same
-                // backend comes back with its live state, so the requests
-                // still running on it count towards its `max_concurrent`
-                // (and it is not listed as draining beside itself).
+                // backend comes back with its in-flight count, so the
+                // requests still running on it count towards its
+                // `max_concurrent` (and it is not listed as draining beside
+                // itself). Its health starts afresh, as any added backend's:
+                // pending its first liveness probe, and none of the 429
+                // windows or ejections it drew before (its key may be new).
+                let pending = config.health.enabled;
                 let live = self
                     .draining
                     .iter()
                     .filter(|d| d.name == b.name && d.url == b.url)
                     .find_map(|d| d.live.upgrade())
-                    .unwrap_or_else(|| {
-                        Arc::new(BackendLive::new(self.slots.clone(), config.health.enabled))
-                    });
+                    .inspect(|live| live.start_afresh(pending))
+                    .unwrap_or_else(|| Arc::new(BackendLive::new(self.slots.clone(), pending)));
                 BackendState::new(b.clone(), live, None).map(Arc::new)
             })
             .collect()

@@ -593,6 +593,46 @@ async fn a_new_backend_key_forgets_the_old_keys_429s() {
     assert_eq!(r.header("x-weir-backend"), "b1");
 }
 
+/// A backend restored while it drains is an added backend for its health:
+/// with checks on it waits for its first passing liveness probe, whatever
+/// it was before it left (it used to come back with its old health, in
+/// rotation, its liveness now failing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_restored_while_it_drains_waits_for_its_first_liveness_probe() {
+    let m1 = mock_named("b1", MockConfig::default().chunks(30).tokens_per_sec(10.0)).await;
+    let m2 = mock_named("b2", MockConfig::default()).await;
+    let b1 = format!(
+        "{}health_path = \"/health\"\n\n",
+        backend("b1", &m1.base_url(), &[MODEL], 100)
+    );
+    let b2 = backend("b2", &m2.base_url(), &[MODEL], 1);
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 1 }\n";
+    let both = format!("[[models]]\nname = \"{MODEL}\"\n\n{b1}{b2}{health}");
+    let only_b2 = format!("[[models]]\nname = \"{MODEL}\"\n\n{b2}{health}");
+    let live = Live::start(&both).await;
+    let addr = live.gw.addr();
+    let stream =
+        tokio::spawn(
+            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
+        );
+    assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
+    live.apply(&only_b2).await;
+    m1.update(|c| c.health_status = Some(503));
+    let changes = live.apply(&both).await;
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.starts_with("backend b1 waits for its first passing liveness probe")),
+        "{changes:?}"
+    );
+    // b1 (weight 100) is out of rotation: the next request goes to b2.
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "b2");
+    let s = stream.await.expect("stream task");
+    assert!(s.text().trim_end().ends_with("data: [DONE]"));
+}
+
 /// The samples at /metrics with `label="value"`, counted per name.
 async fn series_with(
     addr: std::net::SocketAddr,
