@@ -88,6 +88,25 @@ async fn expect_100_continue_is_answered_when_the_body_is_read() {
     assert_eq!(m.requests(), 1);
 }
 
+/// An answer given before the body of an `Expect: 100-continue` request
+/// (here a 404 for an unknown path) says `connection: close` and closes:
+/// the client may send its body or skip it, and weir cannot tell which
+/// its next bytes are (it used to read the next request as the body).
+#[tokio::test]
+async fn an_early_answer_to_a_client_awaiting_100_continue_closes() {
+    let (gw, _m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(
+        b"POST /nope HTTP/1.1\r\nHost: weir\r\nContent-Length: 58\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let text = read_until(&mut s, |t| whole_responses(t, 1)).await;
+    assert!(text.starts_with("HTTP/1.1 404 "), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+    assert!(closes_within(&mut s, Duration::from_secs(8)).await);
+}
+
 /// A chunk whose size alone takes the body past `max_body_bytes` is
 /// refused with 413 as soon as its data starts, as a `Content-Length` over
 /// the limit is, not after `request_timeout` waiting for the rest.

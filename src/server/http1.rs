@@ -398,9 +398,13 @@ impl Conn {
             inbound.responding = true;
             // A body left unread that is too long to drain after the answer
             // (an early 401 or 404, say), or of unknown length (chunked),
-            // means this connection closes: the answer says so.
+            // means this connection closes: the answer says so. So does
+            // one whose client still waits for `100 Continue` (an early
+            // refusal): it may send its body or skip it, and what comes
+            // next on the wire could be either (RFC 9110 §10.1.1).
             let framing = &inbound.framing;
-            close |= !framing.is_done() && framing.remaining().is_none_or(|n| n > DRAIN_LIMIT);
+            close |= !framing.is_done()
+                && (inbound.continue_due || framing.remaining().is_none_or(|n| n > DRAIN_LIMIT));
         }
 
         out.clear();
