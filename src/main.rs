@@ -6,7 +6,12 @@
 //! [`weir::Handle`] (SIGHUP reloads; SIGTERM/SIGINT shut down gracefully).
 
 use std::{
-    future::Future, io::IsTerminal, net::SocketAddr, path::PathBuf, pin::Pin, process::ExitCode,
+    future::Future,
+    io::{IsTerminal, Write as _},
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    process::ExitCode,
     time::Duration,
 };
 
@@ -229,7 +234,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Logged>() => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("weir: {e:#}");
+            // Not `eprintln!`, which panics (exit 101) on a closed stderr.
+            let _ = writeln!(std::io::stderr(), "weir: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -325,7 +331,11 @@ fn init_logging(format: LogFormat) {
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (stderr a closed pipe, a full
+        // disk) is dropped, as nginx drops it: reporting the failure on
+        // the same stderr would panic, on whichever request was logging.
+        .log_internal_errors(false);
     // A second init (never happens in this binary) would only be refused.
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

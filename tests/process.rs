@@ -681,6 +681,56 @@ async fn a_slow_readiness_answer_is_logged_once_with_its_reason() {
     );
 }
 
+/// With its stderr a closed pipe (a log collector gone, `| head`), weir
+/// drops the lines it cannot write and serves on, and SIGTERM still exits
+/// 0. It used to panic on each log line: every answered request an empty
+/// reply, SIGTERM an exit 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_loses_log_lines_not_requests() {
+    use std::io::{BufRead, BufReader};
+    let m = mock::start(MockConfig::default().models(vec!["m".into()]))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+            backend("b", &m.base_url(), &["m"], 1)
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let addr = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let rest = line.split("listen=").nth(1)?;
+            rest.split_whitespace()
+                .next()?
+                .trim_matches('"')
+                .parse()
+                .ok()
+        })
+        .expect("the listen address");
+    // The reader is gone with `stderr`: every later log write fails.
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/healthz").await.status, 200);
+        let reply = post(addr, "/v1/chat/completions", &chat("m", false)).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    signal(&child, "-TERM");
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+}
+
 #[test]
 fn check_prints_the_resolved_config_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();
