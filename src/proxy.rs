@@ -261,18 +261,14 @@ impl<'a> Exchange<'a> {
         let mut attempt = 0;
         let mut retry_permit: Option<RetryPermit<'_>> = None;
         // Why the retry about to be picked is made: counted in
-        // `weir_retries_total` once it has a backend to go to.
+        // `weir_retries_total` once it goes out (a backend picked, time
+        // left, its request built).
         let mut retry_reason: Option<FailureKind> = None;
         loop {
             let pick = self.next_backend(&tried, &paused, attempt > 0, log).await;
             log.wait_ends();
             let (i, in_flight) = match pick {
-                Pick::Backend(i, in_flight) => {
-                    if let Some(reason) = retry_reason.take() {
-                        self.route.retries.inc(reason);
-                    }
-                    (i, in_flight)
-                }
+                Pick::Backend(i, in_flight) => (i, in_flight),
                 Pick::NoneLeft => break,
                 // A retry that found every backend busy answers with what
                 // went wrong upstream, not with a concurrency 429 the
@@ -291,6 +287,9 @@ impl<'a> Exchange<'a> {
                 return Err(self.timeout(Duration::ZERO));
             }
             let request = self.request_for(member)?;
+            if let Some(reason) = retry_reason.take() {
+                self.route.retries.inc(reason);
+            }
             let wait = self.first_byte_timeout.min(remaining);
             pending.working = Some((started, backend));
             let outcome = upstream::forward(&backend.client, &request, wait).await;

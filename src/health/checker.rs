@@ -45,8 +45,9 @@ pub(crate) fn rebuild(shared: &Shared) {
             shared.metrics.publish_weights(&next);
             shared.snapshot.store(Arc::new(next));
         }
-        // Building reuses every client, so this cannot fail in practice;
-        // if it did, the old snapshot keeps serving.
+        // Building reuses every client, or (https, after a reload read
+        // other CAs) builds one from CAs already read, so this cannot fail
+        // in practice; if it did, the old snapshot keeps serving.
         Err(e) => tracing::error!(error = %e, "snapshot rebuild failed"),
     }
 }
@@ -161,9 +162,9 @@ pub(crate) fn sync_probes(shared: &Arc<Shared>) {
         let k = key(backend);
         match probes.running.get(&k) {
             Some((_, started_with)) if *started_with == backend.config.api_key => continue,
-            // A new key (a reload): its probes start again at once, not
-            // after a pause the old key's 429 asked for (`Snapshot::build`
-            // forgot those pauses).
+            // A new key (a reload): its probes start again as a new
+            // backend's do, not after a pause the old key's 429 asked for
+            // (`Snapshot::build` forgot those pauses).
             Some((token, _)) => token.cancel(),
             None => {}
         }
