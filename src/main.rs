@@ -296,7 +296,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         // The CAs of SSL_CERT_FILE / SSL_CERT_DIR are read too when an
         // https backend needs them: a file a start would refuse fails here.
         Ok(config) => match weir::check_trusted_cas(config) {
-            Ok(()) => {
+            Ok(warnings) => {
+                for warning in warnings {
+                    eprintln!("warning: {warning}");
+                }
                 print!("{}", config.render());
                 ExitCode::SUCCESS
             }

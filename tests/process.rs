@@ -510,6 +510,36 @@ async fn an_https_backend_behind_a_private_ca_is_trusted_through_ssl_cert_file_o
     }
 }
 
+/// `weir check` shows what a start would warn of in the CA files: a
+/// certificate that cannot be a CA (it used to be logged before `weir
+/// check` had a log, so only a start said it).
+#[test]
+fn check_warns_of_a_certificate_that_cannot_be_a_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = private_backend_config(&dir);
+    let bundle = dir.path().join("bundle.pem");
+    let mut text = std::fs::read_to_string(private_ca_fixture("ca.pem")).unwrap();
+    text.push_str("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+    std::fs::write(&bundle, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .env("SSL_CERT_FILE", &bundle)
+        .env("SSL_CERT_DIR", "")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "warning: SSL_CERT_FILE={}: 1 of its certificates cannot be used as a CA",
+            bundle.display()
+        )),
+        "{err}"
+    );
+}
+
 /// An https backend's answer is held to the plain client's rules: a 101 to
 /// a request without Upgrade, a status past 599 or a head over 64 KiB is
 /// no answer (hyper passes all three on), so the client gets a 502.

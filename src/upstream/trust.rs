@@ -53,7 +53,7 @@ pub(crate) fn current() -> Result<Arc<Trust>, UpstreamError> {
     if let Some(trust) = &*current_slot() {
         return Ok(trust.clone());
     }
-    let read = Arc::new(Trust::read(&crate::config::process_env)?);
+    let read = Arc::new(Trust::read_logged()?);
     Ok(current_slot().get_or_insert(read).clone())
 }
 
@@ -65,7 +65,7 @@ pub(crate) fn current() -> Result<Arc<Trust>, UpstreamError> {
 /// built next gives the https backends new clients ([`is_current`]). A
 /// file that cannot be trusted is an error and changes nothing.
 pub(crate) fn reread() -> Result<bool, UpstreamError> {
-    let read = Trust::read(&crate::config::process_env)?;
+    let read = Trust::read_logged()?;
     let mut slot = current_slot();
     match &*slot {
         Some(trust) if trust.cas == read.cas => Ok(false),
@@ -78,13 +78,14 @@ pub(crate) fn reread() -> Result<bool, UpstreamError> {
 }
 
 /// `weir check`: reads the CAs `config`'s https backends would trust, as a
-/// start would, so that a file a start would refuse fails the check too.
-/// Without an https backend nothing is read, as at start.
-pub fn check(config: &crate::Config) -> Result<(), UpstreamError> {
-    if needed(config) {
-        Trust::read(&crate::config::process_env)?;
+/// start would, so that a file a start would refuse fails the check too;
+/// returns the warnings a start would log (certificates that cannot be
+/// CAs). Without an https backend nothing is read, as at start.
+pub fn check(config: &crate::Config) -> Result<Vec<String>, UpstreamError> {
+    if !needed(config) {
+        return Ok(Vec::new());
     }
-    Ok(())
+    Trust::read(&crate::config::process_env).map(|(_, warnings)| warnings)
 }
 
 /// Whether `config` has an https backend, the only thing that reads the
@@ -106,22 +107,25 @@ impl Trust {
     /// the process's): the webpki roots, plus the CAs of `SSL_CERT_FILE`
     /// and `SSL_CERT_DIR` ([`private_cas`]), so a backend behind a private
     /// CA can be trusted without a config key of its own.
-    fn read(env: &dyn Fn(&str) -> Option<String>) -> Result<Self, UpstreamError> {
+    /// Also returns a warning per source with certificates that cannot be
+    /// CAs (and are not trusted).
+    fn read(env: &dyn Fn(&str) -> Option<String>) -> Result<(Self, Vec<String>), UpstreamError> {
         let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
         let mut cas = Vec::new();
+        let mut warnings = Vec::new();
         for source in private_cas(env)? {
             let (added, ignored) = roots.add_parsable_certificates(source.certs.iter().cloned());
             if added == 0 {
                 return Err(source.refused("holds no certificate rustls can use as a CA"));
             }
             if ignored > 0 {
-                tracing::warn!(
+                warnings.push(format!(
                     "{}={}: {ignored} of its certificates cannot be used as a CA and are not trusted",
                     source.var,
                     source.path.display()
-                );
+                ));
             }
             cas.extend(source.certs);
         }
@@ -132,10 +136,20 @@ impl Trust {
         .map_err(|e| UpstreamError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        Ok(Self {
+        let trust = Self {
             cas,
             config: Arc::new(config),
-        })
+        };
+        Ok((trust, warnings))
+    }
+
+    /// [`Trust::read`] from the process environment, its warnings logged.
+    fn read_logged() -> Result<Self, UpstreamError> {
+        let (trust, warnings) = Self::read(&crate::config::process_env)?;
+        for warning in warnings {
+            tracing::warn!("{warning}");
+        }
+        Ok(trust)
     }
 }
 
@@ -294,8 +308,31 @@ mod tests {
         assert!(!reread().unwrap(), "the same CAs are no change");
         assert!(is_current(&first));
         assert!(Arc::ptr_eq(&first, &current().unwrap()));
-        let other = Arc::new(Trust::read(&env_of(&[])).unwrap());
+        let other = Arc::new(Trust::read(&env_of(&[])).unwrap().0);
         assert!(!is_current(&other), "only the trust in effect is current");
+    }
+
+    /// A certificate in the bundle that cannot be a CA is passed over with
+    /// a warning that the caller shows (a start logs it, `weir check`
+    /// prints it; it used to be logged before `weir check` had a log).
+    #[test]
+    fn a_certificate_that_cannot_be_a_ca_is_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle.pem");
+        let mut text = std::fs::read_to_string(fixture("ca.pem")).unwrap();
+        text.push_str("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+        std::fs::write(&bundle, text).unwrap();
+        let path = bundle.to_str().unwrap();
+        let (trust, warnings) = Trust::read(&env_of(&[("SSL_CERT_FILE", path)])).unwrap();
+        assert_eq!(trust.cas.len(), 2);
+        assert_eq!(
+            warnings,
+            [format!(
+                "SSL_CERT_FILE={path}: 1 of its certificates cannot be used as a CA and are not trusted"
+            )]
+        );
+        let (_, none) = Trust::read(&env_of(&[("SSL_CERT_FILE", &fixture("ca.pem"))])).unwrap();
+        assert!(none.is_empty(), "{none:?}");
     }
 
     #[test]
