@@ -798,6 +798,48 @@ async fn a_shared_limits_429_carries_the_exact_wait() {
     );
 }
 
+/// A 429 from one shared bucket carries the longest wait of all of them,
+/// read from Redis for the others, not from this replica's last report: a
+/// request refused by the global tokens bucket (5 s) while the model's
+/// request bucket, emptied by both replicas, holds it 10 s says 10 s. A
+/// review saw `Retry-After: 5`, and the retry 5 s later refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_waits_for_the_other_shared_limits_as_redis_has_them() {
+    let limits = format!(
+        "[limits]\ntokens_per_minute = 60\n\n[defaults]\nqueue_timeout = \"1s\"\n\n[[models]]\nname = \"{MODEL}\"\nrequests_per_minute = 6\nburst = 2\n"
+    );
+    let Some(setup) = setup(MockConfig::default(), &limits, "longest", 2).await else {
+        return;
+    };
+    let (a, b) = (setup.running[0].addr, setup.running[1].addr);
+    let body = |max_tokens: u32| {
+        serde_json::json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": max_tokens,
+        })
+        .to_string()
+    };
+    for replica in [a, b] {
+        let r = post(replica, "/v1/chat/completions", &body(1)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // More tokens than the global bucket holds, by about 5 s of refill.
+    let refused = post(a, "/v1/chat/completions", &body(43)).await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    let retry_after: u64 = refused.header("retry-after").parse().unwrap();
+    assert!(
+        (9..=10).contains(&retry_after),
+        "retry-after {retry_after}: {}",
+        refused.text()
+    );
+    assert!(
+        refused.text().contains("requests per min"),
+        "{}",
+        refused.text()
+    );
+}
+
 /// With Redis down, a request the configured limit admits is still
 /// admitted: 600 tokens a minute over two replicas is a fallback share of
 /// 300 each, and a request of more than 300 (but at most 600) waits for

@@ -80,11 +80,12 @@ impl Limit {
         }
     }
 
-    /// `Bucket::wait_for` (for a shared limit, from its last known level).
-    pub fn wait_for(&self, n: u64, now: Tick) -> Result<Duration, ReserveError> {
+    /// `Bucket::wait_for`; for a shared limit, from the level Redis
+    /// reports now (a round trip: for refusals only).
+    pub async fn wait_for(&self, n: u64, now: Tick) -> Result<Duration, ReserveError> {
         match self {
             Limit::Local(bucket) => bucket.wait_for(n, now),
-            Limit::Shared(shared) => shared.wait_for(n, now),
+            Limit::Shared(shared) => shared.wait_exact(n, now).await,
         }
     }
 

@@ -562,12 +562,15 @@ pub async fn admit(
         cluster_epoch,
     };
     let mut progress = Progress::default();
-    if !reserve_all(&request, &mut progress)? {
+    match reserve_all(&request, &mut progress) {
+        Ok(true) => {}
         // A shared limit's lease could not cover it: ask Redis. Boxed: the
         // Redis call's future is large, and inline it would grow (and make
         // every caller move) the future of every admission, local ones too;
         // the allocation happens only on this path, next to a round trip.
-        Box::pin(reserve_slowly(request, &mut progress)).await?;
+        Ok(false) => Box::pin(reserve_slowly(request, &mut progress)).await?,
+        // Boxed too: a refusal may ask Redis the other shared limits' waits.
+        Err(error) => return Err(Box::pin(refuse(&request, error, &progress)).await),
     }
     let Progress {
         wait,
@@ -732,8 +735,9 @@ struct Progress {
 /// exact `Retry-After`. Records the wait before the request may proceed and
 /// each bucket's state after the reservation (read under the same lock).
 /// Returns `false`, stopped at `progress.next`,
-/// when a shared limit must ask Redis ([`reserve_slowly`]).
-fn reserve_all(request: &Request<'_, '_>, progress: &mut Progress) -> Result<bool, AdmitError> {
+/// when a shared limit must ask Redis ([`reserve_slowly`]), and the error of
+/// the step at `progress.next` when it refused (see [`refuse`]).
+fn reserve_all(request: &Request<'_, '_>, progress: &mut Progress) -> Result<bool, ReserveError> {
     let &Request {
         steps,
         now,
@@ -747,7 +751,7 @@ fn reserve_all(request: &Request<'_, '_>, progress: &mut Progress) -> Result<boo
         };
         match limit.reserve_in_line(n, now, max_wait) {
             Some(Ok((w, ticket, state))) => progress.record(w, ticket, state),
-            Some(Err(error)) => return Err(refuse(request, error, progress)),
+            Some(Err(error)) => return Err(error),
             None => return Ok(false),
         }
     }
@@ -785,10 +789,12 @@ async fn reserve_slowly(
         held.settled = true;
         match reserved {
             Ok((w, report)) => progress.record(w, None, Reading::Shared(report)),
-            Err(error) => return Err(refuse(&request, error, progress)),
+            Err(error) => return Err(refuse(&request, error, progress).await),
         }
-        if reserve_all(&request, progress)? {
-            return Ok(());
+        match reserve_all(&request, progress) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(error) => return Err(refuse(&request, error, progress).await),
         }
     }
 }
@@ -813,8 +819,7 @@ impl Progress {
 
 /// Step `progress.next` refused the request: gives back the steps before it
 /// and returns the request's error.
-#[cold]
-fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -> AdmitError {
+async fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -> AdmitError {
     let &Request {
         steps,
         global,
@@ -852,14 +857,15 @@ fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progress) -
             // hold the request makes it a 413 instead (SPEC: it could never
             // pass), not a 429 whose Retry-After would send the client back
             // for nothing. The refusing bucket is not asked again: its
-            // `wait` is exact (a shared limit's comes from Redis, and its
-            // `wait_for` only estimates from the last level reported).
+            // `wait` is exact (a shared limit's comes from Redis). Another
+            // shared limit is asked for Redis' level now (one look each):
+            // its last report does not count what other replicas took since.
             let (mut kind, mut refusing, mut wait) = ((kind, taken), limit, wait);
             for (step, &(other, n, other_kind)) in steps.iter().enumerate() {
                 let Some(other) = other.filter(|_| step != taken) else {
                     continue;
                 };
-                match other.wait_for(n, now) {
+                match other.wait_for(n, now).await {
                     Ok(w) if w > wait => {
                         (kind, refusing, wait) = ((other_kind, step), Some(other), w);
                     }
@@ -1630,7 +1636,7 @@ mod tests {
         let tokens = m.tokens.as_ref().unwrap();
         // 10 reserved + 1000 charged: 1010 below full, refilled at 1000/min,
         // so a full bucket's worth is 60.6 s away (uncapped: millennia).
-        let wait = tokens.wait_for(1000, Instant::now().into()).unwrap();
+        let wait = tokens.wait_for(1000, Instant::now().into()).await.unwrap();
         assert_eq!(wait, Duration::from_millis(60_600));
     }
 

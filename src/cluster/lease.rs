@@ -448,6 +448,33 @@ impl SharedBucket {
         ))
     }
 
+    /// [`wait_for`](Self::wait_for) from the level Redis reports now (one
+    /// look, taking nothing), for the `Retry-After` of a request another
+    /// bucket refused: the last report does not count what other replicas
+    /// took since, and a wait read from it could be half the real one (a
+    /// review saw `Retry-After: 5` where the bucket held the request 10 s).
+    /// Without an answer within [`SLOW_PATH_TIMEOUT`] it is the estimate.
+    pub async fn wait_exact(&self, n: u64, now: Tick) -> Result<Duration, ReserveError> {
+        self.fits(n)?;
+        if !self.link.is_up() {
+            return self.wait_for(n, now);
+        }
+        let params = self.params();
+        let mut conn = self.link.conn.clone();
+        let look = self
+            .link
+            .scripts
+            .lease(&mut conn, &self.key, params, (0, 0, 0), None);
+        match tokio::time::timeout(SLOW_PATH_TIMEOUT, look).await {
+            Ok(Ok(leased)) => {
+                let answered = Tick::from(Instant::now());
+                self.store_report(leased.report, answered);
+                self.wait_for(n, answered)
+            }
+            Ok(Err(_)) | Err(_) => self.wait_for(n, now),
+        }
+    }
+
     /// Gives back `n` unused tokens (a cancelled waiter, an over-estimate):
     /// to the lease, whose surplus the cluster task, woken at once, returns
     /// to Redis. While a reservation this replica made in Redis is still
