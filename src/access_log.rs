@@ -164,6 +164,17 @@ impl AccessLog {
         self.queued += queued;
     }
 
+    /// Whether this was a request for the API (`/v1/...`), or one whose
+    /// head could not be read, rather than for weir itself (`/healthz`,
+    /// `/metrics`, `/admin/...`, whose scrapes and probes are not client
+    /// traffic).
+    fn is_api_request(&self) -> bool {
+        self.uri.as_ref().is_none_or(|uri| {
+            let path = uri.path();
+            path == "/v1" || path.starts_with("/v1/")
+        })
+    }
+
     /// The model's histograms, when the request named a routed model.
     fn timings<'s>(&self, snapshot: Option<&'s Snapshot>) -> Option<&'s ModelTimings> {
         Some(&self.route(snapshot)?.timings)
@@ -204,14 +215,18 @@ impl AccessLog {
         let member = self.member(snapshot);
         // Counted under the answering backend, or as the model's own
         // answer. A model name no route knows is counted as `model=""`,
-        // so clients cannot grow the metric's label set.
+        // so clients cannot grow the metric's label set; so is an API
+        // request refused before its model was read (a bad key, bad JSON,
+        // a body too large, a malformed head), so floods of them show.
         let counters = match member {
             Some(member) => Some(&member.requests),
             None => self.route(snapshot).map(|r| &r.own_answers),
         };
         match counters {
             Some(counters) => counters.inc(self.status),
-            None if self.model.is_some() => metrics.unknown_model_requests.inc(self.status),
+            None if self.model.is_some() || self.is_api_request() => {
+                metrics.unknown_model_requests.inc(self.status);
+            }
             None => {}
         }
         // One division, so the figure prints as the exact microseconds

@@ -248,6 +248,38 @@ fn series(scrape: &prometheus_parse::Scrape, name: &str, labels: &[&str]) -> Vec
 /// A fresh gateway lists `weir_retries_total` for every model and reason,
 /// and `weir_upstream_errors_total` for every backend and kind, at 0
 /// before anything failed, so dashboards and `absent()` alerts see data.
+/// An API request refused before its model was read (bad JSON, a body
+/// too large, a missing key) is counted as `model=""`, as an unknown model
+/// is, so a flood of them shows; weir's own routes (`/healthz`, `/metrics`)
+/// are not client traffic and stay out. They used to count nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_requests_refused_before_their_model_are_counted() {
+    let m = mock::start(MockConfig::default().models(vec!["m".into()]))
+        .await
+        .unwrap();
+    let toml = format!(
+        "[server]\nmax_body_bytes = 1000\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+        backend("b", &m.base_url(), &["m"], 1),
+    );
+    let gw = gateway(&toml).await;
+    let bad = post(gw.addr(), "/v1/chat/completions", "{\"model\": ").await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    let large = post(gw.addr(), "/v1/chat/completions", &"x".repeat(2000)).await;
+    assert_eq!(large.status, 413, "{}", large.text());
+    assert_eq!(get(gw.addr(), "/healthz").await.status, 200);
+    let after = scrape(gw.addr()).await;
+    let unnamed = |status: &str| {
+        value(
+            &after,
+            "weir_requests_total",
+            &[("model", ""), ("backend", ""), ("status", status)],
+        )
+    };
+    assert_eq!(unnamed("400"), 1.0);
+    assert_eq!(unnamed("413"), 1.0);
+    assert_eq!(unnamed("200"), 0.0, "/healthz and /metrics are not counted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_gateway_lists_retries_and_upstream_errors_at_0() {
     let m = mock::start(MockConfig::default().models(vec!["m".into(), "n".into()]))
