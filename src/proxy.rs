@@ -117,6 +117,7 @@ pub(crate) async fn forward(
     let server = &snapshot.config.server;
     // From the start of the request (the log's clock reading).
     let deadline = log.started + server.request_timeout;
+    parsable_body(&head.headers)?;
     let body = read_body(&head.headers, body, server.max_body_bytes, deadline).await?;
     let facts = facts::parse(&body)?;
     let Some((place, route)) = snapshot.route(&facts.model) else {
@@ -843,6 +844,34 @@ fn is_retryable(status: StatusCode) -> bool {
 /// Reads the whole request body, refusing it as soon as it is known to be
 /// larger than `limit` (413 without reading the rest) and bounding the wait
 /// by `request_timeout`.
+/// Refuses, before reading it, a body whose bytes are not the JSON weir
+/// reads `model` from (SPEC: 400 `invalid_json`), saying why: a compressed
+/// one (`Content-Encoding` other than `identity`; a plain JSON body sent so
+/// would reach the backend labelled compressed), or a multipart form (the
+/// file uploads of `/v1/audio/transcriptions` and the like), which weir
+/// cannot route. Any other `Content-Type` is parsed as JSON: `curl -d`
+/// labels JSON as a form.
+fn parsable_body(headers: &ClientHeaders) -> Result<(), ApiError> {
+    let encoded = headers
+        .values(Name::ContentEncoding)
+        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Err(ApiError::InvalidJson(
+            "Request bodies sent with a Content-Encoding are not read: weir reads the model from the JSON body, so send it uncompressed.".to_owned(),
+        ));
+    }
+    let multipart = headers.get(Name::ContentType).is_some_and(|t| {
+        t.get(..19)
+            .is_some_and(|kind| kind.eq_ignore_ascii_case(b"multipart/form-data"))
+    });
+    if multipart {
+        return Err(ApiError::InvalidJson(
+            "multipart/form-data bodies (file uploads) are not routed: weir reads the model from a JSON body.".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 async fn read_body(
     headers: &ClientHeaders,
     mut body: ClientBody,

@@ -1106,3 +1106,52 @@ async fn h2c_timeouts_send_goaway_before_closing() {
     }
     assert!(types.contains(&0x7), "no GOAWAY among frames {types:?}");
 }
+
+/// A body whose bytes are not the JSON weir reads `model` from is refused
+/// before it is read, with the reason (SPEC: 400 `invalid_json`): a
+/// multipart form (file uploads) or a compressed body. A plain JSON body
+/// labelled `Content-Encoding: gzip` used to go to the backend labelled
+/// compressed; a multipart form got "invalid number at line 1 column 2".
+/// `identity` and a form `Content-Type` on JSON (`curl -d`) are served.
+#[tokio::test]
+async fn bodies_that_are_not_json_as_sent_are_refused_with_the_reason() {
+    let (gw, m) = one_backend(MockConfig::default(), "").await;
+    let c = client();
+    let body = chat(MODEL, false);
+    let path = "/v1/chat/completions";
+    for (headers, why) in [
+        (
+            [
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ],
+            "Content-Encoding",
+        ),
+        (
+            [
+                ("content-type", "Multipart/Form-Data; boundary=x"),
+                ("content-encoding", "identity"),
+            ],
+            "multipart/form-data",
+        ),
+    ] {
+        let r = send(&c, "POST", gw.addr(), path, &headers, body.clone()).await;
+        r.assert_error(400, "invalid_request_error", "invalid_json");
+        assert!(r.text().contains(why), "{}", r.text());
+    }
+    assert_eq!(m.requests(), 0);
+    for headers in [
+        [
+            ("content-type", "application/json"),
+            ("content-encoding", "identity"),
+        ],
+        [
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("x-a", "b"),
+        ],
+    ] {
+        let r = send(&c, "POST", gw.addr(), path, &headers, body.clone()).await;
+        assert_eq!(r.status, 200, "{headers:?}: {}", r.text());
+    }
+    assert_eq!(m.requests(), 2);
+}

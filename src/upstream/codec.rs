@@ -125,6 +125,8 @@ pub(crate) enum Name {
     ContentLength,
     TransferEncoding,
     ContentType,
+    /// Read only to refuse a request body weir cannot parse.
+    ContentEncoding,
     Date,
     RetryAfter,
     /// Request headers weir reads or replaces.
@@ -170,6 +172,7 @@ impl Name {
             14 if is(b"content-length") => Name::ContentLength,
             15 if is(b"accept-encoding") => Name::AcceptEncoding,
             16 if is(b"proxy-connection") => Name::HopByHop,
+            16 if is(b"content-encoding") => Name::ContentEncoding,
             17 if is(b"transfer-encoding") => Name::TransferEncoding,
             18 if is(b"proxy-authenticate") => Name::HopByHop,
             19 if is(b"proxy-authorization") => Name::HopByHop,
@@ -185,6 +188,7 @@ impl Name {
             Name::ContentLength => header::CONTENT_LENGTH,
             Name::TransferEncoding => header::TRANSFER_ENCODING,
             Name::ContentType => header::CONTENT_TYPE,
+            Name::ContentEncoding => header::CONTENT_ENCODING,
             Name::Date => header::DATE,
             Name::RetryAfter => header::RETRY_AFTER,
             Name::Host => header::HOST,
@@ -953,6 +957,7 @@ mod tests {
             Name::ContentLength,
             Name::TransferEncoding,
             Name::ContentType,
+            Name::ContentEncoding,
             Name::Date,
             Name::RetryAfter,
         ] {
