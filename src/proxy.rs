@@ -135,7 +135,7 @@ pub(crate) async fn forward(
     // waiting there would hold a queue slot and a reservation ahead of
     // later requests.
     if !route.pool.has_peer_in_rotation() {
-        return Err(ApiError::NoHealthyBackend(route.config.name.clone()));
+        return Err(no_backend(route));
     }
     let now = Instant::now();
     let queue_deadline = (now + route.limits.queue_timeout()).min(deadline);
@@ -385,7 +385,7 @@ impl<'a> Exchange<'a> {
             }
         }
         Err(match last {
-            None => ApiError::NoHealthyBackend(self.route.config.name.clone()),
+            None => no_backend(self.route),
             Some(Failure::Attempt(AttemptError::Timeout(d))) => self.timeout(d),
             Some(failure) => ApiError::BadGateway {
                 model: self.route.config.name.clone(),
@@ -844,6 +844,24 @@ fn is_retryable(status: StatusCode) -> bool {
 /// Reads the whole request body, refusing it as soon as it is known to be
 /// larger than `limit` (413 without reading the rest) and bounding the wait
 /// by `request_timeout`.
+/// The 503 of a model with no backend in rotation; when every backend is
+/// held out by the clock alone (a 429's `Retry-After`, an ejection), with
+/// a `Retry-After` until the first comes back.
+#[cold]
+fn no_backend(route: &ModelRoute) -> ApiError {
+    let now = Instant::now();
+    let back = route
+        .members
+        .iter()
+        .map(|m| m.backend.live.with_health(|h| h.back_at(now)))
+        .collect::<Option<Vec<Instant>>>()
+        .and_then(|backs| backs.into_iter().min());
+    ApiError::NoHealthyBackend {
+        model: route.config.name.clone(),
+        retry_after: back.map(|at| at.saturating_duration_since(now)),
+    }
+}
+
 /// Refuses, before reading it, a body whose bytes are not the JSON weir
 /// reads `model` from (SPEC: 400 `invalid_json`), saying why: a compressed
 /// one (`Content-Encoding` other than `identity`; a plain JSON body sent so

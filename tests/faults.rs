@@ -912,6 +912,38 @@ async fn a_retry_skips_a_backend_whose_429_is_still_running() {
     assert_eq!(ms[1].requests(), 2);
 }
 
+/// With every backend of the model held out by a 429's `Retry-After`, the
+/// 503 says when the first comes back (`Retry-After`), so a client returns
+/// when weir will serve instead of at once; a backend out by its health
+/// checks gives no such time. The 503 used to carry no `Retry-After`.
+#[tokio::test]
+async fn a_503_while_every_backend_waits_out_a_429_says_when() {
+    let ms = mocks(vec![MockConfig::default().rate_limit(1.0, 30)]).await;
+    let toml = retry_config(
+        &ms,
+        &[],
+        "[outlier]\nconsecutive_failures = 100\n\n[retry]\nmax_attempts = 1\n",
+    );
+    let gw = gateway(&toml).await;
+    let first = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+    assert_ne!(first.status, 200, "{}", first.text());
+    // The next snapshot has the backend out; one built before may serve
+    // (and draw another 429) meanwhile.
+    let mut refused = None;
+    for _ in 0..50 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+        if r.status == 503 {
+            refused = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("a 503 once the backend is out");
+    refused.assert_error(503, "service_unavailable", "no_healthy_backend");
+    let retry_after: u64 = refused.header("retry-after").parse().unwrap_or(0);
+    assert!((29..=30).contains(&retry_after), "{retry_after}");
+}
+
 /// After a failure, an untried backend that is busy (at its
 /// `max_concurrent`) does not hold the retry: it goes back to the backend
 /// that failed, and the client gets that backend's failure as a 502, not a

@@ -128,8 +128,15 @@ pub enum ApiError {
         detail: String,
     },
     /// No backend of the model is in rotation (503 `no_healthy_backend`).
-    #[error("No backend for model `{0}` is available right now.")]
-    NoHealthyBackend(String),
+    #[error("No backend for model `{model}` is available right now.")]
+    NoHealthyBackend {
+        /// The client's model.
+        model: String,
+        /// When the first backend is back by the clock alone (every one
+        /// is held out by a 429's `Retry-After` or an ejection): sent as
+        /// `Retry-After`, so a client comes back when weir will serve.
+        retry_after: Option<Duration>,
+    },
     /// `first_byte_timeout` or `request_timeout` passed (504); the message
     /// names which, with its configured value.
     #[error("The upstream did not answer within {limit} ({after:?}).")]
@@ -246,7 +253,7 @@ impl ApiError {
                 "upstream_error",
                 Some("bad_gateway"),
             ),
-            NoHealthyBackend(_) => (
+            NoHealthyBackend { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
                 Some("no_healthy_backend"),
@@ -312,6 +319,16 @@ impl ApiError {
                 HeaderValue::from(retry_after_secs(*retry_after)),
             );
             insert_rate_headers(h, headers);
+        }
+        if let ApiError::NoHealthyBackend {
+            retry_after: Some(wait),
+            ..
+        } = &self
+        {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*wait)),
+            );
         }
         if let ApiError::MethodNotAllowed { allow, .. } = &self {
             response
@@ -678,7 +695,10 @@ mod tests {
                 "bad_gateway",
             ),
             (
-                ApiError::NoHealthyBackend("m".into()),
+                ApiError::NoHealthyBackend {
+                    model: "m".into(),
+                    retry_after: None,
+                },
                 503,
                 "service_unavailable",
                 "no_healthy_backend",

@@ -306,6 +306,21 @@ impl HealthRecord {
         self.pending || self.tiers[0].down || self.tiers[1].down
     }
 
+    /// When the clock alone brings it back into rotation: the end of its
+    /// ejection or 429 window (the later), if one holds it out at `now`
+    /// and the active tiers do not (their next probe decides, whenever
+    /// that is).
+    pub fn back_at(&self, now: Instant) -> Option<Instant> {
+        if self.is_out() {
+            return None;
+        }
+        [self.ejected_until, self.rate_limited_until]
+            .into_iter()
+            .flatten()
+            .filter(|&t| t > now)
+            .max()
+    }
+
     /// Degraded by readiness slowness, engine saturation or a failing deep tier.
     pub fn is_degraded(&self) -> bool {
         self.tiers[1].slow || self.saturated || self.tiers[2].down
