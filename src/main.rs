@@ -290,33 +290,39 @@ fn config_path(flag: Option<PathBuf>) -> PathBuf {
 /// (SPEC: `FILE:LINE:COLUMN: KEY.PATH: message`); warnings go to stderr in
 /// the same form after `warning: ` either way, so they are seen also when
 /// errors hide the config (whose `#` comments repeat them).
+///
+/// Written without `print!`/`eprintln!`, which panic (exit 101) on a closed
+/// pipe: `weir check | head` gets what it read and the exit code.
 fn check(path: &std::path::Path) -> ExitCode {
     let checked = Config::check(path, &weir::config::process_env);
+    let mut err = std::io::stderr().lock();
     let code = match &checked.result {
         // The CAs of SSL_CERT_FILE / SSL_CERT_DIR are read too when an
         // https backend needs them: a file a start would refuse fails here.
         Ok(config) => match weir::check_trusted_cas(config) {
             Ok(warnings) => {
                 for warning in warnings {
-                    eprintln!("warning: {warning}");
+                    let _ = writeln!(err, "warning: {warning}");
                 }
-                print!("{}", config.render());
+                let _ = std::io::stdout()
+                    .lock()
+                    .write_all(config.render().as_bytes());
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{e}");
+                let _ = writeln!(err, "{e}");
                 ExitCode::FAILURE
             }
         },
         Err(errors) => {
             for e in &errors.0 {
-                eprintln!("{e}");
+                let _ = writeln!(err, "{e}");
             }
             ExitCode::FAILURE
         }
     };
     for warning in &checked.warnings {
-        eprintln!("warning: {warning}");
+        let _ = writeln!(err, "warning: {warning}");
     }
     code
 }

@@ -841,9 +841,6 @@ fn is_retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
 }
 
-/// Reads the whole request body, refusing it as soon as it is known to be
-/// larger than `limit` (413 without reading the rest) and bounding the wait
-/// by `request_timeout`.
 /// The 503 of a model with no backend in rotation; when every backend is
 /// held out by the clock alone (a 429's `Retry-After`, an ejection), with
 /// a `Retry-After` until the first comes back.
@@ -890,6 +887,9 @@ fn parsable_body(headers: &ClientHeaders) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Reads the whole request body, refusing it as soon as it is known to be
+/// larger than `limit` (413 without reading the rest) and bounding the wait
+/// by `request_timeout`.
 async fn read_body(
     headers: &ClientHeaders,
     mut body: ClientBody,

@@ -184,8 +184,8 @@ pub(crate) struct BackendLive {
     /// The backend's first model answers embeddings, not chat (an embedding
     /// model on OpenAI, vLLM `--task embed`, TEI): set by a readiness round
     /// that was refused chat and passed on an embedding, cleared by one
-    /// that chat answered. While set, the deep tier reads only engine
-    /// metrics.
+    /// that chat answered. While set, readiness sends the embedding first
+    /// and the deep tier reads only engine metrics.
     pub(crate) probe_embeddings: AtomicBool,
 }
 

@@ -1109,11 +1109,11 @@ async fn an_embeddings_only_backend_is_probed_with_an_embedding() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// The embedding fallback is no standing verdict: every readiness round
-/// asks for a chat completion first, so a backend that starts answering
+/// The embedding fallback is no standing verdict: a readiness round whose
+/// embedding fails asks for chat again, so a backend that starts answering
 /// chat (an engine restarted with a chat model, a reload that puts a chat
-/// model first) is judged on chat again. It used to send embeddings for
-/// good, and was taken out once they were refused.
+/// model first) is judged on chat. It used to send embeddings for good,
+/// and was taken out once they were refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_answers_chat_again_is_probed_with_chat_again() {
     const NOT_CHAT: &str = r#"{"error":{"message":"This is not a chat model.","type":"invalid_request_error","param":"model","code":null}}"#;

@@ -105,6 +105,18 @@ async fn an_early_answer_to_a_client_awaiting_100_continue_closes() {
     assert!(text.starts_with("HTTP/1.1 404 "), "{text}");
     assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
     assert!(closes_within(&mut s, Duration::from_secs(8)).await);
+    // A client that sent its body with the head (without waiting) is in
+    // step: the body is dropped and the connection serves on.
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let mut wire =
+        b"POST /nope HTTP/1.1\r\nHost: weir\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n{}"
+            .to_vec();
+    wire.extend(raw_chat(&chat(MODEL, false), ""));
+    s.write_all(&wire).await.unwrap();
+    let text = read_until(&mut s, |t| whole_responses(t, 2)).await;
+    assert!(text.starts_with("HTTP/1.1 404 "), "{text}");
+    assert!(!text.contains("connection: close"), "{text}");
+    assert!(text.contains("HTTP/1.1 200 OK"), "{text}");
 }
 
 /// A chunk whose size alone takes the body past `max_body_bytes` is

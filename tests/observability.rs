@@ -267,6 +267,7 @@ async fn api_requests_refused_before_their_model_are_counted() {
     let large = post(gw.addr(), "/v1/chat/completions", &"x".repeat(2000)).await;
     assert_eq!(large.status, 413, "{}", large.text());
     assert_eq!(get(gw.addr(), "/healthz").await.status, 200);
+    assert_eq!(get(gw.addr(), "/v1/models").await.status, 200);
     let after = scrape(gw.addr()).await;
     let unnamed = |status: &str| {
         value(
@@ -277,7 +278,11 @@ async fn api_requests_refused_before_their_model_are_counted() {
     };
     assert_eq!(unnamed("400"), 1.0);
     assert_eq!(unnamed("413"), 1.0);
-    assert_eq!(unnamed("200"), 0.0, "/healthz and /metrics are not counted");
+    assert_eq!(
+        unnamed("200"),
+        0.0,
+        "/healthz, /metrics and /v1/models are not counted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,11 +81,17 @@ impl Limit {
     }
 
     /// `Bucket::wait_for`; for a shared limit, from the level Redis
-    /// reports now (a round trip: for refusals only).
-    pub async fn wait_for(&self, n: u64, now: Tick) -> Result<Duration, ReserveError> {
+    /// reports now, or by `until` (a round trip: for refusals only, boxed
+    /// so a local limit's future stays small).
+    pub async fn wait_for(
+        &self,
+        n: u64,
+        now: Tick,
+        until: tokio::time::Instant,
+    ) -> Result<Duration, ReserveError> {
         match self {
             Limit::Local(bucket) => bucket.wait_for(n, now),
-            Limit::Shared(shared) => shared.wait_exact(n, now).await,
+            Limit::Shared(shared) => Box::pin(shared.wait_exact(n, now, until)).await,
         }
     }
 

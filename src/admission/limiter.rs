@@ -858,14 +858,28 @@ async fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progr
             // pass), not a 429 whose Retry-After would send the client back
             // for nothing. The refusing bucket is not asked again: its
             // `wait` is exact (a shared limit's comes from Redis). Another
-            // shared limit is asked for Redis' level now (one look each):
-            // its last report does not count what other replicas took since.
+            // shared limit is asked for Redis' level now: its last report
+            // does not count what other replicas took since. The looks run
+            // at once, all bounded by one `SLOW_PATH_TIMEOUT`.
+            let until = Instant::now() + crate::cluster::lease::SLOW_PATH_TIMEOUT;
+            let look = |step: usize| {
+                let other = steps
+                    .get(step)
+                    .and_then(|&(other, n, other_kind)| Some((other?, n, other_kind)))
+                    .filter(|_| step != taken);
+                async move {
+                    let (other, n, other_kind) = other?;
+                    Some((other, n, other_kind, other.wait_for(n, now, until).await))
+                }
+            };
+            let looked = tokio::join!(look(0), look(1), look(2), look(3));
             let (mut kind, mut refusing, mut wait) = ((kind, taken), limit, wait);
-            for (step, &(other, n, other_kind)) in steps.iter().enumerate() {
-                let Some(other) = other.filter(|_| step != taken) else {
+            let looked = [looked.0, looked.1, looked.2, looked.3];
+            for (step, looked) in looked.into_iter().enumerate() {
+                let Some((other, n, other_kind, looked)) = looked else {
                     continue;
                 };
-                match other.wait_for(n, now).await {
+                match looked {
                     Ok(w) if w > wait => {
                         (kind, refusing, wait) = ((other_kind, step), Some(other), w);
                     }
@@ -1636,7 +1650,10 @@ mod tests {
         let tokens = m.tokens.as_ref().unwrap();
         // 10 reserved + 1000 charged: 1010 below full, refilled at 1000/min,
         // so a full bucket's worth is 60.6 s away (uncapped: millennia).
-        let wait = tokens.wait_for(1000, Instant::now().into()).await.unwrap();
+        let wait = tokens
+            .wait_for(1000, Instant::now().into(), Instant::now())
+            .await
+            .unwrap();
         assert_eq!(wait, Duration::from_millis(60_600));
     }
 

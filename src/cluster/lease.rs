@@ -453,8 +453,14 @@ impl SharedBucket {
     /// bucket refused: the last report does not count what other replicas
     /// took since, and a wait read from it could be half the real one (a
     /// review saw `Retry-After: 5` where the bucket held the request 10 s).
-    /// Without an answer within [`SLOW_PATH_TIMEOUT`] it is the estimate.
-    pub async fn wait_exact(&self, n: u64, now: Tick) -> Result<Duration, ReserveError> {
+    /// Without an answer by `until` (the refusal's looks share one
+    /// [`SLOW_PATH_TIMEOUT`]) it is the estimate.
+    pub async fn wait_exact(
+        &self,
+        n: u64,
+        now: Tick,
+        until: Instant,
+    ) -> Result<Duration, ReserveError> {
         self.fits(n)?;
         if !self.link.is_up() {
             return self.wait_for(n, now);
@@ -465,7 +471,7 @@ impl SharedBucket {
             .link
             .scripts
             .lease(&mut conn, &self.key, params, (0, 0, 0), None);
-        match tokio::time::timeout(SLOW_PATH_TIMEOUT, look).await {
+        match tokio::time::timeout_at(until, look).await {
             Ok(Ok(leased)) => {
                 let answered = Tick::from(Instant::now());
                 self.store_report(leased.report, answered);

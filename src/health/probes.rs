@@ -319,11 +319,18 @@ fn is_json(body: &[u8]) -> Result<(), ProbeError> {
 async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<(), ProbeError> {
     let config = &backend.config;
     let model = probe_model(config).ok_or(ProbeError::NoModel)?;
-    // Every round asks for a chat completion first, so the fallback below
-    // is never a standing verdict: a reload that puts a chat model first,
-    // or an engine that starts serving chat, is probed with chat again.
-    // An embedding model pays one refused request per round for it.
+    // A backend whose last round passed on an embedding gets the
+    // embedding first; chat again only when that fails, so the fallback is
+    // no standing verdict (a reload that puts a chat model first, an
+    // engine that starts serving chat) and costs no request per round.
     let embeddings = &backend.live.probe_embeddings;
+    let mut embedding_failed = None;
+    if embeddings.load(Ordering::Relaxed) {
+        match check_embedding(backend, model, timeout).await {
+            Ok(()) => return Ok(()),
+            Err(e) => embedding_failed = Some(e),
+        }
+    }
     let body = |limit_field: &str| {
         serde_json::json!({
             "model": model,
@@ -338,6 +345,10 @@ async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<()
         // vLLM `--task embed` 400/404, TEI without the route): one
         // embedding tells whether it can answer what it serves.
         Err(chat @ ProbeError::Status { status, .. }) if refuses_chat(status) => {
+            // Chat is refused still: the embedding's own failure says why.
+            if let Some(e) = embedding_failed {
+                return Err(e);
+            }
             if check_embedding(backend, model, timeout).await.is_err() {
                 return Err(chat);
             }

@@ -399,12 +399,16 @@ impl Conn {
             // A body left unread that is too long to drain after the answer
             // (an early 401 or 404, say), or of unknown length (chunked),
             // means this connection closes: the answer says so. So does
-            // one whose client still waits for `100 Continue` (an early
-            // refusal): it may send its body or skip it, and what comes
-            // next on the wire could be either (RFC 9110 §10.1.1).
+            // one whose client may still wait for `100 Continue` (an early
+            // refusal, the body not all here): it may send its body or skip
+            // it, and what comes next on the wire could be either (RFC 9110
+            // §10.1.1).
             let framing = &inbound.framing;
+            let remaining = framing.remaining();
+            let arrived = remaining.is_some_and(|n| inbound.buf.len() as u64 >= n);
             close |= !framing.is_done()
-                && (inbound.continue_due || framing.remaining().is_none_or(|n| n > DRAIN_LIMIT));
+                && ((inbound.continue_due && !arrived)
+                    || remaining.is_none_or(|n| n > DRAIN_LIMIT));
         }
 
         out.clear();
