@@ -295,6 +295,13 @@ impl<'a> Exchange<'a> {
             pending.working = Some((started, backend));
             let outcome = upstream::forward(&backend.client, &request, wait).await;
             pending.working = None;
+            // Cut by weir's own `request_timeout` before the backend's
+            // `first_byte_timeout` passed: the request's deadline, not the
+            // backend's silence (as a body cut so is not held against it),
+            // and no time is left for another attempt.
+            if wait < self.first_byte_timeout && matches!(outcome, Err(AttemptError::Timeout(_))) {
+                return Err(self.timeout(wait));
+            }
             // A kept-alive connection closed unanswered is most often the
             // backend's idle close racing weir's reuse: not held against
             // the backend, and no back-off before the next one.
