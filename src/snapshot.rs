@@ -158,6 +158,9 @@ pub struct BackendState {
     /// `weir_upstream_errors_total` handles (by name: carried over a
     /// rebuild, and over a reload that keeps the name).
     pub(crate) errors: UpstreamErrorCounters,
+    /// [`BackendLive::generation`] when this state was built: what the
+    /// requests sent with it were sent as.
+    pub(crate) generation: u64,
 }
 
 /// What a backend carries from snapshot to snapshot (SPEC "Reload": health
@@ -187,6 +190,11 @@ pub(crate) struct BackendLive {
     /// that chat answered. While set, readiness sends the embedding first
     /// and the deep tier reads only engine metrics.
     pub(crate) probe_embeddings: AtomicBool,
+    /// Bumped when a reload gives the backend a new key, or brings it back
+    /// afresh while it drains: a 429 drawn by a request sent before (an
+    /// older [`BackendState::generation`]) was the old quota's, and opens
+    /// no window now.
+    pub(crate) generation: AtomicU64,
 }
 
 impl BackendLive {
@@ -203,6 +211,7 @@ impl BackendLive {
             latency_ema_us: AtomicU64::new(f64::NAN.to_bits()),
             probe_max_completion_tokens: AtomicBool::new(false),
             probe_embeddings: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -219,6 +228,7 @@ impl BackendLive {
         self.probe_max_completion_tokens
             .store(false, Ordering::Relaxed);
         self.probe_embeddings.store(false, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A copy of the health record (the lock is held for the copy only).
@@ -334,6 +344,7 @@ impl BackendState {
             .and_then(|k| headers::bearer(k.expose()));
         let name_header = HeaderValue::try_from(config.name.as_str())
             .unwrap_or(HeaderValue::from_static("invalid-name"));
+        let generation = live.generation.load(Ordering::Acquire);
         Ok(Self {
             config,
             client,
@@ -341,6 +352,7 @@ impl BackendState {
             name_header,
             live,
             errors: UpstreamErrorCounters::default(),
+            generation,
         })
     }
 
@@ -498,6 +510,7 @@ impl Snapshot {
                     // nothing of it.
                     if old.config.api_key != backend.api_key {
                         old.live.with_health(HealthRecord::forget_rate_limits);
+                        old.live.generation.fetch_add(1, Ordering::AcqRel);
                     }
                     old.live.clone()
                 }

@@ -9,7 +9,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -591,6 +591,100 @@ async fn a_new_backend_key_forgets_the_old_keys_429s() {
     let r = post(live.gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-weir-backend"), "b1");
+}
+
+/// An upstream on 127.0.0.1 that answers a request made with
+/// [`BACKEND_KEY`] after `delay` with a 429 and `Retry-After: 3600`, and
+/// any other key at once with a chat completion; returns its address and
+/// how many requests arrived.
+async fn quota_spent_upstream(delay: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let count = arrived.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // One request per connection: head and Content-Length body.
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_lowercase();
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length: usize = text[..end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + length {
+                        break;
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let old_key = String::from_utf8_lossy(&buf).contains(BACKEND_KEY);
+                let reply = if old_key {
+                    tokio::time::sleep(delay).await;
+                    "HTTP/1.1 429 Too Many Requests\r\nretry-after: 3600\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}".to_owned()
+                } else {
+                    let body = r#"{"id":"c","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    (addr, arrived)
+}
+
+/// A 429 drawn with the old key by a request still running when a reload
+/// gave the backend a new key was the old quota's: it opens no window (it
+/// used to take the backend out for its `Retry-After`, an hour, under the
+/// key that replaced the spent one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_keys_429_arriving_after_the_key_changed_opens_no_window() {
+    let (upstream, arrived) = quota_spent_upstream(ms(500)).await;
+    let old = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}[retry]\nmax_attempts = 1\n",
+        backend("b1", &format!("http://{upstream}/v1"), &[MODEL], 1)
+    );
+    let live = Live::start(&old).await;
+    let addr = live.gw.addr();
+    let spent =
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
+    assert!(
+        eventually(Duration::from_secs(5), || arrived.load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    let new = old.replace(
+        "api_key_env = \"BACKEND_KEY\"",
+        "api_key_env = \"ADMIN_TOKEN\"",
+    );
+    live.apply(&new).await;
+    let spent = spent.await.expect("the old key's request");
+    assert_ne!(spent.status, 200, "{}", spent.text());
+    let j = get(live.gw.admin_addr(), "/admin/backends").await.json();
+    assert_eq!(
+        j["backends"][0]["rate_limited_until"],
+        serde_json::Value::Null,
+        "{j}"
+    );
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 /// A backend restored while it drains is an added backend for its health:

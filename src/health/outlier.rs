@@ -65,6 +65,13 @@ pub(crate) fn report(
                 try_eject(shared, snapshot, backend, failures);
             }
         }
+        // Drawn with a key a reload has replaced since (or before the
+        // backend came back afresh): the old quota's, not this one's.
+        Outcome::RateLimited(_)
+            if backend.generation != live.generation.load(Ordering::Acquire) =>
+        {
+            tracing::debug!(backend = %backend.config.name, "a 429 drawn before the backend's key changed opens no window");
+        }
         Outcome::RateLimited(wait) => {
             let until = Instant::now() + wait;
             live.with_health(|h| h.rate_limit_until(until));
