@@ -305,7 +305,7 @@ impl Gateway {
                 None => tracing::warn!("watch_config is set but there is no config file to watch"),
             }
         }
-        checker::sync_probes(&shared);
+        checker::sync_probes(&shared, false);
         Ok(Handle {
             addr,
             admin_addr,

@@ -142,7 +142,7 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     };
     // Starts probes for new backends, cancels those of removed ones (which
     // then drain: only requests that loaded an older snapshot still use them).
-    checker::sync_probes(shared);
+    checker::sync_probes(shared, cas_changed);
     if checks_turned_off {
         forget_active_checks(shared);
     }

@@ -675,6 +675,67 @@ async fn a_reload_trusts_a_rotated_ca_file() {
     assert_eq!(reply.status, 200, "{}\n{}", reply.text(), log());
 }
 
+/// A reload that reads other CAs restarts the https backends' probes: a
+/// backend the old CAs could not verify is probed again within a tenth of
+/// its interval, not after the whole of it (it stayed out until then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_new_cas_probes_https_backends_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"30s\", timeout = \"1s\" }\nreadiness = { interval = \"30s\", timeout = \"1s\", degraded_latency = \"500ms\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 1 }\n";
+    let config = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{health}",
+            backend(
+                "private",
+                &format!("https://{}/v1", https_backend_behind_a_private_ca()),
+                &["m"],
+                1
+            )
+        ),
+    );
+    // The server's own certificate, which does not vouch for itself.
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::copy(private_ca_fixture("server.pem"), &bundle).unwrap();
+    let bundle_path = bundle.to_str().unwrap().to_owned();
+    let weir = spawn_weir_env(
+        &config,
+        "info",
+        &[
+            ("SSL_CERT_FILE", bundle_path.as_str()),
+            ("SSL_CERT_DIR", ""),
+        ],
+    );
+    let state = || async {
+        let j = get(weir.addr, "/admin/backends").await.json();
+        j["backends"][0]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while state().await != "out" {
+        assert!(tokio::time::Instant::now() < deadline, "never out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tmp = dir.path().join("bundle.pem.tmp");
+    std::fs::copy(private_ca_fixture("ca.pem"), &tmp).unwrap();
+    std::fs::rename(&tmp, &bundle).unwrap();
+    signal(&weir.child, "-HUP");
+    assert!(log_line(&weir.log, "config reloaded").await.is_some());
+    // Within a tenth of the 30 s intervals (the restarted probes' jitter),
+    // with room to spare; not after the rest of the 30 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while state().await != "healthy" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not probed again: {}",
+            weir.log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A health change is logged once, under the tier whose probe made it,
 /// with what made it: a slow readiness answer says so (it said nothing),
 /// and a deep round running meanwhile does not log the same change again.

@@ -127,7 +127,9 @@ fn key(backend: &BackendState) -> BackendKey {
 
 /// Starts probe tasks for backends that have none and cancels those of
 /// backends that are gone (or of all, when active checks are disabled).
-pub(crate) fn sync_probes(shared: &Arc<Shared>) {
+/// `cas_changed` (a reload read other CAs) restarts the https backends'
+/// probes, whose verdicts were drawn under the old CAs.
+pub(crate) fn sync_probes(shared: &Arc<Shared>, cas_changed: bool) {
     let snapshot = shared.snapshot.load_full();
     let enabled = snapshot.config.health.enabled;
     let mut probes = shared.probes.lock().unwrap_or_else(|e| e.into_inner());
@@ -160,11 +162,15 @@ pub(crate) fn sync_probes(shared: &Arc<Shared>) {
     }
     for backend in snapshot.backends() {
         let k = key(backend);
+        let new_cas = cas_changed && crate::upstream::is_https(&backend.config.url);
         match probes.running.get(&k) {
-            Some((_, started_with)) if *started_with == backend.config.api_key => continue,
+            Some((_, started_with)) if *started_with == backend.config.api_key && !new_cas => {
+                continue
+            }
             // A new key (a reload): its probes start again as a new
             // backend's do, not after a pause the old key's 429 asked for
-            // (`Snapshot::build` forgot those pauses).
+            // (`Snapshot::build` forgot those pauses). New CAs likewise:
+            // what the probes found under the old ones is stale.
             Some((token, _)) => token.cancel(),
             None => {}
         }

@@ -136,6 +136,10 @@ impl Trust {
         .map_err(|e| UpstreamError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+        // In a canonical order: the same certificates in another order
+        // (a bundle rebuilt) are the same trust, not a change.
+        cas.sort_unstable_by(|a, b| a.as_ref().cmp(b.as_ref()));
+        cas.dedup();
         let trust = Self {
             cas,
             config: Arc::new(config),
