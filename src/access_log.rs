@@ -237,7 +237,7 @@ impl AccessLog {
             request_id = self.request_id.to_str().unwrap_or(""),
             client = %self.client,
             method = self.method.as_ref().map_or("-", Method::as_str),
-            path = self.uri.as_ref().map_or("-", Uri::path),
+            path = self.uri.as_ref().map_or("-", |uri| cut(uri.path(), MAX_LOGGED_PATH)),
             status = self.status,
             model = logged_model(self.model.as_deref().unwrap_or("")),
             backend = member.map_or("", |m| m.backend.config.name.as_str()),
@@ -258,16 +258,25 @@ impl AccessLog {
 /// a 5 MB line that log shippers drop or split.
 pub(crate) const MAX_LOGGED_MODEL: usize = 256;
 
+/// The most of a request's path a log line shows: a 414's target may be
+/// far longer than any real route.
+const MAX_LOGGED_PATH: usize = 1024;
+
 /// `model` cut to [`MAX_LOGGED_MODEL`] bytes at a character boundary.
 pub(crate) fn logged_model(model: &str) -> &str {
-    if model.len() <= MAX_LOGGED_MODEL {
-        return model;
+    cut(model, MAX_LOGGED_MODEL)
+}
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
     }
-    let mut end = MAX_LOGGED_MODEL;
-    while !model.is_char_boundary(end) {
+    let mut end = max;
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    model.get(..end).unwrap_or_default()
+    text.get(..end).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -362,5 +371,16 @@ mod tests {
         let cut = logged_model(&long);
         assert!(cut.len() <= MAX_LOGGED_MODEL && cut.len() >= MAX_LOGGED_MODEL - 1);
         assert!(long.starts_with(cut));
+    }
+
+    /// A path is cut likewise, at [`MAX_LOGGED_PATH`] (a 414's 16 KB target
+    /// was logged whole).
+    #[test]
+    fn a_long_path_is_cut_at_a_character_boundary() {
+        let long = format!("/v1/{}", "y".repeat(16_000));
+        assert_eq!(cut(&long, MAX_LOGGED_PATH), &long[..MAX_LOGGED_PATH]);
+        let wide = "é".repeat(600);
+        assert_eq!(cut(&wide, MAX_LOGGED_PATH).len(), MAX_LOGGED_PATH);
+        assert_eq!(cut("/v1/models", MAX_LOGGED_PATH), "/v1/models");
     }
 }

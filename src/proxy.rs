@@ -869,26 +869,30 @@ fn no_backend(route: &ModelRoute) -> ApiError {
 /// Refuses, before reading it, a body whose bytes are not the JSON weir
 /// reads `model` from (SPEC: 400 `invalid_json`), saying why: a compressed
 /// one (`Content-Encoding` other than `identity`; a plain JSON body sent so
-/// would reach the backend labelled compressed), or a multipart form (the
+/// would reach the backend labelled compressed), or a multipart body (the
 /// file uploads of `/v1/audio/transcriptions` and the like), which weir
 /// cannot route. Any other `Content-Type` is parsed as JSON: `curl -d`
 /// labels JSON as a form.
 fn parsable_body(headers: &ClientHeaders) -> Result<(), ApiError> {
-    let encoded = headers
-        .values(Name::ContentEncoding)
-        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"identity"));
+    let encoded = headers.values(Name::ContentEncoding).any(|value| {
+        value.split(|&b| b == b',').any(|coding| {
+            let coding = coding.trim_ascii();
+            !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity")
+        })
+    });
     if encoded {
         return Err(ApiError::InvalidJson(
             "Request bodies sent with a Content-Encoding are not read: weir reads the model from the JSON body, so send it uncompressed.".to_owned(),
         ));
     }
     let multipart = headers.get(Name::ContentType).is_some_and(|t| {
-        t.get(..19)
-            .is_some_and(|kind| kind.eq_ignore_ascii_case(b"multipart/form-data"))
+        t.trim_ascii_start()
+            .get(..10)
+            .is_some_and(|kind| kind.eq_ignore_ascii_case(b"multipart/"))
     });
     if multipart {
         return Err(ApiError::InvalidJson(
-            "multipart/form-data bodies (file uploads) are not routed: weir reads the model from a JSON body.".to_owned(),
+            "multipart bodies (file uploads) are not routed: weir reads the model from a JSON body.".to_owned(),
         ));
     }
     Ok(())

@@ -1132,7 +1132,14 @@ async fn bodies_that_are_not_json_as_sent_are_refused_with_the_reason() {
                 ("content-type", "Multipart/Form-Data; boundary=x"),
                 ("content-encoding", "identity"),
             ],
-            "multipart/form-data",
+            "multipart bodies",
+        ),
+        (
+            [
+                ("content-type", "multipart/mixed; boundary=x"),
+                ("content-encoding", "identity, br"),
+            ],
+            "Content-Encoding",
         ),
     ] {
         let r = send(&c, "POST", gw.addr(), path, &headers, body.clone()).await;
@@ -1143,7 +1150,7 @@ async fn bodies_that_are_not_json_as_sent_are_refused_with_the_reason() {
     for headers in [
         [
             ("content-type", "application/json"),
-            ("content-encoding", "identity"),
+            ("content-encoding", "identity, identity"),
         ],
         [
             ("content-type", "application/x-www-form-urlencoded"),
@@ -1154,4 +1161,8 @@ async fn bodies_that_are_not_json_as_sent_are_refused_with_the_reason() {
         assert_eq!(r.status, 200, "{headers:?}: {}", r.text());
     }
     assert_eq!(m.requests(), 2);
+    // And `multipart/mixed` as any multipart body.
+    let mixed = [("content-type", "multipart/mixed; boundary=x")];
+    let r = send(&c, "POST", gw.addr(), path, &mixed, body.clone()).await;
+    assert!(r.text().contains("multipart bodies"), "{}", r.text());
 }
