@@ -291,7 +291,11 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
             let passed = !result.samples.is_empty() || result.embeddings_only;
             let outcome = if passed {
                 probes::ProbeOutcome::Pass {
-                    latency: result.median_ttft.unwrap_or_default(),
+                    // The samples' median time to first token; a round with
+                    // none (an embedding model's) took the metrics read.
+                    latency: result
+                        .median_ttft
+                        .unwrap_or_else(|| now_before.elapsed()),
                 }
             } else if let Some(retry_after) = result.rate_limited.filter(|_| result.failures == 0) {
                 probes::ProbeOutcome::RateLimited {
