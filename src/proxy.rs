@@ -295,11 +295,15 @@ impl<'a> Exchange<'a> {
             pending.working = Some((started, backend));
             let outcome = upstream::forward(&backend.client, &request, wait).await;
             pending.working = None;
-            // Cut by weir's own `request_timeout` before the backend's
-            // `first_byte_timeout` passed: the request's deadline, not the
-            // backend's silence (as a body cut so is not held against it),
-            // and no time is left for another attempt.
-            if wait < self.first_byte_timeout && matches!(outcome, Err(AttemptError::Timeout(_))) {
+            // Cut by weir's own `request_timeout` well before the backend's
+            // `first_byte_timeout` (less than half of it left): the
+            // request's deadline, not the backend's silence (as a body cut
+            // so is not held against it), and no time is left for another
+            // attempt. A backend that had most of its allowance is judged
+            // as before, or equal timeouts would hide a hung backend.
+            if wait < self.first_byte_timeout / 2
+                && matches!(outcome, Err(AttemptError::Timeout(_)))
+            {
                 return Err(self.timeout(wait));
             }
             // A kept-alive connection closed unanswered is most often the
@@ -326,9 +330,19 @@ impl<'a> Exchange<'a> {
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                     // Out of rotation for its `Retry-After`, which the
-                    // retry reads from the backend's live state.
+                    // retry reads from the backend's live state; and this
+                    // request's retries leave it alone for as long, also
+                    // when the window is not opened (a 429 for a key a
+                    // reload has replaced: the retry would send that key).
                     let pause = retry_after(&response);
                     self.report(backend, Outcome::RateLimited(pause));
+                    if !pause.is_zero() {
+                        let until = Instant::now() + pause;
+                        match paused.iter_mut().find(|(j, _)| *j == i) {
+                            Some((_, t)) => *t = until,
+                            None => paused.push((i, until)),
+                        }
+                    }
                     (FailureKind::Status429, Some(response.status()))
                 }
                 // A 5xx's `Retry-After` (a 503's, RFC 9110 §10.2.3) keeps

@@ -221,6 +221,8 @@ impl BackendLive {
         self.with_health(|health| {
             *health = HealthRecord::default();
             health.pending = pending;
+            // Under the health lock, as `report` reads it.
+            self.generation.fetch_add(1, Ordering::AcqRel);
         });
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.latency_ema_us
@@ -228,7 +230,17 @@ impl BackendLive {
         self.probe_max_completion_tokens
             .store(false, Ordering::Relaxed);
         self.probe_embeddings.store(false, Ordering::Relaxed);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A reload gave the backend a new key, a new quota: the old key's 429
+    /// windows and probe pauses go, and 429s that requests sent with it
+    /// draw from now on open none (the generation, bumped under the same
+    /// lock that `report` reads it under).
+    fn rekeyed(&self) {
+        self.with_health(|health| {
+            health.forget_rate_limits();
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        });
     }
 
     /// A copy of the health record (the lock is held for the copy only).
@@ -485,13 +497,8 @@ impl Snapshot {
     ) -> Result<Self, UpstreamError> {
         let now = tokio::time::Instant::now();
         let slots: Arc<SlotSignal> = previous.map_or_else(Arc::default, |p| p.slots.clone());
-        let global = Arc::new(GlobalLimits::with_cluster(
-            &config.limits,
-            previous.map(|p| &*p.global),
-            now,
-            cluster.as_deref(),
-        ));
         let mut backends = Vec::with_capacity(config.backends.len());
+        let mut rekeyed = Vec::new();
         for backend in &config.backends {
             let carried = previous
                 .map_or(&[][..], |p| &p.backends[..])
@@ -507,10 +514,9 @@ impl Snapshot {
             let live = match carried {
                 Some(old) => {
                     // A new key is a new quota: the old key's 429s say
-                    // nothing of it.
+                    // nothing of it (forgotten once the build cannot fail).
                     if old.config.api_key != backend.api_key {
-                        old.live.with_health(HealthRecord::forget_rate_limits);
-                        old.live.generation.fetch_add(1, Ordering::AcqRel);
+                        rekeyed.push(old.live.clone());
                     }
                     old.live.clone()
                 }
@@ -525,11 +531,25 @@ impl Snapshot {
                 carried.map(|b| &**b),
             )?);
         }
-        // Every backend built: only now create series (by name, so a new
-        // URL keeps counting in the same ones).
+        // Every backend built, so nothing below fails: only now are new
+        // keys' backends told (a build that failed after would leave the
+        // snapshot still serving ignoring its backends' 429s), the limits
+        // built (a limit a reload removed is lifted for good) and series
+        // created (by name, so a new URL keeps counting in the same ones).
+        for live in &rekeyed {
+            live.rekeyed();
+        }
+        let global = Arc::new(GlobalLimits::with_cluster(
+            &config.limits,
+            previous.map(|p| &*p.global),
+            now,
+            cluster.as_deref(),
+        ));
         let backends: Vec<Arc<BackendState>> = backends
             .into_iter()
             .map(|mut state| {
+                // After `rekeyed`: what requests on this snapshot are sent as.
+                state.generation = state.live.generation.load(Ordering::Acquire);
                 state.errors = previous
                     .and_then(|p| {
                         p.backends

@@ -944,11 +944,12 @@ async fn a_503_while_every_backend_waits_out_a_429_says_when() {
     assert!((29..=30).contains(&retry_after), "{retry_after}");
 }
 
-/// An attempt cut by weir's own `request_timeout` before the backend's
-/// `first_byte_timeout` is the request's deadline, not the backend's
-/// failure: a 504 naming `request_timeout`, no timeout counted against the
-/// backend, no ejection. A backend answering every request in 700 ms was
-/// ejected by `request_timeout = "300ms"` cuts.
+/// An attempt cut by weir's own `request_timeout` well before the
+/// backend's `first_byte_timeout` (less than half of it given) is the
+/// request's deadline, not the backend's failure: a 504 naming
+/// `request_timeout`, no timeout counted against the backend, no ejection.
+/// A backend answering every request in 700 ms was ejected by
+/// `request_timeout = "300ms"` cuts.
 #[tokio::test]
 async fn a_request_timeout_cut_is_not_held_against_the_backend() {
     let ms = mocks(vec![
@@ -974,6 +975,29 @@ async fn a_request_timeout_cut_is_not_held_against_the_backend() {
     .await;
     assert_eq!(timeouts, 0.0);
     assert_eq!(backend_state(gw.addr(), "b0").await["state"], "healthy");
+
+    // With most of its `first_byte_timeout` given (here the two timeouts
+    // are equal), a silent backend is the one at fault, as before: equal
+    // timeouts must not hide a hung backend.
+    let ms = mocks(vec![MockConfig::default().hang(true)]).await;
+    let toml = retry_config(
+        &ms,
+        &[],
+        "[server]\nrequest_timeout = \"300ms\"\nfirst_byte_timeout = \"300ms\"\n\n[outlier]\nconsecutive_failures = 2\n",
+    );
+    let gw = gateway(&toml).await;
+    for _ in 0..2 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+        assert_eq!(r.status, 504, "{}", r.text());
+    }
+    let timeouts = metric(
+        gw.addr(),
+        "weir_upstream_errors_total",
+        &[("backend", "b0"), ("kind", "timeout")],
+    )
+    .await;
+    assert_eq!(timeouts, 2.0);
+    assert_eq!(backend_state(gw.addr(), "b0").await["state"], "ejected");
 }
 
 /// After a failure, an untried backend that is busy (at its

@@ -183,6 +183,9 @@ struct State {
     tat: u128,
     /// The reservations still waiting (module doc, "Refunds and waiters").
     waiters: Waiters,
+    /// A reload removed the limit ([`Bucket::lift`]): reservations made
+    /// after, by requests on an older snapshot, do not wait either.
+    lifted: bool,
 }
 
 /// The registry of waiting reservations.
@@ -226,6 +229,7 @@ impl Bucket {
             // tat = now means full.
             tat: u128::from(now.0).saturating_mul(u128::from(rate_per_minute)),
             waiters: Waiters::default(),
+            lifted: false,
         };
         Bucket {
             created: now,
@@ -312,6 +316,9 @@ impl Bucket {
     ) -> Result<(Duration, Option<Ticket>, R), ReserveError> {
         let now = self.nanos(now);
         let mut state = self.lock();
+        if state.lifted {
+            return Ok((Duration::ZERO, None, after(&state, now)));
+        }
         let (new_tat, wait_nanos) = state.reservation(n, now, most)?;
         // Compared after saturating, so `WouldWait { wait }` always has
         // `wait > max_wait`; the two differ only beyond 584 years.
@@ -348,6 +355,9 @@ impl Bucket {
     ) -> Result<Duration, ReserveError> {
         let now = self.nanos(now);
         let state = self.lock();
+        if state.lifted {
+            return Ok(Duration::ZERO);
+        }
         let (_, wait_nanos) = state.reservation(n, now, most)?;
         Ok(duration_from_nanos(wait_nanos))
     }
@@ -570,6 +580,7 @@ impl Bucket {
     /// while later requests, under no limit, passed them.
     pub fn lift(&self) -> Option<Waker> {
         let mut state = self.lock();
+        state.lifted = true;
         let waiters = &mut state.waiters;
         let shift = waiters.shift;
         for waiter in &mut waiters.queue {
@@ -834,6 +845,27 @@ fn duration_from_nanos(nanos: u128) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lifted bucket (its limit removed by a reload) makes no one wait:
+    /// not its waiters, and not a request on an older snapshot that
+    /// reserves after the lift (it used to wait out the old limit while
+    /// requests on the new snapshot passed it).
+    #[test]
+    fn a_lifted_bucket_makes_no_later_reservation_wait() {
+        let t0 = Instant::now();
+        let nz = |v| NonZeroU64::new(v).unwrap();
+        let b = Bucket::new(nz(6), nz(1), t0);
+        let long = Duration::from_secs(60);
+        let (wait, _, _) = b.reserve_in_line(1, t0, long).unwrap();
+        assert!(wait.is_zero());
+        let (wait, ticket, _) = b.reserve_in_line(1, t0, long).unwrap();
+        assert_eq!(wait, Duration::from_secs(10));
+        assert!(ticket.is_some());
+        drop(b.lift());
+        let (wait, ticket, _) = b.reserve_in_line(5, t0, long).unwrap();
+        assert!(wait.is_zero() && ticket.is_none());
+        assert_eq!(b.wait_for(1, t0).unwrap(), Duration::ZERO);
+    }
 
     /// A refund larger than the debt ahead of the waiters moves them to
     /// `now`, not into the past: refill before now went to a full bucket.

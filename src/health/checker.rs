@@ -293,9 +293,7 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
                 probes::ProbeOutcome::Pass {
                     // The samples' median time to first token; a round with
                     // none (an embedding model's) took the metrics read.
-                    latency: result
-                        .median_ttft
-                        .unwrap_or_else(|| now_before.elapsed()),
+                    latency: result.median_ttft.unwrap_or_else(|| now_before.elapsed()),
                 }
             } else if let Some(retry_after) = result.rate_limited.filter(|_| result.failures == 0) {
                 probes::ProbeOutcome::RateLimited {

@@ -65,18 +65,24 @@ pub(crate) fn report(
                 try_eject(shared, snapshot, backend, failures);
             }
         }
-        // Drawn with a key a reload has replaced since (or before the
-        // backend came back afresh): the old quota's, not this one's.
-        Outcome::RateLimited(_)
-            if backend.generation != live.generation.load(Ordering::Acquire) =>
-        {
-            tracing::debug!(backend = %backend.config.name, "a 429 drawn before the backend's key changed opens no window");
-        }
         Outcome::RateLimited(wait) => {
             let until = Instant::now() + wait;
-            live.with_health(|h| h.rate_limit_until(until));
-            tracing::info!(backend = %backend.config.name, retry_after = ?wait, "backend rate-limited weir; out of rotation until its Retry-After");
-            shared.rebuild.notify_one();
+            // Drawn with a key a reload has replaced since (or before the
+            // backend came back afresh): the old quota's, not this one's.
+            // Read under the lock a reload bumps it under.
+            let opened = live.with_health(|h| {
+                let current = backend.generation == live.generation.load(Ordering::Acquire);
+                if current {
+                    h.rate_limit_until(until);
+                }
+                current
+            });
+            if opened {
+                tracing::info!(backend = %backend.config.name, retry_after = ?wait, "backend rate-limited weir; out of rotation until its Retry-After");
+                shared.rebuild.notify_one();
+            } else {
+                tracing::debug!(backend = %backend.config.name, "a 429 drawn before the backend's key changed opens no window");
+            }
         }
     }
 }
