@@ -610,6 +610,33 @@ async fn an_https_backend_that_never_finishes_the_handshake_fails_at_connect_tim
     assert!(connect >= 1.0, "{connect}");
 }
 
+/// weir on `config` with `SSL_CERT_FILE` a bundle (in `dir`, returned)
+/// holding only the server's own certificate, which does not vouch for
+/// itself: the private-CA backend cannot be verified.
+fn spawn_with_untrusted_bundle(
+    dir: &tempfile::TempDir,
+    config: &std::path::Path,
+) -> (Running, std::path::PathBuf) {
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::copy(private_ca_fixture("server.pem"), &bundle).unwrap();
+    let path = bundle.to_str().unwrap().to_owned();
+    let weir = spawn_weir_env(
+        config,
+        "info",
+        &[("SSL_CERT_FILE", path.as_str()), ("SSL_CERT_DIR", "")],
+    );
+    (weir, bundle)
+}
+
+/// Rotates the test CA into `bundle` (written beside, renamed over, as a
+/// ConfigMap update does) and tells `weir` to reload.
+fn rotate_the_ca_in(weir: &Running, bundle: &std::path::Path) {
+    let tmp = bundle.with_extension("pem.tmp");
+    std::fs::copy(private_ca_fixture("ca.pem"), &tmp).unwrap();
+    std::fs::rename(&tmp, bundle).unwrap();
+    signal(&weir.child, "-HUP");
+}
+
 /// A reload reads `SSL_CERT_FILE` again: a CA bundle rotated in place is
 /// trusted from that reload on, without a restart; a reload that finds the
 /// same CAs says "no changes", and one that cannot read the file is
@@ -620,28 +647,13 @@ async fn a_reload_trusts_a_rotated_ca_file() {
     let config = private_backend_config(&dir);
     // At first the bundle holds only the server's own certificate, which
     // does not vouch for itself: the backend cannot be verified.
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::copy(private_ca_fixture("server.pem"), &bundle).unwrap();
-    let bundle_path = bundle.to_str().unwrap().to_owned();
-    let weir = spawn_weir_env(
-        &config,
-        "info",
-        &[
-            ("SSL_CERT_FILE", bundle_path.as_str()),
-            ("SSL_CERT_DIR", ""),
-        ],
-    );
+    let (weir, bundle) = spawn_with_untrusted_bundle(&dir, &config);
     let log = || weir.log.lock().unwrap().clone();
     let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
     assert_eq!(reply.status, 502, "{}\n{}", reply.text(), log());
     assert!(reply.text().contains("UnknownIssuer"), "{}", reply.text());
 
-    // The CA is rotated in (written beside, renamed over, as a ConfigMap
-    // update does) and weir told to reload.
-    let tmp = dir.path().join("bundle.pem.tmp");
-    std::fs::copy(private_ca_fixture("ca.pem"), &tmp).unwrap();
-    std::fs::rename(&tmp, &bundle).unwrap();
-    signal(&weir.child, "-HUP");
+    rotate_the_ca_in(&weir, &bundle);
     let line = log_line(&weir.log, "config reloaded").await;
     assert!(
         line.as_deref().is_some_and(|l| l.contains("trusted CAs")),
@@ -665,9 +677,10 @@ async fn a_reload_trusts_a_rotated_ca_file() {
     signal(&weir.child, "-HUP");
     let refused = log_line(&weir.log, "config reload refused").await;
     assert!(
-        refused
-            .as_deref()
-            .is_some_and(|l| l.contains(&format!("SSL_CERT_FILE={bundle_path}: cannot read it"))),
+        refused.as_deref().is_some_and(|l| l.contains(&format!(
+            "SSL_CERT_FILE={}: cannot read it",
+            bundle.display()
+        ))),
         "{refused:?}\n{}",
         log()
     );
@@ -694,18 +707,7 @@ async fn a_reload_with_new_cas_probes_https_backends_again() {
             )
         ),
     );
-    // The server's own certificate, which does not vouch for itself.
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::copy(private_ca_fixture("server.pem"), &bundle).unwrap();
-    let bundle_path = bundle.to_str().unwrap().to_owned();
-    let weir = spawn_weir_env(
-        &config,
-        "info",
-        &[
-            ("SSL_CERT_FILE", bundle_path.as_str()),
-            ("SSL_CERT_DIR", ""),
-        ],
-    );
+    let (weir, bundle) = spawn_with_untrusted_bundle(&dir, &config);
     let state = || async {
         let j = get(weir.addr, "/admin/backends").await.json();
         j["backends"][0]["state"]
@@ -718,10 +720,7 @@ async fn a_reload_with_new_cas_probes_https_backends_again() {
         assert!(tokio::time::Instant::now() < deadline, "never out");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let tmp = dir.path().join("bundle.pem.tmp");
-    std::fs::copy(private_ca_fixture("ca.pem"), &tmp).unwrap();
-    std::fs::rename(&tmp, &bundle).unwrap();
-    signal(&weir.child, "-HUP");
+    rotate_the_ca_in(&weir, &bundle);
     assert!(log_line(&weir.log, "config reloaded").await.is_some());
     // Within a tenth of the 30 s intervals (the restarted probes' jitter),
     // with room to spare; not after the rest of the 30 s.

@@ -480,6 +480,20 @@ async fn removing_a_limit_lets_its_waiters_go() {
     assert_eq!(a.status, 200, "{}", a.text());
 }
 
+/// A stream sent to `addr`, once it runs on `m1` (a slow stream backend,
+/// weighted to be picked first).
+async fn stream_running_on(
+    addr: std::net::SocketAddr,
+    m1: &MockHandle,
+) -> tokio::task::JoinHandle<Streamed> {
+    let stream =
+        tokio::spawn(
+            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
+        );
+    assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
+    stream
+}
+
 /// A backend a reload removed and the next restored while a request still
 /// ran on it comes back with its live state: that request counts towards
 /// its `max_concurrent` (it used to start again from 0 and take a second
@@ -496,11 +510,7 @@ async fn a_backend_restored_while_it_drains_keeps_counting_its_requests() {
     let both = format!("[[models]]\nname = \"{MODEL}\"\n\n{b1}{b2}{QUIET}");
     let live = Live::start(&both).await;
     let addr = live.gw.addr();
-    let stream =
-        tokio::spawn(
-            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
-        );
-    assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
+    let stream = stream_running_on(addr, &m1).await;
     live.apply(&file("", &[("b2", &m2, 1)], "")).await;
     let changes = live.apply(&both).await;
     assert!(
@@ -705,11 +715,7 @@ async fn a_backend_restored_while_it_drains_waits_for_its_first_liveness_probe()
     let only_b2 = format!("[[models]]\nname = \"{MODEL}\"\n\n{b2}{health}");
     let live = Live::start(&both).await;
     let addr = live.gw.addr();
-    let stream =
-        tokio::spawn(
-            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
-        );
-    assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
+    let stream = stream_running_on(addr, &m1).await;
     live.apply(&only_b2).await;
     m1.update(|c| c.health_status = Some(503));
     let changes = live.apply(&both).await;
