@@ -480,6 +480,42 @@ async fn removing_a_limit_lets_its_waiters_go() {
     assert_eq!(a.status, 200, "{}", a.text());
 }
 
+/// A probe sent with the old key, in flight when a reload changes the key,
+/// opens no window for its 429 either: the key change cancels the old
+/// probes (and a 429 landing between the build and that cancel is dropped
+/// by the key generation, a window no test can force).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_keys_probe_429_arriving_after_the_key_changed_opens_no_window() {
+    let (upstream, arrived) = quota_spent_upstream(ms(500)).await;
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"2s\" }\nreadiness = { interval = \"100ms\", timeout = \"2s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"2s\", samples = 1, max_tokens = 1 }\n";
+    let old = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{health}",
+        backend("b1", &format!("http://{upstream}/v1"), &[MODEL], 1)
+    );
+    let live = Live::start(&old).await;
+    // The first readiness probe, with the old key, is waiting for its 429.
+    assert!(
+        eventually(Duration::from_secs(5), || arrived.load(Ordering::SeqCst)
+            >= 1)
+        .await
+    );
+    let new = old.replace(
+        "api_key_env = \"BACKEND_KEY\"",
+        "api_key_env = \"ADMIN_TOKEN\"",
+    );
+    live.apply(&new).await;
+    // Past the old probe's 429 (500 ms after it arrived).
+    tokio::time::sleep(ms(800)).await;
+    let j = get(live.gw.admin_addr(), "/admin/backends").await.json();
+    assert_eq!(
+        j["backends"][0]["rate_limited_until"],
+        serde_json::Value::Null,
+        "{j}"
+    );
+    let r = post(live.gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// A stream sent to `addr`, once it runs on `m1` (a slow stream backend,
 /// weighted to be picked first).
 async fn stream_running_on(

@@ -321,7 +321,7 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
                 .rate_limited
                 .filter(|_| !matches!(outcome, probes::ProbeOutcome::RateLimited { .. }));
             let (_, before, after) = observe(backend, tier, &outcome, thresholds, |h| {
-                if let Some(wait) = rate_limited {
+                if let Some(wait) = rate_limited.filter(|_| current_key(backend)) {
                     h.probe_rate_limited(tier, Instant::now() + wait);
                 }
                 h.saturated = saturated;
@@ -367,8 +367,18 @@ fn observe(
         } => {
             return backend.live.with_health(|h| {
                 let before = h.clone();
-                h.observe_rate_limited(tier, *latency, error.clone(), *retry_after, Instant::now());
-                extra(h);
+                // Sent with a key a reload has replaced since: the old
+                // quota's 429, which says nothing now.
+                if current_key(backend) {
+                    h.observe_rate_limited(
+                        tier,
+                        *latency,
+                        error.clone(),
+                        *retry_after,
+                        Instant::now(),
+                    );
+                    extra(h);
+                }
                 (false, before, h.clone())
             });
         }
@@ -386,6 +396,17 @@ fn observe(
         extra(h);
         (flip != super::state::Flip::None, before, h.clone())
     })
+}
+
+/// Whether a probe sent with `backend` (its snapshot's state) was sent with
+/// the key in use: read under the health lock, which a reload that changes
+/// the key bumps the generation under.
+fn current_key(backend: &BackendState) -> bool {
+    backend.generation
+        == backend
+            .live
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire)
 }
 
 /// The backend with this identity in `snapshot`, if it is still there.
