@@ -173,6 +173,25 @@ impl Pool {
         None
     }
 
+    /// The next peer in the sequence for which `eligible(i)` holds, without
+    /// taking a turn: a retry's pick. A retry that took turns would take
+    /// the turn after a failing peer's, so every first attempt would land
+    /// on the failing peer (two peers, one failing: all of them); nginx's
+    /// smooth WRR likewise skips the tried peers of a retry and keeps the
+    /// first attempts' proportions.
+    pub fn pick_aside(&self, mut eligible: impl FnMut(usize) -> bool) -> Option<usize> {
+        let len = self.schedule.len();
+        if len == 0 || !self.any_eligible(&mut eligible) {
+            return None;
+        }
+        let start = self.next.0.load(Ordering::Relaxed) % len;
+        (0..len).find_map(|look| {
+            let turn = (start + look) % len;
+            let peer = self.schedule.get(turn).map(|&i| i as usize)?;
+            eligible(peer).then_some(peer)
+        })
+    }
+
     /// Whether some peer in rotation is eligible.
     fn any_eligible(&self, eligible: &mut impl FnMut(usize) -> bool) -> bool {
         (0..self.weights.len()).any(|i| self.weight(i) > 0 && eligible(i))

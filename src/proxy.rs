@@ -295,15 +295,18 @@ impl<'a> Exchange<'a> {
             pending.working = Some((started, backend));
             let outcome = upstream::forward(&backend.client, &request, wait).await;
             pending.working = None;
-            // Cut by weir's own `request_timeout` well before the backend's
-            // `first_byte_timeout` (less than half of it left): the
-            // request's deadline, not the backend's silence (as a body cut
-            // so is not held against it), and no time is left for another
-            // attempt. A backend that had most of its allowance is judged
-            // as before, or equal timeouts would hide a hung backend.
-            if wait < self.first_byte_timeout / 2
-                && matches!(outcome, Err(AttemptError::Timeout(_)))
-            {
+            // Cut by weir's own `request_timeout` after queueing or earlier
+            // attempts had used most of it (less than half of what a first
+            // attempt gets was left): the request's deadline, not the
+            // backend's silence (as a body cut so is not held against it),
+            // and no time is left for another attempt. An attempt given
+            // most of that is judged as any: a hung backend is a hung
+            // backend whatever the two timeouts are (Envoy holds a route
+            // timeout against the host too).
+            let allowance = self
+                .first_byte_timeout
+                .min(self.snapshot.config.server.request_timeout);
+            if wait < allowance / 2 && matches!(outcome, Err(AttemptError::Timeout(_))) {
                 return Err(self.timeout(wait));
             }
             // A kept-alive connection closed unanswered is most often the
@@ -568,16 +571,16 @@ impl<'a> Exchange<'a> {
                     .get(i)
                     .is_some_and(|m| !m.backend.is_saturated() && !held_out(i, m))
             };
-            let picked = self
-                .route
-                .pool
-                .pick(|i| !tried.contains(&i) && available(i))
-                .or_else(|| {
-                    // Nothing untried is free now: back to one tried.
-                    (!tried.is_empty())
-                        .then(|| self.route.pool.pick(available))
-                        .flatten()
-                });
+            let pool = &self.route.pool;
+            let picked = if retrying {
+                // A retry takes no turn of the shared sequence (see
+                // `Pool::pick_aside`); with nothing untried free now, it
+                // goes back to one tried.
+                pool.pick_aside(|i| !tried.contains(&i) && available(i))
+                    .or_else(|| pool.pick_aside(available))
+            } else {
+                pool.pick(available)
+            };
             if let Some(i) = picked {
                 match members.get(i).and_then(|m| m.backend.try_begin()) {
                     Some(in_flight) => return Pick::Backend(i, in_flight),

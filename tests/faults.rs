@@ -944,14 +944,17 @@ async fn a_503_while_every_backend_waits_out_a_429_says_when() {
     assert!((29..=30).contains(&retry_after), "{retry_after}");
 }
 
-/// An attempt cut by weir's own `request_timeout` well before the
-/// backend's `first_byte_timeout` (less than half of it given) is the
-/// request's deadline, not the backend's failure: a 504 naming
-/// `request_timeout`, no timeout counted against the backend, no ejection.
-/// A backend answering every request in 700 ms was ejected by
-/// `request_timeout = "300ms"` cuts.
+/// An attempt cut by weir's own `request_timeout` after queueing had used
+/// most of it (less than half of what a first attempt gets was left) is
+/// the request's deadline, not the backend's failure: a 504 naming
+/// `request_timeout`, no timeout counted, no ejection. An attempt given
+/// most of it is judged as any: a hung backend is counted and ejected
+/// whatever the two timeouts are (`request_timeout` below half of
+/// `first_byte_timeout` used to hide it).
 #[tokio::test]
-async fn a_request_timeout_cut_is_not_held_against_the_backend() {
+async fn a_request_timeout_cut_counts_against_the_backend_only_with_time_given() {
+    // One token a second: the second of two requests sent at once waits a
+    // second of its 1.5 s, and the 700 ms backend is cut 0.5 s in.
     let ms = mocks(vec![
         MockConfig::default().latency(Duration::from_millis(700))
     ])
@@ -959,45 +962,75 @@ async fn a_request_timeout_cut_is_not_held_against_the_backend() {
     let toml = retry_config(
         &ms,
         &[],
-        "[server]\nrequest_timeout = \"300ms\"\nfirst_byte_timeout = \"5s\"\n\n[outlier]\nconsecutive_failures = 2\n",
+        "[server]\nrequest_timeout = \"1500ms\"\nfirst_byte_timeout = \"5s\"\n\n[outlier]\nconsecutive_failures = 1\n",
+    )
+    .replace(
+        "[[models]]\nname = \"mixed\"\n",
+        "[[models]]\nname = \"mixed\"\nrequests_per_minute = 60\nburst = 1\n",
     );
     let gw = gateway(&toml).await;
-    for _ in 0..3 {
-        let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
-        r.assert_error(504, "timeout", "upstream_timeout");
-        assert!(r.text().contains("request_timeout"), "{}", r.text());
-    }
-    let timeouts = metric(
-        gw.addr(),
-        "weir_upstream_errors_total",
-        &[("backend", "b0"), ("kind", "timeout")],
-    )
-    .await;
-    assert_eq!(timeouts, 0.0);
-    assert_eq!(backend_state(gw.addr(), "b0").await["state"], "healthy");
+    let addr = gw.addr();
+    let body = chat("mixed", false);
+    let (first, second) = tokio::join!(post(addr, "/v1/chat/completions", &body), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        post(addr, "/v1/chat/completions", &body).await
+    });
+    assert_eq!(first.status, 200, "{}", first.text());
+    second.assert_error(504, "timeout", "upstream_timeout");
+    assert!(
+        second.text().contains("request_timeout"),
+        "{}",
+        second.text()
+    );
+    let labels = [("backend", "b0"), ("kind", "timeout")];
+    assert_eq!(
+        metric(addr, "weir_upstream_errors_total", &labels).await,
+        0.0
+    );
+    assert_eq!(backend_state(addr, "b0").await["state"], "healthy");
 
-    // With most of its `first_byte_timeout` given (here the two timeouts
-    // are equal), a silent backend is the one at fault, as before: equal
-    // timeouts must not hide a hung backend.
+    // Given the whole request_timeout (under half the first_byte_timeout),
+    // a silent backend is the one at fault.
     let ms = mocks(vec![MockConfig::default().hang(true)]).await;
     let toml = retry_config(
         &ms,
         &[],
-        "[server]\nrequest_timeout = \"300ms\"\nfirst_byte_timeout = \"300ms\"\n\n[outlier]\nconsecutive_failures = 2\n",
+        "[server]\nrequest_timeout = \"300ms\"\nfirst_byte_timeout = \"5s\"\n\n[outlier]\nconsecutive_failures = 2\n",
     );
     let gw = gateway(&toml).await;
     for _ in 0..2 {
         let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
         assert_eq!(r.status, 504, "{}", r.text());
     }
-    let timeouts = metric(
-        gw.addr(),
-        "weir_upstream_errors_total",
-        &[("backend", "b0"), ("kind", "timeout")],
-    )
-    .await;
+    let timeouts = metric(gw.addr(), "weir_upstream_errors_total", &labels).await;
     assert_eq!(timeouts, 2.0);
     assert_eq!(backend_state(gw.addr(), "b0").await["state"], "ejected");
+}
+
+/// A retry takes no turn of the balancer's shared sequence: with a failing
+/// backend beside a good one (not ejected), first attempts still alternate
+/// between them. Retries took the turn after the failing backend's, so
+/// every first attempt landed on it.
+#[tokio::test]
+async fn retries_leave_the_first_attempts_their_turns() {
+    let ms = mocks(vec![
+        MockConfig::default().failure_rate(1.0),
+        MockConfig::default(),
+    ])
+    .await;
+    let toml = retry_config(
+        &ms,
+        &[],
+        "[outlier]\nconsecutive_failures = 1000\n\n[retry]\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 100\n",
+    );
+    let gw = gateway(&toml).await;
+    for _ in 0..8 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Four first attempts each; the failing backend's four retried on b1.
+    assert_eq!(ms[0].requests(), 4);
+    assert_eq!(ms[1].requests(), 8);
 }
 
 /// After a failure, an untried backend that is busy (at its
