@@ -255,8 +255,9 @@ impl<'a> Exchange<'a> {
         let members = &self.route.members;
         // Filled only when an attempt fails: most requests never allocate it.
         let mut tried: Vec<usize> = Vec::new();
-        // Backends that answered a 5xx with a `Retry-After`, and until when
-        // this request leaves them alone (only when one asks for a pause).
+        // Backends that answered a 429, or a 5xx with a `Retry-After`, and
+        // until when this request leaves them alone (only when one asks
+        // for a pause).
         let mut paused: Vec<(usize, Instant)> = Vec::new();
         let mut last: Option<Failure> = None;
         let mut attempt = 0;
@@ -339,13 +340,7 @@ impl<'a> Exchange<'a> {
                     // reload has replaced: the retry would send that key).
                     let pause = retry_after(&response);
                     self.report(backend, Outcome::RateLimited(pause));
-                    if !pause.is_zero() {
-                        let until = Instant::now() + pause;
-                        match paused.iter_mut().find(|(j, _)| *j == i) {
-                            Some((_, t)) => *t = until,
-                            None => paused.push((i, until)),
-                        }
-                    }
+                    hold_off(&mut paused, i, pause);
                     (FailureKind::Status429, Some(response.status()))
                 }
                 // A 5xx's `Retry-After` (a 503's, RFC 9110 §10.2.3) keeps
@@ -353,12 +348,8 @@ impl<'a> Exchange<'a> {
                 // until it passes (other requests are not held to it).
                 Ok(response) => {
                     self.report(backend, Outcome::Failure);
-                    if let Some(pause) = retry_after_given(&response).filter(|p| !p.is_zero()) {
-                        let until = Instant::now() + pause;
-                        match paused.iter_mut().find(|(j, _)| *j == i) {
-                            Some((_, t)) => *t = until,
-                            None => paused.push((i, until)),
-                        }
+                    if let Some(pause) = retry_after_given(&response) {
+                        hold_off(&mut paused, i, pause);
                     }
                     (FailureKind::Status5xx, Some(response.status()))
                 }
@@ -425,7 +416,7 @@ impl<'a> Exchange<'a> {
     /// `base_delay` to `max_delay`. Which backend takes the retry is
     /// decided after the back-off, by [`Exchange::next_backend`], from the
     /// state then: a backend may be held out or freed meanwhile. A backend
-    /// that asked for a pause (this request's 5xx `Retry-After` in `paused`, anyone's 429 in its live
+    /// that asked for a pause (this request's 429 or 5xx `Retry-After` in `paused`, anyone's 429 in its live
     /// state) is not available until it passes; one ejected is not
     /// available either, and not waited for past `max_delay` (nor does a
     /// retry meet it failing again). When the next attempt must go to a
@@ -863,6 +854,19 @@ impl Drop for WaiterCount<'_> {
 /// An upstream 429 or 5xx is retried elsewhere (SPEC "Errors").
 fn is_retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+/// This request leaves backend `i` alone for `pause` from now (its 429's
+/// or 5xx's `Retry-After`); a zero pause asks for none.
+fn hold_off(paused: &mut Vec<(usize, Instant)>, i: usize, pause: Duration) {
+    if pause.is_zero() {
+        return;
+    }
+    let until = Instant::now() + pause;
+    match paused.iter_mut().find(|(j, _)| *j == i) {
+        Some((_, t)) => *t = until,
+        None => paused.push((i, until)),
+    }
 }
 
 /// The 503 of a model with no backend in rotation; when every backend is

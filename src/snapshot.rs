@@ -334,6 +334,14 @@ impl std::fmt::Debug for BackendState {
 }
 
 impl BackendState {
+    /// Whether what was sent with this state (a request, a probe) went with
+    /// the key in use: a reload that gives the backend a new key bumps the
+    /// live generation under the health lock, so read it under that lock
+    /// to act on the answer.
+    pub(crate) fn sent_with_current_key(&self) -> bool {
+        self.generation == self.live.generation.load(Ordering::Acquire)
+    }
+
     /// Its metric handles are detached until [`Snapshot::build_with`]
     /// resolves them (once no backend of the snapshot can fail to build).
     fn new(

@@ -307,28 +307,25 @@ impl ApiError {
         let mut response = Response::new(GatewayBody::full(body.to_string()));
         *response.status_mut() = status;
         response.headers_mut().insert(header::CONTENT_TYPE, JSON);
-        if let ApiError::RateLimited {
-            retry_after,
-            headers,
-            ..
-        } = &self
-        {
-            let h = response.headers_mut();
-            h.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs(*retry_after)),
-            );
-            insert_rate_headers(h, headers);
-        }
-        if let ApiError::NoHealthyBackend {
-            retry_after: Some(wait),
-            ..
-        } = &self
-        {
+        // When weir knows when the client should come back: a 429's exact
+        // wait, or a 503's until the first backend is back.
+        let (retry_after, rate) = match &self {
+            ApiError::RateLimited {
+                retry_after,
+                headers,
+                ..
+            } => (Some(*retry_after), Some(headers)),
+            ApiError::NoHealthyBackend { retry_after, .. } => (*retry_after, None),
+            _ => (None, None),
+        };
+        if let Some(wait) = retry_after {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs(*wait)),
+                HeaderValue::from(retry_after_secs(wait)),
             );
+        }
+        if let Some(headers) = rate {
+            insert_rate_headers(response.headers_mut(), headers);
         }
         if let ApiError::MethodNotAllowed { allow, .. } = &self {
             response

@@ -321,7 +321,7 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
                 .rate_limited
                 .filter(|_| !matches!(outcome, probes::ProbeOutcome::RateLimited { .. }));
             let (_, before, after) = observe(backend, tier, &outcome, thresholds, |h| {
-                if let Some(wait) = rate_limited.filter(|_| current_key(backend)) {
+                if let Some(wait) = rate_limited.filter(|_| backend.sent_with_current_key()) {
                     h.probe_rate_limited(tier, Instant::now() + wait);
                 }
                 h.saturated = saturated;
@@ -369,7 +369,7 @@ fn observe(
                 let before = h.clone();
                 // Sent with a key a reload has replaced since: the old
                 // quota's 429, which says nothing now.
-                if current_key(backend) {
+                if backend.sent_with_current_key() {
                     h.observe_rate_limited(
                         tier,
                         *latency,
@@ -396,17 +396,6 @@ fn observe(
         extra(h);
         (flip != super::state::Flip::None, before, h.clone())
     })
-}
-
-/// Whether a probe sent with `backend` (its snapshot's state) was sent with
-/// the key in use: read under the health lock, which a reload that changes
-/// the key bumps the generation under.
-fn current_key(backend: &BackendState) -> bool {
-    backend.generation
-        == backend
-            .live
-            .generation
-            .load(std::sync::atomic::Ordering::Acquire)
 }
 
 /// The backend with this identity in `snapshot`, if it is still there.

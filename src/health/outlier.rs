@@ -71,7 +71,7 @@ pub(crate) fn report(
             // backend came back afresh): the old quota's, not this one's.
             // Read under the lock a reload bumps it under.
             let opened = live.with_health(|h| {
-                let current = backend.generation == live.generation.load(Ordering::Acquire);
+                let current = backend.sent_with_current_key();
                 if current {
                     h.rate_limit_until(until);
                 }
