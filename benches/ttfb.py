@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Time to first SSE byte of streamed chat completions, stdlib only.
 
-usage: ttfb.py HOST PORT MODEL CONCURRENCY ROUNDS
+usage: ttfb.py HOST PORT MODEL CONCURRENCY ROUNDS [WARMUP]
 
-Each round opens CONCURRENCY connections at once; each sends one
+WARMUP rounds (default 0) run first and are not counted: a process's
+first burst of new connections pays for memory it has never touched and
+upstream connections it has not yet pooled, once in its life. Each round opens CONCURRENCY connections at once; each sends one
 `"stream": true` request (HTTP/1.1, Connection: close) and measures the time
 from just before sending to the first `data:` line, then drains the stream.
 Prints: n median_ms p90_ms p99_ms max_ms errors (over all streams of all rounds).
@@ -47,6 +49,7 @@ async def one(host, port, body):
 async def main():
     host, port, model = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     concurrency, rounds = int(sys.argv[4]), int(sys.argv[5])
+    warmup = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     body = json.dumps(
         {
             "model": model,
@@ -55,6 +58,10 @@ async def main():
             "stream": True,
         }
     ).encode()
+    for _ in range(warmup):
+        await asyncio.gather(
+            *(one(host, port, body) for _ in range(concurrency)), return_exceptions=True
+        )
     times, errors = [], 0
     for _ in range(rounds):
         results = await asyncio.gather(

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# A fresh proxy's first burst of new streams (benches/load.sh compares the
+# steady state after one unmeasured burst): for each of REPS rounds, a
+# fresh nginx (`proxy_buffering off`) and a fresh weir in front of the same
+# `weir mock`, each timed on its first 256 concurrent streams and then on
+# two more bursts, time to first `data:` line (benches/ttfb.py). The mock
+# and the client are warmed first by a direct burst. One command:
+#
+#   benches/first_burst.sh
+#
+# Environment (all optional): WEIR_BIN (as load.sh), REPS (default 3),
+# CONC (streams per burst, default 256), BASE_PORT (default 18281; uses up
+# to BASE_PORT+2+2*REPS), KEEP=1.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPS=${REPS:-3}
+CONC=${CONC:-256}
+BASE_PORT=${BASE_PORT:-18281}
+UP_PORT=$BASE_PORT
+MOCK_PORT=$((BASE_PORT + 1))
+MODEL=bench-model
+STREAM_MODEL=bench-stream
+source benches/common.sh
+bench_tools python3
+# CONC streams x 2 sockets each: raise the soft limit to the hard one.
+ulimit -n "$(ulimit -Hn)"
+
+start_workdir first
+chmod 755 "$DIR"
+start_nginx upstream "$(return200_block "$UP_PORT")" "$UP_PORT"
+"$WEIR_BIN" mock --listen "127.0.0.1:$MOCK_PORT" --models "$STREAM_MODEL" \
+    --tokens-per-sec 50 --chunks 20 --no-record >"$DIR/mock.log" 2>&1 &
+PIDS+=($!)
+wait_port "$MOCK_PORT" $! mock
+
+# weir's bench config with the streaming model on the mock (as load.sh).
+weir_config() { # port
+    bench_weir_config "$1" "$UP_PORT"
+    cat <<EOF
+
+[[models]]
+name = "$STREAM_MODEL"
+requests_per_minute = 100_000_000
+tokens_per_minute = 1_000_000_000_000
+max_concurrent = 10000
+
+[[backends]]
+name = "mock"
+url = "http://127.0.0.1:$MOCK_PORT/v1"
+models = ["$STREAM_MODEL"]
+EOF
+}
+
+# burst port rounds -> "n median p90 p99 max errors"
+burst() { python3 benches/ttfb.py 127.0.0.1 "$1" "$STREAM_MODEL" "$CONC" "$2"; }
+
+echo "first burst of $CONC new streams on a fresh proxy; TTFB = send -> first data: line"
+echo
+echo "| round | target | first burst: median | p90 | max | next two: median | p90 | max | RSS after |"
+echo "|---|---|---|---|---|---|---|---|---|"
+port=$((BASE_PORT + 2))
+for rep in $(seq "$REPS"); do
+    for target in nginx weir; do
+        port=$((port + 1))
+        if [ "$target" = nginx ]; then
+            start_nginx "nginx-$rep" "$(stream_proxy_block "$port" "$MOCK_PORT")" "$port"
+            pid=${PIDS[-1]}
+        else
+            weir_config "$port" >"$DIR/weir-$rep.toml"
+            RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir-$rep.toml" >"$DIR/weir-$rep.log" 2>&1 &
+            pid=$!
+            PIDS+=($pid)
+            wait_port "$port" "$pid" weir
+        fi
+        burst "$MOCK_PORT" 1 >/dev/null
+        read -r _ fmed fp90 _ fmax ferr <<<"$(burst "$port" 1)"
+        read -r _ lmed lp90 _ lmax lerr <<<"$(burst "$port" 2)"
+        # RSS of the proxy's processes (nginx: master and workers).
+        rss=$(ps -o rss= --pid "$pid" --ppid "$pid" | awk '{ s += $1 } END { printf "%.1f MB", s / 1024 }')
+        errs=$((ferr + lerr))
+        echo "| $rep | $target | $fmed ms | $fp90 ms | $fmax ms | $lmed ms | $lp90 ms | $lmax ms | $rss |${errs/#0/}"
+        kill -TERM "$pid"
+        wait "$pid" 2>/dev/null || true
+    done
+done
