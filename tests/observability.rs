@@ -461,3 +461,76 @@ async fn json_log_lines_carry_every_field_and_no_secret() {
     assert!(!all.contains(BACKEND_KEY), "backend key in the logs");
     assert!(!all.contains("client-secret-9"), "client key in the logs");
 }
+
+/// A backend the clock brings back (its 429 window over) is logged, as the
+/// 429 that took it out was: operators see both ends of the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_a_429_window_is_logged() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .rate_limit(1.0, 1),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nlog_format = \"json\"\n\n[retry]\nmax_attempts = 1\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+            backend("b1", &m.base_url(), &["m"], 1)
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("--config")
+        .arg(&path)
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let json =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            if tx.send(json).is_err() {
+                break;
+            }
+        }
+    });
+    let next_message = |wanted: &str| loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no log line {wanted:?}"));
+        if line["message"] == wanted {
+            break line;
+        }
+    };
+    let listen = next_message("weir is serving");
+    let addr: std::net::SocketAddr = listen["listen"].as_str().unwrap().parse().unwrap();
+    let r = send(
+        &client(),
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        chat("m", false),
+    )
+    .await;
+    // No retry left: a 502 naming the backend's 429 (README "Retries").
+    assert_eq!(r.status, 502);
+    let out = next_message("backend rate-limited weir; out of rotation until its Retry-After");
+    assert_eq!(out["backend"], "b1");
+    // One second later (the mock's Retry-After) the clock ends the window.
+    let back = next_message("backend back in rotation: its Retry-After window ended");
+    assert_eq!(back["backend"], "b1");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}

@@ -53,8 +53,11 @@ pub(crate) fn rebuild(shared: &Shared) {
 }
 
 /// Rebuilds the snapshot when told to (a health change) and on the ramp and
-/// ejection timers, until `shutdown`.
+/// ejection timers, until `shutdown`. Logs each backend the clock brought
+/// back (an ejection or a 429 window over), as Envoy's outlier log records
+/// an uneject: the lines that took it out have their counterpart.
 pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut looked = Instant::now();
     loop {
         let snapshot = shared.snapshot.load_full();
         let now = Instant::now();
@@ -72,6 +75,20 @@ pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) 
             _ = sleep_until(next_change) => {}
         }
         rebuild(&shared);
+        let now = Instant::now();
+        log_returns(&shared.snapshot.load(), looked, now);
+        looked = now;
+    }
+}
+
+/// Logs the backends whose ejection or 429 window ended in `(since, now]`
+/// and that are back in rotation at `now`.
+fn log_returns(snapshot: &Snapshot, since: Instant, now: Instant) {
+    for backend in snapshot.backends() {
+        let ended = backend.live.with_health(|h| h.hold_ended(since, now));
+        if let Some(ended) = ended {
+            tracing::info!(backend = %backend.config.name, "backend back in rotation: {ended}");
+        }
     }
 }
 

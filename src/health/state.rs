@@ -321,6 +321,23 @@ impl HealthRecord {
             .max()
     }
 
+    /// What the clock ended in `(since, now]` to bring the backend back
+    /// into rotation at `now`: its ejection, its 429 window, or both (the
+    /// probes' own returns are logged where they happen). `None` when
+    /// nothing ended then, or when something still holds it out.
+    pub fn hold_ended(&self, since: Instant, now: Instant) -> Option<&'static str> {
+        if self.is_out() || self.back_at(now).is_some() {
+            return None;
+        }
+        let ended = |t: Option<Instant>| t.is_some_and(|t| since < t && t <= now);
+        match (ended(self.ejected_until), ended(self.rate_limited_until)) {
+            (true, true) => Some("its ejection and its Retry-After window ended"),
+            (true, false) => Some("its ejection ended"),
+            (false, true) => Some("its Retry-After window ended"),
+            (false, false) => None,
+        }
+    }
+
     /// Degraded by readiness slowness, engine saturation or a failing deep tier.
     pub fn is_degraded(&self) -> bool {
         self.tiers[1].slow || self.saturated || self.tiers[2].down
@@ -469,6 +486,35 @@ mod tests {
     use super::*;
 
     const T: (u32, u32) = (3, 2);
+
+    #[test]
+    fn the_clock_ending_a_hold_is_reported_once_and_only_when_back() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut h = HealthRecord::default();
+        assert_eq!(h.hold_ended(t0, t0 + 9 * s), None, "never held out");
+        h.eject(t0, 2 * s);
+        assert_eq!(h.hold_ended(t0, t0 + s), None, "still ejected");
+        assert_eq!(h.hold_ended(t0 + s, t0 + 3 * s), Some("its ejection ended"));
+        // The next look's interval starts where this one stopped: no repeat.
+        assert_eq!(h.hold_ended(t0 + 3 * s, t0 + 4 * s), None);
+        // A 429 window that outlasts the ejection: back only when it ends.
+        h.rate_limit_until(t0 + 5 * s);
+        assert_eq!(h.hold_ended(t0 + s, t0 + 3 * s), None, "the window holds");
+        assert_eq!(
+            h.hold_ended(t0 + 3 * s, t0 + 6 * s),
+            Some("its Retry-After window ended")
+        );
+        assert_eq!(
+            h.hold_ended(t0, t0 + 6 * s),
+            Some("its ejection and its Retry-After window ended")
+        );
+        // Held out by the probes when the clock ends the window: not back.
+        for _ in 0..T.0 {
+            h.observe(Tier::Liveness, false, s, Some("x".into()), T, t0 + 4 * s);
+        }
+        assert_eq!(h.hold_ended(t0 + 3 * s, t0 + 6 * s), None);
+    }
 
     #[test]
     fn rise_and_fall_thresholds() {
