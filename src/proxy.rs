@@ -579,6 +579,11 @@ impl<'a> Exchange<'a> {
                     None => continue,
                 }
             }
+            if !retrying {
+                if let Some((i, in_flight)) = self.back_in_rotation() {
+                    return Pick::Backend(i, in_flight);
+                }
+            }
             // A retry does not queue for a slot (nor take a place in the
             // model's queue, whose refusal would be a 429 for a request
             // already admitted): with every backend busy, it ends with
@@ -617,6 +622,33 @@ impl<'a> Exchange<'a> {
                 return Pick::Saturated;
             }
         }
+    }
+
+    /// For a first attempt that found every backend of its snapshot busy: a
+    /// member its snapshot has out of rotation (weight 0: a 429 window, an
+    /// ejection, failing probes) that a newer snapshot has back in, with a
+    /// free slot, which is then taken. Only this pick looks past the
+    /// request's snapshot (the member, its client and everything else stay
+    /// the request's own): waiting for a busy backend while one that came
+    /// back sits idle would hold the request for nothing, and for an LLM
+    /// backend "busy" can last minutes. A backend a reload added is not
+    /// looked for: the request's route does not know it.
+    fn back_in_rotation(&self) -> Option<(usize, InFlight)> {
+        let current = self.shared.snapshot.load();
+        if Arc::ptr_eq(&current, self.snapshot) {
+            return None;
+        }
+        let (_, now) = current.route(&self.route.config.name)?;
+        let members = &self.route.members;
+        members.iter().enumerate().find_map(|(j, member)| {
+            let back = self.route.pool.weight(j) == 0
+                && now.members.iter().enumerate().any(|(k, m)| {
+                    now.pool.weight(k) > 0 && Arc::ptr_eq(&m.backend.live, &member.backend.live)
+                });
+            back.then(|| member.backend.try_begin())
+                .flatten()
+                .map(|in_flight| (j, in_flight))
+        })
     }
 
     fn saturated_error(&self) -> ApiError {

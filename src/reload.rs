@@ -135,6 +135,7 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
         shared.metrics.publish_weights(&snapshot);
         let snapshot = Arc::new(snapshot);
         shared.snapshot.store(snapshot.clone());
+        snapshot.slots.announce();
         // Removed models and backends leave /metrics with the swap (no
         // rebuild runs in between: this holds the build lock).
         shared.metrics.forget_removed(&old, &snapshot);

@@ -317,10 +317,23 @@ pub(crate) struct HeldOut {
 /// Lets requests wait for "some backend freed a slot" without polling.
 #[derive(Debug, Default)]
 pub(crate) struct SlotSignal {
-    /// Woken (all waiters) when an in-flight slot is released.
+    /// Woken (all waiters) when an in-flight slot is released, and when a
+    /// new snapshot is published (it may have a backend back).
     pub notify: Notify,
     /// Requests waiting right now; releases skip the notify when zero.
     pub waiters: AtomicUsize,
+}
+
+impl SlotSignal {
+    /// Wakes every waiting request, if any. SeqCst, paired with the
+    /// waiter count's increment: either this load sees a waiter that
+    /// counted itself, or that waiter's next look sees what changed
+    /// before the call (a slot given back, a snapshot stored).
+    pub(crate) fn announce(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for BackendState {
@@ -420,9 +433,7 @@ impl Drop for InFlight {
         // this load sees a waiter that counted itself, or that waiter's
         // next look sees the slot given back here.
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if self.0.slots.waiters.load(Ordering::SeqCst) > 0 {
-            self.0.slots.notify.notify_waiters();
-        }
+        self.0.slots.announce();
     }
 }
 

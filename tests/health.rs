@@ -1458,3 +1458,52 @@ async fn no_slow_start_until_without_slow_start() {
     assert!(b0["ejected_until"].is_string(), "{b0}");
     assert!(b0["slow_start_until"].is_null(), "{b0}");
 }
+
+/// A request waiting for a slot, every backend of its snapshot busy or
+/// held out, takes a backend the clock brings back meanwhile (its 429
+/// window over) rather than wait for a busy one to finish: the waiter is
+/// woken when a new snapshot is published and looks there for its
+/// model's backends back in rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_a_slot_takes_a_backend_that_comes_back() {
+    let model = || MockConfig::default().models(vec![MODEL.into()]);
+    let busy = mock::start(model().latency(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    let limited = mock::start(model().rate_limit(1.0, 2)).await.unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{}\n[health]\nenabled = false\n\n[retry]\nmax_attempts = 1\n",
+        backend("busy", &busy.base_url(), &[MODEL], 1),
+        backend("limited", &limited.base_url(), &[MODEL], 1),
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let chat_later = || {
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
+    };
+    // Occupy `busy` and have `limited` answer one 429, in either order.
+    let mut held = chat_later();
+    assert!(
+        eventually(Duration::from_secs(5), || busy.in_flight() == 1
+            || limited.requests() == 1)
+        .await
+    );
+    if limited.requests() == 1 {
+        assert_eq!(held.await.unwrap().status, 502);
+        held = chat_later();
+        assert!(eventually(Duration::from_secs(5), || busy.in_flight() == 1).await);
+    } else {
+        let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 502, "{}", r.text());
+    }
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "limited") == 0.0).await);
+    limited.update(|c| c.rate_limit_rate = 0.0);
+    // Both out of reach in this request's snapshot: it waits, and takes
+    // `limited` when its window ends (2 s), not `busy` when its slot
+    // frees (5 s).
+    let waiting = chat_later();
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "limited");
+    assert_eq!(held.await.unwrap().status, 200);
+}

@@ -723,9 +723,12 @@ async fn a_reload_with_new_cas_probes_https_backends_again() {
     rotate_the_ca_in(&weir, &bundle);
     assert!(log_line(&weir.log, "config reloaded").await.is_some());
     // Within a tenth of the 30 s intervals (the restarted probes' jitter),
-    // with room to spare; not after the rest of the 30 s.
+    // with room to spare; not after the rest of the 30 s. Back in rotation
+    // is the point: "degraded" counts (a readiness answer slower than
+    // 500 ms on a busy machine, or a deep round that ran under the old
+    // CAs, its interval an hour, degrades it).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while state().await != "healthy" {
+    while !matches!(state().await.as_str(), "healthy" | "degraded") {
         assert!(
             tokio::time::Instant::now() < deadline,
             "not probed again: {}",

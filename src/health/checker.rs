@@ -43,7 +43,10 @@ pub(crate) fn rebuild(shared: &Shared) {
     match Snapshot::build(current.config.clone(), Some(&current), &shared.metrics) {
         Ok(next) => {
             shared.metrics.publish_weights(&next);
+            let slots = next.slots.clone();
             shared.snapshot.store(Arc::new(next));
+            // Requests waiting for a slot look for a backend back.
+            slots.announce();
         }
         // Building reuses every client, or (https, after a reload read
         // other CAs) builds one from CAs already read, so this cannot fail
@@ -433,27 +436,39 @@ fn log_transition(
     let (from, to) = (before.state(at), after.state(at));
     if from != to {
         let level_warn = matches!(to, HealthState::Out | HealthState::Degraded);
-        let reason;
-        let error = match after.tier(tier).last_error.as_deref() {
-            Some(error) => error,
-            // Degraded without an error: say by what.
-            None if after.saturated => {
-                "engine saturated (waiting requests, KV cache at 95 % or more)"
-            }
-            None if after.tier(Tier::Readiness).slow => {
-                reason = format!(
-                    "readiness answered in {:?}, slower than degraded_latency",
-                    after.tier(Tier::Readiness).last_latency.unwrap_or_default()
-                );
-                &reason
-            }
-            None => "",
-        };
+        let error = why(tier, after);
         if level_warn {
             tracing::warn!(backend = %backend.config.name, tier = tier.as_str(), from = from.as_str(), to = to.as_str(), error, "backend health changed");
         } else {
             tracing::info!(backend = %backend.config.name, tier = tier.as_str(), from = from.as_str(), to = to.as_str(), "backend health changed");
         }
+    }
+}
+
+/// What a transition's line says made it: the error of the tier whose
+/// probe made it, else (degraded with that tier passing) what degrades the
+/// backend: a saturated engine, a slow readiness answer, or a failing deep
+/// tier (which may have failed while the backend was out, unlogged, so
+/// the readiness probe that brings it back as "degraded" names it).
+fn why(tier: Tier, after: &HealthRecord) -> String {
+    if let Some(error) = &after.tier(tier).last_error {
+        return error.clone();
+    }
+    let deep = after.tier(Tier::Deep);
+    if after.saturated {
+        "engine saturated (waiting requests, KV cache at 95 % or more)".to_owned()
+    } else if after.tier(Tier::Readiness).slow {
+        format!(
+            "readiness answered in {:?}, slower than degraded_latency",
+            after.tier(Tier::Readiness).last_latency.unwrap_or_default()
+        )
+    } else if deep.down {
+        format!(
+            "the deep tier is failing: {}",
+            deep.last_error.as_deref().unwrap_or("no error recorded")
+        )
+    } else {
+        String::new()
     }
 }
 
@@ -478,5 +493,44 @@ fn interval(tier: Tier, health: &HealthConfig) -> Duration {
         Tier::Liveness => health.liveness.interval,
         Tier::Readiness => health.readiness.interval,
         Tier::Deep => health.deep.interval,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transition_names_what_degrades_the_backend() {
+        let now = Instant::now();
+        let ms = Duration::from_millis(1);
+        let mut h = HealthRecord::default();
+        assert_eq!(why(Tier::Readiness, &h), "");
+        // The deep tier failed (while the backend was out, say): the
+        // readiness pass that brings it back degraded names it.
+        h.observe(
+            Tier::Deep,
+            false,
+            ms,
+            Some("tls: UnknownIssuer".into()),
+            (1, 1),
+            now,
+        );
+        assert_eq!(h.state(now), HealthState::Degraded);
+        assert_eq!(
+            why(Tier::Readiness, &h),
+            "the deep tier is failing: tls: UnknownIssuer"
+        );
+        // The probing tier's own error comes first.
+        h.observe(
+            Tier::Readiness,
+            false,
+            ms,
+            Some("refused".into()),
+            (1, 1),
+            now,
+        );
+        assert_eq!(why(Tier::Readiness, &h), "refused");
+        assert_eq!(why(Tier::Deep, &h), "tls: UnknownIssuer");
     }
 }
