@@ -204,6 +204,25 @@ enabled = false
 EOF
 }
 
+# bench_weir_config plus STREAM_MODEL on the `weir mock` at mock-port, with
+# limits that do not bind (load.sh's and first_burst.sh's streams).
+bench_weir_stream_config() { # listen-port upstream-port mock-port
+    bench_weir_config "$1" "$2"
+    cat <<EOF
+
+[[models]]
+name = "$STREAM_MODEL"
+requests_per_minute = 100_000_000
+tokens_per_minute = 1_000_000_000_000
+max_concurrent = 10000
+
+[[backends]]
+name = "mock"
+url = "http://127.0.0.1:$3/v1"
+models = ["$STREAM_MODEL"]
+EOF
+}
+
 # wrk latency figure -> microseconds.
 to_us() {
     awk -v v="$1" 'BEGIN {

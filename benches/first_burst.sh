@@ -34,24 +34,6 @@ start_nginx upstream "$(return200_block "$UP_PORT")" "$UP_PORT"
 PIDS+=($!)
 wait_port "$MOCK_PORT" $! mock
 
-# weir's bench config with the streaming model on the mock (as load.sh).
-weir_config() { # port
-    bench_weir_config "$1" "$UP_PORT"
-    cat <<EOF
-
-[[models]]
-name = "$STREAM_MODEL"
-requests_per_minute = 100_000_000
-tokens_per_minute = 1_000_000_000_000
-max_concurrent = 10000
-
-[[backends]]
-name = "mock"
-url = "http://127.0.0.1:$MOCK_PORT/v1"
-models = ["$STREAM_MODEL"]
-EOF
-}
-
 # burst port rounds -> "n median p90 p99 max errors"
 burst() { python3 benches/ttfb.py 127.0.0.1 "$1" "$STREAM_MODEL" "$CONC" "$2"; }
 
@@ -67,7 +49,7 @@ for rep in $(seq "$REPS"); do
             start_nginx "nginx-$rep" "$(stream_proxy_block "$port" "$MOCK_PORT")" "$port"
             pid=${PIDS[-1]}
         else
-            weir_config "$port" >"$DIR/weir-$rep.toml"
+            bench_weir_stream_config "$port" "$UP_PORT" "$MOCK_PORT" >"$DIR/weir-$rep.toml"
             RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir-$rep.toml" >"$DIR/weir-$rep.log" 2>&1 &
             pid=$!
             PIDS+=($pid)

@@ -77,23 +77,7 @@ $(stream_proxy_block "$NGINX_STREAM_PORT" "$MOCK_PORT")" "$NGINX_PORT"
 PIDS+=($!)
 wait_port "$MOCK_PORT" $! mock
 
-{
-    bench_weir_config "$WEIR_PORT" "$UP_PORT"
-    # The streaming model, on the mock.
-    cat <<EOF
-
-[[models]]
-name = "$STREAM_MODEL"
-requests_per_minute = 100_000_000
-tokens_per_minute = 1_000_000_000_000
-max_concurrent = 10000
-
-[[backends]]
-name = "mock"
-url = "http://127.0.0.1:$MOCK_PORT/v1"
-models = ["$STREAM_MODEL"]
-EOF
-} >"$DIR/weir.toml"
+bench_weir_stream_config "$WEIR_PORT" "$UP_PORT" "$MOCK_PORT" >"$DIR/weir.toml"
 start_weir "$WEIR_PORT"
 
 TARGETS="upstream:$UP_PORT nginx:$NGINX_PORT weir:$WEIR_PORT"

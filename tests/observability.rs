@@ -338,26 +338,20 @@ async fn a_fresh_gateway_lists_retries_and_upstream_errors_at_0() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_log_lines_carry_every_field_and_no_secret() {
-    let m = mock::start(MockConfig::default().models(vec!["m".into()]).chunks(4))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+/// Starts the weir binary on `toml` (written into `dir`) with `RUST_LOG`
+/// set to `rust_log`, and returns it with its stderr, line by line.
+fn spawn_logging(
+    dir: &tempfile::TempDir,
+    toml: &str,
+    rust_log: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let path = dir.path().join("weir.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nlog_format = \"json\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
-            backend("b1", &m.base_url(), &["m"], 1)
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, toml).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
         .arg("--config")
         .arg(&path)
         .env("BACKEND_KEY", BACKEND_KEY)
-        .env("RUST_LOG", "trace")
+        .env("RUST_LOG", rust_log)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -371,6 +365,23 @@ async fn json_log_lines_carry_every_field_and_no_secret() {
             }
         }
     });
+    (child, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_carry_every_field_and_no_secret() {
+    let m = mock::start(MockConfig::default().models(vec!["m".into()]).chunks(4))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, rx) = spawn_logging(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nlog_format = \"json\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+            backend("b1", &m.base_url(), &["m"], 1)
+        ),
+        "trace",
+    );
     let mut lines = Vec::new();
     let addr: std::net::SocketAddr = loop {
         let line = rx
@@ -474,41 +485,22 @@ async fn the_end_of_a_429_window_is_logged() {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("weir.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let (mut child, rx) = spawn_logging(
+        &dir,
+        &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nlog_format = \"json\"\n\n[retry]\nmax_attempts = 1\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
             backend("b1", &m.base_url(), &["m"], 1)
         ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .arg("--config")
-        .arg(&path)
-        .env("BACKEND_KEY", BACKEND_KEY)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let json =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-            if tx.send(json).is_err() {
-                break;
-            }
-        }
-    });
+        "info",
+    );
     let next_message = |wanted: &str| loop {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("no log line {wanted:?}"));
-        if line["message"] == wanted {
-            break line;
+        let json: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if json["message"] == wanted {
+            break json;
         }
     };
     let listen = next_message("weir is serving");
