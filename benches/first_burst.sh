@@ -10,7 +10,9 @@
 #
 # Environment (all optional): WEIR_BIN (as load.sh), REPS (default 3),
 # CONC (streams per burst, default 256), BASE_PORT (default 18281; uses up
-# to BASE_PORT+2+2*REPS), KEEP=1.
+# to BASE_PORT+2+2*REPS), KEEP=1. Memory is the proxy's proportional set
+# size (Pss, nginx's master and workers summed), so pages they share are
+# counted once.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -24,7 +26,7 @@ STREAM_MODEL=bench-stream
 source benches/common.sh
 bench_tools python3
 # CONC streams x 2 sockets each: raise the soft limit to the hard one.
-ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -Hn)" = unlimited ] || ulimit -n "$(ulimit -Hn)"
 
 start_workdir first
 chmod 755 "$DIR"
@@ -39,8 +41,18 @@ burst() { python3 benches/ttfb.py 127.0.0.1 "$1" "$STREAM_MODEL" "$CONC" "$2"; }
 
 echo "first burst of $CONC new streams on a fresh proxy; TTFB = send -> first data: line"
 echo
-echo "| round | target | first burst: median | p90 | max | next two: median | p90 | max | RSS after |"
-echo "|---|---|---|---|---|---|---|---|---|"
+# The Pss of process $1 and its children, in MB.
+pss() {
+    local total=0 p kb
+    for p in "$1" $(ps -o pid= --ppid "$1"); do
+        kb=$(awk '/^Pss:/ { print $2 }' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)
+        total=$((total + ${kb:-0}))
+    done
+    awk -v k="$total" 'BEGIN { printf "%.1f MB", k / 1024 }'
+}
+
+echo "| round | target | first burst: median | p90 | max | next two: median | p90 | max | Pss after | errors |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 port=$((BASE_PORT + 2))
 for rep in $(seq "$REPS"); do
     for target in nginx weir; do
@@ -53,16 +65,16 @@ for rep in $(seq "$REPS"); do
             RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir-$rep.toml" >"$DIR/weir-$rep.log" 2>&1 &
             pid=$!
             PIDS+=($pid)
-            wait_port "$port" "$pid" weir
+            wait_port "$port" "$pid" "weir-$rep"
         fi
         burst "$MOCK_PORT" 1 >/dev/null
         read -r _ fmed fp90 _ fmax ferr <<<"$(burst "$port" 1)"
         read -r _ lmed lp90 _ lmax lerr <<<"$(burst "$port" 2)"
-        # RSS of the proxy's processes (nginx: master and workers).
-        rss=$(ps -o rss= --pid "$pid" --ppid "$pid" | awk '{ s += $1 } END { printf "%.1f MB", s / 1024 }')
-        errs=$((ferr + lerr))
-        echo "| $rep | $target | $fmed ms | $fp90 ms | $fmax ms | $lmed ms | $lp90 ms | $lmax ms | $rss |${errs/#0/}"
+        mem=$(pss "$pid")
+        echo "| $rep | $target | $fmed ms | $fp90 ms | $fmax ms | $lmed ms | $lp90 ms | $lmax ms | $mem | $((ferr + lerr)) |"
         kill -TERM "$pid"
         wait "$pid" 2>/dev/null || true
+        # Stopped: not one for `cleanup` to signal (its pid may be reused).
+        for i in "${!PIDS[@]}"; do [ "${PIDS[$i]}" != "$pid" ] || unset 'PIDS[i]'; done
     done
 done

@@ -632,7 +632,10 @@ impl<'a> Exchange<'a> {
     /// the request's own): waiting for a busy backend while one that came
     /// back sits idle would hold the request for nothing, and for an LLM
     /// backend "busy" can last minutes. A backend a reload added is not
-    /// looked for: the request's route does not know it.
+    /// looked for: the request's route does not know it. Nor is one a
+    /// reload changed (another key, `max_concurrent`, anything in its
+    /// entry) or restored: the request would send it as its snapshot has
+    /// it, with the old key.
     fn back_in_rotation(&self) -> Option<(usize, InFlight)> {
         let current = self.shared.snapshot.load();
         if Arc::ptr_eq(&current, self.snapshot) {
@@ -641,11 +644,15 @@ impl<'a> Exchange<'a> {
         let (_, now) = current.route(&self.route.config.name)?;
         let members = &self.route.members;
         members.iter().enumerate().find_map(|(j, member)| {
+            let mine = &member.backend;
             let back = self.route.pool.weight(j) == 0
                 && now.members.iter().enumerate().any(|(k, m)| {
-                    now.pool.weight(k) > 0 && Arc::ptr_eq(&m.backend.live, &member.backend.live)
+                    now.pool.weight(k) > 0
+                        && Arc::ptr_eq(&m.backend.live, &mine.live)
+                        && m.backend.generation == mine.generation
+                        && m.backend.config == mine.config
                 });
-            back.then(|| member.backend.try_begin())
+            back.then(|| mine.try_begin())
                 .flatten()
                 .map(|in_flight| (j, in_flight))
         })

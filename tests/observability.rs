@@ -338,13 +338,33 @@ async fn a_fresh_gateway_lists_retries_and_upstream_errors_at_0() {
     );
 }
 
+/// A weir process, killed if its test fails before stopping it.
+struct Running(std::process::Child);
+
+impl Running {
+    /// SIGTERM (a graceful stop, flushing the log), then waits for it.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the weir binary on `toml` (written into `dir`) with `RUST_LOG`
 /// set to `rust_log`, and returns it with its stderr, line by line.
 fn spawn_logging(
     dir: &tempfile::TempDir,
     toml: &str,
     rust_log: &str,
-) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+) -> (Running, std::sync::mpsc::Receiver<String>) {
     let path = dir.path().join("weir.toml");
     std::fs::write(&path, toml).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
@@ -365,7 +385,7 @@ fn spawn_logging(
             }
         }
     });
-    (child, rx)
+    (Running(child), rx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,10 +430,7 @@ async fn json_log_lines_carry_every_field_and_no_secret() {
     assert_eq!(r.status, 200);
     let s = post_stream(addr, "/v1/chat/completions", &chat("m", true)).await;
     assert_eq!(s.status, 200);
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    child.stop();
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
         lines.push(line);
     }
@@ -521,8 +538,5 @@ async fn the_end_of_a_429_window_is_logged() {
     // One second later (the mock's Retry-After) the clock ends the window.
     let back = next_message("backend back in rotation: its Retry-After window ended");
     assert_eq!(back["backend"], "b1");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    child.stop();
 }

@@ -1884,3 +1884,63 @@ async fn a_reloaded_request_timeout_applies_to_clients_that_stop_reading() {
         "the stream is still held: the old request_timeout (1h) applies"
     );
 }
+
+/// A request waiting for a slot does not take a backend a reload gave a new
+/// key (which cleared its 429 window): its snapshot would send the old
+/// key, which the backend refuses. It waits for the busy one instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_does_not_take_a_rekeyed_backend_with_the_old_key() {
+    let model = || MockConfig::default().models(vec![MODEL.into()]);
+    let busy = mock::start(model().latency(Duration::from_secs(3)))
+        .await
+        .unwrap();
+    let limited = mock::start(model().rate_limit(1.0, 600)).await.unwrap();
+    let config = |key: &str| {
+        format!(
+            "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{}\n[health]\nenabled = false\n\n[retry]\nmax_attempts = 1\n",
+            backend("busy", &busy.base_url(), &[MODEL], 1),
+            backend("limited", &limited.base_url(), &[MODEL], 1)
+                .replace("BACKEND_KEY", key),
+        )
+    };
+    let live = Live::start(&config("BACKEND_KEY")).await;
+    let addr = live.gw.addr();
+    let chat_later = || {
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
+    };
+    // Occupy `busy` and have `limited` answer one 429, in either order.
+    let mut held = chat_later();
+    assert!(
+        eventually(Duration::from_secs(5), || busy.in_flight() == 1
+            || limited.requests() == 1)
+        .await
+    );
+    if limited.requests() == 1 {
+        assert_eq!(held.await.unwrap().status, 502);
+        held = chat_later();
+        assert!(eventually(Duration::from_secs(5), || busy.in_flight() == 1).await);
+    } else {
+        let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 502, "{}", r.text());
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || live.weights()["limited"] == 0.0).await,
+        "{:?}",
+        live.weights()
+    );
+    // From here `limited` would answer anyone: only the key it is sent
+    // tells the two outcomes apart.
+    limited.update(|c| c.rate_limit_rate = 0.0);
+    let waiting = chat_later();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
+        assert!(Instant::now() < deadline, "never queued");
+        tokio::time::sleep(ms(5)).await;
+    }
+    live.apply(&config("ADMIN_TOKEN")).await;
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "busy");
+    assert_eq!(held.await.unwrap().status, 200);
+    assert_eq!(limited.requests(), 1, "sent again with the old key");
+}

@@ -60,35 +60,49 @@ pub(crate) fn rebuild(shared: &Shared) {
 /// back (an ejection or a 429 window over), as Envoy's outlier log records
 /// an uneject: the lines that took it out have their counterpart.
 pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut looked = Instant::now();
+    // A time no later than the current snapshot's own reading of the clock
+    // (read before each build; a reload's build reads it later still): a
+    // hold ending after it may have been in force when that snapshot was
+    // built, so its end is still a change to wait for. Taking the time
+    // after the build instead lost a hold that ended during the build: the
+    // snapshot kept the backend at weight 0 with no timer left to bring it
+    // back.
+    let mut built = Instant::now();
     loop {
         let snapshot = shared.snapshot.load_full();
-        let now = Instant::now();
         let slow_start = snapshot.config.health.slow_start;
         let next_change = snapshot
             .backends()
             .iter()
-            .filter_map(|b| b.live.health().next_change(now, slow_start))
+            .filter_map(|b| b.live.health().next_change(built, slow_start))
             .min()
-            .map(|t| t.min(now + RAMP_STEP));
+            .map(|t| t.min(Instant::now() + RAMP_STEP));
         drop(snapshot);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = shared.rebuild.notified() => {}
             _ = sleep_until(next_change) => {}
         }
+        let since = built;
+        built = Instant::now();
         rebuild(&shared);
-        let now = Instant::now();
-        log_returns(&shared.snapshot.load(), looked, now);
-        looked = now;
+        log_returns(&shared.snapshot.load(), since, built);
     }
 }
 
 /// Logs the backends whose ejection or 429 window ended in `(since, now]`
-/// and that are back in rotation at `now`.
+/// and that are back in rotation at `now`, judged as the build judges
+/// them (with health checks off, by passive state alone).
 fn log_returns(snapshot: &Snapshot, since: Instant, now: Instant) {
+    let checks = snapshot.config.health.enabled;
     for backend in snapshot.backends() {
-        let ended = backend.live.with_health(|h| h.hold_ended(since, now));
+        let ended = backend.live.with_health(|h| {
+            if checks {
+                h.hold_ended(since, now)
+            } else {
+                h.passive_only().hold_ended(since, now)
+            }
+        });
         if let Some(ended) = ended {
             tracing::info!(backend = %backend.config.name, "backend back in rotation: {ended}");
         }

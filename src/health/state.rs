@@ -509,11 +509,16 @@ mod tests {
             h.hold_ended(t0, t0 + 6 * s),
             Some("its ejection and its Retry-After window ended")
         );
-        // Held out by the probes when the clock ends the window: not back.
+        // Held out by the probes when the clock ends the window: not back;
+        // unless health checks are off, when passive state alone counts.
         for _ in 0..T.0 {
             h.observe(Tier::Liveness, false, s, Some("x".into()), T, t0 + 4 * s);
         }
         assert_eq!(h.hold_ended(t0 + 3 * s, t0 + 6 * s), None);
+        assert_eq!(
+            h.passive_only().hold_ended(t0 + 3 * s, t0 + 6 * s),
+            Some("its Retry-After window ended")
+        );
     }
 
     #[test]
