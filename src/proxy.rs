@@ -634,8 +634,9 @@ impl<'a> Exchange<'a> {
     /// backend "busy" can last minutes. A backend a reload added is not
     /// looked for: the request's route does not know it. Nor is one a
     /// reload changed (another key, `max_concurrent`, anything in its
-    /// entry) or restored: the request would send it as its snapshot has
-    /// it, with the old key.
+    /// entry), restored, or gave other trusted CAs: the request would send
+    /// it as its snapshot has it, with the old key or an https client that
+    /// cannot verify it.
     fn back_in_rotation(&self) -> Option<(usize, InFlight)> {
         let current = self.shared.snapshot.load();
         if Arc::ptr_eq(&current, self.snapshot) {
@@ -651,6 +652,7 @@ impl<'a> Exchange<'a> {
                         && Arc::ptr_eq(&m.backend.live, &mine.live)
                         && m.backend.generation == mine.generation
                         && m.backend.config == mine.config
+                        && mine.client.reusable()
                 });
             back.then(|| mine.try_begin())
                 .flatten()

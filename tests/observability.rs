@@ -339,9 +339,9 @@ async fn a_fresh_gateway_lists_retries_and_upstream_errors_at_0() {
 }
 
 /// A weir process, killed if its test fails before stopping it.
-struct Running(std::process::Child);
+struct JsonWeir(std::process::Child);
 
-impl Running {
+impl JsonWeir {
     /// SIGTERM (a graceful stop, flushing the log), then waits for it.
     fn stop(&mut self) {
         let _ = Command::new("kill")
@@ -351,7 +351,7 @@ impl Running {
     }
 }
 
-impl Drop for Running {
+impl Drop for JsonWeir {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -364,7 +364,7 @@ fn spawn_logging(
     dir: &tempfile::TempDir,
     toml: &str,
     rust_log: &str,
-) -> (Running, std::sync::mpsc::Receiver<String>) {
+) -> (JsonWeir, std::sync::mpsc::Receiver<String>) {
     let path = dir.path().join("weir.toml");
     std::fs::write(&path, toml).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
@@ -385,7 +385,7 @@ fn spawn_logging(
             }
         }
     });
-    (Running(child), rx)
+    (JsonWeir(child), rx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

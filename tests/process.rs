@@ -1211,3 +1211,66 @@ async fn a_second_signal_during_a_stuck_reload_exits_one() {
     let s = stream.await.unwrap();
     assert!(s.closed, "the stream was cut");
 }
+
+/// A request waiting for a slot does not take an https backend that a CA
+/// reload brought back into rotation: its snapshot's client still trusts
+/// the old CAs and could not verify the backend. It waits for the busy
+/// backend instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_does_not_take_a_backend_the_new_cas_brought_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // Busy for 8 s: the reload and the restarted probes (within 3 s) come
+    // back well before it frees, on a loaded machine too.
+    let busy = mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .latency(Duration::from_secs(8)),
+    )
+    .await
+    .unwrap();
+    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"30s\", timeout = \"1s\" }\nreadiness = { interval = \"30s\", timeout = \"20s\", degraded_latency = \"30s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 1 }\n";
+    let config = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[retry]\nmax_attempts = 1\n\n[[models]]\nname = \"m\"\n\n{}max_concurrent = 1\n\n{}{health}",
+            backend("busy", &busy.base_url(), &["m"], 1),
+            backend(
+                "private",
+                &format!("https://{}/v1", https_backend_behind_a_private_ca()),
+                &["m"],
+                1
+            )
+        ),
+    );
+    let (weir, bundle) = spawn_with_untrusted_bundle(&dir, &config);
+    let state = |name: &'static str| async move {
+        let j = get(weir.addr, "/admin/backends").await.json();
+        j["backends"]
+            .as_array()
+            .and_then(|all| all.iter().find(|b| b["name"] == name))
+            .and_then(|b| b["state"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while state("private").await != "out" {
+        assert!(tokio::time::Instant::now() < deadline, "never out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let addr = weir.addr;
+    let chat_later =
+        || tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat("m", false)).await });
+    let held = chat_later();
+    assert!(eventually(Duration::from_secs(5), || busy.in_flight() == 1).await);
+    let waiting = chat_later();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while metric(addr, "weir_queue_depth", &[("model", "m")]).await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    rotate_the_ca_in(&weir, &bundle);
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), weir.log.lock().unwrap());
+    assert_eq!(r.header("x-weir-backend"), "busy");
+    assert_eq!(held.await.unwrap().status, 200);
+}

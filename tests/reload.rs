@@ -1891,7 +1891,9 @@ async fn a_reloaded_request_timeout_applies_to_clients_that_stop_reading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_request_does_not_take_a_rekeyed_backend_with_the_old_key() {
     let model = || MockConfig::default().models(vec![MODEL.into()]);
-    let busy = mock::start(model().latency(Duration::from_secs(3)))
+    // `busy` stays busy long enough (8 s, within the 10 s queue_timeout)
+    // for the set-up below to finish on a loaded machine.
+    let busy = mock::start(model().latency(Duration::from_secs(8)))
         .await
         .unwrap();
     let limited = mock::start(model().rate_limit(1.0, 600)).await.unwrap();
