@@ -524,7 +524,8 @@ impl<'a> Exchange<'a> {
     ///
     /// A retry (`retrying`) also skips backends held out since the
     /// request's snapshot was taken (ejected, or rate-limited by a 429),
-    /// reading their live state; a first attempt takes no lock. All of it
+    /// reading their live state, and so does a first attempt from its
+    /// second look on (it waits); its first look takes no lock. All of it
     /// is read now, after the retry's back-off, not when the retry was
     /// decided.
     async fn next_backend(
@@ -550,7 +551,11 @@ impl<'a> Exchange<'a> {
             if counted.is_some() {
                 notified.as_mut().enable();
             }
-            let now = retrying.then(Instant::now);
+            // A retry, and a first attempt once it waits (its snapshot may
+            // be seconds old by then: a backend ejected or answering a 429
+            // meanwhile is out, SPEC), also read the live state; a first
+            // look takes no lock.
+            let now = (retrying || counted.is_some()).then(Instant::now);
             let held_out = |i: usize, m: &Member| {
                 now.is_some_and(|now| {
                     m.backend.live.held_out_until(now).is_some()

@@ -1513,3 +1513,44 @@ async fn a_request_waiting_for_a_slot_takes_a_backend_that_comes_back() {
     assert_eq!(r.header("x-weir-backend"), "limited");
     assert_eq!(held.await.unwrap().status, 200);
 }
+
+/// A request waiting for a slot does not take a backend that went out
+/// while it waited: the slot a 429 answer frees is in that backend's
+/// Retry-After window (SPEC), though the request's snapshot, older than
+/// the 429, still has it in rotation. It waits for the busy one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_does_not_take_a_backend_that_went_out_meanwhile() {
+    let model = || MockConfig::default().models(vec![MODEL.into()]);
+    let busy = mock::start(model().latency(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    // Answers its one request 429 after 2 s, which frees its slot.
+    let refusing = mock::start(model().latency(Duration::from_secs(2)).rate_limit(1.0, 600))
+        .await
+        .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{}max_concurrent = 1\n\n[health]\nenabled = false\n\n[retry]\nmax_attempts = 1\n",
+        backend("busy", &busy.base_url(), &[MODEL], 1),
+        backend("refusing", &refusing.base_url(), &[MODEL], 1),
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let chat_later = || {
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
+    };
+    // One request on each backend (each takes the other once one is full).
+    let (first, second) = (chat_later(), chat_later());
+    assert!(
+        eventually(Duration::from_secs(5), || busy.in_flight() == 1
+            && refusing.in_flight() == 1)
+        .await
+    );
+    let waiting = chat_later();
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "busy");
+    assert_eq!(refusing.requests(), 1, "sent into its Retry-After window");
+    let mut statuses = [first.await.unwrap().status, second.await.unwrap().status];
+    statuses.sort();
+    assert_eq!(statuses, [200, 502]);
+}
