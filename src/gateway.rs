@@ -176,6 +176,11 @@ pub struct Handle {
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// The health supervisor, apart from `tasks`: it runs on through a
+    /// shutdown's grace (a waiting request may yet get a backend whose
+    /// 429 window or ejection ends then) and stops once they have ended.
+    supervisor: JoinSet<()>,
+    supervisor_stop: CancellationToken,
 }
 
 impl Gateway {
@@ -287,7 +292,9 @@ impl Gateway {
             ));
         }
         shared.metrics.publish_weights(&shared.snapshot.load());
-        tasks.spawn(checker::supervise(shared.clone(), shutdown.child_token()));
+        let supervisor_stop = CancellationToken::new();
+        let mut supervisor = JoinSet::new();
+        supervisor.spawn(checker::supervise(shared.clone(), supervisor_stop.clone()));
         if let Some(cluster) = cluster {
             tasks.spawn(cluster.run(shutdown.child_token()));
         }
@@ -312,6 +319,8 @@ impl Gateway {
             shared,
             shutdown,
             tasks,
+            supervisor,
+            supervisor_stop,
         })
     }
 }
@@ -359,5 +368,7 @@ impl Handle {
     /// (or `shutdown_grace` ran out).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        self.supervisor_stop.cancel();
+        while self.supervisor.join_next().await.is_some() {}
     }
 }

@@ -1466,13 +1466,25 @@ async fn no_slow_start_until_without_slow_start() {
 /// model's backends back in rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_for_a_slot_takes_a_backend_that_comes_back() {
+    waiting_request_takes_a_backend_back(false).await;
+}
+
+/// The same during a shutdown's grace: the clock still brings the backend
+/// back (the supervisor runs until the listeners end), and the waiting
+/// request is served by it instead of cut with a 503 at the grace's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_coming_back_during_the_shutdown_grace_serves_the_waiters() {
+    waiting_request_takes_a_backend_back(true).await;
+}
+
+async fn waiting_request_takes_a_backend_back(shut_down: bool) {
     let model = || MockConfig::default().models(vec![MODEL.into()]);
     let busy = mock::start(model().latency(Duration::from_secs(8)))
         .await
         .unwrap();
     let limited = mock::start(model().rate_limit(1.0, 3)).await.unwrap();
     let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{}\n[health]\nenabled = false\n\n[retry]\nmax_attempts = 1\n",
+        "[server]\nshutdown_grace = \"6s\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{}\n[health]\nenabled = false\n\n[retry]\nmax_attempts = 1\n",
         backend("busy", &busy.base_url(), &[MODEL], 1),
         backend("limited", &limited.base_url(), &[MODEL], 1),
     );
@@ -1505,13 +1517,31 @@ async fn a_request_waiting_for_a_slot_takes_a_backend_that_comes_back() {
     limited.update(|c| c.rate_limit_rate = 0.0);
     // Both out of reach in this request's snapshot: it waits, and takes
     // `limited` when its window ends (3 s), not `busy` when its slot
-    // frees (8 s). (Were the window over before it starts, on a stalled
-    // machine, it would take `limited` at once: no false failure.)
+    // frees (8 s), nor a 503 when the grace (6 s) ends.
     let waiting = chat_later();
+    if shut_down {
+        // Queued first: once the shutdown starts, nothing new is accepted.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0
+            && !waiting.is_finished()
+        {
+            assert!(Instant::now() < deadline, "never queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        gw.shutdown();
+    }
     let r = waiting.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-weir-backend"), "limited");
-    assert_eq!(held.await.unwrap().status, 200);
+    if shut_down {
+        // `busy` outlasts the grace: cut then; and weir stops.
+        let _ = held.await;
+        tokio::time::timeout(Duration::from_secs(30), gw.wait())
+            .await
+            .expect("weir stops once its grace is over");
+    } else {
+        assert_eq!(held.await.unwrap().status, 200);
+    }
 }
 
 /// A request waiting for a slot does not take a backend that went out

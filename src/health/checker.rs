@@ -56,10 +56,12 @@ pub(crate) fn rebuild(shared: &Shared) {
 }
 
 /// Rebuilds the snapshot when told to (a health change) and on the ramp and
-/// ejection timers, until `shutdown`. Logs each backend the clock brought
+/// ejection timers, until `stop` (cancelled once the listeners have ended,
+/// so a request waiting through a shutdown's grace still sees a backend
+/// come back). Logs each backend the clock brought
 /// back (an ejection or a 429 window over), as Envoy's outlier log records
 /// an uneject: the lines that took it out have their counterpart.
-pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(crate) async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
     // A time no later than the current snapshot's own reading of the clock
     // (read before each build; a reload's build reads it later still): a
     // hold ending after it may have been in force when that snapshot was
@@ -79,7 +81,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) 
             .map(|t| t.min(Instant::now() + RAMP_STEP));
         drop(snapshot);
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = shared.rebuild.notified() => {}
             _ = sleep_until(next_change) => {}
         }
