@@ -92,21 +92,26 @@ pub(crate) async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Logs the backends whose ejection or 429 window ended in `(since, now]`
-/// and that are back in rotation at `now`, judged as the build judges
+/// Logs the backends whose ejection or 429 window ended in `(since, now]`,
+/// the last hold the clock had on them: back in rotation at `now`, or
+/// still out by the active tiers, and why (their going down may not have
+/// been logged: the backend was out already). Judged as the build judges
 /// them (with health checks off, by passive state alone).
 fn log_returns(snapshot: &Snapshot, since: Instant, now: Instant) {
     let checks = snapshot.config.health.enabled;
     for backend in snapshot.backends() {
         let ended = backend.live.with_health(|h| {
-            if checks {
-                h.hold_ended(since, now)
-            } else {
-                h.passive_only().hold_ended(since, now)
-            }
+            let ended = h.hold_ended(since, now)?;
+            Some((ended, checks.then(|| h.out_because()).flatten()))
         });
-        if let Some(ended) = ended {
-            tracing::info!(backend = %backend.config.name, "backend back in rotation: {ended}");
+        match ended {
+            Some((ended, None)) => {
+                tracing::info!(backend = %backend.config.name, "backend back in rotation: {ended}");
+            }
+            Some((ended, Some(reason))) => {
+                tracing::info!(backend = %backend.config.name, reason, "backend still out of rotation after {ended}");
+            }
+            None => {}
         }
     }
 }

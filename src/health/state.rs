@@ -321,12 +321,16 @@ impl HealthRecord {
             .max()
     }
 
-    /// What the clock ended in `(since, now]` to bring the backend back
-    /// into rotation at `now`: its ejection, its 429 window, or both (the
-    /// probes' own returns are logged where they happen). `None` when
-    /// nothing ended then, or when something still holds it out.
+    /// What the clock ended in `(since, now]`, the last of the clock's
+    /// holds on the backend: its ejection, its 429 window, or both. `None`
+    /// when nothing ended then, or when another still runs at `now`. The
+    /// active tiers may still hold it out ([`Self::out_because`]).
     pub fn hold_ended(&self, since: Instant, now: Instant) -> Option<&'static str> {
-        if self.is_out() || self.back_at(now).is_some() {
+        let held = [self.ejected_until, self.rate_limited_until]
+            .into_iter()
+            .flatten()
+            .any(|t| t > now);
+        if held {
             return None;
         }
         let ended = |t: Option<Instant>| t.is_some_and(|t| since < t && t <= now);
@@ -336,6 +340,21 @@ impl HealthRecord {
             (false, true) => Some("its Retry-After window ended"),
             (false, false) => None,
         }
+    }
+
+    /// Why the active tiers hold the backend out, if they do: not yet seen
+    /// alive, or the failing tier with its last error.
+    pub fn out_because(&self) -> Option<String> {
+        if self.pending {
+            return Some("not yet seen alive by its liveness probe".to_owned());
+        }
+        [Tier::Liveness, Tier::Readiness]
+            .into_iter()
+            .find(|&tier| self.tier(tier).down)
+            .map(|tier| {
+                let error = self.tier(tier).last_error.as_deref().unwrap_or("failing");
+                format!("{} failing: {error}", tier.as_str())
+            })
     }
 
     /// Degraded by readiness slowness, engine saturation or a failing deep tier.
@@ -509,16 +528,29 @@ mod tests {
             h.hold_ended(t0, t0 + 6 * s),
             Some("its ejection and its Retry-After window ended")
         );
-        // Held out by the probes when the clock ends the window: not back;
-        // unless health checks are off, when passive state alone counts.
+        // Held out by the probes when the clock ends the window: the end
+        // is reported with why it is still out (with health checks off,
+        // passive state alone counts: nothing holds it).
+        assert_eq!(h.out_because(), None);
         for _ in 0..T.0 {
-            h.observe(Tier::Liveness, false, s, Some("x".into()), T, t0 + 4 * s);
+            h.observe(
+                Tier::Liveness,
+                false,
+                s,
+                Some("status 503".into()),
+                T,
+                t0 + 4 * s,
+            );
         }
-        assert_eq!(h.hold_ended(t0 + 3 * s, t0 + 6 * s), None);
         assert_eq!(
-            h.passive_only().hold_ended(t0 + 3 * s, t0 + 6 * s),
+            h.hold_ended(t0 + 3 * s, t0 + 6 * s),
             Some("its Retry-After window ended")
         );
+        assert_eq!(
+            h.out_because().as_deref(),
+            Some("liveness failing: status 503")
+        );
+        assert_eq!(h.passive_only().out_because(), None);
     }
 
     #[test]
