@@ -605,9 +605,11 @@ impl<'a> Exchange<'a> {
                 counted = Some(WaiterCount::new(&signal.waiters));
                 continue;
             }
+            // In rotation, busy or not: one of its snapshot's not held
+            // out, or one back since (which its next look may take).
             let any_left = (0..members.len()).any(|i| {
                 self.route.pool.weight(i) > 0 && members.get(i).is_some_and(|m| !held_out(i, m))
-            });
+            }) || self.back_member(|_| true).is_some();
             if !any_left {
                 return Pick::NoneLeft;
             }
@@ -636,33 +638,51 @@ impl<'a> Exchange<'a> {
     /// request's snapshot (the member, its client and everything else stay
     /// the request's own): waiting for a busy backend while one that came
     /// back sits idle would hold the request for nothing, and for an LLM
-    /// backend "busy" can last minutes. A backend a reload added is not
-    /// looked for: the request's route does not know it. Nor is one a
+    /// backend "busy" can last minutes. See [`Exchange::back_member`] for
+    /// which members count.
+    fn back_in_rotation(&self) -> Option<(usize, InFlight)> {
+        let mut taken = None;
+        let j = self.back_member(|m| {
+            taken = m.backend.try_begin();
+            taken.is_some()
+        })?;
+        taken.map(|in_flight| (j, in_flight))
+    }
+
+    /// The first member, among those its snapshot has out of rotation
+    /// (weight 0), that the newest snapshot has back in and that `accept`
+    /// takes. Only a member unchanged since: a backend a reload added is
+    /// not looked for (the request's route does not know it), nor one a
     /// reload changed (another key, `max_concurrent`, anything in its
     /// entry), restored, or gave other trusted CAs: the request would send
     /// it as its snapshot has it, with the old key or an https client that
-    /// cannot verify it.
-    fn back_in_rotation(&self) -> Option<(usize, InFlight)> {
+    /// cannot verify it. Nor one held out now (a 429 or an ejection since
+    /// the newest snapshot was built, which a freed slot may announce
+    /// before the next build does).
+    fn back_member(&self, mut accept: impl FnMut(&Member) -> bool) -> Option<usize> {
         let current = self.shared.snapshot.load();
         if Arc::ptr_eq(&current, self.snapshot) {
             return None;
         }
-        let (_, now) = current.route(&self.route.config.name)?;
-        let members = &self.route.members;
-        members.iter().enumerate().find_map(|(j, member)| {
-            let mine = &member.backend;
-            let back = self.route.pool.weight(j) == 0
-                && now.members.iter().enumerate().any(|(k, m)| {
-                    now.pool.weight(k) > 0
-                        && Arc::ptr_eq(&m.backend.live, &mine.live)
-                        && m.backend.generation == mine.generation
-                        && m.backend.config == mine.config
-                        && mine.client.reusable()
-                });
-            back.then(|| mine.try_begin())
-                .flatten()
-                .map(|in_flight| (j, in_flight))
-        })
+        let (_, newest) = current.route(&self.route.config.name)?;
+        let now = Instant::now();
+        self.route
+            .members
+            .iter()
+            .enumerate()
+            .position(|(j, member)| {
+                let mine = &member.backend;
+                self.route.pool.weight(j) == 0
+                    && newest.members.iter().enumerate().any(|(k, m)| {
+                        newest.pool.weight(k) > 0
+                            && Arc::ptr_eq(&m.backend.live, &mine.live)
+                            && m.backend.generation == mine.generation
+                            && m.backend.config == mine.config
+                            && mine.client.reusable()
+                    })
+                    && mine.live.held_out_until(now).is_none()
+                    && accept(member)
+            })
     }
 
     fn saturated_error(&self) -> ApiError {

@@ -228,7 +228,11 @@ impl HealthRecord {
     ) {
         let record = &mut self.tiers[tier.index()];
         record.last_latency = Some(latency);
-        record.last_error = Some(error);
+        // A tier that is down keeps the failure that took it down: the 429
+        // is no failure, and what holds the backend out is that one.
+        if !record.down {
+            record.last_error = Some(error);
+        }
         record.checked_at = Some(SystemTime::now());
         self.probe_rate_limited(tier, now + retry_after);
     }
@@ -551,6 +555,13 @@ mod tests {
             Some("liveness failing: status 503")
         );
         assert_eq!(h.passive_only().out_because(), None);
+        // A probe answered 429 meanwhile is no failure: the reason stays
+        // the failure that took the tier down.
+        h.observe_rate_limited(Tier::Liveness, s, "status 429".into(), s, t0 + 5 * s);
+        assert_eq!(
+            h.out_because().as_deref(),
+            Some("liveness failing: status 503")
+        );
     }
 
     #[test]
