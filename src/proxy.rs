@@ -525,7 +525,9 @@ impl<'a> Exchange<'a> {
     /// A retry (`retrying`) also skips backends held out since the
     /// request's snapshot was taken (ejected, or rate-limited by a 429),
     /// reading their live state, and so does a first attempt from its
-    /// second look on (it waits); its first look takes no lock. All of it
+    /// second look on (it waits). Its first look takes no lock unless
+    /// every backend is busy and one is back in a newer snapshot
+    /// ([`Exchange::back_member`]). All of it
     /// is read now, after the retry's back-off, not when the retry was
     /// decided.
     async fn next_backend(

@@ -172,7 +172,8 @@ pub(crate) struct BackendLive {
     /// Told when a slot frees, for requests waiting on saturated backends.
     slots: Arc<SlotSignal>,
     /// Active and passive health; written by the checker and by outlier
-    /// detection, read when a snapshot is built. Never read by requests.
+    /// detection, read when a snapshot is built. A request reads it only
+    /// off the fast path: a retry, and a first attempt that waits.
     pub health: Mutex<HealthRecord>,
     /// Passive: failed requests in a row (reset by any success). An atomic,
     /// so a successful request pays one load and no lock.
@@ -258,8 +259,9 @@ impl BackendLive {
 
     /// Until when passive outlier state holds the backend out of rotation
     /// (the later of an ejection's end and a 429's `Retry-After`), or
-    /// `None` if it does not at `now`. Read only by a request that retries:
-    /// its snapshot's weights predate what its own failures caused.
+    /// `None` if it does not at `now`. Read by a request that retries, or
+    /// whose first attempt waits for a slot: its snapshot's weights
+    /// predate what its own failures, or the wait, brought.
     pub(crate) fn held_out_until(&self, now: Instant) -> Option<HeldOut> {
         self.with_health(|h| {
             let ejected = h.ejected_until.filter(|t| *t > now);

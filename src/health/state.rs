@@ -228,9 +228,10 @@ impl HealthRecord {
     ) {
         let record = &mut self.tiers[tier.index()];
         record.last_latency = Some(latency);
-        // A tier that is down keeps the failure that took it down: the 429
-        // is no failure, and what holds the backend out is that one.
-        if !record.down {
+        // A liveness or readiness tier that is down keeps its failure: the
+        // 429 is no failure, and that failure is what holds the backend
+        // out. A deep tier holds nothing out: the 429 is the news there.
+        if !(record.down && tier != Tier::Deep) {
             record.last_error = Some(error);
         }
         record.checked_at = Some(SystemTime::now());
@@ -562,6 +563,14 @@ mod tests {
             h.out_because().as_deref(),
             Some("liveness failing: status 503")
         );
+        // A deep tier that is down (the backend degraded, not out) shows
+        // the 429, which now holds the backend out.
+        h.observe(Tier::Deep, false, s, Some("status 500".into()), T, t0);
+        h.observe(Tier::Deep, false, s, Some("status 500".into()), T, t0);
+        h.observe(Tier::Deep, false, s, Some("status 500".into()), T, t0);
+        assert!(h.tier(Tier::Deep).down);
+        h.observe_rate_limited(Tier::Deep, s, "status 429".into(), s, t0 + 5 * s);
+        assert_eq!(h.tier(Tier::Deep).last_error.as_deref(), Some("status 429"));
     }
 
     #[test]

@@ -38,8 +38,9 @@ impl std::fmt::Debug for Trust {
 }
 
 /// The trust in effect: read when the first https client is built, read
-/// again at each reload ([`reread`]). Only snapshot builds and reloads
-/// touch it, never a request.
+/// again at each reload ([`reread`]). Snapshot builds and reloads touch
+/// it, and a request only when its first attempt waits for a slot (is a
+/// backend back in a newer snapshot still verified by its client?).
 static CURRENT: Mutex<Option<Arc<Trust>>> = Mutex::new(None);
 
 fn current_slot() -> std::sync::MutexGuard<'static, Option<Arc<Trust>>> {
