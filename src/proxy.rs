@@ -586,11 +586,6 @@ impl<'a> Exchange<'a> {
                     None => continue,
                 }
             }
-            if !retrying {
-                if let Some((i, in_flight)) = self.back_in_rotation() {
-                    return Pick::Backend(i, in_flight);
-                }
-            }
             // A retry does not queue for a slot (nor take a place in the
             // model's queue, whose refusal would be a 429 for a request
             // already admitted): with every backend busy, it ends with
@@ -598,6 +593,11 @@ impl<'a> Exchange<'a> {
             if retrying {
                 return Pick::Saturated;
             }
+            let back_busy = match self.back_in_rotation() {
+                Back::Taken(i, in_flight) => return Pick::Backend(i, in_flight),
+                Back::Busy => true,
+                Back::None => false,
+            };
             if counted.is_none() {
                 // Every backend looked saturated: count this request among
                 // the waiters, then look again, registered. A slot given
@@ -609,9 +609,10 @@ impl<'a> Exchange<'a> {
             }
             // In rotation, busy or not: one of its snapshot's not held
             // out, or one back since (which its next look may take).
-            let any_left = (0..members.len()).any(|i| {
-                self.route.pool.weight(i) > 0 && members.get(i).is_some_and(|m| !held_out(i, m))
-            }) || self.back_member(|_| true).is_some();
+            let any_left = back_busy
+                || (0..members.len()).any(|i| {
+                    self.route.pool.weight(i) > 0 && members.get(i).is_some_and(|m| !held_out(i, m))
+                });
             if !any_left {
                 return Pick::NoneLeft;
             }
@@ -642,13 +643,19 @@ impl<'a> Exchange<'a> {
     /// back sits idle would hold the request for nothing, and for an LLM
     /// backend "busy" can last minutes. See [`Exchange::back_member`] for
     /// which members count.
-    fn back_in_rotation(&self) -> Option<(usize, InFlight)> {
+    fn back_in_rotation(&self) -> Back {
         let mut taken = None;
+        let mut busy = false;
         let j = self.back_member(|m| {
             taken = m.backend.try_begin();
+            busy |= taken.is_none();
             taken.is_some()
-        })?;
-        taken.map(|in_flight| (j, in_flight))
+        });
+        match (j, taken) {
+            (Some(j), Some(in_flight)) => Back::Taken(j, in_flight),
+            _ if busy => Back::Busy,
+            _ => Back::None,
+        }
     }
 
     /// The first member, among those its snapshot has out of rotation
@@ -899,6 +906,17 @@ enum Pick {
     Saturated,
     /// Backends remain but all are saturated and the model's queue is full.
     QueueFull(AdmitError),
+}
+
+/// What [`Exchange::back_in_rotation`] found among the members that are
+/// back in a newer snapshot.
+enum Back {
+    /// This one, with its in-flight slot taken.
+    Taken(usize, InFlight),
+    /// Some, all at their `max_concurrent`: worth waiting for.
+    Busy,
+    /// None.
+    None,
 }
 
 /// Counts this request among those waiting for a backend slot while alive.
