@@ -1494,20 +1494,7 @@ async fn waiting_request_takes_a_backend_back(shut_down: bool) {
         tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
     };
     // Occupy `busy` and have `limited` answer one 429, in either order.
-    let mut held = chat_later();
-    assert!(
-        eventually(Duration::from_secs(5), || busy.in_flight() == 1
-            || limited.requests() == 1)
-        .await
-    );
-    if limited.requests() == 1 {
-        assert_eq!(held.await.unwrap().status, 502);
-        held = chat_later();
-        assert!(eventually(Duration::from_secs(5), || busy.in_flight() == 1).await);
-    } else {
-        let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
-        assert_eq!(r.status, 502, "{}", r.text());
-    }
+    let held = hold_one_and_draw_a_429(addr, MODEL, &busy, &limited).await;
     // Seen at weight 0 within its 3 s window, unless the machine stalled
     // through all of it; then the request below takes `limited` at once
     // and the test proves less, but does not fail falsely.

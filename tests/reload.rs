@@ -1911,20 +1911,7 @@ async fn a_waiting_request_does_not_take_a_rekeyed_backend_with_the_old_key() {
         tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
     };
     // Occupy `busy` and have `limited` answer one 429, in either order.
-    let mut held = chat_later();
-    assert!(
-        eventually(Duration::from_secs(5), || busy.in_flight() == 1
-            || limited.requests() == 1)
-        .await
-    );
-    if limited.requests() == 1 {
-        assert_eq!(held.await.unwrap().status, 502);
-        held = chat_later();
-        assert!(eventually(Duration::from_secs(5), || busy.in_flight() == 1).await);
-    } else {
-        let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
-        assert_eq!(r.status, 502, "{}", r.text());
-    }
+    let held = hold_one_and_draw_a_429(addr, MODEL, &busy, &limited).await;
     assert!(
         eventually(Duration::from_secs(5), || live.weights()["limited"] == 0.0).await,
         "{:?}",

@@ -457,3 +457,35 @@ pub async fn log_line(log: &std::sync::Mutex<String>, text: &str) -> Option<Stri
         None
     }
 }
+
+/// For a model whose two backends are `busy` (one slot, slow) and
+/// `limited` (answering 429), with `max_attempts = 1`: occupies `busy`
+/// with one request and has `limited` answer another its 429 (a 502), in
+/// whichever order the balancer sends them. Returns the request holding
+/// `busy`.
+pub async fn hold_one_and_draw_a_429(
+    addr: SocketAddr,
+    model: &'static str,
+    busy: &weir::mock::MockHandle,
+    limited: &weir::mock::MockHandle,
+) -> tokio::task::JoinHandle<Reply> {
+    let chat_later = || {
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(model, false)).await })
+    };
+    let held = chat_later();
+    assert!(
+        eventually(Duration::from_secs(5), || busy.in_flight() == 1
+            || limited.requests() == 1)
+        .await
+    );
+    if limited.requests() == 1 {
+        assert_eq!(held.await.unwrap().status, 502);
+        let held = chat_later();
+        assert!(eventually(Duration::from_secs(5), || busy.in_flight() == 1).await);
+        held
+    } else {
+        let r = post(addr, "/v1/chat/completions", &chat(model, false)).await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        held
+    }
+}
