@@ -556,7 +556,7 @@ impl<'a> Exchange<'a> {
             // A retry, and a first attempt once it waits (its snapshot may
             // be seconds old by then: a backend ejected or answering a 429
             // meanwhile is out, SPEC), also read the live state; a first
-            // look takes no lock.
+            // look that finds a backend free takes no lock.
             let now = (retrying || counted.is_some()).then(Instant::now);
             let held_out = |i: usize, m: &Member| {
                 now.is_some_and(|now| {
