@@ -540,3 +540,58 @@ async fn the_end_of_a_429_window_is_logged() {
     assert_eq!(back["backend"], "b1");
     child.stop();
 }
+
+/// When the clock ends a 429 window while the probes hold the backend out
+/// (it went down meanwhile, unlogged: it was out already), the end is
+/// logged with why it is still out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_ending_on_a_backend_still_failing_its_probes_says_why() {
+    let m = mock::start(
+        MockConfig::default()
+            .models(vec!["m".into()])
+            .rate_limit(1.0, 3),
+    )
+    .await
+    .unwrap();
+    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"500ms\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, rx) = spawn_logging(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nlog_format = \"json\"\n\n[retry]\nmax_attempts = 1\n\n[[models]]\nname = \"m\"\n\n{}health_path = \"/health\"\n\n{health}",
+            backend("b1", &m.base_url(), &["m"], 1)
+        ),
+        "info",
+    );
+    let next_message = |wanted: &str| loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no log line {wanted:?}"));
+        let json: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert_ne!(
+            json["message"], "backend back in rotation: its Retry-After window ended",
+            "{json}"
+        );
+        if json["message"] == wanted {
+            break json;
+        }
+    };
+    let listen = next_message("weir is serving");
+    let addr: std::net::SocketAddr = listen["listen"].as_str().unwrap().parse().unwrap();
+    let r = post(addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    next_message("backend rate-limited weir; out of rotation until its Retry-After");
+    // Its liveness fails from now on, within the 3 s window: no line (the
+    // backend is out either way) until the window ends.
+    m.update(|c| c.health_status = Some(503));
+    let still = next_message("backend still out of rotation after its Retry-After window ended");
+    assert_eq!(still["backend"], "b1");
+    assert!(
+        still["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("liveness failing:") && r.contains("503")),
+        "{still}"
+    );
+    child.stop();
+}
