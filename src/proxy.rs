@@ -553,68 +553,85 @@ impl<'a> Exchange<'a> {
             if counted.is_some() {
                 notified.as_mut().enable();
             }
-            // A retry, and a first attempt once it waits (its snapshot may
-            // be seconds old by then: a backend ejected or answering a 429
-            // meanwhile is out, SPEC), also read the live state; a first
-            // look that finds a backend free takes no lock.
-            let now = (retrying || counted.is_some()).then(Instant::now);
-            let held_out = |i: usize, m: &Member| {
-                now.is_some_and(|now| {
-                    m.backend.live.held_out_until(now).is_some()
-                        || paused.iter().any(|&(j, t)| j == i && t > now)
-                })
-            };
-            let available = |i: usize| {
-                members
-                    .get(i)
-                    .is_some_and(|m| !m.backend.is_saturated() && !held_out(i, m))
-            };
-            let pool = &self.route.pool;
-            let picked = if retrying {
-                // A retry takes no turn of the shared sequence (see
-                // `Pool::pick_aside`); with nothing untried free now, it
-                // goes back to one tried.
-                pool.pick_aside(|i| !tried.contains(&i) && available(i))
-                    .or_else(|| pool.pick_aside(available))
-            } else {
-                pool.pick(available)
-            };
-            if let Some(i) = picked {
-                match members.get(i).and_then(|m| m.backend.try_begin()) {
-                    Some(in_flight) => return Pick::Backend(i, in_flight),
-                    // Lost a race for its last slot: look again.
-                    None => continue,
+            // Scoped: what it reads of the newest snapshot is let go
+            // before the wait.
+            {
+                // A retry, and a first attempt once it waits (its snapshot may
+                // be seconds old by then: a backend ejected or answering a 429
+                // meanwhile is out, SPEC), also read the live state; a first
+                // look that finds a backend free takes no lock.
+                let now = (retrying || counted.is_some()).then(Instant::now);
+                // A waiting first attempt also leaves out what a newer snapshot
+                // has taken out of rotation (its probes failing, removed by a
+                // reload): the one it took was built before.
+                let newest = counted
+                    .as_ref()
+                    .map(|_| self.shared.snapshot.load())
+                    .filter(|newest| !Arc::ptr_eq(newest, self.snapshot));
+                let newest_route = newest
+                    .as_ref()
+                    .and_then(|n| n.route(&self.route.config.name))
+                    .map(|(_, route)| route);
+                let held_out = |i: usize, m: &Member| {
+                    now.is_some_and(|now| {
+                        m.backend.live.held_out_until(now).is_some()
+                            || paused.iter().any(|&(j, t)| j == i && t > now)
+                            || newest_route.is_some_and(|route| !route.in_rotation(&m.backend))
+                    })
+                };
+                let available = |i: usize| {
+                    members
+                        .get(i)
+                        .is_some_and(|m| !m.backend.is_saturated() && !held_out(i, m))
+                };
+                let pool = &self.route.pool;
+                let picked = if retrying {
+                    // A retry takes no turn of the shared sequence (see
+                    // `Pool::pick_aside`); with nothing untried free now, it
+                    // goes back to one tried.
+                    pool.pick_aside(|i| !tried.contains(&i) && available(i))
+                        .or_else(|| pool.pick_aside(available))
+                } else {
+                    pool.pick(available)
+                };
+                if let Some(i) = picked {
+                    match members.get(i).and_then(|m| m.backend.try_begin()) {
+                        Some(in_flight) => return Pick::Backend(i, in_flight),
+                        // Lost a race for its last slot: look again.
+                        None => continue,
+                    }
                 }
-            }
-            // A retry does not queue for a slot (nor take a place in the
-            // model's queue, whose refusal would be a 429 for a request
-            // already admitted): with every backend busy, it ends with
-            // the last failure.
-            if retrying {
-                return Pick::Saturated;
-            }
-            let back_busy = match self.back_in_rotation() {
-                Back::Taken(i, in_flight) => return Pick::Backend(i, in_flight),
-                Back::Busy => true,
-                Back::None => false,
-            };
-            if counted.is_none() {
-                // Every backend looked saturated: count this request among
-                // the waiters, then look again, registered. A slot given
-                // back after the count wakes us (its release sees the
-                // count); one given back before it shows in the look. Both
-                // sides use sequentially consistent order for this.
-                counted = Some(WaiterCount::new(&signal.waiters));
-                continue;
-            }
-            // In rotation, busy or not: one of its snapshot's not held
-            // out, or one back since (which its next look may take).
-            let any_left = back_busy
-                || (0..members.len()).any(|i| {
-                    self.route.pool.weight(i) > 0 && members.get(i).is_some_and(|m| !held_out(i, m))
-                });
-            if !any_left {
-                return Pick::NoneLeft;
+                // A retry does not queue for a slot (nor take a place in the
+                // model's queue, whose refusal would be a 429 for a request
+                // already admitted): with every backend busy, it ends with
+                // the last failure.
+                if retrying {
+                    return Pick::Saturated;
+                }
+                let back_busy = match self.back_in_rotation() {
+                    Back::Taken(i, in_flight) => return Pick::Backend(i, in_flight),
+                    Back::Busy => true,
+                    Back::None => false,
+                };
+                if counted.is_none() {
+                    // Every backend looked saturated: count this request among
+                    // the waiters, then look again, registered. A slot given
+                    // back after the count wakes us (its release sees the
+                    // count); one given back before it shows in the look. Both
+                    // sides use sequentially consistent order for this.
+                    counted = Some(WaiterCount::new(&signal.waiters));
+                    continue;
+                }
+                // In rotation, busy or not: one of its snapshot's not held
+                // out, or one back since (which its next look may take).
+                let any_left = back_busy
+                    || (0..members.len()).any(|i| {
+                        self.route.pool.weight(i) > 0
+                            && members.get(i).is_some_and(|m| !held_out(i, m))
+                    });
+                if !any_left {
+                    return Pick::NoneLeft;
+                }
             }
             if queued.is_none() {
                 let slot =
@@ -682,9 +699,8 @@ impl<'a> Exchange<'a> {
             .position(|(j, member)| {
                 let mine = &member.backend;
                 self.route.pool.weight(j) == 0
-                    && newest.members.iter().enumerate().any(|(k, m)| {
+                    && newest.counterpart(mine).is_some_and(|(k, m)| {
                         newest.pool.weight(k) > 0
-                            && Arc::ptr_eq(&m.backend.live, &mine.live)
                             && m.backend.generation == mine.generation
                             && m.backend.config == mine.config
                             && mine.client.reusable()

@@ -114,6 +114,24 @@ pub struct ModelRoute {
     pub pool: Pool,
 }
 
+impl ModelRoute {
+    /// This route's member for the backend another snapshot's `backend`
+    /// is (the same live state: same name and URL), if it has one.
+    pub(crate) fn counterpart(&self, backend: &BackendState) -> Option<(usize, &Member)> {
+        self.members
+            .iter()
+            .enumerate()
+            .find(|(_, m)| Arc::ptr_eq(&m.backend.live, &backend.live))
+    }
+
+    /// Whether the backend another snapshot's `backend` is, is in rotation
+    /// here (a member with weight above 0).
+    pub(crate) fn in_rotation(&self, backend: &BackendState) -> bool {
+        self.counterpart(backend)
+            .is_some_and(|(k, _)| self.pool.weight(k) > 0)
+    }
+}
+
 /// Where a request was routed in its snapshot: the model's route and,
 /// once a backend's answer goes to the client, that backend's place in the
 /// route's members. Indices into the snapshot the request loaded, which

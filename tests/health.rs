@@ -1571,3 +1571,39 @@ async fn a_waiting_request_does_not_take_a_backend_that_went_out_meanwhile() {
     statuses.sort();
     assert_eq!(statuses, [200, 502]);
 }
+
+/// A request waiting for a slot leaves out a backend a newer snapshot has
+/// taken out by its probes: it is not sent there when that backend's slot
+/// frees, and with every backend out it gets the 503 a new request would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_leaves_out_a_backend_its_probes_took_out() {
+    let model = || MockConfig::default().models(vec![MODEL.into()]);
+    let busy = mock::start(model().latency(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    let limited = mock::start(model().rate_limit(1.0, 600)).await.unwrap();
+    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"500ms\" }\nreadiness = { interval = \"1h\", timeout = \"60s\", degraded_latency = \"60s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\nhealth_path = \"/health\"\n\n{}health_path = \"/health\"\n\n{health}\n[retry]\nmax_attempts = 1\n",
+        backend("busy", &busy.base_url(), &[MODEL], 1),
+        backend("limited", &limited.base_url(), &[MODEL], 1),
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    // Occupy `busy` and have `limited` answer one 429 (a 10-minute window).
+    let held = hold_one_and_draw_a_429(addr, MODEL, &busy, &limited).await;
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "limited") == 0.0).await);
+    let waiting =
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
+        assert!(Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // `busy` fails its liveness probe: out, with its request still running.
+    busy.update(|c| c.health_status = Some(503));
+    let r = waiting.await.unwrap();
+    r.assert_error(503, "service_unavailable", "no_healthy_backend");
+    assert_eq!(busy.requests(), 1, "sent to a backend out of rotation");
+    let _ = held.await;
+}
