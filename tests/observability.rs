@@ -490,6 +490,28 @@ async fn json_log_lines_carry_every_field_and_no_secret() {
     assert!(!all.contains("client-secret-9"), "client key in the logs");
 }
 
+/// The next JSON log line (within 20 s) whose message is `wanted`; fails
+/// on a line whose message is `forbidden` before it.
+fn next_message(
+    rx: &std::sync::mpsc::Receiver<String>,
+    wanted: &str,
+    forbidden: Option<&str>,
+) -> serde_json::Value {
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no log line {wanted:?}"));
+        let json: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if let Some(forbidden) = forbidden {
+            assert_ne!(json["message"], forbidden, "{json}");
+        }
+        if json["message"] == wanted {
+            return json;
+        }
+    }
+}
+
 /// A backend the clock brings back (its 429 window over) is logged, as the
 /// 429 that took it out was: operators see both ends of the window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -510,16 +532,7 @@ async fn the_end_of_a_429_window_is_logged() {
         ),
         "info",
     );
-    let next_message = |wanted: &str| loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("no log line {wanted:?}"));
-        let json: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        if json["message"] == wanted {
-            break json;
-        }
-    };
+    let next_message = |wanted: &str| next_message(&rx, wanted, None);
     let listen = next_message("weir is serving");
     let addr: std::net::SocketAddr = listen["listen"].as_str().unwrap().parse().unwrap();
     let r = send(
@@ -563,19 +576,12 @@ async fn a_window_ending_on_a_backend_still_failing_its_probes_says_why() {
         ),
         "info",
     );
-    let next_message = |wanted: &str| loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("no log line {wanted:?}"));
-        let json: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        assert_ne!(
-            json["message"], "backend back in rotation: its Retry-After window ended",
-            "{json}"
-        );
-        if json["message"] == wanted {
-            break json;
-        }
+    let next_message = |wanted: &str| {
+        next_message(
+            &rx,
+            wanted,
+            Some("backend back in rotation: its Retry-After window ended"),
+        )
     };
     let listen = next_message("weir is serving");
     let addr: std::net::SocketAddr = listen["listen"].as_str().unwrap().parse().unwrap();
