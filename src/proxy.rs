@@ -525,9 +525,9 @@ impl<'a> Exchange<'a> {
     /// A retry (`retrying`) also skips backends held out since the
     /// request's snapshot was taken (ejected, or rate-limited by a 429),
     /// reading their live state, and so does a first attempt from its
-    /// second look on (it waits). Its first look takes no lock unless
-    /// every backend is busy and one is back in a newer snapshot
-    /// ([`Exchange::back_member`]). All of it
+    /// second look on (it waits), when it also looks in the newest snapshot
+    /// for members back in rotation ([`Exchange::back_in_rotation`]). Its
+    /// first look takes no lock. All of it
     /// is read now, after the retry's back-off, not when the retry was
     /// decided.
     async fn next_backend(
@@ -559,7 +559,7 @@ impl<'a> Exchange<'a> {
                 // A retry, and a first attempt once it waits (its snapshot may
                 // be seconds old by then: a backend ejected or answering a 429
                 // meanwhile is out, SPEC), also read the live state; a first
-                // look that finds a backend free takes no lock.
+                // look takes no lock.
                 let now = (retrying || counted.is_some()).then(Instant::now);
                 // A waiting first attempt also leaves out what a newer snapshot
                 // has taken out of rotation (its probes failing, removed by a
@@ -608,11 +608,6 @@ impl<'a> Exchange<'a> {
                 if retrying {
                     return Pick::Saturated;
                 }
-                let back_busy = match self.back_in_rotation() {
-                    Back::Taken(i, in_flight) => return Pick::Backend(i, in_flight),
-                    Back::Busy => true,
-                    Back::None => false,
-                };
                 if counted.is_none() {
                     // Every backend looked saturated: count this request among
                     // the waiters, then look again, registered. A slot given
@@ -622,6 +617,11 @@ impl<'a> Exchange<'a> {
                     counted = Some(WaiterCount::new(&signal.waiters));
                     continue;
                 }
+                let back_busy = match self.back_in_rotation(newest_route) {
+                    Back::Taken(i, in_flight) => return Pick::Backend(i, in_flight),
+                    Back::Busy => true,
+                    Back::None => false,
+                };
                 // In rotation, busy or not: one of its snapshot's not held
                 // out, or one back since (which its next look may take).
                 let any_left = back_busy
@@ -660,10 +660,10 @@ impl<'a> Exchange<'a> {
     /// back sits idle would hold the request for nothing, and for an LLM
     /// backend "busy" can last minutes. See [`Exchange::back_member`] for
     /// which members count.
-    fn back_in_rotation(&self) -> Back {
+    fn back_in_rotation(&self, newest: Option<&ModelRoute>) -> Back {
         let mut taken = None;
         let mut busy = false;
-        let j = self.back_member(|m| {
+        let j = self.back_member(newest, |m| {
             taken = m.backend.try_begin();
             busy |= taken.is_none();
             taken.is_some()
@@ -685,12 +685,14 @@ impl<'a> Exchange<'a> {
     /// cannot verify it. Nor one held out now (a 429 or an ejection since
     /// the newest snapshot was built, which a freed slot may announce
     /// before the next build does).
-    fn back_member(&self, mut accept: impl FnMut(&Member) -> bool) -> Option<usize> {
-        let current = self.shared.snapshot.load();
-        if Arc::ptr_eq(&current, self.snapshot) {
-            return None;
-        }
-        let (_, newest) = current.route(&self.route.config.name)?;
+    /// `newest` is the model's route in the newest snapshot, if that is
+    /// not the request's own.
+    fn back_member(
+        &self,
+        newest: Option<&ModelRoute>,
+        mut accept: impl FnMut(&Member) -> bool,
+    ) -> Option<usize> {
+        let newest = newest?;
         let now = Instant::now();
         self.route
             .members
