@@ -319,6 +319,13 @@ impl HealthRecord {
         if self.is_out() {
             return None;
         }
+        self.clock_hold_until(now)
+    }
+
+    /// The end of the clock's holds on the backend still running at `now`
+    /// (the later of its ejection and its 429 window), whatever the active
+    /// tiers say.
+    fn clock_hold_until(&self, now: Instant) -> Option<Instant> {
         [self.ejected_until, self.rate_limited_until]
             .into_iter()
             .flatten()
@@ -331,11 +338,7 @@ impl HealthRecord {
     /// when nothing ended then, or when another still runs at `now`. The
     /// active tiers may still hold it out ([`Self::out_because`]).
     pub fn hold_ended(&self, since: Instant, now: Instant) -> Option<&'static str> {
-        let held = [self.ejected_until, self.rate_limited_until]
-            .into_iter()
-            .flatten()
-            .any(|t| t > now);
-        if held {
+        if self.clock_hold_until(now).is_some() {
             return None;
         }
         let ended = |t: Option<Instant>| t.is_some_and(|t| since < t && t <= now);
