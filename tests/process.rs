@@ -630,6 +630,26 @@ fn spawn_with_untrusted_bundle(
 
 /// Rotates the test CA into `bundle` (written beside, renamed over, as a
 /// ConfigMap update does) and tells `weir` to reload.
+/// The state `/admin/backends` gives backend `name` ("" if none).
+async fn backend_state(addr: std::net::SocketAddr, name: &str) -> String {
+    let j = get(addr, "/admin/backends").await.json();
+    j["backends"]
+        .as_array()
+        .and_then(|all| all.iter().find(|b| b["name"] == name))
+        .and_then(|b| b["state"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Waits (10 s at most) until `state` says "out".
+async fn until_out<F: std::future::Future<Output = String>>(state: impl Fn() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while state().await != "out" {
+        assert!(tokio::time::Instant::now() < deadline, "never out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn rotate_the_ca_in(weir: &Running, bundle: &std::path::Path) {
     let tmp = bundle.with_extension("pem.tmp");
     std::fs::copy(private_ca_fixture("ca.pem"), &tmp).unwrap();
@@ -708,18 +728,8 @@ async fn a_reload_with_new_cas_probes_https_backends_again() {
         ),
     );
     let (weir, bundle) = spawn_with_untrusted_bundle(&dir, &config);
-    let state = || async {
-        let j = get(weir.addr, "/admin/backends").await.json();
-        j["backends"][0]["state"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while state().await != "out" {
-        assert!(tokio::time::Instant::now() < deadline, "never out");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let state = || backend_state(weir.addr, "private");
+    until_out(state).await;
     rotate_the_ca_in(&weir, &bundle);
     assert!(log_line(&weir.log, "config reloaded").await.is_some());
     // Within a tenth of the 30 s intervals (the restarted probes' jitter),
@@ -1243,20 +1253,7 @@ async fn a_waiting_request_does_not_take_a_backend_the_new_cas_brought_back() {
         ),
     );
     let (weir, bundle) = spawn_with_untrusted_bundle(&dir, &config);
-    let state = |name: &'static str| async move {
-        let j = get(weir.addr, "/admin/backends").await.json();
-        j["backends"]
-            .as_array()
-            .and_then(|all| all.iter().find(|b| b["name"] == name))
-            .and_then(|b| b["state"].as_str())
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while state("private").await != "out" {
-        assert!(tokio::time::Instant::now() < deadline, "never out");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_out(|| backend_state(weir.addr, "private")).await;
     let addr = weir.addr;
     let chat_later =
         || tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat("m", false)).await });
