@@ -22,7 +22,11 @@
 //! the CPU away (`sched_yield`) and any taker ends polling, so polling
 //! never takes a CPU that another thread wants. It then stays off for
 //! [`BACKOFF`], twice as long each time it is preempted again, up to
-//! [`MAX_BACKOFF`]: on a saturated machine it all but stops. It is on by
+//! [`MAX_BACKOFF`]: on a saturated machine it all but stops. The one
+//! exception is a lane serving a single client connection with at most
+//! one exchange in flight: what takes its CPU then is that client or its
+//! backend, woken beside the lane, and the lane gives it the CPU and polls
+//! on once it has run ([`Serving`]). It is on by
 //! default only when the lanes are pinned one per CPU (a whole machine or a
 //! cpuset, see `lanes`): under a CPU quota it would burn the quota.
 //! `WEIR_BUSY_POLL` sets it: `auto` (the default), `off`, or a window in
@@ -61,6 +65,10 @@ const ENV: &str = "WEIR_BUSY_POLL";
 thread_local! {
     /// Heads read on this thread; the poller compares it between polls.
     static HEADS: Cell<u64> = const { Cell::new(0) };
+    /// Client connections open on this thread ([`Serving::connection`]).
+    static CONNECTIONS: Cell<u32> = const { Cell::new(0) };
+    /// Backend exchanges in flight on this thread ([`Serving::exchange`]).
+    static EXCHANGES: Cell<u32> = const { Cell::new(0) };
     /// The idle poller of this lane, waiting for the next head to start.
     static IDLE: Cell<Option<Waker>> = const { Cell::new(None) };
 }
@@ -82,6 +90,44 @@ pub(crate) fn head_read() {
         // On the lane's own thread: sets the runtime's flag, no system call.
         poller.wake();
     }
+}
+
+/// One client connection open, or one backend exchange in flight, on the
+/// calling thread while this lives: what the poller counts to tell a lane
+/// that serves one client at a time from a loaded one ([`Rule`]). Made and
+/// dropped on the same lane thread (a connection's tasks stay on its
+/// lane); a thread-local count, so it costs no shared write.
+#[derive(Debug)]
+pub(crate) struct Serving(&'static std::thread::LocalKey<Cell<u32>>);
+
+impl Serving {
+    /// Counts a client connection until dropped.
+    pub(crate) fn connection() -> Self {
+        Self::count(&CONNECTIONS)
+    }
+
+    /// Counts a backend exchange (request sent, response not yet done)
+    /// until dropped.
+    pub(crate) fn exchange() -> Self {
+        Self::count(&EXCHANGES)
+    }
+
+    fn count(key: &'static std::thread::LocalKey<Cell<u32>>) -> Self {
+        key.with(|n| n.set(n.get().saturating_add(1)));
+        Self(key)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
+
+/// Whether the calling thread serves at most one client connection with at
+/// most one backend exchange in flight.
+fn alone() -> bool {
+    CONNECTIONS.with(Cell::get) <= 1 && EXCHANGES.with(Cell::get) <= 1
 }
 
 /// The polling window for lanes pinned (`pinned`) or not, from
@@ -142,9 +188,10 @@ pub(crate) async fn run(window: Duration) {
             let idle = || {
                 // Offer the CPU to anything else runnable on it: if the
                 // kernel takes the offer, that counts as a preemption and
-                // polling backs off; if not, this is a cheap system call.
+                // polling backs off (unless the lane serves one client
+                // alone); if not, this is a cheap system call.
                 std::thread::yield_now();
-                preemptions()
+                (preemptions(), alone())
             };
             if !rule.keep_polling(Instant::now(), HEADS.with(Cell::get), idle) {
                 break;
@@ -208,14 +255,31 @@ impl Rule {
     /// goes on without `idle`'s system calls; that keeps a saturated lane
     /// as cheap as one that does not poll. Only a poll that found nothing
     /// calls `idle`, which offers the CPU away and returns the thread's
-    /// preemption count.
-    fn keep_polling(&mut self, now: Instant, heads: u64, idle: impl FnOnce() -> i64) -> bool {
+    /// preemption count and whether the lane serves one client alone.
+    ///
+    /// A lane serving one client alone is not stopped by a preemption:
+    /// the thread that ran is that client or its backend, placed on the
+    /// lane's CPU by the kernel when the lane woke it. It has had the CPU
+    /// (the lane offered it), and polling goes on; backing off would put
+    /// the lane to sleep between the client and the backend, and each
+    /// request would pay an idle CPU's wake-up twice (docs/BENCHMARKS.md,
+    /// session 26). With more to serve, the lane's CPU is wanted for work
+    /// and polling backs off as above.
+    fn keep_polling(
+        &mut self,
+        now: Instant,
+        heads: u64,
+        idle: impl FnOnce() -> (i64, bool),
+    ) -> bool {
         if heads != self.heads {
             self.heads = heads;
             self.since = now;
             return true;
         }
-        if idle() != self.preemptions {
+        let (preemptions, alone) = idle();
+        if preemptions != self.preemptions && alone {
+            self.preemptions = preemptions;
+        } else if preemptions != self.preemptions {
             self.backoff = (self.backoff * 2).clamp(BACKOFF, MAX_BACKOFF);
             self.quiet_until = Some(now + self.backoff);
             return false;
@@ -271,12 +335,12 @@ mod tests {
         let us = |n| t0 + Duration::from_micros(n);
         let mut rule = Rule::new(Duration::from_micros(50));
         rule.start(t0, 7, 3);
-        assert!(rule.keep_polling(us(10), 7, || 3));
-        assert!(rule.keep_polling(us(49), 7, || 3));
+        assert!(rule.keep_polling(us(10), 7, || (3, false)));
+        assert!(rule.keep_polling(us(49), 7, || (3, false)));
         // A head read at 49 µs moves the window on.
-        assert!(rule.keep_polling(us(49), 8, || 3));
-        assert!(rule.keep_polling(us(98), 8, || 3));
-        assert!(!rule.keep_polling(us(99), 8, || 3));
+        assert!(rule.keep_polling(us(49), 8, || (3, false)));
+        assert!(rule.keep_polling(us(98), 8, || (3, false)));
+        assert!(!rule.keep_polling(us(99), 8, || (3, false)));
         assert_eq!(rule.quiet_until(), None);
     }
 
@@ -286,14 +350,52 @@ mod tests {
         let mut rule = Rule::new(Duration::from_micros(50));
         rule.start(t0, 0, 3);
         // A poll that saw a head is work, not polling: no system calls.
-        let unasked = || -> i64 { panic!("a busy lane was asked to yield") };
+        let unasked = || -> (i64, bool) { panic!("a busy lane was asked to yield") };
         assert!(rule.keep_polling(t0 + Duration::from_micros(5), 1, unasked));
-        assert!(rule.keep_polling(t0 + Duration::from_micros(5), 1, || 3));
+        assert!(rule.keep_polling(t0 + Duration::from_micros(5), 1, || (3, false)));
         // Something else wanted the CPU: stop at once, even mid-window.
         let t1 = t0 + Duration::from_micros(6);
-        assert!(!rule.keep_polling(t1, 1, || 4));
+        assert!(!rule.keep_polling(t1, 1, || (4, false)));
         assert_eq!(rule.quiet_until(), Some(t1 + BACKOFF));
         assert_eq!(rule.quiet_until(), None);
+    }
+
+    #[test]
+    fn a_lane_serving_one_client_alone_polls_on_through_a_preemption() {
+        let t0 = Instant::now();
+        let us = |n| t0 + Duration::from_micros(n);
+        let mut rule = Rule::new(Duration::from_micros(50));
+        rule.start(t0, 0, 3);
+        // The client or its backend ran on the lane's CPU: polling goes on,
+        // with no quiet period, and counts preemptions from there.
+        assert!(rule.keep_polling(us(10), 0, || (4, true)));
+        assert!(rule.keep_polling(us(20), 0, || (4, false)));
+        assert!(rule.keep_polling(us(30), 0, || (6, true)));
+        assert_eq!(rule.quiet_until(), None);
+        // The window still ends it.
+        assert!(!rule.keep_polling(us(50), 0, || (6, true)));
+        assert_eq!(rule.quiet_until(), None);
+        // More to serve: a preemption stops polling as before.
+        rule.start(us(60), 0, 6);
+        assert!(!rule.keep_polling(us(61), 0, || (7, false)));
+        assert_eq!(rule.quiet_until(), Some(us(61) + BACKOFF));
+    }
+
+    #[test]
+    fn serving_counts_connections_and_exchanges_while_alive() {
+        assert!(alone());
+        let first = Serving::connection();
+        let exchange = Serving::exchange();
+        assert!(alone(), "one client, one exchange");
+        let second = Serving::exchange();
+        assert!(!alone(), "two exchanges in flight (HTTP/2)");
+        drop(second);
+        let other = Serving::connection();
+        assert!(!alone(), "two client connections");
+        drop((first, other, exchange));
+        assert!(alone());
+        assert_eq!(CONNECTIONS.with(Cell::get), 0);
+        assert_eq!(EXCHANGES.with(Cell::get), 0);
     }
 
     #[test]
@@ -303,7 +405,7 @@ mod tests {
         let mut quiet = Vec::new();
         for n in 0..8 {
             rule.start(t0, 0, n);
-            assert!(!rule.keep_polling(t0, 0, || n + 1));
+            assert!(!rule.keep_polling(t0, 0, || (n + 1, false)));
             quiet.push(rule.quiet_until().map(|t| t.duration_since(t0)));
         }
         let ms = |n| Some(Duration::from_millis(n));
@@ -314,10 +416,10 @@ mod tests {
         // Polling that ends by its window, no one else wanting the CPU,
         // starts the next backoff from the bottom again.
         rule.start(t0, 0, 8);
-        assert!(!rule.keep_polling(t0 + Duration::from_micros(50), 0, || 8));
+        assert!(!rule.keep_polling(t0 + Duration::from_micros(50), 0, || (8, false)));
         assert_eq!(rule.quiet_until(), None);
         rule.start(t0, 0, 8);
-        assert!(!rule.keep_polling(t0, 0, || 9));
+        assert!(!rule.keep_polling(t0, 0, || (9, false)));
         assert_eq!(rule.quiet_until(), Some(t0 + BACKOFF));
     }
 }

@@ -434,7 +434,10 @@ impl BackendState {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        Some(InFlight(self.live.clone()))
+        Some(InFlight {
+            live: self.live.clone(),
+            _serving: crate::busy_poll::Serving::exchange(),
+        })
     }
 
     /// The identity a reload matches on: same name and same URL.
@@ -445,15 +448,19 @@ impl BackendState {
 
 /// One request in flight to a backend; dropping it gives the slot back.
 #[derive(Debug)]
-pub(crate) struct InFlight(Arc<BackendLive>);
+pub(crate) struct InFlight {
+    live: Arc<BackendLive>,
+    /// Counted on the lane for the busy poller while the exchange lasts.
+    _serving: crate::busy_poll::Serving,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         // SeqCst on both, paired with the waiter count's increment: either
         // this load sees a waiter that counted itself, or that waiter's
         // next look sees the slot given back here.
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.0.slots.announce();
+        self.live.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.live.slots.announce();
     }
 }
 

@@ -269,6 +269,8 @@ impl Accepted {
                 }
             },
         };
+        // Counted on its lane for the busy poller while it is open.
+        let _serving = crate::busy_poll::Serving::connection();
         let conn = http1::Conn {
             wire: Arc::new(request_body::Wire::new(stream, BytesMut::new())),
             peer,
