@@ -530,6 +530,20 @@ impl ProxiedBody {
     /// Ends the body: releases the backend slot, and for SSE returns the
     /// error event to send as the last frame.
     fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.stream_done() {
+            // The stream's own end, `data: [DONE]`, has reached the client,
+            // which holds the whole answer: what the backend does after it
+            // (a reset, silence instead of the body's last chunk) takes
+            // nothing from it, so the body ends as a complete one would. An
+            // `error` event after `[DONE]` would be read by no SDK. The
+            // backend's connection, which failed, is not reused.
+            let rest = self.end();
+            return if rest.is_empty() {
+                Poll::Ready(None)
+            } else {
+                Poll::Ready(Some(Ok(Frame::data(rest))))
+            };
+        }
         self.finished = true;
         self.in_flight = None;
         // An unfinished event is held back, never half sent, unless it was
@@ -611,6 +625,14 @@ impl ProxiedBody {
                 mid_event,
             )
         })
+    }
+
+    /// Whether the SSE stream's `data: [DONE]` has been passed on.
+    fn stream_done(&self) -> bool {
+        matches!(
+            &self.accounting,
+            Some(Accounting { reader: UsageReader::Sse(filter), .. }) if filter.done()
+        )
     }
 
     /// Whether part of an SSE event has gone to the client without its end

@@ -96,7 +96,9 @@ pub(crate) fn head_read() {
 /// calling thread while this lives: what the poller counts to tell a lane
 /// that serves one client at a time from a loaded one ([`Rule`]). Made and
 /// dropped on the same lane thread (a connection's tasks stay on its
-/// lane); a thread-local count, so it costs no shared write.
+/// lane); a thread-local count, so it costs no shared write. Off the
+/// lanes (their start failed, the main runtime serves) a task may move
+/// between threads and leave a count off there, where no poller reads it.
 #[derive(Debug)]
 pub(crate) struct Serving(&'static std::thread::LocalKey<Cell<u32>>);
 

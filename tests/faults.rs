@@ -38,6 +38,9 @@ enum Fault {
     ResetMidStream,
     /// Starts an SSE stream, sends its usage chunk, then resets.
     ResetAfterUsage,
+    /// Sends a whole SSE stream up to `data: [DONE]`, then resets instead
+    /// of ending the chunked body.
+    ResetAfterDone,
     /// Starts an SSE stream, then sends a chunk size that is not hex.
     BrokenChunked,
     /// Starts an SSE stream, then drips its next event one byte per second.
@@ -108,6 +111,21 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
         Fault::ResetAfterUsage => {
             let r = s
                 .write_all(&[SSE_HEAD, &chunk(EVENT), &chunk(USAGE_EVENT)].concat())
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            r.and(reset(s))
+        }
+        Fault::ResetAfterDone => {
+            let r = s
+                .write_all(
+                    &[
+                        SSE_HEAD,
+                        &chunk(EVENT),
+                        &chunk(USAGE_EVENT),
+                        &chunk("data: [DONE]\n\n"),
+                    ]
+                    .concat(),
+                )
                 .await;
             tokio::time::sleep(Duration::from_millis(50)).await;
             r.and(reset(s))
@@ -419,6 +437,41 @@ async fn a_stream_cut_after_its_usage_is_charged_that_usage() {
         .await;
         assert_eq!(counted, tokens, "{kind}");
     }
+}
+
+/// A backend that resets after `data: [DONE]` has sent the whole stream:
+/// the client gets it as sent, ended cleanly, with no `error` event after
+/// `[DONE]`; the answer counts as complete (its usage charged, no failure
+/// against the backend).
+#[tokio::test]
+async fn a_reset_after_done_ends_the_stream_cleanly() {
+    let gw = setup(Fault::ResetAfterDone).await;
+    let addr = gw.addr();
+    for _ in 0..2 {
+        let s = post_stream(addr, "/v1/chat/completions", &chat("alone", true)).await;
+        assert_eq!(s.status, 200);
+        // `post_stream` reads the body to its last chunk: it ended cleanly.
+        assert_eq!(
+            s.text(),
+            format!("{EVENT}data: [DONE]\n\n"),
+            "as sent, the usage chunk weir asked for removed"
+        );
+    }
+    assert_eq!(backend_state(addr, "bad2").await["ejections"], 0);
+    let errors = metric(
+        addr,
+        "weir_upstream_errors_total",
+        &[("backend", "bad2"), ("kind", "protocol")],
+    )
+    .await;
+    assert_eq!(errors, 0.0);
+    let completion = metric(
+        addr,
+        "weir_tokens_total",
+        &[("model", "alone"), ("kind", "completion")],
+    )
+    .await;
+    assert_eq!(completion, 6000.0, "both answers' usage charged");
 }
 
 #[tokio::test]

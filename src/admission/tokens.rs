@@ -142,6 +142,8 @@ pub struct UsageFilter {
     usage: Option<Usage>,
     /// Events completed and passed on (not removed).
     events: u64,
+    /// The stream's terminator, `data: [DONE]`, has been passed on.
+    done: bool,
 }
 
 /// A rolling tail of a non-stream response body, from which `usage` is read at
@@ -290,6 +292,7 @@ impl UsageFilter {
             lf_after_event: None,
             usage: None,
             events: 0,
+            done: false,
         }
     }
 
@@ -395,12 +398,14 @@ impl UsageFilter {
             };
             usage.map(|u| (u, false))
         } else if self.partial.is_empty() {
+            self.done |= is_done(rest);
             read_event(rest)
         } else {
             // Reassemble the event in `partial` to parse it; the part held
             // before stays at the front, to be sent if the event is kept.
             let held = self.partial.len();
             self.partial.extend_from_slice(rest);
+            self.done |= is_done(&self.partial);
             let found = read_event(&self.partial);
             self.partial.truncate(held);
             found
@@ -456,6 +461,12 @@ impl UsageFilter {
     /// too large to hold): an error event sent now must first end it.
     pub fn sent_part_of_an_event(&self) -> bool {
         self.skipping
+    }
+
+    /// Whether the stream's own end, the `data: [DONE]` event, has been
+    /// passed on: the client then holds the whole answer.
+    pub fn done(&self) -> bool {
+        self.done
     }
 
     /// How many events were completed and passed on so far: what a stream
@@ -693,6 +704,21 @@ fn read_event(event: &[u8]) -> Option<(Usage, bool)> {
     .into_usage()?;
     let usage_only = chunk.choices.is_some_and(|choices| choices.is_empty());
     Some((usage, usage_only))
+}
+
+/// Whether `event` is the one that ends an OpenAI stream: `data: [DONE]`,
+/// its only data line (comments and other fields aside).
+fn is_done(event: &[u8]) -> bool {
+    // Nearly every event is a JSON chunk: one look at its end rules it out.
+    let end = event
+        .iter()
+        .rposition(|&b| b != b'\n' && b != b'\r')
+        .map_or(0, |i| i + 1);
+    if !event.get(..end).unwrap_or_default().ends_with(b"[DONE]") {
+        return false;
+    }
+    let mut data = Lines(event).filter_map(data_value);
+    data.next() == Some(b"[DONE]".as_slice()) && data.next().is_none()
 }
 
 /// The value of a `data` field line (after `data:` and one optional space), or
@@ -987,6 +1013,28 @@ mod tests {
                 completion_tokens: 4
             })
         );
+    }
+
+    #[test]
+    fn the_done_event_is_seen_whole_and_only_as_sent() {
+        for (frames, done) in [
+            (&["data: [DONE]\n\n"][..], true),
+            (&["data:[DONE]\r\n\r\n"][..], true),
+            (&[": keep-alive\nevent: end\ndata: [DONE]\n\n"][..], true),
+            // Split anywhere, even inside the marker.
+            (&["data: [DO", "NE]\n", "\n"][..], true),
+            // Not complete yet, or not the terminator.
+            (&["data: [DONE]\n"][..], false),
+            (&["data: [DONE]\ndata: more\n\n"][..], false),
+            (&["data: \"[DONE]\"\n\n"][..], false),
+            (&["data: {\"content\":\"[DONE]\"}\n\n"][..], false),
+            (&[": [DONE]\n\n"][..], false),
+        ] {
+            let mut filter = UsageFilter::new(true);
+            let frames: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes()).collect();
+            run(&mut filter, &frames);
+            assert_eq!(filter.done(), done, "{frames:?}");
+        }
     }
 
     #[test]
