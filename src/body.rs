@@ -729,7 +729,14 @@ impl Body for ProxiedBody {
                     if !this.finished && this.deadline_timer.is_none() {
                         // More is to come: from here on the timers count.
                         if let Some(error) = this.poll_timers(cx, false) {
-                            return this.fail(error);
+                            if !this.stream_done() {
+                                return this.fail(error);
+                            }
+                            // `data: [DONE]` is in this frame: the frame
+                            // goes to the client, and the body ends whole
+                            // (`fail` would drop the frame).
+                            let rest = this.end();
+                            data = [data, rest].concat().into();
                         }
                     }
                     Poll::Ready(Some(Ok(Frame::data(data))))
