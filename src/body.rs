@@ -537,12 +537,7 @@ impl ProxiedBody {
             // nothing from it, so the body ends as a complete one would. An
             // `error` event after `[DONE]` would be read by no SDK. The
             // backend's connection, which failed, is not reused.
-            let rest = self.end();
-            return if rest.is_empty() {
-                Poll::Ready(None)
-            } else {
-                Poll::Ready(Some(Ok(Frame::data(rest))))
-            };
+            return self.end_last_frame();
         }
         self.finished = true;
         self.in_flight = None;
@@ -625,6 +620,17 @@ impl ProxiedBody {
                 mid_event,
             )
         })
+    }
+
+    /// Ends the body whole ([`ProxiedBody::end`]) and answers with what the
+    /// end still sends (an event held without its terminator), if anything.
+    fn end_last_frame(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let rest = self.end();
+        if rest.is_empty() {
+            Poll::Ready(None)
+        } else {
+            Poll::Ready(Some(Ok(Frame::data(rest))))
+        }
     }
 
     /// Whether the SSE stream's `data: [DONE]` has been passed on.
@@ -742,14 +748,7 @@ impl Body for ProxiedBody {
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
                 Poll::Ready(Some(Err(e))) => this.fail(BodyError::Upstream(e)),
-                Poll::Ready(None) => {
-                    let rest = this.end();
-                    if rest.is_empty() {
-                        Poll::Ready(None)
-                    } else {
-                        Poll::Ready(Some(Ok(Frame::data(rest))))
-                    }
-                }
+                Poll::Ready(None) => this.end_last_frame(),
             };
         }
     }

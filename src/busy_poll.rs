@@ -279,12 +279,13 @@ impl Rule {
             return true;
         }
         let (preemptions, alone) = idle();
-        if preemptions != self.preemptions && alone {
+        if preemptions != self.preemptions {
+            if !alone {
+                self.backoff = (self.backoff * 2).clamp(BACKOFF, MAX_BACKOFF);
+                self.quiet_until = Some(now + self.backoff);
+                return false;
+            }
             self.preemptions = preemptions;
-        } else if preemptions != self.preemptions {
-            self.backoff = (self.backoff * 2).clamp(BACKOFF, MAX_BACKOFF);
-            self.quiet_until = Some(now + self.backoff);
-            return false;
         }
         if now.duration_since(self.since) < self.window {
             return true;

@@ -710,11 +710,7 @@ fn read_event(event: &[u8]) -> Option<(Usage, bool)> {
 /// its only data line (comments and other fields aside).
 fn is_done(event: &[u8]) -> bool {
     // Nearly every event is a JSON chunk: one look at its end rules it out.
-    let end = event
-        .iter()
-        .rposition(|&b| b != b'\n' && b != b'\r')
-        .map_or(0, |i| i + 1);
-    if !event.get(..end).unwrap_or_default().ends_with(b"[DONE]") {
+    if !event.trim_ascii_end().ends_with(b"[DONE]") {
         return false;
     }
     let mut data = Lines(event).filter_map(data_value);
