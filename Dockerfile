@@ -7,8 +7,10 @@
 #       -e SGP_API_KEY weir
 #
 # Two stages: the official Rust image compiles the binary with the `dist`
-# profile (release plus link-time optimisation, Cargo.toml) from the same
-# files .ci/run builds from; the runtime stage is
+# profile (release plus link-time optimisation, Cargo.toml) and profile-guided
+# optimisation (benches/pgo.sh: an instrumented build serves a training load
+# in front of `weir mock` backends, then the profile-guided build), from the
+# same files .ci/run builds from; the runtime stage is
 # distroless: glibc and the binary, no shell, no package manager. weir talks
 # TLS through rustls with the compiled-in webpki roots, so it does not need
 # the image's CA bundle either.
@@ -19,20 +21,28 @@
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
+# benches/pgo.sh drives the training load with wrk and merges the profile
+# with rustup's llvm-tools, whose LLVM is rustc's own.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wrk=4.1.0-3+b2 \
+    && rm -rf /var/lib/apt/lists/* \
+    && rustup component add llvm-tools
 WORKDIR /src
 # Only what the build reads (see .dockerignore): the manifest, the lock file,
-# the sources, and benches/ because Cargo.toml declares [[bench]] targets,
-# whose files cargo checks exist even when building only the binary.
+# the sources, and benches/ for pgo.sh and because Cargo.toml declares
+# [[bench]] targets, whose files cargo checks exist even when building only
+# the binary.
 COPY Cargo.toml Cargo.lock ./
 COPY benches ./benches
 COPY src ./src
 # The cache mounts keep the crates.io downloads and compiled dependencies
-# between builds, so a source change recompiles weir only. target/ is a cache
-# mount, so the binary is copied out of it in the same step.
+# between builds, so a source change recompiles weir only (twice: the
+# instrumented build and the optimised one). target/ is a cache mount, so the
+# binary is copied out of it in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --profile dist --locked --bin weir \
-    && cp target/dist/weir /usr/local/bin/weir
+    benches/pgo.sh \
+    && cp target/pgo/weir /usr/local/bin/weir
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /usr/local/bin/weir /usr/local/bin/weir

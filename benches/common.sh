@@ -27,11 +27,18 @@ bench_tools() { # [command...]
 }
 
 # Sets WEIR_BIN to an absolute path: the given binary, or the shipped build
-# (`--profile dist`: release plus LTO, as the Dockerfile builds it) made here.
+# made here (benches/pgo.sh: `--profile dist`, release plus LTO, with
+# profile-guided optimisation, as the Dockerfile builds it; with PGO=0 the
+# plain `dist` build).
 resolve_weir_bin() {
     if [ -z "${WEIR_BIN:-}" ]; then
-        cargo build --profile dist --bin weir
-        WEIR_BIN=target/dist/weir
+        if [ "${PGO:-1}" = 0 ]; then
+            cargo build --profile dist --bin weir
+            WEIR_BIN=target/dist/weir
+        else
+            benches/pgo.sh
+            WEIR_BIN=target/pgo/weir
+        fi
     fi
     [ -x "$WEIR_BIN" ] || die "no weir binary at $WEIR_BIN"
     WEIR_BIN=$(realpath "$WEIR_BIN")

@@ -36,9 +36,13 @@ die() { echo "compare.sh: $*" >&2; exit 1; }
 command -v wrk >/dev/null || die "wrk is needed (apt-get install wrk)"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || die "nginx is needed (apt-get install nginx-light)"
-if [ -z "${WEIR_BIN:-}" ]; then
+# Default: the shipped build (benches/pgo.sh); PGO=0: plain `dist`.
+if [ -z "${WEIR_BIN:-}" ] && [ "${PGO:-1}" = 0 ]; then
     cargo build --profile dist --bin weir
     WEIR_BIN=target/dist/weir
+elif [ -z "${WEIR_BIN:-}" ]; then
+    benches/pgo.sh
+    WEIR_BIN=target/pgo/weir
 fi
 WEIR_BIN=$(realpath "$WEIR_BIN")
 for port in $A $B $C $NGINX_PORT $WEIR_PORT $PLAIN_PORT; do

@@ -18,7 +18,8 @@
 # backends, metrics on, RUST_LOG=warn), small POST /v1/chat/completions.
 #
 # Environment (all optional):
-#   WEIR_BIN   weir binary (default: target/dist/weir, built here)
+#   WEIR_BIN   weir binary (default: target/pgo/weir,
+#              the shipped build, benches/pgo.sh, made here; PGO=0: target/dist/weir)
 #   DURATION   seconds per CPU-time run (default 5)
 #   ROUNDS     CPU-time rounds (default 3)
 #   INSTR=1    also count instructions (installs valgrind if missing)

@@ -9,8 +9,9 @@
 #   benches/load.sh
 #
 # Environment (all optional):
-#   WEIR_BIN   weir binary to run (default: target/dist/weir, built here
-#              with `cargo build --profile dist`; set it to skip the build)
+#   WEIR_BIN   weir binary to run (default: target/pgo/weir, the shipped
+#              build, made here by benches/pgo.sh; PGO=0: target/dist/weir,
+#              plain `cargo build --profile dist`; set it to skip the build)
 #   DURATION   seconds per wrk run (default 6)
 #   ROUNDS     wrk rounds per target and connection count (default 1); the
 #              tables then give each figure's median over the rounds, the

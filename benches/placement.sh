@@ -21,7 +21,8 @@
 # backends, metrics on, RUST_LOG=warn), small POST /v1/chat/completions.
 #
 # Environment (all optional):
-#   WEIR_BIN   weir binary (default: target/dist/weir, built here)
+#   WEIR_BIN   weir binary (default: target/pgo/weir,
+#              the shipped build, benches/pgo.sh, made here; PGO=0: target/dist/weir)
 #   DURATION   seconds per wrk run (default 4)
 #   ROUNDS     rounds per placement (default 3)
 #   BASE_PORT  first of the 3 loopback ports used (default 18581)

@@ -15,7 +15,8 @@
 # speaks HTTP/1.1 to the mock, one connection per open stream.
 #
 # Environment (all optional):
-#   WEIR_BIN   weir binary (default: target/dist/weir, built here)
+#   WEIR_BIN   weir binary (default: target/pgo/weir,
+#              the shipped build, benches/pgo.sh, made here; PGO=0: target/dist/weir)
 #   STREAMS    concurrent streams (default 10000)
 #   CONNS      h2c client connections carrying them (default 100)
 #   CHUNKS     tokens per stream = seconds each stays open (default 40)

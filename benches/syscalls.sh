@@ -13,7 +13,8 @@
 # /v1/chat/completions.
 #
 # Environment (all optional):
-#   WEIR_BIN   weir binary (default: target/dist/weir, built here)
+#   WEIR_BIN   weir binary (default: target/pgo/weir,
+#              the shipped build, benches/pgo.sh, made here; PGO=0: target/dist/weir)
 #   DURATION   seconds counted per proxy (default 3)
 #   CONNS      wrk connections (default 32; 1 shows the serial path's calls)
 #   BASE_PORT  first of the 3 loopback ports used (default 18381)

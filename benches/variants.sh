@@ -17,7 +17,7 @@
 #              or the word `bare` for a config with one backend and no
 #              limits instead of load.sh's (default: "weir off:WEIR_BUSY_POLL=off")
 #   WEIR_BIN   weir binary for variants without @BINARY (default:
-#              target/dist/weir, built here)
+#              target/pgo/weir, the shipped build, benches/pgo.sh, made here; PGO=0: target/dist/weir)
 #   C          connections (default 32)
 #   ROUNDS     rounds (default 10)
 #   DURATION   seconds per wrk run (default 3)
