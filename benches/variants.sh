@@ -41,6 +41,10 @@ MODEL=bench-model
 
 . benches/common.sh
 
+# When every variant names its binary there is nothing to build.
+if [ -z "${WEIR_BIN:-}" ] && ! printf '%s\n' $VARIANTS | grep -qv '^[^:]*@'; then
+    WEIR_BIN=$(printf '%s\n' $VARIANTS | head -n1 | sed 's/^[^@]*@//; s/:.*//')
+fi
 bench_tools python3
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
