@@ -15,7 +15,10 @@
 #   VARIANTS   space-separated NAME[@BINARY][:SETTINGS]; SETTINGS is a
 #              comma-separated list of ENV=VALUE for that weir's process,
 #              or the word `bare` for a config with one backend and no
-#              limits instead of load.sh's (default: "weir off:WEIR_BUSY_POLL=off")
+#              limits instead of load.sh's, or `config=FILE` for the weir
+#              config in FILE with @PORT@, @UPSTREAM@ and @MODEL@ filled in
+#              (benches/configs/ has load.sh's config taken apart)
+#              (default: "weir off:WEIR_BUSY_POLL=off")
 #   WEIR_BIN   weir binary for variants without @BINARY (default:
 #              target/pgo/weir, the shipped build, benches/pgo.sh, made here; PGO=0: target/dist/weir)
 #   C          connections (default 32)
@@ -93,6 +96,10 @@ for spec in $VARIANTS; do
     envs=()
     if [ "$settings" = bare ]; then
         bare_config "$port" "$UP_PORT" >"$DIR/$name.toml"
+    elif [ "${settings#config=}" != "$settings" ]; then
+        [ -r "${settings#config=}" ] || die "variant $name: cannot read ${settings#config=}"
+        sed -e "s/@PORT@/$port/g" -e "s/@UPSTREAM@/$UP_PORT/g" -e "s/@MODEL@/$MODEL/g" \
+            "${settings#config=}" >"$DIR/$name.toml"
     else
         bench_weir_config "$port" "$UP_PORT" >"$DIR/$name.toml"
         IFS=, read -r -a envs <<<"$settings"
