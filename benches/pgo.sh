@@ -115,7 +115,7 @@ EOF
 LLVM_PROFILE_FILE="$RAW/weir-%p.profraw" RUST_LOG=warn "$TRAINEE" --config "$DIR/weir.toml" \
     >"$DIR/weir.log" 2>&1 &
 TRAINEE_PID=$!
-PIDS+=($TRAINEE_PID)
+PIDS+=("$TRAINEE_PID")
 wait_port "$WEIR_PORT" $TRAINEE_PID weir
 # wrk's request() cycles through these, weighted by repetition: mostly
 # chat, some of it streamed, and one request in sixteen a client error.

@@ -45,8 +45,9 @@ MODEL=bench-model
 . benches/common.sh
 
 # When every variant names its binary there is nothing to build.
-if [ -z "${WEIR_BIN:-}" ] && ! printf '%s\n' $VARIANTS | grep -qv '^[^:]*@'; then
-    WEIR_BIN=$(printf '%s\n' $VARIANTS | head -n1 | sed 's/^[^@]*@//; s/:.*//')
+read -r -a specs <<<"$VARIANTS"
+if [ -z "${WEIR_BIN:-}" ] && ! printf '%s\n' "${specs[@]}" | grep -qv '^[^:]*@'; then
+    WEIR_BIN=$(printf '%s\n' "${specs[@]}" | head -n1 | sed 's/^[^@]*@//; s/:.*//')
 fi
 bench_tools python3
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
