@@ -156,12 +156,18 @@ return200_block() { # port
 # nginx as the reverse proxy weir is compared with: HTTP/1.1 keep-alive to
 # the upstream, 64 idle connections kept (nginx_conf's http block). An
 # optional upstream name (default `up`, one per block in an http block) and
-# extra directives for the location.
+# extra directives for the location. Its `listen` has `reuseport` (since
+# session 27): each worker accepts from its own socket, so the connections
+# are spread over the workers by hash. With NGINX_REUSEPORT=0 it listens as
+# nginx does by default, where whichever worker wakes first takes a new
+# connection, and all 32 of a run's sometimes land on one worker, which
+# costs nginx 10-20 % of its requests/s (docs/BENCHMARKS.md "Session 27").
 proxy_block() { # listen-port upstream-port [upstream-name] [directive]
-    local name=${3:-up}
+    local name=${3:-up} reuseport=" reuseport"
+    [ "${NGINX_REUSEPORT:-1}" = 1 ] || reuseport=""
     echo "upstream $name { server 127.0.0.1:$2; keepalive 64; }
     server {
-        listen 127.0.0.1:$1;
+        listen 127.0.0.1:$1$reuseport;
         location / {
             proxy_pass http://$name;
             proxy_http_version 1.1;

@@ -20,6 +20,8 @@
 #   BASE_PORT  first loopback port (default 18081); uses BASE_PORT to +3
 #              and +6
 #   KEEP=1     keep the temp dir (configs, logs) for inspection
+#   NGINX_REUSEPORT=0  the nginx proxy listens without `reuseport`, as
+#              before session 27 (common.sh)
 #   CLUSTER=1  also run a second weir with [cluster] (the same limits shared
 #              through a local redis-server, installed if missing) and time
 #              it in the same run: "weir-cluster" rows and an on/off ratio

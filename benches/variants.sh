@@ -26,6 +26,8 @@
 #   DURATION   seconds per wrk run (default 3)
 #   BASE_PORT  first loopback port; uses 2 + one per variant (default 18681)
 #   KEEP=1     keep the temp dir (configs, logs)
+#   NGINX_REUSEPORT=0  the nginx proxy listens without `reuseport`, as
+#              before session 27 (common.sh)
 #
 # CPU per request is the proxy's on-CPU time (nginx: its workers; weir: all
 # its threads) from /proc/PID/task/*/schedstat over the run, divided by the
