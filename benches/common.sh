@@ -183,38 +183,18 @@ stream_proxy_block() { # listen-port upstream-port
     proxy_block "$1" "$2" mock "proxy_buffering off;"
 }
 
-# The gateway the loopback benches time: limits that never bind, MODEL on
-# two weighted backends (up-a, up-b) at the upstream port, health checks off.
+# A weir config template (benches/configs/) with its @PORT@, @UPSTREAM@ and
+# @MODEL@ filled in.
+fill_config() { # template listen-port upstream-port
+    [ -r "$1" ] || die "cannot read $1"
+    sed -e "s/@PORT@/$2/g" -e "s/@UPSTREAM@/$3/g" -e "s/@MODEL@/$MODEL/g" "$1"
+}
+
+# The gateway the loopback benches time (benches/configs/full.toml): limits
+# that never bind, MODEL on two weighted backends (up-a, up-b) at the
+# upstream port, health checks off.
 bench_weir_config() { # listen-port upstream-port
-    cat <<EOF
-[server]
-listen = "127.0.0.1:$1"
-
-[limits]
-requests_per_minute = 100_000_000
-tokens_per_minute = 1_000_000_000_000
-
-[[models]]
-name = "$MODEL"
-requests_per_minute = 100_000_000
-tokens_per_minute = 1_000_000_000_000
-max_concurrent = 10000
-
-[[backends]]
-name = "up-a"
-url = "http://127.0.0.1:$2/v1"
-models = ["$MODEL"]
-weight = 3
-
-[[backends]]
-name = "up-b"
-url = "http://127.0.0.1:$2/v1"
-models = ["$MODEL"]
-weight = 1
-
-[health]
-enabled = false
-EOF
+    fill_config benches/configs/full.toml "$1" "$2"
 }
 
 # bench_weir_config plus STREAM_MODEL on the `weir mock` at mock-port, with

@@ -37,14 +37,9 @@ command -v wrk >/dev/null || die "wrk is needed (apt-get install wrk)"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || die "nginx is needed (apt-get install nginx-light)"
 # Default: the shipped build (benches/pgo.sh); PGO=0: plain `dist`.
-if [ -z "${WEIR_BIN:-}" ] && [ "${PGO:-1}" = 0 ]; then
-    cargo build --profile dist --bin weir
-    WEIR_BIN=target/dist/weir
-elif [ -z "${WEIR_BIN:-}" ]; then
-    benches/pgo.sh
-    WEIR_BIN=target/pgo/weir
-fi
-WEIR_BIN=$(realpath "$WEIR_BIN")
+# shellcheck source=benches/common.sh
+. benches/common.sh
+resolve_weir_bin
 for port in $A $B $C $NGINX_PORT $WEIR_PORT $PLAIN_PORT; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         die "port $port is busy; set BASE_PORT"

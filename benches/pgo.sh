@@ -39,24 +39,26 @@ MOCK_B=$((BASE_PORT + 2))
 . benches/common.sh
 
 # The llvm-profdata that reads this rustc's raw profiles: same LLVM major.
+# Looked for where it may be, then again after each way of installing it.
 find_profdata() {
-    local major host sysroot candidate
+    local major host sysroot
     major=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
     host=$(rustc -vV | sed -n 's/^host: //p')
     sysroot=$(rustc --print sysroot)
-    matches() { [ -x "$1" ] && "$1" --version 2>/dev/null | grep -q "LLVM version $major\."; }
-    for candidate in "${LLVM_PROFDATA:-}" "$sysroot/lib/rustlib/$host/bin/llvm-profdata" \
-        "$(command -v "llvm-profdata-$major" || true)" "/usr/lib/llvm-$major/bin/llvm-profdata"; do
-        if [ -n "$candidate" ] && matches "$candidate"; then echo "$candidate"; return; fi
-    done
-    if command -v rustup >/dev/null && rustup component add llvm-tools >&2; then
-        candidate="$sysroot/lib/rustlib/$host/bin/llvm-profdata"
-        if matches "$candidate"; then echo "$candidate"; return; fi
-    fi
-    if command -v apt-get >/dev/null && apt_install "llvm-$major" >&2; then
-        candidate="/usr/lib/llvm-$major/bin/llvm-profdata"
-        if matches "$candidate"; then echo "$candidate"; return; fi
-    fi
+    first_match() {
+        local candidate
+        for candidate in "${LLVM_PROFDATA:-}" "$sysroot/lib/rustlib/$host/bin/llvm-profdata" \
+            "$(command -v "llvm-profdata-$major" || true)" "/usr/lib/llvm-$major/bin/llvm-profdata"; do
+            if [ -x "$candidate" ] && "$candidate" --version 2>/dev/null | grep -q "LLVM version $major\."; then
+                echo "$candidate"
+                return 0
+            fi
+        done
+        return 1
+    }
+    first_match && return
+    { command -v rustup >/dev/null && rustup component add llvm-tools >&2 && first_match; } && return
+    { command -v apt-get >/dev/null && apt_install "llvm-$major" >&2 && first_match; } && return
     die "no llvm-profdata for LLVM $major: set LLVM_PROFDATA, or install rustup's llvm-tools or Debian's llvm-$major"
 }
 

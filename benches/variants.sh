@@ -100,9 +100,7 @@ for spec in $VARIANTS; do
     if [ "$settings" = bare ]; then
         bare_config "$port" "$UP_PORT" >"$DIR/$name.toml"
     elif [ "${settings#config=}" != "$settings" ]; then
-        [ -r "${settings#config=}" ] || die "variant $name: cannot read ${settings#config=}"
-        sed -e "s/@PORT@/$port/g" -e "s/@UPSTREAM@/$UP_PORT/g" -e "s/@MODEL@/$MODEL/g" \
-            "${settings#config=}" >"$DIR/$name.toml"
+        fill_config "${settings#config=}" "$port" "$UP_PORT" >"$DIR/$name.toml"
     else
         bench_weir_config "$port" "$UP_PORT" >"$DIR/$name.toml"
         IFS=, read -r -a envs <<<"$settings"
