@@ -742,7 +742,9 @@ impl Body for ProxiedBody {
                             // goes to the client, and the body ends whole
                             // (`fail` would drop the frame).
                             let rest = this.end();
-                            data = [data, rest].concat().into();
+                            if !rest.is_empty() {
+                                data = [data, rest].concat().into();
+                            }
                         }
                     }
                     Poll::Ready(Some(Ok(Frame::data(data))))
