@@ -22,7 +22,7 @@ use std::{
     cell::RefCell,
     future::Future,
     net::SocketAddr,
-    pin::Pin,
+    pin::{pin, Pin},
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
@@ -387,7 +387,18 @@ async fn route<F: Future<Output = ()>>(
     ));
     let result = match check_head(&head) {
         Ok(()) => {
-            let dispatch = dispatch(&head, body, shared, &snapshot, peer, role, &request_id, log);
+            // Pinned where it is made: `select!` then holds a reference,
+            // not a move of the whole (kilobytes) future on every request.
+            let dispatch = pin!(dispatch(
+                &head,
+                body,
+                shared,
+                &snapshot,
+                peer,
+                role,
+                &request_id,
+                log
+            ));
             // The cutoff is polled only while the request waits (biased):
             // until a shutdown starts, that locks the connection's own
             // token, never anything another connection or lane touches.
