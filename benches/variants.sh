@@ -15,9 +15,11 @@
 #   VARIANTS   space-separated NAME[@BINARY][:SETTINGS]; SETTINGS is a
 #              comma-separated list of ENV=VALUE for that weir's process,
 #              or the word `bare` for a config with one backend and no
-#              limits instead of load.sh's, or `config=FILE` for the weir
-#              config in FILE with @PORT@, @UPSTREAM@ and @MODEL@ filled in
-#              (benches/configs/ has load.sh's config taken apart)
+#              limits instead of load.sh's (the same as
+#              config=benches/configs/no-limits-one-backend.toml), or
+#              `config=FILE` for the weir config in FILE with @PORT@,
+#              @UPSTREAM@ and @MODEL@ filled in (benches/configs/ has
+#              load.sh's config taken apart)
 #              (default: "weir off:WEIR_BUSY_POLL=off")
 #   WEIR_BIN   weir binary for variants without @BINARY (default:
 #              target/pgo/weir, the shipped build, benches/pgo.sh, made here; PGO=0: target/dist/weir)
@@ -62,22 +64,6 @@ start_nginx nginx "$(proxy_block "$NGINX_PORT" "$UP_PORT")" "$NGINX_PORT"
 NGINX_MASTER=${PIDS[-1]}
 write_post_lua
 
-# The config `bare` asks for: MODEL on one backend, no limits, no health.
-bare_config() { # listen-port upstream-port
-    cat <<EOF
-[server]
-listen = "127.0.0.1:$1"
-
-[[backends]]
-name = "up-a"
-url = "http://127.0.0.1:$2/v1"
-models = ["$MODEL"]
-
-[health]
-enabled = false
-EOF
-}
-
 names=(direct nginx)
 declare -A PORT PID
 PORT[direct]=$UP_PORT
@@ -98,7 +84,7 @@ for spec in $VARIANTS; do
     [ -x "$bin" ] || die "variant $name: no binary at $bin"
     envs=()
     if [ "$settings" = bare ]; then
-        bare_config "$port" "$UP_PORT" >"$DIR/$name.toml"
+        fill_config benches/configs/no-limits-one-backend.toml "$port" "$UP_PORT" >"$DIR/$name.toml"
     elif [ "${settings#config=}" != "$settings" ]; then
         fill_config "${settings#config=}" "$port" "$UP_PORT" >"$DIR/$name.toml"
     else
