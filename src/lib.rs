@@ -47,6 +47,7 @@ mod reload;
 mod server;
 pub mod snapshot;
 mod socket;
+mod spare;
 mod upstream;
 mod watch;
 

@@ -61,6 +61,7 @@ use crate::{
     gateway::Shared,
     headers::ClientHeaders,
     socket,
+    spare::{self, Spares},
     upstream::codec::{self, Name, RawHeaders},
 };
 
@@ -179,7 +180,8 @@ enum Next {
 impl Conn {
     /// Serves requests until the connection closes.
     pub(super) async fn run(&self) -> Ended {
-        let mut out = Vec::with_capacity(4 * 1024);
+        // Taken in `respond`, given back while the client is quiet.
+        let mut out = Vec::new();
         // Before the first request the head timer runs from the accept.
         let mut since = Instant::now();
         let mut idle = false;
@@ -193,7 +195,7 @@ impl Conn {
         let mut grace_end = pin!(GraceEnd::new(&self.shutdown, &self.shared));
         loop {
             let head = match self
-                .next_head(&mut waits, &mut since, &mut idle, first)
+                .next_head(&mut waits, &mut out, &mut since, &mut idle, first)
                 .await
             {
                 Next::Head(head) => head,
@@ -284,6 +286,7 @@ impl Conn {
     async fn next_head(
         &self,
         waits: &mut Waits<'_, '_>,
+        out: &mut Vec<u8>,
         since: &mut Instant,
         idle: &mut bool,
         first: bool,
@@ -318,11 +321,19 @@ impl Conn {
                     return Next::Closed;
                 }
                 // Readiness is cached by tokio: no syscall when none is known.
-                inbound.buf.reserve(READ_AHEAD_CHUNK);
+                inbound.make_room(READ_AHEAD_CHUNK);
                 match socket::try_read_buf(&self.wire.stream, &mut inbound.buf) {
                     Ok(0) => return Next::Closed,
                     Ok(_) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if inbound.buf.is_empty() {
+                            // Nothing of a request yet: the connection waits
+                            // holding no buffers, so an idle keep-alive
+                            // connection costs its task and socket only.
+                            inbound.release_buffer();
+                            release_out(out);
+                        }
+                    }
                     Err(_) => return Next::Closed,
                 }
             }
@@ -411,7 +422,11 @@ impl Conn {
                     || remaining.is_none_or(|n| n > DRAIN_LIMIT));
         }
 
+        if out.capacity() == 0 {
+            *out = spare::take(&SPARE_OUTS);
+        }
         out.clear();
+        out.reserve(OUT_CAPACITY);
         let write_length = !no_content;
         let head = ResponseHead {
             status,
@@ -665,6 +680,29 @@ impl Conn {
 
 /// Bytes reserved in the read buffer before each read.
 const READ_AHEAD_CHUNK: usize = 8 * 1024;
+/// Room for a typical response head (and a small body behind it).
+const OUT_CAPACITY: usize = 4 * 1024;
+/// Spare response buffers kept per thread (see [`SPARE_OUTS`]).
+const SPARE_OUT_BUFFERS: usize = 32;
+/// Response buffers grown past this (a large body) are freed, not kept.
+const MAX_SPARE_OUT: usize = 2 * FLUSH_BYTES;
+
+thread_local! {
+    /// Response buffers of connections waiting for their client's next
+    /// request (see [`crate::spare`]).
+    static SPARE_OUTS: Spares<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Gives the response buffer to this thread's spares while the connection
+/// waits for its client; [`Conn::respond`] takes one back.
+fn release_out(out: &mut Vec<u8>) {
+    if out.capacity() > 0 {
+        let buf = std::mem::take(out);
+        if buf.capacity() <= MAX_SPARE_OUT {
+            spare::keep(&SPARE_OUTS, buf, SPARE_OUT_BUFFERS);
+        }
+    }
+}
 
 /// How a response body is framed on the wire.
 enum Out {

@@ -7,6 +7,7 @@
 //! reads the next head only once the body is finished or released.
 
 use std::{
+    cell::RefCell,
     io,
     pin::Pin,
     sync::{
@@ -21,6 +22,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::{net::TcpStream, sync::Notify};
 
 use crate::socket;
+use crate::spare::{self, Spares};
 use crate::upstream::codec::Framing;
 
 /// Bytes asked of the socket per read: a small request fits in one.
@@ -110,6 +112,19 @@ pub(crate) struct Wire {
     released: Notify,
 }
 
+/// Spare client read buffers kept per thread: enough for each of a lane's
+/// connections that are between requests at once under load.
+const SPARE_BUFFERS: usize = 32;
+/// Read buffers grown past this (a large body read ahead) are freed, not
+/// kept.
+const MAX_SPARE: usize = 2 * READ_CHUNK;
+
+thread_local! {
+    /// Read buffers of connections waiting for their client's next bytes
+    /// (see [`crate::spare`]).
+    static SPARE_READS: Spares<BytesMut> = const { RefCell::new(Vec::new()) };
+}
+
 /// What has been read from the client and not yet consumed.
 #[derive(Debug)]
 pub(crate) struct Inbound {
@@ -126,6 +141,28 @@ pub(crate) struct Inbound {
     pub(crate) continue_sent: usize,
     /// The response has begun: too late for `100 Continue`.
     pub(crate) responding: bool,
+}
+
+impl Inbound {
+    /// Room for a read of about `size` bytes, taking this thread's spare
+    /// when the buffer holds no memory (the connection waited with none).
+    pub(crate) fn make_room(&mut self, size: usize) {
+        if self.buf.capacity() == 0 {
+            self.buf = spare::take(&SPARE_READS);
+        }
+        self.buf.reserve(size);
+    }
+
+    /// Gives the buffer to this thread's spares if nothing unread is in
+    /// it: a connection that waits for its client holds no read buffer.
+    pub(crate) fn release_buffer(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            let buf = std::mem::take(&mut self.buf);
+            if buf.capacity() <= MAX_SPARE {
+                spare::keep(&SPARE_READS, buf, SPARE_BUFFERS);
+            }
+        }
+    }
 }
 
 impl Wire {
@@ -180,7 +217,7 @@ impl Wire {
     ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
-            inbound.buf.reserve(READ_CHUNK);
+            inbound.make_room(READ_CHUNK);
             match socket::try_read_buf(&self.stream, &mut inbound.buf) {
                 Ok(0) => {
                     inbound.eof = true;
@@ -265,4 +302,42 @@ fn poll_send_continue(
         }
     }
     Poll::Ready(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbound(bytes: &[u8]) -> Inbound {
+        Inbound {
+            buf: BytesMut::from(bytes),
+            framing: Framing::Done,
+            eof: false,
+            continue_due: false,
+            continue_sent: 0,
+            responding: false,
+        }
+    }
+
+    #[test]
+    fn a_waiting_connection_gives_its_read_buffer_back_and_takes_it_again() {
+        let mut waiting = inbound(b"");
+        waiting.make_room(1024);
+        let memory = waiting.buf.as_ptr();
+        waiting.release_buffer();
+        assert_eq!(waiting.buf.capacity(), 0, "it waits holding nothing");
+        let mut next = inbound(b"");
+        next.make_room(1024);
+        assert_eq!(next.buf.as_ptr(), memory, "the next read reuses it");
+        // Unread bytes (a pipelined request) stay where they are.
+        let mut unread = inbound(b"GET / HTTP/1.1\r\n");
+        unread.release_buffer();
+        assert_eq!(&unread.buf[..], b"GET / HTTP/1.1\r\n");
+        // A buffer grown for a large body is freed, not kept.
+        let mut grown = inbound(b"");
+        grown.buf.reserve(4 * READ_CHUNK);
+        grown.release_buffer();
+        assert_eq!(grown.buf.capacity(), 0);
+        assert!(SPARE_READS.with_borrow(Vec::is_empty));
+    }
 }

@@ -22,7 +22,6 @@ use std::{
         Arc,
     },
     task::{Context, Poll},
-    thread::LocalKey,
     time::Duration,
 };
 
@@ -35,7 +34,10 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{lanes, socket};
+use crate::{
+    lanes, socket,
+    spare::{self, Spares},
+};
 
 use super::{
     codec::{self, Framing, Head, RawHeaders, RequestHead},
@@ -76,30 +78,16 @@ thread_local! {
     /// cache, so a fresh one per request cost more than all of its other
     /// allocations together; a few spares per thread bound what is kept,
     /// where a buffer per pooled connection would not be.
-    static SPARE_READS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    static SPARE_READS: Spares<BytesMut> = const { RefCell::new(Vec::new()) };
     /// The same for the buffers request heads are written into.
-    static SPARE_HEADS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// This thread's last spare of a kind, or a new (unallocated) one.
-fn spare<T: Default>(kind: &'static LocalKey<RefCell<Vec<T>>>) -> T {
-    kind.with_borrow_mut(Vec::pop).unwrap_or_default()
-}
-
-/// Keeps an emptied buffer for [`spare`], while there is room.
-fn keep<T>(kind: &'static LocalKey<RefCell<Vec<T>>>, buf: T) {
-    kind.with_borrow_mut(|spares| {
-        if spares.len() < SPARE_BUFFERS {
-            spares.push(buf);
-        }
-    });
+    static SPARE_HEADS: Spares<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A read buffer with room for [`READ_SIZE`] bytes. `reserve` reuses a
 /// spare's memory in place once no frame cut from it is alive any more,
 /// and allocates anew otherwise.
 fn read_buffer() -> BytesMut {
-    let mut buf = spare(&SPARE_READS);
+    let mut buf = spare::take(&SPARE_READS);
     buf.reserve(READ_SIZE);
     buf
 }
@@ -121,7 +109,7 @@ fn make_room(buf: &mut BytesMut, size: usize) {
 /// Keeps an emptied read buffer for [`read_buffer`].
 fn recycle(buf: BytesMut) {
     if buf.is_empty() && buf.capacity() > 0 {
-        keep(&SPARE_READS, buf);
+        spare::keep(&SPARE_READS, buf, SPARE_BUFFERS);
     }
 }
 
@@ -217,7 +205,7 @@ impl PlainClient {
             authority.ok_or_else(|| AttemptError::Connect("no host in the URL".to_owned()))?;
         let pooled = self.authority.as_ref() == Some(authority);
         let copied = body.len() <= COPY_BODY_MAX;
-        let mut wire = spare(&SPARE_HEADS);
+        let mut wire = spare::take(&SPARE_HEADS);
         wire.clear();
         wire.reserve(HEAD_CAPACITY + if copied { body.len() } else { 0 });
         codec::encode_request_head(head, &mut wire);
@@ -264,7 +252,7 @@ impl PlainClient {
             Err(e) => Err(e.into_attempt()),
         };
         if wire.capacity() <= MAX_SPARE_HEAD {
-            keep(&SPARE_HEADS, wire);
+            spare::keep(&SPARE_HEADS, wire, SPARE_BUFFERS);
         }
         let (stream, buf, head) = exchanged?;
         let pool = (pooled && head.reusable).then(|| pool.clone());
