@@ -20,6 +20,9 @@
 #   STREAMS    concurrent streams (default 10000)
 #   CONNS      h2c client connections carrying them (default 100)
 #   CHUNKS     tokens per stream = seconds each stays open (default 40)
+#   H1=1       HTTP/1.1 clients instead, one connection per stream (what
+#              OpenAI's SDKs open): two descriptors per stream, so at most
+#              about 9,900 streams fit the cap (STREAMS=9000 H1=1)
 #   BASE_PORT  first of the 2 loopback ports used (default 18181)
 #   KEEP=1     keep the temp dir (configs, logs)
 set -euo pipefail
@@ -42,7 +45,13 @@ apt_install "${need[@]}"
 resolve_weir_bin
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-fds_needed=$((STREAMS + CONNS + 64))
+H1=${H1:-0}
+if [ "$H1" = 1 ]; then
+    CONNS=$STREAMS
+    fds_needed=$((2 * STREAMS + 64))
+else
+    fds_needed=$((STREAMS + CONNS + 64))
+fi
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$fds_needed" ] \
     || die "open-files limit $(ulimit -n) is below the $fds_needed this run needs"
 [ $((STREAMS % CONNS)) = 0 ] || die "STREAMS ($STREAMS) must be a multiple of CONNS ($CONNS)"
@@ -99,11 +108,13 @@ sleep 1
 IDLE_RSS=$(rss_kb) IDLE_FDS=$(fds)
 echo "idle: RSS $(mb "$IDLE_RSS"), $IDLE_FDS open fds"
 
-h2load -c "$CONNS" -m $((STREAMS / CONNS)) -n "$STREAMS" -d "$DIR/body.json" \
+h1=()
+[ "$H1" = 1 ] && h1=(--h1)
+h2load "${h1[@]}" -c "$CONNS" -m $((STREAMS / CONNS)) -n "$STREAMS" -d "$DIR/body.json" \
     -H 'content-type: application/json' \
     "http://127.0.0.1:$WEIR_PORT/v1/chat/completions" >"$DIR/h2load.log" 2>&1 &
 H2LOAD=$!
-PIDS+=($H2LOAD)
+PIDS+=("$H2LOAD")
 
 # Sample once a second until the streams are all open, then keep the
 # figures at the peak.

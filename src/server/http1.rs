@@ -275,6 +275,10 @@ impl Conn {
                 () = self.client_gone() => return false,
             }
         };
+        // The request is read (or its rest is still in the socket): while
+        // the answer streams, the connection holds no read buffer. Bytes of
+        // a pipelined request stay where they are.
+        self.wire.inbound().release_buffer();
         let keep = self
             .respond(response, out, &method, (version, !keep_alive), grace_end)
             .await;
@@ -422,11 +426,8 @@ impl Conn {
                     || remaining.is_none_or(|n| n > DRAIN_LIMIT));
         }
 
-        if out.capacity() == 0 {
-            *out = spare::take(&SPARE_OUTS);
-        }
+        take_out(out);
         out.clear();
-        out.reserve(OUT_CAPACITY);
         let write_length = !no_content;
         let head = ResponseHead {
             status,
@@ -466,12 +467,15 @@ impl Conn {
                         // body holds cannot be sent.
                         return false;
                     }
-                    tokio::select! {
+                    // A stream between events holds no output buffer.
+                    release_out(out);
+                    let next = tokio::select! {
                         biased;
                         next = poll_fn(|cx| body.as_mut().poll_frame(cx)) => next,
                         () = self.client_gone() => return false,
                         () = grace_end.as_mut() => {
                             if let Some(last) = body.as_mut().get_mut().cut_by_shutdown() {
+                                take_out(out);
                                 if self.push(out, last, &mut framing).await.is_ok() {
                                     finish(out, &framing);
                                     let _ = self.write_all(out).await;
@@ -479,7 +483,9 @@ impl Conn {
                             }
                             return false;
                         }
-                    }
+                    };
+                    take_out(out);
+                    next
                 }
             };
             match next {
@@ -693,11 +699,21 @@ thread_local! {
     static SPARE_OUTS: Spares<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Gives the response buffer to this thread's spares while the connection
-/// waits for its client; [`Conn::respond`] takes one back.
+/// Takes this thread's spare response buffer if `out` holds none.
+fn take_out(out: &mut Vec<u8>) {
+    if out.capacity() == 0 {
+        *out = spare::take(&SPARE_OUTS);
+        out.reserve(OUT_CAPACITY);
+    }
+}
+
+/// Gives the response buffer to this thread's spares, emptied, while the
+/// connection waits (for its client, or for a stream's next event);
+/// [`take_out`] takes one back.
 fn release_out(out: &mut Vec<u8>) {
     if out.capacity() > 0 {
-        let buf = std::mem::take(out);
+        let mut buf = std::mem::take(out);
+        buf.clear();
         if buf.capacity() <= MAX_SPARE_OUT {
             spare::keep(&SPARE_OUTS, buf, SPARE_OUT_BUFFERS);
         }
