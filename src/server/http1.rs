@@ -275,10 +275,6 @@ impl Conn {
                 () = self.client_gone() => return false,
             }
         };
-        // The request is read (or its rest is still in the socket): while
-        // the answer streams, the connection holds no read buffer. Bytes of
-        // a pipelined request stay where they are.
-        self.wire.inbound().release_buffer();
         let keep = self
             .respond(response, out, &method, (version, !keep_alive), grace_end)
             .await;
