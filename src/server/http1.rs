@@ -707,13 +707,9 @@ fn take_out(out: &mut Vec<u8>) {
 /// connection waits (for its client, or for a stream's next event);
 /// [`take_out`] takes one back.
 fn release_out(out: &mut Vec<u8>) {
-    if out.capacity() > 0 {
-        let mut buf = std::mem::take(out);
-        buf.clear();
-        if buf.capacity() <= MAX_SPARE_OUT {
-            spare::keep(&SPARE_OUTS, buf, SPARE_OUT_BUFFERS);
-        }
-    }
+    let mut buf = std::mem::take(out);
+    buf.clear();
+    spare::keep(&SPARE_OUTS, buf, SPARE_OUT_BUFFERS, MAX_SPARE_OUT);
 }
 
 /// How a response body is framed on the wire.

@@ -156,11 +156,9 @@ impl Inbound {
     /// Gives the buffer to this thread's spares if nothing unread is in
     /// it: a connection that waits for its client holds no read buffer.
     pub(crate) fn release_buffer(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 0 {
+        if self.buf.is_empty() {
             let buf = std::mem::take(&mut self.buf);
-            if buf.capacity() <= MAX_SPARE {
-                spare::keep(&SPARE_READS, buf, SPARE_BUFFERS);
-            }
+            spare::keep(&SPARE_READS, buf, SPARE_BUFFERS, MAX_SPARE);
         }
     }
 }

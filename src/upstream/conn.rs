@@ -108,8 +108,8 @@ fn make_room(buf: &mut BytesMut, size: usize) {
 
 /// Keeps an emptied read buffer for [`read_buffer`].
 fn recycle(buf: BytesMut) {
-    if buf.is_empty() && buf.capacity() > 0 {
-        spare::keep(&SPARE_READS, buf, SPARE_BUFFERS);
+    if buf.is_empty() {
+        spare::keep(&SPARE_READS, buf, SPARE_BUFFERS, usize::MAX);
     }
 }
 
@@ -251,9 +251,7 @@ impl PlainClient {
             }
             Err(e) => Err(e.into_attempt()),
         };
-        if wire.capacity() <= MAX_SPARE_HEAD {
-            spare::keep(&SPARE_HEADS, wire, SPARE_BUFFERS);
-        }
+        spare::keep(&SPARE_HEADS, wire, SPARE_BUFFERS, MAX_SPARE_HEAD);
         let (stream, buf, head) = exchanged?;
         let pool = (pooled && head.reusable).then(|| pool.clone());
         let mut response = Response::new(ResponseBody::new(stream, buf, head.framing, pool));
