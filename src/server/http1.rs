@@ -84,6 +84,15 @@ const FLUSH_BYTES: usize = 16 * 1024;
 /// into the output buffer.
 const DIRECT_WRITE: usize = 16 * 1024;
 
+/// How long a keep-alive connection waits for its client's next request
+/// before it gives up the loop's state (the [`Conn::run`] future, ~4.6 KB
+/// with the request's routing in it) and waits holding its socket only
+/// ([`Conn::park`]). A busy client's next request comes well within it, so
+/// a loaded connection never parks and pays nothing; an SDK's pauses
+/// between requests (seconds) are far longer, and its idle connection then
+/// costs about a quarter of what it did (`benches/idle.sh`).
+pub(super) const PARK_AFTER: Duration = Duration::from_millis(100);
+
 /// Bytes read ahead of the next request (pipelining) while a response is
 /// written; past this the client is not read until the response ends.
 const MAX_READ_AHEAD: usize = 64 * 1024;
@@ -123,6 +132,10 @@ pub(super) enum Ended {
     Closed,
     /// The client opened with the HTTP/2 preface: serve it with hyper.
     Http2,
+    /// Idle since this instant for [`PARK_AFTER`], nothing of a next
+    /// request read: the caller drops the loop's state and waits in
+    /// [`Conn::park`], then runs the loop again from there.
+    Parked(Instant),
 }
 
 /// A request head taken off the buffer.
@@ -175,17 +188,22 @@ enum Next {
     Refuse(Box<Refusal>),
     Http2,
     Closed,
+    /// Idle for [`PARK_AFTER`] with nothing read: park.
+    Park,
 }
 
 impl Conn {
-    /// Serves requests until the connection closes.
-    pub(super) async fn run(&self) -> Ended {
+    /// Serves requests until the connection closes or parks. `resumed`:
+    /// the connection parked, idle since then, and its client has sent
+    /// again (or it closed).
+    pub(super) async fn run(&self, resumed: Option<Instant>) -> Ended {
         // Taken in `respond`, given back while the client is quiet.
         let mut out = Vec::new();
-        // Before the first request the head timer runs from the accept.
-        let mut since = Instant::now();
-        let mut idle = false;
-        let mut first = true;
+        // Before the first request the head timer runs from the accept;
+        // after a park the idle timer runs on from the last request.
+        let mut since = resumed.unwrap_or_else(Instant::now);
+        let mut idle = resumed.is_some();
+        let mut first = resumed.is_none();
         let mut waits = Waits {
             timer: pin!(tokio::time::sleep_until(since + self.timeouts.header_read)),
             shutdown: pin!(self.shutdown.cancelled()),
@@ -228,6 +246,7 @@ impl Conn {
                 }
                 Next::Http2 => return Ended::Http2,
                 Next::Closed => return Ended::Closed,
+                Next::Park => return Ended::Parked(since),
             };
             first = false;
             let keep = self.serve(head, &mut out, grace_end.as_mut()).await;
@@ -338,8 +357,13 @@ impl Conn {
                 }
             }
             let waiting_for_first_byte = *idle || first;
+            // Idle, the timer runs to the park, or to `idle_timeout` when
+            // that comes first; it then closes the connection.
+            let parks = *idle && PARK_AFTER < self.timeouts.idle;
             let deadline = *since
-                + if *idle {
+                + if parks {
+                    PARK_AFTER
+                } else if *idle {
                     self.timeouts.idle
                 } else {
                     self.timeouts.header_read
@@ -357,8 +381,21 @@ impl Conn {
                         return Next::Closed;
                     }
                 }
-                () = waits.timer.as_mut() => return Next::Closed,
+                () = waits.timer.as_mut() => return if parks { Next::Park } else { Next::Closed },
             }
+        }
+    }
+
+    /// Waits for a parked connection's client to send again (or close):
+    /// `true`, run the loop again. `false` when `idle_timeout` from `since`
+    /// passes first, or shutdown starts: the caller drops the connection,
+    /// as the loop would have.
+    pub(super) async fn park(&self, since: Instant) -> bool {
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => false,
+            readable = self.wire.stream.readable() => readable.is_ok(),
+            () = tokio::time::sleep_until(since + self.timeouts.idle) => false,
         }
     }
 

@@ -279,7 +279,24 @@ impl Accepted {
             timeouts,
             shutdown,
         };
-        if let http1::Ended::Http2 = conn.run().await {
+        // The loop is boxed so that it can be dropped while the connection
+        // is parked: the task itself stays small (one allocation more per
+        // connection, none per request).
+        let mut resumed = None;
+        let ended = loop {
+            match Box::pin(conn.run(resumed)).await {
+                http1::Ended::Parked(since) => {
+                    #[cfg(test)]
+                    tests::seen(&tests::PARKED, peer);
+                    if !conn.park(since).await {
+                        break http1::Ended::Closed;
+                    }
+                    resumed = Some(since);
+                }
+                ended => break ended,
+            }
+        };
+        if let http1::Ended::Http2 = ended {
             let http1::Conn {
                 wire,
                 shared,
@@ -289,7 +306,9 @@ impl Accepted {
             // No request was served, so nothing else holds the connection.
             if let Ok(wire) = Arc::try_unwrap(wire) {
                 let (stream, read) = wire.into_parts();
-                http2::serve(
+                // Boxed, as the HTTP/1.1 loop is: inline, its 2.5 KB would
+                // be in every connection's task, parked ones included.
+                Box::pin(http2::serve(
                     stream,
                     read.freeze(),
                     peer,
@@ -297,7 +316,7 @@ impl Accepted {
                     shared,
                     timeouts,
                     shutdown,
-                )
+                ))
                 .await;
             }
         }
@@ -826,6 +845,110 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Mutex, PoisonError};
+    use tokio::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The peers whose connection parked, one entry per park: a test tells
+    /// its own connection from other tests' by its address.
+    pub(super) static PARKED: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+
+    pub(super) fn seen(list: &Mutex<Vec<SocketAddr>>, peer: SocketAddr) {
+        list.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(peer);
+    }
+
+    fn parks(peer: SocketAddr) -> usize {
+        let list = PARKED.lock().unwrap_or_else(PoisonError::into_inner);
+        list.iter().filter(|p| **p == peer).count()
+    }
+
+    /// Waits (10 s at most) until `peer`'s connection has parked `n` times.
+    async fn until_parked(peer: SocketAddr, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while parks(peer) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{peer} parked {} times, not {n}",
+                parks(peer)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends a small chat completion and reads the whole answer; its status.
+    async fn exchange(s: &mut tokio::net::TcpStream) -> String {
+        let body = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed mid-answer: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            let Some(end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")?
+                        .parse()
+                        .ok()
+                })
+                .expect("content-length");
+            if got.len() >= end + 4 + length {
+                return text.lines().next().unwrap_or_default().to_owned();
+            }
+        }
+    }
+
+    /// A keep-alive connection idle for PARK_AFTER gives up its loop's
+    /// state and waits parked; its client's next request is served as
+    /// before, the idle timer runs on from the last request, and shutdown
+    /// closes it parked.
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_parks_and_serves_on() {
+        let mock = crate::mock::start(crate::mock::MockConfig::default().models(vec!["m1".into()]))
+            .await
+            .unwrap();
+        let toml = format!(
+            "[server]\nidle_timeout = \"60s\"\n\n[[models]]\nname = \"m1\"\n\n\
+             [[backends]]\nname = \"b1\"\nurl = \"{}\"\nmodels = [\"m1\"]\n\n\
+             [health]\nenabled = false\n",
+            mock.base_url()
+        );
+        let config = crate::config::Config::parse(&toml, "test.toml", &|_| None).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = crate::gateway::Gateway::new(config)
+            .start_on(listener, None)
+            .unwrap();
+        let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        let me = s.local_addr().unwrap();
+        assert_eq!(exchange(&mut s).await, "HTTP/1.1 200 OK");
+        until_parked(me, 1).await;
+        assert_eq!(exchange(&mut s).await, "HTTP/1.1 200 OK");
+        assert_eq!(exchange(&mut s).await, "HTTP/1.1 200 OK");
+        until_parked(me, 2).await;
+        gw.shutdown();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "not closed at shutdown: {read:?}"
+        );
+    }
 
     #[test]
     fn path_rules() {
