@@ -18,34 +18,41 @@ pub(crate) fn take<T: Default>(kind: &'static LocalKey<Spares<T>>) -> T {
     kind.with_borrow_mut(Vec::pop).unwrap_or_default()
 }
 
-/// A buffer kept here: how much memory it holds.
+/// A buffer kept here.
 pub(crate) trait Buffer {
-    fn capacity(&self) -> usize;
+    /// Whether the buffer holds memory, no more than `max` bytes of it.
+    fn fits(&mut self, max: usize) -> bool;
 }
 
 impl Buffer for Vec<u8> {
-    fn capacity(&self) -> usize {
-        Vec::capacity(self)
+    fn fits(&mut self, max: usize) -> bool {
+        (1..=max).contains(&self.capacity())
     }
 }
 
 impl Buffer for BytesMut {
-    fn capacity(&self) -> usize {
-        BytesMut::capacity(self)
+    /// `capacity()` is only the view's free tail: a head split off the
+    /// front of a buffer grown for it leaves a small view on a large block.
+    /// `try_reclaim` finds the block's size without allocating: it
+    /// succeeds only where the block, no longer shared, has room for more
+    /// than `max` (and the buffer is dropped anyway). A block still shared
+    /// with a frame being sent is judged by its view.
+    fn fits(&mut self, max: usize) -> bool {
+        (1..=max).contains(&self.capacity()) && !self.try_reclaim(max.saturating_add(1))
     }
 }
 
 /// Keeps an emptied buffer for [`take`] if it holds memory, no more than
-/// `max_capacity` bytes of it (one grown for a large body is not worth
-/// keeping), and this thread holds fewer than `max` of its kind; else it
-/// is freed.
+/// `max_capacity` bytes of it (one grown for a large head or body is not
+/// worth keeping), and this thread holds fewer than `max` of its kind;
+/// else it is freed.
 pub(crate) fn keep<T: Buffer>(
     kind: &'static LocalKey<Spares<T>>,
-    buf: T,
+    mut buf: T,
     max: usize,
     max_capacity: usize,
 ) {
-    if buf.capacity() == 0 || buf.capacity() > max_capacity {
+    if !buf.fits(max_capacity) {
         return;
     }
     kind.with_borrow_mut(|spares| {
@@ -76,5 +83,33 @@ mod tests {
         assert_eq!(take(&TEST).capacity(), 20);
         assert_eq!(take(&TEST).capacity(), 10);
         assert_eq!(take(&TEST).capacity(), 0);
+    }
+
+    thread_local! {
+        static READS: Spares<BytesMut> = const { RefCell::new(Vec::new()) };
+    }
+
+    #[test]
+    fn a_small_view_on_a_large_block_is_not_kept() {
+        // A 40 KiB head read into a 64 KiB block and split off: the view
+        // left is 24 KiB, the memory behind it 64.
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        buf.resize(40 * 1024, b'h');
+        let head = buf.split_to(40 * 1024).freeze();
+        assert!(buf.capacity() <= 32 * 1024);
+        drop(head);
+        keep(&READS, buf, 4, 32 * 1024);
+        assert_eq!(
+            READS.with_borrow(Vec::len),
+            0,
+            "64 KiB kept under a 32 KiB cap"
+        );
+        // Within the cap, split or not, it is kept.
+        let mut small = BytesMut::with_capacity(16 * 1024);
+        small.resize(1024, b'h');
+        drop(small.split_to(1024));
+        keep(&READS, small, 4, 32 * 1024);
+        keep(&READS, BytesMut::with_capacity(8 * 1024), 4, 32 * 1024);
+        assert_eq!(READS.with_borrow(Vec::len), 2);
     }
 }

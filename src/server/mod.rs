@@ -846,8 +846,8 @@ thread_local! {
 mod tests {
     use super::*;
     use std::sync::{Mutex, PoisonError};
-    use tokio::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
 
     /// The peers whose connection parked, one entry per park: a test tells
     /// its own connection from other tests' by its address.
