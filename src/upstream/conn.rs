@@ -53,6 +53,9 @@ const READ_SIZE: usize = 8 * 1024;
 /// stream whose client stops reading holds about one read's worth here
 /// (SPEC: a few tens of KiB per stream at most).
 const MAX_READ_SIZE: usize = 16 * 1024;
+/// Read buffers grown past this (for a large response head) are freed,
+/// not kept as spares.
+const MAX_SPARE_READ: usize = 2 * MAX_READ_SIZE;
 /// Request bodies up to this size are copied behind the head and sent in
 /// one write; larger ones are written after it.
 const COPY_BODY_MAX: usize = 16 * 1024;
@@ -109,7 +112,7 @@ fn make_room(buf: &mut BytesMut, size: usize) {
 /// Keeps an emptied read buffer for [`read_buffer`].
 fn recycle(buf: BytesMut) {
     if buf.is_empty() {
-        spare::keep(&SPARE_READS, buf, SPARE_BUFFERS, usize::MAX);
+        spare::keep(&SPARE_READS, buf, SPARE_BUFFERS, MAX_SPARE_READ);
     }
 }
 
@@ -468,7 +471,7 @@ async fn send(
     request: &Wire<'_>,
     buf: &mut BytesMut,
 ) -> Result<Sent, Failed> {
-    let (mut reader, mut writer) = stream.split();
+    let (reader, mut writer) = stream.split();
     let written = async {
         writer.write_all(request.head).await?;
         if let Some(body) = request.body {
@@ -485,23 +488,33 @@ async fn send(
     // outcome decides.
     let mut reading = true;
     loop {
-        make_room(buf, READ_SIZE);
         tokio::select! {
             biased;
             result = &mut written => return done(result),
-            read = reader.read_buf(buf), if reading => match read {
-                Ok(0) | Err(_) => reading = false,
-                Ok(_) => {
-                    crate::busy_poll::head_read();
-                    match codec::read_head(buf, request.head_request) {
-                        Ok(Some(head)) => return Ok(Sent::Answered(head)),
-                        Ok(None) => {}
-                        Err(e) => {
-                            return Err(Failed::Attempt(AttemptError::Protocol(e.to_string())))
+            ready = reader.readable(), if reading => {
+                if ready.is_err() {
+                    reading = false;
+                    continue;
+                }
+                // A read buffer only once the backend has sent something:
+                // a long upload holds none.
+                make_room(buf, READ_SIZE);
+                match reader.try_read_buf(buf) {
+                    Ok(0) => reading = false,
+                    Ok(_) => {
+                        crate::busy_poll::head_read();
+                        match codec::read_head(buf, request.head_request) {
+                            Ok(Some(head)) => return Ok(Sent::Answered(head)),
+                            Ok(None) => {}
+                            Err(e) => {
+                                return Err(Failed::Attempt(AttemptError::Protocol(e.to_string())))
+                            }
                         }
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => reading = false,
                 }
-            },
+            }
         }
     }
 }
@@ -832,6 +845,49 @@ mod tests {
         // The answer was read into the spare, which is back for the next
         // exchange, its memory whole again now that the answer is gone.
         assert_eq!(read_buffer().as_ptr(), memory);
+    }
+
+    #[tokio::test]
+    async fn a_long_upload_holds_no_read_buffer() {
+        // The backend takes the first bytes of a body larger than the
+        // sockets' buffers, then nothing until told: the exchange waits to
+        // write the rest, watching for an early answer meanwhile, with the
+        // thread's spare read buffer left where it was.
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let signals = Arc::new(std::sync::Mutex::new(Some((started_tx, go_rx))));
+        let (url, _) = backend(move |_, mut s| {
+            let signals = signals.lock().unwrap().take();
+            async move {
+                let (started_tx, go_rx) = signals.unwrap();
+                let mut first = [0u8; 1];
+                s.read_exact(&mut first).await.unwrap();
+                started_tx.send(()).unwrap();
+                go_rx.await.unwrap();
+                read_request(&mut s).await.unwrap();
+                s.write_all(OK).await.unwrap();
+            }
+        })
+        .await;
+        recycle(read_buffer());
+        let client = PlainClient::new(&url, Duration::from_secs(5));
+        let mut request = Request::new(Bytes::from(vec![b'x'; 32 << 20]));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = format!("{url}/chat/completions").parse().unwrap();
+        let exchange = tokio::spawn(async move { text(client.send(request).await.unwrap()).await });
+        // The exchange wrote what the sockets take in the poll that
+        // connected, before the backend could run.
+        started_rx.await.unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            SPARE_READS.with_borrow(Vec::len),
+            1,
+            "a read buffer was taken before the backend sent anything"
+        );
+        go_tx.send(()).unwrap();
+        assert_eq!(exchange.await.unwrap(), "ok");
     }
 
     #[tokio::test]
