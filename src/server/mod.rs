@@ -281,14 +281,15 @@ impl Accepted {
         };
         // The loop is boxed so that it can be dropped while the connection
         // is parked: the task itself stays small (one allocation more per
-        // connection, none per request).
+        // connection, none per request). The park's wait is boxed too, so
+        // that a busy connection's task does not hold its 384 bytes.
         let mut resumed = None;
         let ended = loop {
             match Box::pin(conn.run(resumed)).await {
                 http1::Ended::Parked(since) => {
                     #[cfg(test)]
                     tests::seen(&tests::PARKED, peer);
-                    if !conn.park(since).await {
+                    if !Box::pin(conn.park(since)).await {
                         break http1::Ended::Closed;
                     }
                     resumed = Some(since);
