@@ -404,17 +404,12 @@ async fn exchange(
     loop {
         // Nothing to parse before the first read.
         if received {
-            crate::busy_poll::head_read();
-            match codec::read_head(&mut buf, request.head_request) {
-                Ok(Some(mut head)) => {
-                    // An answer that came although the request could not
-                    // be written whole (a 413 before a reset): it is the
-                    // backend's, and the connection is done.
-                    head.reusable &= unwritten.is_none();
-                    return Ok((stream, buf, head));
-                }
-                Ok(None) => {}
-                Err(e) => return Err(Failed::Attempt(AttemptError::Protocol(e.to_string()))),
+            if let Some(mut head) = parse_head(&mut buf, request)? {
+                // An answer that came although the request could not be
+                // written whole (a 413 before a reset): it is the
+                // backend's, and the connection is done.
+                head.reusable &= unwritten.is_none();
+                return Ok((stream, buf, head));
             }
         }
         let read = match stream.readable().await {
@@ -502,13 +497,8 @@ async fn send(
                 match reader.try_read_buf(buf) {
                     Ok(0) => reading = false,
                     Ok(_) => {
-                        crate::busy_poll::head_read();
-                        match codec::read_head(buf, request.head_request) {
-                            Ok(Some(head)) => return Ok(Sent::Answered(head)),
-                            Ok(None) => {}
-                            Err(e) => {
-                                return Err(Failed::Attempt(AttemptError::Protocol(e.to_string())))
-                            }
+                        if let Some(head) = parse_head(buf, request)? {
+                            return Ok(Sent::Answered(head));
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -517,6 +507,14 @@ async fn send(
             }
         }
     }
+}
+
+/// The response head in `buf`, once all of it has come (a head read, for
+/// the busy poller); a malformed one fails the attempt.
+fn parse_head(buf: &mut BytesMut, request: &Wire<'_>) -> Result<Option<Head>, Failed> {
+    crate::busy_poll::head_read();
+    codec::read_head(buf, request.head_request)
+        .map_err(|e| Failed::Attempt(AttemptError::Protocol(e.to_string())))
 }
 
 /// The failure of a request that could not be written and got no answer.
