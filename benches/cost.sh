@@ -8,7 +8,12 @@
 #   2. With INSTR=1, instructions per request under valgrind's callgrind
 #      (user space only; exact and repeatable whatever the load): each
 #      proxy runs single-process under callgrind, wrk -c4 warms it up for
-#      5 s, counters are zeroed, then 10 s are counted.
+#      5 s, counters are zeroed, then 10 s are counted. Then the client's
+#      side: wrk's own instructions per request, wrk under callgrind
+#      against each proxy (its start-up included, well under 1 %): the
+#      bytes a proxy answers with are work for the client too, which on
+#      this machine shares the CPUs with the proxy (docs/BENCHMARKS.md,
+#      session 31).
 #
 #   benches/cost.sh
 #   INSTR=1 benches/cost.sh
@@ -135,4 +140,24 @@ read -r n per <<<"$(instr nginx "$NGINX_CG_PORT" "$NGINX" -p "$DIR/nginx-cg" -c 
 echo "| nginx | $n | $per |"
 bench_weir_config "$WEIR_CG_PORT" "$UP_PORT" >"$DIR/weir-cg.toml"
 read -r n per <<<"$(instr weir "$WEIR_CG_PORT" env RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir-cg.toml")"
+echo "| weir | $n | $per |"
+
+# client_instr port -> "requests instructions/request" of wrk itself.
+client_instr() {
+    local out="$DIR/cg-wrk-$1" n ir
+    valgrind --tool=callgrind --callgrind-out-file="$out" wrk -t1 -c4 -d5s -s "$DIR/post.lua" \
+        "http://127.0.0.1:$1/v1/chat/completions" >"$out.txt" 2>"$out.log"
+    n=$(awk '/requests in/ {print $1}' "$out.txt")
+    ir=$(awk '/^summary:/ {print $2}' "$out")
+    awk -v t="$ir" -v n="$n" 'BEGIN { printf "%d %.0f", n, t / n }'
+}
+
+echo
+echo "The client's instructions per request under callgrind: wrk -t1 -c4 -d5s against each proxy"
+echo
+echo "| wrk against | requests | wrk instructions/request |"
+echo "|---|---|---|"
+read -r n per <<<"$(client_instr "$NGINX_PORT")"
+echo "| nginx | $n | $per |"
+read -r n per <<<"$(client_instr "$WEIR_PORT")"
 echo "| weir | $n | $per |"

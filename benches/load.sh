@@ -26,6 +26,14 @@
 #              through a local redis-server, installed if missing) and time
 #              it in the same run: "weir-cluster" rows and an on/off ratio
 #              (docs/CLUSTER.md); uses two more ports, BASE_PORT+4 and +5
+#   SAME_HEADERS=1  also time a second nginx proxy that adds to each answer
+#              the headers weir's answer carries and nginx's lacks (the
+#              request id and backend, the six x-ratelimit-* the SPEC asks
+#              for; copied from weir's answer to the bench request): the
+#              same bytes on the wire, so the "nginx-headers" rows and their
+#              ratio show what those headers cost the loop, wrk's parse of
+#              them included (docs/BENCHMARKS.md, session 31); uses
+#              BASE_PORT+7
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -39,7 +47,9 @@ MOCK_PORT=$((BASE_PORT + 3))     # weir mock, paced SSE streams
 REDIS_PORT=$((BASE_PORT + 4))    # CLUSTER=1: redis-server
 CLUSTER_PORT=$((BASE_PORT + 5))  # CLUSTER=1: weir with [cluster]
 NGINX_STREAM_PORT=$((BASE_PORT + 6)) # nginx reverse proxy -> mock, unbuffered
+HEADERS_PORT=$((BASE_PORT + 7))  # SAME_HEADERS=1: nginx adding weir's headers
 CLUSTER=${CLUSTER:-0}
+SAME_HEADERS=${SAME_HEADERS:-0}
 MODEL=bench-model
 STREAM_MODEL=mock-model
 
@@ -57,6 +67,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 PORTS="$UP_PORT $NGINX_PORT $WEIR_PORT $MOCK_PORT $NGINX_STREAM_PORT"
 [ "$CLUSTER" != 1 ] || PORTS="$PORTS $REDIS_PORT $CLUSTER_PORT"
+[ "$SAME_HEADERS" != 1 ] || PORTS="$PORTS $HEADERS_PORT"
 for port in $PORTS; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         die "port $port is busy (something listens on 127.0.0.1:$port); set BASE_PORT"
@@ -97,6 +108,26 @@ if [ "$CLUSTER" = 1 ]; then
     PIDS+=($!)
     wait_port "$CLUSTER_PORT" $! weir-cluster
     TARGETS="$TARGETS weir-cluster:$CLUSTER_PORT"
+fi
+
+if [ "$SAME_HEADERS" = 1 ]; then
+    # weir's answer to the bench request, its head only.
+    curl -s -D "$DIR/weir-head.txt" -o /dev/null -H 'Content-Type: application/json' \
+        --data "{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hi.\"}],\"max_tokens\":16}" \
+        "http://127.0.0.1:$WEIR_PORT/v1/chat/completions"
+    directives=""
+    while IFS=: read -r name value; do
+        value=$(tr -d '\r' <<<"$value")
+        value=${value# }
+        case ${name,,} in
+            # nginx's own request id: 32 hex digits, as weir's.
+            x-request-id) directives+="            add_header x-request-id \$request_id;"$'\n' ;;
+            x-*) directives+="            add_header $name \"$value\";"$'\n' ;;
+        esac
+    done <"$DIR/weir-head.txt"
+    grep -q x-ratelimit <<<"$directives" || die "weir's answer has no x-ratelimit-* headers"
+    start_nginx nginx-headers "$(proxy_block "$HEADERS_PORT" "$UP_PORT" up "$directives")" "$HEADERS_PORT"
+    TARGETS="$TARGETS nginx-headers:$HEADERS_PORT"
 fi
 
 rss() { awk '/^VmRSS/ {print $2 " " $3}' "/proc/$WEIR_PID/status"; }
@@ -178,6 +209,12 @@ fi
 if [ "$CLUSTER" = 1 ]; then
     echo
     ratios "cluster on / off" weir-cluster weir
+fi
+if [ "$SAME_HEADERS" = 1 ]; then
+    echo
+    ratios "weir / nginx-headers" weir nginx-headers
+    echo
+    ratios "nginx-headers / nginx" nginx-headers nginx
 fi
 echo
 echo "weir RSS: idle $RSS_IDLE, after load $RSS_LOADED"
