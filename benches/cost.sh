@@ -13,7 +13,9 @@
 #      against each proxy (its start-up included, well under 1 %): the
 #      bytes a proxy answers with are work for the client too, which on
 #      this machine shares the CPUs with the proxy (docs/BENCHMARKS.md,
-#      session 31).
+#      session 31). And the upstream's side: a second nginx `return 200`,
+#      one process under callgrind, fed by a second nginx proxy and a
+#      second weir in turn; its instructions per request for each.
 #
 #   benches/cost.sh
 #   INSTR=1 benches/cost.sh
@@ -28,7 +30,7 @@
 #   DURATION   seconds per CPU-time run (default 5)
 #   ROUNDS     CPU-time rounds (default 3)
 #   INSTR=1    also count instructions (installs valgrind if missing)
-#   BASE_PORT  first of the 5 loopback ports used (default 18281)
+#   BASE_PORT  first of the 8 loopback ports used (default 18281)
 #   KEEP=1     keep the temp dir
 set -euo pipefail
 
@@ -42,6 +44,9 @@ NGINX_PORT=$((BASE_PORT + 1))
 WEIR_PORT=$((BASE_PORT + 2))
 NGINX_CG_PORT=$((BASE_PORT + 3))   # INSTR=1: nginx, one process, under callgrind
 WEIR_CG_PORT=$((BASE_PORT + 4))    # INSTR=1: weir under callgrind
+UP_CG_PORT=$((BASE_PORT + 5))      # INSTR=1: an upstream under callgrind
+NGINX_UP_PORT=$((BASE_PORT + 6))   # INSTR=1: nginx proxy -> that upstream
+WEIR_UP_PORT=$((BASE_PORT + 7))    # INSTR=1: weir -> that upstream
 MODEL=bench-model
 
 . benches/common.sh
@@ -160,4 +165,40 @@ echo "|---|---|---|"
 read -r n per <<<"$(client_instr "$NGINX_PORT")"
 echo "| nginx | $n | $per |"
 read -r n per <<<"$(client_instr "$WEIR_PORT")"
+echo "| weir | $n | $per |"
+
+echo
+echo "The upstream's instructions per request under callgrind, fed by each proxy (wrk -t1 -c4 -d5s)"
+echo
+echo "| upstream fed by | requests counted | upstream instructions/request |"
+echo "|---|---|---|"
+config=$(nginx_conf upstream-cg "$(return200_block "$UP_CG_PORT")" "master_process off;")
+valgrind --tool=callgrind --callgrind-out-file="$DIR/cg-upstream.%p" \
+    "$NGINX" -p "$DIR/upstream-cg" -c "$config" >"$DIR/upstream-cg.log" 2>&1 &
+UP_CG_PID=$!
+PIDS+=($UP_CG_PID)
+wait_port "$UP_CG_PORT" $UP_CG_PID upstream-cg
+start_nginx nginx-up "$(proxy_block "$NGINX_UP_PORT" "$UP_CG_PORT")" "$NGINX_UP_PORT"
+bench_weir_config "$WEIR_UP_PORT" "$UP_CG_PORT" >"$DIR/weir-up.toml"
+RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir-up.toml" >"$DIR/weir-up.log" 2>&1 &
+PIDS+=($!)
+wait_port "$WEIR_UP_PORT" $! weir-up
+# upstream_instr port -> "requests instructions/request" of the upstream.
+upstream_instr() {
+    local url="http://127.0.0.1:$1/v1/chat/completions" n f newest="" ir
+    wrk -t1 -c4 -d2s -s "$DIR/post.lua" "$url" >/dev/null
+    callgrind_control -z "$UP_CG_PID" >/dev/null 2>&1
+    n=$(wrk -t1 -c4 -d5s -s "$DIR/post.lua" "$url" | awk '/requests in/ {print $1}')
+    callgrind_control -d "$UP_CG_PID" >/dev/null 2>&1
+    sleep 1
+    # Each dump is a new file; the newest is this run's.
+    for f in "$DIR"/cg-upstream.*; do
+        [ -n "$newest" ] && [ ! "$f" -nt "$newest" ] || newest=$f
+    done
+    ir=$(awk '/^summary:/ {print $2}' "$newest")
+    awk -v t="$ir" -v n="$n" 'BEGIN { printf "%d %.0f", n, t / n }'
+}
+read -r n per <<<"$(upstream_instr "$NGINX_UP_PORT")"
+echo "| nginx | $n | $per |"
+read -r n per <<<"$(upstream_instr "$WEIR_UP_PORT")"
 echo "| weir | $n | $per |"
