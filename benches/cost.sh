@@ -177,6 +177,11 @@ valgrind --tool=callgrind --callgrind-out-file="$DIR/cg-upstream.%p" \
     "$NGINX" -p "$DIR/upstream-cg" -c "$config" >"$DIR/upstream-cg.log" 2>&1 &
 UP_CG_PID=$!
 PIDS+=($UP_CG_PID)
+# Under valgrind nginx takes a while to listen (30 s at most, as above).
+for _ in $(seq 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$UP_CG_PORT") 2>/dev/null && break
+    sleep 0.1
+done
 wait_port "$UP_CG_PORT" $UP_CG_PID upstream-cg
 start_nginx nginx-up "$(proxy_block "$NGINX_UP_PORT" "$UP_CG_PORT")" "$NGINX_UP_PORT"
 bench_weir_config "$WEIR_UP_PORT" "$UP_CG_PORT" >"$DIR/weir-up.toml"
