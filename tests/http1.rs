@@ -194,22 +194,57 @@ async fn pipelined_requests_are_answered_in_order() {
     read_until(&mut s, |t| whole_responses(t, 1)).await;
 }
 
+/// An HTTP/1.0 client keeps its connection only when it asks
+/// (`Connection: keep-alive`, as ApacheBench's `-k` does) and the answer
+/// has a length: the answer then says `connection: keep-alive`. Without
+/// the ask, or with a streamed answer (no length in HTTP/1.0), one answer
+/// and the connection closes.
 #[tokio::test]
-async fn http_1_0_gets_one_answer_then_the_connection_closes() {
-    let (gw, _m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;
+async fn http_1_0_keeps_the_connection_only_when_it_asks() {
+    let (gw, m) = gateway_with_mock(MODEL, MockConfig::default(), "").await;
     let body = chat(MODEL, false);
+    let request = |connection: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.0\r\nContent-Length: {}\r\n{connection}\r\n{body}",
+            body.len()
+        )
+    };
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    for round in 0..2 {
+        s.write_all(request("Connection: Keep-Alive\r\n").as_bytes())
+            .await
+            .unwrap();
+        let text = read_until(&mut s, |t| whole_responses(t, 1)).await;
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\n"),
+            "round {round}: {text}"
+        );
+        assert!(
+            text.contains("\r\nconnection: keep-alive\r\n"),
+            "round {round}: {text}"
+        );
+    }
+    // The same connection, now without the ask: answered, then closed.
+    s.write_all(request("").as_bytes()).await.unwrap();
+    let text = read_until(&mut s, |t| whole_responses(t, 1)).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+    assert!(closes_within(&mut s, Duration::from_secs(5)).await);
+    assert_eq!(m.requests(), 3);
+
     let request = format!(
-        "POST /v1/chat/completions HTTP/1.0\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let reply = raw(gw.addr(), request.into_bytes(), Duration::from_secs(10)).await;
     assert_eq!(reply.status(), 200, "{}", reply.text());
     assert!(reply.closed, "{}", reply.text());
     assert!(whole_responses(&reply.text(), 1), "{}", reply.text());
-    // A streamed answer has no length: it ends with the connection.
+    // A streamed answer has no length: it ends with the connection, asked
+    // to stay or not.
     let body = chat(MODEL, true);
     let request = format!(
-        "POST /v1/chat/completions HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{body}",
         body.len()
     );
     let reply = raw(gw.addr(), request.into_bytes(), Duration::from_secs(10)).await;
@@ -217,6 +252,7 @@ async fn http_1_0_gets_one_answer_then_the_connection_closes() {
     assert_eq!(reply.status(), 200, "{text}");
     assert!(reply.closed);
     assert!(!text.contains("transfer-encoding"), "{text}");
+    assert!(!text.contains("keep-alive"), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
 }
 

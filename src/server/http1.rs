@@ -18,6 +18,8 @@
 //!   first read.
 //! - Responses are framed by `Content-Length` when known, chunked otherwise
 //!   (HTTP/1.0: until close). Head and ready body bytes go out in one write.
+//! - HTTP/1.0 keeps the connection only on `Connection: keep-alive`, and
+//!   the answer then says `connection: keep-alive`.
 //! - Timers: `header_read_timeout` from the accept or the first byte of a
 //!   head, `idle_timeout` between requests, neither while a request is served;
 //!   a client that takes no byte of the response for `request_timeout` is cut.
@@ -470,6 +472,7 @@ impl Conn {
             framing: &framing,
             write_length,
             close,
+            http10: version == Version::HTTP_10,
         };
         head.encode(out);
         if let GatewayBody::Proxied(proxied) = &mut body {
@@ -857,9 +860,10 @@ fn parse_head(inbound: &mut Inbound) -> Result<Option<Head>, Box<Refusal>> {
             }));
         }
     };
-    // HTTP/1.0 clients get one request per connection.
-    let keep_alive =
-        version == Version::HTTP_11 && codec::keep_alive(version, headers.values(Name::Connection));
+    // HTTP/1.1 keeps the connection unless told to close; an HTTP/1.0
+    // client must ask with `Connection: keep-alive` (ApacheBench's `-k`
+    // does), and the answer then says so.
+    let keep_alive = codec::keep_alive(version, headers.values(Name::Connection));
     inbound.continue_due = version == Version::HTTP_11
         && !framing.is_done()
         && headers
@@ -960,11 +964,15 @@ struct ResponseHead<'a> {
     write_length: bool,
     /// Whether the connection closes after this response.
     close: bool,
+    /// An HTTP/1.0 client, which takes every answer as the connection's
+    /// last unless it says `connection: keep-alive`.
+    http10: bool,
 }
 
 impl ResponseHead<'_> {
     /// Appends the status line, the headers, `date`, the framing header and
-    /// `connection: close` when closing.
+    /// `connection: close` when closing (`keep-alive` to an HTTP/1.0 client
+    /// when not).
     fn encode(&self, out: &mut Vec<u8>) {
         push_status_line(out, self.status);
         let line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
@@ -1013,6 +1021,8 @@ impl ResponseHead<'_> {
         }
         if self.close {
             out.extend_from_slice(b"connection: close\r\n");
+        } else if self.http10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -1226,6 +1236,8 @@ mod tests {
         assert!(!input.continue_due);
         let mut input = inbound(b"GET / HTTP/1.0\r\n\r\n");
         assert!(!parse_head(&mut input).unwrap().unwrap().keep_alive);
+        let mut input = inbound(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+        assert!(parse_head(&mut input).unwrap().unwrap().keep_alive);
     }
 
     #[test]
@@ -1254,6 +1266,7 @@ mod tests {
             framing: &Out::Length(12),
             write_length: true,
             close: true,
+            http10: false,
         }
         .encode(&mut out);
         assert_eq!(
@@ -1271,6 +1284,7 @@ mod tests {
             framing: &Out::Chunked,
             write_length: true,
             close: false,
+            http10: false,
         }
         .encode(&mut out);
         let text = String::from_utf8(out).unwrap();
@@ -1282,6 +1296,30 @@ mod tests {
             text.ends_with(" GMT\r\ntransfer-encoding: chunked\r\n\r\n"),
             "{text}"
         );
+        // An HTTP/1.0 client is told the connection stays; it is told the
+        // same as anyone when it does not.
+        for (close, last) in [
+            (false, "connection: keep-alive"),
+            (true, "connection: close"),
+        ] {
+            let mut out = Vec::new();
+            ResponseHead {
+                status: http::StatusCode::OK,
+                headers: &HeaderMap::new(),
+                rate: None,
+                proxied: None,
+                framing: &Out::Length(2),
+                write_length: true,
+                close,
+                http10: true,
+            }
+            .encode(&mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.ends_with(&format!("content-length: 2\r\n{last}\r\n\r\n")),
+                "{text}"
+            );
+        }
     }
 
     #[test]
