@@ -14,8 +14,9 @@
 #      bytes a proxy answers with are work for the client too, which on
 #      this machine shares the CPUs with the proxy (docs/BENCHMARKS.md,
 #      session 31). And the upstream's side: a second nginx `return 200`,
-#      one process under callgrind, fed by a second nginx proxy and a
-#      second weir in turn; its instructions per request for each.
+#      one process under callgrind (started afresh for each), fed by a
+#      second nginx proxy and a second weir in turn; its instructions per
+#      request for each, counted as the proxies' are.
 #
 #   benches/cost.sh
 #   INSTR=1 benches/cost.sh
@@ -106,9 +107,11 @@ done
 
 [ "$INSTR" = 1 ] || exit 0
 
-# instr name port cmd... -> instructions per request under callgrind
+# instr name listen-port drive-port cmd... -> instructions per request of
+# cmd under callgrind, once it listens on listen-port, while wrk drives
+# drive-port (the same port for a proxy; a proxy in front, for an upstream)
 instr() {
-    local name=$1 port=$2; shift 2
+    local name=$1 port=$2 drive=$3; shift 3
     local out="$DIR/cg-$name" n total=0 f ir
     mkdir -p "$out"
     valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$out/callgrind.%p" "$@" \
@@ -119,10 +122,10 @@ instr() {
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.1
     done
-    wrk -t1 -c4 -d5s -s "$DIR/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+    wrk -t1 -c4 -d5s -s "$DIR/post.lua" "http://127.0.0.1:$drive/v1/chat/completions" >/dev/null
     callgrind_control -z "$pid" >/dev/null 2>&1
     n=$(wrk -t1 -c4 -d10s -s "$DIR/post.lua" \
-        "http://127.0.0.1:$port/v1/chat/completions" | awk '/requests in/ {print $1}')
+        "http://127.0.0.1:$drive/v1/chat/completions" | awk '/requests in/ {print $1}')
     callgrind_control -d "$pid" >/dev/null 2>&1
     sleep 1
     for f in "$out"/callgrind.*; do
@@ -141,10 +144,10 @@ echo "| target | requests counted | instructions/request |"
 echo "|---|---|---|"
 # One process (no master, no workers), so callgrind sees all the work.
 config=$(nginx_conf nginx-cg "$(proxy_block "$NGINX_CG_PORT" "$UP_PORT")" "master_process off;")
-read -r n per <<<"$(instr nginx "$NGINX_CG_PORT" "$NGINX" -p "$DIR/nginx-cg" -c "$config")"
+read -r n per <<<"$(instr nginx "$NGINX_CG_PORT" "$NGINX_CG_PORT" "$NGINX" -p "$DIR/nginx-cg" -c "$config")"
 echo "| nginx | $n | $per |"
 bench_weir_config "$WEIR_CG_PORT" "$UP_PORT" >"$DIR/weir-cg.toml"
-read -r n per <<<"$(instr weir "$WEIR_CG_PORT" env RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir-cg.toml")"
+read -r n per <<<"$(instr weir "$WEIR_CG_PORT" "$WEIR_CG_PORT" env RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir-cg.toml")"
 echo "| weir | $n | $per |"
 
 # client_instr port -> "requests instructions/request" of wrk itself.
@@ -168,42 +171,20 @@ read -r n per <<<"$(client_instr "$WEIR_PORT")"
 echo "| weir | $n | $per |"
 
 echo
-echo "The upstream's instructions per request under callgrind, fed by each proxy (wrk -t1 -c4 -d5s)"
+echo "The upstream's instructions per request under callgrind, fed by each proxy (wrk -t1 -c4 -d10s)"
 echo
 echo "| upstream fed by | requests counted | upstream instructions/request |"
 echo "|---|---|---|"
-config=$(nginx_conf upstream-cg "$(return200_block "$UP_CG_PORT")" "master_process off;")
-valgrind --tool=callgrind --callgrind-out-file="$DIR/cg-upstream.%p" \
-    "$NGINX" -p "$DIR/upstream-cg" -c "$config" >"$DIR/upstream-cg.log" 2>&1 &
-UP_CG_PID=$!
-PIDS+=($UP_CG_PID)
-# Under valgrind nginx takes a while to listen (30 s at most, as above).
-for _ in $(seq 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$UP_CG_PORT") 2>/dev/null && break
-    sleep 0.1
-done
-wait_port "$UP_CG_PORT" $UP_CG_PID upstream-cg
+# A second nginx proxy and a second weir in front of UP_CG_PORT, where an
+# nginx `return 200` runs under callgrind, started afresh for each.
 start_nginx nginx-up "$(proxy_block "$NGINX_UP_PORT" "$UP_CG_PORT")" "$NGINX_UP_PORT"
 bench_weir_config "$WEIR_UP_PORT" "$UP_CG_PORT" >"$DIR/weir-up.toml"
 RUST_LOG=warn "$WEIR_BIN" --config "$DIR/weir-up.toml" >"$DIR/weir-up.log" 2>&1 &
 PIDS+=($!)
 wait_port "$WEIR_UP_PORT" $! weir-up
-# upstream_instr port -> "requests instructions/request" of the upstream.
-upstream_instr() {
-    local url="http://127.0.0.1:$1/v1/chat/completions" n f newest="" ir
-    wrk -t1 -c4 -d2s -s "$DIR/post.lua" "$url" >/dev/null
-    callgrind_control -z "$UP_CG_PID" >/dev/null 2>&1
-    n=$(wrk -t1 -c4 -d5s -s "$DIR/post.lua" "$url" | awk '/requests in/ {print $1}')
-    callgrind_control -d "$UP_CG_PID" >/dev/null 2>&1
-    sleep 1
-    # Each dump is a new file; the newest is this run's.
-    for f in "$DIR"/cg-upstream.*; do
-        [ -n "$newest" ] && [ ! "$f" -nt "$newest" ] || newest=$f
-    done
-    ir=$(awk '/^summary:/ {print $2}' "$newest")
-    awk -v t="$ir" -v n="$n" 'BEGIN { printf "%d %.0f", n, t / n }'
-}
-read -r n per <<<"$(upstream_instr "$NGINX_UP_PORT")"
-echo "| nginx | $n | $per |"
-read -r n per <<<"$(upstream_instr "$WEIR_UP_PORT")"
-echo "| weir | $n | $per |"
+config=$(nginx_conf upstream-cg "$(return200_block "$UP_CG_PORT")" "master_process off;")
+for feed in nginx:"$NGINX_UP_PORT" weir:"$WEIR_UP_PORT"; do
+    read -r n per <<<"$(instr "upstream-${feed%%:*}" "$UP_CG_PORT" "${feed#*:}" \
+        "$NGINX" -p "$DIR/upstream-cg" -c "$config")"
+    echo "| ${feed%%:*} | $n | $per |"
+done
