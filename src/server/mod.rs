@@ -288,7 +288,7 @@ impl Accepted {
             match Box::pin(conn.run(resumed)).await {
                 http1::Ended::Parked(since) => {
                     #[cfg(test)]
-                    tests::seen(&tests::PARKED, peer);
+                    tests::parked(peer);
                     if !Box::pin(conn.park(since)).await {
                         break http1::Ended::Closed;
                     }
@@ -852,10 +852,11 @@ mod tests {
 
     /// The peers whose connection parked, one entry per park: a test tells
     /// its own connection from other tests' by its address.
-    pub(super) static PARKED: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+    static PARKED: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
 
-    pub(super) fn seen(list: &Mutex<Vec<SocketAddr>>, peer: SocketAddr) {
-        list.lock()
+    pub(super) fn parked(peer: SocketAddr) {
+        PARKED
+            .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(peer);
     }

@@ -494,7 +494,7 @@ async fn send(
                 // A read buffer only once the backend has sent something:
                 // a long upload holds none.
                 make_room(buf, READ_SIZE);
-                match reader.try_read_buf(buf) {
+                match socket::try_read_buf(reader.as_ref(), buf) {
                     Ok(0) => reading = false,
                     Ok(_) => {
                         if let Some(head) = parse_head(buf, request)? {
