@@ -133,13 +133,17 @@ start_targets() { # name
     write_post_lua
 }
 
-# Writes DIR/post.lua: the request every bench sends with wrk, a small
-# non-streaming chat for MODEL.
+# The request body every bench sends: a small non-streaming chat for MODEL.
+bench_body() {
+    printf '{"model":"%s","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}' "$MODEL"
+}
+
+# Writes DIR/post.lua: bench_body as wrk sends it.
 write_post_lua() {
     cat >"$DIR/post.lua" <<EOF
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}'
+wrk.body = '$(bench_body)'
 EOF
 }
 

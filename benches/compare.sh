@@ -170,11 +170,7 @@ wait_port "$PLAIN_PORT" weir-plain
 # Let the deep tier measure every backend's tokens/s before the load.
 sleep 8
 
-cat >"$DIR/post.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}'
-EOF
+write_post_lua
 
 # wrk latency figure -> milliseconds.
 ms() { awk -v v="$1" 'BEGIN {

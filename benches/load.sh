@@ -113,7 +113,7 @@ fi
 if [ "$SAME_HEADERS" = 1 ]; then
     # weir's answer to the bench request, its head only.
     curl -s -D "$DIR/weir-head.txt" -o /dev/null -H 'Content-Type: application/json' \
-        --data "{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hi.\"}],\"max_tokens\":16}" \
+        --data "$(bench_body)" \
         "http://127.0.0.1:$WEIR_PORT/v1/chat/completions"
     directives=""
     while IFS=: read -r name value; do
@@ -138,7 +138,7 @@ write_post_lua
 # Every target must answer the bench request with 200 before it is timed.
 for target in $TARGETS; do
     code=$(curl -s -o "$DIR/check.out" -w '%{http_code}' -H 'Content-Type: application/json' \
-        --data "{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hi.\"}],\"max_tokens\":16}" \
+        --data "$(bench_body)" \
         "http://127.0.0.1:${target#*:}/v1/chat/completions")
     [ "$code" = 200 ] || die "${target%%:*} answered $code: $(cat "$DIR/check.out")"
 done
