@@ -78,6 +78,9 @@ pub struct Pool {
     /// from the other lanes' caches. Shared with the pool of the next
     /// snapshot when that one has the same peers and weights.
     next: Arc<Padded<AtomicUsize>>,
+    /// Retries' position in `schedule`: a sequence of their own
+    /// ([`Pool::pick_aside`]), shared and carried over as `next` is.
+    aside: Arc<Padded<AtomicUsize>>,
 }
 
 impl Pool {
@@ -88,6 +91,8 @@ impl Pool {
         if !pool.schedule.is_empty() {
             let phase = rand::random_range(0..pool.schedule.len());
             pool.next.0.store(phase, Ordering::Relaxed);
+            let phase = rand::random_range(0..pool.schedule.len());
+            pool.aside.0.store(phase, Ordering::Relaxed);
         }
         pool
     }
@@ -101,6 +106,7 @@ impl Pool {
             weights: weights.into_boxed_slice(),
             schedule,
             next: Arc::new(Padded(AtomicUsize::new(phase))),
+            aside: Arc::new(Padded(AtomicUsize::new(phase))),
         }
     }
 
@@ -120,6 +126,7 @@ impl Pool {
             weights: weights.into_boxed_slice(),
             schedule: previous.schedule.clone(),
             next: previous.next.clone(),
+            aside: previous.aside.clone(),
         }
     }
 
@@ -150,7 +157,32 @@ impl Pool {
     /// peer's turn is passed over, so the walk is at most one period long
     /// (it ends at the first eligible peer); when no peer is eligible it
     /// ends after as many turns as there are peers in rotation.
-    pub fn pick(&self, mut eligible: impl FnMut(usize) -> bool) -> Option<usize> {
+    pub fn pick(&self, eligible: impl FnMut(usize) -> bool) -> Option<usize> {
+        self.take_turns(&self.next.0, eligible)
+    }
+
+    /// As [`Pool::pick`], from the retries' own sequence: a retry's pick.
+    /// A retry that took turns of the first attempts' sequence would take
+    /// the turn after a failing peer's, so every first attempt would land
+    /// on the failing peer (two peers, one failing: all of them). One that
+    /// took no turn at all, reading the next peer after the shared
+    /// position, would send every retry of a failing peer to the one peer
+    /// that follows it in the period (three equal peers, one failing: all
+    /// its retries to the same neighbour). Turns of their own keep both
+    /// proportions: first attempts by weight, and the retries by weight
+    /// over the peers they may go to, as nginx's `proxy_next_upstream`
+    /// runs its smooth WRR again over the untried peers.
+    pub fn pick_aside(&self, eligible: impl FnMut(usize) -> bool) -> Option<usize> {
+        self.take_turns(&self.aside.0, eligible)
+    }
+
+    /// Takes turns of the sequence at `cursor` up to the first eligible
+    /// peer (see [`Pool::pick`]).
+    fn take_turns(
+        &self,
+        cursor: &AtomicUsize,
+        mut eligible: impl FnMut(usize) -> bool,
+    ) -> Option<usize> {
         let len = self.schedule.len();
         for look in 1..=len {
             // Each look takes the next turn of the shared sequence, so an
@@ -159,7 +191,7 @@ impl Pool {
             // it" instead would hand all of them to whichever peer follows
             // it). Relaxed: the counter only spreads picks; it orders no
             // other memory.
-            let turn = self.next.0.fetch_add(1, Ordering::Relaxed) % len;
+            let turn = cursor.fetch_add(1, Ordering::Relaxed) % len;
             let peer = self.schedule.get(turn).map(|&i| i as usize);
             if let Some(i) = peer.filter(|&i| eligible(i)) {
                 return Some(i);
@@ -171,25 +203,6 @@ impl Pool {
             }
         }
         None
-    }
-
-    /// The next peer in the sequence for which `eligible(i)` holds, without
-    /// taking a turn: a retry's pick. A retry that took turns would take
-    /// the turn after a failing peer's, so every first attempt would land
-    /// on the failing peer (two peers, one failing: all of them); nginx's
-    /// smooth WRR likewise skips the tried peers of a retry and keeps the
-    /// first attempts' proportions.
-    pub fn pick_aside(&self, mut eligible: impl FnMut(usize) -> bool) -> Option<usize> {
-        let len = self.schedule.len();
-        if len == 0 || !self.any_eligible(&mut eligible) {
-            return None;
-        }
-        let start = self.next.0.load(Ordering::Relaxed) % len;
-        (0..len).find_map(|look| {
-            let turn = (start + look) % len;
-            let peer = self.schedule.get(turn).map(|&i| i as usize)?;
-            eligible(peer).then_some(peer)
-        })
     }
 
     /// Whether some peer in rotation is eligible.
@@ -358,6 +371,33 @@ mod tests {
         let other = Pool::following(vec![1, 3], &pool);
         assert!(!Arc::ptr_eq(&other.next, &pool.next));
         assert_eq!(other.weight(1), 3);
+    }
+
+    /// A failing peer's retries spread over the others by weight (they
+    /// all went to the peer after it in the period), and take no turn
+    /// from the first attempts, which keep their sequence.
+    #[test]
+    fn retries_spread_by_weight_and_leave_the_first_attempts_alone() {
+        for weights in [vec![1, 1, 1], vec![5, 1, 1], vec![1, 5, 5]] {
+            let pool = Pool::new(weights);
+            let first = pool.next.0.load(Ordering::Relaxed);
+            let retries: Vec<usize> = (0..100)
+                .filter_map(|_| pool.pick_aside(|i| i != 0))
+                .collect();
+            let to = |p: usize| retries.iter().filter(|&&i| i == p).count();
+            assert_eq!((to(1), to(2)), (50, 50), "{retries:?}");
+            assert_eq!(pool.next.0.load(Ordering::Relaxed), first);
+        }
+        let pool = Pool::starting_at(vec![1, 3, 1], 0);
+        let retries: Vec<usize> = (0..100)
+            .filter_map(|_| pool.pick_aside(|i| i != 0))
+            .collect();
+        assert_eq!(
+            retries.iter().filter(|&&i| i == 1).count(),
+            75,
+            "{retries:?}"
+        );
+        assert_eq!(sequence(&[1, 3, 1], 5), vec![1, 0, 1, 2, 1]);
     }
 
     #[test]

@@ -586,7 +586,7 @@ impl<'a> Exchange<'a> {
                 };
                 let pool = &self.route.pool;
                 let picked = if retrying {
-                    // A retry takes no turn of the shared sequence (see
+                    // A retry takes turns of the retries' own sequence (see
                     // `Pool::pick_aside`); with nothing untried free now, it
                     // goes back to one tried.
                     pool.pick_aside(|i| !tried.contains(&i) && available(i))
