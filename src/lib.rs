@@ -45,6 +45,7 @@ mod proxy;
 mod redact;
 mod reload;
 mod server;
+mod slots;
 pub mod snapshot;
 mod socket;
 mod spare;

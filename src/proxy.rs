@@ -32,6 +32,7 @@ use crate::{
     health::outlier::{self, Outcome},
     jitter,
     metrics::FailureKind,
+    slots::InLine,
     snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Place, Snapshot},
     upstream::{
         self,
@@ -539,15 +540,16 @@ impl<'a> Exchange<'a> {
     ) -> Pick {
         let members = &self.route.members;
         let signal = &self.snapshot.slots;
-        // Counted among the waiters from the second look on.
-        let mut counted: Option<WaiterCount<'_>> = None;
+        // In line for a slot from the second look on (`crate::slots`).
+        let mut counted: Option<InLine<'_>> = None;
         let mut queued: Option<limiter::QueueSlot> = None;
         loop {
             // The first look registers nothing: registering locks the
             // waiter list that every lane's requests share, and most
             // requests find a backend at once. From the second look on,
-            // interest is registered before looking, so a slot freed
-            // between the look and the wait still wakes us.
+            // interest is registered before looking, so a snapshot
+            // published between the look and the wait still wakes us (a
+            // slot freed then wakes us through our place in line).
             let notified = signal.notify.notified();
             tokio::pin!(notified);
             if counted.is_some() {
@@ -579,13 +581,35 @@ impl<'a> Exchange<'a> {
                             || newest_route.is_some_and(|route| !route.in_rotation(&m.backend))
                     })
                 };
-                let available = |i: usize| {
-                    members
-                        .get(i)
-                        .is_some_and(|m| !m.backend.is_saturated() && !held_out(i, m))
-                };
                 let pool = &self.route.pool;
-                let picked = if retrying {
+                // In line: the backends it would take, of which it may take
+                // those it is first in line for (SPEC "Admission": first
+                // come, first served).
+                let mine = counted.as_ref().map(|place| {
+                    place.want(
+                        members
+                            .iter()
+                            .enumerate()
+                            .filter(|&(i, m)| pool.weight(i) > 0 && !held_out(i, m))
+                            .map(|(_, m)| m.backend.slot_id())
+                            .collect(),
+                    )
+                });
+                let available = |i: usize| {
+                    members.get(i).is_some_and(|m| {
+                        !m.backend.is_saturated()
+                            && !held_out(i, m)
+                            && mine
+                                .as_ref()
+                                .is_none_or(|mine| mine.contains(&m.backend.slot_id()))
+                    })
+                };
+                // A first look while others wait for a slot takes none: it
+                // gets in line behind them (retries do not wait, nor queue).
+                let behind_others = !retrying && counted.is_none() && signal.anyone_waiting();
+                let picked = if behind_others {
+                    None
+                } else if retrying {
                     // A retry takes turns of the retries' own sequence (see
                     // `Pool::pick_aside`); with nothing untried free now, it
                     // goes back to one tried.
@@ -609,12 +633,13 @@ impl<'a> Exchange<'a> {
                     return Pick::Saturated;
                 }
                 if counted.is_none() {
-                    // Every backend looked saturated: count this request among
-                    // the waiters, then look again, registered. A slot given
-                    // back after the count wakes us (its release sees the
-                    // count); one given back before it shows in the look. Both
-                    // sides use sequentially consistent order for this.
-                    counted = Some(WaiterCount::new(&signal.waiters));
+                    // Every backend looked saturated, or others wait: get in
+                    // line, then look again, registered. A slot given back
+                    // after that wakes us if we are first in line for it (its
+                    // release sees the count); one given back before shows in
+                    // the look. Both sides use sequentially consistent order
+                    // for this.
+                    counted = Some(InLine::join(signal));
                     continue;
                 }
                 let back_busy = match self.back_in_rotation(newest_route) {
@@ -642,7 +667,16 @@ impl<'a> Exchange<'a> {
                 log.wait_starts(Instant::now());
                 queued = Some(slot);
             }
-            if tokio::time::timeout_at(self.queue_deadline, notified)
+            let woken = async {
+                match &counted {
+                    Some(place) => tokio::select! {
+                        () = &mut notified => {}
+                        () = place.woken() => {}
+                    },
+                    None => notified.await,
+                }
+            };
+            if tokio::time::timeout_at(self.queue_deadline, woken)
                 .await
                 .is_err()
             {
@@ -935,24 +969,6 @@ enum Back {
     Busy,
     /// None.
     None,
-}
-
-/// Counts this request among those waiting for a backend slot while alive.
-struct WaiterCount<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl<'a> WaiterCount<'a> {
-    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
-        // SeqCst, paired with `InFlight`'s release: either the release sees
-        // this count, or the look that follows sees the slot it gave back.
-        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Self(count)
-    }
-}
-
-impl Drop for WaiterCount<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
 }
 
 /// An upstream 429 or 5xx is retried elsewhere (SPEC "Errors").

@@ -14,7 +14,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex,
     },
 };
@@ -22,7 +22,7 @@ use std::{
 use bytes::Bytes;
 use http::HeaderValue;
 
-use tokio::{sync::Notify, time::Instant};
+use tokio::time::Instant;
 
 use crate::{
     access_log::ModelTimings,
@@ -33,6 +33,7 @@ use crate::{
     headers,
     health::state::{median, scaled_weight, throughput_factor, unscaled_weight, HealthRecord},
     metrics::{Metrics, RequestCounters, RetryCounters, TokenCounters, UpstreamErrorCounters},
+    slots::{BackendId, SlotSignal},
     upstream::{self, HttpClient, UpstreamError},
 };
 
@@ -334,28 +335,6 @@ pub(crate) struct HeldOut {
     pub asked: bool,
 }
 
-/// Lets requests wait for "some backend freed a slot" without polling.
-#[derive(Debug, Default)]
-pub(crate) struct SlotSignal {
-    /// Woken (all waiters) when an in-flight slot is released, and when a
-    /// new snapshot is published (it may have a backend back).
-    pub notify: Notify,
-    /// Requests waiting right now; releases skip the notify when zero.
-    pub waiters: AtomicUsize,
-}
-
-impl SlotSignal {
-    /// Wakes every waiting request, if any. SeqCst, paired with the
-    /// waiter count's increment: either this load sees a waiter that
-    /// counted itself, or that waiter's next look sees what changed
-    /// before the call (a slot given back, a snapshot stored).
-    pub(crate) fn announce(&self) {
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            self.notify.notify_waiters();
-        }
-    }
-}
-
 impl std::fmt::Debug for BackendState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackendState")
@@ -440,10 +419,21 @@ impl BackendState {
         })
     }
 
+    /// Its place in the line for slots ([`crate::slots`]): the same
+    /// across reloads that carry the backend over.
+    pub(crate) fn slot_id(&self) -> BackendId {
+        live_id(&self.live)
+    }
+
     /// The identity a reload matches on: same name and same URL.
     fn same_identity(&self, other: &BackendConfig) -> bool {
         self.config.name == other.name && self.config.url == other.url
     }
+}
+
+/// A backend's id in the line for slots: the address of its live state.
+fn live_id(live: &Arc<BackendLive>) -> BackendId {
+    Arc::as_ptr(live) as BackendId
 }
 
 /// One request in flight to a backend; dropping it gives the slot back.
@@ -460,7 +450,7 @@ impl Drop for InFlight {
         // this load sees a waiter that counted itself, or that waiter's
         // next look sees the slot given back here.
         self.live.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.live.slots.announce();
+        self.live.slots.released(live_id(&self.live));
     }
 }
 

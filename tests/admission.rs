@@ -716,3 +716,56 @@ async fn no_backend_in_rotation_answers_503_before_admission() {
     );
     assert_eq!(m.requests(), 2);
 }
+
+/// Requests waiting for a saturated backend's slot are served first come,
+/// first served (SPEC "Admission"), requests that arrive while the queue
+/// drains included: each freed slot goes to the oldest waiter, not to
+/// whichever waiting task the runtime happens to poll first, nor to a
+/// newcomer's first look.
+#[tokio::test]
+async fn backend_slot_waiters_are_served_in_arrival_order() {
+    let (gw, m) = one_slot("queue_timeout = \"30s\"", Duration::from_millis(60)).await;
+    let addr = gw.addr();
+    let send = |k: usize| {
+        let body = format!(
+            r#"{{"model":"{MODEL}","user":"w{k}","messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &body).await.status })
+    };
+    let depth = || async {
+        let text = get(addr, "/metrics").await.text();
+        metric(&text, "weir_queue_depth", &format!("model=\"{MODEL}\""))
+    };
+    // In the system: at the backend or done (the mock saw it), or queued.
+    let mock = &m;
+    let seen = |k: usize| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while mock.requests() as f64 + depth().await < k as f64 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "request {k} never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let mut tasks = Vec::new();
+    // One at the backend, then waiters in a known order, each counted in
+    // the queue before the next is sent, and more while the queue drains.
+    for k in 0..16 {
+        tasks.push(send(k));
+        seen(k + 1).await;
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let order: Vec<String> = m
+        .recorded()
+        .iter()
+        .filter_map(|r| {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            Some(body["user"].as_str()?.to_owned())
+        })
+        .collect();
+    let expected: Vec<String> = (0..16).map(|k| format!("w{k}")).collect();
+    assert_eq!(order, expected);
+}
