@@ -30,6 +30,9 @@ enum Fault {
     Garbage,
     /// Sends a status line and 1 MiB of headers.
     HugeHeaders,
+    /// Answers with `transfer-encoding: gzip, chunked`, a coding weir
+    /// never asked for.
+    GzipTransferCoding,
     /// Sends its response head one byte per second.
     DripHeaders,
     /// Reads the request and never answers.
@@ -95,6 +98,12 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
             head.extend(std::iter::repeat_n(b'a', 1024 * 1024));
             head.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\n{}");
             s.write_all(&head).await
+        }
+        Fault::GzipTransferCoding => {
+            let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: gzip, chunked\r\n\r\n";
+            // Not even gzip: weir must not pass it on, whatever it is.
+            s.write_all(&[&head[..], &chunk("{}"), b"0\r\n\r\n"].concat())
+                .await
         }
         Fault::DripHeaders => drip(&mut s, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await,
         Fault::NeverAnswers => {
@@ -328,6 +337,14 @@ async fn garbage_answers_are_retried_elsewhere_or_502() {
 #[tokio::test]
 async fn one_mib_of_headers_is_retried_elsewhere_or_502() {
     check_before_headers(Fault::HugeHeaders, "protocol", 502).await;
+}
+
+/// RFC 9112 §6.1: weir sends no `TE`, and `Transfer-Encoding` is
+/// hop-by-hop, so a gzip-coded body passed on would reach the client
+/// unlabelled; it is refused as nginx refuses it.
+#[tokio::test]
+async fn a_transfer_coding_weir_did_not_ask_for_is_retried_elsewhere_or_502() {
+    check_before_headers(Fault::GzipTransferCoding, "protocol", 502).await;
 }
 
 #[tokio::test]

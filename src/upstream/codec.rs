@@ -519,6 +519,7 @@ fn framing(
         return Ok((Framing::Done, true));
     }
     if let Some(last) = headers.values(Name::TransferEncoding).last() {
+        only_chunked(headers.values(Name::TransferEncoding))?;
         let last = last.rsplit(|&b| b == b',').next().unwrap_or_default();
         if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             // Content-Length beside it is ignored, and the connection
@@ -534,6 +535,27 @@ fn framing(
         Some(n) => (Framing::Length(n), true),
         None => (Framing::UntilClose, false),
     })
+}
+
+/// Refuses a response with a transfer coding other than `chunked` (or
+/// the no-op `identity`): weir sends no `TE`, so a backend may not use one
+/// (RFC 9112 §6.1, §7.4), and passing its bytes on would be wrong both ways:
+/// `Transfer-Encoding` is hop-by-hop, so the client would get gzip bytes
+/// labelled as none, and decoding them is not weir's job. nginx answers
+/// such a response 502 too.
+pub(crate) fn only_chunked<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<(), Malformed> {
+    let unsupported = values
+        .flat_map(|value| value.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|coding| {
+            !coding.is_empty()
+                && !coding.eq_ignore_ascii_case(b"chunked")
+                && !coding.eq_ignore_ascii_case(b"identity")
+        });
+    if unsupported {
+        return Err(Malformed("a transfer coding other than chunked"));
+    }
+    Ok(())
 }
 
 /// The message's `Content-Length`, if any. `42, 42` (a list of one
@@ -999,19 +1021,19 @@ mod tests {
                 true,
             ),
             (
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
-                Framing::Chunked(Chunk::Size),
-                true,
-            ),
-            (
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
                 Framing::Chunked(Chunk::Size),
                 false,
             ),
             (
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\n",
                 Framing::UntilClose,
                 false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity, chunked\r\n\r\n",
+                Framing::Chunked(Chunk::Size),
+                true,
             ),
             (b"HTTP/1.1 200 OK\r\n\r\n", Framing::UntilClose, false),
             (
@@ -1035,6 +1057,16 @@ mod tests {
             let text = String::from_utf8_lossy(raw);
             assert_eq!(head.framing, framing, "{text}");
             assert_eq!(head.reusable, reusable, "{text}");
+        }
+        // A coding weir did not ask for (it sends no `TE`) is refused,
+        // not passed on unlabelled.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: deflate\r\ntransfer-encoding: chunked\r\n\r\n",
+        ] {
+            let text = String::from_utf8_lossy(raw);
+            assert!(head(raw).is_err(), "{text}");
         }
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"[..]);
         assert!(read_head(&mut buf, true)

@@ -365,6 +365,9 @@ pub(crate) async fn send(
                             "{status} on a request without Upgrade"
                         )));
                     }
+                    let codings = response.headers().get_all(http::header::TRANSFER_ENCODING);
+                    codec::only_chunked(codings.iter().map(http::HeaderValue::as_bytes))
+                        .map_err(|e| AttemptError::Protocol(e.0.to_owned()))?;
                     Ok(response.map(UpstreamBody::Tls))
                 }
                 Ok(Err(e)) if e.is_connect() && is_refused(&e) => {
