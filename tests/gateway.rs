@@ -802,6 +802,32 @@ async fn h2c_clients_are_served() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// A backend's 204 reaches an HTTP/2 client without `content-length`
+/// (RFC 9110 §8.6), as it reaches an HTTP/1.1 one.
+#[tokio::test]
+async fn h2c_a_204_carries_no_content_length() {
+    let (gw, _m) = one_backend(MockConfig::default().status(204), "").await;
+    let c: TestClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    for client in [c, client()] {
+        let r = send(
+            &client,
+            "POST",
+            gw.addr(),
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            chat(MODEL, false),
+        )
+        .await;
+        assert_eq!(r.status, 204, "{}", r.text());
+        assert!(r.body.is_empty());
+        assert_eq!(r.headers.get("content-length"), None);
+        assert_eq!(r.header("x-weir-backend"), "b1");
+    }
+}
+
 #[tokio::test]
 async fn demo_starts_and_answers() {
     let demo = weir::demo::start("127.0.0.1:0".parse().unwrap())

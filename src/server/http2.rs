@@ -41,7 +41,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Response};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 use hyper::{
     body::{Body, Frame, SizeHint},
     server::conn::http2,
@@ -175,8 +175,15 @@ pub(super) async fn serve(
                 ),
                 GatewayBody::Full(_) => (None, None),
             };
+            // hyper would send a 204's empty body as `content-length: 0`,
+            // which RFC 9110 §8.6 forbids (HTTP/1.1 heads leave it out).
+            let no_length = matches!(
+                response.status(),
+                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+            );
             Ok::<_, Infallible>(response.map(|inner| ConnBody {
                 inner,
+                no_length,
                 cut,
                 _busy: busy,
                 _watchdog: watchdog,
@@ -310,6 +317,8 @@ pin_project_lite::pin_project! {
     /// ready, it locks this connection's own token, nothing shared.
     struct ConnBody {
         inner: GatewayBody,
+        // A 204 or 304: no length to announce (see `size_hint`).
+        no_length: bool,
         #[pin]
         cut: Option<WaitForCancellationFutureOwned>,
         _busy: Busy,
@@ -348,8 +357,14 @@ impl Body for ConnBody {
         self.inner.is_end_stream()
     }
 
+    /// Unknown for a 204 or 304, so that hyper, which announces a known
+    /// length, announces none.
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.no_length {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 
