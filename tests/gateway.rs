@@ -759,19 +759,8 @@ async fn admin_and_probe_endpoints_answer() {
 async fn h2c_clients_are_served() {
     let limits = "[limits]\nrequests_per_minute = 1000\n";
     let (gw, _m) = one_backend(MockConfig::default(), limits).await;
-    let c: TestClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
-    let r = send(
-        &c,
-        "POST",
-        gw.addr(),
-        "/v1/chat/completions",
-        &[("content-type", "application/json")],
-        chat(MODEL, false),
-    )
-    .await;
+    let c = h2c_client();
+    let r = post_with(&c, gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-weir-backend"), "b1");
     assert_eq!(r.header("x-request-id").len(), 32);
@@ -807,18 +796,12 @@ async fn h2c_clients_are_served() {
 #[tokio::test]
 async fn h2c_a_204_carries_no_content_length() {
     let (gw, _m) = one_backend(MockConfig::default().status(204), "").await;
-    let c: TestClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
-    for client in [c, client()] {
-        let r = send(
+    for client in [h2c_client(), client()] {
+        let r = post_with(
             &client,
-            "POST",
             gw.addr(),
             "/v1/chat/completions",
-            &[("content-type", "application/json")],
-            chat(MODEL, false),
+            &chat(MODEL, false),
         )
         .await;
         assert_eq!(r.status, 204, "{}", r.text());

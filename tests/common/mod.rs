@@ -99,6 +99,13 @@ pub fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// A client that speaks HTTP/2 without TLS (prior knowledge).
+pub fn h2c_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
 /// Sends a request and reads the whole response.
 pub async fn send(
     client: &TestClient,
@@ -129,8 +136,13 @@ pub async fn send(
 }
 
 pub async fn post(addr: SocketAddr, path: &str, body: &str) -> Reply {
+    post_with(&client(), addr, path, body).await
+}
+
+/// [`post`] with this client (an HTTP/2 one, one that keeps its connection).
+pub async fn post_with(client: &TestClient, addr: SocketAddr, path: &str, body: &str) -> Reply {
     send(
-        &client(),
+        client,
         "POST",
         addr,
         path,
