@@ -1014,6 +1014,11 @@ impl Checker<'_> {
 
     fn config(&mut self, raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Config {
         let server = self.server(raw.server, env);
+        let global_tokens_span = raw
+            .limits
+            .as_ref()
+            .and_then(|l| l.get_ref().tokens_per_minute.as_ref())
+            .map(Spanned::span);
         let limits = self.limits(raw.limits);
         let defaults = self.defaults(raw.defaults);
         let mut models = self.models(&raw.models, &defaults);
@@ -1025,6 +1030,7 @@ impl Checker<'_> {
             &backends,
             &defaults,
         );
+        self.warn_small_token_buckets(&raw.models, &models, &limits, global_tokens_span);
         let health = self.health(raw.health);
         let outlier = self.outlier(raw.outlier);
         let retry = self.retry(raw.retry);
@@ -1560,6 +1566,58 @@ impl Checker<'_> {
     }
 
     /// Checks that need models and backends together, and adds undeclared models.
+    /// Warns of a token bucket smaller than a model's `max_tokens`: every
+    /// request of that model that sets no `max_tokens` of its own then
+    /// needs more than the bucket holds, and is refused 413. Valid (a
+    /// model whose clients all set a small `max_tokens`), but more often a
+    /// slip of units.
+    fn warn_small_token_buckets(
+        &mut self,
+        raw_models: &[S<RawModel>],
+        models: &[ModelConfig],
+        limits: &GlobalLimits,
+        global_span: Option<Range<usize>>,
+    ) {
+        let consequence =
+            "a request that sets no max_tokens of its own needs more than the bucket holds (413)";
+        for (i, raw) in raw_models.iter().enumerate() {
+            let raw = raw.get_ref();
+            let name = raw.name.as_ref().map(|n| n.get_ref().trim());
+            let model = models.iter().find(|m| Some(m.name.as_str()) == name);
+            if let (Some(span), Some(model)) = (&raw.tokens_per_minute, model) {
+                if let Some(tpm) = model.tokens_per_minute {
+                    if tpm.get() < u64::from(model.max_tokens) {
+                        self.warn(
+                            span.span(),
+                            format!("models[{i}].tokens_per_minute"),
+                            format!(
+                                "{tpm} is below the model's max_tokens ({}): {consequence}",
+                                model.max_tokens
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let (Some(span), Some(tpm)) = (global_span, limits.tokens_per_minute) {
+            let over: Vec<&str> = models
+                .iter()
+                .filter(|m| u64::from(m.max_tokens) > tpm.get())
+                .map(|m| m.name.as_str())
+                .collect();
+            if !over.is_empty() {
+                self.warn(
+                    span,
+                    "limits.tokens_per_minute",
+                    format!(
+                        "{tpm} is below the max_tokens of {}: {consequence}",
+                        over.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
     fn cross_check(
         &mut self,
         raw_models: &[S<RawModel>],
@@ -3356,6 +3414,37 @@ key_prefix = "prod"
                 checked.warnings
             );
         }
+    }
+
+    /// A token bucket smaller than a model's `max_tokens` (here the
+    /// default, 256) would refuse every request that sets none: `weir
+    /// check` says so, at the key.
+    #[test]
+    fn token_buckets_below_max_tokens_are_warned_of() {
+        let checked = Config::parse_checked(
+            "[limits]\ntokens_per_minute = 200\n\n[[models]]\nname = \"m\"\ntokens_per_minute = 100\n\n[[models]]\nname = \"n\"\nmax_tokens = 50\ntokens_per_minute = 100\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:9001/v1\"\nmodels = [\"m\", \"n\"]\n",
+            "weir.toml",
+            &env,
+        );
+        assert!(checked.result.is_ok());
+        let w = &checked.warnings;
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("weir.toml:6:21: models[0].tokens_per_minute: 100 is below the model's max_tokens (256)"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with(
+                "weir.toml:2:21: limits.tokens_per_minute: 200 is below the max_tokens of m:"
+            ),
+            "{w:?}"
+        );
+        let fine = Config::parse_checked(
+            &format!("{MINIMAL}\n[limits]\ntokens_per_minute = 256\n"),
+            "weir.toml",
+            &env,
+        );
+        assert_eq!(fine.warnings, Vec::<String>::new());
     }
 
     /// `weir check` needs the warnings of a file that has errors too.
