@@ -32,7 +32,7 @@ use crate::{
     health::outlier::{self, Outcome},
     jitter,
     metrics::FailureKind,
-    slots::InLine,
+    slots::{BackendId, InLine},
     snapshot::{model_object, BackendState, InFlight, Member, ModelRoute, Place, Snapshot},
     upstream::{
         self,
@@ -585,19 +585,24 @@ impl<'a> Exchange<'a> {
                 // In line: the backends it would take, of which it may take
                 // those it is first in line for (SPEC "Admission": first
                 // come, first served).
+                // Those back in rotation since its snapshot count too: one
+                // of them freeing a slot must wake it.
                 let mine = counted.as_ref().map(|place| {
-                    place.want(
-                        members
-                            .iter()
-                            .enumerate()
-                            .filter(|&(i, m)| pool.weight(i) > 0 && !held_out(i, m))
-                            .map(|(_, m)| m.backend.slot_id())
-                            .collect(),
-                    )
+                    let mut wants: Vec<BackendId> = members
+                        .iter()
+                        .enumerate()
+                        .filter(|&(i, m)| pool.weight(i) > 0 && !held_out(i, m))
+                        .map(|(_, m)| m.backend.slot_id())
+                        .collect();
+                    self.back_member(newest_route, |m| {
+                        wants.push(m.backend.slot_id());
+                        false
+                    });
+                    place.want(wants)
                 });
                 let available = |i: usize| {
                     members.get(i).is_some_and(|m| {
-                        !m.backend.is_saturated()
+                        !capped(m, newest_route).is_saturated()
                             && !held_out(i, m)
                             && mine
                                 .as_ref()
@@ -619,7 +624,10 @@ impl<'a> Exchange<'a> {
                     pool.pick(available)
                 };
                 if let Some(i) = picked {
-                    match members.get(i).and_then(|m| m.backend.try_begin()) {
+                    match members
+                        .get(i)
+                        .and_then(|m| capped(m, newest_route).try_begin())
+                    {
                         Some(in_flight) => return Pick::Backend(i, in_flight),
                         // Lost a race for its last slot: look again.
                         None => continue,
@@ -642,7 +650,7 @@ impl<'a> Exchange<'a> {
                     counted = Some(InLine::join(signal));
                     continue;
                 }
-                let back_busy = match self.back_in_rotation(newest_route) {
+                let back_busy = match self.back_in_rotation(newest_route, mine.as_deref()) {
                     Back::Taken(i, in_flight) => return Pick::Backend(i, in_flight),
                     Back::Busy => true,
                     Back::None => false,
@@ -693,11 +701,17 @@ impl<'a> Exchange<'a> {
     /// the request's own): waiting for a busy backend while one that came
     /// back sits idle would hold the request for nothing, and for an LLM
     /// backend "busy" can last minutes. See [`Exchange::back_member`] for
-    /// which members count.
-    fn back_in_rotation(&self, newest: Option<&ModelRoute>) -> Back {
+    /// which members count; of those, it takes only one it is first in
+    /// line for (`mine`, when it waits in line).
+    fn back_in_rotation(&self, newest: Option<&ModelRoute>, mine: Option<&[BackendId]>) -> Back {
         let mut taken = None;
         let mut busy = false;
         let j = self.back_member(newest, |m| {
+            // One that someone before it in line waits for is theirs.
+            if mine.is_some_and(|mine| !mine.contains(&m.backend.slot_id())) {
+                busy = true;
+                return false;
+            }
             taken = m.backend.try_begin();
             busy |= taken.is_none();
             taken.is_some()
@@ -958,6 +972,17 @@ enum Pick {
     Saturated,
     /// Backends remain but all are saturated and the model's queue is full.
     QueueFull(AdmitError),
+}
+
+/// The entry of a member whose `max_concurrent` a waiting look goes by:
+/// the newest snapshot's for the same backend (same live state, so the
+/// same in-flight count), if `newest` has it, else its own. A reload that
+/// raised the cap gives requests already waiting the new slots (their own
+/// snapshot still had the old cap, and they are first in line).
+fn capped<'a>(member: &'a Member, newest: Option<&'a ModelRoute>) -> &'a BackendState {
+    newest
+        .and_then(|route| route.counterpart(&member.backend))
+        .map_or(&member.backend, |(_, m)| &m.backend)
 }
 
 /// What [`Exchange::back_in_rotation`] found among the members that are

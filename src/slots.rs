@@ -13,7 +13,7 @@
 //! backend and nobody waiting takes no lock.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
@@ -36,20 +36,25 @@ pub(crate) struct SlotSignal {
     pub notify: Notify,
     /// Requests waiting right now; releases skip the queue when zero.
     pub waiters: AtomicUsize,
-    /// The waiting requests, oldest first.
+    /// The waiting requests and, per backend, who waits for it.
     queue: Mutex<Queue>,
 }
 
+/// Every operation is O(log n) in the waiters (a broadcast wake makes
+/// each of them look again, so a scan per look would be quadratic).
 #[derive(Debug, Default)]
 struct Queue {
-    /// The next ticket: tickets only grow, so the queue is in ticket order.
+    /// The next ticket: tickets only grow, so ticket order is arrival order.
     next: u64,
-    waiting: VecDeque<Waiter>,
+    /// Each waiter by its ticket.
+    waiting: BTreeMap<u64, Waiter>,
+    /// Per backend, the tickets of the waiters that want it; the first is
+    /// the one in line for its next free slot.
+    lines: HashMap<BackendId, BTreeSet<u64>, foldhash::fast::RandomState>,
 }
 
 #[derive(Debug)]
 struct Waiter {
-    ticket: u64,
     /// The backends it would take a slot of, as of its last look.
     wants: Vec<BackendId>,
     /// Woken when a slot it is first in line for frees.
@@ -57,38 +62,30 @@ struct Waiter {
 }
 
 impl Queue {
-    fn position(&self, ticket: u64) -> Option<usize> {
-        self.waiting.iter().position(|w| w.ticket == ticket)
+    /// The first in line for `backend`, if anyone waits for it.
+    fn first(&self, backend: BackendId) -> Option<u64> {
+        self.lines.get(&backend)?.first().copied()
     }
 
-    /// Whether a waiter before position `at` wants `backend`.
-    fn wanted_before(&self, at: usize, backend: BackendId) -> bool {
-        self.waiting
-            .iter()
-            .take(at)
-            .any(|w| w.wants.contains(&backend))
-    }
-
-    /// Wakes the first waiter from position `from` on that wants `backend`.
-    fn wake_first(&self, from: usize, backend: BackendId) {
-        if let Some(w) = self
-            .waiting
-            .iter()
-            .skip(from)
-            .find(|w| w.wants.contains(&backend))
-        {
+    /// Wakes the first in line for `backend`, if any.
+    fn wake_first(&self, backend: BackendId) {
+        if let Some(w) = self.first(backend).and_then(|t| self.waiting.get(&t)) {
             w.wake.notify_one();
         }
     }
 
-    /// `gone` are backends the waiter at `at` no longer stands in line
-    /// for (it left, or stopped wanting them): for each it was first in
-    /// line for, the next in line may take it now.
-    fn pass_on(&self, at: usize, gone: &[BackendId]) {
-        for &backend in gone {
-            if !self.wanted_before(at, backend) {
-                self.wake_first(at, backend);
-            }
+    /// Takes `ticket` out of `backend`'s line; if it was first, the next
+    /// in line may take that backend now, and is woken.
+    fn leave_line(&mut self, backend: BackendId, ticket: u64) {
+        let Some(line) = self.lines.get_mut(&backend) else {
+            return;
+        };
+        let was_first = line.first() == Some(&ticket);
+        line.remove(&ticket);
+        if line.is_empty() {
+            self.lines.remove(&backend);
+        } else if was_first {
+            self.wake_first(backend);
         }
     }
 }
@@ -110,7 +107,7 @@ impl SlotSignal {
     /// it wants) sees the slot free.
     pub(crate) fn released(&self, backend: BackendId) {
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            self.lock().wake_first(0, backend);
+            self.lock().wake_first(backend);
         }
     }
 
@@ -146,11 +143,13 @@ impl<'a> InLine<'a> {
         let mut queue = signal.lock();
         let ticket = queue.next;
         queue.next += 1;
-        queue.waiting.push_back(Waiter {
+        queue.waiting.insert(
             ticket,
-            wants: Vec::new(),
-            wake: wake.clone(),
-        });
+            Waiter {
+                wants: Vec::new(),
+                wake: wake.clone(),
+            },
+        );
         Self {
             signal,
             ticket,
@@ -164,24 +163,25 @@ impl<'a> InLine<'a> {
     /// in line.
     pub(crate) fn want(&self, wants: Vec<BackendId>) -> Vec<BackendId> {
         let mut queue = self.signal.lock();
-        let Some(at) = queue.position(self.ticket) else {
+        let queue = &mut *queue;
+        let Some(me) = queue.waiting.get_mut(&self.ticket) else {
             return Vec::new();
         };
-        let mine = wants
-            .iter()
-            .copied()
-            .filter(|&b| !queue.wanted_before(at, b))
-            .collect();
-        let Some(me) = queue.waiting.get_mut(at) else {
-            return mine;
-        };
-        let old = std::mem::replace(&mut me.wants, wants);
-        let gone: Vec<BackendId> = {
-            let now = &me.wants;
-            old.into_iter().filter(|b| !now.contains(b)).collect()
-        };
-        queue.pass_on(at + 1, &gone);
-        mine
+        let old = std::mem::replace(&mut me.wants, wants.clone());
+        for &backend in &wants {
+            if !old.contains(&backend) {
+                queue.lines.entry(backend).or_default().insert(self.ticket);
+            }
+        }
+        for backend in old {
+            if !wants.contains(&backend) {
+                queue.leave_line(backend, self.ticket);
+            }
+        }
+        wants
+            .into_iter()
+            .filter(|&b| queue.first(b) == Some(self.ticket))
+            .collect()
     }
 
     /// Resolves when a slot this request is first in line for may have
@@ -194,9 +194,9 @@ impl<'a> InLine<'a> {
 impl Drop for InLine<'_> {
     fn drop(&mut self) {
         let mut queue = self.signal.lock();
-        if let Some(at) = queue.position(self.ticket) {
-            if let Some(me) = queue.waiting.remove(at) {
-                queue.pass_on(at, &me.wants);
+        if let Some(me) = queue.waiting.remove(&self.ticket) {
+            for backend in me.wants {
+                queue.leave_line(backend, self.ticket);
             }
         }
         drop(queue);

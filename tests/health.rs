@@ -1607,3 +1607,59 @@ async fn a_waiting_request_leaves_out_a_backend_its_probes_took_out() {
     assert_eq!(busy.requests(), 1, "sent to a backend out of rotation");
     let _ = held.await;
 }
+
+/// A backend back in rotation while still busy (out when the request
+/// began to wait) wakes the waiting request when its slot frees: the
+/// request is in line for it too. (It was not: the freed slot woke nobody,
+/// and the request slept towards its deadline beside an idle backend.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_takes_a_slot_freed_on_a_backend_back_in_rotation() {
+    let model = || MockConfig::default().models(vec![MODEL.into()]);
+    let short = mock::start(model().latency(Duration::from_secs(3)))
+        .await
+        .unwrap();
+    let long = mock::start(model().latency(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"500ms\" }\nreadiness = { interval = \"1h\", timeout = \"60s\", degraded_latency = \"60s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let toml = format!(
+        "[defaults]\nqueue_timeout = \"60s\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\nhealth_path = \"/health\"\n\n{}max_concurrent = 1\nhealth_path = \"/health\"\n\n{health}\n[retry]\nmax_attempts = 1\n",
+        backend("short", &short.base_url(), &[MODEL], 1),
+        backend("long", &long.base_url(), &[MODEL], 1),
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let chat_later = || {
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
+    };
+    // One request on each backend (one slot each).
+    let held = [chat_later(), chat_later()];
+    assert!(
+        eventually(Duration::from_secs(5), || short.in_flight() == 1
+            && long.in_flight() == 1)
+        .await
+    );
+    // `short` fails its liveness probe: out, its request still running.
+    short.update(|c| c.health_status = Some(503));
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "short") == 0.0).await);
+    let waiting = chat_later();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
+        assert!(Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Back in rotation, still busy; its request ends 3 s after it began.
+    short.update(|c| c.health_status = None);
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "short") > 0.0).await);
+    assert_eq!(short.in_flight(), 1, "still busy when it came back");
+    let r = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await
+        .expect("woken when `short` freed its slot, not at the deadline")
+        .expect("request task");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "short");
+    assert_eq!(long.in_flight(), 1, "`long` still busy: not where it went");
+    for h in held {
+        h.abort();
+    }
+}

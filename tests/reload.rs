@@ -1940,3 +1940,46 @@ async fn a_waiting_request_does_not_take_a_rekeyed_backend_with_the_old_key() {
     assert_eq!(held.await.unwrap().status, 200);
     assert_eq!(limited.requests(), 1, "sent again with the old key");
 }
+
+/// A request waiting for a saturated backend's slot when a reload raises
+/// that backend's `max_concurrent` takes the new slot at once: its own
+/// snapshot still has the old cap, but the in-flight count is the same
+/// backend's, and it is first in line (it used to wait, in line, until the
+/// running request ended, with the new slot free all along).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_takes_the_slot_a_reload_adds_to_its_backend() {
+    let m1 = mock_named("b1", MockConfig::default().chunks(40).tokens_per_sec(10.0)).await;
+    let capped = |n: u32| {
+        format!(
+            "[defaults]\nqueue_timeout = \"30s\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = {n}\n\n{QUIET}",
+            backend("b1", &m1.base_url(), &[MODEL], 1)
+        )
+    };
+    let live = Live::start(&capped(1)).await;
+    let addr = live.gw.addr();
+    // A 4 s stream holds the only slot; a second request waits in line.
+    let stream =
+        tokio::spawn(
+            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
+        );
+    assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
+    let waiter =
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
+    let queued = || async { metric(addr, "weir_queue_depth", &[("model", MODEL)]).await == 1.0 };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !queued().await {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let changes = live.apply(&capped(2)).await;
+    assert_eq!(changes, ["backend b1 max_concurrent 1 -> 2"]);
+    let r = tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("the waiter took the new slot before the stream ended")
+        .expect("request task");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!stream.is_finished(), "the stream still holds its slot");
+    assert_eq!(m1.max_in_flight(), 2);
+    let s = stream.await.expect("stream task");
+    assert!(s.text().trim_end().ends_with("data: [DONE]"));
+}
