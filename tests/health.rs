@@ -23,6 +23,10 @@ use weir::mock::{self, MockConfig, MockHandle};
 
 const MODEL: &str = "m";
 
+/// Liveness probes every 100 ms, one flipping a backend out or back in
+/// (at once, no slow start); readiness and deep tier out of the way.
+const LIVENESS_ONLY: &str = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"500ms\" }\nreadiness = { interval = \"1h\", timeout = \"60s\", degraded_latency = \"60s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+
 fn weight(gw: &weir::Handle, backend: &str) -> f64 {
     let snapshot = gw.snapshot();
     let route = snapshot.model(MODEL).expect("model routed");
@@ -1490,9 +1494,6 @@ async fn waiting_request_takes_a_backend_back(shut_down: bool) {
     );
     let gw = gateway(&toml).await;
     let addr = gw.addr();
-    let chat_later = || {
-        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
-    };
     // Occupy `busy` and have `limited` answer one 429, in either order.
     let held = hold_one_and_draw_a_429(addr, MODEL, &busy, &limited).await;
     // Seen at weight 0 within its 3 s window, unless the machine stalled
@@ -1505,7 +1506,7 @@ async fn waiting_request_takes_a_backend_back(shut_down: bool) {
     // Both out of reach in this request's snapshot: it waits, and takes
     // `limited` when its window ends (3 s), not `busy` when its slot
     // frees (8 s), nor a 503 when the grace (6 s) ends.
-    let waiting = chat_later();
+    let waiting = chat_later(addr, MODEL);
     if shut_down {
         // Queued first: once the shutdown starts, nothing new is accepted.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1552,17 +1553,14 @@ async fn a_waiting_request_does_not_take_a_backend_that_went_out_meanwhile() {
     );
     let gw = gateway(&toml).await;
     let addr = gw.addr();
-    let chat_later = || {
-        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
-    };
     // One request on each backend (each takes the other once one is full).
-    let (first, second) = (chat_later(), chat_later());
+    let (first, second) = (chat_later(addr, MODEL), chat_later(addr, MODEL));
     assert!(
         eventually(Duration::from_secs(5), || busy.in_flight() == 1
             && refusing.in_flight() == 1)
         .await
     );
-    let waiting = chat_later();
+    let waiting = chat_later(addr, MODEL);
     let r = waiting.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-weir-backend"), "busy");
@@ -1582,7 +1580,7 @@ async fn a_waiting_request_leaves_out_a_backend_its_probes_took_out() {
         .await
         .unwrap();
     let limited = mock::start(model().rate_limit(1.0, 600)).await.unwrap();
-    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"500ms\" }\nreadiness = { interval = \"1h\", timeout = \"60s\", degraded_latency = \"60s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let health = LIVENESS_ONLY;
     let toml = format!(
         "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\nhealth_path = \"/health\"\n\n{}health_path = \"/health\"\n\n{health}\n[retry]\nmax_attempts = 1\n",
         backend("busy", &busy.base_url(), &[MODEL], 1),
@@ -1593,13 +1591,8 @@ async fn a_waiting_request_leaves_out_a_backend_its_probes_took_out() {
     // Occupy `busy` and have `limited` answer one 429 (a 10-minute window).
     let held = hold_one_and_draw_a_429(addr, MODEL, &busy, &limited).await;
     assert!(eventually(Duration::from_secs(5), || weight(&gw, "limited") == 0.0).await);
-    let waiting =
-        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
-        assert!(Instant::now() < deadline, "never queued");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let waiting = chat_later(addr, MODEL);
+    queued(addr, MODEL, 1).await;
     // `busy` fails its liveness probe: out, with its request still running.
     busy.update(|c| c.health_status = Some(503));
     let r = waiting.await.unwrap();
@@ -1621,7 +1614,7 @@ async fn a_waiter_takes_a_slot_freed_on_a_backend_back_in_rotation() {
     let long = mock::start(model().latency(Duration::from_secs(30)))
         .await
         .unwrap();
-    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"500ms\" }\nreadiness = { interval = \"1h\", timeout = \"60s\", degraded_latency = \"60s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    let health = LIVENESS_ONLY;
     let toml = format!(
         "[defaults]\nqueue_timeout = \"60s\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\nhealth_path = \"/health\"\n\n{}max_concurrent = 1\nhealth_path = \"/health\"\n\n{health}\n[retry]\nmax_attempts = 1\n",
         backend("short", &short.base_url(), &[MODEL], 1),
@@ -1629,11 +1622,8 @@ async fn a_waiter_takes_a_slot_freed_on_a_backend_back_in_rotation() {
     );
     let gw = gateway(&toml).await;
     let addr = gw.addr();
-    let chat_later = || {
-        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
-    };
     // One request on each backend (one slot each).
-    let held = [chat_later(), chat_later()];
+    let held = [chat_later(addr, MODEL), chat_later(addr, MODEL)];
     assert!(
         eventually(Duration::from_secs(5), || short.in_flight() == 1
             && long.in_flight() == 1)
@@ -1642,12 +1632,8 @@ async fn a_waiter_takes_a_slot_freed_on_a_backend_back_in_rotation() {
     // `short` fails its liveness probe: out, its request still running.
     short.update(|c| c.health_status = Some(503));
     assert!(eventually(Duration::from_secs(5), || weight(&gw, "short") == 0.0).await);
-    let waiting = chat_later();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
-        assert!(Instant::now() < deadline, "never queued");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let waiting = chat_later(addr, MODEL);
+    queued(addr, MODEL, 1).await;
     // Back in rotation, still busy; its request ends 3 s after it began.
     short.update(|c| c.health_status = None);
     assert!(eventually(Duration::from_secs(5), || weight(&gw, "short") > 0.0).await);

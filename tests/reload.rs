@@ -1928,11 +1928,7 @@ async fn a_waiting_request_does_not_take_a_rekeyed_backend_with_the_old_key() {
     // tells the two outcomes apart.
     limited.update(|c| c.rate_limit_rate = 0.0);
     let waiting = chat_later();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
-        assert!(Instant::now() < deadline, "never queued");
-        tokio::time::sleep(ms(5)).await;
-    }
+    queued(addr, MODEL, 1).await;
     live.apply(&config("ADMIN_TOKEN")).await;
     let r = waiting.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
@@ -1963,14 +1959,8 @@ async fn a_waiter_takes_the_slot_a_reload_adds_to_its_backend() {
             async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
         );
     assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
-    let waiter =
-        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
-    let queued = || async { metric(addr, "weir_queue_depth", &[("model", MODEL)]).await == 1.0 };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !queued().await {
-        assert!(tokio::time::Instant::now() < deadline, "never queued");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let waiter = chat_later(addr, MODEL);
+    queued(addr, MODEL, 1).await;
     let changes = live.apply(&capped(2)).await;
     assert_eq!(changes, ["backend b1 max_concurrent 1 -> 2"]);
     let r = tokio::time::timeout(Duration::from_secs(3), waiter)

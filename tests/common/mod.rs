@@ -444,6 +444,22 @@ pub async fn metric(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f6
         .sum()
 }
 
+/// A non-stream chat for `model` sent in a task of its own, for a test
+/// that has it wait while it goes on.
+pub fn chat_later(addr: SocketAddr, model: &'static str) -> tokio::task::JoinHandle<Reply> {
+    tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(model, false)).await })
+}
+
+/// Waits (at most 10 s, else panics) until `n` requests of `model` wait in
+/// its queue (`weir_queue_depth`).
+pub async fn queued(addr: SocketAddr, model: &str, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(addr, "weir_queue_depth", &[("model", model)]).await != n as f64 {
+        assert!(tokio::time::Instant::now() < deadline, "never {n} queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The bytes of a well-formed `POST /v1/chat/completions` with this JSON
 /// body and extra header lines (each ending in CRLF), for raw sockets.
 pub fn raw_chat(body: &str, extra_headers: &str) -> Vec<u8> {
