@@ -667,7 +667,7 @@ fn prompt_tokens(facts: &RequestFacts) -> u64 {
 
 /// Reads one SSE event: its usage, if it has a non-null `usage` object with
 /// counts (at the top, or in `response` for a Responses API event), and
-/// whether it is the usage-only chunk (`"choices": []`). Only events that
+/// whether it is the usage-only chunk (`"choices": []` or none). Only events that
 /// mention `"usage"` are parsed at all.
 fn read_event(event: &[u8]) -> Option<(Usage, bool)> {
     rfind_usage_key(event)?;
@@ -697,12 +697,15 @@ fn read_event(event: &[u8]) -> Option<(Usage, bool)> {
     }
     let data = joined.as_deref().or(single)?;
     let chunk: ChunkJson = serde_json::from_slice(data).ok()?;
+    let top_level = chunk.usage.is_some();
     let usage = match chunk.usage {
         Some(usage) => usage,
         None => chunk.response?.usage?,
     }
     .into_usage()?;
-    let usage_only = chunk.choices.is_some_and(|choices| choices.is_empty());
+    // Top-level usage beside `"choices": []`, or beside no `choices` at
+    // all (a server that leaves the empty list out): either way no content.
+    let usage_only = top_level && chunk.choices.is_none_or(|choices| choices.is_empty());
     Some((usage, usage_only))
 }
 
@@ -950,6 +953,18 @@ mod tests {
                 completion_tokens: 1
             })
         );
+    }
+
+    /// A server that leaves out the usage chunk's empty `choices` list:
+    /// still the chunk weir asked for, and removed (it reached clients).
+    #[test]
+    fn a_usage_chunk_without_choices_is_removed_too() {
+        let event = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n";
+        let mut filter = UsageFilter::new(true);
+        assert_eq!(run(&mut filter, &[event.as_bytes()]), b"");
+        assert_eq!(filter.usage().map(|u| u.total()), Some(7));
+        let mut filter = UsageFilter::new(false);
+        assert_eq!(run(&mut filter, &[event.as_bytes()]), event.as_bytes());
     }
 
     #[test]
