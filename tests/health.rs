@@ -24,8 +24,21 @@ use weir::mock::{self, MockConfig, MockHandle};
 const MODEL: &str = "m";
 
 /// Liveness probes every 100 ms, one flipping a backend out or back in
-/// (at once, no slow start); readiness and deep tier out of the way.
+/// (at once, no slow start); readiness and deep tier out of the way after
+/// their first round at start (an inference a mock's `in_flight` counts
+/// while it runs: [`busy`] counts weir's client requests only).
 const LIVENESS_ONLY: &str = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"500ms\" }\nreadiness = { interval = \"1h\", timeout = \"60s\", degraded_latency = \"60s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+
+/// Client requests weir has in flight to `backend` (probes not counted).
+fn busy(gw: &weir::Handle, backend: &str) -> u32 {
+    let snapshot = gw.snapshot();
+    let route = snapshot.model(MODEL).expect("model routed");
+    route
+        .members
+        .iter()
+        .find(|m| m.backend.config.name == backend)
+        .map_or(0, |m| m.backend.in_flight())
+}
 
 fn weight(gw: &weir::Handle, backend: &str) -> f64 {
     let snapshot = gw.snapshot();
@@ -1608,7 +1621,7 @@ async fn a_waiting_request_leaves_out_a_backend_its_probes_took_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_takes_a_slot_freed_on_a_backend_back_in_rotation() {
     let model = || MockConfig::default().models(vec![MODEL.into()]);
-    let short = mock::start(model().latency(Duration::from_secs(3)))
+    let short = mock::start(model().latency(Duration::from_secs(5)))
         .await
         .unwrap();
     let long = mock::start(model().latency(Duration::from_secs(30)))
@@ -1625,8 +1638,8 @@ async fn a_waiter_takes_a_slot_freed_on_a_backend_back_in_rotation() {
     // One request on each backend (one slot each).
     let held = [chat_later(addr, MODEL), chat_later(addr, MODEL)];
     assert!(
-        eventually(Duration::from_secs(5), || short.in_flight() == 1
-            && long.in_flight() == 1)
+        eventually(Duration::from_secs(5), || busy(&gw, "short") == 1
+            && busy(&gw, "long") == 1)
         .await
     );
     // `short` fails its liveness probe: out, its request still running.
@@ -1634,17 +1647,18 @@ async fn a_waiter_takes_a_slot_freed_on_a_backend_back_in_rotation() {
     assert!(eventually(Duration::from_secs(5), || weight(&gw, "short") == 0.0).await);
     let waiting = chat_later(addr, MODEL);
     queued(addr, MODEL, 1).await;
-    // Back in rotation, still busy; its request ends 3 s after it began.
+    // Back in rotation, still busy; its request ends 5 s after it began.
     short.update(|c| c.health_status = None);
     assert!(eventually(Duration::from_secs(5), || weight(&gw, "short") > 0.0).await);
-    assert_eq!(short.in_flight(), 1, "still busy when it came back");
-    let r = tokio::time::timeout(Duration::from_secs(15), waiting)
+    assert_eq!(busy(&gw, "short"), 1, "still busy when it came back");
+    // About 10 s (5 s waiting, 5 s answering); `long` frees its slot at 30 s.
+    let r = tokio::time::timeout(Duration::from_secs(25), waiting)
         .await
         .expect("woken when `short` freed its slot, not at the deadline")
         .expect("request task");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-weir-backend"), "short");
-    assert_eq!(long.in_flight(), 1, "`long` still busy: not where it went");
+    assert_eq!(busy(&gw, "long"), 1, "`long` still busy: not where it went");
     for h in held {
         h.abort();
     }

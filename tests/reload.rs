@@ -1944,7 +1944,7 @@ async fn a_waiting_request_does_not_take_a_rekeyed_backend_with_the_old_key() {
 /// running request ended, with the new slot free all along).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_takes_the_slot_a_reload_adds_to_its_backend() {
-    let m1 = mock_named("b1", MockConfig::default().chunks(40).tokens_per_sec(10.0)).await;
+    let m1 = mock_named("b1", MockConfig::default().chunks(60).tokens_per_sec(10.0)).await;
     let capped = |n: u32| {
         format!(
             "[defaults]\nqueue_timeout = \"30s\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = {n}\n\n{QUIET}",
@@ -1953,7 +1953,7 @@ async fn a_waiter_takes_the_slot_a_reload_adds_to_its_backend() {
     };
     let live = Live::start(&capped(1)).await;
     let addr = live.gw.addr();
-    // A 4 s stream holds the only slot; a second request waits in line.
+    // A 6 s stream holds the only slot; a second request waits in line.
     let stream =
         tokio::spawn(
             async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
