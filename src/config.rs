@@ -1565,7 +1565,6 @@ impl Checker<'_> {
         Some(uri)
     }
 
-    /// Checks that need models and backends together, and adds undeclared models.
     /// Warns of a token bucket smaller than a model's `max_tokens`: every
     /// request of that model that sets no `max_tokens` of its own then
     /// needs more than the bucket holds, and is refused 413. Valid (a
@@ -1618,6 +1617,7 @@ impl Checker<'_> {
         }
     }
 
+    /// Checks that need models and backends together, and adds undeclared models.
     fn cross_check(
         &mut self,
         raw_models: &[S<RawModel>],
