@@ -96,7 +96,7 @@ impl SlotSignal {
     /// either this load sees a waiter that counted itself, or that
     /// waiter's next look sees what changed before the call.
     pub(crate) fn announce(&self) {
-        if self.waiters.load(Ordering::SeqCst) > 0 {
+        if self.anyone_waiting() {
             self.notify.notify_waiters();
         }
     }
@@ -106,20 +106,21 @@ impl SlotSignal {
     /// this load sees that waiter, or the waiter's look (after it said what
     /// it wants) sees the slot free.
     pub(crate) fn released(&self, backend: BackendId) {
-        if self.waiters.load(Ordering::SeqCst) > 0 {
+        if self.anyone_waiting() {
             self.lock().wake_first(backend);
         }
     }
 
     /// Whether some request is waiting for a slot: a newcomer then lines
-    /// up behind it instead of taking a free slot first.
+    /// up behind it instead of taking a free slot first. SeqCst (see
+    /// [`SlotSignal::released`]).
     pub(crate) fn anyone_waiting(&self) -> bool {
         self.waiters.load(Ordering::SeqCst) > 0
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
-        // Nothing panics while holding it; a poisoned queue is still
-        // consistent (each change is one push, remove or assignment).
+        // Nothing panics while holding it (no allocation failure aside),
+        // so a poisoned lock is taken as it is.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
