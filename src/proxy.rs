@@ -600,13 +600,15 @@ impl<'a> Exchange<'a> {
                     });
                     place.want(wants)
                 });
+                // In line, what it may take was already chosen among those
+                // not held out (their health read once a look).
                 let available = |i: usize| {
                     members.get(i).is_some_and(|m| {
                         !capped(m, newest_route).is_saturated()
-                            && !held_out(i, m)
-                            && mine
-                                .as_ref()
-                                .is_none_or(|mine| mine.contains(&m.backend.slot_id()))
+                            && match &mine {
+                                Some(mine) => mine.contains(&m.backend.slot_id()),
+                                None => !held_out(i, m),
+                            }
                     })
                 };
                 // A first look while others wait for a slot takes none: it
