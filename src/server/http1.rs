@@ -1240,6 +1240,24 @@ mod tests {
         assert!(parse_head(&mut input).unwrap().unwrap().keep_alive);
     }
 
+    /// The head of an answer with no headers of its own and no rate
+    /// headers, as text.
+    fn bare_head(status: http::StatusCode, framing: &Out, close: bool, http10: bool) -> String {
+        let mut out = Vec::new();
+        ResponseHead {
+            status,
+            headers: &HeaderMap::new(),
+            rate: None,
+            proxied: None,
+            framing,
+            write_length: true,
+            close,
+            http10,
+        }
+        .encode(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
     fn response_heads() {
         let mut headers = HeaderMap::new();
@@ -1275,19 +1293,7 @@ mod tests {
              x-ratelimit-limit-requests: 60\r\nx-ratelimit-remaining-requests: 59\r\n\
              x-ratelimit-reset-requests: 1s\r\ncontent-length: 12\r\nconnection: close\r\n\r\n"
         );
-        let mut out = Vec::new();
-        ResponseHead {
-            status: http::StatusCode::BAD_GATEWAY,
-            headers: &HeaderMap::new(),
-            rate: None,
-            proxied: None,
-            framing: &Out::Chunked,
-            write_length: true,
-            close: false,
-            http10: false,
-        }
-        .encode(&mut out);
-        let text = String::from_utf8(out).unwrap();
+        let text = bare_head(http::StatusCode::BAD_GATEWAY, &Out::Chunked, false, false);
         assert!(
             text.starts_with("HTTP/1.1 502 Bad Gateway\r\ndate: "),
             "{text}"
@@ -1302,19 +1308,7 @@ mod tests {
             (false, "connection: keep-alive"),
             (true, "connection: close"),
         ] {
-            let mut out = Vec::new();
-            ResponseHead {
-                status: http::StatusCode::OK,
-                headers: &HeaderMap::new(),
-                rate: None,
-                proxied: None,
-                framing: &Out::Length(2),
-                write_length: true,
-                close,
-                http10: true,
-            }
-            .encode(&mut out);
-            let text = String::from_utf8(out).unwrap();
+            let text = bare_head(http::StatusCode::OK, &Out::Length(2), close, true);
             assert!(
                 text.ends_with(&format!("content-length: 2\r\n{last}\r\n\r\n")),
                 "{text}"
