@@ -20,6 +20,7 @@ use tokio::{
     time::Instant,
 };
 use weir::mock::{self, MockConfig, MockHandle};
+use weir::snapshot::Member;
 
 const MODEL: &str = "m";
 
@@ -29,25 +30,46 @@ const MODEL: &str = "m";
 /// while it runs: [`busy`] counts weir's client requests only).
 const LIVENESS_ONLY: &str = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"100ms\", timeout = \"500ms\" }\nreadiness = { interval = \"1h\", timeout = \"60s\", degraded_latency = \"60s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
 
-/// Client requests weir has in flight to `backend` (probes not counted).
-fn busy(gw: &weir::Handle, backend: &str) -> u32 {
+/// A mock serving [`MODEL`].
+async fn serving(cfg: MockConfig) -> MockHandle {
+    mock::start(cfg.models(vec![MODEL.into()]))
+        .await
+        .expect("mock starts")
+}
+
+/// `before`, then [`MODEL`] on two backends (name, mock, extra lines),
+/// each probed at `/health` under [`LIVENESS_ONLY`], with no retries.
+fn probed_pair(
+    before: &str,
+    (a, ma, extra_a): (&str, &MockHandle, &str),
+    (b, mb, extra_b): (&str, &MockHandle, &str),
+) -> String {
+    format!(
+        "{before}[[models]]\nname = \"{MODEL}\"\n\n{}{extra_a}health_path = \"/health\"\n\n{}{extra_b}health_path = \"/health\"\n\n{LIVENESS_ONLY}\n[retry]\nmax_attempts = 1\n",
+        backend(a, &ma.base_url(), &[MODEL], 1),
+        backend(b, &mb.base_url(), &[MODEL], 1),
+    )
+}
+
+/// `read` of `backend`'s member in the current snapshot's route for
+/// [`MODEL`], or `absent` when it has none.
+fn member<T>(gw: &weir::Handle, backend: &str, read: impl Fn(&Member) -> T, absent: T) -> T {
     let snapshot = gw.snapshot();
     let route = snapshot.model(MODEL).expect("model routed");
     route
         .members
         .iter()
         .find(|m| m.backend.config.name == backend)
-        .map_or(0, |m| m.backend.in_flight())
+        .map_or(absent, read)
+}
+
+/// Client requests weir has in flight to `backend` (probes not counted).
+fn busy(gw: &weir::Handle, backend: &str) -> u32 {
+    member(gw, backend, |m| m.backend.in_flight(), 0)
 }
 
 fn weight(gw: &weir::Handle, backend: &str) -> f64 {
-    let snapshot = gw.snapshot();
-    let route = snapshot.model(MODEL).expect("model routed");
-    route
-        .members
-        .iter()
-        .find(|m| m.backend.config.name == backend)
-        .map_or(0.0, |m| m.effective_weight)
+    member(gw, backend, |m| m.effective_weight, 0.0)
 }
 
 async fn admin_backend(gw: &weir::Handle, name: &str) -> serde_json::Value {
@@ -1495,11 +1517,8 @@ async fn a_backend_coming_back_during_the_shutdown_grace_serves_the_waiters() {
 }
 
 async fn waiting_request_takes_a_backend_back(shut_down: bool) {
-    let model = || MockConfig::default().models(vec![MODEL.into()]);
-    let busy = mock::start(model().latency(Duration::from_secs(8)))
-        .await
-        .unwrap();
-    let limited = mock::start(model().rate_limit(1.0, 3)).await.unwrap();
+    let busy = serving(MockConfig::default().latency(Duration::from_secs(8))).await;
+    let limited = serving(MockConfig::default().rate_limit(1.0, 3)).await;
     let toml = format!(
         "[server]\nshutdown_grace = \"6s\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{}\n[health]\nenabled = false\n\n[retry]\nmax_attempts = 1\n",
         backend("busy", &busy.base_url(), &[MODEL], 1),
@@ -1551,14 +1570,14 @@ async fn waiting_request_takes_a_backend_back(shut_down: bool) {
 /// the 429, still has it in rotation. It waits for the busy one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_request_does_not_take_a_backend_that_went_out_meanwhile() {
-    let model = || MockConfig::default().models(vec![MODEL.into()]);
-    let busy = mock::start(model().latency(Duration::from_secs(5)))
-        .await
-        .unwrap();
+    let busy = serving(MockConfig::default().latency(Duration::from_secs(5))).await;
     // Answers its one request 429 after 2 s, which frees its slot.
-    let refusing = mock::start(model().latency(Duration::from_secs(2)).rate_limit(1.0, 600))
-        .await
-        .unwrap();
+    let refusing = serving(
+        MockConfig::default()
+            .latency(Duration::from_secs(2))
+            .rate_limit(1.0, 600),
+    )
+    .await;
     let toml = format!(
         "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\n\n{}max_concurrent = 1\n\n[health]\nenabled = false\n\n[retry]\nmax_attempts = 1\n",
         backend("busy", &busy.base_url(), &[MODEL], 1),
@@ -1588,16 +1607,12 @@ async fn a_waiting_request_does_not_take_a_backend_that_went_out_meanwhile() {
 /// frees, and with every backend out it gets the 503 a new request would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_request_leaves_out_a_backend_its_probes_took_out() {
-    let model = || MockConfig::default().models(vec![MODEL.into()]);
-    let busy = mock::start(model().latency(Duration::from_secs(5)))
-        .await
-        .unwrap();
-    let limited = mock::start(model().rate_limit(1.0, 600)).await.unwrap();
-    let health = LIVENESS_ONLY;
-    let toml = format!(
-        "[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\nhealth_path = \"/health\"\n\n{}health_path = \"/health\"\n\n{health}\n[retry]\nmax_attempts = 1\n",
-        backend("busy", &busy.base_url(), &[MODEL], 1),
-        backend("limited", &limited.base_url(), &[MODEL], 1),
+    let busy = serving(MockConfig::default().latency(Duration::from_secs(5))).await;
+    let limited = serving(MockConfig::default().rate_limit(1.0, 600)).await;
+    let toml = probed_pair(
+        "",
+        ("busy", &busy, "max_concurrent = 1\n"),
+        ("limited", &limited, ""),
     );
     let gw = gateway(&toml).await;
     let addr = gw.addr();
@@ -1620,18 +1635,12 @@ async fn a_waiting_request_leaves_out_a_backend_its_probes_took_out() {
 /// and the request slept towards its deadline beside an idle backend.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_takes_a_slot_freed_on_a_backend_back_in_rotation() {
-    let model = || MockConfig::default().models(vec![MODEL.into()]);
-    let short = mock::start(model().latency(Duration::from_secs(5)))
-        .await
-        .unwrap();
-    let long = mock::start(model().latency(Duration::from_secs(30)))
-        .await
-        .unwrap();
-    let health = LIVENESS_ONLY;
-    let toml = format!(
-        "[defaults]\nqueue_timeout = \"60s\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}max_concurrent = 1\nhealth_path = \"/health\"\n\n{}max_concurrent = 1\nhealth_path = \"/health\"\n\n{health}\n[retry]\nmax_attempts = 1\n",
-        backend("short", &short.base_url(), &[MODEL], 1),
-        backend("long", &long.base_url(), &[MODEL], 1),
+    let short = serving(MockConfig::default().latency(Duration::from_secs(5))).await;
+    let long = serving(MockConfig::default().latency(Duration::from_secs(30))).await;
+    let toml = probed_pair(
+        "[defaults]\nqueue_timeout = \"60s\"\n\n",
+        ("short", &short, "max_concurrent = 1\n"),
+        ("long", &long, "max_concurrent = 1\n"),
     );
     let gw = gateway(&toml).await;
     let addr = gw.addr();
