@@ -238,21 +238,14 @@ async fn waiting_for_a_backend_slot_is_queueing() {
     )
     .await;
     let addr = gw.addr();
-    let chat_later = || {
-        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await })
-    };
-    let first = chat_later();
+    let first = chat_later(addr, MODEL);
     assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
-    let second = chat_later();
+    let second = chat_later(addr, MODEL);
     let depth = || async {
         let text = get(addr, "/metrics").await.text();
         metric(&text, "weir_queue_depth", &format!("model=\"{MODEL}\""))
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while depth().await != 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "never queued");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    queued(addr, MODEL, 1).await;
     let third = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
     third.assert_error(429, "requests", "rate_limit_exceeded");
     assert!(third.text().contains("max_queue"), "{}", third.text());

@@ -1255,16 +1255,10 @@ async fn a_waiting_request_does_not_take_a_backend_the_new_cas_brought_back() {
     let (weir, bundle) = spawn_with_untrusted_bundle(&dir, &config);
     until_out(|| backend_state(weir.addr, "private")).await;
     let addr = weir.addr;
-    let chat_later =
-        || tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat("m", false)).await });
-    let held = chat_later();
+    let held = chat_later(addr, "m");
     assert!(eventually(Duration::from_secs(5), || busy.in_flight() == 1).await);
-    let waiting = chat_later();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while metric(addr, "weir_queue_depth", &[("model", "m")]).await != 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "never queued");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let waiting = chat_later(addr, "m");
+    queued(addr, "m", 1).await;
     rotate_the_ca_in(&weir, &bundle);
     let r = waiting.await.unwrap();
     assert_eq!(r.status, 200, "{}\n{}", r.text(), weir.log.lock().unwrap());

@@ -450,10 +450,10 @@ pub fn chat_later(addr: SocketAddr, model: &'static str) -> tokio::task::JoinHan
     tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(model, false)).await })
 }
 
-/// Waits (at most 10 s, else panics) until `n` requests of `model` wait in
+/// Waits (at most 5 s, else panics) until `n` requests of `model` wait in
 /// its queue (`weir_queue_depth`).
 pub async fn queued(addr: SocketAddr, model: &str, n: usize) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while metric(addr, "weir_queue_depth", &[("model", model)]).await != n as f64 {
         assert!(tokio::time::Instant::now() < deadline, "never {n} queued");
         tokio::time::sleep(Duration::from_millis(5)).await;
