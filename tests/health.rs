@@ -560,6 +560,53 @@ async fn deep_tier_shrinks_a_slow_backend_and_degrades_a_saturated_one() {
     assert_eq!(admin_backend(&gw, "b1").await["state"], "healthy");
 }
 
+/// SPEC "Health tiers": "a backend far below its peers … is degraded".
+/// `b1` decodes at a fortieth of its peers' speed: degraded, at half
+/// weight on top of the throughput factor's floor (100 × 0.5 × 0.1), and
+/// healthy again at full weight once it is as fast as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_far_below_its_peers_is_degraded_until_it_catches_up() {
+    let start = |tps: f64| {
+        mock::start(
+            MockConfig::default()
+                .models(vec![MODEL.into()])
+                .tokens_per_sec(tps)
+                .chunks(8),
+        )
+    };
+    let ms = [
+        start(400.0).await.unwrap(),
+        start(10.0).await.unwrap(),
+        start(400.0).await.unwrap(),
+    ];
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"200ms\", timeout = \"5s\", samples = 1, max_tokens = 8 }\n";
+    let gw = gateway(&config_for(&ms, &[100, 100, 100], health, "")).await;
+    let (b, degraded) = admin_until(&gw, "b1", Duration::from_secs(10), |b| {
+        b["state"] == "degraded"
+    })
+    .await;
+    assert!(degraded, "{b}");
+    assert!(
+        eventually(Duration::from_secs(5), || weight(&gw, "b1") == 5.0).await,
+        "weight {}",
+        weight(&gw, "b1")
+    );
+    for peer in ["b0", "b2"] {
+        assert_eq!(admin_backend(&gw, peer).await["state"], "healthy");
+    }
+    ms[1].update(|c| *c = c.clone().tokens_per_sec(400.0));
+    let (b, healthy) = admin_until(&gw, "b1", Duration::from_secs(10), |b| {
+        b["state"] == "healthy"
+    })
+    .await;
+    assert!(healthy, "{b}");
+    assert!(
+        eventually(Duration::from_secs(5), || weight(&gw, "b1") == 100.0).await,
+        "weight {}",
+        weight(&gw, "b1")
+    );
+}
+
 /// The deep tier samples a backend on its first model; a pool compares
 /// only figures measured on its own model. `d` serves a small model (fast)
 /// and the big one and is measured on the small one; `e` serves only the

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     probes,
-    state::{HealthRecord, HealthState, Tier},
+    state::{is_far_below, median, HealthRecord, HealthState, Tier},
 };
 use crate::{
     config::HealthConfig,
@@ -283,7 +283,7 @@ async fn run_tier(
         }
         let changed = tokio::select! {
             _ = token.cancelled() => return,
-            changed = probe_once(backend, tier, health, &up) => changed,
+            changed = probe_once(&shared, backend, tier, health, &up) => changed,
         };
         if changed {
             shared.rebuild.notify_one();
@@ -295,7 +295,13 @@ async fn run_tier(
 
 /// Runs one probe and records it. Returns whether anything that affects the
 /// backend's weight changed.
-async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, up: &Gauge) -> bool {
+async fn probe_once(
+    shared: &Shared,
+    backend: &BackendState,
+    tier: Tier,
+    health: &HealthConfig,
+    up: &Gauge,
+) -> bool {
     let thresholds = (
         health.unhealthy_threshold.get(),
         health.healthy_threshold.get(),
@@ -355,6 +361,13 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
             };
             let saturated = result.engine.as_ref().is_some_and(|e| e.is_saturated());
             let tps = result.median_tokens_per_sec;
+            // The samples ran on the backend's first model: its peers are
+            // the others measured there, as they stand now.
+            let model = backend.config.models.first();
+            let far_below = tps.zip(model).map(|(tps, model)| {
+                let peers = peers_median(shared, backend, model);
+                peers.filter(|_| is_far_below(tps, peers))
+            });
             let metrics_error = result.metrics_error;
             // A round that passed or failed before its 429 (samples that
             // measured, or failed) is judged on those; the 429 still holds.
@@ -367,10 +380,10 @@ async fn probe_once(backend: &BackendState, tier: Tier, health: &HealthConfig, u
                 }
                 h.saturated = saturated;
                 h.metrics_error = metrics_error;
-                if tps.is_some() {
+                if let Some(far_below) = far_below {
                     h.tokens_per_sec = tps;
-                    // The samples ran on the backend's first model.
-                    h.tokens_per_sec_model = backend.config.models.first().cloned();
+                    h.tokens_per_sec_model = model.cloned();
+                    h.far_below = far_below;
                 }
             });
             // Throughput moves weights even when no state flips.
@@ -439,6 +452,19 @@ fn observe(
     })
 }
 
+/// The median deep-tier tokens/s of `backend`'s peers measured on `model`
+/// (each figure from its own latest round), in the current snapshot.
+fn peers_median(shared: &Shared, backend: &BackendState, model: &str) -> Option<f64> {
+    let snapshot = shared.snapshot.load();
+    let rates = snapshot
+        .backends()
+        .iter()
+        .filter(|b| b.slot_id() != backend.slot_id())
+        .filter_map(|b| b.live.with_health(|h| h.tokens_per_sec_on(model)))
+        .collect();
+    median(rates)
+}
+
 /// The backend with this identity in `snapshot`, if it is still there.
 fn find<'a>(snapshot: &'a Snapshot, key: &BackendKey) -> Option<&'a Arc<BackendState>> {
     snapshot
@@ -468,9 +494,10 @@ fn log_transition(
 
 /// What a transition's line says made it: the error of the tier whose
 /// probe made it, else (degraded with that tier passing) what degrades the
-/// backend: a saturated engine, a slow readiness answer, or a failing deep
-/// tier (which may have failed while the backend was out, unlogged, so
-/// the readiness probe that brings it back as "degraded" names it).
+/// backend: a saturated engine, throughput far below its peers', a slow
+/// readiness answer, or a failing deep tier (which may have failed while
+/// the backend was out, unlogged, so the readiness probe that brings it
+/// back as "degraded" names it).
 fn why(tier: Tier, after: &HealthRecord) -> String {
     if let Some(error) = &after.tier(tier).last_error {
         return error.clone();
@@ -478,6 +505,11 @@ fn why(tier: Tier, after: &HealthRecord) -> String {
     let deep = after.tier(Tier::Deep);
     if after.saturated {
         "engine saturated (waiting requests, KV cache at 95 % or more)".to_owned()
+    } else if let Some(peers) = after.far_below {
+        format!(
+            "deep tier measured {:.1} tokens/s, a tenth or less of its peers' median {peers:.1}",
+            after.tokens_per_sec.unwrap_or_default()
+        )
     } else if after.tier(Tier::Readiness).slow {
         format!(
             "readiness answered in {:?}, slower than degraded_latency",
@@ -527,6 +559,14 @@ mod tests {
         let ms = Duration::from_millis(1);
         let mut h = HealthRecord::default();
         assert_eq!(why(Tier::Readiness, &h), "");
+        h.tokens_per_sec = Some(8.0);
+        h.far_below = Some(250.0);
+        assert_eq!(h.state(now), HealthState::Degraded);
+        assert_eq!(
+            why(Tier::Deep, &h),
+            "deep tier measured 8.0 tokens/s, a tenth or less of its peers' median 250.0"
+        );
+        h.far_below = None;
         // The deep tier failed (while the backend was out, say): the
         // readiness pass that brings it back degraded names it.
         h.observe(

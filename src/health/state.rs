@@ -120,6 +120,10 @@ pub struct HealthRecord {
     pub tokens_per_sec_model: Option<String>,
     /// Deep tier: the engine reports a waiting queue and a full KV cache.
     pub saturated: bool,
+    /// Deep tier: the median tokens/s of the peers this backend's last
+    /// measured round was far below ([`is_far_below`]); `Some` degrades it
+    /// (SPEC "Health tiers": "a backend far below its peers … is degraded").
+    pub far_below: Option<f64>,
     /// Deep tier: why the last round could not read `metrics_path` (a
     /// 404, a 500, a refused connection); saturation is not judged then.
     pub metrics_error: Option<String>,
@@ -291,6 +295,7 @@ impl HealthRecord {
             tokens_per_sec: None,
             tokens_per_sec_model: None,
             saturated: false,
+            far_below: None,
             metrics_error: None,
             ..self.clone()
         }
@@ -365,9 +370,10 @@ impl HealthRecord {
             })
     }
 
-    /// Degraded by readiness slowness, engine saturation or a failing deep tier.
+    /// Degraded by readiness slowness, engine saturation, throughput far
+    /// below its peers', or a failing deep tier.
     pub fn is_degraded(&self) -> bool {
-        self.tiers[1].slow || self.saturated || self.tiers[2].down
+        self.tiers[1].slow || self.saturated || self.far_below.is_some() || self.tiers[2].down
     }
 
     /// The state at `now`.
@@ -460,10 +466,22 @@ pub fn ramp(back_since: Option<Instant>, now: Instant, slow_start: Duration) -> 
 pub fn throughput_factor(tokens_per_sec: Option<f64>, pool_median: Option<f64>) -> f64 {
     match (tokens_per_sec, pool_median) {
         (Some(tps), Some(median)) if median > 0.0 && tps.is_finite() => {
-            (tps / median).clamp(0.1, 1.0)
+            (tps / median).clamp(FAR_BELOW, 1.0)
         }
         _ => 1.0,
     }
+}
+
+/// How far below its peers a backend's deep-tier tokens/s must be to
+/// degrade it, and the throughput factor's floor: the same tenth, so a
+/// backend about as slow as the factor can say is also called degraded.
+pub const FAR_BELOW: f64 = 0.1;
+
+/// Whether `tokens_per_sec` is far below `peers_median` (the median of the
+/// other backends measured on the same model): at most [`FAR_BELOW`] of it.
+/// A backend without measured peers is below nobody.
+pub fn is_far_below(tokens_per_sec: f64, peers_median: Option<f64>) -> bool {
+    peers_median.is_some_and(|m| m > 0.0 && tokens_per_sec <= FAR_BELOW * m)
 }
 
 /// The median of some values (mean of the middle two for an even count).
@@ -755,6 +773,11 @@ mod tests {
         assert_eq!(throughput_factor(Some(1.0), Some(100.0)), 0.1);
         assert_eq!(throughput_factor(Some(300.0), Some(100.0)), 1.0);
         assert_eq!(throughput_factor(None, Some(100.0)), 1.0);
+        assert!(is_far_below(10.0, Some(100.0)));
+        assert!(is_far_below(0.0, Some(100.0)));
+        assert!(!is_far_below(10.5, Some(100.0)));
+        assert!(!is_far_below(1.0, None), "no measured peers");
+        assert!(!is_far_below(0.0, Some(0.0)), "peers measured at nothing");
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(vec![]), None);
