@@ -361,12 +361,13 @@ async fn probe_once(
             };
             let saturated = result.engine.as_ref().is_some_and(|e| e.is_saturated());
             let tps = result.median_tokens_per_sec;
-            // The samples ran on the backend's first model: its peers are
-            // the others measured there, as they stand now.
+            // The samples ran on the backend's first model: it is far below
+            // its peers when its throughput factor in that model's pool
+            // is at its floor, the pool as it stands now with this figure.
             let model = backend.config.models.first();
-            let far_below = tps.zip(model).map(|(tps, model)| {
-                let peers = peers_median(shared, backend, model);
-                peers.filter(|_| is_far_below(tps, peers))
+            let far_below = tps.zip(model).and_then(|(tps, model)| {
+                let median = pool_median(shared, backend, model, tps);
+                median.filter(|_| is_far_below(tps, median))
             });
             let metrics_error = result.metrics_error;
             // A round that passed or failed before its 429 (samples that
@@ -380,11 +381,14 @@ async fn probe_once(
                 }
                 h.saturated = saturated;
                 h.metrics_error = metrics_error;
-                if let Some(far_below) = far_below {
+                if tps.is_some() {
                     h.tokens_per_sec = tps;
                     h.tokens_per_sec_model = model.cloned();
-                    h.far_below = far_below;
                 }
+                // A round that measured nothing (an embedding model's, a
+                // failed one) judges no speed: a failing deep tier degrades
+                // the backend by itself.
+                h.far_below = far_below;
             });
             // Throughput moves weights even when no state flips.
             (true, before, after)
@@ -452,17 +456,18 @@ fn observe(
     })
 }
 
-/// The median deep-tier tokens/s of `backend`'s peers measured on `model`
-/// (each figure from its own latest round), in the current snapshot.
-fn peers_median(shared: &Shared, backend: &BackendState, model: &str) -> Option<f64> {
+/// The median deep-tier tokens/s of `model`'s pool in the current
+/// snapshot, `backend`'s own figure taken as `tps`: the median its
+/// throughput factor is reckoned against (`Snapshot::build`), among the
+/// backends serving `model` that were measured on it.
+fn pool_median(shared: &Shared, backend: &BackendState, model: &str, tps: f64) -> Option<f64> {
     let snapshot = shared.snapshot.load();
-    let rates = snapshot
+    let peers = snapshot
         .backends()
         .iter()
-        .filter(|b| b.slot_id() != backend.slot_id())
-        .filter_map(|b| b.live.with_health(|h| h.tokens_per_sec_on(model)))
-        .collect();
-    median(rates)
+        .filter(|b| b.slot_id() != backend.slot_id() && b.config.models.iter().any(|m| m == model))
+        .filter_map(|b| b.live.with_health(|h| h.tokens_per_sec_on(model)));
+    median(peers.chain([tps]).collect())
 }
 
 /// The backend with this identity in `snapshot`, if it is still there.
@@ -494,7 +499,7 @@ fn log_transition(
 
 /// What a transition's line says made it: the error of the tier whose
 /// probe made it, else (degraded with that tier passing) what degrades the
-/// backend: a saturated engine, throughput far below its peers', a slow
+/// backend: a saturated engine, throughput far below its pool's, a slow
 /// readiness answer, or a failing deep tier (which may have failed while
 /// the backend was out, unlogged, so the readiness probe that brings it
 /// back as "degraded" names it).
@@ -505,9 +510,9 @@ fn why(tier: Tier, after: &HealthRecord) -> String {
     let deep = after.tier(Tier::Deep);
     if after.saturated {
         "engine saturated (waiting requests, KV cache at 95 % or more)".to_owned()
-    } else if let Some(peers) = after.far_below {
+    } else if let Some(median) = after.far_below {
         format!(
-            "deep tier measured {:.1} tokens/s, a tenth or less of its peers' median {peers:.1}",
+            "deep tier measured {:.1} tokens/s, a tenth or less of its pool's median {median:.1}",
             after.tokens_per_sec.unwrap_or_default()
         )
     } else if after.tier(Tier::Readiness).slow {
@@ -564,7 +569,7 @@ mod tests {
         assert_eq!(h.state(now), HealthState::Degraded);
         assert_eq!(
             why(Tier::Deep, &h),
-            "deep tier measured 8.0 tokens/s, a tenth or less of its peers' median 250.0"
+            "deep tier measured 8.0 tokens/s, a tenth or less of its pool's median 250.0"
         );
         h.far_below = None;
         // The deep tier failed (while the backend was out, say): the

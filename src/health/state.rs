@@ -120,9 +120,9 @@ pub struct HealthRecord {
     pub tokens_per_sec_model: Option<String>,
     /// Deep tier: the engine reports a waiting queue and a full KV cache.
     pub saturated: bool,
-    /// Deep tier: the median tokens/s of the peers this backend's last
-    /// measured round was far below ([`is_far_below`]); `Some` degrades it
-    /// (SPEC "Health tiers": "a backend far below its peers … is degraded").
+    /// Deep tier: the pool median this backend's last round measured it
+    /// far below ([`is_far_below`]); `Some` degrades it (SPEC "Health
+    /// tiers": "a backend far below its peers … is degraded").
     pub far_below: Option<f64>,
     /// Deep tier: why the last round could not read `metrics_path` (a
     /// 404, a 500, a refused connection); saturation is not judged then.
@@ -472,16 +472,17 @@ pub fn throughput_factor(tokens_per_sec: Option<f64>, pool_median: Option<f64>) 
     }
 }
 
-/// How far below its peers a backend's deep-tier tokens/s must be to
-/// degrade it, and the throughput factor's floor: the same tenth, so a
-/// backend about as slow as the factor can say is also called degraded.
+/// How far below its pool's median a backend's deep-tier tokens/s must be
+/// to degrade it: the throughput factor's floor, so a backend is called
+/// far below its peers exactly when the factor can shrink it no further.
 pub const FAR_BELOW: f64 = 0.1;
 
-/// Whether `tokens_per_sec` is far below `peers_median` (the median of the
-/// other backends measured on the same model): at most [`FAR_BELOW`] of it.
-/// A backend without measured peers is below nobody.
-pub fn is_far_below(tokens_per_sec: f64, peers_median: Option<f64>) -> bool {
-    peers_median.is_some_and(|m| m > 0.0 && tokens_per_sec <= FAR_BELOW * m)
+/// Whether `tokens_per_sec` is far below `pool_median` (the median of the
+/// figures measured on the same model, its own included, as the throughput
+/// factor's): at most [`FAR_BELOW`] of it. A pool median of nothing
+/// measured, or of 0, puts nobody below it.
+pub fn is_far_below(tokens_per_sec: f64, pool_median: Option<f64>) -> bool {
+    pool_median.is_some_and(|m| m > 0.0 && tokens_per_sec <= FAR_BELOW * m)
 }
 
 /// The median of some values (mean of the middle two for an even count).
@@ -776,8 +777,15 @@ mod tests {
         assert!(is_far_below(10.0, Some(100.0)));
         assert!(is_far_below(0.0, Some(100.0)));
         assert!(!is_far_below(10.5, Some(100.0)));
-        assert!(!is_far_below(1.0, None), "no measured peers");
-        assert!(!is_far_below(0.0, Some(0.0)), "peers measured at nothing");
+        assert!(!is_far_below(1.0, None), "nothing measured");
+        assert!(!is_far_below(0.0, Some(0.0)), "a pool measured at nothing");
+        // Far below exactly where the throughput factor reaches its floor.
+        for (tps, median) in [(10.0, 100.0), (10.5, 100.0), (0.5, 5.0), (40.0, 400.0)] {
+            assert_eq!(
+                is_far_below(tps, Some(median)),
+                throughput_factor(Some(tps), Some(median)) == FAR_BELOW
+            );
+        }
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(vec![]), None);
