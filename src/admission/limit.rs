@@ -95,6 +95,15 @@ impl Limit {
         }
     }
 
+    /// How long a look at Redis may take (`SharedBucket::slow_path_wait`);
+    /// `None` for a local limit, which never waits to be read.
+    pub fn redis_wait(&self) -> Option<Duration> {
+        match self {
+            Limit::Local(_) => None,
+            Limit::Shared(shared) => Some(shared.slow_path_wait()),
+        }
+    }
+
     /// `Bucket::refund`, waking the waiter it moved.
     pub fn refund(&self, n: u64, now: impl Into<Tick>) {
         match self {

@@ -860,8 +860,14 @@ async fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progr
             // `wait` is exact (a shared limit's comes from Redis). Another
             // shared limit is asked for Redis' level now: its last report
             // does not count what other replicas took since. The looks run
-            // at once, all bounded by one `SLOW_PATH_TIMEOUT`.
-            let until = Instant::now() + crate::cluster::lease::SLOW_PATH_TIMEOUT;
+            // at once, all bounded by one slow-path wait (as long as a
+            // shared limit waits for Redis' answer).
+            let redis_wait = steps
+                .iter()
+                .filter_map(|&(other, _, _)| other?.redis_wait())
+                .max()
+                .unwrap_or_default();
+            let until = Instant::now() + redis_wait;
             let look = |step: usize| {
                 let other = steps
                     .get(step)

@@ -75,9 +75,18 @@ pub(crate) const HORIZON: Duration = Duration::from_millis(200);
 /// the most the cluster can under-admit because of them (docs/CLUSTER.md).
 pub(crate) const LEASE_PERCENT: u64 = 1;
 
-/// The longest a request waits for Redis on the slow path before the
-/// fallback bucket decides for it (SPEC: never wait on a dead Redis).
+/// The shortest a request waits for Redis on the slow path before the
+/// fallback bucket decides for it (SPEC: never wait on a dead Redis): the
+/// wait while Redis answers quickly (`Link::slow_path_wait`).
 pub(crate) const SLOW_PATH_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// The longest: a Redis whose round trip is over half of this is treated
+/// as one that does not answer in time, and the fallback decides.
+pub(crate) const SLOW_PATH_MAX: Duration = Duration::from_millis(250);
+
+/// Added to twice the round trip for the slow path's wait: a call queued
+/// behind a top-up on the multiplexed connection, a busy scheduler.
+pub(crate) const SLOW_PATH_MARGIN: Duration = Duration::from_millis(5);
 
 /// How long a slow-path call may still run after its waiter stopped
 /// listening (it timed out, or its client left), to learn whether Redis
@@ -247,7 +256,8 @@ impl SharedBucket {
 
     /// The slow path: a reservation in Redis, exactly as `Bucket::reserve`
     /// (the wait is Redis', the `Retry-After` of a refusal exact). If Redis
-    /// does not answer within [`SLOW_PATH_TIMEOUT`], or is down, the
+    /// does not answer within `Link::slow_path_wait` (20 ms, longer for a
+    /// Redis whose round trip is longer), or is down, the
     /// fallback bucket decides. Callers that give up after a wait refund
     /// `n` with [`refund`](Self::refund), as with a local bucket.
     ///
@@ -286,7 +296,9 @@ impl SharedBucket {
         let pending = Arc::new(Pending::default());
         let bucket = Arc::clone(self);
         let handed = Arc::clone(&pending);
+        let wait_for_redis = self.link.slow_path_wait();
         tokio::spawn(async move {
+            let sent = Instant::now();
             let params = bucket.params();
             let mut conn = bucket.link.conn.clone();
             let call =
@@ -295,7 +307,10 @@ impl SharedBucket {
                     .scripts
                     .reserve(&mut conn, &bucket.key, params, ask, max_wait, None);
             let outcome = match tokio::time::timeout(ORPHAN_CALL_LIMIT, call).await {
-                Ok(Ok(reserved)) => Ok(reserved),
+                Ok(Ok(reserved)) => {
+                    bucket.link.observe_round_trip(sent.elapsed());
+                    Ok(reserved)
+                }
                 Ok(Err(error)) => Err(error.to_string()),
                 Err(_elapsed) => Err("no answer from Redis".to_owned()),
             };
@@ -324,7 +339,7 @@ impl SharedBucket {
             open: true,
             from_lease,
         };
-        let outcome = match tokio::time::timeout(SLOW_PATH_TIMEOUT, slot.answer()).await {
+        let outcome = match tokio::time::timeout(wait_for_redis, slot.answer()).await {
             Ok(outcome) => outcome,
             Err(_elapsed) => match slot.decide(|| self.reserve_fallback(n, now, max_wait)) {
                 Ok(decided) => {
@@ -448,13 +463,23 @@ impl SharedBucket {
         ))
     }
 
+    /// How long a request may wait for Redis' answer (`Link::slow_path_wait`).
+    pub fn slow_path_wait(&self) -> Duration {
+        self.link.slow_path_wait()
+    }
+
+    /// Records the round trip of a top-up Redis answered.
+    pub(crate) fn observe_round_trip(&self, took: Duration) {
+        self.link.observe_round_trip(took);
+    }
+
     /// [`wait_for`](Self::wait_for) from the level Redis reports now (one
     /// look, taking nothing), for the `Retry-After` of a request another
     /// bucket refused: the last report does not count what other replicas
     /// took since, and a wait read from it could be half the real one (a
     /// review saw `Retry-After: 5` where the bucket held the request 10 s).
     /// Without an answer by `until` (the refusal's looks share one
-    /// [`SLOW_PATH_TIMEOUT`]) it is the estimate.
+    /// [`slow_path_wait`](Self::slow_path_wait)) it is the estimate.
     pub async fn wait_exact(
         &self,
         n: u64,

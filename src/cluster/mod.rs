@@ -113,6 +113,11 @@ pub(crate) struct Link {
     wake: Notify,
     /// Errors the request path saw since the task last looked.
     errors: AtomicU64,
+    /// Redis' recent round trip in nanoseconds, from heartbeats, top-ups
+    /// and slow-path calls: it rises at once to a slower answer and falls
+    /// an eighth of the way to a faster one, so the slow path's wait
+    /// ([`Link::slow_path_wait`]) covers a Redis that is slow but live.
+    round_trip: AtomicU64,
     /// The last Redis error, for `/admin/cluster`; never holds the URL.
     /// While down, the latest failed heartbeat's; cleared when the link
     /// comes back up, so an outage that ended is not shown as current.
@@ -138,8 +143,38 @@ impl Link {
             replicas: AtomicU64::new(1),
             wake: Notify::new(),
             errors: AtomicU64::new(0),
+            round_trip: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
+    }
+
+    /// Records how long a call Redis answered took. An answer slower than
+    /// the slow path ever waits counts as that long: a call held through a
+    /// pause (seconds) would otherwise keep the wait at its longest long
+    /// after Redis is quick again.
+    pub(crate) fn observe_round_trip(&self, took: Duration) {
+        let took = u64::try_from(took.min(lease::SLOW_PATH_MAX).as_nanos()).unwrap_or(u64::MAX);
+        let _ = self
+            .round_trip
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                Some(if took >= now {
+                    took
+                } else {
+                    now - (now - took) / 8
+                })
+            });
+    }
+
+    /// How long a slow-path request waits for Redis before the fallback
+    /// decides: twice the recent round trip and a little, at least
+    /// [`lease::SLOW_PATH_TIMEOUT`] and at most [`lease::SLOW_PATH_MAX`].
+    /// A Redis slower than 20 ms but live still decides (exactly) instead
+    /// of the fallback, whose level follows Redis' a round trip late
+    /// (docs/CLUSTER.md "A slow Redis").
+    pub(crate) fn slow_path_wait(&self) -> Duration {
+        let round_trip = Duration::from_nanos(self.round_trip.load(Ordering::Acquire));
+        (round_trip * 2 + lease::SLOW_PATH_MARGIN)
+            .clamp(lease::SLOW_PATH_TIMEOUT, lease::SLOW_PATH_MAX)
     }
 
     /// Whether shared limits are decided with Redis right now.
@@ -399,8 +434,12 @@ impl Cluster {
             self.link
                 .scripts
                 .heartbeat(&mut conn, &key, &self.replica_id, REPLICA_WINDOW, leave);
+        let sent = Instant::now();
         let replicas = match tokio::time::timeout(HEARTBEAT_TIMEOUT, call).await {
-            Ok(Ok(n)) => n.max(1),
+            Ok(Ok(n)) => {
+                self.link.observe_round_trip(sent.elapsed());
+                n.max(1)
+            }
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("heartbeat timed out".to_owned()),
         };
@@ -455,8 +494,12 @@ impl Cluster {
             .chain(gone.into_iter().map(|b| (b, true)))
         {
             calls.spawn(async move {
+                let sent = Instant::now();
                 match tokio::time::timeout(SYNC_TIMEOUT, bucket.sync(now, force)).await {
-                    Ok(Ok(())) => Ok(()),
+                    Ok(Ok(())) => {
+                        bucket.observe_round_trip(sent.elapsed());
+                        Ok(())
+                    }
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err("lease top-up timed out".to_owned()),
                 }
