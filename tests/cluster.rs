@@ -730,6 +730,13 @@ async fn a_slow_redis_still_decides_and_the_cluster_admits_one_bucket() {
         return;
     };
     let addrs: Vec<SocketAddr> = setup.running.iter().map(|r| r.addr).collect();
+    // Each has seen Redis' round trip (80 ms) in its heartbeats and waits
+    // twice that and a little for it.
+    for &addr in &addrs {
+        let status = get(addr, "/admin/cluster").await.json();
+        let wait = status["slow_path_wait_ms"].as_f64().unwrap_or_default();
+        assert!((165.0..=250.0).contains(&wait), "{status}");
+    }
     // 3 × 50 requests/s for 2.7 s: about 400 into a bucket of 300.
     let tallies = hammer_all(&addrs, 50, Duration::from_millis(2700)).await;
     let admitted: u64 = tallies.iter().map(|t| t.admitted).sum();

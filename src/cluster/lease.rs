@@ -20,7 +20,8 @@
 //! no lock, no await, no allocation). When the lease is short it goes to
 //! [`reserve_slow`]: a real reservation in Redis (GCRA with debt, so it may
 //! wait, first come first served across replicas) bounded by
-//! [`SLOW_PATH_TIMEOUT`]. Token reconciliation refunds to and charges from
+//! [`SLOW_PATH_TIMEOUT`] (longer, up to [`SLOW_PATH_MAX`], for a Redis whose
+//! round trip is longer). Token reconciliation refunds to and charges from
 //! the lease; what the lease cannot cover is owed and charged at the next
 //! top-up.
 //!
@@ -468,11 +469,6 @@ impl SharedBucket {
         self.link.slow_path_wait()
     }
 
-    /// Records the round trip of a top-up Redis answered.
-    pub(crate) fn observe_round_trip(&self, took: Duration) {
-        self.link.observe_round_trip(took);
-    }
-
     /// [`wait_for`](Self::wait_for) from the level Redis reports now (one
     /// look, taking nothing), for the `Retry-After` of a request another
     /// bucket refused: the last report does not count what other replicas
@@ -656,6 +652,7 @@ impl SharedBucket {
         }
         let params = self.params();
         let mut conn = self.link.conn.clone();
+        let sent = Instant::now();
         let result = self
             .link
             .scripts
@@ -665,6 +662,7 @@ impl SharedBucket {
             Ok(leased) => {
                 self.lease.fetch_add(leased.granted, Ordering::AcqRel);
                 let answered = Instant::now();
+                self.link.observe_round_trip(answered - sent);
                 self.store_report(leased.report, answered.into());
                 self.follow_level(leased.report, answered);
                 self.sync_state().refreshed_at = Some(answered);

@@ -153,15 +153,10 @@ impl Link {
     /// pause (seconds) would otherwise keep the wait at its longest long
     /// after Redis is quick again.
     pub(crate) fn observe_round_trip(&self, took: Duration) {
-        let took = u64::try_from(took.min(lease::SLOW_PATH_MAX).as_nanos()).unwrap_or(u64::MAX);
         let _ = self
             .round_trip
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
-                Some(if took >= now {
-                    took
-                } else {
-                    now - (now - took) / 8
-                })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |was| {
+                Some(next_round_trip(was, took))
             });
     }
 
@@ -172,9 +167,9 @@ impl Link {
     /// of the fallback, whose level follows Redis' a round trip late
     /// (docs/CLUSTER.md "A slow Redis").
     pub(crate) fn slow_path_wait(&self) -> Duration {
-        let round_trip = Duration::from_nanos(self.round_trip.load(Ordering::Acquire));
-        (round_trip * 2 + lease::SLOW_PATH_MARGIN)
-            .clamp(lease::SLOW_PATH_TIMEOUT, lease::SLOW_PATH_MAX)
+        slow_path_wait(Duration::from_nanos(
+            self.round_trip.load(Ordering::Acquire),
+        ))
     }
 
     /// Whether shared limits are decided with Redis right now.
@@ -227,6 +222,29 @@ impl Link {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
     }
+}
+
+/// The round-trip estimate (ns) after an answer that `took` this long,
+/// from `was` (`Link::observe_round_trip`).
+fn next_round_trip(was: u64, took: Duration) -> u64 {
+    let took = u64::try_from(took.min(lease::SLOW_PATH_MAX).as_nanos()).unwrap_or(u64::MAX);
+    if took >= was {
+        took
+    } else {
+        was - (was - took) / 8
+    }
+}
+
+/// The slow path's wait for a Redis `round_trip` away (`Link::slow_path_wait`).
+fn slow_path_wait(round_trip: Duration) -> Duration {
+    (round_trip * 2 + lease::SLOW_PATH_MARGIN).clamp(lease::SLOW_PATH_TIMEOUT, lease::SLOW_PATH_MAX)
+}
+
+/// A duration in milliseconds, to the microsecond (for `/admin/cluster`).
+fn duration_ms(d: Duration) -> f64 {
+    #[allow(clippy::cast_precision_loss)] // a wait of at most 250 ms
+    let micros = d.as_micros() as f64;
+    micros / 1000.0
 }
 
 /// The cluster handle: one per gateway, kept across reloads (`[cluster]`
@@ -349,6 +367,8 @@ impl Cluster {
             "replicas": self.link.replicas(),
             "key_prefix": self.key_prefix,
             "last_error": last_error,
+            // How long a request the lease cannot cover waits for Redis now.
+            "slow_path_wait_ms": duration_ms(self.link.slow_path_wait()),
             "limits": limits,
         })
     }
@@ -494,12 +514,8 @@ impl Cluster {
             .chain(gone.into_iter().map(|b| (b, true)))
         {
             calls.spawn(async move {
-                let sent = Instant::now();
                 match tokio::time::timeout(SYNC_TIMEOUT, bucket.sync(now, force)).await {
-                    Ok(Ok(())) => {
-                        bucket.observe_round_trip(sent.elapsed());
-                        Ok(())
-                    }
+                    Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err("lease top-up timed out".to_owned()),
                 }
@@ -574,6 +590,25 @@ impl Cluster {
 mod tests {
     use super::*;
     use crate::{cluster::test_redis::TestRedis, config::Secret};
+
+    #[test]
+    fn the_slow_path_waits_twice_the_round_trip_it_has_seen() {
+        let ms = Duration::from_millis;
+        // Up at once to a slower answer, down an eighth of the way.
+        let rtt = next_round_trip(0, ms(80));
+        assert_eq!(rtt, 80_000_000);
+        assert_eq!(next_round_trip(rtt, ms(40)), 75_000_000);
+        // An answer held through a pause counts as the longest wait.
+        assert_eq!(next_round_trip(rtt, Duration::from_secs(5)), 250_000_000);
+        // A quick Redis again: back to the floor within a few dozen answers.
+        let mut rtt = 250_000_000;
+        for _ in 0..30 {
+            rtt = next_round_trip(rtt, Duration::from_micros(200));
+        }
+        assert_eq!(slow_path_wait(Duration::from_nanos(rtt)), ms(20));
+        assert_eq!(slow_path_wait(ms(80)), ms(165));
+        assert_eq!(slow_path_wait(ms(200)), ms(250));
+    }
 
     /// `/admin/cluster`'s `last_error` once `done` says it is settled, or
     /// after 15 s (generous: the task retries at most every 2 s).
