@@ -146,6 +146,8 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     checker::sync_probes(shared, cas_changed);
     if checks_turned_off {
         forget_active_checks(shared);
+    } else {
+        forget_speed_judged_on_another_model(shared);
     }
     if cas_changed {
         if changes == ["no changes"] {
@@ -176,6 +178,27 @@ fn still_pending(backend: &BackendState) -> Option<String> {
             backend.config.name
         )
     })
+}
+
+/// A backend whose first model a reload changed was judged far below its
+/// peers on a model its deep tier no longer measures: that verdict would
+/// keep it degraded until its next deep round (minutes by default), so it
+/// goes now, and the snapshot is rebuilt if one did.
+fn forget_speed_judged_on_another_model(shared: &Shared) {
+    let snapshot = shared.snapshot.load_full();
+    let mut forgot = false;
+    for backend in snapshot.backends() {
+        let measures = backend.config.models.first().map(String::as_str);
+        backend.live.with_health(|health| {
+            if health.far_below.is_some() && health.tokens_per_sec_model.as_deref() != measures {
+                health.far_below = None;
+                forgot = true;
+            }
+        });
+    }
+    if forgot {
+        checker::rebuild(shared);
+    }
 }
 
 /// With active checks switched off, nothing would ever clear what they last

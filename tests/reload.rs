@@ -1973,3 +1973,50 @@ async fn a_waiter_takes_the_slot_a_reload_adds_to_its_backend() {
     let s = stream.await.expect("stream task");
     assert!(s.text().trim_end().ends_with("data: [DONE]"));
 }
+
+/// A backend judged far below its peers on its first model (degraded) is
+/// not held to that verdict once a reload makes another model its first:
+/// its deep tier no longer measures the model it was judged on, and the
+/// verdict would otherwise last until its next deep round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_a_backends_first_model_forgets_its_speed_verdict() {
+    let start = |tps: f64| {
+        MockConfig::default()
+            .models(vec![MODEL.into(), "other".into()])
+            .tokens_per_sec(tps)
+            .chunks(8)
+            .start()
+    };
+    let mocks = [
+        start(400.0).await.unwrap(),
+        start(10.0).await.unwrap(),
+        start(400.0).await.unwrap(),
+    ];
+    let config = |slow_models: &[&str]| {
+        let mut toml =
+            format!("[[models]]\nname = \"{MODEL}\"\n\n[[models]]\nname = \"other\"\n\n");
+        for (i, m) in mocks.iter().enumerate() {
+            let models: &[&str] = if i == 1 { slow_models } else { &[MODEL] };
+            toml.push_str(&backend(&format!("b{i}"), &m.base_url(), models, 100));
+            toml.push('\n');
+        }
+        toml.push_str("[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"1h\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"2s\", timeout = \"5s\", samples = 1, max_tokens = 8 }\n");
+        toml
+    };
+    let live = Live::start(&config(&[MODEL, "other"])).await;
+    let state = || async {
+        let j = get(live.gw.admin_addr(), "/admin/backends").await.json();
+        let b1 = j["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["name"] == "b1"));
+        b1.map(|b| b["state"].clone()).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state().await != "degraded" {
+        assert!(Instant::now() < deadline, "b1 never degraded");
+        tokio::time::sleep(ms(10)).await;
+    }
+    // Its next deep round is about 2 s away.
+    live.apply(&config(&["other", MODEL])).await;
+    assert_eq!(state().await, "healthy");
+}
