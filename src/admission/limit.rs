@@ -66,17 +66,18 @@ impl Limit {
     }
 
     /// The reservation [`reserve_in_line`](Self::reserve_in_line) could not make alone: a
-    /// round trip to Redis for a shared limit (bounded; the fallback decides
-    /// when Redis does not answer in time).
+    /// round trip to Redis for a shared limit (waiting for it until
+    /// `until`; the fallback decides when Redis does not answer in time).
     pub async fn reserve_slow(
         &self,
         n: u64,
         now: Tick,
         max_wait: Duration,
+        until: tokio::time::Instant,
     ) -> Result<(Duration, Report), ReserveError> {
         match self {
             Limit::Local(bucket) => bucket.reserve_and_report(n, now, max_wait),
-            Limit::Shared(shared) => shared.reserve_slow(n, now, max_wait).await,
+            Limit::Shared(shared) => shared.reserve_slow_until(n, now, max_wait, until).await,
         }
     }
 

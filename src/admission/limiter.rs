@@ -726,6 +726,11 @@ struct Progress {
     /// lock; only the ones the headers show are turned into numbers.
     reports: [Option<Reading>; 4],
     tickets: [Option<Ticket>; 4],
+    /// The latest the request waits for Redis: `SLOW_PATH_MAX` after its
+    /// first round trip began, for all its shared limits and a refusal's
+    /// looks together (each waiting its own slow-path wait would add them
+    /// up: four shared limits, a second).
+    redis_deadline: Option<Instant>,
 }
 
 /// Reserves from every bucket in `steps` at `now`, from `progress.next` on.
@@ -785,7 +790,8 @@ async fn reserve_slowly(
             settled: false,
             cluster_epoch: request.cluster_epoch,
         };
-        let reserved = limit.reserve_slow(n, now, max_wait).await;
+        let until = progress.redis_until(limit.redis_wait().unwrap_or_default());
+        let reserved = limit.reserve_slow(n, now, max_wait, until).await;
         held.settled = true;
         match reserved {
             Ok((w, report)) => progress.record(w, None, Reading::Shared(report)),
@@ -800,6 +806,16 @@ async fn reserve_slowly(
 }
 
 impl Progress {
+    /// Until when a round trip starting now waits for Redis: its slow-path
+    /// `wait`, within the request's deadline for Redis (set by its first).
+    fn redis_until(&mut self, wait: Duration) -> Instant {
+        let now = Instant::now();
+        let deadline = *self
+            .redis_deadline
+            .get_or_insert(now + crate::cluster::lease::SLOW_PATH_MAX);
+        deadline.min(now + wait)
+    }
+
     /// Step `next` reserved, to proceed after `wait` (or its `ticket`'s
     /// turn), leaving `state`.
     #[inline]
@@ -860,14 +876,17 @@ async fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progr
             // `wait` is exact (a shared limit's comes from Redis). Another
             // shared limit is asked for Redis' level now: its last report
             // does not count what other replicas took since. The looks run
-            // at once, all bounded by one slow-path wait (as long as a
-            // shared limit waits for Redis' answer).
+            // at once, bounded by one slow-path wait and the request's
+            // deadline for Redis.
             let redis_wait = steps
                 .iter()
                 .filter_map(|&(other, _, _)| other?.redis_wait())
                 .max()
                 .unwrap_or_default();
-            let until = Instant::now() + redis_wait;
+            let until = match progress.redis_deadline {
+                Some(deadline) => deadline.min(Instant::now() + redis_wait),
+                None => Instant::now() + redis_wait,
+            };
             let look = |step: usize| {
                 let other = steps
                     .get(step)
@@ -1097,6 +1116,25 @@ mod tests {
             GlobalLimits::default(),
             Arc::new(ModelLimits::new(cfg, None, ModelMetrics::default(), now)),
         )
+    }
+
+    /// A request's shared limits wait for Redis each their slow-path wait,
+    /// but all of them together no longer than `SLOW_PATH_MAX` from the
+    /// first round trip (a review saw a second with four shared limits and
+    /// a Redis 300 ms away).
+    #[tokio::test(start_paused = true)]
+    async fn a_requests_round_trips_share_one_deadline_for_redis() {
+        let ms = Duration::from_millis;
+        let mut progress = Progress::default();
+        let start = Instant::now();
+        assert_eq!(progress.redis_until(ms(165)), start + ms(165));
+        tokio::time::advance(ms(160)).await;
+        assert_eq!(progress.redis_until(ms(165)), start + ms(250));
+        tokio::time::advance(ms(20)).await;
+        assert_eq!(progress.redis_until(ms(20)), start + ms(200));
+        tokio::time::advance(ms(200)).await;
+        // Past it: the next step's fallback decides at once.
+        assert_eq!(progress.redis_until(ms(20)), start + ms(250));
     }
 
     #[tokio::test(start_paused = true)]

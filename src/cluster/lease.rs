@@ -272,6 +272,23 @@ impl SharedBucket {
         now: Tick,
         max_wait: Duration,
     ) -> Result<(Duration, ReportTriple), ReserveError> {
+        let until = Instant::now() + self.slow_path_wait();
+        self.reserve_slow_until(n, now, max_wait, until).await
+    }
+
+    /// [`reserve_slow`](Self::reserve_slow), waiting for Redis until
+    /// `until` (a request's one slow-path wait, shared by all its shared
+    /// limits: `admission::limiter`). Redis is asked for a wait that still
+    /// fits `max_wait` once the time since `now` and the round trip back
+    /// are added, so a slow Redis does not make a request queue past its
+    /// `queue_timeout`.
+    pub async fn reserve_slow_until(
+        self: &Arc<Self>,
+        n: u64,
+        now: Tick,
+        max_wait: Duration,
+        until: Instant,
+    ) -> Result<(Duration, ReportTriple), ReserveError> {
         self.fits(n)?;
         if !self.link.is_up() {
             return self.reserve_fallback(n, now, max_wait);
@@ -297,16 +314,24 @@ impl SharedBucket {
         let pending = Arc::new(Pending::default());
         let bucket = Arc::clone(self);
         let handed = Arc::clone(&pending);
-        let wait_for_redis = self.link.slow_path_wait();
+        let spent = Duration::from_nanos(
+            Tick::from(Instant::now())
+                .nanos()
+                .saturating_sub(now.nanos()),
+        );
+        let redis_max_wait = max_wait.saturating_sub(spent + self.link.round_trip());
         tokio::spawn(async move {
             let sent = Instant::now();
             let params = bucket.params();
             let mut conn = bucket.link.conn.clone();
-            let call =
-                bucket
-                    .link
-                    .scripts
-                    .reserve(&mut conn, &bucket.key, params, ask, max_wait, None);
+            let call = bucket.link.scripts.reserve(
+                &mut conn,
+                &bucket.key,
+                params,
+                ask,
+                redis_max_wait,
+                None,
+            );
             let outcome = match tokio::time::timeout(ORPHAN_CALL_LIMIT, call).await {
                 Ok(Ok(reserved)) => {
                     bucket.link.observe_round_trip(sent.elapsed());
@@ -340,7 +365,7 @@ impl SharedBucket {
             open: true,
             from_lease,
         };
-        let outcome = match tokio::time::timeout(wait_for_redis, slot.answer()).await {
+        let outcome = match tokio::time::timeout_at(until, slot.answer()).await {
             Ok(outcome) => outcome,
             Err(_elapsed) => match slot.decide(|| self.reserve_fallback(n, now, max_wait)) {
                 Ok(decided) => {
@@ -1218,6 +1243,47 @@ mod tests {
         let trips = Duration::from_millis(200);
         assert!(now + wait + trips >= last, "{wait:?} for {slots:?}");
         assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
+    }
+
+    /// A slow Redis does not make a request queue past its `max_wait`: it
+    /// is asked for a wait that still fits once the round trip back is
+    /// added (a review saw `queue_ms` 1162 with `queue_timeout = "1s"` and
+    /// Redis 120 ms away, as Redis allowed the whole second from its own
+    /// "now"). Redis is local here; the link is told it is 300 ms away.
+    #[tokio::test]
+    async fn a_slow_redis_is_asked_for_a_wait_that_leaves_room_for_the_trip_back() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        // 60 a minute, burst 1: after the first, one a second.
+        let bucket = bucket_on(&redis, 60, 1).await;
+        let max_wait = Duration::from_millis(1500);
+        let (first, _) = bucket
+            .reserve_slow(1, Instant::now().into(), max_wait)
+            .await
+            .expect("the burst");
+        assert_eq!(first, Duration::ZERO);
+        bucket.link.observe_round_trip(Duration::from_millis(300));
+        // The next token is due in 1 s: 1.3 s with the trip back.
+        let second = bucket
+            .reserve_slow(1, Instant::now().into(), max_wait)
+            .await;
+        assert!(second.is_ok(), "{second:?}");
+        // The one after is due in 2 s: 2.3 s with the trip back, past a
+        // max_wait of 2.1 s, so refused with its wait (Redis asked for all
+        // 2.1 s would have queued it).
+        let third = bucket
+            .reserve_slow(1, Instant::now().into(), Duration::from_millis(2100))
+            .await;
+        assert!(
+            matches!(third, Err(ReserveError::WouldWait { wait }) if wait > Duration::from_millis(1800)),
+            "{third:?}"
+        );
+        // With room for the trip back it is queued.
+        let fourth = bucket
+            .reserve_slow(1, Instant::now().into(), Duration::from_millis(2500))
+            .await;
+        assert!(fourth.is_ok(), "{fourth:?}");
     }
 
     /// Another bucket's refusal asks this one how long it would make the

@@ -160,6 +160,11 @@ impl Link {
             });
     }
 
+    /// Redis' recent round trip (the estimate, which errs long).
+    pub(crate) fn round_trip(&self) -> Duration {
+        Duration::from_nanos(self.round_trip.load(Ordering::Acquire))
+    }
+
     /// How long a slow-path request waits for Redis before the fallback
     /// decides: twice the recent round trip and a little, at least
     /// [`lease::SLOW_PATH_TIMEOUT`] and at most [`lease::SLOW_PATH_MAX`].
@@ -167,9 +172,7 @@ impl Link {
     /// of the fallback, whose level follows Redis' a round trip late
     /// (docs/CLUSTER.md "A slow Redis").
     pub(crate) fn slow_path_wait(&self) -> Duration {
-        slow_path_wait(Duration::from_nanos(
-            self.round_trip.load(Ordering::Acquire),
-        ))
+        slow_path_wait(self.round_trip())
     }
 
     /// Whether shared limits are decided with Redis right now.
