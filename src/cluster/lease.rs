@@ -69,7 +69,8 @@ use crate::admission::bucket::{Bucket, ReserveError, Tick};
 pub(crate) const SYNC_PERIOD: Duration = Duration::from_millis(50);
 
 /// How far ahead a lease covers the replica's recent demand: four sync
-/// periods, so one late top-up on a busy machine does not empty it.
+/// periods, so one late top-up on a busy machine does not empty it (plus
+/// two of Redis' round trips, `SharedBucket::plan`).
 pub(crate) const HORIZON: Duration = Duration::from_millis(200);
 
 /// All leases together hold at most this share (%) of a bucket's capacity:
@@ -765,8 +766,13 @@ impl SharedBucket {
             sync.sampled_at = now;
         }
         // Rounded down, so a demand that fades returns the whole lease (an
-        // EWMA only approaches zero).
-        let wanted = (sync.demand_per_sec * HORIZON.as_secs_f64()).floor();
+        // EWMA only approaches zero). A top-up lands a round trip after it
+        // is sent, and the next one is sent a period later: against a slow
+        // Redis the lease covers those round trips too, or the limits it
+        // would cover send requests on the slow path (each a round trip,
+        // and a request has 250 ms for all of them).
+        let horizon = HORIZON + self.link.round_trip() * 2;
+        let wanted = (sync.demand_per_sec * horizon.as_secs_f64()).floor();
         // Saturating float-to-int: NaN is 0, beyond u64 is u64::MAX.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let wanted = wanted as u64;
@@ -1062,6 +1068,32 @@ mod tests {
         let conn = ConnectionManager::new_lazy_with_config(client, ConnectionManagerConfig::new())
             .expect("lazy connection");
         Arc::new(Link::new(conn))
+    }
+
+    /// A lease covers the demand over `HORIZON` and two of Redis' round
+    /// trips, within the cap (1 % of the capacity over the replicas).
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_redis_gets_leases_that_cover_its_round_trips() {
+        let link = link();
+        let bucket =
+            SharedBucket::new("k".to_owned(), link.clone(), 60_000, 60_000, Instant::now())
+                .expect("exact in Redis");
+        // 100 tokens asked in 1 s: a demand of 63.2/s (the EWMA's first step).
+        bucket.demand.store(100, Ordering::Release);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            bucket.plan(Instant::now(), 1, false).0,
+            12,
+            "63.2/s × 200 ms"
+        );
+        link.observe_round_trip(Duration::from_millis(150));
+        assert_eq!(
+            bucket.plan(Instant::now(), 1, false).0,
+            31,
+            "63.2/s × 500 ms"
+        );
+        // Within the cap: 1 % of 60,000 over 20 replicas.
+        assert_eq!(bucket.plan(Instant::now(), 20, false).0, 30);
     }
 
     /// Tokens the fallback lent during an outage, refunded after Redis is
