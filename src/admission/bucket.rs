@@ -619,6 +619,11 @@ impl Tick {
     pub fn nanos(self) -> u64 {
         self.0
     }
+
+    /// The time from `earlier` to this tick (zero if it is later).
+    pub fn since(self, earlier: Tick) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
 }
 
 impl From<Instant> for Tick {

@@ -810,10 +810,16 @@ impl Progress {
     /// `wait`, within the request's deadline for Redis (set by its first).
     fn redis_until(&mut self, wait: Duration) -> Instant {
         let now = Instant::now();
-        let deadline = *self
-            .redis_deadline
+        self.redis_deadline
             .get_or_insert(now + crate::cluster::lease::SLOW_PATH_MAX);
-        deadline.min(now + wait)
+        self.redis_by(now, wait)
+    }
+
+    /// `now + wait`, within the request's deadline for Redis if it has one.
+    fn redis_by(&self, now: Instant, wait: Duration) -> Instant {
+        let until = now + wait;
+        self.redis_deadline
+            .map_or(until, |deadline| deadline.min(until))
     }
 
     /// Step `next` reserved, to proceed after `wait` (or its `ticket`'s
@@ -883,10 +889,7 @@ async fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progr
                 .filter_map(|&(other, _, _)| other?.redis_wait())
                 .max()
                 .unwrap_or_default();
-            let until = match progress.redis_deadline {
-                Some(deadline) => deadline.min(Instant::now() + redis_wait),
-                None => Instant::now() + redis_wait,
-            };
+            let until = progress.redis_by(Instant::now(), redis_wait);
             let look = |step: usize| {
                 let other = steps
                     .get(step)

@@ -315,11 +315,7 @@ impl SharedBucket {
         let pending = Arc::new(Pending::default());
         let bucket = Arc::clone(self);
         let handed = Arc::clone(&pending);
-        let spent = Duration::from_nanos(
-            Tick::from(Instant::now())
-                .nanos()
-                .saturating_sub(now.nanos()),
-        );
+        let spent = Tick::from(Instant::now()).since(now);
         let redis_max_wait = max_wait.saturating_sub(spent + self.link.round_trip());
         tokio::spawn(async move {
             let sent = Instant::now();
@@ -390,7 +386,7 @@ impl SharedBucket {
                     wait
                 } else {
                     self.scheduled(answered, wait);
-                    wait + Duration::from_nanos(answered.nanos().saturating_sub(now.nanos()))
+                    wait + answered.since(now)
                 };
                 Ok((wait, (capacity, report.remaining, report.reset)))
             }

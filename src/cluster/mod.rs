@@ -243,13 +243,6 @@ fn slow_path_wait(round_trip: Duration) -> Duration {
     (round_trip * 2 + lease::SLOW_PATH_MARGIN).clamp(lease::SLOW_PATH_TIMEOUT, lease::SLOW_PATH_MAX)
 }
 
-/// A duration in milliseconds, to the microsecond (for `/admin/cluster`).
-fn duration_ms(d: Duration) -> f64 {
-    #[allow(clippy::cast_precision_loss)] // a wait of at most 250 ms
-    let micros = d.as_micros() as f64;
-    micros / 1000.0
-}
-
 /// The cluster handle: one per gateway, kept across reloads (`[cluster]`
 /// changes need a restart).
 #[derive(Debug)]
@@ -371,7 +364,7 @@ impl Cluster {
             "key_prefix": self.key_prefix,
             "last_error": last_error,
             // How long a request the lease cannot cover waits for Redis now.
-            "slow_path_wait_ms": duration_ms(self.link.slow_path_wait()),
+            "slow_path_wait_ms": self.link.slow_path_wait().as_secs_f64() * 1000.0,
             "limits": limits,
         })
     }
