@@ -360,6 +360,21 @@ fn window(tallies: &[Tally]) -> Duration {
     last - first
 }
 
+/// What the replicas admitted together is what one bucket allows: at most
+/// `allowance` (a token of rounding), and no less than `lowest` of it.
+fn assert_one_bucket(admitted: u64, allowance: f64, lowest: f64) {
+    #[allow(clippy::cast_precision_loss)]
+    let admitted_f = admitted as f64;
+    assert!(
+        admitted_f <= allowance + 1.0,
+        "over-admitted: {admitted} > {allowance:.1}"
+    );
+    assert!(
+        admitted_f >= lowest * allowance,
+        "under-admitted: {admitted} < {lowest} × {allowance:.1}"
+    );
+}
+
 /// Tokens a Redis bucket says were consumed since `since_us` (wall µs):
 /// the deficit it holds plus what refilled since, in tokens. Exact as long
 /// as the bucket never refilled to full in between (the tests consume
@@ -409,16 +424,7 @@ async fn three_replicas_hold_the_global_limit_within_two_percent() {
         admitted,
         "every admitted request reached the backend"
     );
-    #[allow(clippy::cast_precision_loss)]
-    let admitted_f = admitted as f64;
-    assert!(
-        admitted_f <= allowance + 1.0,
-        "over-admitted: {admitted} > {allowance:.1}"
-    );
-    assert!(
-        admitted_f >= 0.98 * allowance,
-        "under-admitted by more than 2%: {admitted} < 0.98 × {allowance:.1}"
-    );
+    assert_one_bucket(admitted, allowance, 0.98);
     // Every replica took part.
     assert!(tallies.iter().all(|t| t.admitted > 10), "{tallies:?}");
 }
@@ -749,16 +755,7 @@ async fn a_slow_redis_still_decides_and_the_cluster_admits_one_bucket() {
         tallies.iter().map(|t| t.admitted).collect::<Vec<_>>()
     );
     assert_eq!(other, 0, "only 200 and 429: {tallies:?}");
-    #[allow(clippy::cast_precision_loss)]
-    let admitted_f = admitted as f64;
-    assert!(
-        admitted_f <= allowance + 1.0,
-        "over-admitted: {admitted} > {allowance:.1}: {tallies:?}"
-    );
-    assert!(
-        admitted_f >= 0.97 * allowance,
-        "under-admitted by more than 3%: {admitted} < 0.97 × {allowance:.1}"
-    );
+    assert_one_bucket(admitted, allowance, 0.97);
     for r in &setup.running {
         let log = r.log.lock().unwrap();
         assert!(!log.contains("Redis is unreachable"), "{}: {log}", r.addr);
