@@ -1556,6 +1556,17 @@ impl Checker<'_> {
         if authority.host().is_empty() {
             return fail(self, "it has no host");
         }
+        // http::Uri keeps an authority whose port is not a number that
+        // fits in 16 bits (`:80001`, `:abc`, `:`) and reports no port, so
+        // the connection would quietly go to 80 or 443 instead.
+        let has_port = authority.as_str().len() > authority.host().len();
+        match authority.port_u16() {
+            None if has_port => {
+                return fail(self, "its port is not a number from 1 to 65535");
+            }
+            Some(0) => return fail(self, "port 0 cannot be connected to"),
+            _ => {}
+        }
         if uri.query().is_some() {
             return fail(
                 self,
@@ -2917,6 +2928,36 @@ key_prefix = "prod"
         assert_eq!(without_userinfo("http://h/p@q"), "http://***@q");
         assert_eq!(without_userinfo("http://h/v1"), "http://h/v1");
         assert_eq!(without_userinfo("u:p@h"), "***@h");
+    }
+
+    /// A port that is not a number from 1 to 65535 is refused: http::Uri
+    /// takes it and reports no port, which would send the backend's traffic
+    /// to 80 or 443.
+    #[test]
+    fn a_url_whose_port_cannot_be_connected_to_is_refused() {
+        let file = |url: &str| {
+            format!("[[backends]]\nname = \"b\"\nurl = \"{url}\"\nmodels = [\"m\"]\n")
+        };
+        for url in [
+            "http://127.0.0.1:106537/v1",
+            "http://127.0.0.1:abc/v1",
+            "https://127.0.0.1:/v1",
+            "http://[::1]:65536/v1",
+            "http://127.0.0.1:0/v1",
+        ] {
+            let errs = parse(&file(url)).unwrap_err();
+            let text = format!("{errs:?}");
+            assert!(text.contains("port"), "{url}: {text}");
+        }
+        for (url, port) in [
+            ("http://127.0.0.1:65535/v1", 65535),
+            ("http://[::1]:8000/v1", 8000),
+            ("http://[::1]/v1", 80),
+            ("https://api.example.com/v1", 443),
+        ] {
+            let c = parse(&file(url)).unwrap();
+            assert_eq!(c.backends[0].url.port_u16().unwrap_or(port), port, "{url}");
+        }
     }
 
     /// A backend's name is sent as `x-weir-backend`: it must be a valid
