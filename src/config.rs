@@ -2075,6 +2075,9 @@ fn check_entry<'i>(
     in_file: impl Fn(String) -> String,
 ) -> Option<Spanned<toml::de::DeTable<'i>>> {
     let first = errors.len();
+    // Paths are read in the entry as written: once an array's item is taken
+    // out, the items after it would be named one place early.
+    let written = unit.clone();
     // An array of tables where one table belongs (`[[server]]`): serde
     // would read its first table as the table's first field.
     for (span, path) in arrays_for_tables(unit.get_ref()) {
@@ -2115,7 +2118,7 @@ fn check_entry<'i>(
             }
         }
         let found = narrowest_entry(unit.get_ref(), span.start);
-        let path = found.as_ref().map(|(_, path)| in_file(path.clone()));
+        let path = narrowest_entry(written.get_ref(), span.start).map(|(_, path)| in_file(path));
         errors.push((span, message, path));
         if !found.is_some_and(|(target, _)| remove_entry(unit.get_mut(), &target)) {
             return None;
@@ -3566,6 +3569,20 @@ x = 1
         let all = ConfigErrors(errs.clone()).to_string();
         assert_eq!(errs.len(), 2, "{all}");
         assert!(!all.contains("missing field"), "{all}");
+    }
+
+    /// An array's wrong items are named by their place in the file, also
+    /// after an earlier item was taken out.
+    #[test]
+    fn wrong_items_of_one_array_keep_their_own_indices() {
+        let text = "[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:9001/v1\"\nmodels = [1, 2, \"m\", 3]\n";
+        let errs = errors(text);
+        let expect = [
+            (7, 11, "backends[0].models[0]", "invalid type"),
+            (7, 14, "backends[0].models[1]", "invalid type"),
+            (7, 22, "backends[0].models[3]", "invalid type"),
+        ];
+        assert_exactly(&errs, &expect);
     }
 
     /// Past the cap, the schema errors listed are the file's first ones,
