@@ -521,6 +521,7 @@ impl Config {
             line_starts: std::iter::once(0)
                 .chain(text.match_indices('\n').map(|(i, _)| i + 1))
                 .collect(),
+            taken_out: HashSet::new(),
         };
         // Syntax first, with recovery, so every syntax error is reported at once.
         let (_, syntax) = toml::de::DeTable::parse_recoverable(text);
@@ -552,6 +553,7 @@ impl Config {
             check.error(span, key, message);
         }
         schema_keys.extend(left_out.iter().filter_map(|(_, _, path)| path.clone()));
+        check.taken_out = schema_keys;
         let more = left_out.first().map(|(span, _, _)| {
             check.located(
                 span,
@@ -571,12 +573,16 @@ impl Config {
         let schema_errors = check.errors.len();
         let config = check.config(raw, env);
         // A key taken out is then missing, or at its default: not news.
+        // Nor is what that says of the entry around it or inside it.
         let validation = check.errors.split_off(schema_errors);
         let mut seen: HashSet<ConfigError> = HashSet::new();
+        let knock_on: Vec<bool> = (validation.iter())
+            .map(|v| check.near_taken_out(&v.key))
+            .collect();
         check.errors.extend(
-            validation
-                .into_iter()
-                .filter(|v| !schema_keys.contains(&v.key))
+            (validation.into_iter().zip(knock_on))
+                .filter(|(_, knock_on)| !knock_on)
+                .map(|(v, _)| v)
                 // Each distinct error once (a model declared twice reaches
                 // some checks twice).
                 .filter(|v| seen.insert(v.clone())),
@@ -801,6 +807,10 @@ struct Checker<'a> {
     warnings: Vec<String>,
     /// Byte offset of each line's start.
     line_starts: Vec<usize>,
+    /// Key paths of the entries the schema pass took out (unknown keys,
+    /// wrong types): what is checked after them sees those keys missing or
+    /// at their defaults, which is not news.
+    taken_out: HashSet<String>,
 }
 
 impl Checker<'_> {
@@ -820,6 +830,39 @@ impl Checker<'_> {
             key,
             message,
         }
+    }
+
+    /// Whether the schema pass took out `key`, an entry inside it, or the
+    /// entry it is in.
+    fn near_taken_out(&self, key: &str) -> bool {
+        let within = |inner: &str, outer: &str| {
+            inner
+                .strip_prefix(outer)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        };
+        (self.taken_out.iter()).any(|taken| within(taken, key) || within(key, taken))
+    }
+
+    /// Whether some backend's `models` list lost an entry to the schema
+    /// pass: which models are served is then not known in full.
+    fn served_models_incomplete(&self) -> bool {
+        (self.taken_out.iter()).any(|taken| {
+            taken == "backends"
+                || taken.strip_prefix("backends[").is_some_and(|rest| {
+                    rest.ends_with(']') && !rest.contains('.') || rest.contains("].models")
+                })
+        })
+    }
+
+    /// Whether some `[[models]]` entry lost its name or itself to the
+    /// schema pass: which models are declared is then not known in full.
+    fn declared_models_incomplete(&self) -> bool {
+        (self.taken_out.iter()).any(|taken| {
+            taken == "models"
+                || taken.strip_prefix("models[").is_some_and(|rest| {
+                    rest.ends_with(']') && !rest.contains('.') || rest.ends_with("].name")
+                })
+        })
     }
 
     fn error(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
@@ -1102,7 +1145,9 @@ impl Checker<'_> {
         );
         // A refused value stands in as its default: comparing that would
         // warn about a value the file does not set.
-        let both_taken = self.errors.len() == errors_before;
+        let both_taken = self.errors.len() == errors_before
+            && !self.near_taken_out("server.request_timeout")
+            && !self.near_taken_out("server.first_byte_timeout");
         if both_taken && first_byte_timeout > request_timeout {
             self.warn_misordered(
                 (&raw.first_byte_timeout, "server.first_byte_timeout", first_byte_timeout),
@@ -1590,10 +1635,20 @@ impl Checker<'_> {
     ) {
         let consequence =
             "a request that sets no max_tokens of its own needs more than the bucket holds (413)";
+        // A max_tokens taken out stands in as its default: not compared.
+        let unknown_max_tokens: Vec<&str> = (raw_models.iter().enumerate())
+            .filter(|(i, _)| {
+                self.near_taken_out(&format!("models[{i}].max_tokens"))
+                    || self.near_taken_out("defaults.max_tokens")
+            })
+            .filter_map(|(_, raw)| raw.get_ref().name.as_ref().map(|n| n.get_ref().trim()))
+            .collect();
         for (i, raw) in raw_models.iter().enumerate() {
             let raw = raw.get_ref();
             let name = raw.name.as_ref().map(|n| n.get_ref().trim());
-            let model = models.iter().find(|m| Some(m.name.as_str()) == name);
+            let model = (models.iter())
+                .find(|m| Some(m.name.as_str()) == name)
+                .filter(|m| !unknown_max_tokens.contains(&m.name.as_str()));
             if let (Some(span), Some(model)) = (&raw.tokens_per_minute, model) {
                 if let Some(tpm) = model.tokens_per_minute {
                     if tpm.get() < u64::from(model.max_tokens) {
@@ -1613,6 +1668,8 @@ impl Checker<'_> {
             let over: Vec<&str> = models
                 .iter()
                 .filter(|m| u64::from(m.max_tokens) > tpm.get())
+                .filter(|m| !unknown_max_tokens.contains(&m.name.as_str()))
+                .filter(|m| m.declared || !self.near_taken_out("defaults.max_tokens"))
                 .map(|m| m.name.as_str())
                 .collect();
             if !over.is_empty() {
@@ -1644,9 +1701,13 @@ impl Checker<'_> {
                 "at least one [[backends]] entry is required",
             );
         }
-        // Declared models nobody serves.
+        // Declared models nobody serves (unknown when a list lost an entry).
+        let served_known = !self.served_models_incomplete();
         for (i, m) in models.iter().enumerate() {
-            if m.name.is_empty() || backends.iter().any(|b| b.models.contains(&m.name)) {
+            if m.name.is_empty()
+                || !served_known
+                || backends.iter().any(|b| b.models.contains(&m.name))
+            {
                 continue;
             }
             let span = raw_models
@@ -1659,7 +1720,9 @@ impl Checker<'_> {
                 format!("model {:?} is not served by any backend", m.name),
             );
         }
-        // Models only backends name: warn once, add with [defaults] limits.
+        // Models only backends name: warn once, add with [defaults] limits
+        // (the warning is left out when a [[models]] name was taken out).
+        let declared_known = !self.declared_models_incomplete();
         for (i, b) in backends.iter().enumerate() {
             for model in &b.models {
                 if models.iter().any(|m| &m.name == model) {
@@ -1670,13 +1733,15 @@ impl Checker<'_> {
                     .and_then(|r| r.get_ref().models.as_ref())
                     .and_then(|l| l.get_ref().iter().find(|m| m.get_ref().trim() == model))
                     .map_or(0..0, Spanned::span);
-                self.warn(
-                    span,
-                    format!("backends[{i}].models"),
-                    format!(
-                        "model {model:?} is not declared in [[models]]; it gets [defaults] limits"
-                    ),
-                );
+                if declared_known {
+                    self.warn(
+                        span,
+                        format!("backends[{i}].models"),
+                        format!(
+                            "model {model:?} is not declared in [[models]]; it gets [defaults] limits"
+                        ),
+                    );
+                }
                 models.push(ModelConfig {
                     name: model.clone(),
                     requests_per_minute: None,
@@ -1732,7 +1797,10 @@ impl Checker<'_> {
         );
         // A probe that slow times out first, so slowness is never seen.
         // Compared only when both were taken (a refused one is its default).
-        if self.errors.len() == errors_before && degraded_latency >= readiness_timeout {
+        let both_taken = self.errors.len() == errors_before
+            && !self.near_taken_out("health.readiness.timeout")
+            && !self.near_taken_out("health.readiness.degraded_latency");
+        if both_taken && degraded_latency >= readiness_timeout {
             self.warn_misordered(
                 (&ready.degraded_latency, "health.readiness.degraded_latency", degraded_latency),
                 (&ready.timeout, "health.readiness.timeout"),
@@ -3503,6 +3571,60 @@ key_prefix = "prod"
         assert_eq!(errors.0.len(), 1, "{errors}");
         assert_eq!(checked.warnings.len(), 1, "{:?}", checked.warnings);
         assert!(checked.warnings[0].starts_with("weir.toml:10:19: server.request_timeout: "));
+    }
+
+    /// What is checked after the schema pass took an entry out does not
+    /// report that entry's absence again: no model "not served" because a
+    /// backend's `models` had the wrong type, no list "empty" because its
+    /// one item was wrong, no comparison with a default standing in for a
+    /// refused value.
+    #[test]
+    fn a_key_taken_out_causes_no_second_error_or_warning() {
+        let backend = "[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:9001/v1\"\n";
+        let declared = "[[models]]\nname = \"m\"\n";
+        for (text, key) in [
+            (format!("{declared}{backend}models = \"m\"\n"), "backends[0].models"),
+            (format!("{declared}{backend}models = [[\"m\"]]\n"), "backends[0].models[0]"),
+            (format!("backends = \"x\"\n{declared}"), "backends"),
+        ] {
+            assert_eq!(one_error(&text).key, key, "{text}");
+        }
+        for (text, key) in [
+            (
+                format!("[server]\nrequest_timeout = 5\nfirst_byte_timeout = \"20m\"\n{declared}{backend}models = [\"m\"]\n"),
+                "server.request_timeout",
+            ),
+            (
+                format!("[health.readiness]\ntimeout = 5\ndegraded_latency = \"20s\"\n{declared}{backend}models = [\"m\"]\n"),
+                "health.readiness.timeout",
+            ),
+            (
+                format!("{declared}tokens_per_minute = 200\nmax_tokens = \"300\"\n{backend}models = [\"m\"]\n"),
+                "models[0].max_tokens",
+            ),
+            (
+                format!("[limits]\ntokens_per_minute = 200\n[defaults]\nmax_tokens = \"300\"\n{declared}{backend}models = [\"m\"]\n"),
+                "defaults.max_tokens",
+            ),
+            (
+                format!("[[models]]\nname = 7\n{backend}models = [\"m\"]\n"),
+                "models[0].name",
+            ),
+        ] {
+            let checked = Config::parse_checked(&text, "weir.toml", &env);
+            let errors = checked.result.expect_err("a value has the wrong type");
+            assert_eq!(errors.0.len(), 1, "{errors}");
+            assert_eq!(errors.0[0].key, key, "{errors}");
+            assert!(checked.warnings.is_empty(), "{text}: {:?}", checked.warnings);
+        }
+        // The same comparisons still warn when both values were taken.
+        let checked = Config::parse_checked(
+            &format!("[server]\nrequest_timeout = \"5s\"\nfirst_byte_timeout = \"20m\"\n{declared}tokens_per_minute = 200\n{backend}models = [\"m\"]\n"),
+            "weir.toml",
+            &env,
+        );
+        assert!(checked.result.is_ok());
+        assert_eq!(checked.warnings.len(), 2, "{:?}", checked.warnings);
     }
 
     #[test]
