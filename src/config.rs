@@ -468,19 +468,31 @@ impl Config {
     /// (for `weir check`).
     pub fn check(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Checked {
         let file = path.display().to_string();
-        let text = match std::fs::read_to_string(path) {
+        let refused = |file, (line, column), message| Checked {
+            result: Err(ConfigErrors(vec![ConfigError {
+                file,
+                line,
+                column,
+                key: "(file)".to_owned(),
+                message,
+            }])),
+            warnings: Vec::new(),
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => return refused(file, (1, 1), format!("cannot read the file: {e}")),
+        };
+        let text = match String::from_utf8(bytes) {
             Ok(text) => text,
+            // Named where the first byte that is not UTF-8 stands.
             Err(e) => {
-                return Checked {
-                    result: Err(ConfigErrors(vec![ConfigError {
-                        file,
-                        line: 1,
-                        column: 1,
-                        key: "(file)".to_owned(),
-                        message: format!("cannot read the file: {e}"),
-                    }])),
-                    warnings: Vec::new(),
-                }
+                let good = e.utf8_error().valid_up_to();
+                let bytes = e.into_bytes();
+                let before = String::from_utf8_lossy(&bytes[..good]);
+                let byte = bytes.get(good).map_or(String::new(), |b| format!(" 0x{b:02X}"));
+                let message =
+                    format!("cannot read the file: byte{byte} is not UTF-8 (TOML files are UTF-8)");
+                return refused(file, line_col(&before, good), message);
             }
         };
         let mut checked = Self::parse_checked(&text, &file, env);
@@ -3691,6 +3703,19 @@ x = 1
         let all = ConfigErrors(errs.clone()).to_string();
         assert_eq!(errs.len(), 2, "{all}");
         assert!(!all.contains("missing field"), "{all}");
+    }
+
+    /// A file that is not UTF-8 is refused at the line and column of its
+    /// first byte that is not.
+    #[test]
+    fn a_file_that_is_not_utf8_is_refused_where_the_byte_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latin1.toml");
+        std::fs::write(&path, b"[[backends]]\nname = \"b\"\n# caf\xe9 \xc3\xa9\n").unwrap();
+        let errs = Config::check(&path, &env).result.unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert_eq!((errs[0].line, errs[0].column, errs[0].key.as_str()), (3, 6, "(file)"));
+        assert!(errs[0].message.contains("byte 0xE9 is not UTF-8"), "{}", errs[0]);
     }
 
     /// An array's wrong items are named by their place in the file, also
