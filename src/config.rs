@@ -1129,6 +1129,12 @@ impl Checker<'_> {
                     "server.admin_listen",
                     "is the same address as server.listen; omit it to serve admin routes there",
                 );
+            } else if binds_overlap(admin, listen) {
+                self.error(
+                    v.span(),
+                    "server.admin_listen",
+                    format!("shares its port with server.listen ({listen}) on addresses that overlap, so one of them could not listen"),
+                );
             }
         }
         let max_body_bytes = match &raw.max_body_bytes {
@@ -2028,6 +2034,19 @@ impl Checker<'_> {
             key_prefix,
         })
     }
+}
+
+/// Whether two listening addresses on the same port would clash: the same
+/// IP, or a wildcard of the same family (`0.0.0.0` holds every IPv4
+/// address), or `[::]`, which Linux binds for IPv4 too by default.
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let v6_wildcard = |x: SocketAddr| x.is_ipv6() && x.ip().is_unspecified();
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip()
+            || v6_wildcard(a)
+            || v6_wildcard(b)
+            || a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified()))
 }
 
 /// 1-based line and column (in characters) of a byte offset; offsets past the end or inside
@@ -4117,6 +4136,25 @@ budget_percent = 200
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{MINIMAL}"
         ))
         .is_ok());
+        // A wildcard on the same port overlaps too; another family's
+        // specific address, or another port, does not.
+        for (listen, admin, clash) in [
+            ("127.0.0.1:7", "0.0.0.0:7", true),
+            ("0.0.0.0:7", "127.0.0.1:7", true),
+            ("127.0.0.1:7", "[::]:7", true),
+            ("[::1]:7", "0.0.0.0:7", false),
+            ("127.0.0.1:7", "127.0.0.2:7", false),
+            ("127.0.0.1:7", "0.0.0.0:8", false),
+        ] {
+            let text = format!("[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n{MINIMAL}");
+            match parse(&text) {
+                Ok(_) => assert!(!clash, "{listen} {admin}"),
+                Err(e) => {
+                    assert!(clash, "{listen} {admin}: {e}");
+                    assert_eq!(e.0[0].key, "server.admin_listen");
+                }
+            }
+        }
         let e = one_error(&format!("[server]\nmax_connections = 0\n{MINIMAL}"));
         assert_eq!(e.key, "server.max_connections");
         let e = one_error(&format!("{MINIMAL}[health]\ndeep = {{ samples = 0 }}\n"));
