@@ -304,10 +304,19 @@ fn check(path: &std::path::Path) -> ExitCode {
                 for warning in warnings {
                     let _ = writeln!(err, "warning: {warning}");
                 }
-                let _ = std::io::stdout()
-                    .lock()
-                    .write_all(config.render().as_bytes());
-                ExitCode::SUCCESS
+                // A configuration that could not be printed was not
+                // checked as far as a script reading it knows.
+                let mut out = std::io::stdout().lock();
+                match out
+                    .write_all(config.render().as_bytes())
+                    .and_then(|()| out.flush())
+                {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        let _ = writeln!(err, "cannot print the configuration: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(e) => {
                 let _ = writeln!(err, "{e}");

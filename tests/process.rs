@@ -45,6 +45,27 @@ fn check_prints_every_error_with_line_and_column() {
     assert!(err.contains("bogus_key"), "{err}");
 }
 
+/// A valid file whose resolved configuration cannot be printed (a full
+/// disk, a closed pipe) is not a passed check: exit 1, said on stderr.
+#[test]
+fn check_fails_when_it_cannot_print_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        "[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n",
+    );
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot print the configuration"), "{err}");
+}
+
 /// Warnings reach stderr after `warning: `, in the errors' form, also when
 /// there are errors (which keep their exact SPEC form).
 #[test]
