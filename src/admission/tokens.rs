@@ -150,10 +150,13 @@ pub struct UsageFilter {
 /// the end. Non-stream responses are relayed as they arrive, never buffered, so
 /// only the tail is kept.
 ///
-/// Limitation: `usage` is found only if its key starts within the last
-/// [`TAIL_BYTES`] of the body. That holds for OpenAI, vLLM, SGLang, TGI and
-/// llama.cpp, which all put `usage` at the end of chat, completion and
-/// embeddings responses (llama.cpp adds a small `timings` object after it).
+/// OpenAI, SGLang, TGI and llama.cpp put `usage` at the end of chat,
+/// completion and embeddings responses (llama.cpp adds a small `timings`
+/// object after it), where the tail has it. vLLM puts `prompt_logprobs` and
+/// `prompt_token_ids` after it, which can run to megabytes: so the bytes
+/// leaving the tail are looked at for a `usage` object on their way out
+/// (one vectorised search for the key), and the last one found counts when
+/// the tail itself has none.
 #[derive(Debug, Default)]
 pub struct UsageTail {
     /// The last bytes of the body: at least the last [`TAIL_BYTES`] (or all of
@@ -163,6 +166,8 @@ pub struct UsageTail {
     /// is empty): most non-stream responses arrive in one read and are
     /// never copied. A second chunk moves it into `buf`.
     first: Bytes,
+    /// The last `usage` object whose key was in bytes that have left `buf`.
+    earlier: Option<Usage>,
 }
 
 /// The SSE line scanner's state between bytes (and frames).
@@ -507,25 +512,26 @@ impl UsageTail {
         self.copy(chunk);
     }
 
-    /// [`Self::push`] into `buf`.
+    /// [`Self::push`] into `buf`: a window's worth at a time, so that every
+    /// byte passes through `buf` and is looked at for `usage` as it leaves,
+    /// with at least [`TAIL_BYTES`] after it to hold the object.
     fn copy(&mut self, chunk: &[u8]) {
-        if chunk.len() >= TAIL_BYTES {
-            self.buf.clear();
-            let from = chunk.len().saturating_sub(TAIL_BYTES);
-            self.buf
-                .extend_from_slice(chunk.get(from..).unwrap_or_default());
-            return;
+        for piece in chunk.chunks(TAIL_BYTES) {
+            if self.buf.len().saturating_add(piece.len()) > 2 * TAIL_BYTES {
+                let drop = self.buf.len().saturating_sub(TAIL_BYTES);
+                if let Some(usage) = last_usage_starting_before(&self.buf, drop) {
+                    self.earlier = Some(usage);
+                }
+                self.buf.drain(..drop);
+            }
+            self.buf.extend_from_slice(piece);
         }
-        if self.buf.len().saturating_add(chunk.len()) > 2 * TAIL_BYTES {
-            let drop = self.buf.len().saturating_sub(TAIL_BYTES);
-            self.buf.drain(..drop);
-        }
-        self.buf.extend_from_slice(chunk);
     }
 
     /// The `usage` object nearest the end of the body: the last `"usage":`
-    /// key within the last [`TAIL_BYTES`] followed by an object with token
-    /// counts. None when there is none or it does not parse.
+    /// key followed by an object with token counts, looked for in the last
+    /// [`TAIL_BYTES`] first (at any depth), then before them. None when
+    /// there is none or it does not parse.
     pub fn usage(&self) -> Option<Usage> {
         let kept: &[u8] = if self.first.is_empty() {
             &self.buf
@@ -533,7 +539,23 @@ impl UsageTail {
             &self.first
         };
         usage_near_end(kept)
+            .or_else(|| last_usage_starting_before(kept, kept.len().saturating_sub(TAIL_BYTES)))
+            .or(self.earlier)
     }
+}
+
+/// The last usable `usage` object in `body` whose key starts before `end`
+/// (its object may run on past it): the bytes about to leave a tail.
+fn last_usage_starting_before(body: &[u8], end: usize) -> Option<Usage> {
+    let keys_end = end.saturating_add(USAGE_KEY.len() - 1).min(body.len());
+    let mut found = None;
+    for at in memchr::memmem::find_iter(body.get(..keys_end)?, USAGE_KEY) {
+        let after = body.get(at.saturating_add(USAGE_KEY.len())..)?;
+        if let Some(usage) = usage_after_key(after) {
+            found = Some(usage);
+        }
+    }
+    found
 }
 
 /// The usage object nearest the end of `body`: the last `"usage":` key within
@@ -1390,12 +1412,40 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-        // usage more than TAIL_BYTES before the end is out of reach
-        let far = format!(
-            "{{\"usage\":{{\"prompt_tokens\":1}},\"pad\":\"{}\"}}",
-            "z".repeat(TAIL_BYTES)
+    }
+
+    /// vLLM writes `prompt_logprobs` and `prompt_token_ids` after `usage`:
+    /// a usage object far from the end is still read, however the body
+    /// arrives, and the last one in the body counts.
+    #[test]
+    fn tail_finds_usage_followed_by_a_long_field() {
+        let usage = "\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,\"total_tokens\":10}";
+        let want = Some(Usage {
+            prompt_tokens: 7,
+            completion_tokens: 3,
+        });
+        for trailing in [10, TAIL_BYTES - 100, TAIL_BYTES + 1, 40_000, 3 * TAIL_BYTES + 5, 200_000] {
+            let body = format!(
+                "{{\"choices\":[{{\"text\":\"x\"}}],{usage},\"prompt_logprobs\":\"{}\"}}",
+                "p".repeat(trailing)
+            );
+            for size in [1, 7, 1000, TAIL_BYTES, TAIL_BYTES + 3, 50_000, body.len()] {
+                let chunks: Vec<&[u8]> = body.as_bytes().chunks(size).collect();
+                let tail = tail_of(&chunks);
+                assert_eq!(tail.usage(), want, "{trailing} after, chunks of {size}");
+                assert!(tail.buf.len() <= 2 * TAIL_BYTES);
+            }
+        }
+        // Two usage objects far apart: the later one.
+        let body = format!(
+            "{{\"usage\":{{\"prompt_tokens\":1}},\"a\":\"{}\",\"b\":{{\"usage\":{{\"prompt_tokens\":2}}}},\"c\":\"{}\"}}",
+            "a".repeat(3 * TAIL_BYTES),
+            "c".repeat(3 * TAIL_BYTES)
         );
-        assert_eq!(tail_of(&[far.as_bytes()]).usage(), None);
+        for size in [100, TAIL_BYTES, body.len()] {
+            let chunks: Vec<&[u8]> = body.as_bytes().chunks(size).collect();
+            assert_eq!(tail_of(&chunks).usage().map(|u| u.prompt_tokens), Some(2), "chunks of {size}");
+        }
     }
 
     #[test]
