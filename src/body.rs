@@ -388,6 +388,50 @@ impl ProxiedBody {
         self.redactor = KeyRedactor::new(key).map(Box::new);
     }
 
+    /// SPEC "Secrets": a backend header whose value holds `key` (one that
+    /// echoes the `Authorization` it got, a redirect carrying the key)
+    /// reaches the client with every occurrence replaced. `map` holds the
+    /// headers weir writes itself and an https backend's; a plain
+    /// backend's are kept as received, so those holding the key move into
+    /// `map`, redacted, with every other value of the same name (a name in
+    /// `map` is written from there only, see [`Self::backend_headers`]).
+    pub(crate) fn redact_headers(&self, map: &mut http::HeaderMap, key: &str) {
+        if key.is_empty() {
+            return;
+        }
+        let holds_key = |value: &[u8]| memchr::memmem::find(value, key.as_bytes()).is_some();
+        let redacted = |value: &[u8]| {
+            HeaderValue::from_bytes(&crate::redact::redact_bytes(value, key.as_bytes()))
+                .unwrap_or(HeaderValue::from_static(crate::redact::REDACTED))
+        };
+        for value in map.values_mut() {
+            if holds_key(value.as_bytes()) {
+                *value = redacted(value.as_bytes());
+            }
+        }
+        let passed: Vec<(&[u8], &[u8])> = (self.backend_headers(map))
+            .map(|(_, name, value)| (name, value))
+            .collect();
+        let named: Vec<&[u8]> = (passed.iter())
+            .filter(|(_, value)| holds_key(value))
+            .map(|&(name, _)| name)
+            .collect();
+        let moved: Vec<(HeaderName, HeaderValue)> = (passed.iter())
+            .filter(|(name, _)| named.iter().any(|n| n.eq_ignore_ascii_case(name)))
+            .filter_map(|&(name, value)| {
+                let value = if holds_key(value) {
+                    redacted(value)
+                } else {
+                    HeaderValue::from_bytes(value).ok()?
+                };
+                Some((HeaderName::from_bytes(name).ok()?, value))
+            })
+            .collect();
+        for (name, value) in moved {
+            map.append(name, value);
+        }
+    }
+
     /// Whether weir may change the body's length: an SSE stream (the usage
     /// chunk removed, an error event added) or a redacted one.
     fn resized(&self) -> bool {

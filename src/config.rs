@@ -489,7 +489,9 @@ impl Config {
                 let good = e.utf8_error().valid_up_to();
                 let bytes = e.into_bytes();
                 let before = String::from_utf8_lossy(&bytes[..good]);
-                let byte = bytes.get(good).map_or(String::new(), |b| format!(" 0x{b:02X}"));
+                let byte = bytes
+                    .get(good)
+                    .map_or(String::new(), |b| format!(" 0x{b:02X}"));
                 let message =
                     format!("cannot read the file: byte{byte} is not UTF-8 (TOML files are UTF-8)");
                 return refused(file, line_col(&before, good), message);
@@ -3037,9 +3039,8 @@ key_prefix = "prod"
     /// to 80 or 443.
     #[test]
     fn a_url_whose_port_cannot_be_connected_to_is_refused() {
-        let file = |url: &str| {
-            format!("[[backends]]\nname = \"b\"\nurl = \"{url}\"\nmodels = [\"m\"]\n")
-        };
+        let file =
+            |url: &str| format!("[[backends]]\nname = \"b\"\nurl = \"{url}\"\nmodels = [\"m\"]\n");
         for url in [
             "http://127.0.0.1:106537/v1",
             "http://127.0.0.1:abc/v1",
@@ -3614,8 +3615,14 @@ key_prefix = "prod"
         let backend = "[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:9001/v1\"\n";
         let declared = "[[models]]\nname = \"m\"\n";
         for (text, key) in [
-            (format!("{declared}{backend}models = \"m\"\n"), "backends[0].models"),
-            (format!("{declared}{backend}models = [[\"m\"]]\n"), "backends[0].models[0]"),
+            (
+                format!("{declared}{backend}models = \"m\"\n"),
+                "backends[0].models",
+            ),
+            (
+                format!("{declared}{backend}models = [[\"m\"]]\n"),
+                "backends[0].models[0]",
+            ),
             (format!("backends = \"x\"\n{declared}"), "backends"),
         ] {
             assert_eq!(one_error(&text).key, key, "{text}");
@@ -3733,8 +3740,15 @@ x = 1
         std::fs::write(&path, b"[[backends]]\nname = \"b\"\n# caf\xe9 \xc3\xa9\n").unwrap();
         let errs = Config::check(&path, &env).result.unwrap_err().0;
         assert_eq!(errs.len(), 1);
-        assert_eq!((errs[0].line, errs[0].column, errs[0].key.as_str()), (3, 6, "(file)"));
-        assert!(errs[0].message.contains("byte 0xE9 is not UTF-8"), "{}", errs[0]);
+        assert_eq!(
+            (errs[0].line, errs[0].column, errs[0].key.as_str()),
+            (3, 6, "(file)")
+        );
+        assert!(
+            errs[0].message.contains("byte 0xE9 is not UTF-8"),
+            "{}",
+            errs[0]
+        );
     }
 
     /// An array's wrong items are named by their place in the file, also
@@ -4146,7 +4160,8 @@ budget_percent = 200
             ("127.0.0.1:7", "127.0.0.2:7", false),
             ("127.0.0.1:7", "0.0.0.0:8", false),
         ] {
-            let text = format!("[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n{MINIMAL}");
+            let text =
+                format!("[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n{MINIMAL}");
             match parse(&text) {
                 Ok(_) => assert!(!clash, "{listen} {admin}"),
                 Err(e) => {

@@ -866,9 +866,11 @@ impl<'a> Exchange<'a> {
         );
         // SPEC "Secrets": an error answer may quote the key weir sent (a
         // 401's "Incorrect API key provided: sk-…"); it reaches the client
-        // without it. Its length changes with it.
-        if !parts.status.is_success() {
-            if let Some(key) = &member.backend.config.api_key {
+        // without it. Its length changes with it. Headers are few and
+        // short: any answer's are looked at.
+        if let Some(key) = &member.backend.config.api_key {
+            body.redact_headers(&mut parts.headers, key.expose());
+            if !parts.status.is_success() {
                 body.redact(key.expose());
                 parts.headers.remove(header::CONTENT_LENGTH);
             }

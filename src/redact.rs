@@ -4,7 +4,8 @@
 //! (`Incorrect API key provided: sk-…`), which weir passes to the client as
 //! it came (SPEC: an upstream 4xx is returned as it came) and quotes in a
 //! failed probe's `last_error`. Every whole occurrence of the key is
-//! replaced by [`REDACTED`] on those paths; a successful answer is not
+//! replaced by [`REDACTED`] on those paths, and in every answer's headers
+//! (`ProxiedBody::redact_headers`); a successful answer's body is not
 //! scanned.
 
 use bytes::{Bytes, BytesMut};
@@ -19,6 +20,26 @@ pub(crate) fn redact_str(text: &str, key: &str) -> String {
         return text.to_owned();
     }
     text.replace(key, REDACTED)
+}
+
+/// Replaces every occurrence of `key` in `bytes` (a header value, which
+/// need not be UTF-8).
+pub(crate) fn redact_bytes(bytes: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    if !key.is_empty() {
+        for found in memmem::find_iter(bytes, key) {
+            // Occurrences overlapping one already replaced are not whole.
+            if found < at {
+                continue;
+            }
+            out.extend_from_slice(bytes.get(at..found).unwrap_or_default());
+            out.extend_from_slice(REDACTED.as_bytes());
+            at = found + key.len();
+        }
+    }
+    out.extend_from_slice(bytes.get(at..).unwrap_or_default());
+    out
 }
 
 /// Removes a key from a body that arrives in pieces: an occurrence may
@@ -92,6 +113,21 @@ mod tests {
             got.extend_from_slice(&r.finish());
             assert_eq!(String::from_utf8_lossy(&got), want, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn a_header_value_loses_every_whole_key() {
+        let key = b"aa-KEY";
+        for (value, want) in [
+            (&b"Bearer aa-KEY"[..], &b"Bearer [redacted]"[..]),
+            (b"aa-KEYaa-KEY x aa-KE", b"[redacted][redacted] x aa-KE"),
+            (b"\xffaa-KEY\xfe", b"\xff[redacted]\xfe"),
+            (b"nothing", b"nothing"),
+        ] {
+            assert_eq!(redact_bytes(value, key), want);
+        }
+        assert_eq!(redact_bytes(b"aaaa", b"aa"), b"[redacted][redacted]");
+        assert_eq!(redact_bytes(b"x", b""), b"x");
     }
 
     #[test]

@@ -421,6 +421,41 @@ async fn a_backend_error_quoting_its_key_reaches_the_client_without_it() {
     }
 }
 
+/// SPEC "Secrets": a backend header that carries the key weir sent (one
+/// echoing `Authorization`, a redirect with the key in it) reaches the
+/// client with the key replaced, on a success as on an error; the header's
+/// other values and the other headers pass as they came.
+#[tokio::test]
+async fn a_backend_header_quoting_its_key_reaches_the_client_without_it() {
+    for (status, body) in [
+        ("200 OK", r#"{"object":"chat.completion"}"#),
+        ("400 Bad Request", r#"{"error":{"message":"no"}}"#),
+    ] {
+        let answer = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nx-echo-auth: Bearer {BACKEND_KEY}\r\nx-other: kept\r\nX-Echo-Auth: plain\r\nlink: <https://h/?k={BACKEND_KEY}&again={BACKEND_KEY}>\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = gateway_before(upstream, answer).await;
+        let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert!(
+            !format!("{:?}", r.headers).contains(BACKEND_KEY),
+            "{:?}",
+            r.headers
+        );
+        let echoed: Vec<&str> = (r.headers.get_all("x-echo-auth").iter())
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(echoed, ["Bearer [redacted]", "plain"], "{status}");
+        assert_eq!(
+            r.header("link"),
+            "<https://h/?k=[redacted]&again=[redacted]>"
+        );
+        assert_eq!(r.header("x-other"), "kept");
+        assert_eq!(r.text(), body, "{status}");
+    }
+}
+
 /// A backend written by hand: reads one request per connection and sends
 /// `answer`, on every connection.
 fn answer_every_request(upstream: tokio::net::TcpListener, answer: String) {

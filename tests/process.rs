@@ -54,7 +54,10 @@ fn check_fails_when_it_cannot_print_the_configuration() {
         &dir,
         "[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n",
     );
-    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
     let out = Command::new(BIN)
         .args(["check", "--config"])
         .arg(&path)

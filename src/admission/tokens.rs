@@ -1424,7 +1424,14 @@ mod tests {
             prompt_tokens: 7,
             completion_tokens: 3,
         });
-        for trailing in [10, TAIL_BYTES - 100, TAIL_BYTES + 1, 40_000, 3 * TAIL_BYTES + 5, 200_000] {
+        for trailing in [
+            10,
+            TAIL_BYTES - 100,
+            TAIL_BYTES + 1,
+            40_000,
+            3 * TAIL_BYTES + 5,
+            200_000,
+        ] {
             let body = format!(
                 "{{\"choices\":[{{\"text\":\"x\"}}],{usage},\"prompt_logprobs\":\"{}\"}}",
                 "p".repeat(trailing)
@@ -1444,7 +1451,11 @@ mod tests {
         );
         for size in [100, TAIL_BYTES, body.len()] {
             let chunks: Vec<&[u8]> = body.as_bytes().chunks(size).collect();
-            assert_eq!(tail_of(&chunks).usage().map(|u| u.prompt_tokens), Some(2), "chunks of {size}");
+            assert_eq!(
+                tail_of(&chunks).usage().map(|u| u.prompt_tokens),
+                Some(2),
+                "chunks of {size}"
+            );
         }
     }
 
