@@ -112,7 +112,9 @@ pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
                 "tiers": tiers,
                 "models": models,
                 "in_flight": b.in_flight(),
-                "latency_ema_ms": b.live.latency_ema_ms(),
+                // SPEC's shape has a number here: 0 until a request
+                // through weir was answered by the backend.
+                "latency_ema_ms": b.live.latency_ema_ms().unwrap_or(0.0),
                 "ejected_until": ejected_until,
                 "ejections": health.ejections,
                 "rate_limited_until": health.rate_limited_until.filter(|&t| t > now).map(to_wall),

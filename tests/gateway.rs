@@ -773,7 +773,18 @@ async fn admin_and_probe_endpoints_answer() {
     let j = b.json();
     assert_eq!(j["backends"][0]["name"], "b1");
     assert_eq!(j["backends"][0]["models"][MODEL]["effective_weight"], 1);
+    // SPEC: `"latency_ema_ms": N`, a number also before any request.
+    assert_eq!(j["backends"][0]["latency_ema_ms"], 0.0, "{j}");
     assert!(!b.text().contains(BACKEND_KEY));
+    assert_eq!(
+        post(a, "/v1/chat/completions", &chat(MODEL, false))
+            .await
+            .status,
+        200
+    );
+    let j = get(a, "/admin/backends").await.json();
+    let ema = j["backends"][0]["latency_ema_ms"].as_f64().unwrap();
+    assert!(ema > 0.0, "{j}");
     let m = get(a, "/metrics").await;
     assert_eq!(m.status, 200);
     assert!(m.text().contains("weir_build_info"), "{}", m.text());
