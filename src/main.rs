@@ -71,7 +71,7 @@ struct HealthcheckArgs {
     config: Option<PathBuf>,
     /// URL to GET (plain http). Default: `/healthz` on the `server.listen`
     /// of `--config` / $WEIR_CONFIG when one is given, else
-    /// http://127.0.0.1:8080/healthz.
+    /// http://127.0.0.1:8080/healthz. An empty one counts as unset.
     #[arg(long, env = "WEIR_HEALTHCHECK_URL")]
     url: Option<String>,
     /// Give up after this long, connecting included, e.g. "2s".
@@ -204,7 +204,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => runtime.block_on(demo(args)),
         Command::Mock(args) => runtime.block_on(mock(args)),
         Command::Healthcheck(args) => {
-            let url = match (args.url, &config) {
+            // An empty URL counts as unset, as an empty WEIR_CONFIG does
+            // (a templated `WEIR_HEALTHCHECK_URL=${X:-}`).
+            let url = match (args.url.filter(|u| !u.trim().is_empty()), &config) {
                 (Some(url), _) => url,
                 (None, None) => weir::healthcheck::DEFAULT_URL.to_owned(),
                 (None, Some(path)) => match std::fs::read_to_string(path)
@@ -500,7 +502,9 @@ async fn mock(args: MockArgs) -> anyhow::Result<()> {
     config.stall_after = args.stall_after;
     let listener = weir::mock::listen(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, "weir mock is serving");
+    // The port the OS chose for `:0`, not 0.
+    let bound = listener.local_addr().unwrap_or(args.listen);
+    tracing::info!(listen = %bound, "weir mock is serving");
     weir::mock::serve(listener, config, shutdown_signal()).await?;
     Ok(())
 }

@@ -89,6 +89,14 @@ async fn a_serving_gateway_is_healthy() {
     // The URL may come from the environment instead (docker run -e ...).
     let out = healthcheck(&[], Some(&url)).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // An empty one counts as unset (a templated `${X:-}`): the config's
+    // listen address is probed.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(&path, format!("[server]\nlisten = \"{}\"\n", gw.addr())).unwrap();
+    let out = healthcheck(&["--config", path.to_str().unwrap()], Some("")).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
 #[tokio::test]

@@ -114,6 +114,16 @@ fn check_prints_warnings_to_stderr_also_beside_errors() {
     assert!(text.contains("# warning: "), "{text}");
 }
 
+/// `weir mock --listen 127.0.0.1:0` logs the port the OS gave it, which
+/// answers: a script asking for a free port learns which.
+#[tokio::test]
+async fn mock_on_port_zero_logs_the_port_it_got() {
+    let args = ["mock", "--listen", "127.0.0.1:0"].map(std::ffi::OsStr::new);
+    let running = spawn_weir_args(&args, "info", &[]);
+    assert_ne!(running.addr.port(), 0, "{}", running.log.lock().unwrap());
+    assert_eq!(get(running.addr, "/v1/models").await.status, 200);
+}
+
 /// `weir mock` refuses shares outside 0..1 and rates that are not finite,
 /// as clap refuses any bad argument (exit 2), instead of running with them.
 #[test]

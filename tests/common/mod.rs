@@ -264,10 +264,15 @@ pub fn spawn_weir(config: &std::path::Path, rust_log: &str) -> Running {
 
 /// [`spawn_weir`] with more environment variables (e.g. `WEIR_REDIS_URL`).
 pub fn spawn_weir_env(config: &std::path::Path, rust_log: &str, env: &[(&str, &str)]) -> Running {
+    spawn_weir_args(&["--config".as_ref(), config.as_os_str()], rust_log, env)
+}
+
+/// Runs `weir ARGS` (the gateway, or `weir mock`) as [`spawn_weir_env`]
+/// does, and waits for the `listen=` line of its log.
+pub fn spawn_weir_args(args: &[&std::ffi::OsStr], rust_log: &str, env: &[(&str, &str)]) -> Running {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .arg("--config")
-        .arg(config)
+        .args(args)
         .env("BACKEND_KEY", BACKEND_KEY)
         .env("RUST_LOG", rust_log)
         .envs(env.iter().copied())
