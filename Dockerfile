@@ -46,8 +46,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /usr/local/bin/weir /usr/local/bin/weir
-# The example configuration, so that `weir check` and `weir demo` work out of
-# the box; mount your own over it (a Kubernetes ConfigMap, a bind mount).
+# The example configuration, so that `weir check` works out of the box;
+# mount your own over it (a Kubernetes ConfigMap, a bind mount). `weir demo`
+# needs no file (run it with `--listen 0.0.0.0:8080` to reach it from the
+# host).
 COPY config/weir.toml /etc/weir/weir.toml
 ENV WEIR_CONFIG=/etc/weir/weir.toml
 # distroless' "nonroot" user, by number: Kubernetes' runAsNonRoot can only
