@@ -91,8 +91,9 @@ struct MockArgs {
     /// Address to listen on, e.g. 127.0.0.1:9001.
     #[arg(long)]
     listen: SocketAddr,
-    /// Models to serve (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "mock-model")]
+    /// Models listed by /v1/models (comma-separated). Completions answer
+    /// whatever model a request names, as the mock checks no model.
+    #[arg(long, value_delimiter = ',', default_value = "mock-model", value_parser = model_name)]
     models: Vec<String>,
     /// Delay before the response headers / first chunk, e.g. "50ms".
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
@@ -154,6 +155,14 @@ impl MockArgs {
             ));
         }
         Ok(())
+    }
+}
+
+/// A model name for `weir mock --models`: not empty.
+fn model_name(text: &str) -> Result<String, String> {
+    match text.trim() {
+        "" => Err("a model name must not be empty".to_owned()),
+        name => Ok(name.to_owned()),
     }
 }
 

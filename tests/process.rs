@@ -132,6 +132,7 @@ fn mock_refuses_out_of_range_rates() {
         ["--failure-rate", "2"],
         ["--rate-limit-rate", "NaN"],
         ["--tokens-per-sec=-1", "--chunks=1"],
+        ["--models", "a,,b"],
     ] {
         let out = Command::new(BIN)
             .args(["mock", "--listen", "127.0.0.1:0"])
