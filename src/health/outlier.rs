@@ -77,7 +77,10 @@ pub(crate) fn report(
                 }
                 current
             });
-            if opened {
+            if opened && wait.is_zero() {
+                // `Retry-After: 0`, or a date already past: no window.
+                tracing::info!(backend = %backend.config.name, "backend rate-limited weir with a Retry-After already over; it stays in rotation");
+            } else if opened {
                 tracing::info!(backend = %backend.config.name, retry_after = ?wait, "backend rate-limited weir; out of rotation until its Retry-After");
                 shared.rebuild.notify_one();
             } else {
