@@ -43,6 +43,7 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
             .name("demo-fast")
             .models(vec![DEMO_MODEL.to_owned()])
             .latency(Duration::from_millis(40))
+            .pace_answers(true)
             .tokens_per_sec(60.0)
             .chunks(24),
     )
@@ -52,6 +53,7 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
             .name("demo-slow")
             .models(vec![DEMO_MODEL.to_owned()])
             .latency(Duration::from_millis(120))
+            .pace_answers(true)
             .tokens_per_sec(25.0)
             .chunks(24),
     )

@@ -131,6 +131,10 @@ struct MockArgs {
     /// Do not record requests (for load benchmarks).
     #[arg(long)]
     no_record: bool,
+    /// A non-stream completion also waits for its tokens at --tokens-per-sec
+    /// before it is answered, as an engine generates the whole answer first.
+    #[arg(long)]
+    pace_answers: bool,
 }
 
 /// A share for `weir mock`: a number from 0 to 1 (NaN refused).
@@ -507,7 +511,8 @@ async fn mock(args: MockArgs) -> anyhow::Result<()> {
         .rate_limit(args.rate_limit_rate, args.retry_after)
         .hang(args.hang)
         .name(args.name)
-        .record(!args.no_record);
+        .record(!args.no_record)
+        .pace_answers(args.pace_answers);
     config.stall_after = args.stall_after;
     let listener = weir::mock::listen(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -104,6 +104,10 @@ pub struct MockConfig {
     pub requests_waiting: Option<u64>,
     /// `vllm:kv_cache_usage_perc` in `/metrics` (default: 1% per in-flight request, at most 1).
     pub kv_cache_usage: Option<f64>,
+    /// A non-stream completion also waits for its tokens at `tokens_per_sec` before it is
+    /// answered, as an engine generates the whole answer first (`weir demo`, `weir mock
+    /// --pace-answers`). Off by default: tests pace streams and want quick probes.
+    pub pace_answers: bool,
 }
 
 /// One request as the mock saw it, for tests that check what the gateway forwarded.
@@ -194,6 +198,7 @@ impl Default for MockConfig {
             record: true,
             requests_waiting: None,
             kv_cache_usage: None,
+            pace_answers: false,
         }
     }
 }
@@ -224,6 +229,12 @@ impl MockConfig {
     /// Stream pacing; 0 or infinite = unpaced.
     pub fn tokens_per_sec(mut self, tokens_per_sec: f64) -> Self {
         self.tokens_per_sec = tokens_per_sec;
+        self
+    }
+
+    /// Non-stream completions wait for their tokens too (see [`MockConfig::pace_answers`]).
+    pub fn pace_answers(mut self, pace: bool) -> Self {
+        self.pace_answers = pace;
         self
     }
 
@@ -938,8 +949,25 @@ async fn infer(
             .unwrap_or(false);
         return stream_response(cfg, &completion, include_usage, in_flight);
     }
-    wait(cfg.latency).await;
+    let generating = if cfg.pace_answers {
+        token_interval(cfg)
+            .saturating_mul(completion.tokens)
+            .min(MAX_CHUNK_INTERVAL)
+    } else {
+        Duration::ZERO
+    };
+    wait(cfg.latency.saturating_add(generating)).await;
     answer(cfg, &completion.to_json(), in_flight)
+}
+
+/// The time one token takes at `tokens_per_sec`; zero when unpaced.
+fn token_interval(cfg: &MockConfig) -> Duration {
+    if cfg.tokens_per_sec.is_finite() && cfg.tokens_per_sec > 0.0 {
+        Duration::try_from_secs_f64(1.0 / cfg.tokens_per_sec)
+            .map_or(MAX_CHUNK_INTERVAL, |d| d.min(MAX_CHUNK_INTERVAL))
+    } else {
+        Duration::ZERO
+    }
 }
 
 /// A non-stream 200: in flight until its body is sent, which a `stall_after` holds back whole
@@ -1095,12 +1123,7 @@ fn stream_response(
     include_usage: bool,
     in_flight: Option<InFlight>,
 ) -> Response<MockBody> {
-    let interval = if cfg.tokens_per_sec.is_finite() && cfg.tokens_per_sec > 0.0 {
-        Duration::try_from_secs_f64(1.0 / cfg.tokens_per_sec)
-            .map_or(MAX_CHUNK_INTERVAL, |d| d.min(MAX_CHUNK_INTERVAL))
-    } else {
-        Duration::ZERO
-    };
+    let interval = token_interval(cfg);
     let pacing = (!cfg.latency.is_zero() || !interval.is_zero()).then(|| {
         let now = Instant::now();
         // A latency too large for the clock means "never"; an hour is as good as never here.
@@ -1600,6 +1623,24 @@ mod tests {
             "chunks not spread out: {:?}",
             fifth - first
         );
+    }
+
+    /// With `pace_answers`, a non-stream answer comes once its tokens are
+    /// generated: 5 tokens at 50/s after the 30 ms latency, 130 ms in all.
+    #[tokio::test]
+    async fn paced_answers_wait_for_their_tokens() {
+        let mock = MockConfig::new()
+            .chunks(5)
+            .tokens_per_sec(50.0)
+            .latency(ms(30))
+            .pace_answers(true)
+            .start()
+            .await
+            .expect("start");
+        let started = Instant::now();
+        let reply = send(&mock, chat(hello(json!({})))).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(started.elapsed() >= ms(130), "{:?}", started.elapsed());
     }
 
     #[tokio::test]
