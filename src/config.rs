@@ -925,6 +925,20 @@ impl Checker<'_> {
                 self.error(v.span(), key, "must be longer than 0");
                 default
             }
+            // tokio's timers tick in milliseconds: "1ns" would act as 1 ms
+            // while the file says otherwise.
+            Ok(d) if !d.is_zero() && d < Duration::from_millis(1) => {
+                self.error(
+                    v.span(),
+                    key,
+                    format!(
+                        "must be {}at least 1ms, the timers' resolution (got {:?})",
+                        if zero == Zero::Allowed { "0 or " } else { "" },
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
             Ok(d) if d > MAX_DURATION => {
                 self.error(
                     v.span(),
@@ -3886,6 +3900,35 @@ x = 1
             (e.line, e.column, e.key.as_str()),
             (10, 25, "health.liveness.interval")
         );
+    }
+
+    /// A duration under 1 ms (other than 0 where 0 is allowed) is refused:
+    /// the timers tick in milliseconds, so "1ns" would act as 1 ms.
+    #[test]
+    fn a_duration_below_the_timers_resolution_is_refused() {
+        for (section, key, value, says) in [
+            ("health.readiness", "timeout", "1ns", "must be at least 1ms"),
+            ("server", "request_timeout", "999us", "must be at least 1ms"),
+            (
+                "server",
+                "shutdown_grace",
+                "500us",
+                "must be 0 or at least 1ms",
+            ),
+        ] {
+            let e = one_error(&format!("{MINIMAL}[{section}]\n{key} = \"{value}\"\n"));
+            assert_eq!(e.key, format!("{section}.{key}"));
+            assert!(e.message.contains(says), "{e}");
+        }
+        for value in ["0s", "1ms", "1ms 500us"] {
+            assert!(
+                parse(&format!(
+                    "{MINIMAL}[server]\nshutdown_grace = \"{value}\"\n"
+                ))
+                .is_ok(),
+                "{value}"
+            );
+        }
     }
 
     #[test]
