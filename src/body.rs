@@ -409,7 +409,14 @@ impl ProxiedBody {
                 *value = redacted(value.as_bytes());
             }
         }
+        // Before the response is stamped `own_headers` is empty, so the
+        // names weir sets itself are left out here by name: moved into
+        // `map`, a backend's copy would be written beside weir's own.
         let passed: Vec<(&[u8], &[u8])> = (self.backend_headers(map))
+            .filter(|(_, name, _)| {
+                !(OWN_HEADER_NAMES.iter())
+                    .any(|own| name.eq_ignore_ascii_case(own.as_str().as_bytes()))
+            })
             .map(|(_, name, value)| (name, value))
             .collect();
         let named: Vec<&[u8]> = (passed.iter())

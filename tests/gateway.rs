@@ -432,7 +432,7 @@ async fn a_backend_header_quoting_its_key_reaches_the_client_without_it() {
         ("400 Bad Request", r#"{"error":{"message":"no"}}"#),
     ] {
         let answer = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nx-echo-auth: Bearer {BACKEND_KEY}\r\nx-other: kept\r\nX-Echo-Auth: plain\r\nlink: <https://h/?k={BACKEND_KEY}&again={BACKEND_KEY}>\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nx-echo-auth: Bearer {BACKEND_KEY}\r\nx-other: kept\r\nX-Echo-Auth: plain\r\nlink: <https://h/?k={BACKEND_KEY}&again={BACKEND_KEY}>\r\nx-request-id: {BACKEND_KEY}\r\nx-weir-backend: {BACKEND_KEY}\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
         let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -452,6 +452,10 @@ async fn a_backend_header_quoting_its_key_reaches_the_client_without_it() {
             "<https://h/?k=[redacted]&again=[redacted]>"
         );
         assert_eq!(r.header("x-other"), "kept");
+        // A backend's copies of weir's own headers never pass, key or not.
+        assert_eq!(r.headers.get_all("x-request-id").iter().count(), 1);
+        assert_eq!(r.headers.get_all("x-weir-backend").iter().count(), 1);
+        assert_eq!(r.header("x-weir-backend"), "raw");
         assert_eq!(r.text(), body, "{status}");
     }
 }
