@@ -69,6 +69,17 @@ pub const TAIL_BYTES: usize = 16 * 1024;
 /// JSON string never matches.
 const USAGE_KEY: &[u8] = b"\"usage\"";
 
+/// The most bytes of one `usage` value handed to the parser. A real one is a
+/// few hundred bytes (with OpenAI's `*_tokens_details`); parsing is cut off
+/// here, so a body of `"usage"` keys nested in each other costs each key
+/// this much, not the rest of the body.
+const MAX_USAGE_JSON: usize = 4 * 1024;
+
+/// The most `usage` values [`UsageTail`] parses in the bytes leaving its
+/// tail, over a whole body: a real answer has one or two; a backend sending
+/// thousands would otherwise cost that many parses.
+const MAX_EARLIER_PARSES: u32 = 64;
+
 /// The token cost a request is admitted with, before the response says what it
 /// really cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +179,9 @@ pub struct UsageTail {
     first: Bytes,
     /// The last `usage` object whose key was in bytes that have left `buf`.
     earlier: Option<Usage>,
+    /// The `usage` values parsed so far in bytes leaving `buf`: no more
+    /// than [`MAX_EARLIER_PARSES`].
+    earlier_parses: u32,
 }
 
 /// The SSE line scanner's state between bytes (and frames).
@@ -519,7 +533,8 @@ impl UsageTail {
         for piece in chunk.chunks(TAIL_BYTES) {
             if self.buf.len().saturating_add(piece.len()) > 2 * TAIL_BYTES {
                 let drop = self.buf.len().saturating_sub(TAIL_BYTES);
-                if let Some(usage) = last_usage_starting_before(&self.buf, drop) {
+                let budget = &mut self.earlier_parses;
+                if let Some(usage) = last_usage_starting_before(&self.buf, drop, budget) {
                     self.earlier = Some(usage);
                 }
                 self.buf.drain(..drop);
@@ -538,20 +553,32 @@ impl UsageTail {
         } else {
             &self.first
         };
+        let before_tail = kept.len().saturating_sub(TAIL_BYTES);
+        let mut budget = self.earlier_parses;
         usage_near_end(kept)
-            .or_else(|| last_usage_starting_before(kept, kept.len().saturating_sub(TAIL_BYTES)))
+            .or_else(|| last_usage_starting_before(kept, before_tail, &mut budget))
             .or(self.earlier)
     }
 }
 
 /// The last usable `usage` object in `body` whose key starts before `end`
 /// (its object may run on past it): the bytes about to leave a tail.
-fn last_usage_starting_before(body: &[u8], end: usize) -> Option<Usage> {
+/// `parses` counts the values parsed, [`MAX_EARLIER_PARSES`] at most.
+fn last_usage_starting_before(body: &[u8], end: usize, parses: &mut u32) -> Option<Usage> {
     let keys_end = end.saturating_add(USAGE_KEY.len() - 1).min(body.len());
     let mut found = None;
     for at in memchr::memmem::find_iter(body.get(..keys_end)?, USAGE_KEY) {
+        if *parses >= MAX_EARLIER_PARSES {
+            break;
+        }
         let after = body.get(at.saturating_add(USAGE_KEY.len())..)?;
-        if let Some(usage) = usage_after_key(after) {
+        // Only a key followed by an object is parsed (and counted): not
+        // `"decoded_token":"usage"` in vLLM's logprobs.
+        let Some(value) = usage_value(after) else {
+            continue;
+        };
+        *parses += 1;
+        if let Some(usage) = parse_usage(value) {
             found = Some(usage);
         }
     }
@@ -756,10 +783,24 @@ fn data_value(line: &[u8]) -> Option<&[u8]> {
 
 /// The usage object after a `"usage"` key: `: {...}`, whitespace allowed.
 fn usage_after_key(after: &[u8]) -> Option<Usage> {
-    let start = after.iter().position(|b| !b.is_ascii_whitespace())?;
-    let value = after.get(start..)?.strip_prefix(b":")?;
+    parse_usage(usage_value(after)?)
+}
+
+/// What follows a `"usage"` key when it is `:` and an object: the object
+/// on (with the rest of the text), else None.
+fn usage_value(after: &[u8]) -> Option<&[u8]> {
+    let skip = |text: &[u8]| text.iter().position(|b| !b.is_ascii_whitespace());
+    let value = after.get(skip(after)?..)?.strip_prefix(b":")?;
+    let value = value.get(skip(value)?..)?;
+    value.starts_with(b"{").then_some(value)
+}
+
+/// The usage object at the start of `value`, read from its first
+/// [`MAX_USAGE_JSON`] bytes.
+fn parse_usage(value: &[u8]) -> Option<Usage> {
+    let value = value.get(..MAX_USAGE_JSON).unwrap_or(value);
     let mut de = serde_json::Deserializer::from_slice(value);
-    let usage = Option::<UsageJson>::deserialize(&mut de).ok()??;
+    let usage = UsageJson::deserialize(&mut de).ok()?;
     usage.into_usage().filter(Usage::is_plausible)
 }
 
@@ -1412,6 +1453,40 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    /// A body of `"usage"` keys nested in each other (a hostile backend)
+    /// costs a bounded number of bounded parses, not one parse of the rest
+    /// of the body per key: at most [`MAX_EARLIER_PARSES`] of the keys
+    /// leaving the tail are parsed, and each parse sees at most
+    /// [`MAX_USAGE_JSON`] bytes.
+    #[test]
+    fn nested_usage_keys_cost_a_bounded_number_of_parses() {
+        let depth = 100_000;
+        let body = format!(
+            "{}{{\"prompt_tokens\":1}}{}",
+            "{\"usage\":".repeat(depth),
+            "}".repeat(depth)
+        );
+        for size in [1000, TAIL_BYTES, body.len()] {
+            let chunks: Vec<&[u8]> = body.as_bytes().chunks(size).collect();
+            let tail = tail_of(&chunks);
+            assert!(
+                tail.earlier_parses <= MAX_EARLIER_PARSES,
+                "chunks of {size}"
+            );
+            // Its one usable object is past the parses allowed: the
+            // estimate stands, as for an answer without usage.
+            assert_eq!(tail.usage(), None, "chunks of {size}");
+        }
+        // A logprob's token that reads "usage" is no key: not parsed.
+        let tokens = "{\"decoded_token\":\"usage\"},".repeat(5000);
+        let body =
+            format!("{{\"usage\":{{\"prompt_tokens\":2}},\"prompt_logprobs\":[{tokens}{{}}]}}");
+        let chunks: Vec<&[u8]> = body.as_bytes().chunks(1000).collect();
+        let tail = tail_of(&chunks);
+        assert_eq!(tail.earlier_parses, 1);
+        assert_eq!(tail.usage().map(|u| u.prompt_tokens), Some(2));
     }
 
     /// vLLM writes `prompt_logprobs` and `prompt_token_ids` after `usage`:
