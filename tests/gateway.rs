@@ -924,6 +924,43 @@ async fn h2c_a_stream_without_window_is_cut_after_request_timeout() {
     drop(response);
 }
 
+/// weir's own answers are bounded the same way: a client that grants no
+/// window and asks for a 404 or the model list (no key needed) cannot hold
+/// its connection past `request_timeout` from the answer.
+#[tokio::test]
+async fn h2c_an_own_answer_without_window_is_cut_after_request_timeout() {
+    let (gw, _m) = one_backend(
+        MockConfig::default(),
+        "[server]\nrequest_timeout = \"1s\"\nidle_timeout = \"60s\"\nheader_read_timeout = \"60s\"\n",
+    )
+    .await;
+    for path in ["/v1/nope", "/v1/models"] {
+        let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(0)
+                .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let closed = tokio::spawn(conn);
+        let request = hyper::Request::get(format!("http://{}{path}", gw.addr()))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert!(
+            response.status() == 404 || response.status() == 200,
+            "{path}"
+        );
+        // request_timeout (1 s) and the grace (1 s), with room for a busy host.
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .unwrap_or_else(|_| panic!("{path}: the connection is closed"))
+            .unwrap()
+            .ok();
+        drop(response);
+    }
+}
+
 /// On HTTP/2 too, ending `shutdown_grace` (as a second signal does, with
 /// `grace_ender`) ends a stream still running with its SSE `error` event
 /// and the stream's end, and answers a stream still queued (behind

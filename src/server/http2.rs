@@ -23,7 +23,9 @@
 //! `request_timeout`: the body's own deadline never gets polled. Each
 //! proxied response therefore has a watchdog; a body still held
 //! [`GOAWAY_GRACE`] after its deadline closes the connection (GOAWAY, then
-//! cut), which drops it. A client that reads slowly but grants window gets
+//! cut), which drops it. weir's own answers (errors, the model list) have
+//! one too, at `request_timeout` from the answer: without it a client
+//! granting no window held the connection, unauthenticated, forever. A client that reads slowly but grants window gets
 //! the body's own timeout (an SSE `error` event) instead.
 
 use std::{
@@ -79,6 +81,9 @@ pub(super) async fn serve(
     let cut = CancellationToken::new();
     let conn_cut = cut.clone();
     let grace_shared = shared.clone();
+    // How long weir's own answer may wait for window: as long as a client
+    // may take no byte of any response.
+    let own_answer_limit = timeouts.write;
     let io = ClientIo::new(stream, prefix, watch.clone(), timeouts);
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         // Counted from the moment hyper hands the request over until it
@@ -173,7 +178,19 @@ pub(super) async fn serve(
                     Some(watch_stuck(proxied.deadline(), stuck)),
                     Some(cut.cancelled_owned()),
                 ),
-                GatewayBody::Full(_) => (None, None),
+                // An empty body needs no window (a zero-length DATA frame
+                // is not flow-controlled).
+                GatewayBody::Full(_) if response.body().size_hint().exact() == Some(0) => {
+                    (None, None)
+                }
+                // A 404, a 401, the model list: a client granting no
+                // window would hold the connection forever (no deadline
+                // of a request bounds it, and the reader's timers stop
+                // while a response is held).
+                GatewayBody::Full(_) => (
+                    Some(watch_stuck(Instant::now() + own_answer_limit, stuck)),
+                    None,
+                ),
             };
             // hyper would send a 204's empty body as `content-length: 0`,
             // which RFC 9110 §8.6 forbids (HTTP/1.1 heads leave it out).
