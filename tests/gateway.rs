@@ -961,6 +961,76 @@ async fn h2c_an_own_answer_without_window_is_cut_after_request_timeout() {
     }
 }
 
+/// HTTP/2 "rapid reset", also with each reset sent after the response
+/// head (past h2's own guard, which counts resets before a stream is
+/// accepted): a connection on which the client cancelled half or more of
+/// at least 100 streams is closed (Envoy's rule). One that cancels fewer
+/// stays open.
+#[tokio::test]
+async fn h2c_a_client_cancelling_most_of_its_streams_is_cut_off() {
+    let (gw, _m) = one_backend(
+        MockConfig::default().tokens_per_sec(1000.0).chunks(2000),
+        "",
+    )
+    .await;
+    let connect = || async {
+        let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        (sender, tokio::spawn(conn))
+    };
+    // A stream (dropped after its head), or the model list (read whole).
+    let request = |stream: bool| {
+        let uri = format!("http://{}/v1/chat/completions", gw.addr());
+        match stream {
+            true => hyper::Request::post(uri)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(Bytes::from(chat(MODEL, true)))),
+            false => hyper::Request::get(uri.replace("chat/completions", "models"))
+                .body(http_body_util::Full::new(Bytes::new())),
+        }
+        .unwrap()
+    };
+    // 80 whole answers and 40 streams dropped after their head: fewer
+    // than half cancelled, the connection stays.
+    let (mut sender, closed) = connect().await;
+    for i in 0..120 {
+        let cancel = i % 3 == 0;
+        let response = sender.send_request(request(cancel)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        if !cancel {
+            response.into_body().collect().await.unwrap();
+        }
+    }
+    let response = sender.send_request(request(false)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!closed.is_finished());
+    // Every stream dropped after its head: closed at the 100th.
+    let (mut sender, closed) = connect().await;
+    for _ in 0..100 {
+        match sender.send_request(request(true)).await {
+            Ok(response) => drop(response),
+            Err(_) => break,
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the connection is closed")
+        .unwrap()
+        .ok();
+    // Others are served as before.
+    assert_eq!(
+        post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false))
+            .await
+            .status,
+        200
+    );
+}
+
 /// On HTTP/2 too, ending `shutdown_grace` (as a second signal does, with
 /// `grace_ender`) ends a stream still running with its SSE `error` event
 /// and the stream's end, and answers a stream still queued (behind

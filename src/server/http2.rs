@@ -35,7 +35,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll, Waker},
@@ -75,6 +75,7 @@ pub(super) async fn serve(
     let watch = Arc::new(ConnWatch::default());
     let expired = watch.expired.clone();
     let stuck = watch.stuck.clone();
+    let resets = watch.reset_flood.clone();
     // Cancelled by this task when `shutdown_grace` ends (see `until_cut`):
     // the streams still waiting are answered 503, the SSE streams still
     // running get their `error` event (`ConnBody`).
@@ -234,6 +235,13 @@ pub(super) async fn serve(
             conn.as_mut().graceful_shutdown();
             until_cut(conn, grace_end, &conn_cut).await
         }
+        () = resets.cancelled() => {
+            tracing::info!(%peer, "the client cancelled half or more of its streams on this connection (at least 100): closing it");
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(GOAWAY_GRACE, conn.as_mut())
+                .await
+                .unwrap_or(Ok(()))
+        }
         () = stuck.cancelled() => {
             tracing::debug!(%peer, "a response outlived request_timeout without window: closing");
             conn.as_mut().graceful_shutdown();
@@ -281,7 +289,23 @@ struct ConnWatch {
     /// Cancelled when a response body outlives its deadline because the
     /// client gives it no window (see the module doc).
     stuck: CancellationToken,
+    /// Streams handed over, and those the client cancelled before their
+    /// response ended (reset, or the connection's request dropped).
+    streams: AtomicU32,
+    cancelled: AtomicU32,
+    /// Cancelled when [`PREMATURE_RESETS`] says the client is resetting
+    /// streams to make weir and its backends work for nothing (the "rapid
+    /// reset" attack, also with each reset sent a little later, past h2's
+    /// own guard): the connection is closed.
+    reset_flood: CancellationToken,
 }
+
+/// Envoy's rule for premature resets: once a connection has had at least
+/// `.0` streams, it is closed when the client cancelled half or more of
+/// them. A client that stops a stream now and then never comes near it; one
+/// that cancels thousands a second (each one a backend request weir sent
+/// and a backend connection it closed) is cut after a hundred.
+const PREMATURE_RESETS: (u32, u32) = (100, 2);
 
 /// The most a stream buffers for a client that reads slowly.
 const MAX_SEND_BUF: usize = 16 * 1024;
@@ -301,18 +325,34 @@ fn watch_stuck(deadline: Instant, stuck: CancellationToken) -> oneshot::Sender<I
 }
 
 /// One request in [`ConnWatch::busy`], from hyper handing it over until
-/// its response body is dropped.
-struct Busy(Arc<ConnWatch>);
+/// its response body is dropped; dropped before [`Busy::finish`], the
+/// client cancelled it.
+struct Busy(Arc<ConnWatch>, AtomicBool);
 
 impl Busy {
     fn new(watch: Arc<ConnWatch>) -> Self {
         watch.busy.fetch_add(1, Ordering::AcqRel);
-        Self(watch)
+        watch.streams.fetch_add(1, Ordering::Relaxed);
+        Self(watch, AtomicBool::new(false))
+    }
+
+    /// The response ended (or failed on weir's side): not the client's
+    /// cancellation.
+    fn finish(&self) {
+        self.1.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        if !self.1.load(Ordering::Relaxed) {
+            let cancelled = self.0.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+            let streams = self.0.streams.load(Ordering::Relaxed);
+            let (least, share) = PREMATURE_RESETS;
+            if streams >= least && cancelled.saturating_mul(share) >= streams {
+                self.0.reset_flood.cancel();
+            }
+        }
         if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
             let reader = self
                 .0
@@ -353,6 +393,9 @@ impl Body for ConnBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
         let poll = Pin::new(&mut *this.inner).poll_frame(cx);
+        if matches!(poll, Poll::Ready(None | Some(Err(_)))) {
+            this._busy.finish();
+        }
         if poll.is_ready() {
             return poll;
         }
@@ -361,6 +404,8 @@ impl Body for ConnBody {
             return Poll::Pending;
         }
         this.cut.set(None);
+        // weir ends it, not the client.
+        this._busy.finish();
         // An SSE stream ends with its `error` event (then `None`: the
         // body is finished); another body is reset, as a backend failure
         // resets it.
@@ -371,7 +416,11 @@ impl Body for ConnBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let end = self.inner.is_end_stream();
+        if end {
+            self._busy.finish();
+        }
+        end
     }
 
     /// Unknown for a 204 or 304, so that hyper, which announces a known
