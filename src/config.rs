@@ -1128,16 +1128,17 @@ impl Checker<'_> {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> ServerConfig {
         let raw = raw.map(Spanned::into_inner).unwrap_or_default();
-        let listen = raw
-            .listen
-            .as_ref()
-            .and_then(|v| self.socket_addr(v, "server.listen"))
-            .unwrap_or(defaults::LISTEN);
+        let given_listen = (raw.listen.as_ref()).map(|v| self.socket_addr(v, "server.listen"));
+        let listen = given_listen.flatten().unwrap_or(defaults::LISTEN);
+        // A refused listen (bad text, or a wrong type the schema pass took
+        // out) is not compared: its default is not what the file says.
+        let listen_known =
+            !matches!(given_listen, Some(None)) && !self.near_taken_out("server.listen");
         let admin_listen = raw
             .admin_listen
             .as_ref()
             .and_then(|v| self.socket_addr(v, "server.admin_listen"));
-        if let (Some(admin), Some(v)) = (admin_listen, &raw.admin_listen) {
+        if let (Some(admin), Some(v), true) = (admin_listen, &raw.admin_listen, listen_known) {
             // Port 0 asks the OS for a free port, so two port-0 addresses never clash.
             if admin == listen && admin.port() != 0 {
                 self.error(
@@ -4212,6 +4213,13 @@ budget_percent = 200
                     assert_eq!(e.0[0].key, "server.admin_listen");
                 }
             }
+        }
+        // A refused listen is not compared with (its default, 0.0.0.0:8080).
+        for listen in ["9000", "\"127.0.0.1:99999\""] {
+            let e = one_error(&format!(
+                "[server]\nlisten = {listen}\nadmin_listen = \"127.0.0.1:8080\"\n{MINIMAL}"
+            ));
+            assert_eq!(e.key, "server.listen", "{e}");
         }
         let e = one_error(&format!("[server]\nmax_connections = 0\n{MINIMAL}"));
         assert_eq!(e.key, "server.max_connections");
