@@ -536,6 +536,7 @@ impl Config {
                 .chain(text.match_indices('\n').map(|(i, _)| i + 1))
                 .collect(),
             taken_out: HashSet::new(),
+            items_taken_out: HashMap::new(),
         };
         // Syntax first, with recovery, so every syntax error is reported at once.
         let (_, syntax) = toml::de::DeTable::parse_recoverable(text);
@@ -578,6 +579,7 @@ impl Config {
                 ),
             )
         });
+        check.items_taken_out = items_taken_out(&check.taken_out);
         // The rest of the file is still checked when only whole entries
         // had to be left out, so one run lists every error.
         let Some(raw) = raw else {
@@ -825,10 +827,18 @@ struct Checker<'a> {
     /// wrong types): what is checked after them sees those keys missing or
     /// at their defaults, which is not news.
     taken_out: HashSet<String>,
+    /// The array items among them, by array (`backends[0].models` → the
+    /// indices taken out, ascending): what is checked after them counts the
+    /// items left, so its key paths are put back into the file's indices.
+    items_taken_out: HashMap<String, Vec<usize>>,
 }
 
 impl Checker<'_> {
     fn located(&self, span: &Range<usize>, key: String, message: String) -> ConfigError {
+        let key = match self.items_taken_out.is_empty() {
+            true => key,
+            false => key_in_file(&key, &self.items_taken_out),
+        };
         // Where the line starts, then the characters before the offset on
         // it: a file with thousands of errors is not read once per error.
         let index = self
@@ -2051,6 +2061,50 @@ impl Checker<'_> {
             key_prefix,
         })
     }
+}
+
+/// The array items among the key paths the schema pass took out: each
+/// array's path (in the file's indices) and the indices taken out of it.
+fn items_taken_out(taken_out: &HashSet<String>) -> HashMap<String, Vec<usize>> {
+    let mut items: HashMap<String, Vec<usize>> = HashMap::new();
+    for path in taken_out {
+        let Some((array, index)) = path.strip_suffix(']').and_then(|p| p.rsplit_once('[')) else {
+            continue;
+        };
+        if let Ok(index) = index.parse::<usize>() {
+            items.entry(array.to_owned()).or_default().push(index);
+        }
+    }
+    for indices in items.values_mut() {
+        indices.sort_unstable();
+    }
+    items
+}
+
+/// A key path counted on what the schema pass left (`backends[0]` is the
+/// first backend left) in the file's indices (`backends[1]` when the
+/// file's first was taken out), array by array from the outside in.
+fn key_in_file(key: &str, items_taken_out: &HashMap<String, Vec<usize>>) -> String {
+    let mut out = String::with_capacity(key.len());
+    let mut rest = key;
+    while let Some(open) = rest.find('[') {
+        let Some((index, after)) = rest[open + 1..].split_once(']') else {
+            break;
+        };
+        let Ok(mut index) = index.parse::<usize>() else {
+            break;
+        };
+        out.push_str(&rest[..open]);
+        for &taken in items_taken_out.get(&out).map_or(&[][..], Vec::as_slice) {
+            if taken <= index {
+                index += 1;
+            }
+        }
+        out.push_str(&format!("[{index}]"));
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Whether two listening addresses on the same port would clash: the same
@@ -3778,6 +3832,24 @@ x = 1
             (7, 22, "backends[0].models[3]", "invalid type"),
         ];
         assert_exactly(&errs, &expect);
+        // What is checked after the wrong items are taken out is named in
+        // the file's indices too, and none of it is lost.
+        let text = "[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:9001/v1\"\nmodels = [1, \"\", \"m\", \"m\"]\n";
+        let expect = [
+            (7, 11, "backends[0].models[0]", "invalid type"),
+            (7, 14, "backends[0].models[1]", "must not be empty"),
+            (7, 23, "backends[0].models[3]", "listed twice"),
+        ];
+        assert_exactly(&errors(text), &expect);
+        let text = "backends = [5, { name = \"b\", url = \"http://127.0.0.1:9001/v1\", models = [\"m\"], max_concurrent = 0 }]\n\n[[models]]\nname = \"m\"\n";
+        let errs = errors(text);
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["backends[0]", "backends[1].max_concurrent"],
+            "{}",
+            ConfigErrors(errs.clone())
+        );
     }
 
     /// Past the cap, the schema errors listed are the file's first ones,
