@@ -879,6 +879,27 @@ async fn demo_starts_and_answers() {
         .contains(&demo.gateway.addr().to_string()));
 }
 
+/// An HTTP/2 (prior knowledge) connection to `addr` whose client grants
+/// each stream `window` bytes (hyper's default when `None`); the task
+/// driving it ends when the connection closes.
+async fn h2c(
+    addr: std::net::SocketAddr,
+    window: Option<u32>,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(window)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 /// An HTTP/2 client that grants a stream no window cannot hold its
 /// response (and with it the model's only concurrency slot and the backend
 /// request) past `request_timeout`: hyper never polls a body it cannot
@@ -898,14 +919,7 @@ async fn h2c_a_stream_without_window_is_cut_after_request_timeout() {
         backend("b1", &m.base_url(), &[MODEL], 1)
     );
     let gw = gateway(&toml).await;
-    let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    let closed = tokio::spawn(conn);
+    let (mut sender, closed) = h2c(gw.addr(), Some(0)).await;
     let request = hyper::Request::post(format!("http://{}/v1/chat/completions", gw.addr()))
         .header("content-type", "application/json")
         .body(http_body_util::Full::new(Bytes::from(chat(MODEL, true))))
@@ -935,14 +949,7 @@ async fn h2c_an_own_answer_without_window_is_cut_after_request_timeout() {
     )
     .await;
     for path in ["/v1/nope", "/v1/models"] {
-        let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .initial_stream_window_size(0)
-                .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        let closed = tokio::spawn(conn);
+        let (mut sender, closed) = h2c(gw.addr(), Some(0)).await;
         let request = hyper::Request::get(format!("http://{}{path}", gw.addr()))
             .body(http_body_util::Full::new(Bytes::new()))
             .unwrap();
@@ -973,16 +980,7 @@ async fn h2c_a_client_cancelling_most_of_its_streams_is_cut_off() {
         "",
     )
     .await;
-    let connect = || async {
-        let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let (sender, conn) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        (sender, tokio::spawn(conn))
-    };
+    let connect = || h2c(gw.addr(), None);
     // A stream (dropped after its head), or the model list (read whole).
     let request = |stream: bool| {
         let uri = format!("http://{}/v1/chat/completions", gw.addr());
@@ -1051,13 +1049,7 @@ async fn h2c_streams_get_their_last_word_when_the_grace_is_ended() {
         backend("b1", &m.base_url(), &[MODEL], 1)
     );
     let gw = gateway(&toml).await;
-    let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2c(gw.addr(), None).await;
     let request = |stream: bool| {
         hyper::Request::post(format!("http://{}/v1/chat/completions", gw.addr()))
             .header("content-type", "application/json")
