@@ -170,13 +170,22 @@ pub struct UsageFilter {
 /// the tail itself has none.
 #[derive(Debug, Default)]
 pub struct UsageTail {
+    /// The body's only chunk so far, shared rather than copied (then there
+    /// is no `spill`): most non-stream responses arrive in one read and are
+    /// never copied. A second chunk moves it into the spill.
+    first: Bytes,
+    /// What a body of more than one chunk keeps, boxed: it lives in every
+    /// proxied response (whose box, at 1 KiB, just fits malloc's fastest
+    /// bins), and only bodies that arrive in pieces need it.
+    spill: Option<Box<Spill>>,
+}
+
+/// A [`UsageTail`] of a body that arrived in more than one chunk.
+#[derive(Debug, Default)]
+struct Spill {
     /// The last bytes of the body: at least the last [`TAIL_BYTES`] (or all of
     /// a shorter body), at most twice that, so trimming is amortised.
     buf: Vec<u8>,
-    /// The body's only chunk so far, shared rather than copied (then `buf`
-    /// is empty): most non-stream responses arrive in one read and are
-    /// never copied. A second chunk moves it into `buf`.
-    first: Bytes,
     /// The last `usage` object whose key was in bytes that have left `buf`.
     earlier: Option<Usage>,
     /// The `usage` values parsed so far in bytes leaving `buf`: no more
@@ -510,7 +519,7 @@ impl UsageTail {
     /// Keeps the last bytes of `chunk`. Copies every byte once (amortised), no
     /// more than [`TAIL_BYTES`] per call.
     pub fn push(&mut self, chunk: &Bytes) {
-        if self.buf.is_empty() && self.first.is_empty() {
+        if self.spill.is_none() && self.first.is_empty() {
             self.first = chunk.clone();
             return;
         }
@@ -519,14 +528,44 @@ impl UsageTail {
 
     /// [`Self::push`] for bytes that cannot be shared: always copied.
     fn push_slice(&mut self, chunk: &[u8]) {
+        let spill = self.spill.get_or_insert_with(Box::default);
         if !self.first.is_empty() {
             let first = std::mem::take(&mut self.first);
-            self.copy(&first);
+            spill.copy(&first);
         }
-        self.copy(chunk);
+        spill.copy(chunk);
     }
 
-    /// [`Self::push`] into `buf`: a window's worth at a time, so that every
+    /// The `usage` object nearest the end of the body: the last `"usage":`
+    /// key followed by an object with token counts, looked for in the last
+    /// [`TAIL_BYTES`] first (at any depth), then before them. None when
+    /// there is none or it does not parse.
+    pub fn usage(&self) -> Option<Usage> {
+        let (kept, earlier, mut budget): (&[u8], _, _) = match &self.spill {
+            Some(spill) => (&spill.buf, spill.earlier, spill.earlier_parses),
+            None => (&self.first, None, 0),
+        };
+        let before_tail = kept.len().saturating_sub(TAIL_BYTES);
+        usage_near_end(kept)
+            .or_else(|| last_usage_starting_before(kept, before_tail, &mut budget))
+            .or(earlier)
+    }
+
+    /// The bytes copied and kept (none while the body is one chunk).
+    #[cfg(test)]
+    fn held(&self) -> &[u8] {
+        self.spill.as_ref().map_or(&[], |spill| &spill.buf)
+    }
+
+    /// The `usage` values parsed in bytes that left the tail.
+    #[cfg(test)]
+    fn earlier_parses(&self) -> u32 {
+        self.spill.as_ref().map_or(0, |spill| spill.earlier_parses)
+    }
+}
+
+impl Spill {
+    /// [`UsageTail::push`] into `buf`: a window's worth at a time, so that every
     /// byte passes through `buf` and is looked at for `usage` as it leaves,
     /// with at least [`TAIL_BYTES`] after it to hold the object.
     fn copy(&mut self, chunk: &[u8]) {
@@ -542,29 +581,16 @@ impl UsageTail {
             self.buf.extend_from_slice(piece);
         }
     }
-
-    /// The `usage` object nearest the end of the body: the last `"usage":`
-    /// key followed by an object with token counts, looked for in the last
-    /// [`TAIL_BYTES`] first (at any depth), then before them. None when
-    /// there is none or it does not parse.
-    pub fn usage(&self) -> Option<Usage> {
-        let kept: &[u8] = if self.first.is_empty() {
-            &self.buf
-        } else {
-            &self.first
-        };
-        let before_tail = kept.len().saturating_sub(TAIL_BYTES);
-        let mut budget = self.earlier_parses;
-        usage_near_end(kept)
-            .or_else(|| last_usage_starting_before(kept, before_tail, &mut budget))
-            .or(self.earlier)
-    }
 }
 
 /// The last usable `usage` object in `body` whose key starts before `end`
 /// (its object may run on past it): the bytes about to leave a tail.
 /// `parses` counts the values parsed, [`MAX_EARLIER_PARSES`] at most.
 fn last_usage_starting_before(body: &[u8], end: usize, parses: &mut u32) -> Option<Usage> {
+    // Most answers fit in the tail: no search set up for nothing.
+    if end == 0 {
+        return None;
+    }
     let keys_end = end.saturating_add(USAGE_KEY.len() - 1).min(body.len());
     let mut found = None;
     for at in memchr::memmem::find_iter(body.get(..keys_end)?, USAGE_KEY) {
@@ -1396,9 +1422,13 @@ mod tests {
             let chunks: Vec<&[u8]> = body.as_bytes().chunks(size).collect();
             let tail = tail_of(&chunks);
             assert_eq!(tail.usage(), want, "chunks of {size}");
-            assert!(tail.buf.len() <= 2 * TAIL_BYTES);
+            assert!(tail.held().len() <= 2 * TAIL_BYTES);
             // A body in one chunk is kept by reference, not copied.
-            assert_eq!(tail.buf.is_empty(), chunks.len() == 1, "chunks of {size}");
+            assert_eq!(
+                tail.held().is_empty(),
+                chunks.len() == 1,
+                "chunks of {size}"
+            );
         }
         // embeddings: no completion_tokens
         let embeddings = b"{\"data\":[{\"embedding\":[0.1,0.2]}],\"usage\":{\"prompt_tokens\":8,\"total_tokens\":8}}";
@@ -1472,7 +1502,7 @@ mod tests {
             let chunks: Vec<&[u8]> = body.as_bytes().chunks(size).collect();
             let tail = tail_of(&chunks);
             assert!(
-                tail.earlier_parses <= MAX_EARLIER_PARSES,
+                tail.earlier_parses() <= MAX_EARLIER_PARSES,
                 "chunks of {size}"
             );
             // Its one usable object is past the parses allowed: the
@@ -1485,7 +1515,7 @@ mod tests {
             format!("{{\"usage\":{{\"prompt_tokens\":2}},\"prompt_logprobs\":[{tokens}{{}}]}}");
         let chunks: Vec<&[u8]> = body.as_bytes().chunks(1000).collect();
         let tail = tail_of(&chunks);
-        assert_eq!(tail.earlier_parses, 1);
+        assert_eq!(tail.earlier_parses(), 1);
         assert_eq!(tail.usage().map(|u| u.prompt_tokens), Some(2));
     }
 
@@ -1515,7 +1545,7 @@ mod tests {
                 let chunks: Vec<&[u8]> = body.as_bytes().chunks(size).collect();
                 let tail = tail_of(&chunks);
                 assert_eq!(tail.usage(), want, "{trailing} after, chunks of {size}");
-                assert!(tail.buf.len() <= 2 * TAIL_BYTES);
+                assert!(tail.held().len() <= 2 * TAIL_BYTES);
             }
         }
         // Two usage objects far apart: the later one.
@@ -1628,12 +1658,12 @@ mod tests {
             for frame in bytes.chunks(size) {
                 out.extend_from_slice(&filter.push(Bytes::copy_from_slice(frame)));
                 assert!(filter.partial.len() <= MAX_EVENT_BYTES, "{size}");
-                assert!(filter.skipped.buf.len() <= 2 * TAIL_BYTES, "{size}");
+                assert!(filter.skipped.held().len() <= 2 * TAIL_BYTES, "{size}");
             }
             out.extend_from_slice(&filter.finish());
             assert!(out == bytes, "frames of {size}: the stream is untouched");
             assert_eq!(filter.usage(), Some(RESPONSES_USAGE), "{size}");
-            assert_eq!(filter.skipped.buf.capacity(), 0, "given back");
+            assert!(filter.skipped.spill.is_none(), "given back");
         }
     }
 
