@@ -24,22 +24,27 @@ pub(crate) fn redact_str(text: &str, key: &str) -> String {
 
 /// Replaces every occurrence of `key` in `bytes` (a header value, which
 /// need not be UTF-8).
-pub(crate) fn redact_bytes(bytes: &[u8], key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    if !key.is_empty() {
-        for found in memmem::find_iter(bytes, key) {
-            // Occurrences overlapping one already replaced are not whole.
-            if found < at {
-                continue;
-            }
-            out.extend_from_slice(bytes.get(at..found).unwrap_or_default());
-            out.extend_from_slice(REDACTED.as_bytes());
-            at = found + key.len();
-        }
-    }
+pub(crate) fn redact_bytes(bytes: &[u8], key: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(bytes.len());
+    let at = match key.is_empty() {
+        true => 0,
+        false => replace_key(&mut out, bytes, &memmem::Finder::new(key)),
+    };
     out.extend_from_slice(bytes.get(at..).unwrap_or_default());
     out
+}
+
+/// Appends `text` to `out` with every occurrence of `finder`'s key
+/// replaced, up to the end of the last one; returns where the rest of
+/// `text` (not yet appended) starts.
+fn replace_key(out: &mut BytesMut, text: &[u8], finder: &memmem::Finder<'_>) -> usize {
+    let mut at = 0;
+    while let Some(found) = text.get(at..).and_then(|rest| finder.find(rest)) {
+        out.extend_from_slice(text.get(at..at + found).unwrap_or_default());
+        out.extend_from_slice(REDACTED.as_bytes());
+        at += found + finder.needle().len();
+    }
+    at
 }
 
 /// Removes a key from a body that arrives in pieces: an occurrence may
@@ -48,7 +53,7 @@ pub(crate) fn redact_bytes(bytes: &[u8], key: &[u8]) -> Vec<u8> {
 /// byte).
 #[derive(Debug)]
 pub(crate) struct KeyRedactor {
-    key: Box<[u8]>,
+    /// Finds the key, which it owns (`needle`).
     finder: memmem::Finder<'static>,
     held: BytesMut,
 }
@@ -60,7 +65,6 @@ impl KeyRedactor {
             return None;
         }
         Some(Self {
-            key: key.as_bytes().into(),
             finder: memmem::Finder::new(key.as_bytes()).into_owned(),
             held: BytesMut::new(),
         })
@@ -71,17 +75,13 @@ impl KeyRedactor {
         let mut buf = std::mem::take(&mut self.held);
         buf.extend_from_slice(&data);
         let mut out = BytesMut::with_capacity(buf.len());
-        let mut at = 0;
-        while let Some(found) = buf.get(at..).and_then(|rest| self.finder.find(rest)) {
-            out.extend_from_slice(buf.get(at..at + found).unwrap_or_default());
-            out.extend_from_slice(REDACTED.as_bytes());
-            at += found + self.key.len();
-        }
+        let at = replace_key(&mut out, &buf, &self.finder);
         let tail = buf.get(at..).unwrap_or_default();
         // The longest end of the tail that is the start of the key.
-        let keep = (1..self.key.len().min(tail.len() + 1))
+        let key = self.finder.needle();
+        let keep = (1..key.len().min(tail.len() + 1))
             .rev()
-            .find(|&n| tail.ends_with(self.key.get(..n).unwrap_or_default()))
+            .find(|&n| tail.ends_with(key.get(..n).unwrap_or_default()))
             .unwrap_or(0);
         let (send, hold) = tail.split_at(tail.len() - keep);
         out.extend_from_slice(send);
@@ -126,8 +126,8 @@ mod tests {
         ] {
             assert_eq!(redact_bytes(value, key), want);
         }
-        assert_eq!(redact_bytes(b"aaaa", b"aa"), b"[redacted][redacted]");
-        assert_eq!(redact_bytes(b"x", b""), b"x");
+        assert_eq!(redact_bytes(b"aaaa", b"aa"), &b"[redacted][redacted]"[..]);
+        assert_eq!(redact_bytes(b"x", b""), &b"x"[..]);
     }
 
     #[test]
