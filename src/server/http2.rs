@@ -25,8 +25,9 @@
 //! [`GOAWAY_GRACE`] after its deadline closes the connection (GOAWAY, then
 //! cut), which drops it. weir's own answers (errors, the model list) have
 //! one too, at `request_timeout` from the answer: without it a client
-//! granting no window held the connection, unauthenticated, forever. A client that reads slowly but grants window gets
-//! the body's own timeout (an SSE `error` event) instead.
+//! granting no window held the connection, unauthenticated, forever. A
+//! client that reads slowly but grants window gets the body's own timeout
+//! (an SSE `error` event) instead.
 
 use std::{
     convert::Infallible,
@@ -203,7 +204,7 @@ pub(super) async fn serve(
                 inner,
                 no_length,
                 cut,
-                _busy: busy,
+                busy,
                 _watchdog: watchdog,
             }))
         }
@@ -327,37 +328,43 @@ fn watch_stuck(deadline: Instant, stuck: CancellationToken) -> oneshot::Sender<I
 /// One request in [`ConnWatch::busy`], from hyper handing it over until
 /// its response body is dropped; dropped before [`Busy::finish`], the
 /// client cancelled it.
-struct Busy(Arc<ConnWatch>, AtomicBool);
+struct Busy {
+    watch: Arc<ConnWatch>,
+    /// The response ended, or weir ended it (set through `&self`, as
+    /// hyper asks `is_end_stream` through a shared reference).
+    finished: AtomicBool,
+}
 
 impl Busy {
     fn new(watch: Arc<ConnWatch>) -> Self {
         watch.busy.fetch_add(1, Ordering::AcqRel);
         watch.streams.fetch_add(1, Ordering::Relaxed);
-        Self(watch, AtomicBool::new(false))
+        Self {
+            watch,
+            finished: AtomicBool::new(false),
+        }
     }
 
     /// The response ended (or failed on weir's side): not the client's
     /// cancellation.
     fn finish(&self) {
-        self.1.store(true, Ordering::Relaxed);
+        self.finished.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if !self.1.load(Ordering::Relaxed) {
-            let cancelled = self.0.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
-            let streams = self.0.streams.load(Ordering::Relaxed);
+        let watch = &self.watch;
+        if !self.finished.load(Ordering::Relaxed) {
+            let cancelled = watch.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+            let streams = watch.streams.load(Ordering::Relaxed);
             let (least, share) = PREMATURE_RESETS;
             if streams >= least && cancelled.saturating_mul(share) >= streams {
-                self.0.reset_flood.cancel();
+                watch.reset_flood.cancel();
             }
         }
-        if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let reader = self
-                .0
-                .reader
-                .lock()
+        if watch.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let reader = (watch.reader.lock())
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
             if let Some(waker) = reader {
@@ -378,7 +385,7 @@ pin_project_lite::pin_project! {
         no_length: bool,
         #[pin]
         cut: Option<WaitForCancellationFutureOwned>,
-        _busy: Busy,
+        busy: Busy,
         _watchdog: Option<oneshot::Sender<Infallible>>,
     }
 }
@@ -394,7 +401,7 @@ impl Body for ConnBody {
         let mut this = self.project();
         let poll = Pin::new(&mut *this.inner).poll_frame(cx);
         if matches!(poll, Poll::Ready(None | Some(Err(_)))) {
-            this._busy.finish();
+            this.busy.finish();
         }
         if poll.is_ready() {
             return poll;
@@ -405,7 +412,7 @@ impl Body for ConnBody {
         }
         this.cut.set(None);
         // weir ends it, not the client.
-        this._busy.finish();
+        this.busy.finish();
         // An SSE stream ends with its `error` event (then `None`: the
         // body is finished); another body is reset, as a backend failure
         // resets it.
@@ -418,7 +425,7 @@ impl Body for ConnBody {
     fn is_end_stream(&self) -> bool {
         let end = self.inner.is_end_stream();
         if end {
-            self._busy.finish();
+            self.busy.finish();
         }
         end
     }
