@@ -590,15 +590,12 @@ impl Config {
         let config = check.config(raw, env);
         // A key taken out is then missing, or at its default: not news.
         // Nor is what that says of the entry around it or inside it.
-        let validation = check.errors.split_off(schema_errors);
+        let mut validation = check.errors.split_off(schema_errors);
+        validation.retain(|v| !check.near_taken_out(&v.key));
         let mut seen: HashSet<ConfigError> = HashSet::new();
-        let knock_on: Vec<bool> = (validation.iter())
-            .map(|v| check.near_taken_out(&v.key))
-            .collect();
         check.errors.extend(
-            (validation.into_iter().zip(knock_on))
-                .filter(|(_, knock_on)| !knock_on)
-                .map(|(v, _)| v)
+            validation
+                .into_iter()
                 // Each distinct error once (a model declared twice reaches
                 // some checks twice).
                 .filter(|v| seen.insert(v.clone())),
@@ -867,25 +864,30 @@ impl Checker<'_> {
         (self.taken_out.iter()).any(|taken| within(taken, key) || within(key, taken))
     }
 
-    /// Whether some backend's `models` list lost an entry to the schema
-    /// pass: which models are served is then not known in full.
-    fn served_models_incomplete(&self) -> bool {
-        (self.taken_out.iter()).any(|taken| {
-            taken == "backends"
-                || taken.strip_prefix("backends[").is_some_and(|rest| {
-                    rest.ends_with(']') && !rest.contains('.') || rest.contains("].models")
-                })
-        })
+    /// Whether two values a warning compares are both the file's: neither
+    /// was refused since `errors_before` (a refused one stands in as its
+    /// default) nor taken out by the schema pass.
+    fn both_taken(&self, errors_before: usize, keys: [&str; 2]) -> bool {
+        self.errors.len() == errors_before && !keys.iter().any(|key| self.near_taken_out(key))
     }
 
-    /// Whether some `[[models]]` entry lost its name or itself to the
-    /// schema pass: which models are declared is then not known in full.
-    fn declared_models_incomplete(&self) -> bool {
+    /// Whether the schema pass took out, in some entry of the array
+    /// section `section`, its `key` or part of it, or the entry, or the
+    /// whole section: what `key` says over all the entries (which models
+    /// backends serve, which are declared) is then not known in full.
+    fn lost_in_some_entry(&self, section: &str, key: &str) -> bool {
         (self.taken_out.iter()).any(|taken| {
-            taken == "models"
-                || taken.strip_prefix("models[").is_some_and(|rest| {
-                    rest.ends_with(']') && !rest.contains('.') || rest.ends_with("].name")
-                })
+            let Some(rest) = taken.strip_prefix(section) else {
+                return false;
+            };
+            let Some((index, inside)) = rest.strip_prefix('[').and_then(|r| r.split_once(']'))
+            else {
+                return rest.is_empty();
+            };
+            index.parse::<usize>().is_ok()
+                && (inside.is_empty()
+                    || (inside.strip_prefix('.').and_then(|i| i.strip_prefix(key)))
+                        .is_some_and(|r| r.is_empty() || r.starts_with(['.', '['])))
         })
     }
 
@@ -1190,9 +1192,10 @@ impl Checker<'_> {
         );
         // A refused value stands in as its default: comparing that would
         // warn about a value the file does not set.
-        let both_taken = self.errors.len() == errors_before
-            && !self.near_taken_out("server.request_timeout")
-            && !self.near_taken_out("server.first_byte_timeout");
+        let both_taken = self.both_taken(
+            errors_before,
+            ["server.request_timeout", "server.first_byte_timeout"],
+        );
         if both_taken && first_byte_timeout > request_timeout {
             self.warn_misordered(
                 (&raw.first_byte_timeout, "server.first_byte_timeout", first_byte_timeout),
@@ -1681,10 +1684,10 @@ impl Checker<'_> {
         let consequence =
             "a request that sets no max_tokens of its own needs more than the bucket holds (413)";
         // A max_tokens taken out stands in as its default: not compared.
+        let default_unknown = self.near_taken_out("defaults.max_tokens");
         let unknown_max_tokens: Vec<&str> = (raw_models.iter().enumerate())
             .filter(|(i, _)| {
-                self.near_taken_out(&format!("models[{i}].max_tokens"))
-                    || self.near_taken_out("defaults.max_tokens")
+                default_unknown || self.near_taken_out(&format!("models[{i}].max_tokens"))
             })
             .filter_map(|(_, raw)| raw.get_ref().name.as_ref().map(|n| n.get_ref().trim()))
             .collect();
@@ -1714,7 +1717,7 @@ impl Checker<'_> {
                 .iter()
                 .filter(|m| u64::from(m.max_tokens) > tpm.get())
                 .filter(|m| !unknown_max_tokens.contains(&m.name.as_str()))
-                .filter(|m| m.declared || !self.near_taken_out("defaults.max_tokens"))
+                .filter(|m| m.declared || !default_unknown)
                 .map(|m| m.name.as_str())
                 .collect();
             if !over.is_empty() {
@@ -1747,7 +1750,7 @@ impl Checker<'_> {
             );
         }
         // Declared models nobody serves (unknown when a list lost an entry).
-        let served_known = !self.served_models_incomplete();
+        let served_known = !self.lost_in_some_entry("backends", "models");
         for (i, m) in models.iter().enumerate() {
             if m.name.is_empty()
                 || !served_known
@@ -1767,7 +1770,7 @@ impl Checker<'_> {
         }
         // Models only backends name: warn once, add with [defaults] limits
         // (the warning is left out when a [[models]] name was taken out).
-        let declared_known = !self.declared_models_incomplete();
+        let declared_known = !self.lost_in_some_entry("models", "name");
         for (i, b) in backends.iter().enumerate() {
             for model in &b.models {
                 if models.iter().any(|m| &m.name == model) {
@@ -1842,9 +1845,13 @@ impl Checker<'_> {
         );
         // A probe that slow times out first, so slowness is never seen.
         // Compared only when both were taken (a refused one is its default).
-        let both_taken = self.errors.len() == errors_before
-            && !self.near_taken_out("health.readiness.timeout")
-            && !self.near_taken_out("health.readiness.degraded_latency");
+        let both_taken = self.both_taken(
+            errors_before,
+            [
+                "health.readiness.timeout",
+                "health.readiness.degraded_latency",
+            ],
+        );
         if both_taken && degraded_latency >= readiness_timeout {
             self.warn_misordered(
                 (&ready.degraded_latency, "health.readiness.degraded_latency", degraded_latency),
