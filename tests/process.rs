@@ -1309,3 +1309,88 @@ async fn a_waiting_request_does_not_take_a_backend_the_new_cas_brought_back() {
     assert_eq!(r.header("x-weir-backend"), "busy");
     assert_eq!(held.await.unwrap().status, 200);
 }
+
+/// A socket whose reads stop (pending for ever) once `frozen` is set: an
+/// HTTP/2 client that is not reading, as a process busy elsewhere is.
+struct StopsReading {
+    stream: tokio::net::TcpStream,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for StopsReading {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.frozen.load(std::sync::atomic::Ordering::Acquire) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for StopsReading {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// An idle HTTP/2 connection does not hold SIGTERM to the end of
+/// `shutdown_grace`: hyper's graceful close waits for the client to answer
+/// its PING, and a client that is not reading never does, so with no
+/// request left the connection gets a second to close and is then cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_an_idle_http2_client_that_is_not_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"120s\"\nidle_timeout = \"120s\"\n\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n{QUIET}"
+    );
+    let mut weir = spawn_weir(&write_config(&dir, &toml), "info");
+    let stream = tokio::net::TcpStream::connect(weir.addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = StopsReading {
+        stream,
+        frozen: frozen.clone(),
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(io))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let request = http::Request::get(format!("http://{}/healthz", weir.addr))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    frozen.store(true, std::sync::atomic::Ordering::Release);
+    signal(&weir.child, "-TERM");
+    let log = weir.log.clone();
+    let code =
+        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(20)))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(0), "{}", log.lock().unwrap());
+    conn.abort();
+}
