@@ -930,7 +930,7 @@ async fn weir_before_a_slow_stream(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
     // 10 chunks at 10/s: the stream runs for about a second.
-    let (m, _dir, mut weir) = weir_before_a_slow_stream(10, "20s").await;
+    let (m, _dir, weir) = weir_before_a_slow_stream(10, "20s").await;
     let addr = weir.addr;
     let stream =
         tokio::spawn(
@@ -950,10 +950,7 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
     );
     assert!(s.events().len() >= 10);
     let log = weir.log.clone();
-    let code =
-        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(20)))
-            .await
-            .unwrap();
+    let code = exit_of(weir, Duration::from_secs(20)).await;
     assert_eq!(code, Some(0), "{}", log.lock().unwrap());
 }
 
@@ -977,7 +974,7 @@ async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n\n[[models]]\nname = \"m\"\nmax_concurrent = 1\n\n{}{QUIET}",
         backend("b1", &m.base_url(), &["m"], 1)
     );
-    let mut weir = spawn_weir(&write_config(&dir, &toml), "info");
+    let weir = spawn_weir(&write_config(&dir, &toml), "info");
     let addr = weir.addr;
     let mut clients = Vec::new();
     for i in 0..4 {
@@ -997,10 +994,7 @@ async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     signal(&weir.child, "-TERM");
-    let code =
-        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(20)))
-            .await
-            .unwrap();
+    let code = exit_of(weir, Duration::from_secs(20)).await;
     assert_eq!(code, Some(0));
     let mut replies = Vec::new();
     for client in clients {
@@ -1047,7 +1041,7 @@ async fn requests_cut_at_the_end_of_the_grace_are_all_logged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_stops_at_once() {
     // 1,000 chunks at 10/s: far longer than the test.
-    let (m, _dir, mut weir) = weir_before_a_slow_stream(1000, "60s").await;
+    let (m, _dir, weir) = weir_before_a_slow_stream(1000, "60s").await;
     let addr = weir.addr;
     let request = raw_chat(&chat("m", true), "x-request-id: SECOND-CUT\r\n");
     let stream = tokio::spawn(async move { raw(addr, request, Duration::from_secs(30)).await });
@@ -1062,10 +1056,7 @@ async fn a_second_signal_stops_at_once() {
         "the first signal was taken"
     );
     signal(&weir.child, "-TERM");
-    let code =
-        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(10)))
-            .await
-            .unwrap();
+    let code = exit_of(weir, Duration::from_secs(10)).await;
     assert_eq!(code, Some(1), "{}", log.lock().unwrap());
     // Its stderr may still be on its way to the log reader after the exit.
     assert!(
@@ -1193,16 +1184,13 @@ async fn refused_within(addr: std::net::SocketAddr, within: Duration) -> bool {
 /// exits 0 long before the probe would have timed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_stuck_reload_stops_at_once() {
-    let (_m1, _m2, _dir, mut weir) = weir_reloading_onto_a_hanging_backend(1, "60s").await;
+    let (_m1, _m2, _dir, weir) = weir_reloading_onto_a_hanging_backend(1, "60s").await;
     // The old config keeps serving while the reload probes.
     let r = get(weir.addr, "/healthz").await;
     assert_eq!(r.status, 200);
     signal(&weir.child, "-TERM");
     let log = weir.log.clone();
-    let code =
-        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(10)))
-            .await
-            .unwrap();
+    let code = exit_of(weir, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0), "{}", log.lock().unwrap());
     let log = log.lock().unwrap().clone();
     assert!(log.contains("config reload called off"), "{log}");
@@ -1215,7 +1203,7 @@ async fn sigterm_during_a_stuck_reload_stops_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_during_a_stuck_reload_exits_one() {
     // 1,000 chunks at 10/s: far longer than the test.
-    let (m1, _m2, _dir, mut weir) = weir_reloading_onto_a_hanging_backend(1000, "60s").await;
+    let (m1, _m2, _dir, weir) = weir_reloading_onto_a_hanging_backend(1000, "60s").await;
     let addr = weir.addr;
     let request = raw_chat(&chat("m", true), "");
     let stream = tokio::spawn(async move { raw(addr, request, Duration::from_secs(30)).await });
@@ -1242,10 +1230,7 @@ async fn a_second_signal_during_a_stuck_reload_exits_one() {
         log.lock().unwrap()
     );
     signal(&weir.child, "-INT");
-    let code =
-        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(10)))
-            .await
-            .unwrap();
+    let code = exit_of(weir, Duration::from_secs(10)).await;
     assert_eq!(code, Some(1), "{}", log.lock().unwrap());
     // Its stderr may still be on its way to the log reader after the exit.
     assert!(
@@ -1365,7 +1350,7 @@ async fn sigterm_does_not_wait_for_an_idle_http2_client_that_is_not_reading() {
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"120s\"\nidle_timeout = \"120s\"\n\n[[models]]\nname = \"m\"\n\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n{QUIET}"
     );
-    let mut weir = spawn_weir(&write_config(&dir, &toml), "info");
+    let weir = spawn_weir(&write_config(&dir, &toml), "info");
     let stream = tokio::net::TcpStream::connect(weir.addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
     let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1387,10 +1372,7 @@ async fn sigterm_does_not_wait_for_an_idle_http2_client_that_is_not_reading() {
     frozen.store(true, std::sync::atomic::Ordering::Release);
     signal(&weir.child, "-TERM");
     let log = weir.log.clone();
-    let code =
-        tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, Duration::from_secs(20)))
-            .await
-            .unwrap();
+    let code = exit_of(weir, Duration::from_secs(20)).await;
     assert_eq!(code, Some(0), "{}", log.lock().unwrap());
     conn.abort();
 }

@@ -335,6 +335,14 @@ pub fn wait_exit(child: &mut std::process::Child, within: Duration) -> Option<i3
     None
 }
 
+/// [`wait_exit`] for a running weir, off the test's runtime: its exit
+/// code (`None` if it was still running after `within`, and was killed).
+pub async fn exit_of(mut weir: Running, within: Duration) -> Option<i32> {
+    tokio::task::spawn_blocking(move || wait_exit(&mut weir.child, within))
+        .await
+        .expect("the wait runs")
+}
+
 /// Polls `f` until it returns true or `within` passes.
 pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
