@@ -406,6 +406,12 @@ impl<'a> Exchange<'a> {
             Some(failure) => ApiError::BadGateway {
                 model: self.route.config.name.clone(),
                 detail: failure.detail(),
+                // The last word was a backend's 429: the client may come
+                // back when the first backend's window has passed.
+                retry_after: match failure {
+                    Failure::Status(StatusCode::TOO_MANY_REQUESTS) => back_in(self.route),
+                    _ => None,
+                },
             },
         })
     }
@@ -1023,17 +1029,23 @@ fn hold_off(paused: &mut Vec<(usize, Instant)>, i: usize, pause: Duration) {
 /// a `Retry-After` until the first comes back.
 #[cold]
 fn no_backend(route: &ModelRoute) -> ApiError {
+    ApiError::NoHealthyBackend {
+        model: route.config.name.clone(),
+        retry_after: back_in(route),
+    }
+}
+
+/// When every backend of the model is held out by the clock alone (a
+/// 429's `Retry-After`, an ejection), how long until the first is back.
+fn back_in(route: &ModelRoute) -> Option<Duration> {
     let now = Instant::now();
-    let back = route
+    route
         .members
         .iter()
         .map(|m| m.backend.live.with_health(|h| h.back_at(now)))
         .collect::<Option<Vec<Instant>>>()
-        .and_then(|backs| backs.into_iter().min());
-    ApiError::NoHealthyBackend {
-        model: route.config.name.clone(),
-        retry_after: back.map(|at| at.saturating_duration_since(now)),
-    }
+        .and_then(|backs| backs.into_iter().min())
+        .map(|at| at.saturating_duration_since(now))
 }
 
 /// Refuses, before reading it, a body whose bytes are not the JSON weir

@@ -692,6 +692,35 @@ async fn an_upstream_429_sends_traffic_elsewhere_until_retry_after() {
     assert!(back);
 }
 
+/// When a model's every attempt ends in a backend's 429 (here its only
+/// backend, with one attempt allowed), the 502 carries a `Retry-After`
+/// until that backend's window ends, as the 503 of the requests after it
+/// does, so an SDK retrying the 502 waits for it; a 502 from a 5xx has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_502_after_a_backend_429_says_when_to_come_back() {
+    let ms = mocks(1, MockConfig::default()).await;
+    ms[0].update(|c| {
+        c.rate_limit_rate = 1.0;
+        c.retry_after = 30;
+    });
+    let rest = "[health]\nenabled = false\n\n[retry]\nmax_attempts = 1\n";
+    let gw = gateway(&config_for(&ms, &[1], rest, "")).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let wait: u64 = r.header("retry-after").parse().unwrap_or(0);
+    assert!((29..=30).contains(&wait), "Retry-After {wait}");
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(!r.header("retry-after").is_empty());
+
+    let ms = mocks(1, MockConfig::default()).await;
+    ms[0].update(|c| c.failure_rate = 1.0);
+    let gw = gateway(&config_for(&ms, &[1], rest, "")).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.header("retry-after"), "");
+}
+
 /// Readiness probes every 50 ms, the other tiers effectively off, and
 /// `unhealthy_threshold` 2.
 const FAST_READINESS: &str = "[health]\nunhealthy_threshold = 2\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"50ms\", timeout = \"1s\", degraded_latency = \"1s\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";

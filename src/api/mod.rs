@@ -126,6 +126,11 @@ pub enum ApiError {
         model: String,
         /// The last attempt's failure, without secrets.
         detail: String,
+        /// When the last attempt was a backend's 429 and every backend is
+        /// held out by the clock: until the first is back, sent as
+        /// `Retry-After` so a client does not come back before weir can
+        /// serve it.
+        retry_after: Option<Duration>,
     },
     /// No backend of the model is in rotation (503 `no_healthy_backend`).
     #[error("No backend for model `{model}` is available right now.")]
@@ -315,7 +320,8 @@ impl ApiError {
                 headers,
                 ..
             } => (Some(*retry_after), Some(headers)),
-            ApiError::NoHealthyBackend { retry_after, .. } => (*retry_after, None),
+            ApiError::NoHealthyBackend { retry_after, .. }
+            | ApiError::BadGateway { retry_after, .. } => (*retry_after, None),
             _ => (None, None),
         };
         if let Some(wait) = retry_after {
@@ -686,6 +692,7 @@ mod tests {
                 ApiError::BadGateway {
                     model: "m".into(),
                     detail: "d".into(),
+                    retry_after: None,
                 },
                 502,
                 "upstream_error",
