@@ -295,7 +295,20 @@ impl<'a> Exchange<'a> {
             }
             let wait = self.first_byte_timeout.min(remaining);
             pending.working = Some((started, backend));
-            let outcome = upstream::forward(&backend.client, &request, wait).await;
+            let (outcome, wait) = match upstream::forward(&backend.client, &request, wait).await {
+                // A stream's headers alone tell the client nothing: they go
+                // out with its first event, so a backend that holds the
+                // stream back (a queue in front of its engine) is retried
+                // elsewhere, nothing having reached the client yet.
+                Ok(response) if is_successful_stream(&response) => {
+                    let left = self.deadline.saturating_duration_since(Instant::now());
+                    let wait = self.first_byte_timeout.min(left);
+                    let (parts, body) = response.into_parts();
+                    let primed = body.first_frame(wait).await;
+                    (primed.map(|body| Response::from_parts(parts, body)), wait)
+                }
+                outcome => (outcome, wait),
+            };
             pending.working = None;
             // Cut by weir's own `request_timeout` after queueing or earlier
             // attempts had used most of it (less than half of what a first
@@ -308,7 +321,11 @@ impl<'a> Exchange<'a> {
             let allowance = self
                 .first_byte_timeout
                 .min(self.snapshot.config.server.request_timeout);
-            if wait < allowance / 2 && matches!(outcome, Err(AttemptError::Timeout(_))) {
+            let timed_out = matches!(
+                outcome,
+                Err(AttemptError::Timeout(_) | AttemptError::NoFirstEvent(_))
+            );
+            if wait < allowance / 2 && timed_out {
                 return Err(self.timeout(wait));
             }
             // A kept-alive connection closed unanswered is most often the
@@ -402,7 +419,9 @@ impl<'a> Exchange<'a> {
         }
         Err(match last {
             None => no_backend(self.route),
-            Some(Failure::Attempt(AttemptError::Timeout(d))) => self.timeout(d),
+            Some(Failure::Attempt(AttemptError::Timeout(d) | AttemptError::NoFirstEvent(d))) => {
+                self.timeout(d)
+            }
             Some(failure) => ApiError::BadGateway {
                 model: self.route.config.name.clone(),
                 detail: failure.detail(),
@@ -949,6 +968,14 @@ fn is_event_stream(value: &[u8]) -> bool {
         .get(..SSE.len())
         .is_some_and(|v| v.eq_ignore_ascii_case(SSE))
         && matches!(value.get(SSE.len()), None | Some(b';' | b' ' | b'\t'))
+}
+
+/// Whether a backend's answer is a 2xx SSE stream, whose headers wait for
+/// its first event (see [`Exchange::run`]).
+fn is_successful_stream(response: &Response<UpstreamBody>) -> bool {
+    response.status().is_success()
+        && upstream_header(response.headers(), response.body(), Name::ContentType)
+            .is_some_and(is_event_stream)
 }
 
 /// A backend response's header of kind `kind`: in the map for an

@@ -85,6 +85,42 @@ pub enum UpstreamBody {
     Plain(conn::ResponseBody),
     /// Read through hyper-util.
     Tls(Incoming),
+    /// One whose first frame weir read before answering (an SSE answer's
+    /// first event: see `proxy`, which retries a stream that sends none
+    /// in time), handed on before the rest.
+    Primed(Box<Primed>),
+}
+
+/// An [`UpstreamBody`] and the frame already read from it.
+#[derive(Debug)]
+pub struct Primed {
+    first: Option<Frame<Bytes>>,
+    rest: UpstreamBody,
+}
+
+impl UpstreamBody {
+    /// Reads the body's first frame with data (or its end, or trailers),
+    /// for at most `wait`: the body with that frame put back in front, so
+    /// the client gets it as the body's first. An error, or nothing within
+    /// `wait`, is the attempt's failure: nothing has reached the client
+    /// yet, so another backend may be tried.
+    pub(crate) async fn first_frame(mut self, wait: Duration) -> Result<Self, AttemptError> {
+        let read = async {
+            loop {
+                match std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await {
+                    Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
+                    Some(Ok(frame)) => return Ok(Some(frame)),
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(None),
+                }
+            }
+        };
+        match tokio::time::timeout(wait, read).await {
+            Err(_) => Err(AttemptError::NoFirstEvent(wait)),
+            Ok(Err(e)) => Err(AttemptError::Protocol(e.to_string())),
+            Ok(Ok(first)) => Ok(UpstreamBody::Primed(Box::new(Primed { first, rest: self }))),
+        }
+    }
 }
 
 impl UpstreamBody {
@@ -94,6 +130,7 @@ impl UpstreamBody {
         match self {
             UpstreamBody::Plain(body) => Some(body.headers()),
             UpstreamBody::Tls(_) => None,
+            UpstreamBody::Primed(primed) => primed.rest.raw_headers(),
         }
     }
 
@@ -101,8 +138,10 @@ impl UpstreamBody {
     /// have been written: they share the read buffer's allocation, which
     /// would otherwise stay alive as long as a long stream.
     pub(crate) fn release_raw_headers(&mut self) {
-        if let UpstreamBody::Plain(body) = self {
-            body.release_headers();
+        match self {
+            UpstreamBody::Plain(body) => body.release_headers(),
+            UpstreamBody::Tls(_) => {}
+            UpstreamBody::Primed(primed) => primed.rest.release_raw_headers(),
         }
     }
 }
@@ -158,6 +197,11 @@ pub(crate) enum AttemptError {
     /// No response headers within `first_byte_timeout`.
     #[error("no response headers within {0:?}")]
     Timeout(Duration),
+    /// An SSE answer's headers came, but no event within
+    /// `first_byte_timeout` of them (SPEC: "response headers / first SSE
+    /// event"): a backend whose queue holds the stream back.
+    #[error("no event within {0:?} of the response headers")]
+    NoFirstEvent(Duration),
     /// The connection broke or the backend answered something that is not
     /// HTTP (reset, garbage, oversized headers).
     #[error("upstream failed: {0}")]
@@ -177,7 +221,7 @@ impl AttemptError {
     pub(crate) fn kind(&self) -> FailureKind {
         match self {
             AttemptError::Refused(_) | AttemptError::Connect(_) => FailureKind::Connect,
-            AttemptError::Timeout(_) => FailureKind::Timeout,
+            AttemptError::Timeout(_) | AttemptError::NoFirstEvent(_) => FailureKind::Timeout,
             AttemptError::Protocol(_) => FailureKind::Protocol,
             AttemptError::IdleClosed(_) => FailureKind::IdleClosed,
         }
@@ -393,6 +437,10 @@ impl Body for UpstreamBody {
             UpstreamBody::Tls(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BodyReadError::from))),
+            UpstreamBody::Primed(primed) => match primed.first.take() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => Pin::new(&mut primed.rest).poll_frame(cx),
+            },
         }
     }
 
@@ -400,6 +448,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Plain(body) => body.is_end_stream(),
             UpstreamBody::Tls(body) => body.is_end_stream(),
+            UpstreamBody::Primed(primed) => primed.first.is_none() && primed.rest.is_end_stream(),
         }
     }
 
@@ -407,6 +456,9 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Plain(body) => body.size_hint(),
             UpstreamBody::Tls(body) => body.size_hint(),
+            // An SSE answer's length is weir's to decide (see `proxy`).
+            UpstreamBody::Primed(primed) if primed.first.is_some() => SizeHint::default(),
+            UpstreamBody::Primed(primed) => primed.rest.size_hint(),
         }
     }
 }
