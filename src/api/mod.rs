@@ -436,7 +436,7 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 }
 
 /// OpenAI's duration format for `x-ratelimit-reset-*` and messages:
-/// `120ms`, `1.2s`, `6m0s`.
+/// `120ms`, `1.2s`, `6m0s`, `1h40m0s`.
 pub fn format_duration(d: Duration) -> String {
     let mut out = Vec::with_capacity(8);
     push_duration(d, &mut out);
@@ -468,8 +468,14 @@ fn push_duration(d: Duration, out: &mut Vec<u8>) {
     } else {
         (total_secs, tenths)
     };
-    let (minutes, secs) = (secs / 60, secs % 60);
-    if minutes > 0 {
+    // Go's duration style, as OpenAI's headers are: hours once there is
+    // one (`1h40m0s`, not `100m0s`), and then minutes even when 0.
+    let (hours, minutes, secs) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if hours > 0 {
+        out.extend_from_slice(digits.format(hours).as_bytes());
+        out.push(b'h');
+    }
+    if hours > 0 || minutes > 0 {
         out.extend_from_slice(digits.format(minutes).as_bytes());
         out.push(b'm');
     }
@@ -649,6 +655,11 @@ mod tests {
         assert_eq!(format_duration(ms(999)), "999ms");
         assert_eq!(format_duration(ms(1201)), "1.3s");
         assert_eq!(format_duration(ms(360_000)), "6m0s");
+        assert_eq!(format_duration(ms(3_599_000)), "59m59s");
+        assert_eq!(format_duration(ms(3_600_000)), "1h0m0s");
+        assert_eq!(format_duration(ms(6_000_000)), "1h40m0s");
+        assert_eq!(format_duration(ms(3_605_500)), "1h0m5.5s");
+        assert_eq!(format_duration(ms(90_000_000)), "25h0m0s");
         assert_eq!(retry_after_secs(ms(1)), 1);
         assert_eq!(retry_after_secs(ms(1000)), 1);
         assert_eq!(retry_after_secs(ms(1001)), 2);
