@@ -599,14 +599,30 @@ impl<'a> Exchange<'a> {
                     .as_ref()
                     .and_then(|n| n.route(&self.route.config.name))
                     .map(|(_, route)| route);
-                let held_out = |i: usize, m: &Member| {
+                let held = |i: usize, m: &Member| {
                     now.is_some_and(|now| {
                         m.backend.live.held_out_until(now).is_some()
                             || paused.iter().any(|&(j, t)| j == i && t > now)
-                            || newest_route.is_some_and(|route| !route.in_rotation(&m.backend))
+                            || newest_route.is_some_and(|route| {
+                                route
+                                    .counterpart(&m.backend)
+                                    .is_some_and(|(k, _)| route.pool.weight(k) == 0)
+                            })
                     })
                 };
+                // One a reload has removed (or renamed, or moved: the
+                // newest snapshot has another backend in its place, which
+                // this request's route cannot know) still drains: it is
+                // taken only when none of those the reload kept is left,
+                // rather than answering 503 while it runs.
+                let removed = |m: &Member| {
+                    newest_route.is_some_and(|route| route.counterpart(&m.backend).is_none())
+                };
                 let pool = &self.route.pool;
+                let kept_left = (0..members.len()).any(|i| {
+                    pool.weight(i) > 0 && members.get(i).is_some_and(|m| !held(i, m) && !removed(m))
+                });
+                let held_out = |i: usize, m: &Member| held(i, m) || (kept_left && removed(m));
                 // In line: the backends it would take, of which it may take
                 // those it is first in line for (SPEC "Admission": first
                 // come, first served).

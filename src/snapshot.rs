@@ -124,13 +124,6 @@ impl ModelRoute {
             .enumerate()
             .find(|(_, m)| Arc::ptr_eq(&m.backend.live, &backend.live))
     }
-
-    /// Whether the backend another snapshot's `backend` is, is in rotation
-    /// here (a member with weight above 0).
-    pub(crate) fn in_rotation(&self, backend: &BackendState) -> bool {
-        self.counterpart(backend)
-            .is_some_and(|(k, _)| self.pool.weight(k) > 0)
-    }
 }
 
 /// Where a request was routed in its snapshot: the model's route and,

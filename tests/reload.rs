@@ -579,6 +579,48 @@ async fn a_backend_restored_while_it_drains_keeps_counting_its_requests() {
     assert!(s.text().trim_end().ends_with("data: [DONE]"));
 }
 
+/// A request waiting for the slot of its model's only backend is served
+/// when a reload renames that backend (or moves it, or swaps the model's
+/// backends): the backend it was routed to drains, and with none the
+/// reload kept left in its route, it waits for that one, rather than
+/// answering 503 while the new one serves requests made after the reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_a_slot_survives_its_backend_being_renamed() {
+    let m = mock_named("b1", MockConfig::default().chunks(10).tokens_per_sec(20.0)).await;
+    let named = |name: &str| {
+        format!(
+            "[[models]]\nname = \"{MODEL}\"\nqueue_timeout = \"15s\"\n\n{}max_concurrent = 1\n\n{QUIET}",
+            backend(name, &m.base_url(), &[MODEL], 1)
+        )
+    };
+    let live = Live::start(&named("b1")).await;
+    let addr = live.gw.addr();
+    let stream =
+        tokio::spawn(
+            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
+        );
+    assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
+    let waiter =
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let changes = live.apply(&named("b9")).await;
+    assert!(
+        changes.contains(&"backend b9 added".to_owned()),
+        "{changes:?}"
+    );
+    let r = waiter.await.expect("waiter");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "b1");
+    let s = stream.await.expect("stream");
+    assert!(s.text().trim_end().ends_with("data: [DONE]"));
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.header("x-weir-backend"), "b9");
+}
+
 /// A reload that gives a backend another key forgets the 429s its old key
 /// drew (a new key is a new quota, and swapping it is the usual fix for
 /// one that ran out): it is back in rotation and its probes start again at
