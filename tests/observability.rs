@@ -554,6 +554,61 @@ async fn the_end_of_a_429_window_is_logged() {
     child.stop();
 }
 
+/// A 429 whose `Retry-After` is already over (`0`) opens no window, so the
+/// clock never announces one as ended: a later rebuild (here another
+/// backend's 429, then the end of its window) logs only that backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_already_over_is_never_announced_as_ended() {
+    let start = |retry_after: u32| {
+        mock::start(
+            MockConfig::default()
+                .models(vec!["a".into(), "b".into()])
+                .rate_limit(1.0, retry_after),
+        )
+    };
+    let (zero, one) = (start(0).await.unwrap(), start(1).await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, rx) = spawn_logging(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nlog_format = \"json\"\n\n[retry]\nmax_attempts = 1\n\n[[models]]\nname = \"a\"\n\n[[models]]\nname = \"b\"\n\n{}{}{QUIET}",
+            backend("b0", &zero.base_url(), &["a"], 1),
+            backend("b1", &one.base_url(), &["b"], 1)
+        ),
+        "info",
+    );
+    let ended = "backend back in rotation: its Retry-After window ended";
+    let listen = next_message(&rx, "weir is serving", None);
+    let addr: std::net::SocketAddr = listen["listen"].as_str().unwrap().parse().unwrap();
+    let r = post(addr, "/v1/chat/completions", &chat("a", false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let over = next_message(
+        &rx,
+        "backend rate-limited weir with a Retry-After already over; it stays in rotation",
+        None,
+    );
+    assert_eq!(over["backend"], "b0");
+    let r = post(addr, "/v1/chat/completions", &chat("b", false)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    next_message(
+        &rx,
+        "backend rate-limited weir; out of rotation until its Retry-After",
+        None,
+    );
+    // Every line up to b1's window ending: none says b0's ended.
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("b1's window ends within its Retry-After");
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if json["message"] == ended {
+            assert_eq!(json["backend"], "b1", "{json}");
+            break;
+        }
+    }
+    child.stop();
+}
+
 /// When the clock ends a 429 window while the probes hold the backend out
 /// (it went down meanwhile, unlogged: it was out already), the end is
 /// logged with why it is still out.

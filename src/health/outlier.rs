@@ -72,7 +72,9 @@ pub(crate) fn report(
             // Read under the lock a reload bumps it under.
             let opened = live.with_health(|h| {
                 let current = backend.sent_with_current_key();
-                if current {
+                // A window already over is not recorded: the clock would
+                // later announce it as ended.
+                if current && !wait.is_zero() {
                     h.rate_limit_until(until);
                 }
                 current
