@@ -245,25 +245,25 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Changes(Vec::new());
     restart_items(old, new, &mut out);
     let (os, ns) = (&old.server, &new.server);
-    out.field(
+    out.setting(
         "server",
         "max_body_bytes",
         &os.max_body_bytes,
         &ns.max_body_bytes,
     );
-    out.field(
+    out.setting(
         "server",
         "request_timeout",
         &Dur(os.request_timeout),
         &Dur(ns.request_timeout),
     );
-    out.field(
+    out.setting(
         "server",
         "first_byte_timeout",
         &Dur(os.first_byte_timeout),
         &Dur(ns.first_byte_timeout),
     );
-    out.field(
+    out.setting(
         "server",
         "shutdown_grace",
         &Dur(os.shutdown_grace),
@@ -273,13 +273,13 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     out.secret("server", "api keys", os.api_keys != ns.api_keys);
     out.secret("server", "admin token", os.admin_token != ns.admin_token);
     let (ol, nl) = (&old.limits, &new.limits);
-    out.field(
+    out.setting(
         "limits",
         "requests_per_minute",
         &Opt(ol.requests_per_minute),
         &Opt(nl.requests_per_minute),
     );
-    out.field(
+    out.setting(
         "limits",
         "tokens_per_minute",
         &Opt(ol.tokens_per_minute),
@@ -301,22 +301,41 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         model_changes,
         &mut out,
     );
-    if old.health.enabled != new.health.enabled {
-        out.field(
-            "health",
-            "enabled",
-            &old.health.enabled,
-            &new.health.enabled,
-        );
-    } else if old.health != new.health {
-        out.push("[health] settings changed".to_owned());
-    }
-    if old.outlier != new.outlier {
-        out.push("[outlier] settings changed".to_owned());
-    }
-    if old.retry != new.retry {
-        out.push("[retry] settings changed".to_owned());
-    }
+    health_changes(&old.health, &new.health, &mut out);
+    let (oo, no) = (&old.outlier, &new.outlier);
+    out.setting(
+        "outlier",
+        "consecutive_failures",
+        &oo.consecutive_failures,
+        &no.consecutive_failures,
+    );
+    out.setting(
+        "outlier",
+        "ejection_time",
+        &Dur(oo.ejection_time),
+        &Dur(no.ejection_time),
+    );
+    out.setting(
+        "outlier",
+        "max_ejection_percent",
+        &oo.max_ejection_percent,
+        &no.max_ejection_percent,
+    );
+    let (or, nr) = (&old.retry, &new.retry);
+    out.setting("retry", "max_attempts", &or.max_attempts, &nr.max_attempts);
+    out.setting(
+        "retry",
+        "base_delay",
+        &Dur(or.base_delay),
+        &Dur(nr.base_delay),
+    );
+    out.setting("retry", "max_delay", &Dur(or.max_delay), &Dur(nr.max_delay));
+    out.setting(
+        "retry",
+        "budget_percent",
+        &or.budget_percent,
+        &nr.budget_percent,
+    );
     let cluster = |c: &Config| {
         c.cluster.as_ref().map(|c| {
             (
@@ -334,6 +353,79 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         out.push("no changes".to_owned());
     }
     out.0
+}
+
+/// `[health]`, key by key (`health.liveness.interval 1s -> 5s`); with the
+/// checks switched on or off, only that.
+fn health_changes(
+    old: &crate::config::HealthConfig,
+    new: &crate::config::HealthConfig,
+    out: &mut Changes,
+) {
+    if old.enabled != new.enabled {
+        out.setting("health", "enabled", &old.enabled, &new.enabled);
+        return;
+    }
+    out.setting(
+        "health",
+        "unhealthy_threshold",
+        &old.unhealthy_threshold,
+        &new.unhealthy_threshold,
+    );
+    out.setting(
+        "health",
+        "healthy_threshold",
+        &old.healthy_threshold,
+        &new.healthy_threshold,
+    );
+    out.setting(
+        "health",
+        "slow_start",
+        &Dur(old.slow_start),
+        &Dur(new.slow_start),
+    );
+    let (ol, nl) = (&old.liveness, &new.liveness);
+    out.setting(
+        "health",
+        "liveness.interval",
+        &Dur(ol.interval),
+        &Dur(nl.interval),
+    );
+    out.setting(
+        "health",
+        "liveness.timeout",
+        &Dur(ol.timeout),
+        &Dur(nl.timeout),
+    );
+    let (or, nr) = (&old.readiness, &new.readiness);
+    out.setting(
+        "health",
+        "readiness.interval",
+        &Dur(or.interval),
+        &Dur(nr.interval),
+    );
+    out.setting(
+        "health",
+        "readiness.timeout",
+        &Dur(or.timeout),
+        &Dur(nr.timeout),
+    );
+    out.setting(
+        "health",
+        "readiness.degraded_latency",
+        &Dur(or.degraded_latency),
+        &Dur(nr.degraded_latency),
+    );
+    let (od, nd) = (&old.deep, &new.deep);
+    out.setting(
+        "health",
+        "deep.interval",
+        &Dur(od.interval),
+        &Dur(nd.interval),
+    );
+    out.setting("health", "deep.timeout", &Dur(od.timeout), &Dur(nd.timeout));
+    out.setting("health", "deep.samples", &od.samples, &nd.samples);
+    out.setting("health", "deep.max_tokens", &od.max_tokens, &nd.max_tokens);
 }
 
 /// Settings that only take effect at start, where the file differs from
@@ -504,6 +596,14 @@ impl Changes {
     fn field<T: PartialEq + Display>(&mut self, who: &str, key: &str, old: &T, new: &T) {
         if old != new {
             self.0.push(format!("{who} {key} {old} -> {new}"));
+        }
+    }
+
+    /// `SECTION.KEY OLD -> NEW` (a section's setting, named as in the
+    /// file) when the two differ.
+    fn setting<T: PartialEq + Display>(&mut self, section: &str, key: &str, old: &T, new: &T) {
+        if old != new {
+            self.0.push(format!("{section}.{key} {old} -> {new}"));
         }
     }
 

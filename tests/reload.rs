@@ -1323,6 +1323,38 @@ async fn a_new_backend_waits_for_its_first_passing_liveness_probe() {
 /// Health checks on, every tier once an hour: a backend a reload adds can
 /// only get in by the probe the reload runs before its swap (or by a
 /// pending backend's first regular probe, which runs at once).
+/// The change list names each setting of `[server]`, `[health]`,
+/// `[outlier]` and `[retry]` that changed, as the file names it, with both
+/// values (it used to say only "[health] settings changed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_list_names_each_setting_that_changed() {
+    let m = mock_named("b1", MockConfig::default()).await;
+    let live = Live::start(&file("", &[("b1", &m, 1)], hourly_health())).await;
+    let tail = format!(
+        "{}\n[outlier]\nejection_time = \"45s\"\n\n[retry]\nmax_attempts = 2\nbudget_percent = 50\n",
+        hourly_health()
+            .replace("unhealthy_threshold = 1", "unhealthy_threshold = 3")
+            .replace("interval = \"1h\", timeout = \"2s\"", "interval = \"30s\", timeout = \"2s\"")
+    );
+    let changed = format!(
+        "[server]\nshutdown_grace = \"45s\"\n\n{}",
+        file("", &[("b1", &m, 1)], &tail)
+    );
+    let mut changes = live.apply(&changed).await;
+    changes.sort();
+    assert_eq!(
+        changes,
+        [
+            "health.liveness.interval 1h -> 30s",
+            "health.unhealthy_threshold 1 -> 3",
+            "outlier.ejection_time 30s -> 45s",
+            "retry.budget_percent 20 -> 50",
+            "retry.max_attempts 3 -> 2",
+            "server.shutdown_grace 30s -> 45s",
+        ]
+    );
+}
+
 fn hourly_health() -> &'static str {
     "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"2s\" }\nreadiness = { interval = \"1h\" }\ndeep = { interval = \"1h\" }\n"
 }
@@ -1427,7 +1459,7 @@ async fn turning_health_checks_off_puts_probed_out_backends_back() {
         "b2 probed out"
     );
     let changes = live.apply(&both(QUIET)).await;
-    assert_eq!(changes, ["health enabled true -> false"]);
+    assert_eq!(changes, ["health.enabled true -> false"]);
     // SPEC: without active checks, backends stay in rotation unless ejected.
     assert!(
         eventually(Duration::from_secs(2), || live.weights().get("b2")
