@@ -119,10 +119,12 @@ pub(crate) fn backends(shared: &Shared) -> Response<GatewayBody> {
                 "ejections": health.ejections,
                 "rate_limited_until": health.rate_limited_until.filter(|&t| t > now).map(to_wall),
                 // Null when no ramp applies, `slow_start = "0s"` included
-                // (back_since + 0 would repeat ejected_until).
+                // (back_since + 0 would repeat ejected_until), and while
+                // the backend is out (ejected, or its probes failing or
+                // not passed yet): its ramp has not begun.
                 "slow_start_until": health
                     .back_since
-                    .filter(|_| !slow_start.is_zero())
+                    .filter(|&since| !slow_start.is_zero() && since <= now && !health.is_out())
                     .map(|t| t + slow_start)
                     .filter(|&t| t > now)
                     .map(to_wall),

@@ -1552,13 +1552,20 @@ async fn a_deep_round_that_fails_at_once_reports_its_real_latency() {
 
 /// With `slow_start = "0s"` an ejected backend returns at full weight, so
 /// `/admin/backends` shows no `slow_start_until` (it repeated
-/// `ejected_until`).
+/// `ejected_until`); with a slow start, none either while it is ejected:
+/// its ramp has not begun.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_slow_start_until_without_slow_start() {
+    for slow_start in ["0s", "30s"] {
+        no_slow_start_until_while_ejected(slow_start).await;
+    }
+}
+
+async fn no_slow_start_until_while_ejected(slow_start: &str) {
     let ms = mocks(2, MockConfig::default()).await;
     ms[0].update(|c| c.failure_rate = 1.0);
-    let settings = "[health]\nenabled = false\nslow_start = \"0s\"\n\n[outlier]\nconsecutive_failures = 1\nejection_time = \"1h\"\n";
-    let gw = gateway(&config_for(&ms, &[1, 1], settings, "")).await;
+    let settings = format!("[health]\nenabled = false\nslow_start = \"{slow_start}\"\n\n[outlier]\nconsecutive_failures = 1\nejection_time = \"1h\"\n");
+    let gw = gateway(&config_for(&ms, &[1, 1], &settings, "")).await;
     // Requests until one lands on b0 and ejects it (retried on b1).
     let mut b0 = admin_backend(&gw, "b0").await;
     for _ in 0..10 {
