@@ -865,8 +865,12 @@ impl<'a> Exchange<'a> {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         headers::strip_hop_by_hop(&mut parts.headers);
-        let sse =
-            upstream_header(&parts.headers, &body, Name::ContentType).is_some_and(is_event_stream);
+        // A 2xx stream was primed (`Exchange::run`, which read its type):
+        // only other answers are looked at again.
+        let sse = body.is_primed()
+            || (!parts.status.is_success()
+                && upstream_header(&parts.headers, &body, Name::ContentType)
+                    .is_some_and(is_event_stream));
         if sse {
             // weir may remove the usage chunk or append an error event, so
             // the length is not known.

@@ -99,6 +99,12 @@ pub struct Primed {
 }
 
 impl UpstreamBody {
+    /// Whether [`UpstreamBody::first_frame`] made this body: `proxy` primes
+    /// every 2xx SSE answer, and only those.
+    pub(crate) fn is_primed(&self) -> bool {
+        matches!(self, UpstreamBody::Primed(_))
+    }
+
     /// Reads the body's first frame with data (or its end, or trailers),
     /// for at most `wait`: the body with that frame put back in front, so
     /// the client gets it as the body's first. An error, or nothing within
