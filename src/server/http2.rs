@@ -12,12 +12,8 @@
 //! request, `header_read_timeout` applies; between requests,
 //! `idle_timeout`; while a request is served, neither (`request_timeout`
 //! bounds it). A timer that runs out sends GOAWAY, as shutdown does, and
-//! the connection is cut [`GOAWAY_GRACE`] later if it is still open. On
-//! shutdown, a connection with no request left gets the same
-//! [`GOAWAY_GRACE`] to close: hyper waits for the client to answer its
-//! PING, and a client that is not reading its socket would otherwise hold
-//! the process to the end of `shutdown_grace`. A client that takes no byte
-//! for `request_timeout` is cut.
+//! the connection is cut [`GOAWAY_GRACE`] later if it is still open. A
+//! client that takes no byte for `request_timeout` is cut.
 //!
 //! # Streams the client gives no window
 //!
@@ -78,7 +74,6 @@ pub(super) async fn serve(
     shutdown: CancellationToken,
 ) {
     let watch = Arc::new(ConnWatch::default());
-    let draining = watch.clone();
     let expired = watch.expired.clone();
     let stuck = watch.stuck.clone();
     let resets = watch.reset_flood.clone();
@@ -234,7 +229,6 @@ pub(super) async fn serve(
     let result = tokio::select! {
         result = conn.as_mut() => result,
         () = shutdown.cancelled() => {
-            draining.draining.store(true, Ordering::Release);
             conn.as_mut().graceful_shutdown();
             until_cut(conn, grace_end, &conn_cut).await
         }
@@ -293,9 +287,6 @@ struct ConnWatch {
     /// Cancelled when a read deadline passes: the connection sends GOAWAY
     /// and closes.
     expired: CancellationToken,
-    /// Set when shutdown has sent GOAWAY: once no request is left, the
-    /// reader gives the client [`GOAWAY_GRACE`] to close, then cuts.
-    draining: AtomicBool,
     /// Cancelled when a response body outlives its deadline because the
     /// client gives it no window (see the module doc).
     stuck: CancellationToken,
@@ -548,21 +539,6 @@ impl ClientIo {
     }
 }
 
-impl ClientIo {
-    /// While shutdown drains the connection, bytes leaving for the client
-    /// (a finished stream's last DATA, sent as the client grants window)
-    /// push the cut [`GOAWAY_GRACE`] further: only a connection with
-    /// nothing moving is cut before `shutdown_grace` ends.
-    fn drain_on(&mut self, poll: &Poll<io::Result<usize>>) {
-        if let (Some((until, DRAINING)), Poll::Ready(Ok(1..))) = (&mut self.closing, poll) {
-            *until = (*until).max(Instant::now() + GOAWAY_GRACE);
-        }
-    }
-}
-
-/// Why a connection draining for shutdown was cut.
-const DRAINING: &str = "shutting down";
-
 impl AsyncRead for ClientIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -589,12 +565,6 @@ impl AsyncRead for ClientIo {
             }
             (phase, false) => phase,
         };
-        if this.closing.is_none()
-            && !matches!(this.phase, Phase::Busy)
-            && this.watch.draining.load(Ordering::Acquire)
-        {
-            this.closing = Some((Instant::now() + GOAWAY_GRACE, DRAINING));
-        }
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending => {
@@ -647,7 +617,6 @@ impl AsyncWrite for ClientIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.drain_on(&poll);
         this.watch_write(cx, poll)
     }
 
@@ -658,7 +627,6 @@ impl AsyncWrite for ClientIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.drain_on(&poll);
         this.watch_write(cx, poll)
     }
 
