@@ -91,11 +91,24 @@ pub enum UpstreamBody {
     Primed(Box<Primed>),
 }
 
-/// An [`UpstreamBody`] and the frame already read from it.
+/// An [`UpstreamBody`] (never itself primed) and the frame already read
+/// from it.
 #[derive(Debug)]
 pub struct Primed {
     first: Option<Frame<Bytes>>,
     rest: UpstreamBody,
+}
+
+/// A 2xx SSE answer with its first frame read (see
+/// [`UpstreamBody::first_frame`]): the response to send, or the attempt's
+/// failure.
+pub(crate) async fn first_event(
+    response: Response<UpstreamBody>,
+    wait: Duration,
+) -> Result<Response<UpstreamBody>, AttemptError> {
+    let (parts, body) = response.into_parts();
+    let body = body.first_frame(wait).await?;
+    Ok(Response::from_parts(parts, body))
 }
 
 impl UpstreamBody {
@@ -136,7 +149,10 @@ impl UpstreamBody {
         match self {
             UpstreamBody::Plain(body) => Some(body.headers()),
             UpstreamBody::Tls(_) => None,
-            UpstreamBody::Primed(primed) => primed.rest.raw_headers(),
+            UpstreamBody::Primed(primed) => match &primed.rest {
+                UpstreamBody::Plain(body) => Some(body.headers()),
+                _ => None,
+            },
         }
     }
 
@@ -147,7 +163,11 @@ impl UpstreamBody {
         match self {
             UpstreamBody::Plain(body) => body.release_headers(),
             UpstreamBody::Tls(_) => {}
-            UpstreamBody::Primed(primed) => primed.rest.release_raw_headers(),
+            UpstreamBody::Primed(primed) => {
+                if let UpstreamBody::Plain(body) = &mut primed.rest {
+                    body.release_headers();
+                }
+            }
         }
     }
 }
