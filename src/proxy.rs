@@ -303,9 +303,9 @@ impl<'a> Exchange<'a> {
                 Ok(response) if is_successful_stream(&response) => {
                     let left = self.deadline.saturating_duration_since(Instant::now());
                     let wait = self.first_byte_timeout.min(left);
-                    let (parts, body) = response.into_parts();
-                    let primed = body.first_frame(wait).await;
-                    (primed.map(|body| Response::from_parts(parts, body)), wait)
+                    // Boxed: the wait's state is a stream's only, and
+                    // inline it would grow every request's future.
+                    (Box::pin(upstream::first_event(response, wait)).await, wait)
                 }
                 outcome => (outcome, wait),
             };
@@ -599,15 +599,20 @@ impl<'a> Exchange<'a> {
                     .as_ref()
                     .and_then(|n| n.route(&self.route.config.name))
                     .map(|(_, route)| route);
+                // Out of rotation in the newest snapshot (its probes
+                // failing), or no longer serving the model there though
+                // still in the config: left out.
+                let out_in_newest = |m: &Member| {
+                    newest_route.is_some_and(|route| match route.counterpart(&m.backend) {
+                        Some((k, _)) => route.pool.weight(k) == 0,
+                        None => newest.as_ref().is_some_and(|n| in_config(n, m)),
+                    })
+                };
                 let held = |i: usize, m: &Member| {
                     now.is_some_and(|now| {
                         m.backend.live.held_out_until(now).is_some()
                             || paused.iter().any(|&(j, t)| j == i && t > now)
-                            || newest_route.is_some_and(|route| {
-                                route
-                                    .counterpart(&m.backend)
-                                    .is_some_and(|(k, _)| route.pool.weight(k) == 0)
-                            })
+                            || out_in_newest(m)
                     })
                 };
                 // One a reload has removed (or renamed, or moved: the
@@ -615,9 +620,7 @@ impl<'a> Exchange<'a> {
                 // this request's route cannot know) still drains: it is
                 // taken only when none of those the reload kept is left,
                 // rather than answering 503 while it runs.
-                let removed = |m: &Member| {
-                    newest_route.is_some_and(|route| route.counterpart(&m.backend).is_none())
-                };
+                let removed = |m: &Member| newest.as_ref().is_some_and(|n| !in_config(n, m));
                 let pool = &self.route.pool;
                 let kept_left = (0..members.len()).any(|i| {
                     pool.weight(i) > 0 && members.get(i).is_some_and(|m| !held(i, m) && !removed(m))
@@ -988,6 +991,12 @@ fn is_event_stream(value: &[u8]) -> bool {
         .get(..SSE.len())
         .is_some_and(|v| v.eq_ignore_ascii_case(SSE))
         && matches!(value.get(SSE.len()), None | Some(b';' | b' ' | b'\t'))
+}
+
+/// Whether `snapshot` still has `m`'s backend (the same name and URL, so
+/// the same live state), for any model.
+fn in_config(snapshot: &Snapshot, m: &Member) -> bool {
+    (snapshot.backends().iter()).any(|b| Arc::ptr_eq(&b.live, &m.backend.live))
 }
 
 /// Whether a backend's answer is a 2xx SSE stream, whose headers wait for

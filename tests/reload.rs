@@ -621,6 +621,53 @@ async fn a_request_waiting_for_a_slot_survives_its_backend_being_renamed() {
     assert_eq!(r.header("x-weir-backend"), "b9");
 }
 
+/// A backend a reload keeps but moves off a model is not a renamed one: a
+/// request for that model waiting for its slot is not sent there (it would
+/// answer for a model it no longer serves) and gets the 503 of a model with
+/// no backend its route knows, which an SDK retries on the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_a_slot_is_not_sent_to_a_backend_moved_off_its_model() {
+    let m1 = mock_named("b1", MockConfig::default().chunks(10).tokens_per_sec(20.0)).await;
+    let m2 = mock_named("b2", MockConfig::default()).await;
+    let models = format!(
+        "[[models]]\nname = \"{MODEL}\"\nqueue_timeout = \"15s\"\n\n[[models]]\nname = \"other\"\n\n"
+    );
+    let before = format!(
+        "{models}{}max_concurrent = 1\n\n{QUIET}",
+        backend("b1", &m1.base_url(), &[MODEL, "other"], 1)
+    );
+    let after = format!(
+        "{models}{}max_concurrent = 1\n\n{}{QUIET}",
+        backend("b1", &m1.base_url(), &["other"], 1),
+        backend("b2", &m2.base_url(), &[MODEL], 1)
+    );
+    let live = Live::start(&before).await;
+    let addr = live.gw.addr();
+    let stream =
+        tokio::spawn(
+            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
+        );
+    assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
+    let waiter =
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    live.apply(&after).await;
+    let r = waiter.await.expect("waiter");
+    r.assert_error(503, "service_unavailable", "no_healthy_backend");
+    assert!(stream
+        .await
+        .expect("stream")
+        .text()
+        .trim_end()
+        .ends_with("data: [DONE]"));
+    let r = post(addr, "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.header("x-weir-backend"), "b2");
+}
+
 /// A reload that gives a backend another key forgets the 429s its old key
 /// drew (a new key is a new quota, and swapping it is the usual fix for
 /// one that ran out): it is back in rotation and its probes start again at
