@@ -270,8 +270,12 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         &Dur(ns.shutdown_grace),
     );
     // Secrets: say that they changed, never what they are.
-    out.secret("server", "api keys", os.api_keys != ns.api_keys);
-    out.secret("server", "admin token", os.admin_token != ns.admin_token);
+    out.secret("server.api_keys_env", "keys", os.api_keys != ns.api_keys);
+    out.secret(
+        "server.admin_token_env",
+        "token",
+        os.admin_token != ns.admin_token,
+    );
     let (ol, nl) = (&old.limits, &new.limits);
     out.setting(
         "limits",
