@@ -295,20 +295,23 @@ impl<'a> Exchange<'a> {
             }
             let wait = self.first_byte_timeout.min(remaining);
             pending.working = Some((started, backend));
-            let (outcome, wait) = match upstream::forward(&backend.client, &request, wait).await {
-                // A stream's headers alone tell the client nothing: they go
-                // out with its first event, so a backend that holds the
-                // stream back (a queue in front of its engine) is retried
-                // elsewhere, nothing having reached the client yet.
-                Ok(response) if is_successful_stream(&response) => {
+            let mut wait = wait;
+            let mut outcome = upstream::forward(&backend.client, &request, wait).await;
+            // A stream's headers alone tell the client nothing: they go out
+            // with its first event, so a backend that holds the stream back
+            // (a queue in front of its engine) is retried elsewhere, nothing
+            // having reached the client yet. (Taken out and put back only
+            // then: every other answer stays where it is, unmoved.)
+            if matches!(&outcome, Ok(response) if is_successful_stream(response)) {
+                let placeholder = Err(AttemptError::NoFirstEvent(Duration::ZERO));
+                if let Ok(response) = std::mem::replace(&mut outcome, placeholder) {
                     let left = self.deadline.saturating_duration_since(Instant::now());
-                    let wait = self.first_byte_timeout.min(left);
+                    wait = self.first_byte_timeout.min(left);
                     // Boxed: the wait's state is a stream's only, and
                     // inline it would grow every request's future.
-                    (Box::pin(upstream::first_event(response, wait)).await, wait)
+                    outcome = Box::pin(upstream::first_event(response, wait)).await;
                 }
-                outcome => (outcome, wait),
-            };
+            }
             pending.working = None;
             // Cut by weir's own `request_timeout` after queueing or earlier
             // attempts had used most of it (less than half of what a first

@@ -460,13 +460,8 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
         match self.get_mut() {
             UpstreamBody::Plain(body) => Pin::new(body).poll_frame(cx),
-            UpstreamBody::Tls(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(BodyReadError::from))),
-            UpstreamBody::Primed(primed) => match primed.first.take() {
-                Some(frame) => Poll::Ready(Some(Ok(frame))),
-                None => Pin::new(&mut primed.rest).poll_frame(cx),
-            },
+            UpstreamBody::Tls(body) => poll_tls(body, cx),
+            UpstreamBody::Primed(primed) => primed.poll_frame(cx),
         }
     }
 
@@ -474,7 +469,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Plain(body) => body.is_end_stream(),
             UpstreamBody::Tls(body) => body.is_end_stream(),
-            UpstreamBody::Primed(primed) => primed.first.is_none() && primed.rest.is_end_stream(),
+            UpstreamBody::Primed(primed) => primed.is_end_stream(),
         }
     }
 
@@ -483,9 +478,45 @@ impl Body for UpstreamBody {
             UpstreamBody::Plain(body) => body.size_hint(),
             UpstreamBody::Tls(body) => body.size_hint(),
             // An SSE answer's length is weir's to decide (see `proxy`).
-            UpstreamBody::Primed(primed) if primed.first.is_some() => SizeHint::default(),
-            UpstreamBody::Primed(primed) => primed.rest.size_hint(),
+            UpstreamBody::Primed(_) => SizeHint::default(),
         }
+    }
+}
+
+fn poll_tls(
+    body: &mut Incoming,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+    Pin::new(body)
+        .poll_frame(cx)
+        .map(|f| f.map(|r| r.map_err(BodyReadError::from)))
+}
+
+// Not through `UpstreamBody`'s own methods: a recursive `poll_frame` would
+// not be inlined where every other answer's body is read.
+impl Primed {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        if let Some(frame) = self.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        match &mut self.rest {
+            UpstreamBody::Plain(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Tls(body) => poll_tls(body, cx),
+            // Never made (`first_frame` primes an unprimed body).
+            UpstreamBody::Primed(_) => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none()
+            && match &self.rest {
+                UpstreamBody::Plain(body) => body.is_end_stream(),
+                UpstreamBody::Tls(body) => body.is_end_stream(),
+                UpstreamBody::Primed(_) => true,
+            }
     }
 }
 
