@@ -579,6 +579,30 @@ async fn a_backend_restored_while_it_drains_keeps_counting_its_requests() {
     assert!(s.text().trim_end().ends_with("data: [DONE]"));
 }
 
+/// A stream running on `m` (the model's only slot), and a request waiting
+/// in the model's queue for that slot.
+async fn stream_and_waiter(
+    addr: std::net::SocketAddr,
+    m: &MockHandle,
+) -> (
+    tokio::task::JoinHandle<Streamed>,
+    tokio::task::JoinHandle<Reply>,
+) {
+    let stream =
+        tokio::spawn(
+            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
+        );
+    assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
+    let waiter =
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (stream, waiter)
+}
+
 /// A request waiting for the slot of its model's only backend is served
 /// when a reload renames that backend (or moves it, or swaps the model's
 /// backends): the backend it was routed to drains, and with none the
@@ -595,18 +619,7 @@ async fn a_request_waiting_for_a_slot_survives_its_backend_being_renamed() {
     };
     let live = Live::start(&named("b1")).await;
     let addr = live.gw.addr();
-    let stream =
-        tokio::spawn(
-            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
-        );
-    assert!(eventually(Duration::from_secs(5), || m.in_flight() == 1).await);
-    let waiter =
-        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "never waited");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (stream, waiter) = stream_and_waiter(addr, &m).await;
     let changes = live.apply(&named("b9")).await;
     assert!(
         changes.contains(&"backend b9 added".to_owned()),
@@ -643,18 +656,7 @@ async fn a_request_waiting_for_a_slot_is_not_sent_to_a_backend_moved_off_its_mod
     );
     let live = Live::start(&before).await;
     let addr = live.gw.addr();
-    let stream =
-        tokio::spawn(
-            async move { post_stream(addr, "/v1/chat/completions", &chat(MODEL, true)).await },
-        );
-    assert!(eventually(Duration::from_secs(5), || m1.in_flight() == 1).await);
-    let waiter =
-        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while metric(addr, "weir_queue_depth", &[("model", MODEL)]).await != 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "never waited");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (stream, waiter) = stream_and_waiter(addr, &m1).await;
     live.apply(&after).await;
     let r = waiter.await.expect("waiter");
     r.assert_error(503, "service_unavailable", "no_healthy_backend");
