@@ -293,9 +293,8 @@ impl<'a> Exchange<'a> {
             if let Some(reason) = retry_reason.take() {
                 self.route.retries.inc(reason);
             }
-            let wait = self.first_byte_timeout.min(remaining);
+            let mut wait = self.first_byte_timeout.min(remaining);
             pending.working = Some((started, backend));
-            let mut wait = wait;
             let mut outcome = upstream::forward(&backend.client, &request, wait).await;
             // A stream's headers alone tell the client nothing: they go out
             // with its first event, so a backend that holds the stream back
