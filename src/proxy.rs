@@ -415,6 +415,7 @@ impl<'a> Exchange<'a> {
                     return Err(ApiError::NoTimeToRetry {
                         after: self.snapshot.config.server.request_timeout,
                         detail: last.as_ref().map_or_else(String::new, Failure::detail),
+                        retry_after: self.back_after(last.as_ref()),
                     })
                 }
             }
@@ -427,14 +428,19 @@ impl<'a> Exchange<'a> {
             Some(failure) => ApiError::BadGateway {
                 model: self.route.config.name.clone(),
                 detail: failure.detail(),
-                // The last word was a backend's 429: the client may come
-                // back when the first backend's window has passed.
-                retry_after: match failure {
-                    Failure::Status(StatusCode::TOO_MANY_REQUESTS) => back_in(self.route),
-                    _ => None,
-                },
+                retry_after: self.back_after(Some(&failure)),
             },
         })
+    }
+
+    /// When the client may come back, for the 502 or 504 that ends the
+    /// attempts: the last word was a backend's 429, and every backend is
+    /// held out by the clock (see [`back_in`]).
+    fn back_after(&self, last: Option<&Failure>) -> Option<Duration> {
+        match last {
+            Some(Failure::Status(StatusCode::TOO_MANY_REQUESTS)) => back_in(self.route),
+            _ => None,
+        }
     }
 
     /// Whether to retry after a failed attempt, and after how long (SPEC

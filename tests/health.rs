@@ -695,9 +695,11 @@ async fn an_upstream_429_sends_traffic_elsewhere_until_retry_after() {
 /// When a model's every attempt ends in a backend's 429 (here its only
 /// backend, with one attempt allowed), the 502 carries a `Retry-After`
 /// until that backend's window ends, as the 503 of the requests after it
-/// does, so an SDK retrying the 502 waits for it; a 502 from a 5xx has none.
+/// does, so an SDK retrying the 502 waits for it; so does the 504 when
+/// attempts are left but the window ends after `request_timeout`; a 502
+/// from a 5xx has none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_502_after_a_backend_429_says_when_to_come_back() {
+async fn a_502_or_504_after_a_backend_429_says_when_to_come_back() {
     let ms = mocks(1, MockConfig::default()).await;
     ms[0].update(|c| {
         c.rate_limit_rate = 1.0;
@@ -712,6 +714,21 @@ async fn a_502_after_a_backend_429_says_when_to_come_back() {
     let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(!r.header("retry-after").is_empty());
+
+    // Attempts left, but the backend's window ends after request_timeout:
+    // the 504 that says so carries the same Retry-After.
+    let ms = mocks(1, MockConfig::default()).await;
+    ms[0].update(|c| {
+        c.rate_limit_rate = 1.0;
+        c.retry_after = 30;
+    });
+    let timed = "[server]\nrequest_timeout = \"5s\"\n\n[health]\nenabled = false\n\n[retry]\nmax_attempts = 3\n";
+    let gw = gateway(&config_for(&ms, &[1], timed, "")).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(r.text().contains("too little"), "{}", r.text());
+    let wait: u64 = r.header("retry-after").parse().unwrap_or(0);
+    assert!((29..=30).contains(&wait), "Retry-After {wait}");
 
     let ms = mocks(1, MockConfig::default()).await;
     ms[0].update(|c| c.failure_rate = 1.0);

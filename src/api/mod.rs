@@ -160,6 +160,11 @@ pub enum ApiError {
         after: Duration,
         /// The last attempt's failure, without secrets.
         detail: String,
+        /// As [`ApiError::BadGateway`]'s: when the last attempt was a
+        /// backend's 429 and every backend is held out by the clock (the
+        /// wait that did not fit in `request_timeout`), until the first is
+        /// back.
+        retry_after: Option<Duration>,
     },
     /// `shutdown_grace` ran out (or a second signal ended it) while the
     /// request still waited: for its body, admission, a backend slot or
@@ -321,7 +326,8 @@ impl ApiError {
                 ..
             } => (Some(*retry_after), Some(headers)),
             ApiError::NoHealthyBackend { retry_after, .. }
-            | ApiError::BadGateway { retry_after, .. } => (*retry_after, None),
+            | ApiError::BadGateway { retry_after, .. }
+            | ApiError::NoTimeToRetry { retry_after, .. } => (*retry_after, None),
             _ => (None, None),
         };
         if let Some(wait) = retry_after {
