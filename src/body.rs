@@ -184,6 +184,13 @@ pub struct ProxiedBody {
 }
 
 /// The names of [`ProxiedBody::own_headers`], in the order of its array.
+/// How long a backend may keep an SSE stream open after its `data:
+/// [DONE]`: the answer is whole by then, and a client (an SDK drains the
+/// stream to its end) would otherwise wait out `first_byte_timeout` for
+/// the body's last chunk. Ample for that chunk when it follows in another
+/// write.
+const AFTER_DONE: std::time::Duration = std::time::Duration::from_secs(1);
+
 static OWN_HEADER_NAMES: [HeaderName; 2] =
     [crate::headers::X_REQUEST_ID, crate::headers::X_WEIR_BACKEND];
 
@@ -759,6 +766,14 @@ impl Body for ProxiedBody {
                     if let Some(redactor) = &mut this.redactor {
                         data = redactor.push(data);
                     }
+                    if this.sse && this.quiet_limit > AFTER_DONE && this.stream_done() {
+                        // `data: [DONE]` is passing: from here the backend
+                        // has AFTER_DONE to end the body, after which it
+                        // ends whole anyway (`fail`), the connection not
+                        // reused. The timer is armed afresh at the next wait.
+                        this.quiet_limit = AFTER_DONE;
+                        this.quiet_timer = None;
+                    }
                     if !data.is_empty() {
                         // The timer stays, to serve as the idle limit.
                         this.awaiting_first_event = false;
@@ -936,7 +951,11 @@ impl Drop for ProxiedBody {
         // client the slower side), the backend was delivering: its
         // failures in a row end here as after a whole answer.
         if !self.finished {
-            if self.silent_past_limit() {
+            if self.stream_done() {
+                // `data: [DONE]` went out: the backend delivered the whole
+                // answer, whatever it does after.
+                self.report(Outcome::Completed);
+            } else if self.silent_past_limit() {
                 self.report(Outcome::Failure);
                 if let Some(member) = self.member() {
                     member.backend.errors.inc(FailureKind::Timeout);

@@ -44,6 +44,9 @@ enum Fault {
     /// Sends a whole SSE stream up to `data: [DONE]`, then resets instead
     /// of ending the chunked body.
     ResetAfterDone,
+    /// Sends a whole SSE stream up to `data: [DONE]`, then keeps the
+    /// connection open without ending the chunked body.
+    OpenAfterDone,
     /// Starts an SSE stream, then sends a chunk size that is not hex.
     BrokenChunked,
     /// Starts an SSE stream, then drips its next event one byte per second.
@@ -138,6 +141,19 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
                 .await;
             tokio::time::sleep(Duration::from_millis(50)).await;
             r.and(reset(s))
+        }
+        Fault::OpenAfterDone => {
+            let whole = [
+                SSE_HEAD,
+                &chunk(EVENT),
+                &chunk(USAGE_EVENT),
+                &chunk("data: [DONE]\n\n"),
+            ]
+            .concat();
+            let r = s.write_all(&whole).await;
+            let mut buf = [0u8; 1024];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            r
         }
         Fault::BrokenChunked => {
             s.write_all(&[SSE_HEAD, &chunk(EVENT), b"zz\r\nnot a chunk\r\n"].concat())
@@ -484,6 +500,43 @@ async fn a_reset_after_done_ends_the_stream_cleanly() {
     )
     .await;
     assert_eq!(completion, 6000.0, "both answers' usage charged");
+}
+
+/// A backend that keeps a stream open after `data: [DONE]` (no last
+/// chunk): the client's stream ends whole about a second after `[DONE]`,
+/// not at `first_byte_timeout` (30 s here), as complete: its usage
+/// charged, no failure against the backend.
+#[tokio::test]
+async fn a_stream_held_open_after_done_ends_soon_after_it() {
+    let bad = faulty(Fault::OpenAfterDone).await;
+    let toml = format!(
+        "[server]\nfirst_byte_timeout = \"30s\"\nrequest_timeout = \"60s\"\n\n[[models]]\nname = \"alone\"\n\n{}{QUIET}",
+        backend("bad2", &bad, &["alone"], 1)
+    );
+    let gw = gateway(&toml).await;
+    let addr = gw.addr();
+    let start = Instant::now();
+    let s = post_stream(addr, "/v1/chat/completions", &chat("alone", true)).await;
+    let ended = start.elapsed();
+    assert_eq!(s.status, 200);
+    assert_eq!(s.text(), format!("{EVENT}data: [DONE]\n\n"));
+    assert!(ended < Duration::from_secs(10), "ended after {ended:?}");
+    for kind in ["protocol", "timeout"] {
+        let errors = metric(
+            addr,
+            "weir_upstream_errors_total",
+            &[("backend", "bad2"), ("kind", kind)],
+        )
+        .await;
+        assert_eq!(errors, 0.0, "{kind}");
+    }
+    let completion = metric(
+        addr,
+        "weir_tokens_total",
+        &[("model", "alone"), ("kind", "completion")],
+    )
+    .await;
+    assert_eq!(completion, 3000.0, "its usage charged");
 }
 
 #[tokio::test]
