@@ -250,6 +250,11 @@ impl PlainClient {
                 Err(e) => Err(e),
             },
             Err(Failed::Closed(e)) if sent_at.is_some_and(|t| t.elapsed() <= self.idle_race()) => {
+                // The others idle beside it most likely went the same way
+                // (the backend, or a middlebox on the way, dropped its
+                // kept-alive connections): let go of them all, so the
+                // retry, if it comes back here, goes out on a new one.
+                pool.clear();
                 Err(AttemptError::IdleClosed(e.to_string()))
             }
             Err(e) => Err(e.into_attempt()),
@@ -886,6 +891,39 @@ mod tests {
         );
         go_tx.send(()).unwrap();
         assert_eq!(exchange.await.unwrap(), "ok");
+    }
+
+    #[tokio::test]
+    async fn an_idle_close_lets_go_of_the_other_idle_connections() {
+        // Every connection answers its first request and closes its second
+        // unanswered: a backend, or a middlebox, that has dropped its
+        // kept-alive connections. One such close empties the pool, so the
+        // next request (a retry here) goes on a new connection rather than
+        // meeting the same end on each pooled one in turn.
+        let (url, accepted) = backend(|_, mut s| async move {
+            read_request(&mut s).await;
+            s.write_all(OK).await.unwrap();
+            read_request(&mut s).await;
+        })
+        .await;
+        let client = PlainClient::new(&url, Duration::from_secs(1));
+        let (a, b, c) = tokio::join!(
+            client.send(post(&url, "{}")),
+            client.send(post(&url, "{}")),
+            client.send(post(&url, "{}"))
+        );
+        for answer in [a, b, c] {
+            assert_eq!(text(answer.unwrap()).await, "ok");
+        }
+        assert_eq!(client.pool().idle(), 3);
+        let e = client.send(post(&url, "{}")).await.unwrap_err();
+        assert!(matches!(e, AttemptError::IdleClosed(_)), "{e:?}");
+        assert_eq!(client.pool().idle(), 0, "the other two let go");
+        assert_eq!(
+            text(client.send(post(&url, "{}")).await.unwrap()).await,
+            "ok"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 4, "a new connection");
     }
 
     #[tokio::test]

@@ -78,6 +78,14 @@ impl Pool {
         }
     }
 
+    /// Closes every idle connection: one of them was found dropped by the
+    /// backend, and the others most likely were too.
+    pub(crate) fn clear(&self) {
+        let dropped = std::mem::take(&mut *self.lock());
+        // Closed outside the lock.
+        drop(dropped);
+    }
+
     /// Idle connections right now.
     #[cfg(test)]
     pub(crate) fn idle(&self) -> usize {
