@@ -542,18 +542,24 @@ fn framing(
 /// (RFC 9112 §6.1, §7.4), and passing its bytes on would be wrong both ways:
 /// `Transfer-Encoding` is hop-by-hop, so the client would get gzip bytes
 /// labelled as none, and decoding them is not weir's job. nginx answers
-/// such a response 502 too.
+/// such a response 502 too. So is `chunked` applied twice (which §6.1
+/// forbids), or followed by another coding: decoded once, or not at all,
+/// its framing would reach the client as body bytes.
 pub(crate) fn only_chunked<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<(), Malformed> {
-    let unsupported = values
+    let mut chunked = false;
+    for coding in values
         .flat_map(|value| value.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .any(|coding| {
-            !coding.is_empty()
-                && !coding.eq_ignore_ascii_case(b"chunked")
-                && !coding.eq_ignore_ascii_case(b"identity")
-        });
-    if unsupported {
-        return Err(Malformed("a transfer coding other than chunked"));
+        .filter(|coding| !coding.is_empty())
+    {
+        if chunked {
+            return Err(Malformed("a transfer coding after chunked"));
+        }
+        if coding.eq_ignore_ascii_case(b"chunked") {
+            chunked = true;
+        } else if !coding.eq_ignore_ascii_case(b"identity") {
+            return Err(Malformed("a transfer coding other than chunked"));
+        }
     }
     Ok(())
 }
@@ -1064,6 +1070,11 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: deflate\r\ntransfer-encoding: chunked\r\n\r\n",
+            // Chunked twice, or not last: its framing would reach the
+            // client as body bytes.
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, identity\r\n\r\n",
         ] {
             let text = String::from_utf8_lossy(raw);
             assert!(head(raw).is_err(), "{text}");
