@@ -582,10 +582,13 @@ fn check_warns_of_a_certificate_that_cannot_be_a_ca() {
 async fn an_https_backend_that_answers_what_is_not_http_is_a_502() {
     let ca = private_ca_fixture("ca.pem");
     let big = "a".repeat(200_000);
+    // Past 64 KiB, but not past what hyper's read buffer lets through.
+    let over = "a".repeat(70_000);
     for (what, reply) in [
         ("101", "HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n".to_owned()),
         ("999", "HTTP/1.1 999 Weird\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}".to_owned()),
         ("big head", format!("HTTP/1.1 200 OK\r\nx-big: {big}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}")),
+        ("70 KB head", format!("HTTP/1.1 200 OK\r\nx-big: {over}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}")),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let config = private_backend_config_at(&dir, https_backend_answering(reply));

@@ -288,7 +288,8 @@ fn tls_client(host: &str, connect_timeout: Duration, trust: &trust::Trust) -> Tl
     };
     Client::builder(TokioExecutor::new())
         // The plain client's head limit (64 KiB) for https too: hyper's
-        // own read buffer would take a head of about 400 KB.
+        // own read buffer would take a head of about 400 KB (`send` checks
+        // the head's size, which this alone bounds only roughly).
         .http1_max_buf_size(codec::MAX_HEAD_BYTES)
         .http2_max_header_list_size(codec::MAX_HEAD_BYTES as u32)
         .pool_idle_timeout(pool::IDLE_TIMEOUT)
@@ -434,6 +435,17 @@ pub(crate) async fn send(
                         return Err(AttemptError::Protocol(format!(
                             "{status} on a request without Upgrade"
                         )));
+                    }
+                    // hyper's read buffer (64 KiB, the builder's) lets a
+                    // head somewhat over it through: the limit counted as
+                    // the plain client counts it, the head's bytes.
+                    let head: usize = (response.headers().iter())
+                        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                        .sum();
+                    if head > codec::MAX_HEAD_BYTES {
+                        return Err(AttemptError::Protocol(
+                            "response head larger than 64 KiB".to_owned(),
+                        ));
                     }
                     let codings = response.headers().get_all(http::header::TRANSFER_ENCODING);
                     codec::only_chunked(codings.iter().map(http::HeaderValue::as_bytes))
