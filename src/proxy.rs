@@ -127,7 +127,7 @@ pub(crate) async fn forward(
     };
     log.place = Some(place);
     let rest = head.uri.path().strip_prefix("/v1").unwrap_or("");
-    let estimate = tokens::estimate(&facts, route.config.max_tokens, rest != "/embeddings");
+    let estimate = tokens::estimate(&facts, route.config.max_tokens, rest);
     // The name is the route's from here on (the same string): the client's
     // copy goes to the log without another allocation.
     log.model = Some(facts.model);

@@ -106,6 +106,56 @@ async fn the_limit_header_is_the_burst_remaining_counts_against() {
     assert_eq!(ok.header("x-ratelimit-remaining-requests"), "499");
 }
 
+/// A length field the route's backend does not read (or a 0 it reads as
+/// absent) cannot shrink a request's reservation, and a batch of prompts
+/// reserves a completion for each: past the bucket, each is a 413.
+#[tokio::test]
+async fn the_reservation_reads_the_length_field_the_backend_does() {
+    let (gw, _m) = setup(
+        "tokens_per_minute = 1000\nqueue_timeout = \"0s\"",
+        MockConfig::default(),
+    )
+    .await;
+    let hi = r#"[{"role":"user","content":"hi"}]"#;
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            format!(
+                r#"{{"model":"{MODEL}","max_completion_tokens":0,"max_tokens":2000,"messages":{hi}}}"#
+            ),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(
+                r#"{{"model":"{MODEL}","max_output_tokens":1,"max_tokens":2000,"messages":{hi}}}"#
+            ),
+        ),
+        (
+            "/v1/completions",
+            format!(
+                r#"{{"model":"{MODEL}","max_completion_tokens":1,"max_tokens":2000,"prompt":"hi"}}"#
+            ),
+        ),
+        (
+            "/v1/completions",
+            format!(
+                r#"{{"model":"{MODEL}","max_tokens":50,"prompt":{}}}"#,
+                serde_json::json!(vec!["hi"; 30])
+            ),
+        ),
+    ] {
+        let r = post(gw.addr(), path, &body).await;
+        assert_eq!(r.status, 413, "{path} {body}: {}", r.text());
+    }
+    let ok = post(
+        gw.addr(),
+        "/v1/completions",
+        &format!(r#"{{"model":"{MODEL}","max_tokens":50,"prompt":["hi","there"]}}"#),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}
+
 #[tokio::test]
 async fn token_limit_refusals_and_impossible_requests() {
     let (gw, m) = setup(

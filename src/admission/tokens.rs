@@ -251,32 +251,66 @@ struct UsageJson {
 }
 
 /// Estimates a request before it is admitted: prompt from its size, and
-/// completion as the most it may generate (`max_tokens`, or
-/// `default_max_tokens` when the client set none, times `n`).
+/// completion as the most it may generate: [`completion_limit`], or
+/// `default_max_tokens` when the client set none, times `n`, times the
+/// prompts of a batched `/v1/completions` request.
 ///
 /// prompt = ⌈prompt_bytes / 4⌉ + 4 × messages (+ 3 when there are messages).
 ///
-/// `completion_expected` is false for `/v1/embeddings`, which generates no
-/// tokens (completion 0). It is a parameter because the route, not the body,
-/// says so, and only the caller knows the route. (STYLE prefers no boolean
-/// parameters; this one is kept because the caller's call site reads
-/// `rest != "/embeddings"` and a second function would only move that test.)
+/// `route` is the client's path after `/v1`: the route, not the body, says
+/// which length field the backend reads, and that `/v1/embeddings`
+/// generates nothing (completion 0).
 ///
 /// All arithmetic saturates: hostile sizes make a huge estimate, never a panic.
-pub fn estimate(
-    facts: &RequestFacts,
-    default_max_tokens: u32,
-    completion_expected: bool,
-) -> Estimate {
-    let completion = if completion_expected {
-        let max_tokens = u64::from(facts.max_tokens.unwrap_or(default_max_tokens));
-        max_tokens.saturating_mul(u64::from(facts.n.max(1)))
-    } else {
+pub fn estimate(facts: &RequestFacts, default_max_tokens: u32, route: &str) -> Estimate {
+    let completion = if route == "/embeddings" {
         0
+    } else {
+        let limit = u64::from(completion_limit(facts, route).unwrap_or(default_max_tokens));
+        let batch = if route == "/completions" {
+            facts.prompts.max(1)
+        } else {
+            1
+        };
+        limit
+            .saturating_mul(u64::from(facts.n.max(1)))
+            .saturating_mul(u64::from(batch))
     };
     Estimate {
         prompt: prompt_tokens(facts),
         completion,
+    }
+}
+
+/// The most a request lets its backend generate per choice, read as the
+/// engines behind `route` read it, so a field the backend ignores cannot
+/// shrink the reservation:
+///
+/// * `/chat/completions`: `max_completion_tokens`, unless absent or 0,
+///   else `max_tokens` (vLLM's and SGLang's
+///   `max_completion_tokens or max_tokens`);
+/// * `/completions`: `max_tokens` (the legacy API has no other);
+/// * `/responses`: `max_output_tokens`;
+/// * any other route: the largest of the three, the reservation erring
+///   high (the real usage settles it).
+///
+/// `None` when the route's field is absent: the model's default applies.
+pub fn completion_limit(facts: &RequestFacts, route: &str) -> Option<u32> {
+    match route {
+        "/chat/completions" => facts
+            .max_completion_tokens
+            .filter(|&limit| limit > 0)
+            .or(facts.max_tokens),
+        "/completions" => facts.max_tokens,
+        "/responses" => facts.max_output_tokens,
+        _ => [
+            facts.max_tokens,
+            facts.max_completion_tokens,
+            facts.max_output_tokens,
+        ]
+        .into_iter()
+        .flatten()
+        .max(),
     }
 }
 
@@ -879,6 +913,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const CHAT: &str = "/chat/completions";
+
     fn facts(
         prompt_bytes: usize,
         message_count: u32,
@@ -889,6 +925,9 @@ mod tests {
             model: "m".to_owned(),
             stream: false,
             max_tokens,
+            max_completion_tokens: None,
+            max_output_tokens: None,
+            prompts: 1,
             n,
             include_usage: false,
             has_stream_options: false,
@@ -900,7 +939,7 @@ mod tests {
     #[test]
     fn estimates() {
         // chat: ceil(10 / 4) = 3, + 2 messages × 4, + 3 priming = 14
-        let chat = estimate(&facts(10, 2, Some(100), 1), 256, true);
+        let chat = estimate(&facts(10, 2, Some(100), 1), 256, CHAT);
         assert_eq!(
             chat,
             Estimate {
@@ -911,26 +950,26 @@ mod tests {
         assert_eq!(chat.total(), 114);
         // n = 2 doubles the completion; n = 0 counts as 1
         assert_eq!(
-            estimate(&facts(8, 1, Some(50), 2), 256, true).completion,
+            estimate(&facts(8, 1, Some(50), 2), 256, CHAT).completion,
             100
         );
         assert_eq!(
-            estimate(&facts(8, 1, Some(50), 0), 256, true).completion,
+            estimate(&facts(8, 1, Some(50), 0), 256, CHAT).completion,
             50
         );
         // no max_tokens: the configured default
         assert_eq!(
-            estimate(&facts(8, 1, None, 1), 256, true),
+            estimate(&facts(8, 1, None, 1), 256, CHAT),
             Estimate {
                 prompt: 9,
                 completion: 256
             }
         );
         // completions prompt (no messages): no per-message overhead, no priming
-        assert_eq!(estimate(&facts(9, 0, Some(1), 1), 256, true).prompt, 3);
+        assert_eq!(estimate(&facts(9, 0, Some(1), 1), 256, CHAT).prompt, 3);
         // embeddings: prompt only
         assert_eq!(
-            estimate(&facts(4000, 0, None, 1), 256, false),
+            estimate(&facts(4000, 0, None, 1), 256, "/embeddings"),
             Estimate {
                 prompt: 1000,
                 completion: 0
@@ -940,10 +979,78 @@ mod tests {
         let huge = estimate(
             &facts(usize::MAX, u32::MAX, Some(u32::MAX), u32::MAX),
             0,
-            true,
+            CHAT,
         );
         assert_eq!(huge.completion, u64::from(u32::MAX) * u64::from(u32::MAX));
         assert_eq!(huge.total(), u64::MAX);
+        let batch = RequestFacts {
+            prompts: u32::MAX,
+            ..facts(0, 0, Some(u32::MAX), u32::MAX)
+        };
+        assert_eq!(estimate(&batch, 0, "/completions").completion, u64::MAX);
+    }
+
+    /// Each route's length field is the one its engines read, so a field
+    /// the backend ignores (or a 0 it reads as absent) cannot shrink the
+    /// reservation; a batched completions prompt counts once per prompt.
+    #[test]
+    fn the_completion_limit_is_the_routes_own() {
+        let with = |max_tokens, max_completion_tokens, max_output_tokens| RequestFacts {
+            max_completion_tokens,
+            max_output_tokens,
+            ..facts(0, 0, max_tokens, 1)
+        };
+        // chat: max_completion_tokens, unless absent or 0, else max_tokens
+        assert_eq!(
+            completion_limit(&with(Some(5000), Some(0), None), CHAT),
+            Some(5000)
+        );
+        assert_eq!(
+            completion_limit(&with(Some(5000), Some(9), None), CHAT),
+            Some(9)
+        );
+        assert_eq!(completion_limit(&with(None, Some(9), None), CHAT), Some(9));
+        assert_eq!(completion_limit(&with(None, Some(0), None), CHAT), None);
+        assert_eq!(completion_limit(&with(None, None, Some(1)), CHAT), None);
+        // legacy completions: max_tokens only
+        assert_eq!(
+            completion_limit(&with(Some(5000), Some(1), Some(1)), "/completions"),
+            Some(5000)
+        );
+        assert_eq!(
+            completion_limit(&with(None, Some(1), None), "/completions"),
+            None
+        );
+        // responses: max_output_tokens only
+        assert_eq!(
+            completion_limit(&with(Some(1), None, Some(700)), "/responses"),
+            Some(700)
+        );
+        assert_eq!(
+            completion_limit(&with(Some(1), Some(1), None), "/responses"),
+            None
+        );
+        // elsewhere: the largest given
+        assert_eq!(
+            completion_limit(&with(Some(3), Some(0), Some(8)), "/messages"),
+            Some(8)
+        );
+        assert_eq!(
+            estimate(&with(Some(1), None, None), 100, "/responses").completion,
+            100,
+            "the default, not max_tokens"
+        );
+        // a batch of 50 prompts, n = 2: 50 × 2 completions
+        let batch = RequestFacts {
+            prompts: 50,
+            ..facts(0, 0, Some(500), 2)
+        };
+        assert_eq!(estimate(&batch, 16, "/completions").completion, 50_000);
+        assert_eq!(
+            estimate(&batch, 16, CHAT).completion,
+            1000,
+            "chat has no batch"
+        );
     }
 
     const CONTENT: [&str; 3] = ["Hello", " \\\"world\\\"", " \u{e9}\u{1f600}"];

@@ -85,9 +85,19 @@ pub struct RequestFacts {
     pub model: String,
     /// `"stream": true`; streamed responses are relayed as SSE.
     pub stream: bool,
-    /// `max_completion_tokens` if present, else `max_tokens` (`null` counts as
-    /// absent). Feeds the token reservation at admission.
+    /// `max_tokens` (`null` counts as absent). It, `max_completion_tokens`
+    /// and `max_output_tokens` feed the token reservation at admission,
+    /// each on the routes whose engines read it
+    /// (`admission::tokens::completion_limit`).
     pub max_tokens: Option<u32>,
+    /// `max_completion_tokens` (chat's newer name for `max_tokens`).
+    pub max_completion_tokens: Option<u32>,
+    /// `max_output_tokens` (the Responses API's name).
+    pub max_output_tokens: Option<u32>,
+    /// Prompts in `prompt`: an array of strings, or of token-id arrays, is
+    /// a batch the completions API answers each of (so its completion
+    /// estimate counts once per prompt); anything else is 1.
+    pub prompts: u32,
     /// `n` (choices per request), default 1; `0` is read as 1. Multiplies the
     /// completion-token estimate.
     pub n: u32,
@@ -460,6 +470,8 @@ struct Top {
     /// The Responses API's name for it (`/v1/responses`).
     max_output_tokens: Option<u32>,
     n: Option<u32>,
+    /// Prompts in `prompt` (0 read as 1).
+    prompts: u32,
     /// Where it is, and `include_usage == true`.
     stream_options: Option<(StreamOptionsSpan, bool)>,
     prompt_bytes: usize,
@@ -490,10 +502,10 @@ impl Top {
             facts: RequestFacts {
                 model,
                 stream: self.stream.unwrap_or(false),
-                max_tokens: self
-                    .max_completion_tokens
-                    .or(self.max_tokens)
-                    .or(self.max_output_tokens),
+                max_tokens: self.max_tokens,
+                max_completion_tokens: self.max_completion_tokens,
+                max_output_tokens: self.max_output_tokens,
+                prompts: self.prompts.max(1),
                 n: self.n.unwrap_or(1).max(1),
                 include_usage,
                 has_stream_options,
@@ -644,9 +656,12 @@ impl<'de> Visitor<'de> for TopSeed<'_, 'de> {
                     top.stream_options = Some(read_stream_options(ctx, raw.get())?);
                 }
                 Key::Messages => top.messages(map.next_value_seed(Messages(MEMBER_LEVELS))?),
-                Key::Prompt | Key::Input => {
-                    top.prompt(map.next_value_seed(TextBytes(MEMBER_LEVELS))?);
+                Key::Prompt => {
+                    let (bytes, prompts) = map.next_value_seed(Prompt(MEMBER_LEVELS))?;
+                    top.prompt(bytes);
+                    top.prompts = prompts;
                 }
+                Key::Input => top.prompt(map.next_value_seed(TextBytes(MEMBER_LEVELS))?),
                 Key::Other => map.next_value_seed(Skip(MEMBER_LEVELS))?,
             }
         }
@@ -983,6 +998,98 @@ impl<'de> Visitor<'de> for TextBytes {
     }
 }
 
+/// `prompt`: its text bytes as [`TextBytes`] counts them, and the prompts
+/// it holds (see [`RequestFacts::prompts`]): the strings and arrays of a
+/// top-level array, else 1.
+struct Prompt(usize);
+
+impl<'de> DeserializeSeed<'de> for Prompt {
+    type Value = (usize, u32);
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(usize, u32), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Prompt {
+    type Value = (usize, u32);
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("prompt text")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(usize, u32), E> {
+        Ok((v.len(), 1))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(usize, u32), E> {
+        Ok((TOKEN_ID_BYTES, 1))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(usize, u32), E> {
+        Ok((TOKEN_ID_BYTES, 1))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(usize, u32), E> {
+        Ok((0, 1))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(usize, u32), E> {
+        Ok((0, 1))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(usize, u32), E> {
+        Ok((0, 1))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(usize, u32), A::Error> {
+        let inner = PromptElement(deeper(self.0)?);
+        let (mut bytes, mut prompts) = (0usize, 0u32);
+        while let Some((len, whole)) = seq.next_element_seed(inner)? {
+            bytes = bytes.saturating_add(len);
+            prompts = prompts.saturating_add(u32::from(whole));
+        }
+        Ok((bytes, prompts.max(1)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(usize, u32), A::Error> {
+        TextBytes(self.0).visit_map(map).map(|bytes| (bytes, 1))
+    }
+}
+
+/// An element of a `prompt` array: its text bytes, and whether it is a
+/// prompt of its own (a string, or an array of token ids).
+#[derive(Clone, Copy)]
+struct PromptElement(usize);
+
+impl<'de> DeserializeSeed<'de> for PromptElement {
+    type Value = (usize, bool);
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(usize, bool), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PromptElement {
+    type Value = (usize, bool);
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("prompt text")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(usize, bool), E> {
+        Ok((v.len(), true))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(usize, bool), E> {
+        Ok((TOKEN_ID_BYTES, false))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(usize, bool), E> {
+        Ok((TOKEN_ID_BYTES, false))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(usize, bool), E> {
+        Ok((0, false))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(usize, bool), E> {
+        Ok((0, false))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(usize, bool), E> {
+        Ok((0, false))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(usize, bool), A::Error> {
+        TextBytes(self.0).visit_seq(seq).map(|bytes| (bytes, true))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(usize, bool), A::Error> {
+        TextBytes(self.0).visit_map(map).map(|bytes| (bytes, false))
+    }
+}
+
 /// The budget left inside an array/object opened with budget `levels`, or the
 /// [`FactsError::TooDeep`] refusal when it may open none
 /// ([`levels_from`] says what budget a level gets).
@@ -1053,6 +1160,9 @@ mod tests {
             model: model.to_owned(),
             stream: false,
             max_tokens: None,
+            max_completion_tokens: None,
+            max_output_tokens: None,
+            prompts: 1,
             n: 1,
             include_usage: false,
             has_stream_options: false,
@@ -1142,6 +1252,21 @@ mod tests {
         assert_eq!(ok(r#"{"model":"m","prompt":[1,2,3]}"#).prompt_bytes, 12);
         assert_eq!(ok(r#"{"model":"m","prompt":[[1,2],[3]]}"#).prompt_bytes, 12);
         assert_eq!(ok(r#"{"model":"m","prompt":null}"#).prompt_bytes, 0);
+        // A batch is an array of strings or of token-id arrays: one
+        // completion each.
+        for (body, prompts) in [
+            (r#"{"model":"m","prompt":"abcd"}"#, 1),
+            (r#"{"model":"m","prompt":["ab","cde"]}"#, 2),
+            (r#"{"model":"m","prompt":[1,2,3]}"#, 1),
+            (r#"{"model":"m","prompt":[[1,2],[3],[4]]}"#, 3),
+            (r#"{"model":"m","prompt":[]}"#, 1),
+            (r#"{"model":"m","prompt":["a",{"text":"b"},7]}"#, 1),
+            (r#"{"model":"m","input":["a","b"]}"#, 1),
+        ] {
+            assert_eq!(ok(body).prompts, prompts, "{body}");
+            let scanned = scan::read(body).map(|read| read.facts.prompts);
+            assert!(scanned.is_none_or(|p| p == prompts), "{body}: {scanned:?}");
+        }
     }
 
     #[test]
@@ -1165,20 +1290,26 @@ mod tests {
 
     #[test]
     fn max_tokens_and_n() {
-        assert_eq!(ok(r#"{"model":"m","max_tokens":7}"#).max_tokens, Some(7));
+        // Each length field as given; `admission::tokens::completion_limit`
+        // says which one a route reads.
+        let limits = |f: RequestFacts| (f.max_tokens, f.max_completion_tokens, f.max_output_tokens);
         assert_eq!(
-            ok(r#"{"model":"m","max_completion_tokens":9}"#).max_tokens,
-            Some(9)
+            limits(ok(r#"{"model":"m","max_tokens":7}"#)),
+            (Some(7), None, None)
         );
         assert_eq!(
-            ok(r#"{"model":"m","input":"hi","max_output_tokens":5}"#).max_tokens,
-            Some(5),
+            limits(ok(r#"{"model":"m","max_completion_tokens":9}"#)),
+            (None, Some(9), None)
+        );
+        assert_eq!(
+            limits(ok(r#"{"model":"m","input":"hi","max_output_tokens":5}"#)),
+            (None, None, Some(5)),
             "the Responses API's name"
         );
         let both = r#"{"model":"m","max_completion_tokens":9,"max_tokens":7}"#;
-        assert_eq!(ok(both).max_tokens, Some(9));
+        assert_eq!(limits(ok(both)), (Some(7), Some(9), None));
         let both = r#"{"model":"m","max_completion_tokens":null,"max_tokens":7}"#;
-        assert_eq!(ok(both).max_tokens, Some(7));
+        assert_eq!(limits(ok(both)), (Some(7), None, None));
         assert_eq!(
             ok(r#"{"model":"m","max_tokens":4294967295}"#).max_tokens,
             Some(u32::MAX)
@@ -1755,7 +1886,10 @@ mod tests {
             RequestFacts {
                 model: self.model.clone(),
                 stream: self.stream.unwrap_or(false),
-                max_tokens: self.max_completion_tokens.or(self.max_tokens),
+                max_tokens: self.max_tokens,
+                max_completion_tokens: self.max_completion_tokens,
+                max_output_tokens: None,
+                prompts: 1,
                 n: self.n.unwrap_or(1).max(1),
                 include_usage: self.include_usage.flatten().unwrap_or(false),
                 has_stream_options: self.include_usage.is_some(),

@@ -96,7 +96,12 @@ fn member(
         Key::N => top.n = s.count()?,
         Key::StreamOptions => top.stream_options = Some(s.stream_options(level)?),
         Key::Messages => top.messages(s.messages(level)?),
-        Key::Prompt | Key::Input => top.prompt(s.text_bytes(level)?),
+        Key::Prompt => {
+            let (bytes, prompts) = s.prompt(level)?;
+            top.prompt(bytes);
+            top.prompts = prompts;
+        }
+        Key::Input => top.prompt(s.text_bytes(level)?),
         Key::Other => s.skip(level)?,
     }
     Some(())
@@ -313,6 +318,24 @@ impl<'a> Scanner<'a> {
             Some(())
         })?;
         Some((count, bytes))
+    }
+
+    /// `prompt` inside the top-level object at `level`: its text bytes and
+    /// the prompts it holds, as the serde pass's `Prompt` counts them (the
+    /// strings and arrays of an array, else 1).
+    fn prompt(&mut self, level: u32) -> Option<(usize, u32)> {
+        if self.peek()? != b'[' {
+            return self.text_bytes(level).map(|bytes| (bytes, 1));
+        }
+        let (mut bytes, mut prompts) = (0usize, 0u32);
+        self.array(level + 1, |s| {
+            if matches!(s.peek()?, b'"' | b'[') {
+                prompts = prompts.saturating_add(1);
+            }
+            bytes = bytes.saturating_add(s.text_bytes(level + 1)?);
+            Some(())
+        })?;
+        Some((bytes, prompts.max(1)))
     }
 
     /// Bytes of prompt text in a value inside a container at `level`, as the
