@@ -432,6 +432,130 @@ fn https_backend_answering(reply: String) -> std::net::SocketAddr {
     addr
 }
 
+/// As [`https_backend_answering`], but keeping its connections alive: the
+/// first request on each is answered with `reply` (which must not close),
+/// the next one read and then dropped unanswered, without TLS's
+/// close_notify: a backend, or a middlebox, that has let go of its
+/// kept-alive connections.
+fn https_backend_dropping_reused_connections(reply: String) -> std::net::SocketAddr {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let reply: std::sync::Arc<str> = reply.into();
+    let chain = CertificateDer::pem_file_iter(private_ca_fixture("server.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(private_ca_fixture("server-key.pem")).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let config = config.clone();
+            let reply = reply.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                use std::io::Write;
+                let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                if !read_one_request(&mut tls)? {
+                    return Ok(());
+                }
+                tls.write_all(reply.as_bytes())?;
+                tls.flush()?;
+                // The next request is read, then the connection dropped.
+                read_one_request(&mut tls)?;
+                Ok(())
+            });
+        }
+    });
+    addr
+}
+
+/// Reads one request (head and `Content-Length` body) from `stream`;
+/// false if it closed first.
+fn read_one_request(stream: &mut impl std::io::Read) -> std::io::Result<bool> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        request.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&request).to_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = (text[..end].lines())
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if request.len() >= end + 4 + length {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// An https backend's kept-alive connection dropped unanswered just as
+/// weir reuses it is what it is for a plain backend: an `idle_closed`
+/// retry, at once and on a new connection, not a `protocol` failure held
+/// against the backend (which, one failure ejecting here, would take the
+/// model's only backend out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_backends_dropped_kept_alive_connection_is_retried_and_not_held_against_it() {
+    let ca = private_ca_fixture("ca.pem");
+    let body = r#"{"id":"c1","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    let reply = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let addr = https_backend_dropping_reused_connections(reply);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 2\nbase_delay = \"2s\"\nmax_delay = \"2s\"\n",
+            backend("private", &format!("https://{addr}/v1"), &["m"], 1)
+        ),
+    );
+    let weir = spawn_weir_env(
+        &config,
+        "info",
+        &[("SSL_CERT_FILE", ca.as_str()), ("SSL_CERT_DIR", "")],
+    );
+    for i in 0..3 {
+        let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+        let log = weir.log.lock().unwrap().clone();
+        assert_eq!(reply.status, 200, "request {i}: {}\n{log}", reply.text());
+    }
+    for kind in ["protocol", "idle_closed"] {
+        let errors = metric(
+            weir.addr,
+            "weir_upstream_errors_total",
+            &[("backend", "private"), ("kind", kind)],
+        )
+        .await;
+        assert_eq!(errors, 0.0, "{kind}");
+    }
+    let retried = metric(
+        weir.addr,
+        "weir_retries_total",
+        &[("model", "m"), ("reason", "idle_closed")],
+    )
+    .await;
+    assert_eq!(
+        retried, 2.0,
+        "the second and third requests met a dropped connection"
+    );
+}
+
 /// A config in `dir` serving model "m" from one backend,
 /// [`https_backend_behind_a_private_ca`], health checks off.
 fn private_backend_config(dir: &tempfile::TempDir) -> std::path::PathBuf {

@@ -64,7 +64,7 @@ const HEAD_CAPACITY: usize = 512;
 /// What a close on a reused connection may take beyond a round trip and
 /// still be the idle-close race ([`PlainClient::idle_race`]): the
 /// gateway's own delay in seeing it, when busy.
-const IDLE_RACE_SLACK: Duration = Duration::from_millis(100);
+pub(super) const IDLE_RACE_SLACK: Duration = Duration::from_millis(100);
 /// Handshakes this long are not round-trip samples: the SYN was lost and
 /// sent again (Linux waits 1 s).
 const MAX_HANDSHAKE_SAMPLE: Duration = Duration::from_secs(1);

@@ -25,6 +25,7 @@ mod conn;
 mod pool;
 mod resolve;
 pub(crate) mod retry_after;
+mod tracked;
 pub(crate) mod trust;
 
 use resolve::HostResolver;
@@ -323,9 +324,10 @@ where
     C::Error: Into<BoxError>,
     C::Future: Send + 'static,
 {
-    type Response = C::Response;
+    type Response = tracked::Tracked<C::Response>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<C::Response, BoxError>> + Send>>;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -335,8 +337,10 @@ where
         let connecting = self.inner.call(uri);
         let limit = self.limit;
         Box::pin(async move {
+            let began = tokio::time::Instant::now();
             match tokio::time::timeout(limit, connecting).await {
-                Ok(made) => made.map_err(Into::into),
+                Ok(Ok(io)) => Ok(tracked::Tracked::new(io, began.elapsed())),
+                Ok(Err(e)) => Err(e.into()),
                 Err(_) => Err(ConnectTimedOut(limit).into()),
             }
         })
@@ -417,9 +421,11 @@ pub(crate) async fn send(
         }
         HttpClient::Tls(tls, _) => {
             let request = request.map(Full::new);
+            let sent = tokio::time::Instant::now();
             match tokio::time::timeout(first_byte_timeout, tls.request(request)).await {
                 Err(_) => Err(AttemptError::Timeout(first_byte_timeout)),
                 Ok(Ok(response)) => {
+                    tracked::answered(&response);
                     // hyper read the head; weir's own client says so in
                     // `conn.rs`, before it parses one.
                     crate::busy_poll::head_read();
@@ -456,6 +462,13 @@ pub(crate) async fn send(
                     Err(AttemptError::Refused(error_chain(&e)))
                 }
                 Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(error_chain(&e))),
+                // The plain client's rules (`conn.rs`): hyper-util has sent
+                // again a request its kept-alive connection closed before
+                // writing; one written and then dropped unanswered within
+                // the race of an idle close is `IdleClosed`.
+                Ok(Err(e)) if tracked::idle_closed(&e, sent.elapsed()) => {
+                    Err(AttemptError::IdleClosed(error_chain(&e)))
+                }
                 Ok(Err(e)) => Err(AttemptError::Protocol(error_chain(&e))),
             }
         }

@@ -1,0 +1,153 @@
+//! The https client's connections as weir follows them: hyper-util pools
+//! them, and weir marks each once it has answered ([`Tracked`]), so that
+//! `send` tells the idle-close race from a backend failing with the
+//! request in hand, as the plain client does (`conn::PlainClient::round_trip`).
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::Response;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+
+use super::conn::IDLE_RACE_SLACK;
+
+/// One https connection (TCP, then TLS), as hyper-util's pool holds it.
+/// Reads and writes go straight through; what it adds is [`Seen`], which
+/// hyper-util hands to every response made on it and to its errors.
+#[derive(Debug)]
+pub(crate) struct Tracked<T> {
+    inner: T,
+    seen: Seen,
+}
+
+/// What weir knows of one connection.
+#[derive(Clone, Debug)]
+pub(crate) struct Seen(Arc<State>);
+
+#[derive(Debug)]
+struct State {
+    /// Whether a response head has come on it: a request on it since is
+    /// one on a kept-alive connection.
+    answered: AtomicBool,
+    /// How long its TCP and TLS handshakes took: a close racing a reuse
+    /// arrives within two of them (see `conn::PlainClient::idle_race`).
+    handshake: Duration,
+}
+
+impl<T> Tracked<T> {
+    /// A connection just made, whose handshakes took `handshake`.
+    pub(crate) fn new(inner: T, handshake: Duration) -> Self {
+        Tracked {
+            inner,
+            seen: Seen(Arc::new(State {
+                answered: AtomicBool::new(false),
+                handshake,
+            })),
+        }
+    }
+}
+
+/// Marks the connection `response` came on as having answered.
+pub(crate) fn answered<B>(response: &Response<B>) {
+    if let Some(seen) = response.extensions().get::<Seen>() {
+        seen.0.answered.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Whether `error`, `waited` after its request went out, is a kept-alive
+/// connection closed without an answer as the race with the backend's idle
+/// close does it: the connection had answered before, and the close (a
+/// reset, or the end of the stream, with or without TLS's close_notify)
+/// came within that race.
+pub(crate) fn idle_closed(error: &hyper_util::client::legacy::Error, waited: Duration) -> bool {
+    let Some(info) = error.connect_info() else {
+        return false;
+    };
+    let mut extensions = http::Extensions::new();
+    info.get_extras(&mut extensions);
+    let Some(Seen(state)) = extensions.get::<Seen>() else {
+        return false;
+    };
+    let race = IDLE_RACE_SLACK + state.handshake.saturating_mul(2);
+    state.answered.load(Ordering::Relaxed) && waited <= race && closed(error)
+}
+
+/// Whether the connection closed under the request: hyper saw the stream
+/// end before an answer, or the socket reported a reset, an abort or an
+/// early end (rustls: no close_notify).
+fn closed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(s) = source {
+        if s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
+impl<T: Connection> Connection for Tracked<T> {
+    fn connected(&self) -> Connected {
+        self.inner.connected().extra(self.seen.clone())
+    }
+}
+
+impl<T: Read + Unpin> Read for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+}
