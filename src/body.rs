@@ -766,20 +766,26 @@ impl Body for ProxiedBody {
                     if let Some(redactor) = &mut this.redactor {
                         data = redactor.push(data);
                     }
-                    if this.sse && this.quiet_limit > AFTER_DONE && this.stream_done() {
-                        // `data: [DONE]` is passing: from here the backend
-                        // has AFTER_DONE to end the body, after which it
-                        // ends whole anyway (`fail`), the connection not
-                        // reused. The timer is armed afresh at the next wait.
-                        this.quiet_limit = AFTER_DONE;
-                        this.quiet_timer = None;
-                    }
                     if !data.is_empty() {
                         // The timer stays, to serve as the idle limit.
                         this.awaiting_first_event = false;
                         if let Some(log) = &mut this.log {
                             log.first_byte(this.snapshot.as_deref());
                         }
+                    }
+                    if this.sse
+                        && !this.awaiting_first_event
+                        && this.quiet_limit > AFTER_DONE
+                        && this.stream_done()
+                    {
+                        // `data: [DONE]` is passing: from here the backend
+                        // has AFTER_DONE to end the body, after which it
+                        // ends whole anyway (`fail`), the connection not
+                        // reused. The timer is armed afresh at the next
+                        // wait (the first event's, which needs it armed,
+                        // has passed).
+                        this.quiet_limit = AFTER_DONE;
+                        this.quiet_timer = None;
                     }
                     if this.inner.is_end_stream() {
                         // A body of known length just ended: settle now,
