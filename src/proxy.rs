@@ -127,7 +127,12 @@ pub(crate) async fn forward(
     };
     log.place = Some(place);
     let rest = head.uri.path().strip_prefix("/v1").unwrap_or("");
-    let estimate = tokens::estimate(&facts, route.config.max_tokens, rest);
+    // The route as the backend will route it: engines (uvicorn's vLLM and
+    // SGLang) decode the path first, so `/v1/%63ompletions` is
+    // `/completions` there, and must be here for the estimate and the
+    // usage chunk. The path itself goes upstream as the client sent it.
+    let route_path = percent_encoding::percent_decode_str(rest).decode_utf8_lossy();
+    let estimate = tokens::estimate(&facts, route.config.max_tokens, &route_path);
     // The name is the route's from here on (the same string): the client's
     // copy goes to the log without another allocation.
     log.model = Some(facts.model);
@@ -169,7 +174,7 @@ pub(crate) async fn forward(
         // defines `stream_options`: other routes pass through untouched.
         add_include_usage: facts.stream
             && !facts.include_usage
-            && matches!(rest, "/chat/completions" | "/completions"),
+            && matches!(&*route_path, "/chat/completions" | "/completions"),
         prompt_estimate: estimate.prompt,
         deadline,
         queue_deadline,

@@ -1265,7 +1265,7 @@ mod tests {
         ] {
             assert_eq!(ok(body).prompts, prompts, "{body}");
             let scanned = scan::read(body).map(|read| read.facts.prompts);
-            assert!(scanned.is_none_or(|p| p == prompts), "{body}: {scanned:?}");
+            assert_eq!(scanned, Some(prompts), "the scanner's count: {body}");
         }
     }
 

@@ -550,10 +550,15 @@ pub(crate) fn only_chunked<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result
     for coding in values
         .flat_map(|value| value.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|coding| !coding.is_empty())
     {
+        // Even an empty element: `chunked,` would leave the last element
+        // (which `framing`, and hyper for https, read) empty, the body
+        // read to the close with its chunk framing in it.
         if chunked {
             return Err(Malformed("a transfer coding after chunked"));
+        }
+        if coding.is_empty() {
+            continue;
         }
         if coding.eq_ignore_ascii_case(b"chunked") {
             chunked = true;
@@ -1075,6 +1080,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, identity\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked,\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: \r\n\r\n",
         ] {
             let text = String::from_utf8_lossy(raw);
             assert!(head(raw).is_err(), "{text}");

@@ -38,8 +38,9 @@ struct State {
     /// Whether a response head has come on it: a request on it since is
     /// one on a kept-alive connection.
     answered: AtomicBool,
-    /// How long its TCP and TLS handshakes took: a close racing a reuse
-    /// arrives within two of them (see `conn::PlainClient::idle_race`).
+    /// How long its TCP and TLS handshakes took (two round trips or
+    /// more): a close racing a reuse arrives within them (see
+    /// `conn::PlainClient::idle_race`).
     handshake: Duration,
 }
 
@@ -64,12 +65,18 @@ pub(crate) fn answered<B>(response: &Response<B>) {
 }
 
 /// Whether `error`, `waited` after its request went out, is a kept-alive
-/// connection closed without an answer as the race with the backend's idle
-/// close does it: the connection had answered before, and the close (a
-/// reset, or the end of the stream, with or without TLS's close_notify)
-/// came within that race.
+/// HTTP/1.1 connection closed without an answer as the race with the
+/// backend's idle close does it: the connection had answered before (one
+/// request at a time: before this one), and the close (a reset, or the end
+/// of the stream, with or without TLS's close_notify) came within that
+/// race: [`IDLE_RACE_SLACK`] plus the connection's handshakes, TCP's and
+/// TLS's, two round trips or more (the plain client allows two TCP ones).
+/// Never on HTTP/2, whose servers close idle connections with GOAWAY
+/// (streams it refuses hyper-util sends again itself) and whose streams
+/// share a connection: one dropped with streams open is the backend's
+/// failure.
 pub(crate) fn idle_closed(error: &hyper_util::client::legacy::Error, waited: Duration) -> bool {
-    let Some(info) = error.connect_info() else {
+    let Some(info) = error.connect_info().filter(|info| !info.is_negotiated_h2()) else {
         return false;
     };
     let mut extensions = http::Extensions::new();
@@ -77,7 +84,7 @@ pub(crate) fn idle_closed(error: &hyper_util::client::legacy::Error, waited: Dur
     let Some(Seen(state)) = extensions.get::<Seen>() else {
         return false;
     };
-    let race = IDLE_RACE_SLACK + state.handshake.saturating_mul(2);
+    let race = IDLE_RACE_SLACK + state.handshake;
     state.answered.load(Ordering::Relaxed) && waited <= race && closed(error)
 }
 
