@@ -773,19 +773,19 @@ impl Body for ProxiedBody {
                             log.first_byte(this.snapshot.as_deref());
                         }
                     }
-                    if this.sse
-                        && !this.awaiting_first_event
-                        && this.quiet_limit > AFTER_DONE
-                        && this.stream_done()
-                    {
-                        // `data: [DONE]` is passing: from here the backend
-                        // has AFTER_DONE to end the body, after which it
-                        // ends whole anyway (`fail`), the connection not
-                        // reused. The timer is armed afresh at the next
-                        // wait (the first event's, which needs it armed,
-                        // has passed).
-                        this.quiet_limit = AFTER_DONE;
-                        this.quiet_timer = None;
+                    if this.sse && !this.awaiting_first_event && this.stream_done() {
+                        // `data: [DONE]` has passed: from here the backend
+                        // has AFTER_DONE to end the body, whatever it sends
+                        // meanwhile (comments keep no stream open), after
+                        // which it ends whole anyway (`fail`), the
+                        // connection not reused.
+                        let end = Instant::now() + AFTER_DONE;
+                        if end < this.deadline {
+                            this.deadline = end;
+                            if let Some(timer) = &mut this.deadline_timer {
+                                timer.as_mut().reset(end);
+                            }
+                        }
                     }
                     if this.inner.is_end_stream() {
                         // A body of known length just ended: settle now,

@@ -47,6 +47,8 @@ enum Fault {
     /// Sends a whole SSE stream up to `data: [DONE]`, then keeps the
     /// connection open without ending the chunked body.
     OpenAfterDone,
+    /// As `OpenAfterDone`, sending an SSE comment every 200 ms meanwhile.
+    PingsAfterDone,
     /// Starts an SSE stream, then sends a chunk size that is not hex.
     BrokenChunked,
     /// Starts an SSE stream, then drips its next event one byte per second.
@@ -142,7 +144,7 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             r.and(reset(s))
         }
-        Fault::OpenAfterDone => {
+        Fault::OpenAfterDone | Fault::PingsAfterDone => {
             let whole = [
                 SSE_HEAD,
                 &chunk(EVENT),
@@ -151,6 +153,11 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
             ]
             .concat();
             let r = s.write_all(&whole).await;
+            if fault == Fault::PingsAfterDone {
+                while s.write_all(&chunk(": ping\n\n")).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
             let mut buf = [0u8; 1024];
             while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
             r
@@ -503,12 +510,18 @@ async fn a_reset_after_done_ends_the_stream_cleanly() {
 }
 
 /// A backend that keeps a stream open after `data: [DONE]` (no last
-/// chunk): the client's stream ends whole about a second after `[DONE]`,
-/// not at `first_byte_timeout` (30 s here), as complete: its usage
-/// charged, no failure against the backend.
+/// chunk), silent or sending comments: the client's stream ends whole
+/// about a second after `[DONE]`, not at `first_byte_timeout` (30 s here)
+/// or `request_timeout` (60 s), as complete: its usage charged, no failure
+/// against the backend.
 #[tokio::test]
 async fn a_stream_held_open_after_done_ends_soon_after_it() {
-    let bad = faulty(Fault::OpenAfterDone).await;
+    held_open_after_done(Fault::OpenAfterDone).await;
+    held_open_after_done(Fault::PingsAfterDone).await;
+}
+
+async fn held_open_after_done(fault: Fault) {
+    let bad = faulty(fault).await;
     let toml = format!(
         "[server]\nfirst_byte_timeout = \"30s\"\nrequest_timeout = \"60s\"\n\n[[models]]\nname = \"alone\"\n\n{}{QUIET}",
         backend("bad2", &bad, &["alone"], 1)
@@ -519,8 +532,12 @@ async fn a_stream_held_open_after_done_ends_soon_after_it() {
     let s = post_stream(addr, "/v1/chat/completions", &chat("alone", true)).await;
     let ended = start.elapsed();
     assert_eq!(s.status, 200);
-    assert_eq!(s.text(), format!("{EVENT}data: [DONE]\n\n"));
-    assert!(ended < Duration::from_secs(10), "ended after {ended:?}");
+    let text = s.text().replace(": ping\n\n", "");
+    assert_eq!(text, format!("{EVENT}data: [DONE]\n\n"), "{fault:?}");
+    assert!(
+        ended < Duration::from_secs(10),
+        "{fault:?}: ended after {ended:?}"
+    );
     for kind in ["protocol", "timeout"] {
         let errors = metric(
             addr,
@@ -528,7 +545,7 @@ async fn a_stream_held_open_after_done_ends_soon_after_it() {
             &[("backend", "bad2"), ("kind", kind)],
         )
         .await;
-        assert_eq!(errors, 0.0, "{kind}");
+        assert_eq!(errors, 0.0, "{fault:?} {kind}");
     }
     let completion = metric(
         addr,
@@ -536,7 +553,7 @@ async fn a_stream_held_open_after_done_ends_soon_after_it() {
         &[("model", "alone"), ("kind", "completion")],
     )
     .await;
-    assert_eq!(completion, 3000.0, "its usage charged");
+    assert_eq!(completion, 3000.0, "{fault:?}: its usage charged");
 }
 
 #[tokio::test]
