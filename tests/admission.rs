@@ -143,6 +143,28 @@ async fn the_reservation_reads_the_length_field_the_backend_does() {
                 serde_json::json!(vec!["hi"; 30])
             ),
         ),
+        // The route as the backend decodes it.
+        (
+            "/v1/%63ompletions",
+            format!(
+                r#"{{"model":"{MODEL}","max_tokens":50,"prompt":{}}}"#,
+                serde_json::json!(vec!["hi"; 30])
+            ),
+        ),
+        (
+            "/v1/%72esponses",
+            format!(
+                r#"{{"model":"{MODEL}","max_tokens":1,"max_output_tokens":2000,"input":"hi"}}"#
+            ),
+        ),
+        // Tools are prompt too: 8,000 bytes of description, 2,000 tokens.
+        (
+            "/v1/chat/completions",
+            format!(
+                r#"{{"model":"{MODEL}","max_tokens":10,"messages":{hi},"tools":[{{"type":"function","function":{{"name":"f","description":"{}"}}}}]}}"#,
+                "x".repeat(8000)
+            ),
+        ),
     ] {
         let r = post(gw.addr(), path, &body).await;
         assert_eq!(r.status, 413, "{path} {body}: {}", r.text());

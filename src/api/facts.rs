@@ -65,7 +65,9 @@
 //! * **Lenient prompt fields.** `messages`, `prompt` and `input` may have any
 //!   shape; weir only counts the text it recognises (see
 //!   [`RequestFacts::prompt_bytes`]) and leaves judging the shape to the
-//!   backend.
+//!   backend. So may the fields counted beside them (`tools`, `functions`,
+//!   `response_format`, `instructions`, `suffix`), which may also appear
+//!   twice: each is counted.
 #![forbid(unsafe_code)]
 
 use std::cell::Cell;
@@ -113,8 +115,10 @@ pub struct RequestFacts {
     /// string or arrays of them). Lengths are of the *unescaped* UTF-8 text, so
     /// they are exact, not approximate. Token ids (integers in `prompt` or
     /// `input`, as the completions and embeddings APIs allow) count 4 bytes
-    /// each, i.e. one token. Non-text parts (images, audio, tool calls) do not
-    /// count.
+    /// each, i.e. one token. Beside them, every string (keys included) in
+    /// `tools`, `functions`, `response_format`, `instructions` and
+    /// `suffix`, which chat templates render into the prompt. Non-text
+    /// parts (images, audio, a message's tool calls) do not count.
     pub prompt_bytes: usize,
     /// Number of entries in `messages` (per-message overhead in estimates).
     pub message_count: u32,
@@ -532,6 +536,10 @@ enum Key {
     Messages,
     Prompt,
     Input,
+    /// Prompt beside the prompt: `tools`, `functions`, `response_format`,
+    /// `instructions` (Responses), `suffix` (completions). Counted whole
+    /// ([`AllText`]), and, since counting adds up, not refused twice.
+    Beside,
     Other,
 }
 
@@ -548,7 +556,7 @@ impl Key {
             Key::Messages => "messages",
             Key::Prompt => "prompt",
             Key::Input => "input",
-            Key::Other => "",
+            Key::Beside | Key::Other => "",
         }
     }
 
@@ -589,6 +597,7 @@ fn top_key(key: &str) -> Key {
         "messages" => Key::Messages,
         "prompt" => Key::Prompt,
         "input" => Key::Input,
+        "tools" | "functions" | "response_format" | "instructions" | "suffix" => Key::Beside,
         _ => Key::Other,
     }
 }
@@ -624,7 +633,7 @@ impl<'de> Visitor<'de> for TopSeed<'_, 'de> {
         let mut top = Top::default();
         let mut seen = 0u16;
         while let Some(key) = map.next_key_seed(KeySeed(top_key))? {
-            if key != Key::Other {
+            if !matches!(key, Key::Other | Key::Beside) {
                 if seen & key.bit() != 0 {
                     return Err(ctx.fail(match key {
                         Key::Model => FactsError::DuplicateModel,
@@ -662,6 +671,7 @@ impl<'de> Visitor<'de> for TopSeed<'_, 'de> {
                     top.prompts = prompts;
                 }
                 Key::Input => top.prompt(map.next_value_seed(TextBytes(MEMBER_LEVELS))?),
+                Key::Beside => top.prompt(map.next_value_seed(AllText(MEMBER_LEVELS))?),
                 Key::Other => map.next_value_seed(Skip(MEMBER_LEVELS))?,
             }
         }
@@ -998,6 +1008,63 @@ impl<'de> Visitor<'de> for TextBytes {
     }
 }
 
+/// Bytes of every string in a value, keys included: what a chat template
+/// renders of `tools` or a `response_format` schema (names, descriptions,
+/// property names), the JSON's punctuation aside. `.0` is its depth
+/// budget, as [`Skip`]'s.
+#[derive(Clone, Copy)]
+struct AllText(usize);
+
+impl<'de> DeserializeSeed<'de> for AllText {
+    type Value = usize;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for AllText {
+    type Value = usize;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<usize, E> {
+        Ok(v.len())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let inner = AllText(deeper(self.0)?);
+        let mut bytes = 0usize;
+        while let Some(len) = seq.next_element_seed(inner)? {
+            bytes = bytes.saturating_add(len);
+        }
+        Ok(bytes)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
+        let inner = AllText(deeper(self.0)?);
+        let mut bytes = 0usize;
+        while let Some(key) = map.next_key_seed(KeySeed(str::len))? {
+            bytes = bytes
+                .saturating_add(key)
+                .saturating_add(map.next_value_seed(inner)?);
+        }
+        Ok(bytes)
+    }
+}
+
 /// `prompt`: its text bytes as [`TextBytes`] counts them, and the prompts
 /// it holds (see [`RequestFacts::prompts`]): the strings and arrays of a
 /// top-level array, else 1.
@@ -1269,6 +1336,43 @@ mod tests {
         }
     }
 
+    /// What chat templates render into the prompt beside the messages
+    /// counts: every string of `tools`, `functions`, `response_format`
+    /// (keys too), `instructions` and `suffix`; numbers and punctuation do
+    /// not. Each may appear twice (both count), and the scanner agrees.
+    #[test]
+    fn prompt_beside_the_prompt() {
+        for (body, bytes) in [
+            (
+                r#"{"model":"m","tools":[{"type":"function","function":{"name":"f","parameters":{"x":1}}}]}"#,
+                "type".len()
+                    + "function".len()
+                    + "function".len()
+                    + "name".len()
+                    + 1
+                    + "parameters".len()
+                    + 1,
+            ),
+            (
+                r#"{"model":"m","response_format":{"type":"json_object"}}"#,
+                4 + 11,
+            ),
+            (
+                r#"{"model":"m","instructions":"Be brief.","input":"hi"}"#,
+                9 + 2,
+            ),
+            (r#"{"model":"m","prompt":"ab","suffix":"cd"}"#, 4),
+            (
+                r#"{"model":"m","functions":[],"tools":null,"suffix":"a","suffix":"b"}"#,
+                2,
+            ),
+        ] {
+            assert_eq!(ok(body).prompt_bytes, bytes, "{body}");
+            let scanned = scan::read(body).map(|read| read.facts.prompt_bytes);
+            assert_eq!(scanned, Some(bytes), "the scanner's count: {body}");
+        }
+    }
+
     #[test]
     fn embeddings_input() {
         assert_eq!(ok(r#"{"model":"e","input":"hello"}"#).prompt_bytes, 5);
@@ -1499,6 +1603,8 @@ mod tests {
             ("input", "arrays"),
             ("input", "objects"),
             ("input", "content"),
+            ("tools", "arrays"),
+            ("tools", "objects"),
             ("stream_options", "arrays"),
             ("stream_options", "objects"),
         ];
@@ -1947,6 +2053,7 @@ mod tests {
             "stream",
             "max_tokens",
             "n",
+            "tools",
             "extra",
         ]);
         (

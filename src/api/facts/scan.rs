@@ -74,7 +74,7 @@ fn member(
     level: u32,
 ) -> Option<()> {
     let key = top_key(key);
-    if key != Key::Other {
+    if !matches!(key, Key::Other | Key::Beside) {
         if *seen & key.bit() != 0 {
             return None;
         }
@@ -102,6 +102,7 @@ fn member(
             top.prompts = prompts;
         }
         Key::Input => top.prompt(s.text_bytes(level)?),
+        Key::Beside => top.prompt(s.all_text(level)?),
         Key::Other => s.skip(level)?,
     }
     Some(())
@@ -121,6 +122,7 @@ fn top_key(key: &[u8]) -> Key {
         b"messages" => Key::Messages,
         b"prompt" => Key::Prompt,
         b"input" => Key::Input,
+        b"tools" | b"functions" | b"response_format" | b"instructions" | b"suffix" => Key::Beside,
         _ => Key::Other,
     }
 }
@@ -318,6 +320,27 @@ impl<'a> Scanner<'a> {
             Some(())
         })?;
         Some((count, bytes))
+    }
+
+    /// Bytes of every string in a value inside a container at `level`,
+    /// keys included, as the serde pass's `AllText` counts them.
+    fn all_text(&mut self, level: u32) -> Option<usize> {
+        let mut bytes = 0usize;
+        match self.peek()? {
+            b'"' => return self.string().map(|text| text.len),
+            b'[' => self.array(level + 1, |s| {
+                bytes = bytes.saturating_add(s.all_text(level + 1)?);
+                Some(())
+            })?,
+            b'{' => self.object(level + 1, |s, key, level| {
+                bytes = bytes
+                    .saturating_add(key.len())
+                    .saturating_add(s.all_text(level)?);
+                Some(())
+            })?,
+            _ => self.skip(level)?,
+        }
+        Some(bytes)
     }
 
     /// `prompt` inside the top-level object at `level`: its text bytes and
