@@ -437,7 +437,11 @@ fn https_backend_answering(reply: String) -> std::net::SocketAddr {
 /// the next one read and then dropped unanswered, without TLS's
 /// close_notify: a backend, or a middlebox, that has let go of its
 /// kept-alive connections.
-fn https_backend_dropping_reused_connections(reply: String) -> std::net::SocketAddr {
+fn https_backend_dropping_reused_connections(
+    reply: String,
+    handshake_delay: Duration,
+    hold: Duration,
+) -> std::net::SocketAddr {
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let reply: std::sync::Arc<str> = reply.into();
     let chain = CertificateDer::pem_file_iter(private_ca_fixture("server.pem"))
@@ -463,6 +467,9 @@ fn https_backend_dropping_reused_connections(reply: String) -> std::net::SocketA
             let reply = reply.clone();
             std::thread::spawn(move || -> std::io::Result<()> {
                 use std::io::Write;
+                // The handshake waits: rustls answers the client's hello
+                // at the first read.
+                std::thread::sleep(handshake_delay);
                 let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
                 let mut tls = rustls::StreamOwned::new(conn, tcp);
                 if !read_one_request(&mut tls)? {
@@ -470,13 +477,24 @@ fn https_backend_dropping_reused_connections(reply: String) -> std::net::SocketA
                 }
                 tls.write_all(reply.as_bytes())?;
                 tls.flush()?;
-                // The next request is read, then the connection dropped.
+                // The next request is read, held, then the connection
+                // dropped.
                 read_one_request(&mut tls)?;
+                std::thread::sleep(hold);
                 Ok(())
             });
         }
     });
     addr
+}
+
+/// A chat completion answer that keeps its connection.
+fn chat_answer() -> String {
+    let body = r#"{"id":"c1","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// Reads one request (head and `Content-Length` body) from `stream`;
@@ -511,12 +529,8 @@ fn read_one_request(stream: &mut impl std::io::Read) -> std::io::Result<bool> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_backends_dropped_kept_alive_connection_is_retried_and_not_held_against_it() {
     let ca = private_ca_fixture("ca.pem");
-    let body = r#"{"id":"c1","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
-    let reply = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let addr = https_backend_dropping_reused_connections(reply);
+    let addr =
+        https_backend_dropping_reused_connections(chat_answer(), Duration::ZERO, Duration::ZERO);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         &dir,
@@ -554,6 +568,39 @@ async fn an_https_backends_dropped_kept_alive_connection_is_retried_and_not_held
         retried, 2.0,
         "the second and third requests met a dropped connection"
     );
+
+    // A connection whose handshake took a second or more: the race is the
+    // 100 ms slack alone, so a backend that drops the request 400 ms after
+    // reading it failed with it in hand (a `protocol` failure), however
+    // slow the handshake was.
+    let addr = https_backend_dropping_reused_connections(
+        chat_answer(),
+        Duration::from_millis(1200),
+        Duration::from_millis(400),
+    );
+    let config = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 1\n",
+            backend("slow", &format!("https://{addr}/v1"), &["m"], 1)
+        ),
+    );
+    let weir = spawn_weir_env(
+        &config,
+        "info",
+        &[("SSL_CERT_FILE", ca.as_str()), ("SSL_CERT_DIR", "")],
+    );
+    let first = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let second = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(second.status, 502, "{}", second.text());
+    let errors = metric(
+        weir.addr,
+        "weir_upstream_errors_total",
+        &[("backend", "slow"), ("kind", "protocol")],
+    )
+    .await;
+    assert_eq!(errors, 1.0, "held against the backend");
 }
 
 /// A config in `dir` serving model "m" from one backend,

@@ -67,7 +67,7 @@ const HEAD_CAPACITY: usize = 512;
 pub(super) const IDLE_RACE_SLACK: Duration = Duration::from_millis(100);
 /// Handshakes this long are not round-trip samples: the SYN was lost and
 /// sent again (Linux waits 1 s).
-const MAX_HANDSHAKE_SAMPLE: Duration = Duration::from_secs(1);
+pub(super) const MAX_HANDSHAKE_SAMPLE: Duration = Duration::from_secs(1);
 
 /// Spare buffers of each kind kept per thread (see [`SPARE_READS`]).
 const SPARE_BUFFERS: usize = 16;

@@ -18,7 +18,7 @@ use http::Response;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 
-use super::conn::IDLE_RACE_SLACK;
+use super::conn::{IDLE_RACE_SLACK, MAX_HANDSHAKE_SAMPLE};
 
 /// One https connection (TCP, then TLS), as hyper-util's pool holds it.
 /// Reads and writes go straight through; what it adds is [`Seen`], which
@@ -70,7 +70,8 @@ pub(crate) fn answered<B>(response: &Response<B>) {
 /// request at a time: before this one), and the close (a reset, or the end
 /// of the stream, with or without TLS's close_notify) came within that
 /// race: [`IDLE_RACE_SLACK`] plus the connection's handshakes, TCP's and
-/// TLS's, two round trips or more (the plain client allows two TCP ones).
+/// TLS's, two round trips or more (the plain client allows two TCP ones),
+/// counted only when under a second, as the plain client's samples are.
 /// Never on HTTP/2, whose servers close idle connections with GOAWAY
 /// (streams it refuses hyper-util sends again itself) and whose streams
 /// share a connection: one dropped with streams open is the backend's
@@ -84,7 +85,11 @@ pub(crate) fn idle_closed(error: &hyper_util::client::legacy::Error, waited: Dur
     let Some(Seen(state)) = extensions.get::<Seen>() else {
         return false;
     };
-    let race = IDLE_RACE_SLACK + state.handshake;
+    // A handshake of a second or more (a resent SYN, an overloaded
+    // backend) says nothing of the round trip: the plain client drops such
+    // samples, and here the race is then the slack alone.
+    let handshake = Some(state.handshake).filter(|&h| h < MAX_HANDSHAKE_SAMPLE);
+    let race = IDLE_RACE_SLACK + handshake.unwrap_or_default();
     state.answered.load(Ordering::Relaxed) && waited <= race && closed(error)
 }
 
