@@ -399,17 +399,16 @@ fn https_backend_behind_a_private_ca() -> std::net::SocketAddr {
     ))
 }
 
-/// As [`https_backend_behind_a_private_ca`], answering every request with
-/// `reply` (a whole HTTP/1.1 answer) and the connection's close.
-fn https_backend_answering(reply: String) -> std::net::SocketAddr {
+/// A TLS server's config with the certificate the test CA signed for
+/// 127.0.0.1.
+fn private_ca_server_config() -> std::sync::Arc<rustls::ServerConfig> {
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    let reply: std::sync::Arc<str> = reply.into();
     let chain = CertificateDer::pem_file_iter(private_ca_fixture("server.pem"))
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
     let key = PrivateKeyDer::from_pem_file(private_ca_fixture("server-key.pem")).unwrap();
-    let config = std::sync::Arc::new(
+    std::sync::Arc::new(
         rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -418,7 +417,14 @@ fn https_backend_answering(reply: String) -> std::net::SocketAddr {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .unwrap(),
-    );
+    )
+}
+
+/// As [`https_backend_behind_a_private_ca`], answering every request with
+/// `reply` (a whole HTTP/1.1 answer) and the connection's close.
+fn https_backend_answering(reply: String) -> std::net::SocketAddr {
+    let reply: std::sync::Arc<str> = reply.into();
+    let config = private_ca_server_config();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -442,23 +448,8 @@ fn https_backend_dropping_reused_connections(
     handshake_delay: Duration,
     hold: Duration,
 ) -> std::net::SocketAddr {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let reply: std::sync::Arc<str> = reply.into();
-    let chain = CertificateDer::pem_file_iter(private_ca_fixture("server.pem"))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(private_ca_fixture("server-key.pem")).unwrap();
-    let config = std::sync::Arc::new(
-        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap(),
-    );
+    let config = private_ca_server_config();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
