@@ -183,14 +183,14 @@ pub struct ProxiedBody {
     redactor: Option<Box<KeyRedactor>>,
 }
 
-/// The names of [`ProxiedBody::own_headers`], in the order of its array.
 /// How long a backend may keep an SSE stream open after its `data:
-/// [DONE]`: the answer is whole by then, and a client (an SDK drains the
-/// stream to its end) would otherwise wait out `first_byte_timeout` for
-/// the body's last chunk. Ample for that chunk when it follows in another
-/// write.
+/// [DONE]`, silent or not: the answer is whole by then, and a client (an
+/// SDK drains the stream to its end) would otherwise wait for the body's
+/// last chunk until `first_byte_timeout` or `request_timeout`. Ample for
+/// that chunk when it follows in another write.
 const AFTER_DONE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The names of [`ProxiedBody::own_headers`], in the order of its array.
 static OWN_HEADER_NAMES: [HeaderName; 2] =
     [crate::headers::X_REQUEST_ID, crate::headers::X_WEIR_BACKEND];
 
