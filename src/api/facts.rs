@@ -538,7 +538,7 @@ enum Key {
     Input,
     /// Prompt beside the prompt: `tools`, `functions`, `response_format`,
     /// `instructions` (Responses), `suffix` (completions). Counted whole
-    /// ([`AllText`]), and, since counting adds up, not refused twice.
+    /// ([`Counted::Every`]), and, since counting adds up, not refused twice.
     Beside,
     Other,
 }
@@ -670,8 +670,12 @@ impl<'de> Visitor<'de> for TopSeed<'_, 'de> {
                     top.prompt(bytes);
                     top.prompts = prompts;
                 }
-                Key::Input => top.prompt(map.next_value_seed(TextBytes(MEMBER_LEVELS))?),
-                Key::Beside => top.prompt(map.next_value_seed(AllText(MEMBER_LEVELS))?),
+                Key::Input => {
+                    top.prompt(map.next_value_seed(TextBytes(MEMBER_LEVELS, Counted::Prompt))?)
+                }
+                Key::Beside => {
+                    top.prompt(map.next_value_seed(TextBytes(MEMBER_LEVELS, Counted::Every))?)
+                }
                 Key::Other => map.next_value_seed(Skip(MEMBER_LEVELS))?,
             }
         }
@@ -915,7 +919,7 @@ impl<'de> Visitor<'de> for Messages {
         f.write_str("an array of messages")
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let inner = TextBytes(deeper(self.0)?);
+        let inner = TextBytes(deeper(self.0)?, Counted::Prompt);
         let (mut count, mut bytes) = (0u32, 0usize);
         while let Some(len) = seq.next_element_seed(inner)? {
             count = count.saturating_add(1);
@@ -946,15 +950,26 @@ impl<'de> Visitor<'de> for Messages {
     }
 }
 
-/// Bytes of prompt text in any value: a string counts its unescaped UTF-8
-/// length (serde_json hands over the borrowed or unescaped text without
-/// allocating a `String`), an integer counts [`TOKEN_ID_BYTES`], an array the
-/// sum of its elements, an object the sum of its `content` and `text` members
-/// (message objects and `{"type":"text","text":..}` parts); everything else,
-/// e.g. `image_url` parts, counts nothing. `.0` is its depth budget, as
-/// [`Skip`]'s.
+/// What [`TextBytes`] counts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// Prompt text: an integer counts [`TOKEN_ID_BYTES`] (a token id), an
+    /// object only its `content` and `text` members (message objects and
+    /// `{"type":"text","text":..}` parts); so `image_url` parts count nothing.
+    Prompt,
+    /// Every string, keys included: what a chat template renders of `tools`
+    /// or a `response_format` schema (names, descriptions, property names),
+    /// the JSON's punctuation aside; numbers count nothing.
+    Every,
+}
+
+/// Bytes of text in any value, as `.1` says: a string counts its unescaped
+/// UTF-8 length (serde_json hands over the borrowed or unescaped text
+/// without allocating a `String`), an array the sum of its elements, an
+/// object the members [`Counted`] names; booleans and `null` count nothing.
+/// `.0` is its depth budget, as [`Skip`]'s.
 #[derive(Clone, Copy)]
-struct TextBytes(usize);
+struct TextBytes(usize, Counted);
 
 impl<'de> DeserializeSeed<'de> for TextBytes {
     type Value = usize;
@@ -972,10 +987,10 @@ impl<'de> Visitor<'de> for TextBytes {
         Ok(v.len())
     }
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<usize, E> {
-        Ok(TOKEN_ID_BYTES)
+        Ok(self.token_id())
     }
     fn visit_i64<E: de::Error>(self, _: i64) -> Result<usize, E> {
-        Ok(TOKEN_ID_BYTES)
+        Ok(self.token_id())
     }
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<usize, E> {
         Ok(0)
@@ -987,7 +1002,7 @@ impl<'de> Visitor<'de> for TextBytes {
         Ok(0)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
-        let inner = TextBytes(deeper(self.0)?);
+        let inner = TextBytes(deeper(self.0)?, self.1);
         let mut bytes = 0usize;
         while let Some(len) = seq.next_element_seed(inner)? {
             bytes = bytes.saturating_add(len);
@@ -995,73 +1010,37 @@ impl<'de> Visitor<'de> for TextBytes {
         Ok(bytes)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
-        let inner = deeper(self.0)?;
+        let inner = TextBytes(deeper(self.0)?, self.1);
         let mut bytes = 0usize;
-        while let Some(is_text) = map.next_key_seed(KeySeed(is_text_key))? {
-            if is_text {
-                bytes = bytes.saturating_add(map.next_value_seed(TextBytes(inner))?);
-            } else {
-                map.next_value_seed(Skip(inner))?;
+        match self.1 {
+            Counted::Prompt => {
+                while let Some(is_text) = map.next_key_seed(KeySeed(is_text_key))? {
+                    if is_text {
+                        bytes = bytes.saturating_add(map.next_value_seed(inner)?);
+                    } else {
+                        map.next_value_seed(Skip(inner.0))?;
+                    }
+                }
+            }
+            Counted::Every => {
+                while let Some(key) = map.next_key_seed(KeySeed(str::len))? {
+                    bytes = bytes
+                        .saturating_add(key)
+                        .saturating_add(map.next_value_seed(inner)?);
+                }
             }
         }
         Ok(bytes)
     }
 }
 
-/// Bytes of every string in a value, keys included: what a chat template
-/// renders of `tools` or a `response_format` schema (names, descriptions,
-/// property names), the JSON's punctuation aside. `.0` is its depth
-/// budget, as [`Skip`]'s.
-#[derive(Clone, Copy)]
-struct AllText(usize);
-
-impl<'de> DeserializeSeed<'de> for AllText {
-    type Value = usize;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for AllText {
-    type Value = usize;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<usize, E> {
-        Ok(v.len())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
-        let inner = AllText(deeper(self.0)?);
-        let mut bytes = 0usize;
-        while let Some(len) = seq.next_element_seed(inner)? {
-            bytes = bytes.saturating_add(len);
+impl TextBytes {
+    /// What an integer counts for.
+    fn token_id(self) -> usize {
+        match self.1 {
+            Counted::Prompt => TOKEN_ID_BYTES,
+            Counted::Every => 0,
         }
-        Ok(bytes)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
-        let inner = AllText(deeper(self.0)?);
-        let mut bytes = 0usize;
-        while let Some(key) = map.next_key_seed(KeySeed(str::len))? {
-            bytes = bytes
-                .saturating_add(key)
-                .saturating_add(map.next_value_seed(inner)?);
-        }
-        Ok(bytes)
     }
 }
 
@@ -1110,7 +1089,9 @@ impl<'de> Visitor<'de> for Prompt {
         Ok((bytes, prompts.max(1)))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(usize, u32), A::Error> {
-        TextBytes(self.0).visit_map(map).map(|bytes| (bytes, 1))
+        TextBytes(self.0, Counted::Prompt)
+            .visit_map(map)
+            .map(|bytes| (bytes, 1))
     }
 }
 
@@ -1150,10 +1131,14 @@ impl<'de> Visitor<'de> for PromptElement {
         Ok((0, false))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(usize, bool), A::Error> {
-        TextBytes(self.0).visit_seq(seq).map(|bytes| (bytes, true))
+        TextBytes(self.0, Counted::Prompt)
+            .visit_seq(seq)
+            .map(|bytes| (bytes, true))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(usize, bool), A::Error> {
-        TextBytes(self.0).visit_map(map).map(|bytes| (bytes, false))
+        TextBytes(self.0, Counted::Prompt)
+            .visit_map(map)
+            .map(|bytes| (bytes, false))
     }
 }
 

@@ -24,7 +24,7 @@
 
 use std::ops::Range;
 
-use super::{Key, Read, StreamOptionsSpan, Top, TOKEN_ID_BYTES};
+use super::{Counted, Key, Read, StreamOptionsSpan, Top, TOKEN_ID_BYTES};
 
 /// Arrays/objects the scanner follows (the top-level object is level 1);
 /// deeper bodies go to the serde pass, whose limit is far above this, so the
@@ -101,8 +101,8 @@ fn member(
             top.prompt(bytes);
             top.prompts = prompts;
         }
-        Key::Input => top.prompt(s.text_bytes(level)?),
-        Key::Beside => top.prompt(s.all_text(level)?),
+        Key::Input => top.prompt(s.text_bytes(level, Counted::Prompt)?),
+        Key::Beside => top.prompt(s.text_bytes(level, Counted::Every)?),
         Key::Other => s.skip(level)?,
     }
     Some(())
@@ -314,7 +314,7 @@ impl<'a> Scanner<'a> {
         }
         let (mut count, mut bytes) = (0u32, 0usize);
         self.array(level + 1, |s| {
-            let len = s.text_bytes(level + 1)?;
+            let len = s.text_bytes(level + 1, Counted::Prompt)?;
             count = count.saturating_add(1);
             bytes = bytes.saturating_add(len);
             Some(())
@@ -322,64 +322,52 @@ impl<'a> Scanner<'a> {
         Some((count, bytes))
     }
 
-    /// Bytes of every string in a value inside a container at `level`,
-    /// keys included, as the serde pass's `AllText` counts them.
-    fn all_text(&mut self, level: u32) -> Option<usize> {
-        let mut bytes = 0usize;
-        match self.peek()? {
-            b'"' => return self.string().map(|text| text.len),
-            b'[' => self.array(level + 1, |s| {
-                bytes = bytes.saturating_add(s.all_text(level + 1)?);
-                Some(())
-            })?,
-            b'{' => self.object(level + 1, |s, key, level| {
-                bytes = bytes
-                    .saturating_add(key.len())
-                    .saturating_add(s.all_text(level)?);
-                Some(())
-            })?,
-            _ => self.skip(level)?,
-        }
-        Some(bytes)
-    }
-
     /// `prompt` inside the top-level object at `level`: its text bytes and
     /// the prompts it holds, as the serde pass's `Prompt` counts them (the
     /// strings and arrays of an array, else 1).
     fn prompt(&mut self, level: u32) -> Option<(usize, u32)> {
         if self.peek()? != b'[' {
-            return self.text_bytes(level).map(|bytes| (bytes, 1));
+            return self
+                .text_bytes(level, Counted::Prompt)
+                .map(|bytes| (bytes, 1));
         }
         let (mut bytes, mut prompts) = (0usize, 0u32);
         self.array(level + 1, |s| {
             if matches!(s.peek()?, b'"' | b'[') {
                 prompts = prompts.saturating_add(1);
             }
-            bytes = bytes.saturating_add(s.text_bytes(level + 1)?);
+            bytes = bytes.saturating_add(s.text_bytes(level + 1, Counted::Prompt)?);
             Some(())
         })?;
         Some((bytes, prompts.max(1)))
     }
 
-    /// Bytes of prompt text in a value inside a container at `level`, as the
-    /// serde pass's `TextBytes` counts them.
-    fn text_bytes(&mut self, level: u32) -> Option<usize> {
+    /// Bytes of text in a value inside a container at `level`, counted as
+    /// `counted` says, as the serde pass's `TextBytes` counts them.
+    fn text_bytes(&mut self, level: u32, counted: Counted) -> Option<usize> {
         let mut bytes = 0usize;
         match self.peek()? {
             b'"' => return self.string().map(|text| text.len),
             b'[' => self.array(level + 1, |s| {
-                bytes = bytes.saturating_add(s.text_bytes(level + 1)?);
+                bytes = bytes.saturating_add(s.text_bytes(level + 1, counted)?);
                 Some(())
             })?,
-            b'{' => self.object(level + 1, |s, key, level| {
-                if matches!(key, b"content" | b"text") {
-                    bytes = bytes.saturating_add(s.text_bytes(level)?);
+            b'{' => self.object(level + 1, |s, key, level| match counted {
+                Counted::Prompt if !matches!(key, b"content" | b"text") => s.skip(level),
+                Counted::Prompt => {
+                    bytes = bytes.saturating_add(s.text_bytes(level, counted)?);
                     Some(())
-                } else {
-                    s.skip(level)
+                }
+                Counted::Every => {
+                    bytes = bytes
+                        .saturating_add(key.len())
+                        .saturating_add(s.text_bytes(level, counted)?);
+                    Some(())
                 }
             })?,
             b't' | b'f' | b'n' => self.skip(level)?,
+            // Numbers count nothing: any the scanner reads will do.
+            _ if counted == Counted::Every => self.skip(level)?,
             _ => match self.number()? {
                 Number::Unsigned(_) => bytes = TOKEN_ID_BYTES,
                 Number::Float => {}
