@@ -423,16 +423,38 @@ fn private_ca_server_config() -> std::sync::Arc<rustls::ServerConfig> {
 /// As [`https_backend_behind_a_private_ca`], answering every request with
 /// `reply` (a whole HTTP/1.1 answer) and the connection's close.
 fn https_backend_answering(reply: String) -> std::net::SocketAddr {
-    let reply: std::sync::Arc<str> = reply.into();
+    https_backend(move |mut tls| {
+        use std::io::Write;
+        if !read_one_request(&mut tls)? {
+            return Ok(());
+        }
+        tls.write_all(reply.as_bytes())?;
+        tls.conn.send_close_notify();
+        tls.flush()
+    })
+}
+
+/// A TLS stream as an https test backend serves it.
+type TlsStream = rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>;
+
+/// An https backend on 127.0.0.1 with the certificate the test CA signed:
+/// each connection is `serve`d on a thread of its own (its handshake
+/// happens at the first read or write), so one weir refuses ends that
+/// thread only.
+fn https_backend(
+    serve: impl Fn(TlsStream) -> std::io::Result<()> + Send + Sync + 'static,
+) -> std::net::SocketAddr {
+    let serve = std::sync::Arc::new(serve);
     let config = private_ca_server_config();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         for tcp in listener.incoming().flatten() {
-            let config = config.clone();
-            let reply = reply.clone();
-            // A handshake weir refuses ends this connection's thread only.
-            std::thread::spawn(move || answer_one_request(config, tcp, &reply));
+            let (config, serve) = (config.clone(), serve.clone());
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+                serve(rustls::StreamOwned::new(conn, tcp))
+            });
         }
     });
     addr
@@ -448,35 +470,21 @@ fn https_backend_dropping_reused_connections(
     handshake_delay: Duration,
     hold: Duration,
 ) -> std::net::SocketAddr {
-    let reply: std::sync::Arc<str> = reply.into();
-    let config = private_ca_server_config();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for tcp in listener.incoming().flatten() {
-            let config = config.clone();
-            let reply = reply.clone();
-            std::thread::spawn(move || -> std::io::Result<()> {
-                use std::io::Write;
-                // The handshake waits: rustls answers the client's hello
-                // at the first read.
-                std::thread::sleep(handshake_delay);
-                let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
-                let mut tls = rustls::StreamOwned::new(conn, tcp);
-                if !read_one_request(&mut tls)? {
-                    return Ok(());
-                }
-                tls.write_all(reply.as_bytes())?;
-                tls.flush()?;
-                // The next request is read, held, then the connection
-                // dropped.
-                read_one_request(&mut tls)?;
-                std::thread::sleep(hold);
-                Ok(())
-            });
+    https_backend(move |mut tls| {
+        use std::io::Write;
+        // The handshake waits: rustls answers the client's hello at the
+        // first read.
+        std::thread::sleep(handshake_delay);
+        if !read_one_request(&mut tls)? {
+            return Ok(());
         }
-    });
-    addr
+        tls.write_all(reply.as_bytes())?;
+        tls.flush()?;
+        // The next request is read, held, then the connection dropped.
+        read_one_request(&mut tls)?;
+        std::thread::sleep(hold);
+        Ok(())
+    })
 }
 
 /// A chat completion answer that keeps its connection.
@@ -519,22 +527,15 @@ fn read_one_request(stream: &mut impl std::io::Read) -> std::io::Result<bool> {
 /// model's only backend out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_backends_dropped_kept_alive_connection_is_retried_and_not_held_against_it() {
-    let ca = private_ca_fixture("ca.pem");
     let addr =
         https_backend_dropping_reused_connections(chat_answer(), Duration::ZERO, Duration::ZERO);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let config = private_backend_config_with(
         &dir,
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 2\nbase_delay = \"2s\"\nmax_delay = \"2s\"\n",
-            backend("private", &format!("https://{addr}/v1"), &["m"], 1)
-        ),
+        addr,
+        "\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 2\nbase_delay = \"2s\"\nmax_delay = \"2s\"\n",
     );
-    let weir = spawn_weir_env(
-        &config,
-        "info",
-        &[("SSL_CERT_FILE", ca.as_str()), ("SSL_CERT_DIR", "")],
-    );
+    let weir = spawn_trusting_the_test_ca(&config);
     for i in 0..3 {
         let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
         let log = weir.log.lock().unwrap().clone();
@@ -569,18 +570,12 @@ async fn an_https_backends_dropped_kept_alive_connection_is_retried_and_not_held
         Duration::from_millis(1200),
         Duration::from_millis(400),
     );
-    let config = write_config(
+    let config = private_backend_config_with(
         &dir,
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 1\n",
-            backend("slow", &format!("https://{addr}/v1"), &["m"], 1)
-        ),
+        addr,
+        "\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 1\n",
     );
-    let weir = spawn_weir_env(
-        &config,
-        "info",
-        &[("SSL_CERT_FILE", ca.as_str()), ("SSL_CERT_DIR", "")],
-    );
+    let weir = spawn_trusting_the_test_ca(&config);
     let first = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
     assert_eq!(first.status, 200, "{}", first.text());
     let second = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
@@ -588,7 +583,7 @@ async fn an_https_backends_dropped_kept_alive_connection_is_retried_and_not_held
     let errors = metric(
         weir.addr,
         "weir_upstream_errors_total",
-        &[("backend", "slow"), ("kind", "protocol")],
+        &[("backend", "private"), ("kind", "protocol")],
     )
     .await;
     assert_eq!(errors, 1.0, "held against the backend");
@@ -605,47 +600,33 @@ fn private_backend_config_at(
     dir: &tempfile::TempDir,
     backend_addr: std::net::SocketAddr,
 ) -> std::path::PathBuf {
+    private_backend_config_with(dir, backend_addr, "")
+}
+
+/// As [`private_backend_config_at`], with `extra` (TOML) at the end.
+fn private_backend_config_with(
+    dir: &tempfile::TempDir,
+    backend_addr: std::net::SocketAddr,
+    extra: &str,
+) -> std::path::PathBuf {
     write_config(
         dir,
         &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}{extra}",
             backend("private", &format!("https://{backend_addr}/v1"), &["m"], 1)
         ),
     )
 }
 
-/// Reads one request (head and `Content-Length` body) over TLS and answers
-/// it with `reply`.
-fn answer_one_request(
-    config: std::sync::Arc<rustls::ServerConfig>,
-    tcp: std::net::TcpStream,
-    reply: &str,
-) -> std::io::Result<()> {
-    use std::io::{Read, Write};
-    let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    let mut request = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = tls.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        request.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&request).to_lowercase();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length: usize = (text[..end].lines())
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if request.len() >= end + 4 + length {
-                break;
-            }
-        }
-    }
-    tls.write_all(reply.as_bytes())?;
-    tls.conn.send_close_notify();
-    tls.flush()
+/// weir on `config`, trusting the test CA and no other file or directory
+/// of CAs.
+fn spawn_trusting_the_test_ca(config: &std::path::Path) -> Running {
+    let ca = private_ca_fixture("ca.pem");
+    spawn_weir_env(
+        config,
+        "info",
+        &[("SSL_CERT_FILE", ca.as_str()), ("SSL_CERT_DIR", "")],
+    )
 }
 
 /// An `https://` backend behind a private CA is trusted through OpenSSL's
@@ -742,7 +723,6 @@ fn check_warns_of_a_certificate_that_cannot_be_a_ca() {
 /// no answer (hyper passes all three on), so the client gets a 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_backend_that_answers_what_is_not_http_is_a_502() {
-    let ca = private_ca_fixture("ca.pem");
     let big = "a".repeat(200_000);
     // Past 64 KiB, but not past what hyper's read buffer lets through.
     let over = "a".repeat(70_000);
@@ -754,11 +734,7 @@ async fn an_https_backend_that_answers_what_is_not_http_is_a_502() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let config = private_backend_config_at(&dir, https_backend_answering(reply));
-        let weir = spawn_weir_env(
-            &config,
-            "info",
-            &[("SSL_CERT_FILE", ca.as_str()), ("SSL_CERT_DIR", "")],
-        );
+        let weir = spawn_trusting_the_test_ca(&config);
         let reply = tokio::time::timeout(
             Duration::from_secs(10),
             post(weir.addr, "/v1/chat/completions", &chat("m", false)),
