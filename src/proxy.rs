@@ -25,7 +25,7 @@ use crate::{
         limiter::{self, AdmitError, Admitted, LimitKind},
         tokens::{self, UsageFilter, UsageTail},
     },
-    api::{facts, json_response, ApiError},
+    api::{facts, json_response, ApiError, Endpoint},
     body::{settle_cut, Accounting, AnsweredBy, GatewayBody, ProxiedBody, UsageReader},
     gateway::Shared,
     headers::{self, ClientHeaders, Upstream},
@@ -127,12 +127,8 @@ pub(crate) async fn forward(
     };
     log.place = Some(place);
     let rest = head.uri.path().strip_prefix("/v1").unwrap_or("");
-    // The route as the backend will route it: engines (uvicorn's vLLM and
-    // SGLang) decode the path first, so `/v1/%63ompletions` is
-    // `/completions` there, and must be here for the estimate and the
-    // usage chunk. The path itself goes upstream as the client sent it.
-    let route_path = percent_encoding::percent_decode_str(rest).decode_utf8_lossy();
-    let estimate = tokens::estimate(&facts, route.config.max_tokens, &route_path);
+    let endpoint = Endpoint::of(rest);
+    let estimate = tokens::estimate(&facts, route.config.max_tokens, endpoint);
     // The name is the route's from here on (the same string): the client's
     // copy goes to the log without another allocation.
     log.model = Some(facts.model);
@@ -172,9 +168,7 @@ pub(crate) async fn forward(
         // SPEC "Token accounting": ask for the usage chunk when the client
         // did not, and remove it again on the way back. Only where OpenAI
         // defines `stream_options`: other routes pass through untouched.
-        add_include_usage: facts.stream
-            && !facts.include_usage
-            && matches!(&*route_path, "/chat/completions" | "/completions"),
+        add_include_usage: facts.stream && !facts.include_usage && endpoint.has_stream_options(),
         prompt_estimate: estimate.prompt,
         deadline,
         queue_deadline,

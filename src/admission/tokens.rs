@@ -44,7 +44,7 @@ use bytes::{Bytes, BytesMut};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use crate::api::facts::RequestFacts;
+use crate::api::{facts::RequestFacts, Endpoint};
 
 /// Bytes of text per token in the estimate (OpenAI cookbook: ~4 for English).
 const BYTES_PER_TOKEN: u64 = 4;
@@ -257,17 +257,16 @@ struct UsageJson {
 ///
 /// prompt = ⌈prompt_bytes / 4⌉ + 4 × messages (+ 3 when there are messages).
 ///
-/// `route` is the client's path after `/v1`: the route, not the body, says
-/// which length field the backend reads, and that `/v1/embeddings`
-/// generates nothing (completion 0).
+/// The endpoint, not the body, says which length field the backend reads,
+/// and that `/v1/embeddings` generates nothing (completion 0).
 ///
 /// All arithmetic saturates: hostile sizes make a huge estimate, never a panic.
-pub fn estimate(facts: &RequestFacts, default_max_tokens: u32, route: &str) -> Estimate {
-    let completion = if route == "/embeddings" {
+pub fn estimate(facts: &RequestFacts, default_max_tokens: u32, endpoint: Endpoint) -> Estimate {
+    let completion = if endpoint == Endpoint::Embeddings {
         0
     } else {
-        let limit = u64::from(completion_limit(facts, route).unwrap_or(default_max_tokens));
-        let batch = if route == "/completions" {
+        let limit = u64::from(completion_limit(facts, endpoint).unwrap_or(default_max_tokens));
+        let batch = if endpoint == Endpoint::Completions {
             facts.prompts.max(1)
         } else {
             1
@@ -283,7 +282,7 @@ pub fn estimate(facts: &RequestFacts, default_max_tokens: u32, route: &str) -> E
 }
 
 /// The most a request lets its backend generate per choice, read as the
-/// engines behind `route` read it, so a field the backend ignores cannot
+/// engines behind `endpoint` read it, so a field the backend ignores cannot
 /// shrink the reservation:
 ///
 /// * `/chat/completions`: `max_completion_tokens`, unless absent or 0,
@@ -291,19 +290,19 @@ pub fn estimate(facts: &RequestFacts, default_max_tokens: u32, route: &str) -> E
 ///   `max_completion_tokens or max_tokens`);
 /// * `/completions`: `max_tokens` (the legacy API has no other);
 /// * `/responses`: `max_output_tokens`;
-/// * any other route: the largest of the three, the reservation erring
+/// * any other endpoint: the largest of the three, the reservation erring
 ///   high (the real usage settles it).
 ///
-/// `None` when the route's field is absent: the model's default applies.
-pub fn completion_limit(facts: &RequestFacts, route: &str) -> Option<u32> {
-    match route {
-        "/chat/completions" => facts
+/// `None` when the endpoint's field is absent: the model's default applies.
+pub fn completion_limit(facts: &RequestFacts, endpoint: Endpoint) -> Option<u32> {
+    match endpoint {
+        Endpoint::Chat => facts
             .max_completion_tokens
             .filter(|&limit| limit > 0)
             .or(facts.max_tokens),
-        "/completions" => facts.max_tokens,
-        "/responses" => facts.max_output_tokens,
-        _ => [
+        Endpoint::Completions => facts.max_tokens,
+        Endpoint::Responses => facts.max_output_tokens,
+        Endpoint::Embeddings | Endpoint::Other => [
             facts.max_tokens,
             facts.max_completion_tokens,
             facts.max_output_tokens,
@@ -913,7 +912,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CHAT: &str = "/chat/completions";
+    const CHAT: Endpoint = Endpoint::Chat;
 
     fn facts(
         prompt_bytes: usize,
@@ -969,7 +968,7 @@ mod tests {
         assert_eq!(estimate(&facts(9, 0, Some(1), 1), 256, CHAT).prompt, 3);
         // embeddings: prompt only
         assert_eq!(
-            estimate(&facts(4000, 0, None, 1), 256, "/embeddings"),
+            estimate(&facts(4000, 0, None, 1), 256, Endpoint::Embeddings),
             Estimate {
                 prompt: 1000,
                 completion: 0
@@ -987,7 +986,10 @@ mod tests {
             prompts: u32::MAX,
             ..facts(0, 0, Some(u32::MAX), u32::MAX)
         };
-        assert_eq!(estimate(&batch, 0, "/completions").completion, u64::MAX);
+        assert_eq!(
+            estimate(&batch, 0, Endpoint::Completions).completion,
+            u64::MAX
+        );
     }
 
     /// Each route's length field is the one its engines read, so a field
@@ -1014,29 +1016,29 @@ mod tests {
         assert_eq!(completion_limit(&with(None, None, Some(1)), CHAT), None);
         // legacy completions: max_tokens only
         assert_eq!(
-            completion_limit(&with(Some(5000), Some(1), Some(1)), "/completions"),
+            completion_limit(&with(Some(5000), Some(1), Some(1)), Endpoint::Completions),
             Some(5000)
         );
         assert_eq!(
-            completion_limit(&with(None, Some(1), None), "/completions"),
+            completion_limit(&with(None, Some(1), None), Endpoint::Completions),
             None
         );
         // responses: max_output_tokens only
         assert_eq!(
-            completion_limit(&with(Some(1), None, Some(700)), "/responses"),
+            completion_limit(&with(Some(1), None, Some(700)), Endpoint::Responses),
             Some(700)
         );
         assert_eq!(
-            completion_limit(&with(Some(1), Some(1), None), "/responses"),
+            completion_limit(&with(Some(1), Some(1), None), Endpoint::Responses),
             None
         );
         // elsewhere: the largest given
         assert_eq!(
-            completion_limit(&with(Some(3), Some(0), Some(8)), "/messages"),
+            completion_limit(&with(Some(3), Some(0), Some(8)), Endpoint::Other),
             Some(8)
         );
         assert_eq!(
-            estimate(&with(Some(1), None, None), 100, "/responses").completion,
+            estimate(&with(Some(1), None, None), 100, Endpoint::Responses).completion,
             100,
             "the default, not max_tokens"
         );
@@ -1045,7 +1047,10 @@ mod tests {
             prompts: 50,
             ..facts(0, 0, Some(500), 2)
         };
-        assert_eq!(estimate(&batch, 16, "/completions").completion, 50_000);
+        assert_eq!(
+            estimate(&batch, 16, Endpoint::Completions).completion,
+            50_000
+        );
         assert_eq!(
             estimate(&batch, 16, CHAT).completion,
             1000,

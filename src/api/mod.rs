@@ -17,6 +17,45 @@ use crate::{
     body::GatewayBody,
 };
 
+/// The OpenAI endpoint a proxied request names, which decides how its
+/// body is read for admission: which length field bounds its completion,
+/// whether a prompt array is a batch, whether it generates at all, and
+/// whether `stream_options` exists there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions` (legacy).
+    Completions,
+    /// `/v1/responses`.
+    Responses,
+    /// `/v1/embeddings`: generates nothing.
+    Embeddings,
+    /// Any other `POST /v1/*`.
+    Other,
+}
+
+impl Endpoint {
+    /// The endpoint of `rest`, the client's path after `/v1`, as the
+    /// backend's engine routes it: percent-decoded first, as uvicorn (vLLM,
+    /// SGLang) does, so `/v1/%63ompletions` is `Completions` (the path
+    /// itself goes upstream as the client sent it).
+    pub fn of(rest: &str) -> Self {
+        match &*percent_encoding::percent_decode_str(rest).decode_utf8_lossy() {
+            "/chat/completions" => Endpoint::Chat,
+            "/completions" => Endpoint::Completions,
+            "/responses" => Endpoint::Responses,
+            "/embeddings" => Endpoint::Embeddings,
+            _ => Endpoint::Other,
+        }
+    }
+
+    /// Whether OpenAI defines `stream_options` (and its usage chunk) here.
+    pub fn has_stream_options(self) -> bool {
+        matches!(self, Endpoint::Chat | Endpoint::Completions)
+    }
+}
+
 /// `content-type` of every JSON body weir writes.
 pub(crate) const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
@@ -639,6 +678,24 @@ pub(crate) fn json_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_is_read_as_the_engines_route_it() {
+        for (rest, endpoint) in [
+            ("/chat/completions", Endpoint::Chat),
+            ("/completions", Endpoint::Completions),
+            ("/%63ompletions", Endpoint::Completions),
+            ("/chat%2Fcompletions", Endpoint::Chat),
+            ("/responses", Endpoint::Responses),
+            ("/embeddings", Endpoint::Embeddings),
+            ("/messages", Endpoint::Other),
+            ("/completions/x", Endpoint::Other),
+        ] {
+            assert_eq!(Endpoint::of(rest), endpoint, "{rest}");
+        }
+        assert!(Endpoint::Chat.has_stream_options() && Endpoint::Completions.has_stream_options());
+        assert!(!Endpoint::Responses.has_stream_options() && !Endpoint::Other.has_stream_options());
+    }
 
     #[test]
     fn rate_header_lines_start_with_the_rate_header_names() {
