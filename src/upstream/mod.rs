@@ -588,18 +588,20 @@ fn plain_answer(
     }
 }
 
+/// `e` and its sources, outermost first: hyper-util's errors carry their
+/// cause (an `io::Error`, a `hyper::Error`) a few levels down.
+fn sources<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |s| s.source())
+}
+
 /// Whether an `io::Error` of kind `ConnectionRefused` is in the chain.
 fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        source = s.source();
-    }
-    false
+    sources(e).any(|s| {
+        s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
 }
 
 /// The error and its sources on one line: hyper's top-level messages

@@ -18,7 +18,10 @@ use http::Response;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 
-use super::conn::{IDLE_RACE_SLACK, MAX_HANDSHAKE_SAMPLE};
+use super::{
+    conn::{IDLE_RACE_SLACK, MAX_HANDSHAKE_SAMPLE},
+    sources,
+};
 
 /// One https connection (TCP, then TLS), as hyper-util's pool holds it.
 /// Reads and writes go straight through; what it adds is [`Seen`], which
@@ -97,8 +100,8 @@ pub(crate) fn idle_closed(error: &hyper_util::client::legacy::Error, waited: Dur
 /// end before an answer, or the socket reported a reset, an abort or an
 /// early end (rustls: no close_notify).
 fn closed(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(s) = source {
+    // Down to the first `io::Error`, which says how the socket ended.
+    for s in sources(error) {
         if s.downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_incomplete_message)
         {
@@ -113,7 +116,6 @@ fn closed(error: &(dyn std::error::Error + 'static)) -> bool {
                     | io::ErrorKind::UnexpectedEof
             );
         }
-        source = s.source();
     }
     false
 }
