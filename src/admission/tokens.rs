@@ -38,6 +38,10 @@
 //!   outgrow [`MAX_EVENT_BYTES`]; an event that does is still passed on as it
 //!   arrives, and its usage is read from its last [`TAIL_BYTES`], where the
 //!   Responses object puts `usage` (after `output` and `tools`).
+//! * Anthropic's Messages stream (`/v1/messages`) counts the prompt
+//!   (`input_tokens`) only in its `message_start` event's `message.usage`,
+//!   and the running output in each `message_delta`'s `usage`: a usage
+//!   without a prompt count keeps the earlier one's.
 #![forbid(unsafe_code)]
 
 use bytes::{Bytes, BytesMut};
@@ -223,9 +227,14 @@ struct ChunkJson {
     /// the like), whose `usage` is the stream's.
     #[serde(default)]
     response: Option<ResponseJson>,
+    /// An Anthropic Messages stream's `message_start` event's message, whose
+    /// `usage` is the only one in that stream with the prompt's count.
+    #[serde(default)]
+    message: Option<ResponseJson>,
 }
 
-/// The `response` of a Responses API stream event; only its `usage` is read.
+/// The `response` of a Responses API stream event, or the `message` of an
+/// Anthropic `message_start`; only its `usage` is read.
 #[derive(Deserialize)]
 struct ResponseJson {
     #[serde(default)]
@@ -488,12 +497,25 @@ impl UsageFilter {
                 // Unbelievable counts are not kept; the chunk weir asked
                 // for is removed all the same.
                 if usage.is_plausible() {
-                    self.usage = Some(usage);
+                    self.keep(usage);
                 }
                 self.strip && usage_only
             }
             None => false,
         }
+    }
+
+    /// Keeps the latest usage, with the prompt count of an earlier one when
+    /// it has none: an Anthropic Messages stream reports the prompt
+    /// (`input_tokens`) only in `message_start` and the running output
+    /// count in each `message_delta`.
+    fn keep(&mut self, mut usage: Usage) {
+        if usage.prompt_tokens == 0 {
+            if let Some(earlier) = self.usage {
+                usage.prompt_tokens = earlier.prompt_tokens;
+            }
+        }
+        self.usage = Some(usage);
     }
 
     /// At end of stream: whatever is still held (an event without its
@@ -510,7 +532,7 @@ impl UsageFilter {
             None
         };
         if let Some(usage) = found.filter(Usage::is_plausible) {
-            self.usage = Some(usage);
+            self.keep(usage);
         }
         self.skipping = false;
         self.scan = Scan::START;
@@ -808,7 +830,7 @@ fn read_event(event: &[u8]) -> Option<(Usage, bool)> {
     let top_level = chunk.usage.is_some();
     let usage = match chunk.usage {
         Some(usage) => usage,
-        None => chunk.response?.usage?,
+        None => chunk.response.or(chunk.message)?.usage?,
     }
     .into_usage()?;
     // Top-level usage beside `"choices": []`, or beside no `choices` at
@@ -1186,6 +1208,36 @@ mod tests {
     }
 
     #[test]
+    fn an_anthropic_stream_keeps_the_prompt_of_its_message_start() {
+        // Anthropic's Messages stream (also vLLM's `/v1/messages`): the
+        // prompt is counted only in `message_start`, the output in each
+        // `message_delta`, and nothing is removed.
+        let input = "event: message_start\n\
+                     data: {\"type\":\"message_start\",\"message\":{\"id\":\"m1\",\"content\":[],\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
+                     event: content_block_delta\n\
+                     data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n\
+                     event: message_delta\n\
+                     data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n\
+                     event: message_stop\n\
+                     data: {\"type\":\"message_stop\"}\n\n";
+        let mut filter = UsageFilter::new(false);
+        assert_eq!(run(&mut filter, &[input.as_bytes()]), input.as_bytes());
+        assert_eq!(
+            filter.usage(),
+            Some(Usage {
+                prompt_tokens: 25,
+                completion_tokens: 15
+            })
+        );
+        // A later usage that does count the prompt is taken whole.
+        let recount = "data: {\"message\":{\"usage\":{\"input_tokens\":25}}}\n\n\
+                       data: {\"usage\":{\"input_tokens\":30,\"output_tokens\":2}}\n\n";
+        let mut filter = UsageFilter::new(false);
+        run(&mut filter, &[recount.as_bytes()]);
+        assert_eq!(filter.usage().map(|u| u.prompt_tokens), Some(30));
+    }
+
+    #[test]
     fn not_usage_chunks_pass() {
         for event in [
             // usage null (OpenAI sends this on content chunks with include_usage)
@@ -1362,7 +1414,7 @@ mod tests {
                         usage_near_end(&event[..size]).map(|u| (u, false))
                     };
                     if let Some((u, _)) = found.filter(|(u, _)| u.is_plausible()) {
-                        usage = Some(u);
+                        usage = Some(latest(usage, u));
                     }
                     if !(strip && found.is_some_and(|(_, only)| only)) {
                         out.extend_from_slice(event);
@@ -1384,10 +1436,22 @@ mod tests {
             usage_near_end(rest)
         };
         if let Some(u) = found.filter(Usage::is_plausible) {
-            usage = Some(u);
+            usage = Some(latest(usage, u));
         }
         out.extend_from_slice(rest);
         (out, usage)
+    }
+
+    /// The reference's reading of a new usage after `earlier`: a prompt
+    /// count of 0 (absent) keeps the earlier one.
+    fn latest(earlier: Option<Usage>, new: Usage) -> Usage {
+        match earlier {
+            Some(earlier) if new.prompt_tokens == 0 => Usage {
+                prompt_tokens: earlier.prompt_tokens,
+                ..new
+            },
+            _ => new,
+        }
     }
 
     /// Splits `input` at `cuts` (indexes into it), or into 1-byte frames.
