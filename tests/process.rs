@@ -589,6 +589,97 @@ async fn an_https_backends_dropped_kept_alive_connection_is_retried_and_not_held
     assert_eq!(errors, 1.0, "held against the backend");
 }
 
+#[tokio::test]
+async fn an_https_http2_backend_dropping_a_connection_with_a_stream_open_is_held_against_it() {
+    // Over HTTP/2 there is no idle-close race to forgive: servers close idle
+    // connections with GOAWAY, and a connection dropped under an open
+    // stream, however soon, is the backend failing with the request in hand.
+    let addr = h2_backend_dropping_its_second_stream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = private_backend_config_with(
+        &dir,
+        addr,
+        "\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 1\n",
+    );
+    let weir = spawn_trusting_the_test_ca(&config);
+    let first = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let second = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+    let log = weir.log.lock().unwrap().clone();
+    assert_eq!(second.status, 502, "{}\n{log}", second.text());
+    let errors = metric(
+        weir.addr,
+        "weir_upstream_errors_total",
+        &[("backend", "private"), ("kind", "protocol")],
+    )
+    .await;
+    assert_eq!(errors, 1.0, "held against the backend\n{log}");
+    let idle = metric(
+        weir.addr,
+        "weir_upstream_errors_total",
+        &[("backend", "private"), ("kind", "idle_closed")],
+    )
+    .await;
+    assert_eq!(idle, 0.0, "{log}");
+}
+
+/// An https backend speaking HTTP/2 (ALPN `h2` only) with the test CA's
+/// certificate: it answers the first request on a connection with a chat
+/// completion and, when the second arrives, drops the connection (its TCP,
+/// no GOAWAY) with that stream open.
+async fn h2_backend_dropping_its_second_stream() -> std::net::SocketAddr {
+    use http_body_util::Full;
+    use hyper::{body::Bytes, service::service_fn, Response};
+    use std::sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    };
+
+    let mut tls = (*private_ca_server_config()).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (drop_tx, drop_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+                let requests = Arc::new(AtomicU32::new(0));
+                let service = service_fn(move |_request| {
+                    let (requests, drop_tx) = (requests.clone(), drop_tx.clone());
+                    async move {
+                        if requests.fetch_add(1, Ordering::Relaxed) > 0 {
+                            let _ = drop_tx.send(());
+                            std::future::pending::<()>().await;
+                        }
+                        let answer = chat_answer();
+                        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let connection =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let mut drop_rx = drop_rx;
+                tokio::select! {
+                    _ = connection => {}
+                    _ = drop_rx.recv() => {}
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// A config in `dir` serving model "m" from one backend,
 /// [`https_backend_behind_a_private_ca`], health checks off.
 fn private_backend_config(dir: &tempfile::TempDir) -> std::path::PathBuf {
