@@ -1165,6 +1165,7 @@ async fn read_body(
             Err(_) => return Err(ApiError::BodyTimeout),
             Ok(Ok(whole)) => return Ok(whole),
             Ok(Err(Collect::TooLarge)) => {}
+            Ok(Err(Collect::Failed(e))) if e.client_left() => return Err(ApiError::ClientGone),
             Ok(Err(Collect::Failed(e))) => return Err(ApiError::BodyRead(e.to_string())),
         }
     }

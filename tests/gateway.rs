@@ -496,6 +496,78 @@ async fn a_bodiless_backend_answer_is_logged_as_complete() {
     assert!(line.contains("ending=\"complete\""), "{line}");
 }
 
+/// A client that leaves while sending its body (HTTP/1.1: its connection
+/// closes short of `content-length`; HTTP/2: its connection goes with the
+/// stream's body unfinished) is logged as gone, with nginx's 499, not as a
+/// 400 answered `complete`: nobody received an answer.
+#[tokio::test]
+async fn a_client_leaving_mid_body_is_logged_as_gone() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    answer_every_request(upstream, "HTTP/1.1 204 No Content\r\n\r\n".to_owned());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
+    );
+    std::fs::write(&path, toml).unwrap();
+    let weir = spawn_weir_env(&path, "info", &[]);
+
+    let mut h1 = tokio::net::TcpStream::connect(weir.addr).await.unwrap();
+    h1.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: weir\r\ncontent-type: application/json\r\n\
+          content-length: 100\r\nx-request-id: gone-h1\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    drop(h1);
+
+    let tcp = tokio::net::TcpStream::connect(weir.addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let (mut body_tx, body) =
+        http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(1);
+    let request = http::Request::post(format!("http://{}/v1/chat/completions", weir.addr))
+        .header("content-type", "application/json")
+        .header("content-length", "100")
+        .header("x-request-id", "gone-h2")
+        .body(body)
+        .unwrap();
+    let answer = tokio::spawn(async move { sender.send_request(request).await });
+    body_tx
+        .send_data(Bytes::from_static(b"{\"model\":"))
+        .await
+        .unwrap();
+    // Once weir has the stream (the first body frame is on its way), the
+    // connection goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    conn.abort();
+    drop(body_tx);
+    let _ = answer.await;
+
+    for id in ["gone-h1", "gone-h2"] {
+        let line = log_line(&weir.log, &format!("request_id=\"{id}\""))
+            .await
+            .unwrap_or_else(|| panic!("a log line for {id}:\n{}", weir.log.lock().unwrap()));
+        assert!(line.contains("status=499"), "{line}");
+        assert!(line.contains("ending=\"client_gone\""), "{line}");
+    }
+    let gone = metric(
+        weir.addr,
+        "weir_requests_total",
+        &[("model", ""), ("backend", ""), ("status", "499")],
+    )
+    .await;
+    assert_eq!(gone, 2.0);
+}
+
 /// Every answer has its access log line: also a head that could not be
 /// parsed (method and path `-`, the request id sent back), and a client's
 /// model name, which it controls, is logged and quoted only in part.

@@ -142,6 +142,11 @@ pub enum ApiError {
     /// The client's body could not be read (400).
     #[error("The request body could not be read: {0}")]
     BodyRead(String),
+    /// The client left before its body ended (its connection closed or
+    /// reset, its HTTP/2 stream reset): nobody reads this answer; its log
+    /// line has nginx's 499 and `ending="client_gone"`.
+    #[error("The client closed the request before its body ended.")]
+    ClientGone,
     /// A request larger than a token bucket can ever hold (413).
     #[error("{0}")]
     TooManyTokens(String),
@@ -256,6 +261,12 @@ impl ApiError {
                 "invalid_request_error",
                 Some("invalid_body"),
             ),
+            ClientGone => (
+                // nginx's "client closed request"; always a valid code.
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                "invalid_request_error",
+                Some("client_closed_request"),
+            ),
             InvalidApiKey => (
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
@@ -339,6 +350,7 @@ impl ApiError {
             ApiError::BodyTooLarge { .. }
                 | ApiError::BodyTimeout
                 | ApiError::BodyRead(_)
+                | ApiError::ClientGone
                 | ApiError::BadFraming(_)
                 | ApiError::UriTooLong { .. }
                 | ApiError::HeadersTooLarge { .. }

@@ -432,6 +432,7 @@ async fn route<F: Future<Output = ()>>(
     };
     let ending = match &result {
         Err(ApiError::ShuttingDown) => Ending::Shutdown,
+        Err(ApiError::ClientGone) => shared.gone(),
         _ => Ending::Complete,
     };
     let response = match result {

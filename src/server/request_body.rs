@@ -48,6 +48,26 @@ pub enum RequestBodyError {
     Hyper(#[from] hyper::Error),
 }
 
+impl RequestBodyError {
+    /// Whether the client left rather than sent a broken body: its
+    /// connection ended or was reset under the body, or (HTTP/2) its stream
+    /// or connection failed, which leaves no stream to answer on either (h2
+    /// resets a stream whose body breaks its `content-length` itself).
+    pub fn client_left(&self) -> bool {
+        match self {
+            RequestBodyError::Closed | RequestBodyError::Hyper(_) => true,
+            RequestBodyError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            RequestBodyError::Malformed(_) => false,
+        }
+    }
+}
+
 /// A request body from either protocol: weir's own HTTP/1.1 connection or
 /// hyper's HTTP/2 one.
 #[derive(Debug)]
