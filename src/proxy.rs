@@ -472,9 +472,12 @@ impl<'a> Exchange<'a> {
         // When backend `j` may take the next attempt, if this retry would
         // wait for it. The snapshot's weights predate what this request's
         // own failures did: a backend that answered 429, or was ejected,
-        // since it began is out until its live state says it is back.
+        // since it began is out until its live state says it is back. One
+        // the clock held out when it began comes back the same way.
         let back_at = |j: usize| -> Option<Instant> {
-            let member = members.get(j).filter(|_| self.route.pool.weight(j) > 0)?;
+            let member = members
+                .get(j)
+                .filter(|_| self.route.pool.weight(j) > 0 || self.may_rejoin(j))?;
             let live = match member.backend.live.held_out_until(now) {
                 None => now,
                 Some(held) if held.asked || held.until <= now + retry.max_delay => held.until,
@@ -671,7 +674,18 @@ impl<'a> Exchange<'a> {
                     // A retry takes turns of the retries' own sequence (see
                     // `Pool::pick_aside`); with nothing untried free now, it
                     // goes back to one tried.
+                    // One the clock held out when the request began (out
+                    // of its snapshot's rotation) and has let go since is
+                    // untried too.
                     pool.pick_aside(|i| !tried.contains(&i) && available(i))
+                        .or_else(|| {
+                            (0..members.len()).find(|&j| {
+                                pool.weight(j) == 0
+                                    && !tried.contains(&j)
+                                    && self.may_rejoin(j)
+                                    && available(j)
+                            })
+                        })
                         .or_else(|| pool.pick_aside(available))
                 } else {
                     pool.pick(available)
@@ -811,6 +825,32 @@ impl<'a> Exchange<'a> {
                     && mine.live.held_out_until(now).is_none()
                     && accept(member)
             })
+    }
+
+    /// Whether member `j`, out of rotation in the request's snapshot
+    /// (weight 0), may take a retry when its live state lets it: only the
+    /// clock holds it out, or did (a 429's window, an ejection), so it
+    /// rejoins when that ends, as the snapshot built then will say. Not one
+    /// configured with weight 0, out by its probes, or changed or removed by
+    /// a reload since (the request would send it as its snapshot has it).
+    fn may_rejoin(&self, j: usize) -> bool {
+        let Some(backend) = self.route.members.get(j).map(|m| &m.backend) else {
+            return false;
+        };
+        if backend.config.weight == 0
+            || backend.live.with_health(|h| h.is_out())
+            || !backend.client.reusable()
+        {
+            return false;
+        }
+        let newest = self.shared.snapshot.load();
+        Arc::ptr_eq(&newest, self.snapshot)
+            || newest
+                .route(&self.route.config.name)
+                .and_then(|(_, route)| route.counterpart(backend))
+                .is_some_and(|(_, m)| {
+                    m.backend.generation == backend.generation && m.backend.config == backend.config
+                })
     }
 
     fn saturated_error(&self) -> ApiError {
@@ -1105,6 +1145,8 @@ fn back_in(route: &ModelRoute) -> Option<Duration> {
     route
         .members
         .iter()
+        // One configured with weight 0 is never back, nor waited for.
+        .filter(|m| m.backend.config.weight > 0)
         .map(|m| m.backend.live.with_health(|h| h.back_at(now)))
         .collect::<Option<Vec<Instant>>>()
         .and_then(|backs| backs.into_iter().min())

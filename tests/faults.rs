@@ -1063,6 +1063,84 @@ async fn a_retry_skips_a_backend_whose_429_is_still_running() {
     assert_eq!(ms[1].requests(), 2);
 }
 
+/// A backend the clock held out when a request began (its 429 window ran)
+/// takes that request's retry once the window ends: it is untried, so the
+/// retry does not wait out the other backend's longer `Retry-After` to go
+/// back to it. Retries used to see only the backends in rotation in the
+/// request's snapshot, and this one ended 502 after waiting 3 s.
+#[tokio::test]
+async fn a_retry_goes_to_a_backend_whose_429_window_ended_during_the_request() {
+    // `a` answers its first request 429 with `Retry-After: 1`, then 200s.
+    let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a_addr = a.local_addr().unwrap();
+    let a_requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = a_requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = a.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                while read_request(&mut s).await.is_some() {
+                    let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let answer = if n == 0 {
+                        "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n".to_owned()
+                    } else {
+                        let body = r#"{"id":"c1","object":"chat.completion","created":0,"model":"mixed","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    // `b` answers every request 429 with `Retry-After: 3`.
+    let b = mock::start(
+        MockConfig::default()
+            .models(vec!["mixed".into(), "solo".into()])
+            .rate_limit(1.0, 3),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"mixed\"\n[[models]]\nname = \"solo\"\n\n{}{}{QUIET}\
+         [outlier]\nconsecutive_failures = 100\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 100\n",
+        backend("a", &format!("http://{a_addr}/v1"), &["mixed", "solo"], 1),
+        backend("b", &b.base_url(), &["mixed"], 1),
+    );
+    let gw = gateway(&toml).await;
+    // `solo` is served by `a` alone: its 429 takes `a` out of rotation for
+    // a second; the request waits for it and is served then.
+    let addr = gw.addr();
+    let solo =
+        tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat("solo", false)).await });
+    let out = eventually(Duration::from_secs(5), || {
+        a_requests.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    assert!(out, "a was asked");
+    let mut held = false;
+    for _ in 0..50 {
+        let a = backend_state(gw.addr(), "a").await;
+        if a["models"]["mixed"]["effective_weight"] == 0 {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(held, "a out of rotation");
+    // This request's snapshot has `a` out: it goes to `b` (429, three
+    // seconds), and its retry to `a` once a's second is over.
+    let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-weir-backend"), "a");
+    assert_eq!(b.requests(), 1, "b was not asked again");
+    assert_eq!(solo.await.unwrap().status, 200);
+}
+
 /// With every backend of the model held out by a 429's `Retry-After`, the
 /// 503 says when the first comes back (`Retry-After`), so a client returns
 /// when weir will serve instead of at once; a backend out by its health
@@ -1093,6 +1171,40 @@ async fn a_503_while_every_backend_waits_out_a_429_says_when() {
     refused.assert_error(503, "service_unavailable", "no_healthy_backend");
     let retry_after: u64 = refused.header("retry-after").parse().unwrap_or(0);
     assert!((29..=30).contains(&retry_after), "{retry_after}");
+}
+
+/// A backend configured with weight 0 never serves, so it is neither "in
+/// rotation" nor waited for: the 503 of a model whose other backend waits
+/// out a 429 still says when that one is back. It used to say nothing.
+#[tokio::test]
+async fn a_weight_0_backend_does_not_hide_when_the_model_is_back() {
+    let ms = mocks(vec![
+        MockConfig::default().rate_limit(1.0, 30),
+        MockConfig::default(),
+    ])
+    .await;
+    let toml = format!(
+        "[[models]]\nname = \"mixed\"\n\n{}{}{QUIET}[outlier]\nconsecutive_failures = 100\n\n[retry]\nmax_attempts = 1\n",
+        backend("b0", &ms[0].base_url(), &["mixed"], 1),
+        backend("idle", &ms[1].base_url(), &["mixed"], 0),
+    );
+    let gw = gateway(&toml).await;
+    let first = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+    assert_ne!(first.status, 200, "{}", first.text());
+    let mut refused = None;
+    for _ in 0..50 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
+        if r.status == 503 {
+            refused = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("a 503 once the backend is out");
+    refused.assert_error(503, "service_unavailable", "no_healthy_backend");
+    let retry_after: u64 = refused.header("retry-after").parse().unwrap_or(0);
+    assert!((29..=30).contains(&retry_after), "{retry_after}");
+    assert_eq!(ms[1].requests(), 0);
 }
 
 /// An attempt cut by weir's own `request_timeout` after queueing had used
