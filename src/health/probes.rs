@@ -163,6 +163,11 @@ enum ProbeError {
     /// A readiness answer that is not JSON.
     #[error("the body is not JSON: {0}")]
     NotJson(String),
+    /// A 2xx readiness answer that is JSON but no answer: an `error`
+    /// object (wrappers that say "model not loaded" with a 200), or no
+    /// `choices` (chat) or `data` (embeddings) list.
+    #[error("the 200 is not {0}")]
+    NotAnAnswer(&'static str),
     /// The probe URL could not be built (validated config makes this unlikely).
     #[error("building the probe url: {0}")]
     Uri(#[from] http::Error),
@@ -309,11 +314,55 @@ async fn small_answer(
     Ok(body)
 }
 
-/// Passes a body that is JSON, whatever it holds.
-fn is_json(body: &[u8]) -> Result<(), ProbeError> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
-        .map(|_| ())
-        .map_err(|e| ProbeError::NotJson(e.to_string()))
+/// What a readiness answer must be to pass: a chat completion (its
+/// `choices`) or an embedding list (its `data`), without an `error`.
+#[derive(Clone, Copy)]
+enum Answer {
+    Chat,
+    Embeddings,
+}
+
+/// The parts of a readiness answer read: the rest is skipped.
+#[derive(serde::Deserialize)]
+struct AnswerJson {
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    data: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+/// Passes a body that is the answer `kind` asks for: an object with its
+/// list (`choices` or `data`) and no non-null `error`. A 200 holding an
+/// error ("model not loaded" from a wrapper in front of the engine) is no
+/// answer the model gave.
+fn is_answer(body: &[u8], kind: Answer) -> Result<(), ProbeError> {
+    let answer = serde_json::from_slice::<AnswerJson>(body).map_err(|e| {
+        // Valid JSON of another shape (an array, a string) is no answer
+        // either; only bytes that are not JSON at all are `NotJson`.
+        match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => ProbeError::NotAnAnswer(kind.name()),
+            Err(_) => ProbeError::NotJson(e.to_string()),
+        }
+    })?;
+    let list = match kind {
+        Answer::Chat => answer.choices,
+        Answer::Embeddings => answer.data,
+    };
+    if answer.error.is_some() || list.is_none() {
+        return Err(ProbeError::NotAnAnswer(kind.name()));
+    }
+    Ok(())
+}
+
+impl Answer {
+    fn name(self) -> &'static str {
+        match self {
+            Answer::Chat => "a chat completion (an `error`, or no `choices`)",
+            Answer::Embeddings => "an embedding list (an `error`, or no `data`)",
+        }
+    }
 }
 
 async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<(), ProbeError> {
@@ -359,7 +408,10 @@ async fn check_readiness(backend: &BackendState, timeout: Duration) -> Result<()
         }
         Err(e) => return Err(e),
     };
-    is_json(&read_body(response.into_body(), SMALL_BODY_LIMIT).await?)?;
+    is_answer(
+        &read_body(response.into_body(), SMALL_BODY_LIMIT).await?,
+        Answer::Chat,
+    )?;
     embeddings.store(false, Ordering::Relaxed);
     Ok(())
 }
@@ -385,7 +437,10 @@ async fn check_embedding(
         backend.authorization.as_ref(),
         Some(Bytes::from(body.to_string())),
     )?;
-    is_json(&small_answer(backend, request, timeout).await??)
+    is_answer(
+        &small_answer(backend, request, timeout).await??,
+        Answer::Embeddings,
+    )
 }
 
 /// Runs the samples one after another until done or `deadline`.
@@ -943,6 +998,68 @@ enabled = false
             .into_iter()
             .filter(|r| r.uri == path)
             .collect()
+    }
+
+    #[test]
+    fn a_readiness_answer_is_a_completion_or_an_embedding_list() {
+        for (body, kind) in [
+            (r#"{"choices":[{"index":0}],"usage":{}}"#, Answer::Chat),
+            (r#"{"choices":[],"error":null}"#, Answer::Chat),
+            (
+                r#"{"object":"list","data":[{"embedding":[0.1]}]}"#,
+                Answer::Embeddings,
+            ),
+        ] {
+            assert!(is_answer(body.as_bytes(), kind).is_ok(), "{body}");
+        }
+        for (body, kind) in [
+            (r#"{"error":{"message":"model not loaded"}}"#, Answer::Chat),
+            (r#"{"hello":"world"}"#, Answer::Chat),
+            (
+                r#"{"choices":[{"index":0}],"error":{"message":"x"}}"#,
+                Answer::Chat,
+            ),
+            (r#"{"choices":null}"#, Answer::Chat),
+            (r#"{"choices":{}}"#, Answer::Chat),
+            ("[1]", Answer::Chat),
+            (r#"{"choices":[{"index":0}]}"#, Answer::Embeddings),
+        ] {
+            assert!(
+                matches!(
+                    is_answer(body.as_bytes(), kind),
+                    Err(ProbeError::NotAnAnswer(_))
+                ),
+                "{body}"
+            );
+        }
+        assert!(matches!(
+            is_answer(b"<html></html>", Answer::Chat),
+            Err(ProbeError::NotJson(_))
+        ));
+    }
+
+    /// A backend that answers a readiness probe 200 with an error object
+    /// ("model not loaded", as wrappers in front of an engine do) cannot
+    /// infer: it fails, saying why. Any JSON used to pass.
+    #[tokio::test]
+    async fn readiness_fails_on_a_200_holding_an_error() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                let body = r#"{"error":{"message":"model not loaded","type":"server_error"}}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        let b = backend_at(&format!("http://{addr}/v1"), "");
+        assert_fail(&readiness(&b, TIMEOUT).await, "not a chat completion");
     }
 
     #[tokio::test]
