@@ -447,6 +447,21 @@ pub mod defaults {
     pub const KEY_PREFIX: &str = "weir";
 }
 
+/// A config file's bytes, read only from a regular file (symlinks
+/// followed): reading a FIFO (or a character device) would block until
+/// something writes to it, and with it every reload after, which run one
+/// at a time.
+pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    let metadata = std::fs::metadata(path)?;
+    if !metadata.is_file() && !metadata.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, socket or device)",
+        ));
+    }
+    std::fs::read(path)
+}
+
 /// A hash of a config file's bytes. Config files are small, so hashing a whole one is
 /// cheap and, unlike (mtime, size, inode), sees every content change and ignores every
 /// non-change.
@@ -478,7 +493,7 @@ impl Config {
             }])),
             warnings: Vec::new(),
         };
-        let bytes = match std::fs::read(path) {
+        let bytes = match read_regular(path) {
             Ok(bytes) => bytes,
             Err(e) => return refused(file, (1, 1), format!("cannot read the file: {e}")),
         };

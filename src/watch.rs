@@ -9,8 +9,11 @@
 //! directory*, non-recursively, and keeps only events that name the file,
 //! `..data`, or the file a symlinked config resolves to (whose directory is
 //! watched too when it is not the link's: a subdirectory or elsewhere;
-//! a target reached through `..data` is covered by that name). Symlinks are
-//! re-resolved after every reload, so a link that moves is followed.
+//! a target reached through `..data` is covered by that name), and every
+//! other symlink on the way under its own name in the directory holding it
+//! (a deploy's `current -> releases/v2`). Directories are watched where
+//! they really are, and symlinks re-resolved after every reload, so a link
+//! that moves is followed.
 //!
 //! A save is several events (create, write, rename; the ConfigMap swap five
 //! or more), so they are debounced: the reload runs once the directory has
@@ -134,12 +137,27 @@ struct Targets {
 }
 
 impl Targets {
-    /// What to watch for `path`, resolving symlinks now.
+    /// What to watch for `path`, resolving symlinks now. Directories are
+    /// watched where they really are (a watch follows the directory, not
+    /// the name it was reached by), so when a symlink on the way moves,
+    /// the set changes and the watches move with it.
     fn resolve(path: &Path) -> Self {
         let parent = parent_dir(path);
-        let mut dirs = vec![parent.clone()];
+        let mut dirs = vec![real_dir(&parent)];
         let mut names = vec![OsString::from(CONFIGMAP_DATA)];
         names.extend(path.file_name().map(OsString::from));
+        // Every symlink on the way to the file, directories included (a
+        // `current -> releases/v2` swapped by a deploy): its swap is an
+        // event under its own name, in the directory that holds it.
+        for (dir, name) in symlinks_on(path) {
+            let dir = real_dir(&dir);
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
         if let Ok(real) = std::fs::canonicalize(path) {
             // A ConfigMap's target lives in a timestamped directory reached
             // through `..data`, which is replaced, never modified: the
@@ -150,8 +168,7 @@ impl Targets {
                 .is_ok_and(|data| real.starts_with(data));
             if !through_data {
                 let real_parent = parent_dir(&real);
-                let parent_real = std::fs::canonicalize(&parent).unwrap_or(parent);
-                if real_parent != parent_real {
+                if !dirs.contains(&real_parent) {
                     dirs.push(real_parent);
                 }
                 names.extend(
@@ -197,6 +214,65 @@ impl Targets {
     }
 }
 
+/// `dir` with its symlinks resolved, or as it is when it cannot be.
+fn real_dir(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// The most symlinks followed resolving a path (Linux's own limit).
+const MAX_SYMLINKS: usize = 40;
+
+/// Every symlink met resolving `path`, component by component as the
+/// kernel does: the directory that holds it (as reached, not resolved) and
+/// its name. Stops at a component that does not exist.
+fn symlinks_on(path: &Path) -> Vec<(PathBuf, OsString)> {
+    use std::path::Component;
+    // Each component owned, so a link's target can be queued in its place.
+    let owned = |p: &Path| -> Vec<PathBuf> {
+        p.components()
+            .map(|c| PathBuf::from(c.as_os_str()))
+            .collect()
+    };
+    let mut found = Vec::new();
+    let mut todo: std::collections::VecDeque<PathBuf> = owned(path).into();
+    let mut at = PathBuf::new();
+    while let Some(part) = todo.pop_front() {
+        match part.components().next() {
+            Some(Component::Prefix(_) | Component::RootDir) => at.push(&part),
+            Some(Component::CurDir) | None => {}
+            Some(Component::ParentDir) => {
+                // `at` holds no symlink, so `..` is its parent.
+                if at.as_os_str().is_empty() || at.ends_with("..") {
+                    at.push("..");
+                } else {
+                    at.pop();
+                }
+            }
+            Some(Component::Normal(name)) => {
+                let next = at.join(name);
+                let Ok(meta) = std::fs::symlink_metadata(&next) else {
+                    break;
+                };
+                if !meta.file_type().is_symlink() {
+                    at = next;
+                    continue;
+                }
+                if found.len() >= MAX_SYMLINKS {
+                    break;
+                }
+                let Ok(target) = std::fs::read_link(&next) else {
+                    break;
+                };
+                found.push((parent_dir(&next), name.to_os_string()));
+                for c in owned(&target).into_iter().rev() {
+                    todo.push_front(c);
+                }
+            }
+        }
+    }
+    found
+}
+
 /// The directory holding `path` (`.` for a bare file name).
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
@@ -224,7 +300,11 @@ async fn reload_if_changed(shared: &Arc<Shared>, path: &Path, last_seen: &mut Op
 /// [`config::fingerprint`] of the file's bytes (following symlinks); `None`
 /// when it cannot be read.
 async fn fingerprint(path: &Path) -> Option<u64> {
-    let bytes = tokio::fs::read(path).await.ok()?;
+    let path = path.to_path_buf();
+    let bytes = tokio::task::spawn_blocking(move || config::read_regular(&path))
+        .await
+        .ok()?
+        .ok()?;
     Some(config::fingerprint(&bytes))
 }
 
@@ -252,7 +332,7 @@ mod tests {
     #[test]
     fn a_bare_file_name_is_watched_in_the_current_directory() {
         let t = Targets::resolve(Path::new("no-such-weir.toml"));
-        assert_eq!(t.dirs, vec![PathBuf::from(".")]);
+        assert_eq!(t.dirs, vec![real_dir(Path::new("."))]);
         assert!(t.names.contains(&OsString::from("no-such-weir.toml")));
     }
 
@@ -275,6 +355,43 @@ mod tests {
         let t = Targets::resolve(&link);
         assert_eq!(t.dirs, vec![root.clone(), root.join("sub")], "{t:?}");
         assert!(t.names.contains(&OsString::from("real.toml")), "{t:?}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn every_symlink_on_the_way_is_watched_under_its_name() {
+        use std::os::unix::fs::symlink;
+        let root = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(root.path()).expect("canonical");
+        std::fs::create_dir_all(root.join("releases/v1")).expect("mkdir");
+        std::fs::write(root.join("releases/v1/weir.toml"), "").expect("write");
+        symlink("releases/v1", root.join("current")).expect("symlink");
+        // Through a directory link.
+        let t = Targets::resolve(&root.join("current/weir.toml"));
+        assert_eq!(
+            t.dirs,
+            vec![root.join("releases/v1"), root.clone()],
+            "{t:?}"
+        );
+        assert!(t.names.contains(&OsString::from("current")), "{t:?}");
+        // A file link whose target goes through a directory link, and a
+        // `..` on the way.
+        symlink(
+            "../releases/../current/weir.toml",
+            root.join("releases/weir.toml"),
+        )
+        .expect("symlink");
+        let found = symlinks_on(&root.join("releases/weir.toml"));
+        assert_eq!(
+            found,
+            vec![
+                (root.join("releases"), OsString::from("weir.toml")),
+                (root.clone(), OsString::from("current")),
+            ]
+        );
+        // A loop ends.
+        symlink("loop", root.join("loop")).expect("symlink");
+        assert_eq!(symlinks_on(&root.join("loop")).len(), MAX_SYMLINKS);
     }
 
     #[cfg(unix)]

@@ -1188,6 +1188,31 @@ async fn invalid_files_change_nothing_and_are_reported() {
     assert_eq!(live.reload_count("ok").await, 1);
 }
 
+/// A config path that is a FIFO (a named pipe, whose read blocks until
+/// something writes to it) is refused at once, and the next reload works.
+/// The read used to block, and with it every later reload (they run one
+/// at a time), until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_path_that_is_a_fifo_is_refused_and_holds_up_no_later_reload() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let good = file("", &[("b1", &m1, 1)], "");
+    let live = Live::start(&good).await;
+    std::fs::remove_file(&live.path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&live.path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let r = tokio::time::timeout(Duration::from_secs(10), live.reload())
+        .await
+        .expect("answered, not blocked on the FIFO");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("not a regular file"), "{}", r.text());
+    std::fs::remove_file(&live.path).unwrap();
+    live.apply(&good.replace("weight = 1", "weight = 2")).await;
+    assert_eq!(live.reload_count("ok").await, 1);
+}
+
 /// A reload that shortens a probe interval applies at once: the probes do
 /// not first sleep out the (hour-long) interval they were started with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1626,6 +1651,51 @@ async fn watch_config_follows_a_configmap_symlink_swap() {
         live.weights()
     );
     assert_eq!(live.reload_count("ok").await, 1);
+}
+
+/// A config path through a directory symlink a deploy swaps
+/// (`current/weir.toml` with `current -> releases/v1`, then `releases/v2`)
+/// is followed: the swap reloads, and so does a later edit in the new
+/// release. The watch used to stay on the first release, blind to both.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_config_follows_a_swapped_directory_symlink() {
+    use std::os::unix::fs::symlink;
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    let watched = |w: u32| {
+        format!(
+            "[server]\nwatch_config = true\n\n{}",
+            file("", &[("b1", &m1, w)], "")
+        )
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_path_buf();
+    for (release, weight) in [("v1", 1), ("v2", 5)] {
+        std::fs::create_dir_all(root.join("releases").join(release)).expect("mkdir");
+        std::fs::write(
+            root.join("releases").join(release).join("weir.toml"),
+            watched(weight),
+        )
+        .expect("write");
+    }
+    symlink("releases/v1", root.join("current")).expect("symlink");
+    let live = Live::start_at(dir, root.join("current/weir.toml")).await;
+    tokio::time::sleep(ms(100)).await;
+    symlink("releases/v2", root.join("current_tmp")).expect("symlink");
+    std::fs::rename(root.join("current_tmp"), root.join("current")).expect("swap");
+    assert!(
+        wait_for_weight(&live, "b1", 5.0, Duration::from_secs(5)).await,
+        "{:?}",
+        live.weights()
+    );
+    // Edited in place, in the release now current.
+    std::fs::write(root.join("releases/v2/weir.toml"), watched(7)).expect("edit");
+    assert!(
+        wait_for_weight(&live, "b1", 7.0, Duration::from_secs(5)).await,
+        "{:?}",
+        live.weights()
+    );
+    assert_eq!(live.reload_count("ok").await, 2);
 }
 
 /// A config path that is a symlink to a file beside it or in a
