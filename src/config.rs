@@ -447,6 +447,22 @@ pub mod defaults {
     pub const KEY_PREFIX: &str = "weir";
 }
 
+/// Whether `name` is an environment variable name as shells write them
+/// (`[A-Za-z_][A-Za-z0-9_]*`).
+fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Whether a secret can be sent as `Authorization: Bearer SECRET`: no tab
+/// (a valid header byte, but no token's) and nothing a header value refuses.
+fn is_header_safe(secret: &str) -> bool {
+    !secret.contains('\t') && http::HeaderValue::from_str(&format!("Bearer {secret}")).is_ok()
+}
+
 /// A config file's bytes, read only from a regular file (symlinks
 /// followed): reading a FIFO (or a character device) would block until
 /// something writes to it, and with it every reload after, which run one
@@ -1090,6 +1106,17 @@ impl Checker<'_> {
             return None;
         }
         match env(var) {
+            // A name no shell would write may be the secret itself, pasted
+            // where its variable's name goes: not repeated in the error,
+            // which `weir check`, the log and `/admin/reload` show.
+            None if !is_variable_name(var) => {
+                self.error(
+                    name.span(),
+                    key,
+                    "names no environment variable that is set, and is no variable name (letters, digits and _): a key pasted in place of its variable's name? (not shown)",
+                );
+                None
+            }
             None => {
                 self.error(
                     name.span(),
@@ -1108,6 +1135,18 @@ impl Checker<'_> {
             }
             Some(value) => Some(value),
         }
+    }
+
+    /// Reports a secret that cannot travel in an `Authorization: Bearer`
+    /// header: a backend would be called keyless, and a client's key or
+    /// the admin token could never be matched (every request refused).
+    fn unsendable(&mut self, name: &S<String>, key: &str, what: &str) {
+        let var = name.get_ref().trim();
+        self.error(
+            name.span(),
+            key,
+            format!("environment variable {var}: {what} holds a control character (a line break, a tab) or another byte that cannot go in an HTTP header"),
+        );
     }
 
     fn config(&mut self, raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Config {
@@ -1245,15 +1284,18 @@ impl Checker<'_> {
             .as_ref()
             .map(|v| v.get_ref().trim().to_owned());
         let api_keys = raw.api_keys_env.as_ref().map(|name| {
-            let keys: Vec<Secret> = self
+            let value = self
                 .env_value(name, "server.api_keys_env", env)
-                .unwrap_or_default()
+                .unwrap_or_default();
+            let keys: Vec<&str> = value
                 .split(',')
                 .map(str::trim)
                 .filter(|k| !k.is_empty())
-                .map(Secret::new)
                 .collect();
-            keys
+            if keys.iter().any(|k| !is_header_safe(k)) {
+                self.unsendable(name, "server.api_keys_env", "a key");
+            }
+            keys.into_iter().map(Secret::new).collect::<Vec<Secret>>()
         });
         // env_value already reported an unset/empty variable; a value of only commas is the
         // one remaining way to end up with no keys.
@@ -1271,11 +1313,14 @@ impl Checker<'_> {
             .admin_token_env
             .as_ref()
             .map(|v| v.get_ref().trim().to_owned());
-        let admin_token = raw
-            .admin_token_env
-            .as_ref()
-            .and_then(|name| self.env_value(name, "server.admin_token_env", env))
-            .map(|v| Secret::new(v.trim()));
+        let admin_token = raw.admin_token_env.as_ref().and_then(|name| {
+            let value = self.env_value(name, "server.admin_token_env", env)?;
+            let value = value.trim();
+            if !is_header_safe(value) {
+                self.unsendable(name, "server.admin_token_env", "the token");
+            }
+            Some(Secret::new(value))
+        });
         let max_connections = match &raw.max_connections {
             Some(v) => match self.uint(v, "server.max_connections", usize::MAX) {
                 Some(0) => {
@@ -1498,15 +1543,8 @@ impl Checker<'_> {
                 // Sent as `Authorization: Bearer KEY`: a key that cannot be a
                 // header value (a newline of a multi-line secret, a control
                 // byte) would be dropped and the backend called keyless.
-                if value.contains('\t')
-                    || http::HeaderValue::from_str(&format!("Bearer {value}")).is_err()
-                {
-                    let var = name.get_ref().trim();
-                    self.error(
-                        name.span(),
-                        key,
-                        format!("environment variable {var} holds a control character (a line break, a tab) or another byte that cannot go in an HTTP header"),
-                    );
+                if !is_header_safe(value) {
+                    self.unsendable(name, &key, "the key");
                     return None;
                 }
                 Some(Secret::new(value))
@@ -4148,6 +4186,49 @@ budget_percent = 200
         assert!(Config::parse(&text, "f", &tab).is_err());
         let fine = |n: &str| (n == "KEY").then(|| " sk-top-secret \n".to_owned());
         assert!(Config::parse(&text, "f", &fine).is_ok());
+    }
+
+    #[test]
+    fn client_keys_and_the_admin_token_that_cannot_be_a_header_are_errors_never_printed() {
+        // Keys one per line, or a token file with a line break inside:
+        // no request could ever match them, so every client (or every
+        // admin call) would be refused.
+        let text =
+            format!("[server]\napi_keys_env = \"KEYS\"\nadmin_token_env = \"ADMIN\"\n{MINIMAL}");
+        let broken = |n: &str| match n {
+            "KEYS" => Some("key-one\nkey-secret-two".to_owned()),
+            "ADMIN" => Some("adm\ntoken-secret".to_owned()),
+            _ => None,
+        };
+        let errs = Config::parse(&text, "f", &broken).unwrap_err().0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["server.api_keys_env", "server.admin_token_env"],
+            "{errs:?}"
+        );
+        assert!(errs
+            .iter()
+            .all(|e| e.message.contains("cannot go in an HTTP header")));
+        assert!(!format!("{errs:?}").contains("secret"), "{errs:?}");
+        let fine = |n: &str| match n {
+            "KEYS" => Some(" key-one, key-two \n".to_owned()),
+            "ADMIN" => Some("token\n".to_owned()),
+            _ => None,
+        };
+        assert!(Config::parse(&text, "f", &fine).is_ok());
+    }
+
+    #[test]
+    fn a_key_pasted_where_its_variables_name_goes_is_not_repeated() {
+        let text = MINIMAL.replace(
+            "models = [\"m\"]",
+            "models = [\"m\"]\napi_key_env = \"sk-proj-abc123-secret\"",
+        );
+        let e = one_error(&text);
+        assert_eq!(e.key, "backends[0].api_key_env");
+        assert!(e.message.contains("pasted"), "{}", e.message);
+        assert!(!e.message.contains("secret"), "{}", e.message);
     }
 
     #[test]

@@ -74,8 +74,8 @@ struct HealthcheckArgs {
     /// http://127.0.0.1:8080/healthz. An empty one counts as unset.
     #[arg(long, env = "WEIR_HEALTHCHECK_URL")]
     url: Option<String>,
-    /// Give up after this long, connecting included, e.g. "2s".
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    /// Give up after this long, connecting included, e.g. "2s" (at least 1ms).
+    #[arg(long, value_parser = probe_timeout, default_value = "2s")]
     timeout: Duration,
 }
 
@@ -171,6 +171,16 @@ fn model_name(text: &str) -> Result<String, String> {
 }
 
 /// A finite number of at least 0.
+/// A probe's timeout: a duration of at least a millisecond. Less gives the
+/// probe no time to connect, so its verdict would be a coin toss.
+fn probe_timeout(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(t) if t >= Duration::from_millis(1) => Ok(t),
+        Ok(_) => Err(format!("{text:?} is shorter than 1ms")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn non_negative(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),

@@ -137,6 +137,25 @@ async fn a_gateway_that_never_answers_is_unhealthy_after_the_timeout() {
     drop(listener);
 }
 
+/// A timeout too short to connect in is a usage error (exit 2), not a
+/// probe whose verdict is a coin toss.
+#[tokio::test]
+async fn a_timeout_under_a_millisecond_is_a_usage_error() {
+    for timeout in ["0s", "1ns", "999us"] {
+        let out = healthcheck(
+            &["--url", "http://127.0.0.1:1/healthz", "--timeout", timeout],
+            None,
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(2), "{timeout}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("shorter than 1ms"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_malformed_url_is_unhealthy() {
     let out = healthcheck(&["--url", "https://127.0.0.1:1/healthz"], None).await;
