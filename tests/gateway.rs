@@ -475,10 +475,9 @@ fn answer_every_request(upstream: tokio::net::TcpListener, answer: String) {
     });
 }
 
-/// A backend's 204 is the whole answer: the access log says `complete`,
-/// not that the client left.
-#[tokio::test]
-async fn a_bodiless_backend_answer_is_logged_as_complete() {
+/// The weir binary (logging at info) in front of one raw backend that
+/// answers every request 204, and the directory of its config.
+async fn weir_before_a_204_backend() -> (Running, tempfile::TempDir) {
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up_addr = upstream.local_addr().unwrap();
     answer_every_request(upstream, "HTTP/1.1 204 No Content\r\n\r\n".to_owned());
@@ -489,7 +488,14 @@ async fn a_bodiless_backend_answer_is_logged_as_complete() {
         backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
     );
     std::fs::write(&path, toml).unwrap();
-    let weir = spawn_weir_env(&path, "info", &[]);
+    (spawn_weir_env(&path, "info", &[]), dir)
+}
+
+/// A backend's 204 is the whole answer: the access log says `complete`,
+/// not that the client left.
+#[tokio::test]
+async fn a_bodiless_backend_answer_is_logged_as_complete() {
+    let (weir, _dir) = weir_before_a_204_backend().await;
     let r = post(weir.addr, "/v1/chat/completions", &chat(MODEL, false)).await;
     assert_eq!(r.status, 204);
     let line = log_line(&weir.log, "status=204").await.expect("a log line");
@@ -502,17 +508,7 @@ async fn a_bodiless_backend_answer_is_logged_as_complete() {
 /// 400 answered `complete`: nobody received an answer.
 #[tokio::test]
 async fn a_client_leaving_mid_body_is_logged_as_gone() {
-    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_addr = upstream.local_addr().unwrap();
-    answer_every_request(upstream, "HTTP/1.1 204 No Content\r\n\r\n".to_owned());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("weir.toml");
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
-        backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
-    );
-    std::fs::write(&path, toml).unwrap();
-    let weir = spawn_weir_env(&path, "info", &[]);
+    let (weir, _dir) = weir_before_a_204_backend().await;
 
     let mut h1 = tokio::net::TcpStream::connect(weir.addr).await.unwrap();
     h1.write_all(

@@ -570,31 +570,14 @@ async fn an_https_backends_dropped_kept_alive_connection_is_retried_and_not_held
         Duration::from_millis(1200),
         Duration::from_millis(400),
     );
-    let config = private_backend_config_with(
-        &dir,
-        addr,
-        "\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 1\n",
-    );
-    let weir = spawn_trusting_the_test_ca(&config);
-    let first = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
-    assert_eq!(first.status, 200, "{}", first.text());
-    let second = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
-    assert_eq!(second.status, 502, "{}", second.text());
-    let errors = metric(
-        weir.addr,
-        "weir_upstream_errors_total",
-        &[("backend", "private"), ("kind", "protocol")],
-    )
-    .await;
-    assert_eq!(errors, 1.0, "held against the backend");
+    second_request_is_held_against(addr).await;
 }
 
-#[tokio::test]
-async fn an_https_http2_backend_dropping_a_connection_with_a_stream_open_is_held_against_it() {
-    // Over HTTP/2 there is no idle-close race to forgive: servers close idle
-    // connections with GOAWAY, and a connection dropped under an open
-    // stream, however soon, is the backend failing with the request in hand.
-    let addr = h2_backend_dropping_its_second_stream().await;
+/// weir in front of the https backend at `addr`, one failure ejecting and
+/// no retry: its first request is answered, its second (which `addr`
+/// fails) is a 502 held against the backend as a `protocol` failure, not
+/// forgiven as an idle close.
+async fn second_request_is_held_against(addr: std::net::SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let config = private_backend_config_with(
         &dir,
@@ -607,20 +590,23 @@ async fn an_https_http2_backend_dropping_a_connection_with_a_stream_open_is_held
     let second = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
     let log = weir.log.lock().unwrap().clone();
     assert_eq!(second.status, 502, "{}\n{log}", second.text());
-    let errors = metric(
-        weir.addr,
-        "weir_upstream_errors_total",
-        &[("backend", "private"), ("kind", "protocol")],
-    )
-    .await;
-    assert_eq!(errors, 1.0, "held against the backend\n{log}");
-    let idle = metric(
-        weir.addr,
-        "weir_upstream_errors_total",
-        &[("backend", "private"), ("kind", "idle_closed")],
-    )
-    .await;
-    assert_eq!(idle, 0.0, "{log}");
+    for (kind, count) in [("protocol", 1.0), ("idle_closed", 0.0)] {
+        let errors = metric(
+            weir.addr,
+            "weir_upstream_errors_total",
+            &[("backend", "private"), ("kind", kind)],
+        )
+        .await;
+        assert_eq!(errors, count, "{kind}\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn an_https_http2_backend_dropping_a_connection_with_a_stream_open_is_held_against_it() {
+    // Over HTTP/2 there is no idle-close race to forgive: servers close idle
+    // connections with GOAWAY, and a connection dropped under an open
+    // stream, however soon, is the backend failing with the request in hand.
+    second_request_is_held_against(h2_backend_dropping_its_second_stream().await).await;
 }
 
 /// An https backend speaking HTTP/2 (ALPN `h2` only) with the test CA's

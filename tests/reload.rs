@@ -1548,6 +1548,15 @@ async fn turning_health_checks_off_puts_probed_out_backends_back() {
     );
 }
 
+/// A config with `watch_config` on, serving MODEL from `m` (as `b1`) at
+/// `weight`.
+fn watched(m: &MockHandle, weight: u32) -> String {
+    format!(
+        "[server]\nwatch_config = true\n\n{}",
+        file("", &[("b1", m, weight)], "")
+    )
+}
+
 async fn wait_for_weight(live: &Live, backend: &str, weight: f64, within: Duration) -> bool {
     eventually(within, || live.weights().get(backend) == Some(&weight)).await
 }
@@ -1555,12 +1564,7 @@ async fn wait_for_weight(live: &Live, backend: &str, weight: f64, within: Durati
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_config_picks_up_an_atomic_rename() {
     let m1 = mock_named("b1", MockConfig::default()).await;
-    let watched = |w: u32| {
-        format!(
-            "[server]\nwatch_config = true\n\n{}",
-            file("", &[("b1", &m1, w)], "")
-        )
-    };
+    let watched = |w: u32| watched(&m1, w);
     let live = Live::start(&watched(1)).await;
     // Let the watcher start before the first change.
     tokio::time::sleep(ms(100)).await;
@@ -1594,12 +1598,7 @@ async fn watch_config_picks_up_an_atomic_rename() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_config_applies_a_change_made_before_the_watch_began() {
     let m1 = mock_named("b1", MockConfig::default()).await;
-    let watched = |w: u32| {
-        format!(
-            "[server]\nwatch_config = true\n\n{}",
-            file("", &[("b1", &m1, w)], "")
-        )
-    };
+    let watched = |w: u32| watched(&m1, w);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("weir.toml");
     std::fs::write(&path, watched(1)).expect("write config");
@@ -1623,12 +1622,7 @@ async fn watch_config_applies_a_change_made_before_the_watch_began() {
 async fn watch_config_follows_a_configmap_symlink_swap() {
     use std::os::unix::fs::symlink;
     let m1 = mock_named("b1", MockConfig::default()).await;
-    let watched = |w: u32| {
-        format!(
-            "[server]\nwatch_config = true\n\n{}",
-            file("", &[("b1", &m1, w)], "")
-        )
-    };
+    let watched = |w: u32| watched(&m1, w);
     // The kubelet's layout: weir.toml -> ..data/weir.toml, ..data -> ..v1.
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
@@ -1662,12 +1656,7 @@ async fn watch_config_follows_a_configmap_symlink_swap() {
 async fn watch_config_follows_a_swapped_directory_symlink() {
     use std::os::unix::fs::symlink;
     let m1 = mock_named("b1", MockConfig::default()).await;
-    let watched = |w: u32| {
-        format!(
-            "[server]\nwatch_config = true\n\n{}",
-            file("", &[("b1", &m1, w)], "")
-        )
-    };
+    let watched = |w: u32| watched(&m1, w);
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
     for (release, weight) in [("v1", 1), ("v2", 5)] {
@@ -1706,12 +1695,7 @@ async fn watch_config_follows_a_swapped_directory_symlink() {
 async fn watch_config_follows_a_symlink_to_a_file_beside_or_below_it() {
     use std::os::unix::fs::symlink;
     let m1 = mock_named("b1", MockConfig::default()).await;
-    let watched = |w: u32| {
-        format!(
-            "[server]\nwatch_config = true\n\n{}",
-            file("", &[("b1", &m1, w)], "")
-        )
-    };
+    let watched = |w: u32| watched(&m1, w);
     for target in ["weir-v2.toml", "sub/real.toml"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
