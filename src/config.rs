@@ -596,6 +596,7 @@ impl Config {
                 .or_else(|| key_path_at(text, span.start))
                 .unwrap_or_else(|| "(toml)".to_owned());
             schema_keys.insert(key.clone());
+            let message = datetime_named(message, text.get(span.clone()));
             check.error(span, key, message);
         }
         schema_keys.extend(left_out.iter().filter_map(|(_, _, path)| path.clone()));
@@ -2413,6 +2414,23 @@ fn arrays_for_tables(doc: &toml::de::DeTable<'_>) -> Vec<(Range<usize>, String)>
     out
 }
 
+/// serde's message for a TOML date or time where another type belongs,
+/// which the `toml` crate hands serde as a map: named as what it is
+/// (`written` is the value's text), as in "invalid type: datetime,
+/// expected a string" for `request_timeout = 1979-05-27T07:32:00Z`.
+fn datetime_named(message: String, written: Option<&str>) -> String {
+    let is_datetime = written.is_some_and(|w| {
+        let w = w.trim();
+        w.starts_with(|c: char| c.is_ascii_digit())
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | ':' | '.' | '+' | ' '))
+    });
+    match message.strip_prefix("invalid type: map,") {
+        Some(rest) if is_datetime => format!("invalid type: datetime,{rest}"),
+        _ => message,
+    }
+}
+
 /// The message for an array where a table belongs.
 const ARRAY_FOR_TABLE: &str = "invalid type: array, expected a table";
 
@@ -4033,6 +4051,20 @@ x = 1
             (e.line, e.column, e.key.as_str()),
             (10, 25, "health.liveness.interval")
         );
+        // A TOML date or time, unquoted, is named as one (the toml crate
+        // hands serde a map for it).
+        for written in ["1979-05-27T07:32:00Z", "07:32:00", "1979-05-27"] {
+            let e = one_error(&format!("{MINIMAL}[server]\nrequest_timeout = {written}\n"));
+            assert_eq!(e.key, "server.request_timeout");
+            assert!(
+                e.message.starts_with("invalid type: datetime, expected"),
+                "{written}: {e}"
+            );
+        }
+        let e = one_error(&format!(
+            "{MINIMAL}[server]\nrequest_timeout = {{ a = 1 }}\n"
+        ));
+        assert!(e.message.starts_with("invalid type: map"), "{e}");
     }
 
     /// A duration under 1 ms (other than 0 where 0 is allowed) is refused:
