@@ -463,19 +463,21 @@ fn is_header_safe(secret: &str) -> bool {
     !secret.contains('\t') && http::HeaderValue::from_str(&format!("Bearer {secret}")).is_ok()
 }
 
-/// A config file's bytes, read only from a regular file (symlinks
-/// followed): reading a FIFO (or a character device) would block until
-/// something writes to it, and with it every reload after, which run one
-/// at a time.
-pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+/// Whether `path` (symlinks followed) is a file weir may read again while
+/// it serves: not a FIFO, socket or device, whose read would block until
+/// something writes to it, and with it every reload after (they run one at
+/// a time). At start any file is read once (`--config /dev/stdin`, a
+/// shell's `<(...)`): that is what the user asked for. A directory passes,
+/// for the read to name it.
+pub(crate) fn rereadable(path: &Path) -> std::io::Result<()> {
     let metadata = std::fs::metadata(path)?;
-    if !metadata.is_file() && !metadata.is_dir() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file (a FIFO, socket or device)",
-        ));
+    if metadata.is_file() || metadata.is_dir() {
+        return Ok(());
     }
-    std::fs::read(path)
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "not a regular file (a FIFO, socket or device), which weir reads only at start",
+    ))
 }
 
 /// A hash of a config file's bytes. Config files are small, so hashing a whole one is
@@ -495,6 +497,24 @@ impl Config {
         Self::check(path, env).result
     }
 
+    /// As [`Config::load`], for a reload: only from a file that can be read
+    /// again ([`rereadable`]).
+    pub fn reload(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        if let Err(e) = rereadable(path) {
+            return Err(ConfigErrors(vec![ConfigError {
+                file: path.display().to_string(),
+                line: 1,
+                column: 1,
+                key: "(file)".to_owned(),
+                message: format!("cannot read the file: {e}"),
+            }]));
+        }
+        Self::load(path, env)
+    }
+
     /// As [`Config::load`], keeping the warnings also when there are errors
     /// (for `weir check`).
     pub fn check(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Checked {
@@ -509,7 +529,7 @@ impl Config {
             }])),
             warnings: Vec::new(),
         };
-        let bytes = match read_regular(path) {
+        let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) => return refused(file, (1, 1), format!("cannot read the file: {e}")),
         };

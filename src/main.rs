@@ -170,7 +170,6 @@ fn model_name(text: &str) -> Result<String, String> {
     }
 }
 
-/// A finite number of at least 0.
 /// A probe's timeout: a duration of at least a millisecond. Less gives the
 /// probe no time to connect, so its verdict would be a coin toss.
 fn probe_timeout(text: &str) -> Result<Duration, String> {
@@ -181,6 +180,7 @@ fn probe_timeout(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// A finite number of at least 0.
 fn non_negative(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),

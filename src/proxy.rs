@@ -674,19 +674,22 @@ impl<'a> Exchange<'a> {
                     // A retry takes turns of the retries' own sequence (see
                     // `Pool::pick_aside`); with nothing untried free now, it
                     // goes back to one tried.
-                    // One the clock held out when the request began (out
-                    // of its snapshot's rotation) and has let go since is
-                    // untried too.
-                    pool.pick_aside(|i| !tried.contains(&i) && available(i))
-                        .or_else(|| {
-                            (0..members.len()).find(|&j| {
-                                pool.weight(j) == 0
-                                    && !tried.contains(&j)
-                                    && self.may_rejoin(j)
-                                    && available(j)
-                            })
+                    // One held out when the request began (out of its
+                    // snapshot's rotation) and back by its live state since
+                    // counts as any other: untried before those tried, and
+                    // repeated like them when none is left.
+                    let rejoined = |untried: bool| {
+                        (0..members.len()).find(|&j| {
+                            pool.weight(j) == 0
+                                && (!untried || !tried.contains(&j))
+                                && self.may_rejoin(j)
+                                && available(j)
                         })
+                    };
+                    pool.pick_aside(|i| !tried.contains(&i) && available(i))
+                        .or_else(|| rejoined(true))
                         .or_else(|| pool.pick_aside(available))
+                        .or_else(|| rejoined(false))
                 } else {
                     pool.pick(available)
                 };
@@ -828,8 +831,9 @@ impl<'a> Exchange<'a> {
     }
 
     /// Whether member `j`, out of rotation in the request's snapshot
-    /// (weight 0), may take a retry when its live state lets it: only the
-    /// clock holds it out, or did (a 429's window, an ejection), so it
+    /// (weight 0), may take a retry when its live state lets it: its probes
+    /// pass (now: they may have failed when the request began), so only
+    /// the clock holds it out, or did (a 429's window, an ejection), and it
     /// rejoins when that ends, as the snapshot built then will say. Not one
     /// configured with weight 0, out by its probes, or changed or removed by
     /// a reload since (the request would send it as its snapshot has it).

@@ -99,7 +99,7 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
     let env = shared.env.clone();
     let shown = path.display().to_string();
     // Reading and parsing is file I/O and CPU: keep it off the runtime.
-    let mut config = tokio::task::spawn_blocking(move || Config::load(&path, &*env))
+    let mut config = tokio::task::spawn_blocking(move || Config::reload(&path, &*env))
         .await
         .map_err(|e| ReloadError::Invalid(ConfigErrors(vec![join_error(&shown, &e)])))?
         .map_err(ReloadError::Invalid)?;

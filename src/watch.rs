@@ -285,27 +285,34 @@ fn parent_dir(path: &Path) -> PathBuf {
 /// loaded or tried); a file that fails to load is tried again only once it
 /// changes again.
 async fn reload_if_changed(shared: &Arc<Shared>, path: &Path, last_seen: &mut Option<u64>) {
-    let now_seen = fingerprint(path).await;
-    if now_seen.is_none() {
-        // Mid-swap or deleted: the old config keeps serving, and the
-        // event that brings the file back triggers the reload.
-        tracing::warn!(path = %path.display(), "config file is gone; waiting for it to come back");
-    } else if now_seen != *last_seen {
+    let now_seen = match fingerprint(path).await {
+        Ok(seen) => Some(seen),
+        Err(e) => {
+            // Mid-swap or deleted (or no regular file): the old config
+            // keeps serving, and the event that brings the file back
+            // triggers the reload.
+            tracing::warn!(path = %path.display(), error = %e, "config file cannot be read; waiting for it to change");
+            return;
+        }
+    };
+    if now_seen != *last_seen {
         *last_seen = now_seen;
         // Outcome logged and counted by the reload itself.
         let _ = reload::reload(shared).await;
     }
 }
 
-/// [`config::fingerprint`] of the file's bytes (following symlinks); `None`
-/// when it cannot be read.
-async fn fingerprint(path: &Path) -> Option<u64> {
+/// [`config::fingerprint`] of the file's bytes (following symlinks), or
+/// why it cannot be read.
+async fn fingerprint(path: &Path) -> std::io::Result<u64> {
     let path = path.to_path_buf();
-    let bytes = tokio::task::spawn_blocking(move || config::read_regular(&path))
-        .await
-        .ok()?
-        .ok()?;
-    Some(config::fingerprint(&bytes))
+    let bytes = tokio::task::spawn_blocking(move || {
+        config::rereadable(&path)?;
+        std::fs::read(&path)
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    Ok(config::fingerprint(&bytes))
 }
 
 #[cfg(test)]

@@ -1066,23 +1066,30 @@ async fn a_retry_skips_a_backend_whose_429_is_still_running() {
 /// A backend the clock held out when a request began (its 429 window ran)
 /// takes that request's retry once the window ends: it is untried, so the
 /// retry does not wait out the other backend's longer `Retry-After` to go
-/// back to it. Retries used to see only the backends in rotation in the
+/// back to it; and when it fails, the next retry repeats it (free) rather
+/// than give up. Retries used to see only the backends in rotation in the
 /// request's snapshot, and this one ended 502 after waiting 3 s.
 #[tokio::test]
 async fn a_retry_goes_to_a_backend_whose_429_window_ended_during_the_request() {
-    // `a` answers its first request 429 with `Retry-After: 1`, then 200s.
+    // `a` answers its first `solo` request 429 with `Retry-After: 2`, its
+    // first `mixed` one 500, then 200s.
     let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a_addr = a.local_addr().unwrap();
     let a_requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counted = a_requests.clone();
+    let mixed_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(async move {
         while let Ok((mut s, _)) = a.accept().await {
-            let counted = counted.clone();
+            let (counted, mixed_failed) = (counted.clone(), mixed_failed.clone());
             tokio::spawn(async move {
-                while read_request(&mut s).await.is_some() {
+                while let Some(request) = read_request(&mut s).await {
                     let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let solo = String::from_utf8_lossy(&request).contains("\"solo\"");
                     let answer = if n == 0 {
-                        "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n".to_owned()
+                        "HTTP/1.1 429 Too Many Requests\r\nretry-after: 2\r\ncontent-length: 0\r\n\r\n".to_owned()
+                    } else if !solo && !mixed_failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n".to_owned()
                     } else {
                         let body = r#"{"id":"c1","object":"chat.completion","created":0,"model":"mixed","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
                         format!(
@@ -1107,13 +1114,13 @@ async fn a_retry_goes_to_a_backend_whose_429_window_ended_during_the_request() {
     .unwrap();
     let toml = format!(
         "[[models]]\nname = \"mixed\"\n[[models]]\nname = \"solo\"\n\n{}{}{QUIET}\
-         [outlier]\nconsecutive_failures = 100\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 100\n",
+         [outlier]\nconsecutive_failures = 100\n\n[retry]\nmax_attempts = 3\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = 100\n",
         backend("a", &format!("http://{a_addr}/v1"), &["mixed", "solo"], 1),
         backend("b", &b.base_url(), &["mixed"], 1),
     );
     let gw = gateway(&toml).await;
     // `solo` is served by `a` alone: its 429 takes `a` out of rotation for
-    // a second; the request waits for it and is served then.
+    // two seconds; the request waits for it and is served then.
     let addr = gw.addr();
     let solo =
         tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat("solo", false)).await });
@@ -1133,7 +1140,8 @@ async fn a_retry_goes_to_a_backend_whose_429_window_ended_during_the_request() {
     }
     assert!(held, "a out of rotation");
     // This request's snapshot has `a` out: it goes to `b` (429, three
-    // seconds), and its retry to `a` once a's second is over.
+    // seconds), its retry to `a` once a's two seconds are over (500), and
+    // the next to `a` again, free while `b` still waits.
     let r = post(gw.addr(), "/v1/chat/completions", &chat("mixed", false)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-weir-backend"), "a");

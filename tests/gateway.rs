@@ -505,7 +505,10 @@ async fn a_bodiless_backend_answer_is_logged_as_complete() {
 /// A client that leaves while sending its body (HTTP/1.1: its connection
 /// closes short of `content-length`; HTTP/2: its connection goes with the
 /// stream's body unfinished) is logged as gone, with nginx's 499, not as a
-/// 400 answered `complete`: nobody received an answer.
+/// 400 answered `complete`: nobody received an answer. One that only
+/// half-closed and still reads gets the 400. An HTTP/2 body that ends
+/// short of its `content-length` (the client still there, h2 resetting
+/// the stream) is the client's error: 400, not a client that left.
 #[tokio::test]
 async fn a_client_leaving_mid_body_is_logged_as_gone() {
     let (weir, _dir) = weir_before_a_204_backend().await;
@@ -517,10 +520,63 @@ async fn a_client_leaving_mid_body_is_logged_as_gone() {
     )
     .await
     .unwrap();
-    drop(h1);
+    h1.shutdown().await.unwrap();
+    let mut answer = String::new();
+    let _ = h1.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("invalid_body"), "{answer}");
 
-    let tcp = tokio::net::TcpStream::connect(weir.addr).await.unwrap();
+    // weir must have the stream before its connection goes: a connection
+    // dropped earlier carries no request to log. Under load that can take
+    // longer, so the wait grows until one is logged.
+    let mut logged = None;
+    for (n, wait) in [200u64, 1000, 3000].into_iter().enumerate() {
+        let id = format!("gone-h2-{n}");
+        h2_body_then(weir.addr, &id, Duration::from_millis(wait), false).await;
+        if let Some(line) = log_line(&weir.log, &format!("request_id=\"{id}\"")).await {
+            logged = Some(line);
+            break;
+        }
+    }
+    let line = logged.unwrap_or_else(|| panic!("a log line:\n{}", weir.log.lock().unwrap()));
+    assert!(
+        line.contains("status=499"),
+        "{line}\n{}",
+        weir.log.lock().unwrap()
+    );
+    assert!(line.contains("ending=\"client_gone\""), "{line}");
+    let line = log_line(&weir.log, "request_id=\"gone-h1\"")
+        .await
+        .unwrap_or_else(|| panic!("a log line for gone-h1:\n{}", weir.log.lock().unwrap()));
+    assert!(line.contains("status=499"), "{line}");
+    assert!(line.contains("ending=\"client_gone\""), "{line}");
+    let gone = metric(
+        weir.addr,
+        "weir_requests_total",
+        &[("model", ""), ("backend", ""), ("status", "499")],
+    )
+    .await;
+    assert_eq!(gone, 2.0);
+
+    h2_body_then(weir.addr, "short-h2", Duration::ZERO, true).await;
+    let line = log_line(&weir.log, "request_id=\"short-h2\"")
+        .await
+        .unwrap_or_else(|| panic!("a log line for short-h2:\n{}", weir.log.lock().unwrap()));
+    assert!(line.contains("status=400"), "{line}");
+    assert!(line.contains("ending=\"complete\""), "{line}");
+}
+
+/// Over a new HTTP/2 connection to `addr`: a POST promising 100 bytes, 9
+/// of them sent; then, after `wait`, the body ended there (`end`: the
+/// stream's END_STREAM, the connection kept) or the connection dropped.
+async fn h2_body_then(addr: std::net::SocketAddr, id: &str, wait: Duration, end: bool) {
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
     tcp.set_nodelay(true).unwrap();
+    // The socket as the test holds it, to cut: hyper keeps its connection
+    // (and a graceful close) in a task of its own.
+    let cut = tcp.try_clone().unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tcp),
@@ -530,10 +586,10 @@ async fn a_client_leaving_mid_body_is_logged_as_gone() {
     let conn = tokio::spawn(conn);
     let (mut body_tx, body) =
         http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(1);
-    let request = http::Request::post(format!("http://{}/v1/chat/completions", weir.addr))
+    let request = http::Request::post(format!("http://{addr}/v1/chat/completions"))
         .header("content-type", "application/json")
         .header("content-length", "100")
-        .header("x-request-id", "gone-h2")
+        .header("x-request-id", id)
         .body(body)
         .unwrap();
     let answer = tokio::spawn(async move { sender.send_request(request).await });
@@ -541,27 +597,17 @@ async fn a_client_leaving_mid_body_is_logged_as_gone() {
         .send_data(Bytes::from_static(b"{\"model\":"))
         .await
         .unwrap();
-    // Once weir has the stream (the first body frame is on its way), the
-    // connection goes.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    conn.abort();
-    drop(body_tx);
-    let _ = answer.await;
-
-    for id in ["gone-h1", "gone-h2"] {
-        let line = log_line(&weir.log, &format!("request_id=\"{id}\""))
-            .await
-            .unwrap_or_else(|| panic!("a log line for {id}:\n{}", weir.log.lock().unwrap()));
-        assert!(line.contains("status=499"), "{line}");
-        assert!(line.contains("ending=\"client_gone\""), "{line}");
+    tokio::time::sleep(wait).await;
+    if end {
+        drop(body_tx);
+        let _ = answer.await;
+        conn.abort();
+    } else {
+        cut.shutdown(std::net::Shutdown::Both).unwrap();
+        let _ = answer.await;
+        drop(body_tx);
+        conn.abort();
     }
-    let gone = metric(
-        weir.addr,
-        "weir_requests_total",
-        &[("model", ""), ("backend", ""), ("status", "499")],
-    )
-    .await;
-    assert_eq!(gone, 2.0);
 }
 
 /// Every answer has its access log line: also a head that could not be

@@ -143,9 +143,12 @@ pub enum ApiError {
     #[error("The request body could not be read: {0}")]
     BodyRead(String),
     /// The client left before its body ended (its connection closed or
-    /// reset, its HTTP/2 stream reset): nobody reads this answer; its log
-    /// line has nginx's 499 and `ending="client_gone"`.
-    #[error("The client closed the request before its body ended.")]
+    /// reset, its HTTP/2 stream reset): a 400 `invalid_body`, which only a
+    /// client that half-closed and still reads receives; its log line has
+    /// nginx's 499 and `ending="client_gone"` (`server::route`).
+    #[error(
+        "The request body ended before its length: the client closed its side of the connection."
+    )]
     ClientGone,
     /// A request larger than a token bucket can ever hold (413).
     #[error("{0}")]
@@ -262,10 +265,9 @@ impl ApiError {
                 Some("invalid_body"),
             ),
             ClientGone => (
-                // nginx's "client closed request"; always a valid code.
-                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                StatusCode::BAD_REQUEST,
                 "invalid_request_error",
-                Some("client_closed_request"),
+                Some("invalid_body"),
             ),
             InvalidApiKey => (
                 StatusCode::UNAUTHORIZED,

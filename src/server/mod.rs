@@ -432,13 +432,21 @@ async fn route<F: Future<Output = ()>>(
     };
     let ending = match &result {
         Err(ApiError::ShuttingDown) => Ending::Shutdown,
-        Err(ApiError::ClientGone) => shared.gone(),
         _ => Ending::Complete,
     };
+    let gone = matches!(result, Err(ApiError::ClientGone));
     let response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
+    if gone {
+        // The client left while sending its body: its line is the one a
+        // client leaving before its answer gets (499, `client_gone`), by
+        // `Routing`'s drop. Only a client that half-closed and still
+        // reads receives the 400.
+        drop(routing);
+        return stamp(response, request_id, None, Some(snapshot), shared, ending);
+    }
     let log = routing.log.take();
     drop(routing);
     stamp(response, request_id, log, Some(snapshot), shared, ending)

@@ -50,22 +50,43 @@ pub enum RequestBodyError {
 
 impl RequestBodyError {
     /// Whether the client left rather than sent a broken body: its
-    /// connection ended or was reset under the body, or (HTTP/2) its stream
-    /// or connection failed, which leaves no stream to answer on either (h2
-    /// resets a stream whose body breaks its `content-length` itself).
+    /// connection ended or was reset under the body, or (HTTP/2) it reset
+    /// the stream, sent GOAWAY or its connection failed. A stream h2 itself
+    /// reset (a body that breaks its `content-length`, flow control
+    /// broken) was the client's error, not its leaving.
     pub fn client_left(&self) -> bool {
         match self {
-            RequestBodyError::Closed | RequestBodyError::Hyper(_) => true,
-            RequestBodyError::Io(e) => matches!(
-                e.kind(),
-                io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::UnexpectedEof
-            ),
+            RequestBodyError::Closed => true,
+            RequestBodyError::Io(e) => io_gone(e),
+            RequestBodyError::Hyper(e) => {
+                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+                while let Some(s) = source {
+                    if let Some(h2) = s.downcast_ref::<h2::Error>() {
+                        return h2.is_io()
+                            || (h2.is_remote() && (h2.is_reset() || h2.is_go_away()));
+                    }
+                    if let Some(io) = s.downcast_ref::<io::Error>() {
+                        return io_gone(io);
+                    }
+                    source = s.source();
+                }
+                // hyper's own: the connection closed or was cancelled.
+                e.is_closed() || e.is_canceled() || e.is_incomplete_message()
+            }
             RequestBodyError::Malformed(_) => false,
         }
     }
+}
+
+/// Whether a socket error says the client's side went away.
+fn io_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// A request body from either protocol: weir's own HTTP/1.1 connection or
