@@ -956,18 +956,34 @@ async fn h2c_clients_are_served() {
 }
 
 /// A backend's 204 reaches an HTTP/2 client without `content-length`
-/// (RFC 9110 §8.6), as it reaches an HTTP/1.1 one.
+/// (RFC 9110 §8.6), as it reaches an HTTP/1.1 one: also when the backend
+/// wrongly sent one (a non-zero one used to reach HTTP/2 clients, which
+/// then waited for that body and failed the request).
 #[tokio::test]
 async fn h2c_a_204_carries_no_content_length() {
     let (gw, _m) = one_backend(MockConfig::default().status(204), "").await;
-    for client in [h2c_client(), client()] {
-        let r = post_with(
-            &client,
-            gw.addr(),
-            "/v1/chat/completions",
-            &chat(MODEL, false),
-        )
+    check_204s(gw.addr()).await;
+    for declared in [0, 30] {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", upstream.local_addr().unwrap());
+        answer_every_request(
+            upstream,
+            format!("HTTP/1.1 204 No Content\r\ncontent-length: {declared}\r\n\r\n"),
+        );
+        let gw = gateway(&format!(
+            "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+            backend("b1", &url, &[MODEL], 1)
+        ))
         .await;
+        check_204s(gw.addr()).await;
+    }
+}
+
+/// A 204 through weir at `addr`, over HTTP/2 and HTTP/1.1: no body, no
+/// `content-length`.
+async fn check_204s(addr: std::net::SocketAddr) {
+    for client in [h2c_client(), client()] {
+        let r = post_with(&client, addr, "/v1/chat/completions", &chat(MODEL, false)).await;
         assert_eq!(r.status, 204, "{}", r.text());
         assert!(r.body.is_empty());
         assert_eq!(r.headers.get("content-length"), None);

@@ -150,7 +150,14 @@ pub(super) async fn serve(
                     parts.headers.append(name, value);
                 }
                 parts.headers.remove(header::CONTENT_LENGTH);
-                if let Some(length) = length {
+                // None on a 204 or 304, whatever the backend said (RFC 9110
+                // §8.6; a client reads a non-zero one as a body to wait for),
+                // as an HTTP/1.1 head leaves it out.
+                let bodiless = matches!(
+                    parts.status,
+                    StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+                );
+                if let Some(length) = length.filter(|_| !bodiless) {
                     parts.headers.insert(header::CONTENT_LENGTH, length.into());
                 }
                 if let Some(rate) = rate {

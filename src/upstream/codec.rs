@@ -518,16 +518,12 @@ fn framing(
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, true));
     }
-    if let Some(last) = headers.values(Name::TransferEncoding).last() {
+    if headers.get(Name::TransferEncoding).is_some() {
         only_chunked(headers.values(Name::TransferEncoding))?;
-        let last = last.rsplit(|&b| b == b',').next().unwrap_or_default();
-        if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            // Content-Length beside it is ignored, and the connection
-            // closed afterwards: someone along the way got framing wrong.
-            let reusable = headers.get(Name::ContentLength).is_none();
-            return Ok((Framing::Chunked(Chunk::Size), reusable));
-        }
-        return Ok((Framing::UntilClose, false));
+        // Content-Length beside it is ignored, and the connection closed
+        // afterwards: someone along the way got framing wrong.
+        let reusable = headers.get(Name::ContentLength).is_none();
+        return Ok((Framing::Chunked(Chunk::Size), reusable));
     }
     let length = content_length(headers.values(Name::ContentLength))?;
     Ok(match length {
@@ -537,14 +533,17 @@ fn framing(
     })
 }
 
-/// Refuses a response with a transfer coding other than `chunked` (or
-/// the no-op `identity`): weir sends no `TE`, so a backend may not use one
+/// Refuses a response whose `Transfer-Encoding` is anything but `chunked`
+/// alone: weir sends no `TE`, so a backend may not use another coding
 /// (RFC 9112 §6.1, §7.4), and passing its bytes on would be wrong both ways:
 /// `Transfer-Encoding` is hop-by-hop, so the client would get gzip bytes
-/// labelled as none, and decoding them is not weir's job. nginx answers
-/// such a response 502 too. So is `chunked` applied twice (which §6.1
-/// forbids), or followed by another coding: decoded once, or not at all,
-/// its framing would reach the client as body bytes.
+/// labelled as none, and decoding them is not weir's job. `identity` is no
+/// coding any more (RFC 9112 dropped it), and with it, or with an empty
+/// value, the body would be read to the connection's close whatever its
+/// `Content-Length` said. nginx answers all of these 502 too. So is
+/// `chunked` applied twice (which §6.1 forbids), or followed by another
+/// coding: decoded once, or not at all, its framing would reach the client
+/// as body bytes.
 pub(crate) fn only_chunked<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<(), Malformed> {
     let mut chunked = false;
     for coding in values
@@ -562,11 +561,15 @@ pub(crate) fn only_chunked<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result
         }
         if coding.eq_ignore_ascii_case(b"chunked") {
             chunked = true;
-        } else if !coding.eq_ignore_ascii_case(b"identity") {
+        } else {
             return Err(Malformed("a transfer coding other than chunked"));
         }
     }
-    Ok(())
+    if chunked {
+        Ok(())
+    } else {
+        Err(Malformed("a transfer-encoding without chunked"))
+    }
 }
 
 /// The message's `Content-Length`, if any. `42, 42` (a list of one
@@ -618,15 +621,17 @@ fn plain_number(value: &[u8]) -> Option<u64> {
 /// (HTTP/1.0: only when it asks to).
 /// `connection` holds the values of its `Connection` headers.
 pub(crate) fn keep_alive<'a>(version: Version, connection: impl Iterator<Item = &'a [u8]>) -> bool {
-    let token = if version == Version::HTTP_10 {
-        &b"keep-alive"[..]
-    } else {
-        &b"close"[..]
-    };
-    let has = connection
+    // `close` wins in any version (RFC 9112 §9.3 looks for it first, and
+    // nginx does): `keep-alive, close` closes an HTTP/1.0 connection too.
+    let (mut close, mut keep) = (false, false);
+    for option in connection
         .flat_map(|v| v.split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token));
-    has == (version == Version::HTTP_10)
+        .map(<[u8]>::trim_ascii)
+    {
+        close |= option.eq_ignore_ascii_case(b"close");
+        keep |= option.eq_ignore_ascii_case(b"keep-alive");
+    }
+    !close && (keep || version != Version::HTTP_10)
 }
 
 /// The values of `name` in a header map, as bytes (for [`content_length`]
@@ -1025,7 +1030,7 @@ mod tests {
 
     #[test]
     fn framing_follows_rfc_9112() {
-        let cases: [(&[u8], Framing, bool); 8] = [
+        let cases: [(&[u8], Framing, bool); 7] = [
             (
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
                 Framing::Chunked(Chunk::Size),
@@ -1037,12 +1042,7 @@ mod tests {
                 false,
             ),
             (
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\n",
-                Framing::UntilClose,
-                false,
-            ),
-            (
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity, chunked\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n",
                 Framing::Chunked(Chunk::Size),
                 true,
             ),
@@ -1082,6 +1082,12 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, identity\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked,\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: \r\n\r\n",
+            // No coding at all, or the no-op `identity` (no longer one): the
+            // body would be read to the close, whatever its length said.
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\ncontent-length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: ,\r\n\r\n",
         ] {
             let text = String::from_utf8_lossy(raw);
             assert!(head(raw).is_err(), "{text}");
@@ -1148,6 +1154,23 @@ mod tests {
             assert_eq!(body, b"hello0123456789", "step {step}");
             assert!(done, "step {step}");
         }
+    }
+
+    #[test]
+    fn close_wins_over_keep_alive_in_every_version() {
+        let v10 = Version::HTTP_10;
+        let v11 = Version::HTTP_11;
+        let keeps =
+            |version, values: &[&str]| keep_alive(version, values.iter().map(|v| v.as_bytes()));
+        assert!(!keeps(v10, &[]));
+        assert!(keeps(v10, &["Keep-Alive"]));
+        assert!(!keeps(v10, &["keep-alive, close"]));
+        assert!(!keeps(v10, &["close, keep-alive"]));
+        assert!(!keeps(v10, &["keep-alive", "close"]));
+        assert!(keeps(v11, &[]));
+        assert!(keeps(v11, &["keep-alive"]));
+        assert!(!keeps(v11, &["keep-alive, close"]));
+        assert!(!keeps(v11, &["Close"]));
     }
 
     #[test]

@@ -454,8 +454,10 @@ pub(crate) async fn send(
                         ));
                     }
                     let codings = response.headers().get_all(http::header::TRANSFER_ENCODING);
-                    codec::only_chunked(codings.iter().map(http::HeaderValue::as_bytes))
-                        .map_err(|e| AttemptError::Protocol(e.0.to_owned()))?;
+                    if codings.iter().next().is_some() {
+                        codec::only_chunked(codings.iter().map(http::HeaderValue::as_bytes))
+                            .map_err(|e| AttemptError::Protocol(e.0.to_owned()))?;
+                    }
                     Ok(response.map(UpstreamBody::Tls))
                 }
                 Ok(Err(e)) if e.is_connect() && is_refused(&e) => {
