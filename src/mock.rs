@@ -753,7 +753,11 @@ fn decide(cfg: &MockConfig, draw: f64) -> Outcome {
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // weir passes on up to 100 client headers and adds its own (the request
+    // id, the coding): hyper's default of 100 would refuse such a request
+    // with a bare 431 that no real engine sends.
+    builder.http1().max_headers(128);
     loop {
         let stream = tokio::select! {
             () = shared.shutdown.cancelled() => break,
