@@ -12,8 +12,10 @@
 # in front of `weir mock` backends, then the profile-guided build), from the
 # same files .ci/run builds from; the runtime stage is
 # distroless: glibc and the binary, no shell, no package manager. weir talks
-# TLS through rustls with the compiled-in webpki roots, so it does not need
-# the image's CA bundle either.
+# TLS to https:// backends through rustls with the compiled-in webpki roots,
+# so those need no CA bundle; a rediss:// [cluster] link checks the system
+# trust store (/etc/ssl/certs), which this image has: keep it if you slim
+# the base.
 
 # The builder must be the same Debian release as the runtime image
 # (bookworm = debian12): a binary linked against a newer glibc would not start
