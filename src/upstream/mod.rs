@@ -453,8 +453,14 @@ pub(crate) async fn send(
                             "response head larger than 64 KiB".to_owned(),
                         ));
                     }
+                    // As the plain client's `framing`: a 204 or 304 has no
+                    // body, so no framing to refuse.
                     let codings = response.headers().get_all(http::header::TRANSFER_ENCODING);
-                    if codings.iter().next().is_some() {
+                    let bodiless = matches!(
+                        response.status(),
+                        http::StatusCode::NO_CONTENT | http::StatusCode::NOT_MODIFIED
+                    );
+                    if !bodiless && codings.iter().next().is_some() {
                         codec::only_chunked(codings.iter().map(http::HeaderValue::as_bytes))
                             .map_err(|e| AttemptError::Protocol(e.0.to_owned()))?;
                     }
