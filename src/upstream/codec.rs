@@ -621,17 +621,20 @@ fn plain_number(value: &[u8]) -> Option<u64> {
 /// (HTTP/1.0: only when it asks to).
 /// `connection` holds the values of its `Connection` headers.
 pub(crate) fn keep_alive<'a>(version: Version, connection: impl Iterator<Item = &'a [u8]>) -> bool {
-    // `close` wins in any version (RFC 9112 §9.3 looks for it first, and
-    // nginx does): `keep-alive, close` closes an HTTP/1.0 connection too.
-    let (mut close, mut keep) = (false, false);
-    for option in connection
+    let mut options = connection
         .flat_map(|v| v.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-    {
+        .map(<[u8]>::trim_ascii);
+    if version != Version::HTTP_10 {
+        return !options.any(|o| o.eq_ignore_ascii_case(b"close"));
+    }
+    // `close` wins in HTTP/1.0 too (RFC 9112 §9.3 looks for it first, and
+    // nginx does): `keep-alive, close` closes the connection.
+    let (mut close, mut keep) = (false, false);
+    for option in options {
         close |= option.eq_ignore_ascii_case(b"close");
         keep |= option.eq_ignore_ascii_case(b"keep-alive");
     }
-    !close && (keep || version != Version::HTTP_10)
+    keep && !close
 }
 
 /// The values of `name` in a header map, as bytes (for [`content_length`]
