@@ -64,6 +64,19 @@ pub(crate) fn try_read_buf(stream: &TcpStream, buf: &mut BytesMut) -> io::Result
     }
 }
 
+/// Whether a socket error says the peer closed the connection (a reset,
+/// an abort, a broken pipe, an early end): a client gone, or a backend's
+/// kept-alive connection closed under a request.
+pub(crate) fn peer_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,7 +57,7 @@ impl RequestBodyError {
     pub fn client_left(&self) -> bool {
         match self {
             RequestBodyError::Closed => true,
-            RequestBodyError::Io(e) => io_gone(e),
+            RequestBodyError::Io(e) => socket::peer_closed(e),
             RequestBodyError::Hyper(e) => {
                 let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
                 while let Some(s) = source {
@@ -66,7 +66,7 @@ impl RequestBodyError {
                             || (h2.is_remote() && (h2.is_reset() || h2.is_go_away()));
                     }
                     if let Some(io) = s.downcast_ref::<io::Error>() {
-                        return io_gone(io);
+                        return socket::peer_closed(io);
                     }
                     source = s.source();
                 }
@@ -76,17 +76,6 @@ impl RequestBodyError {
             RequestBodyError::Malformed(_) => false,
         }
     }
-}
-
-/// Whether a socket error says the client's side went away.
-fn io_gone(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::UnexpectedEof
-    )
 }
 
 /// A request body from either protocol: weir's own HTTP/1.1 connection or

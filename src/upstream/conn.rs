@@ -533,13 +533,7 @@ fn write_failed(e: io::Error) -> Failed {
 
 /// Errors that mean the peer had closed the connection.
 fn is_stale(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::UnexpectedEof
-    )
+    crate::socket::peer_closed(e)
 }
 
 /// A response body read straight from the backend's connection, frame by

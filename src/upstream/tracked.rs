@@ -108,13 +108,7 @@ fn closed(error: &(dyn std::error::Error + 'static)) -> bool {
             return true;
         }
         if let Some(io) = s.downcast_ref::<io::Error>() {
-            return matches!(
-                io.kind(),
-                io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::UnexpectedEof
-            );
+            return crate::socket::peer_closed(io);
         }
     }
     false
