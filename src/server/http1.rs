@@ -422,10 +422,8 @@ impl Conn {
                 codec::values(&parts.headers, &header::CONNECTION),
             );
         let status = parts.status;
-        let bodiless = method == Method::HEAD
-            || status == http::StatusCode::NO_CONTENT
-            || status == http::StatusCode::NOT_MODIFIED
-            || status.is_informational();
+        let bodiless =
+            method == Method::HEAD || codec::bodiless(status) || status.is_informational();
         // 204, 304 and 1xx carry no length (RFC 9110 §8.6); HEAD says what
         // GET would have sent.
         let no_content = bodiless && method != Method::HEAD;

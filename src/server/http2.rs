@@ -44,7 +44,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response};
 use hyper::{
     body::{Body, Frame, SizeHint},
     server::conn::http2,
@@ -60,7 +60,7 @@ use tokio::{
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{http1::Timeouts, request_body::ClientBody, GraceEnd, Role, MAX_HEADER_BYTES};
-use crate::{body::GatewayBody, gateway::Shared, headers::ClientHeaders};
+use crate::{body::GatewayBody, gateway::Shared, headers::ClientHeaders, upstream::codec};
 
 /// Serves an HTTP/2 connection until it closes; on shutdown, hyper's
 /// graceful close (GOAWAY, in-flight streams finish).
@@ -153,10 +153,7 @@ pub(super) async fn serve(
                 // None on a 204 or 304, whatever the backend said (RFC 9110
                 // §8.6; a client reads a non-zero one as a body to wait for),
                 // as an HTTP/1.1 head leaves it out.
-                let bodiless = matches!(
-                    parts.status,
-                    StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
-                );
+                let bodiless = codec::bodiless(parts.status);
                 if let Some(length) = length.filter(|_| !bodiless) {
                     parts.headers.insert(header::CONTENT_LENGTH, length.into());
                 }
@@ -203,10 +200,7 @@ pub(super) async fn serve(
             };
             // hyper would send a 204's empty body as `content-length: 0`,
             // which RFC 9110 §8.6 forbids (HTTP/1.1 heads leave it out).
-            let no_length = matches!(
-                response.status(),
-                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
-            );
+            let no_length = codec::bodiless(response.status());
             Ok::<_, Infallible>(response.map(|inner| ConnBody {
                 inner,
                 no_length,

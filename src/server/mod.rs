@@ -434,20 +434,15 @@ async fn route<F: Future<Output = ()>>(
         Err(ApiError::ShuttingDown) => Ending::Shutdown,
         _ => Ending::Complete,
     };
+    // A client that left while sending its body keeps its line in
+    // `routing`, whose drop writes it as any client that left (499,
+    // `client_gone`); only one that half-closed and still reads gets the 400.
     let gone = matches!(result, Err(ApiError::ClientGone));
     let response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    if gone {
-        // The client left while sending its body: its line is the one a
-        // client leaving before its answer gets (499, `client_gone`), by
-        // `Routing`'s drop. Only a client that half-closed and still
-        // reads receives the 400.
-        drop(routing);
-        return stamp(response, request_id, None, Some(snapshot), shared, ending);
-    }
-    let log = routing.log.take();
+    let log = if gone { None } else { routing.log.take() };
     drop(routing);
     stamp(response, request_id, log, Some(snapshot), shared, ending)
 }

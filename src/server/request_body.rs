@@ -59,8 +59,7 @@ impl RequestBodyError {
             RequestBodyError::Closed => true,
             RequestBodyError::Io(e) => socket::peer_closed(e),
             RequestBodyError::Hyper(e) => {
-                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-                while let Some(s) = source {
+                for s in crate::upstream::sources(e) {
                     if let Some(h2) = s.downcast_ref::<h2::Error>() {
                         return h2.is_io()
                             || (h2.is_remote() && (h2.is_reset() || h2.is_go_away()));
@@ -68,7 +67,6 @@ impl RequestBodyError {
                     if let Some(io) = s.downcast_ref::<io::Error>() {
                         return socket::peer_closed(io);
                     }
-                    source = s.source();
                 }
                 // hyper's own: the connection closed or was cancelled.
                 e.is_closed() || e.is_canceled() || e.is_incomplete_message()

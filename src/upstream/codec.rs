@@ -515,7 +515,7 @@ fn framing(
     head_request: bool,
     headers: &RawHeaders,
 ) -> Result<(Framing, bool), Malformed> {
-    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+    if head_request || bodiless(status) {
         return Ok((Framing::Done, true));
     }
     if headers.get(Name::TransferEncoding).is_some() {
@@ -531,6 +531,12 @@ fn framing(
         Some(n) => (Framing::Length(n), true),
         None => (Framing::UntilClose, false),
     })
+}
+
+/// Whether an answer with `status` has no body (204, 304: RFC 9110 §6.4.1),
+/// whatever its headers say, and so no length or framing to speak of.
+pub(crate) fn bodiless(status: StatusCode) -> bool {
+    matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
 }
 
 /// Refuses a response whose `Transfer-Encoding` is anything but `chunked`

@@ -440,7 +440,7 @@ async fn exchange(
                 )))
             }
             Ok(_) => received = true,
-            Err(e) if !received && is_stale(&e) => return Err(Failed::Closed(e)),
+            Err(e) if !received && socket::peer_closed(&e) => return Err(Failed::Closed(e)),
             Err(e) => {
                 return Err(Failed::Attempt(AttemptError::Protocol(format!(
                     "reading the response head: {e}"
@@ -524,16 +524,11 @@ fn parse_head(buf: &mut BytesMut, request: &Wire<'_>) -> Result<Option<Head>, Fa
 
 /// The failure of a request that could not be written and got no answer.
 fn write_failed(e: io::Error) -> Failed {
-    if is_stale(&e) {
+    if socket::peer_closed(&e) {
         Failed::Stale(e)
     } else {
         Failed::Attempt(AttemptError::Protocol(format!("writing the request: {e}")))
     }
-}
-
-/// Errors that mean the peer had closed the connection.
-fn is_stale(e: &io::Error) -> bool {
-    crate::socket::peer_closed(e)
 }
 
 /// A response body read straight from the backend's connection, frame by

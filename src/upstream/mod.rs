@@ -456,11 +456,7 @@ pub(crate) async fn send(
                     // As the plain client's `framing`: a 204 or 304 has no
                     // body, so no framing to refuse.
                     let codings = response.headers().get_all(http::header::TRANSFER_ENCODING);
-                    let bodiless = matches!(
-                        response.status(),
-                        http::StatusCode::NO_CONTENT | http::StatusCode::NOT_MODIFIED
-                    );
-                    if !bodiless && codings.iter().next().is_some() {
+                    if !codec::bodiless(response.status()) && codings.iter().next().is_some() {
                         codec::only_chunked(codings.iter().map(http::HeaderValue::as_bytes))
                             .map_err(|e| AttemptError::Protocol(e.0.to_owned()))?;
                     }
@@ -598,7 +594,7 @@ fn plain_answer(
 
 /// `e` and its sources, outermost first: hyper-util's errors carry their
 /// cause (an `io::Error`, a `hyper::Error`) a few levels down.
-fn sources<'a>(
+pub(crate) fn sources<'a>(
     e: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(e), |s| s.source())
