@@ -463,6 +463,18 @@ fn is_header_safe(secret: &str) -> bool {
     !secret.contains('\t') && http::HeaderValue::from_str(&format!("Bearer {secret}")).is_ok()
 }
 
+/// The one error of a file that could not be read as TOML at all, at
+/// `(line, column)`, under the key `(file)`.
+fn file_refused(file: String, (line, column): (usize, usize), message: String) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        file,
+        line,
+        column,
+        key: "(file)".to_owned(),
+        message,
+    }])
+}
+
 /// Whether `path` (symlinks followed) is a file weir may read again while
 /// it serves: not a FIFO, socket or device, whose read would block until
 /// something writes to it, and with it every reload after (they run one at
@@ -504,13 +516,12 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
         if let Err(e) = rereadable(path) {
-            return Err(ConfigErrors(vec![ConfigError {
-                file: path.display().to_string(),
-                line: 1,
-                column: 1,
-                key: "(file)".to_owned(),
-                message: format!("cannot read the file: {e}"),
-            }]));
+            let file = path.display().to_string();
+            return Err(file_refused(
+                file,
+                (1, 1),
+                format!("cannot read the file: {e}"),
+            ));
         }
         Self::load(path, env)
     }
@@ -519,14 +530,8 @@ impl Config {
     /// (for `weir check`).
     pub fn check(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Checked {
         let file = path.display().to_string();
-        let refused = |file, (line, column), message| Checked {
-            result: Err(ConfigErrors(vec![ConfigError {
-                file,
-                line,
-                column,
-                key: "(file)".to_owned(),
-                message,
-            }])),
+        let refused = |file, at, message| Checked {
+            result: Err(file_refused(file, at, message)),
             warnings: Vec::new(),
         };
         let bytes = match std::fs::read(path) {
