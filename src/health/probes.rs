@@ -338,13 +338,11 @@ struct AnswerJson {
 /// error ("model not loaded" from a wrapper in front of the engine) is no
 /// answer the model gave.
 fn is_answer(body: &[u8], kind: Answer) -> Result<(), ProbeError> {
-    let answer = serde_json::from_slice::<AnswerJson>(body).map_err(|e| {
+    let answer = serde_json::from_slice::<AnswerJson>(body).map_err(|e| match e.classify() {
         // Valid JSON of another shape (an array, a string) is no answer
         // either; only bytes that are not JSON at all are `NotJson`.
-        match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-            Ok(_) => ProbeError::NotAnAnswer(kind.name()),
-            Err(_) => ProbeError::NotJson(e.to_string()),
-        }
+        serde_json::error::Category::Data => ProbeError::NotAnAnswer(kind.name()),
+        _ => ProbeError::NotJson(e.to_string()),
     })?;
     let list = match kind {
         Answer::Chat => answer.choices,
