@@ -341,6 +341,21 @@ impl Usage {
     pub fn total(&self) -> u64 {
         self.prompt_tokens.saturating_add(self.completion_tokens)
     }
+
+    /// This usage as a stream's latest, after `earlier`: its own counts
+    /// (they are running totals), with the earlier prompt count when it has
+    /// none. An Anthropic Messages stream reports the prompt
+    /// (`input_tokens`) only in `message_start`, and the running output
+    /// count in each `message_delta`.
+    fn after(self, earlier: Option<Usage>) -> Usage {
+        match earlier {
+            Some(earlier) if self.prompt_tokens == 0 => Usage {
+                prompt_tokens: earlier.prompt_tokens,
+                ..self
+            },
+            _ => self,
+        }
+    }
 }
 
 impl UsageFilter {
@@ -505,17 +520,9 @@ impl UsageFilter {
         }
     }
 
-    /// Keeps the latest usage, with the prompt count of an earlier one when
-    /// it has none: an Anthropic Messages stream reports the prompt
-    /// (`input_tokens`) only in `message_start` and the running output
-    /// count in each `message_delta`.
-    fn keep(&mut self, mut usage: Usage) {
-        if usage.prompt_tokens == 0 {
-            if let Some(earlier) = self.usage {
-                usage.prompt_tokens = earlier.prompt_tokens;
-            }
-        }
-        self.usage = Some(usage);
+    /// Keeps the latest usage ([`Usage::after`]).
+    fn keep(&mut self, usage: Usage) {
+        self.usage = Some(usage.after(self.usage));
     }
 
     /// At end of stream: whatever is still held (an event without its
@@ -1414,7 +1421,7 @@ mod tests {
                         usage_near_end(&event[..size]).map(|u| (u, false))
                     };
                     if let Some((u, _)) = found.filter(|(u, _)| u.is_plausible()) {
-                        usage = Some(latest(usage, u));
+                        usage = Some(u.after(usage));
                     }
                     if !(strip && found.is_some_and(|(_, only)| only)) {
                         out.extend_from_slice(event);
@@ -1436,22 +1443,10 @@ mod tests {
             usage_near_end(rest)
         };
         if let Some(u) = found.filter(Usage::is_plausible) {
-            usage = Some(latest(usage, u));
+            usage = Some(u.after(usage));
         }
         out.extend_from_slice(rest);
         (out, usage)
-    }
-
-    /// The reference's reading of a new usage after `earlier`: a prompt
-    /// count of 0 (absent) keeps the earlier one.
-    fn latest(earlier: Option<Usage>, new: Usage) -> Usage {
-        match earlier {
-            Some(earlier) if new.prompt_tokens == 0 => Usage {
-                prompt_tokens: earlier.prompt_tokens,
-                ..new
-            },
-            _ => new,
-        }
     }
 
     /// Splits `input` at `cuts` (indexes into it), or into 1-byte frames.
