@@ -12,7 +12,7 @@
 //! a target reached through `..data` is covered by that name), and every
 //! other symlink on the way under its own name in the directory holding it
 //! (a deploy's `current -> releases/v2`). Directories are watched where
-//! they really are, and symlinks re-resolved after every reload, so a link
+//! they really are, and symlinks re-resolved before every reload, so a link
 //! that moves is followed.
 //!
 //! A save is several events (create, write, rename; the ConfigMap swap five
@@ -98,13 +98,16 @@ pub(crate) async fn watch(shared: Arc<Shared>, path: PathBuf, shutdown: Cancella
                 },
             }
         }
-        reload_if_changed(&shared, &path, &mut last_seen).await;
-        // Follow a symlink that now points elsewhere.
+        // Follow a symlink that now points elsewhere, before reading: an
+        // edit made after the new watch began raises an event, and one
+        // made before it is in the bytes read next. (Moving the watch
+        // after the reload lost an edit landing between the two.)
         let next = Targets::resolve(&path);
         if next != targets {
             next.apply(&mut *watcher, &targets);
             targets = next;
         }
+        reload_if_changed(&shared, &path, &mut last_seen).await;
     }
 }
 
