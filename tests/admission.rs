@@ -288,7 +288,9 @@ async fn backend_max_concurrent_waits_for_a_free_slot() {
 
 #[tokio::test]
 async fn saturated_backends_refuse_after_queue_timeout() {
-    let (gw, m) = one_slot("queue_timeout = \"100ms\"", Duration::from_millis(800)).await;
+    // The first holds the slot for 3 s: time enough, on a loaded machine,
+    // for the second to find it taken and wait out its 100 ms.
+    let (gw, m) = one_slot("queue_timeout = \"100ms\"", Duration::from_secs(3)).await;
     let addr = gw.addr();
     let first =
         tokio::spawn(async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await });
@@ -481,7 +483,8 @@ async fn a_client_leaving_mid_stream_gets_its_unspent_tokens_back() {
     )
     .await;
     let stream = r#"{"model":"m1","stream":true,"max_tokens":900,"messages":[{"role":"user","content":"hi"}]}"#;
-    let cut = raw(gw.addr(), raw_chat(stream, ""), Duration::from_millis(300)).await;
+    // A second of it (about 20 events): the stream has surely started.
+    let cut = raw(gw.addr(), raw_chat(stream, ""), Duration::from_secs(1)).await;
     assert!(
         String::from_utf8_lossy(&cut.bytes).contains("data: "),
         "the stream had started"

@@ -832,7 +832,7 @@ async fn a_stream_without_a_first_event_is_retried_elsewhere_or_504() {
 }
 
 /// A client leaving mid-stream: the backend sees its connection close
-/// within a second (not the 20 s the stream would run; typically a few
+/// within 5 s (not the 20 s the stream would run; typically a few
 /// ms, but the bound must hold on a loaded machine), the model's only concurrency permit is back (the next
 /// request is admitted although the queue allows no wait), and the
 /// in-flight gauge returns to 0.
@@ -873,7 +873,7 @@ async fn a_client_leaving_mid_stream_cancels_upstream_and_frees_its_permit() {
 
         let left = Instant::now();
         drop(s);
-        let closed = eventually(Duration::from_secs(2), || {
+        let closed = eventually(Duration::from_secs(5), || {
             m.connections_open() == 0 && m.in_flight() == 0
         })
         .await;
@@ -883,7 +883,7 @@ async fn a_client_leaving_mid_stream_cancels_upstream_and_frees_its_permit() {
             "round {round}: the backend's connection stayed open"
         );
         assert!(
-            took < Duration::from_secs(1),
+            took < Duration::from_secs(5),
             "round {round}: closed after {took:?}"
         );
         let r = post(addr, "/v1/chat/completions", &chat("m1", false)).await;

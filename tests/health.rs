@@ -203,14 +203,16 @@ async fn killing_a_backend_under_load_shows_no_client_error() {
         vec![200],
         "client-visible errors: {statuses:?}"
     );
+    // Both are a few hundred ms (the FIGURE line above); the bounds only
+    // tell "promptly" from "never" or "at some much later event" on a
+    // loaded machine: interval × unhealthy_threshold + timeout = 300 ms,
+    // jittered by ±10%.
     assert!(
-        passive < Duration::from_secs(1),
+        passive < Duration::from_secs(5),
         "passive ejection took {passive:?}"
     );
-    // interval × unhealthy_threshold + timeout = 300 ms; probes are jittered
-    // by ±10%, and this machine is shared: allow a wide margin.
     assert!(
-        liveness < Duration::from_millis(1500),
+        liveness < Duration::from_secs(5),
         "liveness took {liveness:?}"
     );
     assert_eq!(admin_backend(&gw, "b1").await["state"], "ejected");
@@ -1475,7 +1477,7 @@ async fn a_stream_that_breaks_after_its_first_byte_ends_with_an_error_and_is_not
     );
     // The broken body counted towards outlier detection (threshold 1).
     assert!(
-        eventually(Duration::from_secs(2), || weight(&gw, "broken") == 0.0).await,
+        eventually(Duration::from_secs(5), || weight(&gw, "broken") == 0.0).await,
         "a mid-stream failure counts as a failure"
     );
 }

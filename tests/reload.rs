@@ -105,6 +105,19 @@ impl Live {
     async fn reload_count(&self, result: &str) -> u64 {
         reload_count(self.gw.admin_addr(), result).await
     }
+
+    /// `reload_count("ok")` once it has reached `n`, or after 5 s. A watched
+    /// reload is counted after the snapshot a test saw it by is stored.
+    async fn ok_reloads_once(&self, n: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let count = self.reload_count("ok").await;
+            if count >= n || Instant::now() >= deadline {
+                return count;
+            }
+            tokio::time::sleep(ms(20)).await;
+        }
+    }
 }
 
 fn write_atomically(path: &Path, toml: &str) {
@@ -392,7 +405,7 @@ async fn a_removed_backend_gets_no_request_once_the_reload_returns() {
 /// `/admin/backends` while its requests run, and leaves once they end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_backends_lists_a_removed_backend_until_it_has_drained() {
-    let m1 = mock_named("b1", MockConfig::default().chunks(20).tokens_per_sec(10.0)).await;
+    let m1 = mock_named("b1", MockConfig::default().chunks(60).tokens_per_sec(10.0)).await;
     let m2 = mock_named("b2", MockConfig::default()).await;
     let live = Live::start(&file("", &[("b1", &m1, 1)], "")).await;
     let addr = live.gw.addr();
@@ -545,7 +558,7 @@ async fn stream_running_on(
 /// request beside the first), and it is not listed as draining as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_restored_while_it_drains_keeps_counting_its_requests() {
-    let m1 = mock_named("b1", MockConfig::default().chunks(30).tokens_per_sec(10.0)).await;
+    let m1 = mock_named("b1", MockConfig::default().chunks(60).tokens_per_sec(10.0)).await;
     let m2 = mock_named("b2", MockConfig::default()).await;
     let b1 = format!(
         "{}max_concurrent = 1\n\n",
@@ -610,7 +623,7 @@ async fn stream_and_waiter(
 /// answering 503 while the new one serves requests made after the reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_for_a_slot_survives_its_backend_being_renamed() {
-    let m = mock_named("b1", MockConfig::default().chunks(10).tokens_per_sec(20.0)).await;
+    let m = mock_named("b1", MockConfig::default().chunks(100).tokens_per_sec(20.0)).await;
     let named = |name: &str| {
         format!(
             "[[models]]\nname = \"{MODEL}\"\nqueue_timeout = \"15s\"\n\n{}max_concurrent = 1\n\n{QUIET}",
@@ -640,7 +653,7 @@ async fn a_request_waiting_for_a_slot_survives_its_backend_being_renamed() {
 /// no backend its route knows, which an SDK retries on the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_for_a_slot_is_not_sent_to_a_backend_moved_off_its_model() {
-    let m1 = mock_named("b1", MockConfig::default().chunks(10).tokens_per_sec(20.0)).await;
+    let m1 = mock_named("b1", MockConfig::default().chunks(100).tokens_per_sec(20.0)).await;
     let m2 = mock_named("b2", MockConfig::default()).await;
     let models = format!(
         "[[models]]\nname = \"{MODEL}\"\nqueue_timeout = \"15s\"\n\n[[models]]\nname = \"other\"\n\n"
@@ -908,7 +921,7 @@ async fn a_reload_drops_a_removed_models_series_and_creates_an_added_ones() {
     let streaming = mock::start(
         MockConfig::default()
             .models(models)
-            .chunks(20)
+            .chunks(60)
             .tokens_per_sec(10.0),
     )
     .await
@@ -1052,7 +1065,7 @@ async fn bucket_levels_survive_unrelated_and_changed_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_permits_survive_a_reload() {
     // One stream of 20 tokens at 10/s holds the only permit for ~2s.
-    let m1 = mock_named("b1", MockConfig::default().chunks(20).tokens_per_sec(10.0)).await;
+    let m1 = mock_named("b1", MockConfig::default().chunks(60).tokens_per_sec(10.0)).await;
     let one = "max_concurrent = 1\nqueue_timeout = \"100ms\"";
     let live = Live::start(&file(one, &[("b1", &m1, 1)], "")).await;
     let addr = live.gw.addr();
@@ -1083,7 +1096,7 @@ async fn concurrency_permits_survive_a_reload() {
 /// permit, so a new request does not fit beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrency_limit_removed_and_restored_still_counts_running_streams() {
-    let m1 = mock_named("b1", MockConfig::default().chunks(30).tokens_per_sec(10.0)).await;
+    let m1 = mock_named("b1", MockConfig::default().chunks(60).tokens_per_sec(10.0)).await;
     let one = "max_concurrent = 1\nqueue_timeout = \"100ms\"";
     let limited = file(one, &[("b1", &m1, 1)], "");
     // The same backend, serving only another model: `m` is gone.
@@ -1581,7 +1594,7 @@ async fn watch_config_picks_up_an_atomic_rename() {
     std::fs::write(&live.path, watched(2)).expect("rewrite");
     assert!(wait_for_weight(&live, "b1", 2.0, Duration::from_secs(5)).await);
     // Debounced: one reload per save, not one per event.
-    assert_eq!(live.reload_count("ok").await, 3);
+    assert_eq!(live.ok_reloads_once(3).await, 3);
     // Touching the file without changing it reloads nothing.
     let f = std::fs::File::options()
         .append(true)
@@ -1611,10 +1624,10 @@ async fn watch_config_applies_a_change_made_before_the_watch_began() {
         "{:?}",
         live.weights()
     );
-    assert_eq!(live.reload_count("ok").await, 1);
+    assert_eq!(live.ok_reloads_once(1).await, 1);
     // Unchanged since: nothing more to reload.
     tokio::time::sleep(ms(500)).await;
-    assert_eq!(live.reload_count("ok").await, 1);
+    assert_eq!(live.ok_reloads_once(1).await, 1);
 }
 
 #[cfg(unix)]
@@ -1644,7 +1657,7 @@ async fn watch_config_follows_a_configmap_symlink_swap() {
         "{:?}",
         live.weights()
     );
-    assert_eq!(live.reload_count("ok").await, 1);
+    assert_eq!(live.ok_reloads_once(1).await, 1);
 }
 
 /// A config path through a directory symlink a deploy swaps
@@ -1684,7 +1697,7 @@ async fn watch_config_follows_a_swapped_directory_symlink() {
         "{:?}",
         live.weights()
     );
-    assert_eq!(live.reload_count("ok").await, 2);
+    assert_eq!(live.ok_reloads_once(2).await, 2);
 }
 
 /// A config path that is a symlink to a file beside it or in a
@@ -1753,11 +1766,14 @@ async fn sighup_reloads_the_running_binary() {
         tokio::time::sleep(ms(20)).await;
     }
     assert_eq!(weight().await, 9, "{}", weir.log.lock().expect("log"));
-    let log = weir.log.lock().expect("log").clone();
-    assert!(
-        log.contains("config reloaded") && log.contains("backend b1 weight 1 -> 9"),
-        "{log}"
-    );
+    // The line is written after the snapshot the admin answer came from.
+    for text in ["config reloaded", "backend b1 weight 1 -> 9"] {
+        assert!(
+            log_line(&weir.log, text).await.is_some(),
+            "{text}: {}",
+            weir.log.lock().expect("log")
+        );
+    }
     let r = post(weir.addr, "/v1/chat/completions", &chat(MODEL, false)).await;
     assert_eq!(r.status, 200);
 }
