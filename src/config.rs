@@ -475,21 +475,36 @@ fn file_refused(file: String, (line, column): (usize, usize), message: String) -
     }])
 }
 
-/// Whether `path` (symlinks followed) is a file weir may read again while
-/// it serves: not a FIFO, socket or device, whose read would block until
-/// something writes to it, and with it every reload after (they run one at
-/// a time). At start any file is read once (`--config /dev/stdin`, a
-/// shell's `<(...)`): that is what the user asked for. A directory passes,
-/// for the read to name it.
-pub(crate) fn rereadable(path: &Path) -> std::io::Result<()> {
-    let metadata = std::fs::metadata(path)?;
-    if metadata.is_file() || metadata.is_dir() {
-        return Ok(());
+/// The bytes of `path` (symlinks followed) if it is a file weir may read
+/// again while it serves: not a FIFO, socket or device, whose read would
+/// block until something writes to it, and with it every reload after
+/// (they run one at a time). At start any file is read once (`--config
+/// /dev/stdin`, a shell's `<(...)`): that is what the user asked for. A
+/// directory passes, for the read to name it.
+///
+/// The kind is taken from the file opened, not from the path before it is
+/// opened, and the open does not wait for a FIFO's writer: a path swapped
+/// to a FIFO between a check and the read cannot block.
+pub(crate) fn read_again(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(nix::libc::O_NONBLOCK);
     }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        "not a regular file (a FIFO, socket or device), which weir reads only at start",
-    ))
+    let mut file = options.open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() && !metadata.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, socket or device), which weir reads only at start",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// A hash of a config file's bytes. Config files are small, so hashing a whole one is
@@ -510,31 +525,32 @@ impl Config {
     }
 
     /// As [`Config::load`], for a reload: only from a file that can be read
-    /// again ([`rereadable`]).
+    /// again ([`read_again`]).
     pub fn reload(
         path: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        if let Err(e) = rereadable(path) {
-            let file = path.display().to_string();
-            return Err(file_refused(
-                file,
-                (1, 1),
-                format!("cannot read the file: {e}"),
-            ));
-        }
-        Self::load(path, env)
+        Self::check_read(path, read_again(path), env).result
     }
 
     /// As [`Config::load`], keeping the warnings also when there are errors
     /// (for `weir check`).
     pub fn check(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Checked {
+        Self::check_read(path, std::fs::read(path), env)
+    }
+
+    /// [`Config::check`] of what reading `path` gave.
+    fn check_read(
+        path: &Path,
+        read: std::io::Result<Vec<u8>>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Checked {
         let file = path.display().to_string();
         let refused = |file, at, message| Checked {
             result: Err(file_refused(file, at, message)),
             warnings: Vec::new(),
         };
-        let bytes = match std::fs::read(path) {
+        let bytes = match read {
             Ok(bytes) => bytes,
             Err(e) => return refused(file, (1, 1), format!("cannot read the file: {e}")),
         };
@@ -3030,6 +3046,35 @@ mod tests {
     use super::*;
 
     const SENTINEL: &str = "sk-SENTINEL-123";
+
+    /// A FIFO is refused from the file opened, and opening it does not wait
+    /// for a writer: a path swapped to one after any earlier look cannot
+    /// block a reload. (Its writer is never opened here, so a read that
+    /// waited would hang the test; it is run on a thread and given 10 s.)
+    #[cfg(unix)]
+    #[test]
+    fn reading_again_refuses_a_fifo_without_waiting_for_its_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("weir.toml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_again(&fifo).map_err(|e| e.kind()));
+        });
+        let read = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the open waited for a writer");
+        assert_eq!(read, Err(std::io::ErrorKind::InvalidInput));
+        // A regular file and a directory read as before.
+        let file = dir.path().join("real.toml");
+        std::fs::write(&file, "x = 1").expect("write");
+        assert_eq!(read_again(&file).expect("a file reads"), b"x = 1");
+        assert!(read_again(dir.path()).is_err());
+    }
 
     /// An environment that knows the variables the tests name.
     fn env(name: &str) -> Option<String> {

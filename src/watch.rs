@@ -309,12 +309,9 @@ async fn reload_if_changed(shared: &Arc<Shared>, path: &Path, last_seen: &mut Op
 /// why it cannot be read.
 async fn fingerprint(path: &Path) -> std::io::Result<u64> {
     let path = path.to_path_buf();
-    let bytes = tokio::task::spawn_blocking(move || {
-        config::rereadable(&path)?;
-        std::fs::read(&path)
-    })
-    .await
-    .map_err(std::io::Error::other)??;
+    let bytes = tokio::task::spawn_blocking(move || config::read_again(&path))
+        .await
+        .map_err(std::io::Error::other)??;
     Ok(config::fingerprint(&bytes))
 }
 
