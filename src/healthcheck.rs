@@ -106,13 +106,13 @@ pub async fn check(url: &str, timeout: Duration) -> Result<(), HealthcheckError>
         Ok(Err(e)) if e.is_connect() => {
             return Err(HealthcheckError::Connect {
                 url: url.to_owned(),
-                reason: error_chain(&e),
+                reason: crate::upstream::error_chain(&e),
             })
         }
         Ok(Err(e)) => {
             return Err(HealthcheckError::Request {
                 url: url.to_owned(),
-                reason: error_chain(&e),
+                reason: crate::upstream::error_chain(&e),
             })
         }
         Ok(Ok(response)) => response,
@@ -159,23 +159,6 @@ fn parse(url: &str) -> Result<Uri, HealthcheckError> {
         return Err(invalid("no host"));
     }
     Ok(uri)
-}
-
-/// hyper-util's errors say little at the top ("client error (Connect)");
-/// the cause ("Connection refused") is further down the chain. Joined on one
-/// line, as the probe's output is one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -609,13 +609,17 @@ fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// The error and its sources on one line: hyper's top-level messages
-/// ("client error (Connect)") say little without their causes.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// ("client error (Connect)") say little without their causes. A cause
+/// whose text the line already holds is not repeated.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let line = s.to_string();
+        if !out.contains(&line) {
+            out.push_str(": ");
+            out.push_str(&line);
+        }
         source = s.source();
     }
     out
