@@ -979,7 +979,7 @@ async fn a_503_retry_after_paces_the_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_that_finds_every_backend_busy_ends_with_the_last_failure() {
     for max_queue in ["", "max_queue = 0\n"] {
-        let ms = mocks(1, MockConfig::default().rate_limit(0.0, 2).status(503)).await;
+        let ms = mocks(1, MockConfig::default().rate_limit(0.0, 5).status(503)).await;
         let health = "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 1000\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\n";
         let toml = config_for(&ms, &[1], health, "max_concurrent = 1\n").replacen(
             "\n\n",
@@ -988,7 +988,8 @@ async fn a_retry_that_finds_every_backend_busy_ends_with_the_last_failure() {
         );
         let gw = gateway(&toml).await;
         let addr = gw.addr();
-        // X: a 503 asking for 2 s, so its retry waits that long.
+        // X: a 503 asking for 5 s, so its retry waits that long: time for
+        // Y, below, to take the slot first on a loaded machine.
         let x =
             tokio::spawn(
                 async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await },
@@ -997,7 +998,7 @@ async fn a_retry_that_finds_every_backend_busy_ends_with_the_last_failure() {
         // Y takes the only slot meanwhile, for longer than X's pause.
         ms[0].update(|c| {
             c.status_override = None;
-            c.latency = Duration::from_secs(4);
+            c.latency = Duration::from_secs(8);
         });
         let y =
             tokio::spawn(
