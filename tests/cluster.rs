@@ -936,7 +936,10 @@ async fn a_429_waits_for_the_other_shared_limits_as_redis_has_them() {
         let r = post(replica, "/v1/chat/completions", &body(1)).await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    // More tokens than the global bucket holds, by about 5 s of refill.
+    // More tokens than the global bucket holds: it admits them within its
+    // 1 s queue_timeout, or refuses them for 1–9 s of refill, as the first
+    // two requests' unspent tokens have or have not reached Redis yet.
+    // Either way the model's request bucket holds the request 10 s.
     let refused = post(a, "/v1/chat/completions", &body(43)).await;
     assert_eq!(refused.status, 429, "{}", refused.text());
     let retry_after: u64 = refused.header("retry-after").parse().unwrap();

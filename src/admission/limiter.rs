@@ -874,16 +874,21 @@ async fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progr
             global: is_global(taken),
         },
         ReserveError::WouldWait { wait } => {
-            // One look at every other bucket: the longest wait names the
-            // 429, and a bucket (a later one, not reached) that can never
-            // hold the request makes it a 413 instead (SPEC: it could never
-            // pass), not a 429 whose Retry-After would send the client back
-            // for nothing. The refusing bucket is not asked again: its
-            // `wait` is exact (a shared limit's comes from Redis). Another
-            // shared limit is asked for Redis' level now: its last report
-            // does not count what other replicas took since. The looks run
-            // at once, bounded by one slow-path wait and the request's
-            // deadline for Redis.
+            // One look at every bucket not reached: the longest wait names
+            // the 429, and one that can never hold the request makes it a
+            // 413 instead (SPEC: it could never pass), not a 429 whose
+            // Retry-After would send the client back for nothing. The
+            // refusing bucket is not asked again: its `wait` is exact (a
+            // shared limit's comes from Redis). Nor is one before it: it
+            // held the request within `max_wait`, less than `wait`, and a
+            // shared one's level in Redis may still hold this request's
+            // reservation, given back above but sent back only with the
+            // next top-up (a stress run saw `Retry-After: 52` naming the
+            // global bucket that had admitted the request, for a 10 s
+            // wait). A shared limit is asked for Redis' level now: its last
+            // report does not count what other replicas took since. The
+            // looks run at once, bounded by one slow-path wait and the
+            // request's deadline for Redis.
             let redis_wait = steps
                 .iter()
                 .filter_map(|&(other, _, _)| other?.redis_wait())
@@ -894,7 +899,7 @@ async fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progr
                 let other = steps
                     .get(step)
                     .and_then(|&(other, n, other_kind)| Some((other?, n, other_kind)))
-                    .filter(|_| step != taken);
+                    .filter(|_| step > taken);
                 async move {
                     let (other, n, other_kind) = other?;
                     Some((other, n, other_kind, other.wait_for(n, now, until).await))
