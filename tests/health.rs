@@ -995,6 +995,12 @@ async fn a_retry_that_finds_every_backend_busy_ends_with_the_last_failure() {
                 async move { post(addr, "/v1/chat/completions", &chat(MODEL, false)).await },
             );
         assert!(eventually(Duration::from_secs(5), || ms[0].requests() == 1).await);
+        // The mock counts X as its request arrives, before weir has read the
+        // 503 and freed X's slot: Y sent now could find the slot X's (a 429
+        // with `max_queue = 0`), and X's retry the slot free.
+        let (b0, freed) =
+            admin_until(&gw, "b0", Duration::from_secs(5), |b| b["in_flight"] == 0).await;
+        assert!(freed, "X's slot is still taken: {b0}");
         // Y takes the only slot meanwhile, for longer than X's pause.
         ms[0].update(|c| {
             c.status_override = None;
