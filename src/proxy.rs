@@ -982,11 +982,16 @@ impl<'a> Exchange<'a> {
 /// requests in flight (Envoy's retry budget, with Envoy's default
 /// `min_retry_concurrency` of 3: a few retries may always run, so the
 /// handful of requests caught on a backend that dies all get theirs).
+/// A budget of 0 is the operator asking for none: SPEC's "never exceed
+/// this share" then holds without the floor.
 struct RetryPermit<'a>(&'a std::sync::atomic::AtomicU64);
 
 impl<'a> RetryPermit<'a> {
     fn try_new(shared: &'a Shared, budget_percent: u8) -> Option<Self> {
         use std::sync::atomic::Ordering;
+        if budget_percent == 0 {
+            return None;
+        }
         // A request counted in on one lane and out on another leaves the
         // sum exact; read mid-way, it is never taken for less than 0.
         let active = u64::try_from(shared.active_requests.get()).unwrap_or(0);

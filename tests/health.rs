@@ -1041,6 +1041,25 @@ async fn the_retry_budget_caps_retries() {
     assert!(retries >= 1, "a budget still allows some retries");
 }
 
+/// `budget_percent = 0` turns retries off: Envoy's floor of 3 concurrent
+/// retries applies only to a budget the operator left some room in (SPEC:
+/// retries never exceed this share).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_budget_of_zero_turns_retries_off() {
+    let ms = mocks(2, MockConfig::default().failure_rate(1.0)).await;
+    for (budget, sent) in [(0, 1), (1, 2)] {
+        let health = format!(
+            "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 1000\n\n[retry]\nmax_attempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_percent = {budget}\n"
+        );
+        let gw = gateway(&config_for(&ms, &[1, 1], &health, "")).await;
+        let before: u64 = ms.iter().map(MockHandle::requests).sum();
+        let answer = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(answer.status, 502, "budget {budget}: {}", answer.text());
+        let after: u64 = ms.iter().map(MockHandle::requests).sum();
+        assert_eq!(after - before, sent, "budget {budget}: attempts sent");
+    }
+}
+
 /// The retry budget is a share of every request in flight, streams still
 /// running included (SPEC `budget_percent`): 40 open streams and 10 failing
 /// requests allow 10 retries at once, where the 10 alone would allow 3.
