@@ -369,6 +369,12 @@ fn path_cases() -> Vec<Case> {
             400,
             false,
         ),
+        case(
+            "malformed percent-encoding",
+            req("/v1/chat%zz/completions"),
+            400,
+            false,
+        ),
         case("dot segment", req("/v1/./chat/completions"), 400, false),
         case("empty segment", req("/v1//chat/completions"), 400, false),
         case("trailing slash", req("/v1/chat/completions/"), 400, false),
