@@ -298,16 +298,25 @@ impl<'a> Exchange<'a> {
             // A stream's headers alone tell the client nothing: they go out
             // with its first event, so a backend that holds the stream back
             // (a queue in front of its engine) is retried elsewhere, nothing
-            // having reached the client yet. (Taken out and put back only
-            // then: every other answer stays where it is, unmoved.)
-            if matches!(&outcome, Ok(response) if is_successful_stream(response)) {
+            // having reached the client yet. Any other answer for the
+            // client goes out with its first body bytes too: one whose body
+            // breaks or stalls before them is a failed attempt, retried or
+            // answered 502/504 (SPEC "Backend faults"), not a head with a
+            // cut body. (Taken out and put back only then: an answer whose
+            // body came whole with its head, most JSON answers, stays
+            // where it is, unmoved.)
+            let stream = matches!(&outcome, Ok(response) if is_successful_stream(response));
+            let prime = stream
+                || matches!(&outcome, Ok(response)
+                    if !is_retryable(response.status()) && !response.body().arrived_whole());
+            if prime {
                 let placeholder = Err(AttemptError::NoFirstEvent(Duration::ZERO));
                 if let Ok(response) = std::mem::replace(&mut outcome, placeholder) {
                     let left = self.deadline.saturating_duration_since(Instant::now());
                     wait = self.first_byte_timeout.min(left);
-                    // Boxed: the wait's state is a stream's only, and
+                    // Boxed: the wait's state is needed only here, and
                     // inline it would grow every request's future.
-                    outcome = Box::pin(upstream::first_event(response, wait)).await;
+                    outcome = Box::pin(upstream::primed(response, wait, stream)).await;
                 }
             }
             pending.working = None;
@@ -324,7 +333,9 @@ impl<'a> Exchange<'a> {
                 .min(self.snapshot.config.server.request_timeout);
             let timed_out = matches!(
                 outcome,
-                Err(AttemptError::Timeout(_) | AttemptError::NoFirstEvent(_))
+                Err(AttemptError::Timeout(_)
+                    | AttemptError::NoFirstEvent(_)
+                    | AttemptError::NoFirstBytes(_))
             );
             if wait < allowance / 2 && timed_out {
                 return Err(self.timeout(wait));
@@ -349,7 +360,7 @@ impl<'a> Exchange<'a> {
                     };
                     log.place = Some(place);
                     let sent = (admitted, active, started);
-                    return Ok(self.respond(response, member, place, in_flight, sent));
+                    return Ok(self.respond(response, stream, member, place, in_flight, sent));
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                     // Out of rotation for its `Retry-After`, which the
@@ -421,9 +432,11 @@ impl<'a> Exchange<'a> {
         }
         Err(match last {
             None => no_backend(self.route),
-            Some(Failure::Attempt(AttemptError::Timeout(d) | AttemptError::NoFirstEvent(d))) => {
-                self.timeout(d)
-            }
+            Some(Failure::Attempt(
+                AttemptError::Timeout(d)
+                | AttemptError::NoFirstEvent(d)
+                | AttemptError::NoFirstBytes(d),
+            )) => self.timeout(d),
             Some(failure) => ApiError::BadGateway {
                 model: self.route.config.name.clone(),
                 detail: failure.detail(),
@@ -901,10 +914,12 @@ impl<'a> Exchange<'a> {
 
     /// The client's response: the backend's status and headers (hop-by-hop
     /// removed, `x-weir-backend` and the rate-limit headers added) and its
-    /// body streamed through, with usage read on the way.
+    /// body streamed through, with usage read on the way. `stream`: a 2xx
+    /// SSE answer (whose first event was read).
     fn respond(
         &self,
         response: Response<UpstreamBody>,
+        stream: bool,
         member: &Member,
         place: Place,
         in_flight: InFlight,
@@ -919,9 +934,9 @@ impl<'a> Exchange<'a> {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         headers::strip_hop_by_hop(&mut parts.headers);
-        // A 2xx stream was primed (`Exchange::run`, which read its type):
-        // only other answers are looked at again.
-        let sse = body.is_primed()
+        // A 2xx stream's type was read (`Exchange::run`): only other
+        // answers are looked at again.
+        let sse = stream
             || (!parts.status.is_success()
                 && upstream_header(&parts.headers, &body, Name::ContentType)
                     .is_some_and(is_event_stream));

@@ -55,6 +55,14 @@ enum Fault {
     DripBody,
     /// Sends SSE response headers, then nothing.
     StallAfterHeaders,
+    /// Answers a JSON 200 whose chunked body starts with a chunk size
+    /// that is not hex.
+    JsonBrokenChunked,
+    /// Answers a JSON 200 with `content-length: 500` and closes with no
+    /// body.
+    JsonClosedBeforeBody,
+    /// Answers a JSON 200's head (`content-length: 2`), then nothing.
+    JsonStallAfterHeaders,
 }
 
 /// One SSE event of a chat stream.
@@ -166,10 +174,27 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
             s.write_all(&[SSE_HEAD, &chunk(EVENT), b"zz\r\nnot a chunk\r\n"].concat())
                 .await
         }
-        Fault::StallAfterHeaders => {
-            let r = s.write_all(SSE_HEAD).await;
+        Fault::StallAfterHeaders | Fault::JsonStallAfterHeaders => {
+            let head: &[u8] = if fault == Fault::StallAfterHeaders {
+                SSE_HEAD
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+            };
+            let r = s.write_all(head).await;
             let mut buf = [0u8; 1024];
             while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            r
+        }
+        Fault::JsonBrokenChunked => {
+            let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+            s.write_all(&[&head[..], b"zz\r\nnot a chunk\r\n"].concat())
+                .await
+        }
+        Fault::JsonClosedBeforeBody => {
+            let r = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n")
+                .await;
+            drop(s);
             r
         }
         Fault::DripBody => {
@@ -373,6 +398,21 @@ async fn a_transfer_coding_weir_did_not_ask_for_is_retried_elsewhere_or_502() {
 #[tokio::test]
 async fn dripped_headers_time_out_and_are_retried_elsewhere_or_504() {
     check_before_headers(Fault::DripHeaders, "timeout", 504).await;
+}
+
+/// SPEC "Backend faults": a broken body becomes a retry while nothing has
+/// reached the client. An answer's head goes out with its first body
+/// bytes, so a body that breaks before them is a failed attempt, not a
+/// 200 with a cut body.
+#[tokio::test]
+async fn json_bodies_broken_before_their_first_byte_are_retried_elsewhere_or_502() {
+    check_before_headers(Fault::JsonBrokenChunked, "protocol", 502).await;
+    check_before_headers(Fault::JsonClosedBeforeBody, "protocol", 502).await;
+}
+
+#[tokio::test]
+async fn json_bodies_silent_after_their_head_are_retried_elsewhere_or_504() {
+    check_before_headers(Fault::JsonStallAfterHeaders, "timeout", 504).await;
 }
 
 #[tokio::test]

@@ -572,6 +572,12 @@ impl ResponseBody {
         &self.headers
     }
 
+    /// Whether the body is all here: ended, or of a length all buffered.
+    pub(crate) fn arrived_whole(&self) -> bool {
+        self.framing.is_done()
+            || (self.framing.remaining()).is_some_and(|n| self.buf.len() as u64 >= n)
+    }
+
     /// Drops the headers once the proxy has passed them on.
     pub(crate) fn release_headers(&mut self) {
         self.headers = RawHeaders::default();

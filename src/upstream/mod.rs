@@ -87,7 +87,8 @@ pub enum UpstreamBody {
     /// Read through hyper-util.
     Tls(Incoming),
     /// One whose first frame weir read before answering (an SSE answer's
-    /// first event: see `proxy`, which retries a stream that sends none
+    /// first event, or the first bytes of a body that did not come whole
+    /// with its head: see `proxy`, which retries an answer that sends none
     /// in time), handed on before the rest.
     Primed(Box<Primed>),
 }
@@ -100,31 +101,43 @@ pub struct Primed {
     rest: UpstreamBody,
 }
 
-/// A 2xx SSE answer with its first frame read (see
-/// [`UpstreamBody::first_frame`]): the response to send, or the attempt's
-/// failure.
-pub(crate) async fn first_event(
+/// An answer with its first frame read (see [`UpstreamBody::first_frame`];
+/// `sse`: a 2xx SSE answer, whose first frame is its first event): the
+/// response to send, or the attempt's failure.
+pub(crate) async fn primed(
     response: Response<UpstreamBody>,
     wait: Duration,
+    sse: bool,
 ) -> Result<Response<UpstreamBody>, AttemptError> {
     let (parts, body) = response.into_parts();
-    let body = body.first_frame(wait).await?;
+    let body = body.first_frame(wait, sse).await?;
     Ok(Response::from_parts(parts, body))
 }
 
 impl UpstreamBody {
-    /// Whether [`UpstreamBody::first_frame`] made this body: `proxy` primes
-    /// every 2xx SSE answer, and only those.
-    pub(crate) fn is_primed(&self) -> bool {
-        matches!(self, UpstreamBody::Primed(_))
+    /// Whether the whole body came with the head, already read from the
+    /// backend (nothing of it can fail any more): a plain backend's body
+    /// of known length that is all buffered, or any empty one. `proxy`
+    /// primes the others (see [`UpstreamBody::first_frame`]).
+    pub(crate) fn arrived_whole(&self) -> bool {
+        match self {
+            UpstreamBody::Plain(body) => body.arrived_whole(),
+            UpstreamBody::Tls(body) => body.is_end_stream(),
+            UpstreamBody::Primed(_) => false,
+        }
     }
 
     /// Reads the body's first frame with data (or its end, or trailers),
     /// for at most `wait`: the body with that frame put back in front, so
     /// the client gets it as the body's first. An error, or nothing within
     /// `wait`, is the attempt's failure: nothing has reached the client
-    /// yet, so another backend may be tried.
-    pub(crate) async fn first_frame(mut self, wait: Duration) -> Result<Self, AttemptError> {
+    /// yet, so another backend may be tried. `sse` names the failure to
+    /// wait for an event rather than for bytes.
+    pub(crate) async fn first_frame(
+        mut self,
+        wait: Duration,
+        sse: bool,
+    ) -> Result<Self, AttemptError> {
         let read = async {
             loop {
                 match std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await {
@@ -136,7 +149,8 @@ impl UpstreamBody {
             }
         };
         match tokio::time::timeout(wait, read).await {
-            Err(_) => Err(AttemptError::NoFirstEvent(wait)),
+            Err(_) if sse => Err(AttemptError::NoFirstEvent(wait)),
+            Err(_) => Err(AttemptError::NoFirstBytes(wait)),
             Ok(Err(e)) => Err(AttemptError::Protocol(e.to_string())),
             Ok(Ok(first)) => Ok(UpstreamBody::Primed(Box::new(Primed { first, rest: self }))),
         }
@@ -229,6 +243,11 @@ pub(crate) enum AttemptError {
     /// event"): a backend whose queue holds the stream back.
     #[error("no event within {0:?} of the response headers")]
     NoFirstEvent(Duration),
+    /// Another answer's headers came, without the whole body, and no byte
+    /// of the body followed within `first_byte_timeout` of them: its head
+    /// would reach the client with nothing after it.
+    #[error("no body within {0:?} of the response headers")]
+    NoFirstBytes(Duration),
     /// The connection broke or the backend answered something that is not
     /// HTTP (reset, garbage, oversized headers).
     #[error("upstream failed: {0}")]
@@ -248,7 +267,9 @@ impl AttemptError {
     pub(crate) fn kind(&self) -> FailureKind {
         match self {
             AttemptError::Refused(_) | AttemptError::Connect(_) => FailureKind::Connect,
-            AttemptError::Timeout(_) | AttemptError::NoFirstEvent(_) => FailureKind::Timeout,
+            AttemptError::Timeout(_)
+            | AttemptError::NoFirstEvent(_)
+            | AttemptError::NoFirstBytes(_) => FailureKind::Timeout,
             AttemptError::Protocol(_) => FailureKind::Protocol,
             AttemptError::IdleClosed(_) => FailureKind::IdleClosed,
         }
@@ -506,8 +527,9 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Plain(body) => body.size_hint(),
             UpstreamBody::Tls(body) => body.size_hint(),
-            // An SSE answer's length is weir's to decide (see `proxy`).
-            UpstreamBody::Primed(_) => SizeHint::default(),
+            // The backend's length, the first frame included (an SSE
+            // answer's length is weir's to decide: `ProxiedBody` gives none).
+            UpstreamBody::Primed(primed) => primed.size_hint(),
         }
     }
 }
@@ -546,6 +568,24 @@ impl Primed {
                 UpstreamBody::Tls(body) => body.is_end_stream(),
                 UpstreamBody::Primed(_) => true,
             }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = (self.first.as_ref())
+            .and_then(Frame::data_ref)
+            .map_or(0, |data| data.len() as u64);
+        let rest = match &self.rest {
+            UpstreamBody::Plain(body) => body.size_hint(),
+            UpstreamBody::Tls(body) => body.size_hint(),
+            UpstreamBody::Primed(_) => SizeHint::with_exact(0),
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(first));
+        if let Some(upper) = rest.upper() {
+            // Never below the lower bound (which `set_upper` asserts).
+            hint.set_upper(upper.saturating_add(first));
+        }
+        hint
     }
 }
 
