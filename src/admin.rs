@@ -219,7 +219,7 @@ pub(crate) fn authorize(
             if bool::from(sent.ct_eq(token.expose().as_bytes())) {
                 Ok(())
             } else {
-                Err(ApiError::AdminForbidden("a valid admin token is required"))
+                Err(ApiError::AdminUnauthorized)
             }
         }
         // On a dual-stack `[::]` listener an IPv4 client arrives as

@@ -1089,7 +1089,8 @@ fn healthz_answers(addr: std::net::SocketAddr) -> bool {
 }
 
 /// SPEC "Admin": with `admin_token_env`, `/admin/*` needs the exact token
-/// (403 `permission_error` otherwise), `/metrics` and the probes stay
+/// (401 `authentication_error` otherwise, with `WWW-Authenticate: Bearer`,
+/// as for any missing or wrong credentials), `/metrics` and the probes stay
 /// open; with `api_keys_env`, a wrong client key is 401 and never reaches
 /// the backend.
 #[tokio::test]
@@ -1122,13 +1123,13 @@ async fn admin_and_client_keys_are_enforced() {
         "Bearer admin-token-12",
         "Basic admin-token-1",
     ] {
-        admin(wrong)
-            .await
-            .assert_error(403, "permission_error", "forbidden");
+        let answer = admin(wrong).await;
+        answer.assert_error(401, "authentication_error", "invalid_admin_token");
+        assert_eq!(answer.header("www-authenticate"), "Bearer", "{wrong:?}");
     }
     assert_eq!(admin("Bearer admin-token-1").await.status, 200);
     let reload = send(&c, "POST", addr, "/admin/reload", &[], bytes::Bytes::new()).await;
-    reload.assert_error(403, "permission_error", "forbidden");
+    reload.assert_error(401, "authentication_error", "invalid_admin_token");
     for open in ["/metrics", "/healthz", "/readyz"] {
         assert_eq!(get(addr, open).await.status, 200, "{open}");
     }

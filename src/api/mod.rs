@@ -102,7 +102,12 @@ pub enum ApiError {
     /// The client's Bearer key is not one of `api_keys_env` (401).
     #[error("Incorrect API key provided.")]
     InvalidApiKey,
-    /// `/admin/*` from a client that may not use it (401/403).
+    /// `/admin/*` without the admin token `admin_token_env` names, or with
+    /// another (401, with `WWW-Authenticate: Bearer`, RFC 6750).
+    #[error("a valid admin token is required (Authorization: Bearer)")]
+    AdminUnauthorized,
+    /// `/admin/*` from a client that may not use it: not on loopback, when
+    /// no admin token is set (403).
     #[error("{0}")]
     AdminForbidden(&'static str),
     /// No backend serves the model (404 `model_not_found`). The name is
@@ -274,6 +279,11 @@ impl ApiError {
                 "authentication_error",
                 Some("invalid_api_key"),
             ),
+            AdminUnauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                Some("invalid_admin_token"),
+            ),
             AdminForbidden(_) => (StatusCode::FORBIDDEN, "permission_error", Some("forbidden")),
             ModelNotFound(_) => (
                 StatusCode::NOT_FOUND,
@@ -396,6 +406,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if let ApiError::AdminUnauthorized = &self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if self.closes_connection() {
             response
