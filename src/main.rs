@@ -477,7 +477,14 @@ async fn run_until_signalled(handle: Handle, signals: Signals) -> anyhow::Result
     }
     tracing::info!("shutting down: no new connections; waiting for in-flight requests (signal again to stop now)");
     handle.shutdown();
-    // The shutdown called off a reload still running; its task logs that.
+    // The shutdown calls off a reload still running, whose task logs that
+    // and ends at once. Wait for it: dropped here, its task would be left
+    // to finish on its own, and a stop that came first (nothing in flight)
+    // ended the runtime with it still queued, the line never written.
+    if let Some(reload) = reloading.take() {
+        reload.await;
+    }
+    // Ends its borrow of `handle` here, before `wait` takes it.
     drop(reloading);
     let again = async {
         tokio::select! {
