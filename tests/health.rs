@@ -428,7 +428,11 @@ async fn a_failed_readiness_probe_keeps_a_slow_backend_degraded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_degraded_weight_1_backend_gets_half_the_picks_of_its_peers() {
     let ms = mocks(3, MockConfig::default()).await;
-    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"50ms\", timeout = \"2s\", degraded_latency = \"100ms\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
+    // One readiness answer slower than `degraded_latency` degrades a
+    // backend until the next: the healthy peers, probed every 50 ms, must
+    // never take that long, or the pool below is not 1:2:2: 100 ms is
+    // within a loaded machine's scheduling stalls, 500 ms far less so.
+    let health = "[health]\nslow_start = \"0s\"\nliveness = { interval = \"1h\", timeout = \"1s\" }\nreadiness = { interval = \"50ms\", timeout = \"5s\", degraded_latency = \"500ms\" }\ndeep = { interval = \"1h\", timeout = \"1s\", samples = 1, max_tokens = 4 }\n";
     let gw = gateway(&config_for(
         &ms,
         &[1, 1, 1],
@@ -436,7 +440,7 @@ async fn a_degraded_weight_1_backend_gets_half_the_picks_of_its_peers() {
         "health_path = \"/health\"\n",
     ))
     .await;
-    ms[0].update(|c| c.latency = Duration::from_millis(300));
+    ms[0].update(|c| c.latency = Duration::from_millis(700));
     assert!(
         eventually(Duration::from_secs(10), || weight(&gw, "b0") == 0.5).await,
         "b0 degraded to half of weight 1: {}",
