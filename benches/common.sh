@@ -148,10 +148,16 @@ EOF
 }
 
 # The upstream the loopback benches proxy to: nginx answering every request
-# with a small chat-completion JSON (nginx_conf's http block).
+# with a small chat-completion JSON (nginx_conf's http block). With
+# UP_REUSEPORT=1 it listens with `reuseport`, so the proxies' pooled
+# connections are spread over its workers by hash rather than bunched on
+# whichever worker wakes first (one more source of round-to-round spread
+# for both proxies: docs/BENCHMARKS.md "Session 39").
 return200_block() { # port
+    local reuseport=""
+    [ "${UP_REUSEPORT:-0}" = 0 ] || reuseport=" reuseport"
     echo "server {
-        listen 127.0.0.1:$1;
+        listen 127.0.0.1:$1$reuseport;
         default_type application/json;
         location / { return 200 '{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[]}'; }
     }"

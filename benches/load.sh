@@ -22,6 +22,7 @@
 #   KEEP=1     keep the temp dir (configs, logs) for inspection
 #   NGINX_REUSEPORT=0  the nginx proxy listens without `reuseport`, as
 #              before session 27 (common.sh)
+#   UP_REUSEPORT=1  the upstream nginx listens with `reuseport` (common.sh)
 #   CLUSTER=1  also run a second weir with [cluster] (the same limits shared
 #              through a local redis-server, installed if missing) and time
 #              it in the same run: "weir-cluster" rows and an on/off ratio

@@ -30,6 +30,7 @@
 #   KEEP=1     keep the temp dir (configs, logs)
 #   NGINX_REUSEPORT=0  the nginx proxy listens without `reuseport`, as
 #              before session 27 (common.sh)
+#   UP_REUSEPORT=1  the upstream nginx listens with `reuseport` (common.sh)
 #
 # CPU per request is the proxy's on-CPU time (nginx: its workers; weir: all
 # its threads) from /proc/PID/task/*/schedstat over the run, divided by the
