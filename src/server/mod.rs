@@ -754,27 +754,24 @@ fn check_forwarded_path(path: &str) -> Result<(), ApiError> {
     if memchr::memchr3(b'%', b'\\', b';', bytes).is_none() {
         return Ok(());
     }
-    let encoded_separator = bytes.contains(&b'\\')
-        || bytes.windows(3).any(|w| {
-            w[0] == b'%'
-                && matches!(
-                    (w[1], w[2].to_ascii_lowercase()),
-                    (b'2', b'f') | (b'5', b'c')
-                )
-        });
+    // Each `%` read once: the byte it encodes, if it is one (RFC 3986: two
+    // hex digits follow it).
+    let mut encoded_separator = bytes.contains(&b'\\');
+    let mut malformed = false;
+    for at in memchr::memchr_iter(b'%', bytes) {
+        match bytes.get(at + 1..at + 3).and_then(hex_byte) {
+            Some(b'/' | b'\\') => encoded_separator = true,
+            Some(_) => {}
+            None => malformed = true,
+        }
+    }
     if encoded_separator {
         return Err(ApiError::BadPath(
             "encoded slashes and backslashes are not allowed in a forwarded path",
         ));
     }
-    // RFC 3986: `%` only introduces two hex digits. A backend would read
-    // `%zz` or a trailing `%` its own way (nginx answers 400, as here).
-    let malformed = bytes.iter().enumerate().any(|(i, &b)| {
-        b == b'%'
-            && !bytes
-                .get(i + 1..i + 3)
-                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
-    });
+    // A backend would read `%zz` or a trailing `%` its own way (nginx
+    // answers 400, as here).
     if malformed {
         return Err(ApiError::BadPath("malformed percent-encoding in the path"));
     }
@@ -789,6 +786,13 @@ fn check_forwarded_path(path: &str) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// The byte two hex digits encode (`2f` is `/`); `None` for anything else.
+fn hex_byte(digits: &[u8]) -> Option<u8> {
+    let [high, low] = digits else { return None };
+    let digit = |d: &u8| char::from(*d).to_digit(16);
+    u8::try_from(digit(high)? * 16 + digit(low)?).ok()
 }
 
 /// Whether a path segment is `.` or `..`, with any dot written `%2e` or
