@@ -891,6 +891,7 @@ async fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progr
             // request's deadline for Redis.
             let redis_wait = steps
                 .iter()
+                .skip(taken + 1)
                 .filter_map(|&(other, _, _)| other?.redis_wait())
                 .max()
                 .unwrap_or_default();
