@@ -375,6 +375,15 @@ fn path_cases() -> Vec<Case> {
             400,
             false,
         ),
+        // nginx refuses a NUL decoded from the path (400); a backend that
+        // reads the path as a C string would stop at it (`..%00` is `..`).
+        case("encoded NUL", req("/v1/chat/..%00"), 400, false),
+        case(
+            "encoded NUL inside a segment",
+            req("/v1/chat%00/completions"),
+            400,
+            false,
+        ),
         case("dot segment", req("/v1/./chat/completions"), 400, false),
         case("empty segment", req("/v1//chat/completions"), 400, false),
         case("trailing slash", req("/v1/chat/completions/"), 400, false),

@@ -758,9 +758,11 @@ fn check_forwarded_path(path: &str) -> Result<(), ApiError> {
     // hex digits follow it).
     let mut encoded_separator = bytes.contains(&b'\\');
     let mut malformed = false;
+    let mut nul = false;
     for at in memchr::memchr_iter(b'%', bytes) {
         match bytes.get(at + 1..at + 3).and_then(hex_byte) {
             Some(b'/' | b'\\') => encoded_separator = true,
+            Some(0) => nul = true,
             Some(_) => {}
             None => malformed = true,
         }
@@ -774,6 +776,14 @@ fn check_forwarded_path(path: &str) -> Result<(), ApiError> {
     // answers 400, as here).
     if malformed {
         return Err(ApiError::BadPath("malformed percent-encoding in the path"));
+    }
+    // A NUL decoded from `%00` ends the path early at a backend that reads
+    // it as a C string (`..%00` would be `..` there); nginx answers 400
+    // (`ngx_http_parse_complex_uri`), as here.
+    if nul {
+        return Err(ApiError::BadPath(
+            "an encoded NUL (%00) is not allowed in a forwarded path",
+        ));
     }
     for segment in bytes.split(|&b| b == b'/') {
         if let Some(end) = segment.iter().position(|&b| b == b';') {
@@ -1026,6 +1036,8 @@ mod tests {
             "/v1/a%zz/x",
             "/v1/x%",
             "/v1/%g0",
+            "/v1/chat/..%00",
+            "/v1/chat%00/completions",
         ] {
             assert!(check_forwarded_path(bad).is_err(), "{bad}");
         }
