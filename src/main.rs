@@ -135,6 +135,10 @@ struct MockArgs {
     /// before it is answered, as an engine generates the whole answer first.
     #[arg(long)]
     pace_answers: bool,
+    /// Answer 400 "Unrecognized request argument supplied: stream_options"
+    /// to a request whose body has `stream_options`, as some hosted APIs do.
+    #[arg(long)]
+    refuse_stream_options: bool,
 }
 
 /// A share for `weir mock`: a number from 0 to 1 (NaN refused).
@@ -529,7 +533,8 @@ async fn mock(args: MockArgs) -> anyhow::Result<()> {
         .hang(args.hang)
         .name(args.name)
         .record(!args.no_record)
-        .pace_answers(args.pace_answers);
+        .pace_answers(args.pace_answers)
+        .refuse_stream_options(args.refuse_stream_options);
     config.stall_after = args.stall_after;
     let listener = weir::mock::listen(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;

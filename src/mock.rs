@@ -108,6 +108,10 @@ pub struct MockConfig {
     /// answered, as an engine generates the whole answer first (`weir demo`, `weir mock
     /// --pace-answers`). Off by default: tests pace streams and want quick probes.
     pub pace_answers: bool,
+    /// Refuse an inference request whose body has `stream_options` with a 400 naming it, as
+    /// some hosted OpenAI-compatible APIs do (Azure OpenAI's older API versions, early Groq
+    /// and Mistral): what weir's `stream_options` fallback is for.
+    pub refuse_stream_options: bool,
 }
 
 /// One request as the mock saw it, for tests that check what the gateway forwarded.
@@ -199,6 +203,7 @@ impl Default for MockConfig {
             requests_waiting: None,
             kv_cache_usage: None,
             pace_answers: false,
+            refuse_stream_options: false,
         }
     }
 }
@@ -273,6 +278,12 @@ impl MockConfig {
     /// Answer every inference request with `status` (e.g. 400 to test pass-through, 503).
     pub fn status(mut self, status: u16) -> Self {
         self.status_override = Some(status);
+        self
+    }
+
+    /// Refuse `stream_options` with a 400 (see [`MockConfig::refuse_stream_options`]).
+    pub fn refuse_stream_options(mut self, refuse: bool) -> Self {
+        self.refuse_stream_options = refuse;
         self
     }
 
@@ -909,6 +920,13 @@ async fn infer(
     } else {
         1.0
     };
+    if cfg.refuse_stream_options && req.stream_options.is_some() {
+        return error(
+            cfg,
+            StatusCode::BAD_REQUEST,
+            "Unrecognized request argument supplied: stream_options",
+        );
+    }
     let stream = req.stream.unwrap_or(false) && route != Route::Embeddings;
     if let Outcome::Fail(status) = decide(cfg, draw) {
         wait(cfg.latency).await;

@@ -9,7 +9,10 @@
 //! yet) or answers a status weir may retry elsewhere; once a response is
 //! handed to the client it is never replayed.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use crate::server::{ClientBody, ClientHead, RequestBodyError, LINGER_BYTES, LINGER_TIME};
 use bytes::{Bytes, BytesMut};
@@ -169,6 +172,7 @@ pub(crate) async fn forward(
         // did not, and remove it again on the way back. Only where OpenAI
         // defines `stream_options`: other routes pass through untouched.
         add_include_usage: facts.stream && !facts.include_usage && endpoint.has_stream_options(),
+        client_stream_options: facts.has_stream_options,
         prompt_estimate: estimate.prompt,
         deadline,
         queue_deadline,
@@ -230,8 +234,13 @@ struct Exchange<'a> {
     headers: &'a Upstream<'a>,
     /// The client's body as received.
     body: &'a Bytes,
-    /// Whether weir adds `stream_options.include_usage` upstream.
+    /// Whether weir adds `stream_options.include_usage` upstream (to a
+    /// backend that has not refused `stream_options`).
     add_include_usage: bool,
+    /// Whether the client sent `stream_options` itself: only when weir
+    /// added the whole member does a backend's refusal of it say that the
+    /// backend does not take it.
+    client_stream_options: bool,
     /// The prompt part of the admitted estimate: what a stream the client
     /// leaves early has spent at least.
     prompt_estimate: u64,
@@ -288,36 +297,37 @@ impl<'a> Exchange<'a> {
             if remaining.is_zero() {
                 return Err(self.timeout(Duration::ZERO));
             }
-            let request = self.request_for(member)?;
+            let mut add_usage = self.add_include_usage
+                && !backend.live.refuses_stream_options.load(Ordering::Relaxed);
+            let request = self.request_for(member, add_usage)?;
             if let Some(reason) = retry_reason.take() {
                 self.route.retries.inc(reason);
             }
-            let mut wait = self.first_byte_timeout.min(remaining);
             pending.working = Some((started, backend));
-            let mut outcome = upstream::forward(&backend.client, &request, wait).await;
-            // A stream's headers alone tell the client nothing: they go out
-            // with its first event, so a backend that holds the stream back
-            // (a queue in front of its engine) is retried elsewhere, nothing
-            // having reached the client yet. Any other answer for the
-            // client goes out with its first body bytes too: one whose body
-            // breaks or stalls before them is a failed attempt, retried or
-            // answered 502/504 (SPEC "Backend faults"), not a head with a
-            // cut body. (Taken out and put back only then: an answer whose
-            // body came whole with its head, most JSON answers, stays
-            // where it is, unmoved.)
-            let stream = matches!(&outcome, Ok(response) if is_successful_stream(response));
-            let prime = stream
-                || matches!(&outcome, Ok(response)
-                    if !is_retryable(response.status()) && !response.body().arrived_whole());
-            if prime {
-                let placeholder = Err(AttemptError::NoFirstEvent(Duration::ZERO));
-                if let Ok(response) = std::mem::replace(&mut outcome, placeholder) {
-                    let left = self.deadline.saturating_duration_since(Instant::now());
-                    wait = self.first_byte_timeout.min(left);
-                    // Boxed: the wait's state is needed only here, and
-                    // inline it would grow every request's future.
-                    outcome = Box::pin(upstream::primed(response, wait, stream)).await;
-                }
+            let watch = add_usage && !self.client_stream_options;
+            let (mut outcome, mut stream, mut wait) =
+                self.exchange(backend, &request, remaining, watch).await;
+            // A backend that does not take the `stream_options` weir added
+            // (some hosted APIs answer 400 "Unrecognized request argument")
+            // gets the client's request again as the client sent it, now
+            // and from now on: its streams are charged their estimate.
+            if watch && refuses_stream_options(&outcome) {
+                backend
+                    .live
+                    .refuses_stream_options
+                    .store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    backend = %backend.config.name,
+                    "backend refused stream_options: streams go to it without, charged their estimate"
+                );
+                add_usage = false;
+                // The refusal's connection goes (or back to the pool)
+                // before the request goes again.
+                drop(outcome);
+                let request = self.request_for(member, false)?;
+                let left = self.deadline.saturating_duration_since(Instant::now());
+                (outcome, stream, wait) =
+                    Box::pin(self.exchange(backend, &request, left, false)).await;
             }
             pending.working = None;
             // Cut by weir's own `request_timeout` after queueing or earlier
@@ -360,7 +370,8 @@ impl<'a> Exchange<'a> {
                     };
                     log.place = Some(place);
                     let sent = (admitted, active, started);
-                    return Ok(self.respond(response, stream, member, place, in_flight, sent));
+                    let how = Answer { stream, add_usage };
+                    return Ok(self.respond(response, how, member, place, in_flight, sent));
                 }
                 Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                     // Out of rotation for its `Retry-After`, which the
@@ -443,6 +454,47 @@ impl<'a> Exchange<'a> {
                 retry_after: self.back_after(Some(&failure)),
             },
         })
+    }
+
+    /// One request to `backend`, with `remaining` of the request's time:
+    /// its answer, whether that is a 2xx stream, and how long the last
+    /// wait on it was allowed. A stream's headers alone tell the client
+    /// nothing: they go out with its first event, so a backend that holds
+    /// the stream back (a queue in front of its engine) is retried
+    /// elsewhere, nothing having reached the client yet. Any other answer
+    /// for the client goes out with its first body bytes too: one whose
+    /// body breaks or stalls before them is a failed attempt, retried or
+    /// answered 502/504 (SPEC "Backend faults"), not a head with a cut
+    /// body. (Taken out and put back only then: an answer whose body came
+    /// whole with its head, most JSON answers, stays where it is, unmoved;
+    /// unless `watch`, which reads a 400's or 422's first bytes for a
+    /// refusal of `stream_options`.)
+    async fn exchange(
+        &self,
+        backend: &BackendState,
+        request: &Forward<'_>,
+        remaining: Duration,
+        watch: bool,
+    ) -> (Result<Response<UpstreamBody>, AttemptError>, bool, Duration) {
+        let mut wait = self.first_byte_timeout.min(remaining);
+        let mut outcome = upstream::forward(&backend.client, request, wait).await;
+        let stream = matches!(&outcome, Ok(response) if is_successful_stream(response));
+        let prime = stream
+            || matches!(&outcome, Ok(response)
+                if !is_retryable(response.status())
+                    && (!response.body().arrived_whole()
+                        || (watch && may_refuse(response.status()))));
+        if prime {
+            let placeholder = Err(AttemptError::NoFirstEvent(Duration::ZERO));
+            if let Ok(response) = std::mem::replace(&mut outcome, placeholder) {
+                let left = self.deadline.saturating_duration_since(Instant::now());
+                wait = self.first_byte_timeout.min(left);
+                // Boxed: the wait's state is needed only here, and inline
+                // it would grow every request's future.
+                outcome = Box::pin(upstream::primed(response, wait, stream)).await;
+            }
+        }
+        (outcome, stream, wait)
     }
 
     /// When the client may come back, for the 502 or 504 that ends the
@@ -889,16 +941,17 @@ impl<'a> Exchange<'a> {
 
     /// The upstream request for one attempt: the backend's URL and key, the
     /// original body unless the backend renames the model or weir adds
-    /// `include_usage`. Borrowed: nothing of the request is copied.
-    fn request_for<'m>(&'m self, member: &'m Member) -> Result<Forward<'m>, ApiError> {
+    /// `include_usage` (`add_usage`). Borrowed: nothing of the request is
+    /// copied.
+    fn request_for<'m>(
+        &'m self,
+        member: &'m Member,
+        add_usage: bool,
+    ) -> Result<Forward<'m>, ApiError> {
         let backend = &member.backend;
-        let body = if member.upstream_model.is_some() || self.add_include_usage {
-            facts::rewrite(
-                self.body,
-                member.upstream_model.as_deref(),
-                self.add_include_usage,
-            )?
-            .unwrap_or_else(|| self.body.clone())
+        let body = if member.upstream_model.is_some() || add_usage {
+            facts::rewrite(self.body, member.upstream_model.as_deref(), add_usage)?
+                .unwrap_or_else(|| self.body.clone())
         } else {
             self.body.clone()
         };
@@ -914,12 +967,11 @@ impl<'a> Exchange<'a> {
 
     /// The client's response: the backend's status and headers (hop-by-hop
     /// removed, `x-weir-backend` and the rate-limit headers added) and its
-    /// body streamed through, with usage read on the way. `stream`: a 2xx
-    /// SSE answer (whose first event was read).
+    /// body streamed through, with usage read on the way.
     fn respond(
         &self,
         response: Response<UpstreamBody>,
-        stream: bool,
+        Answer { stream, add_usage }: Answer,
         member: &Member,
         place: Place,
         in_flight: InFlight,
@@ -957,7 +1009,7 @@ impl<'a> Exchange<'a> {
         // The `x-ratelimit-*` headers travel with the body (see
         // `ProxiedBody::rate_headers`).
         let reader = if sse {
-            UsageReader::Sse(UsageFilter::new(self.add_include_usage))
+            UsageReader::Sse(UsageFilter::new(add_usage))
         } else {
             UsageReader::Json(UsageTail::new())
         };
@@ -1072,6 +1124,33 @@ fn in_config(snapshot: &Snapshot, m: &Member) -> bool {
 
 /// Whether a backend's answer is a 2xx SSE stream, whose headers wait for
 /// its first event (see [`Exchange::run`]).
+/// How an answer goes to the client: `stream`, a 2xx SSE answer (whose
+/// first event was read); `add_usage`, weir asked for its usage chunk
+/// (and removes it again).
+#[derive(Clone, Copy)]
+struct Answer {
+    stream: bool,
+    add_usage: bool,
+}
+
+/// A status a backend refuses an unknown request field with.
+fn may_refuse(status: StatusCode) -> bool {
+    status == StatusCode::BAD_REQUEST || status == StatusCode::UNPROCESSABLE_ENTITY
+}
+
+/// Whether the answer refuses the request's `stream_options` (Azure
+/// OpenAI's "Unrecognized request argument supplied: stream_options",
+/// a 422 with `"loc":["body","stream_options"]`): a 400 or 422 whose first
+/// bytes, read by [`Exchange::exchange`], name it.
+fn refuses_stream_options(outcome: &Result<Response<UpstreamBody>, AttemptError>) -> bool {
+    matches!(outcome, Ok(response)
+        if may_refuse(response.status())
+            && response
+                .body()
+                .first_bytes()
+                .is_some_and(|bytes| memchr::memmem::find(bytes, b"stream_options").is_some()))
+}
+
 fn is_successful_stream(response: &Response<UpstreamBody>) -> bool {
     response.status().is_success()
         && upstream_header(response.headers(), response.body(), Name::ContentType)

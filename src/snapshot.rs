@@ -203,6 +203,11 @@ pub(crate) struct BackendLive {
     /// that chat answered. While set, readiness sends the embedding first
     /// and the deep tier reads only engine metrics.
     pub(crate) probe_embeddings: AtomicBool,
+    /// Streams to it go without the `stream_options` weir would add: set
+    /// once the backend refused a request for it (a 400 or 422 naming
+    /// `stream_options`, as some hosted APIs answer), which weir then sent
+    /// again without it. Its streams are then charged their estimate.
+    pub(crate) refuses_stream_options: AtomicBool,
     /// Bumped when a reload gives the backend a new key, or brings it back
     /// afresh while it drains: a 429 drawn by a request sent before (an
     /// older [`BackendState::generation`]) was the old quota's, and opens
@@ -224,6 +229,7 @@ impl BackendLive {
             latency_ema_us: AtomicU64::new(f64::NAN.to_bits()),
             probe_max_completion_tokens: AtomicBool::new(false),
             probe_embeddings: AtomicBool::new(false),
+            refuses_stream_options: AtomicBool::new(false),
             generation: AtomicU64::new(0),
         }
     }
@@ -243,6 +249,7 @@ impl BackendLive {
         self.probe_max_completion_tokens
             .store(false, Ordering::Relaxed);
         self.probe_embeddings.store(false, Ordering::Relaxed);
+        self.refuses_stream_options.store(false, Ordering::Relaxed);
     }
 
     /// A reload gave the backend a new key, a new quota: the old key's 429

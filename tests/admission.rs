@@ -443,6 +443,68 @@ async fn streams_are_counted_exactly_and_the_added_usage_chunk_is_removed() {
     assert_eq!(sent.body, responses.as_bytes());
 }
 
+/// The inference requests the mock saw, in order.
+fn inferences(m: &weir::mock::MockHandle) -> Vec<weir::mock::RecordedRequest> {
+    m.recorded()
+        .into_iter()
+        .filter(|r| r.method == http::Method::POST)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_backend_that_refuses_stream_options_gets_streams_without_it() {
+    let refusing = MockConfig::default().chunks(7).refuse_stream_options(true);
+    let (gw, m) = setup("tokens_per_minute = 100000", refusing).await;
+    let client_body = chat(MODEL, true);
+
+    // weir asks for the usage chunk; the backend refuses the field and
+    // gets the request again as the client sent it, which it answers.
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &client_body).await;
+    assert_eq!(s.status, 200, "{}", s.text());
+    assert!(
+        s.text().trim_end().ends_with("data: [DONE]"),
+        "{}",
+        s.text()
+    );
+    assert_eq!(s.events().len(), 8, "{}", s.text());
+    let sent = inferences(&m);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    let first: serde_json::Value = serde_json::from_slice(&sent[0].body).unwrap();
+    assert_eq!(first["stream_options"]["include_usage"], true);
+    assert_eq!(sent[1].body, client_body.as_bytes());
+
+    // From now on its streams go without it, once.
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &client_body).await;
+    assert_eq!(s.status, 200, "{}", s.text());
+    let sent = inferences(&m);
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert_eq!(sent[2].body, client_body.as_bytes());
+
+    // A client's own `stream_options` goes as sent, and the backend's
+    // refusal of it is the client's answer: weir changed nothing to undo.
+    let asked = format!(
+        r#"{{"model":"{MODEL}","stream":true,"stream_options":{{"include_usage":true}},"messages":[]}}"#
+    );
+    let r = post(gw.addr(), "/v1/chat/completions", &asked).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("stream_options"), "{}", r.text());
+    assert_eq!(inferences(&m).len(), 4);
+}
+
+#[tokio::test]
+async fn a_bad_request_that_does_not_name_stream_options_is_not_sent_again() {
+    let (gw, m) = setup("", MockConfig::default().status(400)).await;
+    let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, true)).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(inferences(&m).len(), 1);
+    // Nor does it stop weir asking that backend for usage.
+    let _ = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, true)).await;
+    let sent = inferences(&m);
+    assert_eq!(sent.len(), 2);
+    let body: serde_json::Value = serde_json::from_slice(&sent[1].body).unwrap();
+    assert_eq!(body["stream_options"]["include_usage"], true);
+}
+
 #[tokio::test]
 async fn rate_limited_requests_are_counted() {
     let (gw, _m) = setup(

@@ -127,6 +127,18 @@ impl UpstreamBody {
         }
     }
 
+    /// The data of the frame [`UpstreamBody::first_frame`] read, if any.
+    pub(crate) fn first_bytes(&self) -> Option<&[u8]> {
+        match self {
+            UpstreamBody::Primed(primed) => primed
+                .first
+                .as_ref()
+                .and_then(Frame::data_ref)
+                .map(|data| &data[..]),
+            _ => None,
+        }
+    }
+
     /// Reads the body's first frame with data (or its end, or trailers),
     /// for at most `wait`: the body with that frame put back in front, so
     /// the client gets it as the body's first. An error, or nothing within
