@@ -462,6 +462,15 @@ impl Cluster {
         if leave {
             return Ok(());
         }
+        if !self.link.is_up() {
+            // Joining (or back after an outage): the scripts go in first.
+            let load = self.link.scripts.load(&mut conn);
+            match tokio::time::timeout(HEARTBEAT_TIMEOUT, load).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("loading the scripts timed out".to_owned()),
+            }
+        }
         // Every replica's heartbeats failed during an outage, so the
         // registry has aged them all out: the first ones back would count
         // too few (and each take a larger fallback share). Until a whole

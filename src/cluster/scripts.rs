@@ -256,6 +256,16 @@ impl Scripts {
         }
     }
 
+    /// Loads the bucket scripts into Redis' script cache, so a request's
+    /// first slow-path call after a join (a fresh or restarted Redis has
+    /// none) is one round trip, as its wait assumes, not `EVALSHA`,
+    /// `NOSCRIPT` and another round.
+    pub(crate) async fn load(&self, conn: &mut ConnectionManager) -> RedisResult<()> {
+        self.reserve.load_async(conn).await?;
+        self.lease.load_async(conn).await?;
+        Ok(())
+    }
+
     /// Reserves `n` tokens if they are covered within `max_wait`
     /// (`Bucket::reserve` in Redis). `now_us` overrides Redis' clock (tests).
     pub(crate) async fn reserve(
