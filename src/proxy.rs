@@ -986,7 +986,7 @@ impl<'a> Exchange<'a> {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         headers::strip_hop_by_hop(&mut parts.headers);
-        // A 2xx stream's type was read (`Exchange::run`): only other
+        // A 2xx stream's type was read (`Exchange::exchange`): only other
         // answers are looked at again.
         let sse = stream
             || (!parts.status.is_success()
@@ -1122,8 +1122,6 @@ fn in_config(snapshot: &Snapshot, m: &Member) -> bool {
     (snapshot.backends().iter()).any(|b| Arc::ptr_eq(&b.live, &m.backend.live))
 }
 
-/// Whether a backend's answer is a 2xx SSE stream, whose headers wait for
-/// its first event (see [`Exchange::run`]).
 /// How an answer goes to the client: `stream`, a 2xx SSE answer (whose
 /// first event was read); `add_usage`, weir asked for its usage chunk
 /// (and removes it again).
@@ -1151,6 +1149,8 @@ fn refuses_stream_options(outcome: &Result<Response<UpstreamBody>, AttemptError>
                 .is_some_and(|bytes| memchr::memmem::find(bytes, b"stream_options").is_some()))
 }
 
+/// Whether a backend's answer is a 2xx SSE stream, whose headers wait for
+/// its first event (see [`Exchange::exchange`]).
 fn is_successful_stream(response: &Response<UpstreamBody>) -> bool {
     response.status().is_success()
         && upstream_header(response.headers(), response.body(), Name::ContentType)
