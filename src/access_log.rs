@@ -217,15 +217,17 @@ impl AccessLog {
         // answer. A model name no route knows is counted as `model=""`,
         // so clients cannot grow the metric's label set; so is an API
         // request refused before its model was read (a bad key, bad JSON,
-        // a body too large, a malformed head), so floods of them show
-        // (`GET /v1/models`, answered, names no model and is not counted).
+        // a body too large, a malformed head), so floods of them show;
+        // and so is weir's own answer to `GET /v1/models` (it names no
+        // model). weir's other routes (`/healthz`, `/metrics`, `/admin`)
+        // are not API traffic and are not counted.
         let counters = match member {
             Some(member) => Some(&member.requests),
             None => self.route(snapshot).map(|r| &r.own_answers),
         };
         match counters {
             Some(counters) => counters.inc(self.status),
-            None if self.model.is_some() || (self.status >= 400 && self.is_api_request()) => {
+            None if self.model.is_some() || self.is_api_request() => {
                 metrics.unknown_model_requests.inc(self.status);
             }
             None => {}

@@ -250,10 +250,11 @@ fn series(scrape: &prometheus_parse::Scrape, name: &str, labels: &[&str]) -> Vec
 /// before anything failed, so dashboards and `absent()` alerts see data.
 /// An API request refused before its model was read (bad JSON, a body
 /// too large, a missing key) is counted as `model=""`, as an unknown model
-/// is, so a flood of them shows; weir's own routes (`/healthz`, `/metrics`)
-/// are not client traffic and stay out. They used to count nowhere.
+/// is, so a flood of them shows, and so is `GET /v1/models` (an API
+/// route weir answers itself, naming no model); weir's other routes
+/// (`/healthz`, `/metrics`) are not client traffic and stay out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_requests_refused_before_their_model_are_counted() {
+async fn api_requests_that_name_no_model_are_counted() {
     let m = mock::start(MockConfig::default().models(vec!["m".into()]))
         .await
         .unwrap();
@@ -268,6 +269,8 @@ async fn api_requests_refused_before_their_model_are_counted() {
     assert_eq!(large.status, 413, "{}", large.text());
     assert_eq!(get(gw.addr(), "/healthz").await.status, 200);
     assert_eq!(get(gw.addr(), "/v1/models").await.status, 200);
+    assert_eq!(get(gw.addr(), "/v1/models/m").await.status, 200);
+    assert_eq!(get(gw.addr(), "/v1/models/nope").await.status, 404);
     let after = scrape(gw.addr()).await;
     let unnamed = |status: &str| {
         value(
@@ -278,10 +281,11 @@ async fn api_requests_refused_before_their_model_are_counted() {
     };
     assert_eq!(unnamed("400"), 1.0);
     assert_eq!(unnamed("413"), 1.0);
+    assert_eq!(unnamed("404"), 1.0);
     assert_eq!(
         unnamed("200"),
-        0.0,
-        "/healthz, /metrics and /v1/models are not counted"
+        2.0,
+        "the two /v1/models answers are counted; /healthz and /metrics are not"
     );
 }
 
