@@ -312,22 +312,33 @@ impl<'a> Exchange<'a> {
             // gets the client's request again as the client sent it, now
             // and from now on: its streams are charged their estimate.
             if watch && refuses_stream_options(&outcome) {
-                backend
-                    .live
-                    .refuses_stream_options
-                    .store(true, Ordering::Relaxed);
-                tracing::warn!(
-                    backend = %backend.config.name,
-                    "backend refused stream_options: streams go to it without, charged their estimate"
-                );
                 add_usage = false;
-                // The refusal's connection goes (or back to the pool)
-                // before the request goes again.
+                // The refusal's connection closes (`exchange` kept it out
+                // of the pool) before the request goes again.
                 drop(outcome);
                 let request = self.request_for(member, false)?;
                 let left = self.deadline.saturating_duration_since(Instant::now());
                 (outcome, stream, wait) =
                     Box::pin(self.exchange(backend, &request, left, false)).await;
+                // Only an answer to the request without the field shows
+                // that the field was what the backend refused. Refused
+                // again, the request was refused for something else: a
+                // validation error that quotes the body it refuses
+                // (FastAPI's and vLLM's `input`) names every field in it,
+                // the one weir added too. A re-send that failed shows
+                // nothing either way. Logged once, by the first of
+                // concurrent refusals.
+                if matches!(&outcome, Ok(response) if !may_refuse(response.status()))
+                    && !backend
+                        .live
+                        .refuses_stream_options
+                        .swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        backend = %backend.config.name,
+                        "backend refused stream_options: streams go to it without, charged their estimate"
+                    );
+                }
             }
             pending.working = None;
             // Cut by weir's own `request_timeout` after queueing or earlier
@@ -479,19 +490,28 @@ impl<'a> Exchange<'a> {
         let mut wait = self.first_byte_timeout.min(remaining);
         let mut outcome = upstream::forward(&backend.client, request, wait).await;
         let stream = matches!(&outcome, Ok(response) if is_successful_stream(response));
+        // A refusal is judged on its first few KiB, not on its first read:
+        // its words may come in two reads or two chunks.
+        let refusal = watch && matches!(&outcome, Ok(response) if may_refuse(response.status()));
         let prime = stream
+            || refusal
             || matches!(&outcome, Ok(response)
-                if !is_retryable(response.status())
-                    && (!response.body().arrived_whole()
-                        || (watch && may_refuse(response.status()))));
+                if !is_retryable(response.status()) && !response.body().arrived_whole());
         if prime {
             let placeholder = Err(AttemptError::NoFirstEvent(Duration::ZERO));
-            if let Ok(response) = std::mem::replace(&mut outcome, placeholder) {
+            if let Ok(mut response) = std::mem::replace(&mut outcome, placeholder) {
+                if refusal {
+                    response.body_mut().close_after();
+                }
                 let left = self.deadline.saturating_duration_since(Instant::now());
                 wait = self.first_byte_timeout.min(left);
                 // Boxed: the wait's state is needed only here, and inline
                 // it would grow every request's future.
-                outcome = Box::pin(upstream::primed(response, wait, stream)).await;
+                outcome = if refusal {
+                    Box::pin(upstream::primed_gathered(response, wait, REFUSAL_BYTES)).await
+                } else {
+                    Box::pin(upstream::primed(response, wait, stream)).await
+                };
             }
         }
         (outcome, stream, wait)
@@ -1130,6 +1150,10 @@ struct Answer {
     stream: bool,
     add_usage: bool,
 }
+
+/// How much of a 400's or 422's body is read for a refusal of
+/// `stream_options` (see [`Exchange::exchange`]).
+const REFUSAL_BYTES: usize = 4096;
 
 /// A status a backend refuses an unknown request field with.
 fn may_refuse(status: StatusCode) -> bool {

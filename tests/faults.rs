@@ -1700,3 +1700,179 @@ async fn a_late_reset_on_a_kept_alive_connection_counts_and_ejects() {
     assert_eq!(idle, 0.0);
     assert_eq!(backend_state(addr, "bad").await["ejections"], 1);
 }
+
+/// How a backend answers a request that carries `stream_options` (the
+/// field weir adds to streams for their usage).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Refusal {
+    /// Takes the field, but answers a request without `messages` with
+    /// FastAPI's 422 quoting the whole body as `input` (vLLM does), which
+    /// so names every field in it, `stream_options` too.
+    QuotesTheBody,
+    /// Azure's 400 "Unrecognized request argument", chunked, the field's
+    /// name in the second chunk, 30 ms after the first.
+    NameInALaterChunk,
+    /// Azure's 400 with a length, its body in two writes 30 ms apart.
+    BodyInTwoWrites,
+    /// Azure's 400 with a length (no `connection: close`), and the
+    /// connection closed 3 ms later, as a server closing after an error.
+    ThenCloses,
+}
+
+/// Azure OpenAI's refusal of a field it does not know.
+const UNRECOGNIZED: &str = r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":null,"code":null}}"#;
+
+/// A keep-alive backend that answers a request with `stream_options` as
+/// `how` says and streams the others (with their usage chunk when asked);
+/// returns its URL and every request body it read, in order.
+async fn refusing(how: Refusal) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                while let Some(request) = read_request(&mut s).await {
+                    let text = String::from_utf8_lossy(&request).into_owned();
+                    let body = text
+                        .split_once("\r\n\r\n")
+                        .map_or("", |(_, b)| b)
+                        .to_owned();
+                    log.lock().unwrap().push(body.clone());
+                    if refuse(&mut s, how, &body).await.is_none() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}/v1"), seen)
+}
+
+/// Writes the answer [`refusing`] gives `body`; `None` once the connection
+/// is done.
+async fn refuse(s: &mut TcpStream, how: Refusal, body: &str) -> Option<()> {
+    let chunk = |data: &str| format!("{:x}\r\n{data}\r\n", data.len()).into_bytes();
+    let with_length = |status: &str, json: &str| {
+        let head = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            json.len()
+        );
+        head + json
+    };
+    let pause = Duration::from_millis(30);
+    if how == Refusal::QuotesTheBody && !body.contains("\"messages\"") {
+        let quoted = format!(
+            r#"{{"detail":[{{"type":"missing","loc":["body","messages"],"msg":"Field required","input":{body}}}]}}"#
+        );
+        let answer = with_length("422 Unprocessable Entity", &quoted);
+        return s.write_all(answer.as_bytes()).await.ok();
+    }
+    if how != Refusal::QuotesTheBody && body.contains("stream_options") {
+        match how {
+            Refusal::NameInALaterChunk => {
+                let (a, b) = UNRECOGNIZED.split_at(50);
+                let head = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                s.write_all(&[&head[..], &chunk(a)].concat()).await.ok()?;
+                tokio::time::sleep(pause).await;
+                s.write_all(&[&chunk(b)[..], b"0\r\n\r\n"].concat())
+                    .await
+                    .ok()?;
+            }
+            Refusal::BodyInTwoWrites => {
+                let answer = with_length("400 Bad Request", UNRECOGNIZED);
+                let (a, b) = answer.split_at(answer.len() - UNRECOGNIZED.len() + 20);
+                s.write_all(a.as_bytes()).await.ok()?;
+                tokio::time::sleep(pause).await;
+                s.write_all(b.as_bytes()).await.ok()?;
+            }
+            Refusal::ThenCloses | Refusal::QuotesTheBody => {
+                let answer = with_length("400 Bad Request", UNRECOGNIZED);
+                s.write_all(answer.as_bytes()).await.ok()?;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                return None;
+            }
+        }
+        return Some(());
+    }
+    let mut stream = [SSE_HEAD, &chunk(EVENT)].concat();
+    if body.contains("include_usage") {
+        stream.extend(chunk(USAGE_EVENT));
+    }
+    stream.extend(chunk("data: [DONE]\n\n"));
+    stream.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&stream).await.ok()
+}
+
+/// A gateway with one model `m` on the backend at `url`, `extra` in its
+/// config.
+async fn on_one_backend(url: &str, extra: &str) -> weir::Handle {
+    let toml = format!(
+        "{extra}\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+        backend("b", url, &["m"], 1)
+    );
+    gateway(&toml).await
+}
+
+/// A validation error that quotes the request (FastAPI's `input`) names
+/// the `stream_options` weir added without refusing it: the request goes
+/// again without the field, is refused again, and that second answer is
+/// the client's. The backend is not marked as refusing the field: the
+/// next stream still asks for its usage.
+#[tokio::test]
+async fn a_validation_error_quoting_the_body_does_not_stop_usage_for_the_backend() {
+    let (url, seen) = refusing(Refusal::QuotesTheBody).await;
+    let gw = on_one_backend(&url, "").await;
+    let bad = r#"{"model":"m","stream":true}"#;
+    let r = post(gw.addr(), "/v1/chat/completions", bad).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(!r.text().contains("stream_options"), "{}", r.text());
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &chat("m", true)).await;
+    assert_eq!(s.status, 200, "{}", s.text());
+    let bodies = seen.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
+    assert!(bodies[0].contains("include_usage"), "{bodies:?}");
+    assert!(!bodies[1].contains("stream_options"), "{bodies:?}");
+    assert!(
+        bodies[2].contains("include_usage"),
+        "weir stopped asking the backend for usage: {bodies:?}"
+    );
+}
+
+/// A refusal is read whole (up to 4 KiB), not only its first read: the
+/// field's name in a later chunk, or in a later write of a body with a
+/// length, is seen, and the stream goes again without the field.
+#[tokio::test]
+async fn a_refusal_that_names_the_field_in_a_later_read_is_seen() {
+    for how in [Refusal::NameInALaterChunk, Refusal::BodyInTwoWrites] {
+        let (url, seen) = refusing(how).await;
+        let gw = on_one_backend(&url, "").await;
+        let s = post_stream(gw.addr(), "/v1/chat/completions", &chat("m", true)).await;
+        assert_eq!(s.status, 200, "{how:?}: {}", s.text());
+        let bodies = seen.lock().unwrap().clone();
+        assert_eq!(bodies.len(), 2, "{how:?}: {bodies:?}");
+        assert!(!bodies[1].contains("stream_options"), "{how:?}: {bodies:?}");
+    }
+}
+
+/// The request sent again after a refusal does not take the refusal's
+/// connection back from the pool: a backend that closes it just after
+/// its error would otherwise fail the second send (and with one attempt
+/// allowed, the client would get a 502).
+#[tokio::test]
+async fn the_request_sent_again_after_a_refusal_goes_on_a_new_connection() {
+    let (url, seen) = refusing(Refusal::ThenCloses).await;
+    let gw = on_one_backend(&url, "[retry]\nmax_attempts = 1\n").await;
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &chat("m", true)).await;
+    assert_eq!(s.status, 200, "{}", s.text());
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    let idle = metric(
+        gw.addr(),
+        "weir_retries_total",
+        &[("model", "m"), ("reason", "idle_closed")],
+    )
+    .await;
+    assert_eq!(idle, 0.0);
+}

@@ -578,6 +578,12 @@ impl ResponseBody {
             || (self.framing.remaining()).is_some_and(|n| self.buf.len() as u64 >= n)
     }
 
+    /// The connection closes when the body ends, rather than go back to
+    /// the pool (see [`super::UpstreamBody::close_after`]).
+    pub(crate) fn close_after(&mut self) {
+        self.pool = None;
+    }
+
     /// Drops the headers once the proxy has passed them on.
     pub(crate) fn release_headers(&mut self) {
         self.headers = RawHeaders::default();

@@ -98,6 +98,10 @@ pub enum UpstreamBody {
 #[derive(Debug)]
 pub struct Primed {
     first: Option<Frame<Bytes>>,
+    /// What [`primed_gathered`] read after the data it joined to `first`
+    /// and could not join (trailers, or the body's failure): handed on
+    /// next.
+    then: Option<Result<Frame<Bytes>, BodyReadError>>,
     rest: UpstreamBody,
 }
 
@@ -114,6 +118,24 @@ pub(crate) async fn primed(
     Ok(Response::from_parts(parts, body))
 }
 
+/// As [`primed`] (not for a 2xx SSE answer), its first frame then joined by
+/// the data that follows, until `gather` bytes or the body's end are in
+/// hand, or `wait` (from the start) has passed: an answer whose words came
+/// in two reads or two chunks is read as one (see [`UpstreamBody::first_bytes`]).
+pub(crate) async fn primed_gathered(
+    response: Response<UpstreamBody>,
+    wait: Duration,
+    gather: usize,
+) -> Result<Response<UpstreamBody>, AttemptError> {
+    let until = tokio::time::Instant::now() + wait;
+    let (parts, body) = response.into_parts();
+    let mut body = body.first_frame(wait, false).await?;
+    if let UpstreamBody::Primed(primed) = &mut body {
+        primed.gather(until, gather).await;
+    }
+    Ok(Response::from_parts(parts, body))
+}
+
 impl UpstreamBody {
     /// Whether the whole body came with the head, already read from the
     /// backend (nothing of it can fail any more): a plain backend's body
@@ -124,6 +146,19 @@ impl UpstreamBody {
             UpstreamBody::Plain(body) => body.arrived_whole(),
             UpstreamBody::Tls(body) => body.is_end_stream(),
             UpstreamBody::Primed(_) => false,
+        }
+    }
+
+    /// Its connection is not kept for another request: a request sent
+    /// again at once after this answer (a refusal of `stream_options`)
+    /// would otherwise take it back from the pool just as a backend that
+    /// closes after an error closes it (`IdleClosed`).
+    pub(crate) fn close_after(&mut self) {
+        match self {
+            UpstreamBody::Plain(body) => body.close_after(),
+            // hyper-util's pool checks its connections itself.
+            UpstreamBody::Tls(_) => {}
+            UpstreamBody::Primed(primed) => primed.rest.close_after(),
         }
     }
 
@@ -164,7 +199,11 @@ impl UpstreamBody {
             Err(_) if sse => Err(AttemptError::NoFirstEvent(wait)),
             Err(_) => Err(AttemptError::NoFirstBytes(wait)),
             Ok(Err(e)) => Err(AttemptError::Protocol(e.to_string())),
-            Ok(Ok(first)) => Ok(UpstreamBody::Primed(Box::new(Primed { first, rest: self }))),
+            Ok(Ok(first)) => Ok(UpstreamBody::Primed(Box::new(Primed {
+                first,
+                then: None,
+                rest: self,
+            }))),
         }
     }
 }
@@ -558,12 +597,42 @@ fn poll_tls(
 // Not through `UpstreamBody`'s own methods: a recursive `poll_frame` would
 // not be inlined where every other answer's body is read.
 impl Primed {
+    /// Joins the data that follows `first` to it (see [`primed_gathered`]).
+    async fn gather(&mut self, until: tokio::time::Instant, gather: usize) {
+        let Some(data) = self.first.as_ref().and_then(Frame::data_ref) else {
+            return;
+        };
+        let mut joined = bytes::BytesMut::from(&data[..]);
+        while joined.len() < gather && !self.rest.is_end_stream() {
+            let next = std::future::poll_fn(|cx| Pin::new(&mut self.rest).poll_frame(cx));
+            match tokio::time::timeout_at(until, next).await {
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(more) => joined.extend_from_slice(&more),
+                    Err(frame) => {
+                        self.then = Some(Ok(frame));
+                        break;
+                    }
+                },
+                Ok(Some(Err(e))) => {
+                    self.then = Some(Err(e));
+                    break;
+                }
+                // The end, or quiet: what came so far.
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.first = Some(Frame::data(joined.freeze()));
+    }
+
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
         if let Some(frame) = self.first.take() {
             return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(next) = self.then.take() {
+            return Poll::Ready(Some(next));
         }
         match &mut self.rest {
             UpstreamBody::Plain(body) => Pin::new(body).poll_frame(cx),
@@ -575,6 +644,7 @@ impl Primed {
 
     fn is_end_stream(&self) -> bool {
         self.first.is_none()
+            && self.then.is_none()
             && match &self.rest {
                 UpstreamBody::Plain(body) => body.is_end_stream(),
                 UpstreamBody::Tls(body) => body.is_end_stream(),
