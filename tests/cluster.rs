@@ -39,6 +39,39 @@ fn free_port() -> Option<u16> {
         .map(|a| a.port())
 }
 
+/// What [`Redis::try_restart`] came to.
+enum Started {
+    Up,
+    /// Something else had the port first.
+    Taken,
+    /// No Redis here: the test is skipped (said on stderr).
+    Skip,
+}
+
+/// The pid of the Redis answering on 127.0.0.1:`port` (`INFO server`'s
+/// `process_id`), `None` while nothing answers there as Redis does.
+fn redis_pid(port: u16) -> Option<u32> {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream.write_all(b"INFO server\r\n").ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        if let Some(rest) = text.split("process_id:").nth(1) {
+            if let Some((pid, _)) = rest.split_once("\r\n") {
+                return pid.trim().parse().ok();
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// tests/fixtures/redis-tls/NAME: a test CA and a server certificate it
 /// signed for 127.0.0.1, valid until 2126.
 fn tls_fixture(name: &str) -> String {
@@ -52,26 +85,52 @@ impl Redis {
     /// Starts one on a free port, or `None` (the test is skipped, said on
     /// stderr) when `redis-server` cannot be started.
     fn start() -> Option<Redis> {
-        let mut redis = Redis {
-            port: free_port()?,
-            tls_port: None,
-            child: None,
-        };
-        redis.restart().then_some(redis)
+        Self::start_with(false)
     }
 
     /// As [`start`](Self::start), plus a TLS-only port.
     fn start_tls() -> Option<Redis> {
-        let mut redis = Redis {
-            port: free_port()?,
-            tls_port: Some(free_port()?),
-            child: None,
-        };
-        redis.restart().then_some(redis)
+        Self::start_with(true)
+    }
+
+    /// A port found free may be taken by something else (another test's
+    /// Redis or server) before `redis-server` binds it; the port answers
+    /// then, but not from this Redis, which exited. Fresh ports are tried.
+    fn start_with(tls: bool) -> Option<Redis> {
+        for _ in 0..10 {
+            let mut redis = Redis {
+                port: free_port()?,
+                tls_port: if tls { Some(free_port()?) } else { None },
+                child: None,
+            };
+            match redis.try_restart() {
+                Started::Up => return Some(redis),
+                Started::Taken => continue,
+                Started::Skip => return None,
+            }
+        }
+        eprintln!("SKIPPED: every port tried for redis-server was taken first");
+        None
     }
 
     /// (Re)starts the server on its port; false when it does not come up.
     fn restart(&mut self) -> bool {
+        match self.try_restart() {
+            Started::Up => true,
+            Started::Taken => {
+                eprintln!(
+                    "127.0.0.1:{} was taken before redis-server bound it",
+                    self.port
+                );
+                false
+            }
+            Started::Skip => false,
+        }
+    }
+
+    /// [`restart`](Self::restart), saying whether the port was taken:
+    /// up once this process (its pid in `INFO server`) answers on it.
+    fn try_restart(&mut self) -> Started {
         let mut command = Command::new("redis-server");
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -84,27 +143,46 @@ impl Redis {
                 .args(["--tls-auth-clients", "no"]);
         }
         let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn();
-        match child {
-            Ok(child) => self.child = Some(child),
+        let pid = match child {
+            Ok(child) => {
+                let pid = child.id();
+                self.child = Some(child);
+                pid
+            }
             Err(e) => {
                 eprintln!(
                     "SKIPPED: cannot start redis-server ({e}); install Debian's redis-server"
                 );
-                return false;
+                return Started::Skip;
             }
-        }
-        let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        };
         for _ in 0..250 {
-            if listening(self.port) && self.tls_port.is_none_or(listening) {
-                return true;
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                // It could not bind a port: someone else has it. (Redis
+                // binds every port before it answers anyone, so an answer
+                // from this pid means the TLS port is its too.)
+                self.child = None;
+                return Started::Taken;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            match redis_pid(self.port) {
+                Some(answering) if answering == pid => return Started::Up,
+                Some(_) => {
+                    self.kill();
+                    return Started::Taken;
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
         }
         eprintln!(
             "SKIPPED: redis-server did not listen on {} within 5 s",
             self.port
         );
-        false
+        self.kill();
+        Started::Skip
     }
 
     /// SIGKILL: Redis vanishes without a goodbye.

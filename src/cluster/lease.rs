@@ -1058,6 +1058,20 @@ mod tests {
         Arc::new(bucket.expect("exact in Redis"))
     }
 
+    /// [`SharedBucket::reserve_slow`], waiting for Redis' answer for up to
+    /// 10 s: for the tests of what Redis decides. The slow path's own wait
+    /// is 20 ms, and a loaded machine that runs the test again only after
+    /// that would have the fallback decide instead.
+    async fn redis_decides(
+        bucket: &Arc<SharedBucket>,
+        n: u64,
+        now: Tick,
+        max_wait: Duration,
+    ) -> Result<(Duration, ReportTriple), ReserveError> {
+        let until = Instant::now() + Duration::from_secs(10);
+        bucket.reserve_slow_until(n, now, max_wait, until).await
+    }
+
     /// A link that never connects (the connection is lazy and unused).
     fn link() -> Arc<Link> {
         let client = redis::Client::open("redis://127.0.0.1:1/").expect("URL parses");
@@ -1156,10 +1170,21 @@ mod tests {
         // One waiter times out: the fallback admits it.
         let timed_out = bucket.reserve_slow(1000, now.into(), Duration::ZERO).await;
         assert!(timed_out.is_ok(), "the fallback decides: {timed_out:?}");
-        // Another one's client leaves while Redis holds the call.
+        // Another one's client leaves while Redis holds the call. Its own
+        // wait for Redis is long (10 s), so the client leaving is what ends
+        // it however late this thread runs again: with the slow path's
+        // 20 ms, a loaded machine that ran it only past 20 ms found both
+        // deadlines gone, and `timeout` polls the call first, whose wait
+        // had run out: the fallback admitted the request ("still waiting
+        // when it left", 8 of 190 loaded runs).
         let left = tokio::time::timeout(
             Duration::from_millis(5),
-            bucket.reserve_slow(500, now.into(), Duration::ZERO),
+            bucket.reserve_slow_until(
+                500,
+                now.into(),
+                Duration::ZERO,
+                Instant::now() + Duration::from_secs(10),
+            ),
         )
         .await;
         assert!(left.is_err(), "still waiting when it left");
@@ -1207,16 +1232,16 @@ mod tests {
         let now = Instant::now();
         // Refilling 1 token a minute: the levels below hold still.
         let bucket = bucket_on(&redis, 1, 1000).await;
-        let drained = bucket.reserve_slow(956, now.into(), Duration::ZERO).await;
+        let drained = redis_decides(&bucket, 956, now.into(), Duration::ZERO).await;
         assert!(drained.is_ok(), "{drained:?}");
         bucket.lease.store(93, Ordering::Release);
-        let covered = bucket.reserve_slow(117, now.into(), Duration::ZERO).await;
+        let covered = redis_decides(&bucket, 117, now.into(), Duration::ZERO).await;
         let (wait, (_, remaining, _)) = covered.expect("93 held and 44 in Redis cover 117");
         assert_eq!(wait, Duration::ZERO);
         assert_eq!(remaining, 20, "Redis gave the other 24");
         assert_eq!(bucket.lease.load(Ordering::Acquire), 0);
         bucket.lease.store(10, Ordering::Release);
-        let refused = bucket.reserve_slow(50, now.into(), Duration::ZERO).await;
+        let refused = redis_decides(&bucket, 50, now.into(), Duration::ZERO).await;
         assert!(
             matches!(refused, Err(ReserveError::WouldWait { .. })),
             "{refused:?}"
@@ -1239,8 +1264,7 @@ mod tests {
         let mut slots = Vec::new();
         for _ in 0..4 {
             let now = Instant::now();
-            let (wait, _) = bucket
-                .reserve_slow(1, now.into(), max_wait)
+            let (wait, _) = redis_decides(&bucket, 1, now.into(), max_wait)
                 .await
                 .expect("queued in Redis");
             slots.push(now + wait);
@@ -1264,8 +1288,7 @@ mod tests {
             .await
             .expect("Redis answers");
         let now = Instant::now();
-        let (wait, _) = bucket
-            .reserve_slow(1, now.into(), max_wait)
+        let (wait, _) = redis_decides(&bucket, 1, now.into(), max_wait)
             .await
             .expect("queued in Redis");
         let trips = Duration::from_millis(200);
@@ -1286,31 +1309,36 @@ mod tests {
         // 60 a minute, burst 1: after the first, one a second.
         let bucket = bucket_on(&redis, 60, 1).await;
         let max_wait = Duration::from_millis(1500);
-        let (first, _) = bucket
-            .reserve_slow(1, Instant::now().into(), max_wait)
+        let (first, _) = redis_decides(&bucket, 1, Instant::now().into(), max_wait)
             .await
             .expect("the burst");
         assert_eq!(first, Duration::ZERO);
         bucket.link.observe_round_trip(Duration::from_millis(300));
         // The next token is due in 1 s: 1.3 s with the trip back.
-        let second = bucket
-            .reserve_slow(1, Instant::now().into(), max_wait)
-            .await;
+        let second = redis_decides(&bucket, 1, Instant::now().into(), max_wait).await;
         assert!(second.is_ok(), "{second:?}");
         // The one after is due in 2 s: 2.3 s with the trip back, past a
         // max_wait of 2.1 s, so refused with its wait (Redis asked for all
         // 2.1 s would have queued it).
-        let third = bucket
-            .reserve_slow(1, Instant::now().into(), Duration::from_millis(2100))
-            .await;
+        let third = redis_decides(
+            &bucket,
+            1,
+            Instant::now().into(),
+            Duration::from_millis(2100),
+        )
+        .await;
         assert!(
             matches!(third, Err(ReserveError::WouldWait { wait }) if wait > Duration::from_millis(1800)),
             "{third:?}"
         );
         // With room for the trip back it is queued.
-        let fourth = bucket
-            .reserve_slow(1, Instant::now().into(), Duration::from_millis(2500))
-            .await;
+        let fourth = redis_decides(
+            &bucket,
+            1,
+            Instant::now().into(),
+            Duration::from_millis(2500),
+        )
+        .await;
         assert!(fourth.is_ok(), "{fourth:?}");
     }
 
@@ -1325,9 +1353,7 @@ mod tests {
         };
         // 6 a minute, burst 1: one token every 10 s.
         let bucket = bucket_on(&redis, 6, 1).await;
-        let taken = bucket
-            .reserve_slow(1, Instant::now().into(), Duration::ZERO)
-            .await;
+        let taken = redis_decides(&bucket, 1, Instant::now().into(), Duration::ZERO).await;
         assert!(matches!(taken, Ok((Duration::ZERO, _))), "{taken:?}");
         // Redis reported the bucket full 10 s after it answered, which came
         // before this reading.
@@ -1445,8 +1471,7 @@ mod tests {
         let mut last = Instant::now();
         for _ in 0..10 {
             let now = Instant::now();
-            let (wait, _) = bucket
-                .reserve_slow(1, now.into(), max_wait)
+            let (wait, _) = redis_decides(&bucket, 1, now.into(), max_wait)
                 .await
                 .expect("queued in Redis");
             last = now + wait;

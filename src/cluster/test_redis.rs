@@ -19,17 +19,52 @@ pub(crate) struct TestRedis {
 impl TestRedis {
     /// Starts one, or returns `None` (after saying why on stderr) when
     /// `redis-server` is missing or does not come up.
+    ///
+    /// The port is found free by binding it and letting go, and something
+    /// else (another test's Redis or server, in this process or another)
+    /// may take it before `redis-server` binds it: then the port answers,
+    /// but not from this test's Redis, which exited, and the test would
+    /// share the other's keys or lose its connection when that one goes (a
+    /// loaded run saw `broken pipe` on a fresh Redis' first call). Another
+    /// port is tried then.
     pub(crate) fn start() -> Option<TestRedis> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .ok()?
-            .port();
-        Self::start_on(port)
+        for _ in 0..10 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .ok()?
+                .port();
+            match Self::spawn_on(port) {
+                Ok(redis) => return Some(redis),
+                Err(Failed::Taken) => continue,
+                Err(Failed::Skip(why)) => {
+                    eprintln!("SKIPPED: {why}");
+                    return None;
+                }
+            }
+        }
+        eprintln!("SKIPPED: every port tried for redis-server was taken first");
+        None
     }
 
     /// As [`start`](Self::start), on `port` (a client already pointed at
     /// it sees Redis appear).
     pub(crate) fn start_on(port: u16) -> Option<TestRedis> {
+        match Self::spawn_on(port) {
+            Ok(redis) => Some(redis),
+            Err(Failed::Taken) => {
+                eprintln!("SKIPPED: 127.0.0.1:{port} was taken before redis-server bound it");
+                None
+            }
+            Err(Failed::Skip(why)) => {
+                eprintln!("SKIPPED: {why}");
+                None
+            }
+        }
+    }
+
+    /// Runs `redis-server` on `port` and waits until that process (its pid
+    /// in `INFO server`) answers there.
+    fn spawn_on(port: u16) -> Result<TestRedis, Failed> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -39,25 +74,33 @@ impl TestRedis {
         let mut child = match child {
             Ok(child) => child,
             Err(e) => {
-                eprintln!(
-                    "SKIPPED: cannot start redis-server ({e}); install Debian's redis-server"
-                );
-                return None;
+                return Err(Failed::Skip(format!(
+                    "cannot start redis-server ({e}); install Debian's redis-server"
+                )))
             }
         };
         for _ in 0..250 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(TestRedis {
-                    child,
-                    url: format!("redis://127.0.0.1:{port}/"),
-                });
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                // It could not bind the port: someone else has it.
+                return Err(Failed::Taken);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            match redis_pid(port) {
+                Some(pid) if pid == child.id() => {
+                    return Ok(TestRedis {
+                        child,
+                        url: format!("redis://127.0.0.1:{port}/"),
+                    })
+                }
+                Some(_) => return Err(stop(child, Failed::Taken)),
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        eprintln!("SKIPPED: redis-server did not listen on 127.0.0.1:{port} within 5 s");
-        None
+        Err(stop(
+            child,
+            Failed::Skip(format!(
+                "redis-server did not listen on 127.0.0.1:{port} within 5 s"
+            )),
+        ))
     }
 
     /// A connection to it.
@@ -66,6 +109,45 @@ impl TestRedis {
         redis::aio::ConnectionManager::new(client)
             .await
             .expect("test redis answers")
+    }
+}
+
+/// Why [`TestRedis::spawn_on`] has no Redis to give.
+enum Failed {
+    /// Something else had the port first.
+    Taken,
+    /// No Redis here: the test is skipped, saying this.
+    Skip(String),
+}
+
+/// Kills and reaps `child`, for `failed`.
+fn stop(mut child: Child, failed: Failed) -> Failed {
+    let _ = child.kill();
+    let _ = child.wait();
+    failed
+}
+
+/// The pid of the Redis answering on 127.0.0.1:`port` (`INFO server`'s
+/// `process_id`), `None` while nothing answers there as Redis does.
+fn redis_pid(port: u16) -> Option<u32> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream.write_all(b"INFO server\r\n").ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        if let Some(rest) = text.split("process_id:").nth(1) {
+            if let Some((pid, _)) = rest.split_once("\r\n") {
+                return pid.trim().parse().ok();
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
     }
 }
 
