@@ -7,6 +7,10 @@
 //! windows the counts are taken over.
 
 mod common;
+// The unit tests' throw-away Redis; here for its `redis_pid`.
+#[path = "../src/cluster/test_redis.rs"]
+#[allow(dead_code)]
+mod test_redis;
 
 use std::{
     net::SocketAddr,
@@ -46,30 +50,6 @@ enum Started {
     Taken,
     /// No Redis here: the test is skipped (said on stderr).
     Skip,
-}
-
-/// The pid of the Redis answering on 127.0.0.1:`port` (`INFO server`'s
-/// `process_id`), `None` while nothing answers there as Redis does.
-fn redis_pid(port: u16) -> Option<u32> {
-    use std::io::{Read, Write};
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    stream.write_all(b"INFO server\r\n").ok()?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&got);
-        if let Some(rest) = text.split("process_id:").nth(1) {
-            if let Some((pid, _)) = rest.split_once("\r\n") {
-                return pid.trim().parse().ok();
-            }
-        }
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
 }
 
 /// tests/fixtures/redis-tls/NAME: a test CA and a server certificate it
@@ -168,7 +148,7 @@ impl Redis {
                 self.child = None;
                 return Started::Taken;
             }
-            match redis_pid(self.port) {
+            match test_redis::redis_pid(self.port) {
                 Some(answering) if answering == pid => return Started::Up,
                 Some(_) => {
                     self.kill();

@@ -128,8 +128,9 @@ fn stop(mut child: Child, failed: Failed) -> Failed {
 }
 
 /// The pid of the Redis answering on 127.0.0.1:`port` (`INFO server`'s
-/// `process_id`), `None` while nothing answers there as Redis does.
-fn redis_pid(port: u16) -> Option<u32> {
+/// `process_id`), `None` while nothing answers there as Redis does
+/// (tests/cluster.rs uses it too).
+pub(crate) fn redis_pid(port: u16) -> Option<u32> {
     use std::io::{Read, Write};
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
