@@ -128,12 +128,11 @@ pub(crate) async fn primed_gathered(
     gather: usize,
 ) -> Result<Response<UpstreamBody>, AttemptError> {
     let until = tokio::time::Instant::now() + wait;
-    let (parts, body) = response.into_parts();
-    let mut body = body.first_frame(wait, false).await?;
-    if let UpstreamBody::Primed(primed) = &mut body {
+    let mut response = primed(response, wait, false).await?;
+    if let UpstreamBody::Primed(primed) = response.body_mut() {
         primed.gather(until, gather).await;
     }
-    Ok(Response::from_parts(parts, body))
+    Ok(response)
 }
 
 impl UpstreamBody {
@@ -602,6 +601,10 @@ impl Primed {
         let Some(data) = self.first.as_ref().and_then(Frame::data_ref) else {
             return;
         };
+        // Most answers came whole with their first read: nothing to join.
+        if data.len() >= gather || self.rest.is_end_stream() {
+            return;
+        }
         let mut joined = bytes::BytesMut::from(&data[..]);
         while joined.len() < gather && !self.rest.is_end_stream() {
             let next = std::future::poll_fn(|cx| Pin::new(&mut self.rest).poll_frame(cx));
