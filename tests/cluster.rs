@@ -7,7 +7,7 @@
 //! windows the counts are taken over.
 
 mod common;
-// The unit tests' throw-away Redis; here for its `redis_pid`.
+// The unit tests' throw-away Redis; here for its port and start-up checks.
 #[path = "../src/cluster/test_redis.rs"]
 #[allow(dead_code)]
 mod test_redis;
@@ -20,6 +20,7 @@ use std::{
 };
 
 use common::*;
+use test_redis::{free_port, Failed};
 use tokio::time::Instant;
 use weir::mock::{self, MockConfig};
 
@@ -33,23 +34,6 @@ struct Redis {
     /// tests/fixtures/redis-tls (the `rediss://` test).
     tls_port: Option<u16>,
     child: Option<Child>,
-}
-
-/// A free loopback port.
-fn free_port() -> Option<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .ok()
-        .map(|a| a.port())
-}
-
-/// What [`Redis::try_restart`] came to.
-enum Started {
-    Up,
-    /// Something else had the port first.
-    Taken,
-    /// No Redis here: the test is skipped (said on stderr).
-    Skip,
 }
 
 /// tests/fixtures/redis-tls/NAME: a test CA and a server certificate it
@@ -77,40 +61,43 @@ impl Redis {
     /// Redis or server) before `redis-server` binds it; the port answers
     /// then, but not from this Redis, which exited. Fresh ports are tried.
     fn start_with(tls: bool) -> Option<Redis> {
-        for _ in 0..10 {
+        test_redis::on_free_ports(|port| {
+            let tls_port = if tls {
+                let port = free_port().ok_or(Failed::Skip("no free port for TLS".into()))?;
+                Some(port)
+            } else {
+                None
+            };
             let mut redis = Redis {
-                port: free_port()?,
-                tls_port: if tls { Some(free_port()?) } else { None },
+                port,
+                tls_port,
                 child: None,
             };
-            match redis.try_restart() {
-                Started::Up => return Some(redis),
-                Started::Taken => continue,
-                Started::Skip => return None,
-            }
-        }
-        eprintln!("SKIPPED: every port tried for redis-server was taken first");
-        None
+            redis.try_restart().map(|()| redis)
+        })
     }
 
     /// (Re)starts the server on its port; false when it does not come up.
     fn restart(&mut self) -> bool {
         match self.try_restart() {
-            Started::Up => true,
-            Started::Taken => {
+            Ok(()) => true,
+            Err(Failed::Taken) => {
                 eprintln!(
                     "127.0.0.1:{} was taken before redis-server bound it",
                     self.port
                 );
                 false
             }
-            Started::Skip => false,
+            Err(Failed::Skip(why)) => {
+                eprintln!("SKIPPED: {why}");
+                false
+            }
         }
     }
 
     /// [`restart`](Self::restart), saying whether the port was taken:
     /// up once this process (its pid in `INFO server`) answers on it.
-    fn try_restart(&mut self) -> Started {
+    fn try_restart(&mut self) -> Result<(), Failed> {
         let mut command = Command::new("redis-server");
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -123,46 +110,18 @@ impl Redis {
                 .args(["--tls-auth-clients", "no"]);
         }
         let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn();
-        let pid = match child {
-            Ok(child) => {
-                let pid = child.id();
+        let mut child = child.map_err(|e| {
+            Failed::Skip(format!(
+                "cannot start redis-server ({e}); install Debian's redis-server"
+            ))
+        })?;
+        match test_redis::answers_itself(&mut child, self.port) {
+            Ok(()) => {
                 self.child = Some(child);
-                pid
+                Ok(())
             }
-            Err(e) => {
-                eprintln!(
-                    "SKIPPED: cannot start redis-server ({e}); install Debian's redis-server"
-                );
-                return Started::Skip;
-            }
-        };
-        for _ in 0..250 {
-            let exited = self
-                .child
-                .as_mut()
-                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
-            if exited {
-                // It could not bind a port: someone else has it. (Redis
-                // binds every port before it answers anyone, so an answer
-                // from this pid means the TLS port is its too.)
-                self.child = None;
-                return Started::Taken;
-            }
-            match test_redis::redis_pid(self.port) {
-                Some(answering) if answering == pid => return Started::Up,
-                Some(_) => {
-                    self.kill();
-                    return Started::Taken;
-                }
-                None => std::thread::sleep(Duration::from_millis(20)),
-            }
+            Err(failed) => Err(test_redis::stop(child, failed)),
         }
-        eprintln!(
-            "SKIPPED: redis-server did not listen on {} within 5 s",
-            self.port
-        );
-        self.kill();
-        Started::Skip
     }
 
     /// SIGKILL: Redis vanishes without a goodbye.

@@ -28,22 +28,7 @@ impl TestRedis {
     /// loaded run saw `broken pipe` on a fresh Redis' first call). Another
     /// port is tried then.
     pub(crate) fn start() -> Option<TestRedis> {
-        for _ in 0..10 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .ok()?
-                .port();
-            match Self::spawn_on(port) {
-                Ok(redis) => return Some(redis),
-                Err(Failed::Taken) => continue,
-                Err(Failed::Skip(why)) => {
-                    eprintln!("SKIPPED: {why}");
-                    return None;
-                }
-            }
-        }
-        eprintln!("SKIPPED: every port tried for redis-server was taken first");
-        None
+        on_free_ports(Self::spawn_on)
     }
 
     /// As [`start`](Self::start), on `port` (a client already pointed at
@@ -79,28 +64,13 @@ impl TestRedis {
                 )))
             }
         };
-        for _ in 0..250 {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                // It could not bind the port: someone else has it.
-                return Err(Failed::Taken);
-            }
-            match redis_pid(port) {
-                Some(pid) if pid == child.id() => {
-                    return Ok(TestRedis {
-                        child,
-                        url: format!("redis://127.0.0.1:{port}/"),
-                    })
-                }
-                Some(_) => return Err(stop(child, Failed::Taken)),
-                None => std::thread::sleep(Duration::from_millis(20)),
-            }
+        match answers_itself(&mut child, port) {
+            Ok(()) => Ok(TestRedis {
+                child,
+                url: format!("redis://127.0.0.1:{port}/"),
+            }),
+            Err(failed) => Err(stop(child, failed)),
         }
-        Err(stop(
-            child,
-            Failed::Skip(format!(
-                "redis-server did not listen on 127.0.0.1:{port} within 5 s"
-            )),
-        ))
     }
 
     /// A connection to it.
@@ -112,8 +82,56 @@ impl TestRedis {
     }
 }
 
-/// Why [`TestRedis::spawn_on`] has no Redis to give.
-enum Failed {
+/// A free loopback port (free when asked: see [`on_free_ports`]).
+pub(crate) fn free_port() -> Option<u16> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .ok()
+        .map(|a| a.port())
+}
+
+/// `start`'s Redis on a free port, tried on a fresh port while another
+/// server takes the one found free before `redis-server` binds it (up to
+/// 10 times); `None` after saying on stderr why the test is skipped.
+/// tests/cluster.rs uses it too.
+pub(crate) fn on_free_ports<T>(mut start: impl FnMut(u16) -> Result<T, Failed>) -> Option<T> {
+    for _ in 0..10 {
+        match start(free_port()?) {
+            Ok(redis) => return Some(redis),
+            Err(Failed::Taken) => continue,
+            Err(Failed::Skip(why)) => {
+                eprintln!("SKIPPED: {why}");
+                return None;
+            }
+        }
+    }
+    eprintln!("SKIPPED: every port tried for redis-server was taken first");
+    None
+}
+
+/// Waits until `child`, a `redis-server` just started on `port`, answers
+/// there itself (its pid in `INFO server`; Redis binds every port it is
+/// given before it answers anyone): `Taken` when it exits first (it could
+/// not bind the port) or another server answers, `Skip` when nothing
+/// answers within 5 s. tests/cluster.rs uses it too.
+pub(crate) fn answers_itself(child: &mut Child, port: u16) -> Result<(), Failed> {
+    for _ in 0..250 {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return Err(Failed::Taken);
+        }
+        match redis_pid(port) {
+            Some(pid) if pid == child.id() => return Ok(()),
+            Some(_) => return Err(Failed::Taken),
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    Err(Failed::Skip(format!(
+        "redis-server did not listen on 127.0.0.1:{port} within 5 s"
+    )))
+}
+
+/// Why a `redis-server` just started gives no Redis.
+pub(crate) enum Failed {
     /// Something else had the port first.
     Taken,
     /// No Redis here: the test is skipped, saying this.
@@ -121,16 +139,15 @@ enum Failed {
 }
 
 /// Kills and reaps `child`, for `failed`.
-fn stop(mut child: Child, failed: Failed) -> Failed {
+pub(crate) fn stop(mut child: Child, failed: Failed) -> Failed {
     let _ = child.kill();
     let _ = child.wait();
     failed
 }
 
 /// The pid of the Redis answering on 127.0.0.1:`port` (`INFO server`'s
-/// `process_id`), `None` while nothing answers there as Redis does
-/// (tests/cluster.rs uses it too).
-pub(crate) fn redis_pid(port: u16) -> Option<u32> {
+/// `process_id`), `None` while nothing answers there as Redis does.
+fn redis_pid(port: u16) -> Option<u32> {
     use std::io::{Read, Write};
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
