@@ -41,6 +41,11 @@ pub(crate) fn readyz(shared: &Shared) -> Response<GatewayBody> {
 
 /// `GET /metrics`: Prometheus text format 0.0.4 (SPEC).
 pub(crate) fn metrics(shared: &Shared) -> Response<GatewayBody> {
+    let held = shared.body_budget.held();
+    shared
+        .metrics
+        .buffered_body_bytes
+        .set(i64::try_from(held).unwrap_or(i64::MAX));
     let mut response = Response::new(GatewayBody::full(shared.metrics.render()));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

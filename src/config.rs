@@ -118,6 +118,10 @@ pub struct ServerConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Request bodies larger than this get 413 and are read no further.
     pub max_body_bytes: usize,
+    /// Request-body bytes held in memory at once, across every connection
+    /// (beyond SPEC); a body that finds no room waits. At least
+    /// `max_body_bytes`. Changing it on reload needs a restart.
+    pub max_buffered_body_bytes: usize,
     /// The whole request: queueing plus every attempt.
     pub request_timeout: Duration,
     /// An upstream must send response headers within this, or the attempt fails.
@@ -369,6 +373,9 @@ pub mod defaults {
     pub const LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080));
     /// `server.max_body_bytes` (10 MiB).
     pub const MAX_BODY_BYTES: usize = 10_485_760;
+    /// `server.max_buffered_body_bytes` (1 GiB, or `max_body_bytes` when
+    /// that is larger).
+    pub const MAX_BUFFERED_BODY_BYTES: usize = 1 << 30;
     /// `server.request_timeout`.
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
     /// `server.first_byte_timeout`.
@@ -748,6 +755,7 @@ struct RawServer {
     listen: Option<S<String>>,
     admin_listen: Option<S<String>>,
     max_body_bytes: Option<S<i64>>,
+    max_buffered_body_bytes: Option<S<i64>>,
     request_timeout: Option<S<String>>,
     first_byte_timeout: Option<S<String>>,
     shutdown_grace: Option<S<String>>,
@@ -1273,6 +1281,21 @@ impl Checker<'_> {
             },
             None => defaults::MAX_BODY_BYTES,
         };
+        let max_buffered_body_bytes = match &raw.max_buffered_body_bytes {
+            Some(v) => match self.uint(v, "server.max_buffered_body_bytes", usize::MAX) {
+                Some(n) if n < max_body_bytes => {
+                    self.error(
+                        v.span(),
+                        "server.max_buffered_body_bytes",
+                        format!("must be at least server.max_body_bytes ({max_body_bytes}): a body that size could never be held"),
+                    );
+                    max_body_bytes
+                }
+                Some(n) => n,
+                None => max_body_bytes.max(defaults::MAX_BUFFERED_BODY_BYTES),
+            },
+            None => max_body_bytes.max(defaults::MAX_BUFFERED_BODY_BYTES),
+        };
         let errors_before = self.errors.len();
         let request_timeout = self.duration(
             &raw.request_timeout,
@@ -1402,6 +1425,7 @@ impl Checker<'_> {
             listen,
             admin_listen,
             max_body_bytes,
+            max_buffered_body_bytes,
             request_timeout,
             first_byte_timeout,
             shutdown_grace,
@@ -2796,6 +2820,7 @@ fn render(c: &Config) -> String {
         }
     }
     let _ = writeln!(o, "max_body_bytes = {}", s.max_body_bytes);
+    let _ = writeln!(o, "max_buffered_body_bytes = {}", s.max_buffered_body_bytes);
     let _ = writeln!(o, "request_timeout = {}", dur(s.request_timeout));
     let _ = writeln!(o, "first_byte_timeout = {}", dur(s.first_byte_timeout));
     let _ = writeln!(o, "shutdown_grace = {}", dur(s.shutdown_grace));
@@ -3412,6 +3437,41 @@ key_prefix = "prod"
         assert!(!debug.contains("SENTINEL"), "{debug}");
     }
 
+    /// The body budget holds at least one body of the largest size
+    /// allowed: by default it grows with `max_body_bytes`, and a file that
+    /// sets it lower is refused at the key.
+    #[test]
+    fn the_body_budget_holds_at_least_one_whole_body() {
+        let big = Config::parse(
+            &format!("[server]\nmax_body_bytes = 2_000_000_000\n{MINIMAL}"),
+            "t.toml",
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(big.server.max_buffered_body_bytes, 2_000_000_000);
+        let set = Config::parse(
+            &format!("[server]\nmax_buffered_body_bytes = 5_000_000\nmax_body_bytes = 5_000_000\n{MINIMAL}"),
+            "t.toml",
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(set.server.max_buffered_body_bytes, 5_000_000);
+        let e = one_error(&format!(
+            "[server]\nmax_buffered_body_bytes = 1000\n{MINIMAL}"
+        ));
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (2, "server.max_buffered_body_bytes")
+        );
+        assert!(
+            e.message
+                .contains("at least server.max_body_bytes (10485760)"),
+            "{e}"
+        );
+        let e = one_error(&format!("[server]\nmax_buffered_body_bytes = 0\n{MINIMAL}"));
+        assert_eq!(e.key, "server.max_buffered_body_bytes");
+    }
+
     #[test]
     fn defaults_are_filled_in() {
         let c = Config::parse(MINIMAL, "min.toml", &no_env).unwrap();
@@ -3421,6 +3481,7 @@ key_prefix = "prod"
         assert_eq!(s.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(s.admin_listen, None);
         assert_eq!(s.max_body_bytes, 10_485_760);
+        assert_eq!(s.max_buffered_body_bytes, 1 << 30);
         assert_eq!(s.request_timeout, Duration::from_secs(600));
         assert_eq!(s.first_byte_timeout, Duration::from_secs(60));
         assert_eq!(s.shutdown_grace, Duration::from_secs(30));
@@ -4572,6 +4633,7 @@ budget_percent = 200
             ("server", "listen"),
             ("server", "admin_listen"),
             ("server", "max_body_bytes"),
+            ("server", "max_buffered_body_bytes"),
             ("server", "request_timeout"),
             ("server", "first_byte_timeout"),
             ("server", "shutdown_grace"),

@@ -35,6 +35,9 @@ pub(crate) struct Shared {
     /// Caps concurrent client connections (`server.max_connections`)
     /// across every listener.
     pub connections: Arc<Semaphore>,
+    /// Caps the request-body bytes held at once
+    /// (`server.max_buffered_body_bytes`) across every connection.
+    pub body_budget: crate::body_budget::BodyBudget,
     /// The file to re-read on reload (`None` for `weir demo` and tests that
     /// build their config in memory).
     pub config_path: Option<PathBuf>,
@@ -247,6 +250,7 @@ impl Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             connections: Arc::new(Semaphore::new(config.server.max_connections.max(1))),
+            body_budget: crate::body_budget::BodyBudget::new(config.server.max_buffered_body_bytes),
             config_path: self.config_path,
             env: self.env,
             reload_lock: tokio::sync::Mutex::new(()),

@@ -29,6 +29,7 @@ pub mod admission;
 pub mod api;
 pub mod balancer;
 mod body;
+mod body_budget;
 mod busy_poll;
 pub mod cluster;
 pub mod config;

@@ -30,6 +30,7 @@ use crate::{
     },
     api::{facts, json_response, ApiError, Endpoint},
     body::{settle_cut, Accounting, AnsweredBy, GatewayBody, ProxiedBody, UsageReader},
+    body_budget::{self, BodyBudget, Room},
     gateway::Shared,
     headers::{self, ClientHeaders, Upstream},
     health::outlier::{self, Outcome},
@@ -122,7 +123,16 @@ pub(crate) async fn forward(
     // From the start of the request (the log's clock reading).
     let deadline = log.started + server.request_timeout;
     parsable_body(&head.headers)?;
-    let body = read_body(&head.headers, body, server.max_body_bytes, deadline).await?;
+    // `_room` is the body's share of `max_buffered_body_bytes`, held as
+    // long as the body: until a backend's answer ends the retries.
+    let (body, _room) = read_body(
+        &head.headers,
+        body,
+        server.max_body_bytes,
+        deadline,
+        &shared.body_budget,
+    )
+    .await?;
     let facts = facts::parse(&body)?;
     let Some((place, route)) = snapshot.route(&facts.model) else {
         log.model = Some(facts.model.clone());
@@ -1314,25 +1324,43 @@ fn parsable_body(headers: &ClientHeaders) -> Result<(), ApiError> {
 
 /// Reads the whole request body, refusing it as soon as it is known to be
 /// larger than `limit` (413 without reading the rest) and bounding the wait
-/// by `request_timeout`.
+/// by `request_timeout`. The body's room in `budget` comes with it: all of
+/// it before the first byte is read when the length is declared, as it
+/// arrives otherwise (see [`crate::body_budget`]).
 async fn read_body(
     headers: &ClientHeaders,
     mut body: ClientBody,
     limit: usize,
     deadline: Instant,
-) -> Result<Bytes, ApiError> {
+    budget: &BodyBudget,
+) -> Result<(Bytes, Room), ApiError> {
     let declared = codec::content_length(headers.values(Name::ContentLength))
         .ok()
         .flatten();
     if declared.is_none_or(|n| n <= limit as u64) {
+        let uncounted = match body {
+            ClientBody::Http2(_) => 0,
+            _ => body_budget::UNCOUNTED,
+        };
+        let mut room = Room::default();
         // Through `&mut`, so a body found too large is still there to drain.
         // Without a length (chunked), a chunk's size already promises how
         // much more is coming: one over the limit is refused at once,
         // not after waiting for bytes the client may never send.
         let promises = declared.is_none();
-        match tokio::time::timeout_at(deadline, collect(&mut body, limit, promises)).await {
+        let read = async {
+            if let Some(n) = declared {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                budget.reserve(&mut room, n, uncounted).await;
+            }
+            let room = (promises && uncounted < limit).then_some((budget, &mut room, uncounted));
+            collect(&mut body, limit, promises, room).await
+        };
+        let read = tokio::time::timeout_at(deadline, read).await;
+        match read {
+            Err(_) if room.waiting => return Err(ApiError::BodyRoomTimeout),
             Err(_) => return Err(ApiError::BodyTimeout),
-            Ok(Ok(whole)) => return Ok(whole),
+            Ok(Ok(whole)) => return Ok((whole, room)),
             Ok(Err(Collect::TooLarge)) => {}
             Ok(Err(Collect::Failed(e))) if e.client_left() => return Err(ApiError::ClientGone),
             Ok(Err(Collect::Failed(e))) => return Err(ApiError::BodyRead(e.to_string())),
@@ -1359,8 +1387,15 @@ enum Collect {
 /// The body's bytes, at most `limit` of them. A body that arrives in one
 /// frame (the usual case: it came with the head) is that frame, not a
 /// copy; a longer one is gathered into one buffer. With `promises`, what
-/// the body's framing has promised (the rest of a chunk) counts too.
-async fn collect(body: &mut ClientBody, limit: usize, promises: bool) -> Result<Bytes, Collect> {
+/// the body's framing has promised (the rest of a chunk) counts too. With
+/// `room` (a body of no declared length), room is reserved for what
+/// arrives before it is kept.
+async fn collect(
+    body: &mut ClientBody,
+    limit: usize,
+    promises: bool,
+    mut room: Option<(&BodyBudget, &mut Room, usize)>,
+) -> Result<Bytes, Collect> {
     let mut whole = Bytes::new();
     let mut gathered: Option<BytesMut> = None;
     let mut len = 0usize;
@@ -1377,6 +1412,9 @@ async fn collect(body: &mut ClientBody, limit: usize, promises: bool) -> Result<
         };
         if len.saturating_add(promised) > limit {
             return Err(Collect::TooLarge);
+        }
+        if let Some((budget, room, uncounted)) = &mut room {
+            budget.reserve_read(room, len, *uncounted).await;
         }
         if whole.is_empty() && gathered.is_none() {
             whole = data;

@@ -16,8 +16,8 @@
 //! so stopping never waits for a probe.
 //!
 //! Settings that only take effect when a listener starts (`listen`,
-//! `admin_listen`, `max_connections`, the connection timeouts, `log_format`,
-//! `watch_config`) are reported as needing a restart and keep their running
+//! `admin_listen`, `max_connections`, `max_buffered_body_bytes`, the
+//! connection timeouts, `log_format`, `watch_config`) are reported as needing a restart and keep their running
 //! values, so the snapshot always says what is in effect.
 //!
 //! This module decides nothing about routing; it only builds, stores and
@@ -230,6 +230,7 @@ fn keep_restart_only_settings(old: &Config, new: &mut Config) {
     n.listen = o.listen;
     n.admin_listen = o.admin_listen;
     n.max_connections = o.max_connections;
+    n.max_buffered_body_bytes = o.max_buffered_body_bytes;
     n.header_read_timeout = o.header_read_timeout;
     n.idle_timeout = o.idle_timeout;
     n.log_format = o.log_format;
@@ -453,6 +454,11 @@ fn restart_items(old: &Config, new: &Config, out: &mut Changes) {
         "max_connections",
         o.max_connections.to_string(),
         n.max_connections.to_string(),
+    );
+    restart(
+        "max_buffered_body_bytes",
+        o.max_buffered_body_bytes.to_string(),
+        n.max_buffered_body_bytes.to_string(),
     );
     restart(
         "header_read_timeout",

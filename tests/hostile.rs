@@ -1347,3 +1347,196 @@ async fn h2_authorities_are_checked_as_hosts_are() {
     }
     assert_eq!(m.requests(), 3);
 }
+
+/// A chat body of exactly `len` bytes (its prompt padded with `x`).
+fn body_of(len: usize) -> String {
+    let frame = r#"{"model":"m1","messages":[{"role":"user","content":""}]}"#;
+    let pad = "x".repeat(len - frame.len());
+    let body = format!(r#"{{"model":"m1","messages":[{{"role":"user","content":"{pad}"}}]}}"#);
+    assert_eq!(body.len(), len);
+    body
+}
+
+/// Reads from `s` until `text` holds a whole response head and its
+/// `content-length` body (10 s at most).
+async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if body.len() >= len && !head.starts_with("HTTP/1.1 100 ") {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed early; got {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Whether `s` reads `100 Continue` within `within` (`None`: nothing came).
+async fn continued(s: &mut tokio::net::TcpStream, within: Duration) -> Option<bool> {
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(within, s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    Some(buf[..n].starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"))
+}
+
+/// `server.max_buffered_body_bytes`: an HTTP/1.1 body over 64 KiB that
+/// finds the budget held by another waits for room, unread (its `100
+/// Continue` comes only then), and goes on once the body that held the
+/// room has its answer.
+#[tokio::test]
+async fn http1_bodies_wait_for_room_in_the_body_budget() {
+    const LEN: usize = 200_000;
+    let (gw, m) = setup(&format!(
+        "max_body_bytes = {LEN}\nmax_buffered_body_bytes = {LEN}\nrequest_timeout = \"10s\"\n"
+    ))
+    .await;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\nContent-Length: {LEN}\r\nExpect: 100-continue\r\n\r\n"
+    );
+    let body = body_of(LEN);
+    // The first body has its room (it is asked for) and stalls.
+    let mut first = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    first.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(
+        continued(&mut first, Duration::from_secs(10)).await,
+        Some(true)
+    );
+    first.write_all(&body.as_bytes()[..9]).await.unwrap();
+    let held = metric(gw.addr(), "weir_buffered_body_bytes", &[]).await;
+    assert!(held >= (LEN - 65_536) as f64, "{held}");
+    // The second finds no room and is not asked for its body.
+    let mut second = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    second.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(
+        continued(&mut second, Duration::from_millis(300)).await,
+        None
+    );
+    first.write_all(&body.as_bytes()[9..]).await.unwrap();
+    let text = read_response(&mut first).await;
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert_eq!(
+        continued(&mut second, Duration::from_secs(10)).await,
+        Some(true)
+    );
+    second.write_all(body.as_bytes()).await.unwrap();
+    let text = read_response(&mut second).await;
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert_eq!(m.requests(), 2);
+    assert_eq!(
+        metric(gw.addr(), "weir_buffered_body_bytes", &[]).await,
+        0.0
+    );
+}
+
+/// The same budget holds across an HTTP/2 connection's streams, where
+/// every body counts, and a body of no declared length takes its room as
+/// it arrives: one that finds none waits, and gets a 504 naming the
+/// setting at its deadline.
+#[tokio::test]
+async fn http2_streams_share_the_body_budget() {
+    use http_body_util::{channel::Channel, BodyExt};
+    const LEN: usize = 150_000;
+    let (gw, m) = setup(&format!(
+        "max_body_bytes = {LEN}\nmax_buffered_body_bytes = 220000\nrequest_timeout = \"1s\"\n"
+    ))
+    .await;
+    let held_at_least = |bytes: usize| {
+        let addr = gw.addr();
+        async move {
+            let mut held = 0.0;
+            for _ in 0..250 {
+                held = metric(addr, "weir_buffered_body_bytes", &[]).await;
+                if held >= bytes as f64 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("{held} held, not {bytes}");
+        }
+    };
+    let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let post = |length: Option<usize>, body: Channel<bytes::Bytes, std::convert::Infallible>| {
+        let mut request = http::Request::post(format!("http://{}/v1/chat/completions", gw.addr()))
+            .header("content-type", "application/json");
+        if let Some(length) = length {
+            request = request.header("content-length", length);
+        }
+        request.body(body).unwrap()
+    };
+    let answer = |response: tokio::task::JoinHandle<hyper::Result<http::Response<_>>>| async {
+        let response: http::Response<hyper::body::Incoming> =
+            tokio::time::timeout(Duration::from_secs(10), response)
+                .await
+                .expect("an answer")
+                .unwrap()
+                .unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    // A body of no declared length takes a first 64 KiB step.
+    let (mut open_tx, open_body) = Channel::new(4);
+    let open = tokio::spawn(sender.send_request(post(None, open_body)));
+    open_tx
+        .send_data(bytes::Bytes::from_static(b"{\"model\":"))
+        .await
+        .unwrap();
+    held_at_least(65_536).await;
+    // A declared one takes all its room, and stalls.
+    let (mut declared_tx, declared_body) = Channel::new(4);
+    let declared = tokio::spawn(sender.send_request(post(Some(LEN), declared_body)));
+    declared_tx
+        .send_data(bytes::Bytes::from_static(b"{\"model\":"))
+        .await
+        .unwrap();
+    held_at_least(65_536 + LEN).await;
+    // The first one's next 64 KiB finds no room: it waits until its deadline.
+    open_tx
+        .send_data(bytes::Bytes::from(vec![b' '; 70_000]))
+        .await
+        .unwrap();
+    let (status, text) = answer(open).await;
+    assert_eq!(status, 504, "{text}");
+    assert!(text.contains("max_buffered_body_bytes"), "{text}");
+    let (status, text) = answer(declared).await;
+    assert_eq!(status, 504, "{text}");
+    assert!(
+        text.contains("was not received within request_timeout"),
+        "{text}"
+    );
+    drop((open_tx, declared_tx));
+    assert_eq!(m.requests(), 0);
+    let r = common::post_with(
+        &h2c_client(),
+        gw.addr(),
+        "/v1/chat/completions",
+        &body_of(LEN),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        metric(gw.addr(), "weir_buffered_body_bytes", &[]).await,
+        0.0
+    );
+}

@@ -1274,7 +1274,8 @@ async fn admin_reload_answers_with_the_changes_and_listen_needs_a_restart() {
         serde_json::json!({"result": "ok", "changes": ["no changes"]})
     );
 
-    let moved = "[server]\nlisten = \"127.0.0.1:18081\"\n\n";
+    let moved =
+        "[server]\nlisten = \"127.0.0.1:18081\"\nmax_buffered_body_bytes = 2_000_000_000\n\n";
     let changes = live
         .apply(&format!(
             "{moved}{}",
@@ -1289,6 +1290,7 @@ async fn admin_reload_answers_with_the_changes_and_listen_needs_a_restart() {
         changes,
         [
             "server.listen 127.0.0.1:18080 -> 127.0.0.1:18081 needs a restart (still 127.0.0.1:18080)",
+            "server.max_buffered_body_bytes 1073741824 -> 2000000000 needs a restart (still 1073741824)",
             "backend b1 weight 1 -> 3",
             "backend b2 added",
             "backend b3 removed (draining)",
@@ -1305,7 +1307,8 @@ async fn admin_reload_answers_with_the_changes_and_listen_needs_a_restart() {
     assert_eq!(
         r["changes"],
         serde_json::json!([
-            "server.listen 127.0.0.1:18080 -> 127.0.0.1:18081 needs a restart (still 127.0.0.1:18080)"
+            "server.listen 127.0.0.1:18080 -> 127.0.0.1:18081 needs a restart (still 127.0.0.1:18080)",
+            "server.max_buffered_body_bytes 1073741824 -> 2000000000 needs a restart (still 1073741824)"
         ])
     );
 }

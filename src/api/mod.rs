@@ -144,6 +144,11 @@ pub enum ApiError {
     /// (SPEC "Slow clients": a stalled body counts against it).
     #[error("The request body was not received within request_timeout.")]
     BodyTimeout,
+    /// The body waited for room in `server.max_buffered_body_bytes` (other
+    /// requests' bodies held it all) until `request_timeout` passed: 504,
+    /// as [`ApiError::BodyTimeout`], saying why.
+    #[error("The request body could not be read within request_timeout: the memory weir keeps for request bodies (server.max_buffered_body_bytes) stayed full.")]
+    BodyRoomTimeout,
     /// The client's body could not be read (400).
     #[error("The request body could not be read: {0}")]
     BodyRead(String),
@@ -315,7 +320,7 @@ impl ApiError {
                 "invalid_request_error",
                 Some("request_too_large"),
             ),
-            BodyTimeout => (
+            BodyTimeout | BodyRoomTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
                 Some("upstream_timeout"),
@@ -361,6 +366,7 @@ impl ApiError {
             self,
             ApiError::BodyTooLarge { .. }
                 | ApiError::BodyTimeout
+                | ApiError::BodyRoomTimeout
                 | ApiError::BodyRead(_)
                 | ApiError::ClientGone
                 | ApiError::BadFraming(_)

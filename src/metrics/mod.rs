@@ -375,6 +375,9 @@ pub(crate) struct Metrics {
     /// `weir_cluster_replicas`: set by the cluster task (`1` without
     /// `[cluster]`: this replica alone).
     pub cluster_replicas: Gauge,
+    /// `weir_buffered_body_bytes` (beyond SPEC): set from the body budget
+    /// when `/metrics` is read, so the request path never touches it.
+    pub buffered_body_bytes: Gauge,
 }
 
 /// Histogram buckets fit for LLM latencies: 5 ms to 120 s.
@@ -522,6 +525,12 @@ impl Metrics {
             "Replicas sharing the rate limits, this one included",
             cluster_replicas.clone(),
         );
+        let buffered_body_bytes = Gauge::<i64>::default();
+        registry.register(
+            "weir_buffered_body_bytes",
+            "Request-body bytes held in server.max_buffered_body_bytes (HTTP/1.1 bodies up to 64 KiB are not counted)",
+            buffered_body_bytes.clone(),
+        );
         Self {
             registry,
             unknown_model_requests: RequestCounters::new(&requests, "", ""),
@@ -541,6 +550,7 @@ impl Metrics {
             ttfb,
             cluster_up,
             cluster_replicas,
+            buffered_body_bytes,
         }
     }
 

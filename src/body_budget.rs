@@ -1,0 +1,187 @@
+//! The memory every buffered request body may hold at once
+//! (`server.max_buffered_body_bytes`).
+//!
+//! weir reads a request's whole body before it routes it (the `model` is in
+//! it) and keeps it until a backend has answered, for retries. Per request
+//! `max_body_bytes` bounds that; across requests only this budget does.
+//! Without it 10,000 connections, or one HTTP/2 connection with its 200
+//! streams, could each hold `max_body_bytes` (10 MiB by default) at once.
+//!
+//! A body with a declared length reserves all its room before a byte of it
+//! is read, so two half-read bodies never wait on each other for the rest;
+//! a chunked one reserves as it arrives. A body that finds no room waits,
+//! first come first served, while its bytes wait in the client's socket
+//! (or its HTTP/2 flow-control window); the request's deadline ends the
+//! wait. HTTP/1.1 bodies up to [`UNCOUNTED`] are not counted: a connection
+//! reads one request at a time, so `max_connections` bounds them, and the
+//! usual small request takes no lock here.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// HTTP/1.1 body bytes each request holds without reserving them.
+pub const UNCOUNTED: usize = 64 * 1024;
+
+/// The budget counts KiB, so a 4 TiB budget still fits a `u32` reservation.
+const UNIT: usize = 1024;
+
+/// A chunked body reserves in steps of this, not per read.
+const STEP: usize = 64 * 1024;
+
+/// The room all buffered request bodies share; one per process, kept across
+/// reloads (the setting needs a restart).
+#[derive(Debug)]
+pub struct BodyBudget {
+    room: Arc<Semaphore>,
+    /// The whole budget in units: no reservation asks for more.
+    units: u32,
+}
+
+/// Room one body holds in the [`BodyBudget`], given back when dropped.
+#[derive(Debug, Default)]
+pub struct Room {
+    held: Option<OwnedSemaphorePermit>,
+    /// Bytes covered, beyond what the body may hold uncounted.
+    bytes: usize,
+    /// Set while the body waits for room, so a deadline that passes then
+    /// is told apart from one that passes waiting for the client.
+    pub waiting: bool,
+}
+
+impl BodyBudget {
+    /// A budget of `bytes` (at least one unit).
+    pub fn new(bytes: usize) -> Self {
+        let units = u32::try_from(bytes.div_ceil(UNIT))
+            .unwrap_or(u32::MAX)
+            .clamp(1, u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+        BodyBudget {
+            room: Arc::new(Semaphore::new(units as usize)),
+            units,
+        }
+    }
+
+    /// Bytes held now by every body (`weir_buffered_body_bytes`).
+    pub fn held(&self) -> usize {
+        (self.units as usize)
+            .saturating_sub(self.room.available_permits())
+            .saturating_mul(UNIT)
+    }
+
+    /// Bytes free now.
+    #[cfg(test)]
+    fn available(&self) -> usize {
+        self.room.available_permits().saturating_mul(UNIT)
+    }
+
+    /// Makes `room` cover a body of `len` bytes of which `uncounted` need no
+    /// room, waiting for the difference. A body larger than the whole budget
+    /// takes the whole budget (it waits until every other body is gone),
+    /// so the wait always ends.
+    pub async fn reserve(&self, room: &mut Room, len: usize, uncounted: usize) {
+        let want = len.saturating_sub(uncounted);
+        if want <= room.bytes {
+            return;
+        }
+        let held_units = room.held.as_ref().map_or(0, |p| p.num_permits());
+        let want_units = u32::try_from(want.div_ceil(UNIT))
+            .unwrap_or(u32::MAX)
+            .min(self.units);
+        let more = want_units.saturating_sub(u32::try_from(held_units).unwrap_or(u32::MAX));
+        if more > 0 {
+            room.waiting = true;
+            // The semaphore is never closed: an error cannot happen, and
+            // would only mean the body goes uncounted.
+            if let Ok(permit) = self.room.clone().acquire_many_owned(more).await {
+                match &mut room.held {
+                    Some(held) => held.merge(permit),
+                    None => room.held = Some(permit),
+                }
+            }
+            room.waiting = false;
+        }
+        room.bytes = want;
+    }
+
+    /// [`reserve`](Self::reserve) for a body whose length is not declared:
+    /// `len` read so far, room taken a [`STEP`] ahead.
+    pub async fn reserve_read(&self, room: &mut Room, len: usize, uncounted: usize) {
+        if len.saturating_sub(uncounted) > room.bytes {
+            let ahead = len.saturating_add(STEP - 1) / STEP * STEP;
+            self.reserve(room, ahead.max(len), uncounted).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_body_waits_until_another_gives_its_room_back() {
+        let budget = Arc::new(BodyBudget::new(100 * UNIT));
+        let mut first = Room::default();
+        budget.reserve(&mut first, 80 * UNIT, 0).await;
+        assert_eq!(budget.available(), 20 * UNIT);
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let mut second = Room::default();
+                budget.reserve(&mut second, 30 * UNIT, 0).await;
+                second
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "30 KiB does not fit in 20");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("room came back")
+            .expect("no panic");
+        assert_eq!(budget.available(), 70 * UNIT);
+        drop(second);
+        assert_eq!(budget.available(), 100 * UNIT);
+    }
+
+    #[tokio::test]
+    async fn uncounted_bytes_and_room_already_held_are_not_reserved_again() {
+        let budget = BodyBudget::new(100 * UNIT);
+        let mut room = Room::default();
+        budget.reserve(&mut room, 64 * UNIT, 64 * UNIT).await;
+        assert_eq!(budget.available(), 100 * UNIT);
+        budget.reserve(&mut room, 74 * UNIT, 64 * UNIT).await;
+        assert_eq!(budget.available(), 90 * UNIT);
+        budget.reserve(&mut room, 70 * UNIT, 64 * UNIT).await;
+        assert_eq!(budget.available(), 90 * UNIT, "never given back early");
+        budget.reserve(&mut room, 84 * UNIT, 64 * UNIT).await;
+        assert_eq!(budget.available(), 80 * UNIT, "only the difference");
+        drop(room);
+        assert_eq!(budget.available(), 100 * UNIT);
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_budget_takes_all_of_it() {
+        let budget = BodyBudget::new(10 * UNIT);
+        let mut room = Room::default();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            budget.reserve(&mut room, 50 * UNIT, 0),
+        )
+        .await
+        .expect("does not wait for room that can never exist");
+        assert_eq!(budget.available(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_undeclared_body_reserves_a_step_ahead() {
+        let budget = BodyBudget::new(1024 * UNIT);
+        let mut room = Room::default();
+        budget.reserve_read(&mut room, 1, 0).await;
+        assert_eq!(budget.available(), 1024 * UNIT - STEP);
+        budget.reserve_read(&mut room, STEP, 0).await;
+        assert_eq!(budget.available(), 1024 * UNIT - STEP, "still covered");
+        budget.reserve_read(&mut room, STEP + 1, 0).await;
+        assert_eq!(budget.available(), 1024 * UNIT - 2 * STEP);
+    }
+}
