@@ -33,7 +33,8 @@
 //! Decisions worth knowing:
 //!
 //! * **Duplicate keys.** A key weir reads (`model`, `stream`, `max_tokens`,
-//!   `max_completion_tokens`, `max_output_tokens`, `n`, `stream_options`, `messages`, `prompt`,
+//!   `max_completion_tokens`, `max_output_tokens`, `n`, `best_of`, `stream_options`, `messages`,
+//!   `prompt`,
 //!   `input`, and `include_usage` inside `stream_options`) may appear only
 //!   once: backends built on Python keep the *last* duplicate, so a body with
 //!   `"max_tokens":1, ..., "max_tokens":100000` would otherwise be admitted for
@@ -100,7 +101,9 @@ pub struct RequestFacts {
     /// a batch the completions API answers each of (so its completion
     /// estimate counts once per prompt); anything else is 1.
     pub prompts: u32,
-    /// `n` (choices per request), default 1; `0` is read as 1. Multiplies the
+    /// `n` (choices per request), default 1; `0` is read as 1; or the
+    /// legacy completions' `best_of` when larger (the backend generates
+    /// `best_of` choices and returns `n` of them). Multiplies the
     /// completion-token estimate.
     pub n: u32,
     /// `stream_options.include_usage == true`: the client itself asked for the
@@ -474,6 +477,7 @@ struct Top {
     /// The Responses API's name for it (`/v1/responses`).
     max_output_tokens: Option<u32>,
     n: Option<u32>,
+    best_of: Option<u32>,
     /// Prompts in `prompt` (0 read as 1).
     prompts: u32,
     /// Where it is, and `include_usage == true`.
@@ -510,7 +514,7 @@ impl Top {
                 max_completion_tokens: self.max_completion_tokens,
                 max_output_tokens: self.max_output_tokens,
                 prompts: self.prompts.max(1),
-                n: self.n.unwrap_or(1).max(1),
+                n: self.n.unwrap_or(1).max(self.best_of.unwrap_or(1)).max(1),
                 include_usage,
                 has_stream_options,
                 prompt_bytes: self.prompt_bytes,
@@ -532,6 +536,7 @@ enum Key {
     MaxCompletionTokens,
     MaxOutputTokens,
     N,
+    BestOf,
     StreamOptions,
     Messages,
     Prompt,
@@ -552,6 +557,7 @@ impl Key {
             Key::MaxCompletionTokens => "max_completion_tokens",
             Key::MaxOutputTokens => "max_output_tokens",
             Key::N => "n",
+            Key::BestOf => "best_of",
             Key::StreamOptions => "stream_options",
             Key::Messages => "messages",
             Key::Prompt => "prompt",
@@ -593,6 +599,7 @@ fn top_key(key: &str) -> Key {
         "max_completion_tokens" => Key::MaxCompletionTokens,
         "max_output_tokens" => Key::MaxOutputTokens,
         "n" => Key::N,
+        "best_of" => Key::BestOf,
         "stream_options" => Key::StreamOptions,
         "messages" => Key::Messages,
         "prompt" => Key::Prompt,
@@ -660,6 +667,7 @@ impl<'de> Visitor<'de> for TopSeed<'_, 'de> {
                         map.next_value_seed(U32Seed(ctx, "max_output_tokens"))?;
                 }
                 Key::N => top.n = map.next_value_seed(U32Seed(ctx, "n"))?,
+                Key::BestOf => top.best_of = map.next_value_seed(U32Seed(ctx, "best_of"))?,
                 Key::StreamOptions => {
                     let raw: &'de RawValue = map.next_value()?;
                     top.stream_options = Some(read_stream_options(ctx, raw.get())?);
@@ -1410,6 +1418,11 @@ mod tests {
         assert_eq!(ok(r#"{"model":"m","n":3}"#).n, 3);
         assert_eq!(ok(r#"{"model":"m","n":0}"#).n, 1);
         assert_eq!(ok(r#"{"model":"m","n":null}"#).n, 1);
+        assert_eq!(ok(r#"{"model":"m","best_of":5,"n":2}"#).n, 5);
+        assert_eq!(ok(r#"{"model":"m","n":3,"best_of":1}"#).n, 3);
+        assert_eq!(ok(r#"{"model":"m","best_of":0}"#).n, 1);
+        // The serde pass (a float spelling the scanner leaves to it) agrees.
+        assert_eq!(ok(r#"{"model":"m","best_of":4.0}"#).n, 4);
     }
 
     #[test]
@@ -1429,6 +1442,7 @@ mod tests {
             bad("max_completion_tokens")
         );
         assert_eq!(err(r#"{"model":"m","n":{}}"#), bad("n"));
+        assert_eq!(err(r#"{"model":"m","best_of":"2"}"#), bad("best_of"));
         assert_eq!(
             err(r#"{"model":"m","stream_options":true}"#),
             bad("stream_options")
@@ -2038,6 +2052,7 @@ mod tests {
             "stream",
             "max_tokens",
             "n",
+            "best_of",
             "tools",
             "extra",
         ]);

@@ -94,6 +94,7 @@ fn member(
         Key::MaxCompletionTokens => top.max_completion_tokens = s.count()?,
         Key::MaxOutputTokens => top.max_output_tokens = s.count()?,
         Key::N => top.n = s.count()?,
+        Key::BestOf => top.best_of = s.count()?,
         Key::StreamOptions => top.stream_options = Some(s.stream_options(level)?),
         Key::Messages => top.messages(s.messages(level)?),
         Key::Prompt => {
@@ -118,6 +119,7 @@ fn top_key(key: &[u8]) -> Key {
         b"max_completion_tokens" => Key::MaxCompletionTokens,
         b"max_output_tokens" => Key::MaxOutputTokens,
         b"n" => Key::N,
+        b"best_of" => Key::BestOf,
         b"stream_options" => Key::StreamOptions,
         b"messages" => Key::Messages,
         b"prompt" => Key::Prompt,
