@@ -335,10 +335,11 @@ impl<'a> Exchange<'a> {
                 // again, the request was refused for something else: a
                 // validation error that quotes the body it refuses
                 // (FastAPI's and vLLM's `input`) names every field in it,
-                // the one weir added too. A re-send that failed shows
-                // nothing either way. Logged once, by the first of
-                // concurrent refusals.
-                if matches!(&outcome, Ok(response) if !may_refuse(response.status()))
+                // the one weir added too. A re-send that failed (an error,
+                // a 429 or a 5xx) shows nothing either way. Logged once, by
+                // the first of concurrent refusals.
+                if matches!(&outcome, Ok(response)
+                    if !may_refuse(response.status()) && !is_retryable(response.status()))
                     && !backend
                         .live
                         .refuses_stream_options

@@ -1709,6 +1709,9 @@ enum Refusal {
     /// FastAPI's 422 quoting the whole body as `input` (vLLM does), which
     /// so names every field in it, `stream_options` too.
     QuotesTheBody,
+    /// As `QuotesTheBody`, and busy (a 503) for a request without
+    /// `messages` that does not carry the field.
+    QuotesTheBodyThenBusy,
     /// Azure's 400 "Unrecognized request argument", chunked, the field's
     /// name in the second chunk, 30 ms after the first.
     NameInALaterChunk,
@@ -1763,14 +1766,23 @@ async fn refuse(s: &mut TcpStream, how: Refusal, body: &str) -> Option<()> {
         head + json
     };
     let pause = Duration::from_millis(30);
-    if how == Refusal::QuotesTheBody && !body.contains("\"messages\"") {
+    let quotes = matches!(how, Refusal::QuotesTheBody | Refusal::QuotesTheBodyThenBusy);
+    if how == Refusal::QuotesTheBodyThenBusy
+        && !body.contains("\"messages\"")
+        && !body.contains("stream_options")
+    {
+        let busy = r#"{"error":{"message":"busy","type":"server_error"}}"#;
+        let answer = with_length("503 Service Unavailable", busy);
+        return s.write_all(answer.as_bytes()).await.ok();
+    }
+    if quotes && !body.contains("\"messages\"") {
         let quoted = format!(
             r#"{{"detail":[{{"type":"missing","loc":["body","messages"],"msg":"Field required","input":{body}}}]}}"#
         );
         let answer = with_length("422 Unprocessable Entity", &quoted);
         return s.write_all(answer.as_bytes()).await.ok();
     }
-    if how != Refusal::QuotesTheBody && body.contains("stream_options") {
+    if !quotes && body.contains("stream_options") {
         match how {
             Refusal::NameInALaterChunk => {
                 let (a, b) = UNRECOGNIZED.split_at(50);
@@ -1788,7 +1800,7 @@ async fn refuse(s: &mut TcpStream, how: Refusal, body: &str) -> Option<()> {
                 tokio::time::sleep(pause).await;
                 s.write_all(b.as_bytes()).await.ok()?;
             }
-            Refusal::ThenCloses | Refusal::QuotesTheBody => {
+            Refusal::ThenCloses | Refusal::QuotesTheBody | Refusal::QuotesTheBodyThenBusy => {
                 let answer = with_length("400 Bad Request", UNRECOGNIZED);
                 s.write_all(answer.as_bytes()).await.ok()?;
                 tokio::time::sleep(Duration::from_millis(3)).await;
@@ -1875,4 +1887,26 @@ async fn the_request_sent_again_after_a_refusal_goes_on_a_new_connection() {
     )
     .await;
     assert_eq!(idle, 0.0);
+}
+
+/// A re-send that fails (a 503, or a 429) shows nothing about the field
+/// either: a validation error quoting the body, then a busy backend, must
+/// not stop usage for the backend for good.
+#[tokio::test]
+async fn a_failed_resend_after_a_quoting_validation_error_does_not_stop_usage() {
+    let (url, seen) = refusing(Refusal::QuotesTheBodyThenBusy).await;
+    let gw = on_one_backend(&url, "[retry]\nmax_attempts = 1\n").await;
+    let bad = r#"{"model":"m","stream":true}"#;
+    let r = post(gw.addr(), "/v1/chat/completions", bad).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let s = post_stream(gw.addr(), "/v1/chat/completions", &chat("m", true)).await;
+    assert_eq!(s.status, 200, "{}", s.text());
+    let bodies = seen.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
+    assert!(bodies[0].contains("include_usage"), "{bodies:?}");
+    assert!(!bodies[1].contains("stream_options"), "{bodies:?}");
+    assert!(
+        bodies[2].contains("include_usage"),
+        "weir stopped asking the backend for usage after a 503: {bodies:?}"
+    );
 }
