@@ -1540,3 +1540,54 @@ async fn http2_streams_share_the_body_budget() {
         0.0
     );
 }
+
+/// RFC 9112 §6.1: an HTTP/1.0 answer with `Transfer-Encoding` has faulty
+/// framing, and the connection closes after it. weir decodes the chunks
+/// for the client but sends no further request on that connection: bytes
+/// an HTTP/1.0 hop left after the last chunk would otherwise be read as
+/// the next request's answer.
+#[tokio::test]
+async fn an_http_1_0_answer_with_transfer_encoding_closes_its_backend_connection() {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let body = r#"{"object":"chat.completion","choices":[]}"#;
+    let answer = format!(
+        "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.clone();
+            // Each request on the connection (one read: they are small)
+            // gets the same answer, as a keep-alive backend's would.
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while matches!(s.read(&mut buf).await, Ok(1..)) {
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let toml = format!(
+        "[[models]]\nname = \"{MODEL}\"\n\n{}{QUIET}",
+        backend("raw", &format!("http://{up_addr}/v1"), &[MODEL], 1)
+    );
+    let gw = gateway(&toml).await;
+    let requests = 6;
+    for _ in 0..requests {
+        let r = post(gw.addr(), "/v1/chat/completions", BODY).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), body);
+    }
+    // One connection per request: none went back to the pool.
+    assert_eq!(accepted.load(Ordering::SeqCst), requests);
+}

@@ -497,7 +497,14 @@ pub(crate) fn read_head(buf: &mut BytesMut, head_request: bool) -> Result<Option
         let raw = buf.split_to(len).freeze();
         let headers = RawHeaders::new(raw, &spans);
         let (framing, framing_reusable) = framing(status, head_request, &headers)?;
-        let reusable = framing_reusable && keep_alive(version, headers.values(Name::Connection));
+        // RFC 9112 §6.1: an HTTP/1.0 message with `Transfer-Encoding` has
+        // faulty framing whatever else it says, and the connection closes
+        // after it: an HTTP/1.0 hop that passed the header on may have
+        // meant the body to run to the close, and what follows the last
+        // chunk would be read as the next request's answer.
+        let faulty = version == Version::HTTP_10 && headers.get(Name::TransferEncoding).is_some();
+        let reusable =
+            framing_reusable && !faulty && keep_alive(version, headers.values(Name::Connection));
         return Ok(Some(Head {
             status,
             version,
