@@ -2187,6 +2187,23 @@ impl Checker<'_> {
                     // parses but every connection is refused ("DB index is
                     // out of range"), so the replica would never join. An
                     // index past the server's count is left to the server.
+                    let port = match client.get_connection_info().addr() {
+                        redis::ConnectionAddr::Tcp(_, port)
+                        | redis::ConnectionAddr::TcpTls { port, .. } => Some(*port),
+                        _ => None,
+                    };
+                    // As a backend URL's: port 0 is never connected to, so
+                    // the replica would enforce its fallback share for good.
+                    if port == Some(0) {
+                        self.error(
+                            name.span(),
+                            "cluster.redis_url_env",
+                            format!(
+                                "environment variable {var} holds a URL with port 0, \
+                                 which cannot be connected to"
+                            ),
+                        );
+                    }
                     if client.get_connection_info().redis_settings().db() < 0 {
                         self.error(
                             name.span(),
@@ -4548,6 +4565,13 @@ budget_percent = 200
             "FILE:LINE:COLUMN: {errs}"
         );
         assert!(!errs.to_string().contains(SENTINEL), "{errs}");
+        // Port 0 is never connected to, as for a backend URL.
+        for url in ["redis://127.0.0.1:0/0", "rediss://redis:0"] {
+            let env = |n: &str| (n == "WEIR_REDIS_URL").then(|| url.to_owned());
+            let errs = Config::parse(&text, "f", &env).unwrap_err();
+            assert_eq!(errs.0.len(), 1, "{errs}");
+            assert!(errs.0[0].message.contains("port 0"), "{errs}");
+        }
         let db_99 =
             |n: &str| (n == "WEIR_REDIS_URL").then(|| format!("redis://:{SENTINEL}@127.0.0.1/99"));
         assert!(Config::parse(&text, "f", &db_99).is_ok());
