@@ -1349,16 +1349,17 @@ async fn read_body(
         // much more is coming: one over the limit is refused at once,
         // not after waiting for bytes the client may never send.
         let promises = declared.is_none();
-        let read = async {
-            if let Some(n) = declared {
-                let n = usize::try_from(n).unwrap_or(usize::MAX);
-                budget.reserve(&mut room, n, uncounted).await;
+        // Checked here, so the usual small body polls no future for it.
+        if let Some(n) = declared.filter(|&n| n > uncounted as u64) {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            let reserve = budget.reserve(&mut room, n, uncounted);
+            if tokio::time::timeout_at(deadline, reserve).await.is_err() {
+                return Err(ApiError::BodyRoomTimeout);
             }
-            let room = (promises && uncounted < limit).then_some((budget, &mut room, uncounted));
-            collect(&mut body, limit, promises, room).await
-        };
-        let read = tokio::time::timeout_at(deadline, read).await;
-        match read {
+        }
+        let grow = (promises && uncounted < limit).then_some((budget, &mut room, uncounted));
+        let read = tokio::time::timeout_at(deadline, collect(&mut body, limit, promises, grow));
+        match read.await {
             Err(_) if room.waiting => return Err(ApiError::BodyRoomTimeout),
             Err(_) => return Err(ApiError::BodyTimeout),
             Ok(Ok(whole)) => return Ok((whole, room)),
