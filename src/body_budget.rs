@@ -9,12 +9,14 @@
 //!
 //! A body with a declared length reserves all its room before a byte of it
 //! is read, so two half-read bodies never wait on each other for the rest;
-//! a chunked one reserves as it arrives. A body that finds no room waits,
-//! first come first served, while its bytes wait in the client's socket
-//! (or its HTTP/2 flow-control window); the request's deadline ends the
-//! wait. HTTP/1.1 bodies up to [`UNCOUNTED`] are not counted: a connection
-//! reads one request at a time, so `max_connections` bounds them, and the
-//! usual small request takes no lock here.
+//! a chunked one reserves as it arrives. An HTTP/1.1 body that finds no
+//! room waits, first come first served, while its bytes wait in the
+//! client's socket; the request's deadline ends the wait. An HTTP/2 one
+//! is refused at once instead (see `proxy::read_body`: an unread stream
+//! would hold its connection's flow-control window). HTTP/1.1 bodies up to
+//! [`UNCOUNTED`] are not counted: a connection reads one request at a
+//! time, so `max_connections` bounds them, and the usual small request
+//! takes no lock here.
 
 use std::sync::Arc;
 
@@ -79,36 +81,79 @@ impl BodyBudget {
     /// takes the whole budget (it waits until every other body is gone),
     /// so the wait always ends.
     pub async fn reserve(&self, room: &mut Room, len: usize, uncounted: usize) {
-        let want = len.saturating_sub(uncounted);
-        if want <= room.bytes {
+        let Some((want, more)) = self.missing(room, len, uncounted) else {
             return;
-        }
-        let held_units = room.held.as_ref().map_or(0, |p| p.num_permits());
-        let want_units = u32::try_from(want.div_ceil(UNIT))
-            .unwrap_or(u32::MAX)
-            .min(self.units);
-        let more = want_units.saturating_sub(u32::try_from(held_units).unwrap_or(u32::MAX));
+        };
         if more > 0 {
             room.waiting = true;
             // The semaphore is never closed: an error cannot happen, and
             // would only mean the body goes uncounted.
             if let Ok(permit) = self.room.clone().acquire_many_owned(more).await {
-                match &mut room.held {
-                    Some(held) => held.merge(permit),
-                    None => room.held = Some(permit),
-                }
+                room.take(permit);
             }
             room.waiting = false;
         }
         room.bytes = want;
     }
 
+    /// [`reserve`](Self::reserve) without waiting: `false`, and `room`
+    /// unchanged, when the budget cannot cover it now.
+    pub fn try_reserve(&self, room: &mut Room, len: usize, uncounted: usize) -> bool {
+        let Some((want, more)) = self.missing(room, len, uncounted) else {
+            return true;
+        };
+        if more > 0 {
+            match self.room.clone().try_acquire_many_owned(more) {
+                Ok(permit) => room.take(permit),
+                Err(_) => return false,
+            }
+        }
+        room.bytes = want;
+        true
+    }
+
+    /// The bytes `room` must cover for a body of `len`, and the units it
+    /// still lacks; `None` when it covers them already.
+    fn missing(&self, room: &Room, len: usize, uncounted: usize) -> Option<(usize, u32)> {
+        let want = len.saturating_sub(uncounted);
+        if want <= room.bytes {
+            return None;
+        }
+        let held_units = room.held.as_ref().map_or(0, |p| p.num_permits());
+        let want_units = u32::try_from(want.div_ceil(UNIT))
+            .unwrap_or(u32::MAX)
+            .min(self.units);
+        let more = want_units.saturating_sub(u32::try_from(held_units).unwrap_or(u32::MAX));
+        Some((want, more))
+    }
+
     /// [`reserve`](Self::reserve) for a body whose length is not declared:
     /// `len` read so far, room taken a [`STEP`] ahead.
     pub async fn reserve_read(&self, room: &mut Room, len: usize, uncounted: usize) {
         if len.saturating_sub(uncounted) > room.bytes {
-            let ahead = len.saturating_add(STEP - 1) / STEP * STEP;
-            self.reserve(room, ahead.max(len), uncounted).await;
+            self.reserve(room, step_ahead(len), uncounted).await;
+        }
+    }
+
+    /// [`reserve_read`](Self::reserve_read) without waiting, as
+    /// [`try_reserve`](Self::try_reserve).
+    pub fn try_reserve_read(&self, room: &mut Room, len: usize, uncounted: usize) -> bool {
+        len.saturating_sub(uncounted) <= room.bytes
+            || self.try_reserve(room, step_ahead(len), uncounted)
+    }
+}
+
+/// `len` rounded up to the next [`STEP`].
+fn step_ahead(len: usize) -> usize {
+    len.div_ceil(STEP).saturating_mul(STEP).max(len)
+}
+
+impl Room {
+    /// Adds `permit` to what the room holds.
+    fn take(&mut self, permit: OwnedSemaphorePermit) {
+        match &mut self.held {
+            Some(held) => held.merge(permit),
+            None => self.held = Some(permit),
         }
     }
 }
@@ -171,6 +216,22 @@ mod tests {
         .await
         .expect("does not wait for room that can never exist");
         assert_eq!(budget.available(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_may_not_wait_takes_no_room_when_there_is_not_enough() {
+        let budget = BodyBudget::new(100 * UNIT);
+        let mut first = Room::default();
+        assert!(budget.try_reserve(&mut first, 80 * UNIT, 0));
+        let mut second = Room::default();
+        assert!(!budget.try_reserve(&mut second, 30 * UNIT, 0));
+        assert_eq!(budget.available(), 20 * UNIT, "nothing taken");
+        assert!(budget.try_reserve(&mut second, 20 * UNIT, 0));
+        assert!(!budget.try_reserve_read(&mut second, 20 * UNIT + 1, 0));
+        assert_eq!(budget.available(), 0);
+        drop(first);
+        assert!(budget.try_reserve_read(&mut second, 20 * UNIT + 1, 0));
+        assert_eq!(budget.available(), 100 * UNIT - STEP);
     }
 
     #[tokio::test]

@@ -119,7 +119,8 @@ pub struct ServerConfig {
     /// Request bodies larger than this get 413 and are read no further.
     pub max_body_bytes: usize,
     /// Request-body bytes held in memory at once, across every connection
-    /// (beyond SPEC); a body that finds no room waits. At least
+    /// (beyond SPEC); an HTTP/1.1 body that finds no room waits, an
+    /// HTTP/2 one is refused (503). At least
     /// `max_body_bytes`. Changing it on reload needs a restart.
     pub max_buffered_body_bytes: usize,
     /// The whole request: queueing plus every attempt.

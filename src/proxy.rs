@@ -1328,6 +1328,12 @@ fn parsable_body(headers: &ClientHeaders) -> Result<(), ApiError> {
 /// by `request_timeout`. The body's room in `budget` comes with it: all of
 /// it before the first byte is read when the length is declared, as it
 /// arrives otherwise (see [`crate::body_budget`]).
+///
+/// An HTTP/1.1 body that finds no room waits for it, unread. An HTTP/2 one
+/// is refused at once (503): h2 gives back its connection's flow-control
+/// window only as a stream's data is read, so a stream left unread would
+/// stop every other stream of its connection, those holding room and
+/// waiting for the rest of their bodies too.
 async fn read_body(
     headers: &ClientHeaders,
     mut body: ClientBody,
@@ -1338,65 +1344,90 @@ async fn read_body(
     let declared = codec::content_length(headers.values(Name::ContentLength))
         .ok()
         .flatten();
-    if declared.is_none_or(|n| n <= limit as u64) {
-        let uncounted = match body {
-            ClientBody::Http2(_) => 0,
-            _ => body_budget::UNCOUNTED,
-        };
+    let http2 = matches!(body, ClientBody::Http2(_));
+    let refusal = 'read: {
+        if declared.is_some_and(|n| n > limit as u64) {
+            break 'read ApiError::BodyTooLarge { limit };
+        }
+        let uncounted = if http2 { 0 } else { body_budget::UNCOUNTED };
         let mut room = Room::default();
+        // Checked here, so the usual small body polls no future for it.
+        if let Some(n) = declared.filter(|&n| n > uncounted as u64) {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if http2 {
+                if !budget.try_reserve(&mut room, n, uncounted) {
+                    break 'read ApiError::BodyMemoryFull;
+                }
+            } else {
+                let reserve = budget.reserve(&mut room, n, uncounted);
+                if tokio::time::timeout_at(deadline, reserve).await.is_err() {
+                    return Err(ApiError::BodyRoomTimeout);
+                }
+            }
+        }
         // Through `&mut`, so a body found too large is still there to drain.
         // Without a length (chunked), a chunk's size already promises how
         // much more is coming: one over the limit is refused at once,
         // not after waiting for bytes the client may never send.
         let promises = declared.is_none();
-        // Checked here, so the usual small body polls no future for it.
-        if let Some(n) = declared.filter(|&n| n > uncounted as u64) {
-            let n = usize::try_from(n).unwrap_or(usize::MAX);
-            let reserve = budget.reserve(&mut room, n, uncounted);
-            if tokio::time::timeout_at(deadline, reserve).await.is_err() {
-                return Err(ApiError::BodyRoomTimeout);
-            }
-        }
-        let grow = (promises && uncounted < limit).then_some((budget, &mut room, uncounted));
+        let grow = (promises && uncounted < limit).then_some(Grow {
+            budget,
+            room: &mut room,
+            uncounted,
+            wait: !http2,
+        });
         let read = tokio::time::timeout_at(deadline, collect(&mut body, limit, promises, grow));
         match read.await {
             Err(_) if room.waiting => return Err(ApiError::BodyRoomTimeout),
             Err(_) => return Err(ApiError::BodyTimeout),
             Ok(Ok(whole)) => return Ok((whole, room)),
-            Ok(Err(Collect::TooLarge)) => {}
+            Ok(Err(Collect::TooLarge)) => break 'read ApiError::BodyTooLarge { limit },
+            Ok(Err(Collect::NoRoom)) => break 'read ApiError::BodyMemoryFull,
             Ok(Err(Collect::Failed(e))) if e.client_left() => return Err(ApiError::ClientGone),
             Ok(Err(Collect::Failed(e))) => return Err(ApiError::BodyRead(e.to_string())),
         }
-    }
+    };
     // A client waiting for `100 Continue` has sent nothing more and gets
-    // the 413 at once; one that is still sending gets it too, because the
-    // rest is read and dropped meanwhile: on HTTP/1.1 by the connection
-    // once it has answered (its lingering close, `server::http1`), on
-    // HTTP/2 here, per stream.
-    if matches!(body, ClientBody::Http2(_)) && headers.get(Name::Expect).is_none() {
+    // the 413 (or 503) at once; one that is still sending gets it too,
+    // because the rest is read and dropped meanwhile: on HTTP/1.1 by the
+    // connection once it has answered (its lingering close,
+    // `server::http1`), on HTTP/2 here, per stream (which also gives its
+    // connection's window back).
+    if http2 && headers.get(Name::Expect).is_none() {
         linger(body);
     }
-    Err(ApiError::BodyTooLarge { limit })
+    Err(refusal)
 }
 
 /// Why [`collect`] stopped short of the body's end.
 enum Collect {
     /// More than the limit: the rest is still in the body, to drain.
     TooLarge,
+    /// No room in the body budget, for a body that may not wait for it.
+    NoRoom,
     Failed(RequestBodyError),
+}
+
+/// How a body of no declared length takes its room as it arrives.
+struct Grow<'a> {
+    budget: &'a BodyBudget,
+    room: &'a mut Room,
+    uncounted: usize,
+    /// Wait for room (HTTP/1.1), or give up at once (HTTP/2).
+    wait: bool,
 }
 
 /// The body's bytes, at most `limit` of them. A body that arrives in one
 /// frame (the usual case: it came with the head) is that frame, not a
 /// copy; a longer one is gathered into one buffer. With `promises`, what
 /// the body's framing has promised (the rest of a chunk) counts too. With
-/// `room` (a body of no declared length), room is reserved for what
+/// `grow` (a body of no declared length), room is reserved for what
 /// arrives before it is kept.
 async fn collect(
     body: &mut ClientBody,
     limit: usize,
     promises: bool,
-    mut room: Option<(&BodyBudget, &mut Room, usize)>,
+    mut grow: Option<Grow<'_>>,
 ) -> Result<Bytes, Collect> {
     let mut whole = Bytes::new();
     let mut gathered: Option<BytesMut> = None;
@@ -1415,8 +1446,14 @@ async fn collect(
         if len.saturating_add(promised) > limit {
             return Err(Collect::TooLarge);
         }
-        if let Some((budget, room, uncounted)) = &mut room {
-            budget.reserve_read(room, len, *uncounted).await;
+        if let Some(grow) = &mut grow {
+            if grow.wait {
+                grow.budget
+                    .reserve_read(grow.room, len, grow.uncounted)
+                    .await;
+            } else if !grow.budget.try_reserve_read(grow.room, len, grow.uncounted) {
+                return Err(Collect::NoRoom);
+            }
         }
         if whole.is_empty() && gathered.is_none() {
             whole = data;

@@ -1443,31 +1443,20 @@ async fn http1_bodies_wait_for_room_in_the_body_budget() {
 }
 
 /// The same budget holds across an HTTP/2 connection's streams, where
-/// every body counts, and a body of no declared length takes its room as
-/// it arrives: one that finds none waits, and gets a 504 naming the
-/// setting at its deadline.
+/// every body counts, but a stream that finds no room is refused at once
+/// (503 `body_memory_full`, `Retry-After: 1`) rather than left unread:
+/// h2 gives the connection's window back only as data is read, so an
+/// unread stream would stop the others. Here the refused streams send
+/// more than that window (1 MiB) and the stream holding the room still
+/// gets the rest of its body through.
 #[tokio::test]
-async fn http2_streams_share_the_body_budget() {
+async fn http2_streams_that_find_no_room_are_refused_without_stopping_the_others() {
     use http_body_util::{channel::Channel, BodyExt};
-    const LEN: usize = 150_000;
+    const LEN: usize = 2 << 20;
     let (gw, m) = setup(&format!(
-        "max_body_bytes = {LEN}\nmax_buffered_body_bytes = 220000\nrequest_timeout = \"1s\"\n"
+        "max_body_bytes = {LEN}\nmax_buffered_body_bytes = 3_000_000\nrequest_timeout = \"20s\"\n"
     ))
     .await;
-    let held_at_least = |bytes: usize| {
-        let addr = gw.addr();
-        async move {
-            let mut held = 0.0;
-            for _ in 0..250 {
-                held = metric(addr, "weir_buffered_body_bytes", &[]).await;
-                if held >= bytes as f64 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            panic!("{held} held, not {bytes}");
-        }
-    };
     let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -1486,55 +1475,65 @@ async fn http2_streams_share_the_body_budget() {
     };
     let answer = |response: tokio::task::JoinHandle<hyper::Result<http::Response<_>>>| async {
         let response: http::Response<hyper::body::Incoming> =
-            tokio::time::timeout(Duration::from_secs(10), response)
+            tokio::time::timeout(Duration::from_secs(20), response)
                 .await
                 .expect("an answer")
                 .unwrap()
                 .unwrap();
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (parts, String::from_utf8_lossy(&body).into_owned())
     };
-    // A body of no declared length takes a first 64 KiB step.
-    let (mut open_tx, open_body) = Channel::new(4);
-    let open = tokio::spawn(sender.send_request(post(None, open_body)));
-    open_tx
-        .send_data(bytes::Bytes::from_static(b"{\"model\":"))
-        .await
-        .unwrap();
-    held_at_least(65_536).await;
-    // A declared one takes all its room, and stalls.
-    let (mut declared_tx, declared_body) = Channel::new(4);
-    let declared = tokio::spawn(sender.send_request(post(Some(LEN), declared_body)));
-    declared_tx
-        .send_data(bytes::Bytes::from_static(b"{\"model\":"))
-        .await
-        .unwrap();
-    held_at_least(65_536 + LEN).await;
-    // The first one's next 64 KiB finds no room: it waits until its deadline.
-    open_tx
-        .send_data(bytes::Bytes::from(vec![b' '; 70_000]))
-        .await
-        .unwrap();
-    let (status, text) = answer(open).await;
-    assert_eq!(status, 504, "{text}");
-    assert!(text.contains("max_buffered_body_bytes"), "{text}");
-    let (status, text) = answer(declared).await;
-    assert_eq!(status, 504, "{text}");
-    assert!(
-        text.contains("was not received within request_timeout"),
-        "{text}"
-    );
-    drop((open_tx, declared_tx));
-    assert_eq!(m.requests(), 0);
-    let r = common::post_with(
-        &h2c_client(),
-        gw.addr(),
-        "/v1/chat/completions",
-        &body_of(LEN),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    let body = bytes::Bytes::from(body_of(LEN));
+    // The first takes all its room and sends a little.
+    let (mut first_tx, first_body) = Channel::new(1);
+    let first = tokio::spawn(sender.send_request(post(Some(LEN), first_body)));
+    first_tx.send_data(body.slice(..9)).await.unwrap();
+    let mut held = 0.0;
+    for _ in 0..250 {
+        held = metric(gw.addr(), "weir_buffered_body_bytes", &[]).await;
+        if held >= LEN as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(held >= LEN as f64, "the first body holds its room: {held}");
+    // A second declared body, and one of no declared length whose next
+    // step does not fit, are refused, each sending a whole 1 MiB and more.
+    let (mut second_tx, second_body) = Channel::new(1);
+    let second = tokio::spawn(sender.send_request(post(Some(LEN), second_body)));
+    let (mut third_tx, third_body) = Channel::new(1);
+    let third = tokio::spawn(sender.send_request(post(None, third_body)));
+    let sent = body.clone();
+    let sending = tokio::spawn(async move {
+        for at in (0..LEN).step_by(16 * 1024) {
+            let piece = sent.slice(at..(at + 16 * 1024).min(LEN));
+            let second = second_tx.send_data(piece.clone()).await;
+            let third = third_tx.send_data(piece).await;
+            if second.is_err() && third.is_err() {
+                break;
+            }
+        }
+    });
+    for (parts, text) in [answer(second).await, answer(third).await] {
+        assert_eq!(parts.status, 503, "{text}");
+        assert_eq!(parts.headers["retry-after"], "1");
+        assert!(text.contains("\"code\":\"body_memory_full\""), "{text}");
+        assert!(text.contains("max_buffered_body_bytes"), "{text}");
+    }
+    let _ = sending.await;
+    // The first body's rest still gets through on the same connection.
+    let rest = body.slice(9..);
+    let finishing = tokio::spawn(async move {
+        for at in (0..rest.len()).step_by(64 * 1024) {
+            let piece = rest.slice(at..(at + 64 * 1024).min(rest.len()));
+            first_tx.send_data(piece).await.unwrap();
+        }
+    });
+    let (parts, text) = answer(first).await;
+    assert_eq!(parts.status, 200, "{text}");
+    finishing.await.unwrap();
+    assert_eq!(m.requests(), 1);
     assert_eq!(
         metric(gw.addr(), "weir_buffered_body_bytes", &[]).await,
         0.0

@@ -149,6 +149,11 @@ pub enum ApiError {
     /// as [`ApiError::BodyTimeout`], saying why.
     #[error("The request body could not be read within request_timeout: the memory weir keeps for request bodies (server.max_buffered_body_bytes) stayed full.")]
     BodyRoomTimeout,
+    /// An HTTP/2 body found no room in `server.max_buffered_body_bytes`
+    /// (it may not wait: see `proxy::read_body`): 503 `body_memory_full`
+    /// with `Retry-After: 1`, which OpenAI's SDKs retry.
+    #[error("The memory weir keeps for request bodies (server.max_buffered_body_bytes) is full; try again shortly.")]
+    BodyMemoryFull,
     /// The client's body could not be read (400).
     #[error("The request body could not be read: {0}")]
     BodyRead(String),
@@ -345,6 +350,11 @@ impl ApiError {
                 "service_unavailable",
                 Some("shutting_down"),
             ),
+            BodyMemoryFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("body_memory_full"),
+            ),
             Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -397,6 +407,7 @@ impl ApiError {
             ApiError::NoHealthyBackend { retry_after, .. }
             | ApiError::BadGateway { retry_after, .. }
             | ApiError::NoTimeToRetry { retry_after, .. } => (*retry_after, None),
+            ApiError::BodyMemoryFull => (Some(Duration::from_secs(1)), None),
             _ => (None, None),
         };
         if let Some(wait) = retry_after {
