@@ -8,8 +8,11 @@
 //! streams, could each hold `max_body_bytes` (10 MiB by default) at once.
 //!
 //! A body with a declared length reserves all its room before a byte of it
-//! is read, so two half-read bodies never wait on each other for the rest;
-//! a chunked one reserves as it arrives. An HTTP/1.1 body that finds no
+//! is read, so two half-read bodies never wait on each other for the rest.
+//! A chunked HTTP/1.1 one, once it outgrows what it may hold uncounted,
+//! waits (holding nothing) for room for `max_body_bytes`, and gives back
+//! the excess once read whole; a chunked HTTP/2 one takes room 64 KiB at a
+//! time, never waiting. An HTTP/1.1 body that finds no
 //! room waits, first come first served, while its bytes wait in the
 //! client's socket; the request's deadline ends the wait. An HTTP/2 one
 //! is refused at once instead (see `proxy::read_body`: an unread stream
@@ -128,15 +131,38 @@ impl BodyBudget {
     }
 
     /// [`reserve`](Self::reserve) for a body whose length is not declared:
-    /// `len` read so far, room taken a [`STEP`] ahead.
-    pub async fn reserve_read(&self, room: &mut Room, len: usize, uncounted: usize) {
+    /// `len` read so far, of at most `limit`. Once it outgrows `uncounted`
+    /// it waits once, holding nothing, for room for `limit`: a body that
+    /// held some room while it waited for more could wait on another that
+    /// does the same, each until its deadline. [`fit`](Self::fit) gives
+    /// back what the whole body did not need.
+    pub async fn reserve_read(&self, room: &mut Room, len: usize, limit: usize, uncounted: usize) {
         if len.saturating_sub(uncounted) > room.bytes {
-            self.reserve(room, step_ahead(len), uncounted).await;
+            self.reserve(room, limit.max(len), uncounted).await;
         }
     }
 
+    /// Gives back the room beyond a body of `len` bytes (rounded up to a
+    /// [`STEP`]), once the whole of it has been read.
+    pub fn fit(&self, room: &mut Room, len: usize, uncounted: usize) {
+        let want = step_ahead(len).saturating_sub(uncounted);
+        if want >= room.bytes {
+            return;
+        }
+        if let Some(held) = &mut room.held {
+            let keep = want.div_ceil(UNIT);
+            let extra = held.num_permits().saturating_sub(keep);
+            drop(held.split(extra));
+            if held.num_permits() == 0 {
+                room.held = None;
+            }
+        }
+        room.bytes = want;
+    }
+
     /// [`reserve_read`](Self::reserve_read) without waiting, as
-    /// [`try_reserve`](Self::try_reserve).
+    /// [`try_reserve`](Self::try_reserve), and a [`STEP`] at a time: a body
+    /// that does not wait cannot wait on another.
     pub fn try_reserve_read(&self, room: &mut Room, len: usize, uncounted: usize) -> bool {
         len.saturating_sub(uncounted) <= room.bytes
             || self.try_reserve(room, step_ahead(len), uncounted)
@@ -235,14 +261,59 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_undeclared_body_reserves_a_step_ahead() {
+    async fn an_undeclared_body_reserves_its_limit_then_fits() {
         let budget = BodyBudget::new(1024 * UNIT);
         let mut room = Room::default();
-        budget.reserve_read(&mut room, 1, 0).await;
-        assert_eq!(budget.available(), 1024 * UNIT - STEP);
-        budget.reserve_read(&mut room, STEP, 0).await;
-        assert_eq!(budget.available(), 1024 * UNIT - STEP, "still covered");
-        budget.reserve_read(&mut room, STEP + 1, 0).await;
+        budget.reserve_read(&mut room, 1, 512 * UNIT, 0).await;
+        assert_eq!(budget.available(), 512 * UNIT);
+        budget
+            .reserve_read(&mut room, STEP + 1, 512 * UNIT, 0)
+            .await;
+        assert_eq!(budget.available(), 512 * UNIT, "still covered");
+        budget.fit(&mut room, STEP + 1, 0);
         assert_eq!(budget.available(), 1024 * UNIT - 2 * STEP);
+        drop(room);
+        assert_eq!(budget.available(), 1024 * UNIT);
+        let mut small = Room::default();
+        budget
+            .reserve_read(&mut small, STEP, 512 * UNIT, STEP)
+            .await;
+        budget.fit(&mut small, STEP, STEP);
+        assert_eq!(budget.available(), 1024 * UNIT, "within the uncounted part");
+    }
+
+    /// Two undeclared bodies never each hold part of the budget while
+    /// waiting for more: the second waits for all of its room before it
+    /// holds any, and the first, holding all of its own, never waits.
+    #[tokio::test]
+    async fn undeclared_bodies_do_not_wait_on_each_other() {
+        let budget = Arc::new(BodyBudget::new(300 * UNIT));
+        let mut first = Room::default();
+        budget
+            .reserve_read(&mut first, 130 * UNIT, 250 * UNIT, 64 * UNIT)
+            .await;
+        let second = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let mut room = Room::default();
+                budget
+                    .reserve_read(&mut room, 130 * UNIT, 250 * UNIT, 64 * UNIT)
+                    .await;
+                room
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished());
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            budget.reserve_read(&mut first, 250 * UNIT, 250 * UNIT, 64 * UNIT),
+        )
+        .await
+        .expect("the first grows to its end without waiting");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("room came back")
+            .expect("no panic");
     }
 }

@@ -1449,7 +1449,7 @@ async fn collect(
         if let Some(grow) = &mut grow {
             if grow.wait {
                 grow.budget
-                    .reserve_read(grow.room, len, grow.uncounted)
+                    .reserve_read(grow.room, len, limit, grow.uncounted)
                     .await;
             } else if !grow.budget.try_reserve_read(grow.room, len, grow.uncounted) {
                 return Err(Collect::NoRoom);
@@ -1459,9 +1459,21 @@ async fn collect(
             whole = data;
         } else {
             gathered
-                .get_or_insert_with(|| BytesMut::from(&whole[..]))
+                .get_or_insert_with(|| {
+                    // Room for the whole body when its length is known,
+                    // not doubling (which could hold twice what the body
+                    // budget counts).
+                    let rest = hyper::body::Body::size_hint(&*body).lower();
+                    let rest = usize::try_from(rest).unwrap_or(0);
+                    let mut all = BytesMut::with_capacity(len.saturating_add(rest).min(limit));
+                    all.extend_from_slice(&whole);
+                    all
+                })
                 .extend_from_slice(&data);
         }
+    }
+    if let Some(grow) = grow {
+        grow.budget.fit(grow.room, len, grow.uncounted);
     }
     Ok(gathered.map_or(whole, BytesMut::freeze))
 }

@@ -1540,6 +1540,64 @@ async fn http2_streams_that_find_no_room_are_refused_without_stopping_the_others
     );
 }
 
+/// Two chunked HTTP/1.1 bodies that outgrow their uncounted 64 KiB do
+/// not each hold part of the budget while waiting for more (each would
+/// wait on the other until `request_timeout`): the first takes room for
+/// `max_body_bytes`, the second waits for its own, and both are served
+/// (from the session 42 review).
+#[tokio::test]
+async fn chunked_bodies_do_not_wait_on_each_other() {
+    const LEN: usize = 250_000;
+    let (gw, m) = setup(
+        "max_body_bytes = 300000\nmax_buffered_body_bytes = 300000\nrequest_timeout = \"10s\"\n",
+    )
+    .await;
+    let head =
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let body = body_of(LEN);
+    let chunk = |s: &str| format!("{:x}\r\n{s}\r\n", s.len());
+    let mut a = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let mut b = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    // Each grows past its uncounted part, then by another 64 KiB step:
+    // room taken a step at a time, both would hold 128 KiB here, and each
+    // need more for the rest. (The waits are bounded, not asserted.)
+    let addr = gw.addr();
+    let held_up_to = |bytes: f64| async move {
+        for _ in 0..50 {
+            if metric(addr, "weir_buffered_body_bytes", &[]).await >= bytes {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    for (from, to, held) in [(0, 130_000, 131_072.0), (130_000, 170_000, 262_144.0)] {
+        for s in [&mut a, &mut b] {
+            if from == 0 {
+                s.write_all(head.as_bytes()).await.unwrap();
+            }
+            s.write_all(chunk(&body[from..to]).as_bytes())
+                .await
+                .unwrap();
+        }
+        held_up_to(held).await;
+    }
+    for s in [&mut a, &mut b] {
+        s.write_all(chunk(&body[170_000..]).as_bytes())
+            .await
+            .unwrap();
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+    }
+    for s in [&mut a, &mut b] {
+        let text = read_response(s).await;
+        assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    }
+    assert_eq!(m.requests(), 2);
+    assert_eq!(
+        metric(gw.addr(), "weir_buffered_body_bytes", &[]).await,
+        0.0
+    );
+}
+
 /// RFC 9112 §6.1: an HTTP/1.0 answer with `Transfer-Encoding` has faulty
 /// framing, and the connection closes after it. weir decodes the chunks
 /// for the client but sends no further request on that connection: bytes
