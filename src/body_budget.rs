@@ -10,7 +10,7 @@
 //! A body with a declared length reserves all its room before a byte of it
 //! is read, so two half-read bodies never wait on each other for the rest.
 //! A chunked HTTP/1.1 one, once it outgrows what it may hold uncounted,
-//! waits (holding nothing) for room for `max_body_bytes`, and gives back
+//! waits (before it holds any room) for room for `max_body_bytes`, and gives back
 //! the excess once read whole; a chunked HTTP/2 one takes room 64 KiB at a
 //! time, never waiting. An HTTP/1.1 body that finds no
 //! room waits, first come first served, while its bytes wait in the
@@ -31,7 +31,8 @@ pub const UNCOUNTED: usize = 64 * 1024;
 /// The budget counts KiB, so a 4 TiB budget still fits a `u32` reservation.
 const UNIT: usize = 1024;
 
-/// A chunked body reserves in steps of this, not per read.
+/// A chunked HTTP/2 body reserves, and a chunked body gives back what it
+/// did not need, in steps of this.
 const STEP: usize = 64 * 1024;
 
 /// The room all buffered request bodies share; one per process, kept across
@@ -132,7 +133,7 @@ impl BodyBudget {
 
     /// [`reserve`](Self::reserve) for a body whose length is not declared:
     /// `len` read so far, of at most `limit`. Once it outgrows `uncounted`
-    /// it waits once, holding nothing, for room for `limit`: a body that
+    /// it waits once, before it holds any room, for room for `limit`: a body that
     /// held some room while it waited for more could wait on another that
     /// does the same, each until its deadline. [`fit`](Self::fit) gives
     /// back what the whole body did not need.
