@@ -17,8 +17,9 @@
 //!
 //! Settings that only take effect when a listener starts (`listen`,
 //! `admin_listen`, `max_connections`, `max_buffered_body_bytes`, the
-//! connection timeouts, `log_format`, `watch_config`) are reported as needing a restart and keep their running
-//! values, so the snapshot always says what is in effect.
+//! connection timeouts, `log_format`, `watch_config`) are reported as
+//! needing a restart and keep their running values, so the snapshot always
+//! says what is in effect.
 //!
 //! This module decides nothing about routing; it only builds, stores and
 //! describes. The change list is a cheap field-by-field comparison of the

@@ -1835,12 +1835,21 @@ async fn on_one_backend(url: &str, extra: &str) -> weir::Handle {
 /// next stream still asks for its usage.
 #[tokio::test]
 async fn a_validation_error_quoting_the_body_does_not_stop_usage_for_the_backend() {
-    let (url, seen) = refusing(Refusal::QuotesTheBody).await;
-    let gw = on_one_backend(&url, "").await;
+    let r = usage_still_asked_after_a_bad_stream(Refusal::QuotesTheBody, "", 422).await;
+    assert!(!r.text().contains("stream_options"), "{}", r.text());
+}
+
+/// Sends a streamed request without `messages` to a backend refusing
+/// `how`, with `extra` config, and expects `status` for it; then a good
+/// stream. The backend saw the bad one with the usage field and once more
+/// without it, and the good one still with it (it was not marked as
+/// refusing the field). The bad request's answer is returned.
+async fn usage_still_asked_after_a_bad_stream(how: Refusal, extra: &str, status: u16) -> Reply {
+    let (url, seen) = refusing(how).await;
+    let gw = on_one_backend(&url, extra).await;
     let bad = r#"{"model":"m","stream":true}"#;
     let r = post(gw.addr(), "/v1/chat/completions", bad).await;
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert!(!r.text().contains("stream_options"), "{}", r.text());
+    assert_eq!(r.status, status, "{}", r.text());
     let s = post_stream(gw.addr(), "/v1/chat/completions", &chat("m", true)).await;
     assert_eq!(s.status, 200, "{}", s.text());
     let bodies = seen.lock().unwrap().clone();
@@ -1849,8 +1858,9 @@ async fn a_validation_error_quoting_the_body_does_not_stop_usage_for_the_backend
     assert!(!bodies[1].contains("stream_options"), "{bodies:?}");
     assert!(
         bodies[2].contains("include_usage"),
-        "weir stopped asking the backend for usage: {bodies:?}"
+        "weir stopped asking the backend for usage after a {status}: {bodies:?}"
     );
+    r
 }
 
 /// A refusal is read whole (up to 4 KiB), not only its first read: the
@@ -1894,19 +1904,6 @@ async fn the_request_sent_again_after_a_refusal_goes_on_a_new_connection() {
 /// not stop usage for the backend for good.
 #[tokio::test]
 async fn a_failed_resend_after_a_quoting_validation_error_does_not_stop_usage() {
-    let (url, seen) = refusing(Refusal::QuotesTheBodyThenBusy).await;
-    let gw = on_one_backend(&url, "[retry]\nmax_attempts = 1\n").await;
-    let bad = r#"{"model":"m","stream":true}"#;
-    let r = post(gw.addr(), "/v1/chat/completions", bad).await;
-    assert_eq!(r.status, 502, "{}", r.text());
-    let s = post_stream(gw.addr(), "/v1/chat/completions", &chat("m", true)).await;
-    assert_eq!(s.status, 200, "{}", s.text());
-    let bodies = seen.lock().unwrap().clone();
-    assert_eq!(bodies.len(), 3, "{bodies:?}");
-    assert!(bodies[0].contains("include_usage"), "{bodies:?}");
-    assert!(!bodies[1].contains("stream_options"), "{bodies:?}");
-    assert!(
-        bodies[2].contains("include_usage"),
-        "weir stopped asking the backend for usage after a 503: {bodies:?}"
-    );
+    let busy = Refusal::QuotesTheBodyThenBusy;
+    usage_still_asked_after_a_bad_stream(busy, "[retry]\nmax_attempts = 1\n", 502).await;
 }

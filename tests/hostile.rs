@@ -1173,6 +1173,25 @@ async fn admin_and_client_keys_are_enforced() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// A new prior-knowledge HTTP/2 connection to `addr`, driven by a task of
+/// its own, for requests with bodies of type `B`.
+async fn h2_connect<B>(addr: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 /// Sends `request` on a new prior-knowledge HTTP/2 connection and reads
 /// the whole answer. A request whose version is HTTP/1.1 and whose URI is
 /// a bare path goes without `:authority` (h2 takes it for a forwarded
@@ -1182,14 +1201,7 @@ async fn h2_send(
     request: http::Request<http_body_util::Full<bytes::Bytes>>,
 ) -> Reply {
     use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(addr).await;
     let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
         .await
         .expect("an answer within 20 s")
@@ -1461,14 +1473,7 @@ async fn http2_streams_that_find_no_room_are_refused_without_stopping_the_others
         "max_body_bytes = {LEN}\nmax_buffered_body_bytes = 3_000_000\nrequest_timeout = \"20s\"\n"
     ))
     .await;
-    let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(gw.addr()).await;
     let post = |length: Option<usize>, body: Channel<bytes::Bytes, std::convert::Infallible>| {
         let mut request = http::Request::post(format!("http://{}/v1/chat/completions", gw.addr()))
             .header("content-type", "application/json");
