@@ -1761,6 +1761,14 @@ impl Checker<'_> {
         }
         let uri = match text.parse::<http::Uri>() {
             Ok(u) => u,
+            // `localhost:8000/v1` reads as scheme `localhost`: say what
+            // is missing rather than http's "invalid format".
+            Err(_) if !text.contains("://") => {
+                return fail(
+                    self,
+                    "it must start with http:// or https://, e.g. \"http://localhost:8000/v1\"",
+                )
+            }
             Err(e) => return fail(self, &e.to_string()),
         };
         match uri.scheme_str() {
@@ -1769,7 +1777,7 @@ impl Checker<'_> {
             None => {
                 return fail(
                     self,
-                    "it must be absolute, e.g. \"https://api.example.com/v1\"",
+                    "it must start with http:// or https://, e.g. \"https://api.example.com/v1\"",
                 )
             }
         }
@@ -1785,12 +1793,28 @@ impl Checker<'_> {
         if authority.host().is_empty() {
             return fail(self, "it has no host");
         }
+        // `[fe80::1%25eth0]`: http::Uri keeps the zone, and no resolver
+        // or socket address parse takes it back.
+        if authority.host().contains('%') {
+            return fail(
+                self,
+                "an IPv6 zone (%...) is not supported; use a routable address or a host name",
+            );
+        }
         // http::Uri keeps an authority whose port is not a number that
         // fits in 16 bits (`:80001`, `:abc`, `:`) and reports no port, so
         // the connection would quietly go to 80 or 443 instead.
+        // Nor does it look at the digits: `:+8000` parses as 8000 but
+        // would go out in `Host` as written.
         let has_port = authority.as_str().len() > authority.host().len();
+        let digits = authority
+            .port()
+            .is_some_and(|p| p.as_str().bytes().all(|b| b.is_ascii_digit()));
         match authority.port_u16() {
             None if has_port => {
+                return fail(self, "its port is not a number from 1 to 65535");
+            }
+            Some(_) if !digits => {
                 return fail(self, "its port is not a number from 1 to 65535");
             }
             Some(0) => return fail(self, "port 0 cannot be connected to"),
@@ -3334,6 +3358,7 @@ key_prefix = "prod"
             "https://127.0.0.1:/v1",
             "http://[::1]:65536/v1",
             "http://127.0.0.1:0/v1",
+            "http://127.0.0.1:+8000/v1",
         ] {
             let errs = parse(&file(url)).unwrap_err();
             let text = format!("{errs:?}");
@@ -3347,6 +3372,22 @@ key_prefix = "prod"
         ] {
             let c = parse(&file(url)).unwrap();
             assert_eq!(c.backends[0].url.port_u16().unwrap_or(port), port, "{url}");
+        }
+    }
+
+    /// A URL without a scheme, or with an IPv6 zone, is refused with a
+    /// message that says what to write instead.
+    #[test]
+    fn a_url_without_a_scheme_or_with_a_zone_says_why() {
+        let file =
+            |url: &str| format!("[[backends]]\nname = \"b\"\nurl = \"{url}\"\nmodels = [\"m\"]\n");
+        for (url, why) in [
+            ("localhost:8000/v1", "must start with http:// or https://"),
+            ("http://[fe80::1%25eth0]:8000/v1", "IPv6 zone"),
+        ] {
+            let errs = parse(&file(url)).unwrap_err();
+            let text = format!("{errs:?}");
+            assert!(text.contains(why), "{url}: {text}");
         }
     }
 
@@ -4630,8 +4671,8 @@ budget_percent = 200
             );
         }
         for (url, needle) in [
-            ("127.0.0.1:9001", "absolute"),
-            ("/v1", "absolute"),
+            ("127.0.0.1:9001", "http:// or https://"),
+            ("/v1", "http:// or https://"),
             ("http://u:p@h/v1", "credentials"),
             ("http://h/v1#frag", "fragment"),
             ("http://", "not a usable"),
