@@ -25,7 +25,12 @@
 //! describes. The change list is a cheap field-by-field comparison of the
 //! two validated configs (no serialisation, no generic diffing).
 
-use std::{collections::HashMap, fmt::Display, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt::Display,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use crate::{
     config::{BackendConfig, Config, ConfigError, ConfigErrors, ModelConfig},
@@ -137,6 +142,16 @@ async fn swap_in(shared: &Arc<Shared>) -> Result<Vec<String>, ReloadError> {
         let snapshot = Arc::new(snapshot);
         shared.snapshot.store(snapshot.clone());
         snapshot.slots.announce();
+        // A reload asks every backend for the usage chunk again: one that
+        // refused `stream_options` may have been upgraded since (weir's
+        // only other sign of that is liveness bringing it back, see
+        // `health::checker`).
+        for backend in snapshot.backends() {
+            backend
+                .live
+                .refuses_stream_options
+                .store(false, Ordering::Relaxed);
+        }
         // Removed models and backends leave /metrics with the swap (no
         // rebuild runs in between: this holds the build lock).
         shared.metrics.forget_removed(&old, &snapshot);

@@ -207,6 +207,8 @@ pub(crate) struct BackendLive {
     /// once the backend refused a request for it (a 400 or 422 naming
     /// `stream_options`, as some hosted APIs answer), which weir then sent
     /// again without it. Its streams are then charged their estimate.
+    /// Cleared by a reload and when liveness brings the backend back (a
+    /// restart may be an upgrade that takes the field).
     pub(crate) refuses_stream_options: AtomicBool,
     /// Bumped when a reload gives the backend a new key, or brings it back
     /// afresh while it drains: a 429 drawn by a request sent before (an

@@ -518,6 +518,49 @@ async fn a_recovered_backend_returns_through_slow_start() {
     );
 }
 
+/// A backend that refused the `stream_options` weir adds is asked again
+/// once liveness brings it back: a restart may have been an upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_back_from_down_is_asked_for_usage_again() {
+    let ms = mocks(1, MockConfig::default().refuse_stream_options(true)).await;
+    let gw = gateway(&config_for(
+        &ms,
+        &[100],
+        FAST_LIVENESS,
+        "health_path = \"/health\"\n",
+    ))
+    .await;
+    // The client's streams, as the backend got them (probes do not stream).
+    let streams = || -> Vec<serde_json::Value> {
+        ms[0]
+            .recorded()
+            .into_iter()
+            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+            .filter(|b| b["stream"] == true)
+            .collect()
+    };
+    let body = chat(MODEL, true);
+    let stream = || post_stream(gw.addr(), "/v1/chat/completions", &body);
+    assert_eq!(stream().await.status, 200);
+    assert_eq!(stream().await.status, 200);
+    let sent = streams();
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert!(sent[2].get("stream_options").is_none(), "{:?}", sent[2]);
+    // Down, then back, upgraded: the next stream asks for usage again.
+    ms[0].update(|c| {
+        c.health_status = Some(500);
+        c.refuse_stream_options = false;
+    });
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") == 0.0).await);
+    ms[0].update(|c| c.health_status = None);
+    assert!(eventually(Duration::from_secs(5), || weight(&gw, "b0") > 0.0).await);
+    let s = stream().await;
+    assert_eq!(s.status, 200, "{}", s.text());
+    let sent = streams();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    assert_eq!(sent[3]["stream_options"]["include_usage"], true);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_tier_shrinks_a_slow_backend_and_degrades_a_saturated_one() {
     let fast = mock::start(

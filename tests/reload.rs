@@ -340,6 +340,40 @@ fn weights_of(pairs: &[(&str, f64)]) -> HashMap<String, f64> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
 }
 
+/// A backend that refused the `stream_options` weir adds is asked again
+/// after a reload: it may have been upgraded meanwhile.
+#[tokio::test]
+async fn a_reload_asks_a_backend_that_refused_stream_options_again() {
+    let refusing = MockConfig::default().refuse_stream_options(true);
+    let m = mock_named("b1", refusing).await;
+    let toml = file("", &[("b1", &m, 1)], "");
+    let live = Live::start(&toml).await;
+    let sent = |m: &MockHandle| -> Vec<serde_json::Value> {
+        m.recorded()
+            .into_iter()
+            .filter(|r| r.method == http::Method::POST)
+            .map(|r| serde_json::from_slice(&r.body).expect("a JSON body"))
+            .collect()
+    };
+    let body = chat(MODEL, true);
+    let stream = || post_stream(live.gw.addr(), "/v1/chat/completions", &body);
+    // Refused, and sent again without it; then without it from the start.
+    assert_eq!(stream().await.status, 200);
+    assert_eq!(stream().await.status, 200);
+    let bodies = sent(&m);
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
+    assert_eq!(bodies[0]["stream_options"]["include_usage"], true);
+    assert!(bodies[2].get("stream_options").is_none(), "{:?}", bodies[2]);
+    // The backend now takes the field; a reload of the same file asks again.
+    m.update(|c| c.refuse_stream_options = false);
+    live.apply(&toml).await;
+    let s = stream().await;
+    assert_eq!(s.status, 200, "{}", s.text());
+    let bodies = sent(&m);
+    assert_eq!(bodies.len(), 4, "{bodies:?}");
+    assert_eq!(bodies[3]["stream_options"]["include_usage"], true);
+}
+
 #[tokio::test]
 async fn new_weights_hold_exactly_after_a_reload() {
     let (m1, m2, m3) = (

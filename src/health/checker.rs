@@ -14,7 +14,10 @@
 //! `select!`s on cancellation and its next deadline, so a five-minute deep
 //! interval never delays shutdown.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
@@ -395,6 +398,14 @@ async fn probe_once(
         }
     };
     up.set(after.tier_up(tier));
+    // Back from down: a restart, perhaps an upgrade, so streams ask for
+    // the usage chunk again even if the backend refused it before.
+    if tier == Tier::Liveness && before.tier(tier).down && !after.tier(tier).down {
+        backend
+            .live
+            .refuses_stream_options
+            .store(false, Ordering::Relaxed);
+    }
     // Both read at one instant, under the lock that applied this probe: the
     // change logged is this tier's, not another tier's that landed while
     // this probe ran (a deep round takes seconds), nor the clock's.
