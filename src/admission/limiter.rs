@@ -28,7 +28,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError},
+    sync::{Semaphore, TryAcquireError},
     time::Instant,
 };
 
@@ -180,9 +180,83 @@ pub struct ModelLimits {
 /// had a limit has none, and its requests take no permit.
 #[derive(Debug, Clone)]
 struct Concurrency {
-    semaphore: Arc<Semaphore>,
+    semaphore: Arc<Gate>,
     /// `max_concurrent`, or [`UNLIMITED_PERMITS`] once a reload removed it.
     total: u32,
+}
+
+/// A model's semaphore, and the permits a reload that lowered
+/// `max_concurrent` still has to take away. Those are taken as requests
+/// end, before any waiter gets them: requests queued before the reload
+/// are admitted under the new limit, not the old one, and a reload that
+/// raises the limit again first cancels what is still owed.
+#[derive(Debug)]
+struct Gate {
+    semaphore: Semaphore,
+    owed: AtomicU32,
+}
+
+impl Gate {
+    fn new(permits: u32) -> Self {
+        Self {
+            semaphore: Semaphore::new(permits as usize),
+            owed: AtomicU32::new(0),
+        }
+    }
+
+    /// `by` more permits: first what a lowering still owes is forgiven.
+    fn grow(&self, by: u32) {
+        let owed = self
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                Some(o.saturating_sub(by))
+            })
+            .unwrap_or(0);
+        self.semaphore.add_permits((by - owed.min(by)) as usize);
+    }
+
+    /// `by` fewer permits: the free ones at once, the others as the
+    /// requests holding them end ([`Permit`]'s drop). The debt is claimed
+    /// while the free ones are taken, so a permit given back meanwhile
+    /// goes back as usual (at most that one request is let in under the
+    /// old limit); the count comes out exact.
+    fn shrink(&self, by: u32) {
+        let claim = self.owed.swap(0, Ordering::AcqRel).saturating_add(by);
+        let taken = self.semaphore.forget_permits(claim as usize) as u32;
+        self.owed
+            .fetch_add(claim - taken.min(claim), Ordering::AcqRel);
+    }
+
+    /// A permit free right now.
+    fn try_permit(self: &Arc<Self>) -> Result<Permit, TryAcquireError> {
+        self.semaphore.try_acquire()?.forget();
+        Ok(Permit(self.clone()))
+    }
+
+    /// The next permit, first come, first served.
+    async fn permit(self: Arc<Self>) -> Option<Permit> {
+        self.semaphore.acquire().await.ok()?.forget();
+        Some(Permit(self))
+    }
+}
+
+/// A request's concurrency permit: given back when the request ends, or
+/// taken away if a reload lowered the limit meanwhile ([`Gate::shrink`]).
+#[derive(Debug)]
+pub(crate) struct Permit(Arc<Gate>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let gate = &self.0;
+        let retired = gate.owed.load(Ordering::Relaxed) > 0
+            && gate
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |o| o.checked_sub(1))
+                .is_ok();
+        if !retired {
+            gate.semaphore.add_permits(1);
+        }
+    }
 }
 
 /// Permits of a model whose `max_concurrent` a reload removed: more than
@@ -200,7 +274,7 @@ const UNLIMITED_PERMITS: u32 = if Semaphore::MAX_PERMITS < u32::MAX as usize {
 /// those requests; once they have all finished it starts afresh.
 #[derive(Debug, Clone)]
 pub(crate) struct RetiredConcurrency {
-    semaphore: Weak<Semaphore>,
+    semaphore: Weak<Gate>,
     total: u32,
 }
 
@@ -381,26 +455,17 @@ impl ModelLimits {
 fn resize(before: Option<Concurrency>, max: Option<u32>) -> Option<Concurrency> {
     let Some(Concurrency { semaphore, total }) = before else {
         return max.map(|max| Concurrency {
-            semaphore: Arc::new(Semaphore::new(max as usize)),
+            semaphore: Arc::new(Gate::new(max)),
             total: max,
         });
     };
     let new_total = max.unwrap_or(UNLIMITED_PERMITS);
     if new_total > total {
-        semaphore.add_permits((new_total - total) as usize);
+        semaphore.grow(new_total - total);
     } else if new_total < total {
-        // Shrinking: take the surplus permits away as they free up, without
-        // waiting here (reload must not block); meanwhile the semaphore's
-        // FIFO queue holds new requests behind it. The task ends as soon as
-        // the surplus is retired; it is the one spawn not owned by a
-        // JoinSet, because it must outlive the snapshot that started it.
-        let surplus = total - new_total;
-        let shrinking = semaphore.clone();
-        tokio::spawn(async move {
-            if let Ok(p) = shrinking.acquire_many(surplus).await {
-                p.forget();
-            }
-        });
+        // The surplus goes as permits free up, ahead of the requests
+        // waiting for them, without waiting here (reload must not block).
+        semaphore.shrink(total - new_total);
     }
     Some(Concurrency {
         semaphore,
@@ -470,7 +535,7 @@ pub struct Admitted {
     /// Tokens reserved for this request (prompt estimate + max_tokens).
     estimate: u64,
     /// The model's concurrency permit, returned on drop.
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Permit>,
     /// Decrements `weir_in_flight{model}` on drop.
     _in_flight: InFlightGauge,
     /// The `x-ratelimit-*` values at admission.
@@ -629,8 +694,8 @@ pub async fn admit(
         (_, Ok(permit)) => permit,
         (None, Err(_)) => None,
         (Some(Concurrency { semaphore, total }), Err(_)) => {
-            match tokio::time::timeout_at(deadline, semaphore.clone().acquire_owned()).await {
-                Ok(Ok(p)) => Some(p),
+            match tokio::time::timeout_at(deadline, semaphore.clone().permit()).await {
+                Ok(Some(p)) => Some(p),
                 // Timed out, or the semaphore was closed (never happens:
                 // weir never closes it): refused, reservations refunded.
                 _ => {
@@ -953,10 +1018,10 @@ async fn refuse(request: &Request<'_, '_>, error: ReserveError, progress: &Progr
 
 /// The model's permit if one is free right now; `Ok(None)` when the model
 /// has no `max_concurrent`.
-fn try_permit(model: &ModelLimits) -> Result<Option<OwnedSemaphorePermit>, TryAcquireError> {
+fn try_permit(model: &ModelLimits) -> Result<Option<Permit>, TryAcquireError> {
     match &model.concurrency {
         None => Ok(None),
-        Some(c) => c.semaphore.clone().try_acquire_owned().map(Some),
+        Some(c) => c.semaphore.try_permit().map(Some),
     }
 }
 
@@ -968,7 +1033,7 @@ fn settle(
     model: &ModelLimits,
     steps: &[Step<'_>; 4],
     (estimate, cluster_epoch): (u64, Option<u64>),
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Permit>,
     headers: RateHeaders,
     queued: Duration,
 ) -> Admitted {
@@ -1813,6 +1878,61 @@ mod tests {
         drop(held);
         drop(restored);
         assert!(!retired.in_use());
+    }
+
+    /// A reload that lowers `max_concurrent` holds the requests already
+    /// waiting to the new limit, and one that raises it again first
+    /// cancels what the lowering still owed (an audit saw 6 requests
+    /// running under a limit of 2 after four lower-and-raise pairs, and
+    /// waiters admitted three at a time under a limit lowered to 1).
+    #[tokio::test(start_paused = true)]
+    async fn a_lowered_max_concurrent_holds_the_requests_already_waiting() {
+        let (global, m) = limits(&model(None, None, None, Some(3)));
+        let global = Arc::new(global);
+        let now = Instant::now();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(admit(&global, &m, "m", 1, now, now).await.unwrap());
+        }
+        let far = now + Duration::from_secs(100);
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let (g, m) = (global.clone(), m.clone());
+                tokio::spawn(async move { admit(&g, &m, "m", 1, Instant::now(), far).await })
+            })
+            .collect();
+        let admitted = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            waiters.iter().filter(|w| w.is_finished()).count()
+        };
+        assert_eq!(admitted().await, 0);
+        // Reloads, each from the one before: 3 -> 1 -> 2 -> 1.
+        let resized = |before: &Arc<ModelLimits>, n: u32| {
+            let cfg = model(None, None, None, Some(n));
+            Arc::new(ModelLimits::new(
+                &cfg,
+                Some(before),
+                ModelMetrics::default(),
+                Instant::now(),
+            ))
+        };
+        let one = resized(&m, 1);
+        let two = resized(&one, 2);
+        let one = resized(&two, 1);
+        assert_eq!(admitted().await, 0, "three run; the limit is 2, then 1");
+        held.pop();
+        held.pop();
+        assert_eq!(admitted().await, 0, "one runs; the limit is 1");
+        held.pop();
+        assert_eq!(admitted().await, 1, "none runs: one waiter in");
+        // Raised again: the free permits go to the waiters at once.
+        let _three = resized(&one, 3);
+        assert_eq!(admitted().await, 3);
+        for waiter in waiters {
+            assert!(waiter.await.unwrap().is_ok());
+        }
     }
 
     #[tokio::test(start_paused = true)]
