@@ -609,6 +609,119 @@ async fn an_https_http2_backend_dropping_a_connection_with_a_stream_open_is_held
     second_request_is_held_against(h2_backend_dropping_its_second_stream().await).await;
 }
 
+/// A stream an HTTP/2 backend refuses before processing it, past the last
+/// stream id of its GOAWAY (as servers close a connection after so many
+/// requests) or reset with `REFUSED_STREAM`, goes again at once on another
+/// connection (RFC 9113 §8.7): the client gets its answer though no retry
+/// is allowed, and nothing is held against the backend (an audit saw 502s
+/// and a `protocol` error for every GOAWAY'd stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_http2_backends_refused_streams_are_sent_again() {
+    for refusal in [H2Refusal::GoAway, H2Refusal::RefusedStream] {
+        let addr = h2_backend_refusing(refusal).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = private_backend_config_with(
+            &dir,
+            addr,
+            "\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 1\n",
+        );
+        let weir = spawn_trusting_the_test_ca(&config);
+        for i in 0..4 {
+            let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+            let log = weir.log.lock().unwrap().clone();
+            assert_eq!(
+                reply.status,
+                200,
+                "{refusal:?} {i}: {}\n{log}",
+                reply.text()
+            );
+        }
+        let errors = metric(
+            weir.addr,
+            "weir_upstream_errors_total",
+            &[("backend", "private")],
+        )
+        .await;
+        assert_eq!(errors, 0.0, "{refusal:?}");
+    }
+}
+
+/// How [`h2_backend_refusing`] refuses streams.
+#[derive(Debug, Clone, Copy)]
+enum H2Refusal {
+    /// Every other connection sends GOAWAY (last stream id 0) at once;
+    /// the others answer one stream and then close gracefully.
+    GoAway,
+    /// Every other stream is reset with `REFUSED_STREAM`.
+    RefusedStream,
+}
+
+/// An https backend speaking HTTP/2 with the h2 crate itself (ALPN `h2`),
+/// the test CA's certificate, refusing streams as `refusal` says and
+/// answering the others with a chat completion.
+async fn h2_backend_refusing(refusal: H2Refusal) -> std::net::SocketAddr {
+    use std::sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    };
+
+    let mut tls = (*private_ca_server_config()).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (connections, streams) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, streams) = (acceptor.clone(), streams.clone());
+            let nth = connections.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let go_away = matches!(refusal, H2Refusal::GoAway);
+                if go_away && nth % 2 == 0 {
+                    // Written by hand: h2's own GOAWAY names the streams it
+                    // has read, and this one refuses the first too. Then
+                    // the connection is held until weir closes it.
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+                    const GOAWAY: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                    let _ = tls.write_all(&SETTINGS).await;
+                    let _ = tls.write_all(&GOAWAY).await;
+                    let _ = tls.flush().await;
+                    let mut sink = [0; 4096];
+                    let read = async { while tls.read(&mut sink).await.is_ok_and(|n| n > 0) {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+                    return;
+                }
+                let Ok(mut h2) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = h2.accept().await {
+                    if !go_away && streams.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let answer = chat_answer();
+                    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+                    let head = http::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut send) = respond.send_response(head, false) {
+                        let _ = send.send_data(body.into(), true);
+                    }
+                    if go_away {
+                        h2.graceful_shutdown();
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// An https backend speaking HTTP/2 (ALPN `h2` only) with the test CA's
 /// certificate: it answers the first request on a connection with a chat
 /// completion and, when the second arrives, drops the connection (its TCP,

@@ -309,6 +309,12 @@ pub(crate) enum AttemptError {
     /// elsewhere at once, and not held against the backend.
     #[error("kept-alive connection closed without an answer: {0}")]
     IdleClosed(String),
+    /// An HTTP/2 backend refused the stream before processing it (its
+    /// GOAWAY, or `REFUSED_STREAM`: [`tracked::unprocessed`]), also when
+    /// sent again on another connection ([`forward`] does so twice): not
+    /// held against the backend, and retried at once, as `IdleClosed`.
+    #[error("HTTP/2 stream refused before it was processed: {0}")]
+    Unprocessed(String),
 }
 
 impl AttemptError {
@@ -321,7 +327,7 @@ impl AttemptError {
             | AttemptError::NoFirstEvent(_)
             | AttemptError::NoFirstBytes(_) => FailureKind::Timeout,
             AttemptError::Protocol(_) => FailureKind::Protocol,
-            AttemptError::IdleClosed(_) => FailureKind::IdleClosed,
+            AttemptError::IdleClosed(_) | AttemptError::Unprocessed(_) => FailureKind::IdleClosed,
         }
     }
 }
@@ -341,6 +347,10 @@ pub(crate) fn client(url: &Uri, connect_timeout: Duration) -> Result<HttpClient,
         Ok(HttpClient::Plain(PlainClient::new(url, connect_timeout)))
     }
 }
+
+/// How long an https backend's HTTP/2 connection may send nothing before
+/// it is pinged, and how long the ping may wait for its answer.
+const H2_PING_AFTER: Duration = Duration::from_secs(10);
 
 /// `host` as the URL writes it (see [`resolve::Resolver::new`]).
 fn tls_client(host: &str, connect_timeout: Duration, trust: &trust::Trust) -> TlsClient {
@@ -364,6 +374,15 @@ fn tls_client(host: &str, connect_timeout: Duration, trust: &trust::Trust) -> Tl
         // the head's size, which this alone bounds only roughly).
         .http1_max_buf_size(codec::MAX_HEAD_BYTES)
         .http2_max_header_list_size(codec::MAX_HEAD_BYTES as u32)
+        // An HTTP/2 connection whose peer stops answering while TCP stays
+        // up (a middlebox that dropped it, a wedged server) would keep
+        // every request and probe multiplexed on it: it is pinged after
+        // `H2_PING_AFTER` without a frame from the backend, idle or not,
+        // and closed when a ping waits as long for its answer. (An
+        // HTTP/1.1 connection that times out is dropped with its request.)
+        .http2_keep_alive_interval(H2_PING_AFTER)
+        .http2_keep_alive_timeout(H2_PING_AFTER)
+        .http2_keep_alive_while_idle(true)
         .pool_idle_timeout(pool::IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
@@ -453,6 +472,12 @@ impl Forward<'_> {
     }
 }
 
+/// How many times [`forward`] sends again a request an HTTP/2 backend
+/// refused unprocessed before the attempt fails (`Unprocessed`): enough for
+/// a connection that closed under it, not a loop with a backend that
+/// refuses every stream.
+const UNPROCESSED_RESENDS: u32 = 2;
+
 /// Sends a proxied request; the same contract as [`send`].
 pub(crate) async fn forward(
     client: &HttpClient,
@@ -465,15 +490,33 @@ pub(crate) async fn forward(
             plain_answer(first_byte_timeout, answer)
         }
         HttpClient::Tls(..) => {
-            // The client's path was parsed as a URI by hyper already, so
-            // joining it to a configured URL cannot fail in practice.
-            let request = request
-                .to_request()
-                .map_err(|e| AttemptError::Protocol(format!("upstream uri: {e}")))?;
-            // Boxed: hyper's request future is three times the size of the
-            // plain client's, and every future that awaits this one would
-            // otherwise carry (and move) its bytes on every request.
-            Box::pin(send(client, request, first_byte_timeout)).await
+            // A stream an HTTP/2 backend refused unprocessed goes again at
+            // once, on another connection (hyper-util's pool drops one that
+            // is going away), within the same `first_byte_timeout`.
+            let deadline = tokio::time::Instant::now() + first_byte_timeout;
+            let mut resent = 0;
+            loop {
+                // The client's path was parsed as a URI by hyper already,
+                // so joining it to a configured URL cannot fail in practice.
+                let request = request
+                    .to_request()
+                    .map_err(|e| AttemptError::Protocol(format!("upstream uri: {e}")))?;
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                // Boxed: hyper's request future is three times the size of
+                // the plain client's, and every future that awaits this one
+                // would otherwise carry (and move) its bytes on every
+                // request.
+                match Box::pin(send(client, request, left)).await {
+                    Err(AttemptError::Unprocessed(_)) if resent < UNPROCESSED_RESENDS => {
+                        resent += 1;
+                    }
+                    // Timed out on the whole `first_byte_timeout`.
+                    Err(AttemptError::Timeout(_)) => {
+                        return Err(AttemptError::Timeout(first_byte_timeout))
+                    }
+                    outcome => return outcome,
+                }
+            }
         }
     }
 }
@@ -543,6 +586,9 @@ pub(crate) async fn send(
                 // the race of an idle close is `IdleClosed`.
                 Ok(Err(e)) if tracked::idle_closed(&e, sent.elapsed()) => {
                     Err(AttemptError::IdleClosed(error_chain(&e)))
+                }
+                Ok(Err(e)) if tracked::unprocessed(&e) => {
+                    Err(AttemptError::Unprocessed(error_chain(&e)))
                 }
                 Ok(Err(e)) => Err(AttemptError::Protocol(error_chain(&e))),
             }

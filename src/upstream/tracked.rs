@@ -76,9 +76,8 @@ pub(crate) fn answered<B>(response: &Response<B>) {
 /// TLS's, two round trips or more (the plain client allows two TCP ones),
 /// counted only when under a second, as the plain client's samples are.
 /// Never on HTTP/2, whose servers close idle connections with GOAWAY
-/// (streams it refuses hyper-util sends again itself) and whose streams
-/// share a connection: one dropped with streams open is the backend's
-/// failure.
+/// (streams it refuses are [`unprocessed`]) and whose streams share a
+/// connection: one dropped with streams open is the backend's failure.
 pub(crate) fn idle_closed(error: &hyper_util::client::legacy::Error, waited: Duration) -> bool {
     let Some(info) = error.connect_info().filter(|info| !info.is_negotiated_h2()) else {
         return false;
@@ -94,6 +93,23 @@ pub(crate) fn idle_closed(error: &hyper_util::client::legacy::Error, waited: Dur
     let handshake = Some(state.handshake).filter(|&h| h < MAX_HANDSHAKE_SAMPLE);
     let race = IDLE_RACE_SLACK + handshake.unwrap_or_default();
     state.answered.load(Ordering::Relaxed) && waited <= race && closed(error)
+}
+
+/// Whether `error` is an HTTP/2 stream the backend refused before
+/// processing it, which may be sent again (RFC 9113 §6.8, §8.7): one above
+/// the last stream id of the backend's GOAWAY (a server closing a
+/// connection after so many requests, or while shutting down, refuses the
+/// streams that crossed its GOAWAY; h2 also fails a stream opened after
+/// it), or one reset with `REFUSED_STREAM`. A stream the GOAWAY let
+/// through and the close then cut ends with a broken pipe instead.
+pub(crate) fn unprocessed(error: &(dyn std::error::Error + 'static)) -> bool {
+    sources(error)
+        .filter_map(|s| s.downcast_ref::<h2::Error>())
+        .any(|e| {
+            e.is_remote()
+                && (e.is_go_away()
+                    || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+        })
 }
 
 /// Whether the connection closed under the request: hyper saw the stream
