@@ -421,8 +421,13 @@ impl<'a> Exchange<'a> {
                     (FailureKind::Status5xx, Some(response.status()))
                 }
                 Err(e) => {
-                    tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
-                    if !idle_closed {
+                    // Why is an operator's to see at `info` (the access
+                    // line says only how the request ended), as nginx logs
+                    // each upstream error; not the idle-close race.
+                    if idle_closed {
+                        tracing::debug!(backend = %backend.config.name, error = %e, "attempt failed");
+                    } else {
+                        tracing::info!(backend = %backend.config.name, error = %e, "attempt failed");
                         self.report(backend, Outcome::Failure);
                     }
                     let reason = e.kind();

@@ -550,6 +550,9 @@ async fn an_https_backends_dropped_kept_alive_connection_is_retried_and_not_held
         .await;
         assert_eq!(errors, 0.0, "{kind}");
     }
+    // The race is not the backend's failure: not logged at `info`.
+    let log = weir.log.lock().unwrap().clone();
+    assert!(!log.contains("attempt failed"), "{log}");
     let retried = metric(
         weir.addr,
         "weir_retries_total",
@@ -590,6 +593,12 @@ async fn second_request_is_held_against(addr: std::net::SocketAddr) {
     let second = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
     let log = weir.log.lock().unwrap().clone();
     assert_eq!(second.status, 502, "{}\n{log}", second.text());
+    // Why, in the log at `info`: the access line says only "502".
+    assert!(
+        log.lines()
+            .any(|l| l.contains("attempt failed") && l.contains("backend=private")),
+        "{log}"
+    );
     for (kind, count) in [("protocol", 1.0), ("idle_closed", 0.0)] {
         let errors = metric(
             weir.addr,
