@@ -375,11 +375,7 @@ impl<'a> Exchange<'a> {
             // A kept-alive connection closed unanswered is most often the
             // backend's idle close racing weir's reuse: not held against
             // the backend, and no back-off before the next one.
-            // So is an HTTP/2 stream refused unprocessed (a GOAWAY).
-            let idle_closed = matches!(
-                outcome,
-                Err(AttemptError::IdleClosed(_) | AttemptError::Unprocessed(_))
-            );
+            let idle_closed = matches!(outcome, Err(AttemptError::IdleClosed(_)));
             // Each failure says why, and the status it answered with, if it
             // answered.
             let (reason, answered) = match outcome {

@@ -593,12 +593,18 @@ async fn second_request_is_held_against(addr: std::net::SocketAddr) {
     let second = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
     let log = weir.log.lock().unwrap().clone();
     assert_eq!(second.status, 502, "{}\n{log}", second.text());
-    // Why, in the log at `info`: the access line says only "502".
-    assert!(
+    // Why, in the log at `info`: the access line says only "502". (The
+    // line may still be on its way from weir's stderr.)
+    let logged = || {
+        let log = weir.log.lock().unwrap().clone();
         log.lines()
-            .any(|l| l.contains("attempt failed") && l.contains("backend=private")),
-        "{log}"
-    );
+            .any(|l| l.contains("attempt failed") && l.contains("backend=private"))
+    };
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !logged() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(logged(), "{}", weir.log.lock().unwrap());
     for (kind, count) in [("protocol", 1.0), ("idle_closed", 0.0)] {
         let errors = metric(
             weir.addr,
@@ -653,6 +659,21 @@ async fn an_https_http2_backends_refused_streams_are_sent_again() {
         .await;
         assert_eq!(errors, 0.0, "{refusal:?}");
     }
+    // One that refuses every stream is failing: a 502, held against it.
+    let addr = h2_backend_refusing(H2Refusal::Always).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = private_backend_config_with(&dir, addr, "\n[retry]\nmax_attempts = 1\n");
+    let weir = spawn_trusting_the_test_ca(&config);
+    let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert!(reply.text().contains("3 times"), "{}", reply.text());
+    let errors = metric(
+        weir.addr,
+        "weir_upstream_errors_total",
+        &[("backend", "private"), ("kind", "protocol")],
+    )
+    .await;
+    assert_eq!(errors, 1.0);
 }
 
 /// How [`h2_backend_refusing`] refuses streams.
@@ -663,6 +684,8 @@ enum H2Refusal {
     GoAway,
     /// Every other stream is reset with `REFUSED_STREAM`.
     RefusedStream,
+    /// Every stream is reset with `REFUSED_STREAM`.
+    Always,
 }
 
 /// An https backend speaking HTTP/2 with the h2 crate itself (ALPN `h2`),
@@ -690,12 +713,32 @@ async fn h2_backend_refusing(refusal: H2Refusal) -> std::net::SocketAddr {
                 };
                 let go_away = matches!(refusal, H2Refusal::GoAway);
                 if go_away && nth % 2 == 0 {
-                    // Written by hand: h2's own GOAWAY names the streams it
-                    // has read, and this one refuses the first too. Then
-                    // the connection is held until weir closes it.
+                    // Written by hand once the request's HEADERS frame is
+                    // in: h2's own GOAWAY names the streams it has read,
+                    // and this one refuses the first too (last stream id
+                    // 0). Then the connection is held until weir closes it.
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
                     const GOAWAY: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                    let mut preface = [0; 24];
+                    if tls.read_exact(&mut preface).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        let mut head = [0; 9];
+                        if tls.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let mut payload = vec![0; len];
+                        if tls.read_exact(&mut payload).await.is_err() {
+                            return;
+                        }
+                        // HEADERS
+                        if head[3] == 1 {
+                            break;
+                        }
+                    }
                     let _ = tls.write_all(&SETTINGS).await;
                     let _ = tls.write_all(&GOAWAY).await;
                     let _ = tls.flush().await;
@@ -708,7 +751,8 @@ async fn h2_backend_refusing(refusal: H2Refusal) -> std::net::SocketAddr {
                     return;
                 };
                 while let Some(Ok((_request, mut respond))) = h2.accept().await {
-                    if !go_away && streams.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                    let nth = streams.fetch_add(1, Ordering::Relaxed);
+                    if matches!(refusal, H2Refusal::Always) || (!go_away && nth % 2 == 0) {
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     }

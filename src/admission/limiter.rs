@@ -216,15 +216,23 @@ impl Gate {
     }
 
     /// `by` fewer permits: the free ones at once, the others as the
-    /// requests holding them end ([`Permit`]'s drop). The debt is claimed
-    /// while the free ones are taken, so a permit given back meanwhile
-    /// goes back as usual (at most that one request is let in under the
-    /// old limit); the count comes out exact.
+    /// requests holding them end ([`Permit`]'s drop). The debt is owed
+    /// before the free ones are taken, so a request ending meanwhile pays
+    /// it rather than hand its permit on; what both took beyond the debt
+    /// is given back.
     fn shrink(&self, by: u32) {
-        let claim = self.owed.swap(0, Ordering::AcqRel).saturating_add(by);
-        let taken = self.semaphore.forget_permits(claim as usize) as u32;
-        self.owed
-            .fetch_add(claim - taken.min(claim), Ordering::AcqRel);
+        self.owed.fetch_add(by, Ordering::AcqRel);
+        let owed = self.owed.load(Ordering::Acquire);
+        let taken = self.semaphore.forget_permits(owed as usize) as u32;
+        let before = self
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                Some(o.saturating_sub(taken))
+            })
+            .unwrap_or(0);
+        if taken > before {
+            self.semaphore.add_permits((taken - before) as usize);
+        }
     }
 
     /// A permit free right now.
@@ -242,13 +250,16 @@ impl Gate {
 
 /// A request's concurrency permit: given back when the request ends, or
 /// taken away if a reload lowered the limit meanwhile ([`Gate::shrink`]).
+/// (A waiter whose permit came just as its wait was dropped gives it back
+/// through tokio, past the debt: at worst one request more than the new
+/// limit for as long as the debt lasts.)
 #[derive(Debug)]
 pub(crate) struct Permit(Arc<Gate>);
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let gate = &self.0;
-        let retired = gate.owed.load(Ordering::Relaxed) > 0
+        let retired = gate.owed.load(Ordering::Acquire) > 0
             && gate
                 .owed
                 .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |o| o.checked_sub(1))

@@ -310,9 +310,9 @@ pub(crate) enum AttemptError {
     #[error("kept-alive connection closed without an answer: {0}")]
     IdleClosed(String),
     /// An HTTP/2 backend refused the stream before processing it (its
-    /// GOAWAY, or `REFUSED_STREAM`: [`tracked::unprocessed`]), also when
-    /// sent again on another connection ([`forward`] does so twice): not
-    /// held against the backend, and retried at once, as `IdleClosed`.
+    /// GOAWAY, or `REFUSED_STREAM`: [`tracked::unprocessed`]): [`forward`]
+    /// sends it again on another connection, not held against the
+    /// backend; refused every time, the attempt is a `Protocol` failure.
     #[error("HTTP/2 stream refused before it was processed: {0}")]
     Unprocessed(String),
 }
@@ -349,8 +349,10 @@ pub(crate) fn client(url: &Uri, connect_timeout: Duration) -> Result<HttpClient,
 }
 
 /// How long an https backend's HTTP/2 connection may send nothing before
-/// it is pinged, and how long the ping may wait for its answer.
-const H2_PING_AFTER: Duration = Duration::from_secs(10);
+/// it is pinged, and how long the ping may wait for its answer: an idle
+/// pooled connection (50 s at most) is pinged twice, and a server busy
+/// for a while still answers in time.
+const H2_PING_AFTER: Duration = Duration::from_secs(20);
 
 /// `host` as the URL writes it (see [`resolve::Resolver::new`]).
 fn tls_client(host: &str, connect_timeout: Duration, trust: &trust::Trust) -> TlsClient {
@@ -473,9 +475,9 @@ impl Forward<'_> {
 }
 
 /// How many times [`forward`] sends again a request an HTTP/2 backend
-/// refused unprocessed before the attempt fails (`Unprocessed`): enough for
-/// a connection that closed under it, not a loop with a backend that
-/// refuses every stream.
+/// refused unprocessed before the attempt fails: enough for a connection
+/// that closed under it, not a loop with a backend that refuses every
+/// stream.
 const UNPROCESSED_RESENDS: u32 = 2;
 
 /// Sends a proxied request; the same contract as [`send`].
@@ -509,6 +511,14 @@ pub(crate) async fn forward(
                 match Box::pin(send(client, request, left)).await {
                     Err(AttemptError::Unprocessed(_)) if resent < UNPROCESSED_RESENDS => {
                         resent += 1;
+                    }
+                    // A backend that refuses every stream (one shedding
+                    // load so) is failing.
+                    Err(AttemptError::Unprocessed(e)) => {
+                        return Err(AttemptError::Protocol(format!(
+                            "{} times: HTTP/2 stream refused before it was processed: {e}",
+                            resent + 1
+                        )))
                     }
                     // Timed out on the whole `first_byte_timeout`.
                     Err(AttemptError::Timeout(_)) => {

@@ -100,16 +100,25 @@ pub(crate) fn idle_closed(error: &hyper_util::client::legacy::Error, waited: Dur
 /// the last stream id of the backend's GOAWAY (a server closing a
 /// connection after so many requests, or while shutting down, refuses the
 /// streams that crossed its GOAWAY; h2 also fails a stream opened after
-/// it), or one reset with `REFUSED_STREAM`. A stream the GOAWAY let
-/// through and the close then cut ends with a broken pipe instead.
-pub(crate) fn unprocessed(error: &(dyn std::error::Error + 'static)) -> bool {
-    sources(error)
-        .filter_map(|s| s.downcast_ref::<h2::Error>())
-        .any(|e| {
-            e.is_remote()
-                && (e.is_go_away()
-                    || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
-        })
+/// it), or one reset with `REFUSED_STREAM`; or a request an HTTP/2
+/// connection that closed (on a GOAWAY read first) handed back unsent
+/// (hyper's "canceled"). A stream the GOAWAY let through and the close
+/// then cut ends with a broken pipe instead. (hyper reports the
+/// connection's GOAWAY also for a stream it opened just as the GOAWAY
+/// came, which the backend may have taken: rare, and then sent twice.)
+pub(crate) fn unprocessed(error: &hyper_util::client::legacy::Error) -> bool {
+    let h2 = error
+        .connect_info()
+        .is_some_and(|info| info.is_negotiated_h2());
+    h2 && sources(error).any(|s| {
+        s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+            || s.downcast_ref::<h2::Error>().is_some_and(|e| {
+                e.is_remote()
+                    && (e.is_go_away()
+                        || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+            })
+    })
 }
 
 /// Whether the connection closed under the request: hyper saw the stream
