@@ -529,18 +529,11 @@ fn read_one_request(stream: &mut impl std::io::Read) -> std::io::Result<bool> {
 async fn an_https_backends_dropped_kept_alive_connection_is_retried_and_not_held_against_it() {
     let addr =
         https_backend_dropping_reused_connections(chat_answer(), Duration::ZERO, Duration::ZERO);
-    let dir = tempfile::tempdir().unwrap();
-    let config = private_backend_config_with(
-        &dir,
+    let (_dir, weir) = weir_in_front_of(
         addr,
         "\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 2\nbase_delay = \"2s\"\nmax_delay = \"2s\"\n",
     );
-    let weir = spawn_trusting_the_test_ca(&config);
-    for i in 0..3 {
-        let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
-        let log = weir.log.lock().unwrap().clone();
-        assert_eq!(reply.status, 200, "request {i}: {}\n{log}", reply.text());
-    }
+    all_answered(&weir, 3, "").await;
     for kind in ["protocol", "idle_closed"] {
         let errors = metric(
             weir.addr,
@@ -634,23 +627,11 @@ async fn an_https_http2_backend_dropping_a_connection_with_a_stream_open_is_held
 async fn an_https_http2_backends_refused_streams_are_sent_again() {
     for refusal in [H2Refusal::GoAway, H2Refusal::RefusedStream] {
         let addr = h2_backend_refusing(refusal).await;
-        let dir = tempfile::tempdir().unwrap();
-        let config = private_backend_config_with(
-            &dir,
+        let (_dir, weir) = weir_in_front_of(
             addr,
             "\n[outlier]\nconsecutive_failures = 1\n\n[retry]\nmax_attempts = 1\n",
         );
-        let weir = spawn_trusting_the_test_ca(&config);
-        for i in 0..4 {
-            let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
-            let log = weir.log.lock().unwrap().clone();
-            assert_eq!(
-                reply.status,
-                200,
-                "{refusal:?} {i}: {}\n{log}",
-                reply.text()
-            );
-        }
+        all_answered(&weir, 4, &format!("{refusal:?}")).await;
         let errors = metric(
             weir.addr,
             "weir_upstream_errors_total",
@@ -661,9 +642,7 @@ async fn an_https_http2_backends_refused_streams_are_sent_again() {
     }
     // One that refuses every stream is failing: a 502, held against it.
     let addr = h2_backend_refusing(H2Refusal::Always).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = private_backend_config_with(&dir, addr, "\n[retry]\nmax_attempts = 1\n");
-    let weir = spawn_trusting_the_test_ca(&config);
+    let (_dir, weir) = weir_in_front_of(addr, "\n[retry]\nmax_attempts = 1\n");
     let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
     assert_eq!(reply.status, 502, "{}", reply.text());
     assert!(reply.text().contains("3 times"), "{}", reply.text());
@@ -674,6 +653,29 @@ async fn an_https_http2_backends_refused_streams_are_sent_again() {
     )
     .await;
     assert_eq!(errors, 1.0);
+}
+
+/// weir trusting the test CA, in front of the https backend at `addr`, with
+/// `extra` (TOML) at the end of its config (in the directory returned).
+fn weir_in_front_of(addr: std::net::SocketAddr, extra: &str) -> (tempfile::TempDir, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = private_backend_config_with(&dir, addr, extra);
+    let weir = spawn_trusting_the_test_ca(&config);
+    (dir, weir)
+}
+
+/// Sends `n` chat completions one after the other, each to be answered 200.
+async fn all_answered(weir: &Running, n: usize, what: &str) {
+    for i in 0..n {
+        let reply = post(weir.addr, "/v1/chat/completions", &chat("m", false)).await;
+        let log = weir.log.lock().unwrap().clone();
+        assert_eq!(
+            reply.status,
+            200,
+            "{what} request {i}: {}\n{log}",
+            reply.text()
+        );
+    }
 }
 
 /// How [`h2_backend_refusing`] refuses streams.
@@ -688,6 +690,21 @@ enum H2Refusal {
     Always,
 }
 
+/// A TLS acceptor offering only `h2` with the test CA's certificate, and a
+/// listener on 127.0.0.1 for it.
+async fn h2_tls_listener() -> (
+    tokio_rustls::TlsAcceptor,
+    tokio::net::TcpListener,
+    std::net::SocketAddr,
+) {
+    let mut tls = (*private_ca_server_config()).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (acceptor, listener, addr)
+}
+
 /// An https backend speaking HTTP/2 with the h2 crate itself (ALPN `h2`),
 /// the test CA's certificate, refusing streams as `refusal` says and
 /// answering the others with a chat completion.
@@ -697,11 +714,7 @@ async fn h2_backend_refusing(refusal: H2Refusal) -> std::net::SocketAddr {
         Arc,
     };
 
-    let mut tls = (*private_ca_server_config()).clone();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (acceptor, listener, addr) = h2_tls_listener().await;
     let (connections, streams) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -787,11 +800,7 @@ async fn h2_backend_dropping_its_second_stream() -> std::net::SocketAddr {
         Arc,
     };
 
-    let mut tls = (*private_ca_server_config()).clone();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (acceptor, listener, addr) = h2_tls_listener().await;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
