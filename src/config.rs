@@ -1290,13 +1290,13 @@ impl Checker<'_> {
                         "server.max_buffered_body_bytes",
                         format!("must be at least server.max_body_bytes ({max_body_bytes}): a body that size could never be held"),
                     );
-                    max_body_bytes
+                    Some(max_body_bytes)
                 }
-                Some(n) => n,
-                None => max_body_bytes.max(defaults::MAX_BUFFERED_BODY_BYTES),
+                n => n,
             },
-            None => max_body_bytes.max(defaults::MAX_BUFFERED_BODY_BYTES),
-        };
+            None => None,
+        }
+        .unwrap_or_else(|| max_body_bytes.max(defaults::MAX_BUFFERED_BODY_BYTES));
         let errors_before = self.errors.len();
         let request_timeout = self.duration(
             &raw.request_timeout,
@@ -1810,15 +1810,11 @@ impl Checker<'_> {
         let digits = authority
             .port()
             .is_some_and(|p| p.as_str().bytes().all(|b| b.is_ascii_digit()));
-        match authority.port_u16() {
-            None if has_port => {
-                return fail(self, "its port is not a number from 1 to 65535");
-            }
-            Some(_) if !digits => {
-                return fail(self, "its port is not a number from 1 to 65535");
-            }
-            Some(0) => return fail(self, "port 0 cannot be connected to"),
-            _ => {}
+        if has_port && !(digits && authority.port_u16().is_some()) {
+            return fail(self, "its port is not a number from 1 to 65535");
+        }
+        if authority.port_u16() == Some(0) {
+            return fail(self, "port 0 cannot be connected to");
         }
         if uri.query().is_some() {
             return fail(

@@ -835,27 +835,9 @@ async fn keep_alive_request(s: &mut tokio::net::TcpStream) -> String {
     ))
     .await
     .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
-            .await
-            .expect("answer within 10s")
-            .unwrap();
-        assert!(n > 0, "closed before the answer");
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .expect("content-length");
-            if body.len() >= len {
-                return text.into_owned();
-            }
-        }
-    }
+    let text = read_response(s).await;
+    assert!(text.contains("\r\ncontent-length: "), "{text}");
+    text
 }
 
 /// How long until the server closes `s`, reading nothing else.
