@@ -323,10 +323,9 @@ impl<'a> Exchange<'a> {
             // and from now on: its streams are charged their estimate.
             if watch && refuses_stream_options(&outcome) {
                 add_usage = false;
-                // The refusal's connection closes (`exchange` kept it out
-                // of the pool) before the request goes again.
                 drop(outcome);
-                let request = self.request_for(member, false)?;
+                let mut request = self.request_for(member, false)?;
+                request.fresh = true;
                 let left = self.deadline.saturating_duration_since(Instant::now());
                 (outcome, stream, wait) =
                     Box::pin(self.exchange(backend, &request, left, false)).await;
@@ -515,10 +514,7 @@ impl<'a> Exchange<'a> {
                 if !is_retryable(response.status()) && !response.body().arrived_whole());
         if prime {
             let placeholder = Err(AttemptError::NoFirstEvent(Duration::ZERO));
-            if let Ok(mut response) = std::mem::replace(&mut outcome, placeholder) {
-                if refusal {
-                    response.body_mut().close_after();
-                }
+            if let Ok(response) = std::mem::replace(&mut outcome, placeholder) {
                 let left = self.deadline.saturating_duration_since(Instant::now());
                 wait = self.first_byte_timeout.min(left);
                 // Boxed: the wait's state is needed only here, and inline
@@ -998,6 +994,7 @@ impl<'a> Exchange<'a> {
             headers: self.headers,
             authorization: backend.authorization.as_ref(),
             body,
+            fresh: false,
         })
     }
 

@@ -9,7 +9,11 @@
 
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use common::*;
 use tokio::{
@@ -1720,6 +1724,10 @@ enum Refusal {
     /// Azure's 400 with a length (no `connection: close`), and the
     /// connection closed 3 ms later, as a server closing after an error.
     ThenCloses,
+    /// Takes the field, but answers a request without `messages` with a
+    /// 400 that does not name it (as for a prompt past the model's
+    /// context), keeping the connection.
+    ClientError,
 }
 
 /// Azure OpenAI's refusal of a field it does not know.
@@ -1729,12 +1737,27 @@ const UNRECOGNIZED: &str = r#"{"error":{"message":"Unrecognized request argument
 /// `how` says and streams the others (with their usage chunk when asked);
 /// returns its URL and every request body it read, in order.
 async fn refusing(how: Refusal) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let (url, seen, _) = refusing_counted(how).await;
+    (url, seen)
+}
+
+/// As [`refusing`], and the number of connections it accepted.
+async fn refusing_counted(
+    how: Refusal,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    std::sync::Arc<AtomicUsize>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
             let log = log.clone();
             tokio::spawn(async move {
                 while let Some(request) = read_request(&mut s).await {
@@ -1751,7 +1774,7 @@ async fn refusing(how: Refusal) -> (String, std::sync::Arc<std::sync::Mutex<Vec<
             });
         }
     });
-    (format!("http://{addr}/v1"), seen)
+    (format!("http://{addr}/v1"), seen, accepted)
 }
 
 /// Writes the answer [`refusing`] gives `body`; `None` once the connection
@@ -1775,6 +1798,11 @@ async fn refuse(s: &mut TcpStream, how: Refusal, body: &str) -> Option<()> {
         let answer = with_length("503 Service Unavailable", busy);
         return s.write_all(answer.as_bytes()).await.ok();
     }
+    if how == Refusal::ClientError && !body.contains("\"messages\"") {
+        let too_long = r#"{"error":{"message":"This model's maximum context length is 4096 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+        let answer = with_length("400 Bad Request", too_long);
+        return s.write_all(answer.as_bytes()).await.ok();
+    }
     if quotes && !body.contains("\"messages\"") {
         let quoted = format!(
             r#"{{"detail":[{{"type":"missing","loc":["body","messages"],"msg":"Field required","input":{body}}}]}}"#
@@ -1782,7 +1810,7 @@ async fn refuse(s: &mut TcpStream, how: Refusal, body: &str) -> Option<()> {
         let answer = with_length("422 Unprocessable Entity", &quoted);
         return s.write_all(answer.as_bytes()).await.ok();
     }
-    if !quotes && body.contains("stream_options") {
+    if !quotes && how != Refusal::ClientError && body.contains("stream_options") {
         match how {
             Refusal::NameInALaterChunk => {
                 let (a, b) = UNRECOGNIZED.split_at(50);
@@ -1800,7 +1828,10 @@ async fn refuse(s: &mut TcpStream, how: Refusal, body: &str) -> Option<()> {
                 tokio::time::sleep(pause).await;
                 s.write_all(b.as_bytes()).await.ok()?;
             }
-            Refusal::ThenCloses | Refusal::QuotesTheBody | Refusal::QuotesTheBodyThenBusy => {
+            Refusal::ThenCloses
+            | Refusal::QuotesTheBody
+            | Refusal::QuotesTheBodyThenBusy
+            | Refusal::ClientError => {
                 let answer = with_length("400 Bad Request", UNRECOGNIZED);
                 s.write_all(answer.as_bytes()).await.ok()?;
                 tokio::time::sleep(Duration::from_millis(3)).await;
@@ -1897,6 +1928,34 @@ async fn the_request_sent_again_after_a_refusal_goes_on_a_new_connection() {
     )
     .await;
     assert_eq!(idle, 0.0);
+}
+
+/// A client error that does not name `stream_options` (here a prompt past
+/// the model's context), answered to a stream weir added the field to,
+/// leaves its connection in the pool: the next stream goes on it. (Both
+/// on one client connection: each lane has a pool of its own.)
+#[tokio::test]
+async fn a_client_error_to_a_stream_weir_asked_usage_for_keeps_its_connection() {
+    let (url, seen, accepted) = refusing_counted(Refusal::ClientError).await;
+    let gw = on_one_backend(&url, "").await;
+    let client = client();
+    let bad = r#"{"model":"m","stream":true}"#;
+    let r = post_with(&client, gw.addr(), "/v1/chat/completions", bad).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("context_length_exceeded"), "{}", r.text());
+    let s = post_with(&client, gw.addr(), "/v1/chat/completions", &chat("m", true)).await;
+    assert_eq!(s.status, 200, "{}", s.text());
+    let bodies = seen.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 2, "sent once each: {bodies:?}");
+    assert!(
+        bodies.iter().all(|b| b.contains("include_usage")),
+        "{bodies:?}"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the 400's connection was not kept"
+    );
 }
 
 /// A re-send that fails (a 503, or a 429) shows nothing about the field

@@ -168,7 +168,7 @@ impl PlainClient {
             authorization: None,
             body_len: body.len(),
         };
-        let mut response = self.round_trip(authority, &head, &body).await?;
+        let mut response = self.round_trip(authority, &head, &body, false).await?;
         let headers = std::mem::take(&mut response.body_mut().headers)
             .to_map()
             .map_err(|e| AttemptError::Protocol(e.to_string()))?;
@@ -193,16 +193,18 @@ impl PlainClient {
             authorization: request.authorization,
             body_len: request.body.len(),
         };
-        self.round_trip(authority, &head, &request.body).await
+        self.round_trip(authority, &head, &request.body, request.fresh)
+            .await
     }
 
     /// Writes `head` and `body` to `authority` (a pooled connection when it
-    /// is the backend's) and reads the response head.
+    /// is the backend's, unless `fresh`) and reads the response head.
     async fn round_trip(
         &self,
         authority: Option<&Authority>,
         head: &RequestHead<'_>,
         body: &Bytes,
+        fresh: bool,
     ) -> Result<Response<ResponseBody>, AttemptError> {
         let authority =
             authority.ok_or_else(|| AttemptError::Connect("no host in the URL".to_owned()))?;
@@ -221,7 +223,7 @@ impl PlainClient {
             head_request: *head.method == Method::HEAD,
         };
         let pool = self.pool();
-        let idle = if pooled { pool.take() } else { None };
+        let idle = if pooled && !fresh { pool.take() } else { None };
         let reused = idle.is_some();
         // When a reused connection's request went out: the idle-close
         // race shows within a round trip of it (see `idle_race`).
@@ -576,12 +578,6 @@ impl ResponseBody {
     pub(crate) fn arrived_whole(&self) -> bool {
         self.framing.is_done()
             || (self.framing.remaining()).is_some_and(|n| self.buf.len() as u64 >= n)
-    }
-
-    /// The connection closes when the body ends, rather than go back to
-    /// the pool (see [`super::UpstreamBody::close_after`]).
-    pub(crate) fn close_after(&mut self) {
-        self.pool = None;
     }
 
     /// Drops the headers once the proxy has passed them on.

@@ -148,19 +148,6 @@ impl UpstreamBody {
         }
     }
 
-    /// Its connection is not kept for another request: a request sent
-    /// again at once after this answer (a refusal of `stream_options`)
-    /// would otherwise take it back from the pool just as a backend that
-    /// closes after an error closes it (`IdleClosed`).
-    pub(crate) fn close_after(&mut self) {
-        match self {
-            UpstreamBody::Plain(body) => body.close_after(),
-            // hyper-util's pool checks its connections itself.
-            UpstreamBody::Tls(_) => {}
-            UpstreamBody::Primed(primed) => primed.rest.close_after(),
-        }
-    }
-
     /// The data of the frame [`UpstreamBody::first_frame`] read, if any.
     pub(crate) fn first_bytes(&self) -> Option<&[u8]> {
         match self {
@@ -454,6 +441,13 @@ pub(crate) struct Forward<'a> {
     pub authorization: Option<&'a HeaderValue>,
     /// The body to send (possibly rewritten for this backend).
     pub body: Bytes,
+    /// Sent on a new connection, not a pooled one: a request sent again at
+    /// once after an answer (a refusal of `stream_options`) would
+    /// otherwise take that answer's connection back from the pool just as
+    /// a backend that closes after an error closes it (`IdleClosed`).
+    /// Plain backends only: hyper-util's pool checks its connections
+    /// itself.
+    pub fresh: bool,
 }
 
 impl Forward<'_> {
@@ -833,6 +827,7 @@ mod tests {
             headers: &upstream,
             authorization: Some(&key),
             body: Bytes::from_static(b"{}"),
+            fresh: false,
         };
         let request = forward.to_request().unwrap();
         assert_eq!(request.method(), Method::POST);
