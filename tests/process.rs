@@ -655,6 +655,47 @@ async fn an_https_http2_backends_refused_streams_are_sent_again() {
     assert_eq!(errors, 1.0);
 }
 
+/// A probe's stream the backend refused unprocessed goes again too: with
+/// every other stream refused, and one failed probe enough to take the
+/// backend out, the liveness and readiness probes keep it in rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_http2_backends_refused_probe_streams_are_sent_again() {
+    let addr = h2_backend_refusing(H2Refusal::RefusedStream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let health = "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = { interval = \"50ms\", timeout = \"2s\" }\nreadiness = { interval = \"50ms\", timeout = \"2s\", degraded_latency = \"2s\" }\ndeep = { interval = \"1h\", timeout = \"2s\", samples = 1, max_tokens = 4 }\n";
+    let config = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{health}",
+            backend("private", &format!("https://{addr}/v1"), &["m"], 1)
+        ),
+    );
+    let weir = spawn_trusting_the_test_ca(&config);
+    // Ten passes in a row on each tier, each probe on a stream of its own,
+    // every other one refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let passes = |tier: &str, admin: &serde_json::Value| {
+        admin["backends"][0]["tiers"][tier]["consecutive_passes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    loop {
+        let admin: serde_json::Value =
+            serde_json::from_str(&get(weir.addr, "/admin/backends").await.text()).unwrap();
+        if passes("liveness", &admin) >= 10 && passes("readiness", &admin) >= 10 {
+            break;
+        }
+        let log = weir.log.lock().unwrap().clone();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a refused probe stream failed the probe: {admin}\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = weir.log.lock().unwrap().clone();
+    assert!(!log.contains("backend health changed"), "{log}");
+}
+
 /// weir trusting the test CA, in front of the https backend at `addr`, with
 /// `extra` (TOML) at the end of its config (in the directory returned).
 fn weir_in_front_of(addr: std::net::SocketAddr, extra: &str) -> (tempfile::TempDir, Running) {

@@ -485,49 +485,84 @@ pub(crate) async fn forward(
             let answer = tokio::time::timeout(first_byte_timeout, plain.forward(request)).await;
             plain_answer(first_byte_timeout, answer)
         }
+        // The client's path was parsed as a URI by hyper already, so
+        // joining it to a configured URL cannot fail in practice.
         HttpClient::Tls(..) => {
-            // A stream an HTTP/2 backend refused unprocessed goes again at
-            // once, on another connection (hyper-util's pool drops one that
-            // is going away), within the same `first_byte_timeout`.
-            let deadline = tokio::time::Instant::now() + first_byte_timeout;
-            let mut resent = 0;
-            loop {
-                // The client's path was parsed as a URI by hyper already,
-                // so joining it to a configured URL cannot fail in practice.
-                let request = request
+            let build = || {
+                request
                     .to_request()
-                    .map_err(|e| AttemptError::Protocol(format!("upstream uri: {e}")))?;
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                // Boxed: hyper's request future is three times the size of
-                // the plain client's, and every future that awaits this one
-                // would otherwise carry (and move) its bytes on every
-                // request.
-                match Box::pin(send(client, request, left)).await {
-                    Err(AttemptError::Unprocessed(_)) if resent < UNPROCESSED_RESENDS => {
-                        resent += 1;
-                    }
-                    // A backend that refuses every stream (one shedding
-                    // load so) is failing.
-                    Err(AttemptError::Unprocessed(e)) => {
-                        return Err(AttemptError::Protocol(format!(
-                            "{} times: HTTP/2 stream refused before it was processed: {e}",
-                            resent + 1
-                        )))
-                    }
-                    // Timed out on the whole `first_byte_timeout`.
-                    Err(AttemptError::Timeout(_)) => {
-                        return Err(AttemptError::Timeout(first_byte_timeout))
-                    }
-                    outcome => return outcome,
-                }
-            }
+                    .map_err(|e| AttemptError::Protocol(format!("upstream uri: {e}")))
+            };
+            resending(client, build, first_byte_timeout).await
         }
     }
 }
 
 /// Sends one request and waits at most `first_byte_timeout` for its
-/// response headers (connecting included).
+/// response headers (connecting included). To an `https://` backend, a
+/// stream refused unprocessed goes again, as [`forward`]'s do: a probe
+/// that met a connection closing under it is not a failed probe.
 pub(crate) async fn send(
+    client: &HttpClient,
+    request: Request<Bytes>,
+    first_byte_timeout: Duration,
+) -> Result<Response<UpstreamBody>, AttemptError> {
+    match client {
+        HttpClient::Plain(..) => send_once(client, request, first_byte_timeout).await,
+        HttpClient::Tls(..) => {
+            let (parts, body) = request.into_parts();
+            let build = || {
+                let mut again = Request::new(body.clone());
+                *again.method_mut() = parts.method.clone();
+                *again.uri_mut() = parts.uri.clone();
+                *again.version_mut() = parts.version;
+                *again.headers_mut() = parts.headers.clone();
+                Ok(again)
+            };
+            resending(client, build, first_byte_timeout).await
+        }
+    }
+}
+
+/// Sends the request `build` makes to an `https://` backend; a stream the
+/// backend refused unprocessed (an HTTP/2 GOAWAY past it, `REFUSED_STREAM`)
+/// goes again at once, on another connection (hyper-util's pool drops one
+/// that is going away), up to [`UNPROCESSED_RESENDS`] times within the same
+/// `first_byte_timeout`.
+async fn resending(
+    client: &HttpClient,
+    mut build: impl FnMut() -> Result<Request<Bytes>, AttemptError>,
+    first_byte_timeout: Duration,
+) -> Result<Response<UpstreamBody>, AttemptError> {
+    let deadline = tokio::time::Instant::now() + first_byte_timeout;
+    let mut resent = 0;
+    loop {
+        let request = build()?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // Boxed: hyper's request future is three times the size of the
+        // plain client's, and every future that awaits this one would
+        // otherwise carry (and move) its bytes on every request.
+        match Box::pin(send_once(client, request, left)).await {
+            Err(AttemptError::Unprocessed(_)) if resent < UNPROCESSED_RESENDS => {
+                resent += 1;
+            }
+            // A backend that refuses every stream (one shedding load so) is
+            // failing.
+            Err(AttemptError::Unprocessed(e)) => {
+                return Err(AttemptError::Protocol(format!(
+                    "{} times: HTTP/2 stream refused before it was processed: {e}",
+                    resent + 1
+                )))
+            }
+            // Timed out on the whole `first_byte_timeout`.
+            Err(AttemptError::Timeout(_)) => return Err(AttemptError::Timeout(first_byte_timeout)),
+            outcome => return outcome,
+        }
+    }
+}
+
+/// One try of [`send`].
+async fn send_once(
     client: &HttpClient,
     request: Request<Bytes>,
     first_byte_timeout: Duration,
