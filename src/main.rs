@@ -221,7 +221,10 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("weir: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "weir: cannot start the async runtime: {e}"
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -242,7 +245,11 @@ fn main() -> ExitCode {
                 {
                     Ok(url) => url,
                     Err(e) => {
-                        eprintln!("weir healthcheck: {}: {e}", path.display());
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "weir healthcheck: {}: {e}",
+                            path.display()
+                        );
                         return ExitCode::FAILURE;
                     }
                 },
@@ -250,7 +257,7 @@ fn main() -> ExitCode {
             return match runtime.block_on(weir::healthcheck::check(&url, args.timeout)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("weir healthcheck: {e}");
+                    let _ = writeln!(std::io::stderr(), "weir healthcheck: {e}");
                     ExitCode::FAILURE
                 }
             };
@@ -263,7 +270,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Logged>() => ExitCode::FAILURE,
         Err(e) => {
-            // Not `eprintln!`, which panics (exit 101) on a closed stderr.
+            // Not `eprintln!` (here or above), which panics (exit 101) on a
+            // closed stderr.
             let _ = writeln!(std::io::stderr(), "weir: {e:#}");
             ExitCode::FAILURE
         }
@@ -365,7 +373,17 @@ fn check(path: &std::path::Path) -> ExitCode {
     code
 }
 
-fn init_logging(format: LogFormat) {
+/// How many log lines wait for stderr before new ones are dropped (about
+/// 2 MB of access lines): enough for a burst, bounded when nobody reads.
+const LOG_QUEUE_LINES: usize = 8192;
+
+/// Logs to stderr from a thread of its own, through a queue of
+/// [`LOG_QUEUE_LINES`]: a log reader that stalls (a pipe nobody drains, a
+/// container log driver in blocking mode) then costs lines, never a
+/// request or the shutdown, as Envoy's access-log flush thread does.
+/// Lines still queued go out when the returned guard drops, waiting for a
+/// stalled reader about a second at most.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     // An unset RUST_LOG means `info`; an invalid one too, said once logging
     // is up (a typo should not silently change what is logged).
     let (filter, invalid) = match EnvFilter::try_from_default_env() {
@@ -375,9 +393,14 @@ fn init_logging(format: LogFormat) {
             std::env::var_os("RUST_LOG").map(|_| e.to_string()),
         ),
     };
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("weir-log")
+        .finish(std::io::stderr());
     let builder = fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
         // A log line that cannot be written (stderr a closed pipe, a full
         // disk) is dropped, as nginx drops it: reporting the failure on
@@ -391,12 +414,13 @@ fn init_logging(format: LogFormat) {
     if let Some(error) = invalid {
         tracing::warn!(%error, "RUST_LOG is not a valid filter; logging at info");
     }
+    guard
 }
 
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path, &weir::config::process_env)
         .map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
-    init_logging(config.server.log_format);
+    let _log = init_logging(config.server.log_format);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -514,15 +538,17 @@ async fn run_until_signalled(handle: Handle, signals: Signals) -> anyhow::Result
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    init_logging(LogFormat::Text);
+    let _log = init_logging(LogFormat::Text);
     let signals = Signals::install()?;
     let demo = weir::demo::start(args.listen).await?;
-    println!("{}", demo.instructions());
+    // Not `println!`, which panics (exit 101) on a closed or full stdout:
+    // the gateway runs whether or not anyone reads how to use it.
+    let _ = writeln!(std::io::stdout(), "{}", demo.instructions());
     run_until_signalled(demo.gateway, signals).await
 }
 
 async fn mock(args: MockArgs) -> anyhow::Result<()> {
-    init_logging(LogFormat::Text);
+    let _log = init_logging(LogFormat::Text);
     let mut config = MockConfig::default()
         .models(args.models)
         .latency(args.latency)

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use common::*;
 use weir::mock::{self, MockConfig};
@@ -1302,6 +1302,91 @@ async fn a_closed_stderr_loses_log_lines_not_requests() {
     }
     signal(&child, "-TERM");
     assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+}
+
+/// With its stderr a pipe nobody reads (a stalled log collector, a
+/// container log driver in blocking mode), weir drops the lines the pipe
+/// cannot take and serves on, and SIGTERM still exits 0. It used to stop
+/// everything once the pipe was full: every request hung, SIGTERM too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stderr_loses_log_lines_not_requests() {
+    use std::io::{BufRead, BufReader};
+    let m = mock::start(MockConfig::default().models(vec!["m".into()]))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
+            backend("b", &m.base_url(), &["m"], 1)
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr: SocketAddr = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no listen line");
+        if let Some(rest) = line.split("listen=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    // Read no more: an access line per request fills the pipe (64 KiB)
+    // within a few hundred requests.
+    for i in 0..1000 {
+        let reply = tokio::time::timeout(Duration::from_secs(5), get(addr, "/healthz"))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} hung with stderr full"));
+        assert_eq!(reply.status, 200);
+    }
+    let reply = post(addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    signal(&child, "-TERM");
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+    drop(stderr);
+}
+
+/// `weir demo` serves though its instructions cannot be printed (stdout a
+/// full disk or a closed pipe): it used to panic, exit 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_with_a_stdout_that_cannot_be_written() {
+    use std::io::{BufRead, BufReader};
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(full)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        stderr
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!("weir demo exited: {status}\n{}", reader.join().unwrap());
+    }
+    signal(&child, "-TERM");
+    let code = wait_exit(&mut child, Duration::from_secs(10));
+    let log = reader.join().unwrap();
+    assert_eq!(code, Some(0), "{log}");
 }
 
 #[test]
