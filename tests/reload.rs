@@ -1444,6 +1444,60 @@ async fn a_new_backend_waits_for_its_first_passing_liveness_probe() {
     assert!(got_b2, "b2 entered rotation after passing liveness");
 }
 
+/// A backend a reload added enters rotation on its first passing liveness
+/// probe with every tier in, and each tier's `weir_backend_up` says so at
+/// once: the readiness and deep gauges its failed probes set to 0 while it
+/// was pending read 1, not only after those tiers' next probes (an hour
+/// away here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tier_of_a_new_backend_reads_up_once_it_is_seen_alive() {
+    let m1 = mock_named("b1", MockConfig::default()).await;
+    // b2 fails every probe until the test lets it pass.
+    let failing = MockConfig::default().health_status(503).status(500);
+    let m2 = mock_named("b2", failing).await;
+    let health = |every: &str| {
+        format!(
+            "[health]\nunhealthy_threshold = 1\nhealthy_threshold = 1\nslow_start = \"0s\"\nliveness = {{ interval = \"50ms\", timeout = \"1s\" }}\nreadiness = {{ interval = \"{every}\", timeout = \"1s\", degraded_latency = \"1s\" }}\ndeep = {{ interval = \"{every}\", timeout = \"1s\", samples = 1, max_tokens = 4 }}\n"
+        )
+    };
+    let both =
+        |every: &str| with_health_path(file("", &[("b1", &m1, 1), ("b2", &m2, 1)], &health(every)));
+    let one = with_health_path(file("", &[("b1", &m1, 1)], &health("50ms")));
+    let live = Live::start(&one).await;
+    live.apply(&both("50ms")).await;
+    let up = |tier| [("backend", "b2"), ("tier", tier)];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for tier in ["readiness", "deep"] {
+        while metric(live.gw.addr(), "weir_backend_up", &up(tier)).await != 0.0 {
+            assert!(Instant::now() < deadline, "b2's {tier} probes fail");
+            tokio::time::sleep(ms(20)).await;
+        }
+    }
+    // Their next probes an hour away (after at most one more each).
+    live.apply(&both("1h")).await;
+    tokio::time::sleep(ms(200)).await;
+    let backends = get(live.gw.admin_addr(), "/admin/backends").await.json();
+    assert_eq!(
+        backends["backends"][1]["pending_first_probe"], true,
+        "{backends}"
+    );
+    m2.update(|c| {
+        c.status_override = None;
+        c.health_status = None;
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for tier in ["liveness", "readiness", "deep"] {
+        while metric(live.gw.addr(), "weir_backend_up", &up(tier)).await != 1.0 {
+            let backends = get(live.gw.admin_addr(), "/admin/backends").await.json();
+            assert!(
+                Instant::now() < deadline,
+                "b2's {tier} gauge once it is seen alive: {backends}"
+            );
+            tokio::time::sleep(ms(20)).await;
+        }
+    }
+}
+
 /// Health checks on, every tier once an hour: a backend a reload adds can
 /// only get in by the probe the reload runs before its swap (or by a
 /// pending backend's first regular probe, which runs at once).

@@ -398,6 +398,16 @@ async fn probe_once(
         }
     };
     up.set(after.tier_up(tier));
+    // Seen alive at last: every tier is in (`HealthRecord::observe`), and
+    // their gauges say so now, not at their own next probe (minutes away
+    // for the deep tier).
+    if before.pending && !after.pending {
+        for other in Tier::ALL.into_iter().filter(|&t| t != tier) {
+            (shared.metrics)
+                .backend_up(&backend.config.name, other.as_str())
+                .set(after.tier_up(other));
+        }
+    }
     // Back from down: a restart, perhaps an upgrade, so streams ask for
     // the usage chunk again even if the backend refused it before.
     if tier == Tier::Liveness && before.tier(tier).down && !after.tier(tier).down {
