@@ -20,6 +20,7 @@ use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     access_log::AccessLog,
@@ -130,7 +131,7 @@ pub(crate) async fn forward(
         body,
         server.max_body_bytes,
         deadline,
-        &shared.body_budget,
+        (&shared.body_budget, &shared.stopping),
     )
     .await?;
     let facts = facts::parse(&body)?;
@@ -1335,13 +1336,14 @@ fn parsable_body(headers: &ClientHeaders) -> Result<(), ApiError> {
 /// is refused at once (503): h2 gives back its connection's flow-control
 /// window only as a stream's data is read, so a stream left unread would
 /// stop every other stream of its connection, those holding room and
-/// waiting for the rest of their bodies too.
+/// waiting for the rest of their bodies too. (`stopping`: cancelled when
+/// weir starts to shut down, which ends a refused body's drain.)
 async fn read_body(
     headers: &ClientHeaders,
     mut body: ClientBody,
     limit: usize,
     deadline: Instant,
-    budget: &BodyBudget,
+    (budget, stopping): (&BodyBudget, &CancellationToken),
 ) -> Result<(Bytes, Room), ApiError> {
     let declared = codec::content_length(headers.values(Name::ContentLength))
         .ok()
@@ -1396,7 +1398,7 @@ async fn read_body(
     // `server::http1`), on HTTP/2 here, per stream (which also gives its
     // connection's window back).
     if http2 && headers.get(Name::Expect).is_none() {
-        linger(body);
+        linger(body, stopping.clone());
     }
     Err(refusal)
 }
@@ -1483,8 +1485,10 @@ async fn collect(
 /// nginx's lingering close, for one HTTP/2 stream: reads and drops what
 /// the client still sends of a refused body (up to [`LINGER_TIME`] and
 /// [`LINGER_BYTES`]), so a client that is still writing reads the 413
-/// instead of a stream reset. hyper writes the answer meanwhile.
-fn linger(mut body: ClientBody) {
+/// instead of a stream reset. hyper writes the answer meanwhile. Not past
+/// the start of a shutdown: the open stream would hold the exit up with
+/// nothing in flight.
+fn linger(mut body: ClientBody, stopping: CancellationToken) {
     tokio::spawn(async move {
         let drain = async {
             let mut read = 0u64;
@@ -1495,7 +1499,10 @@ fn linger(mut body: ClientBody) {
                 }
             }
         };
-        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+        tokio::select! {
+            _ = tokio::time::timeout(LINGER_TIME, drain) => {}
+            () = stopping.cancelled() => {}
+        }
     });
 }
 

@@ -1440,6 +1440,36 @@ async fn http1_bodies_wait_for_room_in_the_body_budget() {
     assert_nothing_held(&gw).await;
 }
 
+/// An HTTP/2 stream whose refused body weir drains (a 413 answered, the
+/// client still connected and silent) does not hold a shutdown up:
+/// nothing is in flight, so weir stops at once, not after the drain's 5 s.
+#[tokio::test]
+async fn an_http2_lingering_drain_does_not_hold_a_shutdown() {
+    use http_body_util::channel::Channel;
+    let (gw, _m) = setup("max_body_bytes = 1000\n").await;
+    let mut sender = h2_connect(gw.addr()).await;
+    let (mut tx, body) = Channel::<bytes::Bytes, std::convert::Infallible>::new(1);
+    let request = http::Request::post(format!("http://{}/v1/chat/completions", gw.addr()))
+        .header("content-type", "application/json")
+        .header("content-length", 5000)
+        .body(body)
+        .unwrap();
+    let response = tokio::spawn(sender.send_request(request));
+    tx.send_data(bytes::Bytes::from_static(b"{\"model\":"))
+        .await
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("an answer")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    gw.shutdown();
+    let stopped = tokio::time::timeout(Duration::from_secs(3), gw.wait()).await;
+    assert!(stopped.is_ok(), "the stream's drain held the shutdown up");
+    drop(tx);
+}
+
 /// The same budget holds across an HTTP/2 connection's streams, where
 /// every body counts, but a stream that finds no room is refused at once
 /// (503 `body_memory_full`, `Retry-After: 1`) rather than left unread:

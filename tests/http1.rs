@@ -134,6 +134,25 @@ async fn a_chunk_larger_than_the_body_limit_is_refused_at_once() {
     assert_eq!(m.requests(), 0);
 }
 
+/// A connection in its lingering close (a 413 answered with the body
+/// unread, its client still connected and silent) does not hold a
+/// shutdown up: nothing is in flight, so weir stops at once, not after the
+/// linger's 5 s (nor, with a shorter grace, at the grace's end).
+#[tokio::test]
+async fn a_lingering_close_does_not_hold_a_shutdown() {
+    let limits = "[server]\nmax_body_bytes = 1000\n";
+    let (gw, _m) = gateway_with_mock(MODEL, MockConfig::default(), limits).await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: weir\r\nContent-Length: 5000\r\n\r\n{\"model\":";
+    s.write_all(head.as_bytes()).await.unwrap();
+    let text = read_until(&mut s, |t| t.contains("\r\n\r\n")).await;
+    assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+    gw.shutdown();
+    let stopped = tokio::time::timeout(Duration::from_secs(3), gw.wait()).await;
+    assert!(stopped.is_ok(), "the lingering close held the shutdown up");
+    drop(s);
+}
+
 /// RFC 9110: a resource that answers GET answers HEAD (the GET's headers,
 /// no body), and a 405 says in `Allow` which methods the route takes.
 #[tokio::test]

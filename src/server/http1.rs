@@ -690,7 +690,8 @@ impl Conn {
     /// unread bytes makes the kernel send a reset, which can destroy the
     /// answer before the client reads it. So weir first reads and drops
     /// what the client still sends, until it closes its side, for at most
-    /// [`LINGER_TIME`] and [`LINGER_BYTES`] (not during shutdown).
+    /// [`LINGER_TIME`] and [`LINGER_BYTES`], and not past the start of a
+    /// shutdown (it would hold the exit up with nothing in flight).
     async fn close(&self, unread: bool) {
         let _ = socket2::SockRef::from(&self.wire.stream).shutdown(std::net::Shutdown::Write);
         if !unread || self.shutdown.is_cancelled() {
@@ -714,7 +715,10 @@ impl Conn {
                 }
             }
         });
-        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+        tokio::select! {
+            _ = tokio::time::timeout(LINGER_TIME, drain) => {}
+            () = self.shutdown.cancelled() => {}
+        }
     }
 }
 
