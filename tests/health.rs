@@ -327,6 +327,29 @@ async fn concurrent_failures_eject_once_and_within_the_share() {
     assert_eq!(ejected, 1, "50% of two backends is one");
 }
 
+/// The share is of the backends that serve the model: a weight-0 one,
+/// which never takes a request, does not count. It used to: two failing
+/// backends beside a weight-0 one were both ejected (1 of 3 is under 50 %),
+/// and the model had none left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weight_zero_backend_does_not_count_in_the_ejection_share() {
+    let ms = mocks(3, MockConfig::default().failure_rate(1.0)).await;
+    let health = "[health]\nenabled = false\n\n[outlier]\nconsecutive_failures = 1\nmax_ejection_percent = 50\n\n[retry]\nmax_attempts = 1\n";
+    let gw = gateway(&config_for(&ms, &[1, 1, 0], health, "")).await;
+    for _ in 0..10 {
+        let r = post(gw.addr(), "/v1/chat/completions", &chat(MODEL, false)).await;
+        assert_eq!(r.status, 502, "{}", r.text());
+    }
+    let mut ejected = 0;
+    for name in ["b0", "b1"] {
+        if admin_backend(&gw, name).await["state"] == "ejected" {
+            ejected += 1;
+        }
+    }
+    assert_eq!(ejected, 1, "50% of the two serving backends is one");
+    assert_eq!(ms[2].requests(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_takes_out_a_backend_that_cannot_infer() {
     let ms = mocks(2, MockConfig::default()).await;

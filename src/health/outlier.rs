@@ -106,10 +106,11 @@ fn try_eject(shared: &Shared, snapshot: &Snapshot, backend: &BackendState, failu
         let Some(route) = snapshot.model(model) else {
             continue;
         };
-        let total = route.members.len() as u64;
-        let ejected = route
-            .members
-            .iter()
+        // The share is of the backends that serve: one of weight 0 never
+        // takes a request, so counting it would let every serving one go.
+        let serving = || route.members.iter().filter(|m| m.backend.config.weight > 0);
+        let total = serving().count() as u64;
+        let ejected = serving()
             .filter(|m| m.backend.live.health().state(now) == HealthState::Ejected)
             .count() as u64;
         if ejected * 100 >= max_percent * total {
