@@ -40,6 +40,7 @@ pub mod health;
 pub mod healthcheck;
 mod jitter;
 mod lanes;
+pub mod log_writer;
 mod metrics;
 pub mod mock;
 mod proxy;

@@ -19,7 +19,12 @@ use anyhow::Context;
 use clap::{error::ErrorKind, Args, CommandFactory, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::{fmt, EnvFilter};
-use weir::{config::LogFormat, mock::MockConfig, Config, Gateway, Handle};
+use weir::{
+    config::LogFormat,
+    log_writer::{self, LogGuard},
+    mock::MockConfig,
+    Config, Gateway, Handle,
+};
 
 // `--config` is taken only where a config file is read: before the
 // subcommand (for the gateway, or for the subcommand after it, since users
@@ -266,6 +271,9 @@ fn main() -> ExitCode {
     // Blocking work still running (a host name lookup on a DNS server that
     // does not answer) must not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // The log's last lines out (at most `log_writer::FLUSH_WAIT` for a stuck
+    // reader), before anything written to stderr directly.
+    drop(LOG_GUARD.lock().ok().and_then(|mut guard| guard.take()));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Logged>() => ExitCode::FAILURE,
@@ -374,19 +382,20 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 /// How many log lines wait for stderr before new ones are dropped (about
-/// 2 MB of access lines): enough for a burst, bounded when nobody reads.
+/// 3 MB of access lines): enough for a burst, bounded when nobody reads.
 const LOG_QUEUE_LINES: usize = 8192;
 
-/// The log thread's write buffer: access lines are 300-400 bytes.
+/// The log thread's write buffer, written whenever its queue is empty: a
+/// busy gateway's access lines (300-400 bytes each) go out in few writes.
 const LOG_WRITE_BYTES: usize = 64 * 1024;
 
-/// Logs to stderr from a thread of its own, through a queue of
-/// [`LOG_QUEUE_LINES`]: a log reader that stalls (a pipe nobody drains, a
-/// container log driver in blocking mode) then costs lines, never a
-/// request or the shutdown, as Envoy's access-log flush thread does.
-/// Lines still queued go out when the returned guard drops, waiting for a
-/// stalled reader about a second at most.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// The log's guard, taken and dropped by `main` as the process ends, after
+/// the runtime's last lines: the lines still queued go out then.
+static LOG_GUARD: std::sync::Mutex<Option<LogGuard>> = std::sync::Mutex::new(None);
+
+/// Logs to stderr from a thread of its own ([`weir::log_writer`]): a
+/// reader that stalls costs lines, never a request or the shutdown.
+fn init_logging(format: LogFormat) -> anyhow::Result<()> {
     // An unset RUST_LOG means `info`; an invalid one too, said once logging
     // is up (a typo should not silently change what is logged).
     let (filter, invalid) = match EnvFilter::try_from_default_env() {
@@ -396,17 +405,11 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
             std::env::var_os("RUST_LOG").map(|_| e.to_string()),
         ),
     };
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("weir-log")
-        // Buffered: the thread writes what queued up while it wrote (a
-        // busy gateway's access lines) in one call, and flushes whenever
-        // the queue is empty, so a quiet log is as prompt as before.
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_WRITE_BYTES,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = log_writer::spawn(std::io::stderr(), LOG_QUEUE_LINES, LOG_WRITE_BYTES)
+        .context("starting the log thread")?;
+    if let Ok(mut kept) = LOG_GUARD.lock() {
+        *kept = Some(guard);
+    }
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -423,13 +426,13 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     if let Some(error) = invalid {
         tracing::warn!(%error, "RUST_LOG is not a valid filter; logging at info");
     }
-    guard
+    Ok(())
 }
 
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path, &weir::config::process_env)
         .map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
-    let _log = init_logging(config.server.log_format);
+    init_logging(config.server.log_format)?;
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -547,7 +550,7 @@ async fn run_until_signalled(handle: Handle, signals: Signals) -> anyhow::Result
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let _log = init_logging(LogFormat::Text);
+    init_logging(LogFormat::Text)?;
     let signals = Signals::install()?;
     let demo = weir::demo::start(args.listen).await?;
     // Not `println!`, which panics (exit 101) on a closed or full stdout:
@@ -557,7 +560,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn mock(args: MockArgs) -> anyhow::Result<()> {
-    let _log = init_logging(LogFormat::Text);
+    init_logging(LogFormat::Text)?;
     let mut config = MockConfig::default()
         .models(args.models)
         .latency(args.latency)

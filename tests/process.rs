@@ -1306,7 +1306,8 @@ async fn a_closed_stderr_loses_log_lines_not_requests() {
 
 /// With its stderr a pipe nobody reads (a stalled log collector, a
 /// container log driver in blocking mode), weir drops the lines the pipe
-/// cannot take and serves on, and SIGTERM still exits 0. It used to stop
+/// and its log queue cannot take and serves on, and SIGTERM still exits 0
+/// (its stdout a full disk: nothing is written there). It used to stop
 /// everything once the pipe was full: every request hung, SIGTERM too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stderr_loses_log_lines_not_requests() {
@@ -1328,7 +1329,12 @@ async fn a_stalled_stderr_loses_log_lines_not_requests() {
         .env("BACKEND_KEY", BACKEND_KEY)
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
@@ -1341,9 +1347,11 @@ async fn a_stalled_stderr_loses_log_lines_not_requests() {
         }
     };
     // Read no more: an access line per request fills the pipe (64 KiB)
-    // within a few hundred requests.
-    for i in 0..1000 {
-        let reply = tokio::time::timeout(Duration::from_secs(5), get(addr, "/healthz"))
+    // within a few hundred requests, the log's queue (8,192 lines) after.
+    let client = client();
+    for i in 0..10_000 {
+        let healthz = send(&client, "GET", addr, "/healthz", &[], "");
+        let reply = tokio::time::timeout(Duration::from_secs(5), healthz)
             .await
             .unwrap_or_else(|_| panic!("request {i} hung with stderr full"));
         assert_eq!(reply.status, 200);
