@@ -14,7 +14,9 @@ use std::{
     time::Duration,
 };
 
-use crate::server::{ClientBody, ClientHead, RequestBodyError, LINGER_BYTES, LINGER_TIME};
+use crate::server::{
+    stopped_a_while, ClientBody, ClientHead, RequestBodyError, LINGER_BYTES, LINGER_TIME,
+};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -126,14 +128,8 @@ pub(crate) async fn forward(
     parsable_body(&head.headers)?;
     // `_room` is the body's share of `max_buffered_body_bytes`, held as
     // long as the body: until a backend's answer ends the retries.
-    let (body, _room) = read_body(
-        &head.headers,
-        body,
-        server.max_body_bytes,
-        deadline,
-        (&shared.body_budget, &shared.stopping),
-    )
-    .await?;
+    let (body, _room) =
+        read_body(&head.headers, body, server.max_body_bytes, deadline, shared).await?;
     let facts = facts::parse(&body)?;
     let Some((place, route)) = snapshot.route(&facts.model) else {
         log.model = Some(facts.model.clone());
@@ -1336,15 +1332,16 @@ fn parsable_body(headers: &ClientHeaders) -> Result<(), ApiError> {
 /// is refused at once (503): h2 gives back its connection's flow-control
 /// window only as a stream's data is read, so a stream left unread would
 /// stop every other stream of its connection, those holding room and
-/// waiting for the rest of their bodies too. (`stopping`: cancelled when
-/// weir starts to shut down, which ends a refused body's drain.)
+/// waiting for the rest of their bodies too. (From `shared`: the budget,
+/// and `stopping`, which ends a refused body's drain.)
 async fn read_body(
     headers: &ClientHeaders,
     mut body: ClientBody,
     limit: usize,
     deadline: Instant,
-    (budget, stopping): (&BodyBudget, &CancellationToken),
+    shared: &Shared,
 ) -> Result<(Bytes, Room), ApiError> {
+    let budget = &shared.body_budget;
     let declared = codec::content_length(headers.values(Name::ContentLength))
         .ok()
         .flatten();
@@ -1398,7 +1395,7 @@ async fn read_body(
     // `server::http1`), on HTTP/2 here, per stream (which also gives its
     // connection's window back).
     if http2 && headers.get(Name::Expect).is_none() {
-        linger(body, stopping.clone());
+        linger(body, shared.stopping.clone());
     }
     Err(refusal)
 }
@@ -1485,9 +1482,9 @@ async fn collect(
 /// nginx's lingering close, for one HTTP/2 stream: reads and drops what
 /// the client still sends of a refused body (up to [`LINGER_TIME`] and
 /// [`LINGER_BYTES`]), so a client that is still writing reads the 413
-/// instead of a stream reset. hyper writes the answer meanwhile. Not past
-/// the start of a shutdown: the open stream would hold the exit up with
-/// nothing in flight.
+/// instead of a stream reset. hyper writes the answer meanwhile. Only for
+/// `server::LINGER_AT_SHUTDOWN` more once a shutdown starts: the open
+/// stream would hold the exit up with nothing in flight.
 fn linger(mut body: ClientBody, stopping: CancellationToken) {
     tokio::spawn(async move {
         let drain = async {
@@ -1501,7 +1498,7 @@ fn linger(mut body: ClientBody, stopping: CancellationToken) {
         };
         tokio::select! {
             _ = tokio::time::timeout(LINGER_TIME, drain) => {}
-            () = stopping.cancelled() => {}
+            () = stopped_a_while(&stopping) => {}
         }
     });
 }

@@ -397,17 +397,20 @@ async fn probe_once(
             (true, before, after)
         }
     };
-    up.set(after.tier_up(tier));
     // Seen alive at last: every tier is in (`HealthRecord::observe`), and
     // their gauges say so now, not at their own next probe (minutes away
-    // for the deep tier).
-    if before.pending && !after.pending {
-        for other in Tier::ALL.into_iter().filter(|&t| t != tier) {
-            (shared.metrics)
-                .backend_up(&backend.config.name, other.as_str())
-                .set(after.tier_up(other));
+    // for the deep tier). Set from the record, under its lock, as each
+    // tier's own is: a tier's probe that lands meanwhile is not
+    // overwritten with what was before it.
+    let others = (before.pending && !after.pending).then(|| {
+        Tier::ALL.map(|other| (shared.metrics).backend_up(&backend.config.name, other.as_str()))
+    });
+    backend.live.with_health(|h| {
+        up.set(h.tier_up(tier));
+        for (other, gauge) in Tier::ALL.iter().zip(others.iter().flatten()) {
+            gauge.set(h.tier_up(*other));
         }
-    }
+    });
     // Back from down: a restart, perhaps an upgrade, so streams ask for
     // the usage chunk again even if the backend refused it before.
     if tier == Tier::Liveness && before.tier(tier).down && !after.tier(tier).down {

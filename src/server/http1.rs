@@ -108,6 +108,10 @@ const DRAIN_LIMIT: u64 = 64 * 1024;
 /// `lingering_timeout` is 5 s too.
 pub(crate) const LINGER_TIME: Duration = Duration::from_secs(5);
 pub(crate) const LINGER_BYTES: usize = 64 * 1024 * 1024;
+/// How much longer a lingering close (or drain) goes on once a shutdown
+/// starts: enough for a client still sending to see its answer's end, not
+/// the 5 s of an exit held up with nothing in flight.
+pub(crate) const LINGER_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 
 /// The per-connection settings, from `[server]` at accept time.
 #[derive(Debug, Clone, Copy)]
@@ -690,8 +694,8 @@ impl Conn {
     /// unread bytes makes the kernel send a reset, which can destroy the
     /// answer before the client reads it. So weir first reads and drops
     /// what the client still sends, until it closes its side, for at most
-    /// [`LINGER_TIME`] and [`LINGER_BYTES`], and not past the start of a
-    /// shutdown (it would hold the exit up with nothing in flight).
+    /// [`LINGER_TIME`] and [`LINGER_BYTES`]; not at all once a shutdown has
+    /// started, and for [`LINGER_AT_SHUTDOWN`] more when one starts.
     async fn close(&self, unread: bool) {
         let _ = socket2::SockRef::from(&self.wire.stream).shutdown(std::net::Shutdown::Write);
         if !unread || self.shutdown.is_cancelled() {
@@ -717,9 +721,16 @@ impl Conn {
         });
         tokio::select! {
             _ = tokio::time::timeout(LINGER_TIME, drain) => {}
-            () = self.shutdown.cancelled() => {}
+            () = stopped_a_while(&self.shutdown) => {}
         }
     }
+}
+
+/// Ends [`LINGER_AT_SHUTDOWN`] after `shutdown` is cancelled: where a
+/// lingering close or drain stops when weir is stopping.
+pub(crate) async fn stopped_a_while(shutdown: &CancellationToken) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(LINGER_AT_SHUTDOWN).await;
 }
 
 /// Bytes reserved in the read buffer before each read.

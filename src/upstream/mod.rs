@@ -445,8 +445,8 @@ pub(crate) struct Forward<'a> {
     /// once after an answer (a refusal of `stream_options`) would
     /// otherwise take that answer's connection back from the pool just as
     /// a backend that closes after an error closes it (`IdleClosed`).
-    /// Plain backends only: hyper-util's pool checks its connections
-    /// itself.
+    /// Plain backends only: hyper-util's pool sees only a close that has
+    /// already arrived, so to an https backend the race remains.
     pub fresh: bool,
 }
 
