@@ -1260,41 +1260,10 @@ async fn a_slow_readiness_answer_is_logged_once_with_its_reason() {
 /// reply, SIGTERM an exit 101.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_stderr_loses_log_lines_not_requests() {
-    use std::io::{BufRead, BufReader};
-    let m = mock::start(MockConfig::default().models(vec!["m".into()]))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        &dir,
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\n\n{}{QUIET}",
-            backend("b", &m.base_url(), &["m"], 1)
-        ),
-    );
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .env("BACKEND_KEY", BACKEND_KEY)
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let addr = stderr
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| {
-            let rest = line.split("listen=").nth(1)?;
-            rest.split_whitespace()
-                .next()?
-                .trim_matches('"')
-                .parse()
-                .ok()
-        })
-        .expect("the listen address");
-    // The reader is gone with `stderr`: every later log write fails.
+    let (_m, _dir, mut child, stderr, addr) =
+        weir_logging_to_a_pipe(std::process::Stdio::null()).await;
+    drop(stderr);
+    // The reader is gone: every later log write fails.
     for _ in 0..3 {
         assert_eq!(get(addr, "/healthz").await.status, 200);
         let reply = post(addr, "/v1/chat/completions", &chat("m", false)).await;
@@ -1311,7 +1280,41 @@ async fn a_closed_stderr_loses_log_lines_not_requests() {
 /// everything once the pipe was full: every request hung, SIGTERM too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stderr_loses_log_lines_not_requests() {
-    use std::io::{BufRead, BufReader};
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let (_m, _dir, mut child, stderr, addr) = weir_logging_to_a_pipe(full.into()).await;
+    // Read no more: an access line per request fills the pipe (64 KiB)
+    // within a few hundred requests, the log's queue (8,192 lines) after.
+    let client = client();
+    for i in 0..10_000 {
+        let healthz = send(&client, "GET", addr, "/healthz", &[], "");
+        let reply = tokio::time::timeout(Duration::from_secs(5), healthz)
+            .await
+            .unwrap_or_else(|_| panic!("request {i} hung with stderr full"));
+        assert_eq!(reply.status, 200);
+    }
+    let reply = post(addr, "/v1/chat/completions", &chat("m", false)).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    signal(&child, "-TERM");
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+    drop(stderr);
+}
+
+/// weir in front of a mock serving `m`, logging every request (`info`) to
+/// a pipe, its stdout `stdout`; the pipe's reader is returned having read
+/// up to the line with the listen address (also returned).
+async fn weir_logging_to_a_pipe(
+    stdout: std::process::Stdio,
+) -> (
+    weir::mock::MockHandle,
+    tempfile::TempDir,
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStderr>,
+    SocketAddr,
+) {
+    use std::io::BufRead;
     let m = mock::start(MockConfig::default().models(vec!["m".into()]))
         .await
         .unwrap();
@@ -1329,38 +1332,26 @@ async fn a_stalled_stderr_loses_log_lines_not_requests() {
         .env("BACKEND_KEY", BACKEND_KEY)
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
-        .stdout(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/full")
-                .unwrap(),
-        )
+        .stdout(stdout)
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
-    let addr: SocketAddr = loop {
+    let addr = loop {
         line.clear();
         assert!(stderr.read_line(&mut line).unwrap() > 0, "no listen line");
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        let listen = line.split("listen=").nth(1).and_then(|rest| {
+            rest.split_whitespace()
+                .next()?
+                .trim_matches('"')
+                .parse()
+                .ok()
+        });
+        if let Some(addr) = listen {
+            break addr;
         }
     };
-    // Read no more: an access line per request fills the pipe (64 KiB)
-    // within a few hundred requests, the log's queue (8,192 lines) after.
-    let client = client();
-    for i in 0..10_000 {
-        let healthz = send(&client, "GET", addr, "/healthz", &[], "");
-        let reply = tokio::time::timeout(Duration::from_secs(5), healthz)
-            .await
-            .unwrap_or_else(|_| panic!("request {i} hung with stderr full"));
-        assert_eq!(reply.status, 200);
-    }
-    let reply = post(addr, "/v1/chat/completions", &chat("m", false)).await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    signal(&child, "-TERM");
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
-    drop(stderr);
+    (m, dir, child, stderr, addr)
 }
 
 /// `weir demo` serves though its instructions cannot be printed (stdout a
