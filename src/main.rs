@@ -233,6 +233,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Also when a panic unwinds out of `block_on`: the lines queued before
+    // it may say why.
+    let flush_log = FlushLogOnDrop;
     let result = match command {
         Command::Serve(_) => runtime.block_on(serve(config_path(config))),
         Command::Check(_) => return check(&config_path(config)),
@@ -273,7 +276,7 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     // The log's last lines out (at most `log_writer::FLUSH_WAIT` for a stuck
     // reader), before anything written to stderr directly.
-    drop(LOG_GUARD.lock().ok().and_then(|mut guard| guard.take()));
+    drop(flush_log);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Logged>() => ExitCode::FAILURE,
@@ -381,17 +384,28 @@ fn check(path: &std::path::Path) -> ExitCode {
     code
 }
 
-/// How many log lines wait for stderr before new ones are dropped (about
-/// 3 MB of access lines): enough for a burst, bounded when nobody reads.
-const LOG_QUEUE_LINES: usize = 8192;
-
-/// The log thread's write buffer, written whenever its queue is empty: a
-/// busy gateway's access lines (300-400 bytes each) go out in few writes.
-const LOG_WRITE_BYTES: usize = 64 * 1024;
+/// How much of the log waits for stderr before new lines are dropped:
+/// 8,192 lines (about 3 MB of access lines) and 4 MiB, enough for a burst,
+/// bounded when nobody reads; and the log thread's write buffer, written
+/// whenever its queue is empty (a busy gateway's lines in few writes).
+const LOG_LIMITS: log_writer::Limits = log_writer::Limits {
+    lines: 8192,
+    bytes: 4 << 20,
+    buffer: 64 * 1024,
+};
 
 /// The log's guard, taken and dropped by `main` as the process ends, after
 /// the runtime's last lines: the lines still queued go out then.
 static LOG_GUARD: std::sync::Mutex<Option<LogGuard>> = std::sync::Mutex::new(None);
+
+/// Drops the log's guard (`LOG_GUARD`), writing out the queued lines.
+struct FlushLogOnDrop;
+
+impl Drop for FlushLogOnDrop {
+    fn drop(&mut self) {
+        drop(LOG_GUARD.lock().ok().and_then(|mut guard| guard.take()));
+    }
+}
 
 /// Logs to stderr from a thread of its own ([`weir::log_writer`]): a
 /// reader that stalls costs lines, never a request or the shutdown.
@@ -405,8 +419,8 @@ fn init_logging(format: LogFormat) -> anyhow::Result<()> {
             std::env::var_os("RUST_LOG").map(|_| e.to_string()),
         ),
     };
-    let (writer, guard) = log_writer::spawn(std::io::stderr(), LOG_QUEUE_LINES, LOG_WRITE_BYTES)
-        .context("starting the log thread")?;
+    let (writer, guard) =
+        log_writer::spawn(std::io::stderr(), LOG_LIMITS).context("starting the log thread")?;
     if let Ok(mut kept) = LOG_GUARD.lock() {
         *kept = Some(guard);
     }

@@ -1276,7 +1276,8 @@ async fn a_closed_stderr_loses_log_lines_not_requests() {
 /// With its stderr a pipe nobody reads (a stalled log collector, a
 /// container log driver in blocking mode), weir drops the lines the pipe
 /// and its log queue cannot take and serves on, and SIGTERM still exits 0
-/// (its stdout a full disk: nothing is written there). It used to stop
+/// (its stdout a full disk: nothing is written there). Once the pipe is
+/// read again, it says how many lines it dropped. It used to stop
 /// everything once the pipe was full: every request hung, SIGTERM too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stderr_loses_log_lines_not_requests() {
@@ -1284,7 +1285,7 @@ async fn a_stalled_stderr_loses_log_lines_not_requests() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let (_m, _dir, mut child, stderr, addr) = weir_logging_to_a_pipe(full.into()).await;
+    let (_m, _dir, mut child, mut stderr, addr) = weir_logging_to_a_pipe(full.into()).await;
     // Read no more: an access line per request fills the pipe (64 KiB)
     // within a few hundred requests, the log's queue (8,192 lines) after.
     let client = client();
@@ -1297,9 +1298,25 @@ async fn a_stalled_stderr_loses_log_lines_not_requests() {
     }
     let reply = post(addr, "/v1/chat/completions", &chat("m", false)).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
+    let reading = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match stderr.read_line(&mut line) {
+                Ok(0) | Err(_) => return false,
+                Ok(_) if line.contains("log lines dropped") => return true,
+                Ok(_) => {}
+            }
+        }
+    });
+    let told = tokio::time::timeout(Duration::from_secs(20), reading).await;
     signal(&child, "-TERM");
+    assert!(
+        matches!(told, Ok(Ok(true))),
+        "no line saying lines were dropped"
+    );
     assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
-    drop(stderr);
 }
 
 /// weir in front of a mock serving `m`, logging every request (`info`) to

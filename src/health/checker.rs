@@ -225,7 +225,7 @@ pub(crate) fn sync_probes(shared: &Arc<Shared>, cas_changed: bool) {
                 .backend_up(&backend.config.name, tier.as_str());
             // What the health record says, which a reload keeps: not 1 for
             // a tier that is down, nor for a backend never seen alive.
-            up.set(backend.live.with_health(|h| h.tier_up(tier)));
+            backend.live.with_health(|h| up.set(h.tier_up(tier)));
             probes
                 .set
                 .spawn(run_tier(shared.clone(), k.clone(), tier, token.clone(), up));
@@ -402,12 +402,18 @@ async fn probe_once(
     // for the deep tier). Set from the record, under its lock, as each
     // tier's own is: a tier's probe that lands meanwhile is not
     // overwritten with what was before it.
-    let others = (before.pending && !after.pending).then(|| {
-        Tier::ALL.map(|other| (shared.metrics).backend_up(&backend.config.name, other.as_str()))
-    });
+    let others: Vec<_> = (before.pending && !after.pending)
+        .then_some(Tier::ALL.into_iter().filter(|&other| other != tier))
+        .into_iter()
+        .flatten()
+        .map(|other| {
+            let gauge = (shared.metrics).backend_up(&backend.config.name, other.as_str());
+            (other, gauge)
+        })
+        .collect();
     backend.live.with_health(|h| {
         up.set(h.tier_up(tier));
-        for (other, gauge) in Tier::ALL.iter().zip(others.iter().flatten()) {
+        for (other, gauge) in &others {
             gauge.set(h.tier_up(*other));
         }
     });

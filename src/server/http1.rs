@@ -694,11 +694,12 @@ impl Conn {
     /// unread bytes makes the kernel send a reset, which can destroy the
     /// answer before the client reads it. So weir first reads and drops
     /// what the client still sends, until it closes its side, for at most
-    /// [`LINGER_TIME`] and [`LINGER_BYTES`]; not at all once a shutdown has
-    /// started, and for [`LINGER_AT_SHUTDOWN`] more when one starts.
+    /// [`LINGER_TIME`] and [`LINGER_BYTES`], and during a shutdown for at
+    /// most [`LINGER_AT_SHUTDOWN`] (from the shutdown's start, or from the
+    /// close, whichever is later).
     async fn close(&self, unread: bool) {
         let _ = socket2::SockRef::from(&self.wire.stream).shutdown(std::net::Shutdown::Write);
-        if !unread || self.shutdown.is_cancelled() {
+        if !unread {
             return;
         }
         let mut dropped = 0usize;
