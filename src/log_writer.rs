@@ -117,25 +117,16 @@ fn write_lines(received: Receiver<Msg>, mut out: BufWriter<impl Write>, counts: 
     }
 }
 
-impl LogWriter {
-    /// Drops `line`, counted.
-    fn drop_line(&self) {
-        self.counts.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 impl Write for &LogWriter {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
         let len = line.len();
         let queued = self.counts.queued.fetch_add(len, Ordering::Relaxed);
-        if queued.saturating_add(len) > self.max_bytes {
+        // Within the bytes, then within the lines (or the thread gone).
+        let sent = queued.saturating_add(len) <= self.max_bytes
+            && self.queue.try_send(Msg::Line(line.to_vec())).is_ok();
+        if !sent {
             self.counts.queued.fetch_sub(len, Ordering::Relaxed);
-            self.drop_line();
-        } else if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.queue.try_send(Msg::Line(line.to_vec()))
-        {
-            self.counts.queued.fetch_sub(len, Ordering::Relaxed);
-            self.drop_line();
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
         }
         Ok(len)
     }

@@ -14,9 +14,7 @@ use std::{
     time::Duration,
 };
 
-use crate::server::{
-    stopped_a_while, ClientBody, ClientHead, RequestBodyError, LINGER_BYTES, LINGER_TIME,
-};
+use crate::server::{lingering, ClientBody, ClientHead, RequestBodyError, LINGER_BYTES};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -1480,11 +1478,10 @@ async fn collect(
 }
 
 /// nginx's lingering close, for one HTTP/2 stream: reads and drops what
-/// the client still sends of a refused body (up to [`LINGER_TIME`] and
-/// [`LINGER_BYTES`]), so a client that is still writing reads the 413
-/// instead of a stream reset. hyper writes the answer meanwhile. Only for
-/// `server::LINGER_AT_SHUTDOWN` more once a shutdown starts: the open
-/// stream would hold the exit up with nothing in flight.
+/// the client still sends of a refused body (up to [`LINGER_BYTES`], for
+/// as long as [`lingering`] allows, which is shorter once a shutdown
+/// starts), so a client that is still writing reads the 413 instead of a
+/// stream reset. hyper writes the answer meanwhile.
 fn linger(mut body: ClientBody, stopping: CancellationToken) {
     tokio::spawn(async move {
         let drain = async {
@@ -1496,10 +1493,7 @@ fn linger(mut body: ClientBody, stopping: CancellationToken) {
                 }
             }
         };
-        tokio::select! {
-            _ = tokio::time::timeout(LINGER_TIME, drain) => {}
-            () = stopped_a_while(&stopping) => {}
-        }
+        lingering(drain, &stopping).await;
     });
 }
 

@@ -402,15 +402,16 @@ async fn probe_once(
     // for the deep tier). Set from the record, under its lock, as each
     // tier's own is: a tier's probe that lands meanwhile is not
     // overwritten with what was before it.
-    let others: Vec<_> = (before.pending && !after.pending)
-        .then_some(Tier::ALL.into_iter().filter(|&other| other != tier))
-        .into_iter()
-        .flatten()
-        .map(|other| {
-            let gauge = (shared.metrics).backend_up(&backend.config.name, other.as_str());
-            (other, gauge)
-        })
-        .collect();
+    let others: Vec<_> = if before.pending && !after.pending {
+        let gauge = |t: Tier| (shared.metrics).backend_up(&backend.config.name, t.as_str());
+        Tier::ALL
+            .into_iter()
+            .filter(|&other| other != tier)
+            .map(|other| (other, gauge(other)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     backend.live.with_health(|h| {
         up.set(h.tier_up(tier));
         for (other, gauge) in &others {

@@ -720,18 +720,23 @@ impl Conn {
                 }
             }
         });
-        tokio::select! {
-            _ = tokio::time::timeout(LINGER_TIME, drain) => {}
-            () = stopped_a_while(&self.shutdown) => {}
-        }
+        lingering(drain, &self.shutdown).await;
     }
 }
 
-/// Ends [`LINGER_AT_SHUTDOWN`] after `shutdown` is cancelled: where a
-/// lingering close or drain stops when weir is stopping.
-pub(crate) async fn stopped_a_while(shutdown: &CancellationToken) {
-    shutdown.cancelled().await;
-    tokio::time::sleep(LINGER_AT_SHUTDOWN).await;
+/// Runs `drain` (reading and dropping what a client still sends) for at
+/// most [`LINGER_TIME`], and no longer than [`LINGER_AT_SHUTDOWN`] past
+/// `shutdown`'s cancellation (or its own start, if later): the lingering
+/// close above and an HTTP/2 stream's drain after a 413 (`proxy::linger`).
+pub(crate) async fn lingering(drain: impl std::future::Future, shutdown: &CancellationToken) {
+    let stopped_a_while = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(LINGER_AT_SHUTDOWN).await;
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(LINGER_TIME, drain) => {}
+        () = stopped_a_while => {}
+    }
 }
 
 /// Bytes reserved in the read buffer before each read.

@@ -15,7 +15,7 @@ mod http1;
 mod http2;
 mod request_body;
 
-pub(crate) use http1::{stopped_a_while, LINGER_BYTES, LINGER_TIME};
+pub(crate) use http1::{lingering, LINGER_BYTES};
 pub(crate) use request_body::{ClientBody, RequestBodyError};
 
 use std::{

@@ -297,7 +297,7 @@ pub(crate) enum AttemptError {
     #[error("kept-alive connection closed without an answer: {0}")]
     IdleClosed(String),
     /// An HTTP/2 backend refused the stream before processing it (its
-    /// GOAWAY, or `REFUSED_STREAM`: [`tracked::unprocessed`]): [`forward`]
+    /// GOAWAY, or `REFUSED_STREAM`: [`tracked::unprocessed`]): [`resending`]
     /// sends it again on another connection, not held against the
     /// backend; refused every time, the attempt is a `Protocol` failure.
     #[error("HTTP/2 stream refused before it was processed: {0}")]
@@ -468,7 +468,7 @@ impl Forward<'_> {
     }
 }
 
-/// How many times [`forward`] sends again a request an HTTP/2 backend
+/// How many times [`resending`] sends again a request an HTTP/2 backend
 /// refused unprocessed before the attempt fails: enough for a connection
 /// that closed under it, not a loop with a backend that refuses every
 /// stream.
